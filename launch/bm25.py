@@ -1,0 +1,79 @@
+r"""Writes BM25 retrievals for a queries file in the results format.
+
+  python -m launch.bm25 --corpus=C.jsonl --queries=Q.jsonl --output=R.jsonl \
+      --top_k=10
+
+Proponents are the top_k highest-scoring documents (ties to the lower corpus
+line); opponents are the num_opponents lowest-scoring ones (see tracer.bm25).
+"""
+
+from __future__ import annotations
+
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from tracer import bm25
+from tracer import evaluate
+from tracer.errors import InputError, at
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines this tool's flags; only when run as a program, so that tests can
+  import several launch modules whose flag names overlap."""
+  flags.DEFINE_string("corpus", None, "Corpus JSONL: {id, text}.",
+                      required=True)
+  flags.DEFINE_string("queries", None,
+                      "Queries JSONL: {id, prompt, target, ...}.",
+                      required=True)
+  flags.DEFINE_string("output", None, "Results JSONL to write.", required=True)
+  flags.DEFINE_integer("top_k", 10, "Proponents per query.", lower_bound=1)
+  flags.DEFINE_integer("num_opponents", None,
+                       "Opponents per query (default: top_k).", lower_bound=0)
+
+
+def run(corpus_path, queries_path, output_path, top_k: int = 10,
+        num_opponents: int | None = None) -> int:
+  """Retrieves for every query and writes the results file; returns #queries."""
+  corpus = evaluate.read_jsonl_records(corpus_path, required=("id", "text"))
+  queries = evaluate.read_jsonl_records(
+      queries_path, required=("id", "prompt", "target"))
+  if not corpus:
+    raise InputError(f"{at(corpus_path)}: no documents")
+  num_opponents = top_k if num_opponents is None else num_opponents
+  texts = [d["text"] for d in corpus]
+  ids = [d["id"] for d in corpus]
+
+  start = time.perf_counter()
+  index = bm25.BM25Index(texts)
+  query_texts = [bm25.query_text(q) for q in queries]
+  top_idx, top_scores = index.search(query_texts, top_k)
+  low_idx, low_scores = index.search(query_texts, num_opponents, lowest=True)
+  logging.info("BM25 over %d documents, %d queries: %.2f s", len(corpus),
+               len(queries), time.perf_counter() - start)
+
+  rows = []
+  for q, ti, ts, li, ls in zip(queries, top_idx, top_scores, low_idx,
+                               low_scores):
+    rows.append(evaluate.make_result_row(
+        q, [ids[j] for j in ti], ts, [texts[j] for j in ti],
+        [ids[j] for j in li], ls, [texts[j] for j in li]))
+  evaluate.write_results(output_path, rows)
+  logging.info("wrote %d results to %s", len(rows), output_path)
+  return len(rows)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  run(FLAGS.corpus, FLAGS.queries, FLAGS.output, FLAGS.top_k,
+      FLAGS.num_opponents)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

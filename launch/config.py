@@ -1,0 +1,91 @@
+"""Gin and absl glue shared by the launch scripts (the only place gin is used).
+
+Gin files bind the fields of tracer's config dataclasses by class name:
+``ModelConfig.d_model = 128``, ``OptimizerConfig.name = 'adafactor'``,
+``TrainConfig.batch_size = 32``, ``DataConfig.overflow = 'split'``,
+``EncodeConfig.projection_dim = 4096`` ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+# TensorFlow (pulled in by seqio) logs at C++ level on import; keep it quiet.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+from absl import flags
+from absl import logging
+import gin
+
+from tracer import data as data_lib
+from tracer import model as model_lib
+from tracer import train as train_lib
+
+flags.DEFINE_multi_string("gin_file", [], "Gin config files (repeatable).")
+flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'ModelConfig.d_model=64'.")
+FLAGS = flags.FLAGS
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  batch_size: int = 32
+  seed: int = 0
+  log_every: int = 25
+  checkpoint_every: int = 100
+
+
+_CONFIGURABLE = {}
+
+
+def register(cls):
+  """Makes a config dataclass bindable from gin under its class name."""
+  _CONFIGURABLE[cls] = gin.external_configurable(cls, cls.__name__)
+  return cls
+
+
+for _cls in (model_lib.ModelConfig, train_lib.OptimizerConfig, data_lib.DataConfig,
+             TrainConfig):
+  register(_cls)
+
+
+def make(cls):
+  """An instance of a registered config dataclass with the gin bindings applied."""
+  return _CONFIGURABLE[cls]()
+
+
+def parse_gin() -> None:
+  """Parses --gin_file and --gin_bindings (files relative to cwd or the repo).
+
+  Also quiets library INFO logs (Orbax logs every file it writes) unless
+  ``--verbosity`` was given; tracer's scripts print their own progress.
+  """
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  files = []
+  for f in FLAGS.gin_file:
+    if not os.path.exists(f) and os.path.exists(os.path.join(repo, f)):
+      f = os.path.join(repo, f)
+    if not os.path.exists(f):
+      raise FileNotFoundError(f"--gin_file={f}: no such file")
+    files.append(f)
+  gin.add_config_file_search_path(repo)
+  gin.parse_config_files_and_bindings(files, FLAGS.gin_bindings)
+
+
+flags.DEFINE_string("coordinator_address", None,
+                    "Multi-host: host:port of process 0 (jax.distributed).")
+flags.DEFINE_integer("num_processes", 1, "Multi-host: number of processes.")
+flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index.")
+
+
+def initialize_distributed() -> None:
+  """Starts jax.distributed when asked to (flags), or on TPU pods/clusters
+  where JAX finds the topology itself (``TRACER_DISTRIBUTED=1``)."""
+  import jax
+  if FLAGS.coordinator_address:
+    jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                               FLAGS.process_id)
+  elif os.environ.get("TRACER_DISTRIBUTED") == "1":
+    jax.distributed.initialize()

@@ -1,0 +1,106 @@
+r"""Scores results files against the queries' fact_doc_ids.
+
+  python -m launch.evaluate --queries=Q.jsonl --results=R.jsonl \
+      [--results=R2.jsonl ...] --output=M.json
+
+Each results file is a method, named by its file stem. M.json maps method to
+its metrics (tracer.evaluate.retrieval_metrics); an existing M.json is merged
+into, key by key within each method, so numbers other tools wrote there (e.g.
+tail-patch) are kept. Prints markdown tables: overall, then one per bucket.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+from absl import app
+from absl import flags
+
+from tracer import evaluate
+from tracer.errors import InputError, at
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines this tool's flags; only when run as a program, so that tests can
+  import several launch modules whose flag names overlap."""
+  flags.DEFINE_string("queries", None,
+                      "Queries JSONL with fact_doc_ids (and bucket).",
+                      required=True)
+  flags.DEFINE_multi_string("results", None,
+                            "Results JSONL; repeat for several methods.",
+                            required=True)
+  flags.DEFINE_string("output", None,
+                      "Metrics JSON to write or merge into (optional).")
+  flags.DEFINE_integer("k", 10, "Cut-off for recall and precision.",
+                       lower_bound=1)
+
+
+def _load_existing(path) -> dict[str, Any]:
+  if not os.path.exists(path):
+    return {}
+  try:
+    with open(path, encoding="utf-8") as f:
+      data = json.load(f)
+  except json.JSONDecodeError as e:
+    raise InputError(f"{at(path, e.lineno)}: bad JSON: {e.msg}") from None
+  if not isinstance(data, dict) or not all(
+      isinstance(v, dict) for v in data.values()):
+    raise InputError(f"{at(path)}: expected an object of method -> metrics")
+  return data
+
+
+def tables(metrics_by_method: dict[str, dict[str, Any]], k: int = 10) -> str:
+  """Markdown: an overall table, then one per bucket."""
+  columns = ["mrr", f"recall@{k}", f"precision@{k}", "num_queries", "missing"]
+  parts = ["Overall\n\n" + evaluate.format_table(metrics_by_method, columns)]
+  buckets: list[str] = []
+  for m in metrics_by_method.values():
+    buckets += [b for b in m.get("buckets", {}) if b not in buckets]
+  buckets.sort(key=evaluate.bucket_sort_key)
+  for b in buckets:
+    per = {name: m["buckets"][b] for name, m in metrics_by_method.items()
+           if b in m.get("buckets", {})}
+    parts.append(f"Bucket {b}\n\n" + evaluate.format_table(per, columns))
+  return "\n".join(parts)
+
+
+def run(queries_path, results_paths: Sequence[str], output_path=None,
+        k: int = 10) -> dict[str, dict[str, Any]]:
+  """Evaluates each results file; merges into ``output_path`` if given.
+
+  Returns the metrics of the methods evaluated in this call.
+  """
+  queries = evaluate.read_jsonl_records(
+      queries_path, required=("id", "fact_doc_ids"))
+  names = [pathlib.Path(p).stem for p in results_paths]
+  if len(set(names)) != len(names):
+    raise InputError(f"results files share a stem (method name): {names}")
+  metrics = {}
+  for name, path in zip(names, results_paths):
+    metrics[name] = evaluate.retrieval_metrics(
+        queries, evaluate.read_results(path), k=k)
+  if output_path:
+    merged = _load_existing(output_path)
+    for name, m in metrics.items():
+      merged[name] = {**merged.get(name, {}), **m}
+    evaluate.write_text_atomic(
+        output_path, json.dumps(merged, indent=2) + "\n")
+  return metrics
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  metrics = run(FLAGS.queries, FLAGS.results, FLAGS.output, FLAGS.k)
+  print(tables(metrics, FLAGS.k))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

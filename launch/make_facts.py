@@ -1,0 +1,52 @@
+r"""Writes the generated fact corpus: DIR/corpus.jsonl and DIR/queries.jsonl.
+
+  python -m launch.make_facts --out=/tmp/facts [--seed=0] \
+      [--facts_per_bucket=60] [--distractor_docs=150]
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app
+from absl import flags
+
+from tracer import facts
+
+_OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of every random choice.")
+_FACTS_PER_BUCKET = flags.DEFINE_integer(
+    "facts_per_bucket", 60, "Query facts per frequency bucket.")
+_DISTRACTOR_DOCS = flags.DEFINE_integer(
+    "distractor_docs", 150, "Documents holding only filler sentences.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  config = facts.FactsConfig(
+      seed=_SEED.value,
+      facts_per_bucket=_FACTS_PER_BUCKET.value,
+      distractor_docs=_DISTRACTOR_DOCS.value)
+  corpus_path, queries_path = facts.write_fact_corpus(_OUT.value, config)
+  # Re-read what was written, so the counts describe the files themselves.
+  with open(corpus_path, encoding="utf-8") as f:
+    corpus = [json.loads(line) for line in f]
+  with open(queries_path, encoding="utf-8") as f:
+    queries = [json.loads(line) for line in f]
+  fact_docs = {d for q in queries for d in q["fact_doc_ids"]}
+  print(f"corpus:    {corpus_path}")
+  print(f"queries:   {queries_path}")
+  print(f"documents: {len(corpus)} ({len(fact_docs)} state a fact, "
+        f"{len(corpus) - len(fact_docs)} distractors)")
+  print(f"characters: {sum(len(d['text']) for d in corpus)} total, "
+        f"{max(len(d['text']) for d in corpus)} longest document")
+  print(f"queries:   {len(queries)}")
+  for bucket, n in facts.bucket_counts(queries).items():
+    docs = [len(q["fact_doc_ids"]) for q in queries if q["bucket"] == bucket]
+    print(f"  bucket {bucket:>5}: {n} queries, {sum(docs)} fact documents "
+          f"({min(docs)}-{max(docs)} per fact)")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,110 @@
+r"""Trains the LM: data parallel over all devices, Orbax checkpoints, resumable.
+
+  python -m launch.train --gin_file=configs/tiny.gin \
+      --corpus=DIR/corpus.jsonl --workdir=W
+
+``--corpus`` also takes a registered seqio task or mixture name. Rerunning with
+the same workdir resumes from the latest checkpoint in ``W/checkpoints``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import numpy as np
+
+from launch import config
+from tracer import checkpoint as ckpt_lib
+from tracer import data as data_lib
+from tracer import model as model_lib
+from tracer import partitioning
+from tracer import train as train_lib
+
+flags.DEFINE_string("corpus", None, "Corpus JSONL file or seqio task/mixture name.")
+flags.DEFINE_string("workdir", None, "Where checkpoints and logs go.")
+FLAGS = flags.FLAGS
+
+
+def train(corpus_source: str, workdir: str) -> dict:
+  """Runs (or resumes) training; returns the last logged metrics."""
+  model_config = config.make(model_lib.ModelConfig)
+  opt_config = config.make(train_lib.OptimizerConfig)
+  data_config = config.make(data_lib.DataConfig)
+  train_config = config.make(config.TrainConfig)
+
+  vocab = data_config.vocabulary()
+  if vocab.vocab_size > model_config.vocab_size:
+    raise ValueError(f"ModelConfig.vocab_size={model_config.vocab_size} is smaller "
+                     f"than the tokenizer's {vocab.vocab_size}")
+  corpus = data_lib.read_corpus(corpus_source, vocab, model_config.max_len,
+                                data_config.overflow)
+  mesh = partitioning.make_mesh()
+  if train_config.batch_size % mesh.size:
+    raise ValueError(f"TrainConfig.batch_size={train_config.batch_size} must be a "
+                     f"multiple of the {mesh.size} devices")
+  optimizer = train_lib.make_optimizer(opt_config)
+  mngr = ckpt_lib.manager(os.path.join(workdir, "checkpoints"))
+  replicated = partitioning.replicated(mesh)
+  if mngr.latest_step() is not None:
+    restored = ckpt_lib.restore(mngr.directory, sharding=replicated)
+    params, opt_state, start = restored.params, restored.opt_state, restored.step
+    logging.info("resuming from step %d", start)
+  else:
+    params = jax.device_put(model_lib.init_params(model_config, train_config.seed),
+                            replicated)
+    opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
+    start = 0
+  data_dict = {**data_config.to_dict(), "corpus": corpus_source,
+               "num_rows": len(corpus)}
+  logging.info("corpus %s: %d rows; model %d params; mesh %s", corpus_source,
+               len(corpus), model_lib.param_count(params), dict(mesh.shape))
+
+  step_fn = train_lib.make_train_step(model_config, optimizer, mesh, params)
+  sharding = partitioning.all_devices_batch(mesh)
+  host_rows = partitioning.host_slice(train_config.batch_size)
+  log_path = os.path.join(workdir, "train_log.jsonl")
+  metrics, losses, t0, steps_timed = {}, [], time.perf_counter(), 0
+  for step in range(start, opt_config.total_steps):
+    rows = train_lib.batch_rows(step, train_config.batch_size, len(corpus),
+                                train_config.seed)
+    batch = partitioning.to_global(corpus.examples(rows[host_rows]), sharding)
+    params, opt_state, loss = step_fn(params, opt_state, batch)
+    losses.append(loss)
+    steps_timed += 1
+    done = step + 1
+    if done % train_config.log_every == 0 or done == opt_config.total_steps:
+      mean_loss = float(np.mean(jax.device_get(losses)))
+      elapsed = time.perf_counter() - t0
+      metrics = {"step": done, "loss": mean_loss, "steps_per_s": steps_timed / elapsed,
+                 "tokens_per_s": steps_timed * train_config.batch_size
+                 * model_config.max_len / elapsed}
+      logging.info("step %d  loss %.4f  %.2f steps/s", done, mean_loss,
+                   metrics["steps_per_s"])
+      print(json.dumps(metrics), flush=True)
+      if jax.process_index() == 0:
+        with open(log_path, "a") as f:
+          f.write(json.dumps(metrics) + "\n")
+      losses, t0, steps_timed = [], time.perf_counter(), 0
+    if done % train_config.checkpoint_every == 0 or done == opt_config.total_steps:
+      ckpt_lib.save(mngr, done, params, opt_state, model_config, opt_config, data_dict)
+  mngr.close()
+  return metrics
+
+
+def main(argv):
+  del argv
+  config.parse_gin()
+  config.initialize_distributed()
+  if not FLAGS.corpus or not FLAGS.workdir:
+    raise app.UsageError("--corpus and --workdir are required")
+  train(FLAGS.corpus, FLAGS.workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,104 @@
+"""Tests for tracer.bm25 and launch.bm25."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+
+from launch import bm25 as launch_bm25
+from tracer import bm25
+from tracer import evaluate
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+CORPUS = [
+    "The cat sat on the mat.",
+    "Zorblat Quenwick was born in Fiddlestown.",
+    "Paris is the capital of France.",
+    "A dog chased the cat around the garden.",
+    "Fiddlestown is a small village by the river.",
+    "Nothing relevant here at all.",
+]
+
+
+def test_tokenize():
+  assert bm25.tokenize("Hello, WORLD! it's 42") == [
+      "hello", "world", "it", "s", "42"]
+
+
+def test_exact_match_is_rank_one():
+  queries = ["Zorblat Quenwick was born in Fiddlestown",
+             "Paris is the capital of France"]
+  idx, scores = bm25.bm25_topk(CORPUS, queries, 3)
+  assert idx.shape == (2, 3) and scores.shape == (2, 3)
+  assert scores.dtype == np.float32
+  assert idx[0, 0] == 1 and idx[1, 0] == 2
+  assert np.all(np.diff(scores, axis=1) <= 0)
+  assert scores[0, 0] > scores[0, 1]
+
+
+def test_ties_go_to_lower_index():
+  corpus = ["alpha beta", "gamma", "alpha beta", "alpha beta", "delta"]
+  idx, scores = bm25.bm25_topk(corpus, ["alpha"], 2)
+  assert idx.tolist() == [[0, 2]]
+  assert scores[0, 0] == scores[0, 1]
+  # Zero scores tie too: the lowest ones, lowest index first.
+  low, low_scores = bm25.bm25_bottomk(corpus, ["alpha"], 3)
+  assert low.tolist() == [[1, 4, 0]]
+  assert low_scores[0].tolist()[:2] == [0.0, 0.0]
+
+
+def test_k_capped_and_empty_query():
+  idx, scores = bm25.bm25_topk(CORPUS, ["!!!", "unseenword"], 100)
+  assert idx.shape == (2, len(CORPUS))
+  assert idx[0].tolist() == list(range(len(CORPUS)))
+  assert not scores.any()
+
+
+def _write(path, records):
+  path.write_text("".join(json.dumps(r) + "\n" for r in records))
+  return path
+
+
+def _files(tmp_path):
+  corpus = _write(tmp_path / "corpus.jsonl",
+                  [{"id": f"doc{i}", "text": t} for i, t in enumerate(CORPUS)])
+  queries = _write(tmp_path / "queries.jsonl", [
+      {"id": "q0", "prompt": "Zorblat Quenwick was born in",
+       "target": "Fiddlestown", "fact_doc_ids": ["doc1"], "bucket": "1"},
+      {"id": "q1", "prompt": "The capital of France is", "target": "Paris",
+       "fact_doc_ids": ["doc2"], "bucket": "2-3"},
+  ])
+  return corpus, queries
+
+
+def test_launch_run_writes_results(tmp_path):
+  corpus, queries = _files(tmp_path)
+  out = tmp_path / "bm25.jsonl"
+  assert launch_bm25.run(corpus, queries, out, top_k=2, num_opponents=1) == 2
+  rows = evaluate.read_results(out)
+  r = rows["q0"]
+  assert r["proponent_ids"][0] == "doc1"
+  assert r["proponents"][0] == CORPUS[1]
+  assert len(r["proponent_ids"]) == 2 and len(r["opponent_ids"]) == 1
+  assert r["opponent_scores"][0] <= r["proponent_scores"][-1]
+  assert r["bucket"] == "1" and r["fact_doc_ids"] == ["doc1"]
+  m = evaluate.retrieval_metrics(
+      evaluate.read_jsonl_records(queries, ("id", "fact_doc_ids")), rows)
+  assert m["mrr"] == 1.0
+
+
+def test_launch_bm25_subprocess(tmp_path):
+  corpus, queries = _files(tmp_path)
+  out = tmp_path / "bm25.jsonl"
+  proc = subprocess.run(
+      [sys.executable, "-m", "launch.bm25", f"--corpus={corpus}",
+       f"--queries={queries}", f"--output={out}", "--top_k=3"],
+      cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr
+  rows = evaluate.read_results(out)
+  assert [len(r["opponent_ids"]) for r in rows.values()] == [3, 3]

@@ -1,0 +1,207 @@
+"""Tests of the generated fact corpus."""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+
+from absl import flags
+from absl.testing import flagsaver
+import pytest
+
+from tracer import errors
+from tracer import facts
+
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+@pytest.fixture(scope="module")
+def default():
+  return facts.generate(facts.FactsConfig())
+
+
+def _words(text):
+  return set(_WORD.findall(text))
+
+
+def _read_jsonl(path):
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def test_same_seed_same_files_other_seed_other_files(tmp_path):
+  config = facts.FactsConfig(seed=3, facts_per_bucket=10, distractor_docs=20)
+  a = facts.write_fact_corpus(tmp_path / "a", config)
+  b = facts.write_fact_corpus(tmp_path / "b", config)
+  c = facts.write_fact_corpus(
+      tmp_path / "c", facts.FactsConfig(seed=4, facts_per_bucket=10,
+                                        distractor_docs=20))
+  for pa, pb, pc in zip(a, b, c):
+    assert pa.read_bytes() == pb.read_bytes()
+    assert pa.read_bytes() != pc.read_bytes()
+  assert [p.name for p in a] == ["corpus.jsonl", "queries.jsonl"]
+  assert (_read_jsonl(a[0]), _read_jsonl(a[1])) == facts.generate(config)
+  # Atomic writes leave no temporary files behind.
+  assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
+      "corpus.jsonl", "queries.jsonl"]
+
+
+def test_default_sizes(default):
+  corpus, queries = default
+  config = facts.FactsConfig()
+  assert len(queries) == 4 * config.facts_per_bucket
+  assert facts.bucket_counts(queries) == {
+      name: config.facts_per_bucket for name, _, _ in facts.DEFAULT_BUCKETS}
+  n_fact_docs = sum(len(q["fact_doc_ids"]) for q in queries)
+  assert len(corpus) == n_fact_docs + config.distractor_docs
+
+
+def test_ids_unique_and_stable_format(default):
+  corpus, queries = default
+  doc_ids = [d["id"] for d in corpus]
+  assert len(set(doc_ids)) == len(doc_ids)
+  assert doc_ids == [f"doc-{i:05d}" for i in range(len(corpus))]
+  assert [q["id"] for q in queries] == [
+      f"q-{i:03d}" for i in range(len(queries))]
+  assert len({q["subject"] for q in queries}) == len(queries)
+  # Every document states at most one query fact, and texts never repeat.
+  cited = [d for q in queries for d in q["fact_doc_ids"]]
+  assert len(set(cited)) == len(cited)
+  assert set(cited) <= set(doc_ids)
+  texts = [d["text"] for d in corpus]
+  assert len(set(texts)) == len(texts)
+
+
+def test_documents_are_short(default):
+  corpus, _ = default
+  assert max(len(d["text"]) for d in corpus) <= 120
+  assert all(d["text"] and d["text"].isascii() for d in corpus)
+
+
+def test_fact_docs_state_the_fact_and_only_it(default):
+  corpus, queries = default
+  text = {d["id"]: d["text"] for d in corpus}
+  subject_words = {w: q["id"] for q in queries for w in q["subject"].split()}
+  for q in queries:
+    for doc_id in q["fact_doc_ids"]:
+      t = text[doc_id]
+      assert q["subject"] in t and q["object"] in t, (q, t)
+      # No other query's subject appears in this document.
+      owners = {subject_words[w] for w in _words(t) if w in subject_words}
+      assert owners == {q["id"]}, (q["id"], t)
+
+
+def test_bucket_counts_within_range(default):
+  _, queries = default
+  ranges = {name: (lo, hi) for name, lo, hi in facts.DEFAULT_BUCKETS}
+  assert ranges["11+"] == (11, 20)
+  for q in queries:
+    lo, hi = ranges[q["bucket"]]
+    assert lo <= len(q["fact_doc_ids"]) <= hi, q
+
+
+def test_distractors_never_mention_a_subject(default):
+  corpus, queries = default
+  subject_words = {w for q in queries for w in q["subject"].split()}
+  cited = {d for q in queries for d in q["fact_doc_ids"]}
+  distractors = [d for d in corpus if d["id"] not in cited]
+  assert len(distractors) == facts.FactsConfig().distractor_docs
+  for d in distractors:
+    assert not _words(d["text"]) & subject_words, d
+    assert not any(q["subject"] in d["text"] for q in queries), d
+
+
+def test_subject_words_appear_nowhere_else(default):
+  corpus, queries = default
+  subject_words = {w for q in queries for w in q["subject"].split()}
+  object_words = {q["object"] for q in queries}
+  assert not subject_words & object_words
+  template_words = {w.lower() for r in facts.RELATIONS
+                    for t in r.templates for w in _WORD.findall(t)}
+  assert not {w.lower() for w in subject_words} & template_words
+  by_word = collections.defaultdict(set)
+  for q in queries:
+    for w in q["subject"].split():
+      by_word[w].add(q["id"])
+  assert all(len(ids) == 1 for ids in by_word.values())
+
+
+def test_relations_and_templates():
+  assert len(facts.RELATIONS) >= 8
+  assert len({r.name for r in facts.RELATIONS}) == len(facts.RELATIONS)
+  for r in facts.RELATIONS:
+    assert len(r.templates) >= 3, r.name
+    assert not r.prompt.endswith(" ")
+    # Greedy decoding of the prompt can complete the canonical statement.
+    assert r.templates[0].startswith(r.prompt + " {o}"), r.name
+    for t in r.templates:
+      assert "{s}" in t and "{o}" in t, t
+
+
+def test_every_relation_in_every_bucket(default):
+  _, queries = default
+  seen = collections.defaultdict(set)
+  for q in queries:
+    seen[q["bucket"]].add(q["relation"])
+  names = {r.name for r in facts.RELATIONS}
+  assert all(rels == names for rels in seen.values())
+
+
+def test_prompt_plus_target_is_stated_in_a_fact_doc(default):
+  corpus, queries = default
+  text = {d["id"]: d["text"] for d in corpus}
+  for q in queries:
+    assert q["target"] == " " + q["object"]
+    assert q["prompt"] == q["prompt"].strip()
+    completion = q["prompt"] + q["target"]
+    # The completion starts a sentence: at the document start or after ". ".
+    assert any(text[d].startswith(completion) or ". " + completion in text[d]
+               for d in q["fact_doc_ids"]), q
+
+
+def test_several_templates_in_frequent_facts(default):
+  corpus, queries = default
+  text = {d["id"]: d["text"] for d in corpus}
+  frequent = [q for q in queries if q["bucket"] == "11+"]
+  varied = 0
+  for q in frequent:
+    completion = q["prompt"] + q["target"]
+    varied += any(completion not in text[d] for d in q["fact_doc_ids"])
+  assert varied == len(frequent)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("facts_per_bucket", 0),
+    ("distractor_docs", -1),
+    ("objects_per_relation", 1),
+    ("max_doc_chars", 10),
+    ("buckets", (("1", 2, 1),)),
+    ("buckets", (("1", 1, 1), ("1", 2, 3))),
+])
+def test_bad_config_raises_input_error(field, value):
+  with pytest.raises(errors.InputError, match=field):
+    facts.FactsConfig(**{field: value})
+
+
+def test_write_jsonl_round_trip(tmp_path):
+  records = [{"id": "x", "text": "a\nb"}, {"id": "y", "text": "é"}]
+  path = facts.write_jsonl(tmp_path / "sub" / "r.jsonl", records)
+  assert _read_jsonl(path) == records
+  facts.write_jsonl(path, records[:1])  # Overwrites in place.
+  assert _read_jsonl(path) == records[:1]
+  assert [p.name for p in path.parent.iterdir()] == ["r.jsonl"]
+
+
+def test_make_facts_main(tmp_path, capsys):
+  from launch import make_facts  # pylint: disable=g-import-not-at-top
+  with flagsaver.flagsaver():
+    argv = flags.FLAGS(["make_facts", f"--out={tmp_path}", "--seed=1",
+                        "--facts_per_bucket=5", "--distractor_docs=7"])
+    make_facts.main(argv)
+  out = capsys.readouterr().out
+  assert "20" in out and "bucket   11+: 5 queries" in out
+  corpus = _read_jsonl(tmp_path / "corpus.jsonl")
+  queries = _read_jsonl(tmp_path / "queries.jsonl")
+  assert len(queries) == 20
+  assert len(corpus) == 7 + sum(len(q["fact_doc_ids"]) for q in queries)

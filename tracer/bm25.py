@@ -1,0 +1,102 @@
+"""BM25 baseline (the paper's Table 1 and 2 text-retrieval baseline).
+
+Scoring is ``bm25s`` with its defaults (Lucene variant, k1=1.5, b=0.75).
+Tokens are lowercase ``\\w+`` runs: no stemming and no stopword list, so the
+ranking depends on nothing but this module and bm25s.
+
+Rankings are deterministic: equal scores are broken by the lower corpus index.
+Proponents are the highest-scoring documents. BM25 has no notion of a document
+that works *against* a query, so its "opponents" are simply the lowest-scoring
+documents, lowest first; most of them score 0, so in practice they are the
+first corpus documents sharing no word with the query.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import bm25s
+import numpy as np
+
+_TOKEN = re.compile(r"\w+")
+
+
+def tokenize(text: str) -> list[str]:
+  """Lowercase word tokens of ``text``."""
+  return _TOKEN.findall(text.lower())
+
+
+def query_text(query: dict) -> str:
+  """The BM25 query for a queries-file record: prompt then target."""
+  return f"{query['prompt']} {query['target']}"
+
+
+def _select(scores: np.ndarray, k: int, lowest: bool) -> np.ndarray:
+  """Indices of the k best (highest, or lowest) scores, ties to lower index."""
+  n = scores.shape[0]
+  if k >= n:
+    candidates = np.arange(n)
+  else:
+    # Take every document tied with the k-th score so the stable sort below,
+    # not argpartition's arbitrary choice, decides the ties.
+    if lowest:
+      kth = np.partition(scores, k - 1)[k - 1]
+      candidates = np.flatnonzero(scores <= kth)
+    else:
+      kth = np.partition(scores, n - k)[n - k]
+      candidates = np.flatnonzero(scores >= kth)
+  key = scores[candidates] if lowest else -scores[candidates]
+  order = np.argsort(key, kind="stable")  # candidates ascend, so ties keep it
+  return candidates[order[:k]]
+
+
+class BM25Index:
+  """A BM25 index over a fixed list of texts."""
+
+  def __init__(self, corpus_texts: Sequence[str]):
+    if not corpus_texts:
+      raise ValueError("BM25 needs a non-empty corpus")
+    self.num_docs = len(corpus_texts)
+    self._bm25 = bm25s.BM25()
+    self._bm25.index([tokenize(t) for t in corpus_texts], show_progress=False)
+
+  def scores(self, query: str) -> np.ndarray:
+    """float32[num_docs] BM25 scores of every document for ``query``."""
+    tokens = tokenize(query)
+    if not tokens:  # bm25s cannot score an empty token list.
+      return np.zeros(self.num_docs, np.float32)
+    return np.asarray(self._bm25.get_scores(tokens), np.float32)
+
+  def search(self, query_texts: Sequence[str], k: int, *,
+             lowest: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(int64[Q, k'], float32[Q, k']) with k' = min(k, num_docs).
+
+    Highest scores first, or with ``lowest`` the lowest first; ties go to the
+    lower corpus index.
+    """
+    if k < 0:
+      raise ValueError(f"k must be non-negative, got {k}")
+    k = min(k, self.num_docs)
+    indices = np.zeros((len(query_texts), k), np.int64)
+    values = np.zeros((len(query_texts), k), np.float32)
+    for i, q in enumerate(query_texts):
+      s = self.scores(q)
+      idx = _select(s, k, lowest) if k else np.zeros(0, np.int64)
+      indices[i], values[i] = idx, s[idx]
+    return indices, values
+
+
+def bm25_topk(corpus_texts: Sequence[str], query_texts: Sequence[str],
+              k: int) -> tuple[np.ndarray, np.ndarray]:
+  """Top-k corpus documents for each query: (int64[Q, k], float32[Q, k]).
+
+  Best first, ties to the lower index; k is capped at the corpus size.
+  """
+  return BM25Index(corpus_texts).search(query_texts, k)
+
+
+def bm25_bottomk(corpus_texts: Sequence[str], query_texts: Sequence[str],
+                 k: int) -> tuple[np.ndarray, np.ndarray]:
+  """The k lowest-scoring documents per query (BM25's "opponents")."""
+  return BM25Index(corpus_texts).search(query_texts, k, lowest=True)

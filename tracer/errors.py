@@ -1,0 +1,13 @@
+"""Errors raised on bad input: they always name the file, line or field at fault."""
+
+
+class InputError(ValueError):
+  """A file, line or field does not hold what was expected.
+
+  The message starts with where the problem is, e.g. ``corpus.jsonl:17: ...``.
+  """
+
+
+def at(path, line=None) -> str:
+  """Formats a location as ``path`` or ``path:line`` for error messages."""
+  return f"{path}:{line}" if line is not None else str(path)

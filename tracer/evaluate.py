@@ -1,0 +1,396 @@
+"""Retrieval metrics for fact tracing, and the results file format.
+
+A results file is JSONL with one line per query, in the field names of the
+TrackStar authors' released retrieval files::
+
+  {"query_id": ..., "prompt": ..., "target": ..., <query extra fields>,
+   "proponent_ids": [...], "proponent_scores": [...], "proponents": [...],
+   "opponent_ids": [...], "opponent_scores": [...], "opponents": [...]}
+
+Proponents are listed best first and the file order *is* the ranking: whoever
+writes the file breaks score ties, the metrics never re-sort.
+
+Metric decisions (see ``retrieval_metrics``):
+
+* MRR is 1/rank of the first relevant proponent over the whole retrieved list
+  in the file (not cut at k), 0 if none is relevant.
+* recall@k is the paper's: the fraction of queries with at least one relevant
+  proponent in the top k. precision@k is (relevant among the top k) / k, with
+  k as the denominator even when fewer than k were retrieved.
+* A query with no line in the results scores 0 on every metric and is counted
+  in ``missing``.
+* A query with an empty ``fact_doc_ids`` has no right answer: it is left out
+  of every average and counted in ``no_ground_truth``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from tracer.errors import InputError, at
+
+RESULT_FIELDS = ("proponent_ids", "proponent_scores", "proponents",
+                 "opponent_ids", "opponent_scores", "opponents")
+
+# Fields that, when a record has them, must hold non-empty strings.
+_NONEMPTY_STRING_FIELDS = ("id", "text", "target")
+# Fields that, when a record has them, must hold strings (possibly empty).
+_STRING_FIELDS = ("prompt", "bucket")
+
+
+# ---------------------------------------------------------------------------
+# Reading and writing JSONL.
+
+
+def _iter_json_lines(path) -> Iterable[tuple[int, dict[str, Any]]]:
+  """Yields (1-based line number, object) for each non-blank line of ``path``."""
+  try:
+    f = open(path, encoding="utf-8")
+  except OSError as e:
+    raise InputError(f"{at(path)}: cannot open: {e}") from e
+  with f:
+    lineno = 0
+    try:
+      for lineno, line in enumerate(f, start=1):
+        if not line.strip():
+          continue  # A trailing newline or blank separator carries no record.
+        try:
+          obj = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise InputError(f"{at(path, lineno)}: bad JSON: {e}") from None
+        if not isinstance(obj, dict):
+          raise InputError(f"{at(path, lineno)}: expected a JSON object, got "
+                           f"{type(obj).__name__}")
+        yield lineno, obj
+    except UnicodeDecodeError as e:
+      raise InputError(f"{at(path, lineno + 1)}: not UTF-8: {e}") from None
+
+
+def _check_string_list(path, lineno, obj, field) -> None:
+  value = obj[field]
+  if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    raise InputError(f"{at(path, lineno)}: field {field!r} must be a list of "
+                     "strings")
+
+
+def _check_number_list(path, lineno, obj, field) -> None:
+  value = obj[field]
+  # bool is an int subclass; a true/false score is a producer bug.
+  if not isinstance(value, list) or not all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+    raise InputError(f"{at(path, lineno)}: field {field!r} must be a list of "
+                     "numbers")
+
+
+def _check_record(path, lineno, obj, required: Sequence[str]) -> None:
+  for field in required:
+    if field not in obj:
+      raise InputError(f"{at(path, lineno)}: missing field {field!r}")
+  for field in _NONEMPTY_STRING_FIELDS:
+    if field in obj:
+      value = obj[field]
+      if not isinstance(value, str):
+        raise InputError(f"{at(path, lineno)}: field {field!r} must be a "
+                         f"string, got {type(value).__name__}")
+      if not value.strip():
+        raise InputError(f"{at(path, lineno)}: field {field!r} is empty")
+  for field in _STRING_FIELDS:
+    if field in obj and not isinstance(obj[field], str):
+      raise InputError(f"{at(path, lineno)}: field {field!r} must be a "
+                       f"string, got {type(obj[field]).__name__}")
+  if "fact_doc_ids" in obj:
+    _check_string_list(path, lineno, obj, "fact_doc_ids")
+
+
+def read_jsonl_records(path, required: Sequence[str] = ("id", "text")
+                       ) -> list[dict[str, Any]]:
+  """Reads a corpus or queries JSONL file, strictly.
+
+  Every non-blank line must be a JSON object holding the ``required`` fields.
+  ``id``, ``text`` and ``target`` must be non-empty strings, ``prompt`` and
+  ``bucket`` strings and ``fact_doc_ids`` a list of strings wherever present.
+  Ids must be unique. Errors raise ``InputError`` naming the file and line.
+  """
+  records = []
+  seen: dict[str, int] = {}
+  for lineno, obj in _iter_json_lines(path):
+    _check_record(path, lineno, obj, required)
+    if "id" in obj:
+      if obj["id"] in seen:
+        raise InputError(f"{at(path, lineno)}: duplicate id {obj['id']!r} "
+                         f"(first at line {seen[obj['id']]})")
+      seen[obj["id"]] = lineno
+    records.append(obj)
+  return records
+
+
+def read_results(path) -> dict[str, dict[str, Any]]:
+  """Reads a results JSONL file into ``{query_id: row}``, in file order.
+
+  Checks that ``query_id`` (a non-empty string), ``proponent_ids`` (strings)
+  and ``proponent_scores`` (numbers) are present with equal lengths, that the
+  optional ``proponents`` / ``opponent_*`` lists agree in length, and that no
+  query id repeats. Errors raise ``InputError`` naming file, line and field.
+  """
+  rows: dict[str, dict[str, Any]] = {}
+  lines: dict[str, int] = {}
+  for lineno, obj in _iter_json_lines(path):
+    for field in ("query_id", "proponent_ids", "proponent_scores"):
+      if field not in obj:
+        raise InputError(f"{at(path, lineno)}: missing field {field!r}")
+    qid = obj["query_id"]
+    if not isinstance(qid, str) or not qid:
+      raise InputError(f"{at(path, lineno)}: field 'query_id' must be a "
+                       "non-empty string")
+    if qid in rows:
+      raise InputError(f"{at(path, lineno)}: duplicate query_id {qid!r} "
+                       f"(first at line {lines[qid]})")
+    for side in ("proponent", "opponent"):
+      ids_field, scores_field = f"{side}_ids", f"{side}_scores"
+      texts_field = f"{side}s"
+      if ids_field not in obj and scores_field not in obj:
+        continue  # Opponents are optional.
+      for field, other in ((ids_field, scores_field),
+                           (scores_field, ids_field)):
+        if field not in obj:
+          raise InputError(f"{at(path, lineno)}: missing field {field!r} "
+                           f"(the line has {other!r})")
+      _check_string_list(path, lineno, obj, ids_field)
+      _check_number_list(path, lineno, obj, scores_field)
+      n = len(obj[ids_field])
+      if len(obj[scores_field]) != n:
+        raise InputError(
+            f"{at(path, lineno)}: field {scores_field!r} has "
+            f"{len(obj[scores_field])} entries but {ids_field!r} has {n}")
+      if texts_field in obj:
+        _check_string_list(path, lineno, obj, texts_field)
+        if len(obj[texts_field]) != n:
+          raise InputError(
+              f"{at(path, lineno)}: field {texts_field!r} has "
+              f"{len(obj[texts_field])} entries but {ids_field!r} has {n}")
+    rows[qid] = obj
+    lines[qid] = lineno
+  return rows
+
+
+def _to_json(value):
+  """json.dump fallback for numpy scalars and arrays."""
+  if isinstance(value, np.ndarray):
+    return value.tolist()
+  if isinstance(value, np.generic):
+    return value.item()
+  raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def write_text_atomic(path, text: str) -> None:
+  """Writes ``text`` to ``path`` so readers see the old file or the new one."""
+  path = os.fspath(path)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  # The temporary file sits in the target directory so os.replace is a rename
+  # on one filesystem, hence atomic.
+  fd, tmp = tempfile.mkstemp(dir=directory,
+                             prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    try:
+      os.unlink(tmp)
+    except OSError:
+      pass
+    raise
+
+
+def write_results(path, rows: Iterable[Mapping[str, Any]]) -> None:
+  """Writes result rows as JSONL, one per line, atomically (tmp + os.replace)."""
+  text = "".join(
+      json.dumps(row, ensure_ascii=False, default=_to_json) + "\n"
+      for row in rows)
+  write_text_atomic(path, text)
+
+
+def make_result_row(query: Mapping[str, Any],
+                    proponent_ids: Sequence[str],
+                    proponent_scores: Sequence[float],
+                    proponent_texts: Sequence[str],
+                    opponent_ids: Sequence[str] = (),
+                    opponent_scores: Sequence[float] = (),
+                    opponent_texts: Sequence[str] = ()) -> dict[str, Any]:
+  """Builds one results line for ``query`` (a queries-file record).
+
+  The query's ``id`` becomes ``query_id``; every other query field (prompt,
+  target, fact_doc_ids, bucket, ...) is passed through. Lists must be given
+  best first; numpy values are converted to plain Python.
+  """
+  if "id" not in query:
+    raise ValueError("query has no 'id' field")
+  clash = sorted(set(query) & (set(RESULT_FIELDS) | {"query_id"}))
+  if clash:
+    raise ValueError(f"query {query['id']!r} has reserved field(s) {clash}")
+  lists = {
+      "proponent_ids": [str(x) for x in proponent_ids],
+      "proponent_scores": [float(x) for x in np.asarray(proponent_scores)
+                           .reshape(-1)],
+      "proponents": [str(x) for x in proponent_texts],
+      "opponent_ids": [str(x) for x in opponent_ids],
+      "opponent_scores": [float(x) for x in np.asarray(opponent_scores)
+                          .reshape(-1)],
+      "opponents": [str(x) for x in opponent_texts],
+  }
+  for side in ("proponent", "opponent"):
+    n = len(lists[f"{side}_ids"])
+    if len(lists[f"{side}_scores"]) != n or len(lists[f"{side}s"]) != n:
+      raise ValueError(
+          f"query {query['id']!r}: {side} ids, scores and texts differ in "
+          f"length ({n}, {len(lists[f'{side}_scores'])}, "
+          f"{len(lists[f'{side}s'])})")
+  row: dict[str, Any] = {"query_id": query["id"]}
+  for key, value in query.items():
+    if key != "id":
+      row[key] = value
+  row.update(lists)
+  return row
+
+
+# ---------------------------------------------------------------------------
+# Metrics.
+
+
+def bucket_sort_key(bucket: str):
+  """Sorts "1" < "2-3" < "4-10" < "11+" by their leading number."""
+  m = re.match(r"\s*(\d+)", bucket)
+  return (0, int(m.group(1)), bucket) if m else (1, 0, bucket)
+
+
+def _query_scores(relevant: set[str], retrieved: Sequence[str] | None,
+                  k: int) -> tuple[float, float, float]:
+  """(reciprocal rank, hit in top k, precision at k) for one query."""
+  if retrieved is None:
+    return 0.0, 0.0, 0.0
+  rr = 0.0
+  for rank, doc_id in enumerate(retrieved, start=1):
+    if doc_id in relevant:
+      rr = 1.0 / rank
+      break
+  hits = sum(doc_id in relevant for doc_id in retrieved[:k])
+  return rr, float(hits > 0), hits / k
+
+
+def _summarize(scores: list[tuple[float, float, float]], missing: int,
+               no_ground_truth: int, k: int) -> dict[str, Any]:
+  n = len(scores)
+  def mean(i):
+    # None rather than NaN: NaN is not valid JSON.
+    return math.fsum(s[i] for s in scores) / n if n else None
+  return {
+      "mrr": mean(0),
+      f"recall@{k}": mean(1),
+      f"precision@{k}": mean(2),
+      "num_queries": n,
+      "missing": missing,
+      "no_ground_truth": no_ground_truth,
+  }
+
+
+def retrieval_metrics(queries: Sequence[Mapping[str, Any]],
+                      results: Mapping[str, Mapping[str, Any]],
+                      k: int = 10) -> dict[str, Any]:
+  """MRR, recall@k and precision@k of ``results`` against ``fact_doc_ids``.
+
+  Args:
+    queries: query records with ``id`` and ``fact_doc_ids`` (the relevant
+      corpus ids) and optionally ``bucket``.
+    results: ``{query_id: row}`` as from ``read_results``; each row's
+      ``proponent_ids`` is the ranking, best first.
+    k: cut-off for recall and precision. MRR uses the whole retrieved list.
+
+  Returns:
+    ``{"mrr", "recall@k", "precision@k", "num_queries", "missing",
+    "no_ground_truth", "buckets": {bucket: {same keys but "buckets"}}}``.
+    ``num_queries`` counts the queries averaged over (``missing`` ones
+    included as zeros, ``no_ground_truth`` ones left out). A metric over no
+    queries is ``None``. Queries without a ``bucket`` count only overall.
+    Result rows for ids not in ``queries`` are ignored.
+  """
+  if k < 1:
+    raise ValueError(f"k must be positive, got {k}")
+  overall: list[tuple[float, float, float]] = []
+  counts = {"missing": 0, "no_ground_truth": 0}
+  per_bucket: dict[str, list[tuple[float, float, float]]] = {}
+  bucket_counts: dict[str, dict[str, int]] = {}
+  for i, query in enumerate(queries):
+    qid = query.get("id")
+    if "fact_doc_ids" not in query:
+      raise InputError(f"query {qid!r} (#{i}): missing field 'fact_doc_ids'")
+    relevant = set(query["fact_doc_ids"])
+    bucket = query.get("bucket")
+    if bucket is not None:
+      bucket = str(bucket)
+      per_bucket.setdefault(bucket, [])
+      bucket_counts.setdefault(bucket, {"missing": 0, "no_ground_truth": 0})
+    if not relevant:
+      counts["no_ground_truth"] += 1
+      if bucket is not None:
+        bucket_counts[bucket]["no_ground_truth"] += 1
+      continue
+    row = results.get(qid)
+    if row is None:
+      counts["missing"] += 1
+      if bucket is not None:
+        bucket_counts[bucket]["missing"] += 1
+    s = _query_scores(relevant, None if row is None else row["proponent_ids"],
+                      k)
+    overall.append(s)
+    if bucket is not None:
+      per_bucket[bucket].append(s)
+  metrics = _summarize(overall, k=k, **counts)
+  metrics["buckets"] = {
+      b: _summarize(per_bucket[b], k=k, **bucket_counts[b])
+      for b in sorted(per_bucket, key=bucket_sort_key)
+  }
+  return metrics
+
+
+# ---------------------------------------------------------------------------
+# Reporting.
+
+
+def _format_cell(value) -> str:
+  if value is None:
+    return "–"
+  if isinstance(value, bool):
+    return str(value)
+  if isinstance(value, (int, np.integer)):
+    return str(int(value))
+  if isinstance(value, (float, np.floating)):
+    return f"{float(value):.4f}"
+  return str(value).replace("|", "\\|")
+
+
+def format_table(metrics_by_method: Mapping[str, Mapping[str, Any]],
+                 columns: Sequence[str], *, row_header: str = "method") -> str:
+  """A markdown table: one row per method, one column per metric key.
+
+  Floats print with 4 decimals, ``None`` as "–", absent keys as blanks.
+  """
+  header = [row_header, *columns]
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "|".join(["---"] + ["---:"] * len(columns)) + "|"]
+  for method, metrics in metrics_by_method.items():
+    cells = [_format_cell(method)]
+    cells += ["" if c not in metrics else _format_cell(metrics[c])
+              for c in columns]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"

@@ -1,0 +1,94 @@
+"""Training: the optimizer, a data-parallel step, and a deterministic batch order.
+
+The optimizer is described by a plain ``OptimizerConfig`` that is stored in the
+checkpoint, so later stages (the optimizer-state correction, tail-patch) rebuild
+exactly the optimizer that produced the state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tracer import model as model_lib
+from tracer import partitioning
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  name: str = "adamw"            # "adamw" or "adafactor"
+  learning_rate: float = 3e-3
+  warmup_steps: int = 50
+  total_steps: int = 1000
+  final_lr_fraction: float = 0.1  # cosine decay ends at this fraction of the peak
+  b1: float = 0.9
+  b2: float = 0.99
+  eps: float = 1e-8
+  weight_decay: float = 0.01
+  clip_norm: float = 1.0
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "OptimizerConfig":
+    return cls(**d)
+
+
+def learning_rate_schedule(c: OptimizerConfig) -> optax.Schedule:
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=c.learning_rate, warmup_steps=c.warmup_steps,
+      decay_steps=max(c.total_steps, c.warmup_steps + 1),
+      end_value=c.learning_rate * c.final_lr_fraction)
+
+
+def make_optimizer(c: OptimizerConfig, learning_rate: Any = None
+                   ) -> optax.GradientTransformation:
+  """The training optimizer; ``learning_rate`` overrides the schedule."""
+  lr = learning_rate_schedule(c) if learning_rate is None else learning_rate
+  if c.name == "adamw":
+    opt = optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
+  elif c.name == "adafactor":
+    opt = optax.adafactor(lr, decay_rate=c.b2, eps=c.eps,
+                          weight_decay_rate=c.weight_decay or None,
+                          multiply_by_parameter_scale=False)
+  else:
+    raise ValueError(f"optimizer name {c.name!r}: expected 'adamw' or 'adafactor'")
+  return optax.chain(optax.clip_by_global_norm(c.clip_norm), opt)
+
+
+def make_train_step(config: model_lib.ModelConfig, optimizer, mesh, params
+                    ) -> Callable:
+  """A jitted ``step(params, opt_state, batch) -> (params, opt_state, loss)``.
+
+  Data parallel: the batch is split over every device of the mesh, params and
+  optimizer state are replicated.
+  """
+  def step(params, opt_state, batch):
+    loss, grads = jax.value_and_grad(
+        lambda p: model_lib.batch_loss(config, p, batch))(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  rep = partitioning.replicated(mesh)
+  return jax.jit(step, in_shardings=(rep, rep, partitioning.all_devices_batch(mesh)),
+                 out_shardings=(rep, rep, rep), donate_argnums=(0, 1))
+
+
+def batch_rows(step: int, batch_size: int, num_rows: int, seed: int) -> np.ndarray:
+  """Rows of the batch for ``step``: epochs of seeded permutations, in order.
+
+  A function of the step alone, so a resumed run sees the same batches.
+  """
+  positions = np.arange(step * batch_size, (step + 1) * batch_size)
+  epochs, offsets = np.divmod(positions, num_rows)
+  out = np.empty(batch_size, np.int64)
+  for epoch in np.unique(epochs):
+    perm = np.random.default_rng([seed, int(epoch)]).permutation(num_rows)
+    out[epochs == epoch] = perm[offsets[epochs == epoch]]
+  return out
