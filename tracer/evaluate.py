@@ -51,7 +51,7 @@ _STRING_FIELDS = ("prompt", "bucket")
 
 
 def _iter_json_lines(path) -> Iterable[tuple[int, dict[str, Any]]]:
-  """Yields (1-based line number, object) for each non-blank line of ``path``."""
+  """Yields (1-based line number, object) for each non-blank line."""
   try:
     f = open(path, encoding="utf-8")
   except OSError as e:
@@ -197,8 +197,8 @@ def write_text_atomic(path, text: str) -> None:
   os.makedirs(directory, exist_ok=True)
   # The temporary file sits in the target directory so os.replace is a rename
   # on one filesystem, hence atomic.
-  fd, tmp = tempfile.mkstemp(dir=directory,
-                             prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+  fd, tmp = tempfile.mkstemp(
+      dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
   try:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       f.write(text)
@@ -214,7 +214,7 @@ def write_text_atomic(path, text: str) -> None:
 
 
 def write_results(path, rows: Iterable[Mapping[str, Any]]) -> None:
-  """Writes result rows as JSONL, one per line, atomically (tmp + os.replace)."""
+  """Writes result rows as JSONL atomically (tmp file + os.replace)."""
   text = "".join(
       json.dumps(row, ensure_ascii=False, default=_to_json) + "\n"
       for row in rows)

@@ -45,9 +45,10 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
   return NamedSharding(mesh, P(DATA, *([None] * (ndim - 1))))
 
 
-def rows_sharding(mesh: Mesh) -> NamedSharding:
-  """A 2-D ``[rows, d]`` array with rows split over every device of the mesh."""
-  return NamedSharding(mesh, P((DATA, MODEL), None))
+def rows_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """A ``[rows, d]`` array (or ``[rows]`` with ndim=1) with rows split over every
+  device of the mesh."""
+  return NamedSharding(mesh, P((DATA, MODEL), *([None] * (ndim - 1))))
 
 
 def param_spec(shape: Sequence[int], model_size: int) -> P:
@@ -106,3 +107,44 @@ def host_slice(global_size: int) -> slice:
   per_host = global_size // jax.process_count()
   start = jax.process_index() * per_host
   return slice(start, start + per_host)
+
+
+def every_device_spec(ndim: int, axis: int = 0) -> P:
+  """``axis`` split over every device (``data`` then ``model``), the rest replicated.
+
+  ``every_device_spec(2)`` is the spec of ``rows_sharding``; the scan's
+  per-device candidates use ``every_device_spec(2, axis=1)``.
+  """
+  spec = [None] * ndim
+  spec[axis] = (DATA, MODEL)
+  return P(*spec)
+
+
+def put_global(x: Any, sharding: NamedSharding) -> jax.Array:
+  """Places a host array that every process holds in full onto a global sharding.
+
+  Each process copies only the shards of its addressable devices, so this
+  works under ``jax.distributed`` where ``jax.device_put`` may not.
+  """
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def stepped_batch(mesh: Mesh) -> NamedSharding:
+  """``[steps, examples_per_step, ...]``: each step's examples split over ``data``."""
+  return NamedSharding(mesh, P(None, DATA))
+
+
+def from_global_numpy(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+  """A global array from a numpy array every host holds in full."""
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def fetch(x: jax.Array) -> np.ndarray:
+  """The whole of a (possibly multi-host) global array, on this host."""
+  if jax.process_count() == 1 or x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -1,0 +1,116 @@
+"""The optimizer-state correction: the second moment V found in optax states.
+
+The corrected gradient is ``g / (sqrt(V) + epsilon)``, element-wise. V comes
+from the checkpoint's optimizer state:
+  * Adam / AdamW (``ScaleByAdamState``): ``nu / (1 - b2**count)``.
+  * Adafactor (``FactoredState``): for a factored matrix
+    ``V_ij = v_row_i * v_col_j / mean(v_row)`` (what Adafactor divides by), for
+    other leaves the full ``v``. Adafactor's decay schedule needs no bias
+    correction.
+The state is searched wherever it sits in the optax tree (``chain``,
+``inject_hyperparams``, ``masked``, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+# Adam's default decay; used when the state does not say (no inject_hyperparams).
+DEFAULT_ADAM_B2 = 0.999
+
+
+def _find(state: Any, kind: type) -> list:
+  found = []
+
+  def visit(node):
+    if isinstance(node, kind):
+      found.append(node)
+      return
+    if isinstance(node, optax.MaskedState):
+      visit(node.inner_state)
+      return
+    if isinstance(node, (tuple, list)):
+      for child in node:
+        visit(child)
+    elif isinstance(node, dict):
+      for child in node.values():
+        visit(child)
+    elif hasattr(node, "inner_state"):
+      visit(node.inner_state)
+
+  visit(state)
+  return found
+
+
+def _injected_b2(state: Any) -> float | None:
+  for s in _find(state, optax.InjectHyperparamsState):
+    if "b2" in s.hyperparams:
+      return float(s.hyperparams["b2"])
+  return None
+
+
+def _check_structure(tree: Any, params: Any, what: str, shapes: bool = True) -> None:
+  if jax.tree.structure(tree) != jax.tree.structure(params):
+    raise ValueError(f"{what} does not match the params tree: "
+                     f"{jax.tree.structure(tree)} vs {jax.tree.structure(params)}")
+  if not shapes:
+    return
+  for (path, x), p in zip(jax.tree_util.tree_flatten_with_path(tree)[0],
+                          jax.tree.leaves(params)):
+    if np.shape(x) != np.shape(p):
+      raise ValueError(f"{what} at {jax.tree_util.keystr(path)} has shape "
+                       f"{np.shape(x)}, params have {np.shape(p)}")
+
+
+def _factored_v(v_row, v_col, v, param):
+  if np.shape(v) == np.shape(param) and np.shape(v_row) == (1,):
+    return v                                  # unfactored leaf: the full v
+  shape = np.shape(param)
+  d1, d0 = (int(i) for i in np.argsort(shape)[-2:])   # optax's factored dims
+  reduced_d1 = d1 - 1 if d1 > d0 else d1
+  row_mean = jnp.mean(v_row, axis=reduced_d1, keepdims=True)
+  return jnp.expand_dims(v_row / row_mean, d0) * jnp.expand_dims(v_col, d1)
+
+
+def second_moment(opt_state: Any, params: Any, *, b2: float | None = None) -> Any:
+  """The params-shaped pytree V of the optimizer's second-moment estimate.
+
+  Args:
+    opt_state: an optax state holding an Adam(W) or Adafactor sub-state.
+    params: the params pytree the state belongs to.
+    b2: Adam's decay, for the bias correction. Default: the injected
+      hyperparameter if the state has one, else optax's default 0.999.
+
+  Raises:
+    ValueError: the state holds no second moment, or it does not match params.
+  """
+  adam = _find(opt_state, optax.ScaleByAdamState)
+  factored = _find(opt_state, optax._src.factorized.FactoredState)
+  if len(adam) + len(factored) == 0:
+    raise ValueError("the optimizer state holds no second moment (no Adam "
+                     "ScaleByAdamState and no Adafactor FactoredState found)")
+  if len(adam) + len(factored) > 1:
+    raise ValueError("the optimizer state holds several second moments; pass the "
+                     "sub-state that preconditions the updates")
+  if adam:
+    state = adam[0]
+    _check_structure(state.nu, params, "the optimizer state's nu")
+    b2 = b2 if b2 is not None else (_injected_b2(opt_state) or DEFAULT_ADAM_B2)
+    count = jnp.asarray(state.count, jnp.float32)
+    correction = 1.0 - jnp.power(jnp.float32(b2), jnp.maximum(count, 1.0))
+    return jax.tree.map(lambda nu: nu.astype(jnp.float32) / correction, state.nu)
+  state = factored[0]
+  _check_structure(state.v, params, "the Adafactor state", shapes=False)
+  return jax.tree.map(_factored_v, state.v_row, state.v_col, state.v, params)
+
+
+def correct(grads: Any, v: Any | None, epsilon: float) -> Any:
+  """``g / (sqrt(V) + epsilon)``; ``v=None`` leaves gradients uncorrected."""
+  if v is None:
+    return grads
+  return jax.tree.map(lambda g, vv: g / (jnp.sqrt(vv) + epsilon), grads, v)

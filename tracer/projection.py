@@ -1,0 +1,174 @@
+"""Two-sided per-block Gaussian projection of gradients.
+
+Every weight with two or more axes is a block, viewed as a (fan-in, fan-out)
+matrix ``a x b`` (the split of its axes that makes the two sides most nearly
+equal). All vectors (norm scales) share one block ``1 x V``. A block's gradient
+``G`` becomes ``P_L G P_R^T`` with ``P_L: k_a x a`` and ``P_R: k_b x b``, entries
+N(0, 1/rows), so ``E[<P_L G P_R^T, P_L H P_R^T>] = <G, H>``.
+
+Sizes come from one number, ``projection_dim``: every side gets
+``k = min(side, s)`` with the largest ``s`` that keeps the total at most
+``projection_dim``. A side with ``k == side`` is left unprojected (the identity),
+which is exact rather than random; a model smaller than ``projection_dim`` is
+then not projected at all. The real ``dim`` is recorded in the layout.
+
+The matrices are generated from ``(seed, parameter path)`` wherever they are
+needed, identically on every device and host, and never stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+VECTORS = "<vectors>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Block:
+  """One projected block: ``paths`` of params viewed as an ``a x b`` matrix."""
+  name: str
+  paths: tuple[str, ...]
+  shape: tuple[int, int]     # (a, b)
+  k: tuple[int, int]         # (k_a, k_b)
+  offset: int                # where this block starts in the encoding
+
+  @property
+  def size(self) -> int:
+    return self.k[0] * self.k[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  blocks: tuple[Block, ...]
+  seed: int
+
+  @property
+  def dim(self) -> int:
+    return sum(b.size for b in self.blocks)
+
+  def to_json(self) -> dict:
+    return {"seed": self.seed, "dim": self.dim,
+            "blocks": [dataclasses.asdict(b) for b in self.blocks]}
+
+  @classmethod
+  def from_json(cls, d: dict) -> "Layout":
+    blocks = tuple(Block(b["name"], tuple(b["paths"]), tuple(b["shape"]),
+                         tuple(b["k"]), b["offset"]) for b in d["blocks"])
+    return cls(blocks, d["seed"])
+
+
+def path_name(path) -> str:
+  return "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+
+
+def matrix_shape(shape: Sequence[int]) -> tuple[int, int]:
+  """(fan-in, fan-out) view of a tensor: the most balanced split of its axes."""
+  if len(shape) < 2:
+    return (1, int(np.prod(shape, dtype=np.int64)))
+  splits = [(int(np.prod(shape[:i])), int(np.prod(shape[i:])))
+            for i in range(1, len(shape))]
+  return min(splits, key=lambda ab: (abs(np.log(ab[0] / ab[1])), -ab[0]))
+
+
+def make_layout(params: Any, projection_dim: int, seed: int = 0) -> Layout:
+  """Derives the block layout for ``params`` from a total ``projection_dim``."""
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  matrices = [(path_name(p), matrix_shape(np.shape(x)))
+              for p, x in leaves if np.ndim(x) >= 2]
+  vector_paths = tuple(path_name(p) for p, x in leaves if np.ndim(x) < 2)
+  vector_size = sum(int(np.size(x)) for _, x in leaves if np.ndim(x) < 2)
+  sides = [shape for _, shape in matrices]
+  if vector_paths:
+    sides.append((1, vector_size))
+
+  def total(s):
+    return sum(min(a, s) * min(b, s) for a, b in sides)
+
+  if projection_dim < len(sides):
+    raise ValueError(f"projection_dim={projection_dim} is smaller than the "
+                     f"{len(sides)} blocks of the model")
+  lo, hi = 1, max(max(ab) for ab in sides)
+  while lo < hi:                      # largest s with total(s) <= projection_dim
+    mid = (lo + hi + 1) // 2
+    lo, hi = (mid, hi) if total(mid) <= projection_dim else (lo, mid - 1)
+  blocks, offset = [], 0
+  named = [(name, (name,), shape) for name, shape in matrices]
+  if vector_paths:
+    named.append((VECTORS, vector_paths, (1, vector_size)))
+  for name, paths, (a, b) in named:
+    block = Block(name, paths, (a, b), (min(a, lo), min(b, lo)), offset)
+    blocks.append(block)
+    offset += block.size
+  return Layout(tuple(blocks), seed)
+
+
+def _side(key, k: int, n: int) -> jax.Array | None:
+  """A ``k x n`` Gaussian with N(0, 1/k) entries, or None for the identity."""
+  if k == n:
+    return None
+  return jax.random.normal(key, (k, n), jnp.float32) * (1.0 / np.sqrt(k))
+
+
+def block_matrices(layout: Layout, block: Block) -> tuple[Any, Any]:
+  """(P_L, P_R) of one block, from (seed, block name); None means identity."""
+  key = jax.random.fold_in(jax.random.PRNGKey(layout.seed),
+                           zlib.crc32(block.name.encode()) & 0x7FFFFFFF)
+  left, right = jax.random.split(key)
+  return _side(left, block.k[0], block.shape[0]), _side(right, block.k[1], block.shape[1])
+
+
+def block_gradients(layout: Layout, grads: Any) -> list[jax.Array]:
+  """Per-example gradients as block matrices: one ``[n, a, b]`` per block.
+
+  ``grads`` has a leading example axis on every leaf.
+  """
+  by_path = {path_name(p): g for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+  out = []
+  for block in layout.blocks:
+    parts = [by_path[p].reshape(by_path[p].shape[0], -1) for p in block.paths]
+    flat = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+    out.append(flat.reshape(flat.shape[0], *block.shape))
+  return out
+
+
+def project(layout: Layout, grads: Any) -> jax.Array:
+  """Projects per-example gradients (leading axis n) to float32 ``[n, dim]``."""
+  pieces = []
+  for block, g in zip(layout.blocks, block_gradients(layout, grads)):
+    left, right = block_matrices(layout, block)
+    g = g.astype(jnp.float32)
+    if left is not None:
+      g = jnp.einsum("ka,nab->nkb", left, g, precision="highest")
+    if right is not None:
+      g = jnp.einsum("nkb,lb->nkl", g, right, precision="highest")
+    pieces.append(g.reshape(g.shape[0], -1))
+  return jnp.concatenate(pieces, axis=1)
+
+
+def dense_matrix(layout: Layout, params: Any) -> np.ndarray:
+  """The whole projection as one ``[dim, |theta|]`` matrix (tests and oracles).
+
+  Columns follow ``jax.flatten_util.ravel_pytree(params)`` order.
+  """
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  starts, pos = {}, 0
+  for p, x in leaves:
+    starts[path_name(p)] = (pos, int(np.size(x)))
+    pos += int(np.size(x))
+  out = np.zeros((layout.dim, pos), np.float64)
+  for block in layout.blocks:
+    left, right = block_matrices(layout, block)
+    a, b = block.shape
+    left = np.eye(a) if left is None else np.asarray(left, np.float64)
+    right = np.eye(b) if right is None else np.asarray(right, np.float64)
+    cols = np.concatenate([np.arange(s, s + n) for s, n in
+                           (starts[p] for p in block.paths)])
+    # vec(P_L G P_R^T) = (P_L kron P_R) vec(G) for row-major vec.
+    out[block.offset:block.offset + block.size, cols] = np.kron(left, right)
+  return out

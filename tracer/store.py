@@ -1,0 +1,384 @@
+"""An on-disk store of corpus encodings: a zarr v3 ``[N, d]`` array plus a manifest.
+
+Layout of a store directory::
+
+  manifest.json      what makes these encodings comparable (see ``Manifest``)
+  encodings/         tensorstore zarr v3 array, one zarr chunk per ``chunk_rows`` rows
+  progress/          one ``<chunk>.done`` marker per chunk whose rows are written
+
+Writing is resumable and deterministic: chunk ``c`` holds rows
+``[c * chunk_rows, (c + 1) * chunk_rows)`` and is written whole, then marked
+done. A killed writer, run again, rewrites only unmarked chunks, so the array
+files end byte-identical to those of an uninterrupted run. Chunks are assigned
+to hosts round-robin (chunk ``c`` belongs to host ``c % process_count``), so
+hosts never write the same file.
+
+Only local (POSIX) paths are supported: the manifest and markers rely on
+``os.replace`` being atomic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from typing import Any, Sequence
+
+import jax
+import ml_dtypes
+import numpy as np
+import tensorstore as ts
+
+from tracer.errors import InputError
+
+MANIFEST = "manifest.json"
+ARRAY_DIR = "encodings"
+PROGRESS_DIR = "progress"
+DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+
+
+def _tracer_version() -> str:
+  try:
+    from importlib import metadata  # pylint: disable=g-import-not-at-top
+    return metadata.version("tracer")
+  except Exception:  # pylint: disable=broad-except
+    return "unknown"
+
+
+class IncompatibleStoreError(InputError):
+  """A store's manifest disagrees with what the caller expects."""
+
+
+# Fields that define the vector space the encodings live in: two sets of
+# encodings can be compared (dot products mean something) only if these agree.
+ENCODING_FIELDS = (
+    "checkpoint", "step", "params_fingerprint", "correction", "epsilon",
+    "projection_seed", "layout", "dim", "preconditioner_fingerprint",
+    "tracer_version")
+# Fields that describe how and what was stored; they must also agree to resume.
+STORAGE_FIELDS = ("dtype", "corpus", "num_rows", "chunk_rows")
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+  """What makes a set of encodings comparable, and how they are stored.
+
+  Attributes:
+    checkpoint: path of the model checkpoint the gradients were taken at.
+    step: training step of that checkpoint.
+    params_fingerprint: ``fingerprint(params)``.
+    correction: optimizer second-moment correction, e.g. "adam", "adafactor",
+      "none".
+    epsilon: the epsilon added to sqrt(V).
+    projection_seed: seed of the random projections.
+    layout: JSON-able description of the projection blocks (opaque here).
+    dim: encoding dimension d.
+    preconditioner_fingerprint: ``fingerprint`` of R^(-1/2), or None.
+    dtype: storage dtype, "bfloat16" or "float32".
+    corpus: where the rows came from (a source string).
+    num_rows: N.
+    chunk_rows: rows per stored chunk.
+    tracer_version: version of tracer that wrote the encodings.
+  """
+  checkpoint: str
+  step: int
+  params_fingerprint: str
+  correction: str
+  epsilon: float
+  projection_seed: int
+  layout: Any
+  dim: int
+  preconditioner_fingerprint: str | None
+  dtype: str = "bfloat16"
+  corpus: str = ""
+  num_rows: int = 0
+  chunk_rows: int = 1024
+  tracer_version: str = dataclasses.field(default_factory=_tracer_version)
+
+  def to_dict(self) -> dict[str, Any]:
+    # A JSON round trip makes tuples lists, so in-memory and loaded manifests
+    # compare equal.
+    return json.loads(json.dumps(dataclasses.asdict(self), sort_keys=True))
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any], where: str = MANIFEST) -> Manifest:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+      raise InputError(f"{where}: unknown field(s) {unknown}")
+    required = {f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING}
+    missing = sorted(required - set(d))
+    if missing:
+      raise InputError(f"{where}: missing field(s) {missing}")
+    return cls(**d)
+
+  def check_compatible(self, expected: Manifest,
+                       fields: Sequence[str] | None = None, *,
+                       where: str = "store", other: str = "query") -> None:
+    """Raises IncompatibleStoreError listing every field that differs.
+
+    Args:
+      expected: the manifest the caller needs.
+      fields: names to compare; default all of them.
+      where: names the store in the message (e.g. its manifest path).
+      other: names the expected side in the message.
+    """
+    fields = [f.name for f in dataclasses.fields(self)] if fields is None else fields
+    mine, theirs = self.to_dict(), expected.to_dict()
+    diffs = [f"field {name!r}: store has {mine[name]!r}, {other} has {theirs[name]!r}"
+             for name in fields if mine[name] != theirs[name]]
+    if diffs:
+      raise IncompatibleStoreError(
+          f"{where}: encodings are not comparable: " + "; ".join(diffs))
+
+
+def fingerprint(tree: Any, length: int = 16) -> str:
+  """Short sha256 hex of a pytree's leaves (paths, dtypes, shapes and bytes).
+
+  Leaves are visited in ``jax.tree`` order (dict keys sorted), so the result
+  is stable across runs and hosts. Leaves must be fully addressable.
+  """
+  h = hashlib.sha256()
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  for path, leaf in leaves:
+    x = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
+    if x.dtype.byteorder == ">":
+      x = x.astype(x.dtype.newbyteorder("<"))
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(f"|{x.dtype.str}|{x.shape}|".encode())
+    h.update(x.tobytes())
+  return h.hexdigest()[:length]
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+  d = os.path.dirname(path) or "."
+  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+
+
+def _array_spec(path: str, manifest: Manifest) -> dict[str, Any]:
+  return {
+      "driver": "zarr3",
+      "kvstore": {"driver": "file", "path": os.path.join(path, ARRAY_DIR)},
+      "metadata": {
+          "shape": [manifest.num_rows, manifest.dim],
+          "data_type": manifest.dtype,
+          "chunk_grid": {"name": "regular", "configuration": {
+              "chunk_shape": [manifest.chunk_rows, manifest.dim]}},
+          "chunk_key_encoding": {"name": "default"},
+          # Uncompressed: projected gradients barely compress and the scan is
+          # read-bound, so decompression would only cost time.
+          "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
+          "fill_value": 0,
+      },
+  }
+
+
+def _validate(manifest: Manifest, where: str) -> None:
+  if manifest.dtype not in DTYPES:
+    raise InputError(f"{where}: field 'dtype' must be one of {sorted(DTYPES)}, "
+                     f"got {manifest.dtype!r}")
+  for name in ("dim", "chunk_rows"):
+    if int(getattr(manifest, name)) < 1:
+      raise InputError(f"{where}: field {name!r} must be >= 1, "
+                       f"got {getattr(manifest, name)!r}")
+  if int(manifest.num_rows) < 0:
+    raise InputError(f"{where}: field 'num_rows' must be >= 0, "
+                     f"got {manifest.num_rows!r}")
+
+
+def _read_manifest(path: str) -> Manifest:
+  where = os.path.join(path, MANIFEST)
+  try:
+    with open(where) as f:
+      d = json.load(f)
+  except json.JSONDecodeError as e:
+    raise InputError(f"{where}: not valid JSON: {e}") from e
+  if not isinstance(d, dict):
+    raise InputError(f"{where}: expected a JSON object")
+  return Manifest.from_dict(d, where)
+
+
+class EncodingStore:
+  """A handle on a store directory. Use ``create_or_open`` or ``open_store``."""
+
+  def __init__(self, path: str, manifest: Manifest, array: ts.TensorStore):
+    self.path = path
+    self.manifest = manifest
+    self.array = array
+
+  @property
+  def num_rows(self) -> int:
+    return self.manifest.num_rows
+
+  @property
+  def dim(self) -> int:
+    return self.manifest.dim
+
+  @property
+  def chunk_rows(self) -> int:
+    return self.manifest.chunk_rows
+
+  @property
+  def dtype(self) -> np.dtype:
+    return np.dtype(DTYPES[self.manifest.dtype])
+
+  @property
+  def num_chunks(self) -> int:
+    return math.ceil(self.num_rows / self.chunk_rows)
+
+  def chunk_bounds(self, chunk: int) -> tuple[int, int]:
+    """Rows ``[start, stop)`` of a chunk."""
+    if not 0 <= chunk < self.num_chunks:
+      raise InputError(f"{self.path}: chunk {chunk} out of range "
+                       f"[0, {self.num_chunks})")
+    start = chunk * self.chunk_rows
+    return start, min(start + self.chunk_rows, self.num_rows)
+
+  def _marker(self, chunk: int) -> str:
+    return os.path.join(self.path, PROGRESS_DIR, f"{chunk:09d}.done")
+
+  def done_chunks(self) -> set[int]:
+    names = os.listdir(os.path.join(self.path, PROGRESS_DIR))
+    return {int(n[:-5]) for n in names if n.endswith(".done")}
+
+  def pending_chunks(self, process_index: int = 0,
+                     process_count: int = 1) -> list[int]:
+    """Chunks host ``process_index`` still has to write (round-robin)."""
+    if not 0 <= process_index < process_count:
+      raise InputError(f"process_index {process_index} out of range "
+                       f"[0, {process_count})")
+    done = self.done_chunks()
+    return [c for c in range(process_index, self.num_chunks, process_count)
+            if c not in done]
+
+  def is_complete(self) -> bool:
+    return len(self.done_chunks() & set(range(self.num_chunks))) == self.num_chunks
+
+  def write_chunk(self, chunk: int, encodings: np.ndarray) -> None:
+    """Writes rows of ``chunk`` (``[rows_in_chunk, d]``, any float dtype), then
+    marks it done.
+
+    Conversion to bf16 rounds to nearest even (``ml_dtypes``), so the same
+    float32 input always gives the same bytes.
+    """
+    start, stop = self.chunk_bounds(chunk)
+    x = np.asarray(jax.device_get(encodings))
+    if x.shape != (stop - start, self.dim):
+      raise InputError(
+          f"{self.path}: chunk {chunk}: encodings have shape {x.shape}, "
+          f"expected {(stop - start, self.dim)} (rows {start}..{stop})")
+    x = x.astype(self.dtype, copy=False)
+    self.array[start:stop].write(x).result()
+    # The marker goes last: a chunk without one is rewritten whole on resume.
+    _atomic_write(self._marker(chunk), b"")
+
+  def read_async(self, start: int, stop: int) -> ts.Future:
+    """A future of rows ``[start, stop)`` in the stored dtype."""
+    return self.array[start:stop].read()
+
+  def read_rows(self, start: int, stop: int) -> np.ndarray:
+    """Rows ``[start, stop)`` as float32 ``[stop - start, d]``."""
+    if not 0 <= start <= stop <= self.num_rows:
+      raise InputError(f"{self.path}: rows [{start}, {stop}) out of range "
+                       f"[0, {self.num_rows}]")
+    return np.asarray(self.read_async(start, stop).result(), dtype=np.float32)
+
+  def check_complete(self) -> None:
+    """Raises InputError naming the missing chunks if not every chunk is done."""
+    missing = sorted(set(range(self.num_chunks)) - self.done_chunks())
+    if missing:
+      raise InputError(
+          f"{self.path}: store is incomplete: {len(missing)} of "
+          f"{self.num_chunks} chunks not written (first: {missing[:5]}); "
+          "finish encoding before scanning")
+
+  def __repr__(self) -> str:
+    return (f"EncodingStore({self.path!r}, rows={self.num_rows}, dim={self.dim}, "
+            f"dtype={self.manifest.dtype})")
+
+
+def create_or_open(path: str | os.PathLike[str],
+                   manifest: Manifest) -> EncodingStore:
+  """Creates a store, or opens an existing one with the same manifest to resume.
+
+  The manifest is written last (tmp file + ``os.replace``), so a directory
+  with a manifest always holds a created array. A directory without one is a
+  creation that never finished and is reset. With several hosts, call this on
+  process 0 first, synchronize, then on the others.
+
+  Raises:
+    IncompatibleStoreError: ``path`` holds a store with a different manifest.
+  """
+  path = os.fspath(path)
+  _validate(manifest, f"{path}/{MANIFEST}")
+  if os.path.exists(os.path.join(path, MANIFEST)):
+    store = open_store(path)
+    store.manifest.check_compatible(
+        manifest, where=os.path.join(path, MANIFEST), other="this run")
+    return store
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise InputError(f"{path}: exists and is not a directory")
+  os.makedirs(path, exist_ok=True)
+  strangers = sorted(set(os.listdir(path)) - {ARRAY_DIR, PROGRESS_DIR})
+  strangers = [n for n in strangers if not n.startswith(".tmp-")]
+  if strangers:
+    raise InputError(f"{path}: not an encoding store (no {MANIFEST}) and not "
+                     f"empty: {strangers[:5]}")
+  # Leftovers of an unfinished creation may hold other settings or stale
+  # markers: start clean.
+  for name in (ARRAY_DIR, PROGRESS_DIR):
+    shutil.rmtree(os.path.join(path, name), ignore_errors=True)
+  os.makedirs(os.path.join(path, PROGRESS_DIR))
+  array = ts.open(_array_spec(path, manifest), create=True).result()
+  _atomic_write(os.path.join(path, MANIFEST),
+                json.dumps(manifest.to_dict(), indent=2, sort_keys=True).encode())
+  return EncodingStore(path, manifest, array)
+
+
+def open_store(path: str | os.PathLike[str],
+               expected: Manifest | None = None,
+               fields: Sequence[str] = ENCODING_FIELDS) -> EncodingStore:
+  """Opens an existing store for reading (and writing, to resume).
+
+  Args:
+    path: the store directory.
+    expected: if given, the store's manifest must agree with it on ``fields``
+      (default: the fields that define the encoding space, not corpus/size).
+    fields: which manifest fields to compare.
+
+  Raises:
+    InputError: ``path`` is not a store.
+    IncompatibleStoreError: the manifest disagrees with ``expected``.
+  """
+  path = os.fspath(path)
+  where = os.path.join(path, MANIFEST)
+  if not os.path.exists(where):
+    raise InputError(f"{where}: no such file; {path} is not an encoding store")
+  manifest = _read_manifest(path)
+  _validate(manifest, where)
+  if expected is not None:
+    manifest.check_compatible(expected, fields, where=where)
+  spec = _array_spec(path, manifest)
+  try:
+    array = ts.open(spec, open=True).result()
+  except ValueError as e:
+    raise InputError(f"{os.path.join(path, ARRAY_DIR)}: cannot open the "
+                     f"array described by {where}: {e}") from e
+  os.makedirs(os.path.join(path, PROGRESS_DIR), exist_ok=True)
+  return EncodingStore(path, manifest, array)
