@@ -18,12 +18,25 @@ from absl import flags
 from absl import logging
 import gin
 
+from launch import pipeline
 from tracer import data as data_lib
 from tracer import model as model_lib
 from tracer import train as train_lib
 
 flags.DEFINE_multi_string("gin_file", [], "Gin config files (repeatable).")
 flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'ModelConfig.d_model=64'.")
+# Flags shared by several scripts are defined here once, so that scripts can
+# import one another.
+flags.DEFINE_string("corpus", None, "Corpus JSONL file or seqio task/mixture name.")
+flags.DEFINE_string("queries", None, "Queries JSONL file.")
+flags.DEFINE_string("workdir", None, "Working directory (checkpoints, store, ...).")
+flags.DEFINE_string("checkpoint", None, "Checkpoint directory or step directory; "
+                    "default: the latest under WORKDIR/checkpoints.")
+flags.DEFINE_string("store", None, "Encodings store; default WORKDIR/store.")
+flags.DEFINE_string("preconditioner", None, "Preconditioner file; default "
+                    "WORKDIR/preconditioner.npz.")
+flags.DEFINE_string("output", None, "Results JSONL.")
+flags.DEFINE_integer("top_k", 10, "Proponents and opponents per query.")
 FLAGS = flags.FLAGS
 
 
@@ -45,7 +58,7 @@ def register(cls):
 
 
 for _cls in (model_lib.ModelConfig, train_lib.OptimizerConfig, data_lib.DataConfig,
-             TrainConfig):
+             TrainConfig, pipeline.EncodeConfig, pipeline.PreconditionerConfig):
   register(_cls)
 
 

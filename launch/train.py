@@ -26,8 +26,6 @@ from tracer import model as model_lib
 from tracer import partitioning
 from tracer import train as train_lib
 
-flags.DEFINE_string("corpus", None, "Corpus JSONL file or seqio task/mixture name.")
-flags.DEFINE_string("workdir", None, "Where checkpoints and logs go.")
 FLAGS = flags.FLAGS
 
 

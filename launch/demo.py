@@ -1,0 +1,42 @@
+r"""The built-in demo: facts -> tiny model -> encodings -> proponents.
+
+  python -m launch.demo --workdir=demo
+
+Generates the fact corpus (WORKDIR/facts), trains the tiny model unless
+WORKDIR already has a checkpoint, then runs ``launch.trace`` and prints, for a
+few queries, the prompt, the model's prediction and the top proponents.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import app
+from absl import flags
+
+from launch import config
+from launch import trace
+from launch import train
+from tracer import facts
+
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  if not FLAGS.gin_file:
+    FLAGS.gin_file = ["configs/tiny.gin"]
+  config.parse_gin()
+  workdir = FLAGS.workdir or "demo"
+  corpus, queries = facts.write_fact_corpus(os.path.join(workdir, "facts"))
+  print(f"fact corpus: {corpus}, queries: {queries}")
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")) or not os.listdir(
+      os.path.join(workdir, "checkpoints")):
+    print("training the tiny model (no checkpoint in the workdir yet)")
+    train.train(str(corpus), workdir)
+  trace.run(workdir, str(corpus), str(queries), os.path.join(workdir, "results.jsonl"),
+            FLAGS.top_k, show=FLAGS.show)
+
+
+if __name__ == "__main__":
+  app.run(main)

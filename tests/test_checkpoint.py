@@ -1,0 +1,140 @@
+"""Tests of Orbax checkpoints: exact round trips of params and optimizer state."""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from tracer import checkpoint as ckpt_lib
+from tracer import data as data_lib
+from tracer import model as model_lib
+from tracer import partitioning
+from tracer import train as train_lib
+from tracer.errors import InputError
+
+# d_model and d_ff of 128 make Adafactor factor some second moments (it does
+# for matrices whose two largest dims are >= 128) and keep others whole.
+MODEL = model_lib.ModelConfig(vocab_size=259, max_len=16, d_model=128, num_layers=1,
+                              num_heads=2, d_ff=128)
+DATA = {"tokenizer": "byte", "overflow": "truncate", "max_len": 16, "num_rows": 8}
+
+
+def _batch(seed):
+  rng = np.random.default_rng(seed)
+  return data_lib.stack_examples([
+      data_lib.corpus_example(rng.integers(3, 259, size=int(n)).astype(np.int32),
+                              MODEL.max_len)
+      for n in rng.integers(4, MODEL.max_len + 1, size=8)])
+
+
+@functools.cache
+def _step_fn(opt_config):
+  optimizer = train_lib.make_optimizer(opt_config)
+  return train_lib.make_train_step(MODEL, optimizer, partitioning.make_mesh(), None)
+
+
+def _train(opt_config, params, opt_state, steps, first=0):
+  """``steps`` data-parallel train steps on 8 devices (inputs are not donated)."""
+  mesh = partitioning.make_mesh()
+  rep = partitioning.replicated(mesh)
+  params, opt_state = jax.tree.map(lambda x: jax.device_put(x, rep).copy(),
+                                   (params, opt_state))
+  step_fn = _step_fn(opt_config)
+  for i in range(first, first + steps):
+    batch = partitioning.to_global(_batch(i), partitioning.all_devices_batch(mesh))
+    params, opt_state, _ = step_fn(params, opt_state, batch)
+  return params, opt_state
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape
+    assert x.tobytes() == y.tobytes()  # bitwise
+
+
+@pytest.mark.parametrize("name", ["adamw", "adafactor"])
+def test_round_trip_is_exact(tmp_path, name):
+  opt_config = train_lib.OptimizerConfig(name=name, learning_rate=1e-3,
+                                         warmup_steps=2, total_steps=10)
+  optimizer = train_lib.make_optimizer(opt_config)
+  params = model_lib.init_params(MODEL, seed=1)
+  params, opt_state = _train(opt_config, params, optimizer.init(params), 3)
+  if name == "adafactor":
+    # Both kinds of second moments are present: factored and whole.
+    shapes = {tuple(x.shape) for x in jax.tree.leaves(opt_state)}
+    assert (259,) in shapes and (128,) in shapes  # embedding rows/cols
+    assert (128, 2, 64) in shapes                 # query: not factored
+
+  mngr = ckpt_lib.manager(str(tmp_path / "ckpt"))
+  ckpt_lib.save(mngr, 3, params, opt_state, MODEL, opt_config, DATA)
+  mngr.close()
+  restored = ckpt_lib.restore(str(tmp_path / "ckpt"))
+  assert restored.step == 3 and isinstance(restored.step, int)
+  assert restored.path == os.path.join(str(tmp_path / "ckpt"), "3")
+  assert restored.model_config == MODEL
+  assert restored.optimizer_config == opt_config
+  assert restored.data_config == DATA
+  _assert_trees_equal(restored.params, params)
+  _assert_trees_equal(restored.opt_state, opt_state)
+  assert model_lib.param_count(restored.params) == model_lib.param_count(params)
+
+  # The optimizer rebuilt from the checkpoint continues exactly as the original.
+  ex = {k: v[0] for k, v in _batch(0).items()}
+  assert float(restored.loss_fn()(restored.params, ex)) == float(
+      model_lib.example_loss(MODEL, params, ex))
+  a = _train(opt_config, params, opt_state, 2, first=3)
+  b = _train(restored.optimizer_config, restored.params, restored.opt_state, 2,
+             first=3)
+  _assert_trees_equal(a, b)
+
+
+def test_restore_picks_steps_and_places_on_the_mesh(tmp_path):
+  opt_config = train_lib.OptimizerConfig(total_steps=10)
+  optimizer = train_lib.make_optimizer(opt_config)
+  params = model_lib.init_params(MODEL)
+  opt_state = optimizer.init(params)
+  mngr = ckpt_lib.manager(str(tmp_path), max_to_keep=2)
+  states = {}
+  for step in (1, 2, 3):
+    params, opt_state = _train(opt_config, params, opt_state, 1, first=step)
+    states[step] = jax.device_get((params, opt_state))
+    ckpt_lib.save(mngr, step, params, opt_state, MODEL, opt_config, DATA)
+  assert mngr.all_steps() == [2, 3]  # max_to_keep
+  mngr.close()
+
+  latest = ckpt_lib.restore(str(tmp_path))
+  assert latest.step == 3
+  _assert_trees_equal((latest.params, latest.opt_state), states[3])
+  mesh = partitioning.make_mesh()
+  rep = partitioning.replicated(mesh)
+  older = ckpt_lib.restore(str(tmp_path), step=2, sharding=rep)
+  assert older.step == 2
+  _assert_trees_equal((older.params, older.opt_state), states[2])
+  for leaf in jax.tree.leaves((older.params, older.opt_state)):
+    assert leaf.sharding.is_equivalent_to(rep, leaf.ndim)
+  assert not np.array_equal(older.params["embed"]["embedding"],
+                            latest.params["embed"]["embedding"])
+
+
+def test_restore_errors(tmp_path):
+  missing = str(tmp_path / "nothing")
+  with pytest.raises(InputError, match=f"^{re.escape(missing)}: no checkpoint"):
+    ckpt_lib.restore(missing)
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  with pytest.raises(InputError, match=f"^{re.escape(str(empty))}: holds no"):
+    ckpt_lib.restore(str(empty))
+
+
+def test_optimizer_config_round_trip():
+  c = train_lib.OptimizerConfig(name="adafactor", learning_rate=0.5, total_steps=7)
+  assert train_lib.OptimizerConfig.from_dict(c.to_dict()) == c
+  with pytest.raises(ValueError, match="optimizer name 'sgd'"):
+    train_lib.make_optimizer(train_lib.OptimizerConfig(name="sgd"))

@@ -1,0 +1,282 @@
+"""Tests of the corpus and query readers, the row rule and seqio sources."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from tracer import data as data_lib
+from tracer import facts
+from tracer import model as model_lib
+from tracer import partitioning
+from tracer.errors import InputError
+
+TINY = model_lib.ModelConfig(vocab_size=259, max_len=32, d_model=32, num_layers=1,
+                             num_heads=2, d_ff=64)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def vocab():
+  return data_lib.make_vocabulary("byte")
+
+
+@pytest.fixture(scope="module")
+def corpus_path(tmp_path_factory):
+  """21 fact documents, one of them non-ASCII and long enough to split."""
+  records = facts.generate(facts.FactsConfig(facts_per_bucket=5,
+                                             distractor_docs=10))[0][:20]
+  records.append({"id": "unicode", "text": "héllo wörld ünïcode ✓ " * 3})
+  return str(facts.write_jsonl(tmp_path_factory.mktemp("c") / "corpus.jsonl",
+                               records))
+
+
+def _records(path):
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def _write(tmp_path, lines, name="bad.jsonl"):
+  path = tmp_path / name
+  path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+  return str(path)
+
+
+# --- the row rule --------------------------------------------------------------
+
+def test_truncate_rows(corpus_path, vocab):
+  corpus = data_lib.read_jsonl_corpus(corpus_path, vocab, 32)
+  records = _records(corpus_path)
+  assert len(corpus) == len(records) and corpus.max_len == 32
+  assert corpus.ids == [r["id"] for r in records]
+  assert corpus.texts == [r["text"] for r in records]
+  assert corpus.segments == [0] * len(records)
+  for r, tokens in zip(records, corpus.tokens):
+    full = vocab.encode(r["text"]) + [data_lib.EOS_ID]
+    assert tokens.dtype == np.int32
+    assert tokens.tolist() == full[:32]
+  ex = corpus.examples([3, 0])
+  assert {k: (v.shape, v.dtype) for k, v in ex.items()} == {
+      "inputs": ((2, 32), np.int32), "targets": ((2, 32), np.int32),
+      "weights": ((2, 32), np.float32)}
+  n = len(corpus.tokens[3])
+  np.testing.assert_array_equal(ex["targets"][0, :n], corpus.tokens[3])
+  np.testing.assert_array_equal(ex["inputs"][0, 1:n], corpus.tokens[3][:-1])
+  assert ex["inputs"][0, 0] == 0
+  np.testing.assert_array_equal(ex["weights"][0], np.arange(32) < n)
+
+
+def test_split_rows_are_consecutive_windows(corpus_path, vocab):
+  corpus = data_lib.read_jsonl_corpus(corpus_path, vocab, 32, overflow="split")
+  records = _records(corpus_path)
+  row = 0
+  for r in records:
+    full = vocab.encode(r["text"]) + [data_lib.EOS_ID]
+    k = -(-len(full) // 32)
+    assert corpus.ids[row:row + k] == [r["id"]] * k
+    assert corpus.segments[row:row + k] == list(range(k))
+    windows = corpus.tokens[row:row + k]
+    # Windows of max_len tokens, in order; only the last may be shorter.
+    assert [len(w) for w in windows[:-1]] == [32] * (k - 1)
+    assert 1 <= len(windows[-1]) <= 32
+    assert np.concatenate(windows).tolist() == full
+    if k == 1:
+      assert corpus.texts[row] == r["text"]
+    else:
+      assert corpus.texts[row:row + k] == [vocab.decode(w.tolist()) for w in windows]
+    row += k
+  assert row == len(corpus) > len(records)
+  # The non-ASCII document is the last; its first window is its first 32 bytes.
+  assert corpus.ids[-3:] == ["unicode"] * 3
+  assert corpus.texts[-3] == "héllo wörld ünïcode ✓ hél"
+  with pytest.raises(InputError, match="overflow 'wrap'"):
+    data_lib.read_jsonl_corpus(corpus_path, vocab, 32, overflow="wrap")
+
+
+def test_segment_edge_cases():
+  eos = [5, 6, 7, data_lib.EOS_ID]
+  assert [w.tolist() for w in data_lib.segment(eos, 4, "split")] == [eos]
+  assert [w.tolist() for w in data_lib.segment(eos, 3, "split")] == [
+      [5, 6, 7], [data_lib.EOS_ID]]
+  assert [w.tolist() for w in data_lib.segment(eos, 3, "truncate")] == [[5, 6, 7]]
+  assert [r.tolist() for r in data_lib.batches(5, 2)] == [[0, 1], [2, 3], [4]]
+  assert [r.tolist() for r in data_lib.batches(5, 2, start=3)] == [[3, 4]]
+
+
+def _row_digest(corpus) -> str:
+  h = hashlib.sha256()
+  h.update(json.dumps([corpus.ids, corpus.texts, corpus.segments]).encode())
+  ex = corpus.examples(range(len(corpus)))
+  for k in sorted(ex):
+    h.update(k.encode() + ex[k].tobytes())
+  return h.hexdigest()
+
+
+def _per_row_losses(corpus, params, devices) -> np.ndarray:
+  """Per-example losses with the batch split over ``devices``, padded to fit."""
+  mesh = partitioning.make_mesh(devices=devices)
+  n = len(corpus)
+  rows = np.arange(partitioning.padded_size(n, mesh.size)) % n
+  batch = partitioning.to_global(corpus.examples(rows),
+                                 partitioning.all_devices_batch(mesh))
+  loss_fn = model_lib.make_loss_fn(TINY)
+  losses = jax.jit(jax.vmap(loss_fn, in_axes=(None, 0)),
+                   in_shardings=(partitioning.replicated(mesh),
+                                 partitioning.all_devices_batch(mesh)))(params, batch)
+  assert losses.sharding.is_equivalent_to(partitioning.all_devices_batch(mesh), 1)
+  return np.asarray(losses)[:n]
+
+
+_ONE_DEVICE = """
+import json, sys
+import jax
+assert jax.device_count() == 1, jax.devices()
+from tracer import data as data_lib, model as model_lib, partitioning
+sys.path.insert(0, "tests")
+import test_data as t
+vocab = data_lib.make_vocabulary("byte")
+corpus = data_lib.read_jsonl_corpus(sys.argv[1], vocab, 32, overflow="split")
+losses = t._per_row_losses(corpus, model_lib.init_params(t.TINY), jax.devices())
+print(json.dumps({"digest": t._row_digest(corpus), "losses": losses.tolist()}))
+"""
+
+
+def test_rows_and_per_row_losses_do_not_depend_on_devices(corpus_path, vocab):
+  corpus = data_lib.read_jsonl_corpus(corpus_path, vocab, 32, overflow="split")
+  assert len(corpus) % 8 and len(corpus) % 2  # the batch needs padding
+  params = model_lib.init_params(TINY)
+  by_count = {n: _per_row_losses(corpus, params, jax.devices()[:n])
+              for n in (1, 2, 8)}
+  for n in (2, 8):
+    np.testing.assert_array_equal(by_count[n], by_count[1], err_msg=f"{n} devices")
+  # Matches the unsharded loss of each row.
+  single = np.asarray(jax.vmap(model_lib.make_loss_fn(TINY), in_axes=(None, 0))(
+      params, corpus.examples(range(len(corpus)))))
+  np.testing.assert_allclose(by_count[8], single, rtol=1e-6)
+
+  # A process that sees one device only builds the same row table and losses.
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3",
+             XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  proc = subprocess.run([sys.executable, "-c", _ONE_DEVICE, corpus_path], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  other = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert other["digest"] == _row_digest(corpus)
+  np.testing.assert_array_equal(np.asarray(other["losses"], np.float32), by_count[1])
+
+
+# --- malformed input ---------------------------------------------------------
+
+GOOD = '{"id": "a", "text": "hello"}'
+
+
+@pytest.mark.parametrize("lines,lineno,message", [
+    ([GOOD, '{"id": "b", "text": "x"'], 2, "not valid JSON"),
+    ([GOOD, "", '["id", "text"]'], 3, "expected a JSON object, got list"),
+    ([GOOD, '{"text": "hi"}'], 2, "missing field 'id'"),
+    (['{"id": "b"}'], 1, "missing field 'text'"),
+    ([GOOD, '{"id": 7, "text": "hi"}'], 2, "field 'id' must be a string, got int"),
+    (['{"id": "b", "text": null}'], 1, "field 'text' must be a string, got NoneType"),
+    ([GOOD, '{"id": "b", "text": "  "}'], 2, "field 'text' is empty"),
+    ([GOOD, '{"id": "b", "text": "x"}', '{"id": "a", "text": "y"}'], 3,
+     "duplicate id 'a' \\(first on line 1\\)"),
+])
+def test_malformed_corpus_names_file_and_line(tmp_path, vocab, lines, lineno,
+                                              message):
+  path = _write(tmp_path, lines)
+  with pytest.raises(InputError, match=f"^{re.escape(path)}:{lineno}: {message}"):
+    data_lib.read_corpus(path, vocab, 32)
+
+
+@pytest.mark.parametrize("lines,lineno,message", [
+    (['{"id": "q", "prompt": "p"}'], 1, "missing field 'target'"),
+    (['{"id": "q", "prompt": "p", "target": ""}'], 1, "field 'target' is empty"),
+    (['{"id": "q", "prompt": 3, "target": "t"}'], 1, "field 'prompt' must be"),
+    (['{"id": "q", "prompt": "", "target": "t"}', '{"id": "q", "prompt": "",'
+      ' "target": "u"}'], 2, "duplicate id 'q'"),
+])
+def test_malformed_queries_name_file_and_line(tmp_path, lines, lineno, message):
+  path = _write(tmp_path, lines, "queries.jsonl")
+  with pytest.raises(InputError, match=f"^{re.escape(path)}:{lineno}: {message}"):
+    data_lib.read_queries(path)
+
+
+def test_missing_empty_and_unknown_sources(tmp_path, vocab):
+  missing = str(tmp_path / "nope.jsonl")
+  with pytest.raises(InputError, match=f"^{re.escape(missing)}: no such file"):
+    data_lib.read_corpus(missing, vocab, 32)
+  with pytest.raises(InputError, match=f"^{re.escape(missing)}: no such file"):
+    data_lib.read_queries(missing)
+  empty = _write(tmp_path, ["", "  "], "empty.jsonl")
+  with pytest.raises(InputError, match=f"^{re.escape(empty)}: the corpus is empty"):
+    data_lib.read_corpus(empty, vocab, 32)
+  with pytest.raises(InputError, match=f"^{re.escape(empty)}: no queries"):
+    data_lib.read_queries(empty)
+  with pytest.raises(InputError, match="no_such_task.*no seqio task or mixture"):
+    data_lib.read_corpus("no_such_task", vocab, 32)
+  with pytest.raises(InputError, match="sentencepiece model file not found"):
+    data_lib.make_vocabulary("sentencepiece", str(tmp_path / "x.model"))
+  with pytest.raises(InputError, match="tokenizer kind 'words'"):
+    data_lib.make_vocabulary("words")
+
+
+def test_queries_keep_extra_fields_and_query_errors_name_the_query(tmp_path, vocab):
+  path = _write(tmp_path, [
+      '{"id": "q1", "prompt": "Ada was born in", "target": " London", "k": [1]}',
+      '{"id": "q2", "prompt": "", "target": " Brno"}'], "queries.jsonl")
+  queries = data_lib.read_queries(path)
+  assert [q["id"] for q in queries] == ["q1", "q2"] and queries[0]["k"] == [1]
+  ex = data_lib.query_examples(queries, vocab, 32)
+  assert ex["inputs"].shape == (2, 32)
+  assert ex["weights"].sum(axis=1).tolist() == [7, 5]
+  assert ex["weights"][1, :5].tolist() == [1] * 5  # empty prompt
+  with pytest.raises(InputError, match="^q.jsonl: query 'q1': target of 7 tokens"):
+    data_lib.query_examples(queries, vocab, 7, source="q.jsonl")
+
+
+# --- seqio and sentencepiece -------------------------------------------------
+
+@pytest.mark.parametrize("overflow", ["truncate", "split"])
+def test_seqio_task_gives_the_jsonl_rows(corpus_path, vocab, overflow):
+  from_jsonl = data_lib.read_jsonl_corpus(corpus_path, vocab, 32, overflow)
+  data_lib.register_jsonl_task("tracer_test_corpus", corpus_path, vocab)
+  from_seqio = data_lib.read_corpus("tracer_test_corpus", vocab, 32, overflow)
+  assert from_seqio.source == "seqio:tracer_test_corpus"
+  assert from_seqio.ids == from_jsonl.ids
+  assert from_seqio.texts == from_jsonl.texts
+  assert from_seqio.segments == from_jsonl.segments
+  assert len(from_seqio.tokens) == len(from_jsonl.tokens)
+  for a, b in zip(from_seqio.tokens, from_jsonl.tokens):
+    np.testing.assert_array_equal(a, b)
+  # Registering again under the same name replaces the task.
+  data_lib.register_jsonl_task("tracer_test_corpus", corpus_path, vocab)
+
+
+def test_sentencepiece_round_trip(tmp_path, corpus_path):
+  texts = [r["text"] for r in _records(corpus_path)]
+  model = data_lib.train_sentencepiece(texts, str(tmp_path / "sp"), vocab_size=300)
+  assert model == str(tmp_path / "sp.model") and os.path.isfile(model)
+  config = data_lib.DataConfig(tokenizer="sentencepiece", sentencepiece_model=model)
+  vocab = config.vocabulary()
+  assert (vocab.pad_id, vocab.eos_id, vocab.unk_id) == (0, 1, 2)
+  assert 3 < vocab.vocab_size <= 300
+  for text in texts:
+    ids = vocab.encode(text)
+    assert all(3 <= i < vocab.vocab_size for i in ids)
+    # Sentencepiece's default normalization folds runs of spaces (and strips
+    # them at the ends), which keeps " London" after a prompt one "▁London".
+    assert vocab.decode(ids) == " ".join(text.split())
+  # Pieces never cross a space, so a query's prompt and target tokens are the
+  # tokens of the sentence as the corpus states it.
+  for prompt, target in [("Ada was born in", " London"), ("Kurt Godel is", " Brno")]:
+    assert vocab.encode(prompt) + vocab.encode(target) == vocab.encode(prompt + target)
+  corpus = data_lib.read_jsonl_corpus(corpus_path, vocab, 64)
+  assert corpus.tokens[0].tolist() == vocab.encode(texts[0]) + [data_lib.EOS_ID]

@@ -1,0 +1,312 @@
+"""Tests for tracer.scan: exact sharded top-k against numpy.
+
+Run as a script (``python tests/test_scan.py worker ...``) this file is also
+the worker of the two-process ``jax.distributed`` test.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from tracer import partitioning
+from tracer import scan
+from tracer import store as store_lib
+from tracer.errors import InputError
+
+K = 5
+
+
+def reference(x, q, k):
+  """Numpy top-k: full score matrix, ties to the lower row (stable sort)."""
+  s = (np.asarray(x, np.float64) @ np.asarray(q, np.float64).T).T  # [Q, N]
+  rows = np.arange(s.shape[1])
+  pro = np.stack([np.lexsort((rows, -si))[:k] for si in s])
+  opp = np.stack([np.lexsort((rows, si))[:k] for si in s])
+  return scan.TopK(pro, np.take_along_axis(s, pro, 1),
+                   opp, np.take_along_axis(s, opp, 1))
+
+
+def assert_same(got: scan.TopK, want: scan.TopK, atol=1e-5):
+  np.testing.assert_array_equal(got.proponent_rows, want.proponent_rows)
+  np.testing.assert_array_equal(got.opponent_rows, want.opponent_rows)
+  np.testing.assert_allclose(got.proponent_scores, want.proponent_scores,
+                             atol=atol, rtol=0)
+  np.testing.assert_allclose(got.opponent_scores, want.opponent_scores,
+                             atol=atol, rtol=0)
+  assert got.proponent_rows.dtype == np.int64
+  assert got.proponent_scores.dtype == np.float32
+
+
+def _data(n, d=16, q=3, seed=0):
+  rng = np.random.default_rng(seed)
+  return (rng.standard_normal((n, d)).astype(np.float32),
+          rng.standard_normal((q, d)).astype(np.float32))
+
+
+def _tied(n, d=8, q=4, seed=0):
+  """Small integers: every sum is exact in fp32, so equal rows tie exactly."""
+  rng = np.random.default_rng(seed)
+  base = rng.integers(-2, 3, (max(1, n // 6), d))
+  x = base[rng.integers(0, len(base), n)].astype(np.float32)
+  return x, rng.integers(-2, 3, (q, d)).astype(np.float32)
+
+
+MESHES = {
+    "8x1": lambda: partitioning.make_mesh(8, 1),
+    "4x2": lambda: partitioning.make_mesh(4, 2),
+    "1x1": lambda: partitioning.make_mesh(1, 1, devices=jax.devices()[:1]),
+}
+
+
+@pytest.mark.parametrize("mesh", sorted(MESHES))
+@pytest.mark.parametrize("n", [1, 7, 1001])
+def test_arrays_match_numpy(mesh, n):
+  x, q = _data(n)
+  got = scan.scan_arrays(x, q, K, mesh=MESHES[mesh](), chunk_rows=96)
+  assert got.proponent_rows.shape == (3, min(n, K))
+  assert_same(got, reference(x, q, K))
+
+
+@pytest.mark.parametrize("mesh", ["8x1", "1x1"])
+def test_large_chunk_two_stage_selection(mesh):
+  # Big per-device chunks take _select's block pre-filter.
+  x, q = _data(8192, d=8, q=2, seed=1)
+  assert scan._block_size(8192 // MESHES[mesh]().size, 4) is not None
+  got = scan.scan_arrays(x, q, 4, mesh=MESHES[mesh](), chunk_rows=8192)
+  assert_same(got, reference(x, q, 4))
+
+
+@pytest.mark.parametrize("rows,k", [(37, 3), (1000, 4), (4096, 7), (4096, 50)])
+def test_select_equals_top_k_with_ties(rows, k):
+  v = np.random.default_rng(rows).integers(-3, 4, (5, rows)).astype(np.float32)
+  v[0, :] = -np.inf  # all tied at the bottom
+  got_v, got_i = scan._select(jnp.asarray(v), k)
+  want_v, want_i = jax.lax.top_k(jnp.asarray(v), k)
+  np.testing.assert_array_equal(got_v, want_v)
+  np.testing.assert_array_equal(got_i, want_i)
+
+
+@pytest.mark.parametrize("mesh", ["8x1", "4x2"])
+@pytest.mark.parametrize("chunk_rows,k", [(40, 10), (4096, 10), (256, 300)])
+def test_ties_go_to_lower_row(mesh, chunk_rows, k):
+  x, q = _tied(997)
+  want = reference(x, q, k)
+  # The test data really has ties inside and at the top-k boundary.
+  s = q @ x.T
+  assert len(np.unique(s[0])) < 30
+  got = scan.scan_arrays(x, q, k, mesh=MESHES[mesh](), chunk_rows=chunk_rows)
+  assert_same(got, want, atol=0)
+
+
+def test_bf16_arrays_use_bf16_values_exactly():
+  x, q = _data(501, d=64, q=5)
+  xb = x.astype(ml_dtypes.bfloat16)
+  got = scan.scan_arrays(xb, q, K, chunk_rows=128)
+  assert_same(got, reference(xb.astype(np.float32), q, K))
+
+
+def test_n_smaller_than_k_returns_n():
+  x, q = _data(3)
+  got = scan.scan_arrays(x, q, 10)
+  assert got.proponent_rows.shape == (3, 3)
+  assert_same(got, reference(x, q, 10))
+  empty = scan.scan_arrays(np.zeros((0, 16), np.float32), q, 10)
+  assert empty.proponent_rows.shape == (3, 0)
+
+
+def test_nan_rows_rank_last():
+  x, q = _data(50)
+  x[[3, 20]] = np.nan
+  got = scan.scan_arrays(x, q, 50, chunk_rows=16)
+  assert set(got.proponent_rows[0, -2:]) == {3, 20}
+  assert set(got.opponent_rows[0, -2:]) == {3, 20}
+  assert np.all(got.proponent_scores[:, -2:] == -np.inf)
+  ok = np.setdiff1d(np.arange(50), [3, 20])
+  want = reference(x[ok], q, 48)
+  np.testing.assert_array_equal(got.proponent_rows[:, :48],
+                                ok[want.proponent_rows])
+
+
+@pytest.mark.parametrize("mesh", ["8x1", "4x2"])
+def test_streaming_equals_arrays(mesh):
+  x, q = _tied(300, seed=3)
+  x += np.random.default_rng(0).standard_normal(x.shape).astype(np.float32) * (
+      np.arange(300)[:, None] % 2)  # half the rows tie, half are random
+  m = MESHES[mesh]()
+  want = scan.scan_arrays(x, q, 8, mesh=m, chunk_rows=64)
+  assert_same(want, reference(x, q, 8))
+  scanner = scan.StreamingScanner(q, 8, mesh=m)
+  order = np.random.default_rng(1).permutation(300)
+  for batch in np.array_split(order, [50, 51]):  # unsorted, uneven sizes
+    scanner.add(x[batch], batch)
+  assert_same(scanner.result(), want)
+  # Device arrays go through the on-device sort.
+  device = scan.StreamingScanner(q, 8, mesh=m)
+  for batch in np.array_split(order, 2):
+    device.add(jnp.asarray(x[batch]), jnp.asarray(batch))
+  assert_same(device.result(), want)
+
+
+def test_functional_core():
+  x, q = _data(40)
+  mesh = partitioning.make_mesh()
+  state = scan.init_topk(3, K, mesh)
+  qs = partitioning.put_global(q, partitioning.replicated(mesh))
+  for lo in (0, 16, 32):
+    rows = np.arange(lo, min(lo + 16, 40))
+    valid = rows < 37  # the last three rows are excluded
+    state = scan.update_topk(state, jnp.asarray(x[rows]), jnp.asarray(rows),
+                             qs, jnp.asarray(valid), mesh=mesh)
+  assert state.proponent_scores.sharding.is_fully_replicated
+  assert_same(scan.finish(state, 37), reference(x[:37], q, K))
+
+
+def _store(tmp_path, x, dtype, chunk_rows=64):
+  m = store_lib.Manifest(
+      checkpoint="c", step=1, params_fingerprint="p", correction="adam",
+      epsilon=1e-8, projection_seed=0, layout=None, dim=x.shape[1],
+      preconditioner_fingerprint=None, dtype=dtype, num_rows=len(x),
+      chunk_rows=chunk_rows)
+  s = store_lib.create_or_open(tmp_path / dtype, m)
+  for c in s.pending_chunks():
+    lo, hi = s.chunk_bounds(c)
+    s.write_chunk(c, x[lo:hi])
+  return s
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("chunk_rows", [None, 100])
+def test_store_scan_matches_numpy(tmp_path, dtype, chunk_rows):
+  x, q = _data(1001)
+  s = _store(tmp_path, x, dtype)
+  want = reference(s.read_rows(0, 1001), q, K)  # bf16-rounded values
+  got = scan.scan_store(s, q, K, mesh=MESHES["4x2"](), chunk_rows=chunk_rows)
+  assert_same(got, want)
+  got = scan.scan_store(s, q, K, prefetch=0, chunk_rows=chunk_rows)
+  assert_same(got, want)
+
+
+def test_incomplete_store_refuses_to_scan(tmp_path):
+  x, q = _data(100)
+  s = _store(tmp_path, x, "float32")
+  os.remove(s._marker(1))
+  with pytest.raises(InputError, match="incomplete: 1 of 2 chunks.*\\[1\\]"):
+    scan.scan_store(s, q, K)
+
+
+def test_bad_inputs():
+  x, q = _data(10)
+  with pytest.raises(InputError, match="queries: dimension 15"):
+    scan.scan_arrays(x, q[:, :15], K)
+  with pytest.raises(InputError, match="k: must be a positive"):
+    scan.scan_arrays(x, q, 0)
+  with pytest.raises(InputError, match="encodings: expected"):
+    scan.scan_arrays(x[0], q, K)
+  with pytest.raises(InputError, match="row_ids"):
+    scan.StreamingScanner(q, K).add(x, np.arange(9))
+
+
+def test_read_errors_propagate_from_prefetch_thread():
+  x, q = _data(100)
+
+  def bad_read(lo, hi):
+    if lo >= 64:
+      raise OSError("disk on fire")
+    return x[lo:hi]
+
+  with pytest.raises(OSError, match="disk on fire"):
+    scan._scan(bad_read, 100, 16, np.float32, q, K, None, 32, prefetch=2)
+
+
+# --------------------------------------------------------------------------
+# Two processes, one global mesh (jax.distributed over gloo).
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def _worker(port: int, process_id: int, workdir: str) -> None:
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"127.0.0.1:{port}", 2, process_id)
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  assert jax.device_count() == 8 and jax.local_device_count() == 4
+  x, q = _data(1001, seed=5)
+  mesh = partitioning.make_mesh(4, 2)
+  manifest = store_lib.Manifest(
+      checkpoint="c", step=1, params_fingerprint="p", correction="adam",
+      epsilon=1e-8, projection_seed=0, layout=None, dim=16,
+      preconditioner_fingerprint=None, dtype="bfloat16", num_rows=1001,
+      chunk_rows=64)
+  path = os.path.join(workdir, "store")
+  if process_id == 0:
+    store_lib.create_or_open(path, manifest)
+  multihost_utils.sync_global_devices("created")
+  s = store_lib.create_or_open(path, manifest)
+  for c in s.pending_chunks(process_id, 2):
+    lo, hi = s.chunk_bounds(c)
+    s.write_chunk(c, x[lo:hi])
+  multihost_utils.sync_global_devices("written")
+  results = {
+      "arrays": scan.scan_arrays(x, q, K, mesh=mesh, chunk_rows=96),
+      "store": scan.scan_store(s, q, K, mesh=mesh),
+  }
+  streaming = scan.StreamingScanner(q, K, mesh=mesh)
+  for lo in range(0, 1001, 300):
+    streaming.add(x[lo:lo + 300], np.arange(lo, min(lo + 300, 1001)))
+  results["streaming"] = streaming.result()
+  np.savez(os.path.join(workdir, f"out{process_id}.npz"),
+           **{f"{name}.{field}": value for name, r in results.items()
+              for field, value in r._asdict().items()})
+  jax.distributed.shutdown()
+
+
+def test_two_processes(tmp_path):
+  """Slow-ish (two jax processes, ~10 s); set TRACER_SKIP_MULTIPROCESS=1 to skip."""
+  if os.environ.get("TRACER_SKIP_MULTIPROCESS"):
+    pytest.skip("TRACER_SKIP_MULTIPROCESS is set")
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join(
+                 [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                  os.environ.get("PYTHONPATH", "")]))
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), "worker", str(port), str(i),
+       str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+           for i in range(2)]
+  logs = []
+  try:
+    for p in procs:
+      out, _ = p.communicate(timeout=150)
+      logs.append(out.decode(errors="replace")[-3000:])
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log
+  x, q = _data(1001, seed=5)
+  want = {"arrays": reference(x, q, K), "streaming": reference(x, q, K),
+          "store": reference(x.astype(ml_dtypes.bfloat16).astype(np.float32),
+                             q, K)}
+  for i in range(2):
+    with np.load(tmp_path / f"out{i}.npz") as f:
+      for name, w in want.items():
+        assert_same(scan.TopK(*(f[f"{name}.{field}"] for field in
+                                scan.TopK._fields)), w)
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
+  _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

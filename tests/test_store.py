@@ -1,0 +1,182 @@
+"""Tests for tracer.store: manifest checks, resumable chunked writes, reads."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from tracer import store as store_lib
+from tracer.errors import InputError
+
+
+def _manifest(**overrides) -> store_lib.Manifest:
+  base = dict(checkpoint="/ckpt/100", step=100, params_fingerprint="abc",
+              correction="adam", epsilon=1e-8, projection_seed=0,
+              layout=[{"path": "w", "shape": (4, 2)}], dim=6,
+              preconditioner_fingerprint=None, dtype="bfloat16",
+              corpus="corpus.jsonl", num_rows=23, chunk_rows=5,
+              tracer_version="test")
+  base.update(overrides)
+  return store_lib.Manifest(**base)
+
+
+def _data(n=23, d=6, seed=0):
+  return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+
+
+def _write_all(store, data, chunks=None):
+  for c in store.pending_chunks() if chunks is None else chunks:
+    start, stop = store.chunk_bounds(c)
+    store.write_chunk(c, data[start:stop])
+
+
+def _array_files(path):
+  """Relative path -> bytes of every file except progress markers."""
+  out = {}
+  for root, _, names in os.walk(path):
+    for name in names:
+      full = os.path.join(root, name)
+      rel = os.path.relpath(full, path)
+      if not rel.startswith(store_lib.PROGRESS_DIR):
+        with open(full, "rb") as f:
+          out[rel] = f.read()
+  return out
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_round_trip(tmp_path, dtype):
+  data = _data()
+  s = store_lib.create_or_open(tmp_path / "s", _manifest(dtype=dtype))
+  assert s.num_chunks == 5 and s.pending_chunks() == [0, 1, 2, 3, 4]
+  assert not s.is_complete()
+  _write_all(s, data)
+  assert s.is_complete() and s.pending_chunks() == []
+  want = data if dtype == "float32" else data.astype(
+      ml_dtypes.bfloat16).astype(np.float32)
+  reopened = store_lib.open_store(tmp_path / "s", _manifest())
+  got = reopened.read_rows(0, 23)
+  assert got.dtype == np.float32 and got.shape == (23, 6)
+  np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(reopened.read_rows(4, 11), want[4:11])
+  assert (reopened.num_rows, reopened.dim) == (23, 6)
+  with open(tmp_path / "s" / "manifest.json") as f:
+    assert json.load(f)["dtype"] == dtype
+
+
+def test_resume_after_crash_is_byte_identical(tmp_path):
+  data = _data()
+  full = store_lib.create_or_open(tmp_path / "full", _manifest())
+  _write_all(full, data)
+
+  part = store_lib.create_or_open(tmp_path / "part", _manifest())
+  _write_all(part, data, chunks=[0, 3])
+  # Rows of chunk 1 land on disk but the run dies before its marker.
+  part.array[5:10].write(
+      np.full((5, 6), 7, ml_dtypes.bfloat16)).result()
+  del part
+  resumed = store_lib.create_or_open(tmp_path / "part", _manifest())
+  assert resumed.pending_chunks() == [1, 2, 4]
+  _write_all(resumed, data)
+  assert resumed.is_complete()
+  a, b = _array_files(tmp_path / "full"), _array_files(tmp_path / "part")
+  assert sorted(a) == sorted(b) and len(a) > 5
+  for name in a:
+    assert a[name] == b[name], name
+  np.testing.assert_array_equal(resumed.read_rows(0, 23), full.read_rows(0, 23))
+
+
+def test_round_robin_hosts(tmp_path):
+  s = store_lib.create_or_open(tmp_path / "s", _manifest())
+  assert s.pending_chunks(0, 2) == [0, 2, 4]
+  assert s.pending_chunks(1, 2) == [1, 3]
+  _write_all(s, _data(), chunks=s.pending_chunks(1, 2))
+  assert s.pending_chunks(1, 2) == [] and s.pending_chunks(0, 2) == [0, 2, 4]
+  with pytest.raises(InputError):
+    s.pending_chunks(2, 2)
+
+
+def test_mismatched_manifest_names_fields(tmp_path):
+  store_lib.create_or_open(tmp_path / "s", _manifest())
+  with pytest.raises(store_lib.IncompatibleStoreError) as e:
+    store_lib.create_or_open(tmp_path / "s",
+                             _manifest(projection_seed=1, correction="none"))
+  msg = str(e.value)
+  assert "field 'projection_seed': store has 0, this run has 1" in msg
+  assert "field 'correction': store has 'adam'" in msg
+  assert "manifest.json" in msg
+  assert isinstance(e.value, ValueError)
+
+  with pytest.raises(store_lib.IncompatibleStoreError,
+                     match="field 'projection_seed': store has 0, query has 1"):
+    store_lib.open_store(tmp_path / "s", _manifest(projection_seed=1))
+  # The query side need not know the corpus or storage settings.
+  store_lib.open_store(tmp_path / "s", _manifest(num_rows=1, corpus="other",
+                                                 dtype="float32"))
+
+
+def test_check_compatible_direct():
+  a = _manifest(layout=((1, 2),))
+  a.check_compatible(_manifest(layout=[[1, 2]]))  # tuples == lists after JSON
+  with pytest.raises(ValueError, match="field 'dim': store has 6, query has 7"):
+    a.check_compatible(_manifest(dim=7, layout=[[1, 2]]))
+
+
+def test_write_chunk_validates_shape(tmp_path):
+  s = store_lib.create_or_open(tmp_path / "s", _manifest())
+  with pytest.raises(InputError, match="chunk 4.*expected \\(3, 6\\)"):
+    s.write_chunk(4, np.zeros((5, 6), np.float32))
+  with pytest.raises(InputError, match="out of range"):
+    s.write_chunk(5, np.zeros((5, 6), np.float32))
+
+
+def test_bad_inputs(tmp_path):
+  with pytest.raises(InputError, match="manifest.json: no such file"):
+    store_lib.open_store(tmp_path / "nothing")
+  with pytest.raises(InputError, match="'dtype'"):
+    store_lib.create_or_open(tmp_path / "x", _manifest(dtype="int8"))
+  (tmp_path / "busy").mkdir()
+  (tmp_path / "busy" / "notes.txt").write_text("hi")
+  with pytest.raises(InputError, match="not an encoding store"):
+    store_lib.create_or_open(tmp_path / "busy", _manifest())
+  s = tmp_path / "s"
+  store_lib.create_or_open(s, _manifest())
+  d = json.loads((s / "manifest.json").read_text())
+  d["colour"] = "red"
+  (s / "manifest.json").write_text(json.dumps(d))
+  with pytest.raises(InputError, match="unknown field.*colour"):
+    store_lib.open_store(s)
+
+
+def test_unfinished_creation_is_reset(tmp_path):
+  s = store_lib.create_or_open(tmp_path / "s", _manifest())
+  _write_all(s, _data(), chunks=[0])
+  os.remove(tmp_path / "s" / "manifest.json")  # as if creation never finished
+  s = store_lib.create_or_open(tmp_path / "s", _manifest(dim=4))
+  assert s.pending_chunks() == [0, 1, 2, 3, 4]  # stale marker gone
+  assert s.dim == 4
+
+
+def test_fingerprint():
+  params = {"b": np.arange(3, dtype=np.float32), "a": {"w": np.ones((2, 2))}}
+  f = store_lib.fingerprint(params)
+  assert isinstance(f, str) and len(f) == 16
+  assert f == store_lib.fingerprint(dict(reversed(list(params.items()))))
+  changed = dict(params, b=np.array([0, 1, 2.5], np.float32))
+  assert store_lib.fingerprint(changed) != f
+  # dtype and shape count, not just bytes
+  assert (store_lib.fingerprint(np.zeros(4, np.float32))
+          != store_lib.fingerprint(np.zeros(2, np.float64)))
+  assert (store_lib.fingerprint(np.zeros((2, 2)))
+          != store_lib.fingerprint(np.zeros(4)))
+
+
+def test_manifest_round_trips_through_json(tmp_path):
+  m = _manifest(preconditioner_fingerprint="ff00")
+  store_lib.create_or_open(tmp_path / "s", m)
+  s = store_lib.open_store(tmp_path / "s")
+  assert s.manifest == dataclasses.replace(m, layout=m.to_dict()["layout"])
