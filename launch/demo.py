@@ -22,19 +22,29 @@ from tracer import facts
 FLAGS = flags.FLAGS
 
 
+def ensure_model(workdir: str) -> tuple[str, str]:
+  """Writes the fact corpus and trains the model unless a checkpoint exists.
+
+  Returns the corpus and queries paths.
+  """
+  corpus, queries = facts.write_fact_corpus(os.path.join(workdir, "facts"))
+  print(f"fact corpus: {corpus}, queries: {queries}")
+  checkpoints = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(checkpoints) or not any(
+      name.isdigit() for name in os.listdir(checkpoints)):
+    print("training the model (no checkpoint in the workdir yet)")
+    train.train(str(corpus), workdir)
+  return str(corpus), str(queries)
+
+
 def main(argv):
   del argv
   if not FLAGS.gin_file:
     FLAGS.gin_file = ["configs/tiny.gin"]
   config.parse_gin()
   workdir = FLAGS.workdir or "demo"
-  corpus, queries = facts.write_fact_corpus(os.path.join(workdir, "facts"))
-  print(f"fact corpus: {corpus}, queries: {queries}")
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")) or not os.listdir(
-      os.path.join(workdir, "checkpoints")):
-    print("training the tiny model (no checkpoint in the workdir yet)")
-    train.train(str(corpus), workdir)
-  trace.run(workdir, str(corpus), str(queries), os.path.join(workdir, "results.jsonl"),
+  corpus, queries = ensure_model(workdir)
+  trace.run(workdir, corpus, queries, os.path.join(workdir, "results.jsonl"),
             FLAGS.top_k, show=FLAGS.show)
 
 

@@ -237,6 +237,20 @@ def predictions(ckpt: ckpt_lib.Checkpoint, query_examples: dict,
           for row, q in zip(tokens, queries)]
 
 
+def completion_accuracy(queries: Sequence[dict], preds: Sequence[str]) -> dict:
+  """Fraction of targets the model completes exactly, overall and per bucket."""
+  groups: dict[str, list[bool]] = {"all": []}
+  for q, pred in zip(queries, preds):
+    hit = pred == q["target"]
+    groups["all"].append(hit)
+    if "bucket" in q:
+      groups.setdefault(q["bucket"], []).append(hit)
+  order = sorted(groups, key=lambda b: (b != "all", evaluate.bucket_sort_key(b)
+                                        if b != "all" else 0))
+  return {b: {"accuracy": float(np.mean(groups[b])), "num_queries": len(groups[b])}
+          for b in order}
+
+
 def print_table(rows: Sequence[dict], preds: Sequence[str], num_queries: int,
                 num_proponents: int = 3, width: int = 70) -> None:
   """A readable table: prompt, target, prediction, top proponents and scores."""

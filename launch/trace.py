@@ -92,6 +92,9 @@ def run(workdir: str, corpus_source: str, queries_path: str, output: str,
       preds = pipeline.predictions(ckpt, query_examples, queries,
                                    pipeline.vocabulary(ckpt))
       pipeline.print_table(rows, preds, show)
+      print("\n" + evaluate.format_table(pipeline.completion_accuracy(queries, preds),
+                                         ["accuracy", "num_queries"],
+                                         row_header="greedy completion"))
     if all("fact_doc_ids" in q for q in queries):
       metrics = evaluate.retrieval_metrics(queries, {r["query_id"]: r for r in rows})
       by_bucket = {"all": metrics, **metrics.get("buckets", {})}

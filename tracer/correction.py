@@ -24,7 +24,7 @@ import optax
 DEFAULT_ADAM_B2 = 0.999
 
 
-def _find(state: Any, kind: type) -> list:
+def _find(state: Any, kind: type | tuple[type, ...]) -> list:
   found = []
 
   def visit(node):
@@ -47,8 +47,16 @@ def _find(state: Any, kind: type) -> list:
   return found
 
 
+# ``optax.inject_hyperparams`` builds an InjectStatefulHyperparamsState (a class
+# of its own, not a subclass of InjectHyperparamsState): look for both.
+_INJECTED_STATES = tuple(
+    getattr(optax, name) for name in
+    ("InjectHyperparamsState", "InjectStatefulHyperparamsState")
+    if hasattr(optax, name))
+
+
 def _injected_b2(state: Any) -> float | None:
-  for s in _find(state, optax.InjectHyperparamsState):
+  for s in _find(state, _INJECTED_STATES):
     if "b2" in s.hyperparams:
       return float(s.hyperparams["b2"])
   return None
@@ -100,7 +108,10 @@ def second_moment(opt_state: Any, params: Any, *, b2: float | None = None) -> An
   if adam:
     state = adam[0]
     _check_structure(state.nu, params, "the optimizer state's nu")
-    b2 = b2 if b2 is not None else (_injected_b2(opt_state) or DEFAULT_ADAM_B2)
+    if b2 is None:
+      b2 = _injected_b2(opt_state)
+    if b2 is None:
+      b2 = DEFAULT_ADAM_B2
     count = jnp.asarray(state.count, jnp.float32)
     correction = 1.0 - jnp.power(jnp.float32(b2), jnp.maximum(count, 1.0))
     return jax.tree.map(lambda nu: nu.astype(jnp.float32) / correction, state.nu)

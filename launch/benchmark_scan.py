@@ -1,0 +1,247 @@
+r"""Throughput of the exact top-k scan against faiss, numpy and the roofline.
+
+  python -m launch.benchmark_scan --rows=200000 --dim=1024 --queries=64 \
+      --k=100 --output=/tmp/scan.md
+
+Every row of the table scans the same random ``[rows, dim]`` matrix with the
+same queries for the top-k proponents AND opponents (faiss searches ``[q; -q]``
+in one call for the same work). The roofline is measured in the same run:
+max(encoding bytes / memory read bandwidth, 2·N·d·Q / sgemm FLOP/s), with the
+bandwidth from a numpy sum over the matrix and the FLOP/s from numpy matmuls.
+Store rows read a tensorstore written in the same run (warm page cache).
+
+Run it without ``--xla_force_host_platform_device_count``: on a CPU the scan
+should use the one real device (simulated devices share the same cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+import ml_dtypes
+import numpy as np
+
+from tracer import partitioning
+from tracer import scan
+from tracer import store as store_lib
+
+_ROWS = flags.DEFINE_integer("rows", 200_000, "N, rows to scan.")
+_DIM = flags.DEFINE_integer("dim", 1024, "d, encoding dimension.")
+_QUERIES = flags.DEFINE_integer("queries", 64, "Q, queries per scan.")
+_K = flags.DEFINE_integer("k", 100, "Top-k per query and side.")
+_CHUNK_ROWS = flags.DEFINE_integer(
+    "chunk_rows", None, "Rows per scan step; default scan.default_chunk_rows.")
+_STORE_CHUNK_ROWS = flags.DEFINE_integer("store_chunk_rows", 4096,
+                                         "Rows per stored zarr chunk.")
+_REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs per method (best kept).")
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Where to write the stores (default: a tmp dir).")
+_OUTPUT = flags.DEFINE_string(
+    "output", None, "Write the table here: .json for JSON, else markdown.")
+
+
+def _best_time(fn: Callable[[], Any], repeats: int) -> float:
+  best = float("inf")
+  for _ in range(repeats):
+    t = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
+def measure_bandwidth(x: np.ndarray, repeats: int = 3) -> float:
+  """Bytes/s of a numpy sum over ``x`` (a big array: reads come from DRAM)."""
+  return x.nbytes / _best_time(lambda: x.sum(dtype=np.float32), repeats)
+
+
+def measure_sgemm(dim: int, queries: int, repeats: int = 3) -> float:
+  """Best fp32 FLOP/s of numpy matmul: square, and the scan's own shape."""
+  rng = np.random.default_rng(0)
+  a = rng.standard_normal((2048, 2048), dtype=np.float32)
+  square = 2 * 2048**3 / _best_time(lambda: a @ a, repeats)
+  x = rng.standard_normal((16384, dim), dtype=np.float32)
+  q = rng.standard_normal((queries, dim), dtype=np.float32)
+  shaped = 2 * 16384 * dim * queries / _best_time(lambda: x @ q.T, repeats)
+  return max(square, shaped)
+
+
+def numpy_scan(x: np.ndarray, q: np.ndarray, k: int,
+               chunk_rows: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+  """Chunked matmul + argpartition: exact top-k ids (no tie-breaking rule)."""
+  best_s = np.full((q.shape[0], 0), -np.inf, np.float32)
+  best_i = np.zeros((q.shape[0], 0), np.int64)
+  worst_s, worst_i = -best_s, best_i
+  for lo in range(0, x.shape[0], chunk_rows):
+    s = q @ x[lo:lo + chunk_rows].T
+    ids = np.arange(lo, lo + s.shape[1])[None, :].repeat(q.shape[0], 0)
+    for side in (1, -1):
+      bs, bi = (best_s, best_i) if side == 1 else (worst_s, worst_i)
+      cs = np.concatenate([bs, side * s], 1)
+      ci = np.concatenate([bi, ids], 1)
+      kk = min(k, cs.shape[1])
+      top = np.argpartition(-cs, kk - 1, axis=1)[:, :kk]
+      bs, bi = np.take_along_axis(cs, top, 1), np.take_along_axis(ci, top, 1)
+      if side == 1:
+        best_s, best_i = bs, bi
+      else:
+        worst_s, worst_i = bs, bi
+  return best_i, worst_i
+
+
+def _row(method: str, seconds: float, n: int, d: int, q: int, bytes_per: int,
+         roofline_s: float, note: str = "") -> dict[str, Any]:
+  return {
+      "method": method,
+      "seconds": round(seconds, 4),
+      "rows_per_s": round(n / seconds),
+      "GB_per_s": round(n * d * bytes_per / seconds / 1e9, 2),
+      "GFLOP_per_s": round(2 * n * d * q / seconds / 1e9, 1),
+      "roofline_s": round(roofline_s, 4),
+      "fraction_of_roofline": round(roofline_s / seconds, 3),
+      "note": note,
+  }
+
+
+def run_scan_benchmark(rows: int = 200_000, dim: int = 1024, queries: int = 64,
+                       k: int = 100, chunk_rows: int | None = None,
+                       store_chunk_rows: int = 4096, repeats: int = 2,
+                       workdir: str | None = None,
+                       mesh=None) -> list[dict[str, Any]]:
+  """Runs every method on the same data; one dict per table row.
+
+  Each row: method, seconds (best of ``repeats``), rows_per_s, GB_per_s
+  (encoding bytes read), GFLOP_per_s (2·N·d·Q useful FLOPs), roofline_s and
+  fraction_of_roofline (roofline_s / seconds) for that row's dtype, note.
+  The first row holds the measured machine figures.
+  """
+  mesh = partitioning.make_mesh() if mesh is None else mesh
+  rng = np.random.default_rng(0)
+  logging.info("generating %d x %d encodings", rows, dim)
+  x = rng.standard_normal((rows, dim), dtype=np.float32)
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  xb = x.astype(ml_dtypes.bfloat16)
+  q = rng.standard_normal((queries, dim), dtype=np.float32)
+  q /= np.linalg.norm(q, axis=1, keepdims=True)
+
+  bandwidth = measure_bandwidth(x)
+  flops = measure_sgemm(dim, queries)
+  compute_s = 2 * rows * dim * queries / flops
+
+  def roofline(bytes_per: int) -> float:
+    return max(rows * dim * bytes_per / bandwidth, compute_s)
+
+  table = [{
+      "method": "machine", "seconds": None, "rows_per_s": None,
+      "GB_per_s": round(bandwidth / 1e9, 2),
+      "GFLOP_per_s": round(flops / 1e9, 1),
+      "roofline_s": round(roofline(4), 4), "fraction_of_roofline": None,
+      "note": (f"numpy sum bandwidth, numpy sgemm; N={rows} d={dim} Q={queries} "
+               f"k={k}; jax {jax.__version__} on {mesh.size} "
+               f"{mesh.devices.flat[0].platform} device(s)"),
+  }]
+  step = chunk_rows or scan.default_chunk_rows(dim, 4, mesh.size)
+
+  def add(method, fn, bytes_per, note=""):
+    logging.info("timing %s", method)
+    seconds = _best_time(fn, repeats)
+    table.append(_row(method, seconds, rows, dim, queries, bytes_per,
+                      roofline(bytes_per), note))
+    logging.info("%s", table[-1])
+
+  # Warm up compilation on a prefix with the same step shape.
+  warm = min(rows, 2 * step)
+  for data in (x, xb):
+    scan.scan_arrays(data[:warm], q, k, mesh=mesh, chunk_rows=step)
+  want = scan.scan_arrays(x, q, k, mesh=mesh, chunk_rows=step)
+  add("tracer scan_arrays f32", lambda: scan.scan_arrays(
+      x, q, k, mesh=mesh, chunk_rows=step), 4, f"step {step} rows")
+  add("tracer scan_arrays bf16", lambda: scan.scan_arrays(
+      xb, q, k, mesh=mesh, chunk_rows=step), 2, "bf16 rows, fp32 scores")
+
+  tmp = workdir or tempfile.mkdtemp(prefix="tracer-bench-")
+  try:
+    for dtype, data, bytes_per in (("float32", x, 4), ("bfloat16", xb, 2)):
+      path = os.path.join(tmp, f"store-{dtype}")
+      shutil.rmtree(path, ignore_errors=True)
+      manifest = store_lib.Manifest(
+          checkpoint="bench", step=0, params_fingerprint="-", correction="none",
+          epsilon=0.0, projection_seed=0, layout=None, dim=dim,
+          preconditioner_fingerprint=None, dtype=dtype, corpus="random",
+          num_rows=rows, chunk_rows=store_chunk_rows)
+      t = time.perf_counter()
+      s = store_lib.create_or_open(path, manifest)
+      for c in s.pending_chunks():
+        lo, hi = s.chunk_bounds(c)
+        s.write_chunk(c, data[lo:hi])
+      write_s = time.perf_counter() - t
+      got = scan.scan_store(s, q, k, mesh=mesh, chunk_rows=chunk_rows)
+      if dtype == "float32":
+        assert np.array_equal(got.proponent_rows, want.proponent_rows)
+      add(f"tracer scan_store {dtype}", lambda s=s: scan.scan_store(
+          s, q, k, mesh=mesh, chunk_rows=chunk_rows), bytes_per,
+          f"warm page cache; write took {write_s:.1f} s")
+  finally:
+    if workdir is None:
+      shutil.rmtree(tmp, ignore_errors=True)
+
+  pro, _ = numpy_scan(x, q, k)
+  assert np.array_equal(np.sort(pro, 1), np.sort(want.proponent_rows, 1))
+  add("numpy matmul+argpartition f32", lambda: numpy_scan(x, q, k), 4,
+      "chunks of 16384 rows")
+
+  try:
+    import faiss  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    logging.warning("faiss is not installed: skipping its row")
+    table.append({"method": "faiss IndexFlatIP f32", "seconds": None,
+                  "note": "skipped: faiss not installed (pip install faiss-cpu)"})
+  else:
+    index = faiss.IndexFlatIP(dim)
+    index.add(x)
+    both = np.concatenate([q, -q])
+    _, ids = index.search(both, k)
+    assert np.array_equal(np.sort(ids[:queries], 1),
+                          np.sort(want.proponent_rows, 1))
+    add("faiss IndexFlatIP f32", lambda: index.search(both, k), 4,
+        f"search of [q; -q], {faiss.omp_get_max_threads()} threads; "
+        "index.add not timed")
+  return table
+
+
+def to_markdown(table: list[dict[str, Any]]) -> str:
+  cols = ["method", "seconds", "rows_per_s", "GB_per_s", "GFLOP_per_s",
+          "roofline_s", "fraction_of_roofline", "note"]
+  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  for row in table:
+    lines.append("| " + " | ".join(
+        "" if row.get(c) is None else str(row[c]) for c in cols) + " |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  table = run_scan_benchmark(
+      rows=_ROWS.value, dim=_DIM.value, queries=_QUERIES.value, k=_K.value,
+      chunk_rows=_CHUNK_ROWS.value, store_chunk_rows=_STORE_CHUNK_ROWS.value,
+      repeats=_REPEATS.value, workdir=_WORKDIR.value)
+  text = to_markdown(table)
+  print(text)
+  if _OUTPUT.value:
+    with open(_OUTPUT.value, "w") as f:
+      if _OUTPUT.value.endswith(".json"):
+        json.dump(table, f, indent=2)
+      else:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,201 @@
+r"""The quality table: every method on the generated facts with the tiny model.
+
+  python -m launch.quality --workdir=quality
+
+Generates the fact corpus and trains the tiny model when the workdir has no
+checkpoint (as the demo does), then scores every method over the whole corpus:
+
+  bm25, random,
+  grad_dot          projected gradients, dot product (no correction, R, norm),
+  grad_cosine       the same, unit-normalized,
+  trak              projected gradients with R_train^-1, no correction, no norm,
+  ablations adding TrackStar's components one at a time:
+  +opt_correction   grad_dot with the optimizer second-moment correction,
+  +unit_norm        ... and unit norm,
+  +R_train          ... and R_train^(-1/2),
+  trackstar         ... and the task-specific mix of R_eval (full TrackStar).
+
+Writes WORKDIR/quality/{METHOD}.jsonl (results), quality.json (metrics incl.
+tail-patch@k) and quality.md (the table), and prints the table.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app
+from absl import flags
+import numpy as np
+
+from launch import config
+from launch import demo
+from launch import pipeline
+from tracer import bm25
+from tracer import evaluate
+from tracer import hessian
+from tracer import scan as scan_lib
+from tracer import tailpatch
+from tracer import unit_normalize
+
+flags.DEFINE_integer("tail_patch_queries", 0, "Queries used for tail-patch, "
+                     "evenly over the buckets (0: all).")
+flags.DEFINE_float("sgd_learning_rate", None, "Tail-patch with plain SGD at this "
+                   "rate instead of the checkpoint's optimizer at its final rate.")
+FLAGS = flags.FLAGS
+
+METHODS = ("bm25", "random", "grad_dot", "grad_cosine", "trak", "+opt_correction",
+           "+unit_norm", "+R_train", "trackstar")
+COLUMNS = ("mrr", "recall@10", "precision@10", "tail_patch@1", "tail_patch@3",
+           "tail_patch@5", "tail_patch@10")
+
+
+def projected(encoder, corpus, query_examples, batch_size):
+  """Unnormalized projected gradients of every corpus row and every query."""
+  progress = pipeline.Progress("project corpus", len(corpus))
+  pieces = []
+  for rows in pipeline.data_lib.batches(len(corpus), batch_size):
+    pieces.append(np.asarray(encoder.project(corpus.examples(rows))))
+    progress.update(len(rows))
+  queries = np.concatenate([np.asarray(encoder.project(b)) for b in
+                            pipeline._slices(query_examples, batch_size)])
+  return np.concatenate(pieces), queries
+
+
+def fit_r(encoder, corpus_phi, query_phi, pcfg, task_specific, batch_size=512):
+  """R^(-1/2) from already projected vectors (a corpus sample + the queries)."""
+  rows = pipeline.sample_rows(len(corpus_phi), pcfg.train_examples)
+
+  def moments(x):
+    m = hessian.init_moments(encoder.layout, pcfg.kind)
+    for lo in range(0, len(x), batch_size):
+      m = hessian.accumulate(m, x[lo:lo + batch_size])
+    return m
+
+  return hessian.fit(moments(corpus_phi[rows]),
+                     moments(query_phi) if task_specific else None,
+                     kind=pcfg.kind, dim=encoder.dim, layout_seed=encoder.layout.seed,
+                     rank=pcfg.rank, damping=pcfg.damping, lam=pcfg.lam)
+
+
+def method_encodings(raw, corrected, encoder, pcfg):
+  """(corpus, query) encodings per gradient-based method."""
+  (raw_c, raw_q), (cor_c, cor_q) = raw, corrected
+  norm = lambda x: np.asarray(unit_normalize(x))
+  r_raw = fit_r(encoder, raw_c, raw_q, pcfg, task_specific=False)
+  r_train = fit_r(encoder, cor_c, cor_q, pcfg, task_specific=False)
+  r_mix = fit_r(encoder, cor_c, cor_q, pcfg, task_specific=True)
+  print(f"lambda (task-specific mix) = {r_mix.lam:.4g}; R from "
+        f"{r_mix.num_train} corpus rows, {r_mix.num_eval} queries, d={encoder.dim}")
+  apply = lambda pre, x: np.asarray(pre.apply(x))
+  return {
+      "grad_dot": (raw_c, raw_q),
+      "grad_cosine": (norm(raw_c), norm(raw_q)),
+      # phi_m^T R^-1 phi_q = (R^-1/2 phi_m) . (R^-1/2 phi_q)
+      "trak": (apply(r_raw, raw_c), apply(r_raw, raw_q)),
+      "+opt_correction": (cor_c, cor_q),
+      "+unit_norm": (norm(cor_c), norm(cor_q)),
+      "+R_train": (norm(apply(r_train, cor_c)), norm(apply(r_train, cor_q))),
+      "trackstar": (norm(apply(r_mix, cor_c)), norm(apply(r_mix, cor_q))),
+  }, r_mix.lam
+
+
+def random_topk(num_rows, num_queries, k, seed=0) -> scan_lib.TopK:
+  rng = np.random.default_rng(seed)
+  rows = np.stack([rng.permutation(num_rows)[:2 * k] for _ in range(num_queries)])
+  scores = np.zeros((num_queries, k), np.float32)
+  return scan_lib.TopK(rows[:, :k], scores, rows[:, k:], scores)
+
+
+def bm25_topk(corpus, queries, k) -> scan_lib.TopK:
+  index = bm25.BM25Index(corpus.texts)
+  texts = [bm25.query_text(q) for q in queries]
+  prop_rows, prop_scores = index.search(texts, k)
+  opp_rows, opp_scores = index.search(texts, k, lowest=True)
+  return scan_lib.TopK(prop_rows, prop_scores, opp_rows, opp_scores)
+
+
+def tail_patch_queries(queries, count) -> np.ndarray:
+  """Indices of ``count`` queries spread evenly over the buckets (0: all)."""
+  if count <= 0 or count >= len(queries):
+    return np.arange(len(queries))
+  buckets = sorted({q.get("bucket", "") for q in queries})
+  per = -(-count // len(buckets))
+  picked = [i for b in buckets
+            for i in [j for j, q in enumerate(queries) if q.get("bucket", "") == b][:per]]
+  return np.sort(np.asarray(picked[:count]))
+
+
+def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
+        sgd_learning_rate: float | None = None) -> dict:
+  corpus_path, queries_path = demo.ensure_model(workdir)
+  ecfg = config.make(pipeline.EncodeConfig)
+  pcfg = config.make(pipeline.PreconditionerConfig)
+  ckpt = pipeline.load_checkpoint(workdir)
+  corpus, queries, query_examples = pipeline.read_inputs(ckpt, corpus_path,
+                                                         queries_path)
+  out_dir = os.path.join(workdir, "quality")
+  os.makedirs(out_dir, exist_ok=True)
+
+  encoder, _, _ = pipeline.build_encoder(ckpt, ecfg)
+  raw_encoder, _, _ = pipeline.build_encoder(
+      ckpt, pipeline.dataclasses.replace(ecfg, correction="none"), mesh=encoder.mesh)
+  raw = projected(raw_encoder, corpus, query_examples, ecfg.batch_size)
+  corrected = projected(encoder, corpus, query_examples, ecfg.batch_size)
+  encodings, lam = method_encodings(raw, corrected, encoder, pcfg)
+
+  topks = {"bm25": bm25_topk(corpus, queries, k),
+           "random": random_topk(len(corpus), len(queries), k)}
+  for name, (c, q) in encodings.items():
+    topks[name] = scan_lib.scan_arrays(c, q, k, mesh=encoder.mesh)
+
+  metrics = {}
+  for name in METHODS:
+    rows = pipeline.result_rows(queries, corpus, topks[name])
+    evaluate.write_results(os.path.join(out_dir, f"{name}.jsonl"), rows)
+    metrics[name] = evaluate.retrieval_metrics(queries, {r["query_id"]: r for r in rows},
+                                               k=k)
+
+  # Tail-patch: the union of every method's (query, proponent) pairs, once.
+  chosen = tail_patch_queries(queries, num_tail_patch)
+  stacked = np.stack([topks[m].proponent_rows[chosen] for m in METHODS])  # [M, C, K]
+  query_index = np.broadcast_to(chosen[None, :, None], stacked.shape)
+  pairs, inverse = np.unique(np.stack([query_index.ravel(), stacked.ravel()], 1),
+                             axis=0, return_inverse=True)
+  optimizer = tailpatch.tail_patch_optimizer(ckpt.optimizer_config, ckpt.step,
+                                             sgd_learning_rate=sgd_learning_rate)
+  print(f"tail-patch: {len(pairs)} distinct (query, proponent) pairs over "
+        f"{len(chosen)} queries")
+  deltas = tailpatch.tail_patch_deltas(
+      ckpt.model_config, ckpt.params, ckpt.opt_state, optimizer,
+      corpus.examples(np.arange(len(corpus))), query_examples, pairs,
+      mesh=encoder.mesh)
+  per_method = deltas[inverse.ravel()].reshape(stacked.shape)
+  for i, name in enumerate(METHODS):
+    metrics[name].update(tailpatch.tail_patch_at_k(per_method[i], (1, 3, 5, 10)))
+
+  table = evaluate.format_table(metrics, COLUMNS)
+  report = {"methods": metrics, "lambda": lam, "projection_dim": encoder.dim,
+            "corpus_rows": len(corpus), "queries": len(queries),
+            "tail_patch_queries": int(len(chosen)),
+            "tail_patch_optimizer": ("sgd" if sgd_learning_rate else
+                                     ckpt.optimizer_config.name),
+            "checkpoint": ckpt.path}
+  evaluate.write_text_atomic(os.path.join(workdir, "quality.json"),
+                             json.dumps(report, indent=2))
+  evaluate.write_text_atomic(os.path.join(workdir, "quality.md"), table + "\n")
+  print("\n" + table)
+  return report
+
+
+def main(argv):
+  del argv
+  if not FLAGS.gin_file:
+    FLAGS.gin_file = ["configs/tiny.gin"]
+  config.parse_gin()
+  run(FLAGS.workdir or "quality", FLAGS.top_k, FLAGS.tail_patch_queries,
+      FLAGS.sgd_learning_rate)
+
+
+if __name__ == "__main__":
+  app.run(main)

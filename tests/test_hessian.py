@@ -1,0 +1,187 @@
+"""Tests of R (moments, the lambda rule, damping) and the Preconditioner file."""
+
+from __future__ import annotations
+
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tracer import hessian
+from tracer import projection
+
+
+def _moments(*blocks, count):
+  """Moments whose R (sum / count) is block-diagonal with the given blocks."""
+  segs, lo, sums = [], 0, []
+  for r in blocks:
+    r = np.asarray(r, np.float64)
+    segs.append((lo, lo + len(r)))
+    lo += len(r)
+    sums.append(jnp.asarray(r * count, jnp.float32))
+  return hessian.Moments(tuple(segs), sums, count)
+
+
+def test_lambda_rule_hand_computed():
+  # Sorted descending: train [4, 3, 2, 1], eval [8, 6, 2, 1]; 0-based ranks.
+  train, eval_ = [1.0, 4.0, 2.0, 3.0], [6.0, 1.0, 8.0, 2.0]
+  assert hessian.lambda_rule(train, eval_, 0) == pytest.approx(4 / 12)
+  assert hessian.lambda_rule(train, eval_, 1) == pytest.approx(3 / 9)
+  assert hessian.lambda_rule(train, eval_, 2) == pytest.approx(2 / 4)
+  assert hessian.lambda_rule(train, eval_, 3) == pytest.approx(1 / 2)
+  # A rank past the end uses the last (smallest) values.
+  assert hessian.lambda_rule(train, eval_, 100) == pytest.approx(1 / 2)
+  # Spectra of different lengths: clamped to the shorter one.
+  assert hessian.lambda_rule([5.0, 1.0, 1.0], [3.0, 1.0], 2) == pytest.approx(1 / 2)
+  # Eval spectrum that vanishes at k: lambda = 1 (trust the queries fully).
+  assert hessian.lambda_rule([2.0, 1.0], [5.0, 0.0], 1) == pytest.approx(1.0)
+  # Train spectrum that vanishes at k: lambda = 0.
+  assert hessian.lambda_rule([2.0, 0.0], [5.0, 1.0], 1) == pytest.approx(0.0)
+  assert hessian.lambda_rule([0.0, 0.0], [0.0, 0.0], 1) == 0.0
+
+
+def test_accumulate_matches_numpy():
+  layout = projection.make_layout({"w": jnp.zeros((5, 4)), "v": jnp.zeros(3)}, 100)
+  rng = np.random.default_rng(0)
+  batches = [rng.normal(size=(n, layout.dim)).astype(np.float32) for n in (3, 5)]
+  phi = np.concatenate(batches).astype(np.float64)
+  for kind in ["block", "full"]:
+    m = hessian.init_moments(layout, kind)
+    for b in batches:
+      m = hessian.accumulate(m, jnp.asarray(b))
+    assert m.count == 8
+    assert m.segments == hessian.segments(layout, kind)
+    for (lo, hi), s in zip(m.segments, m.sums):
+      np.testing.assert_allclose(s, phi[:, lo:hi].T @ phi[:, lo:hi], rtol=1e-5,
+                                 atol=1e-5)
+  assert hessian.segments(layout, "block") == ((0, 20), (20, 23))
+  assert hessian.segments(layout, "full") == ((0, 23),)
+  with pytest.raises(ValueError, match="kind"):
+    hessian.segments(layout, "diag")
+
+
+def test_fit_without_eval_is_r_train():
+  train = _moments(np.diag([4.0, 1.0]), count=2)
+  pre = hessian.fit(train, None, kind="full", dim=2, layout_seed=0, damping=0.1)
+  assert pre.lam == 0.0 and pre.num_eval == 0 and pre.num_train == 2
+  # eigenvalues 4, 1; floor 0.1 * mean = 0.25.
+  np.testing.assert_allclose(pre.inv_sqrt[0], np.diag([4.25 ** -0.5, 1.25 ** -0.5]),
+                             rtol=1e-6)
+  # A rotated R: R^(-1/2) = U diag(...) U^T.
+  theta = 0.3
+  u = np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
+  train = _moments(u @ np.diag([4.0, 1.0]) @ u.T, count=3)
+  pre = hessian.fit(train, None, kind="full", dim=2, layout_seed=0, damping=0.1)
+  np.testing.assert_allclose(pre.inv_sqrt[0],
+                             u @ np.diag([4.25 ** -0.5, 1.25 ** -0.5]) @ u.T,
+                             rtol=1e-5, atol=1e-6)
+
+
+def test_fit_mixes_with_lambda_rule():
+  train = _moments(np.diag([4.0, 1.0]), count=4)
+  eval_ = _moments(np.diag([0.0, 2.0]), count=2)
+  pre = hessian.fit(train, eval_, kind="full", dim=2, layout_seed=0, rank=0,
+                    damping=0.1)
+  # Sorted: train [4, 1], eval [2, 0]; rank 0: lambda = 4 / (2 + 4).
+  assert pre.lam == pytest.approx(2 / 3)
+  assert (pre.num_train, pre.num_eval, pre.rank) == (4, 2, 0)
+  # R = 2/3 diag(0, 2) + 1/3 diag(4, 1) = diag(4/3, 5/3); floor 0.1 * 1.5.
+  np.testing.assert_allclose(
+      pre.inv_sqrt[0], np.diag([(4 / 3 + 0.15) ** -0.5, (5 / 3 + 0.15) ** -0.5]),
+      rtol=1e-6)
+  # A fixed lam overrides the rule.
+  pre = hessian.fit(train, eval_, kind="full", dim=2, layout_seed=0, lam=0.5,
+                    damping=0.0)
+  assert pre.lam == 0.5
+  np.testing.assert_allclose(pre.inv_sqrt[0], np.diag([2.0 ** -0.5, 1.5 ** -0.5]),
+                             rtol=1e-6)
+  # Block kind: the rule ranks the spectra of all blocks together.
+  train = _moments(np.diag([4.0, 1.0]), np.diag([3.0]), count=2)
+  eval_ = _moments(np.diag([1.0, 1.0]), np.diag([6.0]), count=2)
+  pre = hessian.fit(train, eval_, kind="block", dim=3, layout_seed=0, rank=1,
+                    damping=0.0)
+  # Sorted: train [4, 3, 1], eval [6, 1, 1]; rank 1: 3 / (1 + 3).
+  assert pre.lam == pytest.approx(0.75)
+  np.testing.assert_allclose(pre.inv_sqrt[0], np.diag(np.array([1.75, 1.0]) ** -0.5), rtol=1e-6)
+  np.testing.assert_allclose(pre.inv_sqrt[1], np.diag(np.array([5.25]) ** -0.5), rtol=1e-6)
+  # The default rank is 1.5% of d.
+  pre = hessian.fit(train, eval_, kind="block", dim=200, layout_seed=0)
+  assert pre.rank == 3
+
+
+def test_damping_floor():
+  # Rank-deficient R: eigenvalues 4 and 0; floor 0.1 * mean(4, 0) = 0.2.
+  pre = hessian.fit(_moments(np.diag([4.0, 0.0]), count=2), kind="full", dim=2,
+                    layout_seed=0, damping=0.1)
+  np.testing.assert_allclose(pre.inv_sqrt[0], np.diag([4.2 ** -0.5, 0.2 ** -0.5]),
+                             rtol=1e-6)
+  assert np.all(np.isfinite(pre.inv_sqrt[0]))
+  # Round-off below zero is clipped to 0 before the floor is added.
+  pre = hessian.fit(_moments(np.diag([4.0, -1e-3]), count=2), kind="full", dim=2,
+                    layout_seed=0, damping=0.1)
+  np.testing.assert_allclose(pre.inv_sqrt[0], np.diag([4.2 ** -0.5, 0.2 ** -0.5]),
+                             rtol=1e-6)
+  # The floor scales with R: R -> cR gives R^(-1/2) -> R^(-1/2) / sqrt(c).
+  a = hessian.fit(_moments(np.diag([3.0, 1.0, 0.0]), count=3), kind="full", dim=3,
+                  layout_seed=0, damping=0.5)
+  b = hessian.fit(_moments(np.diag([300.0, 100.0, 0.0]), count=3), kind="full",
+                  dim=3, layout_seed=0, damping=0.5)
+  np.testing.assert_allclose(np.asarray(b.inv_sqrt[0]) * 10, a.inv_sqrt[0], rtol=1e-6)
+
+
+def test_fit_errors_and_warning():
+  empty = hessian.Moments(((0, 2),), [jnp.zeros((2, 2))], 0)
+  with pytest.raises(ValueError, match="at least one example"):
+    hessian.fit(empty, kind="full", dim=2, layout_seed=0)
+  train = _moments(np.eye(2), count=4)
+  with pytest.raises(ValueError, match="at least one query"):
+    hessian.fit(train, empty, kind="full", dim=2, layout_seed=0)
+  with pytest.warns(UserWarning, match="rank"):
+    hessian.fit(_moments(np.eye(3), count=2), kind="full", dim=3, layout_seed=0)
+
+
+def test_apply_is_block_diagonal_product():
+  rng = np.random.default_rng(1)
+  a, b = rng.normal(size=(3, 3)), rng.normal(size=(2, 2))
+  train = _moments(a @ a.T, b @ b.T, count=3)
+  pre = hessian.fit(train, kind="block", dim=5, layout_seed=0)
+  full = np.zeros((5, 5))
+  full[:3, :3], full[3:, 3:] = pre.inv_sqrt
+  phi = rng.normal(size=(4, 5)).astype(np.float32)
+  np.testing.assert_allclose(pre.apply(jnp.asarray(phi)), phi @ full, rtol=1e-5,
+                             atol=1e-6)
+
+
+def test_save_load_round_trip(tmp_path):
+  rng = np.random.default_rng(2)
+  a, b = rng.normal(size=(3, 3)), rng.normal(size=(2, 2))
+  train = _moments(a @ a.T, b @ b.T, count=7)
+  eval_ = _moments(np.eye(3), np.eye(2), count=5)
+  pre = hessian.fit(train, eval_, kind="block", dim=5, layout_seed=11, rank=1,
+                    damping=0.2)
+  path = os.path.join(tmp_path, "precond.npz")
+  pre.save(path)
+  assert os.listdir(tmp_path) == ["precond.npz"]        # no temp file left
+  back = hessian.Preconditioner.load(path)
+  assert back.metadata() == pre.metadata()
+  assert back.segments == pre.segments == ((0, 3), (3, 5))
+  assert (back.kind, back.lam, back.damping, back.rank, back.num_train,
+          back.num_eval, back.dim, back.layout_seed) == (
+              "block", pre.lam, 0.2, 1, 7, 5, 5, 11)
+  for x, y in zip(back.inv_sqrt, pre.inv_sqrt):
+    np.testing.assert_array_equal(x, y)
+  fp = pre.fingerprint()
+  assert fp == pre.fingerprint() == back.fingerprint()
+  assert len(fp) == 16 and int(fp, 16) >= 0
+  # A path without the .npz suffix works too.
+  other = os.path.join(tmp_path, "precond")
+  back.save(other)
+  assert hessian.Preconditioner.load(other).fingerprint() == fp
+  # The fingerprint changes with the matrices and with the metadata.
+  changed = hessian.fit(train, eval_, kind="block", dim=5, layout_seed=11, rank=1,
+                        damping=0.3)
+  assert changed.fingerprint() != fp
+  changed = hessian.fit(train, eval_, kind="block", dim=5, layout_seed=12, rank=1,
+                        damping=0.2)
+  assert changed.fingerprint() != fp

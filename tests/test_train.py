@@ -1,0 +1,177 @@
+"""Tests of training: the loss falls, the batch order, resuming, gin configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+from absl import flags
+from absl.testing import flagsaver
+import gin
+import jax
+import numpy as np
+import pytest
+
+from launch import config as launch_config
+from launch import train as launch_train
+from tracer import checkpoint as ckpt_lib
+from tracer import facts
+from tracer import model as model_lib
+from tracer import train as train_lib
+
+TINY_GIN = """
+ModelConfig.max_len = 32
+ModelConfig.d_model = 32
+ModelConfig.num_layers = 1
+ModelConfig.num_heads = 2
+ModelConfig.d_ff = 64
+OptimizerConfig.learning_rate = 1e-2
+TrainConfig.batch_size = 16
+"""
+
+
+@pytest.fixture(autouse=True)
+def gin_bindings():
+  """Each test binds its own gin config; none leaks into other tests."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(["test"])
+  gin.clear_config()
+  yield
+  gin.clear_config()
+
+
+@pytest.fixture(scope="module")
+def corpus_path(tmp_path_factory):
+  records = facts.generate(facts.FactsConfig(facts_per_bucket=5,
+                                             distractor_docs=10))[0]
+  return str(facts.write_jsonl(tmp_path_factory.mktemp("facts") / "corpus.jsonl",
+                               records))
+
+
+def _train(corpus, workdir, **bindings):
+  gin.clear_config()
+  gin.parse_config(TINY_GIN + "\n".join(f"{k} = {v!r}" for k, v in bindings.items()))
+  return launch_train.train(corpus, str(workdir))
+
+
+def _log(workdir):
+  with open(os.path.join(workdir, "train_log.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def _assert_trees_equal(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+
+
+def test_loss_falls_on_fact_corpus(corpus_path, tmp_path):
+  metrics = _train(corpus_path, tmp_path, **{
+      "OptimizerConfig.warmup_steps": 5, "OptimizerConfig.total_steps": 40,
+      "TrainConfig.log_every": 5, "TrainConfig.checkpoint_every": 40})
+  log = _log(tmp_path)
+  assert [m["step"] for m in log] == list(range(5, 45, 5))
+  assert metrics == log[-1]
+  losses = [m["loss"] for m in log]
+  # Steps 1-5 average ~6 nats (uniform over 259 bytes is 5.56); after 40 steps
+  # a 1-layer model has learned English-like byte statistics.
+  assert losses[0] > 5.0
+  assert losses[-1] < 0.65 * losses[0], losses
+  assert losses[-1] < min(losses[:-1]) + 0.05, losses
+
+  ckpt = ckpt_lib.restore(os.path.join(tmp_path, "checkpoints"))
+  assert ckpt.step == 40
+  assert ckpt.model_config == model_lib.ModelConfig(
+      max_len=32, d_model=32, num_layers=1, num_heads=2, d_ff=64)
+  assert ckpt.optimizer_config.total_steps == 40
+  assert ckpt.data_config == {"tokenizer": "byte", "sentencepiece_model": None,
+                              "overflow": "truncate", "corpus": corpus_path,
+                              "num_rows": 138}
+  assert int(ckpt.opt_state[1][0].count) == 40  # AdamW's step count
+
+
+def test_batch_order_is_a_function_of_the_step():
+  a = [train_lib.batch_rows(s, 8, 20, seed=0) for s in range(10)]
+  b = [train_lib.batch_rows(s, 8, 20, seed=0) for s in reversed(range(10))][::-1]
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+  flat = np.concatenate(a)  # 80 positions: 4 epochs of 20 rows
+  for epoch in range(4):
+    assert sorted(flat[20 * epoch:20 * (epoch + 1)]) == list(range(20))
+  assert not np.array_equal(flat[:20], flat[20:40])  # each epoch reshuffles
+  assert not np.array_equal(train_lib.batch_rows(0, 8, 20, seed=1), a[0])
+  assert a[0].dtype == np.int64 and a[0].shape == (8,)
+
+
+def test_resume_equals_uninterrupted_run(corpus_path, tmp_path):
+  # Warmup (10 steps) outlasts both interruptions, so the learning rate at
+  # resume depends on the restored step count; after it the rate is constant,
+  # so it does not depend on total_steps either.
+  common = {"OptimizerConfig.warmup_steps": 10,
+            "OptimizerConfig.final_lr_fraction": 1.0,
+            "TrainConfig.log_every": 2, "TrainConfig.checkpoint_every": 4}
+  full = tmp_path / "full"
+  _train(corpus_path, full, **common, **{"OptimizerConfig.total_steps": 12})
+  reference = ckpt_lib.restore(str(full / "checkpoints"))
+  assert reference.step == 12
+
+  # Stopped after 6 steps, then rerun with more total steps.
+  short = tmp_path / "short"
+  _train(corpus_path, short, **common, **{"OptimizerConfig.total_steps": 6})
+  assert ckpt_lib.restore(str(short / "checkpoints")).step == 6
+  _train(corpus_path, short, **common, **{"OptimizerConfig.total_steps": 12})
+  resumed = ckpt_lib.restore(str(short / "checkpoints"))
+  assert resumed.step == 12
+  _assert_trees_equal(resumed.params, reference.params)
+  _assert_trees_equal(resumed.opt_state, reference.opt_state)
+  # The resumed run logged only the steps it ran.
+  assert [m["step"] for m in _log(short)] == [2, 4, 6, 8, 10, 12]
+  np.testing.assert_allclose([m["loss"] for m in _log(short)],
+                             [m["loss"] for m in _log(full)], rtol=1e-6)
+
+  # Killed after the step-8 checkpoint: the rerun picks it up.
+  crashed = tmp_path / "crashed"
+  shutil.copytree(full, crashed)
+  shutil.rmtree(crashed / "checkpoints" / "12")
+  assert ckpt_lib.restore(str(crashed / "checkpoints")).step == 8
+  _train(corpus_path, crashed, **common, **{"OptimizerConfig.total_steps": 12})
+  again = ckpt_lib.restore(str(crashed / "checkpoints"))
+  assert again.step == 12
+  _assert_trees_equal(again.params, reference.params)
+  _assert_trees_equal(again.opt_state, reference.opt_state)
+
+
+def test_bad_train_configs_fail_early(corpus_path, tmp_path):
+  with pytest.raises(ValueError, match="vocab_size=100 is smaller"):
+    _train(corpus_path, tmp_path, **{"ModelConfig.vocab_size": 100})
+  with pytest.raises(ValueError, match="batch_size=12 must be a multiple of the 8"):
+    _train(corpus_path, tmp_path, **{"TrainConfig.batch_size": 12})
+  assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+
+
+def test_gin_files_and_bindings():
+  with flagsaver.flagsaver(gin_file=["configs/tiny.gin"],
+                           gin_bindings=["ModelConfig.d_model = 64",
+                                         "OptimizerConfig.name = 'adafactor'"]):
+    launch_config.parse_gin()
+  assert launch_config.make(model_lib.ModelConfig) == model_lib.ModelConfig(
+      max_len=128, d_model=64, num_layers=2, num_heads=4, d_ff=512)
+  opt = launch_config.make(train_lib.OptimizerConfig)
+  assert (opt.name, opt.total_steps, opt.warmup_steps) == ("adafactor", 600, 50)
+  assert launch_config.make(launch_config.TrainConfig) == launch_config.TrainConfig(
+      batch_size=32, log_every=50, checkpoint_every=200)
+  with flagsaver.flagsaver(gin_file=["configs/none.gin"]):
+    with pytest.raises(FileNotFoundError, match="none.gin"):
+      launch_config.parse_gin()
+
+
+def test_learning_rate_schedule():
+  c = train_lib.OptimizerConfig(learning_rate=1.0, warmup_steps=10, total_steps=110,
+                                final_lr_fraction=0.1)
+  lr = train_lib.learning_rate_schedule(c)
+  assert float(lr(0)) == 0.0
+  np.testing.assert_allclose(float(lr(5)), 0.5, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(10)), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(float(lr(60)), 0.55, rtol=1e-5)
+  np.testing.assert_allclose(float(lr(110)), 0.1, rtol=1e-6)
