@@ -1,0 +1,156 @@
+r"""Benchmarks (not tests): encode vs. a training step, and the scan.
+
+  python -m launch.benchmark --suite=encode --models=tiny,small --dims=4096,65536
+  python -m launch.benchmark --suite=scan
+
+encode: examples/s and tokens/s of ``GradientEncoder.encode`` (per-example
+gradients, correction, projection, unit norm) against a plain training step
+(forward + backward + AdamW update) on the same batch and model, and the peak
+memory XLA plans for each compiled program (arguments + outputs + temporaries),
+as ratios measured in the same process.
+scan: ``launch.benchmark_scan`` (in-memory and store scans against numpy,
+faiss and the machine's roofline).
+
+Run it on real devices: do not set the 8-device XLA flag the tests use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+import gin
+import jax
+import numpy as np
+
+from launch import config
+from tracer import encoder as encoder_lib
+from tracer import model as model_lib
+from tracer import partitioning
+from tracer import train as train_lib
+
+flags.DEFINE_list("suite", ["encode", "scan"], "Which benchmarks: encode, scan.")
+flags.DEFINE_list("models", ["tiny", "small"], "Gin configs under configs/.")
+flags.DEFINE_list("dims", ["4096", "65536"], "Projection dims for encode.")
+flags.DEFINE_integer("batch_size", 0, "Examples per call (0: 32 tiny, 8 others).")
+flags.DEFINE_integer("microbatch_size", 0, "Encoder microbatch (0: batch/devices).")
+flags.DEFINE_integer("repeats", 3, "Timed repetitions after one warm-up.")
+flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
+FLAGS = flags.FLAGS
+
+
+def model_config(name: str) -> model_lib.ModelConfig:
+  gin.clear_config()
+  gin.parse_config_file(os.path.join(os.path.dirname(os.path.dirname(
+      os.path.abspath(__file__))), "configs", f"{name}.gin"))
+  return config.make(model_lib.ModelConfig)
+
+
+def random_batch(cfg: model_lib.ModelConfig, size: int, seed: int = 0) -> dict:
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(3, cfg.vocab_size, (size, cfg.max_len)).astype(np.int32)
+  inputs = np.concatenate([np.zeros((size, 1), np.int32), tokens[:, :-1]], 1)
+  return {"inputs": inputs, "targets": tokens,
+          "weights": np.ones((size, cfg.max_len), np.float32)}
+
+
+def timed(fn, repeats: int) -> float:
+  """Seconds per call (best of ``repeats``) after one warm-up call."""
+  jax.block_until_ready(fn())
+  best = float("inf")
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def peak_bytes(compiled) -> int:
+  m = compiled.memory_analysis()
+  if m is None:
+    return 0
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes
+             + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def encode_rows(name: str, dims, batch_size: int, microbatch: int, repeats: int):
+  cfg = model_config(name)
+  mesh = partitioning.make_mesh()
+  params = model_lib.init_params(cfg)
+  opt_cfg = train_lib.OptimizerConfig()
+  optimizer = train_lib.make_optimizer(opt_cfg)
+  rep = partitioning.replicated(mesh)
+  params = jax.device_put(params, rep)
+  opt_state = jax.jit(optimizer.init, out_shardings=rep)(params)
+  batch = random_batch(cfg, batch_size)
+  on_mesh = partitioning.to_global(batch, partitioning.all_devices_batch(mesh))
+
+  step = train_lib.make_train_step(cfg, optimizer, mesh, params)
+  # The train step donates params and state: time it on copies.
+  state = {"p": jax.tree.map(jax.numpy.copy, params), "o": opt_state}
+
+  def train_once():
+    state["p"], state["o"], loss = step(state["p"], state["o"], on_mesh)
+    return loss
+
+  train_s = timed(train_once, repeats)
+  train_mem = peak_bytes(step.lower(state["p"], state["o"], on_mesh).compile())
+  v = jax.tree.map(lambda x: jax.numpy.ones_like(x), params)
+  rows = []
+  for dim in dims:
+    enc = encoder_lib.GradientEncoder(
+        model_lib.make_loss_fn(cfg), params, second_moment=v, projection_dim=dim,
+        mesh=mesh, microbatch_size=microbatch or max(1, batch_size // mesh.size))
+    encode_s = timed(lambda: enc.encode_on_device(batch), repeats)
+    stepped = jax.tree.map(
+        lambda x: x.reshape(-1, enc._step_size, *x.shape[1:]), batch)
+    enc_mem = peak_bytes(enc._project.lower(enc.params, enc.second_moment,
+                                            stepped).compile())
+    tokens = batch_size * cfg.max_len
+    rows.append({
+        "model": name, "params": model_lib.param_count(params), "d": enc.dim,
+        "batch": batch_size, "microbatch": enc.microbatch_size,
+        "encode_ex_per_s": batch_size / encode_s, "encode_tok_per_s": tokens / encode_s,
+        "train_ex_per_s": batch_size / train_s, "train_tok_per_s": tokens / train_s,
+        "time_ratio": encode_s / train_s, "encode_mem_mb": enc_mem / 2**20,
+        "train_mem_mb": train_mem / 2**20,
+        "mem_ratio": enc_mem / train_mem if train_mem else float("nan")})
+    print(json.dumps(rows[-1]), flush=True)
+  return rows
+
+
+def markdown(rows, columns) -> str:
+  fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
+  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(fmt(r[c]) for c in columns) + " |" for r in rows]
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
+  print(f"devices: {device}")
+  out = {"device": device}
+  if "encode" in FLAGS.suite:
+    rows = []
+    for name in FLAGS.models:
+      bs = FLAGS.batch_size or (32 if name == "tiny" else 8)
+      rows += encode_rows(name, [int(d) for d in FLAGS.dims], bs,
+                          FLAGS.microbatch_size, FLAGS.repeats)
+    out["encode"] = rows
+    print(markdown(rows, ["model", "params", "d", "batch", "encode_ex_per_s",
+                          "encode_tok_per_s", "train_ex_per_s", "time_ratio",
+                          "encode_mem_mb", "train_mem_mb", "mem_ratio"]))
+  if "scan" in FLAGS.suite:
+    from launch import benchmark_scan
+    out["scan"] = benchmark_scan.run_scan_benchmark()
+  if FLAGS.json_out:
+    with open(FLAGS.json_out, "w") as f:
+      json.dump(out, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
