@@ -51,6 +51,14 @@ def train(corpus_source: str, workdir: str) -> dict:
   replicated = partitioning.replicated(mesh)
   if mngr.latest_step() is not None:
     restored = ckpt_lib.restore(mngr.directory, sharding=replicated)
+    changed = [what for what, same in (
+        ("ModelConfig", restored.model_config == model_config),
+        ("OptimizerConfig.name", restored.optimizer_config.name == opt_config.name),
+        ("number of corpus rows", restored.data_config.get("num_rows") == len(corpus)),
+    ) if not same]
+    if changed:
+      raise ValueError(f"{mngr.directory}: cannot resume, the checkpoint's "
+                       f"{', '.join(changed)} differ from this run's")
     params, opt_state, start = restored.params, restored.opt_state, restored.step
     logging.info("resuming from step %d", start)
   else:

@@ -196,6 +196,15 @@ def test_malformed_corpus_names_file_and_line(tmp_path, vocab, lines, lineno,
     data_lib.read_corpus(path, vocab, 32)
 
 
+def test_invalid_utf8_names_file_and_line(tmp_path, vocab):
+  path = tmp_path / "latin1.jsonl"
+  path.write_bytes(GOOD.encode() + b"\n" + '{"id": "b", "text": "caf\xe9"}\n'
+                   .encode("latin-1"))
+  with pytest.raises(InputError, match=f"^{re.escape(str(path))}:2: not valid "
+                     "UTF-8"):
+    data_lib.read_corpus(str(path), vocab, 32)
+
+
 @pytest.mark.parametrize("lines,lineno,message", [
     (['{"id": "q", "prompt": "p"}'], 1, "missing field 'target'"),
     (['{"id": "q", "prompt": "p", "target": ""}'], 1, "field 'target' is empty"),
@@ -258,6 +267,31 @@ def test_seqio_task_gives_the_jsonl_rows(corpus_path, vocab, overflow):
     np.testing.assert_array_equal(a, b)
   # Registering again under the same name replaces the task.
   data_lib.register_jsonl_task("tracer_test_corpus", corpus_path, vocab)
+
+
+def test_seqio_mixture_reads_every_example_of_every_task(tmp_path, corpus_path,
+                                                         vocab):
+  import seqio  # pylint: disable=g-import-not-at-top
+  records = _records(corpus_path)
+  a = str(facts.write_jsonl(tmp_path / "a.jsonl", records[:5]))
+  b = str(facts.write_jsonl(tmp_path / "b.jsonl", records[5:]))
+  data_lib.register_jsonl_task("tracer_test_b", b, vocab)
+  data_lib.register_jsonl_task("tracer_test_a", a, vocab)
+  if "tracer_test_mix" in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove("tracer_test_mix")
+  seqio.MixtureRegistry.add("tracer_test_mix", ["tracer_test_b", "tracer_test_a"],
+                            default_rate=1.0)
+  try:
+    corpus = data_lib.read_corpus("tracer_test_mix", vocab, 32)
+  finally:
+    seqio.MixtureRegistry.remove("tracer_test_mix")
+  # Tasks in name order, each whole, ids qualified by the task.
+  assert corpus.ids == ([f"tracer_test_a:{r['id']}" for r in records[:5]]
+                        + [f"tracer_test_b:{r['id']}" for r in records[5:]])
+  assert corpus.texts == [r["text"] for r in records]
+  from_jsonl = data_lib.read_jsonl_corpus(corpus_path, vocab, 32)
+  for x, y in zip(corpus.tokens, from_jsonl.tokens, strict=True):
+    np.testing.assert_array_equal(x, y)
 
 
 def test_sentencepiece_round_trip(tmp_path, corpus_path):

@@ -87,11 +87,16 @@ def read_jsonl(path: str, required: Sequence[str],
   if not os.path.isfile(path):
     raise InputError(f"{path}: no such file")
   seen = {}
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
+  with open(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      where = at(path, lineno)
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise InputError(f"{where}: not valid UTF-8 ({e.reason} at byte "
+                         f"{e.start})") from None
       if not line.strip():
         continue
-      where = at(path, lineno)
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
@@ -214,7 +219,10 @@ def read_seqio_corpus(name: str, vocab, max_len: int, overflow: str = "truncate"
 
   The task's preprocessors run (``shuffle=False``); the example's ``feature``
   tokens are used, its text is ``<feature>_pretokenized`` when present, and its
-  id is the example's ``id`` feature when present, else its position.
+  id is the example's ``id`` feature when present, else its position. A
+  Mixture is read task after task (seqio's name order, tasks of rate > 0),
+  every example once, with ids ``"<task name>:<id>"``: seqio's own sampling
+  would stop at the first exhausted task and drop ids.
   """
   import seqio
   try:
@@ -222,18 +230,25 @@ def read_seqio_corpus(name: str, vocab, max_len: int, overflow: str = "truncate"
   except ValueError:
     raise InputError(f"--corpus={name}: not a file, and no seqio task or mixture "
                      f"of that name is registered") from None
-  dataset = provider.get_dataset(sequence_length=None, split=split, shuffle=False,
-                                 num_epochs=1)
+  if isinstance(provider, seqio.Mixture):
+    parts = [(t, f"{t.name}:") for t in provider.tasks if provider.get_rate(t) > 0]
+  else:
+    parts = [(provider, "")]
 
   def records():
-    for i, ex in enumerate(dataset.as_numpy_iterator()):
-      if feature not in ex:
-        raise InputError(f"seqio {name}: example {i} has no feature {feature!r}")
-      tokens = [int(t) for t in ex[feature] if t != EOS_ID]
-      text = ex.get(f"{feature}_pretokenized")
-      text = text.decode() if isinstance(text, bytes) else vocab.decode(tokens)
-      doc_id = ex.get("id", str(i))
-      yield (doc_id.decode() if isinstance(doc_id, bytes) else str(doc_id)), text, tokens
+    for task, prefix in parts:
+      dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False,
+                                 num_epochs=1)
+      for i, ex in enumerate(dataset.as_numpy_iterator()):
+        if feature not in ex:
+          raise InputError(f"seqio {task.name}: example {i} has no feature "
+                           f"{feature!r}")
+        tokens = [int(t) for t in ex[feature] if t != EOS_ID]
+        text = ex.get(f"{feature}_pretokenized")
+        text = text.decode() if isinstance(text, bytes) else vocab.decode(tokens)
+        doc_id = ex.get("id", str(i))
+        doc_id = doc_id.decode() if isinstance(doc_id, bytes) else str(doc_id)
+        yield prefix + doc_id, text, tokens
 
   return build_corpus(f"seqio:{name}", records(), vocab, max_len, overflow)
 

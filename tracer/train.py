@@ -31,6 +31,7 @@ class OptimizerConfig:
   eps: float = 1e-8
   weight_decay: float = 0.01
   clip_norm: float = 1.0
+  adafactor_decay_rate: float = 0.8  # Adafactor's decay exponent (not Adam's b2)
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
@@ -54,7 +55,7 @@ def make_optimizer(c: OptimizerConfig, learning_rate: Any = None
   if c.name == "adamw":
     opt = optax.adamw(lr, b1=c.b1, b2=c.b2, eps=c.eps, weight_decay=c.weight_decay)
   elif c.name == "adafactor":
-    opt = optax.adafactor(lr, decay_rate=c.b2, eps=c.eps,
+    opt = optax.adafactor(lr, decay_rate=c.adafactor_decay_rate, eps=c.eps,
                           weight_decay_rate=c.weight_decay or None,
                           multiply_by_parameter_scale=False)
   else:
