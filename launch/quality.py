@@ -166,8 +166,10 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
                                              sgd_learning_rate=sgd_learning_rate)
   print(f"tail-patch: {len(pairs)} distinct (query, proponent) pairs over "
         f"{len(chosen)} queries")
+  # Plain SGD starts from its own (empty) state, not the checkpoint's.
+  opt_state = optimizer.init(ckpt.params) if sgd_learning_rate else ckpt.opt_state
   deltas = tailpatch.tail_patch_deltas(
-      ckpt.model_config, ckpt.params, ckpt.opt_state, optimizer,
+      ckpt.model_config, ckpt.params, opt_state, optimizer,
       corpus.examples(np.arange(len(corpus))), query_examples, pairs,
       mesh=encoder.mesh)
   per_method = deltas[inverse.ravel()].reshape(stacked.shape)

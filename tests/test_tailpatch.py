@@ -1,0 +1,169 @@
+"""Tests of tail-patch: a known answer, the vectorized path, the metric."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from tracer import data as data_lib
+from tracer import model as model_lib
+from tracer import partitioning
+from tracer import tailpatch
+from tracer import train as train_lib
+
+CONFIG = model_lib.ModelConfig(d_model=32, num_layers=1, num_heads=2, d_ff=64,
+                               max_len=32)
+OPT_CONFIG = train_lib.OptimizerConfig(learning_rate=1e-2, warmup_steps=5,
+                                       total_steps=40)
+TRAIN_STEPS = 30
+BATCH = 8
+DOCS = ["the cat is red.", "the dog is blue.", "the cow is green.",
+        "the pig is pink.", "a bird can fly.", "fish swim in water.",
+        "snow is cold.", "sun is hot."]
+QUERIES = [("the cat is", " red"), ("the dog is", " blue"),
+           ("fish swim in", " water")]
+
+
+def _encode(text: str) -> list[int]:
+  return [b + 3 for b in text.encode()]   # seqio ByteVocabulary ids
+
+
+@pytest.fixture(scope="module")
+def setup():
+  """A tiny model trained TRAIN_STEPS Adam steps on DOCS (one batch of all)."""
+  train = data_lib.stack_examples([
+      data_lib.corpus_example(np.asarray(_encode(d) + [data_lib.EOS_ID], np.int32),
+                              CONFIG.max_len) for d in DOCS])
+  queries = data_lib.stack_examples([
+      data_lib.query_example(_encode(p), _encode(t), CONFIG.max_len)
+      for p, t in QUERIES])
+  mesh = partitioning.make_mesh()
+  optimizer = train_lib.make_optimizer(OPT_CONFIG)
+  rep = partitioning.replicated(mesh)
+  params = jax.device_put(model_lib.init_params(CONFIG), rep)
+  opt_state = jax.device_put(optimizer.init(params), rep)
+  step = train_lib.make_train_step(CONFIG, optimizer, mesh, params)
+  batch = partitioning.shard_batch(mesh, train)
+  for _ in range(TRAIN_STEPS):
+    params, opt_state, _ = step(params, opt_state, batch)
+  return dict(train=train, queries=queries, mesh=mesh, params=params,
+              opt_state=opt_state,
+              optimizer=tailpatch.tail_patch_optimizer(OPT_CONFIG, TRAIN_STEPS))
+
+
+def _loop_deltas(params, opt_state, optimizer, train, queries, pairs):
+  """The reference: one pair at a time, no vmap."""
+  @jax.jit
+  def one(example, query):
+    grads = jax.grad(lambda p: model_lib.example_loss(CONFIG, p, example))(params)
+    updates, _ = optimizer.update(grads, opt_state, params)
+    patched = optax.apply_updates(params, updates)
+    return (model_lib.target_logprob(CONFIG, patched, query)
+            - model_lib.target_logprob(CONFIG, params, query))
+
+  take = lambda examples, i: {k: v[i] for k, v in examples.items()}
+  return np.asarray([one(take(train, t), take(queries, q)) for q, t in pairs])
+
+
+def test_stepping_on_the_fact_raises_its_probability_most(setup):
+  pairs = np.asarray([[0, i] for i in range(len(DOCS))])   # query 0: DOCS[0]
+  default = tailpatch.tail_patch_deltas(
+      CONFIG, setup["params"], setup["opt_state"], setup["optimizer"],
+      setup["train"], setup["queries"], pairs, mesh=setup["mesh"], batch_size=BATCH)
+  sgd = tailpatch.tail_patch_optimizer(OPT_CONFIG, TRAIN_STEPS, sgd_learning_rate=0.1)
+  plain = tailpatch.tail_patch_deltas(
+      CONFIG, setup["params"], sgd.init(setup["params"]), sgd, setup["train"],
+      setup["queries"], pairs, mesh=setup["mesh"], batch_size=BATCH)
+  for deltas in (default, plain):
+    assert deltas.shape == (len(DOCS),) and deltas.dtype == np.float32
+    assert deltas[0] > 0
+    assert deltas[0] > 2 * np.max(deltas[1:]), deltas
+
+
+@pytest.mark.parametrize("num_devices", [8, 1])
+def test_vectorized_equals_per_pair_loop(setup, num_devices):
+  mesh = partitioning.make_mesh(devices=jax.devices()[:num_devices])
+  rng = np.random.default_rng(0)
+  everything = np.stack(np.meshgrid(np.arange(len(QUERIES)), np.arange(len(DOCS)),
+                                    indexing="ij"), -1).reshape(-1, 2)
+  pairs = everything[rng.permutation(len(everything))[:13]]   # 13: not % 8
+  got = tailpatch.tail_patch_deltas(
+      CONFIG, setup["params"], setup["opt_state"], setup["optimizer"],
+      setup["train"], setup["queries"], pairs, mesh=mesh, batch_size=BATCH)
+  want = _loop_deltas(setup["params"], setup["opt_state"], setup["optimizer"],
+                      setup["train"], setup["queries"], pairs)
+  assert got.shape == (13,) and got.dtype == np.float32
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_optimizer_state_unchanged_and_final_learning_rate(setup):
+  before = jax.tree.map(np.array, setup["opt_state"])
+  pairs = np.asarray([[0, 0], [1, 1], [2, 5]])
+  first = tailpatch.tail_patch_deltas(
+      CONFIG, setup["params"], setup["opt_state"], setup["optimizer"],
+      setup["train"], setup["queries"], pairs, mesh=setup["mesh"], batch_size=BATCH)
+  second = tailpatch.tail_patch_deltas(
+      CONFIG, setup["params"], setup["opt_state"], setup["optimizer"],
+      setup["train"], setup["queries"], pairs, mesh=setup["mesh"], batch_size=BATCH)
+  jax.tree.map(np.testing.assert_array_equal, before,
+               jax.tree.map(np.array, setup["opt_state"]))
+  np.testing.assert_array_equal(first, second)
+
+  # The update is the training optimizer's at unit rate times schedule(step).
+  lr = float(train_lib.learning_rate_schedule(OPT_CONFIG)(TRAIN_STEPS))
+  assert tailpatch.final_learning_rate(OPT_CONFIG, TRAIN_STEPS) == pytest.approx(lr)
+  assert 0 < lr < OPT_CONFIG.learning_rate
+  sgd = tailpatch.tail_patch_optimizer(OPT_CONFIG, TRAIN_STEPS, sgd_learning_rate=0.5)
+  unit = train_lib.make_optimizer(OPT_CONFIG,
+                                  learning_rate=optax.constant_schedule(1.0))
+  scheduled = train_lib.make_optimizer(OPT_CONFIG)
+
+  @jax.jit
+  def updates(params, opt_state, example):
+    grads = jax.grad(lambda p: model_lib.example_loss(CONFIG, p, example))(params)
+    update = lambda opt, state: opt.update(grads, state, params)[0]
+    return (grads, update(setup["optimizer"], opt_state), update(unit, opt_state),
+            update(scheduled, opt_state), update(sgd, sgd.init(params)))
+
+  grads, got, at_unit_rate, next_training_step, sgd_update = updates(
+      setup["params"], setup["opt_state"], {k: v[0] for k, v in setup["train"].items()})
+  close = lambda a, b, rtol: jax.tree.map(
+      lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=1e-9), a, b)
+  close(got, jax.tree.map(lambda w: lr * w, at_unit_rate), 1e-5)
+  # The training optimizer's own schedule would take the same next step.
+  close(got, next_training_step, 1e-5)
+  close(sgd_update, jax.tree.map(lambda g: -0.5 * g, grads), 1e-6)
+
+
+def test_tail_patch_at_k():
+  nan = np.nan
+  deltas = np.asarray([[4.0, 2.0, 0.0, nan],
+                       [1.0, nan, nan, nan],
+                       [nan, nan, nan, nan]])   # no proponents: left out
+  got = tailpatch.tail_patch_at_k(deltas, ks=(1, 3, 10))
+  assert got == pytest.approx({"tail_patch@1": (4 + 1) / 2,
+                               "tail_patch@3": (2 + 1) / 2,
+                               "tail_patch@10": (2 + 1) / 2})
+  as_dict = tailpatch.tail_patch_at_k({"a": [4.0, 2.0, 0.0], "b": [1.0]}, ks=(1, 3))
+  assert as_dict == pytest.approx({"tail_patch@1": 2.5, "tail_patch@3": 1.5})
+  assert np.isnan(tailpatch.tail_patch_at_k(np.full((2, 3), nan), ks=(1,))[
+      "tail_patch@1"])
+
+
+def test_pairs_for_topk_dedupes_across_methods():
+  rows = np.asarray([[[5, 2, -1], [2, 7, 5]],     # method 0: 2 queries x 3
+                     [[2, 9, 5], [7, -1, -1]]])   # method 1
+  pairs, inverse = tailpatch.pairs_for_topk(rows)
+  assert len(pairs) == len({tuple(p) for p in pairs}) == 6
+  for m, q, k in np.ndindex(rows.shape):
+    if rows[m, q, k] < 0:
+      assert inverse[m, q, k] == -1
+    else:
+      assert tuple(pairs[inverse[m, q, k]]) == (q, rows[m, q, k])
+  deltas = np.arange(len(pairs), dtype=np.float32) + 1
+  per_entry = tailpatch.deltas_for_topk(deltas, inverse)
+  assert per_entry.shape == rows.shape
+  assert np.array_equal(np.isnan(per_entry), rows < 0)
+  np.testing.assert_array_equal(per_entry[rows >= 0], deltas[inverse[rows >= 0]])
