@@ -103,8 +103,8 @@ def test_fit_mixes_with_lambda_rule():
                     damping=0.0)
   # Sorted: train [4, 3, 1], eval [6, 1, 1]; rank 1: 3 / (1 + 3).
   assert pre.lam == pytest.approx(0.75)
-  np.testing.assert_allclose(pre.inv_sqrt[0], np.diag(np.array([1.75, 1.0]) ** -0.5), rtol=1e-6)
-  np.testing.assert_allclose(pre.inv_sqrt[1], np.diag(np.array([5.25]) ** -0.5), rtol=1e-6)
+  np.testing.assert_allclose(pre.inv_sqrt[0], np.diag([1.75 ** -0.5, 1.0]), rtol=1e-6)
+  np.testing.assert_allclose(pre.inv_sqrt[1], [[5.25 ** -0.5]], rtol=1e-6)
   # The default rank is 1.5% of d.
   pre = hessian.fit(train, eval_, kind="block", dim=200, layout_seed=0)
   assert pre.rank == 3

@@ -97,7 +97,7 @@ class GradientEncoder:
     losses = partitioning.fetch(losses).reshape(padded)[:size]
     finite = np.isfinite(losses) & partitioning.fetch(_rows_finite(phi))
     if not finite.all():
-      bad = [ids[i] if ids is not None else i for i in np.flatnonzero(~finite)]
+      bad = [ids[i] if ids is not None else int(i) for i in np.flatnonzero(~finite)]
       raise FloatingPointError(
           f"non-finite loss or gradient for example(s) {bad[:10]} "
           f"(losses {losses[~finite][:10].tolist()}); no encodings were returned")
@@ -117,6 +117,9 @@ class GradientEncoder:
     """``encode`` without the copy to host (for streaming into a scan)."""
     if preconditioner is not None and preconditioner.dim != self.dim:
       raise ValueError(f"preconditioner has d={preconditioner.dim}, encoder d={self.dim}")
+    if preconditioner is not None and preconditioner.layout_seed != self.layout.seed:
+      raise ValueError(f"preconditioner was fitted for projection seed "
+                       f"{preconditioner.layout_seed}, encoder uses {self.layout.seed}")
     phi = self.project(batch, ids)
     if preconditioner is not None:
       phi = preconditioner.apply(phi)
