@@ -82,6 +82,10 @@ def train(corpus_source: str, workdir: str) -> dict:
     batch = partitioning.to_global(corpus.examples(rows[host_rows]), sharding)
     params, opt_state, loss = step_fn(params, opt_state, batch)
     losses.append(loss)
+    if len(losses) > 1:
+      # At most two steps in flight: a long queue of dispatched steps can
+      # deadlock XLA:CPU's collectives across simulated devices.
+      losses[-2].block_until_ready()
     steps_timed += 1
     done = step + 1
     if done % train_config.log_every == 0 or done == opt_config.total_steps:
