@@ -88,7 +88,7 @@ class GradientEncoder:
       x = np.asarray(x)
       # Pad by repeating the last example: a real input keeps any loss finite.
       x = np.concatenate([x, np.repeat(x[-1:], padded - size, axis=0)])
-      return partitioning.from_global_numpy(
+      return partitioning.put_global(
           x.reshape(steps, self._step_size, *x.shape[1:]), sharding)
 
     phi, losses = self._project(self.params, self.second_moment,

@@ -127,19 +127,14 @@ def put_global(x: Any, sharding: NamedSharding) -> jax.Array:
   works under ``jax.distributed`` where ``jax.device_put`` may not.
   """
   x = np.asarray(x)
+  if jax.process_count() == 1:
+    return jax.device_put(x, sharding)
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def stepped_batch(mesh: Mesh) -> NamedSharding:
   """``[steps, examples_per_step, ...]``: each step's examples split over ``data``."""
   return NamedSharding(mesh, P(None, DATA))
-
-
-def from_global_numpy(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
-  """A global array from a numpy array every host holds in full."""
-  if jax.process_count() == 1:
-    return jax.device_put(x, sharding)
-  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def fetch(x: jax.Array) -> np.ndarray:
