@@ -78,21 +78,65 @@ def test_arrays_match_numpy(mesh, n):
 
 @pytest.mark.parametrize("mesh", ["8x1", "1x1"])
 def test_large_chunk_two_stage_selection(mesh):
-  # Big per-device chunks take _select's block pre-filter.
+  # Big per-device chunks take _select_rows' two-stage selection.
   x, q = _data(8192, d=8, q=2, seed=1)
   assert scan._block_size(8192 // MESHES[mesh]().size, 4) is not None
   got = scan.scan_arrays(x, q, 4, mesh=MESHES[mesh](), chunk_rows=8192)
   assert_same(got, reference(x, q, 4))
 
 
-@pytest.mark.parametrize("rows,k", [(37, 3), (1000, 4), (4096, 7), (4096, 50)])
-def test_select_equals_top_k_with_ties(rows, k):
-  v = np.random.default_rng(rows).integers(-3, 4, (5, rows)).astype(np.float32)
-  v[0, :] = -np.inf  # all tied at the bottom
-  got_v, got_i = scan._select(jnp.asarray(v), k)
-  want_v, want_i = jax.lax.top_k(jnp.asarray(v), k)
+@pytest.mark.parametrize("rows,k", [(37, 3), (1000, 4), (4096, 7), (4096, 50),
+                                    (16384, 100)])
+def test_select_rows_equals_top_k_with_ties(rows, k):
+  v = np.random.default_rng(rows).integers(-3, 4, (rows, 5)).astype(np.float32)
+  v[:, 0] = -np.inf  # all tied at the bottom
+  rid = jnp.arange(rows, dtype=jnp.int32) + 7
+  got_v, got_r = jax.jit(scan._select_rows, static_argnums=3)(
+      jnp.asarray(v), rid, jnp.full((5,), -jnp.inf), k)
+  want_v, want_i = jax.lax.top_k(jnp.asarray(v.T), k)
   np.testing.assert_array_equal(got_v, want_v)
-  np.testing.assert_array_equal(got_i, want_i)
+  np.testing.assert_array_equal(got_r, np.asarray(want_i) + 7)
+
+
+@pytest.mark.parametrize("above,clustered", [(5, False), (20, False),
+                                             (40, False), (60, True),
+                                             (150, True)])
+def test_select_rows_fast_path(above, clustered):
+  rows, q, k = 16384, 5, 100
+  rng = np.random.default_rng(above)
+  vals = np.stack([rng.permutation(rows) for _ in range(q)], 1).astype(
+      np.float32)
+  if clustered:  # the top values sit in a few adjacent blocks
+    vals[vals >= rows - above] = -1
+    vals[1000:1000 + above] = np.arange(rows - above, rows)[::-1, None]
+  assert scan._block_size(rows, k) is not None
+  rid = jnp.arange(rows, dtype=jnp.int32) + 1000
+  want_v, want_i = jax.lax.top_k(jnp.asarray(vals.T), k)
+  # `above` elements per query reach the threshold: the fast path's top-8,
+  # top-32 or top-k levels (the last when clustered in a few blocks), or the
+  # slow path (40 blocks > FAST_BLOCKS reach it).
+  threshold = np.asarray(rows - above, np.float32).repeat(q)
+  v, r = jax.jit(scan._select_rows, static_argnums=3)(
+      jnp.asarray(vals), rid, jnp.asarray(threshold), k)
+  n = min(above, k)
+  np.testing.assert_array_equal(v[:, :n], want_v[:, :n])
+  np.testing.assert_array_equal(r[:, :n], np.asarray(want_i)[:, :n] + 1000)
+  # Whatever fills the other slots is a real (value, row) pair or padding.
+  v, r = np.asarray(v), np.asarray(r)
+  real = r != scan.INVALID_ROW
+  cols = np.nonzero(real)[0]
+  np.testing.assert_array_equal(v[real], vals[r[real] - 1000, cols])
+  assert np.all(v[~real] == -np.inf)
+
+
+@pytest.mark.parametrize("mesh", ["8x1", "1x1"])
+def test_many_chunks_take_the_fast_levels(mesh):
+  # k = 64 > 2 * 32: later chunks qualify for the top-8 and top-32 levels.
+  x, q = _tied(20000, seed=4)
+  x += np.random.default_rng(4).standard_normal(x.shape).astype(np.float32) * (
+      np.arange(20000)[:, None] % 3 == 0)
+  got = scan.scan_arrays(x, q, 64, mesh=MESHES[mesh](), chunk_rows=512)
+  assert_same(got, reference(x, q, 64))
 
 
 @pytest.mark.parametrize("mesh", ["8x1", "4x2"])
@@ -218,13 +262,18 @@ def test_bad_inputs():
 def test_read_errors_propagate_from_prefetch_thread():
   x, q = _data(100)
 
-  def bad_read(lo, hi):
-    if lo >= 64:
-      raise OSError("disk on fire")
-    return x[lo:hi]
+  class Failing(scan._ArraySource):
+
+    def view(self, start, stop):
+      return None  # force read_into
+
+    def read_into(self, start, stop, out):
+      if start >= 64:
+        raise OSError("disk on fire")
+      return super().read_into(start, stop, out)
 
   with pytest.raises(OSError, match="disk on fire"):
-    scan._scan(bad_read, 100, 16, np.float32, q, K, None, 32, prefetch=2)
+    scan._scan(Failing(x), q, K, None, 32, prefetch=2)
 
 
 # --------------------------------------------------------------------------

@@ -292,6 +292,25 @@ class EncodingStore:
     """A future of rows ``[start, stop)`` in the stored dtype."""
     return self.array[start:stop].read()
 
+  def read_into(self, start: int, stop: int, out: np.ndarray) -> list[ts.Future]:
+    """Starts reading rows ``[start, stop)`` into ``out`` (writable, C order,
+    stored dtype, ``[stop - start, d]``); wait on the returned futures.
+
+    Reads go straight into ``out`` (no intermediate array), one request per
+    stored chunk so they proceed in parallel.
+    """
+    if out.shape != (stop - start, self.dim) or out.dtype != self.dtype:
+      raise InputError(f"{self.path}: read_into needs a {(stop - start, self.dim)} "
+                       f"{self.dtype} array, got {out.shape} {out.dtype}")
+    futures = []
+    lo = start
+    while lo < stop:
+      hi = min(stop, (lo // self.chunk_rows + 1) * self.chunk_rows)
+      target = ts.array(out[lo - start:hi - start], copy=False, write=True)
+      futures.append(target.write(self.array[lo:hi].translate_to[0]))
+      lo = hi
+    return futures
+
   def read_rows(self, start: int, stop: int) -> np.ndarray:
     """Rows ``[start, stop)`` as float32 ``[stop - start, d]``."""
     if not 0 <= start <= stop <= self.num_rows:
