@@ -37,19 +37,23 @@ from tracer import partitioning
 from tracer import scan
 from tracer import store as store_lib
 
-_ROWS = flags.DEFINE_integer("rows", 200_000, "N, rows to scan.")
-_DIM = flags.DEFINE_integer("dim", 1024, "d, encoding dimension.")
-_QUERIES = flags.DEFINE_integer("queries", 64, "Q, queries per scan.")
-_K = flags.DEFINE_integer("k", 100, "Top-k per query and side.")
-_CHUNK_ROWS = flags.DEFINE_integer(
-    "chunk_rows", None, "Rows per scan step; default scan.default_chunk_rows.")
-_STORE_CHUNK_ROWS = flags.DEFINE_integer("store_chunk_rows", 4096,
-                                         "Rows per stored zarr chunk.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per method (best kept).")
-_WORKDIR = flags.DEFINE_string("workdir", None,
-                               "Where to write the stores (default: a tmp dir).")
-_OUTPUT = flags.DEFINE_string(
-    "output", None, "Write the table here: .json for JSON, else markdown.")
+def define_flags() -> None:
+  """Defines this script's flags (only when run as a script, so that
+  ``launch.benchmark`` can import ``run_scan_benchmark``)."""
+  global _ROWS, _DIM, _QUERIES, _K, _CHUNK_ROWS, _STORE_CHUNK_ROWS, _REPEATS, _WORKDIR, _OUTPUT
+  _ROWS = flags.DEFINE_integer("rows", 200_000, "N, rows to scan.")
+  _DIM = flags.DEFINE_integer("dim", 1024, "d, encoding dimension.")
+  _QUERIES = flags.DEFINE_integer("queries", 64, "Q, queries per scan.")
+  _K = flags.DEFINE_integer("k", 100, "Top-k per query and side.")
+  _CHUNK_ROWS = flags.DEFINE_integer(
+      "chunk_rows", None, "Rows per scan step; default scan.default_chunk_rows.")
+  _STORE_CHUNK_ROWS = flags.DEFINE_integer("store_chunk_rows", 4096,
+                                           "Rows per stored zarr chunk.")
+  _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per method (best kept).")
+  _WORKDIR = flags.DEFINE_string("workdir", None,
+                                 "Where to write the stores (default: a tmp dir).")
+  _OUTPUT = flags.DEFINE_string(
+      "output", None, "Write the table here: .json for JSON, else markdown.")
 
 
 def _best_time(fn: Callable[[], Any], repeats: int) -> float:
@@ -269,4 +273,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
