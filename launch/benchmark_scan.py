@@ -192,7 +192,7 @@ def run_scan_benchmark(rows: int = 200_000, dim: int = 1024, queries: int = 64,
   xa[...] = x
   add("tracer scan_arrays f32, 64B-aligned", lambda: scan.scan_arrays(
       xa, q, k, mesh=mesh, chunk_rows=step), 4, "input used in place")
-  del xa
+  xa = None  # free it before the next methods
   add("tracer scan_arrays bf16", lambda: scan.scan_arrays(
       xb, q, k, mesh=mesh, chunk_rows=step), 2, "bf16 rows, fp32 scores")
 

@@ -102,3 +102,13 @@ def initialize_distributed() -> None:
                                FLAGS.process_id)
   elif os.environ.get("TRACER_DISTRIBUTED") == "1":
     jax.distributed.initialize()
+
+
+def setup(required: tuple[str, ...] = ()) -> None:
+  """What every launch script's ``main`` does first: gin, multi-host, flags."""
+  from absl import app
+  parse_gin()
+  initialize_distributed()
+  missing = [f"--{name}" for name in required if not FLAGS[name].value]
+  if missing:
+    raise app.UsageError(f"{', '.join(missing)} required")

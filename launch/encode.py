@@ -43,10 +43,7 @@ def run(workdir, corpus_source, store_path=None, preconditioner_path=None,
 
 def main(argv):
   del argv
-  config.parse_gin()
-  config.initialize_distributed()
-  if not (FLAGS.workdir and FLAGS.corpus):
-    raise app.UsageError("--workdir and --corpus are required")
+  config.setup(required=("workdir", "corpus"))
   run(FLAGS.workdir, FLAGS.corpus, FLAGS.store, FLAGS.preconditioner, FLAGS.checkpoint)
 
 

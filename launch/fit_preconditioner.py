@@ -39,10 +39,7 @@ def run(workdir, corpus_source, queries_path, out_path=None, checkpoint=None):
 
 def main(argv):
   del argv
-  config.parse_gin()
-  config.initialize_distributed()
-  if not (FLAGS.workdir and FLAGS.corpus and FLAGS.queries):
-    raise app.UsageError("--workdir, --corpus and --queries are required")
+  config.setup(required=("workdir", "corpus", "queries"))
   run(FLAGS.workdir, FLAGS.corpus, FLAGS.queries, FLAGS.preconditioner,
       FLAGS.checkpoint)
 

@@ -12,7 +12,7 @@ import dataclasses
 import os
 import sys
 import time
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import jax
 import numpy as np
@@ -185,7 +185,8 @@ def encode_corpus(encoder: tracer.GradientEncoder, pre, corpus: data_lib.Corpus,
 
   All hosts encode each chunk together (its examples split over all devices);
   chunk c is written by host ``c % process_count`` (stores live on a shared
-  filesystem on multi-host runs).
+  filesystem on multi-host runs). Returns on every host only once every chunk
+  is on disk, so the store can be scanned right away.
   """
   pending = store.pending_chunks()
   progress = Progress("encode corpus", sum(
@@ -199,6 +200,11 @@ def encode_corpus(encoder: tracer.GradientEncoder, pre, corpus: data_lib.Corpus,
       progress.update(len(rows))
     if chunk % jax.process_count() == jax.process_index():
       store.write_chunk(chunk, np.concatenate(pieces))
+  if jax.process_count() > 1:
+    # The last chunks' writers may still be writing when the other hosts
+    # finish encoding: wait for them, or a scan would find the store incomplete.
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("tracer-encode-corpus-done")
 
 
 def stream_corpus(encoder: tracer.GradientEncoder, pre, corpus: data_lib.Corpus,

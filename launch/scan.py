@@ -53,11 +53,7 @@ def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
 
 def main(argv):
   del argv
-  config.parse_gin()
-  config.initialize_distributed()
-  for name in ("workdir", "corpus", "queries", "output"):
-    if not FLAGS[name].value:
-      raise app.UsageError(f"--{name} is required")
+  config.setup(required=("workdir", "corpus", "queries", "output"))
   run(FLAGS.workdir, FLAGS.corpus, FLAGS.queries, FLAGS.output, FLAGS.top_k,
       FLAGS.store, FLAGS.preconditioner, FLAGS.checkpoint)
 

@@ -24,7 +24,7 @@ import sys
 from absl import app
 from absl import flags
 
-from launch import config
+from launch import config  # noqa: F401  (defines the shared flags)
 from tracer import data as data_lib
 from tracer import evaluate
 

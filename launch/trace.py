@@ -16,7 +16,6 @@ import os
 from absl import app
 from absl import flags
 import jax
-import numpy as np
 
 from launch import config
 from launch import pipeline
@@ -106,11 +105,7 @@ def run(workdir: str, corpus_source: str, queries_path: str, output: str,
 
 def main(argv):
   del argv
-  config.parse_gin()
-  config.initialize_distributed()
-  for name in ("workdir", "corpus", "queries", "output"):
-    if not FLAGS[name].value:
-      raise app.UsageError(f"--{name} is required")
+  config.setup(required=("workdir", "corpus", "queries", "output"))
   run(FLAGS.workdir, FLAGS.corpus, FLAGS.queries, FLAGS.output, FLAGS.top_k,
       FLAGS.checkpoint, FLAGS.store, FLAGS.preconditioner, FLAGS.streaming,
       FLAGS.show)

@@ -109,10 +109,7 @@ def train(corpus_source: str, workdir: str) -> dict:
 
 def main(argv):
   del argv
-  config.parse_gin()
-  config.initialize_distributed()
-  if not FLAGS.corpus or not FLAGS.workdir:
-    raise app.UsageError("--corpus and --workdir are required")
+  config.setup(required=("corpus", "workdir"))
   train(FLAGS.corpus, FLAGS.workdir)
 
 
