@@ -9,6 +9,7 @@ Gin files bind the fields of tracer's config dataclasses by class name:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 
 # TensorFlow (pulled in by seqio) logs at C++ level on import; keep it quiet.
@@ -37,6 +38,9 @@ flags.DEFINE_string("preconditioner", None, "Preconditioner file; default "
                     "WORKDIR/preconditioner.npz.")
 flags.DEFINE_string("output", None, "Results JSONL.")
 flags.DEFINE_integer("top_k", 10, "Proponents and opponents per query.")
+flags.DEFINE_multi_string("seqio_module", [], "Python modules to import before "
+                          "reading inputs, e.g. ones that register seqio tasks "
+                          "named by --corpus (repeatable).")
 FLAGS = flags.FLAGS
 
 
@@ -109,6 +113,8 @@ def setup(required: tuple[str, ...] = ()) -> None:
   from absl import app
   parse_gin()
   initialize_distributed()
+  for module in FLAGS.seqio_module:
+    importlib.import_module(module)
   missing = [f"--{name}" for name in required if not FLAGS[name].value]
   if missing:
     raise app.UsageError(f"{', '.join(missing)} required")
