@@ -187,7 +187,7 @@ GOOD = '{"id": "a", "text": "hello"}'
     (['{"id": "b", "text": null}'], 1, "field 'text' must be a string, got NoneType"),
     ([GOOD, '{"id": "b", "text": "  "}'], 2, "field 'text' is empty"),
     ([GOOD, '{"id": "b", "text": "x"}', '{"id": "a", "text": "y"}'], 3,
-     "duplicate id 'a' \\(first on line 1\\)"),
+     "duplicate id 'a' \\(first at line 1\\)"),
 ])
 def test_malformed_corpus_names_file_and_line(tmp_path, vocab, lines, lineno,
                                               message):

@@ -181,7 +181,7 @@ def test_read_results_skips_blank_lines(tmp_path):
 
 
 @pytest.mark.parametrize("bad_line, pattern", [
-    ("{not json", "bad JSON"),
+    ("{not json", "not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
     ('{"proponent_ids": [], "proponent_scores": []}', "'query_id'"),
     ('{"query_id": "b", "proponent_scores": []}', "'proponent_ids'"),
@@ -214,12 +214,12 @@ def test_read_results_errors_name_file_line_and_field(tmp_path, bad_line,
 
 
 def test_read_results_missing_file(tmp_path):
-  with pytest.raises(InputError, match="cannot open"):
+  with pytest.raises(InputError, match="no such file"):
     evaluate.read_results(tmp_path / "nope.jsonl")
 
 
 @pytest.mark.parametrize("bad_line, pattern", [
-    ("{oops", "bad JSON"),
+    ("{oops", "not valid JSON"),
     ('{"id": "d2"}', "missing field 'text'"),
     ('{"id": "d2", "text": "  "}', "field 'text' is empty"),
     ('{"id": "d2", "text": 3}', "field 'text' must be a string"),

@@ -78,15 +78,14 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str,
 
 # --- strict JSONL ------------------------------------------------------------
 
-def read_jsonl(path: str, required: Sequence[str],
-               nonempty: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
-  """Yields (line number, record); every record must hold ``required`` strings.
+def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
+  """Yields (line number, JSON object) for every non-blank line of ``path``.
 
-  Blank lines are skipped. Errors name the file, line and field.
+  Errors (missing file, bad UTF-8, bad JSON, not an object) name the file and
+  line.
   """
   if not os.path.isfile(path):
     raise InputError(f"{path}: no such file")
-  seen = {}
   with open(path, "rb") as f:
     for lineno, raw in enumerate(f, start=1):
       where = at(path, lineno)
@@ -103,26 +102,52 @@ def read_jsonl(path: str, required: Sequence[str],
         raise InputError(f"{where}: not valid JSON ({e.msg})") from None
       if not isinstance(record, dict):
         raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
-      for field in required:
-        if field not in record:
-          raise InputError(f"{where}: missing field {field!r}")
-        if not isinstance(record[field], str):
-          raise InputError(f"{where}: field {field!r} must be a string, got "
-                           f"{type(record[field]).__name__}")
-      for field in nonempty:
-        if not record[field].strip():
-          raise InputError(f"{where}: field {field!r} is empty")
-      if "id" in required:
-        if record["id"] in seen:
-          raise InputError(f"{where}: duplicate id {record['id']!r} "
-                           f"(first on line {seen[record['id']]})")
-        seen[record["id"]] = lineno
       yield lineno, record
+
+
+# Fields whose type is checked wherever they appear in corpus or query lines.
+_STRING_FIELDS = ("id", "text", "prompt", "target", "bucket")
+_STRING_LIST_FIELDS = ("fact_doc_ids",)
+
+
+def read_jsonl(path, required: Sequence[str],
+               nonempty: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
+  """Yields (line number, record) of corpus or query lines, strictly.
+
+  Every record holds the ``required`` fields; ``id``, ``text``, ``prompt``,
+  ``target`` and ``bucket`` are strings and ``fact_doc_ids`` a list of strings
+  wherever they appear; ``nonempty`` fields must not be blank; ids are unique.
+  Blank lines are skipped. Errors name the file, line and field.
+  """
+  seen = {}
+  for lineno, record in iter_jsonl(path):
+    where = at(path, lineno)
+    for field in required:
+      if field not in record:
+        raise InputError(f"{where}: missing field {field!r}")
+    for field in _STRING_FIELDS:
+      if field in record and not isinstance(record[field], str):
+        raise InputError(f"{where}: field {field!r} must be a string, got "
+                         f"{type(record[field]).__name__}")
+    for field in _STRING_LIST_FIELDS:
+      value = record.get(field, [])
+      if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise InputError(f"{where}: field {field!r} must be a list of strings")
+    for field in nonempty:
+      if not record[field].strip():
+        raise InputError(f"{where}: field {field!r} is empty")
+    if "id" in required:
+      if record["id"] in seen:
+        raise InputError(f"{where}: duplicate id {record['id']!r} "
+                         f"(first at line {seen[record['id']]})")
+      seen[record["id"]] = lineno
+    yield lineno, record
 
 
 def read_queries(path: str) -> list[dict]:
   """Query lines ``{"id", "prompt", "target", ...}``; extra fields are kept."""
-  queries = [r for _, r in read_jsonl(path, ("id", "prompt", "target"), ("target",))]
+  queries = [r for _, r in read_jsonl(path, ("id", "prompt", "target"),
+                                      ("id", "target"))]
   if not queries:
     raise InputError(f"{path}: no queries")
   return queries
@@ -209,7 +234,7 @@ def read_jsonl_corpus(path: str, vocab, max_len: int,
                       overflow: str = "truncate") -> Corpus:
   """Corpus lines ``{"id": str, "text": str}``; text must not be empty."""
   records = ((r["id"], r["text"], vocab.encode(r["text"]))
-             for _, r in read_jsonl(path, ("id", "text"), ("text",)))
+             for _, r in read_jsonl(path, ("id", "text"), ("id", "text")))
   return build_corpus(path, records, vocab, max_len, overflow)
 
 

@@ -35,43 +35,14 @@ from typing import Any
 
 import numpy as np
 
+from tracer import data
 from tracer.errors import InputError, at
 
 RESULT_FIELDS = ("proponent_ids", "proponent_scores", "proponents",
                  "opponent_ids", "opponent_scores", "opponents")
 
-# Fields that, when a record has them, must hold non-empty strings.
-_NONEMPTY_STRING_FIELDS = ("id", "text", "target")
-# Fields that, when a record has them, must hold strings (possibly empty).
-_STRING_FIELDS = ("prompt", "bucket")
-
-
 # ---------------------------------------------------------------------------
 # Reading and writing JSONL.
-
-
-def _iter_json_lines(path) -> Iterable[tuple[int, dict[str, Any]]]:
-  """Yields (1-based line number, object) for each non-blank line."""
-  try:
-    f = open(path, encoding="utf-8")
-  except OSError as e:
-    raise InputError(f"{at(path)}: cannot open: {e}") from e
-  with f:
-    lineno = 0
-    try:
-      for lineno, line in enumerate(f, start=1):
-        if not line.strip():
-          continue  # A trailing newline or blank separator carries no record.
-        try:
-          obj = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise InputError(f"{at(path, lineno)}: bad JSON: {e}") from None
-        if not isinstance(obj, dict):
-          raise InputError(f"{at(path, lineno)}: expected a JSON object, got "
-                           f"{type(obj).__name__}")
-        yield lineno, obj
-    except UnicodeDecodeError as e:
-      raise InputError(f"{at(path, lineno + 1)}: not UTF-8: {e}") from None
 
 
 def _check_string_list(path, lineno, obj, field) -> None:
@@ -90,46 +61,13 @@ def _check_number_list(path, lineno, obj, field) -> None:
                      "numbers")
 
 
-def _check_record(path, lineno, obj, required: Sequence[str]) -> None:
-  for field in required:
-    if field not in obj:
-      raise InputError(f"{at(path, lineno)}: missing field {field!r}")
-  for field in _NONEMPTY_STRING_FIELDS:
-    if field in obj:
-      value = obj[field]
-      if not isinstance(value, str):
-        raise InputError(f"{at(path, lineno)}: field {field!r} must be a "
-                         f"string, got {type(value).__name__}")
-      if not value.strip():
-        raise InputError(f"{at(path, lineno)}: field {field!r} is empty")
-  for field in _STRING_FIELDS:
-    if field in obj and not isinstance(obj[field], str):
-      raise InputError(f"{at(path, lineno)}: field {field!r} must be a "
-                       f"string, got {type(obj[field]).__name__}")
-  if "fact_doc_ids" in obj:
-    _check_string_list(path, lineno, obj, "fact_doc_ids")
-
-
 def read_jsonl_records(path, required: Sequence[str] = ("id", "text")
                        ) -> list[dict[str, Any]]:
-  """Reads a corpus or queries JSONL file, strictly.
-
-  Every non-blank line must be a JSON object holding the ``required`` fields.
-  ``id``, ``text`` and ``target`` must be non-empty strings, ``prompt`` and
-  ``bucket`` strings and ``fact_doc_ids`` a list of strings wherever present.
-  Ids must be unique. Errors raise ``InputError`` naming the file and line.
+  """Corpus or query lines, strictly (``tracer.data.read_jsonl``): the
+  ``required`` fields present, ``id``/``text``/``target`` among them non-empty.
   """
-  records = []
-  seen: dict[str, int] = {}
-  for lineno, obj in _iter_json_lines(path):
-    _check_record(path, lineno, obj, required)
-    if "id" in obj:
-      if obj["id"] in seen:
-        raise InputError(f"{at(path, lineno)}: duplicate id {obj['id']!r} "
-                         f"(first at line {seen[obj['id']]})")
-      seen[obj["id"]] = lineno
-    records.append(obj)
-  return records
+  nonempty = [f for f in ("id", "text", "target") if f in required]
+  return [r for _, r in data.read_jsonl(path, required, nonempty)]
 
 
 def read_results(path) -> dict[str, dict[str, Any]]:
@@ -142,7 +80,7 @@ def read_results(path) -> dict[str, dict[str, Any]]:
   """
   rows: dict[str, dict[str, Any]] = {}
   lines: dict[str, int] = {}
-  for lineno, obj in _iter_json_lines(path):
+  for lineno, obj in data.iter_jsonl(path):
     for field in ("query_id", "proponent_ids", "proponent_scores"):
       if field not in obj:
         raise InputError(f"{at(path, lineno)}: missing field {field!r}")
