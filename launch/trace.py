@@ -87,19 +87,20 @@ def run(workdir: str, corpus_source: str, queries_path: str, output: str,
   if jax.process_index() == 0:
     evaluate.write_results(output, rows)
     print(f"wrote {len(rows)} results to {output}")
-    if show:
-      preds = pipeline.predictions(ckpt, query_examples, queries,
-                                   pipeline.vocabulary(ckpt))
-      pipeline.print_table(rows, preds, show)
-      print("\n" + evaluate.format_table(pipeline.completion_accuracy(queries, preds),
-                                         ["accuracy", "num_queries"],
-                                         row_header="greedy completion"))
     if all("fact_doc_ids" in q for q in queries):
       metrics = evaluate.retrieval_metrics(queries, {r["query_id"]: r for r in rows})
       by_bucket = {"all": metrics, **metrics.get("buckets", {})}
       print("\n" + evaluate.format_table(by_bucket, ["mrr", "recall@10",
                                                      "precision@10", "num_queries"],
                                          row_header="bucket"))
+    if show:
+      preds = pipeline.predictions(ckpt, query_examples, queries,
+                                   pipeline.vocabulary(ckpt))
+      print("\n" + evaluate.format_table(pipeline.completion_accuracy(queries, preds),
+                                         ["accuracy", "num_queries"],
+                                         row_header="greedy completion"))
+      # The proponents come last, so a terminal shows them.
+      pipeline.print_table(rows, preds, show)
   return rows
 
 
