@@ -47,7 +47,7 @@ FLAGS = flags.FLAGS
 METHODS = ("bm25", "random", "grad_dot", "grad_cosine", "trak", "+opt_correction",
            "+unit_norm", "+R_train", "trackstar")
 COLUMNS = ("mrr", "recall@10", "precision@10", "tail_patch@1", "tail_patch@3",
-           "tail_patch@5", "tail_patch@10")
+           "tail_patch@5", "tail_patch@10", "tail_patch@10_se")
 
 
 def projected(encoder, corpus, query_examples, batch_size):
@@ -174,7 +174,8 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
       mesh=encoder.mesh)
   per_method = deltas[inverse.ravel()].reshape(stacked.shape)
   for i, name in enumerate(METHODS):
-    metrics[name].update(tailpatch.tail_patch_at_k(per_method[i], (1, 3, 5, 10)))
+    metrics[name].update(tailpatch.tail_patch_at_k(per_method[i], (1, 3, 5, 10),
+                                                   stderr=True))
 
   table = evaluate.format_table(metrics, COLUMNS)
   report = {"methods": metrics, "lambda": lam, "projection_dim": encoder.dim,

@@ -150,6 +150,9 @@ def test_tail_patch_at_k():
   assert as_dict == pytest.approx({"tail_patch@1": 2.5, "tail_patch@3": 1.5})
   assert np.isnan(tailpatch.tail_patch_at_k(np.full((2, 3), nan), ks=(1,))[
       "tail_patch@1"])
+  with_se = tailpatch.tail_patch_at_k(deltas, ks=(1,), stderr=True)
+  # Per-query values 4 and 1: sample std 2.1213, over sqrt(2).
+  assert with_se["tail_patch@1_se"] == pytest.approx(1.5)
 
 
 def test_pairs_for_topk_dedupes_across_methods():

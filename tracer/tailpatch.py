@@ -217,20 +217,8 @@ def deltas_for_topk(deltas: np.ndarray, inverse: np.ndarray) -> np.ndarray:
   return out
 
 
-def tail_patch_at_k(deltas: np.ndarray | Mapping[Any, Sequence[float]],
-                    ks: Sequence[int] = (1, 3, 5, 10)) -> dict[str, float]:
-  """Mean tail-patch delta over each query's top-k proponents, then over queries.
-
-  Args:
-    deltas: f32[Q, K], the delta of each query's proponents in rank order with
-      NaN for a missing proponent; or a mapping query -> deltas in rank order.
-    ks: cutoffs.
-
-  Returns:
-    ``{"tail_patch@k": float}``. A query with fewer than k proponents among
-    its first k averages those it has; a query with none is left out; NaN when
-    no query has any.
-  """
+def _as_array(deltas: np.ndarray | Mapping[Any, Sequence[float]]) -> np.ndarray:
+  """f32[Q, K] with NaN for missing proponents, from an array or a mapping."""
   if isinstance(deltas, Mapping):
     lists = [np.asarray(v, np.float32).reshape(-1) for v in deltas.values()]
     width = max([len(v) for v in lists] + [0])
@@ -241,12 +229,43 @@ def tail_patch_at_k(deltas: np.ndarray | Mapping[Any, Sequence[float]],
   deltas = np.asarray(deltas, np.float64)
   if deltas.ndim != 2:
     raise ValueError(f"deltas must be [Q, K], got shape {deltas.shape}")
+  return deltas
+
+
+def per_query_tail_patch(deltas: np.ndarray | Mapping[Any, Sequence[float]],
+                         k: int) -> np.ndarray:
+  """Each query's mean delta over its first k proponents: f64[Q'].
+
+  A query with fewer than k proponents averages those it has; a query with
+  none is left out.
+  """
+  top = _as_array(deltas)[:, :int(k)]
+  counts = np.sum(~np.isnan(top), axis=1)
+  has = counts > 0
+  return np.nansum(top, axis=1)[has] / counts[has]
+
+
+def tail_patch_at_k(deltas: np.ndarray | Mapping[Any, Sequence[float]],
+                    ks: Sequence[int] = (1, 3, 5, 10), *,
+                    stderr: bool = False) -> dict[str, float]:
+  """Mean tail-patch delta over each query's top-k proponents, then over queries.
+
+  Args:
+    deltas: f32[Q, K], the delta of each query's proponents in rank order with
+      NaN for a missing proponent; or a mapping query -> deltas in rank order.
+    ks: cutoffs.
+    stderr: also return ``tail_patch@k_se``, the standard error of the mean
+      over queries.
+
+  Returns:
+    ``{"tail_patch@k": float}`` (see ``per_query_tail_patch``); NaN when no
+    query has any proponent.
+  """
   out = {}
   for k in ks:
-    top = deltas[:, :int(k)]
-    counts = np.sum(~np.isnan(top), axis=1)
-    sums = np.nansum(top, axis=1)
-    has = counts > 0
-    out[f"tail_patch@{k}"] = (float(np.mean(sums[has] / counts[has])) if has.any()
-                              else float("nan"))
+    values = per_query_tail_patch(deltas, k)
+    out[f"tail_patch@{k}"] = float(np.mean(values)) if len(values) else float("nan")
+    if stderr:
+      out[f"tail_patch@{k}_se"] = (float(np.std(values, ddof=1) / np.sqrt(len(values)))
+                                   if len(values) > 1 else float("nan"))
   return out
