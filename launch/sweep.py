@@ -48,7 +48,10 @@ def expand(grid: list[str]) -> list[list[str]]:
 
 
 def run_name(bindings: list[str]) -> str:
-  short = [re.sub(r"^.*\.", "", b) for b in bindings]
+  """``["EncodeConfig.projection_dim=4096", "X.damping=0.1"]`` ->
+  ``projection_dim=4096__damping=0.1``."""
+  short = [f"{k.strip().rsplit('.', 1)[-1]}={v.strip()}"
+           for k, v in (b.split("=", 1) for b in bindings)]
   return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "__".join(short)) or "base"
 
 
