@@ -138,7 +138,8 @@ def sample_rows(num_rows: int, count: int, seed: int = 0) -> np.ndarray:
   return np.sort(np.random.default_rng(seed).choice(num_rows, count, replace=False))
 
 
-def _slices(examples: dict, batch_size: int) -> Iterator[dict]:
+def example_slices(examples: dict, batch_size: int) -> Iterator[dict]:
+  """Consecutive batches of ``batch_size`` from stacked examples."""
   n = len(examples["inputs"])
   for lo in range(0, n, batch_size):
     yield {k: v[lo:lo + batch_size] for k, v in examples.items()}
@@ -159,7 +160,7 @@ def fit_preconditioner(encoder: tracer.GradientEncoder, corpus: data_lib.Corpus,
       yield corpus.examples(batch_rows)
       progress.update(len(batch_rows))
 
-  eval_batches = _slices(query_examples, batch_size) if cfg.task_specific else None
+  eval_batches = example_slices(query_examples, batch_size) if cfg.task_specific else None
   return tracer.fit_preconditioner(
       encoder, train_batches(), eval_batches, kind=cfg.kind, rank=cfg.rank,
       damping=cfg.damping, lam=cfg.lam)

@@ -21,6 +21,7 @@ tail-patch@k) and quality.md (the table), and prints the table.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -32,6 +33,7 @@ from launch import config
 from launch import demo
 from launch import pipeline
 from tracer import bm25
+from tracer import data as data_lib
 from tracer import evaluate
 from tracer import hessian
 from tracer import scan as scan_lib
@@ -54,11 +56,11 @@ def projected(encoder, corpus, query_examples, batch_size):
   """Unnormalized projected gradients of every corpus row and every query."""
   progress = pipeline.Progress("project corpus", len(corpus))
   pieces = []
-  for rows in pipeline.data_lib.batches(len(corpus), batch_size):
+  for rows in data_lib.batches(len(corpus), batch_size):
     pieces.append(np.asarray(encoder.project(corpus.examples(rows))))
     progress.update(len(rows))
   queries = np.concatenate([np.asarray(encoder.project(b)) for b in
-                            pipeline._slices(query_examples, batch_size)])
+                            pipeline.example_slices(query_examples, batch_size)])
   return np.concatenate(pieces), queries
 
 
@@ -127,8 +129,15 @@ def tail_patch_queries(queries, count) -> np.ndarray:
 
 
 def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
-        sgd_learning_rate: float | None = None) -> dict:
-  corpus_path, queries_path = demo.ensure_model(workdir)
+        sgd_learning_rate: float | None = None, corpus_path: str | None = None,
+        queries_path: str | None = None) -> dict:
+  """Scores every method; writes and returns the report.
+
+  Without ``corpus_path``/``queries_path`` the demo's fact corpus is written
+  and the model trained unless the workdir has a checkpoint.
+  """
+  if corpus_path is None or queries_path is None:
+    corpus_path, queries_path = demo.ensure_model(workdir)
   ecfg = config.make(pipeline.EncodeConfig)
   pcfg = config.make(pipeline.PreconditionerConfig)
   ckpt = pipeline.load_checkpoint(workdir)
@@ -139,7 +148,7 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
 
   encoder, _, _ = pipeline.build_encoder(ckpt, ecfg)
   raw_encoder, _, _ = pipeline.build_encoder(
-      ckpt, pipeline.dataclasses.replace(ecfg, correction="none"), mesh=encoder.mesh)
+      ckpt, dataclasses.replace(ecfg, correction="none"), mesh=encoder.mesh)
   raw = projected(raw_encoder, corpus, query_examples, ecfg.batch_size)
   corrected = projected(encoder, corpus, query_examples, ecfg.batch_size)
   encodings, lam = method_encodings(raw, corrected, encoder, pcfg)

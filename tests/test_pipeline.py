@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from launch import config
+from launch import quality
 from launch import scan as scan_script
 from launch import sweep
 from launch import trace
@@ -184,3 +185,22 @@ def test_crash_mid_encode_then_rerun_gives_identical_store(trained, monkeypatch)
             store_path=crashed)
   assert _array_bytes(clean) == _array_bytes(crashed)
   assert open(root / "e.jsonl").read() == open(root / "f.jsonl").read()
+
+
+def test_quality_table_scores_every_method(trained):
+  root, corpus, queries = trained
+  report = quality.run(str(root), num_tail_patch=8, corpus_path=corpus,
+                       queries_path=queries)
+  methods = report["methods"]
+  assert list(methods) == list(quality.METHODS)
+  for name, m in methods.items():
+    for column in quality.COLUMNS:
+      assert np.isfinite(m[column]), (name, column)
+    assert os.path.exists(root / "quality" / f"{name}.jsonl")
+  # Unique invented names: BM25 finds the stating documents; random does not.
+  assert methods["bm25"]["recall@10"] >= 0.9
+  assert methods["random"]["recall@10"] < methods["trackstar"]["recall@10"]
+  # Stepping on a top proponent raises the target more than a random document.
+  assert methods["trackstar"]["tail_patch@1"] > methods["random"]["tail_patch@1"]
+  assert report["tail_patch_queries"] == 8
+  assert (root / "quality.md").read_text().startswith("| method |")
