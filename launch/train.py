@@ -15,7 +15,6 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 import numpy as np
 
@@ -60,7 +59,7 @@ def train(corpus_source: str, workdir: str) -> dict:
       raise ValueError(f"{mngr.directory}: cannot resume, the checkpoint's "
                        f"{', '.join(changed)} differ from this run's")
     params, opt_state, start = restored.params, restored.opt_state, restored.step
-    logging.info("resuming from step %d", start)
+    print(f"resuming from step {start}")
   else:
     params = jax.device_put(model_lib.init_params(model_config, train_config.seed),
                             replicated)
@@ -68,8 +67,8 @@ def train(corpus_source: str, workdir: str) -> dict:
     start = 0
   data_dict = {**data_config.to_dict(), "corpus": corpus_source,
                "num_rows": len(corpus)}
-  logging.info("corpus %s: %d rows; model %d params; mesh %s", corpus_source,
-               len(corpus), model_lib.param_count(params), dict(mesh.shape))
+  print(f"corpus {corpus_source}: {len(corpus)} rows; model "
+        f"{model_lib.param_count(params):,} params; mesh {dict(mesh.shape)}")
 
   step_fn = train_lib.make_train_step(model_config, optimizer, mesh, params)
   sharding = partitioning.all_devices_batch(mesh)
@@ -94,9 +93,11 @@ def train(corpus_source: str, workdir: str) -> dict:
       metrics = {"step": done, "loss": mean_loss, "steps_per_s": steps_timed / elapsed,
                  "tokens_per_s": steps_timed * train_config.batch_size
                  * model_config.max_len / elapsed}
-      logging.info("step %d  loss %.4f  %.2f steps/s", done, mean_loss,
-                   metrics["steps_per_s"])
-      print(json.dumps(metrics), flush=True)
+      left = (opt_config.total_steps - done) / metrics["steps_per_s"]
+      if jax.process_index() == 0:
+        print(f"step {done}/{opt_config.total_steps}  loss {mean_loss:.4f}  "
+              f"{metrics['steps_per_s']:.2f} steps/s  "
+              f"{metrics['tokens_per_s']:.0f} tokens/s  {left:.0f}s left", flush=True)
       if jax.process_index() == 0:
         with open(log_path, "a") as f:
           f.write(json.dumps(metrics) + "\n")
