@@ -19,6 +19,8 @@ from launch import train
 from tracer import evaluate
 from tracer import facts
 from tracer import store as store_lib
+# pytest puts tests/ on sys.path; reuse the store tests' file reader.
+from test_store import _array_files as store_files
 
 BINDINGS = """
 ModelConfig.max_len = 128
@@ -148,18 +150,6 @@ def test_sweep_skips_finished_runs(trained, tmp_path, monkeypatch):
   assert config  # the launch flags are defined
 
 
-def _array_bytes(path):
-  """Every file of a store's array, by relative path (markers excluded)."""
-  out = {}
-  for dirpath, _, names in os.walk(path):
-    for name in names:
-      full = os.path.join(dirpath, name)
-      rel = os.path.relpath(full, path)
-      if not rel.startswith("progress"):
-        out[rel] = open(full, "rb").read()
-  return out
-
-
 def test_crash_mid_encode_then_rerun_gives_identical_store(trained, monkeypatch):
   root, corpus, queries = trained
   clean = str(root / "clean_store")
@@ -183,7 +173,7 @@ def test_crash_mid_encode_then_rerun_gives_identical_store(trained, monkeypatch)
   assert not store_lib.open_store(crashed).is_complete()
   trace.run(str(root), corpus, queries, str(root / "f.jsonl"), show=0,
             store_path=crashed)
-  assert _array_bytes(clean) == _array_bytes(crashed)
+  assert store_files(clean) == store_files(crashed)
   assert open(root / "e.jsonl").read() == open(root / "f.jsonl").read()
 
 
