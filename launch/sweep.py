@@ -24,14 +24,14 @@ import sys
 from absl import app
 from absl import flags
 
-from launch import config  # noqa: F401  (defines the shared flags)
+from launch import config
 from tracer import data as data_lib
 from tracer import evaluate
 
 flags.DEFINE_multi_string("grid", [], "'Binding=v1,v2,...' (repeatable).")
 flags.DEFINE_string("base_workdir", "demo", "Workdir with the checkpoint and the "
                     "fact corpus (as made by launch.demo).")
-FLAGS = flags.FLAGS
+FLAGS = config.FLAGS  # with the shared flags (--workdir, --gin_file) defined
 
 COLUMNS = ("mrr", "recall@10", "precision@10")
 

@@ -45,7 +45,7 @@ def setup():
   params = jax.device_put(model_lib.init_params(CONFIG), rep)
   opt_state = jax.device_put(optimizer.init(params), rep)
   step = train_lib.make_train_step(CONFIG, optimizer, mesh, params)
-  batch = partitioning.shard_batch(mesh, train)
+  batch = partitioning.to_global(train, partitioning.all_devices_batch(mesh))
   for _ in range(TRAIN_STEPS):
     params, opt_state, _ = step(params, opt_state, batch)
   return dict(train=train, queries=queries, mesh=mesh, params=params,

@@ -40,11 +40,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
-  """Leading (example) axis split over ``data``, the rest replicated."""
-  return NamedSharding(mesh, P(DATA, *([None] * (ndim - 1))))
-
-
 def rows_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """A ``[rows, d]`` array (or ``[rows]`` with ndim=1) with rows split over every
   device of the mesh."""
@@ -72,12 +67,6 @@ def param_shardings(mesh: Mesh, params: Any) -> Any:
   model_size = mesh.shape[MODEL]
   return jax.tree.map(
       lambda x: NamedSharding(mesh, param_spec(np.shape(x), model_size)), params)
-
-
-def shard_batch(mesh: Mesh, batch: Any) -> Any:
-  """Places a host batch (leading axis divisible by the data axis) on the mesh."""
-  return jax.tree.map(
-      lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x))), batch)
 
 
 def padded_size(n: int, multiple: int) -> int:
