@@ -1,6 +1,7 @@
 """Gin and absl glue shared by the launch scripts (the only place gin is used).
 
-Gin files bind the fields of tracer's config dataclasses by class name:
+Gin files bind the fields of tracer's config dataclasses (``tracer.config``)
+by class name:
 ``ModelConfig.d_model = 128``, ``OptimizerConfig.name = 'adafactor'``,
 ``TrainConfig.batch_size = 32``, ``DataConfig.overflow = 'split'``,
 ``EncodeConfig.projection_dim = 4096`` ...
@@ -8,7 +9,6 @@ Gin files bind the fields of tracer's config dataclasses by class name:
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import os
 
@@ -19,37 +19,28 @@ from absl import flags
 from absl import logging
 import gin
 
-from launch import pipeline
-from tracer import data as data_lib
-from tracer import model as model_lib
-from tracer import train as train_lib
+from tracer import config as tracer_config
 
 flags.DEFINE_multi_string("gin_file", [], "Gin config files (repeatable).")
 flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'ModelConfig.d_model=64'.")
 # Flags shared by several scripts are defined here once, so that scripts can
 # import one another.
-flags.DEFINE_string("corpus", None, "Corpus JSONL file or seqio task/mixture name.")
+flags.DEFINE_string("corpus", None, "Corpus: a JSONL file, a glob of JSONL shards, a "
+                    "seqio task/mixture name, or a directory made by launch.tokenize.")
 flags.DEFINE_string("queries", None, "Queries JSONL file.")
 flags.DEFINE_string("workdir", None, "Working directory (checkpoints, store, ...).")
 flags.DEFINE_string("checkpoint", None, "Checkpoint directory or step directory; "
                     "default: the latest under WORKDIR/checkpoints.")
-flags.DEFINE_string("store", None, "Encodings store; default WORKDIR/store.")
-flags.DEFINE_string("preconditioner", None, "Preconditioner file; default "
-                    "WORKDIR/preconditioner.npz.")
+flags.DEFINE_string("store", None, "Encodings store: a path, gs://, s3:// or "
+                    "memory:// URL; default WORKDIR/store.")
+flags.DEFINE_string("preconditioner", None, "Preconditioner file (path or URL); "
+                    "default WORKDIR/preconditioner.npz.")
 flags.DEFINE_string("output", None, "Results JSONL.")
 flags.DEFINE_integer("top_k", 10, "Proponents and opponents per query.")
 flags.DEFINE_multi_string("seqio_module", [], "Python modules to import before "
                           "reading inputs, e.g. ones that register seqio tasks "
                           "named by --corpus (repeatable).")
 FLAGS = flags.FLAGS
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  batch_size: int = 32
-  seed: int = 0
-  log_every: int = 25
-  checkpoint_every: int = 100
 
 
 _CONFIGURABLE = {}
@@ -61,8 +52,7 @@ def register(cls):
   return cls
 
 
-for _cls in (model_lib.ModelConfig, train_lib.OptimizerConfig, data_lib.DataConfig,
-             TrainConfig, pipeline.EncodeConfig, pipeline.PreconditionerConfig):
+for _cls in tracer_config.ALL:
   register(_cls)
 
 
@@ -101,6 +91,10 @@ def initialize_distributed() -> None:
   """Starts jax.distributed when asked to (flags), or on TPU pods/clusters
   where JAX finds the topology itself (``TRACER_DISTRIBUTED=1``)."""
   import jax
+  if FLAGS.coordinator_address or os.environ.get("TRACER_DISTRIBUTED") == "1":
+    # CPU hosts (tests, CPU clusters) need a cross-process collectives backend;
+    # the setting does not touch TPU or GPU collectives.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
   if FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                                FLAGS.process_id)

@@ -1,43 +1,45 @@
-r"""Encodes a corpus into a tensorstore store (resumable).
+r"""Encodes a corpus into a store (resumable, on one host or many).
 
-  python -m launch.encode --gin_file=configs/tiny.gin --workdir=W --corpus=C.jsonl \
+  python -m launch.encode --gin_file=configs/tiny.gin --workdir=W --corpus=C \
       [--preconditioner=W/preconditioner.npz] [--store=W/store]
 
+``--corpus`` is a JSONL file, a glob of shards, a seqio task, or a directory
+made by ``launch.tokenize`` (the way to go at scale: each host then reads only
+its rows). ``--store`` may be a path or a gs:// / s3:// / memory:// URL.
 Without ``--preconditioner`` the encodings get no R^(-1/2) (only the optimizer
-correction, projection and unit norm). A killed run, run again, skips the
-chunks already written.
+correction, projection and unit norm). A killed run, run again, encodes only
+the chunks not yet written.
 """
 
 from __future__ import annotations
 
-import os
-
 from absl import app
 from absl import flags
 
+from launch import common
 from launch import config
-from launch import pipeline
-from launch import trace
-from tracer import data as data_lib
-from tracer import hessian
+from tracer import pipeline
+from tracer.config import EncodeConfig
 
 FLAGS = flags.FLAGS
 
 
 def run(workdir, corpus_source, store_path=None, preconditioner_path=None,
         checkpoint=None):
-  ecfg = config.make(pipeline.EncodeConfig)
-  ckpt = pipeline.load_checkpoint(workdir, checkpoint)
-  corpus = data_lib.read_corpus(corpus_source, pipeline.vocabulary(ckpt),
-                                ckpt.model_config.max_len,
-                                ckpt.data_config.get("overflow", "truncate"))
-  encoder, kind, eps = pipeline.build_encoder(ckpt, ecfg)
-  pre = hessian.Preconditioner.load(preconditioner_path) if preconditioner_path else None
+  ecfg = config.make(EncodeConfig)
+  mesh = pipeline.make_mesh(ecfg)
+  ckpt = pipeline.load_checkpoint(workdir, checkpoint, mesh)
+  corpus = pipeline.open_corpus(ckpt, corpus_source)
+  encoder, kind, eps = pipeline.build_encoder(ckpt, ecfg, mesh)
+  pre = common.load_preconditioner(preconditioner_path, encoder.dim)
   manifest = pipeline.manifest(ckpt, encoder, kind, eps, pre, corpus, ecfg)
-  store = trace.open_store(store_path or os.path.join(workdir, "store"), manifest)
-  pipeline.encode_corpus(encoder, pre, corpus, store, ecfg.batch_size)
-  print(f"store {store.path}: {store.num_rows} rows x d={store.dim} "
-        f"({store.manifest.dtype}), complete={store.is_complete()}")
+  store = pipeline.open_store(common.default_location(workdir, store_path, "store"),
+                              manifest)
+  encoded = pipeline.encode_corpus(encoder, pre, corpus, store, ecfg.batch_size,
+                                   common.Progress("encode corpus"))
+  common.say(f"store {store.path}: {store.num_rows} rows x d={store.dim} "
+             f"({store.manifest.dtype}); this process encoded {encoded} rows, read "
+             f"{corpus.rows_read}; complete={store.is_complete()}")
   return store
 
 

@@ -1,40 +1,43 @@
 r"""Fits R^(-1/2) from a corpus sample and the queries, and saves it.
 
   python -m launch.fit_preconditioner --gin_file=configs/tiny.gin --workdir=W \
-      --corpus=C.jsonl --queries=Q.jsonl [--preconditioner=W/preconditioner.npz]
+      --corpus=C --queries=Q.jsonl [--preconditioner=W/preconditioner.npz]
 
 ``PreconditionerConfig`` (gin) picks block/full, task-specific or not, the
-sample size, the lambda rule's rank and the damping.
+sample size and seed, the lambda rule's rank and the damping. On several
+hosts each reads and projects only its part of the sample; the moments are
+all-reduced. A saved preconditioner fitted the same way is reused, not refit.
 """
 
 from __future__ import annotations
 
-import os
-
 from absl import app
 from absl import flags
 
+from launch import common
 from launch import config
-from launch import pipeline
+from tracer import pipeline
+from tracer import store as store_lib
+from tracer.config import EncodeConfig, PreconditionerConfig
 
 FLAGS = flags.FLAGS
 
 
 def run(workdir, corpus_source, queries_path, out_path=None, checkpoint=None):
-  ecfg = config.make(pipeline.EncodeConfig)
-  pcfg = config.make(pipeline.PreconditionerConfig)
-  ckpt = pipeline.load_checkpoint(workdir, checkpoint)
-  corpus, _, query_examples = pipeline.read_inputs(ckpt, corpus_source, queries_path)
-  encoder, _, _ = pipeline.build_encoder(ckpt, ecfg)
-  pre = pipeline.fit_preconditioner(encoder, corpus, query_examples, pcfg,
-                                    ecfg.batch_size)
-  if pre is None:
+  ecfg = config.make(EncodeConfig)
+  pcfg = config.make(PreconditionerConfig)
+  if pcfg.kind == "none":
     raise app.UsageError("PreconditionerConfig.kind is 'none': nothing to fit")
-  out_path = out_path or os.path.join(workdir, "preconditioner.npz")
-  pre.save(out_path)
-  print(f"saved {out_path}: {pre.kind}, lambda={pre.lam:.4g}, d={pre.dim}, "
-        f"{pre.num_train} corpus examples, {pre.num_eval} queries")
-  return pre
+  mesh = pipeline.make_mesh(ecfg)
+  ckpt = pipeline.load_checkpoint(workdir, checkpoint, mesh)
+  corpus = pipeline.open_corpus(ckpt, corpus_source)
+  _, query_examples = pipeline.read_queries(ckpt, queries_path)
+  encoder, kind, eps = pipeline.build_encoder(ckpt, ecfg, mesh)
+  key = pipeline.fit_key(store_lib.fingerprint(ckpt.params), encoder, kind, eps,
+                         corpus, query_examples, pcfg)
+  return common.preconditioner(
+      common.default_location(workdir, out_path, "preconditioner.npz"), encoder,
+      corpus, query_examples, pcfg, ecfg.batch_size, key)
 
 
 def main(argv):

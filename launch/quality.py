@@ -29,16 +29,19 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from launch import common
 from launch import config
 from launch import demo
-from launch import pipeline
 from tracer import bm25
 from tracer import data as data_lib
 from tracer import evaluate
 from tracer import hessian
+from tracer import partitioning
+from tracer import pipeline
 from tracer import scan as scan_lib
 from tracer import tailpatch
 from tracer import unit_normalize
+from tracer.config import EncodeConfig, PreconditionerConfig
 
 flags.DEFINE_integer("tail_patch_queries", 0, "Queries used for tail-patch, "
                      "evenly over the buckets (0: all).")
@@ -54,19 +57,19 @@ COLUMNS = ("mrr", "recall@10", "precision@10", "tail_patch@1", "tail_patch@3",
 
 def projected(encoder, corpus, query_examples, batch_size):
   """Unnormalized projected gradients of every corpus row and every query."""
-  progress = pipeline.Progress("project corpus", len(corpus))
+  progress = common.Progress("project corpus")
   pieces = []
   for rows in data_lib.batches(len(corpus), batch_size):
-    pieces.append(np.asarray(encoder.project(corpus.examples(rows))))
-    progress.update(len(rows))
-  queries = np.concatenate([np.asarray(encoder.project(b)) for b in
+    pieces.append(partitioning.fetch(encoder.project(corpus.examples(rows))))
+    progress(int(rows[-1]) + 1, len(corpus))
+  queries = np.concatenate([partitioning.fetch(encoder.project(b)) for b in
                             pipeline.example_slices(query_examples, batch_size)])
   return np.concatenate(pieces), queries
 
 
 def fit_r(encoder, corpus_phi, query_phi, pcfg, task_specific, batch_size=512):
   """R^(-1/2) from already projected vectors (a corpus sample + the queries)."""
-  rows = pipeline.sample_rows(len(corpus_phi), pcfg.train_examples)
+  rows = pipeline.sample_rows(len(corpus_phi), pcfg.train_examples, pcfg.sample_seed)
 
   def moments(x):
     m = hessian.init_moments(encoder.layout, pcfg.kind)
@@ -110,7 +113,7 @@ def random_topk(num_rows, num_queries, k, seed=0) -> scan_lib.TopK:
 
 
 def bm25_topk(corpus, queries, k) -> scan_lib.TopK:
-  index = bm25.BM25Index(corpus.texts)
+  index = bm25.BM25Index(corpus.texts_of(np.arange(len(corpus))))
   texts = [bm25.query_text(q) for q in queries]
   prop_rows, prop_scores = index.search(texts, k)
   opp_rows, opp_scores = index.search(texts, k, lowest=True)
@@ -138,15 +141,16 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
   """
   if corpus_path is None or queries_path is None:
     corpus_path, queries_path = demo.ensure_model(workdir)
-  ecfg = config.make(pipeline.EncodeConfig)
-  pcfg = config.make(pipeline.PreconditionerConfig)
-  ckpt = pipeline.load_checkpoint(workdir)
-  corpus, queries, query_examples = pipeline.read_inputs(ckpt, corpus_path,
-                                                         queries_path)
+  ecfg = config.make(EncodeConfig)
+  pcfg = config.make(PreconditionerConfig)
+  mesh = pipeline.make_mesh(ecfg)
+  ckpt = pipeline.load_checkpoint(workdir, mesh=mesh)
+  corpus = pipeline.open_corpus(ckpt, corpus_path)
+  queries, query_examples = pipeline.read_queries(ckpt, queries_path)
   out_dir = os.path.join(workdir, "quality")
   os.makedirs(out_dir, exist_ok=True)
 
-  encoder, _, _ = pipeline.build_encoder(ckpt, ecfg)
+  encoder, _, _ = pipeline.build_encoder(ckpt, ecfg, mesh)
   raw_encoder, _, _ = pipeline.build_encoder(
       ckpt, dataclasses.replace(ecfg, correction="none"), mesh=encoder.mesh)
   raw = projected(raw_encoder, corpus, query_examples, ecfg.batch_size)

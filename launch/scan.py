@@ -1,43 +1,43 @@
 r"""Queries -> top-k proponents and opponents from an encoded store.
 
-  python -m launch.scan --gin_file=configs/tiny.gin --workdir=W --corpus=C.jsonl \
+  python -m launch.scan --gin_file=configs/tiny.gin --workdir=W --corpus=C \
       --queries=Q.jsonl --output=R.jsonl [--store=W/store] \
       [--preconditioner=W/preconditioner.npz] --top_k=10
 
 The queries are encoded with the same checkpoint, projection and
 preconditioner as the store; the store's manifest is checked against them and
 a mismatch names the fields that differ. ``--corpus`` maps rows back to ids
-and texts.
+and texts (only the rows retrieved are read). Each host scans the rows of its
+own devices; process 0 writes the results.
 """
 
 from __future__ import annotations
 
-import os
-
 from absl import app
 from absl import flags
-import jax
 
+from launch import common
 from launch import config
-from launch import pipeline
-from tracer import evaluate
-from tracer import hessian
+from tracer import pipeline
 from tracer import scan as scan_lib
 from tracer import store as store_lib
+from tracer.config import EncodeConfig
 
 FLAGS = flags.FLAGS
 
 
 def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
         preconditioner_path=None, checkpoint=None):
-  ecfg = config.make(pipeline.EncodeConfig)
-  ckpt = pipeline.load_checkpoint(workdir, checkpoint)
-  corpus, queries, query_examples = pipeline.read_inputs(ckpt, corpus_source,
-                                                         queries_path)
-  encoder, kind, eps = pipeline.build_encoder(ckpt, ecfg)
-  pre = hessian.Preconditioner.load(preconditioner_path) if preconditioner_path else None
+  ecfg = config.make(EncodeConfig)
+  mesh = pipeline.make_mesh(ecfg)
+  ckpt = pipeline.load_checkpoint(workdir, checkpoint, mesh)
+  corpus = pipeline.open_corpus(ckpt, corpus_source)
+  queries, query_examples = pipeline.read_queries(ckpt, queries_path)
+  encoder, kind, eps = pipeline.build_encoder(ckpt, ecfg, mesh)
+  pre = common.load_preconditioner(preconditioner_path, encoder.dim)
   expected = pipeline.manifest(ckpt, encoder, kind, eps, pre, corpus, ecfg)
-  store = store_lib.open_store(store_path or os.path.join(workdir, "store"), expected)
+  store = store_lib.open_store(common.default_location(workdir, store_path, "store"),
+                               expected)
   if store.num_rows != len(corpus):
     raise store_lib.IncompatibleStoreError(
         f"{store.path}: {store.num_rows} rows, but --corpus={corpus_source} has "
@@ -45,9 +45,8 @@ def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
   query_enc = encoder.encode(query_examples, pre, ids=[q["id"] for q in queries])
   topk = scan_lib.scan_store(store, query_enc, top_k, mesh=encoder.mesh)
   rows = pipeline.result_rows(queries, corpus, topk)
-  if jax.process_index() == 0:
-    evaluate.write_results(output, rows)
-    print(f"wrote {len(rows)} results to {output}")
+  pipeline.write_results(output, rows)
+  common.say(f"wrote {len(rows)} results to {output}")
   return rows
 
 

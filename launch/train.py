@@ -3,7 +3,8 @@ r"""Trains the LM: data parallel over all devices, Orbax checkpoints, resumable.
   python -m launch.train --gin_file=configs/tiny.gin \
       --corpus=DIR/corpus.jsonl --workdir=W
 
-``--corpus`` also takes a registered seqio task or mixture name. Rerunning with
+``--corpus`` also takes a glob of JSONL shards, a registered seqio task or
+mixture name, or a directory made by ``launch.tokenize``. Rerunning with
 the same workdir resumes from the latest checkpoint in ``W/checkpoints``.
 """
 
@@ -20,27 +21,27 @@ import numpy as np
 
 from launch import config
 from tracer import checkpoint as ckpt_lib
-from tracer import data as data_lib
+from tracer import corpus as corpus_lib
 from tracer import model as model_lib
 from tracer import partitioning
 from tracer import train as train_lib
+from tracer.config import DataConfig, ModelConfig, OptimizerConfig, TrainConfig
 
 FLAGS = flags.FLAGS
 
 
 def train(corpus_source: str, workdir: str) -> dict:
   """Runs (or resumes) training; returns the last logged metrics."""
-  model_config = config.make(model_lib.ModelConfig)
-  opt_config = config.make(train_lib.OptimizerConfig)
-  data_config = config.make(data_lib.DataConfig)
-  train_config = config.make(config.TrainConfig)
+  model_config = config.make(ModelConfig)
+  opt_config = config.make(OptimizerConfig)
+  data_config = config.make(DataConfig)
+  train_config = config.make(TrainConfig)
 
   vocab = data_config.vocabulary()
   if vocab.vocab_size > model_config.vocab_size:
     raise ValueError(f"ModelConfig.vocab_size={model_config.vocab_size} is smaller "
                      f"than the tokenizer's {vocab.vocab_size}")
-  corpus = data_lib.read_corpus(corpus_source, vocab, model_config.max_len,
-                                data_config.overflow)
+  corpus = corpus_lib.open_corpus(corpus_source, data_config, model_config.max_len)
   mesh = partitioning.make_mesh()
   if train_config.batch_size % mesh.size:
     raise ValueError(f"TrainConfig.batch_size={train_config.batch_size} must be a "
@@ -49,7 +50,7 @@ def train(corpus_source: str, workdir: str) -> dict:
   mngr = ckpt_lib.manager(os.path.join(workdir, "checkpoints"))
   replicated = partitioning.replicated(mesh)
   if mngr.latest_step() is not None:
-    restored = ckpt_lib.restore(mngr.directory, sharding=replicated)
+    restored = ckpt_lib.restore(str(mngr.directory), mesh=mesh)
     changed = [what for what, same in (
         ("ModelConfig", restored.model_config == model_config),
         ("OptimizerConfig.name", restored.optimizer_config.name == opt_config.name),

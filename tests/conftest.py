@@ -14,3 +14,63 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402  (must follow the XLA flag)
 
 assert jax.device_count() == 8, jax.devices()
+
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+
+import pytest  # noqa: E402
+
+from multiprocess import free_port  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+  """A real S3-compatible server on localhost (moto's server mode), with the
+  AWS_* variables tensorstore (``tracer.storage``) and subprocesses read.
+
+  Yields ``(env, make_bucket)``: ``env`` the variables to set,
+  ``make_bucket(name)`` creates a bucket and returns its ``s3://`` URL.
+  """
+  port = free_port()
+  root = tmp_path_factory.mktemp("s3")
+  log = open(root / "moto.log", "wb")
+  proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
+                           "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+  endpoint = f"http://127.0.0.1:{port}"
+  deadline = time.monotonic() + 60
+  while True:
+    try:
+      urllib.request.urlopen(endpoint, timeout=1)
+      break
+    except OSError:
+      if proc.poll() is not None or time.monotonic() > deadline:
+        raise RuntimeError(f"moto server did not start: {(root / 'moto.log').read_text()}")
+      time.sleep(0.2)
+  # Empty AWS config files: the AWS SDK inside tensorstore otherwise reports
+  # (harmlessly, but loudly) that ~/.aws/config does not exist.
+  (root / "aws_config").write_text("")
+  env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "test",
+         "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1",
+         "AWS_CONFIG_FILE": str(root / "aws_config"),
+         "AWS_SHARED_CREDENTIALS_FILE": str(root / "aws_config")}
+
+  def make_bucket(name: str) -> str:
+    urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{name}", method="PUT"))
+    return f"s3://{name}"
+
+  yield env, make_bucket
+  proc.kill()
+  proc.wait()
+  log.close()
+
+
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+  """``make_bucket`` with the S3 variables set in this process."""
+  env, make_bucket = s3_server
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  return make_bucket

@@ -114,11 +114,23 @@ def test_restore_picks_steps_and_places_on_the_mesh(tmp_path):
   _assert_trees_equal((latest.params, latest.opt_state), states[3])
   mesh = partitioning.make_mesh()
   rep = partitioning.replicated(mesh)
-  older = ckpt_lib.restore(str(tmp_path), step=2, sharding=rep)
+  older = ckpt_lib.restore(str(tmp_path), step=2, mesh=mesh)
   assert older.step == 2
   _assert_trees_equal((older.params, older.opt_state), states[2])
   for leaf in jax.tree.leaves((older.params, older.opt_state)):
     assert leaf.sharding.is_equivalent_to(rep, leaf.ndim)
+  # On a (4, 2) mesh every matrix is split over the model axis as the encoder
+  # splits it, Adam's moments like their params: no device holds one whole.
+  mesh42 = partitioning.make_mesh(4, 2)
+  split = ckpt_lib.restore(str(tmp_path), step=2, mesh=mesh42)
+  _assert_trees_equal((split.params, split.opt_state), states[2])
+  want = partitioning.param_shardings(mesh42, (split.params, split.opt_state))
+  for leaf, sharding in zip(jax.tree.leaves((split.params, split.opt_state)),
+                            jax.tree.leaves(want)):
+    assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim)
+    if leaf.ndim >= 2:
+      assert sharding.spec != partitioning.replicated(mesh42).spec
+      assert leaf.addressable_shards[0].data.size == leaf.size // 2
   assert not np.array_equal(older.params["embed"]["embedding"],
                             latest.params["embed"]["embedding"])
 

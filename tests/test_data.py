@@ -50,6 +50,10 @@ def _write(tmp_path, lines, name="bad.jsonl"):
   return str(path)
 
 
+def _token_rows(corpus) -> list[np.ndarray]:
+  return [corpus.row_tokens(r) for r in range(len(corpus))]
+
+
 # --- the row rule --------------------------------------------------------------
 
 def test_truncate_rows(corpus_path, vocab):
@@ -58,8 +62,8 @@ def test_truncate_rows(corpus_path, vocab):
   assert len(corpus) == len(records) and corpus.max_len == 32
   assert corpus.ids == [r["id"] for r in records]
   assert corpus.texts == [r["text"] for r in records]
-  assert corpus.segments == [0] * len(records)
-  for r, tokens in zip(records, corpus.tokens):
+  assert corpus.segments.tolist() == [0] * len(records)
+  for r, tokens in zip(records, _token_rows(corpus)):
     full = vocab.encode(r["text"]) + [data_lib.EOS_ID]
     assert tokens.dtype == np.int32
     assert tokens.tolist() == full[:32]
@@ -67,9 +71,9 @@ def test_truncate_rows(corpus_path, vocab):
   assert {k: (v.shape, v.dtype) for k, v in ex.items()} == {
       "inputs": ((2, 32), np.int32), "targets": ((2, 32), np.int32),
       "weights": ((2, 32), np.float32)}
-  n = len(corpus.tokens[3])
-  np.testing.assert_array_equal(ex["targets"][0, :n], corpus.tokens[3])
-  np.testing.assert_array_equal(ex["inputs"][0, 1:n], corpus.tokens[3][:-1])
+  n = len(corpus.row_tokens(3))
+  np.testing.assert_array_equal(ex["targets"][0, :n], corpus.row_tokens(3))
+  np.testing.assert_array_equal(ex["inputs"][0, 1:n], corpus.row_tokens(3)[:-1])
   assert ex["inputs"][0, 0] == 0
   np.testing.assert_array_equal(ex["weights"][0], np.arange(32) < n)
 
@@ -82,8 +86,8 @@ def test_split_rows_are_consecutive_windows(corpus_path, vocab):
     full = vocab.encode(r["text"]) + [data_lib.EOS_ID]
     k = -(-len(full) // 32)
     assert corpus.ids[row:row + k] == [r["id"]] * k
-    assert corpus.segments[row:row + k] == list(range(k))
-    windows = corpus.tokens[row:row + k]
+    assert corpus.segments[row:row + k].tolist() == list(range(k))
+    windows = _token_rows(corpus)[row:row + k]
     # Windows of max_len tokens, in order; only the last may be shorter.
     assert [len(w) for w in windows[:-1]] == [32] * (k - 1)
     assert 1 <= len(windows[-1]) <= 32
@@ -113,7 +117,7 @@ def test_segment_edge_cases():
 
 def _row_digest(corpus) -> str:
   h = hashlib.sha256()
-  h.update(json.dumps([corpus.ids, corpus.texts, corpus.segments]).encode())
+  h.update(json.dumps([corpus.ids, corpus.texts, corpus.segments.tolist()]).encode())
   ex = corpus.examples(range(len(corpus)))
   for k in sorted(ex):
     h.update(k.encode() + ex[k].tobytes())
@@ -261,10 +265,9 @@ def test_seqio_task_gives_the_jsonl_rows(corpus_path, vocab, overflow):
   assert from_seqio.source == "seqio:tracer_test_corpus"
   assert from_seqio.ids == from_jsonl.ids
   assert from_seqio.texts == from_jsonl.texts
-  assert from_seqio.segments == from_jsonl.segments
-  assert len(from_seqio.tokens) == len(from_jsonl.tokens)
-  for a, b in zip(from_seqio.tokens, from_jsonl.tokens):
-    np.testing.assert_array_equal(a, b)
+  np.testing.assert_array_equal(from_seqio.segments, from_jsonl.segments)
+  np.testing.assert_array_equal(from_seqio.lengths, from_jsonl.lengths)
+  np.testing.assert_array_equal(from_seqio.tokens, from_jsonl.tokens)
   # Registering again under the same name replaces the task.
   data_lib.register_jsonl_task("tracer_test_corpus", corpus_path, vocab)
 
@@ -290,8 +293,7 @@ def test_seqio_mixture_reads_every_example_of_every_task(tmp_path, corpus_path,
                         + [f"tracer_test_b:{r['id']}" for r in records[5:]])
   assert corpus.texts == [r["text"] for r in records]
   from_jsonl = data_lib.read_jsonl_corpus(corpus_path, vocab, 32)
-  for x, y in zip(corpus.tokens, from_jsonl.tokens, strict=True):
-    np.testing.assert_array_equal(x, y)
+  np.testing.assert_array_equal(corpus.tokens, from_jsonl.tokens)
 
 
 def test_sentencepiece_round_trip(tmp_path, corpus_path):
@@ -313,4 +315,4 @@ def test_sentencepiece_round_trip(tmp_path, corpus_path):
   for prompt, target in [("Ada was born in", " London"), ("Kurt Godel is", " Brno")]:
     assert vocab.encode(prompt) + vocab.encode(target) == vocab.encode(prompt + target)
   corpus = data_lib.read_jsonl_corpus(corpus_path, vocab, 64)
-  assert corpus.tokens[0].tolist() == vocab.encode(texts[0]) + [data_lib.EOS_ID]
+  assert corpus.row_tokens(0).tolist() == vocab.encode(texts[0]) + [data_lib.EOS_ID]

@@ -14,10 +14,14 @@ from launch import config
 from launch import quality
 from launch import scan as scan_script
 from launch import sweep
+from launch import tokenize
 from launch import trace
 from launch import train
 from tracer import evaluate
 from tracer import facts
+from tracer import hessian
+from tracer import pipeline
+from tracer import storage
 from tracer import store as store_lib
 # pytest puts tests/ on sys.path; reuse the store tests' file reader.
 from test_store import _array_files as store_files
@@ -194,3 +198,91 @@ def test_quality_table_scores_every_method(trained):
   assert methods["trackstar"]["tail_patch@1"] > methods["random"]["tail_patch@1"]
   assert report["tail_patch_queries"] == 8
   assert (root / "quality.md").read_text().startswith("| method |")
+
+
+def _bind(**bindings):
+  with gin.unlock_config():
+    for key, value in bindings.items():
+      gin.bind_parameter(key.replace("__", "."), value)
+
+
+def test_tokenized_corpus_and_object_stores_give_the_same_results(trained, s3,
+                                                                  tmp_path):
+  root, corpus, queries = trained
+  pre = str(root / "preconditioner.npz")
+  local = trace.run(str(root), corpus, queries, str(tmp_path / "local.jsonl"),
+                    show=0, store_path=str(tmp_path / "store"), preconditioner_path=pre)
+  tok = str(tmp_path / "tokenized")
+  tokenize.run(corpus, tok)
+  from_dir = trace.run(str(root), tok, queries, str(tmp_path / "dir.jsonl"), show=0,
+                       store_path=str(tmp_path / "store_dir"), preconditioner_path=pre)
+  assert from_dir == local
+  assert store_files(tmp_path / "store") == store_files(tmp_path / "store_dir")
+  # Store and results on an S3-compatible server, then in memory.
+  bucket = s3("tracer-pipeline")
+  on_s3 = trace.run(str(root), tok, queries, f"{bucket}/results.jsonl", show=0,
+                    store_path=f"{bucket}/store", preconditioner_path=pre)
+  assert on_s3 == local
+  assert (storage.read_text(f"{bucket}/results.jsonl")
+          == (tmp_path / "local.jsonl").read_text())
+  s3_store = store_lib.open_store(f"{bucket}/store")
+  local_store = store_lib.open_store(str(tmp_path / "store"))
+  assert s3_store.done_chunks() == local_store.done_chunks()
+  np.testing.assert_array_equal(s3_store.read_rows(0, s3_store.num_rows),
+                                local_store.read_rows(0, local_store.num_rows))
+  scanned = scan_script.run(str(root), tok, queries, f"{bucket}/scanned.jsonl",
+                            store_path=f"{bucket}/store", preconditioner_path=pre)
+  assert scanned == local
+  in_memory = trace.run(str(root), corpus, queries, "memory://pipeline/r.jsonl",
+                        show=0, store_path="memory://pipeline/store",
+                        preconditioner_path="memory://pipeline/pre.npz")
+  assert in_memory == local
+  assert storage.read_text("memory://pipeline/r.jsonl") == (
+      tmp_path / "local.jsonl").read_text()
+
+
+def test_preconditioner_is_saved_and_reused(trained, tmp_path, monkeypatch):
+  root, corpus, queries = trained
+  fits = []
+  real_fit = pipeline.fit_preconditioner
+
+  def counting(*args, **kwargs):
+    fits.append(1)
+    return real_fit(*args, **kwargs)
+
+  monkeypatch.setattr(pipeline, "fit_preconditioner", counting)
+  pre = str(tmp_path / "pre.npz")
+  first = trace.run(str(root), corpus, queries, str(tmp_path / "a.jsonl"), show=0,
+                    streaming=True, preconditioner_path=pre)
+  assert len(fits) == 1
+  saved = hessian.Preconditioner.load(pre)
+  again = trace.run(str(root), corpus, queries, str(tmp_path / "b.jsonl"), show=0,
+                    streaming=True, preconditioner_path=pre)
+  assert len(fits) == 1 and again == first  # reused, not refit
+  assert hessian.Preconditioner.load(pre).fingerprint() == saved.fingerprint()
+  _bind(PreconditionerConfig__damping=0.5)
+  try:
+    trace.run(str(root), corpus, queries, str(tmp_path / "c.jsonl"), show=0,
+              streaming=True, preconditioner_path=pre)
+  finally:
+    _bind(PreconditionerConfig__damping=0.1)
+  assert len(fits) == 2  # another fit: refit and saved over the old one
+  assert hessian.Preconditioner.load(pre).damping == 0.5
+
+
+def test_model_axis_2_gives_the_same_proponents(trained, tmp_path):
+  root, corpus, queries = trained
+  pre = str(root / "preconditioner.npz")
+  base = trace.run(str(root), corpus, queries, str(tmp_path / "a.jsonl"), show=0,
+                   store_path=str(tmp_path / "s1"), preconditioner_path=pre)
+  _bind(EncodeConfig__model_axis=2)
+  try:
+    split = trace.run(str(root), corpus, queries, str(tmp_path / "b.jsonl"), show=0,
+                      store_path=str(tmp_path / "s2"), preconditioner_path=pre)
+  finally:
+    _bind(EncodeConfig__model_axis=1)
+  agree = np.mean([a["proponent_ids"][:3] == b["proponent_ids"][:3]
+                   for a, b in zip(base, split)])
+  assert agree >= 0.95, agree
+  np.testing.assert_allclose([r["proponent_scores"] for r in base],
+                             [r["proponent_scores"] for r in split], atol=2e-3)

@@ -7,9 +7,8 @@ the worker of the two-process ``jax.distributed`` test.
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,8 @@ from tracer import partitioning
 from tracer import scan
 from tracer import store as store_lib
 from tracer.errors import InputError
+
+import multiprocess  # tests/ is on sys.path (pytest rootdir, or the script's dir)
 
 K = 5
 
@@ -280,15 +281,8 @@ def test_read_errors_propagate_from_prefetch_thread():
 # Two processes, one global mesh (jax.distributed over gloo).
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _worker(port: int, process_id: int, workdir: str) -> None:
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(f"127.0.0.1:{port}", 2, process_id)
+  multiprocess.init_worker(port, process_id)
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == 8 and jax.local_device_count() == 4
   x, q = _data(1001, seed=5)
@@ -303,7 +297,7 @@ def _worker(port: int, process_id: int, workdir: str) -> None:
     store_lib.create_or_open(path, manifest)
   multihost_utils.sync_global_devices("created")
   s = store_lib.create_or_open(path, manifest)
-  for c in s.pending_chunks(process_id, 2):
+  for c in range(s.num_chunks)[process_id::2]:
     lo, hi = s.chunk_bounds(c)
     s.write_chunk(c, x[lo:hi])
   multihost_utils.sync_global_devices("written")
@@ -325,27 +319,11 @@ def test_two_processes(tmp_path):
   """Slow-ish (two jax processes, ~10 s); set TRACER_SKIP_MULTIPROCESS=1 to skip."""
   if os.environ.get("TRACER_SKIP_MULTIPROCESS"):
     pytest.skip("TRACER_SKIP_MULTIPROCESS is set")
-  port = _free_port()
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             JAX_PLATFORMS="cpu",
-             PYTHONPATH=os.pathsep.join(
-                 [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                  os.environ.get("PYTHONPATH", "")]))
-  procs = [subprocess.Popen(
-      [sys.executable, os.path.abspath(__file__), "worker", str(port), str(i),
-       str(tmp_path)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-           for i in range(2)]
-  logs = []
-  try:
-    for p in procs:
-      out, _ = p.communicate(timeout=150)
-      logs.append(out.decode(errors="replace")[-3000:])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, log in zip(procs, logs):
-    assert p.returncode == 0, log
+  port = multiprocess.free_port()
+  procs, logs = multiprocess.start(
+      [[sys.executable, os.path.abspath(__file__), "worker", str(port), str(i),
+        str(tmp_path)] for i in range(2)], tmp_path, multiprocess.env())
+  multiprocess.wait(procs, logs, time.monotonic() + 150)
   x, q = _data(1001, seed=5)
   want = {"arrays": reference(x, q, K), "streaming": reference(x, q, K),
           "store": reference(x.astype(ml_dtypes.bfloat16).astype(np.float32),

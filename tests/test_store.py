@@ -90,14 +90,11 @@ def test_resume_after_crash_is_byte_identical(tmp_path):
   np.testing.assert_array_equal(resumed.read_rows(0, 23), full.read_rows(0, 23))
 
 
-def test_round_robin_hosts(tmp_path):
+def test_pending_chunks(tmp_path):
   s = store_lib.create_or_open(tmp_path / "s", _manifest())
-  assert s.pending_chunks(0, 2) == [0, 2, 4]
-  assert s.pending_chunks(1, 2) == [1, 3]
-  _write_all(s, _data(), chunks=s.pending_chunks(1, 2))
-  assert s.pending_chunks(1, 2) == [] and s.pending_chunks(0, 2) == [0, 2, 4]
-  with pytest.raises(InputError):
-    s.pending_chunks(2, 2)
+  _write_all(s, _data(), chunks=[1, 3])
+  assert s.pending_chunks() == [0, 2, 4]
+  assert store_lib.open_store(tmp_path / "s").done_chunks() == {1, 3}
 
 
 def test_mismatched_manifest_names_fields(tmp_path):

@@ -17,6 +17,7 @@ import pytest
 from launch import config as launch_config
 from launch import train as launch_train
 from tracer import checkpoint as ckpt_lib
+from tracer import config as tracer_config
 from tracer import facts
 from tracer import model as model_lib
 from tracer import train as train_lib
@@ -184,7 +185,7 @@ def test_gin_files_and_bindings():
   opt = launch_config.make(train_lib.OptimizerConfig)
   assert opt.name == "adafactor"
   assert opt.total_steps == tiny["OptimizerConfig.total_steps"]
-  train_config = launch_config.make(launch_config.TrainConfig)
+  train_config = launch_config.make(tracer_config.TrainConfig)
   assert train_config.batch_size == tiny["TrainConfig.batch_size"]
   with flagsaver.flagsaver(gin_file=["configs/none.gin"]):
     with pytest.raises(FileNotFoundError, match="none.gin"):

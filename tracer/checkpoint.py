@@ -16,6 +16,8 @@ import jax
 import orbax.checkpoint as ocp
 
 from tracer import model as model_lib
+from tracer import partitioning
+from tracer import storage
 from tracer import train as train_lib
 from tracer.errors import InputError
 
@@ -39,7 +41,7 @@ class Checkpoint:
 
 def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.abspath(directory), item_names=("state", "config"),
+      storage.normalize(directory), item_names=("state", "config"),
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
 
@@ -56,25 +58,30 @@ def save(mngr: ocp.CheckpointManager, step: int, params, opt_state,
   mngr.wait_until_finished()
 
 
-def _abstract_state(model_config, optimizer_config, sharding=None):
+def _abstract_state(model_config, optimizer_config, mesh):
+  """The state's shapes, each leaf on its mesh sharding (by shape, as the
+  encoder shards params: Adam's moments follow their params)."""
   params = jax.eval_shape(lambda: model_lib.init_params(model_config))
   opt_state = jax.eval_shape(train_lib.make_optimizer(optimizer_config).init, params)
-  tree = {"params": params, "opt_state": opt_state, "step": 0}
-  if sharding is None:
-    return tree
-  return jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-      if hasattr(x, "shape") else x, tree)
+  tree = {"params": params, "opt_state": opt_state}
+  shardings = partitioning.param_shardings(mesh, tree)
+  tree = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+  return {**tree, "step": 0}
 
 
-def restore(directory: str, step: int | None = None, sharding=None) -> Checkpoint:
+def restore(directory: str, step: int | None = None, mesh=None) -> Checkpoint:
   """Restores a step (default: the latest) from a CheckpointManager directory.
 
   The model and optimizer are rebuilt from the checkpoint's own config item,
-  so the optimizer state comes back with its exact optax structure.
+  so the optimizer state comes back with its exact optax structure. Params and
+  optimizer state are read straight onto ``mesh`` (default: every device on
+  ``data``), split over its ``model`` axis as ``partitioning.param_shardings``
+  says: on a pod each host reads only its shards, and no device ever holds
+  more than its share.
   """
-  directory = os.path.abspath(directory)
-  if not os.path.isdir(directory):
+  directory = storage.normalize(directory)
+  if not storage.is_url(directory) and not os.path.isdir(directory):
     raise InputError(f"{directory}: no checkpoint directory")
   mngr = manager(directory)
   step = mngr.latest_step() if step is None else step
@@ -84,11 +91,11 @@ def restore(directory: str, step: int | None = None, sharding=None) -> Checkpoin
   config = config["config"]
   model_config = model_lib.ModelConfig.from_dict(config["model"])
   optimizer_config = train_lib.OptimizerConfig.from_dict(config["optimizer"])
-  if sharding is None:
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = _abstract_state(model_config, optimizer_config, sharding)
+  mesh = partitioning.make_mesh() if mesh is None else mesh
+  target = _abstract_state(model_config, optimizer_config, mesh)
   state = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(target)))["state"]
-  return Checkpoint(os.path.join(directory, str(step)), int(step), state["params"],
+  return Checkpoint(storage.join(directory, str(step)), int(step), state["params"],
                     state["opt_state"], model_config, optimizer_config,
                     config.get("data", {}))
+

@@ -6,8 +6,13 @@ order, each text is tokenized and followed by EOS, and a text longer than
 (``overflow="truncate"``, the default) or split into consecutive windows of
 ``max_len`` tokens (``overflow="split"``), each window its own example. Rows
 number the examples in that order, so they depend only on the source and the
-rule, never on devices or hosts. ``Corpus.ids[row]`` and ``Corpus.texts[row]``
-map a row back to its source id and the text the example covers.
+rule, never on devices or hosts. A glob of JSONL shards is read shard after
+shard in sorted name order. ``corpus.ids_of(rows)`` and ``corpus.texts_of(rows)``
+map rows back to their source ids and the texts the examples cover.
+
+Two row tables implement that interface: ``Corpus`` here (built in memory from
+a source: the small path) and ``tracer.corpus.TokenizedCorpus`` (a corpus
+tokenized once to disk, read row by row: the pod path).
 
 Examples are dicts of numpy arrays (see ``tracer.model``): ``inputs``,
 ``targets`` int32[L] and ``weights`` float32[L].
@@ -15,31 +20,23 @@ Examples are dicts of numpy arrays (see ``tracer.model``): ``inputs``,
 
 from __future__ import annotations
 
-import dataclasses
+import collections.abc
+import glob
+import io
 import json
 import os
+import queue
+import threading
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from tracer import storage
+from tracer.config import DataConfig
 from tracer.errors import InputError, at
 
 PAD_ID = 0
 EOS_ID = 1
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  """How texts become examples; stored in checkpoints and store manifests."""
-  tokenizer: str = "byte"              # "byte" or "sentencepiece"
-  sentencepiece_model: str | None = None
-  overflow: str = "truncate"           # "truncate" or "split" (module doc)
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-  def vocabulary(self):
-    return make_vocabulary(self.tokenizer, self.sentencepiece_model)
 
 
 # --- tokenizers ------------------------------------------------------------
@@ -84,9 +81,16 @@ def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
   Errors (missing file, bad UTF-8, bad JSON, not an object) name the file and
   line.
   """
-  if not os.path.isfile(path):
+  if storage.is_url(path):
+    data = storage.read_bytes(path)
+    if data is None:
+      raise InputError(f"{path}: no such file")
+    opened = io.BytesIO(data)
+  elif os.path.isfile(path):
+    opened = open(path, "rb")
+  else:
     raise InputError(f"{path}: no such file")
-  with open(path, "rb") as f:
+  with opened as f:
     for lineno, raw in enumerate(f, start=1):
       where = at(path, lineno)
       try:
@@ -155,23 +159,71 @@ def read_queries(path: str) -> list[dict]:
 
 # --- corpus ------------------------------------------------------------------
 
-@dataclasses.dataclass
+Record = tuple[str, str, Sequence[int]]  # (id, text, tokens without EOS)
+
+
 class Corpus:
-  """The examples of a corpus, one per row. ``tokens[row]`` ends with EOS
-  unless it was cut; ``segments[row]`` is the window index within its text."""
-  source: str
-  ids: list[str]
-  texts: list[str]
-  segments: list[int]
-  tokens: list[np.ndarray]
-  max_len: int
+  """The examples of a corpus held in memory, one per row (the small path).
+
+  ``tokens[row, :lengths[row]]`` are the row's tokens (ending with EOS unless
+  the text was cut), zero-padded to ``max_len``; ``segments[row]`` is the
+  window index within its text. ``tracer.corpus.TokenizedCorpus`` offers the
+  same methods over a tokenized corpus on disk, read row by row.
+  """
+
+  def __init__(self, source: str, ids: list[str], texts: list[str],
+               segments: np.ndarray, tokens: np.ndarray, lengths: np.ndarray,
+               max_len: int):
+    self.source, self.ids, self.texts, self.max_len = source, ids, texts, max_len
+    self.segments, self.tokens, self.lengths = segments, tokens, lengths
+    self.rows_read = 0  # rows whose examples were built (see TokenizedCorpus)
 
   def __len__(self) -> int:
     return len(self.ids)
 
+  def row_tokens(self, row: int) -> np.ndarray:
+    return self.tokens[row, :self.lengths[row]]
+
   def examples(self, rows: Sequence[int] | np.ndarray) -> dict:
     """The example batch for ``rows``: arrays with leading axis len(rows)."""
-    return stack_examples([corpus_example(self.tokens[r], self.max_len) for r in rows])
+    rows = np.asarray(rows, np.int64)
+    self.rows_read += len(rows)
+    return examples_from_tokens(self.tokens[rows], self.lengths[rows])
+
+  def ids_of(self, rows: Sequence[int] | np.ndarray) -> list[str]:
+    return [self.ids[r] for r in np.asarray(rows, np.int64).tolist()]
+
+  def texts_of(self, rows: Sequence[int] | np.ndarray) -> list[str]:
+    return [self.texts[r] for r in np.asarray(rows, np.int64).tolist()]
+
+
+class RowIds(collections.abc.Sequence):
+  """The ids of ``rows`` of a corpus, looked up only when indexed (for error
+  messages about a batch, which are rare)."""
+
+  def __init__(self, corpus, rows: np.ndarray):
+    self._corpus, self._rows = corpus, np.asarray(rows)
+
+  def __len__(self) -> int:
+    return len(self._rows)
+
+  def __getitem__(self, i):
+    return self._corpus.ids_of([self._rows[i]])[0]
+
+
+def examples_from_tokens(tokens: np.ndarray, lengths: np.ndarray) -> dict:
+  """LM examples for token rows ``[B, L]`` (zero past ``lengths [B]``).
+
+  Vectorized ``corpus_example``: every real token is a target, inputs are the
+  targets shifted right, padding has weight 0.
+  """
+  tokens = np.asarray(tokens, np.int32)
+  real = np.arange(tokens.shape[1])[None, :] < np.asarray(lengths)[:, None]
+  targets = np.where(real, tokens, 0).astype(np.int32)
+  inputs = np.zeros_like(targets)
+  inputs[:, 1:] = targets[:, :-1]
+  inputs[~real] = 0
+  return {"inputs": inputs, "targets": targets, "weights": real.astype(np.float32)}
 
 
 def corpus_example(tokens: np.ndarray, max_len: int) -> dict:
@@ -179,10 +231,7 @@ def corpus_example(tokens: np.ndarray, max_len: int) -> dict:
   n = len(tokens)
   targets = np.zeros(max_len, np.int32)
   targets[:n] = tokens
-  inputs = np.zeros(max_len, np.int32)
-  inputs[1:n] = tokens[:n - 1]
-  weights = (np.arange(max_len) < n).astype(np.float32)
-  return {"inputs": inputs, "targets": targets, "weights": weights}
+  return {k: v[0] for k, v in examples_from_tokens(targets[None], np.array([n])).items()}
 
 
 def query_example(prompt_tokens: Sequence[int], target_tokens: Sequence[int],
@@ -211,36 +260,69 @@ def segment(tokens: Sequence[int], max_len: int, overflow: str) -> list[np.ndarr
     return [tokens[:max_len]]
   if overflow == "split":
     return [tokens[i:i + max_len] for i in range(0, len(tokens), max_len)]
-  raise InputError(f"overflow {overflow!r}: expected 'truncate' or 'split'")
+  check_overflow(overflow)
+  return []
 
 
-def build_corpus(source: str, records: Iterable[tuple[str, str, list[int]]],
-                 vocab, max_len: int, overflow: str = "truncate") -> Corpus:
-  """Builds the row table from (id, text, tokens-without-EOS) records."""
-  ids, texts, segs, toks = [], [], [], []
+def check_overflow(overflow: str) -> None:
+  if overflow not in ("truncate", "split"):
+    raise InputError(f"overflow {overflow!r}: expected 'truncate' or 'split'")
+
+
+def rows_of(records: Iterable[Record], vocab, max_len: int, overflow: str
+            ) -> Iterator[tuple[str, str, int, np.ndarray]]:
+  """(id, text, segment, tokens) of every row, in row order (module doc)."""
+  check_overflow(overflow)
   for doc_id, text, tokens in records:
     windows = segment(list(tokens) + [EOS_ID], max_len, overflow)
     for j, window in enumerate(windows):
-      ids.append(doc_id)
-      texts.append(text if len(windows) == 1 else vocab.decode(window.tolist()))
-      segs.append(j)
-      toks.append(window)
+      yield (doc_id, text if len(windows) == 1 else vocab.decode(window.tolist()),
+             j, window)
+
+
+def build_corpus(source: str, records: Iterable[Record], vocab, max_len: int,
+                 overflow: str = "truncate") -> Corpus:
+  """Builds the in-memory row table from (id, text, tokens-without-EOS) records."""
+  ids, texts, segs, toks, docs = [], [], [], [], set()
+  for doc_id, text, j, window in rows_of(records, vocab, max_len, overflow):
+    if j == 0:
+      if doc_id in docs:
+        raise InputError(f"{source}: duplicate id {doc_id!r}")
+      docs.add(doc_id)
+    ids.append(doc_id)
+    texts.append(text)
+    segs.append(j)
+    toks.append(window)
   if not ids:
     raise InputError(f"{source}: the corpus is empty")
-  return Corpus(source, ids, texts, segs, toks, max_len)
+  lengths = np.array([len(t) for t in toks], np.int32)
+  tokens = np.zeros((len(toks), max_len), np.int32)
+  tokens[np.arange(max_len)[None, :] < lengths[:, None]] = np.concatenate(toks)
+  return Corpus(source, ids, texts, np.asarray(segs, np.int32), tokens, lengths,
+                max_len)
 
 
-def read_jsonl_corpus(path: str, vocab, max_len: int,
-                      overflow: str = "truncate") -> Corpus:
-  """Corpus lines ``{"id": str, "text": str}``; text must not be empty."""
-  records = ((r["id"], r["text"], vocab.encode(r["text"]))
-             for _, r in read_jsonl(path, ("id", "text"), ("id", "text")))
-  return build_corpus(path, records, vocab, max_len, overflow)
+def jsonl_files(source: str) -> list[str]:
+  """The files a JSONL source names: one path, or a glob of shards (sorted)."""
+  if glob.has_magic(source):
+    files = sorted(glob.glob(source))
+    if not files:
+      raise InputError(f"--corpus={source}: the pattern matches no file")
+    return files
+  return [source]
 
 
-def read_seqio_corpus(name: str, vocab, max_len: int, overflow: str = "truncate",
-                      split: str = "train", feature: str = "targets") -> Corpus:
-  """Any registered seqio Task or Mixture as a corpus, in its source order.
+def jsonl_records(source: str, vocab) -> Iterator[Record]:
+  """Corpus lines ``{"id": str, "text": str}`` of one file or a glob of shards,
+  shard after shard. Ids must be unique within a file (``read_jsonl``)."""
+  for path in jsonl_files(source):
+    for _, r in read_jsonl(path, ("id", "text"), ("id", "text")):
+      yield r["id"], r["text"], vocab.encode(r["text"])
+
+
+def seqio_records(name: str, vocab, split: str = "train",
+                  feature: str = "targets") -> Iterator[Record]:
+  """Any registered seqio Task or Mixture as corpus records, in source order.
 
   The task's preprocessors run (``shuffle=False``); the example's ``feature``
   tokens are used, its text is ``<feature>_pretokenized`` when present, and its
@@ -259,30 +341,51 @@ def read_seqio_corpus(name: str, vocab, max_len: int, overflow: str = "truncate"
     parts = [(t, f"{t.name}:") for t in provider.tasks if provider.get_rate(t) > 0]
   else:
     parts = [(provider, "")]
+  for task, prefix in parts:
+    dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False,
+                               num_epochs=1)
+    for i, ex in enumerate(dataset.as_numpy_iterator()):
+      if feature not in ex:
+        raise InputError(f"seqio {task.name}: example {i} has no feature "
+                         f"{feature!r}")
+      tokens = [int(t) for t in ex[feature] if t != EOS_ID]
+      text = ex.get(f"{feature}_pretokenized")
+      text = text.decode() if isinstance(text, bytes) else vocab.decode(tokens)
+      doc_id = ex.get("id", str(i))
+      doc_id = doc_id.decode() if isinstance(doc_id, bytes) else str(doc_id)
+      yield prefix + doc_id, text, tokens
 
-  def records():
-    for task, prefix in parts:
-      dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False,
-                                 num_epochs=1)
-      for i, ex in enumerate(dataset.as_numpy_iterator()):
-        if feature not in ex:
-          raise InputError(f"seqio {task.name}: example {i} has no feature "
-                           f"{feature!r}")
-        tokens = [int(t) for t in ex[feature] if t != EOS_ID]
-        text = ex.get(f"{feature}_pretokenized")
-        text = text.decode() if isinstance(text, bytes) else vocab.decode(tokens)
-        doc_id = ex.get("id", str(i))
-        doc_id = doc_id.decode() if isinstance(doc_id, bytes) else str(doc_id)
-        yield prefix + doc_id, text, tokens
 
-  return build_corpus(f"seqio:{name}", records(), vocab, max_len, overflow)
+def is_jsonl_source(source: str) -> bool:
+  return (source.endswith(".jsonl") or os.path.sep in source
+          or os.path.exists(source) or glob.has_magic(source))
+
+
+def source_records(source: str, vocab) -> tuple[str, Iterator[Record]]:
+  """(label, records) of a JSONL file or glob, or of a seqio task or mixture."""
+  if is_jsonl_source(source):
+    return source, jsonl_records(source, vocab)
+  return f"seqio:{source}", seqio_records(source, vocab)
+
+
+def read_jsonl_corpus(path: str, vocab, max_len: int,
+                      overflow: str = "truncate") -> Corpus:
+  """Corpus lines ``{"id": str, "text": str}`` (a file or a glob of shards)."""
+  return build_corpus(path, jsonl_records(path, vocab), vocab, max_len, overflow)
+
+
+def read_seqio_corpus(name: str, vocab, max_len: int, overflow: str = "truncate",
+                      split: str = "train", feature: str = "targets") -> Corpus:
+  """A registered seqio Task or Mixture as an in-memory corpus (``seqio_records``)."""
+  return build_corpus(f"seqio:{name}", seqio_records(name, vocab, split, feature),
+                      vocab, max_len, overflow)
 
 
 def read_corpus(source: str, vocab, max_len: int, overflow: str = "truncate") -> Corpus:
-  """A JSONL file path, or the name of a registered seqio task or mixture."""
-  if source.endswith(".jsonl") or os.path.sep in source or os.path.exists(source):
-    return read_jsonl_corpus(source, vocab, max_len, overflow)
-  return read_seqio_corpus(source, vocab, max_len, overflow)
+  """A JSONL file or glob, or the name of a registered seqio task or mixture,
+  read into memory. (``tracer.corpus.open_corpus`` also takes tokenized dirs.)"""
+  label, records = source_records(source, vocab)
+  return build_corpus(label, records, vocab, max_len, overflow)
 
 
 def register_jsonl_task(name: str, path: str, vocab) -> Any:
@@ -332,3 +435,47 @@ def batches(num_rows: int, batch_size: int, start: int = 0) -> Iterator[np.ndarr
   """Row index batches ``[start, num_rows)`` in order; the last may be short."""
   for lo in range(start, num_rows, batch_size):
     yield np.arange(lo, min(lo + batch_size, num_rows))
+
+
+# --- background reading ---------------------------------------------------------
+
+def prefetch(items: Iterator[Any], depth: int) -> Iterator[Any]:
+  """Runs ``items`` in a background thread, up to ``depth`` items ahead."""
+  if depth <= 0:
+    yield from items
+    return
+  buf: queue.Queue = queue.Queue(depth)
+  stop = threading.Event()
+  done = object()
+
+  def put(item) -> bool:
+    while not stop.is_set():
+      try:
+        buf.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def run():
+    try:
+      for item in items:
+        if not put((item, None)):
+          return
+      put((done, None))
+    except BaseException as e:  # pylint: disable=broad-except
+      put((None, e))
+
+  thread = threading.Thread(target=run, name="tracer-prefetch", daemon=True)
+  thread.start()
+  try:
+    while True:
+      item, error = buf.get()
+      if error is not None:
+        raise error
+      if item is done:
+        return
+      yield item
+  finally:
+    stop.set()
+    thread.join()

@@ -7,11 +7,22 @@ examples split over ``data``, params split over ``model`` as training splits
 them (``tracer.partitioning``). A batch runs as a sequence of microbatches of
 ``data_size * microbatch_size`` examples, so at most ``microbatch_size`` full
 gradients are live per data shard.
+
+Two ways to feed a batch, one computation:
+  * global (``project``, ``encode``): every process passes the whole batch;
+    results come back whole (queries, tests, small corpora).
+  * process-local (``project_local``, ``encode_local``): every process passes
+    only the examples of its own positions (``local_positions``) and gets back
+    only their encodings; nothing crosses hosts but the model's own
+    collectives. This is how a corpus is encoded on a pod.
+A batch of B examples is laid out as ``[steps, step_size]`` positions (B
+padded up); step ``s``'s positions are split over the ``data`` axis, so a
+process holds a fixed block of each step.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +34,19 @@ from tracer import partitioning
 from tracer import projection
 
 
+class Projected(NamedTuple):
+  """Unnormalized projections of a batch, as global arrays on the mesh."""
+  phi: jax.Array     # f32[steps, step_size, d]
+  valid: jax.Array   # bool[steps, step_size]: False at padding positions
+
+
 class GradientEncoder:
   """Encodes examples of any JAX model given ``loss_fn(params, example)``.
 
   Args:
     loss_fn: scalar loss of ONE example (a pytree of arrays without batch axis).
-    params: the params pytree of the checkpoint being explained.
+    params: the params pytree of the checkpoint being explained (host arrays,
+      or arrays already on the mesh, e.g. from a sharded restore).
     second_moment: params-shaped pytree V (``tracer.second_moment``), or None
       for no optimizer correction.
     epsilon: added to sqrt(V); default 1e-8, Adam's own default. Launch scripts
@@ -48,14 +66,18 @@ class GradientEncoder:
     self.epsilon = float(epsilon)
     self.microbatch_size = int(microbatch_size)
     param_sharding = partitioning.param_shardings(self.mesh, params)
-    self.params = jax.device_put(params, param_sharding)
+    self.params = partitioning.place(params, param_sharding)
     if second_moment is not None:
       correction._check_structure(second_moment, params, "second_moment")
-      second_moment = jax.device_put(
-          jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), second_moment),
+      second_moment = partitioning.place(
+          jax.tree.map(lambda v: v.astype(jnp.float32) if isinstance(v, jax.Array)
+                       else np.asarray(v, np.float32), second_moment),
           param_sharding)
     self.second_moment = second_moment
-    self._step_size = self.mesh.shape[partitioning.DATA] * self.microbatch_size
+    self.step_size = self.mesh.shape[partitioning.DATA] * self.microbatch_size
+    lo, hi = partitioning.data_block(self.mesh)
+    self._local = (lo * self.microbatch_size, hi * self.microbatch_size)
+    self._sharding = partitioning.stepped_batch(self.mesh)
     layout, eps = self.layout, self.epsilon
 
     def project_all(params, v, batch):
@@ -66,42 +88,122 @@ class GradientEncoder:
         return phi, losses.astype(jnp.float32)
       return jax.lax.map(one, batch)
 
-    stepped = partitioning.stepped_batch(self.mesh)
-    self._project = jax.jit(project_all, out_shardings=(stepped, stepped))
+    self._project = jax.jit(project_all,
+                            out_shardings=(self._sharding, self._sharding))
 
   @property
   def dim(self) -> int:
     return self.layout.dim
 
+  # --- process-local batches ------------------------------------------------
+
+  def local_positions(self, size: int) -> np.ndarray:
+    """Positions of a ``size``-example batch this process supplies, in order.
+
+    The batch is padded to ``steps * step_size`` positions; positions
+    ``>= size`` are padding. Every process of a data group gets the same.
+    """
+    steps = max(1, -(-size // self.step_size))
+    lo, hi = self._local
+    return (np.arange(steps)[:, None] * self.step_size
+            + np.arange(lo, hi)[None, :]).ravel()
+
+  def local_batch_size(self, size: int) -> int:
+    return len(self.local_positions(size))
+
+  def put_local(self, local: np.ndarray) -> jax.Array:
+    """A global ``[steps, step_size, ...]`` array from this process's values
+    for its ``local_positions`` (``[steps * block, ...]``, in that order)."""
+    local = np.asarray(local)
+    block = self._local[1] - self._local[0]
+    steps = len(local) // block
+    if steps * block != len(local) or steps == 0:
+      raise ValueError(f"a process-local batch has a multiple of {block} "
+                       f"examples (local_batch_size), got {len(local)}")
+    return partitioning.from_local(
+        local.reshape(steps, block, *local.shape[1:]), self._sharding,
+        (steps, self.step_size, *local.shape[1:]), axis=1, start=self._local[0])
+
+  def project_local(self, local_batch: Any, local_valid: np.ndarray,
+                    ids: Sequence[Any] | None = None) -> Projected:
+    """Unnormalized ``P (g / (sqrt(V) + eps))`` of a process-local batch.
+
+    Every process calls this together, each with the examples of its own
+    positions (``local_batch_size(size)`` of them, all processes agreeing on
+    ``size``) and ``local_valid`` marking which are real. Padding positions
+    must still hold real examples (repeat one): their losses must be finite.
+    ``ids[i]`` names local example ``i`` in the error raised when a real
+    example's loss or gradient is not finite (raised on every process).
+    """
+    local_valid = np.asarray(local_valid, bool)
+    batch = jax.tree.map(self.put_local, local_batch)
+    valid = self.put_local(local_valid)
+    phi, losses = self._project(self.params, self.second_moment, batch)
+    ok, finite = _check_finite(phi, losses, valid)
+    if not bool(ok.addressable_data(0)):
+      local_ok = partitioning.local_part(finite, axis=1).reshape(-1)
+      bad = np.flatnonzero(~local_ok & local_valid)
+      names = [ids[i] if ids is not None else int(i) for i in bad[:10]]
+      raise FloatingPointError(
+          f"non-finite loss or gradient for example(s) {names} on process "
+          f"{jax.process_index()} (or on another process: see its log); no "
+          f"encodings were returned")
+    return Projected(phi, valid)
+
+  def encode_local(self, local_batch: Any, local_valid: np.ndarray,
+                   preconditioner: hessian.Preconditioner | None = None, *,
+                   normalize: bool = True, ids: Sequence[Any] | None = None
+                   ) -> np.ndarray:
+    """Encodings float32 ``[local_batch_size, dim]`` of this process's examples
+    (padding rows included, in order); nothing is gathered from other hosts."""
+    enc = self.finish(self.project_local(local_batch, local_valid, ids).phi,
+                      preconditioner, normalize)
+    return partitioning.local_part(enc, axis=1).reshape(-1, self.dim)
+
+  def finish(self, phi: jax.Array, preconditioner=None, normalize: bool = True
+             ) -> jax.Array:
+    """``unit(R^(-1/2) phi)`` (or less) of projections ``phi [..., d]``."""
+    self._check(preconditioner)
+    if preconditioner is not None:
+      phi = preconditioner.apply(phi)
+    return unit_normalize(phi) if normalize else phi
+
+  def _check(self, preconditioner) -> None:
+    if preconditioner is not None and preconditioner.dim != self.dim:
+      raise ValueError(f"preconditioner has d={preconditioner.dim}, encoder d={self.dim}")
+    if preconditioner is not None and preconditioner.layout_seed != self.layout.seed:
+      raise ValueError(f"preconditioner was fitted for projection seed "
+                       f"{preconditioner.layout_seed}, encoder uses {self.layout.seed}")
+
+  # --- global batches ---------------------------------------------------------
+
+  def _from_global(self, batch: Any) -> tuple[Any, np.ndarray]:
+    """This process's share of a batch every process holds whole."""
+    size = len(jax.tree.leaves(batch)[0])
+    positions = self.local_positions(size)
+    # Padding repeats the last example: a real input keeps any loss finite.
+    take = np.minimum(positions, size - 1)
+    return jax.tree.map(lambda x: np.asarray(x)[take], batch), positions < size
+
+  def project_global(self, batch: Any, ids: Sequence[Any] | None = None
+                     ) -> Projected:
+    """``project_local`` for a batch every process holds whole."""
+    local, valid = self._from_global(batch)
+    positions = self.local_positions(len(valid))
+    local_ids = None if ids is None else [ids[p] for p in positions[valid]] + [
+        None] * int((~valid).sum())
+    return self.project_local(local, valid, local_ids)
+
   def project(self, batch: Any, ids: Sequence[Any] | None = None) -> jax.Array:
     """Unnormalized ``P (g / (sqrt(V) + eps))``: float32 ``[B, dim]`` on the mesh.
 
-    ``batch`` has a leading axis of any size B. ``ids`` name the examples in
-    the error raised when a loss or gradient is not finite.
+    ``batch`` has a leading axis of any size B and is held whole by every
+    process. ``ids`` name the examples in the error raised when a loss or
+    gradient is not finite.
     """
     size = len(jax.tree.leaves(batch)[0])
-    steps = -(-size // self._step_size)
-    padded = steps * self._step_size
-    sharding = partitioning.stepped_batch(self.mesh)
-
-    def prepare(x):
-      x = np.asarray(x)
-      # Pad by repeating the last example: a real input keeps any loss finite.
-      x = np.concatenate([x, np.repeat(x[-1:], padded - size, axis=0)])
-      return partitioning.put_global(
-          x.reshape(steps, self._step_size, *x.shape[1:]), sharding)
-
-    phi, losses = self._project(self.params, self.second_moment,
-                                jax.tree.map(prepare, batch))
-    phi = phi.reshape(padded, self.dim)[:size]
-    losses = partitioning.fetch(losses).reshape(padded)[:size]
-    finite = np.isfinite(losses) & partitioning.fetch(_rows_finite(phi))
-    if not finite.all():
-      bad = [ids[i] if ids is not None else int(i) for i in np.flatnonzero(~finite)]
-      raise FloatingPointError(
-          f"non-finite loss or gradient for example(s) {bad[:10]} "
-          f"(losses {losses[~finite][:10].tolist()}); no encodings were returned")
-    return phi
+    phi = self.project_global(batch, ids).phi
+    return phi.reshape(-1, self.dim)[:size]
 
   def encode(self, batch: Any, preconditioner: hessian.Preconditioner | None = None,
              *, normalize: bool = True, ids: Sequence[Any] | None = None
@@ -114,21 +216,20 @@ class GradientEncoder:
                        preconditioner: hessian.Preconditioner | None = None, *,
                        normalize: bool = True, ids: Sequence[Any] | None = None
                        ) -> jax.Array:
-    """``encode`` without the copy to host (for streaming into a scan)."""
-    if preconditioner is not None and preconditioner.dim != self.dim:
-      raise ValueError(f"preconditioner has d={preconditioner.dim}, encoder d={self.dim}")
-    if preconditioner is not None and preconditioner.layout_seed != self.layout.seed:
-      raise ValueError(f"preconditioner was fitted for projection seed "
-                       f"{preconditioner.layout_seed}, encoder uses {self.layout.seed}")
-    phi = self.project(batch, ids)
-    if preconditioner is not None:
-      phi = preconditioner.apply(phi)
-    return unit_normalize(phi) if normalize else phi
+    """``encode`` without the copy to host: ``[B, dim]`` on the mesh."""
+    self._check(preconditioner)
+    return self.finish(self.project(batch, ids), preconditioner, normalize)
+
+  def accumulate(self, moments: hessian.Moments, projected: Projected
+                 ) -> hessian.Moments:
+    """Adds a batch's real rows to R's moments (an all-reduce over hosts)."""
+    return hessian.accumulate(moments, projected.phi, projected.valid)
 
 
 @jax.jit
-def _rows_finite(phi):
-  return jnp.all(jnp.isfinite(phi), axis=-1)
+def _check_finite(phi, losses, valid):
+  finite = jnp.isfinite(losses) & jnp.all(jnp.isfinite(phi), axis=-1)
+  return jnp.all(finite | ~valid), finite
 
 
 @jax.jit
@@ -159,7 +260,7 @@ def fit_preconditioner(encoder: GradientEncoder, train_batches: Iterable[Any],
   def moments(batches):
     m = hessian.init_moments(encoder.layout, kind)
     for batch in batches:
-      m = hessian.accumulate(m, encoder.project(batch))
+      m = encoder.accumulate(m, encoder.project_global(batch))
     return m
 
   train = moments(train_batches)

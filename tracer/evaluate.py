@@ -29,13 +29,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from tracer import data
+from tracer import storage
 from tracer.errors import InputError, at
 
 RESULT_FIELDS = ("proponent_ids", "proponent_scores", "proponents",
@@ -129,26 +129,9 @@ def _to_json(value):
 
 
 def write_text_atomic(path, text: str) -> None:
-  """Writes ``text`` to ``path`` so readers see the old file or the new one."""
-  path = os.fspath(path)
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  # The temporary file sits in the target directory so os.replace is a rename
-  # on one filesystem, hence atomic.
-  fd, tmp = tempfile.mkstemp(
-      dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    try:
-      os.unlink(tmp)
-    except OSError:
-      pass
-    raise
+  """Writes ``text`` to ``path`` (a local path or ``tracer.storage`` URL) so
+  readers see the old file or the new one, never part of one."""
+  storage.write_text(os.fspath(path), text)
 
 
 def write_results(path, rows: Iterable[Mapping[str, Any]]) -> None:

@@ -18,9 +18,10 @@ samples than d) from amplifying noise.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import io
 import json
-import os
 import warnings
 
 import jax
@@ -28,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tracer import projection
+from tracer import storage
+from tracer.errors import InputError
 
 
 @dataclasses.dataclass
@@ -52,14 +55,24 @@ def init_moments(layout: projection.Layout, kind: str) -> Moments:
 
 
 @jax.jit
-def _gram(phi):
-  return jnp.einsum("ni,nj->ij", phi, phi, precision="highest")
+def _gram(phi, weight):
+  phi = phi * weight[..., None]
+  return jnp.einsum("...i,...j->ij", phi, phi, precision="highest")
 
 
-def accumulate(moments: Moments, phi: jax.Array) -> Moments:
-  """Adds a batch ``phi: f32[n, d]`` of unnormalized encodings."""
-  sums = [s + _gram(phi[:, lo:hi]) for s, (lo, hi) in zip(moments.sums, moments.segments)]
-  return Moments(moments.segments, sums, moments.count + int(phi.shape[0]))
+def accumulate(moments: Moments, phi: jax.Array, valid=None) -> Moments:
+  """Adds unnormalized encodings ``phi: f32[..., d]`` (rows where ``valid``).
+
+  ``phi`` may be a global array split over hosts: the sum over its rows then
+  includes an all-reduce, and every host gets the same moments.
+  """
+  valid = jnp.ones(phi.shape[:-1], bool) if valid is None else valid
+  weight = valid.astype(jnp.float32)
+  sums = [s + _gram(phi[..., lo:hi], weight)
+          for s, (lo, hi) in zip(moments.sums, moments.segments)]
+  count = int(np.asarray(jnp.sum(valid).addressable_data(0))
+              if isinstance(valid, jax.Array) else np.sum(valid))
+  return Moments(moments.segments, sums, moments.count + count)
 
 
 def lambda_rule(eig_train: np.ndarray, eig_eval: np.ndarray, rank: int) -> float:
@@ -78,6 +91,13 @@ def _inv_sqrt(r: np.ndarray, damping: float) -> np.ndarray:
   return (u * (w + floor) ** -0.5) @ u.T
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _apply(phi, segments, inv_sqrt):
+  return jnp.concatenate(
+      [jnp.dot(phi[..., lo:hi], m, precision="highest")
+       for (lo, hi), m in zip(segments, inv_sqrt)], axis=-1)
+
+
 @dataclasses.dataclass
 class Preconditioner:
   """``R^(-1/2)``, per segment, with what is needed to check compatibility."""
@@ -91,18 +111,19 @@ class Preconditioner:
   num_eval: int
   dim: int
   layout_seed: int
+  # What the fit was made from (checkpoint, corpus, queries, settings), so a
+  # rerun can tell whether a saved preconditioner is the one it would fit.
+  fit_key: dict | None = None
 
   def apply(self, phi: jax.Array) -> jax.Array:
-    """``phi @ R^(-1/2)`` for ``phi: f32[n, d]`` (R^(-1/2) is symmetric)."""
-    return jnp.concatenate(
-        [jnp.dot(phi[:, lo:hi], m, precision="highest")
-         for (lo, hi), m in zip(self.segments, self.inv_sqrt)], axis=1)
+    """``phi @ R^(-1/2)`` for ``phi: f32[..., d]`` (R^(-1/2) is symmetric)."""
+    return _apply(phi, tuple(self.segments), list(self.inv_sqrt))
 
   def metadata(self) -> dict:
     return {"kind": self.kind, "segments": [list(s) for s in self.segments],
             "lam": self.lam, "damping": self.damping, "rank": self.rank,
             "num_train": self.num_train, "num_eval": self.num_eval, "dim": self.dim,
-            "layout_seed": self.layout_seed}
+            "layout_seed": self.layout_seed, "fit_key": self.fit_key}
 
   def fingerprint(self) -> str:
     h = hashlib.sha256(json.dumps(self.metadata(), sort_keys=True).encode())
@@ -110,19 +131,27 @@ class Preconditioner:
       h.update(np.asarray(m, np.float32).tobytes())
     return h.hexdigest()[:16]
 
-  def save(self, path: str) -> None:
-    """Writes ``path`` (npz of the matrices + metadata), atomically."""
-    tmp = f"{path}.tmp.npz"
-    np.savez(tmp, metadata=json.dumps(self.metadata()),
+  def save(self, location: str) -> None:
+    """Writes an npz (the matrices + metadata) to a path or storage URL, in
+    one atomic write."""
+    buf = io.BytesIO()
+    np.savez(buf, metadata=json.dumps(self.metadata()),
              **{f"m{i}": np.asarray(m) for i, m in enumerate(self.inv_sqrt)})
-    os.replace(tmp, path)
+    storage.write_bytes(location, buf.getvalue())
 
   @classmethod
-  def load(cls, path: str) -> "Preconditioner":
-    with np.load(path) as f:
-      meta = json.loads(str(f["metadata"]))
-      mats = [jnp.asarray(f[f"m{i}"]) for i in range(len(meta["segments"]))]
+  def load(cls, location: str) -> "Preconditioner":
+    data = storage.read_bytes(location)
+    if data is None:
+      raise InputError(f"{location}: no such preconditioner file")
+    try:
+      with np.load(io.BytesIO(data)) as f:
+        meta = json.loads(str(f["metadata"]))
+        mats = [jnp.asarray(f[f"m{i}"]) for i in range(len(meta["segments"]))]
+    except (ValueError, KeyError, OSError) as e:
+      raise InputError(f"{location}: not a preconditioner file ({e})") from None
     meta["segments"] = tuple(tuple(s) for s in meta["segments"])
+    meta.setdefault("fit_key", None)
     return cls(inv_sqrt=mats, **meta)
 
 

@@ -13,40 +13,13 @@ An example is a dict of arrays for ONE sequence of length L:
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """Sizes of the Transformer. Stored in every checkpoint as a plain dict."""
-  vocab_size: int = 259          # seqio ByteVocabulary: 3 special ids + 256 bytes
-  max_len: int = 128
-  d_model: int = 128
-  num_layers: int = 2
-  num_heads: int = 4
-  d_ff: int = 512
-  rope_base: float = 10_000.0
-  dtype: str = "float32"         # activation dtype; params stay float32
-
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.num_heads
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict) -> "ModelConfig":
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(d) - fields
-    if unknown:
-      raise ValueError(f"model config has unknown fields {sorted(unknown)}")
-    return cls(**d)
+from tracer.config import ModelConfig
 
 
 class RMSNorm(nn.Module):

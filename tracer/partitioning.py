@@ -126,6 +126,96 @@ def stepped_batch(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(None, DATA))
 
 
+def place(tree: Any, shardings: Any) -> Any:
+  """Puts a pytree on ``shardings``, leaf by leaf, on one or many processes.
+
+  A leaf already on its sharding is kept; host arrays and arrays that live on
+  this process's devices only (e.g. restored onto one device) go through the
+  host, each process copying the shards of its own devices.
+  """
+  def one(x, sharding):
+    if isinstance(x, jax.Array):
+      if x.sharding.is_equivalent_to(sharding, x.ndim):
+        return x
+      if jax.process_count() == 1 or not x.is_fully_addressable:
+        return jax.device_put(x, sharding)
+      x = np.asarray(x)
+    return put_global(x, sharding)
+  return jax.tree.map(one, tree, shardings)
+
+
+def data_block(mesh: Mesh) -> tuple[int, int]:
+  """The ``data``-axis indices ``[start, stop)`` of this process's devices.
+
+  They must be contiguous (true of meshes made by ``make_mesh`` over
+  ``jax.devices()``, which lists each process's devices together).
+  """
+  return _data_blocks(mesh)[jax.process_index()]
+
+
+def _data_blocks(mesh: Mesh) -> dict[int, tuple[int, int]]:
+  rows: dict[int, set[int]] = {}
+  for (i, _), device in np.ndenumerate(mesh.devices):
+    rows.setdefault(device.process_index, set()).add(i)
+  blocks = {}
+  for process, indices in rows.items():
+    lo, hi = min(indices), max(indices) + 1
+    if len(indices) != hi - lo:
+      raise ValueError(f"process {process} holds data-axis indices "
+                       f"{sorted(indices)}: not a contiguous block")
+    blocks[process] = (lo, hi)
+  return blocks
+
+
+def data_groups(mesh: Mesh) -> tuple[int, int, bool]:
+  """How processes share the ``data`` axis: ``(groups, my group, writer)``.
+
+  Processes whose devices hold the same data-axis block form a group (more
+  than one process per group only when the ``model`` axis spans hosts); they
+  see the same examples. Groups are numbered by their block's position; the
+  group's lowest process is its writer.
+  """
+  blocks = _data_blocks(mesh)
+  order = sorted(set(blocks.values()))
+  for a, b in zip(order, order[1:]):
+    if a[1] > b[0]:
+      raise ValueError(f"processes hold overlapping data-axis blocks {a} and {b}")
+  mine = blocks[jax.process_index()]
+  writer = min(p for p, block in blocks.items() if block == mine)
+  return len(order), order.index(mine), writer == jax.process_index()
+
+
+def from_local(local: np.ndarray, sharding: NamedSharding,
+               global_shape: Sequence[int], axis: int, start: int) -> jax.Array:
+  """A global array from this process's contiguous block of it along ``axis``.
+
+  ``local`` holds global indices ``[start, start + local.shape[axis])`` of
+  ``axis`` (all of every other axis); each process passes its own block, and
+  nothing crosses hosts.
+  """
+  local = np.asarray(local)
+
+  def shard(index):
+    index = list(index)
+    s = index[axis]
+    index[axis] = slice((s.start or 0) - start,
+                        (global_shape[axis] if s.stop is None else s.stop) - start)
+    return local[tuple(index)]
+
+  return jax.make_array_from_callback(tuple(global_shape), sharding, shard)
+
+
+def local_part(x: jax.Array, axis: int) -> np.ndarray:
+  """This process's distinct shards of ``x`` along ``axis``, in order, on the host
+  (the inverse of ``from_local``; replicas over other axes are taken once)."""
+  parts = {}
+  for shard in x.addressable_shards:
+    s = shard.index[axis]
+    parts.setdefault((s.start or 0), shard)
+  return np.concatenate([np.asarray(parts[k].data) for k in sorted(parts)],
+                        axis=axis)
+
+
 def fetch(x: jax.Array) -> np.ndarray:
   """The whole of a (possibly multi-host) global array, on this host."""
   if jax.process_count() == 1 or x.is_fully_addressable:

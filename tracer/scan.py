@@ -41,6 +41,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh
 
+from tracer import data as data_lib
 from tracer import partitioning
 from tracer.errors import InputError
 
@@ -519,48 +520,6 @@ class _StoreSource(_Source):
     return self.store.read_into(start, stop, out)
 
 
-def _prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
-  """Runs ``items`` in a background thread, up to ``depth`` items ahead."""
-  if depth <= 0:
-    yield from items
-    return
-  buf: queue.Queue = queue.Queue(depth)
-  stop = threading.Event()
-  done = object()
-
-  def put(item) -> bool:
-    while not stop.is_set():
-      try:
-        buf.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        pass
-    return False
-
-  def run():
-    try:
-      for item in items:
-        if not put((item, None)):
-          return
-      put((done, None))
-    except BaseException as e:  # pylint: disable=broad-except
-      put((None, e))
-
-  thread = threading.Thread(target=run, name="tracer-scan-prefetch", daemon=True)
-  thread.start()
-  try:
-    while True:
-      item, error = buf.get()
-      if error is not None:
-        raise error
-      if item is done:
-        return
-      yield item
-  finally:
-    stop.set()
-    thread.join()
-
-
 def _scan(source: _Source, queries, k: int, mesh: Mesh | None,
           chunk_rows: int | None, prefetch: int, row_multiple: int = 1) -> TopK:
   """The host loop shared by ``scan_arrays`` and ``scan_store``.
@@ -590,7 +549,7 @@ def _scan(source: _Source, queries, k: int, mesh: Mesh | None,
   update = _update_fn(mesh, int(k), True)
   steps = (layout.load(source, base, pool)
            for base in range(0, num_rows, step))
-  pieces = _prefetched(steps, prefetch)
+  pieces = data_lib.prefetch(steps, prefetch)
   in_flight = collections.deque()
   try:
     for arrays, buffers in pieces:
@@ -647,6 +606,14 @@ def scan_store(store, queries, k: int, *, mesh: Mesh | None = None,
   multiple = store.chunk_rows if chunk_rows is None else 1
   return _scan(_StoreSource(store), queries, k, mesh, chunk_rows, prefetch,
                row_multiple=multiple)
+
+
+@jax.jit
+def _flatten_stepped(x, row_ids, valid):
+  # [steps, step] -> [step * steps] keeps each device's positions together
+  # (step is the axis split over devices), so no row changes device.
+  flat = lambda a: jnp.swapaxes(a, 0, 1).reshape(-1, *a.shape[2:])
+  return flat(x), flat(row_ids), flat(valid), jnp.sum(valid)
 
 
 class StreamingScanner:
@@ -707,6 +674,17 @@ class StreamingScanner:
           put(valid, partitioning.rows_sharding(self.mesh, 1)),
           mesh=self.mesh, rows_sorted=True)
     self._rows_seen += rows
+
+  def add_stepped(self, encodings: jax.Array, row_ids: jax.Array,
+                  valid: jax.Array) -> None:
+    """Folds in global ``[steps, step_size, d]`` encodings laid out as
+    ``GradientEncoder`` lays out a batch (positions split over ``data``), with
+    int32 ``row_ids`` and bool ``valid`` of shape ``[steps, step_size]``.
+    Rows never move between hosts; only top-k candidates do."""
+    x, ids, ok, count = _flatten_stepped(encodings, row_ids, valid)
+    self._state = update_topk(self._state, x, ids, self._queries, ok,
+                              mesh=self.mesh, rows_sorted=False)
+    self._rows_seen += int(np.asarray(count.addressable_data(0)))
 
   def state(self) -> TopKState:
     return self._state

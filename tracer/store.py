@@ -9,12 +9,13 @@ Layout of a store directory::
 Writing is resumable and deterministic: chunk ``c`` holds rows
 ``[c * chunk_rows, (c + 1) * chunk_rows)`` and is written whole, then marked
 done. A killed writer, run again, rewrites only unmarked chunks, so the array
-files end byte-identical to those of an uninterrupted run. Chunks are assigned
-to hosts round-robin (chunk ``c`` belongs to host ``c % process_count``), so
-hosts never write the same file.
+files end byte-identical to those of an uninterrupted run. Each chunk is
+written by exactly one host (``tracer.pipeline.encode_corpus`` decides which),
+so hosts never write the same file.
 
-Only local (POSIX) paths are supported: the manifest and markers rely on
-``os.replace`` being atomic.
+The store may live anywhere ``tracer.storage`` reaches (a local path,
+``gs://``, ``s3://``, ``memory://``): the manifest and markers are single
+atomic object writes, and the array is tensorstore's.
 """
 
 from __future__ import annotations
@@ -24,15 +25,15 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 from typing import Any, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from tracer import storage
 from tracer.errors import InputError
 
 MANIFEST = "manifest.json"
@@ -139,42 +140,80 @@ class Manifest:
 
 
 def fingerprint(tree: Any, length: int = 16) -> str:
-  """Short sha256 hex of a pytree's leaves (paths, dtypes, shapes and bytes).
+  """Short hex fingerprint of a pytree's leaves (paths, dtypes, shapes, bits).
 
-  Leaves are visited in ``jax.tree`` order (dict keys sorted), so the result
-  is stable across runs and hosts. Leaves must be fully addressable.
+  Each leaf is reduced to two 32-bit checksums of its bits where it lives
+  (``leaf_checksums``), so a params tree sharded over hosts is fingerprinted
+  without gathering it, and the result does not depend on the sharding. Leaves
+  are visited in ``jax.tree`` order (dict keys sorted), so it is stable across
+  runs and hosts. Not cryptographic: it tells whether two trees differ.
   """
   h = hashlib.sha256()
   leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
   for path, leaf in leaves:
-    x = np.ascontiguousarray(np.asarray(jax.device_get(leaf)))
-    if x.dtype.byteorder == ">":
-      x = x.astype(x.dtype.newbyteorder("<"))
+    dtype = np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
     h.update(jax.tree_util.keystr(path).encode())
-    h.update(f"|{x.dtype.str}|{x.shape}|".encode())
-    h.update(x.tobytes())
+    h.update(f"|{dtype.newbyteorder('<').str}|{tuple(np.shape(leaf))}|".encode())
+    h.update(np.asarray(leaf_checksums(leaf), "<u4").tobytes())
   return h.hexdigest()[:length]
 
 
-def _atomic_write(path: str, data: bytes) -> None:
-  d = os.path.dirname(path) or "."
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+def _fmix32(x, xp):
+  """murmur3's 32-bit finalizer: spreads every input bit over the output."""
+  x = x ^ (x >> 16)
+  x = x * xp.uint32(0x85EBCA6B)
+  x = x ^ (x >> 13)
+  x = x * xp.uint32(0xC2B2AE35)
+  return x ^ (x >> 16)
+
+
+def _checksums(words, xp):
+  """Two wrapping uint32 sums of mixed (word, position) pairs.
+
+  Wrapping integer sums are associative and commutative, so any split of the
+  words over devices, summed in any order, gives the same two numbers.
+  """
+  index = xp.arange(words.size, dtype=xp.uint32).reshape(words.shape)
+  a = xp.sum(_fmix32(words ^ (index * xp.uint32(0x9E3779B9)), xp), dtype=xp.uint32)
+  b = xp.sum(_fmix32(words + index * xp.uint32(0x27D4EB2F) + xp.uint32(0x165667B1),
+                     xp), dtype=xp.uint32)
+  return a, b
+
+
+def _words(x, xp, bitcast):
+  """A leaf's bits as uint32 words (one per element up to 32 bits, two for 64)."""
+  itemsize = np.dtype(x.dtype).itemsize
+  if x.dtype == bool:
+    return x.astype(xp.uint32)
+  unsigned = {1: xp.uint8, 2: xp.uint16, 4: xp.uint32}
+  if itemsize in unsigned:
+    return bitcast(x, unsigned[itemsize]).astype(xp.uint32)
+  return bitcast(x, xp.uint32)  # 8 bytes: a trailing axis of two words
+
+
+@jax.jit
+def _device_checksums(x):
+  return _checksums(_words(x, jnp, jax.lax.bitcast_convert_type).ravel(), jnp)
+
+
+def leaf_checksums(leaf) -> tuple[int, int]:
+  """``_checksums`` of one leaf's bits: on its devices for a ``jax.Array``
+  (fully replicated result, read on this host), in numpy otherwise."""
+  if isinstance(leaf, jax.Array):
+    a, b = _device_checksums(leaf)
+    return int(np.asarray(a.addressable_data(0))), int(np.asarray(b.addressable_data(0)))
+  x = np.ascontiguousarray(np.asarray(leaf))
+  words = _words(x.astype(x.dtype.newbyteorder("<"), copy=False), np,
+                 lambda v, t: v.view(t)).ravel()
+  with np.errstate(over="ignore"):
+    a, b = _checksums(words, np)
+  return int(a), int(b)
 
 
 def _array_spec(path: str, manifest: Manifest) -> dict[str, Any]:
   return {
       "driver": "zarr3",
-      "kvstore": {"driver": "file", "path": os.path.join(path, ARRAY_DIR)},
+      "kvstore": storage.kvstore_spec(storage.join(path, ARRAY_DIR)),
       "metadata": {
           "shape": [manifest.num_rows, manifest.dim],
           "data_type": manifest.dtype,
@@ -203,10 +242,9 @@ def _validate(manifest: Manifest, where: str) -> None:
 
 
 def _read_manifest(path: str) -> Manifest:
-  where = os.path.join(path, MANIFEST)
+  where = storage.join(path, MANIFEST)
   try:
-    with open(where) as f:
-      d = json.load(f)
+    d = json.loads(storage.read_text(where))
   except json.JSONDecodeError as e:
     raise InputError(f"{where}: not valid JSON: {e}") from e
   if not isinstance(d, dict):
@@ -251,21 +289,16 @@ class EncodingStore:
     return start, min(start + self.chunk_rows, self.num_rows)
 
   def _marker(self, chunk: int) -> str:
-    return os.path.join(self.path, PROGRESS_DIR, f"{chunk:09d}.done")
+    return storage.join(self.path, PROGRESS_DIR, f"{chunk:09d}.done")
 
   def done_chunks(self) -> set[int]:
-    names = os.listdir(os.path.join(self.path, PROGRESS_DIR))
-    return {int(n[:-5]) for n in names if n.endswith(".done")}
+    names = storage.list_dir(storage.join(self.path, PROGRESS_DIR))
+    return {int(n[:-5]) for n in names if n.endswith(".done") and n[:-5].isdigit()}
 
-  def pending_chunks(self, process_index: int = 0,
-                     process_count: int = 1) -> list[int]:
-    """Chunks host ``process_index`` still has to write (round-robin)."""
-    if not 0 <= process_index < process_count:
-      raise InputError(f"process_index {process_index} out of range "
-                       f"[0, {process_count})")
+  def pending_chunks(self) -> list[int]:
+    """Chunks without a done marker, in order."""
     done = self.done_chunks()
-    return [c for c in range(process_index, self.num_chunks, process_count)
-            if c not in done]
+    return [c for c in range(self.num_chunks) if c not in done]
 
   def is_complete(self) -> bool:
     return len(self.done_chunks() & set(range(self.num_chunks))) == self.num_chunks
@@ -286,7 +319,12 @@ class EncodingStore:
     x = x.astype(self.dtype, copy=False)
     self.array[start:stop].write(x).result()
     # The marker goes last: a chunk without one is rewritten whole on resume.
-    _atomic_write(self._marker(chunk), b"")
+    storage.write_bytes(self._marker(chunk), b"")
+
+  def unmark(self, chunk: int) -> None:
+    """Removes a chunk's done marker, so the next encode rewrites it."""
+    self.chunk_bounds(chunk)
+    storage.delete(self._marker(chunk))
 
   def read_async(self, start: int, stop: int) -> ts.Future:
     """A future of rows ``[start, stop)`` in the stored dtype."""
@@ -336,37 +374,37 @@ def create_or_open(path: str | os.PathLike[str],
                    manifest: Manifest) -> EncodingStore:
   """Creates a store, or opens an existing one with the same manifest to resume.
 
-  The manifest is written last (tmp file + ``os.replace``), so a directory
-  with a manifest always holds a created array. A directory without one is a
-  creation that never finished and is reset. With several hosts, call this on
-  process 0 first, synchronize, then on the others.
+  The manifest is written last (one atomic write), so a location with a
+  manifest always holds a created array. A location without one is a creation
+  that never finished and is reset. With several hosts, call this on process 0
+  first, synchronize, then on the others.
 
   Raises:
     IncompatibleStoreError: ``path`` holds a store with a different manifest.
   """
-  path = os.fspath(path)
-  _validate(manifest, f"{path}/{MANIFEST}")
-  if os.path.exists(os.path.join(path, MANIFEST)):
+  path = storage.normalize(path)
+  _validate(manifest, storage.join(path, MANIFEST))
+  if storage.exists(storage.join(path, MANIFEST)):
     store = open_store(path)
     store.manifest.check_compatible(
-        manifest, where=os.path.join(path, MANIFEST), other="this run")
+        manifest, where=storage.join(path, MANIFEST), other="this run")
     return store
-  if os.path.exists(path) and not os.path.isdir(path):
+  if not storage.is_url(path) and os.path.exists(path) and not os.path.isdir(path):
     raise InputError(f"{path}: exists and is not a directory")
-  os.makedirs(path, exist_ok=True)
-  strangers = sorted(set(os.listdir(path)) - {ARRAY_DIR, PROGRESS_DIR})
-  strangers = [n for n in strangers if not n.startswith(".tmp-")]
+  names = storage.list_dir(path)
+  strangers = sorted({n.split("/", 1)[0] for n in names} - {ARRAY_DIR, PROGRESS_DIR})
   if strangers:
     raise InputError(f"{path}: not an encoding store (no {MANIFEST}) and not "
                      f"empty: {strangers[:5]}")
   # Leftovers of an unfinished creation may hold other settings or stale
   # markers: start clean.
   for name in (ARRAY_DIR, PROGRESS_DIR):
-    shutil.rmtree(os.path.join(path, name), ignore_errors=True)
-  os.makedirs(os.path.join(path, PROGRESS_DIR))
-  array = ts.open(_array_spec(path, manifest), create=True).result()
-  _atomic_write(os.path.join(path, MANIFEST),
-                json.dumps(manifest.to_dict(), indent=2, sort_keys=True).encode())
+    storage.delete_dir(storage.join(path, name))
+  storage.make_local_dirs(path)
+  array = ts.open(_array_spec(path, manifest), create=True, delete_existing=True,
+                  context=storage.CONTEXT).result()
+  storage.write_text(storage.join(path, MANIFEST),
+                     json.dumps(manifest.to_dict(), indent=2, sort_keys=True))
   return EncodingStore(path, manifest, array)
 
 
@@ -376,7 +414,7 @@ def open_store(path: str | os.PathLike[str],
   """Opens an existing store for reading (and writing, to resume).
 
   Args:
-    path: the store directory.
+    path: the store's location (a path or a ``tracer.storage`` URL).
     expected: if given, the store's manifest must agree with it on ``fields``
       (default: the fields that define the encoding space, not corpus/size).
     fields: which manifest fields to compare.
@@ -385,19 +423,18 @@ def open_store(path: str | os.PathLike[str],
     InputError: ``path`` is not a store.
     IncompatibleStoreError: the manifest disagrees with ``expected``.
   """
-  path = os.fspath(path)
-  where = os.path.join(path, MANIFEST)
-  if not os.path.exists(where):
+  path = storage.normalize(path)
+  where = storage.join(path, MANIFEST)
+  if not storage.exists(where):
     raise InputError(f"{where}: no such file; {path} is not an encoding store")
   manifest = _read_manifest(path)
   _validate(manifest, where)
   if expected is not None:
     manifest.check_compatible(expected, fields, where=where)
-  spec = _array_spec(path, manifest)
   try:
-    array = ts.open(spec, open=True).result()
+    array = ts.open(_array_spec(path, manifest), open=True,
+                    context=storage.CONTEXT).result()
   except ValueError as e:
-    raise InputError(f"{os.path.join(path, ARRAY_DIR)}: cannot open the "
+    raise InputError(f"{storage.join(path, ARRAY_DIR)}: cannot open the "
                      f"array described by {where}: {e}") from e
-  os.makedirs(os.path.join(path, PROGRESS_DIR), exist_ok=True)
   return EncodingStore(path, manifest, array)

@@ -7,7 +7,6 @@ exactly the optimizer that produced the state.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable
 
 import jax
@@ -16,28 +15,7 @@ import optax
 
 from tracer import model as model_lib
 from tracer import partitioning
-
-
-@dataclasses.dataclass(frozen=True)
-class OptimizerConfig:
-  name: str = "adamw"            # "adamw" or "adafactor"
-  learning_rate: float = 3e-3
-  warmup_steps: int = 50
-  total_steps: int = 1000
-  final_lr_fraction: float = 0.1  # cosine decay ends at this fraction of the peak
-  b1: float = 0.9
-  b2: float = 0.99
-  eps: float = 1e-8
-  weight_decay: float = 0.01
-  clip_norm: float = 1.0
-  adafactor_decay_rate: float = 0.8  # Adafactor's decay exponent (not Adam's b2)
-
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: dict) -> "OptimizerConfig":
-    return cls(**d)
+from tracer.config import OptimizerConfig
 
 
 def learning_rate_schedule(c: OptimizerConfig) -> optax.Schedule:

@@ -1,0 +1,421 @@
+r"""Prints a capacity plan for encoding and scanning a whole pretraining corpus.
+
+  python -m launch.plan --params=8e9 --tokens=160e9 --seq_len=2048 \
+      --projection_dim=65536 --chips=256 --chip=v5p
+
+Arithmetic only (no jax): rows and store size, encode FLOPs and chip-hours,
+scan time per query batch (compute, HBM and host-read bounds) and host memory
+per host while encoding. Chip figures come from `CHIPS`, each with its source;
+the model FLOPs utilization, the host read bandwidth and, off the H200, the
+encode/train-step time ratio are assumptions and printed as such.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from absl import app
+from absl import flags
+
+FLAGS = flags.FLAGS
+
+_H200_RATIO = 1.33
+_RATIO_MEASURED = ("measured here: H200, 27.4M-param model, d = 3,656 "
+                   "(WORKSPACE.md)")
+_RATIO_NOT_MEASURED = "not measured on TPU; H200 figure used"
+
+GB = 10**9
+GIB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One accelerator's published rates and this repo's encode/train ratio."""
+  name: str
+  peak_flops: float        # dense bf16 FLOP/s per chip
+  hbm_bytes: float         # HBM per chip, bytes
+  hbm_bandwidth: float     # HBM bytes/s per chip
+  chips_per_host: int      # chips per host (one JAX process each)
+  source: str              # where the four figures above come from
+  encode_train_ratio: float  # encode time / train-step time, same batch
+  ratio_source: str
+
+
+CHIPS = (
+    Chip("v4", 275e12, 32 * GIB, 1200 * GB, 4,
+         "Google Cloud TPU v4 spec (cloud.google.com/tpu/docs/v4): 275 TFLOP/s "
+         "bf16, 32 GiB HBM2, 1,200 GBps; 4 chips per TPU VM host",
+         _H200_RATIO, _RATIO_NOT_MEASURED),
+    Chip("v5e", 197e12, 16 * GB, 819 * GB, 4,
+         "Google Cloud TPU v5e spec (cloud.google.com/tpu/docs/v5e): 197 "
+         "TFLOP/s bf16, 16 GB HBM2, 819 GBps; 8 chips per physical host, "
+         "VMs of 1, 4 or 8 chips: 4 taken here (assumed: multi-host slices "
+         "use 4-chip VMs, as v6e's page states for v6e)",
+         _H200_RATIO, _RATIO_NOT_MEASURED),
+    Chip("v5p", 459e12, 95 * GB, 2765 * GB, 4,
+         "Google Cloud TPU v5p spec (cloud.google.com/tpu/docs/v5p): 459 "
+         "TFLOP/s bf16, 95 GB HBM2e, 2,765 GBps; 4 chips per host (2x2x1 = "
+         "1 host)",
+         _H200_RATIO, _RATIO_NOT_MEASURED),
+    Chip("v6e", 918e12, 32 * GB, 1640 * GB, 4,
+         "Google Cloud TPU v6e spec (cloud.google.com/tpu/docs/v6e): 918 "
+         "TFLOP/s bf16, 32 GB HBM, 1,640 GBps (a later revision says 1,638); "
+         "8 chips per physical host, but multi-host slices run 4-chip VMs "
+         "(16x16 = 64 ct6e-standard-4t VMs): 4 taken here",
+         _H200_RATIO, _RATIO_NOT_MEASURED),
+    Chip("a100", 312e12, 80 * GB, 2039 * GB, 8,
+         "NVIDIA A100 80GB SXM datasheet: 312 TFLOP/s dense bf16, 80 GB "
+         "HBM2e, 2,039 GB/s; 8 GPUs per HGX/DGX host",
+         _H200_RATIO, _RATIO_MEASURED),
+    Chip("h100", 989e12, 80 * GB, 3350 * GB, 8,
+         "NVIDIA H100 SXM datasheet: 1,979 TFLOP/s bf16 with 2:4 sparsity, "
+         "i.e. 989 dense; 80 GB HBM3, 3.35 TB/s; 8 GPUs per HGX/DGX host",
+         _H200_RATIO, _RATIO_MEASURED),
+    Chip("h200", 989e12, 141 * GB, 4800 * GB, 8,
+         "NVIDIA H200 SXM datasheet: 1,979 TFLOP/s bf16 with 2:4 sparsity, "
+         "i.e. 989 dense; 141 GB HBM3e, 4.8 TB/s; 8 GPUs per HGX/DGX host",
+         _H200_RATIO, _RATIO_MEASURED),
+)
+
+ITEMSIZE = {"bfloat16": 2, "float32": 4}
+
+
+def find_chip(name: str) -> Chip:
+  """The `CHIPS` row called ``name`` (case-insensitive); ValueError if none."""
+  for chip in CHIPS:
+    if chip.name == name.strip().lower():
+      return chip
+  raise ValueError(f"unknown chip {name!r}; known chips: "
+                   + ", ".join(c.name for c in CHIPS))
+
+
+def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
+         chips: int, chip: str, store_dtype: str = "bfloat16",
+         queries: int = 64, mfu: float = 0.4,
+         encode_train_ratio: float | None = None, hosts: int | None = None,
+         chunk_rows: int = 512, batch_per_host: int = 64,
+         host_read_gbps: float = 1.0, r_block_dim: int = 1024) -> dict:
+  """The capacity plan as a dict; units in the keys' suffixes (_bytes, _flops,
+  _s, _hours).
+
+  ``params`` and ``tokens`` are counts, ``host_read_gbps`` GB/s (10^9 bytes/s)
+  per host; ``encode_train_ratio`` and ``hosts`` default to the chip's row.
+  """
+  spec = find_chip(chip)
+  if store_dtype not in ITEMSIZE:
+    raise ValueError(f"store_dtype {store_dtype!r}: expected one of "
+                     + ", ".join(ITEMSIZE))
+  positive = dict(params=params, tokens=tokens, seq_len=seq_len,
+                  projection_dim=projection_dim, chips=chips, queries=queries,
+                  chunk_rows=chunk_rows, batch_per_host=batch_per_host,
+                  host_read_gbps=host_read_gbps, r_block_dim=r_block_dim)
+  for key, value in positive.items():
+    if not value > 0:
+      raise ValueError(f"{key} must be positive, got {value}")
+  if not 0 < mfu <= 1:
+    raise ValueError(f"mfu must be in (0, 1], got {mfu}")
+  ratio = encode_train_ratio
+  if ratio is None:
+    ratio = spec.encode_train_ratio
+  if not ratio > 0:
+    raise ValueError(f"encode_train_ratio must be positive, got {ratio}")
+  if hosts is None:
+    hosts = max(1, math.ceil(chips / spec.chips_per_host))
+  if hosts < 1:
+    raise ValueError(f"hosts must be positive, got {hosts}")
+
+  d = projection_dim
+  rows = -(-int(round(tokens)) // seq_len)             # ceil(tokens / seq_len)
+  itemsize = ITEMSIZE[store_dtype]
+  store_bytes = rows * d * itemsize
+
+  train_flops = 6.0 * params * tokens
+  encode_flops = train_flops * ratio
+  encode_chip_hours = encode_flops / (spec.peak_flops * mfu) / 3600
+  encode_wall_hours = encode_chip_hours / chips
+  encode_steps = -(-rows // (hosts * batch_per_host))
+
+  params_bytes = params * 2                              # bf16 weights
+  pod_hbm_bytes = chips * spec.hbm_bytes
+  pod_hbm_free_bytes = pod_hbm_bytes - params_bytes
+  fits = store_bytes <= pod_hbm_free_bytes
+  scan_compute_s = 2.0 * rows * d * queries / (chips * spec.peak_flops)
+  scan_hbm_s = store_bytes / (chips * spec.hbm_bandwidth)
+  scan_host_read_s = None if fits else (
+      store_bytes / (hosts * host_read_gbps * GB))
+  bounds = {"compute": scan_compute_s, "HBM": scan_hbm_s}
+  if scan_host_read_s is not None:
+    bounds["host read"] = scan_host_read_s
+  scan_bound = max(bounds, key=bounds.get)
+  scan_estimate_s = bounds[scan_bound]
+  memory_s = max(v for k, v in bounds.items() if k != "compute")
+  # Queries per batch at which compute and the read would take equally long.
+  balance_queries = queries * memory_s / scan_compute_s
+
+  host_chunk_bytes = chunk_rows * d * 4
+  host_encoded_bytes = batch_per_host * d * 4
+  host_tokens_bytes = batch_per_host * seq_len * 4
+  host_r_bytes = d * min(r_block_dim, d) * 4
+  host_memory_bytes = (host_chunk_bytes + host_encoded_bytes
+                       + host_tokens_bytes + host_r_bytes)
+
+  return dict(
+      chip=spec, params=params, tokens=tokens, seq_len=seq_len,
+      projection_dim=d, chips=chips, hosts=hosts, store_dtype=store_dtype,
+      queries=queries, mfu=mfu, encode_train_ratio=ratio,
+      chunk_rows=chunk_rows, batch_per_host=batch_per_host,
+      host_read_gbps=host_read_gbps, r_block_dim=r_block_dim,
+      rows=rows, itemsize=itemsize, store_bytes=store_bytes,
+      store_bytes_per_host=store_bytes / hosts,
+      train_flops=train_flops, encode_flops=encode_flops,
+      encode_chip_hours=encode_chip_hours, encode_wall_hours=encode_wall_hours,
+      encode_steps=encode_steps,
+      encode_step_s=encode_wall_hours * 3600 / encode_steps,
+      params_bytes=params_bytes, pod_hbm_bytes=pod_hbm_bytes,
+      pod_hbm_free_bytes=pod_hbm_free_bytes, store_fits_in_hbm=fits,
+      scan_compute_s=scan_compute_s, scan_hbm_s=scan_hbm_s,
+      scan_host_read_s=scan_host_read_s, scan_estimate_s=scan_estimate_s,
+      scan_bound=scan_bound, balance_queries=balance_queries,
+      host_chunk_bytes=host_chunk_bytes, host_encoded_bytes=host_encoded_bytes,
+      host_tokens_bytes=host_tokens_bytes, host_r_bytes=host_r_bytes,
+      host_memory_bytes=host_memory_bytes)
+
+
+def count(n: float) -> str:
+  """12,345,678 (rounded to an integer)."""
+  return f"{round(n):,}"
+
+
+def number(n: float) -> str:
+  """12,346 at 100 or more, else three significant digits (0.0123)."""
+  return count(n) if abs(n) >= 100 else f"{n:.3g}"
+
+
+def plural(n: int, noun: str) -> str:
+  """'1 host', '64 hosts'."""
+  return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
+def size(n: float, binary: bool = True) -> str:
+  """Bytes as '10.2 TB (9.31 TiB)': decimal units, then binary ones."""
+  def scaled(n, base, units):
+    i = 0
+    while abs(n) >= base and i < len(units) - 1:
+      n, i = n / base, i + 1
+    return f"{n:.3g} {units[i]}" if i else f"{n:,.0f} {units[i]}"
+  decimal = scaled(n, 1000, ("B", "kB", "MB", "GB", "TB", "PB", "EB"))
+  if not binary:
+    return decimal
+  return (decimal + " ("
+          + scaled(n, 1024, ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"))
+          + ")")
+
+
+def tflops(flops: float) -> str:
+  """FLOP/s as '459 TFLOP/s'."""
+  return f"{flops / 1e12:,.0f} TFLOP/s"
+
+
+def bandwidth(bytes_per_s: float) -> str:
+  """Bytes/s as '2,765 GB/s'."""
+  return f"{bytes_per_s / GB:,.4g} GB/s"
+
+
+def sci(x: float) -> str:
+  """7.68e21, not 7.68e+21."""
+  mantissa, _, exponent = f"{x:.3g}".partition("e")
+  return f"{mantissa}e{int(exponent)}" if exponent else mantissa
+
+
+def duration(seconds: float) -> str:
+  """Seconds in the largest unit that keeps the number at least 1."""
+  for unit, scale in (("d", 86400), ("h", 3600), ("min", 60), ("s", 1),
+                      ("ms", 1e-3)):
+    if seconds >= scale:
+      return f"{seconds / scale:.3g} {unit}"
+  return f"{seconds * 1e6:.3g} us"
+
+
+def report(p: dict) -> str:
+  """The plan as aligned text: section, quantity, value, formula."""
+  c = p["chip"]
+  d = p["projection_dim"]
+  lines = [
+      f"Capacity plan: {sci(p['params'])}-parameter model, "
+      f"{count(p['tokens'])} tokens, d = {count(d)} ({p['store_dtype']}), "
+      f"{p['chips']} x {c.name} on {plural(p['hosts'], 'host')}",
+      f"chip {c.name}: {tflops(c.peak_flops)} bf16, {size(c.hbm_bytes)} HBM "
+      f"at {bandwidth(c.hbm_bandwidth)}, {c.chips_per_host} chips per host",
+      f"  source: {c.source}",
+  ]
+  rows = []
+
+  def section(title):
+    rows.append((title, None, None))
+
+  def row(label, value, formula=""):
+    rows.append((label, value, formula))
+
+  section("corpus")
+  row("rows", f"{count(p['rows'])} rows",
+      f"ceil(tokens / seq_len) = ceil({count(p['tokens'])} / "
+      f"{count(p['seq_len'])})")
+  row("store", size(p["store_bytes"]),
+      f"rows * d * {p['itemsize']} B = {count(p['rows'])} * {count(d)} * "
+      f"{p['itemsize']}")
+  row("store per host", size(p["store_bytes_per_host"]),
+      f"store / {plural(p['hosts'], 'host')}")
+
+  section("encode")
+  row("train-step FLOPs", f"{sci(p['train_flops'])} FLOP",
+      "6 * params * tokens")
+  row("encode FLOPs", f"{sci(p['encode_flops'])} FLOP",
+      f"train FLOPs * {p['encode_train_ratio']:g} (encode/train time ratio)")
+  row("encode chip-hours", f"{number(p['encode_chip_hours'])} chip-hours",
+      f"encode FLOPs / ({tflops(c.peak_flops)} * mfu {p['mfu']:g}) / 3600 s")
+  wall_h = p["encode_wall_hours"]
+  if wall_h >= 24:
+    wall = f"{wall_h:,.3g} h ({duration(wall_h * 3600)})"
+  else:
+    wall = duration(wall_h * 3600)
+  row("encode wall-clock", f"{wall} on {plural(p['chips'], 'chip')}",
+      f"chip-hours / {plural(p['chips'], 'chip')}")
+  row("encode steps", f"{count(p['encode_steps'])} steps",
+      f"ceil(rows / (hosts * batch_per_host)) = ceil(rows / ({p['hosts']} * "
+      f"{p['batch_per_host']}))")
+  row("time per step", duration(p["encode_step_s"]), "wall-clock / steps")
+
+  section(f"scan, per batch of Q = {p['queries']} queries")
+  row("pod HBM free", size(p["pod_hbm_free_bytes"]),
+      f"chips * HBM - params * 2 B = {p['chips']} * "
+      f"{size(c.hbm_bytes, binary=False)} - "
+      f"{size(p['params_bytes'], binary=False)}")
+  share = p["store_bytes"] / p["pod_hbm_free_bytes"] if (
+      p["pod_hbm_free_bytes"] > 0) else math.inf
+  row("store fits in HBM", "yes" if p["store_fits_in_hbm"] else "no",
+      f"store / free HBM = {share * 100:.3g}%")
+  row("compute bound", duration(p["scan_compute_s"]),
+      f"2 * rows * d * Q / (chips * {tflops(c.peak_flops)})")
+  row("HBM bound", duration(p["scan_hbm_s"]),
+      f"store / (chips * {bandwidth(c.hbm_bandwidth)})")
+  if p["scan_host_read_s"] is not None:
+    row("host read bound", duration(p["scan_host_read_s"]),
+        f"store / (hosts * {p['host_read_gbps']:g} GB/s) = store / "
+        f"({p['hosts']} * {p['host_read_gbps']:g} GB/s)")
+  row("estimate", f"{duration(p['scan_estimate_s'])} ({p['scan_bound']} bound)",
+      "max of the bounds above")
+  row("compute-bound when", f"Q > {count(p['balance_queries'])} queries",
+      "Q * (slowest read bound) / compute bound")
+
+  section("host memory per host while encoding: O(batch), not O(rows)")
+  row("chunk buffer f32", size(p["host_chunk_bytes"]),
+      f"chunk_rows * d * 4 B = {p['chunk_rows']} * {count(d)} * 4")
+  row("encoded batch f32", size(p["host_encoded_bytes"]),
+      f"batch_per_host * d * 4 B = {p['batch_per_host']} * {count(d)} * 4")
+  row("token batch int32", size(p["host_tokens_bytes"]),
+      f"batch_per_host * seq_len * 4 B = {p['batch_per_host']} * "
+      f"{count(p['seq_len'])} * 4")
+  row("R^(-1/2) blocks f32", size(p["host_r_bytes"]),
+      f"d * {count(min(p['r_block_dim'], d))} * 4 B (upper bound: blocks "
+      f"<= {count(p['r_block_dim'])} dims summing to d)")
+  row("total", size(p["host_memory_bytes"]),
+      "sum of the above; independent of rows and tokens")
+
+  width_label = max(len(r[0]) for r in rows if r[1] is not None) + 2
+  width_value = max(len(r[1]) for r in rows if r[1] is not None) + 2
+  for label, value, formula in rows:
+    if value is None:
+      lines += ["", label]
+    else:
+      lines.append(f"  {label:<{width_label}}{value:<{width_value}}{formula}"
+                   .rstrip())
+
+  lines += [
+      "",
+      "Assumptions",
+      f"  - mfu = {p['mfu']:g}: ASSUMED model FLOPs utilization of a training "
+      "step at this scale (not measured here); encode time scales as 1/mfu.",
+      f"  - encode/train-step time ratio {p['encode_train_ratio']:g}: "
+      + (c.ratio_source + "; the 2-core CPU measured 1.07-1.09"
+         if p["encode_train_ratio"] == c.encode_train_ratio else
+         "set by --encode_train_ratio (measured here: 1.33 on the H200, "
+         "1.07-1.09 on the 2-core CPU, 27.4M-param model)")
+      + "; not measured at this model size.",
+      f"  - host read bandwidth {p['host_read_gbps']:g} GB/s per host: ASSUMED"
+      " (host RAM / object storage), used only when the store does not fit "
+      "in HBM.",
+      f"  - R^(-1/2): blocks of at most {count(p['r_block_dim'])} dims "
+      "summing to d, so at most d * block * 4 B; tracer.projection's blocks "
+      "(k_a * k_b) are not capped, so a larger block breaks this bound.",
+      "  - scan bounds use peak bf16 FLOP/s and HBM bandwidth (no MFU); an "
+      "f32 store's matmul runs below the bf16 peak. Free HBM subtracts one "
+      "bf16 copy of the weights, sharded over the pod, and ignores "
+      "activations and scan workspace.",
+      "  - chip figures are vendor-published specs (see source above); vendor "
+      "GB = 10^9 bytes.",
+  ]
+  return "\n".join(lines)
+
+
+def define_flags() -> None:
+  """Defines this tool's flags; only when run as a program, so that tests can
+  import several launch modules whose flag names overlap."""
+  flags.DEFINE_float("params", None, "Model parameters (count).",
+                     required=True)
+  flags.DEFINE_float("tokens", None, "Corpus tokens (count).", required=True)
+  flags.DEFINE_integer("seq_len", 2048, "Tokens per row.", lower_bound=1)
+  flags.DEFINE_integer("projection_dim", 65536,
+                       "d: dimensions of one encoding.", lower_bound=1)
+  flags.DEFINE_integer("chips", None, "Accelerator chips.", required=True,
+                       lower_bound=1)
+  flags.DEFINE_string("chip", None, "Chip name: "
+                      + ", ".join(c.name for c in CHIPS) + ".", required=True)
+  flags.register_validator("chip", _check_chip)
+  flags.DEFINE_enum("store_dtype", "bfloat16", list(ITEMSIZE),
+                    "Dtype of the stored encodings.")
+  flags.DEFINE_integer("queries", 64, "Q: queries per scan batch.",
+                       lower_bound=1)
+  flags.DEFINE_float("mfu", 0.4, "ASSUMED model FLOPs utilization of a "
+                     "training step at scale (0, 1].")
+  flags.DEFINE_float("encode_train_ratio", None, "Encode time / train-step "
+                     "time (default: the chip row's, measured on the H200).")
+  flags.DEFINE_integer("hosts", None,
+                       "Hosts (default: chips / the chip's chips per host).",
+                       lower_bound=1)
+  flags.DEFINE_integer("chunk_rows", 512, "Store rows per chunk.",
+                       lower_bound=1)
+  flags.DEFINE_integer("batch_per_host", 64,
+                       "Rows encoded per host per step.", lower_bound=1)
+  flags.DEFINE_float("host_read_gbps", 1.0, "ASSUMED read bandwidth per host, "
+                     "GB/s, when the store does not fit in HBM.")
+  flags.DEFINE_integer("r_block_dim", 1024, "Largest R block, dims (bounds "
+                       "R^(-1/2)'s host memory).", lower_bound=1)
+
+
+def _check_chip(name: str | None) -> bool:
+  if name is not None:
+    try:
+      find_chip(name)
+    except ValueError as e:
+      raise flags.ValidationError(str(e)) from None
+  return True
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    p = plan(FLAGS.params, FLAGS.tokens, FLAGS.seq_len, FLAGS.projection_dim,
+             FLAGS.chips, FLAGS.chip, FLAGS.store_dtype, FLAGS.queries,
+             FLAGS.mfu, FLAGS.encode_train_ratio, FLAGS.hosts,
+             FLAGS.chunk_rows, FLAGS.batch_per_host, FLAGS.host_read_gbps,
+             FLAGS.r_block_dim)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  print(report(p))
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

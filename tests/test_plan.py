@@ -1,0 +1,123 @@
+"""Tests for launch.plan: the arithmetic, checked by hand, and the CLI."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from launch import plan as plan_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+BASE = dict(params=8e9, tokens=160e9, seq_len=2048, projection_dim=65536,
+            chips=256, chip="v5p")
+
+
+def _run(*args, code=None):
+  env = dict(os.environ, PYTHONPATH=str(REPO))
+  command = [sys.executable] + (["-c", code] if code else
+                                ["-m", "launch.plan", *args])
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=60)
+
+
+def test_rows_and_store_bytes():
+  p = plan_lib.plan(**BASE)
+  assert p["rows"] == 78_125_000
+  assert p["store_bytes"] == 78_125_000 * 65_536 * 2
+  assert p["store_bytes"] == 10_240_000_000_000          # 10.24 TB
+  assert p["hosts"] == 64                                  # 4 v5p chips a host
+  assert p["store_bytes_per_host"] == 10_240_000_000_000 / 64
+  f32 = plan_lib.plan(**{**BASE, "store_dtype": "float32"})
+  assert f32["store_bytes"] == 78_125_000 * 65_536 * 4
+
+
+def test_rows_round_up():
+  p = plan_lib.plan(**{**BASE, "tokens": 2049, "seq_len": 2048})
+  assert p["rows"] == 2
+
+
+def test_encode_flops_and_chip_hours():
+  p = plan_lib.plan(**BASE)
+  train = 6 * 8e9 * 160e9                                  # 7.68e21 FLOP
+  assert p["train_flops"] == pytest.approx(7.68e21)
+  assert p["encode_flops"] == pytest.approx(train * 1.33)
+  chip_hours = train * 1.33 / (459e12 * 0.4) / 3600
+  assert p["encode_chip_hours"] == pytest.approx(chip_hours)
+  assert 15_400 < p["encode_chip_hours"] < 15_500
+  assert p["encode_wall_hours"] == pytest.approx(chip_hours / 256)
+  # An explicit ratio and mfu replace the defaults.
+  q = plan_lib.plan(**BASE, encode_train_ratio=2.0, mfu=0.5)
+  assert q["encode_chip_hours"] == pytest.approx(
+      train * 2.0 / (459e12 * 0.5) / 3600)
+
+
+def test_scan_bounds_when_store_fits():
+  p = plan_lib.plan(**BASE)
+  assert p["store_fits_in_hbm"]                # 10.24 TB < 256 * 95 GB - 16 GB
+  assert p["scan_compute_s"] == pytest.approx(
+      2 * 78_125_000 * 65_536 * 64 / (256 * 459e12))
+  assert p["scan_hbm_s"] == pytest.approx(10.24e12 / (256 * 2765e9))
+  assert p["scan_host_read_s"] is None
+  assert p["scan_estimate_s"] == pytest.approx(
+      max(p["scan_compute_s"], p["scan_hbm_s"]))
+
+
+def test_scan_reads_from_hosts_when_store_does_not_fit():
+  p = plan_lib.plan(**{**BASE, "chips": 16})   # 16 * 95 GB = 1.52 TB < store
+  assert not p["store_fits_in_hbm"]
+  assert p["hosts"] == 4
+  assert p["scan_host_read_s"] == pytest.approx(10.24e12 / (4 * 1e9))
+  assert p["scan_estimate_s"] == p["scan_host_read_s"]
+  assert p["scan_bound"] == "host read"
+
+
+def test_host_memory_is_independent_of_corpus_size():
+  small = plan_lib.plan(**BASE)
+  large = plan_lib.plan(**{**BASE, "tokens": 160e9 * 1000})
+  assert large["rows"] == 1000 * small["rows"]
+  assert large["host_memory_bytes"] == small["host_memory_bytes"]
+  expected = (512 * 65_536 * 4 + 64 * 65_536 * 4 + 64 * 2048 * 4
+              + 65_536 * 1024 * 4)
+  assert small["host_memory_bytes"] == expected
+
+
+def test_unknown_chip_lists_known_chips():
+  with pytest.raises(ValueError) as e:
+    plan_lib.plan(**{**BASE, "chip": "tpu9"})
+  for chip in plan_lib.CHIPS:
+    assert chip.name in str(e.value)
+  assert plan_lib.find_chip("H100").name == "h100"
+
+
+def test_every_chip_names_its_sources():
+  for chip in plan_lib.CHIPS:
+    assert chip.source and chip.ratio_source
+    assert chip.peak_flops > 0 and chip.hbm_bytes > 0
+    assert chip.hbm_bandwidth > 0 and chip.chips_per_host > 0
+
+
+def test_cli_prints_plan():
+  result = _run("--params=8e9", "--tokens=160e9", "--seq_len=2048",
+                "--projection_dim=65536", "--chips=256", "--chip=v5p")
+  assert result.returncode == 0, result.stderr
+  assert "78,125,000 rows" in result.stdout
+  assert "Assumptions" in result.stdout
+  assert "ASSUMED" in result.stdout
+
+
+def test_cli_unknown_chip_fails_clearly():
+  result = _run("--params=8e9", "--tokens=160e9", "--chips=8", "--chip=tpu9")
+  assert result.returncode != 0
+  assert "unknown chip 'tpu9'" in result.stderr
+  assert "v5p" in result.stderr and "h100" in result.stderr
+
+
+def test_module_does_not_import_jax():
+  result = _run(code="import sys, launch.plan; "
+                "assert 'jax' not in sys.modules, 'jax imported'")
+  assert result.returncode == 0, result.stderr

@@ -1,0 +1,410 @@
+"""The stages of tracing a corpus, as library functions.
+
+checkpoint -> encoder -> preconditioner (corpus sample + queries) ->
+corpus encodings (store, or streamed) -> query encodings -> top-k -> results.
+
+Each stage takes plain config dataclasses (``tracer.config``) and runs the
+same way on one process or many. With P processes (``jax.distributed``):
+
+* every process reads, encodes and writes only its own share of the corpus;
+  no encoding is ever sent to another host (``encode_corpus``);
+* the work list is decided once, by process 0, and broadcast, so processes
+  cannot diverge and a rerun after any host died does only what is missing;
+* R's moments are summed on each host over its own rows and all-reduced
+  (``fit_preconditioner``); the fitted R is saved with the run and reused
+  when the same fit is asked again (``load_or_fit_preconditioner``).
+
+Progress is reported through an optional ``progress(done, total)`` callback
+(this process's items); nothing here prints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Callable, Iterator, Sequence
+
+import jax
+import numpy as np
+
+from tracer import checkpoint as ckpt_lib
+from tracer import corpus as corpus_lib
+from tracer import data as data_lib
+from tracer import evaluate
+from tracer import hessian
+from tracer import model as model_lib
+from tracer import partitioning
+from tracer import scan as scan_lib
+from tracer import storage
+from tracer import store as store_lib
+from tracer.config import DataConfig, EncodeConfig, PreconditionerConfig
+from tracer.correction import second_moment
+from tracer.encoder import GradientEncoder
+
+# progress(done, total): items this process has done so far, out of its total.
+ProgressFn = Callable[[int, int], None] | None
+
+
+def _report(progress: ProgressFn, done: int, total: int) -> None:
+  if progress is not None:
+    progress(done, total)
+
+
+# --- checkpoint, inputs, encoder ----------------------------------------------
+
+def make_mesh(cfg: EncodeConfig):
+  return partitioning.make_mesh(model=cfg.model_axis)
+
+
+def load_checkpoint(workdir: str | None, checkpoint: str | None = None, mesh=None
+                    ) -> ckpt_lib.Checkpoint:
+  """``checkpoint`` (a CheckpointManager dir or one step dir) or the workdir's
+  latest, restored onto ``mesh`` (params split over its ``model`` axis)."""
+  if checkpoint:
+    parent, base = storage.split(checkpoint)
+    if base.isdigit():
+      return ckpt_lib.restore(parent, int(base), mesh=mesh)
+    return ckpt_lib.restore(checkpoint, mesh=mesh)
+  return ckpt_lib.restore(storage.join(workdir, "checkpoints"), mesh=mesh)
+
+
+def data_config(ckpt: ckpt_lib.Checkpoint) -> DataConfig:
+  return DataConfig.from_dict(ckpt.data_config)
+
+
+def open_corpus(ckpt: ckpt_lib.Checkpoint, source: str):
+  """The corpus row table for this checkpoint's tokenizer and ``max_len``: a
+  tokenized directory (``tracer.corpus``) or a source read into memory."""
+  return corpus_lib.open_corpus(source, data_config(ckpt), ckpt.model_config.max_len)
+
+
+def read_queries(ckpt: ckpt_lib.Checkpoint, path: str) -> tuple[list[dict], dict]:
+  """The query records and their stacked target-only examples."""
+  queries = data_lib.read_queries(path)
+  vocab = data_config(ckpt).vocabulary()
+  return queries, data_lib.query_examples(queries, vocab, ckpt.model_config.max_len,
+                                          path)
+
+
+def build_encoder(ckpt: ckpt_lib.Checkpoint, cfg: EncodeConfig, mesh=None
+                  ) -> tuple[GradientEncoder, str, float]:
+  """The encoder for a checkpoint; returns it with its correction kind and eps."""
+  epsilon = ckpt.optimizer_config.eps if cfg.epsilon is None else cfg.epsilon
+  if cfg.correction == "optimizer":
+    b2 = ckpt.optimizer_config.b2 if ckpt.optimizer_config.name == "adamw" else None
+    v = second_moment(ckpt.opt_state, ckpt.params, b2=b2)
+    kind = ckpt.optimizer_config.name
+  elif cfg.correction == "none":
+    v, kind = None, "none"
+  else:
+    raise ValueError(f"EncodeConfig.correction={cfg.correction!r}: expected "
+                     f"'optimizer' or 'none'")
+  encoder = GradientEncoder(
+      ckpt.loss_fn(), ckpt.params, second_moment=v, epsilon=epsilon,
+      projection_dim=cfg.projection_dim, seed=cfg.seed,
+      mesh=mesh if mesh is not None else make_mesh(cfg),
+      microbatch_size=cfg.microbatch_size)
+  return encoder, kind, epsilon
+
+
+def sample_rows(num_rows: int, count: int, seed: int = 0) -> np.ndarray:
+  """A sorted, seeded sample of ``count`` rows (all rows when count is 0)."""
+  if count <= 0 or count >= num_rows:
+    return np.arange(num_rows)
+  return np.sort(np.random.default_rng(seed).choice(num_rows, count, replace=False))
+
+
+def example_slices(examples: dict, batch_size: int) -> Iterator[dict]:
+  """Consecutive batches of ``batch_size`` from stacked examples."""
+  n = len(examples["inputs"])
+  for lo in range(0, n, batch_size):
+    yield {k: v[lo:lo + batch_size] for k, v in examples.items()}
+
+
+def read_padded(corpus, rows: np.ndarray, size: int) -> tuple[dict, np.ndarray]:
+  """Examples of ``rows`` (this process's), padded to ``size`` by repeating the
+  last one (row 0 if there is none), and the mask of real ones."""
+  rows = np.asarray(rows, np.int64)
+  n = len(rows)
+  examples = corpus.examples(rows if n else np.zeros(1, np.int64))
+  take = np.minimum(np.arange(size), max(n, 1) - 1)
+  return {k: v[take] for k, v in examples.items()}, np.arange(size) < n
+
+
+# --- preconditioner -----------------------------------------------------------
+
+def fit_key(params_fingerprint: str, encoder: GradientEncoder, correction_kind: str,
+            epsilon: float, corpus, query_examples: dict,
+            cfg: PreconditionerConfig) -> dict:
+  """Everything a fitted R depends on; equal keys mean an equal fit."""
+  queries = hashlib.sha256()
+  for k in sorted(query_examples):
+    queries.update(k.encode() + np.ascontiguousarray(query_examples[k]).tobytes())
+  key = {"params_fingerprint": params_fingerprint, "correction": correction_kind,
+         "epsilon": float(epsilon), "dim": encoder.dim,
+         "projection_seed": encoder.layout.seed, "corpus": corpus.source,
+         "num_rows": len(corpus), "config": cfg.to_dict(),
+         "queries": queries.hexdigest()[:16] if cfg.task_specific else None}
+  return json.loads(json.dumps(key))
+
+
+def fit_preconditioner(encoder: GradientEncoder, corpus, query_examples: dict,
+                       cfg: PreconditionerConfig, batch_size: int,
+                       progress: ProgressFn = None, key: dict | None = None
+                       ) -> hessian.Preconditioner | None:
+  """R^(-1/2) from a corpus sample (and the queries when task-specific).
+
+  The sample (``cfg.train_examples`` rows, seeded) is cut into global batches
+  of ``batch_size``; each process reads only the rows of its own positions,
+  and the moments' sums over rows are all-reduced on the mesh.
+  """
+  if cfg.kind == "none":
+    return None
+  rows = sample_rows(len(corpus), cfg.train_examples, cfg.sample_seed)
+  train = hessian.init_moments(encoder.layout, cfg.kind)
+  for lo in range(0, len(rows), batch_size):
+    batch_rows = rows[lo:lo + batch_size]
+    positions = encoder.local_positions(len(batch_rows))
+    mine = batch_rows[positions[positions < len(batch_rows)]]
+    examples, valid = read_padded(corpus, mine, len(positions))
+    train = encoder.accumulate(train, encoder.project_local(
+        examples, valid, data_lib.RowIds(corpus, mine)))
+    _report(progress, lo + len(batch_rows), len(rows))
+  eval_ = None
+  if cfg.task_specific:
+    eval_ = hessian.init_moments(encoder.layout, cfg.kind)
+    for batch in example_slices(query_examples, batch_size):
+      eval_ = encoder.accumulate(eval_, encoder.project_global(batch))
+  pre = hessian.fit(train, eval_, kind=cfg.kind, dim=encoder.dim,
+                    layout_seed=encoder.layout.seed, rank=cfg.rank,
+                    damping=cfg.damping, lam=cfg.lam)
+  pre.fit_key = key
+  return pre
+
+
+def load_or_fit_preconditioner(location: str, key: dict, fit: Callable[[], hessian.
+                               Preconditioner | None]
+                               ) -> tuple[hessian.Preconditioner | None, bool]:
+  """The preconditioner saved at ``location`` if it was fitted with ``key``,
+  else ``fit()``, saved there (by process 0). Returns it and whether it was
+  reused."""
+  if storage.exists(location):
+    saved = hessian.Preconditioner.load(location)
+    if saved.fit_key == key:
+      return saved, True
+  pre = fit()
+  if pre is not None and jax.process_index() == 0:
+    pre.save(location)
+  return pre, False
+
+
+# --- the store ------------------------------------------------------------------
+
+def manifest(ckpt: ckpt_lib.Checkpoint, encoder: GradientEncoder,
+             correction_kind: str, epsilon: float,
+             pre: hessian.Preconditioner | None, corpus, cfg: EncodeConfig,
+             params_fingerprint: str | None = None) -> store_lib.Manifest:
+  return store_lib.Manifest(
+      checkpoint=storage.normalize(ckpt.path), step=ckpt.step,
+      params_fingerprint=params_fingerprint or store_lib.fingerprint(ckpt.params),
+      correction=correction_kind, epsilon=float(epsilon),
+      projection_seed=encoder.layout.seed, layout=encoder.layout.to_json(),
+      dim=encoder.dim, preconditioner_fingerprint=pre.fingerprint() if pre else None,
+      dtype=cfg.store_dtype, corpus=corpus.source, num_rows=len(corpus),
+      chunk_rows=cfg.chunk_rows)
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def open_store(location: str, manifest_: store_lib.Manifest) -> store_lib.EncodingStore:
+  """Creates or resumes the store; process 0 creates it before the others open it."""
+  if jax.process_count() > 1:
+    if jax.process_index() == 0:
+      store_lib.create_or_open(location, manifest_)
+    _barrier("tracer-store-created")
+  return store_lib.create_or_open(location, manifest_)
+
+
+def agreed_pending_chunks(store: store_lib.EncodingStore) -> np.ndarray:
+  """The chunks still to write, as process 0 sees them, on every process.
+
+  Listings of a shared store can differ between hosts (object-store listings
+  are eventually consistent, and a slow host may list before a fast one has
+  written); hosts that acted on different lists would run different
+  collectives and hang.
+  """
+  done = np.zeros(store.num_chunks, np.uint8)
+  if jax.process_index() == 0:
+    done[[c for c in store.done_chunks() if c < store.num_chunks]] = 1
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+  return np.flatnonzero(done == 0)
+
+
+def _local_batches(ranges: Iterator[tuple[int, int]], size: int
+                   ) -> Iterator[np.ndarray]:
+  """Consecutive batches of ``size`` rows from a stream of ``[start, stop)``
+  ranges (the last may be short)."""
+  pending: list[np.ndarray] = []
+  count = 0
+  for start, stop in ranges:
+    lo = start
+    while lo < stop:
+      take = min(stop - lo, size - count)
+      pending.append(np.arange(lo, lo + take))
+      count += take
+      lo += take
+      if count == size:
+        yield np.concatenate(pending)
+        pending, count = [], 0
+  if count:
+    yield np.concatenate(pending)
+
+
+def _run_local_batches(encoder: GradientEncoder, corpus, work: list[list[tuple[int, int]]],
+                       group: int, batch_size: int
+                       ) -> Iterator[tuple[np.ndarray, dict, np.ndarray]]:
+  """(rows, padded examples, valid) of every step of this process's group.
+
+  ``work[g]`` lists group ``g``'s row ranges. Every process runs the same
+  number of steps (the largest group's); a group out of rows feeds padding.
+  Reads run one batch ahead in a background thread.
+  """
+  local = encoder.local_batch_size(batch_size)
+  steps = max(-(-sum(b - a for a, b in w) // local) for w in work)
+  batches = _local_batches(iter(work[group]), local)
+
+  def items():
+    for _ in range(steps):
+      rows = next(batches, np.zeros(0, np.int64))
+      examples, valid = read_padded(corpus, rows, local)
+      yield rows, examples, valid
+
+  return data_lib.prefetch(items(), depth=1)
+
+
+def encode_corpus(encoder: GradientEncoder, pre, corpus,
+                  store: store_lib.EncodingStore, batch_size: int,
+                  progress: ProgressFn = None) -> int:
+  """Encodes every chunk not yet marked done; a rerun resumes. Returns the
+  rows this process encoded.
+
+  The pending chunks (``agreed_pending_chunks``) are dealt round-robin to the
+  mesh's data groups (``partitioning.data_groups``: one per process unless
+  the model axis spans hosts). A process reads only its group's rows, encodes
+  them in process-local batches of the ``batch_size`` global batch, and its
+  group's writer writes each chunk once its rows are done. Returns on every
+  process once every chunk is written, so the store can be scanned at once.
+  """
+  pending = agreed_pending_chunks(store)
+  groups, group, writer = partitioning.data_groups(encoder.mesh)
+  mine = [int(c) for c in pending[group::groups]]
+  work = [[store.chunk_bounds(int(c)) for c in pending[g::groups]]
+          for g in range(groups)]
+  total = sum(b - a for a, b in work[group])
+  # Rows arrive in the order of ``mine``: fill one chunk after the other.
+  buf, filled, encoded = None, 0, 0
+  for rows, examples, valid in _run_local_batches(encoder, corpus, work, group,
+                                                  batch_size):
+    enc = encoder.encode_local(examples, valid, pre,
+                               ids=data_lib.RowIds(corpus, rows))[:len(rows)]
+    lo = 0
+    while lo < len(rows):
+      start, stop = store.chunk_bounds(mine[0])
+      if buf is None:
+        buf, filled = np.empty((stop - start, encoder.dim), np.float32), 0
+      take = min(len(rows) - lo, len(buf) - filled)
+      buf[filled:filled + take] = enc[lo:lo + take]
+      filled, lo = filled + take, lo + take
+      if filled == len(buf):
+        if writer:
+          store.write_chunk(mine[0], buf)
+        mine.pop(0)
+        buf = None
+    encoded += len(rows)
+    _report(progress, encoded, total)
+  assert not mine, f"chunks left unwritten: {mine[:5]}"
+  # The last chunks' writers may still be writing when the other hosts
+  # finish: wait for them, or a scan would find the store incomplete.
+  _barrier("tracer-encode-corpus-done")
+  return encoded
+
+
+def stream_corpus(encoder: GradientEncoder, pre, corpus,
+                  query_encodings: np.ndarray, k: int, batch_size: int,
+                  progress: ProgressFn = None) -> scan_lib.TopK:
+  """Streaming mode: each corpus batch is scored as it is encoded, no store.
+
+  Rows are split into one contiguous range per data group; each process reads
+  and encodes its own, and only top-k candidates cross hosts.
+  """
+  groups, group, _ = partitioning.data_groups(encoder.mesh)
+  n = len(corpus)
+  bounds = [(g * n // groups, (g + 1) * n // groups) for g in range(groups)]
+  work = [[b] if b[1] > b[0] else [] for b in bounds]
+  scanner = scan_lib.StreamingScanner(query_encodings, k, encoder.mesh)
+  done = 0
+  for rows, examples, valid in _run_local_batches(encoder, corpus, work, group,
+                                                  batch_size):
+    projected = encoder.project_local(examples, valid, data_lib.RowIds(corpus, rows))
+    ids = np.zeros(len(valid), np.int32)
+    ids[:len(rows)] = rows
+    scanner.add_stepped(encoder.finish(projected.phi, pre), encoder.put_local(ids),
+                        projected.valid)
+    done += len(rows)
+    _report(progress, done, bounds[group][1] - bounds[group][0])
+  return scanner.result()
+
+
+# --- results ------------------------------------------------------------------
+
+def result_rows(queries: Sequence[dict], corpus, topk: scan_lib.TopK) -> list[dict]:
+  """One results line per query (the TrackStar retrieval-file fields); reads
+  only the ids and texts of the rows retrieved."""
+  rows = np.unique(np.concatenate([topk.proponent_rows.ravel(),
+                                   topk.opponent_rows.ravel()]))
+  ids = dict(zip(rows.tolist(), corpus.ids_of(rows)))
+  texts = dict(zip(rows.tolist(), corpus.texts_of(rows)))
+  out = []
+  for i, q in enumerate(queries):
+    prop, opp = topk.proponent_rows[i].tolist(), topk.opponent_rows[i].tolist()
+    out.append(evaluate.make_result_row(
+        q, [ids[r] for r in prop], topk.proponent_scores[i], [texts[r] for r in prop],
+        [ids[r] for r in opp], topk.opponent_scores[i], [texts[r] for r in opp]))
+  return out
+
+
+def write_results(location: str, rows: Sequence[dict]) -> None:
+  """Writes the results file once, complete, from process 0."""
+  if jax.process_index() == 0:
+    evaluate.write_results(location, rows)
+  _barrier("tracer-results-written")
+
+
+def predictions(ckpt: ckpt_lib.Checkpoint, query_examples: dict,
+                queries: Sequence[dict], vocab) -> list[str]:
+  """The model's greedy completion of each prompt, as long as its target."""
+  steps = max(len(vocab.encode(q["target"])) for q in queries)
+  tokens = jax.device_get(jax.jit(model_lib.greedy_decode, static_argnums=(0, 3))(
+      ckpt.model_config, ckpt.params, query_examples, steps))
+  return [vocab.decode([int(t) for t in row[:len(vocab.encode(q["target"]))]])
+          for row, q in zip(tokens, queries)]
+
+
+def completion_accuracy(queries: Sequence[dict], preds: Sequence[str]) -> dict:
+  """Fraction of targets the model completes exactly, overall and per bucket."""
+  groups: dict[str, list[bool]] = {"all": []}
+  for q, pred in zip(queries, preds):
+    hit = pred == q["target"]
+    groups["all"].append(hit)
+    if "bucket" in q:
+      groups.setdefault(q["bucket"], []).append(hit)
+  order = sorted(groups, key=lambda b: (b != "all", evaluate.bucket_sort_key(b)
+                                        if b != "all" else 0))
+  return {b: {"accuracy": float(np.mean(groups[b])), "num_queries": len(groups[b])}
+          for b in order}

@@ -1,0 +1,164 @@
+"""Where tracer's files live: local paths or object-store URLs, one interface.
+
+Every file tracer writes beside its arrays (store manifests, progress markers,
+the preconditioner, tokenized-corpus tables, results) goes through
+tensorstore's key-value stores, so a store may live on any of:
+
+  ``/abs/path`` or ``rel/path``   local files (the ``file`` driver)
+  ``file:///abs/path``            the same
+  ``gs://bucket/path``            Google Cloud Storage
+  ``s3://bucket/path``            S3 or an S3-compatible server: the endpoint is
+                                  taken from ``AWS_ENDPOINT_URL`` when set, the
+                                  region from ``AWS_REGION`` / ``AWS_DEFAULT_REGION``
+  ``memory://path``               this process's memory (tests)
+
+A single ``write_bytes`` is atomic on every driver: object stores replace an
+object whole, and the ``file`` driver writes a temporary file and renames it.
+Readers therefore see an old value or a new one, never part of one.
+
+Every open shares one ``tensorstore.Context`` (``CONTEXT``): one cache pool and
+one set of request limits for the process, and one ``memory://`` namespace, so
+that a store written to ``memory://x`` can be opened again by name.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+from typing import Any
+
+import tensorstore as ts
+
+from tracer.errors import InputError
+
+CONTEXT = ts.Context()
+_SCHEMES = ("gs://", "s3://", "memory://", "file://")
+
+
+def is_url(location: str) -> bool:
+  """True for ``gs://``, ``s3://``, ``memory://`` and ``file://`` locations."""
+  return str(location).startswith(_SCHEMES)
+
+
+def normalize(location: str | os.PathLike[str]) -> str:
+  """A URL unchanged (without a trailing slash); a local path made absolute."""
+  location = os.fspath(location)
+  if is_url(location):
+    scheme, rest = location.split("://", 1)
+    return f"{scheme}://{rest.rstrip('/')}"
+  return os.path.abspath(location)
+
+
+def join(location: str, *names: str) -> str:
+  """``location/name/...`` for URLs and paths alike."""
+  location = os.fspath(location)
+  if is_url(location):
+    return posixpath.join(location.rstrip("/"), *names)
+  return os.path.join(location, *names)
+
+
+def split(location: str) -> tuple[str, str]:
+  """``(parent, name)`` of a file location."""
+  location = normalize(location)
+  if is_url(location):
+    parent, name = location.rsplit("/", 1)
+    return parent, name
+  return os.path.dirname(location), os.path.basename(location)
+
+
+def kvstore_spec(location: str) -> dict[str, Any]:
+  """The tensorstore kvstore spec of a directory-like location (path ends in /)."""
+  location = normalize(location)
+  if location.startswith("gs://") or location.startswith("s3://"):
+    scheme, rest = location.split("://", 1)
+    bucket, _, path = rest.partition("/")
+    if not bucket:
+      raise InputError(f"{location}: no bucket in the URL")
+    spec: dict[str, Any] = {"driver": "gcs" if scheme == "gs" else "s3",
+                            "bucket": bucket, "path": path + "/" if path else ""}
+    if scheme == "s3":
+      endpoint = os.environ.get("AWS_ENDPOINT_URL")
+      region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+      if endpoint:
+        spec["endpoint"] = endpoint
+      if region:
+        spec["aws_region"] = region
+    return spec
+  if location.startswith("memory://"):
+    path = location[len("memory://"):]
+    return {"driver": "memory", "path": path + "/" if path else ""}
+  if location.startswith("file://"):
+    location = location[len("file://"):]
+  return {"driver": "file", "path": location.rstrip("/") + "/"}
+
+
+@functools.lru_cache(maxsize=256)
+def _open_dir(location: str) -> ts.KvStore:
+  try:
+    return ts.KvStore.open(kvstore_spec(location), context=CONTEXT).result()
+  except ValueError as e:
+    raise InputError(f"{location}: cannot open: {e}") from e
+
+
+def _kv(location: str) -> tuple[ts.KvStore, str]:
+  parent, name = split(location)
+  return _open_dir(parent), name
+
+
+def read_bytes(location: str) -> bytes | None:
+  """The file's bytes, or None if it does not exist."""
+  kv, name = _kv(location)
+  try:
+    result = kv.read(name).result()
+  except ValueError as e:
+    raise InputError(f"{location}: cannot read: {e}") from e
+  return None if result.state == "missing" else bytes(result.value)
+
+
+def read_text(location: str) -> str:
+  """The file as UTF-8 text; InputError naming it if missing or not UTF-8."""
+  data = read_bytes(location)
+  if data is None:
+    raise InputError(f"{location}: no such file")
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    raise InputError(f"{location}: not valid UTF-8 ({e.reason} at byte "
+                     f"{e.start})") from None
+
+
+def write_bytes(location: str, data: bytes) -> None:
+  """Writes (or replaces) a file whole and atomically (module doc)."""
+  kv, name = _kv(location)
+  kv.write(name, data).result()
+
+
+def write_text(location: str, text: str) -> None:
+  write_bytes(location, text.encode("utf-8"))
+
+
+def exists(location: str) -> bool:
+  return read_bytes(location) is not None
+
+
+def delete(location: str) -> None:
+  """Deletes a file (no error if it is missing)."""
+  kv, name = _kv(location)
+  kv.write(name, None).result()
+
+
+def list_dir(location: str) -> list[str]:
+  """Every key under a directory-like location, relative to it, sorted."""
+  return sorted(k.decode() for k in _open_dir(normalize(location)).list().result())
+
+
+def delete_dir(location: str) -> None:
+  """Deletes every key under a directory-like location."""
+  _open_dir(normalize(location)).delete_range(ts.KvStore.KeyRange()).result()
+
+
+def make_local_dirs(location: str) -> None:
+  """Creates a local directory (URLs need none: keys create their prefixes)."""
+  if not is_url(location):
+    os.makedirs(location, exist_ok=True)
