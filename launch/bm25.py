@@ -14,8 +14,10 @@ import time
 from absl import app
 from absl import flags
 from absl import logging
+import numpy as np
 
 from tracer import bm25
+from tracer import corpus as corpus_lib
 from tracer import evaluate
 from tracer.errors import InputError, at
 
@@ -25,7 +27,8 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """Defines this tool's flags; only when run as a program, so that tests can
   import several launch modules whose flag names overlap."""
-  flags.DEFINE_string("corpus", None, "Corpus JSONL: {id, text}.",
+  flags.DEFINE_string("corpus", None, "Corpus JSONL ({id, text}) or a directory "
+                      "made by launch.tokenize.",
                       required=True)
   flags.DEFINE_string("queries", None,
                       "Queries JSONL: {id, prompt, target, ...}.",
@@ -39,21 +42,26 @@ def define_flags() -> None:
 def run(corpus_path, queries_path, output_path, top_k: int = 10,
         num_opponents: int | None = None) -> int:
   """Retrieves for every query and writes the results file; returns #queries."""
-  corpus = evaluate.read_jsonl_records(corpus_path, required=("id", "text"))
+  if corpus_lib.is_tokenized(corpus_path):
+    # A tokenized corpus: its rows (windows, with overflow='split').
+    rows = corpus_lib.TokenizedCorpus(corpus_path)
+    ids, texts = rows.ids_of(np.arange(len(rows))), rows.texts_of(np.arange(len(rows)))
+  else:
+    corpus = evaluate.read_jsonl_records(corpus_path, required=("id", "text"))
+    texts = [d["text"] for d in corpus]
+    ids = [d["id"] for d in corpus]
   queries = evaluate.read_jsonl_records(
       queries_path, required=("id", "prompt", "target"))
-  if not corpus:
+  if not texts:
     raise InputError(f"{at(corpus_path)}: no documents")
   num_opponents = top_k if num_opponents is None else num_opponents
-  texts = [d["text"] for d in corpus]
-  ids = [d["id"] for d in corpus]
 
   start = time.perf_counter()
   index = bm25.BM25Index(texts)
   query_texts = [bm25.query_text(q) for q in queries]
   top_idx, top_scores = index.search(query_texts, top_k)
   low_idx, low_scores = index.search(query_texts, num_opponents, lowest=True)
-  logging.info("BM25 over %d documents, %d queries: %.2f s", len(corpus),
+  logging.info("BM25 over %d documents, %d queries: %.2f s", len(texts),
                len(queries), time.perf_counter() - start)
 
   rows = []

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 
+from launch import config
 from tracer import hessian
 from tracer import pipeline
 from tracer import storage
-from tracer.config import PreconditionerConfig
+from tracer.config import EncodeConfig, PreconditionerConfig
 
 
 class Progress:
@@ -41,6 +42,27 @@ class Progress:
       if jax.process_index() == 0:
         sys.stdout.write(f"\r{line}   " + ("\n" if finished else ""))
         sys.stdout.flush()
+
+
+class Run(NamedTuple):
+  """What every stage script builds first, from flags and gin."""
+  encode_config: EncodeConfig
+  ckpt: Any
+  corpus: Any
+  encoder: Any
+  correction: str
+  epsilon: float
+
+
+def start(workdir: str | None, checkpoint: str | None, corpus_source: str) -> Run:
+  """The mesh (``EncodeConfig.model_axis``), the checkpoint restored onto it,
+  the corpus row table and the encoder."""
+  ecfg = config.make(EncodeConfig)
+  mesh = pipeline.make_mesh(ecfg)
+  ckpt = pipeline.load_checkpoint(workdir, checkpoint, mesh)
+  corpus = pipeline.open_corpus(ckpt, corpus_source)
+  encoder, kind, eps = pipeline.build_encoder(ckpt, ecfg, mesh)
+  return Run(ecfg, ckpt, corpus, encoder, kind, eps)
 
 
 def say(*args) -> None:

@@ -19,18 +19,14 @@ from absl import flags
 from launch import common
 from launch import config
 from tracer import pipeline
-from tracer.config import EncodeConfig
 
 FLAGS = flags.FLAGS
 
 
 def run(workdir, corpus_source, store_path=None, preconditioner_path=None,
         checkpoint=None):
-  ecfg = config.make(EncodeConfig)
-  mesh = pipeline.make_mesh(ecfg)
-  ckpt = pipeline.load_checkpoint(workdir, checkpoint, mesh)
-  corpus = pipeline.open_corpus(ckpt, corpus_source)
-  encoder, kind, eps = pipeline.build_encoder(ckpt, ecfg, mesh)
+  ecfg, ckpt, corpus, encoder, kind, eps = common.start(workdir, checkpoint,
+                                                        corpus_source)
   pre = common.load_preconditioner(preconditioner_path, encoder.dim)
   manifest = pipeline.manifest(ckpt, encoder, kind, eps, pre, corpus, ecfg)
   store = pipeline.open_store(common.default_location(workdir, store_path, "store"),

@@ -18,21 +18,18 @@ from launch import common
 from launch import config
 from tracer import pipeline
 from tracer import store as store_lib
-from tracer.config import EncodeConfig, PreconditionerConfig
+from tracer.config import PreconditionerConfig
 
 FLAGS = flags.FLAGS
 
 
 def run(workdir, corpus_source, queries_path, out_path=None, checkpoint=None):
-  ecfg = config.make(EncodeConfig)
   pcfg = config.make(PreconditionerConfig)
   if pcfg.kind == "none":
     raise app.UsageError("PreconditionerConfig.kind is 'none': nothing to fit")
-  mesh = pipeline.make_mesh(ecfg)
-  ckpt = pipeline.load_checkpoint(workdir, checkpoint, mesh)
-  corpus = pipeline.open_corpus(ckpt, corpus_source)
+  ecfg, ckpt, corpus, encoder, kind, eps = common.start(workdir, checkpoint,
+                                                        corpus_source)
   _, query_examples = pipeline.read_queries(ckpt, queries_path)
-  encoder, kind, eps = pipeline.build_encoder(ckpt, ecfg, mesh)
   key = pipeline.fit_key(store_lib.fingerprint(ckpt.params), encoder, kind, eps,
                          corpus, query_examples, pcfg)
   return common.preconditioner(

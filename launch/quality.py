@@ -41,7 +41,7 @@ from tracer import pipeline
 from tracer import scan as scan_lib
 from tracer import tailpatch
 from tracer import unit_normalize
-from tracer.config import EncodeConfig, PreconditionerConfig
+from tracer.config import PreconditionerConfig
 
 flags.DEFINE_integer("tail_patch_queries", 0, "Queries used for tail-patch, "
                      "evenly over the buckets (0: all).")
@@ -141,16 +141,12 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
   """
   if corpus_path is None or queries_path is None:
     corpus_path, queries_path = demo.ensure_model(workdir)
-  ecfg = config.make(EncodeConfig)
   pcfg = config.make(PreconditionerConfig)
-  mesh = pipeline.make_mesh(ecfg)
-  ckpt = pipeline.load_checkpoint(workdir, mesh=mesh)
-  corpus = pipeline.open_corpus(ckpt, corpus_path)
+  ecfg, ckpt, corpus, encoder, _, _ = common.start(workdir, None, corpus_path)
   queries, query_examples = pipeline.read_queries(ckpt, queries_path)
   out_dir = os.path.join(workdir, "quality")
   os.makedirs(out_dir, exist_ok=True)
 
-  encoder, _, _ = pipeline.build_encoder(ckpt, ecfg, mesh)
   raw_encoder, _, _ = pipeline.build_encoder(
       ckpt, dataclasses.replace(ecfg, correction="none"), mesh=encoder.mesh)
   raw = projected(raw_encoder, corpus, query_examples, ecfg.batch_size)

@@ -21,19 +21,15 @@ from launch import config
 from tracer import pipeline
 from tracer import scan as scan_lib
 from tracer import store as store_lib
-from tracer.config import EncodeConfig
 
 FLAGS = flags.FLAGS
 
 
 def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
         preconditioner_path=None, checkpoint=None):
-  ecfg = config.make(EncodeConfig)
-  mesh = pipeline.make_mesh(ecfg)
-  ckpt = pipeline.load_checkpoint(workdir, checkpoint, mesh)
-  corpus = pipeline.open_corpus(ckpt, corpus_source)
+  ecfg, ckpt, corpus, encoder, kind, eps = common.start(workdir, checkpoint,
+                                                        corpus_source)
   queries, query_examples = pipeline.read_queries(ckpt, queries_path)
-  encoder, kind, eps = pipeline.build_encoder(ckpt, ecfg, mesh)
   pre = common.load_preconditioner(preconditioner_path, encoder.dim)
   expected = pipeline.manifest(ckpt, encoder, kind, eps, pre, corpus, ecfg)
   store = store_lib.open_store(common.default_location(workdir, store_path, "store"),

@@ -29,7 +29,7 @@ from tracer import pipeline
 from tracer import scan as scan_lib
 from tracer import storage
 from tracer import store as store_lib
-from tracer.config import EncodeConfig, PreconditionerConfig
+from tracer.config import PreconditionerConfig
 
 flags.DEFINE_bool("streaming", False, "Score corpus batches as they are encoded; "
                   "no store.")
@@ -42,16 +42,13 @@ def run(workdir: str, corpus_source: str, queries_path: str, output: str,
         preconditioner_path: str | None = None, streaming: bool = False,
         show: int = 5) -> list[dict]:
   """Runs the pipeline; writes and returns the results rows."""
-  ecfg = config.make(EncodeConfig)
   pcfg = config.make(PreconditionerConfig)
-  mesh = pipeline.make_mesh(ecfg)
-  ckpt = pipeline.load_checkpoint(workdir, checkpoint, mesh)
-  corpus = pipeline.open_corpus(ckpt, corpus_source)
+  ecfg, ckpt, corpus, encoder, kind, eps = common.start(workdir, checkpoint,
+                                                        corpus_source)
   queries, query_examples = pipeline.read_queries(ckpt, queries_path)
-  encoder, kind, eps = pipeline.build_encoder(ckpt, ecfg, mesh)
   common.say(f"checkpoint {ckpt.path} (step {ckpt.step}); corpus {len(corpus)} rows; "
              f"{len(queries)} queries; d={encoder.dim}; correction={kind}; "
-             f"mesh {dict(mesh.shape)}")
+             f"mesh {dict(encoder.mesh.shape)}")
   storage.make_local_dirs(workdir)
   params_fp = store_lib.fingerprint(ckpt.params)
   key = pipeline.fit_key(params_fp, encoder, kind, eps, corpus, query_examples, pcfg)

@@ -11,7 +11,9 @@ import numpy as np
 
 from launch import bm25 as launch_bm25
 from tracer import bm25
+from tracer import corpus as corpus_lib
 from tracer import evaluate
+from tracer.config import DataConfig
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -90,6 +92,16 @@ def test_launch_run_writes_results(tmp_path):
   m = evaluate.retrieval_metrics(
       evaluate.read_jsonl_records(queries, ("id", "fact_doc_ids")), rows)
   assert m["mrr"] == 1.0
+
+
+def test_launch_run_on_a_tokenized_corpus(tmp_path):
+  corpus, queries = _files(tmp_path)
+  tokenized = str(tmp_path / "tokenized")
+  corpus_lib.tokenize(str(corpus), tokenized, DataConfig(), 256)
+  launch_bm25.run(corpus, queries, tmp_path / "a.jsonl", top_k=2)
+  launch_bm25.run(tokenized, queries, tmp_path / "b.jsonl", top_k=2)
+  assert evaluate.read_results(tmp_path / "a.jsonl") == evaluate.read_results(
+      tmp_path / "b.jsonl")
 
 
 def test_launch_bm25_subprocess(tmp_path):

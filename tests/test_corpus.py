@@ -93,6 +93,12 @@ def test_glob_of_shards_and_object_store_output(tmp_path, records, corpus_path):
   assert data_lib.read_corpus(pattern, config.vocabulary(), 32).ids == whole.ids
   on_memory = corpus_lib.tokenize(pattern, "memory://corpus-test/tok", config, 32)
   _assert_same_rows(whole, on_memory)
+  # Shards on an object store: the pattern matches the last path component.
+  for path in sorted(shards.iterdir()):
+    storage.write_bytes(f"memory://corpus-test/shards/{path.name}", path.read_bytes())
+  storage.write_text("memory://corpus-test/shards/other.txt", "not a shard")
+  remote = "memory://corpus-test/shards/part-*.jsonl"
+  assert data_lib.read_corpus(remote, config.vocabulary(), 32).ids == whole.ids
   assert corpus_lib.open_corpus("memory://corpus-test/tok", config, 32).source == pattern
   with pytest.raises(InputError, match="matches no file"):
     data_lib.read_corpus(str(shards / "none-*.jsonl"), config.vocabulary(), 32)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from launch import config
+from launch import encode as encode_script
 from launch import quality
 from launch import scan as scan_script
 from launch import sweep
@@ -233,6 +234,9 @@ def test_tokenized_corpus_and_object_stores_give_the_same_results(trained, s3,
   scanned = scan_script.run(str(root), tok, queries, f"{bucket}/scanned.jsonl",
                             store_path=f"{bucket}/store", preconditioner_path=pre)
   assert scanned == local
+  encoded = encode_script.run(str(root), tok, f"{bucket}/encoded", pre)
+  np.testing.assert_array_equal(encoded.read_rows(0, encoded.num_rows),
+                                local_store.read_rows(0, local_store.num_rows))
   in_memory = trace.run(str(root), corpus, queries, "memory://pipeline/r.jsonl",
                         show=0, store_path="memory://pipeline/store",
                         preconditioner_path="memory://pipeline/pre.npz")

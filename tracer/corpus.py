@@ -43,6 +43,7 @@ MANIFEST = "manifest.json"
 BLOCK_ROWS = 16384
 TOKEN_CHUNK_BYTES = 1 << 20
 BYTES_CHUNK = 1 << 20
+READ_CACHE_BYTES = 32 << 20
 _ARRAYS = ("tokens", "lengths", "segments", "ids", "texts")
 
 
@@ -76,9 +77,17 @@ def _spec(location: str, dtype: str, shape: Sequence[int],
               "fill_value": 0}}
 
 
-def _open(location: str) -> ts.TensorStore:
+def _open(location: str, context: ts.Context = storage.CONTEXT) -> ts.TensorStore:
   return ts.open({"driver": "zarr3", "kvstore": storage.kvstore_spec(location)},
-                 open=True, context=storage.CONTEXT).result()
+                 open=True, context=context).result()
+
+
+def _reading_context() -> ts.Context:
+  """Encode batches are smaller than a token chunk: a small chunk cache keeps
+  consecutive batches from reading the same chunk again (memory stays bounded
+  by it, not by N)."""
+  return ts.Context(ts.Context.Spec({"cache_pool": {"total_bytes_limit": READ_CACHE_BYTES}}),
+                    parent=storage.CONTEXT)
 
 
 def is_tokenized(location: str) -> bool:
@@ -91,13 +100,10 @@ def is_tokenized(location: str) -> bool:
 
 def read_manifest(location: str) -> CorpusManifest:
   where = storage.join(location, MANIFEST)
-  try:
-    d = json.loads(storage.read_text(where))
-  except json.JSONDecodeError as e:
-    raise InputError(f"{where}: not valid JSON: {e}") from e
-  if not isinstance(d, dict) or d.get("format") != FORMAT:
+  d = storage.read_json(where)
+  if d.get("format") != FORMAT:
     raise InputError(f"{where}: not a tokenized corpus (expected format {FORMAT!r}, "
-                     f"got {d.get('format') if isinstance(d, dict) else d!r})")
+                     f"got {d.get('format')!r})")
   names = {f.name for f in dataclasses.fields(CorpusManifest)}
   if set(d) != names:
     raise InputError(f"{where}: fields {sorted(set(d) ^ names)} missing or unknown")
@@ -107,9 +113,9 @@ def read_manifest(location: str) -> CorpusManifest:
 class _Strings:
   """Variable-length UTF-8 values: a byte string and offsets into it."""
 
-  def __init__(self, location: str):
-    self.bytes = _open(storage.join(location, "bytes"))
-    self.offsets = _open(storage.join(location, "offsets"))
+  def __init__(self, location: str, context: ts.Context = storage.CONTEXT):
+    self.bytes = _open(storage.join(location, "bytes"), context)
+    self.offsets = _open(storage.join(location, "offsets"), context)
 
   def get(self, rows: np.ndarray) -> list[str]:
     rows = np.asarray(rows, np.int64)
@@ -140,11 +146,12 @@ class TokenizedCorpus:
     self.manifest = read_manifest(self.location)
     self.source = self.manifest.source
     self.max_len = self.manifest.max_len
-    self._tokens = _open(storage.join(self.location, "tokens"))
-    self._lengths = _open(storage.join(self.location, "lengths"))
-    self._segments = _open(storage.join(self.location, "segments"))
-    self._ids = _Strings(storage.join(self.location, "ids"))
-    self._texts = _Strings(storage.join(self.location, "texts"))
+    context = _reading_context()
+    self._tokens = _open(storage.join(self.location, "tokens"), context)
+    self._lengths = _open(storage.join(self.location, "lengths"), context)
+    self._segments = _open(storage.join(self.location, "segments"), context)
+    self._ids = _Strings(storage.join(self.location, "ids"), context)
+    self._texts = _Strings(storage.join(self.location, "texts"), context)
     self.rows_read = 0
     if self._tokens.shape != (self.manifest.num_rows, self.max_len):
       raise InputError(f"{self.location}/tokens: shape {self._tokens.shape}, the "
@@ -267,8 +274,9 @@ def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
     raise InputError(f"{output}: not a tokenized corpus (no {MANIFEST}) and not "
                      f"empty: {strangers[:5]}")
   storage.make_local_dirs(output)
+  # Ids are checked unique at the end, in 8 bytes per document.
   label, records = (source, records) if records is not None else (
-      data_lib.source_records(source, vocab))
+      data_lib.source_records(source, vocab, unique_ids=False))
   token_dtype = "uint16" if vocab.vocab_size <= 1 << 16 else "int32"
   token_rows = min(block_rows, max(1, TOKEN_CHUNK_BYTES // (
       max_len * np.dtype(token_dtype).itemsize)))

@@ -21,6 +21,7 @@ Examples are dicts of numpy arrays (see ``tracer.model``): ``inputs``,
 from __future__ import annotations
 
 import collections.abc
+import fnmatch
 import glob
 import io
 import json
@@ -114,14 +115,15 @@ _STRING_FIELDS = ("id", "text", "prompt", "target", "bucket")
 _STRING_LIST_FIELDS = ("fact_doc_ids",)
 
 
-def read_jsonl(path, required: Sequence[str],
-               nonempty: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
+def read_jsonl(path, required: Sequence[str], nonempty: Sequence[str] = (),
+               unique_ids: bool = True) -> Iterator[tuple[int, dict]]:
   """Yields (line number, record) of corpus or query lines, strictly.
 
   Every record holds the ``required`` fields; ``id``, ``text``, ``prompt``,
   ``target`` and ``bucket`` are strings and ``fact_doc_ids`` a list of strings
-  wherever they appear; ``nonempty`` fields must not be blank; ids are unique.
-  Blank lines are skipped. Errors name the file, line and field.
+  wherever they appear; ``nonempty`` fields must not be blank; ids are unique
+  (unless ``unique_ids=False``: the caller checks, in less memory than a dict
+  of every id). Blank lines are skipped. Errors name the file, line and field.
   """
   seen = {}
   for lineno, record in iter_jsonl(path):
@@ -140,7 +142,7 @@ def read_jsonl(path, required: Sequence[str],
     for field in nonempty:
       if not record[field].strip():
         raise InputError(f"{where}: field {field!r} is empty")
-    if "id" in required:
+    if "id" in required and unique_ids:
       if record["id"] in seen:
         raise InputError(f"{where}: duplicate id {record['id']!r} "
                          f"(first at line {seen[record['id']]})")
@@ -303,20 +305,26 @@ def build_corpus(source: str, records: Iterable[Record], vocab, max_len: int,
 
 
 def jsonl_files(source: str) -> list[str]:
-  """The files a JSONL source names: one path, or a glob of shards (sorted)."""
+  """The files a JSONL source names: one path or URL, or a glob of shards
+  (sorted; on a bucket, the pattern applies to the last path component)."""
   if glob.has_magic(source):
-    files = sorted(glob.glob(source))
+    if storage.is_url(source):
+      parent, pattern = storage.split(source)
+      files = [storage.join(parent, name) for name in storage.list_dir(parent)
+               if "/" not in name and fnmatch.fnmatchcase(name, pattern)]
+    else:
+      files = sorted(glob.glob(source))
     if not files:
       raise InputError(f"--corpus={source}: the pattern matches no file")
     return files
   return [source]
 
 
-def jsonl_records(source: str, vocab) -> Iterator[Record]:
+def jsonl_records(source: str, vocab, unique_ids: bool = True) -> Iterator[Record]:
   """Corpus lines ``{"id": str, "text": str}`` of one file or a glob of shards,
-  shard after shard. Ids must be unique within a file (``read_jsonl``)."""
+  shard after shard (``read_jsonl`` checks ids within each file)."""
   for path in jsonl_files(source):
-    for _, r in read_jsonl(path, ("id", "text"), ("id", "text")):
+    for _, r in read_jsonl(path, ("id", "text"), ("id", "text"), unique_ids):
       yield r["id"], r["text"], vocab.encode(r["text"])
 
 
@@ -361,10 +369,11 @@ def is_jsonl_source(source: str) -> bool:
           or os.path.exists(source) or glob.has_magic(source))
 
 
-def source_records(source: str, vocab) -> tuple[str, Iterator[Record]]:
+def source_records(source: str, vocab, unique_ids: bool = True
+                   ) -> tuple[str, Iterator[Record]]:
   """(label, records) of a JSONL file or glob, or of a seqio task or mixture."""
   if is_jsonl_source(source):
-    return source, jsonl_records(source, vocab)
+    return source, jsonl_records(source, vocab, unique_ids)
   return f"seqio:{source}", seqio_records(source, vocab)
 
 

@@ -180,6 +180,10 @@ def data_groups(mesh: Mesh) -> tuple[int, int, bool]:
   for a, b in zip(order, order[1:]):
     if a[1] > b[0]:
       raise ValueError(f"processes hold overlapping data-axis blocks {a} and {b}")
+  if len({b - a for a, b in order}) > 1:
+    # Every process must run the same steps with batches of the same size.
+    raise ValueError(f"processes hold data-axis blocks of different sizes "
+                     f"{order}: choose a data axis that splits evenly over them")
   mine = blocks[jax.process_index()]
   writer = min(p for p, block in blocks.items() if block == mine)
   return len(order), order.index(mine), writer == jax.process_index()

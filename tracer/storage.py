@@ -24,6 +24,7 @@ that a store written to ``memory://x`` can be opened again by name.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import posixpath
 from typing import Any
@@ -126,6 +127,17 @@ def read_text(location: str) -> str:
   except UnicodeDecodeError as e:
     raise InputError(f"{location}: not valid UTF-8 ({e.reason} at byte "
                      f"{e.start})") from None
+
+
+def read_json(location: str) -> dict:
+  """A JSON object file; InputError naming it if missing, bad, or not an object."""
+  try:
+    d = json.loads(read_text(location))
+  except json.JSONDecodeError as e:
+    raise InputError(f"{location}: not valid JSON: {e}") from e
+  if not isinstance(d, dict):
+    raise InputError(f"{location}: expected a JSON object, got {type(d).__name__}")
+  return d
 
 
 def write_bytes(location: str, data: bytes) -> None:

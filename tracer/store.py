@@ -243,13 +243,7 @@ def _validate(manifest: Manifest, where: str) -> None:
 
 def _read_manifest(path: str) -> Manifest:
   where = storage.join(path, MANIFEST)
-  try:
-    d = json.loads(storage.read_text(where))
-  except json.JSONDecodeError as e:
-    raise InputError(f"{where}: not valid JSON: {e}") from e
-  if not isinstance(d, dict):
-    raise InputError(f"{where}: expected a JSON object")
-  return Manifest.from_dict(d, where)
+  return Manifest.from_dict(storage.read_json(where), where)
 
 
 class EncodingStore:

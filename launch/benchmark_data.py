@@ -1,0 +1,151 @@
+r"""Benchmark (not a test): host memory while tokenizing and encoding, vs. N.
+
+  python -m launch.benchmark_data --rows=10000,1000000 --workdir=/tmp/bench_data
+
+For each N: writes a JSONL corpus of N generated documents, then, each in a
+fresh process (so that peak RSS belongs to one phase):
+  tokenize     ``tracer.corpus.tokenize`` of the JSONL into a directory;
+  encode dir   ``tracer.pipeline.encode_corpus`` of every row of that
+               directory into a bf16 store (the pod path: rows read per batch);
+  encode jsonl the same from the JSONL read into memory (``tracer.data.Corpus``,
+               the small path), as the baseline that grows with N.
+Peak RSS is ``getrusage(RUSAGE_SELF).ru_maxrss`` of the phase's process. The
+model is a nano LM (random init, V = 1), on one CPU device.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+flags.DEFINE_list("rows", ["10000", "1000000"], "Corpus sizes N.")
+flags.DEFINE_string("workdir", "/tmp/tracer_bench_data", "Scratch directory.")
+flags.DEFINE_integer("max_len", 32, "Tokens per row.")
+flags.DEFINE_integer("batch_size", 1024, "Rows per encode call.")
+flags.DEFINE_string("phase", None, "Internal: run one phase in this process.")
+flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
+FLAGS = flags.FLAGS
+
+WORDS = ("alpha beta gamma delta epsilon zeta theta iota kappa lambda sigma "
+         "omega river stone cloud north south amber cedar maple").split()
+
+
+def write_jsonl(path: str, n: int) -> None:
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(3, 9, n)
+  picks = rng.integers(0, len(WORDS), int(lengths.sum()))
+  with open(path, "w") as f:
+    at = 0
+    for i, k in enumerate(lengths):
+      text = " ".join(WORDS[j] for j in picks[at:at + k])
+      at += k
+      f.write(f'{{"id": "doc{i}", "text": "{text}"}}\n')
+
+
+def peak_rss_mb() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def phase_tokenize(jsonl: str, out: str, max_len: int) -> dict:
+  from tracer import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  from tracer.config import DataConfig  # pylint: disable=g-import-not-at-top
+  DataConfig().vocabulary()  # seqio's import is not the tokenizer's memory
+  base = peak_rss_mb()
+  start = time.perf_counter()
+  corpus = corpus_lib.tokenize(jsonl, out, DataConfig(), max_len)
+  return {"seconds": time.perf_counter() - start, "rows": len(corpus),
+          "baseline_mb": base, "peak_mb": peak_rss_mb()}
+
+
+def phase_encode(source: str, store: str, max_len: int, batch_size: int) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  from tracer import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  from tracer import model as model_lib  # pylint: disable=g-import-not-at-top
+  from tracer import pipeline  # pylint: disable=g-import-not-at-top
+  from tracer import store as store_lib  # pylint: disable=g-import-not-at-top
+  from tracer.config import DataConfig, EncodeConfig  # pylint: disable=g-import-not-at-top
+  from tracer.encoder import GradientEncoder  # pylint: disable=g-import-not-at-top
+  cfg = model_lib.ModelConfig(max_len=max_len, d_model=16, num_layers=1,
+                              num_heads=2, d_ff=32)
+  params = jax.device_get(model_lib.init_params(cfg))
+  encoder = GradientEncoder(model_lib.make_loss_fn(cfg), params, projection_dim=256,
+                            microbatch_size=batch_size)
+  DataConfig().vocabulary()
+  base = peak_rss_mb()
+  start = time.perf_counter()
+  corpus = corpus_lib.open_corpus(source, DataConfig(), max_len)
+  read_s = time.perf_counter() - start
+  ecfg = EncodeConfig(chunk_rows=4096, batch_size=batch_size)
+  manifest = store_lib.Manifest(
+      checkpoint="nano", step=0, params_fingerprint="nano", correction="none",
+      epsilon=1e-8, projection_seed=0, layout=None, dim=encoder.dim,
+      preconditioner_fingerprint=None, dtype=ecfg.store_dtype, corpus=corpus.source,
+      num_rows=len(corpus), chunk_rows=ecfg.chunk_rows)
+  store = pipeline.open_store(store, manifest)
+  encoded = pipeline.encode_corpus(encoder, None, corpus, store, batch_size)
+  seconds = time.perf_counter() - start
+  return {"seconds": seconds, "read_s": read_s, "rows": encoded,
+          "rows_per_s": encoded / (seconds - read_s), "baseline_mb": base,
+          "peak_mb": peak_rss_mb()}
+
+
+def run_phase(*args: str) -> dict:
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+  proc = subprocess.run([sys.executable, "-m", "launch.benchmark_data", *args],
+                        env=env, capture_output=True, text=True)
+  if proc.returncode:
+    raise RuntimeError(f"phase {args} failed:\n{proc.stderr[-3000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv):
+  del argv
+  if FLAGS.phase:
+    what, *paths = FLAGS.phase.split(",")
+    if what == "tokenize":
+      out = phase_tokenize(*paths, FLAGS.max_len)
+    else:
+      out = phase_encode(*paths, FLAGS.max_len, FLAGS.batch_size)
+    print(json.dumps(out))
+    return
+  results = []
+  for n in map(int, FLAGS.rows):
+    root = os.path.join(FLAGS.workdir, f"n{n}")
+    os.makedirs(root, exist_ok=True)
+    jsonl = os.path.join(root, "corpus.jsonl")
+    if not os.path.exists(jsonl):
+      write_jsonl(jsonl, n)
+    tok = os.path.join(root, "tokenized")
+    common = [f"--max_len={FLAGS.max_len}", f"--batch_size={FLAGS.batch_size}"]
+    row = {"rows": n,
+           "tokenize": run_phase(f"--phase=tokenize,{jsonl},{tok}", *common),
+           "encode_dir": run_phase(
+               f"--phase=encode,{tok},{os.path.join(root, 'store_dir')}", *common),
+           "encode_jsonl": run_phase(
+               f"--phase=encode,{jsonl},{os.path.join(root, 'store_jsonl')}", *common)}
+    results.append(row)
+    print(json.dumps(row), flush=True)
+  print("\n| rows | tokenize s | tokenize peak MB | encode dir rows/s | encode dir "
+        "peak MB | encode JSONL-in-memory peak MB | JSONL read s |")
+  print("|---:|---:|---:|---:|---:|---:|---:|")
+  for r in results:
+    print(f"| {r['rows']:,} | {r['tokenize']['seconds']:.1f} | "
+          f"{r['tokenize']['peak_mb']:,.0f} | {r['encode_dir']['rows_per_s']:,.0f} | "
+          f"{r['encode_dir']['peak_mb']:,.0f} | {r['encode_jsonl']['peak_mb']:,.0f} | "
+          f"{r['encode_jsonl']['read_s']:.1f} |")
+  if FLAGS.json_out:
+    with open(FLAGS.json_out, "w") as f:
+      json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)
