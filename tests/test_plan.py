@@ -62,9 +62,11 @@ def test_scan_bounds_when_store_fits():
   assert p["scan_compute_s"] == pytest.approx(
       2 * 78_125_000 * 65_536 * 64 / (256 * 459e12))
   assert p["scan_hbm_s"] == pytest.approx(10.24e12 / (256 * 2765e9))
-  assert p["scan_host_read_s"] is None
-  assert p["scan_estimate_s"] == pytest.approx(
+  assert p["scan_resident_s"] == pytest.approx(
       max(p["scan_compute_s"], p["scan_hbm_s"]))
+  # The scan as built streams the store: 64 hosts at the assumed 1 GB/s.
+  assert p["scan_host_read_s"] == pytest.approx(10.24e12 / (64 * 1e9))
+  assert p["scan_estimate_s"] == p["scan_host_read_s"]
 
 
 def test_scan_reads_from_hosts_when_store_does_not_fit():
@@ -74,6 +76,7 @@ def test_scan_reads_from_hosts_when_store_does_not_fit():
   assert p["scan_host_read_s"] == pytest.approx(10.24e12 / (4 * 1e9))
   assert p["scan_estimate_s"] == p["scan_host_read_s"]
   assert p["scan_bound"] == "host read"
+  assert p["scan_resident_s"] is None
 
 
 def test_host_memory_is_independent_of_corpus_size():
