@@ -266,21 +266,21 @@ def _local_batches(ranges: Iterator[tuple[int, int]], size: int
     yield np.concatenate(pending)
 
 
-def _run_local_batches(encoder: GradientEncoder, corpus, work: list[list[tuple[int, int]]],
-                       group: int, batch_size: int
+def _run_local_batches(encoder: GradientEncoder, corpus,
+                       ranges: Iterator[tuple[int, int]], steps_rows: int,
+                       batch_size: int
                        ) -> Iterator[tuple[np.ndarray, dict, np.ndarray]]:
-  """(rows, padded examples, valid) of every step of this process's group.
+  """(rows, padded examples, valid) of every step of this process.
 
-  ``work[g]`` lists group ``g``'s row ranges. Every process runs the same
-  number of steps (the largest group's); a group out of rows feeds padding.
-  Reads run one batch ahead in a background thread.
+  ``ranges`` are this process's row ranges; ``steps_rows`` the most rows any
+  process has, so every process runs the same number of steps (a process out
+  of rows feeds padding). Reads run one batch ahead in a background thread.
   """
   local = encoder.local_batch_size(batch_size)
-  steps = max(-(-sum(b - a for a, b in w) // local) for w in work)
-  batches = _local_batches(iter(work[group]), local)
+  batches = _local_batches(ranges, local)
 
   def items():
-    for _ in range(steps):
+    for _ in range(-(-steps_rows // local)):
       rows = next(batches, np.zeros(0, np.int64))
       examples, valid = read_padded(corpus, rows, local)
       yield rows, examples, valid
@@ -303,14 +303,15 @@ def encode_corpus(encoder: GradientEncoder, pre, corpus,
   """
   pending = agreed_pending_chunks(store)
   groups, group, writer = partitioning.data_groups(encoder.mesh)
+  sizes = np.minimum(store.chunk_rows, store.num_rows - pending * store.chunk_rows)
+  group_rows = [int(sizes[g::groups].sum()) for g in range(groups)]
   mine = [int(c) for c in pending[group::groups]]
-  work = [[store.chunk_bounds(int(c)) for c in pending[g::groups]]
-          for g in range(groups)]
-  total = sum(b - a for a, b in work[group])
+  total = group_rows[group]
   # Rows arrive in the order of ``mine``: fill one chunk after the other.
   buf, filled, encoded = None, 0, 0
-  for rows, examples, valid in _run_local_batches(encoder, corpus, work, group,
-                                                  batch_size):
+  ranges = (store.chunk_bounds(c) for c in list(mine))
+  for rows, examples, valid in _run_local_batches(encoder, corpus, ranges,
+                                                  max(group_rows), batch_size):
     enc = encoder.encode_local(examples, valid, pre,
                                ids=data_lib.RowIds(corpus, rows))[:len(rows)]
     lo = 0
@@ -346,11 +347,11 @@ def stream_corpus(encoder: GradientEncoder, pre, corpus,
   groups, group, _ = partitioning.data_groups(encoder.mesh)
   n = len(corpus)
   bounds = [(g * n // groups, (g + 1) * n // groups) for g in range(groups)]
-  work = [[b] if b[1] > b[0] else [] for b in bounds]
   scanner = scan_lib.StreamingScanner(query_encodings, k, encoder.mesh)
   done = 0
-  for rows, examples, valid in _run_local_batches(encoder, corpus, work, group,
-                                                  batch_size):
+  for rows, examples, valid in _run_local_batches(
+      encoder, corpus, iter(bounds[group:group + 1]),
+      max(b - a for a, b in bounds), batch_size):
     projected = encoder.project_local(examples, valid, data_lib.RowIds(corpus, rows))
     ids = np.zeros(len(valid), np.int32)
     ids[:len(rows)] = rows
