@@ -87,7 +87,7 @@ def phase_encode(source: str, store: str, max_len: int, batch_size: int) -> dict
   manifest = store_lib.Manifest(
       checkpoint="nano", step=0, params_fingerprint="nano", correction="none",
       epsilon=1e-8, projection_seed=0, layout=None, dim=encoder.dim,
-      preconditioner_fingerprint=None, dtype=ecfg.store_dtype, corpus=corpus.source,
+      basis_fingerprint=None, dtype=ecfg.store_dtype, corpus=corpus.source,
       num_rows=len(corpus), chunk_rows=ecfg.chunk_rows)
   store = pipeline.open_store(store, manifest)
   encoded = pipeline.encode_corpus(encoder, None, corpus, store, batch_size)

@@ -33,6 +33,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
+from tracer import hessian
 from tracer import partitioning
 from tracer import scan
 from tracer import store as store_lib
@@ -40,7 +41,7 @@ from tracer import store as store_lib
 def define_flags() -> None:
   """Defines this script's flags (only when run as a script, so that
   ``launch.benchmark`` can import ``run_scan_benchmark``)."""
-  global _ROWS, _DIM, _QUERIES, _K, _CHUNK_ROWS, _STORE_CHUNK_ROWS, _REPEATS, _WORKDIR, _OUTPUT
+  global _ROWS, _DIM, _QUERIES, _K, _CHUNK_ROWS, _STORE_CHUNK_ROWS, _REPEATS, _WORKDIR, _OUTPUT, _EVAL, _BLOCK
   _ROWS = flags.DEFINE_integer("rows", 200_000, "N, rows to scan.")
   _DIM = flags.DEFINE_integer("dim", 1024, "d, encoding dimension.")
   _QUERIES = flags.DEFINE_integer("queries", 64, "Q, queries per scan.")
@@ -54,6 +55,10 @@ def define_flags() -> None:
                                  "Where to write the stores (default: a tmp dir).")
   _OUTPUT = flags.DEFINE_string(
       "output", None, "Write the table here: .json for JSON, else markdown.")
+  _EVAL = flags.DEFINE_integer(
+      "eval_examples", 240, "Examples whose R_eval the scan-time metric mixes in.")
+  _BLOCK = flags.DEFINE_integer(
+      "block", 256, "Block size of the scan-time metric's block-diagonal R.")
 
 
 def _best_time(fn: Callable[[], Any], repeats: int) -> float:
@@ -133,14 +138,18 @@ def _row(method: str, seconds: float, n: int, d: int, q: int, bytes_per: int,
 def run_scan_benchmark(rows: int = 200_000, dim: int = 1024, queries: int = 64,
                        k: int = 100, chunk_rows: int | None = None,
                        store_chunk_rows: int = 4096, repeats: int = 5,
-                       workdir: str | None = None,
-                       mesh=None) -> list[dict[str, Any]]:
+                       workdir: str | None = None, mesh=None,
+                       eval_examples: int = 240, block: int = 256
+                       ) -> list[dict[str, Any]]:
   """Runs every method on the same data; one dict per table row.
 
   Each row: method, seconds (best of ``repeats``), rows_per_s, GB_per_s
   (encoding bytes read), GFLOP_per_s (2·N·d·Q useful FLOPs), roofline_s and
   fraction_of_roofline (roofline_s / seconds) for that row's dtype, note.
-  The first row holds the measured machine figures.
+  The first row holds the measured machine figures. Rows "+ scan-time R"
+  apply a query set's task-specific R^(-1) at scan time (``hessian.QueryMetric``
+  from a block-diagonal basis with ``block``-sized blocks and ``eval_examples``
+  eval examples) and give their time as a ratio of the same scan without it.
   """
   mesh = partitioning.make_mesh() if mesh is None else mesh
   rng = np.random.default_rng(0)
@@ -195,6 +204,16 @@ def run_scan_benchmark(rows: int = 200_000, dim: int = 1024, queries: int = 64,
   xa = None  # free it before the next methods
   add("tracer scan_arrays bf16", lambda: scan.scan_arrays(
       xb, q, k, mesh=mesh, chunk_rows=step), 2, "bf16 rows, fp32 scores")
+  metric, mq = synthetic_metric(dim, q, eval_examples, block, rng)
+  for data, name, bytes_per in ((x, "f32", 4), (xb, "bf16", 2)):
+    scan.scan_arrays(data[:warm], mq, k, mesh=mesh, chunk_rows=step, metric=metric)
+    add(f"tracer scan_arrays {name} + scan-time R", lambda data=data: scan.scan_arrays(
+        data, mq, k, mesh=mesh, chunk_rows=step, metric=metric), bytes_per)
+    plain = next(r for r in table if r["method"] == f"tracer scan_arrays {name}")
+    table[-1]["note"] = (f"{sum(c.shape[1] for c in metric.lowrank)} low-rank "
+                         f"columns ({eval_examples} eval examples, blocks of "
+                         f"{block}); x{table[-1]['seconds'] / plain['seconds']:.2f} "
+                         "the plain scan")
 
   tmp = workdir or tempfile.mkdtemp(prefix="tracer-bench-")
   try:
@@ -204,7 +223,7 @@ def run_scan_benchmark(rows: int = 200_000, dim: int = 1024, queries: int = 64,
       manifest = store_lib.Manifest(
           checkpoint="bench", step=0, params_fingerprint="-", correction="none",
           epsilon=0.0, projection_seed=0, layout=None, dim=dim,
-          preconditioner_fingerprint=None, dtype=dtype, corpus="random",
+          basis_fingerprint=None, dtype=dtype, corpus="random",
           num_rows=rows, chunk_rows=store_chunk_rows)
       t = time.perf_counter()
       s = store_lib.create_or_open(path, manifest)
@@ -218,6 +237,11 @@ def run_scan_benchmark(rows: int = 200_000, dim: int = 1024, queries: int = 64,
       add(f"tracer scan_store {dtype}", lambda s=s: scan.scan_store(
           s, q, k, mesh=mesh, chunk_rows=chunk_rows), bytes_per,
           f"warm page cache; write took {write_s:.1f} s")
+      if dtype == "bfloat16":
+        plain_s = table[-1]["seconds"]
+        add("tracer scan_store bfloat16 + scan-time R", lambda s=s: scan.scan_store(
+            s, mq, k, mesh=mesh, chunk_rows=chunk_rows, metric=metric), bytes_per)
+        table[-1]["note"] = f"x{table[-1]['seconds'] / plain_s:.2f} the plain scan"
   finally:
     if workdir is None:
       shutil.rmtree(tmp, ignore_errors=True)
@@ -246,6 +270,19 @@ def run_scan_benchmark(rows: int = 200_000, dim: int = 1024, queries: int = 64,
   return table
 
 
+def synthetic_metric(dim: int, q: np.ndarray, eval_examples: int, block: int,
+                     rng) -> tuple[Any, np.ndarray]:
+  """A task-specific scan-time metric of the shape a real run has: R_train's
+  spectrum random, R_eval from ``eval_examples`` random examples."""
+  segments = tuple((lo, min(lo + block, dim)) for lo in range(0, dim, block))
+  basis = hessian.Basis("block", segments, [None] * len(segments),
+                        [np.sort(rng.exponential(size=hi - lo))[::-1]
+                         for lo, hi in segments], 4096, dim, 0)
+  evals = rng.standard_normal((eval_examples, dim)) * 3
+  metric = hessian.fit_metric(basis, evals, rank=max(1, dim // 64))
+  return metric.row_metric(), metric.query_vectors(q)
+
+
 def to_markdown(table: list[dict[str, Any]]) -> str:
   cols = ["method", "seconds", "rows_per_s", "GB_per_s", "GFLOP_per_s",
           "roofline_s", "fraction_of_roofline", "note"]
@@ -261,7 +298,8 @@ def main(argv):
   table = run_scan_benchmark(
       rows=_ROWS.value, dim=_DIM.value, queries=_QUERIES.value, k=_K.value,
       chunk_rows=_CHUNK_ROWS.value, store_chunk_rows=_STORE_CHUNK_ROWS.value,
-      repeats=_REPEATS.value, workdir=_WORKDIR.value)
+      repeats=_REPEATS.value, workdir=_WORKDIR.value,
+      eval_examples=_EVAL.value, block=_BLOCK.value)
   text = to_markdown(table)
   print(text)
   if _OUTPUT.value:

@@ -1,9 +1,10 @@
-"""What several launch scripts share: progress lines, the R^(-1/2) step with
-its printout, and the proponent table. The stages themselves live in
-``tracer.pipeline``."""
+"""What several launch scripts share: setting a run up, progress lines, the
+basis / store / query-metric steps with their printout, and the proponent
+table. The stages themselves live in ``tracer.pipeline``."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from typing import Any, NamedTuple, Sequence
@@ -14,6 +15,7 @@ from launch import config
 from tracer import hessian
 from tracer import pipeline
 from tracer import storage
+from tracer import store as store_lib
 from tracer.config import EncodeConfig, PreconditionerConfig
 
 
@@ -71,31 +73,75 @@ def say(*args) -> None:
     print(*args, flush=True)
 
 
-def preconditioner(location: str, encoder, corpus, query_examples: dict,
-                   pcfg: PreconditionerConfig, batch_size: int, key: dict
-                   ) -> hessian.Preconditioner | None:
-  """R^(-1/2): the one saved at ``location`` if it was fitted with ``key``,
-  else fitted now and saved there."""
+def fitted_basis(location: str, run: Run, pcfg: PreconditionerConfig,
+                 params_fingerprint: str) -> hessian.Basis | None:
+  """R_train's basis: the one saved at ``location`` if it was fitted the same
+  way, else fitted now (each host its part of the sample) and saved there."""
   if pcfg.kind == "none":
     return None
-  pre, reused = pipeline.load_or_fit_preconditioner(location, key, lambda: (
-      pipeline.fit_preconditioner(encoder, corpus, query_examples, pcfg, batch_size,
-                                  Progress("fit R_train"), key)))
-  say(f"R^(-1/2) {'reused from' if reused else 'fitted, saved to'} {location}: "
-      f"{pre.kind}, lambda={pre.lam:.4g}, {pre.num_train} corpus examples, "
-      f"{pre.num_eval} queries, d={pre.dim}")
-  return pre
+  key = pipeline.basis_key(params_fingerprint, run.encoder, run.correction,
+                           run.epsilon, run.corpus, pcfg)
+  basis, reused = pipeline.load_or_fit_basis(location, key, lambda: (
+      pipeline.fit_basis(run.encoder, run.corpus, pcfg, run.encode_config.batch_size,
+                         Progress("fit R_train"), key)))
+  say(f"R_train basis {'reused from' if reused else 'fitted, saved to'} "
+      f"{location}: {basis.kind}, {basis.num_train} corpus examples, d={basis.dim}")
+  return basis
 
 
-def load_preconditioner(location: str | None, dim: int
-                        ) -> hessian.Preconditioner | None:
-  """A saved R^(-1/2) (``--preconditioner``), checked against the encoder's d."""
-  if not location:
-    return None
-  pre = hessian.Preconditioner.load(location)
-  if pre.dim != dim:
-    raise ValueError(f"{location}: preconditioner has d={pre.dim}, encoder d={dim}")
-  return pre
+def encoded_store(location: str, run: Run, pcfg: PreconditionerConfig,
+                  params_fingerprint: str, basis_location: str | None = None
+                  ) -> tuple[store_lib.EncodingStore, hessian.Basis | None]:
+  """The corpus store at ``location``, complete: reused as it is when it
+  already is (no corpus gradient is computed), else resumed, else created
+  (with the basis at ``basis_location``, or one fitted now) and encoded."""
+  expected = pipeline.manifest(run.ckpt, run.encoder, run.correction, run.epsilon,
+                               None, run.corpus, run.encode_config,
+                               params_fingerprint)
+  store = pipeline.existing_store(location, expected, pcfg)
+  if store is not None:
+    basis = pipeline.store_basis(store)
+    if not len(pipeline.agreed_pending_chunks(store)):
+      say(f"store {location}: complete, reused as it is (no corpus gradient "
+          "computed)")
+      return store, basis
+    say(f"store {location}: resuming")
+  else:
+    if basis_location and storage.exists(basis_location):
+      basis = hessian.Basis.load(basis_location)
+      if (basis.dim, basis.layout_seed) != (run.encoder.dim, run.encoder.layout.seed):
+        raise ValueError(f"{basis_location}: a basis for d={basis.dim}, seed "
+                         f"{basis.layout_seed}; the encoder has d={run.encoder.dim}, "
+                         f"seed {run.encoder.layout.seed}")
+      say(f"R_train basis from {basis_location}")
+    else:
+      basis = pipeline.fit_basis(
+          run.encoder, run.corpus, pcfg, run.encode_config.batch_size,
+          Progress("fit R_train"), pipeline.basis_key(
+              params_fingerprint, run.encoder, run.correction, run.epsilon,
+              run.corpus, pcfg))
+    store = pipeline.open_store(location, dataclasses.replace(
+        expected, basis_fingerprint=basis.fingerprint() if basis else None), basis)
+  encoded = pipeline.encode_corpus(run.encoder, basis, run.corpus, store,
+                                   run.encode_config.batch_size,
+                                   Progress("encode corpus"))
+  say(f"store {location}: {store.num_rows} rows x d={store.dim} "
+      f"({store.manifest.dtype}); process 0 encoded {encoded} rows")
+  return store, basis
+
+
+def query_metric(run: Run, basis, query_examples: dict, queries: Sequence[dict],
+                 pcfg: PreconditionerConfig):
+  """The query set's R^(-1) and query vectors (``pipeline.query_metric``),
+  reported."""
+  metric, vectors = pipeline.query_metric(
+      run.encoder, basis, query_examples, pcfg, run.encode_config.batch_size,
+      [q["id"] for q in queries])
+  cols = sum(c.shape[1] for c in metric.lowrank)
+  say(f"R for these {len(queries)} queries, applied at scan time: "
+      f"{basis.kind if basis else 'none'}, lambda={metric.lam:.4g}, "
+      f"damping={metric.damping:g}, {cols} low-rank columns")
+  return metric, vectors
 
 
 def default_location(workdir: str, given: str | None, name: str) -> str:

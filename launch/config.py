@@ -33,8 +33,10 @@ flags.DEFINE_string("checkpoint", None, "Checkpoint directory or step directory;
                     "default: the latest under WORKDIR/checkpoints.")
 flags.DEFINE_string("store", None, "Encodings store: a path, gs://, s3:// or "
                     "memory:// URL; default WORKDIR/store.")
-flags.DEFINE_string("preconditioner", None, "Preconditioner file (path or URL); "
-                    "default WORKDIR/preconditioner.npz.")
+flags.DEFINE_string("basis", None, "R_train's eigenbasis file (path or URL): "
+                    "where launch.fit_preconditioner and streaming runs save and "
+                    "reuse it (default WORKDIR/basis.npz), and the basis a new "
+                    "store is encoded in (a store keeps its own).")
 flags.DEFINE_string("output", None, "Results JSONL.")
 flags.DEFINE_integer("top_k", 10, "Proponents and opponents per query.")
 flags.DEFINE_multi_string("seqio_module", [], "Python modules to import before "

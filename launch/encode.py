@@ -1,14 +1,16 @@
 r"""Encodes a corpus into a store (resumable, on one host or many).
 
   python -m launch.encode --gin_file=configs/tiny.gin --workdir=W --corpus=C \
-      [--preconditioner=W/preconditioner.npz] [--store=W/store]
+      [--basis=W/basis.npz] [--store=W/store]
 
 ``--corpus`` is a JSONL file, a glob of shards, a seqio task, or a directory
 made by ``launch.tokenize`` (the way to go at scale: each host then reads only
 its rows). ``--store`` may be a path or a gs:// / s3:// / memory:// URL.
-Without ``--preconditioner`` the encodings get no R^(-1/2) (only the optimizer
-correction, projection and unit norm). A killed run, run again, encodes only
-the chunks not yet written.
+Rows are the projections in R_train's eigenbasis (from ``--basis``, made by
+``launch.fit_preconditioner``, or fitted here on a corpus sample; the store
+keeps it): no query set enters them, so any query set can be scanned against
+the store later. A killed run, run again, encodes only the chunks not yet
+written.
 """
 
 from __future__ import annotations
@@ -18,31 +20,27 @@ from absl import flags
 
 from launch import common
 from launch import config
-from tracer import pipeline
+from tracer import store as store_lib
+from tracer.config import PreconditionerConfig
 
 FLAGS = flags.FLAGS
 
 
-def run(workdir, corpus_source, store_path=None, preconditioner_path=None,
-        checkpoint=None):
-  ecfg, ckpt, corpus, encoder, kind, eps = common.start(workdir, checkpoint,
-                                                        corpus_source)
-  pre = common.load_preconditioner(preconditioner_path, encoder.dim)
-  manifest = pipeline.manifest(ckpt, encoder, kind, eps, pre, corpus, ecfg)
-  store = pipeline.open_store(common.default_location(workdir, store_path, "store"),
-                              manifest)
-  encoded = pipeline.encode_corpus(encoder, pre, corpus, store, ecfg.batch_size,
-                                   common.Progress("encode corpus"))
-  common.say(f"store {store.path}: {store.num_rows} rows x d={store.dim} "
-             f"({store.manifest.dtype}); this process encoded {encoded} rows, read "
-             f"{corpus.rows_read}; complete={store.is_complete()}")
+def run(workdir, corpus_source, store_path=None, basis_path=None, checkpoint=None):
+  run_ = common.start(workdir, checkpoint, corpus_source)
+  store, _ = common.encoded_store(
+      common.default_location(workdir, store_path, "store"), run_,
+      config.make(PreconditionerConfig), store_lib.fingerprint(run_.ckpt.params),
+      basis_path)
+  common.say(f"this process read {run_.corpus.rows_read} corpus rows; "
+             f"complete={store.is_complete()}")
   return store
 
 
 def main(argv):
   del argv
   config.setup(required=("workdir", "corpus"))
-  run(FLAGS.workdir, FLAGS.corpus, FLAGS.store, FLAGS.preconditioner, FLAGS.checkpoint)
+  run(FLAGS.workdir, FLAGS.corpus, FLAGS.store, FLAGS.basis, FLAGS.checkpoint)
 
 
 if __name__ == "__main__":

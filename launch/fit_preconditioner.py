@@ -1,12 +1,13 @@
-r"""Fits R^(-1/2) from a corpus sample and the queries, and saves it.
+r"""Fits R_train's eigenbasis on a corpus sample and saves it.
 
   python -m launch.fit_preconditioner --gin_file=configs/tiny.gin --workdir=W \
-      --corpus=C --queries=Q.jsonl [--preconditioner=W/preconditioner.npz]
+      --corpus=C [--basis=W/basis.npz]
 
-``PreconditionerConfig`` (gin) picks block/full, task-specific or not, the
-sample size and seed, the lambda rule's rank and the damping. On several
-hosts each reads and projects only its part of the sample; the moments are
-all-reduced. A saved preconditioner fitted the same way is reused, not refit.
+``PreconditionerConfig`` (gin) picks block or full R, the sample size and
+seed. On several hosts each reads and projects only its part of the sample;
+the moments are all-reduced. A saved basis fitted the same way is reused, not
+refit. Stores are encoded in this basis (``launch.encode --basis``); each
+query set's task-specific R (lambda rule, damping) is applied at scan time.
 """
 
 from __future__ import annotations
@@ -16,32 +17,25 @@ from absl import flags
 
 from launch import common
 from launch import config
-from tracer import pipeline
 from tracer import store as store_lib
 from tracer.config import PreconditionerConfig
 
 FLAGS = flags.FLAGS
 
 
-def run(workdir, corpus_source, queries_path, out_path=None, checkpoint=None):
+def run(workdir, corpus_source, out_path=None, checkpoint=None):
   pcfg = config.make(PreconditionerConfig)
   if pcfg.kind == "none":
     raise app.UsageError("PreconditionerConfig.kind is 'none': nothing to fit")
-  ecfg, ckpt, corpus, encoder, kind, eps = common.start(workdir, checkpoint,
-                                                        corpus_source)
-  _, query_examples = pipeline.read_queries(ckpt, queries_path)
-  key = pipeline.fit_key(store_lib.fingerprint(ckpt.params), encoder, kind, eps,
-                         corpus, query_examples, pcfg)
-  return common.preconditioner(
-      common.default_location(workdir, out_path, "preconditioner.npz"), encoder,
-      corpus, query_examples, pcfg, ecfg.batch_size, key)
+  run_ = common.start(workdir, checkpoint, corpus_source)
+  return common.fitted_basis(common.default_location(workdir, out_path, "basis.npz"),
+                             run_, pcfg, store_lib.fingerprint(run_.ckpt.params))
 
 
 def main(argv):
   del argv
-  config.setup(required=("workdir", "corpus", "queries"))
-  run(FLAGS.workdir, FLAGS.corpus, FLAGS.queries, FLAGS.preconditioner,
-      FLAGS.checkpoint)
+  config.setup(required=("workdir", "corpus"))
+  run(FLAGS.workdir, FLAGS.corpus, FLAGS.basis, FLAGS.checkpoint)
 
 
 if __name__ == "__main__":

@@ -67,41 +67,44 @@ def projected(encoder, corpus, query_examples, batch_size):
   return np.concatenate(pieces), queries
 
 
-def fit_r(encoder, corpus_phi, query_phi, pcfg, task_specific, batch_size=512):
-  """R^(-1/2) from already projected vectors (a corpus sample + the queries)."""
-  rows = pipeline.sample_rows(len(corpus_phi), pcfg.train_examples, pcfg.sample_seed)
-
-  def moments(x):
-    m = hessian.init_moments(encoder.layout, pcfg.kind)
-    for lo in range(0, len(x), batch_size):
-      m = hessian.accumulate(m, x[lo:lo + batch_size])
-    return m
-
-  return hessian.fit(moments(corpus_phi[rows]),
-                     moments(query_phi) if task_specific else None,
-                     kind=pcfg.kind, dim=encoder.dim, layout_seed=encoder.layout.seed,
-                     rank=pcfg.rank, damping=pcfg.damping, lam=pcfg.lam)
+def moments(encoder, x, kind, batch_size=512):
+  m = hessian.init_moments(encoder.layout, kind)
+  for lo in range(0, len(x), batch_size):
+    m = hessian.accumulate(m, x[lo:lo + batch_size])
+  return m
 
 
 def method_encodings(raw, corrected, encoder, pcfg):
-  """(corpus, query) encodings per gradient-based method."""
+  """(corpus rows, queries, scan metric or None) per gradient-based method.
+
+  +R_train and trackstar go through the store's path: rows in R_train's
+  eigenbasis, the query set's R applied at scan time (``tracer.hessian``).
+  """
   (raw_c, raw_q), (cor_c, cor_q) = raw, corrected
   norm = lambda x: np.asarray(unit_normalize(x))
-  r_raw = fit_r(encoder, raw_c, raw_q, pcfg, task_specific=False)
-  r_train = fit_r(encoder, cor_c, cor_q, pcfg, task_specific=False)
-  r_mix = fit_r(encoder, cor_c, cor_q, pcfg, task_specific=True)
+  rows = pipeline.sample_rows(len(cor_c), pcfg.train_examples, pcfg.sample_seed)
+  # TRAK: phi_m^T R^-1 phi_q = (R^-1/2 phi_m) . (R^-1/2 phi_q), unnormalized.
+  r_raw = hessian.fit(moments(encoder, raw_c[rows], pcfg.kind), kind=pcfg.kind,
+                      dim=encoder.dim, layout_seed=encoder.layout.seed,
+                      rank=pcfg.rank, damping=pcfg.damping, lam=pcfg.lam)
+  basis = hessian.fit_basis(moments(encoder, cor_c[rows], pcfg.kind),
+                            dim=encoder.dim, layout_seed=encoder.layout.seed,
+                            kind=pcfg.kind)
+  psi_c, psi_q = np.asarray(basis.rotate(cor_c)), np.asarray(basis.rotate(cor_q))
+  fit = lambda eval_psi: hessian.fit_metric(basis, eval_psi, rank=pcfg.rank,
+                                            damping=pcfg.damping, lam=pcfg.lam)
+  r_train, r_mix = fit(None), fit(psi_q)
   print(f"lambda (task-specific mix) = {r_mix.lam:.4g}; R from "
-        f"{r_mix.num_train} corpus rows, {r_mix.num_eval} queries, d={encoder.dim}")
+        f"{basis.num_train} corpus rows, {r_mix.num_eval} queries, d={encoder.dim}")
   apply = lambda pre, x: np.asarray(pre.apply(x))
   return {
-      "grad_dot": (raw_c, raw_q),
-      "grad_cosine": (norm(raw_c), norm(raw_q)),
-      # phi_m^T R^-1 phi_q = (R^-1/2 phi_m) . (R^-1/2 phi_q)
-      "trak": (apply(r_raw, raw_c), apply(r_raw, raw_q)),
-      "+opt_correction": (cor_c, cor_q),
-      "+unit_norm": (norm(cor_c), norm(cor_q)),
-      "+R_train": (norm(apply(r_train, cor_c)), norm(apply(r_train, cor_q))),
-      "trackstar": (norm(apply(r_mix, cor_c)), norm(apply(r_mix, cor_q))),
+      "grad_dot": (raw_c, raw_q, None),
+      "grad_cosine": (norm(raw_c), norm(raw_q), None),
+      "trak": (apply(r_raw, raw_c), apply(r_raw, raw_q), None),
+      "+opt_correction": (cor_c, cor_q, None),
+      "+unit_norm": (norm(cor_c), norm(cor_q), None),
+      "+R_train": (psi_c, r_train.query_vectors(psi_q), r_train.row_metric()),
+      "trackstar": (psi_c, r_mix.query_vectors(psi_q), r_mix.row_metric()),
   }, r_mix.lam
 
 
@@ -155,8 +158,8 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
 
   topks = {"bm25": bm25_topk(corpus, queries, k),
            "random": random_topk(len(corpus), len(queries), k)}
-  for name, (c, q) in encodings.items():
-    topks[name] = scan_lib.scan_arrays(c, q, k, mesh=encoder.mesh)
+  for name, (c, q, metric) in encodings.items():
+    topks[name] = scan_lib.scan_arrays(c, q, k, mesh=encoder.mesh, metric=metric)
 
   metrics = {}
   for name in METHODS:

@@ -4,13 +4,15 @@ r"""The whole pipeline: corpus + queries + checkpoint -> top-k proponents.
       --corpus=C.jsonl --queries=Q.jsonl --output=R.jsonl --top_k=10
 
 The model is rebuilt from the checkpoint (default: the latest in
-W/checkpoints), its params restored onto the (data, model) mesh. Steps: R^(-1/2)
-from a corpus sample and the queries (reused from --preconditioner, default
-W/preconditioner.npz, when it was fitted the same way), the corpus encoded into
-the store (--store, default W/store, any path or gs:// / s3:// / memory:// URL;
-a rerun resumes), the queries encoded, the store scanned. ``--corpus`` may be a
-directory made by ``launch.tokenize``. ``--streaming`` skips the store and
-scores each corpus batch as it is encoded.
+W/checkpoints), its params restored onto the (data, model) mesh. Steps: the
+corpus store (--store, default W/store, any path or gs:// / s3:// / memory://
+URL): reused as it is when complete, resumed when not, else created in R_train's
+eigenbasis (fitted on a corpus sample, or --basis) and encoded; then the
+queries are projected, their task-specific R fitted, and the store scanned
+with R applied at scan time. A new --queries file against an existing store
+computes no corpus gradient. ``--corpus`` may be a directory made by
+``launch.tokenize``. ``--streaming`` skips the store and scores each corpus
+batch as it is encoded (its basis saved at --basis, default W/basis.npz).
 
 On several hosts run the same command on each (see WORKSPACE.md): each reads
 and encodes only its share of the corpus; process 0 writes the results.
@@ -39,33 +41,33 @@ FLAGS = flags.FLAGS
 
 def run(workdir: str, corpus_source: str, queries_path: str, output: str,
         top_k: int = 10, checkpoint: str | None = None, store_path: str | None = None,
-        preconditioner_path: str | None = None, streaming: bool = False,
+        basis_path: str | None = None, streaming: bool = False,
         show: int = 5) -> list[dict]:
   """Runs the pipeline; writes and returns the results rows."""
   pcfg = config.make(PreconditionerConfig)
-  ecfg, ckpt, corpus, encoder, kind, eps = common.start(workdir, checkpoint,
-                                                        corpus_source)
+  run_ = common.start(workdir, checkpoint, corpus_source)
+  ckpt, corpus, encoder = run_.ckpt, run_.corpus, run_.encoder
   queries, query_examples = pipeline.read_queries(ckpt, queries_path)
   common.say(f"checkpoint {ckpt.path} (step {ckpt.step}); corpus {len(corpus)} rows; "
-             f"{len(queries)} queries; d={encoder.dim}; correction={kind}; "
+             f"{len(queries)} queries; d={encoder.dim}; correction={run_.correction}; "
              f"mesh {dict(encoder.mesh.shape)}")
   storage.make_local_dirs(workdir)
   params_fp = store_lib.fingerprint(ckpt.params)
-  key = pipeline.fit_key(params_fp, encoder, kind, eps, corpus, query_examples, pcfg)
-  pre = common.preconditioner(
-      common.default_location(workdir, preconditioner_path, "preconditioner.npz"),
-      encoder, corpus, query_examples, pcfg, ecfg.batch_size, key)
-  query_enc = encoder.encode(query_examples, pre, ids=[q["id"] for q in queries])
   if streaming:
-    topk = pipeline.stream_corpus(encoder, pre, corpus, query_enc, top_k,
-                                  ecfg.batch_size, common.Progress("encode + score corpus"))
+    basis = common.fitted_basis(
+        common.default_location(workdir, basis_path, "basis.npz"), run_, pcfg,
+        params_fp)
+    metric, vectors = common.query_metric(run_, basis, query_examples, queries, pcfg)
+    topk = pipeline.stream_corpus(encoder, basis, corpus, vectors, metric, top_k,
+                                  run_.encode_config.batch_size,
+                                  common.Progress("encode + score corpus"))
   else:
-    manifest = pipeline.manifest(ckpt, encoder, kind, eps, pre, corpus, ecfg, params_fp)
-    store = pipeline.open_store(common.default_location(workdir, store_path, "store"),
-                                manifest)
-    pipeline.encode_corpus(encoder, pre, corpus, store, ecfg.batch_size,
-                           common.Progress("encode corpus"))
-    topk = scan_lib.scan_store(store, query_enc, top_k, mesh=encoder.mesh)
+    store, basis = common.encoded_store(
+        common.default_location(workdir, store_path, "store"), run_, pcfg,
+        params_fp, basis_path)
+    metric, vectors = common.query_metric(run_, basis, query_examples, queries, pcfg)
+    topk = scan_lib.scan_store(store, vectors, top_k, mesh=encoder.mesh,
+                               metric=metric.row_metric())
   rows = pipeline.result_rows(queries, corpus, topk)
   pipeline.write_results(output, rows)
   common.say(f"wrote {len(rows)} results to {output}")
@@ -91,8 +93,7 @@ def main(argv):
   del argv
   config.setup(required=("workdir", "corpus", "queries", "output"))
   run(FLAGS.workdir, FLAGS.corpus, FLAGS.queries, FLAGS.output, FLAGS.top_k,
-      FLAGS.checkpoint, FLAGS.store, FLAGS.preconditioner, FLAGS.streaming,
-      FLAGS.show)
+      FLAGS.checkpoint, FLAGS.store, FLAGS.basis, FLAGS.streaming, FLAGS.show)
 
 
 if __name__ == "__main__":

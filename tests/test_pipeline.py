@@ -12,12 +12,15 @@ import pytest
 
 from launch import config
 from launch import encode as encode_script
+from launch import fit_preconditioner as fit_script
 from launch import quality
 from launch import scan as scan_script
 from launch import sweep
 from launch import tokenize
 from launch import trace
 from launch import train
+from tracer import corpus as corpus_lib
+from tracer import data as data_lib
 from tracer import evaluate
 from tracer import facts
 from tracer import hessian
@@ -51,6 +54,12 @@ PreconditionerConfig.train_examples = 256
 # still failing a broken pipeline (10 random rows of 223 hold a stating
 # document for roughly 10-45% of these queries).
 RECALL_4_PLUS_BOUND = 0.85
+
+
+def _bind(**bindings):
+  with gin.unlock_config():
+    for key, value in bindings.items():
+      gin.bind_parameter(key.replace("__", "."), value)
 
 
 @pytest.fixture(scope="module")
@@ -116,20 +125,20 @@ def test_streaming_equals_store_and_rerun_resumes(trained):
 def test_scan_rejects_a_store_from_other_settings(trained):
   root, corpus, queries = trained
   trace.run(str(root), corpus, queries, str(root / "c.jsonl"), show=0)
-  pre = os.path.join(root, "preconditioner.npz")
-  with gin.unlock_config():
-    gin.bind_parameter("EncodeConfig.seed", 1)
+  _bind(EncodeConfig__seed=1)
   try:
     with pytest.raises(store_lib.IncompatibleStoreError, match="projection_seed"):
-      scan_script.run(str(root), corpus, queries, str(root / "d.jsonl"),
-                      preconditioner_path=pre)
+      scan_script.run(str(root), corpus, queries, str(root / "d.jsonl"))
   finally:
-    with gin.unlock_config():
-      gin.bind_parameter("EncodeConfig.seed", 0)
-  # Without the preconditioner the fingerprint differs too.
-  with pytest.raises(store_lib.IncompatibleStoreError,
-                     match="preconditioner_fingerprint"):
-    scan_script.run(str(root), corpus, queries, str(root / "d.jsonl"))
+    _bind(EncodeConfig__seed=0)
+  # The store's rows are in a block basis: a full-R run cannot reuse them.
+  _bind(PreconditionerConfig__kind="full")
+  try:
+    with pytest.raises(store_lib.IncompatibleStoreError,
+                       match="kind: store has 'block', this run has 'full'"):
+      trace.run(str(root), corpus, queries, str(root / "d.jsonl"), show=0)
+  finally:
+    _bind(PreconditionerConfig__kind="block")
 
 
 def test_sweep_skips_finished_runs(trained, tmp_path, monkeypatch):
@@ -201,28 +210,23 @@ def test_quality_table_scores_every_method(trained):
   assert (root / "quality.md").read_text().startswith("| method |")
 
 
-def _bind(**bindings):
-  with gin.unlock_config():
-    for key, value in bindings.items():
-      gin.bind_parameter(key.replace("__", "."), value)
-
-
 def test_tokenized_corpus_and_object_stores_give_the_same_results(trained, s3,
                                                                   tmp_path):
   root, corpus, queries = trained
-  pre = str(root / "preconditioner.npz")
+  basis = str(tmp_path / "basis.npz")
+  fit_script.run(str(root), corpus, basis)  # every store below uses this basis
   local = trace.run(str(root), corpus, queries, str(tmp_path / "local.jsonl"),
-                    show=0, store_path=str(tmp_path / "store"), preconditioner_path=pre)
+                    show=0, store_path=str(tmp_path / "store"), basis_path=basis)
   tok = str(tmp_path / "tokenized")
   tokenize.run(corpus, tok)
   from_dir = trace.run(str(root), tok, queries, str(tmp_path / "dir.jsonl"), show=0,
-                       store_path=str(tmp_path / "store_dir"), preconditioner_path=pre)
+                       store_path=str(tmp_path / "store_dir"), basis_path=basis)
   assert from_dir == local
   assert store_files(tmp_path / "store") == store_files(tmp_path / "store_dir")
   # Store and results on an S3-compatible server, then in memory.
   bucket = s3("tracer-pipeline")
   on_s3 = trace.run(str(root), tok, queries, f"{bucket}/results.jsonl", show=0,
-                    store_path=f"{bucket}/store", preconditioner_path=pre)
+                    store_path=f"{bucket}/store", basis_path=basis)
   assert on_s3 == local
   assert (storage.read_text(f"{bucket}/results.jsonl")
           == (tmp_path / "local.jsonl").read_text())
@@ -232,57 +236,109 @@ def test_tokenized_corpus_and_object_stores_give_the_same_results(trained, s3,
   np.testing.assert_array_equal(s3_store.read_rows(0, s3_store.num_rows),
                                 local_store.read_rows(0, local_store.num_rows))
   scanned = scan_script.run(str(root), tok, queries, f"{bucket}/scanned.jsonl",
-                            store_path=f"{bucket}/store", preconditioner_path=pre)
+                            store_path=f"{bucket}/store")
   assert scanned == local
-  encoded = encode_script.run(str(root), tok, f"{bucket}/encoded", pre)
+  encoded = encode_script.run(str(root), tok, f"{bucket}/encoded", basis)
   np.testing.assert_array_equal(encoded.read_rows(0, encoded.num_rows),
                                 local_store.read_rows(0, local_store.num_rows))
   in_memory = trace.run(str(root), corpus, queries, "memory://pipeline/r.jsonl",
                         show=0, store_path="memory://pipeline/store",
-                        preconditioner_path="memory://pipeline/pre.npz")
+                        basis_path=basis)
   assert in_memory == local
   assert storage.read_text("memory://pipeline/r.jsonl") == (
       tmp_path / "local.jsonl").read_text()
 
 
-def test_preconditioner_is_saved_and_reused(trained, tmp_path, monkeypatch):
+def _count_corpus_rows(monkeypatch) -> list[int]:
+  """Rows of corpus examples built (the only way corpus rows reach the encoder)."""
+  counted = []
+  for cls in (data_lib.Corpus, corpus_lib.TokenizedCorpus):
+    real = cls.examples
+
+    def counting(self, rows, real=real):
+      counted.append(len(rows))
+      return real(self, rows)
+
+    monkeypatch.setattr(cls, "examples", counting)
+  return counted
+
+
+def test_new_queries_reuse_the_store_without_corpus_gradients(
+    trained, tmp_path, monkeypatch, capsys):
+  root, corpus, queries = trained
+  records = evaluate.read_jsonl_records(queries, ("id", "prompt", "target"))
+  other = facts.write_jsonl(tmp_path / "other.jsonl", records[::3])
+  store = str(tmp_path / "store")
+  _bind(EncodeConfig__store_dtype="float32")
+  try:
+    trace.run(str(root), corpus, queries, str(tmp_path / "a.jsonl"), show=0,
+              store_path=store)
+    before = store_files(store)
+    counted = _count_corpus_rows(monkeypatch)
+    capsys.readouterr()
+    reused = trace.run(str(root), corpus, str(other), str(tmp_path / "b.jsonl"),
+                       show=0, store_path=store)
+    assert sum(counted) == 0  # not one corpus row was encoded
+    assert "complete, reused as it is (no corpus gradient computed)" in (
+        capsys.readouterr().out)
+    _bind(PreconditionerConfig__damping=0.5)  # a query-time setting
+    try:
+      trace.run(str(root), corpus, str(other), str(tmp_path / "c.jsonl"), show=0,
+                store_path=store)
+    finally:
+      _bind(PreconditionerConfig__damping=0.1)
+    assert sum(counted) == 0
+    assert store_files(store) == before  # the store's files are untouched
+    monkeypatch.undo()
+    # The same query set scored while streaming (no store) agrees.
+    streamed = trace.run(str(root), corpus, str(other), str(tmp_path / "d.jsonl"),
+                         show=0, streaming=True, basis_path=str(tmp_path / "b.npz"))
+  finally:
+    _bind(EncodeConfig__store_dtype="bfloat16")
+  assert [r["query_id"] for r in reused] == [r["id"] for r in records[::3]]
+  for a, b in zip(reused, streamed):
+    assert a["proponent_ids"] == b["proponent_ids"]
+    np.testing.assert_allclose(a["proponent_scores"], b["proponent_scores"],
+                               atol=1e-4)
+
+
+def test_streaming_basis_is_saved_and_reused(trained, tmp_path, monkeypatch):
   root, corpus, queries = trained
   fits = []
-  real_fit = pipeline.fit_preconditioner
+  real_fit = pipeline.fit_basis
 
   def counting(*args, **kwargs):
     fits.append(1)
     return real_fit(*args, **kwargs)
 
-  monkeypatch.setattr(pipeline, "fit_preconditioner", counting)
-  pre = str(tmp_path / "pre.npz")
+  monkeypatch.setattr(pipeline, "fit_basis", counting)
+  basis = str(tmp_path / "basis.npz")
   first = trace.run(str(root), corpus, queries, str(tmp_path / "a.jsonl"), show=0,
-                    streaming=True, preconditioner_path=pre)
+                    streaming=True, basis_path=basis)
   assert len(fits) == 1
-  saved = hessian.Preconditioner.load(pre)
+  saved = hessian.Basis.load(basis)
   again = trace.run(str(root), corpus, queries, str(tmp_path / "b.jsonl"), show=0,
-                    streaming=True, preconditioner_path=pre)
+                    streaming=True, basis_path=basis)
   assert len(fits) == 1 and again == first  # reused, not refit
-  assert hessian.Preconditioner.load(pre).fingerprint() == saved.fingerprint()
-  _bind(PreconditionerConfig__damping=0.5)
+  assert hessian.Basis.load(basis).fingerprint() == saved.fingerprint()
+  _bind(PreconditionerConfig__train_examples=128)
   try:
     trace.run(str(root), corpus, queries, str(tmp_path / "c.jsonl"), show=0,
-              streaming=True, preconditioner_path=pre)
+              streaming=True, basis_path=basis)
   finally:
-    _bind(PreconditionerConfig__damping=0.1)
-  assert len(fits) == 2  # another fit: refit and saved over the old one
-  assert hessian.Preconditioner.load(pre).damping == 0.5
+    _bind(PreconditionerConfig__train_examples=256)
+  assert len(fits) == 2  # another sample: refit and saved over the old one
+  assert hessian.Basis.load(basis).num_train == 128
 
 
 def test_model_axis_2_gives_the_same_proponents(trained, tmp_path):
   root, corpus, queries = trained
-  pre = str(root / "preconditioner.npz")
   base = trace.run(str(root), corpus, queries, str(tmp_path / "a.jsonl"), show=0,
-                   store_path=str(tmp_path / "s1"), preconditioner_path=pre)
+                   store_path=str(tmp_path / "s1"))
   _bind(EncodeConfig__model_axis=2)
   try:
     split = trace.run(str(root), corpus, queries, str(tmp_path / "b.jsonl"), show=0,
-                      store_path=str(tmp_path / "s2"), preconditioner_path=pre)
+                      store_path=str(tmp_path / "s2"))
   finally:
     _bind(EncodeConfig__model_axis=1)
   agree = np.mean([a["proponent_ids"][:3] == b["proponent_ids"][:3]

@@ -18,6 +18,7 @@ import pytest
 
 from tracer import partitioning
 from tracer import scan
+from tracer import topk
 from tracer import store as store_lib
 from tracer.errors import InputError
 
@@ -81,7 +82,7 @@ def test_arrays_match_numpy(mesh, n):
 def test_large_chunk_two_stage_selection(mesh):
   # Big per-device chunks take _select_rows' two-stage selection.
   x, q = _data(8192, d=8, q=2, seed=1)
-  assert scan._block_size(8192 // MESHES[mesh]().size, 4) is not None
+  assert topk._block_size(8192 // MESHES[mesh]().size, 4) is not None
   got = scan.scan_arrays(x, q, 4, mesh=MESHES[mesh](), chunk_rows=8192)
   assert_same(got, reference(x, q, 4))
 
@@ -92,7 +93,7 @@ def test_select_rows_equals_top_k_with_ties(rows, k):
   v = np.random.default_rng(rows).integers(-3, 4, (rows, 5)).astype(np.float32)
   v[:, 0] = -np.inf  # all tied at the bottom
   rid = jnp.arange(rows, dtype=jnp.int32) + 7
-  got_v, got_r = jax.jit(scan._select_rows, static_argnums=3)(
+  got_v, got_r = jax.jit(topk._select_rows, static_argnums=3)(
       jnp.asarray(v), rid, jnp.full((5,), -jnp.inf), k)
   want_v, want_i = jax.lax.top_k(jnp.asarray(v.T), k)
   np.testing.assert_array_equal(got_v, want_v)
@@ -110,21 +111,21 @@ def test_select_rows_fast_path(above, clustered):
   if clustered:  # the top values sit in a few adjacent blocks
     vals[vals >= rows - above] = -1
     vals[1000:1000 + above] = np.arange(rows - above, rows)[::-1, None]
-  assert scan._block_size(rows, k) is not None
+  assert topk._block_size(rows, k) is not None
   rid = jnp.arange(rows, dtype=jnp.int32) + 1000
   want_v, want_i = jax.lax.top_k(jnp.asarray(vals.T), k)
   # `above` elements per query reach the threshold: the fast path's top-8,
   # top-32 or top-k levels (the last when clustered in a few blocks), or the
   # slow path (40 blocks > FAST_BLOCKS reach it).
   threshold = np.asarray(rows - above, np.float32).repeat(q)
-  v, r = jax.jit(scan._select_rows, static_argnums=3)(
+  v, r = jax.jit(topk._select_rows, static_argnums=3)(
       jnp.asarray(vals), rid, jnp.asarray(threshold), k)
   n = min(above, k)
   np.testing.assert_array_equal(v[:, :n], want_v[:, :n])
   np.testing.assert_array_equal(r[:, :n], np.asarray(want_i)[:, :n] + 1000)
   # Whatever fills the other slots is a real (value, row) pair or padding.
   v, r = np.asarray(v), np.asarray(r)
-  real = r != scan.INVALID_ROW
+  real = r != topk.INVALID_ROW
   cols = np.nonzero(real)[0]
   np.testing.assert_array_equal(v[real], vals[r[real] - 1000, cols])
   assert np.all(v[~real] == -np.inf)
@@ -219,7 +220,7 @@ def _store(tmp_path, x, dtype, chunk_rows=64):
   m = store_lib.Manifest(
       checkpoint="c", step=1, params_fingerprint="p", correction="adam",
       epsilon=1e-8, projection_seed=0, layout=None, dim=x.shape[1],
-      preconditioner_fingerprint=None, dtype=dtype, num_rows=len(x),
+      basis_fingerprint=None, dtype=dtype, num_rows=len(x),
       chunk_rows=chunk_rows)
   s = store_lib.create_or_open(tmp_path / dtype, m)
   for c in s.pending_chunks():
@@ -290,7 +291,7 @@ def _worker(port: int, process_id: int, workdir: str) -> None:
   manifest = store_lib.Manifest(
       checkpoint="c", step=1, params_fingerprint="p", correction="adam",
       epsilon=1e-8, projection_seed=0, layout=None, dim=16,
-      preconditioner_fingerprint=None, dtype="bfloat16", num_rows=1001,
+      basis_fingerprint=None, dtype="bfloat16", num_rows=1001,
       chunk_rows=64)
   path = os.path.join(workdir, "store")
   if process_id == 0:

@@ -18,7 +18,7 @@ def _manifest(**overrides) -> store_lib.Manifest:
   base = dict(checkpoint="/ckpt/100", step=100, params_fingerprint="abc",
               correction="adam", epsilon=1e-8, projection_seed=0,
               layout=[{"path": "w", "shape": (4, 2)}], dim=6,
-              preconditioner_fingerprint=None, dtype="bfloat16",
+              basis_fingerprint=None, dtype="bfloat16",
               corpus="corpus.jsonl", num_rows=23, chunk_rows=5,
               tracer_version="test")
   base.update(overrides)
@@ -173,7 +173,7 @@ def test_fingerprint():
 
 
 def test_manifest_round_trips_through_json(tmp_path):
-  m = _manifest(preconditioner_fingerprint="ff00")
+  m = _manifest(basis_fingerprint="ff00")
   store_lib.create_or_open(tmp_path / "s", m)
   s = store_lib.open_store(tmp_path / "s")
   assert s.manifest == dataclasses.replace(m, layout=m.to_dict()["layout"])

@@ -134,25 +134,49 @@ class Preconditioner:
   def save(self, location: str) -> None:
     """Writes an npz (the matrices + metadata) to a path or storage URL, in
     one atomic write."""
-    buf = io.BytesIO()
-    np.savez(buf, metadata=json.dumps(self.metadata()),
-             **{f"m{i}": np.asarray(m) for i, m in enumerate(self.inv_sqrt)})
-    storage.write_bytes(location, buf.getvalue())
+    _save_npz(location, self.metadata(), self.inv_sqrt)
 
   @classmethod
   def load(cls, location: str) -> "Preconditioner":
-    data = storage.read_bytes(location)
-    if data is None:
-      raise InputError(f"{location}: no such preconditioner file")
-    try:
-      with np.load(io.BytesIO(data)) as f:
-        meta = json.loads(str(f["metadata"]))
-        mats = [jnp.asarray(f[f"m{i}"]) for i in range(len(meta["segments"]))]
-    except (ValueError, KeyError, OSError) as e:
-      raise InputError(f"{location}: not a preconditioner file ({e})") from None
-    meta["segments"] = tuple(tuple(s) for s in meta["segments"])
-    meta.setdefault("fit_key", None)
-    return cls(inv_sqrt=mats, **meta)
+    meta, mats = _load_npz(location, "preconditioner")
+    return cls(inv_sqrt=[jnp.asarray(m) for m in mats], **meta)
+
+
+def _npz_bytes(metadata: dict, arrays) -> bytes:
+  buf = io.BytesIO()
+  np.savez(buf, metadata=json.dumps(metadata),
+           **{f"m{i}": np.asarray(m) for i, m in enumerate(arrays)})
+  return buf.getvalue()
+
+
+def _save_npz(location: str, metadata: dict, arrays) -> None:
+  storage.write_bytes(location, _npz_bytes(metadata, arrays))
+
+
+def _load_npz(location: str, what: str, data: bytes | None = None
+              ) -> tuple[dict, list[np.ndarray]]:
+  data = storage.read_bytes(location) if data is None else data
+  if data is None:
+    raise InputError(f"{location}: no such {what} file")
+  try:
+    with np.load(io.BytesIO(data)) as f:
+      meta = json.loads(str(f["metadata"]))
+      arrays = [f[f"m{i}"] for i in range(sum(1 for k in f.files if k != "metadata"))]
+  except (ValueError, KeyError, OSError) as e:
+    raise InputError(f"{location}: not a {what} file ({e})") from None
+  meta["segments"] = tuple(tuple(s) for s in meta["segments"])
+  meta.setdefault("fit_key", None)
+  return meta, arrays
+
+
+def _warn_rank_deficient(train: Moments, damping: float | None = None) -> None:
+  largest = max(hi - lo for lo, hi in train.segments)
+  if train.count < largest:
+    how = f"the damping ({damping} x mean eigenvalue)" if damping is not None else (
+        "the damping")
+    warnings.warn(f"R is estimated from {train.count} examples in segments of up to "
+                  f"{largest} dimensions: it is rank deficient, and {how} decides "
+                  f"how much noise whitening amplifies")
 
 
 def fit(train: Moments, eval_: Moments | None = None, *, kind: str, dim: int,
@@ -171,11 +195,7 @@ def fit(train: Moments, eval_: Moments | None = None, *, kind: str, dim: int,
   if train.count == 0:
     raise ValueError("R_train needs at least one example")
   r_train = [np.asarray(s, np.float64) / train.count for s in train.sums]
-  if train.count < max(hi - lo for lo, hi in train.segments):
-    warnings.warn(f"R is estimated from {train.count} examples in segments of up to "
-                  f"{max(hi - lo for lo, hi in train.segments)} dimensions: it is rank "
-                  f"deficient, and the damping ({damping} x mean eigenvalue) decides "
-                  f"how much noise whitening amplifies")
+  _warn_rank_deficient(train, damping)
   rank = int(round(0.015 * dim)) if rank is None else rank
   if eval_ is None:
     mixed, lam = r_train, 0.0
@@ -191,3 +211,188 @@ def fit(train: Moments, eval_: Moments | None = None, *, kind: str, dim: int,
   return Preconditioner(kind, train.segments, inv, float(lam), damping, rank,
                         train.count, 0 if eval_ is None else eval_.count, dim,
                         layout_seed)
+
+
+# --- scan-time preconditioning ------------------------------------------------
+#
+# R = (1 - lam) R_train + f I + lam R_eval, f = damping * mean eigenvalue of the
+# mix. In R_train's eigenbasis (per segment: R_train = V diag(s) V^T, rows
+# stored as psi = V^T phi) the first two terms are diagonal, A = diag(1 / a)
+# with a = 1 / ((1 - lam) s + f), and lam R_eval = G G^T with G = sqrt(lam /
+# n_eval) Psi_eval^T of rank <= n_eval. Woodbury:
+#   R^(-1) = D_a - D_a G (I + G^T D_a G)^(-1) G^T D_a = D_a - C C^T,
+# C = D_a G L^(-T) with L L^T = I + G^T D_a G. So for any stored row psi,
+#   psi^T R^(-1) psi = sum(a psi^2) - ||C^T psi||^2,   psi . R^(-1) q,
+# which is TrackStar's unit(R^(-1/2) phi_m) . unit(R^(-1/2) phi_q) once both
+# are divided by their norms: exact, from query-independent rows.
+
+
+@dataclasses.dataclass
+class Basis:
+  """R_train's eigendecomposition per segment: the query-independent
+  coordinates a store holds (``psi = rotate(phi)``; R_train is diagonal there,
+  with ``values``)."""
+  kind: str
+  segments: tuple[tuple[int, int], ...]
+  vectors: list                      # float32 [size, size] per segment (V)
+  values: list                       # float64 [size] per segment (s >= 0)
+  num_train: int
+  dim: int
+  layout_seed: int
+  fit_key: dict | None = None
+
+  def rotate(self, phi: jax.Array) -> jax.Array:
+    """``psi = phi @ V`` per segment, for ``phi: f32[..., d]``."""
+    return _apply(phi, tuple(self.segments), [jnp.asarray(v) for v in self.vectors])
+
+  def metadata(self) -> dict:
+    return {"kind": self.kind, "segments": [list(s) for s in self.segments],
+            "num_train": self.num_train, "dim": self.dim,
+            "layout_seed": self.layout_seed, "fit_key": self.fit_key}
+
+  def fingerprint(self) -> str:
+    h = hashlib.sha256(json.dumps(self.metadata(), sort_keys=True).encode())
+    for v, s in zip(self.vectors, self.values):
+      h.update(np.asarray(v, np.float32).tobytes())
+      h.update(np.asarray(s, np.float64).tobytes())
+    return h.hexdigest()[:16]
+
+  def to_bytes(self) -> bytes:
+    """One npz: vectors, values, metadata."""
+    return _npz_bytes(self.metadata(),
+                      [a for v, s in zip(self.vectors, self.values) for a in (v, s)])
+
+  def save(self, location: str) -> None:
+    """``to_bytes``, in one atomic write."""
+    storage.write_bytes(location, self.to_bytes())
+
+  @classmethod
+  def load(cls, location: str, data: bytes | None = None) -> "Basis":
+    """From ``location`` (or from ``data``, which ``location`` then names)."""
+    meta, arrays = _load_npz(location, "basis", data)
+    return cls(vectors=arrays[0::2], values=arrays[1::2], **meta)
+
+
+def fit_basis(train: Moments, *, dim: int, layout_seed: int,
+              kind: str = "block") -> Basis:
+  """R_train's eigenbasis from accumulated corpus moments (float64 eigh)."""
+  if train.count == 0:
+    raise ValueError("R_train needs at least one example")
+  _warn_rank_deficient(train)
+  vectors, values = [], []
+  for s in train.sums:
+    w, v = np.linalg.eigh(np.asarray(s, np.float64) / train.count)
+    vectors.append(v.astype(np.float32))
+    values.append(np.maximum(w, 0.0))
+  return Basis(kind, train.segments, vectors, values, train.count, dim,
+               layout_seed)
+
+
+@dataclasses.dataclass
+class QueryMetric:
+  """One query set's ``R^(-1) = diag(diag) - sum_b C_b C_b^T`` in a basis'
+  coordinates (module notes above), and how it was chosen."""
+  segments: tuple[tuple[int, int], ...]
+  diag: np.ndarray                   # float64 [d]: a
+  lowrank: list                      # float64 [size_b, r_b] per segment: C_b
+  lam: float
+  damping: float
+  rank: int
+  num_eval: int
+
+  def inverse(self, psi: np.ndarray) -> np.ndarray:
+    """``R^(-1) psi`` for rows ``psi [n, d]`` (float64)."""
+    psi = np.asarray(psi, np.float64)
+    out = psi * self.diag
+    for (lo, hi), c in zip(self.segments, self.lowrank):
+      out[:, lo:hi] -= (psi[:, lo:hi] @ c) @ c.T
+    return out
+
+  def norms(self, psi: np.ndarray) -> np.ndarray:
+    """``sqrt(psi^T R^(-1) psi)`` of each row (float64)."""
+    psi = np.asarray(psi, np.float64)
+    return np.sqrt(np.maximum(np.sum(psi * self.inverse(psi), axis=1), 0.0))
+
+  def query_vectors(self, psi: np.ndarray) -> np.ndarray:
+    """The scan's queries ``R^(-1) q / ||q||_R`` (float32 ``[Q, d]``)."""
+    z = self.inverse(psi)
+    norm = np.sqrt(np.maximum(np.sum(np.asarray(psi, np.float64) * z, axis=1), 0.0))
+    return (z / np.maximum(norm, np.finfo(np.float32).tiny)[:, None]).astype(np.float32)
+
+  def row_metric(self):
+    """The ``tracer.topk.RowMetric`` a scan divides row scores with."""
+    from tracer import topk  # pylint: disable=g-import-not-at-top
+    return topk.RowMetric(self.diag.astype(np.float32),
+                          tuple(c.astype(np.float32) for c in self.lowrank),
+                          tuple(self.segments))
+
+
+def identity_metric(dim: int) -> QueryMetric:
+  """No R (``kind="none"``): the score is the projections' cosine."""
+  return QueryMetric(((0, dim),), np.ones(dim), [np.zeros((dim, 0))], 0.0, 0.0, 0, 0)
+
+
+def _eigvals_of_gram(e: np.ndarray) -> np.ndarray:
+  """Eigenvalues of ``e^T e / n`` (``e [n, size]``), through the smaller Gram."""
+  n, size = e.shape
+  if size <= n:
+    return np.linalg.eigvalsh(e.T @ e / n)
+  return np.concatenate([np.linalg.eigvalsh(e @ e.T / n), np.zeros(size - n)])
+
+
+def fit_metric(basis: Basis, eval_psi: np.ndarray | None = None, *,
+               rank: int | None = None, damping: float = 0.1,
+               lam: float | None = None) -> QueryMetric:
+  """A query set's scan-time R^(-1) (module notes), equal to ``fit``'s R.
+
+  Args:
+    basis: R_train's eigenbasis (the store's coordinates).
+    eval_psi: the query examples' projections in that basis, ``[n_eval, d]``
+      (R_eval); None gives the non-task-specific ``R = R_train``.
+    rank, damping, lam: as in ``fit``.
+  """
+  rank = int(round(0.015 * basis.dim)) if rank is None else rank
+  segments = basis.segments
+  evals = None
+  if eval_psi is not None:
+    eval_psi = np.asarray(eval_psi, np.float64)
+    if not len(eval_psi):
+      raise ValueError("R_eval needs at least one query")
+    evals = [eval_psi[:, lo:hi] for lo, hi in segments]
+    if lam is None:
+      lam = lambda_rule(np.concatenate(basis.values),
+                        np.concatenate([_eigvals_of_gram(e) for e in evals]), rank)
+  else:
+    lam = 0.0
+  diag, lowrank = [], []
+  for b, (lo, hi) in enumerate(segments):
+    s = basis.values[b]
+    trace = (1 - lam) * s.sum()
+    if evals is not None:
+      trace += lam * np.sum(evals[b] ** 2) / len(eval_psi)
+    floor = damping * max(trace / (hi - lo), np.finfo(np.float64).tiny)
+    a = 1.0 / ((1 - lam) * s + floor)
+    diag.append(a)
+    lowrank.append(_lowrank(a, evals[b] if evals is not None and lam > 0 else None,
+                            lam, len(eval_psi) if evals is not None else 1))
+  return QueryMetric(segments, np.concatenate(diag), lowrank, float(lam),
+                     float(damping), rank, 0 if eval_psi is None else len(eval_psi))
+
+
+def _lowrank(a: np.ndarray, e: np.ndarray | None, lam: float, n_eval: int
+             ) -> np.ndarray:
+  """C with ``C C^T = D_a - (D_a^(-1) + G G^T)^(-1)``, G = sqrt(lam/n) e^T."""
+  size = len(a)
+  if e is None:
+    return np.zeros((size, 0))
+  g = np.sqrt(lam / n_eval) * e.T                      # [size, n_eval]
+  if n_eval < size:
+    # Woodbury: n_eval columns.
+    ag = a[:, None] * g
+    chol = np.linalg.cholesky(np.eye(n_eval) + g.T @ ag)
+    return np.linalg.solve(chol, ag.T).T
+  # At most size columns: factor the difference directly.
+  r_inv = np.linalg.inv(np.diag(1.0 / a) + g @ g.T)
+  w, u = np.linalg.eigh(np.diag(a) - r_inv)
+  keep = w > 0
+  return u[:, keep] * np.sqrt(w[keep])

@@ -1,7 +1,8 @@
 """The stages of tracing a corpus, as library functions.
 
-checkpoint -> encoder -> preconditioner (corpus sample + queries) ->
-corpus encodings (store, or streamed) -> query encodings -> top-k -> results.
+checkpoint -> encoder -> R_train's basis (corpus sample) -> corpus rows in
+that basis (store, or streamed) -> the query set's R^(-1) and query vectors
+-> top-k -> results.
 
 Each stage takes plain config dataclasses (``tracer.config``) and runs the
 same way on one process or many. With P processes (``jax.distributed``):
@@ -10,9 +11,14 @@ same way on one process or many. With P processes (``jax.distributed``):
   no encoding is ever sent to another host (``encode_corpus``);
 * the work list is decided once, by process 0, and broadcast, so processes
   cannot diverge and a rerun after any host died does only what is missing;
-* R's moments are summed on each host over its own rows and all-reduced
-  (``fit_preconditioner``); the fitted R is saved with the run and reused
-  when the same fit is asked again (``load_or_fit_preconditioner``).
+* R_train's moments are summed on each host over its own rows and
+  all-reduced (``train_moments``); its eigenbasis is kept with the store (or
+  saved and reused in streaming mode, ``load_or_fit_basis``).
+
+The store is query-independent: rows are ``phi`` in R_train's eigenbasis.
+A query set's task-specific R (lambda rule, damping, R_eval from the queries)
+is applied at scan time, exactly (``query_metric``; the math is in
+``tracer.hessian``), so a new query set never re-encodes the corpus.
 
 Progress is reported through an optional ``progress(done, total)`` callback
 (this process's items); nothing here prints.
@@ -20,7 +26,6 @@ Progress is reported through an optional ``progress(done, total)`` callback
 
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Callable, Iterator, Sequence
 
@@ -131,35 +136,29 @@ def read_padded(corpus, rows: np.ndarray, size: int) -> tuple[dict, np.ndarray]:
   return {k: v[take] for k, v in examples.items()}, np.arange(size) < n
 
 
-# --- preconditioner -----------------------------------------------------------
+# --- R: the store's basis, and each query set's metric ----------------------
 
-def fit_key(params_fingerprint: str, encoder: GradientEncoder, correction_kind: str,
-            epsilon: float, corpus, query_examples: dict,
-            cfg: PreconditionerConfig) -> dict:
-  """Everything a fitted R depends on; equal keys mean an equal fit."""
-  queries = hashlib.sha256()
-  for k in sorted(query_examples):
-    queries.update(k.encode() + np.ascontiguousarray(query_examples[k]).tobytes())
+def basis_key(params_fingerprint: str, encoder: GradientEncoder,
+              correction_kind: str, epsilon: float, corpus,
+              cfg: PreconditionerConfig) -> dict:
+  """Everything R_train's basis depends on (no query set does); equal keys
+  mean an equal fit."""
   key = {"params_fingerprint": params_fingerprint, "correction": correction_kind,
          "epsilon": float(epsilon), "dim": encoder.dim,
          "projection_seed": encoder.layout.seed, "corpus": corpus.source,
-         "num_rows": len(corpus), "config": cfg.to_dict(),
-         "queries": queries.hexdigest()[:16] if cfg.task_specific else None}
+         "num_rows": len(corpus), "kind": cfg.kind,
+         "train_examples": cfg.train_examples, "sample_seed": cfg.sample_seed}
   return json.loads(json.dumps(key))
 
 
-def fit_preconditioner(encoder: GradientEncoder, corpus, query_examples: dict,
-                       cfg: PreconditionerConfig, batch_size: int,
-                       progress: ProgressFn = None, key: dict | None = None
-                       ) -> hessian.Preconditioner | None:
-  """R^(-1/2) from a corpus sample (and the queries when task-specific).
+def train_moments(encoder: GradientEncoder, corpus, cfg: PreconditionerConfig,
+                  batch_size: int, progress: ProgressFn = None) -> hessian.Moments:
+  """R_train's moments over a seeded corpus sample (``cfg.train_examples``).
 
-  The sample (``cfg.train_examples`` rows, seeded) is cut into global batches
-  of ``batch_size``; each process reads only the rows of its own positions,
-  and the moments' sums over rows are all-reduced on the mesh.
+  The sample is cut into global batches of ``batch_size``; each process reads
+  only the rows of its own positions, and the sums over rows are all-reduced
+  on the mesh.
   """
-  if cfg.kind == "none":
-    return None
   rows = sample_rows(len(corpus), cfg.train_examples, cfg.sample_seed)
   train = hessian.init_moments(encoder.layout, cfg.kind)
   for lo in range(0, len(rows), batch_size):
@@ -170,48 +169,128 @@ def fit_preconditioner(encoder: GradientEncoder, corpus, query_examples: dict,
     train = encoder.accumulate(train, encoder.project_local(
         examples, valid, data_lib.RowIds(corpus, mine)))
     _report(progress, lo + len(batch_rows), len(rows))
-  eval_ = None
-  if cfg.task_specific:
-    eval_ = hessian.init_moments(encoder.layout, cfg.kind)
-    for batch in example_slices(query_examples, batch_size):
-      eval_ = encoder.accumulate(eval_, encoder.project_global(batch))
-  pre = hessian.fit(train, eval_, kind=cfg.kind, dim=encoder.dim,
-                    layout_seed=encoder.layout.seed, rank=cfg.rank,
-                    damping=cfg.damping, lam=cfg.lam)
-  pre.fit_key = key
-  return pre
+  return train
 
 
-def load_or_fit_preconditioner(location: str, key: dict, fit: Callable[[], hessian.
-                               Preconditioner | None]
-                               ) -> tuple[hessian.Preconditioner | None, bool]:
-  """The preconditioner saved at ``location`` if it was fitted with ``key``,
-  else ``fit()``, saved there (by process 0). Returns it and whether it was
-  reused."""
+def fit_basis(encoder: GradientEncoder, corpus, cfg: PreconditionerConfig,
+              batch_size: int, progress: ProgressFn = None, key: dict | None = None
+              ) -> hessian.Basis | None:
+  """R_train's eigenbasis (None for ``kind="none"``): the coordinates of a
+  query-independent store."""
+  if cfg.kind == "none":
+    return None
+  basis = hessian.fit_basis(train_moments(encoder, corpus, cfg, batch_size, progress),
+                            dim=encoder.dim, layout_seed=encoder.layout.seed,
+                            kind=cfg.kind)
+  basis.fit_key = key
+  return basis
+
+
+def load_or_fit_basis(location: str, key: dict,
+                      fit: Callable[[], hessian.Basis | None]
+                      ) -> tuple[hessian.Basis | None, bool]:
+  """The basis saved at ``location`` if it was fitted with ``key``, else
+  ``fit()``, saved there (by process 0). Returns it and whether it was reused."""
   if storage.exists(location):
-    saved = hessian.Preconditioner.load(location)
+    saved = hessian.Basis.load(location)
     if saved.fit_key == key:
       return saved, True
-  pre = fit()
-  if pre is not None and jax.process_index() == 0:
-    pre.save(location)
-  return pre, False
+  basis = fit()
+  if basis is not None and jax.process_index() == 0:
+    basis.save(location)
+  return basis, False
+
+
+def rotate(basis: hessian.Basis | None, phi: jax.Array) -> jax.Array:
+  """Projections in the basis' coordinates (as they are without a basis)."""
+  return phi if basis is None else basis.rotate(phi)
+
+
+def query_metric(encoder: GradientEncoder, basis: hessian.Basis | None,
+                 query_examples: dict, cfg: PreconditionerConfig,
+                 batch_size: int, ids: Sequence[str] | None = None
+                 ) -> tuple[hessian.QueryMetric, np.ndarray]:
+  """A query set's scan-time R^(-1) and the scan's query vectors.
+
+  Projects the queries (never a corpus row), puts them in the basis'
+  coordinates, fits R from the basis and (``cfg.task_specific``) the queries
+  themselves as the eval set. Returns the metric and ``R^(-1) q / ||q||_R``,
+  float32 ``[Q, d]``: a scan with ``metric.row_metric()`` then gives exactly
+  TrackStar's ``unit(R^(-1/2) phi_m) . unit(R^(-1/2) phi_q)``.
+  """
+  psi = np.concatenate([
+      partitioning.fetch(rotate(basis, encoder.project(
+          batch, None if ids is None else ids[lo:lo + batch_size])))
+      for lo, batch in zip(range(0, len(query_examples["inputs"]), batch_size),
+                           example_slices(query_examples, batch_size))])
+  if basis is None:
+    metric = hessian.identity_metric(encoder.dim)
+  else:
+    metric = hessian.fit_metric(basis, psi if cfg.task_specific else None,
+                                rank=cfg.rank, damping=cfg.damping, lam=cfg.lam)
+  return metric, metric.query_vectors(psi)
 
 
 # --- the store ------------------------------------------------------------------
 
+BASIS_FILE = "basis.npz"
+
+
 def manifest(ckpt: ckpt_lib.Checkpoint, encoder: GradientEncoder,
              correction_kind: str, epsilon: float,
-             pre: hessian.Preconditioner | None, corpus, cfg: EncodeConfig,
+             basis: hessian.Basis | None, corpus, cfg: EncodeConfig,
              params_fingerprint: str | None = None) -> store_lib.Manifest:
   return store_lib.Manifest(
       checkpoint=storage.normalize(ckpt.path), step=ckpt.step,
       params_fingerprint=params_fingerprint or store_lib.fingerprint(ckpt.params),
       correction=correction_kind, epsilon=float(epsilon),
       projection_seed=encoder.layout.seed, layout=encoder.layout.to_json(),
-      dim=encoder.dim, preconditioner_fingerprint=pre.fingerprint() if pre else None,
+      dim=encoder.dim, basis_fingerprint=basis.fingerprint() if basis else None,
       dtype=cfg.store_dtype, corpus=corpus.source, num_rows=len(corpus),
       chunk_rows=cfg.chunk_rows)
+
+
+def store_basis(store: store_lib.EncodingStore) -> hessian.Basis | None:
+  """The basis a store's rows are in (checked against its manifest)."""
+  data = store.attachment(BASIS_FILE)
+  if data is None:
+    basis = None
+  else:
+    basis = hessian.Basis.load(storage.join(store.path, BASIS_FILE), data)
+  if (basis.fingerprint() if basis else None) != store.manifest.basis_fingerprint:
+    raise store_lib.IncompatibleStoreError(
+        f"{store.path}: {BASIS_FILE} does not match the manifest's "
+        "basis_fingerprint")
+  return basis
+
+
+def existing_store(location: str, expected: store_lib.Manifest,
+                   cfg: PreconditionerConfig | None = None
+                   ) -> store_lib.EncodingStore | None:
+  """The store at ``location`` if there is one, checked against what this run
+  would write (every field but the basis, which the store brings) and, given
+  ``cfg``, against its basis settings; None if there is none."""
+  if not storage.exists(storage.join(location, store_lib.MANIFEST)):
+    return None
+  store = store_lib.open_store(location)
+  fields = [f for f in store_lib.ENCODING_FIELDS + store_lib.STORAGE_FIELDS
+            if f != "basis_fingerprint"]
+  store.manifest.check_compatible(expected, fields, where=location, other="this run")
+  basis = store_basis(store)
+  if cfg is None:
+    return store
+  have = {"kind": basis.kind if basis else "none",
+          **{k: (basis.fit_key or {}).get(k) for k in ("train_examples", "sample_seed")
+             if basis}}
+  want = {"kind": cfg.kind, "train_examples": cfg.train_examples,
+          "sample_seed": cfg.sample_seed}
+  diffs = [f"{k}: store has {v!r}, this run has {want[k]!r}"
+           for k, v in have.items() if v != want[k]]
+  if diffs:
+    raise store_lib.IncompatibleStoreError(
+        f"{location}: its basis was fitted with other PreconditionerConfig "
+        f"settings ({'; '.join(diffs)})")
+  return store
 
 
 def _barrier(name: str) -> None:
@@ -220,13 +299,16 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def open_store(location: str, manifest_: store_lib.Manifest) -> store_lib.EncodingStore:
-  """Creates or resumes the store; process 0 creates it before the others open it."""
+def open_store(location: str, manifest_: store_lib.Manifest,
+               basis: hessian.Basis | None = None) -> store_lib.EncodingStore:
+  """Creates or resumes the store, with its basis; process 0 creates it before
+  the others open it."""
+  attachments = {BASIS_FILE: basis.to_bytes()} if basis is not None else None
   if jax.process_count() > 1:
     if jax.process_index() == 0:
-      store_lib.create_or_open(location, manifest_)
+      store_lib.create_or_open(location, manifest_, attachments)
     _barrier("tracer-store-created")
-  return store_lib.create_or_open(location, manifest_)
+  return store_lib.create_or_open(location, manifest_, attachments)
 
 
 def agreed_pending_chunks(store: store_lib.EncodingStore) -> np.ndarray:
@@ -288,11 +370,14 @@ def _run_local_batches(encoder: GradientEncoder, corpus,
   return data_lib.prefetch(items(), depth=1)
 
 
-def encode_corpus(encoder: GradientEncoder, pre, corpus,
+def encode_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
                   store: store_lib.EncodingStore, batch_size: int,
                   progress: ProgressFn = None) -> int:
   """Encodes every chunk not yet marked done; a rerun resumes. Returns the
   rows this process encoded.
+
+  Rows are the projections ``phi`` in ``basis``' coordinates, unnormalized:
+  no query set enters them (``query_metric`` supplies R at scan time).
 
   The pending chunks (``agreed_pending_chunks``) are dealt round-robin to the
   mesh's data groups (``partitioning.data_groups``: one per process unless
@@ -312,8 +397,9 @@ def encode_corpus(encoder: GradientEncoder, pre, corpus,
   ranges = (store.chunk_bounds(c) for c in list(mine))
   for rows, examples, valid in _run_local_batches(encoder, corpus, ranges,
                                                   max(group_rows), batch_size):
-    enc = encoder.encode_local(examples, valid, pre,
-                               ids=data_lib.RowIds(corpus, rows))[:len(rows)]
+    phi = encoder.project_local(examples, valid, data_lib.RowIds(corpus, rows)).phi
+    enc = partitioning.local_part(rotate(basis, phi), axis=1).reshape(
+        -1, encoder.dim)[:len(rows)]
     lo = 0
     while lo < len(rows):
       start, stop = store.chunk_bounds(mine[0])
@@ -336,10 +422,11 @@ def encode_corpus(encoder: GradientEncoder, pre, corpus,
   return encoded
 
 
-def stream_corpus(encoder: GradientEncoder, pre, corpus,
-                  query_encodings: np.ndarray, k: int, batch_size: int,
-                  progress: ProgressFn = None) -> scan_lib.TopK:
-  """Streaming mode: each corpus batch is scored as it is encoded, no store.
+def stream_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
+                  query_vectors: np.ndarray, metric: hessian.QueryMetric, k: int,
+                  batch_size: int, progress: ProgressFn = None) -> scan_lib.TopK:
+  """Streaming mode: each corpus batch is scored as it is encoded, no store
+  (``query_vectors`` and ``metric`` from ``query_metric``).
 
   Rows are split into one contiguous range per data group; each process reads
   and encodes its own, and only top-k candidates cross hosts.
@@ -347,7 +434,8 @@ def stream_corpus(encoder: GradientEncoder, pre, corpus,
   groups, group, _ = partitioning.data_groups(encoder.mesh)
   n = len(corpus)
   bounds = [(g * n // groups, (g + 1) * n // groups) for g in range(groups)]
-  scanner = scan_lib.StreamingScanner(query_encodings, k, encoder.mesh)
+  scanner = scan_lib.StreamingScanner(query_vectors, k, encoder.mesh,
+                                      metric=metric.row_metric())
   done = 0
   for rows, examples, valid in _run_local_batches(
       encoder, corpus, iter(bounds[group:group + 1]),
@@ -355,7 +443,7 @@ def stream_corpus(encoder: GradientEncoder, pre, corpus,
     projected = encoder.project_local(examples, valid, data_lib.RowIds(corpus, rows))
     ids = np.zeros(len(valid), np.int32)
     ids[:len(rows)] = rows
-    scanner.add_stepped(encoder.finish(projected.phi, pre), encoder.put_local(ids),
+    scanner.add_stepped(rotate(basis, projected.phi), encoder.put_local(ids),
                         projected.valid)
     done += len(rows)
     _report(progress, done, bounds[group][1] - bounds[group][0])

@@ -5,6 +5,12 @@ Layout of a store directory::
   manifest.json      what makes these encodings comparable (see ``Manifest``)
   encodings/         tensorstore zarr v3 array, one zarr chunk per ``chunk_rows`` rows
   progress/          one ``<chunk>.done`` marker per chunk whose rows are written
+  <attachments>      files written with the store, before its manifest (the
+                     pipeline keeps the basis its rows are in: ``basis.npz``)
+
+Rows are query-independent: no query set's choice is baked into them, so one
+store serves every query set (``tracer.hessian`` applies each set's R at scan
+time).
 
 Writing is resumable and deterministic: chunk ``c`` holds rows
 ``[c * chunk_rows, (c + 1) * chunk_rows)`` and is written whole, then marked
@@ -54,12 +60,15 @@ class IncompatibleStoreError(InputError):
   """A store's manifest disagrees with what the caller expects."""
 
 
+FORMAT = "tracer.store.v2"
 # Fields that define the vector space the encodings live in: two sets of
 # encodings can be compared (dot products mean something) only if these agree.
+# Not the checkpoint's path (a moved checkpoint is the same checkpoint) nor
+# tracer's version (an upgrade must not orphan a 10 TB store): the format and
+# the encoder's kernel say what a version changes.
 ENCODING_FIELDS = (
-    "checkpoint", "step", "params_fingerprint", "correction", "epsilon",
-    "projection_seed", "layout", "dim", "preconditioner_fingerprint",
-    "tracer_version")
+    "step", "params_fingerprint", "correction", "epsilon", "projection_seed",
+    "layout", "dim", "basis_fingerprint", "kernel", "format")
 # Fields that describe how and what was stored; they must also agree to resume.
 STORAGE_FIELDS = ("dtype", "corpus", "num_rows", "chunk_rows")
 
@@ -78,12 +87,16 @@ class Manifest:
     projection_seed: seed of the random projections.
     layout: JSON-able description of the projection blocks (opaque here).
     dim: encoding dimension d.
-    preconditioner_fingerprint: ``fingerprint`` of R^(-1/2), or None.
+    basis_fingerprint: ``fingerprint`` of the basis the rows are in (R_train's
+      eigenbasis, ``tracer.hessian.Basis``), or None (the projections as is).
+    kernel: how per-example projections were computed ("exact": materialized
+      per-example gradients).
+    format: the store format (``FORMAT``).
     dtype: storage dtype, "bfloat16" or "float32".
     corpus: where the rows came from (a source string).
     num_rows: N.
     chunk_rows: rows per stored chunk.
-    tracer_version: version of tracer that wrote the encodings.
+    tracer_version: version of tracer that wrote the encodings (informative).
   """
   checkpoint: str
   step: int
@@ -93,7 +106,9 @@ class Manifest:
   projection_seed: int
   layout: Any
   dim: int
-  preconditioner_fingerprint: str | None
+  basis_fingerprint: str | None
+  kernel: str = "exact"
+  format: str = FORMAT
   dtype: str = "bfloat16"
   corpus: str = ""
   num_rows: int = 0
@@ -108,6 +123,9 @@ class Manifest:
   @classmethod
   def from_dict(cls, d: dict[str, Any], where: str = MANIFEST) -> Manifest:
     names = {f.name for f in dataclasses.fields(cls)}
+    if "preconditioner_fingerprint" in d and "format" not in d:
+      raise InputError(f"{where}: a store of an earlier format (its rows carry one "
+                       f"query set's preconditioner); encode the corpus again")
     unknown = sorted(set(d) - names)
     if unknown:
       raise InputError(f"{where}: unknown field(s) {unknown}")
@@ -315,6 +333,10 @@ class EncodingStore:
     # The marker goes last: a chunk without one is rewritten whole on resume.
     storage.write_bytes(self._marker(chunk), b"")
 
+  def attachment(self, name: str) -> bytes | None:
+    """A file written with the store (``create_or_open``), or None."""
+    return storage.read_bytes(storage.join(self.path, name))
+
   def unmark(self, chunk: int) -> None:
     """Removes a chunk's done marker, so the next encode rewrites it."""
     self.chunk_bounds(chunk)
@@ -364,14 +386,15 @@ class EncodingStore:
             f"dtype={self.manifest.dtype})")
 
 
-def create_or_open(path: str | os.PathLike[str],
-                   manifest: Manifest) -> EncodingStore:
+def create_or_open(path: str | os.PathLike[str], manifest: Manifest,
+                   attachments: dict[str, bytes] | None = None) -> EncodingStore:
   """Creates a store, or opens an existing one with the same manifest to resume.
 
-  The manifest is written last (one atomic write), so a location with a
-  manifest always holds a created array. A location without one is a creation
-  that never finished and is reset. With several hosts, call this on process 0
-  first, synchronize, then on the others.
+  ``attachments`` (name -> bytes) are written with a new store, before its
+  manifest. The manifest is written last (one atomic write), so a location
+  with a manifest always holds a created array and its attachments. A location
+  without one is a creation that never finished and is reset. With several
+  hosts, call this on process 0 first, synchronize, then on the others.
 
   Raises:
     IncompatibleStoreError: ``path`` holds a store with a different manifest.
@@ -385,8 +408,10 @@ def create_or_open(path: str | os.PathLike[str],
     return store
   if not storage.is_url(path) and os.path.exists(path) and not os.path.isdir(path):
     raise InputError(f"{path}: exists and is not a directory")
+  attachments = attachments or {}
   names = storage.list_dir(path)
-  strangers = sorted({n.split("/", 1)[0] for n in names} - {ARRAY_DIR, PROGRESS_DIR})
+  strangers = sorted({n.split("/", 1)[0] for n in names}
+                     - {ARRAY_DIR, PROGRESS_DIR, *attachments})
   if strangers:
     raise InputError(f"{path}: not an encoding store (no {MANIFEST}) and not "
                      f"empty: {strangers[:5]}")
@@ -397,6 +422,8 @@ def create_or_open(path: str | os.PathLike[str],
   storage.make_local_dirs(path)
   array = ts.open(_array_spec(path, manifest), create=True, delete_existing=True,
                   context=storage.CONTEXT).result()
+  for name, data in attachments.items():
+    storage.write_bytes(storage.join(path, name), data)
   storage.write_text(storage.join(path, MANIFEST),
                      json.dumps(manifest.to_dict(), indent=2, sort_keys=True))
   return EncodingStore(path, manifest, array)

@@ -1,0 +1,148 @@
+"""Scan-time preconditioning equals TrackStar's re-encode path.
+
+The re-encode path (``hessian.fit``: R^(-1/2) of the mixed R, applied to both
+sides, unit norm) against the store's path (rows in R_train's eigenbasis,
+``hessian.fit_metric``'s R^(-1) applied at scan time): the same scores to 1e-4
+and the same top-k, for block and full R, with and without the task-specific
+mix, on 1 and 8 devices.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from tracer import hessian
+from tracer import partitioning
+from tracer import projection
+from tracer import scan
+from tracer.encoder import unit_normalize
+
+pytestmark = pytest.mark.filterwarnings("ignore:R is estimated")
+
+K = 7
+PARAMS = {"attn": np.zeros((24, 20), np.float32), "mlp": np.zeros((16, 10), np.float32),
+          "norm": np.zeros(9, np.float32)}
+
+
+@pytest.fixture(scope="module")
+def data():
+  """Projections with a heavy-tailed spectrum; queries share a common
+  direction (what the task-specific mix down-weights)."""
+  layout = projection.make_layout(PARAMS, 400, 0)
+  rng = np.random.default_rng(0)
+  d = layout.dim
+  scale = np.exp(rng.normal(size=d) * 1.5)
+  corpus = (rng.normal(size=(500, d)) * scale).astype(np.float32)
+  common = rng.normal(size=d) * scale * 5
+  queries = (rng.normal(size=(30, d)) * scale + common).astype(np.float32)
+  return layout, corpus, queries
+
+
+def _moments(layout, x, kind):
+  return hessian.accumulate(hessian.init_moments(layout, kind), x)
+
+
+CASES = [(kind, task, n_train) for kind in ("block", "full")
+         for task in (False, True) for n_train in (80, 400)]
+
+
+@pytest.mark.parametrize("kind,task_specific,n_train", CASES)
+def test_scan_time_scores_equal_the_re_encode_path(data, kind, task_specific,
+                                                   n_train):
+  layout, corpus, queries = data
+  train = _moments(layout, corpus[:n_train], kind)
+  eval_ = _moments(layout, queries, kind) if task_specific else None
+  pre = hessian.fit(train, eval_, kind=kind, dim=layout.dim, layout_seed=0,
+                    rank=4, damping=0.1)
+  enc_c = np.asarray(unit_normalize(pre.apply(corpus)), np.float64)
+  enc_q = np.asarray(unit_normalize(pre.apply(queries)), np.float64)
+  want = enc_q @ enc_c.T
+
+  basis = hessian.fit_basis(train, dim=layout.dim, layout_seed=0, kind=kind)
+  psi_c = np.asarray(basis.rotate(corpus))
+  psi_q = np.asarray(basis.rotate(queries))
+  metric = hessian.fit_metric(basis, psi_q if task_specific else None, rank=4,
+                              damping=0.1)
+  assert metric.lam == pytest.approx(pre.lam, rel=1e-4, abs=1e-12)
+  if task_specific:
+    assert 0 < metric.lam < 1
+  vectors = metric.query_vectors(psi_q)
+  got = vectors.astype(np.float64) @ psi_c.T / metric.norms(psi_c)
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+  # A meaningful comparison: R changes the scores.
+  plain = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ (
+      corpus / np.linalg.norm(corpus, axis=1, keepdims=True)).T
+  assert np.abs(plain - want).max() > 1e-2
+
+  for devices in (1, 8):
+    mesh = partitioning.make_mesh(devices=jax.devices()[:devices])
+    old = scan.scan_arrays(enc_c.astype(np.float32), enc_q.astype(np.float32), K,
+                           mesh=mesh, chunk_rows=96)
+    new = scan.scan_arrays(psi_c, vectors, K, mesh=mesh, chunk_rows=96,
+                           metric=metric.row_metric())
+    np.testing.assert_array_equal(new.proponent_rows, old.proponent_rows)
+    np.testing.assert_array_equal(new.opponent_rows, old.opponent_rows)
+    np.testing.assert_allclose(new.proponent_scores, old.proponent_scores,
+                               atol=1e-4)
+    np.testing.assert_allclose(new.opponent_scores, old.opponent_scores,
+                               atol=1e-4)
+
+
+def test_streaming_and_store_scans_take_the_metric(data, tmp_path):
+  layout, corpus, queries = data
+  basis = hessian.fit_basis(_moments(layout, corpus[:200], "block"),
+                            dim=layout.dim, layout_seed=0)
+  psi_c = np.asarray(basis.rotate(corpus))
+  psi_q = np.asarray(basis.rotate(queries))
+  metric = hessian.fit_metric(basis, psi_q, rank=4)
+  vectors = metric.query_vectors(psi_q)
+  want = scan.scan_arrays(psi_c, vectors, K, metric=metric.row_metric())
+  streaming = scan.StreamingScanner(vectors, K, metric=metric.row_metric())
+  for lo in range(0, len(psi_c), 170):
+    streaming.add(psi_c[lo:lo + 170], np.arange(lo, min(lo + 170, len(psi_c))))
+  got = streaming.result()
+  for field in ("proponent_rows", "opponent_rows"):
+    np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+  np.testing.assert_allclose(got.proponent_scores, want.proponent_scores, atol=1e-6)
+
+
+def test_zero_rows_score_zero_and_shapes_are_checked(data):
+  layout, corpus, queries = data
+  basis = hessian.fit_basis(_moments(layout, corpus[:200], "block"),
+                            dim=layout.dim, layout_seed=0)
+  psi_q = np.asarray(basis.rotate(queries))
+  metric = hessian.fit_metric(basis, psi_q, rank=4)
+  rows = np.asarray(basis.rotate(corpus[:20])).copy()
+  rows[5] = 0
+  top = scan.scan_arrays(rows, metric.query_vectors(psi_q), 20,
+                         metric=metric.row_metric())
+  zero = top.proponent_scores[top.proponent_rows == 5]
+  np.testing.assert_array_equal(zero, 0)
+  with pytest.raises(ValueError, match="metric: built for d"):
+    scan.scan_arrays(rows[:, :-1], metric.query_vectors(psi_q)[:, :-1], 3,
+                     metric=metric.row_metric())
+
+
+def test_identity_metric_is_the_cosine(data):
+  _, corpus, queries = data
+  metric = hessian.identity_metric(corpus.shape[1])
+  got = metric.query_vectors(queries).astype(np.float64) @ corpus.T / metric.norms(
+      corpus)
+  want = (queries / np.linalg.norm(queries, axis=1, keepdims=True)) @ (
+      corpus / np.linalg.norm(corpus, axis=1, keepdims=True)).T
+  np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_basis_round_trips(data, tmp_path):
+  layout, corpus, _ = data
+  basis = hessian.fit_basis(_moments(layout, corpus[:100], "block"),
+                            dim=layout.dim, layout_seed=0)
+  basis.fit_key = {"kind": "block", "n": 100}
+  basis.save(str(tmp_path / "b.npz"))
+  back = hessian.Basis.load(str(tmp_path / "b.npz"))
+  assert back.fingerprint() == basis.fingerprint()
+  assert back.fit_key == basis.fit_key and back.segments == basis.segments
+  np.testing.assert_array_equal(np.asarray(back.rotate(corpus[:3])),
+                                np.asarray(basis.rotate(corpus[:3])))

@@ -1,0 +1,370 @@
+"""The jitted core of the exact top-k scan: scores, selection, merge.
+
+A step folds one chunk of rows into a running top-k. The chunk is split over
+every device of the mesh (``partitioning.rows_sharding``); each device scores
+its rows against all queries in fp32, keeps its local top-k, and the
+per-device candidates (``k`` per device and query) are gathered and merged
+into a running top-k held replicated on every device. Memory is bounded by the
+chunk size, never by N x Q.
+
+Ordering is exact and deterministic: proponents by score descending,
+opponents by score ascending, ties broken by the lower row id. Scores are
+fp32 dot products; bf16 chunks are never rounded further (see ``_scores``).
+NaN scores (from non-finite encodings) rank last and are reported as -inf
+(proponents) or +inf (opponents).
+
+Scan-time preconditioning (``RowMetric``): rows may be stored in the
+coordinates of a query-independent basis; a query set's metric R^(-1) is then
+``diag(a) - sum_b C_b C_b^T`` (block b's low-rank part), each query arrives
+as ``R^(-1) q / ||q||_R``, and each row's score is divided by its own norm
+``sqrt(x^T R^(-1) x)``, computed in the same step from the same rows: extra
+matmul columns (the ``C_b``) and a weighted sum of squares.
+
+Cost: per step, one matmul (the roofline) plus a selection that is cheap once
+the running k-th best is high: a device only ranks the row blocks whose
+maximum reaches it (``_select_rows``). The host side (buffers, sources,
+prefetch) is ``tracer.scan``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh
+
+from tracer import partitioning
+from tracer.errors import InputError
+
+INVALID_ROW = np.iinfo(np.int32).max  # row id of padding; loses every tie
+
+
+class TopKState(NamedTuple):
+  """Running top-k, replicated on every device.
+
+  Proponent scores are sorted descending, opponent scores ascending; slots not
+  yet filled hold -inf / +inf and row ``INVALID_ROW``.
+  """
+  proponent_scores: jax.Array  # f32[Q, k]
+  proponent_rows: jax.Array  # i32[Q, k]
+  opponent_scores: jax.Array  # f32[Q, k]
+  opponent_rows: jax.Array  # i32[Q, k]
+
+
+class TopK(NamedTuple):
+  """Final result on the host; ``n = min(k, rows scanned)`` columns."""
+  proponent_rows: np.ndarray  # int64[Q, n]
+  proponent_scores: np.ndarray  # f32[Q, n], descending
+  opponent_rows: np.ndarray  # int64[Q, n]
+  opponent_scores: np.ndarray  # f32[Q, n], ascending
+
+
+class RowMetric(NamedTuple):
+  """A query set's metric R^(-1) = diag(diag) - sum_b C_b C_b^T, where C_b
+  (``lowrank[b]``, ``[hi - lo, r_b]``) acts on columns ``segments[b]``.
+
+  Built by ``tracer.hessian.QueryMetric.row_metric``; rows' scores are divided
+  by their norm ``sqrt(x^T R^(-1) x)``.
+  """
+  diag: jax.Array                  # f32[d]
+  lowrank: tuple[jax.Array, ...]   # f32[hi - lo, r_b] per segment
+  segments: tuple[tuple[int, int], ...]
+
+
+def _mesh(mesh: Mesh | None) -> Mesh:
+  return partitioning.make_mesh() if mesh is None else mesh
+
+
+def _bf16_head(x: jax.Array) -> jax.Array:
+  """``x`` (f32) truncated to its top 8 significand bits: exact in bf16."""
+  bits = lax.bitcast_convert_type(x, jnp.uint32) & jnp.uint32(0xFFFF0000)
+  return lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _scores(x: jax.Array, queries: jax.Array) -> jax.Array:
+  """fp32 scores ``[r, Q]`` of rows ``x [r, d]`` against ``queries f32[Q, d]``.
+
+  Rows stay the leading axis: it is the faster matmul output on CPU, and the
+  selection below reduces over row blocks without a transpose.
+  """
+  contract = (((1,), (1,)), ((), ()))
+  if x.dtype == jnp.bfloat16:
+    # Split each fp32 query into three bf16 terms that sum to it exactly
+    # (8 + 8 + 8 significand bits). bf16 x bf16 products are exact in fp32, so
+    # three bf16 matmuls with fp32 accumulation give fp32 scores against the
+    # stored bf16 values, at bf16 matmul speed, without an upcast pass.
+    # The terms come from bit masks, not f32 -> bf16 -> f32 round trips, which
+    # XLA may drop as "excess precision" (it does on GPU).
+    q1 = _bf16_head(queries)
+    rest = queries - q1
+    q2 = _bf16_head(rest)
+    q3 = rest - q2  # <= 8 significant bits left: exact in bf16
+    num_queries = queries.shape[0]
+    terms = jnp.concatenate([q1, q2, q3]).astype(jnp.bfloat16)
+    s = lax.dot_general(x, terms, contract, preferred_element_type=jnp.float32)
+    return (s[:, :num_queries] + s[:, num_queries:2 * num_queries]
+            + s[:, 2 * num_queries:])
+  # HIGHEST: GPUs would otherwise use TF32 and TPUs one bf16 pass.
+  return lax.dot_general(x.astype(jnp.float32), queries, contract,
+                         precision=lax.Precision.HIGHEST,
+                         preferred_element_type=jnp.float32)
+
+
+def _row_norms(x: jax.Array, diag: jax.Array, lowrank, segments) -> jax.Array:
+  """``sqrt(x^T R^(-1) x)`` of each row of ``x [r, d]`` (``RowMetric``), in fp32.
+
+  A zero row gets the smallest normal float, so its scores stay 0, as unit
+  normalization leaves a zero row zero.
+  """
+  x = x.astype(jnp.float32)
+  hi = lax.Precision.HIGHEST
+  n2 = jnp.dot(x * x, diag, precision=hi)
+  for (lo, up), c in zip(segments, lowrank):
+    if c.shape[1]:
+      t = jnp.dot(x[:, lo:up], c, precision=hi)
+      n2 = n2 - jnp.sum(t * t, axis=1)
+  return jnp.maximum(jnp.sqrt(jnp.maximum(n2, 0.0)), jnp.finfo(jnp.float32).tiny)
+
+
+def _block_size(rows: int, k: int) -> int | None:
+  """Block for the two-stage top-k, or None where one top_k is cheaper."""
+  # ~sqrt(rows / k) balances the two top_k sizes; XLA's CPU TopK costs about
+  # as much per element as a gather below 16.
+  block = 1 << max(4, int(round(np.log2(max(1.0, np.sqrt(rows / k))))))
+  nb = -(-rows // block)
+  return block if nb + k * block <= rows // 4 else None
+
+
+# The fast path of _select_rows gathers FAST_BLOCKS blocks and tries a top-c
+# for each c in FAST_LEVELS before a top-k.
+FAST_BLOCKS = 32
+FAST_LEVELS = (8, 32)
+
+
+def _select_rows(vals: jax.Array, rid: jax.Array, threshold: jax.Array,
+                 k: int) -> tuple[jax.Array, jax.Array]:
+  """Top-k candidates among the rows of ``vals [r, Q]``, for each query.
+
+  Returns ``(values, row ids)``, both ``[Q, k]``. With ``threshold = -inf``
+  they are exactly ``lax.top_k(vals.T, k)`` (ties to the lower position).
+  ``threshold [Q]`` is the running k-th best: only elements ``>= threshold``
+  can still enter the top-k, and only those are guaranteed; other slots may
+  hold any element or padding (``-inf``, ``INVALID_ROW``).
+
+  XLA's CPU TopK costs about 4 ns per element plus k log k per row, so:
+  1. Two stages: keep the k blocks with the largest maxima, then top-k
+     inside them. Every top-k element lies in a kept block (each block ranked
+     above an element's block holds a distinct element ranked above it), and
+     kept blocks stay in position order, so ties still go to the lower
+     position.
+  2. Fast path, once the threshold is high (most chunks of a large corpus):
+     if every query has at most FAST_BLOCKS blocks whose maximum reaches the
+     threshold, those blocks are all among the FAST_BLOCKS largest, and a
+     top-c of their elements, c >= how many reach the threshold, finds every
+     element that matters.
+  """
+  rows, num_queries = vals.shape
+  block = _block_size(rows, k)
+  if block is None:
+    v, pos = lax.top_k(vals.T, k)
+    return v, rid[pos]
+  nb = -(-rows // block)
+  if nb * block != rows:
+    vals = jnp.pad(vals, ((0, nb * block - rows), (0, 0)),
+                   constant_values=-jnp.inf)
+    rid = jnp.pad(rid, (0, nb * block - rows), constant_values=INVALID_ROW)
+  blocks = vals.reshape(nb, block, num_queries)
+  block_max = blocks.max(axis=1).T  # [Q, nb]
+
+  def gather(num_blocks):
+    _, kept = lax.top_k(block_max, num_blocks)
+    kept = jnp.sort(kept, axis=-1)  # [Q, L], position order
+    g = jnp.take_along_axis(blocks, kept.T[:, None, :], axis=0)  # [L, B, Q]
+    g = g.transpose(2, 0, 1).reshape(num_queries, num_blocks * block)
+    pos = (kept[:, :, None] * block + jnp.arange(block)).reshape(
+        num_queries, num_blocks * block)
+    return g, pos
+
+  def top(g, pos, c):
+    v, j = lax.top_k(g, c)
+    r = rid[jnp.take_along_axis(pos, j, axis=1)]
+    pad = ((0, 0), (0, k - c))
+    return (jnp.pad(v, pad, constant_values=-jnp.inf),
+            jnp.pad(r, pad, constant_values=INVALID_ROW))
+
+  def slow():
+    return top(*gather(k), k)
+
+  fast_blocks = min(FAST_BLOCKS, k // 2)
+  if fast_blocks < 8:
+    return slow()
+  # The last level takes any count: with more than k elements at or above
+  # the threshold, the chunk's own top-k are all among them.
+  levels = sorted({c for c in FAST_LEVELS if 2 * c <= k}
+                  | {min(k, fast_blocks * block)})
+
+  def fast():
+    g, pos = gather(fast_blocks)
+    above = jnp.sum(g >= threshold[:, None], axis=1).max()
+    level = jnp.sum(jnp.asarray(levels[:-1]) < above)
+    return lax.switch(level, [functools.partial(top, g, pos, c)
+                              for c in levels])
+
+  live = jnp.sum(block_max >= threshold[:, None], axis=1).max()
+  return lax.cond(live <= fast_blocks, fast, slow)
+
+
+def _local_candidates(x, row_ids, valid, queries, pro_kth, opp_kth, diag=None,
+                      lowrank=(), *, k: int, rows_sorted: bool, segments=None):
+  """One device's top-k candidates of its rows: 4 arrays ``[Q, min(k, r)]``.
+
+  ``pro_kth`` / ``opp_kth`` ``[Q]``: the running k-th best scores. With
+  ``segments`` (a ``RowMetric``), scores are divided by the rows' norms.
+  """
+  s = _scores(x, queries)  # [r, Q]
+  if segments is not None:
+    s = s / _row_norms(x, diag, lowrank, segments)[:, None]
+  rid = jnp.where(valid, row_ids.astype(jnp.int32), INVALID_ROW)
+  if not rows_sorted:
+    # top_k breaks ties by position; put positions in row-id order first.
+    order = jnp.argsort(rid, stable=True)
+    rid, s, valid = rid[order], s[order], valid[order]
+  ok = valid[:, None] & ~jnp.isnan(s)
+  s = jnp.where(s == 0, 0.0, s)  # -0.0 and 0.0 must tie, as in numpy
+  kl = min(k, x.shape[0])
+  pv, pr = _select_rows(jnp.where(ok, s, -jnp.inf), rid, pro_kth, kl)
+  ov, orow = _select_rows(jnp.where(ok, -s, -jnp.inf), rid, -opp_kth, kl)
+  return pv, pr, -ov, orow
+
+
+def _merge(scores, rows, cand_scores, cand_rows, k: int, largest: bool):
+  s = jnp.concatenate([scores, cand_scores], axis=1)
+  r = jnp.concatenate([rows, cand_rows], axis=1)
+  key, r = lax.sort((-s if largest else s, r), dimension=1, num_keys=2)
+  key, r = key[:, :k], r[:, :k]
+  return (-key if largest else key), r
+
+
+@functools.lru_cache(maxsize=None)
+def _init_fn(mesh: Mesh, num_queries: int, k: int):
+  def init():
+    shape = (num_queries, k)
+    no_row = jnp.full(shape, INVALID_ROW, jnp.int32)
+    return TopKState(jnp.full(shape, -jnp.inf, jnp.float32), no_row,
+                     jnp.full(shape, jnp.inf, jnp.float32), no_row)
+  return jax.jit(init, out_shardings=partitioning.replicated(mesh))
+
+
+@functools.lru_cache(maxsize=None)
+def step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments=None):
+  """The jitted ``update(state, x, row_ids, valid, queries, diag, lowrank)``:
+  ``update_topk`` without its checks and padding (rows a multiple of the
+  mesh size). ``segments``: the ``RowMetric``'s, or None for plain scores
+  (``diag`` and ``lowrank`` are then ignored)."""
+  rows = partitioning.rows_sharding(mesh).spec
+  ids = partitioning.rows_sharding(mesh, ndim=1).spec
+  rep = partitioning.replicated(mesh).spec
+  candidates = partitioning.every_device_spec(2, axis=1)
+  local = jax.shard_map(
+      functools.partial(_local_candidates, k=k, rows_sorted=rows_sorted,
+                        segments=segments),
+      mesh=mesh,
+      in_specs=(rows, ids, ids) + (rep,) * 5,
+      out_specs=(candidates,) * 4)
+
+  def update(state: TopKState, x, row_ids, valid, queries, diag=None,
+             lowrank=()) -> TopKState:
+    if diag is None:
+      diag = jnp.zeros((), jnp.float32)
+    # Candidates are [Q, devices * k]: the merge all-gathers them, k per
+    # device and query, never the scores.
+    ps, pr, os_, or_ = local(x, row_ids, valid, queries,
+                             state.proponent_scores[:, -1],
+                             state.opponent_scores[:, -1], diag, tuple(lowrank))
+    ps, pr = _merge(state.proponent_scores, state.proponent_rows, ps, pr, k, True)
+    os_, or_ = _merge(state.opponent_scores, state.opponent_rows, os_, or_, k,
+                      False)
+    return TopKState(ps, pr, os_, or_)
+
+  return jax.jit(update, out_shardings=partitioning.replicated(mesh))
+
+
+def init_topk(num_queries: int, k: int, mesh: Mesh | None = None) -> TopKState:
+  """An empty running top-k for ``num_queries`` queries, replicated on ``mesh``."""
+  if k < 1 or num_queries < 1:
+    raise InputError(f"k and num_queries must be >= 1, got k={k}, "
+                     f"num_queries={num_queries}")
+  return _init_fn(_mesh(mesh), int(num_queries), int(k))()
+
+
+def update_topk(state: TopKState, chunk_encodings, chunk_row_ids, queries,
+                valid_mask=None, *, mesh: Mesh | None = None,
+                rows_sorted: bool = False,
+                metric: RowMetric | None = None) -> TopKState:
+  """Folds one chunk into the running top-k.
+
+  Args:
+    state: from ``init_topk`` or a previous ``update_topk``.
+    chunk_encodings: ``[rows, d]`` bf16 or f32; rows are split over every
+      device of ``mesh`` (padded here if not divisible).
+    chunk_row_ids: int ``[rows]`` global row ids (< 2**31 - 1, unique).
+    queries: f32 ``[Q, d]``, replicated.
+    valid_mask: bool ``[rows]``; False rows never enter the top-k.
+    mesh: default ``partitioning.make_mesh()``.
+    rows_sorted: promise that row ids increase along the chunk with invalid
+      rows last, which skips a per-device sort.
+    metric: scan-time preconditioning (``RowMetric``); ``queries`` are then
+      ``R^(-1) q / ||q||_R`` in the rows' coordinates.
+
+  Under ``jax.distributed`` pass global ``jax.Array``s (e.g. from
+  ``jax.make_array_from_process_local_data``).
+
+  Returns:
+    The new state (inputs are not donated).
+  """
+  mesh = _mesh(mesh)
+  rows = chunk_encodings.shape[0]
+  if valid_mask is None:
+    valid_mask = jnp.ones((rows,), bool)
+  pad = partitioning.padded_size(rows, mesh.size) - rows
+  if pad:
+    chunk_encodings = jnp.pad(chunk_encodings, ((0, pad), (0, 0)))
+    chunk_row_ids = jnp.pad(chunk_row_ids, (0, pad))
+    valid_mask = jnp.pad(valid_mask, (0, pad))
+  if chunk_encodings.dtype not in (jnp.bfloat16, jnp.float32):
+    chunk_encodings = jnp.asarray(chunk_encodings, jnp.float32)
+  k = state.proponent_scores.shape[1]
+  if metric is None:
+    return step_fn(mesh, k, rows_sorted)(
+        state, chunk_encodings, chunk_row_ids, valid_mask, queries)
+  return step_fn(mesh, k, rows_sorted, metric.segments)(
+      state, chunk_encodings, chunk_row_ids, valid_mask, queries, metric.diag,
+      metric.lowrank)
+
+
+def finish(state: TopKState, rows_seen: int) -> TopK:
+  """Host copy of the running top-k, ``min(k, rows_seen)`` columns."""
+  n = min(state.proponent_scores.shape[1], rows_seen)
+
+  def host(a):
+    # Replicated: one addressable shard is the whole array, on every process.
+    return np.asarray(a.addressable_data(0))[:, :n]
+
+  return TopK(host(state.proponent_rows).astype(np.int64),
+              host(state.proponent_scores),
+              host(state.opponent_rows).astype(np.int64),
+              host(state.opponent_scores))
+
+
+@jax.jit
+def flatten_stepped(x, row_ids, valid):
+  # [steps, step] -> [step * steps] keeps each device's positions together
+  # (step is the axis split over devices), so no row changes device.
+  flat = lambda a: jnp.swapaxes(a, 0, 1).reshape(-1, *a.shape[2:])
+  return flat(x), flat(row_ids), flat(valid), jnp.sum(valid)
+
+
