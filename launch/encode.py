@@ -32,8 +32,8 @@ def run(workdir, corpus_source, store_path=None, basis_path=None, checkpoint=Non
       common.default_location(workdir, store_path, "store"), run_,
       config.make(PreconditionerConfig), store_lib.fingerprint(run_.ckpt.params),
       basis_path)
-  common.say(f"this process read {run_.corpus.rows_read} corpus rows; "
-             f"complete={store.is_complete()}")
+  # encoded_store returns once every host's chunks are written.
+  common.say(f"process 0 read {run_.corpus.rows_read} corpus rows")
   return store
 
 

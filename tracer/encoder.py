@@ -11,10 +11,11 @@ gradients are live per data shard.
 Two ways to feed a batch, one computation:
   * global (``project``, ``encode``): every process passes the whole batch;
     results come back whole (queries, tests, small corpora).
-  * process-local (``project_local``, ``encode_local``): every process passes
-    only the examples of its own positions (``local_positions``) and gets back
-    only their encodings; nothing crosses hosts but the model's own
-    collectives. This is how a corpus is encoded on a pod.
+  * process-local (``project_local``): every process passes only the
+    examples of its own positions (``local_positions``); the projections stay
+    where they were computed (``partitioning.local_part`` brings a process its
+    own rows), and nothing crosses hosts but the model's own collectives. This
+    is how a corpus is encoded on a pod (``tracer.pipeline.encode_corpus``).
 A batch of B examples is laid out as ``[steps, step_size]`` positions (B
 padded up); step ``s``'s positions are split over the ``data`` axis, so a
 process holds a fixed block of each step.
@@ -150,24 +151,6 @@ class GradientEncoder:
           f"encodings were returned")
     return Projected(phi, valid)
 
-  def encode_local(self, local_batch: Any, local_valid: np.ndarray,
-                   preconditioner: hessian.Preconditioner | None = None, *,
-                   normalize: bool = True, ids: Sequence[Any] | None = None
-                   ) -> np.ndarray:
-    """Encodings float32 ``[local_batch_size, dim]`` of this process's examples
-    (padding rows included, in order); nothing is gathered from other hosts."""
-    enc = self.finish(self.project_local(local_batch, local_valid, ids).phi,
-                      preconditioner, normalize)
-    return partitioning.local_part(enc, axis=1).reshape(-1, self.dim)
-
-  def finish(self, phi: jax.Array, preconditioner=None, normalize: bool = True
-             ) -> jax.Array:
-    """``unit(R^(-1/2) phi)`` (or less) of projections ``phi [..., d]``."""
-    self._check(preconditioner)
-    if preconditioner is not None:
-      phi = preconditioner.apply(phi)
-    return unit_normalize(phi) if normalize else phi
-
   def _check(self, preconditioner) -> None:
     if preconditioner is not None and preconditioner.dim != self.dim:
       raise ValueError(f"preconditioner has d={preconditioner.dim}, encoder d={self.dim}")
@@ -218,7 +201,10 @@ class GradientEncoder:
                        ) -> jax.Array:
     """``encode`` without the copy to host: ``[B, dim]`` on the mesh."""
     self._check(preconditioner)
-    return self.finish(self.project(batch, ids), preconditioner, normalize)
+    phi = self.project(batch, ids)
+    if preconditioner is not None:
+      phi = preconditioner.apply(phi)
+    return unit_normalize(phi) if normalize else phi
 
   def accumulate(self, moments: hessian.Moments, projected: Projected
                  ) -> hessian.Moments:
