@@ -4,10 +4,12 @@ r"""Benchmarks (not tests): encode vs. a training step, and the scan.
   python -m launch.benchmark --suite=scan
 
 encode: examples/s and tokens/s of ``GradientEncoder.encode`` (per-example
-gradients, correction, projection, unit norm) against a plain training step
-(forward + backward + AdamW update) on the same batch and model, and the peak
-memory XLA plans for each compiled program (arguments + outputs + temporaries),
-as ratios measured in the same process.
+gradients, correction, projection, unit norm), for each encoder kernel
+(``--kernels=exact,factored``), against a plain training step (forward +
+backward + AdamW update) on the same batch and model, and the peak memory XLA
+plans for each compiled program (arguments + outputs + temporaries), as ratios
+measured in the same process; and the largest power-of-two microbatch whose
+program XLA plans within ``--memory_budget_mb``.
 scan: ``launch.benchmark_scan`` (in-memory and store scans against numpy,
 faiss and the machine's roofline).
 
@@ -38,6 +40,10 @@ flags.DEFINE_list("dims", ["4096", "65536"], "Projection dims for encode.")
 flags.DEFINE_integer("batch_size", 0, "Examples per call (0: 32 tiny, 8 others).")
 flags.DEFINE_integer("microbatch_size", 0, "Encoder microbatch (0: batch/devices).")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions after one warm-up.")
+flags.DEFINE_list("kernels", ["exact", "factored"], "Encoder kernels to compare.")
+flags.DEFINE_integer("memory_budget_mb", 4096, "Budget for the largest-microbatch "
+                     "search (XLA's planned memory; 0: skip the search).")
+flags.DEFINE_bool("run", True, "Time the programs; false: compile and plan only.")
 flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
 FLAGS = flags.FLAGS
 
@@ -57,15 +63,18 @@ def random_batch(cfg: model_lib.ModelConfig, size: int, seed: int = 0) -> dict:
           "weights": np.ones((size, cfg.max_len), np.float32)}
 
 
-def timed(fn, repeats: int) -> float:
-  """Seconds per call (best of ``repeats``) after one warm-up call."""
+def timed(fn, repeats: int) -> tuple[float, float]:
+  """Seconds per call (best of ``repeats``) after one warm-up call, and the
+  warm-up call's seconds (compiling, planning, verifying and one run)."""
+  t0 = time.perf_counter()
   jax.block_until_ready(fn())
+  first = time.perf_counter() - t0
   best = float("inf")
   for _ in range(repeats):
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
     best = min(best, time.perf_counter() - t0)
-  return best
+  return best, first
 
 
 def peak_bytes(compiled) -> int:
@@ -76,7 +85,38 @@ def peak_bytes(compiled) -> int:
              + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
-def encode_rows(name: str, dims, batch_size: int, microbatch: int, repeats: int):
+def encoder(cfg, params, v, mesh, dim, kernel, microbatch, verify=True):
+  return encoder_lib.GradientEncoder(
+      model_lib.make_loss_fn(cfg), params, second_moment=v, projection_dim=dim,
+      mesh=mesh, microbatch_size=microbatch, kernel=kernel, verify=verify)
+
+
+def encode_memory(enc, cfg, steps: int = 1) -> int:
+  """XLA's planned bytes for ``steps`` steps of ``enc``'s compiled program."""
+  shape = lambda dtype: jax.ShapeDtypeStruct(
+      (steps, enc.step_size, cfg.max_len), dtype, sharding=enc._sharding)
+  batch = {"inputs": shape(np.int32), "targets": shape(np.int32),
+           "weights": shape(np.float32)}
+  program = enc._program(batch)
+  return peak_bytes(program.lower(enc.params, enc.second_moment, enc._scales,
+                                  batch).compile())
+
+
+def largest_microbatch(cfg, params, v, mesh, dim, kernel, budget: int,
+                       limit: int = 4096) -> int:
+  """The largest power-of-two microbatch whose program XLA plans within
+  ``budget`` bytes (0 if not even 1 fits); compiles, does not run."""
+  best, m = 0, 1
+  while m <= limit:
+    enc = encoder(cfg, params, v, mesh, dim, kernel, m, verify=False)
+    if encode_memory(enc, cfg) > budget:
+      break
+    best, m = m, m * 2
+  return best
+
+
+def encode_rows(name: str, dims, batch_size: int, microbatch: int, repeats: int,
+                kernels, budget_mb: int, run: bool = True):
   cfg = model_config(name)
   mesh = partitioning.make_mesh()
   params = model_lib.init_params(cfg)
@@ -96,29 +136,32 @@ def encode_rows(name: str, dims, batch_size: int, microbatch: int, repeats: int)
     state["p"], state["o"], loss = step(state["p"], state["o"], on_mesh)
     return loss
 
-  train_s = timed(train_once, repeats)
+  train_s = timed(train_once, repeats)[0] if run else float("nan")
   train_mem = peak_bytes(step.lower(state["p"], state["o"], on_mesh).compile())
+  # V = 1: a correction every kernel applies exactly (rank one).
   v = jax.tree.map(lambda x: jax.numpy.ones_like(x), params)
+  microbatch = microbatch or max(1, batch_size // mesh.size)
+  tokens = batch_size * cfg.max_len
   rows = []
   for dim in dims:
-    enc = encoder_lib.GradientEncoder(
-        model_lib.make_loss_fn(cfg), params, second_moment=v, projection_dim=dim,
-        mesh=mesh, microbatch_size=microbatch or max(1, batch_size // mesh.size))
-    encode_s = timed(lambda: enc.encode_on_device(batch), repeats)
-    stepped = jax.tree.map(
-        lambda x: x.reshape(-1, enc._step_size, *x.shape[1:]), batch)
-    enc_mem = peak_bytes(enc._project.lower(enc.params, enc.second_moment,
-                                            stepped).compile())
-    tokens = batch_size * cfg.max_len
-    rows.append({
-        "model": name, "params": model_lib.param_count(params), "d": enc.dim,
-        "batch": batch_size, "microbatch": enc.microbatch_size,
-        "encode_ex_per_s": batch_size / encode_s, "encode_tok_per_s": tokens / encode_s,
-        "train_ex_per_s": batch_size / train_s, "train_tok_per_s": tokens / train_s,
-        "time_ratio": encode_s / train_s, "encode_mem_mb": enc_mem / 2**20,
-        "train_mem_mb": train_mem / 2**20,
-        "mem_ratio": enc_mem / train_mem if train_mem else float("nan")})
-    print(json.dumps(rows[-1]), flush=True)
+    for kernel in kernels:
+      enc = encoder(cfg, params, v, mesh, dim, kernel, microbatch)
+      encode_s, first_s = (timed(lambda: enc.encode_on_device(batch), repeats)
+                           if run else (float("nan"), float("nan")))
+      enc_mem = encode_memory(enc, cfg, -(-batch_size // enc.step_size))
+      rows.append({
+          "model": name, "params": model_lib.param_count(params), "d": enc.dim,
+          "kernel": kernel, "batch": batch_size, "microbatch": enc.microbatch_size,
+          "encode_ex_per_s": batch_size / encode_s, "encode_tok_per_s": tokens / encode_s,
+          "train_ex_per_s": batch_size / train_s, "train_tok_per_s": tokens / train_s,
+          "time_ratio": encode_s / train_s, "first_call_s": first_s,
+          "encode_mem_mb": enc_mem / 2**20,
+          "train_mem_mb": train_mem / 2**20,
+          "mem_ratio": enc_mem / train_mem if train_mem else float("nan"),
+          "max_microbatch": (largest_microbatch(cfg, params, v, mesh, dim, kernel,
+                                                budget_mb * 2**20)
+                             if budget_mb else 0)})
+      print(json.dumps(rows[-1]), flush=True)
   return rows
 
 
@@ -139,11 +182,14 @@ def main(argv):
     for name in FLAGS.models:
       bs = FLAGS.batch_size or (32 if name == "tiny" else 8)
       rows += encode_rows(name, [int(d) for d in FLAGS.dims], bs,
-                          FLAGS.microbatch_size, FLAGS.repeats)
+                          FLAGS.microbatch_size, FLAGS.repeats, FLAGS.kernels,
+                          FLAGS.memory_budget_mb, FLAGS.run)
     out["encode"] = rows
-    print(markdown(rows, ["model", "params", "d", "batch", "encode_ex_per_s",
-                          "encode_tok_per_s", "train_ex_per_s", "time_ratio",
-                          "encode_mem_mb", "train_mem_mb", "mem_ratio"]))
+    print(markdown(rows, ["model", "params", "d", "kernel", "batch",
+                          "encode_ex_per_s", "encode_tok_per_s", "train_ex_per_s",
+                          "time_ratio", "first_call_s", "encode_mem_mb",
+                          "train_mem_mb", "mem_ratio",
+                          "max_microbatch"]))
   if "scan" in FLAGS.suite:
     from launch import benchmark_scan
     out["scan"] = benchmark_scan.run_scan_benchmark()

@@ -104,7 +104,9 @@ class EncodeConfig:
   projection_dim: int = 4096
   seed: int = 0
   correction: str = "optimizer"     # "optimizer" (the checkpoint's V) or "none"
-  epsilon: float | None = None      # None: the checkpoint optimizer's eps
+  epsilon: float | None = None      # None: Adam's eps; 0 for Adafactor
+  kernel: str = "factored"          # "factored" or "exact" (tracer.factored)
+  rank_one_correction: bool = False  # factored: approximate Adam's correction
   microbatch_size: int = 8          # examples per data shard per step
   batch_size: int = 128             # examples per encode call, over all hosts
   model_axis: int = 1               # size of the mesh's model axis

@@ -2,11 +2,15 @@
 
     encoding = normalize(R^(-1/2) . P . (grad L(example) / (sqrt(V) + eps)))
 
-Per-example gradients are taken under ``jax.jit`` on a (data, model) mesh:
+Per-example projections are taken under ``jax.jit`` on a (data, model) mesh:
 examples split over ``data``, params split over ``model`` as training splits
 them (``tracer.partitioning``). A batch runs as a sequence of microbatches of
-``data_size * microbatch_size`` examples, so at most ``microbatch_size`` full
-gradients are live per data shard.
+``data_size * microbatch_size`` examples. Two kernels compute the same thing:
+``"factored"`` (default, ``tracer.factored``) projects the weights of linen
+Dense/DenseGeneral/Einsum/Embed calls from the calls' inputs and output
+gradients and never forms their per-example gradients; ``"exact"``
+materializes every per-example gradient (``microbatch_size`` of them live per
+data shard) and projects it.
 
 Two ways to feed a batch, one computation:
   * global (``project``, ``encode``): every process passes the whole batch;
@@ -24,15 +28,23 @@ process holds a fixed block of each step.
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
+import warnings  # pylint: disable=g-bad-import-order
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tracer import correction
+from tracer import factored
 from tracer import hessian
 from tracer import partitioning
 from tracer import projection
+
+
+# The factored kernel's verification: a weight whose projection differs from
+# the materialized one by more than this (relative L2) is not trusted. Float32
+# summation order alone gives ~1e-6; a use outside the layer call gives O(1).
+VERIFY_TOLERANCE = 1e-3
 
 
 class Projected(NamedTuple):
@@ -56,16 +68,34 @@ class GradientEncoder:
     seed: seed of the projection matrices.
     mesh: a (data, model) mesh; None means every device on the data axis.
     microbatch_size: examples per data shard per step.
+    kernel: "factored" (``tracer.factored``: weights of linen Dense,
+      DenseGeneral, Einsum and Embed calls projected from the calls' inputs and
+      output gradients; the rest materialized) or "exact" (every per-example
+      gradient materialized). Both compute the same encodings.
+    rank_one_correction: with the factored kernel, approximate a correction
+      that is not rank one per weight (Adam's) by its rank-one factorization
+      instead of leaving that weight to the materialized path.
+    verify: with the factored kernel, compare it once (first batch, first
+      example, no correction) with the materialized gradient, block by block;
+      a weight whose projections differ by more than ``VERIFY_TOLERANCE`` (it
+      is used outside its layer call) falls back to the materialized path,
+      with a warning.
   """
 
   def __init__(self, loss_fn: Callable[[Any, Any], jax.Array], params: Any, *,
                second_moment: Any | None = None, epsilon: float = 1e-8,
                projection_dim: int = 4096, seed: int = 0, mesh=None,
-               microbatch_size: int = 8):
+               microbatch_size: int = 8, kernel: str = "factored",
+               rank_one_correction: bool = False, verify: bool = True):
+    if kernel not in ("factored", "exact"):
+      raise ValueError(f"kernel={kernel!r}: expected 'factored' or 'exact'")
     self.mesh = partitioning.make_mesh() if mesh is None else mesh
     self.layout = projection.make_layout(params, projection_dim, seed)
     self.epsilon = float(epsilon)
     self.microbatch_size = int(microbatch_size)
+    self.kernel = kernel
+    self.verify = verify
+    self.loss_fn = loss_fn
     param_sharding = partitioning.param_shardings(self.mesh, params)
     self.params = partitioning.place(params, param_sharding)
     if second_moment is not None:
@@ -79,18 +109,81 @@ class GradientEncoder:
     lo, hi = partitioning.data_block(self.mesh)
     self._local = (lo * self.microbatch_size, hi * self.microbatch_size)
     self._sharding = partitioning.stepped_batch(self.mesh)
-    layout, eps = self.layout, self.epsilon
+    # Which weights may be factored: all matrices, less those whose correction
+    # is not rank one unless its approximation was asked for.
+    fits = factored.correction_scales(self.layout, second_moment, self.epsilon)
+    self._scales = {name: uw for name, (uw, _) in fits.items()}
+    not_rank_one = {name for name, (_, err) in fits.items()
+                    if err > factored.RANK_ONE_TOLERANCE}
+    self._allowed = {b.paths[0] for b in self.layout.blocks
+                     if len(b.paths) == 1 and b.paths[0] != projection.VECTORS
+                     and (rank_one_correction or b.name not in not_rank_one)}
+    approximated = kernel == "factored" and rank_one_correction and not_rank_one
+    #: "exact", or "rank_one_correction" when some weight's correction is
+    #: approximated (recorded in store manifests: it changes the encodings).
+    self.approximation = "rank_one_correction" if approximated else "exact"
+    self._programs = {}   # example shapes -> (plan, jitted projection)
 
-    def project_all(params, v, batch):
+  def _program(self, batch: Any):
+    """The jitted ``(params, v, scales, batch) -> (phi, losses)`` for batches
+    of this example shape, planning (and verifying) the factored kernel once."""
+    key = jax.tree.map(lambda x: (x.shape[2:], str(x.dtype)), batch)
+    key = (jax.tree.structure(batch), tuple(jax.tree.leaves(key)))
+    if key in self._programs:
+      return self._programs[key][1]
+    layout, eps, loss_fn = self.layout, self.epsilon, self.loss_fn
+    plan = None
+    if self.kernel == "factored":
+      example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), batch)
+      plan = factored.make_plan(loss_fn, self.params, example, layout, self._allowed)
+      if self.verify and plan.factored:
+        plan = self._verified(plan, batch)
+
+    def project_all(params, v, scales, batch):
       def one(microbatch):
-        losses, grads = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))(
-            params, microbatch)
-        phi = projection.project(layout, correction.correct(grads, v, eps))
-        return phi, losses.astype(jnp.float32)
+        if plan is None:
+          losses, grads = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))(
+              params, microbatch)
+          phi = projection.project(layout, correction.correct(grads, v, eps))
+          return phi, losses.astype(jnp.float32)
+        return factored.project_examples(plan, layout, loss_fn, params, v, eps,
+                                         scales if v is not None else None,
+                                         microbatch)
       return jax.lax.map(one, batch)
 
-    self._project = jax.jit(project_all,
-                            out_shardings=(self._sharding, self._sharding))
+    program = jax.jit(project_all, out_shardings=(self._sharding, self._sharding))
+    self._programs[key] = (plan, program)
+    return program
+
+  def _verified(self, plan: "factored.Plan", batch: Any) -> "factored.Plan":
+    """``plan`` less the weights whose factored projection (first example of
+    ``batch``, uncorrected) differs from the materialized one."""
+    layout, loss_fn = self.layout, self.loss_fn
+
+    def errors(params, batch):
+      example = jax.tree.map(lambda x: x[0, 0], batch)
+      grads = jax.grad(loss_fn)(params, example)
+      exact = projection.project(layout, jax.tree.map(lambda g: g[None], grads))[0]
+      fact = factored.project_examples(
+          plan, layout, loss_fn, params, None, 0.0, None,
+          jax.tree.map(lambda x: x[None], example))[0][0]
+      return factored.block_errors(layout, plan, fact, exact)
+
+    # Replicated, so every process reads the same errors and keeps the same plan.
+    errors = jax.jit(errors, out_shardings=partitioning.replicated(self.mesh))
+    err = np.asarray(errors(self.params, batch).addressable_data(0))
+    bad = {b.paths[0]: float(e) for b, e in zip(self.layout.blocks, err)
+           if e > VERIFY_TOLERANCE}
+    if bad:
+      warnings.warn(
+          "the factored kernel's projections differ from the materialized "
+          "gradient's for " + ", ".join(f"{p} ({e:.1%})" for p, e in bad.items())
+          + ": each is used outside its Dense/Einsum/Embed call; they take the "
+          "materialized path")
+      plan = plan.without(bad)
+    self._verify_errors = dict(zip((b.name for b in self.layout.blocks),
+                                   map(float, err)))
+    return plan
 
   @property
   def dim(self) -> int:
@@ -139,7 +232,8 @@ class GradientEncoder:
     local_valid = np.asarray(local_valid, bool)
     batch = jax.tree.map(self.put_local, local_batch)
     valid = self.put_local(local_valid)
-    phi, losses = self._project(self.params, self.second_moment, batch)
+    program = self._program(batch)
+    phi, losses = program(self.params, self.second_moment, self._scales, batch)
     ok, finite = _check_finite(phi, losses, valid)
     if not bool(ok.addressable_data(0)):
       local_ok = partitioning.local_part(finite, axis=1).reshape(-1)

@@ -93,8 +93,18 @@ def read_queries(ckpt: ckpt_lib.Checkpoint, path: str) -> tuple[list[dict], dict
 
 def build_encoder(ckpt: ckpt_lib.Checkpoint, cfg: EncodeConfig, mesh=None
                   ) -> tuple[GradientEncoder, str, float]:
-  """The encoder for a checkpoint; returns it with its correction kind and eps."""
-  epsilon = ckpt.optimizer_config.eps if cfg.epsilon is None else cfg.epsilon
+  """The encoder for a checkpoint; returns it with its correction kind and eps.
+
+  The default eps is Adam's own; Adafactor adds its eps to g^2 inside V and
+  divides by sqrt(V) alone, so its default is 0 (which also keeps its
+  correction exactly rank one for the factored kernel).
+  """
+  if cfg.epsilon is not None:
+    epsilon = cfg.epsilon
+  elif ckpt.optimizer_config.name == "adafactor" and cfg.correction == "optimizer":
+    epsilon = 0.0
+  else:
+    epsilon = ckpt.optimizer_config.eps
   if cfg.correction == "optimizer":
     b2 = ckpt.optimizer_config.b2 if ckpt.optimizer_config.name == "adamw" else None
     v = second_moment(ckpt.opt_state, ckpt.params, b2=b2)
@@ -108,7 +118,8 @@ def build_encoder(ckpt: ckpt_lib.Checkpoint, cfg: EncodeConfig, mesh=None
       ckpt.loss_fn(), ckpt.params, second_moment=v, epsilon=epsilon,
       projection_dim=cfg.projection_dim, seed=cfg.seed,
       mesh=mesh if mesh is not None else make_mesh(cfg),
-      microbatch_size=cfg.microbatch_size)
+      microbatch_size=cfg.microbatch_size, kernel=cfg.kernel,
+      rank_one_correction=cfg.rank_one_correction)
   return encoder, kind, epsilon
 
 
@@ -145,6 +156,7 @@ def basis_key(params_fingerprint: str, encoder: GradientEncoder,
   mean an equal fit."""
   key = {"params_fingerprint": params_fingerprint, "correction": correction_kind,
          "epsilon": float(epsilon), "dim": encoder.dim,
+         "kernel": encoder.approximation,
          "projection_seed": encoder.layout.seed, "corpus": corpus.source,
          "num_rows": len(corpus), "kind": cfg.kind,
          "train_examples": cfg.train_examples, "sample_seed": cfg.sample_seed}
@@ -246,7 +258,7 @@ def manifest(ckpt: ckpt_lib.Checkpoint, encoder: GradientEncoder,
       correction=correction_kind, epsilon=float(epsilon),
       projection_seed=encoder.layout.seed, layout=encoder.layout.to_json(),
       dim=encoder.dim, basis_fingerprint=basis.fingerprint() if basis else None,
-      dtype=cfg.store_dtype, corpus=corpus.source, num_rows=len(corpus),
+      kernel=encoder.approximation, dtype=cfg.store_dtype, corpus=corpus.source, num_rows=len(corpus),
       chunk_rows=cfg.chunk_rows)
 
 

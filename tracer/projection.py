@@ -123,32 +123,33 @@ def block_matrices(layout: Layout, block: Block) -> tuple[Any, Any]:
   return _side(left, block.k[0], block.shape[0]), _side(right, block.k[1], block.shape[1])
 
 
-def block_gradients(layout: Layout, grads: Any) -> list[jax.Array]:
-  """Per-example gradients as block matrices: one ``[n, a, b]`` per block.
+def block_gradient(block: Block, by_path: dict[str, jax.Array]) -> jax.Array:
+  """Per-example gradients of one block as ``[n, a, b]`` matrices.
 
-  ``grads`` has a leading example axis on every leaf.
+  ``by_path`` maps the block's parameter paths to gradients with a leading
+  example axis.
   """
-  by_path = {path_name(p): g for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
-  out = []
-  for block in layout.blocks:
-    parts = [by_path[p].reshape(by_path[p].shape[0], -1) for p in block.paths]
-    flat = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
-    out.append(flat.reshape(flat.shape[0], *block.shape))
-  return out
+  parts = [by_path[p].reshape(by_path[p].shape[0], -1) for p in block.paths]
+  flat = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+  return flat.reshape(flat.shape[0], *block.shape)
+
+
+def project_block(layout: Layout, block: Block, g: jax.Array) -> jax.Array:
+  """``P_L g P_R^T`` of ``g: [n, a, b]``, flattened to float32 ``[n, k_a * k_b]``."""
+  left, right = block_matrices(layout, block)
+  g = g.astype(jnp.float32)
+  if left is not None:
+    g = jnp.einsum("ka,nab->nkb", left, g, precision="highest")
+  if right is not None:
+    g = jnp.einsum("nkb,lb->nkl", g, right, precision="highest")
+  return g.reshape(g.shape[0], -1)
 
 
 def project(layout: Layout, grads: Any) -> jax.Array:
   """Projects per-example gradients (leading axis n) to float32 ``[n, dim]``."""
-  pieces = []
-  for block, g in zip(layout.blocks, block_gradients(layout, grads)):
-    left, right = block_matrices(layout, block)
-    g = g.astype(jnp.float32)
-    if left is not None:
-      g = jnp.einsum("ka,nab->nkb", left, g, precision="highest")
-    if right is not None:
-      g = jnp.einsum("nkb,lb->nkl", g, right, precision="highest")
-    pieces.append(g.reshape(g.shape[0], -1))
-  return jnp.concatenate(pieces, axis=1)
+  by_path = {path_name(p): g for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+  return jnp.concatenate([project_block(layout, b, block_gradient(b, by_path))
+                          for b in layout.blocks], axis=1)
 
 
 def dense_matrix(layout: Layout, params: Any) -> np.ndarray:

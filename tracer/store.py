@@ -89,8 +89,9 @@ class Manifest:
     dim: encoding dimension d.
     basis_fingerprint: ``fingerprint`` of the basis the rows are in (R_train's
       eigenbasis, ``tracer.hessian.Basis``), or None (the projections as is).
-    kernel: how per-example projections were computed ("exact": materialized
-      per-example gradients).
+    kernel: "exact" (projections of the exact corrected gradients, by either
+      encoder kernel) or "rank_one_correction" (the factored kernel with
+      Adam's correction approximated: ``tracer.factored``).
     format: the store format (``FORMAT``).
     dtype: storage dtype, "bfloat16" or "float32".
     corpus: where the rows came from (a source string).

@@ -1,0 +1,269 @@
+"""The factored kernel against the materialized one (``tracer.factored``).
+
+The materialized path (``kernel="exact"``) is itself checked against a numpy
+oracle in ``test_encoder.py``; here the factored kernel must reproduce it
+within 1e-5 (relative L2, per block and whole) wherever it claims to be exact,
+and be exactly the documented approximation where it is not.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from tracer import correction
+from tracer import encoder as encoder_lib
+from tracer import factored
+from tracer import model as model_lib
+from tracer import partitioning
+from tracer import projection
+from tracer import train as train_lib
+from tracer.config import OptimizerConfig
+
+LM = model_lib.ModelConfig(vocab_size=259, max_len=16, d_model=16, num_layers=2,
+                           num_heads=2, d_ff=32)
+DIM = 2048      # s = 16: every matrix projected on at least one side
+
+
+def lm_batch(n, seed=0):
+  rng = np.random.default_rng(seed)
+  targets = rng.integers(3, LM.vocab_size, size=(n, LM.max_len)).astype(np.int32)
+  inputs = np.concatenate([np.zeros((n, 1), np.int32), targets[:, :-1]], axis=1)
+  weights = np.ones((n, LM.max_len), np.float32)
+  for i in range(n):                  # padding tails and prompt-only masks
+    weights[i, LM.max_len - i % 5:] = 0
+    weights[i, :i % 3] = 0
+  return {"inputs": inputs, "targets": targets, "weights": weights}
+
+
+def meshes():
+  one = partitioning.make_mesh(data=1, model=1, devices=jax.devices()[:1])
+  return {"1 device": one, "4x2": partitioning.make_mesh(data=4, model=2)}
+
+
+def rel(a, b):
+  return float(np.linalg.norm(np.asarray(a) - b) / np.linalg.norm(b))
+
+
+def encode(kernel, loss_fn, params, batch, mesh, **kw):
+  enc = encoder_lib.GradientEncoder(loss_fn, params, projection_dim=kw.pop("dim", DIM),
+                                    mesh=mesh, microbatch_size=2, kernel=kernel, **kw)
+  return enc, np.asarray(enc.project(batch), np.float64)
+
+
+def plan_of(enc):
+  (plan, _), = enc._programs.values()
+  return plan
+
+
+def assert_blocks_close(layout, got, want, tol):
+  for block in layout.blocks:
+    sl = slice(block.offset, block.offset + block.size)
+    assert rel(got[:, sl], want[:, sl]) < tol, block.name
+  assert rel(got, want) < tol
+
+
+def trained(optimizer: str, steps: int = 3):
+  """LM params and their optimizer's V after a few real steps."""
+  cfg = OptimizerConfig(name=optimizer, warmup_steps=1, learning_rate=1e-2)
+  opt = train_lib.make_optimizer(cfg)
+  params = model_lib.init_params(LM)
+  state = opt.init(params)
+  batch = lm_batch(8, seed=1)
+  for _ in range(steps):
+    grads = jax.grad(lambda p: model_lib.batch_loss(LM, p, batch))(params)
+    updates, state = opt.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  b2 = cfg.b2 if optimizer == "adamw" else None
+  return params, correction.second_moment(state, params, b2=b2)
+
+
+@pytest.mark.parametrize("mesh_name", ["1 device", "4x2"])
+def test_lm_matches_materialized(mesh_name):
+  mesh = meshes()[mesh_name]
+  params = model_lib.init_params(LM)
+  batch = lm_batch(13)                       # 13: the last step is padded
+  loss_fn = model_lib.make_loss_fn(LM)
+  enc, got = encode("factored", loss_fn, params, batch, mesh)
+  _, want = encode("exact", loss_fn, params, batch, mesh)
+  # Every matrix of the LM is factored: the embedding from its lookup and its
+  # tied unembedding, the attention and MLP kernels from their calls.
+  plan = plan_of(enc)
+  matrices = {b.paths[0] for b in enc.layout.blocks if b.name != projection.VECTORS}
+  assert plan.factored == matrices
+  kinds = [s.kind for s in plan.sites if s.path == "embed/embedding"]
+  assert kinds == ["lookup", "transposed"]
+  assert max(enc._verify_errors.values()) < 1e-5
+  assert_blocks_close(enc.layout, got, want, 1e-5)
+
+
+def test_adafactor_matches_materialized():
+  # optax's Adafactor factors V of matrices whose two largest axes are both
+  # >= 128: here the embedding and the MLP matrices, whose correction is then
+  # rank one and factored exactly; the attention kernels (128, 2, 64) keep a
+  # full v and the materialized path.
+  global LM
+  saved, LM = LM, model_lib.ModelConfig(vocab_size=259, max_len=8, d_model=128,
+                                        num_layers=1, num_heads=2, d_ff=128)
+  try:
+    params, v = trained("adafactor", steps=2)
+    batch = lm_batch(7, seed=3)
+    loss_fn = model_lib.make_loss_fn(LM)
+    mesh = meshes()["4x2"]
+    enc, got = encode("factored", loss_fn, params, batch, mesh, second_moment=v,
+                      epsilon=0.0, dim=4096)
+    _, want = encode("exact", loss_fn, params, batch, mesh, second_moment=v,
+                     epsilon=0.0, dim=4096)
+    assert plan_of(enc).factored == {"layer_0/gate/kernel", "layer_0/up/kernel",
+                                     "layer_0/down/kernel", "embed/embedding"}
+    assert enc.approximation == "exact"
+    assert_blocks_close(enc.layout, got, want, 1e-5)
+  finally:
+    LM = saved
+
+
+def test_adam_is_left_exact_unless_approximation_asked():
+  params, v = trained("adamw")
+  batch = lm_batch(8, seed=4)
+  loss_fn = model_lib.make_loss_fn(LM)
+  mesh = meshes()["1 device"]
+  enc, got = encode("factored", loss_fn, params, batch, mesh, second_moment=v)
+  _, want = encode("exact", loss_fn, params, batch, mesh, second_moment=v)
+  assert not plan_of(enc).factored           # Adam's M is not rank one
+  assert enc.approximation == "exact"
+  assert_blocks_close(enc.layout, got, want, 1e-5)
+
+
+def test_rank_one_correction_is_the_documented_approximation():
+  params, v = trained("adamw")
+  eps = 1e-8
+  batch = lm_batch(8, seed=5)
+  loss_fn = model_lib.make_loss_fn(LM)
+  mesh = meshes()["4x2"]
+  enc, got = encode("factored", loss_fn, params, batch, mesh, second_moment=v,
+                    epsilon=eps, rank_one_correction=True)
+  assert enc.approximation == "rank_one_correction"
+  # Oracle: the materialized path with V' such that 1/sqrt(V') = u w^T, the
+  # rank-one factorization of M = 1/(sqrt(V) + eps) (u = M 1, w = M^T 1 / sum M).
+  v_approx = {}
+  for p, x in jax.tree_util.tree_flatten_with_path(v)[0]:
+    x = np.asarray(x, np.float64)
+    name = projection.path_name(p)
+    if x.ndim >= 2:
+      block = next(b for b in enc.layout.blocks if b.paths == (name,))
+      m = (1.0 / (np.sqrt(x) + eps)).reshape(block.shape)
+      u, w = m.sum(1), m.sum(0) / m.sum()
+      x = (1.0 / np.outer(u, w) ** 2).reshape(x.shape)
+    else:
+      x = (np.sqrt(x) + eps) ** 2     # vectors stay exact: same 1/(sqrt V + eps)
+    v_approx[name] = x
+  v_approx = jax.tree_util.tree_unflatten(
+      jax.tree.structure(v), [v_approx[projection.path_name(p)] for p, _ in
+                              jax.tree_util.tree_flatten_with_path(v)[0]])
+  _, oracle = encode("exact", loss_fn, params, batch, mesh, second_moment=v_approx,
+                     epsilon=0.0)
+  assert_blocks_close(enc.layout, got, oracle, 1e-4)
+  # Its error is the correction's error, no more: the projected error stays
+  # within JL slack of ||G o (M - u w^T)|| / ||G o M|| in gradient space.
+  _, exact = encode("exact", loss_fn, params, batch, mesh, second_moment=v, epsilon=eps)
+  _, exact_dense = encode("exact", loss_fn, params, batch, mesh, second_moment=v,
+                          epsilon=eps, dim=10**9)          # unprojected: d = |theta|
+  _, approx_dense = encode("exact", loss_fn, params, batch, mesh,
+                           second_moment=v_approx, epsilon=0.0, dim=10**9)
+  for i in range(len(got)):
+    true_err = rel(approx_dense[i], exact_dense[i])
+    assert 0.1 < true_err                          # a real approximation here
+    assert abs(rel(got[i], exact[i]) - true_err) < 0.35 * true_err + 0.02
+
+
+# --- any linen model built from those layers ---------------------------------
+
+class Toy(nn.Module):
+  """Every supported call: Embed lookup and attend, Dense with bias,
+  DenseGeneral over two axes, Einsum with the kernel's input axes first and
+  with its output axes first; and, with ``leak``, a weight also used outside
+  its call."""
+  leak: bool = False
+
+  @nn.compact
+  def __call__(self, tokens):
+    embed = nn.Embed(50, 12, name="embed")
+    x = embed(tokens)                                             # [L, 12]
+    h = nn.Dense(16, name="dense")(x)                             # bias: a vector
+    h = jnp.tanh(h).reshape(h.shape[0], 4, 4)
+    h = nn.DenseGeneral(12, axis=(-2, -1), use_bias=False, name="general")(h)
+    h = nn.Einsum((12, 3, 8), "ld,dhk->lhk", name="ein_in")(h)    # [L, 3, 8]
+    h = nn.Einsum((12, 3, 8), "lhk,dhk->ld", use_bias=False, name="ein_out")(
+        jnp.tanh(h))                                              # [L, 12]
+    dense = nn.Dense(12, use_bias=False, name="mix")
+    h = x + dense(h)
+    logits = embed.attend(h)
+    if self.leak:            # a regularizer reading the kernel directly
+      logits = logits * (1.0 + jnp.sum(dense.variables["params"]["kernel"] ** 2))
+    return logits
+
+
+def toy_loss(leak):
+  model = Toy(leak)
+
+  def loss(params, ex):
+    logits = model.apply({"params": params}, ex["tokens"])
+    logp = jax.nn.log_softmax(logits)
+    return -jnp.mean(jnp.take_along_axis(logp, ex["targets"][:, None], 1))
+  return model, loss
+
+
+def toy_batch(n):
+  rng = np.random.default_rng(7)
+  return {"tokens": rng.integers(0, 50, (n, 6)).astype(np.int32),
+          "targets": rng.integers(0, 50, (n, 6)).astype(np.int32)}
+
+
+@pytest.mark.parametrize("mesh_name", ["1 device", "4x2"])
+def test_any_linen_model(mesh_name):
+  mesh = meshes()[mesh_name]
+  model, loss = toy_loss(False)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros(6, jnp.int32))["params"]
+  batch = toy_batch(9)
+  enc, got = encode("factored", loss, params, batch, mesh, dim=600)
+  _, want = encode("exact", loss, params, batch, mesh, dim=600)
+  kinds = {s.path: s.kind for s in plan_of(enc).sites}
+  assert kinds == {"embed/embedding": "transposed", "dense/kernel": "dense",
+                   "general/kernel": "dense", "ein_in/kernel": "dense",
+                   "ein_out/kernel": "transposed", "mix/kernel": "dense"}
+  assert_blocks_close(enc.layout, got, want, 1e-5)
+
+
+def test_a_weight_used_outside_its_call_falls_back():
+  model, loss = toy_loss(True)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros(6, jnp.int32))["params"]
+  batch = toy_batch(5)
+  mesh = meshes()["1 device"]
+  with pytest.warns(UserWarning, match="mix/kernel"):
+    enc, got = encode("factored", loss, params, batch, mesh, dim=600)
+  assert "mix/kernel" not in plan_of(enc).factored
+  assert "dense/kernel" in plan_of(enc).factored
+  _, want = encode("exact", loss, params, batch, mesh, dim=600)
+  assert_blocks_close(enc.layout, got, want, 1e-5)
+
+
+def test_einsum_forms():
+  site = factored._einsum_site
+  assert site("ld,dhk->lhk", 2, 3) == ("dense", (0, 1), (0, 1, 2), 1)
+  assert site("lhk,dhk->ld", 3, 3) == ("transposed", (0, 1, 2), (0, 1), 2)
+  assert site("btd,df->btf", 3, 2) == ("dense", (0, 1, 2), (0, 1, 2), 1)
+  assert site("td,df->ft", 2, 2) == ("dense", (0, 1), (1, 0), 1)
+  assert site("btd,bdf->btf", 3, 3) is None        # the kernel has a batch axis
+  assert site("td,df->f", 2, 2) is None            # tokens summed inside
+  assert site("...d,df->...f", 2, 2) is None       # ellipsis: left exact
+  assert site("td,fd->tf", 2, 2) == ("transposed", (0, 1), (0, 1), 1)
+
+
+def test_bad_kernel_name():
+  with pytest.raises(ValueError, match="kernel='fast'"):
+    encoder_lib.GradientEncoder(model_lib.make_loss_fn(LM), model_lib.init_params(LM),
+                                kernel="fast")

@@ -1,0 +1,381 @@
+"""Projected per-example gradients without forming them: the factored kernel.
+
+A weight used as ``y = x W`` (``x: [T, a]``, the rows of the layer's input;
+``W: [a, b]``) gets from one example the gradient ``G = x^T delta`` with
+``delta = dL/dy: [T, b]``. Its projection is
+
+    P_L G P_R^T = (x P_L^T)^T (delta P_R^T)                      [k_a, k_b]
+
+which costs ``O(T (a k_a + b k_b + k_a k_b))`` and never forms ``G``; the
+backward pass then also skips every weight-gradient matmul.
+
+``x`` and ``delta`` come from the model without editing it. Every call of a
+flax linen ``Dense``, ``DenseGeneral``, ``Einsum`` or ``Embed`` (lookup, and
+``attend``: tied unembedding, where ``G = delta^T x``) is intercepted
+(``nn.intercept_methods``): the call's input is returned as an auxiliary output
+and a zero perturbation is added to its output, whose gradient is ``delta``.
+A weight used by several calls (tied embeddings) sums their ``x^T delta``: the
+calls' rows are concatenated. Calls are matched to parameters by identity (the
+module's variable is the very array passed in ``params``), so a loss that
+casts or slices a weight before use simply leaves it uncovered.
+
+The optimizer correction ``G / (sqrt(V) + eps)`` is ``diag(u) G diag(w)`` when
+``M = 1 / (sqrt(V) + eps)`` is rank one, ``M = u w^T``: it scales the features
+of the two sides. That holds for no correction and for Adafactor (its V is
+``v_row v_col^T / mean(v_row)`` per factored matrix, and Adafactor divides by
+``sqrt(V)`` alone). Adam's V is not rank one; ``correction_scales`` can then
+take the rank-one factorization of M (``u = M 1``, ``w = M^T 1 / 1^T M 1``,
+Adafactor's own rule, exact whenever M is rank one) as a documented
+approximation, or leave the block to the materialized path.
+
+Everything the kernel does not cover -- vectors (norm scales, biases), weights
+used in other ways, weights whose correction is not rank one -- keeps the
+materialized path (``jax.grad`` of those parameters only), block by block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tracer import correction
+from tracer import projection
+
+# A correction matrix M counts as rank one when its rank-one factorization is
+# this close (max abs error over max M): float32 rounding of Adafactor's V.
+RANK_ONE_TOLERANCE = 1e-4
+
+_LINEAR = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Embed)
+_METHODS = ("__call__", "attend")
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+  """One intercepted use of a weight, in the order the model calls them.
+
+  ``kind``: "dense" (``G = x^T delta``: the block's rows are x's features),
+  "transposed" (``G = delta^T x``: ``Embed.attend``, or an einsum whose kernel
+  lists its output axes first) or "lookup" (``Embed``: x holds token ids).
+  Rows of x are ``x.transpose(x_perm).reshape(-1, x_features)``, rows of delta
+  ``delta.transpose(y_perm).reshape(-1, y_features)``.
+  """
+  path: str
+  kind: str
+  out_shape: tuple[int, ...]
+  x_perm: tuple[int, ...]
+  y_perm: tuple[int, ...]
+  x_features: int
+  y_features: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Which weights the factored kernel projects, and from which calls.
+
+  ``sites`` are the calls of the ``factored`` weights, in call order; every
+  other parameter takes the materialized path.
+  """
+  sites: tuple[Site, ...]
+  factored: frozenset[str]
+
+  def without(self, paths) -> "Plan":
+    paths = set(paths)
+    return Plan(tuple(s for s in self.sites if s.path not in paths),
+                self.factored - paths)
+
+
+def _weight_name(module) -> str:
+  return "embedding" if isinstance(module, nn.Embed) else "kernel"
+
+
+def _einsum_site(spec: str, x_ndim: int, kernel_ndim: int
+                 ) -> tuple[str, tuple, tuple, int] | None:
+  """(kind, x_perm, y_perm, number of kernel axes on x's side) of an einsum
+  ``x,kernel->y``, or None when it is not a plain (tokens x in) @ (in x out)
+  contraction with the kernel's axes split into an input and an output part."""
+  if "." in spec or "->" not in spec or spec.count(",") != 1:
+    return None
+  operands, out = spec.split("->")
+  lhs, rhs = operands.split(",")
+  if (len(lhs) != x_ndim or len(rhs) != kernel_ndim
+      or any(len(set(s)) != len(s) for s in (lhs, rhs, out))):
+    return None
+  ins = [c for c in rhs if c in lhs and c not in out]
+  outs = [c for c in rhs if c in out and c not in lhs]
+  tokens = [c for c in lhs if c not in rhs]
+  if (len(ins) + len(outs) != len(rhs) or set(tokens) - set(out)
+      or set(out) != set(tokens) | set(outs) or not ins or not outs):
+    return None
+  x_perm = tuple(lhs.index(c) for c in tokens + ins)
+  y_perm = tuple(out.index(c) for c in tokens + outs)
+  if rhs == "".join(ins + outs):
+    return "dense", x_perm, y_perm, len(ins)
+  if rhs == "".join(outs + ins):
+    return "transposed", x_perm, y_perm, len(ins)
+  return None
+
+
+def _describe(module, method: str, path: str, args, kwargs, y, weight
+              ) -> Site | None:
+  """The site of one intercepted call, or None when the kernel cannot take it."""
+  x = args[0] if args else kwargs.get("inputs", kwargs.get("query"))
+  if x is None or not hasattr(y, "shape"):
+    return None
+  x_shape, y_shape = tuple(np.shape(x)), tuple(np.shape(y))
+  w_shape = tuple(np.shape(weight))
+  ident = lambda n: tuple(range(n))
+  feats = lambda shape, perm, n: int(np.prod([shape[i] for i in perm[len(perm) - n:]]))
+  if isinstance(module, nn.Embed):
+    if method == "__call__":
+      return Site(path, "lookup", y_shape, ident(len(x_shape)), ident(len(y_shape)),
+                  1, w_shape[1])
+    # attend: y = x E^T, so G_E = delta^T x (vocab rows).
+    return Site(path, "transposed", y_shape, ident(len(x_shape)), ident(len(y_shape)),
+                w_shape[1], w_shape[0])
+  if method != "__call__":
+    return None
+  if isinstance(module, (nn.Dense, nn.DenseGeneral)):
+    if (getattr(module, "dot_general", None) is not None
+        or getattr(module, "dot_general_cls", None) is not None):
+      return None
+  if isinstance(module, nn.Dense):
+    n = len(x_shape)
+    return Site(path, "dense", y_shape, ident(n), ident(len(y_shape)),
+                x_shape[-1], w_shape[-1])
+  if isinstance(module, nn.DenseGeneral):
+    if module.batch_dims not in ((), None):
+      return None
+    axes = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
+    axes = tuple(a % len(x_shape) for a in axes)
+    x_perm = tuple(i for i in range(len(x_shape)) if i not in axes) + axes
+    n_feat = len(w_shape) - len(axes)
+    return Site(path, "dense", y_shape, x_perm, ident(len(y_shape)),
+                feats(x_shape, x_perm, len(axes)), feats(y_shape, ident(len(y_shape)), n_feat))
+  # nn.Einsum
+  spec = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
+  found = _einsum_site(str(spec).replace(" ", ""), len(x_shape), len(w_shape))
+  if found is None:
+    return None
+  kind, x_perm, y_perm, n_in = found
+  n_out = len(w_shape) - n_in
+  return Site(path, kind, y_shape, x_perm, y_perm,
+              feats(x_shape, x_perm, n_in), feats(y_shape, y_perm, n_out))
+
+
+def _intercepting(params_by_id: dict[int, str], on_call: Callable):
+  """An interceptor that hands ``on_call(module, method, path, args, kwargs, y,
+  weight)`` every linear call whose weight is one of ``params``; its return
+  value replaces the call's output."""
+  def intercept(next_fun, args, kwargs, context):
+    module = context.module
+    if type(module) not in _LINEAR or context.method_name not in _METHODS:
+      return next_fun(*args, **kwargs)
+    try:
+      weight = module.get_variable("params", _weight_name(module))
+    except Exception:  # pylint: disable=broad-except
+      weight = None
+    path = params_by_id.get(id(weight))
+    if path is None:
+      return next_fun(*args, **kwargs)
+    y = next_fun(*args, **kwargs)
+    return on_call(module, context.method_name, path, args, kwargs, y, weight)
+  return intercept
+
+
+def _by_id(params: Any) -> dict[int, str]:
+  return {id(x): projection.path_name(p)
+          for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+
+
+def make_plan(loss_fn: Callable, params: Any, example: Any,
+              layout: projection.Layout, allowed: set[str]) -> Plan:
+  """Traces ``loss_fn`` once (shapes only) and finds every weight the factored
+  kernel can project: all its uses are supported calls, its block is the
+  weight alone with the call's (in, out) split, and it is in ``allowed``.
+
+  ``example`` is one example (arrays or ShapeDtypeStructs, no batch axis).
+  """
+  sites, unsupported = [], set()
+
+  def record(module, method, path, args, kwargs, y, weight):
+    site = _describe(module, method, path, args, kwargs, y, weight)
+    if site is None:
+      unsupported.add(path)
+    else:
+      sites.append(site)
+    return y
+
+  def trace(params, example):
+    with nn.intercept_methods(_intercepting(_by_id(params), record)):
+      return loss_fn(params, example)
+
+  jax.eval_shape(trace, params, example)
+  blocks = {b.paths[0]: b for b in layout.blocks if len(b.paths) == 1}
+  fits = set()
+  for site in sites:
+    block = blocks.get(site.path)
+    rows = (site.y_features if site.kind == "transposed" else
+            block.shape[0] if block is not None and site.kind == "lookup" else
+            site.x_features)
+    cols = site.x_features if site.kind == "transposed" else site.y_features
+    if block is not None and block.shape == (rows, cols):
+      fits.add(site.path)
+  bad = {s.path for s in sites if s.path not in fits} | unsupported
+  factored = frozenset(s.path for s in sites) - bad
+  factored &= frozenset(allowed)
+  return Plan(tuple(s for s in sites if s.path in factored), factored)
+
+
+# --- the optimizer correction as feature scales --------------------------------
+
+def correction_scales(layout: projection.Layout, v: Any | None, epsilon: float
+                      ) -> dict[str, tuple[tuple[jax.Array, jax.Array], float]]:
+  """Per matrix block: ``((u [a], w [b]), error)``, the rank-one factorization
+  ``M ~ u w^T`` of ``M = 1 / (sqrt(V) + epsilon)`` and its max abs error
+  relative to max M. Empty when ``v`` is None (no correction: u = w = 1)."""
+  if v is None:
+    return {}
+  by_path = {projection.path_name(p): x
+             for p, x in jax.tree_util.tree_flatten_with_path(v)[0]}
+  out = {}
+  for block in layout.blocks:
+    if len(block.paths) != 1 or block.paths[0] == projection.VECTORS:
+      continue
+    vv = by_path[block.paths[0]]
+    u, w, err = _rank_one(jnp.reshape(vv, block.shape), jnp.float32(epsilon))
+    out[block.name] = ((u, w), float(err))
+  return out
+
+
+@jax.jit
+def _rank_one(v: jax.Array, epsilon: jax.Array):
+  m = 1.0 / (jnp.sqrt(v.astype(jnp.float32)) + epsilon)
+  u = jnp.sum(m, axis=1)
+  w = jnp.sum(m, axis=0) / jnp.sum(u)
+  err = jnp.max(jnp.abs(m - u[:, None] * w[None, :])) / jnp.max(m)
+  return u, w, err
+
+
+# --- projections ---------------------------------------------------------------
+
+def _rows(x: jax.Array, perm: tuple[int, ...], features: int) -> jax.Array:
+  return jnp.transpose(x, perm).reshape(-1, features).astype(jnp.float32)
+
+
+def _side(rows, scale, matrix):
+  """``(rows * scale) @ matrix^T`` with None meaning no scale / identity."""
+  if scale is not None:
+    rows = rows * scale[None, :]
+  if matrix is not None:
+    rows = jnp.einsum("tb,kb->tk", rows, matrix, precision="highest")
+  return rows
+
+
+def _lookup_side(tokens, size, scale, matrix):
+  """The left side of an embedding lookup: row ``t`` is ``P_L[:, token_t]``
+  (times ``scale[token_t]``), i.e. one-hot rows projected."""
+  table = jnp.eye(size, dtype=jnp.float32) if matrix is None else matrix.T
+  if scale is not None:
+    table = table * scale[:, None]
+  return jnp.take(table, tokens.reshape(-1), axis=0)
+
+
+def project_examples(plan: Plan, layout: projection.Layout, loss_fn: Callable,
+                     params: Any, v: Any | None, epsilon: float,
+                     scales: dict | None, examples: Any
+                     ) -> tuple[jax.Array, jax.Array]:
+  """``(P (g / (sqrt(V) + eps)) [n, dim], losses [n])`` for a batch of examples
+  (leading axis n on every leaf), the factored weights from their calls and
+  everything else materialized. ``scales`` (``correction_scales``, block name
+  -> (u, w)) correct the factored blocks; None applies no correction there."""
+  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
+  paths = [projection.path_name(p) for p, _ in flat]
+  fixed = {p: x for p, (_, x) in zip(paths, flat) if p in plan.factored}
+  free = {p: x for p, (_, x) in zip(paths, flat) if p not in plan.factored}
+  v_free = None
+  if v is not None:
+    v_by_path = {projection.path_name(p): x
+                 for p, x in jax.tree_util.tree_flatten_with_path(v)[0]}
+    v_free = {p: v_by_path[p] for p in free}
+
+  def loss_and_captures(free, perturbations, example):
+    params = jax.tree_util.tree_unflatten(
+        treedef, [free[p] if p in free else fixed[p] for p in paths])
+    inputs, calls = [], iter(range(len(plan.sites)))
+
+    def capture(module, method, path, args, kwargs, y, weight):
+      del module, method, kwargs, weight
+      if path not in plan.factored:
+        return y
+      i = next(calls)
+      if plan.sites[i].path != path:
+        raise RuntimeError(f"the model called {path} where its first trace "
+                           f"called {plan.sites[i].path}: its calls must not "
+                           f"depend on the values of its inputs")
+      inputs.append(args[0])
+      return y + perturbations[i].astype(y.dtype)
+
+    with nn.intercept_methods(_intercepting(_by_id(params), capture)):
+      loss = loss_fn(params, example)
+    return loss, inputs
+
+  def one(example):
+    zeros = [jnp.zeros(s.out_shape, jnp.float32) for s in plan.sites]
+    (loss, inputs), (g_free, deltas) = jax.value_and_grad(
+        loss_and_captures, argnums=(0, 1), has_aux=True)(free, zeros, example)
+    g_free = correction.correct(g_free, v_free, epsilon)
+    g_free = {p: g[None] for p, g in g_free.items()}
+    pieces = []
+    for block in layout.blocks:
+      if block.paths[0] in plan.factored:
+        pieces.append(_factored_block(plan, layout, block, inputs, deltas,
+                                      None if scales is None else scales.get(block.name)))
+      else:
+        pieces.append(projection.project_block(
+            layout, block, projection.block_gradient(block, g_free))[0])
+    return jnp.concatenate(pieces), loss.astype(jnp.float32)
+
+  return jax.vmap(one)(examples)
+
+
+def _factored_block(plan, layout, block, inputs, deltas, scale) -> jax.Array:
+  """One example's ``P_L G P_R^T`` (flattened) from the block's calls."""
+  left_m, right_m = projection.block_matrices(layout, block)
+  u, w = (None, None) if scale is None else scale
+  lefts, rights = [], []
+  for site, x, delta in zip(plan.sites, inputs, deltas):
+    if site.path != block.paths[0]:
+      continue
+    d_rows = _rows(delta, site.y_perm, site.y_features)
+    if site.kind == "lookup":
+      lefts.append(_lookup_side(x, block.shape[0], u, left_m))
+      rights.append(_side(d_rows, w, right_m))
+      continue
+    x_rows = _rows(x, site.x_perm, site.x_features)
+    if site.kind == "transposed":
+      x_rows, d_rows = d_rows, x_rows
+    lefts.append(_side(x_rows, u, left_m))
+    rights.append(_side(d_rows, w, right_m))
+  left = jnp.concatenate(lefts) if len(lefts) > 1 else lefts[0]
+  right = jnp.concatenate(rights) if len(rights) > 1 else rights[0]
+  return jnp.einsum("tk,tl->kl", left, right, precision="highest").reshape(-1)
+
+
+def block_errors(layout: projection.Layout, plan: Plan, factored: jax.Array,
+                 exact: jax.Array) -> jax.Array:
+  """``||f - e|| / ||e||`` per block of one encoding pair ``[dim]`` (0 for
+  blocks the plan does not factor)."""
+  out = []
+  for block in layout.blocks:
+    if block.paths[0] not in plan.factored:
+      out.append(jnp.float32(0))
+      continue
+    f = factored[block.offset:block.offset + block.size]
+    e = exact[block.offset:block.offset + block.size]
+    out.append(jnp.linalg.norm(f - e) / jnp.maximum(jnp.linalg.norm(e), 1e-30))
+  return jnp.stack(out)
