@@ -2,6 +2,7 @@ r"""Benchmarks (not tests): encode vs. a training step, and the scan.
 
   python -m launch.benchmark --suite=encode --models=tiny,small --dims=4096,65536
   python -m launch.benchmark --suite=scan
+  python -m launch.benchmark --suite=correction --workdir=demo
 
 encode: examples/s and tokens/s of ``GradientEncoder.encode`` (per-example
 gradients, correction, projection, unit norm), for each encoder kernel
@@ -10,6 +11,9 @@ backward + AdamW update) on the same batch and model, and the peak memory XLA
 plans for each compiled program (arguments + outputs + temporaries), as ratios
 measured in the same process; and the largest power-of-two microbatch whose
 program XLA plans within ``--memory_budget_mb``.
+correction: the error of rank-one factorizations of Adam's correction (what
+``EncodeConfig.rank_one_correction`` approximates), weighted by real
+per-example gradients of a trained checkpoint.
 scan: ``launch.benchmark_scan`` (in-memory and store scans against numpy,
 faiss and the machine's roofline).
 
@@ -34,7 +38,8 @@ from tracer import model as model_lib
 from tracer import partitioning
 from tracer import train as train_lib
 
-flags.DEFINE_list("suite", ["encode", "scan"], "Which benchmarks: encode, scan.")
+flags.DEFINE_list("suite", ["encode", "scan"], "Which benchmarks: encode, scan, "
+                  "correction (needs --workdir with an AdamW checkpoint and facts).")
 flags.DEFINE_list("models", ["tiny", "small"], "Gin configs under configs/.")
 flags.DEFINE_list("dims", ["4096", "65536"], "Projection dims for encode.")
 flags.DEFINE_integer("batch_size", 0, "Examples per call (0: 32 tiny, 8 others).")
@@ -138,6 +143,11 @@ def encode_rows(name: str, dims, batch_size: int, microbatch: int, repeats: int,
 
   train_s = timed(train_once, repeats)[0] if run else float("nan")
   train_mem = peak_bytes(step.lower(state["p"], state["o"], on_mesh).compile())
+  # Memory per example: the slope between batch and twice the batch.
+  double = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+      (2 * x.shape[0], *x.shape[1:]), x.dtype, sharding=x.sharding), on_mesh)
+  train_per_example = (peak_bytes(step.lower(state["p"], state["o"], double).compile())
+                       - train_mem) / batch_size
   # V = 1: a correction every kernel applies exactly (rank one).
   v = jax.tree.map(lambda x: jax.numpy.ones_like(x), params)
   microbatch = microbatch or max(1, batch_size // mesh.size)
@@ -149,6 +159,9 @@ def encode_rows(name: str, dims, batch_size: int, microbatch: int, repeats: int,
       encode_s, first_s = (timed(lambda: enc.encode_on_device(batch), repeats)
                            if run else (float("nan"), float("nan")))
       enc_mem = encode_memory(enc, cfg, -(-batch_size // enc.step_size))
+      twice = encoder(cfg, params, v, mesh, dim, kernel, 2 * microbatch, verify=False)
+      per_example = ((encode_memory(twice, cfg) - encode_memory(enc, cfg))
+                     / enc.step_size)
       rows.append({
           "model": name, "params": model_lib.param_count(params), "d": enc.dim,
           "kernel": kernel, "batch": batch_size, "microbatch": enc.microbatch_size,
@@ -158,11 +171,62 @@ def encode_rows(name: str, dims, batch_size: int, microbatch: int, repeats: int,
           "encode_mem_mb": enc_mem / 2**20,
           "train_mem_mb": train_mem / 2**20,
           "mem_ratio": enc_mem / train_mem if train_mem else float("nan"),
+          "encode_mb_per_example": per_example / 2**20,
+          "train_mb_per_example": train_per_example / 2**20,
           "max_microbatch": (largest_microbatch(cfg, params, v, mesh, dim, kernel,
                                                 budget_mb * 2**20)
                              if budget_mb else 0)})
       print(json.dumps(rows[-1]), flush=True)
   return rows
+
+
+def correction_rows(workdir: str, num_examples: int = 64) -> list[dict]:
+  """How far rank-one factorizations of Adam's ``M = 1/(sqrt(V) + eps)`` are
+  from it, where it matters: ``||G o (M' - M)|| / ||G o M||`` over the matrix
+  weights of the checkpoint in ``workdir``, G the per-example gradients of
+  ``num_examples`` rows of its corpus (``WORKDIR/facts/corpus.jsonl``)."""
+  from tracer import checkpoint as ckpt_lib
+  from tracer import correction
+  from tracer import data as data_lib
+  from tracer import projection
+  from tracer.config import DataConfig
+  ckpt = ckpt_lib.restore(os.path.join(workdir, "checkpoints"))
+  if ckpt.optimizer_config.name != "adamw":
+    raise app.UsageError(f"{workdir}: the correction suite needs an AdamW checkpoint")
+  v = correction.second_moment(ckpt.opt_state, ckpt.params, b2=ckpt.optimizer_config.b2)
+  eps = ckpt.optimizer_config.eps
+  corpus = data_lib.read_corpus(
+      os.path.join(workdir, "facts", "corpus.jsonl"),
+      DataConfig.from_dict(ckpt.data_config).vocabulary(), ckpt.model_config.max_len)
+  rows = np.linspace(0, len(corpus) - 1, num_examples).astype(int)
+  grads = jax.vmap(jax.grad(model_lib.make_loss_fn(ckpt.model_config)), (None, 0))(
+      ckpt.params, corpus.examples(rows))
+  flat = lambda t: {projection.path_name(p): np.asarray(x, np.float64)
+                    for p, x in jax.tree_util.tree_flatten_with_path(t)[0]}
+  g, vv = flat(grads), flat(v)
+  names = ("row/column sums of M (tracer's)", "best rank one (SVD)", "best rank 4 (SVD)",
+           "Adafactor's rule on V, then 1/sqrt")
+  err, norm = dict.fromkeys(names, 0.0), 0.0
+  for path, x in vv.items():
+    if x.ndim < 2:
+      continue
+    a, b = projection.matrix_shape(x.shape)
+    m = 1.0 / (np.sqrt(x.reshape(a, b)) + eps)
+    u_, s_, vt = np.linalg.svd(m, full_matrices=False)
+    r, c = x.reshape(a, b).mean(1), x.reshape(a, b).mean(0)
+    approx = {names[0]: np.outer(m.sum(1), m.sum(0) / m.sum()),
+              names[1]: s_[0] * np.outer(u_[:, 0], vt[0]),
+              names[2]: (u_[:, :4] * s_[:4]) @ vt[:4],
+              names[3]: 1.0 / (np.sqrt(np.outer(r, c) / r.mean()) + eps)}
+    gm = g[path].reshape(len(rows), a, b)
+    norm += float(np.sum((gm * m) ** 2))
+    for name, m2 in approx.items():
+      err[name] += float(np.sum((gm * (m2 - m)) ** 2))
+  out = [{"factorization": n, "relative_error": float(np.sqrt(e / norm))}
+         for n, e in err.items()]
+  for row in out:
+    print(json.dumps(row), flush=True)
+  return out
 
 
 def markdown(rows, columns) -> str:
@@ -188,8 +252,12 @@ def main(argv):
     print(markdown(rows, ["model", "params", "d", "kernel", "batch",
                           "encode_ex_per_s", "encode_tok_per_s", "train_ex_per_s",
                           "time_ratio", "first_call_s", "encode_mem_mb",
-                          "train_mem_mb", "mem_ratio",
+                          "train_mem_mb", "mem_ratio", "encode_mb_per_example",
+                          "train_mb_per_example",
                           "max_microbatch"]))
+  if "correction" in FLAGS.suite:
+    out["correction"] = correction_rows(FLAGS.workdir or "demo")
+    print(markdown(out["correction"], ["factorization", "relative_error"]))
   if "scan" in FLAGS.suite:
     from launch import benchmark_scan
     out["scan"] = benchmark_scan.run_scan_benchmark()

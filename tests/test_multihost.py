@@ -219,8 +219,24 @@ def pipeline_case(workdir: str, shared: str) -> dict[str, np.ndarray]:
   return out
 
 
-def run_all(workdir: str, shared: str) -> dict[str, np.ndarray]:
+def kernels_case() -> dict[str, np.ndarray]:
+  """Uncorrected projections by both kernels, on a mesh whose model axis spans
+  the processes: the factored kernel (every matrix factored) must equal the
+  materialized one, in each process and in the single-process run."""
+  params, _ = params_and_v()
+  batch = lm_batch(11, 13)
   out = {}
+  for kernel in ("factored", "exact"):
+    enc = tracer.GradientEncoder(
+        model_lib.make_loss_fn(CONFIG), params, projection_dim=PROJECTION_DIM,
+        seed=SEED, mesh=SPANNING_MESH[0](), microbatch_size=SPANNING_MESH[1],
+        kernel=kernel)
+    out[f"kernels/{kernel}/project"] = partitioning.fetch(enc.project(batch))
+  return out
+
+
+def run_all(workdir: str, shared: str) -> dict[str, np.ndarray]:
+  out = kernels_case()
   for name in MESHES:
     out.update(encoder_case(name))
   out.update({f"pipeline/{k}": v for k, v in pipeline_case(workdir, shared).items()})
@@ -301,6 +317,9 @@ def test_two_processes_equal_one(tmp_path):
                                  err_msg=key)
     else:
       np.testing.assert_allclose(g, w, rtol=0, atol=1e-5, err_msg=key)
+  for g in got + [want]:
+    f, e = g["kernels/factored/project"], g["kernels/exact/project"]
+    assert np.linalg.norm(f - e) < 1e-5 * np.linalg.norm(e)
   for name in MESHES:
     assert got[0][f"{name}/encode"].shape == (11, want[f"{name}/plain"].shape[1])
     # A meaningful comparison: the preconditioner changes the encodings.

@@ -131,6 +131,16 @@ def test_scan_rejects_a_store_from_other_settings(trained):
       scan_script.run(str(root), corpus, queries, str(root / "d.jsonl"))
   finally:
     _bind(EncodeConfig__seed=0)
+  # Encoded with Adam's rank-one correction (the default): exact-correction
+  # queries must not be scored against it.
+  assert store_lib.open_store(str(root / "store")).manifest.kernel == (
+      "rank_one_correction")
+  _bind(EncodeConfig__rank_one_correction=False)
+  try:
+    with pytest.raises(store_lib.IncompatibleStoreError, match="kernel"):
+      scan_script.run(str(root), corpus, queries, str(root / "d.jsonl"))
+  finally:
+    _bind(EncodeConfig__rank_one_correction=True)
   # The store's rows are in a block basis: a full-R run cannot reuse them.
   _bind(PreconditionerConfig__kind="full")
   try:

@@ -262,13 +262,29 @@ def _rank_one(v: jax.Array, epsilon: jax.Array):
 
 
 # --- projections ---------------------------------------------------------------
+#
+# Both sides of a weight's ``(x P_L^T)^T (delta P_R^T)`` are projected as soon
+# as they exist, so an example never holds more than ``T x k`` per call: the
+# input side in the forward pass, inside the intercepted call; the output
+# side by differentiating a perturbation that lives in the projected space,
+# ``y + unrows(z P_R)`` with ``z: [T, k_b]`` zeros, whose gradient is
+# ``delta P_R^T``. (The weight is not differentiated, so autodiff keeps no
+# copy of x for it either.) The perturbation is always zero, so its forward
+# value costs nothing (``_zero_bump``).
 
 def _rows(x: jax.Array, perm: tuple[int, ...], features: int) -> jax.Array:
   return jnp.transpose(x, perm).reshape(-1, features).astype(jnp.float32)
 
 
+def _unrows(rows: jax.Array, perm: tuple[int, ...], shape: tuple[int, ...]
+            ) -> jax.Array:
+  """The inverse of ``_rows``: ``[T, features]`` back to ``shape``."""
+  permuted = rows.reshape([shape[i] for i in perm])
+  return jnp.transpose(permuted, tuple(np.argsort(perm)))
+
+
 def _side(rows, scale, matrix):
-  """``(rows * scale) @ matrix^T`` with None meaning no scale / identity."""
+  """``(rows * scale) @ matrix^T``; None means no scale / the identity."""
   if scale is not None:
     rows = rows * scale[None, :]
   if matrix is not None:
@@ -276,9 +292,33 @@ def _side(rows, scale, matrix):
   return rows
 
 
+@jax.custom_vjp
+def _zero_bump(z, scale, matrix):
+  """``(z @ matrix) * scale`` for ``z == 0``: zeros ``[T, b]``, computed for free.
+
+  ``z`` is only ever the zero perturbation; what matters is the gradient
+  w.r.t. it, ``_side`` of the gradient w.r.t. the result (None: no scale /
+  the identity)."""
+  return jnp.zeros((z.shape[0], z.shape[1] if matrix is None else matrix.shape[1]),
+                   jnp.float32)
+
+
+def _zero_bump_fwd(z, scale, matrix):
+  return _zero_bump(z, scale, matrix), (scale, matrix)
+
+
+def _zero_bump_bwd(saved, g):
+  scale, matrix = saved
+  zero = lambda x: None if x is None else jnp.zeros_like(x)
+  return _side(g, scale, matrix), zero(scale), zero(matrix)
+
+
+_zero_bump.defvjp(_zero_bump_fwd, _zero_bump_bwd)
+
+
 def _lookup_side(tokens, size, scale, matrix):
-  """The left side of an embedding lookup: row ``t`` is ``P_L[:, token_t]``
-  (times ``scale[token_t]``), i.e. one-hot rows projected."""
+  """The side of an embedding lookup: row ``t`` is ``P_L[:, token_t]`` (times
+  ``scale[token_t]``), i.e. the one-hot rows projected."""
   table = jnp.eye(size, dtype=jnp.float32) if matrix is None else matrix.T
   if scale is not None:
     table = table * scale[:, None]
@@ -302,68 +342,71 @@ def project_examples(plan: Plan, layout: projection.Layout, loss_fn: Callable,
     v_by_path = {projection.path_name(p): x
                  for p, x in jax.tree_util.tree_flatten_with_path(v)[0]}
     v_free = {p: v_by_path[p] for p in free}
+  blocks = {b.paths[0]: b for b in layout.blocks if b.paths[0] in plan.factored}
+  matrices = {p: projection.block_matrices(layout, b) for p, b in blocks.items()}
+  scale = {p: (None, None) if scales is None else scales[b.name]
+           for p, b in blocks.items()}
 
-  def loss_and_captures(free, perturbations, example):
+  def out_side(site):
+    """(k, scale, matrix) of the side a site's output gradient gives."""
+    block, (left, right), (u, w) = blocks[site.path], matrices[site.path], scale[site.path]
+    if site.kind == "transposed":
+      return block.k[0], u, left
+    return block.k[1], w, right
+
+  def loss_and_sides(free, perturbations, example):
     params = jax.tree_util.tree_unflatten(
         treedef, [free[p] if p in free else fixed[p] for p in paths])
-    inputs, calls = [], iter(range(len(plan.sites)))
+    known, calls = [], iter(range(len(plan.sites)))
 
     def capture(module, method, path, args, kwargs, y, weight):
       del module, method, kwargs, weight
       if path not in plan.factored:
         return y
       i = next(calls)
-      if plan.sites[i].path != path:
+      site = plan.sites[i]
+      if site.path != path:
         raise RuntimeError(f"the model called {path} where its first trace "
-                           f"called {plan.sites[i].path}: its calls must not "
-                           f"depend on the values of its inputs")
-      inputs.append(args[0])
-      return y + perturbations[i].astype(y.dtype)
+                           f"called {site.path}: its calls must not depend on "
+                           f"the values of its inputs")
+      (left, right), (u, w) = matrices[path], scale[path]
+      if site.kind == "lookup":
+        known.append(_lookup_side(args[0], blocks[path].shape[0], u, left))
+      elif site.kind == "dense":
+        known.append(_side(_rows(args[0], site.x_perm, site.x_features), u, left))
+      else:
+        known.append(_side(_rows(args[0], site.x_perm, site.x_features), w, right))
+      _, s, m = out_side(site)
+      bump = _unrows(_zero_bump(perturbations[i], s, m), site.y_perm, y.shape)
+      return y + bump.astype(y.dtype)
 
     with nn.intercept_methods(_intercepting(_by_id(params), capture)):
       loss = loss_fn(params, example)
-    return loss, inputs
+    return loss, known
 
   def one(example):
-    zeros = [jnp.zeros(s.out_shape, jnp.float32) for s in plan.sites]
-    (loss, inputs), (g_free, deltas) = jax.value_and_grad(
-        loss_and_captures, argnums=(0, 1), has_aux=True)(free, zeros, example)
+    zeros = [jnp.zeros((int(np.prod(s.out_shape)) // s.y_features, out_side(s)[0]),
+                       jnp.float32) for s in plan.sites]
+    (loss, known), (g_free, found) = jax.value_and_grad(
+        loss_and_sides, argnums=(0, 1), has_aux=True)(free, zeros, example)
     g_free = correction.correct(g_free, v_free, epsilon)
     g_free = {p: g[None] for p, g in g_free.items()}
     pieces = []
     for block in layout.blocks:
-      if block.paths[0] in plan.factored:
-        pieces.append(_factored_block(plan, layout, block, inputs, deltas,
-                                      None if scales is None else scales.get(block.name)))
-      else:
+      if block.paths[0] not in plan.factored:
         pieces.append(projection.project_block(
             layout, block, projection.block_gradient(block, g_free))[0])
+        continue
+      lefts, rights = [], []
+      for site, k, f in zip(plan.sites, known, found):
+        if site.path == block.paths[0]:
+          lefts.append(f if site.kind == "transposed" else k)
+          rights.append(k if site.kind == "transposed" else f)
+      pieces.append(jnp.einsum("tk,tl->kl", jnp.concatenate(lefts),
+                               jnp.concatenate(rights), precision="highest").reshape(-1))
     return jnp.concatenate(pieces), loss.astype(jnp.float32)
 
   return jax.vmap(one)(examples)
-
-
-def _factored_block(plan, layout, block, inputs, deltas, scale) -> jax.Array:
-  """One example's ``P_L G P_R^T`` (flattened) from the block's calls."""
-  left_m, right_m = projection.block_matrices(layout, block)
-  u, w = (None, None) if scale is None else scale
-  lefts, rights = [], []
-  for site, x, delta in zip(plan.sites, inputs, deltas):
-    if site.path != block.paths[0]:
-      continue
-    d_rows = _rows(delta, site.y_perm, site.y_features)
-    if site.kind == "lookup":
-      lefts.append(_lookup_side(x, block.shape[0], u, left_m))
-      rights.append(_side(d_rows, w, right_m))
-      continue
-    x_rows = _rows(x, site.x_perm, site.x_features)
-    if site.kind == "transposed":
-      x_rows, d_rows = d_rows, x_rows
-    lefts.append(_side(x_rows, u, left_m))
-    rights.append(_side(d_rows, w, right_m))
-  left = jnp.concatenate(lefts) if len(lefts) > 1 else lefts[0]
-  right = jnp.concatenate(rights) if len(rights) > 1 else rights[0]
-  return jnp.einsum("tk,tl->kl", left, right, precision="highest").reshape(-1)
 
 
 def block_errors(layout: projection.Layout, plan: Plan, factored: jax.Array,
