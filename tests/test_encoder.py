@@ -21,7 +21,9 @@ from tracer import partitioning
 from tracer import projection
 
 # Few examples and d of a few hundred: R is rank deficient on purpose.
-pytestmark = pytest.mark.filterwarnings("ignore:R is estimated")
+pytestmark = [pytest.mark.filterwarnings("ignore:R is estimated"),
+              # The toy model is plain jax: the factored kernel names its weights.
+              pytest.mark.filterwarnings("ignore:kernel='factored' cannot take")]
 
 TINY = model_lib.ModelConfig(vocab_size=259, max_len=8, d_model=8, num_layers=1,
                              num_heads=2, d_ff=16)

@@ -251,6 +251,18 @@ def test_a_weight_used_outside_its_call_falls_back():
   assert_blocks_close(enc.layout, got, want, 1e-5)
 
 
+def test_weights_it_cannot_take_are_named():
+  params = {"w": jnp.ones((6, 4)), "b": jnp.ones(4)}
+  loss = lambda p, ex: jnp.sum(jnp.tanh(ex["x"] @ p["w"] + p["b"]))   # no linen
+  batch = {"x": np.random.default_rng(0).normal(size=(3, 6)).astype(np.float32)}
+  mesh = meshes()["1 device"]
+  with pytest.warns(UserWarning, match=r"cannot take 1 of 1 weights \(w\)"):
+    enc, got = encode("factored", loss, params, batch, mesh, dim=100)
+  assert not plan_of(enc).factored
+  _, want = encode("exact", loss, params, batch, mesh, dim=100)
+  np.testing.assert_array_equal(got, want)
+
+
 def test_einsum_forms():
   site = factored._einsum_site
   assert site("ld,dhk->lhk", 2, 3) == ("dense", (0, 1), (0, 1, 2), 1)

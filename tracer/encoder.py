@@ -116,7 +116,7 @@ class GradientEncoder:
     not_rank_one = {name for name, (_, err) in fits.items()
                     if err > factored.RANK_ONE_TOLERANCE}
     self._allowed = {b.paths[0] for b in self.layout.blocks
-                     if len(b.paths) == 1 and b.paths[0] != projection.VECTORS
+                     if len(b.paths) == 1 and b.name != projection.VECTORS
                      and (rank_one_correction or b.name not in not_rank_one)}
     approximated = kernel == "factored" and rank_one_correction and not_rank_one
     #: "exact", or "rank_one_correction" when some weight's correction is
@@ -136,6 +136,14 @@ class GradientEncoder:
     if self.kernel == "factored":
       example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), batch)
       plan = factored.make_plan(loss_fn, self.params, example, layout, self._allowed)
+      missed = sorted(self._allowed - plan.factored)
+      if missed:
+        warnings.warn(
+            f"kernel='factored' cannot take {len(missed)} of {len(self._allowed)} "
+            f"weights ({', '.join(missed[:3])}{', ...' if len(missed) > 3 else ''}): "
+            "they are not used through a direct linen Dense, DenseGeneral, "
+            "Einsum or Embed call (nn.scan and nn.remat hide them), and take "
+            "the materialized path (kernel='exact': all of them, quietly)")
       if self.verify and plan.factored:
         plan = self._verified(plan, batch)
 

@@ -244,7 +244,7 @@ def correction_scales(layout: projection.Layout, v: Any | None, epsilon: float
              for p, x in jax.tree_util.tree_flatten_with_path(v)[0]}
   out = {}
   for block in layout.blocks:
-    if len(block.paths) != 1 or block.paths[0] == projection.VECTORS:
+    if len(block.paths) != 1 or block.name == projection.VECTORS:
       continue
     vv = by_path[block.paths[0]]
     u, w, err = _rank_one(jnp.reshape(vv, block.shape), jnp.float32(epsilon))
