@@ -141,9 +141,10 @@ class GradientEncoder:
         warnings.warn(
             f"kernel='factored' cannot take {len(missed)} of {len(self._allowed)} "
             f"weights ({', '.join(missed[:3])}{', ...' if len(missed) > 3 else ''}): "
-            "they are not used through a direct linen Dense, DenseGeneral, "
-            "Einsum or Embed call (nn.scan and nn.remat hide them), and take "
-            "the materialized path (kernel='exact': all of them, quietly)")
+            "they are not the kernel of a direct linen Dense, DenseGeneral, "
+            "Einsum or Embed call (a bias, a weight under nn.scan or nn.remat, "
+            "or used another way) and take the materialized path "
+            "(kernel='exact': all weights, quietly)")
       if self.verify and plan.factored:
         plan = self._verified(plan, batch)
 
