@@ -12,8 +12,9 @@ backward pass then also skips every weight-gradient matmul.
 ``x`` and ``delta`` come from the model without editing it. Every call of a
 flax linen ``Dense``, ``DenseGeneral``, ``Einsum`` or ``Embed`` (lookup, and
 ``attend``: tied unembedding, where ``G = delta^T x``) is intercepted
-(``nn.intercept_methods``): the call's input is returned as an auxiliary output
-and a zero perturbation is added to its output, whose gradient is ``delta``.
+(``nn.intercept_methods``): the call's input, projected at once, is returned
+as an auxiliary output, and a zero perturbation is added to its output, whose
+gradient is ``delta``, projected (see "projections" below).
 A weight used by several calls (tied embeddings) sums their ``x^T delta``: the
 calls' rows are concatenated. Calls are matched to parameters by identity (the
 module's variable is the very array passed in ``params``), so a loss that
