@@ -29,13 +29,13 @@ LM = model_lib.ModelConfig(vocab_size=259, max_len=16, d_model=16, num_layers=2,
 DIM = 2048      # s = 16: every matrix projected on at least one side
 
 
-def lm_batch(n, seed=0):
+def lm_batch(n, seed=0, cfg=LM):
   rng = np.random.default_rng(seed)
-  targets = rng.integers(3, LM.vocab_size, size=(n, LM.max_len)).astype(np.int32)
+  targets = rng.integers(3, cfg.vocab_size, size=(n, cfg.max_len)).astype(np.int32)
   inputs = np.concatenate([np.zeros((n, 1), np.int32), targets[:, :-1]], axis=1)
-  weights = np.ones((n, LM.max_len), np.float32)
+  weights = np.ones((n, cfg.max_len), np.float32)
   for i in range(n):                  # padding tails and prompt-only masks
-    weights[i, LM.max_len - i % 5:] = 0
+    weights[i, cfg.max_len - i % 5:] = 0
     weights[i, :i % 3] = 0
   return {"inputs": inputs, "targets": targets, "weights": weights}
 
@@ -67,18 +67,18 @@ def assert_blocks_close(layout, got, want, tol):
   assert rel(got, want) < tol
 
 
-def trained(optimizer: str, steps: int = 3):
+def trained(optimizer: str, steps: int = 3, cfg=LM):
   """LM params and their optimizer's V after a few real steps."""
-  cfg = OptimizerConfig(name=optimizer, warmup_steps=1, learning_rate=1e-2)
-  opt = train_lib.make_optimizer(cfg)
-  params = model_lib.init_params(LM)
+  opt_cfg = OptimizerConfig(name=optimizer, warmup_steps=1, learning_rate=1e-2)
+  opt = train_lib.make_optimizer(opt_cfg)
+  params = model_lib.init_params(cfg)
   state = opt.init(params)
-  batch = lm_batch(8, seed=1)
+  batch = lm_batch(8, seed=1, cfg=cfg)
   for _ in range(steps):
-    grads = jax.grad(lambda p: model_lib.batch_loss(LM, p, batch))(params)
+    grads = jax.grad(lambda p: model_lib.batch_loss(cfg, p, batch))(params)
     updates, state = opt.update(grads, state, params)
     params = optax.apply_updates(params, updates)
-  b2 = cfg.b2 if optimizer == "adamw" else None
+  b2 = opt_cfg.b2 if optimizer == "adamw" else None
   return params, correction.second_moment(state, params, b2=b2)
 
 
@@ -106,24 +106,20 @@ def test_adafactor_matches_materialized():
   # >= 128: here the embedding and the MLP matrices, whose correction is then
   # rank one and factored exactly; the attention kernels (128, 2, 64) keep a
   # full v and the materialized path.
-  global LM
-  saved, LM = LM, model_lib.ModelConfig(vocab_size=259, max_len=8, d_model=128,
-                                        num_layers=1, num_heads=2, d_ff=128)
-  try:
-    params, v = trained("adafactor", steps=2)
-    batch = lm_batch(7, seed=3)
-    loss_fn = model_lib.make_loss_fn(LM)
-    mesh = meshes()["4x2"]
-    enc, got = encode("factored", loss_fn, params, batch, mesh, second_moment=v,
-                      epsilon=0.0, dim=4096)
-    _, want = encode("exact", loss_fn, params, batch, mesh, second_moment=v,
-                     epsilon=0.0, dim=4096)
-    assert plan_of(enc).factored == {"layer_0/gate/kernel", "layer_0/up/kernel",
-                                     "layer_0/down/kernel", "embed/embedding"}
-    assert enc.approximation == "exact"
-    assert_blocks_close(enc.layout, got, want, 1e-5)
-  finally:
-    LM = saved
+  cfg = model_lib.ModelConfig(vocab_size=259, max_len=8, d_model=128,
+                              num_layers=1, num_heads=2, d_ff=128)
+  params, v = trained("adafactor", steps=2, cfg=cfg)
+  batch = lm_batch(7, seed=3, cfg=cfg)
+  loss_fn = model_lib.make_loss_fn(cfg)
+  mesh = meshes()["4x2"]
+  enc, got = encode("factored", loss_fn, params, batch, mesh, second_moment=v,
+                    epsilon=0.0, dim=4096)
+  _, want = encode("exact", loss_fn, params, batch, mesh, second_moment=v,
+                   epsilon=0.0, dim=4096)
+  assert plan_of(enc).factored == {"layer_0/gate/kernel", "layer_0/up/kernel",
+                                   "layer_0/down/kernel", "embed/embedding"}
+  assert enc.approximation == "exact"
+  assert_blocks_close(enc.layout, got, want, 1e-5)
 
 
 def test_adam_is_left_exact_unless_approximation_asked():

@@ -28,7 +28,7 @@ process holds a fixed block of each step.
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable, NamedTuple, Sequence
-import warnings  # pylint: disable=g-bad-import-order
+import warnings
 
 import jax
 import jax.numpy as jnp

@@ -121,10 +121,15 @@ def _einsum_site(spec: str, x_ndim: int, kernel_ndim: int
   return None
 
 
+def _call_input(args, kwargs):
+  """The input of an intercepted call (``inputs`` / ``query`` by keyword)."""
+  return args[0] if args else kwargs.get("inputs", kwargs.get("query"))
+
+
 def _describe(module, method: str, path: str, args, kwargs, y, weight
               ) -> Site | None:
   """The site of one intercepted call, or None when the kernel cannot take it."""
-  x = args[0] if args else kwargs.get("inputs", kwargs.get("query"))
+  x = _call_input(args, kwargs)
   if x is None or not hasattr(y, "shape"):
     return None
   x_shape, y_shape = tuple(np.shape(x)), tuple(np.shape(y))
@@ -220,11 +225,15 @@ def make_plan(loss_fn: Callable, params: Any, example: Any,
   fits = set()
   for site in sites:
     block = blocks.get(site.path)
-    rows = (site.y_features if site.kind == "transposed" else
-            block.shape[0] if block is not None and site.kind == "lookup" else
-            site.x_features)
-    cols = site.x_features if site.kind == "transposed" else site.y_features
-    if block is not None and block.shape == (rows, cols):
+    if block is None:
+      continue
+    if site.kind == "transposed":
+      gradient_shape = (site.y_features, site.x_features)
+    elif site.kind == "lookup":
+      gradient_shape = (block.shape[0], site.y_features)
+    else:
+      gradient_shape = (site.x_features, site.y_features)
+    if block.shape == gradient_shape:
       fits.add(site.path)
   bad = {s.path for s in sites if s.path not in fits} | unsupported
   factored = frozenset(s.path for s in sites) - bad
@@ -361,9 +370,10 @@ def project_examples(plan: Plan, layout: projection.Layout, loss_fn: Callable,
     known, calls = [], iter(range(len(plan.sites)))
 
     def capture(module, method, path, args, kwargs, y, weight):
-      del module, method, kwargs, weight
+      del module, method, weight
       if path not in plan.factored:
         return y
+      x = _call_input(args, kwargs)
       i = next(calls)
       site = plan.sites[i]
       if site.path != path:
@@ -372,11 +382,11 @@ def project_examples(plan: Plan, layout: projection.Layout, loss_fn: Callable,
                            f"the values of its inputs")
       (left, right), (u, w) = matrices[path], scale[path]
       if site.kind == "lookup":
-        known.append(_lookup_side(args[0], blocks[path].shape[0], u, left))
+        known.append(_lookup_side(x, blocks[path].shape[0], u, left))
       elif site.kind == "dense":
-        known.append(_side(_rows(args[0], site.x_perm, site.x_features), u, left))
+        known.append(_side(_rows(x, site.x_perm, site.x_features), u, left))
       else:
-        known.append(_side(_rows(args[0], site.x_perm, site.x_features), w, right))
+        known.append(_side(_rows(x, site.x_perm, site.x_features), w, right))
       _, s, m = out_side(site)
       bump = _unrows(_zero_bump(perturbations[i], s, m), site.y_perm, y.shape)
       return y + bump.astype(y.dtype)
