@@ -11,3 +11,16 @@ class InputError(ValueError):
 def at(path, line=None) -> str:
   """Formats a location as ``path`` or ``path:line`` for error messages."""
   return f"{path}:{line}" if line is not None else str(path)
+
+
+class CorruptStoreError(InputError):
+  """A store's chunk does not hold what its marker says it was written with
+  (checksum, size), or cannot be read; the message names the chunk."""
+
+
+class StoreClaimedError(InputError):
+  """Another live job is writing the store (the message names it)."""
+
+
+class QuarantineLimitError(InputError):
+  """More examples had a non-finite loss or gradient than the run allows."""

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from tracer import crashpoints
 from tracer import data
 from tracer import storage
 from tracer.errors import InputError, at
@@ -139,6 +140,7 @@ def write_results(path, rows: Iterable[Mapping[str, Any]]) -> None:
   text = "".join(
       json.dumps(row, ensure_ascii=False, default=_to_json) + "\n"
       for row in rows)
+  crashpoints.point("results.write")
   write_text_atomic(path, text)
 
 

@@ -34,6 +34,7 @@ import numpy as np
 
 from tracer import checkpoint as ckpt_lib
 from tracer import corpus as corpus_lib
+from tracer import crashpoints
 from tracer import data as data_lib
 from tracer import evaluate
 from tracer import hessian
@@ -180,6 +181,7 @@ def train_moments(encoder: GradientEncoder, corpus, cfg: PreconditionerConfig,
     examples, valid = read_padded(corpus, mine, len(positions))
     train = encoder.accumulate(train, encoder.project_local(
         examples, valid, data_lib.RowIds(corpus, mine)))
+    crashpoints.point("fit.batch")
     _report(progress, lo + len(batch_rows), len(rows))
   return train
 
@@ -426,6 +428,7 @@ def encode_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
         mine.pop(0)
         buf = None
     encoded += len(rows)
+    crashpoints.point("encode.batch")
     _report(progress, encoded, total)
   assert not mine, f"chunks left unwritten: {mine[:5]}"
   # The last chunks' writers may still be writing when the other hosts

@@ -39,6 +39,7 @@ import ml_dtypes
 import numpy as np
 import tensorstore as ts
 
+from tracer import crashpoints
 from tracer import storage
 from tracer.errors import InputError
 
@@ -331,8 +332,10 @@ class EncodingStore:
           f"expected {(stop - start, self.dim)} (rows {start}..{stop})")
     x = x.astype(self.dtype, copy=False)
     self.array[start:stop].write(x).result()
+    crashpoints.point("chunk.data")
     # The marker goes last: a chunk without one is rewritten whole on resume.
     storage.write_bytes(self._marker(chunk), b"")
+    crashpoints.point("chunk.marked")
 
   def attachment(self, name: str) -> bytes | None:
     """A file written with the store (``create_or_open``), or None."""
