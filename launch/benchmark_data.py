@@ -22,8 +22,9 @@ import subprocess
 import sys
 import time
 
-from absl import app
 from absl import flags
+
+from launch import cli
 
 flags.DEFINE_list("rows", ["10000", "1000000"], "Corpus sizes N.")
 flags.DEFINE_string("workdir", "/tmp/tracer_bench_data", "Scratch directory.")
@@ -148,4 +149,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -16,6 +16,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
+from launch import cli
 from tracer import bm25
 from tracer import corpus as corpus_lib
 from tracer import evaluate
@@ -84,4 +85,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

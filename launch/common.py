@@ -9,14 +9,16 @@ import sys
 import time
 from typing import Any, NamedTuple, Sequence
 
+from absl import flags
 import jax
 
 from launch import config
+from tracer import claim as claim_lib
 from tracer import hessian
 from tracer import pipeline
 from tracer import storage
 from tracer import store as store_lib
-from tracer.config import EncodeConfig, PreconditionerConfig
+from tracer.config import EncodeConfig, ModelConfig, PreconditionerConfig
 
 
 class Progress:
@@ -62,6 +64,7 @@ def start(workdir: str | None, checkpoint: str | None, corpus_source: str) -> Ru
   ecfg = config.make(EncodeConfig)
   mesh = pipeline.make_mesh(ecfg)
   ckpt = pipeline.load_checkpoint(workdir, checkpoint, mesh)
+  config.check_bound_fields(ModelConfig, ckpt.model_config, ckpt.path)
   corpus = pipeline.open_corpus(ckpt, corpus_source)
   encoder, kind, eps = pipeline.build_encoder(ckpt, ecfg, mesh)
   return Run(ecfg, ckpt, corpus, encoder, kind, eps)
@@ -89,21 +92,63 @@ def fitted_basis(location: str, run: Run, pcfg: PreconditionerConfig,
   return basis
 
 
+flags.DEFINE_float("max_quarantined", pipeline.DEFAULT_MAX_QUARANTINED,
+                   "Stop encoding when more than this fraction of the corpus rows "
+                   "being encoded have a non-finite loss or gradient (they are "
+                   "quarantined: stored as zeros, never returned).")
+flags.DEFINE_float("claim_timeout_s", claim_lib.DEFAULT_STALE_AFTER_S,
+                   "A store's writer claim without a heartbeat for this long is "
+                   "taken over (its job is presumed dead).")
+flags.DEFINE_bool("verify_store", False, "Before resuming or reusing a store, "
+                  "re-read its written chunks and rewrite those whose bytes do "
+                  "not match their checksums (reads the whole store).")
+FLAGS = flags.FLAGS
+
+
 def encoded_store(location: str, run: Run, pcfg: PreconditionerConfig,
                   params_fingerprint: str, basis_location: str | None = None
                   ) -> tuple[store_lib.EncodingStore, hessian.Basis | None]:
   """The corpus store at ``location``, complete: reused as it is when it
   already is (no corpus gradient is computed), else resumed, else created
-  (with the basis at ``basis_location``, or one fitted now) and encoded."""
+  (with the basis at ``basis_location``, or one fitted now) and encoded.
+  Writing takes the store's claim first (one writer: ``tracer.claim``)."""
   expected = pipeline.manifest(run.ckpt, run.encoder, run.correction, run.epsilon,
                                None, run.corpus, run.encode_config,
                                params_fingerprint)
   store = pipeline.existing_store(location, expected, pcfg)
+  if (store is not None and not FLAGS.verify_store
+      and not len(pipeline.agreed_pending_chunks(store))):
+    say(f"store {location}: complete, reused as it is (no corpus gradient "
+        "computed)")
+    if jax.process_index() == 0:
+      # A job killed after its last chunk left its claim behind.
+      claim_lib.clear_stale(location, FLAGS.claim_timeout_s)
+    return store, pipeline.store_basis(store)
+  claim = pipeline.claim_store(location, FLAGS.claim_timeout_s)
+  try:
+    if claim is not None and claim.taken_over:
+      owner, why = claim.taken_over
+      say(f"store {location}: took over the claim of {claim_lib.describe(owner)} "
+          f"({why})")
+    return _encode_store(location, run, pcfg, params_fingerprint, basis_location,
+                         expected, claim)
+  finally:
+    if claim is not None:
+      claim.release()
+
+
+def _encode_store(location, run, pcfg, params_fingerprint, basis_location,
+                  expected, claim):
+  store = pipeline.existing_store(location, expected, pcfg)
   if store is not None:
     basis = pipeline.store_basis(store)
+    if FLAGS.verify_store:
+      bad = pipeline.verify_store(store, repair=True, progress=Progress(
+          "verify store", "chunks"))
+      say(f"store {location}: verified; {len(bad)} bad chunk(s) in process 0's "
+          "share" + (f", rewriting them: {sorted(bad)[:10]}" if bad else ""))
     if not len(pipeline.agreed_pending_chunks(store)):
-      say(f"store {location}: complete, reused as it is (no corpus gradient "
-          "computed)")
+      say(f"store {location}: complete, reused as it is")
       return store, basis
     say(f"store {location}: resuming")
   else:
@@ -124,9 +169,13 @@ def encoded_store(location: str, run: Run, pcfg: PreconditionerConfig,
         expected, basis_fingerprint=basis.fingerprint() if basis else None), basis)
   encoded = pipeline.encode_corpus(run.encoder, basis, run.corpus, store,
                                    run.encode_config.batch_size,
-                                   Progress("encode corpus"))
+                                   Progress("encode corpus"),
+                                   max_quarantined=FLAGS.max_quarantined,
+                                   claim=claim)
   say(f"store {location}: {store.num_rows} rows x d={store.dim} "
-      f"({store.manifest.dtype}); process 0 encoded {encoded} rows")
+      f"({store.manifest.dtype}); process 0 encoded {encoded.rows} rows; "
+      f"{encoded.quarantined} quarantined in this run (non-finite loss or "
+      "gradient: stored as zeros, never returned)")
   return store, basis
 
 
@@ -134,14 +183,19 @@ def query_metric(run: Run, basis, query_examples: dict, queries: Sequence[dict],
                  pcfg: PreconditionerConfig):
   """The query set's R^(-1) and query vectors (``pipeline.query_metric``),
   reported."""
-  metric, vectors = pipeline.query_metric(
-      run.encoder, basis, query_examples, pcfg, run.encode_config.batch_size,
-      [q["id"] for q in queries])
+  ids = [q["id"] for q in queries]
+  metric, vectors, skipped = pipeline.query_metric(
+      run.encoder, basis, query_examples, pcfg, run.encode_config.batch_size, ids)
   cols = sum(c.shape[1] for c in metric.lowrank)
   say(f"R for these {len(queries)} queries, applied at scan time: "
       f"{basis.kind if basis else 'none'}, lambda={metric.lam:.4g}, "
       f"damping={metric.damping:g}, {cols} low-rank columns")
-  return metric, vectors
+  if skipped:
+    first = min(skipped)
+    say(f"warning: {len(skipped)} of {len(queries)} queries have a non-finite "
+        f"loss or gradient and get no proponents (first: {ids[first]!r}, "
+        f"{skipped[first]}); their results lines say so in 'error'")
+  return metric, vectors, skipped
 
 
 def default_location(workdir: str, given: str | None, name: str) -> str:
@@ -150,11 +204,15 @@ def default_location(workdir: str, given: str | None, name: str) -> str:
 
 def print_table(rows: Sequence[dict], preds: Sequence[str], num_queries: int,
                 num_proponents: int = 3, width: int = 70) -> None:
-  """A readable table: prompt, target, prediction, top proponents and scores."""
+  """A readable table: prompt, target, prediction, top proponents and scores.
+
+  Ids and texts come from the corpus and queries, so they are untrusted: their
+  control characters (terminal escape sequences) are shown escaped."""
+  from launch.cli import printable  # pylint: disable=g-import-not-at-top
   for row, pred in list(zip(rows, preds))[:num_queries]:
     mark = "ok" if pred == row["target"] else "wrong"
-    print(f"\n{row['query_id']}: {row['prompt']!r} -> target {row['target']!r}, "
-          f"model says {pred!r} ({mark})")
+    print(f"\n{printable(row['query_id'])}: {row['prompt']!r} -> target "
+          f"{row['target']!r}, model says {pred!r} ({mark})")
     truth = set(row.get("fact_doc_ids", ()))
     print(f"  {'rank':>4}  {'score':>7}  {'id':<10}  text")
     for rank, (pid, score, text) in enumerate(zip(
@@ -163,6 +221,7 @@ def print_table(rows: Sequence[dict], preds: Sequence[str], num_queries: int,
         break
       star = "*" if pid in truth else " "
       short = text if len(text) <= width else text[:width - 3] + "..."
-      print(f"  {rank:>4}  {score:7.4f}  {pid:<10}{star} {short}")
+      print(f"  {rank:>4}  {score:7.4f}  {printable(pid):<10}{star} "
+            f"{printable(short)}")
   if any("fact_doc_ids" in r for r in rows):
     print("\n(* marks a document that states the queried fact)")

@@ -9,6 +9,7 @@ by class name:
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 
@@ -19,7 +20,10 @@ from absl import flags
 from absl import logging
 import gin
 
+from launch.cli import run  # pylint: disable=unused-import  (re-exported)
 from tracer import config as tracer_config
+from tracer import storage
+from tracer.errors import InputError
 
 flags.DEFINE_multi_string("gin_file", [], "Gin config files (repeatable).")
 flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'ModelConfig.d_model=64'.")
@@ -38,7 +42,8 @@ flags.DEFINE_string("basis", None, "R_train's eigenbasis file (path or URL): "
                     "reuse it (default WORKDIR/basis.npz), and the basis a new "
                     "store is encoded in (a store keeps its own).")
 flags.DEFINE_string("output", None, "Results JSONL.")
-flags.DEFINE_integer("top_k", 10, "Proponents and opponents per query.")
+flags.DEFINE_integer("top_k", 10, "Proponents and opponents per query.",
+                     lower_bound=1)
 flags.DEFINE_multi_string("seqio_module", [], "Python modules to import before "
                           "reading inputs, e.g. ones that register seqio tasks "
                           "named by --corpus (repeatable).")
@@ -58,9 +63,60 @@ for _cls in tracer_config.ALL:
   register(_cls)
 
 
+# Values gin may bind, beyond their type: the choices of string fields, and
+# the least value of numeric ones (checked by ``make``, before any work).
+_CHOICES = {
+    "ModelConfig.dtype": ("float32", "bfloat16", "float16"),
+    "OptimizerConfig.name": ("adamw", "adafactor"),
+    "DataConfig.tokenizer": ("byte", "sentencepiece"),
+    "DataConfig.overflow": ("truncate", "split"),
+    "EncodeConfig.correction": ("optimizer", "none"),
+    "EncodeConfig.kernel": ("factored", "exact"),
+    "EncodeConfig.store_dtype": ("bfloat16", "float32"),
+    "PreconditionerConfig.kind": ("block", "full", "none"),
+}
+_AT_LEAST = {
+    **{f"ModelConfig.{n}": 1 for n in ("vocab_size", "max_len", "d_model",
+                                       "num_layers", "num_heads", "d_ff")},
+    **{f"TrainConfig.{n}": 1 for n in ("batch_size", "log_every",
+                                       "checkpoint_every")},
+    **{f"EncodeConfig.{n}": 1 for n in ("projection_dim", "microbatch_size",
+                                        "batch_size", "model_axis", "chunk_rows")},
+    "OptimizerConfig.total_steps": 1, "OptimizerConfig.warmup_steps": 0,
+    "PreconditionerConfig.train_examples": 0, "PreconditionerConfig.rank": 0,
+    "PreconditionerConfig.damping": 0, "EncodeConfig.epsilon": 0,
+}
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+
+
+def check_fields(obj) -> None:
+  """InputError naming the first field of a config dataclass whose (gin-bound)
+  value has the wrong type, is not one of its choices, or is too small."""
+  name = type(obj).__name__
+  for field in dataclasses.fields(obj):
+    key, value = f"{name}.{field.name}", getattr(obj, field.name)
+    kinds = [k.strip() for k in str(field.type).split("|")]
+    if value is None and "None" in kinds:
+      continue
+    types = tuple(t for k in kinds for t in _TYPES.get(k, (object,)))
+    if not isinstance(value, types) or (isinstance(value, bool)
+                                        and bool not in types):
+      raise InputError(f"gin: {key} = {value!r}: expected {' or '.join(kinds)}, "
+                       f"got {type(value).__name__}")
+    if key in _CHOICES and value not in _CHOICES[key]:
+      raise InputError(f"gin: {key} = {value!r}: expected one of "
+                       f"{', '.join(map(repr, _CHOICES[key]))}")
+    if key in _AT_LEAST and value < _AT_LEAST[key]:
+      raise InputError(f"gin: {key} = {value!r}: expected a value >= "
+                       f"{_AT_LEAST[key]}")
+
+
 def make(cls):
-  """An instance of a registered config dataclass with the gin bindings applied."""
-  return _CONFIGURABLE[cls]()
+  """An instance of a registered config dataclass with the gin bindings
+  applied, checked (``check_fields``)."""
+  obj = _CONFIGURABLE[cls]()
+  check_fields(obj)
+  return obj
 
 
 def parse_gin() -> None:
@@ -77,10 +133,27 @@ def parse_gin() -> None:
     if not os.path.exists(f) and os.path.exists(os.path.join(repo, f)):
       f = os.path.join(repo, f)
     if not os.path.exists(f):
-      raise FileNotFoundError(f"--gin_file={f}: no such file")
+      raise GinFileNotFound(f"--gin_file={f}: no such file")
     files.append(f)
   gin.add_config_file_search_path(repo)
-  gin.parse_config_files_and_bindings(files, FLAGS.gin_bindings)
+  try:
+    gin.parse_config_files_and_bindings(files, FLAGS.gin_bindings)
+  except (ValueError, SyntaxError, ImportError) as e:
+    # Unknown configurable or parameter, bad syntax, a bad import in a file:
+    # gin's message names the file or binding and its line.
+    if isinstance(e, SyntaxError):
+      bindings = "\n".join(FLAGS.gin_bindings).splitlines()
+      if e.filename and e.filename != "<string>":
+        where, text = f"file {e.filename}, line {e.lineno}", e.text or ""
+      else:
+        where = "--gin_bindings"
+        text = bindings[e.lineno - 1] if 0 < (e.lineno or 0) <= len(bindings) else ""
+      e = f"{e.msg} ({where}: {text.strip()!r})"
+    raise InputError(f"gin: {e}") from None
+
+
+class GinFileNotFound(InputError, FileNotFoundError):
+  """--gin_file names no file."""
 
 
 flags.DEFINE_string("coordinator_address", None,
@@ -114,3 +187,56 @@ def setup(required: tuple[str, ...] = ()) -> None:
   missing = [f"--{name}" for name in required if not FLAGS[name].value]
   if missing:
     raise app.UsageError(f"{', '.join(missing)} required")
+  # Outputs are checked before any work, so a run cannot fail at its end.
+  if FLAGS.output:
+    check_writable(FLAGS.output, "--output")
+
+
+def check_top_k(top_k: int, num_rows: int) -> None:
+  """InputError unless 1 <= top_k <= num_rows (the corpus's rows): checked
+  once the corpus is open, before any gradient is computed."""
+  if not 1 <= top_k <= num_rows:
+    more = f"more than the corpus's {num_rows} rows; " if top_k > num_rows else ""
+    raise InputError(f"--top_k={top_k}: {more}expected 1..{num_rows}")
+
+
+def check_writable(location: str, what: str = "output") -> None:
+  """InputError unless a file or directory can be created at the local path
+  ``location`` (its nearest existing ancestor is a writable directory). URLs
+  are not checked: a bucket says so at the first write."""
+  if not location or storage.is_url(location):
+    return
+  path = os.path.abspath(location)
+  parent = os.path.dirname(path)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise InputError(f"{what}={location}: cannot be created, {parent} is a file; "
+                     "expected a path in a writable directory")
+  if not os.access(parent, os.W_OK):
+    try:
+      readonly = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
+    except OSError:
+      readonly = False
+    why = "read-only file system" if readonly else "permission denied"
+    raise InputError(f"{what}={location}: cannot be written, {parent} is not "
+                     f"writable ({why}); expected a path in a writable directory")
+
+
+def check_bound_fields(cls, have, where: str) -> None:
+  """Raises InputError if a gin binding of ``cls`` (a config dataclass) names
+  a value other than ``have``'s: e.g. ``--gin_file=configs/small.gin`` with a
+  checkpoint of the tiny model, whose own ModelConfig would silently win."""
+  diffs = []
+  for field in dataclasses.fields(cls):
+    try:
+      bound = gin.query_parameter(f"{cls.__name__}.{field.name}")
+    except ValueError:
+      continue  # not bound
+    if bound != getattr(have, field.name):
+      diffs.append(f"{cls.__name__}.{field.name}: the checkpoint has "
+                   f"{getattr(have, field.name)!r}, the gin bindings say {bound!r}")
+  if diffs:
+    raise InputError(f"{where}: a checkpoint of another {cls.__name__} than the "
+                     f"gin bindings name ({'; '.join(diffs)}); expected the gin "
+                     "files the model was trained with")

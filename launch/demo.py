@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 
-from absl import app
 from absl import flags
 
 from launch import config
@@ -49,4 +48,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  config.run(main)

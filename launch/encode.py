@@ -15,7 +15,6 @@ written.
 
 from __future__ import annotations
 
-from absl import app
 from absl import flags
 
 from launch import common
@@ -44,4 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  config.run(main)

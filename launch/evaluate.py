@@ -20,6 +20,7 @@ from typing import Any
 from absl import app
 from absl import flags
 
+from launch import cli
 from tracer import evaluate
 from tracer.errors import InputError, at
 
@@ -103,4 +104,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

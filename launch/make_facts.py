@@ -11,6 +11,7 @@ import json
 from absl import app
 from absl import flags
 
+from launch import cli
 from tracer import facts
 
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
@@ -49,4 +50,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -18,6 +18,8 @@ import math
 from absl import app
 from absl import flags
 
+from launch import cli
+
 FLAGS = flags.FLAGS
 
 _H200_RATIO = 1.33
@@ -421,4 +423,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 
-from absl import app
 from absl import flags
 import numpy as np
 
@@ -213,4 +212,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  config.run(main)

@@ -14,7 +14,6 @@ own devices; process 0 writes the results.
 
 from __future__ import annotations
 
-from absl import app
 from absl import flags
 
 from launch import common
@@ -31,6 +30,7 @@ def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
         checkpoint=None):
   pcfg = config.make(PreconditionerConfig)
   run_ = common.start(workdir, checkpoint, corpus_source)
+  config.check_top_k(top_k, len(run_.corpus))  # before any gradient
   queries, query_examples = pipeline.read_queries(run_.ckpt, queries_path)
   location = common.default_location(workdir, store_path, "store")
   expected = pipeline.manifest(run_.ckpt, run_.encoder, run_.correction,
@@ -39,11 +39,11 @@ def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
   if store is None:
     raise InputError(f"{location}: no store; encode the corpus first "
                      "(launch.encode or launch.trace)")
-  metric, vectors = common.query_metric(run_, pipeline.store_basis(store),
-                                        query_examples, queries, pcfg)
+  metric, vectors, skipped = common.query_metric(
+      run_, pipeline.store_basis(store), query_examples, queries, pcfg)
   topk = scan_lib.scan_store(store, vectors, top_k, mesh=run_.encoder.mesh,
                              metric=metric.row_metric())
-  rows = pipeline.result_rows(queries, run_.corpus, topk)
+  rows = pipeline.result_rows(queries, run_.corpus, topk, skipped)
   pipeline.write_results(output, rows)
   common.say(f"wrote {len(rows)} results to {output}")
   return rows
@@ -57,4 +57,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  config.run(main)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import time
 
-from absl import app
 from absl import flags
 
 from launch import common
@@ -56,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  config.run(main)

@@ -20,7 +20,6 @@ and encodes only its share of the corpus; process 0 writes the results.
 
 from __future__ import annotations
 
-from absl import app
 from absl import flags
 import jax
 
@@ -46,6 +45,7 @@ def run(workdir: str, corpus_source: str, queries_path: str, output: str,
   """Runs the pipeline; writes and returns the results rows."""
   pcfg = config.make(PreconditionerConfig)
   run_ = common.start(workdir, checkpoint, corpus_source)
+  config.check_top_k(top_k, len(run_.corpus))  # before any gradient
   ckpt, corpus, encoder = run_.ckpt, run_.corpus, run_.encoder
   queries, query_examples = pipeline.read_queries(ckpt, queries_path)
   common.say(f"checkpoint {ckpt.path} (step {ckpt.step}); corpus {len(corpus)} rows; "
@@ -57,7 +57,7 @@ def run(workdir: str, corpus_source: str, queries_path: str, output: str,
     basis = common.fitted_basis(
         common.default_location(workdir, basis_path, "basis.npz"), run_, pcfg,
         params_fp)
-    metric, vectors = common.query_metric(run_, basis, query_examples, queries, pcfg)
+    metric, vectors, skipped = common.query_metric(run_, basis, query_examples, queries, pcfg)
     topk = pipeline.stream_corpus(encoder, basis, corpus, vectors, metric, top_k,
                                   run_.encode_config.batch_size,
                                   common.Progress("encode + score corpus"))
@@ -65,10 +65,10 @@ def run(workdir: str, corpus_source: str, queries_path: str, output: str,
     store, basis = common.encoded_store(
         common.default_location(workdir, store_path, "store"), run_, pcfg,
         params_fp, basis_path)
-    metric, vectors = common.query_metric(run_, basis, query_examples, queries, pcfg)
+    metric, vectors, skipped = common.query_metric(run_, basis, query_examples, queries, pcfg)
     topk = scan_lib.scan_store(store, vectors, top_k, mesh=encoder.mesh,
                                metric=metric.row_metric())
-  rows = pipeline.result_rows(queries, corpus, topk)
+  rows = pipeline.result_rows(queries, corpus, topk, skipped)
   pipeline.write_results(output, rows)
   common.say(f"wrote {len(rows)} results to {output}")
   if all("fact_doc_ids" in q for q in queries):
@@ -97,4 +97,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  config.run(main)

@@ -14,7 +14,6 @@ import json
 import os
 import time
 
-from absl import app
 from absl import flags
 import jax
 import numpy as np
@@ -26,6 +25,7 @@ from tracer import model as model_lib
 from tracer import partitioning
 from tracer import train as train_lib
 from tracer.config import DataConfig, ModelConfig, OptimizerConfig, TrainConfig
+from tracer.errors import InputError
 
 FLAGS = flags.FLAGS
 
@@ -39,26 +39,35 @@ def train(corpus_source: str, workdir: str) -> dict:
 
   vocab = data_config.vocabulary()
   if vocab.vocab_size > model_config.vocab_size:
-    raise ValueError(f"ModelConfig.vocab_size={model_config.vocab_size} is smaller "
+    raise InputError(f"ModelConfig.vocab_size={model_config.vocab_size} is smaller "
                      f"than the tokenizer's {vocab.vocab_size}")
   corpus = corpus_lib.open_corpus(corpus_source, data_config, model_config.max_len)
   mesh = partitioning.make_mesh()
   if train_config.batch_size % mesh.size:
-    raise ValueError(f"TrainConfig.batch_size={train_config.batch_size} must be a "
+    raise InputError(f"TrainConfig.batch_size={train_config.batch_size} must be a "
                      f"multiple of the {mesh.size} devices")
   optimizer = train_lib.make_optimizer(opt_config)
   mngr = ckpt_lib.manager(os.path.join(workdir, "checkpoints"))
   replicated = partitioning.replicated(mesh)
   if mngr.latest_step() is not None:
     restored = ckpt_lib.restore(str(mngr.directory), mesh=mesh)
-    changed = [what for what, same in (
-        ("ModelConfig", restored.model_config == model_config),
-        ("OptimizerConfig.name", restored.optimizer_config.name == opt_config.name),
-        ("number of corpus rows", restored.data_config.get("num_rows") == len(corpus)),
-    ) if not same]
+    rows = restored.data_config.get("num_rows")
+    diffs = {  # what differs -> the differences, each "field: ckpt has, run has"
+        "ModelConfig": ckpt_lib.differences(restored.model_config, model_config,
+                                            "ModelConfig"),
+        "OptimizerConfig.name": [
+            f"OptimizerConfig.name: the checkpoint has "
+            f"{restored.optimizer_config.name!r}, this run has {opt_config.name!r}"
+        ] if restored.optimizer_config.name != opt_config.name else [],
+        "number of corpus rows": [
+            f"the checkpoint's corpus had {rows} rows, this one has {len(corpus)}"
+        ] if rows != len(corpus) else [],
+    }
+    changed = [what for what, d in diffs.items() if d]
     if changed:
-      raise ValueError(f"{mngr.directory}: cannot resume, the checkpoint's "
-                       f"{', '.join(changed)} differ from this run's")
+      raise InputError(f"{mngr.directory}: cannot resume, the checkpoint's "
+                       f"{', '.join(changed)} differ from this run's ("
+                       f"{'; '.join(sum(diffs.values(), []))})")
     params, opt_state, start = restored.params, restored.opt_state, restored.step
     print(f"resuming from step {start}")
   else:
@@ -116,4 +125,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  config.run(main)

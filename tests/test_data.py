@@ -272,6 +272,19 @@ def test_seqio_task_gives_the_jsonl_rows(corpus_path, vocab, overflow):
   data_lib.register_jsonl_task("tracer_test_corpus", corpus_path, vocab)
 
 
+def test_seqio_errors_keep_their_own_message(corpus_path, vocab, monkeypatch):
+  import seqio  # pylint: disable=g-import-not-at-top
+  data_lib.register_jsonl_task("tracer_broken_task", corpus_path, vocab)
+
+  def broken(name):
+    raise ValueError(f"seqio's own complaint about {name}")
+
+  monkeypatch.setattr(seqio, "get_mixture_or_task", broken)
+  with pytest.raises(ValueError, match="^seqio's own complaint about "
+                     "tracer_broken_task$"):
+    data_lib.read_corpus("tracer_broken_task", vocab, 32)
+
+
 def test_seqio_mixture_reads_every_example_of_every_task(tmp_path, corpus_path,
                                                          vocab):
   import seqio  # pylint: disable=g-import-not-at-top

@@ -174,8 +174,9 @@ def pipeline_case(workdir: str, shared: str) -> dict[str, np.ndarray]:
     out[f"fitted{i}"] = np.asarray(m.addressable_data(0)) / fitted.count
   # The rows use the shared basis, so stores can be compared bit for bit.
   basis = tracer.hessian.Basis.load(os.path.join(shared, "basis.npz"))
-  metric, queries = pipeline.query_metric(enc, basis, query_examples(), pcfg(),
-                                          BATCH_SIZE)
+  metric, queries, skipped = pipeline.query_metric(enc, basis, query_examples(),
+                                                   pcfg(), BATCH_SIZE)
+  assert not skipped
   ecfg = EncodeConfig(store_dtype="bfloat16", chunk_rows=CHUNK_ROWS,
                       batch_size=BATCH_SIZE)
   ckpt = types.SimpleNamespace(path="/nonexistent/checkpoint", step=7, params=None)
@@ -184,7 +185,7 @@ def pipeline_case(workdir: str, shared: str) -> dict[str, np.ndarray]:
   store = pipeline.open_store(os.path.join(workdir, "store"), manifest, basis)
   corpus.rows_read = 0
   out["encoded"] = np.int64(pipeline.encode_corpus(enc, basis, corpus, store,
-                                                   BATCH_SIZE))
+                                                   BATCH_SIZE).rows)
   out["encode_rows_read"] = np.int64(corpus.rows_read)
   # On return every host's chunks are written, on every host.
   store.check_complete()
@@ -199,7 +200,7 @@ def pipeline_case(workdir: str, shared: str) -> dict[str, np.ndarray]:
   pipeline._barrier("test-lost")
   corpus.rows_read = 0
   out["reencoded"] = np.int64(pipeline.encode_corpus(enc, basis, corpus, store,
-                                                     BATCH_SIZE))
+                                                     BATCH_SIZE).rows)
   out["rerun_rows_read"] = np.int64(corpus.rows_read)
   store.check_complete()
   streamed = pipeline.stream_corpus(enc, basis, corpus, queries, metric, K,
@@ -210,7 +211,7 @@ def pipeline_case(workdir: str, shared: str) -> dict[str, np.ndarray]:
   store = pipeline.open_store(os.path.join(workdir, "store_1x8"), manifest, basis)
   corpus.rows_read = 0
   out["spanning_encoded"] = np.int64(pipeline.encode_corpus(
-      spanning, basis, corpus, store, BATCH_SIZE))
+      spanning, basis, corpus, store, BATCH_SIZE).rows)
   out["spanning_rows_read"] = np.int64(corpus.rows_read)
   out["store_1x8"] = store.array.read().result().view(np.uint16)
   out["queries"] = queries
@@ -282,7 +283,8 @@ def test_two_processes_equal_one(tmp_path):
   finally:
     multiprocess.wait(procs, logs, deadline)
 
-  got = [dict(np.load(workers / f"out{i}.npz")) for i in range(2)]
+  got = [dict(np.load(workers / f"out{i}.npz", allow_pickle=False))
+         for i in range(2)]
   assert set(got[0]) == set(got[1]) == set(want)
   per_process = {"pipeline/fit_rows_read", "pipeline/encoded",
                  "pipeline/encode_rows_read", "pipeline/reencoded",
@@ -351,7 +353,7 @@ def test_two_processes_equal_one(tmp_path):
   assert _array_files(workers / "store") == _array_files(single / "store")
   rows = s_multi.read_rows(0, NUM_DOCS)
   # The top-k is the store's own exact top-k under the query set's metric.
-  metric, _ = pipeline.query_metric(
+  metric, _, _ = pipeline.query_metric(
       make_encoder(PIPELINE_MESH),
       tracer.hessian.Basis.load(str(shared / "basis.npz")), query_examples(),
       pcfg(), BATCH_SIZE)

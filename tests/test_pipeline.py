@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 
 from absl import flags
 import gin
@@ -18,6 +20,7 @@ from launch import scan as scan_script
 from launch import sweep
 from launch import tokenize
 from launch import trace
+from launch import verify as verify_script
 from launch import train
 from tracer import corpus as corpus_lib
 from tracer import data as data_lib
@@ -27,6 +30,7 @@ from tracer import hessian
 from tracer import pipeline
 from tracer import storage
 from tracer import store as store_lib
+from tracer.errors import StoreClaimedError
 # pytest puts tests/ on sys.path; reuse the store tests' file reader.
 from test_store import _array_files as store_files
 
@@ -183,11 +187,11 @@ def test_crash_mid_encode_then_rerun_gives_identical_store(trained, monkeypatch)
   real_write = store_lib.EncodingStore.write_chunk
   written = []
 
-  def crash_on_third(self, chunk, encodings):
+  def crash_on_third(self, chunk, *args):
     if len(written) == 2:
       raise KeyboardInterrupt("simulated crash")
     written.append(chunk)
-    real_write(self, chunk, encodings)
+    real_write(self, chunk, *args)
 
   monkeypatch.setattr(store_lib.EncodingStore, "write_chunk", crash_on_third)
   with pytest.raises(KeyboardInterrupt):
@@ -199,6 +203,54 @@ def test_crash_mid_encode_then_rerun_gives_identical_store(trained, monkeypatch)
             store_path=crashed)
   assert store_files(clean) == store_files(crashed)
   assert open(root / "e.jsonl").read() == open(root / "f.jsonl").read()
+
+
+def test_verify_finds_a_corrupt_chunk_and_a_rerun_rewrites_only_it(
+    trained, capsys, monkeypatch):
+  root, corpus, queries = trained
+  path = str(root / "verified_store")
+  trace.run(str(root), corpus, queries, str(root / "v.jsonl"), show=0,
+            store_path=path)
+  before = store_files(path)
+  capsys.readouterr()
+  assert verify_script.run(path) == 0
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  assert last.startswith(f"OK: {path}: 4 chunks")
+  store = store_lib.open_store(path)
+  raw = bytearray(open(store.chunk_file(2), "rb").read())
+  raw[1000] ^= 0x40
+  open(store.chunk_file(2), "wb").write(bytes(raw))
+  # The scan refuses it, naming the chunk.
+  with pytest.raises(store_lib.CorruptStoreError, match=r"c/2/0: chunk 2 "):
+    trace.run(str(root), corpus, queries, str(root / "v2.jsonl"), show=0,
+              store_path=path)
+  assert not os.path.exists(root / "v2.jsonl")
+  assert verify_script.run(path, repair=True) == 1
+  out = capsys.readouterr().out
+  assert f"corrupt: {store.chunk_file(2)}: chunk 2 (rows 128..192): checksum " \
+         "mismatch" in out and "unmarked" in out
+  encoded = []
+  real = pipeline.encode_corpus
+  monkeypatch.setattr(pipeline, "encode_corpus", lambda *a, **k: encoded.append(
+      real(*a, **k)) or encoded[-1])
+  encode_script.run(str(root), corpus, path)
+  assert encoded[0].rows == 64            # chunk 2 only
+  assert store_files(path) == before
+  assert verify_script.run(path) == 0
+
+
+def test_a_second_writer_is_refused_while_the_first_lives(trained):
+  root, corpus, _ = trained
+  path = root / "claimed_store"
+  path.mkdir()
+  live = {"job": "other", "host": socket.gethostname(), "pid": os.getpid(),
+          "started": "2026-11-29T09:00:00Z", "heartbeat": time.time()}
+  (path / "writer.json").write_text(json.dumps(live))
+  with pytest.raises(StoreClaimedError,
+                     match=rf"job other on host {socket.gethostname()}, pid "
+                     rf"{os.getpid()}, started 2026-11-29T09:00:00Z"):
+    encode_script.run(str(root), corpus, str(path))
+  assert os.listdir(path) == ["writer.json"]   # nothing else was written
 
 
 def test_quality_table_scores_every_method(trained):

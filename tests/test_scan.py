@@ -18,6 +18,7 @@ import pytest
 
 from tracer import partitioning
 from tracer import scan
+from tracer.errors import CorruptStoreError
 from tracer import topk
 from tracer import store as store_lib
 from tracer.errors import InputError
@@ -330,7 +331,7 @@ def test_two_processes(tmp_path):
           "store": reference(x.astype(ml_dtypes.bfloat16).astype(np.float32),
                              q, K)}
   for i in range(2):
-    with np.load(tmp_path / f"out{i}.npz") as f:
+    with np.load(tmp_path / f"out{i}.npz", allow_pickle=False) as f:
       for name, w in want.items():
         assert_same(scan.TopK(*(f[f"{name}.{field}"] for field in
                                 scan.TopK._fields)), w)
@@ -338,3 +339,48 @@ def test_two_processes(tmp_path):
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
   _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+
+
+def test_scan_refuses_a_corrupt_chunk_and_names_it(tmp_path):
+  x, q = _data(300)
+  s = _store(tmp_path, x, "bfloat16")
+  path = s.chunk_file(3)
+  raw = bytearray(open(path, "rb").read())
+  raw[100] ^= 0x01
+  open(path, "wb").write(bytes(raw))
+  with pytest.raises(CorruptStoreError, match=r"c/3/0: chunk 3 \(rows 192..256\).*"
+                     "checksum mismatch"):
+    scan.scan_store(s, q, K)
+  got = scan.scan_store(s, q, K, verify=False)  # the flag that skips the check
+  assert got.proponent_rows.shape == (len(q), K)
+  with open(path, "r+b") as f:
+    f.truncate(50)
+  with pytest.raises(CorruptStoreError, match=r"chunk 3 .*cannot be read"):
+    scan.scan_store(s, q, K, verify=False)
+
+
+def test_quarantined_rows_are_never_returned(tmp_path):
+  x, q = _data(300)
+  m = store_lib.Manifest(
+      checkpoint="c", step=1, params_fingerprint="p", correction="adam",
+      epsilon=1e-8, projection_seed=0, layout=None, dim=x.shape[1],
+      basis_fingerprint=None, dtype="float32", num_rows=len(x), chunk_rows=64)
+  s = store_lib.create_or_open(tmp_path / "q", m)
+  # With k = every other row, a scan that let the zero rows in would return
+  # some of them on both sides.
+  bad = {5: "non-finite loss", 70: "non-finite gradient", 299: "non-finite loss"}
+  for c in s.pending_chunks():
+    lo, hi = s.chunk_bounds(c)
+    s.write_chunk(c, x[lo:hi], {r: w for r, w in bad.items() if lo <= r < hi})
+  k = len(x) - len(bad)  # every other row: the quarantined ones must still miss
+  got = scan.scan_store(s, q, k, mesh=MESHES["4x2"]())
+  for rows in (got.proponent_rows, got.opponent_rows):
+    assert not np.isin(rows, list(bad)).any()
+    assert (np.sort(rows, axis=1) == np.setdiff1d(np.arange(len(x)), list(bad))).all()
+  want = x.copy()
+  want[list(bad)] = 0
+  ref = reference(np.delete(want, list(bad), axis=0), q, 10)
+  keep = np.setdiff1d(np.arange(len(x)), list(bad))
+  top = scan.scan_store(s, q, 10)
+  np.testing.assert_array_equal(top.proponent_rows, keep[ref.proponent_rows])
+  np.testing.assert_allclose(top.proponent_scores, ref.proponent_scores, rtol=1e-6)

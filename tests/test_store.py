@@ -36,15 +36,15 @@ def _write_all(store, data, chunks=None):
 
 
 def _array_files(path):
-  """Relative path -> bytes of every file except progress markers."""
+  """Relative path -> bytes of every file (chunk markers too: they hold only
+  the rows' checksum and quarantine, so equal rows give equal markers)."""
   out = {}
   for root, _, names in os.walk(path):
     for name in names:
       full = os.path.join(root, name)
       rel = os.path.relpath(full, path)
-      if not rel.startswith(store_lib.PROGRESS_DIR):
-        with open(full, "rb") as f:
-          out[rel] = f.read()
+      with open(full, "rb") as f:
+        out[rel] = f.read()
   return out
 
 
@@ -177,3 +177,48 @@ def test_manifest_round_trips_through_json(tmp_path):
   store_lib.create_or_open(tmp_path / "s", m)
   s = store_lib.open_store(tmp_path / "s")
   assert s.manifest == dataclasses.replace(m, layout=m.to_dict()["layout"])
+
+
+# Integrity and quarantine -------------------------------------------------------
+
+def test_markers_record_checksums_and_verify_finds_corruption(tmp_path):
+  s = store_lib.create_or_open(tmp_path / "s", _manifest())
+  _write_all(s, _data())
+  record = s.chunk_record(2)
+  assert record["rows"] == [10, 15] and isinstance(record["crc32"], int)
+  assert [s.verify_chunk(c) for c in range(s.num_chunks)] == [None] * 5
+  # One flipped byte in chunk 2's file, and chunk 4's file cut short.
+  path = s.chunk_file(2)
+  raw = bytearray(open(path, "rb").read())
+  raw[7] ^= 0x10
+  open(path, "wb").write(bytes(raw))
+  with open(s.chunk_file(4), "r+b") as f:
+    f.truncate(10)
+  s = store_lib.open_store(tmp_path / "s")
+  assert s.verify_chunk(2).startswith("checksum mismatch")
+  assert s.verify_chunk(4).startswith("unreadable")
+  assert s.verify_chunk(0) is None
+  s.unmark(3)
+  assert s.verify_chunk(3) == "not written"
+
+
+def test_quarantined_rows_are_zero_and_recorded(tmp_path):
+  s = store_lib.create_or_open(tmp_path / "s", _manifest(dtype="float32"))
+  data = _data()
+  for c in s.pending_chunks():
+    lo, hi = s.chunk_bounds(c)
+    s.write_chunk(c, data[lo:hi], {12: "non-finite loss"} if c == 2 else None)
+  assert s.quarantined() == {12: "non-finite loss"}
+  np.testing.assert_array_equal(s.read_rows(12, 13), np.zeros((1, 6)))
+  np.testing.assert_array_equal(s.read_rows(11, 12), data[11:12])
+  assert s.verify_chunk(2) is None
+  with pytest.raises(InputError, match=r"quarantined rows \[3\] are not in"):
+    s.write_chunk(2, data[10:15], {3: "non-finite loss"})
+
+
+def test_markers_of_the_earlier_format_count_as_done_unchecked(tmp_path):
+  s = store_lib.create_or_open(tmp_path / "s", _manifest())
+  _write_all(s, _data())
+  with open(s._marker(1), "wb"):
+    pass  # format v2 wrote empty markers
+  assert s.chunk_record(1) == {} and s.verify_chunk(1) is None and s.is_complete()

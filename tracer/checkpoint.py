@@ -12,6 +12,7 @@ import dataclasses
 import os
 from typing import Any
 
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
@@ -84,18 +85,87 @@ def restore(directory: str, step: int | None = None, mesh=None) -> Checkpoint:
   if not storage.is_url(directory) and not os.path.isdir(directory):
     raise InputError(f"{directory}: no checkpoint directory")
   mngr = manager(directory)
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise InputError(f"{directory}: holds no checkpoint")
-  config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
-  config = config["config"]
-  model_config = model_lib.ModelConfig.from_dict(config["model"])
-  optimizer_config = train_lib.OptimizerConfig.from_dict(config["optimizer"])
+  steps = sorted(mngr.all_steps())
+  if not steps:
+    raise InputError(f"{directory}: holds no checkpoint; expected a checkpoint "
+                     "directory (made by launch.train) or one of its step "
+                     "directories")
+  step = steps[-1] if step is None else step
+  if step not in steps:
+    raise InputError(f"{directory}: no step {step}; it holds step(s) "
+                     f"{_listed(steps)}")
+  where = storage.join(directory, str(step))
+  try:
+    config = mngr.restore(step, args=ocp.args.Composite(
+        config=ocp.args.JsonRestore()))["config"]
+    model_config = model_lib.ModelConfig.from_dict(config["model"])
+    optimizer_config = train_lib.OptimizerConfig.from_dict(config["optimizer"])
+  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+    raise InputError(f"{where}: its config item is not a tracer checkpoint's "
+                     f"(model, optimizer, data): {_short(e)}") from None
   mesh = partitioning.make_mesh() if mesh is None else mesh
   target = _abstract_state(model_config, optimizer_config, mesh)
-  state = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(target)))["state"]
-  return Checkpoint(storage.join(directory, str(step)), int(step), state["params"],
+  _check_param_shapes(where, target["params"], model_config)
+  try:
+    state = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target)))["state"]
+  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+    # Arrays of another model than the config item describes (or missing).
+    raise InputError(f"{where}: its state does not match its model config "
+                     f"({_config_text(model_config)}; optimizer "
+                     f"{optimizer_config.name}): {_short(e)}") from None
+  return Checkpoint(where, int(step), state["params"],
                     state["opt_state"], model_config, optimizer_config,
                     config.get("data", {}))
+
+
+def _check_param_shapes(where: str, params, model_config) -> None:
+  """InputError naming the first param whose stored shape is not the one the
+  checkpoint's own model config gives (a config item edited, or copied from
+  another model), before a restore that would fail less legibly."""
+  try:
+    # Orbax warns through absl logging that a step's item has no metadata
+    # file of its own: true, and not worth a line.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+      stored = ocp.StandardCheckpointer().metadata(storage.join(where, "state"))
+    finally:
+      logging.set_verbosity(verbosity)
+    stored = getattr(stored, "item_metadata", stored)
+    stored = getattr(stored, "tree", stored)["params"]
+  except Exception:  # pylint: disable=broad-except
+    return  # no metadata to compare with: the restore itself says what is wrong
+  shapes = {jax.tree_util.keystr(p): tuple(getattr(x, "shape", ()))
+            for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]}
+  for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+    key = jax.tree_util.keystr(path)
+    if shapes.get(key) != tuple(x.shape):
+      have = shapes[key] if key in shapes else "missing"
+      raise InputError(f"{where}: params{key} is {have} in the checkpoint, but "
+                       f"its model config ({_config_text(model_config)}) needs "
+                       f"{tuple(x.shape)}; expected a checkpoint written with "
+                       "this config")
+
+
+def differences(checkpoint_config, run_config, name: str) -> list[str]:
+  """``"<name>.<field>: the checkpoint has X, this run has Y"`` for every
+  field in which two config dataclasses differ."""
+  have, want = dataclasses.asdict(checkpoint_config), dataclasses.asdict(run_config)
+  return [f"{name}.{k}: the checkpoint has {have[k]!r}, this run has {want[k]!r}"
+          for k in have if have[k] != want.get(k)]
+
+
+def _config_text(config) -> str:
+  return ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(config).items())
+
+
+def _listed(steps: list[int], most: int = 10) -> str:
+  return str(steps) if len(steps) <= most else (
+      f"{steps[:most // 2]} ... {steps[-most // 2:]}")
+
+
+def _short(error: BaseException, most: int = 400) -> str:
+  text = " ".join(str(error).split())
+  return text if len(text) <= most else text[:most - 3] + "..."
 

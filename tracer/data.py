@@ -23,10 +23,14 @@ from __future__ import annotations
 import collections.abc
 import fnmatch
 import glob
+import importlib
 import io
 import json
 import os
 import queue
+import re
+import sys
+import tempfile
 import threading
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -42,6 +46,37 @@ EOS_ID = 1
 
 # --- tokenizers ------------------------------------------------------------
 
+# What TensorFlow's native libraries log while they load (absl C++ logging,
+# which ignores TF_CPP_MIN_LOG_LEVEL): INFO lines and absl's notice.
+_LOAD_NOISE = re.compile(
+    r"(WARNING: All log messages before absl::InitializeLog\(\) is called are "
+    r"written to STDERR|I\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] .*)\r?\n?")
+
+
+def _seqio():
+  """``import seqio`` (which imports TensorFlow: seconds), without the INFO
+  lines TensorFlow writes to stderr as it loads; anything else written to
+  stderr meanwhile is passed on. A launch script's stderr then holds only
+  what matters (an ``error:`` line, warnings)."""
+  if "seqio" in sys.modules:
+    return sys.modules["seqio"]
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    try:
+      return importlib.import_module("seqio")
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+      captured.seek(0)
+      for line in captured.read().decode("utf-8", "replace").splitlines(True):
+        if not _LOAD_NOISE.fullmatch(line):
+          sys.stderr.write(line)
+      sys.stderr.flush()
+
+
 def make_vocabulary(kind: str = "byte", sentencepiece_model: str | None = None):
   """A seqio vocabulary that needs no download.
 
@@ -49,7 +84,7 @@ def make_vocabulary(kind: str = "byte", sentencepiece_model: str | None = None):
   then the 256 bytes). ``kind="sentencepiece"``: a model file made by
   ``train_sentencepiece``.
   """
-  import seqio  # Lazy: importing seqio pulls in TensorFlow (seconds).
+  seqio = _seqio()  # Lazy: importing seqio pulls in TensorFlow (seconds).
   if kind == "byte":
     return seqio.ByteVocabulary()
   if kind == "sentencepiece":
@@ -76,11 +111,20 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str,
 
 # --- strict JSONL ------------------------------------------------------------
 
+# The longest line a JSONL reader accepts (bytes, without its line ending): a
+# document longer than this is almost surely not one (a file without line
+# breaks, a whole JSON array on one line, binary data), and the limit bounds
+# the memory one line can take.
+MAX_LINE_BYTES = 8 << 20
+_BOM = b"\xef\xbb\xbf"
+
+
 def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
   """Yields (line number, JSON object) for every non-blank line of ``path``.
 
-  Errors (missing file, bad UTF-8, bad JSON, not an object) name the file and
-  line.
+  A UTF-8 byte order mark at the start and CRLF line endings are accepted (the
+  same rows as without them). Errors (missing file, bad UTF-8, bad JSON, not an
+  object, a line over ``MAX_LINE_BYTES``) name the file and line.
   """
   if storage.is_url(path):
     data = storage.read_bytes(path)
@@ -89,25 +133,60 @@ def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
     opened = io.BytesIO(data)
   elif os.path.isfile(path):
     opened = open(path, "rb")
+  elif os.path.isdir(path):
+    raise InputError(f"{path}: is a directory; expected a JSONL file")
   else:
     raise InputError(f"{path}: no such file")
   with opened as f:
-    for lineno, raw in enumerate(f, start=1):
+    lineno = 0
+    while True:
+      # Bounded: a file without line breaks is not read whole.
+      raw = f.readline(MAX_LINE_BYTES + 2)
+      if not raw:
+        return
+      lineno += 1
       where = at(path, lineno)
+      if lineno == 1 and raw.startswith(_BOM):
+        raw = raw[len(_BOM):]
+      if len(raw.rstrip(b"\r\n")) > MAX_LINE_BYTES:
+        raise InputError(f"{where}: line longer than {MAX_LINE_BYTES:,} bytes "
+                         "(tracer.data.MAX_LINE_BYTES); expected one JSON object "
+                         "per line")
       try:
         line = raw.decode("utf-8")
       except UnicodeDecodeError as e:
+        utf16 = lineno == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff")
         raise InputError(f"{where}: not valid UTF-8 ({e.reason} at byte "
-                         f"{e.start})") from None
+                         f"{e.start}{'; a UTF-16 file?' if utf16 else ''}); "
+                         "expected UTF-8 text") from None
       if not line.strip():
         continue
       try:
-        record = json.loads(line)
+        record = json.loads(line.rstrip("\r\n"))
       except json.JSONDecodeError as e:
-        raise InputError(f"{where}: not valid JSON ({e.msg})") from None
+        what = re.sub(r"\s+at$", "", e.msg)
+        raise InputError(f"{where}: not valid JSON ({what} at column {e.colno}); "
+                         "expected one JSON object per line") from None
       if not isinstance(record, dict):
-        raise InputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        raise InputError(f"{where}: expected a JSON object, got "
+                         f"{type(record).__name__}")
       yield lineno, record
+
+
+def _encodable(text: str) -> bool:
+  """False if ``text`` holds a lone surrogate (JSON allows ``"\\ud800"``; no
+  tokenizer can encode it)."""
+  if text.isascii():
+    return True
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
+
+
+def _quoted(names: Sequence[str]) -> str:
+  return ", ".join(repr(n) for n in names)
 
 
 # Fields whose type is checked wherever they appear in corpus or query lines.
@@ -130,22 +209,28 @@ def read_jsonl(path, required: Sequence[str], nonempty: Sequence[str] = (),
     where = at(path, lineno)
     for field in required:
       if field not in record:
-        raise InputError(f"{where}: missing field {field!r}")
+        raise InputError(f"{where}: missing field {field!r}; expected an object "
+                         f"with {_quoted(required)}")
     for field in _STRING_FIELDS:
-      if field in record and not isinstance(record[field], str):
-        raise InputError(f"{where}: field {field!r} must be a string, got "
-                         f"{type(record[field]).__name__}")
+      if field in record:
+        if not isinstance(record[field], str):
+          raise InputError(f"{where}: field {field!r} must be a string, got "
+                           f"{type(record[field]).__name__}")
+        if not _encodable(record[field]):
+          raise InputError(f"{where}: field {field!r} holds a lone surrogate "
+                           "(a \\ud800-\\udfff escape); expected Unicode text")
     for field in _STRING_LIST_FIELDS:
       value = record.get(field, [])
       if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise InputError(f"{where}: field {field!r} must be a list of strings")
     for field in nonempty:
       if not record[field].strip():
-        raise InputError(f"{where}: field {field!r} is empty")
+        raise InputError(f"{where}: field {field!r} is empty or only whitespace; "
+                         "expected a non-blank string")
     if "id" in required and unique_ids:
       if record["id"] in seen:
-        raise InputError(f"{where}: duplicate id {record['id']!r} "
-                         f"(first at line {seen[record['id']]})")
+        raise InputError(f"{where}: duplicate id {record['id']!r} (first at line "
+                         f"{seen[record['id']]}); ids must be unique")
       seen[record["id"]] = lineno
     yield lineno, record
 
@@ -244,7 +329,9 @@ def query_example(prompt_tokens: Sequence[int], target_tokens: Sequence[int],
   """
   prompt, target = list(prompt_tokens), list(target_tokens)
   if len(target) > max_len - 1:
-    raise InputError(f"target of {len(target)} tokens does not fit max_len {max_len}")
+    raise InputError(f"target of {len(target)} tokens does not fit max_len "
+                     f"{max_len}: expected at most {max_len - 1} (one position "
+                     "is left for the prompt)")
   prompt = prompt[max(0, len(prompt) + len(target) - max_len):]
   ex = corpus_example(np.asarray(prompt + target, np.int32), max_len)
   ex["weights"][:len(prompt)] = 0.0
@@ -339,12 +426,13 @@ def seqio_records(name: str, vocab, split: str = "train",
   every example once, with ids ``"<task name>:<id>"``: seqio's own sampling
   would stop at the first exhausted task and drop ids.
   """
-  import seqio
-  try:
-    provider = seqio.get_mixture_or_task(name)
-  except ValueError:
+  seqio = _seqio()
+  if (name not in seqio.MixtureRegistry.names()
+      and name not in seqio.TaskRegistry.names()):
     raise InputError(f"--corpus={name}: not a file, and no seqio task or mixture "
-                     f"of that name is registered") from None
+                     f"of that name is registered")
+  # Registered: any error from here on is seqio's own, passed on as it is.
+  provider = seqio.get_mixture_or_task(name)
   if isinstance(provider, seqio.Mixture):
     parts = [(t, f"{t.name}:") for t in provider.tasks if provider.get_rate(t) > 0]
   else:
@@ -404,8 +492,8 @@ def register_jsonl_task(name: str, path: str, vocab) -> Any:
   ``targets_pretokenized``; ``read_seqio_corpus(name, ...)`` then gives the same
   rows as ``read_jsonl_corpus(path, ...)``.
   """
-  import seqio
-  import tensorflow as tf
+  seqio = _seqio()
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   records = [r for _, r in read_jsonl(path, ("id", "text"), ("text",))]
 

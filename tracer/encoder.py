@@ -47,10 +47,26 @@ from tracer import projection
 VERIFY_TOLERANCE = 1e-3
 
 
+# Why an example was quarantined (``Projected.nonfinite``).
+FINITE, LOSS_NOT_FINITE, GRADIENT_NOT_FINITE = 0, 1, 2
+NONFINITE_REASONS = {LOSS_NOT_FINITE: "non-finite loss",
+                     GRADIENT_NOT_FINITE: "non-finite gradient"}
+
+
 class Projected(NamedTuple):
-  """Unnormalized projections of a batch, as global arrays on the mesh."""
-  phi: jax.Array     # f32[steps, step_size, d]
-  valid: jax.Array   # bool[steps, step_size]: False at padding positions
+  """Unnormalized projections of a batch, as global arrays on the mesh.
+
+  An example whose loss or gradient is not finite gets a zero row and its
+  reason in ``nonfinite``; ``usable`` leaves it (and padding) out.
+  """
+  phi: jax.Array        # f32[steps, step_size, d]
+  valid: jax.Array      # bool[steps, step_size]: False at padding positions
+  nonfinite: jax.Array  # int8[steps, step_size]: FINITE or a NONFINITE_REASONS key
+  count: jax.Array      # int32[], replicated: real examples that are not finite
+
+  @property
+  def usable(self) -> jax.Array:
+    return self.valid & (self.nonfinite == FINITE)
 
 
 class GradientEncoder:
@@ -234,25 +250,18 @@ class GradientEncoder:
     Every process calls this together, each with the examples of its own
     positions (``local_batch_size(size)`` of them, all processes agreeing on
     ``size``) and ``local_valid`` marking which are real. Padding positions
-    must still hold real examples (repeat one): their losses must be finite.
-    ``ids[i]`` names local example ``i`` in the error raised when a real
-    example's loss or gradient is not finite (raised on every process).
+    must still hold real examples (repeat one).
+
+    A real example whose loss or gradient is not finite is not an error here:
+    its row is zero and ``nonfinite`` says why (the pipeline quarantines it).
     """
+    del ids  # Kept for callers that name examples; errors no longer need them.
     local_valid = np.asarray(local_valid, bool)
     batch = jax.tree.map(self.put_local, local_batch)
     valid = self.put_local(local_valid)
     program = self._program(batch)
     phi, losses = program(self.params, self.second_moment, self._scales, batch)
-    ok, finite = _check_finite(phi, losses, valid)
-    if not bool(ok.addressable_data(0)):
-      local_ok = partitioning.local_part(finite, axis=1).reshape(-1)
-      bad = np.flatnonzero(~local_ok & local_valid)
-      names = [ids[i] if ids is not None else int(i) for i in bad[:10]]
-      raise FloatingPointError(
-          f"non-finite loss or gradient for example(s) {names} on process "
-          f"{jax.process_index()} (or on another process: see its log); no "
-          f"encodings were returned")
-    return Projected(phi, valid)
+    return Projected(*_quarantine(phi, losses, valid))
 
   def _check(self, preconditioner) -> None:
     if preconditioner is not None and preconditioner.dim != self.dim:
@@ -284,12 +293,19 @@ class GradientEncoder:
     """Unnormalized ``P (g / (sqrt(V) + eps))``: float32 ``[B, dim]`` on the mesh.
 
     ``batch`` has a leading axis of any size B and is held whole by every
-    process. ``ids`` name the examples in the error raised when a loss or
-    gradient is not finite.
+    process. Raises FloatingPointError naming the examples (``ids[i]``, or
+    their index) whose loss or gradient is not finite; ``project_global``
+    returns them as zero rows instead.
     """
     size = len(jax.tree.leaves(batch)[0])
-    phi = self.project_global(batch, ids).phi
-    return phi.reshape(-1, self.dim)[:size]
+    projected = self.project_global(batch)
+    if int(np.asarray(projected.count.addressable_data(0))):
+      reasons = nonfinite_rows(projected, size)
+      names = [ids[i] if ids is not None else i for i in sorted(reasons)[:10]]
+      raise FloatingPointError(
+          f"non-finite loss or gradient for example(s) {names}; no encodings "
+          "were returned")
+    return projected.phi.reshape(-1, self.dim)[:size]
 
   def encode(self, batch: Any, preconditioner: hessian.Preconditioner | None = None,
              *, normalize: bool = True, ids: Sequence[Any] | None = None
@@ -311,14 +327,30 @@ class GradientEncoder:
 
   def accumulate(self, moments: hessian.Moments, projected: Projected
                  ) -> hessian.Moments:
-    """Adds a batch's real rows to R's moments (an all-reduce over hosts)."""
-    return hessian.accumulate(moments, projected.phi, projected.valid)
+    """Adds a batch's real, finite rows to R's moments (an all-reduce over hosts)."""
+    return hessian.accumulate(moments, projected.phi, projected.usable)
 
 
 @jax.jit
-def _check_finite(phi, losses, valid):
-  finite = jnp.isfinite(losses) & jnp.all(jnp.isfinite(phi), axis=-1)
-  return jnp.all(finite | ~valid), finite
+def _quarantine(phi, losses, valid):
+  """Zero rows, reasons and the replicated count of non-finite real examples."""
+  loss_ok = jnp.isfinite(losses)
+  grad_ok = jnp.all(jnp.isfinite(phi), axis=-1)
+  nonfinite = jnp.where(loss_ok, jnp.where(grad_ok, FINITE, GRADIENT_NOT_FINITE),
+                        LOSS_NOT_FINITE).astype(jnp.int8)
+  phi = jnp.where((nonfinite == FINITE)[..., None], phi, 0.0)
+  count = jnp.sum((nonfinite != FINITE) & valid, dtype=jnp.int32)
+  return phi, valid, nonfinite, count
+
+
+def nonfinite_rows(projected: Projected, size: int | None = None) -> dict[int, str]:
+  """``{global position: reason}`` of the real examples of a batch every
+  process holds whole (``project_global``) that were quarantined."""
+  flags = np.asarray(partitioning.fetch(projected.nonfinite)).reshape(-1)
+  valid = np.asarray(partitioning.fetch(projected.valid)).reshape(-1)
+  size = len(flags) if size is None else size
+  return {int(i): NONFINITE_REASONS[int(flags[i])]
+          for i in np.flatnonzero((flags != FINITE) & valid) if i < size}
 
 
 @jax.jit

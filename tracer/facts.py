@@ -19,10 +19,10 @@ import os
 import pathlib
 import random
 import re
-import uuid
 from typing import Iterable, Mapping, Sequence
 
 from tracer import errors
+from tracer import storage
 
 # (name, min documents, max documents) per frequency bucket.
 DEFAULT_BUCKETS: tuple[tuple[str, int, int], ...] = (
@@ -314,21 +314,12 @@ def generate(config: FactsConfig = FactsConfig()
 
 def write_jsonl(path: str | os.PathLike,
                 records: Iterable[Mapping]) -> pathlib.Path:
-  """Writes one JSON object per line, atomically (temp file, then rename)."""
+  """Writes one JSON object per line, in one atomic write
+  (``tracer.storage.write_text``: a temporary file, fsynced, renamed over
+  ``path``, the directory fsynced); missing parent directories are made."""
   path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  # Not mkstemp: its 0600 mode would survive the rename; this honours umask.
-  tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-  try:
-    with open(tmp, "x", encoding="utf-8") as f:
-      for record in records:
-        f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-  except BaseException:
-    # Never leave a half-written temp file behind.
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+  storage.write_text(os.fspath(path), text)
   return path
 
 

@@ -159,7 +159,7 @@ def _load_npz(location: str, what: str, data: bytes | None = None
   if data is None:
     raise InputError(f"{location}: no such {what} file")
   try:
-    with np.load(io.BytesIO(data)) as f:
+    with np.load(io.BytesIO(data), allow_pickle=False) as f:
       meta = json.loads(str(f["metadata"]))
       arrays = [f[f"m{i}"] for i in range(sum(1 for k in f.files if k != "metadata"))]
   except (ValueError, KeyError, OSError) as e:

@@ -27,12 +27,13 @@ Progress is reported through an optional ``progress(done, total)`` callback
 from __future__ import annotations
 
 import json
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import jax
 import numpy as np
 
 from tracer import checkpoint as ckpt_lib
+from tracer import claim as claim_lib
 from tracer import corpus as corpus_lib
 from tracer import crashpoints
 from tracer import data as data_lib
@@ -45,7 +46,8 @@ from tracer import storage
 from tracer import store as store_lib
 from tracer.config import DataConfig, EncodeConfig, PreconditionerConfig
 from tracer.correction import second_moment
-from tracer.encoder import GradientEncoder
+from tracer.encoder import NONFINITE_REASONS, GradientEncoder, nonfinite_rows
+from tracer.errors import QuarantineLimitError, StoreClaimedError
 
 # progress(done, total): items this process has done so far, out of its total.
 ProgressFn = Callable[[int, int], None] | None
@@ -223,26 +225,46 @@ def rotate(basis: hessian.Basis | None, phi: jax.Array) -> jax.Array:
 def query_metric(encoder: GradientEncoder, basis: hessian.Basis | None,
                  query_examples: dict, cfg: PreconditionerConfig,
                  batch_size: int, ids: Sequence[str] | None = None
-                 ) -> tuple[hessian.QueryMetric, np.ndarray]:
+                 ) -> tuple[hessian.QueryMetric, np.ndarray, dict[int, str]]:
   """A query set's scan-time R^(-1) and the scan's query vectors.
 
   Projects the queries (never a corpus row), puts them in the basis'
   coordinates, fits R from the basis and (``cfg.task_specific``) the queries
-  themselves as the eval set. Returns the metric and ``R^(-1) q / ||q||_R``,
-  float32 ``[Q, d]``: a scan with ``metric.row_metric()`` then gives exactly
-  TrackStar's ``unit(R^(-1/2) phi_m) . unit(R^(-1/2) phi_q)``.
+  themselves as the eval set. Returns the metric, ``R^(-1) q / ||q||_R``,
+  float32 ``[Q, d]`` (a scan with ``metric.row_metric()`` then gives exactly
+  TrackStar's ``unit(R^(-1/2) phi_m) . unit(R^(-1/2) phi_q)``), and
+  ``{query index: reason}`` of the queries whose loss or gradient is not
+  finite: their vectors are zero, they are left out of R_eval, and
+  ``result_rows`` reports them without proponents.
   """
-  psi = np.concatenate([
-      partitioning.fetch(rotate(basis, encoder.project(
-          batch, None if ids is None else ids[lo:lo + batch_size])))
-      for lo, batch in zip(range(0, len(query_examples["inputs"]), batch_size),
-                           example_slices(query_examples, batch_size))])
+  pieces, skipped = [], {}
+  for lo, batch in zip(range(0, len(query_examples["inputs"]), batch_size),
+                       example_slices(query_examples, batch_size)):
+    size = len(batch["inputs"])
+    projected = encoder.project_global(batch)
+    pieces.append(partitioning.fetch(rotate(basis, projected.phi)).reshape(
+        -1, encoder.dim)[:size])
+    skipped.update({lo + i: why for i, why in
+                    nonfinite_rows(projected, size).items()})
+  psi = np.concatenate(pieces)
+  ok = np.ones(len(psi), bool)
+  ok[list(skipped)] = False
+  if not ok.any():
+    raise QuarantineLimitError(
+        f"every one of the {len(psi)} queries has a non-finite loss or gradient "
+        f"(first: {_name(ids, 0)}: {skipped[0]})")
   if basis is None:
     metric = hessian.identity_metric(encoder.dim)
   else:
-    metric = hessian.fit_metric(basis, psi if cfg.task_specific else None,
+    metric = hessian.fit_metric(basis, psi[ok] if cfg.task_specific else None,
                                 rank=cfg.rank, damping=cfg.damping, lam=cfg.lam)
-  return metric, metric.query_vectors(psi)
+  vectors = np.zeros_like(psi)
+  vectors[ok] = metric.query_vectors(psi[ok])
+  return metric, vectors, skipped
+
+
+def _name(ids: Sequence[str] | None, i: int) -> str:
+  return repr(ids[i]) if ids is not None else f"query {i}"
 
 
 # --- the store ------------------------------------------------------------------
@@ -384,11 +406,22 @@ def _run_local_batches(encoder: GradientEncoder, corpus,
   return data_lib.prefetch(items(), depth=1)
 
 
+class Encoded(NamedTuple):
+  """What ``encode_corpus`` did: rows this process encoded, and rows
+  quarantined in this run over all processes."""
+  rows: int
+  quarantined: int
+
+
+DEFAULT_MAX_QUARANTINED = 1e-3
+
+
 def encode_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
                   store: store_lib.EncodingStore, batch_size: int,
-                  progress: ProgressFn = None) -> int:
-  """Encodes every chunk not yet marked done; a rerun resumes. Returns the
-  rows this process encoded.
+                  progress: ProgressFn = None, *,
+                  max_quarantined: float = DEFAULT_MAX_QUARANTINED,
+                  claim: claim_lib.Claim | None = None) -> Encoded:
+  """Encodes every chunk not yet marked done; a rerun resumes.
 
   Rows are the projections ``phi`` in ``basis``' coordinates, unnormalized:
   no query set enters them (``query_metric`` supplies R at scan time).
@@ -399,21 +432,40 @@ def encode_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
   them in process-local batches of the ``batch_size`` global batch, and its
   group's writer writes each chunk once its rows are done. Returns on every
   process once every chunk is written, so the store can be scanned at once.
+
+  A row whose loss or gradient is not finite is quarantined: stored as zeros,
+  recorded with its reason in its chunk's marker, never returned by a scan.
+  If more than ``max_quarantined`` of the rows this run encodes are, every
+  process raises QuarantineLimitError (the count is global, so all stop at
+  the same step). ``claim``: this job's claim on the store (process 0's),
+  checked before each chunk is written.
   """
   pending = agreed_pending_chunks(store)
   groups, group, writer = partitioning.data_groups(encoder.mesh)
   sizes = np.minimum(store.chunk_rows, store.num_rows - pending * store.chunk_rows)
   group_rows = [int(sizes[g::groups].sum()) for g in range(groups)]
+  limit = int(max_quarantined * sum(group_rows))
   mine = [int(c) for c in pending[group::groups]]
   total = group_rows[group]
   # Rows arrive in the order of ``mine``: fill one chunk after the other.
-  buf, filled, encoded = None, 0, 0
+  buf, filled, encoded, quarantined, bad = None, 0, 0, 0, {}
   ranges = (store.chunk_bounds(c) for c in list(mine))
   for rows, examples, valid in _run_local_batches(encoder, corpus, ranges,
                                                   max(group_rows), batch_size):
-    phi = encoder.project_local(examples, valid, data_lib.RowIds(corpus, rows)).phi
-    enc = partitioning.local_part(rotate(basis, phi), axis=1).reshape(
+    projected = encoder.project_local(examples, valid, data_lib.RowIds(corpus, rows))
+    quarantined += int(np.asarray(projected.count.addressable_data(0)))
+    if quarantined > limit:
+      raise QuarantineLimitError(
+          f"{corpus.source}: {quarantined} corpus rows had a non-finite loss or "
+          f"gradient, more than --max_quarantined={max_quarantined:g} of the "
+          f"{sum(group_rows)} rows this run encodes (first on this process: "
+          f"{_first_quarantined(corpus, rows, projected)}); the checkpoint or "
+          "the data may be broken")
+    enc = partitioning.local_part(rotate(basis, projected.phi), axis=1).reshape(
         -1, encoder.dim)[:len(rows)]
+    flags = partitioning.local_part(projected.nonfinite, axis=1).reshape(-1)
+    for i in np.flatnonzero(flags[:len(rows)]):
+      bad[int(rows[i])] = NONFINITE_REASONS[int(flags[i])]
     lo = 0
     while lo < len(rows):
       start, stop = store.chunk_bounds(mine[0])
@@ -424,7 +476,10 @@ def encode_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
       filled, lo = filled + take, lo + take
       if filled == len(buf):
         if writer:
-          store.write_chunk(mine[0], buf)
+          if claim is not None:
+            claim.check()
+          store.write_chunk(mine[0], buf, {r: bad.pop(r) for r in list(bad)
+                                          if start <= r < stop})
         mine.pop(0)
         buf = None
     encoded += len(rows)
@@ -434,7 +489,62 @@ def encode_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
   # The last chunks' writers may still be writing when the other hosts
   # finish: wait for them, or a scan would find the store incomplete.
   _barrier("tracer-encode-corpus-done")
-  return encoded
+  return Encoded(encoded, quarantined)
+
+
+def _first_quarantined(corpus, rows: np.ndarray, projected) -> str:
+  flags = partitioning.local_part(projected.nonfinite, axis=1).reshape(-1)[:len(rows)]
+  hits = np.flatnonzero(flags)
+  if not len(hits):
+    return "none"
+  i = int(hits[0])
+  return (f"row {int(rows[i])}, id {corpus.ids_of(rows[i:i + 1])[0]!r}: "
+          f"{NONFINITE_REASONS[int(flags[i])]}")
+
+
+def claim_store(location: str, stale_after_s: float = claim_lib.DEFAULT_STALE_AFTER_S
+                ) -> claim_lib.Claim | None:
+  """Process 0 takes this job's claim on the store at ``location`` (the
+  other processes follow: they get None, or the same StoreClaimedError)."""
+  claim, error = None, None
+  if jax.process_index() == 0:
+    try:
+      claim = claim_lib.Claim(location, stale_after_s).acquire()
+    except StoreClaimedError as e:
+      error = e
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    failed = int(np.asarray(multihost_utils.broadcast_one_to_all(
+        np.int32(error is not None))))
+    if failed and error is None:
+      raise StoreClaimedError(f"{location}: process 0 could not claim the store "
+                              "(another job is writing it; see process 0's error)")
+  if error is not None:
+    raise error
+  return claim
+
+
+def verify_store(store: store_lib.EncodingStore, repair: bool = False,
+                 progress: ProgressFn = None) -> dict[int, str]:
+  """Re-reads every chunk marked done and checks it against its marker.
+
+  Each process checks an equal share of the chunks (chunk ``c`` on process
+  ``c % P``) and returns ``{chunk: why}`` for the bad ones of its share;
+  ``repair`` removes their markers, so the next encode rewrites exactly them.
+  Chunks never written are not reported here (``pending_chunks``).
+  """
+  done = sorted(store.done_chunks() & set(range(store.num_chunks)))
+  share = done[jax.process_index()::jax.process_count()]
+  bad = {}
+  for i, chunk in enumerate(share):
+    why = store.verify_chunk(chunk)
+    if why:
+      bad[chunk] = why
+      if repair:
+        store.unmark(chunk)
+    _report(progress, i + 1, len(share))
+  _barrier("tracer-verify-store-done")
+  return bad
 
 
 def stream_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
@@ -458,8 +568,9 @@ def stream_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
     projected = encoder.project_local(examples, valid, data_lib.RowIds(corpus, rows))
     ids = np.zeros(len(valid), np.int32)
     ids[:len(rows)] = rows
+    # Quarantined rows (non-finite) are left out, as a store scan leaves them.
     scanner.add_stepped(rotate(basis, projected.phi), encoder.put_local(ids),
-                        projected.valid)
+                        projected.usable)
     done += len(rows)
     _report(progress, done, bounds[group][1] - bounds[group][0])
   return scanner.result()
@@ -467,15 +578,25 @@ def stream_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
 
 # --- results ------------------------------------------------------------------
 
-def result_rows(queries: Sequence[dict], corpus, topk: scan_lib.TopK) -> list[dict]:
+def result_rows(queries: Sequence[dict], corpus, topk: scan_lib.TopK,
+                skipped: dict[int, str] | None = None) -> list[dict]:
   """One results line per query (the TrackStar retrieval-file fields); reads
-  only the ids and texts of the rows retrieved."""
-  rows = np.unique(np.concatenate([topk.proponent_rows.ravel(),
-                                   topk.opponent_rows.ravel()]))
+  only the ids and texts of the rows retrieved. A query in ``skipped``
+  (``query_metric``'s) gets no proponents or opponents and its reason in
+  ``error``."""
+  skipped = skipped or {}
+  keep = [i for i in range(len(queries)) if i not in skipped]
+  rows = np.unique(np.concatenate([topk.proponent_rows[keep].ravel(),
+                                   topk.opponent_rows[keep].ravel()]))
   ids = dict(zip(rows.tolist(), corpus.ids_of(rows)))
   texts = dict(zip(rows.tolist(), corpus.texts_of(rows)))
   out = []
   for i, q in enumerate(queries):
+    if i in skipped:
+      row = evaluate.make_result_row(q, [], [], [])
+      row["error"] = f"{skipped[i]}: no proponents computed"
+      out.append(row)
+      continue
     prop, opp = topk.proponent_rows[i].tolist(), topk.opponent_rows[i].tolist()
     out.append(evaluate.make_result_row(
         q, [ids[r] for r in prop], topk.proponent_scores[i], [texts[r] for r in prop],

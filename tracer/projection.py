@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tracer.errors import InputError
+
 VECTORS = "<vectors>"
 
 
@@ -91,8 +93,9 @@ def make_layout(params: Any, projection_dim: int, seed: int = 0) -> Layout:
     return sum(min(a, s) * min(b, s) for a, b in sides)
 
   if projection_dim < len(sides):
-    raise ValueError(f"projection_dim={projection_dim} is smaller than the "
-                     f"{len(sides)} blocks of the model")
+    raise InputError(f"EncodeConfig.projection_dim={projection_dim} is smaller than "
+                     f"the {len(sides)} blocks of the model (one per weight matrix, "
+                     f"one for all vectors); expected at least {len(sides)}")
   lo, hi = 1, max(max(ab) for ab in sides)
   while lo < hi:                      # largest s with total(s) <= projection_dim
     mid = (lo + hi + 1) // 2

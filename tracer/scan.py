@@ -169,7 +169,7 @@ class _Layout:
         if view is not None and _zero_copy_ok(view, self.dtype):
           hosts[i] = view
     buffers = None
-    pending = []
+    pending, checks = [], []
     if any(h is None for h in hosts):
       buffers = pool.acquire()
       for i, (lo, hi, size) in enumerate(bounds):
@@ -177,9 +177,12 @@ class _Layout:
           hosts[i] = buffers[i]
           if hi > lo:
             pending += source.read_into(lo, hi, buffers[i][:hi - lo])
+            checks.append((buffers[i][:hi - lo], source.checker(lo, hi)))
           buffers[i][max(hi - lo, 0):] = 0  # padding rows past N
     for future in pending:
       future.result()
+    excluded = np.concatenate([np.zeros(0, np.int64)]
+                              + [check(rows) for rows, check in checks])
 
     def assemble(shape, sharding, arrays):
       return jax.make_array_from_single_device_arrays(
@@ -188,9 +191,10 @@ class _Layout:
 
     ids = [np.arange(base + a, base + b, dtype=np.int32)
            for _, a, b in self.local]
+    valid = [(i < num_rows) & ~np.isin(i, excluded) for i in ids]
     arrays = (assemble((self.step, self.dim), self.rows, hosts),
               assemble((self.step,), self.ids, ids),
-              assemble((self.step,), self.ids, [i < num_rows for i in ids]))
+              assemble((self.step,), self.ids, valid))
     return arrays, buffers
 
 
@@ -207,6 +211,11 @@ class _Source:
   def read_into(self, start: int, stop: int, out: np.ndarray) -> list[Any]:
     """Copies rows ``[start, stop)`` into ``out``; returns futures to wait on."""
     raise NotImplementedError
+
+  def checker(self, start: int, stop: int):
+    """A function that checks rows ``[start, stop)`` once read and returns
+    the ids of those the scan must skip (quarantined rows)."""
+    return lambda rows: np.zeros(0, np.int64)
 
 
 class _ArraySource(_Source):
@@ -226,13 +235,25 @@ class _ArraySource(_Source):
 
 class _StoreSource(_Source):
 
-  def __init__(self, store):
+  def __init__(self, store, verify: bool):
     self.store = store
+    self.verify = verify
     self.num_rows, self.dim = store.num_rows, store.dim
     self.dtype = store.dtype
 
   def read_into(self, start, stop, out):
     return self.store.read_into(start, stop, out)
+
+  def checker(self, start, stop):
+    records = self.store.chunk_records_later(start, stop)
+
+    def check(rows):
+      got = records()
+      if self.verify:
+        self.store.check_read(start, stop, rows, got)
+      return np.array([int(r) for rec in got.values()
+                       for r in rec.get("quarantined", {})], np.int64)
+    return check
 
 
 def _scan(source: _Source, queries, k: int, mesh: Mesh | None,
@@ -255,8 +276,10 @@ def _scan(source: _Source, queries, k: int, mesh: Mesh | None,
     raise InputError(f"chunk_rows: must be >= 1, got {chunk_rows}")
   else:
     step = partitioning.padded_size(int(chunk_rows), mesh.size)
-  # No point in a step longer than the corpus (rounded to the mesh).
-  step = min(step, partitioning.padded_size(max(num_rows, 1), mesh.size))
+  # No point in a step longer than the corpus (rounded to the mesh, and to
+  # whole store chunks per device so that each read can be checked).
+  step = min(step, partitioning.padded_size(max(num_rows, 1),
+                                            mesh.size * row_multiple))
   layout = _Layout(mesh, step, dim, dtype)
   depth = max(1, prefetch)
   pool = _BufferPool(layout.shapes(), dtype, size=prefetch + depth + 2)
@@ -325,22 +348,26 @@ def scan_arrays(encodings, queries, k: int, *, mesh: Mesh | None = None,
 
 def scan_store(store, queries, k: int, *, mesh: Mesh | None = None,
                chunk_rows: int | None = None, prefetch: int = 2,
-               metric: RowMetric | None = None) -> TopK:
+               metric: RowMetric | None = None, verify: bool = True) -> TopK:
   """Exact top-k over a complete ``store.EncodingStore``, streamed from disk.
 
   Reads run in a background thread (tensorstore futures for every local
   device's rows at once), ``prefetch`` chunks ahead of the device. Each host
   reads only the rows of its addressable devices. Rows stay in the stored
-  dtype until the device (bf16 halves the bytes read).
+  dtype until the device (bf16 halves the bytes read). Rows quarantined when
+  they were encoded (non-finite loss or gradient) are never returned.
 
-  ``metric``: as in ``scan_arrays``.
+  ``metric``: as in ``scan_arrays``. ``verify``: check each chunk read
+  against the checksum in its marker (in the reading thread; chunks read
+  whole, i.e. with the default ``chunk_rows``).
 
   Raises:
     InputError: the store is incomplete or the queries' d does not match.
+    CorruptStoreError: a chunk cannot be read or disagrees with its marker.
   """
   store.check_complete()
   multiple = store.chunk_rows if chunk_rows is None else 1
-  return _scan(_StoreSource(store), queries, k, mesh, chunk_rows, prefetch,
+  return _scan(_StoreSource(store, verify), queries, k, mesh, chunk_rows, prefetch,
                row_multiple=multiple, metric=metric)
 
 

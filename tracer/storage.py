@@ -13,8 +13,12 @@ tensorstore's key-value stores, so a store may live on any of:
   ``memory://path``               this process's memory (tests)
 
 A single ``write_bytes`` is atomic on every driver: object stores replace an
-object whole, and the ``file`` driver writes a temporary file and renames it.
-Readers therefore see an old value or a new one, never part of one.
+object whole, and the ``file`` driver writes the new value to
+``<name>.__lock``, fsyncs it, renames it over ``<name>`` and fsyncs the
+directory (tensorstore's ``file_io_sync``, on by default and left on by
+``CONTEXT``). Readers therefore see an old value or a new one, never part of
+one, and a crash leaves at most a ``.__lock`` file, which listings skip and the
+next write of that name replaces. ``delete_dir`` does not fsync.
 
 Every open shares one ``tensorstore.Context`` (``CONTEXT``): one cache pool and
 one set of request limits for the process, and one ``memory://`` namespace, so
@@ -23,11 +27,13 @@ that a store written to ``memory://x`` can be opened again by name.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import posixpath
-from typing import Any
+import re
+from typing import Any, Iterator
 
 import tensorstore as ts
 
@@ -140,10 +146,41 @@ def read_json(location: str) -> dict:
   return d
 
 
+_OS_ERROR = re.compile(r"([^:]*?)\s*\[os_error_code='?(\d+)'?\]")
+
+
+def reason(error: BaseException) -> str:
+  """Why an I/O operation failed, in a few words: the OS's reason (``No space
+  left on device``, ``Read-only file system``) when tensorstore reports one,
+  else its message on one line."""
+  if isinstance(error, OSError) and error.strerror:
+    return error.strerror
+  text = " ".join(str(error).split())
+  found = _OS_ERROR.search(text)
+  return found.group(1).strip() if found else text
+
+
+@contextlib.contextmanager
+def writing(location: str, action: str = "write") -> Iterator[None]:
+  """Turns a failed write (tensorstore's ValueError, an OSError) inside the
+  block into an InputError naming ``location`` and the reason: a full disk,
+  a read-only file system and a bucket without access are the user's to fix.
+  Keep only I/O in the block: any ValueError in it is reported this way."""
+  try:
+    yield
+  except (ValueError, OSError) as e:
+    if isinstance(e, InputError):
+      raise
+    raise InputError(f"{location}: cannot {action}: {reason(e)}") from None
+
+
 def write_bytes(location: str, data: bytes) -> None:
-  """Writes (or replaces) a file whole and atomically (module doc)."""
-  kv, name = _kv(location)
-  kv.write(name, data).result()
+  """Writes (or replaces) a file whole and atomically (module doc). A failed
+  write (a full disk, no permission) is an InputError naming ``location``;
+  nothing is left under its name."""
+  with writing(location):
+    kv, name = _kv(location)
+    kv.write(name, data).result()
 
 
 def write_text(location: str, text: str) -> None:
@@ -156,8 +193,9 @@ def exists(location: str) -> bool:
 
 def delete(location: str) -> None:
   """Deletes a file (no error if it is missing)."""
-  kv, name = _kv(location)
-  kv.write(name, None).result()
+  with writing(location, "delete"):
+    kv, name = _kv(location)
+    kv.write(name, None).result()
 
 
 def list_dir(location: str) -> list[str]:
@@ -167,10 +205,12 @@ def list_dir(location: str) -> list[str]:
 
 def delete_dir(location: str) -> None:
   """Deletes every key under a directory-like location."""
-  _open_dir(normalize(location)).delete_range(ts.KvStore.KeyRange()).result()
+  with writing(location, "delete"):
+    _open_dir(normalize(location)).delete_range(ts.KvStore.KeyRange()).result()
 
 
 def make_local_dirs(location: str) -> None:
   """Creates a local directory (URLs need none: keys create their prefixes)."""
   if not is_url(location):
-    os.makedirs(location, exist_ok=True)
+    with writing(location, "create the directory"):
+      os.makedirs(location, exist_ok=True)

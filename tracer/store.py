@@ -31,7 +31,8 @@ import hashlib
 import json
 import math
 import os
-from typing import Any, Sequence
+import zlib
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,8 +41,9 @@ import numpy as np
 import tensorstore as ts
 
 from tracer import crashpoints
+from tracer.claim import CLAIM_FILE
 from tracer import storage
-from tracer.errors import InputError
+from tracer.errors import CorruptStoreError, InputError
 
 MANIFEST = "manifest.json"
 ARRAY_DIR = "encodings"
@@ -152,11 +154,21 @@ class Manifest:
     """
     fields = [f.name for f in dataclasses.fields(self)] if fields is None else fields
     mine, theirs = self.to_dict(), expected.to_dict()
-    diffs = [f"field {name!r}: store has {mine[name]!r}, {other} has {theirs[name]!r}"
-             for name in fields if mine[name] != theirs[name]]
+    diffs = [f"field {name!r}: store has {_brief(mine[name])}, {other} has "
+             f"{_brief(theirs[name])}" for name in fields if mine[name] != theirs[name]]
     if diffs:
       raise IncompatibleStoreError(
           f"{where}: encodings are not comparable: " + "; ".join(diffs))
+
+
+def _brief(value: Any, most: int = 80) -> str:
+  """A manifest value for an error line: long ones (a layout) shortened to
+  their start and a fingerprint, so two different ones still read apart."""
+  text = repr(value)
+  if len(text) <= most:
+    return text
+  digest = hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+  return f"{text[:most - 30]}... (sha256 {digest[:12]})"
 
 
 def fingerprint(tree: Any, length: int = 16) -> str:
@@ -261,6 +273,56 @@ def _validate(manifest: Manifest, where: str) -> None:
                      f"got {manifest.num_rows!r}")
 
 
+class _ChunkRead:
+  """A read of one chunk's rows; ``result()`` names the chunk if it fails
+  (e.g. a truncated chunk file)."""
+
+  def __init__(self, future: ts.Future, store: EncodingStore, chunk: int):
+    self.future, self.store, self.chunk = future, store, chunk
+
+  def result(self):
+    try:
+      return self.future.result()
+    except ValueError as e:
+      lo, hi = self.store.chunk_bounds(self.chunk)
+      raise CorruptStoreError(
+          f"{self.store.chunk_file(self.chunk)}: chunk {self.chunk} (rows "
+          f"{lo}..{hi}) of store {self.store.path} cannot be read: "
+          f"{_one_line(e)}") from None
+
+
+def _crc32(x: np.ndarray) -> int:
+  """CRC-32 of an array's bytes as stored (little-endian, C order)."""
+  return zlib.crc32(np.ascontiguousarray(x).reshape(-1).view(np.uint8))
+
+
+def _one_line(e: Exception) -> str:
+  return " ".join(str(e).split())
+
+
+def _parse_marker(data: bytes, where: str) -> dict[str, Any]:
+  if not data:
+    return {}  # an earlier format's marker: done, no checksum
+  try:
+    record = json.loads(data.decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise CorruptStoreError(f"{where}: not a chunk marker ({e})") from None
+  if not isinstance(record, dict) or not isinstance(record.get("crc32"), int):
+    raise CorruptStoreError(f"{where}: not a chunk marker (no 'crc32')")
+  return record
+
+
+def _mismatch(record: dict[str, Any], rows: np.ndarray) -> str | None:
+  """Why ``rows`` (a whole chunk as read) disagree with its marker, or None."""
+  if "crc32" not in record:
+    return None  # nothing recorded to check against
+  got = _crc32(rows)
+  if got != record["crc32"]:
+    return (f"checksum mismatch (crc32 {got:08x}, its marker records "
+            f"{record['crc32']:08x})")
+  return None
+
+
 def _read_manifest(path: str) -> Manifest:
   where = storage.join(path, MANIFEST)
   return Manifest.from_dict(storage.read_json(where), where)
@@ -273,6 +335,7 @@ class EncodingStore:
     self.path = path
     self.manifest = manifest
     self.array = array
+    self._progress_kv = None
 
   @property
   def num_rows(self) -> int:
@@ -305,6 +368,17 @@ class EncodingStore:
   def _marker(self, chunk: int) -> str:
     return storage.join(self.path, PROGRESS_DIR, f"{chunk:09d}.done")
 
+  def chunk_record(self, chunk: int) -> dict[str, Any] | None:
+    """What chunk ``chunk``'s marker records (``write_chunk``), or None if
+    the chunk is not marked done. A marker of an earlier format (empty)
+    gives ``{}``: done, without a checksum."""
+    data = storage.read_bytes(self._marker(chunk))
+    return None if data is None else _parse_marker(data, self._marker(chunk))
+
+  def chunk_file(self, chunk: int) -> str:
+    """The location of a chunk's bytes (zarr3's default chunk key)."""
+    return storage.join(self.path, ARRAY_DIR, "c", str(chunk), "0")
+
   def done_chunks(self) -> set[int]:
     names = storage.list_dir(storage.join(self.path, PROGRESS_DIR))
     return {int(n[:-5]) for n in names if n.endswith(".done") and n[:-5].isdigit()}
@@ -317,9 +391,12 @@ class EncodingStore:
   def is_complete(self) -> bool:
     return len(self.done_chunks() & set(range(self.num_chunks))) == self.num_chunks
 
-  def write_chunk(self, chunk: int, encodings: np.ndarray) -> None:
+  def write_chunk(self, chunk: int, encodings: np.ndarray,
+                  quarantined: dict[int, str] | None = None) -> None:
     """Writes rows of ``chunk`` (``[rows_in_chunk, d]``, any float dtype), then
-    marks it done.
+    marks it done, recording the checksum of its stored bytes and the rows
+    ``quarantined`` (``{row: reason}``, global row ids; their rows are zero
+    and the scan never returns them).
 
     Conversion to bf16 rounds to nearest even (``ml_dtypes``), so the same
     float32 input always gives the same bytes.
@@ -330,12 +407,85 @@ class EncodingStore:
       raise InputError(
           f"{self.path}: chunk {chunk}: encodings have shape {x.shape}, "
           f"expected {(stop - start, self.dim)} (rows {start}..{stop})")
-    x = x.astype(self.dtype, copy=False)
-    self.array[start:stop].write(x).result()
+    quarantined = {int(r): str(why) for r, why in (quarantined or {}).items()}
+    outside = [r for r in quarantined if not start <= r < stop]
+    if outside:
+      raise InputError(f"{self.path}: chunk {chunk}: quarantined rows {outside[:5]} "
+                       f"are not in its rows [{start}, {stop})")
+    x = np.ascontiguousarray(x.astype(self.dtype, copy=False))
+    for r in quarantined:
+      x[r - start] = 0
+    with storage.writing(self.chunk_file(chunk)):
+      self.array[start:stop].write(x).result()
     crashpoints.point("chunk.data")
     # The marker goes last: a chunk without one is rewritten whole on resume.
-    storage.write_bytes(self._marker(chunk), b"")
+    # Its bytes depend only on the rows, so a rerun writes the same marker.
+    record = {"rows": [start, stop], "crc32": _crc32(x),
+              "quarantined": {str(r): quarantined[r] for r in sorted(quarantined)}}
+    storage.write_text(self._marker(chunk), json.dumps(record, sort_keys=True))
     crashpoints.point("chunk.marked")
+
+  def verify_chunk(self, chunk: int) -> str | None:
+    """Why chunk ``chunk`` is bad ("not written", "unreadable: ...",
+    "checksum mismatch"), or None if its bytes match its marker. Reads it."""
+    record = self.chunk_record(chunk)
+    if record is None:
+      return "not written"
+    start, stop = self.chunk_bounds(chunk)
+    try:
+      x = self.read_async(start, stop).result()
+    except ValueError as e:
+      return f"unreadable: {_one_line(e)}"
+    return _mismatch(record, np.asarray(x))
+
+  def check_read(self, start: int, stop: int, rows: np.ndarray,
+                 records: dict[int, dict[str, Any]]) -> None:
+    """Checks rows ``[start, stop)`` as read (``rows``) against the markers
+    ``records`` of every chunk they cover whole; raises CorruptStoreError
+    naming the first bad chunk."""
+    for chunk, record in records.items():
+      lo, hi = self.chunk_bounds(chunk)
+      if start <= lo and hi <= stop:
+        why = _mismatch(record, rows[lo - start:hi - start])
+        if why:
+          raise CorruptStoreError(
+              f"{self.chunk_file(chunk)}: chunk {chunk} (rows {lo}..{hi}) of "
+              f"store {self.path}: {why}; run `python -m launch.verify "
+              f"--store={self.path} --repair` and encode again to rewrite it")
+
+  def chunk_records_later(self, start: int, stop: int
+                          ) -> Callable[[], dict[int, dict[str, Any]]]:
+    """Starts reading the markers of the chunks overlapping rows
+    ``[start, stop)``; the returned function waits and gives ``{chunk: record}``
+    (CorruptStoreError for a chunk without one)."""
+    if self._progress_kv is None:
+      self._progress_kv = ts.KvStore.open(
+          storage.kvstore_spec(storage.join(self.path, PROGRESS_DIR)),
+          context=storage.CONTEXT).result()
+    first, last = start // self.chunk_rows, -(-stop // self.chunk_rows)
+    futures = {c: self._progress_kv.read(f"{c:09d}.done")
+               for c in range(first, min(last, self.num_chunks))}
+
+    def records():
+      out = {}
+      for c, f in futures.items():
+        r = f.result()
+        if r.state == "missing":
+          raise CorruptStoreError(f"{self._marker(c)}: chunk {c} of store "
+                                  f"{self.path} has no marker (not written)")
+        out[c] = _parse_marker(bytes(r.value), self._marker(c))
+      return out
+    return records
+
+  def quarantined(self, chunks: Sequence[int] | None = None) -> dict[int, str]:
+    """``{row: reason}`` of the rows quarantined in ``chunks`` (default all
+    written chunks; reads their markers)."""
+    chunks = sorted(self.done_chunks()) if chunks is None else chunks
+    out = {}
+    for c in chunks:
+      record = self.chunk_record(c) or {}
+      out.update({int(r): why for r, why in record.get("quarantined", {}).items()})
+    return out
 
   def attachment(self, name: str) -> bytes | None:
     """A file written with the store (``create_or_open``), or None."""
@@ -365,7 +515,8 @@ class EncodingStore:
     while lo < stop:
       hi = min(stop, (lo // self.chunk_rows + 1) * self.chunk_rows)
       target = ts.array(out[lo - start:hi - start], copy=False, write=True)
-      futures.append(target.write(self.array[lo:hi].translate_to[0]))
+      futures.append(_ChunkRead(target.write(self.array[lo:hi].translate_to[0]),
+                                self, lo // self.chunk_rows))
       lo = hi
     return futures
 
@@ -415,7 +566,7 @@ def create_or_open(path: str | os.PathLike[str], manifest: Manifest,
   attachments = attachments or {}
   names = storage.list_dir(path)
   strangers = sorted({n.split("/", 1)[0] for n in names}
-                     - {ARRAY_DIR, PROGRESS_DIR, *attachments})
+                     - {ARRAY_DIR, PROGRESS_DIR, CLAIM_FILE, *attachments})
   if strangers:
     raise InputError(f"{path}: not an encoding store (no {MANIFEST}) and not "
                      f"empty: {strangers[:5]}")
@@ -424,8 +575,9 @@ def create_or_open(path: str | os.PathLike[str], manifest: Manifest,
   for name in (ARRAY_DIR, PROGRESS_DIR):
     storage.delete_dir(storage.join(path, name))
   storage.make_local_dirs(path)
-  array = ts.open(_array_spec(path, manifest), create=True, delete_existing=True,
-                  context=storage.CONTEXT).result()
+  with storage.writing(storage.join(path, ARRAY_DIR), "create the array"):
+    array = ts.open(_array_spec(path, manifest), create=True, delete_existing=True,
+                    context=storage.CONTEXT).result()
   for name, data in attachments.items():
     storage.write_bytes(storage.join(path, name), data)
   storage.write_text(storage.join(path, MANIFEST),

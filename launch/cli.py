@@ -1,0 +1,92 @@
+"""How every launch script runs ``main``: bad input is one line, not a traceback.
+
+``run(main)`` replaces ``absl.app.run(main)``. What the user got wrong (a
+flag absl cannot parse, a gin binding or file, ``app.UsageError``, and every
+``tracer.errors.InputError``: a file, line or field that does not hold what
+was expected) ends the process with exit status 2 and ONE line on stderr::
+
+    error: corpus.jsonl:3: field 'text' is empty
+
+Any other exception is a bug in tracer, and keeps its traceback.
+
+This module defines no flags and imports neither tracer nor jax, so every
+script uses it (``launch.bm25`` and ``launch.evaluate`` define flags of
+their own, ``launch.plan`` must not load jax); ``launch.config`` re-exports
+``run``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, NoReturn
+
+from absl import app
+from absl import flags
+
+EXIT_BAD_INPUT = 2
+
+# C0 and C1 control characters, DEL, and the bidirectional overrides and
+# isolates (which reorder what a terminal shows): escaped by ``printable``.
+_UNPRINTABLE = {c: f"\\x{c:02x}" for c in [*range(0x20), *range(0x7f, 0xa0)]}
+_UNPRINTABLE.update({c: f"\\u{c:04x}" for c in
+                     [0x061c, 0x200e, 0x200f, *range(0x202a, 0x202f),
+                      *range(0x2066, 0x206a)]})
+
+
+def printable(text: Any) -> str:
+  """``text`` safe to show on a terminal: control characters (escape
+  sequences, carriage returns, newlines, tabs) and bidi overrides are
+  written as ``\\xNN`` / ``\\uNNNN``. Corpus texts and ids are untrusted."""
+  return str(text).translate(_UNPRINTABLE)
+
+
+def is_bad_input(error: BaseException) -> bool:
+  """What a user's mistake raises (``tracer.errors.InputError`` and its
+  subclasses, absl's usage and flag errors); anything else is a bug."""
+  if isinstance(error, (app.UsageError, flags.Error)):
+    return True
+  # Not imported here: scripts such as launch.plan must not load tracer (and
+  # jax). If tracer.errors was never imported, no InputError was raised.
+  errors = sys.modules.get("tracer.errors")
+  return errors is not None and isinstance(error, errors.InputError)
+
+
+def one_line(message: Any) -> str:
+  """``message`` on one line: its lines joined, control characters escaped
+  (messages quote input, which may hold terminal escape sequences)."""
+  text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+  return printable(text) or "(no message)"
+
+
+def fail(message: Any) -> NoReturn:
+  """Writes ``error: <message>`` (one line) to stderr and exits with status 2."""
+  sys.stdout.flush()
+  sys.stderr.write(f"error: {one_line(message)}\n")
+  sys.stderr.flush()
+  sys.exit(EXIT_BAD_INPUT)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's parser, but an unknown flag or a bad value is ``fail``ed (absl
+  prints several lines and exits 1)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.UnrecognizedFlagError as e:
+    fail(e if "Did you mean" in str(e) else
+         f"{e}; expected one of the flags --helpfull lists")
+  except flags.Error as e:
+    fail(e)
+
+
+def run(main: Callable[[list[str]], Any]) -> None:
+  """``absl.app.run(main)``; bad input ends it as ``fail`` does (module doc)."""
+
+  def guarded(argv):
+    try:
+      return main(argv)
+    except Exception as e:  # pylint: disable=broad-except
+      if not is_bad_input(e):
+        raise
+      fail(e)
+
+  app.run(guarded, flags_parser=_parse_flags)

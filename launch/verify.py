@@ -1,0 +1,71 @@
+r"""Re-reads a store and checks every chunk against the checksum in its marker.
+
+  python -m launch.verify --store=W/store [--repair]
+
+Prints ``OK: ...`` and exits 0 when every chunk is written and matches its
+checksum; otherwise lists each corrupt or missing chunk (its file, rows and
+why) and exits 1. ``--repair`` removes the markers of corrupt chunks, so the
+next ``launch.encode`` / ``launch.trace`` on the store rewrites exactly those.
+Needs no checkpoint. On several hosts, run it on each (as ``launch.encode``):
+each re-reads an equal share of the chunks.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+import jax
+import numpy as np
+
+from launch import common
+from launch import config
+from tracer import pipeline
+from tracer import store as store_lib
+
+flags.DEFINE_bool("repair", False, "Unmark corrupt chunks so that the next "
+                  "encode rewrites them.")
+FLAGS = flags.FLAGS
+
+
+def run(location: str, repair: bool = False) -> int:
+  """Verifies the store; returns the exit status (0 OK, 1 bad chunks)."""
+  store = store_lib.open_store(location)
+  pipeline.store_basis(store)  # the basis file must match the manifest
+  missing = store.pending_chunks()
+  bad = pipeline.verify_store(store, repair, common.Progress("verify", "chunks"))
+  for chunk, why in sorted(bad.items()):
+    lo, hi = store.chunk_bounds(chunk)
+    print(f"corrupt: {store.chunk_file(chunk)}: chunk {chunk} (rows {lo}..{hi}): "
+          f"{why}" + ("; unmarked, the next encode rewrites it" if repair else ""),
+          flush=True)
+  count = np.int32(len(bad))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    count = np.asarray(multihost_utils.process_allgather(count)).sum()
+  if jax.process_index() != 0:
+    return 1 if count or missing else 0
+  for chunk in missing[:20]:
+    lo, hi = store.chunk_bounds(chunk)
+    print(f"missing: chunk {chunk} (rows {lo}..{hi}): not written")
+  if len(missing) > 20:
+    print(f"missing: ... {len(missing) - 20} more chunks not written")
+  quarantined = store.quarantined()
+  if count or missing:
+    print(f"{location}: {int(count)} corrupt and {len(missing)} missing of "
+          f"{store.num_chunks} chunks")
+    return 1
+  print(f"OK: {location}: {store.num_chunks} chunks, {store.num_rows} rows x "
+        f"d={store.dim} ({store.manifest.dtype}) match their checksums; "
+        f"{len(quarantined)} rows quarantined")
+  return 0
+
+
+def main(argv):
+  del argv
+  config.setup(required=("store",))
+  sys.exit(run(FLAGS.store, FLAGS.repair))
+
+
+if __name__ == "__main__":
+  config.run(main)

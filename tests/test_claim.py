@@ -1,0 +1,130 @@
+"""Tests for tracer.claim: one writer per store."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from tracer import claim as claim_lib
+from tracer.errors import StoreClaimedError
+
+
+def _write(path, **record):
+  path.mkdir(parents=True, exist_ok=True)
+  (path / claim_lib.CLAIM_FILE).write_text(json.dumps(record))
+
+
+def test_a_live_claim_refuses_a_second_writer_and_names_it(tmp_path):
+  store = tmp_path / "s"
+  with claim_lib.Claim(str(store)) as first:
+    owner = json.loads((store / claim_lib.CLAIM_FILE).read_text())
+    assert owner["job"] == first.job and owner["pid"] > 0
+    with pytest.raises(StoreClaimedError) as e:
+      claim_lib.Claim(str(store)).acquire()
+    msg = str(e.value)
+    assert f"host {socket.gethostname()}, pid {owner['pid']}" in msg
+    assert f"started {owner['started']}" in msg and first.job in msg
+  # Released: the file is gone and the next job takes it.
+  assert not (store / claim_lib.CLAIM_FILE).exists()
+  claim_lib.Claim(str(store)).acquire().release()
+
+
+def test_heartbeat_keeps_the_claim_fresh(tmp_path):
+  store = tmp_path / "s"
+  c = claim_lib.Claim(str(store), stale_after_s=0.4).acquire()
+  try:
+    time.sleep(1.0)  # well past stale_after_s: only the heartbeat keeps it live
+    beat = json.loads((store / claim_lib.CLAIM_FILE).read_text())["heartbeat"]
+    assert time.time() - beat < 0.4
+    with pytest.raises(StoreClaimedError):
+      claim_lib.Claim(str(store), stale_after_s=0.4).acquire()
+  finally:
+    c.release()
+
+
+def test_a_dead_process_claim_is_taken_over(tmp_path):
+  store = tmp_path / "s"
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  _write(store, job="old", host=socket.gethostname(), pid=dead.pid,
+         started="2026-01-01T00:00:00Z", heartbeat=time.time())
+  c = claim_lib.Claim(str(store)).acquire()
+  assert c.taken_over == ({"job": "old", "host": socket.gethostname(),
+                           "pid": dead.pid, "started": "2026-01-01T00:00:00Z",
+                           "heartbeat": c.taken_over[0]["heartbeat"]},
+                          "its process is gone")
+  c.release()
+
+
+def test_a_claim_without_heartbeat_is_taken_over_from_any_host(tmp_path):
+  store = tmp_path / "s"
+  _write(store, job="old", host="elsewhere", pid=1, started="t",
+         heartbeat=time.time() - 100)
+  with pytest.raises(StoreClaimedError, match="host elsewhere, pid 1"):
+    claim_lib.Claim(str(store), stale_after_s=1000).acquire()
+  c = claim_lib.Claim(str(store), stale_after_s=50).acquire()
+  assert c.taken_over[1].startswith("no heartbeat for 100 s")
+  c.release()
+
+
+def test_a_reused_pid_does_not_keep_a_dead_claim(tmp_path):
+  store = tmp_path / "s"
+  _write(store, job="old", host=socket.gethostname(), pid=os.getpid(),
+         pid_start="1", started="t", heartbeat=time.time())
+  c = claim_lib.Claim(str(store)).acquire()
+  assert c.taken_over[1] == "its process is gone"
+  c.release()
+
+
+def test_exactly_one_of_racing_writers_wins(tmp_path):
+  store = str(tmp_path / "s")
+  results, barrier = [], threading.Barrier(8)
+
+  def race():
+    barrier.wait()
+    try:
+      results.append(claim_lib.Claim(store).acquire())
+    except StoreClaimedError:
+      results.append(None)
+
+  threads = [threading.Thread(target=race) for _ in range(8)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  winners = [c for c in results if c is not None]
+  assert len(winners) == 1 and len(results) == 8
+  winners[0].release()
+
+
+def test_a_taken_over_claim_is_lost_not_overwritten(tmp_path):
+  store = tmp_path / "s"
+  c = claim_lib.Claim(str(store), heartbeat_s=3600).acquire()
+  _write(store, job="new", host="elsewhere", pid=7, started="t",
+         heartbeat=time.time())
+  c.refresh()
+  with pytest.raises(StoreClaimedError, match="taken over by job new on host "
+                     "elsewhere, pid 7"):
+    c.check()
+  c.release()
+  # The new owner's claim survives the old job's release.
+  assert json.loads((store / claim_lib.CLAIM_FILE).read_text())["job"] == "new"
+
+
+def test_clear_stale_removes_only_a_dead_jobs_claim(tmp_path):
+  store = tmp_path / "s"
+  _write(store, job="old", host="elsewhere", pid=1, started="t",
+         heartbeat=time.time() - 100)
+  assert claim_lib.clear_stale(str(store), stale_after_s=50)["job"] == "old"
+  assert not (store / claim_lib.CLAIM_FILE).exists()
+  assert claim_lib.clear_stale(str(store)) is None
+  with claim_lib.Claim(str(store)):
+    assert claim_lib.clear_stale(str(store)) is None
+    assert (store / claim_lib.CLAIM_FILE).exists()

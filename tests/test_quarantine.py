@@ -1,0 +1,112 @@
+"""Non-finite examples are quarantined, not fatal: corpus rows and queries."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tracer import data as data_lib
+from tracer import model as model_lib
+from tracer import pipeline
+from tracer import scan as scan_lib
+from tracer.config import EncodeConfig, PreconditionerConfig
+from tracer.encoder import GradientEncoder
+from tracer.errors import QuarantineLimitError
+
+CONFIG = model_lib.ModelConfig(d_model=16, num_layers=1, num_heads=2, d_ff=32,
+                               max_len=16)
+POISON = "~"   # any example holding it has a NaN loss (see loss_fn)
+NUM_DOCS = 40
+BAD_DOCS = (6, 21, 39)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  root = tmp_path_factory.mktemp("quarantine")
+  rng = np.random.default_rng(0)
+  with open(root / "corpus.jsonl", "w") as f:
+    for i in range(NUM_DOCS):
+      text = "".join(rng.choice(list("abcdefgh"), 6))
+      if i in BAD_DOCS:
+        text = text[:3] + POISON + text[3:]
+      f.write(json.dumps({"id": f"d{i}", "text": text}) + "\n")
+  with open(root / "queries.jsonl", "w") as f:
+    for i, prompt in enumerate(["abca", "hg" + POISON + "a", "fedc"]):
+      f.write(json.dumps({"id": f"q{i}", "prompt": prompt, "target": "ab"}) + "\n")
+  vocab = data_lib.make_vocabulary()
+  params = model_lib.init_params(CONFIG)
+  token = vocab.encode(POISON)[0]
+  lm_loss = model_lib.make_loss_fn(CONFIG)
+
+  def loss_fn(p, example):  # NaN for any example that holds the poison token
+    poisoned = jnp.any(example["inputs"] == token)
+    return lm_loss(p, example) + jnp.where(poisoned, jnp.nan, 0.0)
+
+  corpus = data_lib.read_corpus(str(root / "corpus.jsonl"), vocab, CONFIG.max_len)
+  encoder = GradientEncoder(loss_fn, params,
+                            projection_dim=256, microbatch_size=2, kernel="exact")
+  queries = data_lib.read_queries(str(root / "queries.jsonl"))
+  query_examples = data_lib.query_examples(queries, vocab, CONFIG.max_len)
+  return root, corpus, encoder, queries, query_examples
+
+
+def _store(root, name, encoder, corpus):
+  ecfg = EncodeConfig(store_dtype="float32", chunk_rows=8)
+  ckpt = types.SimpleNamespace(path="/nonexistent", step=1, params=None)
+  manifest = pipeline.manifest(ckpt, encoder, "none", 0.0, None, corpus, ecfg,
+                               params_fingerprint="test")
+  return pipeline.open_store(str(root / name), manifest)
+
+
+def test_corpus_rows_are_quarantined_and_never_returned(setup):
+  root, corpus, encoder, queries, query_examples = setup
+  store = _store(root, "store", encoder, corpus)
+  done = pipeline.encode_corpus(encoder, None, corpus, store, batch_size=12,
+                                max_quarantined=0.1)
+  assert done == (NUM_DOCS, len(BAD_DOCS))
+  assert store.quarantined() == {r: "non-finite loss" for r in BAD_DOCS}
+  rows = store.read_rows(0, NUM_DOCS)
+  assert np.all(rows[list(BAD_DOCS)] == 0) and np.all(np.isfinite(rows))
+  assert np.all(np.abs(np.delete(rows, BAD_DOCS, axis=0)).sum(axis=1) > 0)
+
+  metric, vectors, skipped = pipeline.query_metric(
+      encoder, None, query_examples, PreconditionerConfig(kind="none"), 2,
+      [q["id"] for q in queries])
+  assert skipped == {1: "non-finite loss"}
+  assert np.all(vectors[1] == 0) and np.all(np.isfinite(vectors))
+  k = NUM_DOCS - len(BAD_DOCS)
+  topk = scan_lib.scan_store(store, vectors, k, metric=metric.row_metric())
+  for side in (topk.proponent_rows, topk.opponent_rows):
+    assert not np.isin(side[[0, 2]], BAD_DOCS).any()
+  results = pipeline.result_rows(queries, corpus, topk, skipped)
+  assert results[1]["query_id"] == "q1" and results[1]["proponent_ids"] == []
+  assert results[1]["error"].startswith("non-finite loss")
+  assert len(results[0]["proponent_ids"]) == k and "error" not in results[0]
+
+  # Streaming mode leaves them out too.
+  streamed = pipeline.stream_corpus(encoder, None, corpus, vectors, metric, k, 12)
+  np.testing.assert_array_equal(streamed.proponent_rows[[0, 2]],
+                                topk.proponent_rows[[0, 2]])
+
+
+def test_too_many_quarantined_rows_stop_the_run(setup):
+  root, corpus, encoder, _, _ = setup
+  store = _store(root, "limited", encoder, corpus)
+  with pytest.raises(QuarantineLimitError,
+                     match=r"3 corpus rows had a non-finite loss or gradient, "
+                     r"more than --max_quarantined=0.05 of the 40 rows.*'d6'"):
+    pipeline.encode_corpus(encoder, None, corpus, store, batch_size=40,
+                           max_quarantined=0.05)
+  assert store.pending_chunks() == list(range(store.num_chunks))
+
+
+def test_r_train_leaves_quarantined_rows_out(setup):
+  _, corpus, encoder, _, _ = setup
+  cfg = PreconditionerConfig(train_examples=0)
+  moments = pipeline.train_moments(encoder, corpus, cfg, batch_size=12)
+  assert int(moments.count) == NUM_DOCS - len(BAD_DOCS)
+  assert all(np.all(np.isfinite(np.asarray(m))) for m in moments.sums)

@@ -1,0 +1,211 @@
+"""One writer per store: a claim file that a second job cannot take while the
+first lives.
+
+A job that writes a store (one process of it: process 0 of a multi-host run;
+the others follow its decision) first takes the claim: ``<store>/writer.json``,
+written with a compare-and-swap (tensorstore's conditional write on the
+kvstore: local files, GCS and S3 alike), so of two jobs racing for it exactly
+one wins. It names its job::
+
+  {"job": "<uuid>", "host": "...", "pid": 1234, "pid_start": "...",
+   "started": "2026-11-29T10:53:05Z", "heartbeat": 1795949655.6}
+
+and is refreshed (``heartbeat``) every ``stale_after_s / 4`` seconds by a
+background thread while the job runs, and deleted when it ends. Another job
+finding a claim takes it over only if it is stale: its process is gone (same
+host: no such pid, or the pid now belongs to a later process) or its
+heartbeat is older than ``stale_after_s`` (any host). Otherwise it fails at
+once with ``StoreClaimedError`` naming the owner.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any
+
+import tensorstore as ts
+
+from tracer import storage
+from tracer.errors import StoreClaimedError
+
+CLAIM_FILE = "writer.json"
+DEFAULT_STALE_AFTER_S = 600.0
+
+
+def _pid_start(pid: int) -> str | None:
+  """When process ``pid`` started (Linux: clock ticks since boot), to tell a
+  reused pid from the original; None where it cannot be known."""
+  try:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+      # Field 22; the command name (field 2) may hold spaces, so split after it.
+      return f.read().rsplit(b")", 1)[1].split()[19].decode()
+  except (OSError, IndexError):
+    return None
+
+
+def _process_alive(pid: int, start: str | None) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    pass  # exists, another user's
+  return start is None or _pid_start(pid) in (None, start)
+
+
+def describe(owner: dict[str, Any]) -> str:
+  """``host H, pid P, started T`` of a claim."""
+  return (f"job {owner.get('job', '?')} on host {owner.get('host', '?')}, pid "
+          f"{owner.get('pid', '?')}, started {owner.get('started', '?')}")
+
+
+def stale_reason(owner: dict[str, Any], stale_after_s: float,
+                 now: float | None = None) -> str | None:
+  """Why a claim may be taken over ("its process is gone", "no heartbeat for
+  N s"), or None while its job lives."""
+  now = time.time() if now is None else now
+  age = now - float(owner.get("heartbeat", 0))
+  if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
+    if not _process_alive(owner["pid"], owner.get("pid_start")):
+      return "its process is gone"
+  if age > stale_after_s:
+    return f"no heartbeat for {age:.0f} s (more than {stale_after_s:.0f} s)"
+  return None
+
+
+def clear_stale(location: str, stale_after_s: float = DEFAULT_STALE_AFTER_S
+                ) -> dict[str, Any] | None:
+  """Deletes the claim at ``location`` if its job is gone (a run killed after
+  its last chunk but before releasing); returns the owner it deleted."""
+  kv = ts.KvStore.open(storage.kvstore_spec(storage.normalize(location)),
+                       context=storage.CONTEXT).result()
+  current = kv.read(CLAIM_FILE).result()
+  if current.state == "missing":
+    return None
+  try:
+    owner = json.loads(bytes(current.value).decode("utf-8"))
+    if stale_reason(owner, stale_after_s) is None:
+      return None
+  except (UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError):
+    owner = {}
+  kv.write(CLAIM_FILE, None, if_equal=current.stamp.generation).result()
+  return owner
+
+
+class Claim:
+  """This job's claim on a store; ``release()`` it (or use ``with``)."""
+
+  def __init__(self, location: str, stale_after_s: float = DEFAULT_STALE_AFTER_S,
+               heartbeat_s: float | None = None):
+    self.location = storage.normalize(location)
+    self.stale_after_s = float(stale_after_s)
+    self.heartbeat_s = (max(0.05, self.stale_after_s / 4) if heartbeat_s is None
+                        else heartbeat_s)
+    self.taken_over: tuple[dict[str, Any], str] | None = None
+    self.lost: str | None = None
+    self._kv = ts.KvStore.open(storage.kvstore_spec(self.location),
+                               context=storage.CONTEXT).result()
+    self._record = {"job": uuid.uuid4().hex[:12], "host": socket.gethostname(),
+                    "pid": os.getpid(), "pid_start": _pid_start(os.getpid()),
+                    "started": datetime.datetime.now(datetime.timezone.utc)
+                    .strftime("%Y-%m-%dT%H:%M:%SZ")}
+    self._generation = None
+    self._lock = threading.Lock()
+    self._stop = threading.Event()
+    self._thread = None
+
+  @property
+  def job(self) -> str:
+    return self._record["job"]
+
+  def _put(self, if_equal: bytes) -> bytes | None:
+    """Writes our record if the claim's generation is still ``if_equal``;
+    the new generation, or None if someone else changed it first."""
+    data = json.dumps({**self._record, "heartbeat": time.time()}, sort_keys=True)
+    stamp = self._kv.write(CLAIM_FILE, data.encode(), if_equal=if_equal).result()
+    return stamp.generation or None
+
+  def acquire(self) -> Claim:
+    """Takes the claim, taking over a stale one; StoreClaimedError if a live
+    job holds it."""
+    for _ in range(10):  # each retry means another job changed it meanwhile
+      current = self._kv.read(CLAIM_FILE).result()
+      if current.state == "missing":
+        generation = self._put(current.stamp.generation)
+      else:
+        where = storage.join(self.location, CLAIM_FILE)
+        try:
+          owner = json.loads(bytes(current.value).decode("utf-8"))
+          why = stale_reason(owner, self.stale_after_s)
+        except (UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError):
+          owner, why = {}, "it is not a claim record"
+        if why is None:
+          raise StoreClaimedError(
+              f"{where}: the store is being written by another {describe(owner)} "
+              f"(last heartbeat {time.time() - float(owner['heartbeat']):.0f} s ago); "
+              f"wait for it or stop it (a claim without a heartbeat for "
+              f"{self.stale_after_s:.0f} s is taken over)")
+        generation = self._put(current.stamp.generation)
+        if generation:
+          self.taken_over = (owner, why)
+      if generation:
+        self._generation = generation
+        self._thread = threading.Thread(target=self._beat, daemon=True,
+                                        name="tracer-claim-heartbeat")
+        self._thread.start()
+        return self
+    raise StoreClaimedError(f"{self.location}: could not take the store's claim: "
+                            "other jobs keep changing it")
+
+  def refresh(self) -> None:
+    """Renews the heartbeat; records in ``lost`` if another job took over."""
+    with self._lock:
+      if self._generation is None or self.lost:
+        return
+      generation = self._put(self._generation)
+      if generation is None:
+        current = self._kv.read(CLAIM_FILE).result()
+        owner = {}
+        if current.state != "missing":
+          try:
+            owner = json.loads(bytes(current.value).decode("utf-8"))
+          except (UnicodeDecodeError, json.JSONDecodeError):
+            pass
+        self.lost = (f"{storage.join(self.location, CLAIM_FILE)}: this job's claim "
+                     f"on the store was taken over by {describe(owner)}")
+      else:
+        self._generation = generation
+
+  def check(self) -> None:
+    """Raises StoreClaimedError if the claim was lost (call before writing)."""
+    if self.lost:
+      raise StoreClaimedError(self.lost)
+
+  def _beat(self) -> None:
+    while not self._stop.wait(self.heartbeat_s):
+      try:
+        self.refresh()
+      except ValueError:
+        pass  # a transient storage error: the next beat tries again
+
+  def release(self) -> None:
+    """Stops the heartbeat and deletes the claim if it is still ours."""
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+    with self._lock:
+      if self._generation is not None and not self.lost:
+        self._kv.write(CLAIM_FILE, None, if_equal=self._generation).result()
+      self._generation = None
+
+  def __enter__(self) -> Claim:
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
