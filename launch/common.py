@@ -102,6 +102,9 @@ flags.DEFINE_float("claim_timeout_s", claim_lib.DEFAULT_STALE_AFTER_S,
 flags.DEFINE_bool("verify_store", False, "Before resuming or reusing a store, "
                   "re-read its written chunks and rewrite those whose bytes do "
                   "not match their checksums (reads the whole store).")
+flags.DEFINE_bool("check_chunks", True, "Check each store chunk a scan reads "
+                  "against the checksum in its marker (costs CPU time in the "
+                  "reading thread; see WORKSPACE.md).")
 FLAGS = flags.FLAGS
 
 

@@ -42,7 +42,8 @@ def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
   metric, vectors, skipped = common.query_metric(
       run_, pipeline.store_basis(store), query_examples, queries, pcfg)
   topk = scan_lib.scan_store(store, vectors, top_k, mesh=run_.encoder.mesh,
-                             metric=metric.row_metric())
+                             metric=metric.row_metric(),
+                             verify=FLAGS.check_chunks)
   rows = pipeline.result_rows(queries, run_.corpus, topk, skipped)
   pipeline.write_results(output, rows)
   common.say(f"wrote {len(rows)} results to {output}")

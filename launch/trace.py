@@ -67,7 +67,8 @@ def run(workdir: str, corpus_source: str, queries_path: str, output: str,
         params_fp, basis_path)
     metric, vectors, skipped = common.query_metric(run_, basis, query_examples, queries, pcfg)
     topk = scan_lib.scan_store(store, vectors, top_k, mesh=encoder.mesh,
-                               metric=metric.row_metric())
+                               metric=metric.row_metric(),
+                               verify=FLAGS.check_chunks)
   rows = pipeline.result_rows(queries, corpus, topk, skipped)
   pipeline.write_results(output, rows)
   common.say(f"wrote {len(rows)} results to {output}")
