@@ -237,6 +237,16 @@ def test_verify_finds_a_corrupt_chunk_and_a_rerun_rewrites_only_it(
   assert encoded[0].rows == 64            # chunk 2 only
   assert store_files(path) == before
   assert verify_script.run(path) == 0
+  # --verify_store: one encode run finds and rewrites a bad chunk.
+  with open(store.chunk_file(3), "r+b") as f:
+    f.truncate(100)
+  flags.FLAGS.verify_store = True   # (monkeypatch would delete the flag after)
+  try:
+    encode_script.run(str(root), corpus, path)
+  finally:
+    flags.FLAGS.verify_store = False
+  assert encoded[1].rows == 223 - 192     # chunk 3 only (the last, short one)
+  assert store_files(path) == before
 
 
 def test_a_second_writer_is_refused_while_the_first_lives(trained):

@@ -222,3 +222,16 @@ def test_markers_of_the_earlier_format_count_as_done_unchecked(tmp_path):
   with open(s._marker(1), "wb"):
     pass  # format v2 wrote empty markers
   assert s.chunk_record(1) == {} and s.verify_chunk(1) is None and s.is_complete()
+
+
+def test_a_damaged_last_chunk_is_rewritten(tmp_path):
+  s = store_lib.create_or_open(tmp_path / "s", _manifest())
+  data = _data()
+  _write_all(s, data)
+  with open(s.chunk_file(4), "r+b") as f:   # rows 20..23 of a 5-row chunk
+    f.truncate(7)
+  s.unmark(4)
+  _write_all(s, data)
+  assert s.verify_chunk(4) is None
+  np.testing.assert_array_equal(
+      s.read_rows(20, 23), data[20:23].astype(ml_dtypes.bfloat16).astype(np.float32))

@@ -62,11 +62,8 @@ class Projected(NamedTuple):
   phi: jax.Array        # f32[steps, step_size, d]
   valid: jax.Array      # bool[steps, step_size]: False at padding positions
   nonfinite: jax.Array  # int8[steps, step_size]: FINITE or a NONFINITE_REASONS key
-  count: jax.Array      # int32[], replicated: real examples that are not finite
-
-  @property
-  def usable(self) -> jax.Array:
-    return self.valid & (self.nonfinite == FINITE)
+  usable: jax.Array     # bool[steps, step_size]: valid and finite
+  count: int            # real examples that are not finite, over all processes
 
 
 class GradientEncoder:
@@ -261,7 +258,13 @@ class GradientEncoder:
     valid = self.put_local(local_valid)
     program = self._program(batch)
     phi, losses = program(self.params, self.second_moment, self._scales, batch)
-    return Projected(*_quarantine(phi, losses, valid))
+    phi, valid, nonfinite, usable, count = _quarantine(phi, losses, valid)
+    # Read at once, as the old finite check was: the count is an all-reduce,
+    # and waiting for it keeps one program with collectives in flight. With
+    # it left unread, the test suite hung twice in the next all-reduce
+    # (8 simulated CPU devices on 2 cores) until XLA's timeout aborted it.
+    return Projected(phi, valid, nonfinite, usable,
+                     int(np.asarray(count.addressable_data(0))))
 
   def _check(self, preconditioner) -> None:
     if preconditioner is not None and preconditioner.dim != self.dim:
@@ -299,7 +302,7 @@ class GradientEncoder:
     """
     size = len(jax.tree.leaves(batch)[0])
     projected = self.project_global(batch)
-    if int(np.asarray(projected.count.addressable_data(0))):
+    if projected.count:
       reasons = nonfinite_rows(projected, size)
       names = [ids[i] if ids is not None else i for i in sorted(reasons)[:10]]
       raise FloatingPointError(
@@ -338,9 +341,10 @@ def _quarantine(phi, losses, valid):
   grad_ok = jnp.all(jnp.isfinite(phi), axis=-1)
   nonfinite = jnp.where(loss_ok, jnp.where(grad_ok, FINITE, GRADIENT_NOT_FINITE),
                         LOSS_NOT_FINITE).astype(jnp.int8)
+  usable = valid & (nonfinite == FINITE)
   phi = jnp.where((nonfinite == FINITE)[..., None], phi, 0.0)
   count = jnp.sum((nonfinite != FINITE) & valid, dtype=jnp.int32)
-  return phi, valid, nonfinite, count
+  return phi, valid, nonfinite, usable, count
 
 
 def nonfinite_rows(projected: Projected, size: int | None = None) -> dict[int, str]:

@@ -453,7 +453,7 @@ def encode_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
   for rows, examples, valid in _run_local_batches(encoder, corpus, ranges,
                                                   max(group_rows), batch_size):
     projected = encoder.project_local(examples, valid, data_lib.RowIds(corpus, rows))
-    quarantined += int(np.asarray(projected.count.addressable_data(0)))
+    quarantined += projected.count
     if quarantined > limit:
       raise QuarantineLimitError(
           f"{corpus.source}: {quarantined} corpus rows had a non-finite loss or "

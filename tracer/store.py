@@ -416,6 +416,10 @@ class EncodingStore:
     for r in quarantined:
       x[r - start] = 0
     with storage.writing(self.chunk_file(chunk)):
+      if stop - start < self.chunk_rows:
+        # The last chunk is only partly inside the array, so tensorstore
+        # merges it with the stored one; a damaged one would fail that read.
+        storage.delete(self.chunk_file(chunk))
       self.array[start:stop].write(x).result()
     crashpoints.point("chunk.data")
     # The marker goes last: a chunk without one is rewritten whole on resume.
