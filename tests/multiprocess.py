@@ -35,6 +35,13 @@ def env(devices: int = 4, **extra: str) -> dict[str, str]:
       **extra)
 
 
+def distributed_flags(port: int, process_id: int, num_processes: int = 2
+                      ) -> list[str]:
+  """The launch scripts' jax.distributed flags for one local process."""
+  return [f"--coordinator_address=127.0.0.1:{port}",
+          f"--num_processes={num_processes}", f"--process_id={process_id}"]
+
+
 def gloo_available() -> bool:
   try:
     from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top

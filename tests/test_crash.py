@@ -128,9 +128,7 @@ def command(script: str, shared, workdir, distributed=None, basis=None) -> list[
     cmd.append(f"--basis={basis}")
   cmd += [f"--gin_bindings={b}" for b in GIN_BINDINGS]
   if distributed:
-    port, i = distributed
-    cmd += [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-            f"--process_id={i}"]
+    cmd += multiprocess.distributed_flags(*distributed)
   return cmd
 
 

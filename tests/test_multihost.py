@@ -405,9 +405,7 @@ def trace_command(workdir, shared, store, output, distributed=None):
          f"--output={output}", f"--store={store}", f"--top_k={K}", "--show=0"]
   cmd += [f"--gin_bindings={b}" for b in GIN_BINDINGS]
   if distributed:
-    port, i = distributed
-    cmd += [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-            f"--process_id={i}"]
+    cmd += multiprocess.distributed_flags(*distributed)
   return cmd
 
 
