@@ -39,10 +39,13 @@ def run(location: str, repair: bool = False) -> int:
     print(f"corrupt: {store.chunk_file(chunk)}: chunk {chunk} (rows {lo}..{hi}): "
           f"{why}" + ("; unmarked, the next encode rewrites it" if repair else ""),
           flush=True)
-  count = np.int32(len(bad))
+  # Each host reads only its share's markers; the counts are summed.
+  counts = np.array([len(bad), len(store.quarantined(pipeline.written_share(store)))],
+                    np.int64)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    count = np.asarray(multihost_utils.process_allgather(count)).sum()
+    counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 2).sum(0)
+  count, quarantined = int(counts[0]), int(counts[1])
   if jax.process_index() != 0:
     return 1 if count or missing else 0
   for chunk in missing[:20]:
@@ -50,14 +53,13 @@ def run(location: str, repair: bool = False) -> int:
     print(f"missing: chunk {chunk} (rows {lo}..{hi}): not written")
   if len(missing) > 20:
     print(f"missing: ... {len(missing) - 20} more chunks not written")
-  quarantined = store.quarantined()
   if count or missing:
-    print(f"{location}: {int(count)} corrupt and {len(missing)} missing of "
+    print(f"{location}: {count} corrupt and {len(missing)} missing of "
           f"{store.num_chunks} chunks")
     return 1
   print(f"OK: {location}: {store.num_chunks} chunks, {store.num_rows} rows x "
         f"d={store.dim} ({store.manifest.dtype}) match their checksums; "
-        f"{len(quarantined)} rows quarantined")
+        f"{quarantined} rows quarantined")
   return 0
 
 

@@ -20,7 +20,6 @@ Examples are dicts of numpy arrays (see ``tracer.model``): ``inputs``,
 
 from __future__ import annotations
 
-import collections.abc
 import fnmatch
 import glob
 import importlib
@@ -282,20 +281,6 @@ class Corpus:
 
   def texts_of(self, rows: Sequence[int] | np.ndarray) -> list[str]:
     return [self.texts[r] for r in np.asarray(rows, np.int64).tolist()]
-
-
-class RowIds(collections.abc.Sequence):
-  """The ids of ``rows`` of a corpus, looked up only when indexed (for error
-  messages about a batch, which are rare)."""
-
-  def __init__(self, corpus, rows: np.ndarray):
-    self._corpus, self._rows = corpus, np.asarray(rows)
-
-  def __len__(self) -> int:
-    return len(self._rows)
-
-  def __getitem__(self, i):
-    return self._corpus.ids_of([self._rows[i]])[0]
 
 
 def examples_from_tokens(tokens: np.ndarray, lengths: np.ndarray) -> dict:

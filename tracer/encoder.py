@@ -240,8 +240,7 @@ class GradientEncoder:
         local.reshape(steps, block, *local.shape[1:]), self._sharding,
         (steps, self.step_size, *local.shape[1:]), axis=1, start=self._local[0])
 
-  def project_local(self, local_batch: Any, local_valid: np.ndarray,
-                    ids: Sequence[Any] | None = None) -> Projected:
+  def project_local(self, local_batch: Any, local_valid: np.ndarray) -> Projected:
     """Unnormalized ``P (g / (sqrt(V) + eps))`` of a process-local batch.
 
     Every process calls this together, each with the examples of its own
@@ -252,7 +251,6 @@ class GradientEncoder:
     A real example whose loss or gradient is not finite is not an error here:
     its row is zero and ``nonfinite`` says why (the pipeline quarantines it).
     """
-    del ids  # Kept for callers that name examples; errors no longer need them.
     local_valid = np.asarray(local_valid, bool)
     batch = jax.tree.map(self.put_local, local_batch)
     valid = self.put_local(local_valid)
@@ -283,14 +281,9 @@ class GradientEncoder:
     take = np.minimum(positions, size - 1)
     return jax.tree.map(lambda x: np.asarray(x)[take], batch), positions < size
 
-  def project_global(self, batch: Any, ids: Sequence[Any] | None = None
-                     ) -> Projected:
+  def project_global(self, batch: Any) -> Projected:
     """``project_local`` for a batch every process holds whole."""
-    local, valid = self._from_global(batch)
-    positions = self.local_positions(len(valid))
-    local_ids = None if ids is None else [ids[p] for p in positions[valid]] + [
-        None] * int((~valid).sum())
-    return self.project_local(local, valid, local_ids)
+    return self.project_local(*self._from_global(batch))
 
   def project(self, batch: Any, ids: Sequence[Any] | None = None) -> jax.Array:
     """Unnormalized ``P (g / (sqrt(V) + eps))``: float32 ``[B, dim]`` on the mesh.

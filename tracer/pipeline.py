@@ -181,8 +181,7 @@ def train_moments(encoder: GradientEncoder, corpus, cfg: PreconditionerConfig,
     positions = encoder.local_positions(len(batch_rows))
     mine = batch_rows[positions[positions < len(batch_rows)]]
     examples, valid = read_padded(corpus, mine, len(positions))
-    train = encoder.accumulate(train, encoder.project_local(
-        examples, valid, data_lib.RowIds(corpus, mine)))
+    train = encoder.accumulate(train, encoder.project_local(examples, valid))
     crashpoints.point("fit.batch")
     _report(progress, lo + len(batch_rows), len(rows))
   return train
@@ -452,7 +451,7 @@ def encode_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
   ranges = (store.chunk_bounds(c) for c in list(mine))
   for rows, examples, valid in _run_local_batches(encoder, corpus, ranges,
                                                   max(group_rows), batch_size):
-    projected = encoder.project_local(examples, valid, data_lib.RowIds(corpus, rows))
+    projected = encoder.project_local(examples, valid)
     quarantined += projected.count
     if quarantined > limit:
       raise QuarantineLimitError(
@@ -524,17 +523,22 @@ def claim_store(location: str, stale_after_s: float = claim_lib.DEFAULT_STALE_AF
   return claim
 
 
+def written_share(store: store_lib.EncodingStore) -> list[int]:
+  """This process's equal share of the chunks marked done (chunk ``c`` of the
+  sorted list on process ``c % P``): what it checks or summarizes."""
+  done = sorted(store.done_chunks() & set(range(store.num_chunks)))
+  return done[jax.process_index()::jax.process_count()]
+
+
 def verify_store(store: store_lib.EncodingStore, repair: bool = False,
                  progress: ProgressFn = None) -> dict[int, str]:
   """Re-reads every chunk marked done and checks it against its marker.
 
-  Each process checks an equal share of the chunks (chunk ``c`` on process
-  ``c % P``) and returns ``{chunk: why}`` for the bad ones of its share;
+  Each process checks its ``written_share`` of the chunks and returns ``{chunk: why}`` for the bad ones of its share;
   ``repair`` removes their markers, so the next encode rewrites exactly them.
   Chunks never written are not reported here (``pending_chunks``).
   """
-  done = sorted(store.done_chunks() & set(range(store.num_chunks)))
-  share = done[jax.process_index()::jax.process_count()]
+  share = written_share(store)
   bad = {}
   for i, chunk in enumerate(share):
     why = store.verify_chunk(chunk)
@@ -565,7 +569,7 @@ def stream_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
   for rows, examples, valid in _run_local_batches(
       encoder, corpus, iter(bounds[group:group + 1]),
       max(b - a for a, b in bounds), batch_size):
-    projected = encoder.project_local(examples, valid, data_lib.RowIds(corpus, rows))
+    projected = encoder.project_local(examples, valid)
     ids = np.zeros(len(valid), np.int32)
     ids[:len(rows)] = rows
     # Quarantined rows (non-finite) are left out, as a store scan leaves them.
