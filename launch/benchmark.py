@@ -1,8 +1,8 @@
 r"""Benchmarks (not tests): encode vs. a training step, and the scan.
 
-  python -m launch.benchmark --suite=encode --models=tiny,small --dims=4096,65536
-  python -m launch.benchmark --suite=scan
-  python -m launch.benchmark --suite=correction --workdir=demo
+  tracer benchmark --suite=encode --models=tiny,small --dims=4096,65536
+  tracer benchmark --suite=scan
+  tracer benchmark --suite=correction --workdir=demo
 
 encode: examples/s and tokens/s of ``GradientEncoder.encode`` (per-example
 gradients, correction, projection, unit norm), for each encoder kernel
@@ -32,7 +32,7 @@ import gin
 import jax
 import numpy as np
 
-from launch import config
+from tracer.launch import config
 from tracer import encoder as encoder_lib
 from tracer import model as model_lib
 from tracer import partitioning
@@ -55,8 +55,8 @@ FLAGS = flags.FLAGS
 
 def model_config(name: str) -> model_lib.ModelConfig:
   gin.clear_config()
-  gin.parse_config_file(os.path.join(os.path.dirname(os.path.dirname(
-      os.path.abspath(__file__))), "configs", f"{name}.gin"))
+  gin.add_config_file_search_path(str(config.shipped_configs().parent))
+  gin.parse_config_file(config.gin_file_path(name))
   return config.make(model_lib.ModelConfig)
 
 
@@ -259,7 +259,7 @@ def main(argv):
     out["correction"] = correction_rows(FLAGS.workdir or "demo")
     print(markdown(out["correction"], ["factorization", "relative_error"]))
   if "scan" in FLAGS.suite:
-    from launch import benchmark_scan
+    from tracer.launch import benchmark_scan
     out["scan"] = benchmark_scan.run_scan_benchmark()
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:

@@ -1,6 +1,6 @@
 r"""Benchmark (not a test): host memory while tokenizing and encoding, vs. N.
 
-  python -m launch.benchmark_data --rows=10000,1000000 --workdir=/tmp/bench_data
+  tracer benchmark-data --rows=10000,1000000 --workdir=/tmp/bench_data
 
 For each N: writes a JSONL corpus of N generated documents, then, each in a
 fresh process (so that peak RSS belongs to one phase):
@@ -24,7 +24,7 @@ import time
 
 from absl import flags
 
-from launch import cli
+from tracer.launch import cli
 
 flags.DEFINE_list("rows", ["10000", "1000000"], "Corpus sizes N.")
 flags.DEFINE_string("workdir", "/tmp/tracer_bench_data", "Scratch directory.")
@@ -101,7 +101,7 @@ def phase_encode(source: str, store: str, max_len: int, batch_size: int) -> dict
 def run_phase(*args: str) -> dict:
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  proc = subprocess.run([sys.executable, "-m", "launch.benchmark_data", *args],
+  proc = subprocess.run([sys.executable, "-m", "tracer.launch.benchmark_data", *args],
                         env=env, capture_output=True, text=True)
   if proc.returncode:
     raise RuntimeError(f"phase {args} failed:\n{proc.stderr[-3000:]}")

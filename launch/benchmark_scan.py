@@ -1,6 +1,6 @@
 r"""Throughput of the exact top-k scan against faiss, numpy and the roofline.
 
-  python -m launch.benchmark_scan --rows=200000 --dim=1024 --queries=64 \
+  tracer benchmark-scan --rows=200000 --dim=1024 --queries=64 \
       --k=100 --output=/tmp/scan.md
 
 Every row of the table scans the same random ``[rows, dim]`` matrix with the
@@ -32,7 +32,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from launch import cli
+from tracer.launch import cli
 from tracer import hessian
 from tracer import partitioning
 from tracer import scan

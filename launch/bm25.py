@@ -1,6 +1,6 @@
 r"""Writes BM25 retrievals for a queries file in the results format.
 
-  python -m launch.bm25 --corpus=C.jsonl --queries=Q.jsonl --output=R.jsonl \
+  tracer bm25 --corpus=C.jsonl --queries=Q.jsonl --output=R.jsonl \
       --top_k=10
 
 Proponents are the top_k highest-scoring documents (ties to the lower corpus
@@ -16,7 +16,7 @@ from absl import flags
 from absl import logging
 import numpy as np
 
-from launch import cli
+from tracer.launch import cli
 from tracer import bm25
 from tracer import corpus as corpus_lib
 from tracer import evaluate

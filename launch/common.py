@@ -1,51 +1,23 @@
-"""What several launch scripts share: setting a run up, progress lines, the
+"""What several launch scripts share: setting a run up, the
 basis / store / query-metric steps with their printout, and the proponent
 table. The stages themselves live in ``tracer.pipeline``."""
 
 from __future__ import annotations
 
 import dataclasses
-import sys
-import time
 from typing import Any, NamedTuple, Sequence
 
 from absl import flags
 import jax
 
-from launch import config
+from tracer.launch import config
+from tracer.launch.progress import Progress, say
 from tracer import claim as claim_lib
 from tracer import hessian
 from tracer import pipeline
 from tracer import storage
 from tracer import store as store_lib
 from tracer.config import EncodeConfig, ModelConfig, PreconditionerConfig
-
-
-class Progress:
-  """Prints ``label: done/total items, items/s, time left`` at most every second
-  (process 0 only, for its own share). Call it as ``progress(done, total)``."""
-
-  def __init__(self, label: str, unit: str = "examples"):
-    self.label, self.unit = label, unit
-    self.done, self.total, self.start, self.last = 0, 0, time.perf_counter(), 0.0
-
-  def __call__(self, done: int, total: int | None = None) -> None:
-    """``total`` None: not known in advance (no time left shown)."""
-    self.done, self.total = done, total
-    now = time.perf_counter()
-    finished = total is not None and done >= total
-    if now - self.last >= 1.0 or finished:
-      self.last = now
-      rate = done / max(now - self.start, 1e-9)
-      if total is None:
-        line = f"{self.label}: {done} {self.unit}, {rate:.1f}/s"
-      else:
-        left = (total - done) / rate if rate > 0 else float("inf")
-        line = (f"{self.label}: {done}/{total} {self.unit}, {rate:.1f}/s, "
-                f"{left:.0f}s left")
-      if jax.process_index() == 0:
-        sys.stdout.write(f"\r{line}   " + ("\n" if finished else ""))
-        sys.stdout.flush()
 
 
 class Run(NamedTuple):
@@ -68,12 +40,6 @@ def start(workdir: str | None, checkpoint: str | None, corpus_source: str) -> Ru
   corpus = pipeline.open_corpus(ckpt, corpus_source)
   encoder, kind, eps = pipeline.build_encoder(ckpt, ecfg, mesh)
   return Run(ecfg, ckpt, corpus, encoder, kind, eps)
-
-
-def say(*args) -> None:
-  """print, on process 0 only."""
-  if jax.process_index() == 0:
-    print(*args, flush=True)
 
 
 def fitted_basis(location: str, run: Run, pcfg: PreconditionerConfig,
@@ -211,7 +177,7 @@ def print_table(rows: Sequence[dict], preds: Sequence[str], num_queries: int,
 
   Ids and texts come from the corpus and queries, so they are untrusted: their
   control characters (terminal escape sequences) are shown escaped."""
-  from launch.cli import printable  # pylint: disable=g-import-not-at-top
+  from tracer.launch.cli import printable  # pylint: disable=g-import-not-at-top
   for row, pred in list(zip(rows, preds))[:num_queries]:
     mark = "ok" if pred == row["target"] else "wrong"
     print(f"\n{printable(row['query_id'])}: {row['prompt']!r} -> target "

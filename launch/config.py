@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.resources
 import os
+from pathlib import Path
 
 # TensorFlow (pulled in by seqio) logs at C++ level on import; keep it quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -20,7 +22,7 @@ from absl import flags
 from absl import logging
 import gin
 
-from launch.cli import run  # pylint: disable=unused-import  (re-exported)
+from tracer.launch.cli import run  # pylint: disable=unused-import  (re-exported)
 from tracer import config as tracer_config
 from tracer import storage
 from tracer.errors import InputError
@@ -41,7 +43,7 @@ flags.DEFINE_string("basis", None, "R_train's eigenbasis file (path or URL): "
                     "where launch.fit_preconditioner and streaming runs save and "
                     "reuse it (default WORKDIR/basis.npz), and the basis a new "
                     "store is encoded in (a store keeps its own).")
-flags.DEFINE_string("output", None, "Results JSONL.")
+flags.DEFINE_string("output", None, "Output file: the results JSONL (tracer view: the HTML page).")
 flags.DEFINE_integer("top_k", 10, "Proponents and opponents per query.",
                      lower_bound=1)
 flags.DEFINE_multi_string("seqio_module", [], "Python modules to import before "
@@ -119,23 +121,39 @@ def make(cls):
   return obj
 
 
+def shipped_configs() -> Path:
+  """The folder of the gin configs tracer ships (the repo's configs/,
+  installed as the package ``tracer.configs``); gin ``include``s of
+  ``configs/X.gin`` resolve against its parent."""
+  return Path(str(importlib.resources.files("tracer.configs")))
+
+
+def gin_file_path(name: str) -> str:
+  """``--gin_file``: a path (relative to the working directory), or a config
+  tracer ships, by name: ``configs/tiny.gin``, ``tiny.gin`` or ``tiny``
+  work from any directory."""
+  if os.path.exists(name):
+    return name
+  shipped = shipped_configs()
+  base = os.path.basename(name)
+  base = base if base.endswith(".gin") else base + ".gin"
+  if name in (base, base[:-4], f"configs/{base}") and (shipped / base).is_file():
+    return str(shipped / base)
+  known = ", ".join(sorted(p.stem for p in shipped.glob("*.gin")))
+  raise GinFileNotFound(f"--gin_file={name}: no such file, and not a config "
+                        f"tracer ships ({known})")
+
+
 def parse_gin() -> None:
-  """Parses --gin_file and --gin_bindings (files relative to cwd or the repo).
+  """Parses --gin_file (``gin_file_path``) and --gin_bindings.
 
   Also quiets library INFO logs (Orbax logs every file it writes) unless
   ``--verbosity`` was given; tracer's scripts print their own progress.
   """
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  files = []
-  for f in FLAGS.gin_file:
-    if not os.path.exists(f) and os.path.exists(os.path.join(repo, f)):
-      f = os.path.join(repo, f)
-    if not os.path.exists(f):
-      raise GinFileNotFound(f"--gin_file={f}: no such file")
-    files.append(f)
-  gin.add_config_file_search_path(repo)
+  files = [gin_file_path(f) for f in FLAGS.gin_file]
+  gin.add_config_file_search_path(str(shipped_configs().parent))
   try:
     gin.parse_config_files_and_bindings(files, FLAGS.gin_bindings)
   except (ValueError, SyntaxError, ImportError) as e:

@@ -1,10 +1,12 @@
 r"""The built-in demo: facts -> tiny model -> encodings -> proponents.
 
-  python -m launch.demo --workdir=demo
+  tracer demo --workdir=demo
 
 Generates the fact corpus (WORKDIR/facts), trains the tiny model unless
-WORKDIR already has a checkpoint, then runs ``launch.trace`` and prints, for a
-few queries, the prompt, the model's prediction and the top proponents.
+WORKDIR already has a checkpoint, then runs ``launch.trace``, prints for a
+few queries the prompt, the model's prediction and the top proponents, and
+writes WORKDIR/report.html: every query's proponents and opponents, to open
+in a browser (``tracer view``).
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import os
 
 from absl import flags
 
-from launch import config
-from launch import trace
-from launch import train
+from tracer.launch import config
+from tracer.launch import trace
+from tracer.launch import train
 from tracer import facts
+from tracer import viewer
 
 FLAGS = flags.FLAGS
 
@@ -43,8 +46,11 @@ def main(argv):
   config.parse_gin()
   workdir = FLAGS.workdir or "demo"
   corpus, queries = ensure_model(workdir)
-  trace.run(workdir, corpus, queries, os.path.join(workdir, "results.jsonl"),
-            FLAGS.top_k, show=FLAGS.show)
+  rows = trace.run(workdir, corpus, queries, os.path.join(workdir, "results.jsonl"),
+                   FLAGS.top_k, show=FLAGS.show)
+  page = viewer.write_report(os.path.join(workdir, "report.html"), {"trackstar": rows},
+                             title="tracer demo: TrackStar on the generated facts")
+  print(f"\nreport: {os.path.abspath(page)} (open it in a browser)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 r"""Encodes a corpus into a store (resumable, on one host or many).
 
-  python -m launch.encode --gin_file=configs/tiny.gin --workdir=W --corpus=C \
+  tracer encode --gin_file=configs/tiny.gin --workdir=W --corpus=C \
       [--basis=W/basis.npz] [--store=W/store]
 
 ``--corpus`` is a JSONL file, a glob of shards, a seqio task, or a directory
@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from absl import flags
 
-from launch import common
-from launch import config
+from tracer.launch import common
+from tracer.launch import config
 from tracer import store as store_lib
 from tracer.config import PreconditionerConfig
 

@@ -1,6 +1,6 @@
 r"""Scores results files against the queries' fact_doc_ids.
 
-  python -m launch.evaluate --queries=Q.jsonl --results=R.jsonl \
+  tracer evaluate --queries=Q.jsonl --results=R.jsonl \
       [--results=R2.jsonl ...] --output=M.json
 
 Each results file is a method, named by its file stem. M.json maps method to
@@ -20,7 +20,7 @@ from typing import Any
 from absl import app
 from absl import flags
 
-from launch import cli
+from tracer.launch import cli
 from tracer import evaluate
 from tracer.errors import InputError, at
 

@@ -1,6 +1,6 @@
 r"""Fits R_train's eigenbasis on a corpus sample and saves it.
 
-  python -m launch.fit_preconditioner --gin_file=configs/tiny.gin --workdir=W \
+  tracer fit-preconditioner --gin_file=configs/tiny.gin --workdir=W \
       --corpus=C [--basis=W/basis.npz]
 
 ``PreconditionerConfig`` (gin) picks block or full R, the sample size and
@@ -15,8 +15,8 @@ from __future__ import annotations
 from absl import app
 from absl import flags
 
-from launch import common
-from launch import config
+from tracer.launch import common
+from tracer.launch import config
 from tracer import store as store_lib
 from tracer.config import PreconditionerConfig
 

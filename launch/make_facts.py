@@ -1,6 +1,6 @@
 r"""Writes the generated fact corpus: DIR/corpus.jsonl and DIR/queries.jsonl.
 
-  python -m launch.make_facts --out=/tmp/facts [--seed=0] \
+  tracer make-facts --out=/tmp/facts [--seed=0] \
       [--facts_per_bucket=60] [--distractor_docs=150]
 """
 
@@ -11,7 +11,7 @@ import json
 from absl import app
 from absl import flags
 
-from launch import cli
+from tracer.launch import cli
 from tracer import facts
 
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)

@@ -1,6 +1,6 @@
 r"""Prints a capacity plan for encoding and scanning a whole pretraining corpus.
 
-  python -m launch.plan --params=8e9 --tokens=160e9 --seq_len=2048 \
+  tracer plan --params=8e9 --tokens=160e9 --seq_len=2048 \
       --projection_dim=65536 --chips=256 --chip=v5p
 
 Arithmetic only (no jax): rows and store size, encode FLOPs and chip-hours,
@@ -18,7 +18,7 @@ import math
 from absl import app
 from absl import flags
 
-from launch import cli
+from tracer.launch import cli
 
 FLAGS = flags.FLAGS
 

@@ -1,6 +1,6 @@
 r"""The quality table: every method on the generated facts with the tiny model.
 
-  python -m launch.quality --workdir=quality
+  tracer quality --workdir=quality
 
 Generates the fact corpus and trains the tiny model when the workdir has no
 checkpoint (as the demo does), then scores every method over the whole corpus:
@@ -15,8 +15,11 @@ checkpoint (as the demo does), then scores every method over the whole corpus:
   +R_train          ... and R_train^(-1/2),
   trackstar         ... and the task-specific mix of R_eval (full TrackStar).
 
-Writes WORKDIR/quality/{METHOD}.jsonl (results), quality.json (metrics incl.
-tail-patch@k) and quality.md (the table), and prints the table.
+Writes WORKDIR/quality/{METHOD}.jsonl (results, with each tail-patched
+proponent's delta in ``proponent_tail_patch``), quality.json (metrics incl.
+tail-patch@k), quality.md (the table), the plots (retrieval.png,
+tail_patch.png) and report.html (every method side by side: ``tracer view``),
+and prints the table.
 """
 
 from __future__ import annotations
@@ -28,18 +31,20 @@ import os
 from absl import flags
 import numpy as np
 
-from launch import common
-from launch import config
-from launch import demo
+from tracer.launch import common
+from tracer.launch import config
+from tracer.launch import demo
 from tracer import bm25
 from tracer import data as data_lib
 from tracer import evaluate
 from tracer import hessian
 from tracer import partitioning
 from tracer import pipeline
+from tracer import plots
 from tracer import scan as scan_lib
 from tracer import tailpatch
 from tracer import unit_normalize
+from tracer import viewer
 from tracer.config import PreconditionerConfig
 
 flags.DEFINE_integer("tail_patch_queries", 0, "Queries used for tail-patch, "
@@ -160,12 +165,14 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
   for name, (c, q, metric) in encodings.items():
     topks[name] = scan_lib.scan_arrays(c, q, k, mesh=encoder.mesh, metric=metric)
 
-  metrics = {}
+  preds = pipeline.predictions(ckpt, query_examples, queries,
+                               pipeline.data_config(ckpt).vocabulary())
+  results, metrics = {}, {}
   for name in METHODS:
-    rows = pipeline.result_rows(queries, corpus, topks[name])
-    evaluate.write_results(os.path.join(out_dir, f"{name}.jsonl"), rows)
-    metrics[name] = evaluate.retrieval_metrics(queries, {r["query_id"]: r for r in rows},
-                                               k=k)
+    results[name] = pipeline.result_rows(queries, corpus, topks[name],
+                                         predictions=preds)
+    metrics[name] = evaluate.retrieval_metrics(
+        queries, {r["query_id"]: r for r in results[name]}, k=k)
 
   # Tail-patch: the union of every method's (query, proponent) pairs, once.
   chosen = tail_patch_queries(queries, num_tail_patch)
@@ -182,11 +189,15 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
   deltas = tailpatch.tail_patch_deltas(
       ckpt.model_config, ckpt.params, opt_state, optimizer,
       corpus.examples(np.arange(len(corpus))), query_examples, pairs,
-      mesh=encoder.mesh)
+      mesh=encoder.mesh, progress=common.Progress("tail-patch", "pairs"))
   per_method = deltas[inverse.ravel()].reshape(stacked.shape)
   for i, name in enumerate(METHODS):
     metrics[name].update(tailpatch.tail_patch_at_k(per_method[i], (1, 3, 5, 10),
                                                    stderr=True))
+    for j, query in enumerate(chosen):
+      results[name][query]["proponent_tail_patch"] = [
+          None if np.isnan(d) else float(d) for d in per_method[i, j]]
+    evaluate.write_results(os.path.join(out_dir, f"{name}.jsonl"), results[name])
 
   table = evaluate.format_table(metrics, COLUMNS)
   report = {"methods": metrics, "lambda": lam, "projection_dim": encoder.dim,
@@ -198,7 +209,12 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
   evaluate.write_text_atomic(os.path.join(workdir, "quality.json"),
                              json.dumps(report, indent=2))
   evaluate.write_text_atomic(os.path.join(workdir, "quality.md"), table + "\n")
+  pngs = plots.write_pngs(viewer.summary(results), workdir)
+  page = viewer.write_report(os.path.join(workdir, "report.html"), results,
+                             title=f"tracer quality: {len(METHODS)} methods, "
+                             f"{len(queries)} fact queries")
   print("\n" + table)
+  print(f"\nplots: {', '.join(pngs)}\npage (every method side by side): {page}")
   return report
 
 

@@ -1,6 +1,6 @@
 r"""Queries -> top-k proponents and opponents from an encoded store.
 
-  python -m launch.scan --gin_file=configs/tiny.gin --workdir=W --corpus=C \
+  tracer scan --gin_file=configs/tiny.gin --workdir=W --corpus=C \
       --queries=Q.jsonl --output=R.jsonl [--store=W/store] --top_k=10
 
 The queries are projected with the same checkpoint and projection as the
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from absl import flags
 
-from launch import common
-from launch import config
+from tracer.launch import common
+from tracer.launch import config
 from tracer.config import PreconditionerConfig
 from tracer import pipeline
 from tracer import scan as scan_lib
@@ -43,8 +43,11 @@ def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
       run_, pipeline.store_basis(store), query_examples, queries, pcfg)
   topk = scan_lib.scan_store(store, vectors, top_k, mesh=run_.encoder.mesh,
                              metric=metric.row_metric(),
-                             verify=FLAGS.check_chunks)
-  rows = pipeline.result_rows(queries, run_.corpus, topk, skipped)
+                             verify=FLAGS.check_chunks,
+                             progress=common.Progress("scan store", "rows"))
+  preds = pipeline.predictions(run_.ckpt, query_examples, queries,
+                               pipeline.data_config(run_.ckpt).vocabulary())
+  rows = pipeline.result_rows(queries, run_.corpus, topk, skipped, preds)
   pipeline.write_results(output, rows)
   common.say(f"wrote {len(rows)} results to {output}")
   return rows

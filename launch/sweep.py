@@ -1,6 +1,6 @@
 r"""Sweeps gin bindings: one ``trace`` run per grid point, one metrics table.
 
-  python -m launch.sweep --workdir=sweeps/dim_rank --base_workdir=demo \
+  tracer sweep --workdir=sweeps/dim_rank --base_workdir=demo \
       --grid="EncodeConfig.projection_dim=1024,4096,16384" \
       --grid="PreconditionerConfig.rank=10,60"
 
@@ -24,7 +24,7 @@ import sys
 from absl import app
 from absl import flags
 
-from launch import config
+from tracer.launch import config
 from tracer import data as data_lib
 from tracer import evaluate
 
@@ -66,7 +66,7 @@ def run_one(run_dir: str, bindings: list[str], base_workdir: str,
   corpus = os.path.join(base_workdir, "facts", "corpus.jsonl")
   queries = os.path.join(base_workdir, "facts", "queries.jsonl")
   results = os.path.join(run_dir, "results.jsonl")
-  cmd = [sys.executable, "-m", "launch.trace", f"--workdir={run_dir}",
+  cmd = [sys.executable, "-m", "tracer.launch.trace", f"--workdir={run_dir}",
          f"--checkpoint={os.path.join(base_workdir, 'checkpoints')}",
          f"--corpus={corpus}", f"--queries={queries}", f"--output={results}",
          "--streaming", "--show=0"]

@@ -1,6 +1,6 @@
 r"""Tokenizes a corpus once, to a directory every later stage reads row by row.
 
-  python -m launch.tokenize --gin_file=configs/tiny.gin --corpus=SRC --output=DIR
+  tracer tokenize --gin_file=configs/tiny.gin --corpus=SRC --output=DIR
 
 SRC is a JSONL file, a glob of JSONL shards (quote it: 'data/*.jsonl'), or a
 registered seqio task or mixture (with --seqio_module). DIR (a path or a
@@ -18,8 +18,8 @@ import time
 
 from absl import flags
 
-from launch import common
-from launch import config
+from tracer.launch import common
+from tracer.launch import config
 from tracer import corpus as corpus_lib
 from tracer.config import DataConfig, ModelConfig
 
@@ -38,9 +38,10 @@ def run(source: str, output: str) -> corpus_lib.TokenizedCorpus:
     progress(written[0])
 
   corpus = corpus_lib.tokenize(source, output, data_config, max_len, progress=report)
+  progress.close()  # the row count is not known until the end
   m = corpus.manifest
   seconds = time.perf_counter() - start
-  common.say(f"\n{output}: {m.num_rows:,} rows of up to {m.max_len} tokens from "
+  common.say(f"{output}: {m.num_rows:,} rows of up to {m.max_len} tokens from "
              f"{m.num_docs:,} documents ({m.tokenizer}, overflow={m.overflow}, "
              f"{m.token_dtype}); {seconds:.1f} s"
              + (f", {written[0] / seconds:,.0f} rows/s" if written[0] else

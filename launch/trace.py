@@ -1,6 +1,6 @@
 r"""The whole pipeline: corpus + queries + checkpoint -> top-k proponents.
 
-  python -m launch.trace --gin_file=configs/tiny.gin --workdir=W \
+  tracer trace --gin_file=configs/tiny.gin --workdir=W \
       --corpus=C.jsonl --queries=Q.jsonl --output=R.jsonl --top_k=10
 
 The model is rebuilt from the checkpoint (default: the latest in
@@ -23,8 +23,8 @@ from __future__ import annotations
 from absl import flags
 import jax
 
-from launch import common
-from launch import config
+from tracer.launch import common
+from tracer.launch import config
 from tracer import evaluate
 from tracer import pipeline
 from tracer import scan as scan_lib
@@ -68,8 +68,11 @@ def run(workdir: str, corpus_source: str, queries_path: str, output: str,
     metric, vectors, skipped = common.query_metric(run_, basis, query_examples, queries, pcfg)
     topk = scan_lib.scan_store(store, vectors, top_k, mesh=encoder.mesh,
                                metric=metric.row_metric(),
-                               verify=FLAGS.check_chunks)
-  rows = pipeline.result_rows(queries, corpus, topk, skipped)
+                               verify=FLAGS.check_chunks,
+                               progress=common.Progress("scan store", "rows"))
+  preds = pipeline.predictions(ckpt, query_examples, queries,
+                               pipeline.data_config(ckpt).vocabulary())
+  rows = pipeline.result_rows(queries, corpus, topk, skipped, preds)
   pipeline.write_results(output, rows)
   common.say(f"wrote {len(rows)} results to {output}")
   if all("fact_doc_ids" in q for q in queries):
@@ -79,8 +82,6 @@ def run(workdir: str, corpus_source: str, queries_path: str, output: str,
         by_bucket, ["mrr", "recall@10", "precision@10", "num_queries"],
         row_header="bucket"))
   if show:
-    preds = pipeline.predictions(ckpt, query_examples, queries,
-                                 pipeline.data_config(ckpt).vocabulary())
     common.say("\n" + evaluate.format_table(
         pipeline.completion_accuracy(queries, preds), ["accuracy", "num_queries"],
         row_header="greedy completion"))

@@ -1,6 +1,6 @@
 r"""Trains the LM: data parallel over all devices, Orbax checkpoints, resumable.
 
-  python -m launch.train --gin_file=configs/tiny.gin \
+  tracer train --gin_file=configs/tiny.gin \
       --corpus=DIR/corpus.jsonl --workdir=W
 
 ``--corpus`` also takes a glob of JSONL shards, a registered seqio task or
@@ -18,7 +18,8 @@ from absl import flags
 import jax
 import numpy as np
 
-from launch import config
+from tracer.launch import config
+from tracer.launch.progress import Progress, say
 from tracer import checkpoint as ckpt_lib
 from tracer import corpus as corpus_lib
 from tracer import model as model_lib
@@ -69,7 +70,7 @@ def train(corpus_source: str, workdir: str) -> dict:
                        f"{', '.join(changed)} differ from this run's ("
                        f"{'; '.join(sum(diffs.values(), []))})")
     params, opt_state, start = restored.params, restored.opt_state, restored.step
-    print(f"resuming from step {start}")
+    say(f"resuming from step {start}")
   else:
     params = jax.device_put(model_lib.init_params(model_config, train_config.seed),
                             replicated)
@@ -77,7 +78,7 @@ def train(corpus_source: str, workdir: str) -> dict:
     start = 0
   data_dict = {**data_config.to_dict(), "corpus": corpus_source,
                "num_rows": len(corpus)}
-  print(f"corpus {corpus_source}: {len(corpus)} rows; model "
+  say(f"corpus {corpus_source}: {len(corpus)} rows; model "
         f"{model_lib.param_count(params):,} params; mesh {dict(mesh.shape)}")
 
   step_fn = train_lib.make_train_step(model_config, optimizer, mesh, params)
@@ -85,6 +86,7 @@ def train(corpus_source: str, workdir: str) -> dict:
   host_rows = partitioning.host_slice(train_config.batch_size)
   log_path = os.path.join(workdir, "train_log.jsonl")
   metrics, losses, t0, steps_timed = {}, [], time.perf_counter(), 0
+  progress = Progress("train", unit="steps", initial=start)
   for step in range(start, opt_config.total_steps):
     rows = train_lib.batch_rows(step, train_config.batch_size, len(corpus),
                                 train_config.seed)
@@ -104,14 +106,15 @@ def train(corpus_source: str, workdir: str) -> dict:
                  "tokens_per_s": steps_timed * train_config.batch_size
                  * model_config.max_len / elapsed}
       left = (opt_config.total_steps - done) / metrics["steps_per_s"]
-      if jax.process_index() == 0:
-        print(f"step {done}/{opt_config.total_steps}  loss {mean_loss:.4f}  "
-              f"{metrics['steps_per_s']:.2f} steps/s  "
-              f"{metrics['tokens_per_s']:.0f} tokens/s  {left:.0f}s left", flush=True)
+      progress.postfix(loss=f"{mean_loss:.4f}")
+      say(f"step {done}/{opt_config.total_steps}  loss {mean_loss:.4f}  "
+          f"{metrics['steps_per_s']:.2f} steps/s  "
+          f"{metrics['tokens_per_s']:.0f} tokens/s  {left:.0f}s left")
       if jax.process_index() == 0:
         with open(log_path, "a") as f:
           f.write(json.dumps(metrics) + "\n")
       losses, t0, steps_timed = [], time.perf_counter(), 0
+    progress(done, opt_config.total_steps)
     if done % train_config.checkpoint_every == 0 or done == opt_config.total_steps:
       ckpt_lib.save(mngr, done, params, opt_state, model_config, opt_config, data_dict)
   mngr.close()

@@ -1,6 +1,6 @@
 r"""Re-reads a store and checks every chunk against the checksum in its marker.
 
-  python -m launch.verify --store=W/store [--repair]
+  tracer verify --store=W/store [--repair]
 
 Prints ``OK: ...`` and exits 0 when every chunk is written and matches its
 checksum; otherwise lists each corrupt or missing chunk (its file, rows and
@@ -18,8 +18,8 @@ from absl import flags
 import jax
 import numpy as np
 
-from launch import common
-from launch import config
+from tracer.launch import common
+from tracer.launch import config
 from tracer import pipeline
 from tracer import store as store_lib
 

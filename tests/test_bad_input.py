@@ -1,5 +1,5 @@
 """Bad input (issue 11): a catalogue of mistakes, each run through the real
-launch scripts (``python -m launch.X`` subprocesses).
+launch scripts (``python -m tracer.launch.X`` subprocesses).
 
 Every case must end with exit status 2, exactly one line on stderr, starting
 with ``error:`` and naming the file, line, field or flag at fault and what
@@ -167,7 +167,7 @@ def shared(tmp_path_factory, mounts) -> Shared:
   s = Shared(root, root / "corpus.jsonl", root / "queries.jsonl",
              root / "checkpoints", root / "other_checkpoints", root / "store",
              corpus_lines, query_lines, cache, None, None)
-  cmd = [sys.executable, "-m", "launch.encode", f"--workdir={root / 'w'}",
+  cmd = [sys.executable, "-m", "tracer.launch.encode", f"--workdir={root / 'w'}",
          f"--checkpoint={s.checkpoints}", f"--corpus={s.corpus}",
          f"--store={s.store}", *[f"--gin_bindings={b}" for b in GIN_BINDINGS]]
   proc = subprocess.run(cmd, env=environ(s), cwd=multiprocess.ROOT,
@@ -444,7 +444,7 @@ def test_bad_input(case: Case, shared: Shared, tmp_path):
   watched = [shared.root, tmp_path, shared.readonly, shared.full]
   before = [snapshot(p) for p in watched]
   t0 = time.monotonic()
-  proc = subprocess.run([sys.executable, "-m", f"launch.{script}", *map(str, args)],
+  proc = subprocess.run([sys.executable, "-m", f"tracer.launch.{script}", *map(str, args)],
                         env=environ(shared), cwd=multiprocess.ROOT,
                         capture_output=True, text=True, timeout=RUN_TIMEOUT_S,
                         check=False)
@@ -499,14 +499,14 @@ def test_bom_and_crlf_read_as_plain_files(shared: Shared, tmp_path):
 
 
 def test_error_lines_are_one_line_and_escaped():
-  from launch import cli  # pylint: disable=g-import-not-at-top
+  from tracer.launch import cli  # pylint: disable=g-import-not-at-top
   assert cli.one_line("a.jsonl:3: bad\n  In file x\n\n    y = 1\n") == (
       "a.jsonl:3: bad In file x y = 1")
   assert cli.one_line("id '\x1b[2J' \u202e") == "id '\\x1b[2J' \\u202e"
 
 
 def test_print_table_escapes_control_characters(capsys):
-  from launch import common  # pylint: disable=g-import-not-at-top
+  from tracer.launch import common  # pylint: disable=g-import-not-at-top
   row = {"query_id": "q\x1b]0;pwned\x07", "prompt": "p", "target": "t",
          "proponent_ids": ["d\r1"], "proponent_scores": [0.5],
          "proponents": ["text \x1b[31mred\x1b[0m\u202eevil\nline"]}

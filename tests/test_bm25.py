@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from launch import bm25 as launch_bm25
+from tracer.launch import bm25 as launch_bm25
 from tracer import bm25
 from tracer import corpus as corpus_lib
 from tracer import evaluate
@@ -108,7 +108,7 @@ def test_launch_bm25_subprocess(tmp_path):
   corpus, queries = _files(tmp_path)
   out = tmp_path / "bm25.jsonl"
   proc = subprocess.run(
-      [sys.executable, "-m", "launch.bm25", f"--corpus={corpus}",
+      [sys.executable, "-m", "tracer.launch.bm25", f"--corpus={corpus}",
        f"--queries={queries}", f"--output={out}", "--top_k=3"],
       cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr

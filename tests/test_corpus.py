@@ -157,7 +157,7 @@ def test_launch_tokenize(tmp_path, corpus_path):
   out = tmp_path / "tok"
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   proc = subprocess.run(
-      [sys.executable, "-m", "launch.tokenize", "--gin_file=configs/tiny.gin",
+      [sys.executable, "-m", "tracer.launch.tokenize", "--gin_file=configs/tiny.gin",
        f"--corpus={corpus_path}", f"--output={out}"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-3000:]

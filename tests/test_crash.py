@@ -118,7 +118,7 @@ def environ(shared, devices: int = DEVICES, crash_at: str | None = None) -> dict
 
 
 def command(script: str, shared, workdir, distributed=None, basis=None) -> list[str]:
-  cmd = [sys.executable, "-m", f"launch.{script}", f"--workdir={workdir}",
+  cmd = [sys.executable, "-m", f"tracer.launch.{script}", f"--workdir={workdir}",
          f"--checkpoint={shared / 'checkpoints'}", f"--corpus={shared / 'corpus'}",
          f"--store={workdir / 'store'}"]
   if script == "trace":

@@ -54,6 +54,35 @@ def _token_rows(corpus) -> list[np.ndarray]:
   return [corpus.row_tokens(r) for r in range(len(corpus))]
 
 
+# --- the byte vocabulary ---------------------------------------------------------
+
+
+def test_byte_vocabulary_matches_seqio():
+  ours, theirs = data_lib.ByteVocabulary(), data_lib.as_seqio(data_lib.ByteVocabulary())
+  assert type(theirs).__module__.startswith("seqio")
+  assert (ours.vocab_size, ours.eos_id, ours.unk_id, ours.pad_id) == (
+      theirs.vocab_size, theirs.eos_id, theirs.unk_id, 0)
+  texts = ["", "plain ascii", "héllo wörld ✓ 日本", "\x00\x7f tab\tnewline\n", "🙂" * 3]
+  for text in texts:
+    assert ours.encode(text) == list(theirs.encode(text)), text
+    assert ours.decode(ours.encode(text)) == theirs.decode(theirs.encode(text)) == text
+  rng = np.random.default_rng(0)
+  # Random ids: specials, bytes that are not valid UTF-8, ids past the end,
+  # an EOS in the middle (decoding stops there).
+  for _ in range(200):
+    ids = rng.integers(0, 300, size=rng.integers(0, 40)).tolist()
+    assert ours.decode(ids) == theirs.decode(ids), ids
+
+
+def test_byte_vocabulary_does_not_import_seqio():
+  code = ("import sys; from tracer import data; v = data.make_vocabulary('byte'); "
+          "v.decode(v.encode('x')); assert 'seqio' not in sys.modules and "
+          "'tensorflow' not in sys.modules, 'seqio imported'")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 # --- the row rule --------------------------------------------------------------
 
 def test_truncate_rows(corpus_path, vocab):

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from launch import evaluate as launch_evaluate
+from tracer.launch import evaluate as launch_evaluate
 from tracer import evaluate
 from tracer.errors import InputError
 
@@ -297,7 +297,7 @@ def test_launch_evaluate_subprocess(tmp_path):
   queries, good, bad = _fixture_files(tmp_path)
   out = tmp_path / "m.json"
   proc = subprocess.run(
-      [sys.executable, "-m", "launch.evaluate", f"--queries={queries}",
+      [sys.executable, "-m", "tracer.launch.evaluate", f"--queries={queries}",
        f"--results={good}", f"--results={bad}", f"--output={out}"],
       cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
   assert proc.returncode == 0, proc.stderr

@@ -194,7 +194,7 @@ def test_write_jsonl_round_trip(tmp_path):
 
 
 def test_make_facts_main(tmp_path, capsys):
-  from launch import make_facts  # pylint: disable=g-import-not-at-top
+  from tracer.launch import make_facts  # pylint: disable=g-import-not-at-top
   with flagsaver.flagsaver():
     argv = flags.FLAGS(["make_facts", f"--out={tmp_path}", "--seed=1",
                         "--facts_per_bucket=5", "--distractor_docs=7"])

@@ -398,7 +398,7 @@ GIN_BINDINGS = (f"EncodeConfig.projection_dim={PROJECTION_DIM}",
 
 
 def trace_command(workdir, shared, store, output, distributed=None):
-  cmd = [sys.executable, "-m", "launch.trace", f"--workdir={workdir}",
+  cmd = [sys.executable, "-m", "tracer.launch.trace", f"--workdir={workdir}",
          f"--checkpoint={os.path.join(shared, 'checkpoints')}",
          f"--corpus={os.path.join(shared, 'corpus')}",
          f"--queries={os.path.join(shared, 'queries.jsonl')}",

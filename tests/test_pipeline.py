@@ -12,16 +12,16 @@ import gin
 import numpy as np
 import pytest
 
-from launch import config
-from launch import encode as encode_script
-from launch import fit_preconditioner as fit_script
-from launch import quality
-from launch import scan as scan_script
-from launch import sweep
-from launch import tokenize
-from launch import trace
-from launch import verify as verify_script
-from launch import train
+from tracer.launch import config
+from tracer.launch import encode as encode_script
+from tracer.launch import fit_preconditioner as fit_script
+from tracer.launch import quality
+from tracer.launch import scan as scan_script
+from tracer.launch import sweep
+from tracer.launch import tokenize
+from tracer.launch import trace
+from tracer.launch import verify as verify_script
+from tracer.launch import train
 from tracer import corpus as corpus_lib
 from tracer import data as data_lib
 from tracer import evaluate

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from launch import plan as plan_lib
+from tracer.launch import plan as plan_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ BASE = dict(params=8e9, tokens=160e9, seq_len=2048, projection_dim=65536,
 def _run(*args, code=None):
   env = dict(os.environ, PYTHONPATH=str(REPO))
   command = [sys.executable] + (["-c", code] if code else
-                                ["-m", "launch.plan", *args])
+                                ["-m", "tracer.launch.plan", *args])
   return subprocess.run(command, cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=60)
 
@@ -121,6 +121,6 @@ def test_cli_unknown_chip_fails_clearly():
 
 
 def test_module_does_not_import_jax():
-  result = _run(code="import sys, launch.plan; "
+  result = _run(code="import sys, tracer.launch.plan; "
                 "assert 'jax' not in sys.modules, 'jax imported'")
   assert result.returncode == 0, result.stderr

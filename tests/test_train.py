@@ -14,8 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from launch import config as launch_config
-from launch import train as launch_train
+from tracer.launch import config as launch_config
+from tracer.launch import train as launch_train
 from tracer import checkpoint as ckpt_lib
 from tracer import config as tracer_config
 from tracer import facts

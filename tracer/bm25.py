@@ -13,11 +13,16 @@ first corpus documents sharing no word with the query.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 
 import bm25s
 import numpy as np
+
+# bm25s sets its own logger to DEBUG, so every index build logs a line
+# wherever logging is configured (absl: to stderr). Its warnings still show.
+logging.getLogger("bm25s").setLevel(logging.WARNING)
 
 _TOKEN = re.compile(r"\w+")
 

@@ -49,7 +49,10 @@ EOS_ID = 1
 # which ignores TF_CPP_MIN_LOG_LEVEL): INFO lines and absl's notice.
 _LOAD_NOISE = re.compile(
     r"(WARNING: All log messages before absl::InitializeLog\(\) is called are "
-    r"written to STDERR|I\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] .*)\r?\n?")
+    r"written to STDERR|I\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] .*"
+    # On a machine without a GPU, TensorFlow's CUDA plugin reports so as an
+    # error; nothing is wrong.
+    r"|[EW]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] .*(cuInit|CUDA|cuda drivers).*)\r?\n?")
 
 
 def _seqio():
@@ -76,21 +79,59 @@ def _seqio():
       sys.stderr.flush()
 
 
-def make_vocabulary(kind: str = "byte", sentencepiece_model: str | None = None):
-  """A seqio vocabulary that needs no download.
+class ByteVocabulary:
+  """UTF-8 bytes as ids: pad 0, eos 1, unk 2, byte b -> b + 3 (259 ids).
 
-  ``kind="byte"``: ``seqio.ByteVocabulary`` (259 ids: pad 0, eos 1, unk 2,
-  then the 256 bytes). ``kind="sentencepiece"``: a model file made by
-  ``train_sentencepiece``.
+  The same ids, ``encode`` and ``decode`` as ``seqio.ByteVocabulary``
+  (tested against it), without importing seqio, which imports TensorFlow:
+  seconds of start-up and lines of its logging. ``as_seqio`` gives seqio's
+  own where seqio needs one (a seqio task's output features).
   """
-  seqio = _seqio()  # Lazy: importing seqio pulls in TensorFlow (seconds).
+
+  pad_id, eos_id, unk_id, bos_id = 0, 1, 2, None
+  _OFFSET, _BYTES = 3, 256
+  vocab_size = _OFFSET + _BYTES
+
+  def encode(self, s: str | bytes) -> list[int]:
+    """Token ids of ``s``, without EOS."""
+    s = s.decode() if isinstance(s, bytes) else s
+    return [b + self._OFFSET for b in s.encode("utf-8")]
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """The text of ``ids`` up to the first EOS; special and out-of-range ids
+    are dropped, as are invalid UTF-8 sequences."""
+    ids = [int(i) for i in ids]
+    if self.eos_id in ids:
+      ids = ids[:ids.index(self.eos_id)]
+    return bytes(i - self._OFFSET for i in ids
+                 if self._OFFSET <= i < self.vocab_size).decode("utf-8", errors="ignore")
+
+  def __eq__(self, other) -> bool:
+    return isinstance(other, ByteVocabulary)
+
+  def __hash__(self) -> int:
+    return hash(ByteVocabulary)
+
+
+def make_vocabulary(kind: str = "byte", sentencepiece_model: str | None = None):
+  """A vocabulary that needs no download.
+
+  ``kind="byte"``: ``ByteVocabulary`` (seqio's byte ids; seqio is not
+  imported). ``kind="sentencepiece"``: ``seqio.SentencePieceVocabulary`` of a
+  model file made by ``train_sentencepiece``.
+  """
   if kind == "byte":
-    return seqio.ByteVocabulary()
+    return ByteVocabulary()
   if kind == "sentencepiece":
     if not sentencepiece_model or not os.path.exists(sentencepiece_model):
       raise InputError(f"{sentencepiece_model}: sentencepiece model file not found")
-    return seqio.SentencePieceVocabulary(sentencepiece_model)
+    return _seqio().SentencePieceVocabulary(sentencepiece_model)
   raise InputError(f"tokenizer kind {kind!r}: expected 'byte' or 'sentencepiece'")
+
+
+def as_seqio(vocab):
+  """``vocab`` as a seqio vocabulary (``ByteVocabulary`` -> seqio's own)."""
+  return _seqio().ByteVocabulary() if isinstance(vocab, ByteVocabulary) else vocab
 
 
 def train_sentencepiece(texts: Iterable[str], model_prefix: str,
@@ -495,7 +536,7 @@ def register_jsonl_task(name: str, path: str, vocab) -> Any:
       name,
       source=seqio.FunctionDataSource(dataset_fn, splits=["train"]),
       preprocessors=[seqio.preprocessors.tokenize, seqio.preprocessors.append_eos],
-      output_features={"targets": seqio.Feature(vocab, add_eos=True)})
+      output_features={"targets": seqio.Feature(as_seqio(vocab), add_eos=True)})
 
 
 # --- queries -----------------------------------------------------------------

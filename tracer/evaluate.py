@@ -150,16 +150,19 @@ def make_result_row(query: Mapping[str, Any],
                     proponent_texts: Sequence[str],
                     opponent_ids: Sequence[str] = (),
                     opponent_scores: Sequence[float] = (),
-                    opponent_texts: Sequence[str] = ()) -> dict[str, Any]:
+                    opponent_texts: Sequence[str] = (),
+                    prediction: str | None = None) -> dict[str, Any]:
   """Builds one results line for ``query`` (a queries-file record).
 
   The query's ``id`` becomes ``query_id``; every other query field (prompt,
   target, fact_doc_ids, bucket, ...) is passed through. Lists must be given
-  best first; numpy values are converted to plain Python.
+  best first; numpy values are converted to plain Python. ``prediction``:
+  the model's greedy completion of the prompt, written as ``prediction``.
   """
   if "id" not in query:
     raise ValueError("query has no 'id' field")
-  clash = sorted(set(query) & (set(RESULT_FIELDS) | {"query_id"}))
+  reserved = {*RESULT_FIELDS, "query_id", *(() if prediction is None else ("prediction",))}
+  clash = sorted(set(query) & reserved)
   if clash:
     raise ValueError(f"query {query['id']!r} has reserved field(s) {clash}")
   lists = {
@@ -184,6 +187,8 @@ def make_result_row(query: Mapping[str, Any],
     if key != "id":
       row[key] = value
   row.update(lists)
+  if prediction is not None:
+    row["prediction"] = str(prediction)
   return row
 
 

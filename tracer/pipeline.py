@@ -583,12 +583,15 @@ def stream_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
 # --- results ------------------------------------------------------------------
 
 def result_rows(queries: Sequence[dict], corpus, topk: scan_lib.TopK,
-                skipped: dict[int, str] | None = None) -> list[dict]:
+                skipped: dict[int, str] | None = None,
+                predictions: Sequence[str] | None = None) -> list[dict]:
   """One results line per query (the TrackStar retrieval-file fields); reads
   only the ids and texts of the rows retrieved. A query in ``skipped``
   (``query_metric``'s) gets no proponents or opponents and its reason in
-  ``error``."""
+  ``error``. ``predictions``: the model's completion of each query
+  (``predictions()``), written as ``prediction``."""
   skipped = skipped or {}
+  preds = [None] * len(queries) if predictions is None else list(predictions)
   keep = [i for i in range(len(queries)) if i not in skipped]
   rows = np.unique(np.concatenate([topk.proponent_rows[keep].ravel(),
                                    topk.opponent_rows[keep].ravel()]))
@@ -597,14 +600,15 @@ def result_rows(queries: Sequence[dict], corpus, topk: scan_lib.TopK,
   out = []
   for i, q in enumerate(queries):
     if i in skipped:
-      row = evaluate.make_result_row(q, [], [], [])
+      row = evaluate.make_result_row(q, [], [], [], prediction=preds[i])
       row["error"] = f"{skipped[i]}: no proponents computed"
       out.append(row)
       continue
     prop, opp = topk.proponent_rows[i].tolist(), topk.opponent_rows[i].tolist()
     out.append(evaluate.make_result_row(
         q, [ids[r] for r in prop], topk.proponent_scores[i], [texts[r] for r in prop],
-        [ids[r] for r in opp], topk.opponent_scores[i], [texts[r] for r in opp]))
+        [ids[r] for r in opp], topk.opponent_scores[i], [texts[r] for r in opp],
+        prediction=preds[i]))
   return out
 
 
@@ -616,11 +620,15 @@ def write_results(location: str, rows: Sequence[dict]) -> None:
 
 
 def predictions(ckpt: ckpt_lib.Checkpoint, query_examples: dict,
-                queries: Sequence[dict], vocab) -> list[str]:
-  """The model's greedy completion of each prompt, as long as its target."""
+                queries: Sequence[dict], vocab, batch_size: int = 256) -> list[str]:
+  """The model's greedy completion of each prompt, as long as its target
+  (``batch_size`` queries per decode call: memory stays bounded for large
+  query sets; every call but the last has the same shape)."""
   steps = max(len(vocab.encode(q["target"])) for q in queries)
-  tokens = jax.device_get(jax.jit(model_lib.greedy_decode, static_argnums=(0, 3))(
-      ckpt.model_config, ckpt.params, query_examples, steps))
+  decode = jax.jit(model_lib.greedy_decode, static_argnums=(0, 3))
+  tokens = np.concatenate([
+      jax.device_get(decode(ckpt.model_config, ckpt.params, batch, steps))
+      for batch in example_slices(query_examples, batch_size)])
   return [vocab.decode([int(t) for t in row[:len(vocab.encode(q["target"]))]])
           for row, q in zip(tokens, queries)]
 

@@ -258,7 +258,7 @@ class _StoreSource(_Source):
 
 def _scan(source: _Source, queries, k: int, mesh: Mesh | None,
           chunk_rows: int | None, prefetch: int, row_multiple: int = 1,
-          metric: RowMetric | None = None) -> TopK:
+          metric: RowMetric | None = None, progress=None) -> TopK:
   """The host loop shared by ``scan_arrays`` and ``scan_store``.
 
   A producer (a background thread if ``prefetch > 0``) reads each step's
@@ -291,6 +291,7 @@ def _scan(source: _Source, queries, k: int, mesh: Mesh | None,
            for base in range(0, num_rows, step))
   pieces = data_lib.prefetch(steps, prefetch)
   in_flight = collections.deque()
+  finished = 0
   try:
     for arrays, buffers in pieces:
       state = update(state, *arrays, queries_on_mesh, *metric_args)
@@ -302,10 +303,16 @@ def _scan(source: _Source, queries, k: int, mesh: Mesh | None,
         done, buffers = in_flight.popleft()
         done.proponent_scores.block_until_ready()
         pool.release(buffers)
+        finished += 1
+        if progress is not None:
+          progress(min(finished * step, num_rows), num_rows)
   finally:
     pool.close()
     pieces.close()
-  return finish(state, num_rows)
+  result = finish(state, num_rows)
+  if progress is not None:
+    progress(num_rows, num_rows)
+  return result
 
 
 def _metric_on_mesh(metric: RowMetric | None, dim: int, mesh: Mesh) -> tuple:
@@ -348,7 +355,8 @@ def scan_arrays(encodings, queries, k: int, *, mesh: Mesh | None = None,
 
 def scan_store(store, queries, k: int, *, mesh: Mesh | None = None,
                chunk_rows: int | None = None, prefetch: int = 2,
-               metric: RowMetric | None = None, verify: bool = True) -> TopK:
+               metric: RowMetric | None = None, verify: bool = True,
+               progress=None) -> TopK:
   """Exact top-k over a complete ``store.EncodingStore``, streamed from disk.
 
   Reads run in a background thread (tensorstore futures for every local
@@ -359,7 +367,8 @@ def scan_store(store, queries, k: int, *, mesh: Mesh | None = None,
 
   ``metric``: as in ``scan_arrays``. ``verify``: check each chunk read
   against the checksum in its marker (in the reading thread; chunks read
-  whole, i.e. with the default ``chunk_rows``).
+  whole, i.e. with the default ``chunk_rows``). ``progress``: called as
+  ``progress(rows_scanned, num_rows)`` as steps finish.
 
   Raises:
     InputError: the store is incomplete or the queries' d does not match.
@@ -368,7 +377,7 @@ def scan_store(store, queries, k: int, *, mesh: Mesh | None = None,
   store.check_complete()
   multiple = store.chunk_rows if chunk_rows is None else 1
   return _scan(_StoreSource(store, verify), queries, k, mesh, chunk_rows, prefetch,
-               row_multiple=multiple, metric=metric)
+               row_multiple=multiple, metric=metric, progress=progress)
 
 
 class StreamingScanner:

@@ -454,7 +454,7 @@ class EncodingStore:
         if why:
           raise CorruptStoreError(
               f"{self.chunk_file(chunk)}: chunk {chunk} (rows {lo}..{hi}) of "
-              f"store {self.path}: {why}; run `python -m launch.verify "
+              f"store {self.path}: {why}; run `tracer verify "
               f"--store={self.path} --repair` and encode again to rewrite it")
 
   def chunk_records_later(self, start: int, stop: int

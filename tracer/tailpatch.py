@@ -102,8 +102,10 @@ def _to_f32(tree: Any) -> Any:
       tree)
 
 
-def _batched(fn, indices: Sequence[np.ndarray], batch: int, mesh) -> np.ndarray:
-  """Runs ``fn(*index_batches)`` over rows of ``indices`` in padded batches."""
+def _batched(fn, indices: Sequence[np.ndarray], batch: int, mesh,
+             progress=None) -> np.ndarray:
+  """Runs ``fn(*index_batches)`` over rows of ``indices`` in padded batches;
+  ``progress(done, total)`` after each."""
   n = len(indices[0])
   sharding = partitioning.all_devices_batch(mesh)
   out = []
@@ -114,6 +116,8 @@ def _batched(fn, indices: Sequence[np.ndarray], batch: int, mesh) -> np.ndarray:
     chunk = [np.pad(c, (0, batch - size)) for c in chunk]
     result = fn(*(partitioning.put_global(c, sharding) for c in chunk))
     out.append(partitioning.fetch(result)[:size])
+    if progress is not None:
+      progress(lo + size, n)
   return np.concatenate(out).astype(np.float32)
 
 
@@ -126,7 +130,7 @@ def tail_patch_deltas(model_config: model_lib.ModelConfig, params: Any, opt_stat
                       optimizer: optax.GradientTransformation, train_examples: dict,
                       query_examples: dict, pairs: np.ndarray, *,
                       mesh: jax.sharding.Mesh | None = None,
-                      batch_size: int = 64) -> np.ndarray:
+                      batch_size: int = 64, progress=None) -> np.ndarray:
   """Tail-patch deltas f32[P] for ``pairs`` int[P, 2] of (query_index, train_index).
 
   Args:
@@ -144,6 +148,7 @@ def tail_patch_deltas(model_config: model_lib.ModelConfig, params: Any, opt_stat
     mesh: pairs are split over every device of it. Default: all devices.
     batch_size: pairs per jitted call, rounded up to a multiple of the device
       count (the last batch is padded).
+    progress: called as ``progress(pairs_done, num_pairs)`` after each call.
 
   Returns:
     f32[P]: ``target_logprob(params') - target_logprob(params)`` per pair,
@@ -181,7 +186,7 @@ def tail_patch_deltas(model_config: model_lib.ModelConfig, params: Any, opt_stat
   base = partitioning.put_global(base, rep)
   return _batched(
       lambda t, q: delta_fn(params, opt_state, train, queries, base, t, q),
-      [train_idx.reshape(-1), query_idx.reshape(-1)], batch, mesh)
+      [train_idx.reshape(-1), query_idx.reshape(-1)], batch, mesh, progress)
 
 
 def pairs_for_topk(proponent_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,156 @@
+"""The ``tracer`` command (issue 12): subcommands, packaging, shipped gin
+configs, a quiet start, progress bars only where they belong."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tracer import facts
+from tracer.launch import main as main_lib
+from tracer.launch import progress as progress_lib
+
+REPO = Path(__file__).resolve().parent.parent
+TRACER = Path(sys.executable).parent / "tracer"  # the console script pip made
+# A user's environment: no test-only settings (conftest's device count) leak in.
+ENV = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+
+
+def _tracer(*args, cwd, **kwargs) -> subprocess.CompletedProcess:
+  return subprocess.run([str(TRACER), *map(str, args)], cwd=cwd, env=ENV,
+                        capture_output=True, text=True, timeout=300, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  records = facts.generate(facts.FactsConfig(facts_per_bucket=2, distractor_docs=5))[0]
+  return facts.write_jsonl(tmp_path_factory.mktemp("c") / "corpus.jsonl", records)
+
+
+def test_help_lists_every_subcommand_with_its_line(tmp_path):
+  assert TRACER.exists(), "pip install -e . makes the `tracer` console script"
+  proc = _tracer("--help", cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr
+  lines = proc.stdout.splitlines()
+  for name, module in main_lib.COMMANDS.items():
+    summary = main_lib.summary(module)
+    assert summary, f"tracer.launch.{module} has no docstring"
+    assert any(line.split() and line.split()[0] == name and line.endswith(summary)
+               for line in lines), f"{name}: {summary!r} not in\n{proc.stdout}"
+  assert proc.stderr == ""
+
+
+def test_every_subcommand_names_a_script_with_main():
+  for name, module in main_lib.COMMANDS.items():
+    spec = importlib.util.find_spec(f"tracer.launch.{module}")
+    assert spec is not None, name
+    source = Path(spec.origin).read_text()
+    assert "def main(" in source and '__name__ == "__main__"' in source, name
+
+
+def test_unknown_subcommand_is_one_error_line(tmp_path):
+  proc = _tracer("tarce", cwd=tmp_path)
+  assert proc.returncode == 2
+  assert proc.stderr.startswith("error: unknown subcommand 'tarce'")
+  assert "trace" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def test_subcommand_flags_and_bad_input(tmp_path):
+  proc = _tracer("plan", "--help", cwd=tmp_path)  # absl: exit status 1
+  assert "capacity plan" in proc.stdout and "--params" in proc.stdout, proc.stderr
+  # Underscores work too; absl's flag errors stay one line.
+  proc = _tracer("make_facts", "--nosuchflag", cwd=tmp_path)
+  assert proc.returncode == 2 and proc.stderr.startswith("error:"), proc.stderr
+
+
+def test_no_top_level_launch_package_is_installed(tmp_path):
+  code = ("import importlib.util as u; print(u.find_spec('launch'), "
+          "u.find_spec('tracer.launch') is not None, u.find_spec('tracer.configs') is not None)")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV,
+                        capture_output=True, text=True, timeout=60)
+  assert proc.stdout.split() == ["None", "True", "True"], proc.stdout + proc.stderr
+
+
+def test_shipped_gin_configs_work_from_any_directory(tmp_path):
+  # small.gin includes configs/tiny.gin: the include resolves too.
+  code = ("from absl import flags; from tracer.launch import config; "
+          "from tracer.config import ModelConfig; "
+          "flags.FLAGS(['x', '--gin_file=configs/small.gin']); config.parse_gin(); "
+          "print(config.make(ModelConfig).d_model)")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  small = (REPO / "configs" / "small.gin").read_text()
+  assert f"ModelConfig.d_model = {proc.stdout.split()[-1]}" in small
+  proc = _tracer("tokenize", "--gin_file=nosuch", "--corpus=x", "--output=y",
+                 cwd=tmp_path)
+  assert proc.returncode == 2
+  assert "--gin_file=nosuch: no such file, and not a config tracer ships" in proc.stderr
+  assert "tiny" in proc.stderr
+
+
+def test_quiet_start_and_no_bar_off_a_terminal(tmp_path, corpus):
+  """Nothing but tracer's own lines, on stdout; stderr empty (no TensorFlow,
+  CUDA or absl noise, no progress bar: not a terminal)."""
+  proc = _tracer("tokenize", "--gin_file=tiny", f"--corpus={corpus}",
+                 f"--output={tmp_path / 'tok'}", cwd=tmp_path)
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stderr == ""
+  assert proc.stdout.startswith(f"{tmp_path / 'tok'}: "), proc.stdout
+
+
+def _on_a_terminal(args, cwd) -> str:
+  """Runs ``tracer ARGS`` with stdout and stderr a pseudo-terminal; returns
+  what it showed."""
+  leader, follower = pty.openpty()
+  proc = subprocess.Popen([str(TRACER), *args], cwd=cwd, env=ENV, stdin=subprocess.DEVNULL,
+                          stdout=follower, stderr=follower)
+  os.close(follower)
+  shown = b""
+  while True:
+    try:
+      data = os.read(leader, 65536)
+    except OSError:  # the child closed the terminal
+      break
+    if not data:
+      break
+    shown += data
+  assert proc.wait(timeout=300) == 0, shown.decode(errors="replace")[-3000:]
+  os.close(leader)
+  return shown.decode(errors="replace")
+
+
+def test_bar_on_a_terminal_and_noprogress(tmp_path, corpus):
+  shown = _on_a_terminal(["tokenize", "--gin_file=tiny", f"--corpus={corpus}",
+                          f"--output={tmp_path / 'a'}"], tmp_path)
+  assert "tokenize: " in shown and "rows/s" in shown, shown
+  shown = _on_a_terminal(["tokenize", "--gin_file=tiny", f"--corpus={corpus}",
+                          f"--output={tmp_path / 'b'}", "--noprogress"], tmp_path)
+  assert "rows/s]" not in shown and f"{tmp_path / 'b'}: " in shown, shown
+
+
+def test_progress_bar_counts_rate_and_time_left():
+  out = io.StringIO()
+  bar = progress_lib.Progress("encode corpus", "rows", file=out)
+  for done in (4, 8, 10):
+    bar(done, 10)
+  bar(12, 10)  # closed at 10/10: later calls draw nothing
+  text = out.getvalue()
+  assert "encode corpus: 100%" in text and "10/10" in text and "rows/s" in text
+  assert "12/10" not in text
+  resumed = io.StringIO()
+  bar = progress_lib.Progress("train", "steps", initial=90, file=resumed)
+  bar(100, 100)
+  assert "100/100" in resumed.getvalue()
+
+
+def test_no_bar_when_stderr_is_not_a_terminal(capsys):
+  progress_lib.Progress("scan store", "rows")(5, 10)
+  assert capsys.readouterr().err == ""
