@@ -133,7 +133,7 @@ def encode_rows(name: str, dims, batch_size: int, microbatch: int, repeats: int,
   batch = random_batch(cfg, batch_size)
   on_mesh = partitioning.to_global(batch, partitioning.all_devices_batch(mesh))
 
-  step = train_lib.make_train_step(cfg, optimizer, mesh, params)
+  step = train_lib.make_train_step(model_lib.make_loss_fn(cfg), optimizer, mesh, params)
   # The train step donates params and state: time it on copies.
   state = {"p": jax.tree.map(jax.numpy.copy, params), "o": opt_state}
 

@@ -36,7 +36,8 @@ def start(workdir: str | None, checkpoint: str | None, corpus_source: str) -> Ru
   ecfg = config.make(EncodeConfig)
   mesh = pipeline.make_mesh(ecfg)
   ckpt = pipeline.load_checkpoint(workdir, checkpoint, mesh)
-  config.check_bound_fields(ModelConfig, ckpt.model_config, ckpt.path)
+  if isinstance(ckpt.model_config, ModelConfig):  # tracer's LM: gin binds it
+    config.check_bound_fields(ModelConfig, ckpt.model_config, ckpt.path)
   corpus = pipeline.open_corpus(ckpt, corpus_source)
   encoder, kind, eps = pipeline.build_encoder(ckpt, ecfg, mesh)
   return Run(ecfg, ckpt, corpus, encoder, kind, eps)

@@ -189,7 +189,8 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
   deltas = tailpatch.tail_patch_deltas(
       ckpt.model_config, ckpt.params, opt_state, optimizer,
       corpus.examples(np.arange(len(corpus))), query_examples, pairs,
-      mesh=encoder.mesh, progress=common.Progress("tail-patch", "pairs"))
+      mesh=encoder.mesh, progress=common.Progress("tail-patch", "pairs"),
+      family=ckpt.family)
   per_method = deltas[inverse.ravel()].reshape(stacked.shape)
   for i, name in enumerate(METHODS):
     metrics[name].update(tailpatch.tail_patch_at_k(per_method[i], (1, 3, 5, 10),

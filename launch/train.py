@@ -81,7 +81,7 @@ def train(corpus_source: str, workdir: str) -> dict:
   say(f"corpus {corpus_source}: {len(corpus)} rows; model "
         f"{model_lib.param_count(params):,} params; mesh {dict(mesh.shape)}")
 
-  step_fn = train_lib.make_train_step(model_config, optimizer, mesh, params)
+  step_fn = train_lib.make_train_step(model_lib.make_loss_fn(model_config), optimizer, mesh, params)
   sharding = partitioning.all_devices_batch(mesh)
   host_rows = partitioning.host_slice(train_config.batch_size)
   log_path = os.path.join(workdir, "train_log.jsonl")

@@ -92,7 +92,7 @@ def write_checkpoint(path: Path, corpus_texts: list[str], seed: int) -> None:
   params = jax.device_put(model_lib.init_params(CONFIG, seed=seed),
                           partitioning.replicated(mesh))
   opt_state = optimizer.init(params)
-  step = train_lib.make_train_step(CONFIG, optimizer, mesh, params)
+  step = train_lib.make_train_step(model_lib.make_loss_fn(CONFIG), optimizer, mesh, params)
   examples = data_lib.stack_examples([
       data_lib.corpus_example(np.array(byte_tokens(t) + [data_lib.EOS_ID],
                                        np.int32)[:CONFIG.max_len], CONFIG.max_len)

@@ -35,7 +35,7 @@ def _batch(seed):
 @functools.cache
 def _step_fn(opt_config):
   optimizer = train_lib.make_optimizer(opt_config)
-  return train_lib.make_train_step(MODEL, optimizer, partitioning.make_mesh(), None)
+  return train_lib.make_train_step(model_lib.make_loss_fn(MODEL), optimizer, partitioning.make_mesh(), None)
 
 
 def _train(opt_config, params, opt_state, steps, first=0):

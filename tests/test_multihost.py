@@ -379,7 +379,7 @@ def write_checkpoint(path: str, corpus) -> None:
   mesh = partitioning.make_mesh()
   params = jax.device_put(model_lib.init_params(CONFIG), partitioning.replicated(mesh))
   opt_state = optimizer.init(params)
-  step = train_lib.make_train_step(CONFIG, optimizer, mesh, params)
+  step = train_lib.make_train_step(model_lib.make_loss_fn(CONFIG), optimizer, mesh, params)
   batch = partitioning.to_global(corpus.examples(np.arange(8)),
                                  partitioning.all_devices_batch(mesh))
   params, opt_state, _ = step(params, opt_state, batch)

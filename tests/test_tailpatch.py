@@ -44,7 +44,7 @@ def setup():
   rep = partitioning.replicated(mesh)
   params = jax.device_put(model_lib.init_params(CONFIG), rep)
   opt_state = jax.device_put(optimizer.init(params), rep)
-  step = train_lib.make_train_step(CONFIG, optimizer, mesh, params)
+  step = train_lib.make_train_step(model_lib.make_loss_fn(CONFIG), optimizer, mesh, params)
   batch = partitioning.to_global(train, partitioning.all_devices_batch(mesh))
   for _ in range(TRAIN_STEPS):
     params, opt_state, _ = step(params, opt_state, batch)

@@ -2,8 +2,11 @@
 
 A checkpoint step has two items:
   ``state``:  {"params", "opt_state", "step"} (a PyTree),
-  ``config``: {"model": ModelConfig dict, "optimizer": OptimizerConfig dict,
-               "data": {"tokenizer", "max_len", "overflow", ...}} (JSON).
+  ``config``: {"family": the model family's name (``tracer.family``; absent
+               in checkpoints written before families: tracer's LM),
+               "model": the family's model config, "optimizer":
+               OptimizerConfig dict, "data": {"tokenizer", "max_len",
+               "overflow", ...}} (JSON).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
-from tracer import model as model_lib
+from tracer import family as family_lib
 from tracer import partitioning
 from tracer import storage
 from tracer import train as train_lib
@@ -29,12 +32,13 @@ class Checkpoint:
   step: int
   params: Any
   opt_state: Any
-  model_config: model_lib.ModelConfig
+  model_config: Any             # the family's model config
   optimizer_config: train_lib.OptimizerConfig
   data_config: dict
+  family: family_lib.Family = family_lib.LM
 
   def loss_fn(self):
-    return model_lib.make_loss_fn(self.model_config)
+    return self.family.loss_fn(self.model_config)
 
   def optimizer(self):
     return train_lib.make_optimizer(self.optimizer_config)
@@ -47,25 +51,28 @@ def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
 
 
 def save(mngr: ocp.CheckpointManager, step: int, params, opt_state,
-         model_config: model_lib.ModelConfig,
-         optimizer_config: train_lib.OptimizerConfig, data_config: dict) -> None:
+         model_config: Any, optimizer_config: train_lib.OptimizerConfig,
+         data_config: dict, family: family_lib.Family = family_lib.LM) -> None:
   """Saves one step (Orbax writes it atomically: a temp dir, then a rename)."""
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave({"params": params, "opt_state": opt_state,
                                    "step": step}),
-      config=ocp.args.JsonSave({"model": model_config.to_dict(),
+      config=ocp.args.JsonSave({"family": family.name,
+                                "model": family.config_to_dict(model_config),
                                 "optimizer": optimizer_config.to_dict(),
                                 "data": data_config})))
   mngr.wait_until_finished()
 
 
-def _abstract_state(model_config, optimizer_config, mesh):
-  """The state's shapes, each leaf on its mesh sharding (by shape, as the
-  encoder shards params: Adam's moments follow their params)."""
-  params = jax.eval_shape(lambda: model_lib.init_params(model_config))
+def _abstract_state(family, model_config, optimizer_config, mesh):
+  """The state's shapes, each leaf on its mesh sharding: params as the family
+  lays them out, the optimizer state by shape (Adam's moments follow their
+  params when the family's rules are the shape-based default)."""
+  params = jax.eval_shape(lambda: family.init_params(model_config))
   opt_state = jax.eval_shape(train_lib.make_optimizer(optimizer_config).init, params)
   tree = {"params": params, "opt_state": opt_state}
-  shardings = partitioning.param_shardings(mesh, tree)
+  shardings = {"params": family.param_shardings(model_config, mesh, params),
+               "opt_state": partitioning.param_shardings(mesh, opt_state)}
   tree = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
   return {**tree, "step": 0}
@@ -98,13 +105,18 @@ def restore(directory: str, step: int | None = None, mesh=None) -> Checkpoint:
   try:
     config = mngr.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"]
-    model_config = model_lib.ModelConfig.from_dict(config["model"])
-    optimizer_config = train_lib.OptimizerConfig.from_dict(config["optimizer"])
   except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
     raise InputError(f"{where}: its config item is not a tracer checkpoint's "
                      f"(model, optimizer, data): {_short(e)}") from None
+  family = family_lib.get(config.get("family") if isinstance(config, dict) else None)
+  try:
+    model_config = family.config_from_dict(config["model"])
+    optimizer_config = train_lib.OptimizerConfig.from_dict(config["optimizer"])
+  except (ValueError, KeyError, TypeError) as e:
+    raise InputError(f"{where}: its config item is not a tracer checkpoint's "
+                     f"(model, optimizer, data): {_short(e)}") from None
   mesh = partitioning.make_mesh() if mesh is None else mesh
-  target = _abstract_state(model_config, optimizer_config, mesh)
+  target = _abstract_state(family, model_config, optimizer_config, mesh)
   _check_param_shapes(where, target["params"], model_config)
   try:
     state = mngr.restore(step, args=ocp.args.Composite(
@@ -116,7 +128,7 @@ def restore(directory: str, step: int | None = None, mesh=None) -> Checkpoint:
                      f"{optimizer_config.name}): {_short(e)}") from None
   return Checkpoint(where, int(step), state["params"],
                     state["opt_state"], model_config, optimizer_config,
-                    config.get("data", {}))
+                    config.get("data", {}), family)
 
 
 def _check_param_shapes(where: str, params, model_config) -> None:
@@ -157,7 +169,8 @@ def differences(checkpoint_config, run_config, name: str) -> list[str]:
 
 
 def _config_text(config) -> str:
-  return ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(config).items())
+  fields = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else config
+  return ", ".join(f"{k}={v!r}" for k, v in dict(fields).items())
 
 
 def _listed(steps: list[int], most: int = 10) -> str:

@@ -80,6 +80,11 @@ class GradientEncoder:
     projection_dim: the total projection budget; ``encoder.dim`` is the real d.
     seed: seed of the projection matrices.
     mesh: a (data, model) mesh; None means every device on the data axis.
+    param_shardings: how params (and V) lie on ``mesh``: a params-shaped
+      pytree of ``NamedSharding`` or ``PartitionSpec`` (e.g. a model family's
+      own rules, or the shardings the params were restored with). None: by
+      shape (``partitioning.param_shardings``: the largest axis divisible by
+      the ``model`` axis is split).
     microbatch_size: examples per data shard per step.
     kernel: "factored" (``tracer.factored``: weights of linen Dense,
       DenseGeneral, Einsum and Embed calls projected from the calls' inputs and
@@ -98,6 +103,7 @@ class GradientEncoder:
   def __init__(self, loss_fn: Callable[[Any, Any], jax.Array], params: Any, *,
                second_moment: Any | None = None, epsilon: float = 1e-8,
                projection_dim: int = 4096, seed: int = 0, mesh=None,
+               param_shardings: Any | None = None,
                microbatch_size: int = 8, kernel: str = "factored",
                rank_one_correction: bool = False, verify: bool = True):
     if kernel not in ("factored", "exact"):
@@ -109,7 +115,7 @@ class GradientEncoder:
     self.kernel = kernel
     self.verify = verify
     self.loss_fn = loss_fn
-    param_sharding = partitioning.param_shardings(self.mesh, params)
+    param_sharding = partitioning.given_shardings(self.mesh, params, param_shardings)
     self.params = partitioning.place(params, param_sharding)
     if second_moment is not None:
       correction._check_structure(second_moment, params, "second_moment")

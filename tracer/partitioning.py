@@ -69,6 +69,33 @@ def param_shardings(mesh: Mesh, params: Any) -> Any:
       lambda x: NamedSharding(mesh, param_spec(np.shape(x), model_size)), params)
 
 
+def given_shardings(mesh: Mesh, params: Any, shardings: Any | None) -> Any:
+  """``shardings`` (a params-shaped pytree of ``NamedSharding`` or
+  ``PartitionSpec``, the latter on ``mesh``) checked against ``params``; None:
+  ``param_shardings(mesh, params)``."""
+  if shardings is None:
+    return param_shardings(mesh, params)
+  is_leaf = lambda s: isinstance(s, (NamedSharding, P))
+  leaves, tree = jax.tree.flatten(shardings, is_leaf=is_leaf)
+  if tree != jax.tree.structure(params):
+    raise ValueError(f"param_shardings: its tree {tree} is not the params' "
+                     f"{jax.tree.structure(params)}")
+  out = []
+  for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(params)[0], leaves):
+    s = NamedSharding(mesh, s) if isinstance(s, P) else s
+    if not isinstance(s, NamedSharding):
+      raise ValueError(f"param_shardings{jax.tree_util.keystr(path)}: expected a "
+                       f"NamedSharding or PartitionSpec, got {type(s).__name__}")
+    try:
+      s.shard_shape(np.shape(x))
+    except ValueError:
+      raise ValueError(f"param_shardings{jax.tree_util.keystr(path)}: {s.spec} "
+                       f"does not divide shape {np.shape(x)} on mesh "
+                       f"{dict(mesh.shape)}") from None
+    out.append(s)
+  return jax.tree.unflatten(tree, out)
+
+
 def padded_size(n: int, multiple: int) -> int:
   return int(math.ceil(n / multiple) * multiple) if n else multiple
 

@@ -39,7 +39,6 @@ from tracer import crashpoints
 from tracer import data as data_lib
 from tracer import evaluate
 from tracer import hessian
-from tracer import model as model_lib
 from tracer import partitioning
 from tracer import scan as scan_lib
 from tracer import storage
@@ -83,14 +82,14 @@ def data_config(ckpt: ckpt_lib.Checkpoint) -> DataConfig:
 def open_corpus(ckpt: ckpt_lib.Checkpoint, source: str):
   """The corpus row table for this checkpoint's tokenizer and ``max_len``: a
   tokenized directory (``tracer.corpus``) or a source read into memory."""
-  return corpus_lib.open_corpus(source, data_config(ckpt), ckpt.model_config.max_len)
+  return corpus_lib.open_corpus(source, data_config(ckpt), ckpt.family.max_len(ckpt.model_config))
 
 
 def read_queries(ckpt: ckpt_lib.Checkpoint, path: str) -> tuple[list[dict], dict]:
   """The query records and their stacked target-only examples."""
   queries = data_lib.read_queries(path)
   vocab = data_config(ckpt).vocabulary()
-  return queries, data_lib.query_examples(queries, vocab, ckpt.model_config.max_len,
+  return queries, data_lib.query_examples(queries, vocab, ckpt.family.max_len(ckpt.model_config),
                                           path)
 
 
@@ -117,10 +116,12 @@ def build_encoder(ckpt: ckpt_lib.Checkpoint, cfg: EncodeConfig, mesh=None
   else:
     raise ValueError(f"EncodeConfig.correction={cfg.correction!r}: expected "
                      f"'optimizer' or 'none'")
+  mesh = mesh if mesh is not None else make_mesh(cfg)
   encoder = GradientEncoder(
       ckpt.loss_fn(), ckpt.params, second_moment=v, epsilon=epsilon,
-      projection_dim=cfg.projection_dim, seed=cfg.seed,
-      mesh=mesh if mesh is not None else make_mesh(cfg),
+      projection_dim=cfg.projection_dim, seed=cfg.seed, mesh=mesh,
+      param_shardings=ckpt.family.param_shardings(ckpt.model_config, mesh,
+                                                  ckpt.params),
       microbatch_size=cfg.microbatch_size, kernel=cfg.kernel,
       rank_one_correction=cfg.rank_one_correction)
   return encoder, kind, epsilon
@@ -625,7 +626,7 @@ def predictions(ckpt: ckpt_lib.Checkpoint, query_examples: dict,
   (``batch_size`` queries per decode call: memory stays bounded for large
   query sets; every call but the last has the same shape)."""
   steps = max(len(vocab.encode(q["target"])) for q in queries)
-  decode = jax.jit(model_lib.greedy_decode, static_argnums=(0, 3))
+  decode = jax.jit(ckpt.family.greedy_decode, static_argnums=(0, 3))
   tokens = np.concatenate([
       jax.device_get(decode(ckpt.model_config, ckpt.params, batch, steps))
       for batch in example_slices(query_examples, batch_size)])

@@ -17,7 +17,8 @@ Typical use, evaluating several methods' top-k lists at once::
   pairs, inverse = pairs_for_topk(rows)            # rows: int[M, Q, K], -1 missing
   opt = tail_patch_optimizer(ckpt.optimizer_config, ckpt.step)
   d = tail_patch_deltas(ckpt.model_config, ckpt.params, ckpt.opt_state, opt,
-                        corpus.examples(range(len(corpus))), queries, pairs)
+                        corpus.examples(range(len(corpus))), queries, pairs,
+                        family=ckpt.family)
   scores = [tail_patch_at_k(x) for x in deltas_for_topk(d, inverse)]
 """
 
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tracer import model as model_lib
+from tracer import family as family_lib
 from tracer import partitioning
 from tracer import train as train_lib
 
@@ -65,24 +66,25 @@ def final_learning_rate(optimizer_config: train_lib.OptimizerConfig,
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled(model_config: model_lib.ModelConfig, optimizer, mesh):
+def _compiled(family: family_lib.Family, model_config: Any, optimizer, mesh):
   """(base_fn, delta_fn), jitted for ``mesh``; compiled once per batch shape."""
   rep = partitioning.replicated(mesh)
   rows = partitioning.all_devices_batch(mesh)
+  loss_fn = family.loss_fn(model_config)
 
   def take(examples, idx):
     return jax.tree.map(lambda x: jnp.take(x, idx, axis=0), examples)
 
   def base(params, queries, query_idx):
     """f32[B]: log p(target | prompt) of ``queries[query_idx]``."""
-    return jax.vmap(lambda q: model_lib.target_logprob(model_config, params, q))(
+    return jax.vmap(lambda q: family.target_logprob(model_config, params, q))(
         take(queries, query_idx))
 
   def one(params, opt_state, example, query, base_logprob):
-    grads = jax.grad(lambda p: model_lib.example_loss(model_config, p, example))(params)
+    grads = jax.grad(lambda p: loss_fn(p, example))(params)
     updates, _ = optimizer.update(grads, opt_state, params)
     patched = optax.apply_updates(params, updates)
-    return model_lib.target_logprob(model_config, patched, query) - base_logprob
+    return family.target_logprob(model_config, patched, query) - base_logprob
 
   def delta(params, opt_state, train, queries, base_logprobs, train_idx, query_idx):
     """f32[B]: the tail-patch delta of pairs (query_idx[i], train_idx[i])."""
@@ -126,15 +128,17 @@ def _pad_pow2(rows: np.ndarray) -> np.ndarray:
   return np.pad(rows, (0, size - len(rows)), mode="edge")
 
 
-def tail_patch_deltas(model_config: model_lib.ModelConfig, params: Any, opt_state: Any,
+def tail_patch_deltas(model_config: Any, params: Any, opt_state: Any,
                       optimizer: optax.GradientTransformation, train_examples: dict,
                       query_examples: dict, pairs: np.ndarray, *,
                       mesh: jax.sharding.Mesh | None = None,
-                      batch_size: int = 64, progress=None) -> np.ndarray:
+                      batch_size: int = 64, progress=None,
+                      family: family_lib.Family = family_lib.LM) -> np.ndarray:
   """Tail-patch deltas f32[P] for ``pairs`` int[P, 2] of (query_index, train_index).
 
   Args:
-    model_config: the model.
+    model_config: the model (``family``'s config, hashable: the compiled
+      programs are cached on it).
     params: the checkpoint's params.
     opt_state: ``optimizer``'s state (the checkpoint's for the default
       ``tail_patch_optimizer``, ``optimizer.init(params)`` for SGD); the same
@@ -149,6 +153,8 @@ def tail_patch_deltas(model_config: model_lib.ModelConfig, params: Any, opt_stat
     batch_size: pairs per jitted call, rounded up to a multiple of the device
       count (the last batch is padded).
     progress: called as ``progress(pairs_done, num_pairs)`` after each call.
+    family: the model family (``tracer.family``; ``ckpt.family``): its loss
+      and target log-prob.
 
   Returns:
     f32[P]: ``target_logprob(params') - target_logprob(params)`` per pair,
@@ -180,7 +186,7 @@ def tail_patch_deltas(model_config: model_lib.ModelConfig, params: Any, opt_stat
   opt_state = jax.device_put(opt_state, rep)
 
   batch = partitioning.padded_size(max(1, min(batch_size, len(pairs))), mesh.size)
-  base_fn, delta_fn = _compiled(model_config, optimizer, mesh)
+  base_fn, delta_fn = _compiled(family, model_config, optimizer, mesh)
   base = _batched(lambda q: base_fn(params, queries, q),
                   [np.arange(len(query_rows))], batch, mesh)
   base = partitioning.put_global(base, rep)

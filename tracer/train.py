@@ -10,10 +10,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tracer import model as model_lib
 from tracer import partitioning
 from tracer.config import OptimizerConfig
 
@@ -40,16 +40,17 @@ def make_optimizer(c: OptimizerConfig, learning_rate: Any = None
   return optax.chain(optax.clip_by_global_norm(c.clip_norm), opt)
 
 
-def make_train_step(config: model_lib.ModelConfig, optimizer, mesh, params
-                    ) -> Callable:
-  """A jitted ``step(params, opt_state, batch) -> (params, opt_state, loss)``.
+def make_train_step(loss_fn: Callable, optimizer, mesh, params) -> Callable:
+  """A jitted ``step(params, opt_state, batch) -> (params, opt_state, loss)``
+  minimizing the batch mean of ``loss_fn(params, example)`` (the model
+  contract: one example; e.g. ``family.loss_fn(config)``).
 
   Data parallel: the batch is split over every device of the mesh, params and
   optimizer state are replicated.
   """
   def step(params, opt_state, batch):
     loss, grads = jax.value_and_grad(
-        lambda p: model_lib.batch_loss(config, p, batch))(params)
+        lambda p: jnp.mean(jax.vmap(loss_fn, in_axes=(None, 0))(p, batch)))(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
