@@ -17,7 +17,7 @@ from tracer import hessian
 from tracer import pipeline
 from tracer import storage
 from tracer import store as store_lib
-from tracer.config import EncodeConfig, ModelConfig, PreconditionerConfig
+from tracer.config import EncodeConfig, PreconditionerConfig
 
 
 class Run(NamedTuple):
@@ -36,8 +36,7 @@ def start(workdir: str | None, checkpoint: str | None, corpus_source: str) -> Ru
   ecfg = config.make(EncodeConfig)
   mesh = pipeline.make_mesh(ecfg)
   ckpt = pipeline.load_checkpoint(workdir, checkpoint, mesh)
-  if isinstance(ckpt.model_config, ModelConfig):  # tracer's LM: gin binds it
-    config.check_bound_fields(ModelConfig, ckpt.model_config, ckpt.path)
+  config.check_bound_fields(type(ckpt.model_config), ckpt.model_config, ckpt.path)
   corpus = pipeline.open_corpus(ckpt, corpus_source)
   encoder, kind, eps = pipeline.build_encoder(ckpt, ecfg, mesh)
   return Run(ecfg, ckpt, corpus, encoder, kind, eps)

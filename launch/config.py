@@ -46,6 +46,10 @@ flags.DEFINE_string("basis", None, "R_train's eigenbasis file (path or URL): "
 flags.DEFINE_string("output", None, "Output file: the results JSONL (tracer view: the HTML page).")
 flags.DEFINE_integer("top_k", 10, "Proponents and opponents per query.",
                      lower_bound=1)
+flags.DEFINE_string("family", None, "Model family (tracer.family) of a model "
+                    "trained from scratch (tracer train / demo): tracer_lm (default) "
+                    "or gemma; its config class is bindable from gin by name. A "
+                    "checkpoint says its own family.")
 flags.DEFINE_multi_string("seqio_module", [], "Python modules to import before "
                           "reading inputs, e.g. ones that register seqio tasks "
                           "named by --corpus (repeatable).")
@@ -121,6 +125,27 @@ def make(cls):
   return obj
 
 
+def model_family():
+  """The family ``--family`` names (default tracer's LM)."""
+  from tracer import family as family_lib  # pylint: disable=g-import-not-at-top
+  return family_lib.get(FLAGS.family)
+
+
+def model_config_class():
+  """The model config dataclass gin binds for ``--family``: ``ModelConfig``
+  for tracer's LM, else the family's ``config_class``."""
+  family = model_family()
+  return getattr(family, "config_class", tracer_config.ModelConfig)
+
+
+def default_gin_file() -> None:
+  """No --gin_file given (the demo, the quality table): the tiny config of
+  ``--family`` (``configs/tiny.gin``, ``configs/gemma_tiny.gin``)."""
+  if not FLAGS.gin_file:
+    FLAGS.gin_file = ["configs/gemma_tiny.gin" if FLAGS.family == "gemma"
+                      else "configs/tiny.gin"]
+
+
 def shipped_configs() -> Path:
   """The folder of the gin configs tracer ships (the repo's configs/,
   installed as the package ``tracer.configs``); gin ``include``s of
@@ -153,7 +178,14 @@ def parse_gin() -> None:
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   files = [gin_file_path(f) for f in FLAGS.gin_file]
+  config_class = model_config_class()
+  if config_class not in _CONFIGURABLE:
+    register(config_class)
   gin.add_config_file_search_path(str(shipped_configs().parent))
+  verbosity = logging.get_verbosity()
+  # gin tries an include's path as given first, and logs an ERROR when it is
+  # not there before it finds the file on the search path: not worth a line.
+  logging.set_verbosity(logging.FATAL)
   try:
     gin.parse_config_files_and_bindings(files, FLAGS.gin_bindings)
   except (ValueError, SyntaxError, ImportError) as e:
@@ -167,7 +199,13 @@ def parse_gin() -> None:
         where = "--gin_bindings"
         text = bindings[e.lineno - 1] if 0 < (e.lineno or 0) <= len(bindings) else ""
       e = f"{e.msg} ({where}: {text.strip()!r})"
-    raise InputError(f"gin: {e}") from None
+    from tracer import family as family_lib  # pylint: disable=g-import-not-at-top
+    hint = next((f"; pass --family={name} to bind {cls}"
+                 for cls, name in family_lib.CONFIG_CLASSES.items()
+                 if f"No configurable matching '{cls}'" in str(e)), "")
+    raise InputError(f"gin: {e}{hint}") from None
+  finally:
+    logging.set_verbosity(verbosity)
 
 
 class GinFileNotFound(InputError, FileNotFoundError):

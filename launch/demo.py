@@ -6,7 +6,9 @@ Generates the fact corpus (WORKDIR/facts), trains the tiny model unless
 WORKDIR already has a checkpoint, then runs ``launch.trace``, prints for a
 few queries the prompt, the model's prediction and the top proponents, and
 writes WORKDIR/report.html: every query's proponents and opponents, to open
-in a browser (``tracer view``).
+in a browser (``tracer view``). ``--family=gemma`` does the same with a tiny
+Gemma 3 architecture from the gemma library (``configs/gemma_tiny.gin``;
+``pip install 'tracer[gemma]'``).
 """
 
 from __future__ import annotations
@@ -41,8 +43,7 @@ def ensure_model(workdir: str) -> tuple[str, str]:
 
 def main(argv):
   del argv
-  if not FLAGS.gin_file:
-    FLAGS.gin_file = ["configs/tiny.gin"]
+  config.default_gin_file()
   config.parse_gin()
   workdir = FLAGS.workdir or "demo"
   corpus, queries = ensure_model(workdir)

@@ -221,8 +221,7 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
 
 def main(argv):
   del argv
-  if not FLAGS.gin_file:
-    FLAGS.gin_file = ["configs/tiny.gin"]
+  config.default_gin_file()
   config.parse_gin()
   run(FLAGS.workdir or "quality", FLAGS.top_k, FLAGS.tail_patch_queries,
       FLAGS.sgd_learning_rate)

@@ -25,24 +25,28 @@ from tracer import corpus as corpus_lib
 from tracer import model as model_lib
 from tracer import partitioning
 from tracer import train as train_lib
-from tracer.config import DataConfig, ModelConfig, OptimizerConfig, TrainConfig
+from tracer.config import DataConfig, OptimizerConfig, TrainConfig
 from tracer.errors import InputError
 
 FLAGS = flags.FLAGS
 
 
 def train(corpus_source: str, workdir: str) -> dict:
-  """Runs (or resumes) training; returns the last logged metrics."""
-  model_config = config.make(ModelConfig)
+  """Runs (or resumes) training of the ``--family`` model; returns the last
+  logged metrics."""
+  family = config.model_family()
+  config_class = config.model_config_class()
+  model_config = config.make(config_class)
   opt_config = config.make(OptimizerConfig)
   data_config = config.make(DataConfig)
   train_config = config.make(TrainConfig)
 
   vocab = data_config.vocabulary()
   if vocab.vocab_size > model_config.vocab_size:
-    raise InputError(f"ModelConfig.vocab_size={model_config.vocab_size} is smaller "
-                     f"than the tokenizer's {vocab.vocab_size}")
-  corpus = corpus_lib.open_corpus(corpus_source, data_config, model_config.max_len)
+    raise InputError(f"{config_class.__name__}.vocab_size={model_config.vocab_size} "
+                     f"is smaller than the tokenizer's {vocab.vocab_size}")
+  max_len = family.max_len(model_config)
+  corpus = corpus_lib.open_corpus(corpus_source, data_config, max_len)
   mesh = partitioning.make_mesh()
   if train_config.batch_size % mesh.size:
     raise InputError(f"TrainConfig.batch_size={train_config.batch_size} must be a "
@@ -54,8 +58,11 @@ def train(corpus_source: str, workdir: str) -> dict:
     restored = ckpt_lib.restore(str(mngr.directory), mesh=mesh)
     rows = restored.data_config.get("num_rows")
     diffs = {  # what differs -> the differences, each "field: ckpt has, run has"
-        "ModelConfig": ckpt_lib.differences(restored.model_config, model_config,
-                                            "ModelConfig"),
+        "family": [f"family: the checkpoint has {restored.family.name!r}, this "
+                   f"run has {family.name!r}"] if restored.family is not family else [],
+        config_class.__name__: ckpt_lib.differences(
+            restored.model_config, model_config, config_class.__name__)
+        if restored.family is family else [],
         "OptimizerConfig.name": [
             f"OptimizerConfig.name: the checkpoint has "
             f"{restored.optimizer_config.name!r}, this run has {opt_config.name!r}"
@@ -72,7 +79,7 @@ def train(corpus_source: str, workdir: str) -> dict:
     params, opt_state, start = restored.params, restored.opt_state, restored.step
     say(f"resuming from step {start}")
   else:
-    params = jax.device_put(model_lib.init_params(model_config, train_config.seed),
+    params = jax.device_put(family.init_params(model_config, train_config.seed),
                             replicated)
     opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
     start = 0
@@ -81,7 +88,8 @@ def train(corpus_source: str, workdir: str) -> dict:
   say(f"corpus {corpus_source}: {len(corpus)} rows; model "
         f"{model_lib.param_count(params):,} params; mesh {dict(mesh.shape)}")
 
-  step_fn = train_lib.make_train_step(model_lib.make_loss_fn(model_config), optimizer, mesh, params)
+  step_fn = train_lib.make_train_step(family.loss_fn(model_config), optimizer, mesh,
+                                      params)
   sharding = partitioning.all_devices_batch(mesh)
   host_rows = partitioning.host_slice(train_config.batch_size)
   log_path = os.path.join(workdir, "train_log.jsonl")
@@ -104,7 +112,7 @@ def train(corpus_source: str, workdir: str) -> dict:
       elapsed = time.perf_counter() - t0
       metrics = {"step": done, "loss": mean_loss, "steps_per_s": steps_timed / elapsed,
                  "tokens_per_s": steps_timed * train_config.batch_size
-                 * model_config.max_len / elapsed}
+                 * max_len / elapsed}
       left = (opt_config.total_steps - done) / metrics["steps_per_s"]
       progress.postfix(loss=f"{mean_loss:.4f}")
       say(f"step {done}/{opt_config.total_steps}  loss {mean_loss:.4f}  "
@@ -116,7 +124,8 @@ def train(corpus_source: str, workdir: str) -> dict:
       losses, t0, steps_timed = [], time.perf_counter(), 0
     progress(done, opt_config.total_steps)
     if done % train_config.checkpoint_every == 0 or done == opt_config.total_steps:
-      ckpt_lib.save(mngr, done, params, opt_state, model_config, opt_config, data_dict)
+      ckpt_lib.save(mngr, done, params, opt_state, model_config, opt_config, data_dict,
+                    family)
   mngr.close()
   return metrics
 

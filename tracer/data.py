@@ -55,19 +55,20 @@ _LOAD_NOISE = re.compile(
     r"|[EW]\d{4} [\d:.]+ +\d+ [\w.]+:\d+\] .*(cuInit|CUDA|cuda drivers).*)\r?\n?")
 
 
-def _seqio():
-  """``import seqio`` (which imports TensorFlow: seconds), without the INFO
-  lines TensorFlow writes to stderr as it loads; anything else written to
-  stderr meanwhile is passed on. A launch script's stderr then holds only
-  what matters (an ``error:`` line, warnings)."""
-  if "seqio" in sys.modules:
-    return sys.modules["seqio"]
+def quiet_import(name: str):
+  """``importlib.import_module(name)`` for a module that imports TensorFlow
+  (seqio, the gemma library: seconds), without the lines TensorFlow's native
+  libraries write to stderr as they load (``_LOAD_NOISE``); anything else
+  written to stderr meanwhile is passed on. A launch script's stderr then
+  holds only what matters (an ``error:`` line, warnings)."""
+  if name in sys.modules:
+    return sys.modules[name]
   sys.stderr.flush()
   saved = os.dup(2)
   with tempfile.TemporaryFile() as captured:
     os.dup2(captured.fileno(), 2)
     try:
-      return importlib.import_module("seqio")
+      return importlib.import_module(name)
     finally:
       sys.stderr.flush()
       os.dup2(saved, 2)
@@ -77,6 +78,11 @@ def _seqio():
         if not _LOAD_NOISE.fullmatch(line):
           sys.stderr.write(line)
       sys.stderr.flush()
+
+
+def _seqio():
+  """``import seqio``, quietly (``quiet_import``)."""
+  return quiet_import("seqio")
 
 
 class ByteVocabulary:

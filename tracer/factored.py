@@ -56,6 +56,59 @@ _METHODS = ("__call__", "attend")
 
 
 @dataclasses.dataclass(frozen=True)
+class EinsumLayer:
+  """How to read a call of another library's einsum layer (``y =
+  einsum(spec, x, W)``, W one param of the module): ``weight(module)`` is the
+  param's name, ``operands(args, kwargs)`` the call's ``(x, spec)``."""
+  weight: Callable[[Any], str]
+  operands: Callable[[tuple, dict], tuple[Any, str]]
+
+
+# Einsum layers of other libraries, by module type (``register_einsum_layer``).
+_EINSUM_LAYERS: dict[type, EinsumLayer] = {}
+
+
+def register_einsum_layer(cls: type, weight: Callable[[Any], str],
+                          operands: Callable[[tuple, dict], tuple[Any, str]]) -> None:
+  """Lets the kernel take ``cls.__call__`` calls as einsums (a model family
+  calls this for its library's layer, e.g. the gemma library's ``Einsum``)."""
+  _EINSUM_LAYERS[cls] = EinsumLayer(weight, operands)
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingLayer:
+  """Another library's embedding: method ``lookup(ids)`` is ``scale(module,
+  W) * W[ids]`` (``scale`` a float), method ``attend(x)`` (optional) is
+  ``x W^T``; ``weight(module)`` names W."""
+  weight: Callable[[Any], str]
+  lookup: str
+  attend: str | None
+  scale: Callable[[Any, Any], float]
+
+
+_EMBEDDING_LAYERS: dict[type, EmbeddingLayer] = {}
+
+
+def register_embedding_layer(cls: type, weight: Callable[[Any], str], lookup: str,
+                             attend: str | None = None,
+                             scale: Callable[[Any, Any], float] | None = None) -> None:
+  """Lets the kernel take another library's embedding (e.g. the gemma
+  library's ``Embedder``: ``encode`` scales by sqrt(width), ``decode``)."""
+  _EMBEDDING_LAYERS[cls] = EmbeddingLayer(weight, lookup, attend,
+                                          scale or (lambda module, w: 1.0))
+
+
+def _embedding_method(module, method: str) -> str | None:
+  """"lookup" / "attend" for an embedding call, else None."""
+  if isinstance(module, nn.Embed):
+    return {"__call__": "lookup", "attend": "attend"}.get(method)
+  layer = _EMBEDDING_LAYERS.get(type(module))
+  if layer is None:
+    return None
+  return {layer.lookup: "lookup", layer.attend: "attend"}.get(method)
+
+
+@dataclasses.dataclass(frozen=True)
 class Site:
   """One intercepted use of a weight, in the order the model calls them.
 
@@ -72,6 +125,7 @@ class Site:
   y_perm: tuple[int, ...]
   x_features: int
   y_features: int
+  factor: float = 1.0   # a lookup's scale: y = factor * W[ids]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +145,26 @@ class Plan:
 
 
 def _weight_name(module) -> str:
+  layer = _EINSUM_LAYERS.get(type(module)) or _EMBEDDING_LAYERS.get(type(module))
+  if layer is not None:
+    return layer.weight(module)
   return "embedding" if isinstance(module, nn.Embed) else "kernel"
+
+
+def _without_ellipsis(spec: str, x_ndim: int) -> str:
+  """``spec`` with ``...`` spelled out (as the axes x has beyond its named
+  ones); unchanged when it has none or they cannot be spelled out."""
+  if "..." not in spec or "->" not in spec or spec.count(",") != 1:
+    return spec
+  (lhs, rhs), out = spec.split("->")[0].split(","), spec.split("->")[1]
+  if "..." in rhs or "..." not in lhs:
+    return spec
+  n = x_ndim - len(lhs.replace("...", ""))
+  free = [c for c in "abcdefghijklmnopqrstuvwxyz" if c not in spec][:max(n, 0)]
+  if n < 0 or len(free) < n:
+    return spec
+  fill = "".join(free)
+  return f"{lhs.replace('...', fill)},{rhs}->{out.replace('...', fill)}"
 
 
 def _einsum_site(spec: str, x_ndim: int, kernel_ndim: int
@@ -121,28 +194,36 @@ def _einsum_site(spec: str, x_ndim: int, kernel_ndim: int
   return None
 
 
-def _call_input(args, kwargs):
+def _call_input(module, args, kwargs):
   """The input of an intercepted call (``inputs`` / ``query`` by keyword)."""
+  layer = _EINSUM_LAYERS.get(type(module))
+  if layer is not None:
+    return layer.operands(args, kwargs)[0]
   return args[0] if args else kwargs.get("inputs", kwargs.get("query"))
 
 
 def _describe(module, method: str, path: str, args, kwargs, y, weight
               ) -> Site | None:
   """The site of one intercepted call, or None when the kernel cannot take it."""
-  x = _call_input(args, kwargs)
+  x = _call_input(module, args, kwargs)
   if x is None or not hasattr(y, "shape"):
     return None
   x_shape, y_shape = tuple(np.shape(x)), tuple(np.shape(y))
   w_shape = tuple(np.shape(weight))
   ident = lambda n: tuple(range(n))
   feats = lambda shape, perm, n: int(np.prod([shape[i] for i in perm[len(perm) - n:]]))
-  if isinstance(module, nn.Embed):
-    if method == "__call__":
-      return Site(path, "lookup", y_shape, ident(len(x_shape)), ident(len(y_shape)),
-                  1, w_shape[1])
-    # attend: y = x E^T, so G_E = delta^T x (vocab rows).
+  embedding = _embedding_method(module, method)
+  if embedding == "lookup":
+    layer = _EMBEDDING_LAYERS.get(type(module))
+    factor = 1.0 if layer is None else float(layer.scale(module, weight))
+    return Site(path, "lookup", y_shape, ident(len(x_shape)), ident(len(y_shape)),
+                1, w_shape[1], factor)
+  if embedding == "attend":
+    # y = x E^T, so G_E = delta^T x (vocab rows).
     return Site(path, "transposed", y_shape, ident(len(x_shape)), ident(len(y_shape)),
                 w_shape[1], w_shape[0])
+  if isinstance(module, nn.Embed) or type(module) in _EMBEDDING_LAYERS:
+    return None
   if method != "__call__":
     return None
   if isinstance(module, (nn.Dense, nn.DenseGeneral)):
@@ -162,9 +243,15 @@ def _describe(module, method: str, path: str, args, kwargs, y, weight
     n_feat = len(w_shape) - len(axes)
     return Site(path, "dense", y_shape, x_perm, ident(len(y_shape)),
                 feats(x_shape, x_perm, len(axes)), feats(y_shape, ident(len(y_shape)), n_feat))
-  # nn.Einsum
-  spec = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
-  found = _einsum_site(str(spec).replace(" ", ""), len(x_shape), len(w_shape))
+  # nn.Einsum, or a registered einsum layer
+  layer = _EINSUM_LAYERS.get(type(module))
+  if layer is not None:
+    spec = layer.operands(args, kwargs)[1]
+  else:
+    spec = (kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None)
+            or module.einsum_str)
+  spec = _without_ellipsis(str(spec).replace(" ", ""), len(x_shape))
+  found = _einsum_site(spec, len(x_shape), len(w_shape))
   if found is None:
     return None
   kind, x_perm, y_perm, n_in = found
@@ -179,7 +266,11 @@ def _intercepting(params_by_id: dict[int, str], on_call: Callable):
   value replaces the call's output."""
   def intercept(next_fun, args, kwargs, context):
     module = context.module
-    if type(module) not in _LINEAR or context.method_name not in _METHODS:
+    method = context.method_name
+    if not ((type(module) in _LINEAR and method in _METHODS)
+            or (type(module) in _EINSUM_LAYERS and method == "__call__")
+            or (type(module) in _EMBEDDING_LAYERS
+                and _embedding_method(module, method) is not None)):
       return next_fun(*args, **kwargs)
     try:
       weight = module.get_variable("params", _weight_name(module))
@@ -370,10 +461,10 @@ def project_examples(plan: Plan, layout: projection.Layout, loss_fn: Callable,
     known, calls = [], iter(range(len(plan.sites)))
 
     def capture(module, method, path, args, kwargs, y, weight):
-      del module, method, weight
+      del method, weight
       if path not in plan.factored:
         return y
-      x = _call_input(args, kwargs)
+      x = _call_input(module, args, kwargs)
       i = next(calls)
       site = plan.sites[i]
       if site.path != path:
@@ -382,7 +473,8 @@ def project_examples(plan: Plan, layout: projection.Layout, loss_fn: Callable,
                            f"the values of its inputs")
       (left, right), (u, w) = matrices[path], scale[path]
       if site.kind == "lookup":
-        known.append(_lookup_side(x, blocks[path].shape[0], u, left))
+        side = _lookup_side(x, blocks[path].shape[0], u, left)
+        known.append(side if site.factor == 1.0 else side * site.factor)
       elif site.kind == "dense":
         known.append(_side(_rows(x, site.x_perm, site.x_features), u, left))
       else:

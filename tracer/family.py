@@ -99,8 +99,11 @@ class _TracerLM:
 LM = _TracerLM()
 
 _REGISTRY: dict[str, Family] = {LM.name: LM}
-# Families whose module is imported on first use (their libraries are extras).
+# Families whose module is imported on first use (their libraries are extras),
+# and the names of their gin-bindable config classes (for a hint when gin
+# meets one before the family was named).
 _MODULES = {"gemma": "tracer.gemma_family"}
+CONFIG_CLASSES = {"GemmaConfig": "gemma"}
 
 
 def register(family: Family) -> Family:

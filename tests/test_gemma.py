@@ -1,0 +1,336 @@
+"""The Gemma family (``tracer.gemma_family``) on a tiny Gemma 3 model.
+
+Needs the ``gemma`` library (``pip install 'tracer[gemma]'``); skipped without
+it. Nothing is downloaded: the tokenizer is a sentencepiece model trained
+here on the fact corpus with Gemma's special ids (pad 0, EOS 1, BOS 2, unk 3)
+and read by the library's own ``gm.text.Gemma3Tokenizer``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+gm = pytest.importorskip("gemma.gm", reason="the gemma library is an extra")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import tracer  # noqa: E402
+from tracer import checkpoint  # noqa: E402
+from tracer import data  # noqa: E402
+from tracer import facts  # noqa: E402
+from tracer import family as family_lib  # noqa: E402
+from tracer import gemma_family as gf  # noqa: E402
+from tracer import partitioning  # noqa: E402
+from tracer import tailpatch  # noqa: E402
+from tracer import train as train_lib  # noqa: E402
+from tracer.config import OptimizerConfig  # noqa: E402
+from tracer.errors import InputError  # noqa: E402
+
+TRAIN_STEPS = 30
+OPTIMIZER = OptimizerConfig(name="adamw", learning_rate=1e-2, warmup_steps=5,
+                            total_steps=TRAIN_STEPS, b2=0.99)
+
+
+def train_tokenizer(texts, prefix: str, vocab_size: int = 256) -> str:
+  """A sentencepiece model with Gemma's special ids; returns its path."""
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(list(texts)), model_prefix=prefix,
+      vocab_size=vocab_size, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+      model_type="unigram", character_coverage=1.0, hard_vocab_limit=False,
+      minloglevel=2)
+  return prefix + ".model"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+  """A tiny Gemma 3 trained a few AdamW steps on a small fact corpus."""
+  root = tmp_path_factory.mktemp("gemma")
+  corpus_records, queries = facts.generate(
+      facts.FactsConfig(facts_per_bucket=2, distractor_docs=5))
+  texts = [r["text"] for r in corpus_records]
+  vocab = gf.GemmaVocabulary(train_tokenizer(texts, str(root / "sp")))
+  # The embedding may be larger than the tokenizer's vocabulary (rounded up).
+  config = dataclasses.replace(gf.TINY, vocab_size=-(-vocab.vocab_size // 8) * 8)
+  corpus = data.build_corpus(
+      "facts", ((r["id"], r["text"], vocab.encode(r["text"])) for r in corpus_records),
+      vocab, config.max_len)
+  examples = corpus.examples(np.arange(len(corpus)))
+  fam = family_lib.get("gemma")
+  optimizer = train_lib.make_optimizer(OPTIMIZER)   # AdamW, as tracer trains
+  params = fam.init_params(config, seed=0)
+  opt_state = optimizer.init(params)
+  mesh = partitioning.make_mesh()
+  step = train_lib.make_train_step(fam.loss_fn(config), optimizer, mesh, params)
+  batch_size = len(corpus) // mesh.size * mesh.size
+  losses = []
+  for i in range(TRAIN_STEPS):
+    rows = train_lib.batch_rows(i, batch_size, len(corpus), seed=0)
+    params, opt_state, loss = step(params, opt_state, _batch(examples, rows))
+    losses.append(float(loss))
+  return dict(root=root, vocab=vocab, config=config, corpus=corpus,
+              examples=examples, queries=queries, family=fam, params=params,
+              opt_state=opt_state, optimizer=optimizer, losses=losses)
+
+
+def _batch(examples, rows):
+  return {k: v[rows] for k, v in examples.items()}
+
+
+def _query(s, i=0):
+  q = s["queries"][i]
+  vocab = s["vocab"]
+  return data.query_example(vocab.encode(q["prompt"]), vocab.encode(q["target"]),
+                            s["config"].max_len)
+
+
+def _assert_equal_trees(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# --- config and registry --------------------------------------------------------
+
+def test_registered_and_config_round_trip():
+  fam = family_lib.get("gemma")
+  assert fam is gf.FAMILY and "gemma" in family_lib.names()
+  for config in (gf.TINY, gf.GemmaConfig(preset="gemma3_270m", max_len=256)):
+    d = fam.config_to_dict(config)
+    assert fam.config_from_dict(d) == config
+    assert fam.max_len(config) == config.max_len
+  with pytest.raises(InputError, match="unknown fields"):
+    fam.config_from_dict({**gf.TINY.to_dict(), "d_model": 3})
+  with pytest.raises(InputError, match="preset"):
+    fam.config_from_dict({"preset": "gemma9_1t"})
+  # A released size builds the library's class (abstractly: no weights).
+  shapes = jax.eval_shape(lambda: fam.init_params(
+      gf.GemmaConfig(preset="gemma3_270m", max_len=8)))
+  assert shapes["embedder"]["input_embedding"].shape == (262_144, 640)
+
+
+# --- (1) train, save and load in the library's format ------------------------------
+
+def test_train_save_load(setup):
+  s = setup
+  assert s["losses"][-1] < 0.6 * s["losses"][0], s["losses"]
+  path = s["root"] / "params"
+  gf.save_params(s["params"], str(path))
+  _assert_equal_trees(gf.load_params(str(path)), s["params"])
+  # Checked against a config, and read straight onto a (data, model) mesh.
+  mesh = partitioning.make_mesh(model=2)
+  loaded = gf.load_params(str(path), s["config"], mesh=mesh)
+  _assert_equal_trees(loaded, s["params"])
+  want = s["family"].param_shardings(s["config"], mesh, s["params"])
+  for x, sharding in zip(jax.tree.leaves(loaded), jax.tree.leaves(want)):
+    assert x.sharding.is_equivalent_to(sharding, x.ndim)
+  # The library's own loader reads what save_params wrote.
+  _assert_equal_trees(gm.ckpts.load_params(str(path)), s["params"])
+  other = dataclasses.replace(s["config"], hidden_dim=96)
+  with pytest.raises(InputError, match="do not match"):
+    gf.load_params(str(path), other)
+  with pytest.raises(InputError, match="no gemma checkpoint"):
+    gf.load_params(str(s["root"] / "missing"))
+
+
+def test_tracer_checkpoint_records_the_family(setup):
+  """tracer's own checkpoints (params + optax state + configs) hold a Gemma
+  too, and restore it through the family."""
+  s = setup
+  mngr = checkpoint.manager(str(s["root"] / "tracer_ckpt"))
+  checkpoint.save(mngr, TRAIN_STEPS, s["params"], s["opt_state"], s["config"],
+                  OPTIMIZER, {"tokenizer": s["vocab"].path}, family=s["family"])
+  ckpt = checkpoint.restore(str(s["root"] / "tracer_ckpt"),
+                            mesh=partitioning.make_mesh(model=2))
+  assert ckpt.family is s["family"] and ckpt.model_config == s["config"]
+  _assert_equal_trees(ckpt.params, s["params"])
+  _assert_equal_trees(ckpt.opt_state, s["opt_state"])
+
+
+# --- (2) the encoder: exact and factored kernels ----------------------------------
+
+@pytest.mark.parametrize("model_axis", [1, 2])
+def test_encoder_kernels_agree(setup, model_axis):
+  s = setup
+  mesh = partitioning.make_mesh(model=model_axis)
+  shardings = s["family"].param_shardings(s["config"], mesh, s["params"])
+  batch = _batch(s["examples"], np.arange(8))
+  out = {}
+  for kernel in ("exact", "factored"):
+    with warnings.catch_warnings():
+      # The factored kernel names the weights it leaves to the materialized
+      # path: all of them unless tracer.factored can be told the gemma
+      # library's own layers (gm.nn.Einsum, Embedder; gemma_family module doc).
+      warnings.filterwarnings("ignore", "kernel='factored' cannot take")
+      enc = tracer.GradientEncoder(
+          s["family"].loss_fn(s["config"]), s["params"], projection_dim=512,
+          seed=0, mesh=mesh, param_shardings=shardings, microbatch_size=1,
+          kernel=kernel)
+      out[kernel] = enc.encode(batch, normalize=False)
+  assert np.all(np.isfinite(out["exact"]))
+  err = np.linalg.norm(out["factored"] - out["exact"]) / np.linalg.norm(out["exact"])
+  assert err < 1e-5, err
+
+
+# --- (3) the optimizer correction ---------------------------------------------------
+
+def test_correction_from_saved_adam_state(setup):
+  s = setup
+  path = s["root"] / "opt_state"
+  gf.save_opt_state(s["opt_state"], str(path))
+  exact = gf.load_opt_state(str(path), s["params"], s["optimizer"])
+  _assert_equal_trees(exact, s["opt_state"])
+  v = tracer.second_moment(exact, s["params"], b2=OPTIMIZER.b2)
+  # Without the optimizer: the stored structure, Adam's state found in it.
+  v_raw = tracer.second_moment(gf.load_opt_state(str(path), s["params"]),
+                               s["params"], b2=OPTIMIZER.b2)
+  _assert_equal_trees(v_raw, v)
+  assert float(jnp.max(v["layer_0"]["mlp"]["linear"])) > 2 * float(
+      jnp.min(v["layer_0"]["mlp"]["linear"]))  # V is not a constant: it matters
+  batch = _batch(s["examples"], np.arange(8))
+  with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", "kernel='factored' cannot take")
+    corrected = tracer.GradientEncoder(
+        s["family"].loss_fn(s["config"]), s["params"], second_moment=v,
+        epsilon=1e-8, projection_dim=512, microbatch_size=1).encode(batch)
+  assert np.all(np.isfinite(corrected))
+  np.testing.assert_allclose(np.linalg.norm(corrected, axis=1), 1.0, rtol=1e-5)
+  # Without an optimizer state (a released model) the encoder runs with
+  # second_moment=None: test_encoder_kernels_agree.
+
+
+# --- (4) predictions against the library's own logits and sampler -------------------
+
+def test_bos_and_padding_mask(setup):
+  """Why position 0 must not be pad: the library masks every 0 token, so a
+  query at a pad position attends uniformly to the whole sequence (the
+  future included)."""
+  s = setup
+  model, params = gf.make_model(s["config"]), s["params"]
+  tokens = np.asarray(s["vocab"].encode(s["queries"][0]["prompt"]), np.int32)
+  changed = tokens.copy()
+  changed[-1] = tokens[-1] + 1
+
+  def first_logits(first, toks):
+    out = model.apply({"params": params}, np.concatenate([[first], toks]))
+    return np.asarray(out.logits[0])
+
+  leaked = np.abs(first_logits(0, tokens) - first_logits(0, changed)).max()
+  assert leaked > 1e-4  # position 0's prediction sees the last token
+  np.testing.assert_array_equal(first_logits(gf.BOS_ID, tokens),
+                                first_logits(gf.BOS_ID, changed))
+  # The family puts BOS there.
+  ex = data.corpus_example(np.asarray(tokens), s["config"].max_len)
+  assert int(gf.model_tokens(s["config"], ex["inputs"])[0]) == gf.BOS_ID
+
+
+def test_target_logprob_matches_library_logits(setup):
+  s = setup
+  vocab, config, params = s["vocab"], s["config"], s["params"]
+  for i in range(3):
+    q = s["queries"][i]
+    prompt, target = vocab.encode(q["prompt"]), vocab.encode(q["target"])
+    tokens = np.asarray([gf.BOS_ID] + prompt + target, np.int32)
+    logits = gf.make_model(config).apply({"params": params}, tokens).logits
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    n = len(prompt)
+    want = sum(float(logp[n + j, t]) for j, t in enumerate(target))
+    got = float(s["family"].target_logprob(config, params, _query(s, i)))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_decode_matches_library_sampler(setup):
+  s = setup
+  vocab, config, params = s["vocab"], s["config"], s["params"]
+  num_tokens = 6
+  rows = [0, 1]
+  examples = data.stack_examples([_query(s, i) for i in rows])
+  ours = np.asarray(s["family"].greedy_decode(config, params, examples, num_tokens))
+  sampler = gm.text.Sampler(model=gf.make_model(config), params=params,
+                            tokenizer=vocab.tokenizer, cache_length=config.max_len,
+                            max_out_length=num_tokens, pad_length=None)
+  ends = {vocab.tokenizer.special_tokens.EOS, vocab.tokenizer.special_tokens.END_OF_TURN}
+  for row, i in enumerate(rows):
+    out = sampler.sample(s["queries"][i]["prompt"], max_new_tokens=num_tokens,
+                         return_state=True)
+    theirs = np.asarray(out.state.predicted_tokens).reshape(-1)[:num_tokens].tolist()
+    # The sampler stops at its end tokens (and zeroes what follows).
+    stop = next((k + 1 for k, t in enumerate(theirs) if t in ends), num_tokens)
+    assert stop >= 1
+    assert ours[row, :stop].tolist() == theirs[:stop]
+
+
+# --- (5) tail-patch through the family ----------------------------------------------
+
+def test_tail_patch(setup):
+  s = setup
+  config, params, fam = s["config"], s["params"], s["family"]
+  # The default tail-patch step: the checkpoint's optimizer and state, at
+  # the schedule's final rate.
+  optimizer = tailpatch.tail_patch_optimizer(OPTIMIZER, TRAIN_STEPS)
+  opt_state = s["opt_state"]
+  queries = data.stack_examples([_query(s, i) for i in range(2)])
+  pairs = np.array([[0, 0], [1, 3]])
+  got = tailpatch.tail_patch_deltas(config, params, opt_state, optimizer,
+                                    s["examples"], queries, pairs, family=fam)
+
+  @jax.jit
+  def reference(train, query):
+    grads = jax.grad(fam.loss_fn(config))(params, train)
+    updates, _ = optimizer.update(grads, opt_state, params)
+    patched = optax.apply_updates(params, updates)
+    return (fam.target_logprob(config, patched, query)
+            - fam.target_logprob(config, params, query))
+
+  for (qi, ti), delta in zip(pairs, got):
+    want = reference({k: v[ti] for k, v in s["examples"].items()},
+                     {k: v[qi] for k, v in queries.items()})
+    np.testing.assert_allclose(delta, float(want), rtol=1e-3, atol=1e-4)
+  assert np.any(np.abs(got) > 1e-4)
+
+
+# --- the launch scripts: train and trace a Gemma through the `tracer` command -----
+
+
+def test_train_and_trace_commands(tmp_path):
+  """`tracer train --family=gemma` records the family in its checkpoint;
+  `tracer trace` restores it as a Gemma (``--family`` only lets gin bind
+  GemmaConfig), and writes results with the model's predictions. stderr holds nothing (TensorFlow's load lines are
+  filtered, gin's include lookup is not logged)."""
+  corpus, queries = facts.write_fact_corpus(
+      tmp_path / "facts", facts.FactsConfig(facts_per_bucket=1, distractor_docs=4))
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  tracer_cmd = [sys.executable, "-m", "tracer.launch.main"]
+  steps = ["--gin_bindings=OptimizerConfig.total_steps=20",
+           "--gin_bindings=OptimizerConfig.warmup_steps=2",
+           "--gin_bindings=TrainConfig.checkpoint_every=20",
+           "--gin_bindings=TrainConfig.log_every=10",
+           "--gin_bindings=EncodeConfig.projection_dim=512"]
+  train = subprocess.run(
+      [*tracer_cmd, "train", "--family=gemma", "--gin_file=gemma_tiny",
+       f"--corpus={corpus}", f"--workdir={tmp_path / 'w'}", *steps],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert train.returncode == 0, train.stderr[-3000:]
+  assert train.stderr == "", train.stderr[-3000:]
+  restored = checkpoint.restore(str(tmp_path / "w" / "checkpoints"))
+  assert restored.family is gf.FAMILY and restored.model_config.embed_dim == 128
+  trace = subprocess.run(
+      [*tracer_cmd, "trace", "--family=gemma", "--gin_file=gemma_tiny",
+       f"--corpus={corpus}",
+       f"--queries={queries}", f"--workdir={tmp_path / 'w'}",
+       f"--output={tmp_path / 'r.jsonl'}", "--top_k=3", "--show=1", *steps],
+      cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+  assert trace.returncode == 0, trace.stderr[-3000:]
+  rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+  assert len(rows) == len(queries.read_text().splitlines())
+  assert all(len(r["proponent_ids"]) == 3 and "prediction" in r for r in rows)
