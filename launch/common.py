@@ -12,12 +12,13 @@ import jax
 
 from tracer.launch import config
 from tracer.launch.progress import Progress, say
+from tracer import checkpoint as ckpt_lib
 from tracer import claim as claim_lib
 from tracer import hessian
 from tracer import pipeline
 from tracer import storage
 from tracer import store as store_lib
-from tracer.config import EncodeConfig, PreconditionerConfig
+from tracer.config import DataConfig, EncodeConfig, OptimizerConfig, PreconditionerConfig
 
 
 class Run(NamedTuple):
@@ -35,11 +36,31 @@ def start(workdir: str | None, checkpoint: str | None, corpus_source: str) -> Ru
   the corpus row table and the encoder."""
   ecfg = config.make(EncodeConfig)
   mesh = pipeline.make_mesh(ecfg)
-  ckpt = pipeline.load_checkpoint(workdir, checkpoint, mesh)
+  if config.FLAGS.family and checkpoint and not ckpt_lib.is_tracer_checkpoint(checkpoint):
+    ckpt = released_checkpoint(checkpoint, mesh)
+  else:
+    ckpt = pipeline.load_checkpoint(workdir, checkpoint, mesh)
   config.check_bound_fields(type(ckpt.model_config), ckpt.model_config, ckpt.path)
   corpus = pipeline.open_corpus(ckpt, corpus_source)
   encoder, kind, eps = pipeline.build_encoder(ckpt, ecfg, mesh)
   return Run(ecfg, ckpt, corpus, encoder, kind, eps)
+
+
+def released_checkpoint(location: str, mesh):
+  """``--checkpoint`` in ``--family``'s own format (released weights), its
+  model config and optimizer from gin, its tokenizer ``--tokenizer``."""
+  family = config.model_family()
+  data = config.make(DataConfig)
+  if config.FLAGS.tokenizer:
+    data = dataclasses.replace(data, tokenizer=family.name,
+                               sentencepiece_model=config.FLAGS.tokenizer)
+  ckpt = pipeline.load_released(
+      family, config.make(config.model_config_class()), location, mesh,
+      config.make(OptimizerConfig), data, config.FLAGS.opt_state)
+  say(f"{location}: {family.name} weights in the library's own format"
+      + ("" if ckpt.opt_state is not None else
+         "; no optimizer state (--opt_state): no optimizer correction"))
+  return ckpt
 
 
 def fitted_basis(location: str, run: Run, pcfg: PreconditionerConfig,

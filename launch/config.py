@@ -50,6 +50,13 @@ flags.DEFINE_string("family", None, "Model family (tracer.family) of a model "
                     "trained from scratch (tracer train / demo): tracer_lm (default) "
                     "or gemma; its config class is bindable from gin by name. A "
                     "checkpoint says its own family.")
+flags.DEFINE_string("tokenizer", None, "The tokenizer file of a model in its "
+                    "family's own format (--family=gemma: Gemma's sentencepiece "
+                    "model); sets DataConfig.tokenizer to the family's kind.")
+flags.DEFINE_string("opt_state", None, "Released weights (--family with a "
+                    "--checkpoint in the family's own format) have no optimizer "
+                    "state: an optax state saved beside them, for the gin "
+                    "OptimizerConfig's optimizer, to correct the gradients with.")
 flags.DEFINE_multi_string("seqio_module", [], "Python modules to import before "
                           "reading inputs, e.g. ones that register seqio tasks "
                           "named by --corpus (repeatable).")
@@ -74,7 +81,7 @@ for _cls in tracer_config.ALL:
 _CHOICES = {
     "ModelConfig.dtype": ("float32", "bfloat16", "float16"),
     "OptimizerConfig.name": ("adamw", "adafactor"),
-    "DataConfig.tokenizer": ("byte", "sentencepiece"),
+    "DataConfig.tokenizer": ("byte", "sentencepiece", "gemma"),
     "DataConfig.overflow": ("truncate", "split"),
     "EncodeConfig.correction": ("optimizer", "none"),
     "EncodeConfig.kernel": ("factored", "exact"),

@@ -334,3 +334,51 @@ def test_train_and_trace_commands(tmp_path):
   rows = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
   assert len(rows) == len(queries.read_text().splitlines())
   assert all(len(r["proponent_ids"]) == 3 and "prediction" in r for r in rows)
+
+
+def test_released_weights_through_the_commands(setup, tmp_path):
+  """`tracer trace --family=gemma --checkpoint=DIR --tokenizer=FILE` on
+  params in the library's own format (as released models come): without an
+  optimizer state tracer says so and encodes without the correction; with
+  `--opt_state` (an optax state saved beside them) it corrects."""
+  s = setup
+  weights, state = tmp_path / "weights", tmp_path / "opt_state"
+  gf.save_params(s["params"], str(weights))
+  gf.save_opt_state(s["opt_state"], str(state))
+  corpus = facts.write_jsonl(tmp_path / "corpus.jsonl", [
+      {"id": s["corpus"].ids[i], "text": s["corpus"].texts[i]}
+      for i in range(len(s["corpus"]))])
+  queries = facts.write_jsonl(tmp_path / "queries.jsonl", s["queries"][:4])
+  c = s["config"]
+  bindings = [f"--gin_bindings=GemmaConfig.{k}={v!r}" for k, v in (
+      ("vocab_size", c.vocab_size), ("max_len", c.max_len),
+      ("num_layers", c.num_layers), ("embed_dim", c.embed_dim),
+      ("hidden_dim", c.hidden_dim), ("num_heads", c.num_heads),
+      ("head_dim", c.head_dim), ("num_kv_heads", c.num_kv_heads),
+      ("attention_pattern", tuple(c.attention_pattern)),
+      ("sliding_window_size", c.sliding_window_size))]
+  bindings += [f"--gin_bindings=OptimizerConfig.{k}={v!r}" for k, v in (
+      ("name", OPTIMIZER.name), ("b2", OPTIMIZER.b2), ("learning_rate", OPTIMIZER.learning_rate),
+      ("warmup_steps", OPTIMIZER.warmup_steps), ("total_steps", OPTIMIZER.total_steps))]
+  bindings += ["--gin_bindings=EncodeConfig.projection_dim=512"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+  def trace(name, *extra):
+    proc = subprocess.run(
+        [sys.executable, "-m", "tracer.launch.main", "trace", "--family=gemma",
+         "--gin_file=gemma_tiny", *bindings, f"--checkpoint={weights}",
+         f"--tokenizer={s['root'] / 'sp.model'}", f"--corpus={corpus}",
+         f"--queries={queries}", f"--workdir={tmp_path / name}",
+         f"--output={tmp_path / name}.jsonl", "--top_k=3", "--show=0", *extra],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+  plain = trace("plain")
+  assert "no optimizer state (--opt_state): no optimizer correction" in plain.stdout
+  assert "correction=none" in plain.stdout
+  corrected = trace("corrected", f"--opt_state={state}")
+  assert "correction=adamw" in corrected.stdout, corrected.stdout
+  rows = [json.loads(l) for l in (tmp_path / "corrected.jsonl").read_text().splitlines()]
+  assert [r["query_id"] for r in rows] == [q["id"] for q in s["queries"][:4]]
+  assert all(len(r["proponent_ids"]) == 3 for r in rows)

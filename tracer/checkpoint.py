@@ -131,6 +131,14 @@ def restore(directory: str, step: int | None = None, mesh=None) -> Checkpoint:
                     config.get("data", {}), family)
 
 
+def is_tracer_checkpoint(location: str) -> bool:
+  """Whether ``location`` is a checkpoint directory ``save`` wrote (a
+  manager's directory of step directories, or one step directory), as
+  opposed to another library's format (e.g. released weights)."""
+  keys = storage.list_dir(location)
+  return any(k.split("/")[0].isdigit() or k.startswith("config/") for k in keys)
+
+
 def _check_param_shapes(where: str, params, model_config) -> None:
   """InputError naming the first param whose stored shape is not the one the
   checkpoint's own model config gives (a config item edited, or copied from

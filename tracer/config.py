@@ -72,7 +72,7 @@ class OptimizerConfig:
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
   """How texts become examples; stored in checkpoints and corpus manifests."""
-  tokenizer: str = "byte"              # "byte" or "sentencepiece"
+  tokenizer: str = "byte"              # "byte", "sentencepiece" or "gemma"
   sentencepiece_model: str | None = None
   overflow: str = "truncate"           # "truncate" or "split" (tracer.data doc)
 

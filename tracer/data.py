@@ -124,15 +124,22 @@ def make_vocabulary(kind: str = "byte", sentencepiece_model: str | None = None):
 
   ``kind="byte"``: ``ByteVocabulary`` (seqio's byte ids; seqio is not
   imported). ``kind="sentencepiece"``: ``seqio.SentencePieceVocabulary`` of a
-  model file made by ``train_sentencepiece``.
+  model file made by ``train_sentencepiece``. ``kind="gemma"``: a Gemma
+  tokenizer file (``tracer.gemma_family.GemmaVocabulary``; the gemma extra).
   """
   if kind == "byte":
     return ByteVocabulary()
-  if kind == "sentencepiece":
+  if kind in ("sentencepiece", "gemma"):
     if not sentencepiece_model or not os.path.exists(sentencepiece_model):
-      raise InputError(f"{sentencepiece_model}: sentencepiece model file not found")
+      raise InputError(f"{sentencepiece_model}: {kind} tokenizer model file not found")
+    if kind == "gemma":
+      from tracer import family  # pylint: disable=g-import-not-at-top
+      family.get("gemma")  # imports tracer.gemma_family, or says how to install it
+      from tracer import gemma_family  # pylint: disable=g-import-not-at-top
+      return gemma_family.GemmaVocabulary(sentencepiece_model)
     return _seqio().SentencePieceVocabulary(sentencepiece_model)
-  raise InputError(f"tokenizer kind {kind!r}: expected 'byte' or 'sentencepiece'")
+  raise InputError(f"tokenizer kind {kind!r}: expected 'byte', 'sentencepiece' or "
+                   "'gemma'")
 
 
 def as_seqio(vocab):

@@ -328,6 +328,13 @@ class GemmaFamily:
   def max_len(self, config: GemmaConfig) -> int:
     return config.max_len
 
+  # Released weights (``tracer.pipeline.load_released``): the library's format.
+  def load_params(self, path: str, config: GemmaConfig, *, mesh=None) -> Any:
+    return load_params(path, config, mesh=mesh)
+
+  def load_opt_state(self, path: str, params: Any, optimizer=None, *, mesh=None):
+    return load_opt_state(path, params, optimizer, mesh=mesh)
+
   def vocabulary(self, config: GemmaConfig, path: str) -> "GemmaVocabulary":
     return GemmaVocabulary(path, version=config.tokenizer_version)
 

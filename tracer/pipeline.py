@@ -27,6 +27,7 @@ Progress is reported through an optional ``progress(done, total)`` callback
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import jax
@@ -43,10 +44,11 @@ from tracer import partitioning
 from tracer import scan as scan_lib
 from tracer import storage
 from tracer import store as store_lib
+from tracer import train as train_lib
 from tracer.config import DataConfig, EncodeConfig, PreconditionerConfig
 from tracer.correction import second_moment
 from tracer.encoder import NONFINITE_REASONS, GradientEncoder, nonfinite_rows
-from tracer.errors import QuarantineLimitError, StoreClaimedError
+from tracer.errors import InputError, QuarantineLimitError, StoreClaimedError
 
 # progress(done, total): items this process has done so far, out of its total.
 ProgressFn = Callable[[int, int], None] | None
@@ -73,6 +75,28 @@ def load_checkpoint(workdir: str | None, checkpoint: str | None = None, mesh=Non
       return ckpt_lib.restore(parent, int(base), mesh=mesh)
     return ckpt_lib.restore(checkpoint, mesh=mesh)
   return ckpt_lib.restore(storage.join(workdir, "checkpoints"), mesh=mesh)
+
+
+def load_released(family, model_config, checkpoint: str, mesh,
+                  optimizer_config, data: DataConfig,
+                  opt_state: str | None = None) -> ckpt_lib.Checkpoint:
+  """A model in its family's own checkpoint format (e.g. released Gemma
+  weights: params only), restored onto ``mesh`` as a ``Checkpoint``.
+
+  ``opt_state``: an optax state saved beside it (``family.save_opt_state``)
+  for ``optimizer_config``'s optimizer, whose second moment then corrects the
+  gradients; None leaves ``Checkpoint.opt_state`` None (no correction).
+  """
+  if not hasattr(family, "load_params"):
+    raise InputError(f"{checkpoint}: not a tracer checkpoint, and model family "
+                     f"{family.name!r} reads no other format")
+  params = family.load_params(checkpoint, model_config, mesh=mesh)
+  state = None
+  if opt_state is not None:
+    state = family.load_opt_state(opt_state, params,
+                                  train_lib.make_optimizer(optimizer_config), mesh=mesh)
+  return ckpt_lib.Checkpoint(checkpoint, 0, params, state, model_config,
+                             optimizer_config, data.to_dict(), family)
 
 
 def data_config(ckpt: ckpt_lib.Checkpoint) -> DataConfig:
@@ -107,7 +131,12 @@ def build_encoder(ckpt: ckpt_lib.Checkpoint, cfg: EncodeConfig, mesh=None
     epsilon = 0.0
   else:
     epsilon = ckpt.optimizer_config.eps
-  if cfg.correction == "optimizer":
+  if cfg.correction == "optimizer" and ckpt.opt_state is None:
+    warnings.warn(f"{ckpt.path}: no optimizer state (released weights?): encoding "
+                  "without the optimizer correction; give the optax state saved "
+                  "beside it (--opt_state) to correct")
+    v, kind = None, "none"
+  elif cfg.correction == "optimizer":
     b2 = ckpt.optimizer_config.b2 if ckpt.optimizer_config.name == "adamw" else None
     v = second_moment(ckpt.opt_state, ckpt.params, b2=b2)
     kind = ckpt.optimizer_config.name
