@@ -131,7 +131,7 @@ def make_vocabulary(kind: str = "byte", sentencepiece_model: str | None = None):
     return ByteVocabulary()
   if kind in ("sentencepiece", "gemma"):
     if not sentencepiece_model or not os.path.exists(sentencepiece_model):
-      raise InputError(f"{sentencepiece_model}: {kind} tokenizer model file not found")
+      raise InputError(f"{sentencepiece_model}: {kind} model file not found")
     if kind == "gemma":
       from tracer import family  # pylint: disable=g-import-not-at-top
       family.get("gemma")  # imports tracer.gemma_family, or says how to install it
