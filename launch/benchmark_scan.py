@@ -12,6 +12,16 @@ numpy's and XLA's matmuls (XLA's skinny fp32 dot beats numpy's BLAS here).
 Store rows read a tensorstore written in the same run (warm page cache).
 Times are the best of ``--repeats`` runs; other processes on a shared
 machine move them by tens of percent, so compare rows of one table only.
+Column ``vs_faiss``: faiss ``IndexFlatIP``'s time over the row's (> 1:
+faster than faiss), when faiss is installed.
+
+``--resident`` times instead the scan of a corpus held in device memory
+(generated there: no host copies), e.g. on a GPU::
+
+  tracer benchmark-scan --resident --rows=16000000 --repeats=3
+
+and reports its fraction of the device's memory bandwidth and of its bf16
+matmul rate, both measured in the same run (``run_resident_benchmark``).
 
 Run it without ``--xla_force_host_platform_device_count``: on a CPU the scan
 should use the one real device (simulated devices share the same cores).
@@ -37,11 +47,12 @@ from tracer import hessian
 from tracer import partitioning
 from tracer import scan
 from tracer import store as store_lib
+from tracer import topk
 
 def define_flags() -> None:
   """Defines this script's flags (only when run as a script, so that
   ``launch.benchmark`` can import ``run_scan_benchmark``)."""
-  global _ROWS, _DIM, _QUERIES, _K, _CHUNK_ROWS, _STORE_CHUNK_ROWS, _REPEATS, _WORKDIR, _OUTPUT, _EVAL, _BLOCK
+  global _ROWS, _DIM, _QUERIES, _K, _CHUNK_ROWS, _STORE_CHUNK_ROWS, _REPEATS, _WORKDIR, _OUTPUT, _EVAL, _BLOCK, _RESIDENT
   _ROWS = flags.DEFINE_integer("rows", 200_000, "N, rows to scan.")
   _DIM = flags.DEFINE_integer("dim", 1024, "d, encoding dimension.")
   _QUERIES = flags.DEFINE_integer("queries", 64, "Q, queries per scan.")
@@ -59,6 +70,9 @@ def define_flags() -> None:
       "eval_examples", 240, "Examples whose R_eval the scan-time metric mixes in.")
   _BLOCK = flags.DEFINE_integer(
       "block", 256, "Block size of the scan-time metric's block-diagonal R.")
+  _RESIDENT = flags.DEFINE_bool(
+      "resident", False, "Time the scan of a corpus held in device memory "
+      "(run_resident_benchmark) instead of the host and store scans.")
 
 
 def _best_time(fn: Callable[[], Any], repeats: int) -> float:
@@ -203,7 +217,16 @@ def run_scan_benchmark(rows: int = 200_000, dim: int = 1024, queries: int = 64,
       xa, q, k, mesh=mesh, chunk_rows=step), 4, "input used in place")
   xa = None  # free it before the next methods
   add("tracer scan_arrays bf16", lambda: scan.scan_arrays(
-      xb, q, k, mesh=mesh, chunk_rows=step), 2, "bf16 rows, fp32 scores")
+      xb, q, k, mesh=mesh, chunk_rows=step), 2,
+      "bf16 rows, fp32 scores; numpy input (16B-aligned): copied per chunk")
+  xba = scan.aligned_empty(xb.shape, xb.dtype)
+  xba[...] = xb
+  add("tracer scan_arrays bf16, 64B-aligned", lambda: scan.scan_arrays(
+      xba, q, k, mesh=mesh, chunk_rows=step), 2,
+      "input used in place" + ("; rows widened to f32 inside the matmul"
+                               if topk.widens_bf16(mesh) else
+                               "; three bf16 matmuls"))
+  xba = None
   metric, mq = synthetic_metric(dim, q, eval_examples, block, rng)
   for data, name, bytes_per in ((x, "f32", 4), (xb, "bf16", 2)):
     scan.scan_arrays(data[:warm], mq, k, mesh=mesh, chunk_rows=step, metric=metric)
@@ -273,6 +296,93 @@ def run_scan_benchmark(rows: int = 200_000, dim: int = 1024, queries: int = 64,
     add("faiss IndexFlatIP f32", lambda: index.search(both, k), 4,
         f"search of [q; -q], {faiss.omp_get_max_threads()} threads; "
         "index.add not timed")
+    for row in table[1:]:
+      if row.get("seconds"):
+        row["vs_faiss"] = round(table[-1]["seconds"] / row["seconds"], 2)
+  return table
+
+
+def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
+                           queries: int = 64, k: int = 100,
+                           step_rows: int | None = None, repeats: int = 3,
+                           mesh=None, dtypes=("bfloat16", "float32"),
+                           matmul_size: int = 8192) -> list[dict[str, Any]]:
+  """The scan of a corpus resident in device memory (as at pod scale, where
+  the store fits in HBM), against the device's own measured rates.
+
+  The rows are generated on the devices (split over every device, like a
+  scan step) and never leave them; the timed loop is the scan's jitted step
+  over them. Reported per dtype: seconds (best of ``repeats``), GB/s read,
+  ``fraction_of_bandwidth`` (of a jitted sum over the same resident rows),
+  useful GFLOP/s (2·N·d·Q) and ``fraction_of_matmul`` (of a measured
+  square bf16 matmul of ``matmul_size`` with fp32 accumulation, per device,
+  times the devices; bf16 rows on a
+  GPU/TPU issue three bf16 products per useful one: ``_scores``).
+  """
+  mesh = partitioning.make_mesh() if mesh is None else mesh
+  platform = mesh.devices.flat[0].platform
+  step = step_rows or partitioning.padded_size(
+      scan.default_chunk_rows(dim, 2, mesh.size) * 8, mesh.size)
+  step = min(step, partitioning.padded_size(rows, mesh.size))
+  rows = -(-rows // step) * step
+  rows_sharding = partitioning.rows_sharding(mesh)
+  ids_sharding = partitioning.rows_sharding(mesh, ndim=1)
+  rng = np.random.default_rng(0)
+  q = rng.standard_normal((queries, dim), dtype=np.float32)
+  q /= np.linalg.norm(q, axis=1, keepdims=True)
+  qs = partitioning.put_global(q, partitioning.replicated(mesh))
+
+  n = matmul_size
+  a = jax.device_put(jax.numpy.ones((n, n), jax.numpy.bfloat16),
+                     mesh.devices.flat[0])
+  matmul = jax.jit(lambda a: jax.lax.dot(a, a, preferred_element_type=np.float32))
+  matmul(a).block_until_ready()
+  peak = 2 * n**3 / _best_time(lambda: matmul(a).block_until_ready(), repeats)
+  del a
+  table = [{"method": "machine", "note": (
+      f"{mesh.size} {platform} device(s) ({mesh.devices.flat[0].device_kind}); "
+      f"bf16 matmul {peak / 1e12:.1f} TFLOP/s (measured, one device); "
+      f"N={rows} d={dim} Q={queries} k={k}, steps of {step} rows; "
+      f"jax {jax.__version__}")}]
+  for dtype in dtypes:
+    make = jax.jit(lambda key: jax.random.normal(key, (step, dim), dtype),
+                   out_shardings=rows_sharding)
+    chunks = [make(jax.random.key(i)) for i in range(rows // step)]
+    ids = [jax.device_put(np.arange(lo, lo + step, dtype=np.int32), ids_sharding)
+           for lo in range(0, rows, step)]
+    valid = jax.device_put(np.ones(step, bool), ids_sharding)
+    total = jax.jit(lambda x: x.sum(dtype=np.float32))
+    jax.block_until_ready([total(c) for c in chunks])
+    bandwidth = rows * dim * np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16"
+                                      else dtype).itemsize / _best_time(
+        lambda: jax.block_until_ready([total(c) for c in chunks]), repeats)
+    update = topk.step_fn(mesh, k, True)
+
+    def run():
+      state = topk.init_topk(queries, k, mesh)
+      for c, i in zip(chunks, ids):
+        state = update(state, c, i, valid, qs)
+      return jax.block_until_ready(state)
+
+    run()
+    seconds = _best_time(run, repeats)
+    itemsize = 2 if dtype == "bfloat16" else 4
+    nbytes = rows * dim * itemsize
+    useful = 2 * rows * dim * queries
+    issued = useful * (3 if dtype == "bfloat16" and not topk.widens_bf16(mesh)
+                       else 1)
+    table.append({
+        "method": f"resident scan {dtype}", "seconds": round(seconds, 4),
+        "rows_per_s": round(rows / seconds), "GB_per_s": round(nbytes / seconds / 1e9, 1),
+        "fraction_of_bandwidth": round(nbytes / seconds / bandwidth, 3),
+        "GFLOP_per_s": round(useful / seconds / 1e9, 1),
+        "fraction_of_matmul": round(issued / seconds / (peak * mesh.size), 3),
+        "note": (f"bandwidth {bandwidth / 1e9:.0f} GB/s (jitted sum over the "
+                 f"resident rows); {issued // useful} matmul pass(es)"
+                 + ("; fp32 matmul (HIGHEST), not the bf16 units"
+                    if dtype == "float32" else ""))})
+    logging.info("%s", table[-1])
+    del chunks
   return table
 
 
@@ -291,7 +401,10 @@ def synthetic_metric(dim: int, q: np.ndarray, eval_examples: int, block: int,
 
 def to_markdown(table: list[dict[str, Any]]) -> str:
   cols = ["method", "seconds", "rows_per_s", "GB_per_s", "GFLOP_per_s",
-          "roofline_s", "fraction_of_roofline", "note"]
+          "roofline_s", "fraction_of_roofline", "vs_faiss",
+          "fraction_of_bandwidth", "fraction_of_matmul", "note"]
+  cols = [c for c in cols if any(row.get(c) is not None for row in table)
+          or c in ("method", "seconds", "note")]
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   for row in table:
     lines.append("| " + " | ".join(
@@ -301,11 +414,16 @@ def to_markdown(table: list[dict[str, Any]]) -> str:
 
 def main(argv):
   del argv
-  table = run_scan_benchmark(
-      rows=_ROWS.value, dim=_DIM.value, queries=_QUERIES.value, k=_K.value,
-      chunk_rows=_CHUNK_ROWS.value, store_chunk_rows=_STORE_CHUNK_ROWS.value,
-      repeats=_REPEATS.value, workdir=_WORKDIR.value,
-      eval_examples=_EVAL.value, block=_BLOCK.value)
+  if _RESIDENT.value:
+    table = run_resident_benchmark(
+        rows=_ROWS.value, dim=_DIM.value, queries=_QUERIES.value, k=_K.value,
+        step_rows=_CHUNK_ROWS.value, repeats=_REPEATS.value)
+  else:
+    table = run_scan_benchmark(
+        rows=_ROWS.value, dim=_DIM.value, queries=_QUERIES.value, k=_K.value,
+        chunk_rows=_CHUNK_ROWS.value, store_chunk_rows=_STORE_CHUNK_ROWS.value,
+        repeats=_REPEATS.value, workdir=_WORKDIR.value,
+        eval_examples=_EVAL.value, block=_BLOCK.value)
   text = to_markdown(table)
   print(text)
   if _OUTPUT.value:

@@ -19,6 +19,7 @@ from tracer import pipeline
 from tracer import storage
 from tracer import store as store_lib
 from tracer.config import DataConfig, EncodeConfig, OptimizerConfig, PreconditionerConfig
+from tracer.errors import InputError
 
 
 class Run(NamedTuple):
@@ -93,6 +94,18 @@ flags.DEFINE_bool("check_chunks", True, "Check each store chunk a scan reads "
                   "against the checksum in its marker (costs CPU time in the "
                   "reading thread; see WORKSPACE.md).")
 FLAGS = flags.FLAGS
+
+
+def stored(location: str, run: Run) -> store_lib.EncodingStore:
+  """The store at ``location`` made for this run's checkpoint, encoder and
+  corpus (``pipeline.existing_store``); an error when there is none."""
+  expected = pipeline.manifest(run.ckpt, run.encoder, run.correction, run.epsilon,
+                               None, run.corpus, run.encode_config)
+  store = pipeline.existing_store(location, expected)
+  if store is None:
+    raise InputError(f"{location}: no store; encode the corpus first "
+                     "(tracer trace or tracer encode)")
+  return store
 
 
 def encoded_store(location: str, run: Run, pcfg: PreconditionerConfig,

@@ -92,7 +92,7 @@ _AT_LEAST = {
     **{f"ModelConfig.{n}": 1 for n in ("vocab_size", "max_len", "d_model",
                                        "num_layers", "num_heads", "d_ff")},
     **{f"TrainConfig.{n}": 1 for n in ("batch_size", "log_every",
-                                       "checkpoint_every")},
+                                       "checkpoint_every", "keep_checkpoints")},
     **{f"EncodeConfig.{n}": 1 for n in ("projection_dim", "microbatch_size",
                                         "batch_size", "model_axis", "chunk_rows")},
     "OptimizerConfig.total_steps": 1, "OptimizerConfig.warmup_steps": 0,

@@ -1,7 +1,10 @@
 r"""Writes the generated fact corpus: DIR/corpus.jsonl and DIR/queries.jsonl.
 
-  tracer make-facts --out=/tmp/facts [--seed=0] \
+  tracer make-facts --out=/tmp/facts [--style=plain] [--seed=0] \
       [--facts_per_bucket=60] [--distractor_docs=150]
+
+``--style`` picks one of ``tracer.facts.STYLES`` (plain, paraphrase, natural,
+dense): what makes attribution hard in the set (see ``tracer.facts``).
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from tracer import facts
 
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of every random choice.")
+_STYLE = flags.DEFINE_enum("style", "plain", list(facts.STYLES),
+                           "Fact style (tracer.facts.STYLES).")
 _FACTS_PER_BUCKET = flags.DEFINE_integer(
     "facts_per_bucket", 60, "Query facts per frequency bucket.")
 _DISTRACTOR_DOCS = flags.DEFINE_integer(
@@ -25,8 +30,8 @@ _DISTRACTOR_DOCS = flags.DEFINE_integer(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  config = facts.FactsConfig(
-      seed=_SEED.value,
+  config = facts.style_config(
+      _STYLE.value, _SEED.value,
       facts_per_bucket=_FACTS_PER_BUCKET.value,
       distractor_docs=_DISTRACTOR_DOCS.value)
   corpus_path, queries_path = facts.write_fact_corpus(_OUT.value, config)
@@ -36,10 +41,11 @@ def main(argv):
   with open(queries_path, encoding="utf-8") as f:
     queries = [json.loads(line) for line in f]
   fact_docs = {d for q in queries for d in q["fact_doc_ids"]}
+  print(f"style:     {_STYLE.value}")
   print(f"corpus:    {corpus_path}")
   print(f"queries:   {queries_path}")
-  print(f"documents: {len(corpus)} ({len(fact_docs)} state a fact, "
-        f"{len(corpus) - len(fact_docs)} distractors)")
+  print(f"rows:      {len(corpus)} ({len(fact_docs)} state a fact, "
+        f"{len(corpus) - len(fact_docs)} state none)")
   print(f"characters: {sum(len(d['text']) for d in corpus)} total, "
         f"{max(len(d['text']) for d in corpus)} longest document")
   print(f"queries:   {len(queries)}")

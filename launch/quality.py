@@ -17,9 +17,13 @@ checkpoint (as the demo does), then scores every method over the whole corpus:
 
 Writes WORKDIR/quality/{METHOD}.jsonl (results, with each tail-patched
 proponent's delta in ``proponent_tail_patch``), quality.json (metrics incl.
-tail-patch@k), quality.md (the table), the plots (retrieval.png,
+tail-patch@k, each query's tail-patch@10 per method, TrackStar's paired
+difference against each method, and tail-patch by what the proponents are:
+the fact's own documents, others naming its object or its subject, or
+neither), quality.md (those tables), the plots (retrieval.png,
 tail_patch.png) and report.html (every method side by side: ``tracer view``),
-and prints the table.
+and prints the tables. ``--checkpoint`` scores one step of the run instead
+of its last. ``tracer family`` runs this on every set of a benchmark family.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 from absl import flags
 import numpy as np
@@ -42,6 +47,7 @@ from tracer import partitioning
 from tracer import pipeline
 from tracer import plots
 from tracer import scan as scan_lib
+from tracer import stats
 from tracer import tailpatch
 from tracer import unit_normalize
 from tracer import viewer
@@ -59,16 +65,26 @@ COLUMNS = ("mrr", "recall@10", "precision@10", "tail_patch@1", "tail_patch@3",
            "tail_patch@5", "tail_patch@10", "tail_patch@10_se")
 
 
-def projected(encoder, corpus, query_examples, batch_size):
-  """Unnormalized projected gradients of every corpus row and every query."""
+def project_corpus(encoder, corpus, batch_size) -> np.ndarray:
+  """Unnormalized projected gradients of every corpus row: f32[N, d]."""
   progress = common.Progress("project corpus")
   pieces = []
   for rows in data_lib.batches(len(corpus), batch_size):
     pieces.append(partitioning.fetch(encoder.project(corpus.examples(rows))))
     progress(int(rows[-1]) + 1, len(corpus))
-  queries = np.concatenate([partitioning.fetch(encoder.project(b)) for b in
-                            pipeline.example_slices(query_examples, batch_size)])
-  return np.concatenate(pieces), queries
+  return np.concatenate(pieces)
+
+
+def project_examples(encoder, examples, batch_size) -> np.ndarray:
+  """Unnormalized projected gradients of stacked examples: f32[Q, d]."""
+  return np.concatenate([partitioning.fetch(encoder.project(b)) for b in
+                         pipeline.example_slices(examples, batch_size)])
+
+
+def projected(encoder, corpus, query_examples, batch_size):
+  """Unnormalized projected gradients of every corpus row and every query."""
+  return (project_corpus(encoder, corpus, batch_size),
+          project_examples(encoder, query_examples, batch_size))
 
 
 def moments(encoder, x, kind, batch_size=512):
@@ -138,18 +154,99 @@ def tail_patch_queries(queries, count) -> np.ndarray:
   return np.sort(np.asarray(picked[:count]))
 
 
+def paired_tail_patch(per_method: np.ndarray, k: int) -> tuple[dict, dict]:
+  """Each method's per-query tail-patch@k (lists, NaN where a query has no
+  proponent) and TrackStar's paired difference against every other method.
+
+  Args:
+    per_method: f32[M, C, K], the deltas of each method's proponents
+      (``METHODS`` order) for the C tail-patched queries.
+  """
+  with np.errstate(invalid="ignore"):
+    per_query = np.nanmean(per_method[:, :, :k], axis=2)  # [M, C]
+  ref = per_query[METHODS.index("trackstar")]
+  paired = {}
+  for name, values in zip(METHODS, per_query):
+    both = ~np.isnan(ref) & ~np.isnan(values)
+    if name != "trackstar" and both.sum() > 1:
+      paired[name] = stats.paired(ref[both], values[both])
+  lists = {name: [None if np.isnan(v) else float(v) for v in values]
+           for name, values in zip(METHODS, per_query)}
+  return lists, paired
+
+
+# What a proponent is to its query: a row stating the query's fact, else one
+# naming its object, else one naming its subject, else neither.
+KINDS = ("fact", "same object", "same subject", "other")
+
+
+def pair_kinds(queries, corpus, pairs: np.ndarray) -> np.ndarray | None:
+  """Each (query index, row) pair's index in ``KINDS``: i32[P]; None when the
+  queries do not name their ``subject`` and ``object`` (not fact queries)."""
+  if not all("subject" in q and "object" in q for q in queries):
+    return None
+  rows = np.unique(pairs[:, 1])
+  ids = dict(zip(rows.tolist(), corpus.ids_of(rows)))
+  words = {r: set(re.findall(r"[A-Za-z]+", t))
+           for r, t in zip(rows.tolist(), corpus.texts_of(rows))}
+  kinds = np.empty(len(pairs), np.int32)
+  for i, (qi, row) in enumerate(pairs.tolist()):
+    q = queries[qi]
+    kinds[i] = (0 if ids[row] in set(q.get("fact_doc_ids", ())) else
+                1 if q["object"] in words[row] else
+                2 if set(q["subject"].split()) <= words[row] else 3)
+  return kinds
+
+
+def influence_by_kind(kinds: np.ndarray, deltas: np.ndarray, inverse: np.ndarray,
+                      shape: tuple[int, int, int], k: int) -> dict:
+  """Tail-patch explained by what proponents are (``KINDS``).
+
+  Args:
+    kinds, deltas: i32[P], f32[P] per distinct (query, row) pair.
+    inverse: i64[M * C * K], each method's proponent's pair index.
+    shape: (M, C, K), methods x tail-patched queries x proponents.
+
+  Returns:
+    ``{"mean_delta": {kind: mean over pairs}, "pairs": {kind: count},
+    "share@k": {method: {kind: fraction of its top-k proponents}}}``: a
+    method's tail-patch@k is about the sum over kinds of share x mean delta.
+  """
+  ok = ~np.isnan(deltas)
+  out = {"mean_delta": {}, "pairs": {}, f"share@{k}": {}}
+  for i, kind in enumerate(KINDS):
+    sel = ok & (kinds == i)
+    out["pairs"][kind] = int(sel.sum())
+    out["mean_delta"][kind] = float(deltas[sel].mean()) if sel.any() else None
+  per_method = kinds[inverse].reshape(shape)[:, :, :k]
+  for name, m in zip(METHODS, per_method):
+    out[f"share@{k}"][name] = {kind: float(np.mean(m == i))
+                               for i, kind in enumerate(KINDS)}
+  return out
+
+
+def format_kinds(by_kind: dict, k: int) -> str:
+  """The share of each kind among each method's top-k, and its mean delta."""
+  cells = {name: {kind: f"{share[kind]:.3f}" for kind in KINDS}
+           for name, share in by_kind[f"share@{k}"].items()}
+  cells["mean delta (nats)"] = {
+      kind: "–" if v is None else f"{v:+.4f}" for kind, v in by_kind["mean_delta"].items()}
+  return evaluate.format_table(cells, KINDS, row_header=f"top-{k} proponents")
+
+
 def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
         sgd_learning_rate: float | None = None, corpus_path: str | None = None,
-        queries_path: str | None = None) -> dict:
+        queries_path: str | None = None, checkpoint: str | None = None) -> dict:
   """Scores every method; writes and returns the report.
 
   Without ``corpus_path``/``queries_path`` the demo's fact corpus is written
-  and the model trained unless the workdir has a checkpoint.
+  and the model trained unless the workdir has a checkpoint. ``checkpoint``:
+  a checkpoint directory or one step of it (default: the workdir's latest).
   """
   if corpus_path is None or queries_path is None:
     corpus_path, queries_path = demo.ensure_model(workdir)
   pcfg = config.make(PreconditionerConfig)
-  ecfg, ckpt, corpus, encoder, _, _ = common.start(workdir, None, corpus_path)
+  ecfg, ckpt, corpus, encoder, _, _ = common.start(workdir, checkpoint, corpus_path)
   queries, query_examples = pipeline.read_queries(ckpt, queries_path)
   out_dir = os.path.join(workdir, "quality")
   os.makedirs(out_dir, exist_ok=True)
@@ -200,8 +297,23 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
           None if np.isnan(d) else float(d) for d in per_method[i, j]]
     evaluate.write_results(os.path.join(out_dir, f"{name}.jsonl"), results[name])
 
+  per_query, paired = paired_tail_patch(per_method, k)
+  kinds = pair_kinds(queries, corpus, pairs)
+  by_kind = None if kinds is None else influence_by_kind(
+      kinds, deltas, inverse.ravel(), stacked.shape, k)
   table = evaluate.format_table(metrics, COLUMNS)
-  report = {"methods": metrics, "lambda": lam, "projection_dim": encoder.dim,
+  paired_table = evaluate.format_table(
+      {f"trackstar - {m}": {f"tail_patch@{k}": stats.format_cell(v),
+                            "queries where trackstar is higher": f"{v['win']:.3f}"}
+       for m, v in paired.items()},
+      (f"tail_patch@{k}", "queries where trackstar is higher"), row_header="paired")
+  if by_kind is not None:
+    paired_table += "\n\n" + format_kinds(by_kind, k)
+  report = {"methods": metrics, "paired_tail_patch": paired,
+            "influence_by_kind": by_kind,
+            f"per_query_tail_patch@{k}": per_query,
+            "tail_patch_query_ids": [queries[i]["id"] for i in chosen],
+            "lambda": lam, "projection_dim": encoder.dim,
             "corpus_rows": len(corpus), "queries": len(queries),
             "tail_patch_queries": int(len(chosen)),
             "tail_patch_optimizer": ("sgd" if sgd_learning_rate else
@@ -209,12 +321,13 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
             "checkpoint": ckpt.path}
   evaluate.write_text_atomic(os.path.join(workdir, "quality.json"),
                              json.dumps(report, indent=2))
-  evaluate.write_text_atomic(os.path.join(workdir, "quality.md"), table + "\n")
+  evaluate.write_text_atomic(os.path.join(workdir, "quality.md"),
+                             table + "\n\n" + paired_table + "\n")
   pngs = plots.write_pngs(viewer.summary(results), workdir)
   page = viewer.write_report(os.path.join(workdir, "report.html"), results,
                              title=f"tracer quality: {len(METHODS)} methods, "
                              f"{len(queries)} fact queries")
-  print("\n" + table)
+  print("\n" + table + "\n\n" + paired_table)
   print(f"\nplots: {', '.join(pngs)}\npage (every method side by side): {page}")
   return report
 
@@ -224,7 +337,7 @@ def main(argv):
   config.default_gin_file()
   config.parse_gin()
   run(FLAGS.workdir or "quality", FLAGS.top_k, FLAGS.tail_patch_queries,
-      FLAGS.sgd_learning_rate)
+      FLAGS.sgd_learning_rate, checkpoint=FLAGS.checkpoint)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from tracer.launch import config
 from tracer.config import PreconditionerConfig
 from tracer import pipeline
 from tracer import scan as scan_lib
-from tracer.errors import InputError
 
 FLAGS = flags.FLAGS
 
@@ -33,12 +32,7 @@ def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
   config.check_top_k(top_k, len(run_.corpus))  # before any gradient
   queries, query_examples = pipeline.read_queries(run_.ckpt, queries_path)
   location = common.default_location(workdir, store_path, "store")
-  expected = pipeline.manifest(run_.ckpt, run_.encoder, run_.correction,
-                               run_.epsilon, None, run_.corpus, run_.encode_config)
-  store = pipeline.existing_store(location, expected)
-  if store is None:
-    raise InputError(f"{location}: no store; encode the corpus first "
-                     "(launch.encode or launch.trace)")
+  store = common.stored(location, run_)
   metric, vectors, skipped = common.query_metric(
       run_, pipeline.store_basis(store), query_examples, queries, pcfg)
   topk = scan_lib.scan_store(store, vectors, top_k, mesh=run_.encoder.mesh,

@@ -1,4 +1,4 @@
-r"""Sweeps gin bindings: one ``trace`` run per grid point, one metrics table.
+r"""Sweeps settings: one metrics table over a grid, on one set or a family.
 
   tracer sweep --workdir=sweeps/dim_rank --base_workdir=demo \
       --grid="EncodeConfig.projection_dim=1024,4096,16384" \
@@ -10,10 +10,40 @@ flag for more axes) runs ``launch.trace --streaming`` in its own process under
 its retrieval metrics go to ``NAME/metrics.json``. A run with a metrics file is
 skipped, so a rerun finishes only what is missing. The table of all runs is
 written to ``WORKDIR/sweep.md`` and ``WORKDIR/sweep.json`` and printed.
+
+With ``--family_dir=F`` (a ``tracer family`` workdir) the grid runs on every set
+of the family, in memory: per set, checkpoint and projection dimension the
+corpus and queries are projected once, then every preconditioner setting is
+scored from those projections (TrackStar's score: corrected gradients, R in
+R_train's eigenbasis, the task-specific mix, unit norm). Its axes, default
+values first:
+
+  checkpoint=600,200,400,sum     training steps; "sum" adds each query's
+                                 scores over the listed checkpoints
+                                 (TracIn-style),
+  EncodeConfig.projection_dim=16384,4096,
+  query_loss=target,prediction   the query gradient's loss: the target's
+                                 tokens or the model's greedy prediction,
+  PreconditionerConfig.kind=block,none,
+  PreconditionerConfig.damping=0.1,0.01,1.0,
+  PreconditionerConfig.lam=rule,0,0.1   ("rule": the lambda rule).
+
+  tracer sweep --family_dir=family --workdir=family/sweep [--grid=...] \
+      [--design=star]
+
+``--design=star`` (the default) scores the first value of every axis and,
+one axis at a time, each other value; ``grid`` every combination. An axis not
+given takes its value from gin (checkpoint: the last; query loss: target).
+Each set's table is written to WORKDIR/sets/NAME.json (a rerun skips sets
+already done; sets still training are left out); WORKDIR/sweep.md holds, per
+point, the mean and standard deviation across sets of MRR, recall@10 and
+bucket-1 recall@10, best mean recall@10 first, and the model's greedy
+accuracy per checkpoint.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -23,14 +53,26 @@ import sys
 
 from absl import app
 from absl import flags
+import numpy as np
 
 from tracer.launch import config
+from tracer.launch import quality
 from tracer import data as data_lib
 from tracer import evaluate
+from tracer import hessian
+from tracer import pipeline
+from tracer import stats
+from tracer.config import EncodeConfig
+from tracer.config import PreconditionerConfig
 
 flags.DEFINE_multi_string("grid", [], "'Binding=v1,v2,...' (repeatable).")
 flags.DEFINE_string("base_workdir", "demo", "Workdir with the checkpoint and the "
                     "fact corpus (as made by launch.demo).")
+flags.DEFINE_string("family_dir", None, "A `tracer family` workdir: sweep on each "
+                    "of its sets, in memory (see the module doc).")
+flags.DEFINE_enum("design", "star", ["star", "grid"], "With --family_dir: every "
+                  "combination of the axes (grid), or each axis varied alone "
+                  "around the first values (star).")
 FLAGS = config.FLAGS  # with the shared flags (--workdir, --gin_file) defined
 
 COLUMNS = ("mrr", "recall@10", "precision@10")
@@ -101,8 +143,215 @@ def sweep(workdir: str, grid: list[str], base_workdir: str,
   return table
 
 
+# --- on a family, in memory --------------------------------------------------
+
+# The first value of each axis is the star design's centre (tiny.gin's).
+FAMILY_GRID = ("checkpoint=600,200,400,sum",
+               "EncodeConfig.projection_dim=16384,4096",
+               "query_loss=target,prediction",
+               "PreconditionerConfig.kind=block,none",
+               "PreconditionerConfig.damping=0.1,0.01,1.0",
+               "PreconditionerConfig.lam=rule,0,0.1")
+FAMILY_AXES = tuple(spec.split("=", 1)[0] for spec in FAMILY_GRID)
+FAMILY_COLUMNS = ("mrr", "recall@10", "recall@10 b1")
+
+
+def family_axes(grid: list[str], ecfg, pcfg) -> dict[str, list[str]]:
+  """Each family axis's values: from ``--grid``, else one value from gin."""
+  axes = {"checkpoint": ["last"], "EncodeConfig.projection_dim": [str(ecfg.projection_dim)],
+          "query_loss": ["target"], "PreconditionerConfig.kind": [pcfg.kind],
+          "PreconditionerConfig.damping": [str(pcfg.damping)],
+          "PreconditionerConfig.lam": ["rule" if pcfg.lam is None else str(pcfg.lam)]}
+  for spec in grid:
+    key, values = (spec.split("=", 1) + [""])[:2]
+    if key.strip() not in FAMILY_AXES:
+      raise app.UsageError(f"--grid={spec!r}: with --family_dir the axes are "
+                           f"{', '.join(FAMILY_AXES)}")
+    axes[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
+  bad = [v for v in axes["query_loss"] if v not in ("target", "prediction")]
+  bad += [v for v in axes["PreconditionerConfig.kind"] if v not in ("block", "none")]
+  if bad:
+    raise app.UsageError(f"--grid: unknown value(s) {bad}; query_loss is target "
+                         "or prediction, kind block or none (full R is too slow "
+                         "to sweep)")
+  return axes
+
+
+def _top_ids(scores: np.ndarray, ids: list[str], k: int) -> list[list[str]]:
+  """Each query's k best rows' ids; ``scores`` is [N, Q]."""
+  top = np.argsort(-scores, axis=0, kind="stable")[:k]
+  return [[ids[r] for r in top[:, q]] for q in range(scores.shape[1])]
+
+
+def _point_metrics(queries, ids, scores, k=10) -> dict:
+  results = {q["id"]: {"proponent_ids": p}
+             for q, p in zip(queries, _top_ids(scores, ids, k))}
+  m = evaluate.retrieval_metrics(queries, results, k=k)
+  first = next(iter(m["buckets"].values()), {})
+  return {"mrr": m["mrr"], f"recall@{k}": m[f"recall@{k}"],
+          f"recall@{k} b1": first.get(f"recall@{k}")}
+
+
+def _scores(metric, psi_c, psi_q) -> np.ndarray:
+  """TrackStar's scores [N, Q]: ``(psi_c R^-1 psi_q) / (|psi_c|_R |psi_q|_R)``."""
+  rows = psi_c / np.maximum(metric.norms(psi_c), 1e-30)[:, None]
+  return (rows @ metric.query_vectors(psi_q).T.astype(np.float64)).astype(np.float32)
+
+
+Point = tuple[str, str, str, str, str, str]  # an axis value each, FAMILY_AXES order
+
+
+def family_points(axes: dict[str, list[str]], design: str) -> list[Point]:
+  """The grid points: every combination (``grid``), or the first value of each
+  axis and, one axis at a time, each of its other values (``star``)."""
+  values = [axes[a] for a in FAMILY_AXES]
+  if design == "grid":
+    points = list(itertools.product(*values))
+  else:
+    base = tuple(v[0] for v in values)
+    points = [base] + [base[:i] + (v,) + base[i + 1:]
+                       for i, vs in enumerate(values) for v in vs[1:]]
+  # With no R, damping and lambda mean nothing: one point stands for them all.
+  return list(dict.fromkeys(p[:4] + (("-", "-") if p[3] == "none" else p[4:])
+                            for p in points))
+
+
+def sweep_set(set_dir: str, points: list[Point], ecfg, pcfg) -> dict:
+  """Every point's metrics on one family set (module doc)."""
+  corpus_path = os.path.join(set_dir, "facts", "corpus.jsonl")
+  queries_path = os.path.join(set_dir, "facts", "queries.jsonl")
+  ckpt_dir = os.path.join(set_dir, "checkpoints")
+  saved = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+  step_of = lambda s: str(saved[-1]) if s == "last" else s
+  summed_steps = sorted({step_of(p[0]) for p in points if p[0] != "sum"}, key=int)
+  # A "sum" point adds the same settings' scores over every listed checkpoint.
+  wanted = [p for p in points if p[0] != "sum"] + [
+      (step,) + p[1:] for p in points if p[0] == "sum" for step in summed_steps]
+  wanted = list(dict.fromkeys((step_of(p[0]),) + p[1:] for p in wanted))
+  mesh = pipeline.make_mesh(ecfg)
+  scores, accuracy = {}, {}
+  for step in sorted({p[0] for p in wanted}, key=int):
+    ckpt = pipeline.load_checkpoint(None, os.path.join(ckpt_dir, step), mesh)
+    corpus = pipeline.open_corpus(ckpt, corpus_path)
+    ids = corpus.ids_of(np.arange(len(corpus)))
+    queries, target_examples = pipeline.read_queries(ckpt, queries_path)
+    vocab = pipeline.data_config(ckpt).vocabulary()
+    preds = pipeline.predictions(ckpt, target_examples, queries, vocab)
+    accuracy[step] = pipeline.completion_accuracy(queries, preds)
+    # An empty prediction (EOS first) keeps the target: no tokens, no loss.
+    asked = [{**q, "target": p if p.strip() else q["target"]}
+             for q, p in zip(queries, preds)]
+    examples = {"target": target_examples, "prediction": lambda: data_lib.query_examples(
+        asked, vocab, ckpt.family.max_len(ckpt.model_config), queries_path)}
+    for dim in sorted({p[1] for p in wanted if p[0] == step}, key=int):
+      encoder = pipeline.build_encoder(
+          ckpt, dataclasses.replace(ecfg, projection_dim=int(dim)), mesh)[0]
+      rows = quality.project_corpus(encoder, corpus, ecfg.batch_size)
+      cache = {}
+
+      def basis_of(kind):
+        if kind not in cache:
+          sample = pipeline.sample_rows(len(rows), pcfg.train_examples, pcfg.sample_seed)
+          basis = hessian.fit_basis(
+              quality.moments(encoder, rows[sample], kind), dim=encoder.dim,
+              layout_seed=encoder.layout.seed, kind=kind)
+          cache[kind] = (basis, np.asarray(basis.rotate(rows), np.float64))
+        return cache[kind]
+
+      for loss in sorted({p[2] for p in wanted if p[:2] == (step, dim)}):
+        ex = examples[loss]() if callable(examples[loss]) else examples[loss]
+        q_rows = quality.project_examples(encoder, ex, ecfg.batch_size)
+        for point in [p for p in wanted if p[:3] == (step, dim, loss)]:
+          kind, damping, lam = point[3:]
+          if kind == "none":
+            metric, pc, pq = hessian.identity_metric(rows.shape[1]), rows, q_rows
+          else:
+            basis, pc = basis_of(kind)
+            pq = np.asarray(basis.rotate(q_rows), np.float64)
+            metric = hessian.fit_metric(basis, pq, rank=pcfg.rank, damping=float(damping),
+                                        lam=None if lam == "rule" else float(lam))
+          scores[point] = _scores(metric, pc, pq)
+  out = {}
+  for point in points:
+    if point[0] == "sum":
+      total = sum(scores[(step,) + point[1:]] for step in summed_steps)
+      out[_point_name(*point)] = _point_metrics(queries, ids, total)
+    else:
+      out[_point_name(*point)] = _point_metrics(
+          queries, ids, scores[(step_of(point[0]),) + point[1:]])
+  return {"points": out, "accuracy": accuracy}
+
+
+def _point_name(step, dim, loss, kind, damping, lam) -> str:
+  tail = "" if kind == "none" else f" damping={damping} lam={lam}"
+  return f"ckpt={step} d={dim} loss={loss} R={kind}{tail}"
+
+
+def trained(set_dir: str) -> bool:
+  """Whether the set's training run reached its last step."""
+  ckpt = pipeline.load_checkpoint(None, os.path.join(set_dir, "checkpoints"))
+  return ckpt.step >= ckpt.optimizer_config.total_steps
+
+
+def sweep_family(workdir: str, family_dir: str, grid: list[str],
+                 design: str = "star") -> dict:
+  ecfg, pcfg = config.make(EncodeConfig), config.make(PreconditionerConfig)
+  axes = family_axes(grid, ecfg, pcfg)
+  points = family_points(axes, design)
+  sets_dir = os.path.join(family_dir, "sets")
+  if not os.path.isdir(sets_dir):
+    raise app.UsageError(f"--family_dir={family_dir}: no sets/ folder; make one "
+                         "with `tracer family --only_train`")
+  names = sorted(n for n in os.listdir(sets_dir)
+                 if os.path.isdir(os.path.join(sets_dir, n, "checkpoints")))
+  per_set = {}
+  for i, name in enumerate(names, 1):
+    out = os.path.join(workdir, "sets", f"{name}.json")
+    if os.path.exists(out):
+      with open(out) as f:
+        per_set[name] = json.load(f)
+      continue
+    if not trained(os.path.join(sets_dir, name)):
+      print(f"[{i}/{len(names)}] {name}: still training, left out", flush=True)
+      continue
+    print(f"[{i}/{len(names)}] {name}", flush=True)
+    per_set[name] = sweep_set(os.path.join(sets_dir, name), points, ecfg, pcfg)
+    evaluate.write_text_atomic(out, json.dumps(per_set[name], indent=1))
+  if not per_set:
+    raise app.UsageError(f"--family_dir={family_dir}: no set has finished training")
+  names = sorted(per_set)
+  table = {}
+  for point in per_set[names[0]]["points"]:
+    table[point] = {c: stats.mean_std([s["points"][point][c] for s in per_set.values()])
+                    for c in FAMILY_COLUMNS}
+  order = sorted(table, key=lambda p: -table[p]["recall@10"]["mean"])
+  cells = {p: {c: stats.format_cell(table[p][c]) for c in FAMILY_COLUMNS}
+           for p in order}
+  text = evaluate.format_table(cells, FAMILY_COLUMNS, row_header="grid point")
+  accuracy = {n: {step: a["all"]["accuracy"] for step, a in s["accuracy"].items()}
+              for n, s in per_set.items()}
+  acc_cells = {n: {f"step {step}": f"{v:.3f}" for step, v in a.items()}
+               for n, a in accuracy.items()}
+  acc_text = evaluate.format_table(acc_cells, list(next(iter(acc_cells.values()))),
+                                   row_header="set: greedy accuracy")
+  summary = {"sets": names, "axes": axes, "design": design, "points": table,
+             "accuracy": accuracy}
+  evaluate.write_text_atomic(os.path.join(workdir, "sweep.json"),
+                             json.dumps(summary, indent=1))
+  evaluate.write_text_atomic(os.path.join(workdir, "sweep.md"),
+                             f"{len(names)} sets\n\n{text}\n\n{acc_text}\n")
+  print(f"{len(names)} sets: {', '.join(names)}\n\n{text}\n\n{acc_text}")
+  return summary
+
+
 def main(argv):
   del argv
+  if FLAGS.family_dir:
+    config.default_gin_file()
+    config.parse_gin()
+    sweep_family(FLAGS.workdir or os.path.join(FLAGS.family_dir, "sweep"),
+                 FLAGS.family_dir, FLAGS.grid or list(FAMILY_GRID), FLAGS.design)
+    return
   if not FLAGS.workdir or not FLAGS.grid:
     raise app.UsageError("--workdir and at least one --grid are required")
   gin_files = FLAGS.gin_file or ["configs/tiny.gin"]

@@ -52,7 +52,8 @@ def train(corpus_source: str, workdir: str) -> dict:
     raise InputError(f"TrainConfig.batch_size={train_config.batch_size} must be a "
                      f"multiple of the {mesh.size} devices")
   optimizer = train_lib.make_optimizer(opt_config)
-  mngr = ckpt_lib.manager(os.path.join(workdir, "checkpoints"))
+  mngr = ckpt_lib.manager(os.path.join(workdir, "checkpoints"),
+                          max_to_keep=train_config.keep_checkpoints)
   replicated = partitioning.replicated(mesh)
   if mngr.latest_step() is not None:
     restored = ckpt_lib.restore(str(mngr.directory), mesh=mesh)

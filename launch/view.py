@@ -5,7 +5,9 @@ r"""Writes one self-contained HTML page to browse results files side by side.
 
 (also ``python -m tracer.launch.view``). Each results file is one run (a
 method), named by ``--names`` in order or else by its file stem, made unique
-(``r``, ``r-2``). Files may be ours (``tracer.evaluate.make_result_row``) or
+(``r``, ``r-2``). ``--server=URL --queries=Q.jsonl [--top_k=K]`` adds one
+more run (named ``server``, or by the last of ``--names``): the records a
+running ``tracer serve`` answers for those queries. Files may be ours (``tracer.evaluate.make_result_row``) or
 the TrackStar authors' released ones (``tracer.viewer``). The page needs no
 server and no network: open it from disk (``tracer.viewer.render``). Paths
 may be gs://, s3:// or memory:// URLs. Prints the page's location.
@@ -20,6 +22,7 @@ from absl import app
 from absl import flags
 
 from tracer.launch import config
+from tracer import data
 from tracer import viewer
 from tracer.errors import InputError
 
@@ -35,6 +38,8 @@ def define_flags() -> None:
                             "Run names, one per --results in order; default: "
                             "each file's stem, made unique.")
   flags.DEFINE_string("title", "tracer results", "The page's title.")
+  flags.DEFINE_string("server", None, "URL of a running `tracer serve`: ask it "
+                      "for --queries' records and show them as one more run.")
 
 
 def run_names(locations: Sequence[str], names: Sequence[str] = ()) -> list[str]:
@@ -63,22 +68,37 @@ def run_names(locations: Sequence[str], names: Sequence[str] = ()) -> list[str]:
 
 
 def run(results: Sequence[str], output: str, names: Sequence[str] = (),
-        title: str = "tracer results") -> str:
-  """Reads the results files and writes the page; returns ``output``."""
-  runs = {name: viewer.read_results(location)
-          for name, location in zip(run_names(results, names), results)}
+        title: str = "tracer results", server: str | None = None,
+        queries: str | None = None, top_k: int | None = None) -> str:
+  """Reads the results files (and, given ``server``, asks that ``tracer
+  serve`` for the records of the ``queries`` file) and writes the page;
+  returns ``output``."""
+  sources = [*results, *(["server"] if server else [])]
+  runs = {}
+  for i, name in enumerate(run_names(sources, names)):
+    if i < len(results):
+      runs[name] = viewer.read_results(results[i])
+    else:
+      from tracer import serving  # pylint: disable=g-import-not-at-top
+      runs[name] = serving.trace_all(server, data.read_queries(queries), top_k)
   return viewer.write_report(output, runs, title)
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  missing = [f"--{n}" for n in ("results", "output") if not FLAGS[n].value]
+  needed = ("output",) if FLAGS.server else ("results", "output")
+  missing = [f"--{n}" for n in needed if not FLAGS[n].value]
   if missing:
     raise app.UsageError(f"{', '.join(missing)} required")
+  if FLAGS.server and not FLAGS.queries:
+    raise app.UsageError("--server needs --queries: the queries to ask it")
   # Before reading anything, so a long read cannot end in an unwritable path.
   config.check_writable(FLAGS.output, "--output")
-  print(run(FLAGS.results, FLAGS.output, FLAGS.names or (), FLAGS.title))
+  # --top_k only when given: else the server's default.
+  top_k = FLAGS.top_k if FLAGS["top_k"].present else None
+  print(run(FLAGS.results or (), FLAGS.output, FLAGS.names or (), FLAGS.title,
+            FLAGS.server, FLAGS.queries, top_k))
 
 
 if __name__ == "__main__":

@@ -280,6 +280,17 @@ def test_quality_table_scores_every_method(trained):
   assert methods["trackstar"]["tail_patch@1"] > methods["random"]["tail_patch@1"]
   assert report["tail_patch_queries"] == 8
   assert (root / "quality.md").read_text().startswith("| method |")
+  # Paired tail-patch: TrackStar minus each method over the same 8 queries.
+  per_query = report["per_query_tail_patch@10"]
+  assert set(per_query) == set(quality.METHODS)
+  assert all(len(v) == 8 for v in per_query.values())
+  ref = np.array(per_query["trackstar"], float)
+  for name, p in report["paired_tail_patch"].items():
+    d = ref - np.array(per_query[name], float)
+    assert p["n"] == 8 and np.isclose(p["mean"], d.mean()), name
+    assert np.isclose(p["se"], d.std(ddof=1) / np.sqrt(8)), name
+  assert set(report["paired_tail_patch"]) == set(quality.METHODS) - {"trackstar"}
+  assert "| paired |" in (root / "quality.md").read_text()
 
 
 def test_tokenized_corpus_and_object_stores_give_the_same_results(trained, s3,

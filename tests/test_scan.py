@@ -115,9 +115,10 @@ def test_select_rows_fast_path(above, clustered):
   assert topk._block_size(rows, k) is not None
   rid = jnp.arange(rows, dtype=jnp.int32) + 1000
   want_v, want_i = jax.lax.top_k(jnp.asarray(vals.T), k)
-  # `above` elements per query reach the threshold: the fast path's top-8,
-  # top-32 or top-k levels (the last when clustered in a few blocks), or the
-  # slow path (40 blocks > FAST_BLOCKS reach it).
+  # `above` elements per query reach the threshold: the fast paths (16 or 32
+  # blocks gathered) with their top-8, top-16, top-32 or top-k levels (the
+  # last when clustered in a few blocks), or the slow path (40 blocks >
+  # max(FAST_BLOCKS) reach it).
   threshold = np.asarray(rows - above, np.float32).repeat(q)
   v, r = jax.jit(topk._select_rows, static_argnums=3)(
       jnp.asarray(vals), rid, jnp.asarray(threshold), k)
@@ -159,6 +160,107 @@ def test_bf16_arrays_use_bf16_values_exactly():
   xb = x.astype(ml_dtypes.bfloat16)
   got = scan.scan_arrays(xb, q, K, chunk_rows=128)
   assert_same(got, reference(xb.astype(np.float32), q, K))
+
+
+def _hard_queries(q: int, d: int, seed: int) -> np.ndarray:
+  """fp32 queries with all 24 significand bits in use and magnitudes spread
+  over 2^-20..2^20: any rounding of a query to bf16 (8 bits) would show."""
+  rng = np.random.default_rng(seed)
+  mant = rng.integers(1 << 23, 1 << 24, (q, d)).astype(np.float64) / (1 << 23)
+  signs = rng.choice([-1.0, 1.0], (q, d))
+  return (signs * mant * 2.0 ** rng.integers(-20, 21, (q, d))).astype(np.float32)
+
+
+@pytest.mark.parametrize("widen", [True, False])
+def test_bf16_scores_are_fp32_dot_products_of_the_stored_values(widen):
+  # Both ways of scoring bf16 rows (widened on CPU; three bf16 products on
+  # GPU/TPU) give the exact dot products of the bf16 values with the fp32
+  # queries, up to fp32 accumulation: within d * 2^-24 * sum|x_i q_i|.
+  d = 256
+  rng = np.random.default_rng(0)
+  xb = (rng.standard_normal((300, d)) * 2.0 ** rng.integers(-8, 9, (300, d))
+        ).astype(ml_dtypes.bfloat16)
+  q = _hard_queries(7, d, 1)
+  exact = np.asarray(xb, np.float64) @ np.asarray(q, np.float64).T
+  bound = d * 2.0 ** -24 * (np.abs(np.asarray(xb, np.float64))
+                            @ np.abs(np.asarray(q, np.float64)).T)
+  fn = topk.jit_step(lambda x, q: topk._scores(x, q, widen),
+                     partitioning.make_mesh())
+  got = np.asarray(fn(jnp.asarray(xb), jnp.asarray(q)), np.float64)
+  assert np.all(np.abs(got - exact) <= bound)
+  # The queries are hard: rounding them to bf16 breaks the bound.
+  rounded = np.asarray(xb, np.float64) @ np.asarray(
+      q.astype(ml_dtypes.bfloat16), np.float64).T
+  assert np.any(np.abs(rounded - exact) > bound)
+
+
+@pytest.mark.parametrize("mesh", sorted(MESHES))
+@pytest.mark.parametrize("chunk_rows", [64, 1000])
+def test_bf16_scan_equals_the_scan_of_its_widened_rows(mesh, chunk_rows):
+  # Rows, order and scores do not depend on the storage dtype, the mesh or
+  # the chunk size; where bf16 rows are widened (CPU) the scores are the f32
+  # scan's bit for bit.
+  x, _ = _data(1001, d=64, q=1, seed=3)
+  q = _hard_queries(4, 64, 2)
+  xb = x.astype(ml_dtypes.bfloat16)
+  want = reference(xb.astype(np.float32), q, 20)
+  m = MESHES[mesh]()
+  got = scan.scan_arrays(xb, q, 20, mesh=m, chunk_rows=chunk_rows)
+  wide = scan.scan_arrays(xb.astype(np.float32), q, 20, mesh=m,
+                          chunk_rows=chunk_rows)
+  tol = 64 * 2.0 ** -24 * np.max(np.abs(want.proponent_scores))
+  assert_same(got, want, atol=tol)
+  assert_same(wide, want, atol=tol)
+  if topk.widens_bf16(m):
+    np.testing.assert_array_equal(got.proponent_scores, wide.proponent_scores)
+    np.testing.assert_array_equal(got.opponent_scores, wide.opponent_scores)
+
+
+def test_compiler_options_only_on_cpu():
+  assert topk.compiler_options("gpu") is None
+  assert topk.compiler_options("tpu") is None
+  opts = topk.compiler_options("cpu")
+  assert opts is None or set(opts) == {"xla_cpu_experimental_ynn_fusion_type"}
+
+
+def _ranked(s, r, largest):
+  """Positions of (score, row) pairs in the running top-k's order: scores
+  descending (``largest``) or ascending, ties to the lower row."""
+  return np.stack([np.lexsort((ri, -si if largest else si)) for si, ri in zip(s, r)])
+
+
+def _sorted_lists(rng, q, n, ties, largest):
+  if ties:  # few distinct scores and rows: equal pairs too
+    s = rng.integers(-3, 4, (q, n)).astype(np.float32)
+    r = rng.integers(0, 3 * n, (q, n)).astype(np.int32)
+  else:
+    s = rng.standard_normal((q, n)).astype(np.float32)
+    r = rng.permutation(10 * n)[:q * n].reshape(q, n).astype(np.int32)
+  o = _ranked(s, r, largest)
+  return np.take_along_axis(s, o, 1), np.take_along_axis(r, o, 1)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("case", ["random", "ties", "padding", "unsorted",
+                                  "narrow", "devices"])
+def test_merge_equals_a_sort(largest, case):
+  rng = np.random.default_rng(len(case))
+  k, q = 12, 5
+  n = {"narrow": 7, "devices": 3 * k}.get(case, k)
+  a_s, a_r = _sorted_lists(rng, q, k, case == "ties", largest)
+  b_s, b_r = _sorted_lists(rng, q, n, case == "ties", largest)
+  if case == "padding":  # empty slots on both sides, as early in a scan
+    empty = -np.inf if largest else np.inf
+    a_s[:, 8:], a_r[:, 8:] = empty, topk.INVALID_ROW
+    b_s[:, 5:], b_r[:, 5:] = empty, topk.INVALID_ROW
+  if case == "unsorted":  # the rank merge checks its inputs, and sorts instead
+    b_s, b_r = b_s[:, ::-1].copy(), b_r[:, ::-1].copy()
+  got_s, got_r = jax.jit(topk._merge, static_argnums=(4, 5))(
+      a_s, a_r, b_s, b_r, k, largest)
+  s, r = np.concatenate([a_s, b_s], 1), np.concatenate([a_r, b_r], 1)
+  o = _ranked(s, r, largest)[:, :k]
+  np.testing.assert_array_equal(got_s, np.take_along_axis(s, o, 1))
+  np.testing.assert_array_equal(got_r, np.take_along_axis(r, o, 1))
 
 
 def test_n_smaller_than_k_returns_n():
@@ -240,6 +342,46 @@ def test_store_scan_matches_numpy(tmp_path, dtype, chunk_rows):
   assert_same(got, want)
   got = scan.scan_store(s, q, K, prefetch=0, chunk_rows=chunk_rows)
   assert_same(got, want)
+
+
+@pytest.mark.parametrize("mesh", sorted(MESHES))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_store_scan_maps_whole_chunks_in_place(tmp_path, monkeypatch, mesh, dtype):
+  x, q = _data(1001)
+  x[320:384] = 0  # chunk 5 is all zeros: tensorstore stores no file for it
+  s = _store(tmp_path, x, dtype)
+  assert s.local and not os.path.exists(s.chunk_file(5))
+  mapped = []
+  view = store_lib.EncodingStore.chunk_view
+  monkeypatch.setattr(store_lib.EncodingStore, "chunk_view",
+                      lambda self, c: mapped.append(c) or view(self, c))
+  want = reference(s.read_rows(0, 1001), q, K)
+  got = scan.scan_store(s, q, K, mesh=MESHES[mesh]())
+  assert sorted(set(mapped)) == list(range(s.num_chunks))
+  assert_same(got, want)
+  # More chunks per step than MAX_PIECES: read (copied) into one buffer.
+  mapped.clear()
+  monkeypatch.setattr(scan, "MAX_PIECES", 1)
+  assert_same(scan.scan_store(s, q, K, mesh=MESHES[mesh](), read_ahead=2), want)
+  assert not mapped
+
+
+def test_store_scan_from_object_storage(s3):
+  x, q = _data(1001, seed=7)
+  m = store_lib.Manifest(
+      checkpoint="c", step=1, params_fingerprint="p", correction="adam",
+      epsilon=1e-8, projection_seed=0, layout=None, dim=x.shape[1],
+      basis_fingerprint=None, dtype="bfloat16", num_rows=len(x), chunk_rows=64)
+  s = store_lib.create_or_open(f"{s3('tracer-scan')}/store", m)
+  for c in s.pending_chunks():
+    lo, hi = s.chunk_bounds(c)
+    s.write_chunk(c, x[lo:hi])
+  assert not s.local
+  want = reference(x.astype(ml_dtypes.bfloat16).astype(np.float32), q, K)
+  for read_ahead in (None, 0, 3):  # None: scan.REMOTE_READ_AHEAD
+    assert_same(scan.scan_store(s, q, K, mesh=MESHES["4x2"](),
+                                read_ahead=read_ahead), want)
+  assert_same(scan.scan_store(s, q, K, chunk_rows=100, prefetch=0), want)
 
 
 def test_incomplete_store_refuses_to_scan(tmp_path):
@@ -384,3 +526,16 @@ def test_quarantined_rows_are_never_returned(tmp_path):
   top = scan.scan_store(s, q, 10)
   np.testing.assert_array_equal(top.proponent_rows, keep[ref.proponent_rows])
   np.testing.assert_allclose(top.proponent_scores, ref.proponent_scores, rtol=1e-6)
+
+
+def test_resident_benchmark_runs():
+  # The GPU command in WORKSPACE.md (``--resident``), on a CPU device.
+  from tracer.launch import benchmark_scan  # pylint: disable=g-import-not-at-top
+  table = benchmark_scan.run_resident_benchmark(
+      rows=3000, dim=32, queries=4, k=5, step_rows=1024, repeats=1,
+      mesh=MESHES["1x1"](), matmul_size=256)
+  assert [r["method"] for r in table] == [
+      "machine", "resident scan bfloat16", "resident scan float32"]
+  for row in table[1:]:
+    assert row["seconds"] > 0 and 0 < row["fraction_of_bandwidth"]
+  assert "| resident scan bfloat16 |" in benchmark_scan.to_markdown(table)

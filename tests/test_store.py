@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zlib
 
 import ml_dtypes
 import numpy as np
 import pytest
 
 from tracer import store as store_lib
-from tracer.errors import InputError
+from tracer.errors import CorruptStoreError, InputError
 
 
 def _manifest(**overrides) -> store_lib.Manifest:
@@ -235,3 +236,55 @@ def test_a_damaged_last_chunk_is_rewritten(tmp_path):
   assert s.verify_chunk(4) is None
   np.testing.assert_array_equal(
       s.read_rows(20, 23), data[20:23].astype(ml_dtypes.bfloat16).astype(np.float32))
+
+
+# Local reads without tensorstore -------------------------------------------------
+
+def test_crc32_is_zlibs():
+  data = np.random.default_rng(0).integers(0, 256, 100_003).astype(np.uint8)
+  assert store_lib._crc32(data) == zlib.crc32(data.tobytes())
+  assert store_lib._crc32(data[:0]) == 0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_local_reads_equal_tensorstores(tmp_path, dtype):
+  data = _data()
+  data[5:10] = 0  # chunk 1 is all zeros: no file is stored for it
+  s = store_lib.create_or_open(tmp_path / "s", _manifest(dtype=dtype))
+  _write_all(s, data)
+  assert s.local and not os.path.exists(s.chunk_file(1))
+  want = np.asarray(s.read_async(0, 23).result())  # tensorstore
+  for lo, hi in [(0, 23), (3, 17), (5, 10), (21, 23), (7, 7)]:
+    out = np.full((hi - lo, 6), 9, s.dtype)
+    assert s.read_into(lo, hi, out) == []  # local: done on return
+    np.testing.assert_array_equal(out, want[lo:hi])
+  for c in range(s.num_chunks):
+    lo, hi = s.chunk_bounds(c)
+    view = s.chunk_view(c)
+    assert view.shape == (5, 6) and not view.flags.writeable
+    np.testing.assert_array_equal(view[:hi - lo], want[lo:hi])
+  # Pieces (one per chunk) check like one array.
+  records = {c: s.chunk_record(c) for c in range(s.num_chunks)}
+  s.check_read(0, 23, [s.chunk_view(c) for c in range(s.num_chunks)], records)
+  s.check_read(0, 23, want, records)
+  assert s.chunk_records_later(3, 12)() == {c: records[c] for c in (0, 1, 2)}
+
+
+def test_local_reads_refuse_a_damaged_chunk(tmp_path):
+  s = store_lib.create_or_open(tmp_path / "s", _manifest())
+  _write_all(s, _data())
+  with open(s.chunk_file(2), "r+b") as f:
+    f.truncate(10)
+  with pytest.raises(CorruptStoreError, match=r"c/2/0: chunk 2 \(rows 10..15\).*"
+                     "cannot be read.*10 bytes"):
+    s.chunk_view(2)
+  with pytest.raises(CorruptStoreError, match="chunk 2 .*cannot be read"):
+    s.read_into(8, 12, np.empty((4, 6), s.dtype))
+  pieces = [s.chunk_view(c) for c in (0, 1)]
+  bad = pieces[1].copy()
+  bad[0, 0] += 1
+  with pytest.raises(CorruptStoreError, match=r"chunk 1 \(rows 5..10\).*checksum"):
+    s.check_read(0, 10, [pieces[0], bad], {c: s.chunk_record(c) for c in (0, 1)})
+  s.unmark(3)
+  with pytest.raises(CorruptStoreError, match="chunk 3 .*has no marker"):
+    s.chunk_records_later(15, 20)()

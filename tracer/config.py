@@ -96,6 +96,7 @@ class TrainConfig:
   seed: int = 0
   log_every: int = 25
   checkpoint_every: int = 100
+  keep_checkpoints: int = 2          # the latest steps kept (memorization studies keep more)
 
 
 @dataclasses.dataclass(frozen=True)

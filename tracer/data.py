@@ -31,7 +31,7 @@ import re
 import sys
 import tempfile
 import threading
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -248,7 +248,9 @@ _STRING_LIST_FIELDS = ("fact_doc_ids",)
 
 
 def read_jsonl(path, required: Sequence[str], nonempty: Sequence[str] = (),
-               unique_ids: bool = True) -> Iterator[tuple[int, dict]]:
+               unique_ids: bool = True,
+               convert: Callable[[str, dict], dict] | None = None
+               ) -> Iterator[tuple[int, dict]]:
   """Yields (line number, record) of corpus or query lines, strictly.
 
   Every record holds the ``required`` fields; ``id``, ``text``, ``prompt``,
@@ -256,10 +258,14 @@ def read_jsonl(path, required: Sequence[str], nonempty: Sequence[str] = (),
   wherever they appear; ``nonempty`` fields must not be blank; ids are unique
   (unless ``unique_ids=False``: the caller checks, in less memory than a dict
   of every id). Blank lines are skipped. Errors name the file, line and field.
+  ``convert(where, record)``, if given, maps each record (``where`` is
+  ``file:line``) before these checks.
   """
   seen = {}
   for lineno, record in iter_jsonl(path):
     where = at(path, lineno)
+    if convert is not None:
+      record = convert(where, record)
     for field in required:
       if field not in record:
         raise InputError(f"{where}: missing field {field!r}; expected an object "
@@ -289,12 +295,117 @@ def read_jsonl(path, required: Sequence[str], nonempty: Sequence[str] = (),
 
 
 def read_queries(path: str) -> list[dict]:
-  """Query lines ``{"id", "prompt", "target", ...}``; extra fields are kept."""
+  """Query lines as ``{"id", "prompt", "target", ...}``; extra fields are kept.
+
+  A file holds tracer's records or the TrackStar authors' (``from_authors``),
+  not both: the first line decides, a line in the other format is an error.
+  A line carrying a field tracer writes into results (``WRITTEN_FIELDS``) is
+  an error in tracer's format; in the authors' it is dropped.
+  """
   queries = [r for _, r in read_jsonl(path, ("id", "prompt", "target"),
-                                      ("id", "target"))]
+                                      ("id", "target"), convert=_QueryFormat())]
   if not queries:
     raise InputError(f"{path}: no queries")
   return queries
+
+
+# --- the TrackStar authors' query records --------------------------------------
+# PAIR-code/pretraining-tda (README "Evaluation queries" and "TDA method
+# results"): their results files hold each query as example_id,
+# inputs_plaintext, targets_plaintext; their T-REx prompt sets as fact_id,
+# prompt0 (the prompt the paper used; prompt1, prompt2 are other templates),
+# entity1 (the target), with entity0, relation, aliases, URIs, ... beside.
+
+# Where each of our query fields is found in their records, first match wins.
+AUTHORS_QUERY_FIELDS = {
+    "id": ("example_id", "fact_id", "trex_id"),
+    "prompt": ("inputs_plaintext", "prompt0"),
+    "target": ("targets_plaintext", "entity1"),
+}
+# Their names tracer writes back from ours, so not passed through twice.
+_AUTHORS_RENAMED = frozenset({"example_id", "inputs_plaintext", "targets_plaintext"})
+
+# What tracer writes into a results line besides the query's own fields
+# (``tracer.evaluate.make_result_row``, ``tracer.pipeline.result_rows``): a
+# query carrying one of them would be overwritten, so none may.
+WRITTEN_FIELDS = frozenset({
+    "query_id", "example_id", "inputs_plaintext", "targets_plaintext",
+    "proponent_ids", "proponent_scores", "proponents", "proponent_correct",
+    "opponent_ids", "opponent_scores", "opponents", "opponent_correct",
+    "prediction", "prediction_probability", "target_probability",
+    "model_confidence", "temperature_samples", "error"})
+
+
+def is_authors_query(record: dict) -> bool:
+  """True for a query line in the authors' format: their prompt field, not ours."""
+  return "prompt" not in record and any(
+      f in record for f in AUTHORS_QUERY_FIELDS["prompt"])
+
+
+def _authors_value(where: str, record: dict, ours: str) -> str:
+  """Our field ``ours`` from their record: a non-blank string (an integer id
+  is taken as its decimal string)."""
+  names = AUTHORS_QUERY_FIELDS[ours]
+  name = next((n for n in names if n in record), None)
+  if name is None:
+    raise InputError(f"{where}: missing field {names[0]!r}; a query in the "
+                     f"TrackStar authors' format needs one of {_quoted(names)}")
+  value = record[name]
+  if ours == "id" and isinstance(value, int) and not isinstance(value, bool):
+    value = str(value)
+  if not isinstance(value, str):
+    raise InputError(f"{where}: field {name!r} must be a string, got "
+                     f"{type(value).__name__}")
+  if ours != "prompt" and not value.strip():
+    raise InputError(f"{where}: field {name!r} is empty or only whitespace; "
+                     "expected a non-blank string")
+  return value
+
+
+def from_authors(where: str, record: dict) -> dict:
+  """One query line in the authors' format as ours (``AUTHORS_QUERY_FIELDS``).
+
+  Returns ``{"id", "prompt", "target", ...}`` with every other field of the
+  line passed through (``fact_id``, ``relation``, aliases, ``prompt0`` and
+  ``entity1`` of a prompt set, ...), except ``example_id``,
+  ``inputs_plaintext``, ``targets_plaintext`` (tracer writes them back, the
+  same values) and another run's outputs: ``WRITTEN_FIELDS`` and every
+  ``proponent*`` / ``opponent*`` list (e.g. ``proponent_ais_scores``), which
+  would sit beside our proponents and describe theirs.
+  """
+  out = {ours: _authors_value(where, record, ours) for ours in AUTHORS_QUERY_FIELDS}
+  for key, value in record.items():
+    if (key in _AUTHORS_RENAMED or key in WRITTEN_FIELDS
+        or key.startswith(("proponent", "opponent"))):
+      continue
+    out.setdefault(key, value)
+  return out
+
+
+class _QueryFormat:
+  """``read_jsonl``'s ``convert`` for query files: our records as they are,
+  the authors' through ``from_authors``; one format per file."""
+
+  def __init__(self):
+    self.first: tuple[bool, str] | None = None  # (authors?, where) of line 1
+
+  def __call__(self, where: str, record: dict) -> dict:
+    authors = is_authors_query(record)
+    if self.first is None:
+      self.first = (authors, where)
+    elif authors != self.first[0]:
+      names = ("the TrackStar authors' format (inputs_plaintext/prompt0)",
+               "tracer's format (id, prompt, target)")
+      raise InputError(f"{where}: a query in {names[not authors]}, but "
+                       f"{self.first[1]} is in {names[authors]}; expected one "
+                       "format per file")
+    if authors:
+      return from_authors(where, record)
+    clash = sorted(WRITTEN_FIELDS.intersection(record))
+    if clash:
+      raise InputError(f"{where}: field {clash[0]!r} is one tracer writes into "
+                       "results; expected a query without it (rename it)")
+    return record
 
 
 # --- corpus ------------------------------------------------------------------

@@ -4,8 +4,22 @@ A results file is JSONL with one line per query, in the field names of the
 TrackStar authors' released retrieval files::
 
   {"query_id": ..., "prompt": ..., "target": ..., <query extra fields>,
+   "example_id": ..., "inputs_plaintext": ..., "targets_plaintext": ...,
    "proponent_ids": [...], "proponent_scores": [...], "proponents": [...],
-   "opponent_ids": [...], "opponent_scores": [...], "opponents": [...]}
+   "opponent_ids": [...], "opponent_scores": [...], "opponents": [...],
+   "proponent_correct": [...], "opponent_correct": [...],      # fact_doc_ids
+   "prediction": ..., "temperature_samples": [...],            # predicted
+   "prediction_probability": ..., "target_probability": ...,
+   "model_confidence": ...}
+
+Their viewer (PAIR-code/pretraining-tda, ``demo/``) reads the query as
+``example_id`` / ``inputs_plaintext`` / ``targets_plaintext``, so every line
+carries those beside our ``query_id`` / ``prompt`` / ``target`` (same values).
+It marks proponents right or wrong from ``proponent_correct``, written (with
+``opponent_correct``) when the query has non-empty ``fact_doc_ids``; shows
+``model_confidence`` beside the target (ours: ``target_probability``) and
+``temperature_samples`` as decoder samples (ours: ``prediction``, the greedy
+completion, with ``prediction_probability``). It shows no opponents.
 
 Proponents are listed best first and the file order *is* the ranking: whoever
 writes the file breaks score ties, the metrics never re-sort.
@@ -151,20 +165,23 @@ def make_result_row(query: Mapping[str, Any],
                     opponent_ids: Sequence[str] = (),
                     opponent_scores: Sequence[float] = (),
                     opponent_texts: Sequence[str] = (),
-                    prediction: str | None = None) -> dict[str, Any]:
+                    prediction: str | None = None, *,
+                    prediction_probability: float | None = None,
+                    target_probability: float | None = None) -> dict[str, Any]:
   """Builds one results line for ``query`` (a queries-file record).
 
   The query's ``id`` becomes ``query_id``; every other query field (prompt,
-  target, fact_doc_ids, bucket, ...) is passed through. Lists must be given
-  best first; numpy values are converted to plain Python. ``prediction``:
-  the model's greedy completion of the prompt, written as ``prediction``.
+  target, fact_doc_ids, bucket, ...) is passed through, then the authors'
+  names for the query (``authors_fields``), the lists, and their marks
+  against ``fact_doc_ids`` (``correct_marks``). Lists must be given best
+  first; numpy values are converted to plain Python. ``prediction``: the
+  model's greedy completion of the prompt; ``prediction_probability``,
+  ``target_probability``: p(prediction | prompt) and p(target | prompt) under
+  the model (``prediction_fields``). A query field the row would overwrite
+  is a ValueError.
   """
   if "id" not in query:
     raise ValueError("query has no 'id' field")
-  reserved = {*RESULT_FIELDS, "query_id", *(() if prediction is None else ("prediction",))}
-  clash = sorted(set(query) & reserved)
-  if clash:
-    raise ValueError(f"query {query['id']!r} has reserved field(s) {clash}")
   lists = {
       "proponent_ids": [str(x) for x in proponent_ids],
       "proponent_scores": [float(x) for x in np.asarray(proponent_scores)
@@ -182,14 +199,60 @@ def make_result_row(query: Mapping[str, Any],
           f"query {query['id']!r}: {side} ids, scores and texts differ in "
           f"length ({n}, {len(lists[f'{side}_scores'])}, "
           f"{len(lists[f'{side}s'])})")
+  written = {**authors_fields(query), **lists, **correct_marks(query, lists),
+             **prediction_fields(prediction, prediction_probability,
+                                 target_probability)}
+  clash = sorted(set(query) & {"query_id", *written})
+  if clash:
+    raise ValueError(f"query {query['id']!r} has reserved field(s) {clash}")
   row: dict[str, Any] = {"query_id": query["id"]}
-  for key, value in query.items():
-    if key != "id":
-      row[key] = value
-  row.update(lists)
-  if prediction is not None:
-    row["prediction"] = str(prediction)
+  row.update((k, v) for k, v in query.items() if k != "id")
+  row.update(written)
   return row
+
+
+def authors_fields(query: Mapping[str, Any]) -> dict[str, str]:
+  """The query in the names the TrackStar authors' viewer reads (module doc):
+  ``example_id`` (the id as a string: the viewer calls string methods on
+  it), ``inputs_plaintext`` (prompt), ``targets_plaintext`` (target)."""
+  out = {"example_id": str(query["id"])}
+  for theirs, ours in (("inputs_plaintext", "prompt"),
+                       ("targets_plaintext", "target")):
+    if ours in query:
+      out[theirs] = query[ours]
+  return out
+
+
+def correct_marks(query: Mapping[str, Any], lists: Mapping[str, Sequence[str]]
+                  ) -> dict[str, list[bool]]:
+  """``proponent_correct`` / ``opponent_correct``: per listed id, whether it
+  is one of the query's ``fact_doc_ids``; none when the query names no fact
+  documents (no ground truth: the authors' viewer would score it 0)."""
+  truth = set(query.get("fact_doc_ids") or ())
+  if not truth:
+    return {}
+  return {f"{side}_correct": [i in truth for i in lists[f"{side}_ids"]]
+          for side in ("proponent", "opponent")}
+
+
+def prediction_fields(prediction: str | None,
+                      prediction_probability: float | None = None,
+                      target_probability: float | None = None) -> dict[str, Any]:
+  """The model's answer in our names and the authors' (module doc): only
+  what is given. Their viewer prints ``model_confidence`` next to the target
+  ("Prediction: <target> (confidence = p)"), so it gets p(target | prompt);
+  ``temperature_samples`` (their "Decoder Samples") gets the greedy
+  completion, a sample at temperature 0."""
+  out: dict[str, Any] = {}
+  if prediction is not None:
+    out["prediction"] = str(prediction)
+    out["temperature_samples"] = [str(prediction)]
+  if prediction_probability is not None:
+    out["prediction_probability"] = float(prediction_probability)
+  if target_probability is not None:
+    out["target_probability"] = float(target_probability)
+    out["model_confidence"] = float(target_probability)
+  return out
 
 
 # ---------------------------------------------------------------------------

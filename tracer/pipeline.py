@@ -26,6 +26,7 @@ Progress is reported through an optional ``progress(done, total)`` callback
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 from typing import Callable, Iterator, NamedTuple, Sequence
@@ -275,7 +276,17 @@ def query_metric(encoder: GradientEncoder, basis: hessian.Basis | None,
         -1, encoder.dim)[:size])
     skipped.update({lo + i: why for i, why in
                     nonfinite_rows(projected, size).items()})
-  psi = np.concatenate(pieces)
+  metric, vectors = fit_query_metric(basis, np.concatenate(pieces), skipped, cfg, ids)
+  return metric, vectors, skipped
+
+
+def fit_query_metric(basis: hessian.Basis | None, psi: np.ndarray,
+                     skipped: dict[int, str], cfg: PreconditionerConfig,
+                     ids: Sequence[str] | None = None
+                     ) -> tuple[hessian.QueryMetric, np.ndarray]:
+  """A query set's scan-time R^(-1) from its projections ``psi [Q, d]`` in the
+  basis' coordinates (the set itself is R_eval when ``cfg.task_specific``),
+  and its query vectors ``[Q, d]``: zero for the queries in ``skipped``."""
   ok = np.ones(len(psi), bool)
   ok[list(skipped)] = False
   if not ok.any():
@@ -283,13 +294,13 @@ def query_metric(encoder: GradientEncoder, basis: hessian.Basis | None,
         f"every one of the {len(psi)} queries has a non-finite loss or gradient "
         f"(first: {_name(ids, 0)}: {skipped[0]})")
   if basis is None:
-    metric = hessian.identity_metric(encoder.dim)
+    metric = hessian.identity_metric(psi.shape[1])
   else:
     metric = hessian.fit_metric(basis, psi[ok] if cfg.task_specific else None,
                                 rank=cfg.rank, damping=cfg.damping, lam=cfg.lam)
   vectors = np.zeros_like(psi)
   vectors[ok] = metric.query_vectors(psi[ok])
-  return metric, vectors, skipped
+  return metric, vectors
 
 
 def _name(ids: Sequence[str] | None, i: int) -> str:
@@ -619,7 +630,8 @@ def result_rows(queries: Sequence[dict], corpus, topk: scan_lib.TopK,
   only the ids and texts of the rows retrieved. A query in ``skipped``
   (``query_metric``'s) gets no proponents or opponents and its reason in
   ``error``. ``predictions``: the model's completion of each query
-  (``predictions()``), written as ``prediction``."""
+  (``predictions()``), written as ``prediction``, with its probabilities when
+  they are ``Prediction``s (``tracer.evaluate.make_result_row``)."""
   skipped = skipped or {}
   preds = [None] * len(queries) if predictions is None else list(predictions)
   keep = [i for i in range(len(queries)) if i not in skipped]
@@ -630,7 +642,7 @@ def result_rows(queries: Sequence[dict], corpus, topk: scan_lib.TopK,
   out = []
   for i, q in enumerate(queries):
     if i in skipped:
-      row = evaluate.make_result_row(q, [], [], [], prediction=preds[i])
+      row = evaluate.make_result_row(q, [], [], [], **_prediction_args(preds[i]))
       row["error"] = f"{skipped[i]}: no proponents computed"
       out.append(row)
       continue
@@ -638,8 +650,16 @@ def result_rows(queries: Sequence[dict], corpus, topk: scan_lib.TopK,
     out.append(evaluate.make_result_row(
         q, [ids[r] for r in prop], topk.proponent_scores[i], [texts[r] for r in prop],
         [ids[r] for r in opp], topk.opponent_scores[i], [texts[r] for r in opp],
-        prediction=preds[i]))
+        **_prediction_args(preds[i])))
   return out
+
+
+def _prediction_args(pred: str | None) -> dict:
+  """``make_result_row``'s prediction arguments; the probabilities when
+  ``pred`` is a ``Prediction``."""
+  return {"prediction": pred,
+          "prediction_probability": getattr(pred, "probability", None),
+          "target_probability": getattr(pred, "target_probability", None)}
 
 
 def write_results(location: str, rows: Sequence[dict]) -> None:
@@ -649,18 +669,61 @@ def write_results(location: str, rows: Sequence[dict]) -> None:
   _barrier("tracer-results-written")
 
 
+class Prediction(str):
+  """A greedy completion: the text (a ``str``, so it prints, compares and
+  serializes as one), and ``probability`` = p(completion | prompt),
+  ``target_probability`` = p(target | prompt), both under the model."""
+
+  probability: float | None
+  target_probability: float | None
+
+  def __new__(cls, text: str, probability: float | None = None,
+              target_probability: float | None = None):
+    self = super().__new__(cls, text)
+    self.probability, self.target_probability = probability, target_probability
+    return self
+
+
 def predictions(ckpt: ckpt_lib.Checkpoint, query_examples: dict,
-                queries: Sequence[dict], vocab, batch_size: int = 256) -> list[str]:
+                queries: Sequence[dict], vocab, batch_size: int = 256
+                ) -> list[Prediction]:
   """The model's greedy completion of each prompt, as long as its target
   (``batch_size`` queries per decode call: memory stays bounded for large
-  query sets; every call but the last has the same shape)."""
-  steps = max(len(vocab.encode(q["target"])) for q in queries)
+  query sets; every call but the last has the same shape), with its
+  probability and the target's (``Prediction``)."""
+  target_tokens = [vocab.encode(q["target"]) for q in queries]
   decode = jax.jit(ckpt.family.greedy_decode, static_argnums=(0, 3))
   tokens = np.concatenate([
-      jax.device_get(decode(ckpt.model_config, ckpt.params, batch, steps))
+      jax.device_get(decode(ckpt.model_config, ckpt.params, batch,
+                            max(map(len, target_tokens))))
       for batch in example_slices(query_examples, batch_size)])
-  return [vocab.decode([int(t) for t in row[:len(vocab.encode(q["target"]))]])
-          for row, q in zip(tokens, queries)]
+  completions = [[int(t) for t in row[:len(tt)]]
+                 for row, tt in zip(tokens, target_tokens)]
+  # The completion scored as a target, after the same (possibly cut) prompt.
+  max_len = query_examples["inputs"].shape[1]
+  completion_examples = data_lib.stack_examples([
+      data_lib.query_example(vocab.encode(q["prompt"]), c, max_len)
+      for q, c in zip(queries, completions)])
+  p_completion = _probabilities(ckpt, completion_examples, batch_size)
+  p_target = _probabilities(ckpt, query_examples, batch_size)
+  return [Prediction(vocab.decode(c), float(pc), float(pt))
+          for c, pc, pt in zip(completions, p_completion, p_target)]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _target_logprobs(family, model_config, params, examples: dict) -> jax.Array:
+  """f32[B]: sum log p(target | prompt) of each query example."""
+  return jax.vmap(lambda ex: family.target_logprob(model_config, params, ex))(examples)
+
+
+def _probabilities(ckpt: ckpt_lib.Checkpoint, examples: dict, batch_size: int
+                   ) -> np.ndarray:
+  """f64[B]: p(target | prompt) of each query example, ``batch_size`` at a time."""
+  logprobs = np.concatenate([
+      jax.device_get(_target_logprobs(ckpt.family, ckpt.model_config, ckpt.params,
+                                      batch))
+      for batch in example_slices(examples, batch_size)])
+  return np.exp(logprobs.astype(np.float64))
 
 
 def completion_accuracy(queries: Sequence[dict], preds: Sequence[str]) -> dict:

@@ -4,9 +4,11 @@ the host side.
 The corpus is streamed in chunks of rows through the jitted core in
 ``tracer.topk`` (scores, per-device selection, exact merge; see its doc for
 the ordering rules). This module feeds it: rows are used in place when they
-are 64-byte aligned (``aligned_empty``) and otherwise copied once into reused
-aligned buffers (``_BufferPool``) by a background thread, overlapped with the
-device, each host reading only the rows of its own devices.
+are 64-byte aligned (``aligned_empty``) or are a local store's chunk files
+(mapped from the page cache, handed to the device as one piece per chunk),
+and otherwise copied once into reused aligned buffers (``_BufferPool``) by a
+background thread, overlapped with the device, each host reading only the
+rows of its own devices (object storage: several steps' reads in flight).
 
 If fewer than ``k`` rows are scanned (N < k), results have ``N`` columns.
 
@@ -37,6 +39,13 @@ from tracer.topk import (INVALID_ROW, RowMetric, TopK, TopKState, finish,  # noq
 
 # Encodings read per device per step when chunk_rows is not given.
 DEFAULT_DEVICE_CHUNK_BYTES = 64 << 20
+# Steps of an object-store scan whose reads are in flight before the oldest
+# is waited for (``scan_store``'s ``read_ahead``).
+REMOTE_READ_AHEAD = 4
+# The most pieces (store chunks used in place) a step hands a device; more
+# small chunks are copied into one buffer instead (each piece is a matmul of
+# its own in the compiled step).
+MAX_PIECES = 32
 _BF16 = np.dtype(ml_dtypes.bfloat16)
 
 
@@ -134,9 +143,13 @@ class _BufferPool:
 
 
 class _Layout:
-  """Which rows of a ``[step, d]`` chunk each local device holds."""
+  """Which rows of a ``[step, d]`` chunk each local device holds, and in how
+  many pieces: a step's rows go to the device as ``step // piece_rows``
+  arrays per device (the matmul takes them one by one), so rows held in
+  separate buffers (a store's chunk files, mapped) need no copy."""
 
-  def __init__(self, mesh: Mesh, step: int, dim: int, dtype: np.dtype):
+  def __init__(self, mesh: Mesh, step: int, dim: int, dtype: np.dtype,
+               piece_rows: int | None = None):
     self.step = step
     self.dim = dim
     self.dtype = dtype
@@ -147,55 +160,96 @@ class _Layout:
     for device, index in index_map.items():
       r = range(step)[index[0]]
       self.local.append((device, r.start, r.stop))
+    per_device = step // mesh.size
+    if (not piece_rows or per_device % piece_rows
+        or per_device // piece_rows > MAX_PIECES):
+      piece_rows = per_device
+    self.piece_rows = piece_rows
+    self.num_pieces = per_device // piece_rows
 
   def shapes(self) -> list[tuple[int, int]]:
     return [(b - a, self.dim) for _, a, b in self.local]
 
-  def load(self, source: _Source, base: int, pool: _BufferPool):
-    """Global arrays (chunk, row ids, valid) for rows ``base + [0, step)``.
+  def start(self, source: _Source, base: int, pool: _BufferPool) -> _Pending:
+    """Starts getting rows ``base + [0, step)`` (``finish`` waits for them).
 
     A local device's rows are used in place when the source can (an aligned
-    in-memory matrix); otherwise they are read into a pooled aligned buffer,
-    zero-padded past N. Returns the arrays and the buffer set to release once
-    the step is done (None if none was borrowed).
+    in-memory matrix, or a store's mapped chunk files); otherwise they are
+    read into a pooled aligned buffer, zero-padded past N.
     """
     num_rows = source.num_rows
     bounds = [(min(base + a, num_rows), min(base + b, num_rows), b - a)
               for _, a, b in self.local]
     hosts = [None] * len(self.local)
+    checks = []
     for i, (lo, hi, size) in enumerate(bounds):
       if hi - lo == size:
         view = source.view(lo, hi)
         if view is not None and _zero_copy_ok(view, self.dtype):
-          hosts[i] = view
+          hosts[i] = [view]
+      if hosts[i] is None and self.num_pieces > 1 and hi > lo:
+        pieces = source.pieces(base + self.local[i][1], self.piece_rows,
+                               self.num_pieces)
+        if pieces is not None:
+          hosts[i] = pieces
+          checks.append((pieces, source.checker(lo, hi)))
     buffers = None
-    pending, checks = [], []
+    futures = []
     if any(h is None for h in hosts):
       buffers = pool.acquire()
       for i, (lo, hi, size) in enumerate(bounds):
         if hosts[i] is None:
-          hosts[i] = buffers[i]
+          hosts[i] = [buffers[i]]
           if hi > lo:
-            pending += source.read_into(lo, hi, buffers[i][:hi - lo])
-            checks.append((buffers[i][:hi - lo], source.checker(lo, hi)))
+            futures += source.read_into(lo, hi, buffers[i][:hi - lo])
+            checks.append(([buffers[i][:hi - lo]], source.checker(lo, hi)))
           buffers[i][max(hi - lo, 0):] = 0  # padding rows past N
-    for future in pending:
+    return _Pending(base, num_rows, hosts, buffers, futures, checks)
+
+  def finish(self, pending: _Pending):
+    """Global arrays (pieces of the chunk, row ids, valid) of a started step,
+    and the buffer set to release once the step is done (None if none was
+    borrowed)."""
+    for future in pending.futures:
       future.result()
-    excluded = np.concatenate([np.zeros(0, np.int64)]
-                              + [check(rows) for rows, check in checks])
+    excluded = np.concatenate([np.zeros(0, np.int64)] + [
+        check(arrays) for arrays, check in pending.checks])
 
-    def assemble(shape, sharding, arrays):
-      return jax.make_array_from_single_device_arrays(
-          shape, sharding,
-          [jax.device_put(x, d) for x, (d, _, _) in zip(arrays, self.local)])
+    def split(host):  # one array per piece
+      if len(host) == self.num_pieces:
+        return host
+      return np.split(host[0], self.num_pieces)
 
+    base = pending.base
     ids = [np.arange(base + a, base + b, dtype=np.int32)
            for _, a, b in self.local]
-    valid = [(i < num_rows) & ~np.isin(i, excluded) for i in ids]
-    arrays = (assemble((self.step, self.dim), self.rows, hosts),
-              assemble((self.step,), self.ids, ids),
-              assemble((self.step,), self.ids, valid))
-    return arrays, buffers
+    valid = [(i < pending.num_rows) & ~np.isin(i, excluded) for i in ids]
+    # Per local device: its pieces, row ids, valid; placed in one call (each
+    # device_put costs ~0.1-1 ms of Python, a step has several per device).
+    hosts = [split(h) + [i, v] for h, i, v in zip(pending.hosts, ids, valid)]
+    placed = jax.device_put(hosts, [[d] * len(h) for h, (d, _, _)
+                                    in zip(hosts, self.local)])
+
+    def assemble(shape, sharding, j):
+      return jax.make_array_from_single_device_arrays(
+          shape, sharding, [arrays[j] for arrays in placed])
+
+    chunk = tuple(assemble((self.step // self.num_pieces, self.dim), self.rows, p)
+                  for p in range(self.num_pieces))
+    arrays = (chunk if self.num_pieces > 1 else chunk[0],
+              assemble((self.step,), self.ids, self.num_pieces),
+              assemble((self.step,), self.ids, self.num_pieces + 1))
+    return arrays, pending.buffers
+
+
+class _Pending(NamedTuple):
+  """A step whose reads have started (``_Layout.start``)."""
+  base: int
+  num_rows: int
+  hosts: list  # per local device, its rows: one array or the pieces
+  buffers: list[np.ndarray] | None
+  futures: list
+  checks: list  # (arrays holding rows lo.. in order, the checker of lo..hi)
 
 
 class _Source:
@@ -212,10 +266,17 @@ class _Source:
     """Copies rows ``[start, stop)`` into ``out``; returns futures to wait on."""
     raise NotImplementedError
 
+  def pieces(self, start: int, piece_rows: int, count: int
+             ) -> list[np.ndarray] | None:
+    """``count`` arrays of ``piece_rows`` rows from ``start`` on (rows past N:
+    any finite values), without a copy, if the source holds them so."""
+    return None
+
   def checker(self, start: int, stop: int):
-    """A function that checks rows ``[start, stop)`` once read and returns
-    the ids of those the scan must skip (quarantined rows)."""
-    return lambda rows: np.zeros(0, np.int64)
+    """A function that checks rows ``[start, stop)`` once read (given the
+    arrays holding them in order from ``start`` on) and returns the ids of
+    those the scan must skip (quarantined rows)."""
+    return lambda arrays: np.zeros(0, np.int64)
 
 
 class _ArraySource(_Source):
@@ -244,13 +305,25 @@ class _StoreSource(_Source):
   def read_into(self, start, stop, out):
     return self.store.read_into(start, stop, out)
 
+  def pieces(self, start, piece_rows, count):
+    """Local stores: the chunk files themselves, mapped (``chunk_view``)."""
+    cr = self.store.chunk_rows
+    if not self.store.local or piece_rows != cr or start % cr:
+      return None
+    first = start // cr
+    if not hasattr(self, "_zeros"):  # chunks past the corpus: padding
+      self._zeros = aligned_empty((cr, self.dim), self.dtype)
+      self._zeros[...] = 0
+    return [self.store.chunk_view(c) if c < self.store.num_chunks else self._zeros
+            for c in range(first, first + count)]
+
   def checker(self, start, stop):
     records = self.store.chunk_records_later(start, stop)
 
-    def check(rows):
+    def check(arrays):
       got = records()
       if self.verify:
-        self.store.check_read(start, stop, rows, got)
+        self.store.check_read(start, stop, arrays, got)
       return np.array([int(r) for rec in got.values()
                        for r in rec.get("quarantined", {})], np.int64)
     return check
@@ -258,13 +331,16 @@ class _StoreSource(_Source):
 
 def _scan(source: _Source, queries, k: int, mesh: Mesh | None,
           chunk_rows: int | None, prefetch: int, row_multiple: int = 1,
-          metric: RowMetric | None = None, progress=None) -> TopK:
+          metric: RowMetric | None = None, progress=None,
+          read_ahead: int = 0) -> TopK:
   """The host loop shared by ``scan_arrays`` and ``scan_store``.
 
-  A producer (a background thread if ``prefetch > 0``) reads each step's
-  rows into pooled host buffers and places them; the caller's thread
-  dispatches the jitted update and keeps at most ``max(1, prefetch)`` steps
-  in flight, returning their buffers to the pool once they are done.
+  A producer (a background thread if ``prefetch > 0``) starts each step's
+  reads ``read_ahead`` steps before it waits for them (so that many steps'
+  requests are in flight at once), into pooled host buffers or mapped
+  pieces (``_Layout``), and places them; the caller's thread dispatches the
+  jitted update and keeps at most ``max(1, prefetch)`` steps in flight,
+  returning their buffers to the pool once they are done.
   """
   num_rows, dim = source.num_rows, source.dim
   mesh = _mesh(mesh)
@@ -280,20 +356,32 @@ def _scan(source: _Source, queries, k: int, mesh: Mesh | None,
   # whole store chunks per device so that each read can be checked).
   step = min(step, partitioning.padded_size(max(num_rows, 1),
                                             mesh.size * row_multiple))
-  layout = _Layout(mesh, step, dim, dtype)
+  # Whole store chunks per device: one piece per chunk (mapped in place).
+  layout = _Layout(mesh, step, dim, dtype,
+                   piece_rows=row_multiple if row_multiple > 1 else None)
   depth = max(1, prefetch)
-  pool = _BufferPool(layout.shapes(), dtype, size=prefetch + depth + 2)
+  read_ahead = max(0, int(read_ahead))
+  pool = _BufferPool(layout.shapes(), dtype,
+                     size=prefetch + depth + read_ahead + 2)
   queries_on_mesh = partitioning.put_global(q, partitioning.replicated(mesh))
   state = init_topk(q.shape[0], k, mesh)
   update = step_fn(mesh, int(k), True, None if metric is None else metric.segments)
   metric_args = _metric_on_mesh(metric, dim, mesh)
-  steps = (layout.load(source, base, pool)
-           for base in range(0, num_rows, step))
-  pieces = data_lib.prefetch(steps, prefetch)
+
+  def steps():
+    started = collections.deque()
+    for base in range(0, num_rows, step):
+      started.append(layout.start(source, base, pool))
+      if len(started) > read_ahead:
+        yield layout.finish(started.popleft())
+    while started:
+      yield layout.finish(started.popleft())
+
+  ready = data_lib.prefetch(steps(), prefetch)
   in_flight = collections.deque()
   finished = 0
   try:
-    for arrays, buffers in pieces:
+    for arrays, buffers in ready:
       state = update(state, *arrays, queries_on_mesh, *metric_args)
       del arrays
       # Dispatch is async: bound the steps queued on the device, and recycle
@@ -308,7 +396,7 @@ def _scan(source: _Source, queries, k: int, mesh: Mesh | None,
           progress(min(finished * step, num_rows), num_rows)
   finally:
     pool.close()
-    pieces.close()
+    ready.close()
   result = finish(state, num_rows)
   if progress is not None:
     progress(num_rows, num_rows)
@@ -356,7 +444,7 @@ def scan_arrays(encodings, queries, k: int, *, mesh: Mesh | None = None,
 def scan_store(store, queries, k: int, *, mesh: Mesh | None = None,
                chunk_rows: int | None = None, prefetch: int = 2,
                metric: RowMetric | None = None, verify: bool = True,
-               progress=None) -> TopK:
+               progress=None, read_ahead: int | None = None) -> TopK:
   """Exact top-k over a complete ``store.EncodingStore``, streamed from disk.
 
   Reads run in a background thread (tensorstore futures for every local
@@ -368,7 +456,15 @@ def scan_store(store, queries, k: int, *, mesh: Mesh | None = None,
   ``metric``: as in ``scan_arrays``. ``verify``: check each chunk read
   against the checksum in its marker (in the reading thread; chunks read
   whole, i.e. with the default ``chunk_rows``). ``progress``: called as
-  ``progress(rows_scanned, num_rows)`` as steps finish.
+  ``progress(rows_scanned, num_rows)`` as steps finish. ``read_ahead``:
+  steps whose reads are started before the oldest is waited for; default 0
+  for a local store (its chunk files are mapped in place, see below) and
+  ``REMOTE_READ_AHEAD`` for object storage, whose requests take
+  milliseconds to start.
+
+  With the default ``chunk_rows`` on a local store, each device's rows are
+  its stored chunks' files mapped from the page cache (``chunk_view``): no
+  copy at all on a warm cache.
 
   Raises:
     InputError: the store is incomplete or the queries' d does not match.
@@ -376,8 +472,11 @@ def scan_store(store, queries, k: int, *, mesh: Mesh | None = None,
   """
   store.check_complete()
   multiple = store.chunk_rows if chunk_rows is None else 1
+  if read_ahead is None:
+    read_ahead = 0 if store.local else REMOTE_READ_AHEAD
   return _scan(_StoreSource(store, verify), queries, k, mesh, chunk_rows, prefetch,
-               row_multiple=multiple, metric=metric, progress=progress)
+               row_multiple=multiple, metric=metric, progress=progress,
+               read_ahead=read_ahead)
 
 
 class StreamingScanner:

@@ -9,10 +9,13 @@ Records. ``read_results`` returns one dict per query in our field names
   prediction                          str, optional (the model's greedy
                                       completion; right when == target)
   prediction_correct                  bool, optional (derived: see below)
+  prediction_probability, target_probability   float, optional: p(prediction
+                                      | prompt), p(target | prompt)
   proponent_ids, proponent_scores     [str], [float] best first
   proponents                          [str | None] (None: no text in the file)
   opponent_ids, opponent_scores, opponents   the same, [] when absent
   proponent_correct                   [bool | None], optional, per proponent
+  opponent_correct                    [bool | None], optional, per opponent
   proponent_tail_patch                [float] per proponent, NaN where missing
   error                               str, optional (no proponents computed)
   ...                                 every other field, kept as is ("extras")
@@ -42,7 +45,10 @@ the "TDA method results" section of their ``README.md`` read these fields:
 
 Each record is mapped on its own, so one file may mix both formats; where a
 record has both names (``query_id`` and ``example_id``) ours wins and theirs
-stays an extra. ``prediction_correct`` is ``prediction == target`` (exactly,
+stays an extra, unless it holds the same value: our own files carry the
+authors' names too (``tracer.evaluate``: ``example_id``, ``inputs_plaintext``,
+``targets_plaintext``, ``model_confidence`` = ``target_probability``,
+``temperature_samples`` = ``[prediction]``), and those copies are dropped. ``prediction_correct`` is ``prediction == target`` (exactly,
 as ``tracer.pipeline.completion_accuracy``) when a record has ``prediction``,
 else the authors' ``is_8b_correct`` when it has that.
 
@@ -78,12 +84,16 @@ _ALIASES = {
     "bucket": ("c4_frequency_bucket", "frequency_bucket"),
     "prediction_correct": ("is_8b_correct",),
 }
+# Their name -> ours in our own files (tracer.evaluate), dropped when equal.
+_COPIES = {"example_id": "query_id", "inputs_plaintext": "prompt",
+           "targets_plaintext": "target", "model_confidence": "target_probability"}
 _SIDES = (("proponent", "proponents"), ("opponent", "opponents"))
 KNOWN_FIELDS = frozenset({
     "query_id", "prompt", "target", "bucket", "fact_doc_ids", "prediction",
-    "prediction_correct", "error", "proponent_ids", "proponent_scores",
-    "proponents", "opponent_ids", "opponent_scores", "opponents",
-    "proponent_correct", "proponent_tail_patch"})
+    "prediction_correct", "prediction_probability", "target_probability",
+    "error", "proponent_ids", "proponent_scores", "proponents", "opponent_ids",
+    "opponent_scores", "opponents", "proponent_correct", "opponent_correct",
+    "proponent_tail_patch"})
 
 # An extra field with at most this many distinct short scalar values gets a
 # filter on the page (e.g. relation); more is a free-text field (subject).
@@ -150,6 +160,7 @@ def normalize_record(obj: Mapping[str, Any], where: str = "record"
   'Paris is in'
   """
   rec = dict(obj)
+  _drop_copies(rec)
   for ours, theirs in _ALIASES.items():
     if ours not in rec:
       for name in theirs:
@@ -171,6 +182,9 @@ def normalize_record(obj: Mapping[str, Any], where: str = "record"
   for field in ("prediction", "error"):
     if field in rec and rec[field] is not None and not isinstance(rec[field], str):
       raise InputError(f"{where}: field {field!r} must be a string")
+  for field in ("prediction_probability", "target_probability"):
+    if rec.get(field) is not None and not _is_number(rec[field]):
+      raise InputError(f"{where}: field {field!r} must be a number")
   if rec.get("bucket") is None:
     rec.pop("bucket", None)
   elif _is_number(rec["bucket"]) or isinstance(rec["bucket"], str):
@@ -200,16 +214,9 @@ def normalize_record(obj: Mapping[str, Any], where: str = "record"
     else:
       _strings(where, rec, texts, nullable=True)
       _same_length(where, rec, texts, ids, n)
+  for side, _ in _SIDES:
+    _check_marks(where, rec, side)
   n = len(rec["proponent_ids"])
-  if rec.get("proponent_correct") is not None:
-    marks = rec["proponent_correct"]
-    if not isinstance(marks, list) or not all(
-        v is None or isinstance(v, bool) for v in marks):
-      raise InputError(f"{where}: field 'proponent_correct' must be a list of "
-                       "true/false (or null)")
-    _same_length(where, rec, "proponent_correct", "proponent_ids", n)
-  else:
-    rec.pop("proponent_correct", None)
   if rec.get("proponent_tail_patch") is not None:
     rec["proponent_tail_patch"] = _floats(where, rec, "proponent_tail_patch")
     _same_length(where, rec, "proponent_tail_patch", "proponent_ids", n)
@@ -223,6 +230,31 @@ def normalize_record(obj: Mapping[str, Any], where: str = "record"
   else:
     rec.pop("prediction_correct", None)
   return rec
+
+
+def _drop_copies(rec: dict[str, Any]) -> None:
+  """Drops the authors' names that repeat ours (module doc), in place."""
+  for theirs, ours in _COPIES.items():
+    if theirs in rec and ours in rec and rec[theirs] == rec[ours]:
+      del rec[theirs]
+  if (rec.get("prediction") is not None
+      and rec.get("temperature_samples") == [rec["prediction"]]):
+    del rec["temperature_samples"]
+
+
+def _check_marks(where: str, rec: dict[str, Any], side: str) -> None:
+  """``<side>_correct``: one true/false (or null) per ``<side>_ids``; dropped
+  when null."""
+  field, ids = f"{side}_correct", f"{side}_ids"
+  if rec.get(field) is None:
+    rec.pop(field, None)
+    return
+  marks = rec[field]
+  if not isinstance(marks, list) or not all(
+      v is None or isinstance(v, bool) for v in marks):
+    raise InputError(f"{where}: field {field!r} must be a list of true/false "
+                     "(or null)")
+  _same_length(where, rec, field, ids, len(rec[ids]))
 
 
 def read_results(location: str) -> list[dict[str, Any]]:
@@ -437,7 +469,8 @@ def payload(runs: Mapping[str, Sequence[Mapping[str, Any]]], title: str,
   """What the page embeds (JSON).
 
   ``queries``: one per query id over all runs (first run's order, then new
-  ids), ``{id, prompt, target, prediction?, correct?, bucket?, facts?, x}``
+  ids), ``{id, prompt, target, prediction?, correct?, pp?, tp?, bucket?,
+  facts?, x}`` (pp, tp: the prediction's and the target's probabilities)
   from the first run holding it, ``x`` its extra fields. ``runs``: per method
   a list aligned with ``queries``, null where the run lacks the query, else
   ``{p: proponents, o: opponents, e?: error, pred?, correct?}`` with each
@@ -465,6 +498,8 @@ def payload(runs: Mapping[str, Sequence[Mapping[str, Any]]], title: str,
       q = {"id": rec["query_id"], "prompt": rec["prompt"], "target": rec["target"]}
       for ours, short in (("prediction", "prediction"),
                           ("prediction_correct", "correct"),
+                          ("prediction_probability", "pp"),
+                          ("target_probability", "tp"),
                           ("bucket", "bucket"), ("fact_doc_ids", "facts")):
         if rec.get(ours) is not None:
           q[short] = rec[ours]
@@ -476,6 +511,7 @@ def payload(runs: Mapping[str, Sequence[Mapping[str, Any]]], title: str,
     for rec in records:
       facts = set(rec.get("fact_doc_ids") or ())
       marks = rec.get("proponent_correct") or [None] * len(rec["proponent_ids"])
+      opp_marks = rec.get("opponent_correct") or [None] * len(rec["opponent_ids"])
       patch = rec.get("proponent_tail_patch") or [None] * len(rec["proponent_ids"])
       # Scores and tail-patch values made finite here, where they are
       # built: script_json then needs no walk over the whole payload.
@@ -485,9 +521,9 @@ def payload(runs: Mapping[str, Sequence[Mapping[str, Any]]], title: str,
                 for i, s, t, c, tp in zip(rec["proponent_ids"],
                                           rec["proponent_scores"],
                                           rec["proponents"], marks, patch)],
-          "o": [[i, _finite_or_none(s), intern(t), int(i in facts)]
-                for i, s, t in zip(rec["opponent_ids"], rec["opponent_scores"],
-                                   rec["opponents"])]}
+          "o": [[i, _finite_or_none(s), intern(t), int(i in facts or c is True)]
+                for i, s, t, c in zip(rec["opponent_ids"], rec["opponent_scores"],
+                                      rec["opponents"], opp_marks)]}
       if rec.get("error"):
         row["e"] = rec["error"]
       q = queries[qindex[rec["query_id"]]]
@@ -909,12 +945,14 @@ _JS = r"""
     var dl = el("dl", "query");
     field(dl, "prompt", q.prompt);
     field(dl, "target", q.target);
+    if (q.tp != null) field(dl, "p(target)", q.tp.toPrecision(3));
     if (q.prediction != null) {
       var p = field(dl, "prediction", q.prediction);
       if (q.correct != null) p.appendChild(verdict(q.correct));
     } else if (q.correct != null) {
       field(dl, "prediction", "").appendChild(verdict(q.correct));
     }
+    if (q.pp != null) field(dl, "p(prediction)", q.pp.toPrecision(3));
     if (q.bucket != null) field(dl, "bucket", q.bucket);
     if (q.facts) field(dl, "fact documents", q.facts.join(", ") || "(none)");
     Object.keys(q.x).forEach(function (k) { field(dl, k, show(q.x[k])); });

@@ -1,0 +1,282 @@
+r"""Answers trace queries over HTTP, the store's encodings held on the devices.
+
+  tracer serve --gin_file=configs/tiny.gin --workdir=W [--store=URL] \
+      [--corpus=C] [--port=8000] [--host=127.0.0.1]
+
+(also ``python -m tracer.launch.serve``). Loads the checkpoint (default: the
+latest in W/checkpoints) and the complete store (default W/store; encode it
+first with ``tracer trace`` or ``tracer encode``), reads the store's rows
+onto the mesh's devices once (split over every device and host; streamed
+from the store for every request when they do not fit
+``--resident_budget_mb`` per device) and serves:
+
+  POST /trace   {"queries": [{"id", "prompt", "target", ...}], "top_k": K}
+                -> {"results": [the records `tracer trace` writes], "batch": {...}}
+  GET  /health  -> {"status": "ok", "rows": N, ...}
+
+Each request's queries are encoded and their task-specific R fitted from
+them alone, so an answer equals ``tracer trace``'s for the same queries
+file. Requests arriving together (within --batch_window_ms) share one
+encoder call, one pass over the rows and one greedy decode. Bad requests get
+a 4xx and a message naming the field. ``--corpus`` (default: the store's own,
+from its manifest) maps rows to ids and texts.
+
+``--measure=Q.jsonl`` starts the server, measures its latency with queries
+from that file (1 query; 64 queries in one request; 64 concurrent one-query
+requests: medians over --measure_repeats warm runs), prints the table and
+exits.
+
+On several hosts run the same command on each (``--coordinator_address`` or
+``TRACER_DISTRIBUTED=1``): process 0 serves HTTP and broadcasts each batch;
+every process scans its own devices' rows.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import statistics
+import threading
+import time
+
+from absl import flags
+import jax
+import numpy as np
+
+from tracer.launch import common
+from tracer.launch import config
+from tracer.config import PreconditionerConfig
+from tracer import data as data_lib
+from tracer import pipeline
+from tracer import serving
+from tracer import store as store_lib
+from tracer import storage
+from tracer.errors import InputError
+
+flags.DEFINE_string("host", "127.0.0.1", "Address to bind (0.0.0.0: every "
+                    "interface; the server has no authentication).")
+flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port; the "
+                     "first line printed names it).")
+flags.DEFINE_integer("resident_budget_mb", -1, "Device memory per device the "
+                     "store's rows may take; more and they are streamed from "
+                     "the store for every request. -1: 60% of an accelerator's "
+                     "memory, or on CPU 40% of host memory over the local "
+                     "devices. 0: always stream.")
+flags.DEFINE_float("batch_window_ms", 5.0, "How long the batcher waits for "
+                   "more requests to answer with the first one.")
+flags.DEFINE_integer("max_batch_queries", 256, "Queries per request and per "
+                     "batch, at most.", lower_bound=1)
+flags.DEFINE_integer("max_top_k", 100, "Largest top_k a request may ask for.",
+                     lower_bound=1)
+flags.DEFINE_float("max_body_mb", 16.0, "Largest request body.")
+flags.DEFINE_float("idle_tick_s", 5.0, "Multi-host: while no request comes, "
+                   "process 0 tells the others this often that none came.")
+flags.DEFINE_bool("log_requests", False, "Log each HTTP request to stderr.")
+flags.DEFINE_string("measure", None, "Queries JSONL: measure latency with its "
+                    "queries, print the table and exit.")
+flags.DEFINE_integer("measure_repeats", 10, "Warm runs per --measure case.")
+FLAGS = flags.FLAGS
+
+
+def _corpus_source(location: str, given: str | None) -> str:
+  """``--corpus``, else the store's own (its manifest's ``corpus``)."""
+  if given:
+    return given
+  manifest = storage.join(location, store_lib.MANIFEST)
+  if not storage.exists(manifest):
+    raise InputError(f"{location}: no store; encode the corpus first "
+                     "(tracer trace or tracer encode)")
+  return store_lib.open_store(location).manifest.corpus
+
+
+def budget_bytes(budget_mb: int) -> int:
+  """``--resident_budget_mb`` in bytes, process 0's figure on every process
+  (all must choose the same index)."""
+  if budget_mb < 0:
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+      # The rest: the model, the encoder's and the scan's temporaries.
+      budget = 0.6 * stats["bytes_limit"]
+    else:  # CPU devices share the host's memory
+      budget = (0.4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+                / jax.local_device_count())
+    budget_mb = int(budget) >> 20
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    budget_mb = int(multihost_utils.broadcast_one_to_all(
+        np.array([budget_mb], np.int32))[0])
+  return budget_mb << 20
+
+
+def build(workdir: str, store_path: str | None = None, corpus: str | None = None,
+          checkpoint: str | None = None, budget_mb: int = -1,
+          verify: bool = True) -> serving.Tracer:
+  """The checkpoint, encoder, store (complete) and index, loaded once."""
+  pcfg = config.make(PreconditionerConfig)
+  location = common.default_location(workdir, store_path, "store")
+  source = _corpus_source(location, corpus)
+  try:
+    run_ = common.start(workdir, checkpoint, source)
+  except InputError as e:
+    if corpus:
+      raise
+    raise InputError(f"{e} (the store's corpus, from its manifest; pass "
+                     "--corpus)") from None
+  store = common.stored(location, run_)
+  pending = pipeline.agreed_pending_chunks(store)
+  if len(pending):
+    raise InputError(f"{location}: store is incomplete: {len(pending)} of "
+                     f"{store.num_chunks} chunks not written; finish encoding "
+                     "first (tracer encode)")
+  start = time.perf_counter()
+  index = serving.open_index(store, run_.encoder.mesh, budget_bytes(budget_mb),
+                             verify)
+  common.say(f"checkpoint {run_.ckpt.path} (step {run_.ckpt.step}); store "
+             f"{location}: {store.num_rows} rows x d={store.dim}, "
+             f"{index.describe()} ({time.perf_counter() - start:.1f} s); mesh "
+             f"{dict(run_.encoder.mesh.shape)} over {jax.process_count()} "
+             "process(es)")
+  return serving.Tracer(run_.ckpt, run_.encoder, pipeline.store_basis(store),
+                        run_.corpus, index, pcfg)
+
+
+def limits(tracer: serving.Tracer) -> serving.Limits:
+  return serving.Limits(
+      num_rows=tracer.index.store.num_rows, max_top_k=FLAGS.max_top_k,
+      max_queries=FLAGS.max_batch_queries,
+      default_top_k=min(FLAGS.top_k, tracer.index.store.num_rows),
+      max_body_bytes=int(FLAGS.max_body_mb * 2**20))
+
+
+def info(tracer: serving.Tracer, lim: serving.Limits) -> dict:
+  """What ``GET /health`` reports."""
+  store = tracer.index.store
+  return {"store": store.path, "rows": store.num_rows, "dim": store.dim,
+          "dtype": store.manifest.dtype, "resident": tracer.index.resident,
+          "checkpoint": str(tracer.ckpt.path), "step": int(tracer.ckpt.step),
+          "devices": jax.device_count(), "processes": jax.process_count(),
+          "max_top_k": min(lim.max_top_k, lim.num_rows),
+          "max_queries": lim.max_queries, "default_top_k": lim.default_top_k}
+
+
+class Server:
+  """Process 0's side, started: the batcher (and, multi-host, the channel
+  to the others) and the HTTP server in a thread. ``url``; ``close()``."""
+
+  def __init__(self, tracer: serving.Tracer, host: str = "127.0.0.1",
+               port: int = 0, window_s: float = 0.005, log: bool = False,
+               lim: serving.Limits | None = None):
+    lim = lim or serving.Limits(tracer.index.store.num_rows)
+    answer, extra = tracer.answer, {}
+    if jax.process_count() > 1:
+      channel = serving.Channel()
+
+      def answer(requests):
+        channel.send(requests)
+        return tracer.answer(requests)
+      extra = dict(idle_s=FLAGS.idle_tick_s, on_idle=lambda: channel.send([]),
+                   on_stop=lambda: channel.send(None))
+    self.batcher = serving.Batcher(answer, window_s, lim.max_queries, **extra)
+    service = serving.Service(lim, lambda r: tracer.examples(r.queries),
+                              self.batcher, info(tracer, lim), log)
+    self.http = serving.make_server(service, host, port)
+    host, port = self.http.server_address[:2]
+    self.url = f"http://{host}:{port}"
+    self._thread = threading.Thread(target=self.http.serve_forever,
+                                    name="tracer-http", daemon=True)
+    self._thread.start()
+
+  def close(self) -> None:
+    """Stops taking requests, answers those queued, stops the followers."""
+    self.http.shutdown()
+    self.http.server_close()
+    self.batcher.close()
+
+
+# --- latency ------------------------------------------------------------------
+
+def _case(url: str, requests: list[list[dict]]) -> tuple[float, list[dict]]:
+  """Sends ``requests`` at once; the wall time until the last answer and
+  the responses."""
+  start = time.perf_counter()
+  with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+    responses = list(pool.map(lambda q: serving.trace(url, q), requests))
+  return time.perf_counter() - start, responses
+
+
+def measure(url: str, queries: list[dict], repeats: int = 10) -> list[dict]:
+  """Warm latency of three cases (module doc): per case the median, min and
+  max wall time over ``repeats`` runs (after two warm-up runs), and of each
+  run's largest batch: its requests and its stages' seconds (medians)."""
+  def take(n, offset):
+    return [dict(queries[(offset + i) % len(queries)],
+                 id=f"{queries[(offset + i) % len(queries)]['id']}#{offset + i}")
+            for i in range(n)]
+  cases = {"1 query": lambda o: [take(1, o)],
+           "64 queries, one request": lambda o: [take(64, o)],
+           "64 one-query requests at once": lambda o: [take(1, o + i)
+                                                       for i in range(64)]}
+  rows = []
+  for name, make in cases.items():
+    for warm in range(2):
+      _case(url, make(warm))
+    times, batches, stages = [], [], {}
+    for r in range(repeats):
+      took, responses = _case(url, make(64 * r))
+      times.append(took)
+      largest = max((resp["batch"] for resp in responses),
+                    key=lambda b: b["requests"])
+      batches.append(largest["requests"])
+      for stage, s in largest["timing_s"].items():
+        stages.setdefault(stage, []).append(s)
+    rows.append({"case": name, "median_s": statistics.median(times),
+                 "min_s": min(times), "max_s": max(times),
+                 "requests_per_batch": statistics.median(batches),
+                 **{f"{k}_s": statistics.median(v) for k, v in stages.items()}})
+  return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+  keys = list(rows[0])
+  lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+  for row in rows:
+    lines.append("| " + " | ".join(
+        f"{v:.4f}" if isinstance(v, float) else str(v) for v in row.values()) + " |")
+  return "\n".join(lines)
+
+
+# --- main -----------------------------------------------------------------------
+
+def _wait_for_signal(stop: threading.Event) -> None:
+  for sig in (signal.SIGINT, signal.SIGTERM):
+    signal.signal(sig, lambda *_: stop.set())
+  while not stop.wait(0.5):
+    pass
+
+
+def main(argv):
+  del argv
+  config.setup(required=("workdir",))
+  measure_queries = data_lib.read_queries(FLAGS.measure) if FLAGS.measure else None
+  tracer = build(FLAGS.workdir, FLAGS.store, FLAGS.corpus, FLAGS.checkpoint,
+                 FLAGS.resident_budget_mb, FLAGS.check_chunks)
+  if jax.process_index() != 0:
+    serving.follow(tracer, serving.Channel())
+    return
+  lim = limits(tracer)
+  server = Server(tracer, FLAGS.host, FLAGS.port, FLAGS.batch_window_ms / 1000,
+                  FLAGS.log_requests, lim)
+  print(f"listening on {server.url} (POST /trace, GET /health)", flush=True)
+  try:
+    if measure_queries is not None:
+      print(format_rows(measure(server.url, measure_queries,
+                                FLAGS.measure_repeats)), flush=True)
+    else:
+      _wait_for_signal(threading.Event())
+  finally:
+    server.close()
+
+
+if __name__ == "__main__":
+  config.run(main)

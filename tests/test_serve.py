@@ -1,0 +1,438 @@
+"""``tracer serve`` (issue 15): the store's rows held on the mesh, HTTP
+requests answered with the records ``tracer trace`` writes.
+
+The fixture builds a small corpus, a one-step checkpoint (tests/test_multihost's
+model) and, with ``launch.trace`` itself, the store and the results of three
+queries files. The server's answers are held to those files; the one-pass
+search over many requests' metrics to ``scan.scan_store`` per request;
+batching, bad requests, the CLI with ``tracer view --server``, and two
+``jax.distributed`` processes are tried. Latency is measured and printed,
+never asserted on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import http.client
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+import types
+import urllib.parse
+from pathlib import Path
+
+from absl import flags
+import gin
+import numpy as np
+import pytest
+
+from tracer.launch import serve
+from tracer.launch import trace
+from tracer import corpus as corpus_lib
+from tracer import hessian
+from tracer import partitioning
+from tracer import scan as scan_lib
+from tracer import serving
+from tracer import store as store_lib
+from tracer.config import DataConfig
+from tracer.errors import InputError
+
+import multiprocess
+# pytest puts tests/ on sys.path: the multi-host tests' tiny model.
+from test_multihost import CONFIG, write_checkpoint
+
+NUM_DOCS = 96
+K = 4
+BINDINGS = ("EncodeConfig.projection_dim=600", "EncodeConfig.model_axis=2",
+            "EncodeConfig.microbatch_size=2", "EncodeConfig.batch_size=11",
+            "EncodeConfig.chunk_rows=16",
+            "PreconditionerConfig.train_examples=64", "PreconditionerConfig.rank=3")
+TRACER = Path(sys.executable).parent / "tracer"  # the console script pip made
+TIMEOUT_S = 300
+
+
+def _write_jsonl(path, records) -> str:
+  with open(path, "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  return str(path)
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+  """The store, and ``tracer trace``'s results for three queries files:
+  ``all`` (10 queries), ``three`` (top_k=2) and ``one``."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(["test"])
+  gin.clear_config()
+  gin.parse_config("\n".join(BINDINGS))
+  root = tmp_path_factory.mktemp("serve")
+  rng = np.random.default_rng(7)
+  letters = list("abcdefghij")
+  word = lambda lo, hi: "".join(rng.choice(letters, rng.integers(lo, hi)))
+  source = _write_jsonl(root / "corpus.jsonl", [
+      {"id": f"d{i}", "text": word(3, 8)} for i in range(NUM_DOCS)])
+  corpus = str(root / "corpus")
+  write_checkpoint(str(root / "checkpoints"),
+                   corpus_lib.tokenize(source, corpus, DataConfig(), CONFIG.max_len))
+  queries = [{"id": f"q{i}", "prompt": word(2, 5), "target": word(1, 3),
+              "bucket": "x"} for i in range(10)]
+  sets = {"all": (queries, K), "three": (queries[2:5], 2), "one": (queries[7:8], K)}
+  results = {}
+  for name, (qs, k) in sets.items():
+    path = _write_jsonl(root / f"{name}.jsonl", qs)
+    results[name] = trace.run(str(root), corpus, path, str(root / f"{name}.out"),
+                              top_k=k, checkpoint=str(root / "checkpoints"), show=0)
+  yield types.SimpleNamespace(root=root, corpus=corpus, sets=sets, results=results,
+                              checkpoint=str(root / "checkpoints"))
+  gin.clear_config()
+
+
+@pytest.fixture(scope="module")
+def tracer_(traced):
+  """The loaded server side (in this process, 8 devices, a (4, 2) mesh)."""
+  return serve.build(str(traced.root), corpus=traced.corpus,
+                     checkpoint=traced.checkpoint)
+
+
+def assert_same_records(got, want):
+  """Equal records; scores and probabilities to float32 rounding (the
+  server scores all of a batch's requests in one pass, in another order)."""
+  assert [r["query_id"] for r in got] == [r["query_id"] for r in want]
+  for a, b in zip(got, want):
+    assert set(a) == set(b), set(a) ^ set(b)
+    for key in a:
+      if key.endswith(("_scores", "probability")):
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6,
+                                   err_msg=f"{a['query_id']} {key}")
+      else:
+        assert a[key] == b[key], (a["query_id"], key)
+
+
+# --- the one-pass search ----------------------------------------------------------
+
+def _metric(rng, segments, widths) -> hessian.QueryMetric:
+  """A random R^(-1) = diag(a) - sum_b C_b C_b^T, positive definite."""
+  dim = segments[-1][1]
+  lowrank = [0.3 * rng.standard_normal((hi - lo, w)) / np.sqrt(hi - lo)
+             for (lo, hi), w in zip(segments, widths)]
+  return hessian.QueryMetric(segments, rng.uniform(1, 2, dim), lowrank, 0.5,
+                             0.1, 1, 1)
+
+
+@pytest.mark.parametrize("mesh", ["8x1", "4x2"])
+def test_one_pass_equals_a_scan_per_request(tmp_path, mesh):
+  """Three requests (1, 3 and 2 queries, k 5, 2 and 7, each its own metric,
+  low-rank widths 0..3 per segment) in one pass over resident rows = one
+  ``scan_store`` each; quarantined rows and padding never come back."""
+  rng = np.random.default_rng(0)
+  num, dim = 203, 40
+  x = rng.standard_normal((num, dim)).astype(np.float32)
+  manifest = store_lib.Manifest(
+      checkpoint="c", step=1, params_fingerprint="p", correction="adam",
+      epsilon=1e-8, projection_seed=0, layout=None, dim=dim,
+      basis_fingerprint=None, dtype="bfloat16", num_rows=num, chunk_rows=16)
+  store = store_lib.create_or_open(tmp_path / "s", manifest)
+  bad = {3: "non-finite loss", 100: "non-finite gradient"}
+  for c in store.pending_chunks():
+    lo, hi = store.chunk_bounds(c)
+    store.write_chunk(c, x[lo:hi], {r: w for r, w in bad.items() if lo <= r < hi})
+  segments = ((0, 10), (10, 25), (25, 40))
+  metrics = [_metric(rng, segments, w) for w in ((1, 0, 1), (3, 2, 0), (0, 0, 0))]
+  vectors = [rng.standard_normal((n, dim)).astype(np.float32) for n in (1, 3, 2)]
+  ks = (5, 2, 7)
+  the_mesh = (partitioning.make_mesh() if mesh == "8x1"
+              else partitioning.make_mesh(4, 2))
+  # A small block: several blocks per device, so the running top-k is merged.
+  layout = serving.plan_layout(num, dim, 2, the_mesh.size, 16, block_bytes=16 * dim * 2)
+  assert layout.block == 16 and layout.rows_per_device % 16 == 0
+  assert layout.rows_per_device * the_mesh.size >= num
+  index = serving.ResidentIndex(store, the_mesh, layout)
+  got = index.search(vectors, metrics, ks)
+  for g, v, m, k in zip(got, vectors, metrics, ks):
+    want = scan_lib.scan_store(store, v, k, mesh=the_mesh, metric=m.row_metric())
+    np.testing.assert_array_equal(g.proponent_rows, want.proponent_rows)
+    np.testing.assert_array_equal(g.opponent_rows, want.opponent_rows)
+    np.testing.assert_allclose(g.proponent_scores, want.proponent_scores, rtol=1e-5)
+    np.testing.assert_allclose(g.opponent_scores, want.opponent_scores, rtol=1e-5)
+    assert not np.isin(g.proponent_rows, list(bad)).any()
+  # The fallback gives the same; a budget of 0 bytes chooses it.
+  streamed = serving.open_index(store, the_mesh, budget_bytes=0)
+  assert not streamed.resident
+  for g, s in zip(got, streamed.search(vectors, metrics, ks)):
+    np.testing.assert_array_equal(g.proponent_rows, s.proponent_rows)
+
+
+def test_resident_load_refuses_a_corrupt_chunk(tmp_path):
+  x = np.random.default_rng(1).standard_normal((40, 8)).astype(np.float32)
+  manifest = store_lib.Manifest(
+      checkpoint="c", step=1, params_fingerprint="p", correction="adam",
+      epsilon=1e-8, projection_seed=0, layout=None, dim=8,
+      basis_fingerprint=None, dtype="float32", num_rows=40, chunk_rows=16)
+  store = store_lib.create_or_open(tmp_path / "s", manifest)
+  for c in store.pending_chunks():
+    lo, hi = store.chunk_bounds(c)
+    store.write_chunk(c, x[lo:hi])
+  store.array[20:21].write(np.full((1, 8), 7, np.float32)).result()
+  with pytest.raises(InputError, match=r"chunk 1 \(rows 16..32\).*checksum"):
+    serving.open_index(store, partitioning.make_mesh(), budget_bytes=1 << 30)
+
+
+# --- batching -------------------------------------------------------------------
+
+def test_batcher_gathers_requests_and_splits_at_the_limit():
+  calls = []
+
+  def answer(requests):
+    calls.append([len(r.queries) for r in requests])
+    if any(r.top_k == 0 for r in requests):
+      raise RuntimeError("boom")
+    return [serving.Answer([r.top_k], None) for r in requests], {}
+
+  batcher = serving.Batcher(answer, window_s=0.5, max_queries=5)
+  request = lambda n, k=1: serving.Request([{"id": str(i)} for i in range(n)], k)
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    futures = [pool.submit(batcher.submit, request(2, k)) for k in (1, 2, 3)]
+    out = [f.result() for f in futures]
+  # The three arrive within the window; the third no longer fits the limit.
+  assert sorted(calls) == [[2], [2, 2]]
+  assert [a.records for a, _ in out] == [[1], [2], [3]]
+  assert sorted(info["requests"] for _, info in out) == [1, 2, 2]
+  with pytest.raises(RuntimeError, match="boom"):
+    batcher.submit(request(1, 0))
+  assert batcher.submit(request(1, 9))[0].records == [9]  # still serving
+  batcher.close()
+
+
+# --- the server, in this process ------------------------------------------------
+
+def test_answers_equal_trace_while_batched(traced, tracer_):
+  """Three concurrent requests land in one batch (a long window), and each
+  answer equals ``tracer trace``'s for the same queries file: each request's
+  R comes from its own queries."""
+  server = serve.Server(tracer_, window_s=1.0)
+  try:
+    health = serving.health(server.url)
+    assert health["rows"] == NUM_DOCS and health["resident"] is True
+    assert health["devices"] == 8 and health["processes"] == 1
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+      futures = {name: pool.submit(serving.trace, server.url, qs, k)
+                 for name, (qs, k) in traced.sets.items()}
+      responses = {name: f.result() for name, f in futures.items()}
+    assert max(r["batch"]["requests"] for r in responses.values()) > 1, responses
+    for name, response in responses.items():
+      assert_same_records(response["results"], traced.results[name])
+  finally:
+    server.close()
+
+
+def test_streamed_index_answers_the_same(traced, tracer_):
+  streamed = serving.Tracer(tracer_.ckpt, tracer_.encoder, tracer_.basis,
+                            tracer_.corpus,
+                            serving.StreamedIndex(tracer_.index.store,
+                                                  tracer_.encoder.mesh),
+                            tracer_.cfg)
+  requests = [serving.Request(qs, k) for qs, k in traced.sets.values()]
+  answers, timing = streamed.answer(requests)
+  assert set(timing) == {"encode", "fit_r", "scan", "decode", "records"}
+  for answer, name in zip(answers, traced.sets):
+    assert_same_records(answer.records, traced.results[name])
+
+
+def _raw(url: str, method: str, path: str, body: bytes | None = None,
+         headers: dict | None = None) -> tuple[int, dict]:
+  parts = urllib.parse.urlsplit(url)
+  conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+  try:
+    conn.putrequest(method, path)
+    for name, value in (headers or {}).items():
+      conn.putheader(name, value)
+    if body is not None and "Content-Length" not in (headers or {}):
+      conn.putheader("Content-Length", str(len(body)))
+    conn.endheaders()
+    if body is not None:
+      conn.send(body)
+    response = conn.getresponse()
+    return response.status, json.loads(response.read())
+  finally:
+    conn.close()
+
+
+def _post(url, obj) -> tuple[int, dict]:
+  body = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+  return _raw(url, "POST", "/trace", body)
+
+
+GOOD = {"id": "g", "prompt": "abc", "target": "de"}
+BAD_REQUESTS = [
+    (b"{not json", 400, r"^body: not valid JSON \(Expecting property name"),
+    (b"\xff\xfe", 400, r"^body: not valid UTF-8"),
+    ([GOOD], 400, r"^body: expected a JSON object, got array"),
+    ({"query": [GOOD]}, 400, r"^body: unknown field 'query'"),
+    ({"top_k": 2}, 400, r"^body: missing field 'queries'"),
+    ({"queries": GOOD}, 400, r"^field 'queries' must be an array, got object"),
+    ({"queries": []}, 400, r"^field 'queries' is empty"),
+    ({"queries": [dict(GOOD, id=str(i)) for i in range(9)]}, 413,
+     r"^field 'queries': 9 queries, more than the 8 this server takes"),
+    ({"queries": ["abc"]}, 400, r"^queries\[0\]: expected an object .* got string"),
+    ({"queries": [GOOD, {"id": "x", "prompt": "a"}]}, 400,
+     r"^queries\[1\]: missing field 'target'"),
+    ({"queries": [dict(GOOD, prompt=["a"])]}, 400,
+     r"^queries\[0\]: field 'prompt' must be a string, got array"),
+    ({"queries": [dict(GOOD, target="  ")]}, 400,
+     r"^queries\[0\]: field 'target' is empty or only whitespace"),
+    ({"queries": [dict(GOOD, prompt="\ud800")]}, 400,
+     r"^queries\[0\]: field 'prompt' holds a lone surrogate"),
+    ({"queries": [GOOD, GOOD]}, 400,
+     r"^queries\[1\]: duplicate id 'g' \(first at queries\[0\]\)"),
+    ({"queries": [dict(GOOD, fact_doc_ids="d1")]}, 400,
+     r"^queries\[0\]: field 'fact_doc_ids' must be a list of strings"),
+    ({"queries": [dict(GOOD, proponent_ids=[])]}, 400,
+     r"^queries\[0\]: field 'proponent_ids' is a results field"),
+    ({"queries": [dict(GOOD, target="abcdefghijk")]}, 400,
+     r"^queries: query 'g': target of 11 tokens does not fit max_len 8"),
+    ({"queries": [GOOD], "top_k": "3"}, 400,
+     r"^field 'top_k' must be an integer, got string"),
+    ({"queries": [GOOD], "top_k": True}, 400,
+     r"^field 'top_k' must be an integer, got boolean"),
+    ({"queries": [GOOD], "top_k": 0}, 400,
+     r"^field 'top_k': 0 is out of range; expected 1\.\.50"),
+    ({"queries": [GOOD], "top_k": 51}, 400,
+     r"^field 'top_k': 51 is out of range; expected 1\.\.50 \(the store has 96 "
+     r"rows, this server answers at most 50\)"),
+]
+
+
+def test_bad_requests_get_a_4xx_naming_the_field_and_the_server_goes_on(
+    traced, tracer_):
+  lim = serving.Limits(NUM_DOCS, max_top_k=50, max_queries=8, max_body_bytes=4096)
+  server = serve.Server(tracer_, lim=lim)
+  url = server.url
+  try:
+    for body, status, message in BAD_REQUESTS:
+      got_status, got = _post(url, body)
+      assert (got_status, bool(re.search(message, got["error"]))) == (status, True), (
+          body, got_status, got)
+    cases = [
+        (("POST", "/trace", b"x" * 5000), 413, r"body of 5,000 bytes, more than the 4,096"),
+        (("GET", "/nowhere"), 404, r"no such path '/nowhere'"),
+        (("POST", "/nowhere", b"{}"), 404, r"expected POST /trace"),
+        (("GET", "/trace"), 405, r"/trace takes POST"),
+        (("POST", "/trace", b"{}", {"Content-Length": "x1"}), 400,
+         r"Content-Length 'x1' is not a byte count"),
+    ]
+    for args, status, message in cases:
+      got_status, got = _raw(url, *args)
+      assert got_status == status and re.search(message, got["error"]), (args, got)
+    # No Content-Length: 411 (http.client adds none without a body).
+    assert _raw(url, "POST", "/trace")[0] == 411
+    # Still serving, and answering right.
+    status, got = _post(url, {"queries": traced.sets["one"][0], "top_k": K})
+    assert status == 200
+    assert_same_records(got["results"], traced.results["one"])
+  finally:
+    server.close()
+
+
+def test_latency_is_measured(traced, tracer_):
+  """Warm latency (printed, not asserted on): 1 query; 64 in one request;
+  64 one-query requests at once."""
+  server = serve.Server(tracer_)
+  try:
+    rows = serve.measure(server.url, traced.sets["all"][0], repeats=3)
+  finally:
+    server.close()
+  print("\n" + serve.format_rows(rows))
+  assert [r["case"] for r in rows] == ["1 query", "64 queries, one request",
+                                       "64 one-query requests at once"]
+  assert rows[2]["requests_per_batch"] > 1  # concurrent requests were batched
+
+
+# --- the command line -------------------------------------------------------------
+
+def _serve_command(traced, port: int, *extra: str) -> list[str]:
+  return [sys.executable, "-m", "tracer.launch.serve", f"--workdir={traced.root}",
+          f"--checkpoint={traced.checkpoint}", f"--corpus={traced.corpus}",
+          f"--port={port}", *[f"--gin_bindings={b}" for b in BINDINGS], *extra]
+
+
+def _wait_listening(procs, log: str, deadline: float) -> str:
+  """The URL a server process prints once it listens."""
+  while time.monotonic() < deadline:
+    text = open(log, errors="replace").read()
+    found = re.search(r"listening on (http://\S+)", text)
+    if found:
+      return found.group(1)
+    if any(p.poll() is not None for p in procs):
+      break
+    time.sleep(0.5)
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+  pytest.fail(f"the server did not start:\n{open(log, errors='replace').read()[-5000:]}")
+
+
+def test_tracer_serve_and_view_from_the_command_line(traced, tmp_path):
+  """``tracer serve`` on 4 devices; ``tracer view --server`` writes a page
+  from its answers; SIGTERM ends it cleanly."""
+  env = multiprocess.env(devices=4)
+  cmd = [str(TRACER), "serve", *_serve_command(traced, 0)[3:]]
+  procs, logs = multiprocess.start([cmd], tmp_path, env)
+  url = _wait_listening(procs, logs[0], time.monotonic() + TIMEOUT_S)
+  try:
+    assert url.startswith("http://127.0.0.1:")  # bound to localhost by default
+    page = tmp_path / "page.html"
+    queries = str(traced.root / "all.jsonl")
+    view = subprocess.run(
+        [str(TRACER), "view", f"--server={url}", f"--queries={queries}",
+         f"--results={traced.root / 'all.out'}", f"--output={page}"],
+        env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert view.returncode == 0, view.stderr
+    html = page.read_text()
+    assert all(f'"q{i}"' in html for i in range(10))
+    assert '"server"' in html and '"all"' in html  # both runs, side by side
+    assert_same_records(serving.trace(url, traced.sets["all"][0], K)["results"],
+                        traced.results["all"])
+    view = subprocess.run(
+        [str(TRACER), "view", "--server=http://127.0.0.1:9", f"--queries={queries}",
+         f"--output={tmp_path / 'x.html'}"], env=env, capture_output=True,
+        text=True, timeout=TIMEOUT_S)
+    assert view.returncode == 2
+    assert view.stderr.startswith("error: http://127.0.0.1:9/health: cannot reach")
+  finally:
+    procs[0].send_signal(signal.SIGTERM)
+  multiprocess.wait(procs, logs, time.monotonic() + TIMEOUT_S)
+
+
+def test_serve_on_two_processes(traced, tmp_path):
+  """Process 0 serves HTTP and broadcasts each batch; both processes scan
+  their devices' rows; answers equal one process's ``tracer trace``."""
+  port = multiprocess.free_port()
+  http_port = multiprocess.free_port()
+  commands = [_serve_command(traced, http_port, "--idle_tick_s=1",
+                             "--batch_window_ms=500",
+                             *multiprocess.distributed_flags(port, i))
+              for i in range(2)]
+  procs, logs = multiprocess.start(commands, tmp_path, multiprocess.env(devices=4))
+  url = _wait_listening(procs, logs[0], time.monotonic() + TIMEOUT_S)
+  try:
+    health = serving.health(url)
+    assert (health["processes"], health["devices"], health["resident"]) == (2, 8, True)
+    time.sleep(2.5)  # idle ticks pass between the processes
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+      futures = {name: pool.submit(serving.trace, url, qs, k)
+                 for name, (qs, k) in traced.sets.items()}
+      responses = {name: f.result() for name, f in futures.items()}
+    for name, response in responses.items():
+      assert_same_records(response["results"], traced.results[name])
+    status, got = _post(url, {"queries": [GOOD], "top_k": 0})
+    assert status == 400  # refused on process 0; the followers never see it
+    assert_same_records(serving.trace(url, traced.sets["one"][0], K)["results"],
+                        traced.results["one"])
+  finally:
+    procs[0].send_signal(signal.SIGTERM)
+  texts = multiprocess.wait(procs, logs, time.monotonic() + TIMEOUT_S)
+  assert "listening on" in texts[0] and "listening on" not in texts[1]

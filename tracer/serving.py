@@ -1,0 +1,858 @@
+"""Serving traces: a store's rows held on the mesh, queries answered as they come.
+
+``tracer serve`` (``launch/serve.py``) builds the pieces here once (checkpoint,
+encoder, basis, corpus row table, the index) and answers HTTP requests:
+
+* ``ResidentIndex``: the store's ``[N, d]`` rows read once onto every device
+  of the mesh (each process reads only its devices' rows, checked against
+  the chunks' checksums), rows split over all devices
+  (``partitioning.rows_sharding``). A batch of requests is ONE pass over
+  them: each device scores its rows block by block against every query of
+  the batch, keeps a running top-k (``tracer.topk``'s selection and merge),
+  and only ``k`` candidates per device and query are gathered at the end.
+* ``StreamedIndex``: the fallback when the rows do not fit the device budget:
+  ``scan.scan_store`` per request.
+* ``Tracer.answer``: a batch of requests -> one query encoding for all their
+  queries, each request's own task-specific R (its queries are its eval set,
+  exactly as ``tracer trace`` fits R for a queries file, so an answer never
+  depends on what else was batched with it), one scan, one greedy decode,
+  ``pipeline.result_rows``: the records ``tracer trace`` writes.
+* ``Batcher``: requests queued by the HTTP threads, answered in batches by one
+  worker thread (the only thread that runs JAX).
+* ``Channel``: multi-host. Process 0 runs the HTTP server and broadcasts each
+  batch (a length, then JSON bytes) to the other processes, which follow:
+  every process encodes, scans its devices' rows and decodes in lockstep.
+* ``make_server``: the HTTP endpoints (``POST /trace``, ``GET /health``).
+
+Shapes that vary per batch (queries, requests, low-rank columns, k, target
+tokens, encoder steps) are padded to powers of two, so a warm server
+compiles nothing new for most batches.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import http.server
+import json
+import queue
+import sys
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.sharding import Mesh
+
+from tracer import data as data_lib
+from tracer import evaluate
+from tracer import hessian
+from tracer import partitioning
+from tracer import pipeline
+from tracer import scan as scan_lib
+from tracer import topk as topk_lib
+from tracer.config import PreconditionerConfig
+from tracer.encoder import nonfinite_rows
+from tracer.errors import InputError, QuarantineLimitError
+
+
+def _bucket(n: int) -> int:
+  """The power of two >= n (0 stays 0): the padded size of a varying shape."""
+  return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
+
+
+def _repeat_last(examples: dict, size: int) -> dict:
+  """``examples`` padded to ``size`` rows by repeating the last (a real
+  example keeps every loss finite)."""
+  n = len(examples["inputs"])
+  take = np.minimum(np.arange(size), n - 1)
+  return {key: np.asarray(value)[take] for key, value in examples.items()}
+
+
+# --- requests -------------------------------------------------------------------
+
+class RequestError(InputError):
+  """A request the server refuses: HTTP ``status`` and a message naming the
+  field."""
+
+  def __init__(self, message: str, status: int = 400):
+    super().__init__(message)
+    self.status = status
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  """What one request may ask for."""
+  num_rows: int                    # the store's rows: top_k <= num_rows
+  max_top_k: int = 100
+  max_queries: int = 256           # per request, and per batch
+  default_top_k: int = 10
+  max_body_bytes: int = 16 << 20
+
+
+class Request(NamedTuple):
+  queries: list[dict]              # records as in a queries file
+  top_k: int
+
+
+_JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number",
+               float: "number", bool: "boolean", type(None): "null"}
+_QUERY_STRINGS = ("id", "prompt", "target", "bucket")
+# What tracer writes into a results line: a query holding one is refused.
+_RESERVED = data_lib.WRITTEN_FIELDS | set(evaluate.RESULT_FIELDS)
+
+
+def _json_type(value: Any) -> str:
+  return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _is_text(value: Any) -> bool:
+  """A string without lone surrogates (JSON allows ``"\\ud800"``; no
+  tokenizer can encode it)."""
+  if not isinstance(value, str):
+    return False
+  try:
+    value.encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
+
+
+def _check_query(query: Any, where: str) -> None:
+  """The checks ``data.read_queries`` makes of a queries-file line."""
+  if not isinstance(query, dict):
+    raise RequestError(f"{where}: expected an object with 'id', 'prompt', "
+                       f"'target', got {_json_type(query)}")
+  for field in ("id", "prompt", "target"):
+    if field not in query:
+      raise RequestError(f"{where}: missing field {field!r}; expected an object "
+                         "with 'id', 'prompt', 'target'")
+  for field in _QUERY_STRINGS:
+    if field in query and not isinstance(query[field], str):
+      raise RequestError(f"{where}: field {field!r} must be a string, got "
+                         f"{_json_type(query[field])}")
+    if field in query and not _is_text(query[field]):
+      raise RequestError(f"{where}: field {field!r} holds a lone surrogate "
+                         "(a \\ud800-\\udfff escape); expected Unicode text")
+  for field in ("id", "target"):
+    if not query[field].strip():
+      raise RequestError(f"{where}: field {field!r} is empty or only "
+                         "whitespace; expected a non-blank string")
+  docs = query.get("fact_doc_ids", [])
+  if not isinstance(docs, list) or not all(isinstance(d, str) for d in docs):
+    raise RequestError(f"{where}: field 'fact_doc_ids' must be a list of strings")
+  clash = sorted(set(query) & set(_RESERVED))
+  if clash:
+    raise RequestError(f"{where}: field {clash[0]!r} is a results field; a "
+                       "query cannot hold it")
+
+
+def _top_k(body: dict, limits: Limits) -> int:
+  top_k = body.get("top_k", limits.default_top_k)
+  if type(top_k) is not int:  # bool is an int subclass
+    raise RequestError(f"field 'top_k' must be an integer, got {_json_type(top_k)}")
+  most = min(limits.num_rows, limits.max_top_k)
+  if not 1 <= top_k <= most:
+    raise RequestError(f"field 'top_k': {top_k} is out of range; expected "
+                       f"1..{most} (the store has {limits.num_rows} rows, this "
+                       f"server answers at most {limits.max_top_k})")
+  return top_k
+
+
+def parse_request(body: bytes, limits: Limits) -> Request:
+  """``{"queries": [{"id", "prompt", "target", ...}], "top_k": K}`` checked;
+  RequestError (400, 413 for too many queries) naming the field."""
+  try:
+    obj = json.loads(body.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise RequestError(f"body: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+  except json.JSONDecodeError as e:
+    raise RequestError(f"body: not valid JSON ({e.msg} at line {e.lineno} column "
+                       f"{e.colno}); expected {{\"queries\": [...], \"top_k\": K}}"
+                       ) from None
+  if not isinstance(obj, dict):
+    raise RequestError(f"body: expected a JSON object, got {_json_type(obj)}")
+  unknown = sorted(set(obj) - {"queries", "top_k"})
+  if unknown:
+    raise RequestError(f"body: unknown field {unknown[0]!r}; expected 'queries' "
+                       "and optionally 'top_k'")
+  if "queries" not in obj:
+    raise RequestError("body: missing field 'queries'; expected a list of "
+                       "{\"id\", \"prompt\", \"target\"} objects")
+  queries = obj["queries"]
+  if not isinstance(queries, list):
+    raise RequestError(f"field 'queries' must be an array, got {_json_type(queries)}")
+  if not queries:
+    raise RequestError("field 'queries' is empty; expected at least one query")
+  if len(queries) > limits.max_queries:
+    raise RequestError(f"field 'queries': {len(queries)} queries, more than the "
+                       f"{limits.max_queries} this server takes per request; "
+                       "split them", status=413)
+  seen: dict[str, int] = {}
+  for i, query in enumerate(queries):
+    _check_query(query, f"queries[{i}]")
+    if query["id"] in seen:
+      raise RequestError(f"queries[{i}]: duplicate id {query['id']!r} (first at "
+                         f"queries[{seen[query['id']]}]); ids must be unique")
+    seen[query["id"]] = i
+  return Request(queries, _top_k(obj, limits))
+
+
+# --- the query side -----------------------------------------------------------
+
+def project_queries(encoder, basis: hessian.Basis | None, examples: dict
+                    ) -> tuple[np.ndarray, dict[int, str]]:
+  """Every query's projection in the basis' coordinates, f32 ``[n, d]``, and
+  ``{index: reason}`` of those with a non-finite loss or gradient (their
+  rows are zero). One encoder call; the batch is padded to a power of two
+  of the encoder's steps, so few programs are compiled."""
+  n = len(examples["inputs"])
+  steps = -(-n // encoder.step_size)
+  projected = encoder.project_global(
+      _repeat_last(examples, _bucket(steps) * encoder.step_size))
+  psi = partitioning.fetch(pipeline.rotate(basis, projected.phi))
+  return psi.reshape(-1, encoder.dim)[:n], nonfinite_rows(projected, n)
+
+
+def fit_request(basis: hessian.Basis | None, psi: np.ndarray,
+                skipped: dict[int, str], cfg: PreconditionerConfig,
+                ids: Sequence[str]) -> tuple[hessian.QueryMetric, np.ndarray]:
+  """One request's scan-time R^(-1) (its queries are R_eval, as
+  ``pipeline.query_metric`` fits a queries file's) and its query vectors
+  ``[n, d]`` (zero for the queries in ``skipped``)."""
+  return pipeline.fit_query_metric(basis, psi, skipped, cfg, ids)
+
+
+class _BoundOnce:
+  """A model family whose methods are bound once. jax caches a jitted
+  function by its function object, and ``family.greedy_decode`` is a new
+  bound method at every access: ``pipeline.predictions``' decode was
+  compiled again on every call (1.5 s of a 1-query request here)."""
+
+  def __init__(self, family):
+    self._family = family
+    self._bound: dict[str, Any] = {}
+
+  def __getattr__(self, name: str):
+    if name not in self._bound:
+      self._bound[name] = getattr(self._family, name)
+    return self._bound[name]
+
+
+def predictions(ckpt, examples: dict, queries: Sequence[dict], vocab) -> list:
+  """``pipeline.predictions`` (what ``tracer trace`` writes of the model's
+  completion) with the batch padded to a power of two, so few shapes are
+  compiled. ``ckpt.family`` should be bound once (``Tracer`` does that)."""
+  size = _bucket(len(queries))
+  padded = [queries[min(i, len(queries) - 1)] for i in range(size)]
+  return pipeline.predictions(ckpt, _repeat_last(examples, size), padded, vocab,
+                              batch_size=size)[:len(queries)]
+
+
+# --- the index ------------------------------------------------------------------
+
+class Layout(NamedTuple):
+  """How a resident store lies on the devices: each device holds
+  ``rows_per_device`` consecutive rows (whole store chunks, so each read is
+  checked against its chunks' markers), scanned ``block`` rows at a time."""
+  rows_per_device: int
+  block: int
+
+
+def plan_layout(num_rows: int, dim: int, itemsize: int, num_devices: int,
+                chunk_rows: int,
+                block_bytes: int = scan_lib.DEFAULT_DEVICE_CHUNK_BYTES) -> Layout:
+  """Rows per device (N / devices rounded up to whole store chunks and
+  blocks) and the block: at most ~``block_bytes`` of rows, at least a chunk."""
+  chunks = max(1, -(-num_rows // (num_devices * chunk_rows)))
+  chunks_per_block = max(1, block_bytes // (dim * itemsize * chunk_rows))
+  blocks = -(-chunks // chunks_per_block)
+  chunks_per_block = -(-chunks // blocks)
+  block = chunks_per_block * chunk_rows
+  return Layout(blocks * block, block)
+
+
+def _device_dtype(dtype) -> np.dtype:
+  """bf16 stays bf16 on the device (the scan's exact bf16 path); else f32."""
+  dtype = np.dtype(dtype)
+  return dtype if dtype == np.dtype(jnp.bfloat16) else np.dtype(np.float32)
+
+
+def _rows(index: tuple, total: int) -> tuple[int, int]:
+  s = index[0]
+  return (s.start or 0), (total if s.stop is None else s.stop)
+
+
+def _load(store, mesh: Mesh, layout: Layout, verify: bool
+          ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The store's rows ``[rows_per_device * devices, d]`` split over every
+  device (zero rows past N), their int32 ids and a valid mask (False past N
+  and at quarantined rows). Each process reads only its devices' rows."""
+  total = layout.rows_per_device * mesh.size
+  dtype = _device_dtype(store.dtype)
+  quarantined: set[int] = set()
+
+  def read(index):
+    start, stop = _rows(index, total)
+    out = scan_lib.aligned_empty((stop - start, store.dim), store.dtype)
+    hi = min(stop, store.num_rows)
+    if hi > start:
+      for future in store.read_into(start, hi, out[:hi - start]):
+        future.result()
+      records = store.chunk_records_later(start, hi)()
+      if verify:
+        store.check_read(start, hi, out[:hi - start], records)
+      quarantined.update(int(r) for record in records.values()
+                         for r in record.get("quarantined", {}))
+    out[max(hi - start, 0):] = 0
+    return out.astype(dtype, copy=False)
+
+  x = jax.make_array_from_callback((total, store.dim),
+                                   partitioning.rows_sharding(mesh), read)
+  ids = lambda index: np.arange(*_rows(index, total), dtype=np.int32)
+  valid = lambda index: ((ids(index) < store.num_rows)
+                         & ~np.isin(ids(index), list(quarantined)))
+  sharding = partitioning.rows_sharding(mesh, ndim=1)
+  return (x, jax.make_array_from_callback((total,), sharding, ids),
+          jax.make_array_from_callback((total,), sharding, valid))
+
+
+def _norms(x, diag, lowrank, lowrank_owner, segments):
+  """``sqrt(x^T R_j^(-1) x)`` of each row of ``x [r, d]`` for each request j:
+  ``[r, J]`` (``topk._row_norms`` for J metrics at once). ``diag [J, d]``;
+  per segment, every request's low-rank columns side by side ``[size, R]``
+  and which request owns each column, one-hot ``[R, J]``."""
+  x = x.astype(jnp.float32)
+  hi = lax.Precision.HIGHEST
+  n2 = jnp.dot(x * x, diag.T, precision=hi)
+  for (lo, up), c, owner in zip(segments, lowrank, lowrank_owner):
+    if c.shape[1]:
+      t = jnp.dot(x[:, lo:up], c, precision=hi)
+      n2 = n2 - jnp.dot(t * t, owner, precision=hi)
+  return jnp.maximum(jnp.sqrt(jnp.maximum(n2, 0.0)), jnp.finfo(jnp.float32).tiny)
+
+
+def _device_topk(x, row_ids, valid, queries, owner, diag, lowrank, lowrank_owner,
+                 *, k: int, block: int, segments, axes):
+  """One device's top-k of its rows ``x [n, d]`` for every query, scanned
+  ``block`` rows at a time with a running top-k (``tracer.topk``'s
+  per-block selection and exact merge, as a scan step does); ``owner [Q]``:
+  each query's request, whose metric divides its scores."""
+  q = queries.shape[0]
+  none = jnp.full((q, k), topk_lib.INVALID_ROW, jnp.int32)
+  init = topk_lib.TopKState(jnp.full((q, k), -jnp.inf, jnp.float32), none,
+                            jnp.full((q, k), jnp.inf, jnp.float32), none)
+  # The running top-k differs per device (shard_map's varying values).
+  init = jax.tree.map(lambda a: lax.pcast(a, tuple(axes), to="varying"), init)
+
+  def step(i, state):
+    xs = lax.dynamic_slice_in_dim(x, i * block, block)
+    ok_rows = lax.dynamic_slice_in_dim(valid, i * block, block)
+    rid = jnp.where(ok_rows, lax.dynamic_slice_in_dim(row_ids, i * block, block),
+                    topk_lib.INVALID_ROW)
+    s = topk_lib._scores(xs, queries)  # pylint: disable=protected-access
+    s = s / _norms(xs, diag, lowrank, lowrank_owner, segments)[:, owner]
+    ok = ok_rows[:, None] & ~jnp.isnan(s)
+    s = jnp.where(s == 0, 0.0, s)  # -0.0 and 0.0 tie, as in the scan
+    kl = min(k, block)
+    # pylint: disable=protected-access
+    pv, pr = topk_lib._select_rows(jnp.where(ok, s, -jnp.inf), rid,
+                                   state.proponent_scores[:, -1], kl)
+    ov, orow = topk_lib._select_rows(jnp.where(ok, -s, -jnp.inf), rid,
+                                     -state.opponent_scores[:, -1], kl)
+    ps, pr = topk_lib._merge(state.proponent_scores, state.proponent_rows, pv, pr,
+                             k, True)
+    os_, or_ = topk_lib._merge(state.opponent_scores, state.opponent_rows, -ov,
+                               orow, k, False)
+    return topk_lib.TopKState(ps, pr, os_, or_)
+
+  return tuple(lax.fori_loop(0, x.shape[0] // block, step, init))
+
+
+@functools.lru_cache(maxsize=None)
+def _search_fn(mesh: Mesh, k: int, block: int, segments: tuple):
+  """The jitted pass: every device's top-k, then ``k`` candidates per device
+  and query gathered and merged (the only cross-device traffic)."""
+  rows = partitioning.rows_sharding(mesh).spec
+  ids = partitioning.rows_sharding(mesh, ndim=1).spec
+  rep = partitioning.replicated(mesh).spec
+  candidates = partitioning.every_device_spec(2, axis=1)
+  local = jax.shard_map(
+      functools.partial(_device_topk, k=k, block=block, segments=segments,
+                        axes=mesh.axis_names),
+      mesh=mesh, in_specs=(rows, ids, ids) + (rep,) * 5,
+      out_specs=(candidates,) * 4)
+
+  def search(x, row_ids, valid, queries, owner, diag, lowrank, lowrank_owner):
+    ps, pr, os_, or_ = local(x, row_ids, valid, queries, owner, diag, lowrank,
+                             lowrank_owner)
+    none = jnp.full(ps.shape[:1] + (k,), topk_lib.INVALID_ROW, jnp.int32)
+    worst = jnp.full(none.shape, jnp.inf, jnp.float32)
+    # pylint: disable=protected-access
+    ps, pr = topk_lib._merge(-worst, none, ps, pr, k, True)
+    os_, or_ = topk_lib._merge(worst, none, os_, or_, k, False)
+    return topk_lib.TopKState(ps, pr, os_, or_)
+
+  return jax.jit(search, out_shardings=partitioning.replicated(mesh))
+
+
+def _stacked_metrics(metrics: Sequence[hessian.QueryMetric], num_padded: int):
+  """J requests' metrics as one pass takes them: ``diag [J', d]`` (padding:
+  ones), per segment the low-rank columns of every request side by side
+  (padded with zero columns to a power of two shared by all segments) and
+  their one-hot owners ``[R, J']``."""
+  segments = tuple(metrics[0].segments)
+  if any(tuple(m.segments) != segments for m in metrics):
+    raise ValueError("metrics of different bases cannot share a pass")
+  diag = np.ones((num_padded, metrics[0].diag.shape[0]), np.float32)
+  for j, m in enumerate(metrics):
+    diag[j] = m.diag
+  width = _bucket(max(sum(m.lowrank[b].shape[1] for m in metrics)
+                      for b in range(len(segments))))
+  lowrank, owners = [], []
+  for b, (lo, hi) in enumerate(segments):
+    c = np.zeros((hi - lo, width), np.float32)
+    owner = np.zeros((width, num_padded), np.float32)
+    col = 0
+    for j, m in enumerate(metrics):
+      r = m.lowrank[b].shape[1]
+      c[:, col:col + r] = m.lowrank[b]
+      owner[col:col + r, j] = 1
+      col += r
+    lowrank.append(c)
+    owners.append(owner)
+  return segments, diag, tuple(lowrank), tuple(owners)
+
+
+def _split(result: topk_lib.TopK, sizes: Sequence[int], ks: Sequence[int]
+           ) -> list[topk_lib.TopK]:
+  """One pass's ``TopK`` back into each request's queries and ``top_k``."""
+  out, start = [], 0
+  for size, k in zip(sizes, ks):
+    out.append(topk_lib.TopK(*(a[start:start + size, :k] for a in result)))
+    start += size
+  return out
+
+
+class ResidentIndex:
+  """A store's rows held on the mesh (module doc); ``search`` is one pass."""
+  resident = True
+
+  def __init__(self, store, mesh: Mesh, layout: Layout, verify: bool = True):
+    self.store, self.mesh, self.layout = store, mesh, layout
+    self.x, self.row_ids, self.valid = _load(store, mesh, layout, verify)
+
+  def search(self, vectors: Sequence[np.ndarray],
+             metrics: Sequence[hessian.QueryMetric], ks: Sequence[int]
+             ) -> list[topk_lib.TopK]:
+    """Each request's top-k: ``vectors[j] [n_j, d]`` (``fit_request``'s),
+    its metric and its k. All processes call this together."""
+    sizes = [len(v) for v in vectors]
+    num = sum(sizes)
+    queries = np.zeros((_bucket(num), self.store.dim), np.float32)
+    queries[:num] = np.concatenate(vectors)
+    owner = np.zeros(len(queries), np.int32)
+    owner[:num] = np.repeat(np.arange(len(sizes)), sizes)
+    segments, *arrays = _stacked_metrics(metrics, _bucket(len(metrics)))
+    put = lambda a: partitioning.put_global(a, partitioning.replicated(self.mesh))
+    k = _bucket(max(ks))
+    state = _search_fn(self.mesh, k, self.layout.block, segments)(
+        self.x, self.row_ids, self.valid, put(queries), put(owner),
+        *jax.tree.map(put, arrays))
+    return _split(topk_lib.finish(state, self.store.num_rows), sizes, ks)
+
+  def describe(self) -> str:
+    per_device = self.layout.rows_per_device * self.store.dim * self.x.dtype.itemsize
+    return (f"resident: {self.store.num_rows} rows on {self.mesh.size} devices, "
+            f"{per_device / 2**20:.1f} MiB per device ({self.x.dtype})")
+
+
+class StreamedIndex:
+  """The store read from its location for every request (``scan_store``):
+  the fallback when its rows do not fit the devices."""
+  resident = False
+
+  def __init__(self, store, mesh: Mesh, verify: bool = True):
+    self.store, self.mesh, self.verify = store, mesh, verify
+
+  def search(self, vectors, metrics, ks) -> list[topk_lib.TopK]:
+    return [scan_lib.scan_store(self.store, v, k, mesh=self.mesh,
+                                metric=m.row_metric(), verify=self.verify)
+            for v, m, k in zip(vectors, metrics, ks)]
+
+  def describe(self) -> str:
+    return f"streamed from {self.store.path} for every request"
+
+
+def open_index(store, mesh: Mesh, budget_bytes: int, verify: bool = True):
+  """A ``ResidentIndex`` if the rows fit ``budget_bytes`` per device, else a
+  ``StreamedIndex``."""
+  dtype = _device_dtype(store.dtype)
+  layout = plan_layout(store.num_rows, store.dim, dtype.itemsize, mesh.size,
+                       store.chunk_rows)
+  if layout.rows_per_device * store.dim * dtype.itemsize > budget_bytes:
+    return StreamedIndex(store, mesh, verify)
+  return ResidentIndex(store, mesh, layout, verify)
+
+
+# --- answering batches ------------------------------------------------------------
+
+class Answer(NamedTuple):
+  records: list[dict] | None       # None on processes other than 0
+  error: InputError | None         # a request the batch could not answer
+
+
+class Tracer:
+  """Answers batches of requests against one checkpoint and store (module
+  doc). Every process calls ``answer`` with the same batches."""
+
+  def __init__(self, ckpt, encoder, basis: hessian.Basis | None, corpus, index,
+               cfg: PreconditionerConfig):
+    self.ckpt, self.encoder, self.basis = ckpt, encoder, basis
+    self._decoding = dataclasses.replace(ckpt, family=_BoundOnce(ckpt.family))
+    self.corpus, self.index, self.cfg = corpus, index, cfg
+    self.vocab = pipeline.data_config(ckpt).vocabulary()
+    self.max_len = ckpt.family.max_len(ckpt.model_config)
+
+  def examples(self, queries: Sequence[dict]) -> dict:
+    """Target-only examples; InputError naming a query that does not fit."""
+    return data_lib.query_examples(queries, self.vocab, self.max_len, "queries")
+
+  def answer(self, requests: Sequence[Request]) -> tuple[list[Answer], dict]:
+    """Each request's records (or why not) and the batch's timing (seconds)."""
+    clock = [time.perf_counter()]
+    tick = lambda: clock.append(time.perf_counter())
+    parts = [self.examples(r.queries) for r in requests]
+    examples = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
+    psi, skipped = project_queries(self.encoder, self.basis, examples)
+    tick()
+    bounds = np.cumsum([0] + [len(r.queries) for r in requests])
+    mine = [{i - a: why for i, why in skipped.items() if a <= i < b}
+            for a, b in zip(bounds, bounds[1:])]
+    fitted, errors = {}, {}
+    for j, r in enumerate(requests):
+      try:
+        fitted[j] = fit_request(self.basis, psi[bounds[j]:bounds[j + 1]], mine[j],
+                                self.cfg, [q["id"] for q in r.queries])
+      except QuarantineLimitError as e:
+        errors[j] = e
+    tick()
+    found = dict(zip(fitted, self.index.search(
+        [v for _, v in fitted.values()], [m for m, _ in fitted.values()],
+        [requests[j].top_k for j in fitted]))) if fitted else {}
+    tick()
+    preds = predictions(self._decoding, examples,
+                        [q for r in requests for q in r.queries], self.vocab)
+    tick()
+    answers = [Answer(None, errors.get(j)) for j in range(len(requests))]
+    if jax.process_index() == 0:
+      answers = [Answer(None, errors[j]) if j in errors else Answer(
+          pipeline.result_rows(r.queries, self.corpus, found[j], mine[j],
+                               preds[bounds[j]:bounds[j + 1]]), None)
+                 for j, r in enumerate(requests)]
+    tick()
+    stages = ("encode", "fit_r", "scan", "decode", "records")
+    return answers, {s: round(b - a, 6) for s, a, b in zip(stages, clock, clock[1:])}
+
+
+class Channel:
+  """Hands each batch from process 0 to the others (``jax.distributed``): a
+  length (-1: stop, 0: nothing to do, which keeps idle followers' collective
+  from waiting forever), then the batch as JSON bytes."""
+
+  STOP, IDLE = -1, 0
+
+  def send(self, requests: Sequence[Request] | None) -> None:
+    payload = b"" if not requests else json.dumps(
+        [{"queries": r.queries, "top_k": r.top_k} for r in requests]).encode()
+    self._broadcast(np.array([self.STOP if requests is None else len(payload)],
+                             np.int32))
+    if payload:
+      self._broadcast(np.frombuffer(payload, np.uint8))
+
+  def receive(self) -> list[Request] | None:
+    """The next batch ([] when there is none yet); None: stop."""
+    length = int(self._broadcast(np.zeros(1, np.int32))[0])
+    if length == self.STOP:
+      return None
+    if length == self.IDLE:
+      return []
+    payload = self._broadcast(np.zeros(length, np.uint8)).tobytes()
+    return [Request(r["queries"], r["top_k"]) for r in json.loads(payload)]
+
+  @staticmethod
+  def _broadcast(x: np.ndarray) -> np.ndarray:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.broadcast_one_to_all(x))
+
+
+def follow(tracer: Tracer, channel: Channel) -> None:
+  """What processes other than 0 do: answer every batch process 0 sends,
+  until it says stop."""
+  while (batch := channel.receive()) is not None:
+    if batch:
+      try:
+        tracer.answer(batch)
+      except Exception:  # pylint: disable=broad-except
+        # Process 0 reports it; staying in the loop keeps the processes in step.
+        traceback.print_exc()
+
+
+# --- batching -------------------------------------------------------------------
+
+class _Pending(NamedTuple):
+  request: Request
+  future: concurrent.futures.Future
+
+
+class Batcher:
+  """Requests queued by the HTTP threads, answered by one worker thread:
+  it takes the first waiting request and every other one that arrives within
+  ``window_s`` (up to ``max_queries`` queries), and answers them with one
+  ``answer(requests)`` call. ``on_idle`` runs after ``idle_s`` without a
+  request; ``on_stop`` once the worker ends (multi-host: tell the others)."""
+
+  _STOP = object()
+
+  def __init__(self, answer: Callable[[list[Request]], tuple[list[Answer], dict]],
+               window_s: float = 0.005, max_queries: int = 256,
+               idle_s: float | None = None, on_idle: Callable[[], None] | None = None,
+               on_stop: Callable[[], None] | None = None):
+    self._answer, self._window, self._max = answer, window_s, max_queries
+    self._idle, self._on_idle, self._on_stop = idle_s, on_idle, on_stop
+    self._queue: queue.Queue = queue.Queue()
+    self._held = None  # a request that did not fit the last batch
+    self._thread = threading.Thread(target=self._run, name="tracer-batcher",
+                                    daemon=True)
+    self._thread.start()
+
+  def submit(self, request: Request) -> tuple[Answer, dict]:
+    """Blocks until the request's batch is answered: its ``Answer`` and the
+    batch's ``{"requests", "queries", "timing_s"}``."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    self._queue.put(_Pending(request, future))
+    return future.result()
+
+  def close(self) -> None:
+    """Answers what is queued, then stops the worker."""
+    self._queue.put(self._STOP)
+    self._thread.join()
+
+  def _next(self):
+    if self._held is not None:
+      item, self._held = self._held, None
+      return item
+    while True:
+      try:
+        return self._queue.get(timeout=self._idle)
+      except queue.Empty:
+        if self._on_idle is not None:
+          self._on_idle()
+
+  def _gather(self, first: _Pending) -> tuple[list[_Pending], bool]:
+    batch, total = [first], len(first.request.queries)
+    deadline = time.monotonic() + self._window
+    while total < self._max:
+      try:
+        item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+      except queue.Empty:
+        break
+      if item is self._STOP:
+        return batch, True
+      if total + len(item.request.queries) > self._max:
+        self._held = item
+        break
+      batch.append(item)
+      total += len(item.request.queries)
+    return batch, False
+
+  def _run(self) -> None:
+    try:
+      stop = False
+      while not stop:
+        first = self._next()
+        if first is self._STOP:
+          break
+        batch, stop = self._gather(first)
+        self._serve(batch)
+    finally:
+      if self._on_stop is not None:
+        self._on_stop()
+
+  def _serve(self, batch: list[_Pending]) -> None:
+    try:
+      answers, timing = self._answer([p.request for p in batch])
+    except Exception as e:  # pylint: disable=broad-except
+      traceback.print_exc()
+      for p in batch:
+        p.future.set_exception(e)
+      return
+    info = {"requests": len(batch),
+            "queries": sum(len(p.request.queries) for p in batch),
+            "timing_s": timing}
+    for p, answer in zip(batch, answers):
+      p.future.set_result((answer, info))
+
+
+# --- HTTP -----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Service:
+  """What the HTTP handlers use: the limits, a check run before queueing
+  (tokenizing: a query that does not fit is a 400, not a failed batch), the
+  batcher, and what ``GET /health`` reports."""
+  limits: Limits
+  check: Callable[[Request], None]
+  batcher: Batcher
+  info: dict
+  log: bool = False
+
+
+def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
+
+  class Handler(http.server.BaseHTTPRequestHandler):
+    server_version = "tracer"
+    protocol_version = "HTTP/1.1"  # keep-alive: a client's next request skips the handshake
+
+    def _send(self, status: int, obj: Any, close: bool = False,
+              headers: Sequence[tuple[str, str]] = ()) -> None:
+      body = json.dumps(obj).encode()
+      self.send_response(status)
+      self.send_header("Content-Type", "application/json")
+      self.send_header("Content-Length", str(len(body)))
+      for name, value in headers:
+        self.send_header(name, value)
+      if close:
+        self.send_header("Connection", "close")
+        self.close_connection = True
+      self.end_headers()
+      self.wfile.write(body)
+
+    def _error(self, status: int, message: str, **kwargs) -> None:
+      self._send(status, {"error": message}, **kwargs)
+
+    def _path(self) -> str:
+      return urllib.parse.urlsplit(self.path).path
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+      if self._path() == "/health":
+        self._send(200, {"status": "ok", **service.info})
+      elif self._path() == "/trace":
+        self._error(405, "/trace takes POST", headers=[("Allow", "POST")])
+      else:
+        self._error(404, f"no such path {self._path()!r}; expected GET /health "
+                    "or POST /trace")
+
+    def do_POST(self):  # noqa: N802
+      if self._path() != "/trace":
+        status = 405 if self._path() == "/health" else 404
+        self._error(status, f"POST {self._path()!r}: expected POST /trace",
+                    close=True)
+        return
+      body = self._body()
+      if body is None:
+        return
+      try:
+        request = parse_request(body, service.limits)
+        service.check(request)
+        answer, info = service.batcher.submit(request)
+      except RequestError as e:
+        self._error(e.status, str(e))
+        return
+      except InputError as e:
+        self._error(400, str(e))
+        return
+      except Exception as e:  # pylint: disable=broad-except
+        self._error(500, f"internal error: {type(e).__name__}: {e}")
+        return
+      if answer.error is not None:
+        self._error(422, str(answer.error))
+      else:
+        self._send(200, {"results": answer.records, "batch": info})
+
+    def _body(self) -> bytes | None:
+      """The request body, or None once an error was sent (the connection
+      then closes: an unread body cannot be skipped safely)."""
+      length = self.headers.get("Content-Length")
+      if length is None:
+        self._error(411, "Content-Length required", close=True)
+        return None
+      if not length.isdigit():
+        self._error(400, f"Content-Length {length!r} is not a byte count",
+                    close=True)
+        return None
+      if int(length) > service.limits.max_body_bytes:
+        self._error(413, f"body of {int(length):,} bytes, more than the "
+                    f"{service.limits.max_body_bytes:,} this server takes",
+                    close=True)
+        return None
+      return self.rfile.read(int(length))
+
+    def log_message(self, format, *args):  # pylint: disable=redefined-builtin
+      if service.log:
+        sys.stderr.write(f"{self.address_string()} {format % args}\n")
+
+  return Handler
+
+
+class _HTTPServer(http.server.ThreadingHTTPServer):
+  daemon_threads = True
+  # listen()'s backlog: the default 5 resets clients that connect together.
+  request_queue_size = 1024
+
+
+def make_server(service: Service, host: str = "127.0.0.1", port: int = 0
+                ) -> http.server.ThreadingHTTPServer:
+  """The HTTP server (not started: call ``serve_forever``); port 0 picks a
+  free one (``server.server_address``)."""
+  return _HTTPServer((host, port), _handler(service))
+
+
+# --- clients ----------------------------------------------------------------------
+
+def _call(url: str, body: dict | None = None, timeout: float = 600) -> dict:
+  data = None if body is None else json.dumps(body).encode()
+  request = urllib.request.Request(url, data=data, headers={
+      "Content-Type": "application/json"})
+  try:
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+      return json.loads(response.read())
+  except urllib.error.HTTPError as e:
+    try:
+      message = json.loads(e.read()).get("error", e.reason)
+    except ValueError:
+      message = e.reason
+    raise InputError(f"{url}: HTTP {e.code}: {message}") from None
+  except urllib.error.URLError as e:
+    raise InputError(f"{url}: cannot reach the server ({e.reason})") from None
+
+
+def health(server: str, timeout: float = 60) -> dict:
+  """``GET server/health``."""
+  return _call(server.rstrip("/") + "/health", timeout=timeout)
+
+
+def trace(server: str, queries: Sequence[dict], top_k: int | None = None,
+          timeout: float = 600) -> dict:
+  """``POST server/trace``: the response (``results``: the records)."""
+  body = {"queries": list(queries)}
+  if top_k is not None:
+    body["top_k"] = top_k
+  return _call(server.rstrip("/") + "/trace", body, timeout)
+
+
+def trace_all(server: str, queries: Sequence[dict], top_k: int | None = None
+              ) -> list[dict]:
+  """Records for any number of queries, sent in requests of the server's
+  ``max_queries`` each."""
+  size = health(server)["max_queries"]
+  return [record for lo in range(0, len(queries), size)
+          for record in trace(server, queries[lo:lo + size], top_k)["results"]]

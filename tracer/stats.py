@@ -1,0 +1,49 @@
+"""Statistics for benchmark tables: spread across sets, paired differences.
+
+Two methods scored on the same queries are compared by the per-query
+difference (paired): the query-to-query variance both share cancels, so a
+difference far smaller than either method's own standard error is resolved.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+  """``{"mean", "std", "n"}`` of values (std with ddof=1; 0 for one value)."""
+  x = np.asarray(values, np.float64)
+  return {"mean": float(np.mean(x)),
+          "std": float(np.std(x, ddof=1)) if len(x) > 1 else 0.0,
+          "n": int(len(x))}
+
+
+def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+  """The mean per-query difference ``a - b`` and its standard error.
+
+  Args:
+    a, b: f[Q], two methods' values on the same Q queries, in the same order.
+
+  Returns:
+    ``{"mean", "se", "z" (mean / se), "win" (fraction of queries with a > b),
+    "n"}``.
+  """
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.shape != b.shape or a.ndim != 1:
+    raise ValueError(f"paired: need two f[Q] of one shape, got {a.shape}, {b.shape}")
+  d = a - b
+  se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+  mean = float(np.mean(d))
+  return {"mean": mean, "se": se, "z": mean / se if se > 0 else float("nan"),
+          "win": float(np.mean(d > 0)), "n": int(len(d))}
+
+
+def format_cell(value: Mapping[str, float] | float) -> str:
+  """``mean ± std`` for a spread, ``+d ± se (z)`` for a paired difference."""
+  if not isinstance(value, Mapping):
+    return f"{value:.4f}"
+  if "se" in value:
+    return f"{value['mean']:+.4f} ± {value['se']:.4f} (z {value['z']:+.1f})"
+  return f"{value['mean']:.4f} ± {value['std']:.4f}"
