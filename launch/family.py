@@ -1,5 +1,7 @@
-r"""The benchmark family: fact sets of several styles and seeds, each with its
-own tiny model, every method scored on each; the mean and spread across sets.
+r"""Every method on a family of fact sets (styles x seeds): mean and spread.
+
+Each set of the family has its own tiny model; every method is scored on
+each, then summarized across sets.
 
   tracer family --workdir=family [--styles=paraphrase,natural,dense] \
       [--seeds=0,1,2] [--set_facts_per_bucket=40] [--tail_patch_queries=80]
