@@ -97,10 +97,9 @@ def summarize(set_dirs: list[str], k: int = 10) -> dict:
             for m in methods if m != "random"}
   reference = pooled[REFERENCE]
   for method, values in pooled.items():
-    both = ~np.isnan(reference) & ~np.isnan(values)
     if method != REFERENCE:
       summary[method][f"{REFERENCE} - this, tail_patch@{k}"] = stats.paired(
-          reference[both], values[both])
+          reference, values)
   return {"sets": [os.path.basename(d) for d in set_dirs], "methods": summary,
           "influence_by_kind": pooled_kinds(reports, k)}
 

@@ -165,11 +165,9 @@ def paired_tail_patch(per_method: np.ndarray, k: int) -> tuple[dict, dict]:
   with np.errstate(invalid="ignore"):
     per_query = np.nanmean(per_method[:, :, :k], axis=2)  # [M, C]
   ref = per_query[METHODS.index("trackstar")]
-  paired = {}
-  for name, values in zip(METHODS, per_query):
-    both = ~np.isnan(ref) & ~np.isnan(values)
-    if name != "trackstar" and both.sum() > 1:
-      paired[name] = stats.paired(ref[both], values[both])
+  paired = {name: stats.paired(ref, values)
+            for name, values in zip(METHODS, per_query) if name != "trackstar"}
+  paired = {name: p for name, p in paired.items() if p["n"] > 1}
   lists = {name: [None if np.isnan(v) else float(v) for v in values]
            for name, values in zip(METHODS, per_query)}
   return lists, paired

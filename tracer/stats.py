@@ -24,16 +24,17 @@ def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
   """The mean per-query difference ``a - b`` and its standard error.
 
   Args:
-    a, b: f[Q], two methods' values on the same Q queries, in the same order.
+    a, b: f[Q], two methods' values on the same Q queries, in the same order;
+      a query where either is NaN (no value) is left out.
 
   Returns:
     ``{"mean", "se", "z" (mean / se), "win" (fraction of queries with a > b),
-    "n"}``.
+    "n"}`` over the queries with both values.
   """
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   if a.shape != b.shape or a.ndim != 1:
     raise ValueError(f"paired: need two f[Q] of one shape, got {a.shape}, {b.shape}")
-  d = a - b
+  d = (a - b)[~np.isnan(a) & ~np.isnan(b)]
   se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
   mean = float(np.mean(d))
   return {"mean": mean, "se": se, "z": mean / se if se > 0 else float("nan"),
