@@ -32,6 +32,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 
 from absl import flags
 import numpy as np
@@ -162,7 +163,8 @@ def paired_tail_patch(per_method: np.ndarray, k: int) -> tuple[dict, dict]:
     per_method: f32[M, C, K], the deltas of each method's proponents
       (``METHODS`` order) for the C tail-patched queries.
   """
-  with np.errstate(invalid="ignore"):
+  with warnings.catch_warnings():  # a query with no proponent: NaN, no warning
+    warnings.simplefilter("ignore", RuntimeWarning)
     per_query = np.nanmean(per_method[:, :, :k], axis=2)  # [M, C]
   ref = per_query[METHODS.index("trackstar")]
   paired = {name: stats.paired(ref, values)
