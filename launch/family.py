@@ -16,6 +16,12 @@ and standard deviation across sets of MRR, recall@10 (overall and per bucket)
 and tail-patch@k, and TrackStar's paired tail-patch@10 difference against each
 other method, pooled over every query of every set (``tracer.stats``).
 ``--only_train`` prepares and trains the sets and stops.
+
+Memorization: ``--steps=200,400`` also scores every set at those earlier
+checkpoints (``tracer quality --checkpoint``, into WORKDIR/sets/NAME/step-S,
+resumable the same way) and adds a table of each method's MRR, recall@10 and
+tail-patch@10 by training step (mean and spread across sets): attribution
+and influence on the model as it was at that step.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from tracer.launch import train
 from tracer import evaluate
 from tracer import facts
 from tracer import stats
+from tracer.errors import InputError
 
 flags.DEFINE_list("styles", ["paraphrase", "natural", "dense"],
                   f"Fact styles of the family ({', '.join(facts.STYLES)}).")
@@ -43,6 +50,8 @@ flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the family, one set each "
 flags.DEFINE_integer("set_facts_per_bucket", 40, "Query facts per bucket in each set.")
 flags.DEFINE_integer("set_distractor_docs", 100, "Filler-only documents in each set.")
 flags.DEFINE_bool("only_train", False, "Prepare and train every set, then stop.")
+flags.DEFINE_list("steps", [], "Earlier checkpoints (training steps) to score "
+                  "every set at as well, for the memorization table.")
 FLAGS = flags.FLAGS
 
 # Every checkpoint kept, for the sweep's checkpoint axis (memorization).
@@ -75,6 +84,48 @@ def read_set_report(set_dir: str) -> dict:
     return json.load(f)
 
 
+def report_step(report: dict) -> int:
+  """The training step a quality report scored (its checkpoint's name)."""
+  return int(report.get("step", os.path.basename(report["checkpoint"].rstrip("/"))))
+
+
+def step_dir(set_dir: str, step: int) -> str:
+  """Where a set's scores at an earlier checkpoint go."""
+  return os.path.join(set_dir, f"step-{int(step)}")
+
+
+def score_set(out_dir: str, corpus: str, queries: str, num_tail_patch: int,
+              checkpoint: str | None = None) -> None:
+  """``tracer quality`` into ``out_dir`` unless its quality.json exists."""
+  if not os.path.exists(os.path.join(out_dir, "quality.json")):
+    progress.say(f"{out_dir}: scoring every method")
+    quality.run(out_dir, num_tail_patch=num_tail_patch, corpus_path=corpus,
+                queries_path=queries, checkpoint=checkpoint)
+
+
+# The memorization table's methods and columns.
+MEMORIZATION_METHODS = ("bm25", "+unit_norm", "+R_train", "trackstar")
+MEMORIZATION_COLUMNS = ("mrr", "recall@10", "recall@10 b1", "tail_patch@10")
+
+
+def memorization(by_step: dict[int, list[str]]) -> dict:
+  """``{step: summarize(those sets' reports)}``, steps ascending."""
+  return {int(step): summarize(dirs) for step, dirs in sorted(by_step.items())}
+
+
+def format_memorization(by_step: dict) -> str:
+  """Rows ``method @ step S`` (each method's rows together), ``mean ± std``
+  cells across sets."""
+  cells = {}
+  for method in MEMORIZATION_METHODS:
+    for step, summary in by_step.items():
+      cols = summary["methods"].get(method)
+      if cols is not None:
+        cells[f"{method} @ step {step}"] = {
+            c: stats.format_cell(cols[c]) for c in MEMORIZATION_COLUMNS if c in cols}
+  return evaluate.format_table(cells, MEMORIZATION_COLUMNS, row_header="method @ step")
+
+
 def summarize(set_dirs: list[str], k: int = 10) -> dict:
   """Per method: mean and std across sets of each metric, and the paired
   tail-patch@k difference of ``REFERENCE`` minus the method, pooled over all
@@ -101,7 +152,17 @@ def summarize(set_dirs: list[str], k: int = 10) -> dict:
       summary[method][f"{REFERENCE} - this, tail_patch@{k}"] = stats.paired(
           reference, values)
   return {"sets": [os.path.basename(d) for d in set_dirs], "methods": summary,
-          "influence_by_kind": pooled_kinds(reports, k)}
+          "influence_by_kind": pooled_kinds(reports, k),
+          "score_tail_patch_rho": pooled_rho(reports)}
+
+
+def pooled_rho(reports: list[dict]) -> dict | None:
+  """``quality.influence_predictors`` over the family: each method's per-query
+  rho pooled over every set's queries (None unless every set has them)."""
+  key = "per_query_score_tail_patch_rho"
+  if not all(key in r for r in reports):
+    return None
+  return {m: [v for r in reports for v in r[key][m]] for m in reports[0][key]}
 
 
 def pooled_kinds(reports: list[dict], k: int) -> dict | None:
@@ -133,26 +194,38 @@ def format_summary(summary: dict) -> str:
 
 def run(workdir: str, styles, seeds, facts_per_bucket: int, distractor_docs: int,
         only_train: bool = False, num_tail_patch: int = 0,
-        train_bindings=TRAIN_BINDINGS) -> dict | None:
+        train_bindings=TRAIN_BINDINGS, steps=()) -> dict | None:
   with gin.unlock_config():
     gin.parse_config(train_bindings)
-  set_dirs = []
+  set_dirs, by_step = [], {}
   for name in set_names(styles, seeds):
     style, seed = name.rsplit("-", 1)
     set_dir = os.path.join(workdir, "sets", name)
     corpus, queries = ensure_set(set_dir, style, int(seed), facts_per_bucket,
                                  distractor_docs)
-    if not only_train and not os.path.exists(os.path.join(set_dir, "quality.json")):
-      progress.say(f"{set_dir}: scoring every method")
-      quality.run(set_dir, num_tail_patch=num_tail_patch, corpus_path=corpus,
-                  queries_path=queries)
     set_dirs.append(set_dir)
+    if only_train:
+      continue
+    score_set(set_dir, corpus, queries, num_tail_patch)
+    for step in steps:
+      checkpoint = os.path.join(set_dir, "checkpoints", str(int(step)))
+      if not os.path.isdir(checkpoint):
+        raise InputError(f"--steps: {checkpoint} does not exist (the set's "
+                         f"checkpoints: {sorted(os.listdir(os.path.dirname(checkpoint)))})")
+      score_set(step_dir(set_dir, step), corpus, queries, num_tail_patch, checkpoint)
+      by_step.setdefault(int(step), []).append(step_dir(set_dir, step))
   if only_train:
     return None
   summary = summarize(set_dirs)
   table = format_summary(summary)
   if summary["influence_by_kind"]:
     table += "\n\n" + quality.format_kinds(summary["influence_by_kind"], 10)
+  if summary["score_tail_patch_rho"]:
+    table += "\n\n" + quality.format_predictors(summary["score_tail_patch_rho"])
+  if by_step:
+    by_step[report_step(read_set_report(set_dirs[0]))] = set_dirs
+    summary["memorization"] = memorization(by_step)
+    table += "\n\n" + format_memorization(summary["memorization"])
   evaluate.write_text_atomic(os.path.join(workdir, "family.json"),
                              json.dumps(summary, indent=2))
   evaluate.write_text_atomic(os.path.join(workdir, "family.md"), table + "\n")
@@ -165,7 +238,8 @@ def main(argv):
   config.default_gin_file()
   config.parse_gin()
   run(FLAGS.workdir or "family", FLAGS.styles, FLAGS.seeds, FLAGS.set_facts_per_bucket,
-      FLAGS.set_distractor_docs, FLAGS.only_train, FLAGS.tail_patch_queries)
+      FLAGS.set_distractor_docs, FLAGS.only_train, FLAGS.tail_patch_queries,
+      steps=[int(s) for s in FLAGS.steps])
 
 
 if __name__ == "__main__":

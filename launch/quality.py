@@ -96,7 +96,7 @@ def moments(encoder, x, kind, batch_size=512):
 
 
 def method_encodings(raw, corrected, encoder, pcfg):
-  """(corpus rows, queries, scan metric or None) per gradient-based method.
+  """(corpus rows, queries, query metric or None) per gradient-based method.
 
   +R_train and trackstar go through the store's path: rows in R_train's
   eigenbasis, the query set's R applied at scan time (``tracer.hessian``).
@@ -124,8 +124,8 @@ def method_encodings(raw, corrected, encoder, pcfg):
       "trak": (apply(r_raw, raw_c), apply(r_raw, raw_q), None),
       "+opt_correction": (cor_c, cor_q, None),
       "+unit_norm": (norm(cor_c), norm(cor_q), None),
-      "+R_train": (psi_c, r_train.query_vectors(psi_q), r_train.row_metric()),
-      "trackstar": (psi_c, r_mix.query_vectors(psi_q), r_mix.row_metric()),
+      "+R_train": (psi_c, r_train.query_vectors(psi_q), r_train),
+      "trackstar": (psi_c, r_mix.query_vectors(psi_q), r_mix),
   }, r_mix.lam
 
 
@@ -225,6 +225,53 @@ def influence_by_kind(kinds: np.ndarray, deltas: np.ndarray, inverse: np.ndarray
   return out
 
 
+def pair_scores(encodings: dict, pairs: np.ndarray, batch: int = 256) -> dict:
+  """Each gradient method's score of each (query index, row) pair: f64[P]
+  (``method_encodings``; rows under a query metric divided by their norm,
+  as the scan does)."""
+  out = {}
+  for name, (c, q, metric) in encodings.items():
+    parts = []
+    for lo in range(0, len(pairs), batch):
+      qi, rows = pairs[lo:lo + batch, 0], pairs[lo:lo + batch, 1]
+      x = np.asarray(c[rows], np.float64)
+      s = np.einsum("pd,pd->p", x, np.asarray(q[qi], np.float64))
+      if metric is not None:
+        s = s / np.maximum(metric.norms(x), np.finfo(np.float32).tiny)
+      parts.append(s)
+    out[name] = np.concatenate(parts) if parts else np.zeros(0)
+  return out
+
+
+def influence_predictors(scores: dict, pairs: np.ndarray, deltas: np.ndarray,
+                         min_pairs: int = 5) -> dict:
+  """How well each method's score orders influence: per tail-patched query,
+  Spearman's rho between the scores and the tail-patch deltas of its pairs
+  (every method's proponents of that query together), as lists over queries
+  (NaN where a query has fewer than ``min_pairs`` measured pairs)."""
+  out = {name: [] for name in scores}
+  ok = ~np.isnan(deltas)
+  for qi in np.unique(pairs[:, 0]):
+    sel = ok & (pairs[:, 0] == qi)
+    for name, s in scores.items():
+      out[name].append(stats.spearman(s[sel], deltas[sel])
+                       if sel.sum() >= min_pairs else float("nan"))
+  return out
+
+
+def format_predictors(rho: dict) -> str:
+  """Each method's mean rho (± se over queries) and TrackStar's paired
+  difference in rho against it."""
+  ref = rho.get("trackstar")
+  cells = {}
+  for name, values in rho.items():
+    cells[name] = {"rho(score, tail-patch)": stats.format_cell(stats.mean_se(values))}
+    if ref is not None and name != "trackstar":
+      cells[name]["trackstar - this"] = stats.format_cell(stats.paired(ref, values))
+  return evaluate.format_table(cells, ("rho(score, tail-patch)", "trackstar - this"),
+                               row_header="score that orders each query's pairs")
+
+
 def format_kinds(by_kind: dict, k: int) -> str:
   """The share of each kind among each method's top-k, and its mean delta."""
   cells = {name: {kind: f"{share[kind]:.3f}" for kind in KINDS}
@@ -260,7 +307,9 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
   topks = {"bm25": bm25_topk(corpus, queries, k),
            "random": random_topk(len(corpus), len(queries), k)}
   for name, (c, q, metric) in encodings.items():
-    topks[name] = scan_lib.scan_arrays(c, q, k, mesh=encoder.mesh, metric=metric)
+    topks[name] = scan_lib.scan_arrays(
+        c, q, k, mesh=encoder.mesh,
+        metric=None if metric is None else metric.row_metric())
 
   preds = pipeline.predictions(ckpt, query_examples, queries,
                                pipeline.data_config(ckpt).vocabulary())
@@ -309,8 +358,13 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
       (f"tail_patch@{k}", "queries where trackstar is higher"), row_header="paired")
   if by_kind is not None:
     paired_table += "\n\n" + format_kinds(by_kind, k)
+  rho = influence_predictors(pair_scores(encodings, pairs), pairs, deltas)
+  paired_table += "\n\n" + format_predictors(rho)
   report = {"methods": metrics, "paired_tail_patch": paired,
             "influence_by_kind": by_kind,
+            "per_query_score_tail_patch_rho": {
+                name: [None if np.isnan(v) else v for v in values]
+                for name, values in rho.items()},
             f"per_query_tail_patch@{k}": per_query,
             "tail_patch_query_ids": [queries[i]["id"] for i in chosen],
             "lambda": lam, "projection_dim": encoder.dim,
@@ -318,7 +372,7 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
             "tail_patch_queries": int(len(chosen)),
             "tail_patch_optimizer": ("sgd" if sgd_learning_rate else
                                      ckpt.optimizer_config.name),
-            "checkpoint": ckpt.path}
+            "checkpoint": ckpt.path, "step": int(ckpt.step)}
   evaluate.write_text_atomic(os.path.join(workdir, "quality.json"),
                              json.dumps(report, indent=2))
   evaluate.write_text_atomic(os.path.join(workdir, "quality.md"),

@@ -15,7 +15,10 @@ from tracer.launch import family
 from tracer.launch import quality
 from tracer.launch import sweep
 from tracer import hessian
+from tracer import projection
+from tracer import scan
 from tracer import stats
+from tracer.errors import InputError
 # pytest puts tests/ on sys.path: the pipeline tests' small model.
 from test_pipeline import BINDINGS
 
@@ -57,8 +60,16 @@ def test_family_trains_every_set_and_summarizes_across_sets(trained_family):
   other = np.concatenate([r["per_query_tail_patch@10"]["bm25"] for r in reports])
   paired = summary["methods"]["bm25"]["trackstar - this, tail_patch@10"]
   assert paired["n"] == 16 and np.isclose(paired["mean"], np.mean(ref - other))
+  # What orders influence: each method's per-query rho, pooled over both sets.
+  rho = summary["score_tail_patch_rho"]
+  assert set(rho) == set(quality.METHODS) - {"bm25", "random"}
+  for values in rho.values():
+    assert len(values) == 16
+    assert all(v is None or -1.0 <= v <= 1.0 for v in values)
+    assert sum(v is not None for v in values) >= 8
   table = open(os.path.join(root, "family.md")).read()
   assert table.startswith("| method |") and "±" in table
+  assert "rho(score, tail-patch)" in table
   assert json.load(open(os.path.join(root, "family.json"))) == json.loads(
       json.dumps(summary))
 
@@ -71,6 +82,58 @@ def test_family_rerun_scores_nothing_again(trained_family, monkeypatch):
   monkeypatch.setattr(family.train, "train", fail)
   again = family.run(root, STYLES, SEEDS, facts_per_bucket=4, distractor_docs=10)
   assert json.loads(json.dumps(again)) == json.loads(json.dumps(summary))
+
+
+def test_family_memorization_scores_earlier_steps(trained_family, tmp_path):
+  root, summary = trained_family
+  again = family.run(root, STYLES, SEEDS, facts_per_bucket=4, distractor_docs=10,
+                     num_tail_patch=8, steps=[50])
+  # The sets' own (last-step) reports are reused; step 50's are new.
+  assert again["methods"] == json.loads(json.dumps(summary["methods"]))
+  for name in again["sets"]:
+    report = family.read_set_report(family.step_dir(os.path.join(root, "sets", name), 50))
+    assert report["step"] == 50 and report["checkpoint"].endswith("50")
+  by_step = again["memorization"]
+  assert list(by_step) == [50, 100]
+  assert by_step[100]["methods"] == again["methods"]
+  assert by_step[50]["methods"]["trackstar"]["mrr"]["n"] == 2
+  table = open(os.path.join(root, "family.md")).read()
+  assert "| trackstar @ step 50 |" in table and "| trackstar @ step 100 |" in table
+  with pytest.raises(InputError, match="checkpoints/75 does not exist"):
+    family.run(root, STYLES, SEEDS, facts_per_bucket=4, distractor_docs=10, steps=[75])
+
+
+def test_pair_scores_are_the_scan_scores():
+  """``quality.pair_scores`` scores a (query, row) pair as the scan does, with
+  and without a query metric."""
+  layout = projection.make_layout({"w": np.zeros((12, 10), np.float32)}, 48, 0)
+  rng = np.random.default_rng(1)
+  corpus = rng.normal(size=(300, layout.dim)).astype(np.float32)
+  queries = rng.normal(size=(6, layout.dim)).astype(np.float32)
+  basis = hessian.fit_basis(hessian.accumulate(
+      hessian.init_moments(layout, "block"), corpus[:100]), dim=layout.dim,
+      layout_seed=0, kind="block")
+  psi_c, psi_q = np.asarray(basis.rotate(corpus)), np.asarray(basis.rotate(queries))
+  metric = hessian.fit_metric(basis, psi_q, rank=4)
+  encodings = {"dot": (corpus, queries, None),
+               "metric": (psi_c, metric.query_vectors(psi_q), metric)}
+  for name, (c, q, m) in encodings.items():
+    top = scan.scan_arrays(c, q, 5, metric=None if m is None else m.row_metric())
+    pairs = np.stack([np.repeat(np.arange(6), 5), top.proponent_rows.ravel()], 1)
+    got = quality.pair_scores({name: (c, q, m)}, pairs, batch=7)[name]
+    np.testing.assert_allclose(got, top.proponent_scores.ravel(), rtol=1e-4, atol=1e-5)
+
+
+def test_influence_predictors_rank_correlation():
+  pairs = np.array([[0, 1], [0, 2], [0, 3], [0, 4], [0, 5], [1, 1], [1, 2]])
+  deltas = np.array([0.1, 0.2, 0.3, np.nan, 0.5, 0.1, 0.2])
+  scores = {"up": np.array([1.0, 2.0, 3.0, 9.0, 4.0, 1.0, 2.0]),
+            "down": np.array([4.0, 3.0, 2.0, 0.0, 1.0, 1.0, 2.0])}
+  rho = quality.influence_predictors(scores, pairs, deltas, min_pairs=3)
+  # Query 0: 4 measured pairs (the NaN is left out); query 1: too few.
+  assert rho["up"][0] == pytest.approx(1.0) and rho["down"][0] == pytest.approx(-1.0)
+  assert np.isnan(rho["up"][1]) and np.isnan(rho["down"][1])
+  assert "+2.0000" in quality.format_predictors({"trackstar": rho["up"], **rho})
 
 
 def test_sweep_on_the_family(trained_family, tmp_path, monkeypatch):
@@ -146,6 +209,19 @@ def test_paired_statistics():
   assert stats.mean_std([2.0]) == {"mean": 2.0, "std": 0.0, "n": 1}
   assert stats.format_cell({"mean": 0.5, "std": 0.25, "n": 2}) == "0.5000 ± 0.2500"
   assert stats.format_cell(p) == "+0.5000 ± 0.3536 (z +1.4)"
+
+
+def test_rank_statistics():
+  assert stats.ranks([3.0, 1.0, 2.0, 2.0]).tolist() == [3.0, 0.0, 1.5, 1.5]
+  assert stats.spearman([1, 2, 3, 4], [1, 8, 27, 64]) == pytest.approx(1.0)
+  assert stats.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+  assert np.isnan(stats.spearman([1, 1, 1], [1, 2, 3]))
+  # Ties: Pearson's r of the average ranks (worked by hand).
+  assert stats.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(
+      np.corrcoef([0, 1.5, 1.5, 3], [0, 1, 2, 3])[0, 1])
+  m = stats.mean_se([0.1, None, 0.3])
+  assert m["n"] == 2 and m["mean"] == pytest.approx(0.2)
+  assert m["se"] == pytest.approx(np.std([0.1, 0.3], ddof=1) / np.sqrt(2))
 
 
 class _Corpus:

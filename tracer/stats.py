@@ -41,6 +41,29 @@ def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
           "win": float(np.mean(d > 0)), "n": int(len(d))}
 
 
+def ranks(x: Sequence[float]) -> np.ndarray:
+  """Ranks 0..n-1 of ``x`` ascending, ties given their average rank."""
+  x = np.asarray(x, np.float64)
+  order = np.argsort(x, kind="stable")
+  r = np.empty(len(x), np.float64)
+  r[order] = np.arange(len(x))
+  _, tie, counts = np.unique(x, return_inverse=True, return_counts=True)
+  return (np.bincount(tie, r) / counts)[tie]
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+  """Spearman's rank correlation of two f[n] (NaN where either is constant)."""
+  ra, rb = ranks(a) - (len(a) - 1) / 2, ranks(b) - (len(b) - 1) / 2
+  denom = np.sqrt(np.sum(ra * ra) * np.sum(rb * rb))
+  return float(np.sum(ra * rb) / denom) if denom > 0 else float("nan")
+
+
+def mean_se(values: Sequence[float]) -> dict[str, float]:
+  """``{"mean", "se", "z", "n"}`` of the values that are not NaN."""
+  x = np.asarray(values, np.float64)
+  return paired(x, np.zeros_like(x))
+
+
 def format_cell(value: Mapping[str, float] | float) -> str:
   """``mean ± std`` for a spread, ``+d ± se (z)`` for a paired difference."""
   if not isinstance(value, Mapping):
