@@ -21,7 +21,9 @@ Memorization: ``--steps=200,400`` also scores every set at those earlier
 checkpoints (``tracer quality --checkpoint``, into WORKDIR/sets/NAME/step-S,
 resumable the same way) and adds a table of each method's MRR, recall@10 and
 tail-patch@10 by training step (mean and spread across sets): attribution
-and influence on the model as it was at that step.
+and influence on the model as it was at that step. ``--sum_steps=200,400``
+adds ``tracer quality``'s ``trackstar_sum`` (TrackStar summed over those
+steps and the last) to every set's scores.
 """
 
 from __future__ import annotations
@@ -95,12 +97,12 @@ def step_dir(set_dir: str, step: int) -> str:
 
 
 def score_set(out_dir: str, corpus: str, queries: str, num_tail_patch: int,
-              checkpoint: str | None = None) -> None:
+              checkpoint: str | None = None, sum_steps=()) -> None:
   """``tracer quality`` into ``out_dir`` unless its quality.json exists."""
   if not os.path.exists(os.path.join(out_dir, "quality.json")):
     progress.say(f"{out_dir}: scoring every method")
     quality.run(out_dir, num_tail_patch=num_tail_patch, corpus_path=corpus,
-                queries_path=queries, checkpoint=checkpoint)
+                queries_path=queries, checkpoint=checkpoint, sum_steps=sum_steps)
 
 
 # The memorization table's methods and columns.
@@ -131,7 +133,9 @@ def summarize(set_dirs: list[str], k: int = 10) -> dict:
   tail-patch@k difference of ``REFERENCE`` minus the method, pooled over all
   queries of all sets."""
   reports = [read_set_report(d) for d in set_dirs]
-  methods = list(reports[0]["methods"])
+  # Methods every set has (trackstar_sum only where --sum_steps was given).
+  methods = [m for m in reports[0]["methods"]
+             if all(m in r["methods"] for r in reports)]
   summary = {}
   for method in methods:
     rows = [r["methods"][method] for r in reports]
@@ -162,7 +166,8 @@ def pooled_rho(reports: list[dict]) -> dict | None:
   key = "per_query_score_tail_patch_rho"
   if not all(key in r for r in reports):
     return None
-  return {m: [v for r in reports for v in r[key][m]] for m in reports[0][key]}
+  return {m: [v for r in reports for v in r[key][m]] for m in reports[0][key]
+          if all(m in r[key] for r in reports)}
 
 
 def pooled_kinds(reports: list[dict], k: int) -> dict | None:
@@ -178,6 +183,8 @@ def pooled_kinds(reports: list[dict], k: int) -> dict | None:
     out["pairs"][kind] = sum(n)
     out["mean_delta"][kind] = total / sum(n) if sum(n) else None
   for method in parts[0][f"share@{k}"]:
+    if not all(method in p[f"share@{k}"] for p in parts):
+      continue
     out[f"share@{k}"][method] = {
         kind: float(np.mean([p[f"share@{k}"][method][kind] for p in parts]))
         for kind in quality.KINDS}
@@ -194,7 +201,7 @@ def format_summary(summary: dict) -> str:
 
 def run(workdir: str, styles, seeds, facts_per_bucket: int, distractor_docs: int,
         only_train: bool = False, num_tail_patch: int = 0,
-        train_bindings=TRAIN_BINDINGS, steps=()) -> dict | None:
+        train_bindings=TRAIN_BINDINGS, steps=(), sum_steps=()) -> dict | None:
   with gin.unlock_config():
     gin.parse_config(train_bindings)
   set_dirs, by_step = [], {}
@@ -206,7 +213,7 @@ def run(workdir: str, styles, seeds, facts_per_bucket: int, distractor_docs: int
     set_dirs.append(set_dir)
     if only_train:
       continue
-    score_set(set_dir, corpus, queries, num_tail_patch)
+    score_set(set_dir, corpus, queries, num_tail_patch, sum_steps=sum_steps)
     for step in steps:
       checkpoint = os.path.join(set_dir, "checkpoints", str(int(step)))
       if not os.path.isdir(checkpoint):
@@ -239,7 +246,8 @@ def main(argv):
   config.parse_gin()
   run(FLAGS.workdir or "family", FLAGS.styles, FLAGS.seeds, FLAGS.set_facts_per_bucket,
       FLAGS.set_distractor_docs, FLAGS.only_train, FLAGS.tail_patch_queries,
-      steps=[int(s) for s in FLAGS.steps])
+      steps=[int(s) for s in FLAGS.steps],
+      sum_steps=[int(s) for s in FLAGS.sum_steps])
 
 
 if __name__ == "__main__":

@@ -23,7 +23,11 @@ the fact's own documents, others naming its object or its subject, or
 neither), quality.md (those tables), the plots (retrieval.png,
 tail_patch.png) and report.html (every method side by side: ``tracer view``),
 and prints the tables. ``--checkpoint`` scores one step of the run instead
-of its last. ``tracer family`` runs this on every set of a benchmark family.
+of its last. ``--sum_steps=200,400`` adds ``trackstar_sum``: TrackStar's
+scores summed over those checkpoints of the same run and the scored one
+(TracIn-style; each step's rows and queries encoded, R fitted and normalized
+at that step), tail-patched on the scored checkpoint like every method.
+``tracer family`` runs this on every set of a benchmark family.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from tracer import pipeline
 from tracer import plots
 from tracer import scan as scan_lib
 from tracer import stats
+from tracer import storage
 from tracer import tailpatch
 from tracer import unit_normalize
 from tracer import viewer
@@ -58,8 +63,11 @@ flags.DEFINE_integer("tail_patch_queries", 0, "Queries used for tail-patch, "
                      "evenly over the buckets (0: all).")
 flags.DEFINE_float("sgd_learning_rate", None, "Tail-patch with plain SGD at this "
                    "rate instead of the checkpoint's optimizer at its final rate.")
+flags.DEFINE_list("sum_steps", [], "Also score trackstar_sum: TrackStar summed "
+                  "over these checkpoints (steps) of the run and the scored one.")
 FLAGS = flags.FLAGS
 
+SUM_METHOD = "trackstar_sum"
 METHODS = ("bm25", "random", "grad_dot", "grad_cosine", "trak", "+opt_correction",
            "+unit_norm", "+R_train", "trackstar")
 COLUMNS = ("mrr", "recall@10", "precision@10", "tail_patch@1", "tail_patch@3",
@@ -95,6 +103,17 @@ def moments(encoder, x, kind, batch_size=512):
   return m
 
 
+def in_train_basis(corrected, encoder, pcfg):
+  """R_train's basis fitted on the corpus sample, and the corrected rows and
+  queries ``(f32[N, d], f32[Q, d])`` rotated into it (the store's path)."""
+  cor_c, cor_q = corrected
+  rows = pipeline.sample_rows(len(cor_c), pcfg.train_examples, pcfg.sample_seed)
+  basis = hessian.fit_basis(moments(encoder, cor_c[rows], pcfg.kind),
+                            dim=encoder.dim, layout_seed=encoder.layout.seed,
+                            kind=pcfg.kind)
+  return basis, np.asarray(basis.rotate(cor_c)), np.asarray(basis.rotate(cor_q))
+
+
 def method_encodings(raw, corrected, encoder, pcfg):
   """(corpus rows, queries, query metric or None) per gradient-based method.
 
@@ -104,17 +123,15 @@ def method_encodings(raw, corrected, encoder, pcfg):
   (raw_c, raw_q), (cor_c, cor_q) = raw, corrected
   norm = lambda x: np.asarray(unit_normalize(x))
   rows = pipeline.sample_rows(len(cor_c), pcfg.train_examples, pcfg.sample_seed)
+  basis, psi_c, psi_q = in_train_basis(corrected, encoder, pcfg)
   # TRAK: phi_m^T R^-1 phi_q = (R^-1/2 phi_m) . (R^-1/2 phi_q), unnormalized.
   r_raw = hessian.fit(moments(encoder, raw_c[rows], pcfg.kind), kind=pcfg.kind,
                       dim=encoder.dim, layout_seed=encoder.layout.seed,
                       rank=pcfg.rank, damping=pcfg.damping, lam=pcfg.lam)
-  basis = hessian.fit_basis(moments(encoder, cor_c[rows], pcfg.kind),
-                            dim=encoder.dim, layout_seed=encoder.layout.seed,
-                            kind=pcfg.kind)
-  psi_c, psi_q = np.asarray(basis.rotate(cor_c)), np.asarray(basis.rotate(cor_q))
-  fit = lambda eval_psi: hessian.fit_metric(basis, eval_psi, rank=pcfg.rank,
-                                            damping=pcfg.damping, lam=pcfg.lam)
-  r_train, r_mix = fit(None), fit(psi_q)
+  r_train = hessian.fit_metric(basis, None, rank=pcfg.rank, damping=pcfg.damping,
+                               lam=pcfg.lam)
+  r_mix = hessian.fit_metric(basis, psi_q, rank=pcfg.rank, damping=pcfg.damping,
+                             lam=pcfg.lam)
   print(f"lambda (task-specific mix) = {r_mix.lam:.4g}; R from "
         f"{basis.num_train} corpus rows, {r_mix.num_eval} queries, d={encoder.dim}")
   apply = lambda pre, x: np.asarray(pre.apply(x))
@@ -127,6 +144,40 @@ def method_encodings(raw, corrected, encoder, pcfg):
       "+R_train": (psi_c, r_train.query_vectors(psi_q), r_train),
       "trackstar": (psi_c, r_mix.query_vectors(psi_q), r_mix),
   }, r_mix.lam
+
+
+def trackstar_at(corrected, encoder, pcfg) -> tuple[np.ndarray, np.ndarray]:
+  """TrackStar's rows and queries at one checkpoint, both normalized, so that
+  their dot product is its score: (f32[N, d], f32[Q, d])."""
+  basis, psi_c, psi_q = in_train_basis(corrected, encoder, pcfg)
+  metric = hessian.fit_metric(basis, psi_q, rank=pcfg.rank, damping=pcfg.damping,
+                              lam=pcfg.lam)
+  return normalized(psi_c, metric.query_vectors(psi_q), metric)
+
+
+def normalized(rows, queries, metric):
+  """Rows divided by their norm under ``metric`` (as the scan divides their
+  scores), and the queries as they are."""
+  norms = np.maximum(metric.norms(rows), np.finfo(np.float32).tiny)
+  return (rows / norms[:, None]).astype(np.float32), queries
+
+
+def summed_encodings(ckpt, ecfg, encoder, corpus, query_examples, trackstar,
+                     steps, pcfg):
+  """``SUM_METHOD``'s rows and queries: TrackStar at ``ckpt`` (``trackstar``,
+  its ``method_encodings`` entry) and at each of ``steps`` (checkpoints of the
+  same run), side by side, so that one dot product is the sum of the steps'
+  scores: (f32[N, S d], f32[Q, S d])."""
+  parent = storage.split(ckpt.path)[0]
+  parts = [normalized(*trackstar)]
+  for step in steps:
+    other = pipeline.load_checkpoint(None, storage.join(parent, str(int(step))),
+                                     encoder.mesh)
+    other_encoder, _, _ = pipeline.build_encoder(other, ecfg, encoder.mesh)
+    parts.append(trackstar_at(projected(other_encoder, corpus, query_examples,
+                                        ecfg.batch_size), other_encoder, pcfg))
+  return (np.concatenate([c for c, _ in parts], axis=1),
+          np.concatenate([q for _, q in parts], axis=1))
 
 
 def random_topk(num_rows, num_queries, k, seed=0) -> scan_lib.TopK:
@@ -155,23 +206,24 @@ def tail_patch_queries(queries, count) -> np.ndarray:
   return np.sort(np.asarray(picked[:count]))
 
 
-def paired_tail_patch(per_method: np.ndarray, k: int) -> tuple[dict, dict]:
+def paired_tail_patch(per_method: np.ndarray, k: int,
+                      methods=METHODS) -> tuple[dict, dict]:
   """Each method's per-query tail-patch@k (lists, NaN where a query has no
   proponent) and TrackStar's paired difference against every other method.
 
   Args:
     per_method: f32[M, C, K], the deltas of each method's proponents
-      (``METHODS`` order) for the C tail-patched queries.
+      (``methods`` order) for the C tail-patched queries.
   """
   with warnings.catch_warnings():  # a query with no proponent: NaN, no warning
     warnings.simplefilter("ignore", RuntimeWarning)
     per_query = np.nanmean(per_method[:, :, :k], axis=2)  # [M, C]
-  ref = per_query[METHODS.index("trackstar")]
+  ref = per_query[list(methods).index("trackstar")]
   paired = {name: stats.paired(ref, values)
-            for name, values in zip(METHODS, per_query) if name != "trackstar"}
+            for name, values in zip(methods, per_query) if name != "trackstar"}
   paired = {name: p for name, p in paired.items() if p["n"] > 1}
   lists = {name: [None if np.isnan(v) else float(v) for v in values]
-           for name, values in zip(METHODS, per_query)}
+           for name, values in zip(methods, per_query)}
   return lists, paired
 
 
@@ -199,7 +251,7 @@ def pair_kinds(queries, corpus, pairs: np.ndarray) -> np.ndarray | None:
 
 
 def influence_by_kind(kinds: np.ndarray, deltas: np.ndarray, inverse: np.ndarray,
-                      shape: tuple[int, int, int], k: int) -> dict:
+                      shape: tuple[int, int, int], k: int, methods=METHODS) -> dict:
   """Tail-patch explained by what proponents are (``KINDS``).
 
   Args:
@@ -219,7 +271,7 @@ def influence_by_kind(kinds: np.ndarray, deltas: np.ndarray, inverse: np.ndarray
     out["pairs"][kind] = int(sel.sum())
     out["mean_delta"][kind] = float(deltas[sel].mean()) if sel.any() else None
   per_method = kinds[inverse].reshape(shape)[:, :, :k]
-  for name, m in zip(METHODS, per_method):
+  for name, m in zip(methods, per_method):
     out[f"share@{k}"][name] = {kind: float(np.mean(m == i))
                                for i, kind in enumerate(KINDS)}
   return out
@@ -283,12 +335,14 @@ def format_kinds(by_kind: dict, k: int) -> str:
 
 def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
         sgd_learning_rate: float | None = None, corpus_path: str | None = None,
-        queries_path: str | None = None, checkpoint: str | None = None) -> dict:
+        queries_path: str | None = None, checkpoint: str | None = None,
+        sum_steps=()) -> dict:
   """Scores every method; writes and returns the report.
 
   Without ``corpus_path``/``queries_path`` the demo's fact corpus is written
   and the model trained unless the workdir has a checkpoint. ``checkpoint``:
   a checkpoint directory or one step of it (default: the workdir's latest).
+  ``sum_steps``: also score ``SUM_METHOD`` over those steps and this one.
   """
   if corpus_path is None or queries_path is None:
     corpus_path, queries_path = demo.ensure_model(workdir)
@@ -303,6 +357,12 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
   raw = projected(raw_encoder, corpus, query_examples, ecfg.batch_size)
   corrected = projected(encoder, corpus, query_examples, ecfg.batch_size)
   encodings, lam = method_encodings(raw, corrected, encoder, pcfg)
+  methods = METHODS
+  if sum_steps:
+    encodings[SUM_METHOD] = summed_encodings(
+        ckpt, ecfg, encoder, corpus, query_examples, encodings["trackstar"],
+        sum_steps, pcfg) + (None,)
+    methods = METHODS + (SUM_METHOD,)
 
   topks = {"bm25": bm25_topk(corpus, queries, k),
            "random": random_topk(len(corpus), len(queries), k)}
@@ -314,7 +374,7 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
   preds = pipeline.predictions(ckpt, query_examples, queries,
                                pipeline.data_config(ckpt).vocabulary())
   results, metrics = {}, {}
-  for name in METHODS:
+  for name in methods:
     results[name] = pipeline.result_rows(queries, corpus, topks[name],
                                          predictions=preds)
     metrics[name] = evaluate.retrieval_metrics(
@@ -322,7 +382,7 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
 
   # Tail-patch: the union of every method's (query, proponent) pairs, once.
   chosen = tail_patch_queries(queries, num_tail_patch)
-  stacked = np.stack([topks[m].proponent_rows[chosen] for m in METHODS])  # [M, C, K]
+  stacked = np.stack([topks[m].proponent_rows[chosen] for m in methods])  # [M, C, K]
   query_index = np.broadcast_to(chosen[None, :, None], stacked.shape)
   pairs, inverse = np.unique(np.stack([query_index.ravel(), stacked.ravel()], 1),
                              axis=0, return_inverse=True)
@@ -338,7 +398,7 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
       mesh=encoder.mesh, progress=common.Progress("tail-patch", "pairs"),
       family=ckpt.family)
   per_method = deltas[inverse.ravel()].reshape(stacked.shape)
-  for i, name in enumerate(METHODS):
+  for i, name in enumerate(methods):
     metrics[name].update(tailpatch.tail_patch_at_k(per_method[i], (1, 3, 5, 10),
                                                    stderr=True))
     for j, query in enumerate(chosen):
@@ -346,10 +406,10 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
           None if np.isnan(d) else float(d) for d in per_method[i, j]]
     evaluate.write_results(os.path.join(out_dir, f"{name}.jsonl"), results[name])
 
-  per_query, paired = paired_tail_patch(per_method, k)
+  per_query, paired = paired_tail_patch(per_method, k, methods)
   kinds = pair_kinds(queries, corpus, pairs)
   by_kind = None if kinds is None else influence_by_kind(
-      kinds, deltas, inverse.ravel(), stacked.shape, k)
+      kinds, deltas, inverse.ravel(), stacked.shape, k, methods)
   table = evaluate.format_table(metrics, COLUMNS)
   paired_table = evaluate.format_table(
       {f"trackstar - {m}": {f"tail_patch@{k}": stats.format_cell(v),
@@ -379,7 +439,7 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
                              table + "\n\n" + paired_table + "\n")
   pngs = plots.write_pngs(viewer.summary(results), workdir)
   page = viewer.write_report(os.path.join(workdir, "report.html"), results,
-                             title=f"tracer quality: {len(METHODS)} methods, "
+                             title=f"tracer quality: {len(methods)} methods, "
                              f"{len(queries)} fact queries")
   print("\n" + table + "\n\n" + paired_table)
   print(f"\nplots: {', '.join(pngs)}\npage (every method side by side): {page}")
@@ -391,7 +451,8 @@ def main(argv):
   config.default_gin_file()
   config.parse_gin()
   run(FLAGS.workdir or "quality", FLAGS.top_k, FLAGS.tail_patch_queries,
-      FLAGS.sgd_learning_rate, checkpoint=FLAGS.checkpoint)
+      FLAGS.sgd_learning_rate, checkpoint=FLAGS.checkpoint,
+      sum_steps=[int(step) for step in FLAGS.sum_steps])
 
 
 if __name__ == "__main__":

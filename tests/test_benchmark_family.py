@@ -103,6 +103,51 @@ def test_family_memorization_scores_earlier_steps(trained_family, tmp_path):
     family.run(root, STYLES, SEEDS, facts_per_bucket=4, distractor_docs=10, steps=[75])
 
 
+def test_quality_sums_trackstar_over_steps(trained_family, tmp_path):
+  """``--sum_steps``: trackstar_sum is scored, tail-patched and paired like
+  every method; its rows are each step's normalized TrackStar side by side."""
+  root, _ = trained_family
+  set_dir = os.path.join(root, "sets", "dense-0")
+  facts_dir = os.path.join(set_dir, "facts")
+  report = quality.run(str(tmp_path), num_tail_patch=4,
+                       corpus_path=os.path.join(facts_dir, "corpus.jsonl"),
+                       queries_path=os.path.join(facts_dir, "queries.jsonl"),
+                       checkpoint=os.path.join(set_dir, "checkpoints"), sum_steps=[50])
+  assert report["step"] == 100
+  summed = report["methods"][quality.SUM_METHOD]
+  assert 0.0 <= summed["mrr"] <= 1.0 and "tail_patch@10" in summed
+  assert quality.SUM_METHOD in report["paired_tail_patch"]
+  assert quality.SUM_METHOD in report["per_query_score_tail_patch_rho"]
+  assert os.path.exists(tmp_path / "quality" / f"{quality.SUM_METHOD}.jsonl")
+
+
+def test_normalized_rows_score_as_the_scan(tmp_path):
+  """``quality.normalized``: dividing rows by their metric norm gives the
+  scan-time metric's scores with a plain dot product (what trackstar_sum
+  adds up over steps)."""
+  layout = projection.make_layout({"w": np.zeros((12, 10), np.float32)}, 48, 0)
+  rng = np.random.default_rng(2)
+  corpus = rng.normal(size=(200, layout.dim)).astype(np.float32)
+  queries = rng.normal(size=(4, layout.dim)).astype(np.float32)
+  basis = hessian.fit_basis(hessian.accumulate(
+      hessian.init_moments(layout, "block"), corpus[:80]), dim=layout.dim,
+      layout_seed=0, kind="block")
+  psi_c, psi_q = np.asarray(basis.rotate(corpus)), np.asarray(basis.rotate(queries))
+  metric = hessian.fit_metric(basis, psi_q, rank=3)
+  vectors = metric.query_vectors(psi_q)
+  want = scan.scan_arrays(psi_c, vectors, 6, metric=metric.row_metric())
+  rows, q = quality.normalized(psi_c, vectors, metric)
+  got = scan.scan_arrays(rows, q, 6)
+  np.testing.assert_array_equal(got.proponent_rows, want.proponent_rows)
+  np.testing.assert_allclose(got.proponent_scores, want.proponent_scores, rtol=1e-5)
+  # Two steps side by side: one dot product is the sum of their scores.
+  both = scan.scan_arrays(np.concatenate([rows, rows[::-1]], 1),
+                          np.concatenate([q, q], 1), 6)
+  direct = rows @ q.T + rows[::-1] @ q.T
+  np.testing.assert_allclose(both.proponent_scores,
+                             -np.sort(-direct, axis=0)[:6].T, rtol=1e-5)
+
+
 def test_pair_scores_are_the_scan_scores():
   """``quality.pair_scores`` scores a (query, row) pair as the scan does, with
   and without a query metric."""
