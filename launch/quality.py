@@ -39,6 +39,8 @@ import re
 import warnings
 
 from absl import flags
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from tracer.launch import common
@@ -178,6 +180,35 @@ def summed_encodings(ckpt, ecfg, encoder, corpus, query_examples, trackstar,
                                         ecfg.batch_size), other_encoder, pcfg))
   return (np.concatenate([c for c, _ in parts], axis=1),
           np.concatenate([q for _, q in parts], axis=1))
+
+
+STEP_PREDICTOR = "first-order tail-patch step"
+
+
+def step_predictor(ckpt, ecfg, encoder, corpus, query_examples, raw,
+                   sgd_learning_rate: float | None):
+  """What one tail-patch step on a row does to log p(target | query), to
+  first order and up to the terms every row shares (momentum, weight decay):
+  ``g_q . V^(-1/2) clip(g_x)`` for the checkpoint's Adam(W) (clipped to the
+  optimizer's global norm, V frozen), ``g_q . g_x`` for plain SGD. As rows and
+  queries whose dot product is that score (projected: ``V^(-1/4) g`` on both
+  sides, the row scaled by its clip factor, from the raw projection's norm),
+  with no metric; None for other optimizers."""
+  raw_c, raw_q = raw
+  if sgd_learning_rate:
+    return raw_c, raw_q, None
+  config = ckpt.optimizer_config
+  if config.name != "adamw" or ckpt.opt_state is None:
+    return None
+  v = jax.tree.map(jnp.sqrt, pipeline.optimizer_second_moment(ckpt))
+  quarter, _, _ = pipeline.build_encoder(
+      ckpt, dataclasses.replace(ecfg, correction="optimizer",
+                                epsilon=float(np.sqrt(config.eps))),
+      mesh=encoder.mesh, v=v)
+  rows, queries = projected(quarter, corpus, query_examples, ecfg.batch_size)
+  clip = np.minimum(1.0, config.clip_norm / np.maximum(
+      np.linalg.norm(raw_c, axis=1), np.finfo(np.float32).tiny))
+  return (rows * clip[:, None]).astype(np.float32), queries, None
 
 
 def random_topk(num_rows, num_queries, k, seed=0) -> scan_lib.TopK:
@@ -418,7 +449,12 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
       (f"tail_patch@{k}", "queries where trackstar is higher"), row_header="paired")
   if by_kind is not None:
     paired_table += "\n\n" + format_kinds(by_kind, k)
-  rho = influence_predictors(pair_scores(encodings, pairs), pairs, deltas)
+  predictors = dict(encodings)
+  step = step_predictor(ckpt, ecfg, encoder, corpus, query_examples, raw,
+                        sgd_learning_rate)
+  if step is not None:
+    predictors[STEP_PREDICTOR] = step
+  rho = influence_predictors(pair_scores(predictors, pairs), pairs, deltas)
   paired_table += "\n\n" + format_predictors(rho)
   report = {"methods": metrics, "paired_tail_patch": paired,
             "influence_by_kind": by_kind,

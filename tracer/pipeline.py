@@ -118,13 +118,20 @@ def read_queries(ckpt: ckpt_lib.Checkpoint, path: str) -> tuple[list[dict], dict
                                           path)
 
 
-def build_encoder(ckpt: ckpt_lib.Checkpoint, cfg: EncodeConfig, mesh=None
-                  ) -> tuple[GradientEncoder, str, float]:
+def optimizer_second_moment(ckpt: ckpt_lib.Checkpoint):
+  """The params-shaped V of the checkpoint's optimizer state (``second_moment``)."""
+  b2 = ckpt.optimizer_config.b2 if ckpt.optimizer_config.name == "adamw" else None
+  return second_moment(ckpt.opt_state, ckpt.params, b2=b2)
+
+
+def build_encoder(ckpt: ckpt_lib.Checkpoint, cfg: EncodeConfig, mesh=None,
+                  v=None) -> tuple[GradientEncoder, str, float]:
   """The encoder for a checkpoint; returns it with its correction kind and eps.
 
   The default eps is Adam's own; Adafactor adds its eps to g^2 inside V and
   divides by sqrt(V) alone, so its default is 0 (which also keeps its
-  correction exactly rank one for the factored kernel).
+  correction exactly rank one for the factored kernel). ``v``: divide by
+  ``sqrt(v) + eps`` instead of the optimizer's V (an analysis's own).
   """
   if cfg.epsilon is not None:
     epsilon = cfg.epsilon
@@ -138,8 +145,7 @@ def build_encoder(ckpt: ckpt_lib.Checkpoint, cfg: EncodeConfig, mesh=None
                   "beside it (--opt_state) to correct")
     v, kind = None, "none"
   elif cfg.correction == "optimizer":
-    b2 = ckpt.optimizer_config.b2 if ckpt.optimizer_config.name == "adamw" else None
-    v = second_moment(ckpt.opt_state, ckpt.params, b2=b2)
+    v = optimizer_second_moment(ckpt) if v is None else v
     kind = ckpt.optimizer_config.name
   elif cfg.correction == "none":
     v, kind = None, "none"
