@@ -223,6 +223,11 @@ def test_predictions_carry_their_probability_and_the_targets(tiny_ckpt):
   # One token: the greedy token is the likeliest, so never less likely.
   assert preds[1].probability >= preds[1].target_probability
   assert preds[2].probability >= preds[2].target_probability
+  # Decoding compiles once per shape, not once per call (serve calls it for
+  # every batch of requests).
+  compiled = pipeline._greedy_decode._cache_size()
+  again = pipeline.predictions(tiny_ckpt, examples, queries, vocab, batch_size=2)
+  assert again == preds and pipeline._greedy_decode._cache_size() == compiled
 
 
 def test_prediction_is_a_plain_string_in_json_and_results():

@@ -698,10 +698,9 @@ def predictions(ckpt: ckpt_lib.Checkpoint, query_examples: dict,
   query sets; every call but the last has the same shape), with its
   probability and the target's (``Prediction``)."""
   target_tokens = [vocab.encode(q["target"]) for q in queries]
-  decode = jax.jit(ckpt.family.greedy_decode, static_argnums=(0, 3))
   tokens = np.concatenate([
-      jax.device_get(decode(ckpt.model_config, ckpt.params, batch,
-                            max(map(len, target_tokens))))
+      jax.device_get(_greedy_decode(ckpt.family, ckpt.model_config, ckpt.params,
+                                    batch, max(map(len, target_tokens))))
       for batch in example_slices(query_examples, batch_size)])
   completions = [[int(t) for t in row[:len(tt)]]
                  for row, tt in zip(tokens, target_tokens)]
@@ -714,6 +713,15 @@ def predictions(ckpt: ckpt_lib.Checkpoint, query_examples: dict,
   p_target = _probabilities(ckpt, query_examples, batch_size)
   return [Prediction(vocab.decode(c), float(pc), float(pt))
           for c, pc, pt in zip(completions, p_completion, p_target)]
+
+
+# Jitted once per (family, config, steps): jitting ``family.greedy_decode`` at
+# each call would compile again every time (a bound method is a new object).
+@functools.partial(jax.jit, static_argnums=(0, 1, 4))
+def _greedy_decode(family, model_config, params, examples: dict, steps: int
+                   ) -> jax.Array:
+  """i32[B, steps]: the greedy continuation of each prompt."""
+  return family.greedy_decode(model_config, params, examples, steps)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))

@@ -231,26 +231,10 @@ def fit_request(basis: hessian.Basis | None, psi: np.ndarray,
   return pipeline.fit_query_metric(basis, psi, skipped, cfg, ids)
 
 
-class _BoundOnce:
-  """A model family whose methods are bound once. jax caches a jitted
-  function by its function object, and ``family.greedy_decode`` is a new
-  bound method at every access: ``pipeline.predictions``' decode was
-  compiled again on every call (1.5 s of a 1-query request here)."""
-
-  def __init__(self, family):
-    self._family = family
-    self._bound: dict[str, Any] = {}
-
-  def __getattr__(self, name: str):
-    if name not in self._bound:
-      self._bound[name] = getattr(self._family, name)
-    return self._bound[name]
-
-
 def predictions(ckpt, examples: dict, queries: Sequence[dict], vocab) -> list:
   """``pipeline.predictions`` (what ``tracer trace`` writes of the model's
   completion) with the batch padded to a power of two, so few shapes are
-  compiled. ``ckpt.family`` should be bound once (``Tracer`` does that)."""
+  compiled."""
   size = _bucket(len(queries))
   padded = [queries[min(i, len(queries) - 1)] for i in range(size)]
   return pipeline.predictions(ckpt, _repeat_last(examples, size), padded, vocab,
@@ -517,7 +501,6 @@ class Tracer:
   def __init__(self, ckpt, encoder, basis: hessian.Basis | None, corpus, index,
                cfg: PreconditionerConfig):
     self.ckpt, self.encoder, self.basis = ckpt, encoder, basis
-    self._decoding = dataclasses.replace(ckpt, family=_BoundOnce(ckpt.family))
     self.corpus, self.index, self.cfg = corpus, index, cfg
     self.vocab = pipeline.data_config(ckpt).vocabulary()
     self.max_len = ckpt.family.max_len(ckpt.model_config)
@@ -549,7 +532,7 @@ class Tracer:
         [v for _, v in fitted.values()], [m for m, _ in fitted.values()],
         [requests[j].top_k for j in fitted]))) if fitted else {}
     tick()
-    preds = predictions(self._decoding, examples,
+    preds = predictions(self.ckpt, examples,
                         [q for r in requests for q in r.queries], self.vocab)
     tick()
     answers = [Answer(None, errors.get(j)) for j in range(len(requests))]
