@@ -19,6 +19,7 @@ import numpy as np
 from tracer.launch import cli
 from tracer import bm25
 from tracer import corpus as corpus_lib
+from tracer import data as data_lib
 from tracer import evaluate
 from tracer.errors import InputError, at
 
@@ -32,7 +33,8 @@ def define_flags() -> None:
                       "made by launch.tokenize.",
                       required=True)
   flags.DEFINE_string("queries", None,
-                      "Queries JSONL: {id, prompt, target, ...}.",
+                      "Queries JSONL: {id, prompt, target, ...}, or the "
+                      "TrackStar authors' query records.",
                       required=True)
   flags.DEFINE_string("output", None, "Results JSONL to write.", required=True)
   flags.DEFINE_integer("top_k", 10, "Proponents per query.", lower_bound=1)
@@ -51,8 +53,7 @@ def run(corpus_path, queries_path, output_path, top_k: int = 10,
     corpus = evaluate.read_jsonl_records(corpus_path, required=("id", "text"))
     texts = [d["text"] for d in corpus]
     ids = [d["id"] for d in corpus]
-  queries = evaluate.read_jsonl_records(
-      queries_path, required=("id", "prompt", "target"))
+  queries = data_lib.read_queries(queries_path)  # ours or the authors' format
   if not texts:
     raise InputError(f"{at(corpus_path)}: no documents")
   num_opponents = top_k if num_opponents is None else num_opponents

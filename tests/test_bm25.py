@@ -94,6 +94,19 @@ def test_launch_run_writes_results(tmp_path):
   assert m["mrr"] == 1.0
 
 
+def test_launch_run_reads_the_authors_prompt_sets(tmp_path):
+  """``--queries`` in the TrackStar authors' T-REx format (fact_id, prompt0,
+  entity1), as ``tracer trace`` reads it."""
+  corpus, _ = _files(tmp_path)
+  theirs = tmp_path / "trex.jsonl"
+  theirs.write_text(json.dumps({"fact_id": "f-1", "prompt0": "Ada Lovelace was born",
+                                "entity1": "in London", "relation": "born"}) + "\n")
+  launch_bm25.run(corpus, theirs, tmp_path / "out.jsonl", top_k=1)
+  row = evaluate.read_results(tmp_path / "out.jsonl")["f-1"]
+  assert row["prompt"] == "Ada Lovelace was born" and row["relation"] == "born"
+  assert len(row["proponent_ids"]) == 1
+
+
 def test_launch_run_on_a_tokenized_corpus(tmp_path):
   corpus, queries = _files(tmp_path)
   tokenized = str(tmp_path / "tokenized")
