@@ -101,9 +101,35 @@ def test_select_rows_equals_top_k_with_ties(rows, k):
   np.testing.assert_array_equal(got_r, np.asarray(want_i) + 7)
 
 
-@pytest.mark.parametrize("above,clustered", [(5, False), (20, False),
-                                             (40, False), (60, True),
-                                             (150, True)])
+def _by_rank(v, r):
+  """Each query's (value, row) pairs ordered by value descending, ties to
+  the lower row, as numpy arrays."""
+  v, r = np.asarray(v), np.asarray(r)
+  o = np.stack([np.lexsort((ri, -vi)) for vi, ri in zip(v, r)])
+  return np.take_along_axis(v, o, 1), np.take_along_axis(r, o, 1)
+
+
+def _assert_candidates(v, r, vals, rid0, threshold):
+  """``(v, r) [Q, k]`` from ``_select_rows(vals [n, Q], rid0 + arange(n),
+  threshold)``: every element >= the threshold, or the top k of them (and
+  no pair twice); the other slots real (value, row) pairs or padding."""
+  v, r = np.asarray(v), np.asarray(r)
+  for qi in range(v.shape[0]):
+    above = np.nonzero(vals[:, qi] >= threshold[qi])[0]
+    above = above[np.lexsort((above, -vals[above, qi]))][:v.shape[1]]
+    want = set(above + rid0)
+    real = r[qi] != topk.INVALID_ROW
+    assert len(set(r[qi][real])) == real.sum()
+    assert want <= set(r[qi][real])
+    np.testing.assert_array_equal(v[qi][real], vals[r[qi][real] - rid0, qi])
+    assert np.all(v[qi][~real] == -np.inf)
+
+
+@pytest.mark.parametrize("above,clustered", [(5, False), (12, False),
+                                             (20, False), (40, False),
+                                             (100, False), (150, False),
+                                             (300, False), (60, True),
+                                             (230, True), (300, True)])
 def test_select_rows_fast_path(above, clustered):
   rows, q, k = 16384, 5, 100
   rng = np.random.default_rng(above)
@@ -115,22 +141,122 @@ def test_select_rows_fast_path(above, clustered):
   assert topk._block_size(rows, k) is not None
   rid = jnp.arange(rows, dtype=jnp.int32) + 1000
   want_v, want_i = jax.lax.top_k(jnp.asarray(vals.T), k)
-  # `above` elements per query reach the threshold: the fast paths (16 or 32
-  # blocks gathered) with their top-8, top-16, top-32 or top-k levels (the
-  # last when clustered in a few blocks), or the slow path (40 blocks >
-  # max(FAST_BLOCKS) reach it).
+  # `above` elements per query reach the threshold: compacted (16 to k of
+  # them, in position order; up to 2k, then a top-k), one top-k of the few
+  # groups that hold them (230 or 300 adjacent), or the slow path (300).
   threshold = np.asarray(rows - above, np.float32).repeat(q)
   v, r = jax.jit(topk._select_rows, static_argnums=3)(
       jnp.asarray(vals), rid, jnp.asarray(threshold), k)
   n = min(above, k)
-  np.testing.assert_array_equal(v[:, :n], want_v[:, :n])
-  np.testing.assert_array_equal(r[:, :n], np.asarray(want_i)[:, :n] + 1000)
-  # Whatever fills the other slots is a real (value, row) pair or padding.
-  v, r = np.asarray(v), np.asarray(r)
-  real = r != topk.INVALID_ROW
-  cols = np.nonzero(real)[0]
-  np.testing.assert_array_equal(v[real], vals[r[real] - 1000, cols])
-  assert np.all(v[~real] == -np.inf)
+  got_v, got_r = _by_rank(v, r)
+  np.testing.assert_array_equal(got_v[:, :n], want_v[:, :n])
+  np.testing.assert_array_equal(got_r[:, :n], np.asarray(want_i)[:, :n] + 1000)
+  _assert_candidates(v, r, vals, 1000, threshold)
+
+
+@pytest.mark.parametrize("threes,clustered", [(5, False), (12, False),
+                                             (30, False), (60, False),
+                                             (150, False), (200, True),
+                                             (300, True), (None, False)])
+def test_select_rows_fast_paths_with_ties(threes, clustered):
+  # Up to `threes` elements per query equal the threshold (3.0), all tied;
+  # -inf marks excluded rows (NaN scores). Every path (compaction levels,
+  # one top-k of the 19 groups that hold 300 adjacent 3s) keeps each
+  # element >= the threshold, or the first k by row; at a threshold of -inf
+  # (None) the result is top_k itself.
+  rows, q, k = 16384, 6, 100
+  rng = np.random.default_rng(threes or 0)
+  vals = rng.integers(-3, 3, (rows, q)).astype(np.float32)
+  vals[rng.random((rows, q)) < 0.1] = -np.inf
+  for j in range(q):
+    n = (threes or 30) if j == 0 else rng.integers(1, (threes or 30) + 1)
+    at = (rng.integers(0, rows - n) + np.arange(n) if clustered else
+          rng.choice(rows, n, replace=False))
+    vals[at, j] = 3.0
+  threshold = np.full(q, 3.0 if threes else -np.inf, np.float32)
+  rid = jnp.arange(rows, dtype=jnp.int32) + 5
+  v, r = jax.jit(topk._select_rows, static_argnums=3)(
+      jnp.asarray(vals), rid, jnp.asarray(threshold), k)
+  _assert_candidates(v, r, vals, 5, threshold)
+  if threes is None:
+    want_v, want_i = jax.lax.top_k(jnp.asarray(vals.T), k)
+    np.testing.assert_array_equal(v, want_v)
+    np.testing.assert_array_equal(r, np.asarray(want_i) + 5)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.001, 0.01, 0.2, 1.0])
+def test_compaction_finds_the_first_set_bits(density):
+  # _compact (words of GROUP bits), _count_at_most and _select_bit against
+  # numpy.
+  rng = np.random.default_rng(int(density * 1000))
+  group = topk.GROUP
+  bits = rng.random((7, 1000, group)) < density
+  bits[3] = False  # a query with none
+  bits[4] = False
+  bits[4, -1, -1] = True  # only the very last position
+  words = (bits * (np.uint64(1) << np.arange(group, dtype=np.uint64))).sum(
+      2).astype(np.uint32)
+  for c in (1, 8, 64, 200):
+    got = np.asarray(jax.jit(topk._compact, static_argnums=1)(
+        jnp.asarray(words.T), c))  # [G, Q]
+    for qi in range(7):
+      want = np.nonzero(bits[qi].reshape(-1))[0][:c]
+      np.testing.assert_array_equal(got[qi, :len(want)], want)
+      assert np.all(got[qi, len(want):] == 1000 * group)
+  for size in (5, 32, 64, 100, 2048):  # counts in sorted lists, by segments
+    ends = np.sort(rng.integers(0, 300, (3, size)), axis=1).astype(np.int32)
+    got = np.asarray(topk._count_at_most(jnp.asarray(ends), 310))
+    want = (ends[:, None, :] <= np.arange(310)[:, None]).sum(2)
+    np.testing.assert_array_equal(got, want)
+  r = rng.integers(0, 32, 1000)
+  words = rng.integers(0, 2**32, 1000, dtype=np.uint64)
+  words |= np.uint64(1) << r.astype(np.uint64)  # at least r + 1 bits set...
+  words = np.where([bin(w).count("1") > ri for w, ri in zip(words, r)], words,
+                   np.uint64(2**32 - 1)).astype(np.uint32)  # ...or all 32
+  got = np.asarray(topk._select_bit(jnp.asarray(words),
+                                    jnp.asarray(r, jnp.int32)))
+  want = [np.nonzero([(w >> i) & 1 for i in range(32)])[0][ri]
+          for w, ri in zip(words, r)]
+  np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("rank", [3, 20, 50, 90, 150, 300, None])
+def test_select_both_keeps_every_element_that_reaches_the_threshold(rank):
+  # Scores with ties, NaNs, -0.0 and invalid rows; thresholds that `rank`
+  # or more elements reach (ties): the compaction levels, the slow path,
+  # or none (-inf / +inf: exactly top_k).
+  rows, q, k = 16384, 8, 100
+  rng = np.random.default_rng(rank or 0)
+  s = np.round(rng.standard_normal((rows, q)) * 64) / 64
+  s[:, 0] = -np.abs(s[:, 0]) - 1
+  s[rng.choice(rows, 3, replace=False), 0] = 0.0  # query 0: a threshold
+  s[rng.choice(rows, 3, replace=False), 0] = -0.0  # of 0.0 ties with -0.0
+  s[rng.random((rows, q)) < 0.01] = np.nan
+  s = s.astype(np.float32)
+  valid = rng.random(rows) < 0.9
+  rid = np.where(valid, np.arange(rows) + 3, topk.INVALID_ROW).astype(np.int32)
+  ok = valid[:, None] & ~np.isnan(s)
+  pro_keys = np.where(ok, s + 0.0, -np.inf).astype(np.float32)  # -0.0 -> 0.0
+  opp_keys = np.where(ok, -s + 0.0, -np.inf).astype(np.float32)
+  if rank is None:
+    pro_kth, opp_kth = np.full(q, -np.inf), np.full(q, np.inf)
+  else:
+    pro_kth = -np.sort(-pro_keys, axis=0)[rank - 1]
+    opp_kth = np.sort(-opp_keys, axis=0)[rank - 1]
+    pro_kth[0] = 0.0
+  pv, pr, ov, orow = jax.jit(topk._select_both, static_argnums=5)(
+      jnp.asarray(s), jnp.asarray(valid), jnp.asarray(rid),
+      jnp.asarray(pro_kth, jnp.float32), jnp.asarray(opp_kth, jnp.float32), k)
+  for got in (pv, ov):  # -0.0 and 0.0 tie: only 0.0 is reported
+    assert not np.any(np.signbit(got) & (np.asarray(got) == 0))
+  for v, r, keys, t in ((pv, pr, pro_keys, pro_kth),
+                        (-np.asarray(ov), orow, opp_keys, -opp_kth)):
+    if rank is None:
+      want_v, want_i = jax.lax.top_k(jnp.asarray(keys.T), k)
+      np.testing.assert_array_equal(v, want_v)
+      np.testing.assert_array_equal(r, rid[np.asarray(want_i)])
+    else:  # invalid rows are never candidates
+      _assert_candidates(v, r, np.where(valid[:, None], keys, -np.inf), 3, t)
 
 
 @pytest.mark.parametrize("mesh", ["8x1", "1x1"])
@@ -141,6 +267,33 @@ def test_many_chunks_take_the_fast_levels(mesh):
       np.arange(20000)[:, None] % 3 == 0)
   got = scan.scan_arrays(x, q, 64, mesh=MESHES[mesh](), chunk_rows=512)
   assert_same(got, reference(x, q, 64))
+
+
+@pytest.mark.parametrize("mesh,chunk_rows", [("1x1", 8192), ("8x1", 65536)])
+def test_large_scan_takes_the_fast_paths(mesh, chunk_rows):
+  # 8192 rows per device and step: the two-stage selection, and from the
+  # second step on a threshold few rows reach (compaction, narrow merges).
+  # Integer scores are exact in fp32, with ties at the top; NaN rows never
+  # enter. Unsorted batches (device arrays) and the last, partial chunk
+  # (invalid rows) too.
+  rng = np.random.default_rng(11)
+  n, k = 100_000, 64
+  x = rng.integers(-50, 51, (n, 8)).astype(np.float32)
+  q = rng.integers(-3, 4, (4, 8)).astype(np.float32)
+  x[[7, 50_000]] = np.nan
+  ok = np.setdiff1d(np.arange(n), [7, 50_000])
+  want = reference(x[ok], q, k)
+  want = want._replace(proponent_rows=ok[want.proponent_rows],
+                       opponent_rows=ok[want.opponent_rows])
+  assert topk._block_size(8192, k) is not None
+  m = MESHES[mesh]()
+  assert_same(scan.scan_arrays(x, q, k, mesh=m, chunk_rows=chunk_rows), want,
+              atol=0)
+  scanner = scan.StreamingScanner(q, k, mesh=m)
+  order = rng.permutation(n)
+  for batch in np.array_split(order, -(-n // chunk_rows)):
+    scanner.add(jnp.asarray(x[batch]), jnp.asarray(batch))
+  assert_same(scanner.result(), want, atol=0)
 
 
 @pytest.mark.parametrize("mesh", ["8x1", "4x2"])
@@ -242,7 +395,7 @@ def _sorted_lists(rng, q, n, ties, largest):
 
 @pytest.mark.parametrize("largest", [True, False])
 @pytest.mark.parametrize("case", ["random", "ties", "padding", "unsorted",
-                                  "narrow", "devices"])
+                                  "narrow", "devices", "state"])
 def test_merge_equals_a_sort(largest, case):
   rng = np.random.default_rng(len(case))
   k, q = 12, 5
@@ -253,8 +406,41 @@ def test_merge_equals_a_sort(largest, case):
     empty = -np.inf if largest else np.inf
     a_s[:, 8:], a_r[:, 8:] = empty, topk.INVALID_ROW
     b_s[:, 5:], b_r[:, 5:] = empty, topk.INVALID_ROW
-  if case == "unsorted":  # the rank merge checks its inputs, and sorts instead
+  if case == "unsorted":  # candidates in any order are ranked among themselves
     b_s, b_r = b_s[:, ::-1].copy(), b_r[:, ::-1].copy()
+  if case == "state":  # a running top-k out of order (a caller's): a sort
+    a_s, a_r = a_s[:, ::-1].copy(), a_r[:, ::-1].copy()
+  got_s, got_r = jax.jit(topk._merge, static_argnums=(4, 5))(
+      a_s, a_r, b_s, b_r, k, largest)
+  s, r = np.concatenate([a_s, b_s], 1), np.concatenate([a_r, b_r], 1)
+  o = _ranked(s, r, largest)[:, :k]
+  np.testing.assert_array_equal(got_s, np.take_along_axis(s, o, 1))
+  np.testing.assert_array_equal(got_r, np.take_along_axis(r, o, 1))
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("entering", [0, 3, 8, 13, 20, 40, 64, 90])
+def test_merge_ranks_the_few_candidates_that_can_enter(largest, entering):
+  # As a fast selection returns them: up to `entering` candidates before the
+  # running k-th in the first columns, in any order (ties, equal pairs),
+  # then padding or candidates that cannot enter. Each width of the merge
+  # (8, 16, 32, 64 or all k) against a sort.
+  rng = np.random.default_rng(entering)
+  k, q = 100, 6
+  sign = -1 if largest else 1  # keys ascending
+  a_s, a_r = _sorted_lists(rng, q, k, True, largest)
+  kth = a_s[:, -1:] * sign
+  b_s = np.full((q, k), -np.inf if largest else np.inf, np.float32)
+  b_r = np.full((q, k), topk.INVALID_ROW, np.int32)
+  for j in range(q):
+    n = entering if j == 0 else rng.integers(0, entering + 1)
+    keys = rng.integers(-3, 4, n).astype(np.float32)
+    keys = np.minimum(keys, kth[j])  # at or before the k-th's key
+    b_s[j, :n] = keys * sign
+    b_r[j, :n] = rng.integers(0, 3 * k, n)  # equal pairs too
+    if j % 2:  # after them, candidates that come after the k-th
+      b_s[j, n:] = (kth[j] + 1 + rng.integers(0, 3, k - n)) * sign
+      b_r[j, n:] = rng.integers(0, 3 * k, k - n)
   got_s, got_r = jax.jit(topk._merge, static_argnums=(4, 5))(
       a_s, a_r, b_s, b_r, k, largest)
   s, r = np.concatenate([a_s, b_s], 1), np.concatenate([a_r, b_r], 1)

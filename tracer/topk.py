@@ -146,15 +146,23 @@ def _row_norms(x: jax.Array, diag: jax.Array, lowrank, segments) -> jax.Array:
   return jnp.maximum(jnp.sqrt(jnp.maximum(n2, 0.0)), jnp.finfo(jnp.float32).tiny)
 
 
-# The fast paths of _select_rows gather the L blocks with the largest maxima,
-# L in FAST_BLOCKS (the smallest that holds every block reaching the
-# threshold), and try a top-c for each c in FAST_LEVELS before a top-k. In a
-# scan of 400k random rows in steps of 16k (k = 100, 64 queries) the most
-# blocks any query has reaching its threshold falls to 32 at the 6th step and
-# below 16 from the 14th; XLA's CPU TopK of 64 rows costs 2-4x less at
-# k <= 16 than at 32, and 8x less than at 100.
-FAST_BLOCKS = (16, 32)
-FAST_LEVELS = (8, 16, 32)
+# Fast paths of _select_rows, for when the threshold (the running k-th best) is
+# high, as in most chunks of a large corpus. They start from one bit per
+# element, set where its key reaches the threshold, GROUP rows to a u32 word.
+# Where every query has at most c such elements, c in FAST_LEVELS or k or 2k
+# (up to MAX_COMPACT; past k, then a top-k), they are compacted
+# (``_compact``), with no TopK: XLA's CPU TopK costs ~3-5 ns per element,
+# more as k grows. Where more reach it but within at most L groups, L in
+# FAST_GROUPS, one top-k of those groups' elements. In a scan of 400k random
+# rows in steps of 16k (k = 100, 64 queries) the most elements any query has
+# reaching its threshold is ~130 at the 2nd step, ~50 at the 4th, ~30 at
+# the 6th and ~15 from the 13th. Each level is a branch of its own, compiled
+# (that step compiles in ~2.5 s on 2 cores, ~0.9 s without the levels); a
+# level of 8 saved nothing measurable there.
+FAST_LEVELS = (16, 32, 64)
+MAX_COMPACT = 256
+FAST_GROUPS = (16, 32)
+GROUP = 16  # rows per bit word: both sides' bits fit one u32 (_select_both)
 
 
 def _block_size(rows: int, k: int) -> int | None:
@@ -166,20 +174,106 @@ def _block_size(rows: int, k: int) -> int | None:
   return block if nb + k * block <= rows // 4 else None
 
 
-def _pick(block_max: jax.Array, keys_of, rid: jax.Array, threshold: jax.Array,
-          k: int, block: int) -> tuple[jax.Array, jax.Array]:
-  """``_select_rows``' two stages, given the per-block maxima of the keys
-  ``[Q, nb]`` and ``keys_of(kept [Q, L]) -> [Q, L * block]``, the keys of
-  those blocks' elements in position order (position ``p`` of block ``b`` is
-  row ``b * block + p``)."""
-  num_queries = block_max.shape[0]
+def _or_bits(mask: jax.Array, axis: int) -> jax.Array:
+  """``mask`` (at most 32 long along ``axis``) as u32 words: bit ``p`` set
+  where element ``p`` along ``axis`` is True."""
+  shape = [1] * mask.ndim
+  shape[axis] = mask.shape[axis]
+  bits = (jnp.uint32(1) << jnp.arange(mask.shape[axis], dtype=jnp.uint32))
+  return lax.reduce(jnp.where(mask, bits.reshape(shape), jnp.uint32(0)),
+                    jnp.uint32(0), lax.bitwise_or, (axis,))
 
-  def gather(num_blocks):
-    _, kept = lax.top_k(block_max, num_blocks)
-    kept = jnp.sort(kept, axis=-1)  # [Q, L], position order
-    pos = (kept[:, :, None] * block + jnp.arange(block)).reshape(
-        num_queries, num_blocks * block)
-    return keys_of(kept), pos
+
+def _select_bit(words: jax.Array, r: jax.Array) -> jax.Array:
+  """The position of the ``r``-th set bit (from 0, low bits first) of each
+  of ``words`` (u32), elementwise; ``r < popcount(words)``."""
+  pos = jnp.zeros(r.shape, jnp.int32)
+  for step in (16, 8, 4, 2, 1):  # the last position with <= r set bits below
+    below = lax.population_count(
+        words & ((jnp.uint32(1) << (pos + step).astype(jnp.uint32)) - 1))
+    pos = jnp.where(below.astype(jnp.int32) <= r, pos + step, pos)
+  return pos
+
+
+def _count_at_most(ends: jax.Array, n: int) -> jax.Array:
+  """``#{g : ends[q, g] <= j}`` for ``j < n``: ``[Q, n]``, of ``ends [Q, G]``
+  nondecreasing along G. By comparisons: all at once up to 32 (XLA:CPU
+  fuses a sum of up to 32 terms with what it sums), else the segments of 32
+  first, then within the one that holds ``j``."""
+  j = jnp.arange(n, dtype=jnp.int32)[:, None]
+  num_queries, size = ends.shape
+  if size <= 32:
+    return jnp.sum(ends[:, None, :] <= j, axis=2, dtype=jnp.int32)
+  big = jnp.iinfo(jnp.int32).max
+  seg = jnp.pad(ends, ((0, 0), (0, -size % 32)), constant_values=big).reshape(
+      num_queries, -1, 32)
+  below = _count_at_most(seg[:, :, -1], n)  # whole segments at or below j
+  within = jnp.take_along_axis(
+      seg, jnp.minimum(below, seg.shape[1] - 1)[:, :, None], axis=1)
+  return below * 32 + jnp.where(below < seg.shape[1], jnp.sum(
+      within <= j, axis=2, dtype=jnp.int32), 0)
+
+
+def _nth_set(words: jax.Array, n: int) -> tuple[jax.Array, jax.Array]:
+  """Where the first ``n`` set bits of each row of ``words u32[Q, G]`` lie
+  (a row is one bit string, word by word, low bits first): ``(word, bit)``,
+  both ``[Q, n]``; ``word`` is ``G`` past the last set bit (``bit`` is then
+  meaningless). O(Q n min(G, 64)) compares, no sort."""
+  count = lax.population_count(words).astype(jnp.int32)
+  ends = jnp.cumsum(count, axis=1)  # set bits up to each word's end
+  word = _count_at_most(ends, n)
+  at = jnp.minimum(word, words.shape[1] - 1)
+  r = jnp.arange(n) - jnp.take_along_axis(ends - count, at, axis=1)  # in word
+  return word, _select_bit(jnp.take_along_axis(words, at, axis=1), r)
+
+
+def _gather_elements(flat: jax.Array, pos: jax.Array) -> jax.Array:
+  """``flat[pos[q, j], q]`` of ``flat [r, Q]``: ``[Q, c]``."""
+  return flat[pos, jnp.arange(pos.shape[0])[:, None]]
+
+
+def _live_groups(words: jax.Array, n: int) -> jax.Array:
+  """The first ``n`` words with a bit set in ``words u32[G, Q]``, for each
+  query, in position order: ``[Q, n]``, ``G`` or more past the last."""
+  live = words != 0
+  pad = -live.shape[0] % 32
+  packed = _or_bits(jnp.pad(live, ((0, pad), (0, 0))).reshape(
+      -1, 32, live.shape[1]), axis=1)  # [G / 32, Q]: bit p of word w: 32w + p
+  word, bit = _nth_set(packed.T, n)
+  return word * 32 + bit
+
+
+def _compact(words: jax.Array, c: int) -> jax.Array:
+  """Positions of the first ``c`` set bits of ``words u32[G, Q]`` (bit ``p``
+  of ``words[g, q]`` stands for position ``g * GROUP + p``), for each query,
+  in position order: ``[Q, c]``, ``G * GROUP`` past the last."""
+  num_words = words.shape[0]
+  kept = _live_groups(words, c)  # a set bit's word is among the first c
+  has = kept < num_words
+  kept = jnp.minimum(kept, num_words - 1)
+  slot, bit = _nth_set(
+      jnp.where(has, _gather_elements(words, kept), jnp.uint32(0)), c)
+  pos = jnp.take_along_axis(kept, jnp.minimum(slot, c - 1), axis=1)
+  pos = pos * GROUP + bit
+  return jnp.where(slot < c, pos, num_words * GROUP)
+
+
+def _pick(words: jax.Array, block_max, keys_at, rid: jax.Array,
+          threshold: jax.Array, k: int,
+          block: int) -> tuple[jax.Array, jax.Array]:
+  """``_select_rows``' selection of ``k`` of ``r`` positions, given:
+
+  * ``words u32[r / GROUP, Q]``: bit ``p`` of ``words[g, q]`` is set iff the
+    key of position ``g * GROUP + p`` reaches ``threshold[q]`` (unused where
+    that is -inf);
+  * ``block_max() -> [Q, r / block]``: the blocks' key maxima (computed on
+    the slow path only);
+  * ``keys_at(pos [Q, c]) -> [Q, c]``: the keys at positions ``pos``;
+  * ``rid [r]``: the positions' row ids.
+  """
+  groups, num_queries = words.shape
+  end = groups * GROUP  # a position past the last: row INVALID_ROW
+  rid = jnp.append(rid, INVALID_ROW)
 
   def top(g, pos, c):
     v, j = lax.top_k(g, c)
@@ -188,35 +282,67 @@ def _pick(block_max: jax.Array, keys_of, rid: jax.Array, threshold: jax.Array,
     return (jnp.pad(v, pad, constant_values=-jnp.inf),
             jnp.pad(r, pad, constant_values=INVALID_ROW))
 
+  def gather(kept, size):  # kept [Q, L] in position order
+    pos = (kept[:, :, None] * size + jnp.arange(size)).reshape(
+        num_queries, kept.shape[1] * size)
+    return keys_at(pos), pos
+
   def slow():
-    return top(*gather(k), k)
+    _, kept = lax.top_k(block_max(), k)
+    return top(*gather(jnp.sort(kept, axis=-1), block), k)
 
-  def fast(num_blocks):
-    # The last level takes any count: with more than k elements at or above
-    # the threshold, the chunk's own top-k are all among them.
-    levels = sorted({c for c in FAST_LEVELS
-                     if 2 * c <= k and c < num_blocks * block}
-                    | {min(k, num_blocks * block)})
-    g, pos = gather(num_blocks)
-    above = jnp.sum(g >= threshold[:, None], axis=1).max()
-    level = jnp.sum(jnp.asarray(levels[:-1]) < above)
-    return lax.switch(level, [functools.partial(top, g, pos, c)
-                              for c in levels])
+  def few_groups(num_groups):
+    # Every group with an element reaching the threshold, and the elements
+    # of the chunk's top-k: with more than k reaching it, they all do.
+    kept = _live_groups(words, num_groups)
+    g, pos = gather(jnp.minimum(kept, groups - 1), GROUP)
+    past = jnp.repeat(kept >= groups, GROUP, axis=1)  # slots past the last
+    return top(jnp.where(past, -jnp.inf, g), jnp.where(past, end, pos),
+               min(k, num_groups * GROUP))
 
-  tiers = sorted({min(n, k // 2) for n in FAST_BLOCKS
-                  if 8 <= min(n, k // 2) <= block_max.shape[1]})
-  if not tiers:
-    return slow()
-  live = jnp.sum(block_max >= threshold[:, None], axis=1).max()
-  tier = jnp.sum(jnp.asarray(tiers) < live)  # len(tiers): none holds them
-  return lax.switch(tier, [functools.partial(fast, n) for n in tiers] + [slow])
+  def compact(c):
+    # Every element reaching the threshold, in position order (not sorted:
+    # _merge ranks them); past k, the top k of them.
+    pos = _compact(words, c)
+    v = jnp.where(pos < end, keys_at(jnp.minimum(pos, end - 1)), -jnp.inf)
+    if c > k:
+      return top(v, pos, k)
+    pad = ((0, 0), (0, k - c))
+    return (jnp.pad(v, pad, constant_values=-jnp.inf),
+            jnp.pad(rid[pos], pad, constant_values=INVALID_ROW))
+
+  levels = ([c for c in FAST_LEVELS if c < k]
+            + [c for c in (k, 2 * k) if c <= MAX_COMPACT])
+  tiers = sorted({min(n, k // 2) for n in FAST_GROUPS
+                  if 8 <= min(n, k // 2) <= groups})
+
+  # A threshold of -inf (fewer than k rows so far): every key reaches it,
+  # NaNs' too, which the bits leave out: the slow path.
+  unbounded = jnp.any(threshold == -jnp.inf)
+
+  def crowded():  # more elements reach the threshold than any level holds
+    live = jnp.max(_column_sum(words != 0))  # the most groups holding them
+    index = jnp.sum(jnp.asarray(tiers, jnp.int32) < live)
+    return lax.switch(jnp.where(unbounded, len(tiers), index),
+                      [functools.partial(few_groups, n) for n in tiers]
+                      + [slow])
+
+  above = jnp.max(_column_sum(lax.population_count(words)))
+  index = jnp.sum(jnp.asarray(levels, jnp.int32) < above)  # len(levels): none
+  return lax.switch(jnp.where(unbounded, len(levels), index),
+                    [functools.partial(compact, c) for c in levels] + [crowded])
 
 
-def _gather_blocks(blocks: jax.Array, kept: jax.Array) -> jax.Array:
-  """Blocks ``kept [Q, L]`` of ``blocks [nb, B, Q]``, query by query: ``[Q, L * B]``."""
-  num_queries, num_blocks = kept.shape
-  g = jnp.take_along_axis(blocks, kept.T[:, None, :], axis=0)  # [L, B, Q]
-  return g.transpose(2, 0, 1).reshape(num_queries, num_blocks * blocks.shape[1])
+def _column_sum(x: jax.Array) -> jax.Array:
+  """``x.sum(axis=0)`` of ``x [n, Q]`` in int32, 16 rows at a time first:
+  XLA:CPU then computes ``x`` inside the reduction instead of writing it
+  out first (2-3x faster)."""
+  pad = -x.shape[0] % 16
+  if pad:
+    x = jnp.pad(x, ((0, pad), (0, 0)))
+  # (u32, then int32: XLA would merge two sums of one type into one.)
+  partial = jnp.sum(x.reshape(-1, 16, x.shape[1]), axis=1, dtype=jnp.uint32)
+  return jnp.sum(partial.astype(jnp.int32), axis=0)
 
 
 def _select_rows(vals: jax.Array, rid: jax.Array, threshold: jax.Array,
@@ -227,7 +353,8 @@ def _select_rows(vals: jax.Array, rid: jax.Array, threshold: jax.Array,
   they are exactly ``lax.top_k(vals.T, k)`` (ties to the lower position).
   ``threshold [Q]`` is the running k-th best: only elements ``>= threshold``
   can still enter the top-k, and only those are guaranteed; other slots may
-  hold any element or padding (``-inf``, ``INVALID_ROW``).
+  hold any element or padding (``-inf``, ``INVALID_ROW``), and on the
+  fast paths the elements are in position order, not sorted.
 
   XLA's CPU TopK costs about 4 ns per element plus k log k per row, so:
   1. Two stages: keep the k blocks with the largest maxima, then top-k
@@ -235,11 +362,12 @@ def _select_rows(vals: jax.Array, rid: jax.Array, threshold: jax.Array,
      above an element's block holds a distinct element ranked above it), and
      kept blocks stay in position order, so ties still go to the lower
      position.
-  2. Fast paths, once the threshold is high (most chunks of a large corpus):
-     if every query has at most L (in FAST_BLOCKS) blocks whose maximum
-     reaches the threshold, those blocks are all among the L largest, and a
-     top-c of their elements, c >= how many reach the threshold, finds every
-     element that matters.
+  2. Fast paths, once the threshold is high (most chunks of a large corpus),
+     from one bit per element, set where it reaches the threshold: if every
+     query has at most c (in FAST_LEVELS) such elements, they are compacted
+     (``_compact``); else if they lie in at most L (in FAST_GROUPS) groups
+     of GROUP rows, a top-k of those groups' elements holds every one that
+     matters.
   """
   rows, num_queries = vals.shape
   block = _block_size(rows, k)
@@ -251,9 +379,10 @@ def _select_rows(vals: jax.Array, rid: jax.Array, threshold: jax.Array,
     vals = jnp.pad(vals, ((0, nb * block - rows), (0, 0)),
                    constant_values=-jnp.inf)
     rid = jnp.pad(rid, (0, nb * block - rows), constant_values=INVALID_ROW)
-  blocks = vals.reshape(nb, block, num_queries)
-  return _pick(blocks.max(axis=1).T, functools.partial(_gather_blocks, blocks),
-               rid, threshold, k, block)
+  words = _or_bits(vals.reshape(-1, GROUP, num_queries) >= threshold, axis=1)
+  return _pick(words, lambda: vals.reshape(nb, block, num_queries).max(1).T,
+               functools.partial(_gather_elements, vals), rid, threshold, k,
+               block)
 
 
 def _no_negative_zero(x: jax.Array) -> jax.Array:
@@ -268,9 +397,11 @@ def _select_both(s: jax.Array, valid: jax.Array, rid: jax.Array,
   values, opp rows)``, opponents' values as scores (ascending).
 
   Same results, less memory traffic: the masked keys are never written out.
-  One pass over ``s`` takes every block's maximum and minimum (a variadic
-  reduction fused with the masking), and the masking is applied again only
-  to the few gathered blocks.
+  One pass over ``s`` sets both sides' bits (a reduction fused with the
+  masking); the masking is applied again only to the few elements
+  gathered, and block maxima are taken on the slow path only. Both sides
+  are selected as one problem of ``2Q`` queries (``_pick``): XLA:CPU's
+  cost per op, not per element, dominates at these sizes.
   """
   rows, num_queries = s.shape
   block = _block_size(rows, k)
@@ -286,23 +417,42 @@ def _select_both(s: jax.Array, valid: jax.Array, rid: jax.Array,
     s = jnp.pad(s, ((0, pad), (0, 0)))
     valid = jnp.pad(valid, (0, pad))
     rid = jnp.pad(rid, (0, pad), constant_values=INVALID_ROW)
-  blocks = s.reshape(nb, block, num_queries)
-  valid_blocks = valid.reshape(nb, block)
-  ok = valid_blocks[:, :, None] & ~jnp.isnan(blocks)
-  inf = np.float32(np.inf)
-  hi, lo = lax.reduce(
-      (jnp.where(ok, blocks, -inf), jnp.where(ok, blocks, inf)), (-inf, inf),
-      lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])), (1,))
+  # One bit per element: set where a valid row's score reaches the threshold
+  # (never a NaN's: its key -inf reaches only a threshold of -inf, which
+  # _pick leaves to its slow path). Both sides' bits in one u32 per GROUP
+  # rows and query, proponents' low: one reduction of one output (two
+  # outputs take ~2x as long).
+  groups = s.reshape(-1, GROUP, num_queries)
+  valid_groups = valid.reshape(-1, GROUP)[:, :, None]
+  bits = (jnp.uint32(1) << jnp.arange(GROUP, dtype=jnp.uint32))[:, None]
+  zero = jnp.uint32(0)
+  words = lax.reduce(
+      jnp.where(valid_groups & (groups >= pro_kth), bits, zero)
+      | jnp.where(valid_groups & (groups <= opp_kth), bits << GROUP, zero),
+      zero, lax.bitwise_or, (1,))
+  # Queries 0..Q-1: proponents (keys s); Q..2Q-1: opponents (keys -s).
+  words = ((words[:, None, :] >> jnp.uint32([0, GROUP])[:, None])
+           & jnp.uint32((1 << GROUP) - 1)).reshape(-1, 2 * num_queries)
+  sign = jnp.repeat(jnp.asarray([1.0, -1.0], jnp.float32), num_queries)
 
-  def keys_of(sign, kept):
-    g = _gather_blocks(blocks, kept)
-    ok = valid_blocks[kept].reshape(g.shape) & ~jnp.isnan(g)
-    return _no_negative_zero(jnp.where(ok, sign * g, -inf))
+  def block_max():
+    blocks = s.reshape(nb, block, num_queries)
+    ok = valid.reshape(nb, block)[:, :, None] & ~jnp.isnan(blocks)
+    hi, lo = lax.reduce(
+        (jnp.where(ok, blocks, -jnp.inf), jnp.where(ok, blocks, jnp.inf)),
+        (-jnp.inf, jnp.inf),
+        lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])), (1,))
+    return _no_negative_zero(jnp.concatenate([hi, -lo], axis=1).T)
 
-  pv, pr = _pick(hi.T, functools.partial(keys_of, 1), rid, pro_kth, k, block)
-  ov, orow = _pick(-lo.T, functools.partial(keys_of, -1), rid, -opp_kth, k,
-                   block)
-  return pv, pr, _no_negative_zero(-ov), orow
+  def keys_at(pos):  # [2Q, c]
+    g = s[pos, jnp.arange(2 * num_queries)[:, None] % num_queries]
+    ok = valid[pos] & ~jnp.isnan(g)
+    return _no_negative_zero(jnp.where(ok, sign[:, None] * g, -jnp.inf))
+
+  v, r = _pick(words, block_max, keys_at, rid,
+               jnp.concatenate([pro_kth, -opp_kth]), k, block)
+  return (v[:num_queries], r[:num_queries],
+          _no_negative_zero(-v[num_queries:]), r[num_queries:])
 
 
 def _local_candidates(x, row_ids, valid, queries, pro_kth, opp_kth, diag=None,
@@ -340,20 +490,39 @@ def _is_sorted(key, rows):
 
 # The most k for which _merge ranks instead of sorting: at k = 100 (64
 # queries) a scan step's CPU time drops 3% with it; at k = 300 a merge costs
-# ~4x a sort, at 1,000 ~10x.
+# ~4x a sort, at 1,000 ~10x. Below 256: _rank_merge counts in uint8.
 RANK_MERGE_MAX_K = 128
 
 
-def _rank_merge(ka, ra, kb, rb, k: int):
-  """The first ``k`` of two lists ``[Q, m]``, ``[Q, n]``, each sorted by
-  (key, row) ascending, merged: each element's place is its index plus how
-  many of the other list go before it (ties to ``a``), and the places
-  below ``k`` are scattered. O(m n) comparisons, no sort."""
+def _count(pred: jax.Array, axis: int) -> jax.Array:
+  """How many of ``pred`` hold along ``axis`` (at most 255), as int32.
+
+  Summed in uint8: XLA:CPU writes the comparisons out before summing them
+  along a non-minor axis, or one longer than 32, and 1 byte each costs less
+  than 4 (a rank merge's step time -0.07 ms at k = 100, Q = 64)."""
+  return jnp.sum(pred.astype(jnp.uint8), axis=axis, dtype=jnp.uint8).astype(
+      jnp.int32)
+
+
+def _rank_merge(ka, ra, kb, rb, k: int, b_sorted: bool = True):
+  """The first ``k`` of two lists ``[Q, m]``, ``[Q, n]`` (m, n < 256),
+  merged: ``a`` sorted by (key, row) ascending, ``b`` too if ``b_sorted``,
+  else in any order. Each element's place is its place in its own list plus
+  how many of the other list go before it (ties to ``a``), and the places
+  below ``k`` are scattered. O(m n) comparisons (plus O(n^2) for an unsorted
+  ``b``), no sort."""
   before = _precedes(kb[:, None, :], rb[:, None, :], ka[:, :, None],
                      ra[:, :, None])  # [Q, i, j]: b_j strictly before a_i
-  pos_a = jnp.arange(ka.shape[1]) + jnp.sum(before, axis=2, dtype=jnp.int32)
-  pos_b = (jnp.arange(kb.shape[1]) + ka.shape[1]
-           - jnp.sum(before, axis=1, dtype=jnp.int32))
+  pos_a = jnp.arange(ka.shape[1]) + _count(before, axis=2)
+  if b_sorted:
+    own = jnp.arange(kb.shape[1])
+  else:  # [Q, j, l]: b_l goes before b_j, or is equal and listed first
+    j = jnp.arange(kb.shape[1])
+    b_j, b_row = kb[:, :, None], rb[:, :, None]
+    own = _count(_precedes(kb[:, None, :], rb[:, None, :], b_j, b_row)
+                 | ((kb[:, None, :] == b_j) & (rb[:, None, :] == b_row)
+                    & (j < j[:, None])), axis=2)
+  pos_b = own + ka.shape[1] - _count(before, axis=1)
   q = jnp.arange(ka.shape[0])[:, None]
   pos = jnp.minimum(jnp.concatenate([pos_a, pos_b], axis=1), k)  # k: dropped
 
@@ -364,29 +533,67 @@ def _rank_merge(ka, ra, kb, rb, k: int):
   return place(ka, kb, jnp.inf), place(ra, rb, INVALID_ROW)
 
 
-def _merge(scores, rows, cand_scores, cand_rows, k: int, largest: bool):
-  """The running top-k ``[Q, k]`` (sorted) and candidates merged: the first
-  ``k`` by score (descending if ``largest``), ties to the lower row."""
-  ka = -scores if largest else scores
-  kb = -cand_scores if largest else cand_scores
+def _merge_keys(ka, ra, kb, rb, k: int):
+  """The running top-k ``(ka, ra) [Q, k]``, sorted by (key, row) ascending,
+  and candidates ``(kb, rb) [Q, n]`` in any order merged: the first ``k``."""
 
   def by_sort():
     key, r = lax.sort((jnp.concatenate([ka, kb], axis=1),
-                       jnp.concatenate([rows, cand_rows], axis=1)),
+                       jnp.concatenate([ra, rb], axis=1)),
                       dimension=1, num_keys=2)
     return key[:, :k], r[:, :k]
 
-  if cand_scores.shape[1] > scores.shape[1] or k > RANK_MERGE_MAX_K:
-    # Several devices' candidates are not one sorted list; and the rank
-    # merge's k^2 comparisons outgrow a sort of 2k.
-    key, r = by_sort()
-  else:
-    # One device's candidates come sorted (see _select_rows); check it, as
-    # the merge relies on it.
-    key, r = lax.cond(_is_sorted(ka, rows) & _is_sorted(kb, cand_rows),
-                      functools.partial(_rank_merge, ka, rows, kb, cand_rows, k),
-                      by_sort)
+  n = kb.shape[1]
+  if n > ka.shape[1] or k > RANK_MERGE_MAX_K:
+    # Several devices' candidates: k per device; and the rank merge's k^2
+    # comparisons outgrow a sort of 2k.
+    return by_sort()
+  # Only candidates before the running k-th can enter. After a fast
+  # selection they are the first few columns, in position order: rank only
+  # the least width in FAST_LEVELS that holds them. All n are ranked as a
+  # sorted list where they are one (a top_k's; checked), else as any order.
+  enters = _precedes(kb, rb, ka[:, -1:], ra[:, -1:])
+  last = jnp.max(jnp.where(enters, jnp.arange(1, n + 1), 0))
+  widths = [w for w in FAST_LEVELS if w < n]
+
+  def narrow(w):
+    return _rank_merge(ka, ra, kb[:, :w], rb[:, :w], k, False)
+
+  def full():
+    return lax.cond(_is_sorted(kb, rb),
+                    functools.partial(_rank_merge, ka, ra, kb, rb, k),
+                    functools.partial(_rank_merge, ka, ra, kb, rb, k, False))
+
+  # The running top-k is sorted unless a caller passed a state of its own.
+  index = jnp.where(_is_sorted(ka, ra),
+                    jnp.sum(jnp.asarray(widths, jnp.int32) < last),
+                    len(widths) + 1)
+  return lax.switch(index, [functools.partial(narrow, w) for w in widths]
+                    + [full, by_sort])
+
+
+def _merge(scores, rows, cand_scores, cand_rows, k: int, largest: bool):
+  """The running top-k ``[Q, k]`` (sorted) and candidates (any order)
+  merged: the first ``k`` by score (descending if ``largest``), ties to the
+  lower row."""
+  key, r = _merge_keys(-scores if largest else scores, rows,
+                       -cand_scores if largest else cand_scores, cand_rows, k)
   return (-key if largest else key), r
+
+
+def _merge_both(state: TopKState, pro_scores, pro_rows, opp_scores, opp_rows,
+                k: int) -> TopKState:
+  """``state`` and both sides' candidates merged (``_merge``), as one
+  problem of ``2Q`` queries: keys are proponents' scores negated, then
+  opponents' scores."""
+  num_queries = pro_scores.shape[0]
+  key, r = _merge_keys(
+      jnp.concatenate([-state.proponent_scores, state.opponent_scores]),
+      jnp.concatenate([state.proponent_rows, state.opponent_rows]),
+      jnp.concatenate([-pro_scores, opp_scores]),
+      jnp.concatenate([pro_rows, opp_rows]), k)
+  return TopKState(-key[:num_queries], r[:num_queries], key[num_queries:],
+                   r[num_queries:])
 
 
 @functools.lru_cache(maxsize=None)
@@ -468,10 +675,7 @@ def step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments=None):
     ps, pr, os_, or_ = local(x, row_ids, valid, queries,
                              state.proponent_scores[:, -1],
                              state.opponent_scores[:, -1], diag, tuple(lowrank))
-    ps, pr = _merge(state.proponent_scores, state.proponent_rows, ps, pr, k, True)
-    os_, or_ = _merge(state.opponent_scores, state.opponent_rows, os_, or_, k,
-                      False)
-    return TopKState(ps, pr, os_, or_)
+    return _merge_both(state, ps, pr, os_, or_, k)
 
   return jit_step(update, mesh, out_shardings=partitioning.replicated(mesh))
 
