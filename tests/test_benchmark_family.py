@@ -125,19 +125,33 @@ def test_quality_sums_trackstar_over_steps(trained_family, tmp_path):
   assert os.path.exists(tmp_path / "quality" / f"{quality.SUM_METHOD}.jsonl")
 
 
+_LAYOUT = projection.make_layout({"w": np.zeros((12, 10), np.float32)}, 48, 0)
+
+
+def _raw(seed: int, rows: int, queries: int):
+  """Random projections: (corpus f32[rows, d], queries f32[queries, d])."""
+  rng = np.random.default_rng(seed)
+  dim = _LAYOUT.dim
+  return (rng.normal(size=(rows, dim)).astype(np.float32),
+          rng.normal(size=(queries, dim)).astype(np.float32))
+
+
+def _in_a_basis(seed: int, rows: int, queries: int, train: int, rank: int):
+  """``_raw``'s rows and queries in R_train's basis (fitted on the first
+  ``train`` rows), and the queries' task-specific metric."""
+  corpus, q = _raw(seed, rows, queries)
+  basis = hessian.fit_basis(hessian.accumulate(
+      hessian.init_moments(_LAYOUT, "block"), corpus[:train]), dim=_LAYOUT.dim,
+      layout_seed=0, kind="block")
+  psi_c, psi_q = np.asarray(basis.rotate(corpus)), np.asarray(basis.rotate(q))
+  return psi_c, psi_q, hessian.fit_metric(basis, psi_q, rank=rank)
+
+
 def test_normalized_rows_score_as_the_scan(tmp_path):
   """``quality.normalized``: dividing rows by their metric norm gives the
   scan-time metric's scores with a plain dot product (what trackstar_sum
   adds up over steps)."""
-  layout = projection.make_layout({"w": np.zeros((12, 10), np.float32)}, 48, 0)
-  rng = np.random.default_rng(2)
-  corpus = rng.normal(size=(200, layout.dim)).astype(np.float32)
-  queries = rng.normal(size=(4, layout.dim)).astype(np.float32)
-  basis = hessian.fit_basis(hessian.accumulate(
-      hessian.init_moments(layout, "block"), corpus[:80]), dim=layout.dim,
-      layout_seed=0, kind="block")
-  psi_c, psi_q = np.asarray(basis.rotate(corpus)), np.asarray(basis.rotate(queries))
-  metric = hessian.fit_metric(basis, psi_q, rank=3)
+  psi_c, psi_q, metric = _in_a_basis(seed=2, rows=200, queries=4, train=80, rank=3)
   vectors = metric.query_vectors(psi_q)
   want = scan.scan_arrays(psi_c, vectors, 6, metric=metric.row_metric())
   rows, q = quality.normalized(psi_c, vectors, metric)
@@ -155,15 +169,8 @@ def test_normalized_rows_score_as_the_scan(tmp_path):
 def test_pair_scores_are_the_scan_scores():
   """``quality.pair_scores`` scores a (query, row) pair as the scan does, with
   and without a query metric."""
-  layout = projection.make_layout({"w": np.zeros((12, 10), np.float32)}, 48, 0)
-  rng = np.random.default_rng(1)
-  corpus = rng.normal(size=(300, layout.dim)).astype(np.float32)
-  queries = rng.normal(size=(6, layout.dim)).astype(np.float32)
-  basis = hessian.fit_basis(hessian.accumulate(
-      hessian.init_moments(layout, "block"), corpus[:100]), dim=layout.dim,
-      layout_seed=0, kind="block")
-  psi_c, psi_q = np.asarray(basis.rotate(corpus)), np.asarray(basis.rotate(queries))
-  metric = hessian.fit_metric(basis, psi_q, rank=4)
+  (corpus, queries), (psi_c, psi_q, metric) = _raw(1, 300, 6), _in_a_basis(
+      seed=1, rows=300, queries=6, train=100, rank=4)
   encodings = {"dot": (corpus, queries, None),
                "metric": (psi_c, metric.query_vectors(psi_q), metric)}
   for name, (c, q, m) in encodings.items():
