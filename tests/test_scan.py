@@ -724,4 +724,5 @@ def test_resident_benchmark_runs():
       "machine", "resident scan bfloat16", "resident scan float32"]
   for row in table[1:]:
     assert row["seconds"] > 0 and 0 < row["fraction_of_bandwidth"]
+    assert row["scores_only_seconds"] > 0 and row["xla_top_k_seconds"] > 0
   assert "| resident scan bfloat16 |" in benchmark_scan.to_markdown(table)

@@ -1,0 +1,60 @@
+#!/bin/bash
+# The device benchmarks for one lent GPU, in one call, most wanted first:
+#   bash launch/gpu_benchmarks.sh [PART ...]   (default: every part below)
+# Parts: resident (the scan of a store held in device memory; resident1m in
+#   steps of 2^20 rows),
+#   small65k, tiny, 1b, small4k (encode vs. a training step, both kernels).
+# Each part writes $OUT/PART.log (the rows as JSON lines and a table) and is
+# cut off at the time left before DEADLINE_S (default 560 s from the start),
+# so one slow part cannot take the others' results with it. The GPU image
+# lacks gin-config: carry its wheel in .whl/ (WORKSPACE "One GPU").
+set -u
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+# Plans recompile programs the timed calls compiled already: cache them.
+export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92
+start=$(date +%s)
+deadline=$((start + ${DEADLINE_S:-560}))
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/tmp/install.log 2>&1 \
+  || { cat /tmp/install.log; exit 1; }
+{ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  python3 -c "import jax, flax, optax; print('jax', jax.__version__, 'flax', flax.__version__,
+'optax', optax.__version__, jax.devices())"; } 2>&1
+
+part() {  # part NAME COMMAND...: run COMMAND into $OUT/NAME.log within the deadline
+  local name=$1; shift
+  local left=$((deadline - $(date +%s)))
+  if [ "$left" -lt 20 ]; then echo "== $name: skipped, ${left}s left"; return; fi
+  echo "== $name ($(($(date +%s) - start)) s in, ${left} s left)"
+  local t0=$(date +%s)
+  timeout "$left" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  grep -v -E "^[IW][0-9]{4} " "$OUT/$name.log" | tail -n 14
+  echo "== $name: rc $rc, $(($(date +%s) - t0)) s"
+}
+
+# encode vs. a training step, both kernels (timeout runs programs, not functions)
+encode=(python3 -m tracer.launch.benchmark --suite=encode --memory_budget_mb=0 --repeats=3)
+
+scan=(python3 -m tracer.launch.benchmark_scan --resident --rows=16000000 --repeats=3)
+
+parts=${*:-resident small65k tiny 1b resident1m small4k}
+for p in $parts; do
+  case $p in
+    resident) part resident "${scan[@]}" ;;
+    resident1m) part resident1m "${scan[@]}" --chunk_rows=1048576 ;;
+    small65k) part small65k "${encode[@]}" --models=small --dims=65536 --batch_size=16 ;;
+    tiny)     part tiny "${encode[@]}" --models=tiny --dims=4096,65536 --batch_size=64 ;;
+    1b)       part 1b "${encode[@]}" --models=1b --dims=65536 --batch_size=2 ;;
+    small4k)  part small4k "${encode[@]}" --models=small --dims=4096 --batch_size=16 ;;
+    *) echo "unknown part $p"; exit 2 ;;
+  esac
+done
+echo "== done in $(($(date +%s) - start)) s"
