@@ -341,8 +341,7 @@ def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
   """
   mesh = partitioning.make_mesh() if mesh is None else mesh
   platform = mesh.devices.flat[0].platform
-  step = step_rows or partitioning.padded_size(
-      scan.default_chunk_rows(dim, 2, mesh.size) * 8, mesh.size)
+  step = step_rows or scan.default_chunk_rows(dim, 2, mesh.size, platform=platform)
   step = min(step, partitioning.padded_size(rows, mesh.size))
   rows = -(-rows // step) * step
   rows_sharding = partitioning.rows_sharding(mesh)

@@ -481,7 +481,8 @@ def open_index(store, mesh: Mesh, budget_bytes: int, verify: bool = True):
   ``StreamedIndex``."""
   dtype = _device_dtype(store.dtype)
   layout = plan_layout(store.num_rows, store.dim, dtype.itemsize, mesh.size,
-                       store.chunk_rows)
+                       store.chunk_rows,
+                       scan_lib.device_chunk_bytes(mesh.devices.flat[0].platform))
   if layout.rows_per_device * store.dim * dtype.itemsize > budget_bytes:
     return StreamedIndex(store, mesh, verify)
   return ResidentIndex(store, mesh, layout, verify)
