@@ -315,7 +315,7 @@ def xla_topk_step(k: int, widen: bool):
     return top, jax.numpy.take_along_axis(merged_rows, at, 1)
 
   def step(state, x, row_ids, queries):
-    s = topk._scores(x, queries, widen).T  # [Q, r]
+    s = topk.exact_scores(x, queries, widen).T  # [Q, r]
     ps, pr = best(state.proponent_scores, state.proponent_rows, s, row_ids)
     os_, orows = best(-state.opponent_scores, state.opponent_rows, -s, row_ids)
     return topk.TopKState(ps, pr, -os_, orows)
@@ -337,7 +337,7 @@ def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
   useful GFLOP/s (2·N·d·Q) and ``fraction_of_matmul`` (of a measured
   square bf16 matmul of ``matmul_size`` with fp32 accumulation, per device,
   times the devices; bf16 rows on a
-  GPU/TPU issue three bf16 products per useful one: ``_scores``).
+  GPU/TPU issue three bf16 products per useful one: ``topk.exact_scores``).
   """
   mesh = partitioning.make_mesh() if mesh is None else mesh
   platform = mesh.devices.flat[0].platform
@@ -389,7 +389,7 @@ def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
     # The matmul alone (each step's scores reduced to one max per query, so
     # nothing large is written): the rest of ``seconds`` is selection.
     widen = topk.widens_bf16(mesh)
-    scores_max = jax.jit(lambda x, q: topk._scores(x, q, widen).max(0))
+    scores_max = jax.jit(lambda x, q: topk.exact_scores(x, q, widen).max(0))
     jax.block_until_ready([scores_max(c, qs) for c in chunks])
     matmul_seconds = _best_time(
         lambda: jax.block_until_ready([scores_max(c, qs) for c in chunks]), repeats)

@@ -337,7 +337,7 @@ def test_bf16_scores_are_fp32_dot_products_of_the_stored_values(widen):
   exact = np.asarray(xb, np.float64) @ np.asarray(q, np.float64).T
   bound = d * 2.0 ** -24 * (np.abs(np.asarray(xb, np.float64))
                             @ np.abs(np.asarray(q, np.float64)).T)
-  fn = topk.jit_step(lambda x, q: topk._scores(x, q, widen),
+  fn = topk.jit_step(lambda x, q: topk.exact_scores(x, q, widen),
                      partitioning.make_mesh())
   got = np.asarray(fn(jnp.asarray(xb), jnp.asarray(q)), np.float64)
   assert np.all(np.abs(got - exact) <= bound)

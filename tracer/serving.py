@@ -330,33 +330,20 @@ def _device_topk(x, row_ids, valid, queries, owner, diag, lowrank, lowrank_owner
   ``block`` rows at a time with a running top-k (``tracer.topk``'s
   per-block selection and exact merge, as a scan step does); ``owner [Q]``:
   each query's request, whose metric divides its scores."""
-  q = queries.shape[0]
-  none = jnp.full((q, k), topk_lib.INVALID_ROW, jnp.int32)
-  init = topk_lib.TopKState(jnp.full((q, k), -jnp.inf, jnp.float32), none,
-                            jnp.full((q, k), jnp.inf, jnp.float32), none)
   # The running top-k differs per device (shard_map's varying values).
-  init = jax.tree.map(lambda a: lax.pcast(a, tuple(axes), to="varying"), init)
+  init = jax.tree.map(lambda a: lax.pcast(a, tuple(axes), to="varying"),
+                      topk_lib.empty_state(queries.shape[0], k))
 
   def step(i, state):
     xs = lax.dynamic_slice_in_dim(x, i * block, block)
     ok_rows = lax.dynamic_slice_in_dim(valid, i * block, block)
-    rid = jnp.where(ok_rows, lax.dynamic_slice_in_dim(row_ids, i * block, block),
-                    topk_lib.INVALID_ROW)
-    s = topk_lib._scores(xs, queries)  # pylint: disable=protected-access
+    # bf16 rows as three bf16 products, not widened under XLA:CPU's library
+    # fusions (``topk.jit_step``): with the row norms in the same program the
+    # options made a one-query pass 1.3-1.6x slower on the 2-core CPU.
+    s = topk_lib.exact_scores(xs, queries)
     s = s / _norms(xs, diag, lowrank, lowrank_owner, segments)[:, owner]
-    ok = ok_rows[:, None] & ~jnp.isnan(s)
-    s = jnp.where(s == 0, 0.0, s)  # -0.0 and 0.0 tie, as in the scan
-    kl = min(k, block)
-    # pylint: disable=protected-access
-    pv, pr = topk_lib._select_rows(jnp.where(ok, s, -jnp.inf), rid,
-                                   state.proponent_scores[:, -1], kl)
-    ov, orow = topk_lib._select_rows(jnp.where(ok, -s, -jnp.inf), rid,
-                                     -state.opponent_scores[:, -1], kl)
-    ps, pr = topk_lib._merge(state.proponent_scores, state.proponent_rows, pv, pr,
-                             k, True)
-    os_, or_ = topk_lib._merge(state.opponent_scores, state.opponent_rows, -ov,
-                               orow, k, False)
-    return topk_lib.TopKState(ps, pr, os_, or_)
+    return topk_lib.fold_block(state, s, lax.dynamic_slice_in_dim(
+        row_ids, i * block, block), ok_rows, k)
 
   return tuple(lax.fori_loop(0, x.shape[0] // block, step, init))
 
@@ -378,12 +365,8 @@ def _search_fn(mesh: Mesh, k: int, block: int, segments: tuple):
   def search(x, row_ids, valid, queries, owner, diag, lowrank, lowrank_owner):
     ps, pr, os_, or_ = local(x, row_ids, valid, queries, owner, diag, lowrank,
                              lowrank_owner)
-    none = jnp.full(ps.shape[:1] + (k,), topk_lib.INVALID_ROW, jnp.int32)
-    worst = jnp.full(none.shape, jnp.inf, jnp.float32)
-    # pylint: disable=protected-access
-    ps, pr = topk_lib._merge(-worst, none, ps, pr, k, True)
-    os_, or_ = topk_lib._merge(worst, none, os_, or_, k, False)
-    return topk_lib.TopKState(ps, pr, os_, or_)
+    return topk_lib.merge_candidates(topk_lib.empty_state(ps.shape[0], k),
+                                     ps, pr, os_, or_, k)
 
   return jax.jit(search, out_shardings=partitioning.replicated(mesh))
 

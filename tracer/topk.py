@@ -9,7 +9,7 @@ chunk size, never by N x Q.
 
 Ordering is exact and deterministic: proponents by score descending,
 opponents by score ascending, ties broken by the lower row id. Scores are
-fp32 dot products; bf16 chunks are never rounded further (see ``_scores``).
+fp32 dot products; bf16 chunks are never rounded further (see ``exact_scores``).
 NaN scores (from non-finite encodings) rank last and are reported as -inf
 (proponents) or +inf (opponents).
 
@@ -85,7 +85,7 @@ def _bf16_head(x: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(bits, jnp.float32)
 
 
-def _scores(x: jax.Array, queries: jax.Array, widen: bool = False) -> jax.Array:
+def exact_scores(x: jax.Array, queries: jax.Array, widen: bool = False) -> jax.Array:
   """fp32 scores ``[r, Q]`` of rows ``x [r, d]`` against ``queries f32[Q, d]``.
 
   Exactness of bf16 rows: the stored bf16 values are scored against the fp32
@@ -462,11 +462,11 @@ def _local_candidates(x, row_ids, valid, queries, pro_kth, opp_kth, diag=None,
 
   ``pro_kth`` / ``opp_kth`` ``[Q]``: the running k-th best scores. With
   ``segments`` (a ``RowMetric``), scores are divided by the rows' norms.
-  ``widen``: see ``_scores``. ``x`` may be a tuple of consecutive pieces of
+  ``widen``: see ``exact_scores``. ``x`` may be a tuple of consecutive pieces of
   the rows (scored one by one: the rows need not be one buffer).
   """
   pieces = x if isinstance(x, tuple) else (x,)
-  s = jnp.concatenate([_scores(p, queries, widen) for p in pieces])  # [r, Q]
+  s = jnp.concatenate([exact_scores(p, queries, widen) for p in pieces])  # [r, Q]
   if segments is not None:
     s = s / jnp.concatenate([_row_norms(p, diag, lowrank, segments)
                              for p in pieces])[:, None]
@@ -476,6 +476,18 @@ def _local_candidates(x, row_ids, valid, queries, pro_kth, opp_kth, diag=None,
     order = jnp.argsort(rid, stable=True)
     rid, s, valid = rid[order], s[order], valid[order]
   return _select_both(s, valid, rid, pro_kth, opp_kth, min(k, s.shape[0]))
+
+
+def fold_block(state: TopKState, s: jax.Array, row_ids: jax.Array,
+               valid: jax.Array, k: int) -> TopKState:
+  """``state`` with a block's scores ``s [r, Q]`` folded in: rows
+  ``row_ids [r]`` in ascending order, ``valid [r]`` (False: padding or a
+  quarantined row, never returned). What a scan step does on one device,
+  for callers that loop over blocks themselves (``tracer.serving``)."""
+  rid = jnp.where(valid, row_ids.astype(jnp.int32), INVALID_ROW)
+  cand = _select_both(s, valid, rid, state.proponent_scores[:, -1],
+                      state.opponent_scores[:, -1], min(k, s.shape[0]))
+  return merge_candidates(state, *cand, k)
 
 
 def _precedes(ka, ra, kb, rb):
@@ -581,8 +593,8 @@ def _merge(scores, rows, cand_scores, cand_rows, k: int, largest: bool):
   return (-key if largest else key), r
 
 
-def _merge_both(state: TopKState, pro_scores, pro_rows, opp_scores, opp_rows,
-                k: int) -> TopKState:
+def merge_candidates(state: TopKState, pro_scores, pro_rows, opp_scores, opp_rows,
+                     k: int) -> TopKState:
   """``state`` and both sides' candidates merged (``_merge``), as one
   problem of ``2Q`` queries: keys are proponents' scores negated, then
   opponents' scores."""
@@ -596,14 +608,17 @@ def _merge_both(state: TopKState, pro_scores, pro_rows, opp_scores, opp_rows,
                    r[num_queries:])
 
 
+def empty_state(num_queries: int, k: int) -> TopKState:
+  """A running top-k with nothing in it (to build inside a jitted program)."""
+  no_row = jnp.full((num_queries, k), INVALID_ROW, jnp.int32)
+  return TopKState(jnp.full((num_queries, k), -jnp.inf, jnp.float32), no_row,
+                   jnp.full((num_queries, k), jnp.inf, jnp.float32), no_row)
+
+
 @functools.lru_cache(maxsize=None)
 def _init_fn(mesh: Mesh, num_queries: int, k: int):
-  def init():
-    shape = (num_queries, k)
-    no_row = jnp.full(shape, INVALID_ROW, jnp.int32)
-    return TopKState(jnp.full(shape, -jnp.inf, jnp.float32), no_row,
-                     jnp.full(shape, jnp.inf, jnp.float32), no_row)
-  return jax.jit(init, out_shardings=partitioning.replicated(mesh))
+  return jax.jit(functools.partial(empty_state, num_queries, k),
+                 out_shardings=partitioning.replicated(mesh))
 
 
 # XLA:CPU's library (YNNPACK) fusions for the scan step: matmuls with the
@@ -619,7 +634,7 @@ def compiler_options(platform: str) -> dict[str, str] | None:
   """XLA options for jitting scan steps on ``platform`` ("cpu", "gpu", ...);
   None where there are none, or where this XLA does not know them.
 
-  With them (CPU), ``_scores(..., widen=True)`` scores a bf16 chunk at
+  With them (CPU), ``exact_scores(..., widen=True)`` scores a bf16 chunk at
   about the cost of an f32 one (7% more CPU time on a 2-core EPYC); without
   them widening writes an f32 copy of the chunk first (2.5x), and the three
   bf16 matmuls (``widen=False``) are faster.
@@ -643,7 +658,7 @@ def jit_step(fn, mesh: Mesh, **kwargs):
 
 
 def widens_bf16(mesh: Mesh) -> bool:
-  """Whether steps on ``mesh`` score bf16 rows widened to f32 (``_scores``)."""
+  """Whether steps on ``mesh`` score bf16 rows widened to f32 (``exact_scores``)."""
   return compiler_options(mesh.devices.flat[0].platform) is not None
 
 
@@ -675,7 +690,7 @@ def step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments=None):
     ps, pr, os_, or_ = local(x, row_ids, valid, queries,
                              state.proponent_scores[:, -1],
                              state.opponent_scores[:, -1], diag, tuple(lowrank))
-    return _merge_both(state, ps, pr, os_, or_, k)
+    return merge_candidates(state, ps, pr, os_, or_, k)
 
   return jit_step(update, mesh, out_shardings=partitioning.replicated(mesh))
 
