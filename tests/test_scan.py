@@ -296,6 +296,35 @@ def test_large_scan_takes_the_fast_paths(mesh, chunk_rows):
   assert_same(scanner.result(), want, atol=0)
 
 
+@pytest.mark.parametrize("mesh", ["1x1", "8x1"])
+def test_branch_free_step_gives_the_same_top_k(mesh):
+  # The accelerators' candidate (fixed shapes, no lax.switch): the two-stage
+  # selection and a sorted merge at every step. Integer scores (ties at the
+  # top), NaN rows and a partial last step (invalid rows), against numpy.
+  rng = np.random.default_rng(5)
+  n, k, step = 40_000, 64, 8192
+  x = rng.integers(-50, 51, (n, 8)).astype(np.float32)
+  q = rng.integers(-3, 4, (4, 8)).astype(np.float32)
+  x[[3, 30_000]] = np.nan
+  ok = np.setdiff1d(np.arange(n), [3, 30_000])
+  want = reference(x[ok], q, k)
+  want = want._replace(proponent_rows=ok[want.proponent_rows],
+                       opponent_rows=ok[want.opponent_rows])
+  m = MESHES[mesh]()
+  update = topk.step_fn(m, k, True, branch_free=True)
+  rows, ids = partitioning.rows_sharding(m), partitioning.rows_sharding(m, ndim=1)
+  queries = partitioning.put_global(q, partitioning.replicated(m))
+  state = topk.init_topk(len(q), k, m)
+  for lo in range(0, n, step):
+    chunk = np.zeros((step, 8), np.float32)
+    chunk[:min(step, n - lo)] = x[lo:lo + step]
+    row_ids = np.arange(lo, lo + step, dtype=np.int32)
+    valid = row_ids < n  # NaN rows stay valid: the selection drops them
+    state = update(state, jax.device_put(chunk, rows), jax.device_put(row_ids, ids),
+                   jax.device_put(valid, ids), queries)
+  assert_same(topk.finish(state, n), want, atol=0)
+
+
 @pytest.mark.parametrize("mesh", ["8x1", "4x2"])
 @pytest.mark.parametrize("chunk_rows,k", [(40, 10), (4096, 10), (256, 300)])
 def test_ties_go_to_lower_row(mesh, chunk_rows, k):
@@ -725,4 +754,5 @@ def test_resident_benchmark_runs():
   for row in table[1:]:
     assert row["seconds"] > 0 and 0 < row["fraction_of_bandwidth"]
     assert row["scores_only_seconds"] > 0 and row["xla_top_k_seconds"] > 0
+    assert row["branch_free_seconds"] > 0
   assert "| resident scan bfloat16 |" in benchmark_scan.to_markdown(table)

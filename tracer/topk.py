@@ -259,8 +259,8 @@ def _compact(words: jax.Array, c: int) -> jax.Array:
 
 
 def _pick(words: jax.Array, block_max, keys_at, rid: jax.Array,
-          threshold: jax.Array, k: int,
-          block: int) -> tuple[jax.Array, jax.Array]:
+          threshold: jax.Array, k: int, block: int,
+          branch_free: bool = False) -> tuple[jax.Array, jax.Array]:
   """``_select_rows``' selection of ``k`` of ``r`` positions, given:
 
   * ``words u32[r / GROUP, Q]``: bit ``p`` of ``words[g, q]`` is set iff the
@@ -270,6 +270,9 @@ def _pick(words: jax.Array, block_max, keys_at, rid: jax.Array,
     the slow path only);
   * ``keys_at(pos [Q, c]) -> [Q, c]``: the keys at positions ``pos``;
   * ``rid [r]``: the positions' row ids.
+
+  ``branch_free``: always the two-stage path (fixed shapes, no ``lax.switch``:
+  an accelerator then never reads a predicate back to the host).
   """
   groups, num_queries = words.shape
   end = groups * GROUP  # a position past the last: row INVALID_ROW
@@ -311,6 +314,8 @@ def _pick(words: jax.Array, block_max, keys_at, rid: jax.Array,
     return (jnp.pad(v, pad, constant_values=-jnp.inf),
             jnp.pad(rid[pos], pad, constant_values=INVALID_ROW))
 
+  if branch_free:
+    return slow()
   levels = ([c for c in FAST_LEVELS if c < k]
             + [c for c in (k, 2 * k) if c <= MAX_COMPACT])
   tiers = sorted({min(n, k // 2) for n in FAST_GROUPS
@@ -346,7 +351,7 @@ def _column_sum(x: jax.Array) -> jax.Array:
 
 
 def _select_rows(vals: jax.Array, rid: jax.Array, threshold: jax.Array,
-                 k: int) -> tuple[jax.Array, jax.Array]:
+                 k: int, branch_free: bool = False) -> tuple[jax.Array, jax.Array]:
   """Top-k candidates among the rows of ``vals [r, Q]``, for each query.
 
   Returns ``(values, row ids)``, both ``[Q, k]``. With ``threshold = -inf``
@@ -382,7 +387,7 @@ def _select_rows(vals: jax.Array, rid: jax.Array, threshold: jax.Array,
   words = _or_bits(vals.reshape(-1, GROUP, num_queries) >= threshold, axis=1)
   return _pick(words, lambda: vals.reshape(nb, block, num_queries).max(1).T,
                functools.partial(_gather_elements, vals), rid, threshold, k,
-               block)
+               block, branch_free)
 
 
 def _no_negative_zero(x: jax.Array) -> jax.Array:
@@ -390,7 +395,8 @@ def _no_negative_zero(x: jax.Array) -> jax.Array:
 
 
 def _select_both(s: jax.Array, valid: jax.Array, rid: jax.Array,
-                 pro_kth: jax.Array, opp_kth: jax.Array, k: int):
+                 pro_kth: jax.Array, opp_kth: jax.Array, k: int,
+                 branch_free: bool = False):
   """Proponent and opponent candidates of scores ``s [r, Q]``: ``_select_rows``
   of ``where(ok, s, -inf)`` and of ``where(ok, -s, -inf)`` (``ok``: a valid
   row and a score that is not NaN), returned as ``(pro values, pro rows, opp
@@ -408,8 +414,9 @@ def _select_both(s: jax.Array, valid: jax.Array, rid: jax.Array,
   if block is None:
     ok = valid[:, None] & ~jnp.isnan(s)
     s = _no_negative_zero(s)
-    pv, pr = _select_rows(jnp.where(ok, s, -jnp.inf), rid, pro_kth, k)
-    ov, orow = _select_rows(jnp.where(ok, -s, -jnp.inf), rid, -opp_kth, k)
+    pv, pr = _select_rows(jnp.where(ok, s, -jnp.inf), rid, pro_kth, k, branch_free)
+    ov, orow = _select_rows(jnp.where(ok, -s, -jnp.inf), rid, -opp_kth, k,
+                            branch_free)
     return pv, pr, _no_negative_zero(-ov), orow
   nb = -(-rows // block)
   if nb * block != rows:
@@ -450,14 +457,14 @@ def _select_both(s: jax.Array, valid: jax.Array, rid: jax.Array,
     return _no_negative_zero(jnp.where(ok, sign[:, None] * g, -jnp.inf))
 
   v, r = _pick(words, block_max, keys_at, rid,
-               jnp.concatenate([pro_kth, -opp_kth]), k, block)
+               jnp.concatenate([pro_kth, -opp_kth]), k, block, branch_free)
   return (v[:num_queries], r[:num_queries],
           _no_negative_zero(-v[num_queries:]), r[num_queries:])
 
 
 def _local_candidates(x, row_ids, valid, queries, pro_kth, opp_kth, diag=None,
                       lowrank=(), *, k: int, rows_sorted: bool, segments=None,
-                      widen: bool = False):
+                      widen: bool = False, branch_free: bool = False):
   """One device's top-k candidates of its rows: 4 arrays ``[Q, min(k, r)]``.
 
   ``pro_kth`` / ``opp_kth`` ``[Q]``: the running k-th best scores. With
@@ -475,7 +482,8 @@ def _local_candidates(x, row_ids, valid, queries, pro_kth, opp_kth, diag=None,
     # top_k breaks ties by position; put positions in row-id order first.
     order = jnp.argsort(rid, stable=True)
     rid, s, valid = rid[order], s[order], valid[order]
-  return _select_both(s, valid, rid, pro_kth, opp_kth, min(k, s.shape[0]))
+  return _select_both(s, valid, rid, pro_kth, opp_kth, min(k, s.shape[0]),
+                      branch_free)
 
 
 def fold_block(state: TopKState, s: jax.Array, row_ids: jax.Array,
@@ -545,9 +553,10 @@ def _rank_merge(ka, ra, kb, rb, k: int, b_sorted: bool = True):
   return place(ka, kb, jnp.inf), place(ra, rb, INVALID_ROW)
 
 
-def _merge_keys(ka, ra, kb, rb, k: int):
+def _merge_keys(ka, ra, kb, rb, k: int, branch_free: bool = False):
   """The running top-k ``(ka, ra) [Q, k]``, sorted by (key, row) ascending,
-  and candidates ``(kb, rb) [Q, n]`` in any order merged: the first ``k``."""
+  and candidates ``(kb, rb) [Q, n]`` in any order merged: the first ``k``.
+  ``branch_free``: by one sort (see ``_pick``)."""
 
   def by_sort():
     key, r = lax.sort((jnp.concatenate([ka, kb], axis=1),
@@ -556,7 +565,7 @@ def _merge_keys(ka, ra, kb, rb, k: int):
     return key[:, :k], r[:, :k]
 
   n = kb.shape[1]
-  if n > ka.shape[1] or k > RANK_MERGE_MAX_K:
+  if branch_free or n > ka.shape[1] or k > RANK_MERGE_MAX_K:
     # Several devices' candidates: k per device; and the rank merge's k^2
     # comparisons outgrow a sort of 2k.
     return by_sort()
@@ -594,7 +603,7 @@ def _merge(scores, rows, cand_scores, cand_rows, k: int, largest: bool):
 
 
 def merge_candidates(state: TopKState, pro_scores, pro_rows, opp_scores, opp_rows,
-                     k: int) -> TopKState:
+                     k: int, branch_free: bool = False) -> TopKState:
   """``state`` and both sides' candidates merged (``_merge``), as one
   problem of ``2Q`` queries: keys are proponents' scores negated, then
   opponents' scores."""
@@ -603,7 +612,7 @@ def merge_candidates(state: TopKState, pro_scores, pro_rows, opp_scores, opp_row
       jnp.concatenate([-state.proponent_scores, state.opponent_scores]),
       jnp.concatenate([state.proponent_rows, state.opponent_rows]),
       jnp.concatenate([-pro_scores, opp_scores]),
-      jnp.concatenate([pro_rows, opp_rows]), k)
+      jnp.concatenate([pro_rows, opp_rows]), k, branch_free)
   return TopKState(-key[:num_queries], r[:num_queries], key[num_queries:],
                    r[num_queries:])
 
@@ -663,20 +672,22 @@ def widens_bf16(mesh: Mesh) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments=None):
+def step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments=None,
+            branch_free: bool = False):
   """The jitted ``update(state, x, row_ids, valid, queries, diag, lowrank)``:
   ``update_topk`` without its checks and padding (rows a multiple of the
   mesh size). ``x``: ``[rows, d]``, or a tuple of pieces ``[rows / P, d]``
   whose shards are consecutive parts of each device's rows. ``segments``:
   the ``RowMetric``'s, or None for plain scores (``diag`` and ``lowrank``
-  are then ignored)."""
+  are then ignored). ``branch_free``: see ``_pick`` (same results)."""
   rows = partitioning.rows_sharding(mesh).spec
   ids = partitioning.rows_sharding(mesh, ndim=1).spec
   rep = partitioning.replicated(mesh).spec
   candidates = partitioning.every_device_spec(2, axis=1)
   local = jax.shard_map(
       functools.partial(_local_candidates, k=k, rows_sorted=rows_sorted,
-                        segments=segments, widen=widens_bf16(mesh)),
+                        segments=segments, widen=widens_bf16(mesh),
+                        branch_free=branch_free),
       mesh=mesh,
       in_specs=(rows, ids, ids) + (rep,) * 5,
       out_specs=(candidates,) * 4)
@@ -690,7 +701,7 @@ def step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments=None):
     ps, pr, os_, or_ = local(x, row_ids, valid, queries,
                              state.proponent_scores[:, -1],
                              state.opponent_scores[:, -1], diag, tuple(lowrank))
-    return merge_candidates(state, ps, pr, os_, or_, k)
+    return merge_candidates(state, ps, pr, os_, or_, k, branch_free)
 
   return jit_step(update, mesh, out_shardings=partitioning.replicated(mesh))
 
