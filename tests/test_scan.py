@@ -269,6 +269,18 @@ def test_many_chunks_take_the_fast_levels(mesh):
   assert_same(got, reference(x, q, 64))
 
 
+def _integers_with_nan_rows(rng, n: int, k: int, nan_rows):
+  """Rows ``[n, 8]`` and 4 queries of small integers (scores exact in fp32,
+  ties at the top), NaN at ``nan_rows``, and numpy's top-k, which skips them."""
+  x = rng.integers(-50, 51, (n, 8)).astype(np.float32)
+  q = rng.integers(-3, 4, (4, 8)).astype(np.float32)
+  x[nan_rows] = np.nan
+  ok = np.setdiff1d(np.arange(n), nan_rows)
+  want = reference(x[ok], q, k)
+  return x, q, want._replace(proponent_rows=ok[want.proponent_rows],
+                             opponent_rows=ok[want.opponent_rows])
+
+
 @pytest.mark.parametrize("mesh,chunk_rows", [("1x1", 8192), ("8x1", 65536)])
 def test_large_scan_takes_the_fast_paths(mesh, chunk_rows):
   # 8192 rows per device and step: the two-stage selection, and from the
@@ -278,13 +290,7 @@ def test_large_scan_takes_the_fast_paths(mesh, chunk_rows):
   # (invalid rows) too.
   rng = np.random.default_rng(11)
   n, k = 100_000, 64
-  x = rng.integers(-50, 51, (n, 8)).astype(np.float32)
-  q = rng.integers(-3, 4, (4, 8)).astype(np.float32)
-  x[[7, 50_000]] = np.nan
-  ok = np.setdiff1d(np.arange(n), [7, 50_000])
-  want = reference(x[ok], q, k)
-  want = want._replace(proponent_rows=ok[want.proponent_rows],
-                       opponent_rows=ok[want.opponent_rows])
+  x, q, want = _integers_with_nan_rows(rng, n, k, [7, 50_000])
   assert topk._block_size(8192, k) is not None
   m = MESHES[mesh]()
   assert_same(scan.scan_arrays(x, q, k, mesh=m, chunk_rows=chunk_rows), want,
@@ -301,15 +307,8 @@ def test_branch_free_step_gives_the_same_top_k(mesh):
   # The accelerators' candidate (fixed shapes, no lax.switch): the two-stage
   # selection and a sorted merge at every step. Integer scores (ties at the
   # top), NaN rows and a partial last step (invalid rows), against numpy.
-  rng = np.random.default_rng(5)
   n, k, step = 40_000, 64, 8192
-  x = rng.integers(-50, 51, (n, 8)).astype(np.float32)
-  q = rng.integers(-3, 4, (4, 8)).astype(np.float32)
-  x[[3, 30_000]] = np.nan
-  ok = np.setdiff1d(np.arange(n), [3, 30_000])
-  want = reference(x[ok], q, k)
-  want = want._replace(proponent_rows=ok[want.proponent_rows],
-                       opponent_rows=ok[want.opponent_rows])
+  x, q, want = _integers_with_nan_rows(np.random.default_rng(5), n, k, [3, 30_000])
   m = MESHES[mesh]()
   update = topk.step_fn(m, k, True, branch_free=True)
   rows, ids = partitioning.rows_sharding(m), partitioning.rows_sharding(m, ndim=1)
