@@ -376,12 +376,15 @@ def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
     bandwidth = rows * dim * np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16"
                                       else dtype).itemsize / _best_time(
         lambda: jax.block_until_ready([total(c) for c in chunks]), repeats)
-    def run(branch_free=False):
-      update = topk.step_fn(mesh, k, True, branch_free=branch_free)
+    def scan_with(update):  # update(state, chunk, row_ids) -> state
       state = topk.init_topk(queries, k, mesh)
       for c, i in zip(chunks, ids):
-        state = update(state, c, i, valid, qs)
+        state = update(state, c, i)
       return jax.block_until_ready(state)
+
+    def run(branch_free=False):
+      step = topk.step_fn(mesh, k, True, branch_free=branch_free)
+      return scan_with(lambda state, c, i: step(state, c, i, valid, qs))
 
     want = run()
     seconds = _best_time(run, repeats)
@@ -402,13 +405,7 @@ def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
     baseline_seconds = None
     if mesh.size == 1:
       baseline = xla_topk_step(k, widen)
-
-      def run_baseline():
-        state = topk.init_topk(queries, k, mesh)
-        for c, i in zip(chunks, ids):
-          state = baseline(state, c, i, qs)
-        return jax.block_until_ready(state)
-
+      run_baseline = lambda: scan_with(lambda state, c, i: baseline(state, c, i, qs))
       got = run_baseline()
       # Equal up to summation order (another matmul library may be picked).
       np.testing.assert_allclose(np.asarray(got.proponent_scores),
@@ -453,9 +450,9 @@ def synthetic_metric(dim: int, q: np.ndarray, eval_examples: int, block: int,
 
 def to_markdown(table: list[dict[str, Any]]) -> str:
   cols = ["method", "seconds", "rows_per_s", "GB_per_s", "GFLOP_per_s",
-          "roofline_s", "fraction_of_roofline", "vs_faiss", "scores_only_seconds", "branch_free_seconds",
-          "xla_top_k_seconds",
-          "fraction_of_bandwidth", "fraction_of_matmul", "note"]
+          "roofline_s", "fraction_of_roofline", "vs_faiss", "scores_only_seconds",
+          "branch_free_seconds", "xla_top_k_seconds", "fraction_of_bandwidth",
+          "fraction_of_matmul", "note"]
   cols = [c for c in cols if any(row.get(c) is not None for row in table)
           or c in ("method", "seconds", "note")]
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
