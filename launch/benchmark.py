@@ -50,6 +50,10 @@ flags.DEFINE_list("kernels", ["exact", "factored"], "Encoder kernels to compare.
 flags.DEFINE_integer("memory_budget_mb", 4096, "Budget for the largest-microbatch "
                      "search (XLA's planned memory; 0: skip the search).")
 flags.DEFINE_bool("run", True, "Time the programs; false: compile and plan only.")
+flags.DEFINE_bool("per_example", True, "Plan each program at twice the batch too "
+                  "(memory per example); each plan is a compile, minutes at 1B.")
+flags.DEFINE_bool("verify", True, "Check the encoder on one example against "
+                  "jax.grad first (GradientEncoder's verify: one more compile).")
 flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
 FLAGS = flags.FLAGS
 
@@ -122,7 +126,8 @@ def largest_microbatch(cfg, params, v, mesh, dim, kernel, budget: int,
 
 
 def encode_rows(name: str, dims, batch_size: int, microbatch: int, repeats: int,
-                kernels, budget_mb: int, run: bool = True):
+                kernels, budget_mb: int, run: bool = True, per_example: bool = True,
+                verify: bool = True):
   t0 = time.perf_counter()
   # At 1B parameters each phase is minutes of compiling: say where time goes.
   phase = lambda what: logging.info("encode benchmark %s: %s done at %.1f s",
@@ -153,8 +158,8 @@ def encode_rows(name: str, dims, batch_size: int, microbatch: int, repeats: int,
   # Memory per example: the slope between batch and twice the batch.
   double = jax.tree.map(lambda x: jax.ShapeDtypeStruct(
       (2 * x.shape[0], *x.shape[1:]), x.dtype, sharding=x.sharding), on_mesh)
-  train_per_example = (peak_bytes(step.lower(state["p"], state["o"], double).compile())
-                       - train_mem) / batch_size
+  train_per_example = ((peak_bytes(step.lower(state["p"], state["o"], double).compile())
+                        - train_mem) / batch_size if per_example else float("nan"))
   phase("training step plans")
   # V = 1: a correction every kernel applies exactly (rank one).
   v = jax.tree.map(lambda x: jax.numpy.ones_like(x), params)
@@ -163,7 +168,7 @@ def encode_rows(name: str, dims, batch_size: int, microbatch: int, repeats: int,
   rows = []
   for dim in dims:
     for kernel in kernels:
-      enc = encoder(cfg, params, v, mesh, dim, kernel, microbatch)
+      enc = encoder(cfg, params, v, mesh, dim, kernel, microbatch, verify)
       encode_s, first_s = (timed(lambda: enc.encode_on_device(batch), repeats)
                            if run else (float("nan"), float("nan")))
       phase(f"{kernel} d={dim} timed calls")
@@ -171,8 +176,12 @@ def encode_rows(name: str, dims, batch_size: int, microbatch: int, repeats: int,
       steps = -(-batch_size // enc.step_size)
       # Each plan is a compile (minutes at 1B parameters): plan once per shape.
       enc_mem = one_step if steps == 1 else encode_memory(enc, cfg, steps)
-      twice = encoder(cfg, params, v, mesh, dim, kernel, 2 * microbatch, verify=False)
-      per_example = (encode_memory(twice, cfg) - one_step) / enc.step_size
+      if per_example:
+        twice = encoder(cfg, params, v, mesh, dim, kernel, 2 * microbatch,
+                        verify=False)
+        enc_per_example = (encode_memory(twice, cfg) - one_step) / enc.step_size
+      else:
+        enc_per_example = float("nan")
       rows.append({
           "model": name, "params": model_lib.param_count(params), "d": enc.dim,
           "kernel": kernel, "batch": batch_size, "microbatch": enc.microbatch_size,
@@ -182,7 +191,7 @@ def encode_rows(name: str, dims, batch_size: int, microbatch: int, repeats: int,
           "encode_mem_mb": enc_mem / 2**20,
           "train_mem_mb": train_mem / 2**20,
           "mem_ratio": enc_mem / train_mem if train_mem else float("nan"),
-          "encode_mb_per_example": per_example / 2**20,
+          "encode_mb_per_example": enc_per_example / 2**20,
           "train_mb_per_example": train_per_example / 2**20,
           "max_microbatch": (largest_microbatch(cfg, params, v, mesh, dim, kernel,
                                                 budget_mb * 2**20)
@@ -258,7 +267,8 @@ def main(argv):
       bs = FLAGS.batch_size or (32 if name == "tiny" else 8)
       rows += encode_rows(name, [int(d) for d in FLAGS.dims], bs,
                           FLAGS.microbatch_size, FLAGS.repeats, FLAGS.kernels,
-                          FLAGS.memory_budget_mb, FLAGS.run)
+                          FLAGS.memory_budget_mb, FLAGS.run, FLAGS.per_example,
+                          FLAGS.verify)
     out["encode"] = rows
     print(markdown(rows, ["model", "params", "d", "kernel", "batch",
                           "encode_ex_per_s", "encode_tok_per_s", "train_ex_per_s",
