@@ -754,4 +754,6 @@ def test_resident_benchmark_runs():
     assert row["seconds"] > 0 and 0 < row["fraction_of_bandwidth"]
     assert row["scores_only_seconds"] > 0 and row["xla_top_k_seconds"] > 0
     assert row["branch_free_seconds"] > 0
+  assert table[1]["one_dot_scores_seconds"] > 0
+  assert table[2]["one_dot_scores_seconds"] is None
   assert "| resident scan bfloat16 |" in benchmark_scan.to_markdown(table)

@@ -85,6 +85,18 @@ def _bf16_head(x: jax.Array) -> jax.Array:
   return lax.bitcast_convert_type(bits, jnp.float32)
 
 
+def bf16_terms(queries: jax.Array) -> jax.Array:
+  """``bf16[3, Q, d]`` terms that sum exactly to ``queries f32[Q, d]`` (8 + 8 +
+  8 significand bits; see ``exact_scores``)."""
+  # Bit masks, not f32 -> bf16 -> f32 round trips, which XLA may drop as
+  # "excess precision" (it does on GPU).
+  q1 = _bf16_head(queries)
+  rest = queries - q1
+  q2 = _bf16_head(rest)
+  q3 = rest - q2  # <= 8 significant bits left: exact in bf16
+  return jnp.stack([q1, q2, q3]).astype(jnp.bfloat16)
+
+
 def exact_scores(x: jax.Array, queries: jax.Array, widen: bool = False) -> jax.Array:
   """fp32 scores ``[r, Q]`` of rows ``x [r, d]`` against ``queries f32[Q, d]``.
 
@@ -113,14 +125,8 @@ def exact_scores(x: jax.Array, queries: jax.Array, widen: bool = False) -> jax.A
   """
   contract = (((1,), (1,)), ((), ()))
   if x.dtype == jnp.bfloat16 and not widen:
-    # The terms come from bit masks, not f32 -> bf16 -> f32 round trips, which
-    # XLA may drop as "excess precision" (it does on GPU).
-    q1 = _bf16_head(queries)
-    rest = queries - q1
-    q2 = _bf16_head(rest)
-    q3 = rest - q2  # <= 8 significant bits left: exact in bf16
     num_queries = queries.shape[0]
-    terms = jnp.concatenate([q1, q2, q3]).astype(jnp.bfloat16)
+    terms = bf16_terms(queries).reshape(3 * num_queries, -1)
     s = lax.dot_general(x, terms, contract, preferred_element_type=jnp.float32)
     return (s[:, :num_queries] + s[:, num_queries:2 * num_queries]
             + s[:, 2 * num_queries:])
