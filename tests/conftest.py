@@ -39,13 +39,16 @@ import pytest  # noqa: E402
 from multiprocess import free_port  # noqa: E402
 
 
-# The longest files, longest first (their tests' summed durations on the
-# 2-core machine, 2026-11-30). xdist (`--dist loadfile`) hands out whole
-# files in collection order; started last, one of these ran alone for the
-# final minutes of the run.
-LONGEST_FIRST = ("test_pipeline.py", "test_gemma.py", "test_benchmark_family.py",
-                 "test_crash.py", "test_multihost.py", "test_factored.py",
-                 "test_serve.py", "test_bad_input.py")
+# The longest files, longest first (their tests' durations summed, `.ci/run`
+# on a fresh clone, 2-core machine, 2026-11-30: 396 s for the Gemma file
+# down to 65 s). The test command keeps this order (`--dist loadfile
+# --no-loadscope-reorder`: xdist otherwise orders files by their number of
+# tests), so the long files run side by side first and short ones fill the
+# end; ordered by count, the multi-process files ran alone at the end.
+LONGEST_FIRST = ("test_gemma.py", "test_pipeline.py", "test_benchmark_family.py",
+                 "test_bad_input.py", "test_factored.py", "test_crash.py",
+                 "test_serve.py", "test_scan.py", "test_multihost.py",
+                 "test_encoder.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -230,6 +230,15 @@ def test_predictions_carry_their_probability_and_the_targets(tiny_ckpt):
   assert again == preds and pipeline._greedy_decode._cache_size() == compiled
 
 
+def test_decode_reads_only_the_prompts_ends():
+  weights = np.zeros((2, 128), np.float32)
+  weights[0, 3:5] = weights[1, 5:9] = 1       # prompts of 3 and 5 tokens
+  assert pipeline.decode_length(weights, 4) == 16      # 5 + 4 positions, 2^k
+  assert pipeline.decode_length(weights, 11) == 32     # 16 positions
+  assert pipeline.decode_length(weights, 200) == 128   # never past L
+  assert pipeline.decode_length(np.zeros((1, 8), np.float32), 1) == 2
+
+
 def test_prediction_is_a_plain_string_in_json_and_results():
   pred = pipeline.Prediction(" Paris", 0.5, 0.25)
   assert json.dumps({"p": pred}) == '{"p": " Paris"}'

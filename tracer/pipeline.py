@@ -698,9 +698,14 @@ def predictions(ckpt: ckpt_lib.Checkpoint, query_examples: dict,
   query sets; every call but the last has the same shape), with its
   probability and the target's (``Prediction``)."""
   target_tokens = [vocab.encode(q["target"]) for q in queries]
+  steps = max(map(len, target_tokens))
+  # Causal models: positions past the last one read cannot change its
+  # logits, so the decode runs on the prompts' ends only.
+  length = decode_length(query_examples["weights"], steps)
   tokens = np.concatenate([
       jax.device_get(_greedy_decode(ckpt.family, ckpt.model_config, ckpt.params,
-                                    batch, max(map(len, target_tokens))))
+                                    {k: v[:, :length] for k, v in batch.items()},
+                                    steps))
       for batch in example_slices(query_examples, batch_size)])
   completions = [[int(t) for t in row[:len(tt)]]
                  for row, tt in zip(tokens, target_tokens)]
@@ -713,6 +718,15 @@ def predictions(ckpt: ckpt_lib.Checkpoint, query_examples: dict,
   p_target = _probabilities(ckpt, query_examples, batch_size)
   return [Prediction(vocab.decode(c), float(pc), float(pt))
           for c, pc, pt in zip(completions, p_completion, p_target)]
+
+
+def decode_length(weights: np.ndarray, steps: int) -> int:
+  """Positions a greedy decode of ``steps`` tokens reads from query examples
+  with ``weights [B, L]``: through the longest prompt (the positions before
+  the first weighted one) plus ``steps``, rounded up to a power of two (few
+  shapes to compile), at most L."""
+  prompt = int(np.argmax(np.asarray(weights) > 0, axis=1).max(initial=0))
+  return min(weights.shape[1], 1 << (prompt + steps).bit_length())
 
 
 # Jitted once per (family, config, steps): jitting ``family.greedy_decode`` at
