@@ -3,7 +3,8 @@
 #   bash launch/gpu_benchmarks.sh [PART ...]   (default: every part below)
 # Parts: resident (the scan of a store held in device memory; resident1m in
 #   steps of 2^20 rows),
-#   small65k, tiny, 1b, small4k (encode vs. a training step, both kernels).
+#   1b, small65k, tiny, small4k (encode vs. a training step, both kernels;
+#   small65k and tiny were measured on 2026-11-29, so they come last).
 # Each part writes $OUT/PART.log (the rows as JSON lines and a table) and is
 # cut off at the time left before DEADLINE_S (default 560 s from the start),
 # so one slow part cannot take the others' results with it. The GPU image
@@ -45,7 +46,7 @@ encode=(python3 -m tracer.launch.benchmark --suite=encode --memory_budget_mb=0 -
 
 scan=(python3 -m tracer.launch.benchmark_scan --resident --rows=16000000 --repeats=3)
 
-parts=${*:-resident small65k tiny 1b resident1m small4k}
+parts=${*:-resident resident1m 1b small65k tiny small4k}
 for p in $parts; do
   case $p in
     resident) part resident "${scan[@]}" ;;
