@@ -412,8 +412,8 @@ def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
     jax.block_until_ready([scores_max(c, qs) for c in chunks])
     matmul_seconds = _best_time(
         lambda: jax.block_until_ready([scores_max(c, qs) for c in chunks]), repeats)
-    # bf16 rows: the three-term product as one dot over [3, d] (``one_dot``),
-    # scores only. The scan's form writes [rows, 3Q] f32 and sums it; on the
+    # bf16 rows: the three-term product as one dot over [3, d]
+    # (``one_dot_scores``), scores only. The scan's form writes [rows, 3Q] f32 and sums it; on the
     # H200 its scores-only time matched that traffic (WORKSPACE).
     one_dot_seconds = None
     if dtype == "bfloat16":
@@ -476,8 +476,8 @@ def synthetic_metric(dim: int, q: np.ndarray, eval_examples: int, block: int,
 def to_markdown(table: list[dict[str, Any]]) -> str:
   cols = ["method", "seconds", "rows_per_s", "GB_per_s", "GFLOP_per_s",
           "roofline_s", "fraction_of_roofline", "vs_faiss", "scores_only_seconds",
-          "branch_free_seconds", "one_dot_scores_seconds", "xla_top_k_seconds", "fraction_of_bandwidth",
-          "fraction_of_matmul", "note"]
+          "branch_free_seconds", "one_dot_scores_seconds", "xla_top_k_seconds",
+          "fraction_of_bandwidth", "fraction_of_matmul", "note"]
   cols = [c for c in cols if any(row.get(c) is not None for row in table)
           or c in ("method", "seconds", "note")]
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

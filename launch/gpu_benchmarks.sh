@@ -53,8 +53,8 @@ for p in $parts; do
     resident1m) part resident1m "${scan[@]}" --chunk_rows=1048576 ;;
     small65k) part small65k "${encode[@]}" --models=small --dims=65536 --batch_size=16 ;;
     tiny)     part tiny "${encode[@]}" --models=tiny --dims=4096,65536 --batch_size=64 ;;
-    # 1B: about nine compiles of minutes each with every plan; time both
-    # kernels (the headline one first) and plan only what the row needs.
+    # 1B: ten compiles of minutes each with every plan and check; time both
+    # kernels (the headline one first) and compile only what the row needs.
     1b)       part 1b "${encode[@]}" --models=1b --dims=65536 --batch_size=2 \
                 --kernels=factored,exact --noper_example --noverify ;;
     small4k)  part small4k "${encode[@]}" --models=small --dims=4096 --batch_size=16 ;;
