@@ -8,6 +8,8 @@ and be exactly the documented approximation where it is not.
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -98,6 +100,54 @@ def test_lm_matches_materialized(mesh_name):
   kinds = [s.kind for s in plan.sites if s.path == "embed/embedding"]
   assert kinds == ["lookup", "transposed"]
   assert max(enc._verify_errors.values()) < 1e-5
+  assert_blocks_close(enc.layout, got, want, 1e-5)
+
+
+@pytest.mark.parametrize("mesh_name", ["1 device", "4x2"])
+def test_lifted_transforms(mesh_name):
+  # Inside nn.remat each weight is a new tracer, so calls match their params
+  # by name; here the params are also nested one level below the loss's.
+  mesh = meshes()[mesh_name]
+  cfg = dataclasses.replace(LM, remat=True)
+  params = {"model": model_lib.init_params(cfg)}
+  batch = lm_batch(13)
+  loss_fn = lambda p, ex: model_lib.example_loss(cfg, p["model"], ex)
+  enc, got = encode("factored", loss_fn, params, batch, mesh)
+  # The same model without remat, by the materialized kernel.
+  plain = lambda p, ex: model_lib.example_loss(LM, p["model"], ex)
+  _, want = encode("exact", plain, params, batch, mesh)
+  matrices = {b.paths[0] for b in enc.layout.blocks if b.name != projection.VECTORS}
+  assert plan_of(enc).factored == matrices
+  assert max(enc._verify_errors.values()) < 1e-5
+  assert_blocks_close(enc.layout, got, want, 1e-5)
+
+
+class TanhDense(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    return jnp.tanh(nn.Dense(8, use_bias=False, name="dense")(x))
+
+
+class Lifted(nn.Module):
+  """A Dense under nn.jit, one under nn.remat, one plain."""
+
+  @nn.compact
+  def __call__(self, x):
+    x = nn.jit(TanhDense)(name="jitted")(x)
+    x = nn.remat(TanhDense)(name="rematted")(x)
+    return nn.Dense(3, use_bias=False, name="out")(x)
+
+
+def test_jit_and_remat_inside_a_model():
+  model = Lifted()
+  params = model.init(jax.random.PRNGKey(0), jnp.ones((5, 8)))["params"]
+  loss = lambda p, ex: jnp.sum(model.apply({"params": p}, ex["x"]) ** 2)
+  batch = {"x": np.random.default_rng(0).normal(size=(6, 5, 8)).astype(np.float32)}
+  mesh = meshes()["1 device"]
+  enc, got = encode("factored", loss, params, batch, mesh, dim=64)
+  _, want = encode("exact", loss, params, batch, mesh, dim=64)
+  assert plan_of(enc).factored == {"jitted/dense/kernel", "rematted/dense/kernel",
+                                   "out/kernel"}
   assert_blocks_close(enc.layout, got, want, 1e-5)
 
 

@@ -33,6 +33,9 @@ class ModelConfig:
   d_ff: int = 512
   rope_base: float = 10_000.0
   dtype: str = "float32"         # activation dtype; params stay float32
+  # Recompute each layer's activations in the backward pass (nn.remat)
+  # instead of keeping them: the usual trade at long L and large models.
+  remat: bool = False
 
   @property
   def head_dim(self) -> int:

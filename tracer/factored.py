@@ -12,13 +12,13 @@ backward pass then also skips every weight-gradient matmul.
 ``x`` and ``delta`` come from the model without editing it. Every call of a
 flax linen ``Dense``, ``DenseGeneral``, ``Einsum`` or ``Embed`` (lookup, and
 ``attend``: tied unembedding, where ``G = delta^T x``) is intercepted
-(``nn.intercept_methods``): the call's input, projected at once, is returned
-as an auxiliary output, and a zero perturbation is added to its output, whose
-gradient is ``delta``, projected (see "projections" below).
-A weight used by several calls (tied embeddings) sums their ``x^T delta``: the
-calls' rows are concatenated. Calls are matched to parameters by identity (the
-module's variable is the very array passed in ``params``), so a loss that
-casts or slices a weight before use simply leaves it uncovered.
+(``nn.intercept_methods``), and a zero perturbation that lives in the
+projected space is added to its output: its gradient is the projection
+itself (see "projections" below). A weight used by several calls (tied
+embeddings) sums their ``x^T delta``. Calls are matched to parameters by
+identity, or by name inside lifted transforms (``nn.remat``, ``nn.jit``:
+``_matcher``); ``nn.scan`` stacks layers into one param, which keeps the
+materialized path.
 
 The optimizer correction ``G / (sqrt(V) + eps)`` is ``diag(u) G diag(w)`` when
 ``M = 1 / (sqrt(V) + eps)`` is rank one, ``M = u w^T``: it scales the features
@@ -37,6 +37,7 @@ materialized path (``jax.grad`` of those parameters only), block by block.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -260,10 +261,38 @@ def _describe(module, method: str, path: str, args, kwargs, y, weight
               feats(x_shape, x_perm, n_in), feats(y_shape, y_perm, n_out))
 
 
-def _intercepting(params_by_id: dict[int, str], on_call: Callable):
+def _matcher(params: Any) -> Callable[[Any, Any], str | None]:
+  """``match(module, weight) -> path`` of the param a call's weight is, or None.
+
+  By identity first: the module's variable is the very array in ``params``.
+  Inside a lifted transform (``nn.remat``, ``nn.jit``) each variable is a new
+  tracer, so then by name: the module's scope path and weight name, as the
+  whole param path or its tail (a loss that nests the model's params), when
+  exactly one param of that shape has it. A weight the loss changes before
+  use still matches by name; the encoder's one-example check
+  (``GradientEncoder(verify=True)``) catches that and sends it to the
+  materialized path."""
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  by_id = {id(x): projection.path_name(p) for p, x in flat}
+  shapes = {projection.path_name(p): tuple(np.shape(x)) for p, x in flat}
+
+  def match(module, weight) -> str | None:
+    path = by_id.get(id(weight))
+    if path is not None or weight is None or module.scope is None:
+      return path
+    name = "/".join(map(str, (*module.scope.path, _weight_name(module))))
+    found = [p for p, s in shapes.items()
+             if (p == name or p.endswith("/" + name)) and s == tuple(np.shape(weight))]
+    return found[0] if len(found) == 1 else None
+  return match
+
+
+def _intercepting(params: Any, on_call: Callable):
   """An interceptor that hands ``on_call(module, method, path, args, kwargs, y,
-  weight)`` every linear call whose weight is one of ``params``; its return
-  value replaces the call's output."""
+  weight)`` every linear call whose weight is one of ``params`` (``_matcher``);
+  its return value replaces the call's output."""
+  match = _matcher(params)
+
   def intercept(next_fun, args, kwargs, context):
     module = context.module
     method = context.method_name
@@ -276,17 +305,12 @@ def _intercepting(params_by_id: dict[int, str], on_call: Callable):
       weight = module.get_variable("params", _weight_name(module))
     except Exception:  # pylint: disable=broad-except
       weight = None
-    path = params_by_id.get(id(weight))
+    path = match(module, weight)
     if path is None:
       return next_fun(*args, **kwargs)
     y = next_fun(*args, **kwargs)
     return on_call(module, context.method_name, path, args, kwargs, y, weight)
   return intercept
-
-
-def _by_id(params: Any) -> dict[int, str]:
-  return {id(x): projection.path_name(p)
-          for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
 
 
 def make_plan(loss_fn: Callable, params: Any, example: Any,
@@ -308,7 +332,7 @@ def make_plan(loss_fn: Callable, params: Any, example: Any,
     return y
 
   def trace(params, example):
-    with nn.intercept_methods(_intercepting(_by_id(params), record)):
+    with nn.intercept_methods(_intercepting(params, record)):
       return loss_fn(params, example)
 
   jax.eval_shape(trace, params, example)
@@ -364,14 +388,17 @@ def _rank_one(v: jax.Array, epsilon: jax.Array):
 
 # --- projections ---------------------------------------------------------------
 #
-# Both sides of a weight's ``(x P_L^T)^T (delta P_R^T)`` are projected as soon
-# as they exist, so an example never holds more than ``T x k`` per call: the
-# input side in the forward pass, inside the intercepted call; the output
-# side by differentiating a perturbation that lives in the projected space,
-# ``y + unrows(z P_R)`` with ``z: [T, k_b]`` zeros, whose gradient is
-# ``delta P_R^T``. (The weight is not differentiated, so autodiff keeps no
-# copy of x for it either.) The perturbation is always zero, so its forward
-# value costs nothing (``_zero_bump``).
+# Each factored weight W gets a zero perturbation E ``[k_a, k_b]`` that lives
+# in its projected space: every call of W adds ``rows^-1((x P_L^T) E (P_R))``
+# to its output. The gradient of the loss w.r.t. E is then
+# ``sum over calls (x P_L^T)^T (delta P_R^T)``, W's projected gradient (tied
+# calls summed, as they should be). Nothing leaves the model but gradients,
+# so the kernel works inside lifted transforms (``nn.remat``, ``nn.jit``),
+# and each call keeps only ``T x k_a`` (its input side, projected in the
+# forward pass) until the backward pass turns it into ``k_a x k_b``. W itself
+# is not differentiated, so the backward pass skips its weight-gradient
+# matmul and keeps no copy of x for it. E is always zero, so the forward
+# value of the perturbation costs nothing (``_projected_bump``).
 
 def _rows(x: jax.Array, perm: tuple[int, ...], features: int) -> jax.Array:
   return jnp.transpose(x, perm).reshape(-1, features).astype(jnp.float32)
@@ -393,28 +420,36 @@ def _side(rows, scale, matrix):
   return rows
 
 
-@jax.custom_vjp
-def _zero_bump(z, scale, matrix):
-  """``(z @ matrix) * scale`` for ``z == 0``: zeros ``[T, b]``, computed for free.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _projected_bump(known, e, scale, matrix, features, known_left):
+  """Zeros ``[T, features]``: the value of ``known E (matrix * scale)`` (or
+  ``known E^T ...`` when ``known_left`` is False) at ``E == 0``.
 
-  ``z`` is only ever the zero perturbation; what matters is the gradient
-  w.r.t. it, ``_side`` of the gradient w.r.t. the result (None: no scale /
-  the identity)."""
-  return jnp.zeros((z.shape[0], z.shape[1] if matrix is None else matrix.shape[1]),
-                   jnp.float32)
+  ``known [T, k]`` is the call's input side (already projected); the output
+  side is ``_side(delta, scale, matrix)``. The gradient w.r.t. ``e`` is
+  ``known^T side`` (``known_left``: E's rows are the input side) or
+  ``side^T known``; ``known`` gets none (at E = 0 the bump does not depend
+  on it, and the caller stops its gradient anyway)."""
+  del e, scale, matrix, known_left
+  return jnp.zeros((known.shape[0], features), jnp.float32)
 
 
-def _zero_bump_fwd(z, scale, matrix):
-  return _zero_bump(z, scale, matrix), (scale, matrix)
+def _projected_bump_fwd(known, e, scale, matrix, features, known_left):
+  out = _projected_bump(known, e, scale, matrix, features, known_left)
+  return out, (known, e, scale, matrix)
 
 
-def _zero_bump_bwd(saved, g):
-  scale, matrix = saved
+def _projected_bump_bwd(features, known_left, saved, g):
+  del features
+  known, e, scale, matrix = saved
+  side = _side(g, scale, matrix)
+  pair = (known, side) if known_left else (side, known)
+  grad_e = jnp.einsum("tk,tl->kl", *pair, precision="highest").astype(e.dtype)
   zero = lambda x: None if x is None else jnp.zeros_like(x)
-  return _side(g, scale, matrix), zero(scale), zero(matrix)
+  return zero(known), grad_e, zero(scale), zero(matrix)
 
 
-_zero_bump.defvjp(_zero_bump_fwd, _zero_bump_bwd)
+_projected_bump.defvjp(_projected_bump_fwd, _projected_bump_bwd)
 
 
 def _lookup_side(tokens, size, scale, matrix):
@@ -447,66 +482,49 @@ def project_examples(plan: Plan, layout: projection.Layout, loss_fn: Callable,
   matrices = {p: projection.block_matrices(layout, b) for p, b in blocks.items()}
   scale = {p: (None, None) if scales is None else scales[b.name]
            for p, b in blocks.items()}
+  planned = set(plan.sites)
 
-  def out_side(site):
-    """(k, scale, matrix) of the side a site's output gradient gives."""
-    block, (left, right), (u, w) = blocks[site.path], matrices[site.path], scale[site.path]
-    if site.kind == "transposed":
-      return block.k[0], u, left
-    return block.k[1], w, right
-
-  def loss_and_sides(free, perturbations, example):
+  def loss_fn_perturbed(free, perturbations, example):
     params = jax.tree_util.tree_unflatten(
         treedef, [free[p] if p in free else fixed[p] for p in paths])
-    known, calls = [], iter(range(len(plan.sites)))
 
-    def capture(module, method, path, args, kwargs, y, weight):
-      del method, weight
+    def perturb(module, method, path, args, kwargs, y, weight):
       if path not in plan.factored:
         return y
-      x = _call_input(module, args, kwargs)
-      i = next(calls)
-      site = plan.sites[i]
-      if site.path != path:
-        raise RuntimeError(f"the model called {path} where its first trace "
-                           f"called {site.path}: its calls must not depend on "
-                           f"the values of its inputs")
+      site = _describe(module, method, path, args, kwargs, y, weight)
+      if site not in planned:
+        raise RuntimeError(f"the model called {path} as {site}, which its first "
+                           f"trace did not: its calls must not depend on the "
+                           f"values of its inputs")
+      x = jax.lax.stop_gradient(_call_input(module, args, kwargs))
       (left, right), (u, w) = matrices[path], scale[path]
       if site.kind == "lookup":
-        side = _lookup_side(x, blocks[path].shape[0], u, left)
-        known.append(side if site.factor == 1.0 else side * site.factor)
+        known = _lookup_side(x, blocks[path].shape[0], u, left) * site.factor
       elif site.kind == "dense":
-        known.append(_side(_rows(x, site.x_perm, site.x_features), u, left))
-      else:
-        known.append(_side(_rows(x, site.x_perm, site.x_features), w, right))
-      _, s, m = out_side(site)
-      bump = _unrows(_zero_bump(perturbations[i], s, m), site.y_perm, y.shape)
-      return y + bump.astype(y.dtype)
+        known = _side(_rows(x, site.x_perm, site.x_features), u, left)
+      else:    # transposed: E's rows come from the output side
+        known = _side(_rows(x, site.x_perm, site.x_features), w, right)
+      out_scale, out_matrix = (u, left) if site.kind == "transposed" else (w, right)
+      bump = _projected_bump(known, perturbations[path], out_scale, out_matrix,
+                             site.y_features, site.kind != "transposed")
+      return y + _unrows(bump, site.y_perm, y.shape).astype(y.dtype)
 
-    with nn.intercept_methods(_intercepting(_by_id(params), capture)):
-      loss = loss_fn(params, example)
-    return loss, known
+    with nn.intercept_methods(_intercepting(params, perturb)):
+      return loss_fn(params, example)
 
   def one(example):
-    zeros = [jnp.zeros((int(np.prod(s.out_shape)) // s.y_features, out_side(s)[0]),
-                       jnp.float32) for s in plan.sites]
-    (loss, known), (g_free, found) = jax.value_and_grad(
-        loss_and_sides, argnums=(0, 1), has_aux=True)(free, zeros, example)
+    zeros = {p: jnp.zeros(b.k, jnp.float32) for p, b in blocks.items()}
+    loss, (g_free, g_factored) = jax.value_and_grad(
+        loss_fn_perturbed, argnums=(0, 1))(free, zeros, example)
     g_free = correction.correct(g_free, v_free, epsilon)
     g_free = {p: g[None] for p, g in g_free.items()}
     pieces = []
     for block in layout.blocks:
-      if block.paths[0] not in plan.factored:
+      if block.paths[0] in plan.factored:
+        pieces.append(g_factored[block.paths[0]].reshape(-1))
+      else:
         pieces.append(projection.project_block(
             layout, block, projection.block_gradient(block, g_free))[0])
-        continue
-      lefts, rights = [], []
-      for site, k, f in zip(plan.sites, known, found):
-        if site.path == block.paths[0]:
-          lefts.append(f if site.kind == "transposed" else k)
-          rights.append(k if site.kind == "transposed" else f)
-      pieces.append(jnp.einsum("tk,tl->kl", jnp.concatenate(lefts),
-                               jnp.concatenate(rights), precision="highest").reshape(-1))
     return jnp.concatenate(pieces), loss.astype(jnp.float32)
 
   return jax.vmap(one)(examples)

@@ -235,9 +235,9 @@ def model_tokens(config: GemmaConfig, inputs: jax.Array) -> jax.Array:
 def _forward(model, tokens):
   """The library's forward pass, ``Transformer.__call__``, without the
   ``nn.jit`` it is wrapped in (there "so that Colab does not crash"; every
-  tracer caller jits anyway). Inside a lifted ``nn.jit`` each weight is a new
-  tracer, so ``tracer.factored`` could not match a layer's weight to its
-  param by identity; unwrapped, it can (same logits, up to float rounding)."""
+  tracer caller jits anyway). Unwrapped, ``tracer.factored`` matches each
+  layer's weight to its param by identity rather than by name (same logits,
+  up to float rounding)."""
   call = type(model).__call__
   return getattr(call, "__wrapped__", call)(model, tokens)
 

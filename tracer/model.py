@@ -87,8 +87,9 @@ class TransformerLM(nn.Module):
     embed = nn.Embed(c.vocab_size, c.d_model, name="embed",
                      embedding_init=nn.initializers.normal(1.0))
     x = embed(tokens).astype(c.dtype)
+    block = nn.remat(Block) if c.remat else Block
     for i in range(c.num_layers):
-      x = Block(c, name=f"layer_{i}")(x)
+      x = block(c, name=f"layer_{i}")(x)
     x = RMSNorm(name="final_norm")(x)
     # Shared embeddings, scaled so initial logits have unit variance.
     return embed.attend(x.astype(jnp.float32)) * c.d_model ** -0.5
