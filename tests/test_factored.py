@@ -151,6 +151,63 @@ def test_jit_and_remat_inside_a_model():
   assert_blocks_close(enc.layout, got, want, 1e-5)
 
 
+@pytest.mark.parametrize("mesh_name", ["1 device", "4x2"])
+@pytest.mark.filterwarnings("ignore:kernel='factored' cannot take 2")  # the norms
+def test_scanned_layers(mesh_name):
+  # nn.scan stacks each weight over the layers (one param, one block); each
+  # layer's call sees its slice, and the kernel sums the layers' parts.
+  mesh = meshes()[mesh_name]
+  cfg = dataclasses.replace(LM, scan_layers=True, remat=True)
+  params = model_lib.init_params(cfg)
+  assert params["layers"]["block"]["gate"]["kernel"].shape == (2, 16, 32)
+  batch = lm_batch(13)
+  loss_fn = model_lib.make_loss_fn(cfg)
+  enc, got = encode("factored", loss_fn, params, batch, mesh)
+  _, want = encode("exact", loss_fn, params, batch, mesh)
+  plan = plan_of(enc)
+  # Every kernel, stacked or not; the stacked norm scales ([2, 16]) are
+  # matrices of the layout, and materialized.
+  kernels = {b.paths[0] for b in enc.layout.blocks if b.paths[0].endswith("kernel")}
+  assert plan.factored == kernels | {"embed/embedding"}
+  assert dict(plan.stacks)["layers/block/out/kernel"].axis == 0  # 0 or 1 by shape
+  assert {p for p, _ in plan.stacks} == kernels
+  assert max(enc._verify_errors.values()) < 1e-5
+  assert_blocks_close(enc.layout, got, want, 1e-5)
+
+
+class ScanBody(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    h = nn.DenseGeneral((2, 4), use_bias=False, name="heads")(x)     # [8, 2, 4]
+    x = x + nn.DenseGeneral(8, axis=(-2, -1), use_bias=False, name="out")(jnp.tanh(h))
+    return x, None
+
+
+class ScanAxisOne(nn.Module):
+  """Layers stacked on axis 1 of each param (MaxText's param_scan_axis)."""
+
+  @nn.compact
+  def __call__(self, x):
+    x, _ = nn.scan(ScanBody, variable_axes={"params": 1}, split_rngs={"params": True},
+                   length=3)(name="layers")(x, None)
+    return nn.Dense(5, use_bias=False, name="head")(x)
+
+
+@pytest.mark.parametrize("dim", [40, 4000])     # projected; identity sides
+def test_layers_stacked_on_another_axis(dim):
+  model = ScanAxisOne()
+  params = model.init(jax.random.PRNGKey(0), jnp.ones((6, 8)))["params"]
+  assert params["layers"]["heads"]["kernel"].shape == (8, 3, 2, 4)
+  loss = lambda p, ex: jnp.sum(model.apply({"params": p}, ex["x"]) ** 2)
+  batch = {"x": np.random.default_rng(1).normal(size=(5, 6, 8)).astype(np.float32)}
+  mesh = meshes()["1 device"]
+  enc, got = encode("factored", loss, params, batch, mesh, dim=dim)
+  _, want = encode("exact", loss, params, batch, mesh, dim=dim)
+  assert plan_of(enc).factored == {"layers/heads/kernel", "layers/out/kernel",
+                                   "head/kernel"}
+  assert_blocks_close(enc.layout, got, want, 1e-5)
+
+
 def test_adafactor_matches_materialized():
   # optax's Adafactor factors V of matrices whose two largest axes are both
   # >= 128: here the embedding and the MLP matrices, whose correction is then
@@ -184,22 +241,26 @@ def test_adam_is_left_exact_unless_approximation_asked():
   assert_blocks_close(enc.layout, got, want, 1e-5)
 
 
-def test_rank_one_correction_is_the_documented_approximation():
-  params, v = trained("adamw")
+@pytest.mark.filterwarnings("ignore:kernel='factored' cannot take 2")  # scanned norms
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_rank_one_correction_is_the_documented_approximation(scan_layers):
+  cfg = dataclasses.replace(LM, scan_layers=scan_layers)
+  params, v = trained("adamw", cfg=cfg)
   eps = 1e-8
   batch = lm_batch(8, seed=5)
-  loss_fn = model_lib.make_loss_fn(LM)
+  loss_fn = model_lib.make_loss_fn(cfg)
   mesh = meshes()["4x2"]
   enc, got = encode("factored", loss_fn, params, batch, mesh, second_moment=v,
                     epsilon=eps, rank_one_correction=True)
   assert enc.approximation == "rank_one_correction"
+  assert len(plan_of(enc).stacks) == (7 if scan_layers else 0)   # 7 kernels
   # Oracle: the materialized path with V' such that 1/sqrt(V') = u w^T, the
   # rank-one factorization of M = 1/(sqrt(V) + eps) (u = M 1, w = M^T 1 / sum M).
   v_approx = {}
   for p, x in jax.tree_util.tree_flatten_with_path(v)[0]:
     x = np.asarray(x, np.float64)
     name = projection.path_name(p)
-    if x.ndim >= 2:
+    if name in plan_of(enc).factored:
       block = next(b for b in enc.layout.blocks if b.paths == (name,))
       m = (1.0 / (np.sqrt(x) + eps)).reshape(block.shape)
       u, w = m.sum(1), m.sum(0) / m.sum()

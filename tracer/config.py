@@ -36,6 +36,9 @@ class ModelConfig:
   # Recompute each layer's activations in the backward pass (nn.remat)
   # instead of keeping them: the usual trade at long L and large models.
   remat: bool = False
+  # One stacked param per weight for all layers, run by nn.scan (MaxText's
+  # habit): params "layers/block/..." with a leading layer axis.
+  scan_layers: bool = False
 
   @property
   def head_dim(self) -> int:

@@ -160,9 +160,9 @@ class GradientEncoder:
         warnings.warn(
             f"kernel='factored' cannot take {len(missed)} of {len(self._allowed)} "
             f"weights ({', '.join(missed[:3])}{', ...' if len(missed) > 3 else ''}): "
-            "they are not the kernel of a direct linen Dense, DenseGeneral, "
-            "Einsum or Embed call (a bias, a weight stacked by nn.scan, "
-            "or used another way) and take the materialized path "
+            "they are not the kernel of a linen Dense, DenseGeneral, "
+            "Einsum or Embed call (a bias, a norm scale stacked by nn.scan, "
+            "a weight used another way) and take the materialized path "
             "(kernel='exact': all weights, quietly)")
       if self.verify and plan.factored:
         plan = self._verified(plan, batch)

@@ -16,9 +16,10 @@ flax linen ``Dense``, ``DenseGeneral``, ``Einsum`` or ``Embed`` (lookup, and
 projected space is added to its output: its gradient is the projection
 itself (see "projections" below). A weight used by several calls (tied
 embeddings) sums their ``x^T delta``. Calls are matched to parameters by
-identity, or by name inside lifted transforms (``nn.remat``, ``nn.jit``:
-``_matcher``); ``nn.scan`` stacks layers into one param, which keeps the
-materialized path.
+identity, or by name inside lifted transforms (``nn.remat``, ``nn.jit``,
+``nn.scan``: ``_matcher``). A weight ``nn.scan`` stacks over layers is one
+param and one block; each layer's call adds its part (see "A stacked
+weight" below).
 
 The optimizer correction ``G / (sqrt(V) + eps)`` is ``diag(u) G diag(w)`` when
 ``M = 1 / (sqrt(V) + eps)`` is rank one, ``M = u w^T``: it scales the features
@@ -38,7 +39,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable
+import os
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
@@ -130,19 +132,36 @@ class Site:
 
 
 @dataclasses.dataclass(frozen=True)
+class Stack:
+  """A weight stacked over layers (``nn.scan``): its param has one more axis,
+  ``axis``, of ``length`` layers, which each call does not see. The block's
+  matrix view puts that axis on ``side`` 0 (its rows) or 1 (its columns);
+  ``features`` is that side's size for one layer, and the side's axes are
+  the param's ``[:split]`` or ``[split:]``."""
+  axis: int
+  length: int
+  side: int
+  features: int
+  split: int
+
+
+@dataclasses.dataclass(frozen=True)
 class Plan:
   """Which weights the factored kernel projects, and from which calls.
 
   ``sites`` are the calls of the ``factored`` weights, in call order; every
-  other parameter takes the materialized path.
+  other parameter takes the materialized path. ``stacks`` names the factored
+  weights stacked over layers.
   """
   sites: tuple[Site, ...]
   factored: frozenset[str]
+  stacks: tuple[tuple[str, Stack], ...] = ()
 
   def without(self, paths) -> "Plan":
     paths = set(paths)
     return Plan(tuple(s for s in self.sites if s.path not in paths),
-                self.factored - paths)
+                self.factored - paths,
+                tuple((p, st) for p, st in self.stacks if p not in paths))
 
 
 def _weight_name(module) -> str:
@@ -268,7 +287,8 @@ def _matcher(params: Any) -> Callable[[Any, Any], str | None]:
   Inside a lifted transform (``nn.remat``, ``nn.jit``) each variable is a new
   tracer, so then by name: the module's scope path and weight name, as the
   whole param path or its tail (a loss that nests the model's params), when
-  exactly one param of that shape has it. A weight the loss changes before
+  exactly one param of that shape has it, or of that shape stacked over
+  layers (``nn.scan``: ``_stacked_axes``). A weight the loss changes before
   use still matches by name; the encoder's one-example check
   (``GradientEncoder(verify=True)``) catches that and sends it to the
   materialized path."""
@@ -281,10 +301,49 @@ def _matcher(params: Any) -> Callable[[Any, Any], str | None]:
     if path is not None or weight is None or module.scope is None:
       return path
     name = "/".join(map(str, (*module.scope.path, _weight_name(module))))
+    shape = tuple(np.shape(weight))
     found = [p for p, s in shapes.items()
-             if (p == name or p.endswith("/" + name)) and s == tuple(np.shape(weight))]
+             if (p == name or p.endswith("/" + name))
+             and (s == shape or _stacked_axes(s, shape))]
     return found[0] if len(found) == 1 else None
   return match
+
+
+def _stacked_axes(param_shape: tuple[int, ...], weight_shape: tuple[int, ...]
+                  ) -> list[int]:
+  """The axes of ``param_shape`` whose removal leaves ``weight_shape``: where
+  the layer axis of an ``nn.scan``-stacked param may be (several when the
+  axes next to it have the same length)."""
+  if len(param_shape) != len(weight_shape) + 1:
+    return []
+  return [i for i in range(len(param_shape))
+          if param_shape[:i] + param_shape[i + 1:] == weight_shape]
+
+
+def _layer_axes(candidates: dict[str, list[int]]) -> dict[str, int]:
+  """The layer axis of each stacked param, from its candidate axes: the one
+  candidate, or else the axis of the nearest param (longest common path
+  prefix) that has one candidate, if it is among its own. ``nn.scan``
+  stacks every param of a module on the same axis; a param not resolved is
+  left out."""
+  known = {p: c[0] for p, c in candidates.items() if len(c) == 1}
+  common = lambda a, b: len(os.path.commonprefix([a.split("/"), b.split("/")]))
+  out = dict(known)
+  for path, axes in candidates.items():
+    if len(axes) > 1 and known:
+      nearest = max(known, key=lambda q: common(path, q))
+      if common(path, nearest) > 0 and known[nearest] in axes:
+        out[path] = known[nearest]
+  return out
+
+
+def _stack(block: projection.Block, param_shape: tuple[int, ...], axis: int) -> Stack:
+  """How a layer's weight sits in its stacked param's block."""
+  split = next(j for j in range(len(param_shape) + 1)
+               if int(np.prod(param_shape[:j])) == block.shape[0])
+  side = 0 if axis < split else 1
+  length = param_shape[axis]
+  return Stack(axis, length, side, block.shape[side] // length, split)
 
 
 def _intercepting(params: Any, on_call: Callable):
@@ -321,7 +380,7 @@ def make_plan(loss_fn: Callable, params: Any, example: Any,
 
   ``example`` is one example (arrays or ShapeDtypeStructs, no batch axis).
   """
-  sites, unsupported = [], set()
+  sites, unsupported, weight_shapes = [], set(), {}
 
   def record(module, method, path, args, kwargs, y, weight):
     site = _describe(module, method, path, args, kwargs, y, weight)
@@ -329,6 +388,7 @@ def make_plan(loss_fn: Callable, params: Any, example: Any,
       unsupported.add(path)
     else:
       sites.append(site)
+      weight_shapes.setdefault(path, set()).add(tuple(np.shape(weight)))
     return y
 
   def trace(params, example):
@@ -337,23 +397,50 @@ def make_plan(loss_fn: Callable, params: Any, example: Any,
 
   jax.eval_shape(trace, params, example)
   blocks = {b.paths[0]: b for b in layout.blocks if len(b.paths) == 1}
-  fits = set()
+  param_shapes = {projection.path_name(p): tuple(np.shape(x))
+                  for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+  bad, candidates = set(unsupported), {}
+  for path, shapes in weight_shapes.items():
+    if blocks.get(path) is None or len(shapes) != 1:
+      bad.add(path)
+    elif next(iter(shapes)) != param_shapes[path]:
+      candidates[path] = _stacked_axes(param_shapes[path], next(iter(shapes)))
+  axes = _layer_axes(candidates)
+  stacks = {p: _stack(blocks[p], param_shapes[p], a) for p, a in axes.items()}
+  bad |= {p for p in candidates if p not in axes or not _can_insert(params, p)}
   for site in sites:
-    block = blocks.get(site.path)
-    if block is None:
+    if site.path in bad:
       continue
+    block, stack = blocks[site.path], stacks.get(site.path)
     if site.kind == "transposed":
       gradient_shape = (site.y_features, site.x_features)
     elif site.kind == "lookup":
       gradient_shape = (block.shape[0], site.y_features)
     else:
       gradient_shape = (site.x_features, site.y_features)
-    if block.shape == gradient_shape:
-      fits.add(site.path)
-  bad = {s.path for s in sites if s.path not in fits} | unsupported
+    if stack is not None:   # one layer's rows (side 0) or columns (side 1)
+      if site.kind == "lookup":
+        bad.add(site.path)
+        continue
+      gradient_shape = tuple(stack.length * n if i == stack.side else n
+                             for i, n in enumerate(gradient_shape))
+    if block.shape != gradient_shape:
+      bad.add(site.path)
   factored = frozenset(s.path for s in sites) - bad
   factored &= frozenset(allowed)
-  return Plan(tuple(s for s in sites if s.path in factored), factored)
+  return Plan(tuple(s for s in sites if s.path in factored), factored,
+              tuple((p, st) for p, st in sorted(stacks.items()) if p in factored))
+
+
+def _can_insert(params: Any, path: str) -> bool:
+  """Whether ``_with_layer_inputs`` can add siblings to ``path``'s param:
+  every container on its way is a mapping."""
+  node = params
+  for key in path.split("/")[:-1]:
+    if not isinstance(node, Mapping) or key not in node:
+      return False
+    node = node[key]
+  return isinstance(node, Mapping)
 
 
 # --- the optimizer correction as feature scales --------------------------------
@@ -461,6 +548,52 @@ def _lookup_side(tokens, size, scale, matrix):
   return jnp.take(table, tokens.reshape(-1), axis=0)
 
 
+# A stacked weight's layers are called inside ``nn.scan``, which slices every
+# param along the layer axis. Its E and the layer's part of the stacked side
+# (P's columns and the correction scale for that layer) travel the same way:
+# as siblings of the weight in the params tree, stacked along that axis.
+_LAYER_INPUTS = ("@tracer_e", "@tracer_side", "@tracer_scale")
+
+
+def _at_axis(x: jax.Array, axis: int) -> jax.Array:
+  """``x [length, ...]`` with ``axis`` unit axes in front: ``nn.scan`` slices
+  the layer axis at ``axis`` and leaves ``x[i]``'s elements."""
+  return x.reshape((1,) * axis + x.shape)
+
+
+def _layer_sides(stack: Stack, param_shape: tuple[int, ...], matrix, scale,
+                 k: int) -> tuple[jax.Array, jax.Array | None]:
+  """The stacked side's matrix ``[k, features]`` (identity when None) and
+  scale ``[features]`` of each layer, stacked: ``[length, k, features]`` and
+  ``[length, features]``."""
+  axes = param_shape[:stack.split] if stack.side == 0 else param_shape[stack.split:]
+  at = stack.axis - (0 if stack.side == 0 else stack.split)
+  total = int(np.prod(axes))
+  matrix = jnp.eye(total, dtype=jnp.float32) if matrix is None else matrix
+  layers = jnp.moveaxis(matrix.reshape(k, *axes), 1 + at, 0)
+  layers = layers.reshape(stack.length, k, stack.features)
+  if scale is not None:
+    scale = jnp.moveaxis(scale.reshape(axes), at, 0).reshape(stack.length, stack.features)
+  return layers, scale
+
+
+def _with_layer_inputs(params: Any, inputs: dict[str, tuple]) -> Any:
+  """``params`` with ``inputs[path]`` (arrays, None skipped) beside each
+  ``path``'s param, named by ``_LAYER_INPUTS``."""
+  def insert(node, keys, arrays):
+    node = dict(node)
+    if len(keys) == 1:
+      for suffix, x in zip(_LAYER_INPUTS, arrays):
+        if x is not None:
+          node[keys[0] + suffix] = x
+    else:
+      node[keys[0]] = insert(node[keys[0]], keys[1:], arrays)
+    return node
+  for path, arrays in inputs.items():
+    params = insert(params, path.split("/"), arrays)
+  return params
+
+
 def project_examples(plan: Plan, layout: projection.Layout, loss_fn: Callable,
                      params: Any, v: Any | None, epsilon: float,
                      scales: dict | None, examples: Any
@@ -483,10 +616,18 @@ def project_examples(plan: Plan, layout: projection.Layout, loss_fn: Callable,
   scale = {p: (None, None) if scales is None else scales[b.name]
            for p, b in blocks.items()}
   planned = set(plan.sites)
+  stacks = dict(plan.stacks)
+  layer_sides = {p: _layer_sides(st, np.shape(fixed[p]), matrices[p][st.side],
+                                 scale[p][st.side], blocks[p].k[st.side])
+                 for p, st in stacks.items()}
 
   def loss_fn_perturbed(free, perturbations, example):
     params = jax.tree_util.tree_unflatten(
         treedef, [free[p] if p in free else fixed[p] for p in paths])
+    params = _with_layer_inputs(params, {
+        p: (_at_axis(perturbations[p], st.axis),
+            *(None if x is None else _at_axis(x, st.axis) for x in layer_sides[p]))
+        for p, st in stacks.items()})
 
     def perturb(module, method, path, args, kwargs, y, weight):
       if path not in plan.factored:
@@ -498,6 +639,19 @@ def project_examples(plan: Plan, layout: projection.Layout, loss_fn: Callable,
                            f"values of its inputs")
       x = jax.lax.stop_gradient(_call_input(module, args, kwargs))
       (left, right), (u, w) = matrices[path], scale[path]
+      e = perturbations[path]
+      stack = stacks.get(path)
+      if stack is not None:   # this layer's E and side, sliced by nn.scan
+        read = lambda i: module.get_variable("params", _weight_name(module)
+                                             + _LAYER_INPUTS[i])
+        k = blocks[path].k
+        e = read(0).reshape(k)
+        side = read(1).reshape(k[stack.side], stack.features)
+        side_scale = None if scale[path][stack.side] is None else read(2).reshape(-1)
+        if stack.side == 0:
+          left, u = side, side_scale
+        else:
+          right, w = side, side_scale
       if site.kind == "lookup":
         known = _lookup_side(x, blocks[path].shape[0], u, left) * site.factor
       elif site.kind == "dense":
@@ -505,7 +659,7 @@ def project_examples(plan: Plan, layout: projection.Layout, loss_fn: Callable,
       else:    # transposed: E's rows come from the output side
         known = _side(_rows(x, site.x_perm, site.x_features), w, right)
       out_scale, out_matrix = (u, left) if site.kind == "transposed" else (w, right)
-      bump = _projected_bump(known, perturbations[path], out_scale, out_matrix,
+      bump = _projected_bump(known, e, out_scale, out_matrix,
                              site.y_features, site.kind != "transposed")
       return y + _unrows(bump, site.y_perm, y.shape).astype(y.dtype)
 
@@ -513,7 +667,8 @@ def project_examples(plan: Plan, layout: projection.Layout, loss_fn: Callable,
       return loss_fn(params, example)
 
   def one(example):
-    zeros = {p: jnp.zeros(b.k, jnp.float32) for p, b in blocks.items()}
+    zeros = {p: jnp.zeros((stacks[p].length, *b.k) if p in stacks else b.k, jnp.float32)
+             for p, b in blocks.items()}
     loss, (g_free, g_factored) = jax.value_and_grad(
         loss_fn_perturbed, argnums=(0, 1))(free, zeros, example)
     g_free = correction.correct(g_free, v_free, epsilon)
@@ -521,7 +676,8 @@ def project_examples(plan: Plan, layout: projection.Layout, loss_fn: Callable,
     pieces = []
     for block in layout.blocks:
       if block.paths[0] in plan.factored:
-        pieces.append(g_factored[block.paths[0]].reshape(-1))
+        g = g_factored[block.paths[0]]      # a stacked weight's: per layer
+        pieces.append((g.sum(0) if block.paths[0] in stacks else g).reshape(-1))
       else:
         pieces.append(projection.project_block(
             layout, block, projection.block_gradient(block, g_free))[0])

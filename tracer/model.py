@@ -77,6 +77,16 @@ class Block(nn.Module):
     return x
 
 
+class ScannedBlock(nn.Module):
+  """A Block as the body of ``nn.scan``: ``(x, None) -> (x, None)``."""
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, x, _):
+    block = nn.remat(Block) if self.config.remat else Block
+    return block(self.config, name="block")(x), None
+
+
 class TransformerLM(nn.Module):
   """Maps int32[..., L] tokens to float32[..., L, vocab] next-token logits."""
   config: ModelConfig
@@ -87,9 +97,14 @@ class TransformerLM(nn.Module):
     embed = nn.Embed(c.vocab_size, c.d_model, name="embed",
                      embedding_init=nn.initializers.normal(1.0))
     x = embed(tokens).astype(c.dtype)
-    block = nn.remat(Block) if c.remat else Block
-    for i in range(c.num_layers):
-      x = block(c, name=f"layer_{i}")(x)
+    if c.scan_layers:
+      layers = nn.scan(ScannedBlock, variable_axes={"params": 0},
+                       split_rngs={"params": True}, length=c.num_layers)
+      x, _ = layers(c, name="layers")(x, None)
+    else:
+      block = nn.remat(Block) if c.remat else Block
+      for i in range(c.num_layers):
+        x = block(c, name=f"layer_{i}")(x)
     x = RMSNorm(name="final_norm")(x)
     # Shared embeddings, scaled so initial logits have unit variance.
     return embed.attend(x.astype(jnp.float32)) * c.d_model ** -0.5
