@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -189,6 +191,27 @@ def test_greedy_decode_matches_step_by_step_argmax(params):
   assert out.shape == (2, 4) and out.dtype == np.int32
   for row, prompt in zip(out, prompts):
     assert row.tolist() == _argmax_by_hand(TINY, params, prompt, 4)
+
+
+@pytest.mark.parametrize("layers", ["unrolled", "scanned, remat"])
+def test_cached_decode_matches_full_forward_passes(layers):
+  # The cache against a full forward pass per token (the oracle), on two
+  # layers, prompts of several lengths, one running into the window's end:
+  # its tokens past the last position repeat that position's token.
+  config = dataclasses.replace(TINY, num_layers=2, scan_layers=layers != "unrolled",
+                               remat=layers != "unrolled")
+  params = model_lib.init_params(config, seed=3)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(3, 259, n).tolist() for n in (1, 7, 20, 29)]
+  examples = data_lib.stack_examples(
+      [data_lib.query_example(p, [3] * 6, config.max_len) for p in prompts])
+  out = np.asarray(jax.jit(model_lib.greedy_decode, static_argnums=(0, 3))(
+      config, params, examples, 6))
+  for row, prompt in zip(out[:3], prompts):
+    assert row.tolist() == _argmax_by_hand(config, params, prompt, 6)
+  fits = config.max_len - len(prompts[3])                  # 3 positions left
+  want = _argmax_by_hand(config, params, prompts[3], fits)
+  assert out[3].tolist() == want + [want[-1]] * (6 - fits)
 
 
 def test_greedy_decode_reproduces_memorized_continuation():

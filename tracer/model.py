@@ -33,22 +33,35 @@ class RMSNorm(nn.Module):
     return (normed * scale).astype(x.dtype)
 
 
-def rotary(x, base: float):
-  """Applies rotary position embeddings to x[..., L, heads, head_dim]."""
+def rotary(x, base: float, positions=None):
+  """Applies rotary position embeddings to x[..., L, heads, head_dim] at
+  int ``positions[..., L]`` (default ``0 .. L-1``)."""
   length, dim = x.shape[-3], x.shape[-1]
+  if positions is None:
+    positions = jnp.arange(length)
   freqs = base ** (-jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
-  angles = jnp.arange(length, dtype=jnp.float32)[:, None] * freqs[None, :]
-  sin, cos = jnp.sin(angles)[:, None, :], jnp.cos(angles)[:, None, :]
+  angles = positions.astype(jnp.float32)[..., :, None] * freqs
+  sin, cos = jnp.sin(angles)[..., :, None, :], jnp.cos(angles)[..., :, None, :]
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x.dtype)
 
 
 class Block(nn.Module):
+  """One pre-norm layer: ``x [..., L, d]`` at ``positions [..., L]`` (default
+  ``0 .. L-1``).
+
+  ``decode``: keys and values live in the "cache" collection, one slot per
+  position: a call writes its positions' slots, then attends to every slot
+  at or before each query's position. The first call (the prompt window,
+  positions ``0 .. S-1``) makes the cache ``[B, S, heads, head_dim]``; later
+  calls add one position per example (``x [B, 1, d]``).
+  """
   config: ModelConfig
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, positions=None):
     c = self.config
     dense = lambda feats, name: nn.DenseGeneral(
         feats, use_bias=False, dtype=c.dtype, name=name,
@@ -57,12 +70,21 @@ class Block(nn.Module):
     q = dense((c.num_heads, c.head_dim), "query")(h)
     k = dense((c.num_heads, c.head_dim), "key")(h)
     v = dense((c.num_heads, c.head_dim), "value")(h)
-    q, k = rotary(q, c.rope_base), rotary(k, c.rope_base)
-    length = x.shape[-2]
-    causal = jnp.tril(jnp.ones((length, length), dtype=bool))
+    if positions is None:
+      positions = jnp.arange(x.shape[-2])
+    q, k = rotary(q, c.rope_base, positions), rotary(k, c.rope_base, positions)
+    key_positions = positions
+    if self.decode:
+      cached_k = self.variable("cache", "cached_key", jnp.zeros, k.shape, k.dtype)
+      cached_v = self.variable("cache", "cached_value", jnp.zeros, v.shape, v.dtype)
+      rows = jnp.arange(k.shape[0])[:, None]
+      cached_k.value = k = cached_k.value.at[rows, positions].set(k)
+      cached_v.value = v = cached_v.value.at[rows, positions].set(v)
+      key_positions = jnp.arange(k.shape[-3])
+    causal = key_positions[..., None, :] <= positions[..., :, None]   # [..., q, k]
     logits = jnp.einsum("...qhd,...khd->...hqk", q, k).astype(jnp.float32)
     logits = logits * c.head_dim ** -0.5
-    logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(causal[..., None, :, :], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(c.dtype)
     attn = jnp.einsum("...hqk,...khd->...qhd", probs, v)
     x = x + nn.DenseGeneral(c.d_model, axis=(-2, -1), use_bias=False, dtype=c.dtype,
@@ -78,33 +100,37 @@ class Block(nn.Module):
 
 
 class ScannedBlock(nn.Module):
-  """A Block as the body of ``nn.scan``: ``(x, None) -> (x, None)``."""
+  """A Block as the body of ``nn.scan``: ``(x, positions) -> (x, None)``."""
   config: ModelConfig
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, x, _):
+  def __call__(self, x, positions):
     block = nn.remat(Block) if self.config.remat else Block
-    return block(self.config, name="block")(x), None
+    return block(self.config, self.decode, name="block")(x, positions), None
 
 
 class TransformerLM(nn.Module):
-  """Maps int32[..., L] tokens to float32[..., L, vocab] next-token logits."""
+  """Maps int32[..., L] tokens (at ``positions``, default ``0 .. L-1``) to
+  float32[..., L, vocab] next-token logits; ``decode``: see ``Block``."""
   config: ModelConfig
+  decode: bool = False
 
   @nn.compact
-  def __call__(self, tokens):
+  def __call__(self, tokens, positions=None):
     c = self.config
     embed = nn.Embed(c.vocab_size, c.d_model, name="embed",
                      embedding_init=nn.initializers.normal(1.0))
     x = embed(tokens).astype(c.dtype)
     if c.scan_layers:
-      layers = nn.scan(ScannedBlock, variable_axes={"params": 0},
-                       split_rngs={"params": True}, length=c.num_layers)
-      x, _ = layers(c, name="layers")(x, None)
+      layers = nn.scan(ScannedBlock, variable_axes={"params": 0, "cache": 0},
+                       split_rngs={"params": True}, in_axes=nn.broadcast,
+                       length=c.num_layers)
+      x, _ = layers(c, self.decode, name="layers")(x, positions)
     else:
       block = nn.remat(Block) if c.remat else Block
       for i in range(c.num_layers):
-        x = block(c, name=f"layer_{i}")(x)
+        x = block(c, self.decode, name=f"layer_{i}")(x, positions)
     x = RMSNorm(name="final_norm")(x)
     # Shared embeddings, scaled so initial logits have unit variance.
     return embed.attend(x.astype(jnp.float32)) * c.d_model ** -0.5
@@ -158,26 +184,35 @@ def greedy_decode(config: ModelConfig, params: Any, examples: dict,
   """Greedy continuation of each query's prompt: int32[B, num_tokens].
 
   ``examples`` are query examples (``tracer.data.query_example``); the prompt
-  is every position before the first weighted one. Recomputes the full
-  forward pass per token (no cache): meant for short targets on small models.
+  is every position before the first weighted one. One forward pass over
+  the prompt window fills the keys-and-values cache (``Block``'s decode);
+  each further token is one position per example. A continuation that
+  reaches the window's last position repeats that position's token.
   """
   inputs = examples["inputs"]
+  if num_tokens == 0:
+    return jnp.zeros((inputs.shape[0], 0), jnp.int32)
   length = inputs.shape[-1]
   prompt_len = jnp.argmax(examples["weights"] > 0, axis=-1)  # first target position
-  model = TransformerLM(config)
+  rows = jnp.arange(inputs.shape[0])
+  model = TransformerLM(config, decode=True)
+  # Clear everything after the prompt so the target is never seen; those
+  # slots of the cache are written again before any query reads them.
   positions = jnp.arange(length)
+  inputs = jnp.where(positions[None, :] <= prompt_len[:, None], inputs, 0)
+  logits, state = model.apply({"params": params}, inputs, mutable=["cache"])
+  first = jnp.argmax(logits[rows, prompt_len], axis=-1).astype(jnp.int32)
 
   def body(i, carry):
-    inputs, out = carry
-    logits = model.apply({"params": params}, inputs)
-    pos = jnp.minimum(prompt_len + i, length - 1)
-    token = jnp.argmax(jnp.take_along_axis(logits, pos[:, None, None], axis=1)[:, 0],
-                       axis=-1).astype(jnp.int32)
+    cache, token, out = carry
     # The token predicted at position p is the model input at p + 1.
-    inputs = jnp.where(positions[None, :] == (pos + 1)[:, None], token[:, None], inputs)
-    return inputs, out.at[:, i].set(token)
+    pos = prompt_len + i
+    logits, state = model.apply({"params": params, **cache}, token[:, None],
+                                jnp.minimum(pos, length - 1)[:, None],
+                                mutable=["cache"])
+    new = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
+    token = jnp.where(pos <= length - 1, new, token)
+    return state, token, out.at[:, i].set(token)
 
-  # Clear everything after the prompt so the target is never seen.
-  inputs = jnp.where(positions[None, :] <= prompt_len[:, None], inputs, 0)
-  out = jnp.zeros((inputs.shape[0], num_tokens), jnp.int32)
-  return jax.lax.fori_loop(0, num_tokens, body, (inputs, out))[1]
+  out = jnp.zeros((inputs.shape[0], num_tokens), jnp.int32).at[:, 0].set(first)
+  return jax.lax.fori_loop(1, num_tokens, body, (state, first, out))[2]

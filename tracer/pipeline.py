@@ -700,12 +700,13 @@ def predictions(ckpt: ckpt_lib.Checkpoint, query_examples: dict,
   target_tokens = [vocab.encode(q["target"]) for q in queries]
   steps = max(map(len, target_tokens))
   # Causal models: positions past the last one read cannot change its
-  # logits, so the decode runs on the prompts' ends only.
+  # logits, so the decode and both probabilities (their weighted positions
+  # end before ``length``) run on the prompts' ends only.
   length = decode_length(query_examples["weights"], steps)
+  cut = lambda examples: {k: v[:, :length] for k, v in examples.items()}
   tokens = np.concatenate([
       jax.device_get(_greedy_decode(ckpt.family, ckpt.model_config, ckpt.params,
-                                    {k: v[:, :length] for k, v in batch.items()},
-                                    steps))
+                                    cut(batch), steps))
       for batch in example_slices(query_examples, batch_size)])
   completions = [[int(t) for t in row[:len(tt)]]
                  for row, tt in zip(tokens, target_tokens)]
@@ -714,8 +715,8 @@ def predictions(ckpt: ckpt_lib.Checkpoint, query_examples: dict,
   completion_examples = data_lib.stack_examples([
       data_lib.query_example(vocab.encode(q["prompt"]), c, max_len)
       for q, c in zip(queries, completions)])
-  p_completion = _probabilities(ckpt, completion_examples, batch_size)
-  p_target = _probabilities(ckpt, query_examples, batch_size)
+  p_completion = _probabilities(ckpt, cut(completion_examples), batch_size)
+  p_target = _probabilities(ckpt, cut(query_examples), batch_size)
   return [Prediction(vocab.decode(c), float(pc), float(pt))
           for c, pc, pt in zip(completions, p_completion, p_target)]
 
