@@ -22,6 +22,7 @@ Run it on real devices: do not set the 8-device XLA flag the tests use.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -47,6 +48,9 @@ flags.DEFINE_integer("batch_size", 0, "Examples per call (0: 32 tiny, 8 others).
 flags.DEFINE_integer("microbatch_size", 0, "Encoder microbatch (0: batch/devices).")
 flags.DEFINE_integer("repeats", 3, "Timed repetitions after one warm-up.")
 flags.DEFINE_list("kernels", ["exact", "factored"], "Encoder kernels to compare.")
+flags.DEFINE_list("precisions", ["highest"], "The projections' matmul precisions "
+                  "to time (EncodeConfig.projection_precision); past the first, "
+                  "rows report their encodings' error against the first's.")
 flags.DEFINE_integer("memory_budget_mb", 4096, "Budget for the largest-microbatch "
                      "search (XLA's planned memory; 0: skip the search).")
 flags.DEFINE_bool("run", True, "Time the programs; false: compile and plan only.")
@@ -95,10 +99,12 @@ def peak_bytes(compiled) -> int:
              + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
-def encoder(cfg, params, v, mesh, dim, kernel, microbatch, verify=True):
+def encoder(cfg, params, v, mesh, dim, kernel, microbatch, verify=True,
+            precision="highest"):
   return encoder_lib.GradientEncoder(
       model_lib.make_loss_fn(cfg), params, second_moment=v, projection_dim=dim,
-      mesh=mesh, microbatch_size=microbatch, kernel=kernel, verify=verify)
+      mesh=mesh, microbatch_size=microbatch, kernel=kernel, verify=verify,
+      projection_precision=precision)
 
 
 def encode_memory(enc, cfg, steps: int = 1) -> int:
@@ -127,7 +133,7 @@ def largest_microbatch(cfg, params, v, mesh, dim, kernel, budget: int,
 
 def encode_rows(name: str, dims, batch_size: int, microbatch: int, repeats: int,
                 kernels, budget_mb: int, run: bool = True, per_example: bool = True,
-                verify: bool = True):
+                verify: bool = True, precisions=("highest",)):
   t0 = time.perf_counter()
   # At 1B parameters each phase is minutes of compiling: say where time goes.
   phase = lambda what: logging.info("encode benchmark %s: %s done at %.1f s",
@@ -166,37 +172,46 @@ def encode_rows(name: str, dims, batch_size: int, microbatch: int, repeats: int,
   microbatch = microbatch or max(1, batch_size // mesh.size)
   tokens = batch_size * cfg.max_len
   rows = []
-  for dim in dims:
-    for kernel in kernels:
-      enc = encoder(cfg, params, v, mesh, dim, kernel, microbatch, verify)
-      encode_s, first_s = (timed(lambda: enc.encode_on_device(batch), repeats)
-                           if run else (float("nan"), float("nan")))
-      phase(f"{kernel} d={dim} timed calls")
-      one_step = encode_memory(enc, cfg)
-      steps = -(-batch_size // enc.step_size)
-      # Each plan is a compile (minutes at 1B parameters): plan once per shape.
-      enc_mem = one_step if steps == 1 else encode_memory(enc, cfg, steps)
-      if per_example:
-        twice = encoder(cfg, params, v, mesh, dim, kernel, 2 * microbatch,
-                        verify=False)
-        enc_per_example = (encode_memory(twice, cfg) - one_step) / enc.step_size
+  for dim, kernel, precision in itertools.product(dims, kernels, precisions):
+    enc = encoder(cfg, params, v, mesh, dim, kernel, microbatch, verify,
+                  precision)
+    encode_s, first_s = (timed(lambda: enc.encode_on_device(batch), repeats)
+                         if run else (float("nan"), float("nan")))
+    phase(f"{kernel} d={dim} {precision} timed calls")
+    # The encodings' largest error against the first precision's (unit rows).
+    error = float("nan")
+    if run and len(precisions) > 1:
+      got = np.asarray(partitioning.fetch(enc.encode_on_device(batch)))
+      if precision == precisions[0]:
+        first = got
       else:
-        enc_per_example = float("nan")
-      rows.append({
-          "model": name, "params": model_lib.param_count(params), "d": enc.dim,
-          "kernel": kernel, "batch": batch_size, "microbatch": enc.microbatch_size,
-          "encode_ex_per_s": batch_size / encode_s, "encode_tok_per_s": tokens / encode_s,
-          "train_ex_per_s": batch_size / train_s, "train_tok_per_s": tokens / train_s,
-          "time_ratio": encode_s / train_s, "first_call_s": first_s,
-          "encode_mem_mb": enc_mem / 2**20,
-          "train_mem_mb": train_mem / 2**20,
-          "mem_ratio": enc_mem / train_mem if train_mem else float("nan"),
-          "encode_mb_per_example": enc_per_example / 2**20,
-          "train_mb_per_example": train_per_example / 2**20,
-          "max_microbatch": (largest_microbatch(cfg, params, v, mesh, dim, kernel,
-                                                budget_mb * 2**20)
-                             if budget_mb else 0)})
-      print(json.dumps(rows[-1]), flush=True)
+        error = float(np.max(np.linalg.norm(got - first, axis=1)))
+    one_step = encode_memory(enc, cfg)
+    steps = -(-batch_size // enc.step_size)
+    # Each plan is a compile (minutes at 1B parameters): plan once per shape.
+    enc_mem = one_step if steps == 1 else encode_memory(enc, cfg, steps)
+    if per_example:
+      twice = encoder(cfg, params, v, mesh, dim, kernel, 2 * microbatch,
+                      verify=False, precision=precision)
+      enc_per_example = (encode_memory(twice, cfg) - one_step) / enc.step_size
+    else:
+      enc_per_example = float("nan")
+    rows.append({
+        "model": name, "params": model_lib.param_count(params), "d": enc.dim,
+        "kernel": kernel, "precision": precision, "error_vs_first": error,
+        "batch": batch_size, "microbatch": enc.microbatch_size,
+        "encode_ex_per_s": batch_size / encode_s, "encode_tok_per_s": tokens / encode_s,
+        "train_ex_per_s": batch_size / train_s, "train_tok_per_s": tokens / train_s,
+        "time_ratio": encode_s / train_s, "first_call_s": first_s,
+        "encode_mem_mb": enc_mem / 2**20,
+        "train_mem_mb": train_mem / 2**20,
+        "mem_ratio": enc_mem / train_mem if train_mem else float("nan"),
+        "encode_mb_per_example": enc_per_example / 2**20,
+        "train_mb_per_example": train_per_example / 2**20,
+        "max_microbatch": (largest_microbatch(cfg, params, v, mesh, dim, kernel,
+                                              budget_mb * 2**20)
+                           if budget_mb else 0)})
+    print(json.dumps(rows[-1]), flush=True)
   return rows
 
 
@@ -268,9 +283,10 @@ def main(argv):
       rows += encode_rows(name, [int(d) for d in FLAGS.dims], bs,
                           FLAGS.microbatch_size, FLAGS.repeats, FLAGS.kernels,
                           FLAGS.memory_budget_mb, FLAGS.run, FLAGS.per_example,
-                          FLAGS.verify)
+                          FLAGS.verify, FLAGS.precisions)
     out["encode"] = rows
-    print(markdown(rows, ["model", "params", "d", "kernel", "batch",
+    print(markdown(rows, ["model", "params", "d", "kernel", "precision",
+                          "error_vs_first", "batch",
                           "encode_ex_per_s", "encode_tok_per_s", "train_ex_per_s",
                           "time_ratio", "first_call_s", "encode_mem_mb",
                           "train_mem_mb", "mem_ratio", "encode_mb_per_example",

@@ -43,6 +43,7 @@ import ml_dtypes
 import numpy as np
 
 from tracer.launch import cli
+from tracer import fused_scores
 from tracer import hessian
 from tracer import partitioning
 from tracer import scan
@@ -337,7 +338,8 @@ def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
                            queries: int = 64, k: int = 100,
                            step_rows: int | None = None, repeats: int = 3,
                            mesh=None, dtypes=("bfloat16", "float32"),
-                           matmul_size: int = 8192) -> list[dict[str, Any]]:
+                           matmul_size: int = 8192,
+                           fused: bool | None = None) -> list[dict[str, Any]]:
   """The scan of a corpus resident in device memory (as at pod scale, where
   the store fits in HBM), against the device's own measured rates.
 
@@ -349,9 +351,13 @@ def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
   square bf16 matmul of ``matmul_size`` with fp32 accumulation, per device,
   times the devices; bf16 rows on a
   GPU/TPU issue three bf16 products per useful one: ``topk.exact_scores``).
+  ``fused`` (default: on GPUs): also time bf16 rows with the
+  ``fused_scores`` kernel, the whole step and the kernel alone; a kernel that
+  fails to compile or disagrees is reported in ``fused_error``, not raised.
   """
   mesh = partitioning.make_mesh() if mesh is None else mesh
   platform = mesh.devices.flat[0].platform
+  fused = platform == "gpu" if fused is None else fused
   step = step_rows or scan.default_chunk_rows(dim, 2, mesh.size, platform=platform)
   step = min(step, partitioning.padded_size(rows, mesh.size))
   rows = -(-rows // step) * step
@@ -393,8 +399,8 @@ def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
         state = update(state, c, i)
       return jax.block_until_ready(state)
 
-    def run(branch_free=False):
-      step = topk.step_fn(mesh, k, True, branch_free=branch_free)
+    def run(branch_free=False, fused=False):
+      step = topk.step_fn(mesh, k, True, branch_free=branch_free, fused=fused)
       return scan_with(lambda state, c, i: step(state, c, i, valid, qs))
 
     want = run()
@@ -424,6 +430,41 @@ def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
                                  rtol=1e-5, atol=1e-6)
       one_dot_seconds = _best_time(
           lambda: jax.block_until_ready([one_max(c, qs) for c in chunks]), repeats)
+    # bf16 rows through the fused kernel: the kernel alone (thresholds of
+    # +inf: no bit set; its scores reduced to one max per query), then the
+    # whole step, with and without branches. Each failure is reported.
+    fused_seconds = fused_scores_seconds = fused_branch_free_seconds = None
+    fused_errors = []
+    if dtype == "bfloat16" and fused:
+      try:
+        if mesh.size == 1 and fused_scores.supported(step, dim, chunks[0].dtype):
+          inf = jax.numpy.full((queries,), np.inf, np.float32)
+          kernel_max = jax.jit(lambda x, q: fused_scores.scores_and_words(
+              x, topk.bf16_terms(q), inf, -inf, valid,
+              interpret=platform != "gpu")[0].max(0))
+          np.testing.assert_allclose(np.asarray(kernel_max(chunks[0], qs)),
+                                     np.asarray(scores_max(chunks[0], qs)),
+                                     rtol=1e-5, atol=1e-6)
+          fused_scores_seconds = _best_time(
+              lambda: jax.block_until_ready([kernel_max(c, qs) for c in chunks]),
+              repeats)
+      except Exception as e:  # pylint: disable=broad-except
+        fused_errors.append(f"kernel: {type(e).__name__}: {str(e)[:300]}")
+        logging.exception("fused kernel alone")
+      try:
+        got = run(fused=True)
+        for name in ("proponent_scores", "opponent_scores"):
+          np.testing.assert_allclose(np.asarray(getattr(got, name)),
+                                     np.asarray(getattr(want, name)),
+                                     rtol=1e-5, atol=1e-6)
+        fused_seconds = _best_time(lambda: run(fused=True), repeats)
+        for a, b in zip(run(branch_free=True, fused=True), got):
+          np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        fused_branch_free_seconds = _best_time(
+            lambda: run(branch_free=True, fused=True), repeats)
+      except Exception as e:  # pylint: disable=broad-except
+        fused_errors.append(f"step: {type(e).__name__}: {str(e)[:300]}")
+        logging.exception("fused step")
     # The same scan with XLA's top_k as the selection (one device only).
     baseline_seconds = None
     if mesh.size == 1:
@@ -451,6 +492,12 @@ def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
                                    else round(one_dot_seconds, 4)),
         "xla_top_k_seconds": (None if baseline_seconds is None
                               else round(baseline_seconds, 4)),
+        "fused_seconds": None if fused_seconds is None else round(fused_seconds, 4),
+        "fused_scores_seconds": (None if fused_scores_seconds is None
+                                 else round(fused_scores_seconds, 4)),
+        "fused_branch_free_seconds": (None if fused_branch_free_seconds is None
+                                      else round(fused_branch_free_seconds, 4)),
+        "fused_error": "; ".join(fused_errors) or None,
         "note": (f"bandwidth {bandwidth / 1e9:.0f} GB/s (jitted sum over the "
                  f"resident rows); {issued // useful} matmul pass(es)"
                  + ("; fp32 matmul (HIGHEST), not the bf16 units"
@@ -477,6 +524,8 @@ def to_markdown(table: list[dict[str, Any]]) -> str:
   cols = ["method", "seconds", "rows_per_s", "GB_per_s", "GFLOP_per_s",
           "roofline_s", "fraction_of_roofline", "vs_faiss", "scores_only_seconds",
           "branch_free_seconds", "one_dot_scores_seconds", "xla_top_k_seconds",
+          "fused_seconds", "fused_scores_seconds", "fused_branch_free_seconds",
+          "fused_error",
           "fraction_of_bandwidth", "fraction_of_matmul", "note"]
   cols = [c for c in cols if any(row.get(c) is not None for row in table)
           or c in ("method", "seconds", "note")]

@@ -85,6 +85,7 @@ _CHOICES = {
     "DataConfig.overflow": ("truncate", "split"),
     "EncodeConfig.correction": ("optimizer", "none"),
     "EncodeConfig.kernel": ("factored", "exact"),
+    "EncodeConfig.projection_precision": ("highest", "bf16_6x"),
     "EncodeConfig.store_dtype": ("bfloat16", "float32"),
     "PreconditionerConfig.kind": ("block", "full", "none"),
 }

@@ -3,10 +3,12 @@
 #   bash launch/gpu_benchmarks.sh [PART ...]   (default: every part below)
 # Parts: resident (the scan of a store held in device memory; resident1m in
 #   steps of 2^20 rows),
-#   1b, scanned, small65k, tiny, small4k (encode vs. a training step, both
-#   kernels; scanned: the 27M model with its layers under nn.scan and nn.remat,
-#   whose memory XLA:CPU's plans do not show; small65k and tiny were
-#   measured on 2026-11-29, so they come last).
+#   1b, precision, scanned, small65k, tiny, small4k (encode vs. a training
+#   step, both kernels; scanned: the 27M model with its layers under nn.scan
+#   and nn.remat, whose memory XLA:CPU's plans do not show; precision: its
+#   factored kernel with the projections in fp32 and in bf16_6x, and the
+#   encodings' difference; small65k and tiny were measured on 2026-11-29, so
+#   they come last).
 # Each part writes $OUT/PART.log (the rows as JSON lines and a table) and is
 # cut off at the time left before DEADLINE_S (default 560 s from the start),
 # so one slow part cannot take the others' results with it. The GPU image
@@ -48,7 +50,7 @@ encode=(python3 -m tracer.launch.benchmark --suite=encode --memory_budget_mb=0 -
 
 scan=(python3 -m tracer.launch.benchmark_scan --resident --rows=16000000 --repeats=3)
 
-parts=${*:-resident resident1m 1b scanned small65k tiny small4k}
+parts=${*:-resident 1b precision scanned resident1m small65k tiny small4k}
 for p in $parts; do
   case $p in
     resident) part resident "${scan[@]}" ;;
@@ -61,6 +63,9 @@ for p in $parts; do
                 --kernels=factored,exact --noper_example --noverify ;;
     scanned)  part scanned "${encode[@]}" --models=small_scan --dims=65536 \
                 --batch_size=16 --noverify ;;
+    precision) part precision "${encode[@]}" --models=small_scan --dims=65536 \
+                --batch_size=16 --kernels=factored --precisions=highest,bf16_6x \
+                --noverify --noper_example ;;
     small4k)  part small4k "${encode[@]}" --models=small --dims=4096 --batch_size=16 ;;
     *) echo "unknown part $p"; exit 2 ;;
   esac

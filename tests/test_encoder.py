@@ -364,3 +364,42 @@ def test_mismatched_inputs(toy):
 def test_unit_normalize():
   x = jnp.array([[3.0, 4.0], [0.0, 0.0]])
   np.testing.assert_allclose(encoder_lib.unit_normalize(x), [[0.6, 0.8], [0.0, 0.0]])
+
+
+# The projections' matmul precision ----------------------------------------------
+
+def _projection_dots(enc, batch) -> tuple[int, int]:
+  """(dots at HIGHEST, dots with the bf16 x6 algorithm) in ``enc``'s program."""
+  local, _ = enc._from_global(batch)
+  batch = jax.tree.map(enc.put_local, local)
+  text = enc._program(batch).lower(enc.params, enc.second_moment, enc._scales,
+                                   batch).as_text()
+  dots = [line for line in text.splitlines() if "dot_general" in line]
+  return (sum("HIGHEST" in line for line in dots),
+          sum("num_primitive_operations = 6" in line for line in dots))
+
+
+@pytest.mark.parametrize("kernel", ["factored", "exact"])
+def test_projection_precision_reaches_every_projection(kernel):
+  # "bf16_6x" runs every projection matmul with XLA's BF16_BF16_F32_X6 (the
+  # model's own matmuls keep their precision), and on the CPU, which computes
+  # it in fp32, the encodings are the same.
+  params = model_lib.init_params(TINY)
+  batch = lm_batch(4, 3)
+  encodings, counts = [], []
+  for precision in ("highest", "bf16_6x"):
+    enc = encoder_lib.GradientEncoder(
+        model_lib.make_loss_fn(TINY), params, projection_dim=TINY_DIM,
+        kernel=kernel, projection_precision=precision, microbatch_size=1)
+    counts.append(_projection_dots(enc, batch))
+    encodings.append(enc.encode(batch))
+  (highest, none), (left, x6) = counts
+  assert highest > 0 and none == 0
+  assert left == 0 and x6 == highest
+  np.testing.assert_allclose(encodings[1], encodings[0], atol=1e-6)
+
+
+def test_unknown_projection_precision_is_named():
+  with pytest.raises(ValueError, match="projection_precision='tf32'"):
+    encoder_lib.GradientEncoder(toy_loss, toy_params(), projection_dim=100,
+                                projection_precision="tf32")

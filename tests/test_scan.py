@@ -746,8 +746,8 @@ def test_resident_benchmark_runs():
   # The GPU command in WORKSPACE.md (``--resident``), on a CPU device.
   from tracer.launch import benchmark_scan  # pylint: disable=g-import-not-at-top
   table = benchmark_scan.run_resident_benchmark(
-      rows=3000, dim=32, queries=4, k=5, step_rows=1024, repeats=1,
-      mesh=MESHES["1x1"](), matmul_size=256)
+      rows=3000, dim=64, queries=4, k=5, step_rows=1024, repeats=1,
+      mesh=MESHES["1x1"](), matmul_size=256, fused=True)
   assert [r["method"] for r in table] == [
       "machine", "resident scan bfloat16", "resident scan float32"]
   for row in table[1:]:
@@ -756,4 +756,9 @@ def test_resident_benchmark_runs():
     assert row["branch_free_seconds"] > 0
   assert table[1]["one_dot_scores_seconds"] > 0
   assert table[2]["one_dot_scores_seconds"] is None
+  # The fused kernel (interpreted on the CPU), bf16 rows only.
+  assert table[1]["fused_error"] is None
+  assert table[1]["fused_seconds"] > 0 and table[1]["fused_scores_seconds"] > 0
+  assert table[1]["fused_branch_free_seconds"] > 0
+  assert table[2]["fused_seconds"] is None
   assert "| resident scan bfloat16 |" in benchmark_scan.to_markdown(table)

@@ -117,6 +117,9 @@ class EncodeConfig:
   # on the fact benchmark, 2 seeds: TrackStar MRR/recall/tail-patch unchanged
   # within a standard error; WORKSPACE.md). False: exact, materialized.
   rank_one_correction: bool = True
+  # The projections' fp32 matmuls: "highest" (fp32 units) or "bf16_6x"
+  # (fp32-accurate on bf16 tensor cores; tracer.projection.PRECISIONS).
+  projection_precision: str = "highest"
   microbatch_size: int = 8          # examples per data shard per step
   batch_size: int = 128             # examples per encode call, over all hosts
   model_axis: int = 1               # size of the mesh's model axis

@@ -93,6 +93,9 @@ class GradientEncoder:
     rank_one_correction: with the factored kernel, approximate a correction
       that is not rank one per weight (Adam's) by its rank-one factorization
       instead of leaving that weight to the materialized path.
+    projection_precision: how the projections' fp32 matmuls run, "highest"
+      or "bf16_6x" (``projection.PRECISIONS``: both fp32-accurate; the second
+      on a GPU's bf16 tensor cores).
     verify: with the factored kernel, compare it once (first batch, first
       example, no correction) with the materialized gradient, block by block;
       a weight whose projections differ by more than ``VERIFY_TOLERANCE`` (it
@@ -105,9 +108,12 @@ class GradientEncoder:
                projection_dim: int = 4096, seed: int = 0, mesh=None,
                param_shardings: Any | None = None,
                microbatch_size: int = 8, kernel: str = "factored",
-               rank_one_correction: bool = False, verify: bool = True):
+               rank_one_correction: bool = False, verify: bool = True,
+               projection_precision: str = "highest"):
     if kernel not in ("factored", "exact"):
       raise ValueError(f"kernel={kernel!r}: expected 'factored' or 'exact'")
+    projection.matmul_precision(projection_precision)  # a known name
+    self.precision = projection_precision
     self.mesh = partitioning.make_mesh() if mesh is None else mesh
     self.layout = projection.make_layout(params, projection_dim, seed)
     self.epsilon = float(epsilon)
@@ -151,6 +157,7 @@ class GradientEncoder:
     if key in self._programs:
       return self._programs[key][1]
     layout, eps, loss_fn = self.layout, self.epsilon, self.loss_fn
+    precision = self.precision
     plan = None
     if self.kernel == "factored":
       example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), batch)
@@ -172,11 +179,12 @@ class GradientEncoder:
         if plan is None:
           losses, grads = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))(
               params, microbatch)
-          phi = projection.project(layout, correction.correct(grads, v, eps))
+          phi = projection.project(layout, correction.correct(grads, v, eps),
+                                   precision)
           return phi, losses.astype(jnp.float32)
         return factored.project_examples(plan, layout, loss_fn, params, v, eps,
                                          scales if v is not None else None,
-                                         microbatch)
+                                         microbatch, precision)
       return jax.lax.map(one, batch)
 
     program = jax.jit(project_all, out_shardings=(self._sharding, self._sharding))
@@ -186,15 +194,16 @@ class GradientEncoder:
   def _verified(self, plan: "factored.Plan", batch: Any) -> "factored.Plan":
     """``plan`` less the weights whose factored projection (first example of
     ``batch``, uncorrected) differs from the materialized one."""
-    layout, loss_fn = self.layout, self.loss_fn
+    layout, loss_fn, precision = self.layout, self.loss_fn, self.precision
 
     def errors(params, batch):
       example = jax.tree.map(lambda x: x[0, 0], batch)
       grads = jax.grad(loss_fn)(params, example)
-      exact = projection.project(layout, jax.tree.map(lambda g: g[None], grads))[0]
+      exact = projection.project(layout, jax.tree.map(lambda g: g[None], grads),
+                                 precision)[0]
       fact = factored.project_examples(
           plan, layout, loss_fn, params, None, 0.0, None,
-          jax.tree.map(lambda x: x[None], example))[0][0]
+          jax.tree.map(lambda x: x[None], example), precision)[0][0]
       return factored.block_errors(layout, plan, fact, exact)
 
     # Replicated, so every process reads the same errors and keeps the same plan.

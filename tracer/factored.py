@@ -498,17 +498,20 @@ def _unrows(rows: jax.Array, perm: tuple[int, ...], shape: tuple[int, ...]
   return jnp.transpose(permuted, tuple(np.argsort(perm)))
 
 
-def _side(rows, scale, matrix):
-  """``(rows * scale) @ matrix^T``; None means no scale / the identity."""
+def _side(rows, scale, matrix, precision: str):
+  """``(rows * scale) @ matrix^T``; None means no scale / the identity.
+  ``precision``: ``projection.PRECISIONS``' name."""
   if scale is not None:
     rows = rows * scale[None, :]
   if matrix is not None:
-    rows = jnp.einsum("tb,kb->tk", rows, matrix, precision="highest")
+    rows = jnp.einsum("tb,kb->tk", rows, matrix,
+                      precision=projection.matmul_precision(precision),
+                      preferred_element_type=jnp.float32)
   return rows
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _projected_bump(known, e, scale, matrix, features, known_left):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _projected_bump(known, e, scale, matrix, features, known_left, precision):
   """Zeros ``[T, features]``: the value of ``known E (matrix * scale)`` (or
   ``known E^T ...`` when ``known_left`` is False) at ``E == 0``.
 
@@ -517,21 +520,23 @@ def _projected_bump(known, e, scale, matrix, features, known_left):
   ``known^T side`` (``known_left``: E's rows are the input side) or
   ``side^T known``; ``known`` gets none (at E = 0 the bump does not depend
   on it, and the caller stops its gradient anyway)."""
-  del e, scale, matrix, known_left
+  del e, scale, matrix, known_left, precision
   return jnp.zeros((known.shape[0], features), jnp.float32)
 
 
-def _projected_bump_fwd(known, e, scale, matrix, features, known_left):
-  out = _projected_bump(known, e, scale, matrix, features, known_left)
+def _projected_bump_fwd(known, e, scale, matrix, features, known_left, precision):
+  out = _projected_bump(known, e, scale, matrix, features, known_left, precision)
   return out, (known, e, scale, matrix)
 
 
-def _projected_bump_bwd(features, known_left, saved, g):
+def _projected_bump_bwd(features, known_left, precision, saved, g):
   del features
   known, e, scale, matrix = saved
-  side = _side(g, scale, matrix)
+  side = _side(g, scale, matrix, precision)
   pair = (known, side) if known_left else (side, known)
-  grad_e = jnp.einsum("tk,tl->kl", *pair, precision="highest").astype(e.dtype)
+  grad_e = jnp.einsum("tk,tl->kl", *pair,
+                      precision=projection.matmul_precision(precision),
+                      preferred_element_type=jnp.float32).astype(e.dtype)
   zero = lambda x: None if x is None else jnp.zeros_like(x)
   return zero(known), grad_e, zero(scale), zero(matrix)
 
@@ -596,12 +601,14 @@ def _with_layer_inputs(params: Any, inputs: dict[str, tuple]) -> Any:
 
 def project_examples(plan: Plan, layout: projection.Layout, loss_fn: Callable,
                      params: Any, v: Any | None, epsilon: float,
-                     scales: dict | None, examples: Any
+                     scales: dict | None, examples: Any,
+                     precision: str = "highest"
                      ) -> tuple[jax.Array, jax.Array]:
   """``(P (g / (sqrt(V) + eps)) [n, dim], losses [n])`` for a batch of examples
   (leading axis n on every leaf), the factored weights from their calls and
   everything else materialized. ``scales`` (``correction_scales``, block name
-  -> (u, w)) correct the factored blocks; None applies no correction there."""
+  -> (u, w)) correct the factored blocks; None applies no correction there.
+  ``precision``: the projections' matmuls (``projection.PRECISIONS``)."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [projection.path_name(p) for p, _ in flat]
   fixed = {p: x for p, (_, x) in zip(paths, flat) if p in plan.factored}
@@ -655,12 +662,12 @@ def project_examples(plan: Plan, layout: projection.Layout, loss_fn: Callable,
       if site.kind == "lookup":
         known = _lookup_side(x, blocks[path].shape[0], u, left) * site.factor
       elif site.kind == "dense":
-        known = _side(_rows(x, site.x_perm, site.x_features), u, left)
+        known = _side(_rows(x, site.x_perm, site.x_features), u, left, precision)
       else:    # transposed: E's rows come from the output side
-        known = _side(_rows(x, site.x_perm, site.x_features), w, right)
+        known = _side(_rows(x, site.x_perm, site.x_features), w, right, precision)
       out_scale, out_matrix = (u, left) if site.kind == "transposed" else (w, right)
       bump = _projected_bump(known, e, out_scale, out_matrix,
-                             site.y_features, site.kind != "transposed")
+                             site.y_features, site.kind != "transposed", precision)
       return y + _unrows(bump, site.y_perm, y.shape).astype(y.dtype)
 
     with nn.intercept_methods(_intercepting(params, perturb)):
@@ -680,7 +687,7 @@ def project_examples(plan: Plan, layout: projection.Layout, loss_fn: Callable,
         pieces.append((g.sum(0) if block.paths[0] in stacks else g).reshape(-1))
       else:
         pieces.append(projection.project_block(
-            layout, block, projection.block_gradient(block, g_free))[0])
+            layout, block, projection.block_gradient(block, g_free), precision)[0])
     return jnp.concatenate(pieces), loss.astype(jnp.float32)
 
   return jax.vmap(one)(examples)

@@ -159,7 +159,8 @@ def build_encoder(ckpt: ckpt_lib.Checkpoint, cfg: EncodeConfig, mesh=None,
       param_shardings=ckpt.family.param_shardings(ckpt.model_config, mesh,
                                                   ckpt.params),
       microbatch_size=cfg.microbatch_size, kernel=cfg.kernel,
-      rank_one_correction=cfg.rank_one_correction)
+      rank_one_correction=cfg.rank_one_correction,
+      projection_precision=cfg.projection_precision)
   return encoder, kind, epsilon
 
 

@@ -30,6 +30,25 @@ from tracer.errors import InputError
 
 VECTORS = "<vectors>"
 
+# How the projections' fp32 matmuls run. Both names give fp32-accurate
+# products summed in fp32, so they encode into the same space:
+# * "highest": fp32 arithmetic (on NVIDIA GPUs the CUDA cores, not the
+#   tensor cores: ~67 TFLOP/s on an H100/H200 against ~990 for bf16).
+# * "bf16_6x": each fp32 operand split into three bf16 parts and the six
+#   largest of their nine products summed in fp32 on the bf16 units (XLA's
+#   BF16_BF16_F32_X6); the three dropped products are below 2^-24 of the
+#   result. XLA:CPU computes it as "highest".
+PRECISIONS = {"highest": jax.lax.Precision.HIGHEST,
+              "bf16_6x": jax.lax.DotAlgorithmPreset.BF16_BF16_F32_X6}
+
+
+def matmul_precision(name: str):
+  """The ``precision=`` argument of the projections' matmuls for ``name``."""
+  if name not in PRECISIONS:
+    raise InputError(f"projection_precision={name!r}: expected one of "
+                     f"{sorted(PRECISIONS)}")
+  return PRECISIONS[name]
+
 
 @dataclasses.dataclass(frozen=True)
 class Block:
@@ -137,22 +156,28 @@ def block_gradient(block: Block, by_path: dict[str, jax.Array]) -> jax.Array:
   return flat.reshape(flat.shape[0], *block.shape)
 
 
-def project_block(layout: Layout, block: Block, g: jax.Array) -> jax.Array:
-  """``P_L g P_R^T`` of ``g: [n, a, b]``, flattened to float32 ``[n, k_a * k_b]``."""
+def project_block(layout: Layout, block: Block, g: jax.Array,
+                  precision: str = "highest") -> jax.Array:
+  """``P_L g P_R^T`` of ``g: [n, a, b]``, flattened to float32 ``[n, k_a * k_b]``.
+  ``precision``: a name in ``PRECISIONS``."""
   left, right = block_matrices(layout, block)
   g = g.astype(jnp.float32)
+  how = matmul_precision(precision)
   if left is not None:
-    g = jnp.einsum("ka,nab->nkb", left, g, precision="highest")
+    g = jnp.einsum("ka,nab->nkb", left, g, precision=how,
+                   preferred_element_type=jnp.float32)
   if right is not None:
-    g = jnp.einsum("nkb,lb->nkl", g, right, precision="highest")
+    g = jnp.einsum("nkb,lb->nkl", g, right, precision=how,
+                   preferred_element_type=jnp.float32)
   return g.reshape(g.shape[0], -1)
 
 
-def project(layout: Layout, grads: Any) -> jax.Array:
+def project(layout: Layout, grads: Any, precision: str = "highest") -> jax.Array:
   """Projects per-example gradients (leading axis n) to float32 ``[n, dim]``."""
   by_path = {path_name(p): g for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
-  return jnp.concatenate([project_block(layout, b, block_gradient(b, by_path))
-                          for b in layout.blocks], axis=1)
+  return jnp.concatenate([
+      project_block(layout, b, block_gradient(b, by_path), precision)
+      for b in layout.blocks], axis=1)
 
 
 def dense_matrix(layout: Layout, params: Any) -> np.ndarray:

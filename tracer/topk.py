@@ -37,7 +37,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import Mesh
 
-from tracer import partitioning
+from tracer import fused_scores, partitioning
 from tracer.errors import InputError
 
 INVALID_ROW = np.iinfo(np.int32).max  # row id of padding; loses every tie
@@ -402,7 +402,7 @@ def _no_negative_zero(x: jax.Array) -> jax.Array:
 
 def _select_both(s: jax.Array, valid: jax.Array, rid: jax.Array,
                  pro_kth: jax.Array, opp_kth: jax.Array, k: int,
-                 branch_free: bool = False):
+                 branch_free: bool = False, words: jax.Array | None = None):
   """Proponent and opponent candidates of scores ``s [r, Q]``: ``_select_rows``
   of ``where(ok, s, -inf)`` and of ``where(ok, -s, -inf)`` (``ok``: a valid
   row and a score that is not NaN), returned as ``(pro values, pro rows, opp
@@ -414,6 +414,9 @@ def _select_both(s: jax.Array, valid: jax.Array, rid: jax.Array,
   gathered, and block maxima are taken on the slow path only. Both sides
   are selected as one problem of ``2Q`` queries (``_pick``): XLA:CPU's
   cost per op, not per element, dominates at these sizes.
+
+  ``words``: those bits, when the scores' kernel set them already
+  (``fused_scores``), ``u32[r / GROUP, 2Q]``.
   """
   rows, num_queries = s.shape
   block = _block_size(rows, k)
@@ -430,22 +433,25 @@ def _select_both(s: jax.Array, valid: jax.Array, rid: jax.Array,
     s = jnp.pad(s, ((0, pad), (0, 0)))
     valid = jnp.pad(valid, (0, pad))
     rid = jnp.pad(rid, (0, pad), constant_values=INVALID_ROW)
-  # One bit per element: set where a valid row's score reaches the threshold
-  # (never a NaN's: its key -inf reaches only a threshold of -inf, which
-  # _pick leaves to its slow path). Both sides' bits in one u32 per GROUP
-  # rows and query, proponents' low: one reduction of one output (two
-  # outputs take ~2x as long).
-  groups = s.reshape(-1, GROUP, num_queries)
-  valid_groups = valid.reshape(-1, GROUP)[:, :, None]
-  bits = (jnp.uint32(1) << jnp.arange(GROUP, dtype=jnp.uint32))[:, None]
-  zero = jnp.uint32(0)
-  words = lax.reduce(
-      jnp.where(valid_groups & (groups >= pro_kth), bits, zero)
-      | jnp.where(valid_groups & (groups <= opp_kth), bits << GROUP, zero),
-      zero, lax.bitwise_or, (1,))
-  # Queries 0..Q-1: proponents (keys s); Q..2Q-1: opponents (keys -s).
-  words = ((words[:, None, :] >> jnp.uint32([0, GROUP])[:, None])
-           & jnp.uint32((1 << GROUP) - 1)).reshape(-1, 2 * num_queries)
+    if words is not None:  # padding rows set no bit
+      words = jnp.pad(words, ((0, pad // GROUP), (0, 0)))
+  if words is None:
+    # One bit per element: set where a valid row's score reaches the
+    # threshold (never a NaN's: its key -inf reaches only a threshold of
+    # -inf, which _pick leaves to its slow path). Both sides' bits in one
+    # u32 per GROUP rows and query, proponents' low: one reduction of one
+    # output (two outputs take ~2x as long).
+    groups = s.reshape(-1, GROUP, num_queries)
+    valid_groups = valid.reshape(-1, GROUP)[:, :, None]
+    bits = (jnp.uint32(1) << jnp.arange(GROUP, dtype=jnp.uint32))[:, None]
+    zero = jnp.uint32(0)
+    words = lax.reduce(
+        jnp.where(valid_groups & (groups >= pro_kth), bits, zero)
+        | jnp.where(valid_groups & (groups <= opp_kth), bits << GROUP, zero),
+        zero, lax.bitwise_or, (1,))
+    # Queries 0..Q-1: proponents (keys s); Q..2Q-1: opponents (keys -s).
+    words = ((words[:, None, :] >> jnp.uint32([0, GROUP])[:, None])
+             & jnp.uint32((1 << GROUP) - 1)).reshape(-1, 2 * num_queries)
   sign = jnp.repeat(jnp.asarray([1.0, -1.0], jnp.float32), num_queries)
 
   def block_max():
@@ -468,28 +474,55 @@ def _select_both(s: jax.Array, valid: jax.Array, rid: jax.Array,
           _no_negative_zero(-v[num_queries:]), r[num_queries:])
 
 
+def _fused_candidates(pieces, valid, queries, pro_kth, opp_kth, norms,
+                      interpret: bool):
+  """Scores ``[r, Q]`` and bit words of bf16 ``pieces`` from the
+  ``fused_scores`` kernel, one call per piece."""
+  terms = bf16_terms(queries)
+  out, lo = [], 0
+  for i, p in enumerate(pieces):
+    hi = lo + p.shape[0]
+    out.append(fused_scores.scores_and_words(
+        p, terms, pro_kth, opp_kth, valid[lo:hi],
+        None if norms is None else norms[i], interpret=interpret))
+    lo = hi
+  return (jnp.concatenate([s for s, _ in out]),
+          jnp.concatenate([w for _, w in out]))
+
+
 def _local_candidates(x, row_ids, valid, queries, pro_kth, opp_kth, diag=None,
                       lowrank=(), *, k: int, rows_sorted: bool, segments=None,
-                      widen: bool = False, branch_free: bool = False):
+                      widen: bool = False, branch_free: bool = False,
+                      fused: str | None = None):
   """One device's top-k candidates of its rows: 4 arrays ``[Q, min(k, r)]``.
 
   ``pro_kth`` / ``opp_kth`` ``[Q]``: the running k-th best scores. With
   ``segments`` (a ``RowMetric``), scores are divided by the rows' norms.
   ``widen``: see ``exact_scores``. ``x`` may be a tuple of consecutive pieces of
   the rows (scored one by one: the rows need not be one buffer).
+  ``fused``: "gpu" or "interpret" to score bf16 rows with the
+  ``fused_scores`` kernel where it takes them (sorted rows), else None.
   """
   pieces = x if isinstance(x, tuple) else (x,)
-  s = jnp.concatenate([exact_scores(p, queries, widen) for p in pieces])  # [r, Q]
+  norms = None
   if segments is not None:
-    s = s / jnp.concatenate([_row_norms(p, diag, lowrank, segments)
-                             for p in pieces])[:, None]
+    norms = [_row_norms(p, diag, lowrank, segments) for p in pieces]
+  words = None
+  if fused and rows_sorted and not widen and all(
+      fused_scores.supported(*p.shape, p.dtype) for p in pieces):
+    s, words = _fused_candidates(pieces, valid, queries, pro_kth, opp_kth,
+                                 norms, interpret=fused == "interpret")
+  else:
+    s = jnp.concatenate([exact_scores(p, queries, widen) for p in pieces])  # [r, Q]
+    if norms is not None:
+      s = s / jnp.concatenate(norms)[:, None]
   rid = jnp.where(valid, row_ids.astype(jnp.int32), INVALID_ROW)
   if not rows_sorted:
     # top_k breaks ties by position; put positions in row-id order first.
     order = jnp.argsort(rid, stable=True)
     rid, s, valid = rid[order], s[order], valid[order]
   return _select_both(s, valid, rid, pro_kth, opp_kth, min(k, s.shape[0]),
-                      branch_free)
+                      branch_free, words)
 
 
 def fold_block(state: TopKState, s: jax.Array, row_ids: jax.Array,
@@ -677,26 +710,43 @@ def widens_bf16(mesh: Mesh) -> bool:
   return compiler_options(mesh.devices.flat[0].platform) is not None
 
 
+def _fused_mode(mesh: Mesh) -> str:
+  platform = mesh.devices.flat[0].platform
+  if platform == "gpu":
+    return "gpu"
+  if platform == "cpu":
+    return "interpret"  # the same kernel, interpreted: for tests
+  raise InputError(f"the fused scores kernel is written for GPUs (Triton); "
+                   f"this mesh's devices are {platform}")
+
+
 @functools.lru_cache(maxsize=None)
 def step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments=None,
-            branch_free: bool = False):
+            branch_free: bool = False, fused: bool = False):
   """The jitted ``update(state, x, row_ids, valid, queries, diag, lowrank)``:
   ``update_topk`` without its checks and padding (rows a multiple of the
   mesh size). ``x``: ``[rows, d]``, or a tuple of pieces ``[rows / P, d]``
   whose shards are consecutive parts of each device's rows. ``segments``:
   the ``RowMetric``'s, or None for plain scores (``diag`` and ``lowrank``
-  are then ignored). ``branch_free``: see ``_pick`` (same results)."""
+  are then ignored). ``branch_free``: see ``_pick`` (same results).
+  ``fused``: bf16 rows are scored, and their threshold bits set, by the
+  ``fused_scores`` kernel (GPU; interpreted on CPU): the same rows and
+  order, scores within the same bound (one fp32 sum over the three terms)."""
   rows = partitioning.rows_sharding(mesh).spec
   ids = partitioning.rows_sharding(mesh, ndim=1).spec
   rep = partitioning.replicated(mesh).spec
   candidates = partitioning.every_device_spec(2, axis=1)
   local = jax.shard_map(
       functools.partial(_local_candidates, k=k, rows_sorted=rows_sorted,
-                        segments=segments, widen=widens_bf16(mesh),
-                        branch_free=branch_free),
+                        segments=segments,
+                        widen=widens_bf16(mesh) and not fused,
+                        branch_free=branch_free,
+                        fused=_fused_mode(mesh) if fused else None),
       mesh=mesh,
       in_specs=(rows, ids, ids) + (rep,) * 5,
-      out_specs=(candidates,) * 4)
+      out_specs=(candidates,) * 4,
+      # pallas_call's outputs carry no varying-axes type for the check.
+      check_vma=not fused)
 
   def update(state: TopKState, x, row_ids, valid, queries, diag=None,
              lowrank=()) -> TopKState:
