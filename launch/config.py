@@ -43,6 +43,10 @@ flags.DEFINE_string("basis", None, "R_train's eigenbasis file (path or URL): "
                     "where launch.fit_preconditioner and streaming runs save and "
                     "reuse it (default WORKDIR/basis.npz), and the basis a new "
                     "store is encoded in (a store keeps its own).")
+flags.DEFINE_list("sum_steps", [], "TrackStar summed over these checkpoints "
+                  "(steps of the run, beside the traced one): tracer trace "
+                  "scores each row by the sum (one store per step); tracer "
+                  "quality and family add the method trackstar_sum.")
 flags.DEFINE_string("output", None, "Output file: the results JSONL (tracer view: the HTML page).")
 flags.DEFINE_integer("top_k", 10, "Proponents and opponents per query.",
                      lower_bound=1)

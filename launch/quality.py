@@ -65,8 +65,6 @@ flags.DEFINE_integer("tail_patch_queries", 0, "Queries used for tail-patch, "
                      "evenly over the buckets (0: all).")
 flags.DEFINE_float("sgd_learning_rate", None, "Tail-patch with plain SGD at this "
                    "rate instead of the checkpoint's optimizer at its final rate.")
-flags.DEFINE_list("sum_steps", [], "Also score trackstar_sum: TrackStar summed "
-                  "over these checkpoints (steps) of the run and the scored one.")
 FLAGS = flags.FLAGS
 
 SUM_METHOD = "trackstar_sum"

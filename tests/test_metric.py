@@ -146,3 +146,60 @@ def test_basis_round_trips(data, tmp_path):
   assert back.fit_key == basis.fit_key and back.segments == basis.segments
   np.testing.assert_array_equal(np.asarray(back.rotate(corpus[:3])),
                                 np.asarray(basis.rotate(corpus[:3])))
+
+
+def test_summed_store_scan_is_the_sum_of_the_parts_scores(data, tmp_path):
+  # TrackStar summed over checkpoints: one store per checkpoint, each part
+  # scored against its own queries under its own metric (or none), the
+  # scores summed. Against numpy's top-k of the summed scores, and against
+  # the scan of the parts side by side (each row divided by its norm first,
+  # as ``tracer quality``'s trackstar_sum does). A row quarantined in one
+  # store is never returned.
+  from tracer import store as store_lib  # pylint: disable=g-import-not-at-top
+  layout, corpus, queries = data
+  rng = np.random.default_rng(1)
+  basis = hessian.fit_basis(_moments(layout, corpus[:200], "block"),
+                            dim=layout.dim, layout_seed=0)
+  psi_c = np.asarray(basis.rotate(corpus))
+  metric = hessian.fit_metric(basis, np.asarray(basis.rotate(queries)), rank=4)
+  vectors = metric.query_vectors(np.asarray(basis.rotate(queries)))
+  other = (corpus + rng.normal(size=corpus.shape) * corpus.std()).astype(np.float32)
+  other_q = rng.normal(size=queries.shape).astype(np.float32)
+  other_q /= np.linalg.norm(other_q, axis=1, keepdims=True)
+  bad = 123
+
+  def store(name, x, quarantined):
+    m = store_lib.Manifest(
+        checkpoint=name, step=1, params_fingerprint="p", correction="adam",
+        epsilon=1e-8, projection_seed=0, layout=None, dim=x.shape[1],
+        basis_fingerprint=None, dtype="float32", num_rows=len(x), chunk_rows=64)
+    s = store_lib.create_or_open(tmp_path / name, m)
+    for c in s.pending_chunks():
+      lo, hi = s.chunk_bounds(c)
+      s.write_chunk(c, x[lo:hi], {r: "non-finite loss" for r in quarantined
+                                  if lo <= r < hi})
+    return s
+
+  stores = [store("a", psi_c, []), store("b", other, [bad])]
+  summed = (vectors.astype(np.float64) @ psi_c.T / metric.norms(psi_c)
+            + other_q.astype(np.float64) @ other.T)
+  keep = np.setdiff1d(np.arange(len(corpus)), [bad])
+  k = 7
+  order = lambda s: np.argsort(-s[:, keep], axis=1, kind="stable")[:, :k]
+  for devices, chunk_rows in ((1, None), (8, 100)):
+    mesh = partitioning.make_mesh(devices=jax.devices()[:devices])
+    got = scan.scan_stores(stores, [vectors, other_q], k, mesh=mesh,
+                           chunk_rows=chunk_rows, metrics=[metric.row_metric(), None])
+    np.testing.assert_array_equal(got.proponent_rows, keep[order(summed)])
+    np.testing.assert_array_equal(got.opponent_rows, keep[order(-summed)])
+    np.testing.assert_allclose(
+        got.proponent_scores, np.take_along_axis(summed[:, keep], order(summed), 1),
+        atol=1e-4)
+  side_by_side = np.concatenate([psi_c / metric.norms(psi_c)[:, None], other], 1)
+  side_by_side[bad] = np.nan  # never returned
+  want = scan.scan_arrays(side_by_side.astype(np.float32),
+                          np.concatenate([vectors, other_q], 1), k)
+  np.testing.assert_array_equal(got.proponent_rows, want.proponent_rows)
+  np.testing.assert_allclose(got.proponent_scores, want.proponent_scores, atol=1e-5)
+  with pytest.raises(ValueError, match="same rows"):
+    scan.scan_stores([stores[0], store("c", psi_c[:300], [])], [vectors] * 2, k)

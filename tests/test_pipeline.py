@@ -45,7 +45,7 @@ OptimizerConfig.warmup_steps = 20
 OptimizerConfig.learning_rate = 1e-2
 TrainConfig.batch_size = 32
 TrainConfig.log_every = 150
-TrainConfig.checkpoint_every = 150
+TrainConfig.checkpoint_every = 75
 EncodeConfig.projection_dim = 4096
 EncodeConfig.batch_size = 64
 EncodeConfig.chunk_rows = 64
@@ -429,3 +429,48 @@ def test_model_axis_2_gives_the_same_proponents(trained, tmp_path):
   assert agree >= 0.95, agree
   np.testing.assert_allclose([r["proponent_scores"] for r in base],
                              [r["proponent_scores"] for r in split], atol=2e-3)
+
+
+def test_summed_trace_scores_rows_by_the_sum_over_checkpoints(
+    trained, tmp_path, monkeypatch):
+  # --sum_steps=75 beside the latest checkpoint (150): a store per step, each
+  # with the rows of its own checkpoint, queried with that checkpoint's
+  # vectors and metric; every results line is numpy's top-k of the summed
+  # scores. Bad steps are refused before any gradient.
+  root, corpus, queries = trained
+  seen = {}
+  real = trace.scan_lib.scan_stores
+
+  def spy(stores, vectors, k, **kwargs):
+    seen.update(stores=stores, vectors=vectors, metrics=kwargs["metrics"])
+    seen["top"] = real(stores, vectors, k, **kwargs)
+    return seen["top"]
+
+  monkeypatch.setattr(trace.scan_lib, "scan_stores", spy)
+  store = str(tmp_path / "store")
+  rows = trace.run(str(root), corpus, queries, str(tmp_path / "sum.jsonl"), show=0,
+                   store_path=store, sum_steps=["75"])
+  parts = seen["stores"]
+  assert [p.path for p in parts] == [store, store + "-step75"]
+  assert [p.manifest.step for p in parts] == [150, 75]
+  assert parts[0].manifest.params_fingerprint != parts[1].manifest.params_fingerprint
+  assert np.abs(seen["vectors"][0] - seen["vectors"][1]).max() > 1e-3
+  summed = 0.0
+  for part, vectors, metric in zip(parts, seen["vectors"], seen["metrics"]):
+    x = part.read_rows(0, part.num_rows).astype(np.float64)
+    norms = np.sqrt(np.maximum(
+        (x * x) @ np.asarray(metric.diag, np.float64) - sum(
+            np.sum((x[:, lo:hi] @ np.asarray(c, np.float64)) ** 2, axis=1)
+            for (lo, hi), c in zip(metric.segments, metric.lowrank)), 0.0))
+    summed = summed + np.asarray(vectors, np.float64) @ x.T / norms
+  best = np.argsort(-summed, axis=1, kind="stable")[:, :10]
+  np.testing.assert_array_equal(seen["top"].proponent_rows, best)
+  np.testing.assert_allclose([r["proponent_scores"] for r in rows],
+                             np.take_along_axis(summed, best, 1), atol=1e-4)
+  single = trace.run(str(root), corpus, queries, str(tmp_path / "one.jsonl"),
+                     show=0, store_path=store)
+  assert [r["proponent_ids"] for r in single] != [r["proponent_ids"] for r in rows]
+  for bad in (["150"], ["75", "75"], ["x"]):
+    with pytest.raises(ValueError, match="--sum_steps"):
+      trace.run(str(root), corpus, queries, str(tmp_path / "bad.jsonl"), show=0,
+                store_path=store, sum_steps=bad)

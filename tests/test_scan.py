@@ -650,18 +650,25 @@ def _worker(port: int, process_id: int, workdir: str) -> None:
       epsilon=1e-8, projection_seed=0, layout=None, dim=16,
       basis_fingerprint=None, dtype="bfloat16", num_rows=1001,
       chunk_rows=64)
-  path = os.path.join(workdir, "store")
-  if process_id == 0:
-    store_lib.create_or_open(path, manifest)
-  multihost_utils.sync_global_devices("created")
-  s = store_lib.create_or_open(path, manifest)
-  for c in range(s.num_chunks)[process_id::2]:
-    lo, hi = s.chunk_bounds(c)
-    s.write_chunk(c, x[lo:hi])
+  x2, q2 = _data(1001, seed=6)
+  stores = []
+  for name, rows in (("store", x), ("store2", x2)):
+    path = os.path.join(workdir, name)
+    if process_id == 0:
+      store_lib.create_or_open(path, manifest)
+    multihost_utils.sync_global_devices(f"created {name}")
+    s = store_lib.create_or_open(path, manifest)
+    for c in range(s.num_chunks)[process_id::2]:
+      lo, hi = s.chunk_bounds(c)
+      s.write_chunk(c, rows[lo:hi])
+    stores.append(s)
   multihost_utils.sync_global_devices("written")
+  s = stores[0]
   results = {
       "arrays": scan.scan_arrays(x, q, K, mesh=mesh, chunk_rows=96),
       "store": scan.scan_store(s, q, K, mesh=mesh),
+      # Each process reads only its rows of both stores.
+      "summed": scan.scan_stores(stores, [q, q2], K, mesh=mesh),
   }
   streaming = scan.StreamingScanner(q, K, mesh=mesh)
   for lo in range(0, 1001, 300):
@@ -683,9 +690,12 @@ def test_two_processes(tmp_path):
         str(tmp_path)] for i in range(2)], tmp_path, multiprocess.env())
   multiprocess.wait(procs, logs, time.monotonic() + 150)
   x, q = _data(1001, seed=5)
+  bf16 = lambda a: a.astype(ml_dtypes.bfloat16).astype(np.float32)
+  x2, q2 = _data(1001, seed=6)
   want = {"arrays": reference(x, q, K), "streaming": reference(x, q, K),
-          "store": reference(x.astype(ml_dtypes.bfloat16).astype(np.float32),
-                             q, K)}
+          "store": reference(bf16(x), q, K),
+          "summed": reference(np.concatenate([bf16(x), bf16(x2)], 1),
+                              np.concatenate([q, q2], 1), K)}
   for i in range(2):
     with np.load(tmp_path / f"out{i}.npz", allow_pickle=False) as f:
       for name, w in want.items():

@@ -35,7 +35,8 @@ from tracer import data as data_lib
 from tracer import partitioning
 from tracer.errors import InputError
 from tracer.topk import (INVALID_ROW, RowMetric, TopK, TopKState, finish,  # noqa: F401
-                         flatten_stepped, init_topk, step_fn, update_topk)
+                         flatten_stepped, init_topk, step_fn, summed_step_fn,
+                         update_topk)
 
 # Encodings read per device per step when chunk_rows is not given: on CPUs,
 # and (``ACCELERATOR_CHUNK_BYTES``) on GPUs and TPUs, where a step's selection
@@ -338,11 +339,12 @@ class _StoreSource(_Source):
     return check
 
 
-def _scan(source: _Source, queries, k: int, mesh: Mesh | None,
+def _scan(source, queries, k: int, mesh: Mesh | None,
           chunk_rows: int | None, prefetch: int, row_multiple: int = 1,
           metric: RowMetric | None = None, progress=None,
           read_ahead: int = 0) -> TopK:
-  """The host loop shared by ``scan_arrays`` and ``scan_store``.
+  """The host loop shared by ``scan_arrays``, ``scan_store`` and
+  ``scan_stores``.
 
   A producer (a background thread if ``prefetch > 0``) starts each step's
   reads ``read_ahead`` steps before it waits for them (so that many steps'
@@ -350,11 +352,22 @@ def _scan(source: _Source, queries, k: int, mesh: Mesh | None,
   pieces (``_Layout``), and places them; the caller's thread dispatches the
   jitted update and keeps at most ``max(1, prefetch)`` steps in flight,
   returning their buffers to the pool once they are done.
+
+  ``source``, ``queries`` and ``metric`` may be lists, one entry per part
+  (same rows, d and dtype): each row's score is then the sum of the parts'
+  (``topk.summed_step_fn``).
   """
-  num_rows, dim = source.num_rows, source.dim
+  summed = isinstance(source, list)
+  sources = source if summed else [source]
+  queries = queries if summed else [queries]
+  metrics = metric if summed else [metric]
+  num_rows, dim = sources[0].num_rows, sources[0].dim
   mesh = _mesh(mesh)
-  q = _check_inputs(queries, k, dim, num_rows)
-  dtype = _device_dtype(source.dtype)
+  qs = [_check_inputs(q, k, dim, num_rows) for q in queries]
+  if len({q.shape[0] for q in qs}) > 1:
+    raise InputError(f"queries: every part needs the same queries, got "
+                     f"{[q.shape[0] for q in qs]} of them")
+  dtype = _device_dtype(sources[0].dtype)
   if chunk_rows is None:
     step = default_chunk_rows(dim, dtype.itemsize, mesh.size, row_multiple,
                               mesh.devices.flat[0].platform)
@@ -372,35 +385,52 @@ def _scan(source: _Source, queries, k: int, mesh: Mesh | None,
   depth = max(1, prefetch)
   read_ahead = max(0, int(read_ahead))
   pool = _BufferPool(layout.shapes(), dtype,
-                     size=prefetch + depth + read_ahead + 2)
-  queries_on_mesh = partitioning.put_global(q, partitioning.replicated(mesh))
-  state = init_topk(q.shape[0], k, mesh)
-  update = step_fn(mesh, int(k), True, None if metric is None else metric.segments)
-  metric_args = _metric_on_mesh(metric, dim, mesh)
+                     size=(prefetch + depth + read_ahead + 2) * len(sources))
+  queries_on_mesh = [partitioning.put_global(q, partitioning.replicated(mesh))
+                     for q in qs]
+  state = init_topk(qs[0].shape[0], k, mesh)
+  segments = tuple(None if m is None else m.segments for m in metrics)
+  metric_args = [_metric_on_mesh(m, dim, mesh) for m in metrics]
+  if summed:
+    step_update = summed_step_fn(mesh, int(k), True, segments)
+    diags = tuple(a[0] if a else None for a in metric_args)
+    lowranks = tuple(a[1] if a else () for a in metric_args)
+
+    def update(state, parts):
+      return step_update(state, tuple(a[0] for a in parts), parts[0][1],
+                         tuple(a[2] for a in parts), tuple(queries_on_mesh),
+                         diags, lowranks)
+  else:
+    step_update = step_fn(mesh, int(k), True, segments[0])
+
+    def update(state, parts):
+      return step_update(state, *parts[0], queries_on_mesh[0], *metric_args[0])
 
   def steps():
     started = collections.deque()
     for base in range(0, num_rows, step):
-      started.append(layout.start(source, base, pool))
+      started.append([layout.start(s, base, pool) for s in sources])
       if len(started) > read_ahead:
-        yield layout.finish(started.popleft())
+        yield [layout.finish(p) for p in started.popleft()]
     while started:
-      yield layout.finish(started.popleft())
+      yield [layout.finish(p) for p in started.popleft()]
 
   ready = data_lib.prefetch(steps(), prefetch)
   in_flight = collections.deque()
   finished = 0
   try:
-    for arrays, buffers in ready:
-      state = update(state, *arrays, queries_on_mesh, *metric_args)
-      del arrays
+    for parts in ready:
+      state = update(state, [arrays for arrays, _ in parts])
+      buffers = [b for _, b in parts]
+      del parts
       # Dispatch is async: bound the steps queued on the device, and recycle
       # the buffers of those that are done.
       in_flight.append((state, buffers))
       while len(in_flight) > depth:
         done, buffers = in_flight.popleft()
         done.proponent_scores.block_until_ready()
-        pool.release(buffers)
+        for b in buffers:
+          pool.release(b)
         finished += 1
         if progress is not None:
           progress(min(finished * step, num_rows), num_rows)
@@ -487,6 +517,47 @@ def scan_store(store, queries, k: int, *, mesh: Mesh | None = None,
   return _scan(_StoreSource(store, verify), queries, k, mesh, chunk_rows, prefetch,
                row_multiple=multiple, metric=metric, progress=progress,
                read_ahead=read_ahead)
+
+
+def scan_stores(stores, queries, k: int, *, mesh: Mesh | None = None,
+                chunk_rows: int | None = None, prefetch: int = 2,
+                metrics=None, verify: bool = True, progress=None,
+                read_ahead: int | None = None) -> TopK:
+  """``scan_store`` of a sum: row ``i``'s score is the sum over ``stores`` of
+  its score in each, against that store's own ``queries[p]`` (and metric
+  ``metrics[p]``, or None), e.g. TrackStar summed over checkpoints, one
+  store per checkpoint. Each step reads the same rows from every store; a
+  row quarantined in any store is never returned.
+
+  Raises:
+    InputError: no stores, stores of different rows, d, dtype or chunks, or
+      a ``queries`` / ``metrics`` list of another length.
+  """
+  stores = list(stores)
+  metrics = [None] * len(stores) if metrics is None else list(metrics)
+  if not stores or len(queries) != len(stores) or len(metrics) != len(stores):
+    raise InputError(f"scan_stores: {len(stores)} stores, {len(queries)} query "
+                     f"sets and {len(metrics)} metrics; expected one of each "
+                     "per store, at least one")
+  shape = lambda st: (st.num_rows, st.dim, st.manifest.dtype, st.chunk_rows)
+  for st in stores[1:]:
+    if shape(st) != shape(stores[0]):
+      raise InputError(
+          f"scan_stores: {st.path} holds (rows, d, dtype, chunk_rows) = "
+          f"{shape(st)}, {stores[0].path} {shape(stores[0])}; a sum needs the "
+          "same rows in the same layout")
+  if len(stores) == 1:
+    return scan_store(stores[0], queries[0], k, mesh=mesh, chunk_rows=chunk_rows,
+                      prefetch=prefetch, metric=metrics[0], verify=verify,
+                      progress=progress, read_ahead=read_ahead)
+  for st in stores:
+    st.check_complete()
+  multiple = stores[0].chunk_rows if chunk_rows is None else 1
+  if read_ahead is None:
+    read_ahead = 0 if all(st.local for st in stores) else REMOTE_READ_AHEAD
+  return _scan([_StoreSource(st, verify) for st in stores], list(queries), k,
+               mesh, chunk_rows, prefetch, row_multiple=multiple,
+               metric=metrics, progress=progress, read_ahead=read_ahead)
 
 
 class StreamingScanner:

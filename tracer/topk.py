@@ -516,6 +516,34 @@ def _local_candidates(x, row_ids, valid, queries, pro_kth, opp_kth, diag=None,
     s = jnp.concatenate([exact_scores(p, queries, widen) for p in pieces])  # [r, Q]
     if norms is not None:
       s = s / jnp.concatenate(norms)[:, None]
+  return _candidates(s, row_ids, valid, pro_kth, opp_kth, k=k,
+                     rows_sorted=rows_sorted, branch_free=branch_free,
+                     words=words)
+
+
+def _local_summed_candidates(xs, row_ids, valid, queries, pro_kth, opp_kth,
+                             diags, lowranks, *, k: int, rows_sorted: bool,
+                             segments, widen: bool = False,
+                             branch_free: bool = False):
+  """``_local_candidates`` of scores summed over parts: part ``p``'s rows
+  ``xs[p]`` (one array or pieces) scored against its own ``queries[p]``,
+  divided by their norms under its own metric where ``segments[p]`` is not
+  None, and the parts' scores summed in fp32 in order."""
+  total = None
+  for x, q, diag, lowrank, seg in zip(xs, queries, diags, lowranks, segments):
+    pieces = x if isinstance(x, tuple) else (x,)
+    s = jnp.concatenate([exact_scores(p, q, widen) for p in pieces])
+    if seg is not None:
+      s = s / jnp.concatenate([_row_norms(p, diag, lowrank, seg)
+                               for p in pieces])[:, None]
+    total = s if total is None else total + s
+  return _candidates(total, row_ids, valid, pro_kth, opp_kth, k=k,
+                     rows_sorted=rows_sorted, branch_free=branch_free)
+
+
+def _candidates(s, row_ids, valid, pro_kth, opp_kth, *, k: int,
+                rows_sorted: bool, branch_free: bool, words=None):
+  """The selection of one device's scores ``s [r, Q]`` (``_select_both``)."""
   rid = jnp.where(valid, row_ids.astype(jnp.int32), INVALID_ROW)
   if not rows_sorted:
     # top_k breaks ties by position; put positions in row-id order first.
@@ -732,21 +760,13 @@ def step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments=None,
   ``fused``: bf16 rows are scored, and their threshold bits set, by the
   ``fused_scores`` kernel (GPU; interpreted on CPU): the same rows and
   order, scores within the same bound (one fp32 sum over the three terms)."""
-  rows = partitioning.rows_sharding(mesh).spec
-  ids = partitioning.rows_sharding(mesh, ndim=1).spec
-  rep = partitioning.replicated(mesh).spec
-  candidates = partitioning.every_device_spec(2, axis=1)
-  local = jax.shard_map(
+  local = _sharded_candidates(
       functools.partial(_local_candidates, k=k, rows_sorted=rows_sorted,
                         segments=segments,
                         widen=widens_bf16(mesh) and not fused,
                         branch_free=branch_free,
                         fused=_fused_mode(mesh) if fused else None),
-      mesh=mesh,
-      in_specs=(rows, ids, ids) + (rep,) * 5,
-      out_specs=(candidates,) * 4,
-      # pallas_call's outputs carry no varying-axes type for the check.
-      check_vma=not fused)
+      mesh, check_vma=not fused)  # pallas_call's outputs carry no vma type
 
   def update(state: TopKState, x, row_ids, valid, queries, diag=None,
              lowrank=()) -> TopKState:
@@ -758,6 +778,44 @@ def step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments=None,
                              state.proponent_scores[:, -1],
                              state.opponent_scores[:, -1], diag, tuple(lowrank))
     return merge_candidates(state, ps, pr, os_, or_, k, branch_free)
+
+  return jit_step(update, mesh, out_shardings=partitioning.replicated(mesh))
+
+
+def _sharded_candidates(local_fn, mesh: Mesh, check_vma: bool = True):
+  """``local_fn(x, row_ids, valid, queries, pro_kth, opp_kth, diag,
+  lowrank)`` over ``mesh``: rows (every leaf of ``x``) split over all
+  devices, the rest replicated, candidates ``[Q, devices * k]``."""
+  rows = partitioning.rows_sharding(mesh).spec
+  ids = partitioning.rows_sharding(mesh, ndim=1).spec
+  rep = partitioning.replicated(mesh).spec
+  candidates = partitioning.every_device_spec(2, axis=1)
+  return jax.shard_map(local_fn, mesh=mesh, in_specs=(rows, ids, ids) + (rep,) * 5,
+                       out_specs=(candidates,) * 4, check_vma=check_vma)
+
+
+@functools.lru_cache(maxsize=None)
+def summed_step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments: tuple):
+  """``step_fn`` for a sum of scores over parts (e.g. one store per
+  checkpoint): the jitted ``update(state, xs, row_ids, valids, queries,
+  diags, lowranks)``, each a tuple with one entry per part, part ``p``'s
+  rows ``xs[p]`` scored against ``queries[p]`` and divided by their norms
+  under its own ``RowMetric`` (``segments[p]``, ``diags[p]``,
+  ``lowranks[p]``; None: plain scores, its diag and lowrank ignored). A row
+  is valid only where it is in every part."""
+  local = _sharded_candidates(
+      functools.partial(_local_summed_candidates, k=k, rows_sorted=rows_sorted,
+                        segments=segments, widen=widens_bf16(mesh)), mesh)
+
+  def update(state: TopKState, xs, row_ids, valids, queries, diags,
+             lowranks) -> TopKState:
+    valid = functools.reduce(jnp.logical_and, valids)
+    diags = tuple(jnp.zeros((), jnp.float32) if d is None else d for d in diags)
+    ps, pr, os_, or_ = local(tuple(xs), row_ids, valid, tuple(queries),
+                             state.proponent_scores[:, -1],
+                             state.opponent_scores[:, -1], diags,
+                             tuple(tuple(l) for l in lowranks))
+    return merge_candidates(state, ps, pr, os_, or_, k)
 
   return jit_step(update, mesh, out_shardings=partitioning.replicated(mesh))
 
