@@ -474,6 +474,20 @@ def _select_both(s: jax.Array, valid: jax.Array, rid: jax.Array,
           _no_negative_zero(-v[num_queries:]), r[num_queries:])
 
 
+def _norms(pieces, diag, lowrank, segments) -> list[jax.Array] | None:
+  """Each piece's rows' norms under a ``RowMetric`` (None: no metric)."""
+  if segments is None:
+    return None
+  return [_row_norms(p, diag, lowrank, segments) for p in pieces]
+
+
+def _scores(pieces, queries, norms, widen: bool) -> jax.Array:
+  """``exact_scores`` of consecutive row pieces, ``[r, Q]``, divided by the
+  rows' ``norms`` when given."""
+  s = jnp.concatenate([exact_scores(p, queries, widen) for p in pieces])
+  return s if norms is None else s / jnp.concatenate(norms)[:, None]
+
+
 def _fused_candidates(pieces, valid, queries, pro_kth, opp_kth, norms,
                       interpret: bool):
   """Scores ``[r, Q]`` and bit words of bf16 ``pieces`` from the
@@ -504,18 +518,14 @@ def _local_candidates(x, row_ids, valid, queries, pro_kth, opp_kth, diag=None,
   ``fused_scores`` kernel where it takes them (sorted rows), else None.
   """
   pieces = x if isinstance(x, tuple) else (x,)
-  norms = None
-  if segments is not None:
-    norms = [_row_norms(p, diag, lowrank, segments) for p in pieces]
+  norms = _norms(pieces, diag, lowrank, segments)
   words = None
   if fused and rows_sorted and not widen and all(
       fused_scores.supported(*p.shape, p.dtype) for p in pieces):
     s, words = _fused_candidates(pieces, valid, queries, pro_kth, opp_kth,
                                  norms, interpret=fused == "interpret")
   else:
-    s = jnp.concatenate([exact_scores(p, queries, widen) for p in pieces])  # [r, Q]
-    if norms is not None:
-      s = s / jnp.concatenate(norms)[:, None]
+    s = _scores(pieces, queries, norms, widen)
   return _candidates(s, row_ids, valid, pro_kth, opp_kth, k=k,
                      rows_sorted=rows_sorted, branch_free=branch_free,
                      words=words)
@@ -532,10 +542,7 @@ def _local_summed_candidates(xs, row_ids, valid, queries, pro_kth, opp_kth,
   total = None
   for x, q, diag, lowrank, seg in zip(xs, queries, diags, lowranks, segments):
     pieces = x if isinstance(x, tuple) else (x,)
-    s = jnp.concatenate([exact_scores(p, q, widen) for p in pieces])
-    if seg is not None:
-      s = s / jnp.concatenate([_row_norms(p, diag, lowrank, seg)
-                               for p in pieces])[:, None]
+    s = _scores(pieces, q, _norms(pieces, diag, lowrank, seg), widen)
     total = s if total is None else total + s
   return _candidates(total, row_ids, valid, pro_kth, opp_kth, k=k,
                      rows_sorted=rows_sorted, branch_free=branch_free)
