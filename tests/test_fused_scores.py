@@ -1,14 +1,14 @@
 """The fused scores-and-bits kernel (``tracer.fused_scores``), interpreted on
 the CPU, against numpy; and its lowering to Triton for CUDA."""
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
 
-from tracer import fused_scores, partitioning, topk
-from tests.test_scan import MESHES, _hard_queries, assert_same, reference
+from tracer import fused_scores, topk
+from tests.test_scan import (MESHES, _hard_queries, assert_same, reference,
+                             stepped_scan)
 
 
 def _words(s, valid, pro, opp):
@@ -80,16 +80,7 @@ def test_fused_step_gives_the_same_top_k(mesh, step, k):
   assert topk._block_size(step // m.size, k) is not None
   assert fused_scores.supported(step // m.size, 64, jnp.bfloat16)
   update = topk.step_fn(m, k, True, fused=True)
-  rows, ids = partitioning.rows_sharding(m), partitioning.rows_sharding(m, ndim=1)
-  queries = partitioning.put_global(q, partitioning.replicated(m))
-  state = topk.init_topk(len(q), k, m)
-  for lo in range(0, n, step):
-    chunk = np.zeros((step, 64), ml_dtypes.bfloat16)
-    chunk[:min(step, n - lo)] = x[lo:lo + step]
-    row_ids = np.arange(lo, lo + step, dtype=np.int32)
-    state = update(state, jax.device_put(chunk, rows), jax.device_put(row_ids, ids),
-                   jax.device_put(row_ids < n, ids), queries)
-  assert_same(topk.finish(state, n), want, atol=0)
+  assert_same(stepped_scan(update, m, x, q, k, step), want, atol=0)
 
 
 def test_fused_step_with_a_row_metric_matches_the_plain_step():

@@ -311,17 +311,24 @@ def test_branch_free_step_gives_the_same_top_k(mesh):
   x, q, want = _integers_with_nan_rows(np.random.default_rng(5), n, k, [3, 30_000])
   m = MESHES[mesh]()
   update = topk.step_fn(m, k, True, branch_free=True)
+  assert_same(stepped_scan(update, m, x, q, k, step), want, atol=0)
+
+
+def stepped_scan(update, m, x, q, k: int, step: int) -> scan.TopK:
+  """``x`` folded in by ``update`` (a ``topk.step_fn``) ``step`` rows at a
+  time on mesh ``m``; the last step padded with invalid rows (NaN rows stay
+  valid: the selection drops them)."""
+  n = len(x)
   rows, ids = partitioning.rows_sharding(m), partitioning.rows_sharding(m, ndim=1)
   queries = partitioning.put_global(q, partitioning.replicated(m))
   state = topk.init_topk(len(q), k, m)
   for lo in range(0, n, step):
-    chunk = np.zeros((step, 8), np.float32)
+    chunk = np.zeros((step, x.shape[1]), x.dtype)
     chunk[:min(step, n - lo)] = x[lo:lo + step]
     row_ids = np.arange(lo, lo + step, dtype=np.int32)
-    valid = row_ids < n  # NaN rows stay valid: the selection drops them
     state = update(state, jax.device_put(chunk, rows), jax.device_put(row_ids, ids),
-                   jax.device_put(valid, ids), queries)
-  assert_same(topk.finish(state, n), want, atol=0)
+                   jax.device_put(row_ids < n, ids), queries)
+  return topk.finish(state, n)
 
 
 @pytest.mark.parametrize("mesh", ["8x1", "4x2"])
