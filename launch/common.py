@@ -201,6 +201,56 @@ def query_metric(run: Run, basis, query_examples: dict, queries: Sequence[dict],
   return metric, vectors, skipped
 
 
+def summed_checkpoints(sum_steps: Sequence, ckpt) -> list[str]:
+  """The checkpoint directories of ``--sum_steps`` (steps of ``ckpt``'s run
+  other than its own), checked before any gradient."""
+  steps = []
+  for step in sum_steps:
+    if not str(step).isdigit():
+      raise InputError(f"--sum_steps: {step!r} is not a training step (a "
+                       "non-negative integer)")
+    steps.append(int(step))
+  if ckpt.step in steps or len(set(steps)) != len(steps):
+    raise InputError(f"--sum_steps: {steps} repeats a step (the traced "
+                     f"checkpoint is step {ckpt.step} and always counts once)")
+  parent = storage.split(ckpt.path)[0]
+  return [storage.join(parent, str(step)) for step in steps]
+
+
+def summed_runs(paths: Sequence[str], workdir: str, corpus_source: str,
+                location: str, open_store):
+  """For each checkpoint in ``paths`` (another step of a sum over
+  checkpoints), loaded one at a time: ``(run, store, basis)``, its store at
+  ``<location>-step<N>`` opened by ``open_store(location, run) -> (store,
+  basis)``. A caller that drops ``run`` frees its params before the next."""
+  for path in paths:
+    other = start(workdir, path, corpus_source)
+    say(f"summed: checkpoint {other.ckpt.path} (step {other.ckpt.step})")
+    store, basis = open_store(f"{location}-step{other.ckpt.step}", other)
+    yield other, store, basis
+    del other, store, basis
+
+
+def summed_parts(paths: Sequence[str], workdir: str, corpus_source: str,
+                 location: str, open_store, query_examples: dict,
+                 queries: Sequence[dict], pcfg: PreconditionerConfig):
+  """The other parts of a scan summed over checkpoints (``summed_runs``),
+  with this query set's R and vectors in each store's basis.
+
+  Returns (stores, row metrics, query vectors, skipped queries)."""
+  stores, metrics, vectors_list, skipped = [], [], [], {}
+  for other, store, basis in summed_runs(paths, workdir, corpus_source, location,
+                                         open_store):
+    metric, vectors, more = query_metric(other, basis, query_examples, queries, pcfg)
+    stores.append(store)
+    metrics.append(metric.row_metric())
+    vectors_list.append(vectors)
+    for query, why in more.items():  # the first part's reason stands
+      skipped.setdefault(query, why)
+    del other  # its params leave the devices before the next checkpoint's
+  return stores, metrics, vectors_list, skipped
+
+
 def default_location(workdir: str, given: str | None, name: str) -> str:
   return given or storage.join(workdir, name)
 

@@ -45,7 +45,8 @@ flags.DEFINE_string("basis", None, "R_train's eigenbasis file (path or URL): "
                     "store is encoded in (a store keeps its own).")
 flags.DEFINE_list("sum_steps", [], "TrackStar summed over these checkpoints "
                   "(steps of the run, beside the traced one): tracer trace "
-                  "scores each row by the sum (one store per step); tracer "
+                  "and tracer scan score each row by the sum (one store per "
+                  "step, <store>-step<N>); tracer "
                   "quality and family add the method trackstar_sum.")
 flags.DEFINE_string("output", None, "Output file: the results JSONL (tracer view: the HTML page).")
 flags.DEFINE_integer("top_k", 10, "Proponents and opponents per query.",

@@ -10,6 +10,11 @@ lambda rule, damping) is fitted from them and applied at scan time. No corpus
 gradient is computed. ``--corpus`` maps rows back to ids
 and texts (only the rows retrieved are read). Each host scans the rows of its
 own devices; process 0 writes the results.
+
+``--sum_steps=200,400`` scores rows by TrackStar summed over those
+checkpoints and this one, from the stores ``tracer trace --sum_steps`` made
+(``<store>-step200``, ...); each step's queries are projected with its own
+checkpoint and put in its store's basis.
 """
 
 from __future__ import annotations
@@ -25,20 +30,33 @@ from tracer import scan as scan_lib
 FLAGS = flags.FLAGS
 
 
+def _stored(location, run_):
+  store = common.stored(location, run_)
+  return store, pipeline.store_basis(store)
+
+
 def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
-        checkpoint=None):
+        checkpoint=None, sum_steps=()):
+  """Writes and returns the results rows. ``sum_steps``: score rows by the
+  sum over those checkpoints and this one, each from its own store
+  (``<store>-step<N>``, as ``tracer trace --sum_steps`` made them)."""
   pcfg = config.make(PreconditionerConfig)
   run_ = common.start(workdir, checkpoint, corpus_source)
   config.check_top_k(top_k, len(run_.corpus))  # before any gradient
+  others = common.summed_checkpoints(sum_steps, run_.ckpt)
   queries, query_examples = pipeline.read_queries(run_.ckpt, queries_path)
   location = common.default_location(workdir, store_path, "store")
-  store = common.stored(location, run_)
-  metric, vectors, skipped = common.query_metric(
-      run_, pipeline.store_basis(store), query_examples, queries, pcfg)
-  topk = scan_lib.scan_store(store, vectors, top_k, mesh=run_.encoder.mesh,
-                             metric=metric.row_metric(),
-                             verify=FLAGS.check_chunks,
-                             progress=common.Progress("scan store", "rows"))
+  store, basis = _stored(location, run_)
+  metric, vectors, skipped = common.query_metric(run_, basis, query_examples,
+                                                 queries, pcfg)
+  stores, metrics, query_vectors, more = common.summed_parts(
+      others, workdir, corpus_source, location, _stored, query_examples,
+      queries, pcfg)
+  topk = scan_lib.scan_stores(
+      [store, *stores], [vectors, *query_vectors], top_k, mesh=run_.encoder.mesh,
+      metrics=[metric.row_metric(), *metrics], verify=FLAGS.check_chunks,
+      progress=common.Progress("scan store", "rows"))
+  skipped = {**more, **skipped}
   preds = pipeline.predictions(run_.ckpt, query_examples, queries,
                                pipeline.data_config(run_.ckpt).vocabulary())
   rows = pipeline.result_rows(queries, run_.corpus, topk, skipped, preds)
@@ -51,7 +69,7 @@ def main(argv):
   del argv
   config.setup(required=("workdir", "corpus", "queries", "output"))
   run(FLAGS.workdir, FLAGS.corpus, FLAGS.queries, FLAGS.output, FLAGS.top_k,
-      FLAGS.store, FLAGS.checkpoint)
+      FLAGS.store, FLAGS.checkpoint, FLAGS.sum_steps)
 
 
 if __name__ == "__main__":

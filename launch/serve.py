@@ -21,6 +21,12 @@ encoder call, one pass over the rows and one greedy decode. Bad requests get
 a 4xx and a message naming the field. ``--corpus`` (default: the store's own,
 from its manifest) maps rows to ids and texts.
 
+``--sum_steps=200,400`` scores rows by TrackStar summed over those
+checkpoints and this one, from the stores ``tracer trace --sum_steps`` made
+(``<store>-step200``, ...): every step's params and rows stay on the devices
+(S times the memory of one), and each request's queries are projected and
+their R fitted once per step.
+
 ``--measure=Q.jsonl`` starts the server, measures its latency with queries
 from that file (1 query; 64 queries in one request; 64 concurrent one-query
 requests: medians over --measure_repeats warm runs), prints the table and
@@ -109,10 +115,24 @@ def budget_bytes(budget_mb: int) -> int:
   return budget_mb << 20
 
 
+def _complete(location: str, run_) -> tuple:
+  """The store at ``location`` for ``run_`` and its basis; InputError unless
+  it is complete."""
+  store = common.stored(location, run_)
+  pending = pipeline.agreed_pending_chunks(store)
+  if len(pending):
+    raise InputError(f"{location}: store is incomplete: {len(pending)} of "
+                     f"{store.num_chunks} chunks not written; finish encoding "
+                     "first (tracer encode)")
+  return store, pipeline.store_basis(store)
+
+
 def build(workdir: str, store_path: str | None = None, corpus: str | None = None,
           checkpoint: str | None = None, budget_mb: int = -1,
-          verify: bool = True) -> serving.Tracer:
-  """The checkpoint, encoder, store (complete) and index, loaded once."""
+          verify: bool = True, sum_steps=()) -> serving.Tracer:
+  """The checkpoint, encoder, store (complete) and index, loaded once.
+  ``sum_steps``: also those checkpoints of the run, each with its store
+  (``<store>-step<N>``), held at once; rows are scored by the sum."""
   pcfg = config.make(PreconditionerConfig)
   location = common.default_location(workdir, store_path, "store")
   source = _corpus_source(location, corpus)
@@ -123,22 +143,25 @@ def build(workdir: str, store_path: str | None = None, corpus: str | None = None
       raise
     raise InputError(f"{e} (the store's corpus, from its manifest; pass "
                      "--corpus)") from None
-  store = common.stored(location, run_)
-  pending = pipeline.agreed_pending_chunks(store)
-  if len(pending):
-    raise InputError(f"{location}: store is incomplete: {len(pending)} of "
-                     f"{store.num_chunks} chunks not written; finish encoding "
-                     "first (tracer encode)")
+  others = common.summed_checkpoints(sum_steps, run_.ckpt)
+  store, basis = _complete(location, run_)
+  stores, summed, steps = [store], [], []
+  for other, other_store, other_basis in common.summed_runs(
+      others, workdir, source, location, _complete):
+    stores.append(other_store)
+    summed.append((other.encoder, other_basis))  # its params stay on the devices
+    steps.append(other.ckpt.step)
   start = time.perf_counter()
-  index = serving.open_index(store, run_.encoder.mesh, budget_bytes(budget_mb),
+  index = serving.open_index(stores, run_.encoder.mesh, budget_bytes(budget_mb),
                              verify)
-  common.say(f"checkpoint {run_.ckpt.path} (step {run_.ckpt.step}); store "
+  common.say(f"checkpoint {run_.ckpt.path} (step {run_.ckpt.step}"
+             + (f", summed with steps {steps}" if steps else "") + "); store "
              f"{location}: {store.num_rows} rows x d={store.dim}, "
              f"{index.describe()} ({time.perf_counter() - start:.1f} s); mesh "
              f"{dict(run_.encoder.mesh.shape)} over {jax.process_count()} "
              "process(es)")
-  return serving.Tracer(run_.ckpt, run_.encoder, pipeline.store_basis(store),
-                        run_.corpus, index, pcfg)
+  return serving.Tracer(run_.ckpt, run_.encoder, basis, run_.corpus, index, pcfg,
+                        summed)
 
 
 def limits(tracer: serving.Tracer) -> serving.Limits:
@@ -155,6 +178,7 @@ def info(tracer: serving.Tracer, lim: serving.Limits) -> dict:
   return {"store": store.path, "rows": store.num_rows, "dim": store.dim,
           "dtype": store.manifest.dtype, "resident": tracer.index.resident,
           "checkpoint": str(tracer.ckpt.path), "step": int(tracer.ckpt.step),
+          "sum_steps": [int(st.manifest.step) for st in tracer.index.stores[1:]],
           "devices": jax.device_count(), "processes": jax.process_count(),
           "max_top_k": min(lim.max_top_k, lim.num_rows),
           "max_queries": lim.max_queries, "default_top_k": lim.default_top_k}
@@ -260,7 +284,7 @@ def main(argv):
   config.setup(required=("workdir",))
   measure_queries = data_lib.read_queries(FLAGS.measure) if FLAGS.measure else None
   tracer = build(FLAGS.workdir, FLAGS.store, FLAGS.corpus, FLAGS.checkpoint,
-                 FLAGS.resident_budget_mb, FLAGS.check_chunks)
+                 FLAGS.resident_budget_mb, FLAGS.check_chunks, FLAGS.sum_steps)
   if jax.process_index() != 0:
     serving.follow(tracer, serving.Channel())
     return

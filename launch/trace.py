@@ -46,21 +46,6 @@ flags.DEFINE_integer("show", 5, "Queries to print in the summary table.")
 FLAGS = flags.FLAGS
 
 
-def _summed_steps(sum_steps, ckpt) -> list[str]:
-  """The checkpoint directories of ``--sum_steps``, checked."""
-  steps = []
-  for step in sum_steps:
-    if not str(step).isdigit():
-      raise InputError(f"--sum_steps: {step!r} is not a training step (a "
-                       "non-negative integer)")
-    steps.append(int(step))
-  if ckpt.step in steps or len(set(steps)) != len(steps):
-    raise InputError(f"--sum_steps: {steps} repeats a step (the traced "
-                     f"checkpoint is step {ckpt.step} and always counts once)")
-  parent = storage.split(ckpt.path)[0]
-  return [storage.join(parent, str(step)) for step in steps]
-
-
 def run(workdir: str, corpus_source: str, queries_path: str, output: str,
         top_k: int = 10, checkpoint: str | None = None, store_path: str | None = None,
         basis_path: str | None = None, streaming: bool = False,
@@ -70,7 +55,7 @@ def run(workdir: str, corpus_source: str, queries_path: str, output: str,
   pcfg = config.make(PreconditionerConfig)
   run_ = common.start(workdir, checkpoint, corpus_source)
   config.check_top_k(top_k, len(run_.corpus))  # before any gradient
-  others = _summed_steps(sum_steps, run_.ckpt)
+  others = common.summed_checkpoints(sum_steps, run_.ckpt)
   if others and streaming:
     raise InputError("--sum_steps needs a store per step; it does not go with "
                      "--streaming")
@@ -93,20 +78,13 @@ def run(workdir: str, corpus_source: str, queries_path: str, output: str,
     location = common.default_location(workdir, store_path, "store")
     store, basis = common.encoded_store(location, run_, pcfg, params_fp, basis_path)
     metric, vectors, skipped = common.query_metric(run_, basis, query_examples, queries, pcfg)
-    stores, metrics, query_vectors = [store], [metric.row_metric()], [vectors]
-    for path in others:  # one checkpoint at a time on the devices
-      other = common.start(workdir, path, corpus_source)
-      common.say(f"summed: checkpoint {other.ckpt.path} (step {other.ckpt.step})")
-      store, basis = common.encoded_store(
-          f"{location}-step{other.ckpt.step}", other, pcfg,
-          store_lib.fingerprint(other.ckpt.params))
-      metric, vectors, more = common.query_metric(other, basis, query_examples,
-                                                  queries, pcfg)
-      stores.append(store)
-      metrics.append(metric.row_metric())
-      query_vectors.append(vectors)
-      skipped = {**more, **skipped}
-      del other
+    stores, metrics, query_vectors, more = common.summed_parts(
+        others, workdir, corpus_source, location, lambda loc, other: (
+            common.encoded_store(loc, other, pcfg,
+                                 store_lib.fingerprint(other.ckpt.params))),
+        query_examples, queries, pcfg)
+    stores, metrics = [store, *stores], [metric.row_metric(), *metrics]
+    query_vectors, skipped = [vectors, *query_vectors], {**more, **skipped}
     topk = scan_lib.scan_stores(stores, query_vectors, top_k, mesh=encoder.mesh,
                                 metrics=metrics, verify=FLAGS.check_chunks,
                                 progress=common.Progress("scan store", "rows"))

@@ -372,20 +372,22 @@ if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
 # Part 3: the launch script itself, on 2 processes and on 1.
 
 
-def write_checkpoint(path: str, corpus) -> None:
-  """The tiny model after one AdamW step on the corpus (so V is not zero)."""
-  opt_config = train_lib.OptimizerConfig(total_steps=1, warmup_steps=0)
+def write_checkpoint(path: str, corpus, steps: int = 1) -> None:
+  """The tiny model after each of ``steps`` AdamW steps on the corpus (so V
+  is not zero), a checkpoint per step."""
+  opt_config = train_lib.OptimizerConfig(total_steps=steps, warmup_steps=0)
   optimizer = train_lib.make_optimizer(opt_config)
   mesh = partitioning.make_mesh()
   params = jax.device_put(model_lib.init_params(CONFIG), partitioning.replicated(mesh))
   opt_state = optimizer.init(params)
   step = train_lib.make_train_step(model_lib.make_loss_fn(CONFIG), optimizer, mesh, params)
-  batch = partitioning.to_global(corpus.examples(np.arange(8)),
-                                 partitioning.all_devices_batch(mesh))
-  params, opt_state, _ = step(params, opt_state, batch)
   mngr = ckpt_lib.manager(path)
-  ckpt_lib.save(mngr, 1, params, opt_state, CONFIG, opt_config,
-                {**DataConfig().to_dict(), "num_rows": len(corpus)})
+  for i in range(steps):
+    batch = partitioning.to_global(corpus.examples(np.arange(8 * i, 8 * i + 8)),
+                                   partitioning.all_devices_batch(mesh))
+    params, opt_state, _ = step(params, opt_state, batch)
+    ckpt_lib.save(mngr, i + 1, params, opt_state, CONFIG, opt_config,
+                  {**DataConfig().to_dict(), "num_rows": len(corpus)})
   mngr.close()
 
 

@@ -474,3 +474,16 @@ def test_summed_trace_scores_rows_by_the_sum_over_checkpoints(
     with pytest.raises(ValueError, match="--sum_steps"):
       trace.run(str(root), corpus, queries, str(tmp_path / "bad.jsonl"), show=0,
                 store_path=store, sum_steps=bad)
+  # tracer scan: the same summed answer from the stores trace left, no encode.
+  monkeypatch.setattr(scan_script.common, "encoded_store", None)
+  scanned = scan_script.run(str(root), corpus, queries, str(tmp_path / "scan.jsonl"),
+                            store_path=store, sum_steps=["75"])
+  assert ([(r["proponent_ids"], r["proponent_scores"]) for r in scanned]
+          == [(r["proponent_ids"], r["proponent_scores"]) for r in rows])
+  os.rename(store + "-step75", store + "-moved")
+  with pytest.raises(ValueError, match="store-step75: no store"):
+    scan_script.run(str(root), corpus, queries, str(tmp_path / "bad.jsonl"),
+                    store_path=store, sum_steps=["75"])
+  with pytest.raises(ValueError, match="--sum_steps"):
+    scan_script.run(str(root), corpus, queries, str(tmp_path / "bad.jsonl"),
+                    store_path=store, sum_steps=["150"])

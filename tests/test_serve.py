@@ -1,7 +1,7 @@
 """``tracer serve`` (issue 15): the store's rows held on the mesh, HTTP
 requests answered with the records ``tracer trace`` writes.
 
-The fixture builds a small corpus, a one-step checkpoint (tests/test_multihost's
+The fixture builds a small corpus, checkpoints of two steps (tests/test_multihost's
 model) and, with ``launch.trace`` itself, the store and the results of three
 queries files. The server's answers are held to those files; the one-pass
 search over many requests' metrics to ``scan.scan_store`` per request;
@@ -77,7 +77,8 @@ def traced(tmp_path_factory):
       {"id": f"d{i}", "text": word(3, 8)} for i in range(NUM_DOCS)])
   corpus = str(root / "corpus")
   write_checkpoint(str(root / "checkpoints"),
-                   corpus_lib.tokenize(source, corpus, DataConfig(), CONFIG.max_len))
+                   corpus_lib.tokenize(source, corpus, DataConfig(), CONFIG.max_len),
+                   steps=2)
   queries = [{"id": f"q{i}", "prompt": word(2, 5), "target": word(1, 3),
               "bucket": "x"} for i in range(10)]
   sets = {"all": (queries, K), "three": (queries[2:5], 2), "one": (queries[7:8], K)}
@@ -123,26 +124,36 @@ def _metric(rng, segments, widths) -> hessian.QueryMetric:
                              0.1, 1, 1)
 
 
+def _store(path, x, quarantined, dtype="bfloat16"):
+  manifest = store_lib.Manifest(
+      checkpoint="c", step=1, params_fingerprint="p", correction="adam",
+      epsilon=1e-8, projection_seed=0, layout=None, dim=x.shape[1],
+      basis_fingerprint=None, dtype=dtype, num_rows=len(x), chunk_rows=16)
+  store = store_lib.create_or_open(path, manifest)
+  for c in store.pending_chunks():
+    lo, hi = store.chunk_bounds(c)
+    store.write_chunk(c, x[lo:hi], {r: w for r, w in quarantined.items()
+                                    if lo <= r < hi})
+  return store
+
+
 @pytest.mark.parametrize("mesh", ["8x1", "4x2"])
 def test_one_pass_equals_a_scan_per_request(tmp_path, mesh):
   """Three requests (1, 3 and 2 queries, k 5, 2 and 7, each its own metric,
   low-rank widths 0..3 per segment) in one pass over resident rows = one
-  ``scan_store`` each; quarantined rows and padding never come back."""
+  ``scan_store`` each; quarantined rows and padding never come back. The
+  same over two stores (a sum over checkpoints) = ``scan_stores``."""
   rng = np.random.default_rng(0)
   num, dim = 203, 40
-  x = rng.standard_normal((num, dim)).astype(np.float32)
-  manifest = store_lib.Manifest(
-      checkpoint="c", step=1, params_fingerprint="p", correction="adam",
-      epsilon=1e-8, projection_seed=0, layout=None, dim=dim,
-      basis_fingerprint=None, dtype="bfloat16", num_rows=num, chunk_rows=16)
-  store = store_lib.create_or_open(tmp_path / "s", manifest)
   bad = {3: "non-finite loss", 100: "non-finite gradient"}
-  for c in store.pending_chunks():
-    lo, hi = store.chunk_bounds(c)
-    store.write_chunk(c, x[lo:hi], {r: w for r, w in bad.items() if lo <= r < hi})
+  store = _store(tmp_path / "s", rng.standard_normal((num, dim)).astype(np.float32),
+                 bad)
+  other = _store(tmp_path / "t", rng.standard_normal((num, dim)).astype(np.float32),
+                 {150: "non-finite loss"})
   segments = ((0, 10), (10, 25), (25, 40))
-  metrics = [_metric(rng, segments, w) for w in ((1, 0, 1), (3, 2, 0), (0, 0, 0))]
-  vectors = [rng.standard_normal((n, dim)).astype(np.float32) for n in (1, 3, 2)]
+  widths = ((1, 0, 1), (3, 2, 0), (0, 0, 0))
+  metrics = [[_metric(rng, segments, w)] for w in widths]
+  vectors = [[rng.standard_normal((n, dim)).astype(np.float32)] for n in (1, 3, 2)]
   ks = (5, 2, 7)
   the_mesh = (partitioning.make_mesh() if mesh == "8x1"
               else partitioning.make_mesh(4, 2))
@@ -150,20 +161,43 @@ def test_one_pass_equals_a_scan_per_request(tmp_path, mesh):
   layout = serving.plan_layout(num, dim, 2, the_mesh.size, 16, block_bytes=16 * dim * 2)
   assert layout.block == 16 and layout.rows_per_device % 16 == 0
   assert layout.rows_per_device * the_mesh.size >= num
-  index = serving.ResidentIndex(store, the_mesh, layout)
-  got = index.search(vectors, metrics, ks)
-  for g, v, m, k in zip(got, vectors, metrics, ks):
-    want = scan_lib.scan_store(store, v, k, mesh=the_mesh, metric=m.row_metric())
-    np.testing.assert_array_equal(g.proponent_rows, want.proponent_rows)
-    np.testing.assert_array_equal(g.opponent_rows, want.opponent_rows)
-    np.testing.assert_allclose(g.proponent_scores, want.proponent_scores, rtol=1e-5)
-    np.testing.assert_allclose(g.opponent_scores, want.opponent_scores, rtol=1e-5)
-    assert not np.isin(g.proponent_rows, list(bad)).any()
+
+  def check(got, want):
+    for g, w in zip(got, want):
+      np.testing.assert_array_equal(g.proponent_rows, w.proponent_rows)
+      np.testing.assert_array_equal(g.opponent_rows, w.opponent_rows)
+      np.testing.assert_allclose(g.proponent_scores, w.proponent_scores, rtol=1e-5)
+      np.testing.assert_allclose(g.opponent_scores, w.opponent_scores, rtol=1e-5)
+
+  got = serving.ResidentIndex([store], the_mesh, layout).search(vectors, metrics, ks)
+  check(got, [scan_lib.scan_store(store, v[0], k, mesh=the_mesh,
+                                  metric=m[0].row_metric())
+              for v, m, k in zip(vectors, metrics, ks)])
+  assert not np.isin(np.concatenate([g.proponent_rows.ravel() for g in got]),
+                     list(bad)).any()
   # The fallback gives the same; a budget of 0 bytes chooses it.
-  streamed = serving.open_index(store, the_mesh, budget_bytes=0)
+  streamed = serving.open_index([store], the_mesh, budget_bytes=0)
   assert not streamed.resident
-  for g, s in zip(got, streamed.search(vectors, metrics, ks)):
-    np.testing.assert_array_equal(g.proponent_rows, s.proponent_rows)
+  check(got, streamed.search(vectors, metrics, ks))
+
+  for j, w in enumerate(widths):  # a second part: its own vectors and metric
+    metrics[j].append(_metric(rng, segments, w[::-1]))
+    vectors[j].append(rng.standard_normal(vectors[j][0].shape).astype(np.float32))
+  summed = serving.ResidentIndex([store, other], the_mesh, layout)
+  got = summed.search(vectors, metrics, ks)
+  want = [scan_lib.scan_stores([store, other], v, k, mesh=the_mesh,
+                               metrics=[m.row_metric() for m in ms])
+          for v, ms, k in zip(vectors, metrics, ks)]
+  check(got, want)
+  assert not np.isin(np.concatenate([g.proponent_rows.ravel() for g in got]),
+                     [*bad, 150]).any()
+  check(got, serving.open_index([store, other], the_mesh, 0).search(
+      vectors, metrics, ks))
+  # Not the first part's answer alone.
+  assert any((g.proponent_rows != o.proponent_rows).any()
+             for g, o in zip(got, serving.ResidentIndex(
+                 [store], the_mesh, layout).search(
+                     [v[:1] for v in vectors], [m[:1] for m in metrics], ks)))
 
 
 def test_resident_load_refuses_a_corrupt_chunk(tmp_path):
@@ -178,7 +212,7 @@ def test_resident_load_refuses_a_corrupt_chunk(tmp_path):
     store.write_chunk(c, x[lo:hi])
   store.array[20:21].write(np.full((1, 8), 7, np.float32)).result()
   with pytest.raises(InputError, match=r"chunk 1 \(rows 16..32\).*checksum"):
-    serving.open_index(store, partitioning.make_mesh(), budget_bytes=1 << 30)
+    serving.open_index([store], partitioning.make_mesh(), budget_bytes=1 << 30)
 
 
 # --- batching -------------------------------------------------------------------
@@ -232,7 +266,7 @@ def test_answers_equal_trace_while_batched(traced, tracer_):
 def test_streamed_index_answers_the_same(traced, tracer_):
   streamed = serving.Tracer(tracer_.ckpt, tracer_.encoder, tracer_.basis,
                             tracer_.corpus,
-                            serving.StreamedIndex(tracer_.index.store,
+                            serving.StreamedIndex(tracer_.index.stores,
                                                   tracer_.encoder.mesh),
                             tracer_.cfg)
   requests = [serving.Request(qs, k) for qs, k in traced.sets.values()]
@@ -240,6 +274,44 @@ def test_streamed_index_answers_the_same(traced, tracer_):
   assert set(timing) == {"encode", "fit_r", "scan", "decode", "records"}
   for answer, name in zip(answers, traced.sets):
     assert_same_records(answer.records, traced.results[name])
+
+
+def test_summed_over_checkpoints_answers_equal_trace(traced, tmp_path):
+  """``--sum_steps=1``: step 1's params and store held beside step 2's; the
+  answers (resident and streamed) equal ``tracer trace --sum_steps=1``'s."""
+  want = {name: trace.run(str(traced.root), traced.corpus,
+                          str(traced.root / f"{name}.jsonl"),
+                          str(tmp_path / f"{name}.out"), top_k=k,
+                          checkpoint=traced.checkpoint, show=0, sum_steps=["1"])
+          for name, (_, k) in traced.sets.items()}
+  assert any([r["proponent_ids"] for r in want[name]]
+             != [r["proponent_ids"] for r in traced.results[name]] for name in want)
+  summed = serve.build(str(traced.root), corpus=traced.corpus,
+                       checkpoint=traced.checkpoint, sum_steps=["1"])
+  assert [st.manifest.step for st in summed.index.stores] == [2, 1]
+  server = serve.Server(summed, window_s=1.0)
+  try:
+    health = serving.health(server.url)
+    assert (health["step"], health["sum_steps"], health["resident"]) == (2, [1], True)
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+      futures = {name: pool.submit(serving.trace, server.url, qs, k)
+                 for name, (qs, k) in traced.sets.items()}
+      responses = {name: f.result() for name, f in futures.items()}
+    for name, response in responses.items():
+      assert_same_records(response["results"], want[name])
+  finally:
+    server.close()
+  streamed = serving.Tracer(
+      summed.ckpt, summed.encoder, summed.basis, summed.corpus,
+      serving.StreamedIndex(summed.index.stores, summed.encoder.mesh), summed.cfg,
+      summed.parts[1:])
+  answers, _ = streamed.answer([serving.Request(qs, k)
+                                for qs, k in traced.sets.values()])
+  for answer, name in zip(answers, traced.sets):
+    assert_same_records(answer.records, want[name])
+  with pytest.raises(InputError, match="--sum_steps"):
+    serve.build(str(traced.root), corpus=traced.corpus,
+                checkpoint=traced.checkpoint, sum_steps=["2"])
 
 
 def _raw(url: str, method: str, path: str, body: bytes | None = None,

@@ -519,6 +519,18 @@ def scan_store(store, queries, k: int, *, mesh: Mesh | None = None,
                read_ahead=read_ahead)
 
 
+def check_summable(stores, what: str) -> None:
+  """InputError unless ``stores`` hold the same rows in the same layout
+  (rows, d, dtype, chunk_rows), as a score summed over them needs."""
+  shape = lambda st: (st.num_rows, st.dim, st.manifest.dtype, st.chunk_rows)
+  for st in stores[1:]:
+    if shape(st) != shape(stores[0]):
+      raise InputError(
+          f"{what}: {st.path} holds (rows, d, dtype, chunk_rows) = "
+          f"{shape(st)}, {stores[0].path} {shape(stores[0])}; a sum needs the "
+          "same rows in the same layout")
+
+
 def scan_stores(stores, queries, k: int, *, mesh: Mesh | None = None,
                 chunk_rows: int | None = None, prefetch: int = 2,
                 metrics=None, verify: bool = True, progress=None,
@@ -539,13 +551,7 @@ def scan_stores(stores, queries, k: int, *, mesh: Mesh | None = None,
     raise InputError(f"scan_stores: {len(stores)} stores, {len(queries)} query "
                      f"sets and {len(metrics)} metrics; expected one of each "
                      "per store, at least one")
-  shape = lambda st: (st.num_rows, st.dim, st.manifest.dtype, st.chunk_rows)
-  for st in stores[1:]:
-    if shape(st) != shape(stores[0]):
-      raise InputError(
-          f"scan_stores: {st.path} holds (rows, d, dtype, chunk_rows) = "
-          f"{shape(st)}, {stores[0].path} {shape(stores[0])}; a sum needs the "
-          "same rows in the same layout")
+  check_summable(stores, "scan_stores")
   if len(stores) == 1:
     return scan_store(stores[0], queries[0], k, mesh=mesh, chunk_rows=chunk_rows,
                       prefetch=prefetch, metric=metrics[0], verify=verify,

@@ -11,7 +11,10 @@ encoder, basis, corpus row table, the index) and answers HTTP requests:
   the batch, keeps a running top-k (``tracer.topk``'s selection and merge),
   and only ``k`` candidates per device and query are gathered at the end.
 * ``StreamedIndex``: the fallback when the rows do not fit the device budget:
-  ``scan.scan_store`` per request.
+  ``scan.scan_stores`` per request.
+* Both take one store or several holding the same rows (TrackStar summed
+  over checkpoints, one store per checkpoint): a row's score is then the sum
+  of its scores in each, against that checkpoint's queries and R.
 * ``Tracer.answer``: a batch of requests -> one query encoding for all their
   queries, each request's own task-specific R (its queries are its eval set,
   exactly as ``tracer trace`` fits R for a queries file, so an answer never
@@ -324,34 +327,43 @@ def _norms(x, diag, lowrank, lowrank_owner, segments):
   return jnp.maximum(jnp.sqrt(jnp.maximum(n2, 0.0)), jnp.finfo(jnp.float32).tiny)
 
 
-def _device_topk(x, row_ids, valid, queries, owner, diag, lowrank, lowrank_owner,
-                 *, k: int, block: int, segments, axes):
-  """One device's top-k of its rows ``x [n, d]`` for every query, scanned
-  ``block`` rows at a time with a running top-k (``tracer.topk``'s
-  per-block selection and exact merge, as a scan step does); ``owner [Q]``:
-  each query's request, whose metric divides its scores."""
+def _device_topk(xs, row_ids, valid, queries, owner, diags, lowranks,
+                 lowrank_owners, *, k: int, block: int, segments, axes):
+  """One device's top-k of its rows for every query, scanned ``block`` rows
+  at a time with a running top-k (``tracer.topk``'s per-block selection and
+  exact merge, as a scan step does); ``owner [Q]``: each query's request,
+  whose metric divides its scores.
+
+  Per part (one store, e.g. one checkpoint of a sum over checkpoints): its
+  rows ``xs[p] [n, d]``, queries ``[Q, d]``, metrics (``_norms``'s arrays)
+  and ``segments[p]``. A row's score is the sum over parts of its scores,
+  in fp32, in part order (``topk.summed_step_fn``'s)."""
   # The running top-k differs per device (shard_map's varying values).
   init = jax.tree.map(lambda a: lax.pcast(a, tuple(axes), to="varying"),
-                      topk_lib.empty_state(queries.shape[0], k))
+                      topk_lib.empty_state(queries[0].shape[0], k))
 
   def step(i, state):
-    xs = lax.dynamic_slice_in_dim(x, i * block, block)
-    ok_rows = lax.dynamic_slice_in_dim(valid, i * block, block)
-    # bf16 rows as three bf16 products, not widened under XLA:CPU's library
-    # fusions (``topk.jit_step``): with the row norms in the same program the
-    # options made a one-query pass 1.3-1.6x slower on the 2-core CPU.
-    s = topk_lib.exact_scores(xs, queries)
-    s = s / _norms(xs, diag, lowrank, lowrank_owner, segments)[:, owner]
-    return topk_lib.fold_block(state, s, lax.dynamic_slice_in_dim(
-        row_ids, i * block, block), ok_rows, k)
+    rows = lambda a: lax.dynamic_slice_in_dim(a, i * block, block)
+    s = None
+    for x, q, diag, lowrank, lowrank_owner, segs in zip(
+        xs, queries, diags, lowranks, lowrank_owners, segments):
+      x = rows(x)
+      # bf16 rows as three bf16 products, not widened under XLA:CPU's library
+      # fusions (``topk.jit_step``): with the row norms in the same program the
+      # options made a one-query pass 1.3-1.6x slower on the 2-core CPU.
+      part = (topk_lib.exact_scores(x, q)
+              / _norms(x, diag, lowrank, lowrank_owner, segs)[:, owner])
+      s = part if s is None else s + part
+    return topk_lib.fold_block(state, s, rows(row_ids), rows(valid), k)
 
-  return tuple(lax.fori_loop(0, x.shape[0] // block, step, init))
+  return tuple(lax.fori_loop(0, xs[0].shape[0] // block, step, init))
 
 
 @functools.lru_cache(maxsize=None)
 def _search_fn(mesh: Mesh, k: int, block: int, segments: tuple):
   """The jitted pass: every device's top-k, then ``k`` candidates per device
-  and query gathered and merged (the only cross-device traffic)."""
+  and query gathered and merged (the only cross-device traffic).
+  ``segments``: each part's metric segments."""
   rows = partitioning.rows_sharding(mesh).spec
   ids = partitioning.rows_sharding(mesh, ndim=1).spec
   rep = partitioning.replicated(mesh).spec
@@ -362,9 +374,9 @@ def _search_fn(mesh: Mesh, k: int, block: int, segments: tuple):
       mesh=mesh, in_specs=(rows, ids, ids) + (rep,) * 5,
       out_specs=(candidates,) * 4)
 
-  def search(x, row_ids, valid, queries, owner, diag, lowrank, lowrank_owner):
-    ps, pr, os_, or_ = local(x, row_ids, valid, queries, owner, diag, lowrank,
-                             lowrank_owner)
+  def search(xs, row_ids, valid, queries, owner, diags, lowranks, lowrank_owners):
+    ps, pr, os_, or_ = local(xs, row_ids, valid, queries, owner, diags, lowranks,
+                             lowrank_owners)
     return topk_lib.merge_candidates(topk_lib.empty_state(ps.shape[0], k),
                                      ps, pr, os_, or_, k)
 
@@ -410,65 +422,90 @@ def _split(result: topk_lib.TopK, sizes: Sequence[int], ks: Sequence[int]
 
 
 class ResidentIndex:
-  """A store's rows held on the mesh (module doc); ``search`` is one pass."""
+  """Stores' rows held on the mesh (module doc); ``search`` is one pass.
+
+  ``stores``: one, or one per part of a sum (e.g. TrackStar summed over
+  checkpoints), each holding the same rows; a row's score is the sum of
+  its parts' and a row quarantined in any part never comes back."""
   resident = True
 
-  def __init__(self, store, mesh: Mesh, layout: Layout, verify: bool = True):
-    self.store, self.mesh, self.layout = store, mesh, layout
-    self.x, self.row_ids, self.valid = _load(store, mesh, layout, verify)
+  def __init__(self, stores, mesh: Mesh, layout: Layout, verify: bool = True):
+    self.stores, self.mesh, self.layout = list(stores), mesh, layout
+    scan_lib.check_summable(self.stores, "ResidentIndex")
+    self.store = self.stores[0]
+    loaded = [_load(st, mesh, layout, verify) for st in self.stores]
+    self.xs = tuple(x for x, _, _ in loaded)
+    self.row_ids = loaded[0][1]
+    self.valid = loaded[0][2]
+    for _, _, valid in loaded[1:]:
+      self.valid = jnp.logical_and(self.valid, valid)
 
-  def search(self, vectors: Sequence[np.ndarray],
-             metrics: Sequence[hessian.QueryMetric], ks: Sequence[int]
-             ) -> list[topk_lib.TopK]:
-    """Each request's top-k: ``vectors[j] [n_j, d]`` (``fit_request``'s),
-    its metric and its k. All processes call this together."""
-    sizes = [len(v) for v in vectors]
+  def search(self, vectors: Sequence[Sequence[np.ndarray]],
+             metrics: Sequence[Sequence[hessian.QueryMetric]],
+             ks: Sequence[int]) -> list[topk_lib.TopK]:
+    """Each request's top-k: ``vectors[j][p] [n_j, d]`` (``fit_request``'s
+    in part p), its metrics ``metrics[j][p]`` and its k. All processes call
+    this together."""
+    sizes = [len(v[0]) for v in vectors]
     num = sum(sizes)
-    queries = np.zeros((_bucket(num), self.store.dim), np.float32)
-    queries[:num] = np.concatenate(vectors)
-    owner = np.zeros(len(queries), np.int32)
+    queries = []
+    for p in range(len(self.stores)):
+      q = np.zeros((_bucket(num), self.store.dim), np.float32)
+      q[:num] = np.concatenate([v[p] for v in vectors])
+      queries.append(q)
+    owner = np.zeros(len(queries[0]), np.int32)
     owner[:num] = np.repeat(np.arange(len(sizes)), sizes)
-    segments, *arrays = _stacked_metrics(metrics, _bucket(len(metrics)))
+    stacked = [_stacked_metrics([m[p] for m in metrics], _bucket(len(metrics)))
+               for p in range(len(self.stores))]
+    segments, diags, lowranks, owners = (tuple(a) for a in zip(*stacked))
     put = lambda a: partitioning.put_global(a, partitioning.replicated(self.mesh))
     k = _bucket(max(ks))
     state = _search_fn(self.mesh, k, self.layout.block, segments)(
-        self.x, self.row_ids, self.valid, put(queries), put(owner),
-        *jax.tree.map(put, arrays))
+        self.xs, self.row_ids, self.valid, *jax.tree.map(
+            put, (tuple(queries), owner, diags, lowranks, owners)))
     return _split(topk_lib.finish(state, self.store.num_rows), sizes, ks)
 
   def describe(self) -> str:
-    per_device = self.layout.rows_per_device * self.store.dim * self.x.dtype.itemsize
-    return (f"resident: {self.store.num_rows} rows on {self.mesh.size} devices, "
-            f"{per_device / 2**20:.1f} MiB per device ({self.x.dtype})")
+    per_device = (len(self.xs) * self.layout.rows_per_device * self.store.dim
+                  * self.xs[0].dtype.itemsize)
+    parts = f" x {len(self.xs)} stores" if len(self.xs) > 1 else ""
+    return (f"resident: {self.store.num_rows} rows{parts} on {self.mesh.size} "
+            f"devices, {per_device / 2**20:.1f} MiB per device ({self.xs[0].dtype})")
 
 
 class StreamedIndex:
-  """The store read from its location for every request (``scan_store``):
-  the fallback when its rows do not fit the devices."""
+  """The stores read from their locations for every request
+  (``scan_stores``): the fallback when their rows do not fit the devices."""
   resident = False
 
-  def __init__(self, store, mesh: Mesh, verify: bool = True):
-    self.store, self.mesh, self.verify = store, mesh, verify
+  def __init__(self, stores, mesh: Mesh, verify: bool = True):
+    self.stores, self.mesh, self.verify = list(stores), mesh, verify
+    scan_lib.check_summable(self.stores, "StreamedIndex")
+    self.store = self.stores[0]
 
   def search(self, vectors, metrics, ks) -> list[topk_lib.TopK]:
-    return [scan_lib.scan_store(self.store, v, k, mesh=self.mesh,
-                                metric=m.row_metric(), verify=self.verify)
-            for v, m, k in zip(vectors, metrics, ks)]
+    return [scan_lib.scan_stores(self.stores, list(v), k, mesh=self.mesh,
+                                 metrics=[m.row_metric() for m in ms],
+                                 verify=self.verify)
+            for v, ms, k in zip(vectors, metrics, ks)]
 
   def describe(self) -> str:
-    return f"streamed from {self.store.path} for every request"
+    return (f"streamed from {', '.join(st.path for st in self.stores)} for "
+            "every request")
 
 
-def open_index(store, mesh: Mesh, budget_bytes: int, verify: bool = True):
-  """A ``ResidentIndex`` if the rows fit ``budget_bytes`` per device, else a
-  ``StreamedIndex``."""
+def open_index(stores, mesh: Mesh, budget_bytes: int, verify: bool = True):
+  """A ``ResidentIndex`` of ``stores`` (one, or the parts of a sum) if their
+  rows fit ``budget_bytes`` per device, else a ``StreamedIndex``."""
+  stores = list(stores)
+  store = stores[0]
   dtype = _device_dtype(store.dtype)
   layout = plan_layout(store.num_rows, store.dim, dtype.itemsize, mesh.size,
                        store.chunk_rows,
                        scan_lib.device_chunk_bytes(mesh.devices.flat[0].platform))
-  if layout.rows_per_device * store.dim * dtype.itemsize > budget_bytes:
-    return StreamedIndex(store, mesh, verify)
-  return ResidentIndex(store, mesh, layout, verify)
+  if len(stores) * layout.rows_per_device * store.dim * dtype.itemsize > budget_bytes:
+    return StreamedIndex(stores, mesh, verify)
+  return ResidentIndex(stores, mesh, layout, verify)
 
 
 # --- answering batches ------------------------------------------------------------
@@ -480,12 +517,20 @@ class Answer(NamedTuple):
 
 class Tracer:
   """Answers batches of requests against one checkpoint and store (module
-  doc). Every process calls ``answer`` with the same batches."""
+  doc). Every process calls ``answer`` with the same batches.
+
+  ``summed``: (encoder, basis) of each other checkpoint of a sum over
+  checkpoints, in the order of ``index``'s other stores; each projects the
+  queries and fits their R in its own store's basis."""
 
   def __init__(self, ckpt, encoder, basis: hessian.Basis | None, corpus, index,
-               cfg: PreconditionerConfig):
+               cfg: PreconditionerConfig, summed: Sequence[tuple] = ()):
     self.ckpt, self.encoder, self.basis = ckpt, encoder, basis
     self.corpus, self.index, self.cfg = corpus, index, cfg
+    self.parts = [(encoder, basis), *summed]
+    if len(self.parts) != len(index.stores):
+      raise ValueError(f"Tracer: {len(self.parts)} checkpoints, "
+                       f"{len(index.stores)} stores; expected one per store")
     self.vocab = pipeline.data_config(ckpt).vocabulary()
     self.max_len = ckpt.family.max_len(ckpt.model_config)
 
@@ -499,21 +544,29 @@ class Tracer:
     tick = lambda: clock.append(time.perf_counter())
     parts = [self.examples(r.queries) for r in requests]
     examples = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
-    psi, skipped = project_queries(self.encoder, self.basis, examples)
+    projected = [project_queries(enc, basis, examples) for enc, basis in self.parts]
     tick()
     bounds = np.cumsum([0] + [len(r.queries) for r in requests])
-    mine = [{i - a: why for i, why in skipped.items() if a <= i < b}
-            for a, b in zip(bounds, bounds[1:])]
+    per_part = [[{i - a: why for i, why in skipped.items() if a <= i < b}
+                 for a, b in zip(bounds, bounds[1:])] for _, skipped in projected]
+    mine = [{} for _ in requests]  # a query skipped in any part; the first reason
+    for part in per_part:
+      for j, skipped in enumerate(part):
+        for i, why in skipped.items():
+          mine[j].setdefault(i, why)
     fitted, errors = {}, {}
     for j, r in enumerate(requests):
       try:
-        fitted[j] = fit_request(self.basis, psi[bounds[j]:bounds[j + 1]], mine[j],
-                                self.cfg, [q["id"] for q in r.queries])
+        fitted[j] = [fit_request(basis, psi[bounds[j]:bounds[j + 1]], part[j],
+                                 self.cfg, [q["id"] for q in r.queries])
+                     for (_, basis), (psi, _), part in zip(self.parts, projected,
+                                                           per_part)]
       except QuarantineLimitError as e:
         errors[j] = e
     tick()
     found = dict(zip(fitted, self.index.search(
-        [v for _, v in fitted.values()], [m for m, _ in fitted.values()],
+        [[v for _, v in f] for f in fitted.values()],
+        [[m for m, _ in f] for f in fitted.values()],
         [requests[j].top_k for j in fitted]))) if fitted else {}
     tick()
     preds = predictions(self.ckpt, examples,
