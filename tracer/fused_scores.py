@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 BLOCK_ROWS = 128    # rows per program: a multiple of GROUP
 BLOCK_DIM = 64      # contraction tile
 MAX_BLOCK_QUERIES = 64  # queries per program; more go to a second grid axis
-GROUP = 16          # rows per bit word, as in ``topk``
+GROUP = 16          # rows per bit word (``topk.GROUP`` is this one)
 
 
 def supported(rows: int, dim: int, dtype) -> bool:

@@ -168,7 +168,8 @@ def _row_norms(x: jax.Array, diag: jax.Array, lowrank, segments) -> jax.Array:
 FAST_LEVELS = (16, 32, 64)
 MAX_COMPACT = 256
 FAST_GROUPS = (16, 32)
-GROUP = 16  # rows per bit word: both sides' bits fit one u32 (_select_both)
+# Rows per bit word: both sides' bits fit one u32 (_select_both).
+GROUP = fused_scores.GROUP
 
 
 def _block_size(rows: int, k: int) -> int | None:
