@@ -201,9 +201,12 @@ def query_metric(run: Run, basis, query_examples: dict, queries: Sequence[dict],
   return metric, vectors, skipped
 
 
-def summed_checkpoints(sum_steps: Sequence, ckpt) -> list[str]:
+def summed_checkpoints(sum_steps: Sequence, ckpt, stores_at: str | None = None
+                       ) -> list[str]:
   """The checkpoint directories of ``--sum_steps`` (steps of ``ckpt``'s run
-  other than its own), checked before any gradient."""
+  other than its own), checked before any gradient: each step must be
+  there, and with ``stores_at`` (the main store's location) its store
+  ``<stores_at>-step<N>`` too."""
   steps = []
   for step in sum_steps:
     if not str(step).isdigit():
@@ -214,6 +217,16 @@ def summed_checkpoints(sum_steps: Sequence, ckpt) -> list[str]:
     raise InputError(f"--sum_steps: {steps} repeats a step (the traced "
                      f"checkpoint is step {ckpt.step} and always counts once)")
   parent = storage.split(ckpt.path)[0]
+  if steps:
+    try:
+      ckpt_lib.check_steps(parent, steps)
+    except InputError as e:
+      raise InputError(f"--sum_steps: {e}") from None
+  for step in steps if stores_at else ():
+    where = f"{stores_at}-step{step}"
+    if not storage.exists(storage.join(where, store_lib.MANIFEST)):
+      raise InputError(f"{where}: no store for --sum_steps step {step}; encode "
+                       f"it first (tracer trace --sum_steps={step})")
   return [storage.join(parent, str(step)) for step in steps]
 
 

@@ -43,9 +43,9 @@ def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
   pcfg = config.make(PreconditionerConfig)
   run_ = common.start(workdir, checkpoint, corpus_source)
   config.check_top_k(top_k, len(run_.corpus))  # before any gradient
-  others = common.summed_checkpoints(sum_steps, run_.ckpt)
-  queries, query_examples = pipeline.read_queries(run_.ckpt, queries_path)
   location = common.default_location(workdir, store_path, "store")
+  others = common.summed_checkpoints(sum_steps, run_.ckpt, stores_at=location)
+  queries, query_examples = pipeline.read_queries(run_.ckpt, queries_path)
   store, basis = _stored(location, run_)
   metric, vectors, skipped = common.query_metric(run_, basis, query_examples,
                                                  queries, pcfg)

@@ -143,7 +143,7 @@ def build(workdir: str, store_path: str | None = None, corpus: str | None = None
       raise
     raise InputError(f"{e} (the store's corpus, from its manifest; pass "
                      "--corpus)") from None
-  others = common.summed_checkpoints(sum_steps, run_.ckpt)
+  others = common.summed_checkpoints(sum_steps, run_.ckpt, stores_at=location)
   store, basis = _complete(location, run_)
   stores, summed, steps = [store], [], []
   for other, other_store, other_basis in common.summed_runs(

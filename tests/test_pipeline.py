@@ -470,18 +470,19 @@ def test_summed_trace_scores_rows_by_the_sum_over_checkpoints(
   single = trace.run(str(root), corpus, queries, str(tmp_path / "one.jsonl"),
                      show=0, store_path=store)
   assert [r["proponent_ids"] for r in single] != [r["proponent_ids"] for r in rows]
-  for bad in (["150"], ["75", "75"], ["x"]):
+  # From here on no store is encoded: bad steps are refused before, and
+  # tracer scan gives the same summed answer from the stores trace left.
+  monkeypatch.setattr(scan_script.common, "encoded_store", None)
+  for bad in (["150"], ["75", "75"], ["x"], ["30"]):  # 30: no such checkpoint
     with pytest.raises(ValueError, match="--sum_steps"):
       trace.run(str(root), corpus, queries, str(tmp_path / "bad.jsonl"), show=0,
                 store_path=store, sum_steps=bad)
-  # tracer scan: the same summed answer from the stores trace left, no encode.
-  monkeypatch.setattr(scan_script.common, "encoded_store", None)
   scanned = scan_script.run(str(root), corpus, queries, str(tmp_path / "scan.jsonl"),
                             store_path=store, sum_steps=["75"])
   assert ([(r["proponent_ids"], r["proponent_scores"]) for r in scanned]
           == [(r["proponent_ids"], r["proponent_scores"]) for r in rows])
   os.rename(store + "-step75", store + "-moved")
-  with pytest.raises(ValueError, match="store-step75: no store"):
+  with pytest.raises(ValueError, match="store-step75: no store for --sum_steps"):
     scan_script.run(str(root), corpus, queries, str(tmp_path / "bad.jsonl"),
                     store_path=store, sum_steps=["75"])
   with pytest.raises(ValueError, match="--sum_steps"):

@@ -78,6 +78,24 @@ def _abstract_state(family, model_config, optimizer_config, mesh):
   return {**tree, "step": 0}
 
 
+def _steps(directory: str) -> tuple[list[int], ocp.CheckpointManager]:
+  if not storage.is_url(directory) and not os.path.isdir(directory):
+    raise InputError(f"{directory}: no checkpoint directory")
+  mngr = manager(directory)
+  return sorted(mngr.all_steps()), mngr
+
+
+def check_steps(directory: str, wanted) -> None:
+  """InputError unless the CheckpointManager ``directory`` holds every step in
+  ``wanted`` (checked before anything is computed from them)."""
+  steps, mngr = _steps(storage.normalize(directory))
+  mngr.close()
+  missing = [step for step in wanted if step not in steps]
+  if missing:
+    raise InputError(f"{directory}: no step {_listed(missing)}; it holds "
+                     f"step(s) {_listed(steps)}")
+
+
 def restore(directory: str, step: int | None = None, mesh=None) -> Checkpoint:
   """Restores a step (default: the latest) from a CheckpointManager directory.
 
@@ -89,10 +107,7 @@ def restore(directory: str, step: int | None = None, mesh=None) -> Checkpoint:
   more than its share.
   """
   directory = storage.normalize(directory)
-  if not storage.is_url(directory) and not os.path.isdir(directory):
-    raise InputError(f"{directory}: no checkpoint directory")
-  mngr = manager(directory)
-  steps = sorted(mngr.all_steps())
+  steps, mngr = _steps(directory)
   if not steps:
     raise InputError(f"{directory}: holds no checkpoint; expected a checkpoint "
                      "directory (made by launch.train) or one of its step "
