@@ -4,8 +4,10 @@ r"""Prints a capacity plan for encoding and scanning a whole pretraining corpus.
       --projection_dim=65536 --chips=256 --chip=v5p
 
 Arithmetic only (no jax): rows and store size, encode FLOPs and chip-hours,
-scan time per query batch (compute, HBM and host-read bounds) and host memory
-per host while encoding. Chip figures come from `CHIPS`, each with its source;
+scan time per query batch (compute, HBM and host-read bounds; the query
+set's own R applied at scan time) and host memory per host while encoding.
+``--checkpoints=S`` plans TrackStar summed over S checkpoints (``tracer trace
+--sum_steps``): S encodes, S stores, S times the scan. Chip figures come from `CHIPS`, each with its source;
 the model FLOPs utilization, the host read bandwidth and, off the H200, the
 encode/train-step time ratio are assumptions and printed as such.
 """
@@ -97,12 +99,14 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
          queries: int = 64, mfu: float = 0.4,
          encode_train_ratio: float | None = None, hosts: int | None = None,
          chunk_rows: int = 512, batch_per_host: int = 64,
-         host_read_gbps: float = 1.0, r_block_dim: int = 1024) -> dict:
+         host_read_gbps: float = 1.0, r_block_dim: int = 1024,
+         checkpoints: int = 1) -> dict:
   """The capacity plan as a dict; units in the keys' suffixes (_bytes, _flops,
   _s, _hours).
 
   ``params`` and ``tokens`` are counts, ``host_read_gbps`` GB/s (10^9 bytes/s)
   per host; ``encode_train_ratio`` and ``hosts`` default to the chip's row.
+  ``checkpoints``: S, the checkpoints TrackStar is summed over.
   """
   spec = find_chip(chip)
   if store_dtype not in ITEMSIZE:
@@ -111,7 +115,8 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   positive = dict(params=params, tokens=tokens, seq_len=seq_len,
                   projection_dim=projection_dim, chips=chips, queries=queries,
                   chunk_rows=chunk_rows, batch_per_host=batch_per_host,
-                  host_read_gbps=host_read_gbps, r_block_dim=r_block_dim)
+                  host_read_gbps=host_read_gbps, r_block_dim=r_block_dim,
+                  checkpoints=checkpoints)
   for key, value in positive.items():
     if not value > 0:
       raise ValueError(f"{key} must be positive, got {value}")
@@ -128,21 +133,28 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
     raise ValueError(f"hosts must be positive, got {hosts}")
 
   d = projection_dim
+  steps_summed = int(checkpoints)
   rows = -(-int(round(tokens)) // seq_len)             # ceil(tokens / seq_len)
   itemsize = ITEMSIZE[store_dtype]
-  store_bytes = rows * d * itemsize
+  store_bytes = rows * d * itemsize * steps_summed      # one store per checkpoint
 
   train_flops = 6.0 * params * tokens
-  encode_flops = train_flops * ratio
+  encode_flops = train_flops * ratio * steps_summed
   encode_chip_hours = encode_flops / (spec.peak_flops * mfu) / 3600
   encode_wall_hours = encode_chip_hours / chips
   encode_steps = -(-rows // (hosts * batch_per_host))
 
-  params_bytes = params * 2                              # bf16 weights
+  params_bytes = params * 2 * steps_summed             # bf16 weights, each step's
   pod_hbm_bytes = chips * spec.hbm_bytes
   pod_hbm_free_bytes = pod_hbm_bytes - params_bytes
   fits = store_bytes <= pod_hbm_free_bytes
-  scan_compute_s = 2.0 * rows * d * queries / (chips * spec.peak_flops)
+  # The query set's R^(-1) at scan time: each row's norm under it costs one
+  # column for its diagonal and, per block of at most r_block_dim dims, one
+  # low-rank column per query (the queries are R_eval), each over that block
+  # only: about 1 + min(Q, block) columns over the whole row.
+  norm_columns = 1 + min(queries, r_block_dim)
+  scan_compute_s = (2.0 * rows * d * (queries + norm_columns) * steps_summed
+                    / (chips * spec.peak_flops))
   scan_hbm_s = store_bytes / (chips * spec.hbm_bandwidth)
   # tracer's scan today streams the store from storage for every query batch,
   # each host reading its devices' rows.
@@ -150,9 +162,12 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   bounds = {"compute": scan_compute_s, "host read": scan_host_read_s}
   scan_bound = max(bounds, key=bounds.get)
   scan_estimate_s = bounds[scan_bound]
-  # Queries per batch at which compute and the read would take equally long.
-  balance_queries = queries * scan_host_read_s / scan_compute_s
-  # A store kept resident in HBM (not built yet) would pay only this.
+  # Queries per batch at which compute and the read would take equally long:
+  # the read's time in matmul columns, Q + 1 + min(Q, block) of them.
+  columns = scan_host_read_s / (scan_compute_s / (queries + norm_columns))
+  balance_queries = max(0.0, (columns - 1) / 2 if columns <= 1 + 2 * r_block_dim
+                        else columns - 1 - r_block_dim)
+  # A store kept resident in HBM (tracer serve) pays only this.
   scan_resident_s = max(scan_compute_s, scan_hbm_s) if fits else None
 
   host_chunk_bytes = chunk_rows * d * 4
@@ -168,7 +183,7 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
       queries=queries, mfu=mfu, encode_train_ratio=ratio,
       chunk_rows=chunk_rows, batch_per_host=batch_per_host,
       host_read_gbps=host_read_gbps, r_block_dim=r_block_dim,
-      rows=rows, itemsize=itemsize, store_bytes=store_bytes,
+      checkpoints=steps_summed, norm_columns=norm_columns, rows=rows, itemsize=itemsize, store_bytes=store_bytes,
       store_bytes_per_host=store_bytes / hosts,
       train_flops=train_flops, encode_flops=encode_flops,
       encode_chip_hours=encode_chip_hours, encode_wall_hours=encode_wall_hours,
@@ -244,10 +259,13 @@ def report(p: dict) -> str:
   """The plan as aligned text: section, quantity, value, formula."""
   c = p["chip"]
   d = p["projection_dim"]
+  s = p["checkpoints"]
+  times_s = f" * {s} checkpoints" if s > 1 else ""
   lines = [
       f"Capacity plan: {sci(p['params'])}-parameter model, "
       f"{count(p['tokens'])} tokens, d = {count(d)} ({p['store_dtype']}), "
-      f"{p['chips']} x {c.name} on {plural(p['hosts'], 'host')}",
+      f"{p['chips']} x {c.name} on {plural(p['hosts'], 'host')}"
+      + (f", TrackStar summed over {s} checkpoints" if s > 1 else ""),
       f"chip {c.name}: {tflops(c.peak_flops)} bf16, {size(c.hbm_bytes)} HBM "
       f"at {bandwidth(c.hbm_bandwidth)}, {c.chips_per_host} chips per host",
       f"  source: {c.source}",
@@ -264,17 +282,19 @@ def report(p: dict) -> str:
   row("rows", f"{count(p['rows'])} rows",
       f"ceil(tokens / seq_len) = ceil({count(p['tokens'])} / "
       f"{count(p['seq_len'])})")
-  row("store", size(p["store_bytes"]),
-      f"rows * d * {p['itemsize']} B = {count(p['rows'])} * {count(d)} * "
-      f"{p['itemsize']}")
-  row("store per host", size(p["store_bytes_per_host"]),
+  row("store" + ("s" if s > 1 else ""), size(p["store_bytes"]),
+      f"rows * d * {p['itemsize']} B{times_s} = {count(p['rows'])} * "
+      f"{count(d)} * {p['itemsize']}" + (f" * {s}" if s > 1 else ""))
+  row("store" + ("s" if s > 1 else "") + " per host",
+      size(p["store_bytes_per_host"]),
       f"store / {plural(p['hosts'], 'host')}")
 
   section("encode")
   row("train-step FLOPs", f"{sci(p['train_flops'])} FLOP",
       "6 * params * tokens")
   row("encode FLOPs", f"{sci(p['encode_flops'])} FLOP",
-      f"train FLOPs * {p['encode_train_ratio']:g} (encode/train time ratio)")
+      f"train FLOPs * {p['encode_train_ratio']:g} (encode/train time ratio)"
+      + times_s)
   row("encode chip-hours", f"{number(p['encode_chip_hours'])} chip-hours",
       f"encode FLOPs / ({tflops(c.peak_flops)} * mfu {p['mfu']:g}) / 3600 s")
   wall_h = p["encode_wall_hours"]
@@ -291,7 +311,7 @@ def report(p: dict) -> str:
 
   section(f"scan, per batch of Q = {p['queries']} queries")
   row("pod HBM free", size(p["pod_hbm_free_bytes"]),
-      f"chips * HBM - params * 2 B = {p['chips']} * "
+      f"chips * HBM - params * 2 B{times_s} = {p['chips']} * "
       f"{size(c.hbm_bytes, binary=False)} - "
       f"{size(p['params_bytes'], binary=False)}")
   share = p["store_bytes"] / p["pod_hbm_free_bytes"] if (
@@ -299,19 +319,21 @@ def report(p: dict) -> str:
   row("store fits in HBM", "yes" if p["store_fits_in_hbm"] else "no",
       f"store / free HBM = {share * 100:.3g}%")
   row("compute bound", duration(p["scan_compute_s"]),
-      f"2 * rows * d * Q / (chips * {tflops(c.peak_flops)})")
+      f"2 * rows * d * (Q + {p['norm_columns']} for R) / (chips * "
+      f"{tflops(c.peak_flops)})" + times_s)
   row("host read bound", duration(p["scan_host_read_s"]),
       f"store / (hosts * {p['host_read_gbps']:g} GB/s) = store / "
       f"({p['hosts']} * {p['host_read_gbps']:g} GB/s)")
   row("estimate", f"{duration(p['scan_estimate_s'])} ({p['scan_bound']} bound)",
-      "the scan as built: the store streamed from storage per query batch")
+      "tracer scan: the store streamed from storage per query batch")
   row("HBM bound", duration(p["scan_hbm_s"]),
       f"store / (chips * {bandwidth(c.hbm_bandwidth)})")
   if p["scan_resident_s"] is not None:
     row("if resident in HBM", duration(p["scan_resident_s"]),
-        "max(compute, HBM): a store kept in device memory (not built yet)")
+        "max(compute, HBM): tracer serve, the store kept in device memory")
   row("compute-bound when", f"Q > {count(p['balance_queries'])} queries",
-      "Q * host read bound / compute bound")
+      "Q where compute = host read (each query adds a column, and one "
+      "for R up to the block size)")
 
   section("host memory per host while encoding: O(batch), not O(rows)")
   row("chunk buffer f32", size(p["host_chunk_bytes"]),
@@ -353,6 +375,10 @@ def report(p: dict) -> str:
       f"  - R^(-1/2): blocks of at most {count(p['r_block_dim'])} dims "
       "summing to d, so at most d * block * 4 B; tracer.projection's blocks "
       "(k_a * k_b) are not capped, so a larger block breaks this bound.",
+      f"  - R at scan time: 1 + min(Q, {count(p['r_block_dim'])}) = "
+      f"{p['norm_columns']} more columns per row (the row norms under the "
+      "query set's own R; measured on the CPU: (Q + 240) / Q of the plain "
+      "scan with 240 eval examples in blocks of 256, WORKSPACE.md).",
       "  - scan bounds use peak bf16 FLOP/s and HBM bandwidth (no MFU); an "
       "f32 store's matmul runs below the bf16 peak. Free HBM subtracts one "
       "bf16 copy of the weights, sharded over the pod, and ignores "
@@ -396,6 +422,9 @@ def define_flags() -> None:
                      "GB/s, when the store does not fit in HBM.")
   flags.DEFINE_integer("r_block_dim", 1024, "Largest R block, dims (bounds "
                        "R^(-1/2)'s host memory).", lower_bound=1)
+  flags.DEFINE_integer("checkpoints", 1, "S: checkpoints TrackStar is summed "
+                       "over (tracer trace --sum_steps): S encodes, S stores, "
+                       "S times the scan.", lower_bound=1)
 
 
 def _check_chip(name: str | None) -> bool:
@@ -415,7 +444,7 @@ def main(argv):
              FLAGS.chips, FLAGS.chip, FLAGS.store_dtype, FLAGS.queries,
              FLAGS.mfu, FLAGS.encode_train_ratio, FLAGS.hosts,
              FLAGS.chunk_rows, FLAGS.batch_per_host, FLAGS.host_read_gbps,
-             FLAGS.r_block_dim)
+             FLAGS.r_block_dim, FLAGS.checkpoints)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   print(report(p))

@@ -203,3 +203,36 @@ def test_summed_store_scan_is_the_sum_of_the_parts_scores(data, tmp_path):
   np.testing.assert_allclose(got.proponent_scores, want.proponent_scores, atol=1e-5)
   with pytest.raises(ValueError, match="same rows"):
     scan.scan_stores([stores[0], store("c", psi_c[:300], [])], [vectors] * 2, k)
+
+
+def test_bf16_rows_low_rank_products_on_the_bf16_units_keep_the_fp32_bound():
+  # A row metric's low-rank term x_b C_b for bf16 rows: off the CPU it takes
+  # three bf16 matmuls (C's columns split as queries are), not an f32 matmul
+  # at HIGHEST (fp32 cores on GPUs, six passes on TPUs). Both stay within
+  # the bound of an fp32 sum over the exact products; one bf16 term does not.
+  import jax.numpy as jnp
+  import ml_dtypes
+  from tracer import topk
+  rng = np.random.default_rng(11)
+  r, b, cols = 300, 200, 37
+  x = rng.standard_normal((r, b)).astype(ml_dtypes.bfloat16)
+  c = rng.standard_normal((b, cols)).astype(np.float32)  # 24 significant bits
+  exact = x.astype(np.float64) @ c.astype(np.float64)
+  bound = 3 * b * 2.0**-24 * (np.abs(x.astype(np.float64)) @ np.abs(c.astype(np.float64)))
+  three = np.asarray(topk.lowrank_products(jnp.asarray(x), jnp.asarray(c)))
+  widened = np.asarray(topk.lowrank_products(jnp.asarray(x), jnp.asarray(c), widen=True))
+  assert (np.abs(three - exact) <= bound).all()
+  assert (np.abs(widened - exact) <= bound).all()
+  one = x.astype(np.float32) @ c.astype(ml_dtypes.bfloat16).astype(np.float32)
+  assert (np.abs(one - exact) > bound).any()
+  # The program: bf16 dots only for the low-rank term.
+  text = jax.jit(topk.lowrank_products).lower(
+      jnp.asarray(x), jnp.asarray(c)).as_text()
+  assert "bf16" in text and "HIGHEST" not in text
+  # Whole norms: the two ways agree to fp32 rounding.
+  diag = jnp.asarray(rng.random(b) + 1.0, jnp.float32)
+  lowrank = (jnp.asarray(c[:64, :5] * 0.05), jnp.asarray(c[64:, :3] * 0.05))
+  segments = ((0, 64), (64, b))
+  on_units = topk._row_norms(jnp.asarray(x), diag, lowrank, segments)
+  on_cpu = topk._row_norms(jnp.asarray(x), diag, lowrank, segments, widen=True)
+  np.testing.assert_allclose(on_units, on_cpu, rtol=1e-6)

@@ -59,14 +59,42 @@ def test_encode_flops_and_chip_hours():
 def test_scan_bounds_when_store_fits():
   p = plan_lib.plan(**BASE)
   assert p["store_fits_in_hbm"]                # 10.24 TB < 256 * 95 GB - 16 GB
+  # Q = 64 query columns and 1 + 64 for the row norms under the queries' R.
   assert p["scan_compute_s"] == pytest.approx(
-      2 * 78_125_000 * 65_536 * 64 / (256 * 459e12))
+      2 * 78_125_000 * 65_536 * (64 + 65) / (256 * 459e12))
   assert p["scan_hbm_s"] == pytest.approx(10.24e12 / (256 * 2765e9))
   assert p["scan_resident_s"] == pytest.approx(
       max(p["scan_compute_s"], p["scan_hbm_s"]))
   # The scan as built streams the store: 64 hosts at the assumed 1 GB/s.
   assert p["scan_host_read_s"] == pytest.approx(10.24e12 / (64 * 1e9))
   assert p["scan_estimate_s"] == p["scan_host_read_s"]
+
+
+def test_summed_checkpoints_multiply_encode_store_and_scan():
+  one = plan_lib.plan(**BASE)
+  three = plan_lib.plan(**BASE, checkpoints=3)
+  for key in ("store_bytes", "encode_flops", "encode_chip_hours",
+              "scan_compute_s", "scan_hbm_s", "scan_host_read_s"):
+    assert three[key] == pytest.approx(3 * one[key]), key
+  assert three["params_bytes"] == 3 * 8e9 * 2   # serve holds every step's
+  assert not three["store_fits_in_hbm"]         # 30.7 TB > 24.3 TB free
+  assert three["scan_resident_s"] is None
+
+
+def test_queries_where_compute_meets_the_read():
+  # At the balance the compute bound (Q + 1 + min(Q, block) columns) equals
+  # the read, on both sides of the block size.
+  for chips, block in ((256, 1024), (256, 64)):
+    p = plan_lib.plan(**{**BASE, "chips": chips, "r_block_dim": block})
+    q = p["balance_queries"]
+    per_column = p["scan_compute_s"] / (64 + p["norm_columns"])
+    assert per_column * (q + 1 + min(q, block)) == pytest.approx(
+        p["scan_host_read_s"])
+  small = plan_lib.plan(**{**BASE, "host_read_gbps": 1e6, "r_block_dim": 4096})
+  q = small["balance_queries"]
+  assert q < 4096                              # below the block: 2 columns each
+  per_column = small["scan_compute_s"] / (64 + small["norm_columns"])
+  assert per_column * (2 * q + 1) == pytest.approx(small["scan_host_read_s"])
 
 
 def test_scan_reads_from_hosts_when_store_does_not_fit():

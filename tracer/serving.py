@@ -312,23 +312,25 @@ def _load(store, mesh: Mesh, layout: Layout, verify: bool
           jax.make_array_from_callback((total,), sharding, valid))
 
 
-def _norms(x, diag, lowrank, lowrank_owner, segments):
+def _norms(x, diag, lowrank, lowrank_owner, segments, widen: bool):
   """``sqrt(x^T R_j^(-1) x)`` of each row of ``x [r, d]`` for each request j:
   ``[r, J]`` (``topk._row_norms`` for J metrics at once). ``diag [J, d]``;
   per segment, every request's low-rank columns side by side ``[size, R]``
-  and which request owns each column, one-hot ``[R, J]``."""
-  x = x.astype(jnp.float32)
+  and which request owns each column, one-hot ``[R, J]``. ``widen``: see
+  ``topk.lowrank_products``."""
+  xf = x.astype(jnp.float32)
   hi = lax.Precision.HIGHEST
-  n2 = jnp.dot(x * x, diag.T, precision=hi)
+  n2 = jnp.dot(xf * xf, diag.T, precision=hi)
   for (lo, up), c, owner in zip(segments, lowrank, lowrank_owner):
     if c.shape[1]:
-      t = jnp.dot(x[:, lo:up], c, precision=hi)
+      t = topk_lib.lowrank_products(x[:, lo:up], c, widen)
       n2 = n2 - jnp.dot(t * t, owner, precision=hi)
   return jnp.maximum(jnp.sqrt(jnp.maximum(n2, 0.0)), jnp.finfo(jnp.float32).tiny)
 
 
 def _device_topk(xs, row_ids, valid, queries, owner, diags, lowranks,
-                 lowrank_owners, *, k: int, block: int, segments, axes):
+                 lowrank_owners, *, k: int, block: int, segments, axes,
+                 widen_norms: bool):
   """One device's top-k of its rows for every query, scanned ``block`` rows
   at a time with a running top-k (``tracer.topk``'s per-block selection and
   exact merge, as a scan step does); ``owner [Q]``: each query's request,
@@ -337,7 +339,8 @@ def _device_topk(xs, row_ids, valid, queries, owner, diags, lowranks,
   Per part (one store, e.g. one checkpoint of a sum over checkpoints): its
   rows ``xs[p] [n, d]``, queries ``[Q, d]``, metrics (``_norms``'s arrays)
   and ``segments[p]``. A row's score is the sum over parts of its scores,
-  in fp32, in part order (``topk.summed_step_fn``'s)."""
+  in fp32, in part order (``topk.summed_step_fn``'s). ``widen_norms``: the
+  row norms' low-rank products in f32 (CPU), not on the bf16 units."""
   # The running top-k differs per device (shard_map's varying values).
   init = jax.tree.map(lambda a: lax.pcast(a, tuple(axes), to="varying"),
                       topk_lib.empty_state(queries[0].shape[0], k))
@@ -352,7 +355,7 @@ def _device_topk(xs, row_ids, valid, queries, owner, diags, lowranks,
       # fusions (``topk.jit_step``): with the row norms in the same program the
       # options made a one-query pass 1.3-1.6x slower on the 2-core CPU.
       part = (topk_lib.exact_scores(x, q)
-              / _norms(x, diag, lowrank, lowrank_owner, segs)[:, owner])
+              / _norms(x, diag, lowrank, lowrank_owner, segs, widen_norms)[:, owner])
       s = part if s is None else s + part
     return topk_lib.fold_block(state, s, rows(row_ids), rows(valid), k)
 
@@ -370,7 +373,8 @@ def _search_fn(mesh: Mesh, k: int, block: int, segments: tuple):
   candidates = partitioning.every_device_spec(2, axis=1)
   local = jax.shard_map(
       functools.partial(_device_topk, k=k, block=block, segments=segments,
-                        axes=mesh.axis_names),
+                        axes=mesh.axis_names,
+                        widen_norms=mesh.devices.flat[0].platform == "cpu"),
       mesh=mesh, in_specs=(rows, ids, ids) + (rep,) * 5,
       out_specs=(candidates,) * 4)
 

@@ -136,18 +136,34 @@ def exact_scores(x: jax.Array, queries: jax.Array, widen: bool = False) -> jax.A
                          preferred_element_type=jnp.float32)
 
 
-def _row_norms(x: jax.Array, diag: jax.Array, lowrank, segments) -> jax.Array:
+def lowrank_products(x: jax.Array, c: jax.Array, widen: bool = False) -> jax.Array:
+  """``x [r, b] @ c f32[b, R]`` in fp32: a row metric's low-rank term.
+
+  bf16 rows (unless ``widen``) take ``exact_scores``'s three bf16 matmuls
+  (``c``'s columns split like queries): the same fp32 bound as an fp32
+  matmul on the bf16 values, on the bf16 units. At HIGHEST precision an f32
+  matmul runs on a GPU's fp32 cores (~1/15 of its bf16 rate on an H200) and
+  takes six bf16 passes on a TPU; these columns (about as many per block as
+  the query set has queries) are as many as the queries themselves.
+  """
+  if x.dtype == jnp.bfloat16 and not widen:
+    return exact_scores(x, c.T)
+  return jnp.dot(x.astype(jnp.float32), c, precision=lax.Precision.HIGHEST)
+
+
+def _row_norms(x: jax.Array, diag: jax.Array, lowrank, segments,
+               widen: bool = False) -> jax.Array:
   """``sqrt(x^T R^(-1) x)`` of each row of ``x [r, d]`` (``RowMetric``), in fp32.
 
   A zero row gets the smallest normal float, so its scores stay 0, as unit
-  normalization leaves a zero row zero.
+  normalization leaves a zero row zero. ``widen``: as the scores
+  (``exact_scores``; ``lowrank_products``).
   """
-  x = x.astype(jnp.float32)
-  hi = lax.Precision.HIGHEST
-  n2 = jnp.dot(x * x, diag, precision=hi)
+  xf = x.astype(jnp.float32)
+  n2 = jnp.dot(xf * xf, diag, precision=lax.Precision.HIGHEST)
   for (lo, up), c in zip(segments, lowrank):
     if c.shape[1]:
-      t = jnp.dot(x[:, lo:up], c, precision=hi)
+      t = lowrank_products(x[:, lo:up], c, widen)
       n2 = n2 - jnp.sum(t * t, axis=1)
   return jnp.maximum(jnp.sqrt(jnp.maximum(n2, 0.0)), jnp.finfo(jnp.float32).tiny)
 
@@ -475,11 +491,12 @@ def _select_both(s: jax.Array, valid: jax.Array, rid: jax.Array,
           _no_negative_zero(-v[num_queries:]), r[num_queries:])
 
 
-def _norms(pieces, diag, lowrank, segments) -> list[jax.Array] | None:
+def _norms(pieces, diag, lowrank, segments, widen: bool
+           ) -> list[jax.Array] | None:
   """Each piece's rows' norms under a ``RowMetric`` (None: no metric)."""
   if segments is None:
     return None
-  return [_row_norms(p, diag, lowrank, segments) for p in pieces]
+  return [_row_norms(p, diag, lowrank, segments, widen) for p in pieces]
 
 
 def _scores(pieces, queries, norms, widen: bool) -> jax.Array:
@@ -519,7 +536,7 @@ def _local_candidates(x, row_ids, valid, queries, pro_kth, opp_kth, diag=None,
   ``fused_scores`` kernel where it takes them (sorted rows), else None.
   """
   pieces = x if isinstance(x, tuple) else (x,)
-  norms = _norms(pieces, diag, lowrank, segments)
+  norms = _norms(pieces, diag, lowrank, segments, widen)
   words = None
   if fused and rows_sorted and not widen and all(
       fused_scores.supported(*p.shape, p.dtype) for p in pieces):
@@ -543,7 +560,7 @@ def _local_summed_candidates(xs, row_ids, valid, queries, pro_kth, opp_kth,
   total = None
   for x, q, diag, lowrank, seg in zip(xs, queries, diags, lowranks, segments):
     pieces = x if isinstance(x, tuple) else (x,)
-    s = _scores(pieces, q, _norms(pieces, diag, lowrank, seg), widen)
+    s = _scores(pieces, q, _norms(pieces, diag, lowrank, seg, widen), widen)
     total = s if total is None else total + s
   return _candidates(total, row_ids, valid, pro_kth, opp_kth, k=k,
                      rows_sorted=rows_sorted, branch_free=branch_free)
