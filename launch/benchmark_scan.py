@@ -430,6 +430,33 @@ def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
                                  rtol=1e-5, atol=1e-6)
       one_dot_seconds = _best_time(
           lambda: jax.block_until_ready([one_max(c, qs) for c in chunks]), repeats)
+    # Scan-time R for bf16 rows (a RowMetric with blocks of 256 dims and Q
+    # low-rank columns each, as one request of Q queries has): the whole
+    # step, and the row norms alone with the low-rank products on the bf16
+    # units (``topk.lowrank_products``, the default off the CPU) and as an
+    # f32 matmul at HIGHEST (the CPU's form; before 2026-11-30 everywhere).
+    metric_seconds = norms_seconds = norms_highest_seconds = None
+    if dtype == "bfloat16":
+      rep = partitioning.replicated(mesh)
+      segments = tuple((lo, min(lo + 256, dim)) for lo in range(0, dim, 256))
+      diag = partitioning.put_global(np.ones(dim, np.float32), rep)
+      lowrank = tuple(partitioning.put_global(
+          0.01 * rng.standard_normal((hi - lo, queries)).astype(np.float32), rep)
+          for lo, hi in segments)
+      with_metric = topk.step_fn(mesh, k, True, segments)
+      run_metric = lambda: scan_with(lambda state, c, i: with_metric(
+          state, c, i, valid, qs, diag, lowrank))
+      run_metric()
+      metric_seconds = _best_time(run_metric, repeats)
+      for on_units in (True, False):
+        norms_max = jax.jit(lambda x, w=not on_units: topk._row_norms(  # pylint: disable=protected-access
+            x, diag, lowrank, segments, w).max())
+        took = _best_time(lambda: jax.block_until_ready(
+            [norms_max(c) for c in chunks]), repeats)
+        if on_units:
+          norms_seconds = took
+        else:
+          norms_highest_seconds = took
     # bf16 rows through the fused kernel: the kernel alone (thresholds of
     # +inf: no bit set; its scores reduced to one max per query), then the
     # whole step, with and without branches. Each failure is reported.
@@ -498,6 +525,10 @@ def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
         "fused_branch_free_seconds": (None if fused_branch_free_seconds is None
                                       else round(fused_branch_free_seconds, 4)),
         "fused_error": "; ".join(fused_errors) or None,
+        "metric_seconds": None if metric_seconds is None else round(metric_seconds, 4),
+        "norms_seconds": None if norms_seconds is None else round(norms_seconds, 4),
+        "norms_highest_seconds": (None if norms_highest_seconds is None
+                                  else round(norms_highest_seconds, 4)),
         "note": (f"bandwidth {bandwidth / 1e9:.0f} GB/s (jitted sum over the "
                  f"resident rows); {issued // useful} matmul pass(es)"
                  + ("; fp32 matmul (HIGHEST), not the bf16 units"

@@ -777,5 +777,8 @@ def test_resident_benchmark_runs():
   assert table[1]["fused_error"] is None
   assert table[1]["fused_seconds"] > 0 and table[1]["fused_scores_seconds"] > 0
   assert table[1]["fused_branch_free_seconds"] > 0
+  assert min(table[1][key] for key in (
+      "metric_seconds", "norms_seconds", "norms_highest_seconds")) > 0
+  assert table[2]["metric_seconds"] is None
   assert table[2]["fused_seconds"] is None
   assert "| resident scan bfloat16 |" in benchmark_scan.to_markdown(table)
