@@ -393,7 +393,9 @@ def fit_preconditioner(encoder: GradientEncoder, train_batches: Iterable[Any],
   def moments(batches):
     m = hessian.init_moments(encoder.layout, kind)
     for batch in batches:
+      previous = m
       m = encoder.accumulate(m, encoder.project_global(batch))
+      jax.block_until_ready(previous)  # two in flight (pipeline.train_moments)
     return m
 
   train = moments(train_batches)

@@ -219,7 +219,13 @@ def train_moments(encoder: GradientEncoder, corpus, cfg: PreconditionerConfig,
     positions = encoder.local_positions(len(batch_rows))
     mine = batch_rows[positions[positions < len(batch_rows)]]
     examples, valid = read_padded(corpus, mine, len(positions))
+    previous = train
     train = encoder.accumulate(train, encoder.project_local(examples, valid))
+    # At most two batches in flight, as in launch/train.py: a long queue of
+    # dispatched 8-device programs deadlocked XLA:CPU's collectives (a CI run
+    # aborted in this loop after a device thread missed an all-reduce for
+    # 900 s).
+    jax.block_until_ready(previous)
     crashpoints.point("fit.batch")
     _report(progress, lo + len(batch_rows), len(rows))
   return train
