@@ -7,9 +7,10 @@ Arithmetic only (no jax): rows and store size, encode FLOPs and chip-hours,
 scan time per query batch (compute, HBM and host-read bounds; the query
 set's own R applied at scan time) and host memory per host while encoding.
 ``--checkpoints=S`` plans TrackStar summed over S checkpoints (``tracer trace
---sum_steps``): S encodes, S stores, S times the scan. Chip figures come from `CHIPS`, each with its source;
-the model FLOPs utilization, the host read bandwidth and, off the H200, the
-encode/train-step time ratio are assumptions and printed as such.
+--sum_steps``): S encodes, S stores, S times the scan. Chip figures come from
+`CHIPS`, each with its source; the model FLOPs utilization, the host read
+bandwidth and, off the H200, the encode/train-step time ratio are
+assumptions and printed as such.
 """
 
 from __future__ import annotations
@@ -183,7 +184,8 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
       queries=queries, mfu=mfu, encode_train_ratio=ratio,
       chunk_rows=chunk_rows, batch_per_host=batch_per_host,
       host_read_gbps=host_read_gbps, r_block_dim=r_block_dim,
-      checkpoints=steps_summed, norm_columns=norm_columns, rows=rows, itemsize=itemsize, store_bytes=store_bytes,
+      checkpoints=steps_summed, norm_columns=norm_columns, rows=rows,
+      itemsize=itemsize, store_bytes=store_bytes,
       store_bytes_per_host=store_bytes / hosts,
       train_flops=train_flops, encode_flops=encode_flops,
       encode_chip_hours=encode_chip_hours, encode_wall_hours=encode_wall_hours,
