@@ -276,14 +276,22 @@ def test_streamed_index_answers_the_same(traced, tracer_):
     assert_same_records(answer.records, traced.results[name])
 
 
-def test_summed_over_checkpoints_answers_equal_trace(traced, tmp_path):
-  """``--sum_steps=1``: step 1's params and store held beside step 2's; the
-  answers (resident and streamed) equal ``tracer trace --sum_steps=1``'s."""
-  want = {name: trace.run(str(traced.root), traced.corpus,
+@pytest.fixture(scope="module")
+def summed_want(traced, tmp_path_factory):
+  """``tracer trace --sum_steps=1``'s results for the three queries files (it
+  also writes step 1's store, ``<store>-step1``)."""
+  out = tmp_path_factory.mktemp("summed")
+  return {name: trace.run(str(traced.root), traced.corpus,
                           str(traced.root / f"{name}.jsonl"),
-                          str(tmp_path / f"{name}.out"), top_k=k,
+                          str(out / f"{name}.out"), top_k=k,
                           checkpoint=traced.checkpoint, show=0, sum_steps=["1"])
           for name, (_, k) in traced.sets.items()}
+
+
+def test_summed_over_checkpoints_answers_equal_trace(traced, summed_want):
+  """``--sum_steps=1``: step 1's params and store held beside step 2's; the
+  answers (resident and streamed) equal ``tracer trace --sum_steps=1``'s."""
+  want = summed_want
   assert any([r["proponent_ids"] for r in want[name]]
              != [r["proponent_ids"] for r in traced.results[name]] for name in want)
   summed = serve.build(str(traced.root), corpus=traced.corpus,
@@ -479,31 +487,36 @@ def test_tracer_serve_and_view_from_the_command_line(traced, tmp_path):
   multiprocess.wait(procs, logs, time.monotonic() + TIMEOUT_S)
 
 
-def test_serve_on_two_processes(traced, tmp_path):
-  """Process 0 serves HTTP and broadcasts each batch; both processes scan
-  their devices' rows; answers equal one process's ``tracer trace``."""
+def test_serve_on_two_processes(traced, summed_want, tmp_path):
+  """Process 0 serves HTTP and broadcasts each batch; both processes encode
+  each query with both checkpoints' params (``--sum_steps=1``) and scan their
+  devices' rows of both stores; answers equal one process's ``tracer trace
+  --sum_steps=1``. (The device pass is the one-checkpoint pass with two
+  parts; one checkpoint on several processes is the CLI test's code on more
+  hosts.)"""
   port = multiprocess.free_port()
   http_port = multiprocess.free_port()
   commands = [_serve_command(traced, http_port, "--idle_tick_s=1",
-                             "--batch_window_ms=500",
+                             "--batch_window_ms=500", "--sum_steps=1",
                              *multiprocess.distributed_flags(port, i))
               for i in range(2)]
   procs, logs = multiprocess.start(commands, tmp_path, multiprocess.env(devices=4))
   url = _wait_listening(procs, logs[0], time.monotonic() + TIMEOUT_S)
   try:
     health = serving.health(url)
-    assert (health["processes"], health["devices"], health["resident"]) == (2, 8, True)
+    assert ((health["processes"], health["devices"], health["resident"],
+             health["sum_steps"]) == (2, 8, True, [1]))
     time.sleep(2.5)  # idle ticks pass between the processes
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
       futures = {name: pool.submit(serving.trace, url, qs, k)
                  for name, (qs, k) in traced.sets.items()}
       responses = {name: f.result() for name, f in futures.items()}
     for name, response in responses.items():
-      assert_same_records(response["results"], traced.results[name])
+      assert_same_records(response["results"], summed_want[name])
     status, got = _post(url, {"queries": [GOOD], "top_k": 0})
     assert status == 400  # refused on process 0; the followers never see it
     assert_same_records(serving.trace(url, traced.sets["one"][0], K)["results"],
-                        traced.results["one"])
+                        summed_want["one"])
   finally:
     procs[0].send_signal(signal.SIGTERM)
   texts = multiprocess.wait(procs, logs, time.monotonic() + TIMEOUT_S)
