@@ -169,7 +169,16 @@ def test_one_pass_equals_a_scan_per_request(tmp_path, mesh):
       np.testing.assert_allclose(g.proponent_scores, w.proponent_scores, rtol=1e-5)
       np.testing.assert_allclose(g.opponent_scores, w.opponent_scores, rtol=1e-5)
 
-  got = serving.ResidentIndex([store], the_mesh, layout).search(vectors, metrics, ks)
+  spans = []  # the load reads a block at a time, not a device's rows at once
+  read_into = store.read_into
+  store.read_into = lambda lo, hi, out: spans.append(hi - lo) or read_into(lo, hi, out)
+  index = serving.ResidentIndex([store], the_mesh, layout)
+  del store.read_into
+  assert max(spans) == layout.block and sum(spans) == num
+  rows = np.asarray(index.xs[0]).view(store.dtype)  # held as bits
+  np.testing.assert_array_equal(rows[:num], store.array.read().result())
+  assert not rows[num:].any()
+  got = index.search(vectors, metrics, ks)
   check(got, [scan_lib.scan_store(store, v[0], k, mesh=the_mesh,
                                   metric=m[0].row_metric())
               for v, m, k in zip(vectors, metrics, ks)])

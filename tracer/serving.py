@@ -278,32 +278,70 @@ def _rows(index: tuple, total: int) -> tuple[int, int]:
   return (s.start or 0), (total if s.stop is None else s.stop)
 
 
+# The resident rows are held as their bits, uint16 for bf16 rows and uint32
+# for f32 (``_load``): XLA:CPU widens a bf16 dynamic_update_slice to f32 and
+# rewrites the whole array for each block written. The pass views a block's
+# bits as values again (``_values``, free inside the program).
+_BITS = {np.dtype(jnp.bfloat16): np.dtype(np.uint16),
+         np.dtype(np.float32): np.dtype(np.uint32)}
+_VALUES = {bits: values for values, bits in _BITS.items()}
+
+
+def _values(bits: jax.Array) -> jax.Array:
+  """Resident rows' values from their bits."""
+  return lax.bitcast_convert_type(bits, _VALUES[np.dtype(bits.dtype)])
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_block(rows, block, at):
+  """``rows`` with ``block`` written from row ``at`` on, in place (donated)."""
+  return lax.dynamic_update_slice_in_dim(rows, block, at, 0)
+
+
 def _load(store, mesh: Mesh, layout: Layout, verify: bool
           ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The store's rows ``[rows_per_device * devices, d]`` split over every
-  device (zero rows past N), their int32 ids and a valid mask (False past N
-  and at quarantined rows). Each process reads only its devices' rows."""
+  device as their bits (``_BITS``; zero rows past N), their int32 ids and a
+  valid mask (False past N and at quarantined rows). Each process reads only
+  its devices' rows.
+
+  A device's array is made in place on it and filled one ``layout.block``
+  of rows at a time, the next block read while the last one is copied in:
+  a host holds two blocks (~2 x 64 MiB), not its share of the store."""
   total = layout.rows_per_device * mesh.size
   dtype = _device_dtype(store.dtype)
+  bits = _BITS[dtype]
   quarantined: set[int] = set()
 
-  def read(index):
-    start, stop = _rows(index, total)
-    out = scan_lib.aligned_empty((stop - start, store.dim), store.dtype)
-    hi = min(stop, store.num_rows)
-    if hi > start:
-      for future in store.read_into(start, hi, out[:hi - start]):
-        future.result()
-      records = store.chunk_records_later(start, hi)()
-      if verify:
-        store.check_read(start, hi, out[:hi - start], records)
-      quarantined.update(int(r) for record in records.values()
-                         for r in record.get("quarantined", {}))
-    out[max(hi - start, 0):] = 0
-    return out.astype(dtype, copy=False)
+  def read(start):  # rows start.. of one block (whole chunks), checked
+    out = scan_lib.aligned_empty((layout.block, store.dim), store.dtype)
+    hi = min(start + layout.block, store.num_rows)
+    for future in store.read_into(start, hi, out[:hi - start]):
+      future.result()
+    records = store.chunk_records_later(start, hi)()
+    if verify:
+      store.check_read(start, hi, out[:hi - start], records)
+    quarantined.update(int(r) for record in records.values()
+                       for r in record.get("quarantined", {}))
+    out[hi - start:] = 0
+    return out.astype(dtype, copy=False).view(bits)
 
-  x = jax.make_array_from_callback((total, store.dim),
-                                   partitioning.rows_sharding(mesh), read)
+  sharding = partitioning.rows_sharding(mesh)
+  shards = []
+  with concurrent.futures.ThreadPoolExecutor(1) as reader:
+    for device, index in sharding.addressable_devices_indices_map(
+        (total, store.dim)).items():
+      start, stop = _rows(index, total)
+      rows = jnp.zeros((stop - start, store.dim), bits, device=device)
+      starts = range(start, min(stop, store.num_rows), layout.block)
+      pending = reader.submit(read, starts[0]) if starts else None
+      for i, at in enumerate(starts):
+        block = pending.result()
+        pending = reader.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
+        rows = _write_block(rows, jax.device_put(block, device), at - start)
+        rows.block_until_ready()  # before the next block is read: two on the host
+      shards.append(rows)
+  x = jax.make_array_from_single_device_arrays((total, store.dim), sharding, shards)
   ids = lambda index: np.arange(*_rows(index, total), dtype=np.int32)
   valid = lambda index: ((ids(index) < store.num_rows)
                          & ~np.isin(ids(index), list(quarantined)))
@@ -337,7 +375,7 @@ def _device_topk(xs, row_ids, valid, queries, owner, diags, lowranks,
   whose metric divides its scores.
 
   Per part (one store, e.g. one checkpoint of a sum over checkpoints): its
-  rows ``xs[p] [n, d]``, queries ``[Q, d]``, metrics (``_norms``'s arrays)
+  rows ``xs[p] [n, d]`` (as bits, ``_BITS``), queries ``[Q, d]``, metrics (``_norms``'s arrays)
   and ``segments[p]``. A row's score is the sum over parts of its scores,
   in fp32, in part order (``topk.summed_step_fn``'s). ``widen_norms``: the
   row norms' low-rank products in f32 (CPU), not on the bf16 units."""
@@ -350,7 +388,7 @@ def _device_topk(xs, row_ids, valid, queries, owner, diags, lowranks,
     s = None
     for x, q, diag, lowrank, lowrank_owner, segs in zip(
         xs, queries, diags, lowranks, lowrank_owners, segments):
-      x = rows(x)
+      x = _values(rows(x))
       # bf16 rows as three bf16 products, not widened under XLA:CPU's library
       # fusions (``topk.jit_step``): with the row norms in the same program the
       # options made a one-query pass 1.3-1.6x slower on the 2-core CPU.
@@ -474,7 +512,8 @@ class ResidentIndex:
                   * self.xs[0].dtype.itemsize)
     parts = f" x {len(self.xs)} stores" if len(self.xs) > 1 else ""
     return (f"resident: {self.store.num_rows} rows{parts} on {self.mesh.size} "
-            f"devices, {per_device / 2**20:.1f} MiB per device ({self.xs[0].dtype})")
+            f"devices, {per_device / 2**20:.1f} MiB per device "
+            f"({_VALUES[np.dtype(self.xs[0].dtype)]})")
 
 
 class StreamedIndex:
