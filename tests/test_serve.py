@@ -224,6 +224,25 @@ def test_resident_load_refuses_a_corrupt_chunk(tmp_path):
     serving.open_index([store], partitioning.make_mesh(), budget_bytes=1 << 30)
 
 
+def test_resident_load_from_object_storage(s3):
+  """A store on an S3-compatible server (moto): read block by block, several
+  reads in flight, the rows held bit for bit and a quarantined row invalid."""
+  rng = np.random.default_rng(2)
+  num, dim = 150, 24
+  x = rng.standard_normal((num, dim)).astype(np.float32)
+  store = _store(f"{s3('resident')}/s", x, {70: "non-finite loss"})
+  assert not store.local
+  mesh = partitioning.make_mesh(4, 2)
+  layout = serving.plan_layout(num, dim, 2, mesh.size, 16, block_bytes=16 * dim * 2)
+  assert layout.rows_per_device // layout.block > 1  # several blocks per device
+  index = serving.ResidentIndex([store], mesh, layout)
+  rows = np.asarray(index.xs[0]).view(store.dtype)
+  np.testing.assert_array_equal(rows[:num], store.array.read().result())
+  assert not rows[num:].any()
+  valid = np.asarray(index.valid)
+  assert not valid[70] and valid[:num].sum() == num - 1 and not valid[num:].any()
+
+
 # --- batching -------------------------------------------------------------------
 
 def test_batcher_gathers_requests_and_splits_at_the_limit():

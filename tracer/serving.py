@@ -34,6 +34,7 @@ compiles nothing new for most batches.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -298,6 +299,19 @@ def _write_block(rows, block, at):
   return lax.dynamic_update_slice_in_dim(rows, block, at, 0)
 
 
+def _read_ahead(read: Callable, items: Sequence, depth: int):
+  """``read(item)`` for each of ``items``, yielded in order, with up to
+  ``depth`` reads in flight on threads ahead of the one yielded."""
+  with concurrent.futures.ThreadPoolExecutor(depth) as pool:
+    pending = collections.deque(pool.submit(read, i) for i in items[:depth])
+    for item in items[depth:]:
+      done = pending.popleft().result()
+      pending.append(pool.submit(read, item))
+      yield done
+    while pending:
+      yield pending.popleft().result()
+
+
 def _load(store, mesh: Mesh, layout: Layout, verify: bool
           ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The store's rows ``[rows_per_device * devices, d]`` split over every
@@ -305,15 +319,16 @@ def _load(store, mesh: Mesh, layout: Layout, verify: bool
   valid mask (False past N and at quarantined rows). Each process reads only
   its devices' rows.
 
-  A device's array is made in place on it and filled one ``layout.block``
-  of rows at a time, the next block read while the last one is copied in:
-  a host holds two blocks (~2 x 64 MiB), not its share of the store."""
+  A device's array is made on it and filled one ``layout.block`` of rows at a
+  time, in place, while the next blocks are read (one ahead from a local
+  store, ``scan.REMOTE_READ_AHEAD`` from object storage): a host holds that
+  many blocks plus one (~64 MiB each), not its share of the store."""
   total = layout.rows_per_device * mesh.size
   dtype = _device_dtype(store.dtype)
   bits = _BITS[dtype]
-  quarantined: set[int] = set()
 
-  def read(start):  # rows start.. of one block (whole chunks), checked
+  def read(item):  # one block of a device's rows (whole chunks), checked
+    _, start = item
     out = scan_lib.aligned_empty((layout.block, store.dim), store.dtype)
     hi = min(start + layout.block, store.num_rows)
     for future in store.read_into(start, hi, out[:hi - start]):
@@ -321,30 +336,31 @@ def _load(store, mesh: Mesh, layout: Layout, verify: bool
     records = store.chunk_records_later(start, hi)()
     if verify:
       store.check_read(start, hi, out[:hi - start], records)
-    quarantined.update(int(r) for record in records.values()
-                       for r in record.get("quarantined", {}))
     out[hi - start:] = 0
-    return out.astype(dtype, copy=False).view(bits)
+    return out.astype(dtype, copy=False).view(bits), [
+        int(r) for record in records.values() for r in record.get("quarantined", {})]
 
   sharding = partitioning.rows_sharding(mesh)
-  shards = []
-  with concurrent.futures.ThreadPoolExecutor(1) as reader:
-    for device, index in sharding.addressable_devices_indices_map(
-        (total, store.dim)).items():
-      start, stop = _rows(index, total)
-      rows = jnp.zeros((stop - start, store.dim), bits, device=device)
-      starts = range(start, min(stop, store.num_rows), layout.block)
-      pending = reader.submit(read, starts[0]) if starts else None
-      for i, at in enumerate(starts):
-        block = pending.result()
-        pending = reader.submit(read, starts[i + 1]) if i + 1 < len(starts) else None
-        rows = _write_block(rows, jax.device_put(block, device), at - start)
-        rows.block_until_ready()  # before the next block is read: two on the host
-      shards.append(rows)
+  devices, shards, items = [], [], []
+  for device, index in sharding.addressable_devices_indices_map(
+      (total, store.dim)).items():
+    start, stop = _rows(index, total)
+    devices.append((device, start))
+    shards.append(jnp.zeros((stop - start, store.dim), bits, device=device))
+    # Blocks wholly past N stay zero.
+    items += [(len(shards) - 1, at)
+              for at in range(start, min(stop, store.num_rows), layout.block)]
+  quarantined: list[int] = []
+  depth = 1 if store.local else scan_lib.REMOTE_READ_AHEAD
+  for (i, at), (block, skipped) in zip(items, _read_ahead(read, items, depth)):
+    device, start = devices[i]
+    shards[i] = _write_block(shards[i], jax.device_put(block, device), at - start)
+    shards[i].block_until_ready()  # this block's host buffer is free again
+    quarantined += skipped
   x = jax.make_array_from_single_device_arrays((total, store.dim), sharding, shards)
   ids = lambda index: np.arange(*_rows(index, total), dtype=np.int32)
   valid = lambda index: ((ids(index) < store.num_rows)
-                         & ~np.isin(ids(index), list(quarantined)))
+                         & ~np.isin(ids(index), quarantined))
   sharding = partitioning.rows_sharding(mesh, ndim=1)
   return (x, jax.make_array_from_callback((total,), sharding, ids),
           jax.make_array_from_callback((total,), sharding, valid))
