@@ -82,9 +82,16 @@ def test_stepping_on_the_fact_raises_its_probability_most(setup):
     assert deltas[0] > 2 * np.max(deltas[1:]), deltas
 
 
-@pytest.mark.parametrize("num_devices", [8, 1])
-def test_vectorized_equals_per_pair_loop(setup, num_devices):
-  mesh = partitioning.make_mesh(devices=jax.devices()[:num_devices])
+@pytest.mark.parametrize("shape", [(8, 1), (1, 1), (4, 2), (1, 8)])
+def test_vectorized_equals_per_pair_loop(setup, shape, monkeypatch):
+  """Pairs over ``data``, each pair's step over ``model`` (params split as
+  they are for training, never whole on one device): the same deltas."""
+  data, model = shape
+  mesh = partitioning.make_mesh(data, model, devices=jax.devices()[:data * model])
+  placed = []
+  place = partitioning.place
+  monkeypatch.setattr(partitioning, "place",
+                      lambda *a: placed.append(place(*a)) or placed[-1])
   rng = np.random.default_rng(0)
   everything = np.stack(np.meshgrid(np.arange(len(QUERIES)), np.arange(len(DOCS)),
                                     indexing="ij"), -1).reshape(-1, 2)
@@ -96,6 +103,12 @@ def test_vectorized_equals_per_pair_loop(setup, num_devices):
                       setup["train"], setup["queries"], pairs)
   assert got.shape == (13,) and got.dtype == np.float32
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  # Params and optimizer state as placed: with a model axis, the largest
+  # leaves are split over it (a device holds 1/model of them).
+  assert len(placed) == 2
+  for tree in placed:
+    big = max(jax.tree.leaves(tree), key=lambda x: x.size)
+    assert big.addressable_shards[0].data.size == big.size // model
 
 
 def test_optimizer_state_unchanged_and_final_learning_rate(setup):

@@ -105,6 +105,12 @@ def all_devices_batch(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P((DATA, MODEL)))
 
 
+def data_batch(mesh: Mesh) -> NamedSharding:
+  """Leading axis split over ``data`` only: each item's computation is split
+  over ``model`` (e.g. a model-parallel step per item)."""
+  return NamedSharding(mesh, P(DATA))
+
+
 def to_global(host_batch: Any, sharding: NamedSharding) -> Any:
   """Assembles a global batch from each host's slice of it.
 

@@ -67,9 +67,10 @@ def final_learning_rate(optimizer_config: train_lib.OptimizerConfig,
 
 @functools.lru_cache(maxsize=8)
 def _compiled(family: family_lib.Family, model_config: Any, optimizer, mesh):
-  """(base_fn, delta_fn), jitted for ``mesh``; compiled once per batch shape."""
-  rep = partitioning.replicated(mesh)
-  rows = partitioning.all_devices_batch(mesh)
+  """(base_fn, delta_fn), jitted for ``mesh``; compiled once per batch shape.
+  Pairs are split over ``data``; params, optimizer state and each pair's
+  gradient and patched params lie as the params do (split over ``model``)."""
+  rows = partitioning.data_batch(mesh)
   loss_fn = family.loss_fn(model_config)
 
   def take(examples, idx):
@@ -92,10 +93,8 @@ def _compiled(family: family_lib.Family, model_config: Any, optimizer, mesh):
         params, opt_state, take(train, train_idx), take(queries, query_idx),
         jnp.take(base_logprobs, query_idx))
 
-  base_fn = jax.jit(base, in_shardings=(rep, rep, rows), out_shardings=rows)
-  delta_fn = jax.jit(delta, in_shardings=(rep, rep, rep, rep, rep, rows, rows),
-                     out_shardings=rows)
-  return base_fn, delta_fn
+  # Inputs keep the shardings they are placed on (``tail_patch_deltas``).
+  return (jax.jit(base, out_shardings=rows), jax.jit(delta, out_shardings=rows))
 
 
 def _to_f32(tree: Any) -> Any:
@@ -109,7 +108,7 @@ def _batched(fn, indices: Sequence[np.ndarray], batch: int, mesh,
   """Runs ``fn(*index_batches)`` over rows of ``indices`` in padded batches;
   ``progress(done, total)`` after each."""
   n = len(indices[0])
-  sharding = partitioning.all_devices_batch(mesh)
+  sharding = partitioning.data_batch(mesh)
   out = []
   for lo in range(0, n, batch):
     chunk = [np.asarray(ix[lo:lo + batch], np.int32) for ix in indices]
@@ -149,9 +148,14 @@ def tail_patch_deltas(model_config: Any, params: Any, opt_state: Any,
     query_examples: stacked query examples (arrays [Q, L]); ``pairs[:, 0]``
       indexes them.
     pairs: int[P, 2] of (query_index, train_index).
-    mesh: pairs are split over every device of it. Default: all devices.
-    batch_size: pairs per jitted call, rounded up to a multiple of the device
-      count (the last batch is padded).
+    mesh: pairs are split over its ``data`` axis, and each pair's step over
+      its ``model`` axis as the params are (``family.param_shardings``; the
+      optimizer state by shape), so params never sit whole on one device.
+      Default: all devices on ``data``.
+    batch_size: pairs per jitted call, rounded up to a multiple of the
+      ``data`` axis size (the last batch is padded). A device holds its
+      share of each of its pairs' gradient and patched params:
+      ``batch_size / data`` x |params| / ``model`` floats each.
     progress: called as ``progress(pairs_done, num_pairs)`` after each call.
     family: the model family (``tracer.family``; ``ckpt.family``): its loss
       and target log-prob.
@@ -182,10 +186,15 @@ def tail_patch_deltas(model_config: Any, params: Any, opt_state: Any,
       lambda x: partitioning.put_global(np.asarray(x), rep), tree)
   queries = put({k: np.asarray(v)[query_rows] for k, v in query_examples.items()})
   train = put({k: np.asarray(v)[train_rows] for k, v in train_examples.items()})
-  params = jax.device_put(_to_f32(params), rep)
-  opt_state = jax.device_put(opt_state, rep)
+  # Never whole on one device: params as the family splits them over
+  # ``model``, the optimizer state by shape.
+  params = partitioning.place(_to_f32(params), family.param_shardings(
+      model_config, mesh, params))
+  opt_state = partitioning.place(opt_state,
+                                 partitioning.param_shardings(mesh, opt_state))
 
-  batch = partitioning.padded_size(max(1, min(batch_size, len(pairs))), mesh.size)
+  data = mesh.shape[partitioning.DATA]
+  batch = partitioning.padded_size(max(1, min(batch_size, len(pairs))), data)
   base_fn, delta_fn = _compiled(family, model_config, optimizer, mesh)
   base = _batched(lambda q: base_fn(params, queries, q),
                   [np.arange(len(query_rows))], batch, mesh)
