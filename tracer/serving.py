@@ -280,9 +280,10 @@ def _rows(index: tuple, total: int) -> tuple[int, int]:
 
 
 # The resident rows are held as their bits, uint16 for bf16 rows and uint32
-# for f32 (``_load``): XLA:CPU widens a bf16 dynamic_update_slice to f32 and
-# rewrites the whole array for each block written. The pass views a block's
-# bits as values again (``_values``, free inside the program).
+# for f32 (``_load``): XLA:CPU widens a bf16 dynamic_slice or
+# dynamic_update_slice to f32, so the pass's block slices converted the whole
+# array in every pass and the load's writes rewrote it for every block. The
+# pass views a block's bits as values again (``_values``, free in the program).
 _BITS = {np.dtype(jnp.bfloat16): np.dtype(np.uint16),
          np.dtype(np.float32): np.dtype(np.uint32)}
 _VALUES = {bits: values for values, bits in _BITS.items()}
@@ -322,7 +323,8 @@ def _load(store, mesh: Mesh, layout: Layout, verify: bool
   A device's array is made on it and filled one ``layout.block`` of rows at a
   time, in place, while the next blocks are read (one ahead from a local
   store, ``scan.REMOTE_READ_AHEAD`` from object storage): a host holds that
-  many blocks plus one (~64 MiB each), not its share of the store."""
+  many blocks plus one (``scan.device_chunk_bytes`` each), not its share of
+  the store."""
   total = layout.rows_per_device * mesh.size
   dtype = _device_dtype(store.dtype)
   bits = _BITS[dtype]
@@ -391,8 +393,8 @@ def _device_topk(xs, row_ids, valid, queries, owner, diags, lowranks,
   whose metric divides its scores.
 
   Per part (one store, e.g. one checkpoint of a sum over checkpoints): its
-  rows ``xs[p] [n, d]`` (as bits, ``_BITS``), queries ``[Q, d]``, metrics (``_norms``'s arrays)
-  and ``segments[p]``. A row's score is the sum over parts of its scores,
+  rows ``xs[p] [n, d]`` (as bits, ``_BITS``), queries ``[Q, d]``, metrics
+  (``_norms``'s arrays) and ``segments[p]``. A row's score is the sum over parts of its scores,
   in fp32, in part order (``topk.summed_step_fn``'s). ``widen_norms``: the
   row norms' low-rank products in f32 (CPU), not on the bf16 units."""
   # The running top-k differs per device (shard_map's varying values).
