@@ -53,7 +53,7 @@ from tracer import topk
 def define_flags() -> None:
   """Defines this script's flags (only when run as a script, so that
   ``launch.benchmark`` can import ``run_scan_benchmark``)."""
-  global _ROWS, _DIM, _QUERIES, _K, _CHUNK_ROWS, _STORE_CHUNK_ROWS, _REPEATS, _WORKDIR, _OUTPUT, _EVAL, _BLOCK, _RESIDENT
+  global _ROWS, _DIM, _QUERIES, _K, _CHUNK_ROWS, _STORE_CHUNK_ROWS, _REPEATS, _WORKDIR, _OUTPUT, _EVAL, _BLOCK, _RESIDENT, _FUSED_TILES
   _ROWS = flags.DEFINE_integer("rows", 200_000, "N, rows to scan.")
   _DIM = flags.DEFINE_integer("dim", 1024, "d, encoding dimension.")
   _QUERIES = flags.DEFINE_integer("queries", 64, "Q, queries per scan.")
@@ -74,6 +74,10 @@ def define_flags() -> None:
   _RESIDENT = flags.DEFINE_bool(
       "resident", False, "Time the scan of a corpus held in device memory "
       "(run_resident_benchmark) instead of the host and store scans.")
+  _FUSED_TILES = flags.DEFINE_list(
+      "fused_tiles", None, "Instead: time the fused kernel's tile settings "
+      "(run_fused_tiles_benchmark) on resident bf16 rows, each as "
+      "ROWS:DIM:WARPS:STAGES (fused_scores.Tiles).")
 
 
 def _best_time(fn: Callable[[], Any], repeats: int) -> float:
@@ -538,6 +542,94 @@ def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
   return table
 
 
+def run_fused_tiles_benchmark(tiles: list[fused_scores.Tiles], rows: int = 4_194_304,
+                              dim: int = 1024, queries: int = 64, k: int = 100,
+                              step_rows: int | None = None, repeats: int = 3
+                              ) -> list[dict[str, Any]]:
+  """The fused kernel under each of ``tiles`` against XLA's form, on bf16
+  rows resident on one device (generated there, as ``run_resident_benchmark``).
+
+  Per setting: the kernel alone (no bit set; scores reduced to one max per
+  query) and the whole fused step, beside the default step and XLA's scores
+  alone in the same run; ``agrees``: the step's top-k scores match the
+  default step's (rtol 1e-5: the contraction tile orders each sum). A setting
+  that fails to compile is reported in ``error``, not raised. Off a GPU the
+  kernel runs in Pallas's interpreter (a check of this code, not a timing).
+  """
+  device = jax.devices()[0]
+  interpret = device.platform != "gpu"
+  mesh = partitioning.make_mesh(devices=[device])
+  step = step_rows or scan.default_chunk_rows(dim, 2, 1, platform=device.platform)
+  step = min(step, rows)
+  rows = -(-rows // step) * step
+  rng = np.random.default_rng(0)
+  q = rng.standard_normal((queries, dim), dtype=np.float32)
+  q /= np.linalg.norm(q, axis=1, keepdims=True)
+  qs = jax.device_put(q, device)
+  make = jax.jit(lambda key: jax.random.normal(key, (step, dim), jax.numpy.bfloat16))
+  chunks = [make(jax.random.key(i)) for i in range(rows // step)]
+  ids = [jax.device_put(np.arange(lo, lo + step, dtype=np.int32), device)
+         for lo in range(0, rows, step)]
+  valid = jax.device_put(np.ones(step, bool), device)
+  terms = topk.bf16_terms(qs)
+  inf = jax.numpy.full((queries,), np.inf, np.float32)
+
+  def scan_with(update):
+    state = topk.init_topk(queries, k, mesh)
+    for c, i in zip(chunks, ids):
+      state = update(state, c, i, valid, qs)
+    return jax.block_until_ready(state)
+
+  def timed(fn):
+    fn()
+    return round(_best_time(fn, repeats), 4)
+
+  default = topk.step_fn(mesh, k, True)
+  want = scan_with(default)
+  scores_max = jax.jit(lambda x, q: topk.exact_scores(x, q, False).max(0))
+  table = [{"method": "machine", "note": (
+      f"{device.device_kind}; N={rows} d={dim} Q={queries} k={k}, steps of "
+      f"{step} rows; jax {jax.__version__}")},
+           {"method": "default step (XLA)", "step_seconds": timed(
+               lambda: scan_with(default)),
+            "scores_seconds": timed(lambda: jax.block_until_ready(
+                [scores_max(c, qs) for c in chunks]))}]
+  for t in tiles:
+    row = {"method": f"fused {t.rows}:{t.dim}:{t.num_warps}:{t.num_stages}"}
+    try:
+      if not fused_scores.supported(step, dim, jax.numpy.bfloat16, t):
+        raise ValueError(f"unsupported for steps of {step} rows, d={dim}")
+      kernel_max = jax.jit(lambda x, t=t: fused_scores.scores_and_words(
+          x, terms, inf, -inf, valid, interpret=interpret, tiles=t)[0].max(0))
+      row["scores_seconds"] = timed(lambda: jax.block_until_ready(
+          [kernel_max(c) for c in chunks]))
+      fused = topk.step_fn(mesh, k, True, fused=True, tiles=t)
+      got = scan_with(fused)
+      row["agrees"] = all(np.allclose(np.asarray(getattr(got, n)),
+                                      np.asarray(getattr(want, n)),
+                                      rtol=1e-5, atol=1e-6)
+                          for n in ("proponent_scores", "opponent_scores"))
+      row["step_seconds"] = timed(lambda: scan_with(fused))
+    except Exception as e:  # pylint: disable=broad-except
+      row["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+      logging.exception("tiles %s", t)
+    logging.info("%s", row)
+    table.append(row)
+  return table
+
+
+def parse_tiles(text: str) -> fused_scores.Tiles:
+  """``ROWS:DIM:WARPS:STAGES`` as ``fused_scores.Tiles``."""
+  try:
+    values = [int(v) for v in text.split(":")]
+  except ValueError:
+    values = []
+  if len(values) != 4:
+    raise ValueError(f"--fused_tiles: {text!r} is not ROWS:DIM:WARPS:STAGES "
+                     "(four integers)")
+  return fused_scores.Tiles(*values)
+
+
 def synthetic_metric(dim: int, q: np.ndarray, eval_examples: int, block: int,
                      rng) -> tuple[Any, np.ndarray]:
   """A task-specific scan-time metric of the shape a real run has: R_train's
@@ -556,7 +648,7 @@ def to_markdown(table: list[dict[str, Any]]) -> str:
           "roofline_s", "fraction_of_roofline", "vs_faiss", "scores_only_seconds",
           "branch_free_seconds", "one_dot_scores_seconds", "xla_top_k_seconds",
           "fused_seconds", "fused_scores_seconds", "fused_branch_free_seconds",
-          "fused_error",
+          "fused_error", "step_seconds", "scores_seconds", "agrees", "error",
           "fraction_of_bandwidth", "fraction_of_matmul", "note"]
   cols = [c for c in cols if any(row.get(c) is not None for row in table)
           or c in ("method", "seconds", "note")]
@@ -569,7 +661,12 @@ def to_markdown(table: list[dict[str, Any]]) -> str:
 
 def main(argv):
   del argv
-  if _RESIDENT.value:
+  if _FUSED_TILES.value:
+    table = run_fused_tiles_benchmark(
+        [parse_tiles(t) for t in _FUSED_TILES.value], rows=_ROWS.value,
+        dim=_DIM.value, queries=_QUERIES.value, k=_K.value,
+        step_rows=_CHUNK_ROWS.value, repeats=_REPEATS.value)
+  elif _RESIDENT.value:
     table = run_resident_benchmark(
         rows=_ROWS.value, dim=_DIM.value, queries=_QUERIES.value, k=_K.value,
         step_rows=_CHUNK_ROWS.value, repeats=_REPEATS.value)

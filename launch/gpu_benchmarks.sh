@@ -2,13 +2,14 @@
 # The device benchmarks for one lent GPU, in one call, most wanted first:
 #   bash launch/gpu_benchmarks.sh [PART ...]   (default: every part below)
 # Parts: resident (the scan of a store held in device memory; resident8g in
-#   steps of 2^22 rows, 8 GiB of bf16),
+#   steps of 2^22 rows, 8 GiB of bf16; tiles: the fused kernel's tile
+#   settings against XLA's scores on 4M resident rows),
 #   1b, precision, scanned, small65k, tiny, small4k (encode vs. a training
 #   step, both kernels; scanned: the 27M model with its layers under nn.scan
 #   and nn.remat, whose memory XLA:CPU's plans do not show; precision: its
 #   factored kernel with the projections in fp32 and in bf16_6x, and the
 #   encodings' difference). Measured so far: small65k and tiny 2026-11-29;
-#   resident, 1b and precision 2026-11-30 (WORKSPACE), so the
+#   resident, 1b, precision and tiles 2026-11-30 (WORKSPACE), so the
 #   default list starts with what has no figure at today's code.
 # Each part writes $OUT/PART.log (the rows as JSON lines and a table) and is
 # cut off at the time left before DEADLINE_S (default 560 s from the start),
@@ -51,12 +52,14 @@ encode=(python3 -m tracer.launch.benchmark --suite=encode --memory_budget_mb=0 -
 
 scan=(python3 -m tracer.launch.benchmark_scan --resident --rows=16000000 --repeats=3)
 
-parts=${*:-resident scanned small4k resident8g 1b precision small65k tiny}
+parts=${*:-resident scanned small4k resident8g 1b precision small65k tiny tiles}
 for p in $parts; do
   case $p in
     resident) part resident "${scan[@]}" ;;
     # steps of 8 GiB (the default since 2026-11-30 is 2 GiB: scan.ACCELERATOR_CHUNK_BYTES)
     resident8g) part resident8g "${scan[@]}" --chunk_rows=4194304 ;;
+    tiles) part tiles python3 -m tracer.launch.benchmark_scan --rows=4194304 --repeats=3 \
+             --fused_tiles=128:64:4:3,128:128:4:3,128:64:4:5,64:128:4:4,256:64:8:3,128:128:8:4,64:64:4:4,256:128:8:3 ;;
     small65k) part small65k "${encode[@]}" --models=small --dims=65536 --batch_size=16 ;;
     tiny)     part tiny "${encode[@]}" --models=tiny --dims=4096,65536 --batch_size=64 ;;
     # 1B: ten compiles of minutes each with every plan and check; time both

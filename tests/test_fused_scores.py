@@ -18,13 +18,17 @@ def _words(s, valid, pro, opp):
   return np.concatenate([side(s >= pro), side(s <= opp)], axis=1).astype(np.uint32)
 
 
-@pytest.mark.parametrize("dim,num_queries,metric", [(200, 7, False), (64, 70, True)])
-def test_kernel_scores_within_bound_and_words_exact(dim, num_queries, metric):
+@pytest.mark.parametrize("dim,num_queries,metric,tiles", [
+    (200, 7, False, fused_scores.DEFAULT_TILES), (64, 70, True, fused_scores.DEFAULT_TILES),
+    (200, 7, False, fused_scores.Tiles(rows=256, dim=128, num_warps=8, num_stages=4))])
+def test_kernel_scores_within_bound_and_words_exact(dim, num_queries, metric, tiles):
   # Scores: the exact dot products of the bf16 rows with fp32 queries whose 24
   # significand bits all count, within one fp32 sum over the 3d products of
   # the three terms. Bits: exactly numpy's from those scores, with invalid
   # rows, a NaN row, a -0.0 against a threshold of 0.0, padded queries (7 and
-  # 70 are no multiples of 16 or 64) and a last, partial contraction tile.
+  # 70 are no multiples of 16 or 64) and a last, partial contraction tile;
+  # under the default tiles and larger ones (launch.benchmark_scan
+  # --fused_tiles times them).
   rng = np.random.default_rng(0)
   rows = 256
   x = (rng.standard_normal((rows, dim)) * 2.0 ** rng.integers(-8, 9, (rows, dim))
@@ -47,7 +51,7 @@ def test_kernel_scores_within_bound_and_words_exact(dim, num_queries, metric):
   s, words = fused_scores.scores_and_words(
       jnp.asarray(x), topk.bf16_terms(jnp.asarray(q)), jnp.asarray(pro),
       jnp.asarray(opp), jnp.asarray(valid),
-      None if norms is None else jnp.asarray(norms), interpret=True)
+      None if norms is None else jnp.asarray(norms), interpret=True, tiles=tiles)
   s, words = np.asarray(s), np.asarray(words)
   ok = ~np.isnan(exact)
   assert np.isnan(s[5]).all() and ok[np.arange(rows) != 5].all()

@@ -23,22 +23,35 @@ tests); ``lower_for_gpu`` checks that it lowers to Triton without a GPU.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-BLOCK_ROWS = 128    # rows per program: a multiple of GROUP
-BLOCK_DIM = 64      # contraction tile
 MAX_BLOCK_QUERIES = 64  # queries per program; more go to a second grid axis
 GROUP = 16          # rows per bit word (``topk.GROUP`` is this one)
 
 
-def supported(rows: int, dim: int, dtype) -> bool:
+class Tiles(NamedTuple):
+  """A program's tile and Triton's launch settings (``launch.benchmark_scan
+  --fused_tiles`` times several). The contraction tile fixes the order of
+  each score's fp32 sum, so scores are bit-identical only under one
+  ``dim``."""
+  rows: int = 128      # rows per program: a multiple of GROUP
+  dim: int = 64        # contraction tile
+  num_warps: int = 4
+  num_stages: int = 3
+
+
+DEFAULT_TILES = Tiles()
+
+
+def supported(rows: int, dim: int, dtype, tiles: Tiles = DEFAULT_TILES) -> bool:
   """Whether ``scores_and_words`` takes ``[rows, dim]`` rows of ``dtype``."""
-  return (jnp.dtype(dtype) == jnp.bfloat16 and rows % BLOCK_ROWS == 0
-          and dim >= BLOCK_DIM)
+  return (jnp.dtype(dtype) == jnp.bfloat16 and rows % tiles.rows == 0
+          and dim >= tiles.dim and tiles.rows % GROUP == 0)
 
 
 def _block_queries(num_queries: int) -> tuple[int, int]:
@@ -49,29 +62,30 @@ def _block_queries(num_queries: int) -> tuple[int, int]:
 
 
 def _kernel(x_ref, terms_ref, pro_ref, opp_ref, valid_ref, norm_ref, s_ref,
-            words_ref, *, dim: int):
-  """One ``[BLOCK_ROWS, block_q]`` tile: see ``scores_and_words``."""
+            words_ref, *, dim: int, tiles: Tiles):
+  """One ``[tiles.rows, block_q]`` tile: see ``scores_and_words``."""
   block_q = terms_ref.shape[2]
+  tile_rows, tile_dim = tiles.rows, tiles.dim
 
   def add_tile(start, acc, x):
     for t in range(3):  # one accumulator: the terms' products summed in fp32
-      acc += jnp.dot(x, terms_ref[t, pl.ds(start, BLOCK_DIM), :],
+      acc += jnp.dot(x, terms_ref[t, pl.ds(start, tile_dim), :],
                      preferred_element_type=jnp.float32)
     return acc
 
-  full = dim // BLOCK_DIM
+  full = dim // tile_dim
   acc = lax.fori_loop(
       0, full,
-      lambda i, acc: add_tile(i * BLOCK_DIM, acc,
-                              x_ref[:, pl.ds(i * BLOCK_DIM, BLOCK_DIM)]),
-      jnp.zeros((BLOCK_ROWS, block_q), jnp.float32))
-  if dim % BLOCK_DIM:
+      lambda i, acc: add_tile(i * tile_dim, acc,
+                              x_ref[:, pl.ds(i * tile_dim, tile_dim)]),
+      jnp.zeros((tile_rows, block_q), jnp.float32))
+  if dim % tile_dim:
     # The last tile ends at ``dim`` and overlaps the full tiles: its columns
     # already summed are zeroed (no read past the row, in either mode).
-    start = dim - BLOCK_DIM
-    x = x_ref[:, pl.ds(start, BLOCK_DIM)]
-    column = start + lax.broadcasted_iota(jnp.int32, (BLOCK_ROWS, BLOCK_DIM), 1)
-    acc = add_tile(start, acc, jnp.where(column >= full * BLOCK_DIM, x,
+    start = dim - tile_dim
+    x = x_ref[:, pl.ds(start, tile_dim)]
+    column = start + lax.broadcasted_iota(jnp.int32, (tile_rows, tile_dim), 1)
+    acc = add_tile(start, acc, jnp.where(column >= full * tile_dim, x,
                                          jnp.zeros_like(x)))
   if norm_ref is not None:
     acc = acc / norm_ref[...][:, None]
@@ -80,32 +94,34 @@ def _kernel(x_ref, terms_ref, pro_ref, opp_ref, valid_ref, norm_ref, s_ref,
   # their sum is their OR (Triton lowers sums, not OR-reductions).
   ok = (valid_ref[...] != 0)[:, None]
   bit = jnp.uint32(1) << (
-      lax.broadcasted_iota(jnp.uint32, (BLOCK_ROWS, block_q), 0) % GROUP)
+      lax.broadcasted_iota(jnp.uint32, (tile_rows, block_q), 0) % GROUP)
   zero = jnp.uint32(0)
 
   def words(hit):
     return jnp.sum(jnp.where(ok & hit, bit, zero).reshape(
-        BLOCK_ROWS // GROUP, GROUP, block_q), axis=1)
+        tile_rows // GROUP, GROUP, block_q), axis=1)
 
   words_ref[0] = words(acc >= pro_ref[...][None, :])
   words_ref[1] = words(acc <= opp_ref[...][None, :])
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
+@functools.partial(jax.jit, static_argnames=("interpret", "tiles"))
 def scores_and_words(x: jax.Array, terms: jax.Array, pro_kth: jax.Array,
                      opp_kth: jax.Array, valid: jax.Array,
                      norms: jax.Array | None = None, *,
-                     interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+                     interpret: bool = False, tiles: Tiles = DEFAULT_TILES
+                     ) -> tuple[jax.Array, jax.Array]:
   """Scores of bf16 rows and the bits of those reaching the thresholds.
 
   Args:
-    x: bf16 ``[r, d]``, ``supported(r, d, x.dtype)``.
+    x: bf16 ``[r, d]``, ``supported(r, d, x.dtype, tiles)``.
     terms: bf16 ``[3, Q, d]``, ``topk.bf16_terms`` of the fp32 queries.
     pro_kth, opp_kth: f32 ``[Q]``, the running k-th best scores.
     valid: bool ``[r]``; an invalid row sets no bit (its score is still
       written).
     norms: optional f32 ``[r]``; scores are divided by them (``RowMetric``).
     interpret: run in Pallas's interpreter (any backend).
+    tiles: the program's tile and launch settings.
 
   Returns:
     ``s f32[r, Q]`` and ``words u32[r / GROUP, 2Q]``: bit ``p`` of
@@ -122,29 +138,32 @@ def scores_and_words(x: jax.Array, terms: jax.Array, pro_kth: jax.Array,
   pro_kth = jnp.pad(pro_kth.astype(jnp.float32), (0, pad), constant_values=jnp.nan)
   opp_kth = jnp.pad(opp_kth.astype(jnp.float32), (0, pad), constant_values=jnp.nan)
   queries_spec = pl.BlockSpec((block_q,), lambda i, j: (j,))
-  rows_spec = pl.BlockSpec((BLOCK_ROWS,), lambda i, j: (i,))
+  block_rows = tiles.rows
+  rows_spec = pl.BlockSpec((block_rows,), lambda i, j: (i,))
   inputs = [x, terms, pro_kth, opp_kth, valid.astype(jnp.int32)]
-  in_specs = [pl.BlockSpec((BLOCK_ROWS, dim), lambda i, j: (i, 0)),
+  in_specs = [pl.BlockSpec((block_rows, dim), lambda i, j: (i, 0)),
               pl.BlockSpec((3, dim, block_q), lambda i, j: (0, 0, j)),
               queries_spec, queries_spec, rows_spec]
   if norms is not None:
     inputs.append(norms.astype(jnp.float32))
     in_specs.append(rows_spec)
-    kernel = functools.partial(_kernel, dim=dim)
+    kernel = functools.partial(_kernel, dim=dim, tiles=tiles)
   else:
-    kernel = lambda x, t, p, o, v, *out: _kernel(x, t, p, o, v, None, *out, dim=dim)
+    kernel = lambda x, t, p, o, v, *out: _kernel(x, t, p, o, v, None, *out, dim=dim,
+                                                 tiles=tiles)
   compiler_params = None
   if not interpret:
     from jax.experimental.pallas import triton as plgpu  # pylint: disable=g-import-not-at-top
-    compiler_params = plgpu.CompilerParams(num_warps=4, num_stages=3)
+    compiler_params = plgpu.CompilerParams(num_warps=tiles.num_warps,
+                                           num_stages=tiles.num_stages)
   s, words = pl.pallas_call(
       kernel,
       out_shape=(jax.ShapeDtypeStruct((rows, padded), jnp.float32),
                  jax.ShapeDtypeStruct((2, rows // GROUP, padded), jnp.uint32)),
-      grid=(rows // BLOCK_ROWS, padded // block_q),
+      grid=(rows // block_rows, padded // block_q),
       in_specs=in_specs,
-      out_specs=(pl.BlockSpec((BLOCK_ROWS, block_q), lambda i, j: (i, j)),
-                 pl.BlockSpec((2, BLOCK_ROWS // GROUP, block_q),
+      out_specs=(pl.BlockSpec((block_rows, block_q), lambda i, j: (i, j)),
+                 pl.BlockSpec((2, block_rows // GROUP, block_q),
                               lambda i, j: (0, i, j))),
       compiler_params=compiler_params,
       interpret=interpret,
@@ -155,7 +174,8 @@ def scores_and_words(x: jax.Array, terms: jax.Array, pro_kth: jax.Array,
           jnp.concatenate([words[0], words[1]], axis=1))
 
 
-def lower_for_gpu(rows: int, dim: int, num_queries: int, metric: bool = False) -> str:
+def lower_for_gpu(rows: int, dim: int, num_queries: int, metric: bool = False,
+                  tiles: Tiles = DEFAULT_TILES) -> str:
   """The kernel lowered for CUDA (StableHLO text holding the Triton IR), on
   any machine: a check that Pallas accepts it, short of compiling it."""
   shape = jax.ShapeDtypeStruct
@@ -164,5 +184,5 @@ def lower_for_gpu(rows: int, dim: int, num_queries: int, metric: bool = False) -
           shape((rows,), jnp.bool_)]
   if metric:
     args.append(shape((rows,), jnp.float32))
-  return scores_and_words.trace(*args).lower(
+  return scores_and_words.trace(*args, tiles=tiles).lower(
       lowering_platforms=("cuda",)).as_text()

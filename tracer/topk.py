@@ -507,7 +507,7 @@ def _scores(pieces, queries, norms, widen: bool) -> jax.Array:
 
 
 def _fused_candidates(pieces, valid, queries, pro_kth, opp_kth, norms,
-                      interpret: bool):
+                      interpret: bool, tiles: fused_scores.Tiles):
   """Scores ``[r, Q]`` and bit words of bf16 ``pieces`` from the
   ``fused_scores`` kernel, one call per piece."""
   terms = bf16_terms(queries)
@@ -516,7 +516,7 @@ def _fused_candidates(pieces, valid, queries, pro_kth, opp_kth, norms,
     hi = lo + p.shape[0]
     out.append(fused_scores.scores_and_words(
         p, terms, pro_kth, opp_kth, valid[lo:hi],
-        None if norms is None else norms[i], interpret=interpret))
+        None if norms is None else norms[i], interpret=interpret, tiles=tiles))
     lo = hi
   return (jnp.concatenate([s for s, _ in out]),
           jnp.concatenate([w for _, w in out]))
@@ -525,7 +525,8 @@ def _fused_candidates(pieces, valid, queries, pro_kth, opp_kth, norms,
 def _local_candidates(x, row_ids, valid, queries, pro_kth, opp_kth, diag=None,
                       lowrank=(), *, k: int, rows_sorted: bool, segments=None,
                       widen: bool = False, branch_free: bool = False,
-                      fused: str | None = None):
+                      fused: str | None = None,
+                      tiles: fused_scores.Tiles = fused_scores.DEFAULT_TILES):
   """One device's top-k candidates of its rows: 4 arrays ``[Q, min(k, r)]``.
 
   ``pro_kth`` / ``opp_kth`` ``[Q]``: the running k-th best scores. With
@@ -533,15 +534,16 @@ def _local_candidates(x, row_ids, valid, queries, pro_kth, opp_kth, diag=None,
   ``widen``: see ``exact_scores``. ``x`` may be a tuple of consecutive pieces of
   the rows (scored one by one: the rows need not be one buffer).
   ``fused``: "gpu" or "interpret" to score bf16 rows with the
-  ``fused_scores`` kernel where it takes them (sorted rows), else None.
+  ``fused_scores`` kernel where it takes them (sorted rows), else None;
+  ``tiles``: its tile settings.
   """
   pieces = x if isinstance(x, tuple) else (x,)
   norms = _norms(pieces, diag, lowrank, segments, widen)
   words = None
   if fused and rows_sorted and not widen and all(
-      fused_scores.supported(*p.shape, p.dtype) for p in pieces):
+      fused_scores.supported(*p.shape, p.dtype, tiles) for p in pieces):
     s, words = _fused_candidates(pieces, valid, queries, pro_kth, opp_kth,
-                                 norms, interpret=fused == "interpret")
+                                 norms, fused == "interpret", tiles)
   else:
     s = _scores(pieces, queries, norms, widen)
   return _candidates(s, row_ids, valid, pro_kth, opp_kth, k=k,
@@ -775,7 +777,8 @@ def _fused_mode(mesh: Mesh) -> str:
 
 @functools.lru_cache(maxsize=None)
 def step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments=None,
-            branch_free: bool = False, fused: bool = False):
+            branch_free: bool = False, fused: bool = False,
+            tiles: fused_scores.Tiles = fused_scores.DEFAULT_TILES):
   """The jitted ``update(state, x, row_ids, valid, queries, diag, lowrank)``:
   ``update_topk`` without its checks and padding (rows a multiple of the
   mesh size). ``x``: ``[rows, d]``, or a tuple of pieces ``[rows / P, d]``
@@ -784,13 +787,15 @@ def step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments=None,
   are then ignored). ``branch_free``: see ``_pick`` (same results).
   ``fused``: bf16 rows are scored, and their threshold bits set, by the
   ``fused_scores`` kernel (GPU; interpreted on CPU): the same rows and
-  order, scores within the same bound (one fp32 sum over the three terms)."""
+  order, scores within the same bound (one fp32 sum over the three terms),
+  with the kernel's ``tiles``."""
   local = _sharded_candidates(
       functools.partial(_local_candidates, k=k, rows_sorted=rows_sorted,
                         segments=segments,
                         widen=widens_bf16(mesh) and not fused,
                         branch_free=branch_free,
-                        fused=_fused_mode(mesh) if fused else None),
+                        fused=_fused_mode(mesh) if fused else None,
+                        tiles=tiles),
       mesh, check_vma=not fused)  # pallas_call's outputs carry no vma type
 
   def update(state: TopKState, x, row_ids, valid, queries, diag=None,
