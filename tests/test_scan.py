@@ -732,6 +732,41 @@ def test_scan_refuses_a_corrupt_chunk_and_names_it(tmp_path):
     scan.scan_store(s, q, K, verify=False)
 
 
+def test_a_failed_scan_leaves_no_step_running(tmp_path, monkeypatch):
+  # A corrupt chunk stops the scan after earlier steps were dispatched; the
+  # call must not return while any of them still reads the host buffers or
+  # mapped chunk files (a caller may rewrite a chunk file next). Each step
+  # here ends in a callback that takes 0.2 s and notes that it finished.
+  x, q = _data(1001)
+  s = _store(tmp_path, x, "float32")
+  path = s.chunk_file(9)
+  raw = bytearray(open(path, "rb").read())
+  raw[100] ^= 0x01
+  open(path, "wb").write(bytes(raw))
+  dispatched, finished = [], []
+
+  def note(scores):
+    time.sleep(0.2)
+    finished.append(1)
+    return scores
+
+  def slow_step_fn(*args, **kwargs):
+    update = topk.step_fn(*args, **kwargs)
+
+    def slow(*a, **k):
+      state = update(*a, **k)
+      dispatched.append(1)
+      return state._replace(proponent_scores=jax.pure_callback(
+          note, jax.ShapeDtypeStruct(state.proponent_scores.shape, jnp.float32),
+          state.proponent_scores))
+    return slow
+
+  monkeypatch.setattr(scan, "step_fn", slow_step_fn)
+  with pytest.raises(CorruptStoreError, match="chunk 9"):
+    scan.scan_store(s, q, K, mesh=MESHES["1x1"](), chunk_rows=64, prefetch=3)
+  assert len(dispatched) >= 4 and len(finished) == len(dispatched)
+
+
 def test_quarantined_rows_are_never_returned(tmp_path):
   x, q = _data(300)
   m = store_lib.Manifest(

@@ -438,6 +438,15 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   finally:
     pool.close()
     ready.close()
+    # After an error, steps already dispatched may still read host buffers
+    # and mapped chunk files: none may outlive the call (a caller may then
+    # rewrite or truncate a chunk file, and a mapping read past a file's end
+    # faults).
+    for done, _ in in_flight:
+      try:
+        done.proponent_scores.block_until_ready()
+      except Exception:  # pylint: disable=broad-except
+        pass  # the error being raised is the one to report
   result = finish(state, num_rows)
   if progress is not None:
     progress(num_rows, num_rows)
