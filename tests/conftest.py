@@ -37,6 +37,18 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
                     JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
                     JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
 
+# A fatal signal in an xdist worker (a crash in native code) loses the worker:
+# xdist names only the test it was running, and a CI log keeps only the end
+# of the fault dump on stderr, where the crashing thread is not. So each
+# worker writes its dump to a file here, and the controller prints any at the
+# end of the run, crashing thread first (``pytest_terminal_summary``).
+_FAULTS = os.environ.get("TRACER_TEST_FAULTS")
+_OWN_FAULTS = None
+if _FAULTS is None:
+  import tempfile
+  _OWN_FAULTS = _FAULTS = tempfile.mkdtemp(prefix="tracer-tests-faults-")
+  os.environ["TRACER_TEST_FAULTS"] = _FAULTS
+
 import jax  # noqa: E402  (must follow the XLA flag)
 
 assert jax.device_count() == 8, jax.devices()
@@ -69,11 +81,45 @@ def pytest_collection_modifyitems(config, items):
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
+_fault_file = None
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own faulthandler set-up
+def pytest_configure(config):
+  del config
+  global _fault_file
+  worker = os.environ.get("PYTEST_XDIST_WORKER")
+  if worker:
+    import faulthandler
+    _fault_file = open(os.path.join(_FAULTS, f"{worker}.log"), "w")
+    faulthandler.enable(file=_fault_file, all_threads=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+  if os.environ.get("PYTEST_XDIST_WORKER") or not os.path.isdir(_FAULTS):
+    return
+  for name in sorted(os.listdir(_FAULTS)):
+    with open(os.path.join(_FAULTS, name)) as f:
+      blocks = [b for b in f.read().split("\n\n") if b.strip()]
+    if blocks:
+      # faulthandler lists the newest thread first; put the crashing one
+      # ("Current thread") right after the signal's name.
+      blocks.sort(key=lambda b: (not b.startswith("Fatal"),
+                                 not b.startswith("Current thread")))
+      terminalreporter.section(f"fatal signal in worker {name.removesuffix('.log')}")
+      terminalreporter.write_line("\n".join("\n\n".join(blocks).splitlines()[:120]))
+
+
 def pytest_unconfigure(config):
   del config
-  if _OWN_CACHE:
-    import shutil
-    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+  if _fault_file is not None:
+    import faulthandler
+    faulthandler.disable()
+    _fault_file.close()
+  import shutil
+  for own in (_OWN_CACHE, _OWN_FAULTS):
+    if own:
+      shutil.rmtree(own, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
