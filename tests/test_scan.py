@@ -714,13 +714,18 @@ if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
   _worker(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
 
 
+def _flip_a_bit(path):
+  """Corrupts a chunk file in place, keeping its size."""
+  raw = bytearray(open(path, "rb").read())
+  raw[100] ^= 0x01
+  open(path, "wb").write(bytes(raw))
+
+
 def test_scan_refuses_a_corrupt_chunk_and_names_it(tmp_path):
   x, q = _data(300)
   s = _store(tmp_path, x, "bfloat16")
   path = s.chunk_file(3)
-  raw = bytearray(open(path, "rb").read())
-  raw[100] ^= 0x01
-  open(path, "wb").write(bytes(raw))
+  _flip_a_bit(path)
   with pytest.raises(CorruptStoreError, match=r"c/3/0: chunk 3 \(rows 192..256\).*"
                      "checksum mismatch"):
     scan.scan_store(s, q, K)
@@ -739,10 +744,7 @@ def test_a_failed_scan_leaves_no_step_running(tmp_path, monkeypatch):
   # here ends in a callback that takes 0.2 s and notes that it finished.
   x, q = _data(1001)
   s = _store(tmp_path, x, "float32")
-  path = s.chunk_file(9)
-  raw = bytearray(open(path, "rb").read())
-  raw[100] ^= 0x01
-  open(path, "wb").write(bytes(raw))
+  _flip_a_bit(s.chunk_file(9))
   dispatched, finished = [], []
 
   def note(scores):
