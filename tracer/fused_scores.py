@@ -36,9 +36,9 @@ GROUP = 16          # rows per bit word (``topk.GROUP`` is this one)
 
 class Tiles(NamedTuple):
   """A program's tile and Triton's launch settings (``launch.benchmark_scan
-  --fused_tiles`` times several). The contraction tile fixes the order of
-  each score's fp32 sum, so scores are bit-identical only under one
-  ``dim``."""
+  --fused_tiles`` times several). The contraction tile ``dim`` fixes the
+  order of each score's fp32 sum: two settings with different ``dim`` may
+  differ in a score's last bits."""
   rows: int = 128      # rows per program: a multiple of GROUP
   dim: int = 64        # contraction tile
   num_warps: int = 4
