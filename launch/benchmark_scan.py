@@ -94,11 +94,14 @@ def measure_bandwidth(x: np.ndarray, repeats: int = 3) -> float:
   return x.nbytes / _best_time(lambda: x.sum(dtype=np.float32), repeats)
 
 
-def measure_sgemm(dim: int, queries: int, repeats: int = 3) -> dict[str, float]:
-  """fp32 FLOP/s of numpy (square, and the scan's shape) and of XLA's dot.
+def measure_sgemm(dim: int, queries: int, repeats: int = 20) -> dict[str, float]:
+  """fp32 FLOP/s of XLA's dot and of numpy (the scan's shape, and square).
 
   XLA's CPU dot can beat the numpy BLAS severalfold on the scan's skinny
-  shape, so the roofline takes the best of the three.
+  shape, so the roofline takes the best of the three. XLA's goes first and
+  each takes the best of many short runs: numpy's BLAS threads keep
+  spinning for a while after a call and slow what runs next (best of 3 read
+  108-139 GFLOP/s where best of 30 read 197, 2-core EPYC).
   """
   rng = np.random.default_rng(0)
   a = rng.standard_normal((2048, 2048), dtype=np.float32)
@@ -109,11 +112,11 @@ def measure_sgemm(dim: int, queries: int, repeats: int = 3) -> dict[str, float]:
       x, q, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST))
   xj, qj = jax.device_put(x), jax.device_put(q)
   dot(xj, qj).block_until_ready()
+  xla = flops / _best_time(lambda: dot(xj, qj).block_until_ready(), repeats)
   return {
-      "numpy_square": 2 * 2048**3 / _best_time(lambda: a @ a, repeats),
+      "xla_scan_shape": xla,
       "numpy_scan_shape": flops / _best_time(lambda: x @ q.T, repeats),
-      "xla_scan_shape": flops / _best_time(
-          lambda: dot(xj, qj).block_until_ready(), repeats),
+      "numpy_square": 2 * 2048**3 / _best_time(lambda: a @ a, repeats),
   }
 
 
@@ -158,8 +161,8 @@ def run_scan_benchmark(rows: int = 200_000, dim: int = 1024, queries: int = 64,
                        k: int = 100, chunk_rows: int | None = None,
                        store_chunk_rows: int = 4096, repeats: int = 5,
                        workdir: str | None = None, mesh=None,
-                       eval_examples: int = 240, block: int = 256
-                       ) -> list[dict[str, Any]]:
+                       eval_examples: int = 240, block: int = 256,
+                       probe_repeats: int = 20) -> list[dict[str, Any]]:
   """Runs every method on the same data; one dict per table row.
 
   Each row: method, seconds (best of ``repeats``), rows_per_s, GB_per_s
@@ -169,6 +172,8 @@ def run_scan_benchmark(rows: int = 200_000, dim: int = 1024, queries: int = 64,
   apply a query set's task-specific R^(-1) at scan time (``hessian.QueryMetric``
   from a block-diagonal basis with ``block``-sized blocks and ``eval_examples``
   eval examples) and give their time as a ratio of the same scan without it.
+  ``probe_repeats``: runs of each matmul the roofline's FLOP rate is the best
+  of (``measure_sgemm``).
   """
   mesh = partitioning.make_mesh() if mesh is None else mesh
   rng = np.random.default_rng(0)
@@ -180,7 +185,7 @@ def run_scan_benchmark(rows: int = 200_000, dim: int = 1024, queries: int = 64,
   q /= np.linalg.norm(q, axis=1, keepdims=True)
 
   bandwidth = measure_bandwidth(x)
-  sgemm = measure_sgemm(dim, queries)
+  sgemm = measure_sgemm(dim, queries, probe_repeats)
   flops = max(sgemm.values())
   compute_s = 2 * rows * dim * queries / flops
 

@@ -796,6 +796,27 @@ def test_quarantined_rows_are_never_returned(tmp_path):
   np.testing.assert_allclose(top.proponent_scores, ref.proponent_scores, rtol=1e-6)
 
 
+def test_scan_benchmark_runs(tmp_path):
+  # The CPU command in WORKSPACE.md (every row of the roofline table), small.
+  # The function checks the scans' top-k against numpy (and faiss, if there).
+  from tracer.launch import benchmark_scan  # pylint: disable=g-import-not-at-top
+  table = benchmark_scan.run_scan_benchmark(
+      rows=3000, dim=64, queries=4, k=5, chunk_rows=512, store_chunk_rows=256,
+      repeats=1, workdir=str(tmp_path), mesh=MESHES["1x1"](), eval_examples=6,
+      block=32, probe_repeats=1)
+  methods = [row["method"] for row in table]
+  for name in ("tracer scan_arrays bf16, 64B-aligned", "tracer scan_store float32",
+               "tracer scan_store bfloat16, checksums not verified",
+               "tracer scan_store bfloat16 + scan-time R",
+               "numpy matmul+argpartition f32"):
+    assert name in methods, methods
+  assert table[0]["method"] == "machine" and table[0]["GFLOP_per_s"] > 0
+  for row in table[1:]:
+    if row["seconds"] is not None:
+      assert row["seconds"] > 0 and row["fraction_of_roofline"] > 0, row
+  assert "| tracer scan_store float32 |" in benchmark_scan.to_markdown(table)
+
+
 def test_resident_benchmark_runs():
   # The GPU command in WORKSPACE.md (``--resident``), on a CPU device.
   from tracer.launch import benchmark_scan  # pylint: disable=g-import-not-at-top
