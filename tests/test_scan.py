@@ -812,8 +812,8 @@ def test_scan_benchmark_runs(tmp_path):
     assert name in methods, methods
   assert table[0]["method"] == "machine" and table[0]["GFLOP_per_s"] > 0
   for row in table[1:]:
-    if row["seconds"] is not None:  # (a tiny scan's fraction may round to 0)
-      assert row["seconds"] > 0 and row["roofline_s"] > 0, row
+    if row["seconds"] is not None:  # (a tiny scan's roofline rounds to 0)
+      assert row["seconds"] > 0 and row["rows_per_s"] > 0, row
   assert "| tracer scan_store float32 |" in benchmark_scan.to_markdown(table)
 
 
