@@ -267,16 +267,6 @@ class _Layout:
     return arrays, pending.buffers
 
 
-def read_threads(mesh: Mesh) -> concurrent.futures.ThreadPoolExecutor | None:
-  """A pool of a thread per local device (at most one per core) for a scan's
-  reads and checks, or None where there is one device or one core: a host
-  feeding 4-8 accelerators copies and checks each step's rows on that many
-  cores. The caller shuts it down."""
-  threads = min(len(mesh.local_devices), os.cpu_count() or 1)
-  return (concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="tracer-read")
-          if threads > 1 else None)
-
-
 def _read(source: _Source, start: int, stop: int, out: np.ndarray) -> None:
   for future in source.read_into(start, stop, out):
     future.result()
@@ -414,7 +404,12 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   step = min(step, partitioning.padded_size(max(num_rows, 1),
                                             mesh.size * row_multiple))
   # Whole store chunks per device: one piece per chunk (mapped in place).
-  threads = read_threads(mesh)
+  # A thread per local device for its reads and checks: a host feeding 4-8
+  # accelerators copies and checks each step's rows on that many cores.
+  local_devices = len(mesh.local_devices)
+  threads = (concurrent.futures.ThreadPoolExecutor(
+      min(local_devices, os.cpu_count() or 1), thread_name_prefix="tracer-read")
+             if local_devices > 1 and (os.cpu_count() or 1) > 1 else None)
   layout = _Layout(mesh, step, dim, dtype,
                    piece_rows=row_multiple if row_multiple > 1 else None,
                    threads=threads)
