@@ -8,8 +8,7 @@ are 64-byte aligned (``aligned_empty``) or are a local store's chunk files
 (mapped from the page cache, handed to the device as one piece per chunk),
 and otherwise copied once into reused aligned buffers (``_BufferPool``) by a
 background thread, overlapped with the device, each host reading only the
-rows of its own devices (object storage: several steps' reads in flight;
-local copies and checksum checks: a thread per local device).
+rows of its own devices (object storage: several steps' reads in flight).
 
 If fewer than ``k`` rows are scanned (N < k), results have ``N`` columns.
 
