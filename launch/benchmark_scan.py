@@ -29,7 +29,6 @@ should use the one real device (simulated devices share the same cores).
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 import os
 import shutil
@@ -54,7 +53,7 @@ from tracer import topk
 def define_flags() -> None:
   """Defines this script's flags (only when run as a script, so that
   ``launch.benchmark`` can import ``run_scan_benchmark``)."""
-  global _ROWS, _DIM, _QUERIES, _K, _CHUNK_ROWS, _STORE_CHUNK_ROWS, _REPEATS, _WORKDIR, _OUTPUT, _EVAL, _BLOCK, _RESIDENT, _FUSED_TILES, _HOST_PATH
+  global _ROWS, _DIM, _QUERIES, _K, _CHUNK_ROWS, _STORE_CHUNK_ROWS, _REPEATS, _WORKDIR, _OUTPUT, _EVAL, _BLOCK, _RESIDENT, _FUSED_TILES
   _ROWS = flags.DEFINE_integer("rows", 200_000, "N, rows to scan.")
   _DIM = flags.DEFINE_integer("dim", 1024, "d, encoding dimension.")
   _QUERIES = flags.DEFINE_integer("queries", 64, "Q, queries per scan.")
@@ -75,10 +74,6 @@ def define_flags() -> None:
   _RESIDENT = flags.DEFINE_bool(
       "resident", False, "Time the scan of a corpus held in device memory "
       "(run_resident_benchmark) instead of the host and store scans.")
-  _HOST_PATH = flags.DEFINE_bool(
-      "host_path", False, "Instead: time a store scan's host side alone "
-      "(reads, checks, placement; run_host_path_benchmark), one thread against "
-      "a thread per local device, for bfloat16 and float32.")
   _FUSED_TILES = flags.DEFINE_list(
       "fused_tiles", None, "Instead: time the fused kernel's tile settings "
       "(run_fused_tiles_benchmark) on resident bf16 rows, each as "
@@ -346,73 +341,6 @@ def one_dot_scores(x, queries):
   x3 = jax.numpy.broadcast_to(x[:, None, :], (x.shape[0], 3, x.shape[1]))
   return jax.lax.dot_general(x3, topk.bf16_terms(queries), (((1, 2), (0, 2)), ((), ())),
                              preferred_element_type=np.float32)
-
-
-def run_host_path_benchmark(rows: int = 400_000, dim: int = 1024,
-                            dtype: str = "bfloat16", store_chunk_rows: int = 4096,
-                            repeats: int = 3, workdir: str | None = None,
-                            mesh=None) -> list[dict[str, Any]]:
-  """The host side of a store scan alone: each step's rows read (or mapped),
-  checked against their checksums and placed on the mesh's local devices, no
-  scores. What a host feeding accelerators does per step, timed with its
-  reads and checks in one thread and with a thread per local device
-  (``scan._Layout``'s ``threads``). Rows: mapped chunks (the default steps)
-  and chunks read into pooled buffers (steps of one stored chunk per device).
-  """
-  mesh = partitioning.make_mesh() if mesh is None else mesh
-  rng = np.random.default_rng(0)
-  x = rng.standard_normal((rows, dim), dtype=np.float32).astype(
-      ml_dtypes.bfloat16 if dtype == "bfloat16" else np.float32)
-  tmp = workdir or tempfile.mkdtemp(prefix="tracer-bench-")
-  path = os.path.join(tmp, f"host-path-{dtype}")
-  shutil.rmtree(path, ignore_errors=True)
-  manifest = store_lib.Manifest(
-      checkpoint="bench", step=0, params_fingerprint="-", correction="none",
-      epsilon=0.0, projection_seed=0, layout=None, dim=dim,
-      basis_fingerprint=None, dtype=dtype, corpus="random", num_rows=rows,
-      chunk_rows=store_chunk_rows)
-  s = store_lib.create_or_open(path, manifest)
-  for c in s.pending_chunks():
-    lo, hi = s.chunk_bounds(c)
-    s.write_chunk(c, x[lo:hi])
-  del x
-  source = scan._StoreSource(s, verify=True)  # pylint: disable=protected-access
-  devices = len(mesh.local_devices)
-  itemsize = np.dtype(s.dtype).itemsize
-  table = []
-  try:
-    for kind, piece_rows in (("mapped chunks", store_chunk_rows),
-                             ("read into buffers", None)):
-      step = (scan.default_chunk_rows(dim, itemsize, mesh.size, store_chunk_rows)
-              if piece_rows else store_chunk_rows * mesh.size)
-      step = min(step, partitioning.padded_size(rows, mesh.size * store_chunk_rows))
-      times = {}
-      for name, threads in (("one thread", None),
-                            ("a thread per device",
-                             concurrent.futures.ThreadPoolExecutor(devices))):
-        layout = scan._Layout(mesh, step, dim, s.dtype, piece_rows=piece_rows,  # pylint: disable=protected-access
-                              threads=threads)
-        pool = scan._BufferPool(layout.shapes(), s.dtype, size=2)  # pylint: disable=protected-access
-
-        def run():
-          for base in range(0, rows, step):
-            arrays, buffers = layout.finish(layout.start(source, base, pool))
-            jax.block_until_ready(arrays)
-            pool.release(buffers)
-        run()
-        times[name] = _best_time(run, repeats)
-        if threads is not None:
-          threads.shutdown()
-      for name, seconds in times.items():
-        table.append({
-            "method": f"host path, {kind}, {name}", "seconds": round(seconds, 4),
-            "GB_per_s": round(rows * dim * itemsize / seconds / 1e9, 2),
-            "note": (f"{dtype}, {devices} local devices, steps of {step} rows; "
-                     f"x{times['one thread'] / seconds:.2f} one thread")})
-  finally:
-    if workdir is None:
-      shutil.rmtree(tmp, ignore_errors=True)
-  return table
 
 
 def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
@@ -743,12 +671,6 @@ def main(argv):
         [parse_tiles(t) for t in _FUSED_TILES.value], rows=_ROWS.value,
         dim=_DIM.value, queries=_QUERIES.value, k=_K.value,
         step_rows=_CHUNK_ROWS.value, repeats=_REPEATS.value)
-  elif _HOST_PATH.value:
-    table = [row for dtype in ("bfloat16", "float32")
-             for row in run_host_path_benchmark(
-                 rows=_ROWS.value, dim=_DIM.value, dtype=dtype,
-                 store_chunk_rows=_STORE_CHUNK_ROWS.value,
-                 repeats=_REPEATS.value, workdir=_WORKDIR.value)]
   elif _RESIDENT.value:
     table = run_resident_benchmark(
         rows=_ROWS.value, dim=_DIM.value, queries=_QUERIES.value, k=_K.value,

@@ -817,20 +817,6 @@ def test_scan_benchmark_runs(tmp_path):
   assert "| tracer scan_store float32 |" in benchmark_scan.to_markdown(table)
 
 
-def test_host_path_benchmark_runs(tmp_path):
-  # ``tracer benchmark-scan --host_path``: a store scan's host side, one
-  # thread against a thread per local device (8 here), both ways of reading.
-  from tracer.launch import benchmark_scan  # pylint: disable=g-import-not-at-top
-  table = benchmark_scan.run_host_path_benchmark(
-      rows=3000, dim=64, dtype="bfloat16", store_chunk_rows=64, repeats=1,
-      workdir=str(tmp_path), mesh=MESHES["8x1"]())
-  assert [row["method"] for row in table] == [
-      f"host path, {kind}, {threads}"
-      for kind in ("mapped chunks", "read into buffers")
-      for threads in ("one thread", "a thread per device")]
-  assert all(row["GB_per_s"] > 0 for row in table)
-
-
 def test_resident_benchmark_runs():
   # The GPU command in WORKSPACE.md (``--resident``), on a CPU device.
   from tracer.launch import benchmark_scan  # pylint: disable=g-import-not-at-top

@@ -21,8 +21,6 @@ preconditioning.
 from __future__ import annotations
 
 import collections
-import concurrent.futures
-import os
 import queue
 import threading
 from typing import Any, NamedTuple
@@ -162,9 +160,7 @@ class _Layout:
   separate buffers (a store's chunk files, mapped) need no copy."""
 
   def __init__(self, mesh: Mesh, step: int, dim: int, dtype: np.dtype,
-               piece_rows: int | None = None,
-               threads: concurrent.futures.Executor | None = None):
-    self.threads = threads
+               piece_rows: int | None = None):
     self.step = step
     self.dim = dim
     self.dtype = dtype
@@ -190,8 +186,7 @@ class _Layout:
 
     A local device's rows are used in place when the source can (an aligned
     in-memory matrix, or a store's mapped chunk files); otherwise they are
-    read into a pooled aligned buffer, zero-padded past N. Reads that block
-    (``_Source.blocking_reads``) run one per local device in ``threads``.
+    read into a pooled aligned buffer, zero-padded past N.
     """
     num_rows = source.num_rows
     bounds = [(min(base + a, num_rows), min(base + b, num_rows), b - a)
@@ -217,12 +212,8 @@ class _Layout:
         if hosts[i] is None:
           hosts[i] = [buffers[i]]
           if hi > lo:
-            out = buffers[i][:hi - lo]
-            if self.threads is not None and source.blocking_reads:
-              futures.append(self.threads.submit(_read, source, lo, hi, out))
-            else:
-              futures += source.read_into(lo, hi, out)
-            checks.append(([out], source.checker(lo, hi)))
+            futures += source.read_into(lo, hi, buffers[i][:hi - lo])
+            checks.append(([buffers[i][:hi - lo]], source.checker(lo, hi)))
           buffers[i][max(hi - lo, 0):] = 0  # padding rows past N
     return _Pending(base, num_rows, hosts, buffers, futures, checks)
 
@@ -232,12 +223,8 @@ class _Layout:
     borrowed)."""
     for future in pending.futures:
       future.result()
-    # Each device's checks (a CRC over its rows) in a thread of its own.
-    run = lambda arrays_check: arrays_check[1](arrays_check[0])
-    checked = (list(self.threads.map(run, pending.checks))
-               if self.threads is not None and len(pending.checks) > 1
-               else [run(c) for c in pending.checks])
-    excluded = np.concatenate([np.zeros(0, np.int64)] + checked)
+    excluded = np.concatenate([np.zeros(0, np.int64)] + [
+        check(arrays) for arrays, check in pending.checks])
 
     def split(host):  # one array per piece
       if len(host) == self.num_pieces:
@@ -266,11 +253,6 @@ class _Layout:
     return arrays, pending.buffers
 
 
-def _read(source: _Source, start: int, stop: int, out: np.ndarray) -> None:
-  for future in source.read_into(start, stop, out):
-    future.result()
-
-
 class _Pending(NamedTuple):
   """A step whose reads have started (``_Layout.start``)."""
   base: int
@@ -286,9 +268,6 @@ class _Source:
   num_rows: int
   dim: int
   dtype: np.dtype
-  # ``read_into`` copies before it returns (memory, a local file), rather
-  # than starting requests that proceed on their own (tensorstore).
-  blocking_reads = True
 
   def view(self, start: int, stop: int) -> np.ndarray | None:
     """Rows ``[start, stop)`` without a copy, if the source holds them."""
@@ -331,7 +310,6 @@ class _StoreSource(_Source):
   def __init__(self, store, verify: bool):
     self.store = store
     self.verify = verify
-    self.blocking_reads = store.local
     self.num_rows, self.dim = store.num_rows, store.dim
     self.dtype = store.dtype
 
@@ -403,15 +381,8 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   step = min(step, partitioning.padded_size(max(num_rows, 1),
                                             mesh.size * row_multiple))
   # Whole store chunks per device: one piece per chunk (mapped in place).
-  # A thread per local device for its reads and checks: a host feeding 4-8
-  # accelerators copies and checks each step's rows on that many cores.
-  local_devices = len(mesh.local_devices)
-  threads = (concurrent.futures.ThreadPoolExecutor(
-      min(local_devices, os.cpu_count() or 1), thread_name_prefix="tracer-read")
-             if local_devices > 1 and (os.cpu_count() or 1) > 1 else None)
   layout = _Layout(mesh, step, dim, dtype,
-                   piece_rows=row_multiple if row_multiple > 1 else None,
-                   threads=threads)
+                   piece_rows=row_multiple if row_multiple > 1 else None)
   depth = max(1, prefetch)
   read_ahead = max(0, int(read_ahead))
   pool = _BufferPool(layout.shapes(), dtype,
@@ -467,8 +438,6 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   finally:
     pool.close()
     ready.close()
-    if threads is not None:  # no read or check outlives the call
-      threads.shutdown(wait=True, cancel_futures=True)
     # After an error, steps already dispatched may still read host buffers
     # and mapped chunk files: none may outlive the call (a caller may then
     # rewrite or truncate a chunk file, and a mapping read past a file's end
