@@ -587,6 +587,39 @@ def test_store_scan_maps_whole_chunks_in_place(tmp_path, monkeypatch, mesh, dtyp
   assert not mapped
 
 
+def test_pooled_buffers_fit_the_host_budget(tmp_path, monkeypatch):
+  """Rows copied into pooled buffers (an unaligned matrix; a local store
+  whose chunks are read, not mapped) take steps small enough that the pool
+  stays within ``HOST_BUFFER_BYTES``; the top-k is unchanged."""
+  x, q = _data(5000)
+  unaligned = np.empty(x.size + 1, np.float32)[1:].reshape(x.shape)
+  unaligned[...] = x
+  made = []
+  real = scan.aligned_empty
+  monkeypatch.setattr(scan, "aligned_empty", lambda shape, dtype, align=64: (
+      made.append(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+      or real(shape, dtype, align)))
+  mesh = MESHES["8x1"]()
+  row_bytes, sets = 16 * 4, 6  # prefetch 2, depth 2, read-ahead 0, 2 more
+  budget = sets * 8 * 40 * row_bytes  # 40 rows per device and step
+  monkeypatch.setattr(scan, "HOST_BUFFER_BYTES", budget)
+  assert scan.buffered_step(8 * 10**6, mesh, row_bytes, sets) == 8 * 40
+  assert_same(scan.scan_arrays(unaligned, q, K, mesh=mesh), reference(x, q, K))
+  assert 0 < sum(made) <= budget
+  # Without the budget a step would hold all 5,000 rows (625 per device).
+  made.clear()
+  monkeypatch.setattr(scan, "HOST_BUFFER_BYTES", 8 << 30)
+  scan.scan_arrays(unaligned, q, K, mesh=mesh)
+  assert sum(made) == 5000 * row_bytes
+  # A local store read into buffers: whole chunks (64 rows) per device.
+  monkeypatch.setattr(scan, "MAX_PIECES", 1)
+  monkeypatch.setattr(scan, "HOST_BUFFER_BYTES", sets * 8 * 100 * row_bytes)
+  s = _store(tmp_path, x, "float32")
+  made.clear()
+  assert_same(scan.scan_store(s, q, K, mesh=mesh), reference(x, q, K))
+  assert 0 < sum(made) <= sets * 8 * 64 * row_bytes
+
+
 def test_store_scan_from_object_storage(s3):
   x, q = _data(1001, seed=7)
   m = store_lib.Manifest(

@@ -6,7 +6,8 @@ The corpus is streamed in chunks of rows through the jitted core in
 the ordering rules). This module feeds it: rows are used in place when they
 are 64-byte aligned (``aligned_empty``) or are a local store's chunk files
 (mapped from the page cache, handed to the device as one piece per chunk),
-and otherwise copied once into reused aligned buffers (``_BufferPool``) by a
+and otherwise copied once into reused aligned buffers (``_BufferPool``, at
+most ``HOST_BUFFER_BYTES`` a host: default steps shrink to fit) by a
 background thread, overlapped with the device, each host reading only the
 rows of its own devices (object storage: several steps' reads in flight).
 
@@ -48,6 +49,13 @@ ACCELERATOR_CHUNK_BYTES = 2 << 30
 # Steps of an object-store scan whose reads are in flight before the oldest
 # is waited for (``scan_store``'s ``read_ahead``).
 REMOTE_READ_AHEAD = 4
+# Host memory that one scan's pooled read buffers may take on a host (rows
+# copied from object storage or from an unaligned matrix). Steps are shrunk
+# to fit: the pool holds (prefetch + depth + read_ahead + 2) sets of a step's
+# rows for every local device, which at 2 GiB accelerator steps would be
+# 160 GiB on an 8-GPU host reading object storage. 8 GiB still keeps
+# read_ahead (4) sets, ~3 GiB, in flight.
+HOST_BUFFER_BYTES = 8 << 30
 # The most pieces (store chunks used in place) a step hands a device; more
 # small chunks are copied into one buffer instead (each piece is a matmul of
 # its own in the compiled step).
@@ -92,6 +100,17 @@ def default_chunk_rows(dim: int, itemsize: int, num_devices: int,
   per_device = max(1, device_chunk_bytes(platform) // (dim * itemsize))
   per_device = partitioning.padded_size(per_device, multiple)
   return per_device * num_devices
+
+
+def buffered_step(step: int, mesh: Mesh, row_bytes: int, sets: int,
+                  multiple: int = 1) -> int:
+  """``step`` (rows over ``mesh``) shrunk so that ``sets`` pooled sets of
+  its local rows fit in ``HOST_BUFFER_BYTES``; whole ``multiple``s of rows
+  per device, at least one."""
+  per_device = step // mesh.size
+  fits = HOST_BUFFER_BYTES // (sets * len(mesh.local_devices) * row_bytes)
+  fits = max(multiple, fits // multiple * multiple)
+  return min(per_device, fits) * mesh.size
 
 
 def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
@@ -283,6 +302,11 @@ class _Source:
     any finite values), without a copy, if the source holds them so."""
     return None
 
+  def copies(self, rows_per_device: int) -> bool:
+    """Whether steps of ``rows_per_device`` rows per device are copied into
+    pooled buffers rather than used where they lie."""
+    return True
+
   def checker(self, start: int, stop: int):
     """A function that checks rows ``[start, stop)`` once read (given the
     arrays holding them in order from ``start`` on) and returns the ids of
@@ -296,9 +320,14 @@ class _ArraySource(_Source):
     self.x = x
     self.num_rows, self.dim = x.shape
     self.dtype = x.dtype
+    self._aligned = (_zero_copy_ok(x, _device_dtype(x.dtype))
+                     and self.dim * x.dtype.itemsize % 64 == 0)
 
   def view(self, start, stop):
     return self.x[start:stop]
+
+  def copies(self, rows_per_device):
+    return not self._aligned
 
   def read_into(self, start, stop, out):
     np.copyto(out, self.x[start:stop], casting="unsafe")
@@ -315,6 +344,10 @@ class _StoreSource(_Source):
 
   def read_into(self, start, stop, out):
     return self.store.read_into(start, stop, out)
+
+  def copies(self, rows_per_device):  # as ``_Layout`` splits a step
+    pieces, rest = divmod(rows_per_device, self.store.chunk_rows)
+    return not (self.store.local and not rest and 1 < pieces <= MAX_PIECES)
 
   def pieces(self, start, piece_rows, count):
     """Local stores: the chunk files themselves, mapped (``chunk_view``)."""
@@ -369,9 +402,14 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
     raise InputError(f"queries: every part needs the same queries, got "
                      f"{[q.shape[0] for q in qs]} of them")
   dtype = _device_dtype(sources[0].dtype)
+  depth = max(1, prefetch)
+  read_ahead = max(0, int(read_ahead))
+  sets = (prefetch + depth + read_ahead + 2) * len(sources)
   if chunk_rows is None:
     step = default_chunk_rows(dim, dtype.itemsize, mesh.size, row_multiple,
                               mesh.devices.flat[0].platform)
+    if any(s.copies(step // mesh.size) for s in sources):
+      step = buffered_step(step, mesh, dim * dtype.itemsize, sets, row_multiple)
   elif chunk_rows < 1:
     raise InputError(f"chunk_rows: must be >= 1, got {chunk_rows}")
   else:
@@ -383,10 +421,7 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   # Whole store chunks per device: one piece per chunk (mapped in place).
   layout = _Layout(mesh, step, dim, dtype,
                    piece_rows=row_multiple if row_multiple > 1 else None)
-  depth = max(1, prefetch)
-  read_ahead = max(0, int(read_ahead))
-  pool = _BufferPool(layout.shapes(), dtype,
-                     size=(prefetch + depth + read_ahead + 2) * len(sources))
+  pool = _BufferPool(layout.shapes(), dtype, size=sets)
   queries_on_mesh = [partitioning.put_global(q, partitioning.replicated(mesh))
                      for q in qs]
   state = init_topk(qs[0].shape[0], k, mesh)
