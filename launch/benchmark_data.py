@@ -11,6 +11,12 @@ fresh process (so that peak RSS belongs to one phase):
                the small path), as the baseline that grows with N.
 Peak RSS is ``getrusage(RUSAGE_SELF).ru_maxrss`` of the phase's process. The
 model is a nano LM (random init, V = 1), on one CPU device.
+
+  tracer benchmark-data --rows=1000000 --tokenize_processes=1,2
+
+instead times tokenizing the corpus (as 8 JSONL shards) with each number of
+processes side by side (``tokenize(num_shards=P)``, the last one joining),
+wall time from the first start to the last exit, against one process.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ flags.DEFINE_integer("max_len", 32, "Tokens per row.")
 flags.DEFINE_integer("batch_size", 1024, "Rows per encode call.")
 flags.DEFINE_string("phase", None, "Internal: run one phase in this process.")
 flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
+flags.DEFINE_list("tokenize_processes", [], "Time tokenizing with these "
+                  "numbers of processes instead (8 JSONL shards).")
 FLAGS = flags.FLAGS
 
 WORDS = ("alpha beta gamma delta epsilon zeta theta iota kappa lambda sigma "
@@ -55,13 +63,16 @@ def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def phase_tokenize(jsonl: str, out: str, max_len: int) -> dict:
+def phase_tokenize(jsonl: str, out: str, max_len: int, num_shards: str = "1",
+                   shard_index: str = "0") -> dict:
   from tracer import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
   from tracer.config import DataConfig  # pylint: disable=g-import-not-at-top
   DataConfig().vocabulary()  # seqio's import is not the tokenizer's memory
   base = peak_rss_mb()
   start = time.perf_counter()
-  corpus = corpus_lib.tokenize(jsonl, out, DataConfig(), max_len)
+  corpus = corpus_lib.tokenize(jsonl, out, DataConfig(), max_len,
+                               num_shards=int(num_shards),
+                               shard_index=int(shard_index))
   return {"seconds": time.perf_counter() - start, "rows": len(corpus),
           "baseline_mb": base, "peak_mb": peak_rss_mb()}
 
@@ -98,14 +109,70 @@ def phase_encode(source: str, store: str, max_len: int, batch_size: int) -> dict
           "peak_mb": peak_rss_mb()}
 
 
+def _phase_env() -> dict:
+  return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+              JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+
+
 def run_phase(*args: str) -> dict:
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-             JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
   proc = subprocess.run([sys.executable, "-m", "tracer.launch.benchmark_data", *args],
-                        env=env, capture_output=True, text=True)
+                        env=_phase_env(), capture_output=True, text=True)
   if proc.returncode:
     raise RuntimeError(f"phase {args} failed:\n{proc.stderr[-3000:]}")
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_sharded_tokenize(pattern: str, out: str, processes: int,
+                         max_len: int) -> dict:
+  """Wall time of ``processes`` tokenize processes side by side, from the
+  first start to the last exit (each process's own import time included)."""
+  start = time.perf_counter()
+  procs = [subprocess.Popen(
+      [sys.executable, "-m", "tracer.launch.benchmark_data",
+       f"--phase=tokenize,{pattern},{out},{processes},{i}",
+       f"--max_len={max_len}"], env=_phase_env(), stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(processes)]
+  outputs = [p.communicate() for p in procs]
+  seconds = time.perf_counter() - start
+  for p, (_, err) in zip(procs, outputs):
+    if p.returncode:
+      raise RuntimeError(f"tokenize on {processes} processes failed:\n{err[-3000:]}")
+  from tracer import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  return {"processes": processes, "seconds": seconds,
+          "rows": len(corpus_lib.TokenizedCorpus(out)),
+          "process_seconds": [json.loads(o.strip().splitlines()[-1])["seconds"]
+                              for o, _ in outputs]}
+
+
+def tokenize_table(rows: int, counts: list[int], workdir: str,
+                   max_len: int) -> list[dict]:
+  """Tokenizing ``rows`` documents (8 JSONL shards) on each of ``counts``
+  processes; every run's corpus has the same rows."""
+  root = os.path.join(workdir, f"shards{rows}")
+  os.makedirs(root, exist_ok=True)
+  jsonl = os.path.join(root, "corpus.jsonl")
+  if not os.path.exists(jsonl):
+    write_jsonl(jsonl, rows)
+    with open(jsonl) as f:
+      lines = f.readlines()
+    for i in range(8):
+      with open(os.path.join(root, f"shard-{i}.jsonl"), "w") as f:
+        f.writelines(lines[i * len(lines) // 8:(i + 1) * len(lines) // 8])
+  results = []
+  for count in counts:
+    out = os.path.join(root, f"tokenized{count}-{time.time_ns()}")
+    results.append(run_sharded_tokenize(os.path.join(root, "shard-*.jsonl"), out,
+                                        count, max_len))
+    print(json.dumps(results[-1]), flush=True)
+  if len({r["rows"] for r in results}) != 1:
+    raise RuntimeError(f"the runs' corpora differ in rows: {results}")
+  base = results[0]["seconds"]
+  print(f"\n| processes | wall s | x first row | each process's tokenize s |")
+  print("|---:|---:|---:|---|")
+  for r in results:
+    print(f"| {r['processes']} | {r['seconds']:.1f} | x{base / r['seconds']:.2f} | "
+          f"{', '.join(f'{s:.1f}' for s in r['process_seconds'])} |")
+  return results
 
 
 def main(argv):
@@ -113,10 +180,17 @@ def main(argv):
   if FLAGS.phase:
     what, *paths = FLAGS.phase.split(",")
     if what == "tokenize":
-      out = phase_tokenize(*paths, FLAGS.max_len)
+      out = phase_tokenize(*paths[:2], FLAGS.max_len, *paths[2:])
     else:
       out = phase_encode(*paths, FLAGS.max_len, FLAGS.batch_size)
     print(json.dumps(out))
+    return
+  if FLAGS.tokenize_processes:
+    results = [tokenize_table(int(n), list(map(int, FLAGS.tokenize_processes)),
+                              FLAGS.workdir, FLAGS.max_len) for n in FLAGS.rows]
+    if FLAGS.json_out:
+      with open(FLAGS.json_out, "w") as f:
+        json.dump(results, f, indent=2)
     return
   results = []
   for n in map(int, FLAGS.rows):

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -165,3 +166,114 @@ def test_launch_tokenize(tmp_path, corpus_path):
   assert f"{out}: {len(corpus):,} rows of up to 128 tokens" in proc.stdout
   memory = data_lib.read_corpus(corpus_path, DataConfig().vocabulary(), 128)
   _assert_same_rows(memory, corpus)
+
+
+def _shards(directory, records, files=6):
+  directory.mkdir()
+  size = -(-len(records) // files)
+  for i, lo in enumerate(range(0, len(records), size)):
+    facts.write_jsonl(directory / f"part-{i:03d}.jsonl", records[lo:lo + size])
+  return str(directory / "part-*.jsonl")
+
+
+@pytest.mark.parametrize("num_shards", [3, 9])
+def test_shards_tokenized_apart_join_into_the_same_rows(tmp_path, records, num_shards):
+  """Each shard writes its run of files as a part; the last one joins them
+  into one corpus whose rows are one process's (9 shards > 6 files: some
+  parts are empty)."""
+  pattern = _shards(tmp_path / "shards", records)
+  assert len(data_lib.jsonl_files(pattern)) == 6
+  config = DataConfig(overflow="split")
+  whole = data_lib.read_corpus(pattern, config.vocabulary(), 32, "split")
+  out = str(tmp_path / "tok")
+  order = list(range(num_shards))[::-1]  # any order: the last one joins
+  for n, i in enumerate(order):
+    got = corpus_lib.tokenize(pattern, out, config, 32, num_shards=num_shards,
+                              shard_index=i, block_rows=64)
+    assert corpus_lib.is_tokenized(out) == (n == num_shards - 1)
+    if n < num_shards - 1:
+      assert got.manifest.shard == [i, num_shards]
+  m = got.manifest
+  assert m.shard is None and len(m.parts) == num_shards
+  assert m.num_rows == len(whole) and m.num_docs == len(set(whole.ids))
+  assert m.source == pattern
+  assert sum(p["num_rows"] == 0 for p in m.parts) == max(0, num_shards - 6)
+  _assert_same_rows(whole, got)
+  every = np.arange(len(whole))
+  np.testing.assert_array_equal(got.segments_of(every), whole.segments)
+  shuffled = np.random.default_rng(0).permutation(len(whole))
+  assert got.ids_of(shuffled) == [whole.ids[r] for r in shuffled]
+  for k, v in got.examples(shuffled).items():
+    np.testing.assert_array_equal(v, whole.examples(shuffled)[k], err_msg=k)
+  # Reruns (of any shard) return the joined corpus; a part alone reads too.
+  again = corpus_lib.tokenize(pattern, out, config, 32, num_shards=num_shards,
+                              shard_index=0)
+  assert len(again) == len(whole)
+  part = corpus_lib.TokenizedCorpus(os.path.join(out, m.parts[0]["path"]))
+  assert part.ids_of(np.arange(len(part))) == whole.ids[:len(part)]
+
+
+def test_shard_errors(tmp_path, records):
+  pattern = _shards(tmp_path / "shards", records)
+  config = DataConfig()
+  with pytest.raises(InputError, match="shard 3 of 3: expected"):
+    corpus_lib.tokenize(pattern, str(tmp_path / "a"), config, 32, num_shards=3,
+                        shard_index=3)
+  with pytest.raises(InputError, match="seqio:none: tokenizing in 2 shards"):
+    corpus_lib.tokenize("seqio:none", str(tmp_path / "a"), config, 32,
+                        num_shards=2, shard_index=0)
+  # A duplicate id in two parts is found at the join and named by its rows.
+  dup = tmp_path / "dup"
+  dup.mkdir()
+  (dup / "a.jsonl").write_text(json.dumps({"id": "x", "text": "one"}) + "\n"
+                               + json.dumps({"id": "y", "text": "two"}) + "\n")
+  (dup / "b.jsonl").write_text(json.dumps({"id": "z", "text": "three"}) + "\n"
+                               + json.dumps({"id": "x", "text": "four"}) + "\n")
+  out = str(tmp_path / "dup-tok")
+  corpus_lib.tokenize(str(dup / "*.jsonl"), out, config, 16, num_shards=2,
+                      shard_index=0)
+  with pytest.raises(InputError, match=r"duplicate id 'x' \(rows 0 and 3\)"):
+    corpus_lib.tokenize(str(dup / "*.jsonl"), out, config, 16, num_shards=2,
+                        shard_index=1)
+  assert not corpus_lib.is_tokenized(out)
+  # Parts made with other settings are not joined.
+  out = str(tmp_path / "mixed")
+  corpus_lib.tokenize(pattern, out, config, 32, num_shards=2, shard_index=0)
+  with pytest.raises(InputError, match="made with other settings"):
+    corpus_lib.tokenize(pattern, out, DataConfig(overflow="split"), 32,
+                        num_shards=2, shard_index=1)
+
+
+def test_launch_tokenize_on_two_processes(tmp_path, records):
+  """``tracer tokenize`` under jax.distributed: each process writes its part,
+  the last one joins; the rows are one process's."""
+  import multiprocess  # pylint: disable=g-import-not-at-top
+  pattern = _shards(tmp_path / "shards", records)
+  out = tmp_path / "tok"
+  port = multiprocess.free_port()
+  commands = [[sys.executable, "-m", "tracer.launch.tokenize",
+               "--gin_file=configs/tiny.gin", f"--corpus={pattern}",
+               f"--output={out}", *multiprocess.distributed_flags(port, i)]
+              for i in range(2)]
+  procs, logs = multiprocess.start(commands, tmp_path, multiprocess.env(devices=1))
+  texts = multiprocess.wait(procs, logs, time.monotonic() + 300)
+  corpus = corpus_lib.TokenizedCorpus(str(out))
+  assert [p["path"] for p in corpus.manifest.parts] == [
+      "parts/00000-of-00002", "parts/00001-of-00002"]
+  memory = data_lib.read_corpus(pattern, DataConfig().vocabulary(), 128)
+  _assert_same_rows(memory, corpus)
+  joined = [f"{out}: {len(corpus):,} rows of up to 128 tokens" in t for t in texts]
+  assert any(joined), texts
+  for i, (t, j) in enumerate(zip(texts, joined)):
+    assert j or f"(part {i} of 2; the corpus is joined when" in t, t
+
+
+def test_sharded_tokenize_benchmark_runs(tmp_path, capsys):
+  """``tracer benchmark-data --tokenize_processes`` small: every run's corpus
+  has all the rows."""
+  from tracer.launch import benchmark_data  # pylint: disable=g-import-not-at-top
+  results = benchmark_data.tokenize_table(400, [1, 3], str(tmp_path), 16)
+  assert [(r["processes"], r["rows"], len(r["process_seconds"])) for r in results] == [
+      (1, 400, 1), (3, 400, 3)]
+  assert all(r["seconds"] > 0 for r in results)
+  assert "| 3 |" in capsys.readouterr().out

@@ -19,6 +19,14 @@ read.
 
 The manifest is written last, so a directory with one is complete; a
 directory without one is an unfinished tokenization, redone from the start.
+
+Tokenized by several processes (``tokenize(num_shards=P, shard_index=i)``,
+e.g. one per host of a pod), a JSONL glob's files are split into P runs of
+consecutive files; process i writes ``parts/i-of-P/``, a complete corpus of
+its run (plus ``id_hashes/``, its documents' sorted 64-bit id hashes), and
+whichever process finds every part done checks ids across parts and writes
+the top manifest, which lists the parts. The rows are the parts' rows in
+order: exactly those of one process tokenizing the whole glob.
 """
 
 from __future__ import annotations
@@ -45,6 +53,8 @@ TOKEN_CHUNK_BYTES = 1 << 20
 BYTES_CHUNK = 1 << 20
 READ_CACHE_BYTES = 32 << 20
 _ARRAYS = ("tokens", "lengths", "segments", "ids", "texts")
+PARTS = "parts"
+ID_HASHES = "id_hashes"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +70,10 @@ class CorpusManifest:
   num_docs: int
   token_dtype: str
   format: str = FORMAT
+  # A part written by one of several processes: [shard_index, num_shards].
+  shard: list[int] | None = None
+  # A corpus joined from parts: [{"path": "parts/...", "num_rows": n}, ...].
+  parts: list[dict[str, Any]] | None = None
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -104,9 +118,12 @@ def read_manifest(location: str) -> CorpusManifest:
   if d.get("format") != FORMAT:
     raise InputError(f"{where}: not a tokenized corpus (expected format {FORMAT!r}, "
                      f"got {d.get('format')!r})")
-  names = {f.name for f in dataclasses.fields(CorpusManifest)}
-  if set(d) != names:
-    raise InputError(f"{where}: fields {sorted(set(d) ^ names)} missing or unknown")
+  fields = dataclasses.fields(CorpusManifest)
+  names = {f.name for f in fields}
+  required = {f.name for f in fields if f.default is dataclasses.MISSING}
+  if not required <= set(d) <= names:
+    raise InputError(f"{where}: fields {sorted((required - set(d)) | (set(d) - names))} "
+                     "missing or unknown")
   return CorpusManifest(**d)
 
 
@@ -133,6 +150,27 @@ class _Strings:
     return [r.result().tobytes().decode("utf-8") for r in reads]
 
 
+class _Arrays:
+  """One directory's row arrays (a whole corpus, or one part of one)."""
+
+  def __init__(self, location: str, num_rows: int, max_len: int,
+               context: ts.Context):
+    self.tokens = _open(storage.join(location, "tokens"), context)
+    self.lengths = _open(storage.join(location, "lengths"), context)
+    self.segments = _open(storage.join(location, "segments"), context)
+    self.ids = _Strings(storage.join(location, "ids"), context)
+    self.texts = _Strings(storage.join(location, "texts"), context)
+    if self.tokens.shape != (num_rows, max_len):
+      raise InputError(f"{location}/tokens: shape {self.tokens.shape}, the "
+                       f"manifest says {(num_rows, max_len)}")
+
+
+def _read(array: ts.TensorStore, rows: np.ndarray) -> np.ndarray:
+  if len(rows) and np.all(np.diff(rows) == 1):
+    return array[int(rows[0]):int(rows[-1]) + 1].read().result()
+  return array[rows].read().result()
+
+
 class TokenizedCorpus:
   """A tokenized corpus directory, read row by row (module doc).
 
@@ -147,24 +185,34 @@ class TokenizedCorpus:
     self.source = self.manifest.source
     self.max_len = self.manifest.max_len
     context = _reading_context()
-    self._tokens = _open(storage.join(self.location, "tokens"), context)
-    self._lengths = _open(storage.join(self.location, "lengths"), context)
-    self._segments = _open(storage.join(self.location, "segments"), context)
-    self._ids = _Strings(storage.join(self.location, "ids"), context)
-    self._texts = _Strings(storage.join(self.location, "texts"), context)
+    parts = self.manifest.parts or [{"path": "", "num_rows": self.manifest.num_rows}]
+    self._parts = [_Arrays(storage.join(self.location, p["path"]) if p["path"]
+                           else self.location, p["num_rows"], self.max_len, context)
+                   for p in parts]
+    # Row r lies in the last part starting at or before it (empty parts too).
+    self._starts = np.cumsum([0] + [p["num_rows"] for p in parts[:-1]])
+    if sum(p["num_rows"] for p in parts) != self.manifest.num_rows:
+      raise InputError(f"{self.location}/{MANIFEST}: its parts hold "
+                       f"{sum(p['num_rows'] for p in parts)} rows, num_rows is "
+                       f"{self.manifest.num_rows}")
     self.rows_read = 0
-    if self._tokens.shape != (self.manifest.num_rows, self.max_len):
-      raise InputError(f"{self.location}/tokens: shape {self._tokens.shape}, the "
-                       f"manifest says {(self.manifest.num_rows, self.max_len)}")
 
   def __len__(self) -> int:
     return self.manifest.num_rows
 
-  def _read(self, array: ts.TensorStore, rows: np.ndarray) -> np.ndarray:
-    rows = np.asarray(rows, np.int64)
-    if len(rows) and np.all(np.diff(rows) == 1):
-      return array[int(rows[0]):int(rows[-1]) + 1].read().result()
-    return array[rows].read().result()
+  def _gather(self, rows, read) -> np.ndarray:
+    """``read(part_arrays, rows_within_part)`` over the parts that hold
+    ``rows``, in the order of ``rows``."""
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    if len(self._parts) == 1:
+      return read(self._parts[0], rows)
+    part = np.searchsorted(self._starts, rows, side="right") - 1
+    pieces = [(np.flatnonzero(part == p), p) for p in np.unique(part)]
+    got = [read(self._parts[p], rows[at] - self._starts[p]) for at, p in pieces]
+    out = np.empty((len(rows), *got[0].shape[1:]), got[0].dtype)
+    for (at, _), values in zip(pieces, got):
+      out[at] = values
+    return out
 
   def read_tokens(self, rows) -> tuple[np.ndarray, np.ndarray]:
     """(tokens int32 ``[B, max_len]``, lengths int32 ``[B]``) of ``rows``."""
@@ -173,20 +221,26 @@ class TokenizedCorpus:
       raise InputError(f"{self.location}: rows [{rows.min()}, {rows.max()}] out "
                        f"of range [0, {len(self)})")
     self.rows_read += len(rows)
-    tokens = self._read(self._tokens, rows).astype(np.int32)
-    return tokens, self._read(self._lengths, rows)
+    tokens = self._gather(rows, lambda a, r: _read(a.tokens, r)).astype(np.int32)
+    return tokens, self._gather(rows, lambda a, r: _read(a.lengths, r))
 
   def examples(self, rows) -> dict:
     return data_lib.examples_from_tokens(*self.read_tokens(rows))
 
+  def _strings(self, rows, which: str) -> list[str]:
+    if len(rows) == 0:
+      return []
+    return self._gather(
+        rows, lambda a, r: np.array(getattr(a, which).get(r), object)).tolist()
+
   def ids_of(self, rows) -> list[str]:
-    return self._ids.get(rows)
+    return self._strings(rows, "ids")
 
   def texts_of(self, rows) -> list[str]:
-    return self._texts.get(rows)
+    return self._strings(rows, "texts")
 
   def segments_of(self, rows) -> np.ndarray:
-    return self._read(self._segments, rows)
+    return self._gather(rows, lambda a, r: _read(a.segments, r))
 
   def __repr__(self) -> str:
     return f"TokenizedCorpus({self.location!r}, rows={len(self)})"
@@ -236,7 +290,8 @@ def _id_hash(doc_id: str) -> int:
 
 def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
              *, records: Iterable[data_lib.Record] | None = None,
-             block_rows: int = BLOCK_ROWS, progress=None) -> TokenizedCorpus:
+             block_rows: int = BLOCK_ROWS, progress=None, num_shards: int = 1,
+             shard_index: int = 0) -> TokenizedCorpus:
   """Tokenizes ``source`` into the directory ``output`` (module doc).
 
   Args:
@@ -248,35 +303,88 @@ def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
     records: (id, text, tokens) records to use instead of reading ``source``.
     block_rows: rows per write; memory is O(block_rows * max_len).
     progress: called with the number of rows of each written block.
+    num_shards, shard_index: this process writes part ``shard_index`` of
+      ``num_shards`` (a JSONL source's files split into runs of consecutive
+      files); the process that finds every part written joins them.
 
   Returns:
-    The corpus, opened. An existing complete corpus at ``output`` with the
-    same source and settings is returned as is (a rerun does nothing); one with
-    other settings is an error.
+    The corpus, opened; with several shards, this shard's part until every
+    part is written. An existing complete corpus (or part) at ``output``
+    with the same source and settings is returned as is (a rerun does
+    nothing); one with other settings is an error.
   """
   output = storage.normalize(output)
-  vocab = data_config.vocabulary()
+  settings = {"source": source, "tokenizer": data_config.tokenizer,
+              "sentencepiece_model": data_config.sentencepiece_model,
+              "max_len": max_len, "overflow": data_config.overflow}
   if is_tokenized(output):
-    corpus = TokenizedCorpus(output)
-    m = corpus.manifest
-    want = {"source": source, "tokenizer": data_config.tokenizer,
-            "sentencepiece_model": data_config.sentencepiece_model,
-            "max_len": max_len, "overflow": data_config.overflow}
-    diffs = [f"{k}: has {getattr(m, k)!r}, asked {v!r}" for k, v in want.items()
-             if getattr(m, k) != v]
-    if diffs:
-      raise InputError(f"{output}: already holds a tokenized corpus with other "
-                       f"settings ({'; '.join(diffs)}); choose another --output")
-    return corpus
-  names = storage.list_dir(output)
-  strangers = sorted({n.split("/", 1)[0] for n in names} - set(_ARRAYS))
+    return _existing(output, settings)
+  if not 0 <= shard_index < num_shards:
+    raise InputError(f"shard {shard_index} of {num_shards}: expected 0 <= "
+                     f"shard_index < num_shards")
+  if num_shards == 1:
+    _check_empty_or_unfinished(output, set(_ARRAYS))
+    if records is None:
+      source, records = data_lib.source_records(source, data_config.vocabulary(),
+                                                unique_ids=False)
+    _write(output, source, records, data_config, max_len, block_rows, progress,
+           settings)
+    return TokenizedCorpus(output)
+  if records is not None or not data_lib.is_jsonl_source(source):
+    raise InputError(f"{source}: tokenizing in {num_shards} shards splits a JSONL "
+                     "source's files; one process tokenizes a seqio source")
+  part = storage.join(output, _part_name(shard_index, num_shards))
+  if is_tokenized(part):
+    _existing(part, settings)
+  else:
+    _check_empty_or_unfinished(part, set(_ARRAYS) | {ID_HASHES})
+    files = data_lib.jsonl_files(source)
+    mine = files[shard_index * len(files) // num_shards:
+                 (shard_index + 1) * len(files) // num_shards]
+    records = (r for f in mine
+               for r in data_lib.jsonl_records(f, data_config.vocabulary(), False))
+    _write(part, source, records, data_config, max_len, block_rows, progress,
+           settings, shard=[shard_index, num_shards])
+  return _join(output, source, num_shards) or TokenizedCorpus(part)
+
+
+def _existing(location: str, settings: dict) -> TokenizedCorpus:
+  """The corpus at ``location``, if made from the same source and settings."""
+  corpus = TokenizedCorpus(location)
+  diffs = [f"{k}: has {getattr(corpus.manifest, k)!r}, asked {v!r}"
+           for k, v in settings.items() if getattr(corpus.manifest, k) != v]
+  if diffs:
+    raise InputError(f"{location}: already holds a tokenized corpus with other "
+                     f"settings ({'; '.join(diffs)}); choose another --output")
+  return corpus
+
+
+def _check_empty_or_unfinished(location: str, allowed: set[str]) -> None:
+  names = storage.list_dir(location)
+  strangers = sorted({n.split("/", 1)[0] for n in names} - allowed)
   if strangers:
-    raise InputError(f"{output}: not a tokenized corpus (no {MANIFEST}) and not "
+    raise InputError(f"{location}: not a tokenized corpus (no {MANIFEST}) and not "
                      f"empty: {strangers[:5]}")
-  storage.make_local_dirs(output)
-  # Ids are checked unique at the end, in 8 bytes per document.
-  label, records = (source, records) if records is not None else (
-      data_lib.source_records(source, vocab, unique_ids=False))
+  storage.make_local_dirs(location)
+
+
+def _part_name(shard_index: int, num_shards: int) -> str:
+  return f"{PARTS}/{shard_index:05d}-of-{num_shards:05d}"
+
+
+def _write_manifest(location: str, manifest: CorpusManifest) -> None:
+  d = {k: v for k, v in manifest.to_dict().items()
+       if v is not None or k not in ("shard", "parts")}
+  storage.write_text(storage.join(location, MANIFEST),
+                     json.dumps(d, indent=2, sort_keys=True))
+
+
+def _write(output: str, label: str, records, data_config: DataConfig,
+           max_len: int, block_rows: int, progress, settings: dict,
+           shard: list[int] | None = None) -> None:
+  """Writes ``records``' rows to ``output``, then (ids checked unique) its
+  manifest; a shard's part also keeps its sorted id hashes (``ID_HASHES``)."""
+  vocab = data_config.vocabulary()
   token_dtype = "uint16" if vocab.vocab_size <= 1 << 16 else "int32"
   token_rows = min(block_rows, max(1, TOKEN_CHUNK_BYTES // (
       max_len * np.dtype(token_dtype).itemsize)))
@@ -288,7 +396,7 @@ def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
   lengths = _Appender(storage.join(output, "lengths"), "int32", (), block_rows)
   segments = _Appender(storage.join(output, "segments"), "int32", (), block_rows)
   ids, texts = (_StringAppender(storage.join(output, n)) for n in ("ids", "texts"))
-  hashes: list[np.ndarray] = []
+  hashes: list[np.ndarray] = [np.zeros(0, np.uint64)]
   buf: dict[str, list] = {"ids": [], "texts": [], "segments": [], "tokens": []}
   num_docs = 0
 
@@ -321,36 +429,68 @@ def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
     if len(buf["ids"]) == block_rows:
       flush()
   flush()
-  if not tokens.size:
+  if not tokens.size and shard is None:  # a shard's run of files may be empty
     raise InputError(f"{label}: the corpus is empty")
-  _check_unique_ids(np.concatenate(hashes), output)
-  manifest = CorpusManifest(
-      source=source, tokenizer=data_config.tokenizer,
-      sentencepiece_model=data_config.sentencepiece_model,
-      vocab_size=int(vocab.vocab_size), max_len=max_len,
-      overflow=data_config.overflow, num_rows=tokens.size, num_docs=num_docs,
-      token_dtype=token_dtype)
-  storage.write_text(storage.join(output, MANIFEST),
-                     json.dumps(manifest.to_dict(), indent=2, sort_keys=True))
+  hashes = np.sort(np.concatenate(hashes))
+  _check_unique_ids(hashes, [(output, 0)], output)
+  if shard is not None:
+    _Appender(storage.join(output, ID_HASHES), "uint64", (), BLOCK_ROWS).append(hashes)
+  _write_manifest(output, CorpusManifest(
+      **settings, vocab_size=int(vocab.vocab_size), num_rows=tokens.size,
+      num_docs=num_docs, token_dtype=token_dtype, shard=shard))
+
+
+def _join(output: str, source: str, num_shards: int) -> TokenizedCorpus | None:
+  """The whole corpus, if every part of ``output`` is written (the top
+  manifest is then written, after ids are checked unique across parts);
+  None while some part is not."""
+  paths = [_part_name(i, num_shards) for i in range(num_shards)]
+  if not all(is_tokenized(storage.join(output, p)) for p in paths):
+    return None
+  manifests = [read_manifest(storage.join(output, p)) for p in paths]
+  first = manifests[0]
+  made_as = lambda m: (m.source, m.tokenizer, m.sentencepiece_model,
+                       m.max_len, m.overflow, m.token_dtype)
+  for i, (p, m) in enumerate(zip(paths, manifests)):
+    if made_as(m) != made_as(first) or m.shard != [i, num_shards]:
+      raise InputError(f"{storage.join(output, p, MANIFEST)}: made with other "
+                       f"settings than {paths[0]} (or not as shard {i} of "
+                       f"{num_shards})")
+  starts = np.cumsum([0] + [m.num_rows for m in manifests[:-1]])
+  hashes = [_open(storage.join(output, p, ID_HASHES)).read().result() for p in paths]
+  _check_unique_ids(np.sort(np.concatenate(hashes)),
+                    [(storage.join(output, p), int(s)) for p, s in zip(paths, starts)],
+                    output)
+  total = sum(m.num_rows for m in manifests)
+  if not total:
+    raise InputError(f"{source}: the corpus is empty")
+  _write_manifest(output, dataclasses.replace(
+      first, num_rows=total, num_docs=sum(m.num_docs for m in manifests),
+      shard=None, parts=[{"path": p, "num_rows": m.num_rows}
+                         for p, m in zip(paths, manifests)]))
   return TokenizedCorpus(output)
 
 
-def _check_unique_ids(hashes: np.ndarray, output: str) -> None:
+def _check_unique_ids(hashes: np.ndarray, parts: list[tuple[str, int]],
+                      output: str) -> None:
   """Document ids must be unique: 8 bytes per document, sorted (not a set of
-  strings, which would cost ~10x the memory at 10^8 documents)."""
-  hashes = np.sort(hashes)
+  strings, which would cost ~10x the memory at 10^8 documents). ``hashes``
+  sorted; ``parts``: (directory, its first row) of the rows they hash."""
   dup = np.flatnonzero(hashes[1:] == hashes[:-1])
   if not len(dup):
     return
-  corpus_ids = _Strings(storage.join(output, "ids"))
-  segments = _open(storage.join(output, "segments"))
-  num_rows = segments.shape[0]
   rows = []
-  for lo in range(0, num_rows, BLOCK_ROWS):
-    block = np.arange(lo, min(lo + BLOCK_ROWS, num_rows))
-    first = segments[block[0]:block[-1] + 1].read().result() == 0
-    rows += [(r, v) for r, v, f in zip(block, corpus_ids.get(block), first)
-             if f and _id_hash(v) == hashes[dup[0]]]
+  for location, first_row in parts:
+    corpus_ids = _Strings(storage.join(location, "ids"))
+    segments = _open(storage.join(location, "segments"))
+    num_rows = segments.shape[0]
+    for lo in range(0, num_rows, BLOCK_ROWS):
+      block = np.arange(lo, min(lo + BLOCK_ROWS, num_rows))
+      first = segments[block[0]:block[-1] + 1].read().result() == 0
+      rows += [(first_row + r, v) for r, v, f in zip(block, corpus_ids.get(block), first)
+               if f and _id_hash(v) == hashes[dup[0]]]
+      if len(rows) >= 2:
+        break
     if len(rows) >= 2:
       break
   (row_a, doc_id), (row_b, _) = rows[:2]
