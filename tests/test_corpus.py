@@ -236,6 +236,9 @@ def test_shard_errors(tmp_path, records):
     corpus_lib.tokenize(str(dup / "*.jsonl"), out, config, 16, num_shards=2,
                         shard_index=1)
   assert not corpus_lib.is_tokenized(out)
+  with pytest.raises(InputError, match=r"dup-tok: a directory without manifest.json: "
+                     r".* parts written so far: 00000-of-00002, 00001-of-00002$"):
+    corpus_lib.open_corpus(out, config, 16)
   # Parts made with other settings are not joined.
   out = str(tmp_path / "mixed")
   corpus_lib.tokenize(pattern, out, config, 32, num_shards=2, shard_index=0)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -518,5 +519,14 @@ def open_corpus(source: str, data_config: DataConfig, max_len: int):
                        + "; ".join(diffs) + " (tokenize again with the "
                        "checkpoint's gin config)")
     return corpus
+  if not storage.is_url(source) and os.path.isdir(source):
+    parts = os.path.join(source, PARTS)
+    done = sorted(n for n in (os.listdir(parts) if os.path.isdir(parts) else [])
+                  if os.path.exists(os.path.join(parts, n, MANIFEST)))
+    more = (f"; parts written so far: {', '.join(done[:4])}"
+            + (f" and {len(done) - 4} more" if len(done) > 4 else "")) if done else ""
+    raise InputError(f"{source}: a directory without {MANIFEST}: not a tokenized "
+                     "corpus, or an unfinished one (rerun tracer tokenize; on "
+                     f"several processes every part must be written){more}")
   return data_lib.read_corpus(source, data_config.vocabulary(), max_len,
                               data_config.overflow)
