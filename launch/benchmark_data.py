@@ -32,14 +32,20 @@ from absl import flags
 
 from tracer.launch import cli
 
-flags.DEFINE_list("rows", ["10000", "1000000"], "Corpus sizes N.")
-flags.DEFINE_string("workdir", "/tmp/tracer_bench_data", "Scratch directory.")
-flags.DEFINE_integer("max_len", 32, "Tokens per row.")
-flags.DEFINE_integer("batch_size", 1024, "Rows per encode call.")
-flags.DEFINE_string("phase", None, "Internal: run one phase in this process.")
-flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
-flags.DEFINE_list("tokenize_processes", [], "Time tokenizing with these "
-                  "numbers of processes instead (8 JSONL shards).")
+
+def define_flags() -> None:
+  """Defines this script's flags (only when run as a script, so that tests
+  can import ``tokenize_table`` beside the launch scripts' flags)."""
+  flags.DEFINE_list("rows", ["10000", "1000000"], "Corpus sizes N.")
+  flags.DEFINE_string("workdir", "/tmp/tracer_bench_data", "Scratch directory.")
+  flags.DEFINE_integer("max_len", 32, "Tokens per row.")
+  flags.DEFINE_integer("batch_size", 1024, "Rows per encode call.")
+  flags.DEFINE_string("phase", None, "Internal: run one phase in this process.")
+  flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
+  flags.DEFINE_list("tokenize_processes", [], "Time tokenizing with these "
+                    "numbers of processes instead (8 JSONL shards).")
+
+
 FLAGS = flags.FLAGS
 
 WORDS = ("alpha beta gamma delta epsilon zeta theta iota kappa lambda sigma "
@@ -102,7 +108,7 @@ def phase_encode(source: str, store: str, max_len: int, batch_size: int) -> dict
       basis_fingerprint=None, dtype=ecfg.store_dtype, corpus=corpus.source,
       num_rows=len(corpus), chunk_rows=ecfg.chunk_rows)
   store = pipeline.open_store(store, manifest)
-  encoded = pipeline.encode_corpus(encoder, None, corpus, store, batch_size)
+  encoded = pipeline.encode_corpus(encoder, None, corpus, store, batch_size).rows
   seconds = time.perf_counter() - start
   return {"seconds": seconds, "read_s": read_s, "rows": encoded,
           "rows_per_s": encoded / (seconds - read_s), "baseline_mb": base,
@@ -223,4 +229,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)

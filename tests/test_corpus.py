@@ -280,3 +280,17 @@ def test_sharded_tokenize_benchmark_runs(tmp_path, capsys):
       (1, 400, 1), (3, 400, 3)]
   assert all(r["seconds"] > 0 for r in results)
   assert "| 3 |" in capsys.readouterr().out
+
+
+def test_data_benchmark_phases_run(tmp_path):
+  """``tracer benchmark-data``'s phases, small and in this process: tokenize
+  a generated corpus, then encode it from the directory and from the JSONL."""
+  from tracer.launch import benchmark_data  # pylint: disable=g-import-not-at-top
+  jsonl = str(tmp_path / "corpus.jsonl")
+  benchmark_data.write_jsonl(jsonl, 200)
+  tok = benchmark_data.phase_tokenize(jsonl, str(tmp_path / "tok"), 16)
+  assert tok["rows"] == 200 and tok["peak_mb"] >= tok["baseline_mb"] > 0
+  for source in (str(tmp_path / "tok"), jsonl):
+    out = benchmark_data.phase_encode(source, str(tmp_path / f"store{len(source)}"),
+                                      16, 64)
+    assert out["rows"] == 200 and out["rows_per_s"] > 0
