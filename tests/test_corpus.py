@@ -211,6 +211,9 @@ def test_shards_tokenized_apart_join_into_the_same_rows(tmp_path, records, num_s
   assert len(again) == len(whole)
   part = corpus_lib.TokenizedCorpus(os.path.join(out, m.parts[0]["path"]))
   assert part.ids_of(np.arange(len(part))) == whole.ids[:len(part)]
+  # A reader opens only the parts it reads (a pod host reads few of them).
+  fresh = corpus_lib.TokenizedCorpus(out)
+  assert fresh.ids_of([0, 1]) == whole.ids[:2] and len(fresh._parts) == 1
 
 
 def test_shard_errors(tmp_path, records):

@@ -187,9 +187,14 @@ class TokenizedCorpus:
     self.max_len = self.manifest.max_len
     context = _reading_context()
     parts = self.manifest.parts or [{"path": "", "num_rows": self.manifest.num_rows}]
-    self._parts = [_Arrays(storage.join(self.location, p["path"]) if p["path"]
-                           else self.location, p["num_rows"], self.max_len, context)
-                   for p in parts]
+    # Parts are opened when first read (a host reads few of a pod's parts;
+    # each open reads metadata).
+    self._context = context
+    self._part_specs = [(storage.join(self.location, p["path"]) if p["path"]
+                         else self.location, p["num_rows"]) for p in parts]
+    self._parts: dict[int, _Arrays] = {}
+    if not self.manifest.parts:
+      self._part(0)  # a whole corpus is checked on opening, as before
     # Row r lies in the last part starting at or before it (empty parts too).
     self._starts = np.cumsum([0] + [p["num_rows"] for p in parts[:-1]])
     if sum(p["num_rows"] for p in parts) != self.manifest.num_rows:
@@ -201,15 +206,20 @@ class TokenizedCorpus:
   def __len__(self) -> int:
     return self.manifest.num_rows
 
+  def _part(self, p: int) -> _Arrays:
+    if p not in self._parts:
+      self._parts[p] = _Arrays(*self._part_specs[p], self.max_len, self._context)
+    return self._parts[p]
+
   def _gather(self, rows, read) -> np.ndarray:
     """``read(part_arrays, rows_within_part)`` over the parts that hold
     ``rows``, in the order of ``rows``."""
     rows = np.asarray(rows, np.int64).reshape(-1)
-    if len(self._parts) == 1:
-      return read(self._parts[0], rows)
+    if len(self._part_specs) == 1:
+      return read(self._part(0), rows)
     part = np.searchsorted(self._starts, rows, side="right") - 1
     pieces = [(np.flatnonzero(part == p), p) for p in np.unique(part)]
-    got = [read(self._parts[p], rows[at] - self._starts[p]) for at, p in pieces]
+    got = [read(self._part(p), rows[at] - self._starts[p]) for at, p in pieces]
     out = np.empty((len(rows), *got[0].shape[1:]), got[0].dtype)
     for (at, _), values in zip(pieces, got):
       out[at] = values
