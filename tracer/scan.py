@@ -113,6 +113,16 @@ def buffered_step(step: int, mesh: Mesh, row_bytes: int, sets: int,
   return min(per_device, fits) * mesh.size
 
 
+def pieces_per_device(rows_per_device: int, piece_rows: int | None) -> int:
+  """Pieces of ``piece_rows`` rows (store chunks) a step hands each device:
+  1 (one buffer) unless the rows split into whole pieces, at most
+  ``MAX_PIECES``."""
+  if (not piece_rows or rows_per_device % piece_rows
+      or rows_per_device // piece_rows > MAX_PIECES):
+    return 1
+  return rows_per_device // piece_rows
+
+
 def aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
   """An uninitialized array whose data starts on an ``align``-byte boundary.
 
@@ -191,11 +201,8 @@ class _Layout:
       r = range(step)[index[0]]
       self.local.append((device, r.start, r.stop))
     per_device = step // mesh.size
-    if (not piece_rows or per_device % piece_rows
-        or per_device // piece_rows > MAX_PIECES):
-      piece_rows = per_device
-    self.piece_rows = piece_rows
-    self.num_pieces = per_device // piece_rows
+    self.num_pieces = pieces_per_device(per_device, piece_rows)
+    self.piece_rows = per_device // self.num_pieces
 
   def shapes(self) -> list[tuple[int, int]]:
     return [(b - a, self.dim) for _, a, b in self.local]
@@ -345,9 +352,9 @@ class _StoreSource(_Source):
   def read_into(self, start, stop, out):
     return self.store.read_into(start, stop, out)
 
-  def copies(self, rows_per_device):  # as ``_Layout`` splits a step
-    pieces, rest = divmod(rows_per_device, self.store.chunk_rows)
-    return not (self.store.local and not rest and 1 < pieces <= MAX_PIECES)
+  def copies(self, rows_per_device):  # mapped chunks come as 2+ pieces
+    return not (self.store.local and pieces_per_device(
+        rows_per_device, self.store.chunk_rows) > 1)
 
   def pieces(self, start, piece_rows, count):
     """Local stores: the chunk files themselves, mapped (``chunk_view``)."""
