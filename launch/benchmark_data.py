@@ -16,11 +16,19 @@ model is a nano LM (random init, V = 1), on one CPU device.
 
 instead times tokenizing the corpus (as 8 JSONL shards) with each number of
 processes side by side (``tokenize(num_shards=P)``, the last one joining),
-wall time from the first start to the last exit, against one process.
+wall time from the first start to the last exit, against one process;
+``--shards_as=jsonl,gzip`` times the same shards gzip-compressed as well.
+
+  tracer benchmark-data --read=s3://bucket/c4-train.00000-of-01024.json.gz
+
+reads each file's lines streamed (``tracer.data.iter_jsonl``) and, as the
+baseline, read whole first, each in a fresh process: seconds, peak memory.
 """
 
 from __future__ import annotations
 
+import gzip
+import io
 import json
 import os
 import resource
@@ -44,6 +52,11 @@ def define_flags() -> None:
   flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
   flags.DEFINE_list("tokenize_processes", [], "Time tokenizing with these "
                     "numbers of processes instead (8 JSONL shards).")
+  flags.DEFINE_list("shards_as", ["jsonl"], "With --tokenize_processes: the "
+                    "shards' formats, each timed: jsonl and/or gzip.")
+  flags.DEFINE_list("read", [], "Instead: read these JSONL files (paths or "
+                    "URLs) line by line, streamed and read whole, each in a "
+                    "fresh process: seconds and peak memory.")
 
 
 FLAGS = flags.FLAGS
@@ -115,6 +128,40 @@ def phase_encode(source: str, store: str, max_len: int, batch_size: int) -> dict
           "peak_mb": peak_rss_mb()}
 
 
+def phase_read(location: str, whole: str = "0") -> dict:
+  """Every JSON line of ``location``: streamed (``data.iter_jsonl``), or with
+  the file read whole first (how object storage was read before 2026-12-01)."""
+  from tracer import data as data_lib  # pylint: disable=g-import-not-at-top
+  from tracer import storage  # pylint: disable=g-import-not-at-top
+  base = peak_rss_mb()
+  start = time.perf_counter()
+  if whole == "1":
+    data = storage.read_bytes(location)
+    if data[:2] == b"\x1f\x8b":
+      data = gzip.decompress(data)
+    lines = sum(1 for line in io.BytesIO(data) if json.loads(line))
+  else:
+    lines = sum(1 for _ in data_lib.iter_jsonl(location))
+  return {"seconds": time.perf_counter() - start, "lines": lines,
+          "baseline_mb": base, "peak_mb": peak_rss_mb()}
+
+
+def read_table(locations: list[str]) -> list[dict]:
+  """``phase_read`` of each location, streamed then whole, in fresh processes."""
+  results = []
+  for location in locations:
+    for whole in ("0", "1"):
+      results.append({"location": location, "how": ("streamed", "whole")[int(whole)],
+                      **run_phase(f"--phase=read,{location},{whole}")})
+      print(json.dumps(results[-1]), flush=True)
+  print("\n| file | read | s | lines | peak MB over baseline |")
+  print("|---|---|---:|---:|---:|")
+  for r in results:
+    print(f"| {r['location']} | {r['how']} | {r['seconds']:.2f} | {r['lines']:,} | "
+          f"{r['peak_mb'] - r['baseline_mb']:,.0f} |")
+  return results
+
+
 def _phase_env() -> dict:
   return dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
               JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
@@ -150,33 +197,43 @@ def run_sharded_tokenize(pattern: str, out: str, processes: int,
                               for o, _ in outputs]}
 
 
-def tokenize_table(rows: int, counts: list[int], workdir: str,
-                   max_len: int) -> list[dict]:
-  """Tokenizing ``rows`` documents (8 JSONL shards) on each of ``counts``
-  processes; every run's corpus has the same rows."""
+def tokenize_table(rows: int, counts: list[int], workdir: str, max_len: int,
+                   formats: tuple[str, ...] = ("jsonl",)) -> list[dict]:
+  """Tokenizing ``rows`` documents (8 JSONL shards, plain and/or gzip) on each
+  of ``counts`` processes; every run's corpus has the same rows."""
   root = os.path.join(workdir, f"shards{rows}")
   os.makedirs(root, exist_ok=True)
   jsonl = os.path.join(root, "corpus.jsonl")
+  suffix = {"jsonl": ".jsonl", "gzip": ".jsonl.gz"}
+  if unknown := set(formats) - set(suffix):
+    raise ValueError(f"--shards_as: {sorted(unknown)}; expected jsonl or gzip")
   if not os.path.exists(jsonl):
     write_jsonl(jsonl, rows)
-    with open(jsonl) as f:
-      lines = f.readlines()
+  with open(jsonl, "rb") as f:
+    lines = f.readlines()
+  for fmt in formats:
     for i in range(8):
-      with open(os.path.join(root, f"shard-{i}.jsonl"), "w") as f:
-        f.writelines(lines[i * len(lines) // 8:(i + 1) * len(lines) // 8])
+      path = os.path.join(root, f"shard-{i}{suffix[fmt]}")
+      if not os.path.exists(path):
+        data = b"".join(lines[i * len(lines) // 8:(i + 1) * len(lines) // 8])
+        with open(path + ".tmp", "wb") as f:
+          f.write(gzip.compress(data, 6) if fmt == "gzip" else data)
+        os.replace(path + ".tmp", path)
   results = []
-  for count in counts:
-    out = os.path.join(root, f"tokenized{count}-{time.time_ns()}")
-    results.append(run_sharded_tokenize(os.path.join(root, "shard-*.jsonl"), out,
-                                        count, max_len))
-    print(json.dumps(results[-1]), flush=True)
+  for fmt in formats:
+    for count in counts:
+      out = os.path.join(root, f"tokenized{count}-{time.time_ns()}")
+      results.append({"shards": fmt, **run_sharded_tokenize(
+          os.path.join(root, f"shard-*{suffix[fmt]}"), out, count, max_len)})
+      print(json.dumps(results[-1]), flush=True)
   if len({r["rows"] for r in results}) != 1:
     raise RuntimeError(f"the runs' corpora differ in rows: {results}")
   base = results[0]["seconds"]
-  print(f"\n| processes | wall s | x first row | each process's tokenize s |")
-  print("|---:|---:|---:|---|")
+  print("\n| shards | processes | wall s | x first row | each process's tokenize s |")
+  print("|---|---:|---:|---:|---|")
   for r in results:
-    print(f"| {r['processes']} | {r['seconds']:.1f} | x{base / r['seconds']:.2f} | "
+    print(f"| {r['shards']} | {r['processes']} | {r['seconds']:.1f} | "
+          f"x{base / r['seconds']:.2f} | "
           f"{', '.join(f'{s:.1f}' for s in r['process_seconds'])} |")
   return results
 
@@ -187,13 +244,19 @@ def main(argv):
     what, *paths = FLAGS.phase.split(",")
     if what == "tokenize":
       out = phase_tokenize(*paths[:2], FLAGS.max_len, *paths[2:])
+    elif what == "read":
+      out = phase_read(*paths)
     else:
       out = phase_encode(*paths, FLAGS.max_len, FLAGS.batch_size)
     print(json.dumps(out))
     return
+  if FLAGS.read:
+    read_table(FLAGS.read)
+    return
   if FLAGS.tokenize_processes:
     results = [tokenize_table(int(n), list(map(int, FLAGS.tokenize_processes)),
-                              FLAGS.workdir, FLAGS.max_len) for n in FLAGS.rows]
+                              FLAGS.workdir, FLAGS.max_len, tuple(FLAGS.shards_as))
+               for n in FLAGS.rows]
     if FLAGS.json_out:
       with open(FLAGS.json_out, "w") as f:
         json.dump(results, f, indent=2)

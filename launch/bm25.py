@@ -50,9 +50,15 @@ def run(corpus_path, queries_path, output_path, top_k: int = 10,
     rows = corpus_lib.TokenizedCorpus(corpus_path)
     ids, texts = rows.ids_of(np.arange(len(rows))), rows.texts_of(np.arange(len(rows)))
   else:
-    corpus = evaluate.read_jsonl_records(corpus_path, required=("id", "text"))
-    texts = [d["text"] for d in corpus]
-    ids = [d["id"] for d in corpus]
+    # A JSONL file or glob (compressed, without ids: data.jsonl_documents).
+    ids, texts = [], []
+    for doc_id, text in data_lib.jsonl_documents(corpus_path):
+      ids.append(doc_id)
+      texts.append(text)
+    if len(set(ids)) < len(ids):
+      seen = set()
+      twice = next(i for i in ids if i in seen or seen.add(i))
+      raise InputError(f"{corpus_path}: duplicate id {twice!r}; ids must be unique")
   queries = data_lib.read_queries(queries_path)  # ours or the authors' format
   if not texts:
     raise InputError(f"{at(corpus_path)}: no documents")

@@ -21,6 +21,7 @@ before any model is compiled; subprocesses share a JAX compilation cache.
 from __future__ import annotations
 
 import dataclasses
+import gzip
 import json
 import os
 import shutil
@@ -238,6 +239,17 @@ def bad_queries(*lines: str, keep: int = 1):
   return build
 
 
+def packed_corpus(head: bytes, cut: bool = False):
+  """encode of a compressed corpus: gzip of every good line (the first half
+  of it if ``cut``), or ``head`` followed by junk (another format)."""
+  def build(s: Shared, d: Path):
+    path = d / "corpus.jsonl.gz"
+    data = gzip.compress("".join(l + "\n" for l in s.corpus_lines).encode(), mtime=0)
+    path.write_bytes(data[:len(data) // 2] if cut else head + data)
+    return encode(s, d, corpus=path)
+  return build
+
+
 def truncated_chunk(s: Shared, d: Path):
   """A copy of the store whose chunk 1 file lost its second half."""
   store = d / "store"
@@ -368,6 +380,17 @@ CASES = [
          "22); expected one JSON object per line"),
     Case("lone surrogate", bad_corpus('{"id": "x1", "text": "a\\ud800b"}'),
          "corpus.jsonl:4: field 'text' holds a lone surrogate"),
+    Case("gzip corpus cut short", packed_corpus(b"", cut=True),
+         # (the line depends on where zlib's blocks end: test_data checks it)
+         ": the gzip stream is damaged or cut short (Compressed "
+         "file ended before the end-of-stream marker was reached); expected a "
+         "whole gzip file"),
+    Case("zstd corpus", packed_corpus(b"\x28\xb5\x2f\xfd"),
+         "corpus.jsonl.gz: zstd-compressed, which tracer does not read; expected "
+         "JSONL, plain or gzip/bzip2/xz-compressed"),
+    Case("an id in a file without ids",
+         bad_corpus('{"text": "abc"}', '{"id": "x1", "text": "def"}', keep=0),
+         "corpus.jsonl:2: has an 'id', but "),
     Case("empty corpus", bad_corpus("", "  ", keep=0),
          "corpus.jsonl: the corpus is empty"),
     # Queries (launch.scan reads them before scanning).

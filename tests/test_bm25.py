@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import pathlib
 import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tracer.launch import bm25 as launch_bm25
 from tracer import bm25
 from tracer import corpus as corpus_lib
 from tracer import evaluate
 from tracer.config import DataConfig
+from tracer.errors import InputError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -92,6 +95,24 @@ def test_launch_run_writes_results(tmp_path):
   m = evaluate.retrieval_metrics(
       evaluate.read_jsonl_records(queries, ("id", "fact_doc_ids")), rows)
   assert m["mrr"] == 1.0
+
+
+def test_launch_run_reads_a_glob_of_gzip_shards_without_ids(tmp_path):
+  """C4's layout: gzip shards of {"text", "url"} lines; ids are positions."""
+  _, queries = _files(tmp_path)
+  for half in range(2):
+    lines = [{"text": t, "url": "u"} for t in CORPUS[half * 3:half * 3 + 3]]
+    (tmp_path / f"c4-{half}.json.gz").write_bytes(gzip.compress(
+        "".join(json.dumps(r) + "\n" for r in lines).encode()))
+  out = tmp_path / "bm25.jsonl"
+  launch_bm25.run(str(tmp_path / "c4-*.json.gz"), queries, out, top_k=1)
+  assert evaluate.read_results(out)["q0"]["proponent_ids"] == ["c4-0.json.gz:2"]
+  dup = tmp_path / "dup"
+  dup.mkdir()
+  for name in ("a.jsonl", "b.jsonl"):
+    _write(dup / name, [{"id": "same", "text": "x"}])
+  with pytest.raises(InputError, match="dup/\\*.jsonl: duplicate id 'same'"):
+    launch_bm25.run(str(dup / "*.jsonl"), queries, out)
 
 
 def test_launch_run_reads_the_authors_prompt_sets(tmp_path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import json
 import os
 import subprocess
@@ -216,6 +218,25 @@ def test_shards_tokenized_apart_join_into_the_same_rows(tmp_path, records, num_s
   assert fresh.ids_of([0, 1]) == whole.ids[:2] and len(fresh._parts) == 1
 
 
+def test_compressed_shards_tokenized_apart_give_the_same_rows(tmp_path, records):
+  """gzip, bzip2 and plain shards in one glob, in two parts (C4 ships as
+  *.json.gz): the rows of the plain files in one process."""
+  pattern = _shards(tmp_path / "shards", records)
+  whole = data_lib.read_corpus(pattern, DataConfig().vocabulary(), 32)
+  packed = tmp_path / "packed"
+  packed.mkdir()
+  for i, path in enumerate(data_lib.jsonl_files(pattern)):
+    data = open(path, "rb").read()
+    packed.joinpath(os.path.basename(path)).write_bytes(
+        (gzip.compress, bz2.compress, bytes)[i % 3](data))
+  out = str(tmp_path / "tok")
+  for i in (1, 0):
+    got = corpus_lib.tokenize(str(packed / "part-*.jsonl"), out, DataConfig(), 32,
+                              num_shards=2, shard_index=i)
+  assert got.manifest.parts is not None
+  _assert_same_rows(whole, got)
+
+
 def test_shard_errors(tmp_path, records):
   pattern = _shards(tmp_path / "shards", records)
   config = DataConfig()
@@ -278,11 +299,14 @@ def test_sharded_tokenize_benchmark_runs(tmp_path, capsys):
   """``tracer benchmark-data --tokenize_processes`` small: every run's corpus
   has all the rows."""
   from tracer.launch import benchmark_data  # pylint: disable=g-import-not-at-top
-  results = benchmark_data.tokenize_table(400, [1, 3], str(tmp_path), 16)
-  assert [(r["processes"], r["rows"], len(r["process_seconds"])) for r in results] == [
-      (1, 400, 1), (3, 400, 3)]
+  results = benchmark_data.tokenize_table(400, [1, 3], str(tmp_path), 16,
+                                          ("jsonl", "gzip"))
+  assert [(r["shards"], r["processes"], r["rows"], len(r["process_seconds"]))
+          for r in results] == [("jsonl", 1, 400, 1), ("jsonl", 3, 400, 3),
+                                ("gzip", 1, 400, 1), ("gzip", 3, 400, 3)]
   assert all(r["seconds"] > 0 for r in results)
-  assert "| 3 |" in capsys.readouterr().out
+  assert "| gzip | 3 |" in capsys.readouterr().out
+  assert len(data_lib.jsonl_files(str(tmp_path / "shards400" / "shard-*.jsonl.gz"))) == 8
 
 
 def test_data_benchmark_phases_run(tmp_path):
@@ -297,3 +321,9 @@ def test_data_benchmark_phases_run(tmp_path):
     out = benchmark_data.phase_encode(source, str(tmp_path / f"store{len(source)}"),
                                       16, 64)
     assert out["rows"] == 200 and out["rows_per_s"] > 0
+  packed = tmp_path / "corpus.jsonl.gz"
+  packed.write_bytes(gzip.compress(open(jsonl, "rb").read()))
+  for location in (jsonl, str(packed)):
+    for whole in ("0", "1"):
+      read = benchmark_data.phase_read(location, whole)
+      assert read["lines"] == 200 and read["peak_mb"] >= read["baseline_mb"] > 0

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import bz2
+import gzip
 import hashlib
 import json
+import lzma
 import os
 import re
 import subprocess
@@ -17,6 +20,7 @@ from tracer import data as data_lib
 from tracer import facts
 from tracer import model as model_lib
 from tracer import partitioning
+from tracer import storage
 from tracer.errors import InputError
 
 TINY = model_lib.ModelConfig(vocab_size=259, max_len=32, d_model=32, num_layers=1,
@@ -236,6 +240,158 @@ def test_invalid_utf8_names_file_and_line(tmp_path, vocab):
   with pytest.raises(InputError, match=f"^{re.escape(str(path))}:2: not valid "
                      "UTF-8"):
     data_lib.read_corpus(str(path), vocab, 32)
+
+
+# --- compressed and streamed files ----------------------------------------------
+
+def _as_lists(corpus) -> list[list[int]]:
+  return [r.tolist() for r in _token_rows(corpus)]
+
+
+def _compress(kind: str, data: bytes) -> bytes:
+  if kind == "gzip":
+    return gzip.compress(data)
+  if kind == "gzip, two members":  # what `cat a.gz b.gz` makes
+    half = data.index(b"\n", len(data) // 2) + 1
+    return gzip.compress(data[:half]) + gzip.compress(data[half:])
+  return {"bzip2": bz2.compress, "xz": lzma.compress}[kind](data)
+
+
+@pytest.mark.parametrize("kind", ["gzip", "gzip, two members", "bzip2", "xz"])
+def test_compressed_files_give_the_same_rows(tmp_path, corpus_path, vocab, kind):
+  """Known by their first bytes, not their names (C4's shards: *.json.gz)."""
+  with open(corpus_path, "rb") as f:
+    plain = f.read()
+  path = tmp_path / "c4-train.00000-of-01024.json"
+  path.write_bytes(_compress(kind, plain))
+  want = data_lib.read_corpus(corpus_path, vocab, 32, "split")
+  got = data_lib.read_corpus(str(path), vocab, 32, "split")
+  assert got.ids == want.ids and _as_lists(got) == _as_lists(want)
+  queries = tmp_path / "queries.jsonl.gz"
+  queries.write_bytes(gzip.compress(b'{"id": "q", "prompt": "p", "target": "t"}\n'))
+  assert [q["id"] for q in data_lib.read_queries(str(queries))] == ["q"]
+
+
+def test_damaged_compressed_files_name_file_and_line(tmp_path, corpus_path, vocab):
+  with open(corpus_path, "rb") as f:
+    plain = f.read()
+  packed = gzip.compress(plain)
+  cut = tmp_path / "cut.jsonl.gz"
+  cut.write_bytes(packed[:len(packed) // 2])
+  with pytest.raises(InputError, match=rf"^{re.escape(str(cut))}:\d+: the gzip stream "
+                     "is damaged or cut short .*expected a whole gzip file"):
+    data_lib.read_corpus(str(cut), vocab, 32)
+  flipped = bytearray(packed)
+  flipped[len(flipped) // 2] ^= 0xFF
+  damaged = tmp_path / "damaged.jsonl.gz"
+  damaged.write_bytes(bytes(flipped))
+  with pytest.raises(InputError, match=rf"^{re.escape(str(damaged))}:\d+: "):
+    data_lib.read_corpus(str(damaged), vocab, 32)
+  for kind in ("bzip2", "xz"):
+    packed = _compress(kind, plain)
+    cut.write_bytes(packed[:len(packed) // 2])
+    with pytest.raises(InputError, match=f"the {kind} stream is damaged or cut short"):
+      data_lib.read_corpus(str(cut), vocab, 32)
+  zstd = tmp_path / "pile.jsonl.zst"
+  zstd.write_bytes(b"\x28\xb5\x2f\xfd" + bytes(20))
+  with pytest.raises(InputError, match=f"^{re.escape(str(zstd))}: zstd-compressed"):
+    data_lib.read_corpus(str(zstd), vocab, 32)
+
+
+def test_files_without_ids_get_their_positions(tmp_path, vocab):
+  """C4's release: {"text", "timestamp", "url"} per line, no id. Ids are the
+  file's name below the glob's fixed directories and the line number."""
+  for lang in ("de", "en"):
+    (tmp_path / lang).mkdir()
+    lines = [{"text": f"{lang} one", "url": "u", "timestamp": "t"}, None,
+             {"text": f"{lang} two", "url": "u", "timestamp": "t"}]
+    data = "".join(json.dumps(r) + "\n" if r else "\n" for r in lines).encode()
+    (tmp_path / lang / "c4-train.00000-of-00001.json.gz").write_bytes(gzip.compress(data))
+  got = data_lib.read_corpus(str(tmp_path / "*" / "c4-train.*.json.gz"), vocab, 32)
+  assert got.ids == ["de/c4-train.00000-of-00001.json.gz:1",
+                     "de/c4-train.00000-of-00001.json.gz:3",
+                     "en/c4-train.00000-of-00001.json.gz:1",
+                     "en/c4-train.00000-of-00001.json.gz:3"]
+  one = data_lib.read_corpus(str(tmp_path / "en" / "c4-train.00000-of-00001.json.gz"),
+                             vocab, 32)
+  assert one.ids == ["c4-train.00000-of-00001.json.gz:1",
+                     "c4-train.00000-of-00001.json.gz:3"]
+  mixed = _write(tmp_path, ['{"text": "a"}', GOOD], "mixed.jsonl")
+  with pytest.raises(InputError, match=f"^{re.escape(mixed)}:2: has an 'id', but "
+                     f"{re.escape(mixed)}:1 has none"):
+    data_lib.read_corpus(mixed, vocab, 32)
+  with pytest.raises(InputError, match="queries.jsonl:1: missing field 'id'"):
+    data_lib.read_queries(_write(tmp_path, ['{"prompt": "p", "target": "t"}'],
+                                 "queries.jsonl"))
+
+
+@pytest.fixture
+def counted_windows(monkeypatch):
+  """Counts the range reads of objects (``storage._RangeReader``)."""
+  count = [0]
+  request = storage._RangeReader._request
+
+  def counting(self):
+    count[0] += 1
+    return request(self)
+
+  monkeypatch.setattr(storage._RangeReader, "_request", counting)
+  # Nothing reads an object whole any more.
+  monkeypatch.setattr(storage, "read_bytes", lambda *_: pytest.fail("read whole"))
+  return count
+
+
+@pytest.mark.parametrize("window", [1, 7, 64, 1 << 20])
+def test_objects_are_read_window_by_window(tmp_path, corpus_path, vocab,
+                                           monkeypatch, counted_windows, window):
+  with open(corpus_path, "rb") as f:
+    plain = f.read()
+  want = data_lib.read_corpus(corpus_path, vocab, 32)
+  monkeypatch.setattr(storage, "READ_WINDOW", window)
+  for name, data in (("plain.jsonl", plain), ("packed.jsonl.gz", gzip.compress(plain))):
+    url = f"memory://windows/{window}/{name}"
+    storage.write_bytes(url, data)
+    counted_windows[0] = 0
+    got = data_lib.read_corpus(url, vocab, 32)
+    assert got.ids == want.ids and _as_lists(got) == _as_lists(want)
+    assert counted_windows[0] == len(data) // window + 1
+
+
+def test_object_replaced_while_read_is_an_error(monkeypatch):
+  lines = b"".join(b'{"id": "%d", "text": "abc"}\n' % i for i in range(30))
+  storage.write_bytes("memory://replaced/c.jsonl", lines)
+  monkeypatch.setattr(storage, "READ_WINDOW", 16)
+  with storage.open_binary("memory://replaced/c.jsonl") as f:
+    assert f.readline() == lines[:lines.index(b"\n") + 1]
+    storage.write_bytes("memory://replaced/c.jsonl", lines.replace(b"abc", b"xyz"))
+    with pytest.raises(InputError, match=r"^memory://replaced/c.jsonl: replaced while "
+                       r"being read \(at byte \d+"):
+      f.read()
+  with pytest.raises(InputError, match="^memory://replaced/none.jsonl: no such file"):
+    storage.open_binary("memory://replaced/none.jsonl")
+
+
+def test_object_storage_shards_are_streamed(s3, tmp_path, corpus_path, vocab,
+                                            monkeypatch, counted_windows):
+  """On a real S3 server: a glob of gzip shards, and a plain file whose size
+  is a whole number of windows (where S3 and files answer differently)."""
+  records = _records(corpus_path)
+  bucket = s3("streamed")
+  for i in range(3):
+    data = "".join(json.dumps(r) + "\n" for r in records[i::3]).encode()
+    storage.write_bytes(f"{bucket}/c4/c4-train.{i:05d}-of-00003.json.gz",
+                        gzip.compress(data))
+  monkeypatch.setattr(storage, "READ_WINDOW", 256)
+  got = data_lib.read_corpus(f"{bucket}/c4/c4-train.*.json.gz", vocab, 32)
+  assert got.ids == [r["id"] for i in range(3) for r in records[i::3]]
+  assert counted_windows[0] > 3
+  data = "".join(json.dumps(r) + "\n" for r in records).encode()
+  pad = -(len(data) + len('{"id": "pad", "text": ""}\n')) % 256
+  data += ('{"id": "pad", "text": "%s"}\n' % ("x" * pad)).encode()
+  assert len(data) % 256 == 0
+  storage.write_bytes(f"{bucket}/whole.jsonl", data)
+  got = data_lib.read_corpus(f"{bucket}/whole.jsonl", vocab, 32)
+  assert got.ids == [r["id"] for r in records] + ["pad"]
 
 
 @pytest.mark.parametrize("lines,lineno,message", [

@@ -352,8 +352,7 @@ def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
     files = data_lib.jsonl_files(source)
     mine = files[shard_index * len(files) // num_shards:
                  (shard_index + 1) * len(files) // num_shards]
-    records = (r for f in mine
-               for r in data_lib.jsonl_records(f, data_config.vocabulary(), False))
+    records = data_lib.jsonl_records(source, data_config.vocabulary(), False, mine)
     _write(part, source, records, data_config, max_len, block_rows, progress,
            settings, shard=[shard_index, num_shards])
   return _join(output, source, num_shards) or TokenizedCorpus(part)

@@ -20,17 +20,22 @@ Examples are dicts of numpy arrays (see ``tracer.model``): ``inputs``,
 
 from __future__ import annotations
 
+import bz2
 import fnmatch
 import glob
+import gzip
 import importlib
 import io
 import json
+import lzma
 import os
+import posixpath
 import queue
 import re
 import sys
 import tempfile
 import threading
+import zlib
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -172,29 +177,51 @@ MAX_LINE_BYTES = 8 << 20
 _BOM = b"\xef\xbb\xbf"
 
 
+# Compressed files, known by their first bytes rather than their names (C4's
+# shards are *.json.gz): each is read through its stream, which also reports
+# a file cut short (EOFError) or damaged.
+_COMPRESSED = ((b"\x1f\x8b", "gzip", lambda f: gzip.GzipFile(fileobj=f, mode="rb")),
+               (b"BZh", "bzip2", bz2.BZ2File),
+               (b"\xfd7zXZ\x00", "xz", lzma.LZMAFile))
+_ZSTD = b"\x28\xb5\x2f\xfd"
+_DECOMPRESSION_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
+
+
+def _decompressed(f: io.BufferedReader, path) -> tuple[Any, str | None]:
+  """(the file's text bytes, the compression's name or None)."""
+  head = f.peek(6)[:6]
+  if head.startswith(_ZSTD):
+    raise InputError(f"{path}: zstd-compressed, which tracer does not read; "
+                     "expected JSONL, plain or gzip/bzip2/xz-compressed (e.g. "
+                     "zstd -dc FILE | gzip > FILE.gz)")
+  for magic, kind, stream in _COMPRESSED:
+    if head.startswith(magic):
+      return stream(f), kind
+  return f, None
+
+
 def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
   """Yields (line number, JSON object) for every non-blank line of ``path``.
 
-  A UTF-8 byte order mark at the start and CRLF line endings are accepted (the
-  same rows as without them). Errors (missing file, bad UTF-8, bad JSON, not an
-  object, a line over ``MAX_LINE_BYTES``) name the file and line.
+  The file may be gzip, bzip2 or xz-compressed (known by its first bytes);
+  a file in object storage is streamed (``storage.open_binary``). A UTF-8
+  byte order mark at the start and CRLF line endings are accepted (the same
+  rows as without them). Errors (missing file, a damaged or cut-short
+  compressed file, bad UTF-8, bad JSON, not an object, a line over
+  ``MAX_LINE_BYTES``) name the file and line.
   """
-  if storage.is_url(path):
-    data = storage.read_bytes(path)
-    if data is None:
-      raise InputError(f"{path}: no such file")
-    opened = io.BytesIO(data)
-  elif os.path.isfile(path):
-    opened = open(path, "rb")
-  elif os.path.isdir(path):
-    raise InputError(f"{path}: is a directory; expected a JSONL file")
-  else:
-    raise InputError(f"{path}: no such file")
-  with opened as f:
+  with storage.open_binary(path) as opened:
+    f, kind = _decompressed(opened, path)
     lineno = 0
     while True:
       # Bounded: a file without line breaks is not read whole.
-      raw = f.readline(MAX_LINE_BYTES + 2)
+      try:
+        raw = f.readline(MAX_LINE_BYTES + 2)
+      except _DECOMPRESSION_ERRORS as e:
+        what = f"the {kind} stream is damaged or cut short" if kind else "cannot read"
+        raise InputError(f"{at(path, lineno + 1)}: {what} ({storage.reason(e)})"
+                         f"{'; expected a whole ' + kind + ' file' if kind else ''}"
+                         ) from None
       if not raw:
         return
       lineno += 1
@@ -557,12 +584,57 @@ def jsonl_files(source: str) -> list[str]:
   return [source]
 
 
-def jsonl_records(source: str, vocab, unique_ids: bool = True) -> Iterator[Record]:
-  """Corpus lines ``{"id": str, "text": str}`` of one file or a glob of shards,
-  shard after shard (``read_jsonl`` checks ids within each file)."""
-  for path in jsonl_files(source):
-    for _, r in read_jsonl(path, ("id", "text"), ("id", "text"), unique_ids):
-      yield r["id"], r["text"], vocab.encode(r["text"])
+class _PositionIds:
+  """``read_jsonl``'s ``convert`` for corpus files: a file whose first line
+  has no ``id`` (C4's and the Pile's releases carry none) gets the id
+  ``"<file name>:<line>"`` for every line, which does not depend on how files
+  are split among processes; a file whose first line has one needs it on
+  every line."""
+
+  def __init__(self, name: str):
+    self.name = name
+    self.first: tuple[bool, str] | None = None  # (has an id?, where) of line 1
+
+  def __call__(self, where: str, record: dict) -> dict:
+    if self.first is None:
+      self.first = ("id" in record, where)
+    if self.first[0]:
+      return record  # read_jsonl names a missing id
+    if "id" in record:
+      raise InputError(f"{where}: has an 'id', but {self.first[1]} has none, so "
+                       f"this file's ids are its positions ('{self.name}:<line>'); "
+                       "expected an 'id' on every line or on none")
+    return {**record, "id": f"{self.name}:{where.rsplit(':', 1)[1]}"}
+
+
+def jsonl_documents(source: str, unique_ids: bool = True,
+                    files: Sequence[str] | None = None) -> Iterator[tuple[str, str]]:
+  """(id, text) of the corpus lines ``{"id": str, "text": str}`` of one file or
+  a glob of shards, shard after shard (``read_jsonl`` checks ids within each
+  file), or of ``files``, some of its shards; a file without ids gets
+  positions (``_PositionIds``)."""
+  source = os.fspath(source)
+  for path in jsonl_files(source) if files is None else files:
+    for _, r in read_jsonl(path, ("id", "text"), ("id", "text"), unique_ids,
+                           convert=_PositionIds(_name_in_source(source, path))):
+      yield r["id"], r["text"]
+
+
+def jsonl_records(source: str, vocab, unique_ids: bool = True,
+                  files: Sequence[str] | None = None) -> Iterator[Record]:
+  """``jsonl_documents`` as records: (id, text, tokens)."""
+  for doc_id, text in jsonl_documents(source, unique_ids, files):
+    yield doc_id, text, vocab.encode(text)
+
+
+def _name_in_source(source: str, path: str) -> str:
+  """``path``'s name within ``source``: below the glob's fixed directories
+  (``data/*/c4.json.gz`` -> ``en/c4.json.gz``), else the file's name."""
+  parts = source.split("/")
+  fixed = next((i for i, p in enumerate(parts) if glob.has_magic(p)), len(parts) - 1)
+  prefix = "/".join(parts[:fixed])
+  return path[len(prefix) + 1:] if prefix and path.startswith(prefix + "/") else (
+      posixpath.basename(path))
 
 
 def seqio_records(name: str, vocab, split: str = "train",

@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 import json
 import os
 import posixpath
 import re
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import tensorstore as ts
 
@@ -121,6 +122,104 @@ def read_bytes(location: str) -> bytes | None:
   except ValueError as e:
     raise InputError(f"{location}: cannot read: {e}") from e
   return None if result.state == "missing" else bytes(result.value)
+
+
+# Bytes per range read of a streamed object (``open_binary``): what one open
+# file holds in memory, twice (the window being read and the next, in flight).
+READ_WINDOW = 16 << 20
+
+
+def open_binary(location: str) -> BinaryIO:
+  """A file opened for reading as a stream of bytes; InputError if missing.
+
+  A local file is opened as usual. An object (``gs://``, ``s3://``, ...) is
+  read in range reads of ``READ_WINDOW`` bytes, the next one in flight while
+  the last is used, so memory does not grow with the file; if the object is
+  replaced while it is read, the read fails rather than mixing two versions.
+  """
+  shown = os.fspath(location)  # errors name the file as the caller did
+  if not is_url(shown):
+    if os.path.isdir(shown):
+      raise InputError(f"{shown}: is a directory; expected a file")
+    try:
+      return open(shown, "rb")
+    except FileNotFoundError:
+      raise InputError(f"{shown}: no such file") from None
+    except OSError as e:
+      raise InputError(f"{shown}: cannot read: {reason(e)}") from None
+  kv, name = _kv(shown)
+  # A buffer of at least 64 bytes: readers peek at a file's first bytes.
+  return io.BufferedReader(_RangeReader(kv, name, shown),
+                           min(max(READ_WINDOW, 64), 1 << 20))
+
+
+class _RangeReader(io.RawIOBase):
+  """An object read window by window (``open_binary``)."""
+
+  def __init__(self, kv: ts.KvStore, name: str, location: str):
+    super().__init__()
+    self._kv, self._name, self._location = kv, name, location
+    self._size = READ_WINDOW
+    self._offset = 0            # where the window in flight starts
+    self._window = memoryview(b"")
+    self._generation = None     # the version being read
+    self._next = self._request()
+    self._take()                # a missing object fails here, on open
+
+  def readable(self) -> bool:
+    return True
+
+  def _request(self):
+    start, self._offset = self._offset, self._offset + self._size
+    return self._kv.read(self._name, byte_range=slice(start, self._offset))
+
+  def _result(self, future, start: int):
+    """The window's ReadResult; None past the end of the object."""
+    try:
+      return future.result()
+    except ValueError as e:
+      if "OUT_OF_RANGE" not in str(e):
+        raise InputError(f"{self._location}: cannot read: {reason(e)}") from None
+    # The last window: whatever is left from ``start`` (past the end, object
+    # stores answer "not satisfiable" where files answer no bytes).
+    try:
+      return self._kv.read(self._name, byte_range=slice(start, None)).result()
+    except ValueError as e:
+      if "OUT_OF_RANGE" not in str(e):
+        raise InputError(f"{self._location}: cannot read: {reason(e)}") from None
+      return None
+
+  def _take(self) -> None:
+    start = self._offset - self._size
+    result = self._result(self._next, start)
+    self._next = None
+    if result is not None and result.state == "missing":
+      raise InputError(f"{self._location}: no such file" if start == 0 else
+                       f"{self._location}: deleted while being read")
+    if result is not None:
+      generation = result.stamp.generation
+      if self._generation is None:
+        self._generation = generation
+      elif generation != self._generation:
+        raise InputError(f"{self._location}: replaced while being read (at byte "
+                         f"{start:,}); read it again")
+      self._window = memoryview(result.value)
+      if len(result.value) == self._size:
+        self._next = self._request()
+
+  def readinto(self, buffer) -> int:
+    """Fills ``buffer`` from as many windows as it takes (0 at the end)."""
+    n = 0
+    while n < len(buffer):
+      if not self._window:
+        if self._next is None:
+          break
+        self._take()
+      m = min(len(buffer) - n, len(self._window))
+      buffer[n:n + m] = self._window[:m]
+      self._window = self._window[m:]
+      n += m
+    return n
 
 
 def read_text(location: str) -> str:
