@@ -17,7 +17,7 @@ model is a nano LM (random init, V = 1), on one CPU device.
 instead times tokenizing the corpus (as 8 JSONL shards) with each number of
 processes side by side (``tokenize(num_shards=P)``, the last one joining),
 wall time from the first start to the last exit, against one process;
-``--shards_as=jsonl,gzip`` times the same shards gzip-compressed as well.
+``--shards_as=jsonl,gzip,zstd`` times the same shards compressed as well.
 
   tracer benchmark-data --read=s3://bucket/c4-train.00000-of-01024.json.gz
 
@@ -53,7 +53,7 @@ def define_flags() -> None:
   flags.DEFINE_list("tokenize_processes", [], "Time tokenizing with these "
                     "numbers of processes instead (8 JSONL shards).")
   flags.DEFINE_list("shards_as", ["jsonl"], "With --tokenize_processes: the "
-                    "shards' formats, each timed: jsonl and/or gzip.")
+                    "shards' formats, each timed: jsonl, gzip, zstd.")
   flags.DEFINE_list("read", [], "Instead: read these JSONL files (paths or "
                     "URLs) line by line, streamed and read whole, each in a "
                     "fresh process: seconds and peak memory.")
@@ -137,9 +137,8 @@ def phase_read(location: str, whole: str = "0") -> dict:
   start = time.perf_counter()
   if whole == "1":
     data = storage.read_bytes(location)
-    if data[:2] == b"\x1f\x8b":
-      data = gzip.decompress(data)
-    lines = sum(1 for line in io.BytesIO(data) if json.loads(line))
+    text, _ = data_lib._decompressed(io.BufferedReader(io.BytesIO(data)), location)  # pylint: disable=protected-access
+    lines = sum(1 for line in io.BytesIO(text.read()) if json.loads(line))
   else:
     lines = sum(1 for _ in data_lib.iter_jsonl(location))
   return {"seconds": time.perf_counter() - start, "lines": lines,
@@ -197,16 +196,25 @@ def run_sharded_tokenize(pattern: str, out: str, processes: int,
                               for o, _ in outputs]}
 
 
+def _compress(fmt: str, data: bytes) -> bytes:
+  if fmt == "gzip":
+    return gzip.compress(data, 6)
+  if fmt == "zstd":
+    import zstandard  # pylint: disable=g-import-not-at-top
+    return zstandard.ZstdCompressor(level=3).compress(data)
+  return data
+
+
 def tokenize_table(rows: int, counts: list[int], workdir: str, max_len: int,
                    formats: tuple[str, ...] = ("jsonl",)) -> list[dict]:
-  """Tokenizing ``rows`` documents (8 JSONL shards, plain and/or gzip) on each
+  """Tokenizing ``rows`` documents (8 JSONL shards, plain or compressed) on each
   of ``counts`` processes; every run's corpus has the same rows."""
   root = os.path.join(workdir, f"shards{rows}")
   os.makedirs(root, exist_ok=True)
   jsonl = os.path.join(root, "corpus.jsonl")
-  suffix = {"jsonl": ".jsonl", "gzip": ".jsonl.gz"}
+  suffix = {"jsonl": ".jsonl", "gzip": ".jsonl.gz", "zstd": ".jsonl.zst"}
   if unknown := set(formats) - set(suffix):
-    raise ValueError(f"--shards_as: {sorted(unknown)}; expected jsonl or gzip")
+    raise ValueError(f"--shards_as: {sorted(unknown)}; expected {', '.join(suffix)}")
   if not os.path.exists(jsonl):
     write_jsonl(jsonl, rows)
   with open(jsonl, "rb") as f:
@@ -217,7 +225,7 @@ def tokenize_table(rows: int, counts: list[int], workdir: str, max_len: int,
       if not os.path.exists(path):
         data = b"".join(lines[i * len(lines) // 8:(i + 1) * len(lines) // 8])
         with open(path + ".tmp", "wb") as f:
-          f.write(gzip.compress(data, 6) if fmt == "gzip" else data)
+          f.write(_compress(fmt, data))
         os.replace(path + ".tmp", path)
   results = []
   for fmt in formats:

@@ -300,10 +300,11 @@ def test_sharded_tokenize_benchmark_runs(tmp_path, capsys):
   has all the rows."""
   from tracer.launch import benchmark_data  # pylint: disable=g-import-not-at-top
   results = benchmark_data.tokenize_table(400, [1, 3], str(tmp_path), 16,
-                                          ("jsonl", "gzip"))
+                                          ("jsonl", "gzip", "zstd"))
   assert [(r["shards"], r["processes"], r["rows"], len(r["process_seconds"]))
           for r in results] == [("jsonl", 1, 400, 1), ("jsonl", 3, 400, 3),
-                                ("gzip", 1, 400, 1), ("gzip", 3, 400, 3)]
+                                ("gzip", 1, 400, 1), ("gzip", 3, 400, 3),
+                                ("zstd", 1, 400, 1), ("zstd", 3, 400, 3)]
   assert all(r["seconds"] > 0 for r in results)
   assert "| gzip | 3 |" in capsys.readouterr().out
   assert len(data_lib.jsonl_files(str(tmp_path / "shards400" / "shard-*.jsonl.gz"))) == 8

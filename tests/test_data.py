@@ -15,6 +15,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import zstandard as zstd
 
 from tracer import data as data_lib
 from tracer import facts
@@ -254,10 +255,14 @@ def _compress(kind: str, data: bytes) -> bytes:
   if kind == "gzip, two members":  # what `cat a.gz b.gz` makes
     half = data.index(b"\n", len(data) // 2) + 1
     return gzip.compress(data[:half]) + gzip.compress(data[half:])
-  return {"bzip2": bz2.compress, "xz": lzma.compress}[kind](data)
+  if kind == "zstd, two frames":
+    half = data.index(b"\n", len(data) // 2) + 1
+    return zstd.compress(data[:half]) + zstd.compress(data[half:])
+  return {"bzip2": bz2.compress, "xz": lzma.compress, "zstd": zstd.compress}[kind](data)
 
 
-@pytest.mark.parametrize("kind", ["gzip", "gzip, two members", "bzip2", "xz"])
+@pytest.mark.parametrize("kind", ["gzip", "gzip, two members", "bzip2", "xz", "zstd",
+                                  "zstd, two frames"])
 def test_compressed_files_give_the_same_rows(tmp_path, corpus_path, vocab, kind):
   """Known by their first bytes, not their names (C4's shards: *.json.gz)."""
   with open(corpus_path, "rb") as f:
@@ -287,15 +292,27 @@ def test_damaged_compressed_files_name_file_and_line(tmp_path, corpus_path, voca
   damaged.write_bytes(bytes(flipped))
   with pytest.raises(InputError, match=rf"^{re.escape(str(damaged))}:\d+: "):
     data_lib.read_corpus(str(damaged), vocab, 32)
-  for kind in ("bzip2", "xz"):
+  for kind in ("bzip2", "xz", "zstd", "zstd, two frames"):
     packed = _compress(kind, plain)
-    cut.write_bytes(packed[:len(packed) // 2])
-    with pytest.raises(InputError, match=f"the {kind} stream is damaged or cut short"):
-      data_lib.read_corpus(str(cut), vocab, 32)
-  zstd = tmp_path / "pile.jsonl.zst"
-  zstd.write_bytes(b"\x28\xb5\x2f\xfd" + bytes(20))
-  with pytest.raises(InputError, match=f"^{re.escape(str(zstd))}: zstd-compressed"):
-    data_lib.read_corpus(str(zstd), vocab, 32)
+    for end in (len(packed) // 2, len(packed) - 1):
+      cut.write_bytes(packed[:end])
+      with pytest.raises(InputError, match=f"{re.escape(str(cut))}:\\d+: the "
+                         f"{kind.split(',')[0]} stream is damaged or cut short"):
+        data_lib.read_corpus(str(cut), vocab, 32)
+  junk = tmp_path / "pile.jsonl.zst"
+  junk.write_bytes(b"\x28\xb5\x2f\xfd" + bytes(20))
+  with pytest.raises(InputError, match=f"^{re.escape(str(junk))}:1: the zstd stream "
+                     "is damaged"):
+    data_lib.read_corpus(str(junk), vocab, 32)
+
+
+def test_zstd_without_its_package_says_what_to_install(tmp_path, vocab, monkeypatch):
+  monkeypatch.setitem(sys.modules, "zstandard", None)  # import fails
+  path = tmp_path / "pile.jsonl.zst"
+  path.write_bytes(zstd.compress(b'{"id": "a", "text": "b"}\n'))
+  with pytest.raises(InputError, match=f"^{re.escape(str(path))}: zstd-compressed; "
+                     "reading it needs the zstandard package"):
+    data_lib.read_corpus(str(path), vocab, 32)
 
 
 def test_files_without_ids_get_their_positions(tmp_path, vocab):

@@ -177,33 +177,76 @@ MAX_LINE_BYTES = 8 << 20
 _BOM = b"\xef\xbb\xbf"
 
 
+class _ZstdFrames(io.RawIOBase):
+  """A zstd file's frames, one after another. A file that ends inside a frame
+  is an EOFError, as gzip's and bz2's readers report theirs (zstandard's own
+  stream reader returns such a file's prefix without a word)."""
+
+  def __init__(self, f):
+    super().__init__()
+    import zstandard  # pylint: disable=g-import-not-at-top
+    self._f, self._new_frame = f, zstandard.ZstdDecompressor().decompressobj
+    self._error = zstandard.ZstdError
+    self._frame, self._in_frame = self._new_frame(), False
+    self._out = memoryview(b"")
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buffer) -> int:
+    while not self._out:
+      # 64 KiB in at a time: what one call may expand to stays bounded.
+      data = self._f.read(1 << 16)
+      if not data:
+        if self._in_frame:
+          raise EOFError("the file ends inside a zstd frame")
+        return 0
+      out = []
+      while data:
+        try:
+          out.append(self._frame.decompress(data))
+        except self._error as e:
+          raise OSError(str(e)) from None
+        self._in_frame = not self._frame.eof
+        data = self._frame.unused_data if self._frame.eof else b""
+        if self._frame.eof:
+          self._frame = self._new_frame()
+      self._out = memoryview(b"".join(out))
+    n = min(len(buffer), len(self._out))
+    buffer[:n] = self._out[:n]
+    self._out = self._out[n:]
+    return n
+
+
 # Compressed files, known by their first bytes rather than their names (C4's
-# shards are *.json.gz): each is read through its stream, which also reports
-# a file cut short (EOFError) or damaged.
+# shards are *.json.gz, the Pile's *.jsonl.zst): each is read through its
+# stream, which also reports a file cut short (EOFError) or damaged.
 _COMPRESSED = ((b"\x1f\x8b", "gzip", lambda f: gzip.GzipFile(fileobj=f, mode="rb")),
                (b"BZh", "bzip2", bz2.BZ2File),
-               (b"\xfd7zXZ\x00", "xz", lzma.LZMAFile))
-_ZSTD = b"\x28\xb5\x2f\xfd"
+               (b"\xfd7zXZ\x00", "xz", lzma.LZMAFile),
+               (b"\x28\xb5\x2f\xfd", "zstd", lambda f: io.BufferedReader(_ZstdFrames(f))))
+
+
 _DECOMPRESSION_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
 
 
 def _decompressed(f: io.BufferedReader, path) -> tuple[Any, str | None]:
   """(the file's text bytes, the compression's name or None)."""
   head = f.peek(6)[:6]
-  if head.startswith(_ZSTD):
-    raise InputError(f"{path}: zstd-compressed, which tracer does not read; "
-                     "expected JSONL, plain or gzip/bzip2/xz-compressed (e.g. "
-                     "zstd -dc FILE | gzip > FILE.gz)")
   for magic, kind, stream in _COMPRESSED:
     if head.startswith(magic):
-      return stream(f), kind
+      try:
+        return stream(f), kind
+      except ImportError as e:
+        raise InputError(f"{path}: {kind}-compressed; reading it needs the "
+                         f"{e.name} package (pip install {e.name})") from None
   return f, None
 
 
 def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
   """Yields (line number, JSON object) for every non-blank line of ``path``.
 
-  The file may be gzip, bzip2 or xz-compressed (known by its first bytes);
+  The file may be gzip, bzip2, xz or zstd-compressed (known by its first bytes);
   a file in object storage is streamed (``storage.open_binary``). A UTF-8
   byte order mark at the start and CRLF line endings are accepted (the same
   rows as without them). Errors (missing file, a damaged or cut-short
