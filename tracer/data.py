@@ -10,6 +10,10 @@ rule, never on devices or hosts. A glob of JSONL shards is read shard after
 shard in sorted name order. ``corpus.ids_of(rows)`` and ``corpus.texts_of(rows)``
 map rows back to their source ids and the texts the examples cover.
 
+JSONL files may be compressed (gzip, bzip2, xz, zstd: known by their first
+bytes) and may live in object storage (streamed). A corpus file whose first
+line has no ``id`` gets ids ``"<file>:<line>"`` (``_PositionIds``).
+
 Two row tables implement that interface: ``Corpus`` here (built in memory from
 a source: the small path) and ``tracer.corpus.TokenizedCorpus`` (a corpus
 tokenized once to disk, read row by row: the pod path).
