@@ -137,7 +137,7 @@ def phase_read(location: str, whole: str = "0") -> dict:
   start = time.perf_counter()
   if whole == "1":
     data = storage.read_bytes(location)
-    text, _ = data_lib._decompressed(io.BufferedReader(io.BytesIO(data)), location)  # pylint: disable=protected-access
+    text, _ = data_lib.decompressed(io.BufferedReader(io.BytesIO(data)), location)
     lines = sum(1 for line in io.BytesIO(text.read()) if json.loads(line))
   else:
     lines = sum(1 for _ in data_lib.iter_jsonl(location))

@@ -234,7 +234,7 @@ _COMPRESSED = ((b"\x1f\x8b", "gzip", lambda f: gzip.GzipFile(fileobj=f, mode="rb
 _DECOMPRESSION_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
 
 
-def _decompressed(f: io.BufferedReader, path) -> tuple[Any, str | None]:
+def decompressed(f: io.BufferedReader, path) -> tuple[Any, str | None]:
   """(the file's text bytes, the compression's name or None)."""
   head = f.peek(6)[:6]
   for magic, kind, stream in _COMPRESSED:
@@ -260,7 +260,7 @@ def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
   ``MAX_LINE_BYTES``) name the file and line.
   """
   with storage.open_binary(path) as opened:
-    f, kind = _decompressed(opened, path)
+    f, kind = decompressed(opened, path)
     lineno = 0
     while True:
       # Bounded: a file without line breaks is not read whole.
