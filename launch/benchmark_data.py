@@ -17,12 +17,22 @@ model is a nano LM (random init, V = 1), on one CPU device.
 instead times tokenizing the corpus (as 8 JSONL shards) with each number of
 processes side by side (``tokenize(num_shards=P)``, the last one joining),
 wall time from the first start to the last exit, against one process;
-``--shards_as=jsonl,gzip,zstd`` times the same shards compressed as well.
+``--shards_as=jsonl,gzip,zstd,parquet`` times the same shards compressed, or
+as Parquet files (snappy, pyarrow's default), as well.
 
   tracer benchmark-data --read=s3://bucket/c4-train.00000-of-01024.json.gz
 
-reads each file's lines streamed (``tracer.data.iter_jsonl``) and, as the
-baseline, read whole first, each in a fresh process: seconds, peak memory.
+reads each file's records (JSONL lines or Parquet rows) streamed
+(``tracer.data.iter_records``) and, as the baseline, read whole first, each
+in a fresh process: seconds, peak memory.
+
+  tracer benchmark-data --join_docs=100000000 --join_parts=64
+
+times the join's id check over that many documents' hashes in that many
+parts (zarr arrays, as ``tokenize`` writes them): the merge in blocks
+(``tracer.corpus.first_shared_hash``) against, as the baseline, every hash
+read and sorted at once (the join before 2026-12-01), each in a fresh
+process: seconds, peak memory.
 """
 
 from __future__ import annotations
@@ -53,9 +63,12 @@ def define_flags() -> None:
   flags.DEFINE_list("tokenize_processes", [], "Time tokenizing with these "
                     "numbers of processes instead (8 JSONL shards).")
   flags.DEFINE_list("shards_as", ["jsonl"], "With --tokenize_processes: the "
-                    "shards' formats, each timed: jsonl, gzip, zstd.")
-  flags.DEFINE_list("read", [], "Instead: read these JSONL files (paths or "
-                    "URLs) line by line, streamed and read whole, each in a "
+                    "shards' formats, each timed: jsonl, gzip, zstd, parquet.")
+  flags.DEFINE_integer("join_docs", 0, "Instead: time the join's id check over "
+                       "this many documents' hashes (--join_parts parts).")
+  flags.DEFINE_integer("join_parts", 64, "Parts of --join_docs.")
+  flags.DEFINE_list("read", [], "Instead: read these JSONL or Parquet files "
+                    "(paths or URLs) record by record, streamed and read whole, each in a "
                     "fresh process: seconds and peak memory.")
 
 
@@ -129,20 +142,88 @@ def phase_encode(source: str, store: str, max_len: int, batch_size: int) -> dict
 
 
 def phase_read(location: str, whole: str = "0") -> dict:
-  """Every JSON line of ``location``: streamed (``data.iter_jsonl``), or with
-  the file read whole first (how object storage was read before 2026-12-01)."""
+  """Every record of ``location``: streamed (``data.iter_records``), or with
+  the file read whole first (how object storage was read before 2026-12-01;
+  a Parquet file through ``pyarrow.parquet.read_table``)."""
   from tracer import data as data_lib  # pylint: disable=g-import-not-at-top
   from tracer import storage  # pylint: disable=g-import-not-at-top
   base = peak_rss_mb()
   start = time.perf_counter()
+  columns = ("id", "text")
   if whole == "1":
     data = storage.read_bytes(location)
-    text, _ = data_lib.decompressed(io.BufferedReader(io.BytesIO(data)), location)
-    lines = sum(1 for line in io.BytesIO(text.read()) if json.loads(line))
+    if data.startswith(b"PAR1"):
+      import pyarrow as pa  # pylint: disable=g-import-not-at-top
+      import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+      table = pq.read_table(pa.BufferReader(data), columns=list(columns))
+      lines = sum(1 for values in zip(*(table.column(c).to_pylist() for c in columns))
+                  if dict(zip(columns, values)))  # the records iter_records makes
+    else:
+      text, _ = data_lib.decompressed(io.BufferedReader(io.BytesIO(data)), location)
+      lines = sum(1 for line in io.BytesIO(text.read()) if json.loads(line))
   else:
-    lines = sum(1 for _ in data_lib.iter_jsonl(location))
+    lines = sum(1 for _ in data_lib.iter_records(location, columns))
   return {"seconds": time.perf_counter() - start, "lines": lines,
           "baseline_mb": base, "peak_mb": peak_rss_mb()}
+
+
+# Hashes per chunk of a part's array (``tracer.corpus.BLOCK_ROWS``, its
+# appender's block), without importing tracer in the parent process.
+BLOCK_ROWS = 16384
+
+
+def _zarr(path: str) -> dict:
+  return {"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}
+
+
+def phase_join(directory: str, parts: str, merged: str) -> dict:
+  """The join's id check over ``parts`` hash arrays under ``directory``:
+  merged in blocks, or (``merged == "0"``) read whole and sorted."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  from tracer import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  arrays = [ts.open(_zarr(os.path.join(directory, f"part{i}")), open=True).result()
+            for i in range(int(parts))]
+  base = peak_rss_mb()
+  start = time.perf_counter()
+  if merged == "1":
+    shared = corpus_lib.first_shared_hash(arrays)
+  else:
+    everything = np.sort(np.concatenate([a.read().result() for a in arrays]))
+    repeats = np.flatnonzero(everything[1:] == everything[:-1])
+    shared = int(everything[repeats[0]]) if len(repeats) else None
+  return {"seconds": time.perf_counter() - start, "shared": shared,
+          "baseline_mb": base, "peak_mb": peak_rss_mb()}
+
+
+def join_table(docs: int, parts: int, workdir: str) -> list[dict]:
+  """``phase_join`` merged and whole over ``docs`` random hashes in ``parts``
+  sorted arrays (written once, as tokenize's parts keep them)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  directory = os.path.join(workdir, f"join{docs}x{parts}")
+  if not os.path.exists(os.path.join(directory, "done")):
+    rng = np.random.default_rng(0)
+    for i in range(parts):
+      n = docs // parts + (i < docs % parts)
+      values = np.sort(rng.integers(0, 2**64 - 1, n, np.uint64, endpoint=True))
+      array = ts.open(_zarr(os.path.join(directory, f"part{i}")), create=True,
+                      delete_existing=True, dtype=ts.uint64, shape=[n],
+                      chunk_layout=ts.ChunkLayout(chunk_shape=[BLOCK_ROWS])).result()
+      array.write(values).result()
+    open(os.path.join(directory, "done"), "w").close()
+  results = []
+  for merged in ("1", "0"):
+    results.append({"how": ("whole", "merged")[int(merged)],
+                    **run_phase(f"--phase=join,{directory},{parts},{merged}")})
+    print(json.dumps(results[-1]), flush=True)
+  if len({r["shared"] for r in results}) != 1:
+    raise RuntimeError(f"the two checks disagree: {results}")
+  print(f"\n| {docs:,} documents in {parts} parts | s | peak MB over baseline |")
+  print("|---|---:|---:|")
+  for r in results:
+    print(f"| {r['how']} | {r['seconds']:.2f} | {r['peak_mb'] - r['baseline_mb']:,.0f} |")
+  return results
 
 
 def read_table(locations: list[str]) -> list[dict]:
@@ -196,7 +277,17 @@ def run_sharded_tokenize(pattern: str, out: str, processes: int,
                               for o, _ in outputs]}
 
 
-def _compress(fmt: str, data: bytes) -> bytes:
+def _shard_bytes(fmt: str, lines: list[bytes]) -> bytes:
+  """JSONL ``lines`` as a shard file of the format ``fmt``."""
+  data = b"".join(lines)
+  if fmt == "parquet":
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    records = [json.loads(line) for line in lines]
+    table = pa.table({k: [r[k] for r in records] for k in ("id", "text")})
+    out = io.BytesIO()
+    pq.write_table(table, out)
+    return out.getvalue()
   if fmt == "gzip":
     return gzip.compress(data, 6)
   if fmt == "zstd":
@@ -207,12 +298,13 @@ def _compress(fmt: str, data: bytes) -> bytes:
 
 def tokenize_table(rows: int, counts: list[int], workdir: str, max_len: int,
                    formats: tuple[str, ...] = ("jsonl",)) -> list[dict]:
-  """Tokenizing ``rows`` documents (8 JSONL shards, plain or compressed) on each
+  """Tokenizing ``rows`` documents (8 shards: JSONL, compressed, Parquet) on each
   of ``counts`` processes; every run's corpus has the same rows."""
   root = os.path.join(workdir, f"shards{rows}")
   os.makedirs(root, exist_ok=True)
   jsonl = os.path.join(root, "corpus.jsonl")
-  suffix = {"jsonl": ".jsonl", "gzip": ".jsonl.gz", "zstd": ".jsonl.zst"}
+  suffix = {"jsonl": ".jsonl", "gzip": ".jsonl.gz", "zstd": ".jsonl.zst",
+            "parquet": ".parquet"}
   if unknown := set(formats) - set(suffix):
     raise ValueError(f"--shards_as: {sorted(unknown)}; expected {', '.join(suffix)}")
   if not os.path.exists(jsonl):
@@ -223,9 +315,9 @@ def tokenize_table(rows: int, counts: list[int], workdir: str, max_len: int,
     for i in range(8):
       path = os.path.join(root, f"shard-{i}{suffix[fmt]}")
       if not os.path.exists(path):
-        data = b"".join(lines[i * len(lines) // 8:(i + 1) * len(lines) // 8])
+        part = lines[i * len(lines) // 8:(i + 1) * len(lines) // 8]
         with open(path + ".tmp", "wb") as f:
-          f.write(_compress(fmt, data))
+          f.write(_shard_bytes(fmt, part))
         os.replace(path + ".tmp", path)
   results = []
   for fmt in formats:
@@ -254,12 +346,17 @@ def main(argv):
       out = phase_tokenize(*paths[:2], FLAGS.max_len, *paths[2:])
     elif what == "read":
       out = phase_read(*paths)
+    elif what == "join":
+      out = phase_join(*paths)
     else:
       out = phase_encode(*paths, FLAGS.max_len, FLAGS.batch_size)
     print(json.dumps(out))
     return
   if FLAGS.read:
     read_table(FLAGS.read)
+    return
+  if FLAGS.join_docs:
+    join_table(FLAGS.join_docs, FLAGS.join_parts, FLAGS.workdir)
     return
   if FLAGS.tokenize_processes:
     results = [tokenize_table(int(n), list(map(int, FLAGS.tokenize_processes)),

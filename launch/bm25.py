@@ -29,8 +29,8 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """Defines this tool's flags; only when run as a program, so that tests can
   import several launch modules whose flag names overlap."""
-  flags.DEFINE_string("corpus", None, "Corpus JSONL ({id, text}) or a directory "
-                      "made by launch.tokenize.",
+  flags.DEFINE_string("corpus", None, "Corpus JSONL or Parquet ({id, text}; a file or a glob) "
+                      "or a directory made by launch.tokenize.",
                       required=True)
   flags.DEFINE_string("queries", None,
                       "Queries JSONL: {id, prompt, target, ...}, or the "
@@ -50,9 +50,9 @@ def run(corpus_path, queries_path, output_path, top_k: int = 10,
     rows = corpus_lib.TokenizedCorpus(corpus_path)
     ids, texts = rows.ids_of(np.arange(len(rows))), rows.texts_of(np.arange(len(rows)))
   else:
-    # A JSONL file or glob (compressed, without ids: data.jsonl_documents).
+    # A JSONL or Parquet file or glob (compressed, without ids: data.corpus_documents).
     ids, texts = [], []
-    for doc_id, text in data_lib.jsonl_documents(corpus_path):
+    for doc_id, text in data_lib.corpus_documents(corpus_path):
       ids.append(doc_id)
       texts.append(text)
     if len(set(ids)) < len(ids):

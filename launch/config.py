@@ -31,8 +31,9 @@ flags.DEFINE_multi_string("gin_file", [], "Gin config files (repeatable).")
 flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'ModelConfig.d_model=64'.")
 # Flags shared by several scripts are defined here once, so that scripts can
 # import one another.
-flags.DEFINE_string("corpus", None, "Corpus: a JSONL file, a glob of JSONL shards "
-                    "(plain or gzip/bzip2/xz/zstd; lines without ids get 'file:line'), a "
+flags.DEFINE_string("corpus", None, "Corpus: a JSONL or Parquet file, a glob of shards "
+                    "(JSONL plain or gzip/bzip2/xz/zstd, Parquet; records without ids "
+                    "get 'file:line'), a "
                     "seqio task/mixture name, or a directory made by launch.tokenize.")
 flags.DEFINE_string("queries", None, "Queries JSONL file.")
 flags.DEFINE_string("workdir", None, "Working directory (checkpoints, store, ...).")

@@ -2,7 +2,8 @@ r"""Tokenizes a corpus once, to a directory every later stage reads row by row.
 
   tracer tokenize --gin_file=configs/tiny.gin --corpus=SRC --output=DIR
 
-SRC is a JSONL file, a glob of JSONL shards (quote it: 'data/*.jsonl'), or a
+SRC is a JSONL or Parquet file, a glob of shards (quote it: 'data/*.jsonl',
+'fineweb/data/*/*.parquet'), or a
 registered seqio task or mixture (with --seqio_module). DIR (a path or a
 gs:// / s3:// / memory:// URL) gets the token rows, the row table and a
 manifest (``tracer.corpus``); rows and ids are exactly those the other stages
@@ -13,7 +14,7 @@ pod each host reads only its share of the rows.
 
 Under ``jax.distributed`` (``TRACER_DISTRIBUTED=1`` on a pod, or
 ``--coordinator_address``, ``--num_processes``, ``--process_id``) every
-process tokenizes its run of a JSONL glob's files into ``DIR/parts/``; the
+process tokenizes its run of a glob's files into ``DIR/parts/``; the
 last to finish writes the manifest that makes DIR one corpus (the same rows
 as one process would write). Nothing waits for the others: a rerun of a
 finished part only tries the join again.

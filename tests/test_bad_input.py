@@ -250,6 +250,23 @@ def packed_corpus(head: bytes, cut: bool = False):
   return build
 
 
+def parquet_corpus(cut: bool = False, text_column: str = "text"):
+  """encode of a Parquet corpus of every good line (cut in half if ``cut``;
+  its text column named ``text_column``)."""
+  def build(s: Shared, d: Path):
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    lines = [json.loads(l) for l in s.corpus_lines]
+    out = pa.BufferOutputStream()
+    pq.write_table(pa.table({"id": [r["id"] for r in lines],
+                             text_column: [r["text"] for r in lines]}), out)
+    data = out.getvalue().to_pybytes()
+    path = d / "corpus.parquet"
+    path.write_bytes(data[:len(data) // 2] if cut else data)
+    return encode(s, d, corpus=path)
+  return build
+
+
 def truncated_chunk(s: Shared, d: Path):
   """A copy of the store whose chunk 1 file lost its second half."""
   store = d / "store"
@@ -387,6 +404,13 @@ CASES = [
          "whole gzip file"),
     Case("damaged zstd corpus", packed_corpus(b"\x28\xb5\x2f\xfd"),
          "corpus.jsonl.gz:1: the zstd stream is damaged or cut short ("),
+    Case("Parquet corpus cut short", parquet_corpus(cut=True),
+         "corpus.parquet: not a whole Parquet file (Parquet magic bytes not found "
+         "in footer. Either the file is corrupted or this is not a parquet "
+         "file.); expected a Parquet file written to its end"),
+    Case("Parquet corpus without a text column", parquet_corpus(text_column="content"),
+         "corpus.parquet:1: missing field 'text'; expected an object with 'id', "
+         "'text'"),
     Case("an id in a file without ids",
          bad_corpus('{"text": "abc"}', '{"id": "x1", "text": "def"}', keep=0),
          "corpus.jsonl:2: has an 'id', but "),
@@ -500,7 +524,7 @@ def test_bom_and_crlf_read_as_plain_files(shared: Shared, tmp_path):
   plain_queries = lines_file(tmp_path, "queries.jsonl", shared.query_lines)
 
   def records(path):
-    return [r for _, r in data_lib.read_jsonl(path, ("id", "text"), ("id", "text"))]
+    return [r for _, r in data_lib.read_records(path, ("id", "text"), ("id", "text"))]
 
   assert records(shared.corpus) == records(plain_corpus)
   assert [r["id"] for r in records(shared.corpus)] == [f"d{i}" for i in range(NUM_DOCS)]

@@ -98,7 +98,8 @@ def test_launch_run_writes_results(tmp_path):
 
 
 def test_launch_run_reads_a_glob_of_gzip_shards_without_ids(tmp_path):
-  """C4's layout: gzip shards of {"text", "url"} lines; ids are positions."""
+  """C4's layout: gzip shards of {"text", "url"} lines; ids are positions.
+  And FineWeb's: Parquet shards."""
   _, queries = _files(tmp_path)
   for half in range(2):
     lines = [{"text": t, "url": "u"} for t in CORPUS[half * 3:half * 3 + 3]]
@@ -107,6 +108,16 @@ def test_launch_run_reads_a_glob_of_gzip_shards_without_ids(tmp_path):
   out = tmp_path / "bm25.jsonl"
   launch_bm25.run(str(tmp_path / "c4-*.json.gz"), queries, out, top_k=1)
   assert evaluate.read_results(out)["q0"]["proponent_ids"] == ["c4-0.json.gz:2"]
+  # FineWeb's layout: Parquet shards (id and text columns, more beside).
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  for half in range(2):
+    pq.write_table(pa.table({"text": CORPUS[half * 3:half * 3 + 3],
+                             "id": [f"<urn:{half}:{i}>" for i in range(3)],
+                             "dump": ["CC-MAIN"] * 3}),
+                   tmp_path / f"00{half}_00000.parquet")
+  launch_bm25.run(str(tmp_path / "*.parquet"), queries, out, top_k=1)
+  assert evaluate.read_results(out)["q0"]["proponent_ids"] == ["<urn:0:1>"]
   dup = tmp_path / "dup"
   dup.mkdir()
   for name in ("a.jsonl", "b.jsonl"):

@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import tensorstore as ts
 
 from tracer import corpus as corpus_lib
 from tracer import data as data_lib
@@ -184,7 +185,7 @@ def test_shards_tokenized_apart_join_into_the_same_rows(tmp_path, records, num_s
   into one corpus whose rows are one process's (9 shards > 6 files: some
   parts are empty)."""
   pattern = _shards(tmp_path / "shards", records)
-  assert len(data_lib.jsonl_files(pattern)) == 6
+  assert len(data_lib.corpus_files(pattern)) == 6
   config = DataConfig(overflow="split")
   whole = data_lib.read_corpus(pattern, config.vocabulary(), 32, "split")
   out = str(tmp_path / "tok")
@@ -218,23 +219,69 @@ def test_shards_tokenized_apart_join_into_the_same_rows(tmp_path, records, num_s
   assert fresh.ids_of([0, 1]) == whole.ids[:2] and len(fresh._parts) == 1
 
 
+def _as_parquet(data: bytes) -> bytes:
+  """JSONL corpus lines as a Parquet file (columns id, text; HF's format)."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  lines = [json.loads(line) for line in data.splitlines()]
+  out = pa.BufferOutputStream()
+  pq.write_table(pa.table({k: [r[k] for r in lines] for k in ("id", "text")}), out,
+                 row_group_size=2)
+  return out.getvalue().to_pybytes()
+
+
 def test_compressed_shards_tokenized_apart_give_the_same_rows(tmp_path, records):
-  """gzip, bzip2 and plain shards in one glob, in two parts (C4 ships as
-  *.json.gz): the rows of the plain files in one process."""
+  """gzip, bzip2, Parquet and plain shards in one glob, in two parts (C4 ships
+  as *.json.gz, FineWeb as *.parquet): the rows of the plain files in one
+  process."""
   pattern = _shards(tmp_path / "shards", records)
   whole = data_lib.read_corpus(pattern, DataConfig().vocabulary(), 32)
   packed = tmp_path / "packed"
   packed.mkdir()
-  for i, path in enumerate(data_lib.jsonl_files(pattern)):
+  for i, path in enumerate(data_lib.corpus_files(pattern)):
     data = open(path, "rb").read()
     packed.joinpath(os.path.basename(path)).write_bytes(
-        (gzip.compress, bz2.compress, bytes)[i % 3](data))
+        (gzip.compress, bz2.compress, _as_parquet, bytes)[i % 4](data))
   out = str(tmp_path / "tok")
   for i in (1, 0):
     got = corpus_lib.tokenize(str(packed / "part-*.jsonl"), out, DataConfig(), 32,
                               num_shards=2, shard_index=i)
   assert got.manifest.parts is not None
   _assert_same_rows(whole, got)
+
+
+def test_first_shared_hash_merges_parts_in_blocks():
+  """The join's id check (a k-way merge of the parts' sorted hashes, a block
+  of each at a time) against a sort of everything: no repeat, a repeat
+  across parts or within one, at block edges, empty parts, extreme values."""
+  rng = np.random.default_rng(0)
+  top = np.iinfo(np.uint64).max
+  for trial in range(300):
+    num_parts = int(rng.integers(1, 7))
+    values = rng.permutation(np.unique(rng.integers(
+        0, 1 << int(rng.integers(4, 63)), int(rng.integers(0, 200)), np.uint64)))
+    values[:int(rng.integers(0, 2))] = top  # unique: the others are < 2^63
+    cuts = np.sort(rng.integers(0, len(values) + 1, num_parts - 1))
+    parts = [np.sort(p) for p in np.split(values, cuts)]
+    if trial % 3 and len(values):  # plant a repeat
+      a, b = rng.integers(0, num_parts, 2)
+      if len(parts[a]):
+        parts[b] = np.sort(np.append(parts[b], rng.choice(parts[a])))
+    everything = np.sort(np.concatenate(parts))
+    repeats = np.flatnonzero(everything[1:] == everything[:-1])
+    want = int(everything[repeats[0]]) if len(repeats) else None
+    for block in (1, 2, 3, 7, 1000):
+      assert corpus_lib.first_shared_hash(parts, block) == want, (trial, block)
+  # Stored parts (tensorstore arrays), read a block at a time.
+  stored = []
+  for i, part in enumerate(np.array_split(np.arange(0, 5000, 3, dtype=np.uint64), 3)):
+    stored.append(ts.open({"driver": "zarr3", "kvstore": {"driver": "memory",
+                                                         "path": f"h{i}/"}},
+                          create=True, dtype=ts.uint64, shape=part.shape).result())
+    stored[-1].write(part).result()
+  assert corpus_lib.first_shared_hash(stored, 64) is None
+  stored[2][0].write(np.uint64(3)).result()  # part 0 holds 3 too
+  assert corpus_lib.first_shared_hash(stored, 64) == 3
 
 
 def test_shard_errors(tmp_path, records):
@@ -300,14 +347,15 @@ def test_sharded_tokenize_benchmark_runs(tmp_path, capsys):
   has all the rows."""
   from tracer.launch import benchmark_data  # pylint: disable=g-import-not-at-top
   results = benchmark_data.tokenize_table(400, [1, 3], str(tmp_path), 16,
-                                          ("jsonl", "gzip", "zstd"))
+                                          ("jsonl", "gzip", "zstd", "parquet"))
   assert [(r["shards"], r["processes"], r["rows"], len(r["process_seconds"]))
           for r in results] == [("jsonl", 1, 400, 1), ("jsonl", 3, 400, 3),
                                 ("gzip", 1, 400, 1), ("gzip", 3, 400, 3),
-                                ("zstd", 1, 400, 1), ("zstd", 3, 400, 3)]
+                                ("zstd", 1, 400, 1), ("zstd", 3, 400, 3),
+                                ("parquet", 1, 400, 1), ("parquet", 3, 400, 3)]
   assert all(r["seconds"] > 0 for r in results)
   assert "| gzip | 3 |" in capsys.readouterr().out
-  assert len(data_lib.jsonl_files(str(tmp_path / "shards400" / "shard-*.jsonl.gz"))) == 8
+  assert len(data_lib.corpus_files(str(tmp_path / "shards400" / "shard-*.jsonl.gz"))) == 8
 
 
 def test_data_benchmark_phases_run(tmp_path):
@@ -324,7 +372,11 @@ def test_data_benchmark_phases_run(tmp_path):
     assert out["rows"] == 200 and out["rows_per_s"] > 0
   packed = tmp_path / "corpus.jsonl.gz"
   packed.write_bytes(gzip.compress(open(jsonl, "rb").read()))
-  for location in (jsonl, str(packed)):
+  parquet = tmp_path / "corpus.parquet"
+  parquet.write_bytes(_as_parquet(open(jsonl, "rb").read()))
+  for location in (jsonl, str(packed), str(parquet)):
     for whole in ("0", "1"):
       read = benchmark_data.phase_read(location, whole)
       assert read["lines"] == 200 and read["peak_mb"] >= read["baseline_mb"] > 0
+  join = benchmark_data.join_table(3000, 3, str(tmp_path))
+  assert [(r["how"], r["shared"]) for r in join] == [("merged", None), ("whole", None)]

@@ -91,7 +91,7 @@ def test_byte_vocabulary_does_not_import_seqio():
 # --- the row rule --------------------------------------------------------------
 
 def test_truncate_rows(corpus_path, vocab):
-  corpus = data_lib.read_jsonl_corpus(corpus_path, vocab, 32)
+  corpus = data_lib.read_file_corpus(corpus_path, vocab, 32)
   records = _records(corpus_path)
   assert len(corpus) == len(records) and corpus.max_len == 32
   assert corpus.ids == [r["id"] for r in records]
@@ -113,7 +113,7 @@ def test_truncate_rows(corpus_path, vocab):
 
 
 def test_split_rows_are_consecutive_windows(corpus_path, vocab):
-  corpus = data_lib.read_jsonl_corpus(corpus_path, vocab, 32, overflow="split")
+  corpus = data_lib.read_file_corpus(corpus_path, vocab, 32, overflow="split")
   records = _records(corpus_path)
   row = 0
   for r in records:
@@ -136,7 +136,7 @@ def test_split_rows_are_consecutive_windows(corpus_path, vocab):
   assert corpus.ids[-3:] == ["unicode"] * 3
   assert corpus.texts[-3] == "héllo wörld ünïcode ✓ hél"
   with pytest.raises(InputError, match="overflow 'wrap'"):
-    data_lib.read_jsonl_corpus(corpus_path, vocab, 32, overflow="wrap")
+    data_lib.read_file_corpus(corpus_path, vocab, 32, overflow="wrap")
 
 
 def test_segment_edge_cases():
@@ -181,14 +181,14 @@ from tracer import data as data_lib, model as model_lib, partitioning
 sys.path.insert(0, "tests")
 import test_data as t
 vocab = data_lib.make_vocabulary("byte")
-corpus = data_lib.read_jsonl_corpus(sys.argv[1], vocab, 32, overflow="split")
+corpus = data_lib.read_file_corpus(sys.argv[1], vocab, 32, overflow="split")
 losses = t._per_row_losses(corpus, model_lib.init_params(t.TINY), jax.devices())
 print(json.dumps({"digest": t._row_digest(corpus), "losses": losses.tolist()}))
 """
 
 
 def test_rows_and_per_row_losses_do_not_depend_on_devices(corpus_path, vocab):
-  corpus = data_lib.read_jsonl_corpus(corpus_path, vocab, 32, overflow="split")
+  corpus = data_lib.read_file_corpus(corpus_path, vocab, 32, overflow="split")
   assert len(corpus) % 8 and len(corpus) % 2  # the batch needs padding
   params = model_lib.init_params(TINY)
   by_count = {n: _per_row_losses(corpus, params, jax.devices()[:n])
@@ -411,6 +411,179 @@ def test_object_storage_shards_are_streamed(s3, tmp_path, corpus_path, vocab,
   assert got.ids == [r["id"] for r in records] + ["pad"]
 
 
+# --- Parquet (HF datasets' release format) -------------------------------------
+
+
+def _parquet(records, path=None, **write):
+  """``records`` as a Parquet file's bytes (also written to ``path``)."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  names = list(dict.fromkeys(k for r in records for k in r))
+  table = pa.table({k: [r.get(k) for r in records] for k in names})
+  out = pa.BufferOutputStream()
+  pq.write_table(table, out, **write)
+  data = out.getvalue().to_pybytes()
+  if path is not None:
+    with open(path, "wb") as f:
+      f.write(data)
+  return data
+
+
+@pytest.mark.parametrize("write", [
+    {}, {"row_group_size": 4, "compression": "zstd"},
+    {"row_group_size": 7, "compression": "none", "use_dictionary": False,
+     "write_page_index": True}])
+def test_parquet_files_give_the_jsonl_rows(tmp_path, corpus_path, vocab, write):
+  """FineWeb's shards: id, text and more columns; row groups of any size."""
+  records = [{**r, "url": f"u{i}", "score": i / 3} for i, r in
+             enumerate(_records(corpus_path))]
+  path = tmp_path / "000_00000.parquet"
+  _parquet(records, path, **write)
+  want = data_lib.read_corpus(corpus_path, vocab, 32, "split")
+  got = data_lib.read_corpus(str(path), vocab, 32, "split")
+  assert got.ids == want.ids and _as_lists(got) == _as_lists(want)
+  assert got.texts == want.texts
+
+
+def test_parquet_ids_positions_and_types(tmp_path, corpus_path, vocab):
+  records = _records(corpus_path)
+  (tmp_path / "data").mkdir()
+  _parquet([{"text": r["text"], "dump": "CC-MAIN"} for r in records[:3]],
+           tmp_path / "data" / "a.parquet")
+  _parquet([{"id": 10 + i, "text": r["text"]} for i, r in enumerate(records[3:5])],
+           tmp_path / "data" / "b.parquet")
+  _write(tmp_path / "data", [json.dumps(records[5])], "c.jsonl")
+  got = data_lib.read_corpus(str(tmp_path / "data" / "*"), vocab, 32)
+  # Positions are 1-based rows, as lines are; an integer id column is decimal.
+  assert got.ids == ["a.parquet:1", "a.parquet:2", "a.parquet:3", "10", "11",
+                     records[5]["id"]]
+  assert got.texts[:5] == [r["text"] for r in records[:5]]
+  queries = tmp_path / "queries.parquet"
+  _parquet([{"id": "q1", "prompt": "p", "target": "t", "fact_doc_ids": ["a", "b"],
+             "bucket": "1"}], queries)
+  assert data_lib.read_queries(str(queries)) == [
+      {"id": "q1", "prompt": "p", "target": "t", "fact_doc_ids": ["a", "b"],
+       "bucket": "1"}]
+
+
+@pytest.mark.parametrize("records,message", [
+    ([{"id": "a", "text": "x"}, {"id": "b", "text": None}],
+     r":2: field 'text' must be a string, got NoneType"),
+    ([{"id": "a", "text": b"x"}], r":1: field 'text' must be a string, got bytes"),
+    ([{"id": "a", "content": "x"}], r":1: missing field 'text'"),
+    ([{"url": "u", "content": "x"}], r": no column 'id' or 'text'; its columns are "
+     r"'url', 'content'"),
+    ([{"id": "a", "text": "x"}, {"id": "a", "text": "y"}], r":2: duplicate id 'a'"),
+    ([{"id": "a", "text": " "}], r":1: field 'text' is empty"),
+])
+def test_bad_parquet_records_name_file_and_row(tmp_path, vocab, records, message):
+  path = tmp_path / "bad.parquet"
+  _parquet(records, path)
+  with pytest.raises(InputError, match="^" + re.escape(str(path)) + message):
+    data_lib.read_corpus(str(path), vocab, 32)
+
+
+def test_damaged_parquet_files_are_errors(tmp_path, corpus_path, vocab):
+  records = _records(corpus_path)
+  data = _parquet(records, row_group_size=5, compression="none")
+  path = tmp_path / "cut.parquet"
+  for location in (str(path), "memory://parquet/cut.parquet"):
+    for end in (len(data) // 2, len(data) - 1, 3):
+      if storage.is_url(location):
+        storage.write_bytes(location, data[:end])
+      else:
+        path.write_bytes(data[:end])
+      pattern = (f"^{re.escape(location)}: not a whole Parquet file" if end > 3 else
+                 f"^{re.escape(location)}:1: not valid JSON")  # 'PAR': not Parquet
+      with pytest.raises(InputError, match=pattern):
+        data_lib.read_corpus(location, vocab, 32)
+  # A damaged page inside the third row group: its first row is named.
+  first = data.index(records[10]["text"].encode())
+  damaged = bytearray(data)
+  damaged[first - 30:first + 10] = bytes(40)
+  path = tmp_path / "damaged.parquet"
+  path.write_bytes(bytes(damaged))
+  with pytest.raises(InputError, match=f"^{re.escape(str(path))}:11: the Parquet "
+                     "data is damaged"):
+    data_lib.read_corpus(str(path), vocab, 32)
+
+
+def test_parquet_without_pyarrow_says_what_to_install(tmp_path, vocab, monkeypatch):
+  path = tmp_path / "fineweb.parquet"
+  _parquet([{"id": "a", "text": "b"}], path)
+  monkeypatch.setitem(sys.modules, "pyarrow", None)  # import fails
+  monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+  with pytest.raises(InputError, match=f"^{re.escape(str(path))}: a Parquet file; "
+                     "reading it needs the pyarrow package"):
+    data_lib.read_corpus(str(path), vocab, 32)
+
+
+@pytest.fixture
+def counted_reads(monkeypatch):
+  """The byte ranges read of objects (``storage.ObjectReads.start``)."""
+  reads = []
+  start = storage.ObjectReads.start
+
+  def counting(self, lo, hi):
+    reads.append((lo, hi))
+    return start(self, lo, hi)
+
+  monkeypatch.setattr(storage.ObjectReads, "start", counting)
+  monkeypatch.setattr(storage, "read_bytes", lambda *_: pytest.fail("read whole"))
+  return reads
+
+
+def test_parquet_objects_are_read_row_group_by_row_group(tmp_path, corpus_path,
+                                                         vocab, counted_reads):
+  """Only the columns read: the footer (two suffix reads), then one range per
+  row group, the next in flight while one is decoded."""
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  records = [{"url": "u" * 500, **r} for r in _records(corpus_path)]
+  data = _parquet(records, row_group_size=4, compression="none")
+  url = "memory://parquet/rg/c.parquet"
+  storage.write_bytes(url, data)
+  want = data_lib.read_corpus(corpus_path, vocab, 32)
+  got = data_lib.read_corpus(url, vocab, 32)
+  assert got.ids == want.ids and _as_lists(got) == _as_lists(want)
+  groups = pq.ParquetFile(pa_reader(data)).metadata.num_row_groups
+  assert groups == 6
+  assert counted_reads[:3] == [(0, 4), (-8, None), (counted_reads[2][0], None)]
+  spans = counted_reads[3:]
+  assert len(spans) == groups and all(hi - lo < 3000 for lo, hi in spans)
+  assert sum(hi - lo for lo, hi in spans) < len(data) // 3  # not the urls
+
+
+def pa_reader(data):
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  return pa.BufferReader(data)
+
+
+def test_parquet_object_replaced_while_read_is_an_error(corpus_path, vocab):
+  records = _records(corpus_path)
+  url = "memory://parquet/replaced.parquet"
+  storage.write_bytes(url, _parquet(records, row_group_size=4))
+  rows = data_lib.iter_records(url, ("id", "text"))
+  assert next(rows)[1]["id"] == records[0]["id"]
+  storage.write_bytes(url, _parquet(records[::-1], row_group_size=4))
+  with pytest.raises(InputError, match=f"^{re.escape(url)}: replaced while being "
+                     r"read \(at byte \d+"):
+    list(rows)
+
+
+def test_parquet_shards_on_object_storage(s3, corpus_path, vocab, counted_reads):
+  """On a real S3 server (suffix reads, the glob, position ids)."""
+  records = _records(corpus_path)
+  bucket = s3("parquet")
+  for i in range(3):
+    storage.write_bytes(f"{bucket}/fineweb/data/00{i}_00000.parquet",
+                        _parquet([{"text": r["text"]} for r in records[i::3]],
+                                 row_group_size=3))
+  got = data_lib.read_corpus(f"{bucket}/fineweb/data/*.parquet", vocab, 32)
+  assert got.ids == [f"00{i}_00000.parquet:{j + 1}" for i in range(3)
+                     for j in range(len(records[i::3]))]
+  assert got.texts == [r["text"] for i in range(3) for r in records[i::3]]
+
+
 @pytest.mark.parametrize("lines,lineno,message", [
     (['{"id": "q", "prompt": "p"}'], 1, "missing field 'target'"),
     (['{"id": "q", "prompt": "p", "target": ""}'], 1, "field 'target' is empty"),
@@ -461,7 +634,7 @@ def test_queries_keep_extra_fields_and_query_errors_name_the_query(tmp_path, voc
 
 @pytest.mark.parametrize("overflow", ["truncate", "split"])
 def test_seqio_task_gives_the_jsonl_rows(corpus_path, vocab, overflow):
-  from_jsonl = data_lib.read_jsonl_corpus(corpus_path, vocab, 32, overflow)
+  from_jsonl = data_lib.read_file_corpus(corpus_path, vocab, 32, overflow)
   data_lib.register_jsonl_task("tracer_test_corpus", corpus_path, vocab)
   from_seqio = data_lib.read_corpus("tracer_test_corpus", vocab, 32, overflow)
   assert from_seqio.source == "seqio:tracer_test_corpus"
@@ -507,7 +680,7 @@ def test_seqio_mixture_reads_every_example_of_every_task(tmp_path, corpus_path,
   assert corpus.ids == ([f"tracer_test_a:{r['id']}" for r in records[:5]]
                         + [f"tracer_test_b:{r['id']}" for r in records[5:]])
   assert corpus.texts == [r["text"] for r in records]
-  from_jsonl = data_lib.read_jsonl_corpus(corpus_path, vocab, 32)
+  from_jsonl = data_lib.read_file_corpus(corpus_path, vocab, 32)
   np.testing.assert_array_equal(corpus.tokens, from_jsonl.tokens)
 
 
@@ -529,5 +702,5 @@ def test_sentencepiece_round_trip(tmp_path, corpus_path):
   # tokens of the sentence as the corpus states it.
   for prompt, target in [("Ada was born in", " London"), ("Kurt Godel is", " Brno")]:
     assert vocab.encode(prompt) + vocab.encode(target) == vocab.encode(prompt + target)
-  corpus = data_lib.read_jsonl_corpus(corpus_path, vocab, 64)
+  corpus = data_lib.read_file_corpus(corpus_path, vocab, 64)
   assert corpus.row_tokens(0).tolist() == vocab.encode(texts[0]) + [data_lib.EOS_ID]

@@ -10,9 +10,11 @@ rule, never on devices or hosts. A glob of JSONL shards is read shard after
 shard in sorted name order. ``corpus.ids_of(rows)`` and ``corpus.texts_of(rows)``
 map rows back to their source ids and the texts the examples cover.
 
-JSONL files may be compressed (gzip, bzip2, xz, zstd: known by their first
-bytes) and may live in object storage (streamed). A corpus file whose first
-line has no ``id`` gets ids ``"<file>:<line>"`` (``_PositionIds``).
+Corpus files are JSONL or Parquet (HF datasets' release format: FineWeb, The
+Stack), known by their first bytes, as are JSONL files compressed with gzip,
+bzip2, xz or zstd; all may live in object storage (streamed). A corpus file
+whose first record has no ``id`` gets ids ``"<file>:<line or row>"``
+(``_PositionIds``).
 
 Two row tables implement that interface: ``Corpus`` here (built in memory from
 a source: the small path) and ``tracer.corpus.TokenizedCorpus`` (a corpus
@@ -24,6 +26,7 @@ Examples are dicts of numpy arrays (see ``tracer.model``): ``inputs``,
 
 from __future__ import annotations
 
+import bisect
 import bz2
 import fnmatch
 import glob
@@ -302,6 +305,190 @@ def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
       yield lineno, record
 
 
+# --- Parquet ---------------------------------------------------------------------
+
+_PARQUET_MAGIC = b"PAR1"
+# Rows turned into Python objects at a time: memory beside the row group's bytes.
+_PARQUET_BATCH = 1024
+
+
+def _starts_with(path, magic: bytes) -> bool:
+  """True if the file's first bytes are ``magic`` (InputError if it is missing)."""
+  location = os.fspath(path)
+  if storage.is_url(location):
+    return storage.ObjectReads(location).read(0, len(magic)) == magic
+  with storage.open_binary(location) as f:
+    return f.read(len(magic)) == magic
+
+
+def _pyarrow(path):
+  try:
+    return importlib.import_module("pyarrow"), importlib.import_module(
+        "pyarrow.parquet")
+  except ImportError:
+    raise InputError(f"{path}: a Parquet file; reading it needs the pyarrow "
+                     "package (pip install pyarrow)") from None
+
+
+def _column_spans(metadata, names: Sequence[str]) -> list[tuple[int, int]]:
+  """Per row group, the bytes ``[start, stop)`` holding the columns ``names``."""
+  spans = []
+  for g in range(metadata.num_row_groups):
+    group = metadata.row_group(g)
+    lo = hi = None
+    for c in range(group.num_columns):
+      column = group.column(c)
+      if column.path_in_schema.split(".")[0] not in names:
+        continue
+      start = column.data_page_offset
+      if column.has_dictionary_page and column.dictionary_page_offset:
+        start = min(start, column.dictionary_page_offset)
+      lo = start if lo is None else min(lo, start)
+      hi = max(hi or 0, start + column.total_compressed_size)
+    if lo is not None:
+      spans.append((lo, hi))
+  return spans
+
+
+class _ObjectParquet(io.RawIOBase):
+  """A Parquet object as the seekable file pyarrow reads, one row group ahead.
+
+  Given the footer's metadata, pyarrow reads only the ranges the footer names:
+  the column chunks, one span per row group for the columns read. Each read is
+  served from its span, fetched whole while the span before it is decoded;
+  any other range is read as asked. The file's size is taken as the end of
+  the last span (the footer, past it, is already parsed): an object's size is
+  not known without reading it.
+  """
+
+  def __init__(self, reads: "storage.ObjectReads", spans: list[tuple[int, int]]):
+    super().__init__()
+    self._reads, self._spans = reads, sorted(spans)
+    self._size = max((hi for _, hi in self._spans), default=0)
+    self._pos = 0
+    self._flight: dict[int, Any] = {}  # span index -> its read in flight
+    self._have = (0, 0, memoryview(b""))  # (start, stop, bytes) of a span at hand
+
+  def readable(self) -> bool:
+    return True
+
+  def seekable(self) -> bool:
+    return True
+
+  def tell(self) -> int:
+    return self._pos
+
+  def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+    base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+    self._pos = base + offset
+    return self._pos
+
+  def _start(self, i: int) -> None:
+    if i < len(self._spans) and i not in self._flight:
+      self._flight[i] = self._reads.start(*self._spans[i])
+
+  def _bytes(self, start: int, stop: int) -> memoryview:
+    lo, hi, value = self._have
+    if not lo <= start < stop <= hi:
+      i = bisect.bisect_right(self._spans, (start, float("inf"))) - 1
+      if i < 0 or stop > self._spans[i][1]:
+        return memoryview(self._reads.read(start, stop) or b"")
+      self._start(i)
+      lo, hi = self._spans[i]
+      value = memoryview(self._reads.result(self._flight.pop(i), lo) or b"")
+      self._have = (lo, hi, value)
+      for j in list(self._flight):  # a seek back: reads no longer needed
+        if j < i:
+          del self._flight[j]
+      self._start(i + 1)
+    return value[start - lo:stop - lo]
+
+  def readinto(self, buffer) -> int:
+    data = self._bytes(self._pos, self._pos + len(buffer)) if len(buffer) else b""
+    buffer[:len(data)] = data
+    self._pos += len(data)
+    return len(data)
+
+
+def _parquet_file(path, names: Sequence[str] | None):
+  """pyarrow's ParquetFile of a local file or an object (``_ObjectParquet``)
+  reading the columns ``names`` (every column if None)."""
+  pa, pq = _pyarrow(path)
+  location = os.fspath(path)
+  cut = (f"{location}: not a whole Parquet file (%s); expected a Parquet file "
+         "written to its end")
+  try:
+    if not storage.is_url(location):
+      return pq.ParquetFile(location)
+    reads = storage.ObjectReads(location)
+    tail = reads.read(-8, None)
+    if tail is None or len(tail) < 8 or tail[4:] != _PARQUET_MAGIC:
+      raise InputError(cut % "no footer at its end")
+    footer = reads.read(-(int.from_bytes(tail[:4], "little") + 8), None)
+    if footer is None:
+      raise InputError(cut % "its footer is longer than the file")
+    metadata = pq.read_metadata(pa.BufferReader(_PARQUET_MAGIC + footer))
+    if names is None:
+      names = metadata.schema.to_arrow_schema().names
+    return pq.ParquetFile(_ObjectParquet(reads, _column_spans(metadata, names)),
+                          metadata=metadata)
+  except (pa.ArrowException, OSError) as e:
+    raise InputError(cut % storage.reason(e)) from None
+
+
+def iter_parquet(path, columns: Sequence[str] | None = None
+                 ) -> Iterator[tuple[int, dict]]:
+  """Yields (row number from 1, record) for every row of a Parquet file.
+
+  A record holds the ``columns`` the file has (every column if None) as
+  Python values; an integer ``id`` column gives decimal strings (a column has
+  one type, so ``1`` and ``"1"`` cannot both occur). A file in object storage
+  is read row group by row group, the next one's bytes in flight
+  (``_ObjectParquet``). A file cut short or damaged is an InputError naming
+  the file, and the row for damage found while reading.
+  """
+  pa, _ = _pyarrow(path)
+  location = os.fspath(path)
+  parquet_file = _parquet_file(location, columns)
+  schema = parquet_file.schema_arrow
+  names = [n for n in schema.names if columns is None or n in columns]
+  if not names:
+    raise InputError(f"{location}: no column {' or '.join(map(repr, columns))}; "
+                     f"its columns are {_quoted(schema.names)}")
+  integer_ids = "id" in names and pa.types.is_integer(schema.field("id").type)
+  row = 0
+  for group in range(parquet_file.metadata.num_row_groups):
+    first, size = row + 1, parquet_file.metadata.row_group(group).num_rows
+    batches = parquet_file.iter_batches(batch_size=_PARQUET_BATCH, row_groups=[group],
+                                        columns=names, use_threads=False)
+    while True:
+      try:
+        batch = next(batches, None)
+      except (pa.ArrowException, OSError) as e:
+        raise InputError(
+            f"{at(location, row + 1)}: the Parquet data is damaged (in row group "
+            f"{group}, rows {first}-{first + size - 1}: {storage.reason(e)}); "
+            "expected a whole Parquet file") from None
+      if batch is None:
+        break
+      values = {n: batch.column(n).to_pylist() for n in names}
+      if integer_ids:
+        values["id"] = [None if v is None else str(v) for v in values["id"]]
+      for record in zip(*values.values()):
+        row += 1
+        yield row, dict(zip(names, record))
+
+
+def iter_records(path, columns: Sequence[str] | None = None
+                 ) -> Iterator[tuple[int, dict]]:
+  """(line or row number, record) of a JSONL file (``iter_jsonl``) or a
+  Parquet file (``iter_parquet``, reading ``columns``), known by its first
+  bytes."""
+  if _starts_with(path, _PARQUET_MAGIC):
+    return iter_parquet(path, columns)
+  return iter_jsonl(path)
+
+
 def _encodable(text: str) -> bool:
   """False if ``text`` holds a lone surrogate (JSON allows ``"\\ud800"``; no
   tokenizer can encode it)."""
@@ -323,11 +510,16 @@ _STRING_FIELDS = ("id", "text", "prompt", "target", "bucket")
 _STRING_LIST_FIELDS = ("fact_doc_ids",)
 
 
-def read_jsonl(path, required: Sequence[str], nonempty: Sequence[str] = (),
-               unique_ids: bool = True,
-               convert: Callable[[str, dict], dict] | None = None
-               ) -> Iterator[tuple[int, dict]]:
+def read_records(path, required: Sequence[str], nonempty: Sequence[str] = (),
+                 unique_ids: bool = True,
+                 convert: Callable[[str, dict], dict] | None = None,
+                 columns: Sequence[str] | None = None
+                 ) -> Iterator[tuple[int, dict]]:
   """Yields (line number, record) of corpus or query lines, strictly.
+
+  The file is JSONL or Parquet (``iter_records``; of a Parquet file only
+  ``columns`` are read, every column if None, and its row numbers stand for
+  line numbers).
 
   Every record holds the ``required`` fields; ``id``, ``text``, ``prompt``,
   ``target`` and ``bucket`` are strings and ``fact_doc_ids`` a list of strings
@@ -338,7 +530,7 @@ def read_jsonl(path, required: Sequence[str], nonempty: Sequence[str] = (),
   ``file:line``) before these checks.
   """
   seen = {}
-  for lineno, record in iter_jsonl(path):
+  for lineno, record in iter_records(path, columns):
     where = at(path, lineno)
     if convert is not None:
       record = convert(where, record)
@@ -378,7 +570,7 @@ def read_queries(path: str) -> list[dict]:
   A line carrying a field tracer writes into results (``WRITTEN_FIELDS``) is
   an error in tracer's format; in the authors' it is dropped.
   """
-  queries = [r for _, r in read_jsonl(path, ("id", "prompt", "target"),
+  queries = [r for _, r in read_records(path, ("id", "prompt", "target"),
                                       ("id", "target"), convert=_QueryFormat())]
   if not queries:
     raise InputError(f"{path}: no queries")
@@ -459,7 +651,7 @@ def from_authors(where: str, record: dict) -> dict:
 
 
 class _QueryFormat:
-  """``read_jsonl``'s ``convert`` for query files: our records as they are,
+  """``read_records``'s ``convert`` for query files: our records as they are,
   the authors' through ``from_authors``; one format per file."""
 
   def __init__(self):
@@ -617,9 +809,10 @@ def build_corpus(source: str, records: Iterable[Record], vocab, max_len: int,
                 max_len)
 
 
-def jsonl_files(source: str) -> list[str]:
-  """The files a JSONL source names: one path or URL, or a glob of shards
-  (sorted; on a bucket, the pattern applies to the last path component)."""
+def corpus_files(source: str) -> list[str]:
+  """The files a corpus source names (JSONL or Parquet): one path or URL, or a
+  glob of shards (sorted; on a bucket, the pattern applies to the last path
+  component)."""
   if glob.has_magic(source):
     if storage.is_url(source):
       parent, pattern = storage.split(source)
@@ -634,7 +827,7 @@ def jsonl_files(source: str) -> list[str]:
 
 
 class _PositionIds:
-  """``read_jsonl``'s ``convert`` for corpus files: a file whose first line
+  """``read_records``'s ``convert`` for corpus files: a file whose first line
   has no ``id`` (C4's and the Pile's releases carry none) gets the id
   ``"<file name>:<line>"`` for every line, which does not depend on how files
   are split among processes; a file whose first line has one needs it on
@@ -648,7 +841,7 @@ class _PositionIds:
     if self.first is None:
       self.first = ("id" in record, where)
     if self.first[0]:
-      return record  # read_jsonl names a missing id
+      return record  # read_records names a missing id
     if "id" in record:
       raise InputError(f"{where}: has an 'id', but {self.first[1]} has none, so "
                        f"this file's ids are its positions ('{self.name}:<line>'); "
@@ -656,23 +849,25 @@ class _PositionIds:
     return {**record, "id": f"{self.name}:{where.rsplit(':', 1)[1]}"}
 
 
-def jsonl_documents(source: str, unique_ids: bool = True,
-                    files: Sequence[str] | None = None) -> Iterator[tuple[str, str]]:
-  """(id, text) of the corpus lines ``{"id": str, "text": str}`` of one file or
-  a glob of shards, shard after shard (``read_jsonl`` checks ids within each
+def corpus_documents(source: str, unique_ids: bool = True,
+                     files: Sequence[str] | None = None) -> Iterator[tuple[str, str]]:
+  """(id, text) of the corpus records ``{"id": str, "text": str}`` (JSONL
+  lines, or Parquet rows of the columns ``id`` and ``text``) of one file or a
+  glob of shards, shard after shard (``read_records`` checks ids within each
   file), or of ``files``, some of its shards; a file without ids gets
   positions (``_PositionIds``)."""
   source = os.fspath(source)
-  for path in jsonl_files(source) if files is None else files:
-    for _, r in read_jsonl(path, ("id", "text"), ("id", "text"), unique_ids,
-                           convert=_PositionIds(_name_in_source(source, path))):
+  for path in corpus_files(source) if files is None else files:
+    for _, r in read_records(path, ("id", "text"), ("id", "text"), unique_ids,
+                             convert=_PositionIds(_name_in_source(source, path)),
+                             columns=("id", "text")):
       yield r["id"], r["text"]
 
 
-def jsonl_records(source: str, vocab, unique_ids: bool = True,
-                  files: Sequence[str] | None = None) -> Iterator[Record]:
-  """``jsonl_documents`` as records: (id, text, tokens)."""
-  for doc_id, text in jsonl_documents(source, unique_ids, files):
+def corpus_records(source: str, vocab, unique_ids: bool = True,
+                   files: Sequence[str] | None = None) -> Iterator[Record]:
+  """``corpus_documents`` as records: (id, text, tokens)."""
+  for doc_id, text in corpus_documents(source, unique_ids, files):
     yield doc_id, text, vocab.encode(text)
 
 
@@ -723,23 +918,26 @@ def seqio_records(name: str, vocab, split: str = "train",
       yield prefix + doc_id, text, tokens
 
 
-def is_jsonl_source(source: str) -> bool:
-  return (source.endswith(".jsonl") or os.path.sep in source
+def is_file_source(source: str) -> bool:
+  """True if ``source`` names corpus files, not a seqio task or mixture."""
+  return (source.endswith((".jsonl", ".parquet")) or os.path.sep in source
           or os.path.exists(source) or glob.has_magic(source))
 
 
 def source_records(source: str, vocab, unique_ids: bool = True
                    ) -> tuple[str, Iterator[Record]]:
-  """(label, records) of a JSONL file or glob, or of a seqio task or mixture."""
-  if is_jsonl_source(source):
-    return source, jsonl_records(source, vocab, unique_ids)
+  """(label, records) of a JSONL or Parquet file or glob, or of a seqio task
+  or mixture."""
+  if is_file_source(source):
+    return source, corpus_records(source, vocab, unique_ids)
   return f"seqio:{source}", seqio_records(source, vocab)
 
 
-def read_jsonl_corpus(path: str, vocab, max_len: int,
-                      overflow: str = "truncate") -> Corpus:
-  """Corpus lines ``{"id": str, "text": str}`` (a file or a glob of shards)."""
-  return build_corpus(path, jsonl_records(path, vocab), vocab, max_len, overflow)
+def read_file_corpus(path: str, vocab, max_len: int,
+                     overflow: str = "truncate") -> Corpus:
+  """Corpus records ``{"id": str, "text": str}`` (a JSONL or Parquet file or a
+  glob of shards)."""
+  return build_corpus(path, corpus_records(path, vocab), vocab, max_len, overflow)
 
 
 def read_seqio_corpus(name: str, vocab, max_len: int, overflow: str = "truncate",
@@ -761,12 +959,12 @@ def register_jsonl_task(name: str, path: str, vocab) -> Any:
 
   Its examples hold ``id``, ``targets`` (tokens + EOS) and
   ``targets_pretokenized``; ``read_seqio_corpus(name, ...)`` then gives the same
-  rows as ``read_jsonl_corpus(path, ...)``.
+  rows as ``read_file_corpus(path, ...)``.
   """
   seqio = _seqio()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-  records = [r for _, r in read_jsonl(path, ("id", "text"), ("text",))]
+  records = [r for _, r in read_records(path, ("id", "text"), ("text",))]
 
   def dataset_fn(split, shuffle_files, seed=None):
     del split, shuffle_files, seed

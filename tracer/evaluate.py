@@ -78,11 +78,11 @@ def _check_number_list(path, lineno, obj, field) -> None:
 
 def read_jsonl_records(path, required: Sequence[str] = ("id", "text")
                        ) -> list[dict[str, Any]]:
-  """Corpus or query lines, strictly (``tracer.data.read_jsonl``): the
+  """Corpus or query lines, strictly (``tracer.data.read_records``): the
   ``required`` fields present, ``id``/``text``/``target`` among them non-empty.
   """
   nonempty = [f for f in ("id", "text", "target") if f in required]
-  return [r for _, r in data.read_jsonl(path, required, nonempty)]
+  return [r for _, r in data.read_records(path, required, nonempty)]
 
 
 def read_results(path) -> dict[str, dict[str, Any]]:

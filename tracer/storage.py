@@ -147,22 +147,61 @@ def open_binary(location: str) -> BinaryIO:
       raise InputError(f"{shown}: no such file") from None
     except OSError as e:
       raise InputError(f"{shown}: cannot read: {reason(e)}") from None
-  kv, name = _kv(shown)
   # A buffer of at least 64 bytes: readers peek at a file's first bytes.
-  return io.BufferedReader(_RangeReader(kv, name, shown),
+  return io.BufferedReader(_RangeReader(shown),
                            min(max(READ_WINDOW, 64), 1 << 20))
+
+
+class ObjectReads:
+  """Range reads of one object (``gs://``, ``s3://``, ...), all of one version
+  of it: once a read has seen the object, a read of a replaced or deleted
+  object is an InputError, never a mix of two versions."""
+
+  def __init__(self, location: str):
+    self.location = location
+    self._kv, self._name = _kv(location)
+    self._generation = None  # the version being read
+
+  def start(self, start: int, stop: int | None):
+    """A read of bytes ``[start, stop)`` in flight (``start < 0``, ``stop``
+    None: the last ``-start`` bytes); ``result`` gives its bytes."""
+    return self._kv.read(self._name, byte_range=slice(start, stop))
+
+  def result(self, read, start: int) -> bytes | None:
+    """The bytes of a read from ``start``; None if the range is not in the
+    object (past its end, or a suffix longer than it)."""
+    try:
+      result = read.result()
+    except ValueError as e:
+      if "OUT_OF_RANGE" in str(e):
+        return None
+      raise InputError(f"{self.location}: cannot read: {reason(e)}") from None
+    if result.state == "missing":
+      raise InputError(f"{self.location}: no such file" if self._generation is None
+                       else f"{self.location}: deleted while being read")
+    generation = result.stamp.generation
+    if self._generation is None:
+      self._generation = generation
+    elif generation != self._generation:
+      at = f"byte {start:,}" if start >= 0 else f"its last {-start:,} bytes"
+      raise InputError(f"{self.location}: replaced while being read (at {at}); "
+                       "read it again")
+    return result.value
+
+  def read(self, start: int, stop: int | None) -> bytes | None:
+    """``result(start(start, stop), start)``: one read, waited for."""
+    return self.result(self.start(start, stop), start)
 
 
 class _RangeReader(io.RawIOBase):
   """An object read window by window (``open_binary``)."""
 
-  def __init__(self, kv: ts.KvStore, name: str, location: str):
+  def __init__(self, location: str):
     super().__init__()
-    self._kv, self._name, self._location = kv, name, location
+    self._reads = ObjectReads(location)
     self._size = READ_WINDOW
     self._offset = 0            # where the window in flight starts
     self._window = memoryview(b"")
-    self._generation = None     # the version being read
     self._next = self._request()
     self._take()                # a missing object fails here, on open
 
@@ -171,40 +210,19 @@ class _RangeReader(io.RawIOBase):
 
   def _request(self):
     start, self._offset = self._offset, self._offset + self._size
-    return self._kv.read(self._name, byte_range=slice(start, self._offset))
-
-  def _result(self, future, start: int):
-    """The window's ReadResult; None past the end of the object."""
-    try:
-      return future.result()
-    except ValueError as e:
-      if "OUT_OF_RANGE" not in str(e):
-        raise InputError(f"{self._location}: cannot read: {reason(e)}") from None
-    # The last window: whatever is left from ``start`` (past the end, object
-    # stores answer "not satisfiable" where files answer no bytes).
-    try:
-      return self._kv.read(self._name, byte_range=slice(start, None)).result()
-    except ValueError as e:
-      if "OUT_OF_RANGE" not in str(e):
-        raise InputError(f"{self._location}: cannot read: {reason(e)}") from None
-      return None
+    return self._reads.start(start, self._offset)
 
   def _take(self) -> None:
     start = self._offset - self._size
-    result = self._result(self._next, start)
+    value = self._reads.result(self._next, start)
     self._next = None
-    if result is not None and result.state == "missing":
-      raise InputError(f"{self._location}: no such file" if start == 0 else
-                       f"{self._location}: deleted while being read")
-    if result is not None:
-      generation = result.stamp.generation
-      if self._generation is None:
-        self._generation = generation
-      elif generation != self._generation:
-        raise InputError(f"{self._location}: replaced while being read (at byte "
-                         f"{start:,}); read it again")
-      self._window = memoryview(result.value)
-      if len(result.value) == self._size:
+    if value is None:
+      # The last window: whatever is left from ``start`` (past the end, object
+      # stores answer "not satisfiable" where files answer no bytes).
+      value = self._reads.read(start, None)
+    if value is not None:
+      self._window = memoryview(value)
+      if len(value) == self._size:
         self._next = self._request()
 
   def readinto(self, buffer) -> int:
