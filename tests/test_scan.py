@@ -328,6 +328,9 @@ def stepped_scan(update, m, x, q, k: int, step: int) -> scan.TopK:
     row_ids = np.arange(lo, lo + step, dtype=np.int32)
     state = update(state, jax.device_put(chunk, rows), jax.device_put(row_ids, ids),
                    jax.device_put(row_ids < n, ids), queries)
+    # One step in flight, as tracer.scan keeps it: a queue of dispatched
+    # steps with collectives can deadlock XLA:CPU's simulated devices.
+    jax.block_until_ready(state)
   return topk.finish(state, n)
 
 
@@ -524,6 +527,20 @@ def test_streaming_equals_arrays(mesh):
   for batch in np.array_split(order, 2):
     device.add(jnp.asarray(x[batch]), jnp.asarray(batch))
   assert_same(device.result(), want)
+
+
+def test_streaming_keeps_two_steps_in_flight():
+  """A long queue of dispatched 8-device steps deadlocks XLA:CPU's
+  collectives (one device never reaches an all-reduce; XLA aborts after its
+  rendezvous timeout): once ``add`` returns, the state before its step is
+  computed."""
+  x, q = _data(400)
+  scanner = scan.StreamingScanner(q, K, mesh=MESHES["8x1"]())
+  for lo in range(0, 400, 40):
+    before = scanner.state()
+    scanner.add(x[lo:lo + 40], np.arange(lo, lo + 40))
+    assert all(leaf.is_ready() for leaf in jax.tree.leaves(before))
+  assert_same(scanner.result(), reference(x, q, K))
 
 
 def test_functional_core():

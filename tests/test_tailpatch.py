@@ -48,6 +48,9 @@ def setup():
   batch = partitioning.to_global(train, partitioning.all_devices_batch(mesh))
   for _ in range(TRAIN_STEPS):
     params, opt_state, _ = step(params, opt_state, batch)
+    # One step in flight (launch/train.py: a queue of dispatched steps with
+    # collectives can deadlock XLA:CPU's simulated devices).
+    jax.block_until_ready(params)
   return dict(train=train, queries=queries, mesh=mesh, params=params,
               opt_state=opt_state,
               optimizer=tailpatch.tail_patch_optimizer(OPT_CONFIG, TRAIN_STEPS))

@@ -654,9 +654,9 @@ class StreamingScanner:
     if rows == 0:
       return
     if isinstance(encodings, jax.Array):
-      self._state = update_topk(self._state, encodings, row_ids, self._queries,
+      self._advance(update_topk(self._state, encodings, row_ids, self._queries,
                                 mesh=self.mesh, rows_sorted=False,
-                                metric=self._metric)
+                                metric=self._metric))
     else:
       x = np.asarray(encodings)
       x = x.astype(_device_dtype(x.dtype), copy=False)
@@ -673,14 +673,22 @@ class StreamingScanner:
         ids = np.concatenate([ids, np.zeros(padded - rows, ids.dtype)])
       valid = np.arange(padded) < rows
       put = partitioning.put_global
-      self._state = update_topk(
+      self._advance(update_topk(
           self._state,
           put(x, partitioning.rows_sharding(self.mesh)),
           put(ids.astype(np.int32), partitioning.rows_sharding(self.mesh, 1)),
           self._queries,
           put(valid, partitioning.rows_sharding(self.mesh, 1)),
-          mesh=self.mesh, rows_sorted=True, metric=self._metric)
+          mesh=self.mesh, rows_sorted=True, metric=self._metric))
     self._rows_seen += rows
+
+  def _advance(self, state: TopKState) -> None:
+    """Takes the state of a step just dispatched. At most two steps are in
+    flight (as in ``pipeline.encode_corpus``): a long queue of dispatched
+    steps with collectives deadlocks XLA:CPU's simulated devices (one of 8
+    never reaches an all-reduce; XLA aborts at its rendezvous timeout)."""
+    previous, self._state = self._state, state
+    jax.block_until_ready(previous)
 
   def add_stepped(self, encodings: jax.Array, row_ids: jax.Array,
                   valid: jax.Array) -> None:
@@ -689,9 +697,9 @@ class StreamingScanner:
     int32 ``row_ids`` and bool ``valid`` of shape ``[steps, step_size]``.
     Rows never move between hosts; only top-k candidates do."""
     x, ids, ok, count = flatten_stepped(encodings, row_ids, valid)
-    self._state = update_topk(self._state, x, ids, self._queries, ok,
+    self._advance(update_topk(self._state, x, ids, self._queries, ok,
                               mesh=self.mesh, rows_sorted=False,
-                              metric=self._metric)
+                              metric=self._metric))
     self._rows_seen += int(np.asarray(count.addressable_data(0)))
 
   def state(self) -> TopKState:
