@@ -342,7 +342,7 @@ def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
            settings)
     return TokenizedCorpus(output)
   if records is not None or not data_lib.is_file_source(source):
-    raise InputError(f"{source}: tokenizing in {num_shards} shards splits a JSONL "
+    raise InputError(f"{source}: tokenizing in {num_shards} shards splits a file "
                      "source's files; one process tokenizes a seqio source")
   part = storage.join(output, _part_name(shard_index, num_shards))
   if is_tokenized(part):
