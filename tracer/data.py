@@ -368,6 +368,7 @@ class _ObjectParquet(io.RawIOBase):
     self._pos = 0
     self._flight: dict[int, Any] = {}  # span index -> its read in flight
     self._have = (0, 0, memoryview(b""))  # (start, stop, bytes) of a span at hand
+    self._start(0)  # pyarrow's first read is the first row group's
 
   def readable(self) -> bool:
     return True
