@@ -68,8 +68,8 @@ def define_flags() -> None:
                        "this many documents' hashes (--join_parts parts).")
   flags.DEFINE_integer("join_parts", 64, "Parts of --join_docs.")
   flags.DEFINE_list("read", [], "Instead: read these JSONL or Parquet files "
-                    "(paths or URLs) record by record, streamed and read whole, each in a "
-                    "fresh process: seconds and peak memory.")
+                    "(paths or URLs) record by record, streamed and read "
+                    "whole, each in a fresh process: seconds and peak memory.")
 
 
 FLAGS = flags.FLAGS
@@ -279,7 +279,6 @@ def run_sharded_tokenize(pattern: str, out: str, processes: int,
 
 def _shard_bytes(fmt: str, lines: list[bytes]) -> bytes:
   """JSONL ``lines`` as a shard file of the format ``fmt``."""
-  data = b"".join(lines)
   if fmt == "parquet":
     import pyarrow as pa  # pylint: disable=g-import-not-at-top
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
@@ -288,6 +287,7 @@ def _shard_bytes(fmt: str, lines: list[bytes]) -> bytes:
     out = io.BytesIO()
     pq.write_table(table, out)
     return out.getvalue()
+  data = b"".join(lines)
   if fmt == "gzip":
     return gzip.compress(data, 6)
   if fmt == "zstd":
