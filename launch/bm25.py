@@ -30,7 +30,9 @@ def define_flags() -> None:
   """Defines this tool's flags; only when run as a program, so that tests can
   import several launch modules whose flag names overlap."""
   flags.DEFINE_string("corpus", None, "Corpus JSONL or Parquet ({id, text}; a "
-                      "file or a glob) or a directory made by launch.tokenize.",
+                      "file or a glob; other field names after '#': "
+                      "'FILES#text=content,id=hexsha') or a directory made by "
+                      "launch.tokenize.",
                       required=True)
   flags.DEFINE_string("queries", None,
                       "Queries JSONL: {id, prompt, target, ...}, or the "

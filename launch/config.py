@@ -33,7 +33,8 @@ flags.DEFINE_multi_string("gin_bindings", [], "Gin bindings, e.g. 'ModelConfig.d
 # import one another.
 flags.DEFINE_string("corpus", None, "Corpus: a JSONL or Parquet file, a glob of shards "
                     "(JSONL plain or gzip/bzip2/xz/zstd, Parquet; records without ids "
-                    "get 'file:line'), a "
+                    "get 'file:line'; fields other than 'id' and 'text' named after "
+                    "'#': 'FILES#text=content,id=hexsha'), a "
                     "seqio task/mixture name, or a directory made by launch.tokenize.")
 flags.DEFINE_string("queries", None, "Queries JSONL file.")
 flags.DEFINE_string("workdir", None, "Working directory (checkpoints, store, ...).")

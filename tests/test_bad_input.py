@@ -250,9 +250,9 @@ def packed_corpus(head: bytes, cut: bool = False):
   return build
 
 
-def parquet_corpus(cut: bool = False, text_column: str = "text"):
+def parquet_corpus(cut: bool = False, text_column: str = "text", fields: str = ""):
   """encode of a Parquet corpus of every good line (cut in half if ``cut``;
-  its text column named ``text_column``)."""
+  its text column named ``text_column``; ``fields`` after its path)."""
   def build(s: Shared, d: Path):
     import pyarrow as pa  # pylint: disable=g-import-not-at-top
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
@@ -263,7 +263,7 @@ def parquet_corpus(cut: bool = False, text_column: str = "text"):
     data = out.getvalue().to_pybytes()
     path = d / "corpus.parquet"
     path.write_bytes(data[:len(data) // 2] if cut else data)
-    return encode(s, d, corpus=path)
+    return encode(s, d, corpus=f"{path}{fields}")
   return build
 
 
@@ -410,7 +410,11 @@ CASES = [
          "file.); expected a Parquet file written to its end"),
     Case("Parquet corpus without a text column", parquet_corpus(text_column="content"),
          "corpus.parquet:1: missing field 'text'; expected an object with 'id', "
-         "'text'"),
+         "'text' (other names go after '#': --corpus='FILES#text=<field>,id=<field>')"),
+    Case("a field after '#' that a corpus has not",
+         parquet_corpus(text_column="content", fields="#txt=content"),
+         "corpus.parquet#txt=content: 'txt=content' after '#': expected "
+         "text=<field> and/or id=<field>, separated by commas"),
     Case("an id in a file without ids",
          bad_corpus('{"text": "abc"}', '{"id": "x1", "text": "def"}', keep=0),
          "corpus.jsonl:2: has an 'id', but "),

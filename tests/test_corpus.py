@@ -250,6 +250,37 @@ def test_compressed_shards_tokenized_apart_give_the_same_rows(tmp_path, records)
   _assert_same_rows(whole, got)
 
 
+def test_fields_under_other_names_tokenized_apart(tmp_path, records):
+  """Parquet shards whose fields are content/hexsha (The Stack's), in two
+  parts: the rows of tracer's own names. The names are part of the source
+  the manifest records, so other names are other settings."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  pattern = _shards(tmp_path / "shards", records)
+  whole = data_lib.read_corpus(pattern, DataConfig().vocabulary(), 32)
+  theirs = tmp_path / "theirs"
+  theirs.mkdir()
+  for path in data_lib.corpus_files(pattern):
+    lines = [json.loads(line) for line in open(path, encoding="utf-8")]
+    pq.write_table(pa.table({"hexsha": [r["id"] for r in lines],
+                             "content": [r["text"] for r in lines]}),
+                   theirs / os.path.basename(path).replace(".jsonl", ".parquet"))
+  source = str(theirs / "part-*.parquet#text=content,id=hexsha")
+  out = str(tmp_path / "tok")
+  for i in (1, 0):
+    got = corpus_lib.tokenize(source, out, DataConfig(), 32, num_shards=2,
+                              shard_index=i)
+  assert got.manifest.source == source and got.manifest.parts is not None
+  _assert_same_rows(whole, got)
+  with pytest.raises(InputError, match=r"other settings \(source: has .*"
+                     r"#text=content,id=hexsha', asked .*#text=content'"):
+    corpus_lib.tokenize(source.replace(",id=hexsha", ""), out, DataConfig(), 32)
+  # A tokenized corpus's fields were read when it was tokenized.
+  with pytest.raises(InputError, match=r"tok is a tokenized corpus, whose fields "
+                     "were read when it was tokenized"):
+    corpus_lib.open_corpus(out + "#text=content", DataConfig(), 32)
+
+
 def test_first_shared_hash_merges_parts_in_blocks():
   """The join's id check (a k-way merge of the parts' sorted hashes, a block
   of each at a time) against a sort of everything: no repeat, a repeat

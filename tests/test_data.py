@@ -483,6 +483,88 @@ def test_bad_parquet_records_name_file_and_row(tmp_path, vocab, records, message
     data_lib.read_corpus(str(path), vocab, 32)
 
 
+# --- fields under other names (data.split_source) ---------------------------
+
+DEFAULT_FIELDS = {"id": "id", "text": "text"}
+
+
+@pytest.mark.parametrize("source,files,fields", [
+    ("c.jsonl", "c.jsonl", DEFAULT_FIELDS),
+    ("d/*.parquet#text=content", "d/*.parquet", {"id": "id", "text": "content"}),
+    ("gs://b/stack/*.parquet#text=content, id=hexsha", "gs://b/stack/*.parquet",
+     {"id": "hexsha", "text": "content"}),
+    ("c.jsonl#id=text,text=id", "c.jsonl", {"id": "text", "text": "id"}),
+    # A '#' without a '=' after it, or with a '/', is part of the path.
+    ("notes#1.jsonl", "notes#1.jsonl", DEFAULT_FIELDS),
+    ("a#b=c/d.jsonl", "a#b=c/d.jsonl", DEFAULT_FIELDS),
+])
+def test_split_source(source, files, fields):
+  assert data_lib.split_source(source) == (files, fields)
+
+
+@pytest.mark.parametrize("source,message", [
+    ("c.jsonl#txt=content", r"'txt=content' after '#': expected text=<field> "
+     r"and/or id=<field>"),
+    ("c.jsonl#text=", r"'text=' after '#'"),
+    ("c.jsonl#text=a,", r"'' after '#'"),
+    ("c.jsonl#id=a,text=a", r"the id and the text name the same field 'a'"),
+])
+def test_split_source_errors(source, message):
+  with pytest.raises(InputError, match=f"^--corpus={re.escape(source)}: {message}"):
+    data_lib.split_source(source)
+
+
+def test_fields_under_other_names(tmp_path, corpus_path, vocab):
+  """The Stack's content/hexsha, as JSONL and Parquet, give the rows of the
+  same records under tracer's names; a field of tracer's name beside them is
+  not read."""
+  records = _records(corpus_path)
+  theirs = [{"hexsha": r["id"], "content": r["text"], "text": "not this"}
+            for r in records]
+  shards = tmp_path / "stack"
+  shards.mkdir()
+  facts.write_jsonl(shards / "a.jsonl", theirs[:8])
+  _parquet(theirs[8:], shards / "b.parquet", row_group_size=4)
+  whole = data_lib.read_corpus(corpus_path, vocab, 32, "split")
+  source = str(shards / "*#text=content,id=hexsha")
+  assert data_lib.is_file_source(source)
+  got = data_lib.read_corpus(source, vocab, 32, "split")
+  assert got.source == source  # what manifests record: the names included
+  assert (got.ids, got.texts) == (whole.ids, whole.texts)
+  assert [t.tolist() for t in _token_rows(got)] == [
+      t.tolist() for t in _token_rows(whole)]
+  # Only the text renamed: a file without ids gets positions; integer ids.
+  _parquet([{"blob": 7, "content": "x"}, {"blob": 8, "content": "y"}],
+           tmp_path / "c.parquet")
+  assert list(data_lib.corpus_documents(str(tmp_path / "c.parquet#text=content"))
+              ) == [("c.parquet:1", "x"), ("c.parquet:2", "y")]
+  assert list(data_lib.corpus_documents(
+      str(tmp_path / "c.parquet#text=content,id=blob"))) == [("7", "x"), ("8", "y")]
+
+
+@pytest.mark.parametrize("lines,message", [
+    (['{"hexsha": "a", "content": null}'],
+     r":1: field 'content' must be a string, got NoneType"),
+    (['{"hexsha": "a", "content": " "}'], r":1: field 'content' is empty"),
+    (['{"hexsha": "a", "body": "x"}'], r":1: missing field 'content'; expected an "
+     r"object with 'hexsha', 'content' \(other names go after '#'"),
+    (['{"content": "x"}', '{"hexsha": "b", "content": "y"}'],
+     r":2: has an 'hexsha', but .*:1 has none"),
+    (['{"hexsha": "a", "content": "x"}', '{"hexsha": "a", "content": "y"}'],
+     r":2: duplicate id 'a'"),
+])
+def test_errors_name_the_files_own_fields(tmp_path, vocab, lines, message):
+  path = _write(tmp_path, lines)
+  with pytest.raises(InputError, match="^" + re.escape(path) + message):
+    data_lib.read_corpus(path + "#text=content,id=hexsha", vocab, 32)
+
+
+def test_field_names_are_for_corpus_files(vocab):
+  with pytest.raises(InputError, match=r"^--corpus=c4_task#text=x: field names "
+                     "after '#' are for corpus files"):
+    data_lib.read_corpus("c4_task#text=x", vocab, 32)
+
+
 def test_damaged_parquet_files_are_errors(tmp_path, corpus_path, vocab):
   records = _records(corpus_path)
   data = _parquet(records, row_group_size=5, compression="none")

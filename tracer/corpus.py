@@ -563,6 +563,11 @@ def open_corpus(source: str, data_config: DataConfig, max_len: int):
   A tokenized directory must have been made with the same tokenizer, overflow
   rule and ``max_len`` as the model expects; an error names what differs.
   """
+  files, _ = data_lib.split_source(source)
+  if files != source and is_tokenized(files):
+    raise InputError(f"--corpus={source}: {files} is a tokenized corpus, whose "
+                     "fields were read when it was tokenized; expected it "
+                     "without the field names after '#'")
   if is_tokenized(source):
     corpus = TokenizedCorpus(source)
     m = corpus.manifest

@@ -437,12 +437,12 @@ def _parquet_file(path, names: Sequence[str] | None):
     raise InputError(cut % storage.reason(e)) from None
 
 
-def iter_parquet(path, columns: Sequence[str] | None = None
+def iter_parquet(path, columns: Sequence[str] | None = None, id_column: str = "id"
                  ) -> Iterator[tuple[int, dict]]:
   """Yields (row number from 1, record) for every row of a Parquet file.
 
   A record holds the ``columns`` the file has (every column if None) as
-  Python values; an integer ``id`` column gives decimal strings (a column has
+  Python values; an integer ``id_column`` gives decimal strings (a column has
   one type, so ``1`` and ``"1"`` cannot both occur). A file in object storage
   is read row group by row group, the next one's bytes in flight
   (``_ObjectParquet``). A file cut short or damaged is an InputError naming
@@ -455,8 +455,9 @@ def iter_parquet(path, columns: Sequence[str] | None = None
   names = [n for n in schema.names if columns is None or n in columns]
   if not names:
     raise InputError(f"{location}: no column {' or '.join(map(repr, columns))}; "
-                     f"its columns are {_quoted(schema.names)}")
-  integer_ids = "id" in names and pa.types.is_integer(schema.field("id").type)
+                     f"its columns are {_quoted(schema.names)}{_OTHER_NAMES}")
+  integer_ids = (id_column in names
+                 and pa.types.is_integer(schema.field(id_column).type))
   row = 0
   for group in range(parquet_file.metadata.num_row_groups):
     first, size = row + 1, parquet_file.metadata.row_group(group).num_rows
@@ -474,19 +475,20 @@ def iter_parquet(path, columns: Sequence[str] | None = None
         break
       values = {n: batch.column(n).to_pylist() for n in names}
       if integer_ids:
-        values["id"] = [None if v is None else str(v) for v in values["id"]]
+        values[id_column] = [None if v is None else str(v)
+                             for v in values[id_column]]
       for record in zip(*values.values()):
         row += 1
         yield row, dict(zip(names, record))
 
 
-def iter_records(path, columns: Sequence[str] | None = None
+def iter_records(path, columns: Sequence[str] | None = None, id_column: str = "id"
                  ) -> Iterator[tuple[int, dict]]:
   """(line or row number, record) of a JSONL file (``iter_jsonl``) or a
   Parquet file (``iter_parquet``, reading ``columns``), known by its first
   bytes."""
   if _starts_with(path, _PARQUET_MAGIC):
-    return iter_parquet(path, columns)
+    return iter_parquet(path, columns, id_column)
   return iter_jsonl(path)
 
 
@@ -506,6 +508,9 @@ def _quoted(names: Sequence[str]) -> str:
   return ", ".join(repr(n) for n in names)
 
 
+# How a corpus names other fields (``split_source``), for errors about them.
+_OTHER_NAMES = " (other names go after '#': --corpus='FILES#text=<field>,id=<field>')"
+
 # Fields whose type is checked wherever they appear in corpus or query lines.
 _STRING_FIELDS = ("id", "text", "prompt", "target", "bucket")
 _STRING_LIST_FIELDS = ("fact_doc_ids",)
@@ -514,13 +519,16 @@ _STRING_LIST_FIELDS = ("fact_doc_ids",)
 def read_records(path, required: Sequence[str], nonempty: Sequence[str] = (),
                  unique_ids: bool = True,
                  convert: Callable[[str, dict], dict] | None = None,
-                 columns: Sequence[str] | None = None
+                 columns: Sequence[str] | None = None,
+                 fields: dict[str, str] | None = None
                  ) -> Iterator[tuple[int, dict]]:
   """Yields (line number, record) of corpus or query lines, strictly.
 
   The file is JSONL or Parquet (``iter_records``; of a Parquet file only
   ``columns`` are read, every column if None, and its row numbers stand for
-  line numbers).
+  line numbers). ``fields`` maps a field to its name in the file
+  (``split_source``: ``{"text": "content"}``); records are yielded under
+  tracer's names, and errors use the file's.
 
   Every record holds the ``required`` fields; ``id``, ``text``, ``prompt``,
   ``target`` and ``bucket`` are strings and ``fact_doc_ids`` a list of strings
@@ -530,31 +538,40 @@ def read_records(path, required: Sequence[str], nonempty: Sequence[str] = (),
   ``convert(where, record)``, if given, maps each record (``where`` is
   ``file:line``) before these checks.
   """
+  renamed = {name: field for field, name in (fields or {}).items() if name != field}
+  shown = {field: name for name, field in renamed.items()}
   seen = {}
-  for lineno, record in iter_records(path, columns):
+  for lineno, record in iter_records(path, columns,
+                                     (fields or {}).get("id", "id")):
     where = at(path, lineno)
+    if renamed:
+      record = {renamed.get(k, k): v for k, v in record.items()
+                if k in renamed or k not in shown}
     if convert is not None:
       record = convert(where, record)
     for field in required:
       if field not in record:
-        raise InputError(f"{where}: missing field {field!r}; expected an object "
-                         f"with {_quoted(required)}")
+        raise InputError(f"{where}: missing field {shown.get(field, field)!r}; "
+                         "expected an object with "
+                         f"{_quoted([shown.get(f, f) for f in required])}"
+                         + (_OTHER_NAMES if fields is not None else ""))
     for field in _STRING_FIELDS:
       if field in record:
         if not isinstance(record[field], str):
-          raise InputError(f"{where}: field {field!r} must be a string, got "
-                           f"{type(record[field]).__name__}")
+          raise InputError(f"{where}: field {shown.get(field, field)!r} must be a "
+                           f"string, got {type(record[field]).__name__}")
         if not _encodable(record[field]):
-          raise InputError(f"{where}: field {field!r} holds a lone surrogate "
-                           "(a \\ud800-\\udfff escape); expected Unicode text")
+          raise InputError(f"{where}: field {shown.get(field, field)!r} holds a "
+                           "lone surrogate (a \\ud800-\\udfff escape); expected "
+                           "Unicode text")
     for field in _STRING_LIST_FIELDS:
       value = record.get(field, [])
       if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise InputError(f"{where}: field {field!r} must be a list of strings")
     for field in nonempty:
       if not record[field].strip():
-        raise InputError(f"{where}: field {field!r} is empty or only whitespace; "
-                         "expected a non-blank string")
+        raise InputError(f"{where}: field {shown.get(field, field)!r} is empty or "
+                         "only whitespace; expected a non-blank string")
     if "id" in required and unique_ids:
       if record["id"] in seen:
         raise InputError(f"{where}: duplicate id {record['id']!r} (first at line "
@@ -810,10 +827,43 @@ def build_corpus(source: str, records: Iterable[Record], vocab, max_len: int,
                 max_len)
 
 
+# The fields of a corpus record; ``split_source`` reads other names for them.
+CORPUS_FIELDS = ("id", "text")
+
+
+def split_source(source: str) -> tuple[str, dict[str, str]]:
+  """(files, fields) of a corpus source: the path, URL or glob of its files,
+  and the name in those files of each of ``CORPUS_FIELDS``.
+
+  Other names follow a ``#``: ``stack/*.parquet#text=content,id=hexsha``
+  reads the text from the field (or column) ``content`` and the id from
+  ``hexsha``; a field not named keeps its own name. The names are part of
+  the source string, so the manifests that record a source (a tokenized
+  corpus's, a store's, a checkpoint's) record them too. A ``#`` followed by
+  no ``=``, or by a ``/``, is part of the path.
+  """
+  fields = {f: f for f in CORPUS_FIELDS}
+  files, sep, spec = source.rpartition("#")
+  if not sep or "=" not in spec or "/" in spec:
+    return source, fields
+  for item in spec.split(","):
+    key, eq, name = (s.strip() for s in item.partition("="))
+    if key not in fields or not eq or not name:
+      raise InputError(f"--corpus={source}: {item!r} after '#': expected "
+                       "text=<field> and/or id=<field>, separated by commas")
+    fields[key] = name
+  if fields["id"] == fields["text"]:
+    raise InputError(f"--corpus={source}: the id and the text name the same "
+                     f"field {fields['id']!r}; expected two fields")
+  return files, fields
+
+
 def corpus_files(source: str) -> list[str]:
   """The files a corpus source names (JSONL or Parquet): one path or URL, or a
   glob of shards (sorted; on a bucket, the pattern applies to the last path
-  component)."""
+  component); field names after a ``#`` (``split_source``) are not part of
+  them."""
+  source, _ = split_source(source)
   if glob.has_magic(source):
     if storage.is_url(source):
       parent, pattern = storage.split(source)
@@ -832,10 +882,10 @@ class _PositionIds:
   has no ``id`` (C4's and the Pile's releases carry none) gets the id
   ``"<file name>:<line>"`` for every line, which does not depend on how files
   are split among processes; a file whose first line has one needs it on
-  every line."""
+  every line. ``id_name`` is the id's name in the file (``split_source``)."""
 
-  def __init__(self, name: str):
-    self.name = name
+  def __init__(self, name: str, id_name: str = "id"):
+    self.name, self.id_name = name, id_name
     self.first: tuple[bool, str] | None = None  # (has an id?, where) of line 1
 
   def __call__(self, where: str, record: dict) -> dict:
@@ -844,24 +894,27 @@ class _PositionIds:
     if self.first[0]:
       return record  # read_records names a missing id
     if "id" in record:
-      raise InputError(f"{where}: has an 'id', but {self.first[1]} has none, so "
-                       f"this file's ids are its positions ('{self.name}:<line>'); "
-                       "expected an 'id' on every line or on none")
+      raise InputError(f"{where}: has an {self.id_name!r}, but {self.first[1]} has "
+                       f"none, so this file's ids are its positions "
+                       f"('{self.name}:<line>'); expected an {self.id_name!r} on "
+                       "every line or on none")
     return {**record, "id": f"{self.name}:{where.rsplit(':', 1)[1]}"}
 
 
 def corpus_documents(source: str, unique_ids: bool = True,
                      files: Sequence[str] | None = None) -> Iterator[tuple[str, str]]:
   """(id, text) of the corpus records ``{"id": str, "text": str}`` (JSONL
-  lines, or Parquet rows of the columns ``id`` and ``text``) of one file or a
-  glob of shards, shard after shard (``read_records`` checks ids within each
-  file), or of ``files``, some of its shards; a file without ids gets
-  positions (``_PositionIds``)."""
+  lines, or Parquet rows of the columns ``id`` and ``text``; other names as
+  ``split_source`` says) of one file or a glob of shards, shard after shard
+  (``read_records`` checks ids within each file), or of ``files``, some of
+  its shards; a file without ids gets positions (``_PositionIds``)."""
   source = os.fspath(source)
+  location, fields = split_source(source)
   for path in corpus_files(source) if files is None else files:
-    for _, r in read_records(path, ("id", "text"), ("id", "text"), unique_ids,
-                             convert=_PositionIds(_name_in_source(source, path)),
-                             columns=("id", "text")):
+    for _, r in read_records(
+        path, CORPUS_FIELDS, CORPUS_FIELDS, unique_ids,
+        convert=_PositionIds(_name_in_source(location, path), fields["id"]),
+        columns=tuple(fields.values()), fields=fields):
       yield r["id"], r["text"]
 
 
@@ -921,6 +974,7 @@ def seqio_records(name: str, vocab, split: str = "train",
 
 def is_file_source(source: str) -> bool:
   """True if ``source`` names corpus files, not a seqio task or mixture."""
+  source, _ = split_source(source)
   return (source.endswith((".jsonl", ".parquet")) or os.path.sep in source
           or os.path.exists(source) or glob.has_magic(source))
 
@@ -931,6 +985,9 @@ def source_records(source: str, vocab, unique_ids: bool = True
   or mixture."""
   if is_file_source(source):
     return source, corpus_records(source, vocab, unique_ids)
+  if split_source(source)[0] != source:
+    raise InputError(f"--corpus={source}: field names after '#' are for corpus "
+                     "files; a seqio task names its own features")
   return f"seqio:{source}", seqio_records(source, vocab)
 
 
