@@ -19,7 +19,8 @@ them alone, so an answer equals ``tracer trace``'s for the same queries
 file. Requests arriving together (within --batch_window_ms) share one
 encoder call, one pass over the rows and one greedy decode. Bad requests get
 a 4xx and a message naming the field. ``--corpus`` (default: the store's own,
-from its manifest) maps rows to ids and texts.
+from its manifest: the tokenized corpus its rows were read from, else its
+source) maps rows to ids and texts.
 
 ``--sum_steps=200,400`` scores rows by TrackStar summed over those
 checkpoints and this one, from the stores ``tracer trace --sum_steps`` made
@@ -53,6 +54,7 @@ import numpy as np
 from tracer.launch import common
 from tracer.launch import config
 from tracer.config import PreconditionerConfig
+from tracer import corpus as corpus_lib
 from tracer import data as data_lib
 from tracer import pipeline
 from tracer import serving
@@ -86,14 +88,21 @@ FLAGS = flags.FLAGS
 
 
 def _corpus_source(location: str, given: str | None) -> str:
-  """``--corpus``, else the store's own (its manifest's ``corpus``)."""
+  """``--corpus``, else the store's own: the tokenized corpus its rows were
+  read from (row by row, as a pod host must), else its source."""
   if given:
     return given
   manifest = storage.join(location, store_lib.MANIFEST)
   if not storage.exists(manifest):
     raise InputError(f"{location}: no store; encode the corpus first "
                      "(tracer trace or tracer encode)")
-  return store_lib.open_store(location).manifest.corpus
+  m = store_lib.open_store(location).manifest
+  if m.corpus_rows and corpus_lib.is_tokenized(m.corpus_rows):
+    return m.corpus_rows
+  if m.corpus_rows:
+    common.say(f"the store's tokenized corpus {m.corpus_rows} is gone; reading "
+               f"its source {m.corpus} whole instead")
+  return m.corpus
 
 
 def budget_bytes(budget_mb: int) -> int:

@@ -16,6 +16,7 @@ import concurrent.futures
 import http.client
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from tracer import hessian
 from tracer import partitioning
 from tracer import scan as scan_lib
 from tracer import serving
+from tracer import storage
 from tracer import store as store_lib
 from tracer.config import DataConfig
 from tracer.errors import InputError
@@ -270,6 +272,32 @@ def test_batcher_gathers_requests_and_splits_at_the_limit():
 
 
 # --- the server, in this process ------------------------------------------------
+
+def test_the_store_reopens_its_tokenized_corpus(traced, tmp_path, capsys):
+  """A store encoded from a tokenized corpus records it: serve reopens that
+  (read row by row, as a pod host must), not the source read whole."""
+  location = str(traced.root / "store")
+  m = store_lib.open_store(location).manifest
+  assert m.corpus == str(traced.root / "corpus.jsonl")
+  assert m.corpus_rows == storage.normalize(traced.corpus)
+  assert serve._corpus_source(location, None) == m.corpus_rows
+  assert serve._corpus_source(location, "other.jsonl") == "other.jsonl"
+  # Gone, or written before the field existed: the source, said so if gone.
+  copy = tmp_path / "store"
+  shutil.copytree(location, copy)
+  for rows, said in ((str(tmp_path / "gone"), "is gone; reading its source"),
+                     (None, None)):
+    d = json.loads((copy / store_lib.MANIFEST).read_text())
+    if rows is None:
+      del d["corpus_rows"]
+    else:
+      d["corpus_rows"] = rows
+    (copy / store_lib.MANIFEST).write_text(json.dumps(d))
+    capsys.readouterr()
+    assert serve._corpus_source(str(copy), None) == m.corpus
+    out = capsys.readouterr().out
+    assert (said in out) if said else not out
+
 
 def test_answers_equal_trace_while_batched(traced, tracer_):
   """Three concurrent requests land in one batch (a long window), and each

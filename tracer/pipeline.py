@@ -335,8 +335,10 @@ def manifest(ckpt: ckpt_lib.Checkpoint, encoder: GradientEncoder,
       correction=correction_kind, epsilon=float(epsilon),
       projection_seed=encoder.layout.seed, layout=encoder.layout.to_json(),
       dim=encoder.dim, basis_fingerprint=basis.fingerprint() if basis else None,
-      kernel=encoder.approximation, dtype=cfg.store_dtype, corpus=corpus.source, num_rows=len(corpus),
-      chunk_rows=cfg.chunk_rows)
+      kernel=encoder.approximation, dtype=cfg.store_dtype, corpus=corpus.source,
+      num_rows=len(corpus), chunk_rows=cfg.chunk_rows,
+      corpus_rows=corpus.location if isinstance(corpus, corpus_lib.TokenizedCorpus)
+      else "")
 
 
 def store_basis(store: store_lib.EncodingStore) -> hessian.Basis | None:

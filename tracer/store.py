@@ -102,6 +102,10 @@ class Manifest:
     corpus: where the rows came from (a source string).
     num_rows: N.
     chunk_rows: rows per stored chunk.
+    corpus_rows: the tokenized corpus (``tracer.corpus``) the rows were read
+      from, if they were: where to reopen them row by row (``tracer serve``),
+      not the source read whole; informative, never compared (the same
+      rows read from ``corpus`` itself are the same store).
     tracer_version: version of tracer that wrote the encodings (informative).
   """
   checkpoint: str
@@ -119,6 +123,7 @@ class Manifest:
   corpus: str = ""
   num_rows: int = 0
   chunk_rows: int = 1024
+  corpus_rows: str = ""
   tracer_version: str = dataclasses.field(default_factory=_tracer_version)
 
   def to_dict(self) -> dict[str, Any]:
