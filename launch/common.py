@@ -5,6 +5,7 @@ table. The stages themselves live in ``tracer.pipeline``."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, NamedTuple, Sequence
 
 from absl import flags
@@ -14,6 +15,8 @@ from tracer.launch import config
 from tracer.launch.progress import Progress, say
 from tracer import checkpoint as ckpt_lib
 from tracer import claim as claim_lib
+from tracer import corpus as corpus_lib
+from tracer import data as data_lib
 from tracer import hessian
 from tracer import pipeline
 from tracer import storage
@@ -42,9 +45,46 @@ def start(workdir: str | None, checkpoint: str | None, corpus_source: str) -> Ru
   else:
     ckpt = pipeline.load_checkpoint(workdir, checkpoint, mesh)
   config.check_bound_fields(type(ckpt.model_config), ckpt.model_config, ckpt.path)
-  corpus = pipeline.open_corpus(ckpt, corpus_source)
+  corpus = pipeline.open_corpus(ckpt, tokenized_once(workdir, corpus_source, ckpt))
   encoder, kind, eps = pipeline.build_encoder(ckpt, ecfg, mesh)
   return Run(ecfg, ckpt, corpus, encoder, kind, eps)
+
+
+def tokenized_once(workdir: str | None, source: str, ckpt) -> str:
+  """The corpus to open: on several processes, a source not yet tokenized is
+  tokenized into ``WORKDIR/corpus`` first (``pipeline.tokenize_on_processes``:
+  each process its share of the files), so that no host reads or holds the
+  whole corpus; later runs reuse it. On one process, ``source`` as it is."""
+  files, _ = data_lib.split_source(source)
+  if (jax.process_count() == 1 or corpus_lib.is_tokenized(files)
+      or (not storage.is_url(files) and os.path.isdir(files))):
+    return source  # open_corpus reads it, or says what is wrong with it
+  if not workdir:
+    raise InputError(f"--corpus={source}: on {jax.process_count()} processes a "
+                     "corpus is tokenized once for all of them, into "
+                     "WORKDIR/corpus: pass --workdir (or tokenize it first: "
+                     "tracer tokenize --output=DIR, then --corpus=DIR)")
+  location = storage.join(workdir, "corpus")
+  if corpus_lib.is_tokenized(location):
+    made_from = corpus_lib.read_manifest(location).source
+    if made_from != source:
+      raise InputError(f"{location}: holds the tokenized corpus of {made_from}, "
+                       f"not of --corpus={source}; pass --corpus={location} to use "
+                       "it, or another --workdir")
+  else:
+    say(f"tokenizing {source} into {location}, each of "
+        f"{jax.process_count()} processes its share of the files")
+  progress, written = Progress("tokenize", unit="rows"), [0]
+
+  def report(rows: int) -> None:
+    written[0] += rows
+    progress(written[0])
+
+  corpus = pipeline.tokenize_on_processes(ckpt, source, location, report)
+  progress.close()
+  say(f"corpus {source}: {len(corpus):,} rows in {location} (later runs may pass "
+      f"--corpus={location})")
+  return location
 
 
 def released_checkpoint(location: str, mesh):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -54,6 +55,7 @@ from tracer import storage
 from tracer import store as store_lib
 from tracer import train as train_lib
 from tracer.config import DataConfig, EncodeConfig, PreconditionerConfig
+from tracer.errors import InputError
 
 import multiprocess  # tests/ is on sys.path (pytest rootdir, or the script's dir)
 
@@ -399,10 +401,10 @@ GIN_BINDINGS = (f"EncodeConfig.projection_dim={PROJECTION_DIM}",
                 "PreconditionerConfig.rank=3")
 
 
-def trace_command(workdir, shared, store, output, distributed=None):
+def trace_command(workdir, shared, store, output, distributed=None, corpus=None):
   cmd = [sys.executable, "-m", "tracer.launch.trace", f"--workdir={workdir}",
          f"--checkpoint={os.path.join(shared, 'checkpoints')}",
-         f"--corpus={os.path.join(shared, 'corpus')}",
+         f"--corpus={corpus or os.path.join(shared, 'corpus')}",
          f"--queries={os.path.join(shared, 'queries.jsonl')}",
          f"--output={output}", f"--store={store}", f"--top_k={K}", "--show=0"]
   cmd += [f"--gin_bindings={b}" for b in GIN_BINDINGS]
@@ -426,11 +428,19 @@ def test_launch_trace_on_two_processes_with_an_s3_store(tmp_path, s3_server, s3)
   corpus = corpus_lib.tokenize(str(shared / "corpus.jsonl"), str(shared / "corpus"),
                                DataConfig(), CONFIG.max_len)
   write_checkpoint(str(shared / "checkpoints"), corpus)
+  # The two processes get the corpus as three files: each tokenizes its share
+  # into WORKDIR/corpus first (common.tokenized_once), none reads it whole.
+  lines = (shared / "corpus.jsonl").read_text().splitlines(True)
+  (shared / "shards").mkdir()
+  for i, lo in enumerate((0, 30, 70)):
+    (shared / "shards" / f"part-{i}.jsonl").write_text(
+        "".join(lines[lo:(30, 70, None)[i]]))
+  shards = str(shared / "shards" / "part-*.jsonl")
   bucket = s3("tracer-multihost")
   port = multiprocess.free_port()
   env = multiprocess.env(devices=4, **s3_server[0])
   commands = [trace_command(tmp_path / "w", shared, f"{bucket}/run/store",
-                            f"{bucket}/run/results.jsonl", (port, i))
+                            f"{bucket}/run/results.jsonl", (port, i), shards)
               for i in range(2)]
   procs, logs = multiprocess.start(commands, tmp_path, env)
   # The same command on one process with all 8 devices, a local store.
@@ -442,6 +452,10 @@ def test_launch_trace_on_two_processes_with_an_s3_store(tmp_path, s3_server, s3)
   texts = multiprocess.wait(procs + one, logs + one_log, time.monotonic() + TIMEOUT_S)
   assert "mesh {'data': 4, 'model': 2}" in texts[0] and "rows" in texts[0]
   assert "wrote 5 results" in texts[0] and "wrote 5 results" not in texts[1]
+  assert f"tokenizing {shards} into {tmp_path / 'w' / 'corpus'}, each of 2" in texts[0]
+  tokenized = corpus_lib.TokenizedCorpus(str(tmp_path / "w" / "corpus"))
+  assert [p["num_rows"] for p in tokenized.manifest.parts] == [30, NUM_DOCS - 30]
+  assert tokenized.ids_of(np.arange(NUM_DOCS)) == [f"d{i}" for i in range(NUM_DOCS)]
 
   # Results: written once, by process 0, complete; equal to the 1-process run.
   results = [json.loads(line) for line in
@@ -456,5 +470,96 @@ def test_launch_trace_on_two_processes_with_an_s3_store(tmp_path, s3_server, s3)
   # The store and its basis live on the S3 server, complete.
   store = store_lib.open_store(f"{bucket}/run/store")
   assert store.is_complete() and store.num_rows == NUM_DOCS
+  assert (store.manifest.corpus, store.manifest.corpus_rows) == (
+      shards, str(tmp_path / "w" / "corpus"))
   assert pipeline.store_basis(store).num_train == R_SAMPLE
   assert not os.path.exists(tmp_path / "w" / "store")
+
+
+def test_tokenized_once_refuses_what_it_cannot_share(tmp_path, monkeypatch):
+  """On several processes a corpus of files is tokenized into WORKDIR/corpus:
+  without a workdir, or with one holding another source's corpus, that is an
+  error before any work; a tokenized corpus, or one process, is left as is."""
+  from tracer.launch import common  # pylint: disable=g-import-not-at-top
+  source = str(tmp_path / "a.jsonl")
+  with open(source, "w") as f:
+    f.write(json.dumps({"id": "d0", "text": "abc"}) + "\n")
+  tokenized = str(tmp_path / "w" / "corpus")
+  corpus_lib.tokenize(source, tokenized, DataConfig(), CONFIG.max_len)
+  assert common.tokenized_once(None, source, None) == source  # one process
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  assert common.tokenized_once(None, tokenized, None) == tokenized
+  with pytest.raises(InputError, match=r"on 2 processes a corpus is tokenized "
+                     r"once for all of them, into WORKDIR/corpus: pass --workdir"):
+    common.tokenized_once(None, source, None)
+  other = source + "#text=body"
+  with pytest.raises(InputError, match=f"corpus: holds the tokenized corpus of "
+                     f"{re.escape(source)}, not of --corpus={re.escape(other)}; "
+                     "pass --corpus="):
+    common.tokenized_once(str(tmp_path / "w"), other, None)
+
+
+@pytest.mark.parametrize("kind", ["files", "unjoined", "seqio"])
+def test_tokenize_on_processes_waits_without_a_collective(tmp_path, monkeypatch,
+                                                          kind):
+  """Two simulated processes (threads, each its own process_index): process 1
+  starts late, so process 0 waits by reading the manifest; both get the
+  whole corpus, the rows of one process. ``unjoined``: neither process's
+  own tokenize joins the parts (as if the last two finished together);
+  process 0 joins them while it waits. ``seqio``: process 0 tokenizes alone."""
+  import threading  # pylint: disable=g-import-not-at-top
+  records = [{"id": f"d{i}", "text": "ab" * (1 + i % 5)} for i in range(12)]
+  for i in range(3):
+    with open(tmp_path / f"part-{i}.jsonl", "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in records[4 * i:4 * i + 4])
+  source = str(tmp_path / "part-*.jsonl")
+  output = str(tmp_path / "corpus")
+  if kind == "seqio":
+    with open(tmp_path / "all.jsonl", "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in records)
+    source = "tracer_test_processes"
+    data_lib.register_jsonl_task(source, str(tmp_path / "all.jsonl"),
+                                 DataConfig().vocabulary())
+  local = threading.local()
+  if kind == "unjoined":
+    # Each process's own tokenize call misses the other's part, as when both
+    # finish together on a store slow to list.
+    join = corpus_lib._join
+
+    def late_join(*args):
+      local.joins = getattr(local, "joins", 0) + 1
+      return join(*args) if local.joins > 1 else None
+
+    monkeypatch.setattr(corpus_lib, "_join", late_join)
+  ckpt = types.SimpleNamespace(
+      data_config=DataConfig().to_dict(), model_config=CONFIG,
+      family=types.SimpleNamespace(max_len=lambda config: config.max_len))
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(jax, "process_index", lambda: local.index)
+  got, errors = {}, []
+
+  def process(index):
+    local.index = index
+    try:
+      if index == 1:
+        time.sleep(0.5)
+      got[index] = pipeline.tokenize_on_processes(ckpt, source, output, poll_s=0.2)
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  threads = [threading.Thread(target=process, args=(i,), daemon=True)
+             for i in (0, 1)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=60)
+  assert not errors, errors
+  whole = data_lib.read_corpus(source, DataConfig().vocabulary(), CONFIG.max_len)
+  for index in (0, 1):
+    rows = np.arange(len(whole))
+    assert got[index].ids_of(rows) == whole.ids
+    np.testing.assert_array_equal(got[index].examples(rows)["targets"],
+                                  whole.examples(rows)["targets"])
+  parts = got[0].manifest.parts
+  assert (None if parts is None else [p["num_rows"] for p in parts]) == (
+      None if kind == "seqio" else [4, 8])

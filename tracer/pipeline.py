@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 import warnings
 from typing import Callable, Iterator, NamedTuple, Sequence
 
@@ -108,6 +109,39 @@ def open_corpus(ckpt: ckpt_lib.Checkpoint, source: str):
   """The corpus row table for this checkpoint's tokenizer and ``max_len``: a
   tokenized directory (``tracer.corpus``) or a source read into memory."""
   return corpus_lib.open_corpus(source, data_config(ckpt), ckpt.family.max_len(ckpt.model_config))
+
+
+def tokenize_on_processes(ckpt: ckpt_lib.Checkpoint, source: str, output: str,
+                          progress: Callable[[int], None] | None = None,
+                          poll_s: float = 10.0) -> corpus_lib.TokenizedCorpus:
+  """``source`` tokenized into ``output`` once for all processes, for this
+  checkpoint's tokenizer and ``max_len`` (``tracer.corpus.tokenize``): corpus
+  files split among the processes, each tokenizing its share; a seqio source
+  by process 0. Returns the whole corpus on every process once it is written
+  (an earlier run's is reused as it is).
+
+  Processes wait for the others by reading the corpus's manifest (every
+  ``poll_s`` seconds at most), not in a collective: hosts' shares may take
+  hours apart, past collective timeouts. Process 0 joins the parts if the
+  last two finished together and neither saw the other's.
+  """
+  config, max_len = data_config(ckpt), ckpt.family.max_len(ckpt.model_config)
+  shards, index = jax.process_count(), jax.process_index()
+  if not data_lib.is_file_source(source):
+    # corpus.tokenize reads a seqio source in one process.
+    shards, index = 1, (0 if index == 0 else None)
+  tokenize = functools.partial(corpus_lib.tokenize, source, output, config, max_len,
+                               num_shards=shards)
+  if index is not None:
+    tokenize(progress=progress, shard_index=index)
+  wait = 0.1
+  while True:
+    if index == 0 and shards > 1:
+      tokenize(shard_index=0)  # joins the parts once every one is written
+    if corpus_lib.is_tokenized(output):
+      return corpus_lib.TokenizedCorpus(output)
+    time.sleep(wait)
+    wait = min(2 * wait, poll_s)
 
 
 def read_queries(ckpt: ckpt_lib.Checkpoint, path: str) -> tuple[list[dict], dict]:
