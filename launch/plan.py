@@ -101,13 +101,15 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
          encode_train_ratio: float | None = None, hosts: int | None = None,
          chunk_rows: int = 512, batch_per_host: int = 64,
          host_read_gbps: float = 1.0, r_block_dim: int = 1024,
-         checkpoints: int = 1) -> dict:
+         checkpoints: int = 1, vocab_size: int = 256_000,
+         text_bytes_per_token: float = 4.0) -> dict:
   """The capacity plan as a dict; units in the keys' suffixes (_bytes, _flops,
   _s, _hours).
 
   ``params`` and ``tokens`` are counts, ``host_read_gbps`` GB/s (10^9 bytes/s)
   per host; ``encode_train_ratio`` and ``hosts`` default to the chip's row.
   ``checkpoints``: S, the checkpoints TrackStar is summed over.
+  ``vocab_size`` and ``text_bytes_per_token`` size the tokenized corpus.
   """
   spec = find_chip(chip)
   if store_dtype not in ITEMSIZE:
@@ -117,7 +119,8 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
                   projection_dim=projection_dim, chips=chips, queries=queries,
                   chunk_rows=chunk_rows, batch_per_host=batch_per_host,
                   host_read_gbps=host_read_gbps, r_block_dim=r_block_dim,
-                  checkpoints=checkpoints)
+                  checkpoints=checkpoints, vocab_size=vocab_size,
+                  text_bytes_per_token=text_bytes_per_token)
   for key, value in positive.items():
     if not value > 0:
       raise ValueError(f"{key} must be positive, got {value}")
@@ -138,6 +141,12 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   rows = -(-int(round(tokens)) // seq_len)             # ceil(tokens / seq_len)
   itemsize = ITEMSIZE[store_dtype]
   store_bytes = rows * d * itemsize * steps_summed      # one store per checkpoint
+  # The tokenized corpus (tracer.corpus): token rows padded to seq_len, in
+  # uint16 when the vocabulary fits, and each row's text (UTF-8).
+  token_itemsize = 2 if vocab_size <= 1 << 16 else 4
+  tokenized_tokens_bytes = rows * seq_len * token_itemsize
+  tokenized_text_bytes = tokens * text_bytes_per_token
+  tokenized_bytes = tokenized_tokens_bytes + tokenized_text_bytes
 
   train_flops = 6.0 * params * tokens
   encode_flops = train_flops * ratio * steps_summed
@@ -186,7 +195,11 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
       host_read_gbps=host_read_gbps, r_block_dim=r_block_dim,
       checkpoints=steps_summed, norm_columns=norm_columns, rows=rows,
       itemsize=itemsize, store_bytes=store_bytes,
-      store_bytes_per_host=store_bytes / hosts,
+      store_bytes_per_host=store_bytes / hosts, vocab_size=vocab_size,
+      token_itemsize=token_itemsize, text_bytes_per_token=text_bytes_per_token,
+      tokenized_tokens_bytes=tokenized_tokens_bytes,
+      tokenized_text_bytes=tokenized_text_bytes, tokenized_bytes=tokenized_bytes,
+      tokenized_bytes_per_host=tokenized_bytes / hosts,
       train_flops=train_flops, encode_flops=encode_flops,
       encode_chip_hours=encode_chip_hours, encode_wall_hours=encode_wall_hours,
       encode_steps=encode_steps,
@@ -290,6 +303,15 @@ def report(p: dict) -> str:
   row("store" + ("s" if s > 1 else "") + " per host",
       size(p["store_bytes_per_host"]),
       f"store / {plural(p['hosts'], 'host')}")
+  token_type = "uint16" if p["token_itemsize"] == 2 else "int32"
+  row("tokenized tokens", size(p["tokenized_tokens_bytes"]),
+      f"rows * seq_len * {p['token_itemsize']} B ({token_type}: vocab "
+      f"{count(p['vocab_size'])})")
+  row("tokenized texts", size(p["tokenized_text_bytes"]),
+      f"tokens * {p['text_bytes_per_token']:g} B of UTF-8 per token")
+  row("tokenized per host", size(p["tokenized_bytes_per_host"]),
+      f"(tokens + texts) / {plural(p['hosts'], 'host')}: what each host "
+      "writes tokenizing its share")
 
   section("encode")
   row("train-step FLOPs", f"{sci(p['train_flops'])} FLOP",
@@ -385,6 +407,10 @@ def report(p: dict) -> str:
       "f32 store's matmul runs below the bf16 peak. Free HBM subtracts one "
       "bf16 copy of the weights, sharded over the pod, and ignores "
       "activations and scan workspace.",
+      f"  - {p['text_bytes_per_token']:g} bytes of text per token: ASSUMED "
+      "(English under a subword vocabulary; the byte tokenizer's is 1); the "
+      "tokenized corpus keeps each row's text for results and the viewer, "
+      "and its ids (not counted).",
       "  - chip figures are vendor-published specs (see source above); vendor "
       "GB = 10^9 bytes.",
   ]
@@ -424,6 +450,11 @@ def define_flags() -> None:
                      "GB/s, when the store does not fit in HBM.")
   flags.DEFINE_integer("r_block_dim", 1024, "Largest R block, dims (bounds "
                        "R^(-1/2)'s host memory).", lower_bound=1)
+  flags.DEFINE_integer("vocab_size", 256_000, "Tokenizer vocabulary (tokens "
+                       "are stored as uint16 up to 65,536, else int32).",
+                       lower_bound=1)
+  flags.DEFINE_float("text_bytes_per_token", 4.0, "ASSUMED UTF-8 bytes of "
+                     "text per token, for the tokenized corpus's texts.")
   flags.DEFINE_integer("checkpoints", 1, "S: checkpoints TrackStar is summed "
                        "over (tracer trace --sum_steps): S encodes, S stores, "
                        "S times the scan.", lower_bound=1)
@@ -446,7 +477,8 @@ def main(argv):
              FLAGS.chips, FLAGS.chip, FLAGS.store_dtype, FLAGS.queries,
              FLAGS.mfu, FLAGS.encode_train_ratio, FLAGS.hosts,
              FLAGS.chunk_rows, FLAGS.batch_per_host, FLAGS.host_read_gbps,
-             FLAGS.r_block_dim, FLAGS.checkpoints)
+             FLAGS.r_block_dim, FLAGS.checkpoints, FLAGS.vocab_size,
+             FLAGS.text_bytes_per_token)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   print(report(p))

@@ -36,6 +36,18 @@ def test_rows_and_store_bytes():
   assert f32["store_bytes"] == 78_125_000 * 65_536 * 4
 
 
+def test_tokenized_corpus_bytes():
+  p = plan_lib.plan(**BASE)                      # vocab 256,000: int32 tokens
+  assert p["tokenized_tokens_bytes"] == 78_125_000 * 2048 * 4
+  assert p["tokenized_text_bytes"] == 160e9 * 4.0
+  assert p["tokenized_bytes_per_host"] == (78_125_000 * 2048 * 4 + 640e9) / 64
+  small = plan_lib.plan(**BASE, vocab_size=65_536, text_bytes_per_token=1.0)
+  assert small["tokenized_tokens_bytes"] == 78_125_000 * 2048 * 2
+  assert small["tokenized_bytes"] == 78_125_000 * 2048 * 2 + 160e9
+  with pytest.raises(ValueError, match="text_bytes_per_token must be positive"):
+    plan_lib.plan(**BASE, text_bytes_per_token=0)
+
+
 def test_rows_round_up():
   p = plan_lib.plan(**{**BASE, "tokens": 2049, "seq_len": 2048})
   assert p["rows"] == 2
