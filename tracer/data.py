@@ -538,13 +538,14 @@ def read_records(path, required: Sequence[str], nonempty: Sequence[str] = (),
   ``convert(where, record)``, if given, maps each record (``where`` is
   ``file:line``) before these checks.
   """
+  # The file's name -> ours, for fields named otherwise, and back for errors.
   renamed = {name: field for field, name in (fields or {}).items() if name != field}
   shown = {field: name for name, field in renamed.items()}
   seen = {}
   for lineno, record in iter_records(path, columns,
                                      (fields or {}).get("id", "id")):
     where = at(path, lineno)
-    if renamed:
+    if renamed:  # a field the file has under our name is not the one named
       record = {renamed.get(k, k): v for k, v in record.items()
                 if k in renamed or k not in shown}
     if convert is not None:
