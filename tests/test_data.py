@@ -657,13 +657,44 @@ def test_parquet_shards_on_object_storage(s3, corpus_path, vocab, counted_reads)
   records = _records(corpus_path)
   bucket = s3("parquet")
   for i in range(3):
-    storage.write_bytes(f"{bucket}/fineweb/data/00{i}_00000.parquet",
+    storage.write_bytes(f"{bucket}/fineweb/data/CC-MAIN-{i}/00{i}_00000.parquet",
                         _parquet([{"text": r["text"]} for r in records[i::3]],
                                  row_group_size=3))
-  got = data_lib.read_corpus(f"{bucket}/fineweb/data/*.parquet", vocab, 32)
-  assert got.ids == [f"00{i}_00000.parquet:{j + 1}" for i in range(3)
+  got = data_lib.read_corpus(f"{bucket}/fineweb/data/*/*.parquet", vocab, 32)
+  assert got.ids == [f"CC-MAIN-{i}/00{i}_00000.parquet:{j + 1}" for i in range(3)
                      for j in range(len(records[i::3]))]
   assert got.texts == [r["text"] for i in range(3) for r in records[i::3]]
+
+
+def test_patterns_in_directories_match_alike_on_disk_and_in_object_storage(
+    tmp_path, corpus_path, vocab):
+  """``data/*/0*`` reaches every dump's files (FineWeb's layout) in a bucket as
+  on disk: one name per component, no deeper or shallower file, no hidden
+  name unless the pattern says so; the same files, order and position ids."""
+  records = [{"text": r["text"]} for r in _records(corpus_path)]
+  tree = {"data/CC-A/000.parquet": _parquet(records[:4], row_group_size=3),
+          "data/CC-A/001.jsonl": records[4:6], "data/CC-B/002.jsonl": records[6:9],
+          "data/CC-B/sub/003.jsonl": records[9:10], "data/004.jsonl": records[10:11],
+          "data/.hidden/005.jsonl": records[11:12],
+          "data/CC-B/.006.jsonl": records[12:13]}
+  for name, content in tree.items():
+    data = content if isinstance(content, bytes) else "".join(
+        json.dumps(r) + "\n" for r in content).encode()
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_bytes(data)
+    storage.write_bytes(f"memory://globs/{name}", data)
+  want = ["data/CC-A/000.parquet", "data/CC-A/001.jsonl", "data/CC-B/002.jsonl"]
+  for root in (str(tmp_path), "memory://globs"):
+    pattern = f"{root}/data/*/0*"
+    assert data_lib.corpus_files(pattern) == [f"{root}/{n}" for n in want]
+    got = data_lib.read_corpus(pattern, vocab, 32)
+    assert got.ids == ([f"CC-A/000.parquet:{i}" for i in (1, 2, 3, 4)]
+                       + ["CC-A/001.jsonl:1", "CC-A/001.jsonl:2"]
+                       + [f"CC-B/002.jsonl:{i}" for i in (1, 2, 3)])
+    assert data_lib.corpus_files(f"{root}/data/.*/0*") == [
+        f"{root}/data/.hidden/005.jsonl"]
+  with pytest.raises(InputError, match="the bucket cannot be a pattern"):
+    data_lib.corpus_files("gs://bucket-*/x.jsonl")
 
 
 @pytest.mark.parametrize("lines,lineno,message", [

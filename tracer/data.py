@@ -861,21 +861,37 @@ def split_source(source: str) -> tuple[str, dict[str, str]]:
 
 def corpus_files(source: str) -> list[str]:
   """The files a corpus source names (JSONL or Parquet): one path or URL, or a
-  glob of shards (sorted; on a bucket, the pattern applies to the last path
-  component); field names after a ``#`` (``split_source``) are not part of
-  them."""
+  glob of shards (sorted; patterns in any path component, on a bucket too:
+  ``_url_glob``); field names after a ``#`` (``split_source``) are not part
+  of them."""
   source, _ = split_source(source)
   if glob.has_magic(source):
-    if storage.is_url(source):
-      parent, pattern = storage.split(source)
-      files = [storage.join(parent, name) for name in storage.list_dir(parent)
-               if "/" not in name and fnmatch.fnmatchcase(name, pattern)]
-    else:
-      files = sorted(glob.glob(source))
+    files = _url_glob(source) if storage.is_url(source) else sorted(glob.glob(source))
     if not files:
       raise InputError(f"--corpus={source}: the pattern matches no file")
     return files
   return [source]
+
+
+def _url_glob(pattern: str) -> list[str]:
+  """The objects a glob names in object storage, as ``glob.glob`` matches
+  local files: each pattern component matches one name (so
+  ``gs://b/fineweb/data/*/*.parquet`` reaches every dump's files), a leading
+  ``.`` only explicitly; sorted. One listing, of everything below the
+  pattern's fixed directories."""
+  parts = pattern.split("/")
+  fixed = next(i for i, p in enumerate(parts) if glob.has_magic(p))
+  if fixed < 3:  # scheme, '', bucket
+    raise InputError(f"--corpus={pattern}: the bucket cannot be a pattern")
+  parent, wanted = "/".join(parts[:fixed]), parts[fixed:]
+  matches = []
+  for name in storage.list_dir(parent):
+    names = name.split("/")
+    if len(names) == len(wanted) and all(
+        fnmatch.fnmatchcase(n, w) and (w.startswith(".") or not n.startswith("."))
+        for n, w in zip(names, wanted)):
+      matches.append(storage.join(parent, name))
+  return matches
 
 
 class _PositionIds:
