@@ -168,7 +168,7 @@ def build(workdir: str, store_path: str | None = None, corpus: str | None = None
              f"{location}: {store.num_rows} rows x d={store.dim}, "
              f"{index.describe()} ({time.perf_counter() - start:.1f} s); mesh "
              f"{dict(run_.encoder.mesh.shape)} over {jax.process_count()} "
-             "process(es)")
+             f"process(es); corpus {source}")
   return serving.Tracer(run_.ckpt, run_.encoder, basis, run_.corpus, index, pcfg,
                         summed)
 

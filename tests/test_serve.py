@@ -489,9 +489,13 @@ def test_latency_is_measured(traced, tracer_):
 
 # --- the command line -------------------------------------------------------------
 
-def _serve_command(traced, port: int, *extra: str) -> list[str]:
+def _serve_command(traced, port: int, *extra: str, corpus: bool = True
+                   ) -> list[str]:
+  """``tracer serve`` of the traced store; without ``--corpus`` unless
+  ``corpus`` (the store's manifest then names the tokenized corpus)."""
   return [sys.executable, "-m", "tracer.launch.serve", f"--workdir={traced.root}",
-          f"--checkpoint={traced.checkpoint}", f"--corpus={traced.corpus}",
+          f"--checkpoint={traced.checkpoint}",
+          *([f"--corpus={traced.corpus}"] if corpus else []),
           f"--port={port}", *[f"--gin_bindings={b}" for b in BINDINGS], *extra]
 
 
@@ -549,16 +553,19 @@ def test_serve_on_two_processes(traced, summed_want, tmp_path):
   devices' rows of both stores; answers equal one process's ``tracer trace
   --sum_steps=1``. (The device pass is the one-checkpoint pass with two
   parts; one checkpoint on several processes is the CLI test's code on more
-  hosts.)"""
+  hosts.) No ``--corpus``: each process opens the tokenized corpus the
+  store's manifest names (``corpus_rows``), not its source."""
   port = multiprocess.free_port()
   http_port = multiprocess.free_port()
   commands = [_serve_command(traced, http_port, "--idle_tick_s=1",
                              "--batch_window_ms=500", "--sum_steps=1",
-                             *multiprocess.distributed_flags(port, i))
+                             *multiprocess.distributed_flags(port, i),
+                             corpus=False)
               for i in range(2)]
   procs, logs = multiprocess.start(commands, tmp_path, multiprocess.env(devices=4))
   url = _wait_listening(procs, logs[0], time.monotonic() + TIMEOUT_S)
   try:
+    assert f"corpus {traced.corpus}\n" in open(logs[0]).read()
     health = serving.health(url)
     assert ((health["processes"], health["devices"], health["resident"],
              health["sum_steps"]) == (2, 8, True, [1]))
