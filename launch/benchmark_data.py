@@ -18,7 +18,9 @@ instead times tokenizing the corpus (as 8 JSONL shards) with each number of
 processes side by side (``tokenize(num_shards=P)``, the last one joining),
 wall time from the first start to the last exit, against one process;
 ``--shards_as=jsonl,gzip,zstd,parquet`` times the same shards compressed, or
-as Parquet files (snappy, pyarrow's default), as well.
+as Parquet files (snappy, pyarrow's default), as well; ``parquet1`` the
+corpus as one Parquet file (row groups of ``ONE_FILE_ROW_GROUP`` rows),
+which processes split by row groups.
 
   tracer benchmark-data --read=s3://bucket/c4-train.00000-of-01024.json.gz
 
@@ -63,7 +65,8 @@ def define_flags() -> None:
   flags.DEFINE_list("tokenize_processes", [], "Time tokenizing with these "
                     "numbers of processes instead (8 JSONL shards).")
   flags.DEFINE_list("shards_as", ["jsonl"], "With --tokenize_processes: the "
-                    "shards' formats, each timed: jsonl, gzip, zstd, parquet.")
+                    "shards' formats, each timed: jsonl, gzip, zstd, parquet, "
+                    "parquet1 (one file).")
   flags.DEFINE_integer("join_docs", 0, "Instead: time the join's id check over "
                        "this many documents' hashes (--join_parts parts).")
   flags.DEFINE_integer("join_parts", 64, "Parts of --join_docs.")
@@ -277,15 +280,20 @@ def run_sharded_tokenize(pattern: str, out: str, processes: int,
                               for o, _ in outputs]}
 
 
+# Rows per row group of the one-file Parquet corpus (``--shards_as=parquet1``).
+ONE_FILE_ROW_GROUP = 1 << 16
+
+
 def _shard_bytes(fmt: str, lines: list[bytes]) -> bytes:
   """JSONL ``lines`` as a shard file of the format ``fmt``."""
-  if fmt == "parquet":
+  if fmt in ("parquet", "parquet1"):
     import pyarrow as pa  # pylint: disable=g-import-not-at-top
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
     records = [json.loads(line) for line in lines]
     table = pa.table({k: [r[k] for r in records] for k in ("id", "text")})
     out = io.BytesIO()
-    pq.write_table(table, out)
+    pq.write_table(table, out, row_group_size=ONE_FILE_ROW_GROUP
+                   if fmt == "parquet1" else None)
     return out.getvalue()
   data = b"".join(lines)
   if fmt == "gzip":
@@ -298,13 +306,15 @@ def _shard_bytes(fmt: str, lines: list[bytes]) -> bytes:
 
 def tokenize_table(rows: int, counts: list[int], workdir: str, max_len: int,
                    formats: tuple[str, ...] = ("jsonl",)) -> list[dict]:
-  """Tokenizing ``rows`` documents (8 shards: JSONL, compressed, Parquet) on each
-  of ``counts`` processes; every run's corpus has the same rows."""
+  """Tokenizing ``rows`` documents (8 shards: JSONL, compressed, Parquet; or
+``parquet1``: one Parquet file, split among processes by row groups) on
+  each of ``counts`` processes; every run's corpus has the same rows."""
   root = os.path.join(workdir, f"shards{rows}")
   os.makedirs(root, exist_ok=True)
   jsonl = os.path.join(root, "corpus.jsonl")
   suffix = {"jsonl": ".jsonl", "gzip": ".jsonl.gz", "zstd": ".jsonl.zst",
-            "parquet": ".parquet"}
+            "parquet": ".parquet", "parquet1": ".parquet"}
+  stem = {fmt: "one" if fmt == "parquet1" else "shard" for fmt in suffix}
   if unknown := set(formats) - set(suffix):
     raise ValueError(f"--shards_as: {sorted(unknown)}; expected {', '.join(suffix)}")
   if not os.path.exists(jsonl):
@@ -312,10 +322,11 @@ def tokenize_table(rows: int, counts: list[int], workdir: str, max_len: int,
   with open(jsonl, "rb") as f:
     lines = f.readlines()
   for fmt in formats:
-    for i in range(8):
-      path = os.path.join(root, f"shard-{i}{suffix[fmt]}")
+    files = 1 if fmt == "parquet1" else 8
+    for i in range(files):
+      path = os.path.join(root, f"{stem[fmt]}-{i}{suffix[fmt]}")
       if not os.path.exists(path):
-        part = lines[i * len(lines) // 8:(i + 1) * len(lines) // 8]
+        part = lines[i * len(lines) // files:(i + 1) * len(lines) // files]
         with open(path + ".tmp", "wb") as f:
           f.write(_shard_bytes(fmt, part))
         os.replace(path + ".tmp", path)
@@ -324,7 +335,7 @@ def tokenize_table(rows: int, counts: list[int], workdir: str, max_len: int,
     for count in counts:
       out = os.path.join(root, f"tokenized{count}-{time.time_ns()}")
       results.append({"shards": fmt, **run_sharded_tokenize(
-          os.path.join(root, f"shard-*{suffix[fmt]}"), out, count, max_len)})
+          os.path.join(root, f"{stem[fmt]}-*{suffix[fmt]}"), out, count, max_len)})
       print(json.dumps(results[-1]), flush=True)
   if len({r["rows"] for r in results}) != 1:
     raise RuntimeError(f"the runs' corpora differ in rows: {results}")

@@ -281,6 +281,24 @@ def test_fields_under_other_names_tokenized_apart(tmp_path, records):
     corpus_lib.open_corpus(out + "#text=content", DataConfig(), 32)
 
 
+def test_one_parquet_file_tokenized_by_three_processes(tmp_path, records):
+  """One Parquet file, three processes: each tokenizes a run of its row
+  groups (``data.split_files``); joined, the rows of one process."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "one.parquet")
+  pq.write_table(pa.table({k: [r[k] for r in records] for k in ("id", "text")}),
+                 path, row_group_size=5)
+  whole = data_lib.read_corpus(path, DataConfig().vocabulary(), 32, "split")
+  out = str(tmp_path / "tok")
+  for i in (2, 0, 1):
+    got = corpus_lib.tokenize(path, out, DataConfig(overflow="split"), 32,
+                              num_shards=3, shard_index=i)
+  sizes = [p["num_rows"] for p in got.manifest.parts]
+  assert len(sizes) == 3 and min(sizes) > 0
+  _assert_same_rows(whole, got)
+
+
 def test_first_shared_hash_merges_parts_in_blocks():
   """The join's id check (a k-way merge of the parts' sorted hashes, a block
   of each at a time) against a sort of everything: no repeat, a repeat
@@ -373,17 +391,24 @@ def test_launch_tokenize_on_two_processes(tmp_path, records):
     assert j or f"(part {i} of 2; the corpus is joined when" in t, t
 
 
-def test_sharded_tokenize_benchmark_runs(tmp_path, capsys):
+def test_sharded_tokenize_benchmark_runs(tmp_path, capsys, monkeypatch):
   """``tracer benchmark-data --tokenize_processes`` small: every run's corpus
   has all the rows."""
   from tracer.launch import benchmark_data  # pylint: disable=g-import-not-at-top
-  results = benchmark_data.tokenize_table(400, [1, 3], str(tmp_path), 16,
-                                          ("jsonl", "gzip", "zstd", "parquet"))
+  monkeypatch.setattr(benchmark_data, "ONE_FILE_ROW_GROUP", 50)
+  results = benchmark_data.tokenize_table(
+      400, [1, 3], str(tmp_path), 16, ("jsonl", "gzip", "zstd", "parquet", "parquet1"))
   assert [(r["shards"], r["processes"], r["rows"], len(r["process_seconds"]))
           for r in results] == [("jsonl", 1, 400, 1), ("jsonl", 3, 400, 3),
                                 ("gzip", 1, 400, 1), ("gzip", 3, 400, 3),
                                 ("zstd", 1, 400, 1), ("zstd", 3, 400, 3),
-                                ("parquet", 1, 400, 1), ("parquet", 3, 400, 3)]
+                                ("parquet", 1, 400, 1), ("parquet", 3, 400, 3),
+                                ("parquet1", 1, 400, 1), ("parquet1", 3, 400, 3)]
+  # The one file's 8 row groups went to all three processes.
+  assert len(data_lib.corpus_files(str(tmp_path / "shards400" / "*.parquet"))) == 9
+  last = sorted((tmp_path / "shards400").glob("tokenized3-*"))[-1]
+  parts = corpus_lib.TokenizedCorpus(str(last)).manifest.parts
+  assert [p["num_rows"] for p in parts] == [150, 100, 150]
   assert all(r["seconds"] > 0 for r in results)
   assert "| gzip | 3 |" in capsys.readouterr().out
   assert len(data_lib.corpus_files(str(tmp_path / "shards400" / "shard-*.jsonl.gz"))) == 8

@@ -635,6 +635,41 @@ def test_parquet_objects_are_read_row_group_by_row_group(tmp_path, corpus_path,
   assert sum(hi - lo for lo, hi in spans) < len(data) // 3  # not the urls
 
 
+def test_few_parquet_files_split_among_more_shards_by_row_groups(
+    tmp_path, corpus_path, counted_reads):
+  """Two Parquet files among 5 shards: consecutive runs of row groups
+  balanced by rows, every shard a share; read run after run they are the
+  source's rows (position ids counted in the whole file). In object storage a
+  run reads only its row groups. Enough files, or a JSONL one: whole files."""
+  records = [{"text": r["text"]} for r in _records(corpus_path)]
+  assert len(records) == 21
+  _parquet(records[:14], tmp_path / "a.parquet", row_group_size=3)
+  _parquet(records[14:], tmp_path / "b.parquet", row_group_size=2)
+  whole = list(data_lib.corpus_documents(str(tmp_path / "*.parquet")))
+  for root in (str(tmp_path), "memory://split"):
+    if root != str(tmp_path):
+      for name in ("a.parquet", "b.parquet"):
+        storage.write_bytes(f"{root}/{name}", (tmp_path / name).read_bytes())
+    source = f"{root}/*.parquet"
+    runs = data_lib.split_files(source, 5)
+    assert all(isinstance(p, data_lib.FilePart) for run in runs for p in run)
+    counted_reads.clear()
+    got = [list(data_lib.corpus_documents(source, files=run)) for run in runs]
+    assert [d for run in got for d in run] == whole
+    assert whole[0][0] == "a.parquet:1" and whole[-1][0] == "b.parquet:7"
+    sizes = [len(run) for run in got]
+    assert sum(sizes) == 21 and min(sizes) >= 21 // 5 - 2 and max(sizes) <= 21 // 5 + 3
+    if root != str(tmp_path):  # footer (2 reads) and one span per row group
+      groups = sum(len(p.row_groups) for run in runs for p in run)
+      assert len(counted_reads) == 2 * sum(len(run) for run in runs) + groups
+  assert data_lib.split_files(source, 2) == [[f"{root}/a.parquet"],
+                                             [f"{root}/b.parquet"]]
+  _write(tmp_path, ['{"text": "x"}'], "c.jsonl")
+  assert data_lib.split_files(str(tmp_path / "*"), 4) == [
+      [], [str(tmp_path / "a.parquet")], [str(tmp_path / "b.parquet")],
+      [str(tmp_path / "c.jsonl")]]
+
+
 def pa_reader(data):
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   return pa.BufferReader(data)

@@ -21,8 +21,9 @@ The manifest is written last, so a directory with one is complete; a
 directory without one is an unfinished tokenization, redone from the start.
 
 Tokenized by several processes (``tokenize(num_shards=P, shard_index=i)``,
-e.g. one per host of a pod), a JSONL glob's files are split into P runs of
-consecutive files; process i writes ``parts/i-of-P/``, a complete corpus of
+e.g. one per host of a pod), a glob's files are split into P runs of
+consecutive files (or, with fewer Parquet files than P, of row groups:
+``data.split_files``); process i writes ``parts/i-of-P/``, a complete corpus of
 its run (plus ``id_hashes/``, its documents' sorted 64-bit id hashes), and
 whichever process finds every part done checks ids across parts and writes
 the top manifest, which lists the parts. The rows are the parts' rows in
@@ -315,8 +316,9 @@ def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
     block_rows: rows per write; memory is O(block_rows * max_len).
     progress: called with the number of rows of each written block.
     num_shards, shard_index: this process writes part ``shard_index`` of
-      ``num_shards`` (a JSONL source's files split into runs of consecutive
-      files); the process that finds every part written joins them.
+      ``num_shards`` (a file source's files split into runs of consecutive
+      files, or of Parquet row groups: ``data.split_files``); the process
+      that finds every part written joins them.
 
   Returns:
     The corpus, opened; with several shards, this shard's part until every
@@ -349,9 +351,7 @@ def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
     _existing(part, settings)
   else:
     _check_empty_or_unfinished(part, set(_ARRAYS) | {ID_HASHES})
-    files = data_lib.corpus_files(source)
-    mine = files[shard_index * len(files) // num_shards:
-                 (shard_index + 1) * len(files) // num_shards]
+    mine = data_lib.split_files(source, num_shards)[shard_index]
     records = data_lib.corpus_records(source, data_config.vocabulary(), False, mine)
     _write(part, source, records, data_config, max_len, block_rows, progress,
            settings, shard=[shard_index, num_shards])

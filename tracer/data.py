@@ -43,7 +43,7 @@ import sys
 import tempfile
 import threading
 import zlib
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -330,10 +330,12 @@ def _pyarrow(path):
                      "package (pip install pyarrow)") from None
 
 
-def _column_spans(metadata, names: Sequence[str]) -> list[tuple[int, int]]:
-  """Per row group, the bytes ``[start, stop)`` holding the columns ``names``."""
+def _column_spans(metadata, names: Sequence[str], groups: Sequence[int]
+                  ) -> list[tuple[int, int]]:
+  """Per row group of ``groups``, the bytes ``[start, stop)`` holding the
+  columns ``names``."""
   spans = []
-  for g in range(metadata.num_row_groups):
+  for g in groups:
     group = metadata.row_group(g)
     lo = hi = None
     for c in range(group.num_columns):
@@ -411,16 +413,17 @@ class _ObjectParquet(io.RawIOBase):
     return len(data)
 
 
-def _parquet_file(path, names: Sequence[str] | None):
-  """pyarrow's ParquetFile of a local file or an object (``_ObjectParquet``)
-  reading the columns ``names`` (every column if None)."""
+def _parquet_metadata(path):
+  """(pyarrow's FileMetaData, ``storage.ObjectReads`` or None for a local
+  file) of a Parquet file; its footer only (an object's by suffix reads: its
+  size is not known)."""
   pa, pq = _pyarrow(path)
   location = os.fspath(path)
   cut = (f"{location}: not a whole Parquet file (%s); expected a Parquet file "
          "written to its end")
   try:
     if not storage.is_url(location):
-      return pq.ParquetFile(location)
+      return pq.read_metadata(location), None
     reads = storage.ObjectReads(location)
     tail = reads.read(-8, None)
     if tail is None or len(tail) < 8 or tail[4:] != _PARQUET_MAGIC:
@@ -428,18 +431,31 @@ def _parquet_file(path, names: Sequence[str] | None):
     footer = reads.read(-(int.from_bytes(tail[:4], "little") + 8), None)
     if footer is None:
       raise InputError(cut % "its footer is longer than the file")
-    metadata = pq.read_metadata(pa.BufferReader(_PARQUET_MAGIC + footer))
-    if names is None:
-      names = metadata.schema.to_arrow_schema().names
-    return pq.ParquetFile(_ObjectParquet(reads, _column_spans(metadata, names)),
-                          metadata=metadata)
+    return pq.read_metadata(pa.BufferReader(_PARQUET_MAGIC + footer)), reads
   except (pa.ArrowException, OSError) as e:
     raise InputError(cut % storage.reason(e)) from None
 
 
-def iter_parquet(path, columns: Sequence[str] | None = None, id_column: str = "id"
-                 ) -> Iterator[tuple[int, dict]]:
-  """Yields (row number from 1, record) for every row of a Parquet file.
+def _parquet_file(path, names: Sequence[str] | None, groups: Sequence[int] | None):
+  """pyarrow's ParquetFile of a local file or an object (``_ObjectParquet``)
+  reading the columns ``names`` (every column if None) of the row groups
+  ``groups`` (all if None)."""
+  _, pq = _pyarrow(path)
+  metadata, reads = _parquet_metadata(path)
+  if reads is None:
+    return pq.ParquetFile(os.fspath(path), metadata=metadata)
+  if names is None:
+    names = metadata.schema.to_arrow_schema().names
+  if groups is None:
+    groups = range(metadata.num_row_groups)
+  return pq.ParquetFile(_ObjectParquet(reads, _column_spans(metadata, names, groups)),
+                        metadata=metadata)
+
+
+def iter_parquet(path, columns: Sequence[str] | None = None, id_column: str = "id",
+                 row_groups: range | None = None) -> Iterator[tuple[int, dict]]:
+  """Yields (row number from 1, record) for every row of a Parquet file, or
+  of its ``row_groups`` (numbered as in the whole file).
 
   A record holds the ``columns`` the file has (every column if None) as
   Python values; an integer ``id_column`` gives decimal strings (a column has
@@ -450,7 +466,7 @@ def iter_parquet(path, columns: Sequence[str] | None = None, id_column: str = "i
   """
   pa, _ = _pyarrow(path)
   location = os.fspath(path)
-  parquet_file = _parquet_file(location, columns)
+  parquet_file = _parquet_file(location, columns, row_groups)
   schema = parquet_file.schema_arrow
   names = [n for n in schema.names if columns is None or n in columns]
   if not names:
@@ -458,9 +474,11 @@ def iter_parquet(path, columns: Sequence[str] | None = None, id_column: str = "i
                      f"its columns are {_quoted(schema.names)}{_OTHER_NAMES}")
   integer_ids = (id_column in names
                  and pa.types.is_integer(schema.field(id_column).type))
-  row = 0
-  for group in range(parquet_file.metadata.num_row_groups):
-    first, size = row + 1, parquet_file.metadata.row_group(group).num_rows
+  metadata = parquet_file.metadata
+  groups = range(metadata.num_row_groups) if row_groups is None else row_groups
+  row = sum(metadata.row_group(g).num_rows for g in range(groups.start))
+  for group in groups:
+    first, size = row + 1, metadata.row_group(group).num_rows
     batches = parquet_file.iter_batches(batch_size=_PARQUET_BATCH, row_groups=[group],
                                         columns=names, use_threads=False)
     while True:
@@ -482,13 +500,13 @@ def iter_parquet(path, columns: Sequence[str] | None = None, id_column: str = "i
         yield row, dict(zip(names, record))
 
 
-def iter_records(path, columns: Sequence[str] | None = None, id_column: str = "id"
-                 ) -> Iterator[tuple[int, dict]]:
+def iter_records(path, columns: Sequence[str] | None = None, id_column: str = "id",
+                 row_groups: range | None = None) -> Iterator[tuple[int, dict]]:
   """(line or row number, record) of a JSONL file (``iter_jsonl``) or a
-  Parquet file (``iter_parquet``, reading ``columns``), known by its first
-  bytes."""
-  if _starts_with(path, _PARQUET_MAGIC):
-    return iter_parquet(path, columns, id_column)
+  Parquet file (``iter_parquet``, reading ``columns`` of ``row_groups``),
+  known by its first bytes."""
+  if row_groups is not None or _starts_with(path, _PARQUET_MAGIC):
+    return iter_parquet(path, columns, id_column, row_groups)
   return iter_jsonl(path)
 
 
@@ -520,13 +538,15 @@ def read_records(path, required: Sequence[str], nonempty: Sequence[str] = (),
                  unique_ids: bool = True,
                  convert: Callable[[str, dict], dict] | None = None,
                  columns: Sequence[str] | None = None,
-                 fields: dict[str, str] | None = None
+                 fields: dict[str, str] | None = None,
+                 row_groups: range | None = None
                  ) -> Iterator[tuple[int, dict]]:
   """Yields (line number, record) of corpus or query lines, strictly.
 
   The file is JSONL or Parquet (``iter_records``; of a Parquet file only
   ``columns`` are read, every column if None, and its row numbers stand for
-  line numbers). ``fields`` maps a field to its name in the file
+  line numbers; ``row_groups``: of those only). ``fields`` maps a field to
+  its name in the file
   (``split_source``: ``{"text": "content"}``); records are yielded under
   tracer's names, and errors use the file's.
 
@@ -543,7 +563,7 @@ def read_records(path, required: Sequence[str], nonempty: Sequence[str] = (),
   shown = {field: name for name, field in renamed.items()}
   seen = {}
   for lineno, record in iter_records(path, columns,
-                                     (fields or {}).get("id", "id")):
+                                     (fields or {}).get("id", "id"), row_groups):
     where = at(path, lineno)
     if renamed:  # a field the file has under our name is not the one named
       record = {renamed.get(k, k): v for k, v in record.items()
@@ -873,6 +893,47 @@ def corpus_files(source: str) -> list[str]:
   return [source]
 
 
+class FilePart(NamedTuple):
+  """The row groups ``row_groups`` of the Parquet file ``path``: a share of
+  one file (``split_files``)."""
+  path: str
+  row_groups: range
+
+
+def split_files(source: str, num_shards: int) -> list[list[str | FilePart]]:
+  """The files of ``source`` in ``num_shards`` consecutive runs (one per
+  process tokenizing it); in order, the runs hold the source's rows in order.
+
+  Runs of whole files, by count; but with fewer files than shards, all of
+  them Parquet, runs of row groups balanced by rows (``FilePart``s), so that
+  every process has a share: each process reads every file's footer (fewer
+  than ``num_shards`` of them). A JSONL file cannot be split without reading
+  it.
+  """
+  files = corpus_files(source)
+  if len(files) >= num_shards or not all(_starts_with(f, _PARQUET_MAGIC)
+                                         for f in files):
+    return [files[i * len(files) // num_shards:(i + 1) * len(files) // num_shards]
+            for i in range(num_shards)]
+  groups = []  # (file, row group, rows)
+  for path in files:
+    metadata, _ = _parquet_metadata(path)
+    groups += [(path, g, metadata.row_group(g).num_rows)
+               for g in range(metadata.num_row_groups)]
+  total = max(1, sum(n for *_, n in groups))
+  runs: list[list[str | FilePart]] = [[] for _ in range(num_shards)]
+  before = 0
+  for path, g, n in groups:
+    shard = (2 * before + n) * num_shards // (2 * total)  # by its middle row
+    before += n
+    run = runs[min(shard, num_shards - 1)]
+    if run and run[-1].path == path:
+      run[-1] = FilePart(path, range(run[-1].row_groups.start, g + 1))
+    else:
+      run.append(FilePart(path, range(g, g + 1)))
+  return runs
+
+
 def _url_glob(pattern: str) -> list[str]:
   """The objects a glob names in object storage, as ``glob.glob`` matches
   local files: each pattern component matches one name (so
@@ -919,24 +980,28 @@ class _PositionIds:
 
 
 def corpus_documents(source: str, unique_ids: bool = True,
-                     files: Sequence[str] | None = None) -> Iterator[tuple[str, str]]:
+                     files: Sequence[str | FilePart] | None = None
+                     ) -> Iterator[tuple[str, str]]:
   """(id, text) of the corpus records ``{"id": str, "text": str}`` (JSONL
   lines, or Parquet rows of the columns ``id`` and ``text``; other names as
   ``split_source`` says) of one file or a glob of shards, shard after shard
   (``read_records`` checks ids within each file), or of ``files``, some of
-  its shards; a file without ids gets positions (``_PositionIds``)."""
+  its shards or parts of them (``split_files``); a file without ids gets
+  positions (``_PositionIds``)."""
   source = os.fspath(source)
   location, fields = split_source(source)
-  for path in corpus_files(source) if files is None else files:
+  for part in corpus_files(source) if files is None else files:
+    path, groups = part if isinstance(part, FilePart) else (part, None)
     for _, r in read_records(
         path, CORPUS_FIELDS, CORPUS_FIELDS, unique_ids,
         convert=_PositionIds(_name_in_source(location, path), fields["id"]),
-        columns=tuple(fields.values()), fields=fields):
+        columns=tuple(fields.values()), fields=fields, row_groups=groups):
       yield r["id"], r["text"]
 
 
 def corpus_records(source: str, vocab, unique_ids: bool = True,
-                   files: Sequence[str] | None = None) -> Iterator[Record]:
+                   files: Sequence[str | FilePart] | None = None
+                   ) -> Iterator[Record]:
   """``corpus_documents`` as records: (id, text, tokens)."""
   for doc_id, text in corpus_documents(source, unique_ids, files):
     yield doc_id, text, vocab.encode(text)
