@@ -54,10 +54,17 @@ def init_moments(layout: projection.Layout, kind: str) -> Moments:
   return Moments(segs, [jnp.zeros((hi - lo, hi - lo), jnp.float32) for lo, hi in segs])
 
 
-@jax.jit
-def _gram(phi, weight):
+@functools.partial(jax.jit, static_argnums=0)
+def _add_grams(segments, sums, phi, weight):
+  """``sums`` plus each segment's ``phi_s^T phi_s`` over the weighted rows.
+
+  One program for all segments: a program per segment queued dozens of
+  8-device programs per batch, and a long queue of them deadlocked XLA:CPU's
+  collectives (a CI worker aborted here; WORKSPACE.md, CI)."""
   phi = phi * weight[..., None]
-  return jnp.einsum("...i,...j->ij", phi, phi, precision="highest")
+  return [s + jnp.einsum("...i,...j->ij", phi[..., lo:hi], phi[..., lo:hi],
+                         precision="highest")
+          for s, (lo, hi) in zip(sums, segments)]
 
 
 def accumulate(moments: Moments, phi: jax.Array, valid=None) -> Moments:
@@ -68,8 +75,7 @@ def accumulate(moments: Moments, phi: jax.Array, valid=None) -> Moments:
   """
   valid = jnp.ones(phi.shape[:-1], bool) if valid is None else valid
   weight = valid.astype(jnp.float32)
-  sums = [s + _gram(phi[..., lo:hi], weight)
-          for s, (lo, hi) in zip(moments.sums, moments.segments)]
+  sums = _add_grams(moments.segments, moments.sums, phi, weight)
   count = int(np.asarray(jnp.sum(valid).addressable_data(0))
               if isinstance(valid, jax.Array) else np.sum(valid))
   return Moments(moments.segments, sums, moments.count + count)
