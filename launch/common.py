@@ -72,8 +72,9 @@ def tokenized_once(workdir: str | None, source: str, ckpt) -> str:
                        f"not of --corpus={source}; pass --corpus={location} to use "
                        "it, or another --workdir")
   else:
-    say(f"tokenizing {source} into {location}, each of "
-        f"{jax.process_count()} processes its share of the files")
+    say(f"tokenizing {source} into {location}, " + (
+        f"each of {jax.process_count()} processes its share of the files"
+        if data_lib.is_file_source(source) else "by process 0 (a seqio source)"))
   progress, written = Progress("tokenize", unit="rows"), [0]
 
   def report(rows: int) -> None:
