@@ -128,7 +128,8 @@ def s3_server(tmp_path_factory):
   AWS_* variables tensorstore (``tracer.storage``) and subprocesses read.
 
   Yields ``(env, make_bucket)``: ``env`` the variables to set,
-  ``make_bucket(name)`` creates a bucket and returns its ``s3://`` URL.
+  ``make_bucket(name)`` creates a bucket and returns its ``s3://`` URL;
+  ``make_bucket.requests()`` is the server's log of the requests so far.
   """
   port = free_port()
   root = tmp_path_factory.mktemp("s3")
@@ -157,6 +158,7 @@ def s3_server(tmp_path_factory):
     urllib.request.urlopen(urllib.request.Request(f"{endpoint}/{name}", method="PUT"))
     return f"s3://{name}"
 
+  make_bucket.requests = lambda: (root / "moto.log").read_text()
   yield env, make_bucket
   proc.kill()
   proc.wait()

@@ -701,6 +701,31 @@ def test_parquet_shards_on_object_storage(s3, corpus_path, vocab, counted_reads)
   assert got.texts == [r["text"] for i in range(3) for r in records[i::3]]
 
 
+def test_a_bucket_is_listed_only_under_the_patterns_fixed_characters(s3, tmp_path):
+  """``c4-train.*`` at a bucket's root asks the server for the keys that start
+  with ``c4-train.``, not for the stores and other files beside them; the
+  listing's range ends right past the prefix (a UTF-8 one too)."""
+  bucket = s3("listing")
+  names = ["c4-train.0.json", "c4-train.1.json", "c4-trainX.json",
+           "c4-validation.0.json", "store/chunks/0", "store/chunks/1", "é/0", "ê/0"]
+  for name in names:
+    storage.write_bytes(f"{bucket}/{name}", b"")
+    storage.write_bytes(f"memory://listing/{name}", b"")
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_bytes(b"")
+  before = len(s3.requests().splitlines())
+  assert data_lib.corpus_files(f"{bucket}/c4-train.*.json") == [
+      f"{bucket}/c4-train.{i}.json" for i in (0, 1)]
+  lists = [line for line in s3.requests().splitlines()[before:] if "list-type" in line]
+  assert lists and all("prefix=c4-train. " in line for line in lists), lists
+  for root in (bucket, "memory://listing", str(tmp_path)):
+    assert storage.list_dir(root, prefix="c4-train") == names[:3]
+    assert storage.list_dir(root, prefix="é") == ["é/0"]
+    assert storage.list_dir(root, prefix="store/") == names[4:6]
+    assert storage.list_dir(root, prefix="") == sorted(names)
+    assert storage.list_dir(root, prefix="zz") == []
+
+
 def test_patterns_in_directories_match_alike_on_disk_and_in_object_storage(
     tmp_path, corpus_path, vocab):
   """``data/*/0*`` reaches every dump's files (FineWeb's layout) in a bucket as

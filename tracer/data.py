@@ -938,15 +938,17 @@ def _url_glob(pattern: str) -> list[str]:
   """The objects a glob names in object storage, as ``glob.glob`` matches
   local files: each pattern component matches one name (so
   ``gs://b/fineweb/data/*/*.parquet`` reaches every dump's files), a leading
-  ``.`` only explicitly; sorted. One listing, of everything below the
-  pattern's fixed directories."""
+  ``.`` only explicitly; sorted. One listing, of the keys below the
+  pattern's fixed directories that start with the first pattern's fixed
+  characters (``c4-train.`` of ``c4-train.*.json.gz``): a bucket whose root
+  also holds stores is not listed whole."""
   parts = pattern.split("/")
   fixed = next(i for i, p in enumerate(parts) if glob.has_magic(p))
   if fixed < 3:  # scheme, '', bucket
     raise InputError(f"--corpus={pattern}: the bucket cannot be a pattern")
   parent, wanted = "/".join(parts[:fixed]), parts[fixed:]
   matches = []
-  for name in storage.list_dir(parent):
+  for name in storage.list_dir(parent, prefix=re.split(r"[*?[]", wanted[0])[0]):
     names = name.split("/")
     if len(names) == len(wanted) and all(
         fnmatch.fnmatchcase(n, w) and (w.startswith(".") or not n.startswith("."))

@@ -315,9 +315,17 @@ def delete(location: str) -> None:
     kv.write(name, None).result()
 
 
-def list_dir(location: str) -> list[str]:
-  """Every key under a directory-like location, relative to it, sorted."""
-  return sorted(k.decode() for k in _open_dir(normalize(location)).list().result())
+def list_dir(location: str, prefix: str = "") -> list[str]:
+  """Every key under a directory-like location that starts with ``prefix``,
+  relative to the location, sorted. Object storage is asked only for the
+  keys with that prefix (one listing request per 1,000 of them)."""
+  start = prefix.encode()
+  # The least key past every key with the prefix: its last byte raised by one
+  # (UTF-8 has no byte 0xff); '' is past every key.
+  end = start[:-1] + bytes([start[-1] + 1]) if start else b""
+  keys = _open_dir(normalize(location)).list(
+      ts.KvStore.KeyRange(inclusive_min=start, exclusive_max=end)).result()
+  return sorted(k.decode() for k in keys)
 
 
 def delete_dir(location: str) -> None:
