@@ -476,6 +476,45 @@ def test_launch_trace_on_two_processes_with_an_s3_store(tmp_path, s3_server, s3)
   assert not os.path.exists(tmp_path / "w" / "store")
 
 
+def test_a_bad_line_in_one_hosts_share_ends_every_process_with_its_message(tmp_path):
+  """Process 1's share of the corpus files has a line without a text. Both
+  processes end soon with status 2 and one line: process 1 names the file and
+  line, process 0 passes its message on (jax.distributed's key-value store).
+  Before, process 0 waited for the corpus until jax.distributed's shutdown
+  barrier timed out after 5 minutes and aborted both, with no word of why."""
+  shared = tmp_path / "shared"
+  (shared / "shards").mkdir(parents=True)
+  docs = [json.dumps({"id": f"d{i}", "text": "abcab"[:1 + i % 5]}) + "\n"
+          for i in range(NUM_DOCS)]
+  (shared / "all.jsonl").write_text("".join(docs))
+  write_checkpoint(str(shared / "checkpoints"), corpus_lib.tokenize(
+      str(shared / "all.jsonl"), str(shared / "corpus"), DataConfig(), CONFIG.max_len))
+  (shared / "queries.jsonl").write_text(
+      json.dumps({"id": "q0", "prompt": "ab", "target": "ab"}) + "\n")
+  docs[80] = json.dumps({"id": "d80", "txt": "ab"}) + "\n"
+  for i, (lo, hi) in enumerate(((0, 30), (30, 70), (70, NUM_DOCS))):
+    (shared / "shards" / f"part-{i}.jsonl").write_text("".join(docs[lo:hi]))
+  shards = str(shared / "shards" / "part-*.jsonl")
+  port = multiprocess.free_port()
+  procs, logs = multiprocess.start(
+      [trace_command(tmp_path / "w", shared, tmp_path / "store",
+                     tmp_path / "results.jsonl", (port, i), shards) for i in range(2)],
+      tmp_path, multiprocess.env(devices=4))
+  deadline = time.monotonic() + 240  # inside the barrier's 300 s
+  while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+    time.sleep(0.2)
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+  texts = [open(log, errors="replace").read() for log in logs]
+  assert [p.wait() for p in procs] == [2, 2], texts
+  bad = f"{shared / 'shards' / 'part-2.jsonl'}:11: missing field 'text'"
+  assert f"\nerror: {bad}" in texts[1], texts[1]
+  assert (f"\nerror: process 1 of 2 failed tokenizing {shards} into "
+          f"{tmp_path / 'w' / 'corpus'}: {bad}") in texts[0], texts[0]
+  assert not corpus_lib.is_tokenized(str(tmp_path / "w" / "corpus"))
+
+
 def test_tokenized_once_refuses_what_it_cannot_share(tmp_path, monkeypatch):
   """On several processes a corpus of files is tokenized into WORKDIR/corpus:
   without a workdir, or with one holding another source's corpus, that is an

@@ -24,3 +24,7 @@ class StoreClaimedError(InputError):
 
 class QuarantineLimitError(InputError):
   """More examples had a non-finite loss or gradient than the run allows."""
+
+
+class OtherProcessError(InputError):
+  """Another process of a jax.distributed run failed; the message is its own."""

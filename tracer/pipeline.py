@@ -30,6 +30,7 @@ import functools
 import json
 import time
 import warnings
+import zlib
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import jax
@@ -50,7 +51,8 @@ from tracer import train as train_lib
 from tracer.config import DataConfig, EncodeConfig, PreconditionerConfig
 from tracer.correction import second_moment
 from tracer.encoder import NONFINITE_REASONS, GradientEncoder, nonfinite_rows
-from tracer.errors import InputError, QuarantineLimitError, StoreClaimedError
+from tracer.errors import (InputError, OtherProcessError, QuarantineLimitError,
+                           StoreClaimedError)
 
 # progress(done, total): items this process has done so far, out of its total.
 ProgressFn = Callable[[int, int], None] | None
@@ -124,6 +126,12 @@ def tokenize_on_processes(ckpt: ckpt_lib.Checkpoint, source: str, output: str,
   ``poll_s`` seconds at most), not in a collective: hosts' shares may take
   hours apart, past collective timeouts. Process 0 joins the parts if the
   last two finished together and neither saw the other's.
+
+  A process that fails (a bad line in its share, ids repeated across parts)
+  says so in jax.distributed's key-value store before it raises; the others
+  raise an InputError with its message at their next poll, instead of
+  waiting until jax.distributed's shutdown barrier times out (5 minutes)
+  and aborts every process with no word of why.
   """
   config, max_len = data_config(ckpt), ckpt.family.max_len(ckpt.model_config)
   shards, index = jax.process_count(), jax.process_index()
@@ -132,16 +140,52 @@ def tokenize_on_processes(ckpt: ckpt_lib.Checkpoint, source: str, output: str,
     shards, index = 1, (0 if index == 0 else None)
   tokenize = functools.partial(corpus_lib.tokenize, source, output, config, max_len,
                                num_shards=shards)
-  if index is not None:
-    tokenize(progress=progress, shard_index=index)
-  wait = 0.1
-  while True:
-    if index == 0 and shards > 1:
-      tokenize(shard_index=0)  # joins the parts once every one is written
-    if corpus_lib.is_tokenized(output):
-      return corpus_lib.TokenizedCorpus(output)
-    time.sleep(wait)
-    wait = min(2 * wait, poll_s)
+  topic = f"tracer/tokenize_failed/{zlib.crc32(output.encode()):08x}"
+  try:
+    if index is not None:
+      tokenize(progress=progress, shard_index=index)
+    wait = 0.1
+    while True:
+      if index == 0 and shards > 1:
+        tokenize(shard_index=0)  # joins the parts once every one is written
+      if corpus_lib.is_tokenized(output):
+        return corpus_lib.TokenizedCorpus(output)
+      for key, message in _told(topic):
+        raise OtherProcessError(
+            f"process {key.rsplit('/', 1)[1]} of {jax.process_count()} failed "
+            f"tokenizing {source} into {output}: {message}")
+      time.sleep(wait)
+      wait = min(2 * wait, poll_s)
+  except OtherProcessError:
+    raise
+  except Exception as e:
+    _tell(f"{topic}/{jax.process_index()}",
+          str(e) if isinstance(e, InputError) else f"{type(e).__name__}: {e}")
+    raise
+
+
+def _coordination_client():
+  """jax.distributed's client of the coordination service (a key-value store
+  on process 0 that every process reaches without a collective), or None on
+  one process or where this jax has none."""
+  try:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return getattr(distributed.global_state, "client", None)
+
+
+def _tell(key: str, message: str) -> None:
+  """Leaves ``message`` under ``key`` for the other processes (``_told``)."""
+  client = _coordination_client()
+  if client is not None:
+    client.key_value_set(key, message)
+
+
+def _told(topic: str) -> list[tuple[str, str]]:
+  """(key, message) of what processes left under ``topic/`` (``_tell``)."""
+  client = _coordination_client()
+  return [] if client is None else sorted(client.key_value_dir_get(topic))
 
 
 def read_queries(ckpt: ckpt_lib.Checkpoint, path: str) -> tuple[list[dict], dict]:
