@@ -35,10 +35,12 @@ class Run(NamedTuple):
   epsilon: float
 
 
-def start(workdir: str | None, checkpoint: str | None, corpus_source: str) -> Run:
+def start(workdir: str | None, checkpoint: str | None, corpus_source: str,
+          store: str | None = None) -> Run:
   """The mesh (``EncodeConfig.model_axis``), the checkpoint restored onto it,
-  the corpus row table and the encoder."""
-  ecfg = config.make(EncodeConfig)
+  the corpus row table and the encoder; encoding as the store at ``store``
+  was encoded, if there is one (``encode_config``)."""
+  ecfg = encode_config(store)
   mesh = pipeline.make_mesh(ecfg)
   if config.FLAGS.family and checkpoint and not ckpt_lib.is_tracer_checkpoint(checkpoint):
     ckpt = released_checkpoint(checkpoint, mesh)
@@ -48,6 +50,28 @@ def start(workdir: str | None, checkpoint: str | None, corpus_source: str) -> Ru
   corpus = pipeline.open_corpus(ckpt, tokenized_once(workdir, corpus_source, ckpt))
   encoder, kind, eps = pipeline.build_encoder(ckpt, ecfg, mesh)
   return Run(ecfg, ckpt, corpus, encoder, kind, eps)
+
+
+def encode_config(store: str | None = None) -> EncodeConfig:
+  """``EncodeConfig`` from gin; where a store exists at ``store``, with the
+  settings its rows were encoded with (its manifest's ``encode_config``) for
+  every one gin does not bind, so that queries are encoded as its rows were
+  (``tracer serve --workdir=W`` serves a store made with any gin file). A
+  gin binding that differs from the store's is an error."""
+  ecfg = config.make(EncodeConfig)
+  if not store or not storage.exists(storage.join(store, store_lib.MANIFEST)):
+    return ecfg
+  stored = store_lib.read_manifest(store).encode_config
+  try:
+    config.check_bound_fields(EncodeConfig, stored, store, "a store encoded with",
+                              "the gin files it was encoded with, or another --store")
+  except InputError as e:
+    raise store_lib.IncompatibleStoreError(str(e)) from None
+  taken = {k: v for k, v in stored.items() if getattr(ecfg, k) != v}
+  if taken:
+    say(f"store {store}: encoded with " + ", ".join(
+        f"{k}={v!r}" for k, v in taken.items()) + "; encoding queries the same way")
+  return dataclasses.replace(ecfg, **stored)
 
 
 def tokenized_once(workdir: str | None, source: str, ckpt) -> str:
@@ -278,7 +302,8 @@ def summed_runs(paths: Sequence[str], workdir: str, corpus_source: str,
   ``<location>-step<N>`` opened by ``open_store(location, run) -> (store,
   basis)``. A caller that drops ``run`` frees its params before the next."""
   for path in paths:
-    other = start(workdir, path, corpus_source)
+    other = start(workdir, path, corpus_source,
+                  f"{location}-step{storage.split(path)[1]}")
     say(f"summed: checkpoint {other.ckpt.path} (step {other.ckpt.step})")
     store, basis = open_store(f"{location}-step{other.ckpt.step}", other)
     yield other, store, basis

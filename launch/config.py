@@ -295,20 +295,26 @@ def check_writable(location: str, what: str = "output") -> None:
                      f"writable ({why}); expected a path in a writable directory")
 
 
-def check_bound_fields(cls, have, where: str) -> None:
+def check_bound_fields(cls, have, where: str, what: str = "a checkpoint of",
+                       expected: str = "the gin files the model was trained with"
+                       ) -> None:
   """Raises InputError if a gin binding of ``cls`` (a config dataclass) names
-  a value other than ``have``'s: e.g. ``--gin_file=configs/small.gin`` with a
-  checkpoint of the tiny model, whose own ModelConfig would silently win."""
+  a value other than ``have``'s (an instance, or a dict of some fields): e.g.
+  ``--gin_file=configs/small.gin`` with a checkpoint of the tiny model, whose
+  own ModelConfig would silently win. ``what``, ``expected``: the message's
+  words for ``have``'s owner and for what would agree with it."""
+  if not isinstance(have, dict):
+    have = {f.name: getattr(have, f.name) for f in dataclasses.fields(have)}
+  owner = what.split()[1]  # "checkpoint" of "a checkpoint of"
   diffs = []
-  for field in dataclasses.fields(cls):
+  for name, value in have.items():
     try:
-      bound = gin.query_parameter(f"{cls.__name__}.{field.name}")
+      bound = gin.query_parameter(f"{cls.__name__}.{name}")
     except ValueError:
       continue  # not bound
-    if bound != getattr(have, field.name):
-      diffs.append(f"{cls.__name__}.{field.name}: the checkpoint has "
-                   f"{getattr(have, field.name)!r}, the gin bindings say {bound!r}")
+    if bound != value:
+      diffs.append(f"{cls.__name__}.{name}: the {owner} has {value!r}, the gin "
+                   f"bindings say {bound!r}")
   if diffs:
-    raise InputError(f"{where}: a checkpoint of another {cls.__name__} than the "
-                     f"gin bindings name ({'; '.join(diffs)}); expected the gin "
-                     "files the model was trained with")
+    raise InputError(f"{where}: {what} another {cls.__name__} than the "
+                     f"gin bindings name ({'; '.join(diffs)}); expected {expected}")

@@ -26,9 +26,10 @@ FLAGS = flags.FLAGS
 
 
 def run(workdir, corpus_source, store_path=None, basis_path=None, checkpoint=None):
-  run_ = common.start(workdir, checkpoint, corpus_source)
+  location = common.default_location(workdir, store_path, "store")
+  run_ = common.start(workdir, checkpoint, corpus_source, location)
   store, _ = common.encoded_store(
-      common.default_location(workdir, store_path, "store"), run_,
+      location, run_,
       config.make(PreconditionerConfig), store_lib.fingerprint(run_.ckpt.params),
       basis_path)
   # encoded_store returns once every host's chunks are written.

@@ -41,9 +41,9 @@ def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
   sum over those checkpoints and this one, each from its own store
   (``<store>-step<N>``, as ``tracer trace --sum_steps`` made them)."""
   pcfg = config.make(PreconditionerConfig)
-  run_ = common.start(workdir, checkpoint, corpus_source)
-  config.check_top_k(top_k, len(run_.corpus))  # before any gradient
   location = common.default_location(workdir, store_path, "store")
+  run_ = common.start(workdir, checkpoint, corpus_source, location)
+  config.check_top_k(top_k, len(run_.corpus))  # before any gradient
   others = common.summed_checkpoints(sum_steps, run_.ckpt, stores_at=location)
   queries, query_examples = pipeline.read_queries(run_.ckpt, queries_path)
   store, basis = _stored(location, run_)

@@ -146,9 +146,9 @@ def build(workdir: str, store_path: str | None = None, corpus: str | None = None
   location = common.default_location(workdir, store_path, "store")
   source = _corpus_source(location, corpus)
   try:
-    run_ = common.start(workdir, checkpoint, source)
+    run_ = common.start(workdir, checkpoint, source, location)
   except InputError as e:
-    if corpus:
+    if corpus or source not in str(e):
       raise
     raise InputError(f"{e} (the store's corpus, from its manifest; pass "
                      "--corpus)") from None

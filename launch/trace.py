@@ -53,7 +53,9 @@ def run(workdir: str, corpus_source: str, queries_path: str, output: str,
   """Runs the pipeline; writes and returns the results rows. ``sum_steps``:
   score rows by the sum over those checkpoints of the run and this one."""
   pcfg = config.make(PreconditionerConfig)
-  run_ = common.start(workdir, checkpoint, corpus_source)
+  location = common.default_location(workdir, store_path, "store")
+  run_ = common.start(workdir, checkpoint, corpus_source,
+                      None if streaming else location)
   config.check_top_k(top_k, len(run_.corpus))  # before any gradient
   others = common.summed_checkpoints(sum_steps, run_.ckpt)
   if others and streaming:
@@ -75,7 +77,6 @@ def run(workdir: str, corpus_source: str, queries_path: str, output: str,
                                   run_.encode_config.batch_size,
                                   common.Progress("encode + score corpus"))
   else:
-    location = common.default_location(workdir, store_path, "store")
     store, basis = common.encoded_store(location, run_, pcfg, params_fp, basis_path)
     metric, vectors, skipped = common.query_metric(run_, basis, query_examples, queries, pcfg)
     stores, metrics, query_vectors, more = common.summed_parts(

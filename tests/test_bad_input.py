@@ -462,10 +462,13 @@ CASES = [
          "encodings are not comparable: field 'params_fingerprint'"),
     Case("store of another projection seed",
          lambda s, d: encode(s, d, store=s.store, bindings=["EncodeConfig.seed=1"]),
-         "field 'projection_seed': store has 0, this run has 1"),
+         "store: a store encoded with another EncodeConfig than the gin bindings "
+         "name (EncodeConfig.seed: the store has 0, the gin bindings say 1); "
+         "expected the gin files it was encoded with, or another --store"),
     Case("store of another d",
          lambda s, d: scan(s, d, bindings=["EncodeConfig.projection_dim=200"]),
-         "field 'dim': store has 34, this run has 132"),
+         "(EncodeConfig.projection_dim: the store has 64, the gin bindings say "
+         "200)"),
     Case("no store", lambda s, d: scan(s, d, store=d / "nostore"),
          "nostore: no store; encode the corpus first"),
     Case("truncated zarr chunk", truncated_chunk, "chunk 1"),

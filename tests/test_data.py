@@ -701,6 +701,20 @@ def test_parquet_shards_on_object_storage(s3, corpus_path, vocab, counted_reads)
   assert got.texts == [r["text"] for i in range(3) for r in records[i::3]]
 
 
+def test_absolute_source_names_the_same_files_from_anywhere(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "shards").mkdir()
+  (tmp_path / "one.jsonl").write_text("")
+  absolute = data_lib.absolute_source
+  assert absolute("shards/*.jsonl") == f"{tmp_path}/shards/*.jsonl"
+  assert absolute("./one.jsonl#text=content,id=hexsha") == (
+      f"{tmp_path}/one.jsonl#text=content,id=hexsha")
+  assert absolute("a#b/c.jsonl") == f"{tmp_path}/a#b/c.jsonl"  # '#' in the path
+  assert absolute("gs://b/c4/*.json.gz#text=body") == "gs://b/c4/*.json.gz#text=body"
+  assert absolute("c4_task") == "c4_task"  # a seqio name
+  assert absolute(f"{tmp_path}/one.jsonl") == f"{tmp_path}/one.jsonl"
+
+
 def test_a_bucket_is_listed_only_under_the_patterns_fixed_characters(s3, tmp_path):
   """``c4-train.*`` at a bucket's root asks the server for the keys that start
   with ``c4-train.``, not for the stores and other files beside them; the

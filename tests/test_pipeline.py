@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import time
 
@@ -17,6 +18,7 @@ from tracer.launch import encode as encode_script
 from tracer.launch import fit_preconditioner as fit_script
 from tracer.launch import quality
 from tracer.launch import scan as scan_script
+from tracer.launch import serve as serve_script
 from tracer.launch import sweep
 from tracer.launch import tokenize
 from tracer.launch import trace
@@ -30,6 +32,7 @@ from tracer import hessian
 from tracer import pipeline
 from tracer import storage
 from tracer import store as store_lib
+from tracer.config import ENCODING_SETTINGS
 from tracer.errors import StoreClaimedError
 # pytest puts tests/ on sys.path; reuse the store tests' file reader.
 from test_store import _array_files as store_files
@@ -131,7 +134,8 @@ def test_scan_rejects_a_store_from_other_settings(trained):
   trace.run(str(root), corpus, queries, str(root / "c.jsonl"), show=0)
   _bind(EncodeConfig__seed=1)
   try:
-    with pytest.raises(store_lib.IncompatibleStoreError, match="projection_seed"):
+    with pytest.raises(store_lib.IncompatibleStoreError,
+                       match="EncodeConfig.seed: the store has 0, the gin bindings say 1"):
       scan_script.run(str(root), corpus, queries, str(root / "d.jsonl"))
   finally:
     _bind(EncodeConfig__seed=0)
@@ -141,10 +145,28 @@ def test_scan_rejects_a_store_from_other_settings(trained):
       "rank_one_correction")
   _bind(EncodeConfig__rank_one_correction=False)
   try:
-    with pytest.raises(store_lib.IncompatibleStoreError, match="kernel"):
+    with pytest.raises(store_lib.IncompatibleStoreError,
+                       match="EncodeConfig.rank_one_correction: the store has True"):
       scan_script.run(str(root), corpus, queries, str(root / "d.jsonl"))
   finally:
     _bind(EncodeConfig__rank_one_correction=True)
+  # A store from before manifests kept their EncodeConfig is compared field
+  # by field, and the error says where the fields come from.
+  manifest = root / "store" / store_lib.MANIFEST
+  saved = manifest.read_text()
+  old = json.loads(saved)
+  del old["encode_config"]
+  manifest.write_text(json.dumps(old))
+  _bind(EncodeConfig__seed=1)
+  try:
+    with pytest.raises(store_lib.IncompatibleStoreError, match=(
+        r"field 'projection_seed': store has 0, this run has 1.* \(d, layout, "
+        r"projection_seed, .* follow EncodeConfig: pass the gin files the store "
+        r"was encoded with, or another --store\)")):
+      scan_script.run(str(root), corpus, queries, str(root / "d.jsonl"))
+  finally:
+    _bind(EncodeConfig__seed=0)
+    manifest.write_text(saved)
   # The store's rows are in a block basis: a full-R run cannot reuse them.
   _bind(PreconditionerConfig__kind="full")
   try:
@@ -153,6 +175,78 @@ def test_scan_rejects_a_store_from_other_settings(trained):
       trace.run(str(root), corpus, queries, str(root / "d.jsonl"), show=0)
   finally:
     _bind(PreconditionerConfig__kind="block")
+
+
+def test_scan_encodes_queries_as_its_store_was_encoded(trained, capsys):
+  """A store keeps the EncodeConfig settings it was encoded with; scan (and
+  serve, trace, encode) take those gin does not bind, so a store made with
+  other gin files is scanned as made. A binding that differs is an error
+  naming it."""
+  root, corpus, queries = trained
+  other = str(root / "store-other")
+  _bind(EncodeConfig__seed=1, EncodeConfig__projection_dim=2048)
+  try:
+    made = trace.run(str(root), corpus, queries, str(root / "o.jsonl"), show=0,
+                     store_path=other)
+  finally:
+    gin.clear_config()
+    gin.parse_config(BINDINGS.replace("EncodeConfig.projection_dim = 4096", ""))
+  try:
+    stored = store_lib.read_manifest(other).encode_config
+    assert sorted(stored) == sorted(ENCODING_SETTINGS)
+    assert (stored["seed"], stored["projection_dim"], stored["chunk_rows"]) == (1, 2048, 64)
+    capsys.readouterr()
+    rows = scan_script.run(str(root), corpus, queries, str(root / "p.jsonl"),
+                           store_path=other)
+    said = capsys.readouterr()
+    assert (f"store {other}: encoded with projection_dim=2048, seed=1; encoding "
+            "queries the same way") in said.out + said.err
+    assert len(rows) == len(made)
+    for a, b in zip(rows, made):
+      assert a["proponent_ids"] == b["proponent_ids"]
+      np.testing.assert_allclose(a["proponent_scores"], b["proponent_scores"],
+                                 rtol=1e-5, atol=1e-6)
+    _bind(EncodeConfig__projection_dim=4096)
+    with pytest.raises(store_lib.IncompatibleStoreError, match=re.escape(
+        f"{other}: a store encoded with another EncodeConfig than the gin "
+        "bindings name (EncodeConfig.projection_dim: the store has 2048, the gin "
+        "bindings say 4096); expected the gin files it was encoded with, or "
+        "another --store")):
+      scan_script.run(str(root), corpus, queries, str(root / "p.jsonl"),
+                      store_path=other)
+  finally:
+    gin.clear_config()
+    gin.parse_config(BINDINGS)
+
+
+def test_a_store_names_its_corpus_from_any_directory(trained, monkeypatch):
+  """A store made from a relative --corpus records it absolute, so serve and
+  scan find it from another directory; a store that recorded a relative path
+  (before) still matches the same files named either way from its run's
+  directory."""
+  root, corpus, queries = trained
+  monkeypatch.chdir(root)
+  relative = os.path.relpath(corpus)
+  made = trace.run(str(root), relative, queries, str(root / "r.jsonl"), show=0,
+                   store_path=str(root / "store-relative"))
+  assert store_lib.read_manifest(str(root / "store-relative")).corpus == corpus
+  monkeypatch.chdir(root / "facts")
+  assert serve_script._corpus_source(str(root / "store-relative"), None) == corpus
+  rows = scan_script.run(str(root), corpus, queries, str(root / "s.jsonl"),
+                         store_path=str(root / "store-relative"))
+  assert [r["proponent_ids"] for r in rows] == [r["proponent_ids"] for r in made]
+  # As a store made before recorded it.
+  manifest = root / "store-relative" / store_lib.MANIFEST
+  old = json.loads(manifest.read_text())
+  manifest.write_text(json.dumps({**old, "corpus": relative}))
+  with pytest.raises(store_lib.IncompatibleStoreError, match=re.escape(
+      f"field 'corpus': store has '{relative}', this run has '{corpus}'")):
+    scan_script.run(str(root), corpus, queries, str(root / "s.jsonl"),
+                    store_path=str(root / "store-relative"))
+  monkeypatch.chdir(root)
+  rows = scan_script.run(str(root), corpus, queries, str(root / "s.jsonl"),
+                         store_path=str(root / "store-relative"))
+  assert [r["proponent_ids"] for r in rows] == [r["proponent_ids"] for r in made]
 
 
 def test_sweep_skips_finished_runs(trained, tmp_path, monkeypatch):

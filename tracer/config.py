@@ -127,6 +127,14 @@ class EncodeConfig:
   chunk_rows: int = 512
 
 
+# The EncodeConfig fields that decide a store's rows (kept in its manifest,
+# ``store.Manifest.encode_config``); the others (mesh and batch sizes) must
+# not change them.
+ENCODING_SETTINGS = ("projection_dim", "seed", "correction", "epsilon", "kernel",
+                     "rank_one_correction", "projection_precision", "store_dtype",
+                     "chunk_rows")
+
+
 @dataclasses.dataclass(frozen=True)
 class PreconditionerConfig:
   """R: ``kind`` "block", "full" or "none"; ``task_specific`` mixes in R_eval."""

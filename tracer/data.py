@@ -1063,6 +1063,16 @@ def is_file_source(source: str) -> bool:
           or os.path.exists(source) or glob.has_magic(source))
 
 
+def absolute_source(source: str) -> str:
+  """``source`` naming the same files from any working directory: a local
+  path or glob made absolute, other field names after ``#`` kept; a URL or a
+  seqio name as it is. What a store's manifest records."""
+  if not is_file_source(source):
+    return source
+  files, _ = split_source(source)
+  return storage.normalize(files) + source[len(files):]
+
+
 def source_records(source: str, vocab, unique_ids: bool = True
                    ) -> tuple[str, Iterator[Record]]:
   """(label, records) of a JSONL or Parquet file or glob, or of a seqio task

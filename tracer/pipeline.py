@@ -48,7 +48,8 @@ from tracer import scan as scan_lib
 from tracer import storage
 from tracer import store as store_lib
 from tracer import train as train_lib
-from tracer.config import DataConfig, EncodeConfig, PreconditionerConfig
+from tracer.config import (ENCODING_SETTINGS, DataConfig, EncodeConfig,
+                           PreconditionerConfig)
 from tracer.correction import second_moment
 from tracer.encoder import NONFINITE_REASONS, GradientEncoder, nonfinite_rows
 from tracer.errors import (InputError, OtherProcessError, QuarantineLimitError,
@@ -413,10 +414,12 @@ def manifest(ckpt: ckpt_lib.Checkpoint, encoder: GradientEncoder,
       correction=correction_kind, epsilon=float(epsilon),
       projection_seed=encoder.layout.seed, layout=encoder.layout.to_json(),
       dim=encoder.dim, basis_fingerprint=basis.fingerprint() if basis else None,
-      kernel=encoder.approximation, dtype=cfg.store_dtype, corpus=corpus.source,
+      kernel=encoder.approximation, dtype=cfg.store_dtype,
+      corpus=data_lib.absolute_source(corpus.source),
       num_rows=len(corpus), chunk_rows=cfg.chunk_rows,
       corpus_rows=corpus.location if isinstance(corpus, corpus_lib.TokenizedCorpus)
-      else "")
+      else "",
+      encode_config={f: getattr(cfg, f) for f in ENCODING_SETTINGS})
 
 
 def store_basis(store: store_lib.EncodingStore) -> hessian.Basis | None:
@@ -444,7 +447,17 @@ def existing_store(location: str, expected: store_lib.Manifest,
   store = store_lib.open_store(location)
   fields = [f for f in store_lib.ENCODING_FIELDS + store_lib.STORAGE_FIELDS
             if f != "basis_fingerprint"]
-  store.manifest.check_compatible(expected, fields, where=location, other="this run")
+  try:
+    store.manifest.check_compatible(expected, fields, where=location, other="this run")
+  except store_lib.IncompatibleStoreError as e:
+    if store.manifest.encode_config:
+      raise
+    # A store from before manifests kept their EncodeConfig: say where the
+    # settings come from.
+    raise store_lib.IncompatibleStoreError(
+        f"{e} (d, layout, projection_seed, correction, epsilon, kernel, dtype "
+        "and chunk_rows follow EncodeConfig: pass the gin files the store was "
+        "encoded with, or another --store)") from None
   basis = store_basis(store)
   if cfg is None:
     return store

@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import mmap
+import operator
 import os
 import sys
 import zlib
@@ -78,6 +79,18 @@ ENCODING_FIELDS = (
 STORAGE_FIELDS = ("dtype", "corpus", "num_rows", "chunk_rows")
 
 
+def _same_place(a: str, b: str) -> bool:
+  """Two corpus sources name the same files: equal, or local paths equal once
+  made absolute (stores made before sources were recorded absolute, in
+  2026-12, hold the path as given, relative to the directory of that run)."""
+  return a == b or not (storage.is_url(a) or storage.is_url(b)) and (
+      os.path.abspath(a) == os.path.abspath(b))
+
+
+# Manifest fields compared by more than equality.
+_SAME = {"corpus": _same_place}
+
+
 @dataclasses.dataclass(frozen=True)
 class Manifest:
   """What makes a set of encodings comparable, and how they are stored.
@@ -99,13 +112,18 @@ class Manifest:
       Adam's correction approximated: ``tracer.factored``).
     format: the store format (``FORMAT``).
     dtype: storage dtype, "bfloat16" or "float32".
-    corpus: where the rows came from (a source string).
+    corpus: where the rows came from (a source string; a local path made
+      absolute, ``data.absolute_source``).
     num_rows: N.
     chunk_rows: rows per stored chunk.
     corpus_rows: the tokenized corpus (``tracer.corpus``) the rows were read
       from, if they were: where to reopen them row by row (``tracer serve``),
       not the source read whole; informative, never compared (the same
       rows read from ``corpus`` itself are the same store).
+    encode_config: the ``EncodeConfig`` settings the rows were encoded with
+      (``tracer.config.ENCODING_SETTINGS``); informative (the fields above
+      are what is compared), it tells a later run how to encode for this
+      store: ``tracer serve`` and ``scan`` take them. Empty in older stores.
     tracer_version: version of tracer that wrote the encodings (informative).
   """
   checkpoint: str
@@ -124,6 +142,7 @@ class Manifest:
   num_rows: int = 0
   chunk_rows: int = 1024
   corpus_rows: str = ""
+  encode_config: dict = dataclasses.field(default_factory=dict)
   tracer_version: str = dataclasses.field(default_factory=_tracer_version)
 
   def to_dict(self) -> dict[str, Any]:
@@ -161,8 +180,9 @@ class Manifest:
     """
     fields = [f.name for f in dataclasses.fields(self)] if fields is None else fields
     mine, theirs = self.to_dict(), expected.to_dict()
+    same = lambda name: _SAME.get(name, operator.eq)(mine[name], theirs[name])
     diffs = [f"field {name!r}: store has {_brief(mine[name])}, {other} has "
-             f"{_brief(theirs[name])}" for name in fields if mine[name] != theirs[name]]
+             f"{_brief(theirs[name])}" for name in fields if not same(name)]
     if diffs:
       raise IncompatibleStoreError(
           f"{where}: encodings are not comparable: " + "; ".join(diffs))
@@ -339,8 +359,9 @@ def _mismatch(record: dict[str, Any], rows: np.ndarray) -> str | None:
   return None
 
 
-def _read_manifest(path: str) -> Manifest:
-  where = storage.join(path, MANIFEST)
+def read_manifest(path: str) -> Manifest:
+  """The manifest of the store at ``path`` (its array not opened)."""
+  where = storage.join(storage.normalize(path), MANIFEST)
   return Manifest.from_dict(storage.read_json(where), where)
 
 
@@ -727,7 +748,7 @@ def open_store(path: str | os.PathLike[str],
   where = storage.join(path, MANIFEST)
   if not storage.exists(where):
     raise InputError(f"{where}: no such file; {path} is not an encoding store")
-  manifest = _read_manifest(path)
+  manifest = read_manifest(path)
   _validate(manifest, where)
   if expected is not None:
     manifest.check_compatible(expected, fields, where=where)
