@@ -120,6 +120,28 @@ def test_rerun_does_nothing_and_other_settings_are_refused(tmp_path, corpus_path
     corpus_lib.tokenize(corpus_path, out, DataConfig(), 16)
 
 
+def test_the_source_is_recorded_absolute(tmp_path, corpus_path, monkeypatch):
+  """A relative source is recorded absolute, so the corpus names its files
+  from any directory; a rerun naming them either way, or a corpus that
+  recorded them relative (before), is the same corpus."""
+  monkeypatch.chdir(os.path.dirname(corpus_path))
+  relative = os.path.basename(corpus_path)
+  out = str(tmp_path / "tok")
+  assert corpus_lib.tokenize(relative, out, DataConfig(), 32).source == corpus_path
+  before = {n: os.path.getmtime(os.path.join(out, n)) for n in storage.list_dir(out)}
+  for source in (relative, corpus_path):
+    corpus_lib.tokenize(source, out, DataConfig(), 32)
+  manifest = os.path.join(out, corpus_lib.MANIFEST)
+  with open(manifest) as f:
+    old = json.load(f)
+  with open(manifest, "w") as f:
+    json.dump({**old, "source": relative}, f)
+  corpus_lib.tokenize(corpus_path, out, DataConfig(), 32)
+  assert {n: os.path.getmtime(os.path.join(out, n))
+          for n in storage.list_dir(out) if n != corpus_lib.MANIFEST} == {
+              n: t for n, t in before.items() if n != corpus_lib.MANIFEST}
+
+
 def test_unfinished_tokenization_is_redone(tmp_path, corpus_path):
   out = tmp_path / "tok"
   corpus_lib.tokenize(corpus_path, str(out), DataConfig(), 32)

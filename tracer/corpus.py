@@ -327,7 +327,8 @@ def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
     nothing); one with other settings is an error.
   """
   output = storage.normalize(output)
-  settings = {"source": source, "tokenizer": data_config.tokenizer,
+  settings = {"source": data_lib.absolute_source(source),
+              "tokenizer": data_config.tokenizer,
               "sentencepiece_model": data_config.sentencepiece_model,
               "max_len": max_len, "overflow": data_config.overflow}
   if is_tokenized(output):
@@ -361,8 +362,10 @@ def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
 def _existing(location: str, settings: dict) -> TokenizedCorpus:
   """The corpus at ``location``, if made from the same source and settings."""
   corpus = TokenizedCorpus(location)
+  same = lambda k, v: (getattr(corpus.manifest, k) == v or k == "source" and (
+      data_lib.absolute_source(corpus.manifest.source) == v))  # recorded relative
   diffs = [f"{k}: has {getattr(corpus.manifest, k)!r}, asked {v!r}"
-           for k, v in settings.items() if getattr(corpus.manifest, k) != v]
+           for k, v in settings.items() if not same(k, v)]
   if diffs:
     raise InputError(f"{location}: already holds a tokenized corpus with other "
                      f"settings ({'; '.join(diffs)}); choose another --output")
@@ -461,7 +464,8 @@ def _join(output: str, source: str, num_shards: int) -> TokenizedCorpus | None:
     return None
   manifests = [read_manifest(storage.join(output, p)) for p in paths]
   first = manifests[0]
-  made_as = lambda m: (m.source, m.tokenizer, m.sentencepiece_model,
+  made_as = lambda m: (data_lib.absolute_source(m.source), m.tokenizer,
+                       m.sentencepiece_model,
                        m.max_len, m.overflow, m.token_dtype)
   for i, (p, m) in enumerate(zip(paths, manifests)):
     if made_as(m) != made_as(first) or m.shard != [i, num_shards]:

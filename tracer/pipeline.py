@@ -415,7 +415,10 @@ def manifest(ckpt: ckpt_lib.Checkpoint, encoder: GradientEncoder,
       projection_seed=encoder.layout.seed, layout=encoder.layout.to_json(),
       dim=encoder.dim, basis_fingerprint=basis.fingerprint() if basis else None,
       kernel=encoder.approximation, dtype=cfg.store_dtype,
-      corpus=data_lib.absolute_source(corpus.source),
+      # A tokenized corpus's source was made absolute when it was tokenized
+      # (a relative one, of an older corpus, is relative to that run).
+      corpus=corpus.source if isinstance(corpus, corpus_lib.TokenizedCorpus)
+      else data_lib.absolute_source(corpus.source),
       num_rows=len(corpus), chunk_rows=cfg.chunk_rows,
       corpus_rows=corpus.location if isinstance(corpus, corpus_lib.TokenizedCorpus)
       else "",
