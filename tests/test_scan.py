@@ -635,6 +635,18 @@ def test_pooled_buffers_fit_the_host_budget(tmp_path, monkeypatch):
   made.clear()
   assert_same(scan.scan_store(s, q, K, mesh=mesh), reference(x, q, K))
   assert 0 < sum(made) <= sets * 8 * 64 * row_bytes
+  # Where even one chunk per device in every set would pass the budget (as
+  # d = 2^16 on 8 GPUs), fewer steps are read ahead, then prefetched: 10
+  # sets (read-ahead 4) become 7 (read-ahead 1), then 5 (prefetch 1).
+  pools = []
+  pool = scan._BufferPool
+  monkeypatch.setattr(scan, "_BufferPool", lambda shapes, dtype, size: (
+      pools.append((sum(a * b for a, b in shapes), size))
+      or pool(shapes, dtype, size)))
+  for fit, want in ((7, 7), (6, 5), (3, 5)):
+    monkeypatch.setattr(scan, "HOST_BUFFER_BYTES", fit * 8 * 64 * row_bytes)
+    assert_same(scan.scan_store(s, q, K, mesh=mesh, read_ahead=4), reference(x, q, K))
+    assert pools[-1] == (8 * 64 * 16, want)  # 64 rows of 16 per device
 
 
 def test_store_scan_from_object_storage(s3):

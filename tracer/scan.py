@@ -54,7 +54,8 @@ REMOTE_READ_AHEAD = 4
 # to fit: the pool holds (prefetch + depth + read_ahead + 2) sets of a step's
 # rows for every local device, which at 2 GiB accelerator steps would be
 # 160 GiB on an 8-GPU host reading object storage. 8 GiB still keeps
-# read_ahead (4) sets, ~3 GiB, in flight.
+# read_ahead (4) sets, ~3 GiB, in flight; where one store chunk per device
+# is too much for that (d = 2^16 on 8 GPUs), read_ahead shrinks instead.
 HOST_BUFFER_BYTES = 8 << 30
 # The most pieces (store chunks used in place) a step hands a device; more
 # small chunks are copied into one buffer instead (each piece is a matmul of
@@ -409,14 +410,20 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
     raise InputError(f"queries: every part needs the same queries, got "
                      f"{[q.shape[0] for q in qs]} of them")
   dtype = _device_dtype(sources[0].dtype)
-  depth = max(1, prefetch)
   read_ahead = max(0, int(read_ahead))
-  sets = (prefetch + depth + read_ahead + 2) * len(sources)
+  sets = lambda: (prefetch + max(1, prefetch) + read_ahead + 2) * len(sources)
   if chunk_rows is None:
     step = default_chunk_rows(dim, dtype.itemsize, mesh.size, row_multiple,
                               mesh.devices.flat[0].platform)
     if any(s.copies(step // mesh.size) for s in sources):
-      step = buffered_step(step, mesh, dim * dtype.itemsize, sets, row_multiple)
+      # A step reads at least a whole store chunk per device (128 MiB at
+      # d = 2^16): where the pool of those would pass the budget (10 GiB on
+      # 8 GPUs), fewer steps are read ahead, then prefetched (at least one).
+      least = len(mesh.local_devices) * row_multiple * dim * dtype.itemsize
+      while sets() * least > HOST_BUFFER_BYTES and (read_ahead > 1 or prefetch > 1):
+        read_ahead, prefetch = ((read_ahead - 1, prefetch) if read_ahead > 1
+                                else (read_ahead, prefetch - 1))
+      step = buffered_step(step, mesh, dim * dtype.itemsize, sets(), row_multiple)
   elif chunk_rows < 1:
     raise InputError(f"chunk_rows: must be >= 1, got {chunk_rows}")
   else:
@@ -428,7 +435,8 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   # Whole store chunks per device: one piece per chunk (mapped in place).
   layout = _Layout(mesh, step, dim, dtype,
                    piece_rows=row_multiple if row_multiple > 1 else None)
-  pool = _BufferPool(layout.shapes(), dtype, size=sets)
+  pool = _BufferPool(layout.shapes(), dtype, size=sets())
+  depth = max(1, prefetch)
   queries_on_mesh = [partitioning.put_global(q, partitioning.replicated(mesh))
                      for q in qs]
   state = init_topk(qs[0].shape[0], k, mesh)
