@@ -21,7 +21,8 @@ from tracer import hessian
 from tracer import pipeline
 from tracer import storage
 from tracer import store as store_lib
-from tracer.config import DataConfig, EncodeConfig, OptimizerConfig, PreconditionerConfig
+from tracer.config import (ENCODING_SETTINGS, DataConfig, EncodeConfig, OptimizerConfig,
+                           PreconditionerConfig)
 from tracer.errors import InputError
 
 
@@ -61,7 +62,8 @@ def encode_config(store: str | None = None) -> EncodeConfig:
   ecfg = config.make(EncodeConfig)
   if not store or not storage.exists(storage.join(store, store_lib.MANIFEST)):
     return ecfg
-  stored = store_lib.read_manifest(store).encode_config
+  stored = {k: v for k, v in store_lib.read_manifest(store).encode_config.items()
+            if k in ENCODING_SETTINGS}
   try:
     config.check_bound_fields(EncodeConfig, stored, store, "a store encoded with",
                               "the gin files it was encoded with, or another --store")

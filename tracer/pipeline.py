@@ -177,10 +177,14 @@ def _coordination_client():
 
 
 def _tell(key: str, message: str) -> None:
-  """Leaves ``message`` under ``key`` for the other processes (``_told``)."""
+  """Leaves ``message`` under ``key`` for the other processes (``_told``);
+  never raises (it is called while an error is on its way up)."""
   client = _coordination_client()
   if client is not None:
-    client.key_value_set(key, message)
+    try:
+      client.key_value_set(key, message, allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except
+      pass  # the others wait as they would without it
 
 
 def _told(topic: str) -> list[tuple[str, str]]:
