@@ -98,9 +98,11 @@ def tokenized_once(workdir: str | None, source: str, ckpt) -> str:
                        f"not of --corpus={source}; pass --corpus={location} to use "
                        "it, or another --workdir")
   else:
+    share = "files" if data_lib.is_file_source(source) else "seqio shards"
     say(f"tokenizing {source} into {location}, " + (
-        f"each of {jax.process_count()} processes its share of the files"
-        if data_lib.is_file_source(source) else "by process 0 (a seqio source)"))
+        f"each of {jax.process_count()} processes its share of the {share}"
+        if data_lib.splits_among_processes(source) else "by process 0 (a seqio "
+        "source; TASK#shards=N splits it among the processes)"))
   progress, written = Progress("tokenize", unit="rows"), [0]
 
   def report(rows: int) -> None:

@@ -6,6 +6,7 @@ import bz2
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -319,6 +320,31 @@ def test_one_parquet_file_tokenized_by_three_processes(tmp_path, records):
   sizes = [p["num_rows"] for p in got.manifest.parts]
   assert len(sizes) == 3 and min(sizes) > 0
   _assert_same_rows(whole, got)
+
+
+def test_seqio_shards_tokenized_by_two_processes(tmp_path, records):
+  """``TASK#shards=5`` tokenized by two processes (runs of 2 and 3 shards)
+  joins to the rows one process reads; a seqio source without shards is
+  tokenized by one process only."""
+  path = str(facts.write_jsonl(tmp_path / "c.jsonl", records))
+  vocab = DataConfig().vocabulary()
+  data_lib.register_jsonl_task("tracer_tokenize_shards", path, vocab, ids=False)
+  source = "tracer_tokenize_shards#shards=5"
+  whole = data_lib.read_corpus(source, vocab, 32, "split")
+  out = str(tmp_path / "tok")
+  for i in (1, 0):
+    got = corpus_lib.tokenize(source, out, DataConfig(overflow="split"), 32,
+                              num_shards=2, shard_index=i)
+  first = sum(i.split(":")[0] in ("0", "1") for i in whole.ids)  # shards 0, 1
+  assert [p["num_rows"] for p in got.manifest.parts] == [first, len(whole) - first]
+  assert 0 < first < len(whole)
+  _assert_same_rows(whole, got)
+  assert got.source == source
+  with pytest.raises(InputError, match=re.escape(
+      "tracer_tokenize_shards: tokenizing in 2 shards splits a file source's "
+      "files, or a seqio source's shards when it names them (TASK#shards=N)")):
+    corpus_lib.tokenize("tracer_tokenize_shards", str(tmp_path / "tok2"),
+                        DataConfig(), 32, num_shards=2, shard_index=0)
 
 
 def test_first_shared_hash_merges_parts_in_blocks():

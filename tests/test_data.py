@@ -871,6 +871,50 @@ def test_seqio_mixture_reads_every_example_of_every_task(tmp_path, corpus_path,
   np.testing.assert_array_equal(corpus.tokens, from_jsonl.tokens)
 
 
+def test_seqio_source_in_shards(tmp_path, corpus_path, vocab):
+  """``TASK#shards=S`` reads seqio's shard 0, 1, ... of S one after another
+  (here every S-th example: the task's one source has fewer files than
+  shards); without ids of their own, examples are numbered within their
+  shard; a mixture is read shard-major, each shard task after task."""
+  import seqio  # pylint: disable=g-import-not-at-top
+  records = _records(corpus_path)[:11]
+  path = str(facts.write_jsonl(tmp_path / "c.jsonl", records))
+  data_lib.register_jsonl_task("tracer_shards", path, vocab)
+  data_lib.register_jsonl_task("tracer_shards_no_ids", path, vocab, ids=False)
+  ids = lambda source, **kw: [i for i, _, _ in data_lib.seqio_records(source, vocab, **kw)]
+  by_shard = [records[s::3] for s in range(3)]
+  assert ids("tracer_shards#shards=3") == [r["id"] for run in by_shard for r in run]
+  assert ids("tracer_shards#shards=3", shards=[2, 1]) == [
+      r["id"] for r in by_shard[2] + by_shard[1]]
+  assert ids("tracer_shards#shards=1") == ids("tracer_shards") == [r["id"] for r in records]
+  assert ids("tracer_shards_no_ids") == [str(i) for i in range(11)]
+  assert ids("tracer_shards_no_ids#shards=3") == [
+      f"{s}:{i}" for s in range(3) for i in range(len(by_shard[s]))]
+  corpus = data_lib.read_corpus("tracer_shards#shards=3", vocab, 32)
+  assert corpus.texts == [r["text"] for run in by_shard for r in run]
+  if "tracer_shards_mix" in seqio.MixtureRegistry.names():
+    seqio.MixtureRegistry.remove("tracer_shards_mix")
+  seqio.MixtureRegistry.add("tracer_shards_mix",
+                            ["tracer_shards", "tracer_shards_no_ids"], default_rate=1.0)
+  try:
+    assert ids("tracer_shards_mix#shards=2") == [
+        *(f"tracer_shards:{r['id']}" for r in records[0::2]),
+        *(f"tracer_shards_no_ids:0:{i}" for i in range(6)),
+        *(f"tracer_shards:{r['id']}" for r in records[1::2]),
+        *(f"tracer_shards_no_ids:1:{i}" for i in range(5))]
+  finally:
+    seqio.MixtureRegistry.remove("tracer_shards_mix")
+  assert data_lib.splits_among_processes("tracer_shards#shards=3")
+  assert not data_lib.splits_among_processes("tracer_shards#shards=1")
+  assert not data_lib.splits_among_processes("tracer_shards")
+  assert not data_lib.is_file_source("tracer_shards#shards=3")
+  for bad in ("0", "x", "-2", ""):
+    with pytest.raises(InputError, match=re.escape(
+        f"--corpus=tracer_shards#shards={bad}: shards={bad!r}: expected a whole "
+        "number of shards, at least 1 (TASK#shards=N)")):
+      ids(f"tracer_shards#shards={bad}")
+
+
 def test_sentencepiece_round_trip(tmp_path, corpus_path):
   texts = [r["text"] for r in _records(corpus_path)]
   model = data_lib.train_sentencepiece(texts, str(tmp_path / "sp"), vocab_size=300)

@@ -538,14 +538,15 @@ def test_tokenized_once_refuses_what_it_cannot_share(tmp_path, monkeypatch):
     common.tokenized_once(str(tmp_path / "w"), other, None)
 
 
-@pytest.mark.parametrize("kind", ["files", "unjoined", "seqio"])
+@pytest.mark.parametrize("kind", ["files", "unjoined", "seqio", "seqio_shards"])
 def test_tokenize_on_processes_waits_without_a_collective(tmp_path, monkeypatch,
                                                           kind):
   """Two simulated processes (threads, each its own process_index): process 1
   starts late, so process 0 waits by reading the manifest; both get the
   whole corpus, the rows of one process. ``unjoined``: neither process's
   own tokenize joins the parts (as if the last two finished together);
-  process 0 joins them while it waits. ``seqio``: process 0 tokenizes alone."""
+  process 0 joins them while it waits. ``seqio``: process 0 tokenizes alone;
+  ``seqio_shards`` (``TASK#shards=3``): each process a run of shards."""
   import threading  # pylint: disable=g-import-not-at-top
   records = [{"id": f"d{i}", "text": "ab" * (1 + i % 5)} for i in range(12)]
   for i in range(3):
@@ -553,12 +554,13 @@ def test_tokenize_on_processes_waits_without_a_collective(tmp_path, monkeypatch,
       f.writelines(json.dumps(r) + "\n" for r in records[4 * i:4 * i + 4])
   source = str(tmp_path / "part-*.jsonl")
   output = str(tmp_path / "corpus")
-  if kind == "seqio":
+  if kind.startswith("seqio"):
     with open(tmp_path / "all.jsonl", "w") as f:
       f.writelines(json.dumps(r) + "\n" for r in records)
     source = "tracer_test_processes"
     data_lib.register_jsonl_task(source, str(tmp_path / "all.jsonl"),
                                  DataConfig().vocabulary())
+    source += "#shards=3" if kind == "seqio_shards" else ""
   local = threading.local()
   if kind == "unjoined":
     # Each process's own tokenize call misses the other's part, as when both
@@ -601,4 +603,4 @@ def test_tokenize_on_processes_waits_without_a_collective(tmp_path, monkeypatch,
                                   whole.examples(rows)["targets"])
   parts = got[0].manifest.parts
   assert (None if parts is None else [p["num_rows"] for p in parts]) == (
-      None if kind == "seqio" else [4, 8])
+      {"seqio": None, "seqio_shards": [4, 8]}.get(kind, [4, 8]))

@@ -344,16 +344,24 @@ def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
     _write(output, source, records, data_config, max_len, block_rows, progress,
            settings)
     return TokenizedCorpus(output)
-  if records is not None or not data_lib.is_file_source(source):
+  if records is not None or not data_lib.splits_among_processes(source):
     raise InputError(f"{source}: tokenizing in {num_shards} shards splits a file "
-                     "source's files; one process tokenizes a seqio source")
+                     "source's files, or a seqio source's shards when it names "
+                     "them (TASK#shards=N); one process tokenizes a seqio source "
+                     "that does not")
   part = storage.join(output, _part_name(shard_index, num_shards))
   if is_tokenized(part):
     _existing(part, settings)
   else:
     _check_empty_or_unfinished(part, set(_ARRAYS) | {ID_HASHES})
-    mine = data_lib.split_files(source, num_shards)[shard_index]
-    records = data_lib.corpus_records(source, data_config.vocabulary(), False, mine)
+    vocab = data_config.vocabulary()
+    if data_lib.is_file_source(source):
+      mine = data_lib.split_files(source, num_shards)[shard_index]
+      records = data_lib.corpus_records(source, vocab, False, mine)
+    else:  # a run of the seqio source's shards
+      n = data_lib.seqio_shards(source)[1]
+      records = data_lib.seqio_records(source, vocab, shards=range(
+          shard_index * n // num_shards, (shard_index + 1) * n // num_shards))
     _write(part, source, records, data_config, max_len, block_rows, progress,
            settings, shard=[shard_index, num_shards])
   return _join(output, source, num_shards) or TokenizedCorpus(part)

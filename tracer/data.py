@@ -867,6 +867,8 @@ def split_source(source: str) -> tuple[str, dict[str, str]]:
   files, sep, spec = source.rpartition("#")
   if not sep or "=" not in spec or "/" in spec:
     return source, fields
+  if spec.partition("=")[0].strip() == "shards":
+    return source, fields  # a seqio source's shards (``seqio_shards``)
   for item in spec.split(","):
     key, eq, name = (s.strip() for s in item.partition("="))
     if key not in fields or not eq or not name:
@@ -1019,8 +1021,31 @@ def _name_in_source(source: str, path: str) -> str:
       posixpath.basename(path))
 
 
+def seqio_shards(source: str) -> tuple[str, int]:
+  """(name, shards) of a seqio source: ``c4_task#shards=1024`` is the task
+  read as 1,024 shards, one after another (seqio's ``ShardInfo``: shard i
+  holds files i, i + 1024, ... of a source with that many files, else
+  every 1,024th example), so that processes tokenizing consecutive runs of
+  shards write the rows one process would. 1 without ``#shards=``."""
+  name, sep, spec = source.rpartition("#")
+  key, eq, value = spec.partition("=")
+  if not sep or key.strip() != "shards" or not eq:
+    return source, 1
+  if not value.strip().isdigit() or int(value) < 1:
+    raise InputError(f"--corpus={source}: shards={value.strip()!r}: expected a "
+                     "whole number of shards, at least 1 (TASK#shards=N)")
+  return name, int(value)
+
+
+def splits_among_processes(source: str) -> bool:
+  """True if processes can each tokenize a share of ``source``: corpus files
+  (``split_files``), or a seqio source that names its shards (``seqio_shards``)."""
+  return is_file_source(source) or seqio_shards(source)[1] > 1
+
+
 def seqio_records(name: str, vocab, split: str = "train",
-                  feature: str = "targets") -> Iterator[Record]:
+                  feature: str = "targets", shards: Sequence[int] | None = None
+                  ) -> Iterator[Record]:
   """Any registered seqio Task or Mixture as corpus records, in source order.
 
   The task's preprocessors run (``shuffle=False``); the example's ``feature``
@@ -1029,7 +1054,12 @@ def seqio_records(name: str, vocab, split: str = "train",
   Mixture is read task after task (seqio's name order, tasks of rate > 0),
   every example once, with ids ``"<task name>:<id>"``: seqio's own sampling
   would stop at the first exhausted task and drop ids.
+
+  ``name#shards=S`` (``seqio_shards``) reads shard after shard (each shard
+  task after task), positions counted within the shard (``"<shard>:<i>"``);
+  ``shards``: only those shards, in that order (a process's run).
   """
+  name, num_shards = seqio_shards(name)
   seqio = _seqio()
   if (name not in seqio.MixtureRegistry.names()
       and name not in seqio.TaskRegistry.names()):
@@ -1041,19 +1071,22 @@ def seqio_records(name: str, vocab, split: str = "train",
     parts = [(t, f"{t.name}:") for t in provider.tasks if provider.get_rate(t) > 0]
   else:
     parts = [(provider, "")]
-  for task, prefix in parts:
-    dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False,
-                               num_epochs=1)
-    for i, ex in enumerate(dataset.as_numpy_iterator()):
-      if feature not in ex:
-        raise InputError(f"seqio {task.name}: example {i} has no feature "
-                         f"{feature!r}")
-      tokens = [int(t) for t in ex[feature] if t != EOS_ID]
-      text = ex.get(f"{feature}_pretokenized")
-      text = text.decode() if isinstance(text, bytes) else vocab.decode(tokens)
-      doc_id = ex.get("id", str(i))
-      doc_id = doc_id.decode() if isinstance(doc_id, bytes) else str(doc_id)
-      yield prefix + doc_id, text, tokens
+  for shard in range(num_shards) if shards is None else shards:
+    info = seqio.ShardInfo(shard, num_shards) if num_shards > 1 else None
+    at = f"{shard}:" if info else ""
+    for task, prefix in parts:
+      dataset = task.get_dataset(sequence_length=None, split=split, shuffle=False,
+                                 num_epochs=1, shard_info=info)
+      for i, ex in enumerate(dataset.as_numpy_iterator()):
+        if feature not in ex:
+          raise InputError(f"seqio {task.name}: example {at}{i} has no feature "
+                           f"{feature!r}")
+        tokens = [int(t) for t in ex[feature] if t != EOS_ID]
+        text = ex.get(f"{feature}_pretokenized")
+        text = text.decode() if isinstance(text, bytes) else vocab.decode(tokens)
+        doc_id = ex.get("id", f"{at}{i}")
+        doc_id = doc_id.decode() if isinstance(doc_id, bytes) else str(doc_id)
+        yield prefix + doc_id, text, tokens
 
 
 def is_file_source(source: str) -> bool:
@@ -1106,12 +1139,13 @@ def read_corpus(source: str, vocab, max_len: int, overflow: str = "truncate") ->
   return build_corpus(label, records, vocab, max_len, overflow)
 
 
-def register_jsonl_task(name: str, path: str, vocab) -> Any:
+def register_jsonl_task(name: str, path: str, vocab, ids: bool = True) -> Any:
   """Registers a seqio Task reading corpus lines from ``path``.
 
   Its examples hold ``id``, ``targets`` (tokens + EOS) and
   ``targets_pretokenized``; ``read_seqio_corpus(name, ...)`` then gives the same
-  rows as ``read_file_corpus(path, ...)``.
+  rows as ``read_file_corpus(path, ...)``. ``ids=False``: no ``id`` (as many
+  seqio tasks), so the records' ids are positions.
   """
   seqio = _seqio()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -1123,7 +1157,7 @@ def register_jsonl_task(name: str, path: str, vocab) -> Any:
     return tf.data.Dataset.from_generator(
         lambda: ((r["id"], r["text"]) for r in records),
         output_signature=(tf.TensorSpec((), tf.string), tf.TensorSpec((), tf.string)),
-    ).map(lambda i, t: {"id": i, "targets": t})
+    ).map(lambda i, t: {"id": i, "targets": t} if ids else {"targets": t})
 
   if name in seqio.TaskRegistry.names():
     seqio.TaskRegistry.remove(name)

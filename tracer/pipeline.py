@@ -119,8 +119,8 @@ def tokenize_on_processes(ckpt: ckpt_lib.Checkpoint, source: str, output: str,
                           poll_s: float = 10.0) -> corpus_lib.TokenizedCorpus:
   """``source`` tokenized into ``output`` once for all processes, for this
   checkpoint's tokenizer and ``max_len`` (``tracer.corpus.tokenize``): corpus
-  files split among the processes, each tokenizing its share; a seqio source
-  by process 0. Returns the whole corpus on every process once it is written
+  files, or a seqio source's shards (``TASK#shards=N``), split among the
+  processes, each tokenizing its share; another seqio source by process 0. Returns the whole corpus on every process once it is written
   (an earlier run's is reused as it is).
 
   Processes wait for the others by reading the corpus's manifest (every
@@ -136,8 +136,9 @@ def tokenize_on_processes(ckpt: ckpt_lib.Checkpoint, source: str, output: str,
   """
   config, max_len = data_config(ckpt), ckpt.family.max_len(ckpt.model_config)
   shards, index = jax.process_count(), jax.process_index()
-  if not data_lib.is_file_source(source):
-    # corpus.tokenize reads a seqio source in one process.
+  if not data_lib.splits_among_processes(source):
+    # corpus.tokenize reads a seqio source in one process unless it names
+    # its shards (TASK#shards=N).
     shards, index = 1, (0 if index == 0 else None)
   tokenize = functools.partial(corpus_lib.tokenize, source, output, config, max_len,
                                num_shards=shards)
