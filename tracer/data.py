@@ -861,7 +861,8 @@ def split_source(source: str) -> tuple[str, dict[str, str]]:
   ``hexsha``; a field not named keeps its own name. The names are part of
   the source string, so the manifests that record a source (a tokenized
   corpus's, a store's, a checkpoint's) record them too. A ``#`` followed by
-  no ``=``, or by a ``/``, is part of the path.
+  no ``=``, or by a ``/``, is part of the path; ``#shards=N`` is a seqio
+  source's shard count (``seqio_shards``), returned as it is.
   """
   fields = {f: f for f in CORPUS_FIELDS}
   files, sep, spec = source.rpartition("#")
