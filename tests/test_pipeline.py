@@ -177,24 +177,32 @@ def test_scan_rejects_a_store_from_other_settings(trained):
     _bind(PreconditionerConfig__kind="block")
 
 
-def test_scan_encodes_queries_as_its_store_was_encoded(trained, capsys):
+def test_scan_encodes_queries_as_its_store_was_encoded(trained, capsys, monkeypatch):
   """A store keeps the EncodeConfig settings it was encoded with; scan (and
   serve, trace, encode) take those gin does not bind, so a store made with
-  other gin files is scanned as made. A binding that differs is an error
-  naming it."""
+  other gin files is scanned as made; a binding that differs is an error
+  naming it. The store records a relative --corpus absolute, so serve and
+  scan find it from another directory; a store that recorded it relative
+  (before) matches the same files from its run's directory only."""
   root, corpus, queries = trained
   other = str(root / "store-other")
+  monkeypatch.chdir(root)
+  relative = os.path.relpath(corpus)
   _bind(EncodeConfig__seed=1, EncodeConfig__projection_dim=2048)
   try:
-    made = trace.run(str(root), corpus, queries, str(root / "o.jsonl"), show=0,
+    made = trace.run(str(root), relative, queries, str(root / "o.jsonl"), show=0,
                      store_path=other)
   finally:
     gin.clear_config()
     gin.parse_config(BINDINGS.replace("EncodeConfig.projection_dim = 4096", ""))
   try:
-    stored = store_lib.read_manifest(other).encode_config
-    assert sorted(stored) == sorted(ENCODING_SETTINGS)
-    assert (stored["seed"], stored["projection_dim"], stored["chunk_rows"]) == (1, 2048, 64)
+    manifest = store_lib.read_manifest(other)
+    assert sorted(manifest.encode_config) == sorted(ENCODING_SETTINGS)
+    assert (manifest.encode_config["seed"], manifest.encode_config["projection_dim"],
+            manifest.encode_config["chunk_rows"]) == (1, 2048, 64)
+    assert manifest.corpus == corpus
+    monkeypatch.chdir(root / "facts")
+    assert serve_script._corpus_source(other, None) == corpus
     capsys.readouterr()
     rows = scan_script.run(str(root), corpus, queries, str(root / "p.jsonl"),
                            store_path=other)
@@ -214,39 +222,25 @@ def test_scan_encodes_queries_as_its_store_was_encoded(trained, capsys):
         "another --store")):
       scan_script.run(str(root), corpus, queries, str(root / "p.jsonl"),
                       store_path=other)
+    gin.clear_config()
+    gin.parse_config(BINDINGS.replace("EncodeConfig.projection_dim = 4096", ""))
+    # As a store made before recorded its corpus: relative to its run.
+    path = os.path.join(other, store_lib.MANIFEST)
+    with open(path) as f:
+      old = json.load(f)
+    with open(path, "w") as f:
+      json.dump({**old, "corpus": relative}, f)
+    with pytest.raises(store_lib.IncompatibleStoreError, match=re.escape(
+        f"field 'corpus': store has '{relative}', this run has '{corpus}'")):
+      scan_script.run(str(root), corpus, queries, str(root / "p.jsonl"),
+                      store_path=other)
+    monkeypatch.chdir(root)
+    rows = scan_script.run(str(root), corpus, queries, str(root / "p.jsonl"),
+                           store_path=other)
+    assert [r["proponent_ids"] for r in rows] == [r["proponent_ids"] for r in made]
   finally:
     gin.clear_config()
     gin.parse_config(BINDINGS)
-
-
-def test_a_store_names_its_corpus_from_any_directory(trained, monkeypatch):
-  """A store made from a relative --corpus records it absolute, so serve and
-  scan find it from another directory; a store that recorded a relative path
-  (before) still matches the same files named either way from its run's
-  directory."""
-  root, corpus, queries = trained
-  monkeypatch.chdir(root)
-  relative = os.path.relpath(corpus)
-  made = trace.run(str(root), relative, queries, str(root / "r.jsonl"), show=0,
-                   store_path=str(root / "store-relative"))
-  assert store_lib.read_manifest(str(root / "store-relative")).corpus == corpus
-  monkeypatch.chdir(root / "facts")
-  assert serve_script._corpus_source(str(root / "store-relative"), None) == corpus
-  rows = scan_script.run(str(root), corpus, queries, str(root / "s.jsonl"),
-                         store_path=str(root / "store-relative"))
-  assert [r["proponent_ids"] for r in rows] == [r["proponent_ids"] for r in made]
-  # As a store made before recorded it.
-  manifest = root / "store-relative" / store_lib.MANIFEST
-  old = json.loads(manifest.read_text())
-  manifest.write_text(json.dumps({**old, "corpus": relative}))
-  with pytest.raises(store_lib.IncompatibleStoreError, match=re.escape(
-      f"field 'corpus': store has '{relative}', this run has '{corpus}'")):
-    scan_script.run(str(root), corpus, queries, str(root / "s.jsonl"),
-                    store_path=str(root / "store-relative"))
-  monkeypatch.chdir(root)
-  rows = scan_script.run(str(root), corpus, queries, str(root / "s.jsonl"),
-                         store_path=str(root / "store-relative"))
-  assert [r["proponent_ids"] for r in rows] == [r["proponent_ids"] for r in made]
 
 
 def test_sweep_skips_finished_runs(trained, tmp_path, monkeypatch):
