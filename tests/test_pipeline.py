@@ -496,6 +496,13 @@ def test_streaming_basis_is_saved_and_reused(trained, tmp_path, monkeypatch):
                     streaming=True, basis_path=basis)
   assert len(fits) == 1 and again == first  # reused, not refit
   assert hessian.Basis.load(basis).fingerprint() == saved.fingerprint()
+  # The key names the corpus absolute: the same files named relative from
+  # another directory are the same fit.
+  assert saved.fit_key["corpus"] == corpus
+  monkeypatch.chdir(os.path.dirname(corpus))
+  trace.run(str(root), os.path.basename(corpus), queries, str(tmp_path / "r.jsonl"),
+            show=0, streaming=True, basis_path=basis)
+  assert len(fits) == 1
   _bind(PreconditionerConfig__train_examples=128)
   try:
     trace.run(str(root), corpus, queries, str(tmp_path / "c.jsonl"), show=0,

@@ -274,6 +274,16 @@ def read_padded(corpus, rows: np.ndarray, size: int) -> tuple[dict, np.ndarray]:
 
 # --- R: the store's basis, and each query set's metric ----------------------
 
+def recorded_source(corpus) -> str:
+  """The source a store or a basis records for ``corpus``: a local path made
+  absolute (``data.absolute_source``), so that it names the same files from
+  any directory. A tokenized corpus's as it recorded it (absolute since
+  2026-12; relative to that run before)."""
+  if isinstance(corpus, corpus_lib.TokenizedCorpus):
+    return corpus.source
+  return data_lib.absolute_source(corpus.source)
+
+
 def basis_key(params_fingerprint: str, encoder: GradientEncoder,
               correction_kind: str, epsilon: float, corpus,
               cfg: PreconditionerConfig) -> dict:
@@ -282,7 +292,7 @@ def basis_key(params_fingerprint: str, encoder: GradientEncoder,
   key = {"params_fingerprint": params_fingerprint, "correction": correction_kind,
          "epsilon": float(epsilon), "dim": encoder.dim,
          "kernel": encoder.approximation,
-         "projection_seed": encoder.layout.seed, "corpus": corpus.source,
+         "projection_seed": encoder.layout.seed, "corpus": recorded_source(corpus),
          "num_rows": len(corpus), "kind": cfg.kind,
          "train_examples": cfg.train_examples, "sample_seed": cfg.sample_seed}
   return json.loads(json.dumps(key))
@@ -336,7 +346,11 @@ def load_or_fit_basis(location: str, key: dict,
   ``fit()``, saved there (by process 0). Returns it and whether it was reused."""
   if storage.exists(location):
     saved = hessian.Basis.load(location)
-    if saved.fit_key == key:
+    recorded = saved.fit_key or {}
+    # A basis saved before sources were recorded absolute holds the path as
+    # given: the same files, from the directory it is resolved in.
+    if key in (recorded, {**recorded, "corpus": data_lib.absolute_source(
+        recorded.get("corpus", ""))}):
       return saved, True
   basis = fit()
   if basis is not None and jax.process_index() == 0:
@@ -420,10 +434,7 @@ def manifest(ckpt: ckpt_lib.Checkpoint, encoder: GradientEncoder,
       projection_seed=encoder.layout.seed, layout=encoder.layout.to_json(),
       dim=encoder.dim, basis_fingerprint=basis.fingerprint() if basis else None,
       kernel=encoder.approximation, dtype=cfg.store_dtype,
-      # A tokenized corpus's source was made absolute when it was tokenized
-      # (a relative one, of an older corpus, is relative to that run).
-      corpus=corpus.source if isinstance(corpus, corpus_lib.TokenizedCorpus)
-      else data_lib.absolute_source(corpus.source),
+      corpus=recorded_source(corpus),
       num_rows=len(corpus), chunk_rows=cfg.chunk_rows,
       corpus_rows=corpus.location if isinstance(corpus, corpus_lib.TokenizedCorpus)
       else "",
