@@ -93,7 +93,7 @@ def tokenized_once(workdir: str | None, source: str, ckpt) -> str:
   location = storage.join(workdir, "corpus")
   if corpus_lib.is_tokenized(location):
     made_from = corpus_lib.read_manifest(location).source
-    if data_lib.absolute_source(made_from) != data_lib.absolute_source(source):
+    if not data_lib.same_source(made_from, source):
       raise InputError(f"{location}: holds the tokenized corpus of {made_from}, "
                        f"not of --corpus={source}; pass --corpus={location} to use "
                        "it, or another --workdir")

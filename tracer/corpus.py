@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import operator
 import os
 from typing import Any, Iterable, Sequence
 
@@ -370,8 +371,8 @@ def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
 def _existing(location: str, settings: dict) -> TokenizedCorpus:
   """The corpus at ``location``, if made from the same source and settings."""
   corpus = TokenizedCorpus(location)
-  same = lambda k, v: (getattr(corpus.manifest, k) == v or k == "source" and (
-      data_lib.absolute_source(corpus.manifest.source) == v))  # recorded relative
+  same = lambda k, v: (data_lib.same_source if k == "source" else operator.eq)(
+      getattr(corpus.manifest, k), v)
   diffs = [f"{k}: has {getattr(corpus.manifest, k)!r}, asked {v!r}"
            for k, v in settings.items() if not same(k, v)]
   if diffs:

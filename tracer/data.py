@@ -1107,6 +1107,14 @@ def absolute_source(source: str) -> str:
   return storage.normalize(files) + source[len(files):]
 
 
+def same_source(recorded: str, source: str) -> bool:
+  """``recorded`` (by a store, a tokenized corpus, a basis) names the files
+  ``source`` names: equal once made absolute. Records made before sources
+  were recorded absolute (2026-12) hold the path as given, resolved here
+  against the current directory."""
+  return recorded == source or absolute_source(recorded) == absolute_source(source)
+
+
 def source_records(source: str, vocab, unique_ids: bool = True
                    ) -> tuple[str, Iterator[Record]]:
   """(label, records) of a JSONL or Parquet file or glob, or of a seqio task

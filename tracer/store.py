@@ -45,6 +45,7 @@ import tensorstore as ts
 
 from tracer import crashpoints
 from tracer.claim import CLAIM_FILE
+from tracer import data as data_lib
 from tracer import storage
 from tracer.errors import CorruptStoreError, InputError
 
@@ -79,16 +80,8 @@ ENCODING_FIELDS = (
 STORAGE_FIELDS = ("dtype", "corpus", "num_rows", "chunk_rows")
 
 
-def _same_place(a: str, b: str) -> bool:
-  """Two corpus sources name the same files: equal, or local paths equal once
-  made absolute (stores made before sources were recorded absolute, in
-  2026-12, hold the path as given, relative to the directory of that run)."""
-  return a == b or not (storage.is_url(a) or storage.is_url(b)) and (
-      os.path.abspath(a) == os.path.abspath(b))
-
-
 # Manifest fields compared by more than equality.
-_SAME = {"corpus": _same_place}
+_SAME = {"corpus": data_lib.same_source}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +116,8 @@ class Manifest:
     encode_config: the ``EncodeConfig`` settings the rows were encoded with
       (``tracer.config.ENCODING_SETTINGS``); informative (the fields above
       are what is compared), it tells a later run how to encode for this
-      store: ``tracer serve`` and ``scan`` take them. Empty in older stores.
+      store: ``tracer serve``, ``scan``, ``trace`` and ``encode`` take them.
+      Empty in older stores.
     tracer_version: version of tracer that wrote the encodings (informative).
   """
   checkpoint: str
