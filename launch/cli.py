@@ -9,6 +9,13 @@ was expected) ends the process with exit status 2 and ONE line on stderr::
 
 Any other exception is a bug in tracer, and keeps its traceback.
 
+On several processes (jax.distributed), a process whose ``main`` fails also
+tells the others why (``tracer.coordination``) and exits at once, skipping
+jax.distributed's shutdown barrier; each other process, told by its watcher
+thread (``other_process_failed``) even while it waits in a collective, writes
+``error: process 1 of 64 failed: <its message>`` and exits with the same
+status. Before, they waited 300 s at the barrier and aborted, saying nothing.
+
 This module defines no flags and imports neither tracer nor jax, so every
 script uses it (``launch.bm25`` and ``launch.evaluate`` define flags of
 their own, ``launch.plan`` must not load jax); ``launch.config`` re-exports
@@ -17,7 +24,10 @@ their own, ``launch.plan`` must not load jax); ``launch.config`` re-exports
 
 from __future__ import annotations
 
+import os
 import sys
+import threading
+import traceback
 from typing import Any, Callable, NoReturn
 
 from absl import app
@@ -66,6 +76,67 @@ def fail(message: Any) -> NoReturn:
   sys.exit(EXIT_BAD_INPUT)
 
 
+# Held by whichever of the main thread (its own failure) and the watcher
+# thread (another process's) ends this process first; the other then waits.
+_ENDING = threading.Lock()
+
+
+def _coordination():
+  """``tracer.coordination`` when this process is one of several of a
+  jax.distributed run, else None (it is never imported here: a run that did
+  not import it has not started jax.distributed)."""
+  module = sys.modules.get("tracer.coordination")
+  return module if module is not None and module.client() is not None else None
+
+
+def _end_first() -> None:
+  """Returns in the first thread to end this process; blocks any other."""
+  if not _ENDING.acquire(blocking=False):
+    threading.Event().wait()
+
+
+def _leave(coordination, status: int) -> NoReturn:
+  """Exits with ``status`` once the others can do without this process,
+  skipping the shutdown barrier (which would wait for processes stuck in a
+  collective this process will never join)."""
+  sys.stdout.flush()
+  sys.stderr.flush()
+  coordination.leave_together()
+  os._exit(status)  # pylint: disable=protected-access
+
+
+def _failed_here(coordination, error: Exception) -> NoReturn:
+  """This process's ``main`` raised ``error`` on one of several processes.
+  If another process failed first, ``error`` most likely follows from it
+  (gloo's collectives raise once a peer has left): its message is given."""
+  try:
+    first = coordination.failures()[:1]
+  except Exception:  # pylint: disable=broad-except
+    first = []
+  if first:
+    other_process_failed(first[0])
+  _end_first()
+  bad = is_bad_input(error)
+  if bad:
+    sys.stdout.flush()
+    sys.stderr.write(f"error: {one_line(error)}\n")
+  else:
+    traceback.print_exc()
+  if not isinstance(error, coordination.OtherProcessError):
+    coordination.tell_failure(error, bad_input=bad)
+  _leave(coordination, EXIT_BAD_INPUT if bad else 1)
+
+
+def other_process_failed(failure) -> NoReturn:
+  """Ends this process with another's failure (a ``tracer.coordination
+  .Failure``): its message on one line, its exit status."""
+  coordination = sys.modules["tracer.coordination"]
+  _end_first()
+  sys.stdout.flush()
+  sys.stderr.write(f"error: {one_line(failure.error())}\n")
+  _leave(coordination, failure.status)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, but an unknown flag or a bad value is ``fail``ed (absl
   prints several lines and exits 1)."""
@@ -85,6 +156,9 @@ def run(main: Callable[[list[str]], Any]) -> None:
     try:
       return main(argv)
     except Exception as e:  # pylint: disable=broad-except
+      coordination = _coordination()
+      if coordination is not None:
+        _failed_here(coordination, e)
       if not is_bad_input(e):
         raise
       fail(e)

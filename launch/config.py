@@ -22,6 +22,7 @@ from absl import flags
 from absl import logging
 import gin
 
+from tracer.launch import cli
 from tracer.launch.cli import run  # pylint: disable=unused-import  (re-exported)
 from tracer import config as tracer_config
 from tracer import storage
@@ -236,7 +237,8 @@ flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index.")
 
 def initialize_distributed() -> None:
   """Starts jax.distributed when asked to (flags), or on TPU pods/clusters
-  where JAX finds the topology itself (``TRACER_DISTRIBUTED=1``)."""
+  where JAX finds the topology itself (``TRACER_DISTRIBUTED=1``); on several
+  processes, a thread that ends this one when another fails (``launch.cli``)."""
   import jax
   if FLAGS.coordinator_address or os.environ.get("TRACER_DISTRIBUTED") == "1":
     # CPU hosts (tests, CPU clusters) need a cross-process collectives backend;
@@ -247,6 +249,10 @@ def initialize_distributed() -> None:
                                FLAGS.process_id)
   elif os.environ.get("TRACER_DISTRIBUTED") == "1":
     jax.distributed.initialize()
+  from tracer import coordination  # pylint: disable=g-import-not-at-top
+  if coordination.client() is not None:
+    # Another process's failure ends this one with its message (launch.cli).
+    coordination.watch_failures(cli.other_process_failed)
 
 
 def setup(required: tuple[str, ...] = ()) -> None:

@@ -30,7 +30,6 @@ import functools
 import json
 import time
 import warnings
-import zlib
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import jax
@@ -38,6 +37,7 @@ import numpy as np
 
 from tracer import checkpoint as ckpt_lib
 from tracer import claim as claim_lib
+from tracer import coordination
 from tracer import corpus as corpus_lib
 from tracer import crashpoints
 from tracer import data as data_lib
@@ -120,8 +120,9 @@ def tokenize_on_processes(ckpt: ckpt_lib.Checkpoint, source: str, output: str,
   """``source`` tokenized into ``output`` once for all processes, for this
   checkpoint's tokenizer and ``max_len`` (``tracer.corpus.tokenize``): corpus
   files, or a seqio source's shards (``TASK#shards=N``), split among the
-  processes, each tokenizing its share; another seqio source by process 0. Returns the whole corpus on every process once it is written
-  (an earlier run's is reused as it is).
+  processes, each tokenizing its share; another seqio source by process 0.
+  Returns the whole corpus on every process once it is written (an earlier
+  run's is reused as it is).
 
   Processes wait for the others by reading the corpus's manifest (every
   ``poll_s`` seconds at most), not in a collective: hosts' shares may take
@@ -129,10 +130,8 @@ def tokenize_on_processes(ckpt: ckpt_lib.Checkpoint, source: str, output: str,
   last two finished together and neither saw the other's.
 
   A process that fails (a bad line in its share, ids repeated across parts)
-  says so in jax.distributed's key-value store before it raises; the others
-  raise an InputError with its message at their next poll, instead of
-  waiting until jax.distributed's shutdown barrier times out (5 minutes)
-  and aborts every process with no word of why.
+  says so before it raises (``tracer.coordination``); the others raise an
+  OtherProcessError with its message at their next poll.
   """
   config, max_len = data_config(ckpt), ckpt.family.max_len(ckpt.model_config)
   shards, index = jax.process_count(), jax.process_index()
@@ -142,7 +141,6 @@ def tokenize_on_processes(ckpt: ckpt_lib.Checkpoint, source: str, output: str,
     shards, index = 1, (0 if index == 0 else None)
   tokenize = functools.partial(corpus_lib.tokenize, source, output, config, max_len,
                                num_shards=shards)
-  topic = f"tracer/tokenize_failed/{zlib.crc32(output.encode()):08x}"
   try:
     if index is not None:
       tokenize(progress=progress, shard_index=index)
@@ -152,46 +150,15 @@ def tokenize_on_processes(ckpt: ckpt_lib.Checkpoint, source: str, output: str,
         tokenize(shard_index=0)  # joins the parts once every one is written
       if corpus_lib.is_tokenized(output):
         return corpus_lib.TokenizedCorpus(output)
-      for key, message in _told(topic):
-        raise OtherProcessError(
-            f"process {key.rsplit('/', 1)[1]} of {jax.process_count()} failed "
-            f"tokenizing {source} into {output}: {message}")
+      for failure in coordination.failures():
+        raise failure.error()
       time.sleep(wait)
       wait = min(2 * wait, poll_s)
   except OtherProcessError:
     raise
   except Exception as e:
-    _tell(f"{topic}/{jax.process_index()}",
-          str(e) if isinstance(e, InputError) else f"{type(e).__name__}: {e}")
+    coordination.tell_failure(e)
     raise
-
-
-def _coordination_client():
-  """jax.distributed's client of the coordination service (a key-value store
-  on process 0 that every process reaches without a collective), or None on
-  one process or where this jax has none."""
-  try:
-    from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  return getattr(distributed.global_state, "client", None)
-
-
-def _tell(key: str, message: str) -> None:
-  """Leaves ``message`` under ``key`` for the other processes (``_told``);
-  never raises (it is called while an error is on its way up)."""
-  client = _coordination_client()
-  if client is not None:
-    try:
-      client.key_value_set(key, message, allow_overwrite=True)
-    except Exception:  # pylint: disable=broad-except
-      pass  # the others wait as they would without it
-
-
-def _told(topic: str) -> list[tuple[str, str]]:
-  """(key, message) of what processes left under ``topic/`` (``_tell``)."""
-  client = _coordination_client()
-  return [] if client is None else sorted(client.key_value_dir_get(topic))
 
 
 def read_queries(ckpt: ckpt_lib.Checkpoint, path: str) -> tuple[list[dict], dict]:
