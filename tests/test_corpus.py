@@ -322,6 +322,8 @@ def test_one_parquet_file_tokenized_by_three_processes(tmp_path, records):
   _assert_same_rows(whole, got)
 
 
+# A one-source task read in shards: seqio reads it whole for each (warned).
+@pytest.mark.filterwarnings("ignore:--corpus=tracer_")
 def test_seqio_shards_tokenized_by_two_processes(tmp_path, records):
   """``TASK#shards=5`` tokenized by two processes (runs of 2 and 3 shards)
   joins to the rows one process reads; a seqio source without shards is

@@ -11,6 +11,7 @@ import os
 import re
 import subprocess
 import sys
+import warnings
 
 import jax
 import numpy as np
@@ -871,6 +872,7 @@ def test_seqio_mixture_reads_every_example_of_every_task(tmp_path, corpus_path,
   np.testing.assert_array_equal(corpus.tokens, from_jsonl.tokens)
 
 
+@pytest.mark.filterwarnings("ignore:--corpus=tracer_shards")
 def test_seqio_source_in_shards(tmp_path, corpus_path, vocab):
   """``TASK#shards=S`` reads seqio's shard 0, 1, ... of S one after another
   (here every S-th example: the task's one source has fewer files than
@@ -883,7 +885,16 @@ def test_seqio_source_in_shards(tmp_path, corpus_path, vocab):
   data_lib.register_jsonl_task("tracer_shards_no_ids", path, vocab, ids=False)
   ids = lambda source, **kw: [i for i, _, _ in data_lib.seqio_records(source, vocab, **kw)]
   by_shard = [records[s::3] for s in range(3)]
-  assert ids("tracer_shards#shards=3") == [r["id"] for run in by_shard for r in run]
+  # The task's one source is read whole for every shard: said once per read.
+  with pytest.warns(UserWarning, match=re.escape(
+      "--corpus=tracer_shards#shards=3: seqio task tracer_shards has 1 source "
+      "file(s) in split 'train', fewer than 3 shards, so seqio shards it by "
+      "examples: every shard reads all of it. Name at most 1 shard(s)")):
+    got = ids("tracer_shards#shards=3")
+  assert got == [r["id"] for run in by_shard for r in run]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    ids("tracer_shards#shards=1")
   assert ids("tracer_shards#shards=3", shards=[2, 1]) == [
       r["id"] for r in by_shard[2] + by_shard[1]]
   assert ids("tracer_shards#shards=1") == ids("tracer_shards") == [r["id"] for r in records]

@@ -604,6 +604,8 @@ def test_tokenized_once_refuses_what_it_cannot_share(tmp_path, monkeypatch):
     common.tokenized_once(str(tmp_path / "w"), other, None)
 
 
+# A one-source task read in shards: seqio reads it whole for each (warned).
+@pytest.mark.filterwarnings("ignore:--corpus=tracer_")
 @pytest.mark.parametrize("kind", ["files", "unjoined", "seqio", "seqio_shards"])
 def test_tokenize_on_processes_waits_without_a_collective(tmp_path, monkeypatch,
                                                           kind):

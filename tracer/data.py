@@ -42,6 +42,7 @@ import re
 import sys
 import tempfile
 import threading
+import warnings
 import zlib
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
@@ -1072,6 +1073,16 @@ def seqio_records(name: str, vocab, split: str = "train",
     parts = [(t, f"{t.name}:") for t in provider.tasks if provider.get_rate(t) > 0]
   else:
     parts = [(provider, "")]
+  for task, _ in parts if num_shards > 1 else []:
+    files = len(task.source.list_shards(split))
+    if files < num_shards:
+      # seqio then reads the whole source for every shard and keeps every
+      # S-th example (Task.get_dataset): S processes read it S times over.
+      warnings.warn(
+          f"--corpus={name}#shards={num_shards}: seqio task {task.name} has "
+          f"{files} source file(s) in split {split!r}, fewer than {num_shards} "
+          f"shards, so seqio shards it by examples: every shard reads all of "
+          f"it. Name at most {files} shard(s) to have each read only its files.")
   for shard in range(num_shards) if shards is None else shards:
     info = seqio.ShardInfo(shard, num_shards) if num_shards > 1 else None
     at = f"{shard}:" if info else ""
