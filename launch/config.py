@@ -9,6 +9,7 @@ by class name:
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import importlib
 import importlib.resources
@@ -251,8 +252,11 @@ def initialize_distributed() -> None:
     jax.distributed.initialize()
   from tracer import coordination  # pylint: disable=g-import-not-at-top
   if coordination.client() is not None:
-    # Another process's failure ends this one with its message (launch.cli).
-    coordination.watch_failures(cli.other_process_failed)
+    # Another process's failure ends this one with its message (launch.cli),
+    # also while it waits for the others at its end (registered after jax's
+    # own exit handler, so run before it).
+    watcher = coordination.FailureWatcher(cli.other_process_failed)
+    atexit.register(watcher.close)
 
 
 def setup(required: tuple[str, ...] = ()) -> None:

@@ -371,8 +371,9 @@ def _failing_worker() -> None:
   flags>``: a launch script (``launch.config.setup``, ``cli.run``) whose
   process F raises KIND (``bad_input`` or ``bug``) once every process is up,
   while the others wait for it in a collective (WAIT ``collective``: gloo's
-  raises once F has left) or work on for an hour (``work``: only the
-  watcher thread can end them, as it ends a TPU host stuck in a collective)."""
+  raises once F has left), work on for an hour (``work``: only the watcher
+  thread can end them, as it ends a TPU host stuck in a collective), or
+  finish (``finish``: F fails 2 s later, while they wait for it at exit)."""
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from tracer.launch import cli, config as launch_config  # pylint: disable=g-import-not-at-top
 
@@ -381,9 +382,13 @@ def _failing_worker() -> None:
     launch_config.setup()
     multihost_utils.sync_global_devices("every process is up")
     if jax.process_index() == failing:
+      if wait == "finish":
+        time.sleep(2)
       if kind == "bad_input":
         raise InputError("corpus.jsonl:3: field 'text' is empty")
       raise RuntimeError("a bug in tracer")
+    if wait == "finish":
+      return
     if wait == "work":
       time.sleep(3600)
     multihost_utils.sync_global_devices("never: one process is missing")
@@ -399,11 +404,12 @@ if __name__ == "__main__" and sys.argv[1:2] == ["fail"]:
 
 
 @pytest.mark.parametrize("failing,kind,wait", [(1, "bad_input", "collective"),
-                                               (0, "bug", "work")])
+                                               (0, "bug", "work"),
+                                               (2, "bad_input", "finish")])
 def test_a_failure_on_one_process_ends_every_process_with_its_message(
     tmp_path, failing, kind, wait):
   """One of 3 processes fails while the others wait for it (in a collective,
-  or working on):
+  working on, or at their end):
   every one ends within seconds, the failing one with its own error, each
   other with ``error: process F of 3 failed: <its message>``, all with its
   exit status (2 for bad input, 1 for a bug). Process 0 hosts the key-value

@@ -11,11 +11,15 @@ jax.distributed's shutdown barrier timed out, 300 s, and both then aborted
 Here a failing process leaves its one-line error in jax.distributed's
 key-value store (``tell_failure``: a service on process 0 that every process
 reaches over RPC, with no collective); the others read it (``failures``,
-polled by ``watch_failures``' thread even while their main thread waits in a
-collective) and end with that message. ``leave_together`` keeps process 0,
-which hosts the store, up until every process has read it.
+polled by a ``FailureWatcher``'s thread even while their main thread waits
+in a collective, and at the end while it waits for the others) and end with
+that message. ``leave_together`` keeps process 0, which hosts the store, up
+until every process has read it.
 
-All of it is a no-op on one process, or where this jax has no client.
+All of it is a no-op on one process, or where this jax has no client. None
+of it touches jax's backend (``jax.process_index`` would): a call made while
+jax tears the backend down at exit would start a new one, whose collectives
+then fail against the closing service (SIGABRT).
 """
 
 from __future__ import annotations
@@ -25,15 +29,15 @@ import threading
 import time
 from typing import Callable, NamedTuple
 
-import jax
-
 from tracer.errors import InputError, OtherProcessError
 
 FAILED = "tracer/failed"     # FAILED/<process>: {"status", "message"}
 LEAVING = "tracer/leaving"   # LEAVING/<process>: this process is about to exit
+FINISHED = "tracer/finished" # FINISHED/<process>: its work is done (FailureWatcher.close)
 WATCH_INTERVAL_S = 1.0       # how often each process asks for failures
 LEAVE_TIMEOUT_S = 30.0       # process 0's longest wait for the others to read
 LAST_OUT_S = 0.5             # process 0's wait after the last one said it leaves
+FINISH_TIMEOUT_S = 300.0     # as jax.distributed's shutdown barrier
 
 
 class Failure(NamedTuple):
@@ -43,20 +47,32 @@ class Failure(NamedTuple):
   message: str
 
   def error(self) -> OtherProcessError:
-    return OtherProcessError(f"process {self.process} of {jax.process_count()} "
+    return OtherProcessError(f"process {self.process} of {_processes()[1]} "
                              f"failed: {self.message}")
+
+
+def _state():
+  """jax.distributed's state (client, process id and count), or None where
+  this jax has none."""
+  try:
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return distributed.global_state
+
+
+def _processes() -> tuple[int, int]:
+  """(this process's index, the number of processes) of the run."""
+  state = _state()
+  return getattr(state, "process_id", 0) or 0, getattr(state, "num_processes", 1) or 1
 
 
 def client():
   """jax.distributed's client of the coordination service, or None on one
   process, before ``jax.distributed.initialize``, after its shutdown, or
   where this jax has none."""
-  try:
-    from jax._src import distributed  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return None
-  found = getattr(distributed.global_state, "client", None)
-  return found if found is not None and jax.process_count() > 1 else None
+  found = getattr(_state(), "client", None)
+  return found if found is not None and _processes()[1] > 1 else None
 
 
 def tell_failure(error: BaseException, bad_input: bool | None = None) -> None:
@@ -71,7 +87,7 @@ def tell_failure(error: BaseException, bad_input: bool | None = None) -> None:
     record = ({"status": 2, "message": str(error)} if bad_input else
               {"status": 1, "message": f"{type(error).__name__}: {error}"})
     try:
-      kv.key_value_set(f"{FAILED}/{jax.process_index()}", json.dumps(record),
+      kv.key_value_set(f"{FAILED}/{_processes()[0]}", json.dumps(record),
                        allow_overwrite=True)
     except Exception:  # pylint: disable=broad-except
       pass  # the others wait as they would without it
@@ -82,7 +98,7 @@ def failures() -> list[Failure]:
   kv = client()
   if kv is None:
     return []
-  me, found = jax.process_index(), []
+  me, found = _processes()[0], []
   for key, value in kv.key_value_dir_get(FAILED):
     process = int(key.rsplit("/", 1)[1])
     if process != me:
@@ -91,30 +107,51 @@ def failures() -> list[Failure]:
   return sorted(found)
 
 
-def watch_failures(on_failure: Callable[[Failure], None],
-                   interval_s: float = WATCH_INTERVAL_S) -> threading.Thread:
-  """Starts a daemon thread that calls ``on_failure`` with the first other
-  process's failure it finds (polling every ``interval_s``), then stops. It
-  also stops, silently, once jax.distributed shuts down: it keeps watching
-  through the shutdown barrier, where a process that finished its work waits
-  for one that may still fail."""
+class FailureWatcher:
+  """A thread that calls ``on_failure`` with the first other process's
+  failure it finds (``failures``, polled every ``interval_s``), then stops.
+  Call ``close`` at this process's normal exit (``atexit``)."""
 
-  def watch():
-    while True:
-      time.sleep(interval_s)
+  def __init__(self, on_failure: Callable[[Failure], None],
+               interval_s: float = WATCH_INTERVAL_S):
+    self._on_failure, self._interval_s = on_failure, interval_s
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._watch, name="tracer-failure-watch",
+                                    daemon=True)
+    self._thread.start()
+
+  def _watch(self) -> None:
+    while not self._stop.wait(self._interval_s):
       try:
         found = failures() if client() is not None else None
       except Exception:  # pylint: disable=broad-except
-        return  # the service is gone: the run is ending anyway
+        found = None
       if found is None:
-        return
+        return  # the service is gone: the run is ending anyway
       if found:
-        on_failure(found[0])
+        self._on_failure(found[0])
         return
 
-  thread = threading.Thread(target=watch, name="tracer-failure-watch", daemon=True)
-  thread.start()
-  return thread
+  def close(self, timeout_s: float = FINISH_TIMEOUT_S, poll_s: float = 0.1) -> None:
+    """Says this process has finished and waits (at most ``timeout_s``)
+    until every process has, the thread watching on meanwhile, so that one
+    failing after this one finished still ends it; jax.distributed's own
+    shutdown barrier then passes at once. Then stops the thread: one left
+    inside a call to the service while the interpreter finalizes aborts the
+    process ("FATAL: exception not rethrown")."""
+    kv = client()
+    if kv is not None:
+      index, count = _processes()
+      try:
+        kv.key_value_set(f"{FINISHED}/{index}", "1", allow_overwrite=True)
+        deadline = time.monotonic() + timeout_s
+        while (len(kv.key_value_dir_get(FINISHED)) < count
+               and time.monotonic() < deadline):
+          time.sleep(poll_s)
+      except Exception:  # pylint: disable=broad-except
+        pass  # jax.distributed's own barrier follows
+    self._stop.set()
+    self._thread.join()
 
 
 def leave_together(timeout_s: float = LEAVE_TIMEOUT_S, poll_s: float = 0.05) -> None:
@@ -125,11 +162,12 @@ def leave_together(timeout_s: float = LEAVE_TIMEOUT_S, poll_s: float = 0.05) -> 
   if kv is None:
     return
   try:
-    kv.key_value_set(f"{LEAVING}/{jax.process_index()}", "1", allow_overwrite=True)
-    if jax.process_index() != 0:
+    index, count = _processes()
+    kv.key_value_set(f"{LEAVING}/{index}", "1", allow_overwrite=True)
+    if index != 0:
       return
     deadline = time.monotonic() + timeout_s
-    while (len(kv.key_value_dir_get(LEAVING)) < jax.process_count()
+    while (len(kv.key_value_dir_get(LEAVING)) < count
            and time.monotonic() < deadline):
       time.sleep(poll_s)
     # The others exit right after saying so; once process 0 has gone, the
