@@ -23,7 +23,9 @@ scheduler restarts the whole job), and both are run again: the store equals
 the 1-process reference's bitwise. The 2 processes encode in the reference
 store's basis (``--basis``): a basis fitted over 2 processes sums R_train's
 moments in another order, and the eigenvectors of its (rank-deficient)
-blocks, so every row, differ from a 1-process fit's.
+blocks, so every row, differ from a 1-process fit's. And a chunk damaged in
+one host's share ends both processes of a 2-process trace, each with the
+message of the host that found it.
 
 Subprocesses share a persistent JAX compilation cache, filled by the first
 reference run, so each later run pays little compilation.
@@ -475,3 +477,41 @@ def test_one_of_two_processes_killed_mid_encode(shared, reference, tmp_path):
                     f"{label}, rerun")
   print(f"\n{label}; left: {state}; rerun on 2 processes: store equal to the "
         "1-process reference")
+
+
+def test_a_chunk_damaged_in_one_hosts_share_ends_both_processes(shared, reference,
+                                                                  tmp_path):
+  """The reference store with a bit flipped in chunk 4, traced on 2
+  processes: the host that reads the chunk names it and exits 2; the other,
+  waiting for it in the scan's collectives, ends with its message
+  (``tracer.coordination``; here gloo's collective raises once the first has
+  left, and the failure it reads first is reported instead), not after
+  jax.distributed's 300 s shutdown barrier with a SIGABRT (measured before:
+  320.6 s, both -6). No results."""
+  store = tmp_path / "w" / "store"
+  for rel, data in reference["store"].items():
+    (store / rel).parent.mkdir(parents=True, exist_ok=True)
+    (store / rel).write_bytes(data)
+  chunk = store_lib.open_store(str(store)).chunk_file(4)
+  raw = bytearray(open(chunk, "rb").read())
+  raw[100] ^= 0x01
+  open(chunk, "wb").write(bytes(raw))
+  port = multiprocess.free_port()
+  procs, logs = multiprocess.start(
+      [command("trace", shared, tmp_path / "w", (port, i)) for i in range(2)],
+      tmp_path, environ(shared, 2))
+  deadline = time.monotonic() + RUN_TIMEOUT_S  # inside the barrier's 300 s
+  while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+    time.sleep(0.2)
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+  codes = [p.wait() for p in procs]
+  texts = [open(log, errors="replace").read() for log in logs]
+  assert codes == [2, 2], (codes, texts)
+  message = f"{chunk}: chunk 4 (rows 64..80) of store {store}: checksum mismatch"
+  found = [i for i, text in enumerate(texts) if f"\nerror: {message}" in text]
+  assert len(found) == 1, texts
+  other = 1 - found[0]
+  assert f"\nerror: process {found[0]} of 2 failed: {message}" in texts[other], texts
+  assert not (tmp_path / "w" / "results.jsonl").exists()
