@@ -31,13 +31,13 @@ from typing import Callable, NamedTuple
 
 from tracer.errors import InputError, OtherProcessError
 
-FAILED = "tracer/failed"     # FAILED/<process>: {"status", "message"}
-LEAVING = "tracer/leaving"   # LEAVING/<process>: this process is about to exit
-FINISHED = "tracer/finished" # FINISHED/<process>: its work is done (FailureWatcher.close)
-WATCH_INTERVAL_S = 1.0       # how often each process asks for failures
-LEAVE_TIMEOUT_S = 30.0       # process 0's longest wait for the others to read
-LAST_OUT_S = 0.5             # process 0's wait after the last one said it leaves
-FINISH_TIMEOUT_S = 300.0     # as jax.distributed's shutdown barrier
+FAILED = "tracer/failed"      # FAILED/<process>: {"status", "message"}
+LEAVING = "tracer/leaving"    # LEAVING/<process>: it is about to exit
+FINISHED = "tracer/finished"  # FINISHED/<process>: its work is done
+WATCH_INTERVAL_S = 1.0        # how often each process asks for failures
+LEAVE_TIMEOUT_S = 30.0        # process 0's longest wait for the others to read
+LAST_OUT_S = 0.5              # process 0's wait after the last one left
+FINISH_TIMEOUT_S = 300.0      # as jax.distributed's shutdown barrier
 
 
 class Failure(NamedTuple):
