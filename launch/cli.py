@@ -108,15 +108,17 @@ def _leave(coordination, status: int) -> NoReturn:
 def _failed_here(coordination, error: Exception) -> NoReturn:
   """This process's ``main`` raised ``error`` on one of several processes.
   If another process failed first, ``error`` most likely follows from it
-  (gloo's collectives raise once a peer has left): its message is given."""
+  (gloo's collectives raise once a peer has left): its message is given,
+  unless it is this one's (every process failing alike, e.g. on a flag)."""
+  bad = is_bad_input(error)
+  mine = coordination.as_failure(error, bad_input=bad).message
   try:
-    first = coordination.failures()[:1]
+    first = [f for f in coordination.failures() if f.message != mine][:1]
   except Exception:  # pylint: disable=broad-except
     first = []
   if first:
     other_process_failed(first[0])
   _end_first()
-  bad = is_bad_input(error)
   if bad:
     sys.stdout.flush()
     sys.stderr.write(f"error: {one_line(error)}\n")

@@ -369,7 +369,7 @@ def test_two_processes_equal_one(tmp_path):
 def _failing_worker() -> None:
   """``python tests/test_multihost.py fail F KIND WAIT <jax.distributed
   flags>``: a launch script (``launch.config.setup``, ``cli.run``) whose
-  process F raises KIND (``bad_input`` or ``bug``) once every process is up,
+  process F (F ``every``: every process) raises KIND (``bad_input`` or ``bug``) once every process is up,
   while the others wait for it in a collective (WAIT ``collective``: gloo's
   raises once F has left), work on for an hour (``work``: only the watcher
   thread can end them, as it ends a TPU host stuck in a collective), or
@@ -378,10 +378,11 @@ def _failing_worker() -> None:
   from tracer.launch import cli, config as launch_config  # pylint: disable=g-import-not-at-top
 
   def main(argv):
-    failing, kind, wait = int(argv[2]), argv[3], argv[4]
+    failing = -1 if argv[2] == "every" else int(argv[2])
+    kind, wait = argv[3], argv[4]
     launch_config.setup()
     multihost_utils.sync_global_devices("every process is up")
-    if jax.process_index() == failing:
+    if failing in (jax.process_index(), -1):
       if wait == "finish":
         time.sleep(2)
       if kind == "bad_input":
@@ -405,7 +406,8 @@ if __name__ == "__main__" and sys.argv[1:2] == ["fail"]:
 
 @pytest.mark.parametrize("failing,kind,wait", [(1, "bad_input", "collective"),
                                                (0, "bug", "work"),
-                                               (2, "bad_input", "finish")])
+                                               (2, "bad_input", "finish"),
+                                               (-1, "bad_input", "collective")])
 def test_a_failure_on_one_process_ends_every_process_with_its_message(
     tmp_path, failing, kind, wait):
   """One of 3 processes fails while the others wait for it (in a collective,
@@ -414,12 +416,14 @@ def test_a_failure_on_one_process_ends_every_process_with_its_message(
   other with ``error: process F of 3 failed: <its message>``, all with its
   exit status (2 for bad input, 1 for a bug). Process 0 hosts the key-value
   store the message goes through, so it leaves last, whichever failed.
+  When every process fails alike (F = -1), each gives its own error.
   Without it (measured: a damaged store chunk found by one of two ``tracer
   trace`` processes) the others waited 300 s at jax.distributed's shutdown
   barrier and every process aborted, the survivor saying only that another
   task died."""
   port = multiprocess.free_port()
-  commands = [[sys.executable, os.path.abspath(__file__), "fail", str(failing), kind, wait,
+  commands = [[sys.executable, os.path.abspath(__file__), "fail",
+               "every" if failing == -1 else str(failing), kind, wait,
                *multiprocess.distributed_flags(port, i, 3)] for i in range(3)]
   procs, logs = multiprocess.start(commands, tmp_path, multiprocess.env(devices=1))
   deadline = time.monotonic() + 120  # a run takes ~10 s; the barrier 300 s
@@ -435,7 +439,7 @@ def test_a_failure_on_one_process_ends_every_process_with_its_message(
   assert codes == [status] * 3, (codes, texts)
   for i, text in enumerate(texts):
     assert "the collective completed" not in text
-    if i != failing:
+    if failing not in (i, -1):
       assert f"\nerror: process {failing} of 3 failed: {message}\n" in text, text
     elif kind == "bad_input":
       assert f"\nerror: {message}\n" in text, text

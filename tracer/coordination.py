@@ -75,19 +75,25 @@ def client():
   return found if found is not None and _processes()[1] > 1 else None
 
 
+def as_failure(error: BaseException, bad_input: bool | None = None) -> Failure:
+  """``error`` as this process's Failure: exit status 2 and its message for
+  bad input (by default an InputError), 1 and its type and message for
+  anything else (a bug)."""
+  if bad_input is None:
+    bad_input = isinstance(error, InputError)
+  return Failure(_processes()[0], *((2, str(error)) if bad_input else
+                                    (1, f"{type(error).__name__}: {error}")))
+
+
 def tell_failure(error: BaseException, bad_input: bool | None = None) -> None:
-  """Leaves ``error`` for the other processes (``failures``): exit status 2
-  and its message for bad input (by default an InputError), 1 and its type
-  and message for anything else (a bug). Never raises: it is called while
-  an error is on its way up."""
+  """Leaves ``error`` for the other processes (``failures``; ``as_failure``).
+  Never raises: it is called while an error is on its way up."""
   kv = client()
   if kv is not None:
-    if bad_input is None:
-      bad_input = isinstance(error, InputError)
-    record = ({"status": 2, "message": str(error)} if bad_input else
-              {"status": 1, "message": f"{type(error).__name__}: {error}"})
+    failure = as_failure(error, bad_input)
+    record = {"status": failure.status, "message": failure.message}
     try:
-      kv.key_value_set(f"{FAILED}/{_processes()[0]}", json.dumps(record),
+      kv.key_value_set(f"{FAILED}/{failure.process}", json.dumps(record),
                        allow_overwrite=True)
     except Exception:  # pylint: disable=broad-except
       pass  # the others wait as they would without it
