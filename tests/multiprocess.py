@@ -98,3 +98,15 @@ def init_worker(port: int, process_id: int, num_processes: int = 2) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(f"127.0.0.1:{port}", num_processes, process_id)
+
+
+def ends(procs, logs, deadline: float) -> tuple[list[int], list[str]]:
+  """Waits for every process to end (unlike ``wait``, a failure does not stop
+  the wait), killing any still running at ``deadline``. Returns their exit
+  statuses (-9: killed) and the logs' text."""
+  while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+    time.sleep(0.2)
+  for p in procs:
+    if p.poll() is None:
+      p.kill()
+  return [p.wait() for p in procs], [open(log, errors="replace").read() for log in logs]

@@ -501,13 +501,7 @@ def test_a_chunk_damaged_in_one_hosts_share_ends_both_processes(shared, referenc
       [command("trace", shared, tmp_path / "w", (port, i)) for i in range(2)],
       tmp_path, environ(shared, 2))
   deadline = time.monotonic() + RUN_TIMEOUT_S  # inside the barrier's 300 s
-  while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-    time.sleep(0.2)
-  for p in procs:
-    if p.poll() is None:
-      p.kill()
-  codes = [p.wait() for p in procs]
-  texts = [open(log, errors="replace").read() for log in logs]
+  codes, texts = multiprocess.ends(procs, logs, deadline)
   assert codes == [2, 2], (codes, texts)
   message = f"{chunk}: chunk 4 (rows 64..80) of store {store}: checksum mismatch"
   found = [i for i, text in enumerate(texts) if f"\nerror: {message}" in text]

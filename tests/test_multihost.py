@@ -427,13 +427,7 @@ def test_a_failure_on_one_process_ends_every_process_with_its_message(
                *multiprocess.distributed_flags(port, i, 3)] for i in range(3)]
   procs, logs = multiprocess.start(commands, tmp_path, multiprocess.env(devices=1))
   deadline = time.monotonic() + 120  # a run takes ~10 s; the barrier 300 s
-  while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-    time.sleep(0.2)
-  for p in procs:
-    if p.poll() is None:
-      p.kill()
-  codes = [p.wait() for p in procs]
-  texts = [open(log, errors="replace").read() for log in logs]
+  codes, texts = multiprocess.ends(procs, logs, deadline)
   status, message = {"bad_input": (2, "corpus.jsonl:3: field 'text' is empty"),
                      "bug": (1, "RuntimeError: a bug in tracer")}[kind]
   assert codes == [status] * 3, (codes, texts)
@@ -578,13 +572,8 @@ def test_a_bad_line_in_one_hosts_share_ends_every_process_with_its_message(tmp_p
                      tmp_path / "results.jsonl", (port, i), shards) for i in range(2)],
       tmp_path, multiprocess.env(devices=4))
   deadline = time.monotonic() + 240  # inside the barrier's 300 s
-  while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
-    time.sleep(0.2)
-  for p in procs:
-    if p.poll() is None:
-      p.kill()
-  texts = [open(log, errors="replace").read() for log in logs]
-  assert [p.wait() for p in procs] == [2, 2], texts
+  codes, texts = multiprocess.ends(procs, logs, deadline)
+  assert codes == [2, 2], texts
   bad = f"{shared / 'shards' / 'part-2.jsonl'}:11: missing field 'text'"
   assert f"\nerror: {bad}" in texts[1], texts[1]
   assert f"\nerror: process 1 of 2 failed: {bad}" in texts[0], texts[0]
