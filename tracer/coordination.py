@@ -145,39 +145,37 @@ class FailureWatcher:
     shutdown barrier then passes at once. Then stops the thread: one left
     inside a call to the service while the interpreter finalizes aborts the
     process ("FATAL: exception not rethrown")."""
-    kv = client()
-    if kv is not None:
-      index, count = _processes()
-      try:
-        kv.key_value_set(f"{FINISHED}/{index}", "1", allow_overwrite=True)
-        deadline = time.monotonic() + timeout_s
-        while (len(kv.key_value_dir_get(FINISHED)) < count
-               and time.monotonic() < deadline):
-          time.sleep(poll_s)
-      except Exception:  # pylint: disable=broad-except
-        pass  # jax.distributed's own barrier follows
+    _say_and_wait(FINISHED, True, timeout_s, poll_s)  # jax's own barrier follows
     self._stop.set()
     self._thread.join()
+
+
+def _say_and_wait(topic: str, wait: bool, timeout_s: float, poll_s: float) -> None:
+  """Sets ``topic/<this process>``; with ``wait``, then waits (at most
+  ``timeout_s``) until every process has. Never raises."""
+  kv = client()
+  if kv is None:
+    return
+  try:
+    index, count = _processes()
+    kv.key_value_set(f"{topic}/{index}", "1", allow_overwrite=True)
+    deadline = time.monotonic() + timeout_s
+    while (wait and len(kv.key_value_dir_get(topic)) < count
+           and time.monotonic() < deadline):
+      time.sleep(poll_s)
+  except Exception:  # pylint: disable=broad-except
+    pass
 
 
 def leave_together(timeout_s: float = LEAVE_TIMEOUT_S, poll_s: float = 0.05) -> None:
   """Says this process is leaving. Process 0, which hosts the key-value
   store, then waits (at most ``timeout_s``) until every process has said so,
   i.e. has read what it needed; the others return at once. Never raises."""
-  kv = client()
-  if kv is None:
+  if client() is None:
     return
-  try:
-    index, count = _processes()
-    kv.key_value_set(f"{LEAVING}/{index}", "1", allow_overwrite=True)
-    if index != 0:
-      return
-    deadline = time.monotonic() + timeout_s
-    while (len(kv.key_value_dir_get(LEAVING)) < count
-           and time.monotonic() < deadline):
-      time.sleep(poll_s)
+  first = _processes()[0] == 0
+  _say_and_wait(LEAVING, first, timeout_s, poll_s)
+  if first:
     # The others exit right after saying so; once process 0 has gone, the
     # agent of any still alive aborts the process (SIGABRT) within ~1 s.
     time.sleep(LAST_OUT_S)
-  except Exception:  # pylint: disable=broad-except
-    pass
