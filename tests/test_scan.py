@@ -649,13 +649,14 @@ def test_pooled_buffers_fit_the_host_budget(tmp_path, monkeypatch):
     assert pools[-1] == (8 * 64 * 16, want)  # 64 rows of 16 per device
 
 
-def test_store_scan_from_object_storage(s3):
+def test_store_scan_from_object_storage(object_store):
+  """On an S3 server and a GCS emulator, reads in flight or not."""
   x, q = _data(1001, seed=7)
   m = store_lib.Manifest(
       checkpoint="c", step=1, params_fingerprint="p", correction="adam",
       epsilon=1e-8, projection_seed=0, layout=None, dim=x.shape[1],
       basis_fingerprint=None, dtype="bfloat16", num_rows=len(x), chunk_rows=64)
-  s = store_lib.create_or_open(f"{s3('tracer-scan')}/store", m)
+  s = store_lib.create_or_open(f"{object_store('tracer-scan')}/store", m)
   for c in s.pending_chunks():
     lo, hi = s.chunk_bounds(c)
     s.write_chunk(c, x[lo:hi])

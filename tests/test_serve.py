@@ -226,13 +226,14 @@ def test_resident_load_refuses_a_corrupt_chunk(tmp_path):
     serving.open_index([store], partitioning.make_mesh(), budget_bytes=1 << 30)
 
 
-def test_resident_load_from_object_storage(s3):
-  """A store on an S3-compatible server (moto): read block by block, several
-  reads in flight, the rows held bit for bit and a quarantined row invalid."""
+def test_resident_load_from_object_storage(object_store):
+  """A store on an S3 server and on a GCS emulator: read block by block,
+  several reads in flight, the rows held bit for bit and a quarantined row
+  invalid."""
   rng = np.random.default_rng(2)
   num, dim = 150, 24
   x = rng.standard_normal((num, dim)).astype(np.float32)
-  store = _store(f"{s3('resident')}/s", x, {70: "non-finite loss"})
+  store = _store(f"{object_store('resident')}/s", x, {70: "non-finite loss"})
   assert not store.local
   mesh = partitioning.make_mesh(4, 2)
   layout = serving.plan_layout(num, dim, 2, mesh.size, 16, block_bytes=16 * dim * 2)
