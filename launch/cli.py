@@ -15,6 +15,7 @@ jax.distributed's shutdown barrier; each other process, told by its watcher
 thread (``other_process_failed``) even while it waits in a collective, writes
 ``error: process 1 of 64 failed: <its message>`` and exits with the same
 status. Before, they waited 300 s at the barrier and aborted, saying nothing.
+SIGTERM to one of them is such a failure too (``end_on_sigterm``).
 
 This module defines no flags and imports neither tracer nor jax, so every
 script uses it (``launch.bm25`` and ``launch.evaluate`` define flags of
@@ -25,6 +26,7 @@ their own, ``launch.plan`` must not load jax); ``launch.config`` re-exports
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 import traceback
@@ -105,13 +107,16 @@ def _leave(coordination, status: int) -> NoReturn:
   os._exit(status)  # pylint: disable=protected-access
 
 
-def _failed_here(coordination, error: Exception) -> NoReturn:
-  """This process's ``main`` raised ``error`` on one of several processes.
+def _failed_here(coordination, error: Exception, status: int | None = None
+                 ) -> NoReturn:
+  """This process's ``main`` raised ``error`` on one of several processes
+  (or, with ``status``, a signal stopped it: ``end_on_sigterm``).
   If another process failed first, ``error`` most likely follows from it
   (gloo's collectives raise once a peer has left): its message is given,
   unless it is this one's (every process failing alike, e.g. on a flag)."""
   bad = is_bad_input(error)
-  mine = coordination.as_failure(error, bad_input=bad).message
+  failure = coordination.as_failure(error, bad_input=bad, status=status)
+  mine = failure.message
   try:
     first = [f for f in coordination.failures() if f.message != mine][:1]
   except Exception:  # pylint: disable=broad-except
@@ -119,14 +124,44 @@ def _failed_here(coordination, error: Exception) -> NoReturn:
   if first:
     other_process_failed(first[0])
   _end_first()
-  if bad:
+  if bad or status is not None:
     sys.stdout.flush()
     sys.stderr.write(f"error: {one_line(error)}\n")
   else:
     traceback.print_exc()
   if not isinstance(error, coordination.OtherProcessError):
-    coordination.tell_failure(error, bad_input=bad)
-  _leave(coordination, EXIT_BAD_INPUT if bad else 1)
+    coordination.tell_failure(error, bad_input=bad, status=status)
+  _leave(coordination, failure.status)
+
+
+class Stopped(Exception):
+  """This process was sent SIGTERM."""
+
+
+def end_on_sigterm(coordination) -> None:
+  """On one of several processes: SIGTERM (a scheduler stopping the job, a
+  preempted machine) ends this process at once and tells the others, as a
+  failure of its ``main`` would, with status 143 (128 + SIGTERM). A thread
+  does it, so it happens even while the main thread waits in a collective,
+  where a Python signal handler would not run until the collective returned:
+  the handler only wakes the thread (``signal.set_wakeup_fd``). Without it the
+  others waited for jax.distributed's heartbeat timeout (100 s) and aborted.
+  Call from the main thread."""
+  read_end, write_end = os.pipe()
+  os.set_blocking(write_end, False)
+  signal.signal(signal.SIGTERM, lambda *_: None)  # the thread below acts
+  signal.set_wakeup_fd(write_end)
+
+  def wait() -> None:
+    # Every signal with a Python handler writes its number here (SIGINT too:
+    # its own handler still raises KeyboardInterrupt in the main thread).
+    while os.read(read_end, 1)[0] != signal.SIGTERM:
+      pass
+    _failed_here(coordination, Stopped(
+        "stopped by SIGTERM (the job was stopped or its machine preempted)"),
+                 status=128 + signal.SIGTERM)
+
+  threading.Thread(target=wait, name="tracer-sigterm", daemon=True).start()
 
 
 def other_process_failed(failure) -> NoReturn:

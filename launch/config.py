@@ -239,7 +239,8 @@ flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index.")
 def initialize_distributed() -> None:
   """Starts jax.distributed when asked to (flags), or on TPU pods/clusters
   where JAX finds the topology itself (``TRACER_DISTRIBUTED=1``); on several
-  processes, a thread that ends this one when another fails (``launch.cli``)."""
+  processes, a thread that ends this one when another fails, and one that
+  ends it and tells the others on SIGTERM (``launch.cli``)."""
   import jax
   if FLAGS.coordinator_address or os.environ.get("TRACER_DISTRIBUTED") == "1":
     # CPU hosts (tests, CPU clusters) need a cross-process collectives backend;
@@ -257,6 +258,7 @@ def initialize_distributed() -> None:
     # own exit handler, so run before it).
     watcher = coordination.FailureWatcher(cli.other_process_failed)
     atexit.register(watcher.close)
+    cli.end_on_sigterm(coordination)
 
 
 def setup(required: tuple[str, ...] = ()) -> None:

@@ -31,6 +31,7 @@ import functools
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -369,11 +370,14 @@ def test_two_processes_equal_one(tmp_path):
 def _failing_worker() -> None:
   """``python tests/test_multihost.py fail F KIND WAIT <jax.distributed
   flags>``: a launch script (``launch.config.setup``, ``cli.run``) whose
-  process F (F ``every``: every process) raises KIND (``bad_input`` or ``bug``) once every process is up,
-  while the others wait for it in a collective (WAIT ``collective``: gloo's
-  raises once F has left), work on for an hour (``work``: only the watcher
-  thread can end them, as it ends a TPU host stuck in a collective), or
-  finish (``finish``: F fails 2 s later, while they wait for it at exit)."""
+  process F (F ``every``: every process) raises KIND (``bad_input`` or
+  ``bug``) once every process is up, while the others wait for it in a
+  collective (WAIT ``collective``: gloo's raises once F has left), work on
+  for an hour (``work``: only the watcher thread can end them, as it ends a
+  TPU host stuck in a collective), or finish (``finish``: F fails 2 s later,
+  while they wait for it at exit). KIND ``sigterm``: nobody raises; every
+  process says it is up, F waits in a collective the others never join, and
+  they wait as WAIT says, for the test's SIGTERM to F."""
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from tracer.launch import cli, config as launch_config  # pylint: disable=g-import-not-at-top
 
@@ -382,7 +386,12 @@ def _failing_worker() -> None:
     kind, wait = argv[3], argv[4]
     launch_config.setup()
     multihost_utils.sync_global_devices("every process is up")
-    if failing in (jax.process_index(), -1):
+    if kind == "sigterm":
+      print("every process is up", flush=True)
+      if jax.process_index() == failing:
+        # Inside XLA, where a Python signal handler does not run.
+        multihost_utils.sync_global_devices("never: only this process joins")
+    elif failing in (jax.process_index(), -1):
       if wait == "finish":
         time.sleep(2)
       if kind == "bad_input":
@@ -407,7 +416,9 @@ if __name__ == "__main__" and sys.argv[1:2] == ["fail"]:
 @pytest.mark.parametrize("failing,kind,wait", [(1, "bad_input", "collective"),
                                                (0, "bug", "work"),
                                                (2, "bad_input", "finish"),
-                                               (-1, "bad_input", "collective")])
+                                               (-1, "bad_input", "collective"),
+                                               (1, "sigterm", "work"),
+                                               (0, "sigterm", "work")])
 def test_a_failure_on_one_process_ends_every_process_with_its_message(
     tmp_path, failing, kind, wait):
   """One of 3 processes fails while the others wait for it (in a collective,
@@ -416,7 +427,9 @@ def test_a_failure_on_one_process_ends_every_process_with_its_message(
   other with ``error: process F of 3 failed: <its message>``, all with its
   exit status (2 for bad input, 1 for a bug). Process 0 hosts the key-value
   store the message goes through, so it leaves last, whichever failed.
-  When every process fails alike (F = -1), each gives its own error.
+  When every process fails alike (F = -1), each gives its own error. SIGTERM
+  to one (a scheduler, a preemption) is a failure of status 143, also while
+  that process's main thread waits in a collective.
   Without it (measured: a damaged store chunk found by one of two ``tracer
   trace`` processes) the others waited 300 s at jax.distributed's shutdown
   barrier and every process aborted, the survivor saying only that another
@@ -427,15 +440,25 @@ def test_a_failure_on_one_process_ends_every_process_with_its_message(
                *multiprocess.distributed_flags(port, i, 3)] for i in range(3)]
   procs, logs = multiprocess.start(commands, tmp_path, multiprocess.env(devices=1))
   deadline = time.monotonic() + 120  # a run takes ~10 s; the barrier 300 s
+  if kind == "sigterm":
+    while "every process is up" not in open(logs[failing]).read():
+      assert time.monotonic() < deadline and procs[failing].poll() is None, (
+          open(logs[failing]).read())
+      time.sleep(0.1)
+    time.sleep(0.5)  # into its collective or its work
+    procs[failing].send_signal(signal.SIGTERM)
   codes, texts = multiprocess.ends(procs, logs, deadline)
-  status, message = {"bad_input": (2, "corpus.jsonl:3: field 'text' is empty"),
-                     "bug": (1, "RuntimeError: a bug in tracer")}[kind]
+  status, message = {
+      "bad_input": (2, "corpus.jsonl:3: field 'text' is empty"),
+      "bug": (1, "RuntimeError: a bug in tracer"),
+      "sigterm": (143, "stopped by SIGTERM (the job was stopped or its machine "
+                       "preempted)")}[kind]
   assert codes == [status] * 3, (codes, texts)
   for i, text in enumerate(texts):
     assert "the collective completed" not in text
     if failing not in (i, -1):
       assert f"\nerror: process {failing} of 3 failed: {message}\n" in text, text
-    elif kind == "bad_input":
+    elif kind != "bug":
       assert f"\nerror: {message}\n" in text, text
     else:  # a bug keeps its traceback
       assert "Traceback (most recent call last)" in text and message in text, text
