@@ -157,9 +157,12 @@ def end_on_sigterm(coordination) -> None:
     # its own handler still raises KeyboardInterrupt in the main thread).
     while os.read(read_end, 1)[0] != signal.SIGTERM:
       pass
-    _failed_here(coordination, Stopped(
-        "stopped by SIGTERM (the job was stopped or its machine preempted)"),
-                 status=128 + signal.SIGTERM)
+    try:
+      _failed_here(coordination, Stopped(
+          "stopped by SIGTERM (the job was stopped or its machine preempted)"),
+                   status=128 + signal.SIGTERM)
+    finally:  # SIGTERM's handler does nothing: never leave this process up
+      os._exit(128 + signal.SIGTERM)  # pylint: disable=protected-access
 
   threading.Thread(target=wait, name="tracer-sigterm", daemon=True).start()
 
