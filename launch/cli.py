@@ -144,9 +144,11 @@ def end_on_sigterm(coordination) -> None:
   failure of its ``main`` would, with status 143 (128 + SIGTERM). A thread
   does it, so it happens even while the main thread waits in a collective,
   where a Python signal handler would not run until the collective returned:
-  the handler only wakes the thread (``signal.set_wakeup_fd``). Without it the
-  others waited for jax.distributed's heartbeat timeout (100 s) and aborted.
-  Call from the main thread."""
+  the handler only wakes the thread (``signal.set_wakeup_fd``). Without it,
+  jax.distributed's preemption service takes SIGTERM and the process runs on
+  (until its scheduler's SIGKILL; the others then wait 100 s for the
+  heartbeat timeout and abort). Call from the main thread, after
+  ``jax.distributed.initialize``, whose handler this one replaces."""
   read_end, write_end = os.pipe()
   os.set_blocking(write_end, False)
   signal.signal(signal.SIGTERM, lambda *_: None)  # the thread below acts
