@@ -148,16 +148,23 @@ def end_on_sigterm(coordination) -> None:
   jax.distributed's preemption service takes SIGTERM and the process runs on
   (until its scheduler's SIGKILL; the others then wait 100 s for the
   heartbeat timeout and abort). Call from the main thread, after
-  ``jax.distributed.initialize``, whose handler this one replaces."""
+  ``jax.distributed.initialize``, whose handler this one replaces. A script
+  that sets a SIGTERM handler of its own later (``tracer serve``: a graceful
+  stop) keeps SIGTERM to itself."""
   read_end, write_end = os.pipe()
   os.set_blocking(write_end, False)
-  signal.signal(signal.SIGTERM, lambda *_: None)  # the thread below acts
+
+  def ours(signum, frame):  # the thread below acts
+    del signum, frame
+
+  signal.signal(signal.SIGTERM, ours)
   signal.set_wakeup_fd(write_end)
 
   def wait() -> None:
     # Every signal with a Python handler writes its number here (SIGINT too:
     # its own handler still raises KeyboardInterrupt in the main thread).
-    while os.read(read_end, 1)[0] != signal.SIGTERM:
+    while not (os.read(read_end, 1)[0] == signal.SIGTERM
+               and signal.getsignal(signal.SIGTERM) is ours):
       pass
     try:
       _failed_here(coordination, Stopped(
