@@ -147,6 +147,12 @@ def test_restore_errors(tmp_path):
   empty.mkdir()
   with pytest.raises(InputError, match=f"^{re.escape(str(empty))}: holds no"):
     ckpt_lib.restore(str(empty))
+  # This Orbax has no S3 file system (a TensorFlow UnimplementedError before):
+  # one line naming the location, for reading and writing alike.
+  with pytest.raises(InputError, match=r"^s3://b/ckpt: checkpoints cannot live on s3://"):
+    ckpt_lib.restore("s3://b/ckpt/")
+  with pytest.raises(InputError, match=r"^s3://b/run/checkpoints: checkpoints cannot"):
+    ckpt_lib.manager("s3://b/run/checkpoints")
 
 
 def test_optimizer_config_round_trip():

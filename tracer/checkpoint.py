@@ -45,6 +45,16 @@ class Checkpoint:
 
 
 def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
+  """Orbax's manager of the checkpoint directory ``directory`` (a local path or
+  ``gs://``; InputError for ``s3://``, which this Orbax cannot use)."""
+  if storage.normalize(directory).startswith("s3://"):
+    # Measured with Orbax 0.12.8 on an S3 server: its file layer (etils)
+    # goes through TensorFlow's file systems, which have no s3 ("File system
+    # scheme 's3' not implemented"), and through fsspec (EPATH_USE_TF=false,
+    # s3fs) the path loses a slash ("Checkpoint path should be absolute").
+    raise InputError(f"{directory}: checkpoints cannot live on s3:// (Orbax "
+                     f"{ocp.__version__} has no S3 file system); keep them on a "
+                     "local or network disk, or gs://")
   return ocp.CheckpointManager(
       storage.normalize(directory), item_names=("state", "config"),
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
