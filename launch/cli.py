@@ -139,7 +139,7 @@ class Stopped(Exception):
 
 
 def end_on_sigterm(coordination) -> None:
-  """On one of several processes: SIGTERM (a scheduler stopping the job, a
+  """Once jax.distributed is started, on one of several processes: SIGTERM (a scheduler stopping the job, a
   preempted machine) ends this process at once and tells the others, as a
   failure of its ``main`` would, with status 143 (128 + SIGTERM). A thread
   does it, so it happens even while the main thread waits in a collective,
@@ -150,7 +150,11 @@ def end_on_sigterm(coordination) -> None:
   heartbeat timeout and abort). Call from the main thread, after
   ``jax.distributed.initialize``, whose handler this one replaces. A script
   that sets a SIGTERM handler of its own later (``tracer serve``: a graceful
-  stop) keeps SIGTERM to itself."""
+  stop) keeps SIGTERM to itself. On one process, with nobody to tell,
+  SIGTERM just ends it, as without jax.distributed."""
+  if coordination.client() is None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # undo the preemption service's
+    return
   read_end, write_end = os.pipe()
   os.set_blocking(write_end, False)
 

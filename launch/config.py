@@ -258,6 +258,7 @@ def initialize_distributed() -> None:
     # own exit handler, so run before it).
     watcher = coordination.FailureWatcher(cli.other_process_failed)
     atexit.register(watcher.close)
+  if jax.distributed.is_initialized():
     cli.end_on_sigterm(coordination)
 
 

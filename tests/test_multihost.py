@@ -441,12 +441,7 @@ def test_a_failure_on_one_process_ends_every_process_with_its_message(
   procs, logs = multiprocess.start(commands, tmp_path, multiprocess.env(devices=1))
   deadline = time.monotonic() + 120  # a run takes ~10 s; the barrier 300 s
   if kind == "sigterm":
-    while "every process is up" not in open(logs[failing]).read():
-      assert time.monotonic() < deadline and procs[failing].poll() is None, (
-          open(logs[failing]).read())
-      time.sleep(0.1)
-    time.sleep(0.5)  # into its collective or its work
-    procs[failing].send_signal(signal.SIGTERM)
+    _sigterm_once_up(procs[failing], logs[failing], deadline)
   codes, texts = multiprocess.ends(procs, logs, deadline)
   status, message = {
       "bad_input": (2, "corpus.jsonl:3: field 'text' is empty"),
@@ -462,6 +457,29 @@ def test_a_failure_on_one_process_ends_every_process_with_its_message(
       assert f"\nerror: {message}\n" in text, text
     else:  # a bug keeps its traceback
       assert "Traceback (most recent call last)" in text and message in text, text
+
+
+def _sigterm_once_up(proc, log: str, deadline: float) -> None:
+  """SIGTERM to ``proc`` once its log says every process is up (a failing
+  worker of kind ``sigterm``)."""
+  while "every process is up" not in open(log).read():
+    assert time.monotonic() < deadline and proc.poll() is None, open(log).read()
+    time.sleep(0.1)
+  time.sleep(0.5)  # into its collective or its work
+  proc.send_signal(signal.SIGTERM)
+
+
+def test_sigterm_ends_a_lone_distributed_process(tmp_path):
+  """jax.distributed's preemption service takes SIGTERM, also on one process
+  (measured: the process ran on); with nobody to tell, SIGTERM ends it as
+  it does without jax.distributed."""
+  commands = [[sys.executable, os.path.abspath(__file__), "fail", "0", "sigterm",
+               "work", *multiprocess.distributed_flags(multiprocess.free_port(), 0, 1)]]
+  procs, logs = multiprocess.start(commands, tmp_path, multiprocess.env(devices=1))
+  deadline = time.monotonic() + 120
+  _sigterm_once_up(procs[0], logs[0], deadline)
+  codes, texts = multiprocess.ends(procs, logs, deadline)
+  assert codes == [-signal.SIGTERM], (codes, texts)
 
 
 # --------------------------------------------------------------------------
