@@ -139,9 +139,10 @@ class Stopped(Exception):
 
 
 def end_on_sigterm(coordination) -> None:
-  """Once jax.distributed is started, on one of several processes: SIGTERM (a scheduler stopping the job, a
-  preempted machine) ends this process at once and tells the others, as a
-  failure of its ``main`` would, with status 143 (128 + SIGTERM). A thread
+  """Once jax.distributed is started, on one of several processes: SIGTERM
+  (a scheduler stopping the job, a preempted machine) ends this process at
+  once and tells the others, as a failure of its ``main`` would, with status
+  143 (128 + SIGTERM). A thread
   does it, so it happens even while the main thread waits in a collective,
   where a Python signal handler would not run until the collective returned:
   the handler only wakes the thread (``signal.set_wakeup_fd``). Without it,
