@@ -15,7 +15,8 @@ jax.distributed's shutdown barrier; each other process, told by its watcher
 thread (``other_process_failed``) even while it waits in a collective, writes
 ``error: process 1 of 64 failed: <its message>`` and exits with the same
 status. Before, they waited 300 s at the barrier and aborted, saying nothing.
-SIGTERM to one of them is such a failure too (``end_on_sigterm``).
+SIGTERM, SIGINT or SIGHUP to one of them is such a failure too
+(``end_on_signals``).
 
 This module defines no flags and imports neither tracer nor jax, so every
 script uses it (``launch.bm25`` and ``launch.evaluate`` define flags of
@@ -110,7 +111,7 @@ def _leave(coordination, status: int) -> NoReturn:
 def _failed_here(coordination, error: Exception, status: int | None = None
                  ) -> NoReturn:
   """This process's ``main`` raised ``error`` on one of several processes
-  (or, with ``status``, a signal stopped it: ``end_on_sigterm``).
+  (or, with ``status``, a signal stopped it: ``end_on_signals``).
   If another process failed first, ``error`` most likely follows from it
   (gloo's collectives raise once a peer has left): its message is given,
   unless it is this one's (every process failing alike, e.g. on a flag)."""
@@ -135,24 +136,33 @@ def _failed_here(coordination, error: Exception, status: int | None = None
 
 
 class Stopped(Exception):
-  """This process was sent SIGTERM."""
+  """This process was sent a signal that stops it (``end_on_signals``)."""
 
 
-def end_on_sigterm(coordination) -> None:
+# The signals that stop a job, and what usually sends them.
+STOPPING_SIGNALS = {signal.SIGTERM: "the job was stopped or its machine preempted",
+                    signal.SIGINT: "interrupted",
+                    signal.SIGHUP: "its terminal or ssh session closed"}
+
+
+def end_on_signals(coordination) -> None:
   """Once jax.distributed is started, on one of several processes: SIGTERM
-  (a scheduler stopping the job, a preempted machine) ends this process at
-  once and tells the others, as a failure of its ``main`` would, with status
-  143 (128 + SIGTERM). A thread
+  (a scheduler stopping the job, a preempted machine), SIGINT or SIGHUP ends
+  this process at once and tells the others, as a failure of its ``main``
+  would, with status 128 + the signal's number (143, 130, 129). A thread
   does it, so it happens even while the main thread waits in a collective,
   where a Python signal handler would not run until the collective returned:
-  the handler only wakes the thread (``signal.set_wakeup_fd``). Without it,
-  jax.distributed's preemption service takes SIGTERM and the process runs on
-  (until its scheduler's SIGKILL; the others then wait 100 s for the
-  heartbeat timeout and abort). Call from the main thread, after
-  ``jax.distributed.initialize``, whose handler this one replaces. A script
-  that sets a SIGTERM handler of its own later (``tracer serve``: a graceful
-  stop) keeps SIGTERM to itself. On one process, with nobody to tell,
-  SIGTERM just ends it, as without jax.distributed."""
+  the handlers only wake the thread (``signal.set_wakeup_fd``). Measured
+  before, with three processes and the signalled one in a collective:
+  SIGTERM, which jax.distributed's preemption service takes, and SIGINT
+  ended nobody (until a SIGKILL); SIGHUP killed that process, and the others
+  aborted 100 s later (the heartbeat timeout).
+
+  Call from the main thread, after ``jax.distributed.initialize``, whose
+  SIGTERM handler this one replaces. A handler the script sets later
+  (``tracer serve``: a graceful stop) keeps its signal to itself. On one
+  process, with nobody to tell, SIGTERM just ends it again, as without
+  jax.distributed."""
   if coordination.client() is None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # undo the preemption service's
     return
@@ -162,23 +172,24 @@ def end_on_sigterm(coordination) -> None:
   def ours(signum, frame):  # the thread below acts
     del signum, frame
 
-  signal.signal(signal.SIGTERM, ours)
+  for signum in STOPPING_SIGNALS:
+    signal.signal(signum, ours)
   signal.set_wakeup_fd(write_end)
 
   def wait() -> None:
-    # Every signal with a Python handler writes its number here (SIGINT too:
-    # its own handler still raises KeyboardInterrupt in the main thread).
-    while not (os.read(read_end, 1)[0] == signal.SIGTERM
-               and signal.getsignal(signal.SIGTERM) is ours):
-      pass
+    # Every signal with a Python handler writes its number here.
+    while True:
+      signum = os.read(read_end, 1)[0]
+      if signum in STOPPING_SIGNALS and signal.getsignal(signum) is ours:
+        break
+    name = signal.Signals(signum).name
     try:
       _failed_here(coordination, Stopped(
-          "stopped by SIGTERM (the job was stopped or its machine preempted)"),
-                   status=128 + signal.SIGTERM)
-    finally:  # SIGTERM's handler does nothing: never leave this process up
-      os._exit(128 + signal.SIGTERM)  # pylint: disable=protected-access
+          f"stopped by {name} ({STOPPING_SIGNALS[signum]})"), status=128 + signum)
+    finally:  # the handlers do nothing: never leave this process up
+      os._exit(128 + signum)  # pylint: disable=protected-access
 
-  threading.Thread(target=wait, name="tracer-sigterm", daemon=True).start()
+  threading.Thread(target=wait, name="tracer-signals", daemon=True).start()
 
 
 def other_process_failed(failure) -> NoReturn:

@@ -240,7 +240,7 @@ def initialize_distributed() -> None:
   """Starts jax.distributed when asked to (flags), or on TPU pods/clusters
   where JAX finds the topology itself (``TRACER_DISTRIBUTED=1``); on several
   processes, a thread that ends this one when another fails, and one that
-  ends it and tells the others on SIGTERM (``launch.cli``)."""
+  ends it and tells the others on SIGTERM, SIGINT or SIGHUP (``launch.cli``)."""
   import jax
   if FLAGS.coordinator_address or os.environ.get("TRACER_DISTRIBUTED") == "1":
     # CPU hosts (tests, CPU clusters) need a cross-process collectives backend;
@@ -259,7 +259,7 @@ def initialize_distributed() -> None:
     watcher = coordination.FailureWatcher(cli.other_process_failed)
     atexit.register(watcher.close)
   if jax.distributed.is_initialized():
-    cli.end_on_sigterm(coordination)
+    cli.end_on_signals(coordination)
 
 
 def setup(required: tuple[str, ...] = ()) -> None:

@@ -375,9 +375,10 @@ def _failing_worker() -> None:
   collective (WAIT ``collective``: gloo's raises once F has left), work on
   for an hour (``work``: only the watcher thread can end them, as it ends a
   TPU host stuck in a collective), or finish (``finish``: F fails 2 s later,
-  while they wait for it at exit). KIND ``sigterm``: nobody raises; every
-  process says it is up, F waits in a collective the others never join, and
-  they wait as WAIT says, for the test's SIGTERM to F."""
+  while they wait for it at exit). KIND ``sigterm``, ``sigint`` or
+  ``sighup``: nobody raises; every process says it is up, F waits in a
+  collective the others never join, and they wait as WAIT says, for the
+  test's signal to F."""
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from tracer.launch import cli, config as launch_config  # pylint: disable=g-import-not-at-top
 
@@ -386,7 +387,7 @@ def _failing_worker() -> None:
     kind, wait = argv[3], argv[4]
     launch_config.setup()
     multihost_utils.sync_global_devices("every process is up")
-    if kind == "sigterm":
+    if kind.startswith("sig"):
       print("every process is up", flush=True)
       if jax.process_index() == failing:
         # Inside XLA, where a Python signal handler does not run.
@@ -418,7 +419,9 @@ if __name__ == "__main__" and sys.argv[1:2] == ["fail"]:
                                                (2, "bad_input", "finish"),
                                                (-1, "bad_input", "collective"),
                                                (1, "sigterm", "work"),
-                                               (0, "sigterm", "work")])
+                                               (0, "sigterm", "work"),
+                                               (2, "sigint", "work"),
+                                               (1, "sighup", "work")])
 def test_a_failure_on_one_process_ends_every_process_with_its_message(
     tmp_path, failing, kind, wait):
   """One of 3 processes fails while the others wait for it (in a collective,
@@ -428,8 +431,9 @@ def test_a_failure_on_one_process_ends_every_process_with_its_message(
   exit status (2 for bad input, 1 for a bug). Process 0 hosts the key-value
   store the message goes through, so it leaves last, whichever failed.
   When every process fails alike (F = -1), each gives its own error. SIGTERM
-  to one (a scheduler, a preemption) is a failure of status 143, also while
-  that process's main thread waits in a collective.
+  to one (a scheduler, a preemption), SIGINT or SIGHUP is a failure of status
+  128 + its number, also while that process's main thread waits in a
+  collective.
   Without it (measured: a damaged store chunk found by one of two ``tracer
   trace`` processes) the others waited 300 s at jax.distributed's shutdown
   barrier and every process aborted, the survivor saying only that another
@@ -440,14 +444,16 @@ def test_a_failure_on_one_process_ends_every_process_with_its_message(
                *multiprocess.distributed_flags(port, i, 3)] for i in range(3)]
   procs, logs = multiprocess.start(commands, tmp_path, multiprocess.env(devices=1))
   deadline = time.monotonic() + 120  # a run takes ~10 s; the barrier 300 s
-  if kind == "sigterm":
-    _sigterm_once_up(procs[failing], logs[failing], deadline)
+  if kind.startswith("sig"):
+    _signal_once_up(procs[failing], logs[failing], deadline, kind)
   codes, texts = multiprocess.ends(procs, logs, deadline)
   status, message = {
       "bad_input": (2, "corpus.jsonl:3: field 'text' is empty"),
       "bug": (1, "RuntimeError: a bug in tracer"),
       "sigterm": (143, "stopped by SIGTERM (the job was stopped or its machine "
-                       "preempted)")}[kind]
+                       "preempted)"),
+      "sigint": (130, "stopped by SIGINT (interrupted)"),
+      "sighup": (129, "stopped by SIGHUP (its terminal or ssh session closed)")}[kind]
   assert codes == [status] * 3, (codes, texts)
   for i, text in enumerate(texts):
     assert "the collective completed" not in text
@@ -459,14 +465,14 @@ def test_a_failure_on_one_process_ends_every_process_with_its_message(
       assert "Traceback (most recent call last)" in text and message in text, text
 
 
-def _sigterm_once_up(proc, log: str, deadline: float) -> None:
-  """SIGTERM to ``proc`` once its log says every process is up (a failing
-  worker of kind ``sigterm``)."""
+def _signal_once_up(proc, log: str, deadline: float, kind: str) -> None:
+  """Signal ``kind`` (``sigterm``...) to ``proc`` once its log says every
+  process is up (a failing worker of that kind)."""
   while "every process is up" not in open(log).read():
     assert time.monotonic() < deadline and proc.poll() is None, open(log).read()
     time.sleep(0.1)
   time.sleep(0.5)  # into its collective or its work
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(getattr(signal, kind.upper()))
 
 
 def test_sigterm_ends_a_lone_distributed_process(tmp_path):
@@ -477,7 +483,7 @@ def test_sigterm_ends_a_lone_distributed_process(tmp_path):
                "work", *multiprocess.distributed_flags(multiprocess.free_port(), 0, 1)]]
   procs, logs = multiprocess.start(commands, tmp_path, multiprocess.env(devices=1))
   deadline = time.monotonic() + 120
-  _sigterm_once_up(procs[0], logs[0], deadline)
+  _signal_once_up(procs[0], logs[0], deadline, "sigterm")
   codes, texts = multiprocess.ends(procs, logs, deadline)
   assert codes == [-signal.SIGTERM], (codes, texts)
 
