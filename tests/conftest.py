@@ -212,24 +212,35 @@ def gcs_server(tmp_path_factory):
   proc.wait()
 
 
-@pytest.fixture
-def s3(s3_server, monkeypatch):
-  """``make_bucket`` with the S3 variables set in this process."""
-  env, make_bucket = s3_server
+def use_server(server, monkeypatch):
+  """``make_bucket`` of an ``s3_server`` or ``gcs_server``, its variables set
+  in this process."""
+  env, make_bucket = server
   for k, v in env.items():
     monkeypatch.setenv(k, v)
   return make_bucket
 
 
-@pytest.fixture(params=["s3", "gs"])
+@pytest.fixture
+def s3(s3_server, monkeypatch):
+  """``make_bucket`` with the S3 variables set in this process."""
+  return use_server(s3_server, monkeypatch)
+
+
+@pytest.fixture
+def gcs(gcs_server, monkeypatch):
+  """``make_bucket`` with the GCS emulator's variables set in this process."""
+  return use_server(gcs_server, monkeypatch)
+
+
+SERVERS = {"s3": "s3_server", "gs": "gcs_server"}  # by URL scheme
+
+
+@pytest.fixture(params=list(SERVERS))
 def object_store(request, monkeypatch):
   """``make_bucket`` of an S3 server, then of a GCS emulator (the test runs
   once on each), with its variables set in this process; ``.scheme`` is
   ``"s3"`` or ``"gs"``."""
-  env, make_bucket = request.getfixturevalue(
-      {"s3": "s3_server", "gs": "gcs_server"}[request.param])
-  for k, v in env.items():
-    monkeypatch.setenv(k, v)
+  make_bucket = use_server(request.getfixturevalue(SERVERS[request.param]), monkeypatch)
   make_bucket.scheme = request.param
   return make_bucket
-

@@ -382,11 +382,7 @@ def test_object_replaced_while_read_is_an_error(where, request, monkeypatch):
   if where == "memory":
     root = "memory://replaced"
   else:
-    env, make_bucket = request.getfixturevalue(
-        {"s3": "s3_server", "gs": "gcs_server"}[where])
-    for k, v in env.items():
-      monkeypatch.setenv(k, v)
-    root = make_bucket("replaced")
+    root = request.getfixturevalue({"s3": "s3", "gs": "gcs"}[where])("replaced")
   lines = b"".join(b'{"id": "%d", "text": "abc"}\n' % i for i in range(30))
   storage.write_bytes(f"{root}/c.jsonl", lines)
   monkeypatch.setattr(storage, "READ_WINDOW", 16)

@@ -532,7 +532,7 @@ def trace_command(workdir, shared, store, output, distributed=None, corpus=None)
 
 
 def test_launch_trace_on_two_processes_with_object_storage(tmp_path, s3_server, s3,
-                                                          gcs_server, monkeypatch):
+                                                          gcs_server, gcs):
   """Both object stores in one run: the corpus files and the results in a
   bucket of a GCS emulator, the store on an S3 server."""
   shared = tmp_path / "shared"
@@ -552,16 +552,13 @@ def test_launch_trace_on_two_processes_with_object_storage(tmp_path, s3_server, 
   # The two processes get the corpus as three files: each tokenizes its share
   # into WORKDIR/corpus first (common.tokenized_once), none reads it whole.
   lines = (shared / "corpus.jsonl").read_text().splitlines(True)
-  gcs_env, gcs_bucket = gcs_server
-  for k, v in gcs_env.items():
-    monkeypatch.setenv(k, v)
-  gs = gcs_bucket("tracer-multihost")
+  gs = gcs("tracer-multihost")
   for i, lo in enumerate((0, 30, 70)):
     storage.write_text(f"{gs}/shards/part-{i}.jsonl", "".join(lines[lo:(30, 70, None)[i]]))
   shards = f"{gs}/shards/part-*.jsonl"
   bucket = s3("tracer-multihost")
   port = multiprocess.free_port()
-  env = multiprocess.env(devices=4, **s3_server[0], **gcs_env)
+  env = multiprocess.env(devices=4, **s3_server[0], **gcs_server[0])
   commands = [trace_command(tmp_path / "w", shared, f"{bucket}/run/store",
                             f"{gs}/run/results.jsonl", (port, i), shards)
               for i in range(2)]

@@ -382,7 +382,7 @@ def test_quality_table_scores_every_method(trained):
 
 
 def test_tokenized_corpus_and_object_stores_give_the_same_results(
-    trained, s3, gcs_server, tmp_path, monkeypatch):
+    trained, s3, gcs, tmp_path):
   root, corpus, queries = trained
   basis = str(tmp_path / "basis.npz")
   fit_script.run(str(root), corpus, basis)  # every store below uses this basis
@@ -418,9 +418,7 @@ def test_tokenized_corpus_and_object_stores_give_the_same_results(
                                 local_store.read_rows(0, local_store.num_rows))
   # A pod's layout on a GCS emulator: the corpus tokenized into the bucket,
   # the store and the results beside it.
-  for k, v in gcs_server[0].items():
-    monkeypatch.setenv(k, v)
-  gs = gcs_server[1]("tracer-pipeline")
+  gs = gcs("tracer-pipeline")
   tokenize.run(corpus, f"{gs}/tokenized")
   on_gcs = trace.run(str(root), f"{gs}/tokenized", queries, f"{gs}/results.jsonl",
                      show=0, store_path=f"{gs}/store", basis_path=basis)
