@@ -96,7 +96,7 @@ _CHOICES = {
     "EncodeConfig.correction": ("optimizer", "none"),
     "EncodeConfig.kernel": ("factored", "exact"),
     "EncodeConfig.projection_precision": ("highest", "bf16_6x"),
-    "EncodeConfig.store_dtype": ("bfloat16", "float32"),
+    "EncodeConfig.store_dtype": ("bfloat16", "float32", "int8"),
     "PreconditionerConfig.kind": ("block", "full", "none"),
 }
 _AT_LEAST = {

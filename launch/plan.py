@@ -83,7 +83,9 @@ CHIPS = (
          _H200_RATIO, _RATIO_MEASURED),
 )
 
-ITEMSIZE = {"bfloat16": 2, "float32": 4}
+ITEMSIZE = {"bfloat16": 2, "float32": 4, "int8": 1}
+# Bytes a row stores besides its d values: an int8 row's f32 scale.
+ROW_EXTRA_BYTES = {"int8": 4}
 
 
 def find_chip(name: str) -> Chip:
@@ -140,7 +142,8 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   steps_summed = int(checkpoints)
   rows = -(-int(round(tokens)) // seq_len)             # ceil(tokens / seq_len)
   itemsize = ITEMSIZE[store_dtype]
-  store_bytes = rows * d * itemsize * steps_summed      # one store per checkpoint
+  row_bytes = d * itemsize + ROW_EXTRA_BYTES.get(store_dtype, 0)
+  store_bytes = rows * row_bytes * steps_summed         # one store per checkpoint
   # The tokenized corpus (tracer.corpus): token rows padded to seq_len, in
   # uint16 when the vocabulary fits, and each row's text (UTF-8).
   token_itemsize = 2 if vocab_size <= 1 << 16 else 4
@@ -194,7 +197,7 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
       chunk_rows=chunk_rows, batch_per_host=batch_per_host,
       host_read_gbps=host_read_gbps, r_block_dim=r_block_dim,
       checkpoints=steps_summed, norm_columns=norm_columns, rows=rows,
-      itemsize=itemsize, store_bytes=store_bytes,
+      itemsize=itemsize, row_bytes=row_bytes, store_bytes=store_bytes,
       store_bytes_per_host=store_bytes / hosts, vocab_size=vocab_size,
       token_itemsize=token_itemsize, text_bytes_per_token=text_bytes_per_token,
       tokenized_tokens_bytes=tokenized_tokens_bytes,
@@ -297,9 +300,14 @@ def report(p: dict) -> str:
   row("rows", f"{count(p['rows'])} rows",
       f"ceil(tokens / seq_len) = ceil({count(p['tokens'])} / "
       f"{count(p['seq_len'])})")
+  extra = p["row_bytes"] - d * p["itemsize"]
+  per_row, per_row_n = ((f"d * {p['itemsize']}", f"{count(d)} * {p['itemsize']}")
+                        if not extra else
+                        (f"(d * {p['itemsize']} + {extra})",
+                         f"({count(d)} * {p['itemsize']} + {extra})"))
   row("store" + ("s" if s > 1 else ""), size(p["store_bytes"]),
-      f"rows * d * {p['itemsize']} B{times_s} = {count(p['rows'])} * "
-      f"{count(d)} * {p['itemsize']}" + (f" * {s}" if s > 1 else ""))
+      f"rows * {per_row} B{times_s} = {count(p['rows'])} * {per_row_n}"
+      + (f" * {s}" if s > 1 else ""))
   row("store" + ("s" if s > 1 else "") + " per host",
       size(p["store_bytes_per_host"]),
       f"store / {plural(p['hosts'], 'host')}")

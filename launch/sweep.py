@@ -26,7 +26,10 @@ values first:
                                  tokens or the model's greedy prediction,
   PreconditionerConfig.kind=block,none,
   PreconditionerConfig.damping=0.1,0.01,1.0,
-  PreconditionerConfig.lam=rule,0,0.1   ("rule": the lambda rule).
+  PreconditionerConfig.lam=rule,0,0.1   ("rule": the lambda rule),
+  EncodeConfig.store_dtype=bfloat16,int8,float32   the rows as a store of
+                                 that dtype gives them back (int8: over
+                                 R_train's column scales, tracer.store).
 
   tracer sweep --family_dir=family --workdir=family/sweep [--grid=...] \
       [--design=star]
@@ -62,6 +65,7 @@ from tracer import evaluate
 from tracer import hessian
 from tracer import pipeline
 from tracer import stats
+from tracer import store as store_lib
 from tracer.config import EncodeConfig
 from tracer.config import PreconditionerConfig
 
@@ -151,7 +155,8 @@ FAMILY_GRID = ("checkpoint=600,200,400,sum",
                "query_loss=target,prediction",
                "PreconditionerConfig.kind=block,none",
                "PreconditionerConfig.damping=0.1,0.01,1.0",
-               "PreconditionerConfig.lam=rule,0,0.1")
+               "PreconditionerConfig.lam=rule,0,0.1",
+               "EncodeConfig.store_dtype=bfloat16,int8,float32")
 FAMILY_AXES = tuple(spec.split("=", 1)[0] for spec in FAMILY_GRID)
 FAMILY_COLUMNS = ("mrr", "recall@10", "recall@10 b1")
 
@@ -161,7 +166,8 @@ def family_axes(grid: list[str], ecfg, pcfg) -> dict[str, list[str]]:
   axes = {"checkpoint": ["last"], "EncodeConfig.projection_dim": [str(ecfg.projection_dim)],
           "query_loss": ["target"], "PreconditionerConfig.kind": [pcfg.kind],
           "PreconditionerConfig.damping": [str(pcfg.damping)],
-          "PreconditionerConfig.lam": ["rule" if pcfg.lam is None else str(pcfg.lam)]}
+          "PreconditionerConfig.lam": ["rule" if pcfg.lam is None else str(pcfg.lam)],
+          "EncodeConfig.store_dtype": [ecfg.store_dtype]}
   for spec in grid:
     key, values = (spec.split("=", 1) + [""])[:2]
     if key.strip() not in FAMILY_AXES:
@@ -170,10 +176,11 @@ def family_axes(grid: list[str], ecfg, pcfg) -> dict[str, list[str]]:
     axes[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
   bad = [v for v in axes["query_loss"] if v not in ("target", "prediction")]
   bad += [v for v in axes["PreconditionerConfig.kind"] if v not in ("block", "none")]
+  bad += [v for v in axes["EncodeConfig.store_dtype"] if v not in store_lib.DTYPES]
   if bad:
     raise app.UsageError(f"--grid: unknown value(s) {bad}; query_loss is target "
                          "or prediction, kind block or none (full R is too slow "
-                         "to sweep)")
+                         f"to sweep), store_dtype one of {sorted(store_lib.DTYPES)}")
   return axes
 
 
@@ -198,7 +205,7 @@ def _scores(metric, psi_c, psi_q) -> np.ndarray:
   return (rows @ metric.query_vectors(psi_q).T.astype(np.float64)).astype(np.float32)
 
 
-Point = tuple[str, str, str, str, str, str]  # an axis value each, FAMILY_AXES order
+Point = tuple[str, str, str, str, str, str, str]  # a value per axis, FAMILY_AXES order
 
 
 def family_points(axes: dict[str, list[str]], design: str) -> list[Point]:
@@ -212,8 +219,8 @@ def family_points(axes: dict[str, list[str]], design: str) -> list[Point]:
     points = [base] + [base[:i] + (v,) + base[i + 1:]
                        for i, vs in enumerate(values) for v in vs[1:]]
   # With no R, damping and lambda mean nothing: one point stands for them all.
-  return list(dict.fromkeys(p[:4] + (("-", "-") if p[3] == "none" else p[4:])
-                            for p in points))
+  return list(dict.fromkeys(p[:4] + (("-", "-") if p[3] == "none" else p[4:6])
+                            + p[6:] for p in points))
 
 
 def sweep_set(set_dir: str, points: list[Point], ecfg, pcfg) -> dict:
@@ -262,15 +269,17 @@ def sweep_set(set_dir: str, points: list[Point], ecfg, pcfg) -> dict:
         ex = examples[loss]() if callable(examples[loss]) else examples[loss]
         q_rows = quality.project_examples(encoder, ex, ecfg.batch_size)
         for point in [p for p in wanted if p[:3] == (step, dim, loss)]:
-          kind, damping, lam = point[3:]
+          kind, damping, lam, dtype = point[3:]
           if kind == "none":
             metric, pc, pq = hessian.identity_metric(rows.shape[1]), rows, q_rows
+            columns = None
           else:
             basis, pc = basis_of(kind)
             pq = np.asarray(basis.rotate(q_rows), np.float64)
             metric = hessian.fit_metric(basis, pq, rank=pcfg.rank, damping=float(damping),
                                         lam=None if lam == "rule" else float(lam))
-          scores[point] = _scores(metric, pc, pq)
+            columns = basis.column_scales()
+          scores[point] = _scores(metric, _stored(pc, dtype, columns), pq)
   out = {}
   for point in points:
     if point[0] == "sum":
@@ -282,9 +291,17 @@ def sweep_set(set_dir: str, points: list[Point], ecfg, pcfg) -> dict:
   return {"points": out, "accuracy": accuracy}
 
 
-def _point_name(step, dim, loss, kind, damping, lam) -> str:
+def _stored(rows: np.ndarray, dtype: str, columns: np.ndarray | None) -> np.ndarray:
+  """``rows`` (the encoder's f32) as a store of ``dtype`` (int8: over
+  ``columns``) gives them back."""
+  columns = columns if dtype == "int8" else None
+  return store_lib.stored_values(*store_lib.stored_rows(
+      np.asarray(rows, np.float32), dtype, columns), columns)
+
+
+def _point_name(step, dim, loss, kind, damping, lam, dtype) -> str:
   tail = "" if kind == "none" else f" damping={damping} lam={lam}"
-  return f"ckpt={step} d={dim} loss={loss} R={kind}{tail}"
+  return f"ckpt={step} d={dim} loss={loss} R={kind}{tail} store={dtype}"
 
 
 def trained(set_dir: str) -> bool:

@@ -206,7 +206,8 @@ def test_sweep_on_the_family(trained_family, tmp_path, monkeypatch):
       assert 0.0 <= cells[column]["mean"] <= 1.0, (point, column)
       assert cells[column]["n"] == 2
   assert set(result["accuracy"]["dense-0"]) == {"50", "100"}
-  assert "ckpt=sum d=1024 loss=target R=block damping=0.1 lam=rule" in result["points"]
+  assert ("ckpt=sum d=1024 loss=target R=block damping=0.1 lam=rule store=bfloat16"
+          in result["points"])
   # A rerun reads each set's table instead of projecting again.
   monkeypatch.setattr(sweep, "sweep_set", lambda *a: pytest.fail("recomputed"))
   again = sweep.sweep_family(out, root, grid, design="grid")
@@ -222,6 +223,29 @@ def test_sweep_rejects_unknown_axes_and_values():
   axes = sweep.family_axes(["checkpoint=100,sum"], ecfg, pcfg)
   assert axes["checkpoint"] == ["100", "sum"] and axes["query_loss"] == ["target"]
   assert axes["PreconditionerConfig.lam"] == ["rule"]
+  assert axes["EncodeConfig.store_dtype"] == ["bfloat16"]
+  with pytest.raises(Exception, match="store_dtype one of"):
+    sweep.family_axes(["EncodeConfig.store_dtype=int4"], ecfg, pcfg)
+
+
+def test_stored_rows_are_what_a_store_gives_back(tmp_path):
+  # The sweep's storage axis rounds rows as the store does.
+  from tracer import store as store_lib  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  rows = rng.normal(size=(9, 6)) * rng.uniform(0.1, 3, 6)
+  columns = rng.uniform(0.5, 2, 6).astype(np.float32)
+  for dtype in ("bfloat16", "int8", "float32"):
+    m = store_lib.Manifest(
+        checkpoint="c", step=1, params_fingerprint="p", correction="adam",
+        epsilon=1e-8, projection_seed=0, layout=None, dim=6,
+        basis_fingerprint=None, dtype=dtype, num_rows=9, chunk_rows=4)
+    s = store_lib.create_or_open(tmp_path / dtype, m, column_scales=(
+        columns if dtype == "int8" else None))
+    for c in s.pending_chunks():
+      lo, hi = s.chunk_bounds(c)
+      s.write_chunk(c, rows[lo:hi].astype(np.float32))
+    np.testing.assert_array_equal(sweep._stored(rows, dtype, columns),
+                                  s.read_rows(0, 9))
 
 
 def test_star_design_varies_one_axis_at_a_time():
@@ -229,15 +253,17 @@ def test_star_design_varies_one_axis_at_a_time():
           "query_loss": ["target", "prediction"],
           "PreconditionerConfig.kind": ["block", "none"],
           "PreconditionerConfig.damping": ["0.1", "1.0"],
-          "PreconditionerConfig.lam": ["rule"]}
+          "PreconditionerConfig.lam": ["rule"],
+          "EncodeConfig.store_dtype": ["bfloat16", "int8"]}
   star = sweep.family_points(axes, "star")
-  base = ("600", "16384", "target", "block", "0.1", "rule")
+  base = ("600", "16384", "target", "block", "0.1", "rule", "bfloat16")
   assert star == [base, ("200",) + base[1:], ("sum",) + base[1:],
                   base[:2] + ("prediction",) + base[3:],
-                  base[:3] + ("none", "-", "-"), base[:4] + ("1.0", "rule")]
+                  base[:3] + ("none", "-", "-", "bfloat16"),
+                  base[:4] + ("1.0", "rule", "bfloat16"), base[:6] + ("int8",)]
   grid = sweep.family_points(axes, "grid")
-  # 3 checkpoints x 2 losses x (2 dampings with R + 1 point without).
-  assert len(grid) == 18 and set(star) <= set(grid)
+  # 3 checkpoints x 2 losses x (2 dampings with R + 1 point without) x 2 dtypes.
+  assert len(grid) == 36 and set(star) <= set(grid)
 
 
 def test_scores_with_no_r_are_cosines():

@@ -129,6 +129,34 @@ def test_streaming_equals_store_and_rerun_resumes(trained):
   assert sorted(os.listdir(os.path.join(path, "progress"))) == markers
 
 
+def test_an_int8_store_keeps_the_results(trained):
+  # int8 rows over the basis' column scales: the store is half a bf16
+  # one's size and the results are nearly the float32 store's.
+  root, corpus, queries = trained
+  runs = {}
+  for dtype in ("float32", "int8"):
+    _bind(EncodeConfig__store_dtype=dtype)
+    try:
+      runs[dtype] = trace.run(str(root), corpus, queries,
+                              str(root / f"{dtype}.jsonl"), show=0,
+                              store_path=str(root / f"store_{dtype}"))
+    finally:
+      _bind(EncodeConfig__store_dtype="bfloat16")
+  store = store_lib.open_store(str(root / "store_int8"))
+  basis = pipeline.store_basis(store)
+  assert store.manifest.dtype == "int8" and basis is not None
+  np.testing.assert_array_equal(store.column_scales, basis.column_scales())
+  assert np.asarray(store.read_async(0, 4).result()).dtype == np.int8
+  kept = [len(set(a["proponent_ids"]) & set(b["proponent_ids"])) / len(a["proponent_ids"])
+          for a, b in zip(runs["float32"], runs["int8"])]
+  top1 = np.mean([a["proponent_ids"][0] == b["proponent_ids"][0]
+                  for a, b in zip(runs["float32"], runs["int8"])])
+  assert np.mean(kept) >= 0.95 and top1 >= 0.95, (np.mean(kept), top1)
+  np.testing.assert_allclose([r["proponent_scores"] for r in runs["int8"]],
+                             [r["proponent_scores"] for r in runs["float32"]],
+                             atol=2e-2)
+
+
 def test_scan_rejects_a_store_from_other_settings(trained):
   root, corpus, queries = trained
   trace.run(str(root), corpus, queries, str(root / "c.jsonl"), show=0)

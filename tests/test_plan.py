@@ -34,6 +34,8 @@ def test_rows_and_store_bytes():
   assert p["store_bytes_per_host"] == 10_240_000_000_000 / 64
   f32 = plan_lib.plan(**{**BASE, "store_dtype": "float32"})
   assert f32["store_bytes"] == 78_125_000 * 65_536 * 4
+  int8 = plan_lib.plan(**{**BASE, "store_dtype": "int8"})
+  assert int8["store_bytes"] == 78_125_000 * (65_536 + 4)    # a scale per row
 
 
 def test_tokenized_corpus_bytes():

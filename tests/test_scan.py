@@ -362,27 +362,36 @@ def _hard_queries(q: int, d: int, seed: int) -> np.ndarray:
   return (signs * mant * 2.0 ** rng.integers(-20, 21, (q, d))).astype(np.float32)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
 @pytest.mark.parametrize("widen", [True, False])
-def test_bf16_scores_are_fp32_dot_products_of_the_stored_values(widen):
+def test_scores_are_fp32_dot_products_of_the_stored_values(dtype, widen):
   # Both ways of scoring bf16 rows (widened on CPU; three bf16 products on
   # GPU/TPU) give the exact dot products of the bf16 values with the fp32
   # queries, up to fp32 accumulation: within d * 2^-24 * sum|x_i q_i|.
+  # int8 rows (an int8 store's) take the same two paths, converted exactly;
+  # a scan of them is the scan of their values.
   d = 256
   rng = np.random.default_rng(0)
-  xb = (rng.standard_normal((300, d)) * 2.0 ** rng.integers(-8, 9, (300, d))
-        ).astype(ml_dtypes.bfloat16)
+  if dtype == "int8":
+    x = rng.integers(-127, 128, (300, d)).astype(np.int8)
+  else:
+    x = (rng.standard_normal((300, d)) * 2.0 ** rng.integers(-8, 9, (300, d))
+         ).astype(ml_dtypes.bfloat16)
   q = _hard_queries(7, d, 1)
-  exact = np.asarray(xb, np.float64) @ np.asarray(q, np.float64).T
-  bound = d * 2.0 ** -24 * (np.abs(np.asarray(xb, np.float64))
+  exact = np.asarray(x, np.float64) @ np.asarray(q, np.float64).T
+  bound = d * 2.0 ** -24 * (np.abs(np.asarray(x, np.float64))
                             @ np.abs(np.asarray(q, np.float64)).T)
   fn = topk.jit_step(lambda x, q: topk.exact_scores(x, q, widen),
                      partitioning.make_mesh())
-  got = np.asarray(fn(jnp.asarray(xb), jnp.asarray(q)), np.float64)
+  got = np.asarray(fn(jnp.asarray(x), jnp.asarray(q)), np.float64)
   assert np.all(np.abs(got - exact) <= bound)
   # The queries are hard: rounding them to bf16 breaks the bound.
-  rounded = np.asarray(xb, np.float64) @ np.asarray(
+  rounded = np.asarray(x, np.float64) @ np.asarray(
       q.astype(ml_dtypes.bfloat16), np.float64).T
   assert np.any(np.abs(rounded - exact) > bound)
+  tol = d * 2.0 ** -24 * np.max(np.abs(exact))
+  assert_same(scan.scan_arrays(x, q, K, chunk_rows=64),
+              reference(x.astype(np.float32), q, K), atol=tol)
 
 
 @pytest.mark.parametrize("mesh", sorted(MESHES))
@@ -871,6 +880,8 @@ def test_scan_benchmark_runs(tmp_path):
   for name in ("tracer scan_arrays bf16, 64B-aligned", "tracer scan_store float32",
                "tracer scan_store bfloat16, checksums not verified",
                "tracer scan_store bfloat16 + scan-time R",
+               "tracer scan_arrays int8 + scan-time R",
+               "tracer scan_store int8 + scan-time R",
                "numpy matmul+argpartition f32"):
     assert name in methods, methods
   assert table[0]["method"] == "machine" and table[0]["GFLOP_per_s"] > 0

@@ -126,12 +126,12 @@ def _metric(rng, segments, widths) -> hessian.QueryMetric:
                              0.1, 1, 1)
 
 
-def _store(path, x, quarantined, dtype="bfloat16"):
+def _store(path, x, quarantined, dtype="bfloat16", column_scales=None):
   manifest = store_lib.Manifest(
       checkpoint="c", step=1, params_fingerprint="p", correction="adam",
       epsilon=1e-8, projection_seed=0, layout=None, dim=x.shape[1],
       basis_fingerprint=None, dtype=dtype, num_rows=len(x), chunk_rows=16)
-  store = store_lib.create_or_open(path, manifest)
+  store = store_lib.create_or_open(path, manifest, column_scales=column_scales)
   for c in store.pending_chunks():
     lo, hi = store.chunk_bounds(c)
     store.write_chunk(c, x[lo:hi], {r: w for r, w in quarantined.items()
@@ -139,19 +139,23 @@ def _store(path, x, quarantined, dtype="bfloat16"):
   return store
 
 
-@pytest.mark.parametrize("mesh", ["8x1", "4x2"])
-def test_one_pass_equals_a_scan_per_request(tmp_path, mesh):
+@pytest.mark.parametrize("mesh,dtype", [("8x1", "bfloat16"), ("4x2", "bfloat16"),
+                                        ("8x1", "int8")])
+def test_one_pass_equals_a_scan_per_request(tmp_path, mesh, dtype):
   """Three requests (1, 3 and 2 queries, k 5, 2 and 7, each its own metric,
   low-rank widths 0..3 per segment) in one pass over resident rows = one
   ``scan_store`` each; quarantined rows and padding never come back. The
-  same over two stores (a sum over checkpoints) = ``scan_stores``."""
+  same over two stores (a sum over checkpoints) = ``scan_stores``. int8
+  stores (each with its own column scales) too."""
   rng = np.random.default_rng(0)
   num, dim = 203, 40
   bad = {3: "non-finite loss", 100: "non-finite gradient"}
+  columns = lambda: (rng.uniform(0.5, 2, dim).astype(np.float32)
+                     if dtype == "int8" else None)
   store = _store(tmp_path / "s", rng.standard_normal((num, dim)).astype(np.float32),
-                 bad)
+                 bad, dtype, columns())
   other = _store(tmp_path / "t", rng.standard_normal((num, dim)).astype(np.float32),
-                 {150: "non-finite loss"})
+                 {150: "non-finite loss"}, dtype, columns())
   segments = ((0, 10), (10, 25), (25, 40))
   widths = ((1, 0, 1), (3, 2, 0), (0, 0, 0))
   metrics = [[_metric(rng, segments, w)] for w in widths]

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import zlib
+from unittest import mock
 
 import ml_dtypes
 import numpy as np
@@ -67,6 +68,81 @@ def test_round_trip(tmp_path, dtype):
   assert (reopened.num_rows, reopened.dim) == (23, 6)
   with open(tmp_path / "s" / "manifest.json") as f:
     assert json.load(f)["dtype"] == dtype
+
+
+def test_quantize():
+  rng = np.random.default_rng(0)
+  x = (rng.standard_normal((50, 40)) * np.exp(rng.normal(size=(50, 1)) * 3)
+       ).astype(np.float32)
+  x[7] = 0
+  q, scale = store_lib.quantize(x)
+  assert q.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (50,)
+  assert np.abs(q.astype(int)).max() <= 127
+  nonzero = np.arange(50) != 7
+  assert np.all(np.abs(q[nonzero].astype(int)).max(axis=1) == 127)
+  assert scale[7] == 0 and not q[7].any()
+  err = np.abs(q * scale[:, None].astype(np.float64) - x)
+  assert np.all(err <= scale[:, None] * (0.5 + 1e-5))
+  q2, scale2 = store_lib.quantize(x.copy())
+  assert q2.tobytes() == q.tobytes() and scale2.tobytes() == scale.tobytes()
+
+
+def test_int8_round_trip_with_column_scales(tmp_path):
+  rng = np.random.default_rng(1)
+  columns = np.exp(rng.normal(size=6) * 2).astype(np.float32)
+  data = _data() * columns
+  s = store_lib.create_or_open(tmp_path / "s", _manifest(dtype="int8"),
+                               column_scales=columns)
+  _write_all(s, data)
+  assert (tmp_path / "s" / "column_scales.npy").exists()
+  record = s.chunk_record(1)
+  assert isinstance(record["crc32"], int) and isinstance(record["scales_crc32"], int)
+  reopened = store_lib.open_store(tmp_path / "s")
+  np.testing.assert_array_equal(reopened.column_scales, columns)
+  assert reopened.manifest.quantization == {"column_scales_sha256": mock.ANY}
+  got = reopened.read_rows(0, 23)
+  # Each value within half its row's step, in units of its column's scale.
+  z = data / columns
+  step = np.abs(z).max(axis=1, keepdims=True) / 127
+  assert np.all(np.abs(got - data) <= (step * 0.5 + 1e-6) * columns * (1 + 1e-5))
+  assert np.asarray(reopened.read_async(0, 23).result()).dtype == np.int8
+  # A resume with other column scales would mix two quantizations.
+  with pytest.raises(store_lib.IncompatibleStoreError, match="quantization"):
+    store_lib.create_or_open(tmp_path / "s", _manifest(dtype="int8"),
+                             column_scales=columns * 2)
+  # Column scales are checked, and only int8 stores take them.
+  for bad in (np.zeros(6), np.ones(5), np.full(6, np.nan)):
+    with pytest.raises(InputError, match="column_scales: expected 6 positive"):
+      store_lib.create_or_open(tmp_path / "t", _manifest(dtype="int8"),
+                               column_scales=bad)
+  with pytest.raises(InputError, match="column scales are for int8 stores"):
+    store_lib.create_or_open(tmp_path / "u", _manifest(), column_scales=columns)
+  # Without them an int8 store's rows cannot be read: it says so.
+  os.remove(tmp_path / "s" / "column_scales.npy")
+  with pytest.raises(CorruptStoreError, match="column_scales.npy: missing"):
+    store_lib.open_store(tmp_path / "s")
+  np.save(tmp_path / "s" / "column_scales.npy", columns * 2)
+  with pytest.raises(CorruptStoreError, match="does not match the sha256"):
+    store_lib.open_store(tmp_path / "s")
+
+
+def test_int8_verify_finds_damaged_scales(tmp_path):
+  s = store_lib.create_or_open(tmp_path / "s", _manifest(dtype="int8"))
+  data = _data()
+  data[12] = np.nan  # a quarantined row: zero, scale 0, without a warning
+  for c in s.pending_chunks():
+    lo, hi = s.chunk_bounds(c)
+    s.write_chunk(c, data[lo:hi], {12: "non-finite loss"} if c == 2 else None)
+  np.testing.assert_array_equal(s.read_rows(12, 13), np.zeros((1, 6)))
+  assert s.scales[12].read().result() == 0
+  np.testing.assert_array_equal(s.column_scales, np.ones(6, np.float32))
+  assert [s.verify_chunk(c) for c in range(s.num_chunks)] == [None] * 5
+  path = s._scales_file(2)
+  raw = bytearray(open(path, "rb").read())
+  raw[5] ^= 0x10
+  open(path, "wb").write(bytes(raw))
+  assert s.verify_chunk(2).startswith("scales: checksum mismatch")
+  assert s.verify_chunk(1) is None
 
 
 def test_resume_after_crash_is_byte_identical(tmp_path):
@@ -136,7 +212,7 @@ def test_bad_inputs(tmp_path):
   with pytest.raises(InputError, match="manifest.json: no such file"):
     store_lib.open_store(tmp_path / "nothing")
   with pytest.raises(InputError, match="'dtype'"):
-    store_lib.create_or_open(tmp_path / "x", _manifest(dtype="int8"))
+    store_lib.create_or_open(tmp_path / "x", _manifest(dtype="float16"))
   (tmp_path / "busy").mkdir()
   (tmp_path / "busy" / "notes.txt").write_text("hi")
   with pytest.raises(InputError, match="not an encoding store"):
@@ -246,7 +322,7 @@ def test_crc32_is_zlibs():
   assert store_lib._crc32(data[:0]) == 0
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "int8"])
 def test_local_reads_equal_tensorstores(tmp_path, dtype):
   data = _data()
   data[5:10] = 0  # chunk 1 is all zeros: no file is stored for it

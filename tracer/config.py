@@ -123,7 +123,7 @@ class EncodeConfig:
   microbatch_size: int = 8          # examples per data shard per step
   batch_size: int = 128             # examples per encode call, over all hosts
   model_axis: int = 1               # size of the mesh's model axis
-  store_dtype: str = "bfloat16"
+  store_dtype: str = "bfloat16"      # or "float32", "int8" (tracer.store.quantize)
   chunk_rows: int = 512
 
 

@@ -251,6 +251,19 @@ class Basis:
     """``psi = phi @ V`` per segment, for ``phi: f32[..., d]``."""
     return _apply(phi, tuple(self.segments), [jnp.asarray(v) for v in self.vectors])
 
+  def column_scales(self, floor: float = 0.01) -> np.ndarray:
+    """f32 ``[d]``: ``sqrt(s + floor * mean(s))`` per coordinate, ``s`` its
+    segment's eigenvalues: the spread of the corpus along each coordinate,
+    which an int8 store divides its rows by before quantizing
+    (``tracer.store.create_or_open``). ``floor`` keeps a direction the
+    sample never saw (s = 0) from making a row's other values round away."""
+    out = np.ones(self.dim, np.float32)
+    for (lo, hi), s in zip(self.segments, self.values):
+      s = np.asarray(s, np.float64)
+      if s.mean() > 0:
+        out[lo:hi] = np.sqrt(s + floor * s.mean())
+    return out
+
   def metadata(self) -> dict:
     return {"kind": self.kind, "segments": [list(s) for s in self.segments],
             "num_train": self.num_train, "dim": self.dim,

@@ -469,14 +469,16 @@ def _barrier(name: str) -> None:
 
 def open_store(location: str, manifest_: store_lib.Manifest,
                basis: hessian.Basis | None = None) -> store_lib.EncodingStore:
-  """Creates or resumes the store, with its basis; process 0 creates it before
-  the others open it."""
+  """Creates or resumes the store, with its basis (and, for int8 rows, the
+  basis' ``column_scales``); process 0 creates it before the others open it."""
   attachments = {BASIS_FILE: basis.to_bytes()} if basis is not None else None
+  scales = (basis.column_scales() if basis is not None and manifest_.dtype == "int8"
+            else None)
   if jax.process_count() > 1:
     if jax.process_index() == 0:
-      store_lib.create_or_open(location, manifest_, attachments)
+      store_lib.create_or_open(location, manifest_, attachments, scales)
     _barrier("tracer-store-created")
-  return store_lib.create_or_open(location, manifest_, attachments)
+  return store_lib.create_or_open(location, manifest_, attachments, scales)
 
 
 def agreed_pending_chunks(store: store_lib.EncodingStore) -> np.ndarray:

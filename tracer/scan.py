@@ -61,7 +61,9 @@ HOST_BUFFER_BYTES = 8 << 30
 # small chunks are copied into one buffer instead (each piece is a matmul of
 # its own in the compiled step).
 MAX_PIECES = 32
-_BF16 = np.dtype(ml_dtypes.bfloat16)
+# Row dtypes a step takes as they are (``topk.exact_scores``); others are
+# widened to f32 on the host.
+DEVICE_DTYPES = (np.dtype(ml_dtypes.bfloat16), np.dtype(np.int8), np.dtype(np.float32))
 
 
 def _mesh(mesh: Mesh | None) -> Mesh:
@@ -85,8 +87,11 @@ def _check_inputs(queries, k: int, dim: int, num_rows: int) -> np.ndarray:
   return q.astype(np.float32)
 
 
-def _device_dtype(dtype) -> np.dtype:
-  return _BF16 if np.dtype(dtype) == _BF16 else np.dtype(np.float32)
+def device_dtype(dtype) -> np.dtype:
+  """The dtype rows of ``dtype`` go to the devices in: bf16, int8 and f32
+  as they are (the exact scores of ``topk.exact_scores``), others f32."""
+  dtype = np.dtype(dtype)
+  return dtype if dtype in DEVICE_DTYPES else np.dtype(np.float32)
 
 
 def device_chunk_bytes(platform: str) -> int:
@@ -321,6 +326,14 @@ class _Source:
     those the scan must skip (quarantined rows)."""
     return lambda arrays: np.zeros(0, np.int64)
 
+  def stored_queries(self, queries: np.ndarray) -> np.ndarray:
+    """Queries as the rows are held (``EncodingStore.stored_queries``)."""
+    return queries
+
+  def stored_metric(self, metric: RowMetric | None) -> RowMetric | None:
+    """A metric as the rows are held (``EncodingStore.stored_metric``)."""
+    return metric
+
 
 class _ArraySource(_Source):
 
@@ -328,7 +341,7 @@ class _ArraySource(_Source):
     self.x = x
     self.num_rows, self.dim = x.shape
     self.dtype = x.dtype
-    self._aligned = (_zero_copy_ok(x, _device_dtype(x.dtype))
+    self._aligned = (_zero_copy_ok(x, device_dtype(x.dtype))
                      and self.dim * x.dtype.itemsize % 64 == 0)
 
   def view(self, start, stop):
@@ -352,6 +365,12 @@ class _StoreSource(_Source):
 
   def read_into(self, start, stop, out):
     return self.store.read_into(start, stop, out)
+
+  def stored_queries(self, queries):
+    return self.store.stored_queries(queries)
+
+  def stored_metric(self, metric):
+    return self.store.stored_metric(metric)
 
   def copies(self, rows_per_device):  # mapped chunks come as 2+ pieces
     return not (self.store.local and pieces_per_device(
@@ -409,7 +428,11 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   if len({q.shape[0] for q in qs}) > 1:
     raise InputError(f"queries: every part needs the same queries, got "
                      f"{[q.shape[0] for q in qs]} of them")
-  dtype = _device_dtype(sources[0].dtype)
+  for m in metrics:
+    _check_metric_dim(m, dim)
+  qs = [s.stored_queries(q) for s, q in zip(sources, qs)]
+  metrics = [s.stored_metric(m) for s, m in zip(sources, metrics)]
+  dtype = device_dtype(sources[0].dtype)
   read_ahead = max(0, int(read_ahead))
   sets = lambda: (prefetch + max(1, prefetch) + read_ahead + 2) * len(sources)
   if chunk_rows is None:
@@ -503,13 +526,18 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   return result
 
 
+def _check_metric_dim(metric: RowMetric | None, dim: int) -> None:
+  if metric is not None and (np.shape(metric.diag) != (dim,)
+                             or metric.segments[-1][1] > dim):
+    raise InputError(f"metric: built for d={np.shape(metric.diag)}, the "
+                     f"encodings have d={dim}")
+
+
 def _metric_on_mesh(metric: RowMetric | None, dim: int, mesh: Mesh) -> tuple:
   """A ``RowMetric``'s arrays, checked against d and replicated on the mesh."""
   if metric is None:
     return ()
-  if np.shape(metric.diag) != (dim,) or metric.segments[-1][1] > dim:
-    raise InputError(f"metric: built for d={np.shape(metric.diag)}, the "
-                     f"encodings have d={dim}")
+  _check_metric_dim(metric, dim)
   put = lambda x: partitioning.put_global(np.asarray(x, np.float32),
                                           partitioning.replicated(mesh))
   return put(metric.diag), tuple(put(c) for c in metric.lowrank)
@@ -566,17 +594,32 @@ def scan_store(store, queries, k: int, *, mesh: Mesh | None = None,
   its stored chunks' files mapped from the page cache (``chunk_view``): no
   copy at all on a warm cache.
 
+  An int8 store's rows are scored as stored, without their scales: only a
+  scan with a ``metric`` (which divides each row's scores by its norm, in
+  which the scale cancels) is allowed on one.
+
   Raises:
-    InputError: the store is incomplete or the queries' d does not match.
+    InputError: the store is incomplete, the queries' d does not match, or
+      an int8 store is scanned without a metric.
     CorruptStoreError: a chunk cannot be read or disagrees with its marker.
   """
   store.check_complete()
+  check_metric(store, metric)
   multiple = store.chunk_rows if chunk_rows is None else 1
   if read_ahead is None:
     read_ahead = 0 if store.local else REMOTE_READ_AHEAD
   return _scan(_StoreSource(store, verify), queries, k, mesh, chunk_rows, prefetch,
                row_multiple=multiple, metric=metric, progress=progress,
                read_ahead=read_ahead)
+
+
+def check_metric(store, metric: RowMetric | None) -> None:
+  """InputError for an int8 store scanned without a metric (``scan_store``)."""
+  if metric is None and store.scales is not None:
+    raise InputError(
+        f"{store.path}: an int8 store's rows are scaled row by row, which only "
+        "a scan that normalizes rows cancels; pass a metric (e.g. "
+        "hessian.identity_metric(d).row_metric() for cosine scores)")
 
 
 def check_summable(stores, what: str) -> None:
@@ -616,8 +659,9 @@ def scan_stores(stores, queries, k: int, *, mesh: Mesh | None = None,
     return scan_store(stores[0], queries[0], k, mesh=mesh, chunk_rows=chunk_rows,
                       prefetch=prefetch, metric=metrics[0], verify=verify,
                       progress=progress, read_ahead=read_ahead)
-  for st in stores:
+  for st, metric in zip(stores, metrics):
     st.check_complete()
+    check_metric(st, metric)
   multiple = stores[0].chunk_rows if chunk_rows is None else 1
   if read_ahead is None:
     read_ahead = 0 if all(st.local for st in stores) else REMOTE_READ_AHEAD
@@ -667,7 +711,7 @@ class StreamingScanner:
                                 metric=self._metric))
     else:
       x = np.asarray(encodings)
-      x = x.astype(_device_dtype(x.dtype), copy=False)
+      x = x.astype(device_dtype(x.dtype), copy=False)
       ids = np.asarray(row_ids, dtype=np.int64)
       if ids.min() < 0 or ids.max() >= INVALID_ROW:
         raise InputError(f"row_ids: must lie in [0, {INVALID_ROW}), got "

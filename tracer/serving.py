@@ -268,24 +268,19 @@ def plan_layout(num_rows: int, dim: int, itemsize: int, num_devices: int,
   return Layout(blocks * block, block)
 
 
-def _device_dtype(dtype) -> np.dtype:
-  """bf16 stays bf16 on the device (the scan's exact bf16 path); else f32."""
-  dtype = np.dtype(dtype)
-  return dtype if dtype == np.dtype(jnp.bfloat16) else np.dtype(np.float32)
-
-
 def _rows(index: tuple, total: int) -> tuple[int, int]:
   s = index[0]
   return (s.start or 0), (total if s.stop is None else s.stop)
 
 
-# The resident rows are held as their bits, uint16 for bf16 rows and uint32
-# for f32 (``_load``): XLA:CPU widens a bf16 dynamic_slice or
+# The resident rows are held as their bits, uint16 for bf16 rows, uint32 for
+# f32 and uint8 for int8 (``_load``): XLA:CPU widens a bf16 dynamic_slice or
 # dynamic_update_slice to f32, so the pass's block slices converted the whole
 # array in every pass and the load's writes rewrote it for every block. The
 # pass views a block's bits as values again (``_values``, free in the program).
 _BITS = {np.dtype(jnp.bfloat16): np.dtype(np.uint16),
-         np.dtype(np.float32): np.dtype(np.uint32)}
+         np.dtype(np.float32): np.dtype(np.uint32),
+         np.dtype(np.int8): np.dtype(np.uint8)}
 _VALUES = {bits: values for values, bits in _BITS.items()}
 
 
@@ -326,7 +321,7 @@ def _load(store, mesh: Mesh, layout: Layout, verify: bool
   many blocks plus one (``scan.device_chunk_bytes`` each), not its share of
   the store."""
   total = layout.rows_per_device * mesh.size
-  dtype = _device_dtype(store.dtype)
+  dtype = scan_lib.device_dtype(store.dtype)
   bits = _BITS[dtype]
 
   def read(item):  # one block of a device's rows (whole chunks), checked
@@ -443,8 +438,9 @@ def _search_fn(mesh: Mesh, k: int, block: int, segments: tuple):
   return jax.jit(search, out_shardings=partitioning.replicated(mesh))
 
 
-def _stacked_metrics(metrics: Sequence[hessian.QueryMetric], num_padded: int):
-  """J requests' metrics as one pass takes them: ``diag [J', d]`` (padding:
+def _stacked_metrics(metrics: Sequence, num_padded: int):
+  """J requests' metrics (``hessian.QueryMetric`` or ``topk.RowMetric``) as
+  one pass takes them: ``diag [J', d]`` (padding:
   ones), per segment the low-rank columns of every request side by side
   (padded with zero columns to a power of two shared by all segments) and
   their one-hot owners ``[R, J']``."""
@@ -509,14 +505,15 @@ class ResidentIndex:
     sizes = [len(v[0]) for v in vectors]
     num = sum(sizes)
     queries = []
-    for p in range(len(self.stores)):
+    for p, st in enumerate(self.stores):
       q = np.zeros((_bucket(num), self.store.dim), np.float32)
-      q[:num] = np.concatenate([v[p] for v in vectors])
+      q[:num] = st.stored_queries(np.concatenate([v[p] for v in vectors]))
       queries.append(q)
     owner = np.zeros(len(queries[0]), np.int32)
     owner[:num] = np.repeat(np.arange(len(sizes)), sizes)
-    stacked = [_stacked_metrics([m[p] for m in metrics], _bucket(len(metrics)))
-               for p in range(len(self.stores))]
+    stacked = [_stacked_metrics([st.stored_metric(m[p]) for m in metrics],
+                                _bucket(len(metrics)))
+               for p, st in enumerate(self.stores)]
     segments, diags, lowranks, owners = (tuple(a) for a in zip(*stacked))
     put = lambda a: partitioning.put_global(a, partitioning.replicated(self.mesh))
     k = _bucket(max(ks))
@@ -560,7 +557,7 @@ def open_index(stores, mesh: Mesh, budget_bytes: int, verify: bool = True):
   rows fit ``budget_bytes`` per device, else a ``StreamedIndex``."""
   stores = list(stores)
   store = stores[0]
-  dtype = _device_dtype(store.dtype)
+  dtype = scan_lib.device_dtype(store.dtype)
   layout = plan_layout(store.num_rows, store.dim, dtype.itemsize, mesh.size,
                        store.chunk_rows,
                        scan_lib.device_chunk_bytes(mesh.devices.flat[0].platform))

@@ -4,6 +4,10 @@ Layout of a store directory::
 
   manifest.json      what makes these encodings comparable (see ``Manifest``)
   encodings/         tensorstore zarr v3 array, one zarr chunk per ``chunk_rows`` rows
+  scales/            int8 stores only: each row's f32 scale, a zarr v3 ``[N]``
+                     array chunked like the rows (``quantize``)
+  column_scales.npy  int8 stores only: the f32 ``[d]`` scales the rows were
+                     divided by before quantizing (``create_or_open``)
   progress/          one ``<chunk>.done`` marker per chunk whose rows are written
   <attachments>      files written with the store, before its manifest (the
                      pipeline keeps the basis its rows are in: ``basis.npz``)
@@ -28,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import math
 import mmap
@@ -52,7 +57,9 @@ from tracer.errors import CorruptStoreError, InputError
 MANIFEST = "manifest.json"
 ARRAY_DIR = "encodings"
 PROGRESS_DIR = "progress"
-DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+SCALES_DIR = "scales"
+COLUMN_SCALES = "column_scales.npy"
+DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "int8": np.int8}
 
 
 def _tracer_version() -> str:
@@ -104,7 +111,7 @@ class Manifest:
       encoder kernel) or "rank_one_correction" (the factored kernel with
       Adam's correction approximated: ``tracer.factored``).
     format: the store format (``FORMAT``).
-    dtype: storage dtype, "bfloat16" or "float32".
+    dtype: storage dtype, "bfloat16", "float32" or "int8" (``quantize``).
     corpus: where the rows came from (a source string; a local path made
       absolute, ``data.absolute_source``).
     num_rows: N.
@@ -113,6 +120,8 @@ class Manifest:
       from, if they were: where to reopen them row by row (``tracer serve``),
       not the source read whole; informative, never compared (the same
       rows read from ``corpus`` itself are the same store).
+    quantization: how an int8 store's rows were quantized: the sha256 of
+      its column scales (``create_or_open``); empty for other dtypes.
     encode_config: the ``EncodeConfig`` settings the rows were encoded with
       (``tracer.config.ENCODING_SETTINGS``); informative (the fields above
       are what is compared), it tells a later run how to encode for this
@@ -136,6 +145,7 @@ class Manifest:
   num_rows: int = 0
   chunk_rows: int = 1024
   corpus_rows: str = ""
+  quantization: dict = dataclasses.field(default_factory=dict)
   encode_config: dict = dataclasses.field(default_factory=dict)
   tracer_version: str = dataclasses.field(default_factory=_tracer_version)
 
@@ -264,14 +274,47 @@ def leaf_checksums(leaf) -> tuple[int, int]:
 
 
 def _array_spec(path: str, manifest: Manifest) -> dict[str, Any]:
+  return _zarr_spec(storage.join(path, ARRAY_DIR), manifest.dtype,
+                    [manifest.num_rows, manifest.dim],
+                    [manifest.chunk_rows, manifest.dim])
+
+
+def _scales_spec(path: str, manifest: Manifest) -> dict[str, Any]:
+  return _zarr_spec(storage.join(path, SCALES_DIR), "float32",
+                    [manifest.num_rows], [manifest.chunk_rows])
+
+
+def stored_rows(x: np.ndarray, dtype: str, column_scales: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray | None]:
+  """Rows ``x [r, d]`` as a store of ``dtype`` holds them: C-ordered in that
+  dtype (``x`` itself if it is so already), and for int8 each row's f32
+  scale (``quantize`` of ``x / column_scales``; default ones), else None.
+  bf16 rounds to nearest even (``ml_dtypes``): the same input always gives
+  the same bytes."""
+  if dtype != "int8":
+    return np.ascontiguousarray(x, DTYPES[dtype]), None
+  x = np.asarray(x, np.float32)
+  return quantize(x if column_scales is None else x / column_scales)
+
+
+def stored_values(rows: np.ndarray, scale: np.ndarray | None = None,
+                  column_scales: np.ndarray | None = None) -> np.ndarray:
+  """float32 values of rows as stored (``stored_rows``'s outputs)."""
+  out = np.asarray(rows, np.float32)
+  if scale is not None:
+    out = out * np.asarray(scale, np.float32)[:, None]
+  return out if column_scales is None else out * column_scales
+
+
+def _zarr_spec(where: str, dtype: str, shape: list[int], chunk: list[int]
+               ) -> dict[str, Any]:
   return {
       "driver": "zarr3",
-      "kvstore": storage.kvstore_spec(storage.join(path, ARRAY_DIR)),
+      "kvstore": storage.kvstore_spec(where),
       "metadata": {
-          "shape": [manifest.num_rows, manifest.dim],
-          "data_type": manifest.dtype,
-          "chunk_grid": {"name": "regular", "configuration": {
-              "chunk_shape": [manifest.chunk_rows, manifest.dim]}},
+          "shape": shape,
+          "data_type": dtype,
+          "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": chunk}},
           "chunk_key_encoding": {"name": "default"},
           # Uncompressed: projected gradients barely compress and the scan is
           # read-bound, so decompression would only cost time.
@@ -279,6 +322,26 @@ def _array_spec(path: str, manifest: Manifest) -> dict[str, Any]:
           "fill_value": 0,
       },
   }
+
+
+def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Rows ``x [r, d]`` as int8 ``[r, d]`` and an f32 scale per row ``[r]``:
+  ``x ~ q * scale``, symmetric, ``scale = max|x_i| / 127`` (a zero row: all
+  zeros, scale 0). Deterministic (numpy's f32 arithmetic, ties to even).
+
+  Each element is off by at most half its row's scale. An int8 store
+  quantizes its rows divided by its column scales (``create_or_open``), so
+  that the error is spread evenly over the directions the metric weighs.
+  The scan never needs a row's scale: every store scan divides a row's
+  scores by its norm under the query set's metric (``topk.RowMetric``), in
+  which the scale cancels exactly, so the int8 values are scored as they are.
+  """
+  x = np.asarray(x, np.float32)
+  peak = np.max(np.abs(x), axis=1, initial=0)
+  scale = (peak / np.float32(127)).astype(np.float32)
+  safe = np.where(scale > 0, scale, np.float32(1))
+  q = np.clip(np.rint(x / safe[:, None]), -127, 127).astype(np.int8)
+  return q, scale
 
 
 def _validate(manifest: Manifest, where: str) -> None:
@@ -362,10 +425,16 @@ def read_manifest(path: str) -> Manifest:
 class EncodingStore:
   """A handle on a store directory. Use ``create_or_open`` or ``open_store``."""
 
-  def __init__(self, path: str, manifest: Manifest, array: ts.TensorStore):
+  def __init__(self, path: str, manifest: Manifest, array: ts.TensorStore,
+               scales: ts.TensorStore | None = None,
+               column_scales: np.ndarray | None = None):
     self.path = path
     self.manifest = manifest
     self.array = array
+    # int8 stores: each row's scale (``quantize``), and the f32 [d] scales
+    # its rows were divided by before (``create_or_open``).
+    self.scales = scales
+    self.column_scales = column_scales
     self._progress_kv = None
 
   @property
@@ -410,6 +479,9 @@ class EncodingStore:
     """The location of a chunk's bytes (zarr3's default chunk key)."""
     return storage.join(self.path, ARRAY_DIR, "c", str(chunk), "0")
 
+  def _scales_file(self, chunk: int) -> str:
+    return storage.join(self.path, SCALES_DIR, "c", str(chunk))
+
   def done_chunks(self) -> set[int]:
     names = storage.list_dir(storage.join(self.path, PROGRESS_DIR))
     return {int(n[:-5]) for n in names if n.endswith(".done") and n[:-5].isdigit()}
@@ -425,12 +497,13 @@ class EncodingStore:
   def write_chunk(self, chunk: int, encodings: np.ndarray,
                   quarantined: dict[int, str] | None = None) -> None:
     """Writes rows of ``chunk`` (``[rows_in_chunk, d]``, any float dtype), then
-    marks it done, recording the checksum of its stored bytes and the rows
-    ``quarantined`` (``{row: reason}``, global row ids; their rows are zero
-    and the scan never returns them).
+    marks it done, recording the checksum of its stored bytes (and of its
+    rows' scales in an int8 store) and the rows ``quarantined`` (``{row:
+    reason}``, global row ids; their rows are zero and the scan never
+    returns them).
 
-    Conversion to bf16 rounds to nearest even (``ml_dtypes``), so the same
-    float32 input always gives the same bytes.
+    Conversion to bf16 rounds to nearest even (``ml_dtypes``), to int8 as
+    ``quantize`` says, so the same float32 input always gives the same bytes.
     """
     start, stop = self.chunk_bounds(chunk)
     x = np.asarray(jax.device_get(encodings))
@@ -443,20 +516,27 @@ class EncodingStore:
     if outside:
       raise InputError(f"{self.path}: chunk {chunk}: quarantined rows {outside[:5]} "
                        f"are not in its rows [{start}, {stop})")
-    x = np.ascontiguousarray(x.astype(self.dtype, copy=False))
-    for r in quarantined:
-      x[r - start] = 0
-    with storage.writing(self.chunk_file(chunk)):
-      if stop - start < self.chunk_rows:
-        # The last chunk is only partly inside the array, so tensorstore
-        # merges it with the stored one; a damaged one would fail that read.
-        storage.delete(self.chunk_file(chunk))
-      self.array[start:stop].write(x).result()
+    if quarantined:  # zero before quantizing: their values may be NaN
+      x = x.copy()
+      x[[r - start for r in quarantined]] = 0
+    x, scale = stored_rows(x, self.manifest.dtype, self.column_scales)
+    record = {"rows": [start, stop]}
+    parts = [(self.chunk_file(chunk), self.array, x)]
+    if scale is not None:
+      parts.append((self._scales_file(chunk), self.scales, scale))
+      record["scales_crc32"] = _crc32(scale)
+    for where, array, values in parts:
+      with storage.writing(where):
+        if stop - start < self.chunk_rows:
+          # The last chunk is only partly inside the array, so tensorstore
+          # merges it with the stored one; a damaged one would fail that read.
+          storage.delete(where)
+        array[start:stop].write(values).result()
     crashpoints.point("chunk.data")
     # The marker goes last: a chunk without one is rewritten whole on resume.
     # Its bytes depend only on the rows, so a rerun writes the same marker.
-    record = {"rows": [start, stop], "crc32": _crc32(x),
-              "quarantined": {str(r): quarantined[r] for r in sorted(quarantined)}}
+    record.update(crc32=_crc32(x), quarantined={
+        str(r): quarantined[r] for r in sorted(quarantined)})
     storage.write_text(self._marker(chunk), json.dumps(record, sort_keys=True))
     crashpoints.point("chunk.marked")
 
@@ -469,9 +549,14 @@ class EncodingStore:
     start, stop = self.chunk_bounds(chunk)
     try:
       x = self.read_async(start, stop).result()
+      scale = None if self.scales is None else self.scales[start:stop].read().result()
     except ValueError as e:
       return f"unreadable: {_one_line(e)}"
-    return _mismatch(record, np.asarray(x))
+    why = _mismatch(record, np.asarray(x))
+    if why is None and scale is not None:
+      why = _mismatch({"crc32": record.get("scales_crc32")}, np.asarray(scale))
+      why = why and f"scales: {why}"
+    return why
 
   def check_read(self, start: int, stop: int,
                  rows: np.ndarray | Sequence[np.ndarray],
@@ -659,11 +744,36 @@ class EncodingStore:
       os.close(fd)
 
   def read_rows(self, start: int, stop: int) -> np.ndarray:
-    """Rows ``[start, stop)`` as float32 ``[stop - start, d]``."""
+    """Rows ``[start, stop)`` as float32 ``[stop - start, d]`` (an int8
+    store's times their scales)."""
     if not 0 <= start <= stop <= self.num_rows:
       raise InputError(f"{self.path}: rows [{start}, {stop}) out of range "
                        f"[0, {self.num_rows}]")
-    return np.asarray(self.read_async(start, stop).result(), dtype=np.float32)
+    rows = self.read_async(start, stop)
+    scale = None if self.scales is None else self.scales[start:stop].read().result()
+    return stored_values(np.asarray(rows.result()), scale, self.column_scales)
+
+  def stored_queries(self, queries: np.ndarray) -> np.ndarray:
+    """Queries ``f32[Q, d]`` against the rows as stored: an int8 store's rows
+    are ``x / column_scales`` (times a row's scale, which a normalized
+    score drops), so ``q . x = (q * column_scales) . stored``."""
+    if self.column_scales is None:
+      return queries
+    return (np.asarray(queries, np.float32) * self.column_scales).astype(np.float32)
+
+  def stored_metric(self, metric):
+    """A metric (``topk.RowMetric`` or ``hessian.QueryMetric``; None: None) as
+    a ``RowMetric`` of the rows as stored (``stored_queries``): with ``D =
+    diag(column_scales)``, ``x^T M x = stored^T (D M D) stored``."""
+    from tracer import topk  # pylint: disable=g-import-not-at-top
+    if metric is None or self.column_scales is None:
+      return metric
+    scales = self.column_scales.astype(np.float64)
+    return topk.RowMetric(
+        (np.asarray(metric.diag, np.float64) * scales ** 2).astype(np.float32),
+        tuple((np.asarray(c, np.float64) * scales[lo:hi, None]).astype(np.float32)
+              for (lo, hi), c in zip(metric.segments, metric.lowrank)),
+        tuple(metric.segments))
 
   def check_complete(self) -> None:
     """Raises InputError naming the missing chunks if not every chunk is done."""
@@ -680,7 +790,8 @@ class EncodingStore:
 
 
 def create_or_open(path: str | os.PathLike[str], manifest: Manifest,
-                   attachments: dict[str, bytes] | None = None) -> EncodingStore:
+                   attachments: dict[str, bytes] | None = None,
+                   column_scales: np.ndarray | None = None) -> EncodingStore:
   """Creates a store, or opens an existing one with the same manifest to resume.
 
   ``attachments`` (name -> bytes) are written with a new store, before its
@@ -689,11 +800,27 @@ def create_or_open(path: str | os.PathLike[str], manifest: Manifest,
   without one is a creation that never finished and is reset. With several
   hosts, call this on process 0 first, synchronize, then on the others.
 
+  ``column_scales`` (int8 stores; positive f32 ``[d]``, default ones): rows
+  are divided by them before ``quantize``, so that a column the scan's
+  metric weighs up (a small one, whitened) is not rounded away; the
+  pipeline passes R_train's spread along each coordinate of its basis
+  (``hessian.Basis.column_scales``). They are kept in ``COLUMN_SCALES``,
+  their sha256 in the manifest's ``quantization``.
+
   Raises:
     IncompatibleStoreError: ``path`` holds a store with a different manifest.
   """
   path = storage.normalize(path)
   _validate(manifest, storage.join(path, MANIFEST))
+  attachments = dict(attachments or {})
+  if manifest.dtype == "int8":
+    data = _column_scales_bytes(column_scales, manifest.dim)
+    attachments[COLUMN_SCALES] = data
+    manifest = dataclasses.replace(manifest, quantization={
+        "column_scales_sha256": hashlib.sha256(data).hexdigest()[:16]})
+  elif column_scales is not None:
+    raise InputError(f"{path}: column scales are for int8 stores; this one "
+                     f"stores {manifest.dtype}")
   if storage.exists(storage.join(path, MANIFEST)):
     store = open_store(path)
     store.manifest.check_compatible(
@@ -701,26 +828,65 @@ def create_or_open(path: str | os.PathLike[str], manifest: Manifest,
     return store
   if not storage.is_url(path) and os.path.exists(path) and not os.path.isdir(path):
     raise InputError(f"{path}: exists and is not a directory")
-  attachments = attachments or {}
   names = storage.list_dir(path)
   strangers = sorted({n.split("/", 1)[0] for n in names}
-                     - {ARRAY_DIR, PROGRESS_DIR, CLAIM_FILE, *attachments})
+                     - {ARRAY_DIR, SCALES_DIR, PROGRESS_DIR, CLAIM_FILE, *attachments})
   if strangers:
     raise InputError(f"{path}: not an encoding store (no {MANIFEST}) and not "
                      f"empty: {strangers[:5]}")
   # Leftovers of an unfinished creation may hold other settings or stale
   # markers: start clean.
-  for name in (ARRAY_DIR, PROGRESS_DIR):
+  for name in (ARRAY_DIR, SCALES_DIR, PROGRESS_DIR):
     storage.delete_dir(storage.join(path, name))
   storage.make_local_dirs(path)
   with storage.writing(storage.join(path, ARRAY_DIR), "create the array"):
-    array = ts.open(_array_spec(path, manifest), create=True, delete_existing=True,
-                    context=storage.CONTEXT).result()
+    array, scales = (
+        None if spec is None else ts.open(spec, create=True, delete_existing=True,
+                                          context=storage.CONTEXT).result()
+        for spec in _specs(path, manifest))
   for name, data in attachments.items():
     storage.write_bytes(storage.join(path, name), data)
   storage.write_text(storage.join(path, MANIFEST),
                      json.dumps(manifest.to_dict(), indent=2, sort_keys=True))
-  return EncodingStore(path, manifest, array)
+  return EncodingStore(path, manifest, array, scales, _column_scales(path, manifest))
+
+
+def _column_scales_bytes(scales: np.ndarray | None, dim: int) -> bytes:
+  """An int8 store's column scales as ``COLUMN_SCALES`` holds them."""
+  scales = np.ones(dim, np.float32) if scales is None else np.asarray(scales)
+  if (scales.shape != (dim,) or not np.all(np.isfinite(scales))
+      or not np.all(scales > 0)):
+    raise InputError(f"column_scales: expected {dim} positive finite values, got "
+                     f"shape {scales.shape}")
+  buf = io.BytesIO()
+  np.save(buf, scales.astype("<f4"), allow_pickle=False)
+  return buf.getvalue()
+
+
+def _column_scales(path: str, manifest: Manifest) -> np.ndarray | None:
+  """An int8 store's column scales, checked against its manifest; None for
+  other dtypes."""
+  if manifest.dtype != "int8":
+    return None
+  where = storage.join(path, COLUMN_SCALES)
+  data = storage.read_bytes(where)
+  want = manifest.quantization.get("column_scales_sha256")
+  if data is None or hashlib.sha256(data).hexdigest()[:16] != want:
+    raise CorruptStoreError(
+        f"{where}: " + ("missing" if data is None else "does not match the sha256 "
+                        f"in {MANIFEST} ({want})")
+        + "; an int8 store needs its column scales to be read")
+  scales = np.load(io.BytesIO(data), allow_pickle=False)
+  if scales.shape != (manifest.dim,) or scales.dtype != np.dtype("<f4"):
+    raise CorruptStoreError(f"{where}: expected float32 [{manifest.dim}], got "
+                            f"{scales.dtype} {scales.shape}")
+  return scales.astype(np.float32)
+
+
+def _specs(path: str, manifest: Manifest) -> tuple[dict, dict | None]:
+  """The specs of a store's rows and (int8 stores) scales arrays."""
+  return (_array_spec(path, manifest),
+          _scales_spec(path, manifest) if manifest.dtype == "int8" else None)
 
 
 def open_store(path: str | os.PathLike[str],
@@ -746,10 +912,12 @@ def open_store(path: str | os.PathLike[str],
   _validate(manifest, where)
   if expected is not None:
     manifest.check_compatible(expected, fields, where=where)
-  try:
-    array = ts.open(_array_spec(path, manifest), open=True,
-                    context=storage.CONTEXT).result()
-  except ValueError as e:
-    raise InputError(f"{storage.join(path, ARRAY_DIR)}: cannot open the "
-                     f"array described by {where}: {e}") from e
-  return EncodingStore(path, manifest, array)
+  arrays = []
+  for name, spec in zip((ARRAY_DIR, SCALES_DIR), _specs(path, manifest)):
+    try:
+      arrays.append(None if spec is None else ts.open(
+          spec, open=True, context=storage.CONTEXT).result())
+    except ValueError as e:
+      raise InputError(f"{storage.join(path, name)}: cannot open the array "
+                       f"described by {where}: {e}") from e
+  return EncodingStore(path, manifest, *arrays, _column_scales(path, manifest))

@@ -120,10 +120,16 @@ def exact_scores(x: jax.Array, queries: jax.Array, widen: bool = False) -> jax.A
     product below 2^-126 in magnitude may become 0 (an absolute error below
     2^-126 each).
 
+  int8 rows (an int8 store's, ``tracer.store.quantize``) are exact in both
+  f32 and bf16 (|v| <= 127 needs 7 significand bits, bf16 has 8), so they
+  take the same two paths, converted first: their scores carry no rounding
+  beyond the fp32 accumulation.
+
   Rows stay the leading axis: it is the faster matmul output on CPU, and the
   selection below reduces over row blocks without a transpose.
   """
   contract = (((1,), (1,)), ((), ()))
+  x = _int8_as_bf16(x, widen)
   if x.dtype == jnp.bfloat16 and not widen:
     num_queries = queries.shape[0]
     terms = bf16_terms(queries).reshape(3 * num_queries, -1)
@@ -136,17 +142,22 @@ def exact_scores(x: jax.Array, queries: jax.Array, widen: bool = False) -> jax.A
                          preferred_element_type=jnp.float32)
 
 
+def _int8_as_bf16(x: jax.Array, widen: bool) -> jax.Array:
+  """int8 rows as bf16 (exact) where bf16 rows take the bf16 matmul units."""
+  return x.astype(jnp.bfloat16) if x.dtype == jnp.int8 and not widen else x
+
+
 def lowrank_products(x: jax.Array, c: jax.Array, widen: bool = False) -> jax.Array:
   """``x [r, b] @ c f32[b, R]`` in fp32: a row metric's low-rank term.
 
-  bf16 rows (unless ``widen``) take ``exact_scores``'s three bf16 matmuls
-  (``c``'s columns split like queries): the same fp32 bound as an fp32
-  matmul on the bf16 values, on the bf16 units. At HIGHEST precision an f32
+  bf16 and int8 rows (unless ``widen``) take ``exact_scores``'s three bf16
+  matmuls (``c``'s columns split like queries): the same fp32 bound as an
+  fp32 matmul on the row values, on the bf16 units. At HIGHEST precision an f32
   matmul runs on a GPU's fp32 cores (~1/15 of its bf16 rate on an H200) and
   takes six bf16 passes on a TPU; these columns (about as many per block as
   the query set has queries) are as many as the queries themselves.
   """
-  if x.dtype == jnp.bfloat16 and not widen:
+  if x.dtype in (jnp.bfloat16, jnp.int8) and not widen:
     return exact_scores(x, c.T)
   return jnp.dot(x.astype(jnp.float32), c, precision=lax.Precision.HIGHEST)
 
@@ -866,7 +877,7 @@ def update_topk(state: TopKState, chunk_encodings, chunk_row_ids, queries,
 
   Args:
     state: from ``init_topk`` or a previous ``update_topk``.
-    chunk_encodings: ``[rows, d]`` bf16 or f32; rows are split over every
+    chunk_encodings: ``[rows, d]`` bf16, int8 or f32; rows are split over every
       device of ``mesh`` (padded here if not divisible).
     chunk_row_ids: int ``[rows]`` global row ids (< 2**31 - 1, unique).
     queries: f32 ``[Q, d]``, replicated.
@@ -892,7 +903,7 @@ def update_topk(state: TopKState, chunk_encodings, chunk_row_ids, queries,
     chunk_encodings = jnp.pad(chunk_encodings, ((0, pad), (0, 0)))
     chunk_row_ids = jnp.pad(chunk_row_ids, (0, pad))
     valid_mask = jnp.pad(valid_mask, (0, pad))
-  if chunk_encodings.dtype not in (jnp.bfloat16, jnp.float32):
+  if chunk_encodings.dtype not in (jnp.bfloat16, jnp.int8, jnp.float32):
     chunk_encodings = jnp.asarray(chunk_encodings, jnp.float32)
   k = state.proponent_scores.shape[1]
   if metric is None:
