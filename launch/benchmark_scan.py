@@ -357,7 +357,7 @@ def one_dot_scores(x, queries):
 def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
                            queries: int = 64, k: int = 100,
                            step_rows: int | None = None, repeats: int = 3,
-                           mesh=None, dtypes=("bfloat16", "float32"),
+                           mesh=None, dtypes=("bfloat16", "float32", "int8"),
                            matmul_size: int = 8192,
                            fused: bool | None = None) -> list[dict[str, Any]]:
   """The scan of a corpus resident in device memory (as at pod scale, where
@@ -369,8 +369,10 @@ def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
   ``fraction_of_bandwidth`` (of a jitted sum over the same resident rows),
   useful GFLOP/s (2·N·d·Q) and ``fraction_of_matmul`` (of a measured
   square bf16 matmul of ``matmul_size`` with fp32 accumulation, per device,
-  times the devices; bf16 rows on a
-  GPU/TPU issue three bf16 products per useful one: ``topk.exact_scores``).
+  times the devices; bf16 and int8 rows on a GPU/TPU issue three bf16
+  products per useful one: ``topk.exact_scores``). int8 rows (an int8
+  store's) are timed with scan-time R too: a store of them is scanned with
+  a metric only.
   ``fused`` (default: on GPUs): also time bf16 rows with the
   ``fused_scores`` kernel, the whole step and the kernel alone; a kernel that
   fails to compile or disagrees is reported in ``fused_error``, not raised.
@@ -402,16 +404,17 @@ def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
       f"N={rows} d={dim} Q={queries} k={k}, steps of {step} rows; "
       f"jax {jax.__version__}")}]
   for dtype in dtypes:
-    make = jax.jit(lambda key: jax.random.normal(key, (step, dim), dtype),
+    make = jax.jit(lambda key: jax.random.randint(key, (step, dim), -127, 128, dtype)
+                   if dtype == "int8" else jax.random.normal(key, (step, dim), dtype),
                    out_shardings=rows_sharding)
+    itemsize = np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype).itemsize
     chunks = [make(jax.random.key(i)) for i in range(rows // step)]
     ids = [jax.device_put(np.arange(lo, lo + step, dtype=np.int32), ids_sharding)
            for lo in range(0, rows, step)]
     valid = jax.device_put(np.ones(step, bool), ids_sharding)
     total = jax.jit(lambda x: x.sum(dtype=np.float32))
     jax.block_until_ready([total(c) for c in chunks])
-    bandwidth = rows * dim * np.dtype(ml_dtypes.bfloat16 if dtype == "bfloat16"
-                                      else dtype).itemsize / _best_time(
+    bandwidth = rows * dim * itemsize / _best_time(
         lambda: jax.block_until_ready([total(c) for c in chunks]), repeats)
     def scan_with(update):  # update(state, chunk, row_ids) -> state
       state = topk.init_topk(queries, k, mesh)
@@ -456,7 +459,7 @@ def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
     # units (``topk.lowrank_products``, the default off the CPU) and as an
     # f32 matmul at HIGHEST (the CPU's form; before 2026-11-30 everywhere).
     metric_seconds = norms_seconds = norms_highest_seconds = None
-    if dtype == "bfloat16":
+    if dtype in ("bfloat16", "int8"):
       rep = partitioning.replicated(mesh)
       segments = tuple((lo, min(lo + 256, dim)) for lo in range(0, dim, 256))
       diag = partitioning.put_global(np.ones(dim, np.float32), rep)
@@ -522,11 +525,10 @@ def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
       np.testing.assert_allclose(np.asarray(got.proponent_scores),
                                  np.asarray(want.proponent_scores), rtol=1e-5, atol=1e-6)
       baseline_seconds = _best_time(run_baseline, repeats)
-    itemsize = 2 if dtype == "bfloat16" else 4
     nbytes = rows * dim * itemsize
     useful = 2 * rows * dim * queries
-    issued = useful * (3 if dtype == "bfloat16" and not topk.widens_bf16(mesh)
-                       else 1)
+    three = dtype in ("bfloat16", "int8") and not topk.widens_bf16(mesh)
+    issued = useful * (3 if three else 1)
     table.append({
         "method": f"resident scan {dtype}", "seconds": round(seconds, 4),
         "rows_per_s": round(rows / seconds), "GB_per_s": round(nbytes / seconds / 1e9, 1),

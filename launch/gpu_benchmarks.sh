@@ -10,7 +10,8 @@
 #   factored kernel with the projections in fp32 and in bf16_6x, and the
 #   encodings' difference). Measured so far: small65k and tiny 2026-11-29;
 #   resident, 1b, precision and tiles 2026-11-30 (WORKSPACE), so the
-#   default list starts with what has no figure at today's code.
+#   default list starts with what has no figure at today's code (resident's
+#   int8 rows, added 2026-12-01, have none).
 # Each part writes $OUT/PART.log (the rows as JSON lines and a table) and is
 # cut off at the time left before DEADLINE_S (default 560 s from the start),
 # so one slow part cannot take the others' results with it. The GPU image

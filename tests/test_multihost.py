@@ -27,6 +27,7 @@ Covered:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -208,6 +209,12 @@ def pipeline_case(workdir: str, shared: str) -> dict[str, np.ndarray]:
   store.check_complete()
   streamed = pipeline.stream_corpus(enc, basis, corpus, queries, metric, K,
                                     BATCH_SIZE)
+  # An int8 store: its column scales come from the basis, written once.
+  int8 = pipeline.open_store(os.path.join(workdir, "store_int8"), dataclasses.replace(
+      manifest, dtype="int8"), basis)
+  pipeline.encode_corpus(enc, basis, corpus, int8, BATCH_SIZE)
+  topk8 = scan_lib.scan_store(int8, queries, K, mesh=enc.mesh,
+                              metric=metric.row_metric())
   # With the model axis across hosts both processes encode every row
   # together; one writes.
   spanning = make_encoder("1x8")
@@ -220,6 +227,7 @@ def pipeline_case(workdir: str, shared: str) -> dict[str, np.ndarray]:
   out["queries"] = queries
   out.update({f"topk.{f}": v for f, v in topk._asdict().items()})
   out.update({f"streamed.{f}": v for f, v in streamed._asdict().items()})
+  out.update({f"topk8.{f}": v for f, v in topk8._asdict().items()})
   return out
 
 
@@ -354,6 +362,9 @@ def test_two_processes_equal_one(tmp_path):
   np.testing.assert_array_equal(raw, got[0]["pipeline/store_before_rerun"])
   from test_store import _array_files  # pylint: disable=g-import-not-at-top
   assert _array_files(workers / "store") == _array_files(single / "store")
+  # The int8 store too (rows, scales, column scales, markers), and its scan.
+  assert _array_files(workers / "store_int8") == _array_files(single / "store_int8")
+  assert len(_array_files(workers / "store_int8")) > len(_array_files(workers / "store"))
   rows = s_multi.read_rows(0, NUM_DOCS)
   # The top-k is the store's own exact top-k under the query set's metric.
   metric, _, _ = pipeline.query_metric(
@@ -363,6 +374,10 @@ def test_two_processes_equal_one(tmp_path):
   scores = got[0]["pipeline/queries"] @ rows.T / metric.norms(rows)
   order = np.argsort(-scores, axis=1, kind="stable")
   np.testing.assert_array_equal(got[0]["pipeline/topk.proponent_rows"], order[:, :K])
+  rows8 = store_lib.open_store(workers / "store_int8").read_rows(0, NUM_DOCS)
+  scores8 = got[0]["pipeline/queries"] @ rows8.T / metric.norms(rows8)
+  np.testing.assert_array_equal(got[0]["pipeline/topk8.proponent_rows"],
+                                np.argsort(-scores8, axis=1, kind="stable")[:, :K])
   top = np.take_along_axis(scores, order[:, :K + 1], axis=1)
   assert np.abs(np.diff(top, axis=1)).min() > 1e-4  # no near ties
 

@@ -898,7 +898,8 @@ def test_resident_benchmark_runs():
       rows=3000, dim=64, queries=4, k=5, step_rows=1024, repeats=1,
       mesh=MESHES["1x1"](), matmul_size=256, fused=True)
   assert [r["method"] for r in table] == [
-      "machine", "resident scan bfloat16", "resident scan float32"]
+      "machine", "resident scan bfloat16", "resident scan float32",
+      "resident scan int8"]
   for row in table[1:]:
     assert row["seconds"] > 0 and 0 < row["fraction_of_bandwidth"]
     assert row["scores_only_seconds"] > 0 and row["xla_top_k_seconds"] > 0
@@ -913,6 +914,7 @@ def test_resident_benchmark_runs():
       "metric_seconds", "norms_seconds", "norms_highest_seconds")) > 0
   assert table[2]["metric_seconds"] is None
   assert table[2]["fused_seconds"] is None
+  assert table[3]["metric_seconds"] > 0 and table[3]["fused_seconds"] is None
   assert "| resident scan bfloat16 |" in benchmark_scan.to_markdown(table)
 
 
