@@ -86,6 +86,12 @@ CHIPS = (
 ITEMSIZE = {"bfloat16": 2, "float32": 4, "int8": 1}
 # Bytes a row stores besides its d values: an int8 row's f32 scale.
 ROW_EXTRA_BYTES = {"int8": 4}
+# bf16 matmul passes per useful product in the scan on a TPU or GPU (exact
+# fp32 scores, ``topk.exact_scores``): bf16 and int8 rows against the fp32
+# queries (and R's low-rank columns) split into three bf16 terms; f32 rows
+# at HIGHEST precision, six on a TPU (a GPU runs them on its fp32 cores,
+# slower still).
+MATMUL_PASSES = {"bfloat16": 3, "int8": 3, "float32": 6}
 
 
 def find_chip(name: str) -> Chip:
@@ -166,8 +172,9 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   # low-rank column per query (the queries are R_eval), each over that block
   # only: about 1 + min(Q, block) columns over the whole row.
   norm_columns = 1 + min(queries, r_block_dim)
-  scan_compute_s = (2.0 * rows * d * (queries + norm_columns) * steps_summed
-                    / (chips * spec.peak_flops))
+  passes = MATMUL_PASSES[store_dtype]
+  scan_compute_s = (2.0 * rows * d * (queries + norm_columns) * passes
+                    * steps_summed / (chips * spec.peak_flops))
   scan_hbm_s = store_bytes / (chips * spec.hbm_bandwidth)
   # tracer's scan today streams the store from storage for every query batch,
   # each host reading its devices' rows.
@@ -196,7 +203,8 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
       queries=queries, mfu=mfu, encode_train_ratio=ratio,
       chunk_rows=chunk_rows, batch_per_host=batch_per_host,
       host_read_gbps=host_read_gbps, r_block_dim=r_block_dim,
-      checkpoints=steps_summed, norm_columns=norm_columns, rows=rows,
+      checkpoints=steps_summed, norm_columns=norm_columns,
+      matmul_passes=passes, rows=rows,
       itemsize=itemsize, row_bytes=row_bytes, store_bytes=store_bytes,
       store_bytes_per_host=store_bytes / hosts, vocab_size=vocab_size,
       token_itemsize=token_itemsize, text_bytes_per_token=text_bytes_per_token,
@@ -351,8 +359,8 @@ def report(p: dict) -> str:
   row("store fits in HBM", "yes" if p["store_fits_in_hbm"] else "no",
       f"store / free HBM = {share * 100:.3g}%")
   row("compute bound", duration(p["scan_compute_s"]),
-      f"2 * rows * d * (Q + {p['norm_columns']} for R) / (chips * "
-      f"{tflops(c.peak_flops)})" + times_s)
+      f"2 * rows * d * (Q + {p['norm_columns']} for R) * {p['matmul_passes']} "
+      f"passes / (chips * {tflops(c.peak_flops)})" + times_s)
   row("host read bound", duration(p["scan_host_read_s"]),
       f"store / (hosts * {p['host_read_gbps']:g} GB/s) = store / "
       f"({p['hosts']} * {p['host_read_gbps']:g} GB/s)")
@@ -411,8 +419,11 @@ def report(p: dict) -> str:
       f"{p['norm_columns']} more columns per row (the row norms under the "
       "query set's own R; measured on the CPU: (Q + 240) / Q of the plain "
       "scan with 240 eval examples in blocks of 256, WORKSPACE.md).",
-      "  - scan bounds use peak bf16 FLOP/s and HBM bandwidth (no MFU); an "
-      "f32 store's matmul runs below the bf16 peak. Free HBM subtracts one "
+      f"  - scan bounds use peak bf16 FLOP/s and HBM bandwidth (no MFU), and "
+      f"{p['matmul_passes']} bf16 matmul passes per product: the scan's "
+      "scores are exact in fp32 (bf16 and int8 rows against the fp32 queries "
+      "as three bf16 terms; f32 rows at HIGHEST, six on a TPU and slower on "
+      "a GPU's fp32 cores). Free HBM subtracts one "
       "bf16 copy of the weights, sharded over the pod, and ignores "
       "activations and scan workspace.",
       f"  - {p['text_bytes_per_token']:g} bytes of text per token: ASSUMED "
