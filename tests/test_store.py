@@ -141,7 +141,7 @@ def test_int8_verify_finds_damaged_scales(tmp_path):
   raw = bytearray(open(path, "rb").read())
   raw[5] ^= 0x10
   open(path, "wb").write(bytes(raw))
-  assert s.verify_chunk(2).startswith("scales: checksum mismatch")
+  assert s.verify_chunk(2).startswith(f"its scales {path}: checksum mismatch")
   assert s.verify_chunk(1) is None
 
 

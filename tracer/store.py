@@ -555,7 +555,7 @@ class EncodingStore:
     why = _mismatch(record, np.asarray(x))
     if why is None and scale is not None:
       why = _mismatch({"crc32": record.get("scales_crc32")}, np.asarray(scale))
-      why = why and f"scales: {why}"
+      why = why and f"its scales {self._scales_file(chunk)}: {why}"
     return why
 
   def check_read(self, start: int, stop: int,
