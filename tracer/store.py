@@ -52,6 +52,7 @@ from tracer import crashpoints
 from tracer.claim import CLAIM_FILE
 from tracer import data as data_lib
 from tracer import storage
+from tracer import topk
 from tracer.errors import CorruptStoreError, InputError
 
 MANIFEST = "manifest.json"
@@ -765,7 +766,6 @@ class EncodingStore:
     """A metric (``topk.RowMetric`` or ``hessian.QueryMetric``; None: None) as
     a ``RowMetric`` of the rows as stored (``stored_queries``): with ``D =
     diag(column_scales)``, ``x^T M x = stored^T (D M D) stored``."""
-    from tracer import topk  # pylint: disable=g-import-not-at-top
     if metric is None or self.column_scales is None:
       return metric
     scales = self.column_scales.astype(np.float64)
