@@ -285,3 +285,50 @@ def test_bf16_rows_low_rank_products_on_the_bf16_units_keep_the_fp32_bound():
   on_units = topk._row_norms(jnp.asarray(x), diag, lowrank, segments)
   on_cpu = topk._row_norms(jnp.asarray(x), diag, lowrank, segments, widen=True)
   np.testing.assert_allclose(on_units, on_cpu, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_row_tiles_give_each_row_what_the_whole_array_gives(dtype):
+  # fn maps each row to its own output row, exactly (small integers): any
+  # tile count, a last tile overlapping the one before, fewer rows than a
+  # tile, outputs of more than one column.
+  import jax.numpy as jnp
+  from tracer import topk
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.integers(-100, 100, (203, 24)), dtype)
+  fn = lambda t: jnp.stack([t.astype(jnp.float32).sum(1), t[:, 3].astype(jnp.float32)], 1)
+  want = np.asarray(fn(x))
+  for rows in (1, 15, 16, 17, 64, 203):
+    for tile_rows in (8, 16, 64, 256):
+      got = jax.jit(lambda a: topk.row_tiles(fn, a, tile_rows))(x[:rows])
+      np.testing.assert_array_equal(got, want[:rows], err_msg=f"{rows} rows, tiles of {tile_rows}")
+  assert topk.row_tiles(fn, x).shape == (203, 2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_row_norms_on_the_cpu_do_not_depend_on_where_a_row_is(dtype):
+  # A row's norm under a RowMetric is the same bits whichever rows share its
+  # chunk (a scan's result must not depend on the mesh or the chunk size):
+  # XLA:CPU sums a short array's rows in another order than a long one's, so
+  # every row goes through one tile program (``topk.row_tiles``). And it is
+  # the float64 norm to fp32 rounding.
+  import jax.numpy as jnp
+  import ml_dtypes
+  from tracer import topk
+  rng = np.random.default_rng(4)
+  d, segments = 300, ((0, 37), (37, 300))
+  values = rng.standard_normal((2500, d)) * (40 if dtype == "int8" else 1)
+  x = values.clip(-127, 127).astype({"bfloat16": ml_dtypes.bfloat16}.get(dtype, dtype))
+  diag = rng.random(d).astype(np.float32) + 1.0
+  lowrank = tuple((rng.standard_normal((hi - lo, r)) * 0.05).astype(np.float32)
+                  for (lo, hi), r in zip(segments, (5, 40)))
+  norms = jax.jit(lambda a: topk._row_norms(a, jnp.asarray(diag), lowrank, segments,
+                                            widen=True))
+  whole = np.asarray(norms(jnp.asarray(x)))
+  for lo, hi in ((0, 1), (5, 12), (3, 1100), (1024, 2048), (17, 2500), (2499, 2500)):
+    np.testing.assert_array_equal(norms(jnp.asarray(x[lo:hi])), whole[lo:hi],
+                                  err_msg=f"rows {lo}:{hi}")
+  x64 = x.astype(np.float64)
+  n2 = (x64 ** 2) @ diag - sum(((x64[:, lo:hi] @ c) ** 2).sum(1)
+                               for (lo, hi), c in zip(segments, lowrank))
+  np.testing.assert_allclose(whole, np.sqrt(n2), rtol=2e-6)

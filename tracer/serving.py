@@ -368,15 +368,19 @@ def _norms(x, diag, lowrank, lowrank_owner, segments, widen: bool):
   ``[r, J]`` (``topk._row_norms`` for J metrics at once). ``diag [J, d]``;
   per segment, every request's low-rank columns side by side ``[size, R]``
   and which request owns each column, one-hot ``[R, J]``. ``widen``: see
-  ``topk.lowrank_products``."""
-  xf = x.astype(jnp.float32)
+  ``topk.lowrank_products`` and ``topk.norms_of``."""
   hi = lax.Precision.HIGHEST
-  n2 = jnp.dot(xf * xf, diag.T, precision=hi)
-  for (lo, up), c, owner in zip(segments, lowrank, lowrank_owner):
-    if c.shape[1]:
-      t = topk_lib.lowrank_products(x[:, lo:up], c, widen)
-      n2 = n2 - jnp.dot(t * t, owner, precision=hi)
-  return jnp.maximum(jnp.sqrt(jnp.maximum(n2, 0.0)), jnp.finfo(jnp.float32).tiny)
+
+  def squared(x):
+    xf = x.astype(jnp.float32)
+    n2 = jnp.dot(xf * xf, diag.T, precision=hi)
+    for (lo, up), c, owner in zip(segments, lowrank, lowrank_owner):
+      if c.shape[1]:
+        t = topk_lib.lowrank_products(x[:, lo:up], c, widen)
+        n2 = n2 - jnp.dot(t * t, owner, precision=hi)
+    return n2
+
+  return topk_lib.norms_of(squared, x, widen)
 
 
 def _device_topk(xs, row_ids, valid, queries, owner, diags, lowranks,
