@@ -53,6 +53,39 @@ def start(workdir: str | None, checkpoint: str | None, corpus_source: str,
   return Run(ecfg, ckpt, corpus, encoder, kind, eps)
 
 
+def corpus_source(location: str, given: str | None) -> str:
+  """``--corpus``, else the store's own (its manifest): the tokenized corpus
+  its rows were read from (row by row, as a pod host must), else its source."""
+  if given:
+    return given
+  manifest = storage.join(location, store_lib.MANIFEST)
+  if not storage.exists(manifest):
+    raise InputError(f"{location}: no store; encode the corpus first "
+                     "(tracer trace or tracer encode)")
+  m = store_lib.open_store(location).manifest
+  if m.corpus_rows and corpus_lib.is_tokenized(m.corpus_rows):
+    return m.corpus_rows
+  if m.corpus_rows:
+    say(f"the store's tokenized corpus {m.corpus_rows} is gone; reading "
+        f"its source {m.corpus} whole instead")
+  return m.corpus
+
+
+def start_on_store(workdir: str | None, checkpoint: str | None,
+                   corpus: str | None, location: str) -> tuple[Run, str]:
+  """``start`` for a script that reads an encoded store (scan, serve): the
+  corpus is ``--corpus``, else the store's own (``corpus_source``).
+  Returns the run and the corpus source."""
+  source = corpus_source(location, corpus)
+  try:
+    return start(workdir, checkpoint, source, location), source
+  except InputError as e:
+    if corpus or source not in str(e):
+      raise
+    raise InputError(f"{e} (the store's corpus, from its manifest; pass "
+                     "--corpus)") from None
+
+
 def encode_config(store: str | None = None) -> EncodeConfig:
   """``EncodeConfig`` from gin; where a store exists at ``store``, with the
   settings its rows were encoded with (its manifest's ``encode_config``) for

@@ -1,15 +1,16 @@
 r"""Queries -> top-k proponents and opponents from an encoded store.
 
-  tracer scan --gin_file=configs/tiny.gin --workdir=W --corpus=C \
-      --queries=Q.jsonl --output=R.jsonl [--store=W/store] --top_k=10
+  tracer scan --gin_file=configs/tiny.gin --workdir=W --queries=Q.jsonl \
+      --output=R.jsonl [--store=W/store] [--corpus=C] --top_k=10
 
 The queries are projected with the same checkpoint and projection as the
 store (its manifest is checked, a mismatch names the fields that differ) and
 put in the store's basis; their task-specific R (``PreconditionerConfig``:
 lambda rule, damping) is fitted from them and applied at scan time. No corpus
-gradient is computed. ``--corpus`` maps rows back to ids
-and texts (only the rows retrieved are read). Each host scans the rows of its
-own devices; process 0 writes the results.
+gradient is computed. ``--corpus`` maps rows back to ids and texts (only
+the rows retrieved are read); by default the store's own, as its manifest
+names it (``common.corpus_source``; ``tracer serve`` does the same). Each
+host scans the rows of its own devices; process 0 writes the results.
 
 ``--sum_steps=200,400`` scores rows by TrackStar summed over those
 checkpoints and this one, from the stores ``tracer trace --sum_steps`` made
@@ -37,12 +38,14 @@ def _stored(location, run_):
 
 def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
         checkpoint=None, sum_steps=()):
-  """Writes and returns the results rows. ``sum_steps``: score rows by the
+  """Writes and returns the results rows. ``corpus_source`` None: the
+  store's own. ``sum_steps``: score rows by the
   sum over those checkpoints and this one, each from its own store
   (``<store>-step<N>``, as ``tracer trace --sum_steps`` made them)."""
   pcfg = config.make(PreconditionerConfig)
   location = common.default_location(workdir, store_path, "store")
-  run_ = common.start(workdir, checkpoint, corpus_source, location)
+  run_, corpus_source = common.start_on_store(workdir, checkpoint, corpus_source,
+                                              location)
   config.check_top_k(top_k, len(run_.corpus))  # before any gradient
   others = common.summed_checkpoints(sum_steps, run_.ckpt, stores_at=location)
   queries, query_examples = pipeline.read_queries(run_.ckpt, queries_path)
@@ -67,7 +70,7 @@ def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
 
 def main(argv):
   del argv
-  config.setup(required=("workdir", "corpus", "queries", "output"))
+  config.setup(required=("workdir", "queries", "output"))
   run(FLAGS.workdir, FLAGS.corpus, FLAGS.queries, FLAGS.output, FLAGS.top_k,
       FLAGS.store, FLAGS.checkpoint, FLAGS.sum_steps)
 

@@ -54,12 +54,9 @@ import numpy as np
 from tracer.launch import common
 from tracer.launch import config
 from tracer.config import PreconditionerConfig
-from tracer import corpus as corpus_lib
 from tracer import data as data_lib
 from tracer import pipeline
 from tracer import serving
-from tracer import store as store_lib
-from tracer import storage
 from tracer.errors import InputError
 
 flags.DEFINE_string("host", "127.0.0.1", "Address to bind (0.0.0.0: every "
@@ -85,24 +82,6 @@ flags.DEFINE_string("measure", None, "Queries JSONL: measure latency with its "
                     "queries, print the table and exit.")
 flags.DEFINE_integer("measure_repeats", 10, "Warm runs per --measure case.")
 FLAGS = flags.FLAGS
-
-
-def _corpus_source(location: str, given: str | None) -> str:
-  """``--corpus``, else the store's own: the tokenized corpus its rows were
-  read from (row by row, as a pod host must), else its source."""
-  if given:
-    return given
-  manifest = storage.join(location, store_lib.MANIFEST)
-  if not storage.exists(manifest):
-    raise InputError(f"{location}: no store; encode the corpus first "
-                     "(tracer trace or tracer encode)")
-  m = store_lib.open_store(location).manifest
-  if m.corpus_rows and corpus_lib.is_tokenized(m.corpus_rows):
-    return m.corpus_rows
-  if m.corpus_rows:
-    common.say(f"the store's tokenized corpus {m.corpus_rows} is gone; reading "
-               f"its source {m.corpus} whole instead")
-  return m.corpus
 
 
 def budget_bytes(budget_mb: int) -> int:
@@ -144,14 +123,7 @@ def build(workdir: str, store_path: str | None = None, corpus: str | None = None
   (``<store>-step<N>``), held at once; rows are scored by the sum."""
   pcfg = config.make(PreconditionerConfig)
   location = common.default_location(workdir, store_path, "store")
-  source = _corpus_source(location, corpus)
-  try:
-    run_ = common.start(workdir, checkpoint, source, location)
-  except InputError as e:
-    if corpus or source not in str(e):
-      raise
-    raise InputError(f"{e} (the store's corpus, from its manifest; pass "
-                     "--corpus)") from None
+  run_, source = common.start_on_store(workdir, checkpoint, corpus, location)
   others = common.summed_checkpoints(sum_steps, run_.ckpt, stores_at=location)
   store, basis = _complete(location, run_)
   stores, summed, steps = [store], [], []

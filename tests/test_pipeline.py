@@ -13,12 +13,12 @@ import gin
 import numpy as np
 import pytest
 
+from tracer.launch import common
 from tracer.launch import config
 from tracer.launch import encode as encode_script
 from tracer.launch import fit_preconditioner as fit_script
 from tracer.launch import quality
 from tracer.launch import scan as scan_script
-from tracer.launch import serve as serve_script
 from tracer.launch import sweep
 from tracer.launch import tokenize
 from tracer.launch import trace
@@ -230,9 +230,10 @@ def test_scan_encodes_queries_as_its_store_was_encoded(trained, capsys, monkeypa
             manifest.encode_config["chunk_rows"]) == (1, 2048, 64)
     assert manifest.corpus == corpus
     monkeypatch.chdir(root / "facts")
-    assert serve_script._corpus_source(other, None) == corpus
+    assert common.corpus_source(other, None) == corpus
     capsys.readouterr()
-    rows = scan_script.run(str(root), corpus, queries, str(root / "p.jsonl"),
+    # No --corpus: the store's own, found from another directory.
+    rows = scan_script.run(str(root), None, queries, str(root / "p.jsonl"),
                            store_path=other)
     said = capsys.readouterr()
     assert (f"store {other}: encoded with projection_dim=2048, seed=1; encoding "

@@ -30,6 +30,7 @@ import gin
 import numpy as np
 import pytest
 
+from tracer.launch import common
 from tracer.launch import serve
 from tracer.launch import trace
 from tracer import corpus as corpus_lib
@@ -285,8 +286,8 @@ def test_the_store_reopens_its_tokenized_corpus(traced, tmp_path, capsys):
   m = store_lib.open_store(location).manifest
   assert m.corpus == str(traced.root / "corpus.jsonl")
   assert m.corpus_rows == storage.normalize(traced.corpus)
-  assert serve._corpus_source(location, None) == m.corpus_rows
-  assert serve._corpus_source(location, "other.jsonl") == "other.jsonl"
+  assert common.corpus_source(location, None) == m.corpus_rows
+  assert common.corpus_source(location, "other.jsonl") == "other.jsonl"
   # Gone, or written before the field existed: the source, said so if gone.
   copy = tmp_path / "store"
   shutil.copytree(location, copy)
@@ -299,7 +300,7 @@ def test_the_store_reopens_its_tokenized_corpus(traced, tmp_path, capsys):
       d["corpus_rows"] = rows
     (copy / store_lib.MANIFEST).write_text(json.dumps(d))
     capsys.readouterr()
-    assert serve._corpus_source(str(copy), None) == m.corpus
+    assert common.corpus_source(str(copy), None) == m.corpus
     out = capsys.readouterr().out
     assert (said in out) if said else not out
 
