@@ -305,13 +305,15 @@ def test_row_tiles_give_each_row_what_the_whole_array_gives(dtype):
   assert topk.row_tiles(fn, x).shape == (203, 2)
 
 
+@pytest.mark.parametrize("widen", [True, False], ids=["widened", "bf16-products"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
-def test_row_norms_on_the_cpu_do_not_depend_on_where_a_row_is(dtype):
+def test_row_norms_on_the_cpu_do_not_depend_on_where_a_row_is(dtype, widen):
   # A row's norm under a RowMetric is the same bits whichever rows share its
   # chunk (a scan's result must not depend on the mesh or the chunk size):
   # XLA:CPU sums a short array's rows in another order than a long one's, so
-  # every row goes through one tile program (``topk.row_tiles``). And it is
-  # the float64 norm to fp32 rounding.
+  # every row goes through one tile program (``topk.row_tiles``), also where
+  # an XLA without the library fusions scores bf16 rows by three bf16
+  # products (not widened). And it is the float64 norm to fp32 rounding.
   import jax.numpy as jnp
   import ml_dtypes
   from tracer import topk
@@ -323,7 +325,7 @@ def test_row_norms_on_the_cpu_do_not_depend_on_where_a_row_is(dtype):
   lowrank = tuple((rng.standard_normal((hi - lo, r)) * 0.05).astype(np.float32)
                   for (lo, hi), r in zip(segments, (5, 40)))
   norms = jax.jit(lambda a: topk._row_norms(a, jnp.asarray(diag), lowrank, segments,
-                                            widen=True))
+                                            widen=widen, tiled=True))
   whole = np.asarray(norms(jnp.asarray(x)))
   for lo, hi in ((0, 1), (5, 12), (3, 1100), (1024, 2048), (17, 2500), (2499, 2500)):
     np.testing.assert_array_equal(norms(jnp.asarray(x[lo:hi])), whole[lo:hi],

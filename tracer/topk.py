@@ -206,13 +206,13 @@ def row_tiles(fn, x: jax.Array, tile_rows: int | None = None) -> jax.Array:
 
 
 def _row_norms(x: jax.Array, diag: jax.Array, lowrank, segments,
-               widen: bool = False) -> jax.Array:
+               widen: bool = False, tiled: bool | None = None) -> jax.Array:
   """``sqrt(x^T R^(-1) x)`` of each row of ``x [r, d]`` (``RowMetric``), in fp32.
 
   A zero row gets the smallest normal float, so its scores stay 0, as unit
   normalization leaves a zero row zero. ``widen``: as the scores
-  (``exact_scores``; ``lowrank_products``); the CPU's rows go tile by tile
-  (``row_tiles``).
+  (``exact_scores``; ``lowrank_products``). ``tiled`` (the CPU; default
+  ``widen``): tile by tile (``row_tiles``).
   """
 
   def squared(x):
@@ -226,14 +226,14 @@ def _row_norms(x: jax.Array, diag: jax.Array, lowrank, segments,
         n2 = n2 - jnp.sum(t * t, axis=1)
     return n2
 
-  return norms_of(squared, x, widen)
+  return norms_of(squared, x, widen if tiled is None else tiled)
 
 
-def norms_of(squared, x: jax.Array, widen: bool) -> jax.Array:
+def norms_of(squared, x: jax.Array, tiled: bool) -> jax.Array:
   """``sqrt(squared(x))``, ``squared`` giving each row's ``x^T R^(-1) x``
-  (``[r]``, or ``[r, J]`` for J metrics), tile by tile where ``widen`` (the
+  (``[r]``, or ``[r, J]`` for J metrics), tile by tile where ``tiled`` (the
   CPU: ``row_tiles``). A zero row gets the smallest normal float."""
-  n2 = row_tiles(squared, x) if widen else squared(x)
+  n2 = row_tiles(squared, x) if tiled else squared(x)
   return jnp.maximum(jnp.sqrt(jnp.maximum(n2, 0.0)), jnp.finfo(jnp.float32).tiny)
 
 
@@ -560,12 +560,12 @@ def _select_both(s: jax.Array, valid: jax.Array, rid: jax.Array,
           _no_negative_zero(-v[num_queries:]), r[num_queries:])
 
 
-def _norms(pieces, diag, lowrank, segments, widen: bool
+def _norms(pieces, diag, lowrank, segments, widen: bool, tiled: bool
            ) -> list[jax.Array] | None:
   """Each piece's rows' norms under a ``RowMetric`` (None: no metric)."""
   if segments is None:
     return None
-  return [_row_norms(p, diag, lowrank, segments, widen) for p in pieces]
+  return [_row_norms(p, diag, lowrank, segments, widen, tiled) for p in pieces]
 
 
 def _scores(pieces, queries, norms, widen: bool) -> jax.Array:
@@ -593,21 +593,22 @@ def _fused_candidates(pieces, valid, queries, pro_kth, opp_kth, norms,
 
 def _local_candidates(x, row_ids, valid, queries, pro_kth, opp_kth, diag=None,
                       lowrank=(), *, k: int, rows_sorted: bool, segments=None,
-                      widen: bool = False, branch_free: bool = False,
-                      fused: str | None = None,
+                      widen: bool = False, tile_norms: bool = False,
+                      branch_free: bool = False, fused: str | None = None,
                       tiles: fused_scores.Tiles = fused_scores.DEFAULT_TILES):
   """One device's top-k candidates of its rows: 4 arrays ``[Q, min(k, r)]``.
 
   ``pro_kth`` / ``opp_kth`` ``[Q]``: the running k-th best scores. With
   ``segments`` (a ``RowMetric``), scores are divided by the rows' norms.
-  ``widen``: see ``exact_scores``. ``x`` may be a tuple of consecutive pieces of
-  the rows (scored one by one: the rows need not be one buffer).
+  ``widen``: see ``exact_scores``; ``tile_norms`` (the CPU): ``row_tiles``.
+  ``x`` may be a tuple of consecutive pieces of the rows (scored one by one:
+  the rows need not be one buffer).
   ``fused``: "gpu" or "interpret" to score bf16 rows with the
   ``fused_scores`` kernel where it takes them (sorted rows), else None;
   ``tiles``: its tile settings.
   """
   pieces = x if isinstance(x, tuple) else (x,)
-  norms = _norms(pieces, diag, lowrank, segments, widen)
+  norms = _norms(pieces, diag, lowrank, segments, widen, tile_norms)
   words = None
   if fused and rows_sorted and not widen and all(
       fused_scores.supported(*p.shape, p.dtype, tiles) for p in pieces):
@@ -623,7 +624,7 @@ def _local_candidates(x, row_ids, valid, queries, pro_kth, opp_kth, diag=None,
 def _local_summed_candidates(xs, row_ids, valid, queries, pro_kth, opp_kth,
                              diags, lowranks, *, k: int, rows_sorted: bool,
                              segments, widen: bool = False,
-                             branch_free: bool = False):
+                             tile_norms: bool = False, branch_free: bool = False):
   """``_local_candidates`` of scores summed over parts: part ``p``'s rows
   ``xs[p]`` (one array or pieces) scored against its own ``queries[p]``,
   divided by their norms under its own metric where ``segments[p]`` is not
@@ -631,7 +632,8 @@ def _local_summed_candidates(xs, row_ids, valid, queries, pro_kth, opp_kth,
   total = None
   for x, q, diag, lowrank, seg in zip(xs, queries, diags, lowranks, segments):
     pieces = x if isinstance(x, tuple) else (x,)
-    s = _scores(pieces, q, _norms(pieces, diag, lowrank, seg, widen), widen)
+    s = _scores(pieces, q, _norms(pieces, diag, lowrank, seg, widen, tile_norms),
+                widen)
     total = s if total is None else total + s
   return _candidates(total, row_ids, valid, pro_kth, opp_kth, k=k,
                      rows_sorted=rows_sorted, branch_free=branch_free)
@@ -834,6 +836,11 @@ def widens_bf16(mesh: Mesh) -> bool:
   return compiler_options(mesh.devices.flat[0].platform) is not None
 
 
+def _on_cpu(mesh: Mesh) -> bool:
+  """Whether ``mesh``'s devices are CPUs (row norms go tile by tile there)."""
+  return mesh.devices.flat[0].platform == "cpu"
+
+
 def _fused_mode(mesh: Mesh) -> str:
   platform = mesh.devices.flat[0].platform
   if platform == "gpu":
@@ -862,7 +869,7 @@ def step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments=None,
       functools.partial(_local_candidates, k=k, rows_sorted=rows_sorted,
                         segments=segments,
                         widen=widens_bf16(mesh) and not fused,
-                        branch_free=branch_free,
+                        tile_norms=_on_cpu(mesh), branch_free=branch_free,
                         fused=_fused_mode(mesh) if fused else None,
                         tiles=tiles),
       mesh, check_vma=not fused)  # pallas_call's outputs carry no vma type
@@ -904,7 +911,8 @@ def summed_step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments: tuple):
   is valid only where it is in every part."""
   local = _sharded_candidates(
       functools.partial(_local_summed_candidates, k=k, rows_sorted=rows_sorted,
-                        segments=segments, widen=widens_bf16(mesh)), mesh)
+                        segments=segments, widen=widens_bf16(mesh),
+                        tile_norms=_on_cpu(mesh)), mesh)
 
   def update(state: TopKState, xs, row_ids, valids, queries, diags,
              lowranks) -> TopKState:
