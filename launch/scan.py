@@ -39,9 +39,9 @@ def _stored(location, run_):
 def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
         checkpoint=None, sum_steps=()):
   """Writes and returns the results rows. ``corpus_source`` None: the
-  store's own. ``sum_steps``: score rows by the
-  sum over those checkpoints and this one, each from its own store
-  (``<store>-step<N>``, as ``tracer trace --sum_steps`` made them)."""
+  store's own. ``sum_steps``: score rows by the sum over those checkpoints
+  and this one, each from its own store (``<store>-step<N>``, as ``tracer
+  trace --sum_steps`` made them)."""
   pcfg = config.make(PreconditionerConfig)
   location = common.default_location(workdir, store_path, "store")
   run_, corpus_source = common.start_on_store(workdir, checkpoint, corpus_source,
