@@ -60,8 +60,9 @@ def corpus_source(location: str, given: str | None) -> str:
     return given
   manifest = storage.join(location, store_lib.MANIFEST)
   if not storage.exists(manifest):
-    raise InputError(f"{location}: no store; encode the corpus first "
-                     "(tracer trace or tracer encode)")
+    raise InputError(f"{location}: no store to take the corpus from; pass "
+                     "--corpus (tracer trace encodes it), or encode it first "
+                     "(tracer encode)")
   m = store_lib.open_store(location).manifest
   if m.corpus_rows and corpus_lib.is_tokenized(m.corpus_rows):
     return m.corpus_rows

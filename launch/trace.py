@@ -10,7 +10,9 @@ URL): reused as it is when complete, resumed when not, else created in R_train's
 eigenbasis (fitted on a corpus sample, or --basis) and encoded; then the
 queries are projected, their task-specific R fitted, and the store scanned
 with R applied at scan time. A new --queries file against an existing store
-computes no corpus gradient. ``--corpus`` may be a directory made by
+computes no corpus gradient, and needs no ``--corpus``: without it the
+rows map back to the store's own corpus, as its manifest names it (as
+``tracer scan``). ``--corpus`` may be a directory made by
 ``launch.tokenize``. ``--streaming`` skips the store and scores each corpus
 batch as it is encoded (its basis saved at --basis, default W/basis.npz).
 
@@ -50,12 +52,18 @@ def run(workdir: str, corpus_source: str, queries_path: str, output: str,
         top_k: int = 10, checkpoint: str | None = None, store_path: str | None = None,
         basis_path: str | None = None, streaming: bool = False,
         show: int = 5, sum_steps=()) -> list[dict]:
-  """Runs the pipeline; writes and returns the results rows. ``sum_steps``:
-  score rows by the sum over those checkpoints of the run and this one."""
+  """Runs the pipeline; writes and returns the results rows.
+  ``corpus_source`` None: the existing store's own. ``sum_steps``: score
+  rows by the sum over those checkpoints of the run and this one."""
   pcfg = config.make(PreconditionerConfig)
   location = common.default_location(workdir, store_path, "store")
-  run_ = common.start(workdir, checkpoint, corpus_source,
-                      None if streaming else location)
+  if corpus_source:
+    run_ = common.start(workdir, checkpoint, corpus_source,
+                        None if streaming else location)
+  elif streaming:
+    raise InputError("--streaming encodes the corpus: --corpus required")
+  else:
+    run_, corpus_source = common.start_on_store(workdir, checkpoint, None, location)
   config.check_top_k(top_k, len(run_.corpus))  # before any gradient
   others = common.summed_checkpoints(sum_steps, run_.ckpt)
   if others and streaming:
@@ -112,7 +120,7 @@ def run(workdir: str, corpus_source: str, queries_path: str, output: str,
 
 def main(argv):
   del argv
-  config.setup(required=("workdir", "corpus", "queries", "output"))
+  config.setup(required=("workdir", "queries", "output"))
   run(FLAGS.workdir, FLAGS.corpus, FLAGS.queries, FLAGS.output, FLAGS.top_k,
       FLAGS.checkpoint, FLAGS.store, FLAGS.basis, FLAGS.streaming, FLAGS.show,
       FLAGS.sum_steps)

@@ -471,6 +471,11 @@ CASES = [
          "200)"),
     Case("no store", lambda s, d: scan(s, d, store=d / "nostore"),
          "nostore: no store; encode the corpus first"),
+    Case("no store and no corpus",
+         lambda s, d: ("trace", [a for a in scan(s, d, store=d / "nostore")[1]
+                                 if not a.startswith("--corpus")]),
+         "nostore: no store to take the corpus from; pass --corpus (tracer "
+         "trace encodes it)"),
     Case("truncated zarr chunk", truncated_chunk, "chunk 1"),
     Case("full disk", full_disk,
          "results.jsonl: cannot write: No space left on device"),

@@ -33,6 +33,7 @@ from tracer import pipeline
 from tracer import storage
 from tracer import store as store_lib
 from tracer.config import ENCODING_SETTINGS
+from tracer.errors import InputError
 from tracer.errors import StoreClaimedError
 # pytest puts tests/ on sys.path; reuse the store tests' file reader.
 from test_store import _array_files as store_files
@@ -493,7 +494,8 @@ def test_new_queries_reuse_the_store_without_corpus_gradients(
     before = store_files(store)
     counted = _count_corpus_rows(monkeypatch)
     capsys.readouterr()
-    reused = trace.run(str(root), corpus, str(other), str(tmp_path / "b.jsonl"),
+    # No corpus named: the store's own (its manifest), as `tracer scan`.
+    reused = trace.run(str(root), None, str(other), str(tmp_path / "b.jsonl"),
                        show=0, store_path=store)
     assert sum(counted) == 0  # not one corpus row was encoded
     assert "complete, reused as it is (no corpus gradient computed)" in (
@@ -506,6 +508,10 @@ def test_new_queries_reuse_the_store_without_corpus_gradients(
       _bind(PreconditionerConfig__damping=0.1)
     assert sum(counted) == 0
     assert store_files(store) == before  # the store's files are untouched
+    with pytest.raises(InputError, match="--streaming encodes the corpus: "
+                       "--corpus required"):
+      trace.run(str(root), None, str(other), str(tmp_path / "e.jsonl"), show=0,
+                streaming=True)
     monkeypatch.undo()
     # The same query set scored while streaming (no store) agrees.
     streamed = trace.run(str(root), corpus, str(other), str(tmp_path / "d.jsonl"),
