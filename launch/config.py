@@ -230,6 +230,56 @@ class GinFileNotFound(InputError, FileNotFoundError):
   """--gin_file names no file."""
 
 
+flags.DEFINE_string("compilation_cache", None, "Where compiled XLA programs are "
+                    "kept between runs (a local directory): a rerun, a new "
+                    "query set or a restarted server reads them instead of "
+                    "compiling again. Default $JAX_COMPILATION_CACHE_DIR, else "
+                    "$XDG_CACHE_HOME/tracer/jax (~/.cache/tracer/jax); 'none' "
+                    "keeps none.")
+
+
+def compilation_cache_dir(flag: str | None, environ=os.environ) -> str | None:
+  """The persistent compilation cache ``--compilation_cache`` names (None:
+  off); unset, ``JAX_COMPILATION_CACHE_DIR``, else the user's cache dir."""
+  if flag == "none":
+    return None
+  if flag and storage.is_url(flag):
+    # jax reads gs:// through TensorFlow's file systems, untried here.
+    raise InputError(f"--compilation_cache={flag}: expected a local directory "
+                     "(on a pod, one on a file system every host mounts)")
+  if flag:
+    return flag
+  if environ.get("JAX_COMPILATION_CACHE_DIR"):
+    return environ["JAX_COMPILATION_CACHE_DIR"]
+  base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "tracer", "jax")
+
+
+def use_compilation_cache() -> None:
+  """Turns on jax's persistent compilation cache (``--compilation_cache``)
+  before anything is compiled. jax keeps only programs that took at least
+  ``jax_persistent_cache_min_compile_time_secs`` (1 s) to compile, keyed on
+  the program, the devices, the compiler options and the jax and XLA
+  versions, so a kept program is the one a compile would make. A local
+  directory that cannot be made is said once and the run compiles as
+  before. Only process 0 of a multi-host run writes entries (jax's rule),
+  so the other hosts read them only from a directory they share."""
+  import jax
+  path = compilation_cache_dir(FLAGS.compilation_cache)
+  if path and not storage.is_url(path):
+    try:
+      os.makedirs(path, exist_ok=True)
+    except OSError as e:
+      print(f"compilation cache {path}: cannot be made ({e.strerror}); "
+            "compiling without it (--compilation_cache=DIR names another)",
+            flush=True)
+      path = None
+  if path is None:
+    jax.config.update("jax_enable_compilation_cache", False)
+  else:
+    jax.config.update("jax_compilation_cache_dir", path)
+
+
 flags.DEFINE_string("coordinator_address", None,
                     "Multi-host: host:port of process 0 (jax.distributed).")
 flags.DEFINE_integer("num_processes", 1, "Multi-host: number of processes.")
@@ -266,6 +316,7 @@ def setup(required: tuple[str, ...] = ()) -> None:
   """What every launch script's ``main`` does first: gin, multi-host, flags."""
   from absl import app
   parse_gin()
+  use_compilation_cache()
   initialize_distributed()
   for module in FLAGS.seqio_module:
     importlib.import_module(module)

@@ -45,6 +45,7 @@ def main(argv):
   del argv
   config.default_gin_file()
   config.parse_gin()
+  config.use_compilation_cache()
   workdir = FLAGS.workdir or "demo"
   corpus, queries = ensure_model(workdir)
   rows = trace.run(workdir, corpus, queries, os.path.join(workdir, "results.jsonl"),

@@ -244,6 +244,7 @@ def main(argv):
   del argv
   config.default_gin_file()
   config.parse_gin()
+  config.use_compilation_cache()
   run(FLAGS.workdir or "family", FLAGS.styles, FLAGS.seeds, FLAGS.set_facts_per_bucket,
       FLAGS.set_distractor_docs, FLAGS.only_train, FLAGS.tail_patch_queries,
       steps=[int(s) for s in FLAGS.steps],

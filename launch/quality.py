@@ -484,6 +484,7 @@ def main(argv):
   del argv
   config.default_gin_file()
   config.parse_gin()
+  config.use_compilation_cache()
   run(FLAGS.workdir or "quality", FLAGS.top_k, FLAGS.tail_patch_queries,
       FLAGS.sgd_learning_rate, checkpoint=FLAGS.checkpoint,
       sum_steps=[int(step) for step in FLAGS.sum_steps])

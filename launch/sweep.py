@@ -116,6 +116,8 @@ def run_one(run_dir: str, bindings: list[str], base_workdir: str,
          f"--checkpoint={os.path.join(base_workdir, 'checkpoints')}",
          f"--corpus={corpus}", f"--queries={queries}", f"--output={results}",
          "--streaming", "--show=0"]
+  if FLAGS.compilation_cache:
+    cmd.append(f"--compilation_cache={FLAGS.compilation_cache}")
   cmd += [f"--gin_file={g}" for g in gin_files]
   cmd += [f"--gin_bindings={b}" for b in bindings]
   with open(os.path.join(run_dir, "log.txt"), "w") as log:
@@ -363,6 +365,7 @@ def sweep_family(workdir: str, family_dir: str, grid: list[str],
 
 def main(argv):
   del argv
+  config.use_compilation_cache()  # each run's trace process uses the same
   if FLAGS.family_dir:
     config.default_gin_file()
     config.parse_gin()
