@@ -48,7 +48,7 @@ flags.DEFINE_integer("show", 5, "Queries to print in the summary table.")
 FLAGS = flags.FLAGS
 
 
-def run(workdir: str, corpus_source: str, queries_path: str, output: str,
+def run(workdir: str, corpus_source: str | None, queries_path: str, output: str,
         top_k: int = 10, checkpoint: str | None = None, store_path: str | None = None,
         basis_path: str | None = None, streaming: bool = False,
         show: int = 5, sum_steps=()) -> list[dict]:
