@@ -365,7 +365,7 @@ def sweep_family(workdir: str, family_dir: str, grid: list[str],
 
 def main(argv):
   del argv
-  config.use_compilation_cache()  # each run's trace process uses the same
+  config.use_compilation_cache()  # sweep_family compiles here; run_one passes the flag on
   if FLAGS.family_dir:
     config.default_gin_file()
     config.parse_gin()
