@@ -74,8 +74,8 @@ def corpus_source(location: str, given: str | None) -> str:
 
 def start_on_store(workdir: str | None, checkpoint: str | None,
                    corpus: str | None, location: str) -> tuple[Run, str]:
-  """``start`` for a script that reads an encoded store (scan, serve): the
-  corpus is ``--corpus``, else the store's own (``corpus_source``).
+  """``start`` for a script with a store at ``location`` (trace, scan,
+  serve): the corpus is ``--corpus``, else the store's own (``corpus_source``).
   Returns the run and the corpus source."""
   source = corpus_source(location, corpus)
   try:

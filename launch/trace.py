@@ -57,13 +57,13 @@ def run(workdir: str, corpus_source: str | None, queries_path: str, output: str,
   rows by the sum over those checkpoints of the run and this one."""
   pcfg = config.make(PreconditionerConfig)
   location = common.default_location(workdir, store_path, "store")
-  if corpus_source:
-    run_ = common.start(workdir, checkpoint, corpus_source,
-                        None if streaming else location)
-  elif streaming:
-    raise InputError("--streaming encodes the corpus: --corpus required")
+  if streaming:
+    if not corpus_source:
+      raise InputError("--streaming encodes the corpus: --corpus required")
+    run_ = common.start(workdir, checkpoint, corpus_source, None)
   else:
-    run_, corpus_source = common.start_on_store(workdir, checkpoint, None, location)
+    run_, corpus_source = common.start_on_store(workdir, checkpoint, corpus_source,
+                                                location)
   config.check_top_k(top_k, len(run_.corpus))  # before any gradient
   others = common.summed_checkpoints(sum_steps, run_.ckpt)
   if others and streaming:

@@ -161,7 +161,7 @@ def test_no_bar_when_stderr_is_not_a_terminal(capsys):
 def test_compiled_programs_are_kept_between_runs(tmp_path, corpus):
   """By default a command keeps its compiled programs in the user's cache
   dir ($XDG_CACHE_HOME/tracer/jax) and a second run reads them instead of
-  compiling; ``--compilation_cache=none`` keeps and reads none."""
+  compiling; ``--compilation_cache=none`` keeps none."""
   # A user's environment: no cache named (conftest names one for the tests).
   env = {k: v for k, v in ENV.items() if not k.startswith("JAX_")}
   env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"),
