@@ -16,7 +16,8 @@ thread (``other_process_failed``) even while it waits in a collective, writes
 ``error: process 1 of 64 failed: <its message>`` and exits with the same
 status. Before, they waited 300 s at the barrier and aborted, saying nothing.
 SIGTERM, SIGINT or SIGHUP to one of them is such a failure too
-(``end_on_signals``).
+(``end_on_signals``), and so is a process that falls silent (killed, lost:
+process 0's watcher says so after ``--silent_process_timeout_s``).
 
 This module defines no flags and imports neither tracer nor jax, so every
 script uses it (``launch.bm25`` and ``launch.evaluate`` define flags of
@@ -87,7 +88,7 @@ _ENDING = threading.Lock()
 def _coordination():
   """``tracer.coordination`` when this process is one of several of a
   jax.distributed run, else None (it is never imported here: a run that did
-  not import it has not started jax.distributed)."""
+  not import it, by ``launch.config``, has not started jax.distributed)."""
   module = sys.modules.get("tracer.coordination")
   return module if module is not None and module.client() is not None else None
 
@@ -124,6 +125,8 @@ def _failed_here(coordination, error: Exception, status: int | None = None
     first = []
   if first:
     other_process_failed(first[0])
+  if failure.status == 1 and any(words in str(error) for words in _PEER_GONE):
+    _await_word_of_peers(coordination)
   _end_first()
   if bad or status is not None:
     sys.stdout.flush()
@@ -133,6 +136,23 @@ def _failed_here(coordination, error: Exception, status: int | None = None
   if not isinstance(error, coordination.OtherProcessError):
     coordination.tell_failure(error, bad_input=bad, status=status)
   _leave(coordination, failure.status)
+
+
+# What gloo's collectives raise when a peer's socket closes under them: the
+# peer has died, and its own failure or process 0's word that it fell silent
+# (``coordination.FailureWatcher``) will follow.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+
+
+def _await_word_of_peers(coordination) -> None:
+  """Sleeps while the watcher thread learns why a peer left (it then ends
+  this process with that message, ``other_process_failed``): at most as
+  long as process 0 takes to find a silent process. Returns if no word
+  comes (``--silent_process_timeout_s=0``: at once)."""
+  name = "silent_process_timeout_s"
+  timeout_s = flags.FLAGS[name].value if name in flags.FLAGS else 0
+  if timeout_s > 0:
+    threading.Event().wait(timeout_s + 2 * coordination.HEARTBEAT_S + 2)
 
 
 class Stopped(Exception):

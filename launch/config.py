@@ -26,6 +26,7 @@ import gin
 from tracer.launch import cli
 from tracer.launch.cli import run  # pylint: disable=unused-import  (re-exported)
 from tracer import config as tracer_config
+from tracer import coordination
 from tracer import storage
 from tracer.errors import InputError
 
@@ -284,29 +285,43 @@ flags.DEFINE_string("coordinator_address", None,
                     "Multi-host: host:port of process 0 (jax.distributed).")
 flags.DEFINE_integer("num_processes", 1, "Multi-host: number of processes.")
 flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index.")
+flags.DEFINE_float(
+    "silent_process_timeout_s", coordination.SILENT_TIMEOUT_S,
+    "Multi-host: a process not heard from for this long (killed, out of "
+    "memory, stopped, its host lost) ends every process, each saying which, "
+    f"with status {coordination.LOST_STATUS} (rerun to resume). 0: leave it to "
+    "jax.distributed, which aborts every process after its heartbeat timeout "
+    "(100 s).")
 
 
 def initialize_distributed() -> None:
   """Starts jax.distributed when asked to (flags), or on TPU pods/clusters
   where JAX finds the topology itself (``TRACER_DISTRIBUTED=1``); on several
-  processes, a thread that ends this one when another fails, and one that
-  ends it and tells the others on SIGTERM, SIGINT or SIGHUP (``launch.cli``)."""
+  processes, a thread that ends this one when another fails or (process
+  0's) falls silent for ``--silent_process_timeout_s``
+  (``coordination.FailureWatcher``), and one that ends it and tells the
+  others on SIGTERM, SIGINT or SIGHUP (``launch.cli``)."""
   import jax
   if FLAGS.coordinator_address or os.environ.get("TRACER_DISTRIBUTED") == "1":
     # CPU hosts (tests, CPU clusters) need a cross-process collectives backend;
     # the setting does not touch TPU or GPU collectives.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  silent_s = FLAGS.silent_process_timeout_s
+  if silent_s < 0:
+    raise InputError(f"--silent_process_timeout_s={silent_s:g}: expected seconds "
+                     ">= 0 (0: no limit of tracer's own)")
+  heartbeat = coordination.distributed_heartbeat_s(silent_s)
   if FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                               FLAGS.process_id)
+                               FLAGS.process_id, heartbeat_timeout_seconds=heartbeat)
   elif os.environ.get("TRACER_DISTRIBUTED") == "1":
-    jax.distributed.initialize()
-  from tracer import coordination  # pylint: disable=g-import-not-at-top
+    jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
   if coordination.client() is not None:
-    # Another process's failure ends this one with its message (launch.cli),
-    # also while it waits for the others at its end (registered after jax's
-    # own exit handler, so run before it).
-    watcher = coordination.FailureWatcher(cli.other_process_failed)
+    # Another process's failure (or silence) ends this one with its message
+    # (launch.cli), also while it waits for the others at its end
+    # (registered after jax's own exit handler, so run before it).
+    watcher = coordination.FailureWatcher(cli.other_process_failed,
+                                          silent_timeout_s=silent_s)
     atexit.register(watcher.close)
   if jax.distributed.is_initialized():
     cli.end_on_signals(coordination)

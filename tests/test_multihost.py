@@ -393,7 +393,8 @@ def _failing_worker() -> None:
   while they wait for it at exit). KIND ``sigterm``, ``sigint`` or
   ``sighup``: nobody raises; every process says it is up, F waits in a
   collective the others never join, and they wait as WAIT says, for the
-  test's signal to F."""
+  test's signal to F. KIND ``sigstop`` or ``sigkill``: F sleeps instead,
+  until the test stops or kills it."""
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   from tracer.launch import cli, config as launch_config  # pylint: disable=g-import-not-at-top
 
@@ -404,7 +405,9 @@ def _failing_worker() -> None:
     multihost_utils.sync_global_devices("every process is up")
     if kind.startswith("sig"):
       print("every process is up", flush=True)
-      if jax.process_index() == failing:
+      if jax.process_index() == failing and kind in ("sigstop", "sigkill"):
+        time.sleep(3600)  # until stopped: it joins no collective
+      elif jax.process_index() == failing:
         # Inside XLA, where a Python signal handler does not run.
         multihost_utils.sync_global_devices("never: only this process joins")
     elif failing in (jax.process_index(), -1):
@@ -488,6 +491,41 @@ def _signal_once_up(proc, log: str, deadline: float, kind: str) -> None:
     time.sleep(0.1)
   time.sleep(0.5)  # into its collective or its work
   proc.send_signal(getattr(signal, kind.upper()))
+
+
+@pytest.mark.parametrize("silent,wait,kind", [(1, "collective", "sigstop"),
+                                              (2, "work", "sigstop"),
+                                              (1, "collective", "sigkill")])
+def test_a_process_that_falls_silent_ends_the_others(tmp_path, silent, wait, kind):
+  """One of 3 processes is stopped (SIGSTOP: its sockets left open, as a
+  hung or cut-off host) or killed (SIGKILL, the OOM killer: its sockets
+  closed, so gloo's collective raises in the others at once) while the
+  others wait for it in a collective or work on: after
+  --silent_process_timeout_s without a word from it, the others end, each
+  saying which one and how long, with status 75. Measured before (two
+  ``tracer encode`` processes, one stopped mid-encode): the other aborted
+  79 s later at jax.distributed's heartbeat timeout (SIGABRT, status 134,
+  a C++ stack in its log); one killed: the other wrote gloo's error's
+  traceback ("Connection closed by peer"), status 1."""
+  port = multiprocess.free_port()
+  commands = [[sys.executable, os.path.abspath(__file__), "fail", str(silent),
+               kind, wait, *multiprocess.distributed_flags(port, i, 3),
+               "--silent_process_timeout_s=4"] for i in range(3)]
+  procs, logs = multiprocess.start(commands, tmp_path, multiprocess.env(devices=1))
+  deadline = time.monotonic() + 120
+  _signal_once_up(procs[silent], logs[silent], deadline, kind)
+  codes, texts = multiprocess.ends(procs[:silent] + procs[silent + 1:],
+                                   logs[:silent] + logs[silent + 1:], deadline)
+  procs[silent].kill()
+  procs[silent].wait()
+  assert codes == [75, 75], (codes, texts)
+  for text in texts:
+    assert "the collective completed" not in text
+    line = re.search(rf"\nerror: process {silent} of 3 failed: no word from it for "
+                     r"([\d.]+) s \(the limit: 4 s\): killed, out of memory, stopped, "
+                     r"or its host lost; rerun the same command to resume\n", text)
+    assert line and 4 <= float(line[1]) < 10, text
+    assert "Check failure" not in text and "Fatal Python error" not in text, text
 
 
 def test_sigterm_ends_a_lone_distributed_process(tmp_path):

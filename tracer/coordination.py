@@ -16,6 +16,16 @@ in a collective, and at the end while it waits for the others) and end with
 that message. ``leave_together`` keeps process 0, which hosts the store, up
 until every process has read it.
 
+A process that dies without a word (SIGKILL, the OOM killer, a lost or
+hung host) cannot leave one. So each watcher thread also raises a count of
+its own (``ALIVE``), and process 0's watcher leaves the failure of any
+process whose count has not moved for ``silent_timeout_s`` (status
+``LOST_STATUS``). Measured before (two processes, one stopped by SIGSTOP
+mid-encode, the other in a collective): the other aborted 79 s later at
+jax.distributed's heartbeat timeout (SIGABRT, status 134, a C++ stack).
+Process 0's own death takes the service with it; jax's agent then ends the
+others (SIGABRT) within about a second.
+
 All of it is a no-op on one process, or where this jax has no client. None
 of it touches jax's backend (``jax.process_index`` would): a call made while
 jax tears the backend down at exit would start a new one, whose collectives
@@ -25,6 +35,7 @@ then fail against the closing service (SIGABRT).
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 from typing import Callable, NamedTuple
@@ -38,6 +49,13 @@ WATCH_INTERVAL_S = 1.0        # how often each process asks for failures
 LEAVE_TIMEOUT_S = 30.0        # process 0's longest wait for the others to read
 LAST_OUT_S = 0.5              # process 0's wait after the last one left
 FINISH_TIMEOUT_S = 300.0      # as jax.distributed's shutdown barrier
+ALIVE = "tracer/alive"        # ALIVE/<process>: a count its watcher raises
+HEARTBEAT_S = 5.0             # how often (at most) the count is raised
+# A process not heard from for this long is lost. Below jax.distributed's
+# own heartbeat timeout (``distributed_heartbeat_s``), so that the others
+# end with a message instead of jax's abort.
+SILENT_TIMEOUT_S = 60.0
+LOST_STATUS = 75              # sysexits' EX_TEMPFAIL: rerun to resume
 
 
 class Failure(NamedTuple):
@@ -53,7 +71,10 @@ class Failure(NamedTuple):
 
 def _state():
   """jax.distributed's state (client, process id and count), or None where
-  this jax has none."""
+  this jax has none, or where jax was never imported (``launch.view``:
+  nothing to ask, and importing it would take seconds)."""
+  if "jax" not in sys.modules:
+    return None
   try:
     from jax._src import distributed  # pylint: disable=g-import-not-at-top
   except ImportError:
@@ -117,26 +138,91 @@ def failures() -> list[Failure]:
   return sorted(found)
 
 
+def distributed_heartbeat_s(silent_timeout_s: float) -> int:
+  """jax.distributed's heartbeat timeout for a run whose lost processes are
+  found after ``silent_timeout_s`` (0: not looked for): its default, 100 s,
+  or twice ours, so that ours comes first."""
+  return max(100, int(2 * silent_timeout_s))
+
+
+class _SilenceCheck:
+  """Process 0's record of when each other process's ``ALIVE`` count last
+  moved, by its own clock (hosts' clocks may differ)."""
+
+  def __init__(self, count: int, timeout_s: float, now: float):
+    self.timeout_s = timeout_s
+    self.seen = {p: (None, now) for p in range(1, count)}  # p: (count, since)
+
+  def lost(self, kv, now: float) -> list[tuple[int, float]]:
+    """(process, seconds silent) of each process silent past the timeout
+    that has not finished, failed or left (those stop counting)."""
+    counts = {int(k.rsplit("/", 1)[1]): v for k, v in kv.key_value_dir_get(ALIVE)}
+    ended = {int(k.rsplit("/", 1)[1]) for topic in (FINISHED, LEAVING, FAILED)
+             for k, _ in kv.key_value_dir_get(topic)}
+    found = []
+    for p, (count, since) in self.seen.items():
+      if counts.get(p) != count:
+        self.seen[p] = (counts.get(p), now)
+      elif p not in ended and now - since > self.timeout_s:
+        found.append((p, now - since))
+    return found
+
+
+def _tell_lost(kv, process: int, silent_s: float, timeout_s: float) -> None:
+  """Leaves a lost process's failure, unless it left one itself, and says it
+  has left (``leave_together`` waits for nobody lost)."""
+  message = (f"no word from it for {silent_s:.1f} s (the limit: {timeout_s:g} s): "
+             "killed, out of memory, stopped, or its host lost; rerun the same "
+             "command to resume")
+  try:
+    kv.key_value_set(f"{FAILED}/{process}", json.dumps(
+        {"status": LOST_STATUS, "message": message}), allow_overwrite=False)
+  except Exception:  # pylint: disable=broad-except
+    pass  # it has one already
+  _say_and_wait(LEAVING, False, 0, process)
+
+
 class FailureWatcher:
   """A thread that calls ``on_failure`` with the first other process's
   failure it finds (``failures``, polled every ``interval_s``), then stops.
-  Call ``close`` at this process's normal exit (``atexit``)."""
+  It also raises this process's ``ALIVE`` count every ``heartbeat_s`` (by
+  default ``HEARTBEAT_S``, or a quarter of the timeout when that is less);
+  on process 0 it leaves the failure of any process silent for more than
+  ``silent_timeout_s`` (0: never). Call ``close`` at this process's normal
+  exit (``atexit``)."""
 
   def __init__(self, on_failure: Callable[[Failure], None],
-               interval_s: float = WATCH_INTERVAL_S):
+               interval_s: float = WATCH_INTERVAL_S,
+               silent_timeout_s: float = SILENT_TIMEOUT_S,
+               heartbeat_s: float | None = None):
     self._on_failure, self._interval_s = on_failure, interval_s
+    self._silent_timeout_s = silent_timeout_s
+    self._heartbeat_s = (heartbeat_s if heartbeat_s is not None else
+                         min(HEARTBEAT_S, silent_timeout_s / 4 or HEARTBEAT_S))
     self._stop = threading.Event()
     self._thread = threading.Thread(target=self._watch, name="tracer-failure-watch",
                                     daemon=True)
     self._thread.start()
 
   def _watch(self) -> None:
-    while not self._stop.wait(self._interval_s):
+    me, count = _processes()
+    started = time.monotonic()
+    check = (_SilenceCheck(count, self._silent_timeout_s, started)
+             if me == 0 and self._silent_timeout_s > 0 else None)
+    beats, next_beat = 0, started
+    while not self._stop.wait(min(self._interval_s, self._heartbeat_s)):
       try:
-        found = failures() if client() is not None else None
+        kv = client()
+        if kv is None:
+          return  # jax.distributed was shut down: the run is ending
+        now = time.monotonic()
+        if now >= next_beat:
+          beats, next_beat = beats + 1, now + self._heartbeat_s
+          kv.key_value_set(f"{ALIVE}/{me}", str(beats), allow_overwrite=True)
+          for process, silent_s in check.lost(kv, now) if check else ():
+            _tell_lost(kv, process, silent_s, self._silent_timeout_s)
+        found = failures()
       except Exception:  # pylint: disable=broad-except
-        found = None
-      if found is None:
         return  # the service is gone: the run is ending anyway
       if found:
         self._on_failure(found[0])
@@ -154,9 +240,10 @@ class FailureWatcher:
     self._thread.join()
 
 
-def _say_and_wait(topic: str, wait: bool, timeout_s: float) -> None:
-  """Sets ``topic/<this process>``; with ``wait``, then waits (at most
-  ``timeout_s``) until every process has. Never raises.
+def _say_and_wait(topic: str, wait: bool, timeout_s: float,
+                  process: int | None = None) -> None:
+  """Sets ``topic/<this process>`` (or ``process``'s, for it); with ``wait``,
+  then waits (at most ``timeout_s``) until every process has. Never raises.
 
   No polling: the process whose key completes the set (it sees every key
   right after setting its own; the last to set always does) sets
@@ -168,6 +255,7 @@ def _say_and_wait(topic: str, wait: bool, timeout_s: float) -> None:
     return
   try:
     index, count = _processes()
+    index = index if process is None else process
     kv.key_value_set(f"{topic}/{index}", "1", allow_overwrite=True)
     if len(kv.key_value_dir_get(topic)) >= count:
       kv.key_value_set(f"{topic}.all", "1", allow_overwrite=True)
