@@ -49,8 +49,19 @@ def start(workdir: str | None, checkpoint: str | None, corpus_source: str,
     ckpt = pipeline.load_checkpoint(workdir, checkpoint, mesh)
   config.check_bound_fields(type(ckpt.model_config), ckpt.model_config, ckpt.path)
   corpus = pipeline.open_corpus(ckpt, tokenized_once(workdir, corpus_source, ckpt))
-  encoder, kind, eps = pipeline.build_encoder(ckpt, ecfg, mesh)
+  encoder, kind, eps = pipeline.build_encoder(ckpt, ecfg, mesh,
+                                              factored_weights=stored_plan(store))
   return Run(ecfg, ckpt, corpus, encoder, kind, eps)
+
+
+def stored_plan(store: str | None) -> list[str] | None:
+  """The factored kernel's weights as the store at ``store`` was encoded
+  (its manifest's ``factored``), so that queries and resumed chunks are
+  encoded the same way without verifying the kernel again; None where there
+  is no store or it records none."""
+  if not store or not storage.exists(storage.join(store, store_lib.MANIFEST)):
+    return None
+  return store_lib.read_manifest(store).factored
 
 
 def corpus_source(location: str, given: str | None) -> str:
@@ -272,7 +283,8 @@ def _encode_store(location, run, pcfg, params_fingerprint, basis_location,
               params_fingerprint, run.encoder, run.correction, run.epsilon,
               run.corpus, pcfg))
     store = pipeline.open_store(location, dataclasses.replace(
-        expected, basis_fingerprint=basis.fingerprint() if basis else None), basis)
+        expected, basis_fingerprint=basis.fingerprint() if basis else None,
+        factored=pipeline.planned_weights(run.encoder, run.corpus)), basis)
   encoded = pipeline.encode_corpus(run.encoder, basis, run.corpus, store,
                                    run.encode_config.batch_size,
                                    Progress("encode corpus"),

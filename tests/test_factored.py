@@ -9,6 +9,7 @@ and be exactly the documented approximation where it is not.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import flax.linen as nn
 import jax
@@ -359,6 +360,23 @@ def test_a_weight_used_outside_its_call_falls_back():
   assert "dense/kernel" in plan_of(enc).factored
   _, want = encode("exact", loss, params, batch, mesh, dim=600)
   assert_blocks_close(enc.layout, got, want, 1e-5)
+  # Given the weights verified before (a store's manifest), another encoder
+  # plans the same without verifying, and encodes the same bits.
+  assert enc.factored_weights == sorted(plan_of(enc).factored)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    again, got_again = encode("factored", loss, params, batch, mesh, dim=600,
+                              factored_weights=enc.factored_weights)
+  assert not [w for w in caught if "differ" in str(w.message)]
+  assert not hasattr(again, "_verify_errors")  # not verified
+  assert plan_of(again) == plan_of(enc)
+  np.testing.assert_array_equal(got_again, got)
+  # A weight this plan cannot take: verified as usual.
+  with pytest.warns(UserWarning, match="mix/kernel"):
+    other, got_other = encode("factored", loss, params, batch, mesh, dim=600,
+                              factored_weights=["dense/kernel", "elsewhere/kernel"])
+  assert plan_of(other) == plan_of(enc)
+  np.testing.assert_array_equal(got_other, got)
 
 
 def test_weights_it_cannot_take_are_named():

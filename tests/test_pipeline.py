@@ -26,10 +26,12 @@ from tracer.launch import verify as verify_script
 from tracer.launch import train
 from tracer import corpus as corpus_lib
 from tracer import data as data_lib
+from tracer import encoder as encoder_lib
 from tracer import evaluate
 from tracer import facts
 from tracer import hessian
 from tracer import pipeline
+from tracer import projection
 from tracer import storage
 from tracer import store as store_lib
 from tracer.config import ENCODING_SETTINGS
@@ -492,7 +494,15 @@ def test_new_queries_reuse_the_store_without_corpus_gradients(
     trace.run(str(root), corpus, queries, str(tmp_path / "a.jsonl"), show=0,
               store_path=store)
     before = store_files(store)
+    # The store keeps its encoder's verified factored kernel: every matrix
+    # of the LM, and query encoders take it without verifying again.
+    manifest = store_lib.read_manifest(store)
+    assert manifest.factored == sorted(b["name"] for b in manifest.layout["blocks"]
+                                       if b["name"] != projection.VECTORS)
     counted = _count_corpus_rows(monkeypatch)
+    verified = []
+    monkeypatch.setattr(encoder_lib.GradientEncoder, "_verified",
+                        lambda self, plan, batch: verified.append(1) or plan)
     capsys.readouterr()
     # No corpus named: the store's own (its manifest), as `tracer scan`.
     reused = trace.run(str(root), None, str(other), str(tmp_path / "b.jsonl"),
@@ -506,7 +516,7 @@ def test_new_queries_reuse_the_store_without_corpus_gradients(
                 store_path=store)
     finally:
       _bind(PreconditionerConfig__damping=0.1)
-    assert sum(counted) == 0
+    assert sum(counted) == 0 and not verified
     assert store_files(store) == before  # the store's files are untouched
     with pytest.raises(InputError, match="--streaming encodes the corpus: "
                        "--corpus required"):

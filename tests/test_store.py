@@ -224,6 +224,12 @@ def test_bad_inputs(tmp_path):
   (s / "manifest.json").write_text(json.dumps(d))
   with pytest.raises(InputError, match="unknown field.*colour"):
     store_lib.open_store(s)
+  del d["colour"]
+  d["factored"] = "dense/kernel"
+  (s / "manifest.json").write_text(json.dumps(d))
+  with pytest.raises(InputError, match="manifest.json: field 'factored' must be a "
+                     "list of weight names or null, got 'dense/kernel'"):
+    store_lib.read_manifest(s)
 
 
 def test_unfinished_creation_is_reset(tmp_path):
@@ -250,7 +256,7 @@ def test_fingerprint():
 
 
 def test_manifest_round_trips_through_json(tmp_path):
-  m = _manifest(basis_fingerprint="ff00")
+  m = _manifest(basis_fingerprint="ff00", factored=["a/kernel", "b/kernel"])
   store_lib.create_or_open(tmp_path / "s", m)
   s = store_lib.open_store(tmp_path / "s")
   assert s.manifest == dataclasses.replace(m, layout=m.to_dict()["layout"])

@@ -27,7 +27,7 @@ process holds a fixed block of each step.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, NamedTuple, Sequence
+from typing import Any, Callable, Collection, Iterable, NamedTuple, Sequence
 import warnings
 
 import jax
@@ -101,6 +101,12 @@ class GradientEncoder:
       a weight whose projections differ by more than ``VERIFY_TOLERANCE`` (it
       is used outside its layer call) falls back to the materialized path,
       with a warning.
+    factored_weights: with the factored kernel, the weights it projects as a
+      verification found them before (``factored_weights`` of the encoder
+      that encoded a store, kept in its manifest): the plan keeps those,
+      sends the rest to the materialized path, and is not verified again.
+      Where the plan cannot take one of them (another model code), it is
+      verified as usual.
   """
 
   def __init__(self, loss_fn: Callable[[Any, Any], jax.Array], params: Any, *,
@@ -109,7 +115,8 @@ class GradientEncoder:
                param_shardings: Any | None = None,
                microbatch_size: int = 8, kernel: str = "factored",
                rank_one_correction: bool = False, verify: bool = True,
-               projection_precision: str = "highest"):
+               projection_precision: str = "highest",
+               factored_weights: Collection[str] | None = None):
     if kernel not in ("factored", "exact"):
       raise ValueError(f"kernel={kernel!r}: expected 'factored' or 'exact'")
     projection.matmul_precision(projection_precision)  # a known name
@@ -120,6 +127,7 @@ class GradientEncoder:
     self.microbatch_size = int(microbatch_size)
     self.kernel = kernel
     self.verify = verify
+    self._given = None if factored_weights is None else frozenset(factored_weights)
     self.loss_fn = loss_fn
     param_sharding = partitioning.given_shardings(self.mesh, params, param_shardings)
     self.params = partitioning.place(params, param_sharding)
@@ -171,7 +179,9 @@ class GradientEncoder:
             "Einsum or Embed call (a bias, a norm scale stacked by nn.scan, "
             "a weight used another way) and take the materialized path "
             "(kernel='exact': all weights, quietly)")
-      if self.verify and plan.factored:
+      if self._given is not None and self._given <= plan.factored:
+        plan = plan.without(plan.factored - self._given)
+      elif self.verify and plan.factored:
         plan = self._verified(plan, batch)
 
     def project_all(params, v, scales, batch):
@@ -225,6 +235,14 @@ class GradientEncoder:
   @property
   def dim(self) -> int:
     return self.layout.dim
+
+  @property
+  def factored_weights(self) -> list[str] | None:
+    """The weights the factored kernel projects (sorted; a store's manifest
+    keeps them), once a batch has been planned; None before, or with the
+    exact kernel."""
+    plans = [plan for plan, _ in self._programs.values() if plan is not None]
+    return sorted(plans[0].factored) if plans else None
 
   # --- process-local batches ------------------------------------------------
 

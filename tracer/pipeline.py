@@ -176,13 +176,16 @@ def optimizer_second_moment(ckpt: ckpt_lib.Checkpoint):
 
 
 def build_encoder(ckpt: ckpt_lib.Checkpoint, cfg: EncodeConfig, mesh=None,
-                  v=None) -> tuple[GradientEncoder, str, float]:
+                  v=None, factored_weights: Sequence[str] | None = None
+                  ) -> tuple[GradientEncoder, str, float]:
   """The encoder for a checkpoint; returns it with its correction kind and eps.
 
   The default eps is Adam's own; Adafactor adds its eps to g^2 inside V and
   divides by sqrt(V) alone, so its default is 0 (which also keeps its
   correction exactly rank one for the factored kernel). ``v``: divide by
   ``sqrt(v) + eps`` instead of the optimizer's V (an analysis's own).
+  ``factored_weights``: the factored kernel's verified weights, from the
+  manifest of a store encoded with this checkpoint (``GradientEncoder``).
   """
   if cfg.epsilon is not None:
     epsilon = cfg.epsilon
@@ -211,7 +214,8 @@ def build_encoder(ckpt: ckpt_lib.Checkpoint, cfg: EncodeConfig, mesh=None,
                                                   ckpt.params),
       microbatch_size=cfg.microbatch_size, kernel=cfg.kernel,
       rank_one_correction=cfg.rank_one_correction,
-      projection_precision=cfg.projection_precision)
+      projection_precision=cfg.projection_precision,
+      factored_weights=factored_weights)
   return encoder, kind, epsilon
 
 
@@ -406,6 +410,20 @@ def manifest(ckpt: ckpt_lib.Checkpoint, encoder: GradientEncoder,
       corpus_rows=corpus.location if isinstance(corpus, corpus_lib.TokenizedCorpus)
       else "",
       encode_config={f: getattr(cfg, f) for f in ENCODING_SETTINGS})
+
+
+def planned_weights(encoder: GradientEncoder, corpus) -> list[str] | None:
+  """The weights the encoder's factored kernel projects, for a new store's
+  manifest (``GradientEncoder.factored_weights``): if no batch has been
+  encoded yet, planned and verified on one step holding the corpus's first
+  row (every process takes part). None with the exact kernel."""
+  if encoder.kernel != "factored":
+    return None
+  if encoder.factored_weights is None:
+    positions = encoder.local_positions(1)
+    rows = np.zeros(int((positions < 1).sum()), np.int64)
+    encoder.project_local(*read_padded(corpus, rows, len(positions)))
+  return encoder.factored_weights
 
 
 def store_basis(store: store_lib.EncodingStore) -> hessian.Basis | None:

@@ -128,6 +128,11 @@ class Manifest:
       are what is compared), it tells a later run how to encode for this
       store: ``tracer serve``, ``scan``, ``trace`` and ``encode`` take them.
       Empty in older stores.
+    factored: the weights the factored encoder kernel projected, as its
+      verification found them (``GradientEncoder.factored_weights``), so that
+      later runs encode as the rows were without verifying again; None with
+      the exact kernel and in older stores. Informative: both kernels give
+      the same encodings.
     tracer_version: version of tracer that wrote the encodings (informative).
   """
   checkpoint: str
@@ -148,6 +153,7 @@ class Manifest:
   corpus_rows: str = ""
   quantization: dict = dataclasses.field(default_factory=dict)
   encode_config: dict = dataclasses.field(default_factory=dict)
+  factored: list | None = None
   tracer_version: str = dataclasses.field(default_factory=_tracer_version)
 
   def to_dict(self) -> dict[str, Any]:
@@ -356,6 +362,11 @@ def _validate(manifest: Manifest, where: str) -> None:
   if int(manifest.num_rows) < 0:
     raise InputError(f"{where}: field 'num_rows' must be >= 0, "
                      f"got {manifest.num_rows!r}")
+  if manifest.factored is not None and not (
+      isinstance(manifest.factored, list)
+      and all(isinstance(w, str) for w in manifest.factored)):
+    raise InputError(f"{where}: field 'factored' must be a list of weight names "
+                     f"or null, got {_brief(manifest.factored)}")
 
 
 class _ChunkRead:
@@ -420,7 +431,9 @@ def _mismatch(record: dict[str, Any], rows: np.ndarray) -> str | None:
 def read_manifest(path: str) -> Manifest:
   """The manifest of the store at ``path`` (its array not opened)."""
   where = storage.join(storage.normalize(path), MANIFEST)
-  return Manifest.from_dict(storage.read_json(where), where)
+  manifest = Manifest.from_dict(storage.read_json(where), where)
+  _validate(manifest, where)
+  return manifest
 
 
 class EncodingStore:
@@ -909,7 +922,6 @@ def open_store(path: str | os.PathLike[str],
   if not storage.exists(where):
     raise InputError(f"{where}: no such file; {path} is not an encoding store")
   manifest = read_manifest(path)
-  _validate(manifest, where)
   if expected is not None:
     manifest.check_compatible(expected, fields, where=where)
   arrays = []
