@@ -49,19 +49,19 @@ def start(workdir: str | None, checkpoint: str | None, corpus_source: str,
     ckpt = pipeline.load_checkpoint(workdir, checkpoint, mesh)
   config.check_bound_fields(type(ckpt.model_config), ckpt.model_config, ckpt.path)
   corpus = pipeline.open_corpus(ckpt, tokenized_once(workdir, corpus_source, ckpt))
-  encoder, kind, eps = pipeline.build_encoder(ckpt, ecfg, mesh,
-                                              factored_weights=stored_plan(store))
+  # Queries and resumed chunks take the factored kernel's weights as the
+  # store's rows were encoded, without verifying the kernel again.
+  stored = stored_manifest(store)
+  encoder, kind, eps = pipeline.build_encoder(
+      ckpt, ecfg, mesh, factored_weights=stored.factored if stored else None)
   return Run(ecfg, ckpt, corpus, encoder, kind, eps)
 
 
-def stored_plan(store: str | None) -> list[str] | None:
-  """The factored kernel's weights as the store at ``store`` was encoded
-  (its manifest's ``factored``), so that queries and resumed chunks are
-  encoded the same way without verifying the kernel again; None where there
-  is no store or it records none."""
+def stored_manifest(store: str | None) -> store_lib.Manifest | None:
+  """The manifest of the store at ``store``, or None where there is none."""
   if not store or not storage.exists(storage.join(store, store_lib.MANIFEST)):
     return None
-  return store_lib.read_manifest(store).factored
+  return store_lib.read_manifest(store)
 
 
 def corpus_source(location: str, given: str | None) -> str:
@@ -105,10 +105,10 @@ def encode_config(store: str | None = None) -> EncodeConfig:
   (``tracer serve --workdir=W`` serves a store made with any gin file). A
   gin binding that differs from the store's is an error."""
   ecfg = config.make(EncodeConfig)
-  if not store or not storage.exists(storage.join(store, store_lib.MANIFEST)):
+  manifest = stored_manifest(store)
+  if manifest is None:
     return ecfg
-  stored = {k: v for k, v in store_lib.read_manifest(store).encode_config.items()
-            if k in ENCODING_SETTINGS}
+  stored = {k: v for k, v in manifest.encode_config.items() if k in ENCODING_SETTINGS}
   try:
     config.check_bound_fields(EncodeConfig, stored, store, "a store encoded with",
                               "the gin files it was encoded with, or another --store")
