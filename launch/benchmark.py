@@ -114,8 +114,7 @@ def encode_memory(enc, cfg, steps: int = 1) -> int:
   batch = {"inputs": shape(np.int32), "targets": shape(np.int32),
            "weights": shape(np.float32)}
   program = enc._program(batch)
-  return peak_bytes(program.lower(enc.params, enc.second_moment, enc._scales,
-                                  batch).compile())
+  return peak_bytes(program.lower(enc._constants, batch).compile())
 
 
 def largest_microbatch(cfg, params, v, mesh, dim, kernel, budget: int,

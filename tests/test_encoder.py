@@ -372,8 +372,7 @@ def _projection_dots(enc, batch) -> tuple[int, int]:
   """(dots at HIGHEST, dots with the bf16 x6 algorithm) in ``enc``'s program."""
   local, _ = enc._from_global(batch)
   batch = jax.tree.map(enc.put_local, local)
-  text = enc._program(batch).lower(enc.params, enc.second_moment, enc._scales,
-                                   batch).as_text()
+  text = enc._program(batch).lower(enc._constants, batch).as_text()
   dots = [line for line in text.splitlines() if "dot_general" in line]
   return (sum("HIGHEST" in line for line in dots),
           sum("num_primitive_operations = 6" in line for line in dots))

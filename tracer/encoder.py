@@ -155,11 +155,17 @@ class GradientEncoder:
     #: "exact", or "rank_one_correction" when some weight's correction is
     #: approximated (recorded in store manifests: it changes the encodings).
     self.approximation = "rank_one_correction" if approximated else "exact"
+    sides = projection.matrices(self.layout)
+    # What every step's program takes besides the batch.
+    self._constants = (self.params, self.second_moment, self._scales,
+                       partitioning.place(sides, jax.tree.map(
+                           lambda _: partitioning.replicated(self.mesh), sides)))
     self._programs = {}   # example shapes -> (plan, jitted projection)
 
   def _program(self, batch: Any):
-    """The jitted ``(params, v, scales, batch) -> (phi, losses)`` for batches
-    of this example shape, planning (and verifying) the factored kernel once."""
+    """The jitted ``(constants, batch) -> (phi, losses)`` for batches of this
+    example shape, planning (and verifying) the factored kernel once;
+    ``constants``: ``self._constants`` (params, V, scales, projections)."""
     key = jax.tree.map(lambda x: (x.shape[2:], str(x.dtype)), batch)
     key = (jax.tree.structure(batch), tuple(jax.tree.leaves(key)))
     if key in self._programs:
@@ -184,17 +190,19 @@ class GradientEncoder:
       elif self.verify and plan.factored:
         plan = self._verified(plan, batch)
 
-    def project_all(params, v, scales, batch):
+    def project_all(constants, batch):
+      params, v, scales, sides = constants
+
       def one(microbatch):
         if plan is None:
           losses, grads = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))(
               params, microbatch)
           phi = projection.project(layout, correction.correct(grads, v, eps),
-                                   precision)
+                                   precision, sides)
           return phi, losses.astype(jnp.float32)
         return factored.project_examples(plan, layout, loss_fn, params, v, eps,
                                          scales if v is not None else None,
-                                         microbatch, precision)
+                                         microbatch, precision, sides)
       return jax.lax.map(one, batch)
 
     program = jax.jit(project_all, out_shardings=(self._sharding, self._sharding))
@@ -206,19 +214,20 @@ class GradientEncoder:
     ``batch``, uncorrected) differs from the materialized one."""
     layout, loss_fn, precision = self.layout, self.loss_fn, self.precision
 
-    def errors(params, batch):
+    def errors(constants, batch):
+      params, _, _, sides = constants
       example = jax.tree.map(lambda x: x[0, 0], batch)
       grads = jax.grad(loss_fn)(params, example)
       exact = projection.project(layout, jax.tree.map(lambda g: g[None], grads),
-                                 precision)[0]
+                                 precision, sides)[0]
       fact = factored.project_examples(
           plan, layout, loss_fn, params, None, 0.0, None,
-          jax.tree.map(lambda x: x[None], example), precision)[0][0]
+          jax.tree.map(lambda x: x[None], example), precision, sides)[0][0]
       return factored.block_errors(layout, plan, fact, exact)
 
     # Replicated, so every process reads the same errors and keeps the same plan.
     errors = jax.jit(errors, out_shardings=partitioning.replicated(self.mesh))
-    err = np.asarray(errors(self.params, batch).addressable_data(0))
+    err = np.asarray(errors(self._constants, batch).addressable_data(0))
     bad = {b.paths[0]: float(e) for b, e in zip(self.layout.blocks, err)
            if e > VERIFY_TOLERANCE}
     if bad:
@@ -288,7 +297,7 @@ class GradientEncoder:
     batch = jax.tree.map(self.put_local, local_batch)
     valid = self.put_local(local_valid)
     program = self._program(batch)
-    phi, losses = program(self.params, self.second_moment, self._scales, batch)
+    phi, losses = program(self._constants, batch)
     phi, valid, nonfinite, usable, count = _quarantine(phi, losses, valid)
     # Read at once, as the old finite check was: the count is an all-reduce,
     # and waiting for it keeps one program with collectives in flight. With

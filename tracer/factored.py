@@ -602,13 +602,15 @@ def _with_layer_inputs(params: Any, inputs: dict[str, tuple]) -> Any:
 def project_examples(plan: Plan, layout: projection.Layout, loss_fn: Callable,
                      params: Any, v: Any | None, epsilon: float,
                      scales: dict | None, examples: Any,
-                     precision: str = "highest"
+                     precision: str = "highest",
+                     sides: dict[str, projection.Sides] | None = None
                      ) -> tuple[jax.Array, jax.Array]:
   """``(P (g / (sqrt(V) + eps)) [n, dim], losses [n])`` for a batch of examples
   (leading axis n on every leaf), the factored weights from their calls and
   everything else materialized. ``scales`` (``correction_scales``, block name
   -> (u, w)) correct the factored blocks; None applies no correction there.
-  ``precision``: the projections' matmuls (``projection.PRECISIONS``)."""
+  ``precision``: the projections' matmuls (``projection.PRECISIONS``);
+  ``sides``: ``projection.matrices(layout)`` (generated here when None)."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
   paths = [projection.path_name(p) for p, _ in flat]
   fixed = {p: x for p, (_, x) in zip(paths, flat) if p in plan.factored}
@@ -619,7 +621,8 @@ def project_examples(plan: Plan, layout: projection.Layout, loss_fn: Callable,
                  for p, x in jax.tree_util.tree_flatten_with_path(v)[0]}
     v_free = {p: v_by_path[p] for p in free}
   blocks = {b.paths[0]: b for b in layout.blocks if b.paths[0] in plan.factored}
-  matrices = {p: projection.block_matrices(layout, b) for p, b in blocks.items()}
+  sides = projection.matrices(layout) if sides is None else sides
+  matrices = {p: sides[b.name] for p, b in blocks.items()}
   scale = {p: (None, None) if scales is None else scales[b.name]
            for p, b in blocks.items()}
   planned = set(plan.sites)
@@ -687,7 +690,8 @@ def project_examples(plan: Plan, layout: projection.Layout, loss_fn: Callable,
         pieces.append((g.sum(0) if block.paths[0] in stacks else g).reshape(-1))
       else:
         pieces.append(projection.project_block(
-            layout, block, projection.block_gradient(block, g_free), precision)[0])
+            layout, block, projection.block_gradient(block, g_free), precision,
+            sides[block.name])[0])
     return jnp.concatenate(pieces), loss.astype(jnp.float32)
 
   return jax.vmap(one)(examples)
