@@ -107,7 +107,7 @@ def make_layout(params: Any, projection_dim: int, seed: int = 0) -> Layout:
   """Derives the block layout for ``params`` from a total ``projection_dim``."""
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   weights = [(path_name(p), matrix_shape(np.shape(x)))
-              for p, x in leaves if np.ndim(x) >= 2]
+             for p, x in leaves if np.ndim(x) >= 2]
   vector_paths = tuple(path_name(p) for p, x in leaves if np.ndim(x) < 2)
   vector_size = sum(int(np.size(x)) for _, x in leaves if np.ndim(x) < 2)
   sides = [shape for _, shape in weights]
