@@ -159,11 +159,14 @@ class GradientEncoder:
     #: approximated (recorded in store manifests: it changes the encodings).
     self.approximation = "rank_one_correction" if approximated else "exact"
     sides = projection.matrices(self.layout)
-    # What every step's program takes besides the batch.
-    self._constants = (self.params, self.second_moment, self._scales,
-                       partitioning.place(sides, jax.tree.map(
-                           lambda _: partitioning.replicated(self.mesh), sides)))
+    self._sides = partitioning.place(sides, jax.tree.map(
+        lambda _: partitioning.replicated(self.mesh), sides))
     self._programs = {}   # example shapes -> (plan, jitted projection)
+
+  @property
+  def _constants(self) -> tuple:
+    """What every step's program takes besides the batch."""
+    return self.params, self.second_moment, self._scales, self._sides
 
   def _program(self, batch: Any):
     """The jitted ``(constants, batch) -> (phi, losses)`` for batches of this
