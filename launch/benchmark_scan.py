@@ -233,9 +233,10 @@ def run_scan_benchmark(rows: int = 200_000, dim: int = 1024, queries: int = 64,
   xba[...] = xb
   add("tracer scan_arrays bf16, 64B-aligned", lambda: scan.scan_arrays(
       xba, q, k, mesh=mesh, chunk_rows=step), 2,
-      "input used in place" + ("; rows widened to f32 inside the matmul"
-                               if topk.widens_bf16(mesh) else
-                               "; three bf16 matmuls"))
+      "input used in place" + (
+          "; three bf16 matmuls" if not topk.widens_bf16(mesh) else
+          f"; rows widened to f32 in tiles of {topk.score_tile_rows(dim)}"
+          if topk.tiles_bf16(mesh) else "; rows widened to f32 inside the matmul"))
   xba = None
   metric, mq = synthetic_metric(dim, q, eval_examples, block, rng)
   x8 = store_lib.quantize(x)[0]  # an int8 store's rows (column scales: ones)
@@ -440,7 +441,8 @@ def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
     # The matmul alone (each step's scores reduced to one max per query, so
     # nothing large is written): the rest of ``seconds`` is selection.
     widen = topk.widens_bf16(mesh)
-    scores_max = jax.jit(lambda x, q: topk.exact_scores(x, q, widen).max(0))
+    tiles = topk.score_tile_rows(dim) if topk.tiles_bf16(mesh) else None
+    scores_max = jax.jit(lambda x, q: topk.exact_scores(x, q, widen, tiles).max(0))
     jax.block_until_ready([scores_max(c, qs) for c in chunks])
     matmul_seconds = _best_time(
         lambda: jax.block_until_ready([scores_max(c, qs) for c in chunks]), repeats)

@@ -362,6 +362,15 @@ def _hard_queries(q: int, d: int, seed: int) -> np.ndarray:
   return (signs * mant * 2.0 ** rng.integers(-20, 21, (q, d))).astype(np.float32)
 
 
+def _stored_rows(dtype: str, n: int, d: int, seed: int) -> np.ndarray:
+  """Rows as a store holds them: int8 values, or bf16 over 17 binades."""
+  rng = np.random.default_rng(seed)
+  if dtype == "int8":
+    return rng.integers(-127, 128, (n, d)).astype(np.int8)
+  return (rng.standard_normal((n, d)) * 2.0 ** rng.integers(-8, 9, (n, d))
+          ).astype(ml_dtypes.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
 @pytest.mark.parametrize("widen", [True, False])
 def test_scores_are_fp32_dot_products_of_the_stored_values(dtype, widen):
@@ -371,12 +380,7 @@ def test_scores_are_fp32_dot_products_of_the_stored_values(dtype, widen):
   # int8 rows (an int8 store's) take the same two paths, converted exactly;
   # a scan of them is the scan of their values.
   d = 256
-  rng = np.random.default_rng(0)
-  if dtype == "int8":
-    x = rng.integers(-127, 128, (300, d)).astype(np.int8)
-  else:
-    x = (rng.standard_normal((300, d)) * 2.0 ** rng.integers(-8, 9, (300, d))
-         ).astype(ml_dtypes.bfloat16)
+  x = _stored_rows(dtype, 300, d, 0)
   q = _hard_queries(7, d, 1)
   exact = np.asarray(x, np.float64) @ np.asarray(q, np.float64).T
   bound = d * 2.0 ** -24 * (np.abs(np.asarray(x, np.float64))
@@ -416,11 +420,81 @@ def test_bf16_scan_equals_the_scan_of_its_widened_rows(mesh, chunk_rows):
     np.testing.assert_array_equal(got.opponent_scores, wide.opponent_scores)
 
 
+def test_widening_is_exact_for_every_bf16_value():
+  # The tiles' widening shifts bf16 bits into the top of an f32: every one of
+  # the 65,536 bf16 values, NaNs, infinities and subnormals included, is the
+  # f32 whose top half it is.
+  bits = np.arange(1 << 16, dtype=np.uint16)
+  got = jax.jit(topk._widened)(jnp.asarray(bits.view(ml_dtypes.bfloat16)))
+  np.testing.assert_array_equal(np.asarray(got).view(np.uint32),
+                                bits.astype(np.uint32) << 16)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+def test_tiles_give_each_row_the_whole_chunks_score(dtype):
+  # Where a CPU step widens bf16 (and int8) rows tile by tile
+  # (``topk.cpu_widening``), bf16 rows may arrive as their bits. Every row's
+  # score is the one the whole chunk's f32 matmul of its widened values
+  # gives, bit for bit: any tile size, a partial last tile, fewer rows than
+  # a tile.
+  d = 96
+  x = _stored_rows(dtype, 300, d, 4)
+  q = jnp.asarray(_hard_queries(5, d, 3))
+  whole = np.asarray(jax.jit(lambda a: topk.exact_scores(a, q, True))(
+      jnp.asarray(x.astype(np.float32))))
+  held = [x] + ([x.view(np.uint16)] if dtype == "bfloat16" else [])
+  for tile_rows in (8, 64, 128, 1000):
+    for rows in held:
+      got = jax.jit(lambda a, t=tile_rows: topk.exact_scores(a, q, True, t))(
+          jnp.asarray(rows))
+      np.testing.assert_array_equal(np.asarray(got), whole, err_msg=(
+          f"tile_rows={tile_rows}, rows as {rows.dtype}"))
+
+
+@pytest.fixture
+def cpu_widening(monkeypatch):
+  """Sets how CPU steps widen bf16 rows (``topk.cpu_widening``) for a test;
+  steps built meanwhile are dropped after it."""
+  def use(mode):
+    monkeypatch.setattr(topk, "cpu_widening", lambda: mode)
+    topk.step_fn.cache_clear()
+    topk.summed_step_fn.cache_clear()
+  yield use
+  topk.step_fn.cache_clear()
+  topk.summed_step_fn.cache_clear()
+
+
+@pytest.mark.parametrize("mode", ["tiles", "matmul"])
+def test_bf16_scans_widen_in_tiles_or_whole_alike(tmp_path, cpu_widening, mode):
+  # Both CPU forms (tiles, rows sent as bits; the whole chunk inside the
+  # matmul) give the f32 scan of the widened rows bit for bit: from arrays
+  # and from a store whose chunks are a step's pieces, plain and summed over
+  # two parts, on one device and eight.
+  cpu_widening(mode)
+  x, _ = _data(700, d=48, q=1, seed=5)
+  q = _hard_queries(3, 48, 6)
+  xb = x.astype(ml_dtypes.bfloat16)
+  s = _store(tmp_path, xb, "bfloat16")
+  for m in (MESHES["1x1"](), MESHES["8x1"]()):
+    assert topk.tiles_bf16(m) == (mode == "tiles")
+    want = scan.scan_arrays(xb.astype(np.float32), q, 20, mesh=m)
+    for got in (scan.scan_arrays(xb, q, 20, mesh=m),
+                scan.scan_store(s, q, 20, mesh=m),
+                scan.scan_store(s, q, 20, mesh=m, chunk_rows=128)):
+      for a, b in zip(got, want):
+        np.testing.assert_array_equal(a, b)
+    summed = scan.scan_stores([s, s], [q, q], 20, mesh=m)
+    np.testing.assert_array_equal(summed.proponent_rows, want.proponent_rows)
+    np.testing.assert_array_equal(summed.proponent_scores,
+                                  want.proponent_scores * 2)
+
+
 def test_compiler_options_only_on_cpu():
   assert topk.compiler_options("gpu") is None
   assert topk.compiler_options("tpu") is None
   opts = topk.compiler_options("cpu")
   assert opts is None or set(opts) == {"xla_cpu_experimental_ynn_fusion_type"}
+  assert topk.cpu_widening() in ("tiles", "matmul")
 
 
 def _ranked(s, r, largest):

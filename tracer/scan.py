@@ -35,9 +35,9 @@ from jax.sharding import Mesh
 from tracer import data as data_lib
 from tracer import partitioning
 from tracer.errors import InputError
-from tracer.topk import (INVALID_ROW, RowMetric, TopK, TopKState, finish,  # noqa: F401
-                         flatten_stepped, init_topk, step_fn, summed_step_fn,
-                         update_topk)
+from tracer.topk import (INVALID_ROW, ROW_BITS, RowMetric, TopK, TopKState,  # noqa: F401
+                         finish, flatten_stepped, init_topk, step_fn,
+                         summed_step_fn, tiles_bf16, update_topk)
 
 # Encodings read per device per step when chunk_rows is not given: on CPUs,
 # and (``ACCELERATOR_CHUNK_BYTES``) on GPUs and TPUs, where each step's
@@ -209,6 +209,10 @@ class _Layout:
     per_device = step // mesh.size
     self.num_pieces = pieces_per_device(per_device, piece_rows)
     self.piece_rows = per_device // self.num_pieces
+    # Where steps widen bf16 rows tile by tile (CPU), they take them as
+    # their bits: a view here, no copy in the step (``topk.ROW_BITS``).
+    self.bits = (ROW_BITS[dtype] if tiles_bf16(mesh)
+                 and dtype == np.dtype(ml_dtypes.bfloat16) else None)
 
   def shapes(self) -> list[tuple[int, int]]:
     return [(b - a, self.dim) for _, a, b in self.local]
@@ -259,9 +263,9 @@ class _Layout:
         check(arrays) for arrays, check in pending.checks])
 
     def split(host):  # one array per piece
-      if len(host) == self.num_pieces:
-        return host
-      return np.split(host[0], self.num_pieces)
+      pieces = (host if len(host) == self.num_pieces
+                else np.split(host[0], self.num_pieces))
+      return [p.view(self.bits) for p in pieces] if self.bits else pieces
 
     base = pending.base
     ids = [np.arange(base + a, base + b, dtype=np.int32)

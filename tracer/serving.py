@@ -273,20 +273,11 @@ def _rows(index: tuple, total: int) -> tuple[int, int]:
   return (s.start or 0), (total if s.stop is None else s.stop)
 
 
-# The resident rows are held as their bits, uint16 for bf16 rows, uint32 for
-# f32 and uint8 for int8 (``_load``): XLA:CPU widens a bf16 dynamic_slice or
-# dynamic_update_slice to f32, so the pass's block slices converted the whole
-# array in every pass and the load's writes rewrote it for every block. The
-# pass views a block's bits as values again (``_values``, free in the program).
-_BITS = {np.dtype(jnp.bfloat16): np.dtype(np.uint16),
-         np.dtype(np.float32): np.dtype(np.uint32),
-         np.dtype(np.int8): np.dtype(np.uint8)}
-_VALUES = {bits: values for values, bits in _BITS.items()}
-
-
-def _values(bits: jax.Array) -> jax.Array:
-  """Resident rows' values from their bits."""
-  return lax.bitcast_convert_type(bits, _VALUES[np.dtype(bits.dtype)])
+# The resident rows are held as their bits (``topk.ROW_BITS``): XLA:CPU
+# widens a bf16 dynamic_slice or dynamic_update_slice to f32, so the pass's
+# block slices converted the whole array in every pass and the load's writes
+# rewrote it for every block. The pass views a block's bits as values again
+# (``topk.row_values``, free in the program).
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -311,7 +302,7 @@ def _read_ahead(read: Callable, items: Sequence, depth: int):
 def _load(store, mesh: Mesh, layout: Layout, verify: bool
           ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The store's rows ``[rows_per_device * devices, d]`` split over every
-  device as their bits (``_BITS``; zero rows past N), their int32 ids and a
+  device as their bits (``topk.ROW_BITS``; zero rows past N), their int32 ids and a
   valid mask (False past N and at quarantined rows). Each process reads only
   its devices' rows.
 
@@ -322,7 +313,7 @@ def _load(store, mesh: Mesh, layout: Layout, verify: bool
   the store."""
   total = layout.rows_per_device * mesh.size
   dtype = scan_lib.device_dtype(store.dtype)
-  bits = _BITS[dtype]
+  bits = topk_lib.ROW_BITS[dtype]
 
   def read(item):  # one block of a device's rows (whole chunks), checked
     _, start = item
@@ -392,7 +383,7 @@ def _device_topk(xs, row_ids, valid, queries, owner, diags, lowranks,
   whose metric divides its scores.
 
   Per part (one store, e.g. one checkpoint of a sum over checkpoints): its
-  rows ``xs[p] [n, d]`` (as bits, ``_BITS``), queries ``[Q, d]``, metrics
+  rows ``xs[p] [n, d]`` (as bits, ``topk.ROW_BITS``), queries ``[Q, d]``, metrics
   (``_norms``'s arrays) and ``segments[p]``. A row's score is the sum over parts of its scores,
   in fp32, in part order (``topk.summed_step_fn``'s). ``widen_norms``: the
   row norms' low-rank products in f32 (CPU), not on the bf16 units."""
@@ -405,7 +396,7 @@ def _device_topk(xs, row_ids, valid, queries, owner, diags, lowranks,
     s = None
     for x, q, diag, lowrank, lowrank_owner, segs in zip(
         xs, queries, diags, lowranks, lowrank_owners, segments):
-      x = _values(rows(x))
+      x = topk_lib.row_values(rows(x))
       # bf16 rows as three bf16 products, not widened under XLA:CPU's library
       # fusions (``topk.jit_step``): with the row norms in the same program the
       # options made a one-query pass 1.3-1.6x slower on the 2-core CPU.
@@ -532,7 +523,7 @@ class ResidentIndex:
     parts = f" x {len(self.xs)} stores" if len(self.xs) > 1 else ""
     return (f"resident: {self.store.num_rows} rows{parts} on {self.mesh.size} "
             f"devices, {per_device / 2**20:.1f} MiB per device "
-            f"({_VALUES[np.dtype(self.xs[0].dtype)]})")
+            f"({topk_lib.values_dtype(self.xs[0].dtype)})")
 
 
 class StreamedIndex:

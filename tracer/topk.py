@@ -97,17 +97,23 @@ def bf16_terms(queries: jax.Array) -> jax.Array:
   return jnp.stack([q1, q2, q3]).astype(jnp.bfloat16)
 
 
-def exact_scores(x: jax.Array, queries: jax.Array, widen: bool = False) -> jax.Array:
+def exact_scores(x: jax.Array, queries: jax.Array, widen: bool = False,
+                 tile_rows: int | None = None) -> jax.Array:
   """fp32 scores ``[r, Q]`` of rows ``x [r, d]`` against ``queries f32[Q, d]``.
+
+  ``x`` may hold bf16 rows as their bits (``ROW_BITS``; a CPU step's pieces,
+  ``row_values``).
 
   Exactness of bf16 rows: the stored bf16 values are scored against the fp32
   queries with no rounding beyond the stored bf16 and fp32 accumulation.
 
   * ``widen`` (CPU): each row is widened to f32 (exact: bf16 is the top half
-    of an f32) and scored by the same fp32 matmul as f32 rows, so scores
-    are bit-identical to scoring the widened rows. XLA widens tile by tile
-    inside its matmul (``compiler_options``), so a bf16 chunk costs what
-    an f32 one does, not an f32 copy of the chunk.
+    of an f32) and scored by an fp32 matmul, as f32 rows are. With
+    ``tile_rows`` the chunk is widened and scored ``tile_rows`` rows at a
+    time (``row_tiles``), so its f32 copy is one tile, in cache; without,
+    XLA widens the whole chunk inside its matmul (``compiler_options``),
+    which costs what an f32 chunk does only where YNNPACK widens tile by
+    tile itself (``cpu_widening``).
   * otherwise (GPU/TPU, bf16 matmul units): each fp32 query is split into
     three bf16 terms that sum to it exactly (8 + 8 + 8 significand bits:
     ``q1`` = q truncated to 8 bits, ``q2`` = the rest truncated, ``q3`` =
@@ -122,14 +128,19 @@ def exact_scores(x: jax.Array, queries: jax.Array, widen: bool = False) -> jax.A
 
   int8 rows (an int8 store's, ``tracer.store.quantize``) are exact in both
   f32 and bf16 (|v| <= 127 needs 7 significand bits, bf16 has 8), so they
-  take the same two paths, converted first: their scores carry no rounding
+  take the same paths, converted first: their scores carry no rounding
   beyond the fp32 accumulation.
 
   Rows stay the leading axis: it is the faster matmul output on CPU, and the
   selection below reduces over row blocks without a transpose.
   """
+  if widen and tile_rows and values_dtype(x.dtype) != np.float32:
+    # Fewer rows than a tile are one tile, not padded: a row's fp32 dot
+    # product does not depend on the rows around it (tests/test_scan.py).
+    return row_tiles(lambda t: exact_scores(_widened(t), queries), x,
+                     min(tile_rows, x.shape[0]))
   contract = (((1,), (1,)), ((), ()))
-  x = _int8_as_bf16(x, widen)
+  x = _int8_as_bf16(row_values(x), widen)
   if x.dtype == jnp.bfloat16 and not widen:
     num_queries = queries.shape[0]
     terms = bf16_terms(queries).reshape(3 * num_queries, -1)
@@ -140,6 +151,55 @@ def exact_scores(x: jax.Array, queries: jax.Array, widen: bool = False) -> jax.A
   return lax.dot_general(x.astype(jnp.float32), queries, contract,
                          precision=lax.Precision.HIGHEST,
                          preferred_element_type=jnp.float32)
+
+
+# Rows held as their bits: uint16 for bf16, uint32 for f32, uint8 for int8.
+# XLA:CPU widens a bf16 array that is sliced (dynamic_slice, also inside a
+# loop) or updated in place to f32 first, all of it, and a bitcast inside
+# the program is a copy; an array that arrives as bits is sliced as it is and
+# each slice viewed as values (``row_values``, free in the program).
+ROW_BITS = {np.dtype(jnp.bfloat16): np.dtype(np.uint16),
+            np.dtype(np.float32): np.dtype(np.uint32),
+            np.dtype(np.int8): np.dtype(np.uint8)}
+_ROW_VALUES = {bits: values for values, bits in ROW_BITS.items()}
+
+
+def values_dtype(dtype) -> np.dtype:
+  """The values' dtype of rows held as ``dtype`` (bits, ``ROW_BITS``, or values)."""
+  return _ROW_VALUES.get(np.dtype(dtype), np.dtype(dtype))
+
+
+def row_values(x: jax.Array) -> jax.Array:
+  """Rows' values: ``x`` itself, or the values of rows held as bits
+  (``ROW_BITS``)."""
+  values = values_dtype(x.dtype)
+  return x if values == x.dtype else lax.bitcast_convert_type(x, values)
+
+
+# f32 bytes of a tile of scores on the CPU (``exact_scores(tile_rows=)``,
+# ``score_tile_rows``): 2,048 rows at d = 1,024, at least 128. A whole step
+# (64 MiB of bf16 rows, 64 queries, k = 100) against the f32 step of the same
+# rows, 2-core AMD EPYC (Zen 3, AVX2), best of 14: d = 1,024 in tiles of
+# 512 / 1,024 / 2,048 / 4,096 rows x1.20 / 1.13 / 1.13 / 1.28; d = 16,384 in
+# tiles of 64 / 128 / 256 / 512 x2.98 / 1.31 / 1.34 / 1.65; d = 65,536 in
+# tiles of 64 / 128 / 256 x2.78 / 1.68 / 2.01 (whole: x2.2-3.1).
+SCORE_TILE_BYTES = 8 << 20
+SCORE_TILE_MIN_ROWS = 128
+
+
+def score_tile_rows(dim: int) -> int:
+  """Rows per tile of a CPU step's widened scores (``SCORE_TILE_BYTES``)."""
+  return max(SCORE_TILE_MIN_ROWS, SCORE_TILE_BYTES // (4 * dim) // 8 * 8)
+
+
+def _widened(x: jax.Array) -> jax.Array:
+  """bf16 or int8 rows ``x`` as f32 (exact). bf16 by a shift of its bits, not
+  a convert, which XLA:CPU would move into YNNPACK's matmul fusion (it then
+  writes the f32 copy itself, slower)."""
+  if x.dtype != jnp.bfloat16:
+    return x.astype(jnp.float32)
+  bits = lax.bitcast_convert_type(x, jnp.uint16).astype(jnp.uint32) << 16
+  return lax.bitcast_convert_type(bits, jnp.float32)
 
 
 def _int8_as_bf16(x: jax.Array, widen: bool) -> jax.Array:
@@ -172,7 +232,8 @@ NORM_TILE_BYTES = 4 << 20
 def row_tiles(fn, x: jax.Array, tile_rows: int | None = None) -> jax.Array:
   """``fn(x)`` for a ``fn`` that maps each row of ``x [r, d]`` to its own
   output row (``[r, ...]``), applied ``tile_rows`` rows at a time (default:
-  ``NORM_TILE_BYTES`` of f32 rows, 8 to 1,024 of them).
+  ``NORM_TILE_BYTES`` of f32 rows, 8 to 1,024 of them). ``x`` may hold rows
+  as their bits (``ROW_BITS``); ``fn`` gets their values.
 
   Why (XLA:CPU): a column slice ``x[:, lo:up]`` is copied out before its
   matmul, so a row metric's segments wrote and read the whole chunk again
@@ -189,17 +250,17 @@ def row_tiles(fn, x: jax.Array, tile_rows: int | None = None) -> jax.Array:
   if r < tile_rows:
     x = jnp.pad(x, ((0, tile_rows - r),) + ((0, 0),) * (x.ndim - 1))
   n = x.shape[0]
-  tiles = -(-n // tile_rows)
-  # bf16 rows are sliced as their bits: XLA:CPU widens a bf16 array that a
-  # loop slices to f32 before the loop, all of it (64 MB for 16,384 rows).
-  bits = x.dtype == jnp.bfloat16
-  held = lax.bitcast_convert_type(x, jnp.uint16) if bits else x
+  # bf16 rows are sliced as their bits (``ROW_BITS``): XLA:CPU widens a bf16
+  # array that a loop slices to f32 before the loop, all of it (64 MB for
+  # 16,384 rows). Rows that arrive as bits save the bitcast's copy.
+  if x.dtype == jnp.bfloat16:
+    x = lax.bitcast_convert_type(x, ROW_BITS[np.dtype(x.dtype)])
 
   def tile(start):
-    x_tile = lax.dynamic_slice_in_dim(held, start, tile_rows)
-    return fn(lax.bitcast_convert_type(x_tile, jnp.bfloat16) if bits else x_tile)
+    return fn(row_values(lax.dynamic_slice_in_dim(x, start, tile_rows)))
 
   # No loop carry (lax.map): inside shard_map it would need the mesh's axes.
+  tiles = -(-n // tile_rows)
   out = lax.map(tile, jnp.minimum(jnp.arange(tiles) * tile_rows, n - tile_rows))
   last = out[-1][tiles * tile_rows - n:]  # the rows the tile before did not cover
   return jnp.concatenate([out[:-1].reshape((-1,) + out.shape[2:]), last])[:r]
@@ -233,7 +294,7 @@ def norms_of(squared, x: jax.Array, tiled: bool) -> jax.Array:
   """``sqrt(squared(x))``, ``squared`` giving each row's ``x^T R^(-1) x``
   (``[r]``, or ``[r, J]`` for J metrics), tile by tile where ``tiled`` (the
   CPU: ``row_tiles``). A zero row gets the smallest normal float."""
-  n2 = row_tiles(squared, x) if tiled else squared(x)
+  n2 = row_tiles(squared, x) if tiled else squared(row_values(x))
   return jnp.maximum(jnp.sqrt(jnp.maximum(n2, 0.0)), jnp.finfo(jnp.float32).tiny)
 
 
@@ -568,10 +629,14 @@ def _norms(pieces, diag, lowrank, segments, widen: bool, tiled: bool
   return [_row_norms(p, diag, lowrank, segments, widen, tiled) for p in pieces]
 
 
-def _scores(pieces, queries, norms, widen: bool) -> jax.Array:
+def _scores(pieces, queries, norms, widen: bool, score_tiles: bool
+            ) -> jax.Array:
   """``exact_scores`` of consecutive row pieces, ``[r, Q]``, divided by the
-  rows' ``norms`` when given."""
-  s = jnp.concatenate([exact_scores(p, queries, widen) for p in pieces])
+  rows' ``norms`` when given; widened tile by tile where ``score_tiles``."""
+  s = jnp.concatenate([
+      exact_scores(p, queries, widen,
+                   score_tile_rows(p.shape[1]) if score_tiles else None)
+      for p in pieces])
   return s if norms is None else s / jnp.concatenate(norms)[:, None]
 
 
@@ -593,15 +658,16 @@ def _fused_candidates(pieces, valid, queries, pro_kth, opp_kth, norms,
 
 def _local_candidates(x, row_ids, valid, queries, pro_kth, opp_kth, diag=None,
                       lowrank=(), *, k: int, rows_sorted: bool, segments=None,
-                      widen: bool = False, tile_norms: bool = False,
+                      widen: bool = False, score_tiles: bool = False,
+                      tile_norms: bool = False,
                       branch_free: bool = False, fused: str | None = None,
                       tiles: fused_scores.Tiles = fused_scores.DEFAULT_TILES):
   """One device's top-k candidates of its rows: 4 arrays ``[Q, min(k, r)]``.
 
   ``pro_kth`` / ``opp_kth`` ``[Q]``: the running k-th best scores. With
   ``segments`` (a ``RowMetric``), scores are divided by the rows' norms.
-  ``widen``: see ``exact_scores``; ``tile_norms`` (the CPU): ``row_tiles``.
-  ``x`` may be a tuple of consecutive pieces of the rows (scored one by one:
+  ``widen``, ``score_tiles``: see ``exact_scores``, ``tiles_bf16``;
+  ``tile_norms`` (the CPU): ``row_tiles``. ``x`` may be a tuple of consecutive pieces of the rows (scored one by one:
   the rows need not be one buffer).
   ``fused``: "gpu" or "interpret" to score bf16 rows with the
   ``fused_scores`` kernel where it takes them (sorted rows), else None;
@@ -615,7 +681,7 @@ def _local_candidates(x, row_ids, valid, queries, pro_kth, opp_kth, diag=None,
     s, words = _fused_candidates(pieces, valid, queries, pro_kth, opp_kth,
                                  norms, fused == "interpret", tiles)
   else:
-    s = _scores(pieces, queries, norms, widen)
+    s = _scores(pieces, queries, norms, widen, score_tiles)
   return _candidates(s, row_ids, valid, pro_kth, opp_kth, k=k,
                      rows_sorted=rows_sorted, branch_free=branch_free,
                      words=words)
@@ -624,6 +690,7 @@ def _local_candidates(x, row_ids, valid, queries, pro_kth, opp_kth, diag=None,
 def _local_summed_candidates(xs, row_ids, valid, queries, pro_kth, opp_kth,
                              diags, lowranks, *, k: int, rows_sorted: bool,
                              segments, widen: bool = False,
+                             score_tiles: bool = False,
                              tile_norms: bool = False, branch_free: bool = False):
   """``_local_candidates`` of scores summed over parts: part ``p``'s rows
   ``xs[p]`` (one array or pieces) scored against its own ``queries[p]``,
@@ -633,7 +700,7 @@ def _local_summed_candidates(xs, row_ids, valid, queries, pro_kth, opp_kth,
   for x, q, diag, lowrank, seg in zip(xs, queries, diags, lowranks, segments):
     pieces = x if isinstance(x, tuple) else (x,)
     s = _scores(pieces, q, _norms(pieces, diag, lowrank, seg, widen, tile_norms),
-                widen)
+                widen, score_tiles)
     total = s if total is None else total + s
   return _candidates(total, row_ids, valid, pro_kth, opp_kth, k=k,
                      rows_sorted=rows_sorted, branch_free=branch_free)
@@ -796,32 +863,58 @@ def _init_fn(mesh: Mesh, num_queries: int, k: int):
 
 
 # XLA:CPU's library (YNNPACK) fusions for the scan step: matmuls with the
-# elementwise ops that feed them (a bf16 chunk's widening is then done tile by
-# tile inside the matmul), and not reductions, which XLA fuses with their
-# masking instead (``_select_both``). The default is matmuls and reductions.
+# elementwise ops that feed them (a bf16 chunk widened whole is then widened
+# inside the matmul, ``cpu_widening``), and not reductions, which XLA fuses
+# with their masking instead (``_select_both``). The default is matmuls and
+# reductions, whose sums then depend on the program around them: a row
+# metric's scores differed in the last bit between 1 and 8 pieces a step.
 _CPU_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type":
                 "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE"}
 
 
 @functools.lru_cache(maxsize=None)
-def compiler_options(platform: str) -> dict[str, str] | None:
-  """XLA options for jitting scan steps on ``platform`` ("cpu", "gpu", ...);
-  None where there are none, or where this XLA does not know them.
-
-  With them (CPU), ``exact_scores(..., widen=True)`` scores a bf16 chunk at
-  about the cost of an f32 one (7% more CPU time on a 2-core EPYC); without
-  them widening writes an f32 copy of the chunk first (2.5x), and the three
-  bf16 matmuls (``widen=False``) are faster.
-  """
-  if platform != "cpu":
-    return None
+def _xla_cpu_knows(option: str, value: str) -> bool:
+  """Whether this XLA:CPU takes the compiler option (another XLA may not)."""
   try:
     cpu = jax.local_devices(backend="cpu")[0]
-    jax.jit(lambda a: a + 1, compiler_options=_CPU_FUSIONS).lower(
+    jax.jit(lambda a: a + 1, compiler_options={option: value}).lower(
         jax.device_put(np.zeros(8, np.float32), cpu)).compile()
   except Exception:  # pylint: disable=broad-except
-    return None  # another XLA: no such option
+    return False
+  return True
+
+
+def compiler_options(platform: str) -> dict[str, str] | None:
+  """XLA options for jitting scan steps on ``platform`` ("cpu", "gpu", ...);
+  None where there are none, or where this XLA does not know them."""
+  if platform != "cpu" or not _xla_cpu_knows(*next(iter(_CPU_FUSIONS.items()))):
+    return None
   return dict(_CPU_FUSIONS)
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_widening() -> str:
+  """How this machine's CPU steps widen bf16 rows to f32 (``exact_scores``):
+  "matmul" (the whole chunk, inside YNNPACK's matmul, ``compiler_options``)
+  on CPUs with AVX512-BF16 where XLA takes the options, "tiles"
+  (``score_tile_rows`` rows at a time) elsewhere.
+
+  Why by that flag: the whole-chunk form cost 1.04-1.08x the f32 matmul of
+  the same rows on the two such CPUs measured (AMD Zen 4, Intel Emerald
+  Rapids), but 2.2-3.1x on an AVX2-only AMD Zen 3, where YNNPACK writes the
+  widened chunk out first (64-128 MB a step, its pages faulted in afresh
+  each time); tiles cost 1.1-1.3x there (``SCORE_TILE_BYTES``). Without
+  the options the whole chunk is widened before the matmul (2.5x).
+  """
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      flags = next((line.split(":", 1)[1].split() for line in f
+                    if line.startswith("flags")), [])
+  except OSError:
+    flags = []
+  if "avx512_bf16" in flags and compiler_options("cpu"):
+    return "matmul"
+  return "tiles"
 
 
 def jit_step(fn, mesh: Mesh, **kwargs):
@@ -832,8 +925,15 @@ def jit_step(fn, mesh: Mesh, **kwargs):
 
 
 def widens_bf16(mesh: Mesh) -> bool:
-  """Whether steps on ``mesh`` score bf16 rows widened to f32 (``exact_scores``)."""
-  return compiler_options(mesh.devices.flat[0].platform) is not None
+  """Whether steps on ``mesh`` score bf16 rows widened to f32 (``exact_scores``):
+  on CPUs, which have no bf16 matmul units to spare."""
+  return _on_cpu(mesh)
+
+
+def tiles_bf16(mesh: Mesh) -> bool:
+  """Whether steps on ``mesh`` widen bf16 rows tile by tile; they then take
+  bf16 rows as their bits (``ROW_BITS``: no copy of the chunk to slice it)."""
+  return _on_cpu(mesh) and cpu_widening() == "tiles"
 
 
 def _on_cpu(mesh: Mesh) -> bool:
@@ -869,6 +969,7 @@ def step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments=None,
       functools.partial(_local_candidates, k=k, rows_sorted=rows_sorted,
                         segments=segments,
                         widen=widens_bf16(mesh) and not fused,
+                        score_tiles=tiles_bf16(mesh) and not fused,
                         tile_norms=_on_cpu(mesh), branch_free=branch_free,
                         fused=_fused_mode(mesh) if fused else None,
                         tiles=tiles),
@@ -912,6 +1013,7 @@ def summed_step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments: tuple):
   local = _sharded_candidates(
       functools.partial(_local_summed_candidates, k=k, rows_sorted=rows_sorted,
                         segments=segments, widen=widens_bf16(mesh),
+                        score_tiles=tiles_bf16(mesh),
                         tile_norms=_on_cpu(mesh)), mesh)
 
   def update(state: TopKState, xs, row_ids, valids, queries, diags,
