@@ -165,7 +165,7 @@ _ROW_VALUES = {bits: values for values, bits in ROW_BITS.items()}
 
 
 def values_dtype(dtype) -> np.dtype:
-  """The values' dtype of rows held as ``dtype`` (bits, ``ROW_BITS``, or values)."""
+  """The dtype of the values of rows held as ``dtype`` (``ROW_BITS``)."""
   return _ROW_VALUES.get(np.dtype(dtype), np.dtype(dtype))
 
 
@@ -667,8 +667,9 @@ def _local_candidates(x, row_ids, valid, queries, pro_kth, opp_kth, diag=None,
   ``pro_kth`` / ``opp_kth`` ``[Q]``: the running k-th best scores. With
   ``segments`` (a ``RowMetric``), scores are divided by the rows' norms.
   ``widen``, ``score_tiles``: see ``exact_scores``, ``tiles_bf16``;
-  ``tile_norms`` (the CPU): ``row_tiles``. ``x`` may be a tuple of consecutive pieces of the rows (scored one by one:
-  the rows need not be one buffer).
+  ``tile_norms`` (the CPU): ``row_tiles``. ``x`` may be a tuple of
+  consecutive pieces of the rows (scored one by one: the rows need not be
+  one buffer).
   ``fused``: "gpu" or "interpret" to score bf16 rows with the
   ``fused_scores`` kernel where it takes them (sorted rows), else None;
   ``tiles``: its tile settings.
