@@ -27,6 +27,7 @@ from pathlib import Path
 
 from absl import flags
 import gin
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -214,6 +215,34 @@ def test_one_pass_equals_a_scan_per_request(tmp_path, mesh, dtype):
              for g, o in zip(got, serving.ResidentIndex(
                  [store], the_mesh, layout).search(
                      [v[:1] for v in vectors], [m[:1] for m in metrics], ks)))
+
+
+@pytest.mark.parametrize("tile_rows", [None, 5])
+def test_bf16_rows_are_scored_widened_on_the_cpu(tmp_path, monkeypatch, request,
+                                                 tile_rows):
+  """A pass over bf16 rows on the CPU is bit for bit the pass over an f32
+  store of the same values: rows widened to f32 (tile by tile; tiles of 5
+  rows in blocks of 16: a partial last tile), not three bf16 products,
+  which round otherwise."""
+  if tile_rows:
+    monkeypatch.setattr(serving.topk_lib, "score_tile_rows", lambda dim: tile_rows)
+  # Passes are cached with their tile size.
+  serving._search_fn.cache_clear()  # pylint: disable=protected-access
+  request.addfinalizer(serving._search_fn.cache_clear)  # pylint: disable=protected-access
+  rng = np.random.default_rng(1)
+  num, dim = 203, 40
+  x = rng.standard_normal((num, dim)).astype(jnp.bfloat16).astype(np.float32)
+  segments = ((0, 10), (10, 40))
+  metrics = [[_metric(rng, segments, w)] for w in ((2, 1), (0, 3))]
+  vectors = [[rng.standard_normal((n, dim)).astype(np.float32)] for n in (3, 2)]
+  mesh = partitioning.make_mesh()
+  layout = serving.plan_layout(num, dim, 2, mesh.size, 16, block_bytes=16 * dim * 2)
+  got, want = (serving.ResidentIndex([_store(tmp_path / dtype, x, {}, dtype)],
+                                     mesh, layout).search(vectors, metrics, (7, 4))
+               for dtype in ("bfloat16", "float32"))
+  for g, w in zip(got, want):
+    for a, b in zip(g, w):
+      np.testing.assert_array_equal(a, b)
 
 
 def test_resident_load_refuses_a_corrupt_chunk(tmp_path):

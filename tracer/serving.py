@@ -376,7 +376,7 @@ def _norms(x, diag, lowrank, lowrank_owner, segments, widen: bool):
 
 def _device_topk(xs, row_ids, valid, queries, owner, diags, lowranks,
                  lowrank_owners, *, k: int, block: int, segments, axes,
-                 widen_norms: bool):
+                 widen: bool):
   """One device's top-k of its rows for every query, scanned ``block`` rows
   at a time with a running top-k (``tracer.topk``'s per-block selection and
   exact merge, as a scan step does); ``owner [Q]``: each query's request,
@@ -385,8 +385,10 @@ def _device_topk(xs, row_ids, valid, queries, owner, diags, lowranks,
   Per part (one store, e.g. one checkpoint of a sum over checkpoints): its
   rows ``xs[p] [n, d]`` (as bits, ``topk.ROW_BITS``), queries ``[Q, d]``, metrics
   (``_norms``'s arrays) and ``segments[p]``. A row's score is the sum over parts of its scores,
-  in fp32, in part order (``topk.summed_step_fn``'s). ``widen_norms``: the
-  row norms' low-rank products in f32 (CPU), not on the bf16 units."""
+  in fp32, in part order (``topk.summed_step_fn``'s). ``widen`` (the CPU):
+  bf16 and int8 rows widened to f32 for their scores, tile by tile
+  (``topk.exact_scores``' ``tile_rows``), and for their norms' low-rank
+  products; else both on the bf16 units."""
   # The running top-k differs per device (shard_map's varying values).
   init = jax.tree.map(lambda a: lax.pcast(a, tuple(axes), to="varying"),
                       topk_lib.empty_state(queries[0].shape[0], k))
@@ -396,12 +398,14 @@ def _device_topk(xs, row_ids, valid, queries, owner, diags, lowranks,
     s = None
     for x, q, diag, lowrank, lowrank_owner, segs in zip(
         xs, queries, diags, lowranks, lowrank_owners, segments):
-      x = topk_lib.row_values(rows(x))
-      # bf16 rows as three bf16 products, not widened under XLA:CPU's library
-      # fusions (``topk.jit_step``): with the row norms in the same program the
-      # options made a one-query pass 1.3-1.6x slower on the 2-core CPU.
-      part = (topk_lib.exact_scores(x, q)
-              / _norms(x, diag, lowrank, lowrank_owner, segs, widen_norms)[:, owner])
+      x = rows(x)  # as bits: each tile is viewed as values
+      # Widened tiles, not three bf16 products, and plain jit, not
+      # ``topk.jit_step``'s library fusions: on a 2-core AMD Zen 3 (AVX2) the
+      # products took 1.3-2.5x as long (400,000 rows x 1,024: 0.57 vs 0.43 s
+      # for one query, 2.48 vs 0.99 s for 64) and the fusions 1.06-1.24x.
+      tiles = topk_lib.score_tile_rows(x.shape[1]) if widen else None
+      part = (topk_lib.exact_scores(x, q, widen, tiles)
+              / _norms(x, diag, lowrank, lowrank_owner, segs, widen)[:, owner])
       s = part if s is None else s + part
     return topk_lib.fold_block(state, s, rows(row_ids), rows(valid), k)
 
@@ -420,7 +424,7 @@ def _search_fn(mesh: Mesh, k: int, block: int, segments: tuple):
   local = jax.shard_map(
       functools.partial(_device_topk, k=k, block=block, segments=segments,
                         axes=mesh.axis_names,
-                        widen_norms=mesh.devices.flat[0].platform == "cpu"),
+                        widen=topk_lib.widens_bf16(mesh)),
       mesh=mesh, in_specs=(rows, ids, ids) + (rep,) * 5,
       out_specs=(candidates,) * 4)
 
