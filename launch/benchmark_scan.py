@@ -23,6 +23,10 @@ faster than faiss), when faiss is installed.
 and reports its fraction of the device's memory bandwidth and of its bf16
 matmul rate, both measured in the same run (``run_resident_benchmark``).
 
+``--serve_pass`` times ``tracer serve``'s pass (``run_serve_pass_benchmark``)
+over resident bf16 and f32 stores of the same rows, for one query and for
+``--queries``, each request with its own scan-time R.
+
 Run it without ``--xla_force_host_platform_device_count``: on a CPU the scan
 should use the one real device (simulated devices share the same cores).
 """
@@ -47,13 +51,14 @@ from tracer import fused_scores
 from tracer import hessian
 from tracer import partitioning
 from tracer import scan
+from tracer import serving
 from tracer import store as store_lib
 from tracer import topk
 
 def define_flags() -> None:
   """Defines this script's flags (only when run as a script, so that
   ``launch.benchmark`` can import ``run_scan_benchmark``)."""
-  global _ROWS, _DIM, _QUERIES, _K, _CHUNK_ROWS, _STORE_CHUNK_ROWS, _REPEATS, _WORKDIR, _OUTPUT, _EVAL, _BLOCK, _RESIDENT, _FUSED_TILES
+  global _ROWS, _DIM, _QUERIES, _K, _CHUNK_ROWS, _STORE_CHUNK_ROWS, _REPEATS, _WORKDIR, _OUTPUT, _EVAL, _BLOCK, _RESIDENT, _FUSED_TILES, _SERVE_PASS
   _ROWS = flags.DEFINE_integer("rows", 200_000, "N, rows to scan.")
   _DIM = flags.DEFINE_integer("dim", 1024, "d, encoding dimension.")
   _QUERIES = flags.DEFINE_integer("queries", 64, "Q, queries per scan.")
@@ -74,6 +79,10 @@ def define_flags() -> None:
   _RESIDENT = flags.DEFINE_bool(
       "resident", False, "Time the scan of a corpus held in device memory "
       "(run_resident_benchmark) instead of the host and store scans.")
+  _SERVE_PASS = flags.DEFINE_bool(
+      "serve_pass", False, "Time instead tracer serve's pass over resident "
+      "bf16 and f32 stores of the same rows, with a request's scan-time R "
+      "(run_serve_pass_benchmark).")
   _FUSED_TILES = flags.DEFINE_list(
       "fused_tiles", None, "Instead: time the fused kernel's tile settings "
       "(run_fused_tiles_benchmark) on resident bf16 rows, each as "
@@ -259,18 +268,9 @@ def run_scan_benchmark(rows: int = 200_000, dim: int = 1024, queries: int = 64,
   try:
     for dtype, data, bytes_per in (("float32", x, 4), ("bfloat16", xb, 2),
                                    ("int8", x, 1)):
-      path = os.path.join(tmp, f"store-{dtype}")
-      shutil.rmtree(path, ignore_errors=True)
-      manifest = store_lib.Manifest(
-          checkpoint="bench", step=0, params_fingerprint="-", correction="none",
-          epsilon=0.0, projection_seed=0, layout=None, dim=dim,
-          basis_fingerprint=None, dtype=dtype, corpus="random",
-          num_rows=rows, chunk_rows=store_chunk_rows)
       t = time.perf_counter()
-      s = store_lib.create_or_open(path, manifest)
-      for c in s.pending_chunks():
-        lo, hi = s.chunk_bounds(c)
-        s.write_chunk(c, data[lo:hi])
+      s = write_store(os.path.join(tmp, f"store-{dtype}"), data, dtype,
+                      store_chunk_rows)
       write_s = time.perf_counter() - t
       if dtype == "int8":  # scanned with a metric only (its rows' scales)
         add("tracer scan_store int8 + scan-time R", lambda s=s: scan.scan_store(
@@ -324,6 +324,74 @@ def run_scan_benchmark(rows: int = 200_000, dim: int = 1024, queries: int = 64,
     for row in table[1:]:
       if row.get("seconds"):
         row["vs_faiss"] = round(table[-1]["seconds"] / row["seconds"], 2)
+  return table
+
+
+def write_store(path: str, rows: np.ndarray, dtype: str, chunk_rows: int
+                ) -> store_lib.EncodingStore:
+  """A new store at ``path`` (replacing one there) holding ``rows [N, d]``."""
+  shutil.rmtree(path, ignore_errors=True)
+  manifest = store_lib.Manifest(
+      checkpoint="bench", step=0, params_fingerprint="-", correction="none",
+      epsilon=0.0, projection_seed=0, layout=None, dim=rows.shape[1],
+      basis_fingerprint=None, dtype=dtype, corpus="random",
+      num_rows=len(rows), chunk_rows=chunk_rows)
+  s = store_lib.create_or_open(path, manifest)
+  for c in s.pending_chunks():
+    lo, hi = s.chunk_bounds(c)
+    s.write_chunk(c, rows[lo:hi])
+  return s
+
+
+def run_serve_pass_benchmark(rows: int = 400_000, dim: int = 1024,
+                             queries: int = 64, k: int = 100,
+                             store_chunk_rows: int = 4096, repeats: int = 3,
+                             block: int = 256, workdir: str | None = None,
+                             mesh=None) -> list[dict[str, Any]]:
+  """``tracer serve``'s pass (``serving.ResidentIndex.search``: one request
+  and its own scan-time R, fitted from its queries as serve fits it) over a
+  bf16 store and an f32 store of the same values, both resident on
+  ``mesh`` (default: every device), for one query and for ``queries``. The
+  baseline is the f32 store's pass in the same run; ``agrees``: the two
+  answers are identical, bit for bit (on a CPU, where bf16 rows are
+  widened to f32; elsewhere they take the bf16 units and round otherwise)."""
+  mesh = mesh or partitioning.make_mesh()
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((rows, dim), dtype=np.float32)
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  x = x.astype(ml_dtypes.bfloat16).astype(np.float32)  # exact in both stores
+  segments = tuple((lo, min(lo + block, dim)) for lo in range(0, dim, block))
+  basis = hessian.Basis("block", segments, [None] * len(segments),
+                        [np.sort(rng.exponential(size=hi - lo))[::-1]
+                         for lo, hi in segments], 4096, dim, 0)
+  tmp = workdir or tempfile.mkdtemp(prefix="tracer-bench-")
+  table = []
+  try:
+    indexes = {dtype: serving.open_index(
+        [write_store(os.path.join(tmp, f"serve-{dtype}"), x, dtype,
+                     store_chunk_rows)], mesh, budget_bytes=1 << 62)
+               for dtype in ("float32", "bfloat16")}
+    for n in sorted({1, queries}):
+      psi = rng.standard_normal((n, dim)) * 3
+      metric = hessian.fit_metric(basis, psi, rank=max(1, dim // 64))
+      vectors = metric.query_vectors(psi)
+      answers, seconds = {}, {}
+      for dtype, index in indexes.items():
+        search = lambda index=index: index.search([[vectors]], [[metric]], [k])[0]
+        answers[dtype] = search()  # compiles
+        seconds[dtype] = _best_time(search, repeats)
+      agrees = all(np.array_equal(a, b) for a, b in zip(*answers.values()))
+      for dtype in indexes:
+        table.append({
+            "method": f"serve pass {dtype}, {n} quer{'y' if n == 1 else 'ies'}",
+            "seconds": round(seconds[dtype], 4),
+            "rows_per_s": round(rows / seconds[dtype]),
+            "agrees": agrees if dtype == "bfloat16" else None,
+            "note": (f"x{seconds[dtype] / seconds['float32']:.2f} the float32 "
+                     f"store's pass; {indexes[dtype].describe()}")})
+  finally:
+    if workdir is None:
+      shutil.rmtree(tmp, ignore_errors=True)
   return table
 
 
@@ -689,6 +757,11 @@ def main(argv):
         [parse_tiles(t) for t in _FUSED_TILES.value], rows=_ROWS.value,
         dim=_DIM.value, queries=_QUERIES.value, k=_K.value,
         step_rows=_CHUNK_ROWS.value, repeats=_REPEATS.value)
+  elif _SERVE_PASS.value:
+    table = run_serve_pass_benchmark(
+        rows=_ROWS.value, dim=_DIM.value, queries=_QUERIES.value, k=_K.value,
+        store_chunk_rows=_STORE_CHUNK_ROWS.value, repeats=_REPEATS.value,
+        block=_BLOCK.value, workdir=_WORKDIR.value)
   elif _RESIDENT.value:
     table = run_resident_benchmark(
         rows=_ROWS.value, dim=_DIM.value, queries=_QUERIES.value, k=_K.value,

@@ -430,19 +430,22 @@ def test_widening_is_exact_for_every_bf16_value():
                                 bits.astype(np.uint32) << 16)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8", "float32"])
 def test_tiles_give_each_row_the_whole_chunks_score(dtype):
   # Where a CPU step widens bf16 (and int8) rows tile by tile
-  # (``topk.cpu_widening``), bf16 rows may arrive as their bits. Every row's
+  # (``topk.cpu_widening``), bf16 rows may arrive as their bits; a resident
+  # index (``tracer.serving``) holds f32 rows as bits too. Every row's
   # score is the one the whole chunk's f32 matmul of its widened values
   # gives, bit for bit: any tile size, a partial last tile, fewer rows than
   # a tile.
   d = 96
-  x = _stored_rows(dtype, 300, d, 4)
+  x = _stored_rows("bfloat16" if dtype == "float32" else dtype, 300, d, 4)
+  x = x.astype(np.float32) * 1.0001 if dtype == "float32" else x  # all 24 bits
   q = jnp.asarray(_hard_queries(5, d, 3))
   whole = np.asarray(jax.jit(lambda a: topk.exact_scores(a, q, True))(
       jnp.asarray(x.astype(np.float32))))
-  held = [x] + ([x.view(np.uint16)] if dtype == "bfloat16" else [])
+  held = {"bfloat16": [x, x.view(np.uint16)], "int8": [x],
+          "float32": [x.view(np.uint32)]}[dtype]
   for tile_rows in (8, 64, 128, 1000):
     for rows in held:
       got = jax.jit(lambda a, t=tile_rows: topk.exact_scores(a, q, True, t))(
@@ -963,6 +966,20 @@ def test_scan_benchmark_runs(tmp_path):
     if row["seconds"] is not None:  # (a tiny scan's roofline rounds to 0)
       assert row["seconds"] > 0 and row["rows_per_s"] > 0, row
   assert "| tracer scan_store float32 |" in benchmark_scan.to_markdown(table)
+
+
+def test_serve_pass_benchmark_runs(tmp_path):
+  # ``tracer benchmark-scan --serve_pass``: on the CPU the bf16 store's pass
+  # answers bit for bit as the f32 store's of the same values.
+  from tracer.launch import benchmark_scan  # pylint: disable=g-import-not-at-top
+  table = benchmark_scan.run_serve_pass_benchmark(
+      rows=300, dim=64, queries=4, k=5, store_chunk_rows=64, repeats=1,
+      block=32, workdir=str(tmp_path), mesh=MESHES["1x1"]())
+  assert [r["method"] for r in table] == [
+      f"serve pass {dtype}, {n}" for n in ("1 query", "4 queries")
+      for dtype in ("float32", "bfloat16")]
+  assert all(r["seconds"] > 0 for r in table)
+  assert [r["agrees"] for r in table] == [None, True, None, True]
 
 
 def test_resident_benchmark_runs():

@@ -101,8 +101,8 @@ def exact_scores(x: jax.Array, queries: jax.Array, widen: bool = False,
                  tile_rows: int | None = None) -> jax.Array:
   """fp32 scores ``[r, Q]`` of rows ``x [r, d]`` against ``queries f32[Q, d]``.
 
-  ``x`` may hold bf16 rows as their bits (``ROW_BITS``; a CPU step's pieces,
-  ``row_values``).
+  ``x`` may hold rows as their bits (``ROW_BITS``, ``row_values``: a CPU
+  step's bf16 pieces, a resident index's rows).
 
   Exactness of bf16 rows: the stored bf16 values are scored against the fp32
   queries with no rounding beyond the stored bf16 and fp32 accumulation.
@@ -113,7 +113,9 @@ def exact_scores(x: jax.Array, queries: jax.Array, widen: bool = False,
     time (``row_tiles``), so its f32 copy is one tile, in cache; without,
     XLA widens the whole chunk inside its matmul (``compiler_options``),
     which costs what an f32 chunk does only where YNNPACK widens tile by
-    tile itself (``cpu_widening``).
+    tile itself (``cpu_widening``). f32 rows held as bits are scored in
+    tiles too: viewing a whole chunk's bits as values is a copy of it
+    (``ROW_BITS``; a resident pass over f32 rows took 1.2x as long).
   * otherwise (GPU/TPU, bf16 matmul units): each fp32 query is split into
     three bf16 terms that sum to it exactly (8 + 8 + 8 significand bits:
     ``q1`` = q truncated to 8 bits, ``q2`` = the rest truncated, ``q3`` =
@@ -134,7 +136,7 @@ def exact_scores(x: jax.Array, queries: jax.Array, widen: bool = False,
   Rows stay the leading axis: it is the faster matmul output on CPU, and the
   selection below reduces over row blocks without a transpose.
   """
-  if widen and tile_rows and values_dtype(x.dtype) != np.float32:
+  if widen and tile_rows and x.dtype != jnp.float32:
     # Fewer rows than a tile are one tile, not padded: a row's fp32 dot
     # product does not depend on the rows around it (tests/test_scan.py).
     return row_tiles(lambda t: exact_scores(_widened(t), queries), x,
