@@ -8,10 +8,13 @@
 #   step, both kernels; scanned: the 27M model with its layers under nn.scan
 #   and nn.remat, whose memory XLA:CPU's plans do not show; precision: its
 #   factored kernel with the projections in fp32 and in bf16_6x, and the
-#   encodings' difference). Measured so far: small65k and tiny 2026-11-29;
-#   resident, 1b, precision and tiles 2026-11-30 (WORKSPACE), so the
-#   default list starts with what has no figure at today's code (resident's
-#   int8 rows, added 2026-12-01, have none).
+#   encodings' difference), serve (tracer serve's pass over resident bf16 and
+#   f32 stores of 1M rows, with a request's R). Measured so far: small65k
+#   and tiny 2026-11-29; resident, 1b, precision and tiles 2026-11-30
+#   (WORKSPACE), so the default list starts with what has no figure at
+#   today's code (resident's int8 rows, added 2026-12-01, have none; serve,
+#   added 2026-12-02, none: last, as issue 15 asks serve's latency on the
+#   CPU only).
 # Each part writes $OUT/PART.log (the rows as JSON lines and a table) and is
 # cut off at the time left before DEADLINE_S (default 560 s from the start),
 # so one slow part cannot take the others' results with it. The GPU image
@@ -53,7 +56,7 @@ encode=(python3 -m tracer.launch.benchmark --suite=encode --memory_budget_mb=0 -
 
 scan=(python3 -m tracer.launch.benchmark_scan --resident --rows=16000000 --repeats=3)
 
-parts=${*:-resident scanned small4k resident8g 1b precision small65k tiny tiles}
+parts=${*:-resident scanned small4k resident8g 1b precision small65k tiny tiles serve}
 for p in $parts; do
   case $p in
     resident) part resident "${scan[@]}" ;;
@@ -73,6 +76,8 @@ for p in $parts; do
                 --batch_size=16 --kernels=factored --precisions=highest,bf16_6x \
                 --noverify --noper_example ;;
     small4k)  part small4k "${encode[@]}" --models=small --dims=4096 --batch_size=16 ;;
+    serve)    part serve python3 -m tracer.launch.benchmark_scan --serve_pass \
+                --rows=1048576 --repeats=3 ;;
     *) echo "unknown part $p"; exit 2 ;;
   esac
 done
