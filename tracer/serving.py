@@ -386,9 +386,9 @@ def _device_topk(xs, row_ids, valid, queries, owner, diags, lowranks,
   rows ``xs[p] [n, d]`` (as bits, ``topk.ROW_BITS``), queries ``[Q, d]``, metrics
   (``_norms``'s arrays) and ``segments[p]``. A row's score is the sum over parts of its scores,
   in fp32, in part order (``topk.summed_step_fn``'s). ``widen`` (the CPU):
-  bf16 and int8 rows widened to f32 for their scores, tile by tile
-  (``topk.exact_scores``' ``tile_rows``), and for their norms' low-rank
-  products; else both on the bf16 units."""
+  rows scored tile by tile (``topk.exact_scores``' ``tile_rows``; bf16 and
+  int8 ones widened to f32, also for their norms' low-rank products); else
+  bf16 and int8 rows take the bf16 units."""
   # The running top-k differs per device (shard_map's varying values).
   init = jax.tree.map(lambda a: lax.pcast(a, tuple(axes), to="varying"),
                       topk_lib.empty_state(queries[0].shape[0], k))
