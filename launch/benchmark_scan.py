@@ -9,6 +9,10 @@ in one call for the same work). The roofline is measured in the same run:
 max(encoding bytes / memory read bandwidth, 2·N·d·Q / fp32 matmul FLOP/s),
 with the bandwidth from a numpy sum over the matrix and the FLOP/s the best of
 numpy's and XLA's matmuls (XLA's skinny fp32 dot beats numpy's BLAS here).
+Row "XLA matmul alone" is the scan's scores without the selection, chunk by
+chunk from the same memory (the roofline's FLOP rate comes from a matrix in
+cache): a scan row's time over it is the scan's own overhead (selection,
+merge, host loop).
 Store rows read a tensorstore written in the same run (warm page cache).
 Times are the best of ``--repeats`` runs; other processes on a shared
 machine move them by tens of percent, so compare rows of one table only.
@@ -234,6 +238,12 @@ def run_scan_benchmark(rows: int = 200_000, dim: int = 1024, queries: int = 64,
   xa[...] = x
   add("tracer scan_arrays f32, 64B-aligned", lambda: scan.scan_arrays(
       xa, q, k, mesh=mesh, chunk_rows=step), 4, "input used in place")
+  scan_s = table[-1]["seconds"]
+  add("XLA matmul alone, f32 64B-aligned", matmul_alone(xa, q, step, mesh), 4)
+  table[-1]["note"] = (
+      f"the scan's scores without the selection, {-(-rows // step)} steps of "
+      f"{step} rows; the aligned scan takes x{scan_s / table[-1]['seconds']:.2f}"
+      " this time")
   xa = None  # free it before the next methods
   add("tracer scan_arrays bf16", lambda: scan.scan_arrays(
       xb, q, k, mesh=mesh, chunk_rows=step), 2,
@@ -325,6 +335,33 @@ def run_scan_benchmark(rows: int = 200_000, dim: int = 1024, queries: int = 64,
       if row.get("seconds"):
         row["vs_faiss"] = round(table[-1]["seconds"] / row["seconds"], 2)
   return table
+
+
+def matmul_alone(x: np.ndarray, q: np.ndarray, step: int, mesh
+                 ) -> Callable[[], None]:
+  """A run of XLA's fp32 matmul of ``x [N, d]``'s chunks of ``step`` rows
+  (rows split over ``mesh``, placed as the scan places them) with ``q``: the
+  scan's scores alone, from the same memory. The roofline's FLOP rate comes
+  from a matrix that fits the cache (``measure_sgemm``); this is the rate
+  from memory. The last chunk is the last ``step`` rows (the scan pads its
+  last step to the same size)."""
+  dot = jax.jit(lambda c, q: jax.lax.dot_general(
+      c, q, (((1,), (1,)), ((), ())), precision=jax.lax.Precision.HIGHEST))
+  qd = jax.device_put(q, partitioning.replicated(mesh))
+  rows = partitioning.rows_sharding(mesh)
+  step = min(step, len(x) // mesh.size * mesh.size)
+  starts = [min(lo, len(x) - step) for lo in range(0, len(x), step)]
+  dot(jax.device_put(x[:step], rows), qd).block_until_ready()
+
+  def run():
+    last = None  # two steps in flight, as the scan keeps them
+    for lo in starts:
+      scores = dot(jax.device_put(x[lo:lo + step], rows), qd)
+      if last is not None:
+        last.block_until_ready()
+      last = scores
+    last.block_until_ready()
+  return run
 
 
 def write_store(path: str, rows: np.ndarray, dtype: str, chunk_rows: int

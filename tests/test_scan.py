@@ -954,7 +954,8 @@ def test_scan_benchmark_runs(tmp_path):
       repeats=1, workdir=str(tmp_path), mesh=MESHES["1x1"](), eval_examples=6,
       block=32, probe_repeats=1)
   methods = [row["method"] for row in table]
-  for name in ("tracer scan_arrays bf16, 64B-aligned", "tracer scan_store float32",
+  for name in ("tracer scan_arrays bf16, 64B-aligned",
+               "XLA matmul alone, f32 64B-aligned", "tracer scan_store float32",
                "tracer scan_store bfloat16, checksums not verified",
                "tracer scan_store bfloat16 + scan-time R",
                "tracer scan_arrays int8 + scan-time R",
