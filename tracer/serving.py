@@ -402,7 +402,14 @@ def _device_topk(xs, row_ids, valid, queries, owner, diags, lowranks,
       # Widened tiles, not three bf16 products, and plain jit, not
       # ``topk.jit_step``'s library fusions: on a 2-core AMD Zen 3 (AVX2) the
       # products took 1.3-2.5x as long (400,000 rows x 1,024: 0.57 vs 0.43 s
-      # for one query, 2.48 vs 0.99 s for 64) and the fusions 1.06-1.24x.
+      # for one query, 2.48 vs 0.99 s for 64) and the fusions 1.06-1.24x. On
+      # an Intel Xeon with AVX512-BF16 and AMX the tiles still won or tied
+      # over three rounds (one query 0.53-0.58 s, products 0.55-0.75, whole
+      # block with the fusions 0.68-0.75; 64 queries 1.08-1.31 against
+      # 1.08-1.50 and 1.17-1.32); on an AMD Zen 4 with AVX512-BF16, two
+      # rounds: one query 0.30-0.37 s against 0.52-0.53 for the products, 64
+      # queries 0.88-0.92 against 1.43-1.59. Only the tiles give the f32
+      # pass's bits.
       tiles = topk_lib.score_tile_rows(x.shape[1]) if widen else None
       part = (topk_lib.exact_scores(x, q, widen, tiles)
               / _norms(x, diag, lowrank, lowrank_owner, segs, widen)[:, owner])
