@@ -904,7 +904,8 @@ def cpu_widening() -> str:
 
   Why by that flag: the whole-chunk form cost 1.04-1.08x the f32 matmul of
   the same rows on the two such CPUs measured (AMD Zen 4, Intel Emerald
-  Rapids; whole Zen 4 scans 1.08-1.11x, where tiles took 1.13-1.42x), but 2.2-3.1x on an AVX2-only AMD Zen 3, where YNNPACK writes the
+  Rapids; whole Zen 4 scans 1.08-1.11x the f32 scan, scans in tiles
+  1.13-1.42x), but 2.2-3.1x on an AVX2-only AMD Zen 3, where YNNPACK writes the
   widened chunk out first (64-128 MB a step, its pages faulted in afresh
   each time); whole scans in tiles cost 1.13x there at d = 1,024 and 1.47x
   at d = 16,368 (``SCORE_TILE_BYTES``). Without
