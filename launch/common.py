@@ -305,8 +305,12 @@ def query_metric(run: Run, basis, query_examples: dict, queries: Sequence[dict],
   metric, vectors, skipped = pipeline.query_metric(
       run.encoder, basis, query_examples, pcfg, run.encode_config.batch_size, ids)
   cols = sum(c.shape[1] for c in metric.lowrank)
+  capped = ""
+  if metric.lam_rule is not None and metric.lam < metric.lam_rule:
+    capped = (f" (the rule's {metric.lam_rule:.4g}, capped: each query adds at "
+              f"most {pcfg.max_query_weight:g} of R_train's trace)")
   say(f"R for these {len(queries)} queries, applied at scan time: "
-      f"{basis.kind if basis else 'none'}, lambda={metric.lam:.4g}, "
+      f"{basis.kind if basis else 'none'}, lambda={metric.lam:.4g}{capped}, "
       f"damping={metric.damping:g}, {cols} low-rank columns")
   if skipped:
     first = min(skipped)

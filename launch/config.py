@@ -109,7 +109,8 @@ _AT_LEAST = {
                                         "batch_size", "model_axis", "chunk_rows")},
     "OptimizerConfig.total_steps": 1, "OptimizerConfig.warmup_steps": 0,
     "PreconditionerConfig.train_examples": 0, "PreconditionerConfig.rank": 0,
-    "PreconditionerConfig.damping": 0, "EncodeConfig.epsilon": 0,
+    "PreconditionerConfig.damping": 0, "PreconditionerConfig.max_query_weight": 0,
+    "EncodeConfig.epsilon": 0,
 }
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 

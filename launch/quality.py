@@ -127,11 +127,9 @@ def method_encodings(raw, corrected, encoder, pcfg):
   # TRAK: phi_m^T R^-1 phi_q = (R^-1/2 phi_m) . (R^-1/2 phi_q), unnormalized.
   r_raw = hessian.fit(moments(encoder, raw_c[rows], pcfg.kind), kind=pcfg.kind,
                       dim=encoder.dim, layout_seed=encoder.layout.seed,
-                      rank=pcfg.rank, damping=pcfg.damping, lam=pcfg.lam)
-  r_train = hessian.fit_metric(basis, None, rank=pcfg.rank, damping=pcfg.damping,
-                               lam=pcfg.lam)
-  r_mix = hessian.fit_metric(basis, psi_q, rank=pcfg.rank, damping=pcfg.damping,
-                             lam=pcfg.lam)
+                      **pcfg.mix())
+  r_train = hessian.fit_metric(basis, None, **pcfg.mix())
+  r_mix = hessian.fit_metric(basis, psi_q, **pcfg.mix())
   print(f"lambda (task-specific mix) = {r_mix.lam:.4g}; R from "
         f"{basis.num_train} corpus rows, {r_mix.num_eval} queries, d={encoder.dim}")
   apply = lambda pre, x: np.asarray(pre.apply(x))
@@ -150,8 +148,7 @@ def trackstar_at(corrected, encoder, pcfg) -> tuple[np.ndarray, np.ndarray]:
   """TrackStar's rows and queries at one checkpoint, both normalized, so that
   their dot product is its score: (f32[N, d], f32[Q, d])."""
   basis, psi_c, psi_q = in_train_basis(corrected, encoder, pcfg)
-  metric = hessian.fit_metric(basis, psi_q, rank=pcfg.rank, damping=pcfg.damping,
-                              lam=pcfg.lam)
+  metric = hessian.fit_metric(basis, psi_q, **pcfg.mix())
   return normalized(psi_c, metric.query_vectors(psi_q), metric)
 
 

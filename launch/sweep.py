@@ -34,6 +34,11 @@ values first:
   tracer sweep --family_dir=family --workdir=family/sweep [--grid=...] \
       [--design=star]
 
+``--query_set_size=n`` fits R per set of n queries (drawn at random, seed 0)
+instead of from all of them: retrieval when queries come a few at a time, as
+``tracer serve`` requests do (``--gin_bindings=PreconditionerConfig.
+max_query_weight=...`` sets the lambda rule's cap, ``hessian.task_lambda``).
+
 ``--design=star`` (the default) scores the first value of every axis and,
 one axis at a time, each other value; ``grid`` every combination. An axis not
 given takes its value from gin (checkpoint: the last; query loss: target).
@@ -77,6 +82,10 @@ flags.DEFINE_string("family_dir", None, "A `tracer family` workdir: sweep on eac
 flags.DEFINE_enum("design", "star", ["star", "grid"], "With --family_dir: every "
                   "combination of the axes (grid), or each axis varied alone "
                   "around the first values (star).")
+flags.DEFINE_integer("query_set_size", 0, "With --family_dir: split each set's "
+                     "queries at random into sets of this many, each scored under "
+                     "the R fitted from its own queries (as `tracer serve` fits a "
+                     "request's); 0: all queries one set.", lower_bound=0)
 FLAGS = config.FLAGS  # with the shared flags (--workdir, --gin_file) defined
 
 COLUMNS = ("mrr", "recall@10", "precision@10")
@@ -225,7 +234,21 @@ def family_points(axes: dict[str, list[str]], design: str) -> list[Point]:
                             + p[6:] for p in points))
 
 
-def sweep_set(set_dir: str, points: list[Point], ecfg, pcfg) -> dict:
+def _set_scores(fit, stored, psi_q, size: int, seed: int = 0) -> np.ndarray:
+  """``_scores`` [N, Q] with the queries split at random into sets of ``size``
+  (0: one set), each under the metric ``fit`` makes from its own rows."""
+  if not size or size >= len(psi_q):
+    return _scores(fit(psi_q), stored, psi_q)
+  out = np.zeros((len(stored), len(psi_q)), np.float32)
+  order = np.random.default_rng(seed).permutation(len(psi_q))
+  for lo in range(0, len(order), size):
+    part = order[lo:lo + size]
+    out[:, part] = _scores(fit(psi_q[part]), stored, psi_q[part])
+  return out
+
+
+def sweep_set(set_dir: str, points: list[Point], ecfg, pcfg,
+              query_set_size: int = 0) -> dict:
   """Every point's metrics on one family set (module doc)."""
   corpus_path = os.path.join(set_dir, "facts", "corpus.jsonl")
   queries_path = os.path.join(set_dir, "facts", "queries.jsonl")
@@ -273,15 +296,17 @@ def sweep_set(set_dir: str, points: list[Point], ecfg, pcfg) -> dict:
         for point in [p for p in wanted if p[:3] == (step, dim, loss)]:
           kind, damping, lam, dtype = point[3:]
           if kind == "none":
-            metric, pc, pq = hessian.identity_metric(rows.shape[1]), rows, q_rows
-            columns = None
+            pc, pq, columns = rows, q_rows, None
+            fit = lambda _, d=rows.shape[1]: hessian.identity_metric(d)
           else:
             basis, pc = basis_of(kind)
             pq = np.asarray(basis.rotate(q_rows), np.float64)
-            metric = hessian.fit_metric(basis, pq, rank=pcfg.rank, damping=float(damping),
-                                        lam=None if lam == "rule" else float(lam))
+            mix = {**pcfg.mix(), "damping": float(damping),
+                   "lam": None if lam == "rule" else float(lam)}
+            fit = lambda q, b=basis, m=mix: hessian.fit_metric(b, q, **m)
             columns = basis.column_scales()
-          scores[point] = _scores(metric, _stored(pc, dtype, columns), pq)
+          scores[point] = _set_scores(fit, _stored(pc, dtype, columns), pq,
+                                      query_set_size)
   out = {}
   for point in points:
     if point[0] == "sum":
@@ -290,7 +315,7 @@ def sweep_set(set_dir: str, points: list[Point], ecfg, pcfg) -> dict:
     else:
       out[_point_name(*point)] = _point_metrics(
           queries, ids, scores[(step_of(point[0]),) + point[1:]])
-  return {"points": out, "accuracy": accuracy}
+  return {"points": out, "accuracy": accuracy, "query_set_size": query_set_size}
 
 
 def _stored(rows: np.ndarray, dtype: str, columns: np.ndarray | None) -> np.ndarray:
@@ -313,7 +338,7 @@ def trained(set_dir: str) -> bool:
 
 
 def sweep_family(workdir: str, family_dir: str, grid: list[str],
-                 design: str = "star") -> dict:
+                 design: str = "star", query_set_size: int = 0) -> dict:
   ecfg, pcfg = config.make(EncodeConfig), config.make(PreconditionerConfig)
   axes = family_axes(grid, ecfg, pcfg)
   points = family_points(axes, design)
@@ -329,12 +354,18 @@ def sweep_family(workdir: str, family_dir: str, grid: list[str],
     if os.path.exists(out):
       with open(out) as f:
         per_set[name] = json.load(f)
+      if per_set[name].get("query_set_size", 0) != query_set_size:
+        raise app.UsageError(
+            f"{out}: scored with --query_set_size="
+            f"{per_set[name].get('query_set_size', 0)}, this run asks for "
+            f"{query_set_size}; use another --workdir")
       continue
     if not trained(os.path.join(sets_dir, name)):
       print(f"[{i}/{len(names)}] {name}: still training, left out", flush=True)
       continue
     print(f"[{i}/{len(names)}] {name}", flush=True)
-    per_set[name] = sweep_set(os.path.join(sets_dir, name), points, ecfg, pcfg)
+    per_set[name] = sweep_set(os.path.join(sets_dir, name), points, ecfg, pcfg,
+                              query_set_size)
     evaluate.write_text_atomic(out, json.dumps(per_set[name], indent=1))
   if not per_set:
     raise app.UsageError(f"--family_dir={family_dir}: no set has finished training")
@@ -354,12 +385,15 @@ def sweep_family(workdir: str, family_dir: str, grid: list[str],
   acc_text = evaluate.format_table(acc_cells, list(next(iter(acc_cells.values()))),
                                    row_header="set: greedy accuracy")
   summary = {"sets": names, "axes": axes, "design": design, "points": table,
-             "accuracy": accuracy}
+             "accuracy": accuracy, "query_set_size": query_set_size,
+             "max_query_weight": pcfg.max_query_weight}
+  sizes = (f"; queries in sets of {query_set_size}, each with its own R "
+           f"(max_query_weight={pcfg.max_query_weight})" if query_set_size else "")
   evaluate.write_text_atomic(os.path.join(workdir, "sweep.json"),
                              json.dumps(summary, indent=1))
   evaluate.write_text_atomic(os.path.join(workdir, "sweep.md"),
-                             f"{len(names)} sets\n\n{text}\n\n{acc_text}\n")
-  print(f"{len(names)} sets: {', '.join(names)}\n\n{text}\n\n{acc_text}")
+                             f"{len(names)} sets{sizes}\n\n{text}\n\n{acc_text}\n")
+  print(f"{len(names)} sets: {', '.join(names)}{sizes}\n\n{text}\n\n{acc_text}")
   return summary
 
 
@@ -370,7 +404,8 @@ def main(argv):
     config.default_gin_file()
     config.parse_gin()
     sweep_family(FLAGS.workdir or os.path.join(FLAGS.family_dir, "sweep"),
-                 FLAGS.family_dir, FLAGS.grid or list(FAMILY_GRID), FLAGS.design)
+                 FLAGS.family_dir, FLAGS.grid or list(FAMILY_GRID), FLAGS.design,
+                 FLAGS.query_set_size)
     return
   if not FLAGS.workdir or not FLAGS.grid:
     raise app.UsageError("--workdir and at least one --grid are required")

@@ -7,6 +7,7 @@ import json
 import os
 
 from absl import flags
+import jax.numpy as jnp
 import gin
 import numpy as np
 import pytest
@@ -212,6 +213,36 @@ def test_sweep_on_the_family(trained_family, tmp_path, monkeypatch):
   monkeypatch.setattr(sweep, "sweep_set", lambda *a: pytest.fail("recomputed"))
   again = sweep.sweep_family(out, root, grid, design="grid")
   assert again["points"].keys() == result["points"].keys()
+  # ... and does not mix tables scored with queries in sets of another size.
+  with pytest.raises(Exception, match="scored with --query_set_size=0, this run asks for 2"):
+    sweep.sweep_family(out, root, grid, design="grid", query_set_size=2)
+
+
+def test_query_sets_are_scored_under_their_own_r():
+  rng = np.random.default_rng(0)
+  layout = projection.make_layout({"w": jnp.zeros((6, 5)), "v": jnp.zeros(4)}, 40)
+  phi = rng.normal(size=(60, layout.dim)).astype(np.float32)
+  moments = hessian.accumulate(hessian.init_moments(layout, "block"), jnp.asarray(phi))
+  basis = hessian.fit_basis(moments, dim=layout.dim, layout_seed=0)
+  rows = np.asarray(basis.rotate(jnp.asarray(phi)), np.float64)
+  queries = rows[:7] + 0.1 * rng.normal(size=(7, layout.dim))
+  fits = []
+  def fit(q):
+    fits.append(len(q))
+    return hessian.fit_metric(basis, q, rank=2)
+  whole = sweep._set_scores(fit, rows, queries, 0)
+  np.testing.assert_array_equal(whole, sweep._scores(fit(queries), rows, queries))
+  np.testing.assert_array_equal(sweep._set_scores(fit, rows, queries, 7), whole)
+  fits.clear()
+  sets = sweep._set_scores(fit, rows, queries, 3)
+  assert sorted(fits) == [1, 3, 3]              # 7 queries in sets of 3, 3, 1
+  singles = sweep._set_scores(fit, rows, queries, 1)
+  for q in range(7):                            # each query alone is its own R
+    np.testing.assert_array_equal(singles[:, q],
+                                  sweep._scores(fit(queries[q:q + 1]), rows,
+                                                queries[q:q + 1])[:, 0])
+  # R from other queries changes the scores (a test that can fail).
+  assert np.abs(singles - whole).max() > 1e-3 and np.abs(sets - whole).max() > 1e-3
 
 
 def test_sweep_rejects_unknown_axes_and_values():

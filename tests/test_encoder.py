@@ -180,7 +180,7 @@ def test_encodings_match_oracle(lm, kind):
   pre = encoder_lib.fit_preconditioner(enc, [take(lm["train"], slice(0, 10)),
                                              take(lm["train"], slice(10, 16))],
                                        [lm["queries"]], kind=kind, rank=rank,
-                                       damping=damping)
+                                       damping=damping, max_query_weight=None)
   lam, inv = oracle_inv_sqrt(lm["phi_train"], lm["phi_eval"], segs, rank, damping)
   assert 0.05 < lam < 0.95                      # a real mix, not a degenerate one
   assert pre.lam == pytest.approx(lam, rel=1e-4)
@@ -239,7 +239,8 @@ def test_same_encodings_on_every_mesh(toy, shape):
     np.testing.assert_allclose(partitioning.fetch(phi), toy["phi"],
                                rtol=1e-5, atol=1e-5 * np.abs(toy["phi"]).max())
     pre = encoder_lib.fit_preconditioner(enc, [toy["batch"]], [toy["queries"]],
-                                         kind="full", rank=2, damping=0.1)
+                                         kind="full", rank=2, damping=0.1,
+                                         max_query_weight=None)
     assert pre.lam == pytest.approx(toy["lam"], rel=1e-4)
     got = enc.encode(toy["batch"], pre)
     np.testing.assert_allclose(got, toy["encodings"], atol=1e-5,

@@ -10,6 +10,7 @@ import pytest
 
 from tracer import hessian
 from tracer import projection
+from tracer.config import PreconditionerConfig
 
 
 def _moments(*blocks, count):
@@ -39,6 +40,49 @@ def test_lambda_rule_hand_computed():
   # Train spectrum that vanishes at k: lambda = 0.
   assert hessian.lambda_rule([2.0, 0.0], [5.0, 1.0], 1) == pytest.approx(0.0)
   assert hessian.lambda_rule([0.0, 0.0], [0.0, 0.0], 1) == 0.0
+
+
+def test_task_lambda_caps_the_rule_by_the_number_of_queries():
+  train, eval_ = [1.0, 4.0, 2.0, 3.0], [6.0, 1.0, 8.0, 2.0]  # traces 10, 17
+  # Rank 2: the rule's 1/2, odds 1. The cap on the odds is w * n * 10 / 17.
+  assert hessian.task_lambda(train, eval_, 2, 1, None) == pytest.approx(1 / 2)
+  assert hessian.task_lambda(train, eval_, 2, 17, 0.1) == pytest.approx(1 / 2)  # cap 1
+  assert hessian.task_lambda(train, eval_, 2, 34, 0.1) == pytest.approx(1 / 2)  # cap 2
+  cap = 0.1 * 5 * 10 / 17
+  assert hessian.task_lambda(train, eval_, 2, 5, 0.1) == pytest.approx(cap / (1 + cap))
+  # Fewer queries than the rank: the rule's 1 (R_train dropped) becomes the cap.
+  few = [5.0, 0.0, 0.0]
+  assert hessian.lambda_rule(train, few, 2) == 1.0
+  cap = hessian.MAX_QUERY_WEIGHT * 1 * 10 / 5
+  assert hessian.task_lambda(train, few, 2, 1) == pytest.approx(cap / (1 + cap))
+  # The cap grows with the queries, one query's worth at a time.
+  lams = [hessian.task_lambda(train, few, 2, n) for n in (1, 2, 4, 8)]
+  assert lams == sorted(lams) and lams[0] < lams[-1] < 1
+  # Nothing to cap: a rule of 0, no train energy; no eval energy: R_train.
+  assert hessian.task_lambda([2.0, 0.0], [5.0, 1.0], 1, 1) == 0.0
+  assert hessian.task_lambda(train, [0.0, 0.0], 1, 3, None) == 0.0
+  assert hessian.task_lambda([0.0, 0.0], [0.0, 0.0], 1, 1) == 0.0
+
+
+def test_config_default_is_the_library_default():
+  assert PreconditionerConfig().max_query_weight == hessian.MAX_QUERY_WEIGHT > 0
+  assert PreconditionerConfig().mix()["max_query_weight"] == hessian.MAX_QUERY_WEIGHT
+
+
+def test_fit_and_fit_metric_cap_a_single_query():
+  train = _moments(np.diag([4.0, 3.0, 2.0, 1.0]), count=8)
+  eval_ = _moments(np.diag([9.0, 0.0, 0.0, 0.0]), count=1)  # one query
+  pre = hessian.fit(train, eval_, kind="full", dim=4, layout_seed=0, rank=2,
+                    max_query_weight=None)
+  assert pre.lam == 1.0                   # the rule: R_train dropped
+  cap = hessian.MAX_QUERY_WEIGHT * 1 * 10 / 9
+  pre = hessian.fit(train, eval_, kind="full", dim=4, layout_seed=0, rank=2)
+  assert pre.lam == pytest.approx(cap / (1 + cap))
+  basis = hessian.fit_basis(train, dim=4, layout_seed=0, kind="full")
+  psi = np.asarray(basis.rotate(jnp.asarray([[3.0, 0.0, 0.0, 0.0]], jnp.float32)))
+  metric = hessian.fit_metric(basis, psi, rank=2)
+  assert metric.lam == pytest.approx(pre.lam, rel=1e-6)
+  assert hessian.fit_metric(basis, psi, rank=2, max_query_weight=None).lam == 1.0
 
 
 def test_accumulate_matches_numpy():
@@ -82,7 +126,7 @@ def test_fit_mixes_with_lambda_rule():
   train = _moments(np.diag([4.0, 1.0]), count=4)
   eval_ = _moments(np.diag([0.0, 2.0]), count=2)
   pre = hessian.fit(train, eval_, kind="full", dim=2, layout_seed=0, rank=0,
-                    damping=0.1)
+                    damping=0.1, max_query_weight=None)
   # Sorted: train [4, 1], eval [2, 0]; rank 0: lambda = 4 / (2 + 4).
   assert pre.lam == pytest.approx(2 / 3)
   assert (pre.num_train, pre.num_eval, pre.rank) == (4, 2, 0)
@@ -100,7 +144,7 @@ def test_fit_mixes_with_lambda_rule():
   train = _moments(np.diag([4.0, 1.0]), np.diag([3.0]), count=2)
   eval_ = _moments(np.diag([1.0, 1.0]), np.diag([6.0]), count=2)
   pre = hessian.fit(train, eval_, kind="block", dim=3, layout_seed=0, rank=1,
-                    damping=0.0)
+                    damping=0.0, max_query_weight=None)
   # Sorted: train [4, 3, 1], eval [6, 1, 1]; rank 1: 3 / (1 + 3).
   assert pre.lam == pytest.approx(0.75)
   np.testing.assert_allclose(pre.inv_sqrt[0], np.diag([1.75 ** -0.5, 1.0]), rtol=1e-6)

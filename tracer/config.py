@@ -145,9 +145,17 @@ class PreconditionerConfig:
   rank: int | None = None           # lambda rule's k; None: 1.5% of d
   damping: float = 0.1              # times the mean eigenvalue
   lam: float | None = None          # fixed mix instead of the rule
+  # The rule's cap: one query's most weight in R, as a fraction of R_train's
+  # trace (hessian.task_lambda, hessian.MAX_QUERY_WEIGHT); None: no cap.
+  max_query_weight: float | None = 0.002
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
+
+  def mix(self) -> dict[str, Any]:
+    """The arguments ``hessian.fit`` and ``fit_metric`` take from here."""
+    return {"rank": self.rank, "damping": self.damping, "lam": self.lam,
+            "max_query_weight": self.max_query_weight}
 
 
 ALL = (ModelConfig, OptimizerConfig, DataConfig, TrainConfig, EncodeConfig,

@@ -408,7 +408,8 @@ def unit_normalize(x: jax.Array) -> jax.Array:
 def fit_preconditioner(encoder: GradientEncoder, train_batches: Iterable[Any],
                        eval_batches: Iterable[Any] | None = None, *,
                        kind: str = "block", rank: int | None = None,
-                       damping: float = 0.1, lam: float | None = None
+                       damping: float = 0.1, lam: float | None = None,
+                       max_query_weight: float | None = hessian.MAX_QUERY_WEIGHT
                        ) -> hessian.Preconditioner:
   """Fits ``R^(-1/2)`` for ``encoder.encode(..., preconditioner=...)``.
 
@@ -422,6 +423,7 @@ def fit_preconditioner(encoder: GradientEncoder, train_batches: Iterable[Any],
     rank: k of the lambda rule (default 1.5% of d).
     damping: added to every eigenvalue, as a fraction of their mean.
     lam: a fixed mix instead of the lambda rule.
+    max_query_weight: the rule's cap (``hessian.task_lambda``); None: none.
   """
   def moments(batches):
     m = hessian.init_moments(encoder.layout, kind)
@@ -435,4 +437,4 @@ def fit_preconditioner(encoder: GradientEncoder, train_batches: Iterable[Any],
   eval_ = None if eval_batches is None else moments(eval_batches)
   return hessian.fit(train, eval_, kind=kind, dim=encoder.dim,
                      layout_seed=encoder.layout.seed, rank=rank, damping=damping,
-                     lam=lam)
+                     lam=lam, max_query_weight=max_query_weight)

@@ -6,7 +6,10 @@ over corpus examples, ``R_eval`` likewise over the queries, mixed as
 ``R = lam * R_eval + (1 - lam) * R_train`` to down-weight directions every
 query shares. ``lam`` follows the paper's rule: with both spectra sorted
 descending and a rank k (default 1.5% of d),
-``lam = s_train[k] / (s_eval[k] + s_train[k])``.
+``lam = s_train[k] / (s_eval[k] + s_train[k])``; capped so that one query
+adds at most ``max_query_weight`` of R_train's trace (``task_lambda``): a few
+queries cannot tell shared directions from their own, and the rule, whose
+k-th eval eigenvalue is then 0 or noise, gives them lam near 1.
 
 ``kind="block"`` keeps one matrix per projection block (cheap at any d);
 ``kind="full"`` keeps one d x d matrix (17 GB in fp32 at d = 2^16).
@@ -88,6 +91,37 @@ def lambda_rule(eig_train: np.ndarray, eig_eval: np.ndarray, rank: int) -> float
   k = min(rank, len(t) - 1, len(e) - 1)
   denom = t[k] + e[k]
   return float(t[k] / denom) if denom > 0 else 0.0
+
+
+# One query may add at most this fraction of R_train's trace to R (the
+# R_eval term's trace over the R_train term's, per query). Chosen on the
+# benchmark family, queries fitted in sets of 1 to 160 (WORKSPACE.md, "Small
+# query sets"); it binds below a few dozen queries there.
+MAX_QUERY_WEIGHT = 0.002
+
+
+def task_lambda(eig_train: np.ndarray, eig_eval: np.ndarray, rank: int,
+                num_eval: int, max_query_weight: float | None = MAX_QUERY_WEIGHT
+                ) -> float:
+  """``lambda_rule``, capped so that ``lam * tr(R_eval) <= max_query_weight *
+  num_eval * (1 - lam) * tr(R_train)`` (None: the rule alone).
+
+  With n queries R_eval has at most n nonzero eigenvalues per segment, so for
+  small n the rule's ``s_eval[k]`` is 0 or the smallest, noisiest of them and
+  lam goes to 1: R_train is dropped, and each query's own direction, not one
+  the task shares, is what R down-weights (one query alone scored below
+  R_train alone on every set measured). The cap lets R_eval's weight grow
+  with the evidence, one query's worth at a time, and leaves the rule in
+  charge once the set is large."""
+  lam = lambda_rule(eig_train, eig_eval, rank)
+  trace_train = float(np.sum(eig_train, dtype=np.float64))
+  trace_eval = float(np.sum(eig_eval, dtype=np.float64))
+  if trace_eval <= 0:
+    return 0.0  # the queries have no gradient: R is R_train
+  if max_query_weight is None or lam <= 0:
+    return lam
+  cap = max_query_weight * num_eval * trace_train / trace_eval  # lam / (1 - lam)
+  return lam if lam < 1 and lam / (1 - lam) <= cap else float(cap / (1 + cap))
 
 
 def _inv_sqrt(r: np.ndarray, damping: float) -> np.ndarray:
@@ -187,7 +221,8 @@ def _warn_rank_deficient(train: Moments, damping: float | None = None) -> None:
 
 def fit(train: Moments, eval_: Moments | None = None, *, kind: str, dim: int,
         layout_seed: int, rank: int | None = None, damping: float = 0.1,
-        lam: float | None = None) -> Preconditioner:
+        lam: float | None = None,
+        max_query_weight: float | None = MAX_QUERY_WEIGHT) -> Preconditioner:
   """``R^(-1/2)`` from accumulated moments.
 
   Args:
@@ -197,6 +232,7 @@ def fit(train: Moments, eval_: Moments | None = None, *, kind: str, dim: int,
     rank: k of the lambda rule; default ``round(0.015 * dim)``.
     damping: added to every eigenvalue, as a fraction of their mean.
     lam: a fixed mix instead of the rule.
+    max_query_weight: the rule's cap (``task_lambda``); None: no cap.
   """
   if train.count == 0:
     raise ValueError("R_train needs at least one example")
@@ -210,8 +246,9 @@ def fit(train: Moments, eval_: Moments | None = None, *, kind: str, dim: int,
       raise ValueError("R_eval needs at least one query")
     r_eval = [np.asarray(s, np.float64) / eval_.count for s in eval_.sums]
     if lam is None:
-      lam = lambda_rule(np.concatenate([np.linalg.eigvalsh(r) for r in r_train]),
-                        np.concatenate([np.linalg.eigvalsh(r) for r in r_eval]), rank)
+      lam = task_lambda(np.concatenate([np.linalg.eigvalsh(r) for r in r_train]),
+                        np.concatenate([np.linalg.eigvalsh(r) for r in r_eval]), rank,
+                        eval_.count, max_query_weight)
     mixed = [lam * e + (1 - lam) * t for e, t in zip(r_eval, r_train)]
   inv = [jnp.asarray(_inv_sqrt(r, damping), jnp.float32) for r in mixed]
   return Preconditioner(kind, train.segments, inv, float(lam), damping, rank,
@@ -318,6 +355,7 @@ class QueryMetric:
   damping: float
   rank: int
   num_eval: int
+  lam_rule: float | None = None      # the rule's lam before its cap (task_lambda)
 
   def inverse(self, psi: np.ndarray) -> np.ndarray:
     """``R^(-1) psi`` for rows ``psi [n, d]`` (float64)."""
@@ -361,26 +399,29 @@ def _eigvals_of_gram(e: np.ndarray) -> np.ndarray:
 
 def fit_metric(basis: Basis, eval_psi: np.ndarray | None = None, *,
                rank: int | None = None, damping: float = 0.1,
-               lam: float | None = None) -> QueryMetric:
+               lam: float | None = None,
+               max_query_weight: float | None = MAX_QUERY_WEIGHT) -> QueryMetric:
   """A query set's scan-time R^(-1) (module notes), equal to ``fit``'s R.
 
   Args:
     basis: R_train's eigenbasis (the store's coordinates).
     eval_psi: the query examples' projections in that basis, ``[n_eval, d]``
       (R_eval); None gives the non-task-specific ``R = R_train``.
-    rank, damping, lam: as in ``fit``.
+    rank, damping, lam, max_query_weight: as in ``fit``.
   """
   rank = int(round(0.015 * basis.dim)) if rank is None else rank
   segments = basis.segments
-  evals = None
+  evals, lam_rule = None, None
   if eval_psi is not None:
     eval_psi = np.asarray(eval_psi, np.float64)
     if not len(eval_psi):
       raise ValueError("R_eval needs at least one query")
     evals = [eval_psi[:, lo:hi] for lo, hi in segments]
     if lam is None:
-      lam = lambda_rule(np.concatenate(basis.values),
-                        np.concatenate([_eigvals_of_gram(e) for e in evals]), rank)
+      spectra = (np.concatenate(basis.values),
+                 np.concatenate([_eigvals_of_gram(e) for e in evals]))
+      lam_rule = lambda_rule(*spectra, rank)
+      lam = task_lambda(*spectra, rank, len(eval_psi), max_query_weight)
   else:
     lam = 0.0
   diag, lowrank = [], []
@@ -395,7 +436,8 @@ def fit_metric(basis: Basis, eval_psi: np.ndarray | None = None, *,
     lowrank.append(_lowrank(a, evals[b] if evals is not None and lam > 0 else None,
                             lam, len(eval_psi) if evals is not None else 1))
   return QueryMetric(segments, np.concatenate(diag), lowrank, float(lam),
-                     float(damping), rank, 0 if eval_psi is None else len(eval_psi))
+                     float(damping), rank, 0 if eval_psi is None else len(eval_psi),
+                     lam_rule)
 
 
 def _lowrank(a: np.ndarray, e: np.ndarray | None, lam: float, n_eval: int

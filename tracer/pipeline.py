@@ -379,7 +379,7 @@ def fit_query_metric(basis: hessian.Basis | None, psi: np.ndarray,
     metric = hessian.identity_metric(psi.shape[1])
   else:
     metric = hessian.fit_metric(basis, psi[ok] if cfg.task_specific else None,
-                                rank=cfg.rank, damping=cfg.damping, lam=cfg.lam)
+                                **cfg.mix())
   vectors = np.zeros_like(psi)
   vectors[ok] = metric.query_vectors(psi[ok])
   return metric, vectors
