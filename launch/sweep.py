@@ -26,7 +26,8 @@ values first:
                                  tokens or the model's greedy prediction,
   PreconditionerConfig.kind=block,none,
   PreconditionerConfig.damping=0.1,0.01,1.0,
-  PreconditionerConfig.lam=rule,0,0.1   ("rule": the lambda rule),
+  PreconditionerConfig.lam=rule,0,0.1   ("rule": the lambda rule, with its
+                                 cap, PreconditionerConfig.max_query_weight),
   EncodeConfig.store_dtype=bfloat16,int8,float32   the rows as a store of
                                  that dtype gives them back (int8: over
                                  R_train's column scales, tracer.store).

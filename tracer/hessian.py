@@ -97,7 +97,7 @@ def lambda_rule(eig_train: np.ndarray, eig_eval: np.ndarray, rank: int) -> float
 # R_eval term's trace over the R_train term's, per query). Chosen on the
 # benchmark family, queries fitted in sets of 1 to 160 (WORKSPACE.md, "Small
 # query sets"): mean MRR 0.438 -> 0.604 for one query, 0.659 -> 0.656 for all
-# 160 (it binds there too, lowering lam by about 3x).
+# 160 (it binds there too, lowering lam 2-3x).
 MAX_QUERY_WEIGHT = 0.002
 
 
