@@ -316,7 +316,8 @@ def sweep_set(set_dir: str, points: list[Point], ecfg, pcfg,
     else:
       out[_point_name(*point)] = _point_metrics(
           queries, ids, scores[(step_of(point[0]),) + point[1:]])
-  return {"points": out, "accuracy": accuracy, "query_set_size": query_set_size}
+  return {"points": out, "accuracy": accuracy, "query_set_size": query_set_size,
+          "max_query_weight": pcfg.max_query_weight}
 
 
 def _stored(rows: np.ndarray, dtype: str, columns: np.ndarray | None) -> np.ndarray:
@@ -355,11 +356,17 @@ def sweep_family(workdir: str, family_dir: str, grid: list[str],
     if os.path.exists(out):
       with open(out) as f:
         per_set[name] = json.load(f)
-      if per_set[name].get("query_set_size", 0) != query_set_size:
-        raise app.UsageError(
-            f"{out}: scored with --query_set_size="
-            f"{per_set[name].get('query_set_size', 0)}, this run asks for "
-            f"{query_set_size}; use another --workdir")
+      # Tables from before a setting was recorded were made without it (0:
+      # all queries one set; None: the rule uncapped).
+      have = {"--query_set_size": per_set[name].get("query_set_size", 0),
+              "PreconditionerConfig.max_query_weight":
+                  per_set[name].get("max_query_weight")}
+      want = {"--query_set_size": query_set_size,
+              "PreconditionerConfig.max_query_weight": pcfg.max_query_weight}
+      diffs = [f"{k}={have[k]}, this run {want[k]}" for k in have if have[k] != want[k]]
+      if diffs:
+        raise app.UsageError(f"{out}: scored with {'; '.join(diffs)}; use "
+                             "another --workdir")
       continue
     if not trained(os.path.join(sets_dir, name)):
       print(f"[{i}/{len(names)}] {name}: still training, left out", flush=True)

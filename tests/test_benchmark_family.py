@@ -214,8 +214,17 @@ def test_sweep_on_the_family(trained_family, tmp_path, monkeypatch):
   again = sweep.sweep_family(out, root, grid, design="grid")
   assert again["points"].keys() == result["points"].keys()
   # ... and does not mix tables scored with queries in sets of another size.
-  with pytest.raises(Exception, match="scored with --query_set_size=0, this run asks for 2"):
+  with pytest.raises(Exception, match="scored with --query_set_size=0, this run 2"):
     sweep.sweep_family(out, root, grid, design="grid", query_set_size=2)
+  with gin.unlock_config():
+    gin.bind_parameter("PreconditionerConfig.max_query_weight", None)
+  try:
+    with pytest.raises(Exception, match="max_query_weight=0.002, this run None"):
+      sweep.sweep_family(out, root, grid, design="grid")
+  finally:
+    with gin.unlock_config():
+      gin.bind_parameter("PreconditionerConfig.max_query_weight",
+                         hessian.MAX_QUERY_WEIGHT)
 
 
 def test_query_sets_are_scored_under_their_own_r():
