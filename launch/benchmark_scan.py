@@ -383,14 +383,19 @@ def run_serve_pass_benchmark(rows: int = 400_000, dim: int = 1024,
                              queries: int = 64, k: int = 100,
                              store_chunk_rows: int = 4096, repeats: int = 3,
                              block: int = 256, workdir: str | None = None,
-                             mesh=None) -> list[dict[str, Any]]:
+                             mesh=None, task: int = 240) -> list[dict[str, Any]]:
   """``tracer serve``'s pass (``serving.ResidentIndex.search``: one request
   and its own scan-time R, fitted from its queries as serve fits it) over a
   bf16 store and an f32 store of the same values, both resident on
   ``mesh`` (default: every device), for one query and for ``queries``. The
   baseline is the f32 store's pass in the same run; ``agrees``: the two
   answers are identical, bit for bit (on a CPU, where bf16 rows are
-  widened to f32; elsewhere they take the bf16 units and round otherwise)."""
+  widened to f32; elsewhere they take the bf16 units and round otherwise).
+
+  Then one query under a task's R (``tracer serve --task_queries``: fitted
+  from ``task`` other queries) over the bf16 store: its row norms computed
+  in the pass (the baseline), then held (``ResidentIndex.hold``);
+  ``agrees``: the same answer."""
   mesh = mesh or partitioning.make_mesh()
   rng = np.random.default_rng(0)
   x = rng.standard_normal((rows, dim), dtype=np.float32)
@@ -425,6 +430,30 @@ def run_serve_pass_benchmark(rows: int = 400_000, dim: int = 1024,
             "agrees": agrees if dtype == "bfloat16" else None,
             "note": (f"x{seconds[dtype] / seconds['float32']:.2f} the float32 "
                      f"store's pass; {indexes[dtype].describe()}")})
+    if task:
+      index = indexes["bfloat16"]
+      metric = hessian.fit_metric(basis, rng.standard_normal((task, dim)) * 3,
+                                  rank=max(1, dim // 64))
+      vectors = metric.query_vectors(rng.standard_normal((1, dim)) * 3)
+      search = lambda: index.search([[vectors]], [[metric]], [k])[0]
+      answers, seconds = [search()], [_best_time(search, repeats)]
+      index.hold([metric])  # compiles; the second hold is timed
+      hold = lambda: jax.block_until_ready(index.hold([metric]) or index.held_norms)
+      hold_seconds = _best_time(hold, repeats)
+      answers.append(search())
+      seconds.append(_best_time(search, repeats))
+      columns = sum(c.shape[1] for c in metric.lowrank)
+      for held, (answer, sec) in enumerate(zip(answers, seconds)):
+        table.append({
+            "method": (f"serve pass bfloat16, 1 query, task R of {task}: norms "
+                       + ("held" if held else "in the pass")),
+            "seconds": round(sec, 4), "rows_per_s": round(rows / sec),
+            "agrees": (all(np.array_equal(a, b) for a, b in zip(*answers))
+                       if held else None),
+            "note": (f"x{sec / seconds[0]:.2f} the norms in the pass; "
+                     f"{columns} low-rank columns"
+                     + (f"; holding them took {hold_seconds:.3f} s (once, at start)"
+                        if held else ""))})
   finally:
     if workdir is None:
       shutil.rmtree(tmp, ignore_errors=True)

@@ -23,7 +23,7 @@ from tracer import storage
 from tracer import store as store_lib
 from tracer.config import (ENCODING_SETTINGS, DataConfig, EncodeConfig, OptimizerConfig,
                            PreconditionerConfig)
-from tracer.errors import InputError
+from tracer.errors import InputError, QuarantineLimitError
 
 
 class Run(NamedTuple):
@@ -297,19 +297,50 @@ def _encode_store(location, run, pcfg, params_fingerprint, basis_location,
   return store, basis
 
 
+def task_metric(run: Run, basis, path: str | None, pcfg: PreconditionerConfig
+                ) -> hessian.QueryMetric | None:
+  """``--task_queries``: R fitted once from that file's queries, projected
+  with ``run``'s checkpoint in ``basis`` (``pipeline.task_metric``),
+  reported; None without a path."""
+  if not path:
+    return None
+  if basis is None or not pcfg.task_specific:
+    raise InputError(f"--task_queries={path}: this R has no R_eval "
+                     "(PreconditionerConfig.kind='none' or task_specific=False), "
+                     "so the task's queries would change nothing")
+  queries, examples = pipeline.read_queries(run.ckpt, path)
+  ids = [q["id"] for q in queries]
+  try:
+    metric, skipped = pipeline.task_metric(run.encoder, basis, examples, pcfg,
+                                           run.encode_config.batch_size, ids)
+  except QuarantineLimitError as e:
+    raise InputError(f"--task_queries={path}: {e}") from None
+  left_out = ""
+  if skipped:
+    left_out = (f"; {len(skipped)} left out for a non-finite loss or gradient "
+                f"(first: {ids[min(skipped)]!r})")
+  say(f"task R from {path} (step {run.ckpt.step}): {metric.num_eval} of "
+      f"{len(queries)} queries, lambda={metric.lam:.4g}{left_out}; every query "
+      "set is scored under it")
+  return metric
+
+
 def query_metric(run: Run, basis, query_examples: dict, queries: Sequence[dict],
-                 pcfg: PreconditionerConfig):
-  """The query set's R^(-1) and query vectors (``pipeline.query_metric``),
-  reported."""
+                 pcfg: PreconditionerConfig, task=None):
+  """The query set's R^(-1) (``task``'s when given, ``task_metric``) and
+  query vectors (``pipeline.query_metric``), reported."""
   ids = [q["id"] for q in queries]
   metric, vectors, skipped = pipeline.query_metric(
-      run.encoder, basis, query_examples, pcfg, run.encode_config.batch_size, ids)
+      run.encoder, basis, query_examples, pcfg, run.encode_config.batch_size, ids,
+      task)
   cols = sum(c.shape[1] for c in metric.lowrank)
   capped = ""
   if metric.lam_rule is not None and metric.lam < metric.lam_rule:
     capped = (f" (the rule's {metric.lam_rule:.4g}, capped: each query adds at "
               f"most {pcfg.max_query_weight:g} of R_train's trace)")
-  say(f"R for these {len(queries)} queries, applied at scan time: "
+  whose = (f"the task's ({metric.num_eval} queries)" if task is not None
+           else f"fitted from these {len(queries)} queries")
+  say(f"R {whose}, applied at scan time: "
       f"{basis.kind if basis else 'none'}, lambda={metric.lam:.4g}{capped}, "
       f"damping={metric.damping:g}, {cols} low-rank columns")
   if skipped:
@@ -366,15 +397,19 @@ def summed_runs(paths: Sequence[str], workdir: str, corpus_source: str,
 
 def summed_parts(paths: Sequence[str], workdir: str, corpus_source: str,
                  location: str, open_store, query_examples: dict,
-                 queries: Sequence[dict], pcfg: PreconditionerConfig):
+                 queries: Sequence[dict], pcfg: PreconditionerConfig,
+                 task_path: str | None = None):
   """The other parts of a scan summed over checkpoints (``summed_runs``),
-  with this query set's R and vectors in each store's basis.
+  with this query set's R (or the one ``task_path``'s queries give) and
+  vectors in each store's basis.
 
   Returns (stores, row metrics, query vectors, skipped queries)."""
   stores, metrics, vectors_list, skipped = [], [], [], {}
   for other, store, basis in summed_runs(paths, workdir, corpus_source, location,
                                          open_store):
-    metric, vectors, more = query_metric(other, basis, query_examples, queries, pcfg)
+    task = task_metric(other, basis, task_path, pcfg)
+    metric, vectors, more = query_metric(other, basis, query_examples, queries,
+                                         pcfg, task)
     stores.append(store)
     metrics.append(metric.row_metric())
     vectors_list.append(vectors)

@@ -40,6 +40,11 @@ flags.DEFINE_string("corpus", None, "Corpus: a JSONL or Parquet file, a glob of 
                     "'#': 'FILES#text=content,id=hexsha'), a "
                     "seqio task/mixture name, or a directory made by launch.tokenize.")
 flags.DEFINE_string("queries", None, "Queries JSONL file.")
+flags.DEFINE_string("task_queries", None, "Queries JSONL of the task the traced "
+                    "queries belong to (tracer trace, scan, serve): R is "
+                    "fitted once from its queries and every query set is "
+                    "scored under it, so a few queries (a serve request of "
+                    "one) get the task's R. No results are written for them.")
 flags.DEFINE_string("workdir", None, "Working directory (checkpoints, store, ...).")
 flags.DEFINE_string("checkpoint", None, "Checkpoint directory or step directory; "
                     "default: the latest under WORKDIR/checkpoints.")

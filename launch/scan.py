@@ -37,11 +37,12 @@ def _stored(location, run_):
 
 
 def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
-        checkpoint=None, sum_steps=()):
+        checkpoint=None, sum_steps=(), task_queries=None):
   """Writes and returns the results rows. ``corpus_source`` None: the
   store's own. ``sum_steps``: score rows by the sum over those checkpoints
   and this one, each from its own store (``<store>-step<N>``, as ``tracer
-  trace --sum_steps`` made them)."""
+  trace --sum_steps`` made them). ``task_queries``: a queries file whose
+  R scores these queries."""
   pcfg = config.make(PreconditionerConfig)
   location = common.default_location(workdir, store_path, "store")
   run_, corpus_source = common.start_on_store(workdir, checkpoint, corpus_source,
@@ -50,11 +51,12 @@ def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
   others = common.summed_checkpoints(sum_steps, run_.ckpt, stores_at=location)
   queries, query_examples = pipeline.read_queries(run_.ckpt, queries_path)
   store, basis = _stored(location, run_)
-  metric, vectors, skipped = common.query_metric(run_, basis, query_examples,
-                                                 queries, pcfg)
+  metric, vectors, skipped = common.query_metric(
+      run_, basis, query_examples, queries, pcfg,
+      common.task_metric(run_, basis, task_queries, pcfg))
   stores, metrics, query_vectors, more = common.summed_parts(
       others, workdir, corpus_source, location, _stored, query_examples,
-      queries, pcfg)
+      queries, pcfg, task_queries)
   topk = scan_lib.scan_stores(
       [store, *stores], [vectors, *query_vectors], top_k, mesh=run_.encoder.mesh,
       metrics=[metric.row_metric(), *metrics], verify=FLAGS.check_chunks,
@@ -72,7 +74,7 @@ def main(argv):
   del argv
   config.setup(required=("workdir", "queries", "output"))
   run(FLAGS.workdir, FLAGS.corpus, FLAGS.queries, FLAGS.output, FLAGS.top_k,
-      FLAGS.store, FLAGS.checkpoint, FLAGS.sum_steps)
+      FLAGS.store, FLAGS.checkpoint, FLAGS.sum_steps, FLAGS.task_queries)
 
 
 if __name__ == "__main__":

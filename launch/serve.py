@@ -1,7 +1,7 @@
 r"""Answers trace queries over HTTP, the store's encodings held on the devices.
 
   tracer serve --gin_file=configs/tiny.gin --workdir=W [--store=URL] \
-      [--corpus=C] [--port=8000] [--host=127.0.0.1]
+      [--corpus=C] [--task_queries=T.jsonl] [--port=8000] [--host=127.0.0.1]
 
 (also ``python -m tracer.launch.serve``). Loads the checkpoint (default: the
 latest in W/checkpoints) and the complete store (default W/store; encode it
@@ -16,7 +16,12 @@ from the store for every request when they do not fit
 
 Each request's queries are encoded and their task-specific R fitted from
 them alone, so an answer equals ``tracer trace``'s for the same queries
-file. Requests arriving together (within --batch_window_ms) share one
+file. ``--task_queries=T.jsonl`` fits R once, at start, from a task's
+queries and scores every request under it, as ``tracer trace
+--task_queries`` does: a request of one query then gets the task's R, not
+one fitted from itself alone (a query of T is answered as ``tracer trace
+--queries=T`` answers it), and requests batched together share the R's
+row norms (figures in WORKSPACE.md). Requests arriving together (within --batch_window_ms) share one
 encoder call, one pass over the rows and one greedy decode. Bad requests get
 a 4xx and a message naming the field. ``--corpus`` (default: the store's own,
 from its manifest: the tokenized corpus its rows were read from, else its
@@ -117,21 +122,26 @@ def _complete(location: str, run_) -> tuple:
 
 def build(workdir: str, store_path: str | None = None, corpus: str | None = None,
           checkpoint: str | None = None, budget_mb: int = -1,
-          verify: bool = True, sum_steps=()) -> serving.Tracer:
+          verify: bool = True, sum_steps=(), task_queries: str | None = None
+          ) -> serving.Tracer:
   """The checkpoint, encoder, store (complete) and index, loaded once.
   ``sum_steps``: also those checkpoints of the run, each with its store
-  (``<store>-step<N>``), held at once; rows are scored by the sum."""
+  (``<store>-step<N>``), held at once; rows are scored by the sum.
+  ``task_queries``: a queries file whose R (fitted once, in each
+  checkpoint's basis) every request is scored under."""
   pcfg = config.make(PreconditionerConfig)
   location = common.default_location(workdir, store_path, "store")
   run_, source = common.start_on_store(workdir, checkpoint, corpus, location)
   others = common.summed_checkpoints(sum_steps, run_.ckpt, stores_at=location)
   store, basis = _complete(location, run_)
   stores, summed, steps = [store], [], []
+  tasks = [common.task_metric(run_, basis, task_queries, pcfg)]
   for other, other_store, other_basis in common.summed_runs(
       others, workdir, source, location, _complete):
     stores.append(other_store)
     summed.append((other.encoder, other_basis))  # its params stay on the devices
     steps.append(other.ckpt.step)
+    tasks.append(common.task_metric(other, other_basis, task_queries, pcfg))
   start = time.perf_counter()
   index = serving.open_index(stores, run_.encoder.mesh, budget_bytes(budget_mb),
                              verify)
@@ -142,7 +152,7 @@ def build(workdir: str, store_path: str | None = None, corpus: str | None = None
              f"{dict(run_.encoder.mesh.shape)} over {jax.process_count()} "
              f"process(es); corpus {source}")
   return serving.Tracer(run_.ckpt, run_.encoder, basis, run_.corpus, index, pcfg,
-                        summed)
+                        summed, tasks if task_queries else None)
 
 
 def limits(tracer: serving.Tracer) -> serving.Limits:
@@ -160,6 +170,8 @@ def info(tracer: serving.Tracer, lim: serving.Limits) -> dict:
           "dtype": store.manifest.dtype, "resident": tracer.index.resident,
           "checkpoint": str(tracer.ckpt.path), "step": int(tracer.ckpt.step),
           "sum_steps": [int(st.manifest.step) for st in tracer.index.stores[1:]],
+          "task_queries": (tracer.tasks[0].num_eval
+                           if tracer.tasks[0] is not None else 0),
           "devices": jax.device_count(), "processes": jax.process_count(),
           "max_top_k": min(lim.max_top_k, lim.num_rows),
           "max_queries": lim.max_queries, "default_top_k": lim.default_top_k}
@@ -265,7 +277,8 @@ def main(argv):
   config.setup(required=("workdir",))
   measure_queries = data_lib.read_queries(FLAGS.measure) if FLAGS.measure else None
   tracer = build(FLAGS.workdir, FLAGS.store, FLAGS.corpus, FLAGS.checkpoint,
-                 FLAGS.resident_budget_mb, FLAGS.check_chunks, FLAGS.sum_steps)
+                 FLAGS.resident_budget_mb, FLAGS.check_chunks, FLAGS.sum_steps,
+                 FLAGS.task_queries)
   if jax.process_index() != 0:
     serving.follow(tracer, serving.Channel())
     return

@@ -39,6 +39,9 @@ values first:
 instead of from all of them: retrieval when queries come a few at a time, as
 ``tracer serve`` requests do (``--gin_bindings=PreconditionerConfig.
 max_query_weight=...`` sets the lambda rule's cap, ``hessian.task_lambda``).
+``--task_size=T`` scores each set of n under the R fitted from T other
+queries instead (drawn at random for each set): requests of a few answered
+under a task's R (``tracer serve --task_queries``).
 
 ``--design=star`` (the default) scores the first value of every axis and,
 one axis at a time, each other value; ``grid`` every combination. An axis not
@@ -87,6 +90,11 @@ flags.DEFINE_integer("query_set_size", 0, "With --family_dir: split each set's "
                      "queries at random into sets of this many, each scored under "
                      "the R fitted from its own queries (as `tracer serve` fits a "
                      "request's); 0: all queries one set.", lower_bound=0)
+flags.DEFINE_integer("task_size", 0, "With --query_set_size: score each set "
+                     "under the R fitted from this many other queries, drawn "
+                     "at random (as `tracer serve --task_queries` scores "
+                     "requests under a task's R); 0: the set's own.",
+                     lower_bound=0)
 FLAGS = config.FLAGS  # with the shared flags (--workdir, --gin_file) defined
 
 COLUMNS = ("mrr", "recall@10", "precision@10")
@@ -235,21 +243,30 @@ def family_points(axes: dict[str, list[str]], design: str) -> list[Point]:
                             + p[6:] for p in points))
 
 
-def _set_scores(fit, stored, psi_q, size: int, seed: int = 0) -> np.ndarray:
+def _set_scores(fit, stored, psi_q, size: int, seed: int = 0,
+                task_size: int = 0) -> np.ndarray:
   """``_scores`` [N, Q] with the queries split at random into sets of ``size``
-  (0: one set), each under the metric ``fit`` makes from its own rows."""
+  (0: one set), each under the metric ``fit`` makes from its own rows, or
+  with ``task_size`` from that many other queries' (drawn at random for
+  each set)."""
   if not size or size >= len(psi_q):
     return _scores(fit(psi_q), stored, psi_q)
   out = np.zeros((len(stored), len(psi_q)), np.float32)
-  order = np.random.default_rng(seed).permutation(len(psi_q))
+  rng = np.random.default_rng(seed)
+  order = rng.permutation(len(psi_q))
   for lo in range(0, len(order), size):
     part = order[lo:lo + size]
-    out[:, part] = _scores(fit(psi_q[part]), stored, psi_q[part])
+    if task_size:
+      rest = np.setdiff1d(order, part)
+      fitted = fit(psi_q[rng.choice(rest, min(task_size, len(rest)), replace=False)])
+    else:
+      fitted = fit(psi_q[part])
+    out[:, part] = _scores(fitted, stored, psi_q[part])
   return out
 
 
 def sweep_set(set_dir: str, points: list[Point], ecfg, pcfg,
-              query_set_size: int = 0) -> dict:
+              query_set_size: int = 0, task_size: int = 0) -> dict:
   """Every point's metrics on one family set (module doc)."""
   corpus_path = os.path.join(set_dir, "facts", "corpus.jsonl")
   queries_path = os.path.join(set_dir, "facts", "queries.jsonl")
@@ -307,7 +324,7 @@ def sweep_set(set_dir: str, points: list[Point], ecfg, pcfg,
             fit = lambda q, b=basis, m=mix: hessian.fit_metric(b, q, **m)
             columns = basis.column_scales()
           scores[point] = _set_scores(fit, _stored(pc, dtype, columns), pq,
-                                      query_set_size)
+                                      query_set_size, task_size=task_size)
   out = {}
   for point in points:
     if point[0] == "sum":
@@ -317,6 +334,7 @@ def sweep_set(set_dir: str, points: list[Point], ecfg, pcfg,
       out[_point_name(*point)] = _point_metrics(
           queries, ids, scores[(step_of(point[0]),) + point[1:]])
   return {"points": out, "accuracy": accuracy, "query_set_size": query_set_size,
+          "task_size": task_size if query_set_size else 0,
           "max_query_weight": pcfg.max_query_weight}
 
 
@@ -340,7 +358,8 @@ def trained(set_dir: str) -> bool:
 
 
 def sweep_family(workdir: str, family_dir: str, grid: list[str],
-                 design: str = "star", query_set_size: int = 0) -> dict:
+                 design: str = "star", query_set_size: int = 0,
+                 task_size: int = 0) -> dict:
   ecfg, pcfg = config.make(EncodeConfig), config.make(PreconditionerConfig)
   axes = family_axes(grid, ecfg, pcfg)
   points = family_points(axes, design)
@@ -357,11 +376,13 @@ def sweep_family(workdir: str, family_dir: str, grid: list[str],
       with open(out) as f:
         per_set[name] = json.load(f)
       # Tables from before a setting was recorded were made without it (0:
-      # all queries one set; None: the rule uncapped).
+      # all queries one set, no task; None: the rule uncapped).
       have = {"--query_set_size": per_set[name].get("query_set_size", 0),
+              "--task_size": per_set[name].get("task_size", 0),
               "PreconditionerConfig.max_query_weight":
                   per_set[name].get("max_query_weight")}
       want = {"--query_set_size": query_set_size,
+              "--task_size": task_size if query_set_size else 0,
               "PreconditionerConfig.max_query_weight": pcfg.max_query_weight}
       diffs = [f"{k}={have[k]}, this run {want[k]}" for k in have if have[k] != want[k]]
       if diffs:
@@ -373,7 +394,7 @@ def sweep_family(workdir: str, family_dir: str, grid: list[str],
       continue
     print(f"[{i}/{len(names)}] {name}", flush=True)
     per_set[name] = sweep_set(os.path.join(sets_dir, name), points, ecfg, pcfg,
-                              query_set_size)
+                              query_set_size, task_size)
     evaluate.write_text_atomic(out, json.dumps(per_set[name], indent=1))
   if not per_set:
     raise app.UsageError(f"--family_dir={family_dir}: no set has finished training")
@@ -394,8 +415,10 @@ def sweep_family(workdir: str, family_dir: str, grid: list[str],
                                    row_header="set: greedy accuracy")
   summary = {"sets": names, "axes": axes, "design": design, "points": table,
              "accuracy": accuracy, "query_set_size": query_set_size,
+             "task_size": task_size if query_set_size else 0,
              "max_query_weight": pcfg.max_query_weight}
-  sizes = (f"; queries in sets of {query_set_size}, each with its own R "
+  whose = f"the R of {task_size} other queries" if task_size else "its own R"
+  sizes = (f"; queries in sets of {query_set_size}, each under {whose} "
            f"(max_query_weight={pcfg.max_query_weight})" if query_set_size else "")
   evaluate.write_text_atomic(os.path.join(workdir, "sweep.json"),
                              json.dumps(summary, indent=1))
@@ -413,7 +436,7 @@ def main(argv):
     config.parse_gin()
     sweep_family(FLAGS.workdir or os.path.join(FLAGS.family_dir, "sweep"),
                  FLAGS.family_dir, FLAGS.grid or list(FAMILY_GRID), FLAGS.design,
-                 FLAGS.query_set_size)
+                 FLAGS.query_set_size, FLAGS.task_size)
     return
   if not FLAGS.workdir or not FLAGS.grid:
     raise app.UsageError("--workdir and at least one --grid are required")

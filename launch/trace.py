@@ -23,6 +23,11 @@ step gets its own store (``<store>-step200``, ...), basis and query metric,
 and the scan reads the same rows from every store at once
 (``scan.scan_stores``). Each step costs one more encode of the corpus.
 
+``--task_queries=T.jsonl`` fits R from a task's queries instead of from
+--queries: a few queries (even one) then get the R of the task they belong
+to, not one fitted from themselves alone (``pipeline.task_metric``; the
+family's figures are in WORKSPACE.md).
+
 On several hosts run the same command on each (see WORKSPACE.md): each reads
 and encodes only its share of the corpus; process 0 writes the results.
 """
@@ -51,10 +56,12 @@ FLAGS = flags.FLAGS
 def run(workdir: str, corpus_source: str | None, queries_path: str, output: str,
         top_k: int = 10, checkpoint: str | None = None, store_path: str | None = None,
         basis_path: str | None = None, streaming: bool = False,
-        show: int = 5, sum_steps=()) -> list[dict]:
+        show: int = 5, sum_steps=(), task_queries: str | None = None
+        ) -> list[dict]:
   """Runs the pipeline; writes and returns the results rows.
   ``corpus_source`` None: the existing store's own. ``sum_steps``: score
-  rows by the sum over those checkpoints of the run and this one."""
+  rows by the sum over those checkpoints of the run and this one.
+  ``task_queries``: a queries file whose R scores these queries."""
   pcfg = config.make(PreconditionerConfig)
   location = common.default_location(workdir, store_path, "store")
   if streaming:
@@ -80,18 +87,22 @@ def run(workdir: str, corpus_source: str | None, queries_path: str, output: str,
     basis = common.fitted_basis(
         common.default_location(workdir, basis_path, "basis.npz"), run_, pcfg,
         params_fp)
-    metric, vectors, skipped = common.query_metric(run_, basis, query_examples, queries, pcfg)
+    metric, vectors, skipped = common.query_metric(
+        run_, basis, query_examples, queries, pcfg,
+        common.task_metric(run_, basis, task_queries, pcfg))
     topk = pipeline.stream_corpus(encoder, basis, corpus, vectors, metric, top_k,
                                   run_.encode_config.batch_size,
                                   common.Progress("encode + score corpus"))
   else:
     store, basis = common.encoded_store(location, run_, pcfg, params_fp, basis_path)
-    metric, vectors, skipped = common.query_metric(run_, basis, query_examples, queries, pcfg)
+    metric, vectors, skipped = common.query_metric(
+        run_, basis, query_examples, queries, pcfg,
+        common.task_metric(run_, basis, task_queries, pcfg))
     stores, metrics, query_vectors, more = common.summed_parts(
         others, workdir, corpus_source, location, lambda loc, other: (
             common.encoded_store(loc, other, pcfg,
                                  store_lib.fingerprint(other.ckpt.params))),
-        query_examples, queries, pcfg)
+        query_examples, queries, pcfg, task_queries)
     stores, metrics = [store, *stores], [metric.row_metric(), *metrics]
     query_vectors, skipped = [vectors, *query_vectors], {**more, **skipped}
     topk = scan_lib.scan_stores(stores, query_vectors, top_k, mesh=encoder.mesh,
@@ -123,7 +134,7 @@ def main(argv):
   config.setup(required=("workdir", "queries", "output"))
   run(FLAGS.workdir, FLAGS.corpus, FLAGS.queries, FLAGS.output, FLAGS.top_k,
       FLAGS.checkpoint, FLAGS.store, FLAGS.basis, FLAGS.streaming, FLAGS.show,
-      FLAGS.sum_steps)
+      FLAGS.sum_steps, FLAGS.task_queries)
 
 
 if __name__ == "__main__":

@@ -252,6 +252,17 @@ def test_query_sets_are_scored_under_their_own_r():
                                                 queries[q:q + 1])[:, 0])
   # R from other queries changes the scores (a test that can fail).
   assert np.abs(singles - whole).max() > 1e-3 and np.abs(sets - whole).max() > 1e-3
+  # With a task: each set is scored under the R of 4 other queries.
+  fitted = []
+  def fit_rows(q):
+    fitted.append({r.tobytes() for r in q})
+    return fit(q)
+  tasked = sweep._set_scores(fit_rows, rows, queries, 3, task_size=4)
+  assert [len(q) for q in fitted] == [4, 4, 4]
+  order = np.random.default_rng(0).permutation(7)
+  for lo, task in zip(range(0, 7, 3), fitted):
+    assert not task & {r.tobytes() for r in queries[order[lo:lo + 3]]}
+  assert np.abs(tasked - sets).max() > 1e-3
 
 
 def test_sweep_rejects_unknown_axes_and_values():

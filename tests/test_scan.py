@@ -975,12 +975,14 @@ def test_serve_pass_benchmark_runs(tmp_path):
   from tracer.launch import benchmark_scan  # pylint: disable=g-import-not-at-top
   table = benchmark_scan.run_serve_pass_benchmark(
       rows=300, dim=64, queries=4, k=5, store_chunk_rows=64, repeats=1,
-      block=32, workdir=str(tmp_path), mesh=MESHES["1x1"]())
+      block=32, workdir=str(tmp_path), mesh=MESHES["1x1"](), task=6)
   assert [r["method"] for r in table] == [
       f"serve pass {dtype}, {n}" for n in ("1 query", "4 queries")
-      for dtype in ("float32", "bfloat16")]
+      for dtype in ("float32", "bfloat16")] + [
+          f"serve pass bfloat16, 1 query, task R of 6: norms {how}"
+          for how in ("in the pass", "held")]
   assert all(r["seconds"] > 0 for r in table)
-  assert [r["agrees"] for r in table] == [None, True, None, True]
+  assert [r["agrees"] for r in table] == [None, True, None, True, None, True]
 
 
 def test_resident_benchmark_runs():

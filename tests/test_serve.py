@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 
 from tracer.launch import common
+from tracer.launch import scan as scan_script
 from tracer.launch import serve
 from tracer.launch import trace
 from tracer import corpus as corpus_lib
@@ -411,6 +412,67 @@ def test_summed_over_checkpoints_answers_equal_trace(traced, summed_want):
   with pytest.raises(InputError, match="--sum_steps"):
     serve.build(str(traced.root), corpus=traced.corpus,
                 checkpoint=traced.checkpoint, sum_steps=["2"])
+
+
+def test_task_queries_give_each_request_the_task_r(traced, tmp_path):
+  """``--task_queries=all.jsonl``: each query of ``all`` sent alone (in
+  concurrent requests, batched, sharing the task R's row norms) is answered
+  exactly as ``tracer trace --queries=all.jsonl`` answers it, and a query
+  outside the task as ``tracer trace --task_queries`` answers it (and
+  ``tracer scan --task_queries``); without the task, one query alone gets
+  another R."""
+  task_path = str(traced.root / "all.jsonl")
+  queries = traced.sets["all"][0]
+  new = [{"id": "new", "prompt": "bad", "target": "je"}]
+  new_path = _write_jsonl(tmp_path / "new.jsonl", new)
+  want_new = trace.run(str(traced.root), traced.corpus, new_path,
+                       str(tmp_path / "new.out"), top_k=K,
+                       checkpoint=traced.checkpoint, show=0,
+                       task_queries=task_path)
+  alone = trace.run(str(traced.root), traced.corpus, new_path,
+                    str(tmp_path / "alone.out"), top_k=K,
+                    checkpoint=traced.checkpoint, show=0)
+  assert want_new[0]["proponent_scores"] != alone[0]["proponent_scores"]
+  # A query of the task traced with it: its record in the task's own trace.
+  one = trace.run(str(traced.root), traced.corpus, str(traced.root / "one.jsonl"),
+                  str(tmp_path / "one.out"), top_k=K, checkpoint=traced.checkpoint,
+                  show=0, task_queries=task_path)
+  assert_same_records(one, traced.results["all"][7:8])
+  assert one != traced.results["one"]
+  # tracer scan, from the store trace left, gives the same record.
+  scanned = scan_script.run(str(traced.root), traced.corpus,
+                            str(traced.root / "one.jsonl"), str(tmp_path / "scan.out"),
+                            top_k=K, checkpoint=traced.checkpoint,
+                            task_queries=task_path)
+  assert_same_records(scanned, one)
+  tasked = serve.build(str(traced.root), corpus=traced.corpus,
+                       checkpoint=traced.checkpoint, task_queries=task_path)
+  assert tasked.index.held_metrics == tuple(tasked.tasks)  # norms read, not computed
+  server = serve.Server(tasked, window_s=0.5)
+  try:
+    assert serving.health(server.url)["task_queries"] == len(queries)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+      futures = [pool.submit(serving.trace, server.url, [q], K)
+                 for q in queries + new]
+      responses = [f.result() for f in futures]
+    assert max(r["batch"]["requests"] for r in responses) > 1
+    got = [r["results"][0] for r in responses]
+    assert_same_records(got, traced.results["all"] + want_new)
+  finally:
+    server.close()
+  with pytest.raises(InputError, match=r"--task_queries=.*would change nothing"):
+    common.task_metric(None, None, task_path, tasked.cfg)
+  # Summed over checkpoints: each step's task R, in its own basis.
+  want_summed = trace.run(str(traced.root), traced.corpus, new_path,
+                          str(tmp_path / "summed.out"), top_k=K,
+                          checkpoint=traced.checkpoint, show=0, sum_steps=["1"],
+                          task_queries=task_path)
+  summed = serve.build(str(traced.root), corpus=traced.corpus,
+                       checkpoint=traced.checkpoint, sum_steps=["1"],
+                       task_queries=task_path)
+  answers, _ = summed.answer([serving.Request(new, K), serving.Request(queries, K)])
+  assert_same_records(answers[0].records, want_summed)
+  assert answers[0].records != want_new
 
 
 def _raw(url: str, method: str, path: str, body: bytes | None = None,

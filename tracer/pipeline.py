@@ -334,50 +334,78 @@ def rotate(basis: hessian.Basis | None, phi: jax.Array) -> jax.Array:
   return phi if basis is None else basis.rotate(phi)
 
 
-def query_metric(encoder: GradientEncoder, basis: hessian.Basis | None,
-                 query_examples: dict, cfg: PreconditionerConfig,
-                 batch_size: int, ids: Sequence[str] | None = None
-                 ) -> tuple[hessian.QueryMetric, np.ndarray, dict[int, str]]:
-  """A query set's scan-time R^(-1) and the scan's query vectors.
-
-  Projects the queries (never a corpus row), puts them in the basis'
-  coordinates, fits R from the basis and (``cfg.task_specific``) the queries
-  themselves as the eval set. Returns the metric, ``R^(-1) q / ||q||_R``,
-  float32 ``[Q, d]`` (a scan with ``metric.row_metric()`` then gives exactly
-  TrackStar's ``unit(R^(-1/2) phi_m) . unit(R^(-1/2) phi_q)``), and
-  ``{query index: reason}`` of the queries whose loss or gradient is not
-  finite: their vectors are zero, they are left out of R_eval, and
-  ``result_rows`` reports them without proponents.
-  """
+def project_query_set(encoder: GradientEncoder, basis: hessian.Basis | None,
+                      examples: dict, batch_size: int
+                      ) -> tuple[np.ndarray, dict[int, str]]:
+  """Query examples' projections in the basis' coordinates, float32
+  ``[Q, d]``, and ``{index: reason}`` of those whose loss or gradient is
+  not finite (their rows are zero)."""
   pieces, skipped = [], {}
-  for lo, batch in zip(range(0, len(query_examples["inputs"]), batch_size),
-                       example_slices(query_examples, batch_size)):
+  for lo, batch in zip(range(0, len(examples["inputs"]), batch_size),
+                       example_slices(examples, batch_size)):
     size = len(batch["inputs"])
     projected = encoder.project_global(batch)
     pieces.append(partitioning.fetch(rotate(basis, projected.phi)).reshape(
         -1, encoder.dim)[:size])
     skipped.update({lo + i: why for i, why in
                     nonfinite_rows(projected, size).items()})
-  metric, vectors = fit_query_metric(basis, np.concatenate(pieces), skipped, cfg, ids)
+  return np.concatenate(pieces), skipped
+
+
+def task_metric(encoder: GradientEncoder, basis: hessian.Basis | None,
+                examples: dict, cfg: PreconditionerConfig, batch_size: int,
+                ids: Sequence[str] | None = None
+                ) -> tuple[hessian.QueryMetric, dict[int, str]]:
+  """A task's scan-time R^(-1), fitted once from its queries (R_eval when
+  ``cfg.task_specific``), for scoring other query sets of the task
+  (``query_metric``'s ``metric``): a few queries, even one, then get the
+  task's R, not one fitted from themselves alone. Also ``{index: reason}``
+  of the task's queries left out for a non-finite loss or gradient."""
+  psi, skipped = project_query_set(encoder, basis, examples, batch_size)
+  metric, _ = fit_query_metric(basis, psi, skipped, cfg, ids)
+  return metric, skipped
+
+
+def query_metric(encoder: GradientEncoder, basis: hessian.Basis | None,
+                 query_examples: dict, cfg: PreconditionerConfig,
+                 batch_size: int, ids: Sequence[str] | None = None,
+                 metric: hessian.QueryMetric | None = None
+                 ) -> tuple[hessian.QueryMetric, np.ndarray, dict[int, str]]:
+  """A query set's scan-time R^(-1) and the scan's query vectors.
+
+  Projects the queries (never a corpus row), puts them in the basis'
+  coordinates, fits R from the basis and (``cfg.task_specific``) the queries
+  themselves as the eval set, or takes ``metric`` (a task's,
+  ``task_metric``). Returns the metric, ``R^(-1) q / ||q||_R``,
+  float32 ``[Q, d]`` (a scan with ``metric.row_metric()`` then gives exactly
+  TrackStar's ``unit(R^(-1/2) phi_m) . unit(R^(-1/2) phi_q)``), and
+  ``{query index: reason}`` of the queries whose loss or gradient is not
+  finite: their vectors are zero, they are left out of R_eval, and
+  ``result_rows`` reports them without proponents.
+  """
+  psi, skipped = project_query_set(encoder, basis, query_examples, batch_size)
+  metric, vectors = fit_query_metric(basis, psi, skipped, cfg, ids, metric)
   return metric, vectors, skipped
 
 
 def fit_query_metric(basis: hessian.Basis | None, psi: np.ndarray,
                      skipped: dict[int, str], cfg: PreconditionerConfig,
-                     ids: Sequence[str] | None = None
+                     ids: Sequence[str] | None = None,
+                     metric: hessian.QueryMetric | None = None
                      ) -> tuple[hessian.QueryMetric, np.ndarray]:
   """A query set's scan-time R^(-1) from its projections ``psi [Q, d]`` in the
   basis' coordinates (the set itself is R_eval when ``cfg.task_specific``),
-  and its query vectors ``[Q, d]``: zero for the queries in ``skipped``."""
+  or ``metric`` when given, and its query vectors ``[Q, d]``: zero for the
+  queries in ``skipped``."""
   ok = np.ones(len(psi), bool)
   ok[list(skipped)] = False
   if not ok.any():
     raise QuarantineLimitError(
         f"every one of the {len(psi)} queries has a non-finite loss or gradient "
         f"(first: {_name(ids, 0)}: {skipped[0]})")
-  if basis is None:
+  if metric is None and basis is None:
     metric = hessian.identity_metric(psi.shape[1])
-  else:
+  elif metric is None:
     metric = hessian.fit_metric(basis, psi[ok] if cfg.task_specific else None,
                                 **cfg.mix())
   vectors = np.zeros_like(psi)

@@ -18,7 +18,8 @@ encoder, basis, corpus row table, the index) and answers HTTP requests:
 * ``Tracer.answer``: a batch of requests -> one query encoding for all their
   queries, each request's own task-specific R (its queries are its eval set,
   exactly as ``tracer trace`` fits R for a queries file, so an answer never
-  depends on what else was batched with it), one scan, one greedy decode,
+  depends on what else was batched with it; or the server's task R, the
+  same for every request), one scan, one greedy decode,
   ``pipeline.result_rows``: the records ``tracer trace`` writes.
 * ``Batcher``: requests queued by the HTTP threads, answered in batches by one
   worker thread (the only thread that runs JAX).
@@ -228,11 +229,12 @@ def project_queries(encoder, basis: hessian.Basis | None, examples: dict
 
 def fit_request(basis: hessian.Basis | None, psi: np.ndarray,
                 skipped: dict[int, str], cfg: PreconditionerConfig,
-                ids: Sequence[str]) -> tuple[hessian.QueryMetric, np.ndarray]:
+                ids: Sequence[str], task: hessian.QueryMetric | None = None
+                ) -> tuple[hessian.QueryMetric, np.ndarray]:
   """One request's scan-time R^(-1) (its queries are R_eval, as
-  ``pipeline.query_metric`` fits a queries file's) and its query vectors
-  ``[n, d]`` (zero for the queries in ``skipped``)."""
-  return pipeline.fit_query_metric(basis, psi, skipped, cfg, ids)
+  ``pipeline.query_metric`` fits a queries file's; or the server's ``task``
+  R) and its query vectors ``[n, d]`` (zero for the queries in ``skipped``)."""
+  return pipeline.fit_query_metric(basis, psi, skipped, cfg, ids, task)
 
 
 def predictions(ckpt, examples: dict, queries: Sequence[dict], vocab) -> list:
@@ -374,13 +376,46 @@ def _norms(x, diag, lowrank, lowrank_owner, segments, widen: bool):
   return topk_lib.norms_of(squared, x, widen)
 
 
+def _device_norms(xs, diags, lowranks, lowrank_owners, *, block: int, segments,
+                  axes, widen: bool):
+  """Every one of a device's rows' ``sqrt(x^T R^(-1) x)`` under one metric
+  per part (``_norms``' arrays for it), ``[n]`` f32 per part, computed
+  ``block`` rows at a time as the pass computes them."""
+  out = []
+  for x, diag, lowrank, lowrank_owner, segs in zip(xs, diags, lowranks,
+                                                   lowrank_owners, segments):
+    def body(i, norms, x=x, diag=diag, lowrank=lowrank, owner=lowrank_owner,
+             segs=segs):
+      rows = lax.dynamic_slice_in_dim(x, i * block, block)
+      return lax.dynamic_update_slice_in_dim(
+          norms, _norms(rows, diag, lowrank, owner, segs, widen)[:, 0], i * block, 0)
+    init = lax.pcast(jnp.zeros(x.shape[0], jnp.float32), tuple(axes), to="varying")
+    out.append(lax.fori_loop(0, x.shape[0] // block, body, init))
+  return tuple(out)
+
+
+@functools.lru_cache(maxsize=None)
+def _norms_fn(mesh: Mesh, block: int, segments: tuple):
+  """The jitted ``_device_norms`` over the resident rows: ``[N']`` per part,
+  split over the devices as the rows are."""
+  ids = partitioning.rows_sharding(mesh, ndim=1).spec
+  rep = partitioning.replicated(mesh).spec
+  return jax.jit(jax.shard_map(
+      functools.partial(_device_norms, block=block, segments=segments,
+                        axes=mesh.axis_names, widen=topk_lib.widens_bf16(mesh)),
+      mesh=mesh, in_specs=(partitioning.rows_sharding(mesh).spec,) + (rep,) * 3,
+      out_specs=ids))
+
+
 def _device_topk(xs, row_ids, valid, queries, owner, diags, lowranks,
-                 lowrank_owners, *, k: int, block: int, segments, axes,
+                 lowrank_owners, held, *, k: int, block: int, segments, axes,
                  widen: bool):
   """One device's top-k of its rows for every query, scanned ``block`` rows
   at a time with a running top-k (``tracer.topk``'s per-block selection and
-  exact merge, as a scan step does); ``owner [Q]``: each query's request,
-  whose metric divides its scores.
+  exact merge, as a scan step does); ``owner [Q]``: each query's metric,
+  which divides its scores. ``held``: the rows' norms under the one metric
+  every query has (``ResidentIndex.hold``), ``[n]`` per part, read instead
+  of computed (the metric arrays are then empty); or ``()``.
 
   Per part (one store, e.g. one checkpoint of a sum over checkpoints): its
   rows ``xs[p] [n, d]`` (as bits, ``topk.ROW_BITS``), queries ``[Q, d]``, metrics
@@ -396,8 +431,7 @@ def _device_topk(xs, row_ids, valid, queries, owner, diags, lowranks,
   def step(i, state):
     rows = lambda a: lax.dynamic_slice_in_dim(a, i * block, block)
     s = None
-    for x, q, diag, lowrank, lowrank_owner, segs in zip(
-        xs, queries, diags, lowranks, lowrank_owners, segments):
+    for p, (x, q, segs) in enumerate(zip(xs, queries, segments)):
       x = rows(x)  # as bits: each tile is viewed as values
       # Widened tiles, not three bf16 products, and plain jit, not
       # ``topk.jit_step``'s library fusions: on a 2-core AMD Zen 3 (AVX2) the
@@ -411,8 +445,12 @@ def _device_topk(xs, row_ids, valid, queries, owner, diags, lowranks,
       # queries 0.88-0.92 against 1.43-1.59. Only the tiles give the f32
       # pass's bits.
       tiles = topk_lib.score_tile_rows(x.shape[1]) if widen else None
-      part = (topk_lib.exact_scores(x, q, widen, tiles)
-              / _norms(x, diag, lowrank, lowrank_owner, segs, widen)[:, owner])
+      if held:
+        norms = rows(held[p])[:, None]
+      else:
+        norms = _norms(x, diags[p], lowranks[p], lowrank_owners[p], segs,
+                       widen)[:, owner]
+      part = topk_lib.exact_scores(x, q, widen, tiles) / norms
       s = part if s is None else s + part
     return topk_lib.fold_block(state, s, rows(row_ids), rows(valid), k)
 
@@ -432,12 +470,13 @@ def _search_fn(mesh: Mesh, k: int, block: int, segments: tuple):
       functools.partial(_device_topk, k=k, block=block, segments=segments,
                         axes=mesh.axis_names,
                         widen=topk_lib.widens_bf16(mesh)),
-      mesh=mesh, in_specs=(rows, ids, ids) + (rep,) * 5,
+      mesh=mesh, in_specs=(rows, ids, ids) + (rep,) * 5 + (ids,),
       out_specs=(candidates,) * 4)
 
-  def search(xs, row_ids, valid, queries, owner, diags, lowranks, lowrank_owners):
+  def search(xs, row_ids, valid, queries, owner, diags, lowranks, lowrank_owners,
+             held):
     ps, pr, os_, or_ = local(xs, row_ids, valid, queries, owner, diags, lowranks,
-                             lowrank_owners)
+                             lowrank_owners, held)
     return topk_lib.merge_candidates(topk_lib.empty_state(ps.shape[0], k),
                                      ps, pr, os_, or_, k)
 
@@ -501,6 +540,29 @@ class ResidentIndex:
     self.valid = loaded[0][2]
     for _, _, valid in loaded[1:]:
       self.valid = jnp.logical_and(self.valid, valid)
+    self.held_metrics, self.held_segments, self.held_norms = None, None, ()
+
+  def _metric_arrays(self, metrics: Sequence[Sequence[hessian.QueryMetric]]):
+    """``metrics[j][p]`` (J metrics, one per part each) as the pass takes
+    them: per part, segments and the arrays of ``_stacked_metrics``, on the
+    devices."""
+    stacked = [_stacked_metrics([st.stored_metric(m[p]) for m in metrics],
+                                _bucket(len(metrics)))
+               for p, st in enumerate(self.stores)]
+    segments, *arrays = (tuple(a) for a in zip(*stacked))
+    put = lambda a: partitioning.put_global(a, partitioning.replicated(self.mesh))
+    return segments, jax.tree.map(put, tuple(arrays))
+
+  def hold(self, metrics: Sequence[hessian.QueryMetric]) -> None:
+    """Computes every row's norm under ``metrics`` (one per part: a server's
+    task R) once, in one pass, and keeps them (4 bytes a row per part). A
+    batch whose every request has these metrics then reads the norms; its
+    pass costs the query dots alone, not also the metric's low-rank
+    columns (as many per segment as the task has queries)."""
+    segments, arrays = self._metric_arrays([metrics])
+    self.held_norms = _norms_fn(self.mesh, self.layout.block, segments)(
+        self.xs, *arrays)
+    self.held_metrics, self.held_segments = tuple(metrics), segments
 
   def search(self, vectors: Sequence[Sequence[np.ndarray]],
              metrics: Sequence[Sequence[hessian.QueryMetric]],
@@ -516,25 +578,28 @@ class ResidentIndex:
       q[:num] = st.stored_queries(np.concatenate([v[p] for v in vectors]))
       queries.append(q)
     owner = np.zeros(len(queries[0]), np.int32)
-    owner[:num] = np.repeat(np.arange(len(sizes)), sizes)
-    stacked = [_stacked_metrics([st.stored_metric(m[p]) for m in metrics],
-                                _bucket(len(metrics)))
-               for p, st in enumerate(self.stores)]
-    segments, diags, lowranks, owners = (tuple(a) for a in zip(*stacked))
+    held = self.held_metrics is not None and all(
+        all(a is b for a, b in zip(m, self.held_metrics)) for m in metrics)
+    if held:  # the norms are read; no metric arrays
+      segments, arrays, norms = self.held_segments, ((), (), ()), self.held_norms
+    else:
+      owner[:num] = np.repeat(np.arange(len(sizes)), sizes)
+      (segments, arrays), norms = self._metric_arrays(metrics), ()
     put = lambda a: partitioning.put_global(a, partitioning.replicated(self.mesh))
     k = _bucket(max(ks))
     state = _search_fn(self.mesh, k, self.layout.block, segments)(
-        self.xs, self.row_ids, self.valid, *jax.tree.map(
-            put, (tuple(queries), owner, diags, lowranks, owners)))
+        self.xs, self.row_ids, self.valid, put(tuple(queries)), put(owner),
+        *arrays, norms)
     return _split(topk_lib.finish(state, self.store.num_rows), sizes, ks)
 
   def describe(self) -> str:
     per_device = (len(self.xs) * self.layout.rows_per_device * self.store.dim
                   * self.xs[0].dtype.itemsize)
     parts = f" x {len(self.xs)} stores" if len(self.xs) > 1 else ""
+    held = "; the task R's row norms held" if self.held_metrics else ""
     return (f"resident: {self.store.num_rows} rows{parts} on {self.mesh.size} "
             f"devices, {per_device / 2**20:.1f} MiB per device "
-            f"({topk_lib.values_dtype(self.xs[0].dtype)})")
+            f"({topk_lib.values_dtype(self.xs[0].dtype)}){held}")
 
 
 class StreamedIndex:
@@ -585,16 +650,23 @@ class Tracer:
 
   ``summed``: (encoder, basis) of each other checkpoint of a sum over
   checkpoints, in the order of ``index``'s other stores; each projects the
-  queries and fits their R in its own store's basis."""
+  queries and fits their R in its own store's basis. ``tasks``: a task's R
+  in each checkpoint's basis (``pipeline.task_metric``, one per store),
+  used for every request instead of one fitted from its queries."""
 
   def __init__(self, ckpt, encoder, basis: hessian.Basis | None, corpus, index,
-               cfg: PreconditionerConfig, summed: Sequence[tuple] = ()):
+               cfg: PreconditionerConfig, summed: Sequence[tuple] = (),
+               tasks: Sequence[hessian.QueryMetric] | None = None):
     self.ckpt, self.encoder, self.basis = ckpt, encoder, basis
     self.corpus, self.index, self.cfg = corpus, index, cfg
     self.parts = [(encoder, basis), *summed]
-    if len(self.parts) != len(index.stores):
+    self.tasks = list(tasks) if tasks else [None] * len(self.parts)
+    if not len(self.parts) == len(self.tasks) == len(index.stores):
       raise ValueError(f"Tracer: {len(self.parts)} checkpoints, "
-                       f"{len(index.stores)} stores; expected one per store")
+                       f"{len(self.tasks)} task sets, {len(index.stores)} "
+                       "stores; expected one each per store")
+    if tasks and hasattr(index, "hold"):
+      index.hold(self.tasks)
     self.vocab = pipeline.data_config(ckpt).vocabulary()
     self.max_len = ckpt.family.max_len(ckpt.model_config)
 
@@ -622,9 +694,9 @@ class Tracer:
     for j, r in enumerate(requests):
       try:
         fitted[j] = [fit_request(basis, psi[bounds[j]:bounds[j + 1]], part[j],
-                                 self.cfg, [q["id"] for q in r.queries])
-                     for (_, basis), (psi, _), part in zip(self.parts, projected,
-                                                           per_part)]
+                                 self.cfg, [q["id"] for q in r.queries], task)
+                     for (_, basis), (psi, _), part, task in zip(
+                         self.parts, projected, per_part, self.tasks)]
       except QuarantineLimitError as e:
         errors[j] = e
     tick()
