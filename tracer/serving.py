@@ -550,8 +550,12 @@ class ResidentIndex:
                                 _bucket(len(metrics)))
                for p, st in enumerate(self.stores)]
     segments, *arrays = (tuple(a) for a in zip(*stacked))
-    put = lambda a: partitioning.put_global(a, partitioning.replicated(self.mesh))
-    return segments, jax.tree.map(put, tuple(arrays))
+    return segments, self._replicated(tuple(arrays))
+
+  def _replicated(self, tree):
+    """``tree``'s arrays on every device of the mesh."""
+    return jax.tree.map(lambda a: partitioning.put_global(
+        a, partitioning.replicated(self.mesh)), tree)
 
   def hold(self, metrics: Sequence[hessian.QueryMetric]) -> None:
     """Computes every row's norm under ``metrics`` (one per part: a server's
@@ -585,11 +589,10 @@ class ResidentIndex:
     else:
       owner[:num] = np.repeat(np.arange(len(sizes)), sizes)
       (segments, arrays), norms = self._metric_arrays(metrics), ()
-    put = lambda a: partitioning.put_global(a, partitioning.replicated(self.mesh))
     k = _bucket(max(ks))
     state = _search_fn(self.mesh, k, self.layout.block, segments)(
-        self.xs, self.row_ids, self.valid, put(tuple(queries)), put(owner),
-        *arrays, norms)
+        self.xs, self.row_ids, self.valid,
+        *self._replicated((tuple(queries), owner)), *arrays, norms)
     return _split(topk_lib.finish(state, self.store.num_rows), sizes, ks)
 
   def describe(self) -> str:
@@ -611,6 +614,11 @@ class StreamedIndex:
     self.stores, self.mesh, self.verify = list(stores), mesh, verify
     scan_lib.check_summable(self.stores, "StreamedIndex")
     self.store = self.stores[0]
+
+  def hold(self, metrics: Sequence[hessian.QueryMetric]) -> None:
+    """Nothing: each request's scan computes its rows' norms as it reads
+    them (holding them would cost a read of every store)."""
+    del metrics
 
   def search(self, vectors, metrics, ks) -> list[topk_lib.TopK]:
     return [scan_lib.scan_stores(self.stores, list(v), k, mesh=self.mesh,
@@ -665,7 +673,7 @@ class Tracer:
       raise ValueError(f"Tracer: {len(self.parts)} checkpoints, "
                        f"{len(self.tasks)} task sets, {len(index.stores)} "
                        "stores; expected one each per store")
-    if tasks and hasattr(index, "hold"):
+    if tasks:
       index.hold(self.tasks)
     self.vocab = pipeline.data_config(ckpt).vocabulary()
     self.max_len = ckpt.family.max_len(ckpt.model_config)
