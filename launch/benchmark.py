@@ -3,6 +3,7 @@ r"""Benchmarks (not tests): encode vs. a training step, and the scan.
   tracer benchmark --suite=encode --models=tiny,small --dims=4096,65536
   tracer benchmark --suite=scan
   tracer benchmark --suite=correction --workdir=demo
+  tracer benchmark --suite=decode --decode_models=tiny,gemma3_270m
 
 encode: examples/s and tokens/s of ``GradientEncoder.encode`` (per-example
 gradients, correction, projection, unit norm), for each encoder kernel
@@ -16,6 +17,10 @@ correction: the error of rank-one factorizations of Adam's correction (what
 per-example gradients of a trained checkpoint.
 scan: ``launch.benchmark_scan`` (in-memory and store scans against numpy,
 faiss and the machine's roofline).
+decode: the Gemma family's greedy decode (the keys-and-values cache) against
+one full forward pass over the window per token, on random-init weights (a
+released size by preset, or ``tiny``: ``gemma_family.TINY``), and whether the
+two give the same tokens.
 
 Run it on real devices: do not set the 8-device XLA flag the tests use.
 """
@@ -41,7 +46,8 @@ from tracer import partitioning
 from tracer import train as train_lib
 
 flags.DEFINE_list("suite", ["encode", "scan"], "Which benchmarks: encode, scan, "
-                  "correction (needs --workdir with an AdamW checkpoint and facts).")
+                  "correction (needs --workdir with an AdamW checkpoint and facts), "
+                  "decode (needs the gemma extra).")
 flags.DEFINE_list("models", ["tiny", "small"], "Gin configs under configs/.")
 flags.DEFINE_list("dims", ["4096", "65536"], "Projection dims for encode.")
 flags.DEFINE_integer("batch_size", 0, "Examples per call (0: 32 tiny, 8 others).")
@@ -58,6 +64,11 @@ flags.DEFINE_bool("per_example", True, "Plan each program at twice the batch too
                   "(memory per example); each plan is a compile, minutes at 1B.")
 flags.DEFINE_bool("verify", True, "Check the encoder on one example against "
                   "jax.grad first (GradientEncoder's verify: one more compile).")
+flags.DEFINE_list("decode_models", ["tiny", "gemma3_270m"], "Gemma configs for "
+                  "the decode suite: tiny, or a gemma_family.PRESETS name.")
+flags.DEFINE_integer("decode_batch", 8, "Queries per decode call.")
+flags.DEFINE_integer("decode_prompt", 32, "Prompt tokens per query.")
+flags.DEFINE_integer("decode_steps", 16, "Tokens decoded per query.")
 flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
 FLAGS = flags.FLAGS
 
@@ -263,6 +274,62 @@ def correction_rows(workdir: str, num_examples: int = 64) -> list[dict]:
   return out
 
 
+def decode_rows(models, batch: int, prompt: int, steps: int, repeats: int
+                ) -> list[dict]:
+  """Seconds per greedy decode of ``steps`` tokens after ``prompt``-token
+  prompts, ``batch`` at a time, in the window ``pipeline.predictions``
+  decodes in (``decode_length``): the Gemma family's cached decode against
+  a full forward pass per token (the baseline, written here)."""
+  import dataclasses
+  import jax.numpy as jnp
+  from tracer import data as data_lib
+  from tracer import gemma_family as gf
+  from tracer import pipeline
+
+  def full_passes(cfg, params, examples, num_tokens):
+    inputs = jnp.asarray(examples["inputs"], jnp.int32)
+    prompt_len = jnp.argmax(examples["weights"] > 0, axis=-1)
+    positions = jnp.arange(inputs.shape[1])
+    inputs = jnp.where(positions <= prompt_len[:, None], inputs, gf.PAD_ID)
+
+    def body(i, carry):
+      inputs, out = carry
+      pos = jnp.minimum(prompt_len + i, inputs.shape[1] - 1)
+      logits = gf.logits(cfg, params, inputs)[jnp.arange(len(pos)), pos]
+      token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      inputs = jnp.where(positions == (pos + 1)[:, None], token[:, None], inputs)
+      return inputs, out.at[:, i].set(token)
+
+    out = jnp.zeros((inputs.shape[0], num_tokens), jnp.int32)
+    return jax.lax.fori_loop(0, num_tokens, body, (inputs, out))[1]
+
+  rows = []
+  for name in models:
+    window = 1 << (prompt + steps).bit_length()
+    cfg = (dataclasses.replace(gf.TINY, max_len=max(window, gf.TINY.max_len))
+           if name == "tiny" else gf.GemmaConfig(preset=name, max_len=window))
+    params = gf.FAMILY.init_params(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    examples = data_lib.stack_examples([data_lib.query_example(
+        rng.integers(3, 256, prompt).tolist(), [3] * steps, cfg.max_len)
+        for _ in range(batch)])
+    length = pipeline.decode_length(examples["weights"], steps)
+    examples = {k: v[:, :length] for k, v in examples.items()}
+    row = {"model": name, "params": model_lib.param_count(params), "batch": batch,
+           "prompt": prompt, "steps": steps, "window": length}
+    tokens = {}
+    for kind, fn in (("cached", gf.greedy_decode), ("full_passes", full_passes)):
+      run = jax.jit(fn, static_argnums=(0, 3))
+      row[f"{kind}_s"], row[f"{kind}_first_call_s"] = timed(
+          lambda: run(cfg, params, examples, steps), repeats)
+      tokens[kind] = np.asarray(run(cfg, params, examples, steps))
+    row["speedup"] = row["full_passes_s"] / row["cached_s"]
+    row["same_tokens"] = float(np.mean(tokens["cached"] == tokens["full_passes"]))
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+  return rows
+
+
 def markdown(rows, columns) -> str:
   fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -294,6 +361,13 @@ def main(argv):
   if "correction" in FLAGS.suite:
     out["correction"] = correction_rows(FLAGS.workdir or "demo")
     print(markdown(out["correction"], ["factorization", "relative_error"]))
+  if "decode" in FLAGS.suite:
+    out["decode"] = decode_rows(FLAGS.decode_models, FLAGS.decode_batch,
+                                FLAGS.decode_prompt, FLAGS.decode_steps,
+                                FLAGS.repeats)
+    print(markdown(out["decode"], ["model", "params", "batch", "prompt", "steps",
+                                   "window", "cached_s", "full_passes_s",
+                                   "speedup", "same_tokens"]))
   if "scan" in FLAGS.suite:
     from tracer.launch import benchmark_scan
     out["scan"] = benchmark_scan.run_scan_benchmark()

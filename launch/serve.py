@@ -10,7 +10,8 @@ onto the mesh's devices once (split over every device and host; streamed
 from the store for every request when they do not fit
 ``--resident_budget_mb`` per device) and serves:
 
-  POST /trace   {"queries": [{"id", "prompt", "target", ...}], "top_k": K}
+  POST /trace   {"queries": [{"id", "prompt", "target", ...}], "top_k": K,
+                 "task_r": true | false}
                 -> {"results": [the records `tracer trace` writes], "batch": {...}}
   GET  /health  -> {"status": "ok", "rows": N, ...}
 
@@ -21,7 +22,9 @@ queries and scores every request under it, as ``tracer trace
 --task_queries`` does: a request of one query then gets the task's R, not
 one fitted from itself alone (a query of T is answered as ``tracer trace
 --queries=T`` answers it), and requests batched together share the R's
-row norms (figures in WORKSPACE.md). Requests arriving together (within --batch_window_ms) share one
+row norms (figures in WORKSPACE.md). A request with ``"task_r": false``
+gets an R fitted from its own queries instead (``"task_r": true`` on a
+server without a task R is a 400). Requests arriving together (within --batch_window_ms) share one
 encoder call, one pass over the rows and one greedy decode. Bad requests get
 a 4xx and a message naming the field. ``--corpus`` (default: the store's own,
 from its manifest: the tokenized corpus its rows were read from, else its
@@ -195,8 +198,8 @@ class Server:
       extra = dict(idle_s=FLAGS.idle_tick_s, on_idle=lambda: channel.send([]),
                    on_stop=lambda: channel.send(None))
     self.batcher = serving.Batcher(answer, window_s, lim.max_queries, **extra)
-    service = serving.Service(lim, lambda r: tracer.examples(r.queries),
-                              self.batcher, info(tracer, lim), log)
+    service = serving.Service(lim, tracer.check, self.batcher, info(tracer, lim),
+                              log)
     self.http = serving.make_server(service, host, port)
     host, port = self.http.server_address[:2]
     self.url = f"http://{host}:{port}"

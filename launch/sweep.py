@@ -47,7 +47,8 @@ under a task's R (``tracer serve --task_queries``).
 one axis at a time, each other value; ``grid`` every combination. An axis not
 given takes its value from gin (checkpoint: the last; query loss: target).
 Each set's table is written to WORKDIR/sets/NAME.json (a rerun skips sets
-already done; sets still training are left out); WORKDIR/sweep.md holds, per
+already done, and refuses tables scored with other settings: the flags and
+``RECORDED``; sets still training are left out); WORKDIR/sweep.md holds, per
 point, the mean and standard deviation across sets of MRR, recall@10 and
 bucket-1 recall@10, best mean recall@10 first, and the model's greedy
 accuracy per checkpoint.
@@ -335,7 +336,8 @@ def sweep_set(set_dir: str, points: list[Point], ecfg, pcfg,
           queries, ids, scores[(step_of(point[0]),) + point[1:]])
   return {"points": out, "accuracy": accuracy, "query_set_size": query_set_size,
           "task_size": task_size if query_set_size else 0,
-          "max_query_weight": pcfg.max_query_weight}
+          "max_query_weight": pcfg.max_query_weight,
+          "settings": run_settings(ecfg, pcfg, query_set_size, task_size)}
 
 
 def _stored(rows: np.ndarray, dtype: str, columns: np.ndarray | None) -> np.ndarray:
@@ -349,6 +351,35 @@ def _stored(rows: np.ndarray, dtype: str, columns: np.ndarray | None) -> np.ndar
 def _point_name(step, dim, loss, kind, damping, lam, dtype) -> str:
   tail = "" if kind == "none" else f" damping={damping} lam={lam}"
   return f"ckpt={step} d={dim} loss={loss} R={kind}{tail} store={dtype}"
+
+
+# What a set's table depends on beyond its grid point, recorded in it: a rerun
+# into the same --workdir must match (kernel, batch and mesh settings do not
+# change the scores).
+RECORDED = ("EncodeConfig.seed", "EncodeConfig.correction", "EncodeConfig.epsilon",
+            "EncodeConfig.rank_one_correction", "EncodeConfig.projection_precision",
+            "PreconditionerConfig.train_examples", "PreconditionerConfig.sample_seed",
+            "PreconditionerConfig.rank", "PreconditionerConfig.max_query_weight")
+
+
+def run_settings(ecfg, pcfg, query_set_size: int, task_size: int) -> dict:
+  """The settings a set's table records (``RECORDED``, and the flags)."""
+  configs = {"EncodeConfig": ecfg, "PreconditionerConfig": pcfg}
+  return {"--query_set_size": query_set_size,
+          "--task_size": task_size if query_set_size else 0,
+          **{name: getattr(configs[name.split(".")[0]], name.split(".")[1])
+             for name in RECORDED}}
+
+
+def table_settings(table: dict) -> dict:
+  """The settings a set's table was scored with. Tables from before a setting
+  was recorded were made without it (0: all queries one set, no task; None:
+  the rule uncapped); ``RECORDED`` beyond the cap, from before 2026-12-04,
+  are unknown and not compared."""
+  return {"--query_set_size": table.get("query_set_size", 0),
+          "--task_size": table.get("task_size", 0),
+          "PreconditionerConfig.max_query_weight": table.get("max_query_weight"),
+          **table.get("settings", {})}
 
 
 def trained(set_dir: str) -> bool:
@@ -370,20 +401,13 @@ def sweep_family(workdir: str, family_dir: str, grid: list[str],
   names = sorted(n for n in os.listdir(sets_dir)
                  if os.path.isdir(os.path.join(sets_dir, n, "checkpoints")))
   per_set = {}
+  want = run_settings(ecfg, pcfg, query_set_size, task_size)
   for i, name in enumerate(names, 1):
     out = os.path.join(workdir, "sets", f"{name}.json")
     if os.path.exists(out):
       with open(out) as f:
         per_set[name] = json.load(f)
-      # Tables from before a setting was recorded were made without it (0:
-      # all queries one set, no task; None: the rule uncapped).
-      have = {"--query_set_size": per_set[name].get("query_set_size", 0),
-              "--task_size": per_set[name].get("task_size", 0),
-              "PreconditionerConfig.max_query_weight":
-                  per_set[name].get("max_query_weight")}
-      want = {"--query_set_size": query_set_size,
-              "--task_size": task_size if query_set_size else 0,
-              "PreconditionerConfig.max_query_weight": pcfg.max_query_weight}
+      have = table_settings(per_set[name])
       diffs = [f"{k}={have[k]}, this run {want[k]}" for k in have if have[k] != want[k]]
       if diffs:
         raise app.UsageError(f"{out}: scored with {'; '.join(diffs)}; use "
@@ -416,14 +440,17 @@ def sweep_family(workdir: str, family_dir: str, grid: list[str],
   summary = {"sets": names, "axes": axes, "design": design, "points": table,
              "accuracy": accuracy, "query_set_size": query_set_size,
              "task_size": task_size if query_set_size else 0,
-             "max_query_weight": pcfg.max_query_weight}
+             "max_query_weight": pcfg.max_query_weight, "settings": want}
   whose = f"the R of {task_size} other queries" if task_size else "its own R"
   sizes = (f"; queries in sets of {query_set_size}, each under {whose} "
            f"(max_query_weight={pcfg.max_query_weight})" if query_set_size else "")
   evaluate.write_text_atomic(os.path.join(workdir, "sweep.json"),
                              json.dumps(summary, indent=1))
+  settings = "; ".join(f"{k.split('.')[-1]}={v}" for k, v in want.items()
+                       if k in RECORDED)
   evaluate.write_text_atomic(os.path.join(workdir, "sweep.md"),
-                             f"{len(names)} sets{sizes}\n\n{text}\n\n{acc_text}\n")
+                             f"{len(names)} sets{sizes}\n\nsettings: {settings}\n\n"
+                             f"{text}\n\n{acc_text}\n")
   print(f"{len(names)} sets: {', '.join(names)}{sizes}\n\n{text}\n\n{acc_text}")
   return summary
 

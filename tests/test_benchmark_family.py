@@ -225,6 +225,17 @@ def test_sweep_on_the_family(trained_family, tmp_path, monkeypatch):
     with gin.unlock_config():
       gin.bind_parameter("PreconditionerConfig.max_query_weight",
                          hessian.MAX_QUERY_WEIGHT)
+  # ... nor a gin-bound setting off the grid.
+  with open(os.path.join(out, "sweep.md")) as f:
+    assert "sample_seed=0; rank=None; max_query_weight=0.002\n" in f.read()
+  with gin.unlock_config():
+    gin.bind_parameter("PreconditionerConfig.rank", 3)
+  try:
+    with pytest.raises(Exception, match="PreconditionerConfig.rank=None, this run 3"):
+      sweep.sweep_family(out, root, grid, design="grid")
+  finally:
+    with gin.unlock_config():
+      gin.bind_parameter("PreconditionerConfig.rank", None)
 
 
 def test_query_sets_are_scored_under_their_own_r():

@@ -270,6 +270,38 @@ def test_greedy_decode_matches_library_sampler(setup):
     assert ours[row, :stop].tolist() == theirs[:stop]
 
 
+def _argmax_by_hand(config, params, prompt, n):
+  """The oracle: a full forward pass of the library per token, its own mask
+  and positions from the tokens (no cache)."""
+  tokens = list(prompt)
+  for _ in range(n):
+    x = np.asarray([[gf.BOS_ID] + tokens], np.int32)
+    logits = gf.make_model(config).apply({"params": params}, x).logits
+    tokens.append(int(np.argmax(logits[0, -1])))
+  return tokens[len(prompt):]
+
+
+def test_cached_decode_matches_full_forward_passes():
+  # Prompts of several lengths in one batch (the cache's shared end_index),
+  # one past the sliding window (16) and one running into the window's end:
+  # its tokens past the last position repeat that position's token. (Seed 1:
+  # no generated pad id, which the oracle's library mask would hide.)
+  config = gf.TINY
+  params = family_lib.get("gemma").init_params(config, seed=1)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(3, config.vocab_size, n).tolist() for n in (1, 7, 20, 60)]
+  examples = data.stack_examples(
+      [data.query_example(p, [3], config.max_len) for p in prompts])
+  out = np.asarray(jax.jit(gf.greedy_decode, static_argnums=(0, 3))(
+      config, params, examples, 6))
+  assert out.shape == (4, 6) and out.dtype == np.int32
+  wants = [_argmax_by_hand(config, params, p, min(6, config.max_len - len(p)))
+           for p in prompts]                                # the last: 4 fit
+  assert not any(gf.PAD_ID in w for w in wants) and len(set(wants[1])) > 2
+  for row, want in zip(out, wants):
+    assert row.tolist() == want + [want[-1]] * (6 - len(want))
+
+
 # --- (5) tail-patch through the family ----------------------------------------------
 
 def test_tail_patch(setup):

@@ -35,6 +35,7 @@ from tracer.launch import common
 from tracer.launch import scan as scan_script
 from tracer.launch import serve
 from tracer.launch import trace
+from tracer import coordination
 from tracer import corpus as corpus_lib
 from tracer import hessian
 from tracer import partitioning
@@ -462,8 +463,21 @@ def test_task_queries_give_each_request_the_task_r(traced, tmp_path):
     assert max(r["batch"]["requests"] for r in responses) > 1
     got = [r["results"][0] for r in responses]
     assert_same_records(got, traced.results["all"] + want_new)
+    # "task_r": false: an R fitted from the request's own queries, as with no
+    # task (the batch then computes the norms).
+    del tasked.index._metric_arrays
+    own = serving.trace(server.url, new, K, task_r=False)["results"]
+    assert_same_records(own, alone)
+    assert_same_records(serving.trace(server.url, new, K, task_r=True)["results"],
+                        want_new)
   finally:
     server.close()
+  # Both kinds in one batch: each request keeps its own R.
+  answers, _ = tasked.answer([serving.Request(new, K, False), serving.Request(new, K),
+                              serving.Request(queries[2:5], 2, False)])
+  assert_same_records(answers[0].records, alone)
+  assert_same_records(answers[1].records, want_new)
+  assert_same_records(answers[2].records, traced.results["three"])
   with pytest.raises(InputError, match=r"--task_queries=.*would change nothing"):
     common.task_metric(None, None, task_path, tasked.cfg)
   # Summed over checkpoints: each step's task R, in its own basis.
@@ -537,6 +551,11 @@ BAD_REQUESTS = [
      r"^field 'top_k' must be an integer, got boolean"),
     ({"queries": [GOOD], "top_k": 0}, 400,
      r"^field 'top_k': 0 is out of range; expected 1\.\.50"),
+    ({"queries": [GOOD], "task_r": "yes"}, 400,
+     r"^field 'task_r' must be true or false, got string"),
+    ({"queries": [GOOD], "task_r": True}, 400,
+     r"^field 'task_r': true, but this server holds no task R \(start it with "
+     r"--task_queries=T.jsonl\)"),
     ({"queries": [GOOD], "top_k": 51}, 400,
      r"^field 'top_k': 51 is out of range; expected 1\.\.50 \(the store has 96 "
      r"rows, this server answers at most 50\)"),
@@ -685,3 +704,24 @@ def test_serve_on_two_processes(traced, summed_want, tmp_path):
     procs[0].send_signal(signal.SIGTERM)
   texts = multiprocess.wait(procs, logs, time.monotonic() + TIMEOUT_S)
   assert "listening on" in texts[0] and "listening on" not in texts[1]
+
+
+def test_a_follower_that_dies_ends_the_server(traced, tmp_path):
+  """A follower killed (SIGKILL: no word) while the server idles: process 0
+  stops serving and ends, saying which process, with the rerun status."""
+  port, http_port = multiprocess.free_port(), multiprocess.free_port()
+  commands = [_serve_command(traced, http_port, "--idle_tick_s=1",
+                             "--silent_process_timeout_s=4",
+                             *multiprocess.distributed_flags(port, i))
+              for i in range(2)]
+  procs, logs = multiprocess.start(commands, tmp_path, multiprocess.env(devices=4))
+  url = _wait_listening(procs, logs[0], time.monotonic() + TIMEOUT_S)
+  assert_same_records(serving.trace(url, traced.sets["one"][0], K)["results"],
+                      traced.results["one"])
+  procs[1].kill()
+  start = time.monotonic()
+  statuses, texts = multiprocess.ends(procs, logs, start + 60)
+  print(f"process 0 ended {time.monotonic() - start:.1f} s after the kill, "
+        f"status {statuses[0]}")
+  assert statuses == [coordination.LOST_STATUS, -9], texts[0][-3000:]
+  assert "process 1 of 2 failed: no word from it" in texts[0], texts[0][-3000:]

@@ -55,7 +55,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -232,14 +232,14 @@ def model_tokens(config: GemmaConfig, inputs: jax.Array) -> jax.Array:
   return jnp.concatenate([first, inputs[..., 1:]], axis=-1)
 
 
-def _forward(model, tokens):
-  """The library's forward pass, ``Transformer.__call__``, without the
-  ``nn.jit`` it is wrapped in (there "so that Colab does not crash"; every
-  tracer caller jits anyway). Unwrapped, ``tracer.factored`` matches each
-  layer's weight to its param by identity rather than by name (same logits,
-  up to float rounding)."""
+def _forward(model, tokens, **kwargs):
+  """The library's forward pass, ``Transformer.__call__`` (``kwargs``: its
+  ``positions``, ``cache``, ...), without the ``nn.jit`` it is wrapped in
+  (there "so that Colab does not crash"; every tracer caller jits anyway).
+  Unwrapped, ``tracer.factored`` matches each layer's weight to its param by
+  identity rather than by name (same logits, up to float rounding)."""
   call = type(model).__call__
-  return getattr(call, "__wrapped__", call)(model, tokens)
+  return getattr(call, "__wrapped__", call)(model, tokens, **kwargs)
 
 
 def logits(config: GemmaConfig, params: Any, inputs: jax.Array) -> jax.Array:
@@ -262,30 +262,58 @@ def example_loss(config: GemmaConfig, params: Any, example: dict) -> jax.Array:
           / jnp.maximum(jnp.sum(weights), 1.0))
 
 
-def greedy_decode_with(logits_fn: Callable[[jax.Array], jax.Array],
-                       examples: dict, num_tokens: int) -> jax.Array:
+def greedy_decode(config: GemmaConfig, params: Any, examples: dict,
+                  num_tokens: int) -> jax.Array:
   """Greedy continuation int32 ``[B, num_tokens]`` of each query's prompt
-  (every position before the first weighted one), one full forward pass
-  ``logits_fn(inputs [B, L]) -> [B, L, V]`` per token (no cache), as
-  ``tracer.model.greedy_decode``."""
+  (every position before the first weighted one, p of them), as
+  ``tracer.model.greedy_decode``, with the library's keys-and-values cache.
+
+  The cache has ``L + num_tokens`` slots: one forward pass over the window
+  ``[B, L]`` (cleared from p on, logits of the last position only: no
+  ``[B, L, vocab]``) fills slots ``[0, L)``; step i feeds the token at
+  position p + i (step 0: the prompt's last token) into slot L + i and reads
+  one position's logits. The library writes every row's step into the same
+  slot (its ``end_index`` is shared), so rows of different prompt lengths
+  meet through the attention mask: slots before p, and the steps so far.
+  The library's positions give RoPE and the sliding window per row. A
+  continuation that reaches the window's last position repeats that
+  position's token. A generated pad id (0) is attended like any token
+  (without a cache it would read as padding).
+  """
   inputs = jnp.asarray(examples["inputs"], jnp.int32)
-  length = inputs.shape[-1]
-  prompt_len = jnp.argmax(examples["weights"] > 0, axis=-1)
-  positions = jnp.arange(length)
+  batch, length = inputs.shape
+  if num_tokens == 0:
+    return jnp.zeros((batch, 0), jnp.int32)
+  model = make_model(config)
+  prompt_len = jnp.argmax(examples["weights"] > 0, axis=-1)    # p per row
+  rows, slots = jnp.arange(batch), jnp.arange(length + num_tokens)
+  positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+  # The target is never seen: everything from p on is pad.
+  prefill = jnp.where(positions < prompt_len[:, None], inputs, PAD_ID)
+  causal = (slots[None, :] <= jnp.arange(length)[:, None])      # [L, slots]
+  cache = model.config.init_cache(batch, jnp.dtype(config.dtype),
+                                  cache_length=length + num_tokens)
+  cache = model.apply({"params": params}, model_tokens(config, prefill),
+                      method=_forward, positions=positions, cache=cache,
+                      attention_mask=jnp.broadcast_to(causal, (batch, *causal.shape)),
+                      return_last_only=True).cache
+  seen = slots[None, :] < prompt_len[:, None]                    # [B, slots]
+  last = model_tokens(config, inputs)[rows, prompt_len]          # position p
 
-  def body(i, carry):
-    inputs, out = carry
-    pos = jnp.minimum(prompt_len + i, length - 1)
-    step = jnp.take_along_axis(logits_fn(inputs), pos[:, None, None], axis=1)[:, 0]
-    token = jnp.argmax(step, axis=-1).astype(jnp.int32)
-    inputs = jnp.where(positions[None, :] == (pos + 1)[:, None], token[:, None], inputs)
-    return inputs, out.at[:, i].set(token)
+  def step(i, carry):
+    cache, token, out = carry
+    pos = prompt_len + i
+    mask = seen | ((slots >= length) & (slots <= length + i))[None, :]
+    result = model.apply({"params": params}, token[:, None], method=_forward,
+                         positions=pos[:, None], cache=cache,
+                         attention_mask=mask[:, None, :])
+    new = jnp.argmax(result.logits[:, 0], axis=-1).astype(jnp.int32)
+    # Past the window the position's inputs cannot change: nor its token.
+    new = jnp.where(pos <= length - 1, new, out[:, i - 1])
+    return result.cache, new, out.at[:, i].set(new)
 
-  # Clear everything after the prompt: the target is never seen (and, pad,
-  # never attended to).
-  inputs = jnp.where(positions[None, :] <= prompt_len[:, None], inputs, PAD_ID)
-  out = jnp.zeros((inputs.shape[0], num_tokens), jnp.int32)
-  return jax.lax.fori_loop(0, num_tokens, body, (inputs, out))[1]
+  out = jnp.zeros((batch, num_tokens), jnp.int32)
+  return jax.lax.fori_loop(0, num_tokens, step, (cache, last, out))[2]
 
 
 # --- the family ---------------------------------------------------------------
@@ -316,8 +344,7 @@ class GemmaFamily:
 
   def greedy_decode(self, config: GemmaConfig, params: Any, examples: dict,
                     num_tokens: int):
-    return greedy_decode_with(lambda x: logits(config, params, x), examples,
-                              num_tokens)
+    return greedy_decode(config, params, examples, num_tokens)
 
   def param_shardings(self, config: GemmaConfig, mesh, params: Any) -> Any:
     """By shape (``partitioning.param_shardings``): the gemma library has no

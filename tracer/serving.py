@@ -19,7 +19,8 @@ encoder, basis, corpus row table, the index) and answers HTTP requests:
   queries, each request's own task-specific R (its queries are its eval set,
   exactly as ``tracer trace`` fits R for a queries file, so an answer never
   depends on what else was batched with it; or the server's task R, the
-  same for every request), one scan, one greedy decode,
+  same for every request that does not ask for its own with ``"task_r":
+  false``), one scan, one greedy decode,
   ``pipeline.result_rows``: the records ``tracer trace`` writes.
 * ``Batcher``: requests queued by the HTTP threads, answered in batches by one
   worker thread (the only thread that runs JAX).
@@ -106,6 +107,9 @@ class Limits:
 class Request(NamedTuple):
   queries: list[dict]              # records as in a queries file
   top_k: int
+  # True: the server's task R; False: one fitted from these queries; None:
+  # the server's choice (its task R if it holds one).
+  task_r: bool | None = None
 
 
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number",
@@ -185,10 +189,10 @@ def parse_request(body: bytes, limits: Limits) -> Request:
                        ) from None
   if not isinstance(obj, dict):
     raise RequestError(f"body: expected a JSON object, got {_json_type(obj)}")
-  unknown = sorted(set(obj) - {"queries", "top_k"})
+  unknown = sorted(set(obj) - {"queries", "top_k", "task_r"})
   if unknown:
     raise RequestError(f"body: unknown field {unknown[0]!r}; expected 'queries' "
-                       "and optionally 'top_k'")
+                       "and optionally 'top_k', 'task_r'")
   if "queries" not in obj:
     raise RequestError("body: missing field 'queries'; expected a list of "
                        "{\"id\", \"prompt\", \"target\"} objects")
@@ -208,7 +212,11 @@ def parse_request(body: bytes, limits: Limits) -> Request:
       raise RequestError(f"queries[{i}]: duplicate id {query['id']!r} (first at "
                          f"queries[{seen[query['id']]}]); ids must be unique")
     seen[query["id"]] = i
-  return Request(queries, _top_k(obj, limits))
+  task_r = obj.get("task_r")
+  if task_r is not None and not isinstance(task_r, bool):
+    raise RequestError(f"field 'task_r' must be true or false, got "
+                       f"{_json_type(task_r)}")
+  return Request(queries, _top_k(obj, limits), task_r)
 
 
 # --- the query side -----------------------------------------------------------
@@ -682,6 +690,20 @@ class Tracer:
     """Target-only examples; InputError naming a query that does not fit."""
     return data_lib.query_examples(queries, self.vocab, self.max_len, "queries")
 
+  def check(self, request: Request) -> None:
+    """What ``answer`` would refuse, found before the request is queued:
+    a query that does not fit (InputError), a task R this server lacks."""
+    self.examples(request.queries)
+    if request.task_r and self.tasks[0] is None:
+      raise RequestError("field 'task_r': true, but this server holds no task R "
+                         "(start it with --task_queries=T.jsonl); leave it out "
+                         "or send false for an R fitted from the request's queries")
+
+  def _tasks(self, request: Request) -> list[hessian.QueryMetric | None]:
+    """The task R per checkpoint a request is scored under (None: fitted
+    from its own queries)."""
+    return [None] * len(self.parts) if request.task_r is False else self.tasks
+
   def answer(self, requests: Sequence[Request]) -> tuple[list[Answer], dict]:
     """Each request's records (or why not) and the batch's timing (seconds)."""
     clock = [time.perf_counter()]
@@ -704,7 +726,7 @@ class Tracer:
         fitted[j] = [fit_request(basis, psi[bounds[j]:bounds[j + 1]], part[j],
                                  self.cfg, [q["id"] for q in r.queries], task)
                      for (_, basis), (psi, _), part, task in zip(
-                         self.parts, projected, per_part, self.tasks)]
+                         self.parts, projected, per_part, self._tasks(r))]
       except QuarantineLimitError as e:
         errors[j] = e
     tick()
@@ -736,7 +758,7 @@ class Channel:
 
   def send(self, requests: Sequence[Request] | None) -> None:
     payload = b"" if not requests else json.dumps(
-        [{"queries": r.queries, "top_k": r.top_k} for r in requests]).encode()
+        [r._asdict() for r in requests]).encode()
     self._broadcast(np.array([self.STOP if requests is None else len(payload)],
                              np.int32))
     if payload:
@@ -750,7 +772,7 @@ class Channel:
     if length == self.IDLE:
       return []
     payload = self._broadcast(np.zeros(length, np.uint8)).tobytes()
-    return [Request(r["queries"], r["top_k"]) for r in json.loads(payload)]
+    return [Request(**r) for r in json.loads(payload)]
 
   @staticmethod
   def _broadcast(x: np.ndarray) -> np.ndarray:
@@ -1005,11 +1027,14 @@ def health(server: str, timeout: float = 60) -> dict:
 
 
 def trace(server: str, queries: Sequence[dict], top_k: int | None = None,
-          timeout: float = 600) -> dict:
-  """``POST server/trace``: the response (``results``: the records)."""
+          timeout: float = 600, task_r: bool | None = None) -> dict:
+  """``POST server/trace``: the response (``results``: the records).
+  ``task_r``: the request's field (``Request``); None leaves it out."""
   body = {"queries": list(queries)}
   if top_k is not None:
     body["top_k"] = top_k
+  if task_r is not None:
+    body["task_r"] = task_r
   return _call(server.rstrip("/") + "/trace", body, timeout)
 
 
