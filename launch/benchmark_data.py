@@ -19,8 +19,9 @@ processes side by side (``tokenize(num_shards=P)``, the last one joining),
 wall time from the first start to the last exit, against one process;
 ``--shards_as=jsonl,gzip,zstd,parquet`` times the same shards compressed, or
 as Parquet files (snappy, pyarrow's default), as well; ``parquet1`` the
-corpus as one Parquet file (row groups of ``ONE_FILE_ROW_GROUP`` rows),
-which processes split by row groups.
+corpus as one Parquet file and ``parquet3`` as three (row groups of
+``ONE_FILE_ROW_GROUP`` rows), which processes split by row groups
+(``data.split_files``).
 
   tracer benchmark-data --read=s3://bucket/c4-train.00000-of-01024.json.gz
 
@@ -66,7 +67,7 @@ def define_flags() -> None:
                     "numbers of processes instead (8 JSONL shards).")
   flags.DEFINE_list("shards_as", ["jsonl"], "With --tokenize_processes: the "
                     "shards' formats, each timed: jsonl, gzip, zstd, parquet, "
-                    "parquet1 (one file).")
+                    "parquet1 (one file), parquet3 (three files).")
   flags.DEFINE_integer("join_docs", 0, "Instead: time the join's id check over "
                        "this many documents' hashes (--join_parts parts).")
   flags.DEFINE_integer("join_parts", 64, "Parts of --join_docs.")
@@ -280,20 +281,21 @@ def run_sharded_tokenize(pattern: str, out: str, processes: int,
                               for o, _ in outputs]}
 
 
-# Rows per row group of the one-file Parquet corpus (``--shards_as=parquet1``).
+# Rows per row group of the few-file Parquet corpora (``--shards_as=parquet1``,
+# ``parquet3``).
 ONE_FILE_ROW_GROUP = 1 << 16
 
 
 def _shard_bytes(fmt: str, lines: list[bytes]) -> bytes:
   """JSONL ``lines`` as a shard file of the format ``fmt``."""
-  if fmt in ("parquet", "parquet1"):
+  if fmt in ("parquet", "parquet1", "parquet3"):
     import pyarrow as pa  # pylint: disable=g-import-not-at-top
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
     records = [json.loads(line) for line in lines]
     table = pa.table({k: [r[k] for r in records] for k in ("id", "text")})
     out = io.BytesIO()
-    pq.write_table(table, out, row_group_size=ONE_FILE_ROW_GROUP
-                   if fmt == "parquet1" else None)
+    pq.write_table(table, out, row_group_size=None if fmt == "parquet"
+                   else ONE_FILE_ROW_GROUP)
     return out.getvalue()
   data = b"".join(lines)
   if fmt == "gzip":
@@ -307,14 +309,17 @@ def _shard_bytes(fmt: str, lines: list[bytes]) -> bytes:
 def tokenize_table(rows: int, counts: list[int], workdir: str, max_len: int,
                    formats: tuple[str, ...] = ("jsonl",)) -> list[dict]:
   """Tokenizing ``rows`` documents (8 shards: JSONL, compressed, Parquet; or
-``parquet1``: one Parquet file, split among processes by row groups) on
-  each of ``counts`` processes; every run's corpus has the same rows."""
+  ``parquet1`` / ``parquet3``: one or three Parquet files, split among
+  processes by row groups) on each of ``counts`` processes; every run's
+  corpus has the same rows."""
   root = os.path.join(workdir, f"shards{rows}")
   os.makedirs(root, exist_ok=True)
   jsonl = os.path.join(root, "corpus.jsonl")
   suffix = {"jsonl": ".jsonl", "gzip": ".jsonl.gz", "zstd": ".jsonl.zst",
-            "parquet": ".parquet", "parquet1": ".parquet"}
-  stem = {fmt: "one" if fmt == "parquet1" else "shard" for fmt in suffix}
+            "parquet": ".parquet", "parquet1": ".parquet", "parquet3": ".parquet"}
+  files_of = {"parquet1": 1, "parquet3": 3}   # files; 8 shards otherwise
+  stem = {fmt: {"parquet1": "one", "parquet3": "three"}.get(fmt, "shard")
+          for fmt in suffix}
   if unknown := set(formats) - set(suffix):
     raise ValueError(f"--shards_as: {sorted(unknown)}; expected {', '.join(suffix)}")
   if not os.path.exists(jsonl):
@@ -322,7 +327,7 @@ def tokenize_table(rows: int, counts: list[int], workdir: str, max_len: int,
   with open(jsonl, "rb") as f:
     lines = f.readlines()
   for fmt in formats:
-    files = 1 if fmt == "parquet1" else 8
+    files = files_of.get(fmt, 8)
     for i in range(files):
       path = os.path.join(root, f"{stem[fmt]}-{i}{suffix[fmt]}")
       if not os.path.exists(path):

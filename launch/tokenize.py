@@ -15,7 +15,7 @@ pod each host reads only its share of the rows.
 Under ``jax.distributed`` (``TRACER_DISTRIBUTED=1`` on a pod, or
 ``--coordinator_address``, ``--num_processes``, ``--process_id``) every
 process tokenizes its run of a glob's files (or of Parquet row groups,
-when there are fewer files than processes), or of a seqio source's shards
+when there are fewer than 8 files per process), or of a seqio source's shards
 when it names them (``--corpus=c4_task#shards=1024``), into ``DIR/parts/``; the
 last to finish writes the manifest that makes DIR one corpus (the same rows
 as one process would write). Nothing waits for the others: a rerun of a

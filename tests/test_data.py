@@ -645,11 +645,12 @@ def test_parquet_objects_are_read_row_group_by_row_group(tmp_path, corpus_path,
 
 
 def test_few_parquet_files_split_among_more_shards_by_row_groups(
-    tmp_path, corpus_path, counted_reads):
-  """Two Parquet files among 5 shards: consecutive runs of row groups
+    tmp_path, corpus_path, counted_reads, monkeypatch):
+  """Two Parquet files among 5 shards, or 2: consecutive runs of row groups
   balanced by rows, every shard a share; read run after run they are the
   source's rows (position ids counted in the whole file). In object storage a
-  run reads only its row groups. Enough files, or a JSONL one: whole files."""
+  run reads only its row groups. Enough files per shard, or a JSONL one:
+  whole files."""
   records = [{"text": r["text"]} for r in _records(corpus_path)]
   assert len(records) == 21
   _parquet(records[:14], tmp_path / "a.parquet", row_group_size=3)
@@ -671,8 +672,14 @@ def test_few_parquet_files_split_among_more_shards_by_row_groups(
     if root != str(tmp_path):  # footer (2 reads) and one span per row group
       groups = sum(len(p.row_groups) for run in runs for p in run)
       assert len(counted_reads) == 2 * sum(len(run) for run in runs) + groups
-  assert data_lib.split_files(source, 2) == [[f"{root}/a.parquet"],
-                                             [f"{root}/b.parquet"]]
+  # Two files on two shards: by rows (9 and 12), not by files (14 and 7) ...
+  a, b = f"{root}/a.parquet", f"{root}/b.parquet"
+  assert data_lib.split_files(source, 2) == [
+      [data_lib.FilePart(a, range(0, 3))],
+      [data_lib.FilePart(a, range(3, 5)), data_lib.FilePart(b, range(0, 4))]]
+  # ... but with ROW_GROUP_SPLIT_FILES files per shard, whole files.
+  monkeypatch.setattr(data_lib, "ROW_GROUP_SPLIT_FILES", 1)
+  assert data_lib.split_files(source, 2) == [[a], [b]]
   _write(tmp_path, ['{"text": "x"}'], "c.jsonl")
   assert data_lib.split_files(str(tmp_path / "*"), 4) == [
       [], [str(tmp_path / "a.parquet")], [str(tmp_path / "b.parquet")],

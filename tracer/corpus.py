@@ -22,8 +22,8 @@ directory without one is an unfinished tokenization, redone from the start.
 
 Tokenized by several processes (``tokenize(num_shards=P, shard_index=i)``,
 e.g. one per host of a pod), a glob's files are split into P runs of
-consecutive files (or, with fewer Parquet files than P, of row groups:
-``data.split_files``); process i writes ``parts/i-of-P/``, a complete corpus of
+consecutive files (or, with fewer than 8P Parquet files, of row groups
+balanced by rows: ``data.split_files``); process i writes ``parts/i-of-P/``, a complete corpus of
 its run (plus ``id_hashes/``, its documents' sorted 64-bit id hashes), and
 whichever process finds every part done checks ids across parts and writes
 the top manifest, which lists the parts. The rows are the parts' rows in

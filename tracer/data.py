@@ -904,19 +904,27 @@ class FilePart(NamedTuple):
   row_groups: range
 
 
+# Below this many Parquet files per process, ``split_files`` balances runs of
+# row groups by rows: whole files by count would leave some processes twice
+# the rows of others (3 files on 2: two and one). Every process then reads
+# every file's footer: fewer than this many per process of the run (512
+# footers on 64 hosts).
+ROW_GROUP_SPLIT_FILES = 8
+
+
 def split_files(source: str, num_shards: int) -> list[list[str | FilePart]]:
   """The files of ``source`` in ``num_shards`` consecutive runs (one per
   process tokenizing it); in order, the runs hold the source's rows in order.
 
-  Runs of whole files, by count; but with fewer files than shards, all of
-  them Parquet, runs of row groups balanced by rows (``FilePart``s), so that
-  every process has a share: each process reads every file's footer (fewer
-  than ``num_shards`` of them). A JSONL file cannot be split without reading
-  it.
+  Runs of whole files, by count; but with fewer than
+  ``ROW_GROUP_SPLIT_FILES`` files per shard, all of them Parquet, runs of row
+  groups balanced by rows (``FilePart``s), so that every process has an
+  even share: each process reads every file's footer. A JSONL file cannot
+  be split without reading it.
   """
   files = corpus_files(source)
-  if len(files) >= num_shards or not all(_starts_with(f, _PARQUET_MAGIC)
-                                         for f in files):
+  if (num_shards == 1 or len(files) >= ROW_GROUP_SPLIT_FILES * num_shards
+      or not all(_starts_with(f, _PARQUET_MAGIC) for f in files)):
     return [files[i * len(files) // num_shards:(i + 1) * len(files) // num_shards]
             for i in range(num_shards)]
   groups = []  # (file, row group, rows)
