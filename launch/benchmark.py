@@ -4,6 +4,7 @@ r"""Benchmarks (not tests): encode vs. a training step, and the scan.
   tracer benchmark --suite=scan
   tracer benchmark --suite=correction --workdir=demo
   tracer benchmark --suite=decode --decode_models=tiny,gemma3_270m
+  tracer benchmark --suite=predictions --models=tiny,small --decode_batch=64
 
 encode: examples/s and tokens/s of ``GradientEncoder.encode`` (per-example
 gradients, correction, projection, unit norm), for each encoder kernel
@@ -21,6 +22,9 @@ decode: the Gemma family's greedy decode (the keys-and-values cache) against
 one full forward pass over the window per token, on random-init weights (a
 released size by preset, or ``tiny``: ``gemma_family.TINY``), and whether the
 two give the same tokens.
+predictions: ``pipeline.predictions`` of ``--decode_batch`` queries on
+tracer's LM (``--models``), split over the data axis against every device
+running them all. On a CPU, set the 8-device flag to see the split.
 
 Run it on real devices: do not set the 8-device XLA flag the tests use.
 """
@@ -47,7 +51,7 @@ from tracer import train as train_lib
 
 flags.DEFINE_list("suite", ["encode", "scan"], "Which benchmarks: encode, scan, "
                   "correction (needs --workdir with an AdamW checkpoint and facts), "
-                  "decode (needs the gemma extra).")
+                  "decode (needs the gemma extra), predictions.")
 flags.DEFINE_list("models", ["tiny", "small"], "Gin configs under configs/.")
 flags.DEFINE_list("dims", ["4096", "65536"], "Projection dims for encode.")
 flags.DEFINE_integer("batch_size", 0, "Examples per call (0: 32 tiny, 8 others).")
@@ -330,6 +334,49 @@ def decode_rows(models, batch: int, prompt: int, steps: int, repeats: int
   return rows
 
 
+def predictions_rows(models, batch: int, prompt: int, steps: int, repeats: int
+                     ) -> list[dict]:
+  """Seconds per ``pipeline.predictions`` call (greedy decode plus both
+  probabilities) of ``batch`` queries on tracer's LM (a shipped gin config,
+  random weights): the queries split over the data axis of a mesh of every
+  device, against the baseline of no mesh (every device runs all of them)."""
+  import types
+  from tracer import data as data_lib
+  from tracer import family as family_lib
+  from tracer import pipeline
+
+  mesh = partitioning.make_mesh()
+  vocab = data_lib.make_vocabulary("byte")
+  rng = np.random.default_rng(0)
+  text = lambda n: "".join(map(chr, rng.integers(97, 123, n)))
+  queries = [{"id": str(i), "prompt": text(prompt), "target": text(steps)}
+             for i in range(batch)]
+  rows = []
+  for name in models:
+    cfg = model_config(name)
+    params = model_lib.init_params(cfg, 0)
+    ckpt = types.SimpleNamespace(family=family_lib.LM, model_config=cfg,
+                                 params=partitioning.place(
+                                     params, partitioning.param_shardings(mesh, params)))
+    examples = data_lib.query_examples(queries, vocab, cfg.max_len)
+    row = {"model": name, "params": model_lib.param_count(params), "batch": batch,
+           "prompt": prompt, "steps": steps, "data_axis": mesh.shape[partitioning.DATA]}
+    preds = {}
+    for kind, m in (("split", mesh), ("every_device", None)):
+      call = lambda: pipeline.predictions(ckpt, examples, queries, vocab,
+                                          batch_size=batch, mesh=m)
+      row[f"{kind}_s"], _ = timed(call, repeats)
+      preds[kind] = call()
+    row["speedup"] = row["every_device_s"] / row["split_s"]
+    row["same_tokens"] = float(np.mean([a == b for a, b in zip(*preds.values())]))
+    row["max_probability_rel_diff"] = max(
+        abs(a.probability - b.probability) / b.probability
+        for a, b in zip(*preds.values()))
+    print(json.dumps(row), flush=True)
+    rows.append(row)
+  return rows
+
+
 def markdown(rows, columns) -> str:
   fmt = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -368,6 +415,13 @@ def main(argv):
     print(markdown(out["decode"], ["model", "params", "batch", "prompt", "steps",
                                    "window", "cached_s", "full_passes_s",
                                    "speedup", "same_tokens"]))
+  if "predictions" in FLAGS.suite:
+    out["predictions"] = predictions_rows(FLAGS.models, FLAGS.decode_batch,
+                                          FLAGS.decode_prompt, FLAGS.decode_steps,
+                                          FLAGS.repeats)
+    print(markdown(out["predictions"], [
+        "model", "params", "batch", "prompt", "steps", "data_axis", "split_s",
+        "every_device_s", "speedup", "same_tokens", "max_probability_rel_diff"]))
   if "scan" in FLAGS.suite:
     from tracer.launch import benchmark_scan
     out["scan"] = benchmark_scan.run_scan_benchmark()

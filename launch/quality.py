@@ -398,7 +398,8 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
         metric=None if metric is None else metric.row_metric())
 
   preds = pipeline.predictions(ckpt, query_examples, queries,
-                               pipeline.data_config(ckpt).vocabulary())
+                               pipeline.data_config(ckpt).vocabulary(),
+                               mesh=encoder.mesh)
   results, metrics = {}, {}
   for name in methods:
     results[name] = pipeline.result_rows(queries, corpus, topks[name],

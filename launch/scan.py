@@ -63,7 +63,8 @@ def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
       progress=common.Progress("scan store", "rows"))
   skipped = {**more, **skipped}
   preds = pipeline.predictions(run_.ckpt, query_examples, queries,
-                               pipeline.data_config(run_.ckpt).vocabulary())
+                               pipeline.data_config(run_.ckpt).vocabulary(),
+                               mesh=run_.encoder.mesh)
   rows = pipeline.result_rows(queries, run_.corpus, topk, skipped, preds)
   pipeline.write_results(output, rows)
   common.say(f"wrote {len(rows)} results to {output}")

@@ -287,7 +287,7 @@ def sweep_set(set_dir: str, points: list[Point], ecfg, pcfg,
     ids = corpus.ids_of(np.arange(len(corpus)))
     queries, target_examples = pipeline.read_queries(ckpt, queries_path)
     vocab = pipeline.data_config(ckpt).vocabulary()
-    preds = pipeline.predictions(ckpt, target_examples, queries, vocab)
+    preds = pipeline.predictions(ckpt, target_examples, queries, vocab, mesh=mesh)
     accuracy[step] = pipeline.completion_accuracy(queries, preds)
     # An empty prediction (EOS first) keeps the target: no tokens, no loss.
     asked = [{**q, "target": p if p.strip() else q["target"]}

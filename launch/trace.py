@@ -109,7 +109,8 @@ def run(workdir: str, corpus_source: str | None, queries_path: str, output: str,
                                 metrics=metrics, verify=FLAGS.check_chunks,
                                 progress=common.Progress("scan store", "rows"))
   preds = pipeline.predictions(ckpt, query_examples, queries,
-                               pipeline.data_config(ckpt).vocabulary())
+                               pipeline.data_config(ckpt).vocabulary(),
+                               mesh=encoder.mesh)
   rows = pipeline.result_rows(queries, corpus, topk, skipped, preds)
   pipeline.write_results(output, rows)
   common.say(f"wrote {len(rows)} results to {output}")

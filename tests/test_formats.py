@@ -15,6 +15,7 @@ from tracer import data as data_lib
 from tracer import evaluate
 from tracer import family as family_lib
 from tracer import model as model_lib
+from tracer import partitioning
 from tracer import pipeline
 from tracer import viewer
 from tracer.errors import InputError
@@ -228,6 +229,39 @@ def test_predictions_carry_their_probability_and_the_targets(tiny_ckpt):
   compiled = pipeline._greedy_decode._cache_size()
   again = pipeline.predictions(tiny_ckpt, examples, queries, vocab, batch_size=2)
   assert again == preds and pipeline._greedy_decode._cache_size() == compiled
+
+
+@pytest.mark.parametrize("data,model", [(8, 1), (2, 4)])
+def test_predictions_split_queries_over_the_data_axis(tiny_ckpt, data, model,
+                                                       monkeypatch):
+  """On a mesh, each decode and probability call gets its queries split over
+  ``data`` (padded to a multiple of it), params split over ``model``, and the
+  predictions equal those made with no mesh."""
+  mesh = partitioning.make_mesh(data=data, model=model)
+  ckpt = types.SimpleNamespace(**{**vars(tiny_ckpt), "params": partitioning.place(
+      tiny_ckpt.params, partitioning.param_shardings(mesh, tiny_ckpt.params))})
+  vocab = data_lib.make_vocabulary("byte")
+  queries = [{"id": str(i), "prompt": "Ada was born in" + "x" * i, "target": " Lon"}
+             for i in range(5)]
+  examples = data_lib.query_examples(queries, vocab, tiny_ckpt.model_config.max_len)
+  seen = []
+  for name in ("_greedy_decode", "_target_logprobs"):
+    def spy(family, config, params, batch, *static, fn=getattr(pipeline, name)):
+      seen.append(batch["inputs"])
+      return fn(family, config, params, batch, *static)
+    monkeypatch.setattr(pipeline, name, spy)
+  preds = pipeline.predictions(ckpt, examples, queries, vocab, batch_size=3, mesh=mesh)
+  monkeypatch.undo()
+  assert preds == pipeline.predictions(tiny_ckpt, examples, queries, vocab,
+                                       batch_size=3)
+  assert [p.probability for p in preds] == pytest.approx(
+      [p.probability for p in pipeline.predictions(tiny_ckpt, examples, queries,
+                                                   vocab, batch_size=3)], rel=1e-5)
+  # Batches of 3 and 2 queries, each decoded and scored twice.
+  padded = [partitioning.padded_size(n, data) for n in (3, 2)]
+  assert [len(inputs) for inputs in seen] == padded * 3
+  for inputs in seen:
+    assert inputs.sharding.is_equivalent_to(partitioning.data_batch(mesh), inputs.ndim)
 
 
 def test_decode_reads_only_the_prompts_ends():

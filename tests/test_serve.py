@@ -112,7 +112,7 @@ def assert_same_records(got, want):
   for a, b in zip(got, want):
     assert set(a) == set(b), set(a) ^ set(b)
     for key in a:
-      if key.endswith(("_scores", "probability")):
+      if key.endswith(("_scores", "probability", "confidence")):
         np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6,
                                    err_msg=f"{a['query_id']} {key}")
       else:

@@ -34,6 +34,7 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from tracer import checkpoint as ckpt_lib
 from tracer import claim as claim_lib
@@ -825,12 +826,16 @@ class Prediction(str):
 
 
 def predictions(ckpt: ckpt_lib.Checkpoint, query_examples: dict,
-                queries: Sequence[dict], vocab, batch_size: int = 256
-                ) -> list[Prediction]:
+                queries: Sequence[dict], vocab, batch_size: int = 256,
+                mesh: Mesh | None = None) -> list[Prediction]:
   """The model's greedy completion of each prompt, as long as its target
   (``batch_size`` queries per decode call: memory stays bounded for large
   query sets; every call but the last has the same shape), with its
-  probability and the target's (``Prediction``)."""
+  probability and the target's (``Prediction``).
+
+  With ``mesh`` (the one ``ckpt``'s params are on), each call's queries are
+  split over its ``data`` axis; without it every device decodes them all.
+  """
   target_tokens = [vocab.encode(q["target"]) for q in queries]
   steps = max(map(len, target_tokens))
   # Causal models: positions past the last one read cannot change its
@@ -839,8 +844,7 @@ def predictions(ckpt: ckpt_lib.Checkpoint, query_examples: dict,
   length = decode_length(query_examples["weights"], steps)
   cut = lambda examples: {k: v[:, :length] for k, v in examples.items()}
   tokens = np.concatenate([
-      jax.device_get(_greedy_decode(ckpt.family, ckpt.model_config, ckpt.params,
-                                    cut(batch), steps))
+      _split_over_data(_greedy_decode, ckpt, cut(batch), mesh, steps)
       for batch in example_slices(query_examples, batch_size)])
   completions = [[int(t) for t in row[:len(tt)]]
                  for row, tt in zip(tokens, target_tokens)]
@@ -849,8 +853,8 @@ def predictions(ckpt: ckpt_lib.Checkpoint, query_examples: dict,
   completion_examples = data_lib.stack_examples([
       data_lib.query_example(vocab.encode(q["prompt"]), c, max_len)
       for q, c in zip(queries, completions)])
-  p_completion = _probabilities(ckpt, cut(completion_examples), batch_size)
-  p_target = _probabilities(ckpt, cut(query_examples), batch_size)
+  p_completion = _probabilities(ckpt, cut(completion_examples), batch_size, mesh)
+  p_target = _probabilities(ckpt, cut(query_examples), batch_size, mesh)
   return [Prediction(vocab.decode(c), float(pc), float(pt))
           for c, pc, pt in zip(completions, p_completion, p_target)]
 
@@ -873,18 +877,43 @@ def _greedy_decode(family, model_config, params, examples: dict, steps: int
   return family.greedy_decode(model_config, params, examples, steps)
 
 
+def _split_over_data(fn, ckpt: ckpt_lib.Checkpoint, examples: dict,
+                     mesh: Mesh | None, *static) -> np.ndarray:
+  """``fn(family, model_config, params, examples, *static)`` on the host, its
+  leading axis one per example. With ``mesh`` the examples are split over its
+  ``data`` axis (padded to a multiple of it by repeating the last; every
+  process holds them all and places only its devices' part)."""
+  n = len(examples["inputs"])
+  if mesh is None:
+    return np.asarray(jax.device_get(
+        fn(ckpt.family, ckpt.model_config, ckpt.params, examples, *static)))
+  sharding = partitioning.data_batch(mesh)
+  size = partitioning.padded_size(n, mesh.shape[partitioning.DATA])
+  placed = jax.tree.map(lambda x: partitioning.put_global(x, sharding),
+                        repeat_last(examples, size))
+  out = fn(ckpt.family, ckpt.model_config, ckpt.params, placed, *static)
+  return partitioning.fetch(out)[:n]
+
+
+def repeat_last(examples: dict, size: int) -> dict:
+  """``examples`` padded to ``size`` rows by repeating the last (a real
+  example keeps every loss finite)."""
+  n = len(examples["inputs"])
+  take = np.minimum(np.arange(size), n - 1)
+  return {key: np.asarray(value)[take] for key, value in examples.items()}
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _target_logprobs(family, model_config, params, examples: dict) -> jax.Array:
   """f32[B]: sum log p(target | prompt) of each query example."""
   return jax.vmap(lambda ex: family.target_logprob(model_config, params, ex))(examples)
 
 
-def _probabilities(ckpt: ckpt_lib.Checkpoint, examples: dict, batch_size: int
-                   ) -> np.ndarray:
+def _probabilities(ckpt: ckpt_lib.Checkpoint, examples: dict, batch_size: int,
+                   mesh: Mesh | None) -> np.ndarray:
   """f64[B]: p(target | prompt) of each query example, ``batch_size`` at a time."""
   logprobs = np.concatenate([
-      jax.device_get(_target_logprobs(ckpt.family, ckpt.model_config, ckpt.params,
-                                      batch))
+      _split_over_data(_target_logprobs, ckpt, batch, mesh)
       for batch in example_slices(examples, batch_size)])
   return np.exp(logprobs.astype(np.float64))
 

@@ -75,14 +75,6 @@ def _bucket(n: int) -> int:
   return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
 
 
-def _repeat_last(examples: dict, size: int) -> dict:
-  """``examples`` padded to ``size`` rows by repeating the last (a real
-  example keeps every loss finite)."""
-  n = len(examples["inputs"])
-  take = np.minimum(np.arange(size), n - 1)
-  return {key: np.asarray(value)[take] for key, value in examples.items()}
-
-
 # --- requests -------------------------------------------------------------------
 
 class RequestError(InputError):
@@ -230,7 +222,7 @@ def project_queries(encoder, basis: hessian.Basis | None, examples: dict
   n = len(examples["inputs"])
   steps = -(-n // encoder.step_size)
   projected = encoder.project_global(
-      _repeat_last(examples, _bucket(steps) * encoder.step_size))
+      pipeline.repeat_last(examples, _bucket(steps) * encoder.step_size))
   psi = partitioning.fetch(pipeline.rotate(basis, projected.phi))
   return psi.reshape(-1, encoder.dim)[:n], nonfinite_rows(projected, n)
 
@@ -245,14 +237,15 @@ def fit_request(basis: hessian.Basis | None, psi: np.ndarray,
   return pipeline.fit_query_metric(basis, psi, skipped, cfg, ids, task)
 
 
-def predictions(ckpt, examples: dict, queries: Sequence[dict], vocab) -> list:
+def predictions(ckpt, examples: dict, queries: Sequence[dict], vocab,
+                mesh: Mesh) -> list:
   """``pipeline.predictions`` (what ``tracer trace`` writes of the model's
   completion) with the batch padded to a power of two, so few shapes are
   compiled."""
   size = _bucket(len(queries))
   padded = [queries[min(i, len(queries) - 1)] for i in range(size)]
-  return pipeline.predictions(ckpt, _repeat_last(examples, size), padded, vocab,
-                              batch_size=size)[:len(queries)]
+  return pipeline.predictions(ckpt, pipeline.repeat_last(examples, size), padded,
+                              vocab, batch_size=size, mesh=mesh)[:len(queries)]
 
 
 # --- the index ------------------------------------------------------------------
@@ -736,7 +729,8 @@ class Tracer:
         [requests[j].top_k for j in fitted]))) if fitted else {}
     tick()
     preds = predictions(self.ckpt, examples,
-                        [q for r in requests for q in r.queries], self.vocab)
+                        [q for r in requests for q in r.queries], self.vocab,
+                        self.encoder.mesh)
     tick()
     answers = [Answer(None, errors.get(j)) for j in range(len(requests))]
     if jax.process_index() == 0:
