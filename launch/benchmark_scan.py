@@ -383,7 +383,8 @@ def run_serve_pass_benchmark(rows: int = 400_000, dim: int = 1024,
                              queries: int = 64, k: int = 100,
                              store_chunk_rows: int = 4096, repeats: int = 3,
                              block: int = 256, workdir: str | None = None,
-                             mesh=None, task: int = 240) -> list[dict[str, Any]]:
+                             mesh=None, task: int = 240, requests: int = 8
+                             ) -> list[dict[str, Any]]:
   """``tracer serve``'s pass (``serving.ResidentIndex.search``: one request
   and its own scan-time R, fitted from its queries as serve fits it) over a
   bf16 store and an f32 store of the same values, both resident on
@@ -395,7 +396,10 @@ def run_serve_pass_benchmark(rows: int = 400_000, dim: int = 1024,
   Then one query under a task's R (``tracer serve --task_queries``: fitted
   from ``task`` other queries) over the bf16 store: its row norms computed
   in the pass (the baseline), then held (``ResidentIndex.hold``);
-  ``agrees``: the same answer."""
+  ``agrees``: the same answer.
+
+  Then the streamed fallback (``_streamed_rows``) for 1 and ``requests``
+  requests at once (0: not run)."""
   mesh = mesh or partitioning.make_mesh()
   rng = np.random.default_rng(0)
   x = rng.standard_normal((rows, dim), dtype=np.float32)
@@ -454,9 +458,59 @@ def run_serve_pass_benchmark(rows: int = 400_000, dim: int = 1024,
                      f"{columns} low-rank columns"
                      + (f"; holding them took {hold_seconds:.3f} s (once, at start)"
                         if held else ""))})
+    if requests:
+      table += _streamed_rows(indexes["bfloat16"].stores, mesh, basis, dim, k,
+                              requests, repeats, rng)
   finally:
     if workdir is None:
       shutil.rmtree(tmp, ignore_errors=True)
+  return table
+
+
+def _streamed_rows(stores, mesh, basis, dim: int, k: int, requests: int,
+                   repeats: int, rng) -> list[dict[str, Any]]:
+  """``tracer serve``'s streamed fallback (``serving.StreamedIndex``, windows
+  of a quarter of the rows) for 1, 2 and ``requests`` requests of 8 queries
+  each, each with its own R, in one batch; the baseline, a
+  ``scan.scan_stores`` per request (the fallback before 2026-12-04), in the
+  same run. ``agrees``: the fraction of the answers' rows (by position)
+  that are the same; ``error``: the largest relative difference of their
+  scores (the two passes compute the norms in another order, so a near
+  tie may swap)."""
+  store = stores[0]
+  row_bytes = store.dim * scan.device_dtype(store.dtype).itemsize
+  streamed = serving.StreamedIndex(
+      stores, mesh, window_bytes=store.num_rows * row_bytes // (4 * mesh.size))
+  table = []
+  for j in sorted({1, 2, requests}):
+    psis = [rng.standard_normal((8, dim)) * 3 for _ in range(j)]
+    metrics = [hessian.fit_metric(basis, psi, rank=max(1, dim // 64)) for psi in psis]
+    vectors = [m.query_vectors(psi) for m, psi in zip(metrics, psis)]
+    batch = lambda: streamed.search([[v] for v in vectors], [[m] for m in metrics],
+                                    [k] * j)
+    each = lambda: [scan.scan_stores(stores, [v], k, mesh=mesh,
+                                     metrics=[m.row_metric()])
+                    for v, m in zip(vectors, metrics)]
+    answers = [batch(), each()]  # compiles
+    seconds = [_best_time(batch, repeats), _best_time(each, repeats)]
+    pairs = [(getattr(a, f), getattr(b, f)) for a, b in zip(*answers)
+             for f in ("proponent_rows", "opponent_rows")]
+    agrees = float(np.mean(np.concatenate([(a == b).ravel() for a, b in pairs])))
+    error = max(float(np.max(np.abs(a - b) / np.abs(b)))
+                for x, y in zip(*answers)
+                for a, b in ((x.proponent_scores, y.proponent_scores),
+                             (x.opponent_scores, y.opponent_scores)))
+    batched = "one scan_stores" if j == 1 else "one pass of windows"
+    for i, name in enumerate((batched, "a scan_stores per request")):
+      table.append({
+          "method": (f"serve streamed bfloat16, {j} request{'s' * (j > 1)} of 8 "
+                     f"queries: {name}"),
+          "seconds": round(seconds[i], 4),
+          "rows_per_s": round(store.num_rows / seconds[i]),
+          "agrees": None if i else agrees, "error": None if i else error,
+          "note": "baseline" if i else (
+              f"x{seconds[0] / seconds[1]:.2f} a scan per request; "
+              f"{streamed.describe()}")})
   return table
 
 

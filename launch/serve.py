@@ -6,9 +6,9 @@ r"""Answers trace queries over HTTP, the store's encodings held on the devices.
 (also ``python -m tracer.launch.serve``). Loads the checkpoint (default: the
 latest in W/checkpoints) and the complete store (default W/store; encode it
 first with ``tracer trace`` or ``tracer encode``), reads the store's rows
-onto the mesh's devices once (split over every device and host; streamed
-from the store for every request when they do not fit
-``--resident_budget_mb`` per device) and serves:
+onto the mesh's devices once (split over every device and host; when they
+do not fit ``--resident_budget_mb`` per device, streamed from the store for
+every batch of requests, in windows of half the budget) and serves:
 
   POST /trace   {"queries": [{"id", "prompt", "target", ...}], "top_k": K,
                  "task_r": true | false}
@@ -73,7 +73,8 @@ flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port; the "
                      "first line printed names it).")
 flags.DEFINE_integer("resident_budget_mb", -1, "Device memory per device the "
                      "store's rows may take; more and they are streamed from "
-                     "the store for every request. -1: 60% of an accelerator's "
+                     "the store for every batch of requests, in windows of "
+                     "half of it. -1: 60% of an accelerator's "
                      "memory, or on CPU 40% of host memory over the local "
                      "devices. 0: always stream.")
 flags.DEFINE_float("batch_window_ms", 5.0, "How long the batcher waits for "

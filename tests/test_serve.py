@@ -219,6 +219,46 @@ def test_one_pass_equals_a_scan_per_request(tmp_path, mesh, dtype):
                      [v[:1] for v in vectors], [m[:1] for m in metrics], ks)))
 
 
+@pytest.mark.parametrize("parts", [1, 2])
+def test_a_streamed_batch_reads_the_stores_once(tmp_path, monkeypatch, parts):
+  """The streamed fallback answers a batch of several requests with ONE read
+  of its stores, window by window (one block of 16 rows per device: four
+  windows of 128 rows, the last of 19), the running top-k carried from
+  window to window: each answer equals its own ``scan_stores``; so does a
+  batch of one request (one ``scan_stores``)."""
+  monkeypatch.setattr(serving.scan_lib, "device_chunk_bytes", lambda _: 16 * 40 * 2)
+  rng = np.random.default_rng(3)
+  num, dim = 403, 40
+  stores = [_store(tmp_path / str(p), rng.standard_normal((num, dim)).astype(
+      np.float32), {7: "non-finite loss", 390 - p: "non-finite gradient"})
+            for p in range(parts)]
+  segments = ((0, 10), (10, 40))
+  metrics = [[_metric(rng, segments, w) for _ in stores] for w in ((1, 2), (0, 3), (2, 0))]
+  vectors = [[rng.standard_normal((n, dim)).astype(np.float32) for _ in stores]
+             for n in (2, 1, 3)]
+  ks = (4, 9, 2)
+  mesh = partitioning.make_mesh()
+  index = serving.open_index(stores, mesh, budget_bytes=0)
+  assert not index.resident and index.layout == serving.Layout(16, 16)
+  assert "(4 windows)" in index.describe()
+  spans = []
+  for st in stores:
+    st.read_into = lambda lo, hi, out, f=st.read_into: spans.append(hi - lo) or f(lo, hi, out)
+  got = index.search(vectors, metrics, ks)
+  assert sorted(spans) == sorted([16] * 25 * parts + [3] * parts)  # every row once
+  want = [scan_lib.scan_stores(stores, v, k, mesh=mesh,
+                               metrics=[m.row_metric() for m in ms])
+          for v, ms, k in zip(vectors, metrics, ks)]
+  for g, w in zip(got + index.search(vectors[:1], metrics[:1], ks[:1]),
+                  want + want[:1]):
+    np.testing.assert_array_equal(g.proponent_rows, w.proponent_rows)
+    np.testing.assert_array_equal(g.opponent_rows, w.opponent_rows)
+    np.testing.assert_allclose(g.proponent_scores, w.proponent_scores, rtol=1e-5)
+    np.testing.assert_allclose(g.opponent_scores, w.opponent_scores, rtol=1e-5)
+  assert {7, 389, 390}.isdisjoint(np.concatenate([g.proponent_rows.ravel()
+                                                  for g in got]))
+
+
 @pytest.mark.parametrize("tile_rows", [None, 5])
 def test_bf16_rows_are_scored_widened_on_the_cpu(tmp_path, monkeypatch, request,
                                                  tile_rows):
