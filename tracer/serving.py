@@ -668,9 +668,10 @@ class StreamedIndex:
 
   def describe(self) -> str:
     rows = self.layout.rows_per_device * self.mesh.size
+    windows = -(-self.store.num_rows // rows)
     return (f"streamed from {', '.join(st.path for st in self.stores)} for "
             f"every batch of requests, {rows} rows at a time "
-            f"({-(-self.store.num_rows // rows)} windows)")
+            f"({windows} window{'s' * (windows > 1)})")
 
 
 def _layout(store, mesh: Mesh) -> Layout:
