@@ -20,8 +20,9 @@ wall time from the first start to the last exit, against one process;
 ``--shards_as=jsonl,gzip,zstd,parquet`` times the same shards compressed, or
 as Parquet files (snappy, pyarrow's default), as well; ``parquet1`` the
 corpus as one Parquet file and ``parquet3`` as three (row groups of
-``ONE_FILE_ROW_GROUP`` rows), which processes split by row groups
-(``data.split_files``).
+``ONE_FILE_ROW_GROUP`` rows), which processes split by row groups, and
+``jsonl1`` / ``gzip1`` as one JSONL file, plain or gzip, which they split
+by lines (``data.split_files``).
 
   tracer benchmark-data --read=s3://bucket/c4-train.00000-of-01024.json.gz
 
@@ -67,7 +68,8 @@ def define_flags() -> None:
                     "numbers of processes instead (8 JSONL shards).")
   flags.DEFINE_list("shards_as", ["jsonl"], "With --tokenize_processes: the "
                     "shards' formats, each timed: jsonl, gzip, zstd, parquet, "
-                    "parquet1 (one file), parquet3 (three files).")
+                    "parquet1 (one file), parquet3 (three files), jsonl1, gzip1 "
+                    "(one JSONL file).")
   flags.DEFINE_integer("join_docs", 0, "Instead: time the join's id check over "
                        "this many documents' hashes (--join_parts parts).")
   flags.DEFINE_integer("join_parts", 64, "Parts of --join_docs.")
@@ -298,7 +300,7 @@ def _shard_bytes(fmt: str, lines: list[bytes]) -> bytes:
                    else ONE_FILE_ROW_GROUP)
     return out.getvalue()
   data = b"".join(lines)
-  if fmt == "gzip":
+  if fmt in ("gzip", "gzip1"):
     return gzip.compress(data, 6)
   if fmt == "zstd":
     import zstandard  # pylint: disable=g-import-not-at-top
@@ -310,15 +312,17 @@ def tokenize_table(rows: int, counts: list[int], workdir: str, max_len: int,
                    formats: tuple[str, ...] = ("jsonl",)) -> list[dict]:
   """Tokenizing ``rows`` documents (8 shards: JSONL, compressed, Parquet; or
   ``parquet1`` / ``parquet3``: one or three Parquet files, split among
-  processes by row groups) on each of ``counts`` processes; every run's
-  corpus has the same rows."""
+  processes by row groups; ``jsonl1`` / ``gzip1``: one JSONL file, plain or
+  gzip, split among processes by lines) on each of ``counts`` processes;
+  every run's corpus has the same rows."""
   root = os.path.join(workdir, f"shards{rows}")
   os.makedirs(root, exist_ok=True)
   jsonl = os.path.join(root, "corpus.jsonl")
   suffix = {"jsonl": ".jsonl", "gzip": ".jsonl.gz", "zstd": ".jsonl.zst",
-            "parquet": ".parquet", "parquet1": ".parquet", "parquet3": ".parquet"}
-  files_of = {"parquet1": 1, "parquet3": 3}   # files; 8 shards otherwise
-  stem = {fmt: {"parquet1": "one", "parquet3": "three"}.get(fmt, "shard")
+            "parquet": ".parquet", "parquet1": ".parquet", "parquet3": ".parquet",
+            "jsonl1": ".jsonl", "gzip1": ".jsonl.gz"}
+  files_of = {"parquet1": 1, "parquet3": 3, "jsonl1": 1, "gzip1": 1}  # else 8
+  stem = {fmt: {1: "one", 3: "three"}.get(files_of.get(fmt), "shard")
           for fmt in suffix}
   if unknown := set(formats) - set(suffix):
     raise ValueError(f"--shards_as: {sorted(unknown)}; expected {', '.join(suffix)}")

@@ -205,8 +205,8 @@ def _shards(directory, records, files=6):
 @pytest.mark.parametrize("num_shards", [3, 9])
 def test_shards_tokenized_apart_join_into_the_same_rows(tmp_path, records, num_shards):
   """Each shard writes its run of files as a part; the last one joins them
-  into one corpus whose rows are one process's (9 shards > 6 files: some
-  parts are empty)."""
+  into one corpus whose rows are one process's (9 shards > 6 files: three
+  files are shared by two shards each, by lines, and no part is empty)."""
   pattern = _shards(tmp_path / "shards", records)
   assert len(data_lib.corpus_files(pattern)) == 6
   config = DataConfig(overflow="split")
@@ -223,7 +223,7 @@ def test_shards_tokenized_apart_join_into_the_same_rows(tmp_path, records, num_s
   assert m.shard is None and len(m.parts) == num_shards
   assert m.num_rows == len(whole) and m.num_docs == len(set(whole.ids))
   assert m.source == pattern
-  assert sum(p["num_rows"] == 0 for p in m.parts) == max(0, num_shards - 6)
+  assert all(p["num_rows"] > 0 for p in m.parts)
   _assert_same_rows(whole, got)
   every = np.arange(len(whole))
   np.testing.assert_array_equal(got.segments_of(every), whole.segments)
@@ -304,14 +304,20 @@ def test_fields_under_other_names_tokenized_apart(tmp_path, records):
     corpus_lib.open_corpus(out + "#text=content", DataConfig(), 32)
 
 
-def test_one_parquet_file_tokenized_by_three_processes(tmp_path, records):
-  """One Parquet file, three processes: each tokenizes a run of its row
-  groups (``data.split_files``); joined, the rows of one process."""
-  import pyarrow as pa  # pylint: disable=g-import-not-at-top
-  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
-  path = str(tmp_path / "one.parquet")
-  pq.write_table(pa.table({k: [r[k] for r in records] for k in ("id", "text")}),
-                 path, row_group_size=5)
+@pytest.mark.parametrize("kind", ["parquet", "jsonl.gz"])
+def test_one_file_tokenized_by_three_processes(tmp_path, records, kind):
+  """One file, three processes: each tokenizes a run of its Parquet row
+  groups, or an equal run of a gzip JSONL file's lines (``data.split_files``);
+  joined, the rows and the position ids of one process."""
+  path = str(tmp_path / f"one.{kind}")
+  if kind == "parquet":
+    import pyarrow as pa  # pylint: disable=g-import-not-at-top
+    import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+    pq.write_table(pa.table({"text": [r["text"] for r in records]}), path,
+                   row_group_size=5)
+  else:
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+      f.writelines(json.dumps({"text": r["text"]}) + "\n" for r in records)
   whole = data_lib.read_corpus(path, DataConfig().vocabulary(), 32, "split")
   out = str(tmp_path / "tok")
   for i in (2, 0, 1):
@@ -320,6 +326,7 @@ def test_one_parquet_file_tokenized_by_three_processes(tmp_path, records):
   sizes = [p["num_rows"] for p in got.manifest.parts]
   assert len(sizes) == 3 and min(sizes) > 0
   _assert_same_rows(whole, got)
+  assert got.ids_of(np.array([0]))[0] == f"one.{kind}:1"
 
 
 # A one-source task read in shards: seqio reads it whole for each (warned).

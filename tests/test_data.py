@@ -686,6 +686,53 @@ def test_few_parquet_files_split_among_more_shards_by_row_groups(
       [str(tmp_path / "c.jsonl")]]
 
 
+@pytest.mark.parametrize("compress", [None, "gzip", "zstd"])
+def test_few_jsonl_files_split_among_more_shards_by_lines(tmp_path, corpus_path,
+                                                          compress):
+  """Fewer JSONL files than shards: each file goes to a run of consecutive
+  shards, which share its lines equally (counted first, blank ones too; a
+  BOM, CRLF, blank lines, a line over 1 MiB, a last line without its
+  break); read run after
+  run they are the source's documents, ids by the file's own positions.
+  A file whose first line has an id needs one on every line, whoever reads
+  the line."""
+  import gzip  # pylint: disable=g-import-not-at-top
+  texts = [r["text"] for r in _records(corpus_path)]
+  texts[6] = "long " * 300_000  # 1.5 MB: read in pieces where it is skipped
+  lines = [json.dumps({"text": t}) for t in texts]
+  lines[3:3] = ["", "   "]
+  raw = ("\ufeff" + "\r\n".join(lines[:12]) + "\r\n").encode() + (
+      "\n".join(lines[12:])).encode()  # no break after the last line
+  zstd = pytest.importorskip("zstandard") if compress == "zstd" else None
+  pack = {None: lambda b: b, "gzip": gzip.compress,
+          "zstd": lambda b: zstd.ZstdCompressor().compress(b)}[compress]
+  (tmp_path / "a.jsonl").write_bytes(pack(raw))
+  (tmp_path / "b.jsonl").write_bytes(pack("\n".join(lines[:5]).encode() + b"\n"))
+  source = str(tmp_path / "*.jsonl")
+  assert data_lib.count_lines(str(tmp_path / "a.jsonl")) == len(lines) == 23
+  whole = list(data_lib.corpus_documents(source))
+  assert whole[0] == ("a.jsonl:1", texts[0]) and whole[3][0] == "a.jsonl:6"
+  for shards in (3, 5, 7):
+    runs = data_lib.split_files(source, shards)
+    assert len(runs) == shards and all(len(run) == 1 for run in runs)
+    got = [list(data_lib.corpus_documents(source, files=run)) for run in runs]
+    assert [d for run in got for d in run] == whole
+    # a.jsonl's shards: the first ceil(shards / 2), each with some of its 21.
+    a_runs = [len(g) for g, run in zip(got, runs) if "a.jsonl" in str(run[0])]
+    assert len(a_runs) == -(-shards // 2) and min(a_runs) > 0 and sum(a_runs) == 21
+  assert data_lib.split_files(source, 3) == [
+      [data_lib.FilePart(str(tmp_path / "a.jsonl"), share=(0, 2))],
+      [data_lib.FilePart(str(tmp_path / "a.jsonl"), share=(1, 2))],
+      [str(tmp_path / "b.jsonl")]]
+  # Ids on the first line: every line needs one, also in a later run.
+  _write(tmp_path, ['{"id": "x", "text": "a"}', '{"text": "b"}', '{"text": "c"}',
+                    '{"id": "y", "text": "d"}'], "c.jsonl")
+  for share in (0, 1):
+    part = [data_lib.FilePart(str(tmp_path / "c.jsonl"), share=(share, 2))]
+    with pytest.raises(InputError, match=r"c.jsonl:[23]: missing field 'id'"):
+      list(data_lib.corpus_documents(str(tmp_path / "c.jsonl"), files=part))
+
+
 def pa_reader(data):
   import pyarrow as pa  # pylint: disable=g-import-not-at-top
   return pa.BufferReader(data)

@@ -253,8 +253,42 @@ def decompressed(f: io.BufferedReader, path) -> tuple[Any, str | None]:
   return f, None
 
 
-def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
-  """Yields (line number, JSON object) for every non-blank line of ``path``.
+def _read_error(path, lineno: int, kind: str | None, e: BaseException) -> InputError:
+  what = f"the {kind} stream is damaged or cut short" if kind else "cannot read"
+  return InputError(f"{at(path, lineno)}: {what} ({storage.reason(e)})"
+                    f"{'; expected a whole ' + kind + ' file' if kind else ''}")
+
+
+def count_lines(path) -> int:
+  """How many lines ``iter_jsonl`` numbers in ``path`` (blank ones too; the
+  last may lack its line break), counted in 1 MiB reads of the (decompressed)
+  text, nothing parsed."""
+  with storage.open_binary(path) as opened:
+    f, kind = decompressed(opened, path)
+    count, last = 0, b"\n"
+    while True:
+      try:
+        chunk = f.read(1 << 20)
+      except _DECOMPRESSION_ERRORS as e:
+        raise _read_error(path, count + 1, kind, e) from None
+      if not chunk:
+        return count + (last != b"\n")
+      count, last = count + chunk.count(b"\n"), chunk[-1:]
+
+
+def line_share(num_lines: int, share: tuple[int, int]) -> range:
+  """The line numbers (1-based) of the ``share[0]``-th of ``share[1]`` equal
+  consecutive runs of ``num_lines`` lines."""
+  index, count = share
+  return range(num_lines * index // count + 1, num_lines * (index + 1) // count + 1)
+
+
+def iter_jsonl(path, share: tuple[int, int] | None = None
+               ) -> Iterator[tuple[int, dict]]:
+  """Yields (line number, JSON object) for every non-blank line of ``path``,
+  or with ``share = (i, n)`` of the i-th of n equal runs of its lines
+  (``line_share``: the file is read once to count them, then the lines
+  before the run are skipped unparsed; numbers are the file's).
 
   The file may be gzip, bzip2, xz or zstd-compressed (known by its first bytes);
   a file in object storage is streamed (``storage.open_binary``). A UTF-8
@@ -263,18 +297,18 @@ def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
   compressed file, bad UTF-8, bad JSON, not an object, a line over
   ``MAX_LINE_BYTES``) name the file and line.
   """
+  lines = None if share is None else line_share(count_lines(path), share)
   with storage.open_binary(path) as opened:
     f, kind = decompressed(opened, path)
     lineno = 0
-    while True:
+    if lines is not None:
+      lineno = _skip_lines(f, lines.start - 1, path, kind)
+    while lines is None or lineno < lines.stop - 1:
       # Bounded: a file without line breaks is not read whole.
       try:
         raw = f.readline(MAX_LINE_BYTES + 2)
       except _DECOMPRESSION_ERRORS as e:
-        what = f"the {kind} stream is damaged or cut short" if kind else "cannot read"
-        raise InputError(f"{at(path, lineno + 1)}: {what} ({storage.reason(e)})"
-                         f"{'; expected a whole ' + kind + ' file' if kind else ''}"
-                         ) from None
+        raise _read_error(path, lineno + 1, kind, e) from None
       if not raw:
         return
       lineno += 1
@@ -304,6 +338,21 @@ def iter_jsonl(path) -> Iterator[tuple[int, dict]]:
         raise InputError(f"{where}: expected a JSON object, got "
                          f"{type(record).__name__}")
       yield lineno, record
+
+
+def _skip_lines(f, count: int, path, kind: str | None) -> int:
+  """Reads past ``count`` lines of ``f`` (any length: a piece counts once it
+  ends a line) and returns how many it passed (fewer at the end)."""
+  passed = 0
+  while passed < count:
+    try:
+      piece = f.readline(1 << 20)
+    except _DECOMPRESSION_ERRORS as e:
+      raise _read_error(path, passed + 1, kind, e) from None
+    if not piece:
+      break
+    passed += piece.endswith(b"\n")
+  return passed
 
 
 # --- Parquet ---------------------------------------------------------------------
@@ -502,13 +551,14 @@ def iter_parquet(path, columns: Sequence[str] | None = None, id_column: str = "i
 
 
 def iter_records(path, columns: Sequence[str] | None = None, id_column: str = "id",
-                 row_groups: range | None = None) -> Iterator[tuple[int, dict]]:
-  """(line or row number, record) of a JSONL file (``iter_jsonl``) or a
-  Parquet file (``iter_parquet``, reading ``columns`` of ``row_groups``),
-  known by its first bytes."""
+                 row_groups: range | None = None,
+                 share: tuple[int, int] | None = None) -> Iterator[tuple[int, dict]]:
+  """(line or row number, record) of a JSONL file (``iter_jsonl``, its
+  ``share`` of lines) or a Parquet file (``iter_parquet``, reading
+  ``columns`` of ``row_groups``), known by its first bytes."""
   if row_groups is not None or _starts_with(path, _PARQUET_MAGIC):
     return iter_parquet(path, columns, id_column, row_groups)
-  return iter_jsonl(path)
+  return iter_jsonl(path, share)
 
 
 def _encodable(text: str) -> bool:
@@ -540,13 +590,15 @@ def read_records(path, required: Sequence[str], nonempty: Sequence[str] = (),
                  convert: Callable[[str, dict], dict] | None = None,
                  columns: Sequence[str] | None = None,
                  fields: dict[str, str] | None = None,
-                 row_groups: range | None = None
+                 row_groups: range | None = None,
+                 share: tuple[int, int] | None = None
                  ) -> Iterator[tuple[int, dict]]:
   """Yields (line number, record) of corpus or query lines, strictly.
 
   The file is JSONL or Parquet (``iter_records``; of a Parquet file only
   ``columns`` are read, every column if None, and its row numbers stand for
-  line numbers; ``row_groups``: of those only). ``fields`` maps a field to
+  line numbers; ``row_groups``: of those only; ``share``: of a JSONL file's
+  lines, that run only, ``iter_jsonl``). ``fields`` maps a field to
   its name in the file
   (``split_source``: ``{"text": "content"}``); records are yielded under
   tracer's names, and errors use the file's.
@@ -564,7 +616,8 @@ def read_records(path, required: Sequence[str], nonempty: Sequence[str] = (),
   shown = {field: name for name, field in renamed.items()}
   seen = {}
   for lineno, record in iter_records(path, columns,
-                                     (fields or {}).get("id", "id"), row_groups):
+                                     (fields or {}).get("id", "id"), row_groups,
+                                     share):
     where = at(path, lineno)
     if renamed:  # a field the file has under our name is not the one named
       record = {renamed.get(k, k): v for k, v in record.items()
@@ -898,10 +951,12 @@ def corpus_files(source: str) -> list[str]:
 
 
 class FilePart(NamedTuple):
-  """The row groups ``row_groups`` of the Parquet file ``path``: a share of
-  one file (``split_files``)."""
+  """A share of one file (``split_files``): the row groups ``row_groups`` of
+  the Parquet file ``path``, or of the JSONL file ``path`` the ``share =
+  (i, n)``: i-th of n equal runs of its lines (``iter_jsonl``)."""
   path: str
-  row_groups: range
+  row_groups: range | None = None
+  share: tuple[int, int] | None = None
 
 
 # Below this many Parquet files per process, ``split_files`` balances runs of
@@ -919,10 +974,19 @@ def split_files(source: str, num_shards: int) -> list[list[str | FilePart]]:
   Runs of whole files, by count; but with fewer than
   ``ROW_GROUP_SPLIT_FILES`` files per shard, all of them Parquet, runs of row
   groups balanced by rows (``FilePart``s), so that every process has an
-  even share: each process reads every file's footer. A JSONL file cannot
-  be split without reading it.
+  even share: each process reads every file's footer. With fewer files than
+  shards, none of them Parquet (JSONL, plain or compressed), each file goes
+  to a run of consecutive shards, which share its lines equally
+  (``FilePart.share``): each of them reads the file twice, once to count
+  its lines and once to its run's end, and parses only its run.
   """
   files = corpus_files(source)
+  if num_shards > len(files) and not any(_starts_with(f, _PARQUET_MAGIC)
+                                         for f in files):
+    firsts = [-(-f * num_shards // len(files)) for f in range(len(files) + 1)]
+    return [[files[f]] if firsts[f + 1] - firsts[f] == 1 else
+            [FilePart(files[f], share=(i - firsts[f], firsts[f + 1] - firsts[f]))]
+            for f in range(len(files)) for i in range(firsts[f], firsts[f + 1])]
   if (num_shards == 1 or len(files) >= ROW_GROUP_SPLIT_FILES * num_shards
       or not all(_starts_with(f, _PARQUET_MAGIC) for f in files)):
     return [files[i * len(files) // num_shards:(i + 1) * len(files) // num_shards]
@@ -976,9 +1040,10 @@ class _PositionIds:
   are split among processes; a file whose first line has one needs it on
   every line. ``id_name`` is the id's name in the file (``split_source``)."""
 
-  def __init__(self, name: str, id_name: str = "id"):
+  def __init__(self, name: str, id_name: str = "id",
+               first: tuple[bool, str] | None = None):
     self.name, self.id_name = name, id_name
-    self.first: tuple[bool, str] | None = None  # (has an id?, where) of line 1
+    self.first = first  # (has an id?, where) of the first record
 
   def __call__(self, where: str, record: dict) -> dict:
     if self.first is None:
@@ -1004,12 +1069,18 @@ def corpus_documents(source: str, unique_ids: bool = True,
   positions (``_PositionIds``)."""
   source = os.fspath(source)
   location, fields = split_source(source)
+  columns = tuple(fields.values())
   for part in corpus_files(source) if files is None else files:
-    path, groups = part if isinstance(part, FilePart) else (part, None)
+    path, groups, share = part if isinstance(part, FilePart) else FilePart(part)
+    first = None
+    if share is not None:  # ids or positions: as the file's first record says
+      lineno, record = next(read_records(path, (), columns=columns, fields=fields),
+                            (0, {}))
+      first = ("id" in record, at(path, lineno))
     for _, r in read_records(
         path, CORPUS_FIELDS, CORPUS_FIELDS, unique_ids,
-        convert=_PositionIds(_name_in_source(location, path), fields["id"]),
-        columns=tuple(fields.values()), fields=fields, row_groups=groups):
+        convert=_PositionIds(_name_in_source(location, path), fields["id"], first),
+        columns=columns, fields=fields, row_groups=groups, share=share):
       yield r["id"], r["text"]
 
 
