@@ -1074,8 +1074,9 @@ def corpus_documents(source: str, unique_ids: bool = True,
     path, groups, share = part if isinstance(part, FilePart) else FilePart(part)
     first = None
     if share is not None:  # ids or positions: as the file's first record says
-      lineno, record = next(read_records(path, (), columns=columns, fields=fields),
-                            (0, {}))
+      records = read_records(path, (), columns=columns, fields=fields)
+      lineno, record = next(records, (0, {}))
+      records.close()  # the file too
       first = ("id" in record, at(path, lineno))
     for _, r in read_records(
         path, CORPUS_FIELDS, CORPUS_FIELDS, unique_ids,
