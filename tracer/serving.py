@@ -653,7 +653,8 @@ class StreamedIndex:
     del metrics
 
   def search(self, vectors, metrics, ks) -> list[topk_lib.TopK]:
-    """``ResidentIndex.search``, one window at a time."""
+    """``ResidentIndex.search``, one window at a time; a batch of one
+    request, one ``scan_stores``."""
     if len(vectors) == 1:
       return [scan_lib.scan_stores(self.stores, list(vectors[0]), ks[0],
                                    mesh=self.mesh, verify=self.verify,
@@ -685,7 +686,8 @@ def _layout(store, mesh: Mesh) -> Layout:
 def open_index(stores, mesh: Mesh, budget_bytes: int, verify: bool = True):
   """A ``ResidentIndex`` of ``stores`` (one, or the parts of a sum) if their
   rows fit ``budget_bytes`` per device, else a ``StreamedIndex`` whose
-  windows take half of it (one window is scored while the next is read)."""
+  windows take half of it (the next window is loaded while the last one's
+  pass may still hold its rows)."""
   stores = list(stores)
   store = stores[0]
   layout = _layout(store, mesh)
