@@ -210,12 +210,14 @@ flags.DEFINE_bool("check_chunks", True, "Check each store chunk a scan reads "
 FLAGS = flags.FLAGS
 
 
-def stored(location: str, run: Run) -> store_lib.EncodingStore:
-  """The store at ``location`` made for this run's checkpoint, encoder and
-  corpus (``pipeline.existing_store``); an error when there is none."""
+def stored(location: str, run: Run, pcfg: PreconditionerConfig
+           ) -> store_lib.EncodingStore:
+  """The store at ``location`` made for this run's checkpoint, encoder,
+  corpus and basis settings (``pipeline.existing_store``); an error when
+  there is none."""
   expected = pipeline.manifest(run.ckpt, run.encoder, run.correction, run.epsilon,
                                None, run.corpus, run.encode_config)
-  store = pipeline.existing_store(location, expected)
+  store = pipeline.existing_store(location, expected, pcfg)
   if store is None:
     raise InputError(f"{location}: no store; encode the corpus first "
                      "(tracer trace or tracer encode)")
@@ -241,21 +243,26 @@ def encoded_store(location: str, run: Run, pcfg: PreconditionerConfig,
       # A job killed after its last chunk left its claim behind.
       claim_lib.clear_stale(location, FLAGS.claim_timeout_s)
     return store, pipeline.store_basis(store)
+  key = pipeline.basis_key(params_fingerprint, run.encoder, run.correction,
+                           run.epsilon, run.corpus, pcfg)
+  given = None  # --basis for a new store, checked before anything is written
+  if store is None and basis_location and storage.exists(basis_location):
+    given = pipeline.given_basis(basis_location, key)
   claim = pipeline.claim_store(location, FLAGS.claim_timeout_s)
   try:
     if claim is not None and claim.taken_over:
       owner, why = claim.taken_over
       say(f"store {location}: took over the claim of {claim_lib.describe(owner)} "
           f"({why})")
-    return _encode_store(location, run, pcfg, params_fingerprint, basis_location,
+    return _encode_store(location, run, pcfg, key, basis_location, given,
                          expected, claim)
   finally:
     if claim is not None:
       claim.release()
 
 
-def _encode_store(location, run, pcfg, params_fingerprint, basis_location,
-                  expected, claim):
+def _encode_store(location, run, pcfg, key, basis_location, given, expected,
+                  claim):
   store = pipeline.existing_store(location, expected, pcfg)
   if store is not None:
     basis = pipeline.store_basis(store)
@@ -269,19 +276,13 @@ def _encode_store(location, run, pcfg, params_fingerprint, basis_location,
       return store, basis
     say(f"store {location}: resuming")
   else:
-    if basis_location and storage.exists(basis_location):
-      basis = hessian.Basis.load(basis_location)
-      if (basis.dim, basis.layout_seed) != (run.encoder.dim, run.encoder.layout.seed):
-        raise ValueError(f"{basis_location}: a basis for d={basis.dim}, seed "
-                         f"{basis.layout_seed}; the encoder has d={run.encoder.dim}, "
-                         f"seed {run.encoder.layout.seed}")
+    if given is not None:
+      basis = given
       say(f"R_train basis from {basis_location}")
     else:
       basis = pipeline.fit_basis(
           run.encoder, run.corpus, pcfg, run.encode_config.batch_size,
-          Progress("fit R_train"), pipeline.basis_key(
-              params_fingerprint, run.encoder, run.correction, run.epsilon,
-              run.corpus, pcfg))
+          Progress("fit R_train"), key)
     store = pipeline.open_store(location, dataclasses.replace(
         expected, basis_fingerprint=basis.fingerprint() if basis else None,
         factored=pipeline.planned_weights(run.encoder, run.corpus)), basis)

@@ -333,8 +333,9 @@ def initialize_distributed() -> None:
     cli.end_on_signals(coordination)
 
 
-def setup(required: tuple[str, ...] = ()) -> None:
-  """What every launch script's ``main`` does first: gin, multi-host, flags."""
+def setup(required: tuple[str, ...] = (), output_is: str = "file") -> None:
+  """What every launch script's ``main`` does first: gin, multi-host, flags.
+  ``output_is``: what ``--output`` names, "file" or "directory"."""
   from absl import app
   parse_gin()
   use_compilation_cache()
@@ -346,7 +347,7 @@ def setup(required: tuple[str, ...] = ()) -> None:
     raise app.UsageError(f"{', '.join(missing)} required")
   # Outputs are checked before any work, so a run cannot fail at its end.
   if FLAGS.output:
-    check_writable(FLAGS.output, "--output")
+    check_writable(FLAGS.output, "--output", output_is)
 
 
 def check_top_k(top_k: int, num_rows: int) -> None:
@@ -357,13 +358,22 @@ def check_top_k(top_k: int, num_rows: int) -> None:
     raise InputError(f"--top_k={top_k}: {more}expected 1..{num_rows}")
 
 
-def check_writable(location: str, what: str = "output") -> None:
-  """InputError unless a file or directory can be created at the local path
-  ``location`` (its nearest existing ancestor is a writable directory). URLs
-  are not checked: a bucket says so at the first write."""
-  if not location or storage.is_url(location):
+def check_writable(location: str, what: str = "output", kind: str = "file"
+                   ) -> None:
+  """InputError unless a ``kind`` ("file" or "directory") can be written at
+  the local path ``location``: none of the other kind is there, and its
+  nearest existing ancestor is a writable directory. URLs other than
+  file:// are not checked: a bucket says so at the first write."""
+  local = (location or "").removeprefix("file://")
+  if not local or storage.is_url(local):
     return
-  path = os.path.abspath(location)
+  path = os.path.abspath(local)
+  if os.path.isdir(path) and kind == "file":
+    raise InputError(f"{what}={location}: is a directory; expected a file "
+                     "(new, or one to replace)")
+  if os.path.isfile(path) and kind == "directory":
+    raise InputError(f"{what}={location}: is a file; expected a directory "
+                     "(new, empty, or one tracer wrote)")
   parent = os.path.dirname(path)
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)

@@ -4,9 +4,10 @@ r"""Scores results files against the queries' fact_doc_ids.
       [--results=R2.jsonl ...] --output=M.json
 
 Each results file is a method, named by its file stem. M.json maps method to
-its metrics (tracer.evaluate.retrieval_metrics); an existing M.json is merged
-into, key by key within each method, so numbers other tools wrote there (e.g.
-tail-patch) are kept. Prints markdown tables: overall, then one per bucket.
+its metrics (tracer.evaluate.retrieval_metrics); an existing M.json (a path
+or tracer.storage URL) is merged into, key by key within each method, so
+numbers other tools wrote there (e.g. tail-patch) are kept. Prints markdown
+tables: overall, then one per bucket.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from absl import flags
 
 from tracer.launch import cli
 from tracer import evaluate
+from tracer import storage
 from tracer.errors import InputError, at
 
 FLAGS = flags.FLAGS
@@ -42,17 +44,29 @@ def define_flags() -> None:
                        lower_bound=1)
 
 
-def _load_existing(path) -> dict[str, Any]:
-  if not os.path.exists(path):
+def _load_existing(location) -> dict[str, Any]:
+  """The metrics file at ``location`` (a path or ``tracer.storage`` URL) to
+  merge into; {} if there is none. Read through ``storage``, as it is
+  written, so a URL's file is merged into too."""
+  location = os.fspath(location)
+  expected = "expected a metrics file: a JSON object of method -> metrics"
+  local = location.removeprefix("file://")
+  if not storage.is_url(local) and os.path.isdir(local):
+    raise InputError(f"{location}: is a directory; {expected}")
+  data = storage.read_bytes(location)
+  if data is None:
     return {}
   try:
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
+    data = json.loads(data.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise InputError(f"{location}: not valid UTF-8 ({e.reason} at byte "
+                     f"{e.start}); {expected}") from None
   except json.JSONDecodeError as e:
-    raise InputError(f"{at(path, e.lineno)}: bad JSON: {e.msg}") from None
+    raise InputError(f"{at(location, e.lineno)}: bad JSON: {e.msg}; "
+                     f"{expected}") from None
   if not isinstance(data, dict) or not all(
       isinstance(v, dict) for v in data.values()):
-    raise InputError(f"{at(path)}: expected an object of method -> metrics")
+    raise InputError(f"{at(location)}: {expected}")
   return data
 
 
@@ -82,12 +96,14 @@ def run(queries_path, results_paths: Sequence[str], output_path=None,
   names = [pathlib.Path(p).stem for p in results_paths]
   if len(set(names)) != len(names):
     raise InputError(f"results files share a stem (method name): {names}")
+  # Before any scoring: a metrics file that cannot be merged into ends the
+  # run with nothing done.
+  merged = _load_existing(output_path) if output_path else {}
   metrics = {}
   for name, path in zip(names, results_paths):
     metrics[name] = evaluate.retrieval_metrics(
         queries, evaluate.read_results(path), k=k)
   if output_path:
-    merged = _load_existing(output_path)
     for name, m in metrics.items():
       merged[name] = {**merged.get(name, {}), **m}
     evaluate.write_text_atomic(

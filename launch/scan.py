@@ -20,6 +20,8 @@ checkpoint and put in its store's basis.
 
 from __future__ import annotations
 
+import functools
+
 from absl import flags
 
 from tracer.launch import common
@@ -31,8 +33,8 @@ from tracer import scan as scan_lib
 FLAGS = flags.FLAGS
 
 
-def _stored(location, run_):
-  store = common.stored(location, run_)
+def _stored(location, run_, pcfg):
+  store = common.stored(location, run_, pcfg)
   return store, pipeline.store_basis(store)
 
 
@@ -50,12 +52,13 @@ def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
   config.check_top_k(top_k, len(run_.corpus))  # before any gradient
   others = common.summed_checkpoints(sum_steps, run_.ckpt, stores_at=location)
   queries, query_examples = pipeline.read_queries(run_.ckpt, queries_path)
-  store, basis = _stored(location, run_)
+  store, basis = _stored(location, run_, pcfg)
   metric, vectors, skipped = common.query_metric(
       run_, basis, query_examples, queries, pcfg,
       common.task_metric(run_, basis, task_queries, pcfg))
   stores, metrics, query_vectors, more = common.summed_parts(
-      others, workdir, corpus_source, location, _stored, query_examples,
+      others, workdir, corpus_source, location,
+      functools.partial(_stored, pcfg=pcfg), query_examples,
       queries, pcfg, task_queries)
   topk = scan_lib.scan_stores(
       [store, *stores], [vectors, *query_vectors], top_k, mesh=run_.encoder.mesh,

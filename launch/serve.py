@@ -49,6 +49,7 @@ every process scans its own devices' rows.
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import os
 import signal
 import statistics
@@ -112,10 +113,10 @@ def budget_bytes(budget_mb: int) -> int:
   return budget_mb << 20
 
 
-def _complete(location: str, run_) -> tuple:
-  """The store at ``location`` for ``run_`` and its basis; InputError unless
-  it is complete."""
-  store = common.stored(location, run_)
+def _complete(location: str, run_, pcfg: PreconditionerConfig) -> tuple:
+  """The store at ``location`` for ``run_`` (and ``pcfg``'s basis settings)
+  and its basis; InputError unless it is complete."""
+  store = common.stored(location, run_, pcfg)
   pending = pipeline.agreed_pending_chunks(store)
   if len(pending):
     raise InputError(f"{location}: store is incomplete: {len(pending)} of "
@@ -137,11 +138,12 @@ def build(workdir: str, store_path: str | None = None, corpus: str | None = None
   location = common.default_location(workdir, store_path, "store")
   run_, source = common.start_on_store(workdir, checkpoint, corpus, location)
   others = common.summed_checkpoints(sum_steps, run_.ckpt, stores_at=location)
-  store, basis = _complete(location, run_)
+  store, basis = _complete(location, run_, pcfg)
   stores, summed, steps = [store], [], []
   tasks = [common.task_metric(run_, basis, task_queries, pcfg)]
   for other, other_store, other_basis in common.summed_runs(
-      others, workdir, source, location, _complete):
+      others, workdir, source, location,
+      functools.partial(_complete, pcfg=pcfg)):
     stores.append(other_store)
     summed.append((other.encoder, other_basis))  # its params stay on the devices
     steps.append(other.ckpt.step)

@@ -71,7 +71,7 @@ def run(source: str, output: str, num_shards: int = 1, shard_index: int = 0
 
 def main(argv):
   del argv
-  config.setup(required=("corpus", "output"))
+  config.setup(required=("corpus", "output"), output_is="directory")
   import jax  # pylint: disable=g-import-not-at-top
   run(FLAGS.corpus, FLAGS.output, jax.process_count(), jax.process_index())
 

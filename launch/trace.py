@@ -14,7 +14,8 @@ computes no corpus gradient, and needs no ``--corpus``: without it the
 rows map back to the store's own corpus, as its manifest names it (as
 ``tracer scan``). ``--corpus`` may be a directory made by
 ``launch.tokenize``. ``--streaming`` skips the store and scores each corpus
-batch as it is encoded (its basis saved at --basis, default W/basis.npz).
+batch as it is encoded (its basis saved at --basis, default W/basis.npz); a
+store's flags (``STORE_FLAGS``) set with it are refused.
 
 ``--sum_steps=200,400`` scores each row by TrackStar summed over those
 checkpoints of the run and the traced one (on the generated fact family,
@@ -49,8 +50,24 @@ from tracer.errors import InputError
 
 flags.DEFINE_bool("streaming", False, "Score corpus batches as they are encoded; "
                   "no store.")
-flags.DEFINE_integer("show", 5, "Queries to print in the summary table.")
+flags.DEFINE_integer("show", 5, "Queries to print in the summary table.",
+                     lower_bound=0)
 FLAGS = flags.FLAGS
+
+# launch.common's flags for a store, which a streaming run neither writes nor
+# reads.
+STORE_FLAGS = ("store", "verify_store", "check_chunks", "claim_timeout_s")
+
+
+def check_streaming_flags() -> None:
+  """InputError if --streaming comes with a store's flag the user set (one
+  it would ignore); defaults are not counted."""
+  given = [f"--{n}" for n in STORE_FLAGS if FLAGS[n].present]
+  if FLAGS.streaming and given:
+    them = "they" if len(given) > 1 else "it"
+    raise InputError(f"--streaming with {', '.join(given)}: a streaming run "
+                     f"keeps no store, so {them} would be ignored; expected "
+                     "--streaming alone, or a run on a store without it")
 
 
 def run(workdir: str, corpus_source: str | None, queries_path: str, output: str,
@@ -90,9 +107,12 @@ def run(workdir: str, corpus_source: str | None, queries_path: str, output: str,
     metric, vectors, skipped = common.query_metric(
         run_, basis, query_examples, queries, pcfg,
         common.task_metric(run_, basis, task_queries, pcfg))
-    topk = pipeline.stream_corpus(encoder, basis, corpus, vectors, metric, top_k,
-                                  run_.encode_config.batch_size,
-                                  common.Progress("encode + score corpus"))
+    topk, quarantined = pipeline.stream_corpus(
+        encoder, basis, corpus, vectors, metric, top_k,
+        run_.encode_config.batch_size, common.Progress("encode + score corpus"),
+        max_quarantined=FLAGS.max_quarantined)
+    common.say(f"streamed {len(corpus)} corpus rows; {quarantined} left out "
+               "(non-finite loss or gradient)")
   else:
     store, basis = common.encoded_store(location, run_, pcfg, params_fp, basis_path)
     metric, vectors, skipped = common.query_metric(
@@ -133,6 +153,7 @@ def run(workdir: str, corpus_source: str | None, queries_path: str, output: str,
 def main(argv):
   del argv
   config.setup(required=("workdir", "queries", "output"))
+  check_streaming_flags()
   run(FLAGS.workdir, FLAGS.corpus, FLAGS.queries, FLAGS.output, FLAGS.top_k,
       FLAGS.checkpoint, FLAGS.store, FLAGS.basis, FLAGS.streaming, FLAGS.show,
       FLAGS.sum_steps, FLAGS.task_queries)

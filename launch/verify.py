@@ -32,15 +32,17 @@ def run(location: str, repair: bool = False) -> int:
   """Verifies the store; returns the exit status (0 OK, 1 bad chunks)."""
   store = store_lib.open_store(location)
   pipeline.store_basis(store)  # the basis file must match the manifest
-  missing = store.pending_chunks()
-  bad = pipeline.verify_store(store, repair, common.Progress("verify", "chunks"))
+  missing = pipeline.agreed_pending_chunks(store).tolist()
+  share = pipeline.written_share(store)  # listed once: repairs unmark chunks
+  bad = pipeline.verify_store(store, repair, common.Progress("verify", "chunks"),
+                              share)
   for chunk, why in sorted(bad.items()):
     lo, hi = store.chunk_bounds(chunk)
     print(f"corrupt: {store.chunk_file(chunk)}: chunk {chunk} (rows {lo}..{hi}): "
           f"{why}" + ("; unmarked, the next encode rewrites it" if repair else ""),
           flush=True)
   # Each host reads only its share's markers; the counts are summed.
-  counts = np.array([len(bad), len(store.quarantined(pipeline.written_share(store)))],
+  counts = np.array([len(bad), len(store.quarantined(share))],
                     np.int64)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

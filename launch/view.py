@@ -7,8 +7,10 @@ r"""Writes one self-contained HTML page to browse results files side by side.
 method), named by ``--names`` in order or else by its file stem, made unique
 (``r``, ``r-2``). ``--server=URL --queries=Q.jsonl [--top_k=K]`` adds one
 more run (named ``server``, or by the last of ``--names``): the records a
-running ``tracer serve`` answers for those queries. Files may be ours (``tracer.evaluate.make_result_row``) or
-the TrackStar authors' released ones (``tracer.viewer``). The page needs no
+running ``tracer serve`` answers for those queries (``--queries`` and
+``--top_k`` only with ``--server``). Files may be ours
+(``tracer.evaluate.make_result_row``) or the TrackStar authors' released ones
+(``tracer.viewer``). The page needs no
 server and no network: open it from disk (``tracer.viewer.render``). Paths
 may be gs://, s3:// or memory:// URLs. Prints the page's location.
 """
@@ -93,6 +95,12 @@ def main(argv):
     raise app.UsageError(f"{', '.join(missing)} required")
   if FLAGS.server and not FLAGS.queries:
     raise app.UsageError("--server needs --queries: the queries to ask it")
+  # They say what to ask a server; without one they would be ignored.
+  unused = [f"--{n}" for n in ("queries", "top_k") if FLAGS[n].present]
+  if unused and not FLAGS.server:
+    raise app.UsageError(f"{', '.join(unused)} without --server: they say what "
+                         "to ask a running `tracer serve`; expected --server=URL "
+                         "with them, or neither")
   # Before reading anything, so a long read cannot end in an unwritable path.
   config.check_writable(FLAGS.output, "--output")
   # --top_k only when given: else the server's default.

@@ -317,6 +317,20 @@ def gin_file(text: str):
   return build
 
 
+def given_basis(bindings=(), **fitted):
+  """encode into a new store with ``--basis`` a copy of the shared store's
+  basis whose fit record says ``fitted`` (e.g. another checkpoint's
+  fingerprint)."""
+  def build(s: Shared, d: Path):
+    from tracer import pipeline  # pylint: disable=g-import-not-at-top
+    basis = pipeline.store_basis(store_lib.open_store(str(s.store)))
+    basis.fit_key = {**basis.fit_key, **fitted}
+    basis.save(str(d / "basis.npz"))
+    script, args = encode(s, d, bindings=bindings)
+    return script, [*args, f"--basis={d / 'basis.npz'}"]
+  return build
+
+
 GOOD = '{"id": "x1", "text": "abc"}'
 
 
@@ -469,6 +483,22 @@ CASES = [
          lambda s, d: scan(s, d, bindings=["EncodeConfig.projection_dim=200"]),
          "(EncodeConfig.projection_dim: the store has 64, the gin bindings say "
          "200)"),
+    Case("store's basis of another PreconditionerConfig (launch.scan)",
+         lambda s, d: scan(s, d, bindings=["PreconditionerConfig.kind='full'"]),
+         "store: its basis was fitted with other PreconditionerConfig settings "
+         "(kind: store has 'block', this run has 'full')"),
+    Case("--basis of another checkpoint", given_basis(params_fingerprint="0" * 16),
+         "basis.npz: a basis fitted for another checkpoint or settings than "
+         "this run's (params_fingerprint: the basis has '0000000000000000', "
+         "this run has '"),
+    Case("--basis of another sample size",
+         given_basis(bindings=["PreconditionerConfig.train_examples=7"]),
+         "(train_examples: the basis has 0, this run has 7); expected one that "
+         "tracer fit-preconditioner fitted with this run's checkpoint, gin "
+         "files and PreconditionerConfig, or leave out --basis to fit one"),
+    Case("--basis of another d",
+         given_basis(bindings=["EncodeConfig.projection_dim=128"]),
+         "(dim: the basis has 34, this run has 75)"),
     Case("no store", lambda s, d: scan(s, d, store=d / "nostore"),
          "nostore: no store; encode the corpus first"),
     Case("no store and no corpus",
@@ -477,6 +507,8 @@ CASES = [
          "nostore: no store to take the corpus from; pass --corpus (tracer "
          "trace encodes it)"),
     Case("truncated zarr chunk", truncated_chunk, "chunk 1"),
+    Case("output is a directory", lambda s, d: scan(s, d, output=d),
+         "is a directory; expected a file (new, or one to replace)"),
     Case("full disk", full_disk,
          "results.jsonl: cannot write: No space left on device"),
 ]

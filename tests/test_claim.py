@@ -26,6 +26,7 @@ def test_a_live_claim_refuses_a_second_writer_and_names_it(tmp_path):
   with claim_lib.Claim(str(store)) as first:
     owner = json.loads((store / claim_lib.CLAIM_FILE).read_text())
     assert owner["job"] == first.job and owner["pid"] > 0
+    assert owner["pid_ns"] == os.readlink("/proc/self/ns/pid")
     with pytest.raises(StoreClaimedError) as e:
       claim_lib.Claim(str(store)).acquire()
     msg = str(e.value)
@@ -54,13 +55,54 @@ def test_a_dead_process_claim_is_taken_over(tmp_path):
   dead = subprocess.Popen([sys.executable, "-c", "pass"])
   dead.wait()
   _write(store, job="old", host=socket.gethostname(), pid=dead.pid,
-         started="2026-01-01T00:00:00Z", heartbeat=time.time())
+         pid_ns=claim_lib._pid_namespace(), started="2026-01-01T00:00:00Z",
+         heartbeat=time.time())
   c = claim_lib.Claim(str(store)).acquire()
   assert c.taken_over == ({"job": "old", "host": socket.gethostname(),
-                           "pid": dead.pid, "started": "2026-01-01T00:00:00Z",
+                           "pid": dead.pid, "pid_ns": claim_lib._pid_namespace(),
+                           "started": "2026-01-01T00:00:00Z",
                            "heartbeat": c.taken_over[0]["heartbeat"]},
                           "its process is gone")
   c.release()
+
+
+@pytest.mark.parametrize("pid_ns", ["pid:[1]", None, "absent"])
+def test_a_pid_is_judged_only_in_its_own_pid_namespace(tmp_path, pid_ns):
+  # Another container with this hostname (docker --net=host, Kubernetes
+  # hostNetwork) and its own PID namespace: its pid 1 is not ours, or an old
+  # record says nothing of its namespace. Only the heartbeat tells.
+  store = tmp_path / "s"
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  record = dict(job="other", host=socket.gethostname(), pid=dead.pid,
+                started="t", heartbeat=time.time())
+  if pid_ns != "absent":
+    record["pid_ns"] = pid_ns
+  _write(store, **record)
+  with pytest.raises(StoreClaimedError, match="job other on host"):
+    claim_lib.Claim(str(store)).acquire()
+  assert claim_lib.clear_stale(str(store)) is None
+  _write(store, **dict(record, heartbeat=time.time() - 100))
+  c = claim_lib.Claim(str(store), stale_after_s=50).acquire()
+  assert c.taken_over[1].startswith("no heartbeat for 100 s")
+  c.release()
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", '"x"', "3", "null"])
+def test_a_record_that_is_not_a_json_object_is_not_a_claim(tmp_path, text):
+  store = tmp_path / "s"
+  store.mkdir()
+  (store / claim_lib.CLAIM_FILE).write_text(text)
+  c = claim_lib.Claim(str(store)).acquire()
+  assert c.taken_over == ({}, "it is not a claim record")
+  # A job that finds its claim replaced by such a record has lost it.
+  (store / claim_lib.CLAIM_FILE).write_text(text)
+  c.refresh()
+  with pytest.raises(StoreClaimedError, match="taken over by job \\? on host \\?"):
+    c.check()
+  c.release()
+  assert claim_lib.clear_stale(str(store)) == {}
+  assert not (store / claim_lib.CLAIM_FILE).exists()
 
 
 def test_a_claim_without_heartbeat_is_taken_over_from_any_host(tmp_path):
@@ -77,7 +119,8 @@ def test_a_claim_without_heartbeat_is_taken_over_from_any_host(tmp_path):
 def test_a_reused_pid_does_not_keep_a_dead_claim(tmp_path):
   store = tmp_path / "s"
   _write(store, job="old", host=socket.gethostname(), pid=os.getpid(),
-         pid_start="1", started="t", heartbeat=time.time())
+         pid_start="1", pid_ns=claim_lib._pid_namespace(), started="t",
+         heartbeat=time.time())
   c = claim_lib.Claim(str(store)).acquire()
   assert c.taken_over[1] == "its process is gone"
   c.release()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import os
 import pty
 import subprocess
@@ -224,3 +225,115 @@ def test_the_compilation_cache_flag_names_the_directory():
                      "local directory"):
     dirs("gs://b/c")
   assert dirs("none", JAX_COMPILATION_CACHE_DIR="/j") is None
+
+
+def _error_line(proc: subprocess.CompletedProcess) -> str:
+  """The one ``error:`` line of a run that bad input ended (exit 2)."""
+  report = f"exit {proc.returncode}\n{proc.stderr[-3000:]}"
+  assert proc.returncode == 2 and "Traceback" not in proc.stderr, report
+  lines = [l for l in proc.stderr.splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("error: "), report
+  return lines[0]
+
+
+def _metrics_inputs(tmp_path) -> tuple[Path, Path]:
+  """A queries file and a results file (method ``r``) for tracer evaluate."""
+  from tracer import evaluate  # pylint: disable=g-import-not-at-top
+  queries = tmp_path / "queries.jsonl"
+  queries.write_text(json.dumps({"id": "a", "prompt": "p", "target": "t",
+                                 "fact_doc_ids": ["d1"]}) + "\n")
+  results = tmp_path / "r.jsonl"
+  evaluate.write_results(results, [{"query_id": "a", "proponent_ids": ["d1"],
+                                    "proponent_scores": [1.0]}])
+  return queries, results
+
+
+@pytest.mark.parametrize("scheme", ["file://", "memory://"])
+def test_evaluate_merges_into_a_metrics_file_at_a_url(tmp_path, scheme):
+  """The metrics file is read as it is written, through tracer.storage: one
+  at a URL keeps the numbers other tools wrote there."""
+  from tracer import storage  # pylint: disable=g-import-not-at-top
+  from tracer.launch import evaluate as launch_evaluate  # pylint: disable=g-import-not-at-top
+  queries, results = _metrics_inputs(tmp_path)
+  out = f"{scheme}{tmp_path}/m.json"
+  storage.write_text(out, json.dumps({"r": {"tail_patch@10": 0.5}}))
+  launch_evaluate.run(queries, [results], out)
+  assert json.loads(storage.read_text(out)) == {"r": {
+      "tail_patch@10": 0.5, **launch_evaluate.run(queries, [results])["r"]}}
+
+
+def test_evaluate_output_that_is_no_metrics_file_is_one_error_line(tmp_path):
+  queries, results = _metrics_inputs(tmp_path)
+  (tmp_path / "dir").mkdir()
+  (tmp_path / "latin1.json").write_bytes(b'{"r\xe9": {}}')
+  (tmp_path / "notes.json").write_text("some notes\n")
+  for name, why in [("dir", "is a directory"),
+                    ("latin1.json", "not valid UTF-8 (invalid continuation "
+                     "byte at byte 3)"),
+                    ("notes.json", "bad JSON: Expecting value")]:
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = tmp_path / name
+    data = None if out.is_dir() else out.read_bytes()
+    line = _error_line(_tracer("evaluate", f"--queries={queries}",
+                               f"--results={results}", f"--output={out}",
+                               cwd=tmp_path))
+    assert line.startswith(f"error: {out}") and why in line, line
+    assert line.endswith("expected a metrics file: a JSON object of method -> "
+                         "metrics"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert data is None or out.read_bytes() == data
+
+
+def test_tokenize_output_that_is_a_file_or_a_missing_source(tmp_path, corpus):
+  """An --output that is a file is refused before any work; a missing source
+  leaves no output directory behind."""
+  taken = tmp_path / "notes.txt"
+  taken.write_text("mine\n")
+  for output in (taken, f"file://{taken}"):
+    line = _error_line(_tracer("tokenize", "--gin_file=tiny", f"--corpus={corpus}",
+                               f"--output={output}", cwd=tmp_path))
+    assert line == (f"error: --output={output}: is a file; expected a directory "
+                    "(new, empty, or one tracer wrote)")
+  assert taken.read_text() == "mine\n"
+  line = _error_line(_tracer("tokenize", "--gin_file=tiny", "--corpus=missing.jsonl",
+                             "--output=tok", cwd=tmp_path))
+  assert line == "error: missing.jsonl: no such file"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_trace_refuses_flags_it_would_ignore(tmp_path):
+  """A store's flags with --streaming (only those the user set), and a
+  negative --show."""
+  common = ["trace", f"--workdir={tmp_path / 'w'}", "--queries=q.jsonl",
+            "--corpus=c.jsonl", "--output=r.jsonl"]
+  line = _error_line(_tracer(*common, "--streaming", "--store=s", "--check_chunks",
+                             cwd=tmp_path))
+  assert line.startswith("error: --streaming with --store, --check_chunks: a "
+                         "streaming run keeps no store"), line
+  for flag in ("--verify_store", "--claim_timeout_s=9"):
+    line = _error_line(_tracer(*common, "--streaming", flag, cwd=tmp_path))
+    assert line.startswith(f"error: --streaming with {flag.split('=')[0]}:"), line
+  # Defaults are not the user's, and streaming honours --max_quarantined: the
+  # run goes on (to the missing checkpoint).
+  line = _error_line(_tracer(*common, "--streaming", "--max_quarantined=0.5",
+                             cwd=tmp_path))
+  assert line.endswith("checkpoints: no checkpoint directory"), line
+  line = _error_line(_tracer(*common, "--show=-1", cwd=tmp_path))
+  assert line == "error: flag --show=-1: -1 is not a non-negative integer"
+
+
+def test_view_refuses_server_flags_without_a_server(tmp_path):
+  """--queries and --top_k say what to ask a server; alone they would be
+  ignored."""
+  results = tmp_path / "r.jsonl"
+  results.write_text(json.dumps({"query_id": "a", "proponent_ids": ["d1"],
+                                 "proponent_scores": [1.0]}) + "\n")
+  view = ["view", f"--results={results}", f"--output={tmp_path / 'v.html'}"]
+  for flags, named in [(["--top_k=2"], "--top_k"),
+                       (["--queries=q.jsonl", "--top_k=2"], "--queries, --top_k")]:
+    line = _error_line(_tracer(*view, *flags, cwd=tmp_path))
+    assert line.startswith(f"error: {named} without --server: they say what to "
+                           "ask a running `tracer serve`"), line
+  assert not (tmp_path / "v.html").exists()
+  proc = _tracer(*view, cwd=tmp_path)
+  assert proc.returncode == 0 and (tmp_path / "v.html").exists(), proc.stderr

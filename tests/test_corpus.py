@@ -156,6 +156,24 @@ def test_unfinished_tokenization_is_redone(tmp_path, corpus_path):
     corpus_lib.tokenize(corpus_path, str(tmp_path / "busy"), DataConfig(), 32)
 
 
+def test_a_source_that_cannot_be_read_leaves_no_output(tmp_path):
+  """The source is opened, and its first row read, before anything is
+  created: a missing, empty or bad source leaves no output behind (also a
+  process's part of a sharded run)."""
+  (tmp_path / "blank.jsonl").write_text("\n\n")
+  (tmp_path / "list.jsonl").write_text("[1]\n")
+  out = tmp_path / "tok"
+  for source, shards, message in [
+      ("missing.jsonl", 1, "missing.jsonl: no such file"),
+      ("blank.jsonl", 1, "blank.jsonl: the corpus is empty"),
+      ("list.jsonl", 1, "list.jsonl:1: expected a JSON object, got list"),
+      ("none-*.jsonl", 2, "matches no file")]:
+    with pytest.raises(InputError, match=re.escape(message)):
+      corpus_lib.tokenize(str(tmp_path / source), str(out), DataConfig(), 32,
+                          num_shards=shards)
+    assert not out.exists(), (source, sorted(os.listdir(out)))
+
+
 def test_duplicate_ids_across_shards_are_named(tmp_path):
   a = tmp_path / "a.jsonl"
   b = tmp_path / "b.jsonl"

@@ -207,8 +207,8 @@ def pipeline_case(workdir: str, shared: str) -> dict[str, np.ndarray]:
                                                      BATCH_SIZE).rows)
   out["rerun_rows_read"] = np.int64(corpus.rows_read)
   store.check_complete()
-  streamed = pipeline.stream_corpus(enc, basis, corpus, queries, metric, K,
-                                    BATCH_SIZE)
+  streamed, _ = pipeline.stream_corpus(enc, basis, corpus, queries, metric, K,
+                                       BATCH_SIZE)
   # An int8 store: its column scales come from the basis, written once.
   int8 = pipeline.open_store(os.path.join(workdir, "store_int8"), dataclasses.replace(
       manifest, dtype="int8"), basis)
@@ -539,6 +539,52 @@ def test_sigterm_ends_a_lone_distributed_process(tmp_path):
   _signal_once_up(procs[0], logs[0], deadline, "sigterm")
   codes, texts = multiprocess.ends(procs, logs, deadline)
   assert codes == [-signal.SIGTERM], (codes, texts)
+
+
+# Process 1 lists a store's markers 3 s late, as a slow host of a pod might:
+# after process 0 has checked its chunks and unmarked the bad ones.
+_LATE_LISTING_VERIFY = """
+import sys, time
+from tracer import store as store_lib
+if sys.argv[1] == "1":
+  listed = store_lib.EncodingStore.done_chunks
+  store_lib.EncodingStore.done_chunks = lambda self: (time.sleep(3), listed(self))[1]
+sys.argv = ["verify", *sys.argv[2:]]
+from tracer.launch import config, verify
+config.run(verify.main)
+"""
+
+
+def test_verify_repair_on_two_processes_checks_every_chunk_once(tmp_path):
+  """``tracer verify --repair`` on 2 processes: the chunks each checks come
+  from one listing (process 0's), so a host that lists after another has
+  unmarked a bad chunk still checks its share; every bad chunk is found
+  and unmarked, and the good ones keep their markers."""
+  location = str(tmp_path / "store")
+  manifest = store_lib.Manifest(
+      checkpoint="/ckpt/1", step=1, params_fingerprint="abc", correction="adam",
+      epsilon=1e-8, projection_seed=0, layout=[{"path": "w", "shape": (4, 2)}],
+      dim=6, basis_fingerprint=None, dtype="float32", corpus="corpus.jsonl",
+      num_rows=30, chunk_rows=5, tracer_version="test")
+  store = store_lib.create_or_open(location, manifest)
+  rows = np.random.default_rng(0).standard_normal((30, 6)).astype(np.float32)
+  for chunk in range(store.num_chunks):
+    store.write_chunk(chunk, rows[slice(*store.chunk_bounds(chunk))])
+  for chunk in (0, 3):  # one in each process's share of [0..5]
+    with open(store.chunk_file(chunk), "r+b") as f:
+      raw = bytearray(f.read())
+      raw[7] ^= 0x10
+      f.seek(0)
+      f.write(bytes(raw))
+  port = multiprocess.free_port()
+  procs, logs = multiprocess.start(
+      [[sys.executable, "-c", _LATE_LISTING_VERIFY, str(i), f"--store={location}",
+        "--repair", *multiprocess.distributed_flags(port, i)] for i in range(2)],
+      tmp_path, multiprocess.env(devices=1))
+  codes, texts = multiprocess.ends(procs, logs, time.monotonic() + 180)
+  assert codes == [1, 1], (codes, texts)
+  assert f"{location}: 2 corrupt and 0 missing of 6 chunks" in texts[0], texts
+  assert sorted(store_lib.open_store(location).done_chunks()) == [1, 2, 4, 5]
 
 
 # --------------------------------------------------------------------------

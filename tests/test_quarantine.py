@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tracer import data as data_lib
+from tracer import hessian
 from tracer import model as model_lib
 from tracer import pipeline
 from tracer import scan as scan_lib
@@ -86,10 +87,19 @@ def test_corpus_rows_are_quarantined_and_never_returned(setup):
   assert results[1]["query_id"] == "q1" and results[1]["proponent_ids"] == []
   assert results[1]["error"].startswith("non-finite loss")
   assert len(results[0]["proponent_ids"]) == k and "error" not in results[0]
+  # A k past the rows outside quarantine: every record lists those rows alone.
+  every = scan_lib.scan_store(store, vectors, NUM_DOCS, metric=metric.row_metric())
+  for row in pipeline.result_rows(queries, corpus, every, skipped)[::2]:
+    for side in ("proponent", "opponent"):
+      assert sorted(row[f"{side}_ids"]) == sorted(
+          f"d{i}" for i in range(NUM_DOCS) if i not in BAD_DOCS), row
+      assert np.all(np.isfinite(row[f"{side}_scores"])), row
 
   # Streaming mode leaves them out too.
-  streamed = pipeline.stream_corpus(encoder, None, corpus, vectors, metric, k, 12)
-  np.testing.assert_array_equal(streamed.proponent_rows[[0, 2]],
+  streamed = pipeline.stream_corpus(encoder, None, corpus, vectors, metric, k, 12,
+                                    max_quarantined=0.1)
+  assert streamed.quarantined == len(BAD_DOCS)
+  np.testing.assert_array_equal(streamed.topk.proponent_rows[[0, 2]],
                                 topk.proponent_rows[[0, 2]])
 
 
@@ -102,6 +112,13 @@ def test_too_many_quarantined_rows_stop_the_run(setup):
     pipeline.encode_corpus(encoder, None, corpus, store, batch_size=40,
                            max_quarantined=0.05)
   assert store.pending_chunks() == list(range(store.num_chunks))
+  # Streaming: the same limit.
+  with pytest.raises(QuarantineLimitError,
+                     match=r"3 corpus rows had a non-finite loss or gradient, "
+                     r"more than --max_quarantined=0.05 of the 40 rows.*'d6'"):
+    pipeline.stream_corpus(encoder, None, corpus, np.zeros((1, encoder.dim)),
+                           hessian.identity_metric(encoder.dim), 3, 40,
+                           max_quarantined=0.05)
 
 
 def test_r_train_leaves_quarantined_rows_out(setup):
@@ -110,3 +127,18 @@ def test_r_train_leaves_quarantined_rows_out(setup):
   moments = pipeline.train_moments(encoder, corpus, cfg, batch_size=12)
   assert int(moments.count) == NUM_DOCS - len(BAD_DOCS)
   assert all(np.all(np.isfinite(np.asarray(m))) for m in moments.sums)
+
+
+def test_r_train_of_only_nonfinite_rows_names_the_corpus(setup):
+  """A diverged checkpoint (every loss NaN): fitting R_train is an error
+  naming the corpus and the rows sampled, not a bare ValueError."""
+  root, corpus, encoder, _, _ = setup
+  diverged = GradientEncoder(lambda p, example: jnp.nan * encoder.loss_fn(p, example),
+                             encoder.params, projection_dim=256,
+                             microbatch_size=2, kernel="exact")
+  with pytest.raises(QuarantineLimitError, match=(
+      rf"{root}/corpus.jsonl: every one of the 16 rows sampled for R_train "
+      r"has a non-finite loss or gradient; expected a checkpoint whose loss "
+      r"is finite on the corpus")):
+    pipeline.fit_basis(diverged, corpus, PreconditionerConfig(train_examples=16),
+                       batch_size=12)

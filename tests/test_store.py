@@ -12,6 +12,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from tracer import storage
 from tracer import store as store_lib
 from tracer.errors import CorruptStoreError, InputError
 
@@ -232,6 +233,23 @@ def test_bad_inputs(tmp_path):
     store_lib.read_manifest(s)
 
 
+@pytest.mark.parametrize("field,value,expected", [
+    ("dim", None, "an integer"), ("num_rows", "16x", "an integer"),
+    ("chunk_rows", 2.5, "an integer"), ("step", True, "an integer"),
+    ("dtype", ["bfloat16"], "a string"), ("epsilon", "1e-8", "a number"),
+    ("basis_fingerprint", 3, "a string or null"),
+    ("quantization", None, "an object"), ("encode_config", [], "an object")])
+def test_manifest_fields_of_the_wrong_type_are_named(tmp_path, field, value,
+                                                     expected):
+  s = tmp_path / "s"
+  store_lib.create_or_open(s, _manifest())
+  d = json.loads((s / "manifest.json").read_text())
+  (s / "manifest.json").write_text(json.dumps({**d, field: value}))
+  with pytest.raises(InputError, match=f"manifest.json: field '{field}' must be "
+                     f"{expected}, got "):
+    store_lib.open_store(s)
+
+
 def test_unfinished_creation_is_reset(tmp_path):
   s = store_lib.create_or_open(tmp_path / "s", _manifest())
   _write_all(s, _data(), chunks=[0])
@@ -370,3 +388,40 @@ def test_local_reads_refuse_a_damaged_chunk(tmp_path):
   s.unmark(3)
   with pytest.raises(CorruptStoreError, match="chunk 3 .*has no marker"):
     s.chunk_records_later(15, 20)()
+
+
+# Storage locations --------------------------------------------------------------
+
+
+def test_exists_reads_no_bytes(tmp_path):
+  big = tmp_path / "basis.npz"
+  big.write_bytes(b"x" * 1000)
+  (tmp_path / "sub").mkdir()
+  storage.write_bytes("memory://exists/a/basis.npz", b"x" * 1000)
+  # A basis may be GiBs: exists must not read it (nor anything else).
+  with mock.patch.object(storage, "read_bytes", side_effect=AssertionError):
+    for root in (str(tmp_path), f"file://{tmp_path}"):
+      assert storage.exists(storage.join(root, "basis.npz"))
+      assert not storage.exists(storage.join(root, "missing.npz"))
+      assert not storage.exists(storage.join(root, "no_dir", "basis.npz"))
+      assert not storage.exists(storage.join(root, "sub"))  # a directory
+    assert storage.exists("memory://exists/a/basis.npz")
+    assert not storage.exists("memory://exists/a/missing.npz")
+    assert not storage.exists("memory://exists/no_dir/basis.npz")
+    assert not storage.exists("memory://exists/a")  # a prefix, not an object
+  storage.delete_dir("memory://exists")
+
+
+def test_a_schemes_root_keeps_its_slashes(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert storage.normalize("memory://") == storage.normalize("memory:///") == "memory://"
+  assert storage.join("memory://", "root_test.json") == "memory://root_test.json"
+  assert storage.join("s3://bucket/", "a", "b") == "s3://bucket/a/b"
+  assert storage.split("memory://root_test.json") == ("memory://", "root_test.json")
+  assert storage.split("gs://bucket/a/b") == ("gs://bucket/a", "b")
+  where = storage.join("memory://", "root_test.json")
+  storage.write_text(where, "{}")
+  assert storage.read_json(where) == {} and storage.exists(where)
+  assert "root_test.json" in storage.list_dir("memory://", "root_test")
+  assert os.listdir(tmp_path) == []  # not a local directory named "memory:"
+  storage.delete(where)

@@ -8,13 +8,16 @@ kvstore: local files, GCS and S3 alike), so of two jobs racing for it exactly
 one wins. It names its job::
 
   {"job": "<uuid>", "host": "...", "pid": 1234, "pid_start": "...",
-   "started": "2026-11-29T10:53:05Z", "heartbeat": 1795949655.6}
+   "pid_ns": "pid:[4026531836]", "started": "2026-11-29T10:53:05Z",
+   "heartbeat": 1795949655.6}
 
 and is refreshed (``heartbeat``) every ``stale_after_s / 4`` seconds by a
 background thread while the job runs, and deleted when it ends. Another job
 finding a claim takes it over only if it is stale: its process is gone (same
-host: no such pid, or the pid now belongs to a later process) or its
-heartbeat is older than ``stale_after_s`` (any host). Otherwise it fails at
+host and same PID namespace ``pid_ns``: no such pid, or the pid now belongs to
+a later process) or its heartbeat is older than ``stale_after_s`` (any host,
+any namespace; a record without ``pid_ns`` is judged by this alone). A file
+that is not a claim record (not a JSON object) is stale. Otherwise it fails at
 once with ``StoreClaimedError`` naming the owner.
 """
 
@@ -49,6 +52,25 @@ def _pid_start(pid: int) -> str | None:
     return None
 
 
+def _pid_namespace() -> str | None:
+  """This process's PID namespace (Linux: ``pid:[inode]``): containers that
+  share a hostname (docker --net=host, Kubernetes hostNetwork) may each have
+  their own, where a pid means another process. None where it cannot be known."""
+  try:
+    return os.readlink("/proc/self/ns/pid")
+  except OSError:
+    return None
+
+
+def _parse(value: bytes) -> dict[str, Any]:
+  """A claim record from its bytes; ValueError if it is not one (not UTF-8,
+  not JSON, or not a JSON object)."""
+  owner = json.loads(bytes(value).decode("utf-8"))
+  if not isinstance(owner, dict):
+    raise ValueError(f"expected a JSON object, got {type(owner).__name__}")
+  return owner
+
+
 def _process_alive(pid: int, start: str | None) -> bool:
   try:
     os.kill(pid, 0)
@@ -71,7 +93,14 @@ def stale_reason(owner: dict[str, Any], stale_after_s: float,
   N s"), or None while its job lives."""
   now = time.time() if now is None else now
   age = now - float(owner.get("heartbeat", 0))
-  if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
+  # A pid means this host's process only in this PID namespace. A record
+  # without one (written before tracer recorded it, or where it cannot be
+  # read) is judged by its heartbeat alone: it may be another container's
+  # live job, and taking that over makes two writers of one store, whereas
+  # waiting out a dead job's heartbeat costs at most ``stale_after_s``.
+  namespace = owner.get("pid_ns")
+  if (owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int)
+      and namespace is not None and namespace == _pid_namespace()):
     if not _process_alive(owner["pid"], owner.get("pid_start")):
       return "its process is gone"
   if age > stale_after_s:
@@ -89,10 +118,10 @@ def clear_stale(location: str, stale_after_s: float = DEFAULT_STALE_AFTER_S
   if current.state == "missing":
     return None
   try:
-    owner = json.loads(bytes(current.value).decode("utf-8"))
+    owner = _parse(current.value)
     if stale_reason(owner, stale_after_s) is None:
       return None
-  except (UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError):
+  except (TypeError, ValueError):  # not a claim record: stale
     owner = {}
   kv.write(CLAIM_FILE, None, if_equal=current.stamp.generation).result()
   return owner
@@ -113,6 +142,7 @@ class Claim:
                                context=storage.CONTEXT).result()
     self._record = {"job": uuid.uuid4().hex[:12], "host": socket.gethostname(),
                     "pid": os.getpid(), "pid_start": _pid_start(os.getpid()),
+                    "pid_ns": _pid_namespace(),
                     "started": datetime.datetime.now(datetime.timezone.utc)
                     .strftime("%Y-%m-%dT%H:%M:%SZ")}
     self._generation = None
@@ -141,9 +171,9 @@ class Claim:
       else:
         where = storage.join(self.location, CLAIM_FILE)
         try:
-          owner = json.loads(bytes(current.value).decode("utf-8"))
+          owner = _parse(current.value)
           why = stale_reason(owner, self.stale_after_s)
-        except (UnicodeDecodeError, json.JSONDecodeError, TypeError, ValueError):
+        except (TypeError, ValueError):
           owner, why = {}, "it is not a claim record"
         if why is None:
           raise StoreClaimedError(
@@ -174,8 +204,8 @@ class Claim:
         owner = {}
         if current.state != "missing":
           try:
-            owner = json.loads(bytes(current.value).decode("utf-8"))
-          except (UnicodeDecodeError, json.JSONDecodeError):
+            owner = _parse(current.value)
+          except ValueError:
             pass
         self.lost = (f"{storage.join(self.location, CLAIM_FILE)}: this job's claim "
                      f"on the store was taken over by {describe(owner)}")

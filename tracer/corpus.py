@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import operator
 import os
@@ -387,7 +388,6 @@ def _check_empty_or_unfinished(location: str, allowed: set[str]) -> None:
   if strangers:
     raise InputError(f"{location}: not a tokenized corpus (no {MANIFEST}) and not "
                      f"empty: {strangers[:5]}")
-  storage.make_local_dirs(location)
 
 
 def _part_name(shard_index: int, num_shards: int) -> str:
@@ -413,6 +413,13 @@ def _write(output: str, label: str, records, data_config: DataConfig,
   token_rows = 1 << (token_rows.bit_length() - 1)  # a power of 2: divides blocks
   if block_rows % token_rows:
     raise ValueError(f"block_rows={block_rows} must be a multiple of {token_rows}")
+  # The source's first row is read before anything is created, so a source
+  # that is missing, empty or bad at its start leaves no output behind.
+  rows = data_lib.rows_of(records, vocab, max_len, data_config.overflow)
+  first = next(rows, None)
+  if first is None and shard is None:  # a shard's run of files may be empty
+    raise InputError(f"{label}: the corpus is empty")
+  storage.make_local_dirs(output)
   tokens = _Appender(storage.join(output, "tokens"), token_dtype, (max_len,),
                      token_rows)
   lengths = _Appender(storage.join(output, "lengths"), "int32", (), block_rows)
@@ -441,8 +448,7 @@ def _write(output: str, label: str, records, data_config: DataConfig,
     if progress is not None:
       progress(n)
 
-  for doc_id, text, j, window in data_lib.rows_of(records, vocab, max_len,
-                                                  data_config.overflow):
+  for doc_id, text, j, window in itertools.chain([first] if first else [], rows):
     num_docs += j == 0
     buf["ids"].append(doc_id)
     buf["texts"].append(text)
@@ -451,8 +457,6 @@ def _write(output: str, label: str, records, data_config: DataConfig,
     if len(buf["ids"]) == block_rows:
       flush()
   flush()
-  if not tokens.size and shard is None:  # a shard's run of files may be empty
-    raise InputError(f"{label}: the corpus is empty")
   hashes = np.sort(np.concatenate(hashes))
   repeats = np.flatnonzero(hashes[1:] == hashes[:-1])
   if len(repeats):

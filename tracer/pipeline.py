@@ -304,9 +304,15 @@ def fit_basis(encoder: GradientEncoder, corpus, cfg: PreconditionerConfig,
   query-independent store."""
   if cfg.kind == "none":
     return None
-  basis = hessian.fit_basis(train_moments(encoder, corpus, cfg, batch_size, progress),
-                            dim=encoder.dim, layout_seed=encoder.layout.seed,
-                            kind=cfg.kind)
+  moments = train_moments(encoder, corpus, cfg, batch_size, progress)
+  if int(moments.count) == 0:
+    sampled = len(sample_rows(len(corpus), cfg.train_examples, cfg.sample_seed))
+    raise QuarantineLimitError(
+        f"{recorded_source(corpus)}: every one of the {sampled} rows sampled "
+        "for R_train has a non-finite loss or gradient; expected a checkpoint "
+        "whose loss is finite on the corpus (are its weights finite?)")
+  basis = hessian.fit_basis(moments, dim=encoder.dim,
+                            layout_seed=encoder.layout.seed, kind=cfg.kind)
   basis.fit_key = key
   return basis
 
@@ -328,6 +334,32 @@ def load_or_fit_basis(location: str, key: dict,
   if basis is not None and jax.process_index() == 0:
     basis.save(location)
   return basis, False
+
+
+# The key's fields a given basis may differ in: R_train fitted on another
+# sample of the training data (a held-out shard, an earlier tokenization) is a
+# choice; another checkpoint, correction or projection makes it a wrong R.
+_OTHER_SAMPLE_FIELDS = ("corpus", "num_rows")
+
+
+def given_basis(location: str, key: dict) -> hessian.Basis:
+  """The basis saved at ``location`` (``--basis``) for a new store, checked
+  against ``key`` (``basis_key``: what this run would fit it from), all but
+  the corpus it was sampled from. InputError naming the file and each
+  setting that differs."""
+  basis = hessian.Basis.load(location)
+  have = {**(basis.fit_key or {}), "dim": basis.dim,
+          "projection_seed": basis.layout_seed, "kind": basis.kind}
+  diffs = [f"{k}: the basis has {have[k]!r}, this run has {v!r}"
+           for k, v in key.items()
+           if k in have and k not in _OTHER_SAMPLE_FIELDS and have[k] != v]
+  if diffs:
+    raise InputError(
+        f"{location}: a basis fitted for another checkpoint or settings than "
+        f"this run's ({'; '.join(diffs)}); expected one that tracer "
+        "fit-preconditioner fitted with this run's checkpoint, gin files and "
+        "PreconditionerConfig, or leave out --basis to fit one")
+  return basis
 
 
 def rotate(basis: hessian.Basis | None, phi: jax.Array) -> jax.Array:
@@ -528,13 +560,15 @@ def open_store(location: str, manifest_: store_lib.Manifest,
   return store_lib.create_or_open(location, manifest_, attachments, scales)
 
 
-def agreed_pending_chunks(store: store_lib.EncodingStore) -> np.ndarray:
-  """The chunks still to write, as process 0 sees them, on every process.
+def agreed_done_chunks(store: store_lib.EncodingStore) -> np.ndarray:
+  """The chunks marked done, as process 0 sees them, on every process
+  (sorted). All processes call it together.
 
   Listings of a shared store can differ between hosts (object-store listings
-  are eventually consistent, and a slow host may list before a fast one has
-  written); hosts that acted on different lists would run different
-  collectives and hang.
+  are eventually consistent, a slow host may list before a fast one has
+  written, or after another has unmarked a chunk); hosts that acted on
+  different lists would run different collectives and hang, or split the
+  chunks between them so that some are never checked.
   """
   done = np.zeros(store.num_chunks, np.uint8)
   if jax.process_index() == 0:
@@ -542,7 +576,13 @@ def agreed_pending_chunks(store: store_lib.EncodingStore) -> np.ndarray:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     done = np.asarray(multihost_utils.broadcast_one_to_all(done))
-  return np.flatnonzero(done == 0)
+  return np.flatnonzero(done)
+
+
+def agreed_pending_chunks(store: store_lib.EncodingStore) -> np.ndarray:
+  """The chunks still to write, as process 0 sees them, on every process
+  (``agreed_done_chunks``)."""
+  return np.setdiff1d(np.arange(store.num_chunks), agreed_done_chunks(store))
 
 
 def _local_batches(ranges: Iterator[tuple[int, int]], size: int
@@ -635,13 +675,8 @@ def encode_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
                                                   max(group_rows), batch_size):
     projected = encoder.project_local(examples, valid)
     quarantined += projected.count
-    if quarantined > limit:
-      raise QuarantineLimitError(
-          f"{corpus.source}: {quarantined} corpus rows had a non-finite loss or "
-          f"gradient, more than --max_quarantined={max_quarantined:g} of the "
-          f"{sum(group_rows)} rows this run encodes (first on this process: "
-          f"{_first_quarantined(corpus, rows, projected)}); the checkpoint or "
-          "the data may be broken")
+    _check_quarantined(corpus, rows, projected, quarantined, max_quarantined,
+                       sum(group_rows))
     enc = partitioning.local_part(rotate(basis, projected.phi), axis=1).reshape(
         -1, encoder.dim)[:len(rows)]
     flags = partitioning.local_part(projected.nonfinite, axis=1).reshape(-1)
@@ -671,6 +706,20 @@ def encode_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
   # finish: wait for them, or a scan would find the store incomplete.
   _barrier("tracer-encode-corpus-done")
   return Encoded(encoded, quarantined)
+
+
+def _check_quarantined(corpus, rows: np.ndarray, projected, quarantined: int,
+                       max_quarantined: float, total: int) -> None:
+  """QuarantineLimitError if ``quarantined`` (global, so every process stops
+  at the same step) of the ``total`` rows this run encodes is more than
+  ``max_quarantined`` of them; ``rows``, ``projected``: this batch's."""
+  if quarantined > int(max_quarantined * total):
+    raise QuarantineLimitError(
+        f"{corpus.source}: {quarantined} corpus rows had a non-finite loss or "
+        f"gradient, more than --max_quarantined={max_quarantined:g} of the "
+        f"{total} rows this run encodes (first on this process: "
+        f"{_first_quarantined(corpus, rows, projected)}); the checkpoint or "
+        "the data may be broken")
 
 
 def _first_quarantined(corpus, rows: np.ndarray, projected) -> str:
@@ -706,21 +755,24 @@ def claim_store(location: str, stale_after_s: float = claim_lib.DEFAULT_STALE_AF
 
 
 def written_share(store: store_lib.EncodingStore) -> list[int]:
-  """This process's equal share of the chunks marked done (chunk ``c`` of the
-  sorted list on process ``c % P``): what it checks or summarizes."""
-  done = sorted(store.done_chunks() & set(range(store.num_chunks)))
-  return done[jax.process_index()::jax.process_count()]
+  """This process's equal share of the chunks marked done (chunk ``c`` of
+  ``agreed_done_chunks`` on process ``c % P``): what it checks or
+  summarizes. All processes call it together."""
+  done = agreed_done_chunks(store)
+  return [int(c) for c in done[jax.process_index()::jax.process_count()]]
 
 
 def verify_store(store: store_lib.EncodingStore, repair: bool = False,
-                 progress: ProgressFn = None) -> dict[int, str]:
+                 progress: ProgressFn = None, share: Sequence[int] | None = None
+                 ) -> dict[int, str]:
   """Re-reads every chunk marked done and checks it against its marker.
 
-  Each process checks its ``written_share`` of the chunks and returns ``{chunk: why}`` for the bad ones of its share;
-  ``repair`` removes their markers, so the next encode rewrites exactly them.
-  Chunks never written are not reported here (``pending_chunks``).
+  Each process checks its ``share`` of the chunks (default ``written_share``)
+  and returns ``{chunk: why}`` for the bad ones of it; ``repair`` removes
+  their markers, so the next encode rewrites exactly them. Chunks never
+  written are not reported here (``pending_chunks``).
   """
-  share = written_share(store)
+  share = written_share(store) if share is None else share
   bad = {}
   for i, chunk in enumerate(share):
     why = store.verify_chunk(chunk)
@@ -733,33 +785,43 @@ def verify_store(store: store_lib.EncodingStore, repair: bool = False,
   return bad
 
 
+class Streamed(NamedTuple):
+  topk: scan_lib.TopK
+  quarantined: int   # rows left out for a non-finite loss or gradient
+
+
 def stream_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
                   query_vectors: np.ndarray, metric: hessian.QueryMetric, k: int,
-                  batch_size: int, progress: ProgressFn = None) -> scan_lib.TopK:
+                  batch_size: int, progress: ProgressFn = None,
+                  max_quarantined: float = DEFAULT_MAX_QUARANTINED) -> Streamed:
   """Streaming mode: each corpus batch is scored as it is encoded, no store
   (``query_vectors`` and ``metric`` from ``query_metric``).
 
   Rows are split into one contiguous range per data group; each process reads
-  and encodes its own, and only top-k candidates cross hosts.
+  and encodes its own, and only top-k candidates cross hosts. Rows with a
+  non-finite loss or gradient are left out, as a store scan leaves them, and
+  counted: more than ``max_quarantined`` of the corpus is an error
+  (``encode_corpus``'s).
   """
   groups, group, _ = partitioning.data_groups(encoder.mesh)
   n = len(corpus)
   bounds = [(g * n // groups, (g + 1) * n // groups) for g in range(groups)]
   scanner = scan_lib.StreamingScanner(query_vectors, k, encoder.mesh,
                                       metric=metric.row_metric())
-  done = 0
+  done = quarantined = 0
   for rows, examples, valid in _run_local_batches(
       encoder, corpus, iter(bounds[group:group + 1]),
       max(b - a for a, b in bounds), batch_size):
     projected = encoder.project_local(examples, valid)
+    quarantined += projected.count
+    _check_quarantined(corpus, rows, projected, quarantined, max_quarantined, n)
     ids = np.zeros(len(valid), np.int32)
     ids[:len(rows)] = rows
-    # Quarantined rows (non-finite) are left out, as a store scan leaves them.
     scanner.add_stepped(rotate(basis, projected.phi), encoder.put_local(ids),
                         projected.usable)
     done += len(rows)
     _report(progress, done, bounds[group][1] - bounds[group][0])
-  return scanner.result()
+  return Streamed(scanner.result(), quarantined)
 
 
 # --- results ------------------------------------------------------------------
@@ -778,6 +840,7 @@ def result_rows(queries: Sequence[dict], corpus, topk: scan_lib.TopK,
   keep = [i for i in range(len(queries)) if i not in skipped]
   rows = np.unique(np.concatenate([topk.proponent_rows[keep].ravel(),
                                    topk.opponent_rows[keep].ravel()]))
+  rows = rows[rows != scan_lib.INVALID_ROW]
   ids = dict(zip(rows.tolist(), corpus.ids_of(rows)))
   texts = dict(zip(rows.tolist(), corpus.texts_of(rows)))
   out = []
@@ -787,10 +850,16 @@ def result_rows(queries: Sequence[dict], corpus, topk: scan_lib.TopK,
       row["error"] = f"{skipped[i]}: no proponents computed"
       out.append(row)
       continue
-    prop, opp = topk.proponent_rows[i].tolist(), topk.opponent_rows[i].tolist()
+    # Fewer rows than k outside quarantine: the scan fills the rest with
+    # INVALID_ROW, which no record lists.
+    real_p = topk.proponent_rows[i] != scan_lib.INVALID_ROW
+    real_o = topk.opponent_rows[i] != scan_lib.INVALID_ROW
+    prop = topk.proponent_rows[i][real_p].tolist()
+    opp = topk.opponent_rows[i][real_o].tolist()
     out.append(evaluate.make_result_row(
-        q, [ids[r] for r in prop], topk.proponent_scores[i], [texts[r] for r in prop],
-        [ids[r] for r in opp], topk.opponent_scores[i], [texts[r] for r in opp],
+        q, [ids[r] for r in prop], topk.proponent_scores[i][real_p],
+        [texts[r] for r in prop], [ids[r] for r in opp],
+        topk.opponent_scores[i][real_o], [texts[r] for r in opp],
         **_prediction_args(preds[i])))
   return out
 

@@ -50,7 +50,8 @@ def is_url(location: str) -> bool:
 
 
 def normalize(location: str | os.PathLike[str]) -> str:
-  """A URL unchanged (without a trailing slash); a local path made absolute."""
+  """A URL unchanged (without a trailing slash; a scheme's root keeps its
+  ``://``); a local path made absolute."""
   location = os.fspath(location)
   if is_url(location):
     scheme, rest = location.split("://", 1)
@@ -62,7 +63,8 @@ def join(location: str, *names: str) -> str:
   """``location/name/...`` for URLs and paths alike."""
   location = os.fspath(location)
   if is_url(location):
-    return posixpath.join(location.rstrip("/"), *names)
+    # normalize, not rstrip: ``memory://`` must keep the slashes of its scheme.
+    return posixpath.join(normalize(location), *names)
   return os.path.join(location, *names)
 
 
@@ -70,8 +72,9 @@ def split(location: str) -> tuple[str, str]:
   """``(parent, name)`` of a file location."""
   location = normalize(location)
   if is_url(location):
-    parent, name = location.rsplit("/", 1)
-    return parent, name
+    scheme, rest = location.split("://", 1)
+    parent, _, name = rest.rpartition("/")
+    return f"{scheme}://{parent}", name  # ``memory://name``: the scheme's root
   return os.path.dirname(location), os.path.basename(location)
 
 
@@ -305,7 +308,19 @@ def write_text(location: str, text: str) -> None:
 
 
 def exists(location: str) -> bool:
-  return read_bytes(location) is not None
+  """Whether the file exists, without reading it (a basis may be GiBs): a
+  local path is a stat; an object a read of zero bytes, which tensorstore
+  makes a metadata request (GCS's object metadata, S3's HEAD). False for a
+  directory and for a file whose directory is missing."""
+  location = os.fspath(location)
+  if not is_url(location):
+    return os.path.isfile(location)
+  kv, name = _kv(location)
+  try:
+    result = kv.read(name, byte_range=slice(0, 0)).result()
+  except ValueError as e:
+    raise InputError(f"{location}: cannot read: {reason(e)}") from None
+  return result.state == "value"
 
 
 def delete(location: str) -> None:

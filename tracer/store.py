@@ -91,6 +91,21 @@ STORAGE_FIELDS = ("dtype", "corpus", "num_rows", "chunk_rows")
 # Manifest fields compared by more than equality.
 _SAME = {"corpus": data_lib.same_source}
 
+_STR, _INT = ((str,), "a string"), ((int,), "an integer")
+# The JSON types of a manifest file's fields (``Manifest.from_dict``), so that
+# a damaged file is an InputError naming the field, not a TypeError later.
+# ``layout`` is opaque; ``factored``'s weight names and the values' ranges are
+# ``_validate``'s.
+_FIELD_TYPES = {
+    "checkpoint": _STR, "step": _INT, "params_fingerprint": _STR,
+    "correction": _STR, "epsilon": ((int, float), "a number"),
+    "projection_seed": _INT, "dim": _INT,
+    "basis_fingerprint": ((str, type(None)), "a string or null"),
+    "kernel": _STR, "format": _STR, "dtype": _STR, "corpus": _STR,
+    "num_rows": _INT, "chunk_rows": _INT, "corpus_rows": _STR,
+    "quantization": ((dict,), "an object"), "encode_config": ((dict,), "an object"),
+    "tracer_version": _STR}
+
 
 @dataclasses.dataclass(frozen=True)
 class Manifest:
@@ -176,6 +191,11 @@ class Manifest:
     missing = sorted(required - set(d))
     if missing:
       raise InputError(f"{where}: missing field(s) {missing}")
+    for name, value in d.items():
+      types, what = _FIELD_TYPES.get(name, (object, ""))
+      # bool is an int to Python, never a count or a seed here.
+      if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise InputError(f"{where}: field {name!r} must be {what}, got {_brief(value)}")
     return cls(**d)
 
   def check_compatible(self, expected: Manifest,
