@@ -161,12 +161,14 @@ def build(workdir: str, store_path: str | None = None, corpus: str | None = None
                         summed, tasks if task_queries else None)
 
 
-def limits(tracer: serving.Tracer) -> serving.Limits:
+def limits(num_rows: int, top_k: int, max_top_k: int, max_queries: int,
+           max_body_mb: float) -> serving.Limits:
+  """A request's limits (the flags'); a request without ``top_k`` gets
+  ``top_k``, within what any request may ask for."""
   return serving.Limits(
-      num_rows=tracer.index.store.num_rows, max_top_k=FLAGS.max_top_k,
-      max_queries=FLAGS.max_batch_queries,
-      default_top_k=min(FLAGS.top_k, tracer.index.store.num_rows),
-      max_body_bytes=int(FLAGS.max_body_mb * 2**20))
+      num_rows=num_rows, max_top_k=max_top_k, max_queries=max_queries,
+      default_top_k=min(top_k, max_top_k, num_rows),
+      max_body_bytes=int(max_body_mb * 2**20))
 
 
 def info(tracer: serving.Tracer, lim: serving.Limits) -> dict:
@@ -192,14 +194,31 @@ class Server:
                lim: serving.Limits | None = None):
     lim = lim or serving.Limits(tracer.index.store.num_rows)
     answer, extra = tracer.answer, {}
+    self.stopped = threading.Event()  # a signal, or (multi-host) a failure
+    self.failure: Exception | None = None
     if jax.process_count() > 1:
       channel = serving.Channel()
 
       def answer(requests):
+        # After a failed batch the processes may be out of step (one host's
+        # read failed while the others wait in the scan's collective): no
+        # collective runs again, and the job ends with the error (main).
+        if self.failure is not None:
+          raise RuntimeError(f"the server is stopping: a batch failed "
+                             f"({type(self.failure).__name__}: {self.failure})")
         channel.send(requests)
-        return tracer.answer(requests)
-      extra = dict(idle_s=FLAGS.idle_tick_s, on_idle=lambda: channel.send([]),
-                   on_stop=lambda: channel.send(None))
+        try:
+          return tracer.answer(requests)
+        except Exception as e:
+          self.failure = e
+          self.stopped.set()
+          raise
+
+      def tell(requests):
+        if self.failure is None:
+          channel.send(requests)
+      extra = dict(idle_s=FLAGS.idle_tick_s, on_idle=lambda: tell([]),
+                   on_stop=lambda: tell(None))
     self.batcher = serving.Batcher(answer, window_s, lim.max_queries, **extra)
     service = serving.Service(lim, tracer.check, self.batcher, info(tracer, lim),
                               log)
@@ -288,7 +307,8 @@ def main(argv):
   if jax.process_index() != 0:
     serving.follow(tracer, serving.Channel())
     return
-  lim = limits(tracer)
+  lim = limits(tracer.index.store.num_rows, FLAGS.top_k, FLAGS.max_top_k,
+               FLAGS.max_batch_queries, FLAGS.max_body_mb)
   server = Server(tracer, FLAGS.host, FLAGS.port, FLAGS.batch_window_ms / 1000,
                   FLAGS.log_requests, lim)
   print(f"listening on {server.url} (POST /trace, GET /health)", flush=True)
@@ -297,9 +317,11 @@ def main(argv):
       print(format_rows(measure(server.url, measure_queries,
                                 FLAGS.measure_repeats)), flush=True)
     else:
-      _wait_for_signal(threading.Event())
+      _wait_for_signal(server.stopped)
   finally:
     server.close()
+  if server.failure is not None:
+    raise server.failure
 
 
 if __name__ == "__main__":

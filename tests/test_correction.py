@@ -82,6 +82,24 @@ def test_adafactor_factored_v_by_hand():
   assert fs.v["m"].shape == (1,) and fs.v_row["v"].shape == (1,)
 
 
+def test_adafactor_v_is_split_as_its_param():
+  """A factored V is made on the param's sharding (never whole on a device),
+  with the same values."""
+  from tracer import partitioning  # pylint: disable=g-import-not-at-top
+  params, _, _, state = _run(_adafactor())
+  mesh = partitioning.make_mesh(model=2)
+  shardings = partitioning.given_shardings(mesh, params, None)
+  placed = partitioning.place(params, shardings)
+  v = correction.second_moment(state, placed)
+  want = _np(correction.second_moment(state, params))
+  assert v["m"].sharding.spec != jax.sharding.PartitionSpec()  # split over model
+  for name in params:
+    if name in ("m", "t"):  # factored (the others are the state's own v)
+      assert v[name].sharding.is_equivalent_to(placed[name].sharding,
+                                               v[name].ndim), name
+    np.testing.assert_allclose(np.asarray(v[name]), want[name], rtol=1e-6)
+
+
 def test_adafactor_v_reproduces_its_update():
   # Without clipping, parameter scaling or momentum the update is -lr g / sqrt(V).
   params, grads, updates, state = _run(

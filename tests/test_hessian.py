@@ -197,6 +197,35 @@ def test_apply_is_block_diagonal_product():
                              atol=1e-6)
 
 
+def test_a_basis_and_preconditioner_are_placed_on_the_mesh_once(monkeypatch):
+  """A corpus encode rotates every batch: after the first call the matrices
+  stay on the mesh (no copy from the host, implicit or placed), and the
+  product is the same."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from tracer import partitioning  # pylint: disable=g-import-not-at-top
+  placed = []
+  put_global = partitioning.put_global
+  monkeypatch.setattr(partitioning, "put_global",
+                      lambda x, sharding: placed.append(1) or put_global(x, sharding))
+  rng = np.random.default_rng(2)
+  a, b = rng.normal(size=(3, 3)), rng.normal(size=(2, 2))
+  train = _moments(a @ a.T, b @ b.T, count=3)
+  basis = hessian.fit_basis(train, dim=5, layout_seed=0)
+  pre = hessian.fit(train, kind="block", dim=5, layout_seed=0)
+  mesh = partitioning.make_mesh(model=2)
+  phi = rng.normal(size=(8, 5)).astype(np.float32)
+  on_mesh = put_global(phi, partitioning.rows_sharding(mesh))
+  for matrices, fn in ((basis.vectors, basis.rotate), (pre.inv_sqrt, pre.apply)):
+    want = np.concatenate([phi[:, :3] @ np.asarray(matrices[0]),
+                           phi[:, 3:] @ np.asarray(matrices[1])], axis=1)
+    np.testing.assert_allclose(fn(on_mesh), want, rtol=1e-5, atol=1e-6)
+    placed.clear()
+    with jax.transfer_guard("disallow"):
+      again = fn(on_mesh)
+    assert not placed
+    np.testing.assert_allclose(again, want, rtol=1e-5, atol=1e-6)
+
+
 def test_save_load_round_trip(tmp_path):
   rng = np.random.default_rng(2)
   a, b = rng.normal(size=(3, 3)), rng.normal(size=(2, 2))

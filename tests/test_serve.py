@@ -599,6 +599,10 @@ BAD_REQUESTS = [
     ({"queries": [GOOD], "top_k": 51}, 400,
      r"^field 'top_k': 51 is out of range; expected 1\.\.50 \(the store has 96 "
      r"rows, this server answers at most 50\)"),
+    (b"[" * 2000 + b"]" * 2000, 400,
+     r"^body: not JSON this server reads \(RecursionError"),
+    (b'{"queries": [{"id": "g", "prompt": "abc", "target": "de", "x": NaN}]}',
+     400, r"^body: not JSON this server reads \(ValueError: NaN is not a JSON value"),
 ]
 
 
@@ -619,16 +623,49 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_the_server_goes_on(
         (("GET", "/trace"), 405, r"/trace takes POST"),
         (("POST", "/trace", b"{}", {"Content-Length": "x1"}), 400,
          r"Content-Length 'x1' is not a byte count"),
+        (("POST", "/trace", b"{}", {"Content-Length": "\u00b2"}), 400,
+         r"Content-Length '\u00b2' is not a byte count"),
     ]
     for args, status, message in cases:
       got_status, got = _raw(url, *args)
       assert got_status == status and re.search(message, got["error"]), (args, got)
     # No Content-Length: 411 (http.client adds none without a body).
     assert _raw(url, "POST", "/trace")[0] == 411
+    # More queries than one request takes, and no task R: each part would get
+    # its own R, so tracer view --server refuses before sending any.
+    with pytest.raises(InputError, match=r"9 queries, more than the 8 it takes "
+                       r"in one request, and it holds no task R"):
+      serving.trace_all(url, [dict(GOOD, id=str(i)) for i in range(9)])
+    # An integer Python will not read (past 4,300 digits; a body too large
+    # for this server's 4,096 bytes, so asked of the parser).
+    with pytest.raises(serving.RequestError, match=r"^body: not JSON this server "
+                       r"reads \(ValueError: Exceeds the limit"):
+      serving.parse_request(b'{"top_k": ' + b"1" * 4301 + b"}", lim)
+    assert serve.limits(NUM_DOCS, top_k=10, max_top_k=5, max_queries=8,
+                        max_body_mb=1).default_top_k == 5
     # Still serving, and answering right.
     status, got = _post(url, {"queries": traced.sets["one"][0], "top_k": K})
     assert status == 200
     assert_same_records(got["results"], traced.results["one"])
+  finally:
+    server.close()
+
+
+def test_a_stalled_connection_is_closed(tracer_):
+  """A client that stops sending mid-body holds a thread only until the
+  read timeout; the server answers the next client."""
+  import socket  # pylint: disable=g-import-not-at-top
+  server = serve.Server(tracer_)
+  http_server = server.http
+  http_server.RequestHandlerClass.timeout = 1.0
+  try:
+    parts = urllib.parse.urlsplit(server.url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+      sock.sendall(b"POST /trace HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+      start = time.monotonic()
+      assert sock.recv(1024) == b""  # closed by the server
+      assert time.monotonic() - start < 20
+    assert serving.health(server.url)["status"] == "ok"
   finally:
     server.close()
 
@@ -765,3 +802,32 @@ def test_a_follower_that_dies_ends_the_server(traced, tmp_path):
         f"status {statuses[0]}")
   assert statuses == [coordination.LOST_STATUS, -9], texts[0][-3000:]
   assert "process 1 of 2 failed: no word from it" in texts[0], texts[0][-3000:]
+
+
+def test_a_batch_that_fails_on_one_process_ends_the_server(traced, tmp_path):
+  """Streamed, on 2 processes: a chunk only process 1 reads goes bad while
+  the server runs. Its batch fails there while process 0 waits in the
+  scan's collective, so the processes are out of step: both end, naming
+  the chunk, instead of serving nothing forever."""
+  store = tmp_path / "store"
+  shutil.copytree(traced.root / "store", store)
+  port, http_port = multiprocess.free_port(), multiprocess.free_port()
+  commands = [_serve_command(traced, http_port, f"--store={store}",
+                             "--resident_budget_mb=0", "--idle_tick_s=1",
+                             *multiprocess.distributed_flags(port, i))
+              for i in range(2)]
+  procs, logs = multiprocess.start(commands, tmp_path, multiprocess.env(devices=4))
+  url = _wait_listening(procs, logs[0], time.monotonic() + TIMEOUT_S)
+  assert_same_records(serving.trace(url, traced.sets["one"][0], K)["results"],
+                      traced.results["one"])
+  written = store_lib.open_store(str(store))
+  last = written.num_rows - 1  # on process 1's devices
+  written.array[last:last + 1].write(
+      np.full((1, written.dim), 7, written.array.dtype.numpy_dtype)).result()
+  start = time.monotonic()
+  with pytest.raises(InputError, match="the server closed the connection"):
+    serving.trace(url, traced.sets["one"][0], K, timeout=120)
+  statuses, texts = multiprocess.ends(procs, logs, time.monotonic() + 60)
+  print(f"both ended {time.monotonic() - start:.1f} s after the request")
+  assert statuses == [2, 2], (statuses, texts[0][-3000:], texts[1][-3000:])
+  assert "process 1 of 2 failed" in texts[0] and "checksum" in texts[0], texts[0][-3000:]

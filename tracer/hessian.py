@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tracer import partitioning
 from tracer import projection
 from tracer import storage
 from tracer.errors import InputError
@@ -132,6 +133,19 @@ def _inv_sqrt(r: np.ndarray, damping: float) -> np.ndarray:
   return (u * (w + floor) ** -0.5) @ u.T
 
 
+def _placed(arrays, like, cache: dict) -> list:
+  """``arrays`` (a segment's matrix each) replicated on the mesh ``like`` (an
+  array) is on, placed once per mesh and kept in ``cache``: a corpus encode
+  rotates every batch, and copying a basis from the host each time (up to
+  1.7 GiB at d = 2^16 with layer-stacked blocks) costs more than the batch."""
+  sharding = getattr(like, "sharding", None)
+  mesh = sharding.mesh if isinstance(sharding, jax.sharding.NamedSharding) else None
+  if mesh not in cache:
+    cache[mesh] = [jnp.asarray(a) if mesh is None else partitioning.put_global(
+        a, partitioning.replicated(mesh)) for a in arrays]
+  return cache[mesh]
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def _apply(phi, segments, inv_sqrt):
   return jnp.concatenate(
@@ -155,10 +169,13 @@ class Preconditioner:
   # What the fit was made from (checkpoint, corpus, queries, settings), so a
   # rerun can tell whether a saved preconditioner is the one it would fit.
   fit_key: dict | None = None
+  _on_devices: dict = dataclasses.field(default_factory=dict, repr=False,
+                                        compare=False)  # ``_placed``'s
 
   def apply(self, phi: jax.Array) -> jax.Array:
     """``phi @ R^(-1/2)`` for ``phi: f32[..., d]`` (R^(-1/2) is symmetric)."""
-    return _apply(phi, tuple(self.segments), list(self.inv_sqrt))
+    return _apply(phi, tuple(self.segments),
+                  _placed(self.inv_sqrt, phi, self._on_devices))
 
   def metadata(self) -> dict:
     return {"kind": self.kind, "segments": [list(s) for s in self.segments],
@@ -284,10 +301,13 @@ class Basis:
   dim: int
   layout_seed: int
   fit_key: dict | None = None
+  _on_devices: dict = dataclasses.field(default_factory=dict, repr=False,
+                                        compare=False)  # ``_placed``'s
 
   def rotate(self, phi: jax.Array) -> jax.Array:
     """``psi = phi @ V`` per segment, for ``phi: f32[..., d]``."""
-    return _apply(phi, tuple(self.segments), [jnp.asarray(v) for v in self.vectors])
+    return _apply(phi, tuple(self.segments),
+                  _placed(self.vectors, phi, self._on_devices))
 
   def column_scales(self, floor: float = 0.01) -> np.ndarray:
     """f32 ``[d]``: ``sqrt(s + floor * mean(s))`` per coordinate, ``s`` its

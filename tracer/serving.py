@@ -42,6 +42,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import http.client
 import http.server
 import json
 import queue
@@ -170,17 +171,26 @@ def _top_k(body: dict, limits: Limits) -> int:
   return top_k
 
 
+def _no_constant(name: str):
+  """json's NaN / Infinity, which are not JSON (and a strict client would
+  refuse them echoed back in a query's fields)."""
+  raise ValueError(f"{name} is not a JSON value")
+
+
 def parse_request(body: bytes, limits: Limits) -> Request:
   """``{"queries": [{"id", "prompt", "target", ...}], "top_k": K}`` checked;
   RequestError (400, 413 for too many queries) naming the field."""
   try:
-    obj = json.loads(body.decode("utf-8"))
+    obj = json.loads(body.decode("utf-8"), parse_constant=_no_constant)
   except UnicodeDecodeError as e:
     raise RequestError(f"body: not valid UTF-8 ({e.reason} at byte {e.start})") from None
   except json.JSONDecodeError as e:
     raise RequestError(f"body: not valid JSON ({e.msg} at line {e.lineno} column "
                        f"{e.colno}); expected {{\"queries\": [...], \"top_k\": K}}"
                        ) from None
+  except (ValueError, RecursionError) as e:  # an integer of 4,300+ digits; deep nesting
+    raise RequestError(f"body: not JSON this server reads ({type(e).__name__}: "
+                       f"{str(e)[:100]})") from None
   if not isinstance(obj, dict):
     raise RequestError(f"body: expected a JSON object, got {_json_type(obj)}")
   unknown = sorted(set(obj) - {"queries", "top_k", "task_r"})
@@ -827,14 +837,12 @@ class Channel:
 
 def follow(tracer: Tracer, channel: Channel) -> None:
   """What processes other than 0 do: answer every batch process 0 sends,
-  until it says stop."""
+  until it says stop. A batch that fails here raises: the processes are no
+  longer in step (this host's read failed while the others wait in the
+  scan's collective), so the job ends (``launch.cli`` tells the others)."""
   while (batch := channel.receive()) is not None:
     if batch:
-      try:
-        tracer.answer(batch)
-      except Exception:  # pylint: disable=broad-except
-        # Process 0 reports it; staying in the loop keeps the processes in step.
-        traceback.print_exc()
+      tracer.answer(batch)
 
 
 # --- batching -------------------------------------------------------------------
@@ -952,6 +960,9 @@ def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
   class Handler(http.server.BaseHTTPRequestHandler):
     server_version = "tracer"
     protocol_version = "HTTP/1.1"  # keep-alive: a client's next request skips the handshake
+    # A connection that sends nothing for this long (a stalled body, an idle
+    # keep-alive) is closed: each holds a thread.
+    timeout = 120
 
     def _send(self, status: int, obj: Any, close: bool = False,
               headers: Sequence[tuple[str, str]] = ()) -> None:
@@ -1016,7 +1027,7 @@ def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
       if length is None:
         self._error(411, "Content-Length required", close=True)
         return None
-      if not length.isdigit():
+      if not (length.isascii() and length.isdigit()):  # int() takes "²" too
         self._error(400, f"Content-Length {length!r} is not a byte count",
                     close=True)
         return None
@@ -1064,6 +1075,11 @@ def _call(url: str, body: dict | None = None, timeout: float = 600) -> dict:
     raise InputError(f"{url}: HTTP {e.code}: {message}") from None
   except urllib.error.URLError as e:
     raise InputError(f"{url}: cannot reach the server ({e.reason})") from None
+  except TimeoutError:
+    raise InputError(f"{url}: no answer within {timeout:g} s") from None
+  except (http.client.HTTPException, OSError) as e:  # the server went away
+    raise InputError(f"{url}: the server closed the connection without an "
+                     f"answer ({type(e).__name__}: {e})") from None
 
 
 def health(server: str, timeout: float = 60) -> dict:
@@ -1085,8 +1101,20 @@ def trace(server: str, queries: Sequence[dict], top_k: int | None = None,
 
 def trace_all(server: str, queries: Sequence[dict], top_k: int | None = None
               ) -> list[dict]:
-  """Records for any number of queries, sent in requests of the server's
-  ``max_queries`` each."""
-  size = health(server)["max_queries"]
+  """Records for any number of queries: one request, or requests of the
+  server's ``max_queries`` each under the task R it holds (each request's
+  own R would be fitted from its part alone: not ``tracer trace``'s
+  answer); InputError when it holds none."""
+  info = health(server)
+  size, task_r = info["max_queries"], None
+  if len(queries) > size:
+    if not info.get("task_queries"):
+      raise InputError(
+          f"{server}: {len(queries)} queries, more than the {size} it takes in "
+          "one request, and it holds no task R: each request would get an R "
+          "fitted from its part alone; expected a server started with "
+          f"--max_batch_queries={len(queries)} or more, or --task_queries")
+    task_r = True
   return [record for lo in range(0, len(queries), size)
-          for record in trace(server, queries[lo:lo + size], top_k)["results"]]
+          for record in trace(server, queries[lo:lo + size], top_k,
+                              task_r=task_r)["results"]]
