@@ -249,8 +249,13 @@ def test_a_streamed_batch_reads_the_stores_once(tmp_path, monkeypatch, parts):
   want = [scan_lib.scan_stores(stores, v, k, mesh=mesh,
                                metrics=[m.row_metric() for m in ms])
           for v, ms, k in zip(vectors, metrics, ks)]
-  for g, w in zip(got + index.search(vectors[:1], metrics[:1], ks[:1]),
-                  want + want[:1]):
+  shapes = []
+  scan_stores = scan_lib.scan_stores
+  monkeypatch.setattr(serving.scan_lib, "scan_stores", lambda st, v, k, **kw: (
+      shapes.append((len(v[0]), k)) or scan_stores(st, v, k, **kw)))
+  alone = [index.search([v], [m], [k]) for v, m, k in zip(vectors, metrics, ks)]
+  assert shapes == [(2, 4), (1, 16), (4, 2)]  # padded to powers of two
+  for g, w in zip(got + [a[0] for a in alone], want + want):
     np.testing.assert_array_equal(g.proponent_rows, w.proponent_rows)
     np.testing.assert_array_equal(g.opponent_rows, w.opponent_rows)
     np.testing.assert_allclose(g.proponent_scores, w.proponent_scores, rtol=1e-5)

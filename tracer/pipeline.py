@@ -665,7 +665,6 @@ def encode_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
   groups, group, writer = partitioning.data_groups(encoder.mesh)
   sizes = np.minimum(store.chunk_rows, store.num_rows - pending * store.chunk_rows)
   group_rows = [int(sizes[g::groups].sum()) for g in range(groups)]
-  limit = int(max_quarantined * sum(group_rows))
   mine = [int(c) for c in pending[group::groups]]
   total = group_rows[group]
   # Rows arrive in the order of ``mine``: fill one chunk after the other.
