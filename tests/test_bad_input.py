@@ -198,11 +198,11 @@ def gin(*extra: str) -> list[str]:
 
 
 def scan(s: Shared, d: Path, *extra: str, queries=None, store=None, output=None,
-         checkpoint=None, top_k=K, bindings=()) -> tuple[str, list[str]]:
+         checkpoint=None, top_k=K, bindings=(), corpus=None) -> tuple[str, list[str]]:
   """launch.scan of the shared store; the results would go to d/out."""
   return "scan", [f"--workdir={d / 'out' / 'w'}",
                   f"--checkpoint={checkpoint or s.checkpoints}",
-                  f"--corpus={s.corpus}", f"--queries={queries or s.queries}",
+                  f"--corpus={corpus or s.corpus}", f"--queries={queries or s.queries}",
                   f"--store={store or s.store}",
                   f"--output={output or d / 'out' / 'results.jsonl'}",
                   f"--top_k={top_k}", *gin(*bindings), *extra]
@@ -275,6 +275,18 @@ def truncated_chunk(s: Shared, d: Path):
   data = chunk.read_bytes()
   chunk.write_bytes(data[:len(data) // 2])
   return scan(s, d, store=store)
+
+
+def edited_corpus(s: Shared, d: Path):
+  """A copy of the store, and of its corpus then edited in place: the same
+  lines in reverse order (as many rows, other ids at each row)."""
+  store = d / "store"
+  shutil.copytree(s.store, store)
+  corpus = lines_file(d, "corpus.jsonl", s.corpus_lines[::-1])
+  manifest = store / store_lib.MANIFEST
+  manifest.write_text(json.dumps({**json.loads(manifest.read_text()),
+                                  "corpus": str(corpus)}))
+  return scan(s, d, store=store, corpus=corpus)
 
 
 def other_model_config(s: Shared, d: Path):
@@ -507,6 +519,10 @@ CASES = [
          "nostore: no store to take the corpus from; pass --corpus (tracer "
          "trace encodes it)"),
     Case("truncated zarr chunk", truncated_chunk, "chunk 1"),
+    Case("corpus edited in place", edited_corpus,
+         "encodings are not comparable: field 'corpus_fingerprint' (the "
+         "corpus's rows (ids or tokens) are not those the store was encoded "
+         "from: was the corpus edited in place?): store has '"),
     Case("output is a directory", lambda s, d: scan(s, d, output=d),
          "is a directory; expected a file (new, or one to replace)"),
     Case("full disk", full_disk,

@@ -66,6 +66,8 @@ def test_tokenized_rows_equal_the_in_memory_rows(tmp_path, corpus_path, overflow
   assert (m.source, m.num_rows, m.max_len, m.overflow, m.tokenizer, m.token_dtype) == (
       corpus_path, len(memory), 32, overflow, "byte", "uint16")
   assert m.num_docs == len(set(memory.ids))
+  assert len(tokenized.fingerprint) == 16
+  assert tokenized.fingerprint == memory.fingerprint
   # open_corpus picks the tokenized directory and checks it against the model.
   opened = corpus_lib.open_corpus(str(tmp_path / "tok"), config, 32)
   assert isinstance(opened, corpus_lib.TokenizedCorpus)
@@ -212,6 +214,38 @@ def test_launch_tokenize(tmp_path, corpus_path):
   _assert_same_rows(memory, corpus)
 
 
+def _fingerprint(rows) -> str:
+  f = data_lib.RowsFingerprint()
+  for row in rows:
+    f.add(*row)
+  return f.hex()
+
+
+def test_rows_fingerprint_sees_every_edit_and_combines_parts():
+  rng = np.random.default_rng(0)
+  rows = [(f"d{i // 2}", i % 2, rng.integers(0, 300, 5)) for i in range(40)]
+  whole = _fingerprint(rows)
+  edits = {
+      "swap two rows": rows[:3] + [rows[30]] + rows[4:30] + [rows[3]] + rows[31:],
+      "reverse": rows[::-1],
+      "another id": rows[:7] + [("d99", *rows[7][1:])] + rows[8:],
+      "another window index": rows[:7] + [(rows[7][0], 5, rows[7][2])] + rows[8:],
+      "another token": rows[:7] + [(*rows[7][:2], rows[7][2] + (
+          np.arange(5) == 4))] + rows[8:],
+      "a token dropped": rows[:7] + [(*rows[7][:2], rows[7][2][:4])] + rows[8:],
+      "a row dropped, one added": rows[1:] + [("new", 0, rows[0][2])],
+      "id and window index run together": rows[:7] + [("d31", 0, rows[7][2])]
+      + rows[8:],
+  }
+  for name, edited in edits.items():
+    assert _fingerprint(edited) != whole, name
+  # Parts combine to the whole however the rows are cut, empty parts too.
+  for cuts in ([20], [0, 1, 39], [5, 5, 17, 40]):
+    bounds = [0, *cuts, len(rows)]
+    parts = [(_fingerprint(rows[a:b]), b - a) for a, b in zip(bounds, bounds[1:])]
+    assert data_lib.RowsFingerprint.combined(parts) == whole, cuts
+
+
 def _shards(directory, records, files=6):
   directory.mkdir()
   size = -(-len(records) // files)
@@ -242,6 +276,7 @@ def test_shards_tokenized_apart_join_into_the_same_rows(tmp_path, records, num_s
   assert m.num_rows == len(whole) and m.num_docs == len(set(whole.ids))
   assert m.source == pattern
   assert all(p["num_rows"] > 0 for p in m.parts)
+  assert got.fingerprint == whole.fingerprint  # however the rows were split
   _assert_same_rows(whole, got)
   every = np.arange(len(whole))
   np.testing.assert_array_equal(got.segments_of(every), whole.segments)

@@ -78,6 +78,9 @@ class CorpusManifest:
   shard: list[int] | None = None
   # A corpus joined from parts: [{"path": "parts/...", "num_rows": n}, ...].
   parts: list[dict[str, Any]] | None = None
+  # ``data.RowsFingerprint`` of the rows; None in corpora tokenized before
+  # 2026-12 (then nothing is compared).
+  fingerprint: str | None = None
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -208,6 +211,12 @@ class TokenizedCorpus:
 
   def __len__(self) -> int:
     return self.manifest.num_rows
+
+  @property
+  def fingerprint(self) -> str:
+    """``data.RowsFingerprint`` of the rows, from the manifest ("" if it has
+    none)."""
+    return self.manifest.fingerprint or ""
 
   def _part(self, p: int) -> _Arrays:
     if p not in self._parts:
@@ -396,7 +405,7 @@ def _part_name(shard_index: int, num_shards: int) -> str:
 
 def _write_manifest(location: str, manifest: CorpusManifest) -> None:
   d = {k: v for k, v in manifest.to_dict().items()
-       if v is not None or k not in ("shard", "parts")}
+       if v is not None or k not in ("shard", "parts", "fingerprint")}
   storage.write_text(storage.join(location, MANIFEST),
                      json.dumps(d, indent=2, sort_keys=True))
 
@@ -428,6 +437,7 @@ def _write(output: str, label: str, records, data_config: DataConfig,
   hashes: list[np.ndarray] = [np.zeros(0, np.uint64)]
   buf: dict[str, list] = {"ids": [], "texts": [], "segments": [], "tokens": []}
   num_docs = 0
+  fingerprint = data_lib.RowsFingerprint()
 
   def flush():
     n = len(buf["ids"])
@@ -450,6 +460,7 @@ def _write(output: str, label: str, records, data_config: DataConfig,
 
   for doc_id, text, j, window in itertools.chain([first] if first else [], rows):
     num_docs += j == 0
+    fingerprint.add(doc_id, j, window)
     buf["ids"].append(doc_id)
     buf["texts"].append(text)
     buf["segments"].append(j)
@@ -465,7 +476,8 @@ def _write(output: str, label: str, records, data_config: DataConfig,
     _Appender(storage.join(output, ID_HASHES), "uint64", (), BLOCK_ROWS).append(hashes)
   _write_manifest(output, CorpusManifest(
       **settings, vocab_size=int(vocab.vocab_size), num_rows=tokens.size,
-      num_docs=num_docs, token_dtype=token_dtype, shard=shard))
+      num_docs=num_docs, token_dtype=token_dtype, shard=shard,
+      fingerprint=fingerprint.hex()))
 
 
 def _join(output: str, source: str, num_shards: int) -> TokenizedCorpus | None:
@@ -493,9 +505,12 @@ def _join(output: str, source: str, num_shards: int) -> TokenizedCorpus | None:
   total = sum(m.num_rows for m in manifests)
   if not total:
     raise InputError(f"{source}: the corpus is empty")
+  fingerprint = (data_lib.RowsFingerprint.combined(
+      [(m.fingerprint, m.num_rows) for m in manifests])
+      if all(m.fingerprint for m in manifests) else None)
   _write_manifest(output, dataclasses.replace(
       first, num_rows=total, num_docs=sum(m.num_docs for m in manifests),
-      shard=None, parts=[{"path": p, "num_rows": m.num_rows}
+      fingerprint=fingerprint, shard=None, parts=[{"path": p, "num_rows": m.num_rows}
                          for p, m in zip(paths, manifests)]))
   return TokenizedCorpus(output)
 

@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import bisect
 import bz2
+import functools
 import fnmatch
 import glob
 import gzip
+import hashlib
 import importlib
 import io
 import json
@@ -807,6 +809,56 @@ class Corpus:
 
   def texts_of(self, rows: Sequence[int] | np.ndarray) -> list[str]:
     return [self.texts[r] for r in np.asarray(rows, np.int64).tolist()]
+
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    """``RowsFingerprint`` of every row (computed once, ~4 us a row)."""
+    rows = RowsFingerprint()
+    for row, (doc_id, seg) in enumerate(zip(self.ids, self.segments.tolist())):
+      rows.add(doc_id, seg, self.row_tokens(row))
+    return rows.hex()
+
+
+class RowsFingerprint:
+  """What a corpus's rows are, in order, as 16 hex digits.
+
+  F = sum_i h_i * B^i mod P (P = 2^61 - 1, a prime), where h_i is a blake2b
+  hash of row i's id, window index and tokens (what its encoding was made
+  from). A store records its corpus's F, so a corpus edited in place (same
+  row count, other rows) is refused rather than mapping the store's rows to
+  the wrong ids. Parts combine without rereading: F(A || C) = F(A) +
+  B^|A| * F(C) (``combined``), so the value does not depend on how the rows
+  were split among processes. B is a primitive root of P, so no two rows
+  share a power below 2^61 rows: any edit (a changed, moved or swapped row)
+  goes unseen with probability about 2^-61. Not cryptographic.
+  """
+  P = (1 << 61) - 1
+  B = 37
+
+  def __init__(self):
+    self.value, self.count, self._power = 0, 0, 1
+
+  def add(self, doc_id: str, seg: int, tokens: np.ndarray) -> None:
+    key = doc_id.encode()
+    h = hashlib.blake2b(len(key).to_bytes(8, "little") + key
+                        + int(seg).to_bytes(8, "little"), digest_size=8)
+    h.update(np.asarray(tokens, "<i4").tobytes())
+    self.value = (self.value + int.from_bytes(h.digest(), "little") * self._power
+                  ) % self.P
+    self._power = self._power * self.B % self.P
+    self.count += 1
+
+  def hex(self) -> str:
+    return f"{self.value:016x}"
+
+  @classmethod
+  def combined(cls, parts: Sequence[tuple[str, int]]) -> str:
+    """F of parts' rows in order, from each part's (F as hex, row count)."""
+    value, start = 0, 0
+    for part, count in parts:
+      value = (value + int(part, 16) * pow(cls.B, start, cls.P)) % cls.P
+      start += count
+    return f"{value:016x}"
 
 
 def examples_from_tokens(tokens: np.ndarray, lengths: np.ndarray) -> dict:

@@ -467,7 +467,8 @@ def manifest(ckpt: ckpt_lib.Checkpoint, encoder: GradientEncoder,
       dim=encoder.dim, basis_fingerprint=basis.fingerprint() if basis else None,
       kernel=encoder.approximation, dtype=cfg.store_dtype,
       corpus=recorded_source(corpus),
-      num_rows=len(corpus), chunk_rows=cfg.chunk_rows,
+      num_rows=len(corpus), corpus_fingerprint=corpus.fingerprint,
+      chunk_rows=cfg.chunk_rows,
       corpus_rows=corpus.location if isinstance(corpus, corpus_lib.TokenizedCorpus)
       else "",
       encode_config={f: getattr(cfg, f) for f in ENCODING_SETTINGS})

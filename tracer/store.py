@@ -85,11 +85,18 @@ ENCODING_FIELDS = (
     "step", "params_fingerprint", "correction", "epsilon", "projection_seed",
     "layout", "dim", "basis_fingerprint", "kernel", "format")
 # Fields that describe how and what was stored; they must also agree to resume.
-STORAGE_FIELDS = ("dtype", "corpus", "num_rows", "chunk_rows")
+STORAGE_FIELDS = ("dtype", "corpus", "num_rows", "corpus_fingerprint", "chunk_rows")
 
 
-# Manifest fields compared by more than equality.
-_SAME = {"corpus": data_lib.same_source}
+# Manifest fields compared by more than equality: a fingerprint only when
+# both sides have one (stores and tokenized corpora from before 2026-12 have
+# none).
+_SAME = {"corpus": data_lib.same_source,
+         "corpus_fingerprint": lambda a, b: not a or not b or a == b}
+# What a difference in a field means, where its name does not say.
+_MEANS = {"corpus_fingerprint": "the corpus's rows (ids or tokens) are not "
+                                "those the store was encoded from: was the "
+                                "corpus edited in place?"}
 
 _STR, _INT = ((str,), "a string"), ((int,), "an integer")
 # The JSON types of a manifest file's fields (``Manifest.from_dict``), so that
@@ -102,7 +109,8 @@ _FIELD_TYPES = {
     "projection_seed": _INT, "dim": _INT,
     "basis_fingerprint": ((str, type(None)), "a string or null"),
     "kernel": _STR, "format": _STR, "dtype": _STR, "corpus": _STR,
-    "num_rows": _INT, "chunk_rows": _INT, "corpus_rows": _STR,
+    "num_rows": _INT, "corpus_fingerprint": _STR, "chunk_rows": _INT,
+    "corpus_rows": _STR,
     "quantization": ((dict,), "an object"), "encode_config": ((dict,), "an object"),
     "tracer_version": _STR}
 
@@ -131,6 +139,9 @@ class Manifest:
     corpus: where the rows came from (a source string; a local path made
       absolute, ``data.absolute_source``).
     num_rows: N.
+    corpus_fingerprint: ``data.RowsFingerprint`` of the corpus's rows (ids,
+      window indices, tokens, in order), so that a corpus edited in place
+      is refused; compared when both sides have one ("" in older stores).
     chunk_rows: rows per stored chunk.
     corpus_rows: the tokenized corpus (``tracer.corpus``) the rows were read
       from, if they were: where to reopen them row by row (``tracer serve``),
@@ -164,6 +175,7 @@ class Manifest:
   dtype: str = "bfloat16"
   corpus: str = ""
   num_rows: int = 0
+  corpus_fingerprint: str = ""
   chunk_rows: int = 1024
   corpus_rows: str = ""
   quantization: dict = dataclasses.field(default_factory=dict)
@@ -212,8 +224,9 @@ class Manifest:
     fields = [f.name for f in dataclasses.fields(self)] if fields is None else fields
     mine, theirs = self.to_dict(), expected.to_dict()
     same = lambda name: _SAME.get(name, operator.eq)(mine[name], theirs[name])
-    diffs = [f"field {name!r}: store has {_brief(mine[name])}, {other} has "
-             f"{_brief(theirs[name])}" for name in fields if not same(name)]
+    diffs = [f"field {name!r}" + (f" ({_MEANS[name]})" if name in _MEANS else "")
+             + f": store has {_brief(mine[name])}, {other} has {_brief(theirs[name])}"
+             for name in fields if not same(name)]
     if diffs:
       raise IncompatibleStoreError(
           f"{where}: encodings are not comparable: " + "; ".join(diffs))
