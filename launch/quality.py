@@ -38,6 +38,7 @@ import os
 import re
 import warnings
 
+from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
@@ -190,7 +191,7 @@ def step_predictor(ckpt, ecfg, encoder, corpus, query_examples, raw,
   sides, the row scaled by its clip factor, from the raw projection's norm),
   with no metric; None for other optimizers."""
   raw_c, raw_q = raw
-  if sgd_learning_rate:
+  if sgd_learning_rate is not None:
     return raw_c, raw_q, None
   config = ckpt.optimizer_config
   if config.name != "adamw" or ckpt.opt_state is None:
@@ -418,10 +419,14 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
   print(f"tail-patch: {len(pairs)} distinct (query, proponent) pairs over "
         f"{len(chosen)} queries")
   # Plain SGD starts from its own (empty) state, not the checkpoint's.
-  opt_state = optimizer.init(ckpt.params) if sgd_learning_rate else ckpt.opt_state
+  opt_state = (optimizer.init(ckpt.params) if sgd_learning_rate is not None
+               else ckpt.opt_state)
+  # Only the rows the pairs name are read (a corpus may be far larger).
+  train_rows, train_index = np.unique(pairs[:, 1], return_inverse=True)
   deltas = tailpatch.tail_patch_deltas(
       ckpt.model_config, ckpt.params, opt_state, optimizer,
-      corpus.examples(np.arange(len(corpus))), query_examples, pairs,
+      corpus.examples(train_rows), query_examples,
+      np.stack([pairs[:, 0], train_index.reshape(-1)], 1),
       mesh=encoder.mesh, progress=common.Progress("tail-patch", "pairs"),
       family=ckpt.family)
   per_method = deltas[inverse.ravel()].reshape(stacked.shape)
@@ -462,7 +467,7 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
             "lambda": lam, "projection_dim": encoder.dim,
             "corpus_rows": len(corpus), "queries": len(queries),
             "tail_patch_queries": int(len(chosen)),
-            "tail_patch_optimizer": ("sgd" if sgd_learning_rate else
+            "tail_patch_optimizer": ("sgd" if sgd_learning_rate is not None else
                                      ckpt.optimizer_config.name),
             "checkpoint": ckpt.path, "step": int(ckpt.step)}
   evaluate.write_text_atomic(os.path.join(workdir, "quality.json"),
@@ -480,6 +485,10 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
 
 def main(argv):
   del argv
+  if FLAGS.sgd_learning_rate is not None and not FLAGS.sgd_learning_rate > 0:
+    raise app.UsageError(f"--sgd_learning_rate={FLAGS.sgd_learning_rate}: "
+                         "expected a rate > 0 (leave it out for the "
+                         "checkpoint's own optimizer)")
   config.default_gin_file()
   config.parse_gin()
   config.use_compilation_cache()

@@ -55,22 +55,37 @@ def train(corpus_source: str, workdir: str) -> dict:
   mngr = ckpt_lib.manager(os.path.join(workdir, "checkpoints"),
                           max_to_keep=train_config.keep_checkpoints)
   replicated = partitioning.replicated(mesh)
+  batches = {k: getattr(train_config, k) for k in _BATCH_FIELDS}
   if mngr.latest_step() is not None:
     restored = ckpt_lib.restore(str(mngr.directory), mesh=mesh)
-    rows = restored.data_config.get("num_rows")
+    recorded = restored.data_config
+    rows = recorded.get("num_rows")
+    fingerprint = recorded.get("corpus_fingerprint")
+    # A resumed run must take the steps the uninterrupted run would have:
+    # the same model, optimizer, data and batches (TrainConfig's batch size
+    # and seed). Only total_steps may change (training on past the end).
     diffs = {  # what differs -> the differences, each "field: ckpt has, run has"
         "family": [f"family: the checkpoint has {restored.family.name!r}, this "
                    f"run has {family.name!r}"] if restored.family is not family else [],
         config_class.__name__: ckpt_lib.differences(
             restored.model_config, model_config, config_class.__name__)
         if restored.family is family else [],
-        "OptimizerConfig.name": [
-            f"OptimizerConfig.name: the checkpoint has "
-            f"{restored.optimizer_config.name!r}, this run has {opt_config.name!r}"
-        ] if restored.optimizer_config.name != opt_config.name else [],
-        "number of corpus rows": [
+        "OptimizerConfig": [
+            d for d in ckpt_lib.differences(restored.optimizer_config, opt_config,
+                                            "OptimizerConfig")
+            if not d.startswith("OptimizerConfig.total_steps:")],
+        "DataConfig": ckpt_lib.differences(DataConfig.from_dict(recorded),
+                                           data_config, "DataConfig"),
+        "TrainConfig": [
+            f"TrainConfig.{k}: the checkpoint has {v!r}, this run has {batches[k]!r}"
+            for k, v in recorded.get("train", batches).items() if batches.get(k) != v],
+        "corpus": [
             f"the checkpoint's corpus had {rows} rows, this one has {len(corpus)}"
-        ] if rows != len(corpus) else [],
+        ] if rows != len(corpus) else [
+            f"the checkpoint's corpus rows have fingerprint {fingerprint}, this "
+            f"one's {corpus.fingerprint} (the same count, other rows)"
+        ] if fingerprint and corpus.fingerprint and fingerprint != corpus.fingerprint
+        else [],
     }
     changed = [what for what, d in diffs.items() if d]
     if changed:
@@ -79,13 +94,16 @@ def train(corpus_source: str, workdir: str) -> dict:
                        f"{'; '.join(sum(diffs.values(), []))})")
     params, opt_state, start = restored.params, restored.opt_state, restored.step
     say(f"resuming from step {start}")
+    if jax.process_index() == 0:
+      _log_up_to(os.path.join(workdir, "train_log.jsonl"), start)
   else:
     params = jax.device_put(family.init_params(model_config, train_config.seed),
                             replicated)
     opt_state = jax.jit(optimizer.init, out_shardings=replicated)(params)
     start = 0
   data_dict = {**data_config.to_dict(), "corpus": corpus_source,
-               "num_rows": len(corpus)}
+               "num_rows": len(corpus), "corpus_fingerprint": corpus.fingerprint,
+               "train": batches}
   say(f"corpus {corpus_source}: {len(corpus)} rows; model "
         f"{model_lib.param_count(params):,} params; mesh {dict(mesh.shape)}")
 
@@ -129,6 +147,25 @@ def train(corpus_source: str, workdir: str) -> dict:
                     family)
   mngr.close()
   return metrics
+
+
+# The TrainConfig fields that choose each step's rows (``train.batch_rows``).
+_BATCH_FIELDS = ("batch_size", "seed")
+
+
+def _log_up_to(path: str, step: int) -> None:
+  """Drops the lines of ``path`` (the train log) past ``step``: a run that
+  stopped after logging them resumes from its last checkpoint and logs those
+  steps again."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    lines = [l for l in f if l.strip()]
+  kept = [l for l in lines if json.loads(l).get("step", 0) <= step]
+  if len(kept) < len(lines):
+    with open(path + ".tmp", "w") as f:
+      f.writelines(kept)
+    os.replace(path + ".tmp", path)
 
 
 def main(argv):

@@ -17,6 +17,7 @@ may be gs://, s3:// or memory:// URLs. Prints the page's location.
 
 from __future__ import annotations
 
+import os
 import pathlib
 from collections.abc import Sequence
 
@@ -25,6 +26,7 @@ from absl import flags
 
 from tracer.launch import config
 from tracer import data
+from tracer import storage
 from tracer import viewer
 from tracer.errors import InputError
 
@@ -86,6 +88,16 @@ def run(results: Sequence[str], output: str, names: Sequence[str] = (),
   return viewer.write_report(output, runs, title)
 
 
+def _same_file(a: str, b: str) -> bool:
+  """Whether two locations name one file (local: through links too)."""
+  if storage.is_url(a) or storage.is_url(b):
+    return storage.normalize(a) == storage.normalize(b)
+  try:
+    return os.path.samefile(a, b)
+  except OSError:  # one does not exist yet
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -103,6 +115,11 @@ def main(argv):
                          "with them, or neither")
   # Before reading anything, so a long read cannot end in an unwritable path.
   config.check_writable(FLAGS.output, "--output")
+  for results in FLAGS.results or ():
+    if _same_file(results, FLAGS.output):
+      raise InputError(f"--output={FLAGS.output}: is the --results file "
+                       f"{results}; expected another path (the page would "
+                       "replace the results)")
   # --top_k only when given: else the server's default.
   top_k = FLAGS.top_k if FLAGS["top_k"].present else None
   print(run(FLAGS.results or (), FLAGS.output, FLAGS.names or (), FLAGS.title,

@@ -293,6 +293,7 @@ def other_model_config(s: Shared, d: Path):
   """launch.train resuming the checkpoint with another ModelConfig."""
   shutil.copytree(s.checkpoints, d / "w" / "checkpoints")
   return "train", [f"--workdir={d / 'w'}", f"--corpus={s.corpus}",
+                   "--gin_bindings=OptimizerConfig.warmup_steps=0",  # the checkpoint's
                    *[f"--gin_bindings=ModelConfig.{k}={v}" for k, v in
                      {**dataclasses.asdict(CONFIG), "d_model": 32}.items()
                      if k != "dtype"]]

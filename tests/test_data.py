@@ -227,6 +227,11 @@ GOOD = '{"id": "a", "text": "hello"}'
     ([GOOD, '{"id": "b", "text": "  "}'], 2, "field 'text' is empty"),
     ([GOOD, '{"id": "b", "text": "x"}', '{"id": "a", "text": "y"}'], 3,
      "duplicate id 'a' \\(first at line 1\\)"),
+    # What Python's json cannot hold: a traceback before 2026-12-04.
+    ([GOOD, "[" * 100_000], 2, r"not valid JSON \(nested too deeply\)"),
+    ([GOOD, '{"id": "b", "text": "x", "n": ' + "9" * 5000 + "}"], 2,
+     r"not valid JSON \(Exceeds the limit \(4300 digits\) for integer string "
+     r"conversion: value has 5000 digits\); expected one JSON object per line"),
 ])
 def test_malformed_corpus_names_file_and_line(tmp_path, vocab, lines, lineno,
                                               message):
@@ -420,6 +425,49 @@ def test_object_storage_shards_are_streamed(object_store, tmp_path, corpus_path,
   assert got.ids == [r["id"] for r in records] + ["pad"]
 
 
+def test_zstd_damage_names_its_line_and_pzstd_files_are_read(tmp_path, corpus_path,
+                                                            vocab):
+  """Lines before damage are read first, so the error names the damaged
+  line, not line 1; a file that starts with a skippable frame (pzstd writes
+  one before each frame) is zstd, not text."""
+  with open(corpus_path, "rb") as f:
+    plain = f.read()
+  garbage = tmp_path / "garbage.jsonl.zst"
+  garbage.write_bytes(zstd.compress(plain) + b"\x28\xb5\x2f\xfd" + bytes(20))
+  lines = plain.count(b"\n")
+  with pytest.raises(InputError, match=f"^{re.escape(str(garbage))}:{lines + 1}: "
+                     "the zstd stream is damaged"):
+    data_lib.read_corpus(str(garbage), vocab, 32)
+  skippable = b"\x50\x2a\x4d\x18" + (4).to_bytes(4, "little") + bytes(4)
+  pzstd = tmp_path / "pzstd.jsonl.zst"
+  pzstd.write_bytes(skippable + zstd.compress(plain))
+  want = data_lib.read_corpus(corpus_path, vocab, 32)
+  got = data_lib.read_corpus(str(pzstd), vocab, 32)
+  assert got.ids == want.ids and _as_lists(got) == _as_lists(want)
+
+
+def test_a_bom_does_not_count_against_the_line_limit(tmp_path, vocab, monkeypatch):
+  line = '{"id": "a", "text": "' + "y" * 30 + '"}'
+  monkeypatch.setattr(data_lib, "MAX_LINE_BYTES", len(line))
+  path = tmp_path / "bom.jsonl"
+  path.write_bytes(b"\xef\xbb\xbf" + line.encode() + b"\n"
+                   + line.replace('"a"', '"b"').encode() + b"\n")
+  assert data_lib.read_corpus(str(path), vocab, 64).ids == ["a", "b"]
+
+
+def test_a_duplicate_id_across_files_names_both_lines(tmp_path, vocab):
+  (tmp_path / "dup").mkdir()
+  (tmp_path / "dup" / "a.jsonl").write_text('{"id": "x", "text": "a"}\n'
+                                            '{"id": "y", "text": "b"}\n')
+  (tmp_path / "dup" / "b.jsonl").write_text('{"id": "z", "text": "c"}\n'
+                                            '{"id": "x", "text": "d"}\n')
+  source = str(tmp_path / "dup" / "*.jsonl")
+  with pytest.raises(InputError, match=re.escape(
+      f"{source}: duplicate id 'x' ({tmp_path}/dup/a.jsonl:1 and "
+      f"{tmp_path}/dup/b.jsonl:2); ids must be unique across the whole source")):
+    data_lib.read_corpus(source, vocab, 32)
+
+
 # --- Parquet (HF datasets' release format) -------------------------------------
 
 
@@ -475,6 +523,19 @@ def test_parquet_ids_positions_and_types(tmp_path, corpus_path, vocab):
        "bucket": "1"}]
 
 
+def test_parquet_text_that_is_not_utf8_names_its_row(tmp_path, vocab):
+  """pyarrow does not check the strings it reads (a writer that does not
+  check, a damaged page): a traceback before 2026-12-04."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "latin1.parquet"
+  text = pa.array([b"ok", "caf\xe9".encode("latin-1")], pa.binary()).view(pa.string())
+  pq.write_table(pa.table({"id": ["a", "b"], "text": text}), path)
+  with pytest.raises(InputError, match=f"^{re.escape(str(path))}:2: column 'text' "
+                     "is not valid UTF-8 .*; expected UTF-8 text"):
+    data_lib.read_corpus(str(path), vocab, 32)
+
+
 @pytest.mark.parametrize("records,message", [
     ([{"id": "a", "text": "x"}, {"id": "b", "text": None}],
      r":2: field 'text' must be a string, got NoneType"),
@@ -517,10 +578,30 @@ def test_split_source(source, files, fields):
     ("c.jsonl#text=", r"'text=' after '#'"),
     ("c.jsonl#text=a,", r"'' after '#'"),
     ("c.jsonl#id=a,text=a", r"the id and the text name the same field 'a'"),
+    ("c.jsonl#text=a,text=b", r"text= is named twice after '#'"),
 ])
 def test_split_source_errors(source, message):
   with pytest.raises(InputError, match=f"^--corpus={re.escape(source)}: {message}"):
     data_lib.split_source(source)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_a_misspelt_id_name_is_an_error_not_positions(tmp_path, vocab, kind):
+  """Without id=, a file with no ids gets positions; an id= naming a field
+  the file lacks is a mistake, not a file without ids."""
+  records = [{"hexsha": "abc", "content": "x"}, {"hexsha": "abd", "content": "y"}]
+  path = tmp_path / f"s.{kind}"
+  if kind == "jsonl":
+    facts.write_jsonl(path, records)
+  else:
+    _parquet(records, path)
+  assert data_lib.read_corpus(f"{path}#text=content,id=hexsha", vocab, 32).ids == [
+      "abc", "abd"]
+  assert data_lib.read_corpus(f"{path}#text=content", vocab, 32).ids == [
+      f"s.{kind}:1", f"s.{kind}:2"]
+  with pytest.raises(InputError, match=f"^{re.escape(str(path))}:1: missing field "
+                     "'sha', named by id= after '#'"):
+    data_lib.read_corpus(f"{path}#text=content,id=sha", vocab, 32)
 
 
 def test_fields_under_other_names(tmp_path, corpus_path, vocab):
@@ -854,6 +935,23 @@ def test_malformed_queries_name_file_and_line(tmp_path, lines, lineno, message):
     data_lib.read_queries(path)
 
 
+def test_query_fields_that_json_cannot_write_are_refused(tmp_path):
+  """A query's fields are copied into its results line, written after all the
+  work: a value strict JSON cannot hold is refused as the file is read."""
+  import datetime  # pylint: disable=g-import-not-at-top
+  path = _write(tmp_path, ['{"id": "q", "prompt": "p", "target": "t", '
+                           '"score": NaN}'], "queries.jsonl")
+  with pytest.raises(InputError, match=f"^{re.escape(path)}:1: field 'score' holds "
+                     "NaN or infinity; expected a JSON value"):
+    data_lib.read_queries(path)
+  parquet = tmp_path / "queries.parquet"
+  _parquet([{"id": "q", "prompt": "p", "target": "t",
+             "when": datetime.datetime(2023, 11, 14)}], parquet)
+  with pytest.raises(InputError, match=f"^{re.escape(str(parquet))}:1: field 'when' "
+                     "holds a datetime; expected a JSON value"):
+    data_lib.read_queries(str(parquet))
+
+
 def test_missing_empty_and_unknown_sources(tmp_path, vocab):
   missing = str(tmp_path / "nope.jsonl")
   with pytest.raises(InputError, match=f"^{re.escape(missing)}: no such file"):
@@ -939,6 +1037,15 @@ def test_seqio_mixture_reads_every_example_of_every_task(tmp_path, corpus_path,
   assert corpus.texts == [r["text"] for r in records]
   from_jsonl = data_lib.read_file_corpus(corpus_path, vocab, 32)
   np.testing.assert_array_equal(corpus.tokens, from_jsonl.tokens)
+
+
+@pytest.mark.parametrize("count", ["0", "-2", "x", "\u00b3", "\u0663"])
+def test_a_shard_count_is_a_whole_number(count):
+  """"\u00b3" and "\u0663" are digits to str.isdigit but not to int()."""
+  with pytest.raises(InputError, match=f"^--corpus=t#shards={count}: shards="
+                     f"'{count}': expected a whole number of shards, at least 1"):
+    data_lib.seqio_shards(f"t#shards={count}")
+  assert data_lib.seqio_shards("t#shards= 12 ") == ("t", 12)
 
 
 @pytest.mark.filterwarnings("ignore:--corpus=tracer_shards")

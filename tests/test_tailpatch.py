@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 import optax
@@ -83,6 +85,26 @@ def test_stepping_on_the_fact_raises_its_probability_most(setup):
     assert deltas.shape == (len(DOCS),) and deltas.dtype == np.float32
     assert deltas[0] > 0
     assert deltas[0] > 2 * np.max(deltas[1:]), deltas
+
+
+def test_a_bf16_model_is_tail_patched_in_f32(setup):
+  """A delta is a difference of two nearly equal log-probs: a model whose
+  config computes in bf16 is patched in f32, the deltas of the same params
+  under the f32 config (bitwise: the same program)."""
+  pairs = np.asarray([[0, i] for i in range(4)])
+  deltas = {dtype: tailpatch.tail_patch_deltas(
+      dataclasses.replace(CONFIG, dtype=dtype), setup["params"],
+      setup["opt_state"], setup["optimizer"], setup["train"], setup["queries"],
+      pairs, mesh=setup["mesh"], batch_size=BATCH)
+            for dtype in ("bfloat16", "float32")}
+  np.testing.assert_array_equal(deltas["bfloat16"], deltas["float32"])
+  with pytest.raises(ValueError, match=r"pairs: expected int\[P, 2\], got shape "
+                     r"\(2, 3\)"):
+    tailpatch.tail_patch_deltas(CONFIG, setup["params"], setup["opt_state"],
+                                setup["optimizer"], setup["train"], setup["queries"],
+                                np.zeros((2, 3), int), mesh=setup["mesh"])
+  with pytest.raises(ValueError, match="sgd_learning_rate=0: expected > 0"):
+    tailpatch.tail_patch_optimizer(OPT_CONFIG, TRAIN_STEPS, sgd_learning_rate=0)
 
 
 @pytest.mark.parametrize("shape", [(8, 1), (1, 1), (4, 2), (1, 8)])

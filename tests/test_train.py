@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import re
 import shutil
 
 from absl import flags
@@ -143,13 +144,37 @@ def test_resume_equals_uninterrupted_run(corpus_path, tmp_path):
   assert again.step == 12
   _assert_trees_equal(again.params, reference.params)
   _assert_trees_equal(again.opt_state, reference.opt_state)
+  # Steps 10 and 12, logged by the run that lost its step-12 checkpoint, are
+  # logged once: the rerun drops them before it logs them again.
+  assert [m["step"] for m in _log(crashed)] == [2, 4, 6, 8, 10, 12]
 
-  # A workdir is not resumed with another model or optimizer.
+  # A workdir is not resumed with another model, optimizer, data rule,
+  # batches or corpus: the run would not be the uninterrupted one.
   with pytest.raises(ValueError, match="cannot resume.*ModelConfig, "
-                     "OptimizerConfig.name differ"):
+                     "OptimizerConfig differ .*OptimizerConfig.name: the "
+                     "checkpoint has 'adamw', this run has 'adafactor'"):
     _train(corpus_path, crashed, **common, **{
         "OptimizerConfig.total_steps": 16, "ModelConfig.d_model": 64,
         "OptimizerConfig.name": "adafactor"})
+  for binding, message in [
+      ({"OptimizerConfig.learning_rate": 0.5}, "OptimizerConfig.learning_rate: "
+       "the checkpoint has 0.01, this run has 0.5"),
+      ({"TrainConfig.batch_size": 8}, "TrainConfig.batch_size: the checkpoint "
+       "has 16, this run has 8"),
+      ({"TrainConfig.seed": 3}, "TrainConfig.seed: the checkpoint has 0, this "
+       "run has 3"),
+      ({"DataConfig.overflow": "split"}, "DataConfig.overflow: the checkpoint "
+       "has 'truncate', this run has 'split'")]:
+    with pytest.raises(ValueError, match=re.escape(message)):
+      _train(corpus_path, crashed, **common, **{"OptimizerConfig.total_steps": 16},
+             **binding)
+  with open(corpus_path) as f:
+    lines = f.readlines()
+  edited = tmp_path / "edited.jsonl"  # the same count of rows, in another order
+  edited.write_text("".join(lines[::-1]))
+  with pytest.raises(ValueError, match="cannot resume, the checkpoint's corpus "
+                     "differ .*fingerprint .*the same count, other rows"):
+    _train(str(edited), crashed, **common, **{"OptimizerConfig.total_steps": 16})
   assert ckpt_lib.restore(str(crashed / "checkpoints")).step == 12
 
 

@@ -162,6 +162,19 @@ _BAD = {
     "prompt not a string": (json.dumps(_ours("x", prompt=["p"])),
                             "'prompt' must be a string"),
     "duplicate id": (json.dumps(_ours("q0")), "duplicate query id 'q0' (first at line 1)"),
+    # Tracebacks before 2026-12-04:
+    "score past float's range": ('{"query_id": "x", "proponent_ids": ["a"], '
+                                 '"proponent_scores": [1' + "0" * 400 + "]}",
+                                 "'proponent_scores' holds a number out of float's "
+                                 "range"),
+    # The summary over every bucket is named "all".
+    "bucket named all": (json.dumps(_ours("x", bucket="all")),
+                         "field 'bucket' is 'all', the name of the summary"),
+    "their bucket named all": (json.dumps(_theirs("x", c4_frequency_bucket="all")),
+                               "field 'c4_frequency_bucket' is 'all'"),
+    "prediction_correct not a bool": (json.dumps(_ours("x", prediction_correct=1)),
+                                      "field 'prediction_correct' must be true or "
+                                      "false"),
 }
 
 
@@ -236,6 +249,8 @@ def test_summary_accuracy_and_tail_patch_by_hand():
       _ours("b", bucket="1", prediction=" no", proponent_tail_patch=[2.0, float("nan")]),
       _ours("c", bucket="2", prediction=" no"),
       _ours("d", bucket="2"),
+      # Tail-patched, but not one value: not counted, as not averaged.
+      _ours("e", bucket="3", proponent_tail_patch=[None, None]),
   ]]
   got = viewer.summary({"m": recs})["m"]
   a = got["all"]
@@ -360,6 +375,16 @@ def test_lone_surrogate_in_text_still_writes(tmp_path):
   assert data["texts"] == ["bad \ud800 x"]
 
 
+def test_lone_surrogates_in_names_and_title_still_write(tmp_path):
+  """Bucket and run names reach matplotlib, the title the page's UTF-8: a
+  lone surrogate (valid JSON) is drawn and written as U+FFFD."""
+  rec = viewer.normalize_record(_ours("q", bucket="b\ud800"))
+  out = viewer.write_report(str(tmp_path / "page.html"), {"m\udfff": [rec]},
+                            title="t\ud800")
+  page = pathlib.Path(out).read_text(encoding="utf-8")
+  assert "<title>t\ufffd</title>" in page
+
+
 def test_write_report_to_a_url():
   location = viewer.write_report("memory://viewer-test/page.html", _runs(), "t")
   assert location == "memory://viewer-test/page.html"
@@ -444,6 +469,19 @@ def test_view_bad_results_is_one_error_line(tmp_path):
   assert not (tmp_path / "r.html").exists()
 
 
+def test_view_does_not_write_over_its_results(tmp_path):
+  results = _write(tmp_path / "r.jsonl", [_ours("q1")])
+  before = pathlib.Path(results).read_bytes()
+  (tmp_path / "link.html").symlink_to(results)
+  for output in (results, tmp_path / "link.html"):
+    proc = _view(f"--results={results}", f"--output={output}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"error: --output={output}: is the --results "
+                                   f"file {results}; expected another path (the "
+                                   "page would replace the results)")
+  assert pathlib.Path(results).read_bytes() == before
+
+
 def test_view_needs_results_and_output(tmp_path):
   proc = _view(f"--output={tmp_path / 'r.html'}")
   assert proc.returncode == 2
@@ -452,7 +490,10 @@ def test_view_needs_results_and_output(tmp_path):
 
 def test_normalizing_twice_changes_nothing():
   for rec in (_ours("q", proponents=None, prediction=" T",
-                    proponent_tail_patch=[None, 1.0]), _theirs("t")):
+                    proponent_tail_patch=[None, 1.0]), _theirs("t"),
+              # Ours null, theirs given: theirs is taken, on the first pass.
+              {**_theirs("n", c4_frequency_bucket=3), "bucket": None,
+               "prompt": None}):
     once = viewer.normalize_record(rec)
     twice = viewer.normalize_record(once)
     assert json.dumps(once, sort_keys=True) == json.dumps(twice, sort_keys=True)

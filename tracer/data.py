@@ -199,13 +199,17 @@ class _ZstdFrames(io.RawIOBase):
     self._error = zstandard.ZstdError
     self._frame, self._in_frame = self._new_frame(), False
     self._out = memoryview(b"")
+    self._failed: BaseException | None = None  # raised once _out is read
 
   def readable(self) -> bool:
     return True
 
   def readinto(self, buffer) -> int:
     while not self._out:
-      # 64 KiB in at a time: what one call may expand to stays bounded.
+      if self._failed is not None:
+        raise self._failed
+      # 64 KiB in at a time. (What it expands to is not bounded: zstandard's
+      # readers that bound it do not report a file cut short.)
       data = self._f.read(1 << 16)
       if not data:
         if self._in_frame:
@@ -216,7 +220,10 @@ class _ZstdFrames(io.RawIOBase):
         try:
           out.append(self._frame.decompress(data))
         except self._error as e:
-          raise OSError(str(e)) from None
+          # The lines before the damage are read first, so that the error
+          # names the line it is in.
+          self._failed = OSError(str(e))
+          break
         self._in_frame = not self._frame.eof
         data = self._frame.unused_data if self._frame.eof else b""
         if self._frame.eof:
@@ -234,7 +241,10 @@ class _ZstdFrames(io.RawIOBase):
 _COMPRESSED = ((b"\x1f\x8b", "gzip", lambda f: gzip.GzipFile(fileobj=f, mode="rb")),
                (b"BZh", "bzip2", bz2.BZ2File),
                (b"\xfd7zXZ\x00", "xz", lzma.LZMAFile),
-               (b"\x28\xb5\x2f\xfd", "zstd", _ZstdFrames))
+               (b"\x28\xb5\x2f\xfd", "zstd", _ZstdFrames),
+               # pzstd's files start with a skippable frame (magic 0x184D2A5?).
+               *((bytes([m, 0x2A, 0x4D, 0x18]), "zstd", _ZstdFrames)
+                 for m in range(0x50, 0x60)))
 
 
 _DECOMPRESSION_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
@@ -303,6 +313,11 @@ def iter_jsonl(path, share: tuple[int, int] | None = None
   with storage.open_binary(path) as opened:
     f, kind = decompressed(opened, path)
     lineno = 0
+    try:
+      if f.peek(len(_BOM))[:len(_BOM)] == _BOM:
+        f.read(len(_BOM))  # not part of line 1's MAX_LINE_BYTES
+    except _DECOMPRESSION_ERRORS as e:
+      raise _read_error(path, 1, kind, e) from None
     if lines is not None:
       lineno = _skip_lines(f, lines.start - 1, path, kind)
     while lines is None or lineno < lines.stop - 1:
@@ -315,8 +330,6 @@ def iter_jsonl(path, share: tuple[int, int] | None = None
         return
       lineno += 1
       where = at(path, lineno)
-      if lineno == 1 and raw.startswith(_BOM):
-        raw = raw[len(_BOM):]
       if len(raw.rstrip(b"\r\n")) > MAX_LINE_BYTES:
         raise InputError(f"{where}: line longer than {MAX_LINE_BYTES:,} bytes "
                          "(tracer.data.MAX_LINE_BYTES); expected one JSON object "
@@ -332,14 +345,24 @@ def iter_jsonl(path, share: tuple[int, int] | None = None
         continue
       try:
         record = json.loads(line.rstrip("\r\n"))
-      except json.JSONDecodeError as e:
-        what = re.sub(r"\s+at$", "", e.msg)
-        raise InputError(f"{where}: not valid JSON ({what} at column {e.colno}); "
+      except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise InputError(f"{where}: not valid JSON ({_json_reason(e)}); "
                          "expected one JSON object per line") from None
       if not isinstance(record, dict):
         raise InputError(f"{where}: expected a JSON object, got "
                          f"{type(record).__name__}")
       yield lineno, record
+
+
+def _json_reason(e: BaseException) -> str:
+  """Why ``json.loads`` refused a text: where, for a syntax error; else what
+  Python could not hold (nesting past the recursion limit, an integer past
+  ``sys.get_int_max_str_digits``)."""
+  if isinstance(e, json.JSONDecodeError):
+    return re.sub(r"\s+at$", "", e.msg) + f" at column {e.colno}"
+  if isinstance(e, RecursionError):
+    return "nested too deeply"
+  return str(e).split(";")[0]
 
 
 def _skip_lines(f, count: int, path, kind: str | None) -> int:
@@ -543,13 +566,30 @@ def iter_parquet(path, columns: Sequence[str] | None = None, id_column: str = "i
             "expected a whole Parquet file") from None
       if batch is None:
         break
-      values = {n: batch.column(n).to_pylist() for n in names}
+      values = {}
+      for n in names:
+        try:
+          values[n] = batch.column(n).to_pylist()
+        except UnicodeDecodeError as e:  # pyarrow does not check strings it reads
+          bad = next(i for i, v in enumerate(batch.column(n).cast(
+              pa.binary()).to_pylist()) if v is not None and not _utf8(v))
+          raise InputError(
+              f"{at(location, row + bad + 1)}: column {n!r} is not valid UTF-8 "
+              f"({e.reason}); expected UTF-8 text") from None
       if integer_ids:
         values[id_column] = [None if v is None else str(v)
                              for v in values[id_column]]
       for record in zip(*values.values()):
         row += 1
         yield row, dict(zip(names, record))
+
+
+def _utf8(data: bytes) -> bool:
+  try:
+    data.decode("utf-8")
+  except UnicodeDecodeError:
+    return False
+  return True
 
 
 def iter_records(path, columns: Sequence[str] | None = None, id_column: str = "id",
@@ -665,11 +705,31 @@ def read_queries(path: str) -> list[dict]:
   A line carrying a field tracer writes into results (``WRITTEN_FIELDS``) is
   an error in tracer's format; in the authors' it is dropped.
   """
-  queries = [r for _, r in read_records(path, ("id", "prompt", "target"),
-                                      ("id", "target"), convert=_QueryFormat())]
+  queries = []
+  for lineno, record in read_records(path, ("id", "prompt", "target"),
+                                     ("id", "target"), convert=_QueryFormat()):
+    _check_json_values(at(path, lineno), record)
+    queries.append(record)
   if not queries:
     raise InputError(f"{path}: no queries")
   return queries
+
+
+def _check_json_values(where: str, record: dict) -> None:
+  """A query's fields are copied into its results line: each must be a JSON
+  value (a Parquet column may hold a timestamp or bytes; a JSONL line may
+  hold NaN, which strict JSON readers refuse)."""
+  for key, value in record.items():
+    try:
+      json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as e:
+      kind = re.search(r"type (\w+)", str(e))  # TypeError: "Object of type X ..."
+      what = ("NaN or infinity" if isinstance(e, ValueError) else
+              "values nested too deeply" if isinstance(e, RecursionError) else
+              f"a {kind.group(1) if kind else type(value).__name__}")
+      raise InputError(f"{where}: field {key!r} holds {what}; expected a JSON "
+                       "value (a string, number, bool, list, object or null), "
+                       "copied into the results") from None
 
 
 # --- the TrackStar authors' query records --------------------------------------
@@ -939,7 +999,10 @@ def build_corpus(source: str, records: Iterable[Record], vocab, max_len: int,
   for doc_id, text, j, window in rows_of(records, vocab, max_len, overflow):
     if j == 0:
       if doc_id in docs:
-        raise InputError(f"{source}: duplicate id {doc_id!r}")
+        places = _id_places(source, doc_id) if is_file_source(source) else []
+        raise InputError(f"{source}: duplicate id {doc_id!r}" + (
+            f" ({' and '.join(places)})" if len(places) == 2 else "")
+            + "; ids must be unique across the whole source")
       docs.add(doc_id)
     ids.append(doc_id)
     texts.append(text)
@@ -952,6 +1015,21 @@ def build_corpus(source: str, records: Iterable[Record], vocab, max_len: int,
   tokens[np.arange(max_len)[None, :] < lengths[:, None]] = np.concatenate(toks)
   return Corpus(source, ids, texts, np.asarray(segs, np.int32), tokens, lengths,
                 max_len)
+
+
+def _id_places(source: str, doc_id: str) -> list[str]:
+  """``file:line`` of the first two records of ``source`` with the id
+  ``doc_id`` (an error's second read of the files)."""
+  fields = split_source(source)[1]
+  places = []
+  for path in corpus_files(source):
+    for lineno, record in read_records(path, (), unique_ids=False, fields=fields,
+                                       columns=tuple(fields.values())):
+      if record.get("id") == doc_id:
+        places.append(at(path, lineno))
+        if len(places) == 2:
+          return places
+  return places
 
 
 # The fields of a corpus record; ``split_source`` reads other names for them.
@@ -976,11 +1054,16 @@ def split_source(source: str) -> tuple[str, dict[str, str]]:
     return source, fields
   if spec.partition("=")[0].strip() == "shards":
     return source, fields  # a seqio source's shards (``seqio_shards``)
+  named = set()
   for item in spec.split(","):
     key, eq, name = (s.strip() for s in item.partition("="))
     if key not in fields or not eq or not name:
       raise InputError(f"--corpus={source}: {item!r} after '#': expected "
                        "text=<field> and/or id=<field>, separated by commas")
+    if key in named:
+      raise InputError(f"--corpus={source}: {key}= is named twice after '#'; "
+                       f"expected one name for the {key}")
+    named.add(key)
     fields[key] = name
   if fields["id"] == fields["text"]:
     raise InputError(f"--corpus={source}: the id and the text name the same "
@@ -1090,7 +1173,9 @@ class _PositionIds:
   has no ``id`` (C4's and the Pile's releases carry none) gets the id
   ``"<file name>:<line>"`` for every line, which does not depend on how files
   are split among processes; a file whose first line has one needs it on
-  every line. ``id_name`` is the id's name in the file (``split_source``)."""
+  every line. ``id_name`` is the id's name in the file (``split_source``);
+  one named there (``#id=<field>``) is required: a misspelt name must not
+  turn every id into a position."""
 
   def __init__(self, name: str, id_name: str = "id",
                first: tuple[bool, str] | None = None):
@@ -1102,6 +1187,10 @@ class _PositionIds:
       self.first = ("id" in record, where)
     if self.first[0]:
       return record  # read_records names a missing id
+    if self.id_name != "id":
+      raise InputError(f"{self.first[1]}: missing field {self.id_name!r}, named "
+                       "by id= after '#'; expected it on every line (or leave "
+                       "out id= for a file without ids)")
     if "id" in record:
       raise InputError(f"{where}: has an {self.id_name!r}, but {self.first[1]} has "
                        f"none, so this file's ids are its positions "
@@ -1165,7 +1254,7 @@ def seqio_shards(source: str) -> tuple[str, int]:
   key, eq, value = spec.partition("=")
   if not sep or key.strip() != "shards" or not eq:
     return source, 1
-  if not value.strip().isdigit() or int(value) < 1:
+  if not re.fullmatch(r"[0-9]+", value.strip()) or int(value) < 1:
     raise InputError(f"--corpus={source}: shards={value.strip()!r}: expected a "
                      "whole number of shards, at least 1 (TASK#shards=N)")
   return name, int(value)

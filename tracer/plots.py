@@ -27,10 +27,16 @@ Summary = Mapping[str, Mapping[str, Mapping[str, Any]]]
 _RETRIEVAL = (("mrr", "MRR"), ("recall@10", "recall@10"))
 
 
+def printable(text: str) -> str:
+  """``text`` with lone surrogates (JSON allows "\\ud800") as U+FFFD: they
+  cannot be written as UTF-8, nor drawn."""
+  return re.sub("[\ud800-\udfff]", "\ufffd", str(text))
+
+
 def _label(text: str) -> str:
   """``text`` as matplotlib shows it literally: "$...$" would be mathtext
   (and an error when it does not parse)."""
-  return str(text).replace("$", r"\$")
+  return printable(text).replace("$", r"\$")
 
 
 def _colors(stats: Summary) -> dict[str, str]:

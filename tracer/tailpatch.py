@@ -24,6 +24,7 @@ Typical use, evaluating several methods' top-k lists at once::
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Mapping, Sequence
 
@@ -53,6 +54,8 @@ def tail_patch_optimizer(optimizer_config: train_lib.OptimizerConfig, step: int,
   clipping and no checkpoint state (pass ``optimizer.init(params)``).
   """
   if sgd_learning_rate is not None:
+    if not sgd_learning_rate > 0:  # 0 would patch nothing: every delta 0
+      raise ValueError(f"sgd_learning_rate={sgd_learning_rate}: expected > 0")
     return optax.sgd(float(sgd_learning_rate))
   lr = final_learning_rate(optimizer_config, step)
   return train_lib.make_optimizer(optimizer_config,
@@ -137,7 +140,7 @@ def tail_patch_deltas(model_config: Any, params: Any, opt_state: Any,
 
   Args:
     model_config: the model (``family``'s config, hashable: the compiled
-      programs are cached on it).
+      programs are cached on it); run in float32 whatever its ``dtype``.
     params: the checkpoint's params.
     opt_state: ``optimizer``'s state (the checkpoint's for the default
       ``tail_patch_optimizer``, ``optimizer.init(params)`` for SGD); the same
@@ -166,7 +169,15 @@ def tail_patch_deltas(model_config: Any, params: Any, opt_state: Any,
     The base log-prob is computed once per query.
   """
   mesh = partitioning.make_mesh() if mesh is None else mesh
-  pairs = np.asarray(pairs, np.int64).reshape(-1, 2)
+  # A delta is the difference of two nearly equal log-probs: computed at a
+  # bf16 model's own precision it is noise (the audit of 2026-12-04: signs
+  # flipped, the ranking of 4 pairs changed). Params and activations in f32.
+  if dataclasses.is_dataclass(model_config) and hasattr(model_config, "dtype"):
+    model_config = dataclasses.replace(model_config, dtype="float32")
+  pairs = np.asarray(pairs)
+  if pairs.size and (pairs.ndim != 2 or pairs.shape[1] != 2):
+    raise ValueError(f"pairs: expected int[P, 2], got shape {pairs.shape}")
+  pairs = pairs.astype(np.int64).reshape(-1, 2)
   num_train = len(next(iter(train_examples.values())))
   num_queries = len(next(iter(query_examples.values())))
   if pairs.size and (pairs.min() < 0 or pairs[:, 0].max() >= num_queries

@@ -132,7 +132,18 @@ def _floats(where, rec, field) -> list[float]:
       v is None or _is_number(v) for v in value):
     raise InputError(f"{where}: field {field!r} must be a list of numbers "
                      "(or null)")
-  return [math.nan if v is None else float(v) for v in value]
+  try:
+    return [math.nan if v is None else float(v) for v in value]
+  except OverflowError:  # a JSON integer past float's range
+    raise InputError(f"{where}: field {field!r} holds a number out of float's "
+                     "range") from None
+
+
+def _name(v) -> str:
+  """A query id or bucket given as a number, as a string: 3 and 3.0 are "3"."""
+  if isinstance(v, int):
+    return str(v)  # exact, however long (float() of a long one overflows)
+  return str(int(v)) if v.is_integer() else str(v)
 
 
 def _same_length(where, rec, field, other, n) -> None:
@@ -161,15 +172,17 @@ def normalize_record(obj: Mapping[str, Any], where: str = "record"
   """
   rec = dict(obj)
   _drop_copies(rec)
+  named = {}  # our field -> the file's name for it, for errors
   for ours, theirs in _ALIASES.items():
-    if ours not in rec:
+    if rec.get(ours) is None:  # absent or null: the authors' name may hold it
       for name in theirs:
         if name in rec:
           rec[ours] = rec.pop(name)
+          named[ours] = name
           break
   qid = rec.get("query_id")
-  if _is_number(qid) and float(qid).is_integer():
-    qid = str(int(qid))
+  if _is_number(qid) and (isinstance(qid, int) or qid.is_integer()):
+    qid = _name(qid)
   if not isinstance(qid, str) or not qid:
     raise InputError(f"{where}: no query id; expected a non-empty string in "
                      "'query_id' (or the authors' 'example_id')")
@@ -189,7 +202,11 @@ def normalize_record(obj: Mapping[str, Any], where: str = "record"
     rec.pop("bucket", None)
   elif _is_number(rec["bucket"]) or isinstance(rec["bucket"], str):
     b = rec["bucket"]
-    rec["bucket"] = str(int(b)) if _is_number(b) and float(b).is_integer() else str(b)
+    rec["bucket"] = _name(b) if _is_number(b) else b
+    if rec["bucket"] == "all":
+      raise InputError(f"{where}: field {named.get('bucket', 'bucket')!r} is "
+                       "'all', the name of the summary over every bucket; "
+                       "expected another name")
   else:
     raise InputError(f"{where}: field 'bucket' must be a string or a number")
   if "fact_doc_ids" in rec:
@@ -226,7 +243,9 @@ def normalize_record(obj: Mapping[str, Any], where: str = "record"
     rec["prediction_correct"] = rec["prediction"] == rec["target"]
   elif rec.get("prediction_correct") is not None:
     if not isinstance(rec["prediction_correct"], bool):
-      raise InputError(f"{where}: field 'is_8b_correct' must be true or false")
+      raise InputError(f"{where}: field "
+                       f"{named.get('prediction_correct', 'prediction_correct')!r} "
+                       "must be true or false")
   else:
     rec.pop("prediction_correct", None)
   return rec
@@ -368,7 +387,9 @@ def summary(runs: Mapping[str, Sequence[Mapping[str, Any]]]
       m["accuracy"] = sum(marks) / len(marks) if marks else None
       deltas = {r["query_id"]: tail_patched[r["query_id"]] for r in group
                 if r["query_id"] in tail_patched}
-      m["num_tail_patched"] = len(deltas)
+      # Queries with a value to average (tail_patch_at_k skips the others).
+      m["num_tail_patched"] = sum(any(math.isfinite(v) for v in d)
+                                  for d in deltas.values())
       m.update(_tail_patch(deltas))
       per_bucket[bucket] = m
     out[method] = per_bucket
@@ -574,7 +595,8 @@ def render(runs: Mapping[str, Sequence[Mapping[str, Any]]],
   # Each figure its own id salt: inline SVGs share one id namespace.
   svgs = "\n".join(f'<figure class="plot">{plots.to_svg(f, salt=name)}</figure>'
                    for name, f in figures.items() if f is not None)
-  return _PAGE.format(title=html.escape(title), css=_CSS, plots=svgs,
+  return _PAGE.format(title=html.escape(plots.printable(title)), css=_CSS,
+                      plots=svgs,
                       data=script_json(payload(runs, title, stats)), js=_JS)
 
 
