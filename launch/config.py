@@ -352,6 +352,18 @@ def setup(required: tuple[str, ...] = (), output_is: str = "file") -> None:
     check_writable(FLAGS.output, "--output", output_is)
 
 
+def integers(flag: str, values) -> list[int]:
+  """A list flag's values as integers; InputError naming the flag."""
+  out = []
+  for v in values:
+    try:
+      out.append(int(v))
+    except ValueError:
+      raise InputError(f"--{flag}: {v!r} is not an integer; expected a "
+                       "comma-separated list of integers") from None
+  return out
+
+
 def check_top_k(top_k: int, num_rows: int) -> None:
   """InputError unless 1 <= top_k <= num_rows (the corpus's rows): checked
   once the corpus is open, before any gradient is computed."""

@@ -63,7 +63,17 @@ REFERENCE = "trackstar"
 
 
 def set_names(styles, seeds) -> list[str]:
-  return [f"{style}-{int(seed)}" for style in styles for seed in seeds]
+  """``style-seed`` of every set; each once (a set scored twice would count
+  its queries twice in the spread and the paired test)."""
+  if not styles or not seeds:
+    raise InputError("--styles and --seeds: expected at least one of each")
+  names = [f"{style}-{int(seed)}" for style in styles for seed in seeds]
+  repeated = sorted({n for n in names if names.count(n) > 1})
+  if repeated:
+    raise InputError(f"--styles/--seeds name the set {repeated[0]} twice; "
+                     "expected each style and seed once")
+  return names
+
 
 
 def ensure_set(set_dir: str, style: str, seed: int, facts_per_bucket: int,
@@ -72,7 +82,24 @@ def ensure_set(set_dir: str, style: str, seed: int, facts_per_bucket: int,
   returns the corpus and queries paths."""
   cfg = facts.style_config(style, seed, facts_per_bucket=facts_per_bucket,
                            distractor_docs=distractor_docs)
+  # A set's model and scores are reused by later runs: only for the set they
+  # were made from.
+  made = {"style": style, "seed": seed, "facts_per_bucket": facts_per_bucket,
+          "distractor_docs": distractor_docs}
+  record = os.path.join(set_dir, "set.json")
+  if os.path.exists(record):
+    with open(record) as f:
+      before = json.load(f)
+    if before != made:
+      raise InputError(f"{record}: the set was made with {before}, this run "
+                       f"asks {made}; expected the same settings, or another "
+                       "--workdir")
+  elif os.path.isdir(os.path.join(set_dir, "checkpoints")):
+    progress.say(f"{set_dir}: made before sets recorded their settings; reusing "
+                 "it as it is")
   corpus, queries = facts.write_fact_corpus(os.path.join(set_dir, "facts"), cfg)
+  if not os.path.exists(record):
+    evaluate.write_text_atomic(record, json.dumps(made))
   checkpoints = os.path.join(set_dir, "checkpoints")
   if not os.path.isdir(checkpoints) or not any(
       name.isdigit() for name in os.listdir(checkpoints)):
@@ -98,8 +125,16 @@ def step_dir(set_dir: str, step: int) -> str:
 
 def score_set(out_dir: str, corpus: str, queries: str, num_tail_patch: int,
               checkpoint: str | None = None, sum_steps=()) -> None:
-  """``tracer quality`` into ``out_dir`` unless its quality.json exists."""
-  if not os.path.exists(os.path.join(out_dir, "quality.json")):
+  """``tracer quality`` into ``out_dir`` unless its quality.json exists (and
+  holds ``quality.SUM_METHOD`` when ``sum_steps`` asks for it)."""
+  path = os.path.join(out_dir, "quality.json")
+  again = False
+  if os.path.exists(path) and sum_steps:
+    with open(path) as f:
+      again = quality.SUM_METHOD not in json.load(f)["methods"]
+    if again:
+      progress.say(f"{out_dir}: scored before --sum_steps; scoring again")
+  if again or not os.path.exists(path):
     progress.say(f"{out_dir}: scoring every method")
     quality.run(out_dir, num_tail_patch=num_tail_patch, corpus_path=corpus,
                 queries_path=queries, checkpoint=checkpoint, sum_steps=sum_steps)
@@ -245,10 +280,11 @@ def main(argv):
   config.default_gin_file()
   config.parse_gin()
   config.use_compilation_cache()
-  run(FLAGS.workdir or "family", FLAGS.styles, FLAGS.seeds, FLAGS.set_facts_per_bucket,
+  run(FLAGS.workdir or "family", FLAGS.styles, config.integers("seeds", FLAGS.seeds),
+      FLAGS.set_facts_per_bucket,
       FLAGS.set_distractor_docs, FLAGS.only_train, FLAGS.tail_patch_queries,
-      steps=[int(s) for s in FLAGS.steps],
-      sum_steps=[int(s) for s in FLAGS.sum_steps])
+      steps=config.integers("steps", FLAGS.steps),
+      sum_steps=config.integers("sum_steps", FLAGS.sum_steps))
 
 
 if __name__ == "__main__":

@@ -130,19 +130,24 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
                   checkpoints=checkpoints, vocab_size=vocab_size,
                   text_bytes_per_token=text_bytes_per_token)
   for key, value in positive.items():
-    if not value > 0:
-      raise ValueError(f"{key} must be positive, got {value}")
+    if not (value > 0 and math.isfinite(value)):
+      raise ValueError(f"{key} must be a positive, finite number, got {value}")
+  if round(tokens) < 1:
+    raise ValueError(f"tokens must be at least 1 (a corpus of at least one "
+                     f"row), got {tokens:g}")
   if not 0 < mfu <= 1:
     raise ValueError(f"mfu must be in (0, 1], got {mfu}")
   ratio = encode_train_ratio
   if ratio is None:
     ratio = spec.encode_train_ratio
-  if not ratio > 0:
-    raise ValueError(f"encode_train_ratio must be positive, got {ratio}")
+  if not (ratio > 0 and math.isfinite(ratio)):
+    raise ValueError(f"encode_train_ratio must be a positive, finite number, "
+                     f"got {ratio}")
   if hosts is None:
     hosts = max(1, math.ceil(chips / spec.chips_per_host))
-  if hosts < 1:
-    raise ValueError(f"hosts must be positive, got {hosts}")
+  if not 1 <= hosts <= chips:
+    raise ValueError(f"hosts must be between 1 and the {chips} chips (a host "
+                     f"drives at least one), got {hosts}")
 
   d = projection_dim
   steps_summed = int(checkpoints)
@@ -339,7 +344,7 @@ def report(p: dict) -> str:
       f"encode FLOPs / ({tflops(c.peak_flops)} * mfu {p['mfu']:g}) / 3600 s")
   wall_h = p["encode_wall_hours"]
   if wall_h >= 24:
-    wall = f"{wall_h:,.3g} h ({duration(wall_h * 3600)})"
+    wall = f"{number(wall_h)} h ({duration(wall_h * 3600)})"
   else:
     wall = duration(wall_h * 3600)
   row("encode wall-clock", f"{wall} on {plural(p['chips'], 'chip')}",
@@ -424,8 +429,8 @@ def report(p: dict) -> str:
       "scores are exact in fp32 (bf16 and int8 rows against the fp32 queries "
       "as three bf16 terms; f32 rows at HIGHEST, six on a TPU and slower on "
       "a GPU's fp32 cores). Free HBM subtracts one "
-      "bf16 copy of the weights, sharded over the pod, and ignores "
-      "activations and scan workspace.",
+      "bf16 copy of the weights per summed checkpoint, sharded over the "
+      "pod, and ignores activations and scan workspace.",
       f"  - {p['text_bytes_per_token']:g} bytes of text per token: ASSUMED "
       "(English under a subword vocabulary; the byte tokenizer's is 1); the "
       "tokenized corpus keeps each row's text for results and the viewer, "

@@ -494,7 +494,7 @@ def main(argv):
   config.use_compilation_cache()
   run(FLAGS.workdir or "quality", FLAGS.top_k, FLAGS.tail_patch_queries,
       FLAGS.sgd_learning_rate, checkpoint=FLAGS.checkpoint,
-      sum_steps=[int(step) for step in FLAGS.sum_steps])
+      sum_steps=config.integers("sum_steps", FLAGS.sum_steps))
 
 
 if __name__ == "__main__":

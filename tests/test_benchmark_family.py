@@ -402,3 +402,23 @@ def test_influence_by_kind_of_proponent():
                                         "same subject": 0.0, "other": 0.0}
   assert shares[quality.METHODS[1]]["other"] == 0.5
   assert "| top-2 proponents |" in quality.format_kinds(by_kind, 2)
+
+
+def test_family_flags_and_a_set_made_otherwise_are_refused(tmp_path):
+  """Each a traceback, a silent double count or stale scores before
+  2026-12-04."""
+  from tracer.launch import config as launch_config  # pylint: disable=g-import-not-at-top
+  with pytest.raises(InputError, match="the set dense-0 twice"):
+    family.set_names(["dense"], [0, 0])
+  with pytest.raises(InputError, match="at least one of each"):
+    family.set_names(["dense"], [])
+  with pytest.raises(InputError, match="--seeds: 'a' is not an integer"):
+    launch_config.integers("seeds", ["1", "a"])
+  set_dir = tmp_path / "sets" / "dense-0"
+  set_dir.mkdir(parents=True)
+  (set_dir / "set.json").write_text(json.dumps(
+      {"style": "dense", "seed": 0, "facts_per_bucket": 4, "distractor_docs": 2}))
+  with pytest.raises(InputError, match="set.json: the set was made with .*'facts_per_"
+                     "bucket': 4.*this run asks .*'facts_per_bucket': 9"):
+    family.ensure_set(str(set_dir), "dense", 0, 9, 2)
+  assert not (set_dir / "facts").exists()  # refused before anything is written

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import re
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -166,3 +167,23 @@ def test_explicit_param_shardings_give_the_same_encodings():
                      r"P\('model',\) does not divide shape \(259, 32\)"):
     tracer.GradientEncoder(model_lib.make_loss_fn(MODEL), params,
                            param_shardings=bad, **kwargs)
+
+
+def test_a_large_weight_the_model_axis_cannot_split_is_an_error():
+  """Gemma's shapes (2^18 rows, 2^k * 5 widths) split over a model axis of 2
+  or 4, never 3: before 2026-12-04 every such weight sat whole on each device."""
+  params = {"embed": jax.ShapeDtypeStruct((1 << 18, 640), np.float32),
+            "norm": jax.ShapeDtypeStruct((640,), np.float32),
+            "small": jax.ShapeDtypeStruct((6, 5), np.float32)}
+  split = partitioning.param_shardings(
+      partitioning.make_mesh(2, 2, devices=jax.devices()[:4]), params)
+  assert split["embed"].spec == P("model", None)
+  three = partitioning.make_mesh(1, 3, devices=jax.devices()[:3])
+  with pytest.raises(InputError, match=re.escape(
+      "params['embed']: shape (262144, 640) has no axis divisible by the mesh's "
+      "model axis (3), so it would sit whole on every device; expected a model "
+      "axis that splits every large weight (2, 4, 5, 8, 10, 16, 20, 32)")):
+    partitioning.param_shardings(three, params)
+  # Small ones may stay whole: (6, 5) splits over 3, the norm is a vector.
+  del params["embed"]
+  assert partitioning.param_shardings(three, params)["small"].spec == P("model", None)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -117,6 +118,32 @@ def test_registered_and_config_round_trip():
   shapes = jax.eval_shape(lambda: fam.init_params(
       gf.GemmaConfig(preset="gemma3_270m", max_len=8)))
   assert shapes["embedder"]["input_embedding"].shape == (262_144, 640)
+
+
+@pytest.mark.parametrize("fields,message", [
+    # Before 2026-12-04 each was a traceback in the library, or accepted.
+    ({"max_len": "128"}, "GemmaConfig.max_len='128': expected an integer"),
+    ({"attention_pattern": 5}, "GemmaConfig.attention_pattern=5: expected a list"),
+    ({"preset": ["gemma3_1b"]}, "GemmaConfig.preset=['gemma3_1b']: expected a "
+     "preset name or None"),
+    ({"query_pre_attn_norm": "NOPE"}, "GemmaConfig.query_pre_attn_norm='NOPE': "
+     "expected one of BY_ONE_OVER_SQRT_HEAD_DIM"),
+    ({"num_kv_heads": 3}, "GemmaConfig.num_kv_heads=3: expected a divisor of "
+     "num_heads=4"),
+    ({"num_layers": 0}, "GemmaConfig.num_layers=0: expected at least 1"),
+    ({"use_qk_norm": 1}, "GemmaConfig.use_qk_norm=1: expected true or false"),
+    # PAD at position 0 lets the first prediction see the future; an id past
+    # the vocabulary was clamped to the last embedding row.
+    ({"bos_id": 0}, "GemmaConfig.bos_id=0: expected an id other than PAD (0), "
+     "below vocab_size (259)"),
+    ({"bos_id": 500}, "GemmaConfig.bos_id=500: expected"),
+    ({"preset": "gemma3_270m", "num_layers": 40}, "GemmaConfig.num_layers=40 "
+     "with preset 'gemma3_270m': a preset brings its own architecture"),
+])
+def test_bad_config_fields_are_named(fields, message):
+  with pytest.raises(InputError, match="^" + re.escape(message)):
+    gf.GemmaConfig.from_dict({**gf.TINY.to_dict(), **fields} if "preset" not in fields
+                             else fields)
 
 
 # --- (1) train, save and load in the library's format ------------------------------

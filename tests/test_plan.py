@@ -46,8 +46,22 @@ def test_tokenized_corpus_bytes():
   small = plan_lib.plan(**BASE, vocab_size=65_536, text_bytes_per_token=1.0)
   assert small["tokenized_tokens_bytes"] == 78_125_000 * 2048 * 2
   assert small["tokenized_bytes"] == 78_125_000 * 2048 * 2 + 160e9
-  with pytest.raises(ValueError, match="text_bytes_per_token must be positive"):
+  with pytest.raises(ValueError, match="text_bytes_per_token must be a positive"):
     plan_lib.plan(**BASE, text_bytes_per_token=0)
+
+
+@pytest.mark.parametrize("change,message", [
+    # A traceback (OverflowError, ZeroDivisionError) before 2026-12-04.
+    ({"tokens": float("inf")}, "tokens must be a positive, finite number, got inf"),
+    ({"params": float("nan")}, "params must be a positive, finite number"),
+    ({"encode_train_ratio": float("inf")}, "encode_train_ratio must be a "
+     "positive, finite number"),
+    ({"tokens": 0.4}, "tokens must be at least 1"),
+    ({"chips": 8, "hosts": 64}, "hosts must be between 1 and the 8 chips"),
+])
+def test_bad_numbers_are_refused(change, message):
+  with pytest.raises(ValueError, match=message):
+    plan_lib.plan(**{**BASE, **change})
 
 
 def test_rows_round_up():

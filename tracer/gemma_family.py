@@ -115,6 +115,24 @@ PRESETS = {
 
 _ATTENTION = {"local": "LOCAL_SLIDING", "global": "GLOBAL"}
 _DTYPES = ("float32", "bfloat16")
+# gm.nn.config.QueryPreAttentionNormalisation's members.
+_QUERY_NORMS = ("BY_ONE_OVER_SQRT_HEAD_DIM", "BY_EMBED_DIM_DIV_NUM_HEADS",
+                "BY_ONE_OVER_SQRT_EMBED_DIM_DIV_NUM_HEADS")
+_INT, _FLOAT_OR_NONE = ((int,), "an integer"), ((int, float, type(None)), "a number or None")
+_FIELD_TYPES = {
+    "preset": ((str, type(None)), "a preset name or None"),
+    "dtype": ((str,), "a string"), "query_pre_attn_norm": ((str,), "a string"),
+    "attention_pattern": ((tuple, list), "a list of 'local' / 'global'"),
+    **{n: _INT for n in ("max_len", "bos_id", "vocab_size", "num_layers",
+                         "embed_dim", "hidden_dim", "num_heads", "head_dim",
+                         "num_kv_heads", "sliding_window_size")},
+    **{n: ((int, float), "a number") for n in ("local_base_frequency",
+                                               "global_base_frequency")},
+    **{n: ((bool,), "true or false") for n in (
+        "use_qk_norm", "use_post_attn_norm", "use_post_ffw_norm",
+        "transpose_gating_einsum")},
+    "final_logit_softcap": _FLOAT_OR_NONE, "attn_logits_soft_cap": _FLOAT_OR_NONE,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,9 +167,30 @@ class GemmaConfig:
   query_pre_attn_norm: str = "BY_ONE_OVER_SQRT_HEAD_DIM"
 
   def __post_init__(self):
+    # Types first: a gin binding of the wrong type would fail later, deep in
+    # the library, as a traceback.
+    for f in dataclasses.fields(self):
+      value, want = getattr(self, f.name), _FIELD_TYPES.get(f.name)
+      if want and (not isinstance(value, want[0]) or (
+          isinstance(value, bool) and bool not in want[0])):
+        raise InputError(f"GemmaConfig.{f.name}={value!r}: expected {want[1]}")
+    if not all(isinstance(a, str) for a in self.attention_pattern):
+      raise InputError(f"GemmaConfig.attention_pattern={self.attention_pattern!r}: "
+                       "expected a list of 'local' / 'global'")
+    # Hashable (the model and compiled programs are cached on the config).
+    object.__setattr__(self, "attention_pattern", tuple(self.attention_pattern))
     if self.preset is not None and self.preset not in PRESETS:
       raise InputError(f"gemma preset {self.preset!r}: expected one of "
                        f"{', '.join(PRESETS)} (or none, with explicit sizes)")
+    if self.preset is not None:
+      ignored = [f.name for f in dataclasses.fields(self)
+                 if f.name not in ("preset", "max_len", "dtype", "bos_id")
+                 and getattr(self, f.name) != f.default]
+      if ignored:
+        raise InputError(f"GemmaConfig.{ignored[0]}={getattr(self, ignored[0])!r} "
+                         f"with preset {self.preset!r}: a preset brings its own "
+                         "architecture; expected only max_len, dtype and bos_id "
+                         "beside it")
     if self.dtype not in _DTYPES:
       raise InputError(f"gemma dtype {self.dtype!r}: expected one of {_DTYPES}")
     bad = [a for a in self.attention_pattern if a not in _ATTENTION]
@@ -160,8 +199,25 @@ class GemmaConfig:
                        "expected a non-empty list of 'local' / 'global'")
     if self.max_len < 2:
       raise InputError(f"gemma max_len {self.max_len}: expected at least 2")
-    # Hashable (the model and compiled programs are cached on the config).
-    object.__setattr__(self, "attention_pattern", tuple(self.attention_pattern))
+    sizes = ("vocab_size", "num_layers", "embed_dim", "hidden_dim", "num_heads",
+             "head_dim", "num_kv_heads", "sliding_window_size")
+    small = [f"{n}={getattr(self, n)}" for n in sizes if getattr(self, n) < 1]
+    if small:
+      raise InputError(f"GemmaConfig.{small[0]}: expected at least 1")
+    if self.num_heads % self.num_kv_heads:
+      raise InputError(f"GemmaConfig.num_kv_heads={self.num_kv_heads}: expected "
+                       f"a divisor of num_heads={self.num_heads}")
+    if self.query_pre_attn_norm not in _QUERY_NORMS:
+      raise InputError(f"GemmaConfig.query_pre_attn_norm="
+                       f"{self.query_pre_attn_norm!r}: expected one of "
+                       f"{', '.join(_QUERY_NORMS)}")
+    # Position 0 holds bos_id; PAD there lets the first prediction see the
+    # future (module doc). Past the vocabulary, the embedding lookup clamps.
+    if self.bos_id == PAD_ID or not 0 <= self.bos_id < (
+        self.vocab_size if self.preset is None else 1 << 31):
+      raise InputError(f"GemmaConfig.bos_id={self.bos_id}: expected an id other "
+                       f"than PAD ({PAD_ID}), below vocab_size "
+                       f"({self.vocab_size})")
 
   @property
   def tokenizer_version(self) -> int:

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from tracer.errors import InputError
+
 DATA = "data"
 MODEL = "model"
 
@@ -62,11 +64,33 @@ def param_spec(shape: Sequence[int], model_size: int) -> P:
   return P()
 
 
+# A weight of at least this many elements that the model axis cannot split is
+# an error, not a silent copy on every device: params never sit whole on one
+# device (Gemma's 2^18-row embedding and 2^k * 5 widths split over 2, 4, 8,
+# never over 3 or 6, where the rule above copied all of Gemma 3 4B to each).
+SPLIT_AT_ELEMENTS = 1 << 20
+
+
 def param_shardings(mesh: Mesh, params: Any) -> Any:
-  """NamedShardings for a params pytree (or its ShapeDtypeStructs)."""
+  """NamedShardings for a params pytree (or its ShapeDtypeStructs), by
+  ``param_spec``; an InputError if a weight of ``SPLIT_AT_ELEMENTS`` or more
+  would be copied whole to every device of a model axis."""
   model_size = mesh.shape[MODEL]
-  return jax.tree.map(
-      lambda x: NamedSharding(mesh, param_spec(np.shape(x), model_size)), params)
+  specs = [(path, np.shape(x), param_spec(np.shape(x), model_size))
+           for path, x in jax.tree_util.tree_flatten_with_path(params)[0]]
+  large = [shape for _, shape, _ in specs
+           if len(shape) >= 2 and math.prod(shape) >= SPLIT_AT_ELEMENTS]
+  for path, shape, spec in specs:
+    if model_size > 1 and shape in large and spec == P():
+      sizes = [m for m in range(2, 65)
+               if all(any(d % m == 0 for d in s) for s in large)]
+      raise InputError(
+          f"params{jax.tree_util.keystr(path)}: shape {tuple(shape)} has no axis "
+          f"divisible by the mesh's model axis ({model_size}), so it would sit "
+          "whole on every device; expected a model axis that splits every large "
+          f"weight ({', '.join(map(str, sizes[:8])) or 'none up to 64'})")
+  return jax.tree.unflatten(jax.tree.structure(params),
+                            [NamedSharding(mesh, spec) for _, _, spec in specs])
 
 
 def given_shardings(mesh: Mesh, params: Any, shardings: Any | None) -> Any:
