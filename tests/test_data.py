@@ -638,8 +638,10 @@ def test_fields_under_other_names(tmp_path, corpus_path, vocab):
     (['{"hexsha": "a", "content": " "}'], r":1: field 'content' is empty"),
     (['{"hexsha": "a", "body": "x"}'], r":1: missing field 'content'; expected an "
      r"object with 'hexsha', 'content' \(other names go after '#'"),
+    # An id named after '#' is required from line 1 (a misspelt name must not
+    # turn ids into positions).
     (['{"content": "x"}', '{"hexsha": "b", "content": "y"}'],
-     r":2: has an 'hexsha', but .*:1 has none"),
+     r":1: missing field 'hexsha', named by id= after '#'"),
     (['{"hexsha": "a", "content": "x"}', '{"hexsha": "a", "content": "y"}'],
      r":2: duplicate id 'a'"),
 ])
