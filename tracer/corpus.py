@@ -79,7 +79,7 @@ class CorpusManifest:
   # A corpus joined from parts: [{"path": "parts/...", "num_rows": n}, ...].
   parts: list[dict[str, Any]] | None = None
   # ``data.RowsFingerprint`` of the rows; None in corpora tokenized before
-  # 2026-12 (then nothing is compared).
+  # 2026-12-04 (then nothing is compared).
   fingerprint: str | None = None
 
   def to_dict(self) -> dict[str, Any]:

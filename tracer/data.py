@@ -872,7 +872,8 @@ class Corpus:
 
   @functools.cached_property
   def fingerprint(self) -> str:
-    """``RowsFingerprint`` of every row (computed once, ~4 us a row)."""
+    """``RowsFingerprint`` of every row (computed once: 7-13 us a row at
+    max_len 512-2,048, WORKSPACE.md)."""
     rows = RowsFingerprint()
     for row, (doc_id, seg) in enumerate(zip(self.ids, self.segments.tolist())):
       rows.add(doc_id, seg, self.row_tokens(row))
@@ -896,7 +897,7 @@ class RowsFingerprint:
   B = 37
 
   def __init__(self):
-    self.value, self.count, self._power = 0, 0, 1
+    self.value, self._power = 0, 1
 
   def add(self, doc_id: str, seg: int, tokens: np.ndarray) -> None:
     key = doc_id.encode()
@@ -906,7 +907,6 @@ class RowsFingerprint:
     self.value = (self.value + int.from_bytes(h.digest(), "little") * self._power
                   ) % self.P
     self._power = self._power * self.B % self.P
-    self.count += 1
 
   def hex(self) -> str:
     return f"{self.value:016x}"

@@ -89,8 +89,8 @@ STORAGE_FIELDS = ("dtype", "corpus", "num_rows", "corpus_fingerprint", "chunk_ro
 
 
 # Manifest fields compared by more than equality: a fingerprint only when
-# both sides have one (stores and tokenized corpora from before 2026-12 have
-# none).
+# both sides have one (stores and tokenized corpora from before 2026-12-04
+# have none).
 _SAME = {"corpus": data_lib.same_source,
          "corpus_fingerprint": lambda a, b: not a or not b or a == b}
 # What a difference in a field means, where its name does not say.
