@@ -5,6 +5,7 @@ from __future__ import annotations
 import bz2
 import gzip
 import hashlib
+import io
 import json
 import lzma
 import os
@@ -444,6 +445,41 @@ def test_zstd_damage_names_its_line_and_pzstd_files_are_read(tmp_path, corpus_pa
   want = data_lib.read_corpus(corpus_path, vocab, 32)
   got = data_lib.read_corpus(str(pzstd), vocab, 32)
   assert got.ids == want.ids and _as_lists(got) == _as_lists(want)
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"write_checksum": True}, {"write_content_size": False},
+    {"write_dict_id": True, "threads": 2}])
+def test_zstd_output_is_bounded_and_every_cut_is_seen(tmp_path, options):
+  """Before 2026-12-04 each 64 KiB of input was decompressed whole: these 8
+  KiB of blank lines took 256 MiB at once. Now the reader follows the
+  frame and block headers (a frame walker), whatever the frame's options."""
+  import tracemalloc  # pylint: disable=g-import-not-at-top
+  packed = zstd.ZstdCompressor(level=1, **options).compress(b"\n" * (1 << 28))
+  assert len(packed) < 64 << 10
+  tracemalloc.start()
+  try:
+    f, kind = data_lib.decompressed(io.BufferedReader(io.BytesIO(packed)), "bomb")
+    total = sum(len(chunk) for chunk in iter(lambda: f.read(1 << 20), b""))
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  assert kind == "zstd" and total == 1 << 28
+  assert peak < 32 << 20, peak
+  # Frames and skippable frames back to back, cut anywhere but between
+  # frames: an EOFError, not a shorter file.
+  skippable = b"\x5f\x2a\x4d\x18" + (3).to_bytes(4, "little") + b"abc"
+  frames = [skippable, zstd.ZstdCompressor(**options).compress(b'{"a": 1}\n' * 5000),
+            skippable, zstd.ZstdCompressor(**options).compress(b"")]
+  whole = b"".join(frames)
+  ends = {sum(map(len, frames[:i])) for i in range(len(frames) + 1)}
+  for cut in range(4, len(whole) + 1):  # (under 4 bytes: not known as zstd)
+    f, _ = data_lib.decompressed(io.BufferedReader(io.BytesIO(whole[:cut])), "x")
+    if cut in ends:
+      assert f.read() == b'{"a": 1}\n' * 5000 * (cut > len(frames[0]))
+    else:
+      with pytest.raises(EOFError):
+        f.read()
 
 
 def test_a_bom_does_not_count_against_the_line_limit(tmp_path, vocab, monkeypatch):

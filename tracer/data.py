@@ -188,9 +188,21 @@ _BOM = b"\xef\xbb\xbf"
 
 
 class _ZstdFrames(io.RawIOBase):
-  """A zstd file's frames, one after another. A file that ends inside a frame
-  is an EOFError, as gzip's and bz2's readers report theirs (zstandard's own
-  stream reader returns such a file's prefix without a word)."""
+  """A zstd file's frames, one after another, decompressed a few blocks at a
+  time. A file that ends inside a frame is an EOFError, as gzip's and bz2's
+  readers report theirs.
+
+  zstandard's decompressobj returns all that its input expands to (64 KiB of
+  RLE blocks: 2 GiB), and its readers that bound their output return a file
+  cut short, or followed by junk, as a shorter file without a word. So the
+  frame and block headers (RFC 8878 section 3.1) are followed here as the
+  bytes go by, and each decompress call is given at most ``_BLOCKS`` blocks:
+  at most 128 KiB of text each, the format's block limit."""
+
+  _BLOCKS = 32
+  # Bytes in each header: a frame's magic number, a zstd frame's descriptor,
+  # a skippable frame's length, a block's header.
+  _HEADER = {"magic": 4, "descriptor": 1, "skippable": 4, "block": 3}
 
   def __init__(self, f):
     super().__init__()
@@ -198,8 +210,12 @@ class _ZstdFrames(io.RawIOBase):
     self._f, self._new_frame = f, zstandard.ZstdDecompressor().decompressobj
     self._error = zstandard.ZstdError
     self._frame, self._in_frame = self._new_frame(), False
-    self._out = memoryview(b"")
+    self._out, self._pending = memoryview(b""), memoryview(b"")
     self._failed: BaseException | None = None  # raised once _out is read
+    # Where the headers stand: the header being read ("lost" past bytes
+    # that are not zstd: the decompressor reports those), its bytes so far,
+    # the bytes to pass before the next header, the frame's checksum flag.
+    self._state, self._head, self._skip, self._checksum = "magic", b"", 0, 0
 
   def readable(self) -> bool:
     return True
@@ -208,31 +224,79 @@ class _ZstdFrames(io.RawIOBase):
     while not self._out:
       if self._failed is not None:
         raise self._failed
-      # 64 KiB in at a time. (What it expands to is not bounded: zstandard's
-      # readers that bound it do not report a file cut short.)
-      data = self._f.read(1 << 16)
-      if not data:
-        if self._in_frame:
-          raise EOFError("the file ends inside a zstd frame")
-        return 0
-      out = []
-      while data:
-        try:
-          out.append(self._frame.decompress(data))
-        except self._error as e:
-          # The lines before the damage are read first, so that the error
-          # names the line it is in.
-          self._failed = OSError(str(e))
-          break
-        self._in_frame = not self._frame.eof
-        data = self._frame.unused_data if self._frame.eof else b""
-        if self._frame.eof:
-          self._frame = self._new_frame()
-      self._out = memoryview(b"".join(out))
+      if not self._pending:
+        self._pending = memoryview(self._f.read(1 << 16))
+        if not self._pending:
+          if self._in_frame or (self._state != "lost" and (
+              self._state != "magic" or self._head or self._skip)):
+            raise EOFError("the file ends inside a zstd frame")
+          return 0
+      n = self._walk(self._pending)
+      self._out = memoryview(self._decompress(self._pending[:n]))
+      self._pending = self._pending[n:]
     n = min(len(buffer), len(self._out))
     buffer[:n] = self._out[:n]
     self._out = self._out[n:]
     return n
+
+  def _decompress(self, data) -> bytes:
+    out = []
+    while data:
+      try:
+        out.append(self._frame.decompress(data))
+      except self._error as e:
+        # The lines before the damage are read first, so that the error
+        # names the line it is in.
+        self._failed = OSError(str(e))
+        break
+      self._in_frame = not self._frame.eof
+      data = self._frame.unused_data if self._frame.eof else b""
+      if self._frame.eof:
+        self._frame = self._new_frame()
+    return b"".join(out)
+
+  def _walk(self, data) -> int:
+    """How many bytes of ``data`` to decompress next: up to the
+    (_BLOCKS + 1)-th block header that starts in it; the header state moves
+    past them."""
+    i, blocks = 0, 0
+    while i < len(data) and self._state != "lost":
+      if self._skip:
+        n = min(self._skip, len(data) - i)
+        self._skip, i = self._skip - n, i + n
+        continue
+      if self._state == "block" and not self._head:
+        if blocks == self._BLOCKS:
+          return i
+        blocks += 1
+      n = min(self._HEADER[self._state] - len(self._head), len(data) - i)
+      self._head, i = self._head + bytes(data[i:i + n]), i + n
+      if len(self._head) == self._HEADER[self._state]:
+        self._read_header(int.from_bytes(self._head, "little"))
+        self._head = b""
+    return len(data)
+
+  def _read_header(self, value: int) -> None:
+    if self._state == "magic":
+      self._state = ("descriptor" if value == 0xFD2FB528 else
+                     "skippable" if value >> 4 == 0x184D2A5 else "lost")
+    elif self._state == "skippable":
+      self._skip, self._state = value, "magic"
+    elif self._state == "descriptor":
+      # Window byte (absent in a single segment), dictionary id, content size.
+      single = value >> 5 & 1
+      self._skip = (1 - single) + (0, 1, 2, 4)[value & 3] + (
+          single, 2, 4, 8)[value >> 6]
+      self._checksum, self._state = value >> 2 & 1, "block"
+    else:  # a block: last (1 bit), type (2 bits: raw, RLE, compressed), size
+      kind = value >> 1 & 3
+      if kind == 3:  # reserved
+        self._state = "lost"
+        return
+      self._skip = 1 if kind == 1 else value >> 3
+      if value & 1:
+        self._skip += 4 * self._checksum
+        self._state = "magic"
 
 
 # Compressed files, known by their first bytes rather than their names (C4's
