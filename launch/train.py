@@ -24,6 +24,7 @@ from tracer import checkpoint as ckpt_lib
 from tracer import corpus as corpus_lib
 from tracer import model as model_lib
 from tracer import partitioning
+from tracer import storage
 from tracer import train as train_lib
 from tracer.config import DataConfig, OptimizerConfig, TrainConfig
 from tracer.errors import InputError
@@ -42,9 +43,10 @@ def train(corpus_source: str, workdir: str) -> dict:
   train_config = config.make(TrainConfig)
 
   vocab = data_config.vocabulary()
-  if vocab.vocab_size > model_config.vocab_size:
-    raise InputError(f"{config_class.__name__}.vocab_size={model_config.vocab_size} "
-                     f"is smaller than the tokenizer's {vocab.vocab_size}")
+  if vocab.vocab_size > family.vocab_size(model_config):
+    raise InputError(f"{config_class.__name__}: the model embeds "
+                     f"{family.vocab_size(model_config)} token ids (vocab_size), "
+                     f"fewer than the tokenizer's {vocab.vocab_size}")
   max_len = family.max_len(model_config)
   corpus = corpus_lib.open_corpus(corpus_source, data_config, max_len)
   mesh = partitioning.make_mesh()
@@ -93,9 +95,12 @@ def train(corpus_source: str, workdir: str) -> dict:
                        f"{', '.join(changed)} differ from this run's ("
                        f"{'; '.join(sum(diffs.values(), []))})")
     params, opt_state, start = restored.params, restored.opt_state, restored.step
-    say(f"resuming from step {start}")
-    if jax.process_index() == 0:
-      _log_up_to(os.path.join(workdir, "train_log.jsonl"), start)
+    if start > opt_config.total_steps:
+      raise InputError(f"{mngr.directory}: the checkpoint is at step {start}, past "
+                       f"OptimizerConfig.total_steps={opt_config.total_steps}; "
+                       f"expected total_steps of at least {start}")
+    say(f"resuming from step {start}" if start < opt_config.total_steps else
+        f"already trained: the checkpoint is at total_steps={start}")
   else:
     params = jax.device_put(family.init_params(model_config, train_config.seed),
                             replicated)
@@ -111,7 +116,8 @@ def train(corpus_source: str, workdir: str) -> dict:
                                       params)
   sharding = partitioning.all_devices_batch(mesh)
   host_rows = partitioning.host_slice(train_config.batch_size)
-  log_path = os.path.join(workdir, "train_log.jsonl")
+  log_path = storage.join(workdir, "train_log.jsonl")
+  logged = _log_up_to(log_path, start) if jax.process_index() == 0 else []
   metrics, losses, t0, steps_timed = {}, [], time.perf_counter(), 0
   progress = Progress("train", unit="steps", initial=start)
   for step in range(start, opt_config.total_steps):
@@ -138,8 +144,10 @@ def train(corpus_source: str, workdir: str) -> dict:
           f"{metrics['steps_per_s']:.2f} steps/s  "
           f"{metrics['tokens_per_s']:.0f} tokens/s  {left:.0f}s left")
       if jax.process_index() == 0:
-        with open(log_path, "a") as f:
-          f.write(json.dumps(metrics) + "\n")
+        # Rewritten whole (object storage has no append): a line per
+        # log_every steps, so a few MB at most.
+        logged.append(json.dumps(metrics) + "\n")
+        storage.write_text(log_path, "".join(logged))
       losses, t0, steps_timed = [], time.perf_counter(), 0
     progress(done, opt_config.total_steps)
     if done % train_config.checkpoint_every == 0 or done == opt_config.total_steps:
@@ -153,19 +161,13 @@ def train(corpus_source: str, workdir: str) -> dict:
 _BATCH_FIELDS = ("batch_size", "seed")
 
 
-def _log_up_to(path: str, step: int) -> None:
-  """Drops the lines of ``path`` (the train log) past ``step``: a run that
-  stopped after logging them resumes from its last checkpoint and logs those
-  steps again."""
-  if not os.path.exists(path):
-    return
-  with open(path) as f:
-    lines = [l for l in f if l.strip()]
-  kept = [l for l in lines if json.loads(l).get("step", 0) <= step]
-  if len(kept) < len(lines):
-    with open(path + ".tmp", "w") as f:
-      f.writelines(kept)
-    os.replace(path + ".tmp", path)
+def _log_up_to(path: str, step: int) -> list[str]:
+  """The lines of ``path`` (the train log; a local path or URL) up to
+  ``step``: a run that stopped after logging later steps resumes from its
+  last checkpoint and logs those steps again."""
+  data = storage.read_bytes(path)
+  lines = [l + "\n" for l in (data or b"").decode("utf-8").splitlines() if l.strip()]
+  return [l for l in lines if json.loads(l).get("step", 0) <= step]
 
 
 def main(argv):

@@ -88,6 +88,9 @@ class _Scaled:
   def max_len(self, config):
     return config.max_len
 
+  def vocab_size(self, config):
+    return config.vocab_size
+
 
 def test_checkpoint_records_and_restores_its_family(tmp_path):
   scaled = family_lib.register(_Scaled())

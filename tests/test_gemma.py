@@ -34,7 +34,7 @@ from tracer import gemma_family as gf  # noqa: E402
 from tracer import partitioning  # noqa: E402
 from tracer import tailpatch  # noqa: E402
 from tracer import train as train_lib  # noqa: E402
-from tracer.config import OptimizerConfig  # noqa: E402
+from tracer.config import ModelConfig, OptimizerConfig  # noqa: E402
 from tracer.errors import InputError  # noqa: E402
 
 TRAIN_STEPS = 30
@@ -118,6 +118,12 @@ def test_registered_and_config_round_trip():
   shapes = jax.eval_shape(lambda: fam.init_params(
       gf.GemmaConfig(preset="gemma3_270m", max_len=8)))
   assert shapes["embedder"]["input_embedding"].shape == (262_144, 640)
+  # The tokenizer check in `tracer train` reads the preset's own embedding
+  # (before 2026-12-04: the field's default, 262,144, for Gemma 2 too).
+  assert fam.vocab_size(gf.GemmaConfig(preset="gemma3_270m")) == 262_144
+  assert fam.vocab_size(gf.GemmaConfig(preset="gemma2_2b")) == 256_128
+  assert fam.vocab_size(gf.TINY) == 259
+  assert family_lib.get(None).vocab_size(ModelConfig()) == ModelConfig().vocab_size
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -137,6 +143,8 @@ def test_registered_and_config_round_trip():
     ({"bos_id": 0}, "GemmaConfig.bos_id=0: expected an id other than PAD (0), "
      "below vocab_size (259)"),
     ({"bos_id": 500}, "GemmaConfig.bos_id=500: expected"),
+    ({"preset": "gemma2_2b", "bos_id": 256_200}, "GemmaConfig.bos_id=256200: "
+     "expected an id other than PAD (0), below vocab_size (256128)"),
     ({"preset": "gemma3_270m", "num_layers": 40}, "GemmaConfig.num_layers=40 "
      "with preset 'gemma3_270m': a preset brings its own architecture"),
 ])

@@ -176,10 +176,20 @@ def test_resume_equals_uninterrupted_run(corpus_path, tmp_path):
                      "differ .*fingerprint .*the same count, other rows"):
     _train(str(edited), crashed, **common, **{"OptimizerConfig.total_steps": 16})
   assert ckpt_lib.restore(str(crashed / "checkpoints")).step == 12
+  # Fewer total steps than the checkpoint has taken is an error (before
+  # 2026-12-04 the run returned nothing, silently); as many is a no-op.
+  with pytest.raises(ValueError, match="the checkpoint is at step 12, past "
+                     "OptimizerConfig.total_steps=8; expected total_steps of at "
+                     "least 12"):
+    _train(corpus_path, crashed, **common, **{"OptimizerConfig.total_steps": 8})
+  _train(corpus_path, crashed, **common, **{"OptimizerConfig.total_steps": 12})
+  assert [m["step"] for m in _log(crashed)] == [2, 4, 6, 8, 10, 12]
 
 
 def test_bad_train_configs_fail_early(corpus_path, tmp_path):
-  with pytest.raises(ValueError, match="vocab_size=100 is smaller"):
+  with pytest.raises(ValueError, match=re.escape(
+      "ModelConfig: the model embeds 100 token ids (vocab_size), fewer than the "
+      "tokenizer's 259")):
     _train(corpus_path, tmp_path, **{"ModelConfig.vocab_size": 100})
   with pytest.raises(ValueError, match="batch_size=12 must be a multiple of the 8"):
     _train(corpus_path, tmp_path, **{"TrainConfig.batch_size": 12})

@@ -15,6 +15,7 @@ predictions and training need a little more, and a ``Family`` gives it:
   param_shardings(config, mesh, params)  NamedShardings for params on a
                                          (data, model) mesh
   max_len(config)                        the longest example, in tokens
+  vocab_size(config)                     the token ids the model embeds
 
 Examples are tracer's (``tracer.data``): ``{"inputs", "targets": int32[L],
 "weights": f32[L]}`` for one sequence, inputs the targets shifted right.
@@ -62,6 +63,8 @@ class Family(Protocol):
 
   def max_len(self, config: Any) -> int: ...
 
+  def vocab_size(self, config: Any) -> int: ...
+
 
 class _TracerLM:
   """tracer's own PaLM-style LM (``tracer.model``), configured by
@@ -94,6 +97,9 @@ class _TracerLM:
 
   def max_len(self, config: ModelConfig) -> int:
     return config.max_len
+
+  def vocab_size(self, config: ModelConfig) -> int:
+    return config.vocab_size
 
 
 LM = _TracerLM()

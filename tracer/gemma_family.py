@@ -213,11 +213,18 @@ class GemmaConfig:
                        f"{', '.join(_QUERY_NORMS)}")
     # Position 0 holds bos_id; PAD there lets the first prediction see the
     # future (module doc). Past the vocabulary, the embedding lookup clamps.
-    if self.bos_id == PAD_ID or not 0 <= self.bos_id < (
-        self.vocab_size if self.preset is None else 1 << 31):
+    if self.bos_id == PAD_ID or not 0 <= self.bos_id < self.num_embed:
       raise InputError(f"GemmaConfig.bos_id={self.bos_id}: expected an id other "
                        f"than PAD ({PAD_ID}), below vocab_size "
-                       f"({self.vocab_size})")
+                       f"({self.num_embed})")
+
+  @property
+  def num_embed(self) -> int:
+    """The embedding's rows: the preset's own (Gemma 2 256,128, Gemma 3
+    262,144), else ``vocab_size``."""
+    if self.preset is None:
+      return self.vocab_size
+    return int(getattr(gm.nn, PRESETS[self.preset][0]).config.num_embed)
 
   @property
   def tokenizer_version(self) -> int:
@@ -410,6 +417,9 @@ class GemmaFamily:
 
   def max_len(self, config: GemmaConfig) -> int:
     return config.max_len
+
+  def vocab_size(self, config: GemmaConfig) -> int:
+    return config.num_embed
 
   # Released weights (``tracer.pipeline.load_released``): the library's format.
   def load_params(self, path: str, config: GemmaConfig, *, mesh=None) -> Any:
