@@ -37,16 +37,18 @@ class Run(NamedTuple):
 
 
 def start(workdir: str | None, checkpoint: str | None, corpus_source: str,
-          store: str | None = None) -> Run:
+          store: str | None = None, opt_state: str = "second_moment") -> Run:
   """The mesh (``EncodeConfig.model_axis``), the checkpoint restored onto it,
   the corpus row table and the encoder; encoding as the store at ``store``
-  was encoded, if there is one (``encode_config``)."""
+  was encoded, if there is one (``encode_config``). ``opt_state``: what of
+  a tracer checkpoint's optimizer state to restore (``ckpt_lib.restore``;
+  by default only what the encoder reads)."""
   ecfg = encode_config(store)
   mesh = pipeline.make_mesh(ecfg)
   if config.FLAGS.family and checkpoint and not ckpt_lib.is_tracer_checkpoint(checkpoint):
     ckpt = released_checkpoint(checkpoint, mesh)
   else:
-    ckpt = pipeline.load_checkpoint(workdir, checkpoint, mesh)
+    ckpt = pipeline.load_checkpoint(workdir, checkpoint, mesh, opt_state)
   config.check_bound_fields(type(ckpt.model_config), ckpt.model_config, ckpt.path)
   corpus = pipeline.open_corpus(ckpt, tokenized_once(workdir, corpus_source, ckpt))
   # Queries and resumed chunks take the factored kernel's weights as the

@@ -170,7 +170,7 @@ def summed_encodings(ckpt, ecfg, encoder, corpus, query_examples, trackstar,
   parts = [normalized(*trackstar)]
   for step in steps:
     other = pipeline.load_checkpoint(None, storage.join(parent, str(int(step))),
-                                     encoder.mesh)
+                                     encoder.mesh, "second_moment")
     other_encoder, _, _ = pipeline.build_encoder(other, ecfg, encoder.mesh)
     parts.append(trackstar_at(projected(other_encoder, corpus, query_examples,
                                         ecfg.batch_size), other_encoder, pcfg))
@@ -374,7 +374,8 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
   if corpus_path is None or queries_path is None:
     corpus_path, queries_path = demo.ensure_model(workdir)
   pcfg = config.make(PreconditionerConfig)
-  ecfg, ckpt, corpus, encoder, _, _ = common.start(workdir, checkpoint, corpus_path)
+  ecfg, ckpt, corpus, encoder, _, _ = common.start(workdir, checkpoint, corpus_path,
+                                                   opt_state="all")  # tail-patch
   queries, query_examples = pipeline.read_queries(ckpt, queries_path)
   out_dir = os.path.join(workdir, "quality")
   os.makedirs(out_dir, exist_ok=True)

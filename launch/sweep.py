@@ -282,7 +282,8 @@ def sweep_set(set_dir: str, points: list[Point], ecfg, pcfg,
   mesh = pipeline.make_mesh(ecfg)
   scores, accuracy = {}, {}
   for step in sorted({p[0] for p in wanted}, key=int):
-    ckpt = pipeline.load_checkpoint(None, os.path.join(ckpt_dir, step), mesh)
+    ckpt = pipeline.load_checkpoint(None, os.path.join(ckpt_dir, step), mesh,
+                                    "second_moment")
     corpus = pipeline.open_corpus(ckpt, corpus_path)
     ids = corpus.ids_of(np.arange(len(corpus)))
     queries, target_examples = pipeline.read_queries(ckpt, queries_path)

@@ -228,6 +228,16 @@ def test_adafactor_matches_materialized():
                                    "layer_0/down/kernel", "embed/embedding"}
   assert enc.approximation == "exact"
   assert_blocks_close(enc.layout, got, want, 1e-5)
+  # The encoder keeps V only for the weights it materializes (before
+  # 2026-12-04 it kept all of V on the devices): the factored ones are None.
+  kept = {projection.path_name(p) for p, x in jax.tree_util.tree_flatten_with_path(
+      enc.second_moment)[0]}
+  assert kept == {projection.path_name(p) for p, _ in
+                  jax.tree_util.tree_flatten_with_path(v)[0]} - plan_of(enc).factored
+  np.testing.assert_array_equal(enc.project(batch), got)  # and encodes the same
+  with pytest.raises(RuntimeError, match="materializes embed/embedding, whose V "
+                     "this encoder released"):
+    enc._release_second_moment(plan_of(enc).without({"embed/embedding"}))
 
 
 def test_adam_is_left_exact_unless_approximation_asked():

@@ -19,6 +19,7 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
+from tracer import correction
 from tracer import family as family_lib
 from tracer import partitioning
 from tracer import storage
@@ -106,7 +107,11 @@ def check_steps(directory: str, wanted) -> None:
                      f"step(s) {_listed(steps)}")
 
 
-def restore(directory: str, step: int | None = None, mesh=None) -> Checkpoint:
+OPT_STATES = ("all", "second_moment")
+
+
+def restore(directory: str, step: int | None = None, mesh=None, *,
+            opt_state: str = "all") -> Checkpoint:
   """Restores a step (default: the latest) from a CheckpointManager directory.
 
   The model and optimizer are rebuilt from the checkpoint's own config item,
@@ -115,7 +120,14 @@ def restore(directory: str, step: int | None = None, mesh=None) -> Checkpoint:
   ``data``), split over its ``model`` axis as ``partitioning.param_shardings``
   says: on a pod each host reads only its shards, and no device ever holds
   more than its share.
+
+  ``opt_state``: "all" (training on, tail-patch), or "second_moment": what
+  ``tracer.second_moment`` reads, the first moments left unread (``...``
+  leaves; ``correction.without_first_moments``): for AdamW a third less to
+  read and hold than params and "all" (params, mu and nu are the same size).
   """
+  if opt_state not in OPT_STATES:
+    raise ValueError(f"opt_state={opt_state!r}: expected one of {OPT_STATES}")
   directory = storage.normalize(directory)
   steps, mngr = _steps(directory)
   if not steps:
@@ -143,9 +155,16 @@ def restore(directory: str, step: int | None = None, mesh=None) -> Checkpoint:
   mesh = partitioning.make_mesh() if mesh is None else mesh
   target = _abstract_state(family, model_config, optimizer_config, mesh)
   _check_param_shapes(where, target["params"], model_config)
+  if opt_state == "second_moment":
+    # StandardRestore takes no placeholders; PyTreeRestore skips them.
+    target["opt_state"] = correction.without_first_moments(target["opt_state"],
+                                                           ocp.PLACEHOLDER)
+    args = ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+  else:
+    args = ocp.args.StandardRestore(target)
   try:
-    state = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))["state"]
+    state = mngr.restore(step, args=ocp.args.Composite(state=args))["state"]
   except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
     # Arrays of another model than the config item describes (or missing).
     raise InputError(f"{where}: its state does not match its model config "

@@ -130,6 +130,22 @@ def second_moment(opt_state: Any, params: Any, *, b2: float | None = None) -> An
   return jax.tree.map(_factored_v, state.v_row, state.v_col, state.v, params)
 
 
+def without_first_moments(opt_state: Any, fill: Any) -> Any:
+  """``opt_state`` with every leaf of its first moments (Adam's ``mu``, a
+  momentum ``trace``) replaced by ``fill``: ``second_moment`` reads none of
+  them, and a checkpoint restore given ``fill`` (Orbax's placeholder) skips
+  them, half of Adam's state."""
+  firsts = (optax.ScaleByAdamState, optax.TraceState)
+
+  def strip(node):
+    if isinstance(node, optax.ScaleByAdamState):
+      return node._replace(mu=jax.tree.map(lambda _: fill, node.mu))
+    if isinstance(node, optax.TraceState):
+      return node._replace(trace=jax.tree.map(lambda _: fill, node.trace))
+    return node
+  return jax.tree.map(strip, opt_state, is_leaf=lambda x: isinstance(x, firsts))
+
+
 def correct(grads: Any, v: Any | None, epsilon: float) -> Any:
   """``g / (sqrt(V) + epsilon)``; ``v=None`` leaves gradients uncorrected."""
   if v is None:

@@ -137,7 +137,8 @@ class GradientEncoder:
           jax.tree.map(lambda v: v.astype(jnp.float32) if isinstance(v, jax.Array)
                        else np.asarray(v, np.float32), second_moment),
           param_sharding)
-    self.second_moment = second_moment
+    self.second_moment = second_moment  # less the factored weights' (below)
+    self._released: set[str] = set()
     self.step_size = self.mesh.shape[partitioning.DATA] * self.microbatch_size
     lo, hi = partitioning.data_block(self.mesh)
     self._local = (lo * self.microbatch_size, hi * self.microbatch_size)
@@ -195,6 +196,7 @@ class GradientEncoder:
         plan = plan.without(plan.factored - self._given)
       elif self.verify and plan.factored:
         plan = self._verified(plan, batch)
+      self._release_second_moment(plan)
 
     def project_all(constants, batch):
       params, v, scales, sides = constants
@@ -246,6 +248,26 @@ class GradientEncoder:
     self._verify_errors = dict(zip((b.name for b in self.layout.blocks),
                                    map(float, err)))
     return plan
+
+  def _release_second_moment(self, plan: "factored.Plan") -> None:
+    """Drops V of the weights ``plan`` factors: their correction is the
+    rank-one scales (``_scales``), and V is as large as the params in f32
+    (an 8B model's on a model axis of 8: 4 GB a device). A later plan (a new
+    example shape) that takes one of them materialized cannot correct it."""
+    if self.second_moment is None:
+      return
+    lost = sorted(self._released - plan.factored)
+    if lost:
+      raise RuntimeError(
+          f"the factored kernel's plan for this example shape materializes "
+          f"{', '.join(lost)}, whose V this encoder released after its first "
+          "plan factored them; encode examples of one shape per encoder")
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+        self.second_moment, is_leaf=lambda x: x is None)
+    self.second_moment = jax.tree_util.tree_unflatten(treedef, [
+        None if projection.path_name(path) in plan.factored else v
+        for path, v in flat])
+    self._released |= plan.factored
 
   @property
   def dim(self) -> int:

@@ -71,16 +71,18 @@ def make_mesh(cfg: EncodeConfig):
   return partitioning.make_mesh(model=cfg.model_axis)
 
 
-def load_checkpoint(workdir: str | None, checkpoint: str | None = None, mesh=None
-                    ) -> ckpt_lib.Checkpoint:
+def load_checkpoint(workdir: str | None, checkpoint: str | None = None, mesh=None,
+                    opt_state: str = "all") -> ckpt_lib.Checkpoint:
   """``checkpoint`` (a CheckpointManager dir or one step dir) or the workdir's
-  latest, restored onto ``mesh`` (params split over its ``model`` axis)."""
+  latest, restored onto ``mesh`` (params split over its ``model`` axis);
+  ``opt_state``: ``ckpt_lib.restore``'s ("second_moment" to encode only)."""
   if checkpoint:
     parent, base = storage.split(checkpoint)
     if base.isdigit():
-      return ckpt_lib.restore(parent, int(base), mesh=mesh)
-    return ckpt_lib.restore(checkpoint, mesh=mesh)
-  return ckpt_lib.restore(storage.join(workdir, "checkpoints"), mesh=mesh)
+      return ckpt_lib.restore(parent, int(base), mesh=mesh, opt_state=opt_state)
+    return ckpt_lib.restore(checkpoint, mesh=mesh, opt_state=opt_state)
+  return ckpt_lib.restore(storage.join(workdir, "checkpoints"), mesh=mesh,
+                          opt_state=opt_state)
 
 
 def load_released(family, model_config, checkpoint: str, mesh,
