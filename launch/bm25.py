@@ -60,7 +60,7 @@ def run(corpus_path, queries_path, output_path, top_k: int = 10,
     if len(set(ids)) < len(ids):
       seen = set()
       twice = next(i for i in ids if i in seen or seen.add(i))
-      raise InputError(f"{corpus_path}: duplicate id {twice!r}; ids must be unique")
+      raise data_lib.duplicate_id_error(corpus_path, twice)
   queries = data_lib.read_queries(queries_path)  # ours or the authors' format
   if not texts:
     raise InputError(f"{at(corpus_path)}: no documents")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,6 +86,11 @@ def tables(metrics_by_method: dict[str, dict[str, Any]], k: int = 10) -> str:
   return "\n".join(parts)
 
 
+# The keys ``evaluate.retrieval_metrics`` writes, at any k.
+_RETRIEVAL_KEY = re.compile(r"mrr|num_queries|missing|no_ground_truth|buckets|"
+                            r"(recall|precision)@\d+")
+
+
 def run(queries_path, results_paths: Sequence[str], output_path=None,
         k: int = 10) -> dict[str, dict[str, Any]]:
   """Evaluates each results file; merges into ``output_path`` if given.
@@ -105,7 +111,12 @@ def run(queries_path, results_paths: Sequence[str], output_path=None,
         queries, evaluate.read_results(path), k=k)
   if output_path:
     for name, m in metrics.items():
-      merged[name] = {**merged.get(name, {}), **m}
+      # This tool's keys are replaced as one set (a rerun at another --k
+      # must not leave the old recall@k beside the new mrr); other tools'
+      # keys (tail-patch) stay.
+      kept = {key: v for key, v in merged.get(name, {}).items()
+              if not _RETRIEVAL_KEY.fullmatch(key)}
+      merged[name] = {**kept, **m}
     evaluate.write_text_atomic(
         output_path, json.dumps(merged, indent=2) + "\n")
   return metrics

@@ -78,6 +78,7 @@ from tracer import stats
 from tracer import store as store_lib
 from tracer.config import EncodeConfig
 from tracer.config import PreconditionerConfig
+from tracer.errors import InputError
 
 flags.DEFINE_multi_string("grid", [], "'Binding=v1,v2,...' (repeatable).")
 flags.DEFINE_string("base_workdir", "demo", "Workdir with the checkpoint and the "
@@ -109,6 +110,8 @@ def expand(grid: list[str]) -> list[list[str]]:
       raise app.UsageError(f"--grid={spec!r}: expected 'Binding=v1,v2,...'")
     key, values = spec.split("=", 1)
     axes.append([f"{key.strip()}={v.strip()}" for v in values.split(",") if v.strip()])
+    if not axes[-1]:
+      raise app.UsageError(f"--grid={spec!r}: no values; expected 'Binding=v1,v2,...'")
   return [list(point) for point in itertools.product(*axes)]
 
 
@@ -122,11 +125,22 @@ def run_name(bindings: list[str]) -> str:
 
 def run_one(run_dir: str, bindings: list[str], base_workdir: str,
             gin_files: list[str]) -> dict:
-  """Runs trace for one grid point (unless done); returns its metrics."""
+  """Runs trace for one grid point (unless done with the same bindings, gin
+  files and base workdir: UsageError when done otherwise); returns its
+  metrics."""
   metrics_path = os.path.join(run_dir, "metrics.json")
+  made_with = {"bindings": bindings, "gin_files": gin_files,
+               "base_workdir": base_workdir}
   if os.path.exists(metrics_path):
     with open(metrics_path) as f:
-      return json.load(f)
+      metrics = json.load(f)
+    # (Runs from before 2026-12-04 recorded only their bindings.)
+    diffs = [f"{k} {metrics[k]}, this run {v}" for k, v in made_with.items()
+             if k in metrics and metrics[k] != v]
+    if diffs:
+      raise app.UsageError(f"{metrics_path}: made with {'; '.join(diffs)}; use "
+                           "another --workdir")
+    return metrics
   os.makedirs(run_dir, exist_ok=True)
   corpus = os.path.join(base_workdir, "facts", "corpus.jsonl")
   queries = os.path.join(base_workdir, "facts", "queries.jsonl")
@@ -142,11 +156,11 @@ def run_one(run_dir: str, bindings: list[str], base_workdir: str,
   with open(os.path.join(run_dir, "log.txt"), "w") as log:
     proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
   if proc.returncode:
-    raise RuntimeError(f"run {run_dir} failed (exit {proc.returncode}); see "
-                       f"{run_dir}/log.txt")
+    raise InputError(f"run {run_dir} failed (exit {proc.returncode}); see "
+                     f"{run_dir}/log.txt")
   metrics = evaluate.retrieval_metrics(data_lib.read_queries(queries),
                                        evaluate.read_results(results))
-  metrics["bindings"] = bindings
+  metrics.update(made_with)
   evaluate.write_text_atomic(metrics_path, json.dumps(metrics, indent=2))
   return metrics
 
@@ -155,6 +169,13 @@ def sweep(workdir: str, grid: list[str], base_workdir: str,
           gin_files: list[str]) -> dict:
   table = {}
   points = expand(grid)
+  names = {}
+  for bindings in points:
+    other = names.setdefault(run_name(bindings), bindings)
+    if other != bindings:
+      raise app.UsageError(f"--grid: {other} and {bindings} both name the run "
+                           f"{run_name(bindings)!r}; give values that differ in "
+                           "letters or digits, or axes of other field names")
   for i, bindings in enumerate(points, 1):
     name = run_name(bindings)
     print(f"[{i}/{len(points)}] {name}", flush=True)
@@ -195,6 +216,20 @@ def family_axes(grid: list[str], ecfg, pcfg) -> dict[str, list[str]]:
       raise app.UsageError(f"--grid={spec!r}: with --family_dir the axes are "
                            f"{', '.join(FAMILY_AXES)}")
     axes[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
+    if not axes[key.strip()]:
+      raise app.UsageError(f"--grid={spec!r}: no values")
+  # Every value is checked here, not after the projections it follows.
+  for key, ok, want in (
+      ("checkpoint", lambda v: v.isdigit() or v in ("last", "sum"),
+       "a training step, last or sum"),
+      ("EncodeConfig.projection_dim", lambda v: v.isdigit() and int(v) > 0,
+       "a positive integer"),
+      ("PreconditionerConfig.damping", _is_number, "a number"),
+      ("PreconditionerConfig.lam", lambda v: v == "rule" or _is_number(v),
+       "rule or a number")):
+    wrong = [v for v in axes[key] if not ok(v)]
+    if wrong:
+      raise app.UsageError(f"--grid: {key}={','.join(wrong)}: expected {want}")
   bad = [v for v in axes["query_loss"] if v not in ("target", "prediction")]
   bad += [v for v in axes["PreconditionerConfig.kind"] if v not in ("block", "none")]
   bad += [v for v in axes["EncodeConfig.store_dtype"] if v not in store_lib.DTYPES]
@@ -203,6 +238,13 @@ def family_axes(grid: list[str], ecfg, pcfg) -> dict[str, list[str]]:
                          "or prediction, kind block or none (full R is too slow "
                          f"to sweep), store_dtype one of {sorted(store_lib.DTYPES)}")
   return axes
+
+
+def _is_number(text: str) -> bool:
+  try:
+    return np.isfinite(float(text))
+  except ValueError:
+    return False
 
 
 def _top_ids(scores: np.ndarray, ids: list[str], k: int) -> list[list[str]]:
@@ -215,9 +257,8 @@ def _point_metrics(queries, ids, scores, k=10) -> dict:
   results = {q["id"]: {"proponent_ids": p}
              for q, p in zip(queries, _top_ids(scores, ids, k))}
   m = evaluate.retrieval_metrics(queries, results, k=k)
-  first = next(iter(m["buckets"].values()), {})
   return {"mrr": m["mrr"], f"recall@{k}": m[f"recall@{k}"],
-          f"recall@{k} b1": first.get(f"recall@{k}")}
+          f"recall@{k} b1": m["buckets"].get("1", {}).get(f"recall@{k}")}
 
 
 def _scores(metric, psi_c, psi_q) -> np.ndarray:
@@ -403,6 +444,7 @@ def sweep_family(workdir: str, family_dir: str, grid: list[str],
                  if os.path.isdir(os.path.join(sets_dir, n, "checkpoints")))
   per_set = {}
   want = run_settings(ecfg, pcfg, query_set_size, task_size)
+  wanted_points = [_point_name(*p) for p in points]
   for i, name in enumerate(names, 1):
     out = os.path.join(workdir, "sets", f"{name}.json")
     if os.path.exists(out):
@@ -410,6 +452,10 @@ def sweep_family(workdir: str, family_dir: str, grid: list[str],
         per_set[name] = json.load(f)
       have = table_settings(per_set[name])
       diffs = [f"{k}={have[k]}, this run {want[k]}" for k in have if have[k] != want[k]]
+      missing = sorted(set(wanted_points) - set(per_set[name]["points"]))
+      if missing:
+        diffs.append(f"other grid points (not {missing[0]}"
+                     f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''})")
       if diffs:
         raise app.UsageError(f"{out}: scored with {'; '.join(diffs)}; use "
                              "another --workdir")
@@ -425,12 +471,15 @@ def sweep_family(workdir: str, family_dir: str, grid: list[str],
     raise app.UsageError(f"--family_dir={family_dir}: no set has finished training")
   names = sorted(per_set)
   table = {}
-  for point in per_set[names[0]]["points"]:
-    table[point] = {c: stats.mean_std([s["points"][point][c] for s in per_set.values()])
-                    for c in FAMILY_COLUMNS}
-  order = sorted(table, key=lambda p: -table[p]["recall@10"]["mean"])
-  cells = {p: {c: stats.format_cell(table[p][c]) for c in FAMILY_COLUMNS}
-           for p in order}
+  for point in wanted_points:
+    table[point] = {}
+    for c in FAMILY_COLUMNS:  # (None: a set without bucket 1, or no queries)
+      values = [s["points"][point][c] for s in per_set.values()
+                if s["points"][point][c] is not None]
+      table[point][c] = stats.mean_std(values) if values else None
+  order = sorted(table, key=lambda p: -(table[p]["recall@10"] or {"mean": 0})["mean"])
+  cells = {p: {c: "–" if table[p][c] is None else stats.format_cell(table[p][c])
+               for c in FAMILY_COLUMNS} for p in order}
   text = evaluate.format_table(cells, FAMILY_COLUMNS, row_header="grid point")
   accuracy = {n: {step: a["all"]["accuracy"] for step, a in s["accuracy"].items()}
               for n, s in per_set.items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from absl import flags
 import jax.numpy as jnp
@@ -213,6 +214,11 @@ def test_sweep_on_the_family(trained_family, tmp_path, monkeypatch):
   monkeypatch.setattr(sweep, "sweep_set", lambda *a: pytest.fail("recomputed"))
   again = sweep.sweep_family(out, root, grid, design="grid")
   assert again["points"].keys() == result["points"].keys()
+  # ... refuses tables scored over other points (before 2026-12-04: used
+  # silently, or a KeyError once a new set was scored on the new grid) ...
+  with pytest.raises(Exception, match="scored with other grid points"):
+    sweep.sweep_family(out, root, grid[:-1] + ["PreconditionerConfig.damping=0.5"],
+                       design="grid")
   # ... and does not mix tables scored with queries in sets of another size.
   with pytest.raises(Exception, match="scored with --query_set_size=0, this run 2"):
     sweep.sweep_family(out, root, grid, design="grid", query_set_size=2)
@@ -288,6 +294,17 @@ def test_sweep_rejects_unknown_axes_and_values():
   assert axes["EncodeConfig.store_dtype"] == ["bfloat16"]
   with pytest.raises(Exception, match="store_dtype one of"):
     sweep.family_axes(["EncodeConfig.store_dtype=int4"], ecfg, pcfg)
+  # Before 2026-12-04 these passed here and failed after the projections.
+  for spec, message in [
+      ("PreconditionerConfig.damping=0.1,abc", "damping=abc: expected a number"),
+      ("PreconditionerConfig.lam=x", "lam=x: expected rule or a number"),
+      ("EncodeConfig.projection_dim=big", "projection_dim=big: expected a positive"),
+      ("checkpoint=abc", "checkpoint=abc: expected a training step, last or sum"),
+      ("checkpoint=", "no values")]:
+    with pytest.raises(Exception, match=re.escape(message)):
+      sweep.family_axes([spec], ecfg, pcfg)
+  with pytest.raises(Exception, match="no values"):
+    sweep.expand(["EncodeConfig.seed="])
 
 
 def test_stored_rows_are_what_a_store_gives_back(tmp_path):

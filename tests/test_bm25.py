@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import pathlib
 import subprocess
 import sys
@@ -122,8 +123,16 @@ def test_launch_run_reads_a_glob_of_gzip_shards_without_ids(tmp_path):
   dup.mkdir()
   for name in ("a.jsonl", "b.jsonl"):
     _write(dup / name, [{"id": "same", "text": "x"}])
-  with pytest.raises(InputError, match="dup/\\*.jsonl: duplicate id 'same'"):
+  with pytest.raises(InputError, match=re.escape(
+      f"dup/*.jsonl: duplicate id 'same' ({dup}/a.jsonl:1 and {dup}/b.jsonl:1)")):
     launch_bm25.run(str(dup / "*.jsonl"), queries, out)
+  # No word in any document: every score 0, ties to the corpus order (before
+  # 2026-12-04 bm25s raised "max() arg is an empty sequence").
+  marks = tmp_path / "marks.jsonl"
+  _write(marks, [{"id": "p", "text": "!!!"}, {"id": "q", "text": "..."}])
+  launch_bm25.run(str(marks), queries, out, top_k=2)
+  row = evaluate.read_results(out)["q0"]
+  assert row["proponent_ids"] == ["p", "q"] and row["proponent_scores"] == [0.0, 0.0]
 
 
 def test_launch_run_reads_the_authors_prompt_sets(tmp_path):

@@ -66,6 +66,16 @@ def test_precision_counts_every_relevant_in_top_k():
   assert "recall@10" not in m
 
 
+def test_an_id_listed_twice_counts_once_at_its_best_rank():
+  # The windows of a document read with overflow='split' share its id.
+  m = evaluate.retrieval_metrics([_q("a", ["d1"])], {"a": _r("a", ["d1"] * 10)})
+  assert (m["mrr"], m["recall@10"], m["precision@10"]) == (1.0, 1.0, 0.1)
+  m = evaluate.retrieval_metrics(
+      [_q("a", ["hit"])], {"a": _r("a", ["x", "x", "x", "y", "hit", "hit"])})
+  assert m["mrr"] == pytest.approx(1 / 3)
+  assert m["precision@10"] == pytest.approx(0.1)
+
+
 def test_ties_follow_file_order():
   # Equal scores: the producer's order is the ranking, not the ids.
   queries = [_q("a", ["b"])]
@@ -281,6 +291,12 @@ def test_launch_run_merges_existing_output(tmp_path):
   assert saved["bad"]["missing"] == 1
   text = launch_evaluate.tables(metrics)
   assert "| good | 0.7500 | 1.0000 | 0.1000 | 2 | 0 |" in text
+  # At another k, the old cut-off's figures go (they were of other results)
+  # and the tail-patch figure stays.
+  launch_evaluate.run(queries, [good], out, k=5)
+  saved = json.loads(out.read_text())["good"]
+  assert "recall@5" in saved and "recall@10" not in saved and "precision@10" not in saved
+  assert saved["tail_patch@1"] == 0.25
   assert text.index("Overall") < text.index("Bucket 1") < text.index(
       "Bucket 2-3")
 

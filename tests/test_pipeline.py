@@ -295,6 +295,17 @@ def test_sweep_skips_finished_runs(trained, tmp_path, monkeypatch):
   assert all(0.0 <= t["recall@10"] <= 1.0 for t in table.values())
   again = sweep.sweep(str(tmp_path / "sw"), grid, str(root), [str(gin_file)])
   assert len(calls) == 2 and again == table
+  # A run made with other gin files is not taken for this one (before
+  # 2026-12-04 it was: only the run's name was looked at) ...
+  other_gin = tmp_path / "other.gin"
+  other_gin.write_text(BINDINGS)
+  with pytest.raises(Exception, match="metrics.json: made with gin_files"):
+    sweep.sweep(str(tmp_path / "sw"), grid, str(root), [str(other_gin)])
+  # ... and two points may not share a run name.
+  with pytest.raises(Exception, match="both name the run 'seed=1_2'"):
+    sweep.sweep(str(tmp_path / "sw"), ["EncodeConfig.seed=1/2,1 2"], str(root),
+                [str(gin_file)])
+  assert len(calls) == 2
   assert config  # the launch flags are defined
 
 

@@ -63,13 +63,17 @@ class BM25Index:
     if not corpus_texts:
       raise ValueError("BM25 needs a non-empty corpus")
     self.num_docs = len(corpus_texts)
-    self._bm25 = bm25s.BM25()
-    self._bm25.index([tokenize(t) for t in corpus_texts], show_progress=False)
+    tokens = [tokenize(t) for t in corpus_texts]
+    # Without a word in any document every score is 0 (bm25s cannot index
+    # that: "max() arg is an empty sequence").
+    self._bm25 = bm25s.BM25() if any(tokens) else None
+    if self._bm25 is not None:
+      self._bm25.index(tokens, show_progress=False)
 
   def scores(self, query: str) -> np.ndarray:
     """float32[num_docs] BM25 scores of every document for ``query``."""
     tokens = tokenize(query)
-    if not tokens:  # bm25s cannot score an empty token list.
+    if not tokens or self._bm25 is None:  # bm25s cannot score no tokens
       return np.zeros(self.num_docs, np.float32)
     return np.asarray(self._bm25.get_scores(tokens), np.float32)
 

@@ -1063,10 +1063,7 @@ def build_corpus(source: str, records: Iterable[Record], vocab, max_len: int,
   for doc_id, text, j, window in rows_of(records, vocab, max_len, overflow):
     if j == 0:
       if doc_id in docs:
-        places = _id_places(source, doc_id) if is_file_source(source) else []
-        raise InputError(f"{source}: duplicate id {doc_id!r}" + (
-            f" ({' and '.join(places)})" if len(places) == 2 else "")
-            + "; ids must be unique across the whole source")
+        raise duplicate_id_error(source, doc_id)
       docs.add(doc_id)
     ids.append(doc_id)
     texts.append(text)
@@ -1079,6 +1076,15 @@ def build_corpus(source: str, records: Iterable[Record], vocab, max_len: int,
   tokens[np.arange(max_len)[None, :] < lengths[:, None]] = np.concatenate(toks)
   return Corpus(source, ids, texts, np.asarray(segs, np.int32), tokens, lengths,
                 max_len)
+
+
+def duplicate_id_error(source: str, doc_id: str) -> InputError:
+  """The error for an id found twice in ``source``, naming both places when
+  its files can be read again."""
+  places = _id_places(source, doc_id) if is_file_source(source) else []
+  return InputError(f"{source}: duplicate id {doc_id!r}" + (
+      f" ({' and '.join(places)})" if len(places) == 2 else "")
+      + "; ids must be unique across the whole source")
 
 
 def _id_places(source: str, doc_id: str) -> list[str]:

@@ -31,6 +31,10 @@ Metric decisions (see ``retrieval_metrics``):
 * recall@k is the paper's: the fraction of queries with at least one relevant
   proponent in the top k. precision@k is (relevant among the top k) / k, with
   k as the denominator even when fewer than k were retrieved.
+* An id listed more than once (the windows of one document, read with
+  ``overflow='split'``, share its id) counts once, at its best rank: metrics
+  are over documents. (Before 2026-12-04 each listing counted: a document
+  listed 10 times scored precision@10 = 1.)
 * A query with no line in the results scores 0 on every metric and is counted
   in ``missing``.
 * A query with an empty ``fact_doc_ids`` has no right answer: it is left out
@@ -270,6 +274,7 @@ def _query_scores(relevant: set[str], retrieved: Sequence[str] | None,
   """(reciprocal rank, hit in top k, precision at k) for one query."""
   if retrieved is None:
     return 0.0, 0.0, 0.0
+  retrieved = list(dict.fromkeys(retrieved))  # each document at its best rank
   rr = 0.0
   for rank, doc_id in enumerate(retrieved, start=1):
     if doc_id in relevant:
