@@ -116,8 +116,15 @@ _AT_LEAST = {
                                         "batch_size", "model_axis", "chunk_rows")},
     "OptimizerConfig.total_steps": 1, "OptimizerConfig.warmup_steps": 0,
     "PreconditionerConfig.train_examples": 0, "PreconditionerConfig.rank": 0,
-    "PreconditionerConfig.damping": 0, "PreconditionerConfig.max_query_weight": 0,
-    "EncodeConfig.epsilon": 0,
+    "PreconditionerConfig.max_query_weight": 0, "EncodeConfig.epsilon": 0,
+}
+# Fields with a range of another form: (test, what is expected).
+_WITHIN = {
+    "PreconditionerConfig.damping": (
+        lambda v: v > 0, "a value > 0 (R's floor is damping times its mean "
+        "eigenvalue: at 0 a rank-deficient R has no inverse)"),
+    "PreconditionerConfig.lam": (
+        lambda v: 0 <= v <= 1, "a value in [0, 1] (R_eval's share of R)"),
 }
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 
@@ -142,6 +149,8 @@ def check_fields(obj) -> None:
     if key in _AT_LEAST and value < _AT_LEAST[key]:
       raise InputError(f"gin: {key} = {value!r}: expected a value >= "
                        f"{_AT_LEAST[key]}")
+    if key in _WITHIN and not _WITHIN[key][0](value):
+      raise InputError(f"gin: {key} = {value!r}: expected {_WITHIN[key][1]}")
 
 
 def make(cls):

@@ -229,3 +229,11 @@ def test_correct():
   np.testing.assert_allclose(out["a"], [1 / 2.5, -2 / 0.5])
   np.testing.assert_allclose(out["b"], [[3 / 3.5]])
   assert correction.correct(g, None, 0.5) is g
+
+
+def test_adafactor_state_before_its_first_update_gives_v_0():
+  """Its v_row is 0: V was 0/0 = NaN for every factored weight."""
+  params = {"w": jnp.ones((256, 128)), "b": jnp.ones((128,))}
+  v = correction.second_moment(optax.adafactor(1e-3).init(params), params)
+  for x in jax.tree.leaves(v):
+    np.testing.assert_array_equal(np.asarray(x), 0.0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -258,3 +259,37 @@ def test_save_load_round_trip(tmp_path):
   changed = hessian.fit(train, eval_, kind="block", dim=5, layout_seed=12, rank=1,
                         damping=0.2)
   assert changed.fingerprint() != fp
+
+
+def test_a_block_no_example_moved_weighs_nothing():
+  """Before 2026-12-04 an all-zero block (an unused weight) got the floor
+  damping * 2e-308, whose inverse is inf: every row and norm became NaN."""
+  layout = projection.make_layout({"a": np.zeros((4, 4)), "b": np.zeros((3, 3))}, 1000)
+  rng = np.random.default_rng(0)
+  phi = rng.normal(size=(50, layout.dim)).astype(np.float32)
+  phi[:, 16:] = 0.0                                 # block b: never moved
+  moments = hessian.accumulate(hessian.init_moments(layout, "block"), jnp.asarray(phi))
+  pre = hessian.fit(moments, kind="block", dim=layout.dim, layout_seed=0)
+  np.testing.assert_array_equal(pre.inv_sqrt[1], 0.0)
+  out = np.asarray(pre.apply(jnp.asarray(phi[:2])))
+  assert np.isfinite(out).all() and np.abs(out[:, :16]).max() > 0
+  basis = hessian.fit_basis(moments, dim=layout.dim, layout_seed=0)
+  psi = np.asarray(basis.rotate(jnp.asarray(phi)))
+  for queries in (None, psi[:5]):
+    metric = hessian.fit_metric(basis, queries)
+    np.testing.assert_array_equal(metric.diag[16:], 0.0)
+    assert np.isfinite(metric.norms(psi[:3])).all()
+    assert np.isfinite(metric.query_vectors(psi[:2])).all()
+
+
+def test_gin_refuses_damping_0_and_lam_outside_0_1():
+  from tracer.launch import config  # pylint: disable=g-import-not-at-top
+  from tracer.errors import InputError  # pylint: disable=g-import-not-at-top
+  for fields, message in [
+      ({"damping": 0.0}, "PreconditionerConfig.damping = 0.0: expected a value > 0"),
+      ({"damping": float("nan")}, "PreconditionerConfig.damping = nan: expected"),
+      ({"lam": 1.5}, "PreconditionerConfig.lam = 1.5: expected a value in [0, 1]"),
+      ({"lam": -0.5}, "PreconditionerConfig.lam = -0.5: expected a value in [0, 1]")]:
+    with pytest.raises(InputError, match=re.escape(message)):
+      config.check_fields(PreconditionerConfig(**fields))
+  config.check_fields(PreconditionerConfig(damping=1e-3, lam=1.0))

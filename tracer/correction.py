@@ -84,6 +84,8 @@ def _factored_v(v_row, v_col, v, param):
 
   def outer(v_row, v_col):
     row_mean = jnp.mean(v_row, axis=reduced_d1, keepdims=True)
+    # A state before its first update has v_row = 0: V = 0, not 0/0 = NaN.
+    row_mean = jnp.where(row_mean > 0, row_mean, 1.0)
     return jnp.expand_dims(v_row / row_mean, d0) * jnp.expand_dims(v_col, d1)
 
   # The factors are small and replicated; their product is as large as the

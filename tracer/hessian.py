@@ -129,8 +129,12 @@ def task_lambda(eig_train: np.ndarray, eig_eval: np.ndarray, rank: int,
 def _inv_sqrt(r: np.ndarray, damping: float) -> np.ndarray:
   w, u = np.linalg.eigh(r)
   w = np.maximum(w, 0.0)
-  floor = damping * max(float(w.mean()), np.finfo(np.float64).tiny)
-  return (u * (w + floor) ** -0.5) @ u.T
+  if not w.mean() > 0:
+    # No example moved this block (a weight the loss never uses): it weighs
+    # nothing. (Its floor would be damping * 2e-308, its inverse inf, and
+    # 0 * inf NaN in every row.)
+    return np.zeros_like(r)
+  return (u * (w + damping * float(w.mean())) ** -0.5) @ u.T
 
 
 def _placed(arrays, like, cache: dict) -> list:
@@ -451,7 +455,11 @@ def fit_metric(basis: Basis, eval_psi: np.ndarray | None = None, *,
     trace = (1 - lam) * s.sum()
     if evals is not None:
       trace += lam * np.sum(evals[b] ** 2) / len(eval_psi)
-    floor = damping * max(trace / (hi - lo), np.finfo(np.float64).tiny)
+    if not trace > 0:  # a block no example moved weighs nothing (_inv_sqrt)
+      diag.append(np.zeros(hi - lo))
+      lowrank.append(np.zeros((hi - lo, 0)))
+      continue
+    floor = damping * trace / (hi - lo)
     a = 1.0 / ((1 - lam) * s + floor)
     diag.append(a)
     lowrank.append(_lowrank(a, evals[b] if evals is not None and lam > 0 else None,
