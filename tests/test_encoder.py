@@ -352,6 +352,9 @@ def test_mismatched_inputs(toy):
   with pytest.raises(ValueError, match=r"\['w'\] has shape \(12, 8\)"):
     encoder_lib.GradientEncoder(toy_loss, params, second_moment=wrong)
   enc = encoder_lib.GradientEncoder(toy_loss, params, projection_dim=50)
+  empty = jax.tree.map(lambda x: x[:0], toy["batch"])  # was an IndexError
+  with pytest.raises(ValueError, match="an empty batch: expected at least one"):
+    enc.project(empty)
   other = encoder_lib.GradientEncoder(toy_loss, params, projection_dim=100)
   pre = encoder_lib.fit_preconditioner(other, [toy["batch"]])
   with pytest.raises(ValueError, match="preconditioner has d=78"):

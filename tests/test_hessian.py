@@ -252,6 +252,23 @@ def test_save_load_round_trip(tmp_path):
   other = os.path.join(tmp_path, "precond")
   back.save(other)
   assert hessian.Preconditioner.load(other).fingerprint() == fp
+  # Files of the other kind, cut short or without a field are one line each
+  # (before 2026-12-04: TypeError, BadZipFile, KeyError tracebacks).
+  from tracer.errors import InputError  # pylint: disable=g-import-not-at-top
+  basis = hessian.fit_basis(train, dim=5, layout_seed=11)
+  basis.save(os.path.join(tmp_path, "basis.npz"))
+  with open(path, "rb") as f:
+    whole = f.read()
+  cut = os.path.join(tmp_path, "cut.npz")
+  with open(cut, "wb") as f:
+    f.write(whole[:len(whole) // 2])
+  for load, where, message in [
+      (hessian.Basis.load, path, "not a basis file (its metadata has ['damping'"),
+      (hessian.Preconditioner.load, os.path.join(tmp_path, "basis.npz"),
+       "not a preconditioner file (its metadata has ['dim'"),
+      (hessian.Preconditioner.load, cut, "not a preconditioner file (")]:
+    with pytest.raises(InputError, match=re.escape(f"{where}: {message}")):
+      load(where)
   # The fingerprint changes with the matrices and with the metadata.
   changed = hessian.fit(train, eval_, kind="block", dim=5, layout_seed=11, rank=1,
                         damping=0.3)

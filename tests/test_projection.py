@@ -192,3 +192,31 @@ def test_dense_matrix_against_kron_and_einsum():
   np.testing.assert_array_equal(perm.sum(0), 1)
   np.testing.assert_array_equal(perm.sum(1), 1)
   np.testing.assert_array_equal(np.sort(flat @ perm.T, axis=1), np.sort(flat, axis=1))
+
+
+def test_matrices_do_not_depend_on_jax_random_settings(tmp_path):
+  """Before 2026-12-04 `jax_threefry_partitionable=False` (the default before
+  JAX 0.5) gave other matrices for the same seed, and `jax_default_prng_impl
+  ='rbg'` another generator: a store queried so scored against other
+  projections without a word."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  params = {"w": np.zeros((32, 24)), "e": np.zeros((40, 16))}
+  layout = projection.make_layout(params, 256, seed=3)
+  here = [np.asarray(x) for s in projection.matrices(layout).values() for x in s
+          if x is not None]
+  out = tmp_path / "there.npz"
+  code = (
+      "import jax, numpy as np\n"
+      "jax.config.update('jax_threefry_partitionable', False)\n"
+      "jax.config.update('jax_default_prng_impl', 'rbg')\n"
+      "from tracer import projection\n"
+      "layout = projection.make_layout({'w': np.zeros((32, 24)), "
+      "'e': np.zeros((40, 16))}, 256, seed=3)\n"
+      "np.savez(%r, *[np.asarray(x) for s in projection.matrices(layout).values() "
+      "for x in s if x is not None])\n" % str(out))
+  subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+  with np.load(out) as there:
+    assert len(there.files) == len(here) > 0
+    for i, x in enumerate(here):
+      np.testing.assert_array_equal(there[f"arr_{i}"], x)

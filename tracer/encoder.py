@@ -346,6 +346,8 @@ class GradientEncoder:
   def _from_global(self, batch: Any) -> tuple[Any, np.ndarray]:
     """This process's share of a batch every process holds whole."""
     size = len(jax.tree.leaves(batch)[0])
+    if not size:  # (padding needs an example to repeat)
+      raise ValueError("an empty batch: expected at least one example")
     positions = self.local_positions(size)
     # Padding repeats the last example: a real input keeps any loss finite.
     take = np.minimum(positions, size - 1)

@@ -26,6 +26,7 @@ import hashlib
 import io
 import json
 import warnings
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -200,7 +201,7 @@ class Preconditioner:
 
   @classmethod
   def load(cls, location: str) -> "Preconditioner":
-    meta, mats = _load_npz(location, "preconditioner")
+    meta, mats = _load_npz(location, cls)
     return cls(inv_sqrt=[jnp.asarray(m) for m in mats], **meta)
 
 
@@ -215,8 +216,11 @@ def _save_npz(location: str, metadata: dict, arrays) -> None:
   storage.write_bytes(location, _npz_bytes(metadata, arrays))
 
 
-def _load_npz(location: str, what: str, data: bytes | None = None
+def _load_npz(location: str, cls, data: bytes | None = None
               ) -> tuple[dict, list[np.ndarray]]:
+  """(metadata, arrays) of a file ``cls.save`` wrote; InputError naming the
+  file when it is not one (another kind of npz, cut short, not an npz)."""
+  what = cls.__name__.lower()
   data = storage.read_bytes(location) if data is None else data
   if data is None:
     raise InputError(f"{location}: no such {what} file")
@@ -224,10 +228,18 @@ def _load_npz(location: str, what: str, data: bytes | None = None
     with np.load(io.BytesIO(data), allow_pickle=False) as f:
       meta = json.loads(str(f["metadata"]))
       arrays = [f[f"m{i}"] for i in range(sum(1 for k in f.files if k != "metadata"))]
-  except (ValueError, KeyError, OSError) as e:
+  except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as e:
     raise InputError(f"{location}: not a {what} file ({e})") from None
+  # Every field but the arrays; fit_key is absent from older files.
+  fields = {f.name for f in dataclasses.fields(cls)
+            if not f.name.startswith("_")} - {"inv_sqrt", "vectors", "values"}
+  if isinstance(meta, dict) and "fit_key" in fields:
+    meta.setdefault("fit_key", None)
+  if not isinstance(meta, dict) or set(meta) != fields:
+    have = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+    raise InputError(f"{location}: not a {what} file (its metadata has {have}; "
+                     f"expected {sorted(fields)})")
   meta["segments"] = tuple(tuple(s) for s in meta["segments"])
-  meta.setdefault("fit_key", None)
   return meta, arrays
 
 
@@ -350,7 +362,7 @@ class Basis:
   @classmethod
   def load(cls, location: str, data: bytes | None = None) -> "Basis":
     """From ``location`` (or from ``data``, which ``location`` then names)."""
-    meta, arrays = _load_npz(location, "basis", data)
+    meta, arrays = _load_npz(location, cls, data)
     return cls(vectors=arrays[0::2], values=arrays[1::2], **meta)
 
 

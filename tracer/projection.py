@@ -136,6 +136,15 @@ def make_layout(params: Any, projection_dim: int, seed: int = 0) -> Layout:
   return Layout(tuple(blocks), seed)
 
 
+# The matrices are a function of (seed, block name) alone: JAX's global
+# random settings would otherwise change them under a store without a word
+# (`jax_threefry_partitionable`, whose default flipped in JAX 0.5, changes
+# the bits; `jax_default_prng_impl`, 'rbg' on many TPU setups, the
+# generator). Both are pinned to JAX 0.5+'s defaults, so stores encoded
+# before keep their matrices.
+_PRNG_IMPL = "threefry2x32"
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _gaussian(key, k: int, n: int) -> jax.Array:
   return jax.random.normal(key, (k, n), jnp.float32) * (1.0 / np.sqrt(k))
@@ -151,10 +160,12 @@ Sides = tuple[Any, Any]   # (P_L, P_R) of a block; None is the identity
 
 def block_matrices(layout: Layout, block: Block) -> Sides:
   """(P_L, P_R) of one block, from (seed, block name); None means identity."""
-  key = jax.random.fold_in(jax.random.PRNGKey(layout.seed),
-                           zlib.crc32(block.name.encode()) & 0x7FFFFFFF)
-  left, right = jax.random.split(key)
-  return _side(left, block.k[0], block.shape[0]), _side(right, block.k[1], block.shape[1])
+  with jax.threefry_partitionable(True):  # (fold_in and split read it too)
+    key = jax.random.fold_in(jax.random.key(layout.seed, impl=_PRNG_IMPL),
+                             zlib.crc32(block.name.encode()) & 0x7FFFFFFF)
+    left, right = jax.random.split(key)
+    return (_side(left, block.k[0], block.shape[0]),
+            _side(right, block.k[1], block.shape[1]))
 
 
 def matrices(layout: Layout) -> dict[str, Sides]:
