@@ -237,3 +237,14 @@ def test_adafactor_state_before_its_first_update_gives_v_0():
   v = correction.second_moment(optax.adafactor(1e-3).init(params), params)
   for x in jax.tree.leaves(v):
     np.testing.assert_array_equal(np.asarray(x), 0.0)
+
+
+def test_steps_taken():
+  params = {"w": jnp.ones((256, 128)), "b": jnp.ones((128,))}
+  opt = optax.adamw(1e-3)
+  state = opt.init(params)
+  assert correction.steps_taken(state) == 0
+  assert correction.steps_taken(optax.adafactor(1e-3).init(params)) == 0
+  _, state = opt.update(jax.tree.map(jnp.ones_like, params), state, params)
+  assert correction.steps_taken(state) == 1
+  assert correction.steps_taken(optax.sgd(1e-3).init(params)) is None

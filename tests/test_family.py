@@ -142,6 +142,12 @@ def test_checkpoint_without_a_family_is_tracer_lm(tmp_path):
   mngr.close()
   restored = ckpt_lib.restore(str(tmp_path / "old"))
   assert restored.family is family_lib.LM and restored.model_config == MODEL
+  # Its optimizer has taken no step: V = 0 corrects nothing (before
+  # 2026-12-04 Adafactor's then quarantined every row as non-finite).
+  from tracer import pipeline  # pylint: disable=g-import-not-at-top
+  from tracer.config import EncodeConfig  # pylint: disable=g-import-not-at-top
+  with pytest.raises(InputError, match="has taken no step \\(count 0\\)"):
+    pipeline.build_encoder(restored, EncodeConfig(projection_dim=64))
 
 
 def test_explicit_param_shardings_give_the_same_encodings():

@@ -132,6 +132,17 @@ def second_moment(opt_state: Any, params: Any, *, b2: float | None = None) -> An
   return jax.tree.map(_factored_v, state.v_row, state.v_col, state.v, params)
 
 
+def steps_taken(opt_state: Any) -> int | None:
+  """The update count of the state's Adam or Adafactor sub-state (concrete
+  arrays only), or None where it has none to read."""
+  states = _find(opt_state, (optax.ScaleByAdamState,
+                             optax._src.factorized.FactoredState))
+  count = getattr(states[0], "count", None) if len(states) == 1 else None
+  if count is None or isinstance(count, jax.core.Tracer):
+    return None
+  return int(np.asarray(jax.device_get(count)))
+
+
 def without_first_moments(opt_state: Any, fill: Any) -> Any:
   """``opt_state`` with every leaf of its first moments (Adam's ``mu``, a
   momentum ``trace``) replaced by ``fill``: ``second_moment`` reads none of

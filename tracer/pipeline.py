@@ -51,7 +51,7 @@ from tracer import store as store_lib
 from tracer import train as train_lib
 from tracer.config import (ENCODING_SETTINGS, DataConfig, EncodeConfig,
                            PreconditionerConfig)
-from tracer.correction import second_moment
+from tracer.correction import second_moment, steps_taken
 from tracer.encoder import NONFINITE_REASONS, GradientEncoder, nonfinite_rows
 from tracer.errors import (InputError, OtherProcessError, QuarantineLimitError,
                            StoreClaimedError)
@@ -174,6 +174,12 @@ def read_queries(ckpt: ckpt_lib.Checkpoint, path: str) -> tuple[list[dict], dict
 
 def optimizer_second_moment(ckpt: ckpt_lib.Checkpoint):
   """The params-shaped V of the checkpoint's optimizer state (``second_moment``)."""
+  if steps_taken(ckpt.opt_state) == 0:
+    # V is 0: it would divide every gradient by eps (Adafactor's: by 0).
+    raise InputError(f"{ckpt.path}: the optimizer state has taken no step "
+                     "(count 0), so its second moment is 0 and corrects "
+                     "nothing; expected a checkpoint after training, or "
+                     "EncodeConfig.correction='none'")
   b2 = ckpt.optimizer_config.b2 if ckpt.optimizer_config.name == "adamw" else None
   return second_moment(ckpt.opt_state, ckpt.params, b2=b2)
 
