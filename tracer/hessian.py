@@ -233,7 +233,7 @@ def _load_npz(location: str, cls, data: bytes | None = None
   # Every field but the arrays; fit_key is absent from older files.
   fields = {f.name for f in dataclasses.fields(cls)
             if not f.name.startswith("_")} - {"inv_sqrt", "vectors", "values"}
-  if isinstance(meta, dict) and "fit_key" in fields:
+  if isinstance(meta, dict):
     meta.setdefault("fit_key", None)
   if not isinstance(meta, dict) or set(meta) != fields:
     have = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
