@@ -42,7 +42,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from absl import flags
 from absl import logging
@@ -62,7 +62,7 @@ from tracer import topk
 def define_flags() -> None:
   """Defines this script's flags (only when run as a script, so that
   ``launch.benchmark`` can import ``run_scan_benchmark``)."""
-  global _ROWS, _DIM, _QUERIES, _K, _CHUNK_ROWS, _STORE_CHUNK_ROWS, _REPEATS, _WORKDIR, _OUTPUT, _EVAL, _BLOCK, _RESIDENT, _FUSED_TILES, _SERVE_PASS
+  global _ROWS, _DIM, _QUERIES, _K, _CHUNK_ROWS, _STORE_CHUNK_ROWS, _REPEATS, _WORKDIR, _OUTPUT, _EVAL, _BLOCK, _RESIDENT, _FUSED_TILES, _SERVE_PASS, _REQUESTS
   _ROWS = flags.DEFINE_integer("rows", 200_000, "N, rows to scan.")
   _DIM = flags.DEFINE_integer("dim", 1024, "d, encoding dimension.")
   _QUERIES = flags.DEFINE_integer("queries", 64, "Q, queries per scan.")
@@ -87,6 +87,9 @@ def define_flags() -> None:
       "serve_pass", False, "Time instead tracer serve's pass over resident "
       "bf16 and f32 stores of the same rows, with a request's scan-time R "
       "(run_serve_pass_benchmark).")
+  _REQUESTS = flags.DEFINE_integer(
+      "requests", 8, "--serve_pass: requests in the streamed fallback's "
+      "largest batch (0: the streamed rows are not run).")
   _FUSED_TILES = flags.DEFINE_list(
       "fused_tiles", None, "Instead: time the fused kernel's tile settings "
       "(run_fused_tiles_benchmark) on resident bf16 rows, each as "
@@ -389,14 +392,15 @@ def run_serve_pass_benchmark(rows: int = 400_000, dim: int = 1024,
   and its own scan-time R, fitted from its queries as serve fits it) over a
   bf16 store and an f32 store of the same values, both resident on
   ``mesh`` (default: every device), for one query and for ``queries``. The
-  baseline is the f32 store's pass in the same run; ``agrees``: the two
-  answers are identical, bit for bit (on a CPU, where bf16 rows are
-  widened to f32; elsewhere they take the bf16 units and round otherwise).
+  baseline is the f32 store's pass in the same run; ``agrees`` and
+  ``error`` as ``_agreement``'s (1.0 and 0.0 on a CPU, where bf16 rows are
+  widened to f32; elsewhere they take the bf16 units, whose three products
+  sum in another order: a near tie may swap).
 
   Then one query under a task's R (``tracer serve --task_queries``: fitted
   from ``task`` other queries) over the bf16 store: its row norms computed
   in the pass (the baseline), then held (``ResidentIndex.hold``);
-  ``agrees``: the same answer.
+  ``agrees`` and ``error`` as above.
 
   Then the streamed fallback (``_streamed_rows``) for 1 and ``requests``
   requests at once (0: not run)."""
@@ -425,13 +429,14 @@ def run_serve_pass_benchmark(rows: int = 400_000, dim: int = 1024,
         search = lambda index=index: index.search([[vectors]], [[metric]], [k])[0]
         answers[dtype] = search()  # compiles
         seconds[dtype] = _best_time(search, repeats)
-      agrees = all(np.array_equal(a, b) for a, b in zip(*answers.values()))
+      agrees, error = _agreement([answers["bfloat16"]], [answers["float32"]])
       for dtype in indexes:
         table.append({
             "method": f"serve pass {dtype}, {n} quer{'y' if n == 1 else 'ies'}",
             "seconds": round(seconds[dtype], 4),
             "rows_per_s": round(rows / seconds[dtype]),
             "agrees": agrees if dtype == "bfloat16" else None,
+            "error": error if dtype == "bfloat16" else None,
             "note": (f"x{seconds[dtype] / seconds['float32']:.2f} the float32 "
                      f"store's pass; {indexes[dtype].describe()}")})
     if task:
@@ -447,13 +452,14 @@ def run_serve_pass_benchmark(rows: int = 400_000, dim: int = 1024,
       answers.append(search())
       seconds.append(_best_time(search, repeats))
       columns = sum(c.shape[1] for c in metric.lowrank)
+      agrees, error = _agreement([answers[1]], [answers[0]])
       for held, (answer, sec) in enumerate(zip(answers, seconds)):
         table.append({
             "method": (f"serve pass bfloat16, 1 query, task R of {task}: norms "
                        + ("held" if held else "in the pass")),
             "seconds": round(sec, 4), "rows_per_s": round(rows / sec),
-            "agrees": (all(np.array_equal(a, b) for a, b in zip(*answers))
-                       if held else None),
+            "agrees": agrees if held else None,
+            "error": error if held else None,
             "note": (f"x{sec / seconds[0]:.2f} the norms in the pass; "
                      f"{columns} low-rank columns"
                      + (f"; holding them took {hold_seconds:.3f} s (once, at start)"
@@ -467,16 +473,28 @@ def run_serve_pass_benchmark(rows: int = 400_000, dim: int = 1024,
   return table
 
 
+def _agreement(got: Sequence[topk.TopK], want: Sequence[topk.TopK]
+               ) -> tuple[float, float]:
+  """How far two lists of answers to the same queries agree: the fraction
+  of their rows (proponents and opponents, by position) that are the same,
+  and the largest difference of their scores relative to ``want``'s."""
+  same = [(getattr(a, f) == getattr(b, f)).ravel() for a, b in zip(got, want)
+          for f in ("proponent_rows", "opponent_rows")]
+  error = max(float(np.max(np.abs(getattr(a, f) - getattr(b, f))
+                           / np.abs(getattr(b, f))))
+              for a, b in zip(got, want)
+              for f in ("proponent_scores", "opponent_scores"))
+  return float(np.mean(np.concatenate(same))), error
+
+
 def _streamed_rows(stores, mesh, basis, dim: int, k: int, requests: int,
                    repeats: int, rng) -> list[dict[str, Any]]:
   """``tracer serve``'s streamed fallback (``serving.StreamedIndex``, windows
   of a quarter of the rows) for 1, 2 and ``requests`` requests of 8 queries
   each, each with its own R, in one batch; the baseline, a
   ``scan.scan_stores`` per request (the fallback before 2026-12-04), in the
-  same run. ``agrees``: the fraction of the answers' rows (by position)
-  that are the same; ``error``: the largest relative difference of their
-  scores (the two passes compute the norms in another order, so a near
-  tie may swap)."""
+  same run. ``agrees`` and ``error`` as ``_agreement``'s (the two passes
+  compute the norms in another order, so a near tie may swap)."""
   store = stores[0]
   row_bytes = store.dim * scan.device_dtype(store.dtype).itemsize
   streamed = serving.StreamedIndex(
@@ -493,13 +511,7 @@ def _streamed_rows(stores, mesh, basis, dim: int, k: int, requests: int,
                     for v, m in zip(vectors, metrics)]
     answers = [batch(), each()]  # compiles
     seconds = [_best_time(batch, repeats), _best_time(each, repeats)]
-    pairs = [(getattr(a, f), getattr(b, f)) for a, b in zip(*answers)
-             for f in ("proponent_rows", "opponent_rows")]
-    agrees = float(np.mean(np.concatenate([(a == b).ravel() for a, b in pairs])))
-    error = max(float(np.max(np.abs(a - b) / np.abs(b)))
-                for x, y in zip(*answers)
-                for a, b in ((x.proponent_scores, y.proponent_scores),
-                             (x.opponent_scores, y.opponent_scores)))
+    agrees, error = _agreement(*answers)
     batched = "one scan_stores" if j == 1 else "one pass of windows"
     for i, name in enumerate((batched, "a scan_stores per request")):
       table.append({
@@ -880,7 +892,7 @@ def main(argv):
     table = run_serve_pass_benchmark(
         rows=_ROWS.value, dim=_DIM.value, queries=_QUERIES.value, k=_K.value,
         store_chunk_rows=_STORE_CHUNK_ROWS.value, repeats=_REPEATS.value,
-        block=_BLOCK.value, workdir=_WORKDIR.value)
+        block=_BLOCK.value, workdir=_WORKDIR.value, requests=_REQUESTS.value)
   elif _RESIDENT.value:
     table = run_resident_benchmark(
         rows=_ROWS.value, dim=_DIM.value, queries=_QUERIES.value, k=_K.value,

@@ -987,7 +987,8 @@ def test_serve_pass_benchmark_runs(tmp_path):
               ("3 requests", "one pass of windows"))
           for how in (one, "a scan_stores per request")]
   assert all(r["seconds"] > 0 for r in table)
-  assert [r["agrees"] for r in table[:6]] == [None, True, None, True, None, True]
+  assert [r["agrees"] for r in table[:6]] == [None, 1.0, None, 1.0, None, 1.0]
+  assert [r["error"] for r in table[:6]] == [None, 0.0, None, 0.0, None, 0.0]
   # The streamed batch against a scan per request: the same rows here (a
   # near tie could swap two), scores to float32 rounding.
   assert [r["agrees"] for r in table[6:]] == [1.0, None] * 3
