@@ -59,10 +59,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
-import os
 import re
 import subprocess
 import sys
+import tempfile
 
 from absl import app
 from absl import flags
@@ -70,11 +70,13 @@ import numpy as np
 
 from tracer.launch import config
 from tracer.launch import quality
+from tracer import checkpoint as ckpt_lib
 from tracer import data as data_lib
 from tracer import evaluate
 from tracer import hessian
 from tracer import pipeline
 from tracer import stats
+from tracer import storage
 from tracer import store as store_lib
 from tracer.config import EncodeConfig
 from tracer.config import PreconditionerConfig
@@ -128,12 +130,11 @@ def run_one(run_dir: str, bindings: list[str], base_workdir: str,
   """Runs trace for one grid point (unless done with the same bindings, gin
   files and base workdir: UsageError when done otherwise); returns its
   metrics."""
-  metrics_path = os.path.join(run_dir, "metrics.json")
+  metrics_path = storage.join(run_dir, "metrics.json")
   made_with = {"bindings": bindings, "gin_files": gin_files,
                "base_workdir": base_workdir}
-  if os.path.exists(metrics_path):
-    with open(metrics_path) as f:
-      metrics = json.load(f)
+  if storage.exists(metrics_path):
+    metrics = storage.read_json(metrics_path)
     # (Runs from before 2026-12-04 recorded only their bindings.)
     diffs = [f"{k} {metrics[k]}, this run {v}" for k, v in made_with.items()
              if k in metrics and metrics[k] != v]
@@ -141,28 +142,41 @@ def run_one(run_dir: str, bindings: list[str], base_workdir: str,
       raise app.UsageError(f"{metrics_path}: made with {'; '.join(diffs)}; use "
                            "another --workdir")
     return metrics
-  os.makedirs(run_dir, exist_ok=True)
-  corpus = os.path.join(base_workdir, "facts", "corpus.jsonl")
-  queries = os.path.join(base_workdir, "facts", "queries.jsonl")
-  results = os.path.join(run_dir, "results.jsonl")
+  storage.make_local_dirs(run_dir)
+  corpus = storage.join(base_workdir, "facts", "corpus.jsonl")
+  queries = storage.join(base_workdir, "facts", "queries.jsonl")
+  results = storage.join(run_dir, "results.jsonl")
   cmd = [sys.executable, "-m", "tracer.launch.trace", f"--workdir={run_dir}",
-         f"--checkpoint={os.path.join(base_workdir, 'checkpoints')}",
+         f"--checkpoint={storage.join(base_workdir, 'checkpoints')}",
          f"--corpus={corpus}", f"--queries={queries}", f"--output={results}",
          "--streaming", "--show=0"]
   if FLAGS.compilation_cache:
     cmd.append(f"--compilation_cache={FLAGS.compilation_cache}")
   cmd += [f"--gin_file={g}" for g in gin_files]
   cmd += [f"--gin_bindings={b}" for b in bindings]
-  with open(os.path.join(run_dir, "log.txt"), "w") as log:
-    proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-  if proc.returncode:
-    raise InputError(f"run {run_dir} failed (exit {proc.returncode}); see "
-                     f"{run_dir}/log.txt")
+  log_path = storage.join(run_dir, "log.txt")
+  code = _run_logged(cmd, log_path)
+  if code:
+    raise InputError(f"run {run_dir} failed (exit {code}); see {log_path}")
   metrics = evaluate.retrieval_metrics(data_lib.read_queries(queries),
                                        evaluate.read_results(results))
   metrics.update(made_with)
   evaluate.write_text_atomic(metrics_path, json.dumps(metrics, indent=2))
   return metrics
+
+
+def _run_logged(cmd: list[str], log_path: str) -> int:
+  """Runs ``cmd`` with its output in ``log_path``; its exit status. A local
+  log grows as the run goes; one at a URL is written whole at the end
+  (object storage has no append)."""
+  if not storage.is_url(log_path):
+    with open(log_path, "wb") as log:
+      return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+  with tempfile.TemporaryFile() as log:
+    code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
+    log.seek(0)
+    storage.write_bytes(log_path, log.read())
+  return code
 
 
 def sweep(workdir: str, grid: list[str], base_workdir: str,
@@ -179,11 +193,11 @@ def sweep(workdir: str, grid: list[str], base_workdir: str,
   for i, bindings in enumerate(points, 1):
     name = run_name(bindings)
     print(f"[{i}/{len(points)}] {name}", flush=True)
-    table[name] = run_one(os.path.join(workdir, "runs", name), bindings,
+    table[name] = run_one(storage.join(workdir, "runs", name), bindings,
                           base_workdir, gin_files)
   text = evaluate.format_table(table, COLUMNS, row_header="run")
-  evaluate.write_text_atomic(os.path.join(workdir, "sweep.md"), text + "\n")
-  evaluate.write_text_atomic(os.path.join(workdir, "sweep.json"),
+  evaluate.write_text_atomic(storage.join(workdir, "sweep.md"), text + "\n")
+  evaluate.write_text_atomic(storage.join(workdir, "sweep.json"),
                              json.dumps(table, indent=2))
   print(text)
   return table
@@ -310,10 +324,10 @@ def _set_scores(fit, stored, psi_q, size: int, seed: int = 0,
 def sweep_set(set_dir: str, points: list[Point], ecfg, pcfg,
               query_set_size: int = 0, task_size: int = 0) -> dict:
   """Every point's metrics on one family set (module doc)."""
-  corpus_path = os.path.join(set_dir, "facts", "corpus.jsonl")
-  queries_path = os.path.join(set_dir, "facts", "queries.jsonl")
-  ckpt_dir = os.path.join(set_dir, "checkpoints")
-  saved = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+  corpus_path = storage.join(set_dir, "facts", "corpus.jsonl")
+  queries_path = storage.join(set_dir, "facts", "queries.jsonl")
+  ckpt_dir = storage.join(set_dir, "checkpoints")
+  saved = ckpt_lib.saved_steps(ckpt_dir)
   step_of = lambda s: str(saved[-1]) if s == "last" else s
   summed_steps = sorted({step_of(p[0]) for p in points if p[0] != "sum"}, key=int)
   # A "sum" point adds the same settings' scores over every listed checkpoint.
@@ -323,7 +337,7 @@ def sweep_set(set_dir: str, points: list[Point], ecfg, pcfg,
   mesh = pipeline.make_mesh(ecfg)
   scores, accuracy = {}, {}
   for step in sorted({p[0] for p in wanted}, key=int):
-    ckpt = pipeline.load_checkpoint(None, os.path.join(ckpt_dir, step), mesh,
+    ckpt = pipeline.load_checkpoint(None, storage.join(ckpt_dir, step), mesh,
                                     "second_moment")
     corpus = pipeline.open_corpus(ckpt, corpus_path)
     ids = corpus.ids_of(np.arange(len(corpus)))
@@ -425,9 +439,10 @@ def table_settings(table: dict) -> dict:
 
 
 def trained(set_dir: str) -> bool:
-  """Whether the set's training run reached its last step."""
-  ckpt = pipeline.load_checkpoint(None, os.path.join(set_dir, "checkpoints"))
-  return ckpt.step >= ckpt.optimizer_config.total_steps
+  """Whether the set's training run reached its last step (read from its
+  latest checkpoint's config, not its arrays)."""
+  step, optimizer_config = ckpt_lib.saved_step(storage.join(set_dir, "checkpoints"))
+  return step >= optimizer_config.total_steps
 
 
 def sweep_family(workdir: str, family_dir: str, grid: list[str],
@@ -436,20 +451,21 @@ def sweep_family(workdir: str, family_dir: str, grid: list[str],
   ecfg, pcfg = config.make(EncodeConfig), config.make(PreconditionerConfig)
   axes = family_axes(grid, ecfg, pcfg)
   points = family_points(axes, design)
-  sets_dir = os.path.join(family_dir, "sets")
-  if not os.path.isdir(sets_dir):
-    raise app.UsageError(f"--family_dir={family_dir}: no sets/ folder; make one "
-                         "with `tracer family --only_train`")
-  names = sorted(n for n in os.listdir(sets_dir)
-                 if os.path.isdir(os.path.join(sets_dir, n, "checkpoints")))
+  sets_dir = storage.join(family_dir, "sets")
+  # Keys NAME/checkpoints/... (a listing of every key: object storage has no
+  # folders to ask for).
+  names = sorted({key.split("/")[0] for key in storage.list_dir(sets_dir)
+                  if key.split("/")[1:2] == ["checkpoints"]})
+  if not names:
+    raise app.UsageError(f"--family_dir={family_dir}: no sets/NAME/checkpoints; "
+                         "make them with `tracer family --only_train`")
   per_set = {}
   want = run_settings(ecfg, pcfg, query_set_size, task_size)
   wanted_points = [_point_name(*p) for p in points]
   for i, name in enumerate(names, 1):
-    out = os.path.join(workdir, "sets", f"{name}.json")
-    if os.path.exists(out):
-      with open(out) as f:
-        per_set[name] = json.load(f)
+    out = storage.join(workdir, "sets", f"{name}.json")
+    if storage.exists(out):
+      per_set[name] = storage.read_json(out)
       have = table_settings(per_set[name])
       diffs = [f"{k}={have[k]}, this run {want[k]}" for k in have if have[k] != want[k]]
       missing = sorted(set(wanted_points) - set(per_set[name]["points"]))
@@ -460,11 +476,11 @@ def sweep_family(workdir: str, family_dir: str, grid: list[str],
         raise app.UsageError(f"{out}: scored with {'; '.join(diffs)}; use "
                              "another --workdir")
       continue
-    if not trained(os.path.join(sets_dir, name)):
+    if not trained(storage.join(sets_dir, name)):
       print(f"[{i}/{len(names)}] {name}: still training, left out", flush=True)
       continue
     print(f"[{i}/{len(names)}] {name}", flush=True)
-    per_set[name] = sweep_set(os.path.join(sets_dir, name), points, ecfg, pcfg,
+    per_set[name] = sweep_set(storage.join(sets_dir, name), points, ecfg, pcfg,
                               query_set_size, task_size)
     evaluate.write_text_atomic(out, json.dumps(per_set[name], indent=1))
   if not per_set:
@@ -494,11 +510,11 @@ def sweep_family(workdir: str, family_dir: str, grid: list[str],
   whose = f"the R of {task_size} other queries" if task_size else "its own R"
   sizes = (f"; queries in sets of {query_set_size}, each under {whose} "
            f"(max_query_weight={pcfg.max_query_weight})" if query_set_size else "")
-  evaluate.write_text_atomic(os.path.join(workdir, "sweep.json"),
+  evaluate.write_text_atomic(storage.join(workdir, "sweep.json"),
                              json.dumps(summary, indent=1))
   settings = "; ".join(f"{k.split('.')[-1]}={v}" for k, v in want.items()
                        if k in RECORDED)
-  evaluate.write_text_atomic(os.path.join(workdir, "sweep.md"),
+  evaluate.write_text_atomic(storage.join(workdir, "sweep.md"),
                              f"{len(names)} sets{sizes}\n\nsettings: {settings}\n\n"
                              f"{text}\n\n{acc_text}\n")
   print(f"{len(names)} sets: {', '.join(names)}{sizes}\n\n{text}\n\n{acc_text}")
@@ -511,7 +527,7 @@ def main(argv):
   if FLAGS.family_dir:
     config.default_gin_file()
     config.parse_gin()
-    sweep_family(FLAGS.workdir or os.path.join(FLAGS.family_dir, "sweep"),
+    sweep_family(FLAGS.workdir or storage.join(FLAGS.family_dir, "sweep"),
                  FLAGS.family_dir, FLAGS.grid or list(FAMILY_GRID), FLAGS.design,
                  FLAGS.query_set_size, FLAGS.task_size)
     return

@@ -16,6 +16,7 @@ import pytest
 from tracer.launch import family
 from tracer.launch import quality
 from tracer.launch import sweep
+from tracer import checkpoint as ckpt_lib
 from tracer import hessian
 from tracer import projection
 from tracer import scan
@@ -214,6 +215,13 @@ def test_sweep_on_the_family(trained_family, tmp_path, monkeypatch):
   monkeypatch.setattr(sweep, "sweep_set", lambda *a: pytest.fail("recomputed"))
   again = sweep.sweep_family(out, root, grid, design="grid")
   assert again["points"].keys() == result["points"].keys()
+  # ... also through URLs (object storage's code path; before 2026-12-04 the
+  # family's sets were listed with os.listdir: "no sets/ folder").
+  assert sweep.sweep_family(f"file://{out}", f"file://{root}", grid,
+                            design="grid") == again
+  # A set's last step read from its config alone (no arrays restored).
+  assert ckpt_lib.saved_step(f"file://{root}/sets/dense-0/checkpoints")[0] == 100
+  assert sweep.trained(os.path.join(root, "sets", "dense-0"))
   # ... refuses tables scored over other points (before 2026-12-04: used
   # silently, or a KeyError once a new set was scored on the new grid) ...
   with pytest.raises(Exception, match="scored with other grid points"):

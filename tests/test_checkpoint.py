@@ -130,6 +130,12 @@ def test_restore_picks_steps_and_places_on_the_mesh(tmp_path):
   latest = ckpt_lib.restore(str(tmp_path))
   assert latest.step == 3
   _assert_trees_equal((latest.params, latest.opt_state), states[3])
+  # The same directory as a file:// URL (Orbax's file layer knows no such
+  # scheme: a KeyError before 2026-12-04); the latest step and its optimizer
+  # from the config item alone.
+  _assert_trees_equal(ckpt_lib.restore(f"file://{tmp_path}").params, states[3][0])
+  assert ckpt_lib.saved_steps(f"file://{tmp_path}") == [2, 3]
+  assert ckpt_lib.saved_step(str(tmp_path)) == (3, opt_config)
   mesh = partitioning.make_mesh()
   rep = partitioning.replicated(mesh)
   older = ckpt_lib.restore(str(tmp_path), step=2, mesh=mesh)
@@ -167,6 +173,10 @@ def test_restore_errors(tmp_path):
     ckpt_lib.restore("s3://b/ckpt/")
   with pytest.raises(InputError, match=r"^s3://b/run/checkpoints: checkpoints cannot"):
     ckpt_lib.manager("s3://b/run/checkpoints")
+  with pytest.raises(InputError, match=r"^memory://c: checkpoints cannot live on memory"):
+    ckpt_lib.restore("memory://c")
+  with pytest.raises(InputError, match=f"^file://{re.escape(missing)}: no checkpoint"):
+    ckpt_lib.saved_step(f"file://{missing}")
 
 
 def test_optimizer_config_round_trip():

@@ -289,10 +289,16 @@ def test_sweep_skips_finished_runs(trained, tmp_path, monkeypatch):
   gin_file = tmp_path / "model.gin"
   gin_file.write_text(BINDINGS)
   grid = ["EncodeConfig.projection_dim=512,1024"]
-  table = sweep.sweep(str(tmp_path / "sw"), grid, str(root), [str(gin_file)])
+  # Written through a URL (object storage's code path: before 2026-12-04 the
+  # sweep looked for finished runs with os.path and made local folders named
+  # "gs:"), read back from the path.
+  table = sweep.sweep(f"file://{tmp_path}/sw", grid, str(root), [str(gin_file)])
   assert sorted(table) == ["projection_dim=1024", "projection_dim=512"]
   assert len(calls) == 2
   assert all(0.0 <= t["recall@10"] <= 1.0 for t in table.values())
+  assert (tmp_path / "sw/runs/projection_dim=512/log.txt").read_text().startswith(
+      f"checkpoint {root}/checkpoints/")
+  assert not (tmp_path / "file:").exists()
   again = sweep.sweep(str(tmp_path / "sw"), grid, str(root), [str(gin_file)])
   assert len(calls) == 2 and again == table
   # A run made with other gin files is not taken for this one (before

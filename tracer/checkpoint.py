@@ -47,8 +47,13 @@ class Checkpoint:
 
 def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
   """Orbax's manager of the checkpoint directory ``directory`` (a local path or
-  ``gs://``; InputError for ``s3://``, which this Orbax cannot use)."""
-  if storage.normalize(directory).startswith("s3://"):
+  ``file://`` or ``gs://``; InputError for ``s3://`` and ``memory://``, which
+  this Orbax cannot use)."""
+  directory = storage.normalize(directory)
+  if directory.startswith("memory://"):
+    raise InputError(f"{directory}: checkpoints cannot live on memory:// (Orbax "
+                     "reads and writes files); keep them on a disk or gs://")
+  if directory.startswith("s3://"):
     # Measured with Orbax 0.12.8 on an S3 server: its file layer (etils)
     # goes through TensorFlow's file systems, which have no s3 ("File system
     # scheme 's3' not implemented"), and through fsspec (EPATH_USE_TF=false,
@@ -57,7 +62,7 @@ def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
                      f"{ocp.__version__} has no S3 file system); keep them on a "
                      "local or network disk, or gs://")
   return ocp.CheckpointManager(
-      storage.normalize(directory), item_names=("state", "config"),
+      directory.removeprefix("file://"), item_names=("state", "config"),
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
 
@@ -90,17 +95,24 @@ def _abstract_state(family, model_config, optimizer_config, mesh):
 
 
 def _steps(directory: str) -> tuple[list[int], ocp.CheckpointManager]:
-  if not storage.is_url(directory) and not os.path.isdir(directory):
+  local = storage.normalize(directory).removeprefix("file://")
+  if not storage.is_url(local) and not os.path.isdir(local):
     raise InputError(f"{directory}: no checkpoint directory")
   mngr = manager(directory)
   return sorted(mngr.all_steps()), mngr
 
 
+def saved_steps(directory: str) -> list[int]:
+  """The steps a CheckpointManager directory holds, in order."""
+  steps, mngr = _steps(storage.normalize(directory))
+  mngr.close()
+  return steps
+
+
 def check_steps(directory: str, wanted) -> None:
   """InputError unless the CheckpointManager ``directory`` holds every step in
   ``wanted`` (checked before anything is computed from them)."""
-  steps, mngr = _steps(storage.normalize(directory))
-  mngr.close()
+  steps = saved_steps(directory)
   missing = [step for step in wanted if step not in steps]
   if missing:
     raise InputError(f"{directory}: no step {_listed(missing)}; it holds "
@@ -128,6 +140,43 @@ def restore(directory: str, step: int | None = None, mesh=None, *,
   """
   if opt_state not in OPT_STATES:
     raise ValueError(f"opt_state={opt_state!r}: expected one of {OPT_STATES}")
+  mngr, step, where, (family, model_config, optimizer_config, data_config) = (
+      _read_config(directory, step))
+  mesh = partitioning.make_mesh() if mesh is None else mesh
+  target = _abstract_state(family, model_config, optimizer_config, mesh)
+  _check_param_shapes(where, target["params"], model_config)
+  if opt_state == "second_moment":
+    # StandardRestore takes no placeholders; PyTreeRestore skips them.
+    target["opt_state"] = correction.without_first_moments(target["opt_state"],
+                                                           ocp.PLACEHOLDER)
+    args = ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
+  else:
+    args = ocp.args.StandardRestore(target)
+  try:
+    state = mngr.restore(step, args=ocp.args.Composite(state=args))["state"]
+  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+    # Arrays of another model than the config item describes (or missing).
+    raise InputError(f"{where}: its state does not match its model config "
+                     f"({_config_text(model_config)}; optimizer "
+                     f"{optimizer_config.name}): {_short(e)}") from None
+  return Checkpoint(where, int(step), state["params"],
+                    state["opt_state"], model_config, optimizer_config,
+                    data_config, family)
+
+
+def saved_step(directory: str) -> tuple[int, train_lib.OptimizerConfig]:
+  """The latest step in a CheckpointManager directory and its optimizer
+  config, from the step's config item alone: no array is read."""
+  mngr, step, _, (_, _, optimizer_config, _) = _read_config(directory, None)
+  mngr.close()
+  return int(step), optimizer_config
+
+
+def _read_config(directory: str, step: int | None):
+  """``(manager, step, step directory, (family, model config, optimizer
+  config, data config))`` of a step (default: the latest), from its config
+  item."""
   directory = storage.normalize(directory)
   steps, mngr = _steps(directory)
   if not steps:
@@ -152,27 +201,8 @@ def restore(directory: str, step: int | None = None, mesh=None, *,
   except (ValueError, KeyError, TypeError) as e:
     raise InputError(f"{where}: its config item is not a tracer checkpoint's "
                      f"(model, optimizer, data): {_short(e)}") from None
-  mesh = partitioning.make_mesh() if mesh is None else mesh
-  target = _abstract_state(family, model_config, optimizer_config, mesh)
-  _check_param_shapes(where, target["params"], model_config)
-  if opt_state == "second_moment":
-    # StandardRestore takes no placeholders; PyTreeRestore skips them.
-    target["opt_state"] = correction.without_first_moments(target["opt_state"],
-                                                           ocp.PLACEHOLDER)
-    args = ocp.args.PyTreeRestore(
-        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target))
-  else:
-    args = ocp.args.StandardRestore(target)
-  try:
-    state = mngr.restore(step, args=ocp.args.Composite(state=args))["state"]
-  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-    # Arrays of another model than the config item describes (or missing).
-    raise InputError(f"{where}: its state does not match its model config "
-                     f"({_config_text(model_config)}; optimizer "
-                     f"{optimizer_config.name}): {_short(e)}") from None
-  return Checkpoint(where, int(step), state["params"],
-                    state["opt_state"], model_config, optimizer_config,
-                    config.get("data", {}), family)
+  return mngr, step, where, (family, model_config, optimizer_config,
+                             config.get("data", {}))
 
 
 def is_tracer_checkpoint(location: str) -> bool:
