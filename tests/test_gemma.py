@@ -174,6 +174,12 @@ def test_train_save_load(setup):
   other = dataclasses.replace(s["config"], hidden_dim=96)
   with pytest.raises(InputError, match="do not match"):
     gf.load_params(str(path), other)
+  # Onto a mesh too, naming the param (before 2026-12-04 Orbax's "Requested
+  # shape ... is not compatible with the stored shape", no name).
+  with pytest.raises(InputError, match=re.escape(
+      "do not match the gemma config (explicit sizes): ['layer_0']['mlp']"
+      "['gating_einsum']: stored (2, 128, 64), config gives (2, 96, 64)")):
+    gf.load_params(str(path), other, mesh=mesh)
   with pytest.raises(InputError, match="no gemma checkpoint"):
     gf.load_params(str(s["root"] / "missing"))
 

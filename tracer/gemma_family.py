@@ -446,15 +446,35 @@ def _abstract_params(config: GemmaConfig) -> Any:
   return jax.eval_shape(lambda: FAMILY.init_params(config))
 
 
-def _first_mismatch(stored: Any, expected: Any) -> str | None:
-  flat = lambda t: {jax.tree_util.keystr(p): tuple(np.shape(x))
-                    for p, x in jax.tree_util.tree_flatten_with_path(t)[0]}
-  got, want = flat(stored), flat(expected)
-  for key in sorted(set(got) | set(want)):
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  return {jax.tree_util.keystr(p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _first_mismatch(got: dict, want: dict, keys=None) -> str | None:
+  """The first of ``keys`` (default: every key of either) whose shape
+  differs, as ``key: stored S, config gives T``."""
+  for key in sorted(set(got) | set(want) if keys is None else keys):
     if got.get(key) != want.get(key):
       return (f"{key}: stored {got.get(key, 'missing')}, config gives "
               f"{want.get(key, 'missing')}")
   return None
+
+
+def _stored_mismatch(path: str, expected: Any) -> str | None:
+  """The first param whose shape in the checkpoint's metadata differs from
+  ``expected``'s; None where the metadata cannot say (unreadable, or a
+  layout the library converts on load, whose keys are not ours)."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  try:
+    with ocp.PyTreeCheckpointer() as ckpt:
+      stored = _shapes(ckpt.metadata(path).item_metadata.tree)
+  except Exception:  # pylint: disable=broad-except
+    return None
+  want = _shapes(expected)
+  if not set(want) <= set(stored):
+    return None
+  return _first_mismatch(stored, want, want)
 
 
 def save_params(params: Any, path: str) -> None:
@@ -491,6 +511,11 @@ def load_params(path: str, config: GemmaConfig | None = None, *, mesh=None,
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         expected, shardings)
+    # Checked before the restore: Orbax's error for a shape it cannot fit
+    # names no param, and its failed reads print tracebacks at exit.
+    bad = _stored_mismatch(path, expected)
+    if bad:
+      raise _mismatch_error(path, config, bad)
   try:
     params = gm.ckpts.load_params(path, params=target, donate=False,
                                   text_only=target is None)
@@ -498,15 +523,19 @@ def load_params(path: str, config: GemmaConfig | None = None, *, mesh=None,
     raise InputError(f"{path}: not a gemma params checkpoint, or not one for "
                      f"this config: {str(e)[:400]}") from None
   if expected is not None:
-    bad = _first_mismatch(params, expected)
+    bad = _first_mismatch(_shapes(params), _shapes(expected))
     if bad:
-      raise InputError(f"{path}: params do not match the gemma config "
-                       f"({config.preset or 'explicit sizes'}): {bad}")
+      raise _mismatch_error(path, config, bad)
     dtype = jnp.dtype(config.dtype)
     params = jax.tree.map(
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
         params)
   return params
+
+
+def _mismatch_error(path: str, config: GemmaConfig, bad: str) -> InputError:
+  return InputError(f"{path}: params do not match the gemma config "
+                    f"({config.preset or 'explicit sizes'}): {bad}")
 
 
 def save_opt_state(opt_state: Any, path: str) -> None:
