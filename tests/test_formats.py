@@ -346,6 +346,26 @@ def test_their_results_query_round_trips_its_names(tmp_path):
   assert row["proponent_ids"] == ["c4-1"] and "proponent_ais_scores" not in row
 
 
+def test_their_results_are_evaluated(tmp_path):
+  """Their results file as --results (before 2026-12-04: "missing field
+  'query_id'"): each line's id taken as their queries' is, so the same file
+  with fact_doc_ids added is the queries file too."""
+  second = dict(THEIR_RESULT_QUERY, example_id=17, proponent_ids=["s9", "s1"],
+                proponent_scores=[0.5, 0.4], proponents=["a", "b"],
+                proponent_correct=[False, True])
+  results = _write(tmp_path, [THEIR_RESULT_QUERY, second], "theirs.jsonl")
+  assert list(evaluate.read_results(results)) == ["trex_42", "17"]
+  queries = _write(tmp_path, [dict(r, fact_doc_ids=["s1"])
+                              for r in (THEIR_RESULT_QUERY, second)], "q.jsonl")
+  metrics = evaluate.retrieval_metrics(data_lib.read_queries(queries),
+                                       evaluate.read_results(results))
+  assert metrics["mrr"] == pytest.approx((1 + 1 / 2) / 2)
+  both = _write(tmp_path, [THEIR_RESULT_QUERY, dict(second, example_id="trex_42")],
+                "twice.jsonl")
+  with pytest.raises(InputError, match="twice.jsonl:2: duplicate query_id 'trex_42'"):
+    evaluate.read_results(both)
+
+
 @pytest.mark.parametrize("records,lineno,message", [
     ([{"id": "q", "prompt": "p", "target": " t"}, THEIR_PROMPT_SET_RECORD], 2,
      "a query in the TrackStar authors' format .*, but .*:1 is in tracer's format "

@@ -849,6 +849,12 @@ def _authors_value(where: str, record: dict, ours: str) -> str:
   return value
 
 
+def authors_id(where: str, record: dict) -> str:
+  """The query id of a record in the authors' format (``example_id``, else
+  ``fact_id``, else ``trex_id``), as ``from_authors`` takes it."""
+  return _authors_value(where, record, "id")
+
+
 def from_authors(where: str, record: dict) -> dict:
   """One query line in the authors' format as ours (``AUTHORS_QUERY_FIELDS``).
 

@@ -96,10 +96,14 @@ def read_results(path) -> dict[str, dict[str, Any]]:
   and ``proponent_scores`` (numbers) are present with equal lengths, that the
   optional ``proponents`` / ``opponent_*`` lists agree in length, and that no
   query id repeats. Errors raise ``InputError`` naming file, line and field.
+  A line of the TrackStar authors' results has no ``query_id``: its id is
+  taken as their queries' is (``data.authors_id``: ``example_id``, ...).
   """
   rows: dict[str, dict[str, Any]] = {}
   lines: dict[str, int] = {}
   for lineno, obj in data.iter_jsonl(path):
+    if "query_id" not in obj and any(f in obj for f in data.AUTHORS_QUERY_FIELDS["id"]):
+      obj = {**obj, "query_id": data.authors_id(at(path, lineno), obj)}
     for field in ("query_id", "proponent_ids", "proponent_scores"):
       if field not in obj:
         raise InputError(f"{at(path, lineno)}: missing field {field!r}")
