@@ -156,7 +156,9 @@ def tokenized_once(workdir: str | None, source: str, ckpt) -> str:
     written[0] += rows
     progress(written[0])
 
-  corpus = pipeline.tokenize_on_processes(ckpt, source, location, report)
+  corpus = pipeline.tokenize_on_processes(
+      source, location, pipeline.data_config(ckpt),
+      ckpt.family.max_len(ckpt.model_config), report)
   progress.close()
   say(f"corpus {source}: {len(corpus):,} rows in {location} (later runs may pass "
       f"--corpus={location})")

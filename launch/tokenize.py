@@ -18,8 +18,12 @@ process tokenizes its run of a glob's files (or of Parquet row groups,
 when there are fewer than 8 files per process), or of a seqio source's shards
 when it names them (``--corpus=c4_task#shards=1024``), into ``DIR/parts/``; the
 last to finish writes the manifest that makes DIR one corpus (the same rows
-as one process would write). Nothing waits for the others: a rerun of a
-finished part only tries the join again.
+as one process would write). A process that finishes early waits for the
+corpus by reading its manifest, not in a collective
+(``pipeline.tokenize_on_processes``: hosts' shares may finish hours apart;
+before 2026-12-04 an early process exited and jax's shutdown barrier killed
+every process once a share took 10 minutes longer than process 0's). A
+rerun of a finished part only tries the join again.
 """
 
 from __future__ import annotations
@@ -31,15 +35,16 @@ from absl import flags
 from tracer.launch import common
 from tracer.launch import config
 from tracer import corpus as corpus_lib
+from tracer import pipeline
 from tracer.config import DataConfig, ModelConfig
 
 FLAGS = flags.FLAGS
 
 
-def run(source: str, output: str, num_shards: int = 1, shard_index: int = 0
-        ) -> corpus_lib.TokenizedCorpus:
-  data_config = config.make(DataConfig)
-  max_len = config.make(ModelConfig).max_len
+def run(source: str, output: str) -> corpus_lib.TokenizedCorpus:
+  """``source`` tokenized into ``output`` by every process (module doc); the
+  whole corpus, on every process."""
+  import jax  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   progress = common.Progress("tokenize", unit="rows")
   written = [0]
@@ -48,22 +53,19 @@ def run(source: str, output: str, num_shards: int = 1, shard_index: int = 0
     written[0] += n
     progress(written[0])
 
-  corpus = corpus_lib.tokenize(source, output, data_config, max_len, progress=report,
-                               num_shards=num_shards, shard_index=shard_index)
+  corpus = pipeline.tokenize_on_processes(
+      source, output, config.make(DataConfig), config.make(ModelConfig).max_len,
+      progress=report)
   progress.close()  # the row count is not known until the end
   m = corpus.manifest
   seconds = time.perf_counter() - start
-  where = corpus.location if m.shard else output
-  if m.shard:
-    where += (f" (part {shard_index} of {num_shards}; the corpus is joined when "
-              "every part is written)")
-  if num_shards > 1:
-    done = f", {written[0]:,} rows written by process {shard_index}"
+  if jax.process_count() > 1:
+    done = f", {written[0]:,} rows written by process {jax.process_index()}"
   else:
     done = (f", {written[0] / seconds:,.0f} rows/s" if written[0]
             else " (already tokenized)")
   # Every process says what it wrote (each host has its own log).
-  print(f"{where}: {m.num_rows:,} rows of up to {m.max_len} tokens from "
+  print(f"{output}: {m.num_rows:,} rows of up to {m.max_len} tokens from "
         f"{m.num_docs:,} documents ({m.tokenizer}, overflow={m.overflow}, "
         f"{m.token_dtype}); {seconds:.1f} s{done}", flush=True)
   return corpus
@@ -72,8 +74,7 @@ def run(source: str, output: str, num_shards: int = 1, shard_index: int = 0
 def main(argv):
   del argv
   config.setup(required=("corpus", "output"), output_is="directory")
-  import jax  # pylint: disable=g-import-not-at-top
-  run(FLAGS.corpus, FLAGS.output, jax.process_count(), jax.process_index())
+  run(FLAGS.corpus, FLAGS.output)
 
 
 if __name__ == "__main__":

@@ -493,6 +493,51 @@ def _signal_once_up(proc, log: str, deadline: float, kind: str) -> None:
   proc.send_signal(getattr(signal, kind.upper()))
 
 
+def test_the_watcher_outlives_failed_calls(monkeypatch):
+  """A FailureWatcher whose calls to the key-value store fail for a while (a
+  deadline on a loaded service) keeps beating once they pass; before
+  2026-12-04 its thread ended at the first, and process 0 then took the
+  process for lost. Calls failing past the silent limit end it."""
+  from tracer import coordination  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+
+  class KV:  # jax's key-value client, in memory; calls fail while `down`
+    def __init__(self):
+      self.values, self.down, self.lock = {}, False, threading.Lock()
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+      with self.lock:
+        if self.down:
+          raise RuntimeError("DEADLINE_EXCEEDED")
+        self.values[key] = value
+
+    def key_value_dir_get(self, key):
+      with self.lock:
+        if self.down:
+          raise RuntimeError("DEADLINE_EXCEEDED")
+        return [(k, v) for k, v in self.values.items() if k.startswith(key + "/")]
+
+  kv = KV()
+  monkeypatch.setattr(coordination, "client", lambda: kv)
+  monkeypatch.setattr(coordination, "_processes", lambda: (1, 2))
+  watcher = coordination.FailureWatcher(lambda failure: None, interval_s=0.02,
+                                        silent_timeout_s=1.0, heartbeat_s=0.05)
+  alive = f"{coordination.ALIVE}/1"
+  beat = lambda: int(kv.values.get(alive, 0))
+  deadline = time.monotonic() + 30
+  while beat() < 2 and time.monotonic() < deadline:
+    time.sleep(0.02)
+  kv.down = True
+  time.sleep(0.3)  # failing for less than the silent limit
+  before, kv.down = beat(), False
+  while beat() <= before and time.monotonic() < deadline:
+    time.sleep(0.02)
+  assert beat() > before and watcher._thread.is_alive()
+  kv.down = True
+  watcher._thread.join(timeout=10)
+  assert not watcher._thread.is_alive()
+
+
 @pytest.mark.parametrize("silent,wait,kind", [(1, "collective", "sigstop"),
                                               (2, "work", "sigstop"),
                                               (1, "collective", "sigkill")])
@@ -787,9 +832,6 @@ def test_tokenize_on_processes_waits_without_a_collective(tmp_path, monkeypatch,
       return join(*args) if local.joins > 1 else None
 
     monkeypatch.setattr(corpus_lib, "_join", late_join)
-  ckpt = types.SimpleNamespace(
-      data_config=DataConfig().to_dict(), model_config=CONFIG,
-      family=types.SimpleNamespace(max_len=lambda config: config.max_len))
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(jax, "process_index", lambda: local.index)
   got, errors = {}, []
@@ -799,7 +841,8 @@ def test_tokenize_on_processes_waits_without_a_collective(tmp_path, monkeypatch,
     try:
       if index == 1:
         time.sleep(0.5)
-      got[index] = pipeline.tokenize_on_processes(ckpt, source, output, poll_s=0.2)
+      got[index] = pipeline.tokenize_on_processes(source, output, DataConfig(),
+                                                  CONFIG.max_len, poll_s=0.2)
     except Exception as e:  # pylint: disable=broad-except
       errors.append(e)
 

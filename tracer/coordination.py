@@ -209,7 +209,7 @@ class FailureWatcher:
     started = time.monotonic()
     check = (_SilenceCheck(count, self._silent_timeout_s, started)
              if me == 0 and self._silent_timeout_s > 0 else None)
-    beats, next_beat = 0, started
+    beats, next_beat, failing_since = 0, started, None
     while not self._stop.wait(min(self._interval_s, self._heartbeat_s)):
       try:
         kv = client()
@@ -222,8 +222,17 @@ class FailureWatcher:
           for process, silent_s in check.lost(kv, now) if check else ():
             _tell_lost(kv, process, silent_s, self._silent_timeout_s)
         found = failures()
+        failing_since = None
       except Exception:  # pylint: disable=broad-except
-        return  # the service is gone: the run is ending anyway
+        # One failed call (a deadline on a loaded service) must not stop the
+        # beats: process 0 would take this process for lost. Calls failing
+        # for longer than that limit mean the service is gone.
+        now = time.monotonic()
+        failing_since = now if failing_since is None else failing_since
+        if now - failing_since > (self._silent_timeout_s or SILENT_TIMEOUT_S):
+          return
+        next_beat = min(next_beat, now)  # beat again at the next round
+        continue
       if found:
         self._on_failure(found[0])
         return

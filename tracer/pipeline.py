@@ -117,11 +117,13 @@ def open_corpus(ckpt: ckpt_lib.Checkpoint, source: str):
   return corpus_lib.open_corpus(source, data_config(ckpt), ckpt.family.max_len(ckpt.model_config))
 
 
-def tokenize_on_processes(ckpt: ckpt_lib.Checkpoint, source: str, output: str,
+def tokenize_on_processes(source: str, output: str, config: DataConfig,
+                          max_len: int,
                           progress: Callable[[int], None] | None = None,
                           poll_s: float = 10.0) -> corpus_lib.TokenizedCorpus:
-  """``source`` tokenized into ``output`` once for all processes, for this
-  checkpoint's tokenizer and ``max_len`` (``tracer.corpus.tokenize``): corpus
+  """``source`` tokenized into ``output`` once for all processes, with
+  ``config``'s tokenizer into rows of ``max_len`` (``tracer.corpus.tokenize``;
+  a checkpoint's: ``data_config(ckpt)``, ``ckpt.family.max_len``): corpus
   files, or a seqio source's shards (``TASK#shards=N``), split among the
   processes, each tokenizing its share; another seqio source by process 0.
   Returns the whole corpus on every process once it is written (an earlier
@@ -136,7 +138,6 @@ def tokenize_on_processes(ckpt: ckpt_lib.Checkpoint, source: str, output: str,
   says so before it raises (``tracer.coordination``); the others raise an
   OtherProcessError with its message at their next poll.
   """
-  config, max_len = data_config(ckpt), ckpt.family.max_len(ckpt.model_config)
   shards, index = jax.process_count(), jax.process_index()
   if not data_lib.splits_among_processes(source):
     # corpus.tokenize reads a seqio source in one process unless it names
