@@ -499,9 +499,19 @@ def test_a_damaged_joined_corpus_is_one_error(tmp_path, records):
   for index in range(2):
     corpus = corpus_lib.tokenize(pattern, str(out), DataConfig(), 32,
                                  num_shards=2, shard_index=index)
+  assert corpus.manifest.chunks_stored
+  # Chunks of zeros are stored too (tensorstore skips them by default), so
+  # a missing chunk is damage: one error, not rows of zeros (before).
+  part0 = out / "parts" / "00000-of-00002"
+  assert not np.any(corpus.segments_of(np.arange(2)))
+  assert (part0 / "segments" / "c" / "0").exists()
+  (part0 / "tokens" / "c" / "0" / "0").unlink()
   shutil.rmtree(out / "parts" / "00001-of-00002" / "ids")
   fresh = corpus_lib.TokenizedCorpus(str(out))
-  assert fresh.ids_of([0]) == corpus.ids_of([0])  # part 0 is whole
+  assert fresh.ids_of([0]) == corpus.ids_of([0])
+  with pytest.raises(InputError, match=re.escape(
+      f"{part0}: cannot read this corpus's arrays (NOT_FOUND: ")):
+    fresh.examples([0])
   with pytest.raises(InputError, match=re.escape(
       f"{out}/parts/00001-of-00002: cannot read this corpus's arrays (")):
     fresh.ids_of([len(corpus) - 1])

@@ -32,6 +32,7 @@ order: exactly those of one process tokenizing the whole glob.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import itertools
@@ -81,6 +82,10 @@ class CorpusManifest:
   # ``data.RowsFingerprint`` of the rows; None in corpora tokenized before
   # 2026-12-04 (then nothing is compared).
   fingerprint: str | None = None
+  # Every chunk inside the arrays' shapes is stored, chunks of zeros too
+  # (since 2026-12-04), so a missing one is damage (a copy cut short, a lost
+  # object) and reads as an error; False: it reads as zeros, as before.
+  chunks_stored: bool = False
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -95,11 +100,17 @@ def _spec(location: str, dtype: str, shape: Sequence[int],
                              "configuration": {"chunk_shape": list(chunk)}},
               "chunk_key_encoding": {"name": "default"},
               "codecs": [{"name": "bytes", "configuration": {"endian": "little"}}],
-              "fill_value": 0}}
+              "fill_value": 0},
+          # (tensorstore skips chunks equal to the fill value by default)
+          "store_data_equal_to_fill_value": True}
 
 
-def _open(location: str, context: ts.Context = storage.CONTEXT) -> ts.TensorStore:
-  return ts.open({"driver": "zarr3", "kvstore": storage.kvstore_spec(location)},
+def _open(location: str, context: ts.Context = storage.CONTEXT,
+          chunks_stored: bool = False) -> ts.TensorStore:
+  """An array; ``chunks_stored`` (``CorpusManifest``): a missing chunk is a
+  read error, not zeros."""
+  return ts.open({"driver": "zarr3", "kvstore": storage.kvstore_spec(location),
+                  "fill_missing_data_reads": not chunks_stored},
                  open=True, context=context).result()
 
 
@@ -142,9 +153,10 @@ def read_manifest(location: str) -> CorpusManifest:
 class _Strings:
   """Variable-length UTF-8 values: a byte string and offsets into it."""
 
-  def __init__(self, location: str, context: ts.Context = storage.CONTEXT):
-    self.bytes = _open(storage.join(location, "bytes"), context)
-    self.offsets = _open(storage.join(location, "offsets"), context)
+  def __init__(self, location: str, context: ts.Context = storage.CONTEXT,
+               chunks_stored: bool = False):
+    self.bytes = _open(storage.join(location, "bytes"), context, chunks_stored)
+    self.offsets = _open(storage.join(location, "offsets"), context, chunks_stored)
 
   def get(self, rows: np.ndarray) -> list[str]:
     rows = np.asarray(rows, np.int64)
@@ -166,12 +178,12 @@ class _Arrays:
   """One directory's row arrays (a whole corpus, or one part of one)."""
 
   def __init__(self, location: str, num_rows: int, max_len: int,
-               context: ts.Context):
-    self.tokens = _open(storage.join(location, "tokens"), context)
-    self.lengths = _open(storage.join(location, "lengths"), context)
-    self.segments = _open(storage.join(location, "segments"), context)
-    self.ids = _Strings(storage.join(location, "ids"), context)
-    self.texts = _Strings(storage.join(location, "texts"), context)
+               context: ts.Context, chunks_stored: bool):
+    opened = lambda name: _open(storage.join(location, name), context, chunks_stored)
+    self.tokens, self.lengths, self.segments = map(opened, ("tokens", "lengths",
+                                                           "segments"))
+    self.ids = _Strings(storage.join(location, "ids"), context, chunks_stored)
+    self.texts = _Strings(storage.join(location, "texts"), context, chunks_stored)
     if self.tokens.shape != (num_rows, max_len):
       raise InputError(f"{location}/tokens: shape {self.tokens.shape}, the "
                        f"manifest says {(num_rows, max_len)}")
@@ -181,6 +193,20 @@ def _read(array: ts.TensorStore, rows: np.ndarray) -> np.ndarray:
   if len(rows) and np.all(np.diff(rows) == 1):
     return array[int(rows[0]):int(rows[-1]) + 1].read().result()
   return array[rows].read().result()
+
+
+@contextlib.contextmanager
+def _reading(location: str) -> Iterator[None]:
+  """A failed open or read of a corpus's arrays (a part or chunk gone: a copy
+  cut short, a lost object) as one InputError naming ``location``."""
+  try:
+    yield
+  except ValueError as e:
+    if isinstance(e, InputError):  # (the shape check's)
+      raise
+    raise InputError(f"{location}: cannot read this corpus's arrays "
+                     f"({storage.reason(e)}); copy the corpus again, or "
+                     "tokenize it again") from None
 
 
 class TokenizedCorpus:
@@ -226,14 +252,9 @@ class TokenizedCorpus:
   def _part(self, p: int) -> _Arrays:
     if p not in self._parts:
       location, num_rows = self._part_specs[p]
-      try:
-        self._parts[p] = _Arrays(location, num_rows, self.max_len, self._context)
-      except ValueError as e:  # (InputError is one: the shape check's)
-        if isinstance(e, InputError):
-          raise
-        raise InputError(f"{location}: cannot read this corpus's arrays "
-                         f"({storage.reason(e)}); copy the corpus again, or "
-                         "tokenize it again") from None
+      with _reading(location):
+        self._parts[p] = _Arrays(location, num_rows, self.max_len, self._context,
+                                 self.manifest.chunks_stored)
     return self._parts[p]
 
   def _gather(self, rows, read) -> np.ndarray:
@@ -243,11 +264,16 @@ class TokenizedCorpus:
     if len(rows) and (rows.min() < 0 or rows.max() >= len(self)):
       raise InputError(f"{self.location}: rows [{rows.min()}, {rows.max()}] out "
                        f"of range [0, {len(self)})")
+
+    def read_part(p, rows_within):
+      with _reading(self._part_specs[p][0]):
+        return read(self._part(p), rows_within)
+
     if len(self._part_specs) == 1 or not len(rows):  # (no rows: part 0's empty)
-      return read(self._part(0), rows)
+      return read_part(0, rows)
     part = np.searchsorted(self._starts, rows, side="right") - 1
     pieces = [(np.flatnonzero(part == p), p) for p in np.unique(part)]
-    got = [read(self._part(p), rows[at] - self._starts[p]) for at, p in pieces]
+    got = [read_part(p, rows[at] - self._starts[p]) for at, p in pieces]
     out = np.empty((len(rows), *got[0].shape[1:]), got[0].dtype)
     for (at, _), values in zip(pieces, got):
       out[at] = values
@@ -489,7 +515,7 @@ def _write(output: str, label: str, records, data_config: DataConfig,
   _write_manifest(output, CorpusManifest(
       **settings, vocab_size=int(vocab.vocab_size), num_rows=tokens.size,
       num_docs=num_docs, token_dtype=token_dtype, shard=shard,
-      fingerprint=fingerprint.hex()))
+      fingerprint=fingerprint.hex(), chunks_stored=True))
 
 
 def _join(output: str, source: str, num_shards: int) -> TokenizedCorpus | None:
@@ -522,7 +548,8 @@ def _join(output: str, source: str, num_shards: int) -> TokenizedCorpus | None:
       if all(m.fingerprint for m in manifests) else None)
   _write_manifest(output, dataclasses.replace(
       first, num_rows=total, num_docs=sum(m.num_docs for m in manifests),
-      fingerprint=fingerprint, shard=None, parts=[{"path": p, "num_rows": m.num_rows}
+      fingerprint=fingerprint, shard=None,
+      chunks_stored=all(m.chunks_stored for m in manifests), parts=[{"path": p, "num_rows": m.num_rows}
                          for p, m in zip(paths, manifests)]))
   return TokenizedCorpus(output)
 
