@@ -216,7 +216,12 @@ class Server:
 
       def tell(requests):
         if self.failure is None:
-          channel.send(requests)
+          try:
+            channel.send(requests)
+          except Exception as e:  # the batcher's worker ends with it
+            self.failure = e
+            self.stopped.set()
+            raise
       extra = dict(idle_s=FLAGS.idle_tick_s, on_idle=lambda: tell([]),
                    on_stop=lambda: tell(None))
     self.batcher = serving.Batcher(answer, window_s, lim.max_queries, **extra)

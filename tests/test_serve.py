@@ -351,6 +351,45 @@ def test_batcher_gathers_requests_and_splits_at_the_limit():
     batcher.submit(request(1, 0))
   assert batcher.submit(request(1, 9))[0].records == [9]  # still serving
   batcher.close()
+  # A request arriving after the worker ended (closed, or an error in
+  # on_idle: a multi-host server's idle message) is refused with a 503; it
+  # waited forever before 2026-12-04.
+  with pytest.raises(serving.RequestError, match="the server is stopping") as e:
+    batcher.submit(request(1, 9))
+  assert e.value.status == 503
+
+  def idle():
+    raise RuntimeError("a follower is gone")
+
+  broken = serving.Batcher(answer, idle_s=0.01, on_idle=idle)
+  broken._thread.join(timeout=30)
+  with pytest.raises(serving.RequestError, match="the server is stopping"):
+    broken.submit(request(1, 9))
+
+
+def test_the_channel_sends_what_followers_compute_from(monkeypatch):
+  """Process 0's batch as the followers get it: each query's id, prompt and
+  target (the records, with every other field, are process 0's to make:
+  before 2026-12-04 every field went, and a batch past 2 GiB of them failed
+  every request in it on its int32 length); lengths past 2^31 - 1 too."""
+  wire = []
+
+  def broadcast(x):  # process 0 sends what it has; a follower gets it back
+    if x.any() or not wire:
+      wire.append(x.copy())
+      return x
+    return wire.pop(0)
+
+  monkeypatch.setattr(serving.Channel, "_broadcast", staticmethod(broadcast))
+  channel = serving.Channel()
+  query = {"id": "q", "prompt": "p", "target": "t", "extra": "x" * 1000,
+           "fact_doc_ids": ["d"]}
+  channel.send([serving.Request([query], 3, True)])
+  assert sum(w.nbytes for w in wire) < 200
+  assert channel.receive() == [serving.Request(
+      [{"id": "q", "prompt": "p", "target": "t"}], 3, True)]
+  channel.send(None)  # stop: -1 in two words
+  assert channel.receive() is None and not wire
 
 
 # --- the server, in this process ------------------------------------------------
@@ -608,6 +647,12 @@ BAD_REQUESTS = [
      r"^body: not JSON this server reads \(RecursionError"),
     (b'{"queries": [{"id": "g", "prompt": "abc", "target": "de", "x": NaN}]}',
      400, r"^body: not JSON this server reads \(ValueError: NaN is not a JSON value"),
+    # Refused as tracer trace's read_queries refuses them (before 2026-12-04:
+    # a 200, whose answer held Infinity, which is not JSON).
+    (b'{"queries": [{"id": "g", "prompt": "abc", "target": "de", "x": 1e400}]}',
+     400, r"^queries\[0\]: field 'x' holds NaN or infinity; expected a JSON value"),
+    ({"queries": [dict(GOOD, text=5)]}, 400,
+     r"^queries\[0\]: field 'text' must be a string, got number"),
 ]
 
 
@@ -630,10 +675,27 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_the_server_goes_on(
          r"Content-Length 'x1' is not a byte count"),
         (("POST", "/trace", b"{}", {"Content-Length": "\u00b2"}), 400,
          r"Content-Length '\u00b2' is not a byte count"),
+        # (int() refuses 4,300 digits: no answer at all before 2026-12-04)
+        (("POST", "/trace", b"{}", {"Content-Length": "9" * 5000}), 400,
+         r"Content-Length '9{40}' is not a byte count"),
+        (("PUT", "/trace", b"{}"), 405, r"PUT '/trace': expected GET /health or "
+         r"POST /trace"),
     ]
     for args, status, message in cases:
       got_status, got = _raw(url, *args)
       assert got_status == status and re.search(message, got["error"]), (args, got)
+    # A GET with a body closes the connection: the unread body was taken for
+    # the next request before (a second answer, http.server's 501 page).
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+    conn.request("GET", "/health", body=b"XYZ /x HTTP/1.1\r\n\r\n")
+    response = conn.getresponse()
+    assert (response.status, response.getheader("Connection")) == (200, "close")
+    response.read()
+    conn.close()
+    # The default top_k within a store of fewer rows (refused before).
+    assert serving.parse_request(json.dumps({"queries": [GOOD]}).encode(),
+                                 serving.Limits(num_rows=3)).top_k == 3
     # No Content-Length: 411 (http.client adds none without a body).
     assert _raw(url, "POST", "/trace")[0] == 411
     # More queries than one request takes, and no task R: each part would get

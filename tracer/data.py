@@ -687,7 +687,7 @@ def _quoted(names: Sequence[str]) -> str:
 _OTHER_NAMES = " (other names go after '#': --corpus='FILES#text=<field>,id=<field>')"
 
 # Fields whose type is checked wherever they appear in corpus or query lines.
-_STRING_FIELDS = ("id", "text", "prompt", "target", "bucket")
+STRING_FIELDS = ("id", "text", "prompt", "target", "bucket")
 _STRING_LIST_FIELDS = ("fact_doc_ids",)
 
 
@@ -736,7 +736,7 @@ def read_records(path, required: Sequence[str], nonempty: Sequence[str] = (),
                          "expected an object with "
                          f"{_quoted([shown.get(f, f) for f in required])}"
                          + (_OTHER_NAMES if fields is not None else ""))
-    for field in _STRING_FIELDS:
+    for field in STRING_FIELDS:
       if field in record:
         if not isinstance(record[field], str):
           raise InputError(f"{where}: field {shown.get(field, field)!r} must be a "
@@ -772,14 +772,14 @@ def read_queries(path: str) -> list[dict]:
   queries = []
   for lineno, record in read_records(path, ("id", "prompt", "target"),
                                      ("id", "target"), convert=_QueryFormat()):
-    _check_json_values(at(path, lineno), record)
+    check_json_values(at(path, lineno), record)
     queries.append(record)
   if not queries:
     raise InputError(f"{path}: no queries")
   return queries
 
 
-def _check_json_values(where: str, record: dict) -> None:
+def check_json_values(where: str, record: dict) -> None:
   """A query's fields are copied into its results line: each must be a JSON
   value (a Parquet column may hold a timestamp or bytes; a JSONL line may
   hold NaN, which strict JSON readers refuse)."""

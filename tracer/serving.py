@@ -109,7 +109,6 @@ class Request(NamedTuple):
 
 _JSON_TYPES = {dict: "object", list: "array", str: "string", int: "number",
                float: "number", bool: "boolean", type(None): "null"}
-_QUERY_STRINGS = ("id", "prompt", "target", "bucket")
 # What tracer writes into a results line: a query holding one is refused.
 _RESERVED = data_lib.WRITTEN_FIELDS | set(evaluate.RESULT_FIELDS)
 
@@ -139,7 +138,7 @@ def _check_query(query: Any, where: str) -> None:
     if field not in query:
       raise RequestError(f"{where}: missing field {field!r}; expected an object "
                          "with 'id', 'prompt', 'target'")
-  for field in _QUERY_STRINGS:
+  for field in data_lib.STRING_FIELDS:
     if field in query and not isinstance(query[field], str):
       raise RequestError(f"{where}: field {field!r} must be a string, got "
                          f"{_json_type(query[field])}")
@@ -157,13 +156,17 @@ def _check_query(query: Any, where: str) -> None:
   if clash:
     raise RequestError(f"{where}: field {clash[0]!r} is a results field; a "
                        "query cannot hold it")
+  try:  # 1e400 parses as infinity, which the answer could not hold as JSON
+    data_lib.check_json_values(where, query)
+  except InputError as e:
+    raise RequestError(str(e)) from None
 
 
 def _top_k(body: dict, limits: Limits) -> int:
-  top_k = body.get("top_k", limits.default_top_k)
+  most = min(limits.num_rows, limits.max_top_k)
+  top_k = body.get("top_k", min(limits.default_top_k, most))
   if type(top_k) is not int:  # bool is an int subclass
     raise RequestError(f"field 'top_k' must be an integer, got {_json_type(top_k)}")
-  most = min(limits.num_rows, limits.max_top_k)
   if not 1 <= top_k <= most:
     raise RequestError(f"field 'top_k': {top_k} is out of range; expected "
                        f"1..{most} (the store has {limits.num_rows} rows, this "
@@ -814,21 +817,27 @@ class Tracer:
 class Channel:
   """Hands each batch from process 0 to the others (``jax.distributed``): a
   length (-1: stop, 0: nothing to do, which keeps idle followers' collective
-  from waiting forever), then the batch as JSON bytes."""
+  from waiting forever), then the batch as JSON bytes: of each query only
+  what the others compute from (``SENT``); the records, with every other
+  field, are process 0's to make."""
 
   STOP, IDLE = -1, 0
+  SENT = ("id", "prompt", "target")
 
   def send(self, requests: Sequence[Request] | None) -> None:
-    payload = b"" if not requests else json.dumps(
-        [r._asdict() for r in requests]).encode()
-    self._broadcast(np.array([self.STOP if requests is None else len(payload)],
-                             np.int32))
+    payload = b"" if not requests else json.dumps([
+        {**r._asdict(), "queries": [{k: q[k] for k in self.SENT} for q in r.queries]}
+        for r in requests]).encode()
+    # Two int32 words (jax's default integers): a batch may pass 2 GiB.
+    self._broadcast(np.array(divmod(self.STOP if requests is None else len(payload),
+                                    1 << 31), np.int32))
     if payload:
       self._broadcast(np.frombuffer(payload, np.uint8))
 
   def receive(self) -> list[Request] | None:
     """The next batch ([] when there is none yet); None: stop."""
-    length = int(self._broadcast(np.zeros(1, np.int32))[0])
+    high, low = (int(w) for w in self._broadcast(np.zeros(2, np.int32)))
+    length = (high << 31) + low
     if length == self.STOP:
       return None
     if length == self.IDLE:
@@ -876,6 +885,7 @@ class Batcher:
     self._idle, self._on_idle, self._on_stop = idle_s, on_idle, on_stop
     self._queue: queue.Queue = queue.Queue()
     self._held = None  # a request that did not fit the last batch
+    self._done = False  # the worker has ended: nothing queued is answered
     self._thread = threading.Thread(target=self._run, name="tracer-batcher",
                                     daemon=True)
     self._thread.start()
@@ -885,7 +895,24 @@ class Batcher:
     batch's ``{"requests", "queries", "timing_s"}``."""
     future: concurrent.futures.Future = concurrent.futures.Future()
     self._queue.put(_Pending(request, future))
+    if self._done:  # (set before the worker's last look at the queue)
+      self._refuse_queued()
     return future.result()
+
+  def _refuse_queued(self) -> None:
+    """Fails every request still queued: the worker has ended."""
+    while True:
+      if self._held is not None:
+        item, self._held = self._held, None
+      else:
+        try:
+          item = self._queue.get_nowait()
+        except queue.Empty:
+          return
+      if item is not self._STOP and not item.future.done():
+        item.future.set_exception(RequestError(
+            "the server is stopping; send the request again once it is back",
+            status=503))
 
   def close(self) -> None:
     """Answers what is queued, then stops the worker."""
@@ -929,9 +956,16 @@ class Batcher:
           break
         batch, stop = self._gather(first)
         self._serve(batch)
+    except Exception:  # pylint: disable=broad-except
+      traceback.print_exc()  # (on_idle's: the requests queued get a 503)
     finally:
-      if self._on_stop is not None:
-        self._on_stop()
+      try:
+        if self._on_stop is not None:
+          self._on_stop()
+      finally:
+        # (an error in on_idle or on_stop ends the worker too)
+        self._done = True
+        self._refuse_queued()
 
   def _serve(self, batch: list[_Pending]) -> None:
     try:
@@ -992,13 +1026,23 @@ def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
       return urllib.parse.urlsplit(self.path).path
 
     def do_GET(self):  # noqa: N802 (http.server's name)
+      # A body (unread: GET takes none) would be read as the next request.
+      close = self.headers.get("Content-Length", "0") != "0" or bool(
+          self.headers.get("Transfer-Encoding"))
       if self._path() == "/health":
-        self._send(200, {"status": "ok", **service.info})
+        self._send(200, {"status": "ok", **service.info}, close=close)
       elif self._path() == "/trace":
-        self._error(405, "/trace takes POST", headers=[("Allow", "POST")])
+        self._error(405, "/trace takes POST", headers=[("Allow", "POST")],
+                    close=close)
       else:
         self._error(404, f"no such path {self._path()!r}; expected GET /health "
-                    "or POST /trace")
+                    "or POST /trace", close=close)
+
+    def _other_method(self):
+      self._error(405, f"{self.command} {self._path()!r}: expected GET /health "
+                  "or POST /trace", headers=[("Allow", "GET, POST")], close=True)
+
+    do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _other_method  # noqa: N815
 
     def do_POST(self):  # noqa: N802
       if self._path() != "/trace":
@@ -1034,8 +1078,9 @@ def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
       if length is None:
         self._error(411, "Content-Length required", close=True)
         return None
-      if not (length.isascii() and length.isdigit()):  # int() takes "²" too
-        self._error(400, f"Content-Length {length!r} is not a byte count",
+      # int() takes "²" too, and refuses 4,300 digits or more
+      if not (length.isascii() and length.isdigit() and len(length) <= 18):
+        self._error(400, f"Content-Length {length[:40]!r} is not a byte count",
                     close=True)
         return None
       if int(length) > service.limits.max_body_bytes:
