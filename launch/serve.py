@@ -85,6 +85,8 @@ flags.DEFINE_integer("max_batch_queries", 256, "Queries per request and per "
 flags.DEFINE_integer("max_top_k", 100, "Largest top_k a request may ask for.",
                      lower_bound=1)
 flags.DEFINE_float("max_body_mb", 16.0, "Largest request body.")
+flags.DEFINE_integer("max_connections", 256, "Open connections at once (each "
+                     "holds a thread); one more gets a 503.", lower_bound=1)
 flags.DEFINE_float("idle_tick_s", 5.0, "Multi-host: while no request comes, "
                    "process 0 tells the others this often that none came.")
 flags.DEFINE_bool("log_requests", False, "Log each HTTP request to stderr.")
@@ -191,7 +193,7 @@ class Server:
 
   def __init__(self, tracer: serving.Tracer, host: str = "127.0.0.1",
                port: int = 0, window_s: float = 0.005, log: bool = False,
-               lim: serving.Limits | None = None):
+               lim: serving.Limits | None = None, max_connections: int = 256):
     lim = lim or serving.Limits(tracer.index.store.num_rows)
     answer, extra = tracer.answer, {}
     self.stopped = threading.Event()  # a signal, or (multi-host) a failure
@@ -227,7 +229,7 @@ class Server:
     self.batcher = serving.Batcher(answer, window_s, lim.max_queries, **extra)
     service = serving.Service(lim, tracer.check, self.batcher, info(tracer, lim),
                               log)
-    self.http = serving.make_server(service, host, port)
+    self.http = serving.make_server(service, host, port, max_connections)
     host, port = self.http.server_address[:2]
     self.url = f"http://{host}:{port}"
     self._thread = threading.Thread(target=self.http.serve_forever,
@@ -315,7 +317,7 @@ def main(argv):
   lim = limits(tracer.index.store.num_rows, FLAGS.top_k, FLAGS.max_top_k,
                FLAGS.max_batch_queries, FLAGS.max_body_mb)
   server = Server(tracer, FLAGS.host, FLAGS.port, FLAGS.batch_window_ms / 1000,
-                  FLAGS.log_requests, lim)
+                  FLAGS.log_requests, lim, FLAGS.max_connections)
   print(f"listening on {server.url} (POST /trace, GET /health)", flush=True)
   try:
     if measure_queries is not None:

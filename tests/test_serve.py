@@ -719,19 +719,50 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_the_server_goes_on(
 
 
 def test_a_stalled_connection_is_closed(tracer_):
-  """A client that stops sending mid-body holds a thread only until the
-  read timeout; the server answers the next client."""
+  """A client that stops sending mid-body, or sends a byte now and then,
+  holds a thread only until the read timeout; past ``max_connections`` open
+  at once a connection gets a 503; the server answers the next client."""
   import socket  # pylint: disable=g-import-not-at-top
-  server = serve.Server(tracer_)
+  server = serve.Server(tracer_, max_connections=2)
   http_server = server.http
   http_server.RequestHandlerClass.timeout = 1.0
+  head = b"POST /trace HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
   try:
     parts = urllib.parse.urlsplit(server.url)
-    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
-      sock.sendall(b"POST /trace HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+    connect = lambda: socket.create_connection((parts.hostname, parts.port),
+                                               timeout=30)
+    with connect() as sock:
+      sock.sendall(head)
       start = time.monotonic()
       assert sock.recv(1024) == b""  # closed by the server
       assert time.monotonic() - start < 20
+    # A byte every 0.3 s: each read within the timeout, the body not (before
+    # 2026-12-04 it held its thread as long as it went on).
+    with connect() as sock:
+      sock.sendall(head)
+      start, closed = time.monotonic(), False
+      while not closed and time.monotonic() - start < 20:
+        time.sleep(0.3)
+        try:
+          sock.sendall(b" ")
+        except OSError:
+          closed = True
+      assert closed and time.monotonic() - start < 10
+    with connect() as a, connect() as b:
+      a.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+      b.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+      assert a.recv(1024).startswith(b"HTTP/1.1 200")  # both held open
+      assert b.recv(1024).startswith(b"HTTP/1.1 200")
+      with connect() as c:
+        reply = c.recv(1024)
+        assert reply.startswith(b"HTTP/1.1 503") and b"too many connections" in reply
+    deadline = time.monotonic() + 20  # their threads end as they close
+    while time.monotonic() < deadline:
+      try:
+        assert serving.health(server.url)["status"] == "ok"
+        break
+      except InputError:
+        time.sleep(0.1)
     assert serving.health(server.url)["status"] == "ok"
   finally:
     server.close()

@@ -1002,7 +1002,8 @@ def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
     server_version = "tracer"
     protocol_version = "HTTP/1.1"  # keep-alive: a client's next request skips the handshake
     # A connection that sends nothing for this long (a stalled body, an idle
-    # keep-alive) is closed: each holds a thread.
+    # keep-alive), or whose body takes longer in all, is closed: each holds
+    # a thread.
     timeout = 120
 
     def _send(self, status: int, obj: Any, close: bool = False,
@@ -1088,7 +1089,27 @@ def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
                     f"{service.limits.max_body_bytes:,} this server takes",
                     close=True)
         return None
-      return self.rfile.read(int(length))
+      return self._read_within(int(length))
+
+    def _read_within(self, size: int) -> bytes:
+      """``size`` body bytes within ``timeout`` seconds in all: each read's
+      own timeout alone let a client sending a byte now and then hold its
+      thread for ever. TimeoutError (http.server closes the connection)."""
+      deadline, chunks, got = time.monotonic() + self.timeout, [], 0
+      try:
+        while got < size:
+          left = deadline - time.monotonic()
+          if left <= 0:
+            raise TimeoutError(f"body not sent within {self.timeout:g} s")
+          self.connection.settimeout(left)
+          chunk = self.rfile.read1(size - got)
+          if not chunk:
+            raise TimeoutError("connection closed mid-body")
+          chunks.append(chunk)
+          got += len(chunk)
+      finally:
+        self.connection.settimeout(self.timeout)
+      return b"".join(chunks)
 
     def log_message(self, format, *args):  # pylint: disable=redefined-builtin
       if service.log:
@@ -1098,16 +1119,42 @@ def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
 
 
 class _HTTPServer(http.server.ThreadingHTTPServer):
+  """A thread per connection, at most ``max_connections`` at once: one past
+  them gets a 503 and is closed (each open connection holds a thread, and
+  a stalled one holds it for the handler's ``timeout``)."""
   daemon_threads = True
   # listen()'s backlog: the default 5 resets clients that connect together.
   request_queue_size = 1024
 
+  def __init__(self, address, handler, max_connections: int):
+    super().__init__(address, handler)
+    self._slots = threading.BoundedSemaphore(max_connections)
 
-def make_server(service: Service, host: str = "127.0.0.1", port: int = 0
-                ) -> http.server.ThreadingHTTPServer:
+  def process_request(self, request, client_address):
+    if not self._slots.acquire(blocking=False):
+      body = json.dumps({"error": "too many connections; try again"}).encode()
+      try:
+        request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: "
+                        b"application/json\r\nConnection: close\r\n"
+                        b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+      except OSError:
+        pass
+      self.shutdown_request(request)
+      return
+    super().process_request(request, client_address)
+
+  def process_request_thread(self, request, client_address):
+    try:
+      super().process_request_thread(request, client_address)
+    finally:
+      self._slots.release()
+
+
+def make_server(service: Service, host: str = "127.0.0.1", port: int = 0,
+                max_connections: int = 256) -> http.server.ThreadingHTTPServer:
   """The HTTP server (not started: call ``serve_forever``); port 0 picks a
   free one (``server.server_address``)."""
-  return _HTTPServer((host, port), _handler(service))
+  return _HTTPServer((host, port), _handler(service), max_connections)
 
 
 # --- clients ----------------------------------------------------------------------
