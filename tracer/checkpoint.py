@@ -104,7 +104,7 @@ def _steps(directory: str) -> tuple[list[int], ocp.CheckpointManager]:
 
 def saved_steps(directory: str) -> list[int]:
   """The steps a CheckpointManager directory holds, in order."""
-  steps, mngr = _steps(storage.normalize(directory))
+  steps, mngr = _steps(directory)
   mngr.close()
   return steps
 

@@ -549,8 +549,8 @@ def _join(output: str, source: str, num_shards: int) -> TokenizedCorpus | None:
   _write_manifest(output, dataclasses.replace(
       first, num_rows=total, num_docs=sum(m.num_docs for m in manifests),
       fingerprint=fingerprint, shard=None,
-      chunks_stored=all(m.chunks_stored for m in manifests), parts=[{"path": p, "num_rows": m.num_rows}
-                         for p, m in zip(paths, manifests)]))
+      chunks_stored=all(m.chunks_stored for m in manifests),
+      parts=[{"path": p, "num_rows": m.num_rows} for p, m in zip(paths, manifests)]))
   return TokenizedCorpus(output)
 
 
