@@ -3,8 +3,8 @@ r"""Writes BM25 retrievals for a queries file in the results format.
   tracer bm25 --corpus=C.jsonl --queries=Q.jsonl --output=R.jsonl \
       --top_k=10
 
-Proponents are the top_k highest-scoring documents (ties to the lower corpus
-line); opponents are the num_opponents lowest-scoring ones (see tracer.bm25).
+Proponents are the top_k highest-scoring documents sharing a word with the
+query (ties to the lower corpus line; fewer where fewer match); opponents are the num_opponents lowest-scoring ones (see tracer.bm25).
 """
 
 from __future__ import annotations
@@ -77,6 +77,7 @@ def run(corpus_path, queries_path, output_path, top_k: int = 10,
   rows = []
   for q, ti, ts, li, ls in zip(queries, top_idx, top_scores, low_idx,
                                low_scores):
+    ts, ti = ts[ti >= 0], ti[ti >= 0]  # past the query's matches
     rows.append(evaluate.make_result_row(
         q, [ids[j] for j in ti], ts, [texts[j] for j in ti],
         [ids[j] for j in li], ls, [texts[j] for j in li]))

@@ -219,6 +219,10 @@ def bm25_topk(corpus, queries, k) -> scan_lib.TopK:
   texts = [bm25.query_text(q) for q in queries]
   prop_rows, prop_scores = index.search(texts, k)
   opp_rows, opp_scores = index.search(texts, k, lowest=True)
+  # Past a query's matching documents: the scan's padding.
+  missing = prop_rows < 0
+  prop_rows = np.where(missing, scan_lib.INVALID_ROW, prop_rows)
+  prop_scores = np.where(missing, -np.inf, prop_scores).astype(np.float32)
   return scan_lib.TopK(prop_rows, prop_scores, opp_rows, opp_scores)
 
 
@@ -278,13 +282,14 @@ def pair_kinds(queries, corpus, pairs: np.ndarray) -> np.ndarray | None:
 
 
 def influence_by_kind(kinds: np.ndarray, deltas: np.ndarray, inverse: np.ndarray,
-                      shape: tuple[int, int, int], k: int, methods=METHODS) -> dict:
+                      k: int, methods=METHODS) -> dict:
   """Tail-patch explained by what proponents are (``KINDS``).
 
   Args:
     kinds, deltas: i32[P], f32[P] per distinct (query, row) pair.
-    inverse: i64[M * C * K], each method's proponent's pair index.
-    shape: (M, C, K), methods x tail-patched queries x proponents.
+    inverse: i64[M, C, K], each method's proponent's pair index for the C
+      tail-patched queries, -1 where it has fewer than K proponents (shares
+      count its proponents only).
 
   Returns:
     ``{"mean_delta": {kind: mean over pairs}, "pairs": {kind: count},
@@ -297,9 +302,10 @@ def influence_by_kind(kinds: np.ndarray, deltas: np.ndarray, inverse: np.ndarray
     sel = ok & (kinds == i)
     out["pairs"][kind] = int(sel.sum())
     out["mean_delta"][kind] = float(deltas[sel].mean()) if sel.any() else None
-  per_method = kinds[inverse].reshape(shape)[:, :, :k]
+  per_method = np.where(inverse >= 0, kinds[np.maximum(inverse, 0)], -1)[:, :, :k]
   for name, m in zip(methods, per_method):
-    out[f"share@{k}"][name] = {kind: float(np.mean(m == i))
+    listed = max(int(np.sum(m >= 0)), 1)
+    out[f"share@{k}"][name] = {kind: float(np.sum(m == i) / listed)
                                for i, kind in enumerate(KINDS)}
   return out
 
@@ -412,9 +418,10 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
   # Tail-patch: the union of every method's (query, proponent) pairs, once.
   chosen = tail_patch_queries(queries, num_tail_patch)
   stacked = np.stack([topks[m].proponent_rows[chosen] for m in methods])  # [M, C, K]
-  query_index = np.broadcast_to(chosen[None, :, None], stacked.shape)
-  pairs, inverse = np.unique(np.stack([query_index.ravel(), stacked.ravel()], 1),
-                             axis=0, return_inverse=True)
+  # Padding (fewer rows than k: BM25's few matches, quarantined rows) is -1.
+  stacked = np.where(stacked == scan_lib.INVALID_ROW, -1, stacked)
+  pairs, inverse = tailpatch.pairs_for_topk(stacked)
+  pairs[:, 0] = chosen[pairs[:, 0]]
   optimizer = tailpatch.tail_patch_optimizer(ckpt.optimizer_config, ckpt.step,
                                              sgd_learning_rate=sgd_learning_rate)
   print(f"tail-patch: {len(pairs)} distinct (query, proponent) pairs over "
@@ -430,7 +437,7 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
       np.stack([pairs[:, 0], train_index.reshape(-1)], 1),
       mesh=encoder.mesh, progress=common.Progress("tail-patch", "pairs"),
       family=ckpt.family)
-  per_method = deltas[inverse.ravel()].reshape(stacked.shape)
+  per_method = tailpatch.deltas_for_topk(deltas, inverse)
   for i, name in enumerate(methods):
     metrics[name].update(tailpatch.tail_patch_at_k(per_method[i], (1, 3, 5, 10),
                                                    stderr=True))
@@ -442,7 +449,7 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
   per_query, paired = paired_tail_patch(per_method, k, methods)
   kinds = pair_kinds(queries, corpus, pairs)
   by_kind = None if kinds is None else influence_by_kind(
-      kinds, deltas, inverse.ravel(), stacked.shape, k, methods)
+      kinds, deltas, inverse, k, methods)
   table = evaluate.format_table(metrics, COLUMNS)
   paired_table = evaluate.format_table(
       {f"trackstar - {m}": {f"tail_patch@{k}": stats.format_cell(v),

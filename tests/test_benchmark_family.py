@@ -415,9 +415,10 @@ def test_influence_by_kind_of_proponent():
       "fact", "same object", "same subject", "other"]
   assert quality.pair_kinds([{"id": "q", "prompt": "p"}], corpus, pairs) is None
   deltas = np.array([0.4, 0.2, 0.1, np.nan], np.float32)
-  # Two methods x one query x two proponents, as pair indices.
-  inverse = np.array([0, 1, 2, 3])
-  by_kind = quality.influence_by_kind(kinds, deltas, inverse, (2, 1, 2), k=2)
+  # Three methods x one query x two proponents, as pair indices; the third
+  # method lists one proponent (-1: BM25 with one matching document).
+  inverse = np.array([[[0, 1]], [[2, 3]], [[0, -1]]])
+  by_kind = quality.influence_by_kind(kinds, deltas, inverse, k=2)
   assert by_kind["pairs"] == {"fact": 1, "same object": 1, "same subject": 1,
                               "other": 0}
   assert np.isclose(by_kind["mean_delta"]["fact"], 0.4)
@@ -426,6 +427,9 @@ def test_influence_by_kind_of_proponent():
   assert shares[quality.METHODS[0]] == {"fact": 0.5, "same object": 0.5,
                                         "same subject": 0.0, "other": 0.0}
   assert shares[quality.METHODS[1]]["other"] == 0.5
+  # Shares of the proponents listed, not of the K slots.
+  assert shares[quality.METHODS[2]] == {"fact": 1.0, "same object": 0.0,
+                                        "same subject": 0.0, "other": 0.0}
   assert "| top-2 proponents |" in quality.format_kinds(by_kind, 2)
 
 

@@ -43,7 +43,9 @@ def test_exact_match_is_rank_one():
   assert idx.shape == (2, 3) and scores.shape == (2, 3)
   assert scores.dtype == np.float32
   assert idx[0, 0] == 1 and idx[1, 0] == 2
-  assert np.all(np.diff(scores, axis=1) <= 0)
+  # The first query shares words with two documents only: two proponents.
+  assert idx[0].tolist()[1:] == [4, -1] and np.isnan(scores[0, 2])
+  assert np.all(np.diff(scores[1]) <= 0)
   assert scores[0, 0] > scores[0, 1]
 
 
@@ -61,8 +63,18 @@ def test_ties_go_to_lower_index():
 def test_k_capped_and_empty_query():
   idx, scores = bm25.bm25_topk(CORPUS, ["!!!", "unseenword"], 100)
   assert idx.shape == (2, len(CORPUS))
-  assert idx[0].tolist() == list(range(len(CORPUS)))
-  assert not scores.any()
+  assert (idx == -1).all() and np.isnan(scores).all()
+
+
+def test_only_matching_documents_are_proponents():
+  """Before 2026-12-04 a query matching one document got k proponents, the
+  rest the first corpus documents sharing no word with it (score 0), so a
+  fact document early in the corpus was credited to BM25 by its position."""
+  idx, scores = bm25.bm25_topk(CORPUS, ["Paris"], 3)
+  assert idx.tolist() == [[2, -1, -1]]
+  assert scores[0, 0] > 0 and np.isnan(scores[0, 1:]).all()
+  low, _ = bm25.bm25_bottomk(CORPUS, ["Paris"], 2)  # opponents: every document
+  assert low.tolist() == [[0, 1]]
 
 
 def _write(path, records):
@@ -91,6 +103,13 @@ def test_launch_run_writes_results(tmp_path):
   assert r["proponent_ids"][0] == "doc1"
   assert r["proponents"][0] == CORPUS[1]
   assert len(r["proponent_ids"]) == 2 and len(r["opponent_ids"]) == 1
+  # A query matching one document lists one proponent, not top_k.
+  one = launch_bm25.run(corpus, _write(tmp_path / "one.jsonl", [
+      {"id": "q", "prompt": "Zorblat", "target": "x"}]), tmp_path / "one_out.jsonl",
+      top_k=3)
+  assert one == 1
+  only = evaluate.read_results(tmp_path / "one_out.jsonl")["q"]
+  assert only["proponent_ids"] == ["doc1"] and len(only["proponent_scores"]) == 1
   assert r["opponent_scores"][0] <= r["proponent_scores"][-1]
   assert r["bucket"] == "1" and r["fact_doc_ids"] == ["doc1"]
   m = evaluate.retrieval_metrics(
@@ -126,13 +145,15 @@ def test_launch_run_reads_a_glob_of_gzip_shards_without_ids(tmp_path):
   with pytest.raises(InputError, match=re.escape(
       f"dup/*.jsonl: duplicate id 'same' ({dup}/a.jsonl:1 and {dup}/b.jsonl:1)")):
     launch_bm25.run(str(dup / "*.jsonl"), queries, out)
-  # No word in any document: every score 0, ties to the corpus order (before
-  # 2026-12-04 bm25s raised "max() arg is an empty sequence").
+  # No word in any document: every score 0, so no proponent, and opponents
+  # in corpus order (before 2026-12-04 bm25s raised "max() arg is an empty
+  # sequence").
   marks = tmp_path / "marks.jsonl"
   _write(marks, [{"id": "p", "text": "!!!"}, {"id": "q", "text": "..."}])
   launch_bm25.run(str(marks), queries, out, top_k=2)
   row = evaluate.read_results(out)["q0"]
-  assert row["proponent_ids"] == ["p", "q"] and row["proponent_scores"] == [0.0, 0.0]
+  assert row["proponent_ids"] == [] and row["proponent_scores"] == []
+  assert row["opponent_ids"] == ["p", "q"] and row["opponent_scores"] == [0.0, 0.0]
 
 
 def test_launch_run_reads_the_authors_prompt_sets(tmp_path):

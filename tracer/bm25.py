@@ -5,10 +5,14 @@ Tokens are lowercase ``\\w+`` runs: no stemming and no stopword list, so the
 ranking depends on nothing but this module and bm25s.
 
 Rankings are deterministic: equal scores are broken by the lower corpus index.
-Proponents are the highest-scoring documents. BM25 has no notion of a document
-that works *against* a query, so its "opponents" are simply the lowest-scoring
-documents, lowest first; most of them score 0, so in practice they are the
-first corpus documents sharing no word with the query.
+Proponents are the highest-scoring documents among those sharing a word with
+the query (score > 0: bm25s's IDF is positive for every indexed word), as a
+search engine lists only matches; a query matching fewer than k documents
+gets fewer proponents, so documents that share nothing with it are never
+credited for ranking by corpus position. BM25 has no notion of a document
+that works *against* a query, so its "opponents" are simply the
+lowest-scoring documents, lowest first; most of them score 0, so in practice
+they are the first corpus documents sharing no word with the query.
 """
 
 from __future__ import annotations
@@ -81,26 +85,32 @@ class BM25Index:
              lowest: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(int64[Q, k'], float32[Q, k']) with k' = min(k, num_docs).
 
-    Highest scores first, or with ``lowest`` the lowest first; ties go to the
-    lower corpus index.
+    Highest scores first among the documents matching the query (score > 0),
+    the rest of a row padded with index -1 and score NaN; or with ``lowest``
+    the lowest scores of all documents first. Ties go to the lower corpus
+    index.
     """
     if k < 0:
       raise ValueError(f"k must be non-negative, got {k}")
     k = min(k, self.num_docs)
-    indices = np.zeros((len(query_texts), k), np.int64)
-    values = np.zeros((len(query_texts), k), np.float32)
+    indices = np.full((len(query_texts), k), -1, np.int64)
+    values = np.full((len(query_texts), k), np.nan, np.float32)
     for i, q in enumerate(query_texts):
       s = self.scores(q)
       idx = _select(s, k, lowest) if k else np.zeros(0, np.int64)
-      indices[i], values[i] = idx, s[idx]
+      if not lowest:
+        idx = idx[s[idx] > 0]
+      indices[i, :len(idx)], values[i, :len(idx)] = idx, s[idx]
     return indices, values
 
 
 def bm25_topk(corpus_texts: Sequence[str], query_texts: Sequence[str],
               k: int) -> tuple[np.ndarray, np.ndarray]:
-  """Top-k corpus documents for each query: (int64[Q, k], float32[Q, k]).
+  """Top-k matching corpus documents for each query: (int64[Q, k],
+  float32[Q, k]).
 
-  Best first, ties to the lower index; k is capped at the corpus size.
+  Best first, ties to the lower index, -1 and NaN past a query's matches; k
+  is capped at the corpus size.
   """
   return BM25Index(corpus_texts).search(query_texts, k)
 
