@@ -1160,3 +1160,16 @@ def test_sentencepiece_round_trip(tmp_path, corpus_path):
     assert vocab.encode(prompt) + vocab.encode(target) == vocab.encode(prompt + target)
   corpus = data_lib.read_file_corpus(corpus_path, vocab, 64)
   assert corpus.row_tokens(0).tolist() == vocab.encode(texts[0]) + [data_lib.EOS_ID]
+  # A corpus tokenized with this model, then the model retrained at the same
+  # path: the corpus is refused (before 2026-12-05 it was read, its token ids
+  # meaning other pieces).
+  from tracer import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  corpus_lib.tokenize(corpus_path, str(tmp_path / "tok"), config, 64)
+  assert len(corpus_lib.open_corpus(str(tmp_path / "tok"), config, 64)) == len(corpus)
+  data_lib.train_sentencepiece(texts, str(tmp_path / "sp"), vocab_size=vocab.vocab_size // 2)
+  import seqio  # pylint: disable=g-import-not-at-top
+  seqio.vocabularies._load_model_internal.cache_clear()  # as a new process reads it
+  with pytest.raises(InputError, match=re.escape(
+      f"tok/manifest.json: field 'vocab_size' is {vocab.vocab_size}, the "
+      f"tokenizer at '{model}' has ")):
+    corpus_lib.open_corpus(str(tmp_path / "tok"), config, 64)

@@ -657,6 +657,12 @@ def open_corpus(source: str, data_config: DataConfig, max_len: int):
             "overflow": data_config.overflow, "max_len": max_len}
     diffs = [f"field {k!r} is {getattr(m, k)!r}, the model expects {v!r}"
              for k, v in want.items() if getattr(m, k) != v]
+    if not diffs:  # the same path, another model file (retrained, replaced)
+      size = int(data_config.vocabulary().vocab_size)
+      if m.vocab_size != size:
+        diffs.append(f"field 'vocab_size' is {m.vocab_size}, the tokenizer "
+                     f"at {data_config.sentencepiece_model or data_config.tokenizer!r} "
+                     f"has {size}")
     if diffs:
       raise InputError(f"{storage.join(corpus.location, MANIFEST)}: "
                        + "; ".join(diffs) + " (tokenize again with the "
