@@ -718,7 +718,7 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_the_server_goes_on(
     server.close()
 
 
-def test_a_stalled_connection_is_closed(tracer_):
+def test_a_stalled_connection_is_closed(traced, tracer_):
   """A client that stops sending mid-body, or sends a byte now and then,
   holds a thread only until the read timeout; past ``max_connections`` open
   at once a connection gets a 503; the server answers the next client."""
@@ -748,6 +748,32 @@ def test_a_stalled_connection_is_closed(tracer_):
         except OSError:
           closed = True
       assert closed and time.monotonic() - start < 10
+    # The same with the headers (before 2026-12-05 only the body had a
+    # deadline in all).
+    with connect() as sock:
+      start, closed, slow = time.monotonic(), False, iter(b"X-Slow: " + b"a" * 200)
+      sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+      while not closed and time.monotonic() - start < 20:
+        time.sleep(0.3)
+        try:
+          sock.sendall(bytes([next(slow)]))
+        except OSError:
+          closed = True
+      assert closed and time.monotonic() - start < 10
+    # Expect: 100-continue: a body too large is refused before it is sent
+    # (before 2026-12-05: "100 Continue", then the 413), one within the
+    # limit is asked for and answered.
+    with connect() as sock:
+      sock.sendall(b"POST /trace HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                   b"999999999\r\nExpect: 100-continue\r\n\r\n")
+      assert sock.recv(1024).startswith(b"HTTP/1.1 413")
+    with connect() as sock:
+      body = json.dumps({"queries": [traced.sets["one"][0][0]]}).encode()
+      sock.sendall(b"POST /trace HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n"
+                   b"Expect: 100-continue\r\n\r\n" % len(body))
+      assert sock.recv(1024) == b"HTTP/1.1 100 Continue\r\n\r\n"
+      sock.sendall(body)
+      assert sock.recv(1024).startswith(b"HTTP/1.1 200")
     with connect() as a, connect() as b:
       a.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
       b.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")

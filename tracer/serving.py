@@ -44,8 +44,10 @@ import dataclasses
 import functools
 import http.client
 import http.server
+import io
 import json
 import queue
+import socket
 import sys
 import threading
 import time
@@ -996,15 +998,65 @@ class Service:
   log: bool = False
 
 
+class _ReadsBy(io.RawIOBase):
+  """A socket's reads, each given the time left before ``deadline``
+  (``time.monotonic()``; None: the socket's own timeout). TimeoutError once
+  it has passed."""
+
+  def __init__(self, sock: socket.socket):
+    super().__init__()
+    self._sock = sock
+    self.deadline: float | None = None
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buffer) -> int:
+    if self.deadline is not None:
+      left = self.deadline - time.monotonic()
+      if left <= 0:
+        raise TimeoutError("request not sent in time")
+      self._sock.settimeout(left)
+    return self._sock.recv_into(buffer)
+
+
 def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
 
   class Handler(http.server.BaseHTTPRequestHandler):
     server_version = "tracer"
     protocol_version = "HTTP/1.1"  # keep-alive: a client's next request skips the handshake
-    # A connection that sends nothing for this long (a stalled body, an idle
-    # keep-alive), or whose body takes longer in all, is closed: each holds
-    # a thread.
+    # A request (its line, headers and body, from the first byte awaited:
+    # an idle keep-alive too) must arrive within this many seconds, else
+    # the connection closes: each holds a thread, and a read's own timeout
+    # alone let a client sending a byte now and then hold one for ever.
     timeout = 120
+
+    def setup(self):
+      super().setup()
+      self.rfile.close()  # the socket's plain reader, replaced (the socket stays)
+      self._reads = _ReadsBy(self.connection)
+      self.rfile = io.BufferedReader(self._reads)
+
+    def handle_one_request(self):
+      self._reads.deadline = time.monotonic() + self.timeout
+      try:
+        super().handle_one_request()
+      finally:
+        self._read_all()
+
+    def _read_all(self) -> None:
+      """The request is read: the answer's writes get the plain timeout."""
+      if self._reads.deadline is not None:
+        self._reads.deadline = None
+        self.connection.settimeout(self.timeout)
+
+    def handle_expect_100(self) -> bool:
+      # Refused before the client sends the body, not after.
+      refused = self._body_refused() if self.command == "POST" else None
+      if refused is not None:
+        self._error(*refused, close=True)
+        return False
+      return super().handle_expect_100()
 
     def _send(self, status: int, obj: Any, close: bool = False,
               headers: Sequence[tuple[str, str]] = ()) -> None:
@@ -1027,6 +1079,7 @@ def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
       return urllib.parse.urlsplit(self.path).path
 
     def do_GET(self):  # noqa: N802 (http.server's name)
+      self._read_all()
       # A body (unread: GET takes none) would be read as the next request.
       close = self.headers.get("Content-Length", "0") != "0" or bool(
           self.headers.get("Transfer-Encoding"))
@@ -1040,20 +1093,23 @@ def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
                     "or POST /trace", close=close)
 
     def _other_method(self):
+      self._read_all()
       self._error(405, f"{self.command} {self._path()!r}: expected GET /health "
                   "or POST /trace", headers=[("Allow", "GET, POST")], close=True)
 
     do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _other_method  # noqa: N815
 
     def do_POST(self):  # noqa: N802
-      if self._path() != "/trace":
-        status = 405 if self._path() == "/health" else 404
-        self._error(status, f"POST {self._path()!r}: expected POST /trace",
-                    close=True)
+      refused = self._body_refused()
+      if refused is not None:
+        self._read_all()
+        self._error(*refused, close=True)
         return
-      body = self._body()
-      if body is None:
-        return
+      # Within the request's deadline (TimeoutError: http.server closes).
+      body = self.rfile.read(int(self.headers["Content-Length"]))
+      if len(body) < int(self.headers["Content-Length"]):
+        raise TimeoutError("connection closed mid-body")
+      self._read_all()
       try:
         request = parse_request(body, service.limits)
         service.check(request)
@@ -1072,44 +1128,23 @@ def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
       else:
         self._send(200, {"results": answer.records, "batch": info})
 
-    def _body(self) -> bytes | None:
-      """The request body, or None once an error was sent (the connection
-      then closes: an unread body cannot be skipped safely)."""
+    def _body_refused(self) -> tuple[int, str] | None:
+      """(status, message) when the request's path or Content-Length is not
+      one to read a body for (the connection then closes: an unread body
+      cannot be skipped safely); None when it is."""
+      if self._path() != "/trace":
+        return (405 if self._path() == "/health" else 404,
+                f"POST {self._path()!r}: expected POST /trace")
       length = self.headers.get("Content-Length")
       if length is None:
-        self._error(411, "Content-Length required", close=True)
-        return None
+        return 411, "Content-Length required"
       # int() takes "²" too, and refuses 4,300 digits or more
       if not (length.isascii() and length.isdigit() and len(length) <= 18):
-        self._error(400, f"Content-Length {length[:40]!r} is not a byte count",
-                    close=True)
-        return None
+        return 400, f"Content-Length {length[:40]!r} is not a byte count"
       if int(length) > service.limits.max_body_bytes:
-        self._error(413, f"body of {int(length):,} bytes, more than the "
-                    f"{service.limits.max_body_bytes:,} this server takes",
-                    close=True)
-        return None
-      return self._read_within(int(length))
-
-    def _read_within(self, size: int) -> bytes:
-      """``size`` body bytes within ``timeout`` seconds in all: each read's
-      own timeout alone let a client sending a byte now and then hold its
-      thread for ever. TimeoutError (http.server closes the connection)."""
-      deadline, chunks, got = time.monotonic() + self.timeout, [], 0
-      try:
-        while got < size:
-          left = deadline - time.monotonic()
-          if left <= 0:
-            raise TimeoutError(f"body not sent within {self.timeout:g} s")
-          self.connection.settimeout(left)
-          chunk = self.rfile.read1(size - got)
-          if not chunk:
-            raise TimeoutError("connection closed mid-body")
-          chunks.append(chunk)
-          got += len(chunk)
-      finally:
-        self.connection.settimeout(self.timeout)
-      return b"".join(chunks)
+        return 413, (f"body of {int(length):,} bytes, more than the "
+                     f"{service.limits.max_body_bytes:,} this server takes")
+      return None
 
     def log_message(self, format, *args):  # pylint: disable=redefined-builtin
       if service.log:
@@ -1148,6 +1183,12 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
       super().process_request_thread(request, client_address)
     finally:
       self._slots.release()
+
+  def handle_error(self, request, client_address):
+    # A client that hung up before its answer was written is not the
+    # server's error (socketserver prints a traceback for each).
+    if not isinstance(sys.exc_info()[1], ConnectionError):
+      super().handle_error(request, client_address)
 
 
 def make_server(service: Service, host: str = "127.0.0.1", port: int = 0,
