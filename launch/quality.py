@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import re
 import warnings
 
@@ -383,8 +382,8 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
   ecfg, ckpt, corpus, encoder, _, _ = common.start(workdir, checkpoint, corpus_path,
                                                    opt_state="all")  # tail-patch
   queries, query_examples = pipeline.read_queries(ckpt, queries_path)
-  out_dir = os.path.join(workdir, "quality")
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = storage.join(workdir, "quality")  # a path or URL
+  storage.make_local_dirs(out_dir)
 
   raw_encoder, _, _ = pipeline.build_encoder(
       ckpt, dataclasses.replace(ecfg, correction="none"), mesh=encoder.mesh)
@@ -444,7 +443,7 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
     for j, query in enumerate(chosen):
       results[name][query]["proponent_tail_patch"] = [
           None if np.isnan(d) else float(d) for d in per_method[i, j]]
-    evaluate.write_results(os.path.join(out_dir, f"{name}.jsonl"), results[name])
+    evaluate.write_results(storage.join(out_dir, f"{name}.jsonl"), results[name])
 
   per_query, paired = paired_tail_patch(per_method, k, methods)
   kinds = pair_kinds(queries, corpus, pairs)
@@ -478,12 +477,12 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
             "tail_patch_optimizer": ("sgd" if sgd_learning_rate is not None else
                                      ckpt.optimizer_config.name),
             "checkpoint": ckpt.path, "step": int(ckpt.step)}
-  evaluate.write_text_atomic(os.path.join(workdir, "quality.json"),
+  evaluate.write_text_atomic(storage.join(workdir, "quality.json"),
                              json.dumps(report, indent=2))
-  evaluate.write_text_atomic(os.path.join(workdir, "quality.md"),
+  evaluate.write_text_atomic(storage.join(workdir, "quality.md"),
                              table + "\n\n" + paired_table + "\n")
   pngs = plots.write_pngs(viewer.summary(results), workdir)
-  page = viewer.write_report(os.path.join(workdir, "report.html"), results,
+  page = viewer.write_report(storage.join(workdir, "report.html"), results,
                              title=f"tracer quality: {len(methods)} methods, "
                              f"{len(queries)} fact queries")
   print("\n" + table + "\n\n" + paired_table)
