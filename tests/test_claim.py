@@ -116,6 +116,74 @@ def test_a_claim_without_heartbeat_is_taken_over_from_any_host(tmp_path):
   c.release()
 
 
+def test_the_owners_own_timeout_bounds_a_takeover(tmp_path):
+  """A job started with a shorter --claim_timeout_s judges the owner by the
+  owner's (it beats at a quarter of its own): before 2026-12-05 a live
+  writer at the default 600 s, beating every 150 s, was taken over by a
+  job given 5 s, and both wrote the store."""
+  store = tmp_path / "s"
+  _write(store, job="old", host="elsewhere", pid=1, started="t",
+         heartbeat=time.time() - 100, stale_after_s=600.0)
+  with pytest.raises(StoreClaimedError, match="without a heartbeat for 600 s"):
+    claim_lib.Claim(str(store), stale_after_s=5).acquire()
+  assert claim_lib.clear_stale(str(store), stale_after_s=5) is None
+  _write(store, job="old", host="elsewhere", pid=1, started="t",
+         heartbeat=time.time() - 100, stale_after_s=50.0)
+  c = claim_lib.Claim(str(store), stale_after_s=5).acquire()
+  assert c.taken_over[1] == "no heartbeat for 100 s (more than 50 s)"
+  c.release()
+  with claim_lib.Claim(str(store), stale_after_s=7) as c:
+    assert json.loads((store / claim_lib.CLAIM_FILE).read_text())["stale_after_s"] == 7
+
+
+def test_a_killed_unreaped_process_is_gone(tmp_path):
+  """A zombie (killed, its parent not yet waiting) holds no claim; before
+  2026-12-05 its claim was held until its heartbeat aged out."""
+  store = tmp_path / "s"
+  child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+  try:
+    child.kill()
+    deadline = time.time() + 30
+    while claim_lib._process_state(child.pid) != "Z" and time.time() < deadline:
+      time.sleep(0.05)
+    assert claim_lib._process_state(child.pid) == "Z"
+    _write(store, job="old", host=socket.gethostname(), pid=child.pid,
+           pid_start=claim_lib._pid_start(child.pid),
+           pid_ns=claim_lib._pid_namespace(), started="t", heartbeat=time.time())
+    c = claim_lib.Claim(str(store)).acquire()
+    assert c.taken_over[1] == "its process is gone"
+    c.release()
+  finally:
+    child.wait()
+
+
+def test_a_heartbeat_whose_reply_was_lost_keeps_the_claim(tmp_path):
+  """The write landed, its reply did not (object stores retry such writes;
+  the retry fails its condition): the record is still this job's. Before
+  2026-12-05 the job then reported its claim taken over by itself and
+  stopped, and left the claim file behind."""
+  store = tmp_path / "s"
+  c = claim_lib.Claim(str(store), heartbeat_s=3600).acquire()
+  kv = c._kv
+
+  class LostReply:
+    def read(self, *args, **kwargs):
+      return kv.read(*args, **kwargs)
+
+    def write(self, *args, **kwargs):
+      kv.write(*args, **kwargs).result()  # applied ...
+      raise ValueError("DEADLINE_EXCEEDED: the reply was lost")  # ... not told
+
+  c._kv = LostReply()
+  with pytest.raises(ValueError, match="reply was lost"):
+    c.refresh()
+  c._kv = kv
+  c.check()  # renews from the record it finds its own
+  assert c.lost is None
+  c.release()
+  assert not (store / claim_lib.CLAIM_FILE).exists()
+
+
 def test_a_reused_pid_does_not_keep_a_dead_claim(tmp_path):
   store = tmp_path / "s"
   _write(store, job="old", host=socket.gethostname(), pid=os.getpid(),
@@ -152,7 +220,8 @@ def test_a_taken_over_claim_is_lost_not_overwritten(tmp_path):
   c = claim_lib.Claim(str(store), heartbeat_s=3600).acquire()
   _write(store, job="new", host="elsewhere", pid=7, started="t",
          heartbeat=time.time())
-  c.refresh()
+  # check() renews the claim itself, so it learns at once, not at the next
+  # beat (an hour here).
   with pytest.raises(StoreClaimedError, match="taken over by job new on host "
                      "elsewhere, pid 7"):
     c.check()

@@ -121,6 +121,22 @@ def test_too_many_quarantined_rows_stop_the_run(setup):
                            max_quarantined=0.05)
 
 
+def test_a_resumed_run_is_judged_against_the_store(setup):
+  """A rerun finishing the last chunk (row 39 of it non-finite) is held to
+  the store's limit, as the whole run was: before 2026-12-05 it was held
+  to its own 8 rows, allowed int(0.1 * 8) = 0 quarantined, and every rerun
+  stopped, so the store could never be finished."""
+  root, corpus, encoder, _, _ = setup
+  store = _store(root, "resumed", encoder, corpus)
+  assert pipeline.encode_corpus(encoder, None, corpus, store, batch_size=8,
+                                max_quarantined=0.1) == (NUM_DOCS, len(BAD_DOCS))
+  store.unmark(store.num_chunks - 1)  # as if killed before its marker
+  assert pipeline.encode_corpus(encoder, None, corpus, store, batch_size=8,
+                                max_quarantined=0.1) == (8, 1)
+  assert store.is_complete()
+  assert store.quarantined() == {r: "non-finite loss" for r in BAD_DOCS}
+
+
 def test_r_train_leaves_quarantined_rows_out(setup):
   _, corpus, encoder, _, _ = setup
   cfg = PreconditionerConfig(train_examples=0)

@@ -12,13 +12,17 @@ one wins. It names its job::
    "heartbeat": 1795949655.6}
 
 and is refreshed (``heartbeat``) every ``stale_after_s / 4`` seconds by a
-background thread while the job runs, and deleted when it ends. Another job
-finding a claim takes it over only if it is stale: its process is gone (same
-host and same PID namespace ``pid_ns``: no such pid, or the pid now belongs to
-a later process) or its heartbeat is older than ``stale_after_s`` (any host,
-any namespace; a record without ``pid_ns`` is judged by this alone). A file
-that is not a claim record (not a JSON object) is stale. Otherwise it fails at
-once with ``StoreClaimedError`` naming the owner.
+background thread while the job runs, before each chunk the job writes
+(``check``), and deleted when it ends. The record holds its job's
+``stale_after_s`` too. Another job finding a claim takes it over only if it
+is stale: its process is gone (same host and same PID namespace ``pid_ns``: no
+such pid, a zombie, or the pid now belongs to a later process) or its
+heartbeat is older than the longer of the two jobs' ``stale_after_s`` (any
+host, any namespace; a record without ``pid_ns`` is judged by this alone; a
+job started with a shorter timeout than the owner's must not take over a
+live owner that beats at its own pace). A file that is not a claim record (not
+a JSON object) is stale. Otherwise it fails at once with
+``StoreClaimedError`` naming the owner.
 """
 
 from __future__ import annotations
@@ -71,6 +75,16 @@ def _parse(value: bytes) -> dict[str, Any]:
   return owner
 
 
+def _process_state(pid: int) -> str | None:
+  """Process ``pid``'s state letter (Linux: R, S, D, Z, ...); None where it
+  cannot be known."""
+  try:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+      return f.read().rsplit(b")", 1)[1].split()[0].decode()
+  except (OSError, IndexError):
+    return None
+
+
 def _process_alive(pid: int, start: str | None) -> bool:
   try:
     os.kill(pid, 0)
@@ -78,6 +92,8 @@ def _process_alive(pid: int, start: str | None) -> bool:
     return False
   except PermissionError:
     pass  # exists, another user's
+  if _process_state(pid) in ("Z", "X"):  # killed, not yet reaped by its parent
+    return False
   return start is None or _pid_start(pid) in (None, start)
 
 
@@ -87,12 +103,24 @@ def describe(owner: dict[str, Any]) -> str:
           f"{owner.get('pid', '?')}, started {owner.get('started', '?')}")
 
 
+def stale_limit(owner: dict[str, Any], stale_after_s: float) -> float:
+  """The heartbeat age past which ``owner``'s claim is stale: the longer of
+  ``stale_after_s`` and the owner's own (it beats at a quarter of its own)."""
+  own = owner.get("stale_after_s")
+  if isinstance(own, (int, float)) and not isinstance(own, bool):
+    return max(float(stale_after_s), float(own))
+  return float(stale_after_s)
+
+
 def stale_reason(owner: dict[str, Any], stale_after_s: float,
                  now: float | None = None) -> str | None:
   """Why a claim may be taken over ("its process is gone", "no heartbeat for
-  N s"), or None while its job lives."""
+  N s"), or None while its job lives. The heartbeat is judged against the
+  longer of ``stale_after_s`` and the owner's own (it beats at a quarter of
+  its own)."""
   now = time.time() if now is None else now
   age = now - float(owner.get("heartbeat", 0))
+  stale_after_s = stale_limit(owner, stale_after_s)
   # A pid means this host's process only in this PID namespace. A record
   # without one (written before tracer recorded it, or where it cannot be
   # read) is judged by its heartbeat alone: it may be another container's
@@ -142,7 +170,7 @@ class Claim:
                                context=storage.CONTEXT).result()
     self._record = {"job": uuid.uuid4().hex[:12], "host": socket.gethostname(),
                     "pid": os.getpid(), "pid_start": _pid_start(os.getpid()),
-                    "pid_ns": _pid_namespace(),
+                    "pid_ns": _pid_namespace(), "stale_after_s": self.stale_after_s,
                     "started": datetime.datetime.now(datetime.timezone.utc)
                     .strftime("%Y-%m-%dT%H:%M:%SZ")}
     self._generation = None
@@ -156,10 +184,21 @@ class Claim:
 
   def _put(self, if_equal: bytes) -> bytes | None:
     """Writes our record if the claim's generation is still ``if_equal``;
-    the new generation, or None if someone else changed it first."""
+    the new generation, or None if someone else changed it first. A write
+    that landed although its reply was lost (a retried conditional write
+    then fails its condition) left our own record: its generation."""
     data = json.dumps({**self._record, "heartbeat": time.time()}, sort_keys=True)
     stamp = self._kv.write(CLAIM_FILE, data.encode(), if_equal=if_equal).result()
-    return stamp.generation or None
+    if stamp.generation:
+      return stamp.generation
+    current = self._kv.read(CLAIM_FILE).result()
+    if current.state != "missing":
+      try:
+        if _parse(current.value).get("job") == self.job:
+          return current.stamp.generation
+      except ValueError:
+        pass
+    return None
 
   def acquire(self) -> Claim:
     """Takes the claim, taking over a stale one; StoreClaimedError if a live
@@ -180,7 +219,7 @@ class Claim:
               f"{where}: the store is being written by another {describe(owner)} "
               f"(last heartbeat {time.time() - float(owner['heartbeat']):.0f} s ago); "
               f"wait for it or stop it (a claim without a heartbeat for "
-              f"{self.stale_after_s:.0f} s is taken over)")
+              f"{stale_limit(owner, self.stale_after_s):.0f} s is taken over)")
         generation = self._put(current.stamp.generation)
         if generation:
           self.taken_over = (owner, why)
@@ -213,7 +252,13 @@ class Claim:
         self._generation = generation
 
   def check(self) -> None:
-    """Raises StoreClaimedError if the claim was lost (call before writing)."""
+    """Renews the claim and raises StoreClaimedError if it was lost (call
+    before writing: a job that lost it learns so now, not at the next beat).
+    A storage error renewing it is left to the beats."""
+    try:
+      self.refresh()
+    except ValueError:
+      pass
     if self.lost:
       raise StoreClaimedError(self.lost)
 

@@ -666,9 +666,12 @@ def encode_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
 
   A row whose loss or gradient is not finite is quarantined: stored as zeros,
   recorded with its reason in its chunk's marker, never returned by a scan.
-  If more than ``max_quarantined`` of the rows this run encodes are, every
-  process raises QuarantineLimitError (the count is global, so all stop at
-  the same step). ``claim``: this job's claim on the store (process 0's),
+  If this run quarantines more than ``max_quarantined`` of the store's rows,
+  every process raises QuarantineLimitError (the count is global, so all
+  stop at the same step). The limit is the store's, not this run's share:
+  a rerun finishing a few chunks is judged as the whole run was (rows
+  quarantined by earlier runs are not counted again: that would read every
+  chunk's marker). ``claim``: this job's claim on the store (process 0's),
   checked before each chunk is written.
   """
   pending = agreed_pending_chunks(store)
@@ -685,7 +688,7 @@ def encode_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
     projected = encoder.project_local(examples, valid)
     quarantined += projected.count
     _check_quarantined(corpus, rows, projected, quarantined, max_quarantined,
-                       sum(group_rows))
+                       store.num_rows, "the store holds")
     enc = partitioning.local_part(rotate(basis, projected.phi), axis=1).reshape(
         -1, encoder.dim)[:len(rows)]
     flags = partitioning.local_part(projected.nonfinite, axis=1).reshape(-1)
@@ -718,15 +721,16 @@ def encode_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
 
 
 def _check_quarantined(corpus, rows: np.ndarray, projected, quarantined: int,
-                       max_quarantined: float, total: int) -> None:
+                       max_quarantined: float, total: int,
+                       whose: str = "this run encodes") -> None:
   """QuarantineLimitError if ``quarantined`` (global, so every process stops
-  at the same step) of the ``total`` rows this run encodes is more than
-  ``max_quarantined`` of them; ``rows``, ``projected``: this batch's."""
+  at the same step) is more than ``max_quarantined`` of ``total`` rows (the
+  rows ``whose``); ``rows``, ``projected``: this batch's."""
   if quarantined > int(max_quarantined * total):
     raise QuarantineLimitError(
         f"{corpus.source}: {quarantined} corpus rows had a non-finite loss or "
         f"gradient, more than --max_quarantined={max_quarantined:g} of the "
-        f"{total} rows this run encodes (first on this process: "
+        f"{total} rows {whose} (first on this process: "
         f"{_first_quarantined(corpus, rows, projected)}); the checkpoint or "
         "the data may be broken")
 
