@@ -116,11 +116,17 @@ def encode_config(store: str | None = None) -> EncodeConfig:
                               "the gin files it was encoded with, or another --store")
   except InputError as e:
     raise store_lib.IncompatibleStoreError(str(e)) from None
+  merged = dataclasses.replace(ecfg, **stored)
+  try:  # gin's values were checked by make(): a failure is the manifest's
+    config.check_fields(merged)
+  except InputError as e:
+    raise InputError(f"{storage.join(store, store_lib.MANIFEST)}: encode_config: "
+                     f"{str(e).removeprefix('gin: ')} (a damaged manifest?)") from None
   taken = {k: v for k, v in stored.items() if getattr(ecfg, k) != v}
   if taken:
     say(f"store {store}: encoded with " + ", ".join(
         f"{k}={v!r}" for k, v in taken.items()) + "; encoding queries the same way")
-  return dataclasses.replace(ecfg, **stored)
+  return merged
 
 
 def tokenized_once(workdir: str | None, source: str, ckpt) -> str:

@@ -667,3 +667,36 @@ def test_summed_trace_scores_rows_by_the_sum_over_checkpoints(
   with pytest.raises(ValueError, match="--sum_steps"):
     scan_script.run(str(root), corpus, queries, str(tmp_path / "bad.jsonl"),
                     store_path=store, sum_steps=["150"])
+
+
+def test_a_memory_store_is_refused_on_several_processes(monkeypatch):
+  """Each process wrote its share into its own memory and then found the
+  store incomplete (the audit's 2 processes x 2 devices, before
+  2026-12-05): refused before anything is encoded."""
+  import jax  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(InputError, match="memory://s: a memory:// store lives in "
+                     "one process; this run has 2"):
+    pipeline.open_store("memory://s", None)
+
+
+@pytest.mark.parametrize("bad,expected", [
+    ({"projection_dim": "4096"}, "EncodeConfig.projection_dim = '4096': expected int"),
+    ({"store_dtype": "float16"}, "EncodeConfig.store_dtype = 'float16': expected one of"),
+    ({"chunk_rows": 0}, "EncodeConfig.chunk_rows = 0: expected a value >= 1")])
+def test_a_damaged_encode_config_in_a_manifest_is_named(tmp_path, bad, expected):
+  """Taken as it was before 2026-12-05: the encoder then failed with
+  "'<' not supported between instances of 'str' and 'int'"."""
+  location = str(tmp_path / "s")
+  store_lib.create_or_open(location, store_lib.Manifest(
+      checkpoint="/ckpt/100", step=100, params_fingerprint="abc",
+      correction="adam", epsilon=1e-8, projection_seed=0, layout=[], dim=6,
+      basis_fingerprint=None, dtype="bfloat16", corpus="c.jsonl", num_rows=3,
+      chunk_rows=5, encode_config=bad))
+  gin.clear_config()
+  try:
+    with pytest.raises(InputError, match=re.escape(
+        f"{location}/manifest.json: encode_config: {expected}")):
+      common.encode_config(location)
+  finally:
+    gin.parse_config(BINDINGS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import zlib
 from unittest import mock
 
@@ -192,6 +193,14 @@ def test_mismatched_manifest_names_fields(tmp_path):
   # The query side need not know the corpus or storage settings.
   store_lib.open_store(tmp_path / "s", _manifest(num_rows=1, corpus="other",
                                                  dtype="float32"))
+  # A resume is refused on how rows are stored, not on informative fields:
+  # a moved checkpoint, another tracer version (both were refused as "not
+  # comparable" before 2026-12-05).
+  with pytest.raises(store_lib.IncompatibleStoreError, match="field 'dtype'"):
+    store_lib.create_or_open(tmp_path / "s", _manifest(dtype="float32"))
+  resumed = store_lib.create_or_open(
+      tmp_path / "s", _manifest(checkpoint="/moved/ckpt/100", tracer_version="9.9"))
+  assert resumed.manifest.checkpoint == _manifest().checkpoint
 
 
 def test_check_compatible_direct():
@@ -203,6 +212,12 @@ def test_check_compatible_direct():
 
 def test_write_chunk_validates_shape(tmp_path):
   s = store_lib.create_or_open(tmp_path / "s", _manifest())
+  # Rows past N read as zeros from a local store and as a CorruptStoreError
+  # from object storage before 2026-12-05.
+  out = np.empty((10, 6), s.dtype)
+  for start in (20, -3):
+    with pytest.raises(InputError, match=rf"rows \[{start}, {start + 10}\) out of range"):
+      s.read_into(start, start + 10, out)
   with pytest.raises(InputError, match="chunk 4.*expected \\(3, 6\\)"):
     s.write_chunk(4, np.zeros((5, 6), np.float32))
   with pytest.raises(InputError, match="out of range"):
@@ -218,6 +233,10 @@ def test_bad_inputs(tmp_path):
   (tmp_path / "busy" / "notes.txt").write_text("hi")
   with pytest.raises(InputError, match="not an encoding store"):
     store_lib.create_or_open(tmp_path / "busy", _manifest())
+  # A file:// URL naming a file, as its path does (a ValueError from
+  # tensorstore's listing before 2026-12-05).
+  with pytest.raises(InputError, match="notes.txt: exists and is not a directory"):
+    store_lib.create_or_open(f"file://{tmp_path}/busy/notes.txt", _manifest())
   s = tmp_path / "s"
   store_lib.create_or_open(s, _manifest())
   d = json.loads((s / "manifest.json").read_text())
@@ -257,6 +276,22 @@ def test_unfinished_creation_is_reset(tmp_path):
   s = store_lib.create_or_open(tmp_path / "s", _manifest(dim=4))
   assert s.pending_chunks() == [0, 1, 2, 3, 4]  # stale marker gone
   assert s.dim == 4
+  # Attachments of other settings are leftovers too (before 2026-12-05 an
+  # int8 creation's column scales, or a basis, made the location "not an
+  # encoding store").
+  store_lib.create_or_open(tmp_path / "t", _manifest(dtype="int8"),
+                           {"basis.npz": b"B"})
+  os.remove(tmp_path / "t" / "manifest.json")
+  t = store_lib.create_or_open(tmp_path / "t", _manifest(),
+                               other_attachments=("basis.npz",))
+  assert t.dtype == np.dtype(store_lib.DTYPES["bfloat16"])
+  assert not (tmp_path / "t" / "basis.npz").exists()
+  assert not (tmp_path / "t" / store_lib.COLUMN_SCALES).exists()
+  # An unknown file is still not the store's to delete.
+  os.remove(tmp_path / "t" / "manifest.json")
+  (tmp_path / "t" / "basis.npz").write_bytes(b"B")
+  with pytest.raises(InputError, match=r"not empty: \['basis.npz'\]"):
+    store_lib.create_or_open(tmp_path / "t", _manifest())
 
 
 def test_fingerprint():
@@ -315,6 +350,17 @@ def test_quarantined_rows_are_zero_and_recorded(tmp_path):
   assert s.verify_chunk(2) is None
   with pytest.raises(InputError, match=r"quarantined rows \[3\] are not in"):
     s.write_chunk(2, data[10:15], {3: "non-finite loss"})
+  # A damaged marker's quarantined rows: an error naming the marker (before
+  # 2026-12-05 an AttributeError, a ValueError, or, for a row outside the
+  # chunk, a row the scan silently never returned).
+  marker = tmp_path / "s" / "progress" / "000000002.done"
+  record = json.loads(marker.read_text())
+  for bad in (["12"], {"x": "nan"}, {"20": "nan"}, {"12": 5}):
+    marker.write_text(json.dumps({**record, "quarantined": bad}))
+    with pytest.raises(CorruptStoreError, match=re.escape(
+        f"{marker}: field 'quarantined' must map rows of the chunk [10, 15) "
+        "to reasons")):
+      s.quarantined()
 
 
 def test_markers_of_the_earlier_format_count_as_done_unchecked(tmp_path):

@@ -560,14 +560,22 @@ def open_store(location: str, manifest_: store_lib.Manifest,
                basis: hessian.Basis | None = None) -> store_lib.EncodingStore:
   """Creates or resumes the store, with its basis (and, for int8 rows, the
   basis' ``column_scales``); process 0 creates it before the others open it."""
+  if jax.process_count() > 1 and str(location).startswith("memory://"):
+    # Each process would write its share into its own memory, and every
+    # process would then find the store incomplete.
+    raise InputError(f"{location}: a memory:// store lives in one process; "
+                     f"this run has {jax.process_count()}: expected a path or "
+                     "an object-storage URL every process reaches")
   attachments = {BASIS_FILE: basis.to_bytes()} if basis is not None else None
   scales = (basis.column_scales() if basis is not None and manifest_.dtype == "int8"
             else None)
+  create = lambda: store_lib.create_or_open(
+      location, manifest_, attachments, scales, other_attachments=(BASIS_FILE,))
   if jax.process_count() > 1:
     if jax.process_index() == 0:
-      store_lib.create_or_open(location, manifest_, attachments, scales)
+      create()
     _barrier("tracer-store-created")
-  return store_lib.create_or_open(location, manifest_, attachments, scales)
+  return create()
 
 
 def agreed_done_chunks(store: store_lib.EncodingStore) -> np.ndarray:

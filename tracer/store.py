@@ -438,7 +438,11 @@ def _one_line(e: Exception) -> str:
   return " ".join(str(e).split())
 
 
-def _parse_marker(data: bytes, where: str) -> dict[str, Any]:
+def _parse_marker(data: bytes, where: str, bounds: tuple[int, int]
+                  ) -> dict[str, Any]:
+  """A chunk marker's record; CorruptStoreError naming ``where`` unless it
+  is one as ``write_chunk`` writes them, its quarantined rows within the
+  chunk's ``bounds`` ``[start, stop)``."""
   if not data:
     return {}  # an earlier format's marker: done, no checksum
   try:
@@ -447,6 +451,15 @@ def _parse_marker(data: bytes, where: str) -> dict[str, Any]:
     raise CorruptStoreError(f"{where}: not a chunk marker ({e})") from None
   if not isinstance(record, dict) or not isinstance(record.get("crc32"), int):
     raise CorruptStoreError(f"{where}: not a chunk marker (no 'crc32')")
+  quarantined = record.get("quarantined", {})
+  # (a row outside the chunk would never be returned by a scan, silently)
+  if not isinstance(quarantined, dict) or not all(
+      isinstance(r, str) and r.isascii() and r.isdigit()
+      and bounds[0] <= int(r) < bounds[1] and isinstance(why, str)
+      for r, why in quarantined.items()):
+    raise CorruptStoreError(
+        f"{where}: field 'quarantined' must map rows of the chunk "
+        f"[{bounds[0]}, {bounds[1]}) to reasons, got {_brief(quarantined)}")
   return record
 
 
@@ -520,7 +533,8 @@ class EncodingStore:
     the chunk is not marked done. A marker of an earlier format (empty)
     gives ``{}``: done, without a checksum."""
     data = storage.read_bytes(self._marker(chunk))
-    return None if data is None else _parse_marker(data, self._marker(chunk))
+    return None if data is None else _parse_marker(
+        data, self._marker(chunk), self.chunk_bounds(chunk))
 
   def chunk_file(self, chunk: int) -> str:
     """The location of a chunk's bytes (zarr3's default chunk key)."""
@@ -656,7 +670,7 @@ class EncodingStore:
         if r.state == "missing":
           raise CorruptStoreError(f"{self._marker(c)}: chunk {c} of store "
                                   f"{self.path} has no marker (not written)")
-        out[c] = _parse_marker(bytes(r.value), self._marker(c))
+        out[c] = _parse_marker(bytes(r.value), self._marker(c), self.chunk_bounds(c))
       return out
     return records
 
@@ -670,7 +684,7 @@ class EncodingStore:
       except FileNotFoundError:
         raise CorruptStoreError(f"{self._marker(c)}: chunk {c} of store "
                                 f"{self.path} has no marker (not written)") from None
-      out[c] = _parse_marker(data, self._marker(c))
+      out[c] = _parse_marker(data, self._marker(c), self.chunk_bounds(c))
     return out
 
   def quarantined(self, chunks: Sequence[int] | None = None) -> dict[int, str]:
@@ -754,6 +768,9 @@ class EncodingStore:
     copies twice, 2.5x slower here), other locations one tensorstore
     request per stored chunk, so they proceed in parallel.
     """
+    if not 0 <= start <= stop <= self.num_rows:
+      raise InputError(f"{self.path}: rows [{start}, {stop}) out of range "
+                       f"[0, {self.num_rows}]")
     if out.shape != (stop - start, self.dim) or out.dtype != self.dtype:
       raise InputError(f"{self.path}: read_into needs a {(stop - start, self.dim)} "
                        f"{self.dtype} array, got {out.shape} {out.dtype}")
@@ -837,13 +854,16 @@ class EncodingStore:
 
 def create_or_open(path: str | os.PathLike[str], manifest: Manifest,
                    attachments: dict[str, bytes] | None = None,
-                   column_scales: np.ndarray | None = None) -> EncodingStore:
+                   column_scales: np.ndarray | None = None,
+                   other_attachments: Sequence[str] = ()) -> EncodingStore:
   """Creates a store, or opens an existing one with the same manifest to resume.
 
   ``attachments`` (name -> bytes) are written with a new store, before its
   manifest. The manifest is written last (one atomic write), so a location
   with a manifest always holds a created array and its attachments. A location
-  without one is a creation that never finished and is reset. With several
+  without one is a creation that never finished and is reset, its
+  attachments too (those of ``other_attachments`` this run does not write:
+  names the caller's other settings attach). With several
   hosts, call this on process 0 first, synchronize, then on the others.
 
   ``column_scales`` (int8 stores; positive f32 ``[d]``, default ones): rows
@@ -869,14 +889,21 @@ def create_or_open(path: str | os.PathLike[str], manifest: Manifest,
                      f"stores {manifest.dtype}")
   if storage.exists(storage.join(path, MANIFEST)):
     store = open_store(path)
+    # What the rows are and how they are stored; not the informative fields
+    # (the checkpoint's path, tracer's version, the encode config's batch
+    # sizes): a moved checkpoint or an upgrade resumes the same store.
     store.manifest.check_compatible(
-        manifest, where=storage.join(path, MANIFEST), other="this run")
+        manifest, ENCODING_FIELDS + STORAGE_FIELDS + ("quantization",),
+        where=storage.join(path, MANIFEST), other="this run")
     return store
-  if not storage.is_url(path) and os.path.exists(path) and not os.path.isdir(path):
+  local = path.removeprefix("file://")
+  if not storage.is_url(local) and os.path.exists(local) and not os.path.isdir(local):
     raise InputError(f"{path}: exists and is not a directory")
   names = storage.list_dir(path)
+  # Files an unfinished creation may have left, with other settings.
+  leftovers = {COLUMN_SCALES, *attachments, *other_attachments}
   strangers = sorted({n.split("/", 1)[0] for n in names}
-                     - {ARRAY_DIR, SCALES_DIR, PROGRESS_DIR, CLAIM_FILE, *attachments})
+                     - {ARRAY_DIR, SCALES_DIR, PROGRESS_DIR, CLAIM_FILE, *leftovers})
   if strangers:
     raise InputError(f"{path}: not an encoding store (no {MANIFEST}) and not "
                      f"empty: {strangers[:5]}")
@@ -884,6 +911,8 @@ def create_or_open(path: str | os.PathLike[str], manifest: Manifest,
   # markers: start clean.
   for name in (ARRAY_DIR, SCALES_DIR, PROGRESS_DIR):
     storage.delete_dir(storage.join(path, name))
+  for name in sorted(leftovers & set(names) - set(attachments)):
+    storage.delete(storage.join(path, name))
   storage.make_local_dirs(path)
   with storage.writing(storage.join(path, ARRAY_DIR), "create the array"):
     array, scales = (
