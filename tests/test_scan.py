@@ -459,7 +459,7 @@ def cpu_widening(monkeypatch):
   """Sets how CPU steps widen bf16 rows (``topk.cpu_widening``) for a test;
   steps built meanwhile are dropped after it."""
   def use(mode):
-    monkeypatch.setattr(topk, "cpu_widening", lambda: mode)
+    monkeypatch.setattr(topk, "cpu_widening", lambda num_devices=1: mode)
     topk.step_fn.cache_clear()
     topk.summed_step_fn.cache_clear()
   yield use
@@ -498,6 +498,21 @@ def test_compiler_options_only_on_cpu():
   opts = topk.compiler_options("cpu")
   assert opts is None or set(opts) == {"xla_cpu_experimental_ynn_fusion_type"}
   assert topk.cpu_widening() in ("tiles", "matmul")
+  assert topk.cpu_widening(8) == "tiles"  # no fused widening on several devices
+
+
+def test_many_candidates_merge_on_several_cpu_devices():
+  """Before 2026-12-05 these failed in XLA:CPU at run time ("Instruction
+  with unsupported layout in YNN fusion"): the elementwise fusion of the
+  gathered candidates' negation. Each equals one device's answer."""
+  for n, k, num_queries, devices in ((5000, 128, 64, 2), (20000, 256, 32, 2),
+                                     (4096, 4096, 8, 8)):
+    x, q = _data(n, d=64, q=num_queries, seed=n)
+    mesh = partitioning.make_mesh(devices, 1, devices=jax.devices()[:devices])
+    got = scan.scan_arrays(x, q, k, mesh=mesh)
+    want = scan.scan_arrays(x, q, k, mesh=MESHES["1x1"]())
+    for a, b in zip(got, want):
+      np.testing.assert_array_equal(a, b)
 
 
 def _ranked(s, r, largest):
@@ -988,7 +1003,11 @@ def test_serve_pass_benchmark_runs(tmp_path):
           for how in (one, "a scan_stores per request")]
   assert all(r["seconds"] > 0 for r in table)
   assert [r["agrees"] for r in table[:6]] == [None, 1.0, None, 1.0, None, 1.0]
-  assert [r["error"] for r in table[:6]] == [None, 0.0, None, 0.0, None, 0.0]
+  assert [r["error"] for r in table[:4]] == [None, 0.0, None, 0.0]
+  # Norms held (one program) and computed in the pass (another) round apart:
+  # 7.6e-8 here since 2026-12-05, when metric counts were padded to 2 so
+  # that a request alone and batched score alike (test_serve.py).
+  assert table[4]["error"] is None and table[5]["error"] < 1e-6
   # The streamed batch against a scan per request: the same rows here (a
   # near tie could swap two), scores to float32 rounding.
   assert [r["agrees"] for r in table[6:]] == [1.0, None] * 3

@@ -143,6 +143,33 @@ def _store(path, x, quarantined, dtype="bfloat16", column_scales=None):
   return store
 
 
+def test_a_query_alone_and_batched_scores_alike(tmp_path):
+  """Row pairs with equal true scores (one row's columns permuted) under a
+  constant query: before 2026-12-05 XLA:CPU summed one query's products in
+  another order than two's: 156 of the 400 scores differed in their last
+  bits between the request alone and batched with another, and the tie at
+  the top went to the higher row alone. Query and metric counts are now
+  padded to at least 2."""
+  rng = np.random.default_rng(0)
+  pairs, dim = 200, 32
+  a = rng.standard_normal((pairs, dim)).astype(np.float32)
+  x = np.empty((2 * pairs, dim), np.float32)
+  x[0::2], x[1::2] = a, a[:, rng.permutation(dim)]
+  index = serving.open_index([_store(tmp_path / "s", x, {}, "float32")],
+                             partitioning.make_mesh(), 1 << 30)
+  segments = ((0, dim),)
+  flat = hessian.QueryMetric(segments, np.ones(dim), [np.zeros((dim, 0))], 0.5,
+                             0.1, 1, 1)
+  query = np.full((1, dim), 0.3, np.float32)
+  other = rng.standard_normal((1, dim)).astype(np.float32)
+  k = 2 * pairs
+  alone = index.search([[query]], [[flat]], [k])[0]
+  batched = index.search([[query], [other]], [[flat], [_metric(rng, segments, (2,))]],
+                         [k, k])[0]
+  for got, want in zip(alone, batched):
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("mesh,dtype", [("8x1", "bfloat16"), ("4x2", "bfloat16"),
                                         ("8x1", "int8")])
 def test_one_pass_equals_a_scan_per_request(tmp_path, mesh, dtype):
@@ -254,7 +281,7 @@ def test_a_streamed_batch_reads_the_stores_once(tmp_path, monkeypatch, parts):
   monkeypatch.setattr(serving.scan_lib, "scan_stores", lambda st, v, k, **kw: (
       shapes.append((len(v[0]), k)) or scan_stores(st, v, k, **kw)))
   alone = [index.search([v], [m], [k]) for v, m, k in zip(vectors, metrics, ks)]
-  assert shapes == [(2, 4), (1, 16), (4, 2)]  # padded to powers of two
+  assert shapes == [(2, 4), (2, 16), (4, 2)]  # padded to powers of two, at least 2
   for g, w in zip(got + [a[0] for a in alone], want + want):
     np.testing.assert_array_equal(g.proponent_rows, w.proponent_rows)
     np.testing.assert_array_equal(g.opponent_rows, w.opponent_rows)

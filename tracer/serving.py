@@ -80,6 +80,14 @@ def _bucket(n: int) -> int:
   return 0 if n <= 0 else 1 << (int(n) - 1).bit_length()
 
 
+def _batch_bucket(n: int) -> int:
+  """``_bucket`` of a batch's query or metric count, at least 2: XLA:CPU
+  sums one query's (or one metric's) products in another order than two's,
+  so a query answered alone and the same query batched with another (up to
+  64 queries) would differ in the last bit, and a near tie could swap."""
+  return 0 if n <= 0 else max(2, _bucket(n))
+
+
 # --- requests -------------------------------------------------------------------
 
 class RequestError(InputError):
@@ -570,7 +578,7 @@ class ResidentIndex:
     them: per part, segments and the arrays of ``_stacked_metrics``, on the
     devices."""
     stacked = [_stacked_metrics([st.stored_metric(m[p]) for m in metrics],
-                                _bucket(len(metrics)))
+                                _batch_bucket(len(metrics)))
                for p, st in enumerate(self.stores)]
     segments, *arrays = (tuple(a) for a in zip(*stacked))
     return segments, self._replicated(tuple(arrays))
@@ -598,7 +606,7 @@ class ResidentIndex:
     in part p), its metrics ``metrics[j][p]`` and its k. All processes call
     this together."""
     sizes, k = [len(v[0]) for v in vectors], _bucket(max(ks))
-    state = topk_lib.init_topk(_bucket(sum(sizes)), k, self.mesh)
+    state = topk_lib.init_topk(_batch_bucket(sum(sizes)), k, self.mesh)
     return _split(topk_lib.finish(self.fold(state, vectors, metrics),
                                   self.store.num_rows), sizes, ks)
 
@@ -611,7 +619,7 @@ class ResidentIndex:
     num = sum(sizes)
     queries = []
     for p, st in enumerate(self.stores):
-      q = np.zeros((_bucket(num), self.store.dim), np.float32)
+      q = np.zeros((_batch_bucket(num), self.store.dim), np.float32)
       q[:num] = st.stored_queries(np.concatenate([v[p] for v in vectors]))
       queries.append(q)
     owner = np.zeros(len(queries[0]), np.int32)
@@ -674,15 +682,15 @@ class StreamedIndex:
       # Queries and k padded to powers of two, as the pass pads them: a warm
       # server compiles nothing new for most requests.
       n, k = len(vectors[0][0]), ks[0]
-      padded = [np.concatenate([v, np.zeros((_bucket(n) - n, v.shape[1]), v.dtype)])
+      padded = [np.concatenate([v, np.zeros((_batch_bucket(n) - n, v.shape[1]), v.dtype)])
                 for v in vectors[0]]
       found = scan_lib.scan_stores(self.stores, padded,
-                                   min(_bucket(k), self.store.num_rows),
+                                   max(1, min(_bucket(k), self.store.num_rows)),
                                    mesh=self.mesh, verify=self.verify,
                                    metrics=[m.row_metric() for m in metrics[0]])
       return [topk_lib.TopK(*(a[:n, :k] for a in found))]
     sizes, k = [len(v[0]) for v in vectors], _bucket(max(ks))
-    state = topk_lib.init_topk(_bucket(sum(sizes)), k, self.mesh)
+    state = topk_lib.init_topk(_batch_bucket(sum(sizes)), k, self.mesh)
     window = self.layout.rows_per_device * self.mesh.size
     for first in range(0, self.store.num_rows, window):
       state = ResidentIndex(self.stores, self.mesh, self.layout, self.verify,
