@@ -828,13 +828,25 @@ def _merge_keys(ka, ra, kb, rb, k: int, branch_free: bool = False):
                     + [full, by_sort])
 
 
+def _negated(x):
+  """``-x`` for f32 ``x``, bit for bit, as a flip of the sign bit. XLA:CPU
+  fused a plain negation of the devices' gathered candidates into a YNNPACK
+  elementwise fusion (``compiler_options``) that failed at run time on
+  their layout: "Instruction with unsupported layout in YNN fusion: ...
+  f32[64,64]{0,1}" (jax 0.10.2; e.g. 64 queries, k = 128 on 2 devices; an
+  audit, 2026-12-05). An integer xor is not fused."""
+  bits = lax.bitcast_convert_type(x, jnp.uint32)
+  return lax.bitcast_convert_type(bits ^ jnp.uint32(0x80000000), jnp.float32)
+
+
 def _merge(scores, rows, cand_scores, cand_rows, k: int, largest: bool):
   """The running top-k ``[Q, k]`` (sorted) and candidates (any order)
   merged: the first ``k`` by score (descending if ``largest``), ties to the
   lower row."""
-  key, r = _merge_keys(-scores if largest else scores, rows,
-                       -cand_scores if largest else cand_scores, cand_rows, k)
-  return (-key if largest else key), r
+  key, r = _merge_keys(_negated(scores) if largest else scores, rows,
+                       _negated(cand_scores) if largest else cand_scores,
+                       cand_rows, k)
+  return (_negated(key) if largest else key), r
 
 
 def merge_candidates(state: TopKState, pro_scores, pro_rows, opp_scores, opp_rows,
@@ -844,11 +856,11 @@ def merge_candidates(state: TopKState, pro_scores, pro_rows, opp_scores, opp_row
   opponents' scores."""
   num_queries = pro_scores.shape[0]
   key, r = _merge_keys(
-      jnp.concatenate([-state.proponent_scores, state.opponent_scores]),
+      jnp.concatenate([_negated(state.proponent_scores), state.opponent_scores]),
       jnp.concatenate([state.proponent_rows, state.opponent_rows]),
-      jnp.concatenate([-pro_scores, opp_scores]),
+      jnp.concatenate([_negated(pro_scores), opp_scores]),
       jnp.concatenate([pro_rows, opp_rows]), k, branch_free)
-  return TopKState(-key[:num_queries], r[:num_queries], key[num_queries:],
+  return TopKState(_negated(key[:num_queries]), r[:num_queries], key[num_queries:],
                    r[num_queries:])
 
 
@@ -873,13 +885,6 @@ def _init_fn(mesh: Mesh, num_queries: int, k: int):
 # metric's scores differed in the last bit between 1 and 8 pieces a step.
 _CPU_FUSIONS = {"xla_cpu_experimental_ynn_fusion_type":
                 "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_ELTWISE"}
-# On several devices, matmuls alone: an elementwise fusion of the devices'
-# gathered candidates (their negation, in ``merge_candidates``) failed at
-# run time, "Instruction with unsupported layout in YNN fusion: ...
-# f32[64,64]{0,1}" (jax 0.10.2; e.g. Q = 64, k = 128 on 2 devices; an audit,
-# 2026-12-05), and once aborted the process in a collective.
-_CPU_FUSIONS_SHARDED = {"xla_cpu_experimental_ynn_fusion_type":
-                        "LIBRARY_FUSION_TYPE_DOT"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -894,25 +899,20 @@ def _xla_cpu_takes_fusions() -> bool:
   return True
 
 
-def compiler_options(platform: str, num_devices: int = 1) -> dict[str, str] | None:
-  """XLA options for jitting scan steps over ``num_devices`` devices of
-  ``platform`` ("cpu", "gpu", ...); None where there are none, or where this
-  XLA does not know them."""
+def compiler_options(platform: str) -> dict[str, str] | None:
+  """XLA options for jitting scan steps on ``platform`` ("cpu", "gpu", ...);
+  None where there are none, or where this XLA does not know them."""
   if platform != "cpu" or not _xla_cpu_takes_fusions():
     return None
-  return dict(_CPU_FUSIONS if num_devices == 1 else _CPU_FUSIONS_SHARDED)
+  return dict(_CPU_FUSIONS)
 
 
 @functools.lru_cache(maxsize=None)
-def cpu_widening(num_devices: int = 1) -> str:
-  """How this machine's CPU steps over ``num_devices`` devices widen bf16
-  rows to f32 (``exact_scores``): "matmul" (the whole chunk, inside
-  YNNPACK's matmul, ``compiler_options``) on one device of a CPU with
-  AVX512-BF16 where XLA takes the options, "tiles" (``score_tile_rows``
-  rows at a time) elsewhere. On several devices the matmul takes no fused
-  widening (``_CPU_FUSIONS_SHARDED``): there tiles measured 1.20x the f32
-  scan against 1.36x for the whole chunk (200,000 rows of d = 1,024 on this
-  Zen 4, one device; 2026-12-05).
+def cpu_widening() -> str:
+  """How this machine's CPU steps widen bf16 rows to f32 (``exact_scores``):
+  "matmul" (the whole chunk, inside YNNPACK's matmul, ``compiler_options``)
+  on CPUs with AVX512-BF16 where XLA takes the options, "tiles"
+  (``score_tile_rows`` rows at a time) elsewhere.
 
   Why by that flag: the whole-chunk form cost 1.04-1.08x the f32 matmul of
   the same rows on the two such CPUs measured (AMD Zen 4, Intel Emerald
@@ -929,14 +929,14 @@ def cpu_widening(num_devices: int = 1) -> str:
                     if line.startswith("flags")), [])
   except OSError:
     flags = []
-  if "avx512_bf16" in flags and num_devices == 1 and compiler_options("cpu"):
+  if "avx512_bf16" in flags and compiler_options("cpu"):
     return "matmul"
   return "tiles"
 
 
 def jit_step(fn, mesh: Mesh, **kwargs):
-  """``jax.jit(fn, **kwargs)`` with ``compiler_options`` for ``mesh``."""
-  options = compiler_options(mesh.devices.flat[0].platform, mesh.size)
+  """``jax.jit(fn, **kwargs)`` with ``compiler_options`` for ``mesh``'s platform."""
+  options = compiler_options(mesh.devices.flat[0].platform)
   return jax.jit(fn, compiler_options=options, **kwargs) if options else jax.jit(
       fn, **kwargs)
 
@@ -950,7 +950,7 @@ def widens_bf16(mesh: Mesh) -> bool:
 def tiles_bf16(mesh: Mesh) -> bool:
   """Whether steps on ``mesh`` widen bf16 rows tile by tile; they then take
   bf16 rows as their bits (``ROW_BITS``: no copy of the chunk to slice it)."""
-  return _on_cpu(mesh) and cpu_widening(mesh.size) == "tiles"
+  return _on_cpu(mesh) and cpu_widening() == "tiles"
 
 
 def _on_cpu(mesh: Mesh) -> bool:
