@@ -758,6 +758,14 @@ def test_a_stalled_connection_is_closed(traced, tracer_):
     parts = urllib.parse.urlsplit(server.url)
     connect = lambda: socket.create_connection((parts.hostname, parts.port),
                                                timeout=30)
+
+    def slots_free():
+      """Waits for every connection above to end its thread (a slot is
+      given back as its thread ends, after the client sees it close)."""
+      deadline = time.monotonic() + 20
+      while (http_server._slots._value < 2  # pylint: disable=protected-access
+             and time.monotonic() < deadline):
+        time.sleep(0.05)
     with connect() as sock:
       sock.sendall(head)
       start = time.monotonic()
@@ -787,6 +795,7 @@ def test_a_stalled_connection_is_closed(traced, tracer_):
         except OSError:
           closed = True
       assert closed and time.monotonic() - start < 10
+    slots_free()
     # Expect: 100-continue: a body too large is refused before it is sent
     # (before 2026-12-05: "100 Continue", then the 413), one within the
     # limit is asked for and answered.
@@ -801,6 +810,7 @@ def test_a_stalled_connection_is_closed(traced, tracer_):
       assert sock.recv(1024) == b"HTTP/1.1 100 Continue\r\n\r\n"
       sock.sendall(body)
       assert sock.recv(1024).startswith(b"HTTP/1.1 200")
+    slots_free()
     with connect() as a, connect() as b:
       a.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
       b.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
