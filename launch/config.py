@@ -384,8 +384,9 @@ def check_top_k(top_k: int, num_rows: int) -> None:
 def check_writable(location: str, what: str = "output", kind: str = "file"
                    ) -> None:
   """InputError unless a ``kind`` ("file" or "directory") can be written at
-  the local path ``location``: none of the other kind is there, and its
-  nearest existing ancestor is a writable directory. URLs other than
+  the local path ``location``: none of the other kind is there, and the
+  directory itself (if it exists) or its nearest existing ancestor is a
+  writable directory. URLs other than
   file:// are not checked: a bucket says so at the first write."""
   local = (location or "").removeprefix("file://")
   if not local or storage.is_url(local):
@@ -397,7 +398,9 @@ def check_writable(location: str, what: str = "output", kind: str = "file"
   if os.path.isfile(path) and kind == "directory":
     raise InputError(f"{what}={location}: is a file; expected a directory "
                      "(new, empty, or one tracer wrote)")
-  parent = os.path.dirname(path)
+  # Where the first write lands: inside an existing directory, else in the
+  # nearest existing ancestor (a file is replaced by a rename beside it).
+  parent = path if kind == "directory" and os.path.isdir(path) else os.path.dirname(path)
   while not os.path.exists(parent):
     parent = os.path.dirname(parent)
   if not os.path.isdir(parent):

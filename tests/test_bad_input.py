@@ -623,3 +623,17 @@ def test_print_table_escapes_control_characters(capsys):
   assert "\\x1b[31mred" in out and "d\\x0d1" in out
   # A blank line, the query, the header, one line per proponent.
   assert out.split("\n")[3].startswith("     1   0.5000") and out.count("\n") == 4
+
+
+def test_an_existing_unwritable_output_directory_is_refused(mounts):
+  """A directory output (``tracer tokenize --output``) that exists is
+  written inside, so its own permission counts, not its parent's."""
+  from tracer.launch import config  # pylint: disable=g-import-not-at-top
+  readonly, _, error = mounts
+  if readonly is None:
+    pytest.skip(f"cannot mount a read-only tmpfs: {error}")
+  with pytest.raises(data_lib.InputError, match=(
+      f"--output={readonly}: cannot be written, {readonly} is not writable "
+      r"\(read-only file system\)")):
+    config.check_writable(str(readonly), "--output", "directory")
+  config.check_writable(str(readonly.parent), "--output", "directory")
