@@ -389,6 +389,60 @@ def test_a_weight_used_outside_its_call_falls_back():
   np.testing.assert_array_equal(got_other, got)
 
 
+@pytest.mark.filterwarnings("ignore:kernel='factored' cannot take")  # ein_in/bias
+@pytest.mark.parametrize("scale", [0.0, np.nan])
+def test_verification_skips_examples_that_check_nothing(scale):
+  """A zero gradient (every target masked) or a non-finite one compares
+  nothing: such examples are skipped, and with none left every weight takes
+  the materialized path."""
+  model, leaky = toy_loss(True)
+  loss = lambda p, ex: ex["scale"] * leaky(p, ex)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros(6, jnp.int32))["params"]
+  mesh = meshes()["1 device"]
+  n = encoder_lib.VERIFY_EXAMPLES
+  batch = {**toy_batch(n + 1), "scale": np.array([scale] * (n - 1) + [1, 1], np.float32)}
+  enc = encoder_lib.GradientEncoder(loss, params, projection_dim=600, mesh=mesh,
+                                    microbatch_size=n, kernel="factored")
+  with pytest.warns(UserWarning, match="differ from the materialized gradient's "
+                    "for mix/kernel"):
+    got = enc.project_global(batch)
+  assert "mix/kernel" not in plan_of(enc).factored
+  assert "dense/kernel" in plan_of(enc).factored
+  want = encoder_lib.GradientEncoder(loss, params, projection_dim=600, mesh=mesh,
+                                     kernel="exact").project_global(batch)
+  last = slice(n - 1, n + 1)
+  assert rel(np.asarray(got.phi).reshape(-1, enc.dim)[last],
+             np.asarray(want.phi).reshape(-1, enc.dim)[last]) < 1e-5
+  # The first n examples all check nothing: nothing is trusted.
+  batch["scale"][n - 1] = scale
+  enc = encoder_lib.GradientEncoder(loss, params, projection_dim=600, mesh=mesh,
+                                    microbatch_size=n, kernel="factored")
+  with pytest.warns(UserWarning, match="could not be verified: none of the first "
+                    f"{n} examples has a finite, non-zero gradient"):
+    enc.project_global(batch)
+  assert not plan_of(enc).factored
+
+
+def test_a_bf16_model_keeps_its_weights_factored():
+  """A layer computed in bf16 rounds its materialized gradient to bf16
+  (0.1-0.3% here): within its tolerance, 2^-6, so no weight falls back."""
+  cfg = dataclasses.replace(LM, dtype="bfloat16")
+  params = model_lib.init_params(cfg)
+  batch = lm_batch(4, cfg=cfg)
+  mesh = meshes()["1 device"]
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    enc, got = encode("factored", model_lib.make_loss_fn(cfg), params, batch, mesh)
+  assert plan_of(enc).factored == {
+      b.paths[0] for b in enc.layout.blocks if b.name != projection.VECTORS}
+  errors = [e for name, e in enc._verify_errors.items() if name != projection.VECTORS
+            and "embed" not in name]
+  assert 1e-3 < max(errors) < 2.0 ** -6
+  assert encoder_lib.verify_tolerance(plan_of(enc))["layer_0/down/kernel"] == 2.0 ** -6
+  _, want = encode("exact", model_lib.make_loss_fn(cfg), params, batch, mesh)
+  assert rel(got, want) < 2.0 ** -6
+
+
 def test_weights_it_cannot_take_are_named():
   params = {"w": jnp.ones((6, 4)), "b": jnp.ones(4)}
   loss = lambda p, ex: jnp.sum(jnp.tanh(ex["x"] @ p["w"] + p["b"]))   # no linen

@@ -130,6 +130,7 @@ class Site:
   x_features: int
   y_features: int
   factor: float = 1.0   # a lookup's scale: y = factor * W[ids]
+  dtype: str = "float32"  # y's: the materialized gradient is rounded to it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +227,13 @@ def _call_input(module, args, kwargs):
 def _describe(module, method: str, path: str, args, kwargs, y, weight
               ) -> Site | None:
   """The site of one intercepted call, or None when the kernel cannot take it."""
+  site = _shape_site(module, method, path, args, kwargs, y, weight)
+  return None if site is None else dataclasses.replace(site, dtype=str(y.dtype))
+
+
+def _shape_site(module, method: str, path: str, args, kwargs, y, weight
+                ) -> Site | None:
+  """``_describe`` less the output's dtype."""
   x = _call_input(module, args, kwargs)
   if x is None or not hasattr(y, "shape"):
     return None

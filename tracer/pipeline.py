@@ -52,7 +52,8 @@ from tracer import train as train_lib
 from tracer.config import (ENCODING_SETTINGS, DataConfig, EncodeConfig,
                            PreconditionerConfig)
 from tracer.correction import second_moment, steps_taken
-from tracer.encoder import NONFINITE_REASONS, GradientEncoder, nonfinite_rows
+from tracer.encoder import (NONFINITE_REASONS, VERIFY_EXAMPLES, GradientEncoder,
+                            nonfinite_rows)
 from tracer.errors import (InputError, OtherProcessError, QuarantineLimitError,
                            StoreClaimedError)
 
@@ -487,13 +488,15 @@ def planned_weights(encoder: GradientEncoder, corpus) -> list[str] | None:
   """The weights the encoder's factored kernel projects, for a new store's
   manifest (``GradientEncoder.factored_weights``): if no batch has been
   encoded yet, planned and verified on one step holding the corpus's first
-  row (every process takes part). None with the exact kernel."""
+  rows (``VERIFY_EXAMPLES`` of them; every process takes part).
+  None with the exact kernel."""
   if encoder.kernel != "factored":
     return None
   if encoder.factored_weights is None:
-    positions = encoder.local_positions(1)
-    rows = np.zeros(int((positions < 1).sum()), np.int64)
-    encoder.project_local(*read_padded(corpus, rows, len(positions)))
+    size = min(VERIFY_EXAMPLES, encoder.step_size, len(corpus))
+    positions = encoder.local_positions(size)
+    encoder.project_local(*read_padded(corpus, positions[positions < size],
+                                       len(positions)))
   return encoder.factored_weights
 
 
