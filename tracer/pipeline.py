@@ -69,6 +69,13 @@ def _report(progress: ProgressFn, done: int, total: int) -> None:
 # --- checkpoint, inputs, encoder ----------------------------------------------
 
 def make_mesh(cfg: EncodeConfig):
+  """The (data, model) mesh over every device; InputError naming
+  ``EncodeConfig.model_axis`` when it does not divide the devices."""
+  count = jax.device_count()
+  if not isinstance(cfg.model_axis, int) or cfg.model_axis < 1 or count % cfg.model_axis:
+    sizes = [m for m in range(1, count + 1) if count % m == 0]
+    raise InputError(f"EncodeConfig.model_axis={cfg.model_axis!r}: expected a "
+                     f"divisor of the device count {count}: {', '.join(map(str, sizes))}")
   return partitioning.make_mesh(model=cfg.model_axis)
 
 
