@@ -126,12 +126,22 @@ _WITHIN = {
     "PreconditionerConfig.lam": (
         lambda v: 0 <= v <= 1, "a value in [0, 1] (R_eval's share of R)"),
 }
+# Relations between a config's fields: (test, what is expected), by class.
+_RELATIONS = {
+    "ModelConfig": [(
+        lambda c: c.d_model % c.num_heads == 0 and c.d_model // c.num_heads % 2 == 0,
+        lambda c: f"ModelConfig.d_model = {c.d_model}, ModelConfig.num_heads = "
+                  f"{c.num_heads}: expected d_model a multiple of num_heads with an "
+                  "even head size, d_model / num_heads (rotary embeddings rotate "
+                  "its halves)")],
+}
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 
 
 def check_fields(obj) -> None:
   """InputError naming the first field of a config dataclass whose (gin-bound)
-  value has the wrong type, is not one of its choices, or is too small."""
+  value has the wrong type, is not one of its choices, or is too small, or
+  the fields of a relation between them that does not hold."""
   name = type(obj).__name__
   for field in dataclasses.fields(obj):
     key, value = f"{name}.{field.name}", getattr(obj, field.name)
@@ -151,6 +161,9 @@ def check_fields(obj) -> None:
                        f"{_AT_LEAST[key]}")
     if key in _WITHIN and not _WITHIN[key][0](value):
       raise InputError(f"gin: {key} = {value!r}: expected {_WITHIN[key][1]}")
+  for test, expected in _RELATIONS.get(name, ()):
+    if not test(obj):
+      raise InputError(f"gin: {expected(obj)}")
 
 
 def make(cls):

@@ -149,6 +149,32 @@ def test_query_loss_gradient_is_zero_on_prompt_and_padding(params):
     np.testing.assert_allclose(grad[p], expected / 2, atol=1e-6)
 
 
+def test_a_masked_target_outside_the_vocabulary_changes_nothing(params):
+  """A weight-0 position's target is never read: one outside the vocabulary
+  (its log-probability NaN) leaves the loss, its gradient and the target's
+  log-probability as they were."""
+  ex = data_lib.query_example([11, 22, 33, 44], [55, 66], TINY.max_len)
+  bad = {**ex, "targets": ex["targets"].copy()}
+  bad["targets"][0] = TINY.vocab_size + 1      # weight 0: a prompt position
+  assert ex["weights"][0] == 0
+  for fn in (model_lib.example_loss, model_lib.target_logprob):
+    value, grad = jax.value_and_grad(lambda p, e: fn(TINY, p, e))(params, ex)
+    value_bad, grad_bad = jax.value_and_grad(lambda p, e: fn(TINY, p, e))(params, bad)
+    assert np.isfinite(value_bad) and value_bad == value
+    jax.tree.map(np.testing.assert_array_equal, grad_bad, grad)
+
+
+def test_gin_refuses_heads_that_do_not_split_d_model():
+  from tracer.launch import config  # pylint: disable=g-import-not-at-top
+  from tracer.errors import InputError  # pylint: disable=g-import-not-at-top
+  for d_model, heads in [(10, 4), (12, 4), (16, 32)]:
+    with pytest.raises(InputError, match=(
+        f"ModelConfig.d_model = {d_model}, ModelConfig.num_heads = {heads}: expected "
+        "d_model a multiple of num_heads with an even head size")):
+      config.check_fields(dataclasses.replace(TINY, d_model=d_model, num_heads=heads))
+  config.check_fields(dataclasses.replace(TINY, d_model=16, num_heads=8))
+
+
 def test_corpus_loss_weights_every_real_token(params):
   tokens = np.asarray([40, 41, 42, 43, data_lib.EOS_ID], np.int32)
   ex = data_lib.corpus_example(tokens, TINY.max_len)

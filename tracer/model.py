@@ -155,9 +155,15 @@ def example_loss(config: ModelConfig, params: Any, example: dict) -> jax.Array:
   Corpus examples weight every real token (the full-sequence LM loss); queries
   weight only the target tokens (the target-only loss). Padding has weight 0.
   """
-  losses = token_losses(config, params, example)
   weights = example["weights"].astype(jnp.float32)
-  return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  losses = _weighted(token_losses(config, params, example), weights)
+  return jnp.sum(losses) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def _weighted(losses: jax.Array, weights: jax.Array) -> jax.Array:
+  """``losses * weights``, 0 where the weight is 0 even if the loss is not
+  finite there (a padding target outside the vocabulary: NaN times 0)."""
+  return jnp.where(weights != 0, losses * weights, 0.0)
 
 
 def make_loss_fn(config: ModelConfig):
@@ -172,7 +178,8 @@ def batch_loss(config: ModelConfig, params: Any, batch: dict) -> jax.Array:
 
 def target_logprob(config: ModelConfig, params: Any, example: dict) -> jax.Array:
   """Sum of log p(target tokens | prompt) for ONE query example: a scalar."""
-  return -jnp.sum(token_losses(config, params, example) * example["weights"])
+  weights = example["weights"].astype(jnp.float32)
+  return -jnp.sum(_weighted(token_losses(config, params, example), weights))
 
 
 def param_count(params: Any) -> int:
