@@ -355,6 +355,15 @@ def test_mismatched_inputs(toy):
   empty = jax.tree.map(lambda x: x[:0], toy["batch"])  # was an IndexError
   with pytest.raises(ValueError, match="an empty batch: expected at least one"):
     enc.project(empty)
+  # Fields of other lengths were cut (longer) or indexed past their end.
+  (name, first), *_ = toy["batch"].items()
+  for n in (len(first) - 1, len(first) + 1):
+    ragged = {**toy["batch"], name: np.resize(np.asarray(first), (n, *first.shape[1:]))}
+    with pytest.raises(ValueError, match=(r"batch fields differ in their number of "
+                                          rf"examples: \['{name}'\] {n}, ")):
+      enc.project(ragged)
+  with pytest.raises(ValueError, match=f"ids: 1 for a batch of {len(first)} examples"):
+    enc.project(toy["batch"], ids=["a"])
   other = encoder_lib.GradientEncoder(toy_loss, params, projection_dim=100)
   pre = encoder_lib.fit_preconditioner(other, [toy["batch"]])
   with pytest.raises(ValueError, match="preconditioner has d=78"):

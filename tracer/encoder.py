@@ -375,7 +375,7 @@ class GradientEncoder:
 
   def _from_global(self, batch: Any) -> tuple[Any, np.ndarray]:
     """This process's share of a batch every process holds whole."""
-    size = len(jax.tree.leaves(batch)[0])
+    size = batch_size(batch)
     if not size:  # (padding needs an example to repeat)
       raise ValueError("an empty batch: expected at least one example")
     positions = self.local_positions(size)
@@ -395,7 +395,9 @@ class GradientEncoder:
     their index) whose loss or gradient is not finite; ``project_global``
     returns them as zero rows instead.
     """
-    size = len(jax.tree.leaves(batch)[0])
+    size = batch_size(batch)
+    if ids is not None and len(ids) != size:
+      raise ValueError(f"ids: {len(ids)} for a batch of {size} examples")
     projected = self.project_global(batch)
     if projected.count:
       reasons = nonfinite_rows(projected, size)
@@ -427,6 +429,18 @@ class GradientEncoder:
                  ) -> hessian.Moments:
     """Adds a batch's real, finite rows to R's moments (an all-reduce over hosts)."""
     return hessian.accumulate(moments, projected.phi, projected.usable)
+
+
+def batch_size(batch: Any) -> int:
+  """The leading size every field of ``batch`` shares; ValueError naming the
+  fields when they differ (a shorter one would be indexed past its end, a
+  longer one cut)."""
+  flat = jax.tree_util.tree_flatten_with_path(batch)[0]
+  sizes = {jax.tree_util.keystr(path): len(x) for path, x in flat}
+  if len(set(sizes.values())) > 1:
+    raise ValueError("batch fields differ in their number of examples: "
+                     + ", ".join(f"{k} {n}" for k, n in sizes.items()))
+  return next(iter(sizes.values()), 0)
 
 
 def verify_tolerance(plan: "factored.Plan") -> dict[str, float]:
