@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 import numpy as np
@@ -87,8 +86,7 @@ def run(corpus_path, queries_path, output_path, top_k: int = 10,
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # (cli.run refuses any)
   run(FLAGS.corpus, FLAGS.queries, FLAGS.output, FLAGS.top_k,
       FLAGS.num_opponents)
 

@@ -235,9 +235,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def run(main: Callable[[list[str]], Any]) -> None:
-  """``absl.app.run(main)``; bad input ends it as ``fail`` does (module doc)."""
+  """``absl.app.run(main)``; bad input ends it as ``fail`` does (module doc),
+  as do arguments that are not flags."""
 
   def guarded(argv):
+    if len(argv) > 1:  # no script takes any (``--flag false`` passes "false")
+      fail(f"unexpected arguments {argv[1:]}; expected --flag=value pairs only "
+           "(a boolean flag is --flag or --noflag)")
     try:
       return main(argv)
     except Exception as e:  # pylint: disable=broad-except

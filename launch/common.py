@@ -49,7 +49,12 @@ def start(workdir: str | None, checkpoint: str | None, corpus_source: str,
     ckpt = released_checkpoint(checkpoint, mesh)
   else:
     ckpt = pipeline.load_checkpoint(workdir, checkpoint, mesh, opt_state)
+  # The checkpoint's configs win over gin's: a binding naming another value
+  # would be ignored, so it is refused.
   config.check_bound_fields(type(ckpt.model_config), ckpt.model_config, ckpt.path)
+  config.check_bound_fields(DataConfig, pipeline.data_config(ckpt), ckpt.path)
+  if ckpt.optimizer_config is not None:
+    config.check_bound_fields(OptimizerConfig, ckpt.optimizer_config, ckpt.path)
   corpus = pipeline.open_corpus(ckpt, tokenized_once(workdir, corpus_source, ckpt))
   # Queries and resumed chunks take the factored kernel's weights as the
   # store's rows were encoded, without verifying the kernel again.
@@ -211,6 +216,11 @@ flags.DEFINE_float("max_quarantined", pipeline.DEFAULT_MAX_QUARANTINED,
 flags.DEFINE_float("claim_timeout_s", claim_lib.DEFAULT_STALE_AFTER_S,
                    "A store's writer claim without a heartbeat for this long is "
                    "taken over (its job is presumed dead).")
+# (absl's bounds let NaN through: every comparison with it is False.)
+flags.register_validator("max_quarantined", lambda v: 0 <= v <= 1,
+                         "expected a fraction in [0, 1]")
+flags.register_validator("claim_timeout_s", lambda v: v > 0,
+                         "expected seconds > 0")
 flags.DEFINE_bool("verify_store", False, "Before resuming or reusing a store, "
                   "re-read its written chunks and rewrite those whose bytes do "
                   "not match their checksums (reads the whole store).")

@@ -206,6 +206,8 @@ def gin_file_path(name: str) -> str:
   """``--gin_file``: a path (relative to the working directory), or a config
   tracer ships, by name: ``configs/tiny.gin``, ``tiny.gin`` or ``tiny``
   work from any directory."""
+  if os.path.isdir(name):
+    raise InputError(f"--gin_file={name}: is a directory; expected a gin file")
   if os.path.exists(name):
     return name
   shipped = shipped_configs()
@@ -237,9 +239,10 @@ def parse_gin() -> None:
   logging.set_verbosity(logging.FATAL)
   try:
     gin.parse_config_files_and_bindings(files, FLAGS.gin_bindings)
-  except (ValueError, SyntaxError, ImportError) as e:
-    # Unknown configurable or parameter, bad syntax, a bad import in a file:
-    # gin's message names the file or binding and its line.
+  except (ValueError, SyntaxError, ImportError, OSError) as e:
+    # Unknown configurable or parameter, bad syntax, a bad import or a
+    # missing include in a file: gin's message names the file or binding
+    # and its line.
     if isinstance(e, SyntaxError):
       bindings = "\n".join(FLAGS.gin_bindings).splitlines()
       if e.filename and e.filename != "<string>":
@@ -372,6 +375,21 @@ def setup(required: tuple[str, ...] = (), output_is: str = "file") -> None:
   # Outputs are checked before any work, so a run cannot fail at its end.
   if FLAGS.output:
     check_writable(FLAGS.output, "--output", output_is)
+    for name in ("queries", "task_queries", "corpus", "basis"):
+      given = FLAGS[name].value
+      if given and same_file(given, FLAGS.output):
+        raise InputError(f"--output={FLAGS.output}: is the --{name} file; "
+                         "expected another path (the output would replace it)")
+
+
+def same_file(a: str, b: str) -> bool:
+  """Whether two locations name one file (local: through links too)."""
+  if storage.is_url(a) or storage.is_url(b):
+    return storage.normalize(a) == storage.normalize(b)
+  try:
+    return os.path.samefile(a, b)
+  except OSError:  # one does not exist yet
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def integers(flag: str, values) -> list[int]:

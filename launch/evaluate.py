@@ -19,7 +19,6 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from absl import app
 from absl import flags
 
 from tracer.launch import cli
@@ -123,8 +122,7 @@ def run(queries_path, results_paths: Sequence[str], output_path=None,
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # (cli.run refuses any)
   metrics = run(FLAGS.queries, FLAGS.results, FLAGS.output, FLAGS.k)
   print(tables(metrics, FLAGS.k))
 

@@ -494,8 +494,7 @@ def _check_chip(name: str | None) -> bool:
 
 
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # (cli.run refuses any)
   try:
     p = plan(FLAGS.params, FLAGS.tokens, FLAGS.seq_len, FLAGS.projection_dim,
              FLAGS.chips, FLAGS.chip, FLAGS.store_dtype, FLAGS.queries,

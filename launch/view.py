@@ -17,7 +17,6 @@ may be gs://, s3:// or memory:// URLs. Prints the page's location.
 
 from __future__ import annotations
 
-import os
 import pathlib
 from collections.abc import Sequence
 
@@ -26,7 +25,6 @@ from absl import flags
 
 from tracer.launch import config
 from tracer import data
-from tracer import storage
 from tracer import viewer
 from tracer.errors import InputError
 
@@ -88,19 +86,8 @@ def run(results: Sequence[str], output: str, names: Sequence[str] = (),
   return viewer.write_report(output, runs, title)
 
 
-def _same_file(a: str, b: str) -> bool:
-  """Whether two locations name one file (local: through links too)."""
-  if storage.is_url(a) or storage.is_url(b):
-    return storage.normalize(a) == storage.normalize(b)
-  try:
-    return os.path.samefile(a, b)
-  except OSError:  # one does not exist yet
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
 def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  del argv  # (cli.run refuses any)
   needed = ("output",) if FLAGS.server else ("results", "output")
   missing = [f"--{n}" for n in needed if not FLAGS[n].value]
   if missing:
@@ -116,7 +103,7 @@ def main(argv):
   # Before reading anything, so a long read cannot end in an unwritable path.
   config.check_writable(FLAGS.output, "--output")
   for results in FLAGS.results or ():
-    if _same_file(results, FLAGS.output):
+    if config.same_file(results, FLAGS.output):
       raise InputError(f"--output={FLAGS.output}: is the --results file "
                        f"{results}; expected another path (the page would "
                        "replace the results)")

@@ -394,6 +394,21 @@ CASES = [
     Case("gin value not one of the choices",
          lambda s, d: scan(s, d, bindings=["EncodeConfig.kernel='fast'"]),
          "gin: EncodeConfig.kernel = 'fast': expected one of 'factored', 'exact'"),
+    Case("output is the queries file",
+         lambda s, d: scan(s, d, output=s.queries),
+         "is the --queries file; expected another path (the output would replace it)"),
+    Case("an argument that is not a flag",
+         lambda s, d: ("scan", [*scan(s, d)[1], "--check_chunks", "false"]),
+         "unexpected arguments ['false']; expected --flag=value pairs only"),
+    Case("max_quarantined not a fraction",
+         lambda s, d: ("encode", [*encode(s, d)[1], "--max_quarantined=nan"]),
+         "flag --max_quarantined=nan: expected a fraction in [0, 1]"),
+    Case("gin include missing",
+         gin_file("include 'nothere.gin'\n"),
+         "gin: Unable to open file: nothere.gin."),
+    Case("gin file a directory",
+         lambda s, d: ("scan", [*scan(s, d)[1], f"--gin_file={d}"]),
+         "is a directory; expected a gin file"),
     Case("unwritable output directory", readonly_output,
          "cannot be written, {readonly} is not writable (read-only file system)"),
     Case("output under a file",
@@ -478,6 +493,12 @@ CASES = [
          "checkpoints/1: a checkpoint of another ModelConfig than the gin "
          "bindings name (ModelConfig.d_model: the checkpoint has 16, the gin "
          "bindings say 32)"),
+    Case("gin DataConfig or OptimizerConfig not the checkpoint's",
+         lambda s, d: scan(s, d, bindings=("DataConfig.overflow='split'",
+                                           "OptimizerConfig.b2=0.5")),
+         "checkpoints/1: a checkpoint of another DataConfig than the gin bindings "
+         "name (DataConfig.overflow: the checkpoint has 'truncate', the gin "
+         "bindings say 'split')"),
     Case("checkpoint arrays not of its own config", edited_checkpoint,
          "checkpoints/1: params['embed']['embedding'] is (259, 16) in the "
          "checkpoint, but its model config (vocab_size=259, max_len=8, "
