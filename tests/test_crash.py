@@ -65,7 +65,8 @@ RUN_TIMEOUT_S = 180    # one launch subprocess
 # (``tracer.claim``), which a killed run leaves behind and a successful one
 # deletes at its end.
 CLAIM_FILES = {"writer.json"}
-# tensorstore's file kvstore writes a key's new value to "<key>.__lock",
+# A write puts its new value in "<key>.__lock" (tensorstore's file kvstore)
+# or "<key>.<random>.__lock" (tracer.storage's own local writes),
 # fsyncs it and renames it over the key: a killed write leaves that file.
 TEMP_SUFFIX = ".__lock"
 # The first file of a new store (``store.create_or_open``, before its basis and
@@ -509,3 +510,29 @@ def test_a_chunk_damaged_in_one_hosts_share_ends_both_processes(shared, referenc
   other = 1 - found[0]
   assert f"\nerror: process {found[0]} of 2 failed: {message}" in texts[other], texts
   assert not (tmp_path / "w" / "results.jsonl").exists()
+
+
+def test_a_killed_writes_leftover_never_reaches_a_later_value(tmp_path):
+  """A killed write leaves its temporary file. tensorstore's file driver
+  writes the next value of that name into it without truncating it, so a
+  shorter value kept the old tail ("ok" over "partial" read "okrtial"):
+  tracer's local writes use a file of their own, and claim records (which
+  need tensorstore's conditional writes) all have one length."""
+  from tracer import claim as claim_lib  # pylint: disable=g-import-not-at-top
+  from tracer import storage  # pylint: disable=g-import-not-at-top
+  from tracer.errors import StoreClaimedError  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "manifest.json"
+  (tmp_path / "manifest.json.__lock").write_bytes(b"partial" * 1000)
+  for location, value in ((str(path), "ok"), (f"file://{path}", "k")):
+    storage.write_text(location, value)
+    assert path.read_text() == value
+  assert storage.list_dir(str(tmp_path)) == ["manifest.json"]
+  # A claim write killed part-way: at most a record's length.
+  store = tmp_path / "store"
+  store.mkdir()
+  (store / (claim_lib.CLAIM_FILE + TEMP_SUFFIX)).write_bytes(
+      b"{" + b"x" * (claim_lib.RECORD_BYTES - 2))
+  first = claim_lib.Claim(str(store)).acquire()
+  with pytest.raises(StoreClaimedError, match=f"job {first.job}"):
+    claim_lib.Claim(str(store)).acquire()   # (not taken over as unreadable)
+  first.release()

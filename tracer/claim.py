@@ -42,6 +42,12 @@ from tracer import storage
 from tracer.errors import StoreClaimedError
 
 CLAIM_FILE = "writer.json"
+# Every record is padded to this many bytes. Claims need tensorstore's
+# conditional writes, and its file driver writes a value into the
+# ``writer.json.__lock`` a killed write left behind without truncating it:
+# a shorter record would keep that file's tail. Records of one length
+# overwrite it whole. (A record is < 600 bytes with a 253-byte host name.)
+RECORD_BYTES = 1024
 DEFAULT_STALE_AFTER_S = 600.0
 
 
@@ -188,7 +194,8 @@ class Claim:
     that landed although its reply was lost (a retried conditional write
     then fails its condition) left our own record: its generation."""
     data = json.dumps({**self._record, "heartbeat": time.time()}, sort_keys=True)
-    stamp = self._kv.write(CLAIM_FILE, data.encode(), if_equal=if_equal).result()
+    data = data.encode().ljust(RECORD_BYTES)  # (JSON ignores the spaces)
+    stamp = self._kv.write(CLAIM_FILE, data, if_equal=if_equal).result()
     if stamp.generation:
       return stamp.generation
     current = self._kv.read(CLAIM_FILE).result()

@@ -13,12 +13,15 @@ tensorstore's key-value stores, so a store may live on any of:
   ``memory://path``               this process's memory (tests)
 
 A single ``write_bytes`` is atomic on every driver: object stores replace an
-object whole, and the ``file`` driver writes the new value to
-``<name>.__lock``, fsyncs it, renames it over ``<name>`` and fsyncs the
-directory (tensorstore's ``file_io_sync``, on by default and left on by
-``CONTEXT``). Readers therefore see an old value or a new one, never part of
-one, and a crash leaves at most a ``.__lock`` file, which listings skip and the
-next write of that name replaces. ``delete_dir`` does not fsync.
+object whole; a local file is written to a new ``<name>.<random>.__lock``
+beside it, fsynced, renamed over ``<name>``, and the directory fsynced.
+Readers therefore see an old value or a new one, never part of one, and a
+crash leaves at most a ``.__lock`` file, which listings and ``delete_dir``
+skip and remove as tensorstore's own. (Local files are not written through
+tensorstore's ``file`` driver: it writes into ``<name>.__lock`` without
+truncating it, so after a crash had left a longer one there, the next,
+shorter value kept the old tail: "ok" over "partial" read "okrtial",
+tensorstore 0.1.86.) ``delete_dir`` does not fsync.
 
 Every open shares one ``tensorstore.Context`` (``CONTEXT``): one cache pool and
 one set of request limits for the process, and one ``memory://`` namespace, so
@@ -299,8 +302,44 @@ def write_bytes(location: str, data: bytes) -> None:
   write (a full disk, no permission) is an InputError naming ``location``;
   nothing is left under its name."""
   with writing(location):
-    kv, name = _kv(location)
-    kv.write(name, data).result()
+    local = _local_path(location)
+    if local is None:
+      kv, name = _kv(location)
+      kv.write(name, data).result()
+    else:
+      _write_local(local, data)
+
+
+def _local_path(location: str) -> str | None:
+  """The file path of a local location (a path or ``file://``), else None."""
+  location = os.fspath(location)
+  if location.startswith("file://"):
+    return location[len("file://"):]
+  return None if is_url(location) else location
+
+
+def _write_local(path: str, data: bytes) -> None:
+  """``data`` to ``path`` by a rename (module doc); the directories made as
+  tensorstore's file driver makes them."""
+  parent = os.path.dirname(os.path.abspath(path))
+  os.makedirs(parent, exist_ok=True)
+  temp = f"{path}.{os.urandom(8).hex()}.__lock"  # created with the umask
+  fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temp, path)
+  except BaseException:
+    with contextlib.suppress(OSError):
+      os.unlink(temp)
+    raise
+  directory = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+  try:
+    os.fsync(directory)
+  finally:
+    os.close(directory)
 
 
 def write_text(location: str, text: str) -> None:
