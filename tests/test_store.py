@@ -471,3 +471,15 @@ def test_a_schemes_root_keeps_its_slashes(tmp_path, monkeypatch):
   assert "root_test.json" in storage.list_dir("memory://", "root_test")
   assert os.listdir(tmp_path) == []  # not a local directory named "memory:"
   storage.delete(where)
+
+
+def test_a_missing_bucket_is_named_in_one_line(s3):
+  """Listing (a corpus pattern, a store's parts) a bucket that does not
+  exist: an InputError naming the URL and the server's status, without the
+  XML of its reply (was a ValueError traceback from the command line)."""
+  s3("present")
+  with pytest.raises(InputError) as caught:
+    storage.list_dir("s3://no-such-bucket/tok")
+  message = str(caught.value)
+  assert message.startswith("s3://no-such-bucket/tok: cannot list: NOT_FOUND: NoSuchBucket")
+  assert "<?xml" not in message and "\n" not in message

@@ -278,15 +278,16 @@ def reason(error: BaseException) -> str:
   else its message on one line."""
   if isinstance(error, OSError) and error.strerror:
     return error.strerror
-  text = " ".join(str(error).split())
+  # (an object store's whole XML or JSON reply says no more than its status)
+  text = " ".join(str(error).split(" [http_response_body=")[0].split())
   found = _OS_ERROR.search(text)
   return found.group(1).strip() if found else text
 
 
 @contextlib.contextmanager
 def writing(location: str, action: str = "write") -> Iterator[None]:
-  """Turns a failed write (tensorstore's ValueError, an OSError) inside the
-  block into an InputError naming ``location`` and the reason: a full disk,
+  """Turns a failed write or listing (tensorstore's ValueError, an OSError)
+  inside the block into an InputError naming ``location`` and the reason: a full disk,
   a read-only file system and a bucket without access are the user's to fix.
   Keep only I/O in the block: any ValueError in it is reported this way."""
   try:
@@ -377,8 +378,9 @@ def list_dir(location: str, prefix: str = "") -> list[str]:
   # The least key past every key with the prefix: its last byte raised by one
   # (UTF-8 has no byte 0xff); '' is past every key.
   end = start[:-1] + bytes([start[-1] + 1]) if start else b""
-  keys = _open_dir(normalize(location)).list(
-      ts.KvStore.KeyRange(inclusive_min=start, exclusive_max=end)).result()
+  with writing(location, "list"):  # (a missing bucket, no permission)
+    keys = _open_dir(normalize(location)).list(
+        ts.KvStore.KeyRange(inclusive_min=start, exclusive_max=end)).result()
   return sorted(k.decode() for k in keys)
 
 
