@@ -849,7 +849,12 @@ def parse_tiles(text: str) -> fused_scores.Tiles:
   if len(values) != 4:
     raise ValueError(f"--fused_tiles: {text!r} is not ROWS:DIM:WARPS:STAGES "
                      "(four integers)")
-  return fused_scores.Tiles(*values)
+  tiles = fused_scores.Tiles(*values)
+  if not fused_scores.valid_tiles(tiles):
+    raise ValueError(f"--fused_tiles: {text!r}: expected ROWS and DIM powers of "
+                     f"two, ROWS >= {fused_scores.GROUP}, DIM >= 16, WARPS and "
+                     "STAGES > 0")
+  return tiles
 
 
 def synthetic_metric(dim: int, q: np.ndarray, eval_examples: int, block: int,

@@ -60,6 +60,26 @@ def test_kernel_scores_within_bound_and_words_exact(dim, num_queries, metric, ti
   assert words.any() and (words != np.uint32(0xFFFF)).any()
 
 
+def test_unsupported_shapes_and_tiles_are_refused():
+  # Tiles Triton cannot lower, and zero rows, are not "supported"; the kernel
+  # itself refuses what is not (it returned NaN scores and zero words for
+  # rows no tile divides).
+  Tiles = fused_scores.Tiles
+  assert fused_scores.supported(256, 64, jnp.bfloat16)
+  for rows, dim, dtype, tiles in [
+      (0, 64, jnp.bfloat16, Tiles()), (200, 64, jnp.bfloat16, Tiles()),
+      (256, 32, jnp.bfloat16, Tiles()), (256, 64, jnp.float32, Tiles()),
+      (240, 64, jnp.bfloat16, Tiles(rows=48)), (256, 64, jnp.bfloat16, Tiles(dim=48)),
+      (256, 64, jnp.bfloat16, Tiles(rows=0)), (256, 64, jnp.bfloat16, Tiles(dim=0)),
+      (256, 64, jnp.bfloat16, Tiles(rows=8)), (256, 64, jnp.bfloat16, Tiles(dim=8))]:
+    assert not fused_scores.supported(rows, dim, dtype, tiles), (rows, dim, dtype, tiles)
+  x = jnp.zeros((200, 64), jnp.bfloat16)
+  q = jnp.zeros((2, 64), jnp.float32)
+  with pytest.raises(ValueError, match=r"\[200, 64\] bfloat16 rows with Tiles\(rows=128"):
+    fused_scores.scores_and_words(x, topk.bf16_terms(q), jnp.zeros(2), jnp.zeros(2),
+                                  jnp.ones(200, bool), interpret=True)
+
+
 def _integer_data(rng, n: int, k: int, nan_rows):
   """bf16 rows ``[n, 64]`` and 5 queries of small integers (scores exact), NaN
   rows, and numpy's top-k, which skips them."""

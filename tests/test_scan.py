@@ -1046,14 +1046,17 @@ def test_fused_tiles_benchmark_runs():
   # the CPU: each setting's step agrees with the default step; a setting the
   # kernel does not take is reported, not raised; bad flags are named.
   from tracer.launch import benchmark_scan  # pylint: disable=g-import-not-at-top
-  tiles = [benchmark_scan.parse_tiles(t) for t in ("64:32:4:3", "48:32:4:3")]
+  tiles = [benchmark_scan.parse_tiles(t) for t in ("64:32:4:3", "2048:32:4:3")]
   table = benchmark_scan.run_fused_tiles_benchmark(
       tiles, rows=2048, dim=64, queries=4, k=5, step_rows=1024, repeats=1)
   assert [r["method"] for r in table] == [
-      "machine", "default step (XLA)", "fused 64:32:4:3", "fused 48:32:4:3"]
+      "machine", "default step (XLA)", "fused 64:32:4:3", "fused 2048:32:4:3"]
   assert table[1]["step_seconds"] > 0 and table[1]["scores_seconds"] > 0
   assert table[2]["agrees"] is True and table[2]["step_seconds"] > 0
-  assert "unsupported" in table[3]["error"]  # 48 rows per program do not divide a step
+  assert "unsupported" in table[3]["error"]  # 2048 rows per program: more than a step
   assert "| fused 64:32:4:3 |" in benchmark_scan.to_markdown(table)
   with pytest.raises(ValueError, match="--fused_tiles: '64:32' is not"):
     benchmark_scan.parse_tiles("64:32")
+  with pytest.raises(ValueError, match="--fused_tiles: '48:32:4:3': expected ROWS "
+                     "and DIM powers of two"):  # (Triton cannot lower it)
+    benchmark_scan.parse_tiles("48:32:4:3")

@@ -48,10 +48,19 @@ class Tiles(NamedTuple):
 DEFAULT_TILES = Tiles()
 
 
+def valid_tiles(tiles: Tiles) -> bool:
+  """Whether Triton can run ``tiles``: a tile's rows and contraction are
+  powers of two, at least GROUP rows and a dot's 16 columns."""
+  power_of_two = lambda n: n > 0 and n & (n - 1) == 0
+  return (power_of_two(tiles.rows) and power_of_two(tiles.dim)
+          and tiles.rows >= GROUP and tiles.dim >= 16
+          and tiles.num_warps > 0 and tiles.num_stages > 0)
+
+
 def supported(rows: int, dim: int, dtype, tiles: Tiles = DEFAULT_TILES) -> bool:
   """Whether ``scores_and_words`` takes ``[rows, dim]`` rows of ``dtype``."""
-  return (jnp.dtype(dtype) == jnp.bfloat16 and rows % tiles.rows == 0
-          and dim >= tiles.dim and tiles.rows % GROUP == 0)
+  return (jnp.dtype(dtype) == jnp.bfloat16 and valid_tiles(tiles) and rows > 0
+          and rows % tiles.rows == 0 and dim >= tiles.dim)
 
 
 def _block_queries(num_queries: int) -> tuple[int, int]:
@@ -130,6 +139,9 @@ def scores_and_words(x: jax.Array, terms: jax.Array, pro_kth: jax.Array,
     ``s[row, q] <= opp_kth[q]`` (NaN sets neither), as ``topk._select_both``.
   """
   rows, dim = x.shape
+  if not supported(rows, dim, x.dtype, tiles):
+    raise ValueError(f"scores_and_words: [{rows}, {dim}] {x.dtype} rows with "
+                     f"{tiles} are not supported (fused_scores.supported)")
   num_queries = terms.shape[1]
   block_q, padded = _block_queries(num_queries)
   pad = padded - num_queries
