@@ -471,6 +471,14 @@ def test_a_schemes_root_keeps_its_slashes(tmp_path, monkeypatch):
   assert "root_test.json" in storage.list_dir("memory://", "root_test")
   assert os.listdir(tmp_path) == []  # not a local directory named "memory:"
   storage.delete(where)
+  # file:///'s one slash is the root, not a trailing slash (it was dropped,
+  # and the file written under the working directory).
+  assert storage.normalize("file:///") == "file:///"
+  where = storage.join("file:///", str(tmp_path / "abs")[1:], "f.txt")
+  assert where == f"file://{tmp_path}/abs/f.txt"
+  storage.write_text(where, "x")
+  assert (tmp_path / "abs" / "f.txt").read_text() == "x"
+  assert os.listdir(tmp_path) == ["abs"]
 
 
 def test_a_missing_bucket_is_named_in_one_line(s3):

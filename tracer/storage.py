@@ -58,7 +58,9 @@ def normalize(location: str | os.PathLike[str]) -> str:
   location = os.fspath(location)
   if is_url(location):
     scheme, rest = location.split("://", 1)
-    return f"{scheme}://{rest.rstrip('/')}"
+    # ``file:///``'s path is the root: its slash is not a trailing one.
+    rest = rest.rstrip("/") or ("/" if scheme == "file" and rest else "")
+    return f"{scheme}://{rest}"
   return os.path.abspath(location)
 
 
