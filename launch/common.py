@@ -46,15 +46,17 @@ def start(workdir: str | None, checkpoint: str | None, corpus_source: str,
   ecfg = encode_config(store)
   mesh = pipeline.make_mesh(ecfg)
   if config.FLAGS.family and checkpoint and not ckpt_lib.is_tracer_checkpoint(checkpoint):
-    ckpt = released_checkpoint(checkpoint, mesh)
+    ckpt = released_checkpoint(checkpoint, mesh)   # (its configs are gin's)
   else:
     ckpt = pipeline.load_checkpoint(workdir, checkpoint, mesh, opt_state)
-  # The checkpoint's configs win over gin's: a binding naming another value
-  # would be ignored, so it is refused.
+    # A tracer checkpoint's configs win over gin's: a binding naming another
+    # value would be ignored, so it is refused. Of the optimizer's, only what
+    # the correction reads (a schedule overridden for training is not).
+    config.check_bound_fields(DataConfig, pipeline.data_config(ckpt), ckpt.path)
+    config.check_bound_fields(OptimizerConfig, {
+        name: getattr(ckpt.optimizer_config, name) for name in ("name", "b2", "eps")},
+        ckpt.path)
   config.check_bound_fields(type(ckpt.model_config), ckpt.model_config, ckpt.path)
-  config.check_bound_fields(DataConfig, pipeline.data_config(ckpt), ckpt.path)
-  if ckpt.optimizer_config is not None:
-    config.check_bound_fields(OptimizerConfig, ckpt.optimizer_config, ckpt.path)
   corpus = pipeline.open_corpus(ckpt, tokenized_once(workdir, corpus_source, ckpt))
   # Queries and resumed chunks take the factored kernel's weights as the
   # store's rows were encoded, without verifying the kernel again.

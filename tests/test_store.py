@@ -208,6 +208,16 @@ def test_check_compatible_direct():
   a.check_compatible(_manifest(layout=[[1, 2]]))  # tuples == lists after JSON
   with pytest.raises(ValueError, match="field 'dim': store has 6, query has 7"):
     a.check_compatible(_manifest(dim=7, layout=[[1, 2]]))
+  # A corpus at another path is the same corpus when its rows fingerprint
+  # alike (moved, mirrored); without fingerprints, or with others, it is not.
+  fp = _manifest(corpus="/a/c.jsonl", corpus_fingerprint="f00d")
+  fp.check_compatible(_manifest(corpus="/b/copy.jsonl", corpus_fingerprint="f00d"))
+  for other in (dict(corpus_fingerprint="beef"), dict(corpus_fingerprint="")):
+    with pytest.raises(ValueError, match="field 'corpus': store has '/a/c.jsonl'"):
+      fp.check_compatible(_manifest(corpus="/b/copy.jsonl", **other))
+  with pytest.raises(ValueError, match="field 'corpus'"):
+    fp.check_compatible(_manifest(corpus="/b/copy.jsonl", corpus_fingerprint="f00d"),
+                        ["corpus"])
 
 
 def test_write_chunk_validates_shape(tmp_path):
