@@ -14,7 +14,9 @@ import dataclasses
 import importlib
 import importlib.resources
 import os
+import sys
 from pathlib import Path
+from typing import Sequence
 
 # TensorFlow (pulled in by seqio) logs at C++ level on import; keep it quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -24,7 +26,6 @@ from absl import logging
 import gin
 
 from tracer.launch import cli
-from tracer.launch.cli import run  # pylint: disable=unused-import  (re-exported)
 from tracer import config as tracer_config
 from tracer import coordination
 from tracer import storage
@@ -358,6 +359,40 @@ def initialize_distributed() -> None:
     atexit.register(watcher.close)
   if jax.distributed.is_initialized():
     cli.end_on_signals(coordination)
+
+
+# Flags of this module and launch.common that only some scripts read. A
+# script names those it reads (``run(main, uses=...)``): its --help lists
+# them, and any other of them given is refused, not silently ignored.
+SCRIPT_FLAGS = ("workdir", "checkpoint", "corpus", "store", "basis", "queries",
+                "task_queries", "output", "top_k", "sum_steps", "tokenizer",
+                "opt_state", "max_quarantined", "claim_timeout_s", "verify_store",
+                "check_chunks")
+
+
+def run(main, uses: Sequence[str] | None = None) -> None:
+  """``cli.run(main)``; with ``uses`` (names in ``SCRIPT_FLAGS``), those are
+  the script's own flags in its --help, and another of ``SCRIPT_FLAGS``
+  given to it is an InputError."""
+  if uses is None:
+    cli.run(main)
+    return
+  # absl's --help lists the key flags of the module named sys.argv[0].
+  for name in (*uses, "gin_file", "gin_bindings"):
+    FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
+
+  def checked(argv):
+    unused = [f"--{n}" for n in SCRIPT_FLAGS
+              if n in FLAGS and FLAGS[n].present and n not in uses]
+    if unused:
+      script = "tracer " + os.path.basename(sys.argv[0]).removesuffix(
+          ".py").replace("_", "-")
+      it = "it" if len(unused) == 1 else "them"
+      raise InputError(f"{', '.join(unused)}: {script} does not read {it}, so "
+                       f"{'it' if it == 'it' else 'they'} would be ignored; "
+                       f"expected only its own flags ({script} --help)")
+    return main(argv)
+  cli.run(checked)
 
 
 def setup(required: tuple[str, ...] = (), output_is: str = "file") -> None:

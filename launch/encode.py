@@ -43,5 +43,10 @@ def main(argv):
   run(FLAGS.workdir, FLAGS.corpus, FLAGS.store, FLAGS.basis, FLAGS.checkpoint)
 
 
+# The shared flags (config.SCRIPT_FLAGS) this script reads.
+USES = ("workdir", "checkpoint", "corpus", "store", "basis", "tokenizer",
+        "opt_state", "max_quarantined", "claim_timeout_s", "verify_store")
+
+
 if __name__ == "__main__":
-  config.run(main)
+  config.run(main, uses=USES)

@@ -38,5 +38,9 @@ def main(argv):
   run(FLAGS.workdir, FLAGS.corpus, FLAGS.basis, FLAGS.checkpoint)
 
 
+# The shared flags (config.SCRIPT_FLAGS) this script reads.
+USES = ("workdir", "checkpoint", "corpus", "basis", "tokenizer", "opt_state")
+
+
 if __name__ == "__main__":
-  config.run(main)
+  config.run(main, uses=USES)

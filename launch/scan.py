@@ -81,5 +81,10 @@ def main(argv):
       FLAGS.store, FLAGS.checkpoint, FLAGS.sum_steps, FLAGS.task_queries)
 
 
+# The shared flags (config.SCRIPT_FLAGS) this script reads.
+USES = ("workdir", "checkpoint", "corpus", "store", "queries", "task_queries",
+        "output", "top_k", "sum_steps", "check_chunks", "tokenizer", "opt_state")
+
+
 if __name__ == "__main__":
-  config.run(main)
+  config.run(main, uses=USES)

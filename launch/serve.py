@@ -331,5 +331,10 @@ def main(argv):
     raise server.failure
 
 
+# The shared flags (config.SCRIPT_FLAGS) this script reads.
+USES = ("workdir", "checkpoint", "corpus", "store", "task_queries", "top_k",
+        "sum_steps", "check_chunks", "tokenizer", "opt_state")
+
+
 if __name__ == "__main__":
-  config.run(main)
+  config.run(main, uses=USES)

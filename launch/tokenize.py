@@ -77,5 +77,9 @@ def main(argv):
   run(FLAGS.corpus, FLAGS.output)
 
 
+# The shared flags (config.SCRIPT_FLAGS) this script reads.
+USES = ("corpus", "output")
+
+
 if __name__ == "__main__":
-  config.run(main)
+  config.run(main, uses=USES)

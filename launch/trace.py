@@ -159,5 +159,12 @@ def main(argv):
       FLAGS.sum_steps, FLAGS.task_queries)
 
 
+# The shared flags (config.SCRIPT_FLAGS) this script reads.
+USES = ("workdir", "checkpoint", "corpus", "store", "basis", "queries",
+        "task_queries", "output", "top_k", "sum_steps", "check_chunks",
+        "max_quarantined", "claim_timeout_s", "verify_store", "tokenizer",
+        "opt_state")
+
+
 if __name__ == "__main__":
-  config.run(main)
+  config.run(main, uses=USES)

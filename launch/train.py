@@ -176,5 +176,9 @@ def main(argv):
   train(FLAGS.corpus, FLAGS.workdir)
 
 
+# The shared flags (config.SCRIPT_FLAGS) this script reads.
+USES = ("workdir", "corpus")
+
+
 if __name__ == "__main__":
-  config.run(main)
+  config.run(main, uses=USES)

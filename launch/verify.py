@@ -71,5 +71,9 @@ def main(argv):
   sys.exit(run(FLAGS.store, FLAGS.repair))
 
 
+# The shared flags (config.SCRIPT_FLAGS) this script reads.
+USES = ("store",)
+
+
 if __name__ == "__main__":
-  config.run(main)
+  config.run(main, uses=USES)

@@ -71,6 +71,16 @@ def test_subcommand_flags_and_bad_input(tmp_path):
   # Underscores work too; absl's flag errors stay one line.
   proc = _tracer("make_facts", "--nosuchflag", cwd=tmp_path)
   assert proc.returncode == 2 and proc.stderr.startswith("error:"), proc.stderr
+  # A script's --help lists the shared flags it reads (config.run's uses),
+  # not the others; one of the others given is refused, not ignored.
+  proc = _tracer("scan", "--help", cwd=tmp_path)
+  for flag in ("--workdir", "--queries", "--top_k", "--store", "--gin_file"):
+    assert flag in proc.stdout, (flag, proc.stdout)
+  assert "--basis" not in proc.stdout and "--max_quarantined" not in proc.stdout
+  proc = _tracer("verify", "--store=s", "--workdir=w", "--top_k=3", cwd=tmp_path)
+  assert proc.returncode == 2 and proc.stderr == (
+      "error: --workdir, --top_k: tracer verify does not read them, so they would "
+      "be ignored; expected only its own flags (tracer verify --help)\n"), proc.stderr
 
 
 def test_no_top_level_launch_package_is_installed(tmp_path):
