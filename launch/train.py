@@ -166,8 +166,22 @@ def _log_up_to(path: str, step: int) -> list[str]:
   ``step``: a run that stopped after logging later steps resumes from its
   last checkpoint and logs those steps again."""
   data = storage.read_bytes(path)
-  lines = [l + "\n" for l in (data or b"").decode("utf-8").splitlines() if l.strip()]
-  return [l for l in lines if json.loads(l).get("step", 0) <= step]
+  kept = []
+  for number, line in enumerate((data or b"").decode("utf-8", "replace").splitlines(), 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+      logged = record.get("step", 0) if isinstance(record, dict) else None
+    except ValueError:
+      logged = None
+    if not isinstance(logged, int):
+      raise InputError(f"{path}:{number}: not a train log line (expected a JSON "
+                       "object with an integer 'step'); the log was edited or "
+                       "damaged: remove that line, or the log, to resume")
+    if logged <= step:
+      kept.append(line + "\n")
+  return kept
 
 
 def main(argv):

@@ -236,3 +236,15 @@ def test_learning_rate_schedule():
   np.testing.assert_allclose(float(lr(10)), 1.0, rtol=1e-6)
   np.testing.assert_allclose(float(lr(60)), 0.55, rtol=1e-5)
   np.testing.assert_allclose(float(lr(110)), 0.1, rtol=1e-6)
+
+
+def test_a_damaged_train_log_is_named_not_a_traceback(tmp_path):
+  from tracer.errors import InputError  # pylint: disable=g-import-not-at-top
+  log = tmp_path / "train_log.jsonl"
+  log.write_text('{"step": 10, "loss": 2.0}\n\n{"step": 20, "loss": 1.5}\n'
+                 '{"step": 30, "loss": 1.0}\n')
+  assert launch_train._log_up_to(str(log), 20) == [
+      '{"step": 10, "loss": 2.0}\n', '{"step": 20, "loss": 1.5}\n']
+  log.write_text('{"step": 10, "loss": 2.0}\n{"step": 20, "lo\n')  # cut short
+  with pytest.raises(InputError, match=r"train_log.jsonl:2: not a train log line"):
+    launch_train._log_up_to(str(log), 20)
