@@ -466,6 +466,11 @@ def test_exists_reads_no_bytes(tmp_path):
     assert not storage.exists("memory://exists/no_dir/basis.npz")
     assert not storage.exists("memory://exists/a")  # a prefix, not an object
   storage.delete_dir("memory://exists")
+  # A path that cannot be looked at is not "missing" (os.path.isfile said so:
+  # a basis then refitted, a store created over one it could not read).
+  with pytest.raises(InputError, match="cannot read: File name too long"):
+    storage.exists(str(tmp_path / ("x" * 300)))
+  assert not storage.exists(str(big / "below_a_file"))
 
 
 def test_a_schemes_root_keeps_its_slashes(tmp_path, monkeypatch):

@@ -37,6 +37,7 @@ import json
 import os
 import posixpath
 import re
+import stat
 from typing import Any, BinaryIO, Iterator
 
 import tensorstore as ts
@@ -356,7 +357,12 @@ def exists(location: str) -> bool:
   directory and for a file whose directory is missing."""
   location = os.fspath(location)
   if not is_url(location):
-    return os.path.isfile(location)
+    try:  # (not os.path.isfile: it reads "permission denied" as "missing")
+      return stat.S_ISREG(os.stat(location).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
+      return False
+    except OSError as e:
+      raise InputError(f"{location}: cannot read: {reason(e)}") from None
   kv, name = _kv(location)
   try:
     result = kv.read(name, byte_range=slice(0, 0)).result()
