@@ -234,12 +234,13 @@ def _parse_flags(argv: list[str]) -> list[str]:
     fail(e)
 
 
-def run(main: Callable[[list[str]], Any]) -> None:
+def run(main: Callable[[list[str]], Any], arguments: bool = False) -> None:
   """``absl.app.run(main)``; bad input ends it as ``fail`` does (module doc),
-  as do arguments that are not flags."""
+  as do arguments that are not flags unless ``main`` reads them
+  (``arguments``: no tracer script does)."""
 
   def guarded(argv):
-    if len(argv) > 1:  # no script takes any (``--flag false`` passes "false")
+    if len(argv) > 1 and not arguments:  # (``--flag false`` passes "false")
       fail(f"unexpected arguments {argv[1:]}; expected --flag=value pairs only "
            "(a boolean flag is --flag or --noflag)")
     try:

@@ -423,7 +423,7 @@ def _failing_worker() -> None:
     multihost_utils.sync_global_devices("never: one process is missing")
     print("the collective completed")
 
-  cli.run(main)
+  cli.run(main, arguments=True)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:

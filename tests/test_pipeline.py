@@ -256,12 +256,20 @@ def test_scan_encodes_queries_as_its_store_was_encoded(trained, capsys, monkeypa
                       store_path=other)
     gin.clear_config()
     gin.parse_config(BINDINGS.replace("EncodeConfig.projection_dim = 4096", ""))
-    # As a store made before recorded its corpus: relative to its run.
+    # A store records its corpus relative to its run's directory: the
+    # same rows (fingerprint) from anywhere are the same corpus.
     path = os.path.join(other, store_lib.MANIFEST)
     with open(path) as f:
       old = json.load(f)
     with open(path, "w") as f:
       json.dump({**old, "corpus": relative}, f)
+    rows = scan_script.run(str(root), corpus, queries, str(root / "p.jsonl"),
+                           store_path=other)
+    assert [r["proponent_ids"] for r in rows] == [r["proponent_ids"] for r in made]
+    # As a store made before recorded its corpus: relative to its run, and
+    # no fingerprint of its rows.
+    with open(path, "w") as f:
+      json.dump({**old, "corpus": relative, "corpus_fingerprint": ""}, f)
     with pytest.raises(store_lib.IncompatibleStoreError, match=re.escape(
         f"field 'corpus': store has '{relative}', this run has '{corpus}'")):
       scan_script.run(str(root), corpus, queries, str(root / "p.jsonl"),
