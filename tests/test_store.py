@@ -471,6 +471,10 @@ def test_exists_reads_no_bytes(tmp_path):
   with pytest.raises(InputError, match="cannot read: File name too long"):
     storage.exists(str(tmp_path / ("x" * 300)))
   assert not storage.exists(str(big / "below_a_file"))
+  for bucket in ("s3://bkt", "gs://bkt"):  # (the message named "s3://")
+    with pytest.raises(InputError, match=f"{bucket}: names a bucket, not "
+                       "a file in one"):
+      storage.read_bytes(bucket)
 
 
 def test_a_schemes_root_keeps_its_slashes(tmp_path, monkeypatch):

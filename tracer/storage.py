@@ -120,6 +120,9 @@ def _open_dir(location: str) -> ts.KvStore:
 
 def _kv(location: str) -> tuple[ts.KvStore, str]:
   parent, name = split(location)
+  if parent in ("gs://", "s3://"):
+    raise InputError(f"{location}: names a bucket, not a file in one; expected "
+                     f"{parent}BUCKET/PATH")
   return _open_dir(parent), name
 
 
