@@ -245,6 +245,12 @@ def run(main: Callable[[list[str]], Any], arguments: bool = False) -> None:
            "(a boolean flag is --flag or --noflag)")
     try:
       return main(argv)
+    except KeyboardInterrupt:
+      # Ctrl-C: the user's own stop (finally blocks have run, a claim is
+      # released), not a bug, so no traceback; 130 as a shell says.
+      sys.stdout.flush()
+      sys.stderr.write("interrupted\n")
+      sys.exit(130)
     except Exception as e:  # pylint: disable=broad-except
       coordination = _coordination()
       if coordination is not None:

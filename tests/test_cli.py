@@ -83,6 +83,20 @@ def test_subcommand_flags_and_bad_input(tmp_path):
       "be ignored; expected only its own flags (tracer verify --help)\n"), proc.stderr
 
 
+def test_ctrl_c_ends_a_run_in_one_line(tmp_path):
+  code = ("import os, signal; from tracer.launch import cli\n"
+          "def main(argv):\n"
+          "  try:\n"
+          "    os.kill(os.getpid(), signal.SIGINT)\n"
+          "  finally:\n"
+          "    print('cleaned up')\n"
+          "cli.run(main)\n")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=ENV,
+                        capture_output=True, text=True, timeout=60)
+  assert (proc.returncode, proc.stdout, proc.stderr) == (130, "cleaned up\n",
+                                                          "interrupted\n")
+
+
 def test_no_top_level_launch_package_is_installed(tmp_path):
   code = ("import importlib.util as u; print(u.find_spec('launch'), "
           "u.find_spec('tracer.launch') is not None, u.find_spec('tracer.configs') is not None)")
