@@ -363,7 +363,7 @@ def query_metric(run: Run, basis, query_examples: dict, queries: Sequence[dict],
               f"most {pcfg.max_query_weight:g} of R_train's trace)")
   whose = (f"the task's ({metric.num_eval} queries)" if task is not None
            else f"fitted from these {len(queries)} queries" if pcfg.task_specific
-           else "R_train's alone (task_specific=False)")
+           else "= R_train alone (task_specific=False)")
   say(f"R {whose}, applied at scan time: "
       f"{basis.kind if basis else 'none'}, lambda={metric.lam:.4g}{capped}, "
       f"damping={metric.damping:g}, {cols} low-rank columns")
