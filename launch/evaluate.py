@@ -86,7 +86,7 @@ def tables(metrics_by_method: dict[str, dict[str, Any]], k: int = 10) -> str:
 
 
 # The keys ``evaluate.retrieval_metrics`` writes, at any k.
-_RETRIEVAL_KEY = re.compile(r"mrr|num_queries|missing|no_ground_truth|buckets|"
+_RETRIEVAL_KEY = re.compile(r"mrr|num_queries|missing|no_ground_truth|errors|buckets|"
                             r"(recall|precision)@\d+")
 
 

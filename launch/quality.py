@@ -437,9 +437,15 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
       mesh=encoder.mesh, progress=common.Progress("tail-patch", "pairs"),
       family=ckpt.family)
   per_method = tailpatch.deltas_for_topk(deltas, inverse)
+  nonfinite = tailpatch.nonfinite_listed(per_method, inverse)
   for i, name in enumerate(methods):
     metrics[name].update(tailpatch.tail_patch_at_k(per_method[i], (1, 3, 5, 10),
                                                    stderr=True))
+    metrics[name]["tail_patch_nonfinite"] = int(nonfinite[i])
+    if nonfinite[i]:
+      print(f"warning: {name}: {nonfinite[i]} proponent(s) made the loss "
+            "non-finite in their tail-patch step; left out of its averages "
+            "(tail_patch_nonfinite)")
     for j, query in enumerate(chosen):
       results[name][query]["proponent_tail_patch"] = [
           None if np.isnan(d) else float(d) for d in per_method[i, j]]

@@ -48,6 +48,17 @@ def test_first_relevant_at_rank_three():
   assert (m["num_queries"], m["missing"], m["no_ground_truth"]) == (1, 0, 0)
 
 
+def test_a_query_that_failed_is_counted_as_an_error():
+  # Its line has an error and no proponents: scored 0 as before, and now
+  # counted (it read as a retrieval that found nothing).
+  failed = {**_r("b", []), "error": "non-finite loss"}
+  m = evaluate.retrieval_metrics(
+      [_q("a", ["d1"]), _q("b", ["d2"], bucket="x")],
+      {"a": _r("a", ["d1"]), "b": failed})
+  assert (m["mrr"], m["num_queries"], m["missing"], m["errors"]) == (0.5, 2, 0, 1)
+  assert m["buckets"]["x"]["errors"] == 1
+
+
 def test_mrr_uses_full_list_but_recall_cuts_at_k():
   ids = [f"x{i}" for i in range(11)] + ["hit"]  # relevant at rank 12
   m = evaluate.retrieval_metrics([_q("a", ["hit"])], {"a": _r("a", ids)})

@@ -208,3 +208,10 @@ def test_pairs_for_topk_dedupes_across_methods():
   assert per_entry.shape == rows.shape
   assert np.array_equal(np.isnan(per_entry), rows < 0)
   np.testing.assert_array_equal(per_entry[rows >= 0], deltas[inverse[rows >= 0]])
+  # A pair whose step made the loss NaN is counted per method, apart from
+  # the missing proponents (both are NaN to tail_patch_at_k).
+  np.testing.assert_array_equal(tailpatch.nonfinite_listed(per_entry, inverse), [0, 0])
+  broken = deltas.copy()
+  broken[inverse[0, 1, 1]] = np.nan   # (query 1, row 7): listed by both methods
+  per_entry = tailpatch.deltas_for_topk(broken, inverse)
+  np.testing.assert_array_equal(tailpatch.nonfinite_listed(per_entry, inverse), [1, 1])

@@ -36,7 +36,12 @@ Metric decisions (see ``retrieval_metrics``):
   are over documents. (Before 2026-12-04 each listing counted: a document
   listed 10 times scored precision@10 = 1.)
 * A query with no line in the results scores 0 on every metric and is counted
-  in ``missing``.
+  in ``missing``; one whose line has an ``error`` (its own loss or gradient
+  was not finite: no proponents) scores what it lists, 0, and is counted in
+  ``errors``.
+* A file that lists more than k rows per query can reach past row k for its
+  k distinct documents (windows of one document share an id), and MRR reads
+  the whole list: compare methods on files of one length.
 * A query with an empty ``fact_doc_ids`` has no right answer: it is left out
   of every average and counted in ``no_ground_truth``.
 """
@@ -289,7 +294,7 @@ def _query_scores(relevant: set[str], retrieved: Sequence[str] | None,
 
 
 def _summarize(scores: list[tuple[float, float, float]], missing: int,
-               no_ground_truth: int, k: int) -> dict[str, Any]:
+               no_ground_truth: int, errors: int, k: int) -> dict[str, Any]:
   n = len(scores)
   def mean(i):
     # None rather than NaN: NaN is not valid JSON.
@@ -301,6 +306,7 @@ def _summarize(scores: list[tuple[float, float, float]], missing: int,
       "num_queries": n,
       "missing": missing,
       "no_ground_truth": no_ground_truth,
+      "errors": errors,
   }
 
 
@@ -318,16 +324,18 @@ def retrieval_metrics(queries: Sequence[Mapping[str, Any]],
 
   Returns:
     ``{"mrr", "recall@k", "precision@k", "num_queries", "missing",
-    "no_ground_truth", "buckets": {bucket: {same keys but "buckets"}}}``.
-    ``num_queries`` counts the queries averaged over (``missing`` ones
-    included as zeros, ``no_ground_truth`` ones left out). A metric over no
+    "no_ground_truth", "errors", "buckets": {bucket: {same keys but
+    "buckets"}}}``. ``num_queries`` counts the queries averaged over
+    (``missing`` ones included as zeros, ``no_ground_truth`` ones left out;
+    ``errors``: rows with an ``error``, a query whose own gradient was not
+    finite, included as what they list, no proponents: zeros). A metric over no
     queries is ``None``. Queries without a ``bucket`` count only overall.
     Result rows for ids not in ``queries`` are ignored.
   """
   if k < 1:
     raise ValueError(f"k must be positive, got {k}")
   overall: list[tuple[float, float, float]] = []
-  counts = {"missing": 0, "no_ground_truth": 0}
+  counts = {"missing": 0, "no_ground_truth": 0, "errors": 0}
   per_bucket: dict[str, list[tuple[float, float, float]]] = {}
   bucket_counts: dict[str, dict[str, int]] = {}
   for i, query in enumerate(queries):
@@ -339,17 +347,19 @@ def retrieval_metrics(queries: Sequence[Mapping[str, Any]],
     if bucket is not None:
       bucket = str(bucket)
       per_bucket.setdefault(bucket, [])
-      bucket_counts.setdefault(bucket, {"missing": 0, "no_ground_truth": 0})
+      bucket_counts.setdefault(bucket, {"missing": 0, "no_ground_truth": 0,
+                                        "errors": 0})
     if not relevant:
       counts["no_ground_truth"] += 1
       if bucket is not None:
         bucket_counts[bucket]["no_ground_truth"] += 1
       continue
     row = results.get(qid)
-    if row is None:
-      counts["missing"] += 1
+    failed = "missing" if row is None else "errors" if row.get("error") else None
+    if failed:
+      counts[failed] += 1
       if bucket is not None:
-        bucket_counts[bucket]["missing"] += 1
+        bucket_counts[bucket][failed] += 1
     s = _query_scores(relevant, None if row is None else row["proponent_ids"],
                       k)
     overall.append(s)

@@ -248,6 +248,16 @@ def deltas_for_topk(deltas: np.ndarray, inverse: np.ndarray) -> np.ndarray:
   return out
 
 
+def nonfinite_listed(deltas_topk: np.ndarray, inverse: np.ndarray) -> np.ndarray:
+  """int[...]: per leading index (e.g. method), how many listed proponents'
+  deltas are not finite (a step on them made the loss NaN). Like a missing
+  proponent they are NaN to ``tail_patch_at_k``, which leaves them out:
+  report this count beside it."""
+  listed = np.asarray(inverse) >= 0
+  bad = listed & ~np.isfinite(np.asarray(deltas_topk))
+  return bad.reshape(*bad.shape[:-2], -1).sum(-1)
+
+
 def _as_array(deltas: np.ndarray | Mapping[Any, Sequence[float]]) -> np.ndarray:
   """f32[Q, K] with NaN for missing proponents, from an array or a mapping."""
   if isinstance(deltas, Mapping):
