@@ -176,6 +176,17 @@ def test_explicit_param_shardings_give_the_same_encodings():
                      r"P\('model',\) does not divide shape \(259, 32\)"):
     tracer.GradientEncoder(model_lib.make_loss_fn(MODEL), params,
                            param_shardings=bad, **kwargs)
+  # Shardings on another mesh, an axis the mesh has not: named per param
+  # (an unclear jit error, and an error outside the check, before).
+  other = partitioning.param_shardings(partitioning.make_mesh(model=4), params)
+  with pytest.raises(ValueError, match=r"param_shardings\['embed'\]\['embedding'\]: "
+                     r"a NamedSharding on another mesh \(\{'data': 2, 'model': 4\}\)"):
+    tracer.GradientEncoder(model_lib.make_loss_fn(MODEL), params,
+                           param_shardings=other, **kwargs)
+  typo = jax.tree.map(lambda x: P("mdl") if x.ndim >= 2 else P(), params)
+  with pytest.raises(ValueError, match=r"\]: axis 'mdl' is not one of the mesh's"):
+    tracer.GradientEncoder(model_lib.make_loss_fn(MODEL), params,
+                           param_shardings=typo, **kwargs)
 
 
 def test_a_large_weight_the_model_axis_cannot_split_is_an_error():

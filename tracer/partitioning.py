@@ -106,15 +106,25 @@ def given_shardings(mesh: Mesh, params: Any, shardings: Any | None) -> Any:
                      f"{jax.tree.structure(params)}")
   out = []
   for (path, x), s in zip(jax.tree_util.tree_flatten_with_path(params)[0], leaves):
+    where = f"param_shardings{jax.tree_util.keystr(path)}"
+    if not isinstance(s, (NamedSharding, P)):
+      raise ValueError(f"{where}: expected a NamedSharding or PartitionSpec, got "
+                       f"{type(s).__name__}")
+    if isinstance(s, NamedSharding) and s.mesh != mesh:
+      raise ValueError(f"{where}: a NamedSharding on another mesh "
+                       f"({dict(s.mesh.shape)}) than the encoder's "
+                       f"({dict(mesh.shape)}); expected one on its mesh, or a "
+                       "PartitionSpec")
+    unknown = [a for a in jax.tree.leaves(tuple(s.spec if isinstance(s, NamedSharding)
+                                                else s)) if a not in mesh.axis_names]
+    if unknown:
+      raise ValueError(f"{where}: axis {unknown[0]!r} is not one of the mesh's "
+                       f"{mesh.axis_names}")
     s = NamedSharding(mesh, s) if isinstance(s, P) else s
-    if not isinstance(s, NamedSharding):
-      raise ValueError(f"param_shardings{jax.tree_util.keystr(path)}: expected a "
-                       f"NamedSharding or PartitionSpec, got {type(s).__name__}")
     try:
       s.shard_shape(np.shape(x))
     except ValueError:
-      raise ValueError(f"param_shardings{jax.tree_util.keystr(path)}: {s.spec} "
-                       f"does not divide shape {np.shape(x)} on mesh "
+      raise ValueError(f"{where}: {s.spec} does not divide shape {np.shape(x)} on mesh "
                        f"{dict(mesh.shape)}") from None
     out.append(s)
   return jax.tree.unflatten(tree, out)
