@@ -84,7 +84,10 @@ def test_subcommand_flags_and_bad_input(tmp_path):
 
 
 def test_ctrl_c_ends_a_run_in_one_line(tmp_path):
+  # (Python's own SIGINT handler: an xdist worker's children inherit SIGINT
+  # ignored.)
   code = ("import os, signal; from tracer.launch import cli\n"
+          "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
           "def main(argv):\n"
           "  try:\n"
           "    os.kill(os.getpid(), signal.SIGINT)\n"
