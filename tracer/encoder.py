@@ -48,8 +48,9 @@ from tracer import projection
 # that dtype (bf16: 0.15-0.25% measured on the tiny LM), so its weight is
 # allowed twice that dtype's epsilon (``verify_tolerance``).
 VERIFY_TOLERANCE = 1e-3
-# Examples the verification compares (the first usable of them counts): one
-# whose gradient is zero (every target masked) or not finite checks nothing.
+# Examples the verification compares (a weight's largest error over the
+# usable ones decides): one whose gradient is zero (every target masked) or
+# not finite checks nothing, and is skipped.
 VERIFY_EXAMPLES = 4
 
 
