@@ -65,9 +65,9 @@ RUN_TIMEOUT_S = 180    # one launch subprocess
 # (``tracer.claim``), which a killed run leaves behind and a successful one
 # deletes at its end.
 CLAIM_FILES = {"writer.json"}
-# A write puts its new value in "<key>.__lock" (tensorstore's file kvstore)
-# or "<key>.<random>.__lock" (tracer.storage's own local writes),
-# fsyncs it and renames it over the key: a killed write leaves that file.
+# A write puts its new value in "<key>.__lock" (tensorstore's file kvstore and
+# tracer.storage's own local writes), fsyncs it and renames it over the key: a
+# killed write leaves that file, and the next write of the key reuses it.
 TEMP_SUFFIX = ".__lock"
 # The first file of a new store (``store.create_or_open``, before its basis and
 # manifest): the wall-clock kills count their delay from its appearance.
@@ -516,8 +516,9 @@ def test_a_killed_writes_leftover_never_reaches_a_later_value(tmp_path):
   """A killed write leaves its temporary file. tensorstore's file driver
   writes the next value of that name into it without truncating it, so a
   shorter value kept the old tail ("ok" over "partial" read "okrtial"):
-  tracer's local writes use a file of their own, and claim records (which
-  need tensorstore's conditional writes) all have one length."""
+  tracer's local writes truncate it first (and consume it: a rerun leaves
+  nothing behind), and claim records (which need tensorstore's conditional
+  writes) all have one length."""
   from tracer import claim as claim_lib  # pylint: disable=g-import-not-at-top
   from tracer import storage  # pylint: disable=g-import-not-at-top
   from tracer.errors import StoreClaimedError  # pylint: disable=g-import-not-at-top
@@ -526,7 +527,7 @@ def test_a_killed_writes_leftover_never_reaches_a_later_value(tmp_path):
   for location, value in ((str(path), "ok"), (f"file://{path}", "k")):
     storage.write_text(location, value)
     assert path.read_text() == value
-  assert storage.list_dir(str(tmp_path)) == ["manifest.json"]
+  assert sorted(os.listdir(tmp_path)) == ["manifest.json"]
   # A claim write killed part-way: at most a record's length.
   store = tmp_path / "store"
   store.mkdir()
@@ -536,3 +537,44 @@ def test_a_killed_writes_leftover_never_reaches_a_later_value(tmp_path):
   with pytest.raises(StoreClaimedError, match=f"job {first.job}"):
     claim_lib.Claim(str(store)).acquire()   # (not taken over as unreadable)
   first.release()
+
+
+def test_concurrent_writes_of_one_file_take_turns(tmp_path):
+  """Writers of one local file share ``<name>.__lock``: each waits for the
+  lock and checks that the file it locked is still the temporary one (not
+  renamed over the name by the writer before it), so a reader never sees a
+  truncated or mixed value, and nothing is left beside the file."""
+  import threading  # pylint: disable=g-import-not-at-top
+  from tracer import storage  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "manifest.json"
+  values = [bytes([ord("a") + i]) * (7 ** i) for i in range(5)]  # 1 B .. 2.4 kB
+  seen, errors = set(), []
+  done = threading.Event()
+
+  def write(value):
+    try:
+      for _ in range(200):
+        storage.write_bytes(str(path), value)
+    except BaseException as e:  # pylint: disable=broad-except
+      errors.append(e)
+
+  def read():
+    while not done.is_set():
+      try:
+        seen.add(path.read_bytes())
+      except FileNotFoundError:
+        pass
+
+  reader = threading.Thread(target=read)
+  reader.start()
+  writers = [threading.Thread(target=write, args=(v,)) for v in values]
+  for t in writers:
+    t.start()
+  for t in writers:
+    t.join()
+  done.set()
+  reader.join()
+  assert not errors, errors
+  assert seen <= set(values), sorted(len(v) for v in seen - set(values))
+  assert len(seen) > 1  # the writers did interleave
+  assert sorted(os.listdir(tmp_path)) == ["manifest.json"]

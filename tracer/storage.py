@@ -13,15 +13,17 @@ tensorstore's key-value stores, so a store may live on any of:
   ``memory://path``               this process's memory (tests)
 
 A single ``write_bytes`` is atomic on every driver: object stores replace an
-object whole; a local file is written to a new ``<name>.<random>.__lock``
-beside it, fsynced, renamed over ``<name>``, and the directory fsynced.
-Readers therefore see an old value or a new one, never part of one, and a
-crash leaves at most a ``.__lock`` file, which listings and ``delete_dir``
-skip and remove as tensorstore's own. (Local files are not written through
-tensorstore's ``file`` driver: it writes into ``<name>.__lock`` without
-truncating it, so after a crash had left a longer one there, the next,
-shorter value kept the old tail: "ok" over "partial" read "okrtial",
-tensorstore 0.1.86.) ``delete_dir`` does not fsync.
+object whole; a local file is written as tensorstore's ``file`` driver
+writes one, into ``<name>.__lock`` beside it under an exclusive ``flock``,
+fsynced, renamed over ``<name>``, and the directory fsynced. Readers
+therefore see an old value or a new one, never part of one; concurrent
+writers of one name take turns; and a crash leaves at most ``<name>.__lock``,
+which listings and ``delete_dir`` skip (and remove) as tensorstore's own and
+the next write of ``<name>`` reuses, so a rerun leaves nothing behind.
+(Local files are not written through the ``file`` driver itself: it reuses
+that leftover without truncating it, so a shorter value kept the old tail:
+"ok" over "partial" read "okrtial", tensorstore 0.1.86.) ``delete_dir``
+does not fsync.
 
 Every open shares one ``tensorstore.Context`` (``CONTEXT``): one cache pool and
 one set of request limits for the process, and one ``memory://`` namespace, so
@@ -31,6 +33,7 @@ that a store written to ``memory://x`` can be opened again by name.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import io
 import json
@@ -46,6 +49,9 @@ from tracer.errors import InputError
 
 CONTEXT = ts.Context()
 _SCHEMES = ("gs://", "s3://", "memory://", "file://")
+# A local write's temporary file, ``<name>.__lock``: tensorstore's file driver
+# uses the same name and locking, and skips such files in its listings.
+LOCK_SUFFIX = ".__lock"
 
 
 def is_url(location: str) -> bool:
@@ -326,22 +332,42 @@ def _local_path(location: str) -> str | None:
 
 
 def _write_local(path: str, data: bytes) -> None:
-  """``data`` to ``path`` by a rename (module doc); the directories made as
-  tensorstore's file driver makes them."""
+  """``data`` to ``path`` through ``<path>.__lock`` (module doc); the
+  directories made as tensorstore's file driver makes them."""
   parent = os.path.dirname(os.path.abspath(path))
   os.makedirs(parent, exist_ok=True)
-  temp = f"{path}.{os.urandom(8).hex()}.__lock"  # created with the umask
-  fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+  temp = path + LOCK_SUFFIX
+  while True:
+    fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)  # the umask
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX)
+      # Another writer may have renamed the file we opened over ``path``
+      # while we waited: writing into it would tear ``path``. Lock again.
+      locked = os.fstat(fd)
+      try:
+        now = os.stat(temp)
+      except FileNotFoundError:
+        now = None
+      if now is not None and (now.st_dev, now.st_ino) == (locked.st_dev,
+                                                          locked.st_ino):
+        break
+    except BaseException:
+      os.close(fd)
+      raise
+    os.close(fd)
   try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
+    os.ftruncate(fd, 0)  # a killed write's leftover may be longer
+    view = memoryview(data)
+    while view:
+      view = view[os.write(fd, view):]
+    os.fsync(fd)
     os.replace(temp, path)
   except BaseException:
     with contextlib.suppress(OSError):
-      os.unlink(temp)
+      os.unlink(temp)  # still ours: the lock is held
     raise
+  finally:
+    os.close(fd)  # releases the lock
   directory = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
   try:
     os.fsync(directory)
