@@ -433,3 +433,16 @@ def test_unknown_projection_precision_is_named():
   with pytest.raises(ValueError, match="projection_precision='tf32'"):
     encoder_lib.GradientEncoder(toy_loss, toy_params(), projection_dim=100,
                                 projection_precision="tf32")
+
+
+def test_local_part_inverts_from_local_and_refuses_a_second_split():
+  mesh = partitioning.make_mesh(data=4, model=2)
+  x = np.arange(2 * 8 * 3, dtype=np.float32).reshape(2, 8, 3)
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "data"))
+  y = partitioning.from_local(x, sharding, x.shape, axis=1, start=0)
+  np.testing.assert_array_equal(partitioning.local_part(y, axis=1), x)
+  # Split on the model axis too: one shard per row offset would drop half.
+  both = jax.device_put(x, jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec("model", "data")))
+  with pytest.raises(ValueError, match="split along axis 0 too"):
+    partitioning.local_part(both, axis=1)

@@ -278,9 +278,17 @@ def from_local(local: np.ndarray, sharding: NamedSharding,
 
 def local_part(x: jax.Array, axis: int) -> np.ndarray:
   """This process's distinct shards of ``x`` along ``axis``, in order, on the host
-  (the inverse of ``from_local``; replicas over other axes are taken once)."""
+  (the inverse of ``from_local``; replicas over other axes are taken once).
+  ``x`` must be split along ``axis`` only: a ValueError otherwise (keeping one
+  shard per ``axis`` offset would drop the rest of every other axis)."""
   parts = {}
   for shard in x.addressable_shards:
+    split = [d for d in range(x.ndim)
+             if d != axis % x.ndim and shard.data.shape[d] != x.shape[d]]
+    if split:
+      raise ValueError(f"local_part along axis {axis} of an array of shape "
+                       f"{x.shape} split along axis {split[0]} too "
+                       f"({x.sharding}); expected it whole on every other axis")
     s = shard.index[axis]
     parts.setdefault((s.start or 0), shard)
   return np.concatenate([np.asarray(parts[k].data) for k in sorted(parts)],
