@@ -430,5 +430,8 @@ def main(argv):
       json.dump(out, f, indent=2)
 
 
+USES = ("workdir",)
+
+
 if __name__ == "__main__":
-  config.run(main)
+  config.run(main, uses=USES)

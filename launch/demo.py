@@ -55,5 +55,9 @@ def main(argv):
   print(f"\nreport: {os.path.abspath(page)} (open it in a browser)")
 
 
+USES = ("workdir", "top_k", "check_chunks", "max_quarantined", "claim_timeout_s",
+        "verify_store")
+
+
 if __name__ == "__main__":
-  config.run(main)
+  config.run(main, uses=USES)

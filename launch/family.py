@@ -287,5 +287,8 @@ def main(argv):
       sum_steps=config.integers("sum_steps", FLAGS.sum_steps))
 
 
+USES = ("workdir", "sum_steps")
+
+
 if __name__ == "__main__":
-  config.run(main)
+  config.run(main, uses=USES)

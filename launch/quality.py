@@ -510,5 +510,8 @@ def main(argv):
       sum_steps=config.integers("sum_steps", FLAGS.sum_steps))
 
 
+USES = ("workdir", "checkpoint", "top_k", "sum_steps", "tokenizer", "opt_state")
+
+
 if __name__ == "__main__":
-  config.run(main)
+  config.run(main, uses=USES)

@@ -537,5 +537,8 @@ def main(argv):
   sweep(FLAGS.workdir, FLAGS.grid, FLAGS.base_workdir, gin_files)
 
 
+USES = ("workdir",)
+
+
 if __name__ == "__main__":
-  config.run(main)
+  config.run(main, uses=USES)

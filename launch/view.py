@@ -113,6 +113,9 @@ def main(argv):
             FLAGS.server, FLAGS.queries, top_k))
 
 
+USES = ("output", "queries", "top_k")
+
+
 if __name__ == "__main__":
   define_flags()
-  config.run(main)
+  config.run(main, uses=USES)

@@ -81,6 +81,25 @@ def test_subcommand_flags_and_bad_input(tmp_path):
   assert proc.returncode == 2 and proc.stderr == (
       "error: --workdir, --top_k: tracer verify does not read them, so they would "
       "be ignored; expected only its own flags (tracer verify --help)\n"), proc.stderr
+  # The demo makes its own corpus and queries.
+  proc = _tracer("demo", "--corpus=c.jsonl", cwd=tmp_path)
+  assert proc.returncode == 2 and proc.stderr.startswith(
+      "error: --corpus: tracer demo does not read it"), proc.stderr
+  assert not (tmp_path / "demo").exists()
+
+
+def test_every_script_on_the_shared_flags_names_those_it_reads():
+  """A script that parses the shared flags (``config.run``) declares which of
+  ``config.SCRIPT_FLAGS`` it reads; each name is one of them."""
+  from tracer.launch import config  # pylint: disable=g-import-not-at-top
+  for path in sorted((REPO / "launch").glob("*.py")):
+    source = path.read_text()
+    if "config.run(" not in source or path.name == "config.py":
+      continue
+    assert "config.run(main, uses=USES)" in source, path.name
+    module = importlib.import_module(f"tracer.launch.{path.stem}")
+    unknown = set(module.USES) - set(config.SCRIPT_FLAGS)
+    assert not unknown, (path.name, unknown)
 
 
 def test_ctrl_c_ends_a_run_in_one_line(tmp_path):
