@@ -929,6 +929,26 @@ def test_a_bucket_is_listed_only_under_the_patterns_fixed_characters(object_stor
     assert storage.list_dir(root, prefix="zz") == []
 
 
+def test_a_file_in_a_missing_bucket_says_so(s3):
+  """A missing bucket reads as a missing object; the error adds the bounded
+  listing's reason (one request for that name's prefix), where a missing
+  file in a bucket that exists stays plain. (S3 only: the GCS emulator lists
+  a missing bucket as an empty one, so there the message stays plain.)"""
+  from tracer import store as store_lib  # pylint: disable=g-import-not-at-top
+  bucket = s3("present")
+  gone = "s3://no-such-bucket-here"
+  for read in (storage.read_text, storage.open_binary):
+    with pytest.raises(InputError) as e:
+      read(f"{bucket}/q.jsonl")
+    assert str(e.value) == f"{bucket}/q.jsonl: no such file"
+    with pytest.raises(InputError, match=r"^" + re.escape(
+        f"{gone}/q.jsonl: no such file (NOT_FOUND") + r".*\)$"):
+      read(f"{gone}/q.jsonl")
+  with pytest.raises(InputError, match=re.escape(
+      f"{gone}/s/manifest.json: no such file (NOT_FOUND")):
+    store_lib.open_store(f"{gone}/s")
+
+
 def test_patterns_in_directories_match_alike_on_disk_and_in_object_storage(
     tmp_path, corpus_path, vocab):
   """``data/*/0*`` reaches every dump's files (FineWeb's layout) in a bucket as

@@ -223,7 +223,7 @@ def _load_npz(location: str, cls, data: bytes | None = None
   what = cls.__name__.lower()
   data = storage.read_bytes(location) if data is None else data
   if data is None:
-    raise InputError(f"{location}: no such {what} file")
+    raise InputError(f"{location}: {storage.missing(location, what + ' file')}")
   try:
     with np.load(io.BytesIO(data), allow_pickle=False) as f:
       meta = json.loads(str(f["metadata"]))

@@ -142,6 +142,22 @@ def read_bytes(location: str) -> bytes | None:
   return None if result.state == "missing" else bytes(result.value)
 
 
+def missing(location: str, what: str = "file") -> str:
+  """Why ``location`` was not found, for an error: ``no such file``, and for an
+  object in a bucket that cannot be listed (a missing bucket reads as a
+  missing object) the listing's reason. The listing is of that one name's
+  prefix: one request, however large the bucket."""
+  text = f"no such {what}"
+  if not is_url(location) or location.startswith(("memory://", "file://")):
+    return text
+  kv, name = _kv(location)
+  try:
+    kv.list(ts.KvStore.KeyRange(name, name + "\0")).result()
+  except ValueError as e:
+    return f"{text} ({reason(e)})"
+  return text
+
+
 # Bytes per range read of a streamed object (``open_binary``): what one open
 # file holds in memory, twice (the window being read and the next, in flight).
 READ_WINDOW = 16 << 20
@@ -195,7 +211,8 @@ class ObjectReads:
         return None
       raise InputError(f"{self.location}: cannot read: {reason(e)}") from None
     if result.state == "missing":
-      raise InputError(f"{self.location}: no such file" if self._generation is None
+      raise InputError(f"{self.location}: {missing(self.location)}"
+                       if self._generation is None
                        else f"{self.location}: deleted while being read")
     generation = result.stamp.generation
     if self._generation is None:
@@ -262,7 +279,7 @@ def read_text(location: str) -> str:
   """The file as UTF-8 text; InputError naming it if missing or not UTF-8."""
   data = read_bytes(location)
   if data is None:
-    raise InputError(f"{location}: no such file")
+    raise InputError(f"{location}: {missing(location)}")
   try:
     return data.decode("utf-8")
   except UnicodeDecodeError as e:

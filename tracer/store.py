@@ -987,7 +987,8 @@ def open_store(path: str | os.PathLike[str],
   path = storage.normalize(path)
   where = storage.join(path, MANIFEST)
   if not storage.exists(where):
-    raise InputError(f"{where}: no such file; {path} is not an encoding store")
+    raise InputError(f"{where}: {storage.missing(where)}; {path} is not an "
+                     "encoding store")
   manifest = read_manifest(path)
   if expected is not None:
     manifest.check_compatible(expected, fields, where=where)
