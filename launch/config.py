@@ -454,8 +454,8 @@ def check_writable(location: str, what: str = "output", kind: str = "file"
   directory itself (if it exists) or its nearest existing ancestor is a
   writable directory. URLs other than
   file:// are not checked: a bucket says so at the first write."""
-  local = (location or "").removeprefix("file://")
-  if not local or storage.is_url(local):
+  local = storage.local_path(location) if location else None
+  if not local:
     return
   path = os.path.abspath(local)
   if os.path.isdir(path) and kind == "file":

@@ -50,8 +50,8 @@ def _load_existing(location) -> dict[str, Any]:
   written, so a URL's file is merged into too."""
   location = os.fspath(location)
   expected = "expected a metrics file: a JSON object of method -> metrics"
-  local = location.removeprefix("file://")
-  if not storage.is_url(local) and os.path.isdir(local):
+  local = storage.local_path(location)
+  if local is not None and os.path.isdir(local):
     raise InputError(f"{location}: is a directory; {expected}")
   data = storage.read_bytes(location)
   if data is None:

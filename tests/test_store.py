@@ -262,6 +262,26 @@ def test_bad_inputs(tmp_path):
     store_lib.read_manifest(s)
 
 
+def test_file_urls_name_absolute_paths_on_this_machine(tmp_path, monkeypatch):
+  """``file:///P`` and ``file://localhost/P`` are ``/P``; ``file://host/P``
+  (before 2026-12-04 the relative path ``host/P``, written under the working
+  directory) is refused."""
+  from tracer import storage  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  for url in (f"file://{tmp_path}/a.txt", f"file://localhost{tmp_path}/a.txt"):
+    storage.write_text(url, url)
+    assert (tmp_path / "a.txt").read_text() == url
+    assert storage.normalize(url) == f"file://{tmp_path}/a.txt"
+  assert storage.local_path("file://") == "/" and storage.normalize("file:///") == "file:///"
+  assert storage.local_path("gs://b/x") is None and storage.local_path("r/x") == "r/x"
+  store_lib.create_or_open(f"file://localhost{tmp_path}/s", _manifest())
+  assert store_lib.open_store(tmp_path / "s").manifest.dim == _manifest().dim
+  for bad in ("file://otherhost/x.txt", "file://x.txt", "file://localhostx/y"):
+    with pytest.raises(InputError, match=f"^{bad}: a file URL names an absolute path"):
+      storage.write_text(bad, "x")
+  assert sorted(os.listdir(tmp_path)) == ["a.txt", "s"]
+
+
 @pytest.mark.parametrize("field,value,expected", [
     ("dim", None, "an integer"), ("num_rows", "16x", "an integer"),
     ("chunk_rows", 2.5, "an integer"), ("step", True, "an integer"),

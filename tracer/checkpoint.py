@@ -62,7 +62,7 @@ def manager(directory: str, max_to_keep: int = 2) -> ocp.CheckpointManager:
                      f"{ocp.__version__} has no S3 file system); keep them on a "
                      "local or network disk, or gs://")
   return ocp.CheckpointManager(
-      directory.removeprefix("file://"), item_names=("state", "config"),
+      storage.local_path(directory) or directory, item_names=("state", "config"),
       options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True))
 
 
@@ -95,8 +95,8 @@ def _abstract_state(family, model_config, optimizer_config, mesh):
 
 
 def _steps(directory: str) -> tuple[list[int], ocp.CheckpointManager]:
-  local = storage.normalize(directory).removeprefix("file://")
-  if not storage.is_url(local) and not os.path.isdir(local):
+  local = storage.local_path(storage.normalize(directory))
+  if local is not None and not os.path.isdir(local):
     raise InputError(f"{directory}: no checkpoint directory")
   mngr = manager(directory)
   return sorted(mngr.all_steps()), mngr

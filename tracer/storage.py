@@ -59,15 +59,36 @@ def is_url(location: str) -> bool:
   return str(location).startswith(_SCHEMES)
 
 
-def normalize(location: str | os.PathLike[str]) -> str:
-  """A URL unchanged (without a trailing slash; a scheme's root keeps its
-  ``://``); a local path made absolute."""
+def local_path(location: str | os.PathLike[str]) -> str | None:
+  """The file path of a local location: a path as given, a ``file://`` URL's
+  path; None for any other URL. A file URL names an absolute path on this
+  machine, ``file:///PATH`` or ``file://localhost/PATH`` (``file://`` alone,
+  a parent ``split`` gives, is the root); another host is an InputError, not
+  a relative path. Its name is taken as written, not percent-decoded: tracer
+  joins names onto URLs as they are."""
   location = os.fspath(location)
+  if not location.startswith("file://"):
+    return None if is_url(location) else location
+  path = location[len("file://"):]
+  if path == "localhost" or path.startswith("localhost/"):
+    path = path[len("localhost"):]
+  if path and not path.startswith("/"):
+    raise InputError(f"{location}: a file URL names an absolute path on this "
+                     "machine; expected file:///PATH (or file://localhost/PATH)")
+  return path or "/"
+
+
+def normalize(location: str | os.PathLike[str]) -> str:
+  """A URL without a trailing slash (a scheme's root keeps its ``://``;
+  ``file://localhost/PATH`` becomes ``file:///PATH``); a local path made
+  absolute."""
+  location = os.fspath(location)
+  if location.startswith("file://"):
+    # ``file:///``'s path is the root: its slash is not a trailing one.
+    return "file://" + (local_path(location).rstrip("/") or "/")
   if is_url(location):
     scheme, rest = location.split("://", 1)
-    # ``file:///``'s path is the root: its slash is not a trailing one.
-    rest = rest.rstrip("/") or ("/" if scheme == "file" and rest else "")
-    return f"{scheme}://{rest}"
+    return f"{scheme}://{rest.rstrip('/')}"
   return os.path.abspath(location)
 
 
@@ -111,9 +132,7 @@ def kvstore_spec(location: str) -> dict[str, Any]:
   if location.startswith("memory://"):
     path = location[len("memory://"):]
     return {"driver": "memory", "path": path + "/" if path else ""}
-  if location.startswith("file://"):
-    location = location[len("file://"):]
-  return {"driver": "file", "path": location.rstrip("/") + "/"}
+  return {"driver": "file", "path": local_path(location).rstrip("/") + "/"}
 
 
 @functools.lru_cache(maxsize=256)
@@ -332,20 +351,13 @@ def write_bytes(location: str, data: bytes) -> None:
   write (a full disk, no permission) is an InputError naming ``location``;
   nothing is left under its name."""
   with writing(location):
-    local = _local_path(location)
+    local = local_path(location)
     if local is None:
       kv, name = _kv(location)
       kv.write(name, data).result()
     else:
       _write_local(local, data)
 
-
-def _local_path(location: str) -> str | None:
-  """The file path of a local location (a path or ``file://``), else None."""
-  location = os.fspath(location)
-  if location.startswith("file://"):
-    return location[len("file://"):]
-  return None if is_url(location) else location
 
 
 def _write_local(path: str, data: bytes) -> None:

@@ -682,7 +682,7 @@ class EncodingStore:
   def _local_records(self, chunks: Sequence[int]) -> dict[int, dict[str, Any]]:
     out = {}
     for c in chunks:
-      path = self._marker(c).removeprefix("file://")
+      path = storage.local_path(self._marker(c))
       try:
         with open(path, "rb") as f:
           data = f.read()
@@ -722,13 +722,13 @@ class EncodingStore:
     (``_array_spec``: uncompressed little-endian C-order chunks, each stored
     whole), so a chunk file's bytes are its rows."""
     return (sys.byteorder == "little"
-            and (not storage.is_url(self.path) or self.path.startswith("file://")))
+            and storage.local_path(self.path) is not None)
 
   def _open_chunk(self, chunk: int) -> int | None:
     """A read-only descriptor of a local chunk file, or None if it does not
     exist (tensorstore then reads the fill value, 0: a chunk of zeros is not
     stored). Raises CorruptStoreError if its size is not a whole chunk's."""
-    path = self.chunk_file(chunk).removeprefix("file://")
+    path = storage.local_path(self.chunk_file(chunk))
     try:
       fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
@@ -901,8 +901,8 @@ def create_or_open(path: str | os.PathLike[str], manifest: Manifest,
         manifest, ENCODING_FIELDS + STORAGE_FIELDS + ("quantization",),
         where=storage.join(path, MANIFEST), other="this run")
     return store
-  local = path.removeprefix("file://")
-  if not storage.is_url(local) and os.path.exists(local) and not os.path.isdir(local):
+  local = storage.local_path(path)
+  if local is not None and os.path.exists(local) and not os.path.isdir(local):
     raise InputError(f"{path}: exists and is not a directory")
   names = storage.list_dir(path)
   # Files an unfinished creation may have left, with other settings.
