@@ -85,6 +85,10 @@ flags.DEFINE_integer("max_batch_queries", 256, "Queries per request and per "
 flags.DEFINE_integer("max_top_k", 100, "Largest top_k a request may ask for.",
                      lower_bound=1)
 flags.DEFINE_float("max_body_mb", 16.0, "Largest request body.")
+flags.DEFINE_float("max_bodies_mb", 64.0, "Request bodies held at once (being "
+                   "read, parsed or waiting for their batch): past it a request "
+                   "gets a 503 (one alone is always taken). A parsed body takes "
+                   "up to ~30x its bytes.")
 flags.DEFINE_integer("max_connections", 256, "Open connections at once (each "
                      "holds a thread); one more gets a 503.", lower_bound=1)
 flags.DEFINE_float("idle_tick_s", 5.0, "Multi-host: while no request comes, "
@@ -164,13 +168,14 @@ def build(workdir: str, store_path: str | None = None, corpus: str | None = None
 
 
 def limits(num_rows: int, top_k: int, max_top_k: int, max_queries: int,
-           max_body_mb: float) -> serving.Limits:
+           max_body_mb: float, max_bodies_mb: float = 64.0) -> serving.Limits:
   """A request's limits (the flags'); a request without ``top_k`` gets
   ``top_k``, within what any request may ask for."""
   return serving.Limits(
       num_rows=num_rows, max_top_k=max_top_k, max_queries=max_queries,
       default_top_k=min(top_k, max_top_k, num_rows),
-      max_body_bytes=int(max_body_mb * 2**20))
+      max_body_bytes=int(max_body_mb * 2**20),
+      max_bodies_bytes=int(max_bodies_mb * 2**20))
 
 
 def info(tracer: serving.Tracer, lim: serving.Limits) -> dict:
@@ -315,7 +320,7 @@ def main(argv):
     serving.follow(tracer, serving.Channel())
     return
   lim = limits(tracer.index.store.num_rows, FLAGS.top_k, FLAGS.max_top_k,
-               FLAGS.max_batch_queries, FLAGS.max_body_mb)
+               FLAGS.max_batch_queries, FLAGS.max_body_mb, FLAGS.max_bodies_mb)
   server = Server(tracer, FLAGS.host, FLAGS.port, FLAGS.batch_window_ms / 1000,
                   FLAGS.log_requests, lim, FLAGS.max_connections)
   print(f"listening on {server.url} (POST /trace, GET /health)", flush=True)

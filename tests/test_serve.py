@@ -480,6 +480,37 @@ def test_streamed_index_answers_the_same(traced, tracer_):
     assert_same_records(answer.records, traced.results[name])
 
 
+def test_a_damaged_store_fails_each_request_of_its_batch_with_a_500(traced,
+                                                                    tmp_path):
+  """Streamed, one process: a chunk goes bad while the server runs. The
+  requests batched together are well formed: each gets a 500 that names no
+  server path (a CorruptStoreError is an InputError, which was a 400 before
+  2026-12-04), and the server goes on answering /health."""
+  store = tmp_path / "store"
+  shutil.copytree(traced.root / "store", store)
+  built = serve.build(str(traced.root), store_path=str(store), corpus=traced.corpus,
+                      checkpoint=traced.checkpoint, budget_mb=0)
+  server = serve.Server(built, window_s=0.5)
+  try:
+    queries = traced.sets["all"][0]
+    assert serving.trace(server.url, queries[:1], K)["results"]
+    written = store_lib.open_store(str(store))
+    written.array[written.num_rows - 1:written.num_rows].write(
+        np.full((1, written.dim), 7, written.array.dtype.numpy_dtype)).result()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+      futures = [pool.submit(serving.trace, server.url, queries[i:i + 1], K)
+                 for i in (1, 2)]
+      for future in futures:
+        with pytest.raises(InputError) as e:
+          future.result()
+        assert str(e.value) == (
+            f"{server.url}/trace: HTTP 500: internal error: the batch this request "
+            "was in failed (CorruptStoreError); the server's log says why")
+    assert _raw(server.url, "GET", "/health")[0] == 200
+  finally:
+    server.close()
+
+
 @pytest.fixture(scope="module")
 def summed_want(traced, tmp_path_factory):
   """``tracer trace --sum_steps=1``'s results for the three queries files (it
@@ -743,6 +774,51 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_the_server_goes_on(
     assert_same_records(got["results"], traced.results["one"])
   finally:
     server.close()
+
+
+def test_bodies_in_flight_are_bounded_together():
+  """A stand-in batcher holds the first request's batch: a second body that
+  would take the bodies held past ``max_bodies_bytes`` gets a 503 (16 MiB of
+  tiny JSON values parsed took 444 MiB, and 256 connections could each hold
+  one); once the first is answered, it is taken. A body sent with a
+  Transfer-Encoding is refused, not read by its Content-Length."""
+  import threading  # pylint: disable=g-import-not-at-top
+  release = threading.Event()
+
+  def answer(requests):
+    release.wait(60)
+    return [serving.Answer([{"query_id": q["id"]} for q in r.queries], None)
+            for r in requests], {}
+
+  query = lambda i: {"id": f"q{i}", "prompt": "p" * 200, "target": "t"}
+  body = lambda i: json.dumps({"queries": [query(i)]}).encode()
+  limits = serving.Limits(num_rows=10, max_bodies_bytes=len(body(0)) + 100)
+  batcher = serving.Batcher(answer, window_s=0.0)
+  service = serving.Service(limits, lambda r: None, batcher, {})
+  http = serving.make_server(service)
+  thread = threading.Thread(target=http.serve_forever, daemon=True)
+  thread.start()
+  url = "http://%s:%d" % http.server_address[:2]
+  try:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      first = pool.submit(_post, url, body(0))
+      deadline = time.monotonic() + 30
+      while not service.bodies_bytes and time.monotonic() < deadline:
+        time.sleep(0.01)  # until the first body is taken
+      status, reply = _post(url, body(1))
+      assert status == 503 and "bytes of requests at most" in reply["error"], reply
+      release.set()
+      assert first.result() == (200, {"results": [{"query_id": "q0"}],
+                                      "batch": {"requests": 1, "queries": 1,
+                                                "timing_s": {}}})
+    assert _post(url, body(1))[0] == 200
+    status, reply = _raw(url, "POST", "/trace", b"0\r\n\r\n",
+                         {"Transfer-Encoding": "chunked", "Content-Length": "5"})
+    assert status == 501 and "Transfer-Encoding" in reply["error"], reply
+  finally:
+    release.set()
+    http.shutdown()
+    batcher.close()
 
 
 def test_a_stalled_connection_is_closed(traced, tracer_):

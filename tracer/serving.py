@@ -107,6 +107,10 @@ class Limits:
   max_queries: int = 256           # per request, and per batch
   default_top_k: int = 10
   max_body_bytes: int = 16 << 20
+  # Every body being read, parsed or waiting for its batch, together (a
+  # parsed body takes up to ~30x its bytes: 16 MiB of tiny JSON values took
+  # 444 MiB); one request alone is always taken.
+  max_bodies_bytes: int = 64 << 20
 
 
 class Request(NamedTuple):
@@ -1004,6 +1008,24 @@ class Service:
   batcher: Batcher
   info: dict
   log: bool = False
+  bodies_bytes: int = dataclasses.field(default=0, init=False)  # in flight
+  _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock,
+                                            init=False, repr=False)
+
+  def take_body(self, size: int) -> bool:
+    """Whether a body of ``size`` bytes fits beside those in flight
+    (``Limits.max_bodies_bytes``); if it does, it is counted until
+    ``give_body``."""
+    with self._lock:
+      if self.bodies_bytes and (self.bodies_bytes + size
+                                > self.limits.max_bodies_bytes):
+        return False
+      self.bodies_bytes += size
+      return True
+
+  def give_body(self, size: int) -> None:
+    with self._lock:
+      self.bodies_bytes -= size
 
 
 class _ReadsBy(io.RawIOBase):
@@ -1113,23 +1135,49 @@ def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
         self._read_all()
         self._error(*refused, close=True)
         return
+      size = int(self.headers["Content-Length"])
+      if not service.take_body(size):
+        self._read_all()
+        self._error(503, f"the server holds {service.limits.max_bodies_bytes:,} "
+                    "bytes of requests at most, and those it is answering "
+                    f"leave too few for {size:,}; try again", close=True)
+        return
+      try:
+        self._answer(size)
+      finally:
+        service.give_body(size)
+
+    def _answer(self, size: int) -> None:
+      """Reads a POST /trace body of ``size`` bytes and answers it."""
       # Within the request's deadline (TimeoutError: http.server closes).
-      body = self.rfile.read(int(self.headers["Content-Length"]))
-      if len(body) < int(self.headers["Content-Length"]):
+      body = self.rfile.read(size)
+      if len(body) < size:
         raise TimeoutError("connection closed mid-body")
       self._read_all()
       try:
         request = parse_request(body, service.limits)
         service.check(request)
-        answer, info = service.batcher.submit(request)
       except RequestError as e:
         self._error(e.status, str(e))
         return
-      except InputError as e:
+      except InputError as e:  # this request's: a query that does not fit
         self._error(400, str(e))
         return
       except Exception as e:  # pylint: disable=broad-except
         self._error(500, f"internal error: {type(e).__name__}: {e}")
+        return
+      try:
+        answer, info = service.batcher.submit(request)
+      except RequestError as e:  # the server is stopping
+        self._error(e.status, str(e))
+        return
+      except Exception as e:  # pylint: disable=broad-except
+        # The batch failed, not this request (a damaged store chunk is an
+        # InputError too, but not the client's): every request in it gets a
+        # 500; the server's log has the traceback (Batcher._serve), and the
+        # message names no server path.
+        self._error(500, f"internal error: the batch this request was in "
+                    f"failed ({type(e).__name__}); the server's log says why")
         return
       if answer.error is not None:
         self._error(422, str(answer.error))
@@ -1143,6 +1191,11 @@ def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
       if self._path() != "/trace":
         return (405 if self._path() == "/health" else 404,
                 f"POST {self._path()!r}: expected POST /trace")
+      if self.headers.get("Transfer-Encoding") is not None:
+        # (RFC 9112 6.3: read by it or refused; read by Content-Length, the
+        # chunks' framing was parsed as the body.)
+        return 501, ("Transfer-Encoding is not supported; send the body with "
+                     "a Content-Length")
       length = self.headers.get("Content-Length")
       if length is None:
         return 411, "Content-Length required"
