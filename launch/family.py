@@ -39,9 +39,12 @@ from tracer.launch import config
 from tracer.launch import progress
 from tracer.launch import quality
 from tracer.launch import train
+from tracer import checkpoint as ckpt_lib
 from tracer import evaluate
 from tracer import facts
 from tracer import stats
+from tracer.config import EncodeConfig
+from tracer.config import PreconditionerConfig
 from tracer.errors import InputError
 
 flags.DEFINE_list("styles", ["paraphrase", "natural", "dense"],
@@ -101,9 +104,11 @@ def ensure_set(set_dir: str, style: str, seed: int, facts_per_bucket: int,
   if not os.path.exists(record):
     evaluate.write_text_atomic(record, json.dumps(made))
   checkpoints = os.path.join(set_dir, "checkpoints")
-  if not os.path.isdir(checkpoints) or not any(
-      name.isdigit() for name in os.listdir(checkpoints)):
-    progress.say(f"{set_dir}: training the model")
+  started = os.path.isdir(checkpoints) and any(
+      name.isdigit() for name in os.listdir(checkpoints))
+  # A killed training run left its last checkpoint: resumed, not scored.
+  if not started or not ckpt_lib.finished(checkpoints):
+    progress.say(f"{set_dir}: {'resuming' if started else 'training'} the model")
     train.train(str(corpus), set_dir)
   return str(corpus), str(queries)
 
@@ -123,21 +128,62 @@ def step_dir(set_dir: str, step: int) -> str:
   return os.path.join(set_dir, f"step-{int(step)}")
 
 
+def set_name(scored_dir: str) -> str:
+  """The set a set's directory or ``step_dir`` belongs to."""
+  name = os.path.basename(scored_dir.rstrip("/"))
+  if name.startswith("step-"):
+    return os.path.basename(os.path.dirname(scored_dir.rstrip("/")))
+  return name
+
+
 def score_set(out_dir: str, corpus: str, queries: str, num_tail_patch: int,
               checkpoint: str | None = None, sum_steps=()) -> None:
-  """``tracer quality`` into ``out_dir`` unless its quality.json exists (and
-  holds ``quality.SUM_METHOD`` when ``sum_steps`` asks for it)."""
+  """``tracer quality`` into ``out_dir`` unless its quality.json was scored as
+  this run asks (``stale``)."""
   path = os.path.join(out_dir, "quality.json")
-  again = False
-  if os.path.exists(path) and sum_steps:
+  if os.path.exists(path):
     with open(path) as f:
-      again = quality.SUM_METHOD not in json.load(f)["methods"]
-    if again:
-      progress.say(f"{out_dir}: scored before --sum_steps; scoring again")
-  if again or not os.path.exists(path):
+      why = stale(json.load(f), checkpoint or os.path.join(out_dir, "checkpoints"),
+                  num_tail_patch, sum_steps)
+    if not why:
+      return
+    progress.say(f"{out_dir}: scored {'; '.join(why)}; scoring again")
+  else:
     progress.say(f"{out_dir}: scoring every method")
-    quality.run(out_dir, num_tail_patch=num_tail_patch, corpus_path=corpus,
-                queries_path=queries, checkpoint=checkpoint, sum_steps=sum_steps)
+  quality.run(out_dir, num_tail_patch=num_tail_patch, corpus_path=corpus,
+              queries_path=queries, checkpoint=checkpoint, sum_steps=sum_steps)
+
+
+def stale(report: dict, checkpoint: str, num_tail_patch: int, sum_steps) -> list[str]:
+  """How a set's report differs from what this run would score: another
+  step of ``checkpoint`` (a directory: its latest; a set whose training was
+  resumed), another number of tail-patch queries (when one is asked for:
+  without one, a report is reused however many it patched), other sums or
+  other settings. Reports from before
+  2026-12-04 recorded no sums or settings: those are not compared."""
+  if os.path.basename(checkpoint.rstrip("/")).isdigit():
+    step = int(os.path.basename(checkpoint.rstrip("/")))
+  else:
+    step = ckpt_lib.saved_step(checkpoint)[0]
+  asked = min(num_tail_patch, report["queries"])
+  why = []
+  if report_step(report) != step:
+    why.append(f"at step {report_step(report)}, the checkpoint is at {step}")
+  if num_tail_patch > 0 and report["tail_patch_queries"] != asked:
+    why.append(f"with {report['tail_patch_queries']} tail-patch queries, this "
+               f"run asks {asked}")
+  summed = report.get("sum_steps")
+  if sum_steps and (quality.SUM_METHOD not in report["methods"] or (
+      summed is not None and summed != [int(s) for s in sum_steps])):
+    why.append(f"summed over {summed or 'no steps'}, this run asks "
+               f"{[int(s) for s in sum_steps]} (--sum_steps)")
+  settings = quality.settings(config.make(EncodeConfig),
+                              config.make(PreconditionerConfig))
+  if report.get("settings", settings) != settings:
+    differ = [f"{c}.{f}" for c in settings for f in settings[c]
+              if report["settings"].get(c, {}).get(f) != settings[c][f]]
+    why.append(f"with other {', '.join(differ)}")
+  return why
 
 
 # The memorization table's methods and columns.
@@ -190,7 +236,7 @@ def summarize(set_dirs: list[str], k: int = 10) -> dict:
     if method != REFERENCE:
       summary[method][f"{REFERENCE} - this, tail_patch@{k}"] = stats.paired(
           reference, values)
-  return {"sets": [os.path.basename(d) for d in set_dirs], "methods": summary,
+  return {"sets": [set_name(d) for d in set_dirs], "methods": summary,
           "influence_by_kind": pooled_kinds(reports, k),
           "score_tail_patch_rho": pooled_rho(reports)}
 
@@ -237,6 +283,10 @@ def format_summary(summary: dict) -> str:
 def run(workdir: str, styles, seeds, facts_per_bucket: int, distractor_docs: int,
         only_train: bool = False, num_tail_patch: int = 0,
         train_bindings=TRAIN_BINDINGS, steps=(), sum_steps=()) -> dict | None:
+  repeated = sorted({int(s) for s in steps if [int(t) for t in steps].count(int(s)) > 1})
+  if repeated:  # (its sets would count twice in the spread and paired test)
+    raise InputError(f"--steps names step {repeated[0]} twice; expected each "
+                     "step once")
   with gin.unlock_config():
     gin.parse_config(train_bindings)
   set_dirs, by_step = [], {}

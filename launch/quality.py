@@ -59,6 +59,7 @@ from tracer import storage
 from tracer import tailpatch
 from tracer import unit_normalize
 from tracer import viewer
+from tracer.config import ENCODING_SETTINGS
 from tracer.config import PreconditionerConfig
 
 flags.DEFINE_integer("tail_patch_queries", 0, "Queries used for tail-patch, "
@@ -223,6 +224,14 @@ def bm25_topk(corpus, queries, k) -> scan_lib.TopK:
   prop_rows = np.where(missing, scan_lib.INVALID_ROW, prop_rows)
   prop_scores = np.where(missing, -np.inf, prop_scores).astype(np.float32)
   return scan_lib.TopK(prop_rows, prop_scores, opp_rows, opp_scores)
+
+
+def settings(ecfg, pcfg) -> dict:
+  """The settings a report's scores depend on, as its JSON holds them: the
+  encoding's (``ENCODING_SETTINGS``; not batch sizes or the mesh) and R's."""
+  return json.loads(json.dumps({
+      "EncodeConfig": {k: getattr(ecfg, k) for k in ENCODING_SETTINGS},
+      "PreconditionerConfig": dataclasses.asdict(pcfg)}))
 
 
 def tail_patch_queries(queries, count) -> np.ndarray:
@@ -482,7 +491,9 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
             "tail_patch_queries": int(len(chosen)),
             "tail_patch_optimizer": ("sgd" if sgd_learning_rate is not None else
                                      ckpt.optimizer_config.name),
-            "checkpoint": ckpt.path, "step": int(ckpt.step)}
+            "checkpoint": ckpt.path, "step": int(ckpt.step),
+            "sum_steps": [int(s) for s in sum_steps],
+            "settings": settings(ecfg, pcfg)}
   evaluate.write_text_atomic(storage.join(workdir, "quality.json"),
                              json.dumps(report, indent=2))
   evaluate.write_text_atomic(storage.join(workdir, "quality.md"),

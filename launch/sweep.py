@@ -104,16 +104,32 @@ FLAGS = config.FLAGS  # with the shared flags (--workdir, --gin_file) defined
 COLUMNS = ("mrr", "recall@10", "precision@10")
 
 
-def expand(grid: list[str]) -> list[list[str]]:
-  """``["A=1,2", "B=x"]`` -> ``[["A=1", "B=x"], ["A=2", "B=x"]]``."""
-  axes = []
+def parse_grid(grid: list[str]) -> dict[str, list[str]]:
+  """``["A=1,2", "B=x"]`` -> ``{"A": ["1", "2"], "B": ["x"]}``; UsageError
+  for a spec without values, an axis given twice (the first was dropped, or
+  two runs named by their values ran the same point), or a value twice."""
+  axes = {}
   for spec in grid:
     if "=" not in spec:
       raise app.UsageError(f"--grid={spec!r}: expected 'Binding=v1,v2,...'")
     key, values = spec.split("=", 1)
-    axes.append([f"{key.strip()}={v.strip()}" for v in values.split(",") if v.strip()])
-    if not axes[-1]:
+    key, values = key.strip(), [v.strip() for v in values.split(",") if v.strip()]
+    if not values:
       raise app.UsageError(f"--grid={spec!r}: no values; expected 'Binding=v1,v2,...'")
+    if key in axes:
+      raise app.UsageError(f"--grid={spec!r}: the axis {key} is given twice; "
+                           "expected each axis once, with all its values")
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+      raise app.UsageError(f"--grid={spec!r}: the value {repeated[0]} is given "
+                           "twice; expected each value once")
+    axes[key] = values
+  return axes
+
+
+def expand(grid: list[str]) -> list[list[str]]:
+  """``["A=1,2", "B=x"]`` -> ``[["A=1", "B=x"], ["A=2", "B=x"]]``."""
+  axes = [[f"{key}={v}" for v in values] for key, values in parse_grid(grid).items()]
   return [list(point) for point in itertools.product(*axes)]
 
 
@@ -224,14 +240,11 @@ def family_axes(grid: list[str], ecfg, pcfg) -> dict[str, list[str]]:
           "PreconditionerConfig.damping": [str(pcfg.damping)],
           "PreconditionerConfig.lam": ["rule" if pcfg.lam is None else str(pcfg.lam)],
           "EncodeConfig.store_dtype": [ecfg.store_dtype]}
-  for spec in grid:
-    key, values = (spec.split("=", 1) + [""])[:2]
-    if key.strip() not in FAMILY_AXES:
-      raise app.UsageError(f"--grid={spec!r}: with --family_dir the axes are "
-                           f"{', '.join(FAMILY_AXES)}")
-    axes[key.strip()] = [v.strip() for v in values.split(",") if v.strip()]
-    if not axes[key.strip()]:
-      raise app.UsageError(f"--grid={spec!r}: no values")
+  unknown = [spec for spec in grid if spec.split("=", 1)[0].strip() not in FAMILY_AXES]
+  if unknown:
+    raise app.UsageError(f"--grid={unknown[0]!r}: with --family_dir the axes are "
+                         f"{', '.join(FAMILY_AXES)}")
+  axes.update(parse_grid(grid))
   # Every value is checked here, not after the projections it follows.
   for key, ok, want in (
       ("checkpoint", lambda v: v.isdigit() or v in ("last", "sum"),
@@ -244,6 +257,10 @@ def family_axes(grid: list[str], ecfg, pcfg) -> dict[str, list[str]]:
     wrong = [v for v in axes[key] if not ok(v)]
     if wrong:
       raise app.UsageError(f"--grid: {key}={','.join(wrong)}: expected {want}")
+  if axes["checkpoint"] == ["sum"]:
+    raise app.UsageError("--grid=checkpoint=sum: the sum adds the scores of "
+                         "the other checkpoints listed, and none is; expected "
+                         "some, e.g. checkpoint=50,100,sum")
   bad = [v for v in axes["query_loss"] if v not in ("target", "prediction")]
   bad += [v for v in axes["PreconditionerConfig.kind"] if v not in ("block", "none")]
   bad += [v for v in axes["EncodeConfig.store_dtype"] if v not in store_lib.DTYPES]
@@ -441,8 +458,7 @@ def table_settings(table: dict) -> dict:
 def trained(set_dir: str) -> bool:
   """Whether the set's training run reached its last step (read from its
   latest checkpoint's config, not its arrays)."""
-  step, optimizer_config = ckpt_lib.saved_step(storage.join(set_dir, "checkpoints"))
-  return step >= optimizer_config.total_steps
+  return ckpt_lib.finished(storage.join(set_dir, "checkpoints"))
 
 
 def sweep_family(workdir: str, family_dir: str, grid: list[str],

@@ -313,6 +313,20 @@ def test_sweep_rejects_unknown_axes_and_values():
       sweep.family_axes([spec], ecfg, pcfg)
   with pytest.raises(Exception, match="no values"):
     sweep.expand(["EncodeConfig.seed="])
+  # Before 2026-12-04: the first of two specs of an axis was dropped (grid
+  # mode: runs named 1024 and 4096 both ran 4096), a repeated value ran
+  # twice, and checkpoint=sum alone failed after the projections.
+  for spec, message in [
+      (["EncodeConfig.projection_dim=1024", "EncodeConfig.projection_dim=4096"],
+       "the axis EncodeConfig.projection_dim is given twice"),
+      (["EncodeConfig.seed=1,1"], "the value 1 is given twice")]:
+    with pytest.raises(Exception, match=re.escape(message)):
+      sweep.expand(spec)
+    if spec[0].startswith("EncodeConfig.projection_dim"):
+      with pytest.raises(Exception, match=re.escape(message)):
+        sweep.family_axes(spec, ecfg, pcfg)
+  with pytest.raises(Exception, match="the sum adds the scores of the other"):
+    sweep.family_axes(["checkpoint=sum"], ecfg, pcfg)
 
 
 def test_stored_rows_are_what_a_store_gives_back(tmp_path):
@@ -451,3 +465,40 @@ def test_family_flags_and_a_set_made_otherwise_are_refused(tmp_path):
                      "bucket': 4.*this run asks .*'facts_per_bucket': 9"):
     family.ensure_set(str(set_dir), "dense", 0, 9, 2)
   assert not (set_dir / "facts").exists()  # refused before anything is written
+
+
+def test_a_set_whose_training_was_killed_is_resumed_and_scored_again(
+    trained_family, tmp_path, monkeypatch):
+  """Before 2026-12-04 any checkpoint counted as a trained set: a training
+  run killed after its first checkpoint was never resumed, and its partial
+  model was scored and summarized as the set's."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  root, _ = trained_family
+  set_dir = tmp_path / "dense-0"
+  shutil.copytree(os.path.join(root, "sets", "dense-0"), set_dir)
+  report = family.read_set_report(str(set_dir))
+  checkpoints = str(set_dir / "checkpoints")
+  assert family.stale(report, checkpoints, 8, ()) == []
+  assert family.stale(report, checkpoints, 0, ()) == []  # (none asked)
+  assert family.stale(report, checkpoints, 3, ()) == [
+      "with 8 tail-patch queries, this run asks 3"]
+  assert family.stale(report, checkpoints, 8, [50]) == [
+      "summed over no steps, this run asks [50] (--sum_steps)"]
+  with gin.unlock_config():
+    gin.bind_parameter("PreconditionerConfig.damping", 0.5)
+  try:
+    assert family.stale(report, checkpoints, 8, ()) == [
+        "with other PreconditionerConfig.damping"]
+  finally:
+    with gin.unlock_config():
+      gin.bind_parameter("PreconditionerConfig.damping", 0.1)
+  shutil.rmtree(set_dir / "checkpoints" / "100")  # killed between 50 and 100
+  assert not ckpt_lib.finished(checkpoints)
+  assert family.stale(report, checkpoints, 8, ()) == [
+      "at step 100, the checkpoint is at 50"]
+  calls = []
+  monkeypatch.setattr(family.train, "train", lambda *a: calls.append(a))
+  family.ensure_set(str(set_dir), "dense", 0, 4, 10)
+  assert [os.path.basename(a[1]) for a in calls] == ["dense-0"]
+  with pytest.raises(InputError, match="--steps names step 50 twice"):
+    family.run(str(tmp_path), STYLES, SEEDS, 4, 10, steps=[50, 50])

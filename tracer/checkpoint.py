@@ -173,6 +173,13 @@ def saved_step(directory: str) -> tuple[int, train_lib.OptimizerConfig]:
   return int(step), optimizer_config
 
 
+def finished(directory: str) -> bool:
+  """Whether the training run of a CheckpointManager directory reached its
+  last step (``saved_step``: no array is read)."""
+  step, optimizer_config = saved_step(directory)
+  return step >= optimizer_config.total_steps
+
+
 def _read_config(directory: str, step: int | None):
   """``(manager, step, step directory, (family, model config, optimizer
   config, data config))`` of a step (default: the latest), from its config
