@@ -49,14 +49,19 @@ from tracer import model as model_lib
 from tracer import partitioning
 from tracer import train as train_lib
 
+SUITES = ("encode", "scan", "correction", "decode", "predictions")
 flags.DEFINE_list("suite", ["encode", "scan"], "Which benchmarks: encode, scan, "
                   "correction (needs --workdir with an AdamW checkpoint and facts), "
                   "decode (needs the gemma extra), predictions.")
+flags.register_validator(
+    "suite", lambda suites: bool(suites) and set(suites) <= set(SUITES),
+    f"expected one or more of {', '.join(SUITES)}")
 flags.DEFINE_list("models", ["tiny", "small"], "Gin configs under configs/.")
 flags.DEFINE_list("dims", ["4096", "65536"], "Projection dims for encode.")
 flags.DEFINE_integer("batch_size", 0, "Examples per call (0: 32 tiny, 8 others).")
 flags.DEFINE_integer("microbatch_size", 0, "Encoder microbatch (0: batch/devices).")
-flags.DEFINE_integer("repeats", 3, "Timed repetitions after one warm-up.")
+flags.DEFINE_integer("repeats", 3, "Timed repetitions after one warm-up.",
+                     lower_bound=1)
 flags.DEFINE_list("kernels", ["exact", "factored"], "Encoder kernels to compare.")
 flags.DEFINE_list("precisions", ["highest"], "The projections' matmul precisions "
                   "to time (EncodeConfig.projection_precision); past the first, "
@@ -424,7 +429,8 @@ def main(argv):
         "every_device_s", "speedup", "same_tokens", "max_probability_rel_diff"]))
   if "scan" in FLAGS.suite:
     from tracer.launch import benchmark_scan
-    out["scan"] = benchmark_scan.run_scan_benchmark()
+    out["scan"] = benchmark_scan.run_scan_benchmark(repeats=FLAGS.repeats)
+    print(benchmark_scan.to_markdown(out["scan"]))
   if FLAGS.json_out:
     with open(FLAGS.json_out, "w") as f:
       json.dump(out, f, indent=2)

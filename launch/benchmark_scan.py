@@ -71,7 +71,8 @@ def define_flags() -> None:
       "chunk_rows", None, "Rows per scan step; default scan.default_chunk_rows.")
   _STORE_CHUNK_ROWS = flags.DEFINE_integer("store_chunk_rows", 4096,
                                            "Rows per stored zarr chunk.")
-  _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per method (best kept).")
+  _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per method (best kept).",
+                                  lower_bound=1)
   _WORKDIR = flags.DEFINE_string("workdir", None,
                                  "Where to write the stores (default: a tmp dir).")
   _OUTPUT = flags.DEFINE_string(
