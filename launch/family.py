@@ -52,8 +52,10 @@ flags.DEFINE_list("styles", ["paraphrase", "natural", "dense"],
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the family, one set each "
                   "per style.")
 # Named apart from make-facts' --facts_per_bucket: absl flags are global.
-flags.DEFINE_integer("set_facts_per_bucket", 40, "Query facts per bucket in each set.")
-flags.DEFINE_integer("set_distractor_docs", 100, "Filler-only documents in each set.")
+flags.DEFINE_integer("set_facts_per_bucket", 40, "Query facts per bucket in each set.",
+                     lower_bound=1)
+flags.DEFINE_integer("set_distractor_docs", 100, "Filler-only documents in each set.",
+                     lower_bound=0)
 flags.DEFINE_bool("only_train", False, "Prepare and train every set, then stop.")
 flags.DEFINE_list("steps", [], "Earlier checkpoints (training steps) to score "
                   "every set at as well, for the memorization table.")
@@ -70,6 +72,16 @@ def set_names(styles, seeds) -> list[str]:
   its queries twice in the spread and the paired test)."""
   if not styles or not seeds:
     raise InputError("--styles and --seeds: expected at least one of each")
+  # Checked before any set trains (an unknown style was found after the sets
+  # before it had trained; a seed -1 made the set dense--1, read back as a
+  # style "dense-").
+  unknown = [s for s in styles if s not in facts.STYLES]
+  if unknown:
+    raise InputError(f"--styles: unknown style {unknown[0]!r}; expected some of "
+                     f"{', '.join(facts.STYLES)}")
+  negative = [int(s) for s in seeds if int(s) < 0]
+  if negative:
+    raise InputError(f"--seeds: {negative[0]}; expected seeds >= 0")
   names = [f"{style}-{int(seed)}" for style in styles for seed in seeds]
   repeated = sorted({n for n in names if names.count(n) > 1})
   if repeated:

@@ -57,6 +57,7 @@ accuracy per checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import re
@@ -147,7 +148,11 @@ def run_one(run_dir: str, bindings: list[str], base_workdir: str,
   files and base workdir: UsageError when done otherwise); returns its
   metrics."""
   metrics_path = storage.join(run_dir, "metrics.json")
+  # The gin files' bytes too: an edited file made other runs under its path
+  # (its includes are not read).
   made_with = {"bindings": bindings, "gin_files": gin_files,
+               "gin_sha256": [hashlib.sha256(storage.read_bytes(
+                   config.gin_file_path(g)) or b"").hexdigest() for g in gin_files],
                "base_workdir": base_workdir}
   if storage.exists(metrics_path):
     metrics = storage.read_json(metrics_path)
@@ -323,6 +328,11 @@ def _set_scores(fit, stored, psi_q, size: int, seed: int = 0,
   with ``task_size`` from that many other queries' (drawn at random for
   each set)."""
   if not size or size >= len(psi_q):
+    if task_size:  # (its R was the set's own, recorded as a task's)
+      raise InputError(f"--task_size={task_size} with query sets of {size or 'all'} "
+                       f"of {len(psi_q)} queries: no other queries to fit a "
+                       "task's R from; expected --query_set_size below the "
+                       "queries' count")
     return _scores(fit(psi_q), stored, psi_q)
   out = np.zeros((len(stored), len(psi_q)), np.float32)
   rng = np.random.default_rng(seed)
@@ -547,6 +557,12 @@ def main(argv):
                  FLAGS.family_dir, FLAGS.grid or list(FAMILY_GRID), FLAGS.design,
                  FLAGS.query_set_size, FLAGS.task_size)
     return
+  only_family = [f"--{n}" for n in ("design", "query_set_size", "task_size")
+                 if FLAGS[n].present]
+  if only_family:
+    it = "it" if len(only_family) == 1 else "them"
+    raise app.UsageError(f"{', '.join(only_family)}: only with --family_dir; "
+                         f"a sweep of --base_workdir's runs would ignore {it}")
   if not FLAGS.workdir or not FLAGS.grid:
     raise app.UsageError("--workdir and at least one --grid are required")
   gin_files = FLAGS.gin_file or ["configs/tiny.gin"]

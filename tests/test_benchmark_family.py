@@ -283,6 +283,9 @@ def test_query_sets_are_scored_under_their_own_r():
     fitted.append({r.tobytes() for r in q})
     return fit(q)
   tasked = sweep._set_scores(fit_rows, rows, queries, 3, task_size=4)
+  for size in (0, 7):  # one set of all 7: no other queries (scored under its own R before)
+    with pytest.raises(InputError, match="--task_size=4 with query sets of"):
+      sweep._set_scores(fit_rows, rows, queries, size, task_size=4)
   assert [len(q) for q in fitted] == [4, 4, 4]
   order = np.random.default_rng(0).permutation(7)
   for lo, task in zip(range(0, 7, 3), fitted):
@@ -457,6 +460,10 @@ def test_family_flags_and_a_set_made_otherwise_are_refused(tmp_path):
     family.set_names(["dense"], [])
   with pytest.raises(InputError, match="--seeds: 'a' is not an integer"):
     launch_config.integers("seeds", ["1", "a"])
+  with pytest.raises(InputError, match="--styles: unknown style 'bogus'"):
+    family.set_names(["dense", "bogus"], [0])
+  with pytest.raises(InputError, match="--seeds: -1; expected seeds >= 0"):
+    family.set_names(["dense"], [-1])
   set_dir = tmp_path / "sets" / "dense-0"
   set_dir.mkdir(parents=True)
   (set_dir / "set.json").write_text(json.dumps(

@@ -315,6 +315,12 @@ def test_sweep_skips_finished_runs(trained, tmp_path, monkeypatch):
   other_gin.write_text(BINDINGS)
   with pytest.raises(Exception, match="metrics.json: made with gin_files"):
     sweep.sweep(str(tmp_path / "sw"), grid, str(root), [str(other_gin)])
+  # ... nor one made with the same gin file before it was edited (before
+  # 2026-12-04 only its path was compared) ...
+  gin_file.write_text(BINDINGS + "\nPreconditionerConfig.damping = 0.5\n")
+  with pytest.raises(Exception, match="metrics.json: made with gin_sha256"):
+    sweep.sweep(str(tmp_path / "sw"), grid, str(root), [str(gin_file)])
+  gin_file.write_text(BINDINGS)
   # ... and two points may not share a run name.
   with pytest.raises(Exception, match="both name the run 'seed=1_2'"):
     sweep.sweep(str(tmp_path / "sw"), ["EncodeConfig.seed=1/2,1 2"], str(root),
