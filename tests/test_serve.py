@@ -895,6 +895,12 @@ def test_a_stalled_connection_is_closed(traced, tracer_):
       with connect() as c:
         reply = c.recv(1024)
         assert reply.startswith(b"HTTP/1.1 503") and b"too many connections" in reply
+      # A client that sends its whole request before it reads (every HTTP
+      # client) gets the 503 too: before 2026-12-04 the socket closed with
+      # the request unread, and a reset ("Broken pipe") reached it instead.
+      big = [{"id": f"q{i}", "prompt": "p" * 4000, "target": "t"} for i in range(200)]
+      with pytest.raises(InputError, match="HTTP 503: too many connections"):
+        serving.trace(server.url, big, K, timeout=60)
     deadline = time.monotonic() + 20  # their threads end as they close
     while time.monotonic() < deadline:
       try:
