@@ -314,7 +314,12 @@ def family_points(axes: dict[str, list[str]], design: str) -> list[Point]:
     points = list(itertools.product(*values))
   else:
     base = tuple(v[0] for v in values)
-    points = [base] + [base[:i] + (v,) + base[i + 1:]
+    # Damping and lambda vary about an R that has them: with a centre of no
+    # R, about the first kind that is one (else their values were dropped).
+    kinds = [k for k in values[3] if k != "none"]
+    with_r = base[:3] + (kinds[0],) + base[4:] if kinds else base
+    points = [base] + [(with_r if i in (4, 5) else base)[:i] + (v,)
+                       + (with_r if i in (4, 5) else base)[i + 1:]
                        for i, vs in enumerate(values) for v in vs[1:]]
   # With no R, damping and lambda mean nothing: one point stands for them all.
   return list(dict.fromkeys(p[:4] + (("-", "-") if p[3] == "none" else p[4:6])

@@ -368,6 +368,16 @@ def test_star_design_varies_one_axis_at_a_time():
   grid = sweep.family_points(axes, "grid")
   # 3 checkpoints x 2 losses x (2 dampings with R + 1 point without) x 2 dtypes.
   assert len(grid) == 36 and set(star) <= set(grid)
+  # A centre of no R: damping varies about block's (before 2026-12-04 its
+  # values collapsed into the centre's "-" and were not scored).
+  none_first = dict(axes, **{"PreconditionerConfig.kind": ["none", "block"],
+                             "checkpoint": ["600"], "query_loss": ["target"],
+                             "EncodeConfig.store_dtype": ["bfloat16"]})
+  centre = ("600", "16384", "target")
+  assert sweep.family_points(none_first, "star") == [
+      centre + ("none", "-", "-", "bfloat16"),
+      centre + ("block", "0.1", "rule", "bfloat16"),
+      centre + ("block", "1.0", "rule", "bfloat16")]
 
 
 def test_scores_with_no_r_are_cosines():
