@@ -929,6 +929,29 @@ def test_a_bucket_is_listed_only_under_the_patterns_fixed_characters(object_stor
     assert storage.list_dir(root, prefix="zz") == []
 
 
+def test_a_parquet_page_that_fails_its_checksum_is_refused(tmp_path, object_store):
+  """A page written with a CRC is checked against it, on disk and in a bucket
+  (before 2026-12-04 a flipped bit in a text was read as it stood)."""
+  records = [{"id": f"d{i}", "text": f"hello world number {i}"} for i in range(50)]
+  data = bytearray(_parquet(records, write_page_checksum=True, compression="none"))
+  assert [r for _, r in data_lib.iter_parquet(
+      _written(tmp_path / "whole.parquet", bytes(data)))] == records
+  at = data.find(b"hello world number 25")
+  data[at + 2] ^= 0x20  # "heLlo"
+  bucket = object_store("crc")
+  storage.write_bytes(f"{bucket}/bad.parquet", bytes(data))
+  for path in (_written(tmp_path / "bad.parquet", bytes(data)), f"{bucket}/bad.parquet"):
+    with pytest.raises(InputError, match=re.escape(
+        f"{path}:1: the Parquet data is damaged (in row group 0, rows 1-50: "
+        "could not verify page integrity, CRC checksum verification failed")):
+      list(data_lib.iter_parquet(path))
+
+
+def _written(path, data: bytes) -> str:
+  path.write_bytes(data)
+  return str(path)
+
+
 def test_a_file_in_a_missing_bucket_says_so(s3):
   """A missing bucket reads as a missing object; the error adds the bounded
   listing's reason (one request for that name's prefix), where a missing

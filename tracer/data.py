@@ -581,14 +581,18 @@ def _parquet_file(path, names: Sequence[str] | None, groups: Sequence[int] | Non
   ``groups`` (all if None)."""
   _, pq = _pyarrow(path)
   metadata, reads = _parquet_metadata(path)
+  # A page that carries a CRC (Spark's writer sets one, pyarrow's with
+  # write_page_checksum=True) is checked against it: a flipped bit in a
+  # text was read as it stood.
   if reads is None:
-    return pq.ParquetFile(os.fspath(path), metadata=metadata)
+    return pq.ParquetFile(os.fspath(path), metadata=metadata,
+                          page_checksum_verification=True)
   if names is None:
     names = metadata.schema.to_arrow_schema().names
   if groups is None:
     groups = range(metadata.num_row_groups)
   return pq.ParquetFile(_ObjectParquet(reads, _column_spans(metadata, names, groups)),
-                        metadata=metadata)
+                        metadata=metadata, page_checksum_verification=True)
 
 
 def iter_parquet(path, columns: Sequence[str] | None = None, id_column: str = "id",
