@@ -370,15 +370,16 @@ SCRIPT_FLAGS = ("workdir", "checkpoint", "corpus", "store", "basis", "queries",
                 "check_chunks")
 
 
-def run(main, uses: Sequence[str] | None = None) -> None:
+def run(main, uses: Sequence[str] | None = None, shows: Sequence[str] = ()) -> None:
   """``cli.run(main)``; with ``uses`` (names in ``SCRIPT_FLAGS``), those are
   the script's own flags in its --help, and another of ``SCRIPT_FLAGS``
-  given to it is an InputError."""
+  given to it is an InputError. ``shows``: other modules' flags it reads,
+  listed in its --help too."""
   if uses is None:
     cli.run(main)
     return
   # absl's --help lists the key flags of the module named sys.argv[0].
-  for name in (*uses, "gin_file", "gin_bindings"):
+  for name in (*uses, *shows, "gin_file", "gin_bindings"):
     FLAGS.register_key_flag_for_module(sys.argv[0], FLAGS[name])
 
   def checked(argv):

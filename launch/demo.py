@@ -60,4 +60,4 @@ USES = ("workdir", "top_k", "check_chunks", "max_quarantined", "claim_timeout_s"
 
 
 if __name__ == "__main__":
-  config.run(main, uses=USES)
+  config.run(main, uses=USES, shows=("family", "show"))

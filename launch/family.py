@@ -8,9 +8,10 @@ each, then summarized across sets.
 
 For each (style, seed), in WORKDIR/sets/STYLE-SEED: the facts
 (``tracer.facts.style_config``), the tiny model trained as the demo's is
-unless a checkpoint exists (a checkpoint every 100 steps, all kept, for the
-checkpoint axis of ``tracer sweep --family_dir``), then ``tracer quality`` on it (skipped when its
-quality.json exists, so a rerun finishes only what is missing). Writes
+unless its training finished (a killed run resumes; a checkpoint every 100
+steps, all kept, for the checkpoint axis of ``tracer sweep --family_dir``),
+then ``tracer quality`` on it (skipped when its quality.json was scored as
+this run asks, ``stale``, so a rerun finishes only what is missing). Writes
 WORKDIR/family.json and WORKDIR/family.md and prints them: per method, the mean
 and standard deviation across sets of MRR, recall@10 (overall and per bucket)
 and tail-patch@k, and TrackStar's paired tail-patch@10 difference against each
@@ -353,4 +354,4 @@ USES = ("workdir", "sum_steps")
 
 
 if __name__ == "__main__":
-  config.run(main, uses=USES)
+  config.run(main, uses=USES, shows=("tail_patch_queries", "family"))

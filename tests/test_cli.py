@@ -96,7 +96,7 @@ def test_every_script_on_the_shared_flags_names_those_it_reads():
     source = path.read_text()
     if "config.run(" not in source or path.name == "config.py":
       continue
-    assert "config.run(main, uses=USES)" in source, path.name
+    assert "config.run(main, uses=USES" in source, path.name
     module = importlib.import_module(f"tracer.launch.{path.stem}")
     unknown = set(module.USES) - set(config.SCRIPT_FLAGS)
     assert not unknown, (path.name, unknown)
