@@ -147,7 +147,7 @@ def phase_encode(source: str, store: str, max_len: int, batch_size: int) -> dict
   start = time.perf_counter()
   write_jsonl(store + "_warmup.jsonl", batch_size)
   encode(corpus_lib.open_corpus(store + "_warmup.jsonl", DataConfig(), max_len),
-         "memory://benchmark_data_warmup")
+         f"memory://benchmark_data_warmup/{time.time_ns()}")  # (a new store each call)
   compile_s = time.perf_counter() - start
   base = peak_rss_mb()
   start = time.perf_counter()
