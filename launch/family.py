@@ -143,10 +143,8 @@ def step_dir(set_dir: str, step: int) -> str:
 
 def set_name(scored_dir: str) -> str:
   """The set a set's directory or ``step_dir`` belongs to."""
-  name = os.path.basename(scored_dir.rstrip("/"))
-  if name.startswith("step-"):
-    return os.path.basename(os.path.dirname(scored_dir.rstrip("/")))
-  return name
+  parent, name = os.path.split(scored_dir.rstrip("/"))
+  return os.path.basename(parent) if name.startswith("step-") else name
 
 
 def score_set(out_dir: str, corpus: str, queries: str, num_tail_patch: int,
@@ -174,10 +172,8 @@ def stale(report: dict, checkpoint: str, num_tail_patch: int, sum_steps) -> list
   without one, a report is reused however many it patched), other sums or
   other settings. Reports from before
   2026-12-04 recorded no sums or settings: those are not compared."""
-  if os.path.basename(checkpoint.rstrip("/")).isdigit():
-    step = int(os.path.basename(checkpoint.rstrip("/")))
-  else:
-    step = ckpt_lib.saved_step(checkpoint)[0]
+  name = os.path.basename(checkpoint.rstrip("/"))
+  step = int(name) if name.isdigit() else ckpt_lib.saved_step(checkpoint)[0]
   asked = min(num_tail_patch, report["queries"])
   why = []
   if report_step(report) != step:
@@ -296,7 +292,8 @@ def format_summary(summary: dict) -> str:
 def run(workdir: str, styles, seeds, facts_per_bucket: int, distractor_docs: int,
         only_train: bool = False, num_tail_patch: int = 0,
         train_bindings=TRAIN_BINDINGS, steps=(), sum_steps=()) -> dict | None:
-  repeated = sorted({int(s) for s in steps if [int(t) for t in steps].count(int(s)) > 1})
+  listed = [int(s) for s in steps]
+  repeated = sorted({s for s in listed if listed.count(s) > 1})
   if repeated:  # (its sets would count twice in the spread and paired test)
     raise InputError(f"--steps names step {repeated[0]} twice; expected each "
                      "step once")
