@@ -241,6 +241,21 @@ def test_summary_from_proponent_correct_marks():
   assert got["recall@10"] == pytest.approx(2 / 3)
 
 
+def test_summary_marks_and_fact_ids_agree_on_a_document_listed_twice():
+  # d1 is listed at ranks 1 and 2, the relevant d2 at 3: as one document
+  # each, d2 ranks 2nd on both paths (before: 1/3 from the marks).
+  ids, marks = ["d1", "d1", "d2", "d2"], [False, False, True, True]
+  common = dict(proponent_ids=ids, proponent_scores=[0.0] * 4,
+                proponents=["x"] * 4)
+  by_marks = viewer.normalize_record(_theirs("q", proponent_correct=marks,
+                                             **common))
+  by_ids = viewer.normalize_record(_ours("q", fact_doc_ids=["d2"], **common))
+  for rec in (by_marks, by_ids):
+    got = viewer.summary({"m": [rec]})["m"]["all"]
+    assert got["mrr"] == pytest.approx(1 / 2)
+    assert got["recall@10"] == 1.0
+
+
 def test_summary_accuracy_and_tail_patch_by_hand():
   recs = [viewer.normalize_record(r) for r in [
       _ours("a", bucket="1", prediction=" T",

@@ -54,7 +54,8 @@ else the authors' ``is_8b_correct`` when it has that.
 
 Ground truth for the metrics: ``fact_doc_ids`` when non-empty, else
 ``proponent_correct`` (a query whose marks are all false scores 0, as in the
-authors' viewer), else the query has none and is left out of MRR and recall.
+authors' viewer; a document listed twice counts once, at its best rank, as
+with ``fact_doc_ids``), else the query has none and is left out of MRR and recall.
 """
 
 from __future__ import annotations
@@ -320,9 +321,15 @@ def _ground_truth(rec) -> tuple[list[str], list[str]] | None:
   if rec.get("fact_doc_ids"):
     return rec["fact_doc_ids"], rec["proponent_ids"]
   if "proponent_correct" in rec:
-    marks = rec["proponent_correct"]
-    relevant = [f"#{i}" for i, c in enumerate(marks) if c] or [_NO_CORRECT]
-    return relevant, [f"#{i}" for i in range(len(marks))]
+    # Each proponent is named by its id's first position, so that a document
+    # listed twice counts once, at its best rank, and is relevant when any of
+    # its marks is: what fact_doc_ids give (evaluate._query_scores).
+    first: dict[str, int] = {}
+    names = [f"#{first.setdefault(i, n)}"
+             for n, i in enumerate(rec["proponent_ids"])]
+    relevant = sorted({names[n] for n, c in enumerate(rec["proponent_correct"])
+                       if c}) or [_NO_CORRECT]
+    return relevant, names
   return None
 
 
