@@ -163,15 +163,20 @@ def numpy_scan(x: np.ndarray, q: np.ndarray, k: int,
   return best_i, worst_i
 
 
+def _figure(seconds: float) -> float:
+  """``seconds`` to 4 significant digits: a small scan's roofline is not 0.0."""
+  return float(f"{seconds:.4g}")
+
+
 def _row(method: str, seconds: float, n: int, d: int, q: int, bytes_per: int,
          roofline_s: float, note: str = "") -> dict[str, Any]:
   return {
       "method": method,
-      "seconds": round(seconds, 4),
+      "seconds": _figure(seconds),
       "rows_per_s": round(n / seconds),
       "GB_per_s": round(n * d * bytes_per / seconds / 1e9, 2),
       "GFLOP_per_s": round(2 * n * d * q / seconds / 1e9, 1),
-      "roofline_s": round(roofline_s, 4),
+      "roofline_s": _figure(roofline_s),
       "fraction_of_roofline": round(roofline_s / seconds, 3),
       "note": note,
   }
@@ -216,13 +221,16 @@ def run_scan_benchmark(rows: int = 200_000, dim: int = 1024, queries: int = 64,
       "method": "machine", "seconds": None, "rows_per_s": None,
       "GB_per_s": round(bandwidth / 1e9, 2),
       "GFLOP_per_s": round(flops / 1e9, 1),
-      "roofline_s": round(roofline(4), 4), "fraction_of_roofline": None,
+      "roofline_s": _figure(roofline(4)), "fraction_of_roofline": None,
       "note": (f"GB/s: numpy sum; GFLOP/s: best fp32 matmul of "
                + ", ".join(f"{n} {v / 1e9:.0f}" for n, v in sgemm.items())
                + f"; N={rows} d={dim} Q={queries} k={k}; jax {jax.__version__}"
                f" on {mesh.size} {mesh.devices.flat[0].platform} device(s)"),
   }]
   step = chunk_rows or scan.default_chunk_rows(dim, 4, mesh.size)
+  # What the scan itself steps by: no step is longer than the rows.
+  step = min(partitioning.padded_size(step, mesh.size),
+             partitioning.padded_size(rows, mesh.size))
 
   def add(method, fn, bytes_per, note=""):
     logging.info("timing %s", method)
@@ -247,9 +255,10 @@ def run_scan_benchmark(rows: int = 200_000, dim: int = 1024, queries: int = 64,
       xa, q, k, mesh=mesh, chunk_rows=step), 4, "input used in place")
   scan_s = table[-1]["seconds"]
   add("XLA matmul alone, f32 64B-aligned", matmul_alone(xa, q, step, mesh), 4)
+  steps = -(-rows // step)
   table[-1]["note"] = (
-      f"the scan's scores without the selection, {-(-rows // step)} steps of "
-      f"{step} rows; the aligned scan takes x{scan_s / table[-1]['seconds']:.2f}"
+      f"the scan's scores without the selection, {steps} "
+      f"step{'s' * (steps != 1)} of {step} rows; the aligned scan takes x{scan_s / table[-1]['seconds']:.2f}"
       " this time")
   xa = None  # free it before the next methods
   add("tracer scan_arrays bf16", lambda: scan.scan_arrays(
@@ -437,7 +446,7 @@ def run_serve_pass_benchmark(rows: int = 400_000, dim: int = 1024,
       for dtype in indexes:
         table.append({
             "method": f"serve pass {dtype}, {n} quer{'y' if n == 1 else 'ies'}",
-            "seconds": round(seconds[dtype], 4),
+            "seconds": _figure(seconds[dtype]),
             "rows_per_s": round(rows / seconds[dtype]),
             "agrees": agrees if dtype == "bfloat16" else None,
             "error": error if dtype == "bfloat16" else None,
@@ -461,7 +470,7 @@ def run_serve_pass_benchmark(rows: int = 400_000, dim: int = 1024,
         table.append({
             "method": (f"serve pass bfloat16, 1 query, task R of {task}: norms "
                        + ("held" if held else "in the pass")),
-            "seconds": round(sec, 4), "rows_per_s": round(rows / sec),
+            "seconds": _figure(sec), "rows_per_s": round(rows / sec),
             "agrees": agrees if held else None,
             "error": error if held else None,
             "note": (f"x{sec / seconds[0]:.2f} the norms in the pass; "
@@ -521,7 +530,7 @@ def _streamed_rows(stores, mesh, basis, dim: int, k: int, requests: int,
       table.append({
           "method": (f"serve streamed bfloat16, {j} request{'s' * (j > 1)} of 8 "
                      f"queries: {name}"),
-          "seconds": round(seconds[i], 4),
+          "seconds": _figure(seconds[i]),
           "rows_per_s": round(store.num_rows / seconds[i]),
           "agrees": None if i else agrees, "error": None if i else error,
           "note": "baseline" if i else (
@@ -739,27 +748,27 @@ def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
     three = dtype in ("bfloat16", "int8") and not topk.widens_bf16(mesh)
     issued = useful * (3 if three else 1)
     table.append({
-        "method": f"resident scan {dtype}", "seconds": round(seconds, 4),
+        "method": f"resident scan {dtype}", "seconds": _figure(seconds),
         "rows_per_s": round(rows / seconds), "GB_per_s": round(nbytes / seconds / 1e9, 1),
         "fraction_of_bandwidth": round(nbytes / seconds / bandwidth, 3),
         "GFLOP_per_s": round(useful / seconds / 1e9, 1),
         "fraction_of_matmul": round(issued / seconds / (peak * mesh.size), 3),
-        "scores_only_seconds": round(matmul_seconds, 4),
-        "branch_free_seconds": round(branch_free_seconds, 4),
+        "scores_only_seconds": _figure(matmul_seconds),
+        "branch_free_seconds": _figure(branch_free_seconds),
         "one_dot_scores_seconds": (None if one_dot_seconds is None
-                                   else round(one_dot_seconds, 4)),
+                                   else _figure(one_dot_seconds)),
         "xla_top_k_seconds": (None if baseline_seconds is None
-                              else round(baseline_seconds, 4)),
-        "fused_seconds": None if fused_seconds is None else round(fused_seconds, 4),
+                              else _figure(baseline_seconds)),
+        "fused_seconds": None if fused_seconds is None else _figure(fused_seconds),
         "fused_scores_seconds": (None if fused_scores_seconds is None
-                                 else round(fused_scores_seconds, 4)),
+                                 else _figure(fused_scores_seconds)),
         "fused_branch_free_seconds": (None if fused_branch_free_seconds is None
-                                      else round(fused_branch_free_seconds, 4)),
+                                      else _figure(fused_branch_free_seconds)),
         "fused_error": "; ".join(fused_errors) or None,
-        "metric_seconds": None if metric_seconds is None else round(metric_seconds, 4),
-        "norms_seconds": None if norms_seconds is None else round(norms_seconds, 4),
+        "metric_seconds": None if metric_seconds is None else _figure(metric_seconds),
+        "norms_seconds": None if norms_seconds is None else _figure(norms_seconds),
         "norms_highest_seconds": (None if norms_highest_seconds is None
-                                  else round(norms_highest_seconds, 4)),
+                                  else _figure(norms_highest_seconds)),
         "note": (f"bandwidth {bandwidth / 1e9:.0f} GB/s (jitted sum over the "
                  f"resident rows); {issued // useful} matmul pass(es)"
                  + ("; fp32 matmul (HIGHEST), not the bf16 units"
@@ -809,7 +818,7 @@ def run_fused_tiles_benchmark(tiles: list[fused_scores.Tiles], rows: int = 4_194
 
   def timed(fn):
     fn()
-    return round(_best_time(fn, repeats), 4)
+    return _figure(_best_time(fn, repeats))
 
   default = topk.step_fn(mesh, k, True)
   want = scan_with(default)

@@ -979,8 +979,12 @@ def test_scan_benchmark_runs(tmp_path):
     assert name in methods, methods
   assert table[0]["method"] == "machine" and table[0]["GFLOP_per_s"] > 0
   for row in table[1:]:
-    if row["seconds"] is not None:  # (a tiny scan's roofline rounds to 0)
+    if row["seconds"] is not None:
       assert row["seconds"] > 0 and row["rows_per_s"] > 0, row
+      # 4 significant digits: a tiny scan's roofline is not rounded to 0.
+      assert row["roofline_s"] > 0 and row["fraction_of_roofline"] > 0, row
+  matmul = next(r for r in table if r["method"].startswith("XLA matmul alone"))
+  assert "6 steps of 512 rows" in matmul["note"], matmul["note"]
   assert "| tracer scan_store float32 |" in benchmark_scan.to_markdown(table)
 
 
