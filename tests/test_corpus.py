@@ -547,7 +547,14 @@ def test_shard_errors(tmp_path, records):
                         shard_index=1)
   assert not corpus_lib.is_tokenized(out)
   with pytest.raises(InputError, match=r"dup-tok: a directory without manifest.json: "
-                     r".* parts written so far: 00000-of-00002, 00001-of-00002$"):
+                     r".* parts written so far: 2 of 2 \(00000-of-00002, "
+                     r"00001-of-00002\)$"):
+    corpus_lib.open_corpus(out, config, 16)
+  # A part left by a run on another process count is listed as such.
+  os.rename(os.path.join(out, "parts", "00001-of-00002"),
+            os.path.join(out, "parts", "00002-of-00003"))
+  with pytest.raises(InputError, match=r"parts written so far: 1 of 2 "
+                     r"\(00000-of-00002\); 1 of 3 \(00002-of-00003\)$"):
     corpus_lib.open_corpus(out, config, 16)
   # Parts made with other settings are not joined.
   out = str(tmp_path / "mixed")

@@ -672,8 +672,17 @@ def open_corpus(source: str, data_config: DataConfig, max_len: int):
     parts = os.path.join(source, PARTS)
     done = sorted(n for n in (os.listdir(parts) if os.path.isdir(parts) else [])
                   if os.path.exists(os.path.join(parts, n, MANIFEST)))
-    more = (f"; parts written so far: {', '.join(done[:4])}"
-            + (f" and {len(done) - 4} more" if len(done) > 4 else "")) if done else ""
+    # Grouped by process count: a run on P processes writes "i-of-P", and
+    # parts a run on another count left behind are not this run's.
+    groups: dict[str, list[str]] = {}
+    for name in done:
+      groups.setdefault(name.rpartition("-of-")[2] or "?", []).append(name)
+    more = "; ".join(
+        f"{len(names)} of {int(total) if total.isdigit() else total} "
+        f"({', '.join(names[:4])}" + (f" and {len(names) - 4} more" if
+                                      len(names) > 4 else "") + ")"
+        for total, names in sorted(groups.items()))
+    more = f"; parts written so far: {more}" if more else ""
     raise InputError(f"{source}: a directory without {MANIFEST}: not a tokenized "
                      "corpus, or an unfinished one (rerun tracer tokenize; on "
                      f"several processes every part must be written){more}")
