@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import hashlib
 import importlib
 import importlib.resources
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -259,6 +261,34 @@ def parse_gin() -> None:
     raise InputError(f"gin: {e}{hint}") from None
   finally:
     logging.set_verbosity(verbosity)
+
+
+_INCLUDE = re.compile(rb"""^[ \t]*include[ \t]+(['"])(.+?)\1""", re.M)
+
+
+def gin_sha256(name: str) -> str:
+  """sha256 of a ``--gin_file``'s bytes followed by those of the files it
+  includes, depth first, each once (found as gin finds them: as given, else
+  under ``shipped_configs()``'s parent; one not found adds nothing), so an
+  edit to an included file changes it too. A file without includes: the
+  sha256 of its bytes."""
+  digest, seen = hashlib.sha256(), set()
+
+  def add(path: str) -> None:
+    if path in seen:
+      return
+    seen.add(path)
+    data = storage.read_bytes(path) or b""
+    digest.update(data)
+    for m in _INCLUDE.finditer(data):
+      inc = m[2].decode("utf-8", "replace")
+      found = [p for p in (inc, os.path.join(shipped_configs().parent, inc))
+               if os.path.isfile(p)]
+      if found:
+        add(os.path.realpath(found[0]))
+
+  add(os.path.realpath(gin_file_path(name)))
+  return digest.hexdigest()
 
 
 class GinFileNotFound(InputError, FileNotFoundError):

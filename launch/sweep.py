@@ -57,7 +57,6 @@ accuracy per checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import re
@@ -148,11 +147,10 @@ def run_one(run_dir: str, bindings: list[str], base_workdir: str,
   files and base workdir: UsageError when done otherwise); returns its
   metrics."""
   metrics_path = storage.join(run_dir, "metrics.json")
-  # The gin files' bytes too: an edited file made other runs under its path
-  # (its includes are not read).
+  # The gin files' bytes too, with their includes': an edited file made
+  # other runs under its path.
   made_with = {"bindings": bindings, "gin_files": gin_files,
-               "gin_sha256": [hashlib.sha256(storage.read_bytes(
-                   config.gin_file_path(g)) or b"").hexdigest() for g in gin_files],
+               "gin_sha256": [config.gin_sha256(g) for g in gin_files],
                "base_workdir": base_workdir}
   if storage.exists(metrics_path):
     metrics = storage.read_json(metrics_path)

@@ -227,6 +227,29 @@ def test_gin_files_and_bindings():
       launch_config.parse_gin()
 
 
+def test_gin_sha256_reads_includes(tmp_path, monkeypatch):
+  # Before 2026-12-05 a sweep hashed a gin file's own bytes: an edit to a
+  # file it includes left the hash, and the sweep's finished runs, as they were.
+  import hashlib  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "inner.gin").write_text("A.x = 1\n")
+  (tmp_path / "outer.gin").write_text(
+      "# include 'commented.gin'\ninclude 'inner.gin'\ninclude 'outer.gin'\n"
+      "include \"configs/tiny.gin\"\n")
+  first = launch_config.gin_sha256("outer.gin")
+  assert first == launch_config.gin_sha256(str(tmp_path / "outer.gin"))
+  (tmp_path / "inner.gin").write_text("A.x = 2\n")
+  assert launch_config.gin_sha256("outer.gin") != first
+  # The shipped config it includes is read from the package (it is not in
+  # the working directory); a file without includes hashes as its bytes.
+  tiny = launch_config.shipped_configs() / "tiny.gin"
+  assert launch_config.gin_sha256("tiny") == hashlib.sha256(
+      tiny.read_bytes()).hexdigest()
+  expected = hashlib.sha256((tmp_path / "outer.gin").read_bytes()
+                            + b"A.x = 2\n" + tiny.read_bytes()).hexdigest()
+  assert launch_config.gin_sha256("outer.gin") == expected
+
+
 def test_learning_rate_schedule():
   c = train_lib.OptimizerConfig(learning_rate=1.0, warmup_steps=10, total_steps=110,
                                 final_lr_fraction=0.1)
