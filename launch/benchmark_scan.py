@@ -163,9 +163,9 @@ def numpy_scan(x: np.ndarray, q: np.ndarray, k: int,
   return best_i, worst_i
 
 
-def _figure(seconds: float) -> float:
-  """``seconds`` to 4 significant digits: a small scan's roofline is not 0.0."""
-  return float(f"{seconds:.4g}")
+def _figure(value: float) -> float:
+  """``value`` to 4 significant digits: a small scan's roofline is not 0.0."""
+  return float(f"{value:.4g}")
 
 
 def _row(method: str, seconds: float, n: int, d: int, q: int, bytes_per: int,
@@ -177,7 +177,7 @@ def _row(method: str, seconds: float, n: int, d: int, q: int, bytes_per: int,
       "GB_per_s": round(n * d * bytes_per / seconds / 1e9, 2),
       "GFLOP_per_s": round(2 * n * d * q / seconds / 1e9, 1),
       "roofline_s": _figure(roofline_s),
-      "fraction_of_roofline": round(roofline_s / seconds, 3),
+      "fraction_of_roofline": _figure(roofline_s / seconds),
       "note": note,
   }
 
