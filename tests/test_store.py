@@ -366,6 +366,22 @@ def test_markers_record_checksums_and_verify_finds_corruption(tmp_path):
   assert s.verify_chunk(0) is None
   s.unmark(3)
   assert s.verify_chunk(3) == "not written"
+  # A deleted chunk file reads as zeros: named missing (before 2026-12-05
+  # only "checksum mismatch"), by verify and by a scan's read.
+  os.remove(s.chunk_file(1))
+  assert s.verify_chunk(1).startswith(
+      f"its file {s.chunk_file(1)} is missing (read back as zeros: checksum "
+      "mismatch")
+  with pytest.raises(CorruptStoreError, match=re.escape(
+      f"chunk 1 (rows 5..10) of store {s.path}: its file {s.chunk_file(1)} is "
+      "missing")):
+    s.check_read(5, 10, s.read_rows(5, 10), {1: s.chunk_record(1)})
+  # An all-zero chunk is stored as no file (tensorstore's fill value): not
+  # missing.
+  s.unmark(1)
+  lo, hi = s.chunk_bounds(1)
+  s.write_chunk(1, np.zeros((hi - lo, _data().shape[1]), np.float32))
+  assert not os.path.exists(s.chunk_file(1)) and s.verify_chunk(1) is None
 
 
 def test_quarantined_rows_are_zero_and_recorded(tmp_path):

@@ -608,7 +608,8 @@ class EncodingStore:
 
   def verify_chunk(self, chunk: int) -> str | None:
     """Why chunk ``chunk`` is bad ("not written", "unreadable: ...",
-    "checksum mismatch"), or None if its bytes match its marker. Reads it."""
+    "checksum mismatch ...", "its file ... is missing ..."), or None if its
+    bytes match its marker. Reads it."""
     record = self.chunk_record(chunk)
     if record is None:
       return "not written"
@@ -622,7 +623,19 @@ class EncodingStore:
     if why is None and scale is not None:
       why = _mismatch({"crc32": record.get("scales_crc32")}, np.asarray(scale))
       why = why and f"its scales {self._scales_file(chunk)}: {why}"
-    return why
+    return why and self._missing_file(chunk, why)
+
+  def _missing_file(self, chunk: int, why: str) -> str:
+    """``why`` led by the chunk's missing file, if one is: tensorstore reads
+    a missing chunk as zeros, so its checksum alone would not say so. (An
+    all-zero chunk is never stored: missing is not by itself damage.)"""
+    files = [self.chunk_file(chunk)]
+    if self.scales is not None:
+      files.append(self._scales_file(chunk))
+    missing = [f for f in files if not storage.exists(f)]
+    if not missing:
+      return why
+    return f"its file {missing[0]} is missing (read back as zeros: {why})"
 
   def check_read(self, start: int, stop: int,
                  rows: np.ndarray | Sequence[np.ndarray],
@@ -645,6 +658,7 @@ class EncodingStore:
       if start <= lo and hi <= stop:
         why = _mismatch(record, rows_of(lo, hi))
         if why:
+          why = self._missing_file(chunk, why)
           raise CorruptStoreError(
               f"{self.chunk_file(chunk)}: chunk {chunk} (rows {lo}..{hi}) of "
               f"store {self.path}: {why}; run `tracer verify "
