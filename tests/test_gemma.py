@@ -322,6 +322,30 @@ def _argmax_by_hand(config, params, prompt, n):
   return tokens[len(prompt):]
 
 
+def test_tokenizer_file_is_checked_when_opened(tmp_path):
+  """A damaged file or one with other special ids: an InputError naming it
+  at construction (before 2026-12-05: a sentencepiece traceback at the first
+  encode, or pad/EOS/BOS silently mislabelled)."""
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  texts = [r["text"] for r in facts.generate(
+      facts.FactsConfig(facts_per_bucket=2, distractor_docs=5))[0]]
+  good = open(train_tokenizer(texts, str(tmp_path / "good")), "rb").read()
+  for name, raw in (("empty", b""), ("cut", good[:len(good) // 2]),
+                    ("garbage", b"\x00\xffnot a model" * 10)):
+    (tmp_path / f"{name}.model").write_bytes(raw)
+    with pytest.raises(InputError, match=re.escape(
+        f"{tmp_path / name}.model: not a sentencepiece model file (")):
+      gf.GemmaVocabulary(str(tmp_path / f"{name}.model"))
+  spm.SentencePieceTrainer.train(   # sentencepiece's own default ids
+      sentence_iterator=iter(texts), model_prefix=str(tmp_path / "other"),
+      vocab_size=256, model_type="unigram", hard_vocab_limit=False,
+      minloglevel=2)
+  with pytest.raises(InputError, match=re.escape(
+      f"{tmp_path}/other.model: special ids (pad, eos, bos, unk) are "
+      "(-1, 2, 1, 0); expected Gemma's (0, 1, 2, 3)")):
+    gf.GemmaVocabulary(str(tmp_path / "other.model"))
+
+
 def test_cached_decode_matches_full_forward_passes():
   # Prompts of several lengths in one batch (the cache's shared end_index),
   # one past the sliding window (16) and one running into the window's end:

@@ -611,6 +611,24 @@ class GemmaVocabulary:
       raise InputError(f"gemma tokenizer version {version!r}: expected 2 or 3")
     self.path, self.version = str(path), version
     self.tokenizer = cls(path=str(path))
+    try:
+      # Loaded now (the library loads it at the first encode), so a damaged
+      # file fails here, named.
+      processor = self.tokenizer._sp  # pylint: disable=protected-access
+    except Exception as e:  # pylint: disable=broad-except
+      # (sentencepiece's RuntimeError, protobuf's DecodeError, an OSError)
+      raise InputError(f"{path}: not a sentencepiece model file "
+                       f"({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+                       ) from None
+    # tracer.data, the family and the decoder take these ids as Gemma's; a
+    # tokenizer trained with others would mislabel pad, EOS and BOS.
+    got = (processor.pad_id(), processor.eos_id(), processor.bos_id(),
+           processor.unk_id())
+    if got != (self.pad_id, self.eos_id, self.bos_id, self.unk_id):
+      raise InputError(
+          f"{path}: special ids (pad, eos, bos, unk) are {got}; expected "
+          f"Gemma's {(self.pad_id, self.eos_id, self.bos_id, self.unk_id)} "
+          "(sentencepiece's --pad_id=0 --eos_id=1 --bos_id=2 --unk_id=3)")
 
   @property
   def vocab_size(self) -> int:
