@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import concurrent.futures
 import http.client
+import http.server
 import json
 import re
 import shutil
 import signal
 import subprocess
+import threading
 import sys
 import time
 import types
@@ -1074,3 +1076,89 @@ def test_a_batch_that_fails_on_one_process_ends_the_server(traced, tmp_path):
   print(f"both ended {time.monotonic() - start:.1f} s after the request")
   assert statuses == [2, 2], (statuses, texts[0][-3000:], texts[1][-3000:])
   assert "process 1 of 2 failed" in texts[0] and "checksum" in texts[0], texts[0][-3000:]
+
+
+class _FakeServer(http.server.BaseHTTPRequestHandler):
+  """Answers every request with ``self.server.answer``: (status, content
+  type, body bytes, seconds between bytes)."""
+
+  def log_message(self, *args):
+    pass
+
+  def _answer(self):
+    status, content_type, body, pause = self.server.answer
+    self.send_response(status)
+    self.send_header("Content-Type", content_type)
+    self.send_header("Content-Length", str(len(body)))
+    self.end_headers()
+    for i in range(0, len(body), 1 if pause else len(body) or 1):
+      self.wfile.write(body[i:i + 1] if pause else body)
+      self.wfile.flush()
+      time.sleep(pause)
+
+  def do_GET(self):
+    self._answer()
+
+  def do_POST(self):
+    self.rfile.read(int(self.headers["Content-Length"]))
+    self._answer()
+
+
+def test_client_refuses_answers_not_from_a_tracer_server():
+  """What `tracer view --server` reads: an answer that is not tracer serve's
+  gets an InputError naming the URL (before 2026-12-05 a JSON, Key, Type or
+  AttributeError), and the timeout bounds the whole answer, not each read (a
+  server sending a byte each 0.2 s held health(timeout=1) for the body)."""
+  server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeServer)
+  server.daemon_threads = True
+  threading.Thread(target=server.serve_forever, daemon=True).start()
+  url = f"http://127.0.0.1:{server.server_address[1]}"
+  health = json.dumps({"max_queries": 2, "task_queries": 0}).encode()
+  q = {"id": "q", "prompt": "p", "target": "t"}
+  try:
+    cases = [
+        (serving.health, (200, "text/html", b"<html>login</html>", 0),
+         r"/health: the answer is not JSON \(text/html, starting b'<html>login"),
+        (serving.health, (200, "application/json", b"[1, 2]", 0),
+         r"/health: the answer is JSON list"),
+        (serving.health, (200, "application/json", b"{}", 0),
+         r"/health: field 'max_queries' is missing; expected a positive integer"),
+        (serving.health, (200, "application/json", b'{"max_queries": "8"}', 0),
+         r"/health: field 'max_queries' is '8'"),
+        (serving.health, (500, "application/json", b'["boom"]', 0),
+         r"/health: HTTP 500: Internal Server Error$"),
+        (serving.health, (503, "application/json", b'{"error": "busy"}', 0),
+         r"/health: HTTP 503: busy$"),
+        (lambda u: serving.trace(u, [q, q]), (200, "application/json", b"{}", 0),
+         r"/trace: field 'results' is missing; expected a list of 2 JSON objects"),
+        (lambda u: serving.trace(u, [q, q]),
+         (200, "application/json", b'{"results": null}', 0),
+         r"/trace: field 'results' is None"),
+        (lambda u: serving.trace(u, [q, q]),
+         (200, "application/json", b'{"results": [{"query_id": "q"}]}', 0),
+         r"/trace: field 'results' is a list of 1; expected a list of 2"),
+        (lambda u: serving.trace(u, [q, q]),
+         (200, "application/json", b'{"results": [1, 2]}', 0),
+         r"/trace: field 'results' is a list of 2; expected a list of 2 JSON"),
+        (lambda u: serving.trace_all(u, [q] * 3),
+         (200, "application/json", health, 0), r"3 queries, more than the 2"),
+        (lambda u: serving._call(u, max_bytes=16),
+         (200, "application/json", b'{"x": "' + b"y" * 64 + b'"}', 0),
+         r"the answer is over 16 bytes"),
+    ]
+    for call, answer, message in cases:
+      server.answer = answer
+      with pytest.raises(InputError, match=message):
+        call(url)
+    server.answer = (200, "application/json", health, 0.2)
+    with pytest.raises(InputError, match=r"/health: no answer within 1 s"):
+      serving.health(url, timeout=1)  # before: the answer, after 7 s
+    server.answer = (200, "application/json", health, 0)
+    assert serving.health(url)["max_queries"] == 2
+    with pytest.raises(InputError, match=r"cannot reach the server"):
+      serving.health("http://127.0.0.1:9")
+    with pytest.raises(InputError, match=r"expected an http:// or https:// URL"):
+      serving.health("127.0.0.1:9")
+  finally:
+    server.shutdown()
+    server.server_close()

@@ -52,9 +52,7 @@ import sys
 import threading
 import time
 import traceback
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -1290,43 +1288,151 @@ def make_server(service: Service, host: str = "127.0.0.1", port: int = 0,
 
 # --- clients ----------------------------------------------------------------------
 
-def _call(url: str, body: dict | None = None, timeout: float = 600) -> dict:
-  data = None if body is None else json.dumps(body).encode()
-  request = urllib.request.Request(url, data=data, headers={
-      "Content-Type": "application/json"})
+# A client's cap on one answer: 64 queries of 1,000 proponents and opponents
+# with their texts are tens of MB; past this a wrong URL (a file server, a
+# stream) is more likely than a trace.
+MAX_RESPONSE_BYTES = 1 << 30
+
+
+def _call(url: str, body: dict | None = None, timeout: float = 600,
+          max_bytes: int = MAX_RESPONSE_BYTES) -> dict:
+  """GET (``body`` None) or POST ``url``: the JSON object answered.
+
+  ``timeout`` bounds the whole exchange, not each read: a server that
+  trickles its answer is cut off at the deadline too. InputError naming
+  ``url`` on no connection, no answer in time, an HTTP error (with the
+  server's ``error`` field where it gives one), an answer over
+  ``max_bytes``, or one that is not a JSON object.
+  """
+  parts = urllib.parse.urlsplit(url)
+  if parts.scheme not in ("http", "https") or not parts.hostname:
+    raise InputError(f"{url}: expected an http:// or https:// URL")
+  connection_type = (http.client.HTTPSConnection if parts.scheme == "https"
+                     else http.client.HTTPConnection)
   try:
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-      return json.loads(response.read())
-  except urllib.error.HTTPError as e:
+    conn = connection_type(parts.hostname, parts.port, timeout=timeout)
+  except ValueError as e:  # a port that is not a number
+    raise InputError(f"{url}: {e}; expected http://HOST:PORT") from None
+  expired, sockets = threading.Event(), []
+
+  def expire():
+    expired.set()
+    # (Not conn.sock: the connection lets go of it once an HTTP/1.0 answer
+    # begins.) The shutdown wakes a read blocked on a silent server; Linux
+    # still takes in what a trickling one sends after it, so each next read
+    # gets a millisecond.
+    for sock in sockets:
+      try:
+        sock.settimeout(1e-3)
+        sock.shutdown(socket.SHUT_RDWR)
+      except OSError:
+        pass
+
+  deadline = threading.Timer(timeout, expire)
+  deadline.daemon = True
+  deadline.start()
+  try:
     try:
-      message = json.loads(e.read()).get("error", e.reason)
-    except ValueError:
-      message = e.reason
-    raise InputError(f"{url}: HTTP {e.code}: {message}") from None
-  except urllib.error.URLError as e:
-    raise InputError(f"{url}: cannot reach the server ({e.reason})") from None
-  except TimeoutError:
-    raise InputError(f"{url}: no answer within {timeout:g} s") from None
-  except (http.client.HTTPException, OSError) as e:  # the server went away
-    raise InputError(f"{url}: the server closed the connection without an "
-                     f"answer ({type(e).__name__}: {e})") from None
+      conn.connect()
+      sockets.append(conn.sock)
+      if expired.is_set():  # connected after the deadline
+        raise TimeoutError
+    except OSError as e:
+      if expired.is_set() or isinstance(e, TimeoutError):
+        raise InputError(f"{url}: no answer within {timeout:g} s") from None
+      raise InputError(f"{url}: cannot reach the server "
+                       f"({e.strerror or e})") from None
+    try:
+      data = None if body is None else json.dumps(body).encode()
+      target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+      conn.request("GET" if data is None else "POST", target, body=data,
+                   headers={"Content-Type": "application/json"})
+      response = conn.getresponse()
+      raw = _read_answer(url, response, max_bytes, expired)
+    except (http.client.HTTPException, OSError) as e:
+      if expired.is_set() or isinstance(e, TimeoutError):
+        raise InputError(f"{url}: no answer within {timeout:g} s") from None
+      raise InputError(f"{url}: the server closed the connection without an "
+                       f"answer ({type(e).__name__}: {e})") from None
+    if expired.is_set():  # the read ended at the shutdown, short
+      raise InputError(f"{url}: no answer within {timeout:g} s")
+  finally:
+    deadline.cancel()
+    conn.close()
+  try:
+    answer = json.loads(raw)
+  except ValueError:
+    answer = None
+  if response.status != 200:
+    message = answer.get("error") if isinstance(answer, dict) else None
+    raise InputError(f"{url}: HTTP {response.status}: "
+                     f"{message or response.reason}")
+  if not isinstance(answer, dict):
+    what = ("not JSON" if answer is None and raw.strip() != b"null"
+            else f"JSON {type(answer).__name__}")
+    raise InputError(
+        f"{url}: the answer is {what} ({response.getheader('Content-Type')}, "
+        f"starting {raw[:60]!r}); expected the JSON object `tracer serve` "
+        "answers: is the URL a tracer server?")
+  return answer
+
+
+def _read_answer(url: str, response: http.client.HTTPResponse,
+                 max_bytes: int, expired: threading.Event) -> bytes:
+  """The body, refused past ``max_bytes`` (by its Content-Length or as
+  read); cut short once ``expired`` is set."""
+  too_big = (f"{url}: the answer is over {max_bytes:,} bytes; expected a "
+             "tracer server's answer (fewer queries or a smaller top_k per "
+             "request, or a larger max_bytes)")
+  if (response.length or 0) > max_bytes:
+    raise InputError(too_big)
+  chunks, size = [], 0
+  while not expired.is_set() and (chunk := response.read(1 << 16)):
+    size += len(chunk)
+    if size > max_bytes:
+      raise InputError(too_big)
+    chunks.append(chunk)
+  return b"".join(chunks)
+
+
+def _positive_int(value) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def health(server: str, timeout: float = 60) -> dict:
-  """``GET server/health``."""
-  return _call(server.rstrip("/") + "/health", timeout=timeout)
+  """``GET server/health``: InputError unless it names a positive
+  ``max_queries`` (what ``trace_all`` splits by)."""
+  url = server.rstrip("/") + "/health"
+  info = _call(url, timeout=timeout)
+  if not _positive_int(info.get("max_queries")):
+    got = (f"is {info['max_queries']!r}" if "max_queries" in info
+           else "is missing")
+    raise InputError(f"{url}: field 'max_queries' {got}; expected a positive "
+                     "integer, as `tracer serve` answers")
+  return info
 
 
 def trace(server: str, queries: Sequence[dict], top_k: int | None = None,
           timeout: float = 600, task_r: bool | None = None) -> dict:
-  """``POST server/trace``: the response (``results``: the records).
-  ``task_r``: the request's field (``Request``); None leaves it out."""
+  """``POST server/trace``: the response (``results``: one record, a JSON
+  object, per query, in order; InputError otherwise). ``task_r``: the
+  request's field (``Request``); None leaves it out."""
   body = {"queries": list(queries)}
   if top_k is not None:
     body["top_k"] = top_k
   if task_r is not None:
     body["task_r"] = task_r
-  return _call(server.rstrip("/") + "/trace", body, timeout)
+  url = server.rstrip("/") + "/trace"
+  answer = _call(url, body, timeout)
+  results = answer.get("results")
+  if not (isinstance(results, list) and len(results) == len(queries)
+          and all(isinstance(r, dict) for r in results)):
+    got = ("is missing" if "results" not in answer
+           else f"is a list of {len(results)}" if isinstance(results, list)
+           else f"is {repr(results)[:60]}")
+    raise InputError(f"{url}: field 'results' {got}; expected a list of "
+                     f"{len(queries)} JSON objects, one record per query")
+  return answer
 
 
 def trace_all(server: str, queries: Sequence[dict], top_k: int | None = None
@@ -1336,7 +1442,7 @@ def trace_all(server: str, queries: Sequence[dict], top_k: int | None = None
   own R would be fitted from its part alone: not ``tracer trace``'s
   answer); InputError when it holds none."""
   info = health(server)
-  size, task_r = info["max_queries"], None
+  size, task_r = info["max_queries"], None  # checked by health
   if len(queries) > size:
     if not info.get("task_queries"):
       raise InputError(
