@@ -336,6 +336,16 @@ def test_page_payload_joins_runs_by_query_id():
   assert data["queries"][7]["prompt"] == "Paris is in"
 
 
+def test_facets_keep_true_apart_from_1():
+  """The page compares with ===: true and 1 are two values (before
+  2026-12-05 a set merged them, and the filter for 1 missed the true row)."""
+  recs = [viewer.normalize_record({"query_id": f"q{i}", "flag": v,
+                                   "proponent_ids": [], "proponent_scores": []})
+          for i, v in enumerate([1, True, 2, 1.0])]
+  assert viewer.payload({"m": recs}, "t")["facets"] == [
+      {"field": "flag", "values": [True, 1, 2]}]
+
+
 def test_render_normalizes_records_as_written():
   """Records straight from ``tracer.pipeline.result_rows`` (not read back)
   get their right/wrong marks and the authors' names mapped."""

@@ -473,7 +473,8 @@ def _scalar(v) -> bool:
 
 def _facets(queries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   """Extra fields worth a filter: few distinct short scalar values."""
-  values: dict[str, set] = {}
+  # Keyed apart from numbers: Python's True == 1, the page's true !== 1.
+  values: dict[str, dict[tuple[bool, Any], Any]] = {}
   skip = set()
   for q in queries:
     for key, v in q["x"].items():
@@ -484,10 +485,11 @@ def _facets(queries: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
       if not _scalar(v) or len(str(v)) > MAX_FACET_CHARS:
         skip.add(key)
         continue
-      values.setdefault(key, set()).add(v)
+      values.setdefault(key, {})[isinstance(v, bool), v] = v
       if len(values[key]) > MAX_FACET_VALUES:
         skip.add(key)
-  return [{"field": key, "values": sorted(vals, key=lambda v: (str(type(v)), v))}
+  return [{"field": key,
+           "values": sorted(vals.values(), key=lambda v: (str(type(v)), v))}
           for key, vals in values.items()
           if key not in skip and len(vals) >= 2]
 
