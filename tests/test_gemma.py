@@ -182,6 +182,21 @@ def test_train_save_load(setup):
     gf.load_params(str(path), other, mesh=mesh)
   with pytest.raises(InputError, match="no gemma checkpoint"):
     gf.load_params(str(s["root"] / "missing"))
+  # A param missing or extra, onto a mesh: named before the restore (before
+  # 2026-12-05 Orbax's tree diff, cut at 400 characters).
+  fewer = jax.tree.map(lambda x: x, s["params"])
+  del fewer["layer_1"]["mlp"]["linear"]
+  more = {**s["params"], "layer_9": s["params"]["layer_1"]}
+  for name, tree, bad in (
+      ("fewer", fewer, "['layer_1']['mlp']['linear']: stored missing, config "
+                       "gives (128, 64)"),
+      ("more", more, "['layer_9']['attn']['_key_norm']['scale']: stored (16,), "
+                     "config gives missing")):
+    gf.save_params(tree, str(s["root"] / name))
+    with pytest.raises(InputError, match=re.escape(
+        f"{s['root'] / name}: params do not match the gemma config (explicit "
+        f"sizes): {bad}")):
+      gf.load_params(str(s["root"] / name), s["config"], mesh=mesh)
 
 
 def test_tracer_checkpoint_records_the_family(setup):

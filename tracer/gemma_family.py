@@ -462,19 +462,22 @@ def _first_mismatch(got: dict, want: dict, keys=None) -> str | None:
 
 
 def _stored_mismatch(path: str, expected: Any) -> str | None:
-  """The first param whose shape in the checkpoint's metadata differs from
-  ``expected``'s; None where the metadata cannot say (unreadable, or a
-  layout the library converts on load, whose keys are not ours)."""
+  """The first param missing, extra or of another shape in the checkpoint's
+  metadata than in ``expected`` (the vision encoder's aside: it is not
+  loaded); None where the metadata cannot say (unreadable, or a layout the
+  library converts on load, whose keys are none of ours)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   try:
     with ocp.PyTreeCheckpointer() as ckpt:
       stored = _shapes(ckpt.metadata(path).item_metadata.tree)
   except Exception:  # pylint: disable=broad-except
     return None
+  stored = {k: v for k, v in stored.items()
+            if not k.startswith("['vision_encoder']")}
   want = _shapes(expected)
-  if not set(want) <= set(stored):
+  if not set(want) & set(stored):
     return None
-  return _first_mismatch(stored, want, want)
+  return _first_mismatch(stored, want)
 
 
 def save_params(params: Any, path: str) -> None:
@@ -511,8 +514,10 @@ def load_params(path: str, config: GemmaConfig | None = None, *, mesh=None,
     target = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
         expected, shardings)
-    # Checked before the restore: Orbax's error for a shape it cannot fit
-    # names no param, and its failed reads print tracebacks at exit.
+  if expected is not None:
+    # Checked before the restore: Orbax's error for a tree or shape it cannot
+    # fit names no param (cut to 400 characters), its failed reads print
+    # tracebacks at exit, and without a mesh everything would be read first.
     bad = _stored_mismatch(path, expected)
     if bad:
       raise _mismatch_error(path, config, bad)
