@@ -25,6 +25,9 @@ from tracer import storage
 Summary = Mapping[str, Mapping[str, Mapping[str, Any]]]
 
 _RETRIEVAL = (("mrr", "MRR"), ("recall@10", "recall@10"))
+# Bar groups in the retrieval figure, "all" included: 1,000 buckets took 12 s
+# and a 1.6 MB SVG for bars too thin to read.
+MAX_PLOT_BUCKETS = 25
 
 
 def printable(text: str) -> str:
@@ -84,13 +87,19 @@ def _grouped_bars(ax, xs: Sequence[Any], methods: Sequence[str],
 
 
 def retrieval_figure(stats: Summary) -> Figure | None:
-  """MRR and recall@10 per bucket, grouped bars per method; None when no
-  method has ground truth to score."""
+  """MRR and recall@10 for "all" and each bucket (the first
+  ``MAX_PLOT_BUCKETS - 1``), grouped bars per method; None when no method
+  has ground truth to score."""
   methods = [m for m, per in stats.items()
              if any(v.get("mrr") is not None for v in per.values())]
   if not methods:
     return None
   colors, buckets = _colors(stats), _buckets(stats)
+  xlabel = "bucket"
+  if len(buckets) > MAX_PLOT_BUCKETS:  # past this the bars are unreadable
+    xlabel = (f"bucket (the first {MAX_PLOT_BUCKETS - 1} of "
+              f"{len(buckets) - 1}, in order)")
+    buckets = buckets[:MAX_PLOT_BUCKETS]
   width = min(14.0, 2.5 + 0.35 * len(buckets) * (1 + len(methods)))
   fig = Figure(figsize=(width, 3.2), layout="constrained")
   axes = fig.subplots(1, 2, sharey=True)
@@ -99,7 +108,7 @@ def retrieval_figure(stats: Summary) -> Figure | None:
         ax, buckets, methods,
         lambda m, b, key=key: stats[m].get(b, {}).get(key), colors)
     ax.set_title(title)
-    ax.set_xlabel("bucket")
+    ax.set_xlabel(xlabel)
     ax.set_ylim(0, 1.02)
   # Outside the axes: inside, it would cover the bars of some bucket.
   fig.legend(handles, [_label(m) for m in methods], loc="outside right upper",

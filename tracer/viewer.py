@@ -380,9 +380,12 @@ def summary(runs: Mapping[str, Sequence[Mapping[str, Any]]]
     retrieval_by_bucket = {"all": retrieval, **retrieval["buckets"]}
     tail_patched = {r["query_id"]: r["proponent_tail_patch"] for r in records
                     if "proponent_tail_patch" in r}
+    by_bucket: dict[Any, list] = {}
+    for r in records:
+      by_bucket.setdefault(r.get("bucket"), []).append(r)
     per_bucket = {}
     for bucket in bucket_order(records):
-      group = [r for r in records if bucket == "all" or r.get("bucket") == bucket]
+      group = records if bucket == "all" else by_bucket.get(bucket, [])
       m: dict[str, Any] = {"num_queries": len(group),
                            "num_errors": sum(bool(r.get("error")) for r in group)}
       got = retrieval_by_bucket.get(bucket)
