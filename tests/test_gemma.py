@@ -337,10 +337,11 @@ def _argmax_by_hand(config, params, prompt, n):
   return tokens[len(prompt):]
 
 
-def test_tokenizer_file_is_checked_when_opened(tmp_path):
-  """A damaged file or one with other special ids: an InputError naming it
-  at construction (before 2026-12-05: a sentencepiece traceback at the first
-  encode, or pad/EOS/BOS silently mislabelled)."""
+def test_tokenizer_file_is_checked_when_opened(tmp_path, monkeypatch):
+  """A damaged file, one with other special ids, or one the library would
+  replace by its cache's: an InputError naming it at construction (before
+  2026-12-05: a sentencepiece traceback at the first encode, pad/EOS/BOS
+  silently mislabelled, or another tokenizer silently read)."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   texts = [r["text"] for r in facts.generate(
       facts.FactsConfig(facts_per_bucket=2, distractor_docs=5))[0]]
@@ -359,6 +360,18 @@ def test_tokenizer_file_is_checked_when_opened(tmp_path):
       f"{tmp_path}/other.model: special ids (pad, eos, bos, unk) are "
       "(-1, 2, 1, 0); expected Gemma's (0, 1, 2, 3)")):
     gf.GemmaVocabulary(str(tmp_path / "other.model"))
+  # The library reads $GEMMA_CACHE_DIR/tokenizer/<name> when it exists.
+  cache = tmp_path / "cache"
+  (cache / "tokenizer").mkdir(parents=True)
+  monkeypatch.setenv("GEMMA_CACHE_DIR", str(cache))
+  (cache / "tokenizer" / "good.model").write_bytes(good)  # the same bytes
+  assert gf.GemmaVocabulary(str(tmp_path / "good.model")).vocab_size > 0
+  smaller = train_tokenizer(texts, str(tmp_path / "smaller"), vocab_size=200)
+  (cache / "tokenizer" / "good.model").write_bytes(open(smaller, "rb").read())
+  with pytest.raises(InputError, match=re.escape(
+      f"{tmp_path}/good.model: the gemma library would read "
+      f"{cache}/tokenizer/good.model instead")):
+    gf.GemmaVocabulary(str(tmp_path / "good.model"))
 
 
 def test_cached_decode_matches_full_forward_passes():

@@ -595,6 +595,22 @@ def load_opt_state(path: str, params: Any, optimizer=None, *, mesh=None) -> Any:
 
 # --- tokenizer -----------------------------------------------------------------
 
+def _check_not_replaced_by_cache(path: str) -> None:
+  """InputError when the library would read another file than ``path``: a
+  file of its name in its cache directory, with other bytes."""
+  from gemma.gm.utils import _file_cache  # pylint: disable=g-import-not-at-top
+  read = str(_file_cache.maybe_get_from_cache(remote_file_path=path,
+                                              cache_subdir="tokenizer"))
+  if read == path or storage.read_bytes(read) == storage.read_bytes(path):
+    return
+  raise InputError(
+      f"{path}: the gemma library would read {read} instead (a file of the "
+      "same name in its cache, $GEMMA_CACHE_DIR/tokenizer, default "
+      "~/.gemma/tokenizer), and its bytes differ; expected that file removed "
+      "or GEMMA_CACHE_DIR naming a directory without it, or the tokenizer "
+      "under another file name")
+
+
 class GemmaVocabulary:
   """A Gemma sentencepiece model file (``gm.text.Gemma3Tokenizer(path)``, or
   Gemma 2's) with tracer.data's vocabulary interface: ``encode`` (no BOS, no
@@ -603,7 +619,8 @@ class GemmaVocabulary:
   ``pad_id``, ``eos_id``, ``bos_id``, ``unk_id``.
 
   The library reads ``$GEMMA_CACHE_DIR/tokenizer/<file name>`` (default
-  ``~/.gemma``) instead of ``path`` when such a file exists.
+  ``~/.gemma``) instead of ``path`` when such a file exists: InputError
+  when its bytes are not ``path``'s.
   """
 
   pad_id, eos_id, bos_id, unk_id = PAD_ID, EOS_ID, BOS_ID, 3
@@ -615,6 +632,7 @@ class GemmaVocabulary:
     if cls is None:
       raise InputError(f"gemma tokenizer version {version!r}: expected 2 or 3")
     self.path, self.version = str(path), version
+    _check_not_replaced_by_cache(str(path))
     self.tokenizer = cls(path=str(path))
     try:
       # Loaded now (the library loads it at the first encode), so a damaged
