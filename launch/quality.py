@@ -21,8 +21,8 @@ tail-patch@k, each query's tail-patch@10 per method, TrackStar's paired
 difference against each method, and tail-patch by what the proponents are:
 the fact's own documents, others naming its object or its subject, or
 neither), quality.md (those tables), the plots (retrieval.png,
-tail_patch.png) and report.html (every method side by side: ``tracer view``),
-and prints the tables. ``--checkpoint`` scores one step of the run instead
+tail_patch.png) and quality.html (every method side by side: ``tracer view``;
+not report.html, the demo's page in a shared workdir), and prints the tables. ``--checkpoint`` scores one step of the run instead
 of its last. ``--sum_steps=200,400`` adds ``trackstar_sum``: TrackStar's
 scores summed over those checkpoints of the same run and the scored one
 (TracIn-style; each step's rows and queries encoded, R fitted and normalized
@@ -499,7 +499,7 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
   evaluate.write_text_atomic(storage.join(workdir, "quality.md"),
                              table + "\n\n" + paired_table + "\n")
   pngs = plots.write_pngs(viewer.summary(results), workdir)
-  page = viewer.write_report(storage.join(workdir, "report.html"), results,
+  page = viewer.write_report(storage.join(workdir, "quality.html"), results,
                              title=f"tracer quality: {len(methods)} methods, "
                              f"{len(queries)} fact queries")
   print("\n" + table + "\n\n" + paired_table)

@@ -436,6 +436,8 @@ def test_quality_table_scores_every_method(trained, tmp_path, monkeypatch):
   assert methods["trackstar"]["tail_patch@1"] > methods["random"]["tail_patch@1"]
   assert report["tail_patch_queries"] == 8
   assert (root / "quality.md").read_text().startswith("| method |")
+  # Its page beside the demo's report.html, not over it.
+  assert "<html" in (root / "quality.html").read_text()
   # Paired tail-patch: TrackStar minus each method over the same 8 queries.
   per_query = report["per_query_tail_patch@10"]
   assert set(per_query) == set(quality.METHODS)
