@@ -145,6 +145,13 @@ def test_int8_verify_finds_damaged_scales(tmp_path):
   open(path, "wb").write(bytes(raw))
   assert s.verify_chunk(2).startswith(f"its scales {path}: checksum mismatch")
   assert s.verify_chunk(1) is None
+  # A marker without the scales' checksum (format v2's, empty, or edited):
+  # nothing to check them against (before 2026-12-05 a TypeError).
+  record = s.chunk_record(2)
+  del record["scales_crc32"]
+  with open(s._marker(2), "w") as f:
+    f.write(json.dumps(record))
+  assert s.verify_chunk(2) is None
 
 
 def test_resume_after_crash_is_byte_identical(tmp_path):
@@ -366,6 +373,14 @@ def test_markers_record_checksums_and_verify_finds_corruption(tmp_path):
   assert s.verify_chunk(0) is None
   s.unmark(3)
   assert s.verify_chunk(3) == "not written"
+  # A damaged marker is the chunk's damage, which --repair unmarks (before
+  # 2026-12-05 verify stopped at it, and nothing could repair it).
+  with open(s._marker(0), "w") as f:
+    f.write("{not json")
+  assert s.verify_chunk(0).startswith(
+      f"damaged marker: {s._marker(0)}: not a chunk marker")
+  s.unmark(0)
+  assert s.verify_chunk(0) == "not written"
   # A deleted chunk file reads as zeros: named missing (before 2026-12-05
   # only "checksum mismatch"), by verify and by a scan's read.
   os.remove(s.chunk_file(1))

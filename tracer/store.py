@@ -456,6 +456,8 @@ def _parse_marker(data: bytes, where: str, bounds: tuple[int, int]
     raise CorruptStoreError(f"{where}: not a chunk marker ({e})") from None
   if not isinstance(record, dict) or not isinstance(record.get("crc32"), int):
     raise CorruptStoreError(f"{where}: not a chunk marker (no 'crc32')")
+  if not isinstance(record.get("scales_crc32", 0), int):
+    raise CorruptStoreError(f"{where}: field 'scales_crc32' must be an integer")
   quarantined = record.get("quarantined", {})
   # (a row outside the chunk would never be returned by a scan, silently)
   if not isinstance(quarantined, dict) or not all(
@@ -610,7 +612,12 @@ class EncodingStore:
     """Why chunk ``chunk`` is bad ("not written", "unreadable: ...",
     "checksum mismatch ...", "its file ... is missing ..."), or None if its
     bytes match its marker. Reads it."""
-    record = self.chunk_record(chunk)
+    try:
+      record = self.chunk_record(chunk)
+    except CorruptStoreError as e:
+      # Reported as the chunk's damage, so --repair unmarks it and the next
+      # encode rewrites it and its marker (raised, nothing could mend it).
+      return f"damaged marker: {e}"
     if record is None:
       return "not written"
     start, stop = self.chunk_bounds(chunk)
@@ -620,8 +627,8 @@ class EncodingStore:
     except ValueError as e:
       return f"unreadable: {_one_line(e)}"
     why = _mismatch(record, np.asarray(x))
-    if why is None and scale is not None:
-      why = _mismatch({"crc32": record.get("scales_crc32")}, np.asarray(scale))
+    if why is None and scale is not None and "scales_crc32" in record:
+      why = _mismatch({"crc32": record["scales_crc32"]}, np.asarray(scale))
       why = why and f"its scales {self._scales_file(chunk)}: {why}"
     return why and self._missing_file(chunk, why)
 
