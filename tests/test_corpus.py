@@ -556,6 +556,12 @@ def test_shard_errors(tmp_path, records):
   with pytest.raises(InputError, match=r"parts written so far: 1 of 2 "
                      r"\(00000-of-00002\); 1 of 3 \(00002-of-00003\)$"):
     corpus_lib.open_corpus(out, config, 16)
+  # The parts of an unfinished run on 2 processes, rerun on 1 (before
+  # 2026-12-05 refused: "not a tokenized corpus ... and not empty").
+  corpus_lib.tokenize(pattern, str(tmp_path / "again"), config, 32,
+                      num_shards=2, shard_index=0)
+  one = corpus_lib.tokenize(pattern, str(tmp_path / "again"), config, 32)
+  assert len(one) == len(records)
   # Parts made with other settings are not joined.
   out = str(tmp_path / "mixed")
   corpus_lib.tokenize(pattern, out, config, 32, num_shards=2, shard_index=0)

@@ -387,7 +387,8 @@ def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
     raise InputError(f"shard {shard_index} of {num_shards}: expected 0 <= "
                      f"shard_index < num_shards")
   if num_shards == 1:
-    _check_empty_or_unfinished(output, set(_ARRAYS))
+    # (parts: left by an unfinished run on several processes, not read)
+    _check_empty_or_unfinished(output, {*_ARRAYS, PARTS})
     if records is None:
       source, records = data_lib.source_records(source, data_config.vocabulary(),
                                                 unique_ids=False)
