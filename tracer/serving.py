@@ -1314,6 +1314,7 @@ def _call(url: str, body: dict | None = None, timeout: float = 600,
   except ValueError as e:  # a port that is not a number
     raise InputError(f"{url}: {e}; expected http://HOST:PORT") from None
   expired, sockets = threading.Event(), []
+  late = f"{url}: no answer within {timeout:g} s"
 
   def expire():
     expired.set()
@@ -1339,7 +1340,7 @@ def _call(url: str, body: dict | None = None, timeout: float = 600,
         raise TimeoutError
     except OSError as e:
       if expired.is_set() or isinstance(e, TimeoutError):
-        raise InputError(f"{url}: no answer within {timeout:g} s") from None
+        raise InputError(late) from None
       raise InputError(f"{url}: cannot reach the server "
                        f"({e.strerror or e})") from None
     try:
@@ -1351,11 +1352,11 @@ def _call(url: str, body: dict | None = None, timeout: float = 600,
       raw = _read_answer(url, response, max_bytes, expired)
     except (http.client.HTTPException, OSError) as e:
       if expired.is_set() or isinstance(e, TimeoutError):
-        raise InputError(f"{url}: no answer within {timeout:g} s") from None
+        raise InputError(late) from None
       raise InputError(f"{url}: the server closed the connection without an "
                        f"answer ({type(e).__name__}: {e})") from None
     if expired.is_set():  # the read ended at the shutdown, short
-      raise InputError(f"{url}: no answer within {timeout:g} s")
+      raise InputError(late)
   finally:
     deadline.cancel()
     conn.close()
