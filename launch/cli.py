@@ -17,7 +17,9 @@ thread (``other_process_failed``) even while it waits in a collective, writes
 status. Before, they waited 300 s at the barrier and aborted, saying nothing.
 SIGTERM, SIGINT or SIGHUP to one of them is such a failure too
 (``end_on_signals``), and so is a process that falls silent (killed, lost:
-process 0's watcher says so after ``--silent_process_timeout_s``).
+process 0's watcher says so after ``--silent_process_timeout_s``). What a
+process holds (a store's writer claim: ``undone_at_end``) is given up
+however it ends.
 
 This module defines no flags and imports neither tracer nor jax, so every
 script uses it (``launch.bm25`` and ``launch.evaluate`` define flags of
@@ -27,12 +29,13 @@ their own, ``launch.plan`` must not load jax); ``launch.config`` re-exports
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
 import threading
 import traceback
-from typing import Any, Callable, NoReturn
+from typing import Any, Callable, Iterator, NoReturn
 
 from absl import app
 from absl import flags
@@ -99,13 +102,55 @@ def _end_first() -> None:
     threading.Event().wait()
 
 
+# What this process must undo however it ends, also where it ends without
+# unwinding its stack, so that no ``finally`` runs (``_leave``; a signal to a
+# lone process, ``end_on_signals``): e.g. a store's writer claim
+# (``launch.common``), which a rerun from another container or host could
+# otherwise take over only once its heartbeat is --claim_timeout_s old.
+_UNDO: list[Callable[[], None]] = []
+# Storage may not answer a dying process: it does not wait longer for it.
+UNDO_TIMEOUT_S = 10.0
+
+
+@contextlib.contextmanager
+def undone_at_end(undo: Callable[[], None]) -> Iterator[None]:
+  """Calls ``undo()`` when the block ends, and if this process is ended
+  inside it by a signal or by another process's failure."""
+  _UNDO.append(undo)
+  try:
+    yield
+  finally:
+    _UNDO.remove(undo)
+    undo()
+
+
+def _undo_all() -> None:
+  """Calls every pending ``undone_at_end`` undo, latest first, in a thread
+  waited for at most ``UNDO_TIMEOUT_S``; a failure is one warning line."""
+  undos = _UNDO[::-1]
+
+  def undo_each():
+    for undo in undos:
+      try:
+        undo()
+      except Exception as e:  # pylint: disable=broad-except
+        sys.stderr.write(f"warning: ending, could not undo {undo}: {one_line(e)}\n")
+
+  if undos:
+    thread = threading.Thread(target=undo_each, name="tracer-undo", daemon=True)
+    thread.start()
+    thread.join(UNDO_TIMEOUT_S)
+
+
 def _leave(coordination, status: int) -> NoReturn:
   """Exits with ``status`` once the others can do without this process,
   skipping the shutdown barrier (which would wait for processes stuck in a
-  collective this process will never join)."""
+  collective this process will never join), after ``_undo_all``."""
   sys.stdout.flush()
   sys.stderr.flush()
   coordination.leave_together()
+  _undo_all()
+  sys.stderr.flush()
   os._exit(status)  # pylint: disable=protected-access
 
 
@@ -166,33 +211,38 @@ STOPPING_SIGNALS = {signal.SIGTERM: "the job was stopped or its machine preempte
 
 
 def end_on_signals(coordination) -> None:
-  """Once jax.distributed is started, on one of several processes: SIGTERM
-  (a scheduler stopping the job, a preempted machine), SIGINT or SIGHUP ends
-  this process at once and tells the others, as a failure of its ``main``
-  would, with status 128 + the signal's number (143, 130, 129). A thread
-  does it, so it happens even while the main thread waits in a collective,
-  where a Python signal handler would not run until the collective returned:
-  the handlers only wake the thread (``signal.set_wakeup_fd``). Measured
-  before, with three processes and the signalled one in a collective:
-  SIGTERM, which jax.distributed's preemption service takes, and SIGINT
-  ended nobody (until a SIGKILL); SIGHUP killed that process, and the others
-  aborted 100 s later (the heartbeat timeout).
+  """On one of several processes (jax.distributed): SIGTERM (a scheduler
+  stopping the job, a preempted machine), SIGINT or SIGHUP ends this process
+  at once and tells the others, as a failure of its ``main`` would, with
+  status 128 + the signal's number (143, 130, 129). A thread does it, so it
+  happens even while the main thread waits in a collective, where a Python
+  signal handler would not run until the collective returned: the handlers
+  only wake the thread (``signal.set_wakeup_fd``). Measured before, with
+  three processes and the signalled one in a collective: SIGTERM, which
+  jax.distributed's preemption service takes, and SIGINT ended nobody (until
+  a SIGKILL); SIGHUP killed that process, and the others aborted 100 s later
+  (the heartbeat timeout).
 
-  Call from the main thread, after ``jax.distributed.initialize``, whose
-  SIGTERM handler this one replaces. A handler the script sets later
-  (``tracer serve``: a graceful stop) keeps its signal to itself. On one
-  process, with nobody to tell, SIGTERM just ends it again, as without
-  jax.distributed."""
-  if coordination.client() is None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # undo the preemption service's
-    return
+  On a lone process, with nobody to tell, SIGTERM and SIGHUP end it the same
+  way (one line, status 143 or 129), and SIGINT stays Python's
+  KeyboardInterrupt, whose unwinding runs every ``finally``. Either way,
+  what ``undone_at_end`` holds is undone first: before, a lone job stopped
+  by its scheduler kept its store claim, and its rerun in a new container
+  was refused for --claim_timeout_s (600 s).
+
+  Call from the main thread (after ``jax.distributed.initialize``, whose
+  SIGTERM handler this one replaces). A handler the script sets later
+  (``tracer serve``: a graceful stop) keeps its signal to itself."""
+  lone = coordination.client() is None
+  stopping = {s: why for s, why in STOPPING_SIGNALS.items()
+              if not (lone and s == signal.SIGINT)}
   read_end, write_end = os.pipe()
   os.set_blocking(write_end, False)
 
   def ours(signum, frame):  # the thread below acts
     del signum, frame
 
-  for signum in STOPPING_SIGNALS:
+  for signum in stopping:
     signal.signal(signum, ours)
   signal.set_wakeup_fd(write_end)
 
@@ -200,12 +250,19 @@ def end_on_signals(coordination) -> None:
     # Every signal with a Python handler writes its number here.
     while True:
       signum = os.read(read_end, 1)[0]
-      if signum in STOPPING_SIGNALS and signal.getsignal(signum) is ours:
+      if signum in stopping and signal.getsignal(signum) is ours:
         break
     name = signal.Signals(signum).name
+    stopped = Stopped(f"stopped by {name} ({stopping[signum]})")
     try:
-      _failed_here(coordination, Stopped(
-          f"stopped by {name} ({STOPPING_SIGNALS[signum]})"), status=128 + signum)
+      if lone:
+        _end_first()
+        sys.stdout.flush()
+        sys.stderr.write(f"error: {stopped}\n")
+        _undo_all()
+        sys.stderr.flush()
+      else:
+        _failed_here(coordination, stopped, status=128 + signum)
     finally:  # the handlers do nothing: never leave this process up
       os._exit(128 + signum)  # pylint: disable=protected-access
 

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple, Sequence
 from absl import flags
 import jax
 
+from tracer.launch import cli
 from tracer.launch import config
 from tracer.launch.progress import Progress, say
 from tracer import checkpoint as ckpt_lib
@@ -271,16 +272,18 @@ def encoded_store(location: str, run: Run, pcfg: PreconditionerConfig,
   if store is None and basis_location and storage.exists(basis_location):
     given = pipeline.given_basis(basis_location, key)
   claim = pipeline.claim_store(location, FLAGS.claim_timeout_s)
-  try:
-    if claim is not None and claim.taken_over:
-      owner, why = claim.taken_over
-      say(f"store {location}: took over the claim of {claim_lib.describe(owner)} "
-          f"({why})")
+  if claim is None:  # not process 0, which holds the job's claim
+    return _encode_store(location, run, pcfg, key, basis_location, given,
+                         expected, None)
+  if claim.taken_over:
+    owner, why = claim.taken_over
+    say(f"store {location}: took over the claim of {claim_lib.describe(owner)} "
+        f"({why})")
+  # Released however this process ends, also when a signal or another
+  # process's failure ends it without unwinding (launch.cli).
+  with cli.undone_at_end(claim.release):
     return _encode_store(location, run, pcfg, key, basis_location, given,
                          expected, claim)
-  finally:
-    if claim is not None:
-      claim.release()
 
 
 def _encode_store(location, run, pcfg, key, basis_location, given, expected,
@@ -290,7 +293,7 @@ def _encode_store(location, run, pcfg, key, basis_location, given, expected,
     basis = pipeline.store_basis(store)
     if FLAGS.verify_store:
       bad = pipeline.verify_store(store, repair=True, progress=Progress(
-          "verify store", "chunks"))
+          "verify store", "chunks")).bad
       say(f"store {location}: verified; {len(bad)} bad chunk(s) in process 0's "
           "share" + (f", rewriting them: {sorted(bad)[:10]}" if bad else ""))
     if not len(pipeline.agreed_pending_chunks(store)):

@@ -364,7 +364,8 @@ def initialize_distributed() -> None:
   processes, a thread that ends this one when another fails or (process
   0's) falls silent for ``--silent_process_timeout_s``
   (``coordination.FailureWatcher``), and one that ends it and tells the
-  others on SIGTERM, SIGINT or SIGHUP (``launch.cli``)."""
+  others on SIGTERM, SIGINT or SIGHUP (``launch.cli``; on one process, one
+  that ends it on SIGTERM or SIGHUP once its store claim is given up)."""
   import jax
   if FLAGS.coordinator_address or os.environ.get("TRACER_DISTRIBUTED") == "1":
     # CPU hosts (tests, CPU clusters) need a cross-process collectives backend;
@@ -387,8 +388,7 @@ def initialize_distributed() -> None:
     watcher = coordination.FailureWatcher(cli.other_process_failed,
                                           silent_timeout_s=silent_s)
     atexit.register(watcher.close)
-  if jax.distributed.is_initialized():
-    cli.end_on_signals(coordination)
+  cli.end_on_signals(coordination)
 
 
 # Flags of this module and launch.common that only some scripts read. A

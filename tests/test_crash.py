@@ -120,7 +120,8 @@ def environ(shared, devices: int = DEVICES, crash_at: str | None = None) -> dict
   return env
 
 
-def command(script: str, shared, workdir, distributed=None, basis=None) -> list[str]:
+def command(script: str, shared, workdir, distributed=None, basis=None,
+            extra=()) -> list[str]:
   cmd = [sys.executable, "-m", f"tracer.launch.{script}", f"--workdir={workdir}",
          f"--checkpoint={shared / 'checkpoints'}", f"--corpus={shared / 'corpus'}",
          f"--store={workdir / 'store'}"]
@@ -132,7 +133,7 @@ def command(script: str, shared, workdir, distributed=None, basis=None) -> list[
   cmd += [f"--gin_bindings={b}" for b in GIN_BINDINGS]
   if distributed:
     cmd += multiprocess.distributed_flags(*distributed)
-  return cmd
+  return cmd + list(extra)
 
 
 def run_ok(cmd, env, log) -> float:
@@ -478,6 +479,47 @@ def test_one_of_two_processes_killed_mid_encode(shared, reference, tmp_path):
                     f"{label}, rerun")
   print(f"\n{label}; left: {state}; rerun on 2 processes: store equal to the "
         "1-process reference")
+
+
+@pytest.mark.parametrize("how", ["peer_killed", "sigterm"])
+def test_a_run_ended_midway_gives_up_its_store_claim(shared, reference, tmp_path,
+                                                      how):
+  """Encodes ended mid-store without unwinding their stack: process 0 of 2
+  when process 1 is killed (it exits 75, "rerun the same command to
+  resume"), and a lone process sent SIGTERM (its scheduler stopping it:
+  143). Each gives up the store's claim as it ends. Before, writer.json was
+  left naming the dead pid; a rerun from another PID namespace (a
+  rescheduled pod; measured with ``unshare --pid``) was refused ("being
+  written by another job") until --claim_timeout_s (600 s) had passed. The
+  rerun then completes the store as the uninterrupted run made it."""
+  workdir = tmp_path / "w"
+  store = workdir / "store"
+  if how == "peer_killed":
+    if not multiprocess.gloo_available():
+      pytest.skip("this jaxlib has no gloo CPU collectives")
+    port = multiprocess.free_port()
+    commands = [command("encode", shared, workdir, (port, i), reference["basis"],
+                        ["--silent_process_timeout_s=5"]) for i in range(2)]
+    envs = [environ(shared, 2), environ(shared, 2, crash_at="encode.batch:3")]
+    want = [75, -signal.SIGKILL]
+  else:
+    commands = [command("encode", shared, workdir, basis=reference["basis"])]
+    envs = [environ(shared, crash_at="encode.batch:5:SIGTERM")]
+    want = [143]
+  procs, logs = [], []
+  for i, (cmd, env) in enumerate(zip(commands, envs)):
+    logs.append(tmp_path / f"ended{i}.log")
+    with open(logs[-1], "wb") as f:
+      procs.append(subprocess.Popen(cmd, env=env, cwd=multiprocess.ROOT,
+                                    stdout=f, stderr=subprocess.STDOUT))
+  codes, texts = multiprocess.ends(procs, logs, time.monotonic() + RUN_TIMEOUT_S)
+  assert codes == want, (codes, texts)
+  left = files_under(store)
+  assert len([k for k in left if k.endswith(".done")]) < NUM_DOCS // CHUNK_ROWS, (
+      "the run ended before its last chunk", sorted(left))
+  assert not CLAIM_FILES & set(left), (codes, texts[0][-3000:])
+  run_ok(command("encode", shared, workdir), environ(shared), tmp_path / "rerun.log")
+  assert_same_files(files_under(store), reference["store"], f"{how}, rerun")
 
 
 def test_a_chunk_damaged_in_one_hosts_share_ends_both_processes(shared, reference,

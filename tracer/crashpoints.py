@@ -2,8 +2,9 @@
 
 ``TRACER_CRASH_AT=name:n`` in the environment makes the process SIGKILL
 itself the ``n``-th time (1-based) it reaches ``point(name)``: no cleanup
-runs, no buffer is flushed, as when a host dies. Unset (always, outside the
-tests) a point costs one dict lookup.
+runs, no buffer is flushed, as when a host dies. ``name:n:SIGTERM`` sends
+that signal instead (a scheduler stopping the job at that point). Unset
+(always, outside the tests) a point costs one dict lookup.
 
 Points: ``fit.batch`` (after each R_train sample batch), ``encode.batch``
 (after each corpus batch is encoded, before its chunk may be full),
@@ -20,19 +21,23 @@ import signal
 _counts: dict[str, int] = {}
 
 
-def _target() -> tuple[str, int] | None:
+def _target() -> tuple[str, int, signal.Signals] | None:
   spec = os.environ.get("TRACER_CRASH_AT")
   if not spec:
     return None
   name, _, n = spec.rpartition(":")
-  return name, int(n)
+  if n.isdigit():
+    return name, int(n), signal.SIGKILL
+  name, _, count = name.rpartition(":")
+  return name, int(count), signal.Signals[n]
 
 
 def point(name: str) -> None:
-  """Kills this process here if ``TRACER_CRASH_AT`` names this point and count."""
+  """Kills (or signals) this process here if ``TRACER_CRASH_AT`` names this
+  point and count."""
   target = _target()
   if target is None or target[0] != name:
     return
   _counts[name] = _counts.get(name, 0) + 1
   if _counts[name] == target[1]:
-    os.kill(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), target[2])
