@@ -34,20 +34,20 @@ def run(location: str, repair: bool = False) -> int:
   pipeline.store_basis(store)  # the basis file must match the manifest
   missing = pipeline.agreed_pending_chunks(store).tolist()
   share = pipeline.written_share(store)  # listed once: repairs unmark chunks
-  bad = pipeline.verify_store(store, repair, common.Progress("verify", "chunks"),
-                              share)
+  bad, unchecked = pipeline.verify_store(
+      store, repair, common.Progress("verify", "chunks"), share)
   for chunk, why in sorted(bad.items()):
     lo, hi = store.chunk_bounds(chunk)
     print(f"corrupt: {store.chunk_file(chunk)}: chunk {chunk} (rows {lo}..{hi}): "
           f"{why}" + ("; unmarked, the next encode rewrites it" if repair else ""),
           flush=True)
   # Each host reads only its share's markers; the counts are summed.
-  counts = np.array([len(bad), len(store.quarantined(share))],
+  counts = np.array([len(bad), len(store.quarantined(share)), unchecked],
                     np.int64)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 2).sum(0)
-  count, quarantined = int(counts[0]), int(counts[1])
+    counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 3).sum(0)
+  count, quarantined, unchecked = (int(c) for c in counts)
   if jax.process_index() != 0:
     return 1 if count or missing else 0
   for chunk in missing[:20]:
@@ -59,9 +59,11 @@ def run(location: str, repair: bool = False) -> int:
     print(f"{location}: {count} corrupt and {len(missing)} missing of "
           f"{store.num_chunks} chunks")
     return 1
+  checked = store.num_chunks - unchecked
   print(f"OK: {location}: {store.num_chunks} chunks, {store.num_rows} rows x "
-        f"d={store.dim} ({store.manifest.dtype}) match their checksums; "
-        f"{quarantined} rows quarantined")
+        f"d={store.dim} ({store.manifest.dtype}); {checked} match their checksums"
+        + (f", {unchecked} {'has' if unchecked == 1 else 'have'} none to check (markers of an earlier tracer: "
+           "read back, not checked)" if unchecked else "") + f"; {quarantined} rows quarantined")
   return 0
 
 

@@ -277,6 +277,15 @@ def truncated_chunk(s: Shared, d: Path):
   return scan(s, d, store=store)
 
 
+def store_without_basis(s: Shared, d: Path):
+  """A copy of the store whose basis file was deleted (before: "basis.npz does
+  not match the manifest's basis_fingerprint", as if another basis were there)."""
+  store = d / "store"
+  shutil.copytree(s.store, store)
+  (store / "basis.npz").unlink()
+  return scan(s, d, store=store)
+
+
 def edited_corpus(s: Shared, d: Path):
   """A copy of the store, and of its corpus then edited in place: the same
   lines in reverse order (as many rows, other ids at each row)."""
@@ -544,6 +553,9 @@ CASES = [
          "nostore: no store to take the corpus from; pass --corpus (tracer "
          "trace encodes it)"),
     Case("truncated zarr chunk", truncated_chunk, "chunk 1"),
+    Case("store without its basis file", store_without_basis,
+         "store/basis.npz: no such basis file; the store's rows are in "
+         "R_train's eigenbasis it holds (the manifest's basis_fingerprint "),
     Case("corpus edited in place", edited_corpus,
          "encodings are not comparable: field 'corpus_fingerprint' (the "
          "corpus's rows (ids or tokens) are not those the store was encoded "

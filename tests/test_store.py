@@ -430,6 +430,7 @@ def test_markers_of_the_earlier_format_count_as_done_unchecked(tmp_path):
   with open(s._marker(1), "wb"):
     pass  # format v2 wrote empty markers
   assert s.chunk_record(1) == {} and s.verify_chunk(1) is None and s.is_complete()
+  assert s.check_chunk(1) == (None, False) and s.check_chunk(0) == (None, True)
 
 
 def test_a_damaged_last_chunk_is_rewritten(tmp_path):

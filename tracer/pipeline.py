@@ -510,10 +510,14 @@ def planned_weights(encoder: GradientEncoder, corpus) -> list[str] | None:
 def store_basis(store: store_lib.EncodingStore) -> hessian.Basis | None:
   """The basis a store's rows are in (checked against its manifest)."""
   data = store.attachment(BASIS_FILE)
-  if data is None:
-    basis = None
-  else:
-    basis = hessian.Basis.load(storage.join(store.path, BASIS_FILE), data)
+  where = storage.join(store.path, BASIS_FILE)
+  if data is None and store.manifest.basis_fingerprint is not None:
+    raise store_lib.CorruptStoreError(
+        f"{where}: {storage.missing(where, 'basis file')}; the store's rows are "
+        "in R_train's eigenbasis it holds (the manifest's basis_fingerprint "
+        f"{store.manifest.basis_fingerprint}), and queries cannot be projected "
+        "without it: restore the file, or encode into a new store")
+  basis = None if data is None else hessian.Basis.load(where, data)
   if (basis.fingerprint() if basis else None) != store.manifest.basis_fingerprint:
     raise store_lib.IncompatibleStoreError(
         f"{store.path}: {BASIS_FILE} does not match the manifest's "
@@ -793,27 +797,34 @@ def written_share(store: store_lib.EncodingStore) -> list[int]:
   return [int(c) for c in done[jax.process_index()::jax.process_count()]]
 
 
+class Verified(NamedTuple):
+  bad: dict[int, str]   # {chunk: why} of this process's share
+  unchecked: int        # good chunks of it whose marker records no checksum
+
+
 def verify_store(store: store_lib.EncodingStore, repair: bool = False,
                  progress: ProgressFn = None, share: Sequence[int] | None = None
-                 ) -> dict[int, str]:
+                 ) -> Verified:
   """Re-reads every chunk marked done and checks it against its marker.
 
   Each process checks its ``share`` of the chunks (default ``written_share``)
-  and returns ``{chunk: why}`` for the bad ones of it; ``repair`` removes
-  their markers, so the next encode rewrites exactly them. Chunks never
-  written are not reported here (``pending_chunks``).
+  and returns the bad ones of it, and how many had no checksum to check
+  (markers of an earlier format); ``repair`` removes the bad ones' markers,
+  so the next encode rewrites exactly them. Chunks never written are not
+  reported here (``pending_chunks``).
   """
   share = written_share(store) if share is None else share
-  bad = {}
+  bad, unchecked = {}, 0
   for i, chunk in enumerate(share):
-    why = store.verify_chunk(chunk)
+    why, checked = store.check_chunk(chunk)
     if why:
       bad[chunk] = why
       if repair:
         store.unmark(chunk)
+    unchecked += not (why or checked)
     _report(progress, i + 1, len(share))
   _barrier("tracer-verify-store-done")
-  return bad
+  return Verified(bad, unchecked)
 
 
 class Streamed(NamedTuple):

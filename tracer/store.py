@@ -612,25 +612,31 @@ class EncodingStore:
     """Why chunk ``chunk`` is bad ("not written", "unreadable: ...",
     "checksum mismatch ...", "its file ... is missing ..."), or None if its
     bytes match its marker. Reads it."""
+    return self.check_chunk(chunk)[0]
+
+  def check_chunk(self, chunk: int) -> tuple[str | None, bool]:
+    """``(verify_chunk(chunk), checked)``: ``checked`` is False where a good
+    chunk's marker, of an earlier format, records no checksum (only that the
+    chunk was written and reads back is known)."""
     try:
       record = self.chunk_record(chunk)
     except CorruptStoreError as e:
       # Reported as the chunk's damage, so --repair unmarks it and the next
       # encode rewrites it and its marker (raised, nothing could mend it).
-      return f"damaged marker: {e}"
+      return f"damaged marker: {e}", True
     if record is None:
-      return "not written"
+      return "not written", True
     start, stop = self.chunk_bounds(chunk)
     try:
       x = self.read_async(start, stop).result()
       scale = None if self.scales is None else self.scales[start:stop].read().result()
     except ValueError as e:
-      return f"unreadable: {_one_line(e)}"
+      return f"unreadable: {_one_line(e)}", True
     why = _mismatch(record, np.asarray(x))
     if why is None and scale is not None and "scales_crc32" in record:
       why = _mismatch({"crc32": record["scales_crc32"]}, np.asarray(scale))
       why = why and f"its scales {self._scales_file(chunk)}: {why}"
-    return why and self._missing_file(chunk, why)
+    return why and self._missing_file(chunk, why), "crc32" in record
 
   def _missing_file(self, chunk: int, why: str) -> str:
     """``why`` led by the chunk's missing file, if one is: tensorstore reads
