@@ -562,6 +562,8 @@ def test_shard_errors(tmp_path, records):
                       num_shards=2, shard_index=0)
   one = corpus_lib.tokenize(pattern, str(tmp_path / "again"), config, 32)
   assert len(one) == len(records)
+  # That part is left over, named (`tracer tokenize` says so).
+  assert corpus_lib.leftover_parts(str(tmp_path / "again")) == ["parts/00000-of-00002"]
   # Parts made with other settings are not joined.
   out = str(tmp_path / "mixed")
   corpus_lib.tokenize(pattern, out, config, 32, num_shards=2, shard_index=0)
@@ -589,6 +591,7 @@ def test_launch_tokenize_on_two_processes(tmp_path, records):
   corpus = corpus_lib.TokenizedCorpus(str(out))
   assert [p["path"] for p in corpus.manifest.parts] == [
       "parts/00000-of-00002", "parts/00001-of-00002"]
+  assert corpus_lib.leftover_parts(str(out)) == []
   memory = data_lib.read_corpus(pattern, DataConfig().vocabulary(), 128)
   _assert_same_rows(memory, corpus)
   for i, text in enumerate(texts):

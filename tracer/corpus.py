@@ -439,6 +439,18 @@ def _check_empty_or_unfinished(location: str, allowed: set[str]) -> None:
                      f"empty: {strangers[:5]}")
 
 
+def leftover_parts(location: str) -> list[str]:
+  """The part directories under the tokenized corpus at ``location`` that its
+  manifest does not list (``parts/i-of-P`` of an unfinished run on another
+  process count): never read, but each holds its share of the corpus. Costs
+  one listing of the keys under ``parts/`` (a request per 1,000 on object
+  storage)."""
+  listed = {p["path"] for p in read_manifest(location).parts or ()}
+  found = {"/".join(n.split("/")[:2])
+           for n in storage.list_dir(location, PARTS + "/")}
+  return sorted(found - listed)
+
+
 def _part_name(shard_index: int, num_shards: int) -> str:
   return f"{PARTS}/{shard_index:05d}-of-{num_shards:05d}"
 
