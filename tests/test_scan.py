@@ -983,6 +983,7 @@ def test_scan_benchmark_runs(tmp_path):
       assert row["seconds"] > 0 and row["rows_per_s"] > 0, row
       # 4 significant digits: a tiny scan's roofline is not rounded to 0.
       assert row["roofline_s"] > 0 and row["fraction_of_roofline"] > 0, row
+      assert row["GB_per_s"] > 0 and row["GFLOP_per_s"] > 0, row  # not rounded to 0
   matmul = next(r for r in table if r["method"].startswith("XLA matmul alone"))
   assert "6 steps of 512 rows" in matmul["note"], matmul["note"]
   assert "| tracer scan_store float32 |" in benchmark_scan.to_markdown(table)
