@@ -797,6 +797,10 @@ def test_bodies_in_flight_are_bounded_together():
   limits = serving.Limits(num_rows=10, max_bodies_bytes=len(body(0)) + 100)
   batcher = serving.Batcher(answer, window_s=0.0)
   service = serving.Service(limits, lambda r: None, batcher, {})
+  # A slow give-back: a reply sent before it (before 2026-12-05) let the
+  # client's next request find the bytes still held (a 503; CI hit it once).
+  slow_give = lambda size: (time.sleep(0.3), serving.Service.give_body(service, size))
+  service.give_body = slow_give
   http = serving.make_server(service)
   thread = threading.Thread(target=http.serve_forever, daemon=True)
   thread.start()

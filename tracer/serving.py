@@ -1141,12 +1141,19 @@ def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
                     f"leave too few for {size:,}; try again", close=True)
         return
       try:
-        self._answer(size)
+        status, reply = self._answer(size)
       finally:
+        # Given back before the reply is sent: a client that has its answer
+        # finds the bytes free for its next request.
         service.give_body(size)
+      if status == 200:
+        self._send(200, reply)
+      else:
+        self._error(status, reply)
 
-    def _answer(self, size: int) -> None:
-      """Reads a POST /trace body of ``size`` bytes and answers it."""
+    def _answer(self, size: int) -> tuple[int, Any]:
+      """Reads a POST /trace body of ``size`` bytes and answers it: (200, the
+      reply's JSON object) or (an error status, its message)."""
       # Within the request's deadline (TimeoutError: http.server closes).
       body = self.rfile.read(size)
       if len(body) < size:
@@ -1156,31 +1163,25 @@ def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
         request = parse_request(body, service.limits)
         service.check(request)
       except RequestError as e:
-        self._error(e.status, str(e))
-        return
+        return e.status, str(e)
       except InputError as e:  # this request's: a query that does not fit
-        self._error(400, str(e))
-        return
+        return 400, str(e)
       except Exception as e:  # pylint: disable=broad-except
-        self._error(500, f"internal error: {type(e).__name__}: {e}")
-        return
+        return 500, f"internal error: {type(e).__name__}: {e}"
       try:
         answer, info = service.batcher.submit(request)
       except RequestError as e:  # the server is stopping
-        self._error(e.status, str(e))
-        return
+        return e.status, str(e)
       except Exception as e:  # pylint: disable=broad-except
         # The batch failed, not this request (a damaged store chunk is an
         # InputError too, but not the client's): every request in it gets a
         # 500; the server's log has the traceback (Batcher._serve), and the
         # message names no server path.
-        self._error(500, f"internal error: the batch this request was in "
-                    f"failed ({type(e).__name__}); the server's log says why")
-        return
+        return 500, (f"internal error: the batch this request was in failed "
+                     f"({type(e).__name__}); the server's log says why")
       if answer.error is not None:
-        self._error(422, str(answer.error))
-      else:
-        self._send(200, {"results": answer.records, "batch": info})
+        return 422, str(answer.error)
+      return 200, {"results": answer.records, "batch": info}
 
     def _body_refused(self) -> tuple[int, str] | None:
       """(status, message) when the request's path or Content-Length is not
