@@ -59,11 +59,12 @@ def run(location: str, repair: bool = False) -> int:
     print(f"{location}: {count} corrupt and {len(missing)} missing of "
           f"{store.num_chunks} chunks")
     return 1
-  checked = store.num_chunks - unchecked
+  no_checksum = (f", {unchecked} {'has' if unchecked == 1 else 'have'} none to "
+                 "check (markers of an earlier tracer: read back, not checked)"
+                 if unchecked else "")
   print(f"OK: {location}: {store.num_chunks} chunks, {store.num_rows} rows x "
-        f"d={store.dim} ({store.manifest.dtype}); {checked} match their checksums"
-        + (f", {unchecked} {'has' if unchecked == 1 else 'have'} none to check (markers of an earlier tracer: "
-           "read back, not checked)" if unchecked else "") + f"; {quarantined} rows quarantined")
+        f"d={store.dim} ({store.manifest.dtype}); {store.num_chunks - unchecked} "
+        f"match their checksums{no_checksum}; {quarantined} rows quarantined")
   return 0
 
 

@@ -821,7 +821,7 @@ def verify_store(store: store_lib.EncodingStore, repair: bool = False,
       bad[chunk] = why
       if repair:
         store.unmark(chunk)
-    unchecked += not (why or checked)
+    unchecked += not checked
     _report(progress, i + 1, len(share))
   _barrier("tracer-verify-store-done")
   return Verified(bad, unchecked)
