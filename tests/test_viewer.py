@@ -293,6 +293,17 @@ def test_single_tail_patched_query_has_no_standard_error():
   assert got["tail_patch@3_se"] is None
 
 
+def test_tail_patch_counts_an_example_listed_twice_once():
+  # The same example (id and text) twice is one step's delta; two windows of
+  # a split document (one id, two texts) are two examples.
+  rec = viewer.normalize_record(_ours(
+      "a", proponent_ids=["d1", "d1", "d2", "d2"], proponent_scores=[4, 3, 2, 1],
+      proponents=["x", "x", "w1", "w2"], proponent_tail_patch=[1.0, 1.0, 4.0, 7.0]))
+  got = viewer.summary({"m": [rec]})["m"]["all"]
+  assert got["tail_patch@1"] == pytest.approx(1.0)
+  assert got["tail_patch@3"] == pytest.approx(4.0)  # not mean(1, 1, 4) = 2
+
+
 # --- the page ----------------------------------------------------------------
 
 

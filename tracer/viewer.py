@@ -56,6 +56,8 @@ Ground truth for the metrics: ``fact_doc_ids`` when non-empty, else
 ``proponent_correct`` (a query whose marks are all false scores 0, as in the
 authors' viewer; a document listed twice counts once, at its best rank, as
 with ``fact_doc_ids``), else the query has none and is left out of MRR and recall.
+Tail-patch@k averages a query's first k distinct training examples (same id
+and text: one listed twice counts once).
 """
 
 from __future__ import annotations
@@ -378,8 +380,8 @@ def summary(runs: Mapping[str, Sequence[Mapping[str, Any]]]
         results[rec["query_id"]] = {"proponent_ids": truth[1]}
     retrieval = evaluate.retrieval_metrics(queries, results, k=RECALL_K)
     retrieval_by_bucket = {"all": retrieval, **retrieval["buckets"]}
-    tail_patched = {r["query_id"]: r["proponent_tail_patch"] for r in records
-                    if "proponent_tail_patch" in r}
+    tail_patched = {r["query_id"]: _first_listings(r)
+                    for r in records if "proponent_tail_patch" in r}
     by_bucket: dict[Any, list] = {}
     for r in records:
       by_bucket.setdefault(r.get("bucket"), []).append(r)
@@ -404,6 +406,18 @@ def summary(runs: Mapping[str, Sequence[Mapping[str, Any]]]
       per_bucket[bucket] = m
     out[method] = per_bucket
   return out
+
+
+def _first_listings(rec: Mapping[str, Any]) -> list[float]:
+  """A record's ``proponent_tail_patch``, each training example at its first
+  listing only: one listed twice (same id and text; a results file can,
+  tracer's scans never do) is one step's delta, not two in the mean over the
+  top k. The windows of a document split by ``overflow='split'`` share its id
+  but not its text: they are distinct examples, each patched."""
+  seen: set = set()
+  keys = zip(rec["proponent_ids"], rec["proponents"])
+  return [v for key, v in zip(keys, rec["proponent_tail_patch"])
+          if not (key in seen or seen.add(key))]
 
 
 def _tail_patch(deltas: Mapping[str, Sequence[float]]) -> dict[str, float | None]:
