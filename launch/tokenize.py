@@ -68,10 +68,12 @@ def run(source: str, output: str) -> corpus_lib.TokenizedCorpus:
   print(f"{output}: {m.num_rows:,} rows of up to {m.max_len} tokens from "
         f"{m.num_docs:,} documents ({m.tokenizer}, overflow={m.overflow}, "
         f"{m.token_dtype}); {seconds:.1f} s{done}", flush=True)
-  leftover = corpus_lib.leftover_parts(output) if jax.process_index() == 0 else []
+  leftover = corpus_lib.leftovers(output) if jax.process_index() == 0 else []
   if leftover:
-    print(f"{output}: {len(leftover)} part(s) of an unfinished run on another "
-          f"process count are not part of this corpus and are never read: "
+    print(f"{output}: {len(leftover)} entr{'y' if len(leftover) == 1 else 'ies'} "
+          "of an unfinished run on another process count "
+          f"{'is' if len(leftover) == 1 else 'are'} not part of this corpus and "
+          "never read: "
           f"{', '.join(leftover[:4])}{' ...' if len(leftover) > 4 else ''}; "
           "delete them to free their space", flush=True)
   return corpus

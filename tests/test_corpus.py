@@ -563,7 +563,7 @@ def test_shard_errors(tmp_path, records):
   one = corpus_lib.tokenize(pattern, str(tmp_path / "again"), config, 32)
   assert len(one) == len(records)
   # That part is left over, named (`tracer tokenize` says so).
-  assert corpus_lib.leftover_parts(str(tmp_path / "again")) == ["parts/00000-of-00002"]
+  assert corpus_lib.leftovers(str(tmp_path / "again")) == ["parts/00000-of-00002"]
   # Parts made with other settings are not joined.
   out = str(tmp_path / "mixed")
   corpus_lib.tokenize(pattern, out, config, 32, num_shards=2, shard_index=0)
@@ -581,6 +581,10 @@ def test_launch_tokenize_on_two_processes(tmp_path, records):
   import multiprocess  # pylint: disable=g-import-not-at-top
   pattern = _shards(tmp_path / "shards", records)
   out = tmp_path / "tok"
+  # What a killed one-process run leaves: its arrays, no manifest. They are
+  # not read, and process 0 names them (before 2026-12-05 nothing did).
+  corpus_lib.tokenize(pattern, str(out), DataConfig(), 128)
+  os.remove(out / corpus_lib.MANIFEST)
   port = multiprocess.free_port()
   commands = [[sys.executable, "-m", "tracer.launch.tokenize",
                "--gin_file=configs/tiny.gin", f"--corpus={pattern}",
@@ -591,7 +595,12 @@ def test_launch_tokenize_on_two_processes(tmp_path, records):
   corpus = corpus_lib.TokenizedCorpus(str(out))
   assert [p["path"] for p in corpus.manifest.parts] == [
       "parts/00000-of-00002", "parts/00001-of-00002"]
-  assert corpus_lib.leftover_parts(str(out)) == []
+  leftover = ["ids", "lengths", "segments", "texts", "tokens"]
+  assert corpus_lib.leftovers(str(out)) == leftover
+  assert (f"{out}: 5 entries of an unfinished run on another process count are "
+          f"not part of this corpus and never read: {', '.join(leftover[:4])} ...; "
+          "delete them to free their space") in texts[0].splitlines()
+  assert "unfinished run" not in texts[1]
   memory = data_lib.read_corpus(pattern, DataConfig().vocabulary(), 128)
   _assert_same_rows(memory, corpus)
   for i, text in enumerate(texts):

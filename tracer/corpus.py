@@ -439,15 +439,20 @@ def _check_empty_or_unfinished(location: str, allowed: set[str]) -> None:
                      f"empty: {strangers[:5]}")
 
 
-def leftover_parts(location: str) -> list[str]:
-  """The part directories under the tokenized corpus at ``location`` that its
-  manifest does not list (``parts/i-of-P`` of an unfinished run on another
-  process count): never read, but each holds its share of the corpus. Costs
-  one listing of the keys under ``parts/`` (a request per 1,000 on object
-  storage)."""
-  listed = {p["path"] for p in read_manifest(location).parts or ()}
+def leftovers(location: str) -> list[str]:
+  """What the tokenized corpus at ``location`` holds but its manifest does
+  not use, left by an unfinished run on another process count: part
+  directories ``parts/i-of-P`` it does not list, and beside a joined corpus
+  the top-level arrays (``tokens``, ``ids``, ...) of a one-process run. Never
+  read, but each holds its share of the corpus. Costs one listing of the keys
+  under ``parts/``, and for a joined corpus one under each array name (a
+  request per 1,000 keys on object storage)."""
+  parts = read_manifest(location).parts
+  listed = {p["path"] for p in parts or ()}
   found = {"/".join(n.split("/")[:2])
            for n in storage.list_dir(location, PARTS + "/")}
+  if parts:  # a one-process corpus's own arrays are these names
+    found |= {name for name in _ARRAYS if storage.list_dir(location, name + "/")}
   return sorted(found - listed)
 
 
