@@ -16,6 +16,7 @@ from absl import logging
 import numpy as np
 
 from tracer.launch import cli
+from tracer.launch import outputs
 from tracer import bm25
 from tracer import corpus as corpus_lib
 from tracer import data as data_lib
@@ -87,6 +88,10 @@ def run(corpus_path, queries_path, output_path, top_k: int = 10,
 
 def main(argv):
   del argv  # (cli.run refuses any)
+  # Before the corpus is read (launch.config.setup's checks).
+  outputs.check_writable(FLAGS.output, "--output")
+  outputs.check_not_an_input(FLAGS.output, {"corpus": FLAGS.corpus,
+                                            "queries": FLAGS.queries})
   run(FLAGS.corpus, FLAGS.queries, FLAGS.output, FLAGS.top_k,
       FLAGS.num_opponents)
 

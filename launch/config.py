@@ -28,6 +28,8 @@ from absl import logging
 import gin
 
 from tracer.launch import cli
+from tracer.launch import outputs
+from tracer.launch.outputs import check_writable, same_file  # re-exported
 from tracer import config as tracer_config
 from tracer import coordination
 from tracer import storage
@@ -232,6 +234,12 @@ def parse_gin() -> None:
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   files = [gin_file_path(f) for f in FLAGS.gin_file]
+  for path in files:  # gin's own message names no file
+    try:
+      (storage.read_bytes(path) or b"").decode("utf-8")
+    except UnicodeDecodeError as e:
+      raise InputError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); "
+                       "expected a gin file") from None
   config_class = model_config_class()
   if config_class not in _CONFIGURABLE:
     register(config_class)
@@ -242,6 +250,9 @@ def parse_gin() -> None:
   logging.set_verbosity(logging.FATAL)
   try:
     gin.parse_config_files_and_bindings(files, FLAGS.gin_bindings)
+  except RecursionError:  # gin follows includes without a limit of its own
+    raise InputError(f"gin: {', '.join(files)}: a file includes itself (or one "
+                     "that includes it); expected includes without a cycle") from None
   except (ValueError, SyntaxError, ImportError, OSError) as e:
     # Unknown configurable or parameter, bad syntax, a bad import or a
     # missing include in a file: gin's message names the file or binding
@@ -438,24 +449,16 @@ def setup(required: tuple[str, ...] = (), output_is: str = "file") -> None:
   missing = [f"--{name}" for name in required if not FLAGS[name].value]
   if missing:
     raise app.UsageError(f"{', '.join(missing)} required")
-  # Outputs are checked before any work, so a run cannot fail at its end.
+  # Before any work: a workdir or store that is a file, an output that
+  # cannot be written or would replace an input.
+  for name, kind in (("workdir", "directory"), ("store", "directory"),
+                     ("checkpoint", "directory"), ("basis", "file")):
+    outputs.check_kind(FLAGS[name].value, f"--{name}", kind)
   if FLAGS.output:
     check_writable(FLAGS.output, "--output", output_is)
-    for name in ("queries", "task_queries", "corpus", "basis"):
-      given = FLAGS[name].value
-      if given and same_file(given, FLAGS.output):
-        raise InputError(f"--output={FLAGS.output}: is the --{name} file; "
-                         "expected another path (the output would replace it)")
-
-
-def same_file(a: str, b: str) -> bool:
-  """Whether two locations name one file (local: through links too)."""
-  if storage.is_url(a) or storage.is_url(b):
-    return storage.normalize(a) == storage.normalize(b)
-  try:
-    return os.path.samefile(a, b)
-  except OSError:  # one does not exist yet
-    return os.path.realpath(a) == os.path.realpath(b)
+    outputs.check_not_an_input(FLAGS.output, {
+        name: FLAGS[name].value for name in (
+            "queries", "task_queries", "corpus", "basis", "store", "checkpoint")})
 
 
 def integers(flag: str, values) -> list[int]:
@@ -476,41 +479,6 @@ def check_top_k(top_k: int, num_rows: int) -> None:
   if not 1 <= top_k <= num_rows:
     more = f"more than the corpus's {num_rows} rows; " if top_k > num_rows else ""
     raise InputError(f"--top_k={top_k}: {more}expected 1..{num_rows}")
-
-
-def check_writable(location: str, what: str = "output", kind: str = "file"
-                   ) -> None:
-  """InputError unless a ``kind`` ("file" or "directory") can be written at
-  the local path ``location``: none of the other kind is there, and the
-  directory itself (if it exists) or its nearest existing ancestor is a
-  writable directory. URLs other than
-  file:// are not checked: a bucket says so at the first write."""
-  local = storage.local_path(location) if location else None
-  if not local:
-    return
-  path = os.path.abspath(local)
-  if os.path.isdir(path) and kind == "file":
-    raise InputError(f"{what}={location}: is a directory; expected a file "
-                     "(new, or one to replace)")
-  if os.path.isfile(path) and kind == "directory":
-    raise InputError(f"{what}={location}: is a file; expected a directory "
-                     "(new, empty, or one tracer wrote)")
-  # Where the first write lands: inside an existing directory, else in the
-  # nearest existing ancestor (a file is replaced by a rename beside it).
-  parent = path if kind == "directory" and os.path.isdir(path) else os.path.dirname(path)
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
-  if not os.path.isdir(parent):
-    raise InputError(f"{what}={location}: cannot be created, {parent} is a file; "
-                     "expected a path in a writable directory")
-  if not os.access(parent, os.W_OK):
-    try:
-      readonly = bool(os.statvfs(parent).f_flag & os.ST_RDONLY)
-    except OSError:
-      readonly = False
-    why = "read-only file system" if readonly else "permission denied"
-    raise InputError(f"{what}={location}: cannot be written, {parent} is not "
-                     f"writable ({why}); expected a path in a writable directory")
 
 
 def check_bound_fields(cls, have, where: str, what: str = "a checkpoint of",

@@ -22,6 +22,7 @@ from typing import Any
 from absl import flags
 
 from tracer.launch import cli
+from tracer.launch import outputs
 from tracer import evaluate
 from tracer import storage
 from tracer.errors import InputError, at
@@ -104,6 +105,8 @@ def run(queries_path, results_paths: Sequence[str], output_path=None,
   # Before any scoring: a metrics file that cannot be merged into ends the
   # run with nothing done.
   merged = _load_existing(output_path) if output_path else {}
+  if output_path:
+    outputs.check_writable(os.fspath(output_path), "--output")
   metrics = {}
   for name, path in zip(names, results_paths):
     metrics[name] = evaluate.retrieval_metrics(
@@ -123,6 +126,10 @@ def run(queries_path, results_paths: Sequence[str], output_path=None,
 
 def main(argv):
   del argv  # (cli.run refuses any)
+  if FLAGS.output:  # before anything is read (run checks it can be written)
+    outputs.check_not_an_input(FLAGS.output, {"queries": FLAGS.queries})
+    for results in FLAGS.results:
+      outputs.check_not_an_input(FLAGS.output, {"results": results})
   metrics = run(FLAGS.queries, FLAGS.results, FLAGS.output, FLAGS.k)
   print(tables(metrics, FLAGS.k))
 

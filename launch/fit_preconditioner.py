@@ -12,11 +12,14 @@ query set's task-specific R (lambda rule, damping) is applied at scan time.
 
 from __future__ import annotations
 
+import os
+
 from absl import app
 from absl import flags
 
 from tracer.launch import common
 from tracer.launch import config
+from tracer import storage
 from tracer import store as store_lib
 from tracer.config import PreconditionerConfig
 
@@ -35,6 +38,10 @@ def run(workdir, corpus_source, out_path=None, checkpoint=None):
 def main(argv):
   del argv
   config.setup(required=("workdir", "corpus"))
+  # Before the fit, a new basis's path (a saved one may be reused read-only).
+  basis = common.default_location(FLAGS.workdir, FLAGS.basis, "basis.npz")
+  if not os.path.exists(storage.local_path(basis) or basis):
+    config.check_writable(basis, "--basis")
   run(FLAGS.workdir, FLAGS.corpus, FLAGS.basis, FLAGS.checkpoint)
 
 

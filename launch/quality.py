@@ -63,7 +63,7 @@ from tracer.config import ENCODING_SETTINGS
 from tracer.config import PreconditionerConfig
 
 flags.DEFINE_integer("tail_patch_queries", 0, "Queries used for tail-patch, "
-                     "evenly over the buckets (0: all).")
+                     "evenly over the buckets (0: all).", lower_bound=0)
 flags.DEFINE_float("sgd_learning_rate", None, "Tail-patch with plain SGD at this "
                    "rate instead of the checkpoint's optimizer at its final rate.")
 FLAGS = flags.FLAGS
@@ -390,6 +390,7 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
   pcfg = config.make(PreconditionerConfig)
   ecfg, ckpt, corpus, encoder, _, _ = common.start(workdir, checkpoint, corpus_path,
                                                    opt_state="all")  # tail-patch
+  config.check_top_k(k, len(corpus))  # before any gradient
   queries, query_examples = pipeline.read_queries(ckpt, queries_path)
   out_dir = storage.join(workdir, "quality")  # a path or URL
   storage.make_local_dirs(out_dir)

@@ -52,6 +52,7 @@ import concurrent.futures
 import functools
 import os
 import signal
+import socket
 import statistics
 import threading
 import time
@@ -71,7 +72,8 @@ from tracer.errors import InputError
 flags.DEFINE_string("host", "127.0.0.1", "Address to bind (0.0.0.0: every "
                     "interface; the server has no authentication).")
 flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port; the "
-                     "first line printed names it).")
+                     "first line printed names it).", lower_bound=0,
+                     upper_bound=65535)
 flags.DEFINE_integer("resident_budget_mb", -1, "Device memory per device the "
                      "store's rows may take; more and they are streamed from "
                      "the store for every batch of requests, in windows of "
@@ -234,7 +236,11 @@ class Server:
     self.batcher = serving.Batcher(answer, window_s, lim.max_queries, **extra)
     service = serving.Service(lim, tracer.check, self.batcher, info(tracer, lim),
                               log)
-    self.http = serving.make_server(service, host, port, max_connections)
+    try:
+      self.http = serving.make_server(service, host, port, max_connections)
+    except OSError as e:  # taken since check_address: say it as it would
+      self.batcher.close()
+      raise _cannot_listen(host, port, e) from None
     host, port = self.http.server_address[:2]
     self.url = f"http://{host}:{port}"
     self._thread = threading.Thread(target=self.http.serve_forever,
@@ -309,9 +315,30 @@ def _wait_for_signal(stop: threading.Event) -> None:
     pass
 
 
+def _cannot_listen(host: str, port: int, error: OSError) -> InputError:
+  why = error.strerror or str(error)
+  return InputError(f"--host={host} --port={port}: cannot listen there ({why}); "
+                    "expected an address of this machine and a free port "
+                    "(--port=0 picks one)")
+
+
+def check_address(host: str, port: int) -> None:
+  """InputError unless a server could listen on ``host:port`` now: said
+  before the checkpoint and store are loaded (minutes at scale), not after
+  (a port in use, a host name that does not resolve were tracebacks then)."""
+  try:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # as the server
+      s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+      s.bind((host, port))
+  except OSError as e:
+    raise _cannot_listen(host, port, e) from None
+
+
 def main(argv):
   del argv
   config.setup(required=("workdir",))
+  if jax.process_index() == 0:
+    check_address(FLAGS.host, FLAGS.port)
   measure_queries = data_lib.read_queries(FLAGS.measure) if FLAGS.measure else None
   tracer = build(FLAGS.workdir, FLAGS.store, FLAGS.corpus, FLAGS.checkpoint,
                  FLAGS.resident_budget_mb, FLAGS.check_chunks, FLAGS.sum_steps,

@@ -339,6 +339,25 @@ def gin_file(text: str):
   return build
 
 
+def self_including_gin(s: Shared, d: Path):
+  (d / "loop.gin").write_text(f"include '{d / 'loop.gin'}'\n")
+  script, args = scan(s, d)
+  return script, [*args, f"--gin_file={d / 'loop.gin'}"]
+
+
+def latin1_gin(s: Shared, d: Path):
+  (d / "latin1.gin").write_bytes("# café\nEncodeConfig.seed = 1\n".encode("latin-1"))
+  script, args = scan(s, d)
+  return script, [*args, f"--gin_file={d / 'latin1.gin'}"]
+
+
+def workdir_a_file(s: Shared, d: Path):
+  (d / "afile").write_text("not a directory\n")
+  script, args = encode(s, d)
+  return script, [a for a in args if not a.startswith("--workdir=")] + [
+      f"--workdir={d / 'afile'}"]
+
+
 def given_basis(bindings=(), **fitted):
   """encode into a new store with ``--basis`` a copy of the shared store's
   basis whose fit record says ``fitted`` (e.g. another checkpoint's
@@ -562,6 +581,26 @@ CASES = [
          "from: was the corpus edited in place?): store has '"),
     Case("output is a directory", lambda s, d: scan(s, d, output=d),
          "is a directory; expected a file (new, or one to replace)"),
+    # Before 2026-12-05 each of these four was written as a relative path
+    # ("./gcs:/bucket/..."), or over the store's or the corpus's files.
+    Case("unknown URL scheme",
+         lambda s, d: scan(s, d, output="gcs://bucket/results.jsonl"),
+         "gcs://bucket/results.jsonl: unknown URL scheme 'gcs://'; expected a "
+         "local path or a gs://, s3://, memory:// or file:// URL"),
+    Case("output inside the store",
+         lambda s, d: scan(s, d, output=s.store / "manifest.json"),
+         "manifest.json: is inside the --store directory {store}; expected a "
+         "path outside it"),
+    Case("output is the corpus named with fields",
+         lambda s, d: scan(s, d, output=s.corpus, corpus=f"{s.corpus}#text=text"),
+         "is the --corpus file {corpus}; expected another path"),
+    Case("workdir is a file", workdir_a_file,
+         "afile: is a file; expected a directory"),
+    Case("gin file including itself", self_including_gin,
+         "loop.gin: a file includes itself (or one that includes it)"),
+    Case("gin file not UTF-8", latin1_gin,
+         "latin1.gin: not valid UTF-8 (invalid continuation byte at byte 5); "
+         "expected a gin file"),
     Case("full disk", full_disk,
          "results.jsonl: cannot write: No space left on device"),
 ]
@@ -600,7 +639,8 @@ def test_bad_input(case: Case, shared: Shared, tmp_path):
   lines = [l for l in proc.stderr.splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith("error: "), report
   print(f"{case.name} ({seconds:.1f} s): {lines[0]}")  # shown by pytest -rP
-  expect = case.expect.format(readonly=shared.readonly, corpus=shared.corpus)
+  expect = case.expect.format(readonly=shared.readonly, corpus=shared.corpus,
+                              store=shared.store)
   assert expect in lines[0], report
   after = [snapshot(p) for p in watched]
   for path, b, a in zip(watched, before, after):

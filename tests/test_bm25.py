@@ -189,3 +189,14 @@ def test_launch_bm25_subprocess(tmp_path):
   assert proc.returncode == 0, proc.stderr
   rows = evaluate.read_results(out)
   assert [len(r["opponent_ids"]) for r in rows.values()] == [3, 3]
+  # An --output that is an input is refused before the corpus is read
+  # (before 2026-12-05 the results replaced the queries).
+  before = pathlib.Path(queries).read_bytes()
+  proc = subprocess.run(
+      [sys.executable, "-m", "tracer.launch.bm25", f"--corpus={corpus}",
+       f"--queries={queries}", f"--output={queries}"],
+      cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr == (f"error: --output={queries}: is the --queries file; "
+                         "expected another path (the output would replace it)\n")
+  assert pathlib.Path(queries).read_bytes() == before

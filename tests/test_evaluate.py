@@ -330,3 +330,14 @@ def test_launch_evaluate_subprocess(tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert "| bad | 0.0000 | 0.0000 | 0.0000 | 2 | 1 |" in proc.stdout
   assert set(json.loads(out.read_text())) == {"good", "bad"}
+  # An --output that is an input is refused before anything is written
+  # (before 2026-12-05 the metrics replaced the second results file).
+  before = bad.read_bytes()
+  proc = subprocess.run(
+      [sys.executable, "-m", "tracer.launch.evaluate", f"--queries={queries}",
+       f"--results={good}", f"--results={bad}", f"--output={bad}"],
+      cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr == (f"error: --output={bad}: is the --results file; "
+                         "expected another path (the output would replace it)\n")
+  assert bad.read_bytes() == before

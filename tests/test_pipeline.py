@@ -433,6 +433,11 @@ def test_quality_table_scores_every_method(trained, tmp_path, monkeypatch):
   # os.makedirs: a "file:" or "gs:" folder in the working directory;
   # test_benchmark_family runs it on a path).
   monkeypatch.chdir(tmp_path)
+  # A top-k past the corpus is refused before any gradient (before
+  # 2026-12-05: an IndexError after every method had been scored).
+  with pytest.raises(InputError, match=r"^--top_k=100000: more than the corpus's"):
+    quality.run(f"file://{root}", k=100_000, corpus_path=corpus,
+                queries_path=queries)
   report = quality.run(f"file://{root}", num_tail_patch=8, corpus_path=corpus,
                        queries_path=queries)
   assert not os.listdir(tmp_path)

@@ -988,6 +988,17 @@ def test_tracer_serve_and_view_from_the_command_line(traced, tmp_path):
         text=True, timeout=TIMEOUT_S)
     assert view.returncode == 2
     assert view.stderr.startswith("error: http://127.0.0.1:9/health: cannot reach")
+    # A second server on its port is refused before it loads anything
+    # (before 2026-12-05: an OSError traceback once the store was loaded).
+    port = int(url.rsplit(":", 1)[1])
+    second = subprocess.run(_serve_command(traced, port), env=env,
+                            capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert second.returncode == 2, second.stderr
+    assert second.stderr == (
+        f"error: --host=127.0.0.1 --port={port}: cannot listen there (Address "
+        "already in use); expected an address of this machine and a free port "
+        "(--port=0 picks one)\n")
+    assert "loading" not in second.stdout.lower(), second.stdout
   finally:
     procs[0].send_signal(signal.SIGTERM)
   multiprocess.wait(procs, logs, time.monotonic() + TIMEOUT_S)

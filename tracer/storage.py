@@ -54,9 +54,24 @@ _SCHEMES = ("gs://", "s3://", "memory://", "file://")
 LOCK_SUFFIX = ".__lock"
 
 
+# Any "scheme://": one tracer does not know is a typo ("gcs://") or a protocol
+# it has no driver for ("http://"), never a relative path to write under.
+_ANY_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+
+
 def is_url(location: str) -> bool:
-  """True for ``gs://``, ``s3://``, ``memory://`` and ``file://`` locations."""
-  return str(location).startswith(_SCHEMES)
+  """True for ``gs://``, ``s3://``, ``memory://`` and ``file://`` locations;
+  an InputError for another ``scheme://`` (before 2026-12-05 it was taken as a
+  relative path: ``--store=gcs://b/s`` was written to ``./gcs:/b/s``)."""
+  location = str(location)
+  if location.startswith(_SCHEMES):
+    return True
+  scheme = _ANY_SCHEME.match(location)
+  if scheme:
+    raise InputError(f"{location}: unknown URL scheme {scheme.group()!r}; "
+                     "expected a local path or a gs://, s3://, memory:// or "
+                     "file:// URL")
+  return False
 
 
 def local_path(location: str | os.PathLike[str]) -> str | None:
