@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import sys
 import threading
@@ -291,6 +292,21 @@ def _parse_flags(argv: list[str]) -> list[str]:
     fail(e)
 
 
+def _stdout_gone() -> bool:
+  """Whether stdout's reader has gone (a pipe's: its end polls as an error;
+  not a socket's broken pipe, which stays a bug); stdout is then pointed at
+  /dev/null, so that Python's own flush at exit says nothing either."""
+  try:
+    poll = select.poll()
+    poll.register(sys.stdout.fileno(), select.POLLOUT)
+    gone = any(events & select.POLLERR for _, events in poll.poll(0))
+  except (OSError, ValueError, AttributeError):  # no such fd, no poll
+    return False
+  if gone:
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+  return gone
+
+
 def run(main: Callable[[list[str]], Any], arguments: bool = False) -> None:
   """``absl.app.run(main)``; bad input ends it as ``fail`` does (module doc),
   as do arguments that are not flags unless ``main`` reads them
@@ -309,6 +325,10 @@ def run(main: Callable[[list[str]], Any], arguments: bool = False) -> None:
       sys.stderr.write("interrupted\n")
       sys.exit(130)
     except Exception as e:  # pylint: disable=broad-except
+      if isinstance(e, BrokenPipeError) and _stdout_gone():
+        # Its reader left (``tracer evaluate ... | head``): the user's own
+        # stop, not a bug; 141 (128 + SIGPIPE) as a shell says.
+        sys.exit(141)
       coordination = _coordination()
       if coordination is not None:
         _failed_here(coordination, e)

@@ -456,9 +456,13 @@ def setup(required: tuple[str, ...] = (), output_is: str = "file") -> None:
     outputs.check_kind(FLAGS[name].value, f"--{name}", kind)
   if FLAGS.output:
     check_writable(FLAGS.output, "--output", output_is)
-    outputs.check_not_an_input(FLAGS.output, {
-        name: FLAGS[name].value for name in (
-            "queries", "task_queries", "corpus", "basis", "store", "checkpoint")})
+    given = {name: FLAGS[name].value for name in (
+        "queries", "task_queries", "corpus", "basis", "store", "checkpoint")}
+    if FLAGS.workdir:  # the defaults (launch.common), as they would be read
+      given["store"] = given["store"] or storage.join(FLAGS.workdir, "store")
+      given["checkpoint"] = given["checkpoint"] or storage.join(FLAGS.workdir,
+                                                                "checkpoints")
+    outputs.check_not_an_input(FLAGS.output, given)
 
 
 def integers(flag: str, values) -> list[int]:

@@ -104,8 +104,8 @@ def check_not_an_input(output: str, inputs: Mapping[str, str | None],
       continue
     for path in _input_files(name, given):
       local = storage.local_path(path)
-      is_dir = (os.path.isdir(local) if local is not None
-                else name in ("store", "checkpoint"))
+      is_dir = name in ("store", "checkpoint") or (
+          local is not None and os.path.isdir(local))
       if same_file(path, output):
         which = "" if path == given else f" {path}"
         raise InputError(f"{what}={output}: is the --{name} "

@@ -72,7 +72,7 @@ from tracer.errors import InputError
 flags.DEFINE_string("host", "127.0.0.1", "Address to bind (0.0.0.0: every "
                     "interface; the server has no authentication).")
 flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port; the "
-                     "first line printed names it).", lower_bound=0,
+                     "'listening on' line names it).", lower_bound=0,
                      upper_bound=65535)
 flags.DEFINE_integer("resident_budget_mb", -1, "Device memory per device the "
                      "store's rows may take; more and they are streamed from "

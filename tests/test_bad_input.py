@@ -351,6 +351,14 @@ def latin1_gin(s: Shared, d: Path):
   return script, [*args, f"--gin_file={d / 'latin1.gin'}"]
 
 
+def output_in_the_default_store(s: Shared, d: Path):
+  """--workdir=ROOT without --store: the store read is ROOT/store."""
+  script, args = scan(s, d, output=s.store / "manifest.json")
+  assert s.store == s.root / "store"
+  return script, [a for a in args if not a.startswith(("--workdir=", "--store="))
+                  ] + [f"--workdir={s.root}"]
+
+
 def workdir_a_file(s: Shared, d: Path):
   (d / "afile").write_text("not a directory\n")
   script, args = encode(s, d)
@@ -581,7 +589,7 @@ CASES = [
          "from: was the corpus edited in place?): store has '"),
     Case("output is a directory", lambda s, d: scan(s, d, output=d),
          "is a directory; expected a file (new, or one to replace)"),
-    # Before 2026-12-05 each of these four was written as a relative path
+    # Before 2026-12-05 each of these five was written as a relative path
     # ("./gcs:/bucket/..."), or over the store's or the corpus's files.
     Case("unknown URL scheme",
          lambda s, d: scan(s, d, output="gcs://bucket/results.jsonl"),
@@ -589,6 +597,9 @@ CASES = [
          "local path or a gs://, s3://, memory:// or file:// URL"),
     Case("output inside the store",
          lambda s, d: scan(s, d, output=s.store / "manifest.json"),
+         "manifest.json: is inside the --store directory {store}; expected a "
+         "path outside it"),
+    Case("output inside the default store", output_in_the_default_store,
          "manifest.json: is inside the --store directory {store}; expected a "
          "path outside it"),
     Case("output is the corpus named with fields",

@@ -294,6 +294,19 @@ def _metrics_inputs(tmp_path) -> tuple[Path, Path]:
   return queries, results
 
 
+def test_a_reader_that_leaves_early_ends_the_run_quietly(tmp_path):
+  """``tracer evaluate ... | head -1``: the reader closes its end before the
+  tables are printed (before 2026-12-05: a BrokenPipeError traceback)."""
+  queries, results = _metrics_inputs(tmp_path)
+  proc = subprocess.Popen([str(TRACER), "evaluate", f"--queries={queries}",
+                           f"--results={results}"], cwd=tmp_path, env=ENV,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+  proc.stdout.close()  # long before the run prints (it starts python first)
+  stderr = proc.stderr.read().decode()
+  assert proc.wait(timeout=300) == 141, stderr
+  assert stderr == ""
+
+
 @pytest.mark.parametrize("scheme", ["file://", "memory://"])
 def test_evaluate_merges_into_a_metrics_file_at_a_url(tmp_path, scheme):
   """The metrics file is read as it is written, through tracer.storage: one

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from tracer.launch import evaluate as launch_evaluate
 from tracer import data as data_lib
 from tracer import evaluate
 from tracer import family as family_lib
@@ -360,6 +361,9 @@ def test_their_results_are_evaluated(tmp_path):
   metrics = evaluate.retrieval_metrics(data_lib.read_queries(queries),
                                        evaluate.read_results(results))
   assert metrics["mrr"] == pytest.approx((1 + 1 / 2) / 2)
+  # As `tracer evaluate` reads them, the one file as both (before 2026-12-05
+  # its queries were read in tracer's format only: "missing field 'id'").
+  assert launch_evaluate.run(queries, [queries])["q"]["mrr"] == metrics["mrr"]
   both = _write(tmp_path, [THEIR_RESULT_QUERY, dict(second, example_id="trex_42")],
                 "twice.jsonl")
   with pytest.raises(InputError, match="twice.jsonl:2: duplicate query_id 'trex_42'"):

@@ -775,7 +775,7 @@ def read_queries(path: str) -> list[dict]:
   """
   queries = []
   for lineno, record in read_records(path, ("id", "prompt", "target"),
-                                     ("id", "target"), convert=_QueryFormat()):
+                                     ("id", "target"), convert=QueryFormat()):
     check_json_values(at(path, lineno), record)
     queries.append(record)
   if not queries:
@@ -879,7 +879,7 @@ def from_authors(where: str, record: dict) -> dict:
   return out
 
 
-class _QueryFormat:
+class QueryFormat:
   """``read_records``'s ``convert`` for query files: our records as they are,
   the authors' through ``from_authors``; one format per file."""
 

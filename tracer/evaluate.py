@@ -94,6 +94,16 @@ def read_jsonl_records(path, required: Sequence[str] = ("id", "text")
   return [r for _, r in data.read_records(path, required, nonempty)]
 
 
+def read_ground_truth(path) -> list[dict[str, Any]]:
+  """Queries for the metrics: every line has ``id`` and ``fact_doc_ids`` (a
+  list of strings), in tracer's format or the TrackStar authors' (a prompt
+  set, or their results file with ``fact_doc_ids`` added: it serves as
+  queries and results at once; ``data.from_authors``), one format per file.
+  """
+  return [r for _, r in data.read_records(path, ("id", "fact_doc_ids"), ("id",),
+                                          convert=data.QueryFormat())]
+
+
 def read_results(path) -> dict[str, dict[str, Any]]:
   """Reads a results JSONL file into ``{query_id: row}``, in file order.
 
