@@ -177,6 +177,18 @@ def test_restore_errors(tmp_path):
     ckpt_lib.restore("memory://c")
   with pytest.raises(InputError, match=f"^file://{re.escape(missing)}: no checkpoint"):
     ckpt_lib.saved_step(f"file://{missing}")
+  # A partial copy: the state's index is gone (before 2026-12-05: "its state
+  # does not match its model config", as if it were another model's).
+  opt_config = train_lib.OptimizerConfig(name="adamw")
+  params = model_lib.init_params(MODEL, seed=1)
+  mngr = ckpt_lib.manager(str(tmp_path / "partial"))
+  ckpt_lib.save(mngr, 1, params, train_lib.make_optimizer(opt_config).init(params),
+                MODEL, opt_config, DATA)
+  mngr.close()
+  os.remove(tmp_path / "partial" / "1" / "state" / "manifest.ocdbt")
+  with pytest.raises(InputError, match=f"^{re.escape(str(tmp_path / 'partial' / '1'))}: "
+                     r"its state cannot be read, a file of it is missing \(.*NOT_FOUND"):
+    ckpt_lib.restore(str(tmp_path / "partial"))
 
 
 def test_optimizer_config_round_trip():

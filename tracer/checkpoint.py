@@ -156,7 +156,12 @@ def restore(directory: str, step: int | None = None, mesh=None, *,
   try:
     state = mngr.restore(step, args=ocp.args.Composite(state=args))["state"]
   except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-    # Arrays of another model than the config item describes (or missing).
+    if isinstance(e, FileNotFoundError) or "NOT_FOUND" in str(e):
+      # A file of the state is gone (a partial copy): not another model.
+      raise InputError(f"{where}: its state cannot be read, a file of it is "
+                       f"missing ({_short(e)}); expected a checkpoint copied "
+                       "whole") from None
+    # Arrays of another model than the config item describes.
     raise InputError(f"{where}: its state does not match its model config "
                      f"({_config_text(model_config)}; optimizer "
                      f"{optimizer_config.name}): {_short(e)}") from None
