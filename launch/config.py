@@ -234,12 +234,16 @@ def parse_gin() -> None:
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   files = [gin_file_path(f) for f in FLAGS.gin_file]
-  for path in files:  # gin's own message names no file
+  for path in files:  # gin's own messages name no file ("Unexpected token")
+    data = storage.read_bytes(path) or b""
     try:
-      (storage.read_bytes(path) or b"").decode("utf-8")
+      data.decode("utf-8")
     except UnicodeDecodeError as e:
       raise InputError(f"{path}: not valid UTF-8 ({e.reason} at byte {e.start}); "
                        "expected a gin file") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+      raise InputError(f"{path}: starts with a byte order mark, which gin cannot "
+                       "parse; expected the file saved as UTF-8 without one")
   config_class = model_config_class()
   if config_class not in _CONFIGURABLE:
     register(config_class)

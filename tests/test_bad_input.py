@@ -359,6 +359,12 @@ def output_in_the_default_store(s: Shared, d: Path):
                   ] + [f"--workdir={s.root}"]
 
 
+def gin_with_a_bom(s: Shared, d: Path):
+  (d / "bom.gin").write_text(BOM + "EncodeConfig.seed = 1\n")
+  script, args = scan(s, d)
+  return script, [*args, f"--gin_file={d / 'bom.gin'}"]
+
+
 def workdir_a_file(s: Shared, d: Path):
   (d / "afile").write_text("not a directory\n")
   script, args = encode(s, d)
@@ -609,6 +615,9 @@ CASES = [
          "afile: is a file; expected a directory"),
     Case("gin file including itself", self_including_gin,
          "loop.gin: a file includes itself (or one that includes it)"),
+    Case("gin file with a byte order mark", gin_with_a_bom,
+         "bom.gin: starts with a byte order mark, which gin cannot parse; "
+         "expected the file saved as UTF-8 without one"),
     Case("gin file not UTF-8", latin1_gin,
          "latin1.gin: not valid UTF-8 (invalid continuation byte at byte 5); "
          "expected a gin file"),
