@@ -98,7 +98,6 @@ def run(queries_path, results_paths: Sequence[str], output_path=None,
   Returns the metrics of the methods evaluated in this call.
   """
   queries = evaluate.read_ground_truth(queries_path)  # ours or the authors'
-
   names = [pathlib.Path(p).stem for p in results_paths]
   if len(set(names)) != len(names):
     raise InputError(f"results files share a stem (method name): {names}")
