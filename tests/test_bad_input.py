@@ -595,7 +595,7 @@ CASES = [
          "from: was the corpus edited in place?): store has '"),
     Case("output is a directory", lambda s, d: scan(s, d, output=d),
          "is a directory; expected a file (new, or one to replace)"),
-    # Before 2026-12-05 each of these five was written as a relative path
+    # Before 2026-12-05 each of these four was written as a relative path
     # ("./gcs:/bucket/..."), or over the store's or the corpus's files.
     Case("unknown URL scheme",
          lambda s, d: scan(s, d, output="gcs://bucket/results.jsonl"),
