@@ -282,9 +282,14 @@ def other_process_failed(failure) -> NoReturn:
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's parser, but an unknown flag or a bad value is ``fail``ed (absl
-  prints several lines and exits 1)."""
+  prints several lines and exits 1), and --help exits 0."""
   try:
     return flags.FLAGS(argv)
+  except SystemExit as e:
+    # absl's --help, --helpshort, --helpfull and --helpxml print what was
+    # asked for and exit 1, its only exit while parsing; help given as asked
+    # is a success, as every other command-line tool says.
+    sys.exit(0 if e.code == 1 else e.code)
   except flags.UnrecognizedFlagError as e:
     fail(e if "Did you mean" in str(e) else
          f"{e}; expected one of the flags --helpfull lists")

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.resources
+import math
 import os
 import re
 import sys
@@ -124,7 +125,23 @@ _AT_LEAST = {
     "PreconditionerConfig.max_query_weight": 0, "EncodeConfig.epsilon": 0,
 }
 # Fields with a range of another form: (test, what is expected).
+_FRACTION = (lambda v: 0 <= v < 1, "a value in [0, 1) (a moment's decay per step)")
 _WITHIN = {
+    "ModelConfig.rope_base": (lambda v: v > 1, "a value > 1 (rotary "
+                              "embeddings' wavelengths grow as its powers)"),
+    "OptimizerConfig.learning_rate": (lambda v: v > 0, "a value > 0"),
+    "OptimizerConfig.final_lr_fraction": (
+        lambda v: 0 <= v <= 1, "a value in [0, 1] (the decay's end, as a "
+        "fraction of the peak learning rate)"),
+    "OptimizerConfig.b1": _FRACTION,
+    "OptimizerConfig.b2": _FRACTION,
+    "OptimizerConfig.eps": (lambda v: v > 0, "a value > 0 (at 0 a param whose "
+                            "gradients are all 0 is updated by 0 / 0 = NaN)"),
+    "OptimizerConfig.weight_decay": (lambda v: v >= 0, "a value >= 0"),
+    "OptimizerConfig.clip_norm": (lambda v: v > 0, "a value > 0 (the gradient's "
+                                  "largest global norm; at 0 nothing is learned)"),
+    "OptimizerConfig.adafactor_decay_rate": (
+        lambda v: 0 < v <= 1, "a value in (0, 1] (Adafactor's decay exponent)"),
     "PreconditionerConfig.damping": (
         lambda v: v > 0, "a value > 0 (R's floor is damping times its mean "
         "eigenvalue: at 0 a rank-deficient R has no inverse)"),
@@ -140,6 +157,7 @@ _RELATIONS = {
                   "even head size, d_model / num_heads (rotary embeddings rotate "
                   "its halves)")],
 }
+_INT_MAX = 2**31 - 1
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 
 
@@ -161,7 +179,13 @@ def check_fields(obj) -> None:
     if key in _CHOICES and value not in _CHOICES[key]:
       raise InputError(f"gin: {key} = {value!r}: expected one of "
                        f"{', '.join(map(repr, _CHOICES[key]))}")
-    if key in _AT_LEAST and value < _AT_LEAST[key]:
+    if isinstance(value, float) and not math.isfinite(value):
+      raise InputError(f"gin: {key} = {value!r}: expected a finite number")
+    if isinstance(value, int) and not isinstance(value, bool) and value > _INT_MAX:
+      # Sizes and seeds become int32 arrays and shapes: a larger one fails
+      # deep inside numpy or tensorstore (OverflowError), or asks for 74 GiB.
+      raise InputError(f"gin: {key} = {value!r}: expected a value < 2**31")
+    if key in _AT_LEAST and not value >= _AT_LEAST[key]:
       raise InputError(f"gin: {key} = {value!r}: expected a value >= "
                        f"{_AT_LEAST[key]}")
     if key in _WITHIN and not _WITHIN[key][0](value):

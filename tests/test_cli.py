@@ -66,8 +66,11 @@ def test_unknown_subcommand_is_one_error_line(tmp_path):
 
 
 def test_subcommand_flags_and_bad_input(tmp_path):
-  proc = _tracer("plan", "--help", cwd=tmp_path)  # absl: exit status 1
+  proc = _tracer("plan", "--help", cwd=tmp_path)  # absl alone: exit status 1
   assert "capacity plan" in proc.stdout and "--params" in proc.stdout, proc.stderr
+  assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+  proc = _tracer("make-facts", "--helpfull", cwd=tmp_path)
+  assert proc.returncode == 0 and "--facts_per_bucket" in proc.stdout, proc.stderr
   # Underscores work too; absl's flag errors stay one line.
   proc = _tracer("make_facts", "--nosuchflag", cwd=tmp_path)
   assert proc.returncode == 2 and proc.stderr.startswith("error:"), proc.stderr

@@ -108,6 +108,33 @@ def test_batch_order_is_a_function_of_the_step():
   assert a[0].dtype == np.int64 and a[0].shape == (8,)
 
 
+def test_gin_refuses_optimizer_values_that_cannot_train():
+  # Each of these trained before without a word (learning_rate=-1 ascends
+  # the loss; eps=0 makes a never-used embedding row NaN; clip_norm=0
+  # learns nothing), or failed deep inside numpy (a size past int32).
+  from tracer.launch import config  # pylint: disable=g-import-not-at-top
+  from tracer.errors import InputError  # pylint: disable=g-import-not-at-top
+  from tracer.config import ModelConfig, OptimizerConfig  # pylint: disable=g-import-not-at-top
+  for cls, fields, message in [
+      (OptimizerConfig, {"learning_rate": -1.0}, "learning_rate = -1.0: expected a value > 0"),
+      (OptimizerConfig, {"learning_rate": float("inf")}, "learning_rate = inf: expected a finite number"),
+      (OptimizerConfig, {"b2": 1.0}, "b2 = 1.0: expected a value in [0, 1)"),
+      (OptimizerConfig, {"b1": float("nan")}, "b1 = nan: expected a finite number"),
+      (OptimizerConfig, {"eps": 0.0}, "eps = 0.0: expected a value > 0"),
+      (OptimizerConfig, {"clip_norm": 0}, "clip_norm = 0: expected a value > 0"),
+      (OptimizerConfig, {"weight_decay": -0.1}, "weight_decay = -0.1: expected a value >= 0"),
+      (OptimizerConfig, {"final_lr_fraction": 2.0}, "final_lr_fraction = 2.0: expected a value in [0, 1]"),
+      (OptimizerConfig, {"adafactor_decay_rate": 0.0}, "adafactor_decay_rate = 0.0: expected a value in (0, 1]"),
+      (ModelConfig, {"rope_base": 0.5}, "rope_base = 0.5: expected a value > 1"),
+      (ModelConfig, {"max_len": 99999999999999999999}, "max_len = 99999999999999999999: expected a value < 2**31"),
+      (ModelConfig, {"max_len": -3}, "max_len = -3: expected a value >= 1")]:
+    with pytest.raises(InputError, match=re.escape(f"gin: {cls.__name__}.") + re.escape(message)):
+      config.check_fields(cls(**fields))
+  config.check_fields(OptimizerConfig(b1=0.0, weight_decay=0.0, final_lr_fraction=1.0,
+                                      adafactor_decay_rate=1.0))
+  config.check_fields(ModelConfig(max_len=2**31 - 1))
+
+
 def test_resume_equals_uninterrupted_run(corpus_path, tmp_path):
   # Warmup (10 steps) outlasts both interruptions, so the learning rate at
   # resume depends on the restored step count; after it the rate is constant,
