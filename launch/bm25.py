@@ -65,6 +65,9 @@ def run(corpus_path, queries_path, output_path, top_k: int = 10,
   if not texts:
     raise InputError(f"{at(corpus_path)}: no documents")
   num_opponents = top_k if num_opponents is None else num_opponents
+  # Past the corpus, every proponent would be listed as an opponent too.
+  outputs.check_top_k(top_k, len(texts))
+  outputs.check_top_k(num_opponents, len(texts), "--num_opponents", least=0)
 
   start = time.perf_counter()
   index = bm25.BM25Index(texts)

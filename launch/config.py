@@ -30,7 +30,7 @@ import gin
 
 from tracer.launch import cli
 from tracer.launch import outputs
-from tracer.launch.outputs import check_writable, same_file  # re-exported
+from tracer.launch.outputs import check_top_k, check_writable, same_file  # re-exported
 from tracer import config as tracer_config
 from tracer import coordination
 from tracer import storage
@@ -503,14 +503,6 @@ def integers(flag: str, values) -> list[int]:
       raise InputError(f"--{flag}: {v!r} is not an integer; expected a "
                        "comma-separated list of integers") from None
   return out
-
-
-def check_top_k(top_k: int, num_rows: int) -> None:
-  """InputError unless 1 <= top_k <= num_rows (the corpus's rows): checked
-  once the corpus is open, before any gradient is computed."""
-  if not 1 <= top_k <= num_rows:
-    more = f"more than the corpus's {num_rows} rows; " if top_k > num_rows else ""
-    raise InputError(f"--top_k={top_k}: {more}expected 1..{num_rows}")
 
 
 def check_bound_fields(cls, have, where: str, what: str = "a checkpoint of",

@@ -1,9 +1,9 @@
-"""Checks an output location before any work, so a run cannot fail (or
-destroy an input) at its end.
+"""Checks made before any work, so a run cannot fail (or destroy an input)
+at its end: an output location, and a top_k against the corpus.
 
 Flag-free, so that the scripts with flags of their own (``launch.bm25``,
-``launch.evaluate``) check their outputs as the others do; ``launch.config``
-re-exports ``check_writable`` and ``same_file``.
+``launch.evaluate``) check as the others do; ``launch.config`` re-exports
+``check_top_k``, ``check_writable`` and ``same_file``.
 """
 
 from __future__ import annotations
@@ -115,3 +115,13 @@ def check_not_an_input(output: str, inputs: Mapping[str, str | None],
         raise InputError(f"{what}={output}: is inside the --{name} directory "
                          f"{path}; expected a path outside it (the output "
                          "would replace its files)")
+
+
+def check_top_k(top_k: int, num_rows: int, flag: str = "--top_k",
+                least: int = 1) -> None:
+  """InputError unless least <= top_k <= num_rows (the corpus's rows):
+  checked once the corpus is open, before any gradient is computed.
+  ``flag``: the flag's name in the message."""
+  if not least <= top_k <= num_rows:
+    more = f"more than the corpus's {num_rows} rows; " if top_k > num_rows else ""
+    raise InputError(f"{flag}={top_k}: {more}expected {least}..{num_rows}")

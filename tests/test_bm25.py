@@ -115,6 +115,15 @@ def test_launch_run_writes_results(tmp_path):
   m = evaluate.retrieval_metrics(
       evaluate.read_jsonl_records(queries, ("id", "fact_doc_ids")), rows)
   assert m["mrr"] == 1.0
+  # Past the corpus (6 documents), every proponent would also be listed as
+  # an opponent: refused, as tracer trace refuses it, before any scoring.
+  for kwargs, message in [({"top_k": 7}, "--top_k=7: more than the corpus's 6 "
+                           "rows; expected 1..6"),
+                          ({"top_k": 2, "num_opponents": 9}, "--num_opponents=9: "
+                           "more than the corpus's 6 rows; expected 0..6")]:
+    with pytest.raises(InputError, match=re.escape(message)):
+      launch_bm25.run(corpus, queries, tmp_path / "past.jsonl", **kwargs)
+  assert not (tmp_path / "past.jsonl").exists()
 
 
 def test_launch_run_reads_a_glob_of_gzip_shards_without_ids(tmp_path):
