@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -91,6 +92,30 @@ _RETRIEVAL_KEY = re.compile(r"mrr|num_queries|missing|no_ground_truth|errors|buc
                             r"(recall|precision)@\d+")
 
 
+def _check_results_of(queries, results, path, queries_path, k: int) -> None:
+  """InputError if no row of ``results`` is of a query in ``queries`` (the
+  method would score 0, its queries all counted as missing: the results of
+  another query set); a warning line if ``k`` is past every proponent list
+  (recall@k is then recall at that list's length, precision@k still divides
+  by k)."""
+  ids = [q.get("id") for q in queries]
+  expected = f"expected the results of the queries in {queries_path}"
+  if not results:
+    raise InputError(f"{at(path)}: no results; {expected}")
+  if not set(ids) & set(results):
+    raise InputError(
+        f"{at(path)}: none of its {len(results)} rows is of a query in "
+        f"{queries_path} (query_id {next(iter(results))!r}; "
+        f"{'its ids are such as ' + repr(ids[0]) if ids else 'it has none'}); "
+        f"{expected}")
+  longest = max(len(set(row["proponent_ids"])) for row in results.values())
+  if longest < k:
+    sys.stderr.write(
+        f"warning: {path}: --k={k} is past its longest proponent list "
+        f"({longest} documents), so recall@{k} counts only those listed and "
+        f"precision@{k} divides by {k}\n")
+
+
 def run(queries_path, results_paths: Sequence[str], output_path=None,
         k: int = 10) -> dict[str, dict[str, Any]]:
   """Evaluates each results file; merges into ``output_path`` if given.
@@ -108,8 +133,9 @@ def run(queries_path, results_paths: Sequence[str], output_path=None,
     outputs.check_writable(os.fspath(output_path), "--output")
   metrics = {}
   for name, path in zip(names, results_paths):
-    metrics[name] = evaluate.retrieval_metrics(
-        queries, evaluate.read_results(path), k=k)
+    results = evaluate.read_results(path)
+    _check_results_of(queries, results, path, queries_path, k)
+    metrics[name] = evaluate.retrieval_metrics(queries, results, k=k)
   if output_path:
     for name, m in metrics.items():
       # This tool's keys are replaced as one set (a rerun at another --k

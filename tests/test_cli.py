@@ -302,7 +302,7 @@ def test_a_reader_that_leaves_early_ends_the_run_quietly(tmp_path):
   tables are printed (before 2026-12-05: a BrokenPipeError traceback)."""
   queries, results = _metrics_inputs(tmp_path)
   proc = subprocess.Popen([str(TRACER), "evaluate", f"--queries={queries}",
-                           f"--results={results}"], cwd=tmp_path, env=ENV,
+                           f"--results={results}", "--k=1"], cwd=tmp_path, env=ENV,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   proc.stdout.close()  # long before the run prints (it starts python first)
   stderr = proc.stderr.read().decode()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -310,6 +311,31 @@ def test_launch_run_merges_existing_output(tmp_path):
   assert saved["tail_patch@1"] == 0.25
   assert text.index("Overall") < text.index("Bucket 1") < text.index(
       "Bucket 2-3")
+
+
+def test_launch_run_refuses_results_of_other_queries(tmp_path, capsys):
+  # Before 2026-12-05, each scored 0 with every query counted as missing.
+  queries, good, _ = _fixture_files(tmp_path)
+  other = tmp_path / "other.jsonl"
+  evaluate.write_results(other, [_r("q7", ["d1"]), _r("q8", ["d2"])])
+  empty = tmp_path / "empty.jsonl"
+  empty.write_text("")
+  out = tmp_path / "m.json"
+  with pytest.raises(InputError, match=re.escape(
+      f"{other}: none of its 2 rows is of a query in {queries} (query_id 'q7'; "
+      f"its ids are such as 'a'); expected the results of the queries in {queries}")):
+    launch_evaluate.run(queries, [good, other], out)
+  with pytest.raises(InputError, match=re.escape(f"{empty}: no results; expected")):
+    launch_evaluate.run(queries, [empty], out)
+  assert not out.exists()
+  # A cut-off past every list is said (the lists hold 1 and 2 ids).
+  capsys.readouterr()
+  launch_evaluate.run(queries, [good], k=3)
+  assert capsys.readouterr().err == (
+      f"warning: {good}: --k=3 is past its longest proponent list (2 documents), "
+      "so recall@3 counts only those listed and precision@3 divides by 3\n")
+  launch_evaluate.run(queries, [good], k=2)
+  assert capsys.readouterr().err == ""
 
 
 def test_launch_run_rejects_bad_existing_output(tmp_path):
