@@ -271,6 +271,8 @@ def encoded_store(location: str, run: Run, pcfg: PreconditionerConfig,
   given = None  # --basis for a new store, checked before anything is written
   if store is None and basis_location and storage.exists(basis_location):
     given = pipeline.given_basis(basis_location, key)
+  if store is None:  # a location that cannot be a store, before the basis fit
+    store_lib.check_creatable(location, (pipeline.BASIS_FILE,))
   claim = pipeline.claim_store(location, FLAGS.claim_timeout_s)
   if claim is None:  # not process 0, which holds the job's claim
     return _encode_store(location, run, pcfg, key, basis_location, given,

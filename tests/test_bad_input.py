@@ -372,6 +372,14 @@ def workdir_a_file(s: Shared, d: Path):
       f"--workdir={d / 'afile'}"]
 
 
+def store_not_empty(s: Shared, d: Path):
+  """encode into a directory of other files: refused before the basis fit
+  (before 2026-12-05, after it)."""
+  (d / "notes").mkdir()
+  (d / "notes" / "todo.txt").write_text("mine\n")
+  return encode(s, d, store=d / "notes")
+
+
 def given_basis(bindings=(), **fitted):
   """encode into a new store with ``--basis`` a copy of the shared store's
   basis whose fit record says ``fitted`` (e.g. another checkpoint's
@@ -611,6 +619,9 @@ CASES = [
     Case("output is the corpus named with fields",
          lambda s, d: scan(s, d, output=s.corpus, corpus=f"{s.corpus}#text=text"),
          "is the --corpus file {corpus}; expected another path"),
+    Case("store directory holds other files", store_not_empty,
+         "notes: not an encoding store (no manifest.json) and not empty: "
+         "['todo.txt']"),
     Case("workdir is a file", workdir_a_file,
          "afile: is a file; expected a directory"),
     Case("gin file including itself", self_including_gin,

@@ -40,7 +40,7 @@ import operator
 import os
 import sys
 import zlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -884,6 +884,27 @@ class EncodingStore:
             f"dtype={self.manifest.dtype})")
 
 
+def check_creatable(path: str | os.PathLike[str], attachments: Iterable[str] = ()
+                    ) -> list[str]:
+  """The names under ``path`` (no manifest there), where a store can be
+  created: nothing, or what an unfinished creation leaves (its arrays,
+  progress marks, claim, ``attachments`` by name). Else InputError: called
+  before a new store's costly inputs are made (its basis, fitted from the
+  corpus), not only when it is created."""
+  path = storage.normalize(path)
+  local = storage.local_path(path)
+  if local is not None and os.path.exists(local) and not os.path.isdir(local):
+    raise InputError(f"{path}: exists and is not a directory")
+  names = storage.list_dir(path)
+  strangers = sorted({n.split("/", 1)[0] for n in names}
+                     - {ARRAY_DIR, SCALES_DIR, PROGRESS_DIR, CLAIM_FILE,
+                        COLUMN_SCALES, *attachments})
+  if strangers:
+    raise InputError(f"{path}: not an encoding store (no {MANIFEST}) and not "
+                     f"empty: {strangers[:5]}")
+  return names
+
+
 def create_or_open(path: str | os.PathLike[str], manifest: Manifest,
                    attachments: dict[str, bytes] | None = None,
                    column_scales: np.ndarray | None = None,
@@ -928,17 +949,9 @@ def create_or_open(path: str | os.PathLike[str], manifest: Manifest,
         manifest, ENCODING_FIELDS + STORAGE_FIELDS + ("quantization",),
         where=storage.join(path, MANIFEST), other="this run")
     return store
-  local = storage.local_path(path)
-  if local is not None and os.path.exists(local) and not os.path.isdir(local):
-    raise InputError(f"{path}: exists and is not a directory")
-  names = storage.list_dir(path)
   # Files an unfinished creation may have left, with other settings.
   leftovers = {COLUMN_SCALES, *attachments, *other_attachments}
-  strangers = sorted({n.split("/", 1)[0] for n in names}
-                     - {ARRAY_DIR, SCALES_DIR, PROGRESS_DIR, CLAIM_FILE, *leftovers})
-  if strangers:
-    raise InputError(f"{path}: not an encoding store (no {MANIFEST}) and not "
-                     f"empty: {strangers[:5]}")
+  names = check_creatable(path, leftovers)
   # Leftovers of an unfinished creation may hold other settings or stale
   # markers: start clean.
   for name in (ARRAY_DIR, SCALES_DIR, PROGRESS_DIR):
