@@ -185,7 +185,9 @@ def test_duplicate_ids_across_shards_are_named(tmp_path):
   b.write_text(json.dumps({"id": "z", "text": "three"}) + "\n"
                + json.dumps({"id": "x", "text": "four"}) + "\n")
   pattern = str(tmp_path / "*.jsonl")
-  with pytest.raises(InputError, match=r"duplicate id 'x' \(rows 0 and 3\)"):
+  # Named by rows and by file:line (before 2026-12-05 by rows alone).
+  with pytest.raises(InputError, match=re.escape(
+      f"duplicate id 'x' (rows 0 and 3: {a}:1 and {b}:2)")):
     corpus_lib.tokenize(pattern, str(tmp_path / "tok"), DataConfig(), 16)
   with pytest.raises(InputError, match="duplicate id 'x'"):
     data_lib.read_corpus(pattern, DataConfig().vocabulary(), 16)
@@ -481,13 +483,20 @@ def test_a_hash_collision_is_no_duplicate_id(tmp_path, monkeypatch):
                           shard_index=index)
     _assert_same_rows(memory, corpus_lib.TokenizedCorpus(out))
   (src / "c.jsonl").write_text(json.dumps({"id": "c", "text": "again"}) + "\n")
-  with pytest.raises(InputError, match=r"duplicate id 'c' \(rows 2 and 14\)"):
+  places = f"{src}/a.jsonl:3 and {src}/c.jsonl:1"
+  with pytest.raises(InputError, match=re.escape(f"duplicate id 'c' (rows 2 and 14: {places})")):
     corpus_lib.tokenize(pattern, str(tmp_path / "dup1"), config, 16)
   out = str(tmp_path / "dup3")
   for index in range(2):
     corpus_lib.tokenize(pattern, out, config, 16, num_shards=3, shard_index=index)
-  with pytest.raises(InputError, match=r"duplicate id 'c' \(rows 2 and 14\)"):
+  # The join reads again only the files of the two parts holding the id.
+  read = []
+  real_places = data_lib.id_places
+  monkeypatch.setattr(data_lib, "id_places", lambda source, doc_id, files=None: (
+      read.append(sorted(files)), real_places(source, doc_id, files))[1])
+  with pytest.raises(InputError, match=re.escape(f"duplicate id 'c' (rows 2 and 14: {places})")):
     corpus_lib.tokenize(pattern, out, config, 16, num_shards=3, shard_index=2)
+  assert read == [[f"{src}/a.jsonl", f"{src}/c.jsonl"]]
 
 
 def test_a_damaged_joined_corpus_is_one_error(tmp_path, records):
@@ -542,7 +551,8 @@ def test_shard_errors(tmp_path, records):
   out = str(tmp_path / "dup-tok")
   corpus_lib.tokenize(str(dup / "*.jsonl"), out, config, 16, num_shards=2,
                       shard_index=0)
-  with pytest.raises(InputError, match=r"duplicate id 'x' \(rows 0 and 3\)"):
+  with pytest.raises(InputError, match=re.escape(
+      f"duplicate id 'x' (rows 0 and 3: {dup}/a.jsonl:1 and {dup}/b.jsonl:2)")):
     corpus_lib.tokenize(str(dup / "*.jsonl"), out, config, 16, num_shards=2,
                         shard_index=1)
   assert not corpus_lib.is_tokenized(out)

@@ -406,15 +406,17 @@ def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
   else:
     _check_empty_or_unfinished(part, set(_ARRAYS) | {ID_HASHES})
     vocab = data_config.vocabulary()
+    files = None
     if data_lib.is_file_source(source):
       mine = data_lib.split_files(source, num_shards)[shard_index]
       records = data_lib.corpus_records(source, vocab, False, mine)
+      files = _paths(mine)
     else:  # a run of the seqio source's shards
       n = data_lib.seqio_shards(source)[1]
       records = data_lib.seqio_records(source, vocab, shards=range(
           shard_index * n // num_shards, (shard_index + 1) * n // num_shards))
     _write(part, source, records, data_config, max_len, block_rows, progress,
-           settings, shard=[shard_index, num_shards])
+           settings, shard=[shard_index, num_shards], files=files)
   return _join(output, source, num_shards) or TokenizedCorpus(part)
 
 
@@ -469,9 +471,11 @@ def _write_manifest(location: str, manifest: CorpusManifest) -> None:
 
 def _write(output: str, label: str, records, data_config: DataConfig,
            max_len: int, block_rows: int, progress, settings: dict,
-           shard: list[int] | None = None) -> None:
+           shard: list[int] | None = None, files: set[str] | None = None
+           ) -> None:
   """Writes ``records``' rows to ``output``, then (ids checked unique) its
-  manifest; a shard's part also keeps its sorted id hashes (``ID_HASHES``)."""
+  manifest; a shard's part also keeps its sorted id hashes (``ID_HASHES``).
+  ``files``: a shard's files of the source ``label`` (None: all of them)."""
   vocab = data_config.vocabulary()
   token_dtype = "uint16" if vocab.vocab_size <= 1 << 16 else "int32"
   token_rows = min(block_rows, max(1, TOKEN_CHUNK_BYTES // (
@@ -527,7 +531,7 @@ def _write(output: str, label: str, records, data_config: DataConfig,
   flush()
   hashes = np.sort(np.concatenate(hashes))
   for value in np.unique(hashes[1:][hashes[1:] == hashes[:-1]]):
-    _duplicate_id(int(value), [(output, 0)], output)
+    _duplicate_id(int(value), [(output, 0, files)], output, label)
   if shard is not None:
     _Appender(storage.join(output, ID_HASHES), "uint64", (), BLOCK_ROWS).append(hashes)
   _write_manifest(output, CorpusManifest(
@@ -556,8 +560,11 @@ def _join(output: str, source: str, num_shards: int) -> TokenizedCorpus | None:
   starts = np.cumsum([0] + [m.num_rows for m in manifests[:-1]])
   for shared in shared_hashes([_open(storage.join(output, p, ID_HASHES))
                                for p in paths]):
-    _duplicate_id(shared, [(storage.join(output, p), int(s))
-                           for p, s in zip(paths, starts)], output)
+    runs = (data_lib.split_files(source, num_shards)
+            if data_lib.is_file_source(source) else [None] * num_shards)
+    _duplicate_id(shared, [(storage.join(output, p), int(s),
+                            None if run is None else _paths(run))
+                           for p, s, run in zip(paths, starts, runs)], output, source)
   total = sum(m.num_rows for m in manifests)
   if not total:
     raise InputError(f"{source}: the corpus is empty")
@@ -631,14 +638,22 @@ def shared_hashes(parts: Sequence, block: int | None = None) -> Iterator[int]:
         load(i)
 
 
-def _duplicate_id(value: int, parts: list[tuple[str, int]], output: str) -> None:
+def _paths(run: list) -> set[str]:
+  """The file paths of a run of ``data.split_files`` (files or FileParts)."""
+  return {f if isinstance(f, str) else f.path for f in run}
+
+
+def _duplicate_id(value: int, parts: list[tuple[str, int, set[str] | None]],
+                  output: str, source: str) -> None:
   """Raises the InputError for a duplicate id whose hash is ``value``, naming
-  two of its rows; returns if the documents with that hash have different
-  ids (a 64-bit collision: ~0.4% for C4's 365M documents). ``parts``:
-  (directory, its first row) of the rows hashed. Reads every part's ids,
-  which only a repeated hash costs."""
-  seen = {}  # id -> its first row
-  for location, first_row in parts:
+  two of its rows and, for a file source, their ``file:line``s; returns if
+  the documents with that hash have different ids (a 64-bit collision: ~0.4%
+  for C4's 365M documents). ``parts``: (directory, its first row, its files
+  of ``source`` or None: all) of the rows hashed. Reads every part's ids,
+  and then the files of the two parts holding the id, which only a repeated
+  hash costs."""
+  seen = {}  # id -> (its first row, its part's files)
+  for location, first_row, files in parts:
     corpus_ids = _Strings(storage.join(location, "ids"))
     segments = _open(storage.join(location, "segments"))
     num_rows = segments.shape[0]
@@ -649,10 +664,14 @@ def _duplicate_id(value: int, parts: list[tuple[str, int]], output: str) -> None
         if not f or _id_hash(doc_id) != value:
           continue
         if doc_id in seen:
+          first, first_files = seen[doc_id]
+          places = data_lib.id_places(source, doc_id, None if files is None
+                                      else first_files | files)
+          at_lines = f": {' and '.join(places)}" if len(places) == 2 else ""
           raise InputError(f"{output}: duplicate id {doc_id!r} (rows "
-                           f"{seen[doc_id]} and {first_row + r}); document ids "
+                           f"{first} and {first_row + r}{at_lines}); document ids "
                            "must be unique across the whole source")
-        seen[doc_id] = first_row + r
+        seen[doc_id] = first_row + r, files
 
 
 def open_corpus(source: str, data_config: DataConfig, max_len: int):

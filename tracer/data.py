@@ -46,7 +46,7 @@ import tempfile
 import threading
 import warnings
 import zlib
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Collection, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -1091,18 +1091,24 @@ def build_corpus(source: str, records: Iterable[Record], vocab, max_len: int,
 def duplicate_id_error(source: str, doc_id: str) -> InputError:
   """The error for an id found twice in ``source``, naming both places when
   its files can be read again."""
-  places = _id_places(source, doc_id) if is_file_source(source) else []
+  places = id_places(source, doc_id)
   return InputError(f"{source}: duplicate id {doc_id!r}" + (
       f" ({' and '.join(places)})" if len(places) == 2 else "")
       + "; ids must be unique across the whole source")
 
 
-def _id_places(source: str, doc_id: str) -> list[str]:
+def id_places(source: str, doc_id: str, files: Collection[str] | None = None
+              ) -> list[str]:
   """``file:line`` of the first two records of ``source`` with the id
-  ``doc_id`` (an error's second read of the files)."""
+  ``doc_id``: an error's second read of its files, or only of those in
+  ``files`` (a process's share); [] for a source that is not files."""
+  if not is_file_source(source):
+    return []
   fields = split_source(source)[1]
   places = []
   for path in corpus_files(source):
+    if files is not None and path not in files:
+      continue
     for lineno, record in read_records(path, (), unique_ids=False, fields=fields,
                                        columns=tuple(fields.values())):
       if record.get("id") == doc_id:
