@@ -19,7 +19,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 # TensorFlow (pulled in by seqio) logs at C++ level on import; keep it quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -293,6 +293,12 @@ def parse_gin() -> None:
         where = "--gin_bindings"
         text = bindings[e.lineno - 1] if 0 < (e.lineno or 0) <= len(bindings) else ""
       e = f"{e.msg} ({where}: {text.strip()!r})"
+    macro = re.search(r"No bindings specified for '([\w./]+)/gin\.macro'", str(e))
+    if macro:  # gin's message quotes the whole config, naming no file or line
+      name = macro[1]
+      site = _gin_site(rf"%{re.escape(name)}(?![\w.])", files, FLAGS.gin_bindings)
+      raise InputError(f"gin: {site}: macro %{name} is bound nowhere; expected a "
+                       f"binding '{name} = VALUE' in a gin file or --gin_bindings") from None
     from tracer import family as family_lib  # pylint: disable=g-import-not-at-top
     hint = next((f"; pass --family={name} to bind {cls}"
                  for cls, name in family_lib.CONFIG_CLASSES.items()
@@ -300,34 +306,70 @@ def parse_gin() -> None:
     raise InputError(f"gin: {e}{hint}") from None
   finally:
     logging.set_verbosity(verbosity)
+  _check_unscoped(files)
+
+
+def _check_unscoped(files: Sequence[str]) -> None:
+  """InputError for a scoped binding of one of tracer's configs
+  (``train/ModelConfig.d_model = 64``): tracer's scripts enter no gin scope,
+  so gin would keep it and never apply it."""
+  names = "|".join(re.escape(cls.__name__) for cls in _CONFIGURABLE)
+  scoped = re.search(rf"^([\w./]+)/({names})\.(\w+) = (.*)$", gin.config_str(), re.M)
+  if scoped:
+    scope, cls, field, value = scoped.groups()
+    site = _gin_site(rf"(^|\s){re.escape(f'{scope}/{cls}.{field}')}\s*=", files,
+                     FLAGS.gin_bindings)
+    raise InputError(f"gin: {site}: {scope}/{cls}.{field} is a scoped binding, "
+                     "which tracer never applies (its scripts enter no gin "
+                     f"scope); expected {cls}.{field} = {value}")
 
 
 _INCLUDE = re.compile(rb"""^[ \t]*include[ \t]+(['"])(.+?)\1""", re.M)
 
 
-def gin_sha256(name: str) -> str:
-  """sha256 of a ``--gin_file``'s bytes followed by those of the files it
+def _gin_texts(paths: Sequence[str]) -> Iterator[tuple[str, bytes]]:
+  """(path, bytes) of each gin file of ``paths`` and of the files it
   includes, depth first, each once (found as gin finds them: as given, else
-  under ``shipped_configs()``'s parent; one not found adds nothing), so an
-  edit to an included file changes it too. A file without includes: the
-  sha256 of its bytes."""
-  digest, seen = hashlib.sha256(), set()
+  under ``shipped_configs()``'s parent; one not found is skipped)."""
+  seen = set()
 
-  def add(path: str) -> None:
-    if path in seen:
+  def walk(path: str) -> Iterator[tuple[str, bytes]]:
+    if os.path.realpath(path) in seen:
       return
-    seen.add(path)
+    seen.add(os.path.realpath(path))
     data = storage.read_bytes(path) or b""
-    digest.update(data)
+    yield path, data
     for m in _INCLUDE.finditer(data):
       inc = m[2].decode("utf-8", "replace")
       found = [p for p in (inc, os.path.join(shipped_configs().parent, inc))
                if os.path.isfile(p)]
       if found:
-        add(os.path.realpath(found[0]))
+        yield from walk(found[0])
 
-  add(os.path.realpath(gin_file_path(name)))
+  for path in paths:
+    yield from walk(path)
+
+
+def gin_sha256(name: str) -> str:
+  """sha256 of a ``--gin_file``'s bytes followed by those of the files it
+  includes (``_gin_texts``), so an edit to an included file changes it too.
+  A file without includes: the sha256 of its bytes."""
+  digest = hashlib.sha256()
+  for _, data in _gin_texts([gin_file_path(name)]):
+    digest.update(data)
   return digest.hexdigest()
+
+
+def _gin_site(pattern: str, files: Sequence[str], bindings: Sequence[str]) -> str:
+  """Where the regex ``pattern`` first matches a binding: ``FILE:LINE`` of a
+  gin file (or one it includes), or the ``--gin_bindings`` entry."""
+  regex = re.compile(pattern)
+  for path, data in _gin_texts(files):
+    for lineno, line in enumerate(data.decode("utf-8", "replace").splitlines(), 1):
+      if regex.search(line.split("#", 1)[0]):
+        return f"{path}:{lineno}"
+  return next((f"--gin_bindings={b.strip()!r}" for b in bindings if regex.search(b)),
+              "a gin file")
 
 
 class GinFileNotFound(InputError, FileNotFoundError):

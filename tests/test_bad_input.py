@@ -624,6 +624,17 @@ CASES = [
          "['todo.txt']"),
     Case("workdir is a file", workdir_a_file,
          "afile: is a file; expected a directory"),
+    # Before 2026-12-05: gin's 1.2 KB message quoting the config, no file or
+    # line; and a scoped binding silently ignored (exit 0).
+    Case("gin macro bound nowhere",
+         gin_file("# the seed\nEncodeConfig.seed = %SEED\n"),
+         "bad.gin:2: macro %SEED is bound nowhere; expected a binding "
+         "'SEED = VALUE' in a gin file or --gin_bindings"),
+    Case("gin binding in a scope",
+         gin_file("EncodeConfig.seed = 1\ntrain/EncodeConfig.seed = 3\n"),
+         "bad.gin:2: train/EncodeConfig.seed is a scoped binding, which tracer "
+         "never applies (its scripts enter no gin scope); expected "
+         "EncodeConfig.seed = 3"),
     Case("gin file including itself", self_including_gin,
          "loop.gin: a file includes itself (or one that includes it)"),
     Case("gin file with a byte order mark", gin_with_a_bom,
