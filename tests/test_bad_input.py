@@ -380,6 +380,22 @@ def store_not_empty(s: Shared, d: Path):
   return encode(s, d, store=d / "notes")
 
 
+def checkpoint_in_part(lost: str):
+  """scan with a copy of the checkpoint whose state lost ``lost`` (a glob
+  under its state directory): before 2026-12-05 its message came under
+  130 lines of Orbax's tracebacks ('Event loop is closed'), and lost data
+  files were a traceback (Orbax's bare Exception), exit 1."""
+  def build(s: Shared, d: Path):
+    copy = d / "ckpt"
+    shutil.copytree(s.checkpoints, copy)
+    gone = list((copy / "1" / "state").glob(lost))
+    assert gone, lost
+    for path in gone:
+      path.unlink()
+    return scan(s, d, checkpoint=copy)
+  return build
+
+
 def given_basis(bindings=(), **fitted):
   """encode into a new store with ``--basis`` a copy of the shared store's
   basis whose fit record says ``fitted`` (e.g. another checkpoint's
@@ -619,6 +635,13 @@ CASES = [
     Case("output is the corpus named with fields",
          lambda s, d: scan(s, d, output=s.corpus, corpus=f"{s.corpus}#text=text"),
          "is the --corpus file {corpus}; expected another path"),
+    Case("checkpoint without its state's manifest", checkpoint_in_part("manifest.ocdbt"),
+         "ckpt/1: its state cannot be read, a file of it is missing or damaged "
+         "(NOT_FOUND: "),
+    Case("checkpoint without its state's data files",
+         checkpoint_in_part("ocdbt.process_0/d/*"),
+         "ckpt/1: its state cannot be read, a file of it is missing or damaged "
+         "(FAILED_PRECONDITION: Error reading "),
     Case("store directory holds other files", store_not_empty,
          "notes: not an encoding store (no manifest.json) and not empty: "
          "['todo.txt']"),

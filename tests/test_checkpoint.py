@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import shutil
 
 import jax
 import numpy as np
@@ -16,6 +17,7 @@ from tracer import data as data_lib
 from tracer import model as model_lib
 from tracer import partitioning
 from tracer import train as train_lib
+from tracer import errors
 from tracer.errors import InputError
 
 # d_model and d_ff of 128 make Adafactor factor some second moments (it does
@@ -185,10 +187,67 @@ def test_restore_errors(tmp_path):
   ckpt_lib.save(mngr, 1, params, train_lib.make_optimizer(opt_config).init(params),
                 MODEL, opt_config, DATA)
   mngr.close()
+  shutil.copytree(tmp_path / "partial", tmp_path / "no_data")
   os.remove(tmp_path / "partial" / "1" / "state" / "manifest.ocdbt")
   with pytest.raises(InputError, match=f"^{re.escape(str(tmp_path / 'partial' / '1'))}: "
-                     r"its state cannot be read, a file of it is missing \(.*NOT_FOUND"):
+                     r"its state cannot be read, a file of it is missing or damaged "
+                     r"\(.*NOT_FOUND"):
     ckpt_lib.restore(str(tmp_path / "partial"))
+  # Its data files gone: Orbax's bare Exception (a bug's traceback before
+  # 2026-12-05), its tensorstore cause named.
+  data = tmp_path / "no_data" / "1" / "state" / "ocdbt.process_0" / "d"
+  for name in os.listdir(data):
+    os.remove(data / name)
+  with pytest.raises(InputError, match=f"^{re.escape(str(tmp_path / 'no_data' / '1'))}: "
+                     r"its state cannot be read, a file of it is missing or damaged "
+                     r"\(FAILED_PRECONDITION: Error reading "):
+    ckpt_lib.restore(str(tmp_path / "no_data"))
+
+
+def test_tracebacks_of_a_closed_loop_are_dropped_from_stderr(monkeypatch):
+  """``errors.quiet_failed_loads``: the tracebacks tensorstore's threads print
+  once Orbax closed its loop, in pieces and at once, are dropped; other
+  output (another traceback, a progress bar) goes through whole."""
+  import io  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  closed = ['Traceback (most recent call last):\n',
+            '  File "/py/lib/asyncio/base_events.py", line 806, in call_soon_threadsafe\n',
+            "    ", "self._check_closed()\n",
+            '  File "/py/lib/asyncio/base_events.py", line 519, in _check_closed\n',
+            "    ", "raise RuntimeError('Event loop is closed')\n",
+            "RuntimeError: Event loop is closed\n"]
+  other = ["Traceback (most recent call last):\n", '  File "t.py", line 1, in <module>\n',
+           "    ", "f()\n", "ValueError: boom\n"]
+  err = io.StringIO()
+  monkeypatch.setattr(sys, "stderr", err)
+  barrier = threading.Barrier(8)
+
+  def print_closed():
+    barrier.wait()
+    for piece in closed:
+      sys.stderr.write(piece)
+
+  with pytest.raises(InputError):
+    with errors.quiet_failed_loads():
+      threads = [threading.Thread(target=print_closed) for _ in range(8)]
+      for t in threads:
+        t.start()
+      for t in threads:
+        t.join()
+      raise InputError("x: a file of it is missing")
+  # After a failure the filter stays (stragglers come later); it passes the rest.
+  for piece in closed:
+    sys.stderr.write(piece)
+  for piece in [*other, "error: x\n", "\rbar 50%"]:
+    sys.stderr.write(piece)
+  sys.stderr.flush()
+  assert err.getvalue() == "".join(other) + "error: x\n\rbar 50%"
+  # A block that ends normally leaves stderr as it was.
+  monkeypatch.setattr(sys, "stderr", err)
+  with errors.quiet_failed_loads():
+    sys.stderr.write("Traceback (most recent call last):\n")
+  assert sys.stderr is err and err.getvalue().endswith("bar 50%Traceback (most recent call last):\n")
 
 
 def test_optimizer_config_round_trip():

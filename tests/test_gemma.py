@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -182,6 +183,16 @@ def test_train_save_load(setup):
     gf.load_params(str(path), other, mesh=mesh)
   with pytest.raises(InputError, match="no gemma checkpoint"):
     gf.load_params(str(s["root"] / "missing"))
+  # A partial copy: its index or its data files gone (before 2026-12-05
+  # "No item metadata found" as if it were not a checkpoint, and a bug's
+  # traceback, Orbax's bare Exception).
+  for name, lost in (("no_index", "manifest.ocdbt"), ("no_data", "ocdbt.process_0/d/*")):
+    shutil.copytree(path, s["root"] / name)
+    for gone in (s["root"] / name).glob(lost):
+      gone.unlink()
+    with pytest.raises(InputError, match=re.escape(
+        f"{s['root'] / name}: a file of this checkpoint is missing or damaged (")):
+      gf.load_params(str(s["root"] / name), s["config"])
   # A param missing or extra, onto a mesh: named before the restore (before
   # 2026-12-05 Orbax's tree diff, cut at 400 characters).
   fewer = jax.tree.map(lambda x: x, s["params"])

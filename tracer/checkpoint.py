@@ -24,7 +24,7 @@ from tracer import family as family_lib
 from tracer import partitioning
 from tracer import storage
 from tracer import train as train_lib
-from tracer.errors import InputError
+from tracer.errors import InputError, quiet_failed_loads, unread_array
 
 
 @dataclasses.dataclass
@@ -154,13 +154,18 @@ def restore(directory: str, step: int | None = None, mesh=None, *,
   else:
     args = ocp.args.StandardRestore(target)
   try:
-    state = mngr.restore(step, args=ocp.args.Composite(state=args))["state"]
-  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
-    if isinstance(e, FileNotFoundError) or "NOT_FOUND" in str(e):
-      # A file of the state is gone (a partial copy): not another model.
+    with quiet_failed_loads():
+      state = mngr.restore(step, args=ocp.args.Composite(state=args))["state"]
+  except Exception as e:  # pylint: disable=broad-except
+    unread = unread_array(e)
+    if unread is None and not isinstance(
+        e, (ValueError, KeyError, TypeError, FileNotFoundError)):
+      raise
+    if unread or isinstance(e, FileNotFoundError) or "NOT_FOUND" in str(e):
+      # A file of the state is gone or cut (a partial copy): not another model.
       raise InputError(f"{where}: its state cannot be read, a file of it is "
-                       f"missing ({_short(e)}); expected a checkpoint copied "
-                       "whole") from None
+                       f"missing or damaged ({_short(unread or e)}); expected "
+                       "a checkpoint copied whole") from None
     # Arrays of another model than the config item describes.
     raise InputError(f"{where}: its state does not match its model config "
                      f"({_config_text(model_config)}; optimizer "

@@ -95,7 +95,7 @@ from gemma import gm  # pylint: disable=g-import-not-at-top,wrong-import-positio
 from tracer import family as family_lib
 from tracer import partitioning
 from tracer import storage
-from tracer.errors import InputError
+from tracer.errors import InputError, quiet_failed_loads, unread_array
 
 PAD_ID = 0
 EOS_ID = 1
@@ -468,7 +468,7 @@ def _stored_mismatch(path: str, expected: Any) -> str | None:
   library converts on load, whose keys are none of ours)."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   try:
-    with ocp.PyTreeCheckpointer() as ckpt:
+    with quiet_failed_loads(), ocp.PyTreeCheckpointer() as ckpt:
       stored = _shapes(ckpt.metadata(path).item_metadata.tree)
   except Exception:  # pylint: disable=broad-except
     return None
@@ -522,9 +522,18 @@ def load_params(path: str, config: GemmaConfig | None = None, *, mesh=None,
     if bad:
       raise _mismatch_error(path, config, bad)
   try:
-    params = gm.ckpts.load_params(path, params=target, donate=False,
-                                  text_only=target is None)
-  except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+    with quiet_failed_loads():
+      params = gm.ckpts.load_params(path, params=target, donate=False,
+                                    text_only=target is None)
+  except Exception as e:  # pylint: disable=broad-except
+    unread = unread_array(e)
+    if unread is not None or "No item metadata found" in str(e):
+      # An array's data, or the index of all of them, is gone or cut.
+      raise InputError(f"{path}: a file of this checkpoint is missing or damaged "
+                       f"({str(unread or e)[:400]}); expected a checkpoint copied "
+                       "whole") from None
+    if not isinstance(e, (ValueError, KeyError, TypeError, FileNotFoundError)):
+      raise
     raise InputError(f"{path}: not a gemma params checkpoint, or not one for "
                      f"this config: {str(e)[:400]}") from None
   if expected is not None:
@@ -566,7 +575,7 @@ def load_opt_state(path: str, params: Any, optimizer=None, *, mesh=None) -> Any:
   path = _local(path)
   if not storage.is_url(path) and not os.path.isdir(path):
     raise InputError(f"{path}: no optimizer state directory")
-  with ocp.StandardCheckpointer() as ckpt:
+  with ocp.StandardCheckpointer() as ckpt, quiet_failed_loads():
     try:
       if optimizer is not None:
         target = jax.eval_shape(optimizer.init, params)
