@@ -19,6 +19,7 @@ from absl import flags
 
 from tracer.launch import common
 from tracer.launch import config
+from tracer.launch import outputs
 from tracer import storage
 from tracer import store as store_lib
 from tracer.config import PreconditionerConfig
@@ -42,6 +43,15 @@ def main(argv):
   basis = common.default_location(FLAGS.workdir, FLAGS.basis, "basis.npz")
   if not os.path.exists(storage.local_path(basis) or basis):
     config.check_writable(basis, "--basis")
+  # A store's own basis.npz (the default store's, or any store's) or a file
+  # in a checkpoint would be replaced: the store's rows are in its basis.
+  parent = storage.split(basis)[0]
+  store = (parent if storage.exists(storage.join(parent, store_lib.MANIFEST))
+           else storage.join(FLAGS.workdir, "store"))
+  outputs.check_not_an_input(basis, {
+      "corpus": FLAGS.corpus, "store": store,
+      "checkpoint": FLAGS.checkpoint or storage.join(FLAGS.workdir, "checkpoints")},
+      what="--basis")
   run(FLAGS.workdir, FLAGS.corpus, FLAGS.basis, FLAGS.checkpoint)
 
 

@@ -396,6 +396,15 @@ def checkpoint_in_part(lost: str):
   return build
 
 
+def basis_into_a_store(s: Shared, d: Path):
+  """fit-preconditioner writing the store's own basis.npz (before
+  2026-12-05 replaced, exit 0, and the store unreadable after)."""
+  return "fit_preconditioner", [f"--workdir={d / 'out' / 'w'}",
+                                f"--checkpoint={s.checkpoints}", f"--corpus={s.corpus}",
+                                f"--basis={s.store / 'basis.npz'}",
+                                *gin("PreconditionerConfig.sample_seed=3")]
+
+
 def given_basis(bindings=(), **fitted):
   """encode into a new store with ``--basis`` a copy of the shared store's
   basis whose fit record says ``fitted`` (e.g. another checkpoint's
@@ -642,6 +651,9 @@ CASES = [
          checkpoint_in_part("ocdbt.process_0/d/*"),
          "ckpt/1: its state cannot be read, a file of it is missing or damaged "
          "(FAILED_PRECONDITION: Error reading "),
+    Case("basis written into a store", basis_into_a_store,
+         "basis.npz: is inside the --store directory {store}; expected a path "
+         "outside it"),
     Case("store directory holds other files", store_not_empty,
          "notes: not an encoding store (no manifest.json) and not empty: "
          "['todo.txt']"),
