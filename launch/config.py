@@ -306,15 +306,29 @@ def parse_gin() -> None:
     raise InputError(f"gin: {e}{hint}") from None
   finally:
     logging.set_verbosity(verbosity)
-  _check_unscoped(files)
+  _check_applied(files)
 
 
-def _check_unscoped(files: Sequence[str]) -> None:
-  """InputError for a scoped binding of one of tracer's configs
-  (``train/ModelConfig.d_model = 64``): tracer's scripts enter no gin scope,
-  so gin would keep it and never apply it."""
+def _check_applied(files: Sequence[str]) -> None:
+  """InputError for a binding gin would keep and never apply: one of a
+  scope (``train/ModelConfig.d_model = 64``; tracer's scripts enter no gin
+  scope), or a macro no binding uses (``projection_dim = 1024``, a class name
+  left out)."""
+  text = gin.config_str()
+  macros = re.search(r"^# Macros:\n# =+\n(.*?)(?:\n\n|\Z)", text, re.M | re.S)
+  for line in (macros[1].splitlines() if macros else ()):
+    name, _, value = line.partition(" = ")
+    if re.fullmatch(r"[\w.]+", name) and not re.search(
+        rf"%{re.escape(name)}(?![\w.])", text):
+      site = _gin_site(rf"^\s*{re.escape(name)}\s*=", files, FLAGS.gin_bindings)
+      fields = [f"{cls.__name__}.{name}" for cls in _CONFIGURABLE
+                if name in {f.name for f in dataclasses.fields(cls)}]
+      raise InputError(
+          f"gin: {site}: {name} = {value} binds a macro no binding uses (%{name}), "
+          "so it would change nothing; expected Class.field = value"
+          + (f" ({' or '.join(fields)} = {value})" if fields else ""))
   names = "|".join(re.escape(cls.__name__) for cls in _CONFIGURABLE)
-  scoped = re.search(rf"^([\w./]+)/({names})\.(\w+) = (.*)$", gin.config_str(), re.M)
+  scoped = re.search(rf"^([\w./]+)/({names})\.(\w+) = (.*)$", text, re.M)
   if scoped:
     scope, cls, field, value = scoped.groups()
     site = _gin_site(rf"(^|\s){re.escape(f'{scope}/{cls}.{field}')}\s*=", files,

@@ -665,6 +665,11 @@ CASES = [
          gin_file("# the seed\nEncodeConfig.seed = %SEED\n"),
          "bad.gin:2: macro %SEED is bound nowhere; expected a binding "
          "'SEED = VALUE' in a gin file or --gin_bindings"),
+    Case("gin binding without its class name",
+         lambda s, d: scan(s, d, bindings=["projection_dim=1024"]),
+         "gin: --gin_bindings='projection_dim=1024': projection_dim = 1024 binds a "
+         "macro no binding uses (%projection_dim), so it would change nothing; "
+         "expected Class.field = value (EncodeConfig.projection_dim = 1024)"),
     Case("gin binding in a scope",
          gin_file("EncodeConfig.seed = 1\ntrain/EncodeConfig.seed = 3\n"),
          "bad.gin:2: train/EncodeConfig.seed is a scoped binding, which tracer "
