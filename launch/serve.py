@@ -79,7 +79,7 @@ flags.DEFINE_integer("resident_budget_mb", -1, "Device memory per device the "
                      "the store for every batch of requests, in windows of "
                      "half of it. -1: 60% of an accelerator's "
                      "memory, or on CPU 40% of host memory over the local "
-                     "devices. 0: always stream.")
+                     "devices. 0: always stream.", lower_bound=-1)
 flags.DEFINE_float("batch_window_ms", 5.0, "How long the batcher waits for "
                    "more requests to answer with the first one.")
 flags.DEFINE_integer("max_batch_queries", 256, "Queries per request and per "
@@ -98,7 +98,16 @@ flags.DEFINE_float("idle_tick_s", 5.0, "Multi-host: while no request comes, "
 flags.DEFINE_bool("log_requests", False, "Log each HTTP request to stderr.")
 flags.DEFINE_string("measure", None, "Queries JSONL: measure latency with its "
                     "queries, print the table and exit.")
-flags.DEFINE_integer("measure_repeats", 10, "Warm runs per --measure case.")
+flags.DEFINE_integer("measure_repeats", 10, "Warm runs per --measure case.",
+                     lower_bound=1)
+# (absl's bounds let NaN through: every comparison with it is False; inf
+# killed the batcher thread, so that the first request hung.)
+flags.register_validator("batch_window_ms", lambda v: 0 <= v <= 60_000,
+                         "expected milliseconds in [0, 60000]")
+for _name in ("max_body_mb", "max_bodies_mb", "idle_tick_s"):
+  flags.register_validator(_name, lambda v: 0 < v < float("inf"),
+                           "expected a finite value > 0")
+del _name
 FLAGS = flags.FLAGS
 
 

@@ -999,6 +999,16 @@ def test_tracer_serve_and_view_from_the_command_line(traced, tmp_path):
         "already in use); expected an address of this machine and a free port "
         "(--port=0 picks one)\n")
     assert "loading" not in second.stdout.lower(), second.stdout
+    # Flag values that broke it are flag errors (before 2026-12-05: inf let
+    # the batcher thread die, so that the first request hung; nan or inf
+    # bodies were a traceback after loading; 0 repeats one after measuring).
+    for flag, message in (("--batch_window_ms=inf", "expected milliseconds in [0, 60000]"),
+                          ("--max_body_mb=nan", "expected a finite value > 0"),
+                          ("--measure_repeats=0", "0 is not a positive integer")):
+      bad = subprocess.run([*_serve_command(traced, 0), flag], env=env,
+                           capture_output=True, text=True, timeout=TIMEOUT_S)
+      assert bad.returncode == 2 and bad.stderr.startswith(f"error: flag {flag}"), bad.stderr
+      assert message in bad.stderr and len(bad.stderr.splitlines()) == 1, bad.stderr
   finally:
     procs[0].send_signal(signal.SIGTERM)
   multiprocess.wait(procs, logs, time.monotonic() + TIMEOUT_S)
