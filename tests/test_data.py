@@ -311,6 +311,22 @@ def test_damaged_compressed_files_name_file_and_line(tmp_path, corpus_path, voca
   with pytest.raises(InputError, match=f"^{re.escape(str(junk))}:1: the zstd stream "
                      "is damaged"):
     data_lib.read_corpus(str(junk), vocab, 32)
+  # An empty file named as compressed or Parquet, in a glob: before
+  # 2026-12-05 read as a shard of no rows, without a word.
+  shards = tmp_path / "shards"
+  shards.mkdir()
+  (shards / "a.jsonl.gz").write_bytes(gzip.compress(plain))
+  for name, kind in (("b.jsonl.gz", "gzip"), ("b.jsonl.zst", "zstd"),
+                     ("b.parquet", "Parquet")):
+    (shards / name).write_bytes(b"")
+    with pytest.raises(InputError, match=re.escape(
+        f"{shards / name}: empty (0 bytes), but named as a {kind} file, which is "
+        f"never empty; expected a whole {kind} file")):
+      data_lib.read_corpus(str(shards / "*"), vocab, 32)
+    (shards / name).unlink()
+  (shards / "b.jsonl").write_bytes(b"")  # plain JSONL: an empty shard
+  assert len(data_lib.read_corpus(str(shards / "*"), vocab, 32)) == len(
+      data_lib.read_corpus(str(corpus_path), vocab, 32))
 
 
 def test_zstd_without_its_package_says_what_to_install(tmp_path, vocab, monkeypatch):

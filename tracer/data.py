@@ -391,6 +391,8 @@ def iter_jsonl(path, share: tuple[int, int] | None = None
       except _DECOMPRESSION_ERRORS as e:
         raise _read_error(path, lineno + 1, kind, e) from None
       if not raw:
+        if not lineno and kind is None:
+          _check_empty_by_name(path)
         return
       lineno += 1
       where = at(path, lineno)
@@ -416,6 +418,21 @@ def iter_jsonl(path, share: tuple[int, int] | None = None
         raise InputError(f"{where}: expected a JSON object, got "
                          f"{type(record).__name__}")
       yield lineno, record
+
+
+# Names whose files are never empty: a 0-byte one is an aborted write or copy.
+_NEVER_EMPTY = {".gz": "gzip", ".gzip": "gzip", ".bz2": "bzip2", ".xz": "xz",
+                ".zst": "zstd", ".zstd": "zstd", ".parquet": "Parquet"}
+
+
+def _check_empty_by_name(path) -> None:
+  """InputError if the empty file ``path`` is named as a compressed or
+  Parquet file (known by first bytes, an empty one would read as no lines)."""
+  kind = _NEVER_EMPTY.get(os.path.splitext(str(path))[1].lower())
+  if kind:
+    raise InputError(f"{path}: empty (0 bytes), but named as a {kind} file, which "
+                     f"is never empty; expected a whole {kind} file (was its "
+                     "write or copy cut short?)")
 
 
 def _json_reason(e: BaseException) -> str:
