@@ -558,13 +558,14 @@ def _join(output: str, source: str, num_shards: int) -> TokenizedCorpus | None:
                        f"settings than {paths[0]} (or not as shard {i} of "
                        f"{num_shards})")
   starts = np.cumsum([0] + [m.num_rows for m in manifests[:-1]])
+  runs = None  # each part's files, once a hash repeats
   for shared in shared_hashes([_open(storage.join(output, p, ID_HASHES))
                                for p in paths]):
-    runs = (data_lib.split_files(source, num_shards)
-            if data_lib.is_file_source(source) else [None] * num_shards)
-    _duplicate_id(shared, [(storage.join(output, p), int(s),
-                            None if run is None else _paths(run))
-                           for p, s, run in zip(paths, starts, runs)], output, source)
+    if runs is None:
+      runs = ([_paths(run) for run in data_lib.split_files(source, num_shards)]
+              if data_lib.is_file_source(source) else [None] * num_shards)
+    _duplicate_id(shared, [(storage.join(output, p), int(s), files)
+                           for p, s, files in zip(paths, starts, runs)], output, source)
   total = sum(m.num_rows for m in manifests)
   if not total:
     raise InputError(f"{source}: the corpus is empty")
