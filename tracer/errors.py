@@ -107,7 +107,8 @@ class _NotRetrieved(logging.Filter):
 
 class _HeldOrbaxRecords(logging.Filter):
   """Holds back what Orbax logs (its warnings that it found no metadata, as
-  it fails), to be let through if the load succeeds (``replay``)."""
+  it fails): ``quiet_failed_loads`` logs it if the load succeeds, and
+  drops it (``held = None``) if it fails."""
 
   def __init__(self):
     super().__init__()
