@@ -165,6 +165,26 @@ _INT_MAX = 2**31 - 1
 _TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
 
 
+def check_gin(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
+  """InputError where ``gin_files`` with ``bindings`` would not parse, or
+  would give a config out of range (``check_fields``) to a script run with
+  them; the parsed config is cleared after."""
+  gin.clear_config()
+  try:
+    parse_gin(gin_files, bindings)
+    check_all()
+  finally:
+    gin.clear_config()
+
+
+def check_all() -> None:
+  """InputError for the first config dataclass gin binds (``register``)
+  whose bound values are out of range (``check_fields``): at the start of
+  a run that makes them later, after long work."""
+  for cls in _CONFIGURABLE:
+    make(cls)
+
+
 def check_fields(obj) -> None:
   """InputError naming the first field of a config dataclass whose (gin-bound)
   value has the wrong type, is not one of its choices, or is too small, or
@@ -253,15 +273,19 @@ def gin_file_path(name: str) -> str:
                         f"tracer ships ({known})")
 
 
-def parse_gin() -> None:
-  """Parses --gin_file (``gin_file_path``) and --gin_bindings.
+def parse_gin(gin_files: Sequence[str] | None = None,
+              bindings: Sequence[str] | None = None) -> None:
+  """Parses --gin_file (``gin_file_path``) and --gin_bindings (or the files
+  and bindings given).
 
   Also quiets library INFO logs (Orbax logs every file it writes) unless
   ``--verbosity`` was given; tracer's scripts print their own progress.
   """
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
-  files = [gin_file_path(f) for f in FLAGS.gin_file]
+  files = [gin_file_path(f) for f in
+           (FLAGS.gin_file if gin_files is None else gin_files)]
+  bindings = list(FLAGS.gin_bindings if bindings is None else bindings)
   for path in files:  # gin's own messages name no file ("Unexpected token")
     data = storage.read_bytes(path) or b""
     try:
@@ -281,7 +305,7 @@ def parse_gin() -> None:
   # not there before it finds the file on the search path: not worth a line.
   logging.set_verbosity(logging.FATAL)
   try:
-    gin.parse_config_files_and_bindings(files, FLAGS.gin_bindings)
+    gin.parse_config_files_and_bindings(files, bindings)
   except RecursionError:  # gin follows includes without a limit of its own
     raise InputError(f"gin: {', '.join(files)}: a file includes itself (or one "
                      "that includes it); expected includes without a cycle") from None
@@ -290,17 +314,17 @@ def parse_gin() -> None:
     # missing include in a file: gin's message names the file or binding
     # and its line.
     if isinstance(e, SyntaxError):
-      bindings = "\n".join(FLAGS.gin_bindings).splitlines()
+      lines = "\n".join(bindings).splitlines()
       if e.filename and e.filename != "<string>":
         where, text = f"file {e.filename}, line {e.lineno}", e.text or ""
       else:
         where = "--gin_bindings"
-        text = bindings[e.lineno - 1] if 0 < (e.lineno or 0) <= len(bindings) else ""
+        text = lines[e.lineno - 1] if 0 < (e.lineno or 0) <= len(lines) else ""
       e = f"{e.msg} ({where}: {text.strip()!r})"
     macro = re.search(r"No bindings specified for '([\w./]+)/gin\.macro'", str(e))
     if macro:  # gin's message quotes the whole config, naming no file or line
       name = macro[1]
-      site = _gin_site(rf"%{re.escape(name)}(?![\w.])", files, FLAGS.gin_bindings)
+      site = _gin_site(rf"%{re.escape(name)}(?![\w.])", files, bindings)
       raise InputError(f"gin: {site}: macro %{name} is bound nowhere; expected a "
                        f"binding '{name} = VALUE' in a gin file or --gin_bindings") from None
     from tracer import family as family_lib  # pylint: disable=g-import-not-at-top
@@ -310,10 +334,10 @@ def parse_gin() -> None:
     raise InputError(f"gin: {e}{hint}") from None
   finally:
     logging.set_verbosity(verbosity)
-  _check_applied(files)
+  _check_applied(files, bindings)
 
 
-def _check_applied(files: Sequence[str]) -> None:
+def _check_applied(files: Sequence[str], bindings: Sequence[str]) -> None:
   """InputError for a binding gin would keep and never apply: one of a
   scope (``train/ModelConfig.d_model = 64``; tracer's scripts enter no gin
   scope), or a macro no binding uses (``projection_dim = 1024``, a class name
@@ -324,7 +348,7 @@ def _check_applied(files: Sequence[str]) -> None:
     name, _, value = line.partition(" = ")
     if re.fullmatch(r"[\w.]+", name) and not re.search(
         rf"%{re.escape(name)}(?![\w.])", text):
-      site = _gin_site(rf"^\s*{re.escape(name)}\s*=", files, FLAGS.gin_bindings)
+      site = _gin_site(rf"^\s*{re.escape(name)}\s*=", files, bindings)
       fields = [f"{cls.__name__}.{name}" for cls in _CONFIGURABLE
                 if name in {f.name for f in dataclasses.fields(cls)}]
       raise InputError(
@@ -336,7 +360,7 @@ def _check_applied(files: Sequence[str]) -> None:
   if scoped:
     scope, cls, field, value = scoped.groups()
     site = _gin_site(rf"(^|\s){re.escape(f'{scope}/{cls}.{field}')}\s*=", files,
-                     FLAGS.gin_bindings)
+                     bindings)
     raise InputError(f"gin: {site}: {scope}/{cls}.{field} is a scoped binding, "
                      "which tracer never applies (its scripts enter no gin "
                      f"scope); expected {cls}.{field} = {value}")

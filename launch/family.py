@@ -45,7 +45,9 @@ from tracer import evaluate
 from tracer import facts
 from tracer import stats
 from tracer.config import EncodeConfig
+from tracer.config import OptimizerConfig
 from tracer.config import PreconditionerConfig
+from tracer.config import TrainConfig
 from tracer.errors import InputError
 
 flags.DEFINE_list("styles", ["paraphrase", "natural", "dense"],
@@ -90,6 +92,20 @@ def set_names(styles, seeds) -> list[str]:
                      "expected each style and seed once")
   return names
 
+
+
+def check_kept(flag: str, steps) -> None:
+  """InputError for a step of ``--{flag}`` that is not an earlier checkpoint
+  every set's training keeps (``TRAIN_BINDINGS``, gin's total_steps)."""
+  train_config, last = config.make(TrainConfig), config.make(OptimizerConfig).total_steps
+  every = train_config.checkpoint_every
+  saved = sorted({*range(every, last, every), last})
+  kept = [s for s in saved[-train_config.keep_checkpoints:] if s != last]
+  wrong = [int(s) for s in steps if int(s) not in kept]
+  if wrong:
+    raise InputError(f"--{flag}: step {wrong[0]} is not an earlier checkpoint the "
+                     f"sets keep (every {every} steps, the last {last} scored "
+                     f"anyway); expected some of {kept}")
 
 
 def ensure_set(set_dir: str, style: str, seed: int, facts_per_bucket: int,
@@ -299,6 +315,11 @@ def run(workdir: str, styles, seeds, facts_per_bucket: int, distractor_docs: int
                      "step once")
   with gin.unlock_config():
     gin.parse_config(train_bindings)
+  # Checked before any set is written or trains (before 2026-12-05 an
+  # EncodeConfig out of range, or a step no set keeps, was found after).
+  config.check_all()
+  for flag, listed in (("steps", steps), ("sum_steps", sum_steps)):
+    check_kept(flag, listed)
   set_dirs, by_step = [], {}
   for name in set_names(styles, seeds):
     style, seed = name.rsplit("-", 1)

@@ -198,6 +198,17 @@ def _run_logged(cmd: list[str], log_path: str) -> int:
   return code
 
 
+def check_points(points: list[list[str]], gin_files: list[str]) -> None:
+  """UsageError naming the first grid point whose gin would not parse or
+  gives a config out of range (``config.check_gin``): found before any
+  point runs, not after the points before it."""
+  for bindings in points:
+    try:
+      config.check_gin(gin_files, bindings)
+    except InputError as e:
+      raise app.UsageError(f"--grid: the run {run_name(bindings)!r}: {e}") from None
+
+
 def sweep(workdir: str, grid: list[str], base_workdir: str,
           gin_files: list[str]) -> dict:
   table = {}
@@ -209,6 +220,7 @@ def sweep(workdir: str, grid: list[str], base_workdir: str,
       raise app.UsageError(f"--grid: {other} and {bindings} both name the run "
                            f"{run_name(bindings)!r}; give values that differ in "
                            "letters or digits, or axes of other field names")
+  check_points(points, gin_files)
   for i, bindings in enumerate(points, 1):
     name = run_name(bindings)
     print(f"[{i}/{len(points)}] {name}", flush=True)
@@ -260,6 +272,17 @@ def family_axes(grid: list[str], ecfg, pcfg) -> dict[str, list[str]]:
     wrong = [v for v in axes[key] if not ok(v)]
     if wrong:
       raise app.UsageError(f"--grid: {key}={','.join(wrong)}: expected {want}")
+  # And against the ranges gin's own bindings are held to (config.check_fields).
+  for key, cfg, cast in (("EncodeConfig.projection_dim", ecfg, int),
+                         ("PreconditionerConfig.damping", pcfg, float),
+                         ("PreconditionerConfig.lam", pcfg, float)):
+    for v in axes[key]:
+      if v != "rule":
+        try:
+          config.check_fields(dataclasses.replace(cfg, **{key.split(".")[1]: cast(v)}))
+        except InputError as e:
+          raise app.UsageError(f"--grid: {key}={v}: "
+                               f"{re.sub(r'^gin: [^ ]+ = [^ ]+: ', '', str(e))}") from None
   if axes["checkpoint"] == ["sum"]:
     raise app.UsageError("--grid=checkpoint=sum: the sum adds the scores of "
                          "the other checkpoints listed, and none is; expected "

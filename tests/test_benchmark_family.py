@@ -94,7 +94,7 @@ def test_family_rerun_scores_nothing_again(trained_family, monkeypatch):
 def test_family_memorization_scores_earlier_steps(trained_family, tmp_path):
   root, summary = trained_family
   again = family.run(root, STYLES, SEEDS, facts_per_bucket=4, distractor_docs=10,
-                     num_tail_patch=8, steps=[50])
+                     num_tail_patch=8, steps=[50], train_bindings=TRAIN_BINDINGS)
   # The sets' own (last-step) reports are reused; step 50's are new.
   assert again["methods"] == json.loads(json.dumps(summary["methods"]))
   for name in again["sets"]:
@@ -106,8 +106,32 @@ def test_family_memorization_scores_earlier_steps(trained_family, tmp_path):
   assert by_step[50]["methods"]["trackstar"]["mrr"]["n"] == 2
   table = open(os.path.join(root, "family.md")).read()
   assert "| trackstar @ step 50 |" in table and "| trackstar @ step 100 |" in table
-  with pytest.raises(InputError, match="checkpoints/75 does not exist"):
-    family.run(root, STYLES, SEEDS, facts_per_bucket=4, distractor_docs=10, steps=[75])
+  # A step no set keeps, or the last, is refused before any set is written
+  # or trains (before 2026-12-05: after training, "checkpoints/75 does not
+  # exist", and --sum_steps=-1 after scoring the sets' last step).
+  fresh = tmp_path / "fresh"
+  for flag, steps, message in [
+      ("steps", [75], "--steps: step 75 is not an earlier checkpoint the sets keep "
+       "(every 50 steps, the last 100 scored anyway); expected some of [50]"),
+      ("steps", [100], "--steps: step 100 is not"),
+      ("steps", [-5], "--steps: step -5 is not"),
+      ("sum_steps", [50, -1], "--sum_steps: step -1 is not")]:
+    with pytest.raises(InputError, match=re.escape(message)):
+      family.run(str(fresh), STYLES, SEEDS, facts_per_bucket=4, distractor_docs=10,
+                 train_bindings=TRAIN_BINDINGS, **{flag: steps})
+  # So is a config gin binds out of range (before: after training).
+  dim = gin.query_parameter("EncodeConfig.projection_dim")
+  with gin.unlock_config():
+    gin.bind_parameter("EncodeConfig.projection_dim", 0)
+  try:
+    with pytest.raises(InputError, match=re.escape(
+        "gin: EncodeConfig.projection_dim = 0: expected a value >= 1")):
+      family.run(str(fresh), STYLES, SEEDS, facts_per_bucket=4, distractor_docs=10,
+                 train_bindings=TRAIN_BINDINGS)
+  finally:
+    with gin.unlock_config():
+      gin.bind_parameter("EncodeConfig.projection_dim", dim)
+  assert not fresh.exists()
 
 
 def test_quality_sums_trackstar_over_steps(trained_family, tmp_path):
@@ -311,7 +335,18 @@ def test_sweep_rejects_unknown_axes_and_values():
       ("PreconditionerConfig.lam=x", "lam=x: expected rule or a number"),
       ("EncodeConfig.projection_dim=big", "projection_dim=big: expected a positive"),
       ("checkpoint=abc", "checkpoint=abc: expected a training step, last or sum"),
-      ("checkpoint=", "no values")]:
+      ("checkpoint=", "no values"),
+      # Before 2026-12-05 out of gin's ranges: lam=2 and damping=-1 were a
+      # LinAlgError traceback after the projections, lam=-1 and damping=0
+      # scored a meaningless row.
+      ("PreconditionerConfig.lam=rule,2", "--grid: PreconditionerConfig.lam=2: "
+       "expected a value in [0, 1]"),
+      ("PreconditionerConfig.lam=-1", "lam=-1: expected a value in [0, 1]"),
+      ("PreconditionerConfig.damping=0.1,-1", "--grid: PreconditionerConfig.damping=-1: "
+       "expected a value > 0"),
+      ("PreconditionerConfig.damping=0", "damping=0: expected a value > 0"),
+      ("EncodeConfig.projection_dim=4096,3000000000",
+       "projection_dim=3000000000: expected a value < 2**31")]:
     with pytest.raises(Exception, match=re.escape(message)):
       sweep.family_axes([spec], ecfg, pcfg)
   with pytest.raises(Exception, match="no values"):

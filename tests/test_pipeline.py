@@ -326,6 +326,22 @@ def test_sweep_skips_finished_runs(trained, tmp_path, monkeypatch):
     sweep.sweep(str(tmp_path / "sw"), ["EncodeConfig.seed=1/2,1 2"], str(root),
                 [str(gin_file)])
   assert len(calls) == 2
+  # A point whose gin would fail is refused before any point runs (before
+  # 2026-12-05 the points before it ran first, and it failed with "run ...
+  # failed (exit 2); see log.txt").
+  try:
+    for grid, message in [
+        (["EncodeConfig.seed=1,01"], "--grid: the run 'seed=01': gin: "),
+        (["PreconditionerConfig.damping=0.1,-1"], "--grid: the run 'damping=-1': "
+         "gin: PreconditionerConfig.damping = -1: expected a value > 0"),
+        (["EncodeConfig.seed=3", "EncodeConfig.nonesuch=1"], "--grid: the run "
+         "'seed=3__nonesuch=1': gin: ")]:
+      with pytest.raises(Exception, match=re.escape(message)):
+        sweep.sweep(str(tmp_path / "sw2"), grid, str(root), [str(gin_file)])
+    assert len(calls) == 2 and not (tmp_path / "sw2").exists()
+  finally:  # the check parses gin in this process
+    gin.clear_config()
+    gin.parse_config(BINDINGS)
   assert config  # the launch flags are defined
 
 

@@ -240,7 +240,10 @@ def _check_param_shapes(where: str, params, model_config) -> None:
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.ERROR)
     try:
-      stored = ocp.StandardCheckpointer().metadata(storage.join(where, "state"))
+      # A partial copy fails here first, and its stragglers' tracebacks may
+      # print before the restore below would begin dropping them.
+      with quiet_failed_loads():
+        stored = ocp.StandardCheckpointer().metadata(storage.join(where, "state"))
     finally:
       logging.set_verbosity(verbosity)
     stored = getattr(stored, "item_metadata", stored)

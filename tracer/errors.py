@@ -7,9 +7,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import sys
-import threading
+import traceback
 import warnings
 from typing import Iterator
 
@@ -43,64 +42,41 @@ class OtherProcessError(InputError):
   """Another process of a jax.distributed run failed; the message is its own."""
 
 
-# The lines of the traceback a tensorstore callback prints when Orbax's event
-# loop is closed (``quiet_failed_loads``), after its header.
-_LOOP_CLOSED_LINE = re.compile(
-    r'  File ".*asyncio[/\\]base_events\.py", line \d+, in '
-    r"(call_soon_threadsafe|_check_closed)|    self\._check_closed\(\)|"
-    r"    raise RuntimeError\('Event loop is closed'\)|"
-    r"RuntimeError: Event loop is closed")
-_HEADER = "Traceback (most recent call last):"
-# Starts of the lines above (and of the header): a partial write that may be
-# one is held until its line ends.
-_STARTS = ("Traceback", "  File", "    ", "RuntimeError")
+_ORBAX = f"{os.sep}orbax{os.sep}"
 
 
-class _WithoutLoopClosedTracebacks:
-  """A text stream that writes to ``stream`` all but the tracebacks of
-  ``_LOOP_CLOSED_LINE`` lines: each such line is dropped, with the header
-  held before it. Lines are put together per thread, as several threads
-  print such tracebacks at once, in pieces (an indent, then its text)."""
+def _is_abandoned_read_error(unraisable) -> bool:
+  """Whether an unraisable exception is the noise of a read Orbax gave up
+  on: asyncio's ``Event loop is closed`` from ``call_soon_threadsafe``,
+  which a tensorstore callback raises in its own thread when its read ends
+  after Orbax closed the loop that awaited it; or an error an Orbax
+  coroutine raises as it is collected unfinished."""
+  frames = [f.name for f in traceback.extract_tb(unraisable.exc_traceback)]
+  if (isinstance(unraisable.exc_value, RuntimeError)
+      and str(unraisable.exc_value) == "Event loop is closed"
+      and frames[-2:] == ["call_soon_threadsafe", "_check_closed"]):
+    return True
+  code = getattr(unraisable.object, "cr_code", None)
+  return code is not None and _ORBAX in code.co_filename
 
-  def __init__(self, stream):
-    self._stream = stream
-    self._partial: dict[int, str] = {}
-    self._headers: dict[int, int] = {}  # held, not yet known to be ours
-    self._lock = threading.Lock()
 
-  def write(self, text: str) -> int:
-    thread = threading.get_ident()
-    with self._lock:
-      *lines, partial = (self._partial.pop(thread, "") + text).split("\n")
-      for line in lines:
-        if line == _HEADER:
-          self._headers[thread] = self._headers.get(thread, 0) + 1
-        elif _LOOP_CLOSED_LINE.fullmatch(line):
-          if line.endswith("in call_soon_threadsafe") and self._headers.get(thread):
-            self._headers[thread] -= 1  # its header, dropped with it
-        else:
-          self._stream.write((_HEADER + "\n") * self._headers.pop(thread, 0)
-                             + line + "\n")
-      if partial and not any(partial.startswith(p) or p.startswith(partial)
-                             for p in _STARTS):
-        self._stream.write((_HEADER + "\n") * self._headers.pop(thread, 0) + partial)
-      elif partial:
-        self._partial[thread] = partial
-      return len(text)
+class _WithoutAbandonedReadErrors:
+  """A ``sys.unraisablehook`` that drops ``_is_abandoned_read_error``s and
+  passes every other unraisable exception to the hook it replaced."""
 
-  def release(self) -> None:
-    with self._lock:
-      held = "".join((_HEADER + "\n") * self._headers.get(t, 0) + self._partial.get(t, "")
-                     for t in {*self._headers, *self._partial})
-      self._headers, self._partial = {}, {}
-    if held:
-      self._stream.write(held)
+  def __init__(self, replaced):
+    self.replaced = replaced
 
-  def __getattr__(self, name):
-    return getattr(self._stream, name)
+  def __call__(self, unraisable) -> None:
+    if not _is_abandoned_read_error(unraisable):
+      self.replaced(unraisable)
 
 
 class _NotRetrieved(logging.Filter):
+  """Drops asyncio's "exception was never retrieved" records: tracer runs no
+  event loop of its own, so these are of Orbax's tasks (a failed read's
+  gather, or a tensorstore future it wrapped, collected later)."""
+
   def filter(self, record: logging.LogRecord) -> bool:
     return "exception was never retrieved" not in record.getMessage()
 
@@ -115,31 +91,39 @@ class _HeldOrbaxRecords(logging.Filter):
     self.held: list[logging.LogRecord] | None = []  # None: dropped
 
   def filter(self, record: logging.LogRecord) -> bool:
-    if f"{os.sep}orbax{os.sep}" not in record.pathname:
+    if _ORBAX not in record.pathname:
       return True
     if self.held is not None:
       self.held.append(record)
     return False
 
 
+def _drop_stragglers() -> None:
+  """Installs, for the rest of the process, the hook and filter that drop
+  the noise of a failed read's stragglers (``quiet_failed_loads``)."""
+  if not isinstance(sys.unraisablehook, _WithoutAbandonedReadErrors):
+    sys.unraisablehook = _WithoutAbandonedReadErrors(sys.unraisablehook)
+  asyncio_log = logging.getLogger("asyncio")
+  if not any(isinstance(f, _NotRetrieved) for f in asyncio_log.filters):
+    asyncio_log.addFilter(_NotRetrieved())
+
+
 @contextlib.contextmanager
 def quiet_failed_loads() -> Iterator[None]:
-  """Around an Orbax restore, which raises (an InputError, say) when one
-  array fails to load (a file of a partial copy missing): Orbax then closes
-  its event loop while tensorstore is still finishing the other reads, whose
-  callbacks, in tensorstore's threads and also after the raise, print a
-  ``RuntimeError: Event loop is closed`` traceback each (130 lines for the
-  tiny model), and its failed gather and coroutines are reported as
-  "never retrieved" / "never awaited" when collected; Orbax also logs
-  warnings as it fails (no metadata found). After such a raise, those are
-  dropped from stderr for the rest of the process, which is about to end
-  with its own one line; everything else goes through. A block that ends
-  normally leaves stderr as it was, and Orbax's records held in it are
-  logged then."""
-  quiet, not_retrieved = _WithoutLoopClosedTracebacks(sys.stderr), _NotRetrieved()
-  sys.stderr = quiet
-  asyncio_log = logging.getLogger("asyncio")
-  asyncio_log.addFilter(not_retrieved)
+  """Around an Orbax read, which may fail on one array (a file of a partial
+  copy missing) while tensorstore still reads the others. Orbax then closes
+  its event loop, and each of those reads' callbacks, in tensorstore's
+  threads, at any time later (also after a block that Orbax let end
+  normally, as its metadata read does), raises ``RuntimeError: Event loop
+  is closed``, which Python prints as an unraisable exception's traceback
+  (33 of them for the tiny model); the failed gather is logged as "never
+  retrieved", and its unfinished coroutines may raise, when collected. From a first such block on, those (and only
+  those) are dropped for the rest of the process (``sys.unraisablehook``,
+  ``_is_abandoned_read_error``, and an ``asyncio`` logger filter), so a load that fails ends in tracer's
+  one line. Orbax's own warnings as it fails (no metadata found) are held:
+  logged if the block ends normally, dropped if it raises, as are "never
+  awaited" warnings from then on."""
+  _drop_stragglers()
   orbax_records, absl_log = _HeldOrbaxRecords(), logging.getLogger("absl")
   absl_log.addFilter(orbax_records)
   try:
@@ -150,11 +134,7 @@ def quiet_failed_loads() -> Iterator[None]:
                             category=RuntimeWarning)
     raise
   else:
-    asyncio_log.removeFilter(not_retrieved)
     absl_log.removeFilter(orbax_records)
-    if sys.stderr is quiet:
-      sys.stderr = quiet._stream  # pylint: disable=protected-access
-    quiet.release()
     for record in orbax_records.held:
       absl_log.handle(record)
 
