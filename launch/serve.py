@@ -56,6 +56,7 @@ import socket
 import statistics
 import threading
 import time
+from typing import Collection
 
 from absl import flags
 import jax
@@ -179,9 +180,19 @@ def build(workdir: str, store_path: str | None = None, corpus: str | None = None
 
 
 def limits(num_rows: int, top_k: int, max_top_k: int, max_queries: int,
-           max_body_mb: float, max_bodies_mb: float = 64.0) -> serving.Limits:
+           max_body_mb: float, max_bodies_mb: float = 64.0,
+           given: Collection[str] = ()) -> serving.Limits:
   """A request's limits (the flags'); a request without ``top_k`` gets
-  ``top_k``, within what any request may ask for."""
+  ``top_k``, within what any request may ask for. ``given``: the flags of
+  ``top_k`` and ``max_top_k`` set on the command line, which are refused
+  past the store's rows (or ``top_k`` past ``max_top_k``); their defaults
+  are cut to them."""
+  for flag, k in (("top_k", top_k), ("max_top_k", max_top_k)):
+    if flag in given:
+      config.check_top_k(k, num_rows, flag=f"--{flag}")
+  if {"top_k", "max_top_k"} <= set(given) and top_k > max_top_k:
+    raise InputError(f"--top_k={top_k}: more than --max_top_k={max_top_k}, the "
+                     "most a request may ask for; expected at most that")
   return serving.Limits(
       num_rows=num_rows, max_top_k=max_top_k, max_queries=max_queries,
       default_top_k=min(top_k, max_top_k, num_rows),
@@ -356,7 +367,8 @@ def main(argv):
     serving.follow(tracer, serving.Channel())
     return
   lim = limits(tracer.index.store.num_rows, FLAGS.top_k, FLAGS.max_top_k,
-               FLAGS.max_batch_queries, FLAGS.max_body_mb, FLAGS.max_bodies_mb)
+               FLAGS.max_batch_queries, FLAGS.max_body_mb, FLAGS.max_bodies_mb,
+               given=[n for n in ("top_k", "max_top_k") if FLAGS[n].present])
   server = Server(tracer, FLAGS.host, FLAGS.port, FLAGS.batch_window_ms / 1000,
                   FLAGS.log_requests, lim, FLAGS.max_connections)
   print(f"listening on {server.url} (POST /trace, GET /health)", flush=True)

@@ -770,6 +770,21 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_the_server_goes_on(
       serving.parse_request(b'{"top_k": ' + b"1" * 4301 + b"}", lim)
     assert serve.limits(NUM_DOCS, top_k=10, max_top_k=5, max_queries=8,
                         max_body_mb=1).default_top_k == 5
+    # Given on the command line, they are not cut silently (before
+    # 2026-12-05 --top_k=500 served NUM_DOCS, and a request's 400 then
+    # quoted the flags, not what it had asked).
+    for given, kwargs, message in [
+        (["top_k"], {"top_k": NUM_DOCS + 1, "max_top_k": 100},
+         f"--top_k={NUM_DOCS + 1}: more than the corpus's {NUM_DOCS} rows; "
+         f"expected 1..{NUM_DOCS}"),
+        (["max_top_k"], {"top_k": 1, "max_top_k": NUM_DOCS + 1},
+         f"--max_top_k={NUM_DOCS + 1}: more than"),
+        (["top_k", "max_top_k"], {"top_k": 3, "max_top_k": 2},
+         "--top_k=3: more than --max_top_k=2, the most a request may ask for")]:
+      with pytest.raises(InputError, match=re.escape(message)):
+        serve.limits(NUM_DOCS, max_queries=8, max_body_mb=1, given=given, **kwargs)
+    assert serve.limits(NUM_DOCS, top_k=2, max_top_k=NUM_DOCS, max_queries=8,
+                        max_body_mb=1, given=["top_k", "max_top_k"]).default_top_k == 2
     # Still serving, and answering right.
     status, got = _post(url, {"queries": traced.sets["one"][0], "top_k": K})
     assert status == 200
