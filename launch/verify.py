@@ -4,7 +4,9 @@ r"""Re-reads a store and checks every chunk against the checksum in its marker.
 
 Prints ``OK: ...`` and exits 0 when every chunk is written and matches its
 checksum; otherwise lists each corrupt or missing chunk (its file, rows and
-why) and exits 1. ``--repair`` removes the markers of corrupt chunks, so the
+why), and each stray marker past the last chunk, and exits 1. A manifest
+field out of range (its format, epsilon, sizes) is an error. ``--repair``
+removes the markers of corrupt chunks (and stray ones), so the
 next ``launch.encode`` / ``launch.trace`` on the store rewrites exactly those.
 Needs no checkpoint. On several hosts, run it on each (as ``launch.encode``):
 each re-reads an equal share of the chunks.
@@ -21,6 +23,7 @@ import numpy as np
 from tracer.launch import common
 from tracer.launch import config
 from tracer import pipeline
+from tracer import storage
 from tracer import store as store_lib
 
 flags.DEFINE_bool("repair", False, "Unmark corrupt chunks so that the next "
@@ -42,8 +45,9 @@ def run(location: str, repair: bool = False) -> int:
           f"{why}" + ("; unmarked, the next encode rewrites it" if repair else ""),
           flush=True)
   # Each host reads only its share's markers; the counts are summed.
-  counts = np.array([len(bad), len(store.quarantined(share)), unchecked],
-                    np.int64)
+  # (a bad chunk's marker may be what is damaged: not read again)
+  counts = np.array([len(bad), len(store.quarantined([c for c in share if c not in bad])),
+                     unchecked], np.int64)
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 3).sum(0)
@@ -55,9 +59,15 @@ def run(location: str, repair: bool = False) -> int:
     print(f"missing: chunk {chunk} (rows {lo}..{hi}): not written")
   if len(missing) > 20:
     print(f"missing: ... {len(missing) - 20} more chunks not written")
-  if count or missing:
+  stray = store.stray_markers()
+  for chunk, marker in stray.items():
+    print(f"stray: {marker}: marks chunk {chunk}, past the store's "
+          f"{store.num_chunks} chunks" + ("; removed" if repair else ""))
+    if repair:
+      storage.delete(marker)
+  if count or missing or stray:
     print(f"{location}: {count} corrupt and {len(missing)} missing of "
-          f"{store.num_chunks} chunks")
+          f"{store.num_chunks} chunks" + (f"; {len(stray)} stray markers" if stray else ""))
     return 1
   no_checksum = (f", {unchecked} {'has' if unchecked == 1 else 'have'} none to "
                  "check (markers of an earlier tracer: read back, not checked)"

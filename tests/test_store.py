@@ -562,3 +562,48 @@ def test_a_missing_bucket_is_named_in_one_line(s3):
   message = str(caught.value)
   assert message.startswith("s3://no-such-bucket/tok: cannot list: NOT_FOUND: NoSuchBucket")
   assert "<?xml" not in message and "\n" not in message
+
+
+def test_verify_refuses_an_edited_manifest_and_reports_stray_markers(tmp_path, capsys):
+  """Before 2026-12-05 `tracer verify` said OK on all of these (a scan
+  refused the manifest; a stray marker was never read, and a marker's rows
+  were not compared with its chunk's)."""
+  from tracer.launch import verify  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "s"
+  s = store_lib.create_or_open(path, _manifest())
+  _write_all(s, _data())
+  manifest = path / store_lib.MANIFEST
+  good = json.loads(manifest.read_text())
+  assert verify.run(str(path)) == 0
+  for edit, message in [
+      ({"format": "tracer.store.v9"}, "field 'format' must be 'tracer.store.v2' "
+       "(the store format this tracer reads), got 'tracer.store.v9'"),
+      ({"format": ...}, "missing field(s) ['format']"),
+      ({"epsilon": float("nan")}, "field 'epsilon' must be a finite number >= 0, "
+       "got nan"),
+      ({"epsilon": -1e-8}, "field 'epsilon' must be a finite number >= 0")]:
+    edited = {k: v for k, v in {**good, **edit}.items() if v is not ...}
+    manifest.write_text(json.dumps(edited))
+    with pytest.raises(InputError, match=re.escape(f"{manifest}: {message}")):
+      verify.run(str(path))
+  manifest.write_text(json.dumps(good))
+  # A marker whose rows are not its chunk's (edited, or another store's).
+  marker = path / "progress" / "000000001.done"
+  record = json.loads(marker.read_text())
+  marker.write_text(json.dumps({**record, "rows": [0, 5]}))
+  capsys.readouterr()
+  assert verify.run(str(path)) == 1
+  out = capsys.readouterr().out
+  assert (f"corrupt: {s.chunk_file(1)}: chunk 1 (rows 5..10): damaged marker: "
+          f"{marker}: field 'rows' is [0, 5], but the chunk holds rows "
+          "[5, 10]") in out, out
+  marker.write_text(json.dumps(record))
+  # A marker past the last chunk: reported, and removed by --repair.
+  stray = path / "progress" / "000000007.done"
+  stray.write_text((path / "progress" / "000000000.done").read_text())
+  assert verify.run(str(path)) == 1
+  out = capsys.readouterr().out
+  assert f"stray: {stray}: marks chunk 7, past the store's 5 chunks\n" in out
+  assert out.endswith(f"{path}: 0 corrupt and 0 missing of 5 chunks; 1 stray markers\n")
+  assert verify.run(str(path), repair=True) == 1 and not stray.exists()
+  assert verify.run(str(path)) == 0

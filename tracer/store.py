@@ -200,7 +200,8 @@ class Manifest:
     required = {f.name for f in dataclasses.fields(cls)
                 if f.default is dataclasses.MISSING
                 and f.default_factory is dataclasses.MISSING}
-    missing = sorted(required - set(d))
+    # (format has a default for Manifests made in code; a file has it always)
+    missing = sorted((required | {"format"}) - set(d))
     if missing:
       raise InputError(f"{where}: missing field(s) {missing}")
     for name, value in d.items():
@@ -390,6 +391,12 @@ def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _validate(manifest: Manifest, where: str) -> None:
+  if manifest.format != FORMAT:
+    raise InputError(f"{where}: field 'format' must be {FORMAT!r} (the store "
+                     f"format this tracer reads), got {_brief(manifest.format)}")
+  if not (math.isfinite(manifest.epsilon) and manifest.epsilon >= 0):
+    raise InputError(f"{where}: field 'epsilon' must be a finite number >= 0, "
+                     f"got {manifest.epsilon!r}")
   if manifest.dtype not in DTYPES:
     raise InputError(f"{where}: field 'dtype' must be one of {sorted(DTYPES)}, "
                      f"got {manifest.dtype!r}")
@@ -458,6 +465,10 @@ def _parse_marker(data: bytes, where: str, bounds: tuple[int, int]
     raise CorruptStoreError(f"{where}: not a chunk marker (no 'crc32')")
   if not isinstance(record.get("scales_crc32", 0), int):
     raise CorruptStoreError(f"{where}: field 'scales_crc32' must be an integer")
+  if record.get("rows", list(bounds)) != list(bounds):
+    # (the manifest's num_rows or chunk_rows edited, or another store's marker)
+    raise CorruptStoreError(f"{where}: field 'rows' is {_brief(record['rows'])}, "
+                            f"but the chunk holds rows {list(bounds)}")
   quarantined = record.get("quarantined", {})
   # (a row outside the chunk would never be returned by a scan, silently)
   if not isinstance(quarantined, dict) or not all(
@@ -553,6 +564,13 @@ class EncodingStore:
   def done_chunks(self) -> set[int]:
     names = storage.list_dir(storage.join(self.path, PROGRESS_DIR))
     return {int(n[:-5]) for n in names if n.endswith(".done") and n[:-5].isdigit()}
+
+  def stray_markers(self) -> dict[int, str]:
+    """``{chunk: marker}`` of done markers past the last chunk (num_rows or
+    chunk_rows edited, or another store's files): never read; ``tracer
+    verify`` reports them."""
+    return {c: self._marker(c) for c in sorted(self.done_chunks())
+            if c >= self.num_chunks}
 
   def pending_chunks(self) -> list[int]:
     """Chunks without a done marker, in order."""
