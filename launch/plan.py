@@ -148,6 +148,20 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   if not 1 <= hosts <= chips:
     raise ValueError(f"hosts must be between 1 and the {chips} chips (a host "
                      f"drives at least one), got {hosts}")
+  if chips % hosts:
+    divisors = [h for h in range(1, chips + 1) if chips % h == 0]
+    raise ValueError(f"hosts must divide the {chips} chips (each host drives as "
+                     f"many), got {hosts}; expected one of "
+                     f"{', '.join(map(str, divisors[:12]))}"
+                     + (", ..." if len(divisors) > 12 else ""))
+  if round(tokens) < seq_len:
+    raise ValueError(f"tokens must be at least one row of seq_len={seq_len}, got "
+                     f"{tokens:g}; expected more tokens or a shorter seq_len")
+  if params * 2 > chips * spec.hbm_bytes:
+    raise ValueError(f"params: their bf16 weights ({size(params * 2, binary=False)}) "
+                     f"exceed the HBM of {chips} {spec.name} chips "
+                     f"({size(chips * spec.hbm_bytes, binary=False)}); expected more "
+                     "chips")
 
   d = projection_dim
   steps_summed = int(checkpoints)
@@ -170,7 +184,9 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
 
   params_bytes = params * 2 * steps_summed             # bf16 weights, each step's
   pod_hbm_bytes = chips * spec.hbm_bytes
-  pod_hbm_free_bytes = pod_hbm_bytes - params_bytes
+  # (none where the summed checkpoints' params take it all: encoding takes
+  # them one at a time, a resident scan holds them all)
+  pod_hbm_free_bytes = max(0.0, pod_hbm_bytes - params_bytes)
   fits = store_bytes <= pod_hbm_free_bytes
   # The query set's R^(-1) at scan time: each row's norm under it costs one
   # column for its diagonal and, per block of at most r_block_dim dims, one

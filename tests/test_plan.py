@@ -58,6 +58,13 @@ def test_tokenized_corpus_bytes():
      "positive, finite number"),
     ({"tokens": 0.4}, "tokens must be at least 1"),
     ({"chips": 8, "hosts": 64}, "hosts must be between 1 and the 8 chips"),
+    # An impossible plan printed with exit 0 before 2026-12-05.
+    ({"chips": 10, "hosts": 3}, r"hosts must divide the 10 chips \(each host "
+     r"drives as many\), got 3; expected one of 1, 2, 5, 10$"),
+    ({"chips": 9, "chip": "h100"}, "hosts must divide the 9 chips"),  # 2 by default
+    ({"tokens": 2047}, "tokens must be at least one row of seq_len=2048, got 2047"),
+    ({"params": 1e14, "chips": 4}, r"params: their bf16 weights \(200 TB\) exceed "
+     r"the HBM of 4 v5p chips \(380 GB\); expected more chips"),
 ])
 def test_bad_numbers_are_refused(change, message):
   with pytest.raises(ValueError, match=message):
@@ -109,6 +116,9 @@ def test_summed_checkpoints_multiply_encode_store_and_scan():
     assert three[key] == pytest.approx(3 * one[key]), key
   assert three["params_bytes"] == 3 * 8e9 * 2   # serve holds every step's
   assert not three["store_fits_in_hbm"]         # 30.7 TB > 24.3 TB free
+  # Params of many checkpoints past the pod's HBM: none free (negative before).
+  many = plan_lib.plan(**{**BASE, "chips": 4, "params": 8e10, "checkpoints": 3})
+  assert many["pod_hbm_free_bytes"] == 0 and not many["store_fits_in_hbm"]
   assert three["scan_resident_s"] is None
 
 
