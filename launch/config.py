@@ -185,6 +185,9 @@ def check_all() -> None:
     make(cls)
 
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
 def check_fields(obj) -> None:
   """InputError naming the first field of a config dataclass whose (gin-bound)
   value has the wrong type, is not one of its choices, or is too small, or
@@ -205,6 +208,11 @@ def check_fields(obj) -> None:
                        f"{', '.join(map(repr, _CHOICES[key]))}")
     if isinstance(value, float) and not math.isfinite(value):
       raise InputError(f"gin: {key} = {value!r}: expected a finite number")
+    if isinstance(value, float) and abs(value) > _FLOAT32_MAX:
+      # tracer computes in float32, where it is inf (epsilon = 1e300 made
+      # every corrected gradient non-finite, blamed on the checkpoint).
+      raise InputError(f"gin: {key} = {value!r}: expected a value float32 holds "
+                       f"(at most {_FLOAT32_MAX:.4g} in size)")
     if isinstance(value, int) and not isinstance(value, bool) and value > _INT_MAX:
       # Sizes and seeds become int32 arrays and shapes: a larger one fails
       # deep inside numpy or tensorstore (OverflowError), or asks for 74 GiB.

@@ -114,7 +114,7 @@ def test_gin_refuses_optimizer_values_that_cannot_train():
   # learns nothing), or failed deep inside numpy (a size past int32).
   from tracer.launch import config  # pylint: disable=g-import-not-at-top
   from tracer.errors import InputError  # pylint: disable=g-import-not-at-top
-  from tracer.config import ModelConfig, OptimizerConfig, PreconditionerConfig  # pylint: disable=g-import-not-at-top
+  from tracer.config import EncodeConfig, ModelConfig, OptimizerConfig, PreconditionerConfig  # pylint: disable=g-import-not-at-top
   for cls, fields, message in [
       (OptimizerConfig, {"learning_rate": -1.0}, "learning_rate = -1.0: expected a value > 0"),
       (OptimizerConfig, {"learning_rate": float("inf")}, "learning_rate = inf: expected a finite number"),
@@ -128,12 +128,17 @@ def test_gin_refuses_optimizer_values_that_cannot_train():
       (ModelConfig, {"rope_base": 0.5}, "rope_base = 0.5: expected a value > 1"),
       (ModelConfig, {"max_len": 99999999999999999999}, "max_len = 99999999999999999999: expected a value < 2**31"),
       (ModelConfig, {"max_len": -3}, "max_len = -3: expected a value >= 1"),
-      (PreconditionerConfig, {"sample_seed": -1}, "sample_seed = -1: expected a value >= 0")]:
+      (PreconditionerConfig, {"sample_seed": -1}, "sample_seed = -1: expected a value >= 0"),
+      # inf in float32 (before 2026-12-05 epsilon = 1e300 made every
+      # corrected gradient non-finite, blamed on the checkpoint).
+      (EncodeConfig, {"epsilon": 1e300}, "epsilon = 1e+300: expected a value float32 "
+       "holds (at most 3.403e+38 in size)")]:
     with pytest.raises(InputError, match=re.escape(f"gin: {cls.__name__}.") + re.escape(message)):
       config.check_fields(cls(**fields))
   config.check_fields(OptimizerConfig(b1=0.0, weight_decay=0.0, final_lr_fraction=1.0,
                                       adafactor_decay_rate=1.0))
   config.check_fields(ModelConfig(max_len=2**31 - 1))
+  config.check_fields(EncodeConfig(epsilon=3e38))
 
 
 def test_resume_equals_uninterrupted_run(corpus_path, tmp_path):
