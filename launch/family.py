@@ -56,9 +56,9 @@ flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the family, one set each "
                   "per style.")
 # Named apart from make-facts' --facts_per_bucket: absl flags are global.
 flags.DEFINE_integer("set_facts_per_bucket", 40, "Query facts per bucket in each set.",
-                     lower_bound=1)
+                     lower_bound=1, upper_bound=facts.MAX_FACTS_PER_BUCKET)
 flags.DEFINE_integer("set_distractor_docs", 100, "Filler-only documents in each set.",
-                     lower_bound=0)
+                     lower_bound=0, upper_bound=facts.MAX_DISTRACTOR_DOCS)
 flags.DEFINE_bool("only_train", False, "Prepare and train every set, then stop.")
 flags.DEFINE_list("steps", [], "Earlier checkpoints (training steps) to score "
                   "every set at as well, for the memorization table.")

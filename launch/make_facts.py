@@ -21,9 +21,11 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of every random choice.")
 _STYLE = flags.DEFINE_enum("style", "plain", list(facts.STYLES),
                            "Fact style (tracer.facts.STYLES).")
 _FACTS_PER_BUCKET = flags.DEFINE_integer(
-    "facts_per_bucket", 60, "Query facts per frequency bucket.")
+    "facts_per_bucket", 60, "Query facts per frequency bucket.", lower_bound=1,
+    upper_bound=facts.MAX_FACTS_PER_BUCKET)
 _DISTRACTOR_DOCS = flags.DEFINE_integer(
-    "distractor_docs", 150, "Documents holding only filler sentences.")
+    "distractor_docs", 150, "Documents holding only filler sentences.",
+    lower_bound=0, upper_bound=facts.MAX_DISTRACTOR_DOCS)
 
 
 def main(argv):

@@ -74,6 +74,16 @@ def test_subcommand_flags_and_bad_input(tmp_path):
   # Underscores work too; absl's flag errors stay one line.
   proc = _tracer("make_facts", "--nosuchflag", cwd=tmp_path)
   assert proc.returncode == 2 and proc.stderr.startswith("error:"), proc.stderr
+  # Sizes past what a generated set is made in memory for (before
+  # 2026-12-05 it grew without bound; -1 facts was a traceback).
+  for script, flag in (("make-facts", "--distractor_docs=99999999999"),
+                       ("make-facts", "--facts_per_bucket=-1"),
+                       ("family", "--set_distractor_docs=99999999999")):
+    proc = _tracer(script, "--out=o", flag, cwd=tmp_path) if script == "make-facts" \
+        else _tracer(script, flag, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith(
+        f"error: flag {flag}: "), proc.stderr
+  assert not (tmp_path / "o").exists() and not (tmp_path / "family").exists()
   # A script's --help lists the shared flags it reads (config.run's uses),
   # not the others; one of the others given is refused, not ignored.
   proc = _tracer("scan", "--help", cwd=tmp_path)

@@ -379,6 +379,14 @@ def test_their_results_are_evaluated(tmp_path):
     ([{k: v for k, v in THEIR_PROMPT_SET_RECORD.items() if k != "entity1"}], 1,
      "missing field 'targets_plaintext'; a query in the TrackStar authors' format "
      "needs one of 'targets_plaintext', 'entity1'"),
+    # A line of an authors' file without its prompt (before 2026-12-05: "a
+    # query in tracer's format, but ...:1 is in the TrackStar authors'").
+    ([THEIR_RESULT_QUERY, {k: v for k, v in THEIR_RESULT_QUERY.items()
+                           if k != "inputs_plaintext"}], 2,
+     "missing field 'inputs_plaintext'; a query in the TrackStar authors' format "
+     "needs one of 'inputs_plaintext', 'prompt0'"),
+    ([{"id": "q", "prompt": "p", "target": " t"}, {"id": "r", "target": " t"}], 2,
+     "missing field 'prompt'"),
     ([{"inputs_plaintext": "p", "targets_plaintext": "t"}], 1,
      "missing field 'example_id'; .* needs one of 'example_id', 'fact_id', 'trex_id'"),
     ([dict(THEIR_RESULT_QUERY, inputs_plaintext=["p"])], 1,

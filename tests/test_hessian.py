@@ -259,6 +259,9 @@ def test_save_load_round_trip(tmp_path):
   basis.save(os.path.join(tmp_path, "basis.npz"))
   with open(path, "rb") as f:
     whole = f.read()
+  text = os.path.join(tmp_path, "notes.npz")
+  with open(text, "w") as f:
+    f.write("# notes\n")
   cut = os.path.join(tmp_path, "cut.npz")
   with open(cut, "wb") as f:
     f.write(whole[:len(whole) // 2])
@@ -266,7 +269,10 @@ def test_save_load_round_trip(tmp_path):
       (hessian.Basis.load, path, "not a basis file (its metadata has ['damping'"),
       (hessian.Preconditioner.load, os.path.join(tmp_path, "basis.npz"),
        "not a preconditioner file (its metadata has ['dim'"),
-      (hessian.Preconditioner.load, cut, "not a preconditioner file (")]:
+      (hessian.Preconditioner.load, cut, "not a preconditioner file ("),
+      # Not a zip (before 2026-12-05 numpy's advice on allow_pickle).
+      (hessian.Basis.load, text, "not a basis file (not an npz archive: it starts "
+       "with b'# notes\\n'")]:
     with pytest.raises(InputError, match=re.escape(f"{where}: {message}")):
       load(where)
   # The fingerprint changes with the matrices and with the metadata.

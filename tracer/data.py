@@ -905,6 +905,10 @@ class QueryFormat:
 
   def __call__(self, where: str, record: dict) -> dict:
     authors = is_authors_query(record)
+    if "prompt" not in record and self.first is not None:
+      # No prompt in either format: the file's format says which is missing
+      # (not "a query in tracer's format").
+      authors = authors or self.first[0]
     if self.first is None:
       self.first = (authors, where)
     elif authors != self.first[0]:

@@ -46,6 +46,12 @@ DEFAULT_BUCKETS: tuple[tuple[str, int, int], ...] = (
     ("11+", 11, 20),
 )
 
+# The most a generated set holds: its documents are made in memory (200,000
+# distractor documents took 250 MB and 4 s here), and a flag past these grew
+# without bound. 10,000 facts a bucket make about 360,000 documents.
+MAX_DISTRACTOR_DOCS = 1_000_000
+MAX_FACTS_PER_BUCKET = 10_000
+
 
 @dataclasses.dataclass(frozen=True)
 class FactsConfig:

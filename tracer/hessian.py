@@ -224,6 +224,9 @@ def _load_npz(location: str, cls, data: bytes | None = None
   data = storage.read_bytes(location) if data is None else data
   if data is None:
     raise InputError(f"{location}: {storage.missing(location, what + ' file')}")
+  if not data.startswith(b"PK"):  # numpy would take it for a pickle, and say so
+    raise InputError(f"{location}: not a {what} file (not an npz archive: it "
+                     f"starts with {data[:8]!r})")
   try:
     with np.load(io.BytesIO(data), allow_pickle=False) as f:
       meta = json.loads(str(f["metadata"]))
