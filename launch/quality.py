@@ -98,6 +98,7 @@ def projected(encoder, corpus, query_examples, batch_size):
 
 
 def moments(encoder, x, kind, batch_size=512):
+  pipeline.check_fit_memory(encoder.layout, kind)
   m = hessian.init_moments(encoder.layout, kind)
   for lo in range(0, len(x), batch_size):
     m = hessian.accumulate(m, x[lo:lo + batch_size])

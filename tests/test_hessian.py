@@ -316,3 +316,32 @@ def test_gin_refuses_damping_0_and_lam_outside_0_1():
     with pytest.raises(InputError, match=re.escape(message)):
       config.check_fields(PreconditionerConfig(**fields))
   config.check_fields(PreconditionerConfig(damping=1e-3, lam=1.0))
+
+
+def test_fitting_r_past_the_hosts_memory_is_refused_before_any_gradient():
+  """Before 2026-12-05 ``EncodeConfig.projection_dim=2147483647`` on tiny.gin
+  left its 128 x 512 matrices unprojected, and R's moments of 65,536 dims a
+  block (17 GB, and a float64 eigh of 34 GB) were OOM-killed (exit 137)."""
+  from tracer import pipeline  # pylint: disable=g-import-not-at-top
+  from tracer import projection  # pylint: disable=g-import-not-at-top
+  from tracer.errors import InputError  # pylint: disable=g-import-not-at-top
+  params = {"w": np.zeros((128, 512)), "b": np.zeros(512)}
+  host = 24 * 2**30
+  exact = projection.make_layout(params, 2**31 - 1)
+  assert exact.dim == 128 * 512 + 512
+  with pytest.raises(InputError, match=re.escape(
+      "PreconditionerConfig.kind='block': fitting R takes at least 112.0 GiB (its "
+      "largest segment: block 'w', 65,536 dims), more than this host's 24.0 GiB; "
+      "expected a smaller EncodeConfig.projection_dim (each block projected to "
+      "fewer dims), or kind='none'")):
+    pipeline.check_fit_memory(exact, "block", have=host)
+  with pytest.raises(InputError, match=re.escape(
+      "kind='full': fitting R takes at least 113.8 GiB (its largest segment: "
+      "66,048 dims), more than this host's 24.0 GiB; expected a smaller "
+      "EncodeConfig.projection_dim (each block projected to fewer dims), "
+      "kind='block', or kind='none'")):
+    pipeline.check_fit_memory(exact, "full", have=host)
+  projected = projection.make_layout(params, 16384)
+  pipeline.check_fit_memory(projected, "block", have=host)
+  pipeline.check_fit_memory(projected, "full", have=host)
+  assert hessian.fit_bytes(projected, "full") == projected.dim**2 * (4 + 3 * 8)

@@ -113,16 +113,19 @@ def quiet_failed_loads() -> Iterator[None]:
   """Around an Orbax read, which may fail on one array (a file of a partial
   copy missing) while tensorstore still reads the others. Orbax then closes
   its event loop, and each of those reads' callbacks, in tensorstore's
-  threads, at any time later (also after a block that Orbax let end
-  normally, as its metadata read does), raises ``RuntimeError: Event loop
-  is closed``, which Python prints as an unraisable exception's traceback
-  (33 of them for the tiny model); the failed gather is logged as "never
-  retrieved", and its unfinished coroutines may raise, when collected. From a first such block on, those (and only
-  those) are dropped for the rest of the process (``sys.unraisablehook``,
-  ``_is_abandoned_read_error``, and an ``asyncio`` logger filter), so a load that fails ends in tracer's
+  threads and at any time later (also after a block Orbax let end normally,
+  as its metadata read does), raises ``RuntimeError: Event loop is
+  closed``, which Python prints as an unraisable exception's traceback (33
+  for the tiny model's metadata); the failed gather is logged as "never
+  retrieved", and its unfinished coroutines may raise, when collected.
+
+  From a first such block on, those (and only those) are dropped for the
+  rest of the process (a ``sys.unraisablehook``, ``_is_abandoned_read_error``,
+  and an ``asyncio`` logger filter), so a load that fails ends in tracer's
   one line. Orbax's own warnings as it fails (no metadata found) are held:
   logged if the block ends normally, dropped if it raises, as are "never
-  awaited" warnings from then on."""
+  awaited" warnings from then on.
+  """
   _drop_stragglers()
   orbax_records, absl_log = _HeldOrbaxRecords(), logging.getLogger("absl")
   absl_log.addFilter(orbax_records)

@@ -54,6 +54,14 @@ def segments(layout: projection.Layout, kind: str) -> tuple[tuple[int, int], ...
   raise ValueError(f"preconditioner kind {kind!r}: expected 'block' or 'full'")
 
 
+def fit_bytes(layout: projection.Layout, kind: str) -> int:
+  """A floor on the memory fitting R takes: every segment's float32 moments
+  (``init_moments``), and ``fit_basis``'s float64 eigh of the largest (its
+  input, vectors and workspace)."""
+  sizes = [hi - lo for lo, hi in segments(layout, kind)]
+  return sum(n * n * 4 for n in sizes) + 3 * max(sizes) ** 2 * 8
+
+
 def init_moments(layout: projection.Layout, kind: str) -> Moments:
   segs = segments(layout, kind)
   return Moments(segs, [jnp.zeros((hi - lo, hi - lo), jnp.float32) for lo, hi in segs])

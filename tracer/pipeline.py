@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 import warnings
 from typing import Callable, Iterator, NamedTuple, Sequence
@@ -45,6 +46,7 @@ from tracer import data as data_lib
 from tracer import evaluate
 from tracer import hessian
 from tracer import partitioning
+from tracer import projection
 from tracer import scan as scan_lib
 from tracer import storage
 from tracer import store as store_lib
@@ -287,6 +289,36 @@ def basis_key(params_fingerprint: str, encoder: GradientEncoder,
   return json.loads(json.dumps(key))
 
 
+def host_memory_bytes() -> int:
+  """This host's physical memory."""
+  return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fit_memory(layout: projection.Layout, kind: str,
+                     have: int | None = None) -> None:
+  """InputError, before any gradient, where fitting R of ``kind`` over
+  ``layout`` would take more than ``have`` bytes (default this host's
+  memory, ``hessian.fit_bytes``): a block left unprojected by a
+  projection_dim past the model's size is a whole weight matrix (65,536
+  dims for tiny.gin's, 17 GB of moments and a 34 GB eigh), and
+  ``kind="full"`` squares all of d."""
+  need = hessian.fit_bytes(layout, kind)
+  have = host_memory_bytes() if have is None else have
+  if need <= have:
+    return
+  largest = max(hessian.segments(layout, kind), key=lambda s: s[1] - s[0])
+  block = next((b for b in layout.blocks if (b.offset, b.offset + b.size) == largest),
+               None)
+  where = (f"block {block.name!r}, {block.size:,} dims" if block and kind == "block"
+           else f"{largest[1] - largest[0]:,} dims")
+  raise InputError(
+      f"PreconditionerConfig.kind={kind!r}: fitting R takes at least "
+      f"{need / 2**30:.1f} GiB (its largest segment: {where}), more than this "
+      f"host's {have / 2**30:.1f} GiB; expected a smaller "
+      "EncodeConfig.projection_dim (each block projected to fewer dims), "
+      + ("kind='block', " if kind == "full" else "") + "or kind='none'")
+
+
 def train_moments(encoder: GradientEncoder, corpus, cfg: PreconditionerConfig,
                   batch_size: int, progress: ProgressFn = None) -> hessian.Moments:
   """R_train's moments over a seeded corpus sample (``cfg.train_examples``).
@@ -295,6 +327,7 @@ def train_moments(encoder: GradientEncoder, corpus, cfg: PreconditionerConfig,
   only the rows of its own positions, and the sums over rows are all-reduced
   on the mesh.
   """
+  check_fit_memory(encoder.layout, cfg.kind)
   rows = sample_rows(len(corpus), cfg.train_examples, cfg.sample_seed)
   train = hessian.init_moments(encoder.layout, cfg.kind)
   for lo in range(0, len(rows), batch_size):
