@@ -466,7 +466,7 @@ def _parse_marker(data: bytes, where: str, bounds: tuple[int, int]
   if not isinstance(record.get("scales_crc32", 0), int):
     raise CorruptStoreError(f"{where}: field 'scales_crc32' must be an integer")
   if record.get("rows", list(bounds)) != list(bounds):
-    # (the manifest's num_rows or chunk_rows edited, or another store's marker)
+    # (a marker edited, or copied from another chunk or store)
     raise CorruptStoreError(f"{where}: field 'rows' is {_brief(record['rows'])}, "
                             f"but the chunk holds rows {list(bounds)}")
   quarantined = record.get("quarantined", {})
@@ -566,9 +566,8 @@ class EncodingStore:
     return {int(n[:-5]) for n in names if n.endswith(".done") and n[:-5].isdigit()}
 
   def stray_markers(self) -> dict[int, str]:
-    """``{chunk: marker}`` of done markers past the last chunk (num_rows or
-    chunk_rows edited, or another store's files): never read; ``tracer
-    verify`` reports them."""
+    """``{chunk: marker}`` of done markers past the last chunk (copied from
+    a larger store's files): never read; ``tracer verify`` reports them."""
     return {c: self._marker(c) for c in sorted(self.done_chunks())
             if c >= self.num_chunks}
 
