@@ -392,6 +392,7 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
   ecfg, ckpt, corpus, encoder, _, _ = common.start(workdir, checkpoint, corpus_path,
                                                    opt_state="all")  # tail-patch
   config.check_top_k(k, len(corpus))  # before any gradient
+  pipeline.check_fit_memory(encoder.layout, pcfg.kind)
   queries, query_examples = pipeline.read_queries(ckpt, queries_path)
   out_dir = storage.join(workdir, "quality")  # a path or URL
   storage.make_local_dirs(out_dir)

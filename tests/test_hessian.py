@@ -344,4 +344,5 @@ def test_fitting_r_past_the_hosts_memory_is_refused_before_any_gradient():
   projected = projection.make_layout(params, 16384)
   pipeline.check_fit_memory(projected, "block", have=host)
   pipeline.check_fit_memory(projected, "full", have=host)
+  pipeline.check_fit_memory(exact, "none", have=host)  # no R to fit
   assert hessian.fit_bytes(projected, "full") == projected.dim**2 * (4 + 3 * 8)

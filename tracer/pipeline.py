@@ -302,6 +302,8 @@ def check_fit_memory(layout: projection.Layout, kind: str,
   projection_dim past the model's size is a whole weight matrix (65,536
   dims for tiny.gin's, 17 GB of moments and a 34 GB eigh), and
   ``kind="full"`` squares all of d."""
+  if kind == "none":
+    return
   need = hessian.fit_bytes(layout, kind)
   have = host_memory_bytes() if have is None else have
   if need <= have:
