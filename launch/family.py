@@ -96,16 +96,15 @@ def set_names(styles, seeds) -> list[str]:
 
 def check_kept(flag: str, steps) -> None:
   """InputError for a step of ``--{flag}`` that is not an earlier checkpoint
-  every set's training keeps (``TRAIN_BINDINGS``, gin's total_steps)."""
+  every set's training keeps (``train.kept_steps`` under ``TRAIN_BINDINGS``
+  and gin's total_steps)."""
   train_config, last = config.make(TrainConfig), config.make(OptimizerConfig).total_steps
-  every = train_config.checkpoint_every
-  saved = sorted({*range(every, last, every), last})
-  kept = [s for s in saved[-train_config.keep_checkpoints:] if s != last]
+  kept = [s for s in train.kept_steps(train_config, last) if s != last]
   wrong = [int(s) for s in steps if int(s) not in kept]
   if wrong:
     raise InputError(f"--{flag}: step {wrong[0]} is not an earlier checkpoint the "
-                     f"sets keep (every {every} steps, the last {last} scored "
-                     f"anyway); expected some of {kept}")
+                     f"sets keep (every {train_config.checkpoint_every} steps, the "
+                     f"last {last} scored anyway); expected some of {kept}")
 
 
 def ensure_set(set_dir: str, style: str, seed: int, facts_per_bucket: int,

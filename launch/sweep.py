@@ -75,6 +75,7 @@ from tracer import data as data_lib
 from tracer import evaluate
 from tracer import hessian
 from tracer import pipeline
+from tracer import projection
 from tracer import stats
 from tracer import storage
 from tracer import store as store_lib
@@ -392,6 +393,11 @@ def sweep_set(set_dir: str, points: list[Point], ecfg, pcfg,
   for step in sorted({p[0] for p in wanted}, key=int):
     ckpt = pipeline.load_checkpoint(None, storage.join(ckpt_dir, step), mesh,
                                     "second_moment")
+    # R's memory at each of the grid's dims, before any gradient: the params'
+    # shapes alone give a dim's blocks (an unprojected block is a whole matrix).
+    for dim, kind in sorted({(p[1], p[3]) for p in wanted}):
+      pipeline.check_fit_memory(
+          projection.make_layout(ckpt.params, int(dim), ecfg.seed), kind)
     corpus = pipeline.open_corpus(ckpt, corpus_path)
     ids = corpus.ids_of(np.arange(len(corpus)))
     queries, target_examples = pipeline.read_queries(ckpt, queries_path)

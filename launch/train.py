@@ -150,11 +150,29 @@ def train(corpus_source: str, workdir: str) -> dict:
         storage.write_text(log_path, "".join(logged))
       losses, t0, steps_timed = [], time.perf_counter(), 0
     progress(done, opt_config.total_steps)
-    if done % train_config.checkpoint_every == 0 or done == opt_config.total_steps:
+    if saves_at(done, train_config, opt_config.total_steps):
       ckpt_lib.save(mngr, done, params, opt_state, model_config, opt_config, data_dict,
                     family)
   mngr.close()
   return metrics
+
+
+def saves_at(step: int, train_config: TrainConfig, total_steps: int) -> bool:
+  """Whether a run saves a checkpoint after ``step``: every
+  ``checkpoint_every`` steps, and the last."""
+  return step % train_config.checkpoint_every == 0 or step == total_steps
+
+
+def kept_steps(train_config: TrainConfig, total_steps: int) -> list[int]:
+  """The checkpoints a finished run keeps: the last ``keep_checkpoints`` it
+  saved (the manager's ``max_to_keep``)."""
+  keep = train_config.keep_checkpoints
+  # Every checkpoint_every-th step saves, so the last `keep` saves lie in
+  # the last keep * checkpoint_every steps.
+  start = max(1, total_steps - keep * train_config.checkpoint_every)
+  saved = [s for s in range(start, total_steps + 1)
+           if saves_at(s, train_config, total_steps)]
+  return saved[-keep:]
 
 
 # The TrainConfig fields that choose each step's rows (``train.batch_rows``).

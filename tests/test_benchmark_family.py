@@ -18,6 +18,7 @@ from tracer.launch import quality
 from tracer.launch import sweep
 from tracer import checkpoint as ckpt_lib
 from tracer import hessian
+from tracer import pipeline
 from tracer import projection
 from tracer import scan
 from tracer import stats
@@ -274,6 +275,25 @@ def test_sweep_on_the_family(trained_family, tmp_path, monkeypatch):
   finally:
     with gin.unlock_config():
       gin.bind_parameter("PreconditionerConfig.rank", None)
+
+
+def test_sweep_refuses_fitting_r_past_memory_before_any_gradient(
+    trained_family, tmp_path, monkeypatch):
+  """Before 2026-12-06 R's memory was checked only in ``quality.moments``:
+  after the set's predictions and the projection of its whole corpus."""
+  root, _ = trained_family
+  monkeypatch.setattr(pipeline, "host_memory_bytes", lambda: 1024)
+  monkeypatch.setattr(pipeline, "predictions", lambda *a, **k: pytest.fail("predicted"))
+  monkeypatch.setattr(quality, "project_corpus", lambda *a: pytest.fail("projected"))
+  out = tmp_path / "sweep"
+  grid = ["EncodeConfig.projection_dim=1024", "PreconditionerConfig.kind=block"]
+  with pytest.raises(InputError, match=re.escape(
+      "PreconditionerConfig.kind='block': fitting R takes at least 0.0 GiB")):
+    sweep.sweep_family(str(out), root, grid)
+  assert not (out / "sets").exists()
+  # With no R to fit, the same grid's set is predicted (the check passes).
+  with pytest.raises(BaseException, match="predicted"):
+    sweep.sweep_family(str(out), root, grid[:1] + ["PreconditionerConfig.kind=none"])
 
 
 def test_query_sets_are_scored_under_their_own_r():

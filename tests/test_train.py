@@ -152,6 +152,12 @@ def test_resume_equals_uninterrupted_run(corpus_path, tmp_path):
   _train(corpus_path, full, **common, **{"OptimizerConfig.total_steps": 12})
   reference = ckpt_lib.restore(str(full / "checkpoints"))
   assert reference.step == 12
+  # The steps a run keeps, as `tracer family` reads them before training.
+  kept = lambda every, keep, total: launch_train.kept_steps(
+      tracer_config.TrainConfig(checkpoint_every=every, keep_checkpoints=keep), total)
+  assert ckpt_lib.saved_steps(str(full / "checkpoints")) == kept(4, 2, 12) == [8, 12]
+  assert kept(7, 2, 20) == [14, 20] and kept(7, 9, 20) == [7, 14, 20]
+  assert kept(1000, 3, 10) == [10] and kept(50, 100, 100) == [50, 100]
 
   # Stopped after 6 steps, then rerun with more total steps.
   short = tmp_path / "short"
