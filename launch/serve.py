@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
-import os
 import signal
 import socket
 import statistics
@@ -116,13 +115,12 @@ def budget_bytes(budget_mb: int) -> int:
   """``--resident_budget_mb`` in bytes, process 0's figure on every process
   (all must choose the same index)."""
   if budget_mb < 0:
-    stats = jax.local_devices()[0].memory_stats() or {}
-    if "bytes_limit" in stats:
+    device = pipeline.device_memory_bytes()
+    if device is not None:
       # The rest: the model, the encoder's and the scan's temporaries.
-      budget = 0.6 * stats["bytes_limit"]
+      budget = 0.6 * device
     else:  # CPU devices share the host's memory
-      budget = (0.4 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-                / jax.local_device_count())
+      budget = 0.4 * pipeline.host_memory_bytes() / jax.local_device_count()
     budget_mb = int(budget) >> 20
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

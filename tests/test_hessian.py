@@ -345,4 +345,13 @@ def test_fitting_r_past_the_hosts_memory_is_refused_before_any_gradient():
   pipeline.check_fit_memory(projected, "block", have=host)
   pipeline.check_fit_memory(projected, "full", have=host)
   pipeline.check_fit_memory(exact, "none", have=host)  # no R to fit
+  # R's moments sit on every device (replicated by the all-reduce): on an
+  # accelerator they must fit one device's memory too.
+  assert hessian.moment_bytes(projected, "full") == projected.dim**2 * 4
+  with pytest.raises(InputError, match=re.escape(
+      "kind='full': R's float32 moments take 1.0 GiB on each device (its largest "
+      "segment: 16,256 dims), more than a device's 0.0 GiB; expected a smaller")):
+    pipeline.check_fit_memory(projected, "full", have=host, device_have=2**20)
+  pipeline.check_fit_memory(projected, "block", have=host, device_have=2**30)
+  assert pipeline.device_memory_bytes() is None  # CPU devices share the host's
   assert hessian.fit_bytes(projected, "full") == projected.dim**2 * (4 + 3 * 8)

@@ -54,12 +54,18 @@ def segments(layout: projection.Layout, kind: str) -> tuple[tuple[int, int], ...
   raise ValueError(f"preconditioner kind {kind!r}: expected 'block' or 'full'")
 
 
+def moment_bytes(layout: projection.Layout, kind: str) -> int:
+  """Every segment's float32 moments (``init_moments``): a copy on each
+  device of the mesh, and one on the host to fit."""
+  return sum((hi - lo) ** 2 * 4 for lo, hi in segments(layout, kind))
+
+
 def fit_bytes(layout: projection.Layout, kind: str) -> int:
-  """A floor on the memory fitting R takes: every segment's float32 moments
-  (``init_moments``), and ``fit_basis``'s float64 eigh of the largest (its
-  input, vectors and workspace)."""
-  sizes = [hi - lo for lo, hi in segments(layout, kind)]
-  return sum(n * n * 4 for n in sizes) + 3 * max(sizes) ** 2 * 8
+  """A floor on the host memory fitting R takes: the moments, and
+  ``fit_basis``'s float64 eigh of the largest segment (its input, vectors
+  and workspace)."""
+  largest = max(hi - lo for lo, hi in segments(layout, kind))
+  return moment_bytes(layout, kind) + 3 * largest ** 2 * 8
 
 
 def init_moments(layout: projection.Layout, kind: str) -> Moments:

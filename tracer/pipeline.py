@@ -294,29 +294,43 @@ def host_memory_bytes() -> int:
   return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-def check_fit_memory(layout: projection.Layout, kind: str,
-                     have: int | None = None) -> None:
+def device_memory_bytes() -> int | None:
+  """The smallest local device's memory where the backend reports it (GPU,
+  TPU); None on CPU, whose devices share the host's."""
+  limits = [(d.memory_stats() or {}).get("bytes_limit") for d in jax.local_devices()]
+  return min(limits) if all(limits) else None
+
+
+def check_fit_memory(layout: projection.Layout, kind: str, have: int | None = None,
+                     device_have: int | None = None) -> None:
   """InputError, before any gradient, where fitting R of ``kind`` over
-  ``layout`` would take more than ``have`` bytes (default this host's
-  memory, ``hessian.fit_bytes``): a block left unprojected by a
-  projection_dim past the model's size is a whole weight matrix (65,536
-  dims for tiny.gin's, 17 GB of moments and a 34 GB eigh), and
-  ``kind="full"`` squares all of d."""
+  ``layout`` would take more than ``have`` bytes of the host's memory
+  (default its physical memory, ``hessian.fit_bytes``), or its moments more
+  than ``device_have`` bytes of a device's (default ``device_memory_bytes``;
+  each device keeps a copy). A block left unprojected by a projection_dim
+  past the model's size is a whole weight matrix (65,536 dims for
+  tiny.gin's, 17 GB of moments and a 34 GB eigh), and ``kind="full"``
+  squares all of d."""
   if kind == "none":
     return
   need = hessian.fit_bytes(layout, kind)
   have = host_memory_bytes() if have is None else have
-  if need <= have:
+  moments = hessian.moment_bytes(layout, kind)
+  device_have = device_memory_bytes() if device_have is None else device_have
+  if need <= have and (device_have is None or moments <= device_have):
     return
   largest = max(hessian.segments(layout, kind), key=lambda s: s[1] - s[0])
   block = next((b for b in layout.blocks if (b.offset, b.offset + b.size) == largest),
                None)
   where = (f"block {block.name!r}, {block.size:,} dims" if block and kind == "block"
            else f"{largest[1] - largest[0]:,} dims")
+  what = (f"fitting R takes at least {need / 2**30:.1f} GiB (its largest segment: "
+          f"{where}), more than this host's {have / 2**30:.1f} GiB" if need > have
+          else f"R's float32 moments take {moments / 2**30:.1f} GiB on each device "
+          f"(its largest segment: {where}), more than a device's "
+          f"{device_have / 2**30:.1f} GiB")
   raise InputError(
-      f"PreconditionerConfig.kind={kind!r}: fitting R takes at least "
-      f"{need / 2**30:.1f} GiB (its largest segment: {where}), more than this "
-      f"host's {have / 2**30:.1f} GiB; expected a smaller "
+      f"PreconditionerConfig.kind={kind!r}: {what}; expected a smaller "
       "EncodeConfig.projection_dim (each block projected to fewer dims), "
       + ("kind='block', " if kind == "full" else "") + "or kind='none'")
 
