@@ -49,6 +49,7 @@ def start(workdir: str | None, checkpoint: str | None, corpus_source: str,
   if config.FLAGS.family and checkpoint and not ckpt_lib.is_tracer_checkpoint(checkpoint):
     ckpt = released_checkpoint(checkpoint, mesh)   # (its configs are gin's)
   else:
+    check_released_flags(checkpoint or f"--workdir={workdir}'s checkpoint")
     ckpt = pipeline.load_checkpoint(workdir, checkpoint, mesh, opt_state)
     # A tracer checkpoint's configs win over gin's: a binding naming another
     # value would be ignored, so it is refused. Of the optimizer's, only what
@@ -177,6 +178,17 @@ def tokenized_once(workdir: str | None, source: str, ckpt) -> str:
   say(f"corpus {source}: {len(corpus):,} rows in {location} (later runs may pass "
       f"--corpus={location})")
   return location
+
+
+def check_released_flags(checkpoint: str) -> None:
+  """InputError for ``--tokenizer`` or ``--opt_state`` given with a tracer
+  checkpoint, which has its own (they were ignored)."""
+  for name in ("tokenizer", "opt_state"):
+    if getattr(config.FLAGS, name):
+      raise InputError(f"--{name}={getattr(config.FLAGS, name)}: only for released "
+                       "weights (--family with a --checkpoint in the family's own "
+                       f"format); {checkpoint} is a tracer checkpoint, which has "
+                       f"its own {'tokenizer' if name == 'tokenizer' else 'optimizer state'}")
 
 
 def released_checkpoint(location: str, mesh):

@@ -560,6 +560,15 @@ CASES = [
     Case("missing checkpoint directory",
          lambda s, d: scan(s, d, checkpoint=d / "nowhere"),
          "nowhere: no checkpoint directory"),
+    # Before 2026-12-06 ignored with tracer's own checkpoint, even when missing.
+    Case("--tokenizer with a tracer checkpoint",
+         lambda s, d: scan(s, d, f"--tokenizer={d / 'sp.model'}"),
+         "sp.model: only for released weights (--family with a --checkpoint in "
+         "the family's own format); "),
+    Case("--opt_state with a tracer checkpoint",
+         lambda s, d: scan(s, d, f"--opt_state={d / 'state'}",
+                           checkpoint=s.checkpoints / "1"),
+         "checkpoints/1 is a tracer checkpoint, which has its own optimizer state"),
     Case("checkpoint of another model config", other_model_config,
          "cannot resume, the checkpoint's ModelConfig differ from this run's "
          "(ModelConfig.d_model: the checkpoint has 16, this run has 32)"),
