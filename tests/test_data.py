@@ -1080,6 +1080,15 @@ def test_queries_keep_extra_fields_and_query_errors_name_the_query(tmp_path, voc
   assert ex["weights"][1, :5].tolist() == [1] * 5  # empty prompt
   with pytest.raises(InputError, match="^q.jsonl: query 'q1': target of 7 tokens"):
     data_lib.query_examples(queries, vocab, 7, source="q.jsonl")
+  # A prompt that loses its start is named (before 2026-12-06: silently).
+  with pytest.warns(UserWarning, match=re.escape(
+      "q.jsonl: the prompt of query 'q1' is longer than the model's max_len 12 "
+      "leaves beside its target: scored on its last 5 of 15 tokens")):
+    cut = data_lib.query_examples(queries, vocab, 12, source="q.jsonl")
+  assert cut["weights"][0].tolist() == [0] * 5 + [1] * 7
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    data_lib.query_examples(queries, vocab, 22)  # 15 + 7 tokens fit
 
 
 # --- seqio and sentencepiece -------------------------------------------------

@@ -1520,14 +1520,23 @@ def register_jsonl_task(name: str, path: str, vocab, ids: bool = True) -> Any:
 
 def query_examples(queries: Sequence[dict], vocab, max_len: int,
                    source: str = "queries") -> dict:
-  """Stacked target-only examples for query records."""
-  out = []
+  """Stacked target-only examples for query records; a warning names the
+  queries whose prompts lose their start (``query_example``)."""
+  out, cut = [], []
   for i, q in enumerate(queries):
+    prompt, target = vocab.encode(q["prompt"]), vocab.encode(q["target"])
     try:
-      out.append(query_example(vocab.encode(q["prompt"]), vocab.encode(q["target"]),
-                               max_len))
+      out.append(query_example(prompt, target, max_len))
     except InputError as e:
       raise InputError(f"{source}: query {q.get('id', i)!r}: {e}") from None
+    if len(prompt) + len(target) > max_len:
+      cut.append((q.get("id", i), len(prompt), max_len - len(target)))
+  if cut:
+    qid, have, kept = cut[0]
+    more = f" and {len(cut) - 1} more" if len(cut) > 1 else ""
+    warnings.warn(f"{source}: the prompt of query {qid!r}{more} is longer than the "
+                  f"model's max_len {max_len} leaves beside its target: scored on "
+                  f"its last {kept} of {have} tokens", stacklevel=2)
   return stack_examples(out)
 
 
