@@ -573,7 +573,8 @@ def setup(required: tuple[str, ...] = (), output_is: str = "file") -> None:
   # cannot be written or would replace an input.
   for name, kind in (("workdir", "directory"), ("store", "directory"),
                      ("checkpoint", "directory"), ("basis", "file")):
-    outputs.check_kind(FLAGS[name].value, f"--{name}", kind)
+    outputs.check_kind(FLAGS[name].value, f"--{name}", kind,
+                       written=name != "checkpoint")
   if FLAGS.output:
     check_writable(FLAGS.output, "--output", output_is)
     given = {name: FLAGS[name].value for name in (

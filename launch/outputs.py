@@ -47,11 +47,13 @@ def check_writable(location: str, what: str = "output", kind: str = "file"
                      f"writable ({why}); expected a path in a writable directory")
 
 
-def check_kind(location: str | None, what: str, kind: str) -> None:
+def check_kind(location: str | None, what: str, kind: str, written: bool = True
+               ) -> None:
   """InputError if the local path ``location`` holds the other kind ("file"
   or "directory") than ``kind``; nothing there, or a URL, passes. For inputs
-  too (a read-only store passes): a workdir that is a file failed deep in
-  orbax or tensorstore with a traceback."""
+  too (a read-only store passes; ``written=False``: one only read, a
+  checkpoint): a workdir that is a file failed deep in orbax or tensorstore
+  with a traceback."""
   local = storage.local_path(location) if location else None
   if not local:
     return
@@ -59,8 +61,8 @@ def check_kind(location: str | None, what: str, kind: str) -> None:
     raise InputError(f"{what}={location}: is a directory; expected a file "
                      "(new, or one to replace)")
   if kind == "directory" and os.path.isfile(local):
-    raise InputError(f"{what}={location}: is a file; expected a directory "
-                     "(new, empty, or one tracer wrote)")
+    raise InputError(f"{what}={location}: is a file; expected a directory"
+                     + (" (new, empty, or one tracer wrote)" if written else ""))
 
 
 def same_file(a: str, b: str) -> bool:

@@ -409,3 +409,13 @@ def test_view_refuses_server_flags_without_a_server(tmp_path):
   assert not (tmp_path / "v.html").exists()
   proc = _tracer(*view, cwd=tmp_path)
   assert proc.returncode == 0 and (tmp_path / "v.html").exists(), proc.stderr
+
+
+def test_a_checkpoint_that_is_a_file_is_refused_as_an_input(tmp_path):
+  """Before 2026-12-06 the message offered to make it ("new, empty, or one
+  tracer wrote"): words for an output directory."""
+  (tmp_path / "ckpt").write_text("weights\n")
+  line = _error_line(_tracer("scan", "--gin_file=tiny", f"--checkpoint={tmp_path / 'ckpt'}",
+                             "--workdir=w", "--queries=q.jsonl", "--output=r.jsonl",
+                             cwd=tmp_path))
+  assert line == f"error: --checkpoint={tmp_path / 'ckpt'}: is a file; expected a directory"
