@@ -3,8 +3,10 @@ r"""Writes the generated fact corpus: DIR/corpus.jsonl and DIR/queries.jsonl.
   tracer make-facts --out=/tmp/facts [--style=plain] [--seed=0] \
       [--facts_per_bucket=60] [--distractor_docs=150]
 
-``--style`` picks one of ``tracer.facts.STYLES`` (plain, paraphrase, natural,
-dense): what makes attribution hard in the set (see ``tracer.facts``).
+DIR may be a local path or a gs://, s3://, memory:// or file:// URL
+(``tracer.storage``). ``--style`` picks one of ``tracer.facts.STYLES``
+(plain, paraphrase, natural, dense): what makes attribution hard in the set
+(see ``tracer.facts``).
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from absl import flags
 
 from tracer.launch import cli
 from tracer import facts
+from tracer import storage
 
-_OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
+_OUT = flags.DEFINE_string(
+    "out", None, "Output directory: a path or a gs://, s3://, memory:// or "
+    "file:// URL.", required=True)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of every random choice.")
 _STYLE = flags.DEFINE_enum("style", "plain", list(facts.STYLES),
                            "Fact style (tracer.facts.STYLES).")
@@ -36,10 +41,10 @@ def main(argv):
       distractor_docs=_DISTRACTOR_DOCS.value)
   corpus_path, queries_path = facts.write_fact_corpus(_OUT.value, config)
   # Re-read what was written, so the counts describe the files themselves.
-  with open(corpus_path, encoding="utf-8") as f:
-    corpus = [json.loads(line) for line in f]
-  with open(queries_path, encoding="utf-8") as f:
-    queries = [json.loads(line) for line in f]
+  # (split at "\n" only: a text may hold U+2028, which splitlines splits at)
+  corpus, queries = ([json.loads(line) for line in
+                      storage.read_text(path).split("\n") if line]
+                     for path in (corpus_path, queries_path))
   fact_docs = {d for q in queries for d in q["fact_doc_ids"]}
   print(f"style:     {_STYLE.value}")
   print(f"corpus:    {corpus_path}")

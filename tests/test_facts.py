@@ -13,6 +13,7 @@ import pytest
 
 from tracer import errors
 from tracer import facts
+from tracer import storage
 
 _WORD = re.compile(r"[A-Za-z]+")
 
@@ -194,18 +195,39 @@ def test_write_jsonl_round_trip(tmp_path):
   assert [p.name for p in path.parent.iterdir()] == ["r.jsonl"]
 
 
-def test_make_facts_main(tmp_path, capsys):
+@pytest.mark.parametrize("where", ["path", "file_url", "memory_url"])
+def test_make_facts_main(tmp_path, capsys, monkeypatch, where):
+  """--out may be a URL (before 2026-12-06 pathlib folded it: gs://b/facts,
+  file:///x and memory://facts were written to ./gs:/b/facts, ./file:/x
+  and ./memory:/facts)."""
   from tracer.launch import make_facts  # pylint: disable=g-import-not-at-top
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+  out_dir = {"path": str(tmp_path / "facts"),
+             "file_url": f"file://{tmp_path}/facts",
+             "memory_url": f"memory://make-facts-{tmp_path.name}/facts"}[where]
   with flagsaver.flagsaver():
-    argv = flags.FLAGS(["make_facts", f"--out={tmp_path}", "--seed=1",
+    argv = flags.FLAGS(["make_facts", f"--out={out_dir}", "--seed=1",
                         "--facts_per_bucket=5", "--distractor_docs=7"])
     make_facts.main(argv)
   out = capsys.readouterr().out
   assert "20" in out and "bucket   11+: 5 queries" in out
-  corpus = _read_jsonl(tmp_path / "corpus.jsonl")
-  queries = _read_jsonl(tmp_path / "queries.jsonl")
+  assert f"corpus:    {out_dir}/corpus.jsonl" in out
+  assert not list(cwd.iterdir())  # nothing under a folder named after a URL
+  read = lambda name: [json.loads(line) for line in storage.read_text(
+      storage.join(out_dir, name)).split("\n") if line]
+  corpus, queries = read("corpus.jsonl"), read("queries.jsonl")
+  if where != "memory_url":
+    assert sorted(p.name for p in (tmp_path / "facts").iterdir()) == [
+        "corpus.jsonl", "queries.jsonl"]
   assert len(queries) == 20
   assert len(corpus) == 7 + sum(len(q["fact_doc_ids"]) for q in queries)
+  # A scheme tracer has no driver for is refused before any work.
+  with pytest.raises(errors.InputError, match=re.escape(
+      "gcs://b/facts: unknown URL scheme 'gcs://'; expected a local path")):
+    facts.write_fact_corpus("gcs://b/facts")
+  assert not list(cwd.iterdir())
 
 
 # --- styles: the benchmark family --------------------------------------------

@@ -527,24 +527,30 @@ def _pack(statements: list[tuple[str, int]], config: FactsConfig,
 
 
 def write_jsonl(path: str | os.PathLike,
-                records: Iterable[Mapping]) -> pathlib.Path:
+                records: Iterable[Mapping]) -> pathlib.Path | str:
   """Writes one JSON object per line, in one atomic write
   (``tracer.storage.write_text``: a temporary file, fsynced, renamed over
-  ``path``, the directory fsynced); missing parent directories are made."""
-  path = pathlib.Path(path)
+  ``path``, the directory fsynced); missing parent directories are made.
+  ``path`` may be a ``tracer.storage`` URL. Returns a local path as a
+  ``pathlib.Path``, a URL as the string it is (a Path would fold its
+  ``//``: ``gs://b/x`` became the relative path ``gs:/b/x``)."""
+  location = os.fspath(path)
   text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-  storage.write_text(os.fspath(path), text)
-  return path
+  storage.write_text(location, text)
+  return location if storage.is_url(location) else pathlib.Path(location)
 
 
 def write_fact_corpus(out_dir: str | os.PathLike,
                       config: FactsConfig = FactsConfig()
-                     ) -> tuple[pathlib.Path, pathlib.Path]:
-  """Writes ``out_dir/corpus.jsonl`` and ``out_dir/queries.jsonl``."""
+                     ) -> tuple[pathlib.Path | str, pathlib.Path | str]:
+  """Writes ``out_dir/corpus.jsonl`` and ``out_dir/queries.jsonl``; ``out_dir``
+  may be a ``tracer.storage`` URL (before 2026-12-06 ``gs://b/facts`` was
+  written to the local folder ``./gs:/b/facts``)."""
+  out_dir = os.fspath(out_dir)
+  storage.is_url(out_dir)  # an unknown scheme is refused before any work
   corpus, queries = generate(config)
-  out_dir = pathlib.Path(out_dir)
-  return (write_jsonl(out_dir / "corpus.jsonl", corpus),
-          write_jsonl(out_dir / "queries.jsonl", queries))
+  return (write_jsonl(storage.join(out_dir, "corpus.jsonl"), corpus),
+          write_jsonl(storage.join(out_dir, "queries.jsonl"), queries))
 
 
 def bucket_counts(queries: Sequence[Mapping]) -> dict[str, int]:
