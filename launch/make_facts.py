@@ -16,6 +16,7 @@ import json
 from absl import flags
 
 from tracer.launch import cli
+from tracer.launch import outputs
 from tracer import facts
 from tracer import storage
 
@@ -35,6 +36,10 @@ _DISTRACTOR_DOCS = flags.DEFINE_integer(
 
 def main(argv):
   del argv  # (cli.run refuses any)
+  # Before any work: an unknown URL scheme, a file where the directory goes,
+  # a directory that cannot be written (before 2026-12-06 a file was
+  # "FILE/corpus.jsonl: cannot write: File exists").
+  outputs.check_writable(_OUT.value, "--out", "directory")
   config = facts.style_config(
       _STYLE.value, _SEED.value,
       facts_per_bucket=_FACTS_PER_BUCKET.value,

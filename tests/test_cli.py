@@ -84,6 +84,18 @@ def test_subcommand_flags_and_bad_input(tmp_path):
     assert proc.returncode == 2 and proc.stderr.startswith(
         f"error: flag {flag}: "), proc.stderr
   assert not (tmp_path / "o").exists() and not (tmp_path / "family").exists()
+  # --out: an unknown URL scheme, a file (before 2026-12-06 "FILE/corpus.jsonl:
+  # cannot write: File exists", and gcs://b/f written to ./gcs:/b/f).
+  (tmp_path / "afile").write_text("")
+  for out, message in (
+      ("gcs://b/f", "gcs://b/f: unknown URL scheme 'gcs://'; expected a local "
+       "path or a gs://, s3://, memory:// or file:// URL"),
+      ("afile", "--out=afile: is a file; expected a directory (new, empty, or "
+       "one tracer wrote)")):
+    proc = _tracer("make-facts", f"--out={out}", "--facts_per_bucket=1",
+                   cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr == f"error: {message}\n", proc.stderr
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
   # A script's --help lists the shared flags it reads (config.run's uses),
   # not the others; one of the others given is refused, not ignored.
   proc = _tracer("scan", "--help", cwd=tmp_path)
