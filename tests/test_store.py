@@ -587,6 +587,19 @@ def test_verify_refuses_an_edited_manifest_and_reports_stray_markers(tmp_path, c
     with pytest.raises(InputError, match=re.escape(f"{manifest}: {message}")):
       verify.run(str(path))
   manifest.write_text(json.dumps(good))
+  # A tokenized corpus given as the store (before 2026-12-06 "unknown
+  # field(s) ['chunks_stored', 'fingerprint', 'max_len', ...]").
+  from tracer import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  from tracer.config import DataConfig  # pylint: disable=g-import-not-at-top
+  (tmp_path / "c.jsonl").write_text(json.dumps({"id": "a", "text": "one"}) + "\n")
+  tokenized = tmp_path / "tok"
+  corpus_lib.tokenize(str(tmp_path / "c.jsonl"), str(tokenized), DataConfig(), 8)
+  for read in (verify.run, store_lib.open_store):
+    with pytest.raises(InputError, match=re.escape(
+        f"{tokenized / store_lib.MANIFEST}: a tokenized corpus, not a store "
+        "(expected format 'tracer.store.v2', got 'tracer.tokenized_corpus.v1'); "
+        "pass it as --corpus")):
+      read(str(tokenized))
   # A marker whose rows are not its chunk's (edited, or another store's).
   marker = path / "progress" / "000000001.done"
   record = json.loads(marker.read_text())

@@ -50,6 +50,7 @@ import tensorstore as ts
 
 from tracer import crashpoints
 from tracer.claim import CLAIM_FILE
+from tracer import corpus as corpus_lib
 from tracer import data as data_lib
 from tracer import storage
 from tracer import topk
@@ -194,6 +195,11 @@ class Manifest:
     if "preconditioner_fingerprint" in d and "format" not in d:
       raise InputError(f"{where}: a store of an earlier format (its rows carry one "
                        f"query set's preconditioner); encode the corpus again")
+    # The format first: another kind of tracer directory's manifest (a
+    # tokenized corpus's, before 2026-12-06 "unknown field(s) ['chunks_stored',
+    # ...]") is named as such, not by the fields it has.
+    if "format" in d and d["format"] != FORMAT:
+      _check_format(d["format"], where)
     unknown = sorted(set(d) - names)
     if unknown:
       raise InputError(f"{where}: unknown field(s) {unknown}")
@@ -390,10 +396,22 @@ def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return q, scale
 
 
+def _check_format(value: Any, where: str) -> None:
+  """InputError unless ``value``, a manifest's format, is ``FORMAT``; a
+  tokenized corpus's is named as one (as ``corpus.read_manifest`` names a
+  store's)."""
+  if value == FORMAT:
+    return
+  if value == corpus_lib.FORMAT:
+    raise InputError(f"{where}: a tokenized corpus, not a store (expected "
+                     f"format {FORMAT!r}, got {value!r}); pass it as --corpus, "
+                     "and as --store a directory tracer encode or trace wrote")
+  raise InputError(f"{where}: field 'format' must be {FORMAT!r} (the store "
+                   f"format this tracer reads), got {_brief(value)}")
+
+
 def _validate(manifest: Manifest, where: str) -> None:
-  if manifest.format != FORMAT:
-    raise InputError(f"{where}: field 'format' must be {FORMAT!r} (the store "
-                     f"format this tracer reads), got {_brief(manifest.format)}")
+  _check_format(manifest.format, where)
   if not (math.isfinite(manifest.epsilon) and manifest.epsilon >= 0):
     raise InputError(f"{where}: field 'epsilon' must be a finite number >= 0, "
                      f"got {manifest.epsilon!r}")
