@@ -124,6 +124,104 @@ def test_rerun_does_nothing_and_other_settings_are_refused(tmp_path, corpus_path
     corpus_lib.tokenize(corpus_path, out, DataConfig(), 16)
 
 
+def test_a_source_changed_since_is_refused(tmp_path, records):
+  """A rerun reuses a corpus only while its source files are as they were
+  (size and modification time, an object's generation); before 2026-12-06
+  a source edited in place (or a glob matching one more file) reused the
+  stale rows."""
+  config = DataConfig()
+  source = tmp_path / "c.jsonl"
+  facts.write_jsonl(source, records[:20])
+  out = str(tmp_path / "tok")
+  made = corpus_lib.tokenize(str(source), out, config, 32)
+  size = source.stat().st_size
+  assert made.manifest.source_files == [{
+      "path": str(source), "size": size, "mtime_ns": source.stat().st_mtime_ns}]
+  assert len(corpus_lib.tokenize(str(source), out, config, 32)) == 20
+  facts.write_jsonl(source, records[:5])
+  with pytest.raises(InputError, match=re.escape(
+      f"{out}: made from {source} of {size:,} bytes, modified ")) as caught:
+    corpus_lib.tokenize(str(source), out, config, 32)
+  assert re.search(rf"; it is now {source.stat().st_size:,} bytes, modified "
+                   rf"[-\d :.]+ UTC: tokenize it again into another directory, "
+                   f"or delete {re.escape(out)} ", str(caught.value)), caught.value
+  # The same size, another modification time (the same second: ns shown).
+  facts.write_jsonl(source, records[:20])
+  ns = made.manifest.source_files[0]["mtime_ns"]
+  os.utime(source, ns=(ns, ns + 1))
+  with pytest.raises(InputError, match=rf"of {size:,} bytes, modified [-\d :]+"
+                     rf"\.{ns % 10**9:09d} UTC; it is now {size:,} bytes"):
+    corpus_lib.tokenize(str(source), out, config, 32)
+  os.remove(source)
+  with pytest.raises(InputError, match="; it is now gone"):
+    corpus_lib.tokenize(str(source), out, config, 32)
+  # A manifest of before (no record) is reused as it was.
+  manifest = os.path.join(out, corpus_lib.MANIFEST)
+  with open(manifest) as f:
+    old = json.load(f)
+  del old["source_files"]
+  with open(manifest, "w") as f:
+    json.dump(old, f)
+  assert len(corpus_lib.tokenize(str(source), out, config, 32)) == 20
+  # A glob matching one more file; an object replaced (its generation).
+  pattern = _shards(tmp_path / "shards", records[:30], files=3)
+  corpus_lib.tokenize(pattern, str(tmp_path / "globbed"), config, 32)
+  facts.write_jsonl(tmp_path / "shards" / "part-009.jsonl", records[30:31])
+  with pytest.raises(InputError, match=re.escape(
+      f"globbed: made from the 3 files {pattern} matched then; it now also "
+      f"matches {tmp_path}/shards/part-009.jsonl: tokenize it again")):
+    corpus_lib.tokenize(pattern, str(tmp_path / "globbed"), config, 32)
+  remote = f"memory://changed-{tmp_path.name}/c.jsonl"
+  storage.write_text(remote, "".join(json.dumps(r) + "\n" for r in records[:20]))
+  corpus_lib.tokenize(remote, str(tmp_path / "remote"), config, 32)
+  corpus_lib.tokenize(remote, str(tmp_path / "remote"), config, 32)
+  storage.write_text(remote, storage.read_text(remote))  # the same bytes
+  with pytest.raises(InputError, match=re.escape(
+      f"remote: made from {remote} of generation ")):
+    corpus_lib.tokenize(remote, str(tmp_path / "remote"), config, 32)
+
+
+def test_a_source_changed_since_is_refused_on_several_processes(tmp_path, records):
+  """Each part records its own files as its process saw them before reading
+  them; the join records them all, once each; a rerun of any process
+  checks every file (a part, before the join: its own)."""
+  config = DataConfig()
+  pattern = _shards(tmp_path / "shards", records[:40], files=4)
+  files = data_lib.corpus_files(pattern)
+  out = str(tmp_path / "tok")
+  part = corpus_lib.tokenize(pattern, out, config, 32, num_shards=2, shard_index=0)
+  assert [f["path"] for f in part.manifest.source_files] == files[:2]
+  os.utime(files[0], ns=(0, 0))
+  with pytest.raises(InputError, match=re.escape(
+      f"{out}/parts/00000-of-00002: made from {files[0]} of ")):
+    corpus_lib.tokenize(pattern, out, config, 32, num_shards=2, shard_index=0)
+  shutil.rmtree(os.path.join(out, "parts", "00000-of-00002"))
+  corpus_lib.tokenize(pattern, out, config, 32, num_shards=2, shard_index=0)
+  joined = corpus_lib.tokenize(pattern, out, config, 32, num_shards=2,
+                               shard_index=1)
+  assert [f["path"] for f in joined.manifest.source_files] == files
+  for i in range(2):  # reruns, on any process count
+    corpus_lib.tokenize(pattern, out, config, 32, num_shards=2, shard_index=i)
+  corpus_lib.tokenize(pattern, out, config, 32)
+  facts.write_jsonl(files[3], records[:1])
+  for shards, i in ((2, 0), (2, 1), (1, 0)):
+    with pytest.raises(InputError, match=re.escape(
+        f"{out}: made from {files[3]} of ")):
+      corpus_lib.tokenize(pattern, out, config, 32, num_shards=shards,
+                          shard_index=i)
+  # One file split between two processes, changed between their reads.
+  one = str(tmp_path / "one.jsonl")
+  facts.write_jsonl(one, records[:10])
+  corpus_lib.tokenize(one, str(tmp_path / "split"), config, 32, num_shards=2,
+                      shard_index=0)
+  os.utime(one, ns=(0, 0))
+  with pytest.raises(InputError, match=re.escape(
+      f"split: {one} changed while it was tokenized (parts/00000-of-00002 read "
+      "it as ")):
+    corpus_lib.tokenize(one, str(tmp_path / "split"), config, 32, num_shards=2,
+                        shard_index=1)
+
+
 def test_the_source_is_recorded_absolute(tmp_path, corpus_path, monkeypatch):
   """A relative source is recorded absolute, so the corpus names its files
   from any directory; a rerun naming them either way, or a corpus that
@@ -205,16 +303,29 @@ def test_bad_manifest(tmp_path, corpus_path):
 
 def test_launch_tokenize(tmp_path, corpus_path):
   out = tmp_path / "tok"
+  source = shutil.copy(corpus_path, str(tmp_path / "corpus.jsonl"))
   env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-  proc = subprocess.run(
+  tokenize = lambda: subprocess.run(
       [sys.executable, "-m", "tracer.launch.tokenize", "--gin_file=configs/tiny.gin",
-       f"--corpus={corpus_path}", f"--output={out}"],
+       f"--corpus={source}", f"--output={out}"],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  proc = tokenize()
   assert proc.returncode == 0, proc.stderr[-3000:]
   corpus = corpus_lib.TokenizedCorpus(str(out))
   assert f"{out}: {len(corpus):,} rows of up to 128 tokens" in proc.stdout
-  memory = data_lib.read_corpus(corpus_path, DataConfig().vocabulary(), 128)
+  memory = data_lib.read_corpus(source, DataConfig().vocabulary(), 128)
   _assert_same_rows(memory, corpus)
+  # The source edited since: one error line, not "(already tokenized)" and
+  # the stale rows (before 2026-12-06).
+  with open(source, "a", encoding="utf-8") as f:
+    f.write(json.dumps({"id": "new", "text": "one more"}) + "\n")
+  proc = tokenize()
+  assert proc.returncode == 2 and proc.stdout == "", proc.stdout
+  assert re.fullmatch(
+      rf"error: {out}: made from {source} of [\d,]+ bytes, modified "
+      r"[-\d :.]+ UTC; it is now [\d,]+ bytes, modified [-\d :.]+ UTC: "
+      r"tokenize it again into another directory, or delete .*\n",
+      proc.stderr), proc.stderr
 
 
 def _fingerprint(rows) -> str:

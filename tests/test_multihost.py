@@ -796,6 +796,19 @@ def test_tokenized_once_refuses_what_it_cannot_share(tmp_path, monkeypatch):
                      f"{re.escape(source)}, not of --corpus={re.escape(other)}; "
                      "pass --corpus="):
     common.tokenized_once(str(tmp_path / "w"), other, None)
+  # WORKDIR/corpus of a source edited since is refused, as by tracer tokenize
+  # (before 2026-12-06 its stale rows were traced).
+  ckpt = types.SimpleNamespace(data_config=dataclasses.asdict(DataConfig()),
+                               model_config=CONFIG,
+                               family=types.SimpleNamespace(
+                                   max_len=lambda config: config.max_len))
+  workdir = str(tmp_path / "w")
+  assert common.tokenized_once(workdir, source, ckpt) == tokenized
+  with open(source, "a") as f:
+    f.write(json.dumps({"id": "d1", "text": "def"}) + "\n")
+  with pytest.raises(InputError, match=f"{re.escape(tokenized)}: made from "
+                     f"{re.escape(source)} of [0-9]+ bytes, modified "):
+    common.tokenized_once(workdir, source, ckpt)
 
 
 # A one-source task read in shards: seqio reads it whole for each (warned).

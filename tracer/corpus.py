@@ -19,6 +19,10 @@ read.
 
 The manifest is written last, so a directory with one is complete; a
 directory without one is an unfinished tokenization, redone from the start.
+It records each source file's size and modification time (an object's
+generation), taken before the file is read; a rerun reuses the corpus only
+while every file is as recorded and a glob matches no other file
+(``_check_source_files``: one stat per file), else it is refused.
 
 Tokenized by several processes (``tokenize(num_shards=P, shard_index=i)``,
 e.g. one per host of a pod), a glob's files are split into P runs of
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import hashlib
 import itertools
 import json
@@ -86,6 +91,12 @@ class CorpusManifest:
   # (since 2026-12-04), so a missing one is damage (a copy cut short, a lost
   # object) and reads as an error; False: it reads as zeros, as before.
   chunks_stored: bool = False
+  # Each source file as it was when read: [{"path": absolute path or URL,
+  # **storage.identities(...)}] (size and mtime, or an object's generation),
+  # in the source's order; a rerun reuses the corpus only while every file
+  # is as recorded (``_check_source_files``). None: a seqio source, given
+  # records, or a corpus tokenized before 2026-12-06 (reused unchecked).
+  source_files: list[dict[str, Any]] | None = None
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -389,11 +400,14 @@ def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
   if num_shards == 1:
     # (parts: left by an unfinished run on several processes, not read)
     _check_empty_or_unfinished(output, {*_ARRAYS, PARTS})
+    source_files = None
     if records is None:
+      if data_lib.is_file_source(source):  # as they are before they are read
+        source_files = _source_files(data_lib.corpus_files(source))
       source, records = data_lib.source_records(source, data_config.vocabulary(),
                                                 unique_ids=False)
     _write(output, source, records, data_config, max_len, block_rows, progress,
-           settings)
+           settings, source_files=source_files)
     return TokenizedCorpus(output)
   if records is not None or not data_lib.splits_among_processes(source):
     raise InputError(f"{source}: tokenizing in {num_shards} shards splits a file "
@@ -406,9 +420,13 @@ def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
   else:
     _check_empty_or_unfinished(part, set(_ARRAYS) | {ID_HASHES})
     vocab = data_config.vocabulary()
-    files = None
+    files = source_files = None
     if data_lib.is_file_source(source):
       mine = data_lib.split_files(source, num_shards)[shard_index]
+      # This process's files as it sees them before it reads them: each
+      # part records its own share's, the join all of them.
+      source_files = _source_files(
+          list(dict.fromkeys(f if isinstance(f, str) else f.path for f in mine)))
       records = data_lib.corpus_records(source, vocab, False, mine)
       files = _paths(mine)
     else:  # a run of the seqio source's shards
@@ -416,7 +434,8 @@ def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
       records = data_lib.seqio_records(source, vocab, shards=range(
           shard_index * n // num_shards, (shard_index + 1) * n // num_shards))
     _write(part, source, records, data_config, max_len, block_rows, progress,
-           settings, shard=[shard_index, num_shards], files=files)
+           settings, shard=[shard_index, num_shards], files=files,
+           source_files=source_files)
   return _join(output, source, num_shards) or TokenizedCorpus(part)
 
 
@@ -430,7 +449,65 @@ def _existing(location: str, settings: dict) -> TokenizedCorpus:
   if diffs:
     raise InputError(f"{location}: already holds a tokenized corpus with other "
                      f"settings ({'; '.join(diffs)}); choose another --output")
+  _check_source_files(location, corpus.manifest, settings["source"])
   return corpus
+
+
+def _source_files(paths: Sequence[str]) -> list[dict[str, Any]]:
+  """``CorpusManifest.source_files`` of ``paths``: one stat (or an object's
+  metadata request) each, never a read. A file missing here fails when it
+  is read."""
+  paths = [storage.normalize(p) for p in paths]
+  return [{"path": p, **(identity or {})}
+          for p, identity in zip(paths, storage.identities(paths))]
+
+
+def _described(identity: dict[str, Any] | None, other: dict[str, Any] | None
+               ) -> str:
+  """A file's identity for an error (``other``: what it is compared with,
+  so that two modification times in one second still read apart)."""
+  if identity is None:
+    return "gone (no such file)"
+  if "generation" in identity:
+    return f"at generation {identity['generation']}"
+  ns = identity.get("mtime_ns", 0)
+  fine = other is not None and other.get("mtime_ns", ns) // 10**9 == ns // 10**9
+  when = datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc)
+  return (f"{identity.get('size', 0):,} bytes, modified "
+          f"{when.strftime('%Y-%m-%d %H:%M:%S')}"
+          f"{f'.{ns % 10**9:09d}' if fine else ''} UTC")
+
+
+def _check_source_files(location: str, manifest: CorpusManifest,
+                        source: str) -> None:
+  """InputError unless every file the corpus at ``location`` was made from
+  is as it was then (``CorpusManifest.source_files``: size and modification
+  time, an object's generation), and a glob matches no other file now: its
+  rows would be stale (before 2026-12-06 a rerun after the source was
+  edited reused them). One stat per file (objects: metadata requests in
+  flight together) and, for a glob, one listing; a part checks its own
+  files only. A manifest without the record is not checked."""
+  recorded = manifest.source_files
+  if recorded is None:
+    return
+  fix = (f"tokenize it again into another directory, or delete {location} "
+         "(its rows are those of the source as it was)")
+  now = storage.identities([f["path"] for f in recorded])
+  for f, identity in zip(recorded, now):
+    was = {k: v for k, v in f.items() if k != "path"}
+    if identity != was:
+      raise InputError(f"{location}: made from {f['path']} of "
+                       f"{_described(was, identity).removeprefix('at ')}; it is "
+                       f"now {_described(identity, was)}: {fix}")
+  if manifest.shard is None and data_lib.is_file_source(source):
+    known = {f["path"] for f in recorded}
+    added = [p for p in map(storage.normalize, data_lib.corpus_files(source))
+             if p not in known]
+    if added:
+      more = f" and {len(added) - 1} more" if len(added) > 1 else ""
+      raise InputError(f"{location}: made from the {len(recorded):,} files "
+                       f"{source} matched then; it now also matches "
+                       f"{added[0]}{more}: {fix}")
 
 
 def _check_empty_or_unfinished(location: str, allowed: set[str]) -> None:
@@ -464,18 +541,20 @@ def _part_name(shard_index: int, num_shards: int) -> str:
 
 def _write_manifest(location: str, manifest: CorpusManifest) -> None:
   d = {k: v for k, v in manifest.to_dict().items()
-       if v is not None or k not in ("shard", "parts", "fingerprint")}
+       if v is not None or k not in ("shard", "parts", "fingerprint",
+                                     "source_files")}
   storage.write_text(storage.join(location, MANIFEST),
                      json.dumps(d, indent=2, sort_keys=True))
 
 
 def _write(output: str, label: str, records, data_config: DataConfig,
            max_len: int, block_rows: int, progress, settings: dict,
-           shard: list[int] | None = None, files: set[str] | None = None
-           ) -> None:
+           shard: list[int] | None = None, files: set[str] | None = None,
+           source_files: list[dict[str, Any]] | None = None) -> None:
   """Writes ``records``' rows to ``output``, then (ids checked unique) its
   manifest; a shard's part also keeps its sorted id hashes (``ID_HASHES``).
-  ``files``: a shard's files of the source ``label`` (None: all of them)."""
+  ``files``: a shard's files of the source ``label`` (None: all of them).
+  ``source_files``: the manifest's (``CorpusManifest``)."""
   vocab = data_config.vocabulary()
   token_dtype = "uint16" if vocab.vocab_size <= 1 << 16 else "int32"
   token_rows = min(block_rows, max(1, TOKEN_CHUNK_BYTES // (
@@ -537,7 +616,8 @@ def _write(output: str, label: str, records, data_config: DataConfig,
   _write_manifest(output, CorpusManifest(
       **settings, vocab_size=int(vocab.vocab_size), num_rows=tokens.size,
       num_docs=num_docs, token_dtype=token_dtype, shard=shard,
-      fingerprint=fingerprint.hex(), chunks_stored=True))
+      fingerprint=fingerprint.hex(), chunks_stored=True,
+      source_files=source_files))
 
 
 def _join(output: str, source: str, num_shards: int) -> TokenizedCorpus | None:
@@ -575,9 +655,32 @@ def _join(output: str, source: str, num_shards: int) -> TokenizedCorpus | None:
   _write_manifest(output, dataclasses.replace(
       first, num_rows=total, num_docs=sum(m.num_docs for m in manifests),
       fingerprint=fingerprint, shard=None,
+      source_files=_joined_source_files(output, paths, manifests),
       chunks_stored=all(m.chunks_stored for m in manifests),
       parts=[{"path": p, "num_rows": m.num_rows} for p, m in zip(paths, manifests)]))
   return TokenizedCorpus(output)
+
+
+def _joined_source_files(output: str, paths: Sequence[str],
+                         manifests: Sequence[CorpusManifest]
+                         ) -> list[dict[str, Any]] | None:
+  """The parts' ``source_files`` in order, once each (parts sharing a file
+  each recorded it); None if a part has none. A file two parts saw
+  differently changed while the corpus was tokenized: an InputError."""
+  if any(m.source_files is None for m in manifests):
+    return None
+  seen: dict[str, tuple[str, dict[str, Any]]] = {}
+  for path, m in zip(paths, manifests):
+    for f in m.source_files:
+      if f["path"] in seen and seen[f["path"]][1] != f:
+        other, was = seen[f["path"]]
+        raise InputError(
+            f"{output}: {f['path']} changed while it was tokenized ({other} "
+            f"read it as {_described(was, f).removeprefix('at ')}, {path} as "
+            f"{_described(f, was).removeprefix('at ')}); delete {output} and "
+            "tokenize it again")
+      seen.setdefault(f["path"], (path, f))
+  return [f for _, f in seen.values()]
 
 
 # Hashes the join holds at once, over all parts (``first_shared_hash``).

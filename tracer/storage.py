@@ -41,7 +41,7 @@ import os
 import posixpath
 import re
 import stat
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import tensorstore as ts
 
@@ -442,6 +442,39 @@ def exists(location: str) -> bool:
   except ValueError as e:
     raise InputError(f"{location}: cannot read: {reason(e)}") from None
   return result.state == "value"
+
+
+def identities(locations: Sequence[str]) -> list[dict[str, Any] | None]:
+  """A cheap identity of each file, without reading it (a corpus's shards
+  may be terabytes), to tell later whether it was changed: a local file's
+  ``{"size": bytes, "mtime_ns": ns}`` (a stat), an object's
+  ``{"generation": hex}`` (a read of zero bytes, a metadata request: GCS's
+  generation, S3's ETag; every object's in flight together). None for a
+  missing file."""
+  out: list[dict[str, Any] | None] = [None] * len(locations)
+  reads = []
+  for i, location in enumerate(locations):
+    location = os.fspath(location)
+    local = local_path(location)
+    if local is None:
+      kv, name = _kv(location)
+      reads.append((i, location, kv.read(name, byte_range=slice(0, 0))))
+      continue
+    try:
+      st = os.stat(local)
+    except (FileNotFoundError, NotADirectoryError):
+      continue
+    except OSError as e:
+      raise InputError(f"{location}: cannot read: {reason(e)}") from None
+    out[i] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+  for i, location, read in reads:
+    try:
+      result = read.result()
+    except ValueError as e:
+      raise InputError(f"{location}: cannot read: {reason(e)}") from None
+    if result.state == "value":
+      out[i] = {"generation": bytes(result.stamp.generation).hex()}
+  return out
 
 
 def delete(location: str) -> None:
