@@ -43,11 +43,14 @@ import gin
 import jax
 import numpy as np
 
+from tracer.launch import cli
 from tracer.launch import config
 from tracer import encoder as encoder_lib
 from tracer import model as model_lib
 from tracer import partitioning
+from tracer import projection
 from tracer import train as train_lib
+from tracer.errors import InputError
 
 SUITES = ("encode", "scan", "correction", "decode", "predictions")
 flags.DEFINE_list("suite", ["encode", "scan"], "Which benchmarks: encode, scan, "
@@ -58,11 +61,14 @@ flags.register_validator(
     f"expected one or more of {', '.join(SUITES)}")
 flags.DEFINE_list("models", ["tiny", "small"], "Gin configs under configs/.")
 flags.DEFINE_list("dims", ["4096", "65536"], "Projection dims for encode.")
-flags.DEFINE_integer("batch_size", 0, "Examples per call (0: 32 tiny, 8 others).")
-flags.DEFINE_integer("microbatch_size", 0, "Encoder microbatch (0: batch/devices).")
+flags.DEFINE_integer("batch_size", 0, "Examples per call (0: 32 tiny, 8 others).",
+                     lower_bound=0)
+flags.DEFINE_integer("microbatch_size", 0, "Encoder microbatch (0: batch/devices).",
+                     lower_bound=0)
 flags.DEFINE_integer("repeats", 3, "Timed repetitions after one warm-up.",
                      lower_bound=1)
-flags.DEFINE_list("kernels", ["exact", "factored"], "Encoder kernels to compare.")
+KERNELS = ("exact", "factored")  # encoder.GradientEncoder's
+flags.DEFINE_list("kernels", list(KERNELS), "Encoder kernels to compare.")
 flags.DEFINE_list("precisions", ["highest"], "The projections' matmul precisions "
                   "to time (EncodeConfig.projection_precision); past the first, "
                   "rows report their encodings' error against the first's.")
@@ -80,6 +86,30 @@ flags.DEFINE_integer("decode_prompt", 32, "Prompt tokens per query.")
 flags.DEFINE_integer("decode_steps", 16, "Tokens decoded per query.")
 flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
 FLAGS = flags.FLAGS
+
+
+def _check_models(names: list[str]) -> bool:
+  """Each --models name a gin file or a config tracer ships (before, an
+  unknown one was blamed on --gin_file, after the models before it ran)."""
+  for name in names:
+    try:
+      config.gin_file_path(name)
+    except InputError as e:
+      what = "is a directory" if "is a directory" in str(e) else (
+          "is no file and not a config tracer ships")
+      known = ", ".join(sorted(p.stem for p in config.shipped_configs().glob("*.gin")))
+      raise flags.ValidationError(f"{name!r} {what}; expected config names "
+                                  f"({known}) or gin files") from None
+  return True
+
+
+# Checked with the flags, not once the models before had run (--kernels=bogus
+# was a traceback after 15 s, --dims=abc one from int()).
+cli.check_list_flag("models")
+flags.register_validator("models", _check_models)
+cli.check_list_flag("dims", least=1)
+cli.check_list_flag("kernels", choices=KERNELS)
+cli.check_list_flag("precisions", choices=sorted(projection.PRECISIONS))
 
 
 def model_config(name: str) -> model_lib.ModelConfig:
@@ -391,6 +421,7 @@ def markdown(rows, columns) -> str:
 
 def main(argv):
   del argv
+  config.check_writable(FLAGS.json_out, "--json_out")  # before minutes of work
   device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
   print(f"devices: {device}")
   out = {"device": device}

@@ -53,6 +53,7 @@ import time
 
 from absl import flags
 
+from tracer.errors import InputError
 from tracer.launch import cli
 
 
@@ -61,8 +62,8 @@ def define_flags() -> None:
   can import ``tokenize_table`` beside the launch scripts' flags)."""
   flags.DEFINE_list("rows", ["10000", "1000000"], "Corpus sizes N.")
   flags.DEFINE_string("workdir", "/tmp/tracer_bench_data", "Scratch directory.")
-  flags.DEFINE_integer("max_len", 32, "Tokens per row.")
-  flags.DEFINE_integer("batch_size", 1024, "Rows per encode call.")
+  flags.DEFINE_integer("max_len", 32, "Tokens per row.", lower_bound=1)
+  flags.DEFINE_integer("batch_size", 1024, "Rows per encode call.", lower_bound=1)
   flags.DEFINE_string("phase", None, "Internal: run one phase in this process.")
   flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
   flags.DEFINE_list("tokenize_processes", [], "Time tokenizing with these "
@@ -72,11 +73,18 @@ def define_flags() -> None:
                     "parquet1 (one file), parquet3 (three files), jsonl1, gzip1 "
                     "(one JSONL file).")
   flags.DEFINE_integer("join_docs", 0, "Instead: time the join's id check over "
-                       "this many documents' hashes (--join_parts parts).")
-  flags.DEFINE_integer("join_parts", 64, "Parts of --join_docs.")
+                       "this many documents' hashes (--join_parts parts).",
+                       lower_bound=0)
+  flags.DEFINE_integer("join_parts", 64, "Parts of --join_docs.", lower_bound=1)
   flags.DEFINE_list("read", [], "Instead: read these JSONL or Parquet files "
                     "(paths or URLs) record by record, streamed and read "
                     "whole, each in a fresh process: seconds and peak memory.")
+  # Checked as flags, before any corpus is written (before 2026-12-06:
+  # int() tracebacks, numpy's "negative dimensions", "the corpus is empty",
+  # a missing manifest.json of 0 processes' corpus, after the work before).
+  cli.check_list_flag("rows", least=1)
+  cli.check_list_flag("tokenize_processes", least=1, empty_ok=True)
+  cli.check_list_flag("shards_as", choices=SHARD_FORMATS)
 
 
 FLAGS = flags.FLAGS
@@ -266,11 +274,21 @@ def _phase_env() -> dict:
               JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
 
 
+def phase_failed(what: str, returncode: int, stderr: str) -> Exception:
+  """A phase's process's failure: its own one line where bad input ended it
+  (a --read file that is not JSONL: ``cli.fail``'s ``error: ...``, exit 2),
+  else a RuntimeError with the end of its stderr (a bug)."""
+  lines = stderr.strip().splitlines()
+  if returncode == cli.EXIT_BAD_INPUT and lines and lines[-1].startswith("error: "):
+    return InputError(lines[-1].removeprefix("error: "))
+  return RuntimeError(f"{what} failed:\n{stderr[-3000:]}")
+
+
 def run_phase(*args: str) -> dict:
   proc = subprocess.run([sys.executable, "-m", "tracer.launch.benchmark_data", *args],
                         env=_phase_env(), capture_output=True, text=True)
   if proc.returncode:
-    raise RuntimeError(f"phase {args} failed:\n{proc.stderr[-3000:]}")
+    raise phase_failed(f"phase {args}", proc.returncode, proc.stderr)
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -288,13 +306,19 @@ def run_sharded_tokenize(pattern: str, out: str, processes: int,
   seconds = time.perf_counter() - start
   for p, (_, err) in zip(procs, outputs):
     if p.returncode:
-      raise RuntimeError(f"tokenize on {processes} processes failed:\n{err[-3000:]}")
+      raise phase_failed(f"tokenize on {processes} processes", p.returncode, err)
   from tracer import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
   return {"processes": processes, "seconds": seconds,
           "rows": len(corpus_lib.TokenizedCorpus(out)),
           "process_seconds": [json.loads(o.strip().splitlines()[-1])["seconds"]
                               for o, _ in outputs]}
 
+
+# Each --shards_as format's file name suffix.
+SHARD_SUFFIX = {"jsonl": ".jsonl", "gzip": ".jsonl.gz", "zstd": ".jsonl.zst",
+                "parquet": ".parquet", "parquet1": ".parquet", "parquet3": ".parquet",
+                "jsonl1": ".jsonl", "gzip1": ".jsonl.gz"}
+SHARD_FORMATS = tuple(SHARD_SUFFIX)
 
 # Rows per row group of the few-file Parquet corpora (``--shards_as=parquet1``,
 # ``parquet3``).
@@ -331,9 +355,7 @@ def tokenize_table(rows: int, counts: list[int], workdir: str, max_len: int,
   root = os.path.join(workdir, f"shards{rows}")
   os.makedirs(root, exist_ok=True)
   jsonl = os.path.join(root, "corpus.jsonl")
-  suffix = {"jsonl": ".jsonl", "gzip": ".jsonl.gz", "zstd": ".jsonl.zst",
-            "parquet": ".parquet", "parquet1": ".parquet", "parquet3": ".parquet",
-            "jsonl1": ".jsonl", "gzip1": ".jsonl.gz"}
+  suffix = SHARD_SUFFIX
   files_of = {"parquet1": 1, "parquet3": 3, "jsonl1": 1, "gzip1": 1}  # else 8
   stem = {fmt: {1: "one", 3: "three"}.get(files_of.get(fmt), "shard")
           for fmt in suffix}
@@ -371,6 +393,35 @@ def tokenize_table(rows: int, counts: list[int], workdir: str, max_len: int,
   return results
 
 
+def check_inputs() -> None:
+  """InputError, before any corpus is written or phase run, for an output
+  that cannot be written (``--json_out`` a directory was an
+  IsADirectoryError after the whole run; ``--workdir`` a file) or a
+  ``--read`` file that is not there (a RuntimeError from its phase's
+  process)."""
+  from tracer import storage  # pylint: disable=g-import-not-at-top
+  from tracer.launch import outputs  # pylint: disable=g-import-not-at-top
+  outputs.check_writable(FLAGS.json_out, "--json_out")
+  if not FLAGS.read:  # (the only mode that writes nothing there)
+    outputs.check_writable(FLAGS.workdir, "--workdir", "directory")
+  for location in FLAGS.read:
+    local = storage.local_path(location)
+    if local is not None and os.path.isdir(local):
+      why = "is a directory"
+    elif not storage.exists(location):
+      why = storage.missing(location)
+    else:
+      continue
+    raise InputError(f"--read={location}: {why}; expected a JSONL or Parquet "
+                     "file (a path or URL)")
+
+
+def write_json(results) -> None:
+  if FLAGS.json_out:
+    with open(FLAGS.json_out, "w") as f:
+      json.dump(results, f, indent=2)
+
+
 def main(argv):
   del argv
   if FLAGS.phase:
@@ -385,19 +436,17 @@ def main(argv):
       out = phase_encode(*paths, FLAGS.max_len, FLAGS.batch_size)
     print(json.dumps(out))
     return
+  check_inputs()
   if FLAGS.read:
-    read_table(FLAGS.read)
+    write_json(read_table(FLAGS.read))
     return
   if FLAGS.join_docs:
-    join_table(FLAGS.join_docs, FLAGS.join_parts, FLAGS.workdir)
+    write_json(join_table(FLAGS.join_docs, FLAGS.join_parts, FLAGS.workdir))
     return
   if FLAGS.tokenize_processes:
-    results = [tokenize_table(int(n), list(map(int, FLAGS.tokenize_processes)),
-                              FLAGS.workdir, FLAGS.max_len, tuple(FLAGS.shards_as))
-               for n in FLAGS.rows]
-    if FLAGS.json_out:
-      with open(FLAGS.json_out, "w") as f:
-        json.dump(results, f, indent=2)
+    write_json([tokenize_table(int(n), list(map(int, FLAGS.tokenize_processes)),
+                               FLAGS.workdir, FLAGS.max_len, tuple(FLAGS.shards_as))
+                for n in FLAGS.rows])
     return
   results = []
   for n in map(int, FLAGS.rows):
@@ -428,9 +477,7 @@ def main(argv):
           f"{r['tokenize']['peak_mb']:,.0f} | {r['encode_dir']['rows_per_s']:,.0f} | "
           f"{r['encode_dir']['peak_mb']:,.0f} | {r['encode_jsonl']['peak_mb']:,.0f} | "
           f"{r['encode_jsonl']['read_s']:.1f} |")
-  if FLAGS.json_out:
-    with open(FLAGS.json_out, "w") as f:
-      json.dump(results, f, indent=2)
+  write_json(results)
 
 
 if __name__ == "__main__":

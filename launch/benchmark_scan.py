@@ -71,9 +71,11 @@ def define_flags() -> None:
   _K = flags.DEFINE_integer("k", 100, "Top-k per query and side (at most --rows).",
                             lower_bound=1)
   _CHUNK_ROWS = flags.DEFINE_integer(
-      "chunk_rows", None, "Rows per scan step; default scan.default_chunk_rows.")
+      "chunk_rows", None, "Rows per scan step; default scan.default_chunk_rows.",
+      lower_bound=1)
   _STORE_CHUNK_ROWS = flags.DEFINE_integer("store_chunk_rows", 4096,
-                                           "Rows per stored zarr chunk.")
+                                           "Rows per stored zarr chunk.",
+                                           lower_bound=1)
   _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed runs per method (best kept).",
                                   lower_bound=1)
   _WORKDIR = flags.DEFINE_string("workdir", None,
@@ -81,9 +83,11 @@ def define_flags() -> None:
   _OUTPUT = flags.DEFINE_string(
       "output", None, "Write the table here: .json for JSON, else markdown.")
   _EVAL = flags.DEFINE_integer(
-      "eval_examples", 240, "Examples whose R_eval the scan-time metric mixes in.")
+      "eval_examples", 240, "Examples whose R_eval the scan-time metric mixes in.",
+      lower_bound=1)
   _BLOCK = flags.DEFINE_integer(
-      "block", 256, "Block size of the scan-time metric's block-diagonal R.")
+      "block", 256, "Block size of the scan-time metric's block-diagonal R.",
+      lower_bound=1)
   _RESIDENT = flags.DEFINE_bool(
       "resident", False, "Time the scan of a corpus held in device memory "
       "(run_resident_benchmark) instead of the host and store scans.")
@@ -93,11 +97,22 @@ def define_flags() -> None:
       "(run_serve_pass_benchmark).")
   _REQUESTS = flags.DEFINE_integer(
       "requests", 8, "--serve_pass: requests in the streamed fallback's "
-      "largest batch (0: the streamed rows are not run).")
+      "largest batch (0: the streamed rows are not run).", lower_bound=0)
   _FUSED_TILES = flags.DEFINE_list(
       "fused_tiles", None, "Instead: time the fused kernel's tile settings "
       "(run_fused_tiles_benchmark) on resident bf16 rows, each as "
       "ROWS:DIM:WARPS:STAGES (fused_scores.Tiles).")
+  # Each setting parsed with the flags, not after the default step's timings.
+  flags.register_validator("fused_tiles", _check_tiles)
+
+
+def _check_tiles(values: list[str] | None) -> bool:
+  for text in values or ():
+    try:
+      parse_tiles(text)
+    except ValueError as e:
+      raise flags.ValidationError(str(e).removeprefix("--fused_tiles: ")) from None
+  return True
 
 
 def _best_time(fn: Callable[[], Any], repeats: int) -> float:
@@ -900,11 +915,83 @@ def to_markdown(table: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
+# Bytes per element of the [rows, dim] encodings a benchmark holds at once,
+# at its peak (read off the functions above). In the host's memory:
+# run_scan_benchmark's f32 rows and their bf16 copy while an int8 copy is
+# quantized through two f32 temporaries (4 + 2 + 4 + 4);
+# run_serve_pass_benchmark's f32 rows beside their bf16 copy and its f32
+# widening (4 + 2 + 4), then beside the f32 and bf16 stores made resident
+# (on a CPU, device memory is the host's). On the devices (the host's on a
+# CPU): run_resident_benchmark's f32 rows (its largest dtype; one at a
+# time), split over every device, and run_fused_tiles_benchmark's bf16
+# rows on one device.
+HOST_BYTES_PER_ELEMENT = {"scan": 14, "serve_pass": 10}
+DEVICE_BYTES_PER_ELEMENT = {"resident": 4, "fused_tiles": 2}
+MODE_NAMES = {"scan": "the scan benchmark", "serve_pass": "--serve_pass",
+              "resident": "--resident", "fused_tiles": "--fused_tiles"}
+
+
+def check_memory(rows: int, dim: int, mode: str, host_bytes: int | None = None,
+                 device_bytes: int | None = None, devices: int = 1) -> None:
+  """InputError, before any array is made, where ``mode``'s (a key of
+  ``HOST_BYTES_PER_ELEMENT`` or ``DEVICE_BYTES_PER_ELEMENT``) rows would
+  take more than the host's physical memory (``host_bytes``, default
+  ``pipeline.host_memory_bytes``) or, for the resident modes, more than a
+  device's (``device_bytes``; None: the host's, as on a CPU) over
+  ``devices`` devices. Before, ``--rows=100000000000`` was numpy's "Unable
+  to allocate 373 TiB" traceback (or an OOM kill, past the free memory)."""
+  from tracer import pipeline  # pylint: disable=g-import-not-at-top
+  on_device = mode in DEVICE_BYTES_PER_ELEMENT
+  per = (DEVICE_BYTES_PER_ELEMENT if on_device else HOST_BYTES_PER_ELEMENT)[mode]
+  shares = devices if on_device and device_bytes is not None else 1
+  need = -(-rows * dim * per // shares)
+  if on_device and device_bytes is not None:
+    have, where = device_bytes, f"a device's {device_bytes:,} bytes of memory"
+  else:
+    have = pipeline.host_memory_bytes() if host_bytes is None else host_bytes
+    where = f"this host's {have:,} bytes of physical memory"
+  if need <= have:
+    return
+  split = f" on each of {shares} devices" if shares > 1 else ""
+  raise InputError(
+      f"--rows={rows} --dim={dim}: {MODE_NAMES[mode]} holds about {per} "
+      f"bytes per element of its rows x dim encodings, {need:,} bytes{split}, "
+      f"more than {where}; expected at most {have * shares // (per * dim):,} "
+      f"rows at --dim={dim}")
+
+
+def check_flags() -> None:
+  """InputError for flags that would fail a run at its end or midway, before
+  any array is made: --k past --rows, an --output or --workdir that cannot
+  be written (a directory at --output was an IsADirectoryError after every
+  timing), rows past the memory."""
+  from tracer.launch import outputs  # pylint: disable=g-import-not-at-top
   if _K.value > _ROWS.value:
     raise InputError(f"--k={_K.value}: more than the --rows={_ROWS.value} "
                      "scanned; expected k <= rows")
+  outputs.check_writable(_OUTPUT.value, "--output")
+  outputs.check_writable(_WORKDIR.value, "--workdir", "directory")
+  mode = ("fused_tiles" if _FUSED_TILES.value else "serve_pass"
+          if _SERVE_PASS.value else "resident" if _RESIDENT.value else "scan")
+  if mode in DEVICE_BYTES_PER_ELEMENT:
+    from tracer import pipeline  # pylint: disable=g-import-not-at-top
+    # Starting the backends logs (at INFO) each one missing, e.g. libtpu:
+    # not before a refusal's one line.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.WARNING)
+    try:
+      device_bytes = pipeline.device_memory_bytes()
+    finally:
+      logging.set_verbosity(verbosity)
+    check_memory(_ROWS.value, _DIM.value, mode, device_bytes=device_bytes,
+                 devices=jax.device_count() if mode == "resident" else 1)
+  else:
+    check_memory(_ROWS.value, _DIM.value, mode)
+
+
+def main(argv):
+  del argv
+  check_flags()
   if _FUSED_TILES.value:
     table = run_fused_tiles_benchmark(
         [parse_tiles(t) for t in _FUSED_TILES.value], rows=_ROWS.value,

@@ -36,7 +36,7 @@ import signal
 import sys
 import threading
 import traceback
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 from absl import app
 from absl import flags
@@ -278,6 +278,40 @@ def other_process_failed(failure) -> NoReturn:
   sys.stdout.flush()
   sys.stderr.write(f"error: {one_line(failure.error())}\n")
   _leave(coordination, failure.status)
+
+
+def check_list_flag(name: str, least: int | None = None,
+                    choices: Sequence[str] | None = None,
+                    empty_ok: bool = False) -> None:
+  """Registers a validator of the list flag ``--name`` (``DEFINE_list``,
+  comma-separated): at least one item (unless ``empty_ok``), each an
+  integer >= ``least`` (given ``least``) or one of ``choices``: a flag
+  error, before any work. Before, a benchmark's ``--rows=abc`` or
+  ``--kernels=bogus`` was a traceback from int() or from deep in the run."""
+
+  def check(values) -> bool:
+    if not values and not empty_ok:
+      raise flags.ValidationError(
+          f"empty; expected one or more comma-separated integers >= {least}"
+          if least is not None else
+          f"empty; expected one or more of {', '.join(choices)} (comma-separated)"
+          if choices is not None else
+          "empty; expected one or more comma-separated values")
+    for value in values or ():
+      if choices is not None and value not in choices:
+        raise flags.ValidationError(f"{value!r} is not one of {', '.join(choices)}")
+      if least is not None:
+        try:
+          number = int(value)
+        except ValueError:
+          raise flags.ValidationError(
+              f"{value!r} is not an integer; expected comma-separated integers "
+              f">= {least}") from None
+        if number < least:
+          raise flags.ValidationError(f"{number}: expected integers >= {least}")
+    return True
+
+  flags.register_validator(name, check)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -113,6 +113,76 @@ def test_subcommand_flags_and_bad_input(tmp_path):
   assert not (tmp_path / "demo").exists()
 
 
+# The benchmarks' bad flags (2026-12-06): each refused at once, in one line,
+# before any corpus, array or model is made. Before, each was a traceback
+# (int(), numpy's "negative dimensions", ZeroDivisionError, IsADirectoryError
+# at the end), a message blaming something else (--gin_file, "the corpus is
+# empty", a manifest), or found after the timings. The small sizes keep the
+# old code's runs short.
+BENCHMARK_DATA = ("benchmark-data", "--rows=10", "--workdir={tmp}/wd")
+BENCHMARK_SCAN = ("benchmark-scan", "--rows=300", "--dim=16", "--queries=2", "--k=2",
+                  "--repeats=1", "--eval_examples=2", "--block=8",
+                  "--store_chunk_rows=64", "--workdir={tmp}/wd")
+BENCHMARK = ("benchmark", "--suite=encode", "--models=tiny", "--dims=64",
+             "--kernels=exact", "--batch_size=2", "--memory_budget_mb=0", "--norun",
+             "--noper_example", "--noverify")
+BENCHMARK_FLAG_ERRORS = [
+    (BENCHMARK_DATA, "--rows=-5", "flag --rows=['-5']: -5: expected integers >= 1"),
+    (BENCHMARK_DATA, "--rows=abc", "flag --rows=['abc']: 'abc' is not an integer"),
+    (BENCHMARK_DATA, "--rows=0", "flag --rows=['0']: 0: expected integers >= 1"),
+    (BENCHMARK_DATA, "--batch_size=0", "flag --batch_size=0: 0 is not a positive"),
+    (BENCHMARK_DATA, "--batch_size=-3", "flag --batch_size=-3: -3 is not a positive"),
+    (BENCHMARK_DATA, "--join_docs=-1", "flag --join_docs=-1: -1 is not a non-negative"),
+    (BENCHMARK_DATA, "--max_len=0", "flag --max_len=0: 0 is not a positive"),
+    (BENCHMARK_DATA, "--max_len=-1", "flag --max_len=-1: -1 is not a positive"),
+    (BENCHMARK_DATA, "--join_docs=10 --join_parts=0",
+     "flag --join_parts=0: 0 is not a positive"),
+    (BENCHMARK_DATA, "--tokenize_processes=1 --shards_as=jsonl,csv",
+     "flag --shards_as=['jsonl', 'csv']: 'csv' is not one of jsonl, gzip, zstd"),
+    (BENCHMARK_DATA, "--tokenize_processes=0",
+     "flag --tokenize_processes=['0']: 0: expected integers >= 1"),
+    (BENCHMARK_DATA, "--read={tmp}/nosuch.jsonl", "--read={tmp}/nosuch.jsonl: no "
+     "such file; expected a JSONL or Parquet file"),
+    # Found by the phase's own process: its line, not a RuntimeError.
+    (BENCHMARK_DATA, "--read={tmp}/bad.jsonl", "{tmp}/bad.jsonl:1: not valid JSON"),
+    (BENCHMARK_DATA, "--tokenize_processes=1 --json_out={tmp}/adir",
+     "--json_out={tmp}/adir: is a directory; expected a file"),
+    (BENCHMARK_SCAN, "--block=0", "flag --block=0: 0 is not a positive"),
+    (BENCHMARK_SCAN, "--eval_examples=-1", "flag --eval_examples=-1: -1 is not a "
+     "positive"),
+    (BENCHMARK_SCAN, "--fused_tiles=abc", "flag --fused_tiles=['abc']: 'abc' is not "
+     "ROWS:DIM:WARPS:STAGES"),
+    (BENCHMARK_SCAN, "--store_chunk_rows=0", "flag --store_chunk_rows=0: 0 is not"),
+    (BENCHMARK_SCAN, "--chunk_rows=0", "flag --chunk_rows=0: 0 is not a positive"),
+    (BENCHMARK_SCAN, "--rows=100000000000 --dim=1024", "--rows=100000000000 "
+     "--dim=1024: the scan benchmark holds about 14 bytes per element"),
+    (BENCHMARK_SCAN, "--output={tmp}/adir", "--output={tmp}/adir: is a directory; "
+     "expected a file"),
+    (BENCHMARK, "--kernels=exact,bogus",
+     "flag --kernels=['exact', 'bogus']: 'bogus' is not one of exact, factored"),
+    (BENCHMARK, "--dims=abc", "flag --dims=['abc']: 'abc' is not an integer"),
+    (BENCHMARK, "--batch_size=-1", "flag --batch_size=-1: -1 is not a non-negative"),
+    (BENCHMARK, "--microbatch_size=-1", "flag --microbatch_size=-1: -1 is not a "
+     "non-negative"),
+    (BENCHMARK, "--models=nosuch", "flag --models=['nosuch']: 'nosuch' is no file "
+     "and not a config tracer ships; expected config names (1b, "),
+    (BENCHMARK, "--json_out={tmp}/adir", "--json_out={tmp}/adir: is a directory; "
+     "expected a file"),
+]
+
+
+@pytest.mark.parametrize("base,flags,message", BENCHMARK_FLAG_ERRORS,
+                         ids=[f"{b[0]}{f}" for b, f, _ in BENCHMARK_FLAG_ERRORS])
+def test_benchmark_bad_flags_are_refused_before_any_work(tmp_path, base, flags,
+                                                         message):
+  (tmp_path / "adir").mkdir()
+  (tmp_path / "bad.jsonl").write_text("not json\n")
+  args = [a.format(tmp=tmp_path) for a in (*base, *flags.split())]
+  line = _error_line(_tracer(*args, cwd=tmp_path))
+  assert line.startswith(f"error: {message.format(tmp=tmp_path)}"), line
+  assert not (tmp_path / "wd").exists() and not any((tmp_path / "adir").iterdir())
+
+
 def test_every_script_on_the_shared_flags_names_those_it_reads():
   """A script that parses the shared flags (``config.run``) declares which of
   ``config.SCRIPT_FLAGS`` it reads; each name is one of them."""

@@ -989,6 +989,34 @@ def test_scan_benchmark_runs(tmp_path):
   assert "| tracer scan_store float32 |" in benchmark_scan.to_markdown(table)
 
 
+def test_scan_benchmark_rows_past_the_memory_are_refused():
+  # ``tracer benchmark-scan --rows=100000000000`` was numpy's "Unable to
+  # allocate 373 TiB" traceback; now refused before any array, in the
+  # host's memory (the scan, --serve_pass) or a device's (the resident
+  # modes, each device holding its share).
+  from tracer.launch import benchmark_scan  # pylint: disable=g-import-not-at-top
+  check = benchmark_scan.check_memory
+  check(1000, 100, "scan", host_bytes=14 * 1000 * 100)  # fits exactly
+  with pytest.raises(InputError, match=r"^--rows=1001 --dim=100: the scan benchmark "
+                     r"holds about 14 bytes per element of its rows x dim encodings, "
+                     r"1,401,400 bytes, more than this host's 1,400,000 bytes of "
+                     r"physical memory; expected at most 1,000 rows at --dim=100$"):
+    check(1001, 100, "scan", host_bytes=14 * 1000 * 100)
+  with pytest.raises(InputError, match="--serve_pass holds about 10 bytes"):
+    check(1001, 100, "serve_pass", host_bytes=10 * 1000 * 100)
+  # On a CPU (no device figure) the resident rows are the host's.
+  check(1000, 100, "resident", host_bytes=4 * 1000 * 100, device_bytes=None, devices=8)
+  with pytest.raises(InputError, match="more than this host's"):
+    check(1001, 100, "resident", host_bytes=4 * 1000 * 100, devices=8)
+  check(8000, 100, "resident", host_bytes=1, device_bytes=4 * 1000 * 100, devices=8)
+  with pytest.raises(InputError, match=r"320,050 bytes on each of 8 devices, more "
+                     r"than a device's 320,000 bytes of memory; expected at most "
+                     r"6,400 rows"):
+    check(6401, 100, "resident", device_bytes=320_000, devices=8)
+  with pytest.raises(InputError, match="--fused_tiles holds about 2 bytes"):
+    check(1001, 100, "fused_tiles", device_bytes=2 * 1000 * 100)
+
+
 def test_serve_pass_benchmark_runs(tmp_path):
   # ``tracer benchmark-scan --serve_pass``: on the CPU the bf16 store's pass
   # answers bit for bit as the f32 store's of the same values.
