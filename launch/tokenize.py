@@ -37,6 +37,7 @@ from tracer.launch import config
 from tracer import corpus as corpus_lib
 from tracer import pipeline
 from tracer.config import DataConfig, ModelConfig
+from tracer.errors import InputError
 
 FLAGS = flags.FLAGS
 
@@ -82,6 +83,10 @@ def run(source: str, output: str) -> corpus_lib.TokenizedCorpus:
 def main(argv):
   del argv
   config.setup(required=("corpus", "output"), output_is="directory")
+  if corpus_lib.is_tokenized(FLAGS.corpus):  # (it said "is a directory; expected a file")
+    raise InputError(f"--corpus={FLAGS.corpus}: already a tokenized corpus; pass "
+                     "it as --corpus to the commands that read one (train, encode, "
+                     "trace), or give tokenize its source files")
   run(FLAGS.corpus, FLAGS.output)
 
 

@@ -453,6 +453,16 @@ def test_tokenize_output_that_is_a_file_or_a_missing_source(tmp_path, corpus):
                              "--output=tok", cwd=tmp_path))
   assert line == "error: missing.jsonl: no such file"
   assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+  # A tokenized corpus as the source (before 2026-12-06: "is a directory;
+  # expected a file", though --corpus takes one elsewhere).
+  assert _tracer("tokenize", "--gin_file=tiny", f"--corpus={corpus}", "--output=tok",
+                 cwd=tmp_path).returncode == 0
+  line = _error_line(_tracer("tokenize", "--gin_file=tiny", "--corpus=tok",
+                             "--output=tok2", cwd=tmp_path))
+  assert line == ("error: --corpus=tok: already a tokenized corpus; pass it as "
+                  "--corpus to the commands that read one (train, encode, trace), "
+                  "or give tokenize its source files")
+  assert not (tmp_path / "tok2").exists()
 
 
 def test_trace_refuses_flags_it_would_ignore(tmp_path):
