@@ -807,7 +807,7 @@ def open_corpus(source: str, data_config: DataConfig, max_len: int):
     if diffs:
       raise InputError(f"{storage.join(corpus.location, MANIFEST)}: "
                        + "; ".join(diffs) + " (tokenize again with the "
-                       "checkpoint's gin config)")
+                       "model's gin config)")
     return corpus
   if not storage.is_url(source) and os.path.isdir(source):
     parts = os.path.join(source, PARTS)
