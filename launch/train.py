@@ -24,6 +24,7 @@ from tracer import checkpoint as ckpt_lib
 from tracer import corpus as corpus_lib
 from tracer import model as model_lib
 from tracer import partitioning
+from tracer import pipeline
 from tracer import storage
 from tracer import train as train_lib
 from tracer.config import DataConfig, OptimizerConfig, TrainConfig
@@ -115,6 +116,9 @@ def train(corpus_source: str, workdir: str) -> dict:
   step_fn = train_lib.make_train_step(family.loss_fn(model_config), optimizer, mesh,
                                       params)
   sharding = partitioning.all_devices_batch(mesh)
+  if start < opt_config.total_steps:
+    _check_step_memory(step_fn, params, opt_state, corpus, train_config.batch_size,
+                       sharding)
   host_rows = partitioning.host_slice(train_config.batch_size)
   log_path = storage.join(workdir, "train_log.jsonl")
   logged = _log_up_to(log_path, start) if jax.process_index() == 0 else []
@@ -173,6 +177,21 @@ def kept_steps(train_config: TrainConfig, total_steps: int) -> list[int]:
   saved = [s for s in range(start, total_steps + 1)
            if saves_at(s, train_config, total_steps)]
   return saved[-keep:]
+
+
+def _check_step_memory(step_fn, params, opt_state, corpus, batch_size: int,
+                       sharding) -> None:
+  """InputError where a step of ``batch_size`` rows would not fit in memory,
+  by XLA's count once the step is compiled (the loop's first step reuses
+  that compile), before any batch is read."""
+  batch = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct((batch_size, *a.shape[1:]), a.dtype,
+                                     sharding=sharding),
+      corpus.examples(np.arange(1)))
+  pipeline.check_compiled_memory(
+      step_fn.lower(params, opt_state, batch).compile(),
+      f"TrainConfig.batch_size={batch_size}: a training step",
+      "a smaller TrainConfig.batch_size (a step's memory grows with it)")
 
 
 # The TrainConfig fields that choose each step's rows (``train.batch_rows``).

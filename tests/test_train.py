@@ -21,6 +21,7 @@ from tracer import checkpoint as ckpt_lib
 from tracer import config as tracer_config
 from tracer import facts
 from tracer import model as model_lib
+from tracer import pipeline
 from tracer import train as train_lib
 
 TINY_GIN = """
@@ -233,6 +234,31 @@ def test_bad_train_configs_fail_early(corpus_path, tmp_path):
   with pytest.raises(ValueError, match="batch_size=12 must be a multiple of the 8"):
     _train(corpus_path, tmp_path, **{"TrainConfig.batch_size": 12})
   assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
+  # XLA's count of a step's memory, before any batch is read (before
+  # 2026-12-06: RESOURCE_EXHAUSTED after 162 s of the first step).
+  with pytest.raises(ValueError, match=re.escape(
+      "TrainConfig.batch_size=8000000: a training step takes ") + r"[\d,.]+ GiB on "
+      r"each of this host's 8 devices, [\d,.]+ GiB in all \(XLA's count after "
+      r"compiling\), more than this host's [\d,.]+ GiB; expected a smaller "
+      r"TrainConfig.batch_size"):
+    _train(corpus_path, tmp_path, **{"TrainConfig.batch_size": 8_000_000})
+  assert not os.path.exists(os.path.join(tmp_path, "train_log.jsonl"))
+
+
+def test_a_program_past_a_devices_memory_is_refused():
+  compiled = jax.jit(lambda x: x @ x.T).lower(
+      jax.ShapeDtypeStruct((1024, 256), np.float32)).compile()
+  need = pipeline.compiled_bytes(compiled)
+  assert need >= 1024 * 1024 * 4  # the [1024, 1024] output at least
+  pipeline.check_compiled_memory(compiled, "x", "y", device_have=need)
+  with pytest.raises(ValueError, match=re.escape(
+      "the product takes 0.0 GiB on each device (XLA's count after compiling), "
+      "more than a device's 0.0 GiB; expected fewer rows")):
+    pipeline.check_compiled_memory(compiled, "the product", "fewer rows",
+                                   device_have=need - 1)
+  with pytest.raises(ValueError, match="more than this host's 0.0 GiB"):
+    pipeline.check_compiled_memory(compiled, "the product", "fewer rows",
+                                   have=need)  # 8 devices share it
 
 
 def _gin_file_values(path):
