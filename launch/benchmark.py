@@ -48,6 +48,7 @@ from tracer.launch import config
 from tracer import encoder as encoder_lib
 from tracer import model as model_lib
 from tracer import partitioning
+from tracer import pipeline
 from tracer import projection
 from tracer import train as train_lib
 from tracer.errors import InputError
@@ -81,9 +82,18 @@ flags.DEFINE_bool("verify", True, "Check the encoder on one example against "
                   "jax.grad first (GradientEncoder's verify: one more compile).")
 flags.DEFINE_list("decode_models", ["tiny", "gemma3_270m"], "Gemma configs for "
                   "the decode suite: tiny, or a gemma_family.PRESETS name.")
-flags.DEFINE_integer("decode_batch", 8, "Queries per decode call.")
-flags.DEFINE_integer("decode_prompt", 32, "Prompt tokens per query.")
-flags.DEFINE_integer("decode_steps", 16, "Tokens decoded per query.")
+flags.DEFINE_integer("decode_batch", 8, "Queries per decode call.", lower_bound=1)
+flags.DEFINE_integer("decode_prompt", 32, "Prompt tokens per query.", lower_bound=1)
+flags.DEFINE_integer("decode_steps", 16, "Tokens decoded per query.", lower_bound=1)
+# The longest context of the Gemma presets (Gemma 3 4B-27B): past it the
+# decode window (the next power of two) is no model's, and at 2^27 tokens
+# numpy's query arrays alone took gigabytes before any check.
+DECODE_MAX_TOKENS = 131_072
+flags.register_multi_flags_validator(
+    ["decode_prompt", "decode_steps"],
+    lambda f: f["decode_prompt"] + f["decode_steps"] <= DECODE_MAX_TOKENS,
+    f"expected --decode_prompt + --decode_steps <= {DECODE_MAX_TOKENS:,} tokens "
+    "(the longest Gemma context)")
 flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
 FLAGS = flags.FLAGS
 
@@ -110,6 +120,24 @@ flags.register_validator("models", _check_models)
 cli.check_list_flag("dims", least=1)
 cli.check_list_flag("kernels", choices=KERNELS)
 cli.check_list_flag("precisions", choices=sorted(projection.PRECISIONS))
+cli.check_list_flag("decode_models")
+
+
+def _check_decode_models(values) -> bool:
+  """Each --decode_models name tiny or a Gemma preset, where the decode suite
+  runs (before, an unknown one was a traceback after the models before it;
+  the Gemma library's import, ~10 s, is paid only by that suite)."""
+  if "decode" in values["suite"]:
+    from tracer import gemma_family as gf  # pylint: disable=g-import-not-at-top
+    for name in values["decode_models"]:
+      if name != "tiny" and name not in gf.PRESETS:
+        raise flags.ValidationError(f"--decode_models: {name!r} is not one of "
+                                    f"tiny, {', '.join(gf.PRESETS)}")
+  return True
+
+
+flags.register_multi_flags_validator(["suite", "decode_models"],
+                                     _check_decode_models)
 
 
 def model_config(name: str) -> model_lib.ModelConfig:
@@ -142,11 +170,7 @@ def timed(fn, repeats: int) -> tuple[float, float]:
 
 
 def peak_bytes(compiled) -> int:
-  m = compiled.memory_analysis()
-  if m is None:
-    return 0
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes
-             + m.temp_size_in_bytes - m.alias_size_in_bytes)
+  return pipeline.compiled_bytes(compiled) or 0
 
 
 def encoder(cfg, params, v, mesh, dim, kernel, microbatch, verify=True,
@@ -323,7 +347,6 @@ def decode_rows(models, batch: int, prompt: int, steps: int, repeats: int
   import jax.numpy as jnp
   from tracer import data as data_lib
   from tracer import gemma_family as gf
-  from tracer import pipeline
 
   def full_passes(cfg, params, examples, num_tokens):
     inputs = jnp.asarray(examples["inputs"], jnp.int32)
@@ -378,7 +401,6 @@ def predictions_rows(models, batch: int, prompt: int, steps: int, repeats: int
   import types
   from tracer import data as data_lib
   from tracer import family as family_lib
-  from tracer import pipeline
 
   mesh = partitioning.make_mesh()
   vocab = data_lib.make_vocabulary("byte")

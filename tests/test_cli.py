@@ -141,6 +141,9 @@ BENCHMARK_FLAG_ERRORS = [
      "flag --shards_as=['jsonl', 'csv']: 'csv' is not one of jsonl, gzip, zstd"),
     (BENCHMARK_DATA, "--tokenize_processes=0",
      "flag --tokenize_processes=['0']: 0: expected integers >= 1"),
+    (BENCHMARK_DATA, "--rows=10,10000000000000", "--rows=10,10000000000000: the "
+     "corpora and what is made of them take about 1,162 bytes per row at "
+     "--max_len=32, "),
     (BENCHMARK_DATA, "--read={tmp}/nosuch.jsonl", "--read={tmp}/nosuch.jsonl: no "
      "such file; expected a JSONL or Parquet file"),
     # Found by the phase's own process: its line, not a RuntimeError.
@@ -168,6 +171,14 @@ BENCHMARK_FLAG_ERRORS = [
      "and not a config tracer ships; expected config names (1b, "),
     (BENCHMARK, "--json_out={tmp}/adir", "--json_out={tmp}/adir: is a directory; "
      "expected a file"),
+    (BENCHMARK, "--decode_batch=0", "flag --decode_batch=0: 0 is not a positive"),
+    (BENCHMARK, "--decode_prompt=-2", "flag --decode_prompt=-2: -2 is not a positive"),
+    (BENCHMARK, "--decode_steps=0", "flag --decode_steps=0: 0 is not a positive"),
+    (BENCHMARK, "--decode_prompt=200000", "flags decode_prompt=200000, "
+     "decode_steps=16: expected --decode_prompt + --decode_steps <= 131,072"),
+    (BENCHMARK, "--suite=decode --decode_models=tiny,gemma9", "flags suite=['decode'], "
+     "decode_models=['tiny', 'gemma9']: --decode_models: 'gemma9' is not one of "
+     "tiny, gemma2_2b, "),
 ]
 
 

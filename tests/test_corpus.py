@@ -757,6 +757,19 @@ def test_sharded_tokenize_benchmark_runs(tmp_path, capsys, monkeypatch):
   assert len(data_lib.corpus_files(str(tmp_path / "shards400" / "shard-*.jsonl.gz"))) == 8
 
 
+def test_data_benchmark_refuses_corpora_past_the_free_disk(tmp_path):
+  from tracer.launch import benchmark_data  # pylint: disable=g-import-not-at-top
+  # 100 + 50 rows of 62 + 8 * 16 bytes, and two stores of 422 bytes a row.
+  benchmark_data.check_disk([100, 50], 16, True, str(tmp_path), free=28_500)
+  with pytest.raises(ValueError, match=re.escape(
+      "--rows=100,50: the corpora and what is made of them take about 1,034 bytes "
+      "per row at --max_len=16, 0.0 GiB, more than the 0.0 GiB free at "
+      f"--workdir={tmp_path}/new; expected at most 27 rows in all")):
+    benchmark_data.check_disk([100, 50], 16, False, str(tmp_path / "new"),
+                              free=28_500)
+  benchmark_data.check_disk([100], 16, False, str(tmp_path / "new" / "deeper"))
+
+
 def test_data_benchmark_phases_run(tmp_path):
   """``tracer benchmark-data``'s phases, small and in this process: tokenize
   a generated corpus, then encode it from the directory and from the JSONL."""
