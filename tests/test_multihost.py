@@ -811,6 +811,49 @@ def test_tokenized_once_refuses_what_it_cannot_share(tmp_path, monkeypatch):
     common.tokenized_once(workdir, source, ckpt)
 
 
+# Three processes agree (coordination.agree) three times: all pass; processes
+# 1 and 2 fail; process 1 fails instead of giving a verdict.
+_AGREE = """
+import json, os, sys, time
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+me = int(sys.argv[2])
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 3, me)
+from tracer import coordination
+print("agreed:", json.dumps(coordination.agree("t", "")), flush=True)
+print("agreed:", json.dumps(coordination.agree("t", f"bad {me}" if me else "")),
+      flush=True)
+if me == 1:
+  time.sleep(1)
+  coordination.tell_failure(ValueError("lost its way"))
+else:
+  start = time.monotonic()
+  try:
+    coordination.agree("t", "", timeout_s=120)
+  except coordination.OtherProcessError as e:
+    print(f"raised after {time.monotonic() - start:.0f} s:", e, flush=True)
+coordination.leave_together()
+os._exit(0)
+"""
+
+
+def test_processes_agree_on_the_first_failing_verdict(tmp_path):
+  """``coordination.agree``: every process gets the first failing process's
+  verdict (by index), or None; a process that fails instead of giving one
+  ends the others' wait at once with its message, not at the timeout."""
+  port = multiprocess.free_port()
+  procs, logs = multiprocess.start(
+      [[sys.executable, "-c", _AGREE, str(port), str(i)] for i in range(3)],
+      tmp_path, multiprocess.env(devices=1))
+  texts = multiprocess.wait(procs, logs, time.monotonic() + 180)
+  for i, text in enumerate(texts):
+    lines = [l for l in text.splitlines() if l.startswith(("agreed:", "raised"))]
+    assert lines[:2] == ["agreed: null", 'agreed: [1, "bad 1"]'], text
+    if i != 1:
+      assert re.fullmatch(r"raised after \d s: process 1 of 3 failed: "
+                          "ValueError: lost its way", lines[2]), text
+
+
 # A one-source task read in shards: seqio reads it whole for each (warned).
 @pytest.mark.filterwarnings("ignore:--corpus=tracer_")
 @pytest.mark.parametrize("kind", ["files", "unjoined", "seqio", "seqio_shards"])

@@ -26,6 +26,11 @@ jax.distributed's heartbeat timeout (SIGABRT, status 134, a C++ stack).
 Process 0's own death takes the service with it; jax's agent then ends the
 others (SIGABRT) within about a second.
 
+A check each process makes of its own share (a tokenized corpus's source
+files: ``pipeline.tokenize_on_processes``) ends the same way on all of them:
+``agree`` exchanges their verdicts through the same store and returns the
+first failing one to every process.
+
 All of it is a no-op on one process, or where this jax has no client. None
 of it touches jax's backend (``jax.process_index`` would): a call made while
 jax tears the backend down at exit would start a new one, whose collectives
@@ -56,6 +61,12 @@ HEARTBEAT_S = 5.0             # how often (at most) the count is raised
 # end with a message instead of jax's abort.
 SILENT_TIMEOUT_S = 60.0
 LOST_STATUS = 75              # sysexits' EX_TEMPFAIL: rerun to resume
+AGREED = "tracer/agreed"      # AGREED/<name>/<round>/<process>: its verdict
+AGREE_TIMEOUT_S = FINISH_TIMEOUT_S  # longest wait for the others' verdicts
+_rounds: dict[str, int] = {}  # name: this process's calls of ``agree`` so far
+# Failing verdicts ``agree`` returned, which this process raises itself: its
+# watcher leaves the others' failures with these messages to it.
+_agreed: set[str] = set()
 
 
 class Failure(NamedTuple):
@@ -136,6 +147,74 @@ def failures() -> list[Failure]:
       record = json.loads(value)
       found.append(Failure(process, int(record["status"]), str(record["message"])))
   return sorted(found)
+
+
+def agree(name: str, verdict: str, timeout_s: float = AGREE_TIMEOUT_S,
+          interval_s: float = WATCH_INTERVAL_S) -> tuple[int, str] | None:
+  """One outcome, on every process, of a check each made of its own share:
+  ``verdict`` is this process's ("" if its share passed, else why not);
+  returns the first failing process's (index, verdict), by index, or None.
+  On one process (no client), this one's.
+
+  Call it on every process, the same number of times with the same
+  ``name``: the n-th calls are one round (a run may check twice). The
+  process whose verdict completes the round (the last to set one always
+  sees every one) leaves the outcome; the others wait for it in blocking
+  reads of ``interval_s``, reading ``failures`` between them: a process that
+  failed instead ends the wait with its OtherProcessError, as does no
+  outcome within ``timeout_s``. P processes cost P sets and P reads of the
+  round's directory, one set of the outcome, and a read per wait.
+
+  The caller raises a failing outcome's error itself, on every process
+  alike: the others' failures with that message (told as they raise it)
+  then end no process (``FailureWatcher``), so each says it as its own."""
+  kv = client()
+  me, count = _processes()
+  if kv is None:
+    return (me, verdict) if verdict else None
+  _rounds[name] = _rounds.get(name, -1) + 1
+  where = f"{AGREED}/{name}/{_rounds[name]}"
+  kv.key_value_set(f"{where}/{me}", json.dumps(verdict), allow_overwrite=True)
+  told = kv.key_value_dir_get(where)
+  if len(told) >= count:
+    verdicts = sorted((int(k.rsplit("/", 1)[1]), json.loads(v)) for k, v in told)
+    first = next(((p, v) for p, v in verdicts if v), None)
+    if first is not None:
+      _agreed.add(first[1])
+    kv.key_value_set(f"{where}.all", json.dumps(first), allow_overwrite=True)
+    return first
+  deadline = time.monotonic() + timeout_s
+  while True:
+    left = deadline - time.monotonic()
+    outcome = _wait_for(kv, f"{where}.all", min(interval_s, max(0.0, left)))
+    if outcome is None:
+      found = failures()
+      # A failure told after the outcome was left (a process raising what
+      # all agreed on) is not the reason: the outcome is.
+      outcome = _wait_for(kv, f"{where}.all", 0.1) if found else None
+      if found and outcome is None:
+        raise found[0].error()
+    if outcome is not None:
+      first = json.loads(outcome)
+      if first is None:
+        return None
+      _agreed.add(first[1])
+      return int(first[0]), str(first[1])
+    if left <= 0:
+      missing = sorted(set(range(count)) - {int(k.rsplit("/", 1)[1]) for k, _
+                                            in kv.key_value_dir_get(where)})
+      raise OtherProcessError(f"{name}: no verdict from process"
+                              f"{'es' if len(missing) > 1 else ''} "
+                              f"{', '.join(map(str, missing))} of {count} "
+                              f"within {timeout_s:g} s")
+
+
+def _wait_for(kv, key: str, timeout_s: float) -> str | None:
+  """``key``'s value, once set (at most ``timeout_s`` from now), else None."""
+  try:
+    return kv.blocking_key_value_get(key, max(1, int(timeout_s * 1000)))
+  except Exception:  # pylint: disable=broad-except
+    return None  # (a deadline)
 
 
 def distributed_heartbeat_s(silent_timeout_s: float) -> int:
@@ -221,7 +300,7 @@ class FailureWatcher:
           kv.key_value_set(f"{ALIVE}/{me}", str(beats), allow_overwrite=True)
           for process, silent_s in check.lost(kv, now) if check else ():
             _tell_lost(kv, process, silent_s, self._silent_timeout_s)
-        found = failures()
+        found = [f for f in failures() if f.message not in _agreed]
         failing_since = None
       except Exception:  # pylint: disable=broad-except
         # One failed call (a deadline on a loaded service) must not stop the
