@@ -211,6 +211,14 @@ def test_a_source_changed_since_is_refused_on_several_processes(tmp_path, record
         f"{out}: made from {files[3]} of ")):
       corpus_lib.tokenize(pattern, out, config, 32, num_shards=shards,
                           shard_index=i)
+  # With check_sources=False the caller checks them, each process its share
+  # (pipeline.tokenize_on_processes): files[3] is in share 1 of 2 only.
+  joined = corpus_lib.tokenize(pattern, out, config, 32, num_shards=2,
+                               shard_index=0, check_sources=False)
+  corpus_lib.check_source_files(out, joined.manifest, pattern, 0, 2)
+  with pytest.raises(InputError, match=re.escape(
+      f"{out}: made from {files[3]} of ")):
+    corpus_lib.check_source_files(out, joined.manifest, pattern, 1, 2)
   # One file split between two processes, changed between their reads.
   one = str(tmp_path / "one.jsonl")
   facts.write_jsonl(one, records[:10])
@@ -222,6 +230,111 @@ def test_a_source_changed_since_is_refused_on_several_processes(tmp_path, record
       "it as ")):
     corpus_lib.tokenize(one, str(tmp_path / "split"), config, 32, num_shards=2,
                         shard_index=1)
+
+
+def test_each_share_checks_its_own_source_files(tmp_path, records, monkeypatch):
+  """On several processes each checks a share of the recorded files
+  (``check_source_files(..., share_index, share_count)``): the shares,
+  consecutive runs, cover every file once, only the last lists the glob,
+  and the first failing share raises what one process checking them all
+  would. Until 2026-12-06 every process statted every file (1,024 shards on
+  64 hosts: 65k metadata requests)."""
+  config = DataConfig()
+  pattern = _shards(tmp_path / "shards", records[:40], files=5)
+  files = data_lib.corpus_files(pattern)
+  out = str(tmp_path / "tok")
+  manifest = corpus_lib.tokenize(pattern, out, config, 32).manifest
+  asked, listed = [], []
+  identities, corpus_files = storage.identities, data_lib.corpus_files
+  monkeypatch.setattr(storage, "identities",
+                      lambda paths: asked.append(list(paths)) or identities(paths))
+  monkeypatch.setattr(data_lib, "corpus_files",
+                      lambda source: listed.append(source) or corpus_files(source))
+  source = data_lib.absolute_source(pattern)
+  for count in (1, 2, 3, 5, 7):  # more shares than files: some are empty
+    asked.clear(), listed.clear()
+    for i in range(count):
+      corpus_lib.check_source_files(out, manifest, source, i, count)
+      assert listed == ([source] if i == count - 1 else []), (count, i)
+    assert [p for share in asked for p in share] == files, count
+    assert [len(share) for share in asked] == [
+        (i + 1) * 5 // count - i * 5 // count for i in range(count)], count
+
+  def verdicts(count):
+    """Each share's error, or None."""
+    found = []
+    for i in range(count):
+      try:
+        corpus_lib.check_source_files(out, manifest, source, i, count)
+        found.append(None)
+      except InputError as e:
+        found.append(str(e))
+    return found
+
+  facts.write_jsonl(tmp_path / "shards" / "part-009.jsonl", records[40:41])
+  added = verdicts(1)[0]
+  assert "it now also matches" in added
+  assert verdicts(3) == [None, None, added]  # the last share lists the glob
+  facts.write_jsonl(files[3], records[:1])  # in share 2 of 3, and 1 of 2
+  one = verdicts(1)[0]
+  assert one.startswith(f"{out}: made from {files[3]} of "), one
+  assert verdicts(3) == [None, None, one]  # (its files before the listing)
+  assert verdicts(2) == [None, one]
+  facts.write_jsonl(files[4], records[:2])  # a later file changed too
+  assert verdicts(3) == [None, None, one]
+  assert [v is not None for v in verdicts(5)] == [False, False, False, True, True]
+  assert next(v for v in verdicts(5) if v) == one
+
+
+# A launch script on several processes that says which source files it
+# statted (storage.identities) and which globs it listed.
+_COUNTED_TOKENIZE = """
+import runpy, sys
+from tracer import data, storage
+identities, corpus_files = storage.identities, data.corpus_files
+def counted_identities(paths):
+  print("statted:", *paths, flush=True)
+  return identities(paths)
+def counted_files(source):
+  print("listed:", source, flush=True)
+  return corpus_files(source)
+storage.identities, data.corpus_files = counted_identities, counted_files
+sys.argv = ["tracer tokenize", *sys.argv[1:]]
+runpy.run_module("tracer.launch.tokenize", run_name="__main__")
+"""
+
+
+def test_a_file_changed_in_one_share_ends_every_process_alike(tmp_path, records):
+  """``tracer tokenize`` on 3 processes reusing a joined corpus, one file of
+  process 1's share changed since: each process stats only its share (and
+  process 2 lists the glob), and all three end with status 2 and the same
+  line naming that file (``coordination.agree``). Until 2026-12-06 every
+  process statted every file."""
+  import multiprocess  # pylint: disable=g-import-not-at-top
+  pattern = _shards(tmp_path / "shards", records[:60], files=6)
+  files = data_lib.corpus_files(pattern)
+  out = tmp_path / "tok"
+  for i in range(3):  # the last joins
+    corpus_lib.tokenize(pattern, str(out), DataConfig(), 128, num_shards=3,
+                        shard_index=i)
+  assert corpus_lib.is_tokenized(str(out))
+  facts.write_jsonl(files[3], records[:1])  # process 1's share: files[2:4]
+  port = multiprocess.free_port()
+  commands = [[sys.executable, "-c", _COUNTED_TOKENIZE,
+               "--gin_file=configs/tiny.gin", f"--corpus={pattern}",
+               f"--output={out}", *multiprocess.distributed_flags(port, i, 3)]
+              for i in range(3)]
+  procs, logs = multiprocess.start(commands, tmp_path, multiprocess.env(devices=1))
+  codes, texts = multiprocess.ends(procs, logs, time.monotonic() + 240)
+  assert codes == [2, 2, 2], texts
+  errors = [[l for l in t.splitlines() if l.startswith("error: ")] for t in texts]
+  assert errors[0] == errors[1] == errors[2], errors
+  assert errors[0][0].startswith(f"error: {out}: made from {files[3]} of "), errors
+  statted = [[l.split()[1:] for l in t.splitlines() if l.startswith("statted:")]
+             for t in texts]
+  assert statted == [[files[0:2]], [files[2:4]], [files[4:6]]], statted
+  listed = [sum(l.startswith("listed:") for l in t.splitlines()) for t in texts]
+  assert listed == [0, 0, 1], listed
 
 
 def test_the_source_is_recorded_absolute(tmp_path, corpus_path, monkeypatch):

@@ -22,7 +22,10 @@ directory without one is an unfinished tokenization, redone from the start.
 It records each source file's size and modification time (an object's
 generation), taken before the file is read; a rerun reuses the corpus only
 while every file is as recorded and a glob matches no other file
-(``_check_source_files``: one stat per file), else it is refused.
+(``check_source_files``: one stat per file), else it is refused. On several
+processes each checks its share of the files (``share_index``,
+``share_count``) and they agree on one verdict
+(``pipeline.tokenize_on_processes``): one stat per file in all.
 
 Tokenized by several processes (``tokenize(num_shards=P, shard_index=i)``,
 e.g. one per host of a pod), a glob's files are split into P runs of
@@ -94,7 +97,7 @@ class CorpusManifest:
   # Each source file as it was when read: [{"path": absolute path or URL,
   # **storage.identities(...)}] (size and mtime, or an object's generation),
   # in the source's order; a rerun reuses the corpus only while every file
-  # is as recorded (``_check_source_files``). None: a seqio source, given
+  # is as recorded (``check_source_files``). None: a seqio source, given
   # records, or a corpus tokenized before 2026-12-06 (reused unchecked).
   source_files: list[dict[str, Any]] | None = None
 
@@ -364,7 +367,7 @@ def _id_hash(doc_id: str) -> int:
 def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
              *, records: Iterable[data_lib.Record] | None = None,
              block_rows: int = BLOCK_ROWS, progress=None, num_shards: int = 1,
-             shard_index: int = 0) -> TokenizedCorpus:
+             shard_index: int = 0, check_sources: bool = True) -> TokenizedCorpus:
   """Tokenizes ``source`` into the directory ``output`` (module doc).
 
   Args:
@@ -380,6 +383,10 @@ def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
       ``num_shards`` (a file source's files split into runs of consecutive
       files, or of Parquet row groups: ``data.split_files``); the process
       that finds every part written joins them.
+    check_sources: False: an existing whole corpus's source files are left
+      to the caller to check (``check_source_files``; on several processes,
+      each its share: ``pipeline.tokenize_on_processes``). A part's are
+      always checked, by the process that writes it.
 
   Returns:
     The corpus, opened; with several shards, this shard's part until every
@@ -393,7 +400,7 @@ def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
               "sentencepiece_model": data_config.sentencepiece_model,
               "max_len": max_len, "overflow": data_config.overflow}
   if is_tokenized(output):
-    return _existing(output, settings)
+    return _existing(output, settings, check_sources)
   if not 0 <= shard_index < num_shards:
     raise InputError(f"shard {shard_index} of {num_shards}: expected 0 <= "
                      f"shard_index < num_shards")
@@ -439,8 +446,10 @@ def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
   return _join(output, source, num_shards) or TokenizedCorpus(part)
 
 
-def _existing(location: str, settings: dict) -> TokenizedCorpus:
-  """The corpus at ``location``, if made from the same source and settings."""
+def _existing(location: str, settings: dict,
+              check_sources: bool = True) -> TokenizedCorpus:
+  """The corpus at ``location``, if made from the same source and settings
+  (and, with ``check_sources``, from its files as they are now)."""
   corpus = TokenizedCorpus(location)
   same = lambda k, v: (data_lib.same_source if k == "source" else operator.eq)(
       getattr(corpus.manifest, k), v)
@@ -449,7 +458,8 @@ def _existing(location: str, settings: dict) -> TokenizedCorpus:
   if diffs:
     raise InputError(f"{location}: already holds a tokenized corpus with other "
                      f"settings ({'; '.join(diffs)}); choose another --output")
-  _check_source_files(location, corpus.manifest, settings["source"])
+  if check_sources:
+    check_source_files(location, corpus.manifest, settings["source"])
   return corpus
 
 
@@ -478,28 +488,44 @@ def _described(identity: dict[str, Any] | None, other: dict[str, Any] | None
           f"{f'.{ns % 10**9:09d}' if fine else ''} UTC")
 
 
-def _check_source_files(location: str, manifest: CorpusManifest,
-                        source: str) -> None:
+def source_share(count: int, share_index: int, share_count: int) -> slice:
+  """Share ``share_index`` of ``share_count`` of ``count`` recorded source
+  files: a run of consecutive ones, as ``data.split_files`` runs whole
+  files. Consecutive, so that the first failing share (by index) holds the
+  first changed file: the verdict of one process checking them all."""
+  return slice(share_index * count // share_count,
+               (share_index + 1) * count // share_count)
+
+
+def check_source_files(location: str, manifest: CorpusManifest, source: str,
+                       share_index: int = 0, share_count: int = 1) -> None:
   """InputError unless every file the corpus at ``location`` was made from
   is as it was then (``CorpusManifest.source_files``: size and modification
   time, an object's generation), and a glob matches no other file now: its
   rows would be stale (before 2026-12-06 a rerun after the source was
   edited reused them). One stat per file (objects: metadata requests in
   flight together) and, for a glob, one listing; a part checks its own
-  files only. A manifest without the record is not checked."""
+  files only. A manifest without the record is not checked.
+
+  ``share_index`` of ``share_count``: only that share of the files
+  (``source_share``), the last share also the glob's listing, after its
+  files (as one process lists after all of them), so that the shares'
+  errors, the first by index, are the one a single check would raise."""
   recorded = manifest.source_files
   if recorded is None:
     return
   fix = (f"tokenize it again into another directory, or delete {location} "
          "(its rows are those of the source as it was)")
-  now = storage.identities([f["path"] for f in recorded])
-  for f, identity in zip(recorded, now):
+  mine = recorded[source_share(len(recorded), share_index, share_count)]
+  now = storage.identities([f["path"] for f in mine])
+  for f, identity in zip(mine, now):
     was = {k: v for k, v in f.items() if k != "path"}
     if identity != was:
       raise InputError(f"{location}: made from {f['path']} of "
                        f"{_described(was, identity).removeprefix('at ')}; it is "
                        f"now {_described(identity, was)}: {fix}")
-  if manifest.shard is None and data_lib.is_file_source(source):
+  if (share_index == share_count - 1 and manifest.shard is None
+      and data_lib.is_file_source(source)):
     known = {f["path"] for f in recorded}
     added = [p for p in map(storage.normalize, data_lib.corpus_files(source))
              if p not in known]

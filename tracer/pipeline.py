@@ -147,14 +147,24 @@ def tokenize_on_processes(source: str, output: str, config: DataConfig,
   A process that fails (a bad line in its share, ids repeated across parts)
   says so before it raises (``tracer.coordination``); the others raise an
   OtherProcessError with its message at their next poll.
+
+  The whole corpus's source files (``corpus.check_source_files``: changed
+  since, gone, a glob matching another) are checked once the corpus is
+  there, reused or just joined: each process its share of them (one stat
+  per file in all, where each statting every file cost 1,024 shards x 64
+  hosts = 65k metadata requests), the last one the glob's listing; all
+  then raise the same InputError, the first failing share's
+  (``coordination.agree``: P key-value sets and P directory reads). On one
+  process, ``corpus.tokenize`` checks them all, as it always did.
   """
   shards, index = jax.process_count(), jax.process_index()
+  together = coordination.client() is not None
   if not data_lib.splits_among_processes(source):
     # corpus.tokenize reads a seqio source in one process unless it names
     # its shards (TASK#shards=N).
     shards, index = 1, (0 if index == 0 else None)
   tokenize = functools.partial(corpus_lib.tokenize, source, output, config, max_len,
-                               num_shards=shards)
+                               num_shards=shards, check_sources=not together)
   try:
     if index is not None:
       tokenize(progress=progress, shard_index=index)
@@ -163,16 +173,30 @@ def tokenize_on_processes(source: str, output: str, config: DataConfig,
       if index == 0 and shards > 1:
         tokenize(shard_index=0)  # joins the parts once every one is written
       if corpus_lib.is_tokenized(output):
-        return corpus_lib.TokenizedCorpus(output)
+        corpus = corpus_lib.TokenizedCorpus(output)
+        break
       for failure in coordination.failures():
         raise failure.error()
       time.sleep(wait)
       wait = min(2 * wait, poll_s)
+    verdict = ""
+    if together:
+      try:
+        corpus_lib.check_source_files(
+            output, corpus.manifest, data_lib.absolute_source(source),
+            jax.process_index(), jax.process_count())
+      except InputError as e:
+        verdict = str(e)
   except OtherProcessError:
     raise
   except Exception as e:
     coordination.tell_failure(e)
     raise
+  # Outside the try: every process raises it alike, none need be told.
+  failed = coordination.agree("source_files", verdict) if together else None
+  if failed is not None:
+    raise InputError(failed[1])
+  return corpus
 
 
 def read_queries(ckpt: ckpt_lib.Checkpoint, path: str) -> tuple[list[dict], dict]:
