@@ -400,7 +400,8 @@ def test_duplicate_ids_across_shards_are_named(tmp_path):
   pattern = str(tmp_path / "*.jsonl")
   # Named by rows and by file:line (before 2026-12-05 by rows alone).
   with pytest.raises(InputError, match=re.escape(
-      f"duplicate id 'x' (rows 0 and 3: {a}:1 and {b}:2)")):
+      f"{pattern}: duplicate id 'x' ({a}:1 and {b}:2; tokenized rows 0 and 3 of "
+      f"{tmp_path}/tok); ids must be unique")):
     corpus_lib.tokenize(pattern, str(tmp_path / "tok"), DataConfig(), 16)
   with pytest.raises(InputError, match="duplicate id 'x'"):
     data_lib.read_corpus(pattern, DataConfig().vocabulary(), 16)
@@ -710,7 +711,9 @@ def test_a_hash_collision_is_no_duplicate_id(tmp_path, monkeypatch):
     _assert_same_rows(memory, corpus_lib.TokenizedCorpus(out))
   (src / "c.jsonl").write_text(json.dumps({"id": "c", "text": "again"}) + "\n")
   places = f"{src}/a.jsonl:3 and {src}/c.jsonl:1"
-  with pytest.raises(InputError, match=re.escape(f"duplicate id 'c' (rows 2 and 14: {places})")):
+  with pytest.raises(InputError, match=re.escape(
+      f"{pattern}: duplicate id 'c' ({places}; tokenized rows 2 and 14 of "
+      f"{tmp_path}/dup1)")):
     corpus_lib.tokenize(pattern, str(tmp_path / "dup1"), config, 16)
   out = str(tmp_path / "dup3")
   for index in range(2):
@@ -720,7 +723,8 @@ def test_a_hash_collision_is_no_duplicate_id(tmp_path, monkeypatch):
   real_places = data_lib.id_places
   monkeypatch.setattr(data_lib, "id_places", lambda source, doc_id, files=None: (
       read.append(sorted(files)), real_places(source, doc_id, files))[1])
-  with pytest.raises(InputError, match=re.escape(f"duplicate id 'c' (rows 2 and 14: {places})")):
+  with pytest.raises(InputError, match=re.escape(
+      f"duplicate id 'c' ({places}; tokenized rows 2 and 14 of {out})")):
     corpus_lib.tokenize(pattern, out, config, 16, num_shards=3, shard_index=2)
   assert read == [[f"{src}/a.jsonl", f"{src}/c.jsonl"]]
 
@@ -778,7 +782,8 @@ def test_shard_errors(tmp_path, records):
   corpus_lib.tokenize(str(dup / "*.jsonl"), out, config, 16, num_shards=2,
                       shard_index=0)
   with pytest.raises(InputError, match=re.escape(
-      f"duplicate id 'x' (rows 0 and 3: {dup}/a.jsonl:1 and {dup}/b.jsonl:2)")):
+      f"duplicate id 'x' ({dup}/a.jsonl:1 and {dup}/b.jsonl:2; tokenized rows 0 "
+      f"and 3 of {out})")):
     corpus_lib.tokenize(str(dup / "*.jsonl"), out, config, 16, num_shards=2,
                         shard_index=1)
   assert not corpus_lib.is_tokenized(out)

@@ -797,10 +797,12 @@ def _duplicate_id(value: int, parts: list[tuple[str, int, set[str] | None]],
           first, first_files = seen[doc_id]
           places = data_lib.id_places(source, doc_id, None if files is None
                                       else first_files | files)
-          at_lines = f": {' and '.join(places)}" if len(places) == 2 else ""
-          raise InputError(f"{output}: duplicate id {doc_id!r} (rows "
-                           f"{first} and {first_row + r}{at_lines}); document ids "
-                           "must be unique across the whole source")
+          # Named as the source's own reader names it (its lines), with
+          # the rows (0-based) a reader of the tokenized corpus would see.
+          at_lines = f"{' and '.join(places)}; " if len(places) == 2 else ""
+          raise InputError(f"{source}: duplicate id {doc_id!r} ({at_lines}"
+                           f"tokenized rows {first} and {first_row + r} of "
+                           f"{output}); ids must be unique across the whole source")
         seen[doc_id] = first_row + r, files
 
 
