@@ -48,6 +48,7 @@ from tracer.launch import config
 from tracer import encoder as encoder_lib
 from tracer import model as model_lib
 from tracer import partitioning
+from tracer import memory
 from tracer import pipeline
 from tracer import projection
 from tracer import train as train_lib
@@ -170,7 +171,7 @@ def timed(fn, repeats: int) -> tuple[float, float]:
 
 
 def peak_bytes(compiled) -> int:
-  return pipeline.compiled_bytes(compiled) or 0
+  return memory.compiled_bytes(compiled) or 0
 
 
 def encoder(cfg, params, v, mesh, dim, kernel, microbatch, verify=True,

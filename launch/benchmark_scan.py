@@ -936,11 +936,11 @@ def check_memory(rows: int, dim: int, mode: str, host_bytes: int | None = None,
   """InputError, before any array is made, where ``mode``'s (a key of
   ``HOST_BYTES_PER_ELEMENT`` or ``DEVICE_BYTES_PER_ELEMENT``) rows would
   take more than the host's physical memory (``host_bytes``, default
-  ``pipeline.host_memory_bytes``) or, for the resident modes, more than a
+  ``memory.host_memory_bytes``) or, for the resident modes, more than a
   device's (``device_bytes``; None: the host's, as on a CPU) over
   ``devices`` devices. Before, ``--rows=100000000000`` was numpy's "Unable
   to allocate 373 TiB" traceback (or an OOM kill, past the free memory)."""
-  from tracer import pipeline  # pylint: disable=g-import-not-at-top
+  from tracer import memory  # pylint: disable=g-import-not-at-top
   on_device = mode in DEVICE_BYTES_PER_ELEMENT
   per = (DEVICE_BYTES_PER_ELEMENT if on_device else HOST_BYTES_PER_ELEMENT)[mode]
   shares = devices if on_device and device_bytes is not None else 1
@@ -948,7 +948,7 @@ def check_memory(rows: int, dim: int, mode: str, host_bytes: int | None = None,
   if on_device and device_bytes is not None:
     have, where = device_bytes, f"a device's {device_bytes:,} bytes of memory"
   else:
-    have = pipeline.host_memory_bytes() if host_bytes is None else host_bytes
+    have = memory.host_memory_bytes() if host_bytes is None else host_bytes
     where = f"this host's {have:,} bytes of physical memory"
   if need <= have:
     return
@@ -974,13 +974,13 @@ def check_flags() -> None:
   mode = ("fused_tiles" if _FUSED_TILES.value else "serve_pass"
           if _SERVE_PASS.value else "resident" if _RESIDENT.value else "scan")
   if mode in DEVICE_BYTES_PER_ELEMENT:
-    from tracer import pipeline  # pylint: disable=g-import-not-at-top
+    from tracer import memory  # pylint: disable=g-import-not-at-top
     # Starting the backends logs (at INFO) each one missing, e.g. libtpu:
     # not before a refusal's one line.
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.WARNING)
     try:
-      device_bytes = pipeline.device_memory_bytes()
+      device_bytes = memory.device_memory_bytes()
     finally:
       logging.set_verbosity(verbosity)
     check_memory(_ROWS.value, _DIM.value, mode, device_bytes=device_bytes,

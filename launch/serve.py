@@ -65,6 +65,7 @@ from tracer.launch import common
 from tracer.launch import config
 from tracer.config import PreconditionerConfig
 from tracer import data as data_lib
+from tracer import memory
 from tracer import pipeline
 from tracer import serving
 from tracer.errors import InputError
@@ -115,12 +116,12 @@ def budget_bytes(budget_mb: int) -> int:
   """``--resident_budget_mb`` in bytes, process 0's figure on every process
   (all must choose the same index)."""
   if budget_mb < 0:
-    device = pipeline.device_memory_bytes()
+    device = memory.device_memory_bytes()
     if device is not None:
       # The rest: the model, the encoder's and the scan's temporaries.
       budget = 0.6 * device
     else:  # CPU devices share the host's memory
-      budget = 0.4 * pipeline.host_memory_bytes() / jax.local_device_count()
+      budget = 0.4 * memory.host_memory_bytes() / jax.local_device_count()
     budget_mb = int(budget) >> 20
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

@@ -24,7 +24,7 @@ from tracer import checkpoint as ckpt_lib
 from tracer import corpus as corpus_lib
 from tracer import model as model_lib
 from tracer import partitioning
-from tracer import pipeline
+from tracer import memory
 from tracer import storage
 from tracer import train as train_lib
 from tracer.config import DataConfig, OptimizerConfig, TrainConfig
@@ -188,7 +188,7 @@ def _check_step_memory(step_fn, params, opt_state, corpus, batch_size: int,
       lambda a: jax.ShapeDtypeStruct((batch_size, *a.shape[1:]), a.dtype,
                                      sharding=sharding),
       corpus.examples(np.arange(1)))
-  pipeline.check_compiled_memory(
+  memory.check_compiled_memory(
       step_fn.lower(params, opt_state, batch).compile(),
       f"TrainConfig.batch_size={batch_size}: a training step",
       "a smaller TrainConfig.batch_size (a step's memory grows with it)")

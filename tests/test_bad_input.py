@@ -463,6 +463,12 @@ CASES = [
     Case("gin value of the wrong type",
          lambda s, d: scan(s, d, bindings=["EncodeConfig.projection_dim='big'"]),
          "gin: EncodeConfig.projection_dim = 'big': expected int, got str"),
+    # XLA's count once compiled, before the step runs (before 2026-12-06:
+    # RESOURCE_EXHAUSTED, a traceback, exit 1).
+    Case("encode step past the memory",
+         lambda s, d: scan(s, d, bindings=["EncodeConfig.microbatch_size=4000000"]),
+         "EncodeConfig.microbatch_size=4000000: an encode step (factored kernel) "
+         "takes "),
     Case("model axis not dividing the devices",
          lambda s, d: encode(s, d, bindings=["EncodeConfig.model_axis=2"]),
          "EncodeConfig.model_axis=2: expected a divisor of the device count 1: 1"),

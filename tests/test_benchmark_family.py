@@ -18,6 +18,7 @@ from tracer.launch import quality
 from tracer.launch import sweep
 from tracer import checkpoint as ckpt_lib
 from tracer import hessian
+from tracer import memory
 from tracer import pipeline
 from tracer import projection
 from tracer import scan
@@ -282,7 +283,7 @@ def test_sweep_refuses_fitting_r_past_memory_before_any_gradient(
   """Before 2026-12-06 R's memory was checked only in ``quality.moments``:
   after the set's predictions and the projection of its whole corpus."""
   root, _ = trained_family
-  monkeypatch.setattr(pipeline, "host_memory_bytes", lambda: 1024)
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 1024)
   monkeypatch.setattr(pipeline, "predictions", lambda *a, **k: pytest.fail("predicted"))
   monkeypatch.setattr(quality, "project_corpus", lambda *a: pytest.fail("projected"))
   out = tmp_path / "sweep"

@@ -322,6 +322,7 @@ def test_fitting_r_past_the_hosts_memory_is_refused_before_any_gradient():
   """Before 2026-12-05 ``EncodeConfig.projection_dim=2147483647`` on tiny.gin
   left its 128 x 512 matrices unprojected, and R's moments of 65,536 dims a
   block (17 GB, and a float64 eigh of 34 GB) were OOM-killed (exit 137)."""
+  from tracer import memory  # pylint: disable=g-import-not-at-top
   from tracer import pipeline  # pylint: disable=g-import-not-at-top
   from tracer import projection  # pylint: disable=g-import-not-at-top
   from tracer.errors import InputError  # pylint: disable=g-import-not-at-top
@@ -353,5 +354,5 @@ def test_fitting_r_past_the_hosts_memory_is_refused_before_any_gradient():
       "segment: 16,256 dims), more than a device's 0.0 GiB; expected a smaller")):
     pipeline.check_fit_memory(projected, "full", have=host, device_have=2**20)
   pipeline.check_fit_memory(projected, "block", have=host, device_have=2**30)
-  assert pipeline.device_memory_bytes() is None  # CPU devices share the host's
+  assert memory.device_memory_bytes() is None  # CPU devices share the host's
   assert hessian.fit_bytes(projected, "full") == projected.dim**2 * (4 + 3 * 8)

@@ -21,7 +21,7 @@ from tracer import checkpoint as ckpt_lib
 from tracer import config as tracer_config
 from tracer import facts
 from tracer import model as model_lib
-from tracer import pipeline
+from tracer import memory
 from tracer import train as train_lib
 
 TINY_GIN = """
@@ -248,16 +248,16 @@ def test_bad_train_configs_fail_early(corpus_path, tmp_path):
 def test_a_program_past_a_devices_memory_is_refused():
   compiled = jax.jit(lambda x: x @ x.T).lower(
       jax.ShapeDtypeStruct((1024, 256), np.float32)).compile()
-  need = pipeline.compiled_bytes(compiled)
+  need = memory.compiled_bytes(compiled)
   assert need >= 1024 * 1024 * 4  # the [1024, 1024] output at least
-  pipeline.check_compiled_memory(compiled, "x", "y", device_have=need)
+  memory.check_compiled_memory(compiled, "x", "y", device_have=need)
   with pytest.raises(ValueError, match=re.escape(
       "the product takes 0.0 GiB on each device (XLA's count after compiling), "
       "more than a device's 0.0 GiB; expected fewer rows")):
-    pipeline.check_compiled_memory(compiled, "the product", "fewer rows",
+    memory.check_compiled_memory(compiled, "the product", "fewer rows",
                                    device_have=need - 1)
   with pytest.raises(ValueError, match="more than this host's 0.0 GiB"):
-    pipeline.check_compiled_memory(compiled, "the product", "fewer rows",
+    memory.check_compiled_memory(compiled, "the product", "fewer rows",
                                    have=need)  # 8 devices share it
 
 

@@ -37,6 +37,7 @@ import numpy as np
 from tracer import correction
 from tracer import factored
 from tracer import hessian
+from tracer import memory
 from tracer import partitioning
 from tracer import projection
 
@@ -223,6 +224,14 @@ class GradientEncoder:
       return jax.lax.map(one, batch)
 
     program = jax.jit(project_all, out_shardings=(self._sharding, self._sharding))
+    # Compiled here (its first call reuses it) to be refused by XLA's count
+    # of its memory before it runs: a step holds microbatch_size examples'
+    # activations (and, unfactored, their gradients) on each data shard.
+    memory.check_compiled_memory(
+        program.lower(self._constants, batch).compile(),
+        f"EncodeConfig.microbatch_size={self.microbatch_size}: an encode step "
+        f"({self.kernel} kernel)",
+        "a smaller EncodeConfig.microbatch_size (a step's memory grows with it)")
     self._programs[key] = (plan, program)
     return program
 

@@ -45,6 +45,7 @@ from tracer import crashpoints
 from tracer import data as data_lib
 from tracer import evaluate
 from tracer import hessian
+from tracer import memory
 from tracer import partitioning
 from tracer import projection
 from tracer import scan as scan_lib
@@ -313,67 +314,12 @@ def basis_key(params_fingerprint: str, encoder: GradientEncoder,
   return json.loads(json.dumps(key))
 
 
-def host_memory_bytes() -> int:
-  """This host's physical memory."""
-  return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def device_memory_bytes() -> int | None:
-  """The smallest local device's memory where the backend reports it (GPU,
-  TPU); None on CPU, whose devices share the host's."""
-  limits = [(d.memory_stats() or {}).get("bytes_limit") for d in jax.local_devices()]
-  return min(limits) if all(limits) else None
-
-
-def compiled_bytes(compiled: jax.stages.Compiled) -> int | None:
-  """One device's memory for one run of ``compiled``, by XLA's own count
-  after compiling: its arguments, temporaries, and outputs not aliased to a
-  donated argument. None where the backend does not say."""
-  m = compiled.memory_analysis()
-  if m is None:
-    return None
-  return int(m.argument_size_in_bytes + m.output_size_in_bytes
-             + m.temp_size_in_bytes - m.alias_size_in_bytes)
-
-
-def check_compiled_memory(compiled: jax.stages.Compiled, what: str, fix: str,
-                          have: int | None = None,
-                          device_have: int | None = None) -> None:
-  """InputError, before ``compiled`` first runs, where one run needs more
-  than a device's ``device_have`` bytes (default ``device_memory_bytes``:
-  GPU, TPU) or, where the devices share the host's memory (CPU), more than
-  ``have`` bytes for all of this host's devices together (default its
-  physical memory). Without it, a batch too large ends in XLA's
-  RESOURCE_EXHAUSTED traceback, on CPU minutes later (2026-12-06:
-  ``TrainConfig.batch_size=1000000`` on tiny.gin, 162 s). ``what`` names
-  the setting and the program (``"TrainConfig.batch_size=N: a training
-  step"``), ``fix`` what to change."""
-  need = compiled_bytes(compiled)
-  if need is None:
-    return
-  device_have = device_memory_bytes() if device_have is None else device_have
-  if device_have is not None:
-    if need > device_have:
-      raise InputError(f"{what} takes {need / 2**30:,.1f} GiB on each device "
-                       f"(XLA's count after compiling), more than a device's "
-                       f"{device_have / 2**30:,.1f} GiB; expected {fix}")
-    return
-  have = host_memory_bytes() if have is None else have
-  devices = len(jax.local_devices())
-  if need * devices > have:
-    each = (f" on each of this host's {devices} devices, "
-            f"{need * devices / 2**30:,.1f} GiB in all" if devices > 1 else "")
-    raise InputError(f"{what} takes {need / 2**30:,.1f} GiB{each} (XLA's count "
-                     f"after compiling), more than this host's "
-                     f"{have / 2**30:,.1f} GiB; expected {fix}")
-
-
 def check_fit_memory(layout: projection.Layout, kind: str, have: int | None = None,
                      device_have: int | None = None) -> None:
   """InputError, before any gradient, where fitting R of ``kind`` over
   ``layout`` would take more than ``have`` bytes of the host's memory
   (default its physical memory, ``hessian.fit_bytes``), or its moments more
-  than ``device_have`` bytes of a device's (default ``device_memory_bytes``;
+  than ``device_have`` bytes of a device's (default ``memory.device_memory_bytes``;
   each device keeps a copy). A block left unprojected by a projection_dim
   past the model's size is a whole weight matrix (65,536 dims for
   tiny.gin's, 17 GB of moments and a 34 GB eigh), and ``kind="full"``
@@ -381,9 +327,9 @@ def check_fit_memory(layout: projection.Layout, kind: str, have: int | None = No
   if kind == "none":
     return
   need = hessian.fit_bytes(layout, kind)
-  have = host_memory_bytes() if have is None else have
+  have = memory.host_memory_bytes() if have is None else have
   moments = hessian.moment_bytes(layout, kind)
-  device_have = device_memory_bytes() if device_have is None else device_have
+  device_have = memory.device_memory_bytes() if device_have is None else device_have
   if need <= have and (device_have is None or moments <= device_have):
     return
   largest = max(hessian.segments(layout, kind), key=lambda s: s[1] - s[0])

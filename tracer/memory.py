@@ -1,0 +1,71 @@
+"""What fits in memory: the host's and a device's, and what a compiled
+program needs by XLA's own count, to refuse a setting before it runs out.
+
+Out of memory, XLA ends a run with a RESOURCE_EXHAUSTED traceback, on CPU
+after minutes of work (``TrainConfig.batch_size=1000000`` on tiny.gin: 162
+s); ``check_compiled_memory`` says which setting to change once the program
+is compiled, before it first runs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+from tracer.errors import InputError
+
+
+def host_memory_bytes() -> int:
+  """This host's physical memory."""
+  return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def device_memory_bytes() -> int | None:
+  """The smallest local device's memory where the backend reports it (GPU,
+  TPU); None on CPU, whose devices share the host's."""
+  limits = [(d.memory_stats() or {}).get("bytes_limit") for d in jax.local_devices()]
+  return min(limits) if all(limits) else None
+
+
+def compiled_bytes(compiled: jax.stages.Compiled) -> int | None:
+  """One device's memory for one run of ``compiled``, by XLA's own count
+  after compiling: its arguments, temporaries, and outputs not aliased to a
+  donated argument. None where the backend does not say."""
+  m = compiled.memory_analysis()
+  if m is None:
+    return None
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes
+             + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def check_compiled_memory(compiled: jax.stages.Compiled, what: str, fix: str,
+                          have: int | None = None,
+                          device_have: int | None = None) -> None:
+  """InputError, before ``compiled`` first runs, where one run needs more
+  than a device's ``device_have`` bytes (default ``device_memory_bytes``:
+  GPU, TPU) or, where the devices share the host's memory (CPU), more than
+  ``have`` bytes for all of this host's devices together (default its
+  physical memory). Without it, a batch too large ends in XLA's
+  RESOURCE_EXHAUSTED traceback, on CPU minutes later (2026-12-06:
+  ``TrainConfig.batch_size=1000000`` on tiny.gin, 162 s). ``what`` names
+  the setting and the program (``"TrainConfig.batch_size=N: a training
+  step"``), ``fix`` what to change."""
+  need = compiled_bytes(compiled)
+  if need is None:
+    return
+  device_have = device_memory_bytes() if device_have is None else device_have
+  if device_have is not None:
+    if need > device_have:
+      raise InputError(f"{what} takes {need / 2**30:,.1f} GiB on each device "
+                       f"(XLA's count after compiling), more than a device's "
+                       f"{device_have / 2**30:,.1f} GiB; expected {fix}")
+    return
+  have = host_memory_bytes() if have is None else have
+  devices = len(jax.local_devices())
+  if need * devices > have:
+    each = (f" on each of this host's {devices} devices, "
+            f"{need * devices / 2**30:,.1f} GiB in all" if devices > 1 else "")
+    raise InputError(f"{what} takes {need / 2**30:,.1f} GiB{each} (XLA's count "
+                     f"after compiling), more than this host's "
+                     f"{have / 2**30:,.1f} GiB; expected {fix}")
