@@ -750,3 +750,32 @@ def test_a_damaged_encode_config_in_a_manifest_is_named(tmp_path, bad, expected)
       common.encode_config(location)
   finally:
     gin.parse_config(BINDINGS)
+
+
+def test_an_encode_batch_past_the_rows_pads_no_further(tmp_path, monkeypatch):
+  """A batch larger than the rows is cut to them (a demo's
+  ``EncodeConfig.batch_size=10^8`` padded 1,719 rows to 10^8 examples:
+  numpy's "Unable to allocate 47.7 GiB", before 2026-12-06), and batches
+  past the host's memory are refused before any is read."""
+  from tracer import memory  # pylint: disable=g-import-not-at-top
+  from tracer import model as model_lib  # pylint: disable=g-import-not-at-top
+  cfg = model_lib.ModelConfig(d_model=16, num_layers=1, num_heads=2, d_ff=32,
+                              max_len=8)
+  path = tmp_path / "c.jsonl"
+  path.write_text("".join(json.dumps({"id": f"d{i}", "text": "abc" * (i % 3 + 1)})
+                          + "\n" for i in range(20)))
+  corpus = data_lib.read_corpus(str(path), data_lib.make_vocabulary(), cfg.max_len)
+  encoder = encoder_lib.GradientEncoder(model_lib.make_loss_fn(cfg),
+                                        model_lib.init_params(cfg),
+                                        projection_dim=64, microbatch_size=2)
+  # 10^9 examples of 8 tokens: 96 GB of numpy arrays on the old code.
+  batches = list(pipeline._run_local_batches(encoder, corpus, iter([(0, 20)]), 20,
+                                             10**9))
+  assert [len(valid) for _, _, valid in batches] == [32]  # 2 steps of 8 x 2
+  assert sum(len(rows) for rows, _, _ in batches) == 20
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 10_000)
+  with pytest.raises(InputError, match=re.escape(
+      "EncodeConfig.batch_size=64: this process's batches of 64 examples take "
+      "about 0.0 GiB of host memory (two at once, padded), more than this "
+      "host's 0.0 GiB; expected a smaller EncodeConfig.batch_size")):
+    pipeline._run_local_batches(encoder, corpus, iter([(0, 20)]), 2000, 64)

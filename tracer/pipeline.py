@@ -709,7 +709,21 @@ def _run_local_batches(encoder: GradientEncoder, corpus,
   process has, so every process runs the same number of steps (a process out
   of rows feeds padding). Reads run one batch ahead in a background thread.
   """
-  local = encoder.local_batch_size(batch_size)
+  # A batch past the rows only pads (a demo's EncodeConfig.batch_size=10^8
+  # padded its 1,719 rows to 10^8 examples: numpy's "Unable to allocate
+  # 47.7 GiB"); steps_rows is every process's, so all cap alike.
+  groups = partitioning.data_groups(encoder.mesh)[0]
+  local = encoder.local_batch_size(min(batch_size, max(steps_rows, 1) * groups))
+  example = corpus.examples(np.zeros(1, np.int64))
+  # Two batches are held at once (one read ahead), each also as its padded copy.
+  need = 4 * local * sum(v.nbytes for v in example.values())
+  if need > memory.host_memory_bytes():
+    raise InputError(
+        f"EncodeConfig.batch_size={batch_size}: this process's batches of "
+        f"{local:,} examples take about {need / 2**30:,.1f} GiB of host memory "
+        f"(two at once, padded), more than this host's "
+        f"{memory.host_memory_bytes() / 2**30:,.1f} GiB; expected a smaller "
+        "EncodeConfig.batch_size")
   batches = _local_batches(ranges, local)
 
   def items():
