@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import time
+import types
 
 from absl import flags
 import gin
@@ -34,7 +35,7 @@ from tracer import pipeline
 from tracer import projection
 from tracer import storage
 from tracer import store as store_lib
-from tracer.config import ENCODING_SETTINGS
+from tracer.config import ENCODING_SETTINGS, EncodeConfig
 from tracer.errors import InputError
 from tracer.errors import StoreClaimedError
 # pytest puts tests/ on sys.path; reuse the store tests' file reader.
@@ -779,3 +780,16 @@ def test_an_encode_batch_past_the_rows_pads_no_further(tmp_path, monkeypatch):
       "about 0.0 GiB of host memory (two at once, padded), more than this "
       "host's 0.0 GiB; expected a smaller EncodeConfig.batch_size")):
     pipeline._run_local_batches(encoder, corpus, iter([(0, 20)]), 2000, 64)
+  # A store chunk (one float32 buffer, its stored copy, a scan's read):
+  # 20 x 34 x 8 bytes (projection_dim 64 leaves this model 34).
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 5_000)
+  manifest = pipeline.manifest(
+      types.SimpleNamespace(path="/nonexistent", step=1, params=None), encoder,
+      "none", 0.0, None, corpus, EncodeConfig(chunk_rows=10**8),
+      params_fingerprint="test")
+  with pytest.raises(InputError, match=re.escape(
+      "EncodeConfig.chunk_rows=100000000: a chunk of 20 rows x d=34 takes about "
+      "0.0 GiB of memory as it is encoded, written and read, more than this "
+      "host's 0.0 GiB; expected a smaller EncodeConfig.chunk_rows")):
+    pipeline.open_store(str(tmp_path / "store"), manifest)
+  assert not (tmp_path / "store").exists()

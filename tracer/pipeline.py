@@ -642,6 +642,18 @@ def open_store(location: str, manifest_: store_lib.Manifest,
     raise InputError(f"{location}: a memory:// store lives in one process; "
                      f"this run has {jax.process_count()}: expected a path or "
                      "an object-storage URL every process reaches")
+  # A chunk is encoded into one float32 buffer, written from a copy in the
+  # store's dtype, and read whole by the scan: at pod scale a chunk_rows of
+  # 10^8 would be terabytes, found only as the first chunk filled.
+  rows = min(manifest_.chunk_rows, manifest_.num_rows)
+  need = 8 * rows * manifest_.dim
+  if need > memory.host_memory_bytes():
+    raise InputError(
+        f"EncodeConfig.chunk_rows={manifest_.chunk_rows}: a chunk of {rows:,} rows x "
+        f"d={manifest_.dim:,} takes about {need / 2**30:,.1f} GiB of memory as it "
+        f"is encoded, written and read, more than this host's "
+        f"{memory.host_memory_bytes() / 2**30:,.1f} GiB; expected a smaller "
+        "EncodeConfig.chunk_rows")
   attachments = {BASIS_FILE: basis.to_bytes()} if basis is not None else None
   scales = (basis.column_scales() if basis is not None and manifest_.dtype == "int8"
             else None)
