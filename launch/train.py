@@ -22,9 +22,9 @@ from tracer.launch import config
 from tracer.launch.progress import Progress, say
 from tracer import checkpoint as ckpt_lib
 from tracer import corpus as corpus_lib
+from tracer import memory
 from tracer import model as model_lib
 from tracer import partitioning
-from tracer import memory
 from tracer import storage
 from tracer import train as train_lib
 from tracer.config import DataConfig, OptimizerConfig, TrainConfig

@@ -770,10 +770,12 @@ def test_an_encode_batch_past_the_rows_pads_no_further(tmp_path, monkeypatch):
                                         model_lib.init_params(cfg),
                                         projection_dim=64, microbatch_size=2)
   # 10^9 examples of 8 tokens: 96 GB of numpy arrays on the old code.
+  corpus.rows_read = 0
   batches = list(pipeline._run_local_batches(encoder, corpus, iter([(0, 20)]), 20,
                                              10**9))
   assert [len(valid) for _, _, valid in batches] == [32]  # 2 steps of 8 x 2
   assert sum(len(rows) for rows, _, _ in batches) == 20
+  assert corpus.rows_read == 20  # its rows once, none to size an example
   monkeypatch.setattr(memory, "host_memory_bytes", lambda: 10_000)
   with pytest.raises(InputError, match=re.escape(
       "EncodeConfig.batch_size=64: this process's batches of 64 examples take "

@@ -726,7 +726,10 @@ def _run_local_batches(encoder: GradientEncoder, corpus,
   # 47.7 GiB"); steps_rows is every process's, so all cap alike.
   groups = partitioning.data_groups(encoder.mesh)[0]
   local = encoder.local_batch_size(min(batch_size, max(steps_rows, 1) * groups))
-  example = corpus.examples(np.zeros(1, np.int64))
+  # An example's bytes from a row of zeros: no corpus row is read here (a
+  # process reads only its share, and tests count the rows it reads).
+  example = data_lib.examples_from_tokens(np.zeros((1, corpus.max_len), np.int32),
+                                          np.zeros(1, np.int32))
   # Two batches are held at once (one read ahead), each also as its padded copy.
   need = 4 * local * sum(v.nbytes for v in example.values())
   if need > memory.host_memory_bytes():
