@@ -437,10 +437,8 @@ def check_disk(rows: list[int], max_len: int, tokenize_only: bool,
     per += 2 * STORE_BYTES_PER_ROW
   need = sum(rows) * per
   if free is None:
-    parent = os.path.abspath(workdir)
-    while not os.path.exists(parent):
-      parent = os.path.dirname(parent)
-    free = shutil.disk_usage(parent).free
+    from tracer.launch import outputs  # pylint: disable=g-import-not-at-top
+    free = shutil.disk_usage(outputs.nearest_existing(os.path.abspath(workdir))).free
   if need > free:
     raise InputError(
         f"--rows={','.join(map(str, rows))}: the corpora and what is made of them "

@@ -31,9 +31,8 @@ def check_writable(location: str, what: str = "output", kind: str = "file"
   path = os.path.abspath(local)
   # Where the first write lands: inside an existing directory, else in the
   # nearest existing ancestor (a file is replaced by a rename beside it).
-  parent = path if kind == "directory" and os.path.isdir(path) else os.path.dirname(path)
-  while not os.path.exists(parent):
-    parent = os.path.dirname(parent)
+  parent = nearest_existing(
+      path if kind == "directory" and os.path.isdir(path) else os.path.dirname(path))
   if not os.path.isdir(parent):
     raise InputError(f"{what}={location}: cannot be created, {parent} is a file; "
                      "expected a path in a writable directory")
@@ -45,6 +44,13 @@ def check_writable(location: str, what: str = "output", kind: str = "file"
     why = "read-only file system" if readonly else "permission denied"
     raise InputError(f"{what}={location}: cannot be written, {parent} is not "
                      f"writable ({why}); expected a path in a writable directory")
+
+
+def nearest_existing(path: str) -> str:
+  """``path`` if it exists, else its nearest existing ancestor."""
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return path
 
 
 def check_kind(location: str | None, what: str, kind: str, written: bool = True

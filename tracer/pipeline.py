@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import time
 import warnings
 from typing import Callable, Iterator, NamedTuple, Sequence
@@ -646,13 +645,13 @@ def open_store(location: str, manifest_: store_lib.Manifest,
   # store's dtype, and read whole by the scan: at pod scale a chunk_rows of
   # 10^8 would be terabytes, found only as the first chunk filled.
   rows = min(manifest_.chunk_rows, manifest_.num_rows)
-  need = 8 * rows * manifest_.dim
-  if need > memory.host_memory_bytes():
+  need, have = 8 * rows * manifest_.dim, memory.host_memory_bytes()
+  if need > have:
     raise InputError(
         f"EncodeConfig.chunk_rows={manifest_.chunk_rows}: a chunk of {rows:,} rows x "
         f"d={manifest_.dim:,} takes about {need / 2**30:,.1f} GiB of memory as it "
         f"is encoded, written and read, more than this host's "
-        f"{memory.host_memory_bytes() / 2**30:,.1f} GiB; expected a smaller "
+        f"{have / 2**30:,.1f} GiB; expected a smaller "
         "EncodeConfig.chunk_rows")
   attachments = {BASIS_FILE: basis.to_bytes()} if basis is not None else None
   scales = (basis.column_scales() if basis is not None and manifest_.dtype == "int8"
@@ -732,12 +731,13 @@ def _run_local_batches(encoder: GradientEncoder, corpus,
                                           np.zeros(1, np.int32))
   # Two batches are held at once (one read ahead), each also as its padded copy.
   need = 4 * local * sum(v.nbytes for v in example.values())
-  if need > memory.host_memory_bytes():
+  have = memory.host_memory_bytes()
+  if need > have:
     raise InputError(
         f"EncodeConfig.batch_size={batch_size}: this process's batches of "
         f"{local:,} examples take about {need / 2**30:,.1f} GiB of host memory "
         f"(two at once, padded), more than this host's "
-        f"{memory.host_memory_bytes() / 2**30:,.1f} GiB; expected a smaller "
+        f"{have / 2**30:,.1f} GiB; expected a smaller "
         "EncodeConfig.batch_size")
   batches = _local_batches(ranges, local)
 
