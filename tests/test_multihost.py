@@ -883,13 +883,17 @@ def test_tokenize_on_processes_waits_without_a_collective(tmp_path, monkeypatch,
   if kind == "unjoined":
     # Each process's own tokenize call misses the other's part, as when both
     # finish together on a store slow to list.
-    join = corpus_lib._join
+    join = corpus_lib.join_parts
 
     def late_join(*args):
       local.joins = getattr(local, "joins", 0) + 1
       return join(*args) if local.joins > 1 else None
 
-    monkeypatch.setattr(corpus_lib, "_join", late_join)
+    monkeypatch.setattr(corpus_lib, "join_parts", late_join)
+  statted = {0: [], 1: []}  # the source files each process statted
+  identities = storage.identities
+  monkeypatch.setattr(storage, "identities", lambda paths: statted[
+      local.index].append(list(paths)) or identities(paths))
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   monkeypatch.setattr(jax, "process_index", lambda: local.index)
   got, errors = {}, []
@@ -920,3 +924,8 @@ def test_tokenize_on_processes_waits_without_a_collective(tmp_path, monkeypatch,
   parts = got[0].manifest.parts
   assert (None if parts is None else [p["num_rows"] for p in parts]) == (
       {"seqio": None, "seqio_shards": [4, 8]}.get(kind, [4, 8]))
+  if kind in ("files", "unjoined"):
+    # Each statted its share once, as it read it. Until 2026-12-06 process
+    # 0 statted its share again on every poll while it waited.
+    files = [str(tmp_path / f"part-{i}.jsonl") for i in range(3)]
+    assert statted == {0: [files[:1]], 1: [files[1:]]}, statted

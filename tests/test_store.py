@@ -564,6 +564,32 @@ def test_a_missing_bucket_is_named_in_one_line(s3):
   assert "<?xml" not in message and "\n" not in message
 
 
+@pytest.mark.parametrize("scheme", ["s3", "gs"])
+def test_a_bucket_that_cannot_be_reached_is_an_error_in_seconds(scheme, tmp_path):
+  """No network, or an endpoint nobody serves: the first request to the
+  bucket is an error after a few tries. Before 2026-12-06 it waited out
+  tensorstore's default tries, about 15 minutes (`tracer benchmark-data
+  --read=s3://...` seemed to hang)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from multiprocess import free_port  # pylint: disable=g-import-not-at-top
+  endpoint = f"http://127.0.0.1:{free_port()}"  # (freed: nothing listens)
+  env = {**os.environ, "AWS_ENDPOINT_URL": endpoint, "AWS_REGION": "us-east-1",
+         "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+         "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+         "TENSORSTORE_GCS_HTTP_URL": endpoint, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test"}
+  done = subprocess.run(
+      [os.path.join(os.path.dirname(sys.executable), "tracer"), "benchmark-data",
+       f"--read={scheme}://bucket/c4-00000.json.gz"],
+      env=env, capture_output=True, text=True, timeout=240, check=False)
+  assert done.returncode == 2, done.stderr[-2000:]
+  assert (f"error: {scheme}://bucket: no answer from the bucket"
+          f"{f' at AWS_ENDPOINT_URL={endpoint}' if scheme == 's3' else ''} in 5 "
+          "tries over about 15 s (ABORTED: All 5 retry attempts failed: CURL "
+          "error Could not connect to server") in done.stderr, done.stderr[-2000:]
+  assert "expected a network that reaches it" in done.stderr
+
+
 def test_verify_refuses_an_edited_manifest_and_reports_stray_markers(tmp_path, capsys):
   """Before 2026-12-05 `tracer verify` said OK on all of these (a scan
   refused the manifest; a stray marker was never read, and a marker's rows

@@ -443,7 +443,7 @@ def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
     _write(part, source, records, data_config, max_len, block_rows, progress,
            settings, shard=[shard_index, num_shards], files=files,
            source_files=source_files)
-  return _join(output, source, num_shards) or TokenizedCorpus(part)
+  return join_parts(output, source, num_shards) or TokenizedCorpus(part)
 
 
 def _existing(location: str, settings: dict,
@@ -646,7 +646,7 @@ def _write(output: str, label: str, records, data_config: DataConfig,
       source_files=source_files))
 
 
-def _join(output: str, source: str, num_shards: int) -> TokenizedCorpus | None:
+def join_parts(output: str, source: str, num_shards: int) -> TokenizedCorpus | None:
   """The whole corpus, if every part of ``output`` is written (the top
   manifest is then written, after ids are checked unique across parts);
   None while some part is not."""
