@@ -41,6 +41,7 @@ import os
 import posixpath
 import re
 import stat
+import time
 from typing import Any, BinaryIO, Iterator, Sequence
 
 import tensorstore as ts
@@ -151,11 +152,14 @@ def kvstore_spec(location: str) -> dict[str, Any]:
   return {"driver": "file", "path": local_path(location).rstrip("/") + "/"}
 
 
-# The tries of a bucket's first request (``_check_reachable``): 5, with
-# tensorstore's backoff from 0.5 s; about 15 s in all when each fails at
-# once (measured: 17.4 s for `tracer benchmark-data --read=s3://...` against
-# a closed port, 3 s of it the start).
+# A bucket's first request (``_check_reachable``): 5 tries, with
+# tensorstore's backoff from 0.5 s (17 s in all when each fails at once:
+# `tracer benchmark-data --read=s3://...` against a closed port), and at
+# most FIRST_REQUEST_SECONDS in all (a
+# server that takes the connection and never replies held each try 60 s,
+# curl's low-speed limit: 377 s for the 5).
 FIRST_REQUEST_RETRIES = {"max_retries": 5, "initial_delay": "0.5s", "max_delay": "8s"}
+FIRST_REQUEST_SECONDS = 60.0
 _FIRST_REQUEST_CONTEXT = ts.Context({"gcs_request_retries": FIRST_REQUEST_RETRIES,
                                      "s3_request_retries": FIRST_REQUEST_RETRIES})
 # tensorstore's codes for a request that got no answer it could use.
@@ -165,7 +169,8 @@ _UNREACHED = ("ABORTED", "UNAVAILABLE", "DEADLINE_EXCEEDED")
 @functools.lru_cache(maxsize=64)
 def _check_reachable(bucket_spec: str) -> None:
   """InputError if the bucket of ``bucket_spec`` (a kvstore spec as JSON)
-  does not answer a metadata request within ``FIRST_REQUEST_RETRIES``.
+  does not answer a metadata request within ``FIRST_REQUEST_RETRIES`` and
+  ``FIRST_REQUEST_SECONDS``.
 
   Once per bucket and endpoint per process, before its first open. With no
   network or a wrong endpoint, tensorstore's default tries kept every
@@ -178,20 +183,30 @@ def _check_reachable(bucket_spec: str) -> None:
   concerns, which names its file.
   """
   spec = json.loads(bucket_spec)
+  start = time.monotonic()
+  left = lambda: max(0.0, FIRST_REQUEST_SECONDS - (time.monotonic() - start))
   try:
-    kv = ts.KvStore.open(spec, context=_FIRST_REQUEST_CONTEXT).result()
+    # (an S3 open without AWS_REGION asks for the bucket's region)
+    request = ts.KvStore.open(spec, context=_FIRST_REQUEST_CONTEXT)
+    kv = request.result(timeout=left())
     # (a name no tracer writes: its answer is "missing", a HEAD's 404)
-    kv.read(".tracer-reachable", byte_range=slice(0, 0)).result()
+    request = kv.read(".tracer-reachable", byte_range=slice(0, 0))
+    request.result(timeout=left())
+    return
+  except TimeoutError:
+    request.cancel()
+    why = "no reply"
   except ValueError as e:
     if not str(e).startswith(_UNREACHED):
       return
-    where = f"{'gs' if spec['driver'] == 'gcs' else 's3'}://{spec['bucket']}"
-    via = (f" at AWS_ENDPOINT_URL={spec['endpoint']}" if spec.get("endpoint")
-           else "")
-    raise InputError(
-        f"{where}: no answer from the bucket{via} in "
-        f"{FIRST_REQUEST_RETRIES['max_retries']} tries over about 15 s "
-        f"({reason(e)}); expected a network that reaches it") from None
+    why = reason(e)
+  where = f"{'gs' if spec['driver'] == 'gcs' else 's3'}://{spec['bucket']}"
+  via = (f" at AWS_ENDPOINT_URL={spec['endpoint']}" if spec.get("endpoint")
+         else "")
+  raise InputError(
+      f"{where}: no answer from the bucket{via} in "
+      f"{time.monotonic() - start:.0f} s ({why}); expected a network that "
+      "reaches it")
 
 
 @functools.lru_cache(maxsize=256)
