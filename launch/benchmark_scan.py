@@ -63,7 +63,7 @@ from tracer.errors import InputError
 def define_flags() -> None:
   """Defines this script's flags (only when run as a script, so that
   ``launch.benchmark`` can import ``run_scan_benchmark``)."""
-  global _ROWS, _DIM, _QUERIES, _K, _CHUNK_ROWS, _STORE_CHUNK_ROWS, _REPEATS, _WORKDIR, _OUTPUT, _EVAL, _BLOCK, _RESIDENT, _FUSED_TILES, _SERVE_PASS, _REQUESTS
+  global _ROWS, _DIM, _QUERIES, _K, _CHUNK_ROWS, _STORE_CHUNK_ROWS, _REPEATS, _WORKDIR, _OUTPUT, _EVAL, _BLOCK, _RESIDENT, _FUSED_TILES, _SERVE_PASS, _REQUESTS, _QUERY_STEPS
   _ROWS = flags.DEFINE_integer("rows", 200_000, "N, rows to scan.", lower_bound=1)
   _DIM = flags.DEFINE_integer("dim", 1024, "d, encoding dimension.", lower_bound=1)
   _QUERIES = flags.DEFINE_integer("queries", 64, "Q, queries per scan.",
@@ -98,6 +98,11 @@ def define_flags() -> None:
   _REQUESTS = flags.DEFINE_integer(
       "requests", 8, "--serve_pass: requests in the streamed fallback's "
       "largest batch (0: the streamed rows are not run).", lower_bound=0)
+  _QUERY_STEPS = flags.DEFINE_bool(
+      "query_steps", False, "Time instead scan_arrays over f32 rows in its "
+      "default steps, which shrink with --queries, against steps that ignore "
+      "them (as before 2026-12-06), with XLA's count of a step's memory "
+      "(run_query_step_benchmark).")
   _FUSED_TILES = flags.DEFINE_list(
       "fused_tiles", None, "Instead: time the fused kernel's tile settings "
       "(run_fused_tiles_benchmark) on resident bf16 rows, each as "
@@ -585,6 +590,61 @@ def one_dot_scores(x, queries):
                              preferred_element_type=np.float32)
 
 
+def step_bytes(mesh, step: int, dim: int, queries: int, k: int) -> int | None:
+  """XLA's count (``memory.compiled_bytes``) of one device's memory for one
+  ``topk.step_fn`` step of ``step`` f32 rows over ``mesh``."""
+  from tracer import memory  # pylint: disable=g-import-not-at-top
+  rows_1d, rows_2d = (partitioning.rows_sharding(mesh, n) for n in (1, 2))
+  shaped = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(
+      shape, dtype, sharding=sharding)
+  compiled = topk.step_fn(mesh, k, True).lower(
+      topk.init_topk(queries, k, mesh), shaped((step, dim), np.float32, rows_2d),
+      shaped((step,), np.int32, rows_1d), shaped((step,), np.bool_, rows_1d),
+      shaped((queries, dim), np.float32, partitioning.replicated(mesh))).compile()
+  return memory.compiled_bytes(compiled)
+
+
+def run_query_step_benchmark(rows: int = 100_000, dim: int = 256,
+                             queries: int = 20_000, k: int = 10,
+                             repeats: int = 3) -> list[dict[str, Any]]:
+  """``scan_arrays`` over ``[rows, dim]`` f32 rows against ``queries``
+  queries in its default steps (``scan.query_capped_step``: fewer rows per
+  step as Q grows) and in steps that ignore Q (as before 2026-12-06): best
+  seconds of ``repeats`` after a warm-up, and XLA's count of one step's
+  memory per device. A step past the memory is refused by the scan's own
+  check (``error``) instead of run."""
+  mesh = partitioning.make_mesh()
+  rng = np.random.default_rng(0)
+  x = scan.aligned_empty((rows, dim), np.float32)
+  x[...] = rng.standard_normal((rows, dim), dtype=np.float32)
+  q = rng.standard_normal((queries, dim), dtype=np.float32)
+  platform = mesh.devices.flat[0].platform
+  ignoring = min(scan.default_chunk_rows(dim, 4, mesh.size, platform=platform),
+                 partitioning.padded_size(rows, mesh.size))
+  capped = min(scan.query_capped_step(ignoring, queries, mesh), ignoring)
+  table = [{"method": "machine", "note": (
+      f"N={rows} d={dim} Q={queries} k={k}, f32 rows 64B-aligned; jax "
+      f"{jax.__version__} on {mesh.size} {platform} device(s); "
+      f"step_GiB: XLA's count of one step on one device")}]
+  for name, step in (("steps that ignore Q (before 2026-12-06)", ignoring),
+                     ("default steps, capped by Q", capped)):
+    run = lambda step=step: scan.scan_arrays(x, q, k, mesh=mesh, chunk_rows=step)
+    row = {"method": name, "step_rows_per_device": step // mesh.size,
+           "step_GiB": _figure(step_bytes(mesh, step, dim, queries, k) / 2**30)}
+    try:
+      run()  # (compiles)
+      row["seconds"] = _figure(_best_time(run, repeats))
+    except InputError as e:
+      row["error"] = str(e)
+    table.append(row)
+  before, now = table[1:]
+  now["note"] = (f"x{now['step_GiB'] / before['step_GiB']:.2f} the memory"
+                 + (f", x{now['seconds'] / before['seconds']:.2f} the time"
+                    if before.get("seconds") and now.get("seconds") else "")
+                 + " of the steps that ignore Q")
+  return table
+
+
 def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,
                            queries: int = 64, k: int = 100,
                            step_rows: int | None = None, repeats: int = 3,
@@ -905,7 +965,8 @@ def to_markdown(table: list[dict[str, Any]]) -> str:
           "branch_free_seconds", "one_dot_scores_seconds", "xla_top_k_seconds",
           "fused_seconds", "fused_scores_seconds", "fused_branch_free_seconds",
           "fused_error", "step_seconds", "scores_seconds", "agrees", "error",
-          "fraction_of_bandwidth", "fraction_of_matmul", "note"]
+          "fraction_of_bandwidth", "fraction_of_matmul", "step_rows_per_device",
+          "step_GiB", "note"]
   cols = [c for c in cols if any(row.get(c) is not None for row in table)
           or c in ("method", "seconds", "note")]
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -924,10 +985,12 @@ def to_markdown(table: list[dict[str, Any]]) -> str:
 # (on a CPU, device memory is the host's). On the devices (the host's on a
 # CPU): run_resident_benchmark's f32 rows (its largest dtype; one at a
 # time), split over every device, and run_fused_tiles_benchmark's bf16
-# rows on one device.
-HOST_BYTES_PER_ELEMENT = {"scan": 14, "serve_pass": 10}
+# rows on one device. run_query_step_benchmark's aligned f32 rows and the
+# draw they are copied from (4 + 4).
+HOST_BYTES_PER_ELEMENT = {"scan": 14, "serve_pass": 10, "query_steps": 8}
 DEVICE_BYTES_PER_ELEMENT = {"resident": 4, "fused_tiles": 2}
 MODE_NAMES = {"scan": "the scan benchmark", "serve_pass": "--serve_pass",
+              "query_steps": "--query_steps",
               "resident": "--resident", "fused_tiles": "--fused_tiles"}
 
 
@@ -972,7 +1035,8 @@ def check_flags() -> None:
   outputs.check_writable(_OUTPUT.value, "--output")
   outputs.check_writable(_WORKDIR.value, "--workdir", "directory")
   mode = ("fused_tiles" if _FUSED_TILES.value else "serve_pass"
-          if _SERVE_PASS.value else "resident" if _RESIDENT.value else "scan")
+          if _SERVE_PASS.value else "resident" if _RESIDENT.value else
+          "query_steps" if _QUERY_STEPS.value else "scan")
   if mode in DEVICE_BYTES_PER_ELEMENT:
     from tracer import memory  # pylint: disable=g-import-not-at-top
     # Starting the backends logs (at INFO) each one missing, e.g. libtpu:
@@ -1002,6 +1066,10 @@ def main(argv):
         rows=_ROWS.value, dim=_DIM.value, queries=_QUERIES.value, k=_K.value,
         store_chunk_rows=_STORE_CHUNK_ROWS.value, repeats=_REPEATS.value,
         block=_BLOCK.value, workdir=_WORKDIR.value, requests=_REQUESTS.value)
+  elif _QUERY_STEPS.value:
+    table = run_query_step_benchmark(rows=_ROWS.value, dim=_DIM.value,
+                                     queries=_QUERIES.value, k=_K.value,
+                                     repeats=_REPEATS.value)
   elif _RESIDENT.value:
     table = run_resident_benchmark(
         rows=_ROWS.value, dim=_DIM.value, queries=_QUERIES.value, k=_K.value,

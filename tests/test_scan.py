@@ -1047,6 +1047,71 @@ def test_serve_pass_benchmark_runs(tmp_path):
   assert all(r["error"] < 1e-5 for r in table[6::2])
 
 
+def test_default_steps_shrink_with_the_queries(monkeypatch):
+  """A step's scores grow with Q: default steps get fewer rows past
+  ``SCORE_STEPS`` x the rows' bytes (at 60,000 queries the old step asked
+  ~13 GiB per CPU device and aborted the process), and give the top-k of an
+  explicit step."""
+  mesh = MESHES["8x1"]()
+  budget = scan.SCORE_STEPS * scan.DEFAULT_DEVICE_CHUNK_BYTES
+  assert scan.query_capped_step(8 * 65536, 64, mesh) == 8 * 65536  # (unchanged)
+  rows = budget // (scan.PAIR_BYTES * 20000)
+  assert scan.query_capped_step(8 * 65536, 20000, mesh) == 8 * rows
+  assert scan.query_capped_step(8 * 65536, 20000, mesh, 1024) == 8 * (rows // 1024 * 1024)
+  assert scan.query_capped_step(8 * 65536, 10**7, mesh, 16) == 8 * 16  # (one multiple)
+  steps = []
+  layout = scan._Layout
+  monkeypatch.setattr(scan, "_Layout", lambda mesh, step, *a, **kw: (
+      steps.append(step), layout(mesh, step, *a, **kw))[1])
+  monkeypatch.setattr(scan, "DEFAULT_DEVICE_CHUNK_BYTES", 1 << 20)  # (small rows)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((6000, 64), dtype=np.float32)
+  q = rng.standard_normal((300, 64), dtype=np.float32)
+  got = scan.scan_arrays(x, q, 5, mesh=mesh)
+  # 4 MiB of scores at 8 bytes a pair: 1,747 rows per device, not the
+  # 750 of the rows (1 MiB at 256 bytes is 4,096, then the corpus's 6,000).
+  assert steps == [8 * min(4 * (1 << 20) // (8 * 300), 750)]
+  q = rng.standard_normal((3000, 64), dtype=np.float32)
+  got = scan.scan_arrays(x, q, 5, mesh=mesh)
+  assert steps[-1] == 8 * (4 * (1 << 20) // (8 * 3000))  # 174 rows per device
+  want = scan.scan_arrays(x, q, 5, mesh=mesh, chunk_rows=6000)
+  for field in got._fields:  # (each row's score is one dot product, whatever the step)
+    np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+
+
+def test_queries_past_the_memory_are_refused_before_the_scan(monkeypatch):
+  """XLA's count of the first step's memory (the queries and their top-k
+  sit whole on every device) is held to the host's; before 2026-12-06 it
+  ran into XLA's allocation failure, or an abort."""
+  from tracer import memory  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 64 << 20)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((800, 256), dtype=np.float32)
+  q = rng.standard_normal((20000, 256), dtype=np.float32)
+  with pytest.raises(InputError, match=r"^queries: 20,000 queries of d=256 with "
+                     r"k=5: a scan step of 100 rows per device takes [\d.]+ GiB "
+                     r"on each of this host's 8 devices, [\d.]+ GiB in all "
+                     r"\(XLA's count after compiling\), more than this host's "
+                     r"0.1 GiB; expected fewer queries per scan"):
+    scan.scan_arrays(x, q, 5, mesh=MESHES["8x1"]())
+
+
+def test_query_step_benchmark_runs(monkeypatch):
+  # ``tracer benchmark-scan --query_steps`` (WORKSPACE.md), small.
+  from tracer.launch import benchmark_scan  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(scan, "DEFAULT_DEVICE_CHUNK_BYTES", 1 << 20)  # (small rows)
+  table = benchmark_scan.run_query_step_benchmark(rows=4000, dim=64,
+                                                  queries=3000, k=5, repeats=1)
+  assert [r["method"] for r in table] == [
+      "machine", "steps that ignore Q (before 2026-12-06)",
+      "default steps, capped by Q"]
+  before, now = table[1:]
+  assert before["seconds"] > 0 and now["seconds"] > 0
+  assert now["step_rows_per_device"] < before["step_rows_per_device"]
+  assert 0 < now["step_GiB"] < before["step_GiB"]
+  assert now["note"].startswith(f"x{now['step_GiB'] / before['step_GiB']:.2f} the memory")
+
+
 def test_resident_benchmark_runs():
   # The GPU command in WORKSPACE.md (``--resident``), on a CPU device.
   from tracer.launch import benchmark_scan  # pylint: disable=g-import-not-at-top

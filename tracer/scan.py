@@ -33,6 +33,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from tracer import data as data_lib
+from tracer import memory
 from tracer import partitioning
 from tracer.errors import InputError
 from tracer.topk import (INVALID_ROW, ROW_BITS, RowMetric, TopK, TopKState,  # noqa: F401
@@ -57,6 +58,17 @@ REMOTE_READ_AHEAD = 4
 # read_ahead (4) sets, ~3 GiB, in flight; where one store chunk per device
 # is too much for that (d = 2^16 on 8 GPUs), read_ahead shrinks instead.
 HOST_BUFFER_BYTES = 8 << 30
+# A step's scores (``[rows, Q]`` per device, with the selection's
+# temporaries) may take SCORE_STEPS x its rows' ``device_chunk_bytes``; past
+# that, steps get fewer rows (``query_capped_step``). XLA's count of one
+# step's memory (``memory.compiled_bytes``, 8 CPU devices, k = 10, f32 and
+# bf16 rows, d = 256 and 1,024, 4,096 and 16,384 rows per device) was
+# 5.6-6.1 bytes per (row, query) pair at Q >= 1,024 beyond the rows and
+# queries themselves (2026-12-06): PAIR_BYTES rounds it up. Before, the
+# step ignored Q: 300,000 rows of d = 256 against 60,000 queries on the
+# 8-device CPU mesh asked for ~13 GiB per device and aborted the process.
+SCORE_STEPS = 4
+PAIR_BYTES = 8
 # The most pieces (store chunks used in place) a step hands a device; more
 # small chunks are copied into one buffer instead (each piece is a matmul of
 # its own in the compiled step).
@@ -106,6 +118,18 @@ def default_chunk_rows(dim: int, itemsize: int, num_devices: int,
   per_device = max(1, device_chunk_bytes(platform) // (dim * itemsize))
   per_device = partitioning.padded_size(per_device, multiple)
   return per_device * num_devices
+
+
+def query_capped_step(step: int, num_queries: int, mesh: Mesh,
+                      multiple: int = 1) -> int:
+  """``step`` (rows over ``mesh``) shrunk so that a device's scores, at
+  ``PAIR_BYTES`` per (row, query), take at most ``SCORE_STEPS`` x
+  ``device_chunk_bytes``; whole ``multiple``s of rows per device, at least
+  one."""
+  budget = SCORE_STEPS * device_chunk_bytes(mesh.devices.flat[0].platform)
+  fits = budget // (PAIR_BYTES * max(1, num_queries))
+  fits = max(multiple, fits // multiple * multiple)
+  return min(step // mesh.size, fits) * mesh.size
 
 
 def buffered_step(step: int, mesh: Mesh, row_bytes: int, sets: int,
@@ -451,6 +475,7 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
         read_ahead, prefetch = ((read_ahead - 1, prefetch) if read_ahead > 1
                                 else (read_ahead, prefetch - 1))
       step = buffered_step(step, mesh, dim * dtype.itemsize, sets(), row_multiple)
+    step = query_capped_step(step, qs[0].shape[0], mesh, row_multiple)
   elif chunk_rows < 1:
     raise InputError(f"chunk_rows: must be >= 1, got {chunk_rows}")
   else:
@@ -474,15 +499,39 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
     diags = tuple(a[0] if a else None for a in metric_args)
     lowranks = tuple(a[1] if a else () for a in metric_args)
 
-    def update(state, parts):
-      return step_update(state, tuple(a[0] for a in parts), parts[0][1],
-                         tuple(a[2] for a in parts), tuple(queries_on_mesh),
-                         diags, lowranks)
+    def arguments(state, parts):
+      return (state, tuple(a[0] for a in parts), parts[0][1],
+              tuple(a[2] for a in parts), tuple(queries_on_mesh), diags, lowranks)
   else:
     step_update = step_fn(mesh, int(k), True, segments[0])
 
-    def update(state, parts):
-      return step_update(state, *parts[0], queries_on_mesh[0], *metric_args[0])
+    def arguments(state, parts):
+      return (state, *parts[0], queries_on_mesh[0], *metric_args[0])
+
+  # The queries and their running top-k sit whole on every device, beside
+  # a step's rows and scores: where a rough count of those passes a quarter
+  # of the memory, the first step is compiled here (its call reuses it) and
+  # refused by XLA's own count before it runs. (Not for every scan: the
+  # lowering costs a small scan ~4 ms.)
+  num_queries = qs[0].shape[0]
+  rough = len(sources) * (num_queries * dim * 4 + step // mesh.size * (
+      dim * dtype.itemsize + num_queries * PAIR_BYTES)) + num_queries * k * 16
+  device_have = memory.device_memory_bytes()
+  check_first = rough * 4 > (device_have if device_have is not None else
+                             memory.host_memory_bytes() // len(mesh.local_devices))
+
+  def update(state, parts):
+    args = arguments(state, parts)
+    if check_first and state is first_state:
+      memory.check_compiled_memory(
+          step_update.lower(*args).compile(),
+          f"queries: {qs[0].shape[0]:,} queries of d={dim:,} with k={k}: a "
+          f"scan step of {step // mesh.size:,} rows per device",
+          "fewer queries per scan (each query's encoding sits whole on "
+          "every device: split the queries into several runs)")
+    return step_update(*args)
+
+  first_state = state
 
   def steps():
     started = collections.deque()
