@@ -30,6 +30,17 @@ reads each file's records (JSONL lines or Parquet rows) streamed
 (``tracer.data.iter_records``) and, as the baseline, read whole first, each
 in a fresh process: seconds, peak memory.
 
+  tracer benchmark-data --encode_memory=examples,encodings,chunk
+
+measures the peak host memory of an encode (``phase_encode_memory``: peak
+RSS, each size in a fresh process, after the step's program is compiled)
+against ``EncodeConfig.batch_size`` (per example: the ``examples`` sweep's
+long rows, the ``encodings`` sweep's long encodings) and ``chunk_rows`` x d
+(per chunk element: ``chunk``, ``chunk_float32``), fits each sweep's slope
+and fixed cost, and sets them against what ``tracer.pipeline``'s two host
+memory checks count (``BATCH_EXAMPLE_COPIES``, ``BATCH_ENCODING_COPIES``,
+``CHUNK_BYTES_PER_ELEMENT``).
+
   tracer benchmark-data --join_docs=100000000 --join_parts=64
 
 times the join's id check over that many documents' hashes in that many
@@ -76,6 +87,10 @@ def define_flags() -> None:
                        "this many documents' hashes (--join_parts parts).",
                        lower_bound=0)
   flags.DEFINE_integer("join_parts", 64, "Parts of --join_docs.", lower_bound=1)
+  flags.DEFINE_list("encode_memory", [], "Instead: an encode's peak host "
+                    "memory against EncodeConfig.batch_size and chunk_rows, in "
+                    "these sweeps (ENCODE_MEMORY_SWEEPS): examples, encodings, "
+                    "chunk, chunk_float32; each size in a fresh process.")
   flags.DEFINE_list("read", [], "Instead: read these JSONL or Parquet files "
                     "(paths or URLs) record by record, streamed and read "
                     "whole, each in a fresh process: seconds and peak memory.")
@@ -85,6 +100,8 @@ def define_flags() -> None:
   cli.check_list_flag("rows", least=1)
   cli.check_list_flag("tokenize_processes", least=1, empty_ok=True)
   cli.check_list_flag("shards_as", choices=SHARD_FORMATS)
+  cli.check_list_flag("encode_memory", choices=tuple(ENCODE_MEMORY_SWEEPS),
+                      empty_ok=True)
 
 
 FLAGS = flags.FLAGS
@@ -108,6 +125,37 @@ def write_jsonl(path: str, n: int) -> None:
 
 def peak_rss_mb() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def rss_mb() -> float:
+  """This process's resident memory now (Linux; else its peak)."""
+  try:
+    with open("/proc/self/statm") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+  except OSError:
+    return peak_rss_mb()
+
+
+def hwm_mb() -> float:
+  """This process's peak RSS since ``reset_peak_rss`` (VmHWM; ``ru_maxrss``
+  also keeps the peak of any thread that ended before the reset)."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmHWM:"):
+        return int(line.split()[1]) / 1024  # kB
+  raise OSError("/proc/self/status: no VmHWM")
+
+
+def reset_peak_rss() -> bool:
+  """Sets this process's peak RSS (VmHWM) to its RSS now, so that a later
+  ``hwm_mb`` is one phase's, not the imports' or a compile's; False where
+  the kernel does not let it (not Linux)."""
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    return True
+  except OSError:
+    return False
 
 
 def phase_tokenize(jsonl: str, out: str, max_len: int, num_shards: str = "1",
@@ -166,6 +214,75 @@ def phase_encode(source: str, store: str, max_len: int, batch_size: int) -> dict
   return {"seconds": seconds, "read_s": read_s, "rows": encoded,
           "rows_per_s": encoded / (seconds - read_s), "compile_s": compile_s,
           "baseline_mb": base, "peak_mb": peak_rss_mb()}
+
+
+def memory_model(name: str, max_len: int):
+  """The model of an ``--encode_memory`` sweep: ``nano`` (phase_encode's, at
+  ``max_len``: long rows against short encodings) or ``tiny`` (tiny.gin's
+  sizes, ModelConfig's defaults: encodings up to d = 65,406)."""
+  from tracer import model as model_lib  # pylint: disable=g-import-not-at-top
+  if name == "nano":
+    return model_lib.ModelConfig(max_len=max_len, d_model=16, num_layers=1,
+                                 num_heads=2, d_ff=32)
+  if name == "tiny":
+    return model_lib.ModelConfig()
+  raise ValueError(f"{name!r}: expected nano or tiny")
+
+
+def phase_encode_memory(source: str, store: str, model: str, max_len: str,
+                        projection_dim: str, batch_size: str, chunk_rows: str,
+                        microbatch: str, dtype: str = "bfloat16") -> dict:
+  """``pipeline.encode_corpus`` of every row of the tokenized ``source`` into
+  a store of ``dtype``: this process's RSS before it and its peak during it
+  (once the step's program is compiled), with the sizes the pipeline's two
+  host-memory checks read (an example's bytes, this process's batch, a
+  chunk's elements)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from tracer import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
+  from tracer import data as data_lib  # pylint: disable=g-import-not-at-top
+  from tracer import model as model_lib  # pylint: disable=g-import-not-at-top
+  from tracer import pipeline  # pylint: disable=g-import-not-at-top
+  from tracer import store as store_lib  # pylint: disable=g-import-not-at-top
+  from tracer.config import DataConfig  # pylint: disable=g-import-not-at-top
+  from tracer.encoder import GradientEncoder  # pylint: disable=g-import-not-at-top
+  cfg = memory_model(model, int(max_len))
+  batch_size, chunk_rows = int(batch_size), int(chunk_rows)
+  params = jax.device_get(model_lib.init_params(cfg))
+  encoder = GradientEncoder(model_lib.make_loss_fn(cfg), params,
+                            projection_dim=int(projection_dim),
+                            microbatch_size=int(microbatch))
+  corpus = corpus_lib.open_corpus(source, DataConfig(), cfg.max_len)
+  manifest = store_lib.Manifest(
+      checkpoint=model, step=0, params_fingerprint=model, correction="none",
+      epsilon=1e-8, projection_seed=0, layout=None, dim=encoder.dim,
+      basis_fingerprint=None, dtype=dtype, corpus=corpus.source,
+      num_rows=len(corpus), chunk_rows=chunk_rows)
+  example = data_lib.examples_from_tokens(np.zeros((1, cfg.max_len), np.int32),
+                                          np.zeros(1, np.int32))
+  local = encoder.local_batch_size(min(batch_size, len(corpus)))
+  # The step's program planned, verified and compiled for this batch's shape
+  # before the clock and the peak start (its first call reuses it). Compiled
+  # inside the encode, its peak hid the batches' (2026-12-06, a run by hand:
+  # nano, L = 512, microbatch 16, 8,192 rows: 455 MB over the baseline at
+  # batches of 512, 532 at 8,192, whose examples alone are 45 MB more a copy).
+  examples, _ = pipeline.read_padded(corpus, np.arange(min(local, len(corpus))),
+                                     local)
+  encoder._program(jax.tree.map(encoder.put_local, examples))  # pylint: disable=protected-access
+  del examples
+  reset = reset_peak_rss()
+  base = rss_mb() if reset else peak_rss_mb()
+  start = time.perf_counter()
+  rows = pipeline.encode_corpus(encoder, None, corpus,
+                                pipeline.open_store(store, manifest),
+                                batch_size).rows
+  return {"seconds": time.perf_counter() - start, "rows": rows,
+          "dim": encoder.dim, "max_len": cfg.max_len,
+          "example_bytes": sum(v.nbytes for v in example.values()),
+          "local_batch": local,
+          "chunk_elements": min(chunk_rows, len(corpus)) * encoder.dim,
+          "baseline_mb": base, "peak_mb": hwm_mb() if reset else peak_rss_mb(),
+          "peak_reset": reset}
 
 
 def phase_read(location: str, whole: str = "0") -> dict:
@@ -284,9 +401,10 @@ def phase_failed(what: str, returncode: int, stderr: str) -> Exception:
   return RuntimeError(f"{what} failed:\n{stderr[-3000:]}")
 
 
-def run_phase(*args: str) -> dict:
+def run_phase(*args: str, env: dict | None = None) -> dict:
   proc = subprocess.run([sys.executable, "-m", "tracer.launch.benchmark_data", *args],
-                        env=_phase_env(), capture_output=True, text=True)
+                        env={**_phase_env(), **(env or {})}, capture_output=True,
+                        text=True)
   if proc.returncode:
     raise phase_failed(f"phase {args}", proc.returncode, proc.stderr)
   return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -393,6 +511,143 @@ def tokenize_table(rows: int, counts: list[int], workdir: str, max_len: int,
   return results
 
 
+# --encode_memory's sweeps: each varies one setting of an encode and holds
+# the others (``vary``: batch or chunk_rows, over ``sizes``). ``examples``: a
+# nano LM at L = 256 (an example's 3,072 bytes against its encoding's 820);
+# ``encodings``: tiny.gin's sizes at d = 65,406 (an encoding's 261,624 bytes
+# against an example's 1,536); ``chunk``: tiny.gin's sizes at d = 65,406,
+# batches of 64, a bf16 store (``chunk_float32``: a float32 one). A batch
+# sweep's corpus has 4x its largest batch, so that every size reaches the
+# steady state (one batch encoded while the next are read ahead); a chunk
+# sweep's the largest chunk.
+ENCODE_MEMORY_SWEEPS = {
+    "examples": {"vary": "batch", "sizes": (2048, 4096, 8192, 16384),
+                 "model": "nano", "max_len": 256, "projection_dim": 256,
+                 "microbatch": 16, "batch": None, "chunk_rows": 256,
+                 "rows": 65536, "dtype": "bfloat16"},
+    "encodings": {"vary": "batch", "sizes": (512, 1024, 2048), "model": "tiny",
+                  "max_len": 128, "projection_dim": 65536, "microbatch": 8,
+                  "batch": None, "chunk_rows": 256, "rows": 8192,
+                  "dtype": "bfloat16"},
+    "chunk": {"vary": "chunk_rows", "sizes": (512, 1024, 2048, 4096),
+              "model": "tiny", "max_len": 128, "projection_dim": 65536,
+              "microbatch": 8, "batch": 64, "chunk_rows": None, "rows": 4096,
+              "dtype": "bfloat16"},
+    "chunk_float32": {"vary": "chunk_rows", "sizes": (1024, 2048, 4096),
+                      "model": "tiny", "max_len": 128, "projection_dim": 65536,
+                      "microbatch": 8, "batch": 64, "chunk_rows": None,
+                      "rows": 4096, "dtype": "float32"},
+}
+
+# The encode phases' allocator: arrays past 1 MiB mapped when made and
+# unmapped when freed, so that the peak counts the arrays alive at once, not
+# freed memory glibc keeps for reuse (its default threshold rises to the
+# largest array freed, up to 32 MiB). The checks' arrays (GiBs) are past
+# 32 MiB, mapped either way.
+ENCODE_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
+def fit_line(x, y) -> tuple[float, float, float]:
+  """Least squares ``y ~ slope * x + fixed``: (slope, fixed, the largest
+  residual's size)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  x, y = np.asarray(x, float), np.asarray(y, float)
+  slope, fixed = np.polyfit(x, y, 1)
+  return float(slope), float(fixed), float(np.max(np.abs(y - slope * x - fixed)))
+
+
+def encode_memory_table(names: list[str], workdir: str,
+                        sweeps: dict | None = None) -> dict:
+  """``phase_encode_memory`` over each sweep of ``names`` (of ``sweeps``,
+  default ``ENCODE_MEMORY_SWEEPS``), each size in a fresh process; the
+  fitted slopes (bytes per example of this process's batch, per chunk
+  element: of the peak over the baseline) against the pipeline's checks."""
+  sweeps = ENCODE_MEMORY_SWEEPS if sweeps is None else sweeps
+  results = {"runs": [], "fits": {}}
+  for name in names:
+    sweep = sweeps[name]
+    root = os.path.join(workdir, f"memory-{sweep['model']}-{sweep['max_len']}-"
+                                 f"{sweep['rows']}")
+    if not os.path.exists(os.path.join(root, "done")):
+      shutil.rmtree(root, ignore_errors=True)
+      os.makedirs(root)
+      write_jsonl(os.path.join(root, "corpus.jsonl"), sweep["rows"])
+      run_phase(f"--phase=tokenize,{root}/corpus.jsonl,{root}/tokenized",
+                f"--max_len={sweep['max_len']}")
+      open(os.path.join(root, "done"), "w").close()
+    for size in sweep["sizes"]:
+      settings = {**sweep, sweep["vary"]: size}
+      store = os.path.join(root, "store")
+      shutil.rmtree(store, ignore_errors=True)
+      run = run_phase(
+          f"--phase=encode_memory,{root}/tokenized,{store},{settings['model']},"
+          f"{settings['max_len']},{settings['projection_dim']},{settings['batch']},"
+          f"{settings['chunk_rows']},{settings['microbatch']},{settings['dtype']}",
+          env=ENCODE_MEMORY_ENV)
+      shutil.rmtree(store, ignore_errors=True)
+      run = {"sweep": name, "batch": settings["batch"],
+             "chunk_rows": settings["chunk_rows"], "dtype": settings["dtype"],
+             "model": settings["model"], **run}
+      results["runs"].append(run)
+      print(json.dumps(run), flush=True)
+    runs = [r for r in results["runs"] if r["sweep"] == name]
+    x = [r["local_batch"] if sweep["vary"] == "batch" else r["chunk_elements"]
+         for r in runs]
+    slope, fixed, residual = fit_line(
+        x, [(r["peak_mb"] - r["baseline_mb"]) * 2**20 for r in runs])
+    results["fits"][name] = {
+        "per": "example" if sweep["vary"] == "batch" else "chunk element",
+        "bytes": slope, "fixed_mb": fixed / 2**20, "residual_mb": residual / 2**20,
+        "example_bytes": runs[0]["example_bytes"], "dim": runs[0]["dim"]}
+  print("\n| sweep | model | d | example bytes | batch | chunk rows | store | "
+        "chunk elements | baseline MB | peak MB | peak - baseline MB | encode s |")
+  print("|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+  for r in results["runs"]:
+    print(f"| {r['sweep']} | {r['model']} | {r['dim']:,} | {r['example_bytes']:,} | "
+          f"{r['local_batch']:,} | {r['chunk_rows']:,} | {r['dtype']} | "
+          f"{r['chunk_elements']:,} | {r['baseline_mb']:,.0f} | {r['peak_mb']:,.0f} | "
+          f"{r['peak_mb'] - r['baseline_mb']:,.0f} | {r['seconds']:.1f} |")
+  results["checks"] = check_lines(results["fits"])
+  print()
+  for line in results["checks"]:
+    print(line)
+  return results
+
+
+def check_lines(fits: dict) -> list[str]:
+  """Each fit, against what ``tracer.pipeline``'s checks count; the two
+  batch sweeps together solved for the copies of an example and of its
+  float32 encoding that the slope holds."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from tracer import pipeline  # pylint: disable=g-import-not-at-top
+  lines = []
+  for name, f in fits.items():
+    if f["per"] == "example":
+      e, row = f["example_bytes"], 4 * f["dim"]
+      counted = (pipeline.BATCH_EXAMPLE_COPIES * e
+                 + pipeline.BATCH_ENCODING_COPIES * row)
+      lines.append(
+          f"{name}: {f['bytes']:,.0f} bytes per example (+ {f['fixed_mb']:,.0f} MB "
+          f"fixed, residual <= {f['residual_mb']:.1f} MB) = {f['bytes'] / e:.2f} x "
+          f"its {e:,} bytes (the check before 2026-12-06 counted 4 x); the check "
+          f"counts {counted:,.0f} ({counted / f['bytes']:.2f} x the slope)")
+    else:
+      counted = pipeline.CHUNK_BYTES_PER_ELEMENT
+      lines.append(
+          f"{name}: {f['bytes']:.2f} bytes per chunk element (+ {f['fixed_mb']:,.0f} "
+          f"MB fixed, residual <= {f['residual_mb']:.1f} MB); the check counts "
+          f"{counted} ({counted / f['bytes']:.2f} x the slope)")
+  batch = [f for f in fits.values() if f["per"] == "example"]
+  if len(batch) >= 2:
+    a = np.array([[f["example_bytes"], 4 * f["dim"]] for f in batch], float)
+    copies, *_ = np.linalg.lstsq(a, np.array([f["bytes"] for f in batch]), rcond=None)
+    lines.append(
+        f"batch: {copies[0]:.2f} copies of each example's bytes and {copies[1]:.2f} "
+        f"of its float32 encoding (4 d bytes) per example; the check counts "
+        f"{pipeline.BATCH_EXAMPLE_COPIES} and {pipeline.BATCH_ENCODING_COPIES}")
+  return lines
+
+
 def check_inputs() -> None:
   """InputError, before any corpus is written or phase run, for an output
   that cannot be written (``--json_out`` a directory was an
@@ -404,7 +659,7 @@ def check_inputs() -> None:
   outputs.check_writable(FLAGS.json_out, "--json_out")
   if not FLAGS.read:  # (the only mode that writes nothing there)
     outputs.check_writable(FLAGS.workdir, "--workdir", "directory")
-  if not (FLAGS.read or FLAGS.join_docs):
+  if not (FLAGS.read or FLAGS.join_docs or FLAGS.encode_memory):
     check_disk(list(map(int, FLAGS.rows)), FLAGS.max_len,
                bool(FLAGS.tokenize_processes), FLAGS.workdir)
   for location in FLAGS.read:
@@ -463,6 +718,8 @@ def main(argv):
       out = phase_read(*paths)
     elif what == "join":
       out = phase_join(*paths)
+    elif what == "encode_memory":
+      out = phase_encode_memory(*paths)
     else:
       out = phase_encode(*paths, FLAGS.max_len, FLAGS.batch_size)
     print(json.dumps(out))
@@ -473,6 +730,9 @@ def main(argv):
     return
   if FLAGS.join_docs:
     write_json(join_table(FLAGS.join_docs, FLAGS.join_parts, FLAGS.workdir))
+    return
+  if FLAGS.encode_memory:
+    write_json(encode_memory_table(FLAGS.encode_memory, FLAGS.workdir))
     return
   if FLAGS.tokenize_processes:
     write_json([tokenize_table(int(n), list(map(int, FLAGS.tokenize_processes)),

@@ -141,6 +141,8 @@ BENCHMARK_FLAG_ERRORS = [
      "flag --shards_as=['jsonl', 'csv']: 'csv' is not one of jsonl, gzip, zstd"),
     (BENCHMARK_DATA, "--tokenize_processes=0",
      "flag --tokenize_processes=['0']: 0: expected integers >= 1"),
+    (BENCHMARK_DATA, "--encode_memory=chunk,bogus", "flag --encode_memory=['chunk', "
+     "'bogus']: 'bogus' is not one of examples, encodings, chunk, chunk_float32"),
     (BENCHMARK_DATA, "--rows=10,10000000000000", "--rows=10,10000000000000: the "
      "corpora and what is made of them take about 1,162 bytes per row at "
      "--max_len=32, "),

@@ -888,6 +888,60 @@ def test_data_benchmark_refuses_corpora_past_the_free_disk(tmp_path):
   benchmark_data.check_disk([100], 16, False, str(tmp_path / "new" / "deeper"))
 
 
+def test_encode_memory_benchmark_fits_its_sweeps(tmp_path, capsys, monkeypatch):
+  """``tracer benchmark-data --encode_memory`` small, its phases in this
+  process: each run reports the sizes the pipeline's checks read, each
+  sweep a slope, and the batch sweeps together the copies they hold."""
+  from tracer import pipeline  # pylint: disable=g-import-not-at-top
+  from tracer.launch import benchmark_data  # pylint: disable=g-import-not-at-top
+
+  def in_process(phase, *flags_, env=None):
+    del env
+    what, *args = phase.removeprefix("--phase=").split(",")
+    if what == "tokenize":
+      return benchmark_data.phase_tokenize(*args, int(flags_[0].split("=")[1]))
+    assert what == "encode_memory"
+    return benchmark_data.phase_encode_memory(*args)
+
+  monkeypatch.setattr(benchmark_data, "run_phase", in_process)
+  nano = {"model": "nano", "max_len": 16, "projection_dim": 64, "microbatch": 2,
+          "dtype": "bfloat16"}
+  sweeps = {"examples": {**nano, "vary": "batch", "sizes": (16, 32), "batch": None,
+                         "chunk_rows": 16, "rows": 128},
+            "chunk": {**nano, "vary": "chunk_rows", "sizes": (16, 32), "batch": 16,
+                      "chunk_rows": None, "rows": 32}}
+  out = benchmark_data.encode_memory_table(list(sweeps), str(tmp_path), sweeps)
+  dim = out["runs"][0]["dim"]
+  # 8 devices of 2 examples a step: batches of 16 and 32 are this process's.
+  assert [(r["sweep"], r["rows"], r["local_batch"], r["chunk_elements"],
+           r["example_bytes"]) for r in out["runs"]] == [
+               ("examples", 128, 16, 16 * dim, 12 * 16),
+               ("examples", 128, 32, 16 * dim, 12 * 16),
+               ("chunk", 32, 16, 16 * dim, 12 * 16),
+               ("chunk", 32, 16, 32 * dim, 12 * 16)]
+  # (Runs this small move RSS by less than its counters' lag: no order.)
+  assert all(r["peak_mb"] > 0 and r["baseline_mb"] > 0 for r in out["runs"])
+  assert out["fits"]["examples"]["per"] == "example"
+  assert out["fits"]["chunk"]["per"] == "chunk element"
+  printed = capsys.readouterr().out
+  assert "| examples | nano |" in printed and "bytes per chunk element" in printed
+  assert not list(tmp_path.glob("*/store"))  # each run's store removed
+  # Two batch sweeps give the copies of an example and of its encoding.
+  fits = {name: {"per": "example", "example_bytes": e, "dim": d,
+                 "bytes": 4.5 * e + 4.0 * 4 * d, "fixed_mb": 80.0,
+                 "residual_mb": 1.0}
+          for name, e, d in (("examples", 3072, 205), ("encodings", 1536, 65406))}
+  fits["chunk"] = {"per": "chunk element", "bytes": 8.0, "fixed_mb": 33.0,
+                   "residual_mb": 1.0, "example_bytes": 1536, "dim": 65406}
+  lines = benchmark_data.check_lines(fits)
+  assert lines[-1] == (
+      "batch: 4.50 copies of each example's bytes and 4.00 of its float32 "
+      "encoding (4 d bytes) per example; the check counts "
+      f"{pipeline.BATCH_EXAMPLE_COPIES} and {pipeline.BATCH_ENCODING_COPIES}")
+  assert lines[2].startswith("chunk: 8.00 bytes per chunk element (+ 33 MB fixed")
+  assert benchmark_data.fit_line([1, 2, 4], [12, 14, 18]) == pytest.approx((2, 10, 0))
+
+
 def test_data_benchmark_phases_run(tmp_path):
   """``tracer benchmark-data``'s phases, small and in this process: tokenize
   a generated corpus, then encode it from the directory and from the JSONL."""

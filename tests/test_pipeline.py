@@ -776,13 +776,24 @@ def test_an_encode_batch_past_the_rows_pads_no_further(tmp_path, monkeypatch):
   assert [len(valid) for _, _, valid in batches] == [32]  # 2 steps of 8 x 2
   assert sum(len(rows) for rows, _, _ in batches) == 20
   assert corpus.rows_read == 20  # its rows once, none to size an example
+  # Each example's encoding counts (measured 2026-12-06: 4 float32 copies of
+  # it, at d = 65,406 nearly 700 times an example's bytes): 64 examples of 96
+  # bytes and d = 34 take 64 x (5 x 96 + 4.5 x 4 x 34) = 69,888 bytes, where
+  # the count before (4 copies of an example) was 24,576.
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 69_887)
+  with pytest.raises(InputError, match="batches of 64 examples take about"):
+    pipeline._run_local_batches(encoder, corpus, iter([(0, 20)]), 2000, 64)
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 69_888)
+  pipeline._run_local_batches(encoder, corpus, iter([(0, 20)]), 2000, 64)
   monkeypatch.setattr(memory, "host_memory_bytes", lambda: 10_000)
   with pytest.raises(InputError, match=re.escape(
       "EncodeConfig.batch_size=64: this process's batches of 64 examples take "
-      "about 0.0 GiB of host memory (two at once, padded), more than this "
-      "host's 0.0 GiB; expected a smaller EncodeConfig.batch_size")):
+      "about 0.0 GiB of host memory (two at once, padded, with their "
+      "encodings), more than this host's 0.0 GiB; expected a smaller "
+      "EncodeConfig.batch_size")):
     pipeline._run_local_batches(encoder, corpus, iter([(0, 20)]), 2000, 64)
-  # A store chunk (one float32 buffer, its stored copy, a scan's read):
+  # A store chunk (8 bytes an element, measured: a float32 buffer, as much
+  # again as it is written):
   # 20 x 34 x 8 bytes (projection_dim 64 leaves this model 34).
   monkeypatch.setattr(memory, "host_memory_bytes", lambda: 5_000)
   manifest = pipeline.manifest(

@@ -634,6 +634,31 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+# What an encode holds in host memory, for the checks that refuse settings
+# past it (``open_store``, ``_run_local_batches``). Measured 2026-12-06 by
+# ``tracer benchmark-data --encode_memory=examples,encodings,chunk,chunk_float32``
+# (WORKSPACE.md, "An encode's host memory"): the slope of peak RSS over
+# EncodeConfig's batch_size and chunk_rows, each size in a fresh process, on
+# the 2-core CPU VM with 1 device, where the device's copies are host memory
+# too (a GPU's or TPU's are not: there these count more than the host holds).
+#
+# Per chunk element: 8.00 bytes, bf16 and float32 stores alike (a float32
+# buffer the chunk is encoded into, and as much again as it is written), +
+# 33 MB. The factor before the measurement was 8 (a buffer, its stored
+# copy, a scan's read): kept, with nothing to spare.
+CHUNK_BYTES_PER_ELEMENT = 8
+# Per example of this process's batch: 4.60 copies of the example's bytes
+# and 4.00 of its float32 encoding (by the code: batches read ahead, each
+# padded, the one on the device; the step's output and its quarantined copy,
+# this process's part, the last batch's kept while the next is encoded), solved
+# from two sweeps: 17,420 bytes an example at L = 256, d = 205 (5.7 x its
+# 3,072 bytes), 1,053,584 at tiny.gin's sizes and d = 65,406 (686 x its
+# 1,536); rounded up. The count before (4 copies of the example, none of its
+# encoding) was 6,144 bytes of the second's 1,053,584.
+BATCH_EXAMPLE_COPIES = 5
+BATCH_ENCODING_COPIES = 4.5
+
+
 def open_store(location: str, manifest_: store_lib.Manifest,
                basis: hessian.Basis | None = None) -> store_lib.EncodingStore:
   """Creates or resumes the store, with its basis (and, for int8 rows, the
@@ -644,11 +669,12 @@ def open_store(location: str, manifest_: store_lib.Manifest,
     raise InputError(f"{location}: a memory:// store lives in one process; "
                      f"this run has {jax.process_count()}: expected a path or "
                      "an object-storage URL every process reaches")
-  # A chunk is encoded into one float32 buffer, written from a copy in the
-  # store's dtype, and read whole by the scan: at pod scale a chunk_rows of
-  # 10^8 would be terabytes, found only as the first chunk filled.
+  # A chunk is encoded into one float32 buffer and written from a copy
+  # (CHUNK_BYTES_PER_ELEMENT, measured): at pod scale a chunk_rows of 10^8
+  # would be terabytes, found only as the first chunk filled.
   rows = min(manifest_.chunk_rows, manifest_.num_rows)
-  need, have = 8 * rows * manifest_.dim, memory.host_memory_bytes()
+  need = CHUNK_BYTES_PER_ELEMENT * rows * manifest_.dim
+  have = memory.host_memory_bytes()
   if need > have:
     raise InputError(
         f"EncodeConfig.chunk_rows={manifest_.chunk_rows}: a chunk of {rows:,} rows x "
@@ -732,14 +758,16 @@ def _run_local_batches(encoder: GradientEncoder, corpus,
   # process reads only its share, and tests count the rows it reads).
   example = data_lib.examples_from_tokens(np.zeros((1, corpus.max_len), np.int32),
                                           np.zeros(1, np.int32))
-  # Two batches are held at once (one read ahead), each also as its padded copy.
-  need = 4 * local * sum(v.nbytes for v in example.values())
+  # Batches are read ahead while one is encoded, each padded, and each
+  # example's encoding is copied as it comes back (BATCH_*_COPIES, measured).
+  need = int(local * (BATCH_EXAMPLE_COPIES * sum(v.nbytes for v in example.values())
+                      + BATCH_ENCODING_COPIES * 4 * encoder.dim))
   have = memory.host_memory_bytes()
   if need > have:
     raise InputError(
         f"EncodeConfig.batch_size={batch_size}: this process's batches of "
         f"{local:,} examples take about {need / 2**30:,.1f} GiB of host memory "
-        f"(two at once, padded), more than this host's "
+        f"(two at once, padded, with their encodings), more than this host's "
         f"{have / 2**30:,.1f} GiB; expected a smaller "
         "EncodeConfig.batch_size")
   batches = _local_batches(ranges, local)
