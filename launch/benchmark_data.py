@@ -621,6 +621,8 @@ def check_lines(fits: dict) -> list[str]:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from tracer import pipeline  # pylint: disable=g-import-not-at-top
   lines = []
+  # (A small run's slope may be 0 or below: RSS moves in pages, and late.)
+  times = lambda a, b: f"{a / b:.2f} x" if b > 0 else "no multiple of"
   for name, f in fits.items():
     if f["per"] == "example":
       e, row = f["example_bytes"], 4 * f["dim"]
@@ -628,15 +630,15 @@ def check_lines(fits: dict) -> list[str]:
                  + pipeline.BATCH_ENCODING_COPIES * row)
       lines.append(
           f"{name}: {f['bytes']:,.0f} bytes per example (+ {f['fixed_mb']:,.0f} MB "
-          f"fixed, residual <= {f['residual_mb']:.1f} MB) = {f['bytes'] / e:.2f} x "
+          f"fixed, residual <= {f['residual_mb']:.1f} MB) = {times(f['bytes'], e)} "
           f"its {e:,} bytes (the check before 2026-12-06 counted 4 x); the check "
-          f"counts {counted:,.0f} ({counted / f['bytes']:.2f} x the slope)")
+          f"counts {counted:,.0f} ({times(counted, f['bytes'])} the slope)")
     else:
       counted = pipeline.CHUNK_BYTES_PER_ELEMENT
       lines.append(
           f"{name}: {f['bytes']:.2f} bytes per chunk element (+ {f['fixed_mb']:,.0f} "
           f"MB fixed, residual <= {f['residual_mb']:.1f} MB); the check counts "
-          f"{counted} ({counted / f['bytes']:.2f} x the slope)")
+          f"{counted} ({times(counted, f['bytes'])} the slope)")
   batch = [f for f in fits.values() if f["per"] == "example"]
   if len(batch) >= 2:
     a = np.array([[f["example_bytes"], 4 * f["dim"]] for f in batch], float)

@@ -939,6 +939,9 @@ def test_encode_memory_benchmark_fits_its_sweeps(tmp_path, capsys, monkeypatch):
       "encoding (4 d bytes) per example; the check counts "
       f"{pipeline.BATCH_EXAMPLE_COPIES} and {pipeline.BATCH_ENCODING_COPIES}")
   assert lines[2].startswith("chunk: 8.00 bytes per chunk element (+ 33 MB fixed")
+  # A small run's slope may be 0 (RSS moves in pages): no ZeroDivisionError.
+  zero = benchmark_data.check_lines({"chunk": {**fits["chunk"], "bytes": 0.0}})
+  assert zero[0].endswith("the check counts 8 (no multiple of the slope)")
   assert benchmark_data.fit_line([1, 2, 4], [12, 14, 18]) == pytest.approx((2, 10, 0))
 
 
