@@ -211,9 +211,14 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   # A store kept resident in HBM (tracer serve) pays only this.
   scan_resident_s = max(scan_compute_s, scan_hbm_s) if fits else None
 
-  host_chunk_bytes = chunk_rows * d * 4
-  host_encoded_bytes = batch_per_host * d * 4
-  host_tokens_bytes = batch_per_host * seq_len * 4
+  # The copies an encode holds, as measured (``tracer benchmark-data
+  # --encode_memory``; ``pipeline``'s checks count the same): a chunk's 8
+  # bytes per element, 4.5 float32 copies of each encoding of a batch, 5 of
+  # each example (its inputs, targets and weights: 12 bytes per token).
+  from tracer import pipeline  # pylint: disable=g-import-not-at-top
+  host_chunk_bytes = pipeline.CHUNK_BYTES_PER_ELEMENT * chunk_rows * d
+  host_encoded_bytes = int(pipeline.BATCH_ENCODING_COPIES * batch_per_host * d * 4)
+  host_tokens_bytes = pipeline.BATCH_EXAMPLE_COPIES * batch_per_host * seq_len * 12
   host_r_bytes = d * min(r_block_dim, d) * 4
   host_memory_bytes = (host_chunk_bytes + host_encoded_bytes
                        + host_tokens_bytes + host_r_bytes)
@@ -396,14 +401,22 @@ def report(p: dict) -> str:
       "Q where compute = host read (each query adds a column, and one "
       "for R up to the block size)")
 
-  section("host memory per host while encoding: O(batch), not O(rows)")
-  row("chunk buffer f32", size(p["host_chunk_bytes"]),
-      f"chunk_rows * d * 4 B = {p['chunk_rows']} * {count(d)} * 4")
-  row("encoded batch f32", size(p["host_encoded_bytes"]),
-      f"batch_per_host * d * 4 B = {p['batch_per_host']} * {count(d)} * 4")
-  row("token batch int32", size(p["host_tokens_bytes"]),
-      f"batch_per_host * seq_len * 4 B = {p['batch_per_host']} * "
-      f"{count(p['seq_len'])} * 4")
+  section("host memory per host while encoding: O(batch), not O(rows); copies "
+          "as measured by tracer benchmark-data --encode_memory")
+  from tracer import pipeline  # pylint: disable=g-import-not-at-top
+  chunk, encodings, examples = (pipeline.CHUNK_BYTES_PER_ELEMENT,
+                                pipeline.BATCH_ENCODING_COPIES,
+                                pipeline.BATCH_EXAMPLE_COPIES)
+  row("store chunk", size(p["host_chunk_bytes"]),
+      f"chunk_rows * d * {chunk} B = {p['chunk_rows']} * {count(d)} * {chunk} "
+      "(its f32 buffer, and as much again as it is written)")
+  row("encoded batches f32", size(p["host_encoded_bytes"]),
+      f"batch_per_host * d * 4 B * {encodings} copies = {p['batch_per_host']} "
+      f"* {count(d)} * 4 * {encodings}")
+  row("example batches", size(p["host_tokens_bytes"]),
+      f"batch_per_host * seq_len * 12 B * {examples} copies = "
+      f"{p['batch_per_host']} * {count(p['seq_len'])} * 12 * {examples} "
+      "(inputs, targets, weights)")
   row("R^(-1/2) blocks f32", size(p["host_r_bytes"]),
       f"d * {count(min(p['r_block_dim'], d))} * 4 B (upper bound: blocks "
       f"<= {count(p['r_block_dim'])} dims summing to d)")
