@@ -525,7 +525,7 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
     if check_first and state is first_state:
       memory.check_compiled_memory(
           step_update.lower(*args).compile(),
-          f"queries: {qs[0].shape[0]:,} queries of d={dim:,} with k={k}: a "
+          f"queries: {num_queries:,} queries of d={dim:,} with k={k}: a "
           f"scan step of {step // mesh.size:,} rows per device",
           "fewer queries per scan (each query's encoding sits whole on "
           "every device: split the queries into several runs)")
