@@ -925,6 +925,7 @@ def test_a_failed_scan_leaves_no_step_running(tmp_path, monkeypatch):
       return state._replace(proponent_scores=jax.pure_callback(
           note, jax.ShapeDtypeStruct(state.proponent_scores.shape, jnp.float32),
           state.proponent_scores))
+    slow.lower = update.lower  # (the first step's memory check lowers it)
     return slow
 
   monkeypatch.setattr(scan, "step_fn", slow_step_fn)
@@ -1094,6 +1095,27 @@ def test_queries_past_the_memory_are_refused_before_the_scan(monkeypatch):
                      r"\(XLA's count after compiling\), more than this host's "
                      r"0.1 GiB; expected fewer queries per scan"):
     scan.scan_arrays(x, q, 5, mesh=MESHES["8x1"]())
+
+
+def test_every_scan_is_held_to_xla_s_count(monkeypatch):
+  """int8 rows under a row metric take ~37x a rough count of rows, queries
+  and scores (the rows widened to f32, the metric's tiles): before
+  2026-12-06 such a count chose which scans XLA's count checked, and this
+  one, 37 MB on 8 devices, ran against a host of 16 MB."""
+  from tracer import memory  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 16 << 20)
+  rng = np.random.default_rng(0)
+  x = rng.integers(-100, 100, (1000, 1024), dtype=np.int8)
+  q = rng.standard_normal((1, 1024), dtype=np.float32)
+  metric = topk.RowMetric(np.ones(1024, np.float32),
+                          (0.01 * rng.standard_normal((1024, 8), dtype=np.float32),),
+                          ((0, 1024),))
+  with pytest.raises(InputError, match=r"^queries: 1 queries of d=1,024 with k=5: "
+                     r"a scan step of 125 rows per device takes [\d.]+ GiB on each "
+                     r"of this host's 8 devices"):
+    scan.scan_arrays(x, q, 5, mesh=MESHES["8x1"](), metric=metric)
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 64 << 20)
+  assert scan.scan_arrays(x, q, 5, mesh=MESHES["8x1"](), metric=metric).proponent_rows.shape == (1, 5)
 
 
 def test_query_step_benchmark_runs(monkeypatch):

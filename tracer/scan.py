@@ -509,22 +509,17 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
       return (state, *parts[0], queries_on_mesh[0], *metric_args[0])
 
   # The queries and their running top-k sit whole on every device, beside
-  # a step's rows and scores: where a rough count of those passes a quarter
-  # of the memory, the first step is compiled here (its call reuses it) and
-  # refused by XLA's own count before it runs. (Not for every scan: the
-  # lowering costs a small scan ~4 ms.)
+  # a step's rows and scores: XLA's count of the first step is held to the
+  # memory before it runs. (Each step shape is lowered once a process. A
+  # rough count chose which scans to check before 2026-12-06; it missed
+  # widened int8 rows and a row metric's tiles, up to 37x the count.)
   num_queries = qs[0].shape[0]
-  rough = len(sources) * (num_queries * dim * 4 + step // mesh.size * (
-      dim * dtype.itemsize + num_queries * PAIR_BYTES)) + num_queries * k * 16
-  device_have = memory.device_memory_bytes()
-  check_first = rough * 4 > (device_have if device_have is not None else
-                             memory.host_memory_bytes() // len(mesh.local_devices))
 
   def update(state, parts):
     args = arguments(state, parts)
-    if check_first and state is first_state:
-      memory.check_compiled_memory(
-          step_update.lower(*args).compile(),
+    if state is first_state:
+      memory.check_bytes(
+          memory.program_bytes(step_update, *args),
           f"queries: {num_queries:,} queries of d={dim:,} with k={k}: a "
           f"scan step of {step // mesh.size:,} rows per device",
           "fewer queries per scan (each query's encoding sits whole on "
