@@ -41,6 +41,18 @@ and fixed cost, and sets them against what ``tracer.pipeline``'s two host
 memory checks count (``BATCH_EXAMPLE_COPIES``, ``BATCH_ENCODING_COPIES``,
 ``CHUNK_BYTES_PER_ELEMENT``).
 
+  tracer benchmark-data \
+      --scan_memory=bfloat16,float32,bfloat16_8,float32_8,bfloat16_q256
+
+measures the peak host memory of a store scan (``phase_scan_memory``:
+``tracer.scan.scan_store`` of a local store written for the sweep, with an
+explicit ``chunk_rows`` so that every step is read into the pooled host
+buffers; peak RSS, each size in a fresh process, after a first scan has
+compiled the step) against the step's rows, on 1 CPU device or (``_8``) 8
+simulated ones, fits the bytes per step element and sets them against the
+pool ``scan._BufferPool`` plans (``sets`` x the step's bytes) and the sets
+it made.
+
   tracer benchmark-data --join_docs=100000000 --join_parts=64
 
 times the join's id check over that many documents' hashes in that many
@@ -52,6 +64,7 @@ process: seconds, peak memory.
 
 from __future__ import annotations
 
+import gc
 import gzip
 import io
 import json
@@ -91,6 +104,11 @@ def define_flags() -> None:
                     "memory against EncodeConfig.batch_size and chunk_rows, in "
                     "these sweeps (ENCODE_MEMORY_SWEEPS): examples, encodings, "
                     "chunk, chunk_float32; each size in a fresh process.")
+  flags.DEFINE_list("scan_memory", [], "Instead: a store scan's peak host "
+                    "memory against its step's rows, in these sweeps "
+                    "(SCAN_MEMORY_SWEEPS): bfloat16, float32 (1 CPU device), "
+                    "bfloat16_8, float32_8 (8 simulated CPU devices), "
+                    "bfloat16_q256 (256 queries); each size in a fresh process.")
   flags.DEFINE_list("read", [], "Instead: read these JSONL or Parquet files "
                     "(paths or URLs) record by record, streamed and read "
                     "whole, each in a fresh process: seconds and peak memory.")
@@ -101,6 +119,8 @@ def define_flags() -> None:
   cli.check_list_flag("tokenize_processes", least=1, empty_ok=True)
   cli.check_list_flag("shards_as", choices=SHARD_FORMATS)
   cli.check_list_flag("encode_memory", choices=tuple(ENCODE_MEMORY_SWEEPS),
+                      empty_ok=True)
+  cli.check_list_flag("scan_memory", choices=tuple(SCAN_MEMORY_SWEEPS),
                       empty_ok=True)
 
 
@@ -281,6 +301,69 @@ def phase_encode_memory(source: str, store: str, model: str, max_len: str,
           "example_bytes": sum(v.nbytes for v in example.values()),
           "local_batch": local,
           "chunk_elements": min(chunk_rows, len(corpus)) * encoder.dim,
+          "baseline_mb": base, "peak_mb": hwm_mb() if reset else peak_rss_mb(),
+          "peak_reset": reset}
+
+
+def phase_scan_memory(store: str, chunk_rows: str, queries: str = "8",
+                      k: str = "10") -> dict:
+  """``scan.scan_store`` of the local store ``store`` in steps of
+  ``chunk_rows`` rows (explicit: each step read into the pooled buffers, none
+  mapped in place) over every device of this process: its RSS before the
+  second of two scans (the first compiles the step and warms the page
+  cache) and its peak during it, with the pool the scan planned (its sets,
+  each a step's local rows) and the sets it made."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from tracer import partitioning  # pylint: disable=g-import-not-at-top
+  from tracer import scan  # pylint: disable=g-import-not-at-top
+  from tracer import store as store_lib  # pylint: disable=g-import-not-at-top
+  s = store_lib.open_store(store)
+  q = np.random.default_rng(0).standard_normal((int(queries), s.dim), np.float32)
+  mesh = partitioning.make_mesh()
+  pools = []
+
+  class Counted(scan._BufferPool):  # pylint: disable=protected-access
+    """The pool as planned, and the sets it made by the end of the scan."""
+    # pylint: disable=protected-access
+
+    def close(self):
+      elements = sum(a * b for a, b in self._shapes)
+      pools.append({"sets": self._size, "made": self._made,
+                    "set_bytes": elements * np.dtype(self._dtype).itemsize})
+      super().close()
+
+  run = lambda: scan.scan_store(s, q, int(k), mesh=mesh, chunk_rows=int(chunk_rows))
+  real, scan._BufferPool = scan._BufferPool, Counted  # pylint: disable=protected-access
+  try:
+    return _scan_memory(run, s, mesh, int(chunk_rows), pools)
+  finally:
+    scan._BufferPool = real  # pylint: disable=protected-access
+
+
+def _scan_memory(run, s, mesh, chunk_rows: int, pools: list) -> dict:
+  import jax  # pylint: disable=g-import-not-at-top
+  from tracer import partitioning  # pylint: disable=g-import-not-at-top
+  from tracer import scan  # pylint: disable=g-import-not-at-top
+  jax.block_until_ready(run())
+  # What the first scan (and its compile) left for the collector, collected
+  # before the baseline: uncollected, it was in the baseline and freed
+  # during the second scan, whose peak then hid most of its pool (by hand,
+  # 2026-12-06: 16 MiB of pooled sets, 0.4 MB over the baseline).
+  gc.collect()
+  reset = reset_peak_rss()
+  base = rss_mb() if reset else peak_rss_mb()
+  start = time.perf_counter()
+  jax.block_until_ready(run())
+  seconds = time.perf_counter() - start
+  pool = pools[-1]
+  step = partitioning.padded_size(chunk_rows, mesh.size)
+  return {"seconds": seconds, "rows": s.num_rows, "dim": s.dim,
+          "dtype": str(s.dtype), "devices": mesh.size,
+          "step_rows": step, "step_elements": step * s.dim,
+          "step_bytes": step * s.dim * scan.device_dtype(s.dtype).itemsize,
+          "pool_sets": pool["sets"], "pool_made": pool["made"],
+          "pool_bytes": pool["sets"] * pool["set_bytes"],
           "baseline_mb": base, "peak_mb": hwm_mb() if reset else peak_rss_mb(),
           "peak_reset": reset}
 
@@ -614,6 +697,109 @@ def encode_memory_table(names: list[str], workdir: str,
   return results
 
 
+# --scan_memory's sweeps: each scans one local store (``rows`` x ``dim`` of
+# ``dtype``, stored chunks of ``store_chunk_rows``) in steps of ``sizes``
+# rows with ``queries`` queries, on ``devices`` CPU devices (1, or 8
+# simulated by XLA_FLAGS). The store holds 8 of the largest steps. With 8
+# queries the device outruns the reads and the pool makes 4-6 of its 6
+# sets; ``bfloat16_q256``'s device is the slower, so the pool makes them all
+# (and the step's scores, ``[rows, Q]`` on the CPU's devices, are host
+# memory too).
+SCAN_MEMORY_SWEEPS = {
+    f"{dtype}{suffix}": {"dtype": dtype, "devices": devices, "dim": 512,
+                         "store_chunk_rows": 2048, "rows": 8 * 65536,
+                         "sizes": (8192, 16384, 32768, 65536), "queries": queries}
+    for suffix, devices, queries in (("", 1, 8), ("_8", 8, 8), ("_q256", 1, 256))
+    for dtype in ("bfloat16", "float32")
+    if dtype == "bfloat16" or suffix != "_q256"}
+
+
+def write_scan_store(path: str, dtype: str, rows: int, dim: int,
+                     chunk_rows: int) -> None:
+  """A complete local store of ``rows`` random rows at ``path`` (written
+  chunk by chunk, as the tests' stores are)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from tracer import store as store_lib  # pylint: disable=g-import-not-at-top
+  manifest = store_lib.Manifest(
+      checkpoint="bench", step=0, params_fingerprint="-", correction="none",
+      epsilon=0.0, projection_seed=0, layout=None, dim=dim,
+      basis_fingerprint=None, dtype=dtype, corpus="random", num_rows=rows,
+      chunk_rows=chunk_rows)
+  s = store_lib.create_or_open(path, manifest)
+  for c in s.pending_chunks():
+    lo, hi = s.chunk_bounds(c)
+    x = np.random.default_rng(c).standard_normal((hi - lo, dim), np.float32)
+    s.write_chunk(c, x)
+
+
+def scan_memory_table(names: list[str], workdir: str,
+                      sweeps: dict | None = None) -> dict:
+  """``phase_scan_memory`` over each sweep of ``names`` (of ``sweeps``,
+  default ``SCAN_MEMORY_SWEEPS``), each size in a fresh process with the
+  sweep's devices; each sweep's fitted bytes per step element (of the peak
+  over the baseline) against the pool's planned bytes per step element."""
+  sweeps = SCAN_MEMORY_SWEEPS if sweeps is None else sweeps
+  results = {"runs": [], "fits": {}}
+  for name in names:
+    sweep = sweeps[name]
+    store = os.path.join(workdir, f"scan-{sweep['dtype']}-{sweep['rows']}-"
+                                  f"{sweep['dim']}-{sweep['store_chunk_rows']}")
+    if not os.path.exists(os.path.join(store, "done")):
+      shutil.rmtree(store, ignore_errors=True)
+      write_scan_store(os.path.join(store, "store"), sweep["dtype"], sweep["rows"],
+                       sweep["dim"], sweep["store_chunk_rows"])
+      open(os.path.join(store, "done"), "w").close()
+    env = {**ENCODE_MEMORY_ENV, "XLA_FLAGS":
+           f"--xla_force_host_platform_device_count={sweep['devices']}"}
+    for size in sweep["sizes"]:
+      run = run_phase(f"--phase=scan_memory,{store}/store,{size},"
+                      f"{sweep['queries']}", env=env)
+      run = {"sweep": name, "queries": sweep["queries"], **run}
+      run["made_bytes"] = run["pool_made"] * run["step_bytes"]
+      run["beyond_mb"] = run["peak_mb"] - run["baseline_mb"] - run["made_bytes"] / 2**20
+      results["runs"].append(run)
+      print(json.dumps(run), flush=True)
+    runs = [r for r in results["runs"] if r["sweep"] == name]
+    peaks = [(r["peak_mb"] - r["baseline_mb"]) * 2**20 for r in runs]
+    slope, fixed, residual = fit_line([r["step_elements"] for r in runs], peaks)
+    copies, made_fixed, made_residual = fit_line([r["made_bytes"] for r in runs],
+                                                 peaks)
+    itemsize = runs[0]["step_bytes"] / runs[0]["step_elements"]
+    results["fits"][name] = {
+        "bytes": slope, "fixed_mb": fixed / 2**20, "residual_mb": residual / 2**20,
+        "copies": slope / itemsize, "pool_sets": runs[0]["pool_sets"],
+        "pool_bytes": runs[0]["pool_sets"] * itemsize,
+        "made_multiple": copies, "made_fixed_mb": made_fixed / 2**20,
+        "made_residual_mb": made_residual / 2**20,
+        "devices": runs[0]["devices"], "dtype": runs[0]["dtype"],
+        "queries": runs[0]["queries"]}
+  print("\n| sweep | devices | store | Q | step rows | step MB | pool sets "
+        "(made) | pool MB | baseline MB | peak MB | peak - baseline MB | beyond "
+        "the sets made MB | scan s |")
+  print("|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+  for r in results["runs"]:
+    print(f"| {r['sweep']} | {r['devices']} | {r['dtype']} | {r['queries']} | "
+          f"{r['step_rows']:,} | {r['step_bytes'] / 2**20:,.0f} | {r['pool_sets']} "
+          f"({r['pool_made']}) | {r['pool_bytes'] / 2**20:,.0f} | "
+          f"{r['baseline_mb']:,.0f} | {r['peak_mb']:,.0f} | "
+          f"{r['peak_mb'] - r['baseline_mb']:,.0f} | {r['beyond_mb']:,.1f} | "
+          f"{r['seconds']:.1f} |")
+  results["checks"] = []
+  print()
+  # (A small run's slope may be 0 or below: RSS moves in pages, and late.)
+  for name, f in results["fits"].items():
+    line = (f"{name}: {f['bytes']:.2f} bytes per step element (+ "
+            f"{f['fixed_mb']:,.0f} MB fixed, residual <= {f['residual_mb']:.1f} "
+            f"MB) = {f['copies']:.2f} copies of the step's rows; the pool plans "
+            f"{f['pool_bytes']:.0f} ({f['pool_sets']} sets); against the sets "
+            f"made: {f['made_multiple']:.3f} x their bytes (+ "
+            f"{f['made_fixed_mb']:,.1f} MB fixed, residual <= "
+            f"{f['made_residual_mb']:.1f} MB)")
+    results["checks"].append(line)
+    print(line)
+  return results
+
+
 def check_lines(fits: dict) -> list[str]:
   """Each fit, against what ``tracer.pipeline``'s checks count; the two
   batch sweeps together solved for the copies of an example and of its
@@ -661,7 +847,8 @@ def check_inputs() -> None:
   outputs.check_writable(FLAGS.json_out, "--json_out")
   if not FLAGS.read:  # (the only mode that writes nothing there)
     outputs.check_writable(FLAGS.workdir, "--workdir", "directory")
-  if not (FLAGS.read or FLAGS.join_docs or FLAGS.encode_memory):
+  if not (FLAGS.read or FLAGS.join_docs or FLAGS.encode_memory
+          or FLAGS.scan_memory):
     check_disk(list(map(int, FLAGS.rows)), FLAGS.max_len,
                bool(FLAGS.tokenize_processes), FLAGS.workdir)
   for location in FLAGS.read:
@@ -722,6 +909,8 @@ def main(argv):
       out = phase_join(*paths)
     elif what == "encode_memory":
       out = phase_encode_memory(*paths)
+    elif what == "scan_memory":
+      out = phase_scan_memory(*paths)
     else:
       out = phase_encode(*paths, FLAGS.max_len, FLAGS.batch_size)
     print(json.dumps(out))
@@ -735,6 +924,9 @@ def main(argv):
     return
   if FLAGS.encode_memory:
     write_json(encode_memory_table(FLAGS.encode_memory, FLAGS.workdir))
+    return
+  if FLAGS.scan_memory:
+    write_json(scan_memory_table(FLAGS.scan_memory, FLAGS.workdir))
     return
   if FLAGS.tokenize_processes:
     write_json([tokenize_table(int(n), list(map(int, FLAGS.tokenize_processes)),

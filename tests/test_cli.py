@@ -143,6 +143,9 @@ BENCHMARK_FLAG_ERRORS = [
      "flag --tokenize_processes=['0']: 0: expected integers >= 1"),
     (BENCHMARK_DATA, "--encode_memory=chunk,bogus", "flag --encode_memory=['chunk', "
      "'bogus']: 'bogus' is not one of examples, encodings, chunk, chunk_float32"),
+    (BENCHMARK_DATA, "--scan_memory=float32,f16", "flag --scan_memory=['float32', "
+     "'f16']: 'f16' is not one of bfloat16, float32, bfloat16_8, float32_8, "
+     "bfloat16_q256"),
     (BENCHMARK_DATA, "--rows=10,10000000000000", "--rows=10,10000000000000: the "
      "corpora and what is made of them take about 1,162 bytes per row at "
      "--max_len=32, "),

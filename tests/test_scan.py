@@ -1180,3 +1180,44 @@ def test_fused_tiles_benchmark_runs():
   with pytest.raises(ValueError, match="--fused_tiles: '48:32:4:3': expected ROWS "
                      "and DIM powers of two"):  # (Triton cannot lower it)
     benchmark_scan.parse_tiles("48:32:4:3")
+
+
+def test_scan_memory_benchmark_fits_its_sweeps(tmp_path, capsys, monkeypatch):
+  """``tracer benchmark-data --scan_memory`` small, its phases in this
+  process (8 devices): each run reports the pool as planned and the sets
+  made, each sweep its slopes; the store is written once and kept."""
+  from tracer.launch import benchmark_data  # pylint: disable=g-import-not-at-top
+  envs = []
+
+  def in_process(phase, *flags_, env=None):
+    assert not flags_
+    envs.append(env)
+    what, *args = phase.removeprefix("--phase=").split(",")
+    assert what == "scan_memory"
+    return benchmark_data.phase_scan_memory(*args)
+
+  monkeypatch.setattr(benchmark_data, "run_phase", in_process)
+  pool = scan._BufferPool
+  sweeps = {name: {"dtype": dtype, "devices": 8, "dim": 64, "store_chunk_rows": 128,
+                   "rows": 4 * 512, "sizes": (256, 512), "queries": 2}
+            for name, dtype in (("bf16", "bfloat16"), ("f32", "float32"))}
+  out = benchmark_data.scan_memory_table(list(sweeps), str(tmp_path), sweeps)
+  assert scan._BufferPool is pool  # (the phase's counting pool undone)
+  assert [(r["sweep"], r["devices"], r["step_rows"], r["step_bytes"], r["pool_sets"],
+           r["pool_bytes"]) for r in out["runs"]] == [
+               ("bf16", 8, 256, 256 * 64 * 2, 6, 6 * 256 * 64 * 2),
+               ("bf16", 8, 512, 512 * 64 * 2, 6, 6 * 512 * 64 * 2),
+               ("f32", 8, 256, 256 * 64 * 4, 6, 6 * 256 * 64 * 4),
+               ("f32", 8, 512, 512 * 64 * 4, 6, 6 * 512 * 64 * 4)]
+  assert all(1 <= r["pool_made"] <= 6 for r in out["runs"])
+  # (Runs this small move RSS by less than its counters' lag: no order.)
+  assert all(r["peak_mb"] > 0 and r["baseline_mb"] > 0 for r in out["runs"])
+  assert envs[0]["XLA_FLAGS"] == "--xla_force_host_platform_device_count=8"
+  assert envs[0]["MALLOC_MMAP_THRESHOLD_"] == str(1 << 20)
+  assert set(out["fits"]) == {"bf16", "f32"}
+  assert out["fits"]["f32"]["pool_bytes"] == 6 * 4  # planned bytes per element
+  printed = capsys.readouterr().out
+  assert "| bf16 | 8 | bfloat16 | 2 | 256 |" in printed
+  assert "bytes per step element" in printed
+  assert sorted(p.name for p in tmp_path.iterdir()) == [
+      "scan-bfloat16-2048-64-128", "scan-float32-2048-64-128"]
