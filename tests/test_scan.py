@@ -750,6 +750,40 @@ def test_pooled_buffers_fit_the_host_budget(tmp_path, monkeypatch):
     assert pools[-1] == (8 * 64 * 16, want)  # 64 rows of 16 per device
 
 
+def test_default_steps_fit_a_quarter_of_the_host(tmp_path, monkeypatch):
+  """A default step's pooled buffers take at most a quarter of the host's
+  memory (before 2026-12-06 only ``HOST_BUFFER_BYTES``, 8 GiB, bounded
+  them: a host of 8 or 16 GiB could plan all of it); the top-k is an
+  explicit step's, bit for bit. An explicit step is left as asked."""
+  from tracer import memory  # pylint: disable=g-import-not-at-top
+  x, q = _data(5000)
+  s = _store(tmp_path, x, "float32")  # chunks of 64 rows of 16 float32
+  mesh = MESHES["8x1"]()
+  monkeypatch.setattr(scan, "MAX_PIECES", 1)  # every step read into the pool
+  want = scan.scan_store(s, q, K, mesh=mesh, chunk_rows=5000)
+  steps, pools = [], []
+  layout, pool = scan._Layout, scan._BufferPool
+  monkeypatch.setattr(scan, "_Layout", lambda mesh, step, *a, **kw: (
+      steps.append(step), layout(mesh, step, *a, **kw))[1])
+  monkeypatch.setattr(scan, "_BufferPool", lambda shapes, dtype, size: (
+      pools.append(size * sum(a * b for a, b in shapes) * np.dtype(dtype).itemsize)
+      or pool(shapes, dtype, size)))
+  row_bytes, sets = 16 * 4, 6  # prefetch 2, depth 2, read-ahead 0, 2 more
+  host = 4 * sets * 8 * 128 * row_bytes  # a quarter: 2 chunks per device
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: host)
+  got = scan.scan_store(s, q, K, mesh=mesh)
+  # Not the whole corpus (10 chunks per device, 5,120 rows) in one step.
+  assert steps == [8 * 128] and pools == [host // 4]
+  for field in got._fields:  # (each row's score is one dot product, whatever the step)
+    np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+  scan.scan_store(s, q, K, mesh=mesh, chunk_rows=5000)
+  assert steps[-1] == 5000  # (an explicit step: as asked)
+  assert scan.host_buffer_bytes() == host // 4
+  # A host whose quarter passes HOST_BUFFER_BYTES: that is the bound.
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 64 << 30)
+  assert scan.host_buffer_bytes() == scan.HOST_BUFFER_BYTES
+
+
 def test_store_scan_from_object_storage(object_store):
   """On an S3 server and a GCS emulator, reads in flight or not."""
   x, q = _data(1001, seed=7)

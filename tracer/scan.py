@@ -7,9 +7,10 @@ the ordering rules). This module feeds it: rows are used in place when they
 are 64-byte aligned (``aligned_empty``) or are a local store's chunk files
 (mapped from the page cache, handed to the device as one piece per chunk),
 and otherwise copied once into reused aligned buffers (``_BufferPool``, at
-most ``HOST_BUFFER_BYTES`` a host: default steps shrink to fit) by a
-background thread, overlapped with the device, each host reading only the
-rows of its own devices (object storage: several steps' reads in flight).
+most ``HOST_BUFFER_BYTES`` and a quarter of its memory a host: default
+steps shrink to fit) by a background thread, overlapped with the device,
+each host reading only the rows of its own devices (object storage: several
+steps' reads in flight).
 
 If fewer than ``k`` rows are scanned (N < k), results have ``N`` columns.
 
@@ -58,6 +59,22 @@ REMOTE_READ_AHEAD = 4
 # read_ahead (4) sets, ~3 GiB, in flight; where one store chunk per device
 # is too much for that (d = 2^16 on 8 GPUs), read_ahead shrinks instead.
 HOST_BUFFER_BYTES = 8 << 30
+# ... and at most 1 / HOST_BUFFER_FRACTION of the host's physical memory
+# (of the smallest host's, under jax.distributed: every process must take
+# the same step), so that hosts of 8 or 16 GiB do not plan 8 GiB of
+# buffers. ``tracer benchmark-data --scan_memory`` (WORKSPACE.md, "A store
+# scan's host memory", 2026-12-06) measured a store scan's peak over its
+# baseline (~350 MB) at 1.004-1.015 x the bytes of the pool's sets it made
+# (each a step's local rows; bf16 and f32, 1 and 8 CPU devices, steps of 8
+# to 128 MiB): on CPU the devices use the aligned buffers in place, no
+# second copy. All 6 planned sets were made where the device was the
+# slower (256 queries), 4-6 where it was not (8). The pool as planned is
+# thus the scan's host memory beyond its baseline, 1 x; a quarter leaves
+# the rest for the baseline, the step's scores (on a CPU's devices host
+# memory too: 12-13 bytes per row and query of a step at 256 queries,
+# about twice XLA's count of one step's), the page cache and the host's
+# other processes.
+HOST_BUFFER_FRACTION = 4
 # A step's scores (``[rows, Q]`` per device, with the selection's
 # temporaries) may take SCORE_STEPS x its rows' ``device_chunk_bytes``; past
 # that, steps get fewer rows (``query_capped_step``). XLA's count of one
@@ -132,13 +149,26 @@ def query_capped_step(step: int, num_queries: int, mesh: Mesh,
   return min(step // mesh.size, fits) * mesh.size
 
 
+def host_buffer_bytes() -> int:
+  """Bytes a scan's pooled buffers may take on each host:
+  ``HOST_BUFFER_BYTES``, at most 1 / ``HOST_BUFFER_FRACTION`` of the
+  smallest host's physical memory (all processes call it together)."""
+  have = memory.host_memory_bytes()
+  if jax.process_count() > 1:  # (in MiB: int32 without jax_enable_x64)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    have = int(np.min(multihost_utils.process_allgather(
+        np.int32(min(have >> 20, 2**31 - 1))))) << 20
+  return min(HOST_BUFFER_BYTES, have // HOST_BUFFER_FRACTION)
+
+
 def buffered_step(step: int, mesh: Mesh, row_bytes: int, sets: int,
-                  multiple: int = 1) -> int:
+                  multiple: int = 1, budget: int | None = None) -> int:
   """``step`` (rows over ``mesh``) shrunk so that ``sets`` pooled sets of
-  its local rows fit in ``HOST_BUFFER_BYTES``; whole ``multiple``s of rows
-  per device, at least one."""
+  its local rows fit in ``budget`` bytes (default ``host_buffer_bytes()``);
+  whole ``multiple``s of rows per device, at least one."""
+  budget = host_buffer_bytes() if budget is None else budget
   per_device = step // mesh.size
-  fits = HOST_BUFFER_BYTES // (sets * len(mesh.local_devices) * row_bytes)
+  fits = budget // (sets * len(mesh.local_devices) * row_bytes)
   fits = max(multiple, fits // multiple * multiple)
   return min(per_device, fits) * mesh.size
 
@@ -470,11 +500,13 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
       # A step reads at least a whole store chunk per device (128 MiB at
       # d = 2^16): where the pool of those would pass the budget (10 GiB on
       # 8 GPUs), fewer steps are read ahead, then prefetched (at least one).
+      budget = host_buffer_bytes()
       least = len(mesh.local_devices) * row_multiple * dim * dtype.itemsize
-      while sets() * least > HOST_BUFFER_BYTES and (read_ahead > 1 or prefetch > 1):
+      while sets() * least > budget and (read_ahead > 1 or prefetch > 1):
         read_ahead, prefetch = ((read_ahead - 1, prefetch) if read_ahead > 1
                                 else (read_ahead, prefetch - 1))
-      step = buffered_step(step, mesh, dim * dtype.itemsize, sets(), row_multiple)
+      step = buffered_step(step, mesh, dim * dtype.itemsize, sets(), row_multiple,
+                           budget)
     step = query_capped_step(step, qs[0].shape[0], mesh, row_multiple)
   elif chunk_rows < 1:
     raise InputError(f"chunk_rows: must be >= 1, got {chunk_rows}")
