@@ -634,6 +634,50 @@ def test_verify_repair_on_two_processes_checks_every_chunk_once(tmp_path):
   assert sorted(store_lib.open_store(location).done_chunks()) == [1, 2, 4, 5]
 
 
+_UNEVEN_HOSTS_SCAN = """
+import sys
+import jax
+import numpy as np
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 2, int(sys.argv[2]))
+from tracer import memory, partitioning, scan
+me = int(sys.argv[2])
+# Process 0: an aligned matrix (used in place) on a host of 64 GiB;
+# process 1: the same values unaligned (copied into pooled buffers) on a
+# host of 4 MiB.
+memory.host_memory_bytes = lambda: (64 << 30) if me == 0 else (4 << 20)
+rng = np.random.default_rng(0)
+x = rng.standard_normal((3000, 64), dtype=np.float32)
+q = rng.standard_normal((3, 64), dtype=np.float32)
+if me == 0:
+  held = scan.aligned_empty(x.shape, x.dtype)
+else:
+  raw = scan.aligned_empty((x.size * 4 + 64,), np.uint8)
+  held = raw[4:4 + x.size * 4].view(np.float32).reshape(x.shape)
+held[...] = x
+got = scan.scan_arrays(held, q, 5, mesh=partitioning.make_mesh())
+want = np.argsort(-(x @ q.T), axis=0, kind="stable")[:5].T
+print("rows", got.proponent_rows.tolist(), "want", want.tolist(), flush=True)
+"""
+
+
+def test_a_scan_plans_one_step_on_uneven_hosts(tmp_path):
+  """Each process's pool plan (whether it copies rows, and the budget of a
+  quarter of its memory) differs here; the step is agreed, so the steps'
+  programs match (before: each planned its own step and the collective
+  step never met) and the answer is the single-host one."""
+  port = multiprocess.free_port()
+  procs, logs = multiprocess.start(
+      [[sys.executable, "-c", _UNEVEN_HOSTS_SCAN, str(port), str(i)]
+       for i in range(2)], tmp_path, multiprocess.env(devices=2))
+  codes, texts = multiprocess.ends(procs, logs, time.monotonic() + 120)
+  assert codes == [0, 0], (codes, texts)
+  for text in texts:
+    line = next(l for l in text.splitlines() if l.startswith("rows"))
+    got, want = line[len("rows "):].split(" want ")
+    assert got == want, text
+
+
 # --------------------------------------------------------------------------
 # Part 3: the launch script itself, on 2 processes and on 1.
 

@@ -149,16 +149,27 @@ def query_capped_step(step: int, num_queries: int, mesh: Mesh,
   return min(step // mesh.size, fits) * mesh.size
 
 
-def host_buffer_bytes() -> int:
-  """Bytes a scan's pooled buffers may take on each host:
-  ``HOST_BUFFER_BYTES``, at most 1 / ``HOST_BUFFER_FRACTION`` of the
-  smallest host's physical memory (all processes call it together)."""
+def host_buffer_bytes(have: int | None = None) -> int:
+  """Bytes a scan's pooled buffers may take on a host of ``have`` bytes
+  (default this host's physical memory): ``HOST_BUFFER_BYTES``, at most
+  1 / ``HOST_BUFFER_FRACTION`` of it."""
+  have = memory.host_memory_bytes() if have is None else have
+  return min(HOST_BUFFER_BYTES, have // HOST_BUFFER_FRACTION)
+
+
+def agreed_pool(copies: bool) -> tuple[bool, int]:
+  """(whether any process copies rows into pooled buffers, the pool's budget
+  on the smallest host: ``host_buffer_bytes``), agreed in one allgather
+  under ``jax.distributed``: every process must plan the same step, and
+  whether a matrix is aligned (``_ArraySource.copies``) is up to each
+  process's allocator."""
   have = memory.host_memory_bytes()
   if jax.process_count() > 1:  # (in MiB: int32 without jax_enable_x64)
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    have = int(np.min(multihost_utils.process_allgather(
-        np.int32(min(have >> 20, 2**31 - 1))))) << 20
-  return min(HOST_BUFFER_BYTES, have // HOST_BUFFER_FRACTION)
+    got = np.asarray(multihost_utils.process_allgather(
+        np.array([min(have >> 20, 2**31 - 1), copies], np.int32)))
+    have, copies = int(got[:, 0].min()) << 20, bool(got[:, 1].max())
+  return copies, host_buffer_bytes(have)
 
 
 def buffered_step(step: int, mesh: Mesh, row_bytes: int, sets: int,
@@ -496,11 +507,11 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   if chunk_rows is None:
     step = default_chunk_rows(dim, dtype.itemsize, mesh.size, row_multiple,
                               mesh.devices.flat[0].platform)
-    if any(s.copies(step // mesh.size) for s in sources):
+    copies, budget = agreed_pool(any(s.copies(step // mesh.size) for s in sources))
+    if copies:
       # A step reads at least a whole store chunk per device (128 MiB at
       # d = 2^16): where the pool of those would pass the budget (10 GiB on
       # 8 GPUs), fewer steps are read ahead, then prefetched (at least one).
-      budget = host_buffer_bytes()
       least = len(mesh.local_devices) * row_multiple * dim * dtype.itemsize
       while sets() * least > budget and (read_ahead > 1 or prefetch > 1):
         read_ahead, prefetch = ((read_ahead - 1, prefetch) if read_ahead > 1
