@@ -802,7 +802,7 @@ def test_an_encode_batch_past_the_rows_pads_no_further(tmp_path, monkeypatch):
       params_fingerprint="test")
   with pytest.raises(InputError, match=re.escape(
       "EncodeConfig.chunk_rows=100000000: a chunk of 20 rows x d=34 takes about "
-      "0.0 GiB of memory as it is encoded, written and read, more than this "
+      "0.0 GiB of memory as it is encoded and written, more than this "
       "host's 0.0 GiB; expected a smaller EncodeConfig.chunk_rows")):
     pipeline.open_store(str(tmp_path / "store"), manifest)
   assert not (tmp_path / "store").exists()

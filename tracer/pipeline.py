@@ -679,7 +679,7 @@ def open_store(location: str, manifest_: store_lib.Manifest,
     raise InputError(
         f"EncodeConfig.chunk_rows={manifest_.chunk_rows}: a chunk of {rows:,} rows x "
         f"d={manifest_.dim:,} takes about {need / 2**30:,.1f} GiB of memory as it "
-        f"is encoded, written and read, more than this host's "
+        f"is encoded and written, more than this host's "
         f"{have / 2**30:,.1f} GiB; expected a smaller "
         "EncodeConfig.chunk_rows")
   attachments = {BASIS_FILE: basis.to_bytes()} if basis is not None else None
