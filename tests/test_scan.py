@@ -1152,6 +1152,28 @@ def test_every_scan_is_held_to_xla_s_count(monkeypatch):
   assert scan.scan_arrays(x, q, 5, mesh=MESHES["8x1"](), metric=metric).proponent_rows.shape == (1, 5)
 
 
+def test_a_scan_on_some_devices_is_held_to_theirs(monkeypatch):
+  """A mesh of one of this process's 8 CPU devices: its step is counted
+  once against the host, not 8 times (before 2026-12-06 this scan, its
+  step a quarter of the host, was refused)."""
+  from tracer import memory  # pylint: disable=g-import-not-at-top
+  counted = []
+  count = memory.program_bytes
+  monkeypatch.setattr(memory, "program_bytes",
+                      lambda *a: counted.append(count(*a)) or counted[-1])
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2000, 256), dtype=np.float32)
+  q = rng.standard_normal((300, 256), dtype=np.float32)
+  want = scan.scan_arrays(x, q, K, mesh=MESHES["1x1"]())
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 4 * counted[0])
+  got = scan.scan_arrays(x, q, K, mesh=MESHES["1x1"]())
+  for field in got._fields:
+    np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: q.nbytes // 2)
+  with pytest.raises(InputError, match=r"^queries: 300 queries of d=256"):
+    scan.scan_arrays(x, q, K, mesh=MESHES["1x1"]())
+
+
 def test_query_step_benchmark_runs(monkeypatch):
   # ``tracer benchmark-scan --query_steps`` (WORKSPACE.md), small.
   from tracer.launch import benchmark_scan  # pylint: disable=g-import-not-at-top

@@ -231,7 +231,8 @@ class GradientEncoder:
         program.lower(self._constants, batch).compile(),
         f"EncodeConfig.microbatch_size={self.microbatch_size}: an encode step "
         f"({self.kernel} kernel)",
-        "a smaller EncodeConfig.microbatch_size (a step's memory grows with it)")
+        "a smaller EncodeConfig.microbatch_size (a step's memory grows with it)",
+        devices=len(self.mesh.local_devices))
     self._programs[key] = (plan, program)
     return program
 

@@ -42,17 +42,18 @@ def compiled_bytes(compiled: jax.stages.Compiled) -> int | None:
 
 def check_compiled_memory(compiled: jax.stages.Compiled, what: str, fix: str,
                           have: int | None = None,
-                          device_have: int | None = None) -> None:
+                          device_have: int | None = None,
+                          devices: int | None = None) -> None:
   """InputError, before ``compiled`` first runs, where one run needs more
   than a device's ``device_have`` bytes (default ``device_memory_bytes``:
   GPU, TPU) or, where the devices share the host's memory (CPU), more than
-  ``have`` bytes for all of this host's devices together (default its
-  physical memory). Without it, a batch too large ends in XLA's
+  ``have`` bytes for the ``devices`` it runs on in this host together
+  (default all of them; its physical memory). Without it, a batch too large ends in XLA's
   RESOURCE_EXHAUSTED traceback, on CPU minutes later (2026-12-06:
   ``TrainConfig.batch_size=1000000`` on tiny.gin, 162 s). ``what`` names
   the setting and the program (``"TrainConfig.batch_size=N: a training
   step"``), ``fix`` what to change."""
-  check_bytes(compiled_bytes(compiled), what, fix, have, device_have)
+  check_bytes(compiled_bytes(compiled), what, fix, have, device_have, devices)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -67,12 +68,13 @@ def program_bytes(fn, *args) -> int | None:
   which its call then reuses)."""
   specs = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                     sharding=getattr(a, "sharding", None)), args)
+                                     sharding=getattr(a, "sharding", None),
+                                     weak_type=getattr(a, "weak_type", False)), args)
   return _program_bytes(fn, specs)
 
 
 def check_bytes(need: int | None, what: str, fix: str, have: int | None = None,
-                device_have: int | None = None) -> None:
+                device_have: int | None = None, devices: int | None = None) -> None:
   """``check_compiled_memory`` for a count already made (``need`` bytes on
   each device; None: not known, nothing checked)."""
   if need is None:
@@ -85,7 +87,7 @@ def check_bytes(need: int | None, what: str, fix: str, have: int | None = None,
                        f"{device_have / 2**30:,.1f} GiB; expected {fix}")
     return
   have = host_memory_bytes() if have is None else have
-  devices = len(jax.local_devices())
+  devices = len(jax.local_devices()) if devices is None else devices
   if need * devices > have:
     each = (f" on each of this host's {devices} devices, "
             f"{need * devices / 2**30:,.1f} GiB in all" if devices > 1 else "")

@@ -566,7 +566,8 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
           f"queries: {num_queries:,} queries of d={dim:,} with k={k}: a "
           f"scan step of {step // mesh.size:,} rows per device",
           "fewer queries per scan (each query's encoding sits whole on "
-          "every device: split the queries into several runs)")
+          "every device: split the queries into several runs)",
+          devices=len(mesh.local_devices))
     return step_update(*args)
 
   first_state = state
