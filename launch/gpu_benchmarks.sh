@@ -9,7 +9,10 @@
 #   and nn.remat, whose memory XLA:CPU's plans do not show; precision: its
 #   factored kernel with the projections in fp32 and in bf16_6x, and the
 #   encodings' difference), serve (tracer serve's pass over resident bf16 and
-#   f32 stores of 1M rows, with a request's R). Measured so far: tiny
+#   f32 stores of 1M rows, with a request's R), querysteps (20,000 queries
+#   in steps capped by Q against steps that ignore Q: the latter, ~120 GB
+#   a step, should be refused by the scan's memory check on the device,
+#   whose device branch no GPU has run yet). Measured so far: tiny
 #   2026-11-29; 1b, precision and tiles 2026-11-30; resident (int8 rows
 #   too), serve and small65k 2026-12-04 (WORKSPACE, "The fourth lease").
 #   Not measured since the projections left the encoder's program
@@ -55,7 +58,7 @@ encode=(python3 -m tracer.launch.benchmark --suite=encode --memory_budget_mb=0 -
 
 scan=(python3 -m tracer.launch.benchmark_scan --resident --rows=16000000 --repeats=3)
 
-parts=${*:-scanned 1b precision small4k tiny resident serve small65k resident8g tiles}
+parts=${*:-scanned 1b precision small4k tiny resident serve small65k resident8g tiles querysteps}
 for p in $parts; do
   case $p in
     resident) part resident "${scan[@]}" ;;
@@ -77,6 +80,8 @@ for p in $parts; do
     small4k)  part small4k "${encode[@]}" --models=small --dims=4096 --batch_size=16 ;;
     serve)    part serve python3 -m tracer.launch.benchmark_scan --serve_pass \
                 --rows=1048576 --repeats=3 ;;
+    querysteps) part querysteps python3 -m tracer.launch.benchmark_scan --query_steps \
+                --rows=4000000 --dim=1024 --queries=20000 --k=100 --repeats=3 ;;
     *) echo "unknown part $p"; exit 2 ;;
   esac
 done
