@@ -10,9 +10,11 @@
 #   factored kernel with the projections in fp32 and in bf16_6x, and the
 #   encodings' difference), serve (tracer serve's pass over resident bf16 and
 #   f32 stores of 1M rows, with a request's R), querysteps (20,000 queries
-#   in steps capped by Q against steps that ignore Q: the latter, ~120 GB
-#   a step, should be refused by the scan's memory check on the device,
-#   whose device branch no GPU has run yet). Measured so far: tiny
+#   in steps capped by Q against steps that ignore Q: the latter's
+#   524,288 f32 rows a step hold ~63 GB of scores at the CPU's 6 bytes a
+#   pair, so the scan's memory check, whose device branch no GPU has run
+#   yet, either passes or refuses them by XLA's count on the device).
+#   Measured so far: tiny
 #   2026-11-29; 1b, precision and tiles 2026-11-30; resident (int8 rows
 #   too), serve and small65k 2026-12-04 (WORKSPACE, "The fourth lease").
 #   Not measured since the projections left the encoder's program
