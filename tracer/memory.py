@@ -47,12 +47,12 @@ def check_compiled_memory(compiled: jax.stages.Compiled, what: str, fix: str,
   """InputError, before ``compiled`` first runs, where one run needs more
   than a device's ``device_have`` bytes (default ``device_memory_bytes``:
   GPU, TPU) or, where the devices share the host's memory (CPU), more than
-  ``have`` bytes for the ``devices`` it runs on in this host together
-  (default all of them; its physical memory). Without it, a batch too large ends in XLA's
-  RESOURCE_EXHAUSTED traceback, on CPU minutes later (2026-12-06:
-  ``TrainConfig.batch_size=1000000`` on tiny.gin, 162 s). ``what`` names
-  the setting and the program (``"TrainConfig.batch_size=N: a training
-  step"``), ``fix`` what to change."""
+  ``have`` bytes (default its physical memory) for the ``devices`` it runs
+  on in this host together (default all of them). Without it, a batch too
+  large ends in XLA's RESOURCE_EXHAUSTED traceback, on CPU minutes later
+  (2026-12-06: ``TrainConfig.batch_size=1000000`` on tiny.gin, 162 s).
+  ``what`` names the setting and the program (``"TrainConfig.batch_size=N:
+  a training step"``), ``fix`` what to change."""
   check_bytes(compiled_bytes(compiled), what, fix, have, device_have, devices)
 
 
