@@ -658,24 +658,30 @@ held[...] = x
 got = scan.scan_arrays(held, q, 5, mesh=partitioning.make_mesh())
 want = np.argsort(-(x @ q.T), axis=0, kind="stable")[:5].T
 print("rows", got.proponent_rows.tolist(), "want", want.tolist(), flush=True)
+if me == 0:  # a scan of this process's own devices agrees with no other
+  local = scan.scan_arrays(held, q, 5, mesh=partitioning.make_mesh(
+      devices=jax.local_devices()))
+  print("local rows", local.proponent_rows.tolist(), "want", want.tolist(), flush=True)
 """
 
 
 def test_a_scan_plans_one_step_on_uneven_hosts(tmp_path):
   """Each process's pool plan (whether it copies rows, and the budget of a
   quarter of its memory) differs here; the step is agreed, so the steps'
-  programs match (before: each planned its own step and the collective
-  step never met) and the answer is the single-host one."""
+  programs match (first written, the process that copied waited in the
+  agreement alone and failed after 30 s) and the answer is the single-host
+  one. Then process 0 scans its own devices alone: nothing to agree."""
   port = multiprocess.free_port()
   procs, logs = multiprocess.start(
       [[sys.executable, "-c", _UNEVEN_HOSTS_SCAN, str(port), str(i)]
        for i in range(2)], tmp_path, multiprocess.env(devices=2))
   codes, texts = multiprocess.ends(procs, logs, time.monotonic() + 120)
   assert codes == [0, 0], (codes, texts)
-  for text in texts:
-    line = next(l for l in text.splitlines() if l.startswith("rows"))
-    got, want = line[len("rows "):].split(" want ")
-    assert got == want, text
+  for text, prefixes in zip(texts, [("rows ", "local rows "), ("rows ",)]):
+    for prefix in prefixes:
+      line = next(l for l in text.splitlines() if l.startswith(prefix))
+      got, want = line[len(prefix):].split(" want ")
+      assert got == want, text
 
 
 # --------------------------------------------------------------------------

@@ -157,14 +157,16 @@ def host_buffer_bytes(have: int | None = None) -> int:
   return min(HOST_BUFFER_BYTES, have // HOST_BUFFER_FRACTION)
 
 
-def agreed_pool(copies: bool) -> tuple[bool, int]:
+def agreed_pool(copies: bool, mesh: Mesh) -> tuple[bool, int]:
   """(whether any process copies rows into pooled buffers, the pool's budget
   on the smallest host: ``host_buffer_bytes``), agreed in one allgather
-  under ``jax.distributed``: every process must plan the same step, and
+  where ``mesh`` spans several processes: each must plan the same step, and
   whether a matrix is aligned (``_ArraySource.copies``) is up to each
-  process's allocator."""
+  process's allocator. (A mesh of one process's devices agrees with no
+  other: its scan is that process's alone.)"""
   have = memory.host_memory_bytes()
-  if jax.process_count() > 1:  # (in MiB: int32 without jax_enable_x64)
+  if len({d.process_index for d in mesh.devices.flat}) > 1:
+    # (in MiB: int32 without jax_enable_x64)
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     got = np.asarray(multihost_utils.process_allgather(
         np.array([min(have >> 20, 2**31 - 1), copies], np.int32)))
@@ -507,7 +509,8 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   if chunk_rows is None:
     step = default_chunk_rows(dim, dtype.itemsize, mesh.size, row_multiple,
                               mesh.devices.flat[0].platform)
-    copies, budget = agreed_pool(any(s.copies(step // mesh.size) for s in sources))
+    copies, budget = agreed_pool(
+        any(s.copies(step // mesh.size) for s in sources), mesh)
     if copies:
       # A step reads at least a whole store chunk per device (128 MiB at
       # d = 2^16): where the pool of those would pass the budget (10 GiB on
