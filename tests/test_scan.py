@@ -730,7 +730,7 @@ def test_pooled_buffers_fit_the_host_budget(tmp_path, monkeypatch):
   scan.scan_arrays(unaligned, q, K, mesh=mesh)
   assert sum(made) == 5000 * row_bytes
   # A local store read into buffers: whole chunks (64 rows) per device.
-  monkeypatch.setattr(scan, "MAX_PIECES", 1)
+  monkeypatch.setattr(scan, "MAX_PIECES", 0)  # (no chunk mapped)
   monkeypatch.setattr(scan, "HOST_BUFFER_BYTES", sets * 8 * 100 * row_bytes)
   s = _store(tmp_path, x, "float32")
   made.clear()
@@ -750,6 +750,27 @@ def test_pooled_buffers_fit_the_host_budget(tmp_path, monkeypatch):
     assert pools[-1] == (8 * 64 * 16, want)  # 64 rows of 16 per device
 
 
+def test_a_step_of_one_chunk_per_device_maps_it(tmp_path, monkeypatch):
+  """A local store whose default step is one chunk per device uses the
+  chunk files in place, as steps of several chunks do: none is read into a
+  pooled buffer (before 2026-12-06 it was read into the pool, at least 4 sets of a chunk
+  per device: 8 GiB for 256 MiB chunks on 8 devices, whatever the host's
+  memory); the top-k is an explicit step's, bit for bit."""
+  x, q = _data(5000)
+  s = _store(tmp_path, x, "float32")  # chunks of 64 rows of 16 float32
+  mesh = MESHES["8x1"]()
+  want = scan.scan_store(s, q, K, mesh=mesh, chunk_rows=5000)
+  monkeypatch.setattr(scan, "DEFAULT_DEVICE_CHUNK_BYTES", 64 * 16 * 4)
+  read = []
+  real = scan._StoreSource.read_into
+  monkeypatch.setattr(scan._StoreSource, "read_into", lambda self, lo, hi, out: (
+      read.append((lo, hi)) or real(self, lo, hi, out)))
+  got = scan.scan_store(s, q, K, mesh=mesh)
+  assert read == []  # (every chunk mapped; the devices past the corpus get zeros)
+  for field in got._fields:
+    np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+
+
 def test_default_steps_fit_a_quarter_of_the_host(tmp_path, monkeypatch):
   """A default step's pooled buffers take at most a quarter of the host's
   memory (before 2026-12-06 only ``HOST_BUFFER_BYTES``, 8 GiB, bounded
@@ -759,7 +780,7 @@ def test_default_steps_fit_a_quarter_of_the_host(tmp_path, monkeypatch):
   x, q = _data(5000)
   s = _store(tmp_path, x, "float32")  # chunks of 64 rows of 16 float32
   mesh = MESHES["8x1"]()
-  monkeypatch.setattr(scan, "MAX_PIECES", 1)  # every step read into the pool
+  monkeypatch.setattr(scan, "MAX_PIECES", 0)  # every step read into the pool
   want = scan.scan_store(s, q, K, mesh=mesh, chunk_rows=5000)
   steps, pools = [], []
   layout, pool = scan._Layout, scan._BufferPool

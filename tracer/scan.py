@@ -186,12 +186,17 @@ def buffered_step(step: int, mesh: Mesh, row_bytes: int, sets: int,
   return min(per_device, fits) * mesh.size
 
 
+def whole_pieces(rows_per_device: int, piece_rows: int | None) -> bool:
+  """Whether a device's rows of a step are whole pieces of ``piece_rows``
+  rows (store chunks, each used where it lies), at most ``MAX_PIECES``."""
+  return bool(piece_rows) and not rows_per_device % piece_rows and (
+      rows_per_device // piece_rows <= MAX_PIECES)
+
+
 def pieces_per_device(rows_per_device: int, piece_rows: int | None) -> int:
   """Pieces of ``piece_rows`` rows (store chunks) a step hands each device:
-  1 (one buffer) unless the rows split into whole pieces, at most
-  ``MAX_PIECES``."""
-  if (not piece_rows or rows_per_device % piece_rows
-      or rows_per_device // piece_rows > MAX_PIECES):
+  1 (one buffer) unless the rows split into whole pieces (``whole_pieces``)."""
+  if not whole_pieces(rows_per_device, piece_rows):
     return 1
   return rows_per_device // piece_rows
 
@@ -276,6 +281,7 @@ class _Layout:
     per_device = step // mesh.size
     self.num_pieces = pieces_per_device(per_device, piece_rows)
     self.piece_rows = per_device // self.num_pieces
+    self.whole = whole_pieces(per_device, piece_rows)
     # Where steps widen bf16 rows tile by tile (CPU), they take them as
     # their bits: a view here, no copy in the step (``topk.ROW_BITS``).
     self.bits = (ROW_BITS[dtype] if tiles_bf16(mesh)
@@ -301,7 +307,7 @@ class _Layout:
         view = source.view(lo, hi)
         if view is not None and _zero_copy_ok(view, self.dtype):
           hosts[i] = [view]
-      if hosts[i] is None and self.num_pieces > 1 and hi > lo:
+      if hosts[i] is None and self.whole and hi > lo:
         pieces = source.pieces(base + self.local[i][1], self.piece_rows,
                                self.num_pieces)
         if pieces is not None:
@@ -443,9 +449,9 @@ class _StoreSource(_Source):
   def stored_metric(self, metric):
     return self.store.stored_metric(metric)
 
-  def copies(self, rows_per_device):  # mapped chunks come as 2+ pieces
-    return not (self.store.local and pieces_per_device(
-        rows_per_device, self.store.chunk_rows) > 1)
+  def copies(self, rows_per_device):  # whole chunks are mapped (``pieces``)
+    return not (self.store.local and whole_pieces(
+        rows_per_device, self.store.chunk_rows))
 
   def pieces(self, start, piece_rows, count):
     """Local stores: the chunk files themselves, mapped (``chunk_view``)."""
