@@ -761,12 +761,18 @@ def test_a_step_of_one_chunk_per_device_maps_it(tmp_path, monkeypatch):
   mesh = MESHES["8x1"]()
   want = scan.scan_store(s, q, K, mesh=mesh, chunk_rows=5000)
   monkeypatch.setattr(scan, "DEFAULT_DEVICE_CHUNK_BYTES", 64 * 16 * 4)
-  read = []
+  read, made = [], []
   real = scan._StoreSource.read_into
   monkeypatch.setattr(scan._StoreSource, "read_into", lambda self, lo, hi, out: (
       read.append((lo, hi)) or real(self, lo, hi, out)))
+  empty = scan.aligned_empty
+  monkeypatch.setattr(scan, "aligned_empty", lambda shape, dtype, align=64: (
+      made.append(shape) or empty(shape, dtype, align)))
   got = scan.scan_store(s, q, K, mesh=mesh)
-  assert read == []  # (every chunk mapped; the devices past the corpus get zeros)
+  assert read == []  # every chunk mapped
+  # The last step's device wholly past the corpus (rows 5,056-5,119) gets
+  # the store's zero chunk, not a pooled set of 8 buffers.
+  assert made == [(64, 16)]
   for field in got._fields:
     np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
 

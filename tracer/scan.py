@@ -307,12 +307,15 @@ class _Layout:
         view = source.view(lo, hi)
         if view is not None and _zero_copy_ok(view, self.dtype):
           hosts[i] = [view]
-      if hosts[i] is None and self.whole and hi > lo:
+      if hosts[i] is None and self.whole:
+        # (A device wholly past N gets the store's zero chunk: a pooled
+        # set for it alone would be all local devices' buffers.)
         pieces = source.pieces(base + self.local[i][1], self.piece_rows,
                                self.num_pieces)
         if pieces is not None:
           hosts[i] = pieces
-          checks.append((pieces, source.checker(lo, hi)))
+          if hi > lo:
+            checks.append((pieces, source.checker(lo, hi)))
     buffers = None
     futures = []
     if any(h is None for h in hosts):
