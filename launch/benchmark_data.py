@@ -639,6 +639,16 @@ def fit_line(x, y) -> tuple[float, float, float]:
   return float(slope), float(fixed), float(np.max(np.abs(y - slope * x - fixed)))
 
 
+def made_once(root: str, make) -> None:
+  """``make(root)`` into a fresh directory ``root``, unless a run before
+  finished it (its ``done`` marker); a part-made one is removed first."""
+  if not os.path.exists(os.path.join(root, "done")):
+    shutil.rmtree(root, ignore_errors=True)
+    os.makedirs(root)
+    make(root)
+    open(os.path.join(root, "done"), "w").close()
+
+
 def encode_memory_table(names: list[str], workdir: str,
                         sweeps: dict | None = None) -> dict:
   """``phase_encode_memory`` over each sweep of ``names`` (of ``sweeps``,
@@ -651,13 +661,12 @@ def encode_memory_table(names: list[str], workdir: str,
     sweep = sweeps[name]
     root = os.path.join(workdir, f"memory-{sweep['model']}-{sweep['max_len']}-"
                                  f"{sweep['rows']}")
-    if not os.path.exists(os.path.join(root, "done")):
-      shutil.rmtree(root, ignore_errors=True)
-      os.makedirs(root)
+
+    def tokenized(root, sweep=sweep):
       write_jsonl(os.path.join(root, "corpus.jsonl"), sweep["rows"])
       run_phase(f"--phase=tokenize,{root}/corpus.jsonl,{root}/tokenized",
                 f"--max_len={sweep['max_len']}")
-      open(os.path.join(root, "done"), "w").close()
+    made_once(root, tokenized)
     for size in sweep["sizes"]:
       settings = {**sweep, sweep["vary"]: size}
       store = os.path.join(root, "store")
@@ -744,11 +753,9 @@ def scan_memory_table(names: list[str], workdir: str,
     sweep = sweeps[name]
     store = os.path.join(workdir, f"scan-{sweep['dtype']}-{sweep['rows']}-"
                                   f"{sweep['dim']}-{sweep['store_chunk_rows']}")
-    if not os.path.exists(os.path.join(store, "done")):
-      shutil.rmtree(store, ignore_errors=True)
-      write_scan_store(os.path.join(store, "store"), sweep["dtype"], sweep["rows"],
-                       sweep["dim"], sweep["store_chunk_rows"])
-      open(os.path.join(store, "done"), "w").close()
+    made_once(store, lambda root, sweep=sweep: write_scan_store(
+        os.path.join(root, "store"), sweep["dtype"], sweep["rows"], sweep["dim"],
+        sweep["store_chunk_rows"]))
     env = {**ENCODE_MEMORY_ENV, "XLA_FLAGS":
            f"--xla_force_host_platform_device_count={sweep['devices']}"}
     for size in sweep["sizes"]:
