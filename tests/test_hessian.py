@@ -351,7 +351,7 @@ def test_fitting_r_past_the_hosts_memory_is_refused_before_any_gradient():
   assert hessian.moment_bytes(projected, "full") == projected.dim**2 * 4
   with pytest.raises(InputError, match=re.escape(
       "kind='full': R's float32 moments take 1.0 GiB on each device (its largest "
-      "segment: 16,256 dims), more than a device's 0.0 GiB; expected a smaller")):
+      "segment: 16,256 dims), more than a device's 1.0 MiB; expected a smaller")):
     pipeline.check_fit_memory(projected, "full", have=host, device_have=2**20)
   pipeline.check_fit_memory(projected, "block", have=host, device_have=2**30)
   assert memory.device_memory_bytes() is None  # CPU devices share the host's

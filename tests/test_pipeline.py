@@ -788,8 +788,8 @@ def test_an_encode_batch_past_the_rows_pads_no_further(tmp_path, monkeypatch):
   monkeypatch.setattr(memory, "host_memory_bytes", lambda: 10_000)
   with pytest.raises(InputError, match=re.escape(
       "EncodeConfig.batch_size=64: this process's batches of 64 examples take "
-      "about 0.0 GiB of host memory (two at once, padded, with their "
-      "encodings), more than this host's 0.0 GiB; expected a smaller "
+      "about 68.2 KiB of host memory (two at once, padded, with their "
+      "encodings), more than this host's 9.8 KiB; expected a smaller "
       "EncodeConfig.batch_size")):
     pipeline._run_local_batches(encoder, corpus, iter([(0, 20)]), 2000, 64)
   # A store chunk (8 bytes an element, measured: a float32 buffer, as much
@@ -802,7 +802,7 @@ def test_an_encode_batch_past_the_rows_pads_no_further(tmp_path, monkeypatch):
       params_fingerprint="test")
   with pytest.raises(InputError, match=re.escape(
       "EncodeConfig.chunk_rows=100000000: a chunk of 20 rows x d=34 takes about "
-      "0.0 GiB of memory as it is encoded and written, more than this "
-      "host's 0.0 GiB; expected a smaller EncodeConfig.chunk_rows")):
+      "5.3 KiB of memory as it is encoded and written, more than this "
+      "host's 4.9 KiB; expected a smaller EncodeConfig.chunk_rows")):
     pipeline.open_store(str(tmp_path / "store"), manifest)
   assert not (tmp_path / "store").exists()

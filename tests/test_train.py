@@ -252,11 +252,12 @@ def test_a_program_past_a_devices_memory_is_refused():
   assert need >= 1024 * 1024 * 4  # the [1024, 1024] output at least
   memory.check_compiled_memory(compiled, "x", "y", device_have=need)
   with pytest.raises(ValueError, match=re.escape(
-      "the product takes 0.0 GiB on each device (XLA's count after compiling), "
-      "more than a device's 0.0 GiB; expected fewer rows")):
+      f"the product takes {need / 2**20:.1f} MiB on each device (XLA's count "
+      f"after compiling), more than a device's {(need - 1) / 2**20:.1f} MiB; "
+      "expected fewer rows")):
     memory.check_compiled_memory(compiled, "the product", "fewer rows",
                                    device_have=need - 1)
-  with pytest.raises(ValueError, match="more than this host's 0.0 GiB"):
+  with pytest.raises(ValueError, match=f"more than this host's {need / 2**20:.1f} MiB"):
     memory.check_compiled_memory(compiled, "the product", "fewer rows",
                                    have=need)  # 8 devices share it
 

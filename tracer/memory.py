@@ -17,6 +17,15 @@ import jax
 from tracer.errors import InputError
 
 
+def size_text(n: float) -> str:
+  """Bytes for a message, to one decimal in the largest binary unit that
+  keeps a nonzero figure: '1.5 GiB', '3.0 MiB', '512 bytes' (not '0.0 GiB')."""
+  for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if abs(n) >= scale / 10:
+      return f"{n / scale:,.1f} {unit}"
+  return f"{n:,.0f} bytes"
+
+
 def host_memory_bytes() -> int:
   """This host's physical memory."""
   return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -82,15 +91,15 @@ def check_bytes(need: int | None, what: str, fix: str, have: int | None = None,
   device_have = device_memory_bytes() if device_have is None else device_have
   if device_have is not None:
     if need > device_have:
-      raise InputError(f"{what} takes {need / 2**30:,.1f} GiB on each device "
+      raise InputError(f"{what} takes {size_text(need)} on each device "
                        f"(XLA's count after compiling), more than a device's "
-                       f"{device_have / 2**30:,.1f} GiB; expected {fix}")
+                       f"{size_text(device_have)}; expected {fix}")
     return
   have = host_memory_bytes() if have is None else have
   devices = len(jax.local_devices()) if devices is None else devices
   if need * devices > have:
     each = (f" on each of this host's {devices} devices, "
-            f"{need * devices / 2**30:,.1f} GiB in all" if devices > 1 else "")
-    raise InputError(f"{what} takes {need / 2**30:,.1f} GiB{each} (XLA's count "
+            f"{size_text(need * devices)} in all" if devices > 1 else "")
+    raise InputError(f"{what} takes {size_text(need)}{each} (XLA's count "
                      f"after compiling), more than this host's "
-                     f"{have / 2**30:,.1f} GiB; expected {fix}")
+                     f"{size_text(have)}; expected {fix}")

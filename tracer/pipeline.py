@@ -339,11 +339,11 @@ def check_fit_memory(layout: projection.Layout, kind: str, have: int | None = No
                None)
   where = (f"block {block.name!r}, {block.size:,} dims" if block and kind == "block"
            else f"{largest[1] - largest[0]:,} dims")
-  what = (f"fitting R takes at least {need / 2**30:.1f} GiB (its largest segment: "
-          f"{where}), more than this host's {have / 2**30:.1f} GiB" if need > have
-          else f"R's float32 moments take {moments / 2**30:.1f} GiB on each device "
+  what = (f"fitting R takes at least {memory.size_text(need)} (its largest segment: "
+          f"{where}), more than this host's {memory.size_text(have)}" if need > have
+          else f"R's float32 moments take {memory.size_text(moments)} on each device "
           f"(its largest segment: {where}), more than a device's "
-          f"{device_have / 2**30:.1f} GiB")
+          f"{memory.size_text(device_have)}")
   raise InputError(
       f"PreconditionerConfig.kind={kind!r}: {what}; expected a smaller "
       "EncodeConfig.projection_dim (each block projected to fewer dims), "
@@ -678,9 +678,9 @@ def open_store(location: str, manifest_: store_lib.Manifest,
   if need > have:
     raise InputError(
         f"EncodeConfig.chunk_rows={manifest_.chunk_rows}: a chunk of {rows:,} rows x "
-        f"d={manifest_.dim:,} takes about {need / 2**30:,.1f} GiB of memory as it "
+        f"d={manifest_.dim:,} takes about {memory.size_text(need)} of memory as it "
         f"is encoded and written, more than this host's "
-        f"{have / 2**30:,.1f} GiB; expected a smaller "
+        f"{memory.size_text(have)}; expected a smaller "
         "EncodeConfig.chunk_rows")
   attachments = {BASIS_FILE: basis.to_bytes()} if basis is not None else None
   scales = (basis.column_scales() if basis is not None and manifest_.dtype == "int8"
@@ -766,9 +766,9 @@ def _run_local_batches(encoder: GradientEncoder, corpus,
   if need > have:
     raise InputError(
         f"EncodeConfig.batch_size={batch_size}: this process's batches of "
-        f"{local:,} examples take about {need / 2**30:,.1f} GiB of host memory "
+        f"{local:,} examples take about {memory.size_text(need)} of host memory "
         f"(two at once, padded, with their encodings), more than this host's "
-        f"{have / 2**30:,.1f} GiB; expected a smaller "
+        f"{memory.size_text(have)}; expected a smaller "
         "EncodeConfig.batch_size")
   batches = _local_batches(ranges, local)
 
