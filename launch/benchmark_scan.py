@@ -53,6 +53,7 @@ import numpy as np
 from tracer.launch import cli
 from tracer import fused_scores
 from tracer import hessian
+from tracer import memory
 from tracer import partitioning
 from tracer import scan
 from tracer import serving
@@ -593,7 +594,6 @@ def one_dot_scores(x, queries):
 def step_bytes(mesh, step: int, dim: int, queries: int, k: int) -> int | None:
   """XLA's count (``memory.compiled_bytes``) of one device's memory for one
   ``topk.step_fn`` step of ``step`` f32 rows over ``mesh``."""
-  from tracer import memory  # pylint: disable=g-import-not-at-top
   rows_1d, rows_2d = (partitioning.rows_sharding(mesh, n) for n in (1, 2))
   shaped = lambda shape, dtype, sharding: jax.ShapeDtypeStruct(
       shape, dtype, sharding=sharding)
@@ -642,7 +642,43 @@ def run_query_step_benchmark(rows: int = 100_000, dim: int = 256,
                  + (f", x{now['seconds'] / before['seconds']:.2f} the time"
                     if before.get("seconds") and now.get("seconds") else "")
                  + " of the steps that ignore Q")
+  table.append(_query_runs_row(x, q, k, mesh, ignoring, repeats, now))
   return table
+
+
+def _query_runs_row(x, q, k: int, mesh, step: int, repeats: int,
+                    one_run: dict[str, Any]) -> dict[str, Any]:
+  """The default scan of ``run_query_step_benchmark`` on a memory that fits
+  a step of a quarter of the queries (``scan.query_batch``): it runs in
+  about 4 passes over the rows."""
+  quarter = -(-len(q) // 4)
+  step = min(scan.query_capped_step(step, quarter, mesh), step)
+  per_device = scan.QUERY_MEMORY_FRACTION * step_bytes(mesh, step, x.shape[1],
+                                                       quarter, k)
+  runs = []
+  run_once, host, device = scan._scan_run, memory.host_memory_bytes, memory.device_memory_bytes
+  scan._scan_run = lambda sources, qs, *a: runs.append(len(qs[0])) or run_once(
+      sources, qs, *a)
+  if device() is None:  # (CPU: the devices share the host's memory)
+    memory.host_memory_bytes = lambda: per_device * len(mesh.local_devices)
+  else:
+    memory.device_memory_bytes = lambda: per_device
+  try:
+    run = lambda: scan.scan_arrays(x, q, k, mesh=mesh)
+    run()  # (compiles)
+    batches = list(runs)
+    seconds = _best_time(run, repeats)
+  finally:
+    scan._scan_run, memory.host_memory_bytes, memory.device_memory_bytes = (
+        run_once, host, device)
+  row = {"method": f"default steps, in runs (memory fits {quarter:,} queries' step)",
+         "step_rows_per_device": step // mesh.size,
+         "step_GiB": _figure(step_bytes(mesh, step, x.shape[1], batches[0], k) / 2**30),
+         "seconds": _figure(seconds),
+         "note": f"{len(batches)} runs of {batches[0]:,} queries"}
+  if one_run.get("seconds"):
+    row["note"] += f", x{seconds / one_run['seconds']:.2f} the time of one run"
+  return row
 
 
 def run_resident_benchmark(rows: int = 16_000_000, dim: int = 1024,

@@ -655,8 +655,23 @@ else:
   raw = scan.aligned_empty((x.size * 4 + 64,), np.uint8)
   held = raw[4:4 + x.size * 4].view(np.float32).reshape(x.shape)
 held[...] = x
+counts, runs = [], []
+count, run = memory.program_bytes, scan._scan_run
+memory.program_bytes = lambda *a: counts.append(count(*a)) or counts[-1]
+scan._scan_run = lambda sources, qs, *a: runs.append(len(qs[0])) or run(sources, qs, *a)
 got = scan.scan_arrays(held, q, 5, mesh=partitioning.make_mesh())
 want = np.argsort(-(x @ q.T), axis=0, kind="stable")[:5].T
+print("rows", got.proponent_rows.tolist(), "want", want.tolist(), flush=True)
+# Process 1's host now fits fewer queries' step (2 devices, at most half
+# of each one's share) than 3; process 0's fits all: both scan in runs of
+# fewer, the same.
+memory.host_memory_bytes = lambda: 64 << 30
+scan.scan_arrays(held, q, 5, mesh=partitioning.make_mesh(), chunk_rows=1000)
+step3 = counts[-1]
+memory.host_memory_bytes = lambda: (64 << 30) if me == 0 else 2 * 2 * step3 - 1
+runs.clear()
+got = scan.scan_arrays(held, q, 5, mesh=partitioning.make_mesh(), chunk_rows=1000)
+print("split", runs, flush=True)
 print("rows", got.proponent_rows.tolist(), "want", want.tolist(), flush=True)
 if me == 0:  # a scan of this process's own devices agrees with no other
   local = scan.scan_arrays(held, q, 5, mesh=partitioning.make_mesh(
@@ -670,18 +685,25 @@ def test_a_scan_plans_one_step_on_uneven_hosts(tmp_path):
   quarter of its memory) differs here; the step is agreed, so the steps'
   programs match (first written, the process that copied waited in the
   agreement alone and failed after 30 s) and the answer is the single-host
-  one. Then process 0 scans its own devices alone: nothing to agree."""
+  one. Then process 1's host fits fewer queries a run than process 0's:
+  both scan in the smaller host's runs (stop 71). Then process 0 scans its
+  own devices alone: nothing to agree."""
   port = multiprocess.free_port()
   procs, logs = multiprocess.start(
       [[sys.executable, "-c", _UNEVEN_HOSTS_SCAN, str(port), str(i)]
        for i in range(2)], tmp_path, multiprocess.env(devices=2))
   codes, texts = multiprocess.ends(procs, logs, time.monotonic() + 120)
   assert codes == [0, 0], (codes, texts)
+  splits = [next(l for l in text.splitlines() if l.startswith("split "))
+            for text in texts]
+  assert splits[0] == splits[1] and max(json.loads(splits[0][6:])) < 3, texts
   for text, prefixes in zip(texts, [("rows ", "local rows "), ("rows ",)]):
     for prefix in prefixes:
-      line = next(l for l in text.splitlines() if l.startswith(prefix))
-      got, want = line[len(prefix):].split(" want ")
-      assert got == want, text
+      lines = [l for l in text.splitlines() if l.startswith(prefix)]
+      assert lines, text
+      for line in lines:
+        got, want = line[len(prefix):].split(" want ")
+        assert got == want, text
 
 
 # --------------------------------------------------------------------------

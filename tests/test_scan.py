@@ -800,7 +800,7 @@ def test_default_steps_fit_a_quarter_of_the_host(tmp_path, monkeypatch):
   monkeypatch.setattr(memory, "host_memory_bytes", lambda: host)
   got = scan.scan_store(s, q, K, mesh=mesh)
   # Not the whole corpus (10 chunks per device, 5,120 rows) in one step.
-  assert steps == [8 * 128] and pools == [host // 4]
+  assert set(steps) == {8 * 128} and pools == [host // 4]
   for field in got._fields:  # (each row's score is one dot product, whatever the step)
     np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
   scan.scan_store(s, q, K, mesh=mesh, chunk_rows=5000)
@@ -1132,7 +1132,7 @@ def test_default_steps_shrink_with_the_queries(monkeypatch):
   got = scan.scan_arrays(x, q, 5, mesh=mesh)
   # 4 MiB of scores at 8 bytes a pair: 1,747 rows per device, not the
   # 750 of the rows (1 MiB at 256 bytes is 4,096, then the corpus's 6,000).
-  assert steps == [8 * min(4 * (1 << 20) // (8 * 300), 750)]
+  assert set(steps) == {8 * min(4 * (1 << 20) // (8 * 300), 750)}
   q = rng.standard_normal((3000, 64), dtype=np.float32)
   got = scan.scan_arrays(x, q, 5, mesh=mesh)
   assert steps[-1] == 8 * (4 * (1 << 20) // (8 * 3000))  # 174 rows per device
@@ -1141,21 +1141,96 @@ def test_default_steps_shrink_with_the_queries(monkeypatch):
     np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
 
 
-def test_queries_past_the_memory_are_refused_before_the_scan(monkeypatch):
-  """XLA's count of the first step's memory (the queries and their top-k
-  sit whole on every device) is held to the host's; before 2026-12-06 it
-  ran into XLA's allocation failure, or an abort."""
+def test_queries_past_the_memory_are_scanned_in_runs(tmp_path, monkeypatch):
+  """Queries whose step would take more than half a device's share of the
+  host (the queries and their top-k sit whole on every device) are scanned
+  in equal runs of fewer, each a pass over the store, the last padded with
+  zero queries: each run's results are a scan of its queries alone, bit for
+  bit, and ``progress`` counts every run's rows. Before 2026-12-06 (stop 71)
+  such a scan was refused ("split the queries into several runs")."""
   from tracer import memory  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 64 << 20)
   rng = np.random.default_rng(0)
   x = rng.standard_normal((800, 256), dtype=np.float32)
   q = rng.standard_normal((20000, 256), dtype=np.float32)
-  with pytest.raises(InputError, match=r"^queries: 20,000 queries of d=256 with "
-                     r"k=5: a scan step of 100 rows per device takes [\d.]+ GiB "
-                     r"on each of this host's 8 devices, [\d.]+ GiB in all "
+  s = _store(tmp_path, x, "float32")
+  mesh = MESHES["8x1"]()
+  runs, counts = [], []
+  run, count = scan._scan_run, memory.program_bytes
+  monkeypatch.setattr(scan, "_scan_run", lambda sources, qs, *a: (
+      runs.append(qs[0].copy()), run(sources, qs, *a))[1])
+  monkeypatch.setattr(memory, "program_bytes",
+                      lambda *a: counts.append(count(*a)) or counts[-1])
+  host = 64 << 20
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: host)
+  seen = []
+  got = scan.scan_store(s, q, K, mesh=mesh, progress=lambda n, t: seen.append((n, t)))
+  batch = len(runs[0])
+  assert len(runs) == -(-20000 // batch) > 1, len(runs)
+  assert {len(r) for r in runs} == {batch}
+  np.testing.assert_array_equal(np.concatenate(runs)[:20000], q)
+  assert not np.any(np.concatenate(runs)[20000:])  # (the padding)
+  # The run's step fits half of a device's eighth of the host; twice the
+  # queries' would not.
+  assert max(counts[-2:]) <= host // 8 // 2 < count(*_first_step_args(mesh, s, 2 * batch))
+  assert seen[-1] == (len(runs) * 800, len(runs) * 800)
+  assert [n for n, _ in seen] == sorted(n for n, _ in seen)
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 64 << 30)
+  monkeypatch.setattr(scan, "_scan_run", run)
+  want = [scan.scan_store(s, r, K, mesh=mesh) for r in runs]
+  for field in got._fields:
+    np.testing.assert_array_equal(
+        getattr(got, field), np.concatenate([getattr(w, field) for w in want])[:20000])
+  # Numpy's top-k of the same queries (float64 scores; rows agree where no
+  # two scores lie within float32's rounding).
+  ref = reference(x, q[:50], K)
+  np.testing.assert_array_equal(got.proponent_rows[:50], ref.proponent_rows)
+  np.testing.assert_allclose(got.proponent_scores[:50], ref.proponent_scores,
+                             atol=1e-4, rtol=0)
+
+
+def _first_step_args(mesh, store, num_queries):
+  """Arguments shaped as a default ``scan_store`` step's with
+  ``num_queries`` queries (for ``memory.program_bytes``)."""
+  layout = scan._Layout(mesh, 8 * store.chunk_rows, store.dim, np.dtype(np.float32),
+                        piece_rows=store.chunk_rows)
+  rep = partitioning.replicated(mesh)
+  state = topk.TopKState(*(jax.ShapeDtypeStruct((num_queries, K), t, sharding=rep)
+                           for t in (jnp.float32, jnp.int32) * 2))
+  return (topk.step_fn(mesh, K, True, None), state, *layout.specs(),
+          jax.ShapeDtypeStruct((num_queries, store.dim), jnp.float32, sharding=rep))
+
+
+def test_query_runs_are_the_fewest_that_fit():
+  """``query_batch``: every query where the count allows, else the fewest
+  equal runs whose count is at most 1 / QUERY_MEMORY_FRACTION of the
+  memory, at least one query a run."""
+  count = lambda n: 1000 + 10 * n
+  assert scan.query_batch(100, count, 2 * 2000) == 100
+  assert scan.query_batch(100, count, 2 * 1999) == 50  # 2 runs of 50
+  assert scan.query_batch(100, count, 2 * 1330) == 25  # 33 fit: 4 runs of 25
+  assert scan.query_batch(101, count, 2 * 1500) == 34  # 50 fit: 3 runs of 34
+  assert scan.query_batch(100, count, 2 * 500) == 1  # (refused when it runs)
+  assert scan.query_batch(100, lambda n: None, 1) == 100  # (not counted)
+  tries = []
+  scan.query_batch(10**6, lambda n: tries.append(n) or 10**6 + 10**3 * n, 10**8)
+  assert len(tries) <= 3, tries
+
+
+def test_a_query_past_the_memory_is_refused_before_the_scan(monkeypatch):
+  """What one query's step cannot fit is refused before any step runs,
+  naming the step's rows and k (the query runs cannot shrink it)."""
+  from tracer import memory  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 1 << 20)
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((8000, 256), dtype=np.float32)
+  q = rng.standard_normal((20, 256), dtype=np.float32)
+  with pytest.raises(InputError, match=r"^queries: 1 query of d=256 with "
+                     r"k=5: a scan step of 1,000 rows per device takes [\d.]+ \w+ "
+                     r"on each of this host's 8 devices, [\d.]+ \w+ in all "
                      r"\(XLA's count after compiling\), more than this host's "
-                     r"0.1 GiB; expected fewer queries per scan"):
-    scan.scan_arrays(x, q, 5, mesh=MESHES["8x1"]())
+                     r"1.0 MiB; expected fewer rows per step \(chunk_rows\) or a "
+                     r"smaller k$"):
+    scan.scan_arrays(x, q, 5, mesh=MESHES["8x1"](), chunk_rows=8000)
 
 
 def test_every_scan_is_held_to_xla_s_count(monkeypatch):
@@ -1171,8 +1246,8 @@ def test_every_scan_is_held_to_xla_s_count(monkeypatch):
   metric = topk.RowMetric(np.ones(1024, np.float32),
                           (0.01 * rng.standard_normal((1024, 8), dtype=np.float32),),
                           ((0, 1024),))
-  with pytest.raises(InputError, match=r"^queries: 1 queries of d=1,024 with k=5: "
-                     r"a scan step of [\d,]+ rows per device takes [\d.]+ GiB on each "
+  with pytest.raises(InputError, match=r"^queries: 1 query of d=1,024 with k=5: "
+                     r"a scan step of [\d,]+ rows per device takes [\d.]+ MiB on each "
                      r"of this host's 8 devices"):
     scan.scan_arrays(x, q, 5, mesh=MESHES["8x1"](), metric=metric)
   monkeypatch.setattr(memory, "host_memory_bytes", lambda: 64 << 20)
@@ -1197,7 +1272,7 @@ def test_a_scan_on_some_devices_is_held_to_theirs(monkeypatch):
   for field in got._fields:
     np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
   monkeypatch.setattr(memory, "host_memory_bytes", lambda: q.nbytes // 2)
-  with pytest.raises(InputError, match=r"^queries: 300 queries of d=256"):
+  with pytest.raises(InputError, match=r"^queries: 1 query of d=256"):
     scan.scan_arrays(x, q, K, mesh=MESHES["1x1"]())
 
 
@@ -1209,8 +1284,10 @@ def test_query_step_benchmark_runs(monkeypatch):
                                                   queries=3000, k=5, repeats=1)
   assert [r["method"] for r in table] == [
       "machine", "steps that ignore Q (before 2026-12-06)",
-      "default steps, capped by Q"]
-  before, now = table[1:]
+      "default steps, capped by Q",
+      "default steps, in runs (memory fits 750 queries' step)"]
+  before, now, runs = table[1:]
+  assert runs["note"].startswith("4 runs of 750 queries, x") and runs["seconds"] > 0
   assert before["seconds"] > 0 and now["seconds"] > 0
   assert now["step_rows_per_device"] < before["step_rows_per_device"]
   assert 0 < now["step_GiB"] < before["step_GiB"]

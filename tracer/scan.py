@@ -12,6 +12,9 @@ steps shrink to fit) by a background thread, overlapped with the device,
 each host reading only the rows of its own devices (object storage: several
 steps' reads in flight).
 
+Queries whose step would take more than half a device's memory are
+scanned in runs of fewer (``query_batch``), each a pass over the rows.
+
 If fewer than ``k`` rows are scanned (N < k), results have ``N`` columns.
 
 Entry points: ``scan_arrays`` (in-memory matrix), ``scan_store`` (an
@@ -157,21 +160,24 @@ def host_buffer_bytes(have: int | None = None) -> int:
   return min(HOST_BUFFER_BYTES, have // HOST_BUFFER_FRACTION)
 
 
-def agreed_pool(copies: bool, mesh: Mesh) -> tuple[bool, int]:
-  """(whether any process copies rows into pooled buffers, the pool's budget
-  on the smallest host: ``host_buffer_bytes``), agreed in one allgather
-  where ``mesh`` spans several processes: each must plan the same step, and
-  whether a matrix is aligned (``_ArraySource.copies``) is up to each
-  process's allocator. (A mesh of one process's devices agrees with no
-  other: its scan is that process's alone.)"""
-  have = memory.host_memory_bytes()
+def agreed_memory(copies: bool, mesh: Mesh) -> tuple[bool, int, int | None]:
+  """(whether any process copies rows into pooled buffers, the smallest
+  host's physical memory, the smallest device memory or None on CPU),
+  agreed in one allgather where ``mesh`` spans several processes: each must
+  plan the same steps and query runs, and whether a matrix is aligned
+  (``_ArraySource.copies``) is up to each process's allocator. (A mesh of
+  one process's devices agrees with no other: its scan is that process's
+  alone.)"""
+  have, device = memory.host_memory_bytes(), memory.device_memory_bytes()
   if len({d.process_index for d in mesh.devices.flat}) > 1:
-    # (in MiB: int32 without jax_enable_x64)
+    # (in MiB: int32 without jax_enable_x64; -1: no device memory, CPU)
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    got = np.asarray(multihost_utils.process_allgather(
-        np.array([min(have >> 20, 2**31 - 1), copies], np.int32)))
-    have, copies = int(got[:, 0].min()) << 20, bool(got[:, 1].max())
-  return copies, host_buffer_bytes(have)
+    mib = lambda b: min(b >> 20, 2**31 - 1)
+    got = np.asarray(multihost_utils.process_allgather(np.array(
+        [mib(have), -1 if device is None else mib(device), copies], np.int32)))
+    have, copies = int(got[:, 0].min()) << 20, bool(got[:, 2].max())
+    device = None if got[:, 1].min() < 0 else int(got[:, 1].min()) << 20
+  return copies, have, device
 
 
 def buffered_step(step: int, mesh: Mesh, row_bytes: int, sets: int,
@@ -289,6 +295,15 @@ class _Layout:
 
   def shapes(self) -> list[tuple[int, int]]:
     return [(b - a, self.dim) for _, a, b in self.local]
+
+  def specs(self) -> tuple:
+    """Shapes, dtypes and shardings of ``finish``'s arrays (chunk, row ids,
+    valid), to count a step's memory before any row is read."""
+    piece = jax.ShapeDtypeStruct((self.step // self.num_pieces, self.dim),
+                                 self.bits or self.dtype, sharding=self.rows)
+    flat = lambda t: jax.ShapeDtypeStruct((self.step,), t, sharding=self.ids)
+    return ((piece,) * self.num_pieces if self.num_pieces > 1 else piece,
+            flat(np.int32), flat(np.bool_))
 
   def start(self, source: _Source, base: int, pool: _BufferPool) -> _Pending:
     """Starts getting rows ``base + [0, step)`` (``finish`` waits for them).
@@ -494,6 +509,10 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   jitted update and keeps at most ``max(1, prefetch)`` steps in flight,
   returning their buffers to the pool once they are done.
 
+  Queries whose step would take more than 1 / ``QUERY_MEMORY_FRACTION`` of
+  a device's memory (``query_batch``) are scanned in runs of fewer, each a
+  pass over the rows; ``progress`` then counts every run's rows.
+
   ``source``, ``queries`` and ``metric`` may be lists, one entry per part
   (same rows, d and dtype): each row's score is then the sum of the parts'
   (``topk.summed_step_fn``).
@@ -515,11 +534,12 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   dtype = device_dtype(sources[0].dtype)
   read_ahead = max(0, int(read_ahead))
   sets = lambda: (prefetch + max(1, prefetch) + read_ahead + 2) * len(sources)
+  step = default_chunk_rows(dim, dtype.itemsize, mesh.size, row_multiple,
+                            mesh.devices.flat[0].platform)
+  copies, host_bytes, device_bytes = agreed_memory(
+      any(s.copies(step // mesh.size) for s in sources), mesh)
   if chunk_rows is None:
-    step = default_chunk_rows(dim, dtype.itemsize, mesh.size, row_multiple,
-                              mesh.devices.flat[0].platform)
-    copies, budget = agreed_pool(
-        any(s.copies(step // mesh.size) for s in sources), mesh)
+    budget = host_buffer_bytes(host_bytes)
     if copies:
       # A step reads at least a whole store chunk per device (128 MiB at
       # d = 2^16): where the pool of those would pass the budget (10 GiB on
@@ -530,23 +550,21 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
                                 else (read_ahead, prefetch - 1))
       step = buffered_step(step, mesh, dim * dtype.itemsize, sets(), row_multiple,
                            budget)
-    step = query_capped_step(step, qs[0].shape[0], mesh, row_multiple)
   elif chunk_rows < 1:
     raise InputError(f"chunk_rows: must be >= 1, got {chunk_rows}")
   else:
     step = partitioning.padded_size(int(chunk_rows), mesh.size)
-  # No point in a step longer than the corpus (rounded to the mesh, and to
-  # whole store chunks per device so that each read can be checked).
-  step = min(step, partitioning.padded_size(max(num_rows, 1),
-                                            mesh.size * row_multiple))
-  # Whole store chunks per device: one piece per chunk (mapped in place).
-  layout = _Layout(mesh, step, dim, dtype,
+
+  def layout_for(num_queries: int) -> _Layout:
+    s = step if chunk_rows is not None else query_capped_step(
+        step, num_queries, mesh, row_multiple)
+    # No point in a step longer than the corpus (rounded to the mesh, and to
+    # whole store chunks per device so that each read can be checked).
+    s = min(s, partitioning.padded_size(max(num_rows, 1), mesh.size * row_multiple))
+    # Whole store chunks per device: one piece per chunk (mapped in place).
+    return _Layout(mesh, s, dim, dtype,
                    piece_rows=row_multiple if row_multiple > 1 else None)
-  pool = _BufferPool(layout.shapes(), dtype, size=sets())
-  depth = max(1, prefetch)
-  queries_on_mesh = [partitioning.put_global(q, partitioning.replicated(mesh))
-                     for q in qs]
-  state = init_topk(qs[0].shape[0], k, mesh)
+
   segments = tuple(None if m is None else m.segments for m in metrics)
   metric_args = [_metric_on_mesh(m, dim, mesh) for m in metrics]
   if summed:
@@ -554,14 +572,90 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
     diags = tuple(a[0] if a else None for a in metric_args)
     lowranks = tuple(a[1] if a else () for a in metric_args)
 
-    def arguments(state, parts):
+    def arguments(state, parts, queries_on_mesh):
       return (state, tuple(a[0] for a in parts), parts[0][1],
               tuple(a[2] for a in parts), tuple(queries_on_mesh), diags, lowranks)
   else:
     step_update = step_fn(mesh, int(k), True, segments[0])
 
-    def arguments(state, parts):
+    def arguments(state, parts, queries_on_mesh):
       return (state, *parts[0], queries_on_mesh[0], *metric_args[0])
+
+  def step_bytes(num_queries: int) -> int | None:
+    """XLA's count of one device's first step with ``num_queries`` queries."""
+    rep = partitioning.replicated(mesh)
+    state = TopKState(*(jax.ShapeDtypeStruct((num_queries, int(k)), t, sharding=rep)
+                        for t in (jnp.float32, jnp.int32) * 2))
+    q = jax.ShapeDtypeStruct((num_queries, dim), jnp.float32, sharding=rep)
+    parts = [layout_for(num_queries).specs()] * len(sources)
+    return memory.program_bytes(step_update, *arguments(state, parts, [q] * len(qs)))
+
+  num_queries = qs[0].shape[0]
+  batch = query_batch(num_queries, step_bytes,
+                      per_device_bytes(host_bytes, device_bytes, mesh))
+  runs = range(0, num_queries, batch)
+  results = []
+  for i, start in enumerate(runs):
+    # (The last run's queries are padded with zeros to the others' count:
+    # one program for every run.)
+    part = lambda q: np.pad(q[start:start + batch],
+                            ((0, max(0, start + batch - num_queries)), (0, 0)))
+    done = i * num_rows
+    got = _scan_run(
+        sources, [part(q) for q in qs], int(k), mesh, layout_for(batch),
+        prefetch, read_ahead, sets(), step_update, arguments,
+        None if progress is None else (
+            lambda n, total, done=done: progress(done + n, len(runs) * total)))
+    results.append(TopK(*(a[:num_queries - start] for a in got)))
+  return results[0] if len(results) == 1 else TopK(
+      *(np.concatenate(parts) for parts in zip(*results)))
+
+
+# A scan's queries and their step may take at most 1 / QUERY_MEMORY_FRACTION
+# of a device's memory (of the host's share per device, on CPU): more
+# queries are scanned in several runs (``query_batch``). Half leaves the
+# host's other half to the pooled reads (a quarter, ``HOST_BUFFER_FRACTION``),
+# the process's baseline and the page cache.
+QUERY_MEMORY_FRACTION = 2
+
+
+def per_device_bytes(host_bytes: int, device_bytes: int | None, mesh: Mesh) -> int:
+  """A device's memory: its own (GPU, TPU), or the host's ``host_bytes``
+  shared by the mesh's local devices (CPU)."""
+  if device_bytes is not None:
+    return device_bytes
+  return host_bytes // max(1, len(mesh.local_devices))
+
+
+def query_batch(num_queries: int, step_bytes, have: int) -> int:
+  """Queries per run: all ``num_queries`` where ``step_bytes(n)`` (XLA's
+  count of a step with ``n`` queries, None: not known) is at most
+  ``have / QUERY_MEMORY_FRACTION``, else the fewest equal runs' share that
+  is (at least 1: a step that does not fit with one query is refused when
+  it runs). Each try lowers one program; the next guess scales by the
+  count's excess, so 2-3 tries usually settle it."""
+  limit = have // QUERY_MEMORY_FRACTION
+  batch = num_queries
+  while True:
+    need = step_bytes(batch)
+    if need is None or need <= limit or batch == 1:
+      return batch
+    fits = max(1, min(batch - 1, batch * limit // need))
+    runs = -(-num_queries // fits)
+    batch = -(-num_queries // runs)
+
+
+def _scan_run(sources, qs, k: int, mesh: Mesh, layout: _Layout, prefetch: int,
+              read_ahead: int, sets: int, step_update, arguments,
+              progress) -> TopK:
+  """One pass of ``_scan`` over the rows, for the queries ``qs`` (one
+  ``[Q, d]`` array per part)."""
+  num_rows, dim, step = sources[0].num_rows, sources[0].dim, layout.step
+  pool = _BufferPool(layout.shapes(), layout.dtype, size=sets)
+  depth = max(1, prefetch)
+  queries_on_mesh = [partitioning.put_global(q, partitioning.replicated(mesh))
+                     for q in qs]
+  state = init_topk(qs[0].shape[0], k, mesh)
 
   # The queries and their running top-k sit whole on every device, beside
   # a step's rows and scores: XLA's count of the first step is held to the
@@ -571,14 +665,15 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   num_queries = qs[0].shape[0]
 
   def update(state, parts):
-    args = arguments(state, parts)
+    args = arguments(state, parts, queries_on_mesh)
     if state is first_state:
       memory.check_bytes(
           memory.program_bytes(step_update, *args),
-          f"queries: {num_queries:,} queries of d={dim:,} with k={k}: a "
+          f"queries: {num_queries:,} quer{'y' if num_queries == 1 else 'ies'} "
+          f"of d={dim:,} with k={k}: a "
           f"scan step of {step // mesh.size:,} rows per device",
-          "fewer queries per scan (each query's encoding sits whole on "
-          "every device: split the queries into several runs)",
+          "fewer rows per step (chunk_rows) or a smaller k" if num_queries == 1
+          else "fewer queries per scan",
           devices=len(mesh.local_devices))
     return step_update(*args)
 
