@@ -104,6 +104,9 @@ def define_flags() -> None:
                     "memory against EncodeConfig.batch_size and chunk_rows, in "
                     "these sweeps (ENCODE_MEMORY_SWEEPS): examples, encodings, "
                     "chunk, chunk_float32; each size in a fresh process.")
+  flags.DEFINE_integer("encode_memory_devices", 1, "With --encode_memory: on "
+                       "this many CPU devices (more than 1 simulated by "
+                       "XLA_FLAGS).", lower_bound=1)
   flags.DEFINE_list("scan_memory", [], "Instead: a store scan's peak host "
                     "memory against its step's rows, in these sweeps "
                     "(SCAN_MEMORY_SWEEPS): bfloat16, float32 (1 CPU device), "
@@ -261,6 +264,7 @@ def phase_encode_memory(source: str, store: str, model: str, max_len: str,
   import numpy as np  # pylint: disable=g-import-not-at-top
   from tracer import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
   from tracer import data as data_lib  # pylint: disable=g-import-not-at-top
+  from tracer import memory  # pylint: disable=g-import-not-at-top
   from tracer import model as model_lib  # pylint: disable=g-import-not-at-top
   from tracer import pipeline  # pylint: disable=g-import-not-at-top
   from tracer import store as store_lib  # pylint: disable=g-import-not-at-top
@@ -288,20 +292,45 @@ def phase_encode_memory(source: str, store: str, model: str, max_len: str,
   # batches of 512, 532 at 8,192, whose examples alone are 45 MB more a copy).
   examples, _ = pipeline.read_padded(corpus, np.arange(min(local, len(corpus))),
                                      local)
-  encoder._program(jax.tree.map(encoder.put_local, examples))  # pylint: disable=protected-access
-  del examples
+  batch = jax.tree.map(encoder.put_local, examples)
+  program = encoder._program(batch)  # pylint: disable=protected-access
+  # What the encoder's check holds to the host: XLA's count of one device's
+  # memory (this lowering is jit's, cached), times this process's devices.
+  compiled = program.lower(encoder._constants, batch).compile()  # pylint: disable=protected-access
+  counted = compiled.memory_analysis()
+  del examples, batch
   reset = reset_peak_rss()
   base = rss_mb() if reset else peak_rss_mb()
   start = time.perf_counter()
   rows = pipeline.encode_corpus(encoder, None, corpus,
                                 pipeline.open_store(store, manifest),
                                 batch_size).rows
-  return {"seconds": time.perf_counter() - start, "rows": rows,
+  seconds = time.perf_counter() - start
+  peak = hwm_mb() if reset else peak_rss_mb()
+  # Then one more step's own peak over its resident arguments (its
+  # temporaries and outputs, on every device), against that count. (Run
+  # before the baseline instead, what it freed was still in the baseline on
+  # 1 device, 2026-12-06: 627, 910, 1,191 MB at the encodings sweep's
+  # batches.)
+  examples, _ = pipeline.read_padded(corpus, np.arange(min(local, len(corpus))),
+                                     local)
+  batch = jax.tree.map(encoder.put_local, examples)
+  gc.collect()
+  before = rss_mb()
+  reset_peak_rss()
+  jax.block_until_ready(program(encoder._constants, batch))  # pylint: disable=protected-access
+  step_mb = hwm_mb() - before if reset else None
+  return {"seconds": seconds, "rows": rows,
           "dim": encoder.dim, "max_len": cfg.max_len,
           "example_bytes": sum(v.nbytes for v in example.values()),
           "local_batch": local,
           "chunk_elements": min(chunk_rows, len(corpus)) * encoder.dim,
-          "baseline_mb": base, "peak_mb": hwm_mb() if reset else peak_rss_mb(),
+          "devices": len(encoder.mesh.local_devices),
+          "xla_bytes": memory.compiled_bytes(compiled),
+          "xla_argument_bytes": counted and counted.argument_size_in_bytes,
+          "xla_temp_bytes": counted and counted.temp_size_in_bytes,
+          "xla_output_bytes": counted and counted.output_size_in_bytes,
+          "step_mb": step_mb, "baseline_mb": base, "peak_mb": peak,
           "peak_reset": reset}
 
 
@@ -650,9 +679,10 @@ def made_once(root: str, make) -> None:
 
 
 def encode_memory_table(names: list[str], workdir: str,
-                        sweeps: dict | None = None) -> dict:
+                        sweeps: dict | None = None, devices: int = 1) -> dict:
   """``phase_encode_memory`` over each sweep of ``names`` (of ``sweeps``,
-  default ``ENCODE_MEMORY_SWEEPS``), each size in a fresh process; the
+  default ``ENCODE_MEMORY_SWEEPS``), each size in a fresh process on
+  ``devices`` CPU devices (more than 1 simulated by XLA_FLAGS); the
   fitted slopes (bytes per example of this process's batch, per chunk
   element: of the peak over the baseline) against the pipeline's checks."""
   sweeps = ENCODE_MEMORY_SWEEPS if sweeps is None else sweeps
@@ -675,7 +705,8 @@ def encode_memory_table(names: list[str], workdir: str,
           f"--phase=encode_memory,{root}/tokenized,{store},{settings['model']},"
           f"{settings['max_len']},{settings['projection_dim']},{settings['batch']},"
           f"{settings['chunk_rows']},{settings['microbatch']},{settings['dtype']}",
-          env=ENCODE_MEMORY_ENV)
+          env={**ENCODE_MEMORY_ENV, "XLA_FLAGS":
+               f"--xla_force_host_platform_device_count={devices}"})
       shutil.rmtree(store, ignore_errors=True)
       run = {"sweep": name, "batch": settings["batch"],
              "chunk_rows": settings["chunk_rows"], "dtype": settings["dtype"],
@@ -687,18 +718,26 @@ def encode_memory_table(names: list[str], workdir: str,
          for r in runs]
     slope, fixed, residual = fit_line(
         x, [(r["peak_mb"] - r["baseline_mb"]) * 2**20 for r in runs])
+    # (The step's program: XLA's count x devices, as the encoder's check.)
+    xla_slope, xla_fixed, _ = fit_line(
+        x, [r["xla_bytes"] * r["devices"] for r in runs])
     results["fits"][name] = {
         "per": "example" if sweep["vary"] == "batch" else "chunk element",
         "bytes": slope, "fixed_mb": fixed / 2**20, "residual_mb": residual / 2**20,
-        "example_bytes": runs[0]["example_bytes"], "dim": runs[0]["dim"]}
-  print("\n| sweep | model | d | example bytes | batch | chunk rows | store | "
-        "chunk elements | baseline MB | peak MB | peak - baseline MB | encode s |")
-  print("|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|")
+        "example_bytes": runs[0]["example_bytes"], "dim": runs[0]["dim"],
+        "devices": runs[0]["devices"], "xla_bytes": xla_slope,
+        "xla_fixed_mb": xla_fixed / 2**20}
+  print("\n| sweep | model | devices | d | example bytes | batch | chunk rows | "
+        "store | chunk elements | baseline MB | peak MB | peak - baseline MB | "
+        "XLA's count x devices MB | one step's peak MB | encode s |")
+  print("|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
   for r in results["runs"]:
-    print(f"| {r['sweep']} | {r['model']} | {r['dim']:,} | {r['example_bytes']:,} | "
-          f"{r['local_batch']:,} | {r['chunk_rows']:,} | {r['dtype']} | "
-          f"{r['chunk_elements']:,} | {r['baseline_mb']:,.0f} | {r['peak_mb']:,.0f} | "
-          f"{r['peak_mb'] - r['baseline_mb']:,.0f} | {r['seconds']:.1f} |")
+    print(f"| {r['sweep']} | {r['model']} | {r['devices']} | {r['dim']:,} | "
+          f"{r['example_bytes']:,} | {r['local_batch']:,} | {r['chunk_rows']:,} | "
+          f"{r['dtype']} | {r['chunk_elements']:,} | {r['baseline_mb']:,.0f} | "
+          f"{r['peak_mb']:,.0f} | {r['peak_mb'] - r['baseline_mb']:,.0f} | "
+          f"{r['xla_bytes'] * r['devices'] / 2**20:,.0f} | {r['step_mb'] or 0:,.0f} | "
+          f"{r['seconds']:.1f} |")
   results["checks"] = check_lines(results["fits"])
   print()
   for line in results["checks"]:
@@ -832,6 +871,11 @@ def check_lines(fits: dict) -> list[str]:
           f"{name}: {f['bytes']:.2f} bytes per chunk element (+ {f['fixed_mb']:,.0f} "
           f"MB fixed, residual <= {f['residual_mb']:.1f} MB); the check counts "
           f"{counted} ({times(counted, f['bytes'])} the slope)")
+    if "xla_bytes" in f:
+      lines.append(
+          f"{name}: the step's program, XLA's count x {f['devices']} devices "
+          f"(the encoder's check): {f['xla_bytes']:,.2f} bytes per {f['per']} + "
+          f"{f['xla_fixed_mb']:,.0f} MB")
   batch = [f for f in fits.values() if f["per"] == "example"]
   if len(batch) >= 2:
     a = np.array([[f["example_bytes"], 4 * f["dim"]] for f in batch], float)
@@ -930,7 +974,8 @@ def main(argv):
     write_json(join_table(FLAGS.join_docs, FLAGS.join_parts, FLAGS.workdir))
     return
   if FLAGS.encode_memory:
-    write_json(encode_memory_table(FLAGS.encode_memory, FLAGS.workdir))
+    write_json(encode_memory_table(FLAGS.encode_memory, FLAGS.workdir,
+                                   devices=FLAGS.encode_memory_devices))
     return
   if FLAGS.scan_memory:
     write_json(scan_memory_table(FLAGS.scan_memory, FLAGS.workdir))

@@ -890,13 +890,15 @@ def test_data_benchmark_refuses_corpora_past_the_free_disk(tmp_path):
 
 def test_encode_memory_benchmark_fits_its_sweeps(tmp_path, capsys, monkeypatch):
   """``tracer benchmark-data --encode_memory`` small, its phases in this
-  process: each run reports the sizes the pipeline's checks read, each
-  sweep a slope, and the batch sweeps together the copies they hold."""
+  process: each run reports the sizes the pipeline's checks read and XLA's
+  count of the step (the encoder's check) on its devices, each sweep a
+  slope, and the batch sweeps together the copies they hold."""
   from tracer import pipeline  # pylint: disable=g-import-not-at-top
   from tracer.launch import benchmark_data  # pylint: disable=g-import-not-at-top
+  envs = []
 
   def in_process(phase, *flags_, env=None):
-    del env
+    envs.append(env)
     what, *args = phase.removeprefix("--phase=").split(",")
     if what == "tokenize":
       return benchmark_data.phase_tokenize(*args, int(flags_[0].split("=")[1]))
@@ -910,7 +912,11 @@ def test_encode_memory_benchmark_fits_its_sweeps(tmp_path, capsys, monkeypatch):
                          "chunk_rows": 16, "rows": 128},
             "chunk": {**nano, "vary": "chunk_rows", "sizes": (16, 32), "batch": 16,
                       "chunk_rows": None, "rows": 32}}
-  out = benchmark_data.encode_memory_table(list(sweeps), str(tmp_path), sweeps)
+  # (This process has 8 devices: --encode_memory_devices=8's phases.)
+  out = benchmark_data.encode_memory_table(list(sweeps), str(tmp_path), sweeps,
+                                           devices=8)
+  assert {e["XLA_FLAGS"] for e in envs if e} == {
+      "--xla_force_host_platform_device_count=8"}
   dim = out["runs"][0]["dim"]
   # 8 devices of 2 examples a step: batches of 16 and 32 are this process's.
   assert [(r["sweep"], r["rows"], r["local_batch"], r["chunk_elements"],
@@ -921,6 +927,14 @@ def test_encode_memory_benchmark_fits_its_sweeps(tmp_path, capsys, monkeypatch):
                ("chunk", 32, 16, 32 * dim, 12 * 16)]
   # (Runs this small move RSS by less than its counters' lag: no order.)
   assert all(r["peak_mb"] > 0 and r["baseline_mb"] > 0 for r in out["runs"])
+  # XLA's count of the step (the encoder's check: x 8 devices) splits the
+  # batch's encodings and losses among the devices: counted once in all.
+  assert all(r["devices"] == 8 for r in out["runs"])
+  for r in out["runs"]:
+    assert r["xla_output_bytes"] * 8 == pytest.approx(
+        r["local_batch"] * (4 * dim + 4), abs=8 * 64)
+  counts = [r["xla_bytes"] for r in out["runs"]]
+  assert counts[0] < counts[1] and counts[2] == counts[3]  # (not chunk_rows)
   assert out["fits"]["examples"]["per"] == "example"
   assert out["fits"]["chunk"]["per"] == "chunk element"
   printed = capsys.readouterr().out
