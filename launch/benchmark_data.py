@@ -39,7 +39,9 @@ long rows, the ``encodings`` sweep's long encodings) and ``chunk_rows`` x d
 (per chunk element: ``chunk``, ``chunk_float32``), fits each sweep's slope
 and fixed cost, and sets them against what ``tracer.pipeline``'s two host
 memory checks count (``BATCH_EXAMPLE_COPIES``, ``BATCH_ENCODING_COPIES``,
-``CHUNK_BYTES_PER_ELEMENT``).
+``CHUNK_BYTES_PER_ELEMENT``). With ``--encode_memory_devices=8``, on 8
+simulated CPU devices; each run also reports XLA's count of the step's
+program (the encoder's check: x the devices) and one step's own peak.
 
   tracer benchmark-data \
       --scan_memory=bfloat16,float32,bfloat16_8,float32_8,bfloat16_q256
