@@ -631,18 +631,23 @@ def query_batch(num_queries: int, step_bytes, have: int) -> int:
   """Queries per run: all ``num_queries`` where ``step_bytes(n)`` (XLA's
   count of a step with ``n`` queries, None: not known) is at most
   ``have / QUERY_MEMORY_FRACTION``, else the fewest equal runs' share that
-  is (at least 1: a step that does not fit with one query is refused when
-  it runs). Each try lowers one program; the next guess scales by the
-  count's excess, so 2-3 tries usually settle it."""
+  is; where even one query's step passes that, the fewest runs within all
+  of ``have`` (not a run per query); at least 1 (a step that does not fit
+  with one query is refused when it runs). Each try lowers one program;
+  the next guess scales by the count's excess, so 2-3 tries usually
+  settle it."""
   limit = have // QUERY_MEMORY_FRACTION
-  batch = num_queries
-  while True:
-    need = step_bytes(batch)
-    if need is None or need <= limit or batch == 1:
-      return batch
+  batch, need = num_queries, step_bytes(num_queries)
+  if need is None or need <= limit:
+    return batch
+  if step_bytes(1) > limit:
+    limit = have
+  while need > limit and batch > 1:
     fits = max(1, min(batch - 1, batch * limit // need))
     runs = -(-num_queries // fits)
     batch = -(-num_queries // runs)
+    need = step_bytes(batch)
+  return batch
 
 
 def _scan_run(sources, qs, k: int, mesh: Mesh, layout: _Layout, prefetch: int,
