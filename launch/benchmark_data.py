@@ -937,10 +937,11 @@ def check_disk(rows: list[int], max_len: int, tokenize_only: bool,
     from tracer.launch import outputs  # pylint: disable=g-import-not-at-top
     free = shutil.disk_usage(outputs.nearest_existing(os.path.abspath(workdir))).free
   if need > free:
+    from tracer import memory  # pylint: disable=g-import-not-at-top
     raise InputError(
         f"--rows={','.join(map(str, rows))}: the corpora and what is made of them "
         f"take about {per:,} bytes per row at --max_len={max_len}, "
-        f"{need / 2**30:,.1f} GiB, more than the {free / 2**30:,.1f} GiB free "
+        f"{memory.size_text(need)}, more than the {memory.size_text(free)} free "
         f"at --workdir={workdir}; expected at most {free // per:,} rows in all")
 
 

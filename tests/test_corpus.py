@@ -881,7 +881,7 @@ def test_data_benchmark_refuses_corpora_past_the_free_disk(tmp_path):
   benchmark_data.check_disk([100, 50], 16, True, str(tmp_path), free=28_500)
   with pytest.raises(ValueError, match=re.escape(
       "--rows=100,50: the corpora and what is made of them take about 1,034 bytes "
-      "per row at --max_len=16, 0.0 GiB, more than the 0.0 GiB free at "
+      "per row at --max_len=16, 151.5 KiB, more than the 27.8 KiB free at "
       f"--workdir={tmp_path}/new; expected at most 27 rows in all")):
     benchmark_data.check_disk([100, 50], 16, False, str(tmp_path / "new"),
                               free=28_500)

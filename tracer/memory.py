@@ -18,10 +18,11 @@ from tracer.errors import InputError
 
 
 def size_text(n: float) -> str:
-  """Bytes for a message, to one decimal in the largest binary unit that
-  keeps a nonzero figure: '1.5 GiB', '3.0 MiB', '512 bytes' (not '0.0 GiB')."""
+  """Bytes for a message, to one decimal in the largest binary unit in
+  which that reads at least 1.0: '1.5 GiB', '151.5 KiB', '512 bytes' (not
+  '0.0 GiB')."""
   for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-    if abs(n) >= scale / 10:
+    if round(abs(n) / scale, 1) >= 1:
       return f"{n / scale:,.1f} {unit}"
   return f"{n:,.0f} bytes"
 
