@@ -102,7 +102,9 @@ def define_flags() -> None:
   _QUERY_STEPS = flags.DEFINE_bool(
       "query_steps", False, "Time instead scan_arrays over f32 rows in its "
       "default steps, which shrink with --queries, against steps that ignore "
-      "them (as before 2026-12-06), with XLA's count of a step's memory "
+      "them (as before 2026-12-06), with XLA's count of a step's memory; "
+      "then on a memory made to fit a quarter of the queries, in runs and, "
+      "on several devices, with the queries split over them "
       "(run_query_step_benchmark).")
   _FUSED_TILES = flags.DEFINE_list(
       "fused_tiles", None, "Instead: time the fused kernel's tile settings "
@@ -612,7 +614,9 @@ def run_query_step_benchmark(rows: int = 100_000, dim: int = 256,
   step as Q grows) and in steps that ignore Q (as before 2026-12-06): best
   seconds of ``repeats`` after a warm-up, and XLA's count of one step's
   memory per device. A step past the memory is refused by the scan's own
-  check (``error``) instead of run."""
+  check (``error``) instead of run. Then (``_query_runs_row``) the default
+  scan on a memory that fits a quarter of the queries' step, in runs and,
+  on several devices, split over them, and split on this machine's memory."""
   mesh = partitioning.make_mesh()
   rng = np.random.default_rng(0)
   x = scan.aligned_empty((rows, dim), np.float32)
@@ -643,39 +647,52 @@ def run_query_step_benchmark(rows: int = 100_000, dim: int = 256,
                     if before.get("seconds") and now.get("seconds") else "")
                  + " of the steps that ignore Q")
   table.append(_query_runs_row(x, q, k, mesh, ignoring, repeats, now))
+  if mesh.size > 1:
+    table.append(_query_runs_row(x, q, k, mesh, ignoring, repeats, now, split=True))
+    table.append(_query_runs_row(x, q, k, mesh, ignoring, repeats, now, split=True,
+                                 quarter=False))
   return table
 
 
 def _query_runs_row(x, q, k: int, mesh, step: int, repeats: int,
-                    one_run: dict[str, Any]) -> dict[str, Any]:
+                    one_run: dict[str, Any], split: bool = False,
+                    quarter: bool = True) -> dict[str, Any]:
   """The default scan of ``run_query_step_benchmark`` on a memory that fits
-  a step of a quarter of the queries (``scan.query_batch``): it runs in
-  about 4 passes over the rows."""
-  quarter = -(-len(q) // 4)
-  step = min(scan.query_capped_step(step, quarter, mesh), step)
+  a step of a quarter of the whole queries (``scan.query_batch``; not
+  ``quarter``: this machine's memory): in about 4 passes over the rows, or,
+  ``split``, with the queries split over the devices
+  (``topk.ring_step_fn``), in as many as that needs."""
+  fits = -(-len(q) // 4)
+  step = min(scan.query_capped_step(step, fits, mesh), step)
   per_device = scan.QUERY_MEMORY_FRACTION * step_bytes(mesh, step, x.shape[1],
-                                                       quarter, k)
-  runs = []
+                                                       fits, k)
+  runs, counts = [], []
   run_once, host, device = scan._scan_run, memory.host_memory_bytes, memory.device_memory_bytes
+  count = memory.program_bytes
   scan._scan_run = lambda sources, qs, *a: runs.append(len(qs[0])) or run_once(
       sources, qs, *a)
-  if device() is None:  # (CPU: the devices share the host's memory)
+  memory.program_bytes = lambda *a: counts.append(count(*a)) or counts[-1]
+  if quarter and device() is None:  # (CPU: the devices share the host's memory)
     memory.host_memory_bytes = lambda: per_device * len(mesh.local_devices)
-  else:
+  elif quarter:
     memory.device_memory_bytes = lambda: per_device
   try:
-    run = lambda: scan.scan_arrays(x, q, k, mesh=mesh)
+    run = lambda: scan.scan_arrays(x, q, k, mesh=mesh, shard_queries=split)
     run()  # (compiles)
-    batches = list(runs)
+    batches, step_count = list(runs), counts[-1]  # (the first step's check)
     seconds = _best_time(run, repeats)
   finally:
     scan._scan_run, memory.host_memory_bytes, memory.device_memory_bytes = (
         run_once, host, device)
-  row = {"method": f"default steps, in runs (memory fits {quarter:,} queries' step)",
-         "step_rows_per_device": step // mesh.size,
-         "step_GiB": _figure(step_bytes(mesh, step, x.shape[1], batches[0], k) / 2**30),
+    memory.program_bytes = count
+  row = {"method": (f"default steps, queries split over {mesh.size} devices"
+                    if split else "default steps, in runs")
+                   + (f" (memory fits {fits:,} whole queries' step)" if quarter
+                      else " (shard_queries=True, this machine's memory)"),
+         "step_GiB": _figure(step_count / 2**30),
          "seconds": _figure(seconds),
-         "note": f"{len(batches)} runs of {batches[0]:,} queries"}
+         "note": f"{len(batches)} run{'s' * (len(batches) > 1)} of "
+                 f"{batches[0]:,} queries"}
   if one_run.get("seconds"):
     row["note"] += f", x{seconds / one_run['seconds']:.2f} the time of one run"
   return row

@@ -901,6 +901,11 @@ def _worker(port: int, process_id: int, workdir: str) -> None:
       "store": scan.scan_store(s, q, K, mesh=mesh),
       # Each process reads only its rows of both stores.
       "summed": scan.scan_stores(stores, [q, q2], K, mesh=mesh),
+      # The queries split over the devices of both processes: blocks cross
+      # hosts (``ppermute``).
+      "store split": scan.scan_store(s, q, K, mesh=mesh, shard_queries=True),
+      "summed split": scan.scan_stores(stores, [q, q2], K, mesh=mesh,
+                                       shard_queries=True),
   }
   streaming = scan.StreamingScanner(q, K, mesh=mesh)
   for lo in range(0, 1001, 300):
@@ -928,6 +933,7 @@ def test_two_processes(tmp_path):
           "store": reference(bf16(x), q, K),
           "summed": reference(np.concatenate([bf16(x), bf16(x2)], 1),
                               np.concatenate([q, q2], 1), K)}
+  want["store split"], want["summed split"] = want["store"], want["summed"]
   for i in range(2):
     with np.load(tmp_path / f"out{i}.npz", allow_pickle=False) as f:
       for name, w in want.items():
@@ -1141,6 +1147,29 @@ def test_default_steps_shrink_with_the_queries(monkeypatch):
     np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
 
 
+def _many_queries(tmp_path, monkeypatch, record):
+  """800 stored f32 rows of d = 256 and 20,000 queries, on a host of
+  ``MANY_QUERIES_HOST``: each run's ``record(qs, args)`` (of ``_scan_run``)
+  and every count of a step (``memory.program_bytes``) are kept. Returns
+  the rows, queries, store, runs, counts, and the unpatched ``_scan_run``
+  and count."""
+  from tracer import memory  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((800, 256), dtype=np.float32)
+  q = rng.standard_normal((20000, 256), dtype=np.float32)
+  runs, counts = [], []
+  run, count = scan._scan_run, memory.program_bytes
+  monkeypatch.setattr(scan, "_scan_run", lambda sources, qs, *a: (
+      runs.append(record(qs, a)), run(sources, qs, *a))[1])
+  monkeypatch.setattr(memory, "program_bytes",
+                      lambda *a: counts.append(count(*a)) or counts[-1])
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: MANY_QUERIES_HOST)
+  return x, q, _store(tmp_path, x, "float32"), runs, counts, run, count
+
+
+MANY_QUERIES_HOST = 64 << 20
+
+
 def test_queries_past_the_memory_are_scanned_in_runs(tmp_path, monkeypatch):
   """Queries whose step would take more than half a device's share of the
   host (the queries and their top-k sit whole on every device) are scanned
@@ -1149,21 +1178,13 @@ def test_queries_past_the_memory_are_scanned_in_runs(tmp_path, monkeypatch):
   bit, and ``progress`` counts every run's rows. Before 2026-12-06 (stop 71)
   such a scan was refused ("split the queries into several runs")."""
   from tracer import memory  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  x = rng.standard_normal((800, 256), dtype=np.float32)
-  q = rng.standard_normal((20000, 256), dtype=np.float32)
-  s = _store(tmp_path, x, "float32")
+  x, q, s, runs, counts, run, count = _many_queries(
+      tmp_path, monkeypatch, lambda qs, _: qs[0].copy())
   mesh = MESHES["8x1"]()
-  runs, counts = [], []
-  run, count = scan._scan_run, memory.program_bytes
-  monkeypatch.setattr(scan, "_scan_run", lambda sources, qs, *a: (
-      runs.append(qs[0].copy()), run(sources, qs, *a))[1])
-  monkeypatch.setattr(memory, "program_bytes",
-                      lambda *a: counts.append(count(*a)) or counts[-1])
-  host = 64 << 20
-  monkeypatch.setattr(memory, "host_memory_bytes", lambda: host)
+  host = MANY_QUERIES_HOST
   seen = []
-  got = scan.scan_store(s, q, K, mesh=mesh, progress=lambda n, t: seen.append((n, t)))
+  got = scan.scan_store(s, q, K, mesh=mesh, shard_queries=False,
+                        progress=lambda n, t: seen.append((n, t)))
   batch = len(runs[0])
   assert len(runs) == -(-20000 // batch) > 1, len(runs)
   assert {len(r) for r in runs} == {batch}
@@ -1198,6 +1219,88 @@ def _first_step_args(mesh, store, num_queries):
                            for t in (jnp.float32, jnp.int32) * 2))
   return (topk.step_fn(mesh, K, True, None), state, *layout.specs(),
           jax.ShapeDtypeStruct((num_queries, store.dim), jnp.float32, sharding=rep))
+
+
+def _bit_equal(got: scan.TopK, want: scan.TopK):
+  for field in got._fields:
+    np.testing.assert_array_equal(getattr(got, field), getattr(want, field),
+                                  err_msg=field)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_queries_split_over_the_devices_score_as_whole_ones(tmp_path, dtype):
+  """``shard_queries=True`` (``topk.ring_step_fn``: each device holds a
+  block of the queries and its top-k, and the blocks go around the
+  devices) gives the whole queries' results bit for bit where both are
+  whole multiples of 64 queries (512: blocks of 64 on 8 devices, of 128 on
+  4x2), with and without a row metric, from stored chunks (several pieces
+  a device) and summed over two stores; padded (100 queries), numpy's."""
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((1000, 256), dtype=np.float32)
+  x2 = rng.standard_normal((1000, 256), dtype=np.float32)
+  q = rng.standard_normal((512, 256), dtype=np.float32)
+  q2 = rng.standard_normal((512, 256), dtype=np.float32)
+  s = _store(tmp_path, x, dtype)
+  s2 = _store(tmp_path / "second", x2, dtype)
+  metric = topk.RowMetric(
+      np.abs(rng.standard_normal(256)).astype(np.float32),
+      tuple(0.1 * rng.standard_normal((128, 4), dtype=np.float32) for _ in range(2)),
+      ((0, 128), (128, 256)))
+  for name in ("8x1", "4x2"):
+    mesh = MESHES[name]()
+    for kind, run in (
+        ("plain", lambda split: scan.scan_store(s, q, K, mesh=mesh,
+                                                shard_queries=split)),
+        ("metric", lambda split: scan.scan_store(s, q, K, mesh=mesh, metric=metric,
+                                                 shard_queries=split)),
+        ("summed", lambda split: scan.scan_stores(
+            [s, s2], [q, q2], K, mesh=mesh, metrics=[None, metric],
+            shard_queries=split))):
+      split, whole = run(True), run(False)
+      assert split.proponent_rows.shape == (512, K), (name, kind)
+      _bit_equal(split, whole)
+  stored = s.read_rows(0, 1000)  # (bf16-rounded values)
+  got = scan.scan_store(s, q[:100], K, mesh=MESHES["4x2"](), shard_queries=True)
+  assert_same(got, reference(stored, q[:100], K), atol=1e-4)
+  # In memory too: f32 rows mapped in place, and one device (a ring of one).
+  for name in ("8x1", "1x1"):
+    got = scan.scan_arrays(stored, q[:100], K, mesh=MESHES[name](),
+                           shard_queries=True)
+    assert_same(got, reference(stored, q[:100], K), atol=1e-4)
+
+
+def test_queries_past_the_memory_are_split_over_the_devices(tmp_path, monkeypatch):
+  """Where whole queries would need several passes over the rows (20,000
+  queries, a 64 MiB host, 8 devices: 13 runs), the default scan splits
+  them over the devices instead: fewer passes (each device holds an eighth
+  of them), every run's step within half a device's share, rows equal to
+  numpy's and bits equal to a split scan that fits in one pass."""
+  from tracer import memory  # pylint: disable=g-import-not-at-top
+  x, q, s, runs, counts, run, _ = _many_queries(
+      tmp_path, monkeypatch, lambda qs, args: (len(qs[0]), args[-1]))
+  mesh = MESHES["8x1"]()
+  host = MANY_QUERIES_HOST
+  whole = scan.scan_store(s, q, K, mesh=mesh, shard_queries=False)
+  whole_runs = len(runs)
+  assert whole_runs > 1 and not any(split for _, split in runs), runs
+  runs.clear()
+  seen = []
+  got = scan.scan_store(s, q, K, mesh=mesh,
+                        progress=lambda n, t: seen.append((n, t)))
+  assert runs and all(split for _, split in runs), runs
+  assert len(runs) < whole_runs, (runs, whole_runs)
+  assert {n for n, _ in runs} == {runs[0][0]} and runs[0][0] % (8 * 64) == 0
+  assert max(counts[-2:]) <= host // 8 // 2
+  assert seen[-1] == (len(runs) * 800, len(runs) * 800)
+  ref = reference(x, q[:50], K)
+  np.testing.assert_array_equal(got.proponent_rows[:50], ref.proponent_rows)
+  np.testing.assert_allclose(got.proponent_scores[:50], ref.proponent_scores,
+                             atol=1e-4, rtol=0)
+  np.testing.assert_allclose(got.proponent_scores, whole.proponent_scores,
+                             atol=1e-4, rtol=0)
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 64 << 30)
+  monkeypatch.setattr(scan, "_scan_run", run)
+  _bit_equal(got, scan.scan_store(s, q, K, mesh=mesh, shard_queries=True))
 
 
 def test_query_runs_are_the_fewest_that_fit():
@@ -1292,9 +1395,18 @@ def test_query_step_benchmark_runs(monkeypatch):
   assert [r["method"] for r in table] == [
       "machine", "steps that ignore Q (before 2026-12-06)",
       "default steps, capped by Q",
-      "default steps, in runs (memory fits 750 queries' step)"]
-  before, now, runs = table[1:]
+      "default steps, in runs (memory fits 750 whole queries' step)",
+      "default steps, queries split over 8 devices (memory fits 750 whole "
+      "queries' step)",
+      "default steps, queries split over 8 devices (shard_queries=True, this "
+      "machine's memory)"]
+  before, now, runs, split, always = table[1:]
+  assert always["note"].startswith("1 run of 3,072 queries, x")
   assert runs["note"].startswith("4 runs of 750 queries, x") and runs["seconds"] > 0
+  # Split, an eighth of the queries a device: one pass, of 3,072 (8 blocks
+  # of 6 x 64).
+  assert split["note"].startswith("1 run of 3,072 queries, x") and split["seconds"] > 0
+  assert 0 < split["step_GiB"] and 0 < runs["step_GiB"]
   assert before["seconds"] > 0 and now["seconds"] > 0
   assert now["step_rows_per_device"] < before["step_rows_per_device"]
   assert 0 < now["step_GiB"] < before["step_GiB"]

@@ -12,8 +12,10 @@ steps shrink to fit) by a background thread, overlapped with the device,
 each host reading only the rows of its own devices (object storage: several
 steps' reads in flight).
 
-Queries whose step would take more than half a device's memory are
-scanned in runs of fewer (``query_batch``), each a pass over the rows.
+Queries whose step would take more than half a device's memory are split
+over the devices (``shard_queries``, ``topk.ring_step_fn``) where that
+takes fewer passes over the rows, and otherwise scanned in runs of fewer
+(``query_batch``), each a pass over the rows.
 
 If fewer than ``k`` rows are scanned (N < k), results have ``N`` columns.
 
@@ -40,9 +42,10 @@ from tracer import data as data_lib
 from tracer import memory
 from tracer import partitioning
 from tracer.errors import InputError
-from tracer.topk import (INVALID_ROW, ROW_BITS, RowMetric, TopK, TopKState,  # noqa: F401
-                         finish, flatten_stepped, init_topk, step_fn,
-                         summed_step_fn, tiles_bf16, update_topk)
+from tracer.topk import (INVALID_ROW, RING_BLOCK_QUERIES, ROW_BITS,  # noqa: F401
+                         RowMetric, TopK, TopKState, finish, flatten_stepped,
+                         init_topk, ring_step_fn, step_fn, summed_step_fn,
+                         tiles_bf16, update_topk)
 
 # Encodings read per device per step when chunk_rows is not given: on CPUs,
 # and (``ACCELERATOR_CHUNK_BYTES``) on GPUs and TPUs, where each step's
@@ -498,7 +501,7 @@ class _StoreSource(_Source):
 def _scan(source, queries, k: int, mesh: Mesh | None,
           chunk_rows: int | None, prefetch: int, row_multiple: int = 1,
           metric: RowMetric | None = None, progress=None,
-          read_ahead: int = 0) -> TopK:
+          read_ahead: int = 0, shard_queries: bool | None = None) -> TopK:
   """The host loop shared by ``scan_arrays``, ``scan_store`` and
   ``scan_stores``.
 
@@ -510,8 +513,12 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   returning their buffers to the pool once they are done.
 
   Queries whose step would take more than 1 / ``QUERY_MEMORY_FRACTION`` of
-  a device's memory (``query_batch``) are scanned in runs of fewer, each a
-  pass over the rows; ``progress`` then counts every run's rows.
+  a device's memory (``query_batch``) are split over the devices instead
+  (``topk.ring_step_fn``) where that takes fewer passes over the rows, and
+  scanned in runs of fewer where even that does not fit, each run a pass
+  over the rows; ``progress`` then counts every run's rows.
+  ``shard_queries``: True always splits them, False never, None (default)
+  as above.
 
   ``source``, ``queries`` and ``metric`` may be lists, one entry per part
   (same rows, d and dtype): each row's score is then the sum of the parts'
@@ -567,6 +574,8 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
 
   segments = tuple(None if m is None else m.segments for m in metrics)
   metric_args = [_metric_on_mesh(m, dim, mesh) for m in metrics]
+  ring_update = ring_step_fn(mesh, int(k), True,
+                             segments if summed else segments[0], summed)
   if summed:
     step_update = summed_step_fn(mesh, int(k), True, segments)
     diags = tuple(a[0] if a else None for a in metric_args)
@@ -581,32 +590,54 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
     def arguments(state, parts, queries_on_mesh):
       return (state, *parts[0], queries_on_mesh[0], *metric_args[0])
 
-  def step_bytes(num_queries: int) -> int | None:
+  def padded(num_queries: int, split: bool) -> int:
+    """Queries a run of ``num_queries`` scans: split, whole blocks of
+    ``RING_BLOCK_QUERIES`` per device."""
+    return (partitioning.padded_size(num_queries, mesh.size * RING_BLOCK_QUERIES)
+            if split else num_queries)
+
+  def layout_of(num_queries: int, split: bool) -> _Layout:
+    # A device scores its rows against a block at a time when split.
+    return layout_for(num_queries // mesh.size if split else num_queries)
+
+  def step_bytes(num_queries: int, split: bool = False) -> int | None:
     """XLA's count of one device's first step with ``num_queries`` queries."""
-    rep = partitioning.replicated(mesh)
-    state = TopKState(*(jax.ShapeDtypeStruct((num_queries, int(k)), t, sharding=rep)
+    n = padded(num_queries, split)
+    on = (partitioning.rows_sharding(mesh) if split
+          else partitioning.replicated(mesh))
+    state = TopKState(*(jax.ShapeDtypeStruct((n, int(k)), t, sharding=on)
                         for t in (jnp.float32, jnp.int32) * 2))
-    q = jax.ShapeDtypeStruct((num_queries, dim), jnp.float32, sharding=rep)
-    parts = [layout_for(num_queries).specs()] * len(sources)
-    return memory.program_bytes(step_update, *arguments(state, parts, [q] * len(qs)))
+    q = jax.ShapeDtypeStruct((n, dim), jnp.float32, sharding=on)
+    parts = [layout_of(n, split).specs()] * len(sources)
+    return memory.program_bytes(ring_update if split else step_update,
+                                *arguments(state, parts, [q] * len(qs)))
 
   num_queries = qs[0].shape[0]
-  batch = query_batch(num_queries, step_bytes,
-                      per_device_bytes(host_bytes, device_bytes, mesh))
+  have = per_device_bytes(host_bytes, device_bytes, mesh)
+  split = bool(shard_queries)
+  batch = query_batch(num_queries, lambda n: step_bytes(n, split), have)
+  if shard_queries is None and batch < num_queries and mesh.size > 1:
+    # Whole queries need several passes: split over the devices, they may
+    # need fewer (a device then holds 1 / P of them).
+    ring_batch = query_batch(num_queries, lambda n: step_bytes(n, True), have)
+    if -(-num_queries // ring_batch) < -(-num_queries // batch):
+      split, batch = True, ring_batch
   runs = range(0, num_queries, batch)
+  size = padded(batch, split)
   results = []
   for i, start in enumerate(runs):
-    # (The last run's queries are padded with zeros to the others' count:
-    # one program for every run.)
+    # (Every run's queries are padded with zeros to the same count: one
+    # program for every run.)
     part = lambda q: np.pad(q[start:start + batch],
-                            ((0, max(0, start + batch - num_queries)), (0, 0)))
+                            ((0, size - len(q[start:start + batch])), (0, 0)))
     done = i * num_rows
     got = _scan_run(
-        sources, [part(q) for q in qs], int(k), mesh, layout_for(batch),
-        prefetch, read_ahead, sets(), step_update, arguments,
-        None if progress is None else (
-            lambda n, total, done=done: progress(done + n, len(runs) * total)))
-    results.append(TopK(*(a[:num_queries - start] for a in got)))
+        sources, [part(q) for q in qs], int(k), mesh, layout_of(size, split),
+        prefetch, read_ahead, sets(), ring_update if split else step_update,
+        arguments, None if progress is None else (
+            lambda n, total, done=done: progress(done + n, len(runs) * total)),
+        split)
+    results.append(TopK(*(a[:min(batch, num_queries - start)] for a in got)))
   return results[0] if len(results) == 1 else TopK(
       *(np.concatenate(parts) for parts in zip(*results)))
 
@@ -652,19 +683,20 @@ def query_batch(num_queries: int, step_bytes, have: int) -> int:
 
 def _scan_run(sources, qs, k: int, mesh: Mesh, layout: _Layout, prefetch: int,
               read_ahead: int, sets: int, step_update, arguments,
-              progress) -> TopK:
+              progress, split: bool = False) -> TopK:
   """One pass of ``_scan`` over the rows, for the queries ``qs`` (one
-  ``[Q, d]`` array per part)."""
+  ``[Q, d]`` array per part); ``split``: the queries and their top-k split
+  over the devices (``step_update`` is then a ``ring_step_fn``)."""
   num_rows, dim, step = sources[0].num_rows, sources[0].dim, layout.step
   pool = _BufferPool(layout.shapes(), layout.dtype, size=sets)
   depth = max(1, prefetch)
-  queries_on_mesh = [partitioning.put_global(q, partitioning.replicated(mesh))
-                     for q in qs]
-  state = init_topk(qs[0].shape[0], k, mesh)
+  on = partitioning.rows_sharding(mesh) if split else partitioning.replicated(mesh)
+  queries_on_mesh = [partitioning.put_global(q, on) for q in qs]
+  state = init_topk(qs[0].shape[0], k, mesh, split)
 
-  # The queries and their running top-k sit whole on every device, beside
-  # a step's rows and scores: XLA's count of the first step is held to the
-  # memory before it runs. (Each step shape is lowered once a process. A
+  # The queries and their running top-k sit whole on every device (or a
+  # block of them, split), beside a step's rows and scores: XLA's count of
+  # the first step is held to the memory before it runs. (Each step shape is lowered once a process. A
   # rough count chose which scans to check before 2026-12-06; it missed
   # widened int8 rows and a row metric's tiles, up to 37x the count.)
   num_queries = qs[0].shape[0]
@@ -749,7 +781,8 @@ def _metric_on_mesh(metric: RowMetric | None, dim: int, mesh: Mesh) -> tuple:
 
 def scan_arrays(encodings, queries, k: int, *, mesh: Mesh | None = None,
                 chunk_rows: int | None = None, prefetch: int = 2,
-                metric: RowMetric | None = None) -> TopK:
+                metric: RowMetric | None = None,
+                shard_queries: bool | None = None) -> TopK:
   """Exact top-k of an in-memory ``[N, d]`` matrix (f32, bf16 or castable).
 
   Under ``jax.distributed`` every process passes the same full matrix and
@@ -765,18 +798,23 @@ def scan_arrays(encodings, queries, k: int, *, mesh: Mesh | None = None,
     prefetch: chunks prepared ahead in a background thread.
     metric: scan-time preconditioning (``topk.RowMetric``); ``queries`` are
       then the query set's ``R^(-1) q / ||q||_R``.
+    shard_queries: split the queries and their top-k over the devices
+      (``topk.ring_step_fn``) instead of holding them whole on each; default
+      (None): where whole ones would need several passes over the rows and
+      split ones fewer.
   """
   x = encodings if isinstance(encodings, np.ndarray) else np.asarray(encodings)
   if x.ndim != 2:
     raise InputError(f"encodings: expected [N, d], got shape {x.shape}")
   return _scan(_ArraySource(x), queries, k, mesh, chunk_rows, prefetch,
-               metric=metric)
+               metric=metric, shard_queries=shard_queries)
 
 
 def scan_store(store, queries, k: int, *, mesh: Mesh | None = None,
                chunk_rows: int | None = None, prefetch: int = 2,
                metric: RowMetric | None = None, verify: bool = True,
-               progress=None, read_ahead: int | None = None) -> TopK:
+               progress=None, read_ahead: int | None = None,
+               shard_queries: bool | None = None) -> TopK:
   """Exact top-k over a complete ``store.EncodingStore``, streamed from disk.
 
   Reads run in a background thread (tensorstore futures for every local
@@ -792,7 +830,7 @@ def scan_store(store, queries, k: int, *, mesh: Mesh | None = None,
   steps whose reads are started before the oldest is waited for; default 0
   for a local store (its chunk files are mapped in place, see below) and
   ``REMOTE_READ_AHEAD`` for object storage, whose requests take
-  milliseconds to start.
+  milliseconds to start. ``shard_queries``: as in ``scan_arrays``.
 
   With the default ``chunk_rows`` on a local store, each device's rows are
   its stored chunks' files mapped from the page cache (``chunk_view``): no
@@ -814,7 +852,7 @@ def scan_store(store, queries, k: int, *, mesh: Mesh | None = None,
     read_ahead = 0 if store.local else REMOTE_READ_AHEAD
   return _scan(_StoreSource(store, verify), queries, k, mesh, chunk_rows, prefetch,
                row_multiple=multiple, metric=metric, progress=progress,
-               read_ahead=read_ahead)
+               read_ahead=read_ahead, shard_queries=shard_queries)
 
 
 def check_metric(store, metric: RowMetric | None) -> None:
@@ -841,7 +879,8 @@ def check_summable(stores, what: str) -> None:
 def scan_stores(stores, queries, k: int, *, mesh: Mesh | None = None,
                 chunk_rows: int | None = None, prefetch: int = 2,
                 metrics=None, verify: bool = True, progress=None,
-                read_ahead: int | None = None) -> TopK:
+                read_ahead: int | None = None,
+                shard_queries: bool | None = None) -> TopK:
   """``scan_store`` of a sum: row ``i``'s score is the sum over ``stores`` of
   its score in each, against that store's own ``queries[p]`` (and metric
   ``metrics[p]``, or None), e.g. TrackStar summed over checkpoints, one
@@ -862,7 +901,8 @@ def scan_stores(stores, queries, k: int, *, mesh: Mesh | None = None,
   if len(stores) == 1:
     return scan_store(stores[0], queries[0], k, mesh=mesh, chunk_rows=chunk_rows,
                       prefetch=prefetch, metric=metrics[0], verify=verify,
-                      progress=progress, read_ahead=read_ahead)
+                      progress=progress, read_ahead=read_ahead,
+                      shard_queries=shard_queries)
   for st, metric in zip(stores, metrics):
     st.check_complete()
     check_metric(st, metric)
@@ -871,7 +911,8 @@ def scan_stores(stores, queries, k: int, *, mesh: Mesh | None = None,
     read_ahead = 0 if all(st.local for st in stores) else REMOTE_READ_AHEAD
   return _scan([_StoreSource(st, verify) for st in stores], list(queries), k,
                mesh, chunk_rows, prefetch, row_multiple=multiple,
-               metric=metrics, progress=progress, read_ahead=read_ahead)
+               metric=metrics, progress=progress, read_ahead=read_ahead,
+               shard_queries=shard_queries)
 
 
 class StreamingScanner:

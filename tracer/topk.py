@@ -5,7 +5,10 @@ every device of the mesh (``partitioning.rows_sharding``); each device scores
 its rows against all queries in fp32, keeps its local top-k, and the
 per-device candidates (``k`` per device and query) are gathered and merged
 into a running top-k held replicated on every device. Memory is bounded by the
-chunk size, never by N x Q.
+chunk size, never by N x Q. ``ring_step_fn`` splits the queries and their
+top-k over the devices instead, for query sets too large to sit whole on
+each: the blocks go around the devices, each device's rows scored against
+one block at a time.
 
 Ordering is exact and deterministic: proponents by score descending,
 opponents by score ascending, ties broken by the lower row id. Scores are
@@ -872,9 +875,10 @@ def empty_state(num_queries: int, k: int) -> TopKState:
 
 
 @functools.lru_cache(maxsize=None)
-def _init_fn(mesh: Mesh, num_queries: int, k: int):
+def _init_fn(mesh: Mesh, num_queries: int, k: int, split: bool):
   return jax.jit(functools.partial(empty_state, num_queries, k),
-                 out_shardings=partitioning.replicated(mesh))
+                 out_shardings=partitioning.rows_sharding(mesh) if split
+                 else partitioning.replicated(mesh))
 
 
 # XLA:CPU's library (YNNPACK) fusions for the scan step: matmuls with the
@@ -1018,6 +1022,78 @@ def _sharded_candidates(local_fn, mesh: Mesh, check_vma: bool = True):
                        out_specs=(candidates,) * 4, check_vma=check_vma)
 
 
+# A ring's blocks hold a multiple of this many queries: on XLA:CPU a
+# query's f32 scores were the same bits in batches of 64, 128 and 256 (and in
+# 64-query blocks of 256) but other bits at 2-16 and 65 (d = 1,024, 4,096
+# rows, 2026-12-06), so blocks padded to it score as a scan of 64 does.
+RING_BLOCK_QUERIES = 64
+
+
+@functools.lru_cache(maxsize=None)
+def ring_step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments=None,
+                 summed: bool = False):
+  """``step_fn`` (``summed_step_fn`` if ``summed``) with the queries, and
+  their running top-k, split over the devices (``partitioning.rows_sharding``:
+  block ``i`` of ``Q / P`` on device ``i``) instead of whole on each, and
+  the same arguments. Each block visits every device's rows in ``P`` hops
+  around a ring (``ppermute``), carrying its top-k, and is home again at
+  the end: a device holds ``Q / P`` queries (of each part) and scores
+  ``[rows / P, Q / P]`` at a time, and each step moves every block once
+  around. Rows, ids and order are a replicated step's; a score is the same
+  bits where the blocks score as the replicated batch does
+  (``RING_BLOCK_QUERIES``)."""
+  axes = tuple(mesh.axis_names)
+  size = mesh.size
+  ring = [(i, (i + 1) % size) for i in range(size)]
+  widen, score_tiles = widens_bf16(mesh), tiles_bf16(mesh)
+  segments = segments if summed else (segments,)
+
+  def local(state, xs, row_ids, valid, queries, diags, lowranks):
+    pieces = [x if isinstance(x, tuple) else (x,) for x in xs]
+    # A row's norms are the same for every block: computed once a step.
+    norms = [_norms(p, diag, lowrank, seg, widen, _on_cpu(mesh))
+             for p, diag, lowrank, seg in zip(pieces, diags, lowranks, segments)]
+
+    def scored(block, qs):  # the block's top-k, with this device's rows in
+      s = functools.reduce(jnp.add, [  # fp32, in the parts' order
+          _scores(p, q, n, widen, score_tiles)
+          for p, q, n in zip(pieces, qs, norms)])
+      candidates = _candidates(s, row_ids, valid, block.proponent_scores[:, -1],
+                               block.opponent_scores[:, -1], k=k,
+                               rows_sorted=rows_sorted, branch_free=False)
+      return jax.lax.ppermute(merge_candidates(block, *candidates, k), axes, ring)
+
+    def hop(_, carry):
+      block, qs = carry
+      # Sent before the products, which do not need it: the transfer may
+      # overlap them.
+      moved = jax.lax.ppermute(qs, axes, ring)
+      return scored(block, qs), moved
+
+    # P - 1 hops move the queries; the top-k moves P times, home again.
+    block, qs = jax.lax.fori_loop(0, size - 1, hop, (state, queries))
+    return scored(block, qs)
+
+  split = partitioning.rows_sharding(mesh)
+  ids = partitioning.rows_sharding(mesh, ndim=1).spec
+  rep = partitioning.replicated(mesh).spec
+  states = TopKState(*(split.spec,) * 4)
+  sharded = jax.shard_map(local, mesh=mesh, out_specs=states, in_specs=(
+      states, split.spec, ids, ids, split.spec, rep, rep))
+  zero = lambda d: jnp.zeros((), jnp.float32) if d is None else d
+
+  def update(state: TopKState, x, row_ids, valid, queries, diag=None,
+             lowrank=()) -> TopKState:
+    if summed:  # (xs, row_ids, valids, queries, diags, lowranks): per part
+      return sharded(state, tuple(x), row_ids, functools.reduce(
+          jnp.logical_and, valid), tuple(queries), tuple(map(zero, diag)),
+                     tuple(tuple(l) for l in lowrank))
+    return sharded(state, (x,), row_ids, valid, (queries,), (zero(diag),),
+                   (tuple(lowrank),))
+
+  return jit_step(update, mesh, out_shardings=TopKState(*(split,) * 4))
+
+
 @functools.lru_cache(maxsize=None)
 def summed_step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments: tuple):
   """``step_fn`` for a sum of scores over parts (e.g. one store per
@@ -1046,12 +1122,14 @@ def summed_step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments: tuple):
   return jit_step(update, mesh, out_shardings=partitioning.replicated(mesh))
 
 
-def init_topk(num_queries: int, k: int, mesh: Mesh | None = None) -> TopKState:
-  """An empty running top-k for ``num_queries`` queries, replicated on ``mesh``."""
+def init_topk(num_queries: int, k: int, mesh: Mesh | None = None,
+              split: bool = False) -> TopKState:
+  """An empty running top-k for ``num_queries`` queries, replicated on
+  ``mesh`` (``split``: split over its devices, for ``ring_step_fn``)."""
   if k < 1 or num_queries < 1:
     raise InputError(f"k and num_queries must be >= 1, got k={k}, "
                      f"num_queries={num_queries}")
-  return _init_fn(_mesh(mesh), int(num_queries), int(k))()
+  return _init_fn(_mesh(mesh), int(num_queries), int(k), bool(split))()
 
 
 def update_topk(state: TopKState, chunk_encodings, chunk_row_ids, queries,
@@ -1104,6 +1182,8 @@ def finish(state: TopKState, rows_seen: int) -> TopK:
   n = min(state.proponent_scores.shape[1], rows_seen)
 
   def host(a):
+    if not a.sharding.is_fully_replicated:  # split over devices: gathered
+      return partitioning.fetch(a)[:, :n]
     # Replicated: one addressable shard is the whole array, on every process.
     return np.asarray(a.addressable_data(0))[:, :n]
 
