@@ -630,6 +630,46 @@ def test_streaming_equals_arrays(mesh):
   assert_same(device.result(), want)
 
 
+@pytest.mark.parametrize("mesh", ["8x1", "4x2"])
+def test_streamed_queries_split_over_the_devices(mesh, monkeypatch):
+  """``StreamingScanner(shard_queries=True)``: the whole queries' results
+  bit for bit at 512 queries (host batches, sorted in place, and device
+  arrays, sorted on the devices), numpy's rows at 100 (padded to 512); by
+  default split only where whole queries and their top-k would take more
+  than a quarter of a device's share of the host."""
+  from tracer import memory  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((600, 256), dtype=np.float32)
+  q = rng.standard_normal((512, 256), dtype=np.float32)
+  m = MESHES[mesh]()
+  order = rng.permutation(600)
+
+  def streamed(queries, split, device=False):
+    scanner = scan.StreamingScanner(queries, K, mesh=m, shard_queries=split)
+    for batch in np.array_split(order, [250, 251]):
+      if device:
+        scanner.add(jnp.asarray(x[batch]), jnp.asarray(batch))
+      else:
+        scanner.add(x[batch], batch)
+    return scanner.split, scanner.result()
+
+  for device in (False, True):
+    (split, got), (whole, want) = streamed(q, True, device), streamed(q, False, device)
+    assert split and not whole
+    _bit_equal(got, want)
+  split, got = streamed(q[:100], True)
+  assert split and got.proponent_rows.shape == (100, K)
+  assert_same(got, reference(x, q[:100], K), atol=1e-4)
+  # Default: 100 queries of d = 256 and their top-k take 110,400 bytes
+  # (d x 4 + 16 k each), a quarter of a device's eighth of the host.
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 8 * 4 * 110_400)
+  assert not streamed(q[:100], None)[0]
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 8 * 4 * 110_400 - 32)
+  split, got = streamed(q[:100], None)
+  assert split
+  assert_same(got, reference(x, q[:100], K), atol=1e-4)
+
+
 def test_streaming_keeps_two_steps_in_flight():
   """A long queue of dispatched 8-device steps deadlocks XLA:CPU's
   collectives (one device never reaches an all-reduce; XLA aborts after its
@@ -911,6 +951,10 @@ def _worker(port: int, process_id: int, workdir: str) -> None:
   for lo in range(0, 1001, 300):
     streaming.add(x[lo:lo + 300], np.arange(lo, min(lo + 300, 1001)))
   results["streaming"] = streaming.result()
+  streaming = scan.StreamingScanner(q, K, mesh=mesh, shard_queries=True)
+  for lo in range(0, 1001, 300):
+    streaming.add(x[lo:lo + 300], np.arange(lo, min(lo + 300, 1001)))
+  results["streaming split"] = streaming.result()
   np.savez(os.path.join(workdir, f"out{process_id}.npz"),
            **{f"{name}.{field}": value for name, r in results.items()
               for field, value in r._asdict().items()})
@@ -934,6 +978,7 @@ def test_two_processes(tmp_path):
           "summed": reference(np.concatenate([bf16(x), bf16(x2)], 1),
                               np.concatenate([q, q2], 1), K)}
   want["store split"], want["summed split"] = want["store"], want["summed"]
+  want["streaming split"] = want["streaming"]
   for i in range(2):
     with np.load(tmp_path / f"out{i}.npz", allow_pickle=False) as f:
       for name, w in want.items():

@@ -648,6 +648,9 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
 # host's other half to the pooled reads (a quarter, ``HOST_BUFFER_FRACTION``),
 # the process's baseline and the page cache.
 QUERY_MEMORY_FRACTION = 2
+# A streamed scan's whole queries and top-k may take 1 / this of a device
+# (the encoder's params and step share it); more are split over the devices.
+STREAMED_QUERY_FRACTION = 4
 
 
 def per_device_bytes(host_bytes: int, device_bytes: int | None, mesh: Mesh) -> int:
@@ -922,21 +925,41 @@ class StreamingScanner:
   ``metric``). Host (numpy) batches are treated as global: under
   ``jax.distributed`` every process passes the same batch, or pass a global
   ``jax.Array`` instead.
+
+  ``shard_queries``: split the queries and their top-k over the devices
+  (``topk.ring_step_fn``); default (None): where whole ones, with their
+  top-k, would take more than 1 / ``STREAMED_QUERY_FRACTION`` of a device's
+  memory (of the smallest host's and device's, agreed between processes).
   """
 
   def __init__(self, queries, k: int, mesh: Mesh | None = None,
-               metric: RowMetric | None = None):
+               metric: RowMetric | None = None,
+               shard_queries: bool | None = None):
     self.mesh = _mesh(mesh)
     q = np.asarray(queries)
     if q.ndim != 2:
       raise InputError(f"queries: expected a [Q, d] array, got shape {q.shape}")
-    self._queries = partitioning.put_global(
-        _check_inputs(q, k, q.shape[1], 0), partitioning.replicated(self.mesh))
-    self._metric = None if metric is None else RowMetric(
-        *_metric_on_mesh(metric, q.shape[1], self.mesh), metric.segments)
-    self.dim = q.shape[1]
+    q = _check_inputs(q, k, q.shape[1], 0)
+    self.num_queries, self.dim = q.shape
     self.k = int(k)
-    self._state = init_topk(q.shape[0], self.k, self.mesh)
+    if shard_queries is None:
+      # Encoded batches cannot be scanned again in runs: where whole queries
+      # would crowd the devices (beside the encoder), they are split.
+      _, host_bytes, device_bytes = agreed_memory(False, self.mesh)
+      shard_queries = self.mesh.size > 1 and (
+          self.num_queries * (self.dim * 4 + 16 * self.k)
+          > per_device_bytes(host_bytes, device_bytes, self.mesh)
+          // STREAMED_QUERY_FRACTION)
+    self.split = bool(shard_queries)
+    if self.split:  # (padded to whole blocks, as ``_scan`` pads)
+      q = np.pad(q, ((0, partitioning.padded_size(
+          len(q), self.mesh.size * RING_BLOCK_QUERIES) - len(q)), (0, 0)))
+    self._queries = partitioning.put_global(
+        q, partitioning.rows_sharding(self.mesh) if self.split
+        else partitioning.replicated(self.mesh))
+    self._metric = None if metric is None else RowMetric(
+        *_metric_on_mesh(metric, self.dim, self.mesh), metric.segments)
+    self._state = init_topk(len(q), self.k, self.mesh, self.split)
     self._rows_seen = 0
 
   def add(self, encodings, row_ids) -> None:
@@ -953,7 +976,7 @@ class StreamingScanner:
     if isinstance(encodings, jax.Array):
       self._advance(update_topk(self._state, encodings, row_ids, self._queries,
                                 mesh=self.mesh, rows_sorted=False,
-                                metric=self._metric))
+                                metric=self._metric, split=self.split))
     else:
       x = np.asarray(encodings)
       x = x.astype(device_dtype(x.dtype), copy=False)
@@ -976,7 +999,8 @@ class StreamingScanner:
           put(ids.astype(np.int32), partitioning.rows_sharding(self.mesh, 1)),
           self._queries,
           put(valid, partitioning.rows_sharding(self.mesh, 1)),
-          mesh=self.mesh, rows_sorted=True, metric=self._metric))
+          mesh=self.mesh, rows_sorted=True, metric=self._metric,
+          split=self.split))
     self._rows_seen += rows
 
   def _advance(self, state: TopKState) -> None:
@@ -996,11 +1020,12 @@ class StreamingScanner:
     x, ids, ok, count = flatten_stepped(encodings, row_ids, valid)
     self._advance(update_topk(self._state, x, ids, self._queries, ok,
                               mesh=self.mesh, rows_sorted=False,
-                              metric=self._metric))
+                              metric=self._metric, split=self.split))
     self._rows_seen += int(np.asarray(count.addressable_data(0)))
 
   def state(self) -> TopKState:
     return self._state
 
   def result(self) -> TopK:
-    return finish(self._state, self._rows_seen)
+    got = finish(self._state, self._rows_seen)
+    return TopK(*(a[:self.num_queries] for a in got))

@@ -1135,7 +1135,8 @@ def init_topk(num_queries: int, k: int, mesh: Mesh | None = None,
 def update_topk(state: TopKState, chunk_encodings, chunk_row_ids, queries,
                 valid_mask=None, *, mesh: Mesh | None = None,
                 rows_sorted: bool = False,
-                metric: RowMetric | None = None) -> TopKState:
+                metric: RowMetric | None = None,
+                split: bool = False) -> TopKState:
   """Folds one chunk into the running top-k.
 
   Args:
@@ -1150,6 +1151,9 @@ def update_topk(state: TopKState, chunk_encodings, chunk_row_ids, queries,
       rows last, which skips a per-device sort.
     metric: scan-time preconditioning (``RowMetric``); ``queries`` are then
       ``R^(-1) q / ||q||_R`` in the rows' coordinates.
+    split: ``state`` (``init_topk(split=True)``) and ``queries`` (on
+      ``partitioning.rows_sharding``, Q a multiple of the devices) are split
+      over the devices (``ring_step_fn``).
 
   Under ``jax.distributed`` pass global ``jax.Array``s (e.g. from
   ``jax.make_array_from_process_local_data``).
@@ -1169,10 +1173,11 @@ def update_topk(state: TopKState, chunk_encodings, chunk_row_ids, queries,
   if chunk_encodings.dtype not in (jnp.bfloat16, jnp.int8, jnp.float32):
     chunk_encodings = jnp.asarray(chunk_encodings, jnp.float32)
   k = state.proponent_scores.shape[1]
+  step = ring_step_fn if split else step_fn
   if metric is None:
-    return step_fn(mesh, k, rows_sorted)(
+    return step(mesh, k, rows_sorted)(
         state, chunk_encodings, chunk_row_ids, valid_mask, queries)
-  return step_fn(mesh, k, rows_sorted, metric.segments)(
+  return step(mesh, k, rows_sorted, metric.segments)(
       state, chunk_encodings, chunk_row_ids, valid_mask, queries, metric.diag,
       metric.lowrank)
 
