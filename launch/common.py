@@ -242,7 +242,16 @@ flags.DEFINE_bool("verify_store", False, "Before resuming or reusing a store, "
 flags.DEFINE_bool("check_chunks", True, "Check each store chunk a scan reads "
                   "against the checksum in its marker (costs CPU time in the "
                   "reading thread; see WORKSPACE.md).")
+flags.DEFINE_enum(
+    "shard_queries", "auto", ["auto", "always", "never"],
+    "Split the queries and their top-k over the devices (blocks passed "
+    "around a ring) instead of holding them whole on each: auto (where whole "
+    "ones would need several passes over the store, or, streaming, would "
+    "take more than a quarter of a device), always, never.")
 FLAGS = flags.FLAGS
+
+# --shard_queries as the scan's argument.
+SHARD_QUERIES = {"auto": None, "always": True, "never": False}
 
 
 def stored(location: str, run: Run, pcfg: PreconditionerConfig

@@ -528,7 +528,7 @@ def initialize_distributed() -> None:
 SCRIPT_FLAGS = ("workdir", "checkpoint", "corpus", "store", "basis", "queries",
                 "task_queries", "output", "top_k", "sum_steps", "tokenizer",
                 "opt_state", "max_quarantined", "claim_timeout_s", "verify_store",
-                "check_chunks")
+                "check_chunks", "shard_queries")
 
 
 def run(main, uses: Sequence[str] | None = None, shows: Sequence[str] = ()) -> None:

@@ -39,12 +39,12 @@ def _stored(location, run_, pcfg):
 
 
 def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
-        checkpoint=None, sum_steps=(), task_queries=None):
+        checkpoint=None, sum_steps=(), task_queries=None, shard_queries=None):
   """Writes and returns the results rows. ``corpus_source`` None: the
   store's own. ``sum_steps``: score rows by the sum over those checkpoints
   and this one, each from its own store (``<store>-step<N>``, as ``tracer
   trace --sum_steps`` made them). ``task_queries``: a queries file whose
-  R scores these queries."""
+  R scores these queries. ``shard_queries``: ``scan.scan_stores``'s."""
   pcfg = config.make(PreconditionerConfig)
   location = common.default_location(workdir, store_path, "store")
   run_, corpus_source = common.start_on_store(workdir, checkpoint, corpus_source,
@@ -63,7 +63,7 @@ def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
   topk = scan_lib.scan_stores(
       [store, *stores], [vectors, *query_vectors], top_k, mesh=run_.encoder.mesh,
       metrics=[metric.row_metric(), *metrics], verify=FLAGS.check_chunks,
-      progress=common.Progress("scan store", "rows"))
+      progress=common.Progress("scan store", "rows"), shard_queries=shard_queries)
   skipped = {**more, **skipped}
   preds = pipeline.predictions(run_.ckpt, query_examples, queries,
                                pipeline.data_config(run_.ckpt).vocabulary(),
@@ -78,12 +78,14 @@ def main(argv):
   del argv
   config.setup(required=("workdir", "queries", "output"))
   run(FLAGS.workdir, FLAGS.corpus, FLAGS.queries, FLAGS.output, FLAGS.top_k,
-      FLAGS.store, FLAGS.checkpoint, FLAGS.sum_steps, FLAGS.task_queries)
+      FLAGS.store, FLAGS.checkpoint, FLAGS.sum_steps, FLAGS.task_queries,
+      common.SHARD_QUERIES[FLAGS.shard_queries])
 
 
 # The shared flags (config.SCRIPT_FLAGS) this script reads.
 USES = ("workdir", "checkpoint", "corpus", "store", "queries", "task_queries",
-        "output", "top_k", "sum_steps", "check_chunks", "tokenizer", "opt_state")
+        "output", "top_k", "sum_steps", "check_chunks", "tokenizer", "opt_state",
+        "shard_queries")
 
 
 if __name__ == "__main__":

@@ -73,12 +73,13 @@ def check_streaming_flags() -> None:
 def run(workdir: str, corpus_source: str | None, queries_path: str, output: str,
         top_k: int = 10, checkpoint: str | None = None, store_path: str | None = None,
         basis_path: str | None = None, streaming: bool = False,
-        show: int = 5, sum_steps=(), task_queries: str | None = None
-        ) -> list[dict]:
+        show: int = 5, sum_steps=(), task_queries: str | None = None,
+        shard_queries: bool | None = None) -> list[dict]:
   """Runs the pipeline; writes and returns the results rows.
   ``corpus_source`` None: the existing store's own. ``sum_steps``: score
   rows by the sum over those checkpoints of the run and this one.
-  ``task_queries``: a queries file whose R scores these queries."""
+  ``task_queries``: a queries file whose R scores these queries.
+  ``shard_queries``: the scan's (``scan.scan_stores``; None: its default)."""
   pcfg = config.make(PreconditionerConfig)
   location = common.default_location(workdir, store_path, "store")
   if streaming:
@@ -110,7 +111,7 @@ def run(workdir: str, corpus_source: str | None, queries_path: str, output: str,
     topk, quarantined = pipeline.stream_corpus(
         encoder, basis, corpus, vectors, metric, top_k,
         run_.encode_config.batch_size, common.Progress("encode + score corpus"),
-        max_quarantined=FLAGS.max_quarantined)
+        max_quarantined=FLAGS.max_quarantined, shard_queries=shard_queries)
     common.say(f"streamed {len(corpus)} corpus rows; {quarantined} left out "
                "(non-finite loss or gradient)")
   else:
@@ -127,7 +128,8 @@ def run(workdir: str, corpus_source: str | None, queries_path: str, output: str,
     query_vectors, skipped = [vectors, *query_vectors], {**more, **skipped}
     topk = scan_lib.scan_stores(stores, query_vectors, top_k, mesh=encoder.mesh,
                                 metrics=metrics, verify=FLAGS.check_chunks,
-                                progress=common.Progress("scan store", "rows"))
+                                progress=common.Progress("scan store", "rows"),
+                                shard_queries=shard_queries)
   preds = pipeline.predictions(ckpt, query_examples, queries,
                                pipeline.data_config(ckpt).vocabulary(),
                                mesh=encoder.mesh)
@@ -156,14 +158,15 @@ def main(argv):
   check_streaming_flags()
   run(FLAGS.workdir, FLAGS.corpus, FLAGS.queries, FLAGS.output, FLAGS.top_k,
       FLAGS.checkpoint, FLAGS.store, FLAGS.basis, FLAGS.streaming, FLAGS.show,
-      FLAGS.sum_steps, FLAGS.task_queries)
+      FLAGS.sum_steps, FLAGS.task_queries,
+      common.SHARD_QUERIES[FLAGS.shard_queries])
 
 
 # The shared flags (config.SCRIPT_FLAGS) this script reads.
 USES = ("workdir", "checkpoint", "corpus", "store", "basis", "queries",
         "task_queries", "output", "top_k", "sum_steps", "check_chunks",
         "max_quarantined", "claim_timeout_s", "verify_store", "tokenizer",
-        "opt_state")
+        "opt_state", "shard_queries")
 
 
 if __name__ == "__main__":

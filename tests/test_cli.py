@@ -498,6 +498,14 @@ def test_trace_refuses_flags_it_would_ignore(tmp_path):
   line = _error_line(_tracer(*common, "--streaming", "--max_quarantined=0.5",
                              cwd=tmp_path))
   assert line.endswith("checkpoints: no checkpoint directory"), line
+  # --shard_queries: one of three, and only where a scan reads it.
+  line = _error_line(_tracer(*common, "--shard_queries=maybe", cwd=tmp_path))
+  assert line == ("error: flag --shard_queries=maybe: value should be one of "
+                  "<auto|always|never>"), line
+  line = _error_line(_tracer("serve", f"--workdir={tmp_path / 'w'}",
+                             "--shard_queries=always", cwd=tmp_path))
+  assert line.startswith("error: --shard_queries: tracer serve does not read "
+                         "it"), line
   line = _error_line(_tracer(*common, "--show=-1", cwd=tmp_path))
   assert line == "error: flag --show=-1: -1 is not a non-negative integer"
 

@@ -122,6 +122,11 @@ def test_streaming_equals_store_and_rerun_resumes(trained):
                   streaming=True)
     again = trace.run(str(root), corpus, queries, str(root / "a2.jsonl"), show=0,
                       store_path=path)
+    # The queries split over the devices, from the store and streamed.
+    split = [trace.run(str(root), corpus, queries, str(root / f"s{i}.jsonl"),
+                       show=0, store_path=None if streaming else path,
+                       streaming=streaming, shard_queries=True)
+             for i, streaming in enumerate((False, True))]
   finally:
     with gin.unlock_config():
       gin.bind_parameter("EncodeConfig.store_dtype", "bfloat16")
@@ -131,6 +136,11 @@ def test_streaming_equals_store_and_rerun_resumes(trained):
                              [r["proponent_scores"] for r in b], atol=1e-5)
   assert again == a
   assert sorted(os.listdir(os.path.join(path, "progress"))) == markers
+  for got in split:
+    for key in ("proponent_ids", "opponent_ids"):
+      assert [r[key] for r in got] == [r[key] for r in a]
+    np.testing.assert_allclose([r["proponent_scores"] for r in got],
+                               [r["proponent_scores"] for r in a], atol=1e-5)
 
 
 def test_an_int8_store_keeps_the_results(trained):

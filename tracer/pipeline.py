@@ -957,7 +957,8 @@ class Streamed(NamedTuple):
 def stream_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
                   query_vectors: np.ndarray, metric: hessian.QueryMetric, k: int,
                   batch_size: int, progress: ProgressFn = None,
-                  max_quarantined: float = DEFAULT_MAX_QUARANTINED) -> Streamed:
+                  max_quarantined: float = DEFAULT_MAX_QUARANTINED,
+                  shard_queries: bool | None = None) -> Streamed:
   """Streaming mode: each corpus batch is scored as it is encoded, no store
   (``query_vectors`` and ``metric`` from ``query_metric``).
 
@@ -965,13 +966,14 @@ def stream_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
   and encodes its own, and only top-k candidates cross hosts. Rows with a
   non-finite loss or gradient are left out, as a store scan leaves them, and
   counted: more than ``max_quarantined`` of the corpus is an error
-  (``encode_corpus``'s).
+  (``encode_corpus``'s). ``shard_queries``: ``scan.StreamingScanner``'s.
   """
   groups, group, _ = partitioning.data_groups(encoder.mesh)
   n = len(corpus)
   bounds = [(g * n // groups, (g + 1) * n // groups) for g in range(groups)]
   scanner = scan_lib.StreamingScanner(query_vectors, k, encoder.mesh,
-                                      metric=metric.row_metric())
+                                      metric=metric.row_metric(),
+                                      shard_queries=shard_queries)
   done = quarantined = 0
   for rows, examples, valid in _run_local_batches(
       encoder, corpus, iter(bounds[group:group + 1]),
