@@ -658,7 +658,9 @@ held[...] = x
 counts, runs = [], []
 count, run = memory.program_bytes, scan._scan_run
 memory.program_bytes = lambda *a: counts.append(count(*a)) or counts[-1]
-scan._scan_run = lambda sources, qs, *a: runs.append(len(qs[0])) or run(sources, qs, *a)
+splits = []
+scan._scan_run = lambda sources, qs, *a: (
+    runs.append(len(qs[0])) or splits.append(a[-1]) or run(sources, qs, *a))
 got = scan.scan_arrays(held, q, 5, mesh=partitioning.make_mesh())
 want = np.argsort(-(x @ q.T), axis=0, kind="stable")[:5].T
 print("rows", got.proponent_rows.tolist(), "want", want.tolist(), flush=True)
@@ -673,6 +675,19 @@ runs.clear()
 got = scan.scan_arrays(held, q, 5, mesh=partitioning.make_mesh(), chunk_rows=1000)
 print("split", runs, flush=True)
 print("rows", got.proponent_rows.tolist(), "want", want.tolist(), flush=True)
+# 2,048 queries on a host that fits half of them whole but all of them
+# split over the 4 devices: both processes split them, in one pass, and
+# the blocks cross hosts.
+many = rng.standard_normal((2048, 64), dtype=np.float32)
+memory.host_memory_bytes = lambda: 64 << 30
+scan.scan_arrays(held, many, 5, mesh=partitioning.make_mesh(), chunk_rows=1000)
+whole = counts[-1]
+memory.host_memory_bytes = lambda: (64 << 30) if me == 0 else 2 * 2 * whole - 1
+runs.clear(), splits.clear()
+got = scan.scan_arrays(held, many, 5, mesh=partitioning.make_mesh(), chunk_rows=1000)
+print("ring", runs, splits, flush=True)
+want_many = np.argsort(-(x @ many[:4].T), axis=0, kind="stable")[:5].T
+print("rows", got.proponent_rows[:4].tolist(), "want", want_many.tolist(), flush=True)
 if me == 0:  # a scan of this process's own devices agrees with no other
   local = scan.scan_arrays(held, q, 5, mesh=partitioning.make_mesh(
       devices=jax.local_devices()))
@@ -686,8 +701,10 @@ def test_a_scan_plans_one_step_on_uneven_hosts(tmp_path):
   programs match (first written, the process that copied waited in the
   agreement alone and failed after 30 s) and the answer is the single-host
   one. Then process 1's host fits fewer queries a run than process 0's:
-  both scan in the smaller host's runs (stop 71). Then process 0 scans its
-  own devices alone: nothing to agree."""
+  both scan in the smaller host's runs (stop 71); and 2,048 queries that
+  fit its devices only split over them: both split them, in one pass
+  (stop 72). Then process 0 scans its own devices alone: nothing to
+  agree."""
   port = multiprocess.free_port()
   procs, logs = multiprocess.start(
       [[sys.executable, "-c", _UNEVEN_HOSTS_SCAN, str(port), str(i)]
@@ -697,6 +714,9 @@ def test_a_scan_plans_one_step_on_uneven_hosts(tmp_path):
   splits = [next(l for l in text.splitlines() if l.startswith("split "))
             for text in texts]
   assert splits[0] == splits[1] and max(json.loads(splits[0][6:])) < 3, texts
+  rings = [next(l for l in text.splitlines() if l.startswith("ring "))
+           for text in texts]
+  assert rings[0] == rings[1] == "ring [2048] [True]", texts
   for text, prefixes in zip(texts, [("rows ", "local rows "), ("rows ",)]):
     for prefix in prefixes:
       lines = [l for l in text.splitlines() if l.startswith(prefix)]
