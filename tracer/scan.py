@@ -42,9 +42,9 @@ from tracer import data as data_lib
 from tracer import memory
 from tracer import partitioning
 from tracer.errors import InputError
-from tracer.topk import (INVALID_ROW, RING_BLOCK_QUERIES, ROW_BITS,  # noqa: F401
-                         RowMetric, TopK, TopKState, finish, flatten_stepped,
-                         init_topk, ring_step_fn, step_fn, summed_step_fn,
+from tracer.topk import (INVALID_ROW, ROW_BITS, RowMetric, TopK,  # noqa: F401
+                         TopKState, finish, flatten_stepped, init_topk,
+                         ring_queries, ring_step_fn, step_fn, summed_step_fn,
                          tiles_bf16, update_topk)
 
 # Encodings read per device per step when chunk_rows is not given: on CPUs,
@@ -591,10 +591,8 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
       return (state, *parts[0], queries_on_mesh[0], *metric_args[0])
 
   def padded(num_queries: int, split: bool) -> int:
-    """Queries a run of ``num_queries`` scans: split, whole blocks of
-    ``RING_BLOCK_QUERIES`` per device."""
-    return (partitioning.padded_size(num_queries, mesh.size * RING_BLOCK_QUERIES)
-            if split else num_queries)
+    """Queries a run of ``num_queries`` scans."""
+    return ring_queries(num_queries, mesh) if split else num_queries
 
   def layout_of(num_queries: int, split: bool) -> _Layout:
     # A device scores its rows against a block at a time when split.
@@ -951,9 +949,8 @@ class StreamingScanner:
           > per_device_bytes(host_bytes, device_bytes, self.mesh)
           // STREAMED_QUERY_FRACTION)
     self.split = bool(shard_queries)
-    if self.split:  # (padded to whole blocks, as ``_scan`` pads)
-      q = np.pad(q, ((0, partitioning.padded_size(
-          len(q), self.mesh.size * RING_BLOCK_QUERIES) - len(q)), (0, 0)))
+    if self.split:
+      q = np.pad(q, ((0, ring_queries(len(q), self.mesh) - len(q)), (0, 0)))
     self._queries = partitioning.put_global(
         q, partitioning.rows_sharding(self.mesh) if self.split
         else partitioning.replicated(self.mesh))

@@ -1029,6 +1029,12 @@ def _sharded_candidates(local_fn, mesh: Mesh, check_vma: bool = True):
 RING_BLOCK_QUERIES = 64
 
 
+def ring_queries(num_queries: int, mesh: Mesh) -> int:
+  """The queries a ``ring_step_fn`` on ``mesh`` scans for ``num_queries``:
+  whole blocks of ``RING_BLOCK_QUERIES`` per device (zero queries pad)."""
+  return partitioning.padded_size(num_queries, mesh.size * RING_BLOCK_QUERIES)
+
+
 @functools.lru_cache(maxsize=None)
 def ring_step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments=None,
                  summed: bool = False):
