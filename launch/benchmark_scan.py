@@ -663,19 +663,20 @@ def _query_runs_row(x, q, k: int, mesh, step: int, repeats: int,
   ``split``, with the queries split over the devices
   (``topk.ring_step_fn``), in as many as that needs."""
   fits = -(-len(q) // 4)
-  step = min(scan.query_capped_step(step, fits, mesh), step)
-  per_device = scan.QUERY_MEMORY_FRACTION * step_bytes(mesh, step, x.shape[1],
-                                                       fits, k)
   runs, counts = [], []
   run_once, host, device = scan._scan_run, memory.host_memory_bytes, memory.device_memory_bytes
   count = memory.program_bytes
+  if quarter:
+    step = min(scan.query_capped_step(step, fits, mesh), step)
+    per_device = scan.QUERY_MEMORY_FRACTION * step_bytes(mesh, step, x.shape[1],
+                                                         fits, k)
+    if device() is None:  # (CPU: the devices share the host's memory)
+      memory.host_memory_bytes = lambda: per_device * len(mesh.local_devices)
+    else:
+      memory.device_memory_bytes = lambda: per_device
   scan._scan_run = lambda sources, qs, *a: runs.append(len(qs[0])) or run_once(
       sources, qs, *a)
   memory.program_bytes = lambda *a: counts.append(count(*a)) or counts[-1]
-  if quarter and device() is None:  # (CPU: the devices share the host's memory)
-    memory.host_memory_bytes = lambda: per_device * len(mesh.local_devices)
-  elif quarter:
-    memory.device_memory_bytes = lambda: per_device
   try:
     run = lambda: scan.scan_arrays(x, q, k, mesh=mesh, shard_queries=split)
     run()  # (compiles)
