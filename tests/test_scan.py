@@ -1370,19 +1370,67 @@ def test_query_runs_are_the_fewest_that_fit():
 
 def test_a_query_past_the_memory_is_refused_before_the_scan(monkeypatch):
   """What one query's step cannot fit is refused before any step runs,
-  naming the step's rows and k (the query runs cannot shrink it)."""
+  naming the user's queries, the runs they were cut into, the step's rows
+  and k (the query runs cannot shrink it). Split queries are named with
+  their padding, and shard_queries=False is offered where the user asked
+  for the split (before 2026-12-06 evening, 3 queries split were named as
+  the 512 of their padding, with "fewer queries per scan" as the fix)."""
   from tracer import memory  # pylint: disable=g-import-not-at-top
   monkeypatch.setattr(memory, "host_memory_bytes", lambda: 1 << 20)
   rng = np.random.default_rng(0)
   x = rng.standard_normal((8000, 256), dtype=np.float32)
   q = rng.standard_normal((20, 256), dtype=np.float32)
-  with pytest.raises(InputError, match=r"^queries: 1 query of d=256 with "
-                     r"k=5: a scan step of 1,000 rows per device takes [\d.]+ \w+ "
+  mesh = MESHES["8x1"]()
+  with pytest.raises(InputError, match=r"^queries: 20 queries of d=256 with "
+                     r"k=5, in 20 runs of 1: a scan step of 1,000 rows per "
+                     r"device takes [\d.]+ \w+ "
                      r"on each of this host's 8 devices, [\d.]+ \w+ in all "
                      r"\(XLA's count after compiling\), more than this host's "
                      r"1.0 MiB; expected fewer rows per step \(chunk_rows\) or a "
                      r"smaller k$"):
-    scan.scan_arrays(x, q, 5, mesh=MESHES["8x1"](), chunk_rows=8000)
+    scan.scan_arrays(x, q, 5, mesh=mesh, chunk_rows=8000)
+  with pytest.raises(InputError, match=r"^queries: 1 query of d=256 with "
+                     r"k=5: a scan step of 1,000 rows per device"):
+    scan.scan_arrays(x, q[:1], 5, mesh=mesh, chunk_rows=8000)
+  with pytest.raises(InputError, match=r"^queries: 3 queries of d=256 with "
+                     r"k=5, split over the 8 devices \(512 with the padding, 64 "
+                     r"a device\): a scan step of 1,000 rows per device takes .*; "
+                     r"expected fewer rows per step \(chunk_rows\) or a smaller "
+                     r"k or shard_queries=False$"):
+    scan.scan_arrays(x, q[:3], 5, mesh=mesh, chunk_rows=8000, shard_queries=True)
+
+
+def test_the_default_splits_only_where_the_split_step_fits(monkeypatch):
+  """Where whole queries need two runs and split ones (padded to 64 a
+  device, one run) would not fit at all, the default scans the whole
+  queries in runs rather than refusing the split."""
+  from tracer import memory  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((8000, 256), dtype=np.float32)
+  q = rng.standard_normal((20, 256), dtype=np.float32)
+  mesh = MESHES["8x1"]()
+  count, run = memory.program_bytes, scan._scan_run
+
+  def first_count(n, split):
+    counts = []
+    monkeypatch.setattr(memory, "program_bytes",
+                        lambda *a: counts.append(count(*a)) or counts[-1])
+    scan.scan_arrays(x, q[:n], 5, mesh=mesh, chunk_rows=8000, shard_queries=split)
+    return counts[-1]
+
+  whole10, whole20, split20 = (first_count(10, False), first_count(20, False),
+                               first_count(20, True))
+  assert whole10 < whole20 < split20  # (the premise)
+  have = (whole10 + whole20) // 2  # a device's: 10 whole queries fit, not 20
+  monkeypatch.setattr(memory, "program_bytes", count)
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 8 * have)
+  runs = []
+  monkeypatch.setattr(scan, "_scan_run", lambda sources, qs, *a: (
+      runs.append((len(qs[0]), a[-1])), run(sources, qs, *a))[1])
+  got = scan.scan_arrays(x, q, 5, mesh=mesh, chunk_rows=8000)
+  assert runs == [(10, False), (10, False)], runs
+  ref = reference(x, q, 5)
+  np.testing.assert_array_equal(got.proponent_rows, ref.proponent_rows)
 
 
 def test_every_scan_is_held_to_xla_s_count(monkeypatch):

@@ -612,16 +612,37 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
 
   num_queries = qs[0].shape[0]
   have = per_device_bytes(host_bytes, device_bytes, mesh)
+
+  def run_queries(split: bool) -> int:
+    """Queries per run (``query_batch``); split runs are padded anyway, so
+    they take as many as their padding holds (the same step)."""
+    batch = query_batch(num_queries, lambda n: step_bytes(n, split), have)
+    return min(num_queries, padded(batch, split))
+
   split = bool(shard_queries)
-  batch = query_batch(num_queries, lambda n: step_bytes(n, split), have)
+  batch = run_queries(split)
   if shard_queries is None and batch < num_queries and mesh.size > 1:
     # Whole queries need several passes: split over the devices, they may
     # need fewer (a device then holds 1 / P of them).
-    ring_batch = query_batch(num_queries, lambda n: step_bytes(n, True), have)
-    if -(-num_queries // ring_batch) < -(-num_queries // batch):
+    ring_batch = run_queries(True)
+    ring_need = step_bytes(ring_batch, True)
+    if (-(-num_queries // ring_batch) < -(-num_queries // batch)
+        and (ring_need is None or ring_need <= have)):
       split, batch = True, ring_batch
   runs = range(0, num_queries, batch)
   size = padded(batch, split)
+  # What a step too large for the memory (refused as the first step runs) is
+  # named by: the planner has already cut the queries to their least, one a
+  # run or a block of RING_BLOCK_QUERIES a device, so fewer would not help.
+  asked = (f"queries: {num_queries:,} quer{'y' if num_queries == 1 else 'ies'} "
+           f"of d={dim:,} with k={k}")
+  if split:
+    asked += (f", split over the {mesh.size} devices ({size:,} with the "
+              f"padding, {size // mesh.size:,} a device)")
+  if len(runs) > 1:
+    asked += f", in {len(runs):,} runs of {batch:,}"
+  fix = "fewer rows per step (chunk_rows) or a smaller k" + (
+      " or shard_queries=False" if split and shard_queries else "")
   results = []
   for i, start in enumerate(runs):
     # (Every run's queries are padded with zeros to the same count: one
@@ -634,7 +655,7 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
         prefetch, read_ahead, sets(), ring_update if split else step_update,
         arguments, None if progress is None else (
             lambda n, total, done=done: progress(done + n, len(runs) * total)),
-        split)
+        (asked, fix), split)
     results.append(TopK(*(a[:min(batch, num_queries - start)] for a in got)))
   return results[0] if len(results) == 1 else TopK(
       *(np.concatenate(parts) for parts in zip(*results)))
@@ -684,10 +705,12 @@ def query_batch(num_queries: int, step_bytes, have: int) -> int:
 
 def _scan_run(sources, qs, k: int, mesh: Mesh, layout: _Layout, prefetch: int,
               read_ahead: int, sets: int, step_update, arguments,
-              progress, split: bool = False) -> TopK:
+              progress, refusal: tuple[str, str], split: bool) -> TopK:
   """One pass of ``_scan`` over the rows, for the queries ``qs`` (one
   ``[Q, d]`` array per part); ``split``: the queries and their top-k split
-  over the devices (``step_update`` is then a ``ring_step_fn``)."""
+  over the devices (``step_update`` is then a ``ring_step_fn``);
+  ``refusal``: (what the queries are, what to change), for the message of
+  a first step past the memory."""
   num_rows, dim, step = sources[0].num_rows, sources[0].dim, layout.step
   pool = _BufferPool(layout.shapes(), layout.dtype, size=sets)
   depth = max(1, prefetch)
@@ -700,19 +723,13 @@ def _scan_run(sources, qs, k: int, mesh: Mesh, layout: _Layout, prefetch: int,
   # the first step is held to the memory before it runs. (Each step shape is lowered once a process. A
   # rough count chose which scans to check before 2026-12-06; it missed
   # widened int8 rows and a row metric's tiles, up to 37x the count.)
-  num_queries = qs[0].shape[0]
-
   def update(state, parts):
     args = arguments(state, parts, queries_on_mesh)
     if state is first_state:
       memory.check_bytes(
           memory.program_bytes(step_update, *args),
-          f"queries: {num_queries:,} quer{'y' if num_queries == 1 else 'ies'} "
-          f"of d={dim:,} with k={k}: a "
-          f"scan step of {step // mesh.size:,} rows per device",
-          "fewer rows per step (chunk_rows) or a smaller k" if num_queries == 1
-          else "fewer queries per scan",
-          devices=len(mesh.local_devices))
+          f"{refusal[0]}: a scan step of {step // mesh.size:,} rows per device",
+          refusal[1], devices=len(mesh.local_devices))
     return step_update(*args)
 
   first_state = state
