@@ -4,8 +4,10 @@ r"""Prints a capacity plan for encoding and scanning a whole pretraining corpus.
       --projection_dim=65536 --chips=256 --chip=v5p
 
 Arithmetic only (no jax): rows and store size, encode FLOPs and chip-hours,
-scan time per query batch (compute, HBM and host-read bounds; the query
-set's own R applied at scan time) and host memory per host while encoding.
+scan time for a query set (compute, HBM and host-read bounds; the query
+set's own R applied at scan time; the passes over the store many queries
+take, or their split over the chips) and host memory per host while
+encoding.
 ``--checkpoints=S`` plans TrackStar summed over S checkpoints (``tracer trace
 --sum_steps``): S encodes, S stores, S times the scan. Chip figures come from
 `CHIPS`, each with its source; the model FLOPs utilization, the host read
@@ -103,6 +105,66 @@ def find_chip(name: str) -> Chip:
                    + ", ".join(c.name for c in CHIPS))
 
 
+def run_bytes(queries: int, d: int, itemsize: int, k: int,
+              split: bool) -> int:
+  """A chip's bytes for one streamed scan step with ``queries`` queries on
+  it (the whole set, or a block when ``split``), as ``tracer.scan`` sizes
+  the step: rows of ``scan.ACCELERATOR_CHUNK_BYTES``, fewer where the
+  scores (``PAIR_BYTES`` a row and query) would pass ``SCORE_STEPS`` times
+  that; the queries in f32 and their top-k (16 B a query and k: scores
+  and rows, both sides), twice over when split (a block arrives while one
+  is scored). An estimate: at run time XLA's count of the step decides."""
+  from tracer import scan  # pylint: disable=g-import-not-at-top
+  step = scan.ACCELERATOR_CHUNK_BYTES
+  rows = max(1, min(step // (d * itemsize),
+                    scan.SCORE_STEPS * step // (scan.PAIR_BYTES * queries)))
+  held = queries * (4 * d + 16 * k) * (2 if split else 1)
+  return rows * d * itemsize + rows * queries * scan.PAIR_BYTES + held
+
+
+def _most(fits, unit: int, most: int) -> int:
+  """The largest multiple of ``unit`` up to ``most`` (rounded up to a unit)
+  for which ``fits`` holds (it holds for fewer where it holds for more), or
+  0 where not even ``unit`` does."""
+  lo, hi = 0, -(-most // unit)
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    lo, hi = (mid, hi) if fits(mid * unit) else (lo, mid - 1)
+  return lo * unit
+
+
+def query_passes(queries: int, d: int, itemsize: int, k: int, chips: int,
+                 hbm_bytes: float) -> dict:
+  """How a streamed scan takes ``queries`` queries on ``chips`` chips of
+  ``hbm_bytes``, as ``tracer.scan``'s default plans it: whole on every
+  chip in one pass where their step fits 1 / ``QUERY_MEMORY_FRACTION`` of
+  a chip; else split over the chips (blocks padded to
+  ``topk.RING_BLOCK_QUERIES``) where that takes fewer passes; else in
+  equal runs of whole queries. Each run is a pass over the store and
+  scans ``per_run`` queries (padding included). None where not even one
+  query's step fits."""
+  from tracer import scan, topk  # pylint: disable=g-import-not-at-top
+  limit = hbm_bytes / scan.QUERY_MEMORY_FRACTION
+  whole = _most(lambda q: run_bytes(q, d, itemsize, k, False) <= limit, 1, queries)
+  unit = topk.RING_BLOCK_QUERIES * chips
+  padded = lambda n: -(-n // unit) * unit
+  block = _most(lambda b: run_bytes(b, d, itemsize, k, True) <= limit,
+                topk.RING_BLOCK_QUERIES, padded(queries) // chips)
+  runs = lambda most: -(-queries // most) if most else math.inf
+  whole_runs, split_runs = runs(whole), runs(block * chips)
+  split = chips > 1 and whole_runs > 1 and split_runs < whole_runs
+  passes = split_runs if split else whole_runs
+  if math.isinf(passes):
+    return None
+  per_run = -(-queries // passes)
+  per_run = padded(per_run) if split else per_run
+  return dict(passes=passes, split=split, per_run=per_run,
+              whole_runs=whole_runs, block=per_run // chips if split else None,
+              whole_bytes=queries * (4 * d + 16 * k),
+              split_bytes=2 * (per_run // chips) * (4 * d + 16 * k)
+              if split else None)
+
+
 def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
          chips: int, chip: str, store_dtype: str = "bfloat16",
          queries: int = 64, mfu: float = 0.4,
@@ -110,7 +172,7 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
          chunk_rows: int = 512, batch_per_host: int = 64,
          host_read_gbps: float = 1.0, r_block_dim: int = 1024,
          checkpoints: int = 1, vocab_size: int = 256_000,
-         text_bytes_per_token: float = 4.0) -> dict:
+         text_bytes_per_token: float = 4.0, top_k: int = 10) -> dict:
   """The capacity plan as a dict; units in the keys' suffixes (_bytes, _flops,
   _s, _hours).
 
@@ -118,6 +180,8 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   per host; ``encode_train_ratio`` and ``hosts`` default to the chip's row.
   ``checkpoints``: S, the checkpoints TrackStar is summed over.
   ``vocab_size`` and ``text_bytes_per_token`` size the tokenized corpus.
+  ``queries`` and ``top_k``: the query set a scan takes, and its proponents
+  per query (``query_passes``: the passes over the store it takes).
   """
   spec = find_chip(chip)
   if store_dtype not in ITEMSIZE:
@@ -128,7 +192,7 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
                   chunk_rows=chunk_rows, batch_per_host=batch_per_host,
                   host_read_gbps=host_read_gbps, r_block_dim=r_block_dim,
                   checkpoints=checkpoints, vocab_size=vocab_size,
-                  text_bytes_per_token=text_bytes_per_token)
+                  text_bytes_per_token=text_bytes_per_token, top_k=top_k)
   for key, value in positive.items():
     if not (value > 0 and math.isfinite(value)):
       raise ValueError(f"{key} must be a positive, finite number, got {value}")
@@ -192,24 +256,34 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   # column for its diagonal and, per block of at most r_block_dim dims, one
   # low-rank column per query (the queries are R_eval), each over that block
   # only: about 1 + min(Q, block) columns over the whole row.
-  norm_columns = 1 + min(queries, r_block_dim)
+  # Many queries take several passes over the store, or are split over the
+  # chips (padded), as tracer.scan plans them.
+  runs = query_passes(queries, d, itemsize, top_k, chips, spec.hbm_bytes)
+  if runs is None:
+    raise ValueError(f"projection_dim: one query's scan step at d={d:,} does "
+                     f"not fit half of a {spec.name} chip's "
+                     f"{size(spec.hbm_bytes, binary=False)}; expected a smaller d")
+  scan_passes, per_run = runs["passes"], runs["per_run"]
+  norm_columns = 1 + min(per_run, r_block_dim)
   passes = MATMUL_PASSES[store_dtype]
-  scan_compute_s = (2.0 * rows * d * (queries + norm_columns) * passes
-                    * steps_summed / (chips * spec.peak_flops))
+  # (each pass computes the row norms under R again)
+  scan_compute_s = (2.0 * rows * d * (per_run + norm_columns) * passes
+                    * steps_summed * scan_passes / (chips * spec.peak_flops))
   scan_hbm_s = store_bytes / (chips * spec.hbm_bandwidth)
   # tracer's scan today streams the store from storage for every query batch,
-  # each host reading its devices' rows.
-  scan_host_read_s = store_bytes / (hosts * host_read_gbps * GB)
+  # each host reading its devices' rows, once a pass.
+  read_pass_s = store_bytes / (hosts * host_read_gbps * GB)
+  scan_host_read_s = read_pass_s * scan_passes
   bounds = {"compute": scan_compute_s, "host read": scan_host_read_s}
   scan_bound = max(bounds, key=bounds.get)
   scan_estimate_s = bounds[scan_bound]
-  # Queries per batch at which compute and the read would take equally long:
+  # Queries per pass at which compute and the read would take equally long:
   # the read's time in matmul columns, Q + 1 + min(Q, block) of them.
-  columns = scan_host_read_s / (scan_compute_s / (queries + norm_columns))
+  columns = read_pass_s / (scan_compute_s / scan_passes / (per_run + norm_columns))
   balance_queries = max(0.0, (columns - 1) / 2 if columns <= 1 + 2 * r_block_dim
                         else columns - 1 - r_block_dim)
   # A store kept resident in HBM (tracer serve) pays only this.
-  scan_resident_s = max(scan_compute_s, scan_hbm_s) if fits else None
+  scan_resident_s = max(scan_compute_s, scan_hbm_s * scan_passes) if fits else None
 
   # The copies an encode holds, as measured (``tracer benchmark-data
   # --encode_memory``; ``pipeline``'s checks count the same): a chunk's 8
@@ -229,7 +303,11 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
       queries=queries, mfu=mfu, encode_train_ratio=ratio,
       chunk_rows=chunk_rows, batch_per_host=batch_per_host,
       host_read_gbps=host_read_gbps, r_block_dim=r_block_dim,
-      checkpoints=steps_summed, norm_columns=norm_columns,
+      checkpoints=steps_summed, norm_columns=norm_columns, top_k=top_k,
+      scan_passes=scan_passes, queries_per_pass=per_run,
+      queries_split=runs["split"], query_block=runs["block"],
+      whole_query_runs=runs["whole_runs"], query_bytes=runs["whole_bytes"],
+      query_block_bytes=runs["split_bytes"],
       matmul_passes=passes, rows=rows,
       itemsize=itemsize, row_bytes=row_bytes, store_bytes=store_bytes,
       store_bytes_per_host=store_bytes / hosts, vocab_size=vocab_size,
@@ -265,6 +343,11 @@ def number(n: float) -> str:
 def plural(n: int, noun: str) -> str:
   """'1 host', '64 hosts'."""
   return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
+def passes_text(n: int) -> str:
+  """'1 pass', '7 passes'."""
+  return f"{n:,} pass" + ("" if n == 1 else "es")
 
 
 def size(n: float, binary: bool = True) -> str:
@@ -375,7 +458,24 @@ def report(p: dict) -> str:
       f"{p['batch_per_host']}))")
   row("time per step", duration(p["encode_step_s"]), "wall-clock / steps")
 
-  section(f"scan, per batch of Q = {p['queries']} queries")
+  passes = p["scan_passes"]
+  per_pass = "Q" if p["queries_per_pass"] == p["queries"] else count(
+      p["queries_per_pass"])
+  times_passes = f" * {passes} store passes" if passes > 1 else ""
+  section(f"scan of Q = {count(p['queries'])} queries, k = {p['top_k']}")
+  row("queries on a chip", size(p["query_bytes"]),
+      f"Q * (d * 4 + k * 16) B: f32 queries and their top-k, whole on each chip")
+  if p["queries_split"]:
+    row("split over the chips",
+        f"{count(p['query_block'])} a chip, {size(p['query_block_bytes'])}",
+        f"{count(p['queries_per_pass'])} with the padding (blocks of a "
+        "multiple of 64), twice a block while one is sent around the ring: "
+        f"whole, they take {passes_text(p['whole_query_runs'])}")
+  row("store passes", passes_text(passes)
+      + (" (queries split)" if p["queries_split"] else ""),
+      "each within half a chip's HBM: a step's rows (2 GiB), its scores, "
+      "the queries and top-k; whole where they fit, else split over the "
+      "chips where that takes fewer passes, else in runs")
   row("pod HBM free", size(p["pod_hbm_free_bytes"]),
       f"chips * HBM - params * 2 B{times_s} = {p['chips']} * "
       f"{size(c.hbm_bytes, binary=False)} - "
@@ -385,19 +485,21 @@ def report(p: dict) -> str:
   row("store fits in HBM", "yes" if p["store_fits_in_hbm"] else "no",
       f"store / free HBM = {share * 100:.3g}%")
   row("compute bound", duration(p["scan_compute_s"]),
-      f"2 * rows * d * (Q + {p['norm_columns']} for R) * {p['matmul_passes']} "
-      f"passes / (chips * {tflops(c.peak_flops)})" + times_s)
+      f"2 * rows * d * ({per_pass} + {p['norm_columns']} for R) * "
+      f"{p['matmul_passes']} passes{times_passes} / (chips * "
+      f"{tflops(c.peak_flops)})" + times_s)
   row("host read bound", duration(p["scan_host_read_s"]),
-      f"store / (hosts * {p['host_read_gbps']:g} GB/s) = store / "
-      f"({p['hosts']} * {p['host_read_gbps']:g} GB/s)")
+      f"store / (hosts * {p['host_read_gbps']:g} GB/s){times_passes} = store / "
+      f"({p['hosts']} * {p['host_read_gbps']:g} GB/s)"
+      + (f" * {passes}" if passes > 1 else ""))
   row("estimate", f"{duration(p['scan_estimate_s'])} ({p['scan_bound']} bound)",
-      "tracer scan: the store streamed from storage per query batch")
+      "tracer scan: the store streamed from storage once a pass")
   row("HBM bound", duration(p["scan_hbm_s"]),
-      f"store / (chips * {bandwidth(c.hbm_bandwidth)})")
+      f"store / (chips * {bandwidth(c.hbm_bandwidth)}) a pass")
   if p["scan_resident_s"] is not None:
     row("if resident in HBM", duration(p["scan_resident_s"]),
         "max(compute, HBM): tracer serve, the store kept in device memory")
-  row("compute-bound when", f"Q > {count(p['balance_queries'])} queries",
+  row("compute-bound when", f"Q > {count(p['balance_queries'])} queries a pass",
       "Q where compute = host read (each query adds a column, and one "
       "for R up to the block size)")
 
@@ -486,7 +588,10 @@ def define_flags() -> None:
   flags.register_validator("chip", _check_chip)
   flags.DEFINE_enum("store_dtype", "bfloat16", list(ITEMSIZE),
                     "Dtype of the stored encodings.")
-  flags.DEFINE_integer("queries", 64, "Q: queries per scan batch.",
+  flags.DEFINE_integer("queries", 64, "Q: queries a scan takes (many take "
+                       "several passes over the store, or are split over "
+                       "the chips).", lower_bound=1)
+  flags.DEFINE_integer("top_k", 10, "Proponents and opponents per query.",
                        lower_bound=1)
   flags.DEFINE_float("mfu", 0.4, "ASSUMED model FLOPs utilization of a "
                      "training step at scale (0, 1].")
@@ -530,7 +635,7 @@ def main(argv):
              FLAGS.mfu, FLAGS.encode_train_ratio, FLAGS.hosts,
              FLAGS.chunk_rows, FLAGS.batch_per_host, FLAGS.host_read_gbps,
              FLAGS.r_block_dim, FLAGS.checkpoints, FLAGS.vocab_size,
-             FLAGS.text_bytes_per_token)
+             FLAGS.text_bytes_per_token, FLAGS.top_k)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   print(report(p))

@@ -138,6 +138,47 @@ def test_queries_where_compute_meets_the_read():
   assert per_column * (2 * q + 1) == pytest.approx(small["scan_host_read_s"])
 
 
+def test_many_queries_take_passes_or_are_split_over_the_chips():
+  """As tracer.scan plans them: 100,000 queries at d = 2^16 do not fit a
+  16 GB v5e chip whole (26 GB), would take 7 runs of whole queries, and
+  split over 256 chips (padded to 114,688: 448 a chip) take one pass; 10M
+  take 5 split passes, each reading the store again. Before 2026-12-06
+  (stop 73) the plan assumed one pass for any Q."""
+  v5e = {**BASE, "chip": "v5e"}
+  d, row = 65_536, 4 * 65_536 + 16 * 10
+  p = plan_lib.plan(**v5e, queries=100_000)
+  assert p["query_bytes"] == 100_000 * row
+  assert (p["scan_passes"], p["queries_split"], p["whole_query_runs"]) == (1, True, 7)
+  assert (p["queries_per_pass"], p["query_block"]) == (114_688, 448)
+  assert p["query_block_bytes"] == 2 * 448 * row           # one block arriving
+  assert p["scan_compute_s"] == pytest.approx(
+      2 * 78_125_000 * d * (114_688 + 1025) * 3 / (256 * 197e12))
+  one = plan_lib.plan(**v5e)                                # Q = 64: one pass, whole
+  assert (one["scan_passes"], one["queries_split"]) == (1, False)
+  assert p["scan_host_read_s"] == one["scan_host_read_s"]
+  many = plan_lib.plan(**v5e, queries=10_000_000)
+  assert many["queries_split"] and many["scan_passes"] == 5
+  assert many["scan_host_read_s"] == pytest.approx(5 * one["scan_host_read_s"])
+  assert many["queries_per_pass"] % (64 * 256) == 0
+  assert 5 * many["queries_per_pass"] >= 10_000_000 > 4 * many["queries_per_pass"]
+  # Each pass's step fits half a chip; the block of 4 passes would not.
+  half = 16e9 / 2
+  assert plan_lib.run_bytes(many["query_block"], d, 2, 10, True) <= half
+  four = -(-10_000_000 // 4 // (64 * 256)) * 64
+  assert plan_lib.run_bytes(four, d, 2, 10, True) > half
+  # One chip: no ring to split over, so runs of whole queries.
+  alone = plan_lib.plan(**{**v5e, "params": 1e8, "tokens": 1e9, "chips": 1,
+                           "queries": 100_000})
+  assert not alone["queries_split"] and alone["scan_passes"] == 7
+  # The step: 2 GiB of rows (16,384 at d = 2^16, bf16), their scores (8 B a
+  # row and query) and the queries with their top-k.
+  assert plan_lib.run_bytes(64, d, 2, 10, False) == 2**31 + 16_384 * 64 * 8 + 64 * row
+  text = plan_lib.report(p)
+  assert "split over the chips  448 a chip" in text
+  assert "1 pass (queries split)" in text and "they take 7 passes" in text
+  assert "store / (64 * 1 GB/s) * 5" in plan_lib.report(many)
+
+
 def test_scan_reads_from_hosts_when_store_does_not_fit():
   p = plan_lib.plan(**{**BASE, "chips": 16})   # 16 * 95 GB = 1.52 TB < store
   assert not p["store_fits_in_hbm"]
