@@ -254,6 +254,14 @@ FLAGS = flags.FLAGS
 SHARD_QUERIES = {"auto": None, "always": True, "never": False}
 
 
+def say_query_plan(plan) -> None:
+  """Says how a scan takes its queries (``scan.QueryPlan``) where it is
+  not the plain one pass of whole queries: several passes over the rows,
+  or the queries split over the devices."""
+  if plan.passes > 1 or plan.split:
+    say(plan.describe())
+
+
 def stored(location: str, run: Run, pcfg: PreconditionerConfig
            ) -> store_lib.EncodingStore:
   """The store at ``location`` made for this run's checkpoint, encoder,

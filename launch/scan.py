@@ -63,7 +63,8 @@ def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
   topk = scan_lib.scan_stores(
       [store, *stores], [vectors, *query_vectors], top_k, mesh=run_.encoder.mesh,
       metrics=[metric.row_metric(), *metrics], verify=FLAGS.check_chunks,
-      progress=common.Progress("scan store", "rows"), shard_queries=shard_queries)
+      progress=common.Progress("scan store", "rows"), shard_queries=shard_queries,
+      on_plan=common.say_query_plan)
   skipped = {**more, **skipped}
   preds = pipeline.predictions(run_.ckpt, query_examples, queries,
                                pipeline.data_config(run_.ckpt).vocabulary(),

@@ -111,7 +111,8 @@ def run(workdir: str, corpus_source: str | None, queries_path: str, output: str,
     topk, quarantined = pipeline.stream_corpus(
         encoder, basis, corpus, vectors, metric, top_k,
         run_.encode_config.batch_size, common.Progress("encode + score corpus"),
-        max_quarantined=FLAGS.max_quarantined, shard_queries=shard_queries)
+        max_quarantined=FLAGS.max_quarantined, shard_queries=shard_queries,
+        on_plan=common.say_query_plan)
     common.say(f"streamed {len(corpus)} corpus rows; {quarantined} left out "
                "(non-finite loss or gradient)")
   else:
@@ -129,7 +130,8 @@ def run(workdir: str, corpus_source: str | None, queries_path: str, output: str,
     topk = scan_lib.scan_stores(stores, query_vectors, top_k, mesh=encoder.mesh,
                                 metrics=metrics, verify=FLAGS.check_chunks,
                                 progress=common.Progress("scan store", "rows"),
-                                shard_queries=shard_queries)
+                                shard_queries=shard_queries,
+                                on_plan=common.say_query_plan)
   preds = pipeline.predictions(ckpt, query_examples, queries,
                                pipeline.data_config(ckpt).vocabulary(),
                                mesh=encoder.mesh)

@@ -106,7 +106,7 @@ def test_trace_finds_fact_documents(trained):
   assert min(frequent) >= RECALL_4_PLUS_BOUND, metrics
 
 
-def test_streaming_equals_store_and_rerun_resumes(trained):
+def test_streaming_equals_store_and_rerun_resumes(trained, capsys):
   root, corpus, queries = trained
   # A float32 store holds exactly what streaming scores, so results agree.
   with gin.unlock_config():
@@ -127,6 +127,10 @@ def test_streaming_equals_store_and_rerun_resumes(trained):
                        show=0, store_path=None if streaming else path,
                        streaming=streaming, shard_queries=True)
              for i, streaming in enumerate((False, True))]
+    # Each says so (the store scan, then the streamed one).
+    said = re.findall(r"^scan: \d+ quer(?:y|ies) split over the 8 devices .*$",
+                      capsys.readouterr().out, re.M)
+    assert len(said) == 2, said
   finally:
     with gin.unlock_config():
       gin.bind_parameter("EncodeConfig.store_dtype", "bfloat16")

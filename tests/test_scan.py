@@ -651,8 +651,11 @@ def test_streamed_queries_split_over_the_devices(mesh, monkeypatch):
         scanner.add(jnp.asarray(x[batch]), jnp.asarray(batch))
       else:
         scanner.add(x[batch], batch)
+    assert scanner.plan == scan.QueryPlan(len(queries), 1, ring_queries(
+        len(queries)) if scanner.split else len(queries), scanner.split, 8)
     return scanner.split, scanner.result()
 
+  ring_queries = lambda n: -(-n // 512) * 512  # (64 a device)
   for device in (False, True):
     (split, got), (whole, want) = streamed(q, True, device), streamed(q, False, device)
     assert split and not whole
@@ -1227,11 +1230,16 @@ def test_queries_past_the_memory_are_scanned_in_runs(tmp_path, monkeypatch):
       tmp_path, monkeypatch, lambda qs, _: qs[0].copy())
   mesh = MESHES["8x1"]()
   host = MANY_QUERIES_HOST
-  seen = []
+  seen, plans = [], []
   got = scan.scan_store(s, q, K, mesh=mesh, shard_queries=False,
-                        progress=lambda n, t: seen.append((n, t)))
+                        progress=lambda n, t: seen.append((n, t)),
+                        on_plan=plans.append)
   batch = len(runs[0])
   assert len(runs) == -(-20000 // batch) > 1, len(runs)
+  assert plans == [scan.QueryPlan(20000, len(runs), batch, False, 8)]
+  assert plans[0].describe() == (
+      f"scan: 20,000 queries in {len(runs)} passes over the rows, {batch:,} a "
+      "pass (all at once, their step would not fit half of a device's memory)")
   assert {len(r) for r in runs} == {batch}
   np.testing.assert_array_equal(np.concatenate(runs)[:20000], q)
   assert not np.any(np.concatenate(runs)[20000:])  # (the padding)
@@ -1316,7 +1324,7 @@ def test_queries_split_over_the_devices_score_as_whole_ones(tmp_path, dtype):
 
 def test_queries_past_the_memory_are_split_over_the_devices(tmp_path, monkeypatch):
   """Where whole queries would need several passes over the rows (20,000
-  queries, a 64 MiB host, 8 devices: 13 runs), the default scan splits
+  queries, a 64 MiB host, 8 devices: 15 runs), the default scan splits
   them over the devices instead: fewer passes (each device holds an eighth
   of them), every run's step within half a device's share, rows equal to
   numpy's and bits equal to a split scan that fits in one pass."""
@@ -1329,10 +1337,16 @@ def test_queries_past_the_memory_are_split_over_the_devices(tmp_path, monkeypatc
   whole_runs = len(runs)
   assert whole_runs > 1 and not any(split for _, split in runs), runs
   runs.clear()
-  seen = []
+  seen, plans = [], []
   got = scan.scan_store(s, q, K, mesh=mesh,
-                        progress=lambda n, t: seen.append((n, t)))
+                        progress=lambda n, t: seen.append((n, t)),
+                        on_plan=plans.append)
   assert runs and all(split for _, split in runs), runs
+  assert plans == [scan.QueryPlan(20000, len(runs), runs[0][0], True, 8)]
+  assert plans[0].describe() == (
+      f"scan: 20,000 queries split over the 8 devices in {len(runs)} passes "
+      f"over the rows ({runs[0][0]:,} a pass with the padding, "
+      f"{runs[0][0] // 8:,} a device)")
   assert len(runs) < whole_runs, (runs, whole_runs)
   assert {n for n, _ in runs} == {runs[0][0]} and runs[0][0] % (8 * 64) == 0
   assert max(counts[-2:]) <= host // 8 // 2

@@ -958,7 +958,7 @@ def stream_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
                   query_vectors: np.ndarray, metric: hessian.QueryMetric, k: int,
                   batch_size: int, progress: ProgressFn = None,
                   max_quarantined: float = DEFAULT_MAX_QUARANTINED,
-                  shard_queries: bool | None = None) -> Streamed:
+                  shard_queries: bool | None = None, on_plan=None) -> Streamed:
   """Streaming mode: each corpus batch is scored as it is encoded, no store
   (``query_vectors`` and ``metric`` from ``query_metric``).
 
@@ -966,7 +966,8 @@ def stream_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
   and encodes its own, and only top-k candidates cross hosts. Rows with a
   non-finite loss or gradient are left out, as a store scan leaves them, and
   counted: more than ``max_quarantined`` of the corpus is an error
-  (``encode_corpus``'s). ``shard_queries``: ``scan.StreamingScanner``'s.
+  (``encode_corpus``'s). ``shard_queries``: ``scan.StreamingScanner``'s;
+  ``on_plan``: called with its ``plan`` before the first batch.
   """
   groups, group, _ = partitioning.data_groups(encoder.mesh)
   n = len(corpus)
@@ -974,6 +975,8 @@ def stream_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
   scanner = scan_lib.StreamingScanner(query_vectors, k, encoder.mesh,
                                       metric=metric.row_metric(),
                                       shard_queries=shard_queries)
+  if on_plan is not None:
+    on_plan(scanner.plan)
   done = quarantined = 0
   for rows, examples, valid in _run_local_batches(
       encoder, corpus, iter(bounds[group:group + 1]),

@@ -498,10 +498,42 @@ class _StoreSource(_Source):
     return check
 
 
+class QueryPlan(NamedTuple):
+  """How a scan takes its ``queries``: ``passes`` over the rows, each
+  scoring ``per_pass`` of them (padding included), ``split`` over the
+  mesh's ``devices`` (a block of ``per_pass / devices`` on each) or whole
+  on every device."""
+  queries: int
+  passes: int
+  per_pass: int
+  split: bool
+  devices: int
+
+  def describe(self) -> str:
+    """One line for a person: 'scan: 20,000 queries split over the 8
+    devices (20,480 with the padding, 2,560 a device), one pass over the
+    rows'."""
+    text = f"scan: {self.queries:,} quer{'y' if self.queries == 1 else 'ies'}"
+    if self.split:
+      text += f" split over the {self.devices} devices"
+    passes = ("one pass over the rows" if self.passes == 1
+              else f"{self.passes:,} passes over the rows")
+    if self.split:
+      blocks = (f"{self.per_pass:,}{' a pass' if self.passes > 1 else ''} "
+                f"with the padding, {self.per_pass // self.devices:,} a device")
+      return (f"{text} in {passes} ({blocks})" if self.passes > 1
+              else f"{text} ({blocks}), {passes}")
+    if self.passes > 1:
+      return (f"{text} in {passes}, {self.per_pass:,} a pass (all at once, "
+              "their step would not fit half of a device's memory)")
+    return f"{text}, whole on each of the {self.devices} devices, {passes}"
+
+
 def _scan(source, queries, k: int, mesh: Mesh | None,
           chunk_rows: int | None, prefetch: int, row_multiple: int = 1,
           metric: RowMetric | None = None, progress=None,
-          read_ahead: int = 0, shard_queries: bool | None = None) -> TopK:
+          read_ahead: int = 0, shard_queries: bool | None = None,
+          on_plan=None) -> TopK:
   """The host loop shared by ``scan_arrays``, ``scan_store`` and
   ``scan_stores``.
 
@@ -518,7 +550,8 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   scanned in runs of fewer where even that does not fit, each run a pass
   over the rows; ``progress`` then counts every run's rows.
   ``shard_queries``: True always splits them, False never, None (default)
-  as above.
+  as above. ``on_plan``: called with the ``QueryPlan`` before the first
+  pass.
 
   ``source``, ``queries`` and ``metric`` may be lists, one entry per part
   (same rows, d and dtype): each row's score is then the sum of the parts'
@@ -643,6 +676,8 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
     asked += f", in {len(runs):,} runs of {batch:,}"
   fix = "fewer rows per step (chunk_rows) or a smaller k" + (
       " or shard_queries=False" if split and shard_queries else "")
+  if on_plan is not None:
+    on_plan(QueryPlan(num_queries, len(runs), size, split, mesh.size))
   results = []
   for i, start in enumerate(runs):
     # (Every run's queries are padded with zeros to the same count: one
@@ -800,7 +835,7 @@ def _metric_on_mesh(metric: RowMetric | None, dim: int, mesh: Mesh) -> tuple:
 def scan_arrays(encodings, queries, k: int, *, mesh: Mesh | None = None,
                 chunk_rows: int | None = None, prefetch: int = 2,
                 metric: RowMetric | None = None,
-                shard_queries: bool | None = None) -> TopK:
+                shard_queries: bool | None = None, on_plan=None) -> TopK:
   """Exact top-k of an in-memory ``[N, d]`` matrix (f32, bf16 or castable).
 
   Under ``jax.distributed`` every process passes the same full matrix and
@@ -820,19 +855,21 @@ def scan_arrays(encodings, queries, k: int, *, mesh: Mesh | None = None,
       (``topk.ring_step_fn``) instead of holding them whole on each; default
       (None): where whole ones would need several passes over the rows and
       split ones fewer.
+    on_plan: called with the ``QueryPlan`` (passes, split) before the
+      first pass.
   """
   x = encodings if isinstance(encodings, np.ndarray) else np.asarray(encodings)
   if x.ndim != 2:
     raise InputError(f"encodings: expected [N, d], got shape {x.shape}")
   return _scan(_ArraySource(x), queries, k, mesh, chunk_rows, prefetch,
-               metric=metric, shard_queries=shard_queries)
+               metric=metric, shard_queries=shard_queries, on_plan=on_plan)
 
 
 def scan_store(store, queries, k: int, *, mesh: Mesh | None = None,
                chunk_rows: int | None = None, prefetch: int = 2,
                metric: RowMetric | None = None, verify: bool = True,
                progress=None, read_ahead: int | None = None,
-               shard_queries: bool | None = None) -> TopK:
+               shard_queries: bool | None = None, on_plan=None) -> TopK:
   """Exact top-k over a complete ``store.EncodingStore``, streamed from disk.
 
   Reads run in a background thread (tensorstore futures for every local
@@ -848,7 +885,8 @@ def scan_store(store, queries, k: int, *, mesh: Mesh | None = None,
   steps whose reads are started before the oldest is waited for; default 0
   for a local store (its chunk files are mapped in place, see below) and
   ``REMOTE_READ_AHEAD`` for object storage, whose requests take
-  milliseconds to start. ``shard_queries``: as in ``scan_arrays``.
+  milliseconds to start. ``shard_queries``, ``on_plan``: as in
+  ``scan_arrays``.
 
   With the default ``chunk_rows`` on a local store, each device's rows are
   its stored chunks' files mapped from the page cache (``chunk_view``): no
@@ -870,7 +908,8 @@ def scan_store(store, queries, k: int, *, mesh: Mesh | None = None,
     read_ahead = 0 if store.local else REMOTE_READ_AHEAD
   return _scan(_StoreSource(store, verify), queries, k, mesh, chunk_rows, prefetch,
                row_multiple=multiple, metric=metric, progress=progress,
-               read_ahead=read_ahead, shard_queries=shard_queries)
+               read_ahead=read_ahead, shard_queries=shard_queries,
+               on_plan=on_plan)
 
 
 def check_metric(store, metric: RowMetric | None) -> None:
@@ -898,7 +937,7 @@ def scan_stores(stores, queries, k: int, *, mesh: Mesh | None = None,
                 chunk_rows: int | None = None, prefetch: int = 2,
                 metrics=None, verify: bool = True, progress=None,
                 read_ahead: int | None = None,
-                shard_queries: bool | None = None) -> TopK:
+                shard_queries: bool | None = None, on_plan=None) -> TopK:
   """``scan_store`` of a sum: row ``i``'s score is the sum over ``stores`` of
   its score in each, against that store's own ``queries[p]`` (and metric
   ``metrics[p]``, or None), e.g. TrackStar summed over checkpoints, one
@@ -920,7 +959,7 @@ def scan_stores(stores, queries, k: int, *, mesh: Mesh | None = None,
     return scan_store(stores[0], queries[0], k, mesh=mesh, chunk_rows=chunk_rows,
                       prefetch=prefetch, metric=metrics[0], verify=verify,
                       progress=progress, read_ahead=read_ahead,
-                      shard_queries=shard_queries)
+                      shard_queries=shard_queries, on_plan=on_plan)
   for st, metric in zip(stores, metrics):
     st.check_complete()
     check_metric(st, metric)
@@ -930,7 +969,7 @@ def scan_stores(stores, queries, k: int, *, mesh: Mesh | None = None,
   return _scan([_StoreSource(st, verify) for st in stores], list(queries), k,
                mesh, chunk_rows, prefetch, row_multiple=multiple,
                metric=metrics, progress=progress, read_ahead=read_ahead,
-               shard_queries=shard_queries)
+               shard_queries=shard_queries, on_plan=on_plan)
 
 
 class StreamingScanner:
@@ -945,6 +984,7 @@ class StreamingScanner:
   (``topk.ring_step_fn``); default (None): where whole ones, with their
   top-k, would take more than 1 / ``STREAMED_QUERY_FRACTION`` of a device's
   memory (of the smallest host's and device's, agreed between processes).
+  ``plan``: the ``QueryPlan`` (one pass, split or not).
   """
 
   def __init__(self, queries, k: int, mesh: Mesh | None = None,
@@ -968,6 +1008,7 @@ class StreamingScanner:
     self.split = bool(shard_queries)
     if self.split:
       q = np.pad(q, ((0, ring_queries(len(q), self.mesh) - len(q)), (0, 0)))
+    self.plan = QueryPlan(self.num_queries, 1, len(q), self.split, self.mesh.size)
     self._queries = partitioning.put_global(
         q, partitioning.rows_sharding(self.mesh) if self.split
         else partitioning.replicated(self.mesh))
