@@ -115,11 +115,18 @@ def run_bytes(queries: int, d: int, itemsize: int, k: int,
   and rows, both sides), twice over when split (a block arrives while one
   is scored). An estimate: at run time XLA's count of the step decides."""
   from tracer import scan  # pylint: disable=g-import-not-at-top
-  step = scan.ACCELERATOR_CHUNK_BYTES
-  rows = max(1, min(step // (d * itemsize),
-                    scan.SCORE_STEPS * step // (scan.PAIR_BYTES * queries)))
+  rows = step_rows(queries, d, itemsize)
   held = queries * (4 * d + 16 * k) * (2 if split else 1)
   return rows * d * itemsize + rows * queries * scan.PAIR_BYTES + held
+
+
+def step_rows(queries: int, d: int, itemsize: int) -> int:
+  """A chip's rows in a streamed scan step with ``queries`` queries on it
+  (``run_bytes``)."""
+  from tracer import scan  # pylint: disable=g-import-not-at-top
+  step = scan.ACCELERATOR_CHUNK_BYTES
+  return max(1, min(step // (d * itemsize),
+                    scan.SCORE_STEPS * step // (scan.PAIR_BYTES * queries)))
 
 
 def _most(fits, unit: int, most: int) -> int:
@@ -282,6 +289,13 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   columns = read_pass_s / (scan_compute_s / scan_passes / (per_run + norm_columns))
   balance_queries = max(0.0, (columns - 1) / 2 if columns <= 1 + 2 * r_block_dim
                         else columns - 1 - r_block_dim)
+  # Split queries go around the chips every step: a chip sends each block
+  # but its own (P - 1 of P) and every block's top-k on.
+  ring_bytes = 0.0
+  if runs["split"]:
+    steps = -(-rows // (chips * step_rows(runs["block"], d, itemsize)))
+    ring_bytes = (scan_passes * steps * per_run * steps_summed
+                  * (4 * d * (chips - 1) / chips + 16 * top_k))
   # A store kept resident in HBM (tracer serve) pays only this.
   scan_resident_s = max(scan_compute_s, scan_hbm_s * scan_passes) if fits else None
 
@@ -307,7 +321,7 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
       scan_passes=scan_passes, queries_per_pass=per_run,
       queries_split=runs["split"], query_block=runs["block"],
       whole_query_runs=runs["whole_runs"], query_bytes=runs["whole_bytes"],
-      query_block_bytes=runs["split_bytes"],
+      query_block_bytes=runs["split_bytes"], ring_bytes_per_chip=ring_bytes,
       matmul_passes=passes, rows=rows,
       itemsize=itemsize, row_bytes=row_bytes, store_bytes=store_bytes,
       store_bytes_per_host=store_bytes / hosts, vocab_size=vocab_size,
@@ -471,6 +485,12 @@ def report(p: dict) -> str:
         f"{count(p['queries_per_pass'])} with the padding (blocks of a "
         "multiple of 64), twice a block while one is sent around the ring: "
         f"whole, they take {passes_text(p['whole_query_runs'])}")
+  if p["queries_split"]:
+    ring = p["ring_bytes_per_chip"]
+    row("ring traffic a chip", f"{bandwidth(ring / p['scan_estimate_s'])} "
+        f"({bandwidth(ring / p['scan_compute_s'])} at the compute bound)",
+        f"{size(ring, binary=False)} sent over the scan: each step, every "
+        "block but the chip's own and every top-k, over the estimate below")
   row("store passes", passes_text(passes)
       + (" (queries split)" if p["queries_split"] else ""),
       "each within half a chip's HBM: a step's rows (2 GiB), its scores, "

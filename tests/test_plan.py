@@ -153,7 +153,12 @@ def test_many_queries_take_passes_or_are_split_over_the_chips():
   assert p["query_block_bytes"] == 2 * 448 * row           # one block arriving
   assert p["scan_compute_s"] == pytest.approx(
       2 * 78_125_000 * d * (114_688 + 1025) * 3 / (256 * 197e12))
+  # Every step (19 of 16,384 rows a chip) sends each block but the chip's
+  # own, and every block's top-k, on around the ring.
+  assert p["ring_bytes_per_chip"] == pytest.approx(
+      19 * 114_688 * (4 * d * 255 / 256 + 16 * 10))
   one = plan_lib.plan(**v5e)                                # Q = 64: one pass, whole
+  assert one["ring_bytes_per_chip"] == 0
   assert (one["scan_passes"], one["queries_split"]) == (1, False)
   assert p["scan_host_read_s"] == one["scan_host_read_s"]
   many = plan_lib.plan(**v5e, queries=10_000_000)
@@ -175,6 +180,7 @@ def test_many_queries_take_passes_or_are_split_over_the_chips():
   assert plan_lib.run_bytes(64, d, 2, 10, False) == 2**31 + 16_384 * 64 * 8 + 64 * row
   text = plan_lib.report(p)
   assert "split over the chips  448 a chip" in text
+  assert "ring traffic a chip" in text and "ring traffic" not in plan_lib.report(one)
   assert "1 pass (queries split)" in text and "they take 7 passes" in text
   assert "store / (64 * 1 GB/s) * 5" in plan_lib.report(many)
 
