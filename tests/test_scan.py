@@ -1237,6 +1237,9 @@ def test_queries_past_the_memory_are_scanned_in_runs(tmp_path, monkeypatch):
   batch = len(runs[0])
   assert len(runs) == -(-20000 // batch) > 1, len(runs)
   assert plans == [scan.QueryPlan(20000, len(runs), batch, False, 8)]
+  assert scan.QueryPlan(512, 1, 512, True, 8).describe() == (
+      "scan: 512 queries split over the 8 devices (512, 64 a device), one "
+      "pass over the rows")
   assert plans[0].describe() == (
       f"scan: 20,000 queries in {len(runs)} passes over the rows, {batch:,} a "
       "pass (all at once, their step would not fit half of a device's memory)")

@@ -519,8 +519,10 @@ class QueryPlan(NamedTuple):
     passes = ("one pass over the rows" if self.passes == 1
               else f"{self.passes:,} passes over the rows")
     if self.split:
-      blocks = (f"{self.per_pass:,}{' a pass' if self.passes > 1 else ''} "
-                f"with the padding, {self.per_pass // self.devices:,} a device")
+      padding = " with the padding" if (
+          self.per_pass * self.passes > self.queries) else ""
+      blocks = (f"{self.per_pass:,}{' a pass' if self.passes > 1 else ''}"
+                f"{padding}, {self.per_pass // self.devices:,} a device")
       return (f"{text} in {passes} ({blocks})" if self.passes > 1
               else f"{text} ({blocks}), {passes}")
     if self.passes > 1:
