@@ -673,6 +673,35 @@ def test_streamed_queries_split_over_the_devices(mesh, monkeypatch):
   assert_same(got, reference(x, q[:100], K), atol=1e-4)
 
 
+def test_streamed_queries_past_a_device_are_refused(monkeypatch):
+  """A streamed scan cannot take its queries in runs: where they and their
+  top-k, whole or split, take more than a device's memory, it is refused
+  when the scanner is made, naming the counts (before 2026-12-06 evening it
+  ran on into the device's out-of-memory error)."""
+  from tracer import memory  # pylint: disable=g-import-not-at-top
+  q = np.random.default_rng(0).standard_normal((100, 256), dtype=np.float32)
+  per_query = 256 * 4 + 16 * K
+  one = MESHES["1x1"]()
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 100 * per_query)
+  assert not scan.StreamingScanner(q, K, mesh=one).split  # (exactly fits)
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 100 * per_query - 1)
+  with pytest.raises(InputError, match=(
+      r"^queries: 100 queries of d=256 with k=5 take 107.8 KiB on each device "
+      r"\(whole on each device\), more than a device's 107.8 KiB; expected "
+      r"fewer queries per streamed scan, or a scan of a store \(tracer trace "
+      r"without --streaming\), which takes them in several passes$")):
+    scan.StreamingScanner(q, K, mesh=one)
+  # Split over 8 devices: 64 a device (the padding), twice while sent.
+  eight = MESHES["8x1"]()
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 8 * 128 * per_query)
+  assert scan.StreamingScanner(q, K, mesh=eight).split
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 8 * 128 * per_query - 8)
+  with pytest.raises(InputError, match=(
+      r"^queries: 100 queries of d=256 with k=5 take 138.0 KiB on each device "
+      r"\(split over the 8 devices, 64 a device, and as many arriving\)")):
+    scan.StreamingScanner(q, K, mesh=eight)
+
+
 def test_streaming_keeps_two_steps_in_flight():
   """A long queue of dispatched 8-device steps deadlocks XLA:CPU's
   collectives (one device never reaches an all-reduce; XLA aborts after its

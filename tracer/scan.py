@@ -987,6 +987,10 @@ class StreamingScanner:
   top-k, would take more than 1 / ``STREAMED_QUERY_FRACTION`` of a device's
   memory (of the smallest host's and device's, agreed between processes).
   ``plan``: the ``QueryPlan`` (one pass, split or not).
+
+  Raises:
+    InputError: the queries and their top-k, whole or split, take more than
+      a device's memory (a store's scan takes them in runs; this cannot).
   """
 
   def __init__(self, queries, k: int, mesh: Mesh | None = None,
@@ -999,18 +1003,32 @@ class StreamingScanner:
     q = _check_inputs(q, k, q.shape[1], 0)
     self.num_queries, self.dim = q.shape
     self.k = int(k)
+    # (agreed between processes: each must split, or refuse, alike)
+    _, host_bytes, device_bytes = agreed_memory(False, self.mesh)
+    have = per_device_bytes(host_bytes, device_bytes, self.mesh)
+    per_query = self.dim * 4 + 16 * self.k  # f32 query, top-k of both sides
     if shard_queries is None:
       # Encoded batches cannot be scanned again in runs: where whole queries
       # would crowd the devices (beside the encoder), they are split.
-      _, host_bytes, device_bytes = agreed_memory(False, self.mesh)
       shard_queries = self.mesh.size > 1 and (
-          self.num_queries * (self.dim * 4 + 16 * self.k)
-          > per_device_bytes(host_bytes, device_bytes, self.mesh)
-          // STREAMED_QUERY_FRACTION)
+          self.num_queries * per_query > have // STREAMED_QUERY_FRACTION)
     self.split = bool(shard_queries)
     if self.split:
       q = np.pad(q, ((0, ring_queries(len(q), self.mesh) - len(q)), (0, 0)))
     self.plan = QueryPlan(self.num_queries, 1, len(q), self.split, self.mesh.size)
+    # A block is held twice while the next one arrives around the ring.
+    held = (2 * len(q) // self.mesh.size if self.split else len(q)) * per_query
+    if held > have:
+      where = (f" (split over the {self.mesh.size} devices, "
+               f"{len(q) // self.mesh.size:,} a device, and as many arriving)"
+               if self.split else " (whole on each device)")
+      raise InputError(
+          f"queries: {self.num_queries:,} quer"
+          f"{'y' if self.num_queries == 1 else 'ies'} of d={self.dim:,} with "
+          f"k={self.k} take {memory.size_text(held)} on each device{where}, "
+          f"more than a device's {memory.size_text(have)}; expected fewer "
+          "queries per streamed scan, or a scan of a store (tracer trace "
+          "without --streaming), which takes them in several passes")
     self._queries = partitioning.put_global(
         q, partitioning.rows_sharding(self.mesh) if self.split
         else partitioning.replicated(self.mesh))
