@@ -106,18 +106,21 @@ def find_chip(name: str) -> Chip:
 
 
 def run_bytes(queries: int, d: int, itemsize: int, k: int,
-              split: bool) -> int:
+              split: bool, parts: int = 1) -> int:
   """A chip's bytes for one streamed scan step with ``queries`` queries on
   it (the whole set, or a block when ``split``), as ``tracer.scan`` sizes
   the step: rows of ``scan.ACCELERATOR_CHUNK_BYTES``, fewer where the
   scores (``PAIR_BYTES`` a row and query) would pass ``SCORE_STEPS`` times
   that; the queries in f32 and their top-k (16 B a query and k: scores
   and rows, both sides), twice over when split (a block arrives while one
-  is scored). An estimate: at run time XLA's count of the step decides."""
+  is scored). ``parts``: a summed scan's stores (``scan.scan_stores``, one
+  per checkpoint), each with its own step of rows and its own queries, one
+  top-k. An estimate: at run time XLA's count of the step decides."""
   from tracer import scan  # pylint: disable=g-import-not-at-top
   rows = step_rows(queries, d, itemsize)
-  held = queries * (4 * d + 16 * k) * (2 if split else 1)
-  return rows * d * itemsize + rows * queries * scan.PAIR_BYTES + held
+  held = queries * (4 * d * parts + 16 * k) * (2 if split else 1)
+  return (parts * rows * d * itemsize + rows * queries * scan.PAIR_BYTES
+          + held)
 
 
 def step_rows(queries: int, d: int, itemsize: int) -> int:
@@ -141,22 +144,30 @@ def _most(fits, unit: int, most: int) -> int:
 
 
 def query_passes(queries: int, d: int, itemsize: int, k: int, chips: int,
-                 hbm_bytes: float) -> dict:
+                 hbm_bytes: float, parts: int = 1) -> dict:
   """How a streamed scan takes ``queries`` queries on ``chips`` chips of
   ``hbm_bytes``, as ``tracer.scan``'s default plans it: whole on every
   chip in one pass where their step fits 1 / ``QUERY_MEMORY_FRACTION`` of
   a chip; else split over the chips (blocks padded to
   ``topk.RING_BLOCK_QUERIES``) where that takes fewer passes; else in
   equal runs of whole queries. Each run is a pass over the store and
-  scans ``per_run`` queries (padding included). None where not even one
-  query's step fits."""
+  scans ``per_run`` queries (padding included). Where even the least step
+  (one query, or a block of ``RING_BLOCK_QUERIES``) passes that fraction,
+  the runs are held to all of a chip instead (``scan.query_batch``).
+  ``parts``: the stores of a summed scan (``run_bytes``). None where not
+  even one query's step fits a chip."""
   from tracer import scan, topk  # pylint: disable=g-import-not-at-top
-  limit = hbm_bytes / scan.QUERY_MEMORY_FRACTION
-  whole = _most(lambda q: run_bytes(q, d, itemsize, k, False) <= limit, 1, queries)
+  half = hbm_bytes / scan.QUERY_MEMORY_FRACTION
+
+  def most(split: bool, unit: int, top: int) -> int:
+    step = lambda n: run_bytes(n, d, itemsize, k, split, parts)
+    limit = hbm_bytes if step(unit) > half else half
+    return _most(lambda n: step(n) <= limit, unit, top)
+
+  whole = most(False, 1, queries)
   unit = topk.RING_BLOCK_QUERIES * chips
   padded = lambda n: -(-n // unit) * unit
-  block = _most(lambda b: run_bytes(b, d, itemsize, k, True) <= limit,
-                topk.RING_BLOCK_QUERIES, padded(queries) // chips)
+  block = most(True, topk.RING_BLOCK_QUERIES, padded(queries) // chips)
   runs = lambda most: -(-queries // most) if most else math.inf
   whole_runs, split_runs = runs(whole), runs(block * chips)
   split = chips > 1 and whole_runs > 1 and split_runs < whole_runs
@@ -167,8 +178,8 @@ def query_passes(queries: int, d: int, itemsize: int, k: int, chips: int,
   per_run = padded(per_run) if split else per_run
   return dict(passes=passes, split=split, per_run=per_run,
               whole_runs=whole_runs, block=per_run // chips if split else None,
-              whole_bytes=queries * (4 * d + 16 * k),
-              split_bytes=2 * (per_run // chips) * (4 * d + 16 * k)
+              whole_bytes=queries * (4 * d * parts + 16 * k),
+              split_bytes=2 * (per_run // chips) * (4 * d * parts + 16 * k)
               if split else None)
 
 
@@ -265,11 +276,16 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   # only: about 1 + min(Q, block) columns over the whole row.
   # Many queries take several passes over the store, or are split over the
   # chips (padded), as tracer.scan plans them.
-  runs = query_passes(queries, d, itemsize, top_k, chips, spec.hbm_bytes)
+  runs = query_passes(queries, d, itemsize, top_k, chips, spec.hbm_bytes,
+                      steps_summed)
   if runs is None:
     raise ValueError(f"projection_dim: one query's scan step at d={d:,} does "
-                     f"not fit half of a {spec.name} chip's "
-                     f"{size(spec.hbm_bytes, binary=False)}; expected a smaller d")
+                     f"not fit a {spec.name} chip's "
+                     f"{size(spec.hbm_bytes, binary=False)}"
+                     + (f" (a step of each of the {steps_summed} checkpoints' "
+                        "stores)" if steps_summed > 1 else "")
+                     + "; expected a smaller d"
+                     + (" or fewer checkpoints" if steps_summed > 1 else ""))
   scan_passes, per_run = runs["passes"], runs["per_run"]
   norm_columns = 1 + min(per_run, r_block_dim)
   passes = MATMUL_PASSES[store_dtype]
@@ -290,12 +306,13 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   balance_queries = max(0.0, (columns - 1) / 2 if columns <= 1 + 2 * r_block_dim
                         else columns - 1 - r_block_dim)
   # Split queries go around the chips every step: a chip sends each block
-  # but its own (P - 1 of P) and every block's top-k on.
+  # but its own (P - 1 of P; a summed scan's, one per checkpoint) and every
+  # block's top-k (one for the sum) on.
   ring_bytes = 0.0
   if runs["split"]:
     steps = -(-rows // (chips * step_rows(runs["block"], d, itemsize)))
-    ring_bytes = (scan_passes * steps * per_run * steps_summed
-                  * (4 * d * (chips - 1) / chips + 16 * top_k))
+    ring_bytes = (scan_passes * steps * per_run
+                  * (4 * d * steps_summed * (chips - 1) / chips + 16 * top_k))
   # A store kept resident in HBM (tracer serve) pays only this.
   scan_resident_s = max(scan_compute_s, scan_hbm_s * scan_passes) if fits else None
 
@@ -477,8 +494,11 @@ def report(p: dict) -> str:
       p["queries_per_pass"])
   times_passes = f" * {passes} store passes" if passes > 1 else ""
   section(f"scan of Q = {count(p['queries'])} queries, k = {p['top_k']}")
+  summed = p["checkpoints"]
   row("queries on a chip", size(p["query_bytes"]),
-      f"Q * (d * 4 + k * 16) B: f32 queries and their top-k, whole on each chip")
+      (f"Q * ({summed} * d * 4 + k * 16) B: f32 queries of each checkpoint "
+       "and their top-k, whole on each chip" if summed > 1 else
+       "Q * (d * 4 + k * 16) B: f32 queries and their top-k, whole on each chip"))
   if p["queries_split"]:
     row("split over the chips",
         f"{count(p['query_block'])} a chip, {size(p['query_block_bytes'])}",
@@ -493,7 +513,8 @@ def report(p: dict) -> str:
         "block but the chip's own and every top-k, over the estimate below")
   row("store passes", passes_text(passes)
       + (" (queries split)" if p["queries_split"] else ""),
-      "each within half a chip's HBM: a step's rows (2 GiB), its scores, "
+      "each within half a chip's HBM: a step's rows (2 GiB"
+      + (" of each checkpoint's store" if summed > 1 else "") + "), its scores, "
       "the queries and top-k; whole where they fit, else split over the "
       "chips where that takes fewer passes, else in runs")
   row("pod HBM free", size(p["pod_hbm_free_bytes"]),
