@@ -114,21 +114,22 @@ def run_bytes(queries: int, d: int, itemsize: int, k: int,
   that; the queries in f32 and their top-k (16 B a query and k: scores
   and rows, both sides), twice over when split (a block arrives while one
   is scored). ``parts``: a summed scan's stores (``scan.scan_stores``, one
-  per checkpoint), each with its own step of rows and its own queries, one
-  top-k. An estimate: at run time XLA's count of the step decides."""
+  per checkpoint), whose rows share a step's bytes, each with its own
+  queries, one top-k. An estimate: at run time XLA's count of the step
+  decides."""
   from tracer import scan  # pylint: disable=g-import-not-at-top
-  rows = step_rows(queries, d, itemsize)
+  rows = step_rows(queries, d, itemsize, parts)
   held = queries * (4 * d * parts + 16 * k) * (2 if split else 1)
   return (parts * rows * d * itemsize + rows * queries * scan.PAIR_BYTES
           + held)
 
 
-def step_rows(queries: int, d: int, itemsize: int) -> int:
-  """A chip's rows in a streamed scan step with ``queries`` queries on it
-  (``run_bytes``)."""
+def step_rows(queries: int, d: int, itemsize: int, parts: int = 1) -> int:
+  """A chip's rows of each store in a streamed scan step with ``queries``
+  queries on it (``run_bytes``)."""
   from tracer import scan  # pylint: disable=g-import-not-at-top
   step = scan.ACCELERATOR_CHUNK_BYTES
-  return max(1, min(step // (d * itemsize),
+  return max(1, min(step // (d * itemsize * parts),
                     scan.SCORE_STEPS * step // (scan.PAIR_BYTES * queries)))
 
 
@@ -310,7 +311,8 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   # block's top-k (one for the sum) on.
   ring_bytes = 0.0
   if runs["split"]:
-    steps = -(-rows // (chips * step_rows(runs["block"], d, itemsize)))
+    steps = -(-rows // (chips * step_rows(runs["block"], d, itemsize,
+                                          steps_summed)))
     ring_bytes = (scan_passes * steps * per_run
                   * (4 * d * steps_summed * (chips - 1) / chips + 16 * top_k))
   # A store kept resident in HBM (tracer serve) pays only this.
@@ -514,7 +516,8 @@ def report(p: dict) -> str:
   row("store passes", passes_text(passes)
       + (" (queries split)" if p["queries_split"] else ""),
       "each within half a chip's HBM: a step's rows (2 GiB"
-      + (" of each checkpoint's store" if summed > 1 else "") + "), its scores, "
+      + (", of the checkpoints' stores together" if summed > 1 else "")
+      + "), its scores, "
       "the queries and top-k; whole where they fit, else split over the "
       "chips where that takes fewer passes, else in runs")
   row("pod HBM free", size(p["pod_hbm_free_bytes"]),

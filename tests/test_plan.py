@@ -187,35 +187,34 @@ def test_many_queries_take_passes_or_are_split_over_the_chips():
 
 def test_summed_checkpoints_hold_each_store_s_step_and_queries():
   """A summed scan (``tracer trace --sum_steps``: ``scan.scan_stores``)
-  holds a step of rows of every checkpoint's store and every checkpoint's
-  queries, beside one top-k. 2,000 queries at d = 2^16 on v5e fit half a
-  chip whole for one store (2.9 GB), not for three (8.3 GB): tracer
-  splits them (one pass, 64 a chip). Until this audit the plan sized the
-  step as one store's, whole (2,000 products a row, not 16,384), and
-  counted each ring step's top-k once per checkpoint. Four stores' steps
-  (8.6 GB) pass half a chip even at one query: tracer then runs within
-  all of it (``scan.query_batch``), and so does the plan; eight (17.2 GB)
-  fit no chip."""
-  v5e, d, k = {**BASE, "chip": "v5e", "queries": 2000}, 65_536, 10
-  one = plan_lib.plan(**v5e)
-  assert (one["scan_passes"], one["queries_split"]) == (1, False)
-  three = plan_lib.plan(**v5e, checkpoints=3)
+  holds a step of rows of every checkpoint's store, together a step's 2
+  GiB (``scan._scan``), every checkpoint's queries, and one top-k. 10,000
+  queries at d = 2^16 on v5e with three checkpoints take 7.9 GB whole
+  beside the rows: tracer splits them (one pass, 64 a chip). Until an
+  audit on 2026-12-06 the plan sized the step as one store's and counted
+  each ring step's top-k once per checkpoint; and until the scan's step
+  was shared by its stores (the same evening) eight stores' steps, 17.2
+  GB, fit no v5e chip."""
+  v5e, d, k = {**BASE, "chip": "v5e"}, 65_536, 10
   half = 16e9 / 2
-  assert plan_lib.run_bytes(2000, d, 2, k, False, parts=3) > half
-  assert plan_lib.run_bytes(64, d, 2, k, True, parts=3) <= half
+  rows = 2**31 // (3 * 2 * d)                          # 5,461 of each store
+  assert plan_lib.step_rows(2000, d, 2, 3) == rows
   assert plan_lib.run_bytes(2000, d, 2, k, False, parts=3) == (
-      3 * 2**31 + 16_384 * 2000 * 8 + 2000 * (3 * 4 * d + 16 * k))
-  assert (three["scan_passes"], three["queries_split"]) == (1, True)
-  assert (three["queries_per_pass"], three["query_block"]) == (16_384, 64)
+      3 * rows * 2 * d + rows * 2000 * 8 + 2000 * (3 * 4 * d + 16 * k))
+  three = plan_lib.plan(**v5e, queries=2000, checkpoints=3)
+  assert (three["scan_passes"], three["queries_split"]) == (1, False)
   assert three["query_bytes"] == 2000 * (3 * 4 * d + 16 * k)
-  assert three["ring_bytes_per_chip"] == pytest.approx(
-      19 * 16_384 * (3 * 4 * d * 255 / 256 + 16 * k))  # 19 steps of 16,384 rows
   assert "Q * (3 * d * 4 + k * 16) B" in plan_lib.report(three)
-  four = plan_lib.plan(**v5e, checkpoints=4)
-  assert plan_lib.run_bytes(1, d, 2, k, False, parts=4) > half
-  assert (four["scan_passes"], four["queries_split"]) == (1, False)  # 11 GB
-  with pytest.raises(ValueError, match="8 checkpoints' stores"):  # 17.2 GB
-    plan_lib.plan(**v5e, checkpoints=8)
+  many = plan_lib.plan(**v5e, queries=10_000, checkpoints=3)
+  assert plan_lib.run_bytes(10_000, d, 2, k, False, parts=3) > half
+  assert (many["scan_passes"], many["queries_split"]) == (1, True)
+  assert (many["queries_per_pass"], many["query_block"]) == (16_384, 64)
+  steps = -(-78_125_000 // (256 * rows))               # 56
+  assert many["ring_bytes_per_chip"] == pytest.approx(
+      steps * 16_384 * (3 * 4 * d * 255 / 256 + 16 * k))
+  eight = plan_lib.plan(**v5e, queries=64, checkpoints=8)
+  assert plan_lib.run_bytes(64, d, 2, k, False, parts=8) < half
+  assert (eight["scan_passes"], eight["queries_split"]) == (1, False)
 
 
 def test_scan_reads_from_hosts_when_store_does_not_fit():

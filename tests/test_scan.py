@@ -492,6 +492,25 @@ def test_bf16_scans_widen_in_tiles_or_whole_alike(tmp_path, cpu_widening, mode):
                                   want.proponent_scores * 2)
 
 
+def test_a_summed_step_shares_its_bytes_among_the_stores(tmp_path, monkeypatch):
+  """A step of a sum over S stores reads every store's rows: by default
+  they take a step's bytes together, S times fewer rows of each (before
+  2026-12-06 evening each store took a whole step's bytes, so on a 16 GB
+  TPU v5e a sum over 8 checkpoints' stores, 2 GiB steps each, did not fit)."""
+  monkeypatch.setattr(scan, "DEFAULT_DEVICE_CHUNK_BYTES", 64 << 10)
+  x, q = _data(4096, d=64, q=3, seed=9)
+  s = _store(tmp_path, x, "float32")  # 256 B a row; chunks of 64 rows
+  steps, run = [], scan._scan_run
+  monkeypatch.setattr(scan, "_scan_run", lambda sources, qs, *a: (
+      steps.append(a[2].step), run(sources, qs, *a))[1])
+  mesh = MESHES["8x1"]()
+  one = scan.scan_stores([s], [q], K, mesh=mesh)
+  four = scan.scan_stores([s] * 4, [q] * 4, K, mesh=mesh)
+  assert steps == [8 * 256, 8 * 64], steps  # 64 KiB a device, in all
+  np.testing.assert_array_equal(four.proponent_rows, one.proponent_rows)
+  np.testing.assert_array_equal(four.proponent_scores, 4 * one.proponent_scores)
+
+
 def test_compiler_options_only_on_cpu():
   assert topk.compiler_options("gpu") is None
   assert topk.compiler_options("tpu") is None

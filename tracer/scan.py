@@ -137,7 +137,8 @@ def device_chunk_bytes(platform: str) -> int:
 def default_chunk_rows(dim: int, itemsize: int, num_devices: int,
                        multiple: int = 1, platform: str = "cpu") -> int:
   """Rows per step: ~``device_chunk_bytes(platform)`` per device, rounded
-  to ``multiple`` rows per device."""
+  to ``multiple`` rows per device (``itemsize``: a row's bytes per value,
+  in all the parts a step reads)."""
   per_device = max(1, device_chunk_bytes(platform) // (dim * itemsize))
   per_device = partitioning.padded_size(per_device, multiple)
   return per_device * num_devices
@@ -576,8 +577,10 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   dtype = device_dtype(sources[0].dtype)
   read_ahead = max(0, int(read_ahead))
   sets = lambda: (prefetch + max(1, prefetch) + read_ahead + 2) * len(sources)
-  step = default_chunk_rows(dim, dtype.itemsize, mesh.size, row_multiple,
-                            mesh.devices.flat[0].platform)
+  # A summed step reads every part's rows: together they take a step's
+  # bytes (S stores of 2 GiB steps would not fit a 16 GB chip past S = 7).
+  step = default_chunk_rows(dim, dtype.itemsize * len(sources), mesh.size,
+                            row_multiple, mesh.devices.flat[0].platform)
   copies, host_bytes, device_bytes = agreed_memory(
       any(s.copies(step // mesh.size) for s in sources), mesh)
   if chunk_rows is None:
