@@ -106,7 +106,7 @@ def find_chip(name: str) -> Chip:
 
 
 def run_bytes(queries: int, d: int, itemsize: int, k: int,
-              split: bool, parts: int = 1) -> int:
+              split: bool, parts: int = 1, rows_cap: int | None = None) -> int:
   """A chip's bytes for one streamed scan step with ``queries`` queries on
   it (the whole set, or a block when ``split``), as ``tracer.scan`` sizes
   the step: rows of ``scan.ACCELERATOR_CHUNK_BYTES``, fewer where the
@@ -115,22 +115,40 @@ def run_bytes(queries: int, d: int, itemsize: int, k: int,
   and rows, both sides), twice over when split (a block arrives while one
   is scored). ``parts``: a summed scan's stores (``scan.scan_stores``, one
   per checkpoint), whose rows share a step's bytes, each with its own
-  queries, one top-k. An estimate: at run time XLA's count of the step
+  queries, one top-k. ``rows_cap``: the rows a chip's step may take at
+  most (``pooled_rows``). An estimate: at run time XLA's count of the step
   decides."""
   from tracer import scan  # pylint: disable=g-import-not-at-top
-  rows = step_rows(queries, d, itemsize, parts)
+  rows = step_rows(queries, d, itemsize, parts, rows_cap)
   held = queries * (4 * d * parts + 16 * k) * (2 if split else 1)
   return (parts * rows * d * itemsize + rows * queries * scan.PAIR_BYTES
           + held)
 
 
-def step_rows(queries: int, d: int, itemsize: int, parts: int = 1) -> int:
+def step_rows(queries: int, d: int, itemsize: int, parts: int = 1,
+              rows_cap: int | None = None) -> int:
   """A chip's rows of each store in a streamed scan step with ``queries``
-  queries on it (``run_bytes``)."""
+  queries on it (``run_bytes``), at most ``rows_cap``."""
   from tracer import scan  # pylint: disable=g-import-not-at-top
   step = scan.ACCELERATOR_CHUNK_BYTES
-  return max(1, min(step // (d * itemsize * parts),
-                    scan.SCORE_STEPS * step // (scan.PAIR_BYTES * queries)))
+  rows = min(step // (d * itemsize * parts),
+             scan.SCORE_STEPS * step // (scan.PAIR_BYTES * queries))
+  return max(1, rows if rows_cap is None else min(rows, rows_cap))
+
+
+def pooled_rows(d: int, itemsize: int, parts: int, chips_per_host: int,
+                chunk_rows: int) -> int:
+  """A chip's rows of each store in a step read from object storage: the
+  reads go into a host's pooled buffers (``scan.HOST_BUFFER_BYTES``, on
+  hosts of at least 4 times that), as many sets as ``scan_store`` keeps
+  in flight by default (prefetch 2, each step's buffers until it is done,
+  ``REMOTE_READ_AHEAD`` read ahead, 2 more), a buffer per chip; whole store
+  chunks, at least one (``scan.buffered_step``). A local store's chunks
+  are mapped in place instead, with no such bound."""
+  from tracer import scan  # pylint: disable=g-import-not-at-top
+  sets = (2 + 2 + scan.REMOTE_READ_AHEAD + 2) * parts
+  fits = scan.HOST_BUFFER_BYTES // (sets * chips_per_host * d * itemsize)
+  return max(chunk_rows, fits // chunk_rows * chunk_rows)
 
 
 def _most(fits, unit: int, most: int) -> int:
@@ -145,7 +163,8 @@ def _most(fits, unit: int, most: int) -> int:
 
 
 def query_passes(queries: int, d: int, itemsize: int, k: int, chips: int,
-                 hbm_bytes: float, parts: int = 1) -> dict:
+                 hbm_bytes: float, parts: int = 1,
+                 rows_cap: int | None = None) -> dict:
   """How a streamed scan takes ``queries`` queries on ``chips`` chips of
   ``hbm_bytes``, as ``tracer.scan``'s default plans it: whole on every
   chip in one pass where their step fits 1 / ``QUERY_MEMORY_FRACTION`` of
@@ -155,13 +174,13 @@ def query_passes(queries: int, d: int, itemsize: int, k: int, chips: int,
   scans ``per_run`` queries (padding included). Where even the least step
   (one query, or a block of ``RING_BLOCK_QUERIES``) passes that fraction,
   the runs are held to all of a chip instead (``scan.query_batch``).
-  ``parts``: the stores of a summed scan (``run_bytes``). None where not
-  even one query's step fits a chip."""
+  ``parts``, ``rows_cap``: as in ``run_bytes``. None where not even one
+  query's step fits a chip."""
   from tracer import scan, topk  # pylint: disable=g-import-not-at-top
   half = hbm_bytes / scan.QUERY_MEMORY_FRACTION
 
   def most(split: bool, unit: int, top: int) -> int:
-    step = lambda n: run_bytes(n, d, itemsize, k, split, parts)
+    step = lambda n: run_bytes(n, d, itemsize, k, split, parts, rows_cap)
     limit = hbm_bytes if step(unit) > half else half
     return _most(lambda n: step(n) <= limit, unit, top)
 
@@ -191,7 +210,8 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
          chunk_rows: int = 512, batch_per_host: int = 64,
          host_read_gbps: float = 1.0, r_block_dim: int = 1024,
          checkpoints: int = 1, vocab_size: int = 256_000,
-         text_bytes_per_token: float = 4.0, top_k: int = 10) -> dict:
+         text_bytes_per_token: float = 4.0, top_k: int = 10,
+         local_store: bool = False) -> dict:
   """The capacity plan as a dict; units in the keys' suffixes (_bytes, _flops,
   _s, _hours).
 
@@ -201,6 +221,8 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   ``vocab_size`` and ``text_bytes_per_token`` size the tokenized corpus.
   ``queries`` and ``top_k``: the query set a scan takes, and its proponents
   per query (``query_passes``: the passes over the store it takes).
+  ``local_store``: the store on each host's disk (its chunks mapped) rather
+  than object storage (read into pooled host buffers: ``pooled_rows``).
   """
   spec = find_chip(chip)
   if store_dtype not in ITEMSIZE:
@@ -277,8 +299,10 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   # only: about 1 + min(Q, block) columns over the whole row.
   # Many queries take several passes over the store, or are split over the
   # chips (padded), as tracer.scan plans them.
+  rows_cap = None if local_store else pooled_rows(
+      d, itemsize, steps_summed, chips // hosts, chunk_rows)
   runs = query_passes(queries, d, itemsize, top_k, chips, spec.hbm_bytes,
-                      steps_summed)
+                      steps_summed, rows_cap)
   if runs is None:
     raise ValueError(f"projection_dim: one query's scan step at d={d:,} does "
                      f"not fit a {spec.name} chip's "
@@ -312,7 +336,7 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   ring_bytes = 0.0
   if runs["split"]:
     steps = -(-rows // (chips * step_rows(runs["block"], d, itemsize,
-                                          steps_summed)))
+                                          steps_summed, rows_cap)))
     ring_bytes = (scan_passes * steps * per_run
                   * (4 * d * steps_summed * (chips - 1) / chips + 16 * top_k))
   # A store kept resident in HBM (tracer serve) pays only this.
@@ -341,6 +365,8 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
       queries_split=runs["split"], query_block=runs["block"],
       whole_query_runs=runs["whole_runs"], query_bytes=runs["whole_bytes"],
       query_block_bytes=runs["split_bytes"], ring_bytes_per_chip=ring_bytes,
+      local_store=local_store, scan_step_rows=step_rows(
+          runs["block"] or per_run, d, itemsize, steps_summed, rows_cap),
       matmul_passes=passes, rows=rows,
       itemsize=itemsize, row_bytes=row_bytes, store_bytes=store_bytes,
       store_bytes_per_host=store_bytes / hosts, vocab_size=vocab_size,
@@ -515,11 +541,17 @@ def report(p: dict) -> str:
         "block but the chip's own and every top-k, over the estimate below")
   row("store passes", passes_text(passes)
       + (" (queries split)" if p["queries_split"] else ""),
-      "each within half a chip's HBM: a step's rows (2 GiB"
+      "each within half a chip's HBM: a step's rows (at most 2 GiB"
       + (", of the checkpoints' stores together" if summed > 1 else "")
       + "), its scores, "
       "the queries and top-k; whole where they fit, else split over the "
       "chips where that takes fewer passes, else in runs")
+  row("scan step", f"{count(p['scan_step_rows'])} rows a chip"
+      + (" of each store" if summed > 1 else ""),
+      "the store's chunks mapped from the host's disk (--local_store)"
+      if p["local_store"] else
+      "read from object storage into the host's pooled buffers (8 GiB: "
+      f"{10 * summed} sets of a buffer a chip); --local_store: mapped chunks")
   row("pod HBM free", size(p["pod_hbm_free_bytes"]),
       f"chips * HBM - params * 2 B{times_s} = {p['chips']} * "
       f"{size(c.hbm_bytes, binary=False)} - "
@@ -637,6 +669,9 @@ def define_flags() -> None:
                        "the chips).", lower_bound=1)
   flags.DEFINE_integer("top_k", 10, "Proponents and opponents per query.",
                        lower_bound=1)
+  flags.DEFINE_bool("local_store", False, "The store on each host's disk "
+                    "(its chunks mapped into the scan's steps), not object "
+                    "storage (read into pooled host buffers: smaller steps).")
   flags.DEFINE_float("mfu", 0.4, "ASSUMED model FLOPs utilization of a "
                      "training step at scale (0, 1].")
   flags.DEFINE_float("encode_train_ratio", None, "Encode time / train-step "
@@ -679,7 +714,7 @@ def main(argv):
              FLAGS.mfu, FLAGS.encode_train_ratio, FLAGS.hosts,
              FLAGS.chunk_rows, FLAGS.batch_per_host, FLAGS.host_read_gbps,
              FLAGS.r_block_dim, FLAGS.checkpoints, FLAGS.vocab_size,
-             FLAGS.text_bytes_per_token, FLAGS.top_k)
+             FLAGS.text_bytes_per_token, FLAGS.top_k, FLAGS.local_store)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   print(report(p))

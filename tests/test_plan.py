@@ -144,9 +144,10 @@ def test_many_queries_take_passes_or_are_split_over_the_chips():
   split over 256 chips (padded to 114,688: 448 a chip) take one pass; 10M
   take 5 split passes, each reading the store again. Before 2026-12-06
   (stop 73) the plan assumed one pass for any Q."""
-  v5e = {**BASE, "chip": "v5e"}
+  v5e = {**BASE, "chip": "v5e", "local_store": True}    # (chunks mapped)
   d, row = 65_536, 4 * 65_536 + 16 * 10
   p = plan_lib.plan(**v5e, queries=100_000)
+  assert p["scan_step_rows"] == 16_384
   assert p["query_bytes"] == 100_000 * row
   assert (p["scan_passes"], p["queries_split"], p["whole_query_runs"]) == (1, True, 7)
   assert (p["queries_per_pass"], p["query_block"]) == (114_688, 448)
@@ -183,6 +184,19 @@ def test_many_queries_take_passes_or_are_split_over_the_chips():
   assert "ring traffic a chip" in text and "ring traffic" not in plan_lib.report(one)
   assert "1 pass (queries split)" in text and "they take 7 passes" in text
   assert "store / (64 * 1 GB/s) * 5" in plan_lib.report(many)
+  # From object storage (the default) a step's rows are read into a host's
+  # pooled buffers: 8 GiB for 10 sets of a buffer for each of its 4 chips,
+  # in whole chunks of 512 rows, 1,536 rows a chip. Whole queries then fit
+  # 4 passes (smaller steps, smaller scores), and the ring's blocks go
+  # around 10 times as often.
+  assert plan_lib.pooled_rows(d, 2, 1, 4, 512) == 8 * 2**30 // (10 * 4 * 2 * d) // 512 * 512
+  remote = plan_lib.plan(**{**v5e, "local_store": False}, queries=100_000)
+  assert remote["scan_step_rows"] == 1_536
+  assert (remote["scan_passes"], remote["queries_split"]) == (1, True)
+  assert remote["whole_query_runs"] == 4
+  assert remote["ring_bytes_per_chip"] == pytest.approx(
+      -(-78_125_000 // (256 * 1_536)) * 114_688 * (4 * d * 255 / 256 + 16 * 10))
+  assert "1,536 rows a chip" in plan_lib.report(remote)
 
 
 def test_summed_checkpoints_hold_each_store_s_step_and_queries():
@@ -195,7 +209,7 @@ def test_summed_checkpoints_hold_each_store_s_step_and_queries():
   each ring step's top-k once per checkpoint; and until the scan's step
   was shared by its stores (the same evening) eight stores' steps, 17.2
   GB, fit no v5e chip."""
-  v5e, d, k = {**BASE, "chip": "v5e"}, 65_536, 10
+  v5e, d, k = {**BASE, "chip": "v5e", "local_store": True}, 65_536, 10
   half = 16e9 / 2
   rows = 2**31 // (3 * 2 * d)                          # 5,461 of each store
   assert plan_lib.step_rows(2000, d, 2, 3) == rows
