@@ -1285,6 +1285,12 @@ def test_queries_past_the_memory_are_scanned_in_runs(tmp_path, monkeypatch):
   batch = len(runs[0])
   assert len(runs) == -(-20000 // batch) > 1, len(runs)
   assert plans == [scan.QueryPlan(20000, len(runs), batch, False, 8)]
+  assert scan.QueryPlan(3, 1, 64, True, 1).describe() == (
+      "scan: 3 queries split over the 1 device (64 with the padding, 64 a "
+      "device), one pass over the rows")
+  with pytest.raises(InputError, match=r"^num_queries: 100 split over the "
+                     r"mesh's 8 devices; expected a multiple of 8"):
+    topk.init_topk(100, 5, MESHES["8x1"](), split=True)
   assert scan.QueryPlan(512, 1, 512, True, 8).describe() == (
       "scan: 512 queries split over the 8 devices (512, 64 a device), one "
       "pass over the rows")
@@ -1461,7 +1467,7 @@ def test_a_query_past_the_memory_is_refused_before_the_scan(monkeypatch):
                      r"k=5, split over the 8 devices \(512 with the padding, 64 "
                      r"a device\): a scan step of 1,000 rows per device takes .*; "
                      r"expected fewer rows per step \(chunk_rows\) or a smaller "
-                     r"k or shard_queries=False$"):
+                     r"k or shard_queries=False \(--shard_queries=never\)$"):
     scan.scan_arrays(x, q[:3], 5, mesh=mesh, chunk_rows=8000, shard_queries=True)
 
 

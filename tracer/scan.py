@@ -499,6 +499,11 @@ class _StoreSource(_Source):
     return check
 
 
+def _the_devices(n: int) -> str:
+  """'the 8 devices', 'the 1 device'."""
+  return f"the {n} device{'s' if n != 1 else ''}"
+
+
 class QueryPlan(NamedTuple):
   """How a scan takes its ``queries``: ``passes`` over the rows, each
   scoring ``per_pass`` of them (padding included), ``split`` over the
@@ -516,7 +521,7 @@ class QueryPlan(NamedTuple):
     rows'."""
     text = f"scan: {self.queries:,} quer{'y' if self.queries == 1 else 'ies'}"
     if self.split:
-      text += f" split over the {self.devices} devices"
+      text += f" split over {_the_devices(self.devices)}"
     passes = ("one pass over the rows" if self.passes == 1
               else f"{self.passes:,} passes over the rows")
     if self.split:
@@ -675,12 +680,13 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   asked = (f"queries: {num_queries:,} quer{'y' if num_queries == 1 else 'ies'} "
            f"of d={dim:,} with k={k}")
   if split:
-    asked += (f", split over the {mesh.size} devices ({size:,} with the "
+    asked += (f", split over {_the_devices(mesh.size)} ({size:,} with the "
               f"padding, {size // mesh.size:,} a device)")
   if len(runs) > 1:
     asked += f", in {len(runs):,} runs of {batch:,}"
   fix = "fewer rows per step (chunk_rows) or a smaller k" + (
-      " or shard_queries=False" if split and shard_queries else "")
+      " or shard_queries=False (--shard_queries=never)"
+      if split and shard_queries else "")
   if on_plan is not None:
     on_plan(QueryPlan(num_queries, len(runs), size, split, mesh.size))
   results = []
@@ -1022,7 +1028,7 @@ class StreamingScanner:
     # A block is held twice while the next one arrives around the ring.
     held = (2 * len(q) // self.mesh.size if self.split else len(q)) * per_query
     if held > have:
-      where = (f" (split over the {self.mesh.size} devices, "
+      where = (f" (split over {_the_devices(self.mesh.size)}, "
                f"{len(q) // self.mesh.size:,} a device, and as many arriving)"
                if self.split else " (whole on each device)")
       raise InputError(

@@ -1135,7 +1135,12 @@ def init_topk(num_queries: int, k: int, mesh: Mesh | None = None,
   if k < 1 or num_queries < 1:
     raise InputError(f"k and num_queries must be >= 1, got k={k}, "
                      f"num_queries={num_queries}")
-  return _init_fn(_mesh(mesh), int(num_queries), int(k), bool(split))()
+  mesh = _mesh(mesh)
+  if split and num_queries % mesh.size:
+    raise InputError(f"num_queries: {num_queries} split over the mesh's "
+                     f"{mesh.size} devices; expected a multiple of "
+                     f"{mesh.size} (topk.ring_queries pads to one)")
+  return _init_fn(mesh, int(num_queries), int(k), bool(split))()
 
 
 def update_topk(state: TopKState, chunk_encodings, chunk_row_ids, queries,
