@@ -141,12 +141,12 @@ def pooled_rows(d: int, itemsize: int, parts: int, chips_per_host: int,
   """A chip's rows of each store in a step read from object storage: the
   reads go into a host's pooled buffers (``scan.HOST_BUFFER_BYTES``, on
   hosts of at least 4 times that), as many sets as ``scan_store`` keeps
-  in flight by default (prefetch 2, each step's buffers until it is done,
-  ``REMOTE_READ_AHEAD`` read ahead, 2 more), a buffer per chip; whole store
+  by default (``scan.pool_sets``: prefetch 2, ``REMOTE_READ_AHEAD`` read
+  ahead), a buffer per chip; whole store
   chunks, at least one (``scan.buffered_step``). A local store's chunks
   are mapped in place instead, with no such bound."""
   from tracer import scan  # pylint: disable=g-import-not-at-top
-  sets = (2 + 2 + scan.REMOTE_READ_AHEAD + 2) * parts
+  sets = scan.pool_sets(2, scan.REMOTE_READ_AHEAD, parts)  # (scan_store's)
   fits = scan.HOST_BUFFER_BYTES // (sets * chips_per_host * d * itemsize)
   return max(chunk_rows, fits // chunk_rows * chunk_rows)
 

@@ -504,6 +504,18 @@ def _the_devices(n: int) -> str:
   return f"the {n} device{'s' if n != 1 else ''}"
 
 
+def _queries_text(n: int) -> str:
+  """'20,000 queries', '1 query'."""
+  return f"{n:,} quer{'y' if n == 1 else 'ies'}"
+
+
+def pool_sets(prefetch: int, read_ahead: int, parts: int = 1) -> int:
+  """Pooled sets of buffers (one a local device) a scan keeps: those
+  prefetched, those of steps in flight until done, those read ahead, and
+  two more; each part of a sum its own."""
+  return (prefetch + max(1, prefetch) + read_ahead + 2) * parts
+
+
 class QueryPlan(NamedTuple):
   """How a scan takes its ``queries``: ``passes`` over the rows, each
   scoring ``per_pass`` of them (padding included), ``split`` over the
@@ -519,7 +531,7 @@ class QueryPlan(NamedTuple):
     """One line for a person: 'scan: 20,000 queries split over the 8
     devices (20,480 with the padding, 2,560 a device), one pass over the
     rows'."""
-    text = f"scan: {self.queries:,} quer{'y' if self.queries == 1 else 'ies'}"
+    text = f"scan: {_queries_text(self.queries)}"
     if self.split:
       text += f" split over {_the_devices(self.devices)}"
     passes = ("one pass over the rows" if self.passes == 1
@@ -581,7 +593,7 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   metrics = [s.stored_metric(m) for s, m in zip(sources, metrics)]
   dtype = device_dtype(sources[0].dtype)
   read_ahead = max(0, int(read_ahead))
-  sets = lambda: (prefetch + max(1, prefetch) + read_ahead + 2) * len(sources)
+  sets = lambda: pool_sets(prefetch, read_ahead, len(sources))
   # A summed step reads every part's rows: together they take a step's
   # bytes (S stores of 2 GiB steps would not fit a 16 GB chip past S = 7).
   step = default_chunk_rows(dim, dtype.itemsize * len(sources), mesh.size,
@@ -677,8 +689,7 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   # What a step too large for the memory (refused as the first step runs) is
   # named by: the planner has already cut the queries to their least, one a
   # run or a block of RING_BLOCK_QUERIES a device, so fewer would not help.
-  asked = (f"queries: {num_queries:,} quer{'y' if num_queries == 1 else 'ies'} "
-           f"of d={dim:,} with k={k}")
+  asked = f"queries: {_queries_text(num_queries)} of d={dim:,} with k={k}"
   if split:
     asked += (f", split over {_the_devices(mesh.size)} ({size:,} with the "
               f"padding, {size // mesh.size:,} a device)")
@@ -1032,9 +1043,8 @@ class StreamingScanner:
                f"{len(q) // self.mesh.size:,} a device, and as many arriving)"
                if self.split else " (whole on each device)")
       raise InputError(
-          f"queries: {self.num_queries:,} quer"
-          f"{'y' if self.num_queries == 1 else 'ies'} of d={self.dim:,} with "
-          f"k={self.k} take {memory.size_text(held)} on each device{where}, "
+          f"queries: {_queries_text(self.num_queries)} of d={self.dim:,} "
+          f"with k={self.k} take {memory.size_text(held)} on each device{where}, "
           f"more than a device's {memory.size_text(have)}; expected fewer "
           "queries per streamed scan, or a scan of a store (tracer trace "
           "without --streaming), which takes them in several passes")
