@@ -6,7 +6,8 @@ r"""Prints a capacity plan for encoding and scanning a whole pretraining corpus.
 Arithmetic only (no jax): rows and store size, encode FLOPs and chip-hours,
 scan time for a query set (compute, HBM and host-read bounds; the query
 set's own R applied at scan time; the passes over the store many queries
-take, or their split over the chips) and host memory per host while
+take, or their split over the chips; ``--host_memory`` bounds the pooled
+reads of a store in object storage) and host memory per host while
 encoding.
 ``--checkpoints=S`` plans TrackStar summed over S checkpoints (``tracer trace
 --sum_steps``): S encodes, S stores, S times the scan. Chip figures come from
@@ -136,71 +137,89 @@ def step_rows(queries: int, d: int, itemsize: int, parts: int = 1,
   return max(1, rows if rows_cap is None else min(rows, rows_cap))
 
 
-def pooled_rows(d: int, itemsize: int, parts: int, chips_per_host: int,
-                chunk_rows: int) -> int:
-  """A chip's rows of each store in a step read from object storage: the
-  reads go into a host's pooled buffers (``scan.HOST_BUFFER_BYTES``, on
-  hosts of at least 4 times that), as many sets as ``scan_store`` keeps
-  by default (``scan.pool_sets``: prefetch 2, ``REMOTE_READ_AHEAD`` read
-  ahead), a buffer per chip; whole store
-  chunks, at least one (``scan.buffered_step``). A local store's chunks
-  are mapped in place instead, with no such bound."""
+def pool_bytes(host_memory: float | None = None) -> int:
+  """Bytes a scan's pooled read buffers take on a host of ``host_memory``
+  bytes (``scan.host_buffer_bytes``); None: a host of at least
+  ``HOST_BUFFER_FRACTION`` times ``HOST_BUFFER_BYTES`` (32 GiB), whose
+  pool is all of ``HOST_BUFFER_BYTES``."""
   from tracer import scan  # pylint: disable=g-import-not-at-top
-  sets = scan.pool_sets(2, scan.REMOTE_READ_AHEAD, parts)  # (scan_store's)
-  fits = scan.HOST_BUFFER_BYTES // (sets * chips_per_host * d * itemsize)
+  if host_memory is None:
+    host_memory = scan.HOST_BUFFER_FRACTION * scan.HOST_BUFFER_BYTES
+  return scan.host_buffer_bytes(int(host_memory))
+
+
+def remote_sets(parts: int = 1) -> int:
+  """Pooled sets of buffers (one a chip) ``scan_store`` keeps by default
+  reading object storage (``scan.pool_sets``: prefetch 2,
+  ``REMOTE_READ_AHEAD`` read ahead), of each of ``parts`` stores."""
+  from tracer import scan  # pylint: disable=g-import-not-at-top
+  return scan.pool_sets(2, scan.REMOTE_READ_AHEAD, parts)
+
+
+def pooled_rows(d: int, itemsize: int, parts: int, chips_per_host: int,
+                chunk_rows: int, host_memory: float | None = None) -> int:
+  """A chip's rows of each store in a step read from object storage: the
+  reads go into a host's pooled buffers (``pool_bytes(host_memory)``), as
+  many sets as ``scan_store`` keeps by default (``remote_sets``), a buffer
+  per chip; whole store chunks, at least one (``scan.buffered_step``;
+  where the sets of a chunk a chip pass the pool, the scan reads fewer
+  ahead, and its step is still one chunk). A local store's chunks are
+  mapped in place instead, with no such bound."""
+  sets = remote_sets(parts)
+  fits = pool_bytes(host_memory) // (sets * chips_per_host * d * itemsize)
   return max(chunk_rows, fits // chunk_rows * chunk_rows)
-
-
-def _most(fits, unit: int, most: int) -> int:
-  """The largest multiple of ``unit`` up to ``most`` (rounded up to a unit)
-  for which ``fits`` holds (it holds for fewer where it holds for more), or
-  0 where not even ``unit`` does."""
-  lo, hi = 0, -(-most // unit)
-  while lo < hi:
-    mid = (lo + hi + 1) // 2
-    lo, hi = (mid, hi) if fits(mid * unit) else (lo, mid - 1)
-  return lo * unit
 
 
 def query_passes(queries: int, d: int, itemsize: int, k: int, chips: int,
                  hbm_bytes: float, parts: int = 1,
                  rows_cap: int | None = None) -> dict:
   """How a streamed scan takes ``queries`` queries on ``chips`` chips of
-  ``hbm_bytes``, as ``tracer.scan``'s default plans it: whole on every
-  chip in one pass where their step fits 1 / ``QUERY_MEMORY_FRACTION`` of
-  a chip; else split over the chips (blocks padded to
-  ``topk.RING_BLOCK_QUERIES``) where that takes fewer passes; else in
-  equal runs of whole queries. Each run is a pass over the store and
-  scans ``per_run`` queries (padding included). Where even the least step
-  (one query, or a block of ``RING_BLOCK_QUERIES``) passes that fraction,
-  the runs are held to all of a chip instead (``scan.query_batch``).
-  ``parts``, ``rows_cap``: as in ``run_bytes``. None where not even one
-  query's step fits a chip."""
+  ``hbm_bytes``, as ``tracer.scan``'s default plans it (``_scan``, with
+  ``run_bytes`` for XLA's count of a step): runs of whole queries on every
+  chip (``scan.query_batch``: all of them where their step fits 1 /
+  ``QUERY_MEMORY_FRACTION`` of a chip, else the fewest equal runs that do;
+  where even one query's step passes that, all of a chip); where that
+  takes several, split over the chips (``topk.ring_queries``: blocks of
+  ``RING_BLOCK_QUERIES`` a chip) if that takes fewer runs and its step fits
+  the chip. Each run is a pass over the store and scans ``per_run``
+  queries (padding included); ``step_bytes``: a chip's bytes for its step,
+  ``limit_bytes``: the bound the runs were held to (half a chip, or all of
+  it). ``parts``, ``rows_cap``: as in ``run_bytes``. None where not even
+  one query's step fits a chip."""
   from tracer import scan, topk  # pylint: disable=g-import-not-at-top
-  half = hbm_bytes / scan.QUERY_MEMORY_FRACTION
-
-  def most(split: bool, unit: int, top: int) -> int:
-    step = lambda n: run_bytes(n, d, itemsize, k, split, parts, rows_cap)
-    limit = hbm_bytes if step(unit) > half else half
-    return _most(lambda n: step(n) <= limit, unit, top)
-
-  whole = most(False, 1, queries)
+  have = int(hbm_bytes)
   unit = topk.RING_BLOCK_QUERIES * chips
-  padded = lambda n: -(-n // unit) * unit
-  block = most(True, topk.RING_BLOCK_QUERIES, padded(queries) // chips)
-  runs = lambda most: -(-queries // most) if most else math.inf
-  whole_runs, split_runs = runs(whole), runs(block * chips)
-  split = chips > 1 and whole_runs > 1 and split_runs < whole_runs
-  passes = split_runs if split else whole_runs
-  if math.isinf(passes):
+
+  def padded(n: int, split: bool) -> int:  # (as topk.ring_queries pads them)
+    return -(-n // unit) * unit if split else n
+
+  def step_bytes(n: int, split: bool) -> int:
+    n = padded(n, split)  # (a chip holds a block of them when split)
+    return run_bytes(n // chips if split else n, d, itemsize, k, split, parts,
+                     rows_cap)
+
+  def run_queries(split: bool) -> int:  # (as _scan's)
+    batch = scan.query_batch(queries, lambda n: step_bytes(n, split), have)
+    return min(queries, padded(batch, split))
+
+  split, batch = False, run_queries(False)
+  whole_runs = -(-queries // batch)
+  if batch < queries and chips > 1:
+    ring_batch = run_queries(True)
+    if (-(-queries // ring_batch) < whole_runs
+        and step_bytes(ring_batch, True) <= have):
+      split, batch = True, ring_batch
+  need = step_bytes(batch, split)
+  if need > have:
     return None
-  per_run = -(-queries // passes)
-  per_run = padded(per_run) if split else per_run
-  return dict(passes=passes, split=split, per_run=per_run,
+  per_run = padded(batch, split)
+  half = have // scan.QUERY_MEMORY_FRACTION
+  return dict(passes=-(-queries // batch), split=split, per_run=per_run,
               whole_runs=whole_runs, block=per_run // chips if split else None,
               whole_bytes=queries * (4 * d * parts + 16 * k),
               split_bytes=2 * (per_run // chips) * (4 * d * parts + 16 * k)
-              if split else None)
+              if split else None, step_bytes=need,
+              limit_bytes=have if need > half else half)
 
 
 def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
@@ -211,7 +230,8 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
          host_read_gbps: float = 1.0, r_block_dim: int = 1024,
          checkpoints: int = 1, vocab_size: int = 256_000,
          text_bytes_per_token: float = 4.0, top_k: int = 10,
-         local_store: bool = False) -> dict:
+         local_store: bool = False,
+         host_memory: float | None = None) -> dict:
   """The capacity plan as a dict; units in the keys' suffixes (_bytes, _flops,
   _s, _hours).
 
@@ -223,6 +243,8 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   per query (``query_passes``: the passes over the store it takes).
   ``local_store``: the store on each host's disk (its chunks mapped) rather
   than object storage (read into pooled host buffers: ``pooled_rows``).
+  ``host_memory``: a host's bytes, which bound that pool (``pool_bytes``;
+  None: at least 32 GiB, a pool of ``scan.HOST_BUFFER_BYTES``).
   """
   spec = find_chip(chip)
   if store_dtype not in ITEMSIZE:
@@ -234,6 +256,8 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
                   host_read_gbps=host_read_gbps, r_block_dim=r_block_dim,
                   checkpoints=checkpoints, vocab_size=vocab_size,
                   text_bytes_per_token=text_bytes_per_token, top_k=top_k)
+  if host_memory is not None:
+    positive.update(host_memory=host_memory)
   for key, value in positive.items():
     if not (value > 0 and math.isfinite(value)):
       raise ValueError(f"{key} must be a positive, finite number, got {value}")
@@ -300,7 +324,11 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   # Many queries take several passes over the store, or are split over the
   # chips (padded), as tracer.scan plans them.
   rows_cap = None if local_store else pooled_rows(
-      d, itemsize, steps_summed, chips // hosts, chunk_rows)
+      d, itemsize, steps_summed, chips // hosts, chunk_rows, host_memory)
+  # (where a chunk a chip in every set passes the pool, the scan reads fewer
+  # steps ahead: its own loop, not modelled; the step is one chunk anyway)
+  pool, pool_sets = pool_bytes(host_memory), remote_sets(steps_summed)
+  pool_short = pool_sets * (chips // hosts) * chunk_rows * d * itemsize > pool
   runs = query_passes(queries, d, itemsize, top_k, chips, spec.hbm_bytes,
                       steps_summed, rows_cap)
   if runs is None:
@@ -365,8 +393,12 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
       queries_split=runs["split"], query_block=runs["block"],
       whole_query_runs=runs["whole_runs"], query_bytes=runs["whole_bytes"],
       query_block_bytes=runs["split_bytes"], ring_bytes_per_chip=ring_bytes,
+      scan_step_bytes=runs["step_bytes"],
+      scan_step_limit_bytes=runs["limit_bytes"],
       local_store=local_store, scan_step_rows=step_rows(
           runs["block"] or per_run, d, itemsize, steps_summed, rows_cap),
+      host_memory=host_memory, host_pool_bytes=pool, host_pool_sets=pool_sets,
+      host_pool_short=pool_short,
       matmul_passes=passes, rows=rows,
       itemsize=itemsize, row_bytes=row_bytes, store_bytes=store_bytes,
       store_bytes_per_host=store_bytes / hosts, vocab_size=vocab_size,
@@ -539,19 +571,31 @@ def report(p: dict) -> str:
         f"({bandwidth(ring / p['scan_compute_s'])} at the compute bound)",
         f"{size(ring, binary=False)} sent over the scan: each step, every "
         "block but the chip's own and every top-k, over the estimate below")
+  # (query_batch holds the runs to half a chip, or to all of it where even
+  # the least step passes half: then so does the planned one)
+  bound = ("half a chip's HBM"
+           if p["scan_step_limit_bytes"] < c.hbm_bytes else
+           "all of a chip's HBM (even the least step passes half)")
   row("store passes", passes_text(passes)
       + (" (queries split)" if p["queries_split"] else ""),
-      "each within half a chip's HBM: a step's rows (at most 2 GiB"
+      f"each step {size(p['scan_step_bytes'], binary=False)} a chip, within "
+      f"{bound}: its rows (at most 2 GiB"
       + (", of the checkpoints' stores together" if summed > 1 else "")
       + "), its scores, "
       "the queries and top-k; whole where they fit, else split over the "
       "chips where that takes fewer passes, else in runs")
+  pool = size(p["host_pool_bytes"])
+  if p["host_memory"] is not None:
+    pool += f" of a host's {size(p['host_memory'], binary=False)}"
+  sets = (f"{p['host_pool_sets']} sets of a buffer a chip" if not
+          p["host_pool_short"] else f"fewer than {p['host_pool_sets']} sets "
+          "of a buffer a chip: that many of a chunk would not fit")
   row("scan step", f"{count(p['scan_step_rows'])} rows a chip"
       + (" of each store" if summed > 1 else ""),
       "the store's chunks mapped from the host's disk (--local_store)"
       if p["local_store"] else
-      "read from object storage into the host's pooled buffers (8 GiB: "
-      f"{10 * summed} sets of a buffer a chip); --local_store: mapped chunks")
+      f"read from object storage into the host's pooled buffers, {pool} for "
+      f"{sets}; --local_store: mapped chunks")
   row("pod HBM free", size(p["pod_hbm_free_bytes"]),
       f"chips * HBM - params * 2 B{times_s} = {p['chips']} * "
       f"{size(c.hbm_bytes, binary=False)} - "
@@ -621,6 +665,14 @@ def report(p: dict) -> str:
          "set by --encode_train_ratio (measured here: 1.33 on the H200, "
          "1.07-1.09 on the 2-core CPU, 27.4M-param model)")
       + "; not measured at this model size.",
+      *([] if p["local_store"] else [
+          "  - host memory "
+          + ("at least 32 GiB: ASSUMED (--host_memory)"
+             if p["host_memory"] is None else
+             f"{size(p['host_memory'], binary=False)} (--host_memory)")
+          + "; a scan from object storage pools its reads in a quarter of "
+          "it, at most 8 GiB (scan.host_buffer_bytes): "
+          f"{size(p['host_pool_bytes'])}."]),
       f"  - host read bandwidth {p['host_read_gbps']:g} GB/s per host: ASSUMED"
       " (object storage or local disk); the scan as built streams the store "
       "at this rate for every query batch.",
@@ -669,6 +721,10 @@ def define_flags() -> None:
                        "the chips).", lower_bound=1)
   flags.DEFINE_integer("top_k", 10, "Proponents and opponents per query.",
                        lower_bound=1)
+  flags.DEFINE_float("host_memory", None, "A host's memory, bytes (e.g. "
+                     "400e9): a scan from object storage pools its reads in "
+                     "at most a quarter of it, and 8 GiB (default: ASSUMED "
+                     "at least 32 GiB).")
   flags.DEFINE_bool("local_store", False, "The store on each host's disk "
                     "(its chunks mapped into the scan's steps), not object "
                     "storage (read into pooled host buffers: smaller steps).")
@@ -714,7 +770,8 @@ def main(argv):
              FLAGS.mfu, FLAGS.encode_train_ratio, FLAGS.hosts,
              FLAGS.chunk_rows, FLAGS.batch_per_host, FLAGS.host_read_gbps,
              FLAGS.r_block_dim, FLAGS.checkpoints, FLAGS.vocab_size,
-             FLAGS.text_bytes_per_token, FLAGS.top_k, FLAGS.local_store)
+             FLAGS.text_bytes_per_token, FLAGS.top_k, FLAGS.local_store,
+             FLAGS.host_memory)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   print(report(p))

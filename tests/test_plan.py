@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import subprocess
@@ -65,6 +66,9 @@ def test_tokenized_corpus_bytes():
     ({"tokens": 2047}, "tokens must be at least one row of seq_len=2048, got 2047"),
     ({"params": 1e14, "chips": 4}, r"params: their bf16 weights \(200 TB\) exceed "
      r"the HBM of 4 v5p chips \(380 GB\); expected more chips"),
+    ({"host_memory": 0}, "host_memory must be a positive, finite number, "
+     "got 0"),
+    ({"host_memory": -16e9}, "host_memory must be a positive, finite number"),
 ])
 def test_bad_numbers_are_refused(change, message):
   with pytest.raises(ValueError, match=message):
@@ -199,6 +203,98 @@ def test_many_queries_take_passes_or_are_split_over_the_chips():
   assert "1,536 rows a chip" in plan_lib.report(remote)
 
 
+def test_query_passes_plan_as_the_scan_where_a_step_shrinks_with_more_queries():
+  """At small d a step's bytes fall as queries grow once its scores cap its
+  rows (``SCORE_STEPS`` * 2 GiB / (8 B * Q)): at d = 1,024 (bf16, k = 10)
+  1,000 queries take 10.54 GB a step, 2,000 take 9.70 GB. On a chip of 20
+  GB (half: 10 GB) ``scan.query_batch`` takes the 2,000 in one run; until
+  2026-12-06 the plan bisected as if a step only grew with its queries,
+  and planned 3 runs of 667 on one chip, a split over 8."""
+  from tracer import scan  # pylint: disable=g-import-not-at-top
+  d, k, have = 1024, 10, 20 * 10**9
+  step = lambda n: plan_lib.run_bytes(n, d, 2, k, False)
+  rows = 4 * 2**31 // (8 * 2000)                        # 536,870: scores' cap
+  assert plan_lib.step_rows(2000, d, 2) == rows
+  assert (step(2000) == rows * d * 2 + rows * 2000 * 8 + 2000 * (4 * d + 16 * k)
+          == 9_697_941_760)
+  assert (step(1000) == 2**31 + 2**20 * 1000 * 8 + 1000 * (4 * d + 16 * k)
+          == 10_540_347_648)
+  assert scan.query_batch(2000, step, have) == 2000
+  for chips in (1, 8):
+    got = plan_lib.query_passes(2000, d, 2, k, chips, have)
+    assert (got["passes"], got["split"], got["per_run"], got["whole_runs"]) == (
+        1, False, 2000, 1), chips
+    assert (got["step_bytes"], got["limit_bytes"]) == (9_697_941_760, 10**10)
+  # On one chip the plan's runs are query_batch's, wherever the bytes fall.
+  for d in (64, 256, 1024):
+    for gb in (17, 18, 19, 20, 21):
+      for queries in (500, 1000, 2000, 5000, 10_000):
+        step = lambda n, d=d: plan_lib.run_bytes(n, d, 2, k, False)
+        batch = scan.query_batch(queries, step, gb * 10**9)
+        got = plan_lib.query_passes(queries, d, 2, k, 1, gb * 10**9)
+        assert (got["passes"], got["per_run"]) == (
+            -(-queries // batch), batch), (d, gb, queries)
+
+
+def test_store_passes_name_the_bound_their_runs_are_held_to():
+  """Runs are held to half a chip's HBM, or to all of it where even the
+  least step passes half (``scan.query_batch``): a chip of 4 GB, whose half
+  no 2 GiB step of a local store fits. Until 2026-12-06 the report said
+  half either way."""
+  small = dataclasses.replace(plan_lib.find_chip("v5e"), name="small",
+                              hbm_bytes=4e9)
+  args = {**BASE, "params": 1e8, "chip": "small", "local_store": True}
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(plan_lib, "CHIPS", plan_lib.CHIPS + (small,))
+    p = plan_lib.plan(**args)
+  text = plan_lib.report(p)
+  assert ("each step 2.17 GB a chip, within all of a chip's HBM (even the "
+          "least step passes half)") in text
+  assert "half a chip's HBM" not in text
+  need = 2**31 + 16_384 * 64 * 8 + 64 * (4 * 65_536 + 16 * 10)
+  assert plan_lib.run_bytes(1, 65_536, 2, 10, False) > 2e9
+  assert (p["scan_passes"], p["queries_split"]) == (1, False)
+  assert (p["scan_step_bytes"], p["scan_step_limit_bytes"]) == (need, 4e9)
+  v5e = plan_lib.plan(**{**args, "chip": "v5e"})
+  assert v5e["scan_step_limit_bytes"] == 8e9
+  assert ("each step 2.17 GB a chip, within half a chip's HBM: its rows"
+          in plan_lib.report(v5e))
+
+
+def test_host_memory_bounds_the_pooled_reads():
+  """A scan from object storage pools its reads in a quarter of a host's
+  memory, at most 8 GiB (``scan.host_buffer_bytes``): a v5e host of 16 GB
+  pools 4 GB, 512 rows a chip a step at d = 2^16 (10 sets of a buffer for
+  each of 4 chips), where the default (a host of at least 32 GiB) pools 8
+  GiB, 1,536 rows. Until 2026-12-06 the plan assumed 8 GiB on any host."""
+  d = 65_536
+  assert plan_lib.pooled_rows(d, 2, 1, 4, 512, 16e9) == 512
+  assert 4 * 10**9 // (10 * 4 * 2 * d) == 762             # one chunk of 512
+  assert plan_lib.pooled_rows(d, 2, 1, 4, 512) == 1_536
+  assert plan_lib.pooled_rows(d, 2, 1, 4, 512, 400e9) == 1_536
+  v5e = {**BASE, "chip": "v5e", "queries": 100_000}
+  default, small = plan_lib.plan(**v5e), plan_lib.plan(**v5e, host_memory=16e9)
+  assert (default["scan_step_rows"], small["scan_step_rows"]) == (1_536, 512)
+  assert (default["host_pool_bytes"], small["host_pool_bytes"]) == (8 * 2**30,
+                                                                   4 * 10**9)
+  text = plan_lib.report(small)
+  assert ("pooled buffers, 4 GB (3.73 GiB) of a host's 16 GB for 10 sets of a "
+          "buffer a chip") in text
+  assert "host memory 16 GB (--host_memory)" in text
+  text = plan_lib.report(default)
+  assert ("pooled buffers, 8.59 GB (8 GiB) for 10 sets of a buffer a chip"
+          in text)
+  assert "host memory at least 32 GiB: ASSUMED (--host_memory)" in text
+  # Where 20 sets (two checkpoints) of a chunk for each of 8 GPUs pass the
+  # pool, the scan reads fewer ahead; its step is still one chunk.
+  h100 = plan_lib.plan(**{**BASE, "chips": 8, "chip": "h100", "checkpoints": 2,
+                          "host_memory": 16e9})
+  assert h100["host_pool_short"] and h100["scan_step_rows"] == 512
+  assert "fewer than 20 sets of a buffer a chip" in plan_lib.report(h100)
+  assert "host memory" not in plan_lib.report(
+      plan_lib.plan(**BASE, local_store=True)).split("Assumptions")[1]
+
+
 def test_summed_checkpoints_hold_each_store_s_step_and_queries():
   """A summed scan (``tracer trace --sum_steps``: ``scan.scan_stores``)
   holds a step of rows of every checkpoint's store, together a step's 2
@@ -277,6 +373,18 @@ def test_cli_prints_plan():
   assert "78,125,000 rows" in result.stdout
   assert "Assumptions" in result.stdout
   assert "ASSUMED" in result.stdout
+
+
+def test_cli_host_memory():
+  args = ("--params=8e9", "--tokens=160e9", "--chips=256", "--chip=v5e",
+          "--queries=100000")
+  result = _run(*args, "--host_memory=16e9")
+  assert result.returncode == 0, result.stderr
+  assert "512 rows a chip" in result.stdout
+  assert "4 GB (3.73 GiB) of a host's 16 GB" in result.stdout
+  result = _run(*args, "--host_memory=-1")
+  assert result.returncode != 0
+  assert "host_memory must be a positive, finite number" in result.stderr
 
 
 def test_cli_unknown_chip_fails_clearly():
