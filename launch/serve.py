@@ -59,14 +59,13 @@ from typing import Collection
 
 from absl import flags
 import jax
-import numpy as np
 
 from tracer.launch import common
 from tracer.launch import config
 from tracer.config import PreconditionerConfig
 from tracer import data as data_lib
-from tracer import memory
 from tracer import pipeline
+from tracer import scan
 from tracer import serving
 from tracer.errors import InputError
 
@@ -79,8 +78,9 @@ flags.DEFINE_integer("resident_budget_mb", -1, "Device memory per device the "
                      "store's rows may take; more and they are streamed from "
                      "the store for every batch of requests, in windows of "
                      "half of it. -1: 60% of an accelerator's "
-                     "memory, or on CPU 40% of host memory over the local "
-                     "devices. 0: always stream.", lower_bound=-1)
+                     "memory, or on CPU 40% of host memory over its devices "
+                     "in the mesh (the least of any host's). 0: always "
+                     "stream.", lower_bound=-1)
 flags.DEFINE_float("batch_window_ms", 5.0, "How long the batcher waits for "
                    "more requests to answer with the first one.")
 flags.DEFINE_integer("max_batch_queries", 256, "Queries per request and per "
@@ -112,22 +112,16 @@ del _name
 FLAGS = flags.FLAGS
 
 
-def budget_bytes(budget_mb: int) -> int:
-  """``--resident_budget_mb`` in bytes, process 0's figure on every process
-  (all must choose the same index)."""
-  if budget_mb < 0:
-    device = memory.device_memory_bytes()
-    if device is not None:
-      # The rest: the model, the encoder's and the scan's temporaries.
-      budget = 0.6 * device
-    else:  # CPU devices share the host's memory
-      budget = 0.4 * memory.host_memory_bytes() / jax.local_device_count()
-    budget_mb = int(budget) >> 20
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    budget_mb = int(multihost_utils.broadcast_one_to_all(
-        np.array([budget_mb], np.int32))[0])
-  return budget_mb << 20
+def budget_bytes(budget_mb: int, mesh) -> int:
+  """``--resident_budget_mb`` in bytes; -1: a share of a device of ``mesh``
+  (``scan.agreed_memory``: the least of any process's, since all must
+  choose the same index)."""
+  if budget_mb >= 0:
+    return budget_mb << 20
+  agreed = scan.agreed_memory(False, mesh)
+  # The rest: the model, the encoder's and the scan's temporaries (and on
+  # CPU, whose devices share the host's memory, the host's other uses).
+  return int((0.4 if agreed.shared else 0.6) * agreed.device) >> 20 << 20
 
 
 def _complete(location: str, run_, pcfg: PreconditionerConfig) -> tuple:
@@ -166,7 +160,8 @@ def build(workdir: str, store_path: str | None = None, corpus: str | None = None
     steps.append(other.ckpt.step)
     tasks.append(common.task_metric(other, other_basis, task_queries, pcfg))
   start = time.perf_counter()
-  index = serving.open_index(stores, run_.encoder.mesh, budget_bytes(budget_mb),
+  index = serving.open_index(stores, run_.encoder.mesh,
+                             budget_bytes(budget_mb, run_.encoder.mesh),
                              verify)
   common.say(f"checkpoint {run_.ckpt.path} (step {run_.ckpt.step}"
              + (f", summed with steps {steps}" if steps else "") + "); store "

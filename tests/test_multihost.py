@@ -692,6 +692,34 @@ if me == 0:  # a scan of this process's own devices agrees with no other
   local = scan.scan_arrays(held, q, 5, mesh=partitioning.make_mesh(
       devices=jax.local_devices()))
   print("local rows", local.proponent_rows.tolist(), "want", want.tolist(), flush=True)
+# A mesh of 1 of process 0's devices and both of process 1's, on hosts
+# alike: a device of process 1 has half the share of process 0's. Its
+# share is agreed (first written, each divided the agreed host by its own
+# devices: process 0 took 64 queries a run, process 1 fewer, and both hung in
+# the scan's collectives), and so is the pool's step for copied rows.
+uneven = partitioning.make_mesh(devices=[
+    d for d in jax.devices() if d.process_index == 1 or d.id == 0])
+some, big = many[:64], rng.standard_normal((12000, 64), dtype=np.float32)
+memory.host_memory_bytes = lambda: 64 << 30
+scan.scan_arrays(big, some, 5, mesh=uneven, chunk_rows=12000)
+step64 = counts[-1]
+# (process 1's devices: half of 1.5 steps each; process 0's: 1.5 steps)
+memory.host_memory_bytes = lambda: 3 * step64
+runs.clear()
+got = scan.scan_arrays(big, some, 5, mesh=uneven, chunk_rows=12000,
+                      shard_queries=False)
+want_some = np.argsort(-(big @ some.T), axis=0, kind="stable")[:5].T
+print("uneven runs", runs, flush=True)
+print("rows", got.proponent_rows.tolist(), "want", want_some.tolist(), flush=True)
+steps = []
+scan._scan_run = lambda sources, qs, k, mesh, layout, *a: (
+    steps.append(layout.step) or run(sources, qs, k, mesh, layout, *a))
+# (process 1 copies its unaligned rows; a pool a quarter of the host:
+# 1,000 rows a set for process 0's device, 500 for process 1's)
+memory.host_memory_bytes = lambda: 4 * scan.pool_sets(2, 0) * 64 * 4 * 1000
+got = scan.scan_arrays(held, q, 5, mesh=uneven)
+print("uneven steps", steps, flush=True)
+print("rows", got.proponent_rows.tolist(), "want", want.tolist(), flush=True)
 """
 
 
@@ -704,7 +732,8 @@ def test_a_scan_plans_one_step_on_uneven_hosts(tmp_path):
   both scan in the smaller host's runs (stop 71); and 2,048 queries that
   fit its devices only split over them: both split them, in one pass
   (stop 72). Then process 0 scans its own devices alone: nothing to
-  agree."""
+  agree. Then a mesh of 1 device of process 0 and 2 of process 1: a
+  device's share of the host is agreed, not the host's bytes (stop 74)."""
   port = multiprocess.free_port()
   procs, logs = multiprocess.start(
       [[sys.executable, "-c", _UNEVEN_HOSTS_SCAN, str(port), str(i)]
@@ -717,6 +746,12 @@ def test_a_scan_plans_one_step_on_uneven_hosts(tmp_path):
   rings = [next(l for l in text.splitlines() if l.startswith("ring "))
            for text in texts]
   assert rings[0] == rings[1] == "ring [2048] [True]", texts
+  # A mesh of 1 device of process 0 and 2 of process 1: the smaller
+  # share (process 1's) plans both.
+  uneven = [[json.loads(l.split(" ", 2)[2]) for l in text.splitlines()
+             if l.startswith("uneven ")] for text in texts]
+  assert uneven[0] == uneven[1] and len(uneven[0][0]) > 1, texts
+  assert uneven[0][1] == [500 * 3], texts  # (process 0 alone: 1,000 a device)
   for text, prefixes in zip(texts, [("rows ", "local rows "), ("rows ",)]):
     for prefix in prefixes:
       lines = [l for l in text.splitlines() if l.startswith(prefix)]

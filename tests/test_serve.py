@@ -321,6 +321,22 @@ def test_bf16_rows_are_scored_widened_on_the_cpu(tmp_path, monkeypatch, request,
       np.testing.assert_array_equal(a, b)
 
 
+def test_the_default_resident_budget_is_a_share_of_a_device_of_the_mesh(
+    monkeypatch):
+  """-1: 40% of the host over the mesh's devices on this process (was over
+  all of its devices, and process 0's figure on every process: more than
+  another host's share where its devices in the mesh were fewer)."""
+  from tracer import memory  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 8 << 30)
+  half = partitioning.make_mesh(devices=jax.devices()[:4])
+  assert serve.budget_bytes(-1, half) == int(0.4 * (2 << 30)) >> 20 << 20
+  assert serve.budget_bytes(-1, partitioning.make_mesh()) == (
+      int(0.4 * (1 << 30)) >> 20 << 20)
+  assert serve.budget_bytes(0, half) == 0
+  assert serve.budget_bytes(5, half) == 5 << 20
+
+
 def test_resident_load_refuses_a_corrupt_chunk(tmp_path):
   x = np.random.default_rng(1).standard_normal((40, 8)).astype(np.float32)
   manifest = store_lib.Manifest(

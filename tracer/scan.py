@@ -164,34 +164,52 @@ def host_buffer_bytes(have: int | None = None) -> int:
   return min(HOST_BUFFER_BYTES, have // HOST_BUFFER_FRACTION)
 
 
-def agreed_memory(copies: bool, mesh: Mesh) -> tuple[bool, int, int | None]:
-  """(whether any process copies rows into pooled buffers, the smallest
-  host's physical memory, the smallest device memory or None on CPU),
-  agreed in one allgather where ``mesh`` spans several processes: each must
-  plan the same steps and query runs, and whether a matrix is aligned
-  (``_ArraySource.copies``) is up to each process's allocator. (A mesh of
-  one process's devices agrees with no other: its scan is that process's
-  alone.)"""
-  have, device = memory.host_memory_bytes(), memory.device_memory_bytes()
+class ScanMemory(NamedTuple):
+  """A scan's memory, as every process of its mesh plans it
+  (``agreed_memory``)."""
+  copies: bool   # whether any process copies rows into pooled buffers
+  device: int    # a device's bytes: its own (GPU, TPU), else its share of
+                 # the host's (CPU); the least of any process's
+  pool: int      # a device's share of its host's pooled buffers
+                 # (``host_buffer_bytes``); the least of any process's
+  shared: bool   # the devices share their host's memory (CPU)
+
+
+def agreed_memory(copies: bool, mesh: Mesh) -> ScanMemory:
+  """``ScanMemory`` from this process's ``copies`` (whether ``_ArraySource``
+  copies its rows: up to each process's allocator), its memory and its
+  devices in ``mesh``, agreed in one allgather where ``mesh`` spans several
+  processes: each must plan the same steps and query runs. A device's
+  shares are agreed, not a host's bytes: a host whose devices in the mesh
+  are more (a mesh over some of a process's devices) gives each less. (A
+  mesh of one process's devices agrees with no other: its scan is that
+  process's alone.)"""
+  local = max(1, len(mesh.local_devices))
+  host, device = memory.host_memory_bytes(), memory.device_memory_bytes()
+  shares = [host // local if device is None else device,
+            host_buffer_bytes(host) // local]
   if len({d.process_index for d in mesh.devices.flat}) > 1:
-    # (in MiB: int32 without jax_enable_x64; -1: no device memory, CPU)
+    # (in KiB: int32 without jax_enable_x64, up to 2 TiB a device; -1: the
+    # devices share the host's memory)
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    mib = lambda b: min(b >> 20, 2**31 - 1)
+    kib = lambda b: min(b >> 10, 2**31 - 1)
     got = np.asarray(multihost_utils.process_allgather(np.array(
-        [mib(have), -1 if device is None else mib(device), copies], np.int32)))
-    have, copies = int(got[:, 0].min()) << 20, bool(got[:, 2].max())
-    device = None if got[:, 1].min() < 0 else int(got[:, 1].min()) << 20
-  return copies, have, device
+        [*map(kib, shares), -1 if device is None else 0, copies], np.int32)))
+    shares = [int(got[:, 0].min()) << 10, int(got[:, 1].min()) << 10]
+    device, copies = (None if got[:, 2].min() < 0 else 0), bool(got[:, 3].max())
+  return ScanMemory(bool(copies), shares[0], shares[1], device is None)
 
 
 def buffered_step(step: int, mesh: Mesh, row_bytes: int, sets: int,
                   multiple: int = 1, budget: int | None = None) -> int:
   """``step`` (rows over ``mesh``) shrunk so that ``sets`` pooled sets of
-  its local rows fit in ``budget`` bytes (default ``host_buffer_bytes()``);
-  whole ``multiple``s of rows per device, at least one."""
-  budget = host_buffer_bytes() if budget is None else budget
+  a device's rows fit in ``budget`` bytes, its share of the pool (default
+  ``host_buffer_bytes()`` over the mesh's local devices); whole
+  ``multiple``s of rows per device, at least one."""
+  if budget is None:
+    budget = host_buffer_bytes() // max(1, len(mesh.local_devices))
   per_device = step // mesh.size
-  fits = budget // (sets * len(mesh.local_devices) * row_bytes)
+  fits = budget // (sets * row_bytes)
   fits = max(multiple, fits // multiple * multiple)
   return min(per_device, fits) * mesh.size
 
@@ -598,20 +616,19 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   # bytes (S stores of 2 GiB steps would not fit a 16 GB chip past S = 7).
   step = default_chunk_rows(dim, dtype.itemsize * len(sources), mesh.size,
                             row_multiple, mesh.devices.flat[0].platform)
-  copies, host_bytes, device_bytes = agreed_memory(
-      any(s.copies(step // mesh.size) for s in sources), mesh)
+  agreed = agreed_memory(any(s.copies(step // mesh.size) for s in sources), mesh)
   if chunk_rows is None:
-    budget = host_buffer_bytes(host_bytes)
-    if copies:
+    if agreed.copies:
       # A step reads at least a whole store chunk per device (128 MiB at
-      # d = 2^16): where the pool of those would pass the budget (10 GiB on
-      # 8 GPUs), fewer steps are read ahead, then prefetched (at least one).
-      least = len(mesh.local_devices) * row_multiple * dim * dtype.itemsize
-      while sets() * least > budget and (read_ahead > 1 or prefetch > 1):
+      # d = 2^16): where the pool of those would pass a device's share (10
+      # GiB on 8 GPUs), fewer steps are read ahead, then prefetched (at
+      # least one).
+      least = row_multiple * dim * dtype.itemsize
+      while sets() * least > agreed.pool and (read_ahead > 1 or prefetch > 1):
         read_ahead, prefetch = ((read_ahead - 1, prefetch) if read_ahead > 1
                                 else (read_ahead, prefetch - 1))
       step = buffered_step(step, mesh, dim * dtype.itemsize, sets(), row_multiple,
-                           budget)
+                           agreed.pool)
   elif chunk_rows < 1:
     raise InputError(f"chunk_rows: must be >= 1, got {chunk_rows}")
   else:
@@ -666,7 +683,7 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
                                 *arguments(state, parts, [q] * len(qs)))
 
   num_queries = qs[0].shape[0]
-  have = per_device_bytes(host_bytes, device_bytes, mesh)
+  have = agreed.device
 
   def run_queries(split: bool) -> int:
     """Queries per run (``query_batch``); split runs are padded anyway, so
@@ -712,7 +729,7 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
         prefetch, read_ahead, sets(), ring_update if split else step_update,
         arguments, None if progress is None else (
             lambda n, total, done=done: progress(done + n, len(runs) * total)),
-        (asked, fix), split)
+        (asked, fix, agreed), split)
     results.append(TopK(*(a[:min(batch, num_queries - start)] for a in got)))
   return results[0] if len(results) == 1 else TopK(
       *(np.concatenate(parts) for parts in zip(*results)))
@@ -727,14 +744,6 @@ QUERY_MEMORY_FRACTION = 2
 # A streamed scan's whole queries and top-k may take 1 / this of a device
 # (the encoder's params and step share it); more are split over the devices.
 STREAMED_QUERY_FRACTION = 4
-
-
-def per_device_bytes(host_bytes: int, device_bytes: int | None, mesh: Mesh) -> int:
-  """A device's memory: its own (GPU, TPU), or the host's ``host_bytes``
-  shared by the mesh's local devices (CPU)."""
-  if device_bytes is not None:
-    return device_bytes
-  return host_bytes // max(1, len(mesh.local_devices))
 
 
 def query_batch(num_queries: int, step_bytes, have: int) -> int:
@@ -762,12 +771,12 @@ def query_batch(num_queries: int, step_bytes, have: int) -> int:
 
 def _scan_run(sources, qs, k: int, mesh: Mesh, layout: _Layout, prefetch: int,
               read_ahead: int, sets: int, step_update, arguments,
-              progress, refusal: tuple[str, str], split: bool) -> TopK:
+              progress, refusal: tuple[str, str, ScanMemory], split: bool) -> TopK:
   """One pass of ``_scan`` over the rows, for the queries ``qs`` (one
   ``[Q, d]`` array per part); ``split``: the queries and their top-k split
   over the devices (``step_update`` is then a ``ring_step_fn``);
-  ``refusal``: (what the queries are, what to change), for the message of
-  a first step past the memory."""
+  ``refusal``: (what the queries are, what to change, the memory agreed),
+  for the message of a first step past the memory."""
   num_rows, dim, step = sources[0].num_rows, sources[0].dim, layout.step
   pool = _BufferPool(layout.shapes(), layout.dtype, size=sets)
   depth = max(1, prefetch)
@@ -783,10 +792,14 @@ def _scan_run(sources, qs, k: int, mesh: Mesh, layout: _Layout, prefetch: int,
   def update(state, parts):
     args = arguments(state, parts, queries_on_mesh)
     if state is first_state:
+      # (held to the agreed share: every process refuses, or none)
+      what, fix, agreed = refusal
+      local = len(mesh.local_devices)
       memory.check_bytes(
           memory.program_bytes(step_update, *args),
-          f"{refusal[0]}: a scan step of {step // mesh.size:,} rows per device",
-          refusal[1], devices=len(mesh.local_devices))
+          f"{what}: a scan step of {step // mesh.size:,} rows per device", fix,
+          have=agreed.device * local, devices=local,
+          device_have=None if agreed.shared else agreed.device)
     return step_update(*args)
 
   first_state = state
@@ -1024,8 +1037,7 @@ class StreamingScanner:
     self.num_queries, self.dim = q.shape
     self.k = int(k)
     # (agreed between processes: each must split, or refuse, alike)
-    _, host_bytes, device_bytes = agreed_memory(False, self.mesh)
-    have = per_device_bytes(host_bytes, device_bytes, self.mesh)
+    have = agreed_memory(False, self.mesh).device
     per_query = self.dim * 4 + 16 * self.k  # f32 query, top-k of both sides
     if shard_queries is None:
       # Encoded batches cannot be scanned again in runs: where whole queries
