@@ -512,6 +512,9 @@ def initialize_distributed() -> None:
                                FLAGS.process_id, heartbeat_timeout_seconds=heartbeat)
   elif os.environ.get("TRACER_DISTRIBUTED") == "1":
     jax.distributed.initialize(heartbeat_timeout_seconds=heartbeat)
+  # (every process sees the same devices: all refuse alike, before work)
+  from tracer import partitioning  # pylint: disable=g-import-not-at-top
+  partitioning.check_even_processes()
   if coordination.client() is not None:
     # Another process's failure (or silence) ends this one with its message
     # (launch.cli), also while it waits for the others at its end

@@ -50,13 +50,15 @@ def gloo_available() -> bool:
     return True  # let the workers say what is wrong
 
 
-def start(commands: list[list[str]], workdir, environ: dict[str, str],
+def start(commands: list[list[str]], workdir, environ,
           cwd: str = ROOT) -> tuple[list[subprocess.Popen], list[str]]:
-  """Starts one process per command, each logging to ``workdir/worker<i>.log``."""
+  """Starts one process per command, each logging to ``workdir/worker<i>.log``,
+  in ``environ`` (one for all, or a list: one per command)."""
   if not gloo_available():
     pytest.skip("this jaxlib has no gloo CPU collectives")
+  environs = environ if isinstance(environ, list) else [environ] * len(commands)
   procs, logs = [], []
-  for i, cmd in enumerate(commands):
+  for i, (cmd, environ) in enumerate(zip(commands, environs, strict=True)):
     log = os.path.join(workdir, f"worker{i}.log")
     with open(log, "wb") as f:
       procs.append(subprocess.Popen(cmd, env=environ, cwd=cwd, stdout=f,

@@ -761,6 +761,25 @@ def test_a_scan_plans_one_step_on_uneven_hosts(tmp_path):
         assert got == want, text
 
 
+def test_processes_of_different_device_counts_are_refused_at_start(tmp_path):
+  """jax.distributed over processes of 2 and 4 devices: jax's
+  ``multihost_utils`` (and so the scan's agreement) fail deep in a scan
+  with "cannot reshape array of size 6 into shape (2,2)". A launch
+  script refuses it as it starts, on every process, naming the counts."""
+  port = multiprocess.free_port()
+  procs, logs = multiprocess.start(
+      [[sys.executable, "-m", "launch.verify", f"--store={tmp_path / 'none'}",
+        *multiprocess.distributed_flags(port, i)] for i in range(2)],
+      tmp_path, [multiprocess.env(devices=n) for n in (2, 4)])
+  codes, texts = multiprocess.ends(procs, logs, time.monotonic() + 120)
+  assert codes == [2, 2], texts
+  for text in texts:
+    assert any(line.startswith(
+        "error: jax.distributed: the processes have different numbers of "
+        "devices (process 0: 2, process 1: 4); expected as many on every "
+        "process") for line in text.splitlines()), text
+
+
 # --------------------------------------------------------------------------
 # Part 3: the launch script itself, on 2 processes and on 1.
 

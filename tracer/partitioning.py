@@ -38,6 +38,23 @@ def make_mesh(data: int | None = None, model: int = 1,
   return Mesh(grid, (DATA, MODEL))
 
 
+def check_even_processes(devices: Sequence[jax.Device] | None = None) -> None:
+  """InputError unless every process has as many of ``devices`` (default:
+  all global devices): jax's ``multihost_utils`` (and so tracer's
+  gathers between hosts) lay the devices out as a [processes, devices]
+  grid, and a process with fewer ends in a reshape error deep in a scan."""
+  devices = jax.devices() if devices is None else devices
+  counts: dict[int, int] = {}
+  for d in devices:
+    counts[d.process_index] = counts.get(d.process_index, 0) + 1
+  if len(set(counts.values())) > 1:
+    each = ", ".join(f"process {p}: {n}" for p, n in sorted(counts.items()))
+    raise InputError(
+        f"jax.distributed: the processes have different numbers of devices "
+        f"({each}); expected as many on every process (check each host's "
+        "XLA_FLAGS, CUDA_VISIBLE_DEVICES or TPU slice)")
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
