@@ -59,6 +59,7 @@ from typing import Collection
 
 from absl import flags
 import jax
+import numpy as np
 
 from tracer.launch import common
 from tracer.launch import config
@@ -113,9 +114,15 @@ FLAGS = flags.FLAGS
 
 
 def budget_bytes(budget_mb: int, mesh) -> int:
-  """``--resident_budget_mb`` in bytes; -1: a share of a device of ``mesh``
-  (``scan.agreed_memory``: the least of any process's, since all must
-  choose the same index)."""
+  """``--resident_budget_mb`` in bytes, process 0's flag on every process of
+  ``mesh``; -1: a share of a device of ``mesh`` (``scan.agreed_memory``:
+  the least of any process's), since all must choose the same index."""
+  if len({d.process_index for d in mesh.devices.flat}) > 1:
+    # (a flag given differently would choose different indexes, and a -1
+    # on one process alone would wait in agreed_memory's allgather)
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    budget_mb = int(multihost_utils.broadcast_one_to_all(
+        np.array([min(budget_mb, 2**31 - 1)], np.int32))[0])
   if budget_mb >= 0:
     return budget_mb << 20
   agreed = scan.agreed_memory(False, mesh)

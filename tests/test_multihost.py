@@ -780,6 +780,37 @@ def test_processes_of_different_device_counts_are_refused_at_start(tmp_path):
         "process") for line in text.splitlines()), text
 
 
+_SERVE_BUDGETS = """
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 2, int(sys.argv[2]))
+from tracer import partitioning
+from tracer.launch import serve
+me, mesh = int(sys.argv[2]), partitioning.make_mesh()
+# --resident_budget_mb as each process was given it: 5 and 7, then -1 and 7
+print("budgets", serve.budget_bytes(5 if me == 0 else 7, mesh),
+      serve.budget_bytes(-1 if me == 0 else 7, mesh), flush=True)
+"""
+
+
+def test_serve_processes_agree_a_given_resident_budget(tmp_path):
+  """--resident_budget_mb given differently to two processes: both take
+  process 0's (as before stop 74), so both choose the same index; with -1
+  on one of them, both take the default, in the same collectives (each
+  took its own flag, and the -1 waited alone in the memory's allgather)."""
+  port = multiprocess.free_port()
+  procs, logs = multiprocess.start(
+      [[sys.executable, "-c", _SERVE_BUDGETS, str(port), str(i)]
+       for i in range(2)], tmp_path, multiprocess.env(devices=2))
+  codes, texts = multiprocess.ends(procs, logs, time.monotonic() + 120)
+  assert codes == [0, 0], (codes, texts)
+  budgets = [next(l for l in text.splitlines() if l.startswith("budgets "))
+             for text in texts]
+  assert budgets[0] == budgets[1], texts
+  assert budgets[0].split()[1] == str(5 << 20), texts
+
+
 # --------------------------------------------------------------------------
 # Part 3: the launch script itself, on 2 processes and on 1.
 
