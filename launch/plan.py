@@ -107,7 +107,8 @@ def find_chip(name: str) -> Chip:
 
 
 def run_bytes(queries: int, d: int, itemsize: int, k: int,
-              split: bool, parts: int = 1, rows_cap: int | None = None) -> int:
+              split: bool, parts: int = 1, rows_cap: int | None = None,
+              multiple: int = 1) -> int:
   """A chip's bytes for one streamed scan step with ``queries`` queries on
   it (the whole set, or a block when ``split``), as ``tracer.scan`` sizes
   the step: rows of ``scan.ACCELERATOR_CHUNK_BYTES``, fewer where the
@@ -117,23 +118,27 @@ def run_bytes(queries: int, d: int, itemsize: int, k: int,
   is scored). ``parts``: a summed scan's stores (``scan.scan_stores``, one
   per checkpoint), whose rows share a step's bytes, each with its own
   queries, one top-k. ``rows_cap``: the rows a chip's step may take at
-  most (``pooled_rows``). An estimate: at run time XLA's count of the step
-  decides."""
+  most (``pooled_rows``); ``multiple``: its rows are whole store chunks of
+  that many. An estimate: at run time XLA's count of the step decides."""
   from tracer import scan  # pylint: disable=g-import-not-at-top
-  rows = step_rows(queries, d, itemsize, parts, rows_cap)
+  rows = step_rows(queries, d, itemsize, parts, rows_cap, multiple)
   held = queries * (4 * d * parts + 16 * k) * (2 if split else 1)
   return (parts * rows * d * itemsize + rows * queries * scan.PAIR_BYTES
           + held)
 
 
 def step_rows(queries: int, d: int, itemsize: int, parts: int = 1,
-              rows_cap: int | None = None) -> int:
+              rows_cap: int | None = None, multiple: int = 1) -> int:
   """A chip's rows of each store in a streamed scan step with ``queries``
-  queries on it (``run_bytes``), at most ``rows_cap``."""
+  queries on it (``run_bytes``), at most ``rows_cap``, in whole
+  ``multiple``s (store chunks) as the scan takes them: its bytes' rows
+  rounded up (``scan.default_chunk_rows``), the scores' cap down, at least
+  one (``scan.query_capped_step``)."""
   from tracer import scan  # pylint: disable=g-import-not-at-top
   step = scan.ACCELERATOR_CHUNK_BYTES
-  rows = min(step // (d * itemsize * parts),
-             scan.SCORE_STEPS * step // (scan.PAIR_BYTES * queries))
+  rows = -(-max(1, step // (d * itemsize * parts)) // multiple) * multiple
+  fits = scan.SCORE_STEPS * step // (scan.PAIR_BYTES * queries)
+  rows = min(rows, max(multiple, fits // multiple * multiple))
   return max(1, rows if rows_cap is None else min(rows, rows_cap))
 
 
@@ -172,7 +177,7 @@ def pooled_rows(d: int, itemsize: int, parts: int, chips_per_host: int,
 
 def query_passes(queries: int, d: int, itemsize: int, k: int, chips: int,
                  hbm_bytes: float, parts: int = 1,
-                 rows_cap: int | None = None) -> dict:
+                 rows_cap: int | None = None, multiple: int = 1) -> dict:
   """How a streamed scan takes ``queries`` queries on ``chips`` chips of
   ``hbm_bytes``, as ``tracer.scan``'s default plans it (``_scan``, with
   ``run_bytes`` for XLA's count of a step): runs of whole queries on every
@@ -184,7 +189,7 @@ def query_passes(queries: int, d: int, itemsize: int, k: int, chips: int,
   the chip. Each run is a pass over the store and scans ``per_run``
   queries (padding included); ``step_bytes``: a chip's bytes for its step,
   ``limit_bytes``: the bound the runs were held to (half a chip, or all of
-  it). ``parts``, ``rows_cap``: as in ``run_bytes``. None where not even
+  it). ``parts``, ``rows_cap``, ``multiple``: as in ``run_bytes``. None where not even
   one query's step fits a chip."""
   from tracer import scan, topk  # pylint: disable=g-import-not-at-top
   have = int(hbm_bytes)
@@ -196,7 +201,7 @@ def query_passes(queries: int, d: int, itemsize: int, k: int, chips: int,
   def step_bytes(n: int, split: bool) -> int:
     n = padded(n, split)  # (a chip holds a block of them when split)
     return run_bytes(n // chips if split else n, d, itemsize, k, split, parts,
-                     rows_cap)
+                     rows_cap, multiple)
 
   def run_queries(split: bool) -> int:  # (as _scan's)
     batch = scan.query_batch(queries, lambda n: step_bytes(n, split), have)
@@ -330,14 +335,14 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   pool, pool_sets = pool_bytes(host_memory), remote_sets(steps_summed)
   pool_short = pool_sets * (chips // hosts) * chunk_rows * d * itemsize > pool
   runs = query_passes(queries, d, itemsize, top_k, chips, spec.hbm_bytes,
-                      steps_summed, rows_cap)
+                      steps_summed, rows_cap, multiple=chunk_rows)
   if runs is None:
-    raise ValueError(f"projection_dim: one query's scan step at d={d:,} does "
-                     f"not fit a {spec.name} chip's "
+    raise ValueError(f"projection_dim: one query's scan step at d={d:,} "
+                     f"with k={top_k:,} does not fit a {spec.name} chip's "
                      f"{size(spec.hbm_bytes, binary=False)}"
                      + (f" (a step of each of the {steps_summed} checkpoints' "
                         "stores)" if steps_summed > 1 else "")
-                     + "; expected a smaller d"
+                     + "; expected a smaller d or top_k"
                      + (" or fewer checkpoints" if steps_summed > 1 else ""))
   scan_passes, per_run = runs["passes"], runs["per_run"]
   norm_columns = 1 + min(per_run, r_block_dim)
@@ -364,7 +369,7 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   ring_bytes = 0.0
   if runs["split"]:
     steps = -(-rows // (chips * step_rows(runs["block"], d, itemsize,
-                                          steps_summed, rows_cap)))
+                                          steps_summed, rows_cap, chunk_rows)))
     ring_bytes = (scan_passes * steps * per_run
                   * (4 * d * steps_summed * (chips - 1) / chips + 16 * top_k))
   # A store kept resident in HBM (tracer serve) pays only this.
@@ -396,7 +401,8 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
       scan_step_bytes=runs["step_bytes"],
       scan_step_limit_bytes=runs["limit_bytes"],
       local_store=local_store, scan_step_rows=step_rows(
-          runs["block"] or per_run, d, itemsize, steps_summed, rows_cap),
+          runs["block"] or per_run, d, itemsize, steps_summed, rows_cap,
+          chunk_rows),
       host_memory=host_memory, host_pool_bytes=pool, host_pool_sets=pool_sets,
       host_pool_short=pool_short,
       matmul_passes=passes, rows=rows,

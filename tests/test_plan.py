@@ -69,6 +69,10 @@ def test_tokenized_corpus_bytes():
     ({"host_memory": 0}, "host_memory must be a positive, finite number, "
      "got 0"),
     ({"host_memory": -16e9}, "host_memory must be a positive, finite number"),
+    # (named d alone before stop 74, whatever made the step too large)
+    ({"chip": "v5e", "top_k": 10**9}, r"projection_dim: one query's scan step "
+     r"at d=65,536 with k=1,000,000,000 does not fit a v5e chip's 16 GB; "
+     r"expected a smaller d or top_k$"),
 ])
 def test_bad_numbers_are_refused(change, message):
   with pytest.raises(ValueError, match=message):
@@ -236,6 +240,27 @@ def test_query_passes_plan_as_the_scan_where_a_step_shrinks_with_more_queries():
             -(-queries // batch), batch), (d, gb, queries)
 
 
+def test_a_step_is_whole_store_chunks_as_the_scan_takes_them():
+  """The scan's steps are whole store chunks a device: its bytes' rows
+  rounded up (``scan.default_chunk_rows``: 2 GiB over 3 stores of d = 2^16
+  bf16 is 5,461.3 rows, 11 chunks of 512), the scores' cap down and at least
+  one chunk (``scan.query_capped_step``: 10,000,384 queries at d = 64 cap a
+  chip's 8 GiB of scores at 858 rows, one chunk). Before stop 74 the plan
+  took 5,461 and 858 rows."""
+  from tracer import scan  # pylint: disable=g-import-not-at-top
+  summed = plan_lib.plan(**{**BASE, "chip": "v5e", "queries": 2000,
+                            "checkpoints": 3, "local_store": True})
+  assert summed["scan_step_rows"] == 11 * 512 == scan.default_chunk_rows(
+      65536, 2 * 3, 1, 512, "gpu")
+  small = plan_lib.plan(**{**BASE, "chip": "v5e", "chips": 8,
+                           "queries": 10**7, "projection_dim": 64,
+                           "local_store": True})
+  assert (small["queries_split"], small["queries_per_pass"]) == (True, 10_000_384)
+  assert small["scan_step_rows"] == 512
+  assert scan.SCORE_STEPS * scan.ACCELERATOR_CHUNK_BYTES // (
+      scan.PAIR_BYTES * 10_000_384 // 8) == 858
+
+
 def test_store_passes_name_the_bound_their_runs_are_held_to():
   """Runs are held to half a chip's HBM, or to all of it where even the
   least step passes half (``scan.query_batch``): a chip of 4 GB, whose half
@@ -319,7 +344,7 @@ def test_summed_checkpoints_hold_each_store_s_step_and_queries():
   assert plan_lib.run_bytes(10_000, d, 2, k, False, parts=3) > half
   assert (many["scan_passes"], many["queries_split"]) == (1, True)
   assert (many["queries_per_pass"], many["query_block"]) == (16_384, 64)
-  steps = -(-78_125_000 // (256 * rows))               # 56
+  steps = -(-78_125_000 // (256 * 11 * 512))           # 55: whole chunks
   assert many["ring_bytes_per_chip"] == pytest.approx(
       steps * 16_384 * (3 * 4 * d * 255 / 256 + 16 * k))
   eight = plan_lib.plan(**v5e, queries=64, checkpoints=8)
