@@ -266,6 +266,10 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   for key, value in positive.items():
     if not (value > 0 and math.isfinite(value)):
       raise ValueError(f"{key} must be a positive, finite number, got {value}")
+  if host_memory is not None and local_store:
+    raise ValueError("host_memory bounds the pooled reads of a store in object "
+                     "storage, and local_store maps the store's chunks with no "
+                     "pool: it would be ignored; expected one of them")
   if round(tokens) < 1:
     raise ValueError(f"tokens must be at least 1 (a corpus of at least one "
                      f"row), got {tokens:g}")

@@ -69,6 +69,10 @@ def test_tokenized_corpus_bytes():
     ({"host_memory": 0}, "host_memory must be a positive, finite number, "
      "got 0"),
     ({"host_memory": -16e9}, "host_memory must be a positive, finite number"),
+    # (ignored without a word before stop 74)
+    ({"host_memory": 16e9, "local_store": True}, "host_memory bounds the "
+     "pooled reads of a store in object storage, and local_store maps the "
+     "store's chunks with no pool: it would be ignored; expected one of them$"),
     # (named d alone before stop 74, whatever made the step too large)
     ({"chip": "v5e", "top_k": 10**9}, r"projection_dim: one query's scan step "
      r"at d=65,536 with k=1,000,000,000 does not fit a v5e chip's 16 GB; "
