@@ -641,6 +641,7 @@ import numpy as np
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 2, int(sys.argv[2]))
 from tracer import memory, partitioning, scan
+from tracer.errors import InputError
 me = int(sys.argv[2])
 # Process 0: an aligned matrix (used in place) on a host of 64 GiB;
 # process 1: the same values unaligned (copied into pooled buffers) on a
@@ -720,6 +721,14 @@ memory.host_memory_bytes = lambda: 4 * scan.pool_sets(2, 0) * 64 * 4 * 1000
 got = scan.scan_arrays(held, q, 5, mesh=uneven)
 print("uneven steps", steps, flush=True)
 print("rows", got.proponent_rows.tolist(), "want", want.tolist(), flush=True)
+# A step past the agreed share (process 1's 512 KiB a device): both refuse
+# it with one message, naming the share, not each host's own memory.
+memory.host_memory_bytes = lambda: (64 << 30) if me == 0 else (1 << 20)
+try:
+  scan.scan_arrays(big, some, 5, mesh=uneven, chunk_rows=12000,
+                   shard_queries=False)
+except InputError as e:
+  print("refused", str(e), flush=True)
 """
 
 
@@ -752,6 +761,12 @@ def test_a_scan_plans_one_step_on_uneven_hosts(tmp_path):
              if l.startswith("uneven ")] for text in texts]
   assert uneven[0] == uneven[1] and len(uneven[0][0]) > 1, texts
   assert uneven[0][1] == [500 * 3], texts  # (process 0 alone: 1,000 a device)
+  refused = [next(l for l in text.splitlines() if l.startswith("refused "))
+             for text in texts]
+  assert refused[0] == refused[1], texts
+  assert re.search(r"in 64 runs of 1: a scan step of 4,000 rows per device "
+                   r"takes [\d.]+ \w+ on each device \(XLA's count after "
+                   r"compiling\), more than a device's 512\.0 KiB", refused[0]), texts
   for text, prefixes in zip(texts, [("rows ", "local rows "), ("rows ",)]):
     for prefix in prefixes:
       lines = [l for l in text.splitlines() if l.startswith(prefix)]

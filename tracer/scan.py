@@ -792,14 +792,17 @@ def _scan_run(sources, qs, k: int, mesh: Mesh, layout: _Layout, prefetch: int,
   def update(state, parts):
     args = arguments(state, parts, queries_on_mesh)
     if state is first_state:
-      # (held to the agreed share: every process refuses, or none)
+      # (held to the agreed share: every process refuses, or none, alike;
+      # a host's own memory is named only where no other process shares
+      # the scan, since the share may be a smaller host's)
       what, fix, agreed = refusal
       local = len(mesh.local_devices)
+      alone = len({d.process_index for d in mesh.devices.flat}) == 1
       memory.check_bytes(
           memory.program_bytes(step_update, *args),
           f"{what}: a scan step of {step // mesh.size:,} rows per device", fix,
           have=agreed.device * local, devices=local,
-          device_have=None if agreed.shared else agreed.device)
+          device_have=None if agreed.shared and alone else agreed.device)
     return step_update(*args)
 
   first_state = state
