@@ -65,6 +65,7 @@ from tracer.launch import common
 from tracer.launch import config
 from tracer.config import PreconditionerConfig
 from tracer import data as data_lib
+from tracer import partitioning
 from tracer import pipeline
 from tracer import scan
 from tracer import serving
@@ -117,7 +118,7 @@ def budget_bytes(budget_mb: int, mesh) -> int:
   """``--resident_budget_mb`` in bytes, process 0's flag on every process of
   ``mesh``; -1: a share of a device of ``mesh`` (``scan.agreed_memory``:
   the least of any process's), since all must choose the same index."""
-  if len({d.process_index for d in mesh.devices.flat}) > 1:
+  if partitioning.spans_processes(mesh):
     # (a flag given differently would choose different indexes, and a -1
     # on one process alone would wait in agreed_memory's allgather)
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top

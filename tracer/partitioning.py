@@ -38,6 +38,12 @@ def make_mesh(data: int | None = None, model: int = 1,
   return Mesh(grid, (DATA, MODEL))
 
 
+def spans_processes(mesh: Mesh) -> bool:
+  """Whether ``mesh`` holds devices of several processes: their plans must
+  then be agreed (a mesh of one process's devices is its scan alone)."""
+  return len({d.process_index for d in mesh.devices.flat}) > 1
+
+
 def check_even_processes(devices: Sequence[jax.Device] | None = None) -> None:
   """InputError unless every process has as many of ``devices`` (default:
   all global devices): jax's ``multihost_utils`` (and so tracer's

@@ -188,7 +188,7 @@ def agreed_memory(copies: bool, mesh: Mesh) -> ScanMemory:
   host, device = memory.host_memory_bytes(), memory.device_memory_bytes()
   shares = [host // local if device is None else device,
             host_buffer_bytes(host) // local]
-  if len({d.process_index for d in mesh.devices.flat}) > 1:
+  if partitioning.spans_processes(mesh):
     # (in KiB: int32 without jax_enable_x64, up to 2 TiB a device; -1: the
     # devices share the host's memory)
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -797,7 +797,7 @@ def _scan_run(sources, qs, k: int, mesh: Mesh, layout: _Layout, prefetch: int,
       # the scan, since the share may be a smaller host's)
       what, fix, agreed = refusal
       local = len(mesh.local_devices)
-      alone = len({d.process_index for d in mesh.devices.flat}) == 1
+      alone = not partitioning.spans_processes(mesh)
       memory.check_bytes(
           memory.program_bytes(step_update, *args),
           f"{what}: a scan step of {step // mesh.size:,} rows per device", fix,
