@@ -64,7 +64,7 @@ from tracer.errors import InputError
 def define_flags() -> None:
   """Defines this script's flags (only when run as a script, so that
   ``launch.benchmark`` can import ``run_scan_benchmark``)."""
-  global _ROWS, _DIM, _QUERIES, _K, _CHUNK_ROWS, _STORE_CHUNK_ROWS, _REPEATS, _WORKDIR, _OUTPUT, _EVAL, _BLOCK, _RESIDENT, _FUSED_TILES, _SERVE_PASS, _REQUESTS, _QUERY_STEPS
+  global _ROWS, _DIM, _QUERIES, _K, _CHUNK_ROWS, _STORE_CHUNK_ROWS, _REPEATS, _WORKDIR, _OUTPUT, _EVAL, _BLOCK, _RESIDENT, _FUSED_TILES, _SERVE_PASS, _REQUESTS, _QUERY_STEPS, _STAGED
   _ROWS = flags.DEFINE_integer("rows", 200_000, "N, rows to scan.", lower_bound=1)
   _DIM = flags.DEFINE_integer("dim", 1024, "d, encoding dimension.", lower_bound=1)
   _QUERIES = flags.DEFINE_integer("queries", 64, "Q, queries per scan.",
@@ -106,6 +106,12 @@ def define_flags() -> None:
       "then on a memory made to fit a quarter of the queries, in runs and, "
       "on several devices, with the queries split over them "
       "(run_query_step_benchmark).")
+  _STAGED = flags.DEFINE_integer(
+      "staged_pool_mb", 0, "Instead (> 0): time scan_arrays over unaligned "
+      "bf16 rows (copied through pooled buffers) with a pool of this many "
+      "MiB, in steps the pool bounds (as before stop 75) and, on devices of "
+      "their own memory, staged a piece at a time (run_staged_benchmark).",
+      lower_bound=0)
   _FUSED_TILES = flags.DEFINE_list(
       "fused_tiles", None, "Instead: time the fused kernel's tile settings "
       "(run_fused_tiles_benchmark) on resident bf16 rows, each as "
@@ -654,6 +660,62 @@ def run_query_step_benchmark(rows: int = 100_000, dim: int = 256,
   return table
 
 
+def run_staged_benchmark(rows: int = 4_000_000, dim: int = 1024,
+                         queries: int = 64, k: int = 100, pool_mb: int = 768,
+                         repeats: int = 3) -> list[dict[str, Any]]:
+  """``scan_arrays`` over ``[rows, dim]`` bf16 rows that are copied (one
+  element off 64-byte alignment) through a pool of ``pool_mb`` MiB, best
+  seconds of ``repeats`` after a warm-up: in steps the pool bounds (its
+  default sets of a step; ``chunk_rows``, as every default step was until
+  stop 75) and in the default steps, which on devices of their own memory
+  (GPU, TPU) are staged through the pool a piece at a time; on a CPU the
+  default is the pooled steps."""
+  mesh = partitioning.make_mesh()
+  rng = np.random.default_rng(0)
+  bf16 = np.dtype(ml_dtypes.bfloat16)
+  x = np.empty(rows * dim + 1, bf16)[1:].reshape(rows, dim)
+  for lo in range(0, rows, 1 << 20):  # (in blocks: f32 noise of all rows at once is 4x)
+    x[lo:lo + (1 << 20)] = rng.standard_normal((min(rows, lo + (1 << 20)) - lo, dim),
+                                               dtype=np.float32)
+  q = rng.standard_normal((queries, dim), dtype=np.float32)
+  platform = mesh.devices.flat[0].platform
+  pool = (pool_mb << 20) // len(mesh.local_devices)
+  full = min(scan.default_chunk_rows(dim, 2, mesh.size, platform=platform),
+             partitioning.padded_size(rows, mesh.size))
+  pooled = scan.buffered_step(full, mesh, dim * 2, scan.pool_sets(2, 0), 1, pool)
+  staged = not scan.agreed_memory(True, mesh).shared
+  piece = scan.buffered_step(full, mesh, dim * 2, scan.staged_sets(0), 1,
+                             pool) // mesh.size
+  rows_, count = scan.staged_pieces(full // mesh.size, piece)
+  table = [{"method": "machine", "note": (
+      f"N={rows} d={dim} Q={queries} k={k}, bf16 rows copied (unaligned), a "
+      f"pool of {pool_mb} MiB; jax {jax.__version__} on {mesh.size} {platform} "
+      "device(s)")}]
+  saved = scan.HOST_BUFFER_BYTES
+  scan.HOST_BUFFER_BYTES = pool_mb << 20
+  try:
+    for name, step, note in (
+        ("steps the pool bounds (before stop 75)", pooled,
+         f"{scan.pool_sets(2, 0)} sets of a step"),
+        ("default steps", None,
+         f"staged: {count} pieces of {rows_:,} rows a device, "
+         f"{scan.staged_sets(0)} sets of a piece" if staged else
+         "the devices share the host's memory: the pooled steps")):
+      run = lambda step=step: scan.scan_arrays(x, q, k, mesh=mesh, chunk_rows=step)
+      run()  # (compiles)
+      seconds = _best_time(run, repeats)
+      per_device = (step if step else rows_ * count * mesh.size if staged
+                    else pooled) // mesh.size
+      table.append({"method": name, "step_rows_per_device": per_device,
+                    "seconds": _figure(seconds),
+                    "GB_per_s": _figure(rows * dim * 2 / seconds / 1e9),
+                    "note": note})
+  finally:
+    scan.HOST_BUFFER_BYTES = saved
+  table[-1]["note"] += f"; x{table[-1]['seconds'] / table[-2]['seconds']:.2f} the time"
+  return table
+
+
 def _query_runs_row(x, q, k: int, mesh, step: int, repeats: int,
                     one_run: dict[str, Any], split: bool = False,
                     quarter: bool = True) -> dict[str, Any]:
@@ -1041,10 +1103,11 @@ def to_markdown(table: list[dict[str, Any]]) -> str:
 # time), split over every device, and run_fused_tiles_benchmark's bf16
 # rows on one device. run_query_step_benchmark's aligned f32 rows and the
 # draw they are copied from (4 + 4).
-HOST_BYTES_PER_ELEMENT = {"scan": 14, "serve_pass": 10, "query_steps": 8}
+HOST_BYTES_PER_ELEMENT = {"scan": 14, "serve_pass": 10, "query_steps": 8,
+                          "staged": 2}
 DEVICE_BYTES_PER_ELEMENT = {"resident": 4, "fused_tiles": 2}
 MODE_NAMES = {"scan": "the scan benchmark", "serve_pass": "--serve_pass",
-              "query_steps": "--query_steps",
+              "query_steps": "--query_steps", "staged": "--staged_pool_mb",
               "resident": "--resident", "fused_tiles": "--fused_tiles"}
 
 
@@ -1090,7 +1153,8 @@ def check_flags() -> None:
   outputs.check_writable(_WORKDIR.value, "--workdir", "directory")
   mode = ("fused_tiles" if _FUSED_TILES.value else "serve_pass"
           if _SERVE_PASS.value else "resident" if _RESIDENT.value else
-          "query_steps" if _QUERY_STEPS.value else "scan")
+          "query_steps" if _QUERY_STEPS.value else "staged"
+          if _STAGED.value else "scan")
   if mode in DEVICE_BYTES_PER_ELEMENT:
     from tracer import memory  # pylint: disable=g-import-not-at-top
     # Starting the backends logs (at INFO) each one missing, e.g. libtpu:
@@ -1124,6 +1188,10 @@ def main(argv):
     table = run_query_step_benchmark(rows=_ROWS.value, dim=_DIM.value,
                                      queries=_QUERIES.value, k=_K.value,
                                      repeats=_REPEATS.value)
+  elif _STAGED.value:
+    table = run_staged_benchmark(rows=_ROWS.value, dim=_DIM.value,
+                                 queries=_QUERIES.value, k=_K.value,
+                                 pool_mb=_STAGED.value, repeats=_REPEATS.value)
   elif _RESIDENT.value:
     table = run_resident_benchmark(
         rows=_ROWS.value, dim=_DIM.value, queries=_QUERIES.value, k=_K.value,

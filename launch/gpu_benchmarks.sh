@@ -13,7 +13,9 @@
 #   in steps capped by Q against steps that ignore Q: the latter's
 #   524,288 f32 rows a step hold ~63 GB of scores at the CPU's 6 bytes a
 #   pair, so the scan's memory check, whose device branch no GPU has run
-#   yet, either passes or refuses them by XLA's count on the device).
+#   yet, either passes or refuses them by XLA's count on the device),
+#   staged (copied rows through a 768 MiB pool: the steps it bounds, as
+#   before stop 75, against steps staged through it a piece at a time).
 #   Measured so far: tiny
 #   2026-11-29; 1b, precision and tiles 2026-11-30; resident (int8 rows
 #   too), serve and small65k 2026-12-04 (WORKSPACE, "The fourth lease").
@@ -60,7 +62,7 @@ encode=(python3 -m tracer.launch.benchmark --suite=encode --memory_budget_mb=0 -
 
 scan=(python3 -m tracer.launch.benchmark_scan --resident --rows=16000000 --repeats=3)
 
-parts=${*:-scanned 1b precision small4k tiny resident serve small65k resident8g tiles querysteps}
+parts=${*:-scanned 1b precision small4k tiny resident serve small65k resident8g tiles querysteps staged}
 for p in $parts; do
   case $p in
     resident) part resident "${scan[@]}" ;;
@@ -84,6 +86,9 @@ for p in $parts; do
                 --rows=1048576 --repeats=3 ;;
     querysteps) part querysteps python3 -m tracer.launch.benchmark_scan --query_steps \
                 --rows=4000000 --dim=1024 --queries=20000 --k=100 --repeats=3 ;;
+    # rows copied through a 768 MiB pool: pooled steps vs. staged (stop 75)
+    staged)   part staged python3 -m tracer.launch.benchmark_scan --staged_pool_mb=768 \
+                --rows=4000000 --repeats=3 ;;
     *) echo "unknown part $p"; exit 2 ;;
   esac
 done

@@ -107,7 +107,7 @@ def find_chip(name: str) -> Chip:
 
 
 def run_bytes(queries: int, d: int, itemsize: int, k: int,
-              split: bool, parts: int = 1, rows_cap: int | None = None,
+              split: bool, parts: int = 1, piece: int | None = None,
               multiple: int = 1) -> int:
   """A chip's bytes for one streamed scan step with ``queries`` queries on
   it (the whole set, or a block when ``split``), as ``tracer.scan`` sizes
@@ -117,29 +117,34 @@ def run_bytes(queries: int, d: int, itemsize: int, k: int,
   and rows, both sides), twice over when split (a block arrives while one
   is scored). ``parts``: a summed scan's stores (``scan.scan_stores``, one
   per checkpoint), whose rows share a step's bytes, each with its own
-  queries, one top-k. ``rows_cap``: the rows a chip's step may take at
-  most (``pooled_rows``); ``multiple``: its rows are whole store chunks of
-  that many. An estimate: at run time XLA's count of the step decides."""
+  queries, one top-k. ``piece``: a step read from object storage is
+  staged in pieces of at most that many rows a chip (``staged_rows``);
+  ``multiple``: its rows are whole store chunks of that many. An
+  estimate: at run time XLA's count of the step decides."""
   from tracer import scan  # pylint: disable=g-import-not-at-top
-  rows = step_rows(queries, d, itemsize, parts, rows_cap, multiple)
+  rows = step_rows(queries, d, itemsize, parts, piece, multiple)
   held = queries * (4 * d * parts + 16 * k) * (2 if split else 1)
   return (parts * rows * d * itemsize + rows * queries * scan.PAIR_BYTES
           + held)
 
 
 def step_rows(queries: int, d: int, itemsize: int, parts: int = 1,
-              rows_cap: int | None = None, multiple: int = 1) -> int:
+              piece: int | None = None, multiple: int = 1) -> int:
   """A chip's rows of each store in a streamed scan step with ``queries``
-  queries on it (``run_bytes``), at most ``rows_cap``, in whole
-  ``multiple``s (store chunks) as the scan takes them: its bytes' rows
-  rounded up (``scan.default_chunk_rows``), the scores' cap down, at least
-  one (``scan.query_capped_step``)."""
+  queries on it (``run_bytes``), in whole ``multiple``s (store chunks) as
+  the scan takes them: its bytes' rows rounded up
+  (``scan.default_chunk_rows``), the scores' cap down, at least one
+  (``scan.query_capped_step``); staged in pieces of at most ``piece`` rows
+  (``scan.staged_pieces``: whole pieces, at most ``MAX_PIECES``)."""
   from tracer import scan  # pylint: disable=g-import-not-at-top
   step = scan.ACCELERATOR_CHUNK_BYTES
   rows = -(-max(1, step // (d * itemsize * parts)) // multiple) * multiple
   fits = scan.SCORE_STEPS * step // (scan.PAIR_BYTES * queries)
   rows = min(rows, max(multiple, fits // multiple * multiple))
-  return max(1, rows if rows_cap is None else min(rows, rows_cap))
+  if piece is not None:
+    rows, count = scan.staged_pieces(rows, piece, multiple)
+    rows *= count
+  return max(1, rows)
 
 
 def pool_bytes(host_memory: float | None = None) -> int:
@@ -153,31 +158,31 @@ def pool_bytes(host_memory: float | None = None) -> int:
   return scan.host_buffer_bytes(int(host_memory))
 
 
-def remote_sets(parts: int = 1) -> int:
+def remote_sets() -> int:
   """Pooled sets of buffers (one a chip) ``scan_store`` keeps by default
-  reading object storage (``scan.pool_sets``: prefetch 2,
-  ``REMOTE_READ_AHEAD`` read ahead), of each of ``parts`` stores."""
+  reading object storage onto chips of their own memory: pieces in flight
+  (``scan.staged_sets``, ``REMOTE_READ_AHEAD`` read ahead), whatever the
+  stores summed (each store's pieces are read in turn)."""
   from tracer import scan  # pylint: disable=g-import-not-at-top
-  return scan.pool_sets(2, scan.REMOTE_READ_AHEAD, parts)
+  return scan.staged_sets(scan.REMOTE_READ_AHEAD)
 
 
-def pooled_rows(d: int, itemsize: int, parts: int, chips_per_host: int,
-                chunk_rows: int, host_memory: float | None = None) -> int:
-  """A chip's rows of each store in a step read from object storage: the
-  reads go into a host's pooled buffers (``pool_bytes(host_memory)``), as
-  many sets as ``scan_store`` keeps by default (``remote_sets``), a buffer
+def staged_rows(d: int, itemsize: int, chips_per_host: int, chunk_rows: int,
+                host_memory: float | None = None) -> int:
+  """A chip's rows of a piece of a step read from object storage: a step
+  is staged through a host's pooled buffers (``pool_bytes(host_memory)``)
+  a piece at a time, as many pieces in flight as ``remote_sets``, a buffer
   per chip; whole store chunks, at least one (``scan.buffered_step``;
   where the sets of a chunk a chip pass the pool, the scan reads fewer
-  ahead, and its step is still one chunk). A local store's chunks are
-  mapped in place instead, with no such bound."""
-  sets = remote_sets(parts)
-  fits = pool_bytes(host_memory) // (sets * chips_per_host * d * itemsize)
+  ahead). The pool bounds a piece, not the step (since stop 75). A local
+  store's chunks are mapped in place instead."""
+  fits = pool_bytes(host_memory) // (remote_sets() * chips_per_host * d * itemsize)
   return max(chunk_rows, fits // chunk_rows * chunk_rows)
 
 
 def query_passes(queries: int, d: int, itemsize: int, k: int, chips: int,
                  hbm_bytes: float, parts: int = 1,
-                 rows_cap: int | None = None, multiple: int = 1) -> dict:
+                 piece: int | None = None, multiple: int = 1) -> dict:
   """How a streamed scan takes ``queries`` queries on ``chips`` chips of
   ``hbm_bytes``, as ``tracer.scan``'s default plans it (``_scan``, with
   ``run_bytes`` for XLA's count of a step): runs of whole queries on every
@@ -189,7 +194,7 @@ def query_passes(queries: int, d: int, itemsize: int, k: int, chips: int,
   the chip. Each run is a pass over the store and scans ``per_run``
   queries (padding included); ``step_bytes``: a chip's bytes for its step,
   ``limit_bytes``: the bound the runs were held to (half a chip, or all of
-  it). ``parts``, ``rows_cap``, ``multiple``: as in ``run_bytes``. None where not even
+  it). ``parts``, ``piece``, ``multiple``: as in ``run_bytes``. None where not even
   one query's step fits a chip."""
   from tracer import scan, topk  # pylint: disable=g-import-not-at-top
   have = int(hbm_bytes)
@@ -201,7 +206,7 @@ def query_passes(queries: int, d: int, itemsize: int, k: int, chips: int,
   def step_bytes(n: int, split: bool) -> int:
     n = padded(n, split)  # (a chip holds a block of them when split)
     return run_bytes(n // chips if split else n, d, itemsize, k, split, parts,
-                     rows_cap, multiple)
+                     piece, multiple)
 
   def run_queries(split: bool) -> int:  # (as _scan's)
     batch = scan.query_batch(queries, lambda n: step_bytes(n, split), have)
@@ -247,7 +252,7 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   ``queries`` and ``top_k``: the query set a scan takes, and its proponents
   per query (``query_passes``: the passes over the store it takes).
   ``local_store``: the store on each host's disk (its chunks mapped) rather
-  than object storage (read into pooled host buffers: ``pooled_rows``).
+  than object storage (staged through pooled host buffers: ``staged_rows``).
   ``host_memory``: a host's bytes, which bound that pool (``pool_bytes``;
   None: at least 32 GiB, a pool of ``scan.HOST_BUFFER_BYTES``).
   """
@@ -332,14 +337,15 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   # only: about 1 + min(Q, block) columns over the whole row.
   # Many queries take several passes over the store, or are split over the
   # chips (padded), as tracer.scan plans them.
-  rows_cap = None if local_store else pooled_rows(
-      d, itemsize, steps_summed, chips // hosts, chunk_rows, host_memory)
+  from tracer import scan  # pylint: disable=g-import-not-at-top
+  piece = None if local_store else staged_rows(
+      d, itemsize, chips // hosts, chunk_rows, host_memory)
   # (where a chunk a chip in every set passes the pool, the scan reads fewer
-  # steps ahead: its own loop, not modelled; the step is one chunk anyway)
-  pool, pool_sets = pool_bytes(host_memory), remote_sets(steps_summed)
+  # pieces ahead: its own loop, not modelled; a piece is one chunk anyway)
+  pool, pool_sets = pool_bytes(host_memory), remote_sets()
   pool_short = pool_sets * (chips // hosts) * chunk_rows * d * itemsize > pool
   runs = query_passes(queries, d, itemsize, top_k, chips, spec.hbm_bytes,
-                      steps_summed, rows_cap, multiple=chunk_rows)
+                      steps_summed, piece, multiple=chunk_rows)
   if runs is None:
     raise ValueError(f"projection_dim: one query's scan step at d={d:,} "
                      f"with k={top_k:,} does not fit a {spec.name} chip's "
@@ -373,7 +379,7 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   ring_bytes = 0.0
   if runs["split"]:
     steps = -(-rows // (chips * step_rows(runs["block"], d, itemsize,
-                                          steps_summed, rows_cap, chunk_rows)))
+                                          steps_summed, piece, chunk_rows)))
     ring_bytes = (scan_passes * steps * per_run
                   * (4 * d * steps_summed * (chips - 1) / chips + 16 * top_k))
   # A store kept resident in HBM (tracer serve) pays only this.
@@ -405,10 +411,13 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
       scan_step_bytes=runs["step_bytes"],
       scan_step_limit_bytes=runs["limit_bytes"],
       local_store=local_store, scan_step_rows=step_rows(
-          runs["block"] or per_run, d, itemsize, steps_summed, rows_cap,
+          runs["block"] or per_run, d, itemsize, steps_summed, piece,
           chunk_rows),
       host_memory=host_memory, host_pool_bytes=pool, host_pool_sets=pool_sets,
-      host_pool_short=pool_short,
+      host_pool_short=pool_short, scan_pieces=None if piece is None else
+      scan.staged_pieces(step_rows(runs["block"] or per_run, d, itemsize,
+                                   steps_summed, None, chunk_rows),
+                         piece, chunk_rows),
       matmul_passes=passes, rows=rows,
       itemsize=itemsize, row_bytes=row_bytes, store_bytes=store_bytes,
       store_bytes_per_host=store_bytes / hosts, vocab_size=vocab_size,
@@ -597,15 +606,18 @@ def report(p: dict) -> str:
   pool = size(p["host_pool_bytes"])
   if p["host_memory"] is not None:
     pool += f" of a host's {size(p['host_memory'], binary=False)}"
-  sets = (f"{p['host_pool_sets']} sets of a buffer a chip" if not
-          p["host_pool_short"] else f"fewer than {p['host_pool_sets']} sets "
-          "of a buffer a chip: that many of a chunk would not fit")
+  sets = (f"{p['host_pool_sets']} pieces in flight, a buffer a chip" if not
+          p["host_pool_short"] else f"fewer than {p['host_pool_sets']} pieces "
+          "in flight, a buffer a chip: that many of a chunk would not fit")
   row("scan step", f"{count(p['scan_step_rows'])} rows a chip"
       + (" of each store" if summed > 1 else ""),
       "the store's chunks mapped from the host's disk (--local_store)"
       if p["local_store"] else
-      f"read from object storage into the host's pooled buffers, {pool} for "
-      f"{sets}; --local_store: mapped chunks")
+      "read from object storage in {} of {} rows a chip, each staged through "
+      "the host's pooled buffers ({} for {}) and copied to the chip; "
+      "--local_store: mapped chunks".format(
+          plural(p["scan_pieces"][1], "piece"), count(p["scan_pieces"][0]),
+          pool, sets))
   row("pod HBM free", size(p["pod_hbm_free_bytes"]),
       f"chips * HBM - params * 2 B{times_s} = {p['chips']} * "
       f"{size(c.hbm_bytes, binary=False)} - "
@@ -737,7 +749,7 @@ def define_flags() -> None:
                      "at least 32 GiB).")
   flags.DEFINE_bool("local_store", False, "The store on each host's disk "
                     "(its chunks mapped into the scan's steps), not object "
-                    "storage (read into pooled host buffers: smaller steps).")
+                    "storage (staged through pooled host buffers).")
   flags.DEFINE_float("mfu", 0.4, "ASSUMED model FLOPs utilization of a "
                      "training step at scale (0, 1].")
   flags.DEFINE_float("encode_train_ratio", None, "Encode time / train-step "

@@ -196,19 +196,20 @@ def test_many_queries_take_passes_or_are_split_over_the_chips():
   assert "ring traffic a chip" in text and "ring traffic" not in plan_lib.report(one)
   assert "1 pass (queries split)" in text and "they take 7 passes" in text
   assert "store / (64 * 1 GB/s) * 5" in plan_lib.report(many)
-  # From object storage (the default) a step's rows are read into a host's
-  # pooled buffers: 8 GiB for 10 sets of a buffer for each of its 4 chips,
-  # in whole chunks of 512 rows, 1,536 rows a chip. Whole queries then fit
-  # 4 passes (smaller steps, smaller scores), and the ring's blocks go
-  # around 10 times as often.
-  assert plan_lib.pooled_rows(d, 2, 1, 4, 512) == 8 * 2**30 // (10 * 4 * 2 * d) // 512 * 512
+  # From object storage (the default) a step is staged through a host's
+  # pooled buffers: 8 GiB for 6 pieces in flight of a buffer for each of its
+  # 4 chips, pieces of whole chunks of 512 rows, at most 2,560 rows a chip:
+  # a step of 16,384 rows is 8 pieces of 2,048, and the ring sends what a
+  # local store's does. Until stop 75 the pool bounded the step (10 sets,
+  # 1,536 rows a chip) and the blocks went around 10 times as often.
+  assert plan_lib.staged_rows(d, 2, 4, 512) == 8 * 2**30 // (6 * 4 * 2 * d) // 512 * 512
+  assert plan_lib.staged_rows(d, 2, 4, 512) == 2_560
   remote = plan_lib.plan(**{**v5e, "local_store": False}, queries=100_000)
-  assert remote["scan_step_rows"] == 1_536
+  assert (remote["scan_step_rows"], remote["scan_pieces"]) == (16_384, (2_048, 8))
   assert (remote["scan_passes"], remote["queries_split"]) == (1, True)
-  assert remote["whole_query_runs"] == 4
-  assert remote["ring_bytes_per_chip"] == pytest.approx(
-      -(-78_125_000 // (256 * 1_536)) * 114_688 * (4 * d * 255 / 256 + 16 * 10))
-  assert "1,536 rows a chip" in plan_lib.report(remote)
+  assert remote["whole_query_runs"] == 7
+  assert remote["ring_bytes_per_chip"] == p["ring_bytes_per_chip"]
+  assert "in 8 pieces of 2,048 rows a chip" in plan_lib.report(remote)
 
 
 def test_query_passes_plan_as_the_scan_where_a_step_shrinks_with_more_queries():
@@ -292,34 +293,41 @@ def test_store_passes_name_the_bound_their_runs_are_held_to():
 
 def test_host_memory_bounds_the_pooled_reads():
   """A scan from object storage pools its reads in a quarter of a host's
-  memory, at most 8 GiB (``scan.host_buffer_bytes``): a v5e host of 16 GB
-  pools 4 GB, 512 rows a chip a step at d = 2^16 (10 sets of a buffer for
+  memory, at most 8 GiB (``scan.host_buffer_bytes``), and stages each step
+  through the pool a piece at a time: a v5e host of 16 GB pools 4 GB,
+  pieces of 1,024 rows a chip at d = 2^16 (6 pieces in flight, a buffer for
   each of 4 chips), where the default (a host of at least 32 GiB) pools 8
-  GiB, 1,536 rows. Until 2026-12-06 the plan assumed 8 GiB on any host."""
+  GiB, 2,048-row pieces; the step is 16,384 rows either way. Until
+  2026-12-06 the plan assumed 8 GiB on any host; until stop 75 the pool
+  bounded the step (512 and 1,536 rows)."""
   d = 65_536
-  assert plan_lib.pooled_rows(d, 2, 1, 4, 512, 16e9) == 512
-  assert 4 * 10**9 // (10 * 4 * 2 * d) == 762             # one chunk of 512
-  assert plan_lib.pooled_rows(d, 2, 1, 4, 512) == 1_536
-  assert plan_lib.pooled_rows(d, 2, 1, 4, 512, 400e9) == 1_536
+  assert plan_lib.staged_rows(d, 2, 4, 512, 16e9) == 1_024
+  assert 4 * 10**9 // (6 * 4 * 2 * d) == 1_271            # two chunks of 512
+  assert plan_lib.staged_rows(d, 2, 4, 512) == 2_560
+  assert plan_lib.staged_rows(d, 2, 4, 512, 400e9) == 2_560
   v5e = {**BASE, "chip": "v5e", "queries": 100_000}
   default, small = plan_lib.plan(**v5e), plan_lib.plan(**v5e, host_memory=16e9)
-  assert (default["scan_step_rows"], small["scan_step_rows"]) == (1_536, 512)
+  assert (default["scan_step_rows"], small["scan_step_rows"]) == (16_384, 16_384)
+  assert (default["scan_pieces"], small["scan_pieces"]) == ((2_048, 8), (1_024, 16))
   assert (default["host_pool_bytes"], small["host_pool_bytes"]) == (8 * 2**30,
                                                                    4 * 10**9)
   text = plan_lib.report(small)
-  assert ("pooled buffers, 4 GB (3.73 GiB) of a host's 16 GB for 10 sets of a "
-          "buffer a chip") in text
+  assert ("in 16 pieces of 1,024 rows a chip, each staged through the host's "
+          "pooled buffers (4 GB (3.73 GiB) of a host's 16 GB for 6 pieces in "
+          "flight, a buffer a chip)") in text
   assert "host memory 16 GB (--host_memory)" in text
   text = plan_lib.report(default)
-  assert ("pooled buffers, 8.59 GB (8 GiB) for 10 sets of a buffer a chip"
-          in text)
+  assert ("pooled buffers (8.59 GB (8 GiB) for 6 pieces in flight, a buffer "
+          "a chip)" in text)
   assert "host memory at least 32 GiB: ASSUMED (--host_memory)" in text
-  # Where 20 sets (two checkpoints) of a chunk for each of 8 GPUs pass the
-  # pool, the scan reads fewer ahead; its step is still one chunk.
+  # Where 6 pieces of a chunk for each of 8 GPUs pass the pool (a host of 8
+  # GB), the scan reads fewer ahead; a piece is one chunk, the step 2 GiB
+  # (of two checkpoints' stores: 8,192 rows of each, 16 pieces).
   h100 = plan_lib.plan(**{**BASE, "chips": 8, "chip": "h100", "checkpoints": 2,
-                          "host_memory": 16e9})
-  assert h100["host_pool_short"] and h100["scan_step_rows"] == 512
-  assert "fewer than 20 sets of a buffer a chip" in plan_lib.report(h100)
+                          "host_memory": 8e9})
+  assert h100["host_pool_short"]
+  assert (h100["scan_step_rows"], h100["scan_pieces"]) == (8_192, (512, 16))
+  assert "fewer than 6 pieces in flight" in plan_lib.report(h100)
   assert "host memory" not in plan_lib.report(
       plan_lib.plan(**BASE, local_store=True)).split("Assumptions")[1]
 
@@ -409,7 +417,7 @@ def test_cli_host_memory():
           "--queries=100000")
   result = _run(*args, "--host_memory=16e9")
   assert result.returncode == 0, result.stderr
-  assert "512 rows a chip" in result.stdout
+  assert "16 pieces of 1,024 rows a chip" in result.stdout
   assert "4 GB (3.73 GiB) of a host's 16 GB" in result.stdout
   result = _run(*args, "--host_memory=-1")
   assert result.returncode != 0

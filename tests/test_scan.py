@@ -841,6 +841,74 @@ def test_pooled_buffers_fit_the_host_budget(tmp_path, monkeypatch):
     assert pools[-1] == (8 * 64 * 16, want)  # 64 rows of 16 per device
 
 
+def test_devices_of_their_own_memory_take_steps_of_several_pooled_reads(
+    tmp_path, monkeypatch):
+  """Where a device has memory of its own (GPU, TPU; here a CPU mesh with a
+  device memory patched in), copied rows are staged: read a piece at a
+  time into a pool of ``staged_sets`` sets, each piece copied to its device
+  and its set reused, so the pool bounds a piece and the step keeps its
+  device size. Before 2026-12-06 (stop 75) the pool bounded the step: 40
+  rows a device here; at d = 2^16 on a v5e host reading object storage,
+  1,536 rows a chip, and split queries went around the ring once a step,
+  about 10x a local store's traffic. The top-k is unchanged: bit for bit,
+  whole and split over the devices; from a store on object storage."""
+  from tracer import memory  # pylint: disable=g-import-not-at-top
+  x, q = _data(5000)
+  unaligned = np.empty(x.size + 1, np.float32)[1:].reshape(x.shape)
+  unaligned[...] = x
+  mesh = MESHES["8x1"]()
+  # (split queries score in blocks of 64: their bits are such a batch's)
+  plain = {split: scan.scan_arrays(x, q, K, mesh=mesh, chunk_rows=5000,
+                                   shard_queries=split) for split in (False, True)}
+  assert_same(plain[False], reference(x, q, K))
+  monkeypatch.setattr(memory, "device_memory_bytes", lambda: 1 << 30)
+  row_bytes = 16 * 4
+  monkeypatch.setattr(scan, "HOST_BUFFER_BYTES", 2 * 8 * 40 * row_bytes)
+  layouts, made = [], []
+  real_run, real_empty = scan._scan_run, scan.aligned_empty
+  monkeypatch.setattr(scan, "_scan_run", lambda sources, qs, *a: (
+      layouts.append((a[2], a[5])) or real_run(sources, qs, *a)))
+  monkeypatch.setattr(scan, "aligned_empty", lambda shape, dtype, align=64: (
+      made.append(int(np.prod(shape)) * np.dtype(dtype).itemsize)
+      or real_empty(shape, dtype, align)))
+  for split in (False, True):
+    layouts.clear(), made.clear()
+    got = scan.scan_arrays(unaligned, q, K, mesh=mesh, shard_queries=split)
+    for field in got._fields:
+      np.testing.assert_array_equal(getattr(got, field),
+                                    getattr(plain[split], field))
+    (layout, sets), = layouts
+    # One step of all 625 rows a device, in 25 pieces of 25 rows (the most
+    # rows within 40-row pieces and MAX_PIECES), through 2 pooled sets.
+    assert (layout.step, layout.num_pieces, layout.piece_rows, sets) == (
+        5000, 25, 25, 2)
+    assert 0 < sum(made) <= 2 * 8 * 25 * row_bytes
+  # A store on object storage (read ahead 4: 6 sets), bf16, with a metric.
+  xb = x.astype(ml_dtypes.bfloat16)
+  m = store_lib.Manifest(
+      checkpoint="c", step=1, params_fingerprint="p", correction="adam",
+      epsilon=1e-8, projection_seed=0, layout=None, dim=16,
+      basis_fingerprint=None, dtype="bfloat16", num_rows=5000, chunk_rows=64)
+  remote = store_lib.create_or_open(f"memory://{tmp_path.name}/staged", m)
+  for c in remote.pending_chunks():
+    lo, hi = remote.chunk_bounds(c)
+    remote.write_chunk(c, xb[lo:hi])
+  metric = topk.RowMetric(np.linspace(0.5, 2.0, 16).astype(np.float32),
+                          (np.full((16, 1), 0.1, np.float32),), ((0, 16),))
+  want = scan.scan_arrays(np.asarray(xb), q, K, mesh=mesh, chunk_rows=5000,
+                          metric=metric)
+  monkeypatch.setattr(scan, "HOST_BUFFER_BYTES", 6 * 8 * 128 * 16 * 2)
+  layouts.clear()
+  got = scan.scan_store(remote, q, K, mesh=mesh, metric=metric)
+  # (rows' norms in pieces of 128 rows, not one of 625: the last bit may
+  # differ, as a local store's mapped chunks' do)
+  assert_same(got, want)
+  (layout, sets), = layouts
+  # Pieces of two chunks (128 rows) a device; steps of 640 rows a device
+  # (5,000 rows padded to whole chunks on 8 devices: 5,120).
+  assert (layout.step, layout.piece_rows, sets) == (5120, 128, 6)
+
+
 def test_a_step_of_one_chunk_per_device_maps_it(tmp_path, monkeypatch):
   """A local store whose default step is one chunk per device uses the
   chunk files in place, as steps of several chunks do: none is read into a
@@ -1625,6 +1693,28 @@ def test_fused_tiles_benchmark_runs():
   with pytest.raises(ValueError, match="--fused_tiles: '48:32:4:3': expected ROWS "
                      "and DIM powers of two"):  # (Triton cannot lower it)
     benchmark_scan.parse_tiles("48:32:4:3")
+
+
+def test_staged_benchmark_runs(monkeypatch):
+  """``--staged_pool_mb`` (the GPU's staged steps against the pooled ones):
+  on the CPU the default is the pooled steps; with a device memory patched
+  in (as a GPU's), staged steps of the device's size, the pool restored."""
+  from tracer import memory  # pylint: disable=g-import-not-at-top
+  from tracer.launch import benchmark_scan  # pylint: disable=g-import-not-at-top
+  kwargs = dict(rows=20_000, dim=64, queries=4, k=5, pool_mb=1, repeats=1)
+  table = benchmark_scan.run_staged_benchmark(**kwargs)
+  assert [r["method"] for r in table] == [
+      "machine", "steps the pool bounds (before stop 75)", "default steps"]
+  assert table[1]["step_rows_per_device"] == table[2]["step_rows_per_device"]
+  assert "the pooled steps" in table[2]["note"]
+  monkeypatch.setattr(memory, "device_memory_bytes", lambda: 1 << 30)
+  table = benchmark_scan.run_staged_benchmark(**kwargs)
+  # 1 MiB over 8 devices, 6 sets of 128-byte rows: 170 rows a device a step;
+  # staged in pieces of at most 512 (2 sets): all 2,500 rows a device.
+  assert table[1]["step_rows_per_device"] == 170
+  assert table[2]["step_rows_per_device"] == 2_500
+  assert table[2]["seconds"] > 0 and "staged: 5 pieces of 500 rows" in table[2]["note"]
+  assert scan.HOST_BUFFER_BYTES == 8 << 30
 
 
 def test_scan_memory_benchmark_fits_its_sweeps(tmp_path, capsys, monkeypatch):
