@@ -682,8 +682,12 @@ def run_staged_benchmark(rows: int = 4_000_000, dim: int = 1024,
   pool = (pool_mb << 20) // len(mesh.local_devices)
   full = min(scan.default_chunk_rows(dim, 2, mesh.size, platform=platform),
              partitioning.padded_size(rows, mesh.size))
+  agreed = scan.agreed_memory(True, mesh)
+  staged = not agreed.shared
+  if staged:  # (as scan._scan holds a step: the other steps' rows a device holds)
+    full = scan.buffered_step(full, mesh, dim * 2, scan.device_steps(2) - 1, 1,
+                              agreed.device - agreed.device // scan.QUERY_MEMORY_FRACTION)
   pooled = scan.buffered_step(full, mesh, dim * 2, scan.pool_sets(2, 0), 1, pool)
-  staged = not scan.agreed_memory(True, mesh).shared
   piece = scan.buffered_step(full, mesh, dim * 2, scan.staged_sets(0), 1,
                              pool) // mesh.size
   rows_, count = scan.staged_pieces(full // mesh.size, piece)

@@ -108,7 +108,7 @@ def find_chip(name: str) -> Chip:
 
 def run_bytes(queries: int, d: int, itemsize: int, k: int,
               split: bool, parts: int = 1, piece: int | None = None,
-              multiple: int = 1) -> int:
+              multiple: int = 1, hbm_bytes: float | None = None) -> int:
   """A chip's bytes for one streamed scan step with ``queries`` queries on
   it (the whole set, or a block when ``split``), as ``tracer.scan`` sizes
   the step: rows of ``scan.ACCELERATOR_CHUNK_BYTES``, fewer where the
@@ -119,26 +119,36 @@ def run_bytes(queries: int, d: int, itemsize: int, k: int,
   per checkpoint), whose rows share a step's bytes, each with its own
   queries, one top-k. ``piece``: a step read from object storage is
   staged in pieces of at most that many rows a chip (``staged_rows``);
-  ``multiple``: its rows are whole store chunks of that many. An
-  estimate: at run time XLA's count of the step decides."""
+  ``multiple``: its rows are whole store chunks of that many;
+  ``hbm_bytes``: a chip's memory (``step_rows``). An estimate: at run time
+  XLA's count of the step decides."""
   from tracer import scan  # pylint: disable=g-import-not-at-top
-  rows = step_rows(queries, d, itemsize, parts, piece, multiple)
+  rows = step_rows(queries, d, itemsize, parts, piece, multiple, hbm_bytes)
   held = queries * (4 * d * parts + 16 * k) * (2 if split else 1)
   return (parts * rows * d * itemsize + rows * queries * scan.PAIR_BYTES
           + held)
 
 
 def step_rows(queries: int, d: int, itemsize: int, parts: int = 1,
-              piece: int | None = None, multiple: int = 1) -> int:
+              piece: int | None = None, multiple: int = 1,
+              hbm_bytes: float | None = None) -> int:
   """A chip's rows of each store in a streamed scan step with ``queries``
   queries on it (``run_bytes``), in whole ``multiple``s (store chunks) as
   the scan takes them: its bytes' rows rounded up
-  (``scan.default_chunk_rows``), the scores' cap down, at least one
-  (``scan.query_capped_step``); staged in pieces of at most ``piece`` rows
-  (``scan.staged_pieces``: whole pieces, at most ``MAX_PIECES``)."""
+  (``scan.default_chunk_rows``); on a chip of ``hbm_bytes``, the rows of
+  the other steps it holds (``scan.device_steps`` at the default prefetch,
+  less one) within the half a run leaves, rounded down; the scores' cap
+  down, at least one (``scan.query_capped_step``); staged in pieces of at
+  most ``piece`` rows (``scan.staged_pieces``: whole pieces, at most
+  ``MAX_PIECES``)."""
   from tracer import scan  # pylint: disable=g-import-not-at-top
   step = scan.ACCELERATOR_CHUNK_BYTES
   rows = -(-max(1, step // (d * itemsize * parts)) // multiple) * multiple
+  if hbm_bytes is not None:  # (as scan._scan caps it)
+    have = int(hbm_bytes)
+    fits = (have - have // scan.QUERY_MEMORY_FRACTION) // (
+        (scan.device_steps(2) - 1) * d * itemsize * parts)
+    rows = min(rows, max(multiple, fits // multiple * multiple))
   fits = scan.SCORE_STEPS * step // (scan.PAIR_BYTES * queries)
   rows = min(rows, max(multiple, fits // multiple * multiple))
   if piece is not None:
@@ -206,7 +216,7 @@ def query_passes(queries: int, d: int, itemsize: int, k: int, chips: int,
   def step_bytes(n: int, split: bool) -> int:
     n = padded(n, split)  # (a chip holds a block of them when split)
     return run_bytes(n // chips if split else n, d, itemsize, k, split, parts,
-                     piece, multiple)
+                     piece, multiple, have)
 
   def run_queries(split: bool) -> int:  # (as _scan's)
     batch = scan.query_batch(queries, lambda n: step_bytes(n, split), have)
@@ -376,10 +386,12 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   # Split queries go around the chips every step: a chip sends each block
   # but its own (P - 1 of P; a summed scan's, one per checkpoint) and every
   # block's top-k (one for the sum) on.
+  on_chip = runs["block"] or per_run
+  scan_rows = step_rows(on_chip, d, itemsize, steps_summed, piece, chunk_rows,
+                        spec.hbm_bytes)
   ring_bytes = 0.0
   if runs["split"]:
-    steps = -(-rows // (chips * step_rows(runs["block"], d, itemsize,
-                                          steps_summed, piece, chunk_rows)))
+    steps = -(-rows // (chips * scan_rows))
     ring_bytes = (scan_passes * steps * per_run
                   * (4 * d * steps_summed * (chips - 1) / chips + 16 * top_k))
   # A store kept resident in HBM (tracer serve) pays only this.
@@ -410,13 +422,11 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
       query_block_bytes=runs["split_bytes"], ring_bytes_per_chip=ring_bytes,
       scan_step_bytes=runs["step_bytes"],
       scan_step_limit_bytes=runs["limit_bytes"],
-      local_store=local_store, scan_step_rows=step_rows(
-          runs["block"] or per_run, d, itemsize, steps_summed, piece,
-          chunk_rows),
+      local_store=local_store, scan_step_rows=scan_rows,
       host_memory=host_memory, host_pool_bytes=pool, host_pool_sets=pool_sets,
       host_pool_short=pool_short, scan_pieces=None if piece is None else
-      scan.staged_pieces(step_rows(runs["block"] or per_run, d, itemsize,
-                                   steps_summed, None, chunk_rows),
+      scan.staged_pieces(step_rows(on_chip, d, itemsize, steps_summed, None,
+                                   chunk_rows, spec.hbm_bytes),
                          piece, chunk_rows),
       matmul_passes=passes, rows=rows,
       itemsize=itemsize, row_bytes=row_bytes, store_bytes=store_bytes,

@@ -776,6 +776,61 @@ def test_a_scan_plans_one_step_on_uneven_hosts(tmp_path):
         assert got == want, text
 
 
+_STAGED_SCAN = """
+import sys
+import jax
+import numpy as np
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 2, int(sys.argv[2]))
+from tracer import memory, partitioning, scan
+me = int(sys.argv[2])
+# Devices of their own memory (as GPUs), 1 MiB on process 0's and 2 MiB on
+# process 1's; process 0's rows aligned (used in place), process 1's
+# unaligned (staged through a pool of 40 KiB: 2 sets of 80 rows a device).
+memory.device_memory_bytes = lambda: (1 << 20) * (1 + me)
+scan.HOST_BUFFER_BYTES = 2 * 2 * 80 * 64 * 4
+rng = np.random.default_rng(0)
+x = rng.standard_normal((6000, 64), dtype=np.float32)
+q = rng.standard_normal((3, 64), dtype=np.float32)
+if me == 0:
+  held = scan.aligned_empty(x.shape, x.dtype)
+else:
+  raw = scan.aligned_empty((x.size * 4 + 64,), np.uint8)
+  held = raw[4:4 + x.size * 4].view(np.float32).reshape(x.shape)
+held[...] = x
+layouts, run = [], scan._scan_run
+scan._scan_run = lambda sources, qs, *a: (
+    layouts.append((a[2].step, a[2].num_pieces, a[2].staged, a[5]))
+    or run(sources, qs, *a))
+got = scan.scan_arrays(held, q, 5, mesh=partitioning.make_mesh())
+want = np.argsort(-(x @ q.T), axis=0, kind="stable")[:5].T
+print("layouts", layouts, flush=True)
+print("rows", got.proponent_rows.tolist(), "want", want.tolist(), flush=True)
+"""
+
+
+def test_a_staged_scan_plans_one_step_on_hosts_of_different_memories(tmp_path):
+  """Devices of their own memory (patched in: 1 MiB on process 0's, 2 MiB
+  on process 1's), one process copying its rows and the other using them
+  in place: both stage the same steps (the least device's: 5 other steps'
+  256-byte rows within half of 1 MiB, 409 rows a device; the pool's
+  pieces of at most 80 rows: 6 of 68, 408 rows) and the answer is the
+  single-host one (stop 75)."""
+  port = multiprocess.free_port()
+  procs, logs = multiprocess.start(
+      [[sys.executable, "-c", _STAGED_SCAN, str(port), str(i)]
+       for i in range(2)], tmp_path, multiprocess.env(devices=2))
+  codes, texts = multiprocess.ends(procs, logs, time.monotonic() + 120)
+  assert codes == [0, 0], (codes, texts)
+  layouts = [next(l for l in text.splitlines() if l.startswith("layouts "))
+             for text in texts]
+  assert layouts[0] == layouts[1] == "layouts [(1632, 6, True, 2)]", texts
+  for text in texts:
+    line = next(l for l in text.splitlines() if l.startswith("rows "))
+    got, want = line[len("rows "):].split(" want ")
+    assert got == want, text
+
+
 def test_processes_of_different_device_counts_are_refused_at_start(tmp_path):
   """jax.distributed over processes of 2 and 4 devices: jax's
   ``multihost_utils`` (and so the scan's agreement) fail deep in a scan

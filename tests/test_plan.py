@@ -154,62 +154,67 @@ def test_many_queries_take_passes_or_are_split_over_the_chips():
   """As tracer.scan plans them: 100,000 queries at d = 2^16 do not fit a
   16 GB v5e chip whole (26 GB), would take 7 runs of whole queries, and
   split over 256 chips (padded to 114,688: 448 a chip) take one pass; 10M
-  take 5 split passes, each reading the store again. Before 2026-12-06
-  (stop 73) the plan assumed one pass for any Q."""
+  take 4 split passes, each reading the store again. Before 2026-12-06
+  (stop 73) the plan assumed one pass for any Q. A v5e's step is 11,776
+  rows (23 chunks of 512), not 2 GiB: the 5 other steps a chip holds
+  (``scan.device_steps``) share the half a run leaves (since stop 75)."""
   v5e = {**BASE, "chip": "v5e", "local_store": True}    # (chunks mapped)
   d, row = 65_536, 4 * 65_536 + 16 * 10
   p = plan_lib.plan(**v5e, queries=100_000)
-  assert p["scan_step_rows"] == 16_384
+  assert p["scan_step_rows"] == 11_776 == (8 * 10**9 // (5 * 2 * d)) // 512 * 512
   assert p["query_bytes"] == 100_000 * row
-  assert (p["scan_passes"], p["queries_split"], p["whole_query_runs"]) == (1, True, 7)
+  assert (p["scan_passes"], p["queries_split"], p["whole_query_runs"]) == (1, True, 6)
   assert (p["queries_per_pass"], p["query_block"]) == (114_688, 448)
   assert p["query_block_bytes"] == 2 * 448 * row           # one block arriving
   assert p["scan_compute_s"] == pytest.approx(
       2 * 78_125_000 * d * (114_688 + 1025) * 3 / (256 * 197e12))
-  # Every step (19 of 16,384 rows a chip) sends each block but the chip's
+  # Every step (26 of 11,776 rows a chip) sends each block but the chip's
   # own, and every block's top-k, on around the ring.
   assert p["ring_bytes_per_chip"] == pytest.approx(
-      19 * 114_688 * (4 * d * 255 / 256 + 16 * 10))
+      26 * 114_688 * (4 * d * 255 / 256 + 16 * 10))
   one = plan_lib.plan(**v5e)                                # Q = 64: one pass, whole
   assert one["ring_bytes_per_chip"] == 0
   assert (one["scan_passes"], one["queries_split"]) == (1, False)
   assert p["scan_host_read_s"] == one["scan_host_read_s"]
   many = plan_lib.plan(**v5e, queries=10_000_000)
-  assert many["queries_split"] and many["scan_passes"] == 5
-  assert many["scan_host_read_s"] == pytest.approx(5 * one["scan_host_read_s"])
+  assert many["queries_split"] and many["scan_passes"] == 4
+  assert many["scan_host_read_s"] == pytest.approx(4 * one["scan_host_read_s"])
   assert many["queries_per_pass"] % (64 * 256) == 0
-  assert 5 * many["queries_per_pass"] >= 10_000_000 > 4 * many["queries_per_pass"]
-  # Each pass's step fits half a chip; the block of 4 passes would not.
+  assert 4 * many["queries_per_pass"] >= 10_000_000 > 3 * many["queries_per_pass"]
+  # Each pass's step fits half a chip; the block of 3 passes would not.
   half = 16e9 / 2
-  assert plan_lib.run_bytes(many["query_block"], d, 2, 10, True) <= half
-  four = -(-10_000_000 // 4 // (64 * 256)) * 64
-  assert plan_lib.run_bytes(four, d, 2, 10, True) > half
+  assert plan_lib.run_bytes(many["query_block"], d, 2, 10, True,
+                            hbm_bytes=16e9) <= half
+  three = -(-10_000_000 // 3 // (64 * 256)) * 64
+  assert plan_lib.run_bytes(three, d, 2, 10, True, hbm_bytes=16e9) > half
   # One chip: no ring to split over, so runs of whole queries.
   alone = plan_lib.plan(**{**v5e, "params": 1e8, "tokens": 1e9, "chips": 1,
                            "queries": 100_000})
-  assert not alone["queries_split"] and alone["scan_passes"] == 7
+  assert not alone["queries_split"] and alone["scan_passes"] == 6
   # The step: 2 GiB of rows (16,384 at d = 2^16, bf16), their scores (8 B a
   # row and query) and the queries with their top-k.
   assert plan_lib.run_bytes(64, d, 2, 10, False) == 2**31 + 16_384 * 64 * 8 + 64 * row
+  assert plan_lib.run_bytes(64, d, 2, 10, False, hbm_bytes=16e9) == (
+      12_207 * 2 * d + 12_207 * 64 * 8 + 64 * row)    # (8e9 // (5 * 2 * d))
   text = plan_lib.report(p)
   assert "split over the chips  448 a chip" in text
   assert "ring traffic a chip" in text and "ring traffic" not in plan_lib.report(one)
-  assert "1 pass (queries split)" in text and "they take 7 passes" in text
-  assert "store / (64 * 1 GB/s) * 5" in plan_lib.report(many)
+  assert "1 pass (queries split)" in text and "they take 6 passes" in text
+  assert "store / (64 * 1 GB/s) * 4" in plan_lib.report(many)
   # From object storage (the default) a step is staged through a host's
   # pooled buffers: 8 GiB for 6 pieces in flight of a buffer for each of its
   # 4 chips, pieces of whole chunks of 512 rows, at most 2,560 rows a chip:
-  # a step of 16,384 rows is 8 pieces of 2,048, and the ring sends what a
-  # local store's does. Until stop 75 the pool bounded the step (10 sets,
-  # 1,536 rows a chip) and the blocks went around 10 times as often.
+  # a step of 11,776 rows is 23 pieces of 512 (the most rows), and the ring
+  # sends what a local store's does. Until stop 75 the pool bounded the step
+  # (10 sets, 1,536 rows a chip) and the blocks went around ~10 times as often.
   assert plan_lib.staged_rows(d, 2, 4, 512) == 8 * 2**30 // (6 * 4 * 2 * d) // 512 * 512
   assert plan_lib.staged_rows(d, 2, 4, 512) == 2_560
   remote = plan_lib.plan(**{**v5e, "local_store": False}, queries=100_000)
-  assert (remote["scan_step_rows"], remote["scan_pieces"]) == (16_384, (2_048, 8))
+  assert (remote["scan_step_rows"], remote["scan_pieces"]) == (11_776, (512, 23))
   assert (remote["scan_passes"], remote["queries_split"]) == (1, True)
-  assert remote["whole_query_runs"] == 7
+  assert remote["whole_query_runs"] == 6
   assert remote["ring_bytes_per_chip"] == p["ring_bytes_per_chip"]
-  assert "in 8 pieces of 2,048 rows a chip" in plan_lib.report(remote)
+  assert "in 23 pieces of 512 rows a chip" in plan_lib.report(remote)
 
 
 def test_query_passes_plan_as_the_scan_where_a_step_shrinks_with_more_queries():
@@ -238,7 +243,8 @@ def test_query_passes_plan_as_the_scan_where_a_step_shrinks_with_more_queries():
   for d in (64, 256, 1024):
     for gb in (17, 18, 19, 20, 21):
       for queries in (500, 1000, 2000, 5000, 10_000):
-        step = lambda n, d=d: plan_lib.run_bytes(n, d, 2, k, False)
+        step = lambda n, d=d, gb=gb: plan_lib.run_bytes(n, d, 2, k, False,
+                                                        hbm_bytes=gb * 10**9)
         batch = scan.query_batch(queries, step, gb * 10**9)
         got = plan_lib.query_passes(queries, d, 2, k, 1, gb * 10**9)
         assert (got["passes"], got["per_run"]) == (
@@ -253,7 +259,7 @@ def test_a_step_is_whole_store_chunks_as_the_scan_takes_them():
   chip's 8 GiB of scores at 858 rows, one chunk). Before stop 74 the plan
   took 5,461 and 858 rows."""
   from tracer import scan  # pylint: disable=g-import-not-at-top
-  summed = plan_lib.plan(**{**BASE, "chip": "v5e", "queries": 2000,
+  summed = plan_lib.plan(**{**BASE, "queries": 2000,   # (v5p: 95 GB)
                             "checkpoints": 3, "local_store": True})
   assert summed["scan_step_rows"] == 11 * 512 == scan.default_chunk_rows(
       65536, 2 * 3, 1, 512, "gpu")
@@ -268,33 +274,35 @@ def test_a_step_is_whole_store_chunks_as_the_scan_takes_them():
 
 def test_store_passes_name_the_bound_their_runs_are_held_to():
   """Runs are held to half a chip's HBM, or to all of it where even the
-  least step passes half (``scan.query_batch``): a chip of 4 GB, whose half
-  no 2 GiB step of a local store fits. Until 2026-12-06 the report said
-  half either way."""
+  least step passes half (``scan.query_batch``): a chip of 100 MB, whose
+  half not even one 64 MiB store chunk's step fits (a step's rows shrink
+  with the chip since stop 75: on 4 GB they fit half). Until 2026-12-06
+  the report said half either way."""
   small = dataclasses.replace(plan_lib.find_chip("v5e"), name="small",
-                              hbm_bytes=4e9)
+                              hbm_bytes=100e6)
   args = {**BASE, "params": 1e8, "chip": "small", "local_store": True}
   with pytest.MonkeyPatch.context() as m:
     m.setattr(plan_lib, "CHIPS", plan_lib.CHIPS + (small,))
     p = plan_lib.plan(**args)
   text = plan_lib.report(p)
-  assert ("each step 2.17 GB a chip, within all of a chip's HBM (even the "
+  assert ("each step 84.2 MB a chip, within all of a chip's HBM (even the "
           "least step passes half)") in text
   assert "half a chip's HBM" not in text
-  need = 2**31 + 16_384 * 64 * 8 + 64 * (4 * 65_536 + 16 * 10)
-  assert plan_lib.run_bytes(1, 65_536, 2, 10, False) > 2e9
+  need = 512 * 2 * 65_536 + 512 * 64 * 8 + 64 * (4 * 65_536 + 16 * 10)
+  assert plan_lib.run_bytes(1, 65_536, 2, 10, False, multiple=512,
+                            hbm_bytes=100e6) > 50e6
   assert (p["scan_passes"], p["queries_split"]) == (1, False)
-  assert (p["scan_step_bytes"], p["scan_step_limit_bytes"]) == (need, 4e9)
+  assert (p["scan_step_bytes"], p["scan_step_limit_bytes"]) == (need, 100e6)
   v5e = plan_lib.plan(**{**args, "chip": "v5e"})
   assert v5e["scan_step_limit_bytes"] == 8e9
-  assert ("each step 2.17 GB a chip, within half a chip's HBM: its rows"
+  assert ("each step 1.57 GB a chip, within half a chip's HBM: its rows"
           in plan_lib.report(v5e))
 
 
 def test_host_memory_bounds_the_pooled_reads():
   """A scan from object storage pools its reads in a quarter of a host's
   memory, at most 8 GiB (``scan.host_buffer_bytes``), and stages each step
-  through the pool a piece at a time: a v5e host of 16 GB pools 4 GB,
+  through the pool a piece at a time: a v5p host of 16 GB pools 4 GB,
   pieces of 1,024 rows a chip at d = 2^16 (6 pieces in flight, a buffer for
   each of 4 chips), where the default (a host of at least 32 GiB) pools 8
   GiB, 2,048-row pieces; the step is 16,384 rows either way. Until
@@ -305,8 +313,8 @@ def test_host_memory_bounds_the_pooled_reads():
   assert 4 * 10**9 // (6 * 4 * 2 * d) == 1_271            # two chunks of 512
   assert plan_lib.staged_rows(d, 2, 4, 512) == 2_560
   assert plan_lib.staged_rows(d, 2, 4, 512, 400e9) == 2_560
-  v5e = {**BASE, "chip": "v5e", "queries": 100_000}
-  default, small = plan_lib.plan(**v5e), plan_lib.plan(**v5e, host_memory=16e9)
+  v5p = dict(BASE)                                     # (4 chips a host)
+  default, small = plan_lib.plan(**v5p), plan_lib.plan(**v5p, host_memory=16e9)
   assert (default["scan_step_rows"], small["scan_step_rows"]) == (16_384, 16_384)
   assert (default["scan_pieces"], small["scan_pieces"]) == ((2_048, 8), (1_024, 16))
   assert (default["host_pool_bytes"], small["host_pool_bytes"]) == (8 * 2**30,
@@ -356,7 +364,10 @@ def test_summed_checkpoints_hold_each_store_s_step_and_queries():
   assert plan_lib.run_bytes(10_000, d, 2, k, False, parts=3) > half
   assert (many["scan_passes"], many["queries_split"]) == (1, True)
   assert (many["queries_per_pass"], many["query_block"]) == (16_384, 64)
-  steps = -(-78_125_000 // (256 * 11 * 512))           # 55: whole chunks
+  # 86 steps of 7 chunks: whole chunks, the 5 other steps' rows of the
+  # three stores within half a v5e (8e9 // (5 * 3 * 2 * d) = 4,069 rows)
+  assert many["scan_step_rows"] == 7 * 512
+  steps = -(-78_125_000 // (256 * 7 * 512))
   assert many["ring_bytes_per_chip"] == pytest.approx(
       steps * 16_384 * (3 * 4 * d * 255 / 256 + 16 * k))
   eight = plan_lib.plan(**v5e, queries=64, checkpoints=8)
@@ -413,8 +424,7 @@ def test_cli_prints_plan():
 
 
 def test_cli_host_memory():
-  args = ("--params=8e9", "--tokens=160e9", "--chips=256", "--chip=v5e",
-          "--queries=100000")
+  args = ("--params=8e9", "--tokens=160e9", "--chips=256", "--chip=v5p")
   result = _run(*args, "--host_memory=16e9")
   assert result.returncode == 0, result.stderr
   assert "16 pieces of 1,024 rows a chip" in result.stdout

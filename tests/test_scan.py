@@ -909,6 +909,31 @@ def test_devices_of_their_own_memory_take_steps_of_several_pooled_reads(
   assert (layout.step, layout.piece_rows, sets) == (5120, 128, 6)
 
 
+def test_a_device_holds_the_other_steps_rows_within_the_half_a_run_leaves(
+    monkeypatch):
+  """A device holds the rows of up to ``device_steps(prefetch)`` steps at
+  once (prefetched, being read, in flight): on devices of their own memory
+  the other steps' rows are held to the half of it that ``query_batch``
+  leaves a run's step. Before stop 75 nothing counted them: on a 16 GB v5e,
+  five more steps of 2 GiB beside a step of half the chip would pass it.
+  Here a device of 1 MiB and 64-byte rows: 5 other steps of at most 512 KiB
+  together, 1,638 rows a device a step (the old code: all 2,500)."""
+  from tracer import memory  # pylint: disable=g-import-not-at-top
+  x, q = _data(20_000)
+  mesh = MESHES["8x1"]()
+  monkeypatch.setattr(memory, "device_memory_bytes", lambda: 1 << 20)
+  steps, real = [], scan._scan_run
+  monkeypatch.setattr(scan, "_scan_run", lambda sources, qs, *a: (
+      steps.append(a[2].step) or real(sources, qs, *a)))
+  assert scan.device_steps(2) == 6 and scan.device_steps(0) == 3
+  assert_same(scan.scan_arrays(x, q, K, mesh=mesh), reference(x, q, K))
+  assert steps == [8 * ((1 << 19) // (5 * 64))] == [8 * 1_638]
+  # Without prefetching, 2 other steps: the corpus's 2,500 rows a device fit.
+  steps.clear()
+  assert_same(scan.scan_arrays(x, q, K, mesh=mesh, prefetch=0), reference(x, q, K))
+  assert steps == [20_000]
+
+
 def test_a_step_of_one_chunk_per_device_maps_it(tmp_path, monkeypatch):
   """A local store whose default step is one chunk per device uses the
   chunk files in place, as steps of several chunks do: none is read into a

@@ -610,6 +610,14 @@ def pool_sets(prefetch: int, read_ahead: int, parts: int = 1) -> int:
   return (prefetch + max(1, prefetch) + read_ahead + 2) * parts
 
 
+def device_steps(prefetch: int) -> int:
+  """Steps whose rows a device may hold at once in ``_scan_run`` (at most):
+  ``prefetch`` ready, one being read, the one dispatched and
+  ``max(1, prefetch)`` in flight before it (as ``pool_sets`` counts a
+  pool's sets of them)."""
+  return prefetch + max(1, prefetch) + 2
+
+
 def staged_sets(read_ahead: int) -> int:
   """Pooled sets of a staged scan (``_Layout._stage``): its pieces in
   flight, those read ahead and two more (one landing, one being read)."""
@@ -718,6 +726,14 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   step = default_chunk_rows(dim, dtype.itemsize * len(sources), mesh.size,
                             row_multiple, mesh.devices.flat[0].platform)
   agreed = agreed_memory(any(s.copies(step // mesh.size) for s in sources), mesh)
+  if chunk_rows is None and not agreed.shared:
+    # A device holds the rows of other steps beside the one it scores
+    # (``device_steps``): together within the part of its memory a run
+    # leaves them (``query_batch`` holds a step to 1 / QUERY_MEMORY_FRACTION).
+    # Four more 2 GiB steps would pass half a 16 GB v5e.
+    step = buffered_step(step, mesh, dim * dtype.itemsize * len(sources),
+                         device_steps(prefetch) - 1, row_multiple,
+                         agreed.device - agreed.device // QUERY_MEMORY_FRACTION)
   staged = None  # a staged step's most rows a device a piece (``_Layout``)
   if chunk_rows is None and agreed.copies and not agreed.shared:
     # Devices of their own memory: the pool bounds a piece, not the step.
