@@ -421,11 +421,14 @@ class _Layout:
         future.result()
       excluded.extend(check([buf[:n]]) for _, buf, check, n in reads if check)
       held = [buf.view(self.bits) if self.bits else buf for _, buf, _, _ in reads]
-      placed = jax.device_put(held, [self.local[i][0] for i, _, _, _ in reads])
-      # A copy, whole before the set is reused: a device that took the buffer
-      # in place (a CPU's, whatever ``may_alias`` says) gets its own.
-      placed = [a.copy() if a.unsafe_buffer_pointer() == h.ctypes.data else a
-                for a, h in zip(placed, held)]
+      devices = [self.local[i][0] for i, _, _, _ in reads]
+      placed = jax.device_put(held, devices)
+      # A copy, whole before the set is reused: a CPU device that took the
+      # buffer in place (whatever ``may_alias`` says, jax 0.10.2) gets its
+      # own; an accelerator's ``device_put`` copies to its memory.
+      placed = [a.copy() if d.platform == "cpu"
+                and a.unsafe_buffer_pointer() == h.ctypes.data else a
+                for a, h, d in zip(placed, held, devices)]
       jax.block_until_ready(placed)
       for (i, _, _, _), array in zip(reads, placed):
         hosts[i].append(array)
