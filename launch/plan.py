@@ -423,6 +423,7 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
       scan_step_bytes=runs["step_bytes"],
       scan_step_limit_bytes=runs["limit_bytes"],
       local_store=local_store, scan_step_rows=scan_rows,
+      scan_other_steps=scan.device_steps(2) - 1,
       host_memory=host_memory, host_pool_bytes=pool, host_pool_sets=pool_sets,
       host_pool_short=pool_short, scan_pieces=None if piece is None else
       scan.staged_pieces(step_rows(on_chip, d, itemsize, steps_summed, None,
@@ -610,7 +611,9 @@ def report(p: dict) -> str:
       f"each step {size(p['scan_step_bytes'], binary=False)} a chip, within "
       f"{bound}: its rows (at most 2 GiB"
       + (", of the checkpoints' stores together" if summed > 1 else "")
-      + "), its scores, "
+      + f", and the {p['scan_other_steps']} other steps' rows a chip holds "
+      "within the other half), "
+      "its scores, "
       "the queries and top-k; whole where they fit, else split over the "
       "chips where that takes fewer passes, else in runs")
   pool = size(p["host_pool_bytes"])
