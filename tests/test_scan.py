@@ -934,6 +934,28 @@ def test_a_device_holds_the_other_steps_rows_within_the_half_a_run_leaves(
   assert steps == [20_000]
 
 
+def test_a_local_store_maps_a_step_held_to_whole_chunks(tmp_path, monkeypatch):
+  """Whether a step's rows are copied is judged on the step the scan takes:
+  on devices of their own memory, the one held for the other steps' rows.
+  A local store whose held step is whole chunks (at most ``MAX_PIECES``)
+  maps them, as the plan says. Until then it was judged on the 2 GiB step:
+  on a 16 GB v5e at d = 2^16 with 384-row chunks, 43 chunks a chip, so the
+  held step of 11,904 rows (31 chunks) was staged through the pool. Here
+  64-byte rows in 16-row chunks on devices of 330,000 bytes: 512 rows a
+  device (32 chunks), mapped, not one staged piece of 512 rows."""
+  from tracer import memory  # pylint: disable=g-import-not-at-top
+  x, q = _data(5000)
+  s = _store(tmp_path, x, "float32", chunk_rows=16)
+  monkeypatch.setattr(memory, "device_memory_bytes", lambda: 330_000)
+  layouts, real = [], scan._scan_run
+  monkeypatch.setattr(scan, "_scan_run", lambda sources, qs, *a: (
+      layouts.append(a[2]) or real(sources, qs, *a)))
+  assert_same(scan.scan_store(s, q, K, mesh=MESHES["8x1"]()), reference(x, q, K))
+  (layout,) = layouts
+  assert (layout.step, layout.staged, layout.whole, layout.num_pieces) == (
+      8 * 512, False, True, 32)
+
+
 def test_a_step_of_one_chunk_per_device_maps_it(tmp_path, monkeypatch):
   """A local store whose default step is one chunk per device uses the
   chunk files in place, as steps of several chunks do: none is read into a

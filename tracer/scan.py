@@ -737,6 +737,12 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
     step = buffered_step(step, mesh, dim * dtype.itemsize * len(sources),
                          device_steps(prefetch) - 1, row_multiple,
                          agreed.device - agreed.device // QUERY_MEMORY_FRACTION)
+    if agreed.copies:
+      # (judged again on the step held: a local store's may now be whole
+      # chunks, mapped rather than staged; agreed anew, as every process is
+      # here)
+      agreed = agreed_memory(any(s.copies(step // mesh.size) for s in sources),
+                             mesh)
   staged = None  # a staged step's most rows a device a piece (``_Layout``)
   if chunk_rows is None and agreed.copies and not agreed.shared:
     # Devices of their own memory: the pool bounds a piece, not the step.
