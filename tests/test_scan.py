@@ -925,13 +925,30 @@ def test_a_device_holds_the_other_steps_rows_within_the_half_a_run_leaves(
   steps, real = [], scan._scan_run
   monkeypatch.setattr(scan, "_scan_run", lambda sources, qs, *a: (
       steps.append(a[2].step) or real(sources, qs, *a)))
-  assert scan.device_steps(2) == 6 and scan.device_steps(0) == 3
+  assert scan.device_steps(2) == 6 and scan.device_steps(0) == 2
   assert_same(scan.scan_arrays(x, q, K, mesh=mesh), reference(x, q, K))
   assert steps == [8 * ((1 << 19) // (5 * 64))] == [8 * 1_638]
-  # Without prefetching, 2 other steps: the corpus's 2,500 rows a device fit.
+  # Without prefetching, 1 other step: the corpus's 2,500 rows a device fit.
   steps.clear()
   assert_same(scan.scan_arrays(x, q, K, mesh=mesh, prefetch=0), reference(x, q, K))
   assert steps == [20_000]
+
+
+def test_without_prefetching_a_device_holds_one_other_step(monkeypatch):
+  """Without a prefetch thread (``prefetch=0``) the step being read is the
+  next one dispatched: beside it a device holds only the one in flight, so
+  ``device_steps(0)`` is 2. Until then it counted 3 (a step being read and
+  another dispatched): the step held to half the room. Here a device of 1
+  MiB and 64-byte rows: all 4,500 rows a device in one step (4,096 before)."""
+  from tracer import memory  # pylint: disable=g-import-not-at-top
+  x, q = _data(36_000)
+  monkeypatch.setattr(memory, "device_memory_bytes", lambda: 1 << 20)
+  steps, real = [], scan._scan_run
+  monkeypatch.setattr(scan, "_scan_run", lambda sources, qs, *a: (
+      steps.append(a[2].step) or real(sources, qs, *a)))
+  assert_same(scan.scan_arrays(x, q, K, mesh=MESHES["8x1"](), prefetch=0),
+              reference(x, q, K))
+  assert steps == [36_000]
 
 
 def test_a_local_store_maps_a_step_held_to_whole_chunks(tmp_path, monkeypatch):

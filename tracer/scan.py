@@ -617,8 +617,9 @@ def device_steps(prefetch: int) -> int:
   """Steps whose rows a device may hold at once in ``_scan_run`` (at most):
   ``prefetch`` ready, one being read, the one dispatched and
   ``max(1, prefetch)`` in flight before it (as ``pool_sets`` counts a
-  pool's sets of them)."""
-  return prefetch + max(1, prefetch) + 2
+  pool's sets of them). Without a prefetch thread the step being read is
+  the one dispatched next: 2."""
+  return prefetch + max(1, prefetch) + (2 if prefetch else 1)
 
 
 def staged_sets(read_ahead: int) -> int:
