@@ -108,7 +108,8 @@ def find_chip(name: str) -> Chip:
 
 def run_bytes(queries: int, d: int, itemsize: int, k: int,
               split: bool, parts: int = 1, piece: int | None = None,
-              multiple: int = 1, hbm_bytes: float | None = None) -> int:
+              multiple: int = 1, hbm_bytes: float | None = None,
+              mapped: bool = False) -> int:
   """A chip's bytes for one streamed scan step with ``queries`` queries on
   it (the whole set, or a block when ``split``), as ``tracer.scan`` sizes
   the step: rows of ``scan.ACCELERATOR_CHUNK_BYTES``, fewer where the
@@ -120,10 +121,12 @@ def run_bytes(queries: int, d: int, itemsize: int, k: int,
   queries, one top-k. ``piece``: a step read from object storage is
   staged in pieces of at most that many rows a chip (``staged_rows``);
   ``multiple``: its rows are whole store chunks of that many;
-  ``hbm_bytes``: a chip's memory (``step_rows``). An estimate: at run time
+  ``hbm_bytes``: a chip's memory, ``mapped``: a local store's chunks
+  (``step_rows``). An estimate: at run time
   XLA's count of the step decides."""
   from tracer import scan  # pylint: disable=g-import-not-at-top
-  rows = step_rows(queries, d, itemsize, parts, piece, multiple, hbm_bytes)
+  rows = step_rows(queries, d, itemsize, parts, piece, multiple, hbm_bytes,
+                   mapped)
   held = queries * (4 * d * parts + 16 * k) * (2 if split else 1)
   return (parts * rows * d * itemsize + rows * queries * scan.PAIR_BYTES
           + held)
@@ -131,15 +134,16 @@ def run_bytes(queries: int, d: int, itemsize: int, k: int,
 
 def step_rows(queries: int, d: int, itemsize: int, parts: int = 1,
               piece: int | None = None, multiple: int = 1,
-              hbm_bytes: float | None = None) -> int:
+              hbm_bytes: float | None = None, mapped: bool = False) -> int:
   """A chip's rows of each store in a streamed scan step with ``queries``
   queries on it (``run_bytes``), in whole ``multiple``s (store chunks) as
   the scan takes them: its bytes' rows rounded up
   (``scan.default_chunk_rows``); on a chip of ``hbm_bytes``, the rows of
   the other steps it holds (``scan.device_steps`` at the default prefetch,
-  less one) within the half a run leaves, rounded down; the scores' cap
-  down, at least one (``scan.query_capped_step``); staged in pieces of at
-  most ``piece`` rows (``scan.staged_pieces``: whole pieces, at most
+  less one) within the half a run leaves, rounded down; a local store's
+  (``mapped``) at most ``MAX_PIECES`` chunks, mapped in place; the scores'
+  cap down, at least one (``scan.query_capped_step``); staged in pieces of
+  at most ``piece`` rows (``scan.staged_pieces``: whole pieces, at most
   ``MAX_PIECES``)."""
   from tracer import scan  # pylint: disable=g-import-not-at-top
   step = scan.ACCELERATOR_CHUNK_BYTES
@@ -149,6 +153,8 @@ def step_rows(queries: int, d: int, itemsize: int, parts: int = 1,
     fits = (have - have // scan.QUERY_MEMORY_FRACTION) // (
         (scan.device_steps(2) - 1) * d * itemsize * parts)
     rows = min(rows, max(multiple, fits // multiple * multiple))
+  if mapped:
+    rows = min(rows, scan.MAX_PIECES * multiple)
   fits = scan.SCORE_STEPS * step // (scan.PAIR_BYTES * queries)
   rows = min(rows, max(multiple, fits // multiple * multiple))
   if piece is not None:
@@ -192,7 +198,8 @@ def staged_rows(d: int, itemsize: int, chips_per_host: int, chunk_rows: int,
 
 def query_passes(queries: int, d: int, itemsize: int, k: int, chips: int,
                  hbm_bytes: float, parts: int = 1,
-                 piece: int | None = None, multiple: int = 1) -> dict:
+                 piece: int | None = None, multiple: int = 1,
+                 mapped: bool = False) -> dict:
   """How a streamed scan takes ``queries`` queries on ``chips`` chips of
   ``hbm_bytes``, as ``tracer.scan``'s default plans it (``_scan``, with
   ``run_bytes`` for XLA's count of a step): runs of whole queries on every
@@ -204,7 +211,7 @@ def query_passes(queries: int, d: int, itemsize: int, k: int, chips: int,
   the chip. Each run is a pass over the store and scans ``per_run``
   queries (padding included); ``step_bytes``: a chip's bytes for its step,
   ``limit_bytes``: the bound the runs were held to (half a chip, or all of
-  it). ``parts``, ``piece``, ``multiple``: as in ``run_bytes``. None where not even
+  it). ``parts``, ``piece``, ``multiple``, ``mapped``: as in ``run_bytes``. None where not even
   one query's step fits a chip."""
   from tracer import scan, topk  # pylint: disable=g-import-not-at-top
   have = int(hbm_bytes)
@@ -216,7 +223,7 @@ def query_passes(queries: int, d: int, itemsize: int, k: int, chips: int,
   def step_bytes(n: int, split: bool) -> int:
     n = padded(n, split)  # (a chip holds a block of them when split)
     return run_bytes(n // chips if split else n, d, itemsize, k, split, parts,
-                     piece, multiple, have)
+                     piece, multiple, have, mapped)
 
   def run_queries(split: bool) -> int:  # (as _scan's)
     batch = scan.query_batch(queries, lambda n: step_bytes(n, split), have)
@@ -355,7 +362,8 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   pool, pool_sets = pool_bytes(host_memory), remote_sets()
   pool_short = pool_sets * (chips // hosts) * chunk_rows * d * itemsize > pool
   runs = query_passes(queries, d, itemsize, top_k, chips, spec.hbm_bytes,
-                      steps_summed, piece, multiple=chunk_rows)
+                      steps_summed, piece, multiple=chunk_rows,
+                      mapped=local_store)
   if runs is None:
     raise ValueError(f"projection_dim: one query's scan step at d={d:,} "
                      f"with k={top_k:,} does not fit a {spec.name} chip's "
@@ -388,7 +396,7 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   # block's top-k (one for the sum) on.
   on_chip = runs["block"] or per_run
   scan_rows = step_rows(on_chip, d, itemsize, steps_summed, piece, chunk_rows,
-                        spec.hbm_bytes)
+                        spec.hbm_bytes, local_store)
   ring_bytes = 0.0
   if runs["split"]:
     steps = -(-rows // (chips * scan_rows))

@@ -299,6 +299,22 @@ def test_store_passes_name_the_bound_their_runs_are_held_to():
           in plan_lib.report(v5e))
 
 
+def test_a_local_store_step_is_at_most_max_pieces_chunks():
+  """A local store's step is at most ``scan.MAX_PIECES`` chunks a chip,
+  mapped in place, as the scan takes it (since stop 75): on 8 H100s at d =
+  2^14 with 512-row chunks, 2 GiB would be 128 chunks; the step is 32
+  (16,384 rows). From object storage the 2 GiB step, 65,536 rows, is
+  staged in 16 pieces of 4,096. Until stop 75 the plan said 65,536 rows
+  mapped where the scan shrank the step to its pool and mapped 10 chunks."""
+  h100 = {**BASE, "chips": 8, "chip": "h100", "projection_dim": 2**14}
+  local = plan_lib.plan(**h100, local_store=True)
+  remote = plan_lib.plan(**h100)
+  assert (local["scan_step_rows"], local["scan_pieces"]) == (32 * 512, None)
+  assert (remote["scan_step_rows"], remote["scan_pieces"]) == (65_536, (4_096, 16))
+  assert plan_lib.step_rows(64, 2**14, 2, multiple=512, hbm_bytes=80e9,
+                            mapped=True) == 16_384
+
+
 def test_host_memory_bounds_the_pooled_reads():
   """A scan from object storage pools its reads in a quarter of a host's
   memory, at most 8 GiB (``scan.host_buffer_bytes``), and stages each step

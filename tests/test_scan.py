@@ -973,6 +973,31 @@ def test_a_local_store_maps_a_step_held_to_whole_chunks(tmp_path, monkeypatch):
       8 * 512, False, True, 32)
 
 
+def test_a_local_store_maps_at_most_max_pieces_chunks_a_step(tmp_path, monkeypatch):
+  """On devices of their own memory a local store's step is at most
+  ``MAX_PIECES`` chunks a device, mapped in place, not a longer step staged
+  through the pool (a copy on the host). Until stop 75 such a store's
+  default step (e.g. d = 2^14 bf16, 512-row chunks: 2 GiB is 128 chunks on
+  an H100) was shrunk to the pool's sets, then mapped (10 chunks); for an
+  hour in stop 75 it was staged at 2 GiB. Here 40 chunks of 64 rows a
+  device in the default step: 32 of them, mapped, none read."""
+  from tracer import memory  # pylint: disable=g-import-not-at-top
+  x, q = _data(8 * 40 * 64)
+  s = _store(tmp_path, x, "float32")  # chunks of 64 rows of 16 float32
+  monkeypatch.setattr(memory, "device_memory_bytes", lambda: 1 << 30)
+  layouts, read = [], []
+  real_run, real_read = scan._scan_run, scan._StoreSource.read_into
+  monkeypatch.setattr(scan, "_scan_run", lambda sources, qs, *a: (
+      layouts.append(a[2]) or real_run(sources, qs, *a)))
+  monkeypatch.setattr(scan._StoreSource, "read_into", lambda self, lo, hi, out: (
+      read.append((lo, hi)) or real_read(self, lo, hi, out)))
+  assert_same(scan.scan_store(s, q, K, mesh=MESHES["8x1"]()), reference(x, q, K))
+  (layout,) = layouts
+  assert (layout.step, layout.staged, layout.whole, layout.num_pieces) == (
+      8 * 32 * 64, False, True, 32)
+  assert read == []
+
+
 def test_a_step_of_one_chunk_per_device_maps_it(tmp_path, monkeypatch):
   """A local store whose default step is one chunk per device uses the
   chunk files in place, as steps of several chunks do: none is read into a

@@ -496,6 +496,7 @@ class _Source:
   num_rows: int
   dim: int
   dtype: np.dtype
+  maps = False  # whether whole chunks of it are used in place (``pieces``)
 
   def view(self, start: int, stop: int) -> np.ndarray | None:
     """Rows ``[start, stop)`` without a copy, if the source holds them."""
@@ -567,6 +568,10 @@ class _StoreSource(_Source):
 
   def stored_metric(self, metric):
     return self.store.stored_metric(metric)
+
+  @property
+  def maps(self):
+    return self.store.local
 
   def copies(self, rows_per_device):  # whole chunks are mapped (``pieces``)
     return not (self.store.local and whole_pieces(
@@ -738,6 +743,10 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
     step = buffered_step(step, mesh, dim * dtype.itemsize * len(sources),
                          device_steps(prefetch) - 1, row_multiple,
                          agreed.device - agreed.device // QUERY_MEMORY_FRACTION)
+    if all(s.maps for s in sources):
+      # Local stores: at most MAX_PIECES chunks a device, mapped in place,
+      # not a longer step staged through the pool (a copy on the host).
+      step = min(step // mesh.size, MAX_PIECES * row_multiple) * mesh.size
     if agreed.copies:
       # (judged again on the step held: a local store's may now be whole
       # chunks, mapped rather than staged; agreed anew, as every process is
