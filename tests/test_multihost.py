@@ -634,15 +634,32 @@ def test_verify_repair_on_two_processes_checks_every_chunk_once(tmp_path):
   assert sorted(store_lib.open_store(location).done_chunks()) == [1, 2, 4, 5]
 
 
-_UNEVEN_HOSTS_SCAN = """
+# The start of a two-process scan script (argv: port, process): jax.distributed
+# over gloo, and ``held_rows(x)``: process 0's rows aligned (used in place),
+# process 1's the same values unaligned (copied by the scan).
+_TWO_PROCESS_SCAN = """
 import sys
 import jax
 import numpy as np
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 2, int(sys.argv[2]))
 from tracer import memory, partitioning, scan
-from tracer.errors import InputError
 me = int(sys.argv[2])
+
+
+def held_rows(x):
+  if me == 0:
+    out = scan.aligned_empty(x.shape, x.dtype)
+  else:
+    raw = scan.aligned_empty((x.size * 4 + 64,), np.uint8)
+    out = raw[4:4 + x.size * 4].view(np.float32).reshape(x.shape)
+  out[...] = x
+  return out
+"""
+
+
+_UNEVEN_HOSTS_SCAN = _TWO_PROCESS_SCAN + """
+from tracer.errors import InputError
 # Process 0: an aligned matrix (used in place) on a host of 64 GiB;
 # process 1: the same values unaligned (copied into pooled buffers) on a
 # host of 4 MiB.
@@ -650,12 +667,7 @@ memory.host_memory_bytes = lambda: (64 << 30) if me == 0 else (4 << 20)
 rng = np.random.default_rng(0)
 x = rng.standard_normal((3000, 64), dtype=np.float32)
 q = rng.standard_normal((3, 64), dtype=np.float32)
-if me == 0:
-  held = scan.aligned_empty(x.shape, x.dtype)
-else:
-  raw = scan.aligned_empty((x.size * 4 + 64,), np.uint8)
-  held = raw[4:4 + x.size * 4].view(np.float32).reshape(x.shape)
-held[...] = x
+held = held_rows(x)
 counts, runs = [], []
 count, run = memory.program_bytes, scan._scan_run
 memory.program_bytes = lambda *a: counts.append(count(*a)) or counts[-1]
@@ -776,14 +788,7 @@ def test_a_scan_plans_one_step_on_uneven_hosts(tmp_path):
         assert got == want, text
 
 
-_STAGED_SCAN = """
-import sys
-import jax
-import numpy as np
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 2, int(sys.argv[2]))
-from tracer import memory, partitioning, scan
-me = int(sys.argv[2])
+_STAGED_SCAN = _TWO_PROCESS_SCAN + """
 # Devices of their own memory (as GPUs), 1 MiB on process 0's and 2 MiB on
 # process 1's; process 0's rows aligned (used in place), process 1's
 # unaligned (staged through a pool of 40 KiB: 2 sets of 80 rows a device).
@@ -792,12 +797,7 @@ scan.HOST_BUFFER_BYTES = 2 * 2 * 80 * 64 * 4
 rng = np.random.default_rng(0)
 x = rng.standard_normal((6000, 64), dtype=np.float32)
 q = rng.standard_normal((3, 64), dtype=np.float32)
-if me == 0:
-  held = scan.aligned_empty(x.shape, x.dtype)
-else:
-  raw = scan.aligned_empty((x.size * 4 + 64,), np.uint8)
-  held = raw[4:4 + x.size * 4].view(np.float32).reshape(x.shape)
-held[...] = x
+held = held_rows(x)
 layouts, run = [], scan._scan_run
 scan._scan_run = lambda sources, qs, *a: (
     layouts.append((a[2].step, a[2].num_pieces, a[2].staged, a[5]))
