@@ -634,6 +634,24 @@ def test_verify_repair_on_two_processes_checks_every_chunk_once(tmp_path):
   assert sorted(store_lib.open_store(location).done_chunks()) == [1, 2, 4, 5]
 
 
+def _two_processes(tmp_path, script: str) -> list[str]:
+  """The logs of ``script`` (``python -c``, argv: port, process) run as
+  two jax.distributed processes of 2 CPU devices each, both exited 0."""
+  port = multiprocess.free_port()
+  procs, logs = multiprocess.start(
+      [[sys.executable, "-c", script, str(port), str(i)] for i in range(2)],
+      tmp_path, multiprocess.env(devices=2))
+  codes, texts = multiprocess.ends(procs, logs, time.monotonic() + 120)
+  assert codes == [0, 0], (codes, texts)
+  return texts
+
+
+def _first_lines(texts: list[str], prefix: str) -> list[str]:
+  """Each log's first line starting with ``prefix``."""
+  return [next(l for l in text.splitlines() if l.startswith(prefix))
+          for text in texts]
+
+
 # The start of a two-process scan script (argv: port, process): jax.distributed
 # over gloo, and ``held_rows(x)``: process 0's rows aligned (used in place),
 # process 1's the same values unaligned (copied by the scan).
@@ -755,17 +773,10 @@ def test_a_scan_plans_one_step_on_uneven_hosts(tmp_path):
   (stop 72). Then process 0 scans its own devices alone: nothing to
   agree. Then a mesh of 1 device of process 0 and 2 of process 1: a
   device's share of the host is agreed, not the host's bytes (stop 74)."""
-  port = multiprocess.free_port()
-  procs, logs = multiprocess.start(
-      [[sys.executable, "-c", _UNEVEN_HOSTS_SCAN, str(port), str(i)]
-       for i in range(2)], tmp_path, multiprocess.env(devices=2))
-  codes, texts = multiprocess.ends(procs, logs, time.monotonic() + 120)
-  assert codes == [0, 0], (codes, texts)
-  splits = [next(l for l in text.splitlines() if l.startswith("split "))
-            for text in texts]
+  texts = _two_processes(tmp_path, _UNEVEN_HOSTS_SCAN)
+  splits = _first_lines(texts, "split ")
   assert splits[0] == splits[1] and max(json.loads(splits[0][6:])) < 3, texts
-  rings = [next(l for l in text.splitlines() if l.startswith("ring "))
-           for text in texts]
+  rings = _first_lines(texts, "ring ")
   assert rings[0] == rings[1] == "ring [2048] [True]", texts
   # A mesh of 1 device of process 0 and 2 of process 1: the smaller
   # share (process 1's) plans both.
@@ -773,8 +784,7 @@ def test_a_scan_plans_one_step_on_uneven_hosts(tmp_path):
              if l.startswith("uneven ")] for text in texts]
   assert uneven[0] == uneven[1] and len(uneven[0][0]) > 1, texts
   assert uneven[0][1] == [500 * 3], texts  # (process 0 alone: 1,000 a device)
-  refused = [next(l for l in text.splitlines() if l.startswith("refused "))
-             for text in texts]
+  refused = _first_lines(texts, "refused ")
   assert refused[0] == refused[1], texts
   assert re.search(r"in 64 runs of 1: a scan step of 4,000 rows per device "
                    r"takes [\d.]+ \w+ on each device \(XLA's count after "
@@ -816,17 +826,11 @@ def test_a_staged_scan_plans_one_step_on_hosts_of_different_memories(tmp_path):
   256-byte rows within half of 1 MiB, 409 rows a device; the pool's
   pieces of at most 80 rows: 6 of 68, 408 rows) and the answer is the
   single-host one (stop 75)."""
-  port = multiprocess.free_port()
-  procs, logs = multiprocess.start(
-      [[sys.executable, "-c", _STAGED_SCAN, str(port), str(i)]
-       for i in range(2)], tmp_path, multiprocess.env(devices=2))
-  codes, texts = multiprocess.ends(procs, logs, time.monotonic() + 120)
-  assert codes == [0, 0], (codes, texts)
-  layouts = [next(l for l in text.splitlines() if l.startswith("layouts "))
-             for text in texts]
+  texts = _two_processes(tmp_path, _STAGED_SCAN)
+  layouts = _first_lines(texts, "layouts ")
   assert layouts[0] == layouts[1] == "layouts [(1632, 6, True, 2)]", texts
   for text in texts:
-    line = next(l for l in text.splitlines() if l.startswith("rows "))
+    line, = _first_lines([text], "rows ")
     got, want = line[len("rows "):].split(" want ")
     assert got == want, text
 
@@ -869,14 +873,8 @@ def test_serve_processes_agree_a_given_resident_budget(tmp_path):
   process 0's (as before stop 74), so both choose the same index; with -1
   on one of them, both take the default, in the same collectives (each
   took its own flag, and the -1 waited alone in the memory's allgather)."""
-  port = multiprocess.free_port()
-  procs, logs = multiprocess.start(
-      [[sys.executable, "-c", _SERVE_BUDGETS, str(port), str(i)]
-       for i in range(2)], tmp_path, multiprocess.env(devices=2))
-  codes, texts = multiprocess.ends(procs, logs, time.monotonic() + 120)
-  assert codes == [0, 0], (codes, texts)
-  budgets = [next(l for l in text.splitlines() if l.startswith("budgets "))
-             for text in texts]
+  texts = _two_processes(tmp_path, _SERVE_BUDGETS)
+  budgets = _first_lines(texts, "budgets ")
   assert budgets[0] == budgets[1], texts
   assert budgets[0].split()[1] == str(5 << 20), texts
 
