@@ -139,8 +139,8 @@ def step_rows(queries: int, d: int, itemsize: int, parts: int = 1,
   queries on it (``run_bytes``), in whole ``multiple``s (store chunks) as
   the scan takes them: its bytes' rows rounded up
   (``scan.default_chunk_rows``); on a chip of ``hbm_bytes``, the rows of
-  the other steps it holds (``scan.device_steps`` at the default prefetch,
-  less one) within the half a run leaves, rounded down; a local store's
+  the other steps it holds (``other_steps``) within the half a run
+  leaves, rounded down; a local store's
   (``mapped``) at most ``MAX_PIECES`` chunks, mapped in place; the scores'
   cap down, at least one (``scan.query_capped_step``); staged in pieces of
   at most ``piece`` rows (``scan.staged_pieces``: whole pieces, at most
@@ -151,7 +151,8 @@ def step_rows(queries: int, d: int, itemsize: int, parts: int = 1,
   if hbm_bytes is not None:  # (as scan._scan caps it)
     have = int(hbm_bytes)
     fits = (have - have // scan.QUERY_MEMORY_FRACTION) // (
-        (scan.device_steps(2) - 1) * d * itemsize * parts)
+        other_steps(d, itemsize, parts, multiple, hbm_bytes) * d * itemsize
+        * parts)
     rows = min(rows, max(multiple, fits // multiple * multiple))
   if mapped:
     rows = min(rows, scan.MAX_PIECES * multiple)
@@ -161,6 +162,19 @@ def step_rows(queries: int, d: int, itemsize: int, parts: int = 1,
     rows, count = scan.staged_pieces(rows, piece, multiple)
     rows *= count
   return max(1, rows)
+
+
+def other_steps(d: int, itemsize: int, parts: int, multiple: int,
+                hbm_bytes: float) -> int:
+  """Steps a chip holds beside the one it scores (``scan.device_steps``
+  less one) at the default prefetch of 2, fewer where even a chunk
+  (``multiple`` rows of each of the ``parts`` stores) in each passes the
+  half of ``hbm_bytes`` a run leaves (``scan.held_prefetch``)."""
+  from tracer import scan  # pylint: disable=g-import-not-at-top
+  have = int(hbm_bytes)
+  prefetch = scan.held_prefetch(2, multiple * d * itemsize * parts,
+                                have - have // scan.QUERY_MEMORY_FRACTION)
+  return scan.device_steps(prefetch) - 1
 
 
 def pool_bytes(host_memory: float | None = None) -> int:
@@ -431,7 +445,8 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
       scan_step_bytes=runs["step_bytes"],
       scan_step_limit_bytes=runs["limit_bytes"],
       local_store=local_store, scan_step_rows=scan_rows,
-      scan_other_steps=scan.device_steps(2) - 1,
+      scan_other_steps=other_steps(d, itemsize, steps_summed, chunk_rows,
+                                   spec.hbm_bytes),
       host_memory=host_memory, host_pool_bytes=pool, host_pool_sets=pool_sets,
       host_pool_short=pool_short, scan_pieces=None if piece is None else
       scan.staged_pieces(step_rows(on_chip, d, itemsize, steps_summed, None,
@@ -521,6 +536,7 @@ def duration(seconds: float) -> str:
 
 def report(p: dict) -> str:
   """The plan as aligned text: section, quantity, value, formula."""
+  from tracer import scan  # pylint: disable=g-import-not-at-top
   c = p["chip"]
   d = p["projection_dim"]
   s = p["checkpoints"]
@@ -619,8 +635,12 @@ def report(p: dict) -> str:
       f"each step {size(p['scan_step_bytes'], binary=False)} a chip, within "
       f"{bound}: its rows (at most 2 GiB"
       + (", of the checkpoints' stores together" if summed > 1 else "")
-      + f", and the {p['scan_other_steps']} other steps' rows a chip holds "
-      "within the other half), "
+      + f", and the rows of the {plural(p['scan_other_steps'], 'other step')}"
+      " a chip holds within the other half"
+      + ("" if p["scan_other_steps"] == scan.device_steps(2) - 1 else
+         ": fewer prefetched, as even a chunk in each of the default's "
+         f"{scan.device_steps(2) - 1} would not fit")
+      + "), "
       "its scores, "
       "the queries and top-k; whole where they fit, else split over the "
       "chips where that takes fewer passes, else in runs")

@@ -299,6 +299,24 @@ def test_store_passes_name_the_bound_their_runs_are_held_to():
           in plan_lib.report(v5e))
 
 
+def test_chunks_too_large_for_the_other_steps_cut_the_prefetch():
+  """Where even a store chunk in each of the 5 other steps a chip holds
+  passes the half a run leaves them, the scan prefetches fewer
+  (``scan.held_prefetch``), and the plan says so: 2 GiB chunks (16,384 rows
+  at d = 2^16) on a 16 GB v5e, 3 other steps (6.4 GB), not 5 (10.7 GB).
+  Until stop 76 both held 5. 512-row chunks keep 5."""
+  v5e = {**BASE, "chip": "v5e", "chips": 256, "projection_dim": 65_536}
+  big = plan_lib.plan(**v5e, chunk_rows=16_384)
+  assert (big["scan_other_steps"], big["scan_step_rows"]) == (3, 16_384)
+  assert ("the rows of the 3 other steps a chip holds within the other half: "
+          "fewer prefetched, as even a chunk in each of the default's 5 would "
+          "not fit") in plan_lib.report(big)
+  small = plan_lib.plan(**v5e, chunk_rows=512)
+  assert (small["scan_other_steps"], small["scan_step_rows"]) == (5, 11_776)
+  assert "the rows of the 5 other steps a chip holds within the other half)" in (
+      plan_lib.report(small))
+
+
 def test_a_local_store_step_is_at_most_max_pieces_chunks():
   """A local store's step is at most ``scan.MAX_PIECES`` chunks a chip,
   mapped in place, as the scan takes it (since stop 75): on 8 H100s at d =

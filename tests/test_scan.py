@@ -934,6 +934,31 @@ def test_a_device_holds_the_other_steps_rows_within_the_half_a_run_leaves(
   assert steps == [20_000]
 
 
+@pytest.mark.parametrize("chunk_rows,prefetch", [(1024, 2), (2048, 1), (4096, 0)])
+def test_chunks_too_large_for_the_other_steps_cut_the_prefetch(
+    tmp_path, monkeypatch, chunk_rows, prefetch):
+  """A step is at least a store chunk a device, so where even a chunk in
+  each of the other steps a device holds passes the half a run leaves
+  them, fewer steps are prefetched (``held_prefetch``) rather than the
+  bound broken. Until stop 76 prefetch stayed 2: 2 GiB chunks on a 16 GB
+  v5e held 5 other steps, 10.7 GB against 8 GB. Here a device of 1 MiB and
+  64-byte rows: 5 chunks of 1,024 rows fit its 512 KiB; 5 of 2,048 do not,
+  3 do (prefetch 1); only 1 of 4,096 (prefetch 0). Both the scan and
+  ``tracer plan`` take that prefetch."""
+  from launch import plan  # pylint: disable=g-import-not-at-top
+  from tracer import memory  # pylint: disable=g-import-not-at-top
+  x, q = _data(8 * 4096 - 100)
+  s = _store(tmp_path, x, "float32", chunk_rows=chunk_rows)
+  monkeypatch.setattr(memory, "device_memory_bytes", lambda: 1 << 20)
+  runs, real = [], scan._scan_run
+  monkeypatch.setattr(scan, "_scan_run", lambda sources, qs, *a: (
+      runs.append((a[2].step // 8, a[3])) or real(sources, qs, *a)))
+  assert_same(scan.scan_store(s, q, K, mesh=MESHES["8x1"]()), reference(x, q, K))
+  assert runs[0] == (chunk_rows, prefetch)
+  assert plan.other_steps(16, 4, 1, chunk_rows, 1 << 20) == (
+      scan.device_steps(prefetch) - 1)
+
+
 def test_without_prefetching_a_device_holds_one_other_step(monkeypatch):
   """Without a prefetch thread (``prefetch=0``) the step being read is the
   next one dispatched: beside it a device holds only the one in flight, so

@@ -627,6 +627,17 @@ def device_steps(prefetch: int) -> int:
   return prefetch + max(1, prefetch) + (2 if prefetch else 1)
 
 
+def held_prefetch(prefetch: int, least: int, room: int) -> int:
+  """``prefetch`` cut, to 0 at least, until the other steps a device holds
+  (``device_steps`` less one), each of at least ``least`` bytes (a store
+  chunk a device), fit in ``room`` bytes: the step's floor is a chunk, so
+  where chunks are large only fewer steps keep the bound (five 2 GiB
+  chunks would pass the half of a 16 GB v5e a run leaves them)."""
+  while prefetch > 0 and (device_steps(prefetch) - 1) * least > room:
+    prefetch -= 1
+  return prefetch
+
+
 def staged_sets(read_ahead: int) -> int:
   """Pooled sets of a staged scan (``_Layout._stage``): its pieces in
   flight, those read ahead and two more (one landing, one being read)."""
@@ -698,7 +709,10 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   Where rows are copied into pooled buffers, the pool bounds a step on
   devices that share the host's memory (CPU); on devices of their own
   memory (GPU, TPU) it bounds a piece, and a step of the device's size is
-  staged a piece at a time (``_Layout._stage``, ``staged_pieces``).
+  staged a piece at a time (``_Layout._stage``, ``staged_pieces``). There
+  a default step is also held so that the other steps' rows a device holds
+  (``device_steps``) fit the half of it a run leaves, with fewer steps
+  prefetched where even a store chunk in each would not (``held_prefetch``).
 
   Queries whose step would take more than 1 / ``QUERY_MEMORY_FRACTION`` of
   a device's memory (``query_batch``) are split over the devices instead
@@ -740,9 +754,11 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
     # (``device_steps``): together within the part of its memory a run
     # leaves them (``query_batch`` holds a step to 1 / QUERY_MEMORY_FRACTION).
     # Four more 2 GiB steps would pass half a 16 GB v5e.
-    step = buffered_step(step, mesh, dim * dtype.itemsize * len(sources),
-                         device_steps(prefetch) - 1, row_multiple,
-                         agreed.device - agreed.device // QUERY_MEMORY_FRACTION)
+    room = agreed.device - agreed.device // QUERY_MEMORY_FRACTION
+    row_bytes = dim * dtype.itemsize * len(sources)
+    prefetch = held_prefetch(prefetch, row_multiple * row_bytes, room)
+    step = buffered_step(step, mesh, row_bytes, device_steps(prefetch) - 1,
+                         row_multiple, room)
     if all(s.maps for s in sources):
       # Local stores: at most MAX_PIECES chunks a device, mapped in place,
       # not a longer step staged through the pool (a copy on the host).
