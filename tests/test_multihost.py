@@ -634,15 +634,15 @@ def test_verify_repair_on_two_processes_checks_every_chunk_once(tmp_path):
   assert sorted(store_lib.open_store(location).done_chunks()) == [1, 2, 4, 5]
 
 
-def _two_processes(tmp_path, script: str) -> list[str]:
+def _two_processes(tmp_path, script: str, count: int = 2) -> list[str]:
   """The logs of ``script`` (``python -c``, argv: port, process) run as
-  two jax.distributed processes of 2 CPU devices each, both exited 0."""
+  ``count`` jax.distributed processes of 2 CPU devices each, all exited 0."""
   port = multiprocess.free_port()
   procs, logs = multiprocess.start(
-      [[sys.executable, "-c", script, str(port), str(i)] for i in range(2)],
+      [[sys.executable, "-c", script, str(port), str(i)] for i in range(count)],
       tmp_path, multiprocess.env(devices=2))
   codes, texts = multiprocess.ends(procs, logs, time.monotonic() + 120)
-  assert codes == [0, 0], (codes, texts)
+  assert codes == [0] * count, (codes, texts)
   return texts
 
 
@@ -833,6 +833,42 @@ def test_a_staged_scan_plans_one_step_on_hosts_of_different_memories(tmp_path):
     line, = _first_lines([text], "rows ")
     got, want = line[len("rows "):].split(" want ")
     assert got == want, text
+
+
+_SOME_PROCESSES_SCAN = """
+import sys
+import jax
+import numpy as np
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 3, int(sys.argv[2]))
+from jax.sharding import Mesh
+from tracer import scan
+from tracer.errors import InputError
+held = [d for d in jax.devices() if d.process_index < 2]
+mesh = Mesh(np.array(held).reshape(4, 1), ("data", "model"))
+x = np.ones((100, 8), np.float32)
+if jax.process_index() < 2:
+  try:
+    scan.scan_arrays(x, x[:2], 3, mesh=mesh)
+  except InputError as e:
+    print("refused", e, flush=True)
+else:
+  print("refused none: not in the mesh", flush=True)
+"""
+
+
+def test_a_scan_over_some_of_the_processes_is_refused(tmp_path):
+  """A mesh over the devices of processes 0 and 1 of 3: the scan's
+  agreement between processes runs over all of them, so it waited on
+  process 2 until jax's gloo gave up after 30 s ("Gloo context
+  initialization failed: DEADLINE_EXCEEDED"). Refused at once, naming the
+  processes (stop 76)."""
+  texts = _two_processes(tmp_path, _SOME_PROCESSES_SCAN, count=3)
+  want = ("refused mesh: holds devices of processes [0, 1] of the 3; expected "
+          "a mesh over every process's devices (partitioning.make_mesh) or "
+          "over one process's alone")
+  assert _first_lines(texts, "refused ") == [want, want,
+                                             "refused none: not in the mesh"]
 
 
 def test_processes_of_different_device_counts_are_refused_at_start(tmp_path):

@@ -44,6 +44,20 @@ def spans_processes(mesh: Mesh) -> bool:
   return len({d.process_index for d in mesh.devices.flat}) > 1
 
 
+def check_mesh_processes(mesh: Mesh) -> None:
+  """InputError unless ``mesh`` holds devices of one process or of every
+  process: tracer's agreements between processes (``multihost_utils``)
+  run over all of them, so a mesh over some would wait on the others
+  (jax's gloo ends that wait after 30 s with "Gloo context initialization
+  failed")."""
+  held = sorted({d.process_index for d in mesh.devices.flat})
+  if 1 < len(held) < jax.process_count():
+    raise InputError(
+        f"mesh: holds devices of processes {held} of the "
+        f"{jax.process_count()}; expected a mesh over every process's devices "
+        "(partitioning.make_mesh) or over one process's alone")
+
+
 def check_even_processes(devices: Sequence[jax.Device] | None = None) -> None:
   """InputError unless every process has as many of ``devices`` (default:
   all global devices): jax's ``multihost_utils`` (and so tracer's

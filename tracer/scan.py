@@ -197,6 +197,7 @@ def agreed_memory(copies: bool, mesh: Mesh) -> ScanMemory:
   shares = [host // local if device is None else device,
             host_buffer_bytes(host) // local]
   if partitioning.spans_processes(mesh):
+    partitioning.check_mesh_processes(mesh)
     # (in KiB: int32 without jax_enable_x64, up to 2 TiB a device; -1: the
     # devices share the host's memory)
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
