@@ -1048,7 +1048,9 @@ def scan_arrays(encodings, queries, k: int, *, mesh: Mesh | None = None,
   copies only its devices' rows to them.
 
   Args:
-    encodings: ``[N, d]`` host array.
+    encodings: ``[N, d]`` host array of finite rows, not checked (a full
+      pass; a store's are checked as encoded): a NaN row is never ranked,
+      an inf one scores +-inf or NaN, as the backend's product sums it.
     queries: ``[Q, d]``, cast to f32.
     k: results per query and side.
     mesh: default ``partitioning.make_mesh()`` over all devices.
