@@ -37,6 +37,7 @@ should use the one real device (simulated devices share the same cores).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -660,62 +661,86 @@ def run_query_step_benchmark(rows: int = 100_000, dim: int = 256,
   return table
 
 
+# Rows of f32 noise that run_staged_benchmark draws at a time into its bf16
+# rows: all at once would be 4 bytes an element beside their 2.
+STAGED_FILL_ROWS = 1 << 20
+
+
+@contextlib.contextmanager
+def _scan_pool(pool_mb: int):
+  """``scan.HOST_BUFFER_BYTES`` as ``pool_mb`` MiB within the block (a
+  scan still takes at most a quarter of the host, ``scan.host_buffer_bytes``)."""
+  saved = scan.HOST_BUFFER_BYTES
+  scan.HOST_BUFFER_BYTES = pool_mb << 20
+  try:
+    yield
+  finally:
+    scan.HOST_BUFFER_BYTES = saved
+
+
+def staged_beside_bytes(rows: int, dim: int, pool_mb: int,
+                        host: int | None = None) -> int:
+  """Host bytes that ``run_staged_benchmark`` holds beside its ``[rows,
+  dim]`` bf16 rows: a block of f32 noise (``STAGED_FILL_ROWS`` rows at
+  most) and the pool as a scan on a host of ``host`` bytes (default this
+  one's) takes it."""
+  with _scan_pool(pool_mb):
+    pool = scan.host_buffer_bytes(host)
+  return min(rows, STAGED_FILL_ROWS) * dim * 4 + pool
+
+
 def run_staged_benchmark(rows: int = 4_000_000, dim: int = 1024,
                          queries: int = 64, k: int = 100, pool_mb: int = 768,
                          repeats: int = 3) -> list[dict[str, Any]]:
   """``scan_arrays`` over ``[rows, dim]`` bf16 rows that are copied (one
-  element off 64-byte alignment) through a pool of ``pool_mb`` MiB, best
-  seconds of ``repeats`` after a warm-up: in steps the pool bounds (its
-  default sets of a step; ``chunk_rows``, as every default step was until
-  stop 75) and in the default steps, which on devices of their own memory
-  (GPU, TPU) are staged through the pool a piece at a time; on a CPU the
-  default is the pooled steps."""
+  element off 64-byte alignment) through a pool of ``pool_mb`` MiB (at most
+  a quarter of the host, as the scan takes it), best seconds of ``repeats``
+  after a warm-up: in steps the pool bounds (its default sets of a step;
+  ``chunk_rows``, as every default step was until stop 75) and in the
+  default steps, which on devices of their own memory (GPU, TPU) are staged
+  through the pool a piece at a time; on a CPU the default is the pooled
+  steps. Each row's step and note are the scan's plan (``on_plan``)."""
   mesh = partitioning.make_mesh()
   rng = np.random.default_rng(0)
   bf16 = np.dtype(ml_dtypes.bfloat16)
   x = np.empty(rows * dim + 1, bf16)[1:].reshape(rows, dim)
-  for lo in range(0, rows, 1 << 20):  # (in blocks: f32 noise of all rows at once is 4x)
-    x[lo:lo + (1 << 20)] = rng.standard_normal((min(rows, lo + (1 << 20)) - lo, dim),
-                                               dtype=np.float32)
+  for lo in range(0, rows, STAGED_FILL_ROWS):
+    x[lo:lo + STAGED_FILL_ROWS] = rng.standard_normal(
+        (min(rows, lo + STAGED_FILL_ROWS) - lo, dim), dtype=np.float32)
   q = rng.standard_normal((queries, dim), dtype=np.float32)
   platform = mesh.devices.flat[0].platform
-  pool = (pool_mb << 20) // len(mesh.local_devices)
   full = min(scan.default_chunk_rows(dim, 2, mesh.size, platform=platform),
              partitioning.padded_size(rows, mesh.size))
-  agreed = scan.agreed_memory(True, mesh)
-  staged = not agreed.shared
-  if staged:  # (as scan._scan holds a step: the other steps' rows a device holds)
-    full = scan.buffered_step(full, mesh, dim * 2, scan.device_steps(2) - 1, 1,
-                              agreed.device - agreed.device // scan.QUERY_MEMORY_FRACTION)
-  pooled = scan.buffered_step(full, mesh, dim * 2, scan.pool_sets(2, 0), 1, pool)
-  piece = scan.buffered_step(full, mesh, dim * 2, scan.staged_sets(0), 1,
-                             pool) // mesh.size
-  rows_, count = scan.staged_pieces(full // mesh.size, piece)
-  table = [{"method": "machine", "note": (
-      f"N={rows} d={dim} Q={queries} k={k}, bf16 rows copied (unaligned), a "
-      f"pool of {pool_mb} MiB; jax {jax.__version__} on {mesh.size} {platform} "
-      "device(s)")}]
-  saved = scan.HOST_BUFFER_BYTES
-  scan.HOST_BUFFER_BYTES = pool_mb << 20
-  try:
-    for name, step, note in (
-        ("steps the pool bounds (before stop 75)", pooled,
-         f"{scan.pool_sets(2, 0)} sets of a step"),
-        ("default steps", None,
-         f"staged: {count} pieces of {rows_:,} rows a device, "
-         f"{scan.staged_sets(0)} sets of a piece" if staged else
-         "the devices share the host's memory: the pooled steps")):
-      run = lambda step=step: scan.scan_arrays(x, q, k, mesh=mesh, chunk_rows=step)
+  with _scan_pool(pool_mb):
+    agreed, taken = scan.agreed_memory(True, mesh), scan.host_buffer_bytes()
+    if not agreed.shared:  # (as scan._scan holds a step: the other steps' rows a device holds)
+      full = scan.buffered_step(full, mesh, dim * 2, scan.device_steps(2) - 1, 1,
+                                agreed.device - agreed.device // scan.QUERY_MEMORY_FRACTION)
+    pooled = scan.buffered_step(full, mesh, dim * 2, scan.pool_sets(2, 0), 1,
+                                agreed.pool)
+    table = [{"method": "machine", "note": (
+        f"N={rows} d={dim} Q={queries} k={k}, bf16 rows copied (unaligned), a "
+        f"pool of {pool_mb} MiB" + (
+            f" asked, {taken / 2**20:g} MiB taken (a quarter of the host's "
+            "memory)" if taken < pool_mb << 20 else "")
+        + f"; jax {jax.__version__} on {mesh.size} {platform} device(s)")}]
+    for name, step in (("steps the pool bounds (before stop 75)", pooled),
+                       ("default steps", None)):
+      plans = []
+      run = lambda step=step: scan.scan_arrays(x, q, k, mesh=mesh, chunk_rows=step,
+                                               on_plan=plans.append)
       run()  # (compiles)
       seconds = _best_time(run, repeats)
-      per_device = (step if step else rows_ * count * mesh.size if staged
-                    else pooled) // mesh.size
-      table.append({"method": name, "step_rows_per_device": per_device,
+      got = plans[0].step
+      note = (f"staged: {got.pieces} pieces of {got.piece_rows:,} rows a device, "
+              f"{got.sets} sets of a piece" if got.staged else
+              f"{got.sets} sets of a step" + (
+                  "; the devices share the host's memory: the pooled steps"
+                  if step is None and agreed.shared else ""))
+      table.append({"method": name, "step_rows_per_device": got.rows,
                     "seconds": _figure(seconds),
                     "GB_per_s": _figure(rows * dim * 2 / seconds / 1e9),
                     "note": note})
-  finally:
-    scan.HOST_BUFFER_BYTES = saved
   table[-1]["note"] += f"; x{table[-1]['seconds'] / table[-2]['seconds']:.2f} the time"
   return table
 
@@ -1106,7 +1131,10 @@ def to_markdown(table: list[dict[str, Any]]) -> str:
 # CPU): run_resident_benchmark's f32 rows (its largest dtype; one at a
 # time), split over every device, and run_fused_tiles_benchmark's bf16
 # rows on one device. run_query_step_benchmark's aligned f32 rows and the
-# draw they are copied from (4 + 4).
+# draw they are copied from (4 + 4). run_staged_benchmark's bf16 rows (2),
+# and beside them, whatever their number, a block of f32 noise and the pool
+# (``staged_beside_bytes``; measured with tracemalloc, 2^18 rows x 256 filled
+# in blocks of 2^16: the peak was the rows and one f32 block, 1 MB more).
 HOST_BYTES_PER_ELEMENT = {"scan": 14, "serve_pass": 10, "query_steps": 8,
                           "staged": 2}
 DEVICE_BYTES_PER_ELEMENT = {"resident": 4, "fused_tiles": 2}
@@ -1116,10 +1144,12 @@ MODE_NAMES = {"scan": "the scan benchmark", "serve_pass": "--serve_pass",
 
 
 def check_memory(rows: int, dim: int, mode: str, host_bytes: int | None = None,
-                 device_bytes: int | None = None, devices: int = 1) -> None:
+                 device_bytes: int | None = None, devices: int = 1,
+                 beside: int = 0) -> None:
   """InputError, before any array is made, where ``mode``'s (a key of
-  ``HOST_BYTES_PER_ELEMENT`` or ``DEVICE_BYTES_PER_ELEMENT``) rows would
-  take more than the host's physical memory (``host_bytes``, default
+  ``HOST_BYTES_PER_ELEMENT`` or ``DEVICE_BYTES_PER_ELEMENT``) rows, and
+  ``beside`` bytes more (held whatever the rows), would take more than the
+  host's physical memory (``host_bytes``, default
   ``memory.host_memory_bytes``) or, for the resident modes, more than a
   device's (``device_bytes``; None: the host's, as on a CPU) over
   ``devices`` devices. Before, ``--rows=100000000000`` was numpy's "Unable
@@ -1128,7 +1158,7 @@ def check_memory(rows: int, dim: int, mode: str, host_bytes: int | None = None,
   on_device = mode in DEVICE_BYTES_PER_ELEMENT
   per = (DEVICE_BYTES_PER_ELEMENT if on_device else HOST_BYTES_PER_ELEMENT)[mode]
   shares = devices if on_device and device_bytes is not None else 1
-  need = -(-rows * dim * per // shares)
+  need = -(-rows * dim * per // shares) + beside
   if on_device and device_bytes is not None:
     have, where = device_bytes, f"a device's {device_bytes:,} bytes of memory"
   else:
@@ -1139,9 +1169,10 @@ def check_memory(rows: int, dim: int, mode: str, host_bytes: int | None = None,
   split = f" on each of {shares} devices" if shares > 1 else ""
   raise InputError(
       f"--rows={rows} --dim={dim}: {MODE_NAMES[mode]} holds about {per} "
-      f"bytes per element of its rows x dim encodings, {need:,} bytes{split}, "
-      f"more than {where}; expected at most {have * shares // (per * dim):,} "
-      f"rows at --dim={dim}")
+      f"bytes per element of its rows x dim encodings"
+      + (f" and {beside:,} bytes beside them" if beside else "")
+      + f", {need:,} bytes{split}, more than {where}; expected at most "
+      f"{max(0, have - beside) * shares // (per * dim):,} rows at --dim={dim}")
 
 
 def check_flags() -> None:
@@ -1172,7 +1203,8 @@ def check_flags() -> None:
     check_memory(_ROWS.value, _DIM.value, mode, device_bytes=device_bytes,
                  devices=jax.device_count() if mode == "resident" else 1)
   else:
-    check_memory(_ROWS.value, _DIM.value, mode)
+    check_memory(_ROWS.value, _DIM.value, mode, beside=staged_beside_bytes(
+        _ROWS.value, _DIM.value, _STAGED.value) if mode == "staged" else 0)
 
 
 def main(argv):

@@ -1361,6 +1361,19 @@ def test_scan_benchmark_rows_past_the_memory_are_refused():
     check(6401, 100, "resident", device_bytes=320_000, devices=8)
   with pytest.raises(InputError, match="--fused_tiles holds about 2 bytes"):
     check(1001, 100, "fused_tiles", device_bytes=2 * 1000 * 100)
+  # --staged_pool_mb: beside its bf16 rows, a block of f32 noise (of 2^20
+  # rows at most: 4 GiB at d = 1,024) and the pool as the scan takes it (at
+  # most a quarter of the host). Before, 2 bytes an element alone.
+  beside = benchmark_scan.staged_beside_bytes
+  assert beside(4_000_000, 1024, 768, host=64 << 30) == (4 << 30) + (768 << 20)
+  assert beside(1000, 100, 768, host=1 << 30) == 1000 * 100 * 4 + (256 << 20)
+  check(1000, 100, "staged", host_bytes=2 * 1000 * 100 + 5000, beside=5000)
+  with pytest.raises(InputError, match=r"^--rows=1001 --dim=100: --staged_pool_mb "
+                     r"holds about 2 bytes per element of its rows x dim encodings "
+                     r"and 5,000 bytes beside them, 205,200 bytes, more than this "
+                     r"host's 205,000 bytes of physical memory; expected at most "
+                     r"1,000 rows at --dim=100$"):
+    check(1001, 100, "staged", host_bytes=2 * 1000 * 100 + 5000, beside=5000)
 
 
 def test_serve_pass_benchmark_runs(tmp_path):
@@ -1466,7 +1479,8 @@ def test_queries_past_the_memory_are_scanned_in_runs(tmp_path, monkeypatch):
                         on_plan=plans.append)
   batch = len(runs[0])
   assert len(runs) == -(-20000 // batch) > 1, len(runs)
-  assert plans == [scan.QueryPlan(20000, len(runs), batch, False, 8)]
+  assert [p._replace(step=None) for p in plans] == [
+      scan.QueryPlan(20000, len(runs), batch, False, 8)]
   assert scan.QueryPlan(3, 1, 64, True, 1).describe() == (
       "scan: 3 queries split over the 1 device (64 with the padding, 64 a "
       "device), one pass over the rows")
@@ -1581,7 +1595,8 @@ def test_queries_past_the_memory_are_split_over_the_devices(tmp_path, monkeypatc
                         progress=lambda n, t: seen.append((n, t)),
                         on_plan=plans.append)
   assert runs and all(split for _, split in runs), runs
-  assert plans == [scan.QueryPlan(20000, len(runs), runs[0][0], True, 8)]
+  assert [p._replace(step=None) for p in plans] == [
+      scan.QueryPlan(20000, len(runs), runs[0][0], True, 8)]
   assert plans[0].describe() == (
       f"scan: 20,000 queries split over the 8 devices in {len(runs)} passes "
       f"over the rows ({runs[0][0]:,} a pass with the padding, "
@@ -1829,6 +1844,31 @@ def test_staged_benchmark_runs(monkeypatch):
   assert table[2]["step_rows_per_device"] == 2_500
   assert table[2]["seconds"] > 0 and "staged: 5 pieces of 500 rows" in table[2]["note"]
   assert scan.HOST_BUFFER_BYTES == 8 << 30
+
+
+def test_staged_benchmark_reports_the_pool_the_scan_took(monkeypatch):
+  """Where a quarter of the host is less than ``--staged_pool_mb`` (1 MiB
+  asked of a 2 MiB host: 512 KiB taken), the pooled steps are bounded by
+  the pool taken and the staged note is the scan's own plan: 10 pieces of
+  250 rows a device, as its steps ran. Before, both were figured from the
+  pool asked: 170 rows a device a pooled step, "5 pieces of 500 rows"."""
+  from tracer import memory  # pylint: disable=g-import-not-at-top
+  from tracer.launch import benchmark_scan  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(memory, "device_memory_bytes", lambda: 1 << 30)
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 2 << 20)
+  ran, run = [], scan._scan_run
+  monkeypatch.setattr(scan, "_scan_run", lambda sources, qs, k, mesh, layout, *a: (
+      ran.append((layout.step // mesh.size, layout.num_pieces, layout.staged, a[2])),
+      run(sources, qs, k, mesh, layout, *a))[1])
+  table = benchmark_scan.run_staged_benchmark(rows=20_000, dim=64, queries=4, k=5,
+                                              pool_mb=1, repeats=1)
+  # 64 KiB a device: 6 sets of 85 128-byte rows; staged, 2 sets of 256 at most.
+  assert [(r["step_rows_per_device"], r["note"].split("; x")[0])
+          for r in table[1:]] == [
+              (85, "6 sets of a step"),
+              (2_500, "staged: 10 pieces of 250 rows a device, 2 sets of a piece")]
+  assert set(ran) == {(85, 1, False, 6), (2_500, 10, True, 2)}, set(ran)
+  assert "a pool of 1 MiB asked, 0.5 MiB taken" in table[0]["note"]
 
 
 def test_scan_memory_benchmark_fits_its_sweeps(tmp_path, capsys, monkeypatch):

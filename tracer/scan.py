@@ -659,16 +659,34 @@ def staged_pieces(rows_per_device: int, most: int, multiple: int = 1
   return best[0] * multiple, best[1]
 
 
+class StepPlan(NamedTuple):
+  """A scan's step as ``_scan`` planned it: ``rows`` a device a step, in
+  ``pieces`` of ``piece_rows`` (store chunks used in place, or ``staged``:
+  copied to the device a piece at a time, ``_Layout._stage``); ``sets``:
+  the pooled sets of buffers it may make (one buffer a local device, of its
+  rows of a step or, staged, of a piece)."""
+  rows: int
+  pieces: int
+  staged: bool
+  sets: int
+
+  @property
+  def piece_rows(self) -> int:
+    return self.rows // self.pieces
+
+
 class QueryPlan(NamedTuple):
   """How a scan takes its ``queries``: ``passes`` over the rows, each
   scoring ``per_pass`` of them (padding included), ``split`` over the
   mesh's ``devices`` (a block of ``per_pass / devices`` on each) or whole
-  on every device."""
+  on every device; ``step``: its step (``StepPlan``; None: a streamed
+  scan's, the batches as they come)."""
   queries: int
   passes: int
   per_pass: int
   split: bool
   devices: int
+  step: StepPlan | None = None
 
   def describe(self) -> str:
     """One line for a person: 'scan: 20,000 queries split over the 8
@@ -721,8 +739,8 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   scanned in runs of fewer where even that does not fit, each run a pass
   over the rows; ``progress`` then counts every run's rows.
   ``shard_queries``: True always splits them, False never, None (default)
-  as above. ``on_plan``: called with the ``QueryPlan`` before the first
-  pass.
+  as above. ``on_plan``: called with the ``QueryPlan`` (its ``step`` as
+  planned) before the first pass.
 
   ``source``, ``queries`` and ``metric`` may be lists, one entry per part
   (same rows, d and dtype): each row's score is then the sum of the parts'
@@ -880,8 +898,11 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   fix = "fewer rows per step (chunk_rows) or a smaller k" + (
       " or shard_queries=False (--shard_queries=never)"
       if split and shard_queries else "")
+  layout = layout_of(size, split)  # (every run's: their queries are padded alike)
+  held = staged_sets(read_ahead) if staged else sets()
   if on_plan is not None:
-    on_plan(QueryPlan(num_queries, len(runs), size, split, mesh.size))
+    on_plan(QueryPlan(num_queries, len(runs), size, split, mesh.size, StepPlan(
+        layout.step // mesh.size, layout.num_pieces, layout.staged, held)))
   results = []
   for i, start in enumerate(runs):
     # (Every run's queries are padded with zeros to the same count: one
@@ -890,11 +911,9 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
                             ((0, size - len(q[start:start + batch])), (0, 0)))
     done = i * num_rows
     got = _scan_run(
-        sources, [part(q) for q in qs], int(k), mesh, layout_of(size, split),
+        sources, [part(q) for q in qs], int(k), mesh, layout,
         # (a staged step reads ahead by pieces, within its pool: ``_stage``)
-        prefetch, 0 if staged else read_ahead,
-        staged_sets(read_ahead) if staged else sets(),
-        ring_update if split else step_update,
+        prefetch, 0 if staged else read_ahead, held, ring_update if split else step_update,
         arguments, None if progress is None else (
             lambda n, total, done=done: progress(done + n, len(runs) * total)),
         (asked, fix, agreed), split)
@@ -1063,7 +1082,7 @@ def scan_arrays(encodings, queries, k: int, *, mesh: Mesh | None = None,
       (``topk.ring_step_fn``) instead of holding them whole on each; default
       (None): where whole ones would need several passes over the rows and
       split ones fewer.
-    on_plan: called with the ``QueryPlan`` (passes, split) before the
+    on_plan: called with the ``QueryPlan`` (passes, split, step) before the
       first pass.
   """
   x = encodings if isinstance(encodings, np.ndarray) else np.asarray(encodings)
