@@ -188,26 +188,50 @@ def pool_bytes(host_memory: float | None = None) -> int:
   return scan.host_buffer_bytes(int(host_memory))
 
 
-def remote_sets() -> int:
-  """Pooled sets of buffers (one a chip) ``scan_store`` keeps by default
-  reading object storage onto chips of their own memory: pieces in flight
-  (``scan.staged_sets``, ``REMOTE_READ_AHEAD`` read ahead), whatever the
-  stores summed (each store's pieces are read in turn)."""
+@dataclasses.dataclass(frozen=True)
+class StagedPool:
+  """A host's pooled buffers reading object storage onto chips of their
+  own memory (``staged_pool``): ``piece_rows`` a chip a piece, ``sets``
+  pieces in flight (a buffer a chip each), ``bytes`` those buffers take,
+  within ``allowed`` (``pool_bytes``) but at the floor: two sets of a
+  chunk a chip, however little the host."""
+  piece_rows: int
+  sets: int
+  bytes: int
+  allowed: int
+
+  @property
+  def floor(self) -> bool:
+    return self.bytes > self.allowed
+
+
+def staged_pool(d: int, itemsize: int, chips_per_host: int, chunk_rows: int,
+                host_memory: float | None = None) -> StagedPool:
+  """The pool ``scan_store`` takes reading object storage, as ``scan._scan``
+  plans it: each chip's share of ``pool_bytes(host_memory)`` holds
+  ``REMOTE_READ_AHEAD`` pieces read ahead and two more
+  (``scan.staged_sets``), fewer read ahead where that many of a chunk a
+  chip would not fit (``scan.staged_read_ahead``: down to two, the floor,
+  which the scan keeps past the share); a piece is the whole chunks a
+  chip's share of a set holds, at least one (``scan.buffered_step``),
+  whatever the stores summed (each store's pieces are read in turn)."""
   from tracer import scan  # pylint: disable=g-import-not-at-top
-  return scan.staged_sets(scan.REMOTE_READ_AHEAD)
+  allowed, row = pool_bytes(host_memory), d * itemsize
+  share = allowed // chips_per_host  # (a chip's, as scan.agreed_memory)
+  sets = scan.staged_sets(scan.staged_read_ahead(
+      scan.REMOTE_READ_AHEAD, chunk_rows * row, share))
+  rows = max(chunk_rows, share // (sets * row) // chunk_rows * chunk_rows)
+  return StagedPool(rows, sets, sets * chips_per_host * rows * row, allowed)
 
 
 def staged_rows(d: int, itemsize: int, chips_per_host: int, chunk_rows: int,
                 host_memory: float | None = None) -> int:
   """A chip's rows of a piece of a step read from object storage: a step
-  is staged through a host's pooled buffers (``pool_bytes(host_memory)``)
-  a piece at a time, as many pieces in flight as ``remote_sets``, a buffer
-  per chip; whole store chunks, at least one (``scan.buffered_step``;
-  where the sets of a chunk a chip pass the pool, the scan reads fewer
-  ahead). The pool bounds a piece, not the step (since stop 75). A local
-  store's chunks are mapped in place instead."""
-  fits = pool_bytes(host_memory) // (remote_sets() * chips_per_host * d * itemsize)
-  return max(chunk_rows, fits // chunk_rows * chunk_rows)
+  is staged through a host's pooled buffers a piece at a time
+  (``staged_pool``). The pool bounds a piece, not the step (since stop
+  75). A local store's chunks are mapped in place instead."""
+  return staged_pool(d, itemsize, chips_per_host, chunk_rows,
+                     host_memory).piece_rows
 
 
 def query_passes(queries: int, d: int, itemsize: int, k: int, chips: int,
@@ -369,12 +393,8 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   # Many queries take several passes over the store, or are split over the
   # chips (padded), as tracer.scan plans them.
   from tracer import scan  # pylint: disable=g-import-not-at-top
-  piece = None if local_store else staged_rows(
-      d, itemsize, chips // hosts, chunk_rows, host_memory)
-  # (where a chunk a chip in every set passes the pool, the scan reads fewer
-  # pieces ahead: its own loop, not modelled; a piece is one chunk anyway)
-  pool, pool_sets = pool_bytes(host_memory), remote_sets()
-  pool_short = pool_sets * (chips // hosts) * chunk_rows * d * itemsize > pool
+  staged = staged_pool(d, itemsize, chips // hosts, chunk_rows, host_memory)
+  piece = None if local_store else staged.piece_rows
   runs = query_passes(queries, d, itemsize, top_k, chips, spec.hbm_bytes,
                       steps_summed, piece, multiple=chunk_rows,
                       mapped=local_store)
@@ -447,8 +467,12 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
       local_store=local_store, scan_step_rows=scan_rows,
       scan_other_steps=other_steps(d, itemsize, steps_summed, chunk_rows,
                                    spec.hbm_bytes),
-      host_memory=host_memory, host_pool_bytes=pool, host_pool_sets=pool_sets,
-      host_pool_short=pool_short, scan_pieces=None if piece is None else
+      host_memory=host_memory, host_pool_bytes=max(staged.bytes, staged.allowed),
+      host_pool_allowed_bytes=staged.allowed, host_pool_floor=staged.floor,
+      host_pool_sets=staged.sets,
+      host_pool_full_sets=scan.staged_sets(scan.REMOTE_READ_AHEAD),
+      host_pool_short=staged.sets < scan.staged_sets(scan.REMOTE_READ_AHEAD),
+      scan_pieces=None if piece is None else
       scan.staged_pieces(step_rows(on_chip, d, itemsize, steps_summed, None,
                                    chunk_rows, spec.hbm_bytes),
                          piece, chunk_rows),
@@ -644,21 +668,25 @@ def report(p: dict) -> str:
       "its scores, "
       "the queries and top-k; whole where they fit, else split over the "
       "chips where that takes fewer passes, else in runs")
-  pool = size(p["host_pool_bytes"])
-  if p["host_memory"] is not None:
-    pool += f" of a host's {size(p['host_memory'], binary=False)}"
-  sets = (f"{p['host_pool_sets']} pieces in flight, a buffer a chip" if not
-          p["host_pool_short"] else f"fewer than {p['host_pool_sets']} pieces "
-          "in flight, a buffer a chip: that many of a chunk would not fit")
+  host = ("" if p["host_memory"] is None else
+          f" of a host's {size(p['host_memory'], binary=False)}")
+  sets = f"{p['host_pool_sets']} pieces in flight, a buffer a chip"
+  buffers = (
+      f"{size(p['host_pool_bytes'])} for {sets}: the floor, as few as a scan "
+      f"keeps, past the pool of {size(p['host_pool_allowed_bytes'])}{host}"
+      if p["host_pool_floor"] else
+      f"{size(p['host_pool_bytes'])}{host} for {sets}" + (
+          f": {p['host_pool_full_sets']} of a chunk would not fit"
+          if p["host_pool_short"] else ""))
   row("scan step", f"{count(p['scan_step_rows'])} rows a chip"
       + (" of each store" if summed > 1 else ""),
       "the store's chunks mapped from the host's disk (--local_store)"
       if p["local_store"] else
       "read from object storage in {} of {} rows a chip, each staged through "
-      "the host's pooled buffers ({} for {}) and copied to the chip; "
+      "the host's pooled buffers ({}) and copied to the chip; "
       "--local_store: mapped chunks".format(
           plural(p["scan_pieces"][1], "piece"), count(p["scan_pieces"][0]),
-          pool, sets))
+          buffers))
   row("pod HBM free", size(p["pod_hbm_free_bytes"]),
       f"chips * HBM - params * 2 B{times_s} = {p['chips']} * "
       f"{size(c.hbm_bytes, binary=False)} - "
@@ -735,7 +763,10 @@ def report(p: dict) -> str:
              f"{size(p['host_memory'], binary=False)} (--host_memory)")
           + "; a scan from object storage pools its reads in a quarter of "
           "it, at most 8 GiB (scan.host_buffer_bytes): "
-          f"{size(p['host_pool_bytes'])}."]),
+          f"{size(p['host_pool_allowed_bytes'])}"
+          + (f"; at its floor, {p['host_pool_sets']} pieces of a chunk a chip "
+             f"in flight, it takes {size(p['host_pool_bytes'])}"
+             if p["host_pool_floor"] else "") + "."]),
       f"  - host read bandwidth {p['host_read_gbps']:g} GB/s per host: ASSUMED"
       " (object storage or local disk); the scan as built streams the store "
       "at this rate for every query batch.",

@@ -367,11 +367,41 @@ def test_host_memory_bounds_the_pooled_reads():
   # (of two checkpoints' stores: 8,192 rows of each, 16 pieces).
   h100 = plan_lib.plan(**{**BASE, "chips": 8, "chip": "h100", "checkpoints": 2,
                           "host_memory": 8e9})
-  assert h100["host_pool_short"]
+  assert h100["host_pool_short"] and h100["host_pool_sets"] == 3
   assert (h100["scan_step_rows"], h100["scan_pieces"]) == (8_192, (512, 16))
-  assert "fewer than 6 pieces in flight" in plan_lib.report(h100)
+  assert ("(2 GB (1.86 GiB) of a host's 8 GB for 3 pieces in flight, a buffer a "
+          "chip: 6 of a chunk would not fit)") in plan_lib.report(h100)
   assert "host memory" not in plan_lib.report(
       plan_lib.plan(**BASE, local_store=True)).split("Assumptions")[1]
+
+
+def test_a_pool_too_small_for_two_pieces_is_the_scan_s_floor():
+  """``--host_memory=1`` allows a pool of 0 B, but a scan from object
+  storage still keeps two sets of a chunk a chip (``scan.staged_read_ahead``
+  cuts its read-ahead to 0, no further): on a v5p host (4 chips, 512-row
+  chunks of d = 2^16 bf16) 2 * 4 * 64 MiB = 512 MiB, which the plan reports
+  as the floor. Before, it said a pool of "0 B (0 B)" for "fewer than 6
+  pieces in flight"."""
+  from tracer import scan  # pylint: disable=g-import-not-at-top
+  p = plan_lib.plan(**BASE, host_memory=1)
+  text = plan_lib.report(p)
+  assert ("each staged through the host's pooled buffers (537 MB (512 MiB) for "
+          "2 pieces in flight, a buffer a chip: the floor, as few as a scan "
+          "keeps, past the pool of 0 B (0 B) of a host's 1 B)") in text
+  assert ("(scan.host_buffer_bytes): 0 B (0 B); at its floor, 2 pieces of a "
+          "chunk a chip in flight, it takes 537 MB (512 MiB).") in text
+  chunk = 512 * 65_536 * 2
+  assert [scan.staged_read_ahead(4, chunk, share) for share in (
+      0, 3 * chunk - 1, 3 * chunk, 6 * chunk)] == [0, 0, 1, 4]
+  assert plan_lib.staged_pool(65_536, 2, 4, 512, 1) == plan_lib.StagedPool(
+      512, 2, 2 * 4 * chunk, 0)
+  assert (p["host_pool_bytes"], p["host_pool_allowed_bytes"], p["host_pool_sets"],
+          p["host_pool_floor"], p["scan_pieces"]) == (2**29, 0, 2, True, (512, 32))
+  result = _run("--params=8e9", "--tokens=160e9", "--chips=256", "--chip=v5p",
+                "--host_memory=1")
+  assert result.returncode == 0, result.stderr
+  assert "537 MB (512 MiB) for 2 pieces in flight" in result.stdout
+  assert not plan_lib.plan(**BASE, host_memory=16e9)["host_pool_floor"]
 
 
 def test_summed_checkpoints_hold_each_store_s_step_and_queries():

@@ -645,6 +645,16 @@ def staged_sets(read_ahead: int) -> int:
   return read_ahead + 2
 
 
+def staged_read_ahead(read_ahead: int, least: int, pool: int) -> int:
+  """``read_ahead`` of a staged scan, cut until its ``staged_sets`` of a
+  piece's ``least`` bytes (a store chunk a device) fit a device's ``pool``
+  (its share). At least 0: where even ``staged_sets(0)`` pass it, the scan
+  keeps those two sets of a chunk a device anyway, its floor."""
+  while staged_sets(read_ahead) * least > pool and read_ahead > 0:
+    read_ahead -= 1
+  return read_ahead
+
+
 def staged_pieces(rows_per_device: int, most: int, multiple: int = 1
                   ) -> tuple[int, int]:
   """(rows of a piece, pieces) of a staged step of at most
@@ -791,9 +801,8 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   staged = None  # a staged step's most rows a device a piece (``_Layout``)
   if chunk_rows is None and agreed.copies and not agreed.shared:
     # Devices of their own memory: the pool bounds a piece, not the step.
-    least = row_multiple * dim * dtype.itemsize
-    while staged_sets(read_ahead) * least > agreed.pool and read_ahead > 0:
-      read_ahead -= 1
+    read_ahead = staged_read_ahead(read_ahead, row_multiple * dim * dtype.itemsize,
+                                   agreed.pool)
     staged = buffered_step(step, mesh, dim * dtype.itemsize,
                            staged_sets(read_ahead), row_multiple,
                            agreed.pool) // mesh.size
