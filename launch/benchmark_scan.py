@@ -713,9 +713,11 @@ def run_staged_benchmark(rows: int = 4_000_000, dim: int = 1024,
              partitioning.padded_size(rows, mesh.size))
   with _scan_pool(pool_mb):
     agreed, taken = scan.agreed_memory(True, mesh), scan.host_buffer_bytes()
-    if not agreed.shared:  # (as scan._scan holds a step: the other steps' rows a device holds)
+    if not agreed.shared:
+      # (as scan._scan holds a step: the other steps' rows a device holds)
+      room = agreed.device - agreed.device // scan.QUERY_MEMORY_FRACTION
       full = scan.buffered_step(full, mesh, dim * 2, scan.device_steps(2) - 1, 1,
-                                agreed.device - agreed.device // scan.QUERY_MEMORY_FRACTION)
+                                room)
     pooled = scan.buffered_step(full, mesh, dim * 2, scan.pool_sets(2, 0), 1,
                                 agreed.pool)
     table = [{"method": "machine", "note": (

@@ -922,7 +922,8 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
     got = _scan_run(
         sources, [part(q) for q in qs], int(k), mesh, layout,
         # (a staged step reads ahead by pieces, within its pool: ``_stage``)
-        prefetch, 0 if staged else read_ahead, held, ring_update if split else step_update,
+        prefetch, 0 if staged else read_ahead, held,
+        ring_update if split else step_update,
         arguments, None if progress is None else (
             lambda n, total, done=done: progress(done + n, len(runs) * total)),
         (asked, fix, agreed), split)
