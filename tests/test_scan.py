@@ -950,11 +950,13 @@ def test_chunks_too_large_for_the_other_steps_cut_the_prefetch(
   x, q = _data(8 * 4096 - 100)
   s = _store(tmp_path, x, "float32", chunk_rows=chunk_rows)
   monkeypatch.setattr(memory, "device_memory_bytes", lambda: 1 << 20)
-  runs, real = [], scan._scan_run
+  runs, plans, real = [], [], scan._scan_run
   monkeypatch.setattr(scan, "_scan_run", lambda sources, qs, *a: (
       runs.append((a[2].step // 8, a[3])) or real(sources, qs, *a)))
-  assert_same(scan.scan_store(s, q, K, mesh=MESHES["8x1"]()), reference(x, q, K))
-  assert runs[0] == (chunk_rows, prefetch)
+  assert_same(scan.scan_store(s, q, K, mesh=MESHES["8x1"](), on_plan=plans.append),
+              reference(x, q, K))
+  assert runs == [(chunk_rows, prefetch)]
+  assert (plans[0].step.rows, plans[0].step.prefetch) == runs[0]
   assert plan.other_steps(16, 4, 1, chunk_rows, 1 << 20) == (
       scan.device_steps(prefetch) - 1)
 

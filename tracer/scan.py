@@ -674,11 +674,14 @@ class StepPlan(NamedTuple):
   ``pieces`` of ``piece_rows`` (store chunks used in place, or ``staged``:
   copied to the device a piece at a time, ``_Layout._stage``); ``sets``:
   the pooled sets of buffers it may make (one buffer a local device, of its
-  rows of a step or, staged, of a piece)."""
+  rows of a step or, staged, of a piece); ``prefetch``: the steps prepared
+  ahead (fewer than asked where the pool or a device would not hold them:
+  ``held_prefetch``)."""
   rows: int
   pieces: int
   staged: bool
   sets: int
+  prefetch: int
 
   @property
   def piece_rows(self) -> int:
@@ -911,7 +914,8 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   held = staged_sets(read_ahead) if staged else sets()
   if on_plan is not None:
     on_plan(QueryPlan(num_queries, len(runs), size, split, mesh.size, StepPlan(
-        layout.step // mesh.size, layout.num_pieces, layout.staged, held)))
+        layout.step // mesh.size, layout.num_pieces, layout.staged, held,
+        prefetch)))
   results = []
   for i, start in enumerate(runs):
     # (Every run's queries are padded with zeros to the same count: one
