@@ -109,7 +109,7 @@ def find_chip(name: str) -> Chip:
 def run_bytes(queries: int, d: int, itemsize: int, k: int,
               split: bool, parts: int = 1, piece: int | None = None,
               multiple: int = 1, hbm_bytes: float | None = None,
-              mapped: bool = False) -> int:
+              mapped: bool = False, chip_rows: int | None = None) -> int:
   """A chip's bytes for one streamed scan step with ``queries`` queries on
   it (the whole set, or a block when ``split``), as ``tracer.scan`` sizes
   the step: rows of ``scan.ACCELERATOR_CHUNK_BYTES``, fewer where the
@@ -121,12 +121,12 @@ def run_bytes(queries: int, d: int, itemsize: int, k: int,
   queries, one top-k. ``piece``: a step read from object storage is
   staged in pieces of at most that many rows a chip (``staged_rows``);
   ``multiple``: its rows are whole store chunks of that many;
-  ``hbm_bytes``: a chip's memory, ``mapped``: a local store's chunks
-  (``step_rows``). An estimate: at run time
+  ``hbm_bytes``: a chip's memory, ``mapped``: a local store's chunks,
+  ``chip_rows``: the corpus's rows a chip (``step_rows``). An estimate: at run time
   XLA's count of the step decides."""
   from tracer import scan  # pylint: disable=g-import-not-at-top
   rows = step_rows(queries, d, itemsize, parts, piece, multiple, hbm_bytes,
-                   mapped)
+                   mapped, chip_rows)
   held = queries * (4 * d * parts + 16 * k) * (2 if split else 1)
   return (parts * rows * d * itemsize + rows * queries * scan.PAIR_BYTES
           + held)
@@ -134,7 +134,8 @@ def run_bytes(queries: int, d: int, itemsize: int, k: int,
 
 def step_rows(queries: int, d: int, itemsize: int, parts: int = 1,
               piece: int | None = None, multiple: int = 1,
-              hbm_bytes: float | None = None, mapped: bool = False) -> int:
+              hbm_bytes: float | None = None, mapped: bool = False,
+              chip_rows: int | None = None) -> int:
   """A chip's rows of each store in a streamed scan step with ``queries``
   queries on it (``run_bytes``), in whole ``multiple``s (store chunks) as
   the scan takes them: its bytes' rows rounded up
@@ -142,7 +143,8 @@ def step_rows(queries: int, d: int, itemsize: int, parts: int = 1,
   the other steps it holds (``other_steps``) within the half a run
   leaves, rounded down; a local store's
   (``mapped``) at most ``MAX_PIECES`` chunks, mapped in place; the scores'
-  cap down, at least one (``scan.query_capped_step``); staged in pieces of
+  cap down, at least one (``scan.query_capped_step``); no more than the
+  corpus's ``chip_rows`` a chip, in whole chunks; staged in pieces of
   at most ``piece`` rows (``scan.staged_pieces``: whole pieces, at most
   ``MAX_PIECES``)."""
   from tracer import scan  # pylint: disable=g-import-not-at-top
@@ -158,6 +160,8 @@ def step_rows(queries: int, d: int, itemsize: int, parts: int = 1,
     rows = min(rows, scan.MAX_PIECES * multiple)
   fits = scan.SCORE_STEPS * step // (scan.PAIR_BYTES * queries)
   rows = min(rows, max(multiple, fits // multiple * multiple))
+  if chip_rows is not None:  # (no step longer than the corpus, as _scan's)
+    rows = min(rows, -(-max(1, chip_rows) // multiple) * multiple)
   if piece is not None:
     rows, count = scan.staged_pieces(rows, piece, multiple)
     rows *= count
@@ -237,7 +241,7 @@ def staged_rows(d: int, itemsize: int, chips_per_host: int, chunk_rows: int,
 def query_passes(queries: int, d: int, itemsize: int, k: int, chips: int,
                  hbm_bytes: float, parts: int = 1,
                  piece: int | None = None, multiple: int = 1,
-                 mapped: bool = False) -> dict:
+                 mapped: bool = False, chip_rows: int | None = None) -> dict:
   """How a streamed scan takes ``queries`` queries on ``chips`` chips of
   ``hbm_bytes``, as ``tracer.scan``'s default plans it (``_scan``, with
   ``run_bytes`` for XLA's count of a step): runs of whole queries on every
@@ -249,7 +253,8 @@ def query_passes(queries: int, d: int, itemsize: int, k: int, chips: int,
   the chip. Each run is a pass over the store and scans ``per_run``
   queries (padding included); ``step_bytes``: a chip's bytes for its step,
   ``limit_bytes``: the bound the runs were held to (half a chip, or all of
-  it). ``parts``, ``piece``, ``multiple``, ``mapped``: as in ``run_bytes``. None where not even
+  it). ``parts``, ``piece``, ``multiple``, ``mapped``, ``chip_rows``: as in
+  ``run_bytes``. None where not even
   one query's step fits a chip."""
   from tracer import scan, topk  # pylint: disable=g-import-not-at-top
   have = int(hbm_bytes)
@@ -261,7 +266,7 @@ def query_passes(queries: int, d: int, itemsize: int, k: int, chips: int,
   def step_bytes(n: int, split: bool) -> int:
     n = padded(n, split)  # (a chip holds a block of them when split)
     return run_bytes(n // chips if split else n, d, itemsize, k, split, parts,
-                     piece, multiple, have, mapped)
+                     piece, multiple, have, mapped, chip_rows)
 
   def run_queries(split: bool) -> int:  # (as _scan's)
     batch = scan.query_batch(queries, lambda n: step_bytes(n, split), have)
@@ -395,9 +400,10 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   from tracer import scan  # pylint: disable=g-import-not-at-top
   staged = staged_pool(d, itemsize, chips // hosts, chunk_rows, host_memory)
   piece = None if local_store else staged.piece_rows
+  chip_rows = -(-rows // chips)  # (a step is no longer than the corpus)
   runs = query_passes(queries, d, itemsize, top_k, chips, spec.hbm_bytes,
                       steps_summed, piece, multiple=chunk_rows,
-                      mapped=local_store)
+                      mapped=local_store, chip_rows=chip_rows)
   if runs is None:
     raise ValueError(f"projection_dim: one query's scan step at d={d:,} "
                      f"with k={top_k:,} does not fit a {spec.name} chip's "
@@ -430,7 +436,7 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   # block's top-k (one for the sum) on.
   on_chip = runs["block"] or per_run
   scan_rows = step_rows(on_chip, d, itemsize, steps_summed, piece, chunk_rows,
-                        spec.hbm_bytes, local_store)
+                        spec.hbm_bytes, local_store, chip_rows)
   ring_bytes = 0.0
   if runs["split"]:
     steps = -(-rows // (chips * scan_rows))
@@ -474,7 +480,8 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
       host_pool_short=staged.sets < scan.staged_sets(scan.REMOTE_READ_AHEAD),
       scan_pieces=None if piece is None else
       scan.staged_pieces(step_rows(on_chip, d, itemsize, steps_summed, None,
-                                   chunk_rows, spec.hbm_bytes),
+                                   chunk_rows, spec.hbm_bytes,
+                                   chip_rows=chip_rows),
                          piece, chunk_rows),
       matmul_passes=passes, rows=rows,
       itemsize=itemsize, row_bytes=row_bytes, store_bytes=store_bytes,

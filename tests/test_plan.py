@@ -317,6 +317,19 @@ def test_chunks_too_large_for_the_other_steps_cut_the_prefetch():
       plan_lib.report(small))
 
 
+def test_a_step_is_no_longer_than_the_corpus():
+  """A corpus smaller than a step takes one step of its own rows a chip,
+  whole chunks, as the scan caps it (``min(s, padded_size(num_rows, ...))``):
+  1,000 rows on 4 v5e chips at d = 1,024 with 512-row chunks, 512 rows a
+  chip in 1 piece. Until stop 76 the plan said 780,800 rows a chip in 5
+  pieces of 156,160 (helper-52's audit)."""
+  p = plan_lib.plan(**{**BASE, "params": 1e8, "tokens": 1000 * 2048,
+                       "projection_dim": 1024, "chips": 4, "chip": "v5e"})
+  assert (p["rows"], p["scan_step_rows"], p["scan_pieces"]) == (1000, 512, (512, 1))
+  assert plan_lib.step_rows(64, 1024, 2, multiple=512, chip_rows=250) == 512
+  assert plan_lib.step_rows(64, 1024, 2, multiple=512, chip_rows=1100) == 1536
+
+
 def test_a_local_store_step_is_at_most_max_pieces_chunks():
   """A local store's step is at most ``scan.MAX_PIECES`` chunks a chip,
   mapped in place, as the scan takes it (since stop 75): on 8 H100s at d =
