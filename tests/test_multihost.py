@@ -634,7 +634,7 @@ def test_verify_repair_on_two_processes_checks_every_chunk_once(tmp_path):
   assert sorted(store_lib.open_store(location).done_chunks()) == [1, 2, 4, 5]
 
 
-def _two_processes(tmp_path, script: str, count: int = 2) -> list[str]:
+def _processes(tmp_path, script: str, count: int = 2) -> list[str]:
   """The logs of ``script`` (``python -c``, argv: port, process) run as
   ``count`` jax.distributed processes of 2 CPU devices each, all exited 0."""
   port = multiprocess.free_port()
@@ -773,7 +773,7 @@ def test_a_scan_plans_one_step_on_uneven_hosts(tmp_path):
   (stop 72). Then process 0 scans its own devices alone: nothing to
   agree. Then a mesh of 1 device of process 0 and 2 of process 1: a
   device's share of the host is agreed, not the host's bytes (stop 74)."""
-  texts = _two_processes(tmp_path, _UNEVEN_HOSTS_SCAN)
+  texts = _processes(tmp_path, _UNEVEN_HOSTS_SCAN)
   splits = _first_lines(texts, "split ")
   assert splits[0] == splits[1] and max(json.loads(splits[0][6:])) < 3, texts
   rings = _first_lines(texts, "ring ")
@@ -826,7 +826,7 @@ def test_a_staged_scan_plans_one_step_on_hosts_of_different_memories(tmp_path):
   256-byte rows within half of 1 MiB, 409 rows a device; the pool's
   pieces of at most 80 rows: 6 of 68, 408 rows) and the answer is the
   single-host one (stop 75)."""
-  texts = _two_processes(tmp_path, _STAGED_SCAN)
+  texts = _processes(tmp_path, _STAGED_SCAN)
   layouts = _first_lines(texts, "layouts ")
   assert layouts[0] == layouts[1] == "layouts [(1632, 6, True, 2)]", texts
   for text in texts:
@@ -863,7 +863,7 @@ def test_a_scan_over_some_of_the_processes_is_refused(tmp_path):
   process 2 until jax's gloo gave up after 30 s ("Gloo context
   initialization failed: DEADLINE_EXCEEDED"). Refused at once, naming the
   processes (stop 76)."""
-  texts = _two_processes(tmp_path, _SOME_PROCESSES_SCAN, count=3)
+  texts = _processes(tmp_path, _SOME_PROCESSES_SCAN, count=3)
   want = ("refused mesh: holds devices of processes [0, 1] of the 3; expected "
           "a mesh over every process's devices (partitioning.make_mesh) or "
           "over one process's alone")
@@ -909,7 +909,7 @@ def test_serve_processes_agree_a_given_resident_budget(tmp_path):
   process 0's (as before stop 74), so both choose the same index; with -1
   on one of them, both take the default, in the same collectives (each
   took its own flag, and the -1 waited alone in the memory's allgather)."""
-  texts = _two_processes(tmp_path, _SERVE_BUDGETS)
+  texts = _processes(tmp_path, _SERVE_BUDGETS)
   budgets = _first_lines(texts, "budgets ")
   assert budgets[0] == budgets[1], texts
   assert budgets[0].split()[1] == str(5 << 20), texts
