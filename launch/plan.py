@@ -399,6 +399,7 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   # chips (padded), as tracer.scan plans them.
   from tracer import scan  # pylint: disable=g-import-not-at-top
   staged = staged_pool(d, itemsize, chips // hosts, chunk_rows, host_memory)
+  full_sets = scan.staged_sets(scan.REMOTE_READ_AHEAD)  # (before any cut)
   piece = None if local_store else staged.piece_rows
   chip_rows = -(-rows // chips)  # (a step is no longer than the corpus)
   runs = query_passes(queries, d, itemsize, top_k, chips, spec.hbm_bytes,
@@ -476,8 +477,7 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
       host_memory=host_memory, host_pool_bytes=max(staged.bytes, staged.allowed),
       host_pool_allowed_bytes=staged.allowed, host_pool_floor=staged.floor,
       host_pool_sets=staged.sets,
-      host_pool_full_sets=scan.staged_sets(scan.REMOTE_READ_AHEAD),
-      host_pool_short=staged.sets < scan.staged_sets(scan.REMOTE_READ_AHEAD),
+      host_pool_full_sets=full_sets, host_pool_short=staged.sets < full_sets,
       scan_pieces=None if piece is None else
       scan.staged_pieces(step_rows(on_chip, d, itemsize, steps_summed, None,
                                    chunk_rows, spec.hbm_bytes,
@@ -661,6 +661,7 @@ def report(p: dict) -> str:
   bound = ("half a chip's HBM"
            if p["scan_step_limit_bytes"] < c.hbm_bytes else
            "all of a chip's HBM (even the least step passes half)")
+  default_others = scan.device_steps(2) - 1  # (at the default prefetch)
   row("store passes", passes_text(passes)
       + (" (queries split)" if p["queries_split"] else ""),
       f"each step {size(p['scan_step_bytes'], binary=False)} a chip, within "
@@ -668,9 +669,9 @@ def report(p: dict) -> str:
       + (", of the checkpoints' stores together" if summed > 1 else "")
       + f", and the rows of the {plural(p['scan_other_steps'], 'other step')}"
       " a chip holds within the other half"
-      + ("" if p["scan_other_steps"] == scan.device_steps(2) - 1 else
+      + ("" if p["scan_other_steps"] == default_others else
          ": fewer prefetched, as even a chunk in each of the default's "
-         f"{scan.device_steps(2) - 1} would not fit")
+         f"{default_others} would not fit")
       + "), "
       "its scores, "
       "the queries and top-k; whole where they fit, else split over the "
