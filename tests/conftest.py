@@ -53,6 +53,17 @@ import jax  # noqa: E402  (must follow the XLA flag)
 
 assert jax.device_count() == 8, jax.devices()
 
+# The cache above is for the subprocesses; the pytest processes themselves
+# compile without it. Twice in four full runs (stops 76 and 77), an xdist
+# worker that had run hundreds of tests aborted inside XLA while serializing
+# a small program into the cache (``executable.serialize()`` in jax 0.10.2's
+# ``put_executable_and_time``, test_tailpatch's ``updates``); the same program
+# serialized 60 times in a fresh process, and that file run alone or after
+# others, never did. Without the cache, seven files of in-process tests (metric,
+# model, fused_scores, nnx, tailpatch, train, encoder; 94 tests, -n 0) took
+# 162 s against 149 s with it; the short-lived subprocesses gain the most.
+jax.config.update("jax_enable_compilation_cache", False)
+
 
 import json  # noqa: E402
 import subprocess  # noqa: E402
