@@ -443,6 +443,14 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
     steps = -(-rows // (chips * scan_rows))
     ring_bytes = (scan_passes * steps * per_run
                   * (4 * d * steps_summed * (chips - 1) / chips + 16 * top_k))
+  # A staged step's (rows of a piece, pieces) a chip; the pool's buffers are
+  # of a piece, fewer rows than the pool allows where the step is short (a
+  # small corpus) or divides into no larger whole chunks.
+  scan_pieces = None if piece is None else scan.staged_pieces(
+      step_rows(on_chip, d, itemsize, steps_summed, None, chunk_rows,
+                spec.hbm_bytes, chip_rows=chip_rows), piece, chunk_rows)
+  host_pool_bytes = staged.sets * (chips // hosts) * d * itemsize * (
+      staged.piece_rows if scan_pieces is None else scan_pieces[0])
   # A store kept resident in HBM (tracer serve) pays only this.
   scan_resident_s = max(scan_compute_s, scan_hbm_s * scan_passes) if fits else None
 
@@ -474,15 +482,11 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
       local_store=local_store, scan_step_rows=scan_rows,
       scan_other_steps=other_steps(d, itemsize, steps_summed, chunk_rows,
                                    spec.hbm_bytes),
-      host_memory=host_memory, host_pool_bytes=max(staged.bytes, staged.allowed),
+      host_memory=host_memory, host_pool_bytes=host_pool_bytes,
       host_pool_allowed_bytes=staged.allowed, host_pool_floor=staged.floor,
       host_pool_sets=staged.sets,
       host_pool_full_sets=full_sets, host_pool_short=staged.sets < full_sets,
-      scan_pieces=None if piece is None else
-      scan.staged_pieces(step_rows(on_chip, d, itemsize, steps_summed, None,
-                                   chunk_rows, spec.hbm_bytes,
-                                   chip_rows=chip_rows),
-                         piece, chunk_rows),
+      scan_pieces=scan_pieces,
       matmul_passes=passes, rows=rows,
       itemsize=itemsize, row_bytes=row_bytes, store_bytes=store_bytes,
       store_bytes_per_host=store_bytes / hosts, vocab_size=vocab_size,
@@ -683,7 +687,8 @@ def report(p: dict) -> str:
       f"{size(p['host_pool_bytes'])} for {sets}: the floor, as few as a scan "
       f"keeps, past the pool of {size(p['host_pool_allowed_bytes'])}{host}"
       if p["host_pool_floor"] else
-      f"{size(p['host_pool_bytes'])}{host} for {sets}" + (
+      f"{size(p['host_pool_bytes'])} for {sets}, within the pool of "
+      f"{size(p['host_pool_allowed_bytes'])}{host}" + (
           f": {p['host_pool_full_sets']} of a chunk would not fit"
           if p["host_pool_short"] else ""))
   row("scan step", f"{count(p['scan_step_rows'])} rows a chip"

@@ -364,16 +364,17 @@ def test_host_memory_bounds_the_pooled_reads():
   default, small = plan_lib.plan(**v5p), plan_lib.plan(**v5p, host_memory=16e9)
   assert (default["scan_step_rows"], small["scan_step_rows"]) == (16_384, 16_384)
   assert (default["scan_pieces"], small["scan_pieces"]) == ((2_048, 8), (1_024, 16))
-  assert (default["host_pool_bytes"], small["host_pool_bytes"]) == (8 * 2**30,
-                                                                   4 * 10**9)
+  # (6 pieces of a chip's rows for each of 4 chips, within the pool)
+  assert (default["host_pool_bytes"], small["host_pool_bytes"]) == (
+      6 * 4 * 2_048 * 2 * d, 6 * 4 * 1_024 * 2 * d)
   text = plan_lib.report(small)
   assert ("in 16 pieces of 1,024 rows a chip, each staged through the host's "
-          "pooled buffers (4 GB (3.73 GiB) of a host's 16 GB for 6 pieces in "
-          "flight, a buffer a chip)") in text
+          "pooled buffers (3.22 GB (3 GiB) for 6 pieces in flight, a buffer a "
+          "chip, within the pool of 4 GB (3.73 GiB) of a host's 16 GB)") in text
   assert "host memory 16 GB (--host_memory)" in text
   text = plan_lib.report(default)
-  assert ("pooled buffers (8.59 GB (8 GiB) for 6 pieces in flight, a buffer "
-          "a chip)" in text)
+  assert ("pooled buffers (6.44 GB (6 GiB) for 6 pieces in flight, a buffer "
+          "a chip, within the pool of 8.59 GB (8 GiB))" in text)
   assert "host memory at least 32 GiB: ASSUMED (--host_memory)" in text
   # Where 6 pieces of a chunk for each of 8 GPUs pass the pool (a host of 8
   # GB), the scan reads fewer ahead; a piece is one chunk, the step 2 GiB
@@ -382,10 +383,33 @@ def test_host_memory_bounds_the_pooled_reads():
                           "host_memory": 8e9})
   assert h100["host_pool_short"] and h100["host_pool_sets"] == 3
   assert (h100["scan_step_rows"], h100["scan_pieces"]) == (8_192, (512, 16))
-  assert ("(2 GB (1.86 GiB) of a host's 8 GB for 3 pieces in flight, a buffer a "
-          "chip: 6 of a chunk would not fit)") in plan_lib.report(h100)
+  assert ("(1.61 GB (1.5 GiB) for 3 pieces in flight, a buffer a chip, within "
+          "the pool of 2 GB (1.86 GiB) of a host's 8 GB: 6 of a chunk would not "
+          "fit)") in plan_lib.report(h100)
   assert "host memory" not in plan_lib.report(
       plan_lib.plan(**BASE, local_store=True)).split("Assumptions")[1]
+
+
+def test_the_pool_is_of_the_pieces_a_step_takes():
+  """The pooled buffers are of a staged step's pieces, which are fewer rows
+  than the pool allows where the step is short: 977 rows on 8 v5e chips (4
+  a host) are a step of one 512-row chunk a chip, so 6 pieces in flight
+  take 6 * 4 * 512 rows of d = 2^16 bf16, 1.61 GB, within the 8 GiB pool; a
+  pod's 11,776-row steps (23 chunks, none larger dividing them) take the
+  same. Before, the plan said the buffers took all 8.59 GB."""
+  d = 65_536
+  small = plan_lib.plan(**{**BASE, "tokens": 2e6, "chips": 8, "chip": "v5e"})
+  pod = plan_lib.plan(**{**BASE, "chips": 256, "chip": "v5e",
+                         "queries": 100_000})
+  assert (small["rows"], small["scan_step_rows"], small["scan_pieces"]) == (
+      977, 512, (512, 1))
+  assert (pod["scan_step_rows"], pod["scan_pieces"]) == (11_776, (512, 23))
+  for p in (small, pod):
+    assert (p["host_pool_bytes"], p["host_pool_allowed_bytes"]) == (
+        6 * 4 * 512 * 2 * d, 8 * 2**30)
+    assert ("pooled buffers (1.61 GB (1.5 GiB) for 6 pieces in flight, a "
+            "buffer a chip, within the pool of 8.59 GB (8 GiB))"
+            ) in plan_lib.report(p)
 
 
 def test_a_pool_too_small_for_two_pieces_is_the_scan_s_floor():
