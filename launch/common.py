@@ -257,9 +257,12 @@ SHARD_QUERIES = {"auto": None, "always": True, "never": False}
 def say_query_plan(plan) -> None:
   """Says how a scan takes its queries (``scan.QueryPlan``) where it is
   not the plain one pass of whole queries: several passes over the rows,
-  or the queries split over the devices."""
+  or the queries split over the devices; and its step where that is staged
+  through the host or prefetches fewer steps than asked (``StepPlan``)."""
   if plan.passes > 1 or plan.split:
     say(plan.describe())
+  if plan.step is not None and plan.step.notable:
+    say(plan.step.describe())
 
 
 def stored(location: str, run: Run, pcfg: PreconditionerConfig

@@ -961,6 +961,44 @@ def test_chunks_too_large_for_the_other_steps_cut_the_prefetch(
       scan.device_steps(prefetch) - 1)
 
 
+def test_a_staged_or_cut_step_is_said(tmp_path, capsys, monkeypatch):
+  """``tracer scan`` and ``tracer trace`` say the scan's step where it is
+  not the plain one (``StepPlan.describe``, ``common.say_query_plan``):
+  staged through the host's pool a piece at a time (a device of 1 GiB, a
+  host of 2 MiB: 2,500 rows a device in 10 pieces of 250), or fewer steps
+  prefetched than the 2 asked (4,096-row chunks on 1 MiB devices: 0). A
+  plain step says nothing. Until stop 77 only passes and split queries
+  were said."""
+  from tracer import memory  # pylint: disable=g-import-not-at-top
+  from tracer.launch import common  # pylint: disable=g-import-not-at-top
+  plans = []
+  monkeypatch.setattr(memory, "device_memory_bytes", lambda: 1 << 30)
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 2 << 20)
+  x, q = _data(20_000, d=32, q=4)
+  unaligned = np.empty(x.size + 1, np.float32)[1:].reshape(x.shape)  # (copied)
+  unaligned[:] = x
+  assert_same(scan.scan_arrays(unaligned, q, 5, mesh=MESHES["8x1"](),
+                               on_plan=plans.append), reference(x, q, 5))
+  x, q = _data(8 * 4096 - 100)
+  s = _store(tmp_path, x, "float32", chunk_rows=4096)
+  monkeypatch.setattr(memory, "device_memory_bytes", lambda: 1 << 20)
+  assert_same(scan.scan_store(s, q, K, mesh=MESHES["8x1"](), on_plan=plans.append),
+              reference(x, q, K))
+  monkeypatch.undo()
+  assert_same(scan.scan_arrays(x, q, K, mesh=MESHES["8x1"](), on_plan=plans.append),
+              reference(x, q, K))
+  capsys.readouterr()
+  for p in plans:
+    common.say_query_plan(p)
+  assert capsys.readouterr().out.splitlines() == [
+      "scan step: 2,500 rows a device, staged through the host's pooled "
+      "buffers in 10 pieces of 250 rows (2 in flight), 2 steps prefetched",
+      "scan step: 4,096 rows a device, 0 steps prefetched of the 2 asked (the "
+      "other steps' rows a device would hold, or the host's pool, would not "
+      "fit more)"]
+  assert [p.step.notable for p in plans] == [True, True, False]
+
+
 def test_without_prefetching_a_device_holds_one_other_step(monkeypatch):
   """Without a prefetch thread (``prefetch=0``) the step being read is the
   next one dispatched: beside it a device holds only the one in flight, so

@@ -675,17 +675,42 @@ class StepPlan(NamedTuple):
   copied to the device a piece at a time, ``_Layout._stage``); ``sets``:
   the pooled sets of buffers it may make (one buffer a local device, of its
   rows of a step or, staged, of a piece); ``prefetch``: the steps prepared
-  ahead (fewer than asked where the pool or a device would not hold them:
-  ``held_prefetch``)."""
+  ahead (fewer than ``asked`` where the pool or a device would not hold
+  them: ``held_prefetch``)."""
   rows: int
   pieces: int
   staged: bool
   sets: int
   prefetch: int
+  asked: int | None = None
 
   @property
   def piece_rows(self) -> int:
     return self.rows // self.pieces
+
+  @property
+  def notable(self) -> bool:
+    """Whether a person should hear of it (``describe``): staged, or
+    fewer steps prefetched than asked."""
+    return self.staged or (self.asked is not None and self.prefetch < self.asked)
+
+  def describe(self) -> str:
+    """One line for a person: 'scan step: 16,384 rows a device, staged
+    through the host's pooled buffers in 8 pieces of 2,048 rows (6 in
+    flight), 1 step prefetched of the 2 asked (...)'."""
+    text = f"scan step: {self.rows:,} rows a device"
+    if self.staged:
+      text += (f", staged through the host's pooled buffers in "
+               f"{self.pieces:,} piece{'s' if self.pieces != 1 else ''} of "
+               f"{self.piece_rows:,} rows "
+               f"({self.sets:,} in flight)")
+    elif self.pieces > 1:
+      text += f" in {self.pieces:,} store chunks of {self.piece_rows:,} rows"
+    text += f", {self.prefetch} step{'s' if self.prefetch != 1 else ''} prefetched"
+    if self.asked is not None and self.prefetch < self.asked:
+      text += (f" of the {self.asked} asked (the other steps' rows a device "
+               "would hold, or the host's pool, would not fit more)")
+    return text
 
 
 class QueryPlan(NamedTuple):
@@ -760,6 +785,7 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   (``topk.summed_step_fn``).
   """
   summed = isinstance(source, list)
+  asked_prefetch = prefetch
   sources = source if summed else [source]
   queries = queries if summed else [queries]
   metrics = metric if summed else [metric]
@@ -915,7 +941,7 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   if on_plan is not None:
     on_plan(QueryPlan(num_queries, len(runs), size, split, mesh.size, StepPlan(
         layout.step // mesh.size, layout.num_pieces, layout.staged, held,
-        prefetch)))
+        prefetch, asked_prefetch)))
   results = []
   for i, start in enumerate(runs):
     # (Every run's queries are padded with zeros to the same count: one
