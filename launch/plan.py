@@ -196,9 +196,10 @@ def pool_bytes(host_memory: float | None = None) -> int:
 class StagedPool:
   """A host's pooled buffers reading object storage onto chips of their
   own memory (``staged_pool``): ``piece_rows`` a chip a piece, ``sets``
-  pieces in flight (a buffer a chip each), ``bytes`` those buffers take,
-  within ``allowed`` (``pool_bytes``) but at the floor: two sets of a
-  chunk a chip, however little the host."""
+  pieces in flight (a buffer a chip each), ``bytes`` the most those
+  buffers take (a step's pieces may be shorter: ``plan``'s
+  ``host_pool_bytes``), within ``allowed`` (``pool_bytes``) but at the
+  floor: two sets of a chunk a chip, however little the host."""
   piece_rows: int
   sets: int
   bytes: int

@@ -59,9 +59,9 @@ assert jax.device_count() == 8, jax.devices()
 # a small program into the cache (``executable.serialize()`` in jax 0.10.2's
 # ``put_executable_and_time``, test_tailpatch's ``updates``); the same program
 # serialized 60 times in a fresh process, and that file run alone or after
-# others, never did. Without the cache, seven files of in-process tests (metric,
-# model, fused_scores, nnx, tailpatch, train, encoder; 94 tests, -n 0) took
-# 162 s against 149 s with it; the short-lived subprocesses gain the most.
+# others, never did. The cost: seven files of in-process tests (metric, model,
+# fused_scores, nnx, tailpatch, train, encoder; 94 tests, -n 0) took 162 s
+# against 149 s, a whole .ci/run 1,736 s against 1,370 s (WORKSPACE.md).
 jax.config.update("jax_enable_compilation_cache", False)
 
 

@@ -689,10 +689,14 @@ class StepPlan(NamedTuple):
     return self.rows // self.pieces
 
   @property
+  def cut(self) -> bool:
+    """Whether fewer steps are prefetched than ``asked``."""
+    return self.asked is not None and self.prefetch < self.asked
+
+  @property
   def notable(self) -> bool:
-    """Whether a person should hear of it (``describe``): staged, or
-    fewer steps prefetched than asked."""
-    return self.staged or (self.asked is not None and self.prefetch < self.asked)
+    """Whether a person should hear of it (``describe``): staged or cut."""
+    return self.staged or self.cut
 
   def describe(self) -> str:
     """One line for a person: 'scan step: 16,384 rows a device, staged
@@ -707,7 +711,7 @@ class StepPlan(NamedTuple):
     elif self.pieces > 1:
       text += f" in {self.pieces:,} store chunks of {self.piece_rows:,} rows"
     text += f", {self.prefetch} step{'s' if self.prefetch != 1 else ''} prefetched"
-    if self.asked is not None and self.prefetch < self.asked:
+    if self.cut:
       text += (f" of the {self.asked} asked (the other steps' rows a device "
                "would hold, or the host's pool, would not fit more)")
     return text
