@@ -9,6 +9,8 @@ numpy's ``eigh``, then unit normalization.
 
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -446,3 +448,44 @@ def test_local_part_inverts_from_local_and_refuses_a_second_split():
       mesh, jax.sharding.PartitionSpec("model", "data")))
   with pytest.raises(ValueError, match="split along axis 0 too"):
     partitioning.local_part(both, axis=1)
+
+
+def _compiled(caplog, fn):
+  """``fn()``'s result and the names of the programs XLA compiled for it."""
+  caplog.clear()
+  with caplog.at_level(logging.WARNING, logger="jax._src.dispatch"), \
+      jax.log_compiles(True):
+    out = fn()
+  return out, [r.getMessage().split(" ")[4] for r in caplog.records
+               if r.getMessage().startswith("Finished XLA compilation of")]
+
+
+@pytest.mark.parametrize("kernel", ["factored", "exact"])
+def test_a_later_encoder_of_the_model_reuses_the_compiled_programs(caplog, kernel):
+  # A sweep's next run, a server's next request, the next test: each builds
+  # an encoder of the same model. Its step (and the factored kernel's
+  # verification) were compiled again for every encoder, two fifths of a
+  # test_pipeline.py run. The programs take the params, V and projections as
+  # arguments, so the second encoder's encodings are its own params'.
+  batch = lm_batch(8, 5)
+  first = model_lib.init_params(TINY, seed=1)
+  second = model_lib.init_params(TINY, seed=2)
+
+  def encoder(params, loss_fn, seed):
+    return encoder_lib.GradientEncoder(
+        loss_fn, params, second_moment=random_v(params, seed), epsilon=EPS,
+        projection_dim=TINY_DIM, seed=7, kernel=kernel, microbatch_size=2,
+        rank_one_correction=True)  # (else a random V leaves nothing factored)
+
+  _, names = _compiled(caplog, lambda: encoder(
+      first, model_lib.make_loss_fn(TINY), 3).encode(batch))
+  assert "jit(project_all)" in names
+  assert ("jit(errors)" in names) == (kernel == "factored"), names
+  got, names = _compiled(caplog, lambda: encoder(
+      second, model_lib.make_loss_fn(TINY), 4).encode(batch))
+  assert "jit(project_all)" not in names and "jit(errors)" not in names, names
+  # Another loss function (equal, but not the model's own): compiled afresh.
+  want, names = _compiled(caplog, lambda: encoder(
+      second, lambda p, ex: model_lib.example_loss(TINY, p, ex), 4).encode(batch))
+  assert "jit(project_all)" in names
+  np.testing.assert_allclose(got, want, atol=1e-6)

@@ -27,6 +27,7 @@ process holds a fixed block of each step.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Collection, Iterable, NamedTuple, Sequence
 import warnings
 
@@ -59,6 +60,81 @@ VERIFY_EXAMPLES = 4
 FINITE, LOSS_NOT_FINITE, GRADIENT_NOT_FINITE = 0, 1, 2
 NONFINITE_REASONS = {LOSS_NOT_FINITE: "non-finite loss",
                      GRADIENT_NOT_FINITE: "non-finite gradient"}
+
+
+# --- the jitted programs ------------------------------------------------------
+#
+# Built once per process for what they close over (the loss, layout, plan,
+# epsilon, precision and output sharding; jax.jit keys the rest, the argument
+# shapes and shardings, itself), so a later encoder of the same model (a
+# sweep's next run, a server's next request, the next test) reuses the
+# compiled programs instead of compiling them again: an encoder's programs
+# were two fifths of a test_pipeline.py run on 2 CPU cores (130 s of 326 s).
+# The losses of the built-in families are one function per model config
+# (``model.make_loss_fn``) for that; any other loss is reused as long as the
+# same function is passed.
+
+
+@functools.lru_cache(maxsize=32)
+def _projection_program(loss_fn, layout, plan, eps, precision, sharding):
+  """Jitted ``(constants, batch) -> (phi, losses)`` over ``[steps, step, ...]``
+  batches; ``constants``: ``GradientEncoder._constants``; ``plan`` None for
+  the exact kernel."""
+
+  def project_all(constants, batch):
+    params, v, scales, sides = constants
+
+    def one(microbatch):
+      if plan is None:
+        losses, grads = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))(
+            params, microbatch)
+        phi = projection.project(layout, correction.correct(grads, v, eps),
+                                 precision, sides)
+        return phi, losses.astype(jnp.float32)
+      return factored.project_examples(plan, layout, loss_fn, params, v, eps,
+                                       scales if v is not None else None,
+                                       microbatch, precision, sides)
+    return jax.lax.map(one, batch)
+
+  return jax.jit(project_all, out_shardings=(sharding, sharding))
+
+
+@functools.lru_cache(maxsize=32)
+def _verification_program(loss_fn, layout, plan, precision, sharding):
+  """Jitted ``(constants, batch) -> (errors [blocks], checked)``: the largest
+  relative error of ``plan``'s factored projection against the materialized
+  one over the first ``VERIFY_EXAMPLES`` examples of the first step."""
+
+  def one(params, sides, example):
+    """Block errors ``[blocks]`` (NaN as inf) and whether the example's
+    gradient is finite and not zero (else it checks nothing)."""
+    grads = jax.grad(loss_fn)(params, example)
+    exact = projection.project(layout, jax.tree.map(lambda g: g[None], grads),
+                               precision, sides)[0]
+    fact = factored.project_examples(
+        plan, layout, loss_fn, params, None, 0.0, None,
+        jax.tree.map(lambda x: x[None], example), precision, sides)[0][0]
+    err = factored.block_errors(layout, plan, fact, exact)
+    usable = jnp.all(jnp.isfinite(exact)) & (jnp.linalg.norm(exact) > 0)
+    return jnp.where(jnp.isnan(err), jnp.inf, err), usable
+
+  def errors(constants, batch):
+    params, _, _, sides = constants
+    examples = jax.tree.map(lambda x: x[0, :VERIFY_EXAMPLES], batch)
+    err, usable = jax.lax.map(lambda ex: one(params, sides, ex), examples)
+    return jnp.max(jnp.where(usable[:, None], err, 0.0), axis=0), jnp.any(usable)
+
+  return jax.jit(errors, out_shardings=sharding)
+
+
+def _built(build, *key):
+  """``build(*key)``, from the cache where ``key`` can be hashed (a loss that
+  is a dataclass of unhashable fields cannot: it is built each time)."""
+  try:
+    hash(key)
+  except TypeError:
+    return build.__wrapped__(*key)
+  return build(*key)
 
 
 class Projected(NamedTuple):
@@ -208,22 +284,8 @@ class GradientEncoder:
         plan = self._verified(plan, batch)
       self._release_second_moment(plan)
 
-    def project_all(constants, batch):
-      params, v, scales, sides = constants
-
-      def one(microbatch):
-        if plan is None:
-          losses, grads = jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None, 0))(
-              params, microbatch)
-          phi = projection.project(layout, correction.correct(grads, v, eps),
-                                   precision, sides)
-          return phi, losses.astype(jnp.float32)
-        return factored.project_examples(plan, layout, loss_fn, params, v, eps,
-                                         scales if v is not None else None,
-                                         microbatch, precision, sides)
-      return jax.lax.map(one, batch)
-
-    program = jax.jit(project_all, out_shardings=(self._sharding, self._sharding))
+    program = _built(_projection_program, loss_fn, layout, plan, eps, precision,
+                     self._sharding)
     # Compiled here (its first call reuses it) to be refused by XLA's count
     # of its memory before it runs: a step holds microbatch_size examples'
     # activations (and, unfactored, their gradients) on each data shard.
@@ -240,32 +302,12 @@ class GradientEncoder:
     """``plan`` less the weights whose factored projection differs from the
     materialized one (``verify`` above) on the first examples of ``batch``'s
     first step."""
-    layout, loss_fn, precision = self.layout, self.loss_fn, self.precision
-
-    def one(params, sides, example):
-      """Block errors ``[blocks]`` (NaN as inf) and whether the example's
-      gradient is finite and not zero (else it checks nothing)."""
-      grads = jax.grad(loss_fn)(params, example)
-      exact = projection.project(layout, jax.tree.map(lambda g: g[None], grads),
-                                 precision, sides)[0]
-      fact = factored.project_examples(
-          plan, layout, loss_fn, params, None, 0.0, None,
-          jax.tree.map(lambda x: x[None], example), precision, sides)[0][0]
-      err = factored.block_errors(layout, plan, fact, exact)
-      usable = jnp.all(jnp.isfinite(exact)) & (jnp.linalg.norm(exact) > 0)
-      return jnp.where(jnp.isnan(err), jnp.inf, err), usable
-
-    def errors(constants, batch):
-      params, _, _, sides = constants
-      examples = jax.tree.map(lambda x: x[0, :VERIFY_EXAMPLES], batch)
-      err, usable = jax.lax.map(lambda ex: one(params, sides, ex), examples)
-      return jnp.max(jnp.where(usable[:, None], err, 0.0), axis=0), jnp.any(usable)
-
     # Replicated, so every process reads the same errors and keeps the same
     # plan. At full precision: a TPU's default runs fp32 matmuls in one bf16
     # pass, a GPU's in TF32, and the two paths would then differ by their
     # rounding, not by how the weight is used.
-    errors = jax.jit(errors, out_shardings=partitioning.replicated(self.mesh))
+    errors = _built(_verification_program, self.loss_fn, self.layout, plan,
+                    self.precision, partitioning.replicated(self.mesh))
     with jax.default_matmul_precision("highest"):
       err, checked = errors(self._constants, batch)
     err = np.asarray(err.addressable_data(0))

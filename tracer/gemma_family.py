@@ -318,6 +318,13 @@ def token_losses(config: GemmaConfig, params: Any, example: dict) -> jax.Array:
   return -jnp.take_along_axis(logp, example["targets"][..., None], axis=-1)[..., 0]
 
 
+# One function per config, as ``model.make_loss_fn``: the encoder's jitted
+# programs are reused by every later encoder of the same model.
+@functools.lru_cache(maxsize=64)
+def _loss_fn(config: GemmaConfig):
+  return functools.partial(example_loss, config)
+
+
 def example_loss(config: GemmaConfig, params: Any, example: dict) -> jax.Array:
   """Mean cross-entropy over the weighted tokens of ONE example: a scalar."""
   weights = example["weights"].astype(jnp.float32)
@@ -399,7 +406,7 @@ class GemmaFamily:
     return make_model(config).init(jax.random.PRNGKey(seed), tokens)["params"]
 
   def loss_fn(self, config: GemmaConfig):
-    return functools.partial(example_loss, config)
+    return _loss_fn(config)
 
   def target_logprob(self, config: GemmaConfig, params: Any, example: dict):
     """Sum of log p(target tokens | prompt) for ONE query example."""

@@ -13,6 +13,7 @@ An example is a dict of arrays for ONE sequence of length L:
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -166,6 +167,9 @@ def _weighted(losses: jax.Array, weights: jax.Array) -> jax.Array:
   return jnp.where(weights != 0, losses * weights, 0.0)
 
 
+# One function per config: programs jitted over a loss (the encoder's) are
+# then reused by every later encoder of the same model in the process.
+@functools.lru_cache(maxsize=64)
 def make_loss_fn(config: ModelConfig):
   """The model contract: ``loss_fn(params, example) -> scalar`` for one example."""
   return lambda params, example: example_loss(config, params, example)
