@@ -65,6 +65,7 @@ assert jax.device_count() == 8, jax.devices()
 jax.config.update("jax_enable_compilation_cache", False)
 
 
+import gc  # noqa: E402
 import json  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
@@ -92,6 +93,22 @@ def pytest_collection_modifyitems(config, items):
   del config
   rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops every compiled program at the end of each test file. An
+  executable holds its machine code in memory maps, and Linux allows a
+  process 65,530 of them by default (``vm.max_map_count``): three of the
+  in-process files (encoder, pipeline, factored; one process) left 15.5k
+  maps, 32.4k once the encoder kept its programs between instances, and a
+  CI worker then failed its next native allocations ("cannot map zero-fill
+  pages", a segfault in tracing). A process at the limit aborts in XLA's
+  native code (tried: a thread it could not start); so may the
+  ``executable.serialize()`` aborts of stops 76 and 77 have been."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 _fault_file = None

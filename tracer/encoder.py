@@ -72,10 +72,13 @@ NONFINITE_REASONS = {LOSS_NOT_FINITE: "non-finite loss",
 # were two fifths of a test_pipeline.py run on 2 CPU cores (130 s of 326 s).
 # The losses of the built-in families are one function per model config
 # (``model.make_loss_fn``) for that; any other loss is reused as long as the
-# same function is passed.
+# same function is passed. Few are kept: a compiled program holds its code
+# (the tiny LM's step and verification on 8 CPU devices: ~600 of the 65,530
+# memory maps Linux allows a process by default), and a process rarely
+# alternates between more models than this.
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=4)
 def _projection_program(loss_fn, layout, plan, eps, precision, sharding):
   """Jitted ``(constants, batch) -> (phi, losses)`` over ``[steps, step, ...]``
   batches; ``constants``: ``GradientEncoder._constants``; ``plan`` None for
@@ -99,7 +102,7 @@ def _projection_program(loss_fn, layout, plan, eps, precision, sharding):
   return jax.jit(project_all, out_shardings=(sharding, sharding))
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=4)
 def _verification_program(loss_fn, layout, plan, precision, sharding):
   """Jitted ``(constants, batch) -> (errors [blocks], checked)``: the largest
   relative error of ``plan``'s factored projection against the materialized
