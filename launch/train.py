@@ -36,6 +36,7 @@ FLAGS = flags.FLAGS
 def train(corpus_source: str, workdir: str) -> dict:
   """Runs (or resumes) training of the ``--family`` model; returns the last
   logged metrics."""
+  memory.release_programs_near_map_limit()  # (e.g. ``tracer family``'s sets)
   family = config.model_family()
   config_class = config.model_config_class()
   model_config = config.make(config_class)

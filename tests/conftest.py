@@ -75,6 +75,7 @@ import urllib.request  # noqa: E402
 import pytest  # noqa: E402
 
 from multiprocess import free_port  # noqa: E402
+from tracer import memory  # noqa: E402
 
 
 # The longest files, longest first (their tests' durations summed, `.ci/run`
@@ -112,18 +113,12 @@ def _release_compiled_programs():
 
 
 # Within a file too: test_scan.py alone took a worker to 46.3k maps (its many
-# step programs). Counting them costs a few ms a test.
-_MAPS_BEFORE_CLEARING = 32_768
-
-
+# step programs). Past half the limit the programs are dropped after the test
+# (counting the maps costs ~1 ms a test at 1,000 maps, ~35 ms at 32,000).
 @pytest.fixture(autouse=True)
 def _bounded_memory_maps():
   yield
-  if os.path.exists("/proc/self/maps"):
-    with open("/proc/self/maps") as f:
-      if sum(1 for _ in f) > _MAPS_BEFORE_CLEARING:
-        jax.clear_caches()
-        gc.collect()
+  memory.release_programs_near_map_limit()
 
 
 _fault_file = None

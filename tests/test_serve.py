@@ -29,6 +29,7 @@ from pathlib import Path
 
 from absl import flags
 import gin
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -40,6 +41,7 @@ from tracer.launch import trace
 from tracer import coordination
 from tracer import corpus as corpus_lib
 from tracer import hessian
+from tracer import memory
 from tracer import partitioning
 from tracer import scan as scan_lib
 from tracer import serving
@@ -483,6 +485,22 @@ def test_answers_equal_trace_while_batched(traced, tracer_):
       assert_same_records(response["results"], traced.results[name])
   finally:
     server.close()
+
+
+def test_a_server_past_half_its_map_limit_drops_its_programs_and_answers_alike(
+    traced, tracer_, monkeypatch):
+  """A server lives long, and jit keeps a program for every shape it meets,
+  each in memory maps of its own (Linux allows 65,530): past half the limit
+  a batch first drops every compiled program, then answers as before."""
+  cleared = []
+  clear = jax.clear_caches
+  monkeypatch.setattr(jax, "clear_caches", lambda: cleared.append(1) or clear())
+  monkeypatch.setattr(memory, "map_limit", lambda: 2, raising=False)
+  for name in ("one", "three"):
+    qs, k = traced.sets[name]
+    (answer,), _ = tracer_.answer([serving.Request(qs, k)])
+    assert_same_records(answer.records, traced.results[name])
+  assert len(cleared) == 2
 
 
 def test_streamed_index_answers_the_same(traced, tracer_):

@@ -209,6 +209,7 @@ class GradientEncoder:
     if kernel not in ("factored", "exact"):
       raise ValueError(f"kernel={kernel!r}: expected 'factored' or 'exact'")
     projection.matmul_precision(projection_precision)  # a known name
+    memory.release_programs_near_map_limit()
     self.precision = projection_precision
     self.mesh = partitioning.make_mesh() if mesh is None else mesh
     self.layout = projection.make_layout(params, projection_dim, seed)

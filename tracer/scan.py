@@ -788,6 +788,7 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   (same rows, d and dtype): each row's score is then the sum of the parts'
   (``topk.summed_step_fn``).
   """
+  memory.release_programs_near_map_limit()
   summed = isinstance(source, list)
   asked_prefetch = prefetch
   sources = source if summed else [source]

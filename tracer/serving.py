@@ -64,6 +64,7 @@ from jax.sharding import Mesh
 from tracer import data as data_lib
 from tracer import evaluate
 from tracer import hessian
+from tracer import memory
 from tracer import partitioning
 from tracer import pipeline
 from tracer import scan as scan_lib
@@ -782,6 +783,7 @@ class Tracer:
 
   def answer(self, requests: Sequence[Request]) -> tuple[list[Answer], dict]:
     """Each request's records (or why not) and the batch's timing (seconds)."""
+    memory.release_programs_near_map_limit()  # (a server lives long)
     clock = [time.perf_counter()]
     tick = lambda: clock.append(time.perf_counter())
     parts = [self.examples(r.queries) for r in requests]
