@@ -65,7 +65,7 @@ from tracer.errors import InputError
 def define_flags() -> None:
   """Defines this script's flags (only when run as a script, so that
   ``launch.benchmark`` can import ``run_scan_benchmark``)."""
-  global _ROWS, _DIM, _QUERIES, _K, _CHUNK_ROWS, _STORE_CHUNK_ROWS, _REPEATS, _WORKDIR, _OUTPUT, _EVAL, _BLOCK, _RESIDENT, _FUSED_TILES, _SERVE_PASS, _REQUESTS, _QUERY_STEPS, _STAGED
+  global _ROWS, _DIM, _QUERIES, _K, _CHUNK_ROWS, _STORE_CHUNK_ROWS, _REPEATS, _WORKDIR, _OUTPUT, _EVAL, _BLOCK, _RESIDENT, _FUSED_TILES, _SERVE_PASS, _REQUESTS, _QUERY_STEPS, _STAGED, _QUERY_SETS
   _ROWS = flags.DEFINE_integer("rows", 200_000, "N, rows to scan.", lower_bound=1)
   _DIM = flags.DEFINE_integer("dim", 1024, "d, encoding dimension.", lower_bound=1)
   _QUERIES = flags.DEFINE_integer("queries", 64, "Q, queries per scan.",
@@ -113,6 +113,11 @@ def define_flags() -> None:
       "MiB, in steps the pool bounds (as before stop 75) and, on devices of "
       "their own memory, staged a piece at a time (run_staged_benchmark).",
       lower_bound=0)
+  _QUERY_SETS = flags.DEFINE_integer(
+      "query_sets", 0, "Instead (> 0): time that many query sets of --queries "
+      "each, every set under its own scan-time R, scanned from a bf16 store "
+      "in one pass (scan.scan_sets) against a scan per set "
+      "(run_query_sets_benchmark).", lower_bound=0)
   _FUSED_TILES = flags.DEFINE_list(
       "fused_tiles", None, "Instead: time the fused kernel's tile settings "
       "(run_fused_tiles_benchmark) on resident bf16 rows, each as "
@@ -1106,6 +1111,46 @@ def synthetic_metric(dim: int, q: np.ndarray, eval_examples: int, block: int,
   return metric.row_metric(), metric.query_vectors(q)
 
 
+def run_query_sets_benchmark(sets: int = 4, rows: int = 400_000, dim: int = 1024,
+                             queries: int = 16, k: int = 100,
+                             store_chunk_rows: int = 4096, repeats: int = 3,
+                             workdir: str | None = None, eval_examples: int = 240,
+                             block: int = 256) -> list[dict[str, Any]]:
+  """``sets`` query sets of ``queries`` each, every set under its own
+  synthetic scan-time metric (``synthetic_metric``), over unit-norm rows in
+  a bf16 store: ``scan.scan_sets`` (one pass, every set's norms a row)
+  against ``scan.scan_store`` per set (a pass each), best of ``repeats``
+  after a compiling run; with how far their answers agree. The local
+  store's chunks are mapped from a warm page cache, so this measures the
+  products and norms, not the reads a pass saves on object storage."""
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((rows, dim)).astype(np.float32)
+  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  tmp = workdir or tempfile.mkdtemp(prefix="tracer-bench-sets-")
+  store = write_store(os.path.join(tmp, "sets-bf16"), x, "bfloat16",
+                      store_chunk_rows)
+  del x
+  made = [synthetic_metric(dim, rng.standard_normal((queries, dim)).astype(
+      np.float32), eval_examples, block, rng) for _ in range(sets)]
+  mesh = partitioning.make_mesh()
+  each = lambda: [scan.scan_store(store, v, k, mesh=mesh, metric=m)
+                  for m, v in made]
+  one = lambda: scan.scan_sets([store], [[v] for _, v in made], k,
+                                   metrics=[[m] for m, _ in made], mesh=mesh)
+  same, error = _agreement(one(), each())
+  t_each, t_one = _best_time(each, repeats), _best_time(one, repeats)
+  row = lambda method, s, note: {
+      "method": method, "seconds": _figure(s), "rows_per_s": round(rows / s),
+      "GB_per_s": _figure(rows * dim * 2 / s / 1e9),
+      "GFLOP_per_s": _figure(2 * rows * dim * sets * queries / s / 1e9),
+      "roofline_s": "", "fraction_of_roofline": "", "note": note}
+  return [row(f"scan_store per set ({sets} passes)", t_each,
+              f"{sets} sets x {queries} queries, k={k}, d={dim}"),
+          row("scan_sets (one pass)", t_one,
+              f"{t_each / t_one:.2f}x the passes' speed; rows the same: "
+              f"{same:.4f}, scores within {error:.1e} (relative)")]
+
+
 def to_markdown(table: list[dict[str, Any]]) -> str:
   cols = ["method", "seconds", "rows_per_s", "GB_per_s", "GFLOP_per_s",
           "roofline_s", "fraction_of_roofline", "vs_faiss", "scores_only_seconds",
@@ -1138,11 +1183,12 @@ def to_markdown(table: list[dict[str, Any]]) -> str:
 # (``staged_beside_bytes``; measured with tracemalloc, 2^18 rows x 256 filled
 # in blocks of 2^16: the peak was the rows and one f32 block, 1 MB more).
 HOST_BYTES_PER_ELEMENT = {"scan": 14, "serve_pass": 10, "query_steps": 8,
-                          "staged": 2}
+                          "staged": 2, "query_sets": 6}
 DEVICE_BYTES_PER_ELEMENT = {"resident": 4, "fused_tiles": 2}
 MODE_NAMES = {"scan": "the scan benchmark", "serve_pass": "--serve_pass",
               "query_steps": "--query_steps", "staged": "--staged_pool_mb",
-              "resident": "--resident", "fused_tiles": "--fused_tiles"}
+              "resident": "--resident", "fused_tiles": "--fused_tiles",
+              "query_sets": "--query_sets"}
 
 
 def check_memory(rows: int, dim: int, mode: str, host_bytes: int | None = None,
@@ -1191,7 +1237,7 @@ def check_flags() -> None:
   mode = ("fused_tiles" if _FUSED_TILES.value else "serve_pass"
           if _SERVE_PASS.value else "resident" if _RESIDENT.value else
           "query_steps" if _QUERY_STEPS.value else "staged"
-          if _STAGED.value else "scan")
+          if _STAGED.value else "query_sets" if _QUERY_SETS.value else "scan")
   if mode in DEVICE_BYTES_PER_ELEMENT:
     from tracer import memory  # pylint: disable=g-import-not-at-top
     # Starting the backends logs (at INFO) each one missing, e.g. libtpu:
@@ -1230,6 +1276,12 @@ def main(argv):
     table = run_staged_benchmark(rows=_ROWS.value, dim=_DIM.value,
                                  queries=_QUERIES.value, k=_K.value,
                                  pool_mb=_STAGED.value, repeats=_REPEATS.value)
+  elif _QUERY_SETS.value:
+    table = run_query_sets_benchmark(
+        sets=_QUERY_SETS.value, rows=_ROWS.value, dim=_DIM.value,
+        queries=_QUERIES.value, k=_K.value,
+        store_chunk_rows=_STORE_CHUNK_ROWS.value, repeats=_REPEATS.value,
+        workdir=_WORKDIR.value, eval_examples=_EVAL.value, block=_BLOCK.value)
   elif _RESIDENT.value:
     table = run_resident_benchmark(
         rows=_ROWS.value, dim=_DIM.value, queries=_QUERIES.value, k=_K.value,

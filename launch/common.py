@@ -259,7 +259,7 @@ def say_query_plan(plan) -> None:
   not the plain one pass of whole queries: several passes over the rows,
   or the queries split over the devices; and its step where that is staged
   through the host or prefetches fewer steps than asked (``StepPlan``)."""
-  if plan.passes > 1 or plan.split:
+  if plan.passes > 1 or plan.split or plan.sets > 1:
     say(plan.describe())
   if plan.step is not None and plan.step.notable:
     say(plan.step.describe())
@@ -465,19 +465,33 @@ def summed_parts(paths: Sequence[str], workdir: str, corpus_source: str,
   vectors in each store's basis.
 
   Returns (stores, row metrics, query vectors, skipped queries)."""
-  stores, metrics, vectors_list, skipped = [], [], [], {}
+  stores, (parts,) = summed_sets(paths, workdir, corpus_source, location,
+                                 open_store, [(query_examples, queries)], pcfg,
+                                 task_path)
+  return (stores, *parts)
+
+
+def summed_sets(paths: Sequence[str], workdir: str, corpus_source: str,
+                location: str, open_store, sets, pcfg: PreconditionerConfig,
+                task_path: str | None = None):
+  """``summed_parts`` for several query sets (``sets``: ``(query_examples,
+  queries)`` each), each other checkpoint loaded once for them all.
+
+  Returns (stores, per set: (row metrics, query vectors, skipped queries))."""
+  stores, per_set = [], [([], [], {}) for _ in sets]
   for other, store, basis in summed_runs(paths, workdir, corpus_source, location,
                                          open_store):
     task = task_metric(other, basis, task_path, pcfg)
-    metric, vectors, more = query_metric(other, basis, query_examples, queries,
-                                         pcfg, task)
+    for (examples, queries), (metrics, vectors_list, skipped) in zip(sets, per_set):
+      metric, vectors, more = query_metric(other, basis, examples, queries, pcfg,
+                                           task)
+      metrics.append(metric.row_metric())
+      vectors_list.append(vectors)
+      for query, why in more.items():  # the first part's reason stands
+        skipped.setdefault(query, why)
     stores.append(store)
-    metrics.append(metric.row_metric())
-    vectors_list.append(vectors)
-    for query, why in more.items():  # the first part's reason stands
-      skipped.setdefault(query, why)
     del other  # its params leave the devices before the next checkpoint's
-  return stores, metrics, vectors_list, skipped
+  return stores, per_set
 
 
 def default_location(workdir: str, given: str | None, name: str) -> str:

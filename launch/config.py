@@ -45,7 +45,9 @@ flags.DEFINE_string("corpus", None, "Corpus: a JSONL or Parquet file, a glob of 
                     "get 'file:line'; fields other than 'id' and 'text' named after "
                     "'#': 'FILES#text=content,id=hexsha'), a "
                     "seqio task/mixture name, or a directory made by launch.tokenize.")
-flags.DEFINE_string("queries", None, "Queries JSONL file.")
+flags.DEFINE_string("queries", None, "Queries JSONL file (tracer scan: or a "
+                    "comma-separated list, several query sets in one pass, "
+                    "with as many --output files).")
 flags.DEFINE_string("task_queries", None, "Queries JSONL of the task the traced "
                     "queries belong to (tracer trace, scan, serve): R is "
                     "fitted once from its queries and every query set is "
@@ -67,7 +69,9 @@ flags.DEFINE_list("sum_steps", [], "TrackStar summed over these checkpoints "
                   "and tracer scan score each row by the sum (one store per "
                   "step, <store>-step<N>); tracer "
                   "quality and family add the method trackstar_sum.")
-flags.DEFINE_string("output", None, "Output file: the results JSONL (tracer view: the HTML page).")
+flags.DEFINE_string("output", None, "Output file: the results JSONL (tracer view: "
+                    "the HTML page; tracer scan: one per --queries file, "
+                    "comma-separated).")
 flags.DEFINE_integer("top_k", 10, "Proponents and opponents per query.",
                      lower_bound=1)
 flags.DEFINE_string("family", None, "Model family (tracer.family) of a model "
@@ -560,9 +564,29 @@ def run(main, uses: Sequence[str] | None = None, shows: Sequence[str] = ()) -> N
   cli.run(checked)
 
 
-def setup(required: tuple[str, ...] = (), output_is: str = "file") -> None:
+def query_set_files(queries: str, output: str) -> list[tuple[str, str]]:
+  """``--queries`` and ``--output`` as (queries file, output file) pairs:
+  one of each, or comma-separated lists of as many (``tracer scan``'s
+  query sets, one output each)."""
+  split = lambda value: [v.strip() for v in value.split(",") if v.strip()]
+  files, outs = split(queries), split(output)
+  if len(files) != len(outs):
+    count = lambda n: f"{n} file{'s' if n != 1 else ''}"
+    raise InputError(f"--output: {count(len(outs))} for {count(len(files))} in "
+                     "--queries; expected one output per queries file, in order")
+  twice = sorted({o for o in outs if outs.count(o) > 1})
+  if twice:
+    raise InputError(f"--output: {twice[0]} is named more than once; "
+                     "expected one output per queries file")
+  return list(zip(files, outs))
+
+
+def setup(required: tuple[str, ...] = (), output_is: str = "file",
+          query_sets: bool = False) -> None:
   """What every launch script's ``main`` does first: gin, multi-host, flags.
-  ``output_is``: what ``--output`` names, "file" or "directory"."""
+  ``output_is``: what ``--output`` names, "file" or "directory";
+  ``query_sets``: ``--queries`` and ``--output`` may be lists
+  (``query_set_files``)."""
   from absl import app
   parse_gin()
   use_compilation_cache()
@@ -579,14 +603,18 @@ def setup(required: tuple[str, ...] = (), output_is: str = "file") -> None:
     outputs.check_kind(FLAGS[name].value, f"--{name}", kind,
                        written=name != "checkpoint")
   if FLAGS.output:
-    check_writable(FLAGS.output, "--output", output_is)
+    pairs = (query_set_files(FLAGS.queries, FLAGS.output)
+             if query_sets and FLAGS.queries else [(FLAGS.queries, FLAGS.output)])
     given = {name: FLAGS[name].value for name in (
-        "queries", "task_queries", "corpus", "basis", "store", "checkpoint")}
+        "task_queries", "corpus", "basis", "store", "checkpoint")}
     if FLAGS.workdir:  # the defaults (launch.common), as they would be read
       given["store"] = given["store"] or storage.join(FLAGS.workdir, "store")
       given["checkpoint"] = given["checkpoint"] or storage.join(FLAGS.workdir,
                                                                 "checkpoints")
-    outputs.check_not_an_input(FLAGS.output, given)
+    for _, output in pairs:
+      check_writable(output, "--output", output_is)
+      for queries, _ in pairs:
+        outputs.check_not_an_input(output, {"queries": queries, **given})
 
 
 def integers(flag: str, values) -> list[int]:

@@ -16,6 +16,13 @@ host scans the rows of its own devices; process 0 writes the results.
 checkpoints and this one, from the stores ``tracer trace --sum_steps`` made
 (``<store>-step200``, ...); each step's queries are projected with its own
 checkpoint and put in its store's basis.
+
+Several query sets (tasks), each with its own R, in one pass over the store:
+
+  tracer scan ... --queries=A.jsonl,B.jsonl --output=RA.jsonl,RB.jsonl
+
+one output per queries file, in order (``scan.scan_sets``: each set's
+results are what its own scan gives, up to the last bits of a score).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from absl import flags
 from tracer.launch import common
 from tracer.launch import config
 from tracer.config import PreconditionerConfig
+from tracer.errors import InputError
 from tracer import pipeline
 from tracer import scan as scan_lib
 
@@ -40,44 +48,64 @@ def _stored(location, run_, pcfg):
 
 def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
         checkpoint=None, sum_steps=(), task_queries=None, shard_queries=None):
-  """Writes and returns the results rows. ``corpus_source`` None: the
-  store's own. ``sum_steps``: score rows by the sum over those checkpoints
-  and this one, each from its own store (``<store>-step<N>``, as ``tracer
-  trace --sum_steps`` made them). ``task_queries``: a queries file whose
-  R scores these queries. ``shard_queries``: ``scan.scan_stores``'s."""
+  """Writes and returns the results rows. ``queries_path``, ``output``: one
+  file each, or comma-separated lists of as many: several query sets, each
+  with its own R (``task_queries``' where given), in one pass over the
+  store (``scan.scan_sets``); then one list of rows per set is returned.
+  ``corpus_source`` None: the store's own. ``sum_steps``: score rows by
+  the sum over those checkpoints and this one, each from its own store
+  (``<store>-step<N>``, as ``tracer trace --sum_steps`` made them).
+  ``task_queries``: a queries file whose R scores these queries.
+  ``shard_queries``: ``scan.scan_stores``'s (one set only)."""
+  sets = config.query_set_files(queries_path, output)
+  if len(sets) > 1 and shard_queries:
+    raise InputError("--shard_queries=always: several query sets in one pass "
+                     "are scanned whole on each device; expected one --queries "
+                     "file, or --shard_queries=auto")
   pcfg = config.make(PreconditionerConfig)
   location = common.default_location(workdir, store_path, "store")
   run_, corpus_source = common.start_on_store(workdir, checkpoint, corpus_source,
                                               location)
   config.check_top_k(top_k, len(run_.corpus))  # before any gradient
   others = common.summed_checkpoints(sum_steps, run_.ckpt, stores_at=location)
-  queries, query_examples = pipeline.read_queries(run_.ckpt, queries_path)
+  read = [pipeline.read_queries(run_.ckpt, path) for path, _ in sets]
   store, basis = _stored(location, run_, pcfg)
-  metric, vectors, skipped = common.query_metric(
-      run_, basis, query_examples, queries, pcfg,
-      common.task_metric(run_, basis, task_queries, pcfg))
-  stores, metrics, query_vectors, more = common.summed_parts(
+  task = common.task_metric(run_, basis, task_queries, pcfg)
+  own = [common.query_metric(run_, basis, examples, queries, pcfg, task)
+         for queries, examples in read]
+  stores, parts = common.summed_sets(
       others, workdir, corpus_source, location,
-      functools.partial(_stored, pcfg=pcfg), query_examples,
-      queries, pcfg, task_queries)
-  topk = scan_lib.scan_stores(
-      [store, *stores], [vectors, *query_vectors], top_k, mesh=run_.encoder.mesh,
-      metrics=[metric.row_metric(), *metrics], verify=FLAGS.check_chunks,
-      progress=common.Progress("scan store", "rows"), shard_queries=shard_queries,
-      on_plan=common.say_query_plan)
-  skipped = {**more, **skipped}
-  preds = pipeline.predictions(run_.ckpt, query_examples, queries,
-                               pipeline.data_config(run_.ckpt).vocabulary(),
-                               mesh=run_.encoder.mesh)
-  rows = pipeline.result_rows(queries, run_.corpus, topk, skipped, preds)
-  pipeline.write_results(output, rows)
-  common.say(f"wrote {len(rows)} results to {output}")
-  return rows
+      functools.partial(_stored, pcfg=pcfg),
+      [(examples, queries) for queries, examples in read], pcfg, task_queries)
+  metrics = [[m.row_metric(), *ms] for (m, _, _), (ms, _, _) in zip(own, parts)]
+  vectors = [[v, *vs] for (_, v, _), (_, vs, _) in zip(own, parts)]
+  scanned = dict(mesh=run_.encoder.mesh, verify=FLAGS.check_chunks,
+                 progress=common.Progress("scan store", "rows"),
+                 on_plan=common.say_query_plan)
+  if len(sets) == 1:
+    found = [scan_lib.scan_stores([store, *stores], vectors[0], top_k,
+                                  metrics=metrics[0], shard_queries=shard_queries,
+                                  **scanned)]
+  else:
+    found = scan_lib.scan_sets([store, *stores], vectors, top_k, metrics=metrics,
+                               **scanned)
+  vocab = pipeline.data_config(run_.ckpt).vocabulary()
+  results = []
+  for (queries, examples), (_, _, skipped), (_, _, more), topk, (_, out) in zip(
+      read, own, parts, found, sets):
+    preds = pipeline.predictions(run_.ckpt, examples, queries, vocab,
+                                 mesh=run_.encoder.mesh)
+    rows = pipeline.result_rows(queries, run_.corpus, topk, {**more, **skipped},
+                                preds)
+    pipeline.write_results(out, rows)
+    common.say(f"wrote {len(rows)} results to {out}")
+    results.append(rows)
+  return results[0] if len(sets) == 1 else results
 
 
 def main(argv):
   del argv
-  config.setup(required=("workdir", "queries", "output"))
+  config.setup(required=("workdir", "queries", "output"), query_sets=True)
   run(FLAGS.workdir, FLAGS.corpus, FLAGS.queries, FLAGS.output, FLAGS.top_k,
       FLAGS.store, FLAGS.checkpoint, FLAGS.sum_steps, FLAGS.task_queries,
       common.SHARD_QUERIES[FLAGS.shard_queries])

@@ -223,6 +223,43 @@ def test_scan_rejects_a_store_from_other_settings(trained):
     _bind(PreconditionerConfig__kind="block")
 
 
+def test_scan_of_query_sets_in_one_pass_equals_a_scan_per_set(trained, capsys):
+  """``tracer scan --queries=A,B --output=RA,RB``: two query sets, each with
+  the R fitted from its own queries, in one pass over the store; each
+  set's results are what a scan of that set alone writes."""
+  root, corpus, queries = trained
+  trace.run(str(root), corpus, queries, str(root / "c.jsonl"), show=0)
+  lines = open(queries).read().splitlines()
+  paths = [str(root / "set_a.jsonl"), str(root / "set_b.jsonl")]
+  for path, part in zip(paths, (lines[:5], lines[5:])):
+    with open(path, "w") as f:
+      f.write("\n".join(part) + "\n")
+  alone = [scan_script.run(str(root), corpus, p, str(root / f"alone{i}.jsonl"),
+                           top_k=10) for i, p in enumerate(paths)]
+  capsys.readouterr()
+  outs = [str(root / "one_a.jsonl"), str(root / "one_b.jsonl")]
+  together = scan_script.run(str(root), corpus, ",".join(paths), ",".join(outs),
+                             top_k=10)
+  said = capsys.readouterr()
+  assert (f"scan: {len(lines)} queries in 2 sets, each under its own metric, "
+          "whole on each of the 8 devices, one pass over the rows") in (
+              said.out + said.err)
+  assert [len(r) for r in together] == [5, len(lines) - 5]
+  for rows, want, out in zip(together, alone, outs):
+    assert [json.loads(l) for l in open(out)] == json.loads(json.dumps(rows))
+    for a, b in zip(rows, want):
+      assert a["query_id"] == b["query_id"]
+      assert a["proponent_ids"] == b["proponent_ids"]
+      assert a["opponent_ids"] == b["opponent_ids"]
+      np.testing.assert_allclose(a["proponent_scores"], b["proponent_scores"],
+                                 rtol=1e-5, atol=1e-6)
+  with pytest.raises(InputError, match="--output: 1 file for 2 files in --queries"):
+    scan_script.run(str(root), corpus, ",".join(paths), outs[0])
+  with pytest.raises(InputError, match="--shard_queries=always: several query sets"):
+    scan_script.run(str(root), corpus, ",".join(paths), ",".join(outs),
+                    shard_queries=True)
+
+
 def test_scan_encodes_queries_as_its_store_was_encoded(trained, capsys, monkeypatch):
   """A store keeps the EncodeConfig settings it was encoded with; scan (and
   serve, trace, encode) take those gin does not bind, so a store made with

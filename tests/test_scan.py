@@ -772,17 +772,80 @@ def test_functional_core():
   assert_same(scan.finish(state, 37), reference(x[:37], q, K))
 
 
-def _store(tmp_path, x, dtype, chunk_rows=64):
+def _store(tmp_path, x, dtype, chunk_rows=64, column_scales=None):
   m = store_lib.Manifest(
       checkpoint="c", step=1, params_fingerprint="p", correction="adam",
       epsilon=1e-8, projection_seed=0, layout=None, dim=x.shape[1],
       basis_fingerprint=None, dtype=dtype, num_rows=len(x),
       chunk_rows=chunk_rows)
-  s = store_lib.create_or_open(tmp_path / dtype, m)
+  s = store_lib.create_or_open(tmp_path / dtype, m, column_scales=column_scales)
   for c in s.pending_chunks():
     lo, hi = s.chunk_bounds(c)
     s.write_chunk(c, x[lo:hi])
   return s
+
+
+def _row_metric(rng, segments, widths) -> topk.RowMetric:
+  """A random R^(-1) = diag(a) - sum_b C_b C_b^T, positive definite."""
+  lowrank = tuple((0.3 * rng.standard_normal((hi - lo, w)) / np.sqrt(hi - lo))
+                  .astype(np.float32) for (lo, hi), w in zip(segments, widths))
+  return topk.RowMetric(rng.uniform(1, 2, segments[-1][1]).astype(np.float32),
+                        lowrank, segments)
+
+
+@pytest.mark.parametrize("mesh", ["8x1", "4x2"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32", "int8"])
+@pytest.mark.parametrize("runs", [1, 5])
+def test_query_sets_in_one_pass_equal_a_scan_per_set(tmp_path, monkeypatch,
+                                                     mesh, dtype, runs):
+  """Three tasks' query sets (5, 1 and 9 queries), each under its own
+  metric (low-rank widths 2+3, 0+1, 4+4 over two segments), scored in one
+  pass over the store: each set's top-k is its own scan's (an int8 store's
+  column scales folded into every metric). ``runs``: 5 when a run may take
+  2 queries of each set."""
+  rng = np.random.default_rng(3)
+  segments = ((0, 16), (16, 48))
+  x = rng.standard_normal((1001, 48)).astype(np.float32)
+  s = _store(tmp_path, x, dtype, column_scales=rng.uniform(
+      0.5, 2, 48).astype(np.float32) if dtype == "int8" else None)
+  sets = [rng.standard_normal((n, 48)).astype(np.float32) for n in (5, 1, 9)]
+  metrics = [_row_metric(rng, segments, w) for w in ((2, 3), (0, 1), (4, 4))]
+  m = MESHES[mesh]()
+  want = [scan.scan_store(s, q, K, metric=r, mesh=m) for q, r in zip(sets, metrics)]
+  plans = []
+  if runs > 1:
+    monkeypatch.setattr(scan, "query_batch", lambda n, count, have: min(n, 2))
+  got = scan.scan_sets([s], [[q] for q in sets], K,
+                       metrics=[[r] for r in metrics], mesh=m,
+                       on_plan=plans.append)
+  assert [(p.passes, p.queries, p.sets) for p in plans] == [(runs, 15, 3)]
+  assert not plans[0].split
+  assert len(got) == 3
+  for g, w in zip(got, want):
+    assert_same(g, w, atol=1e-6)
+
+
+def test_query_sets_summed_over_stores_and_plain(tmp_path):
+  """A sum over two stores (e.g. two checkpoints), each set with its own
+  queries and metric in each; and plain scores (no metric)."""
+  rng = np.random.default_rng(4)
+  segments = ((0, 24), (24, 40))
+  x1, x2 = (rng.standard_normal((300, 40)).astype(np.float32) for _ in range(2))
+  s1, s2 = _store(tmp_path / "a", x1, "float32"), _store(tmp_path / "b", x2, "float32")
+  sets = [[rng.standard_normal((n, 40)).astype(np.float32) for _ in range(2)]
+          for n in (3, 4)]
+  metrics = [[_row_metric(rng, segments, w) for _ in range(2)] for w in ((1, 2), (3, 0))]
+  got = scan.scan_sets([s1, s2], sets, K, metrics=metrics)
+  for g, q, r in zip(got, sets, metrics):
+    assert_same(g, scan.scan_stores([s1, s2], q, K, metrics=r), atol=1e-6)
+  plain = scan.scan_sets([s1], [[q[0]] for q in sets], K)
+  for g, q in zip(plain, sets):
+    assert_same(g, reference(x1, q[0], K), atol=1e-4)
+  with pytest.raises(InputError, match="same segments"):
+    scan.scan_sets([s1], [[sets[0][0]], [sets[1][0]]], K, metrics=[
+        [metrics[0][0]], [_row_metric(rng, ((0, 40),), (1,))]])
+  with pytest.raises(InputError, match="one array per store"):
+    scan.scan_sets([s1, s2], [[sets[0][0]]], K)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
@@ -1810,6 +1873,18 @@ def test_a_scan_on_some_devices_is_held_to_theirs(monkeypatch):
                      r"k=5, in 300 runs of 1: a scan step of 2,000 rows per "
                      r"device takes [\d.]+ MiB \(XLA's count"):
     scan.scan_arrays(x, q, K, mesh=MESHES["1x1"]())
+
+
+def test_query_sets_benchmark_runs(tmp_path):
+  # ``tracer benchmark-scan --query_sets`` (WORKSPACE.md), small.
+  from tracer.launch import benchmark_scan  # pylint: disable=g-import-not-at-top
+  table = benchmark_scan.run_query_sets_benchmark(
+      sets=3, rows=2000, dim=64, queries=4, k=5, store_chunk_rows=256,
+      repeats=1, workdir=str(tmp_path), eval_examples=16, block=32)
+  assert [r["method"] for r in table] == ["scan_store per set (3 passes)",
+                                          "scan_sets (one pass)"]
+  assert all(r["seconds"] > 0 for r in table)
+  assert "rows the same: 1.0000" in table[1]["note"], table[1]
 
 
 def test_query_step_benchmark_runs(monkeypatch):

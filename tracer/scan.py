@@ -43,9 +43,9 @@ from tracer import memory
 from tracer import partitioning
 from tracer.errors import InputError
 from tracer.topk import (INVALID_ROW, ROW_BITS, RowMetric, TopK,  # noqa: F401
-                         TopKState, finish, flatten_stepped, init_topk,
-                         ring_queries, ring_step_fn, step_fn, summed_step_fn,
-                         tiles_bf16, update_topk)
+                         TopKState, finish, flatten_stepped, grouped_metric,
+                         init_topk, ring_queries, ring_step_fn, step_fn,
+                         summed_step_fn, tiles_bf16, update_topk)
 
 # Encodings read per device per step when chunk_rows is not given: on CPUs,
 # and (``ACCELERATOR_CHUNK_BYTES``) on GPUs and TPUs, where each step's
@@ -722,19 +722,23 @@ class QueryPlan(NamedTuple):
   scoring ``per_pass`` of them (padding included), ``split`` over the
   mesh's ``devices`` (a block of ``per_pass / devices`` on each) or whole
   on every device; ``step``: its step (``StepPlan``; None: a streamed
-  scan's, the batches as they come)."""
+  scan's, the batches as they come); ``sets``: the query sets scored
+  together (``scan_sets``; ``queries`` then counts them all, unpadded)."""
   queries: int
   passes: int
   per_pass: int
   split: bool
   devices: int
   step: StepPlan | None = None
+  sets: int = 1
 
   def describe(self) -> str:
     """One line for a person: 'scan: 20,000 queries split over the 8
     devices (20,480 with the padding, 2,560 a device), one pass over the
     rows'."""
     text = f"scan: {_queries_text(self.queries)}"
+    if self.sets > 1:
+      text += f" in {self.sets} sets, each under its own metric"
     if self.split:
       text += f" split over {_the_devices(self.devices)}"
     passes = ("one pass over the rows" if self.passes == 1
@@ -756,9 +760,9 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
           chunk_rows: int | None, prefetch: int, row_multiple: int = 1,
           metric: RowMetric | None = None, progress=None,
           read_ahead: int = 0, shard_queries: bool | None = None,
-          on_plan=None) -> TopK:
-  """The host loop shared by ``scan_arrays``, ``scan_store`` and
-  ``scan_stores``.
+          on_plan=None, groups: int = 1) -> TopK:
+  """The host loop shared by ``scan_arrays``, ``scan_store``, ``scan_stores``
+  and ``scan_sets``.
 
   A producer (a background thread if ``prefetch > 0``) starts each step's
   reads ``read_ahead`` steps before it waits for them (so that many steps'
@@ -787,6 +791,11 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   ``source``, ``queries`` and ``metric`` may be lists, one entry per part
   (same rows, d and dtype): each row's score is then the sum of the parts'
   (``topk.summed_step_fn``).
+
+  ``groups``: the queries are that many sets of equal size, one after the
+  other, set g scored under metric g of a grouped metric
+  (``topk.grouped_metric``; or plain scores): a run then takes the same
+  share of every set, and the queries are never split over the devices.
   """
   memory.release_programs_near_map_limit()
   summed = isinstance(source, list)
@@ -801,7 +810,13 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
     raise InputError(f"queries: every part needs the same queries, got "
                      f"{[q.shape[0] for q in qs]} of them")
   for m in metrics:
-    _check_metric_dim(m, dim)
+    _check_metric_dim(m, dim, groups)
+  if qs[0].shape[0] % groups:
+    raise InputError(f"queries: {qs[0].shape[0]} of them do not make "
+                     f"{groups} sets of equal size")
+  if groups > 1 and shard_queries:
+    raise InputError("shard_queries: several query sets in one pass are "
+                     "scanned whole on each device, never split")
   qs = [s.stored_queries(q) for s, q in zip(sources, qs)]
   metrics = [s.stored_metric(m) for s, m in zip(sources, metrics)]
   dtype = device_dtype(sources[0].dtype)
@@ -909,17 +924,19 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
                                 *arguments(state, parts, [q] * len(qs)))
 
   num_queries = qs[0].shape[0]
+  per = num_queries // groups  # a set's queries
   have = agreed.device
 
   def run_queries(split: bool) -> int:
-    """Queries per run (``query_batch``); split runs are padded anyway, so
-    they take as many as their padding holds (the same step)."""
-    batch = query_batch(num_queries, lambda n: step_bytes(n, split), have)
-    return min(num_queries, padded(batch, split))
+    """Each set's queries per run (``query_batch``); split runs are padded
+    anyway, so they take as many as their padding holds (the same step)."""
+    batch = query_batch(per, lambda n: step_bytes(n * groups, split), have)
+    return min(per, padded(batch, split))
 
   split = bool(shard_queries)
   batch = run_queries(split)
-  if shard_queries is None and batch < num_queries and mesh.size > 1:
+  if (shard_queries is None and batch < num_queries and mesh.size > 1
+      and groups == 1):
     # Whole queries need several passes: split over the devices, they may
     # need fewer (a device then holds 1 / P of them).
     ring_batch = run_queries(True)
@@ -927,32 +944,37 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
     if (-(-num_queries // ring_batch) < -(-num_queries // batch)
         and (ring_need is None or ring_need <= have)):
       split, batch = True, ring_batch
-  runs = range(0, num_queries, batch)
-  size = padded(batch, split)
+  runs = range(0, per, batch)
+  size = padded(batch, split)  # a set's queries in a run, padded
   # What a step too large for the memory (refused as the first step runs) is
   # named by: the planner has already cut the queries to their least, one a
   # run or a block of RING_BLOCK_QUERIES a device, so fewer would not help.
   asked = f"queries: {_queries_text(num_queries)} of d={dim:,} with k={k}"
+  if groups > 1:
+    asked += f" ({groups} sets of {per:,})"
   if split:
     asked += (f", split over {_the_devices(mesh.size)} ({size:,} with the "
               f"padding, {size // mesh.size:,} a device)")
   if len(runs) > 1:
-    asked += f", in {len(runs):,} runs of {batch:,}"
+    asked += f", in {len(runs):,} runs of {batch:,}" + (" a set" if groups > 1
+                                                       else "")
   fix = "fewer rows per step (chunk_rows) or a smaller k" + (
       " or shard_queries=False (--shard_queries=never)"
       if split and shard_queries else "")
-  layout = layout_of(size, split)  # (every run's: their queries are padded alike)
+  layout = layout_of(size * groups, split)  # (every run's: padded alike)
   held = staged_sets(read_ahead) if staged else sets()
   if on_plan is not None:
-    on_plan(QueryPlan(num_queries, len(runs), size, split, mesh.size, StepPlan(
+    on_plan(QueryPlan(num_queries, len(runs), size * groups, split, mesh.size, StepPlan(
         layout.step // mesh.size, layout.num_pieces, layout.staged, held,
         prefetch, asked_prefetch)))
   results = []
   for i, start in enumerate(runs):
     # (Every run's queries are padded with zeros to the same count: one
-    # program for every run.)
-    part = lambda q: np.pad(q[start:start + batch],
-                            ((0, size - len(q[start:start + batch])), (0, 0)))
+    # program for every run. Each set's share, set after set.)
+    part = lambda q: np.concatenate([
+        np.pad(b, ((0, size - len(b)), (0, 0)))
+        for b in (q[g * per + start:g * per + min(start + batch, per)]
+                  for g in range(groups))])
     done = i * num_rows
     got = _scan_run(
         sources, [part(q) for q in qs], int(k), mesh, layout,
@@ -962,9 +984,14 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
         arguments, None if progress is None else (
             lambda n, total, done=done: progress(done + n, len(runs) * total)),
         (asked, fix, agreed), split)
-    results.append(TopK(*(a[:min(batch, num_queries - start)] for a in got)))
-  return results[0] if len(results) == 1 else TopK(
-      *(np.concatenate(parts) for parts in zip(*results)))
+    n = min(batch, per - start)
+    results.append([TopK(*(a[g * size:g * size + n] for a in got))
+                    for g in range(groups)])
+  if len(results) == 1 and groups == 1:
+    return results[0][0]
+  # Set by set, each set's runs in order.
+  return TopK(*(np.concatenate(parts) for parts in zip(
+      *[r[g] for g in range(groups) for r in results])))
 
 
 # A scan's queries and their step may take at most 1 / QUERY_MEMORY_FRACTION
@@ -1085,18 +1112,22 @@ def _scan_run(sources, qs, k: int, mesh: Mesh, layout: _Layout, prefetch: int,
   return result
 
 
-def _check_metric_dim(metric: RowMetric | None, dim: int) -> None:
-  if metric is not None and (np.shape(metric.diag) != (dim,)
-                             or metric.segments[-1][1] > dim):
+def _check_metric_dim(metric: RowMetric | None, dim: int, groups: int = 1) -> None:
+  """``groups`` > 1: a grouped metric (``topk.grouped_metric``) of that many."""
+  if metric is None:
+    return
+  want = (dim,) if groups == 1 else (groups, dim)
+  if np.shape(metric.diag) != want or metric.segments[-1][1] > dim:
     raise InputError(f"metric: built for d={np.shape(metric.diag)}, the "
-                     f"encodings have d={dim}")
+                     f"encodings have d={dim}"
+                     + (f" in {groups} query sets" if groups > 1 else ""))
 
 
 def _metric_on_mesh(metric: RowMetric | None, dim: int, mesh: Mesh) -> tuple:
-  """A ``RowMetric``'s arrays, checked against d and replicated on the mesh."""
+  """A ``RowMetric``'s arrays replicated on the mesh (``_check_metric_dim``
+  first)."""
   if metric is None:
     return ()
-  _check_metric_dim(metric, dim)
   put = lambda x: partitioning.put_global(np.asarray(x, np.float32),
                                           partitioning.replicated(mesh))
   return put(metric.diag), tuple(put(c) for c in metric.lowrank)
@@ -1244,6 +1275,73 @@ def scan_stores(stores, queries, k: int, *, mesh: Mesh | None = None,
                shard_queries=shard_queries, on_plan=on_plan)
 
 
+def scan_sets(stores, query_sets, k: int, *, metrics=None,
+              mesh: Mesh | None = None, chunk_rows: int | None = None,
+              prefetch: int = 2, verify: bool = True, progress=None,
+              read_ahead: int | None = None, on_plan=None) -> list[TopK]:
+  """Several query sets, each under its own metric, in one pass over the
+  rows: what ``scan_stores`` gives each set alone, for one read of the
+  stores instead of one per set (a task per set, each with its own R).
+
+  ``stores``: one store, or one per part of a sum (``scan_stores``).
+  ``query_sets[g]``: set g's queries, one ``[Q_g, d]`` array per store;
+  ``metrics[g]``: its metrics, one per store (None: plain scores for every
+  set). The sets are laid out one after the other, each padded with zero
+  queries to the largest (scored, then dropped), and every step divides
+  each set's scores by the rows' norms under its own metric
+  (``topk.grouped_metric``): G norms a row. A set's results can differ
+  from its own scan in the last bits (its queries batched with others',
+  its low-rank columns beside theirs). The queries stay whole on each
+  device (never ``shard_queries``); where a step of them all would not fit,
+  every run takes the same share of each set.
+
+  Returns one ``TopK`` per set.
+  """
+  stores = list(stores)
+  sets = [list(q) for q in query_sets]
+  if not stores or not sets or any(len(q) != len(stores) for q in sets):
+    raise InputError(f"scan_sets: {len(stores)} stores and query sets of "
+                     f"{[len(q) for q in sets]} arrays; expected one array "
+                     "per store in every set, at least one of each")
+  if metrics is not None:
+    metrics = [list(m) for m in metrics]
+    if len(metrics) != len(sets) or any(len(m) != len(stores) for m in metrics):
+      raise InputError(f"scan_sets: {len(sets)} query sets and "
+                       f"{len(metrics)} metric lists; expected one metric "
+                       "per store for every set")
+    if any(m is None for ms in metrics for m in ms):
+      raise InputError("scan_sets: a metric of None among metrics; pass "
+                       "metrics=None for plain scores")
+  check_summable(stores, "scan_sets")
+  for st in stores:
+    st.check_complete()
+    check_metric(st, None if metrics is None else metrics[0][0])
+  dim = stores[0].dim
+  counts = [len(_check_inputs(q[0], k, dim, stores[0].num_rows)) for q in sets]
+  most = max(counts)
+  part_queries = [np.concatenate([
+      np.pad(_check_inputs(q[p], k, dim, stores[0].num_rows),
+             ((0, most - n), (0, 0))) for q, n in zip(sets, counts)])
+      for p in range(len(stores))]
+  part_metrics = [None if metrics is None else grouped_metric(
+      [m[p] for m in metrics]) for p in range(len(stores))]
+  multiple = stores[0].chunk_rows if chunk_rows is None else 1
+  if read_ahead is None:
+    read_ahead = 0 if all(st.local for st in stores) else REMOTE_READ_AHEAD
+  sources = [_StoreSource(st, verify) for st in stores]
+  summed = len(stores) > 1
+  got = _scan(sources if summed else sources[0],
+              part_queries if summed else part_queries[0], k, mesh, chunk_rows,
+              prefetch, row_multiple=multiple,
+              metric=part_metrics if summed else part_metrics[0],
+              progress=progress, read_ahead=read_ahead, shard_queries=False,
+              on_plan=None if on_plan is None else lambda plan: on_plan(
+                  plan._replace(queries=sum(counts), sets=len(sets))),
+              groups=len(sets))
+  return [TopK(*(a[g * most:g * most + n] for a in got))
+          for g, n in enumerate(counts)]
+
+
 class StreamingScanner:
   """Scores corpus batches as they are encoded, without a store.
 
@@ -1300,6 +1398,7 @@ class StreamingScanner:
     self._queries = partitioning.put_global(
         q, partitioning.rows_sharding(self.mesh) if self.split
         else partitioning.replicated(self.mesh))
+    _check_metric_dim(metric, self.dim)
     self._metric = None if metric is None else RowMetric(
         *_metric_on_mesh(metric, self.dim, self.mesh), metric.segments)
     self._state = init_topk(len(q), self.k, self.mesh, self.split)

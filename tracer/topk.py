@@ -72,10 +72,35 @@ class RowMetric(NamedTuple):
 
   Built by ``tracer.hessian.QueryMetric.row_metric``; rows' scores are divided
   by their norm ``sqrt(x^T R^(-1) x)``.
+
+  Grouped (``grouped_metric``): G query sets' metrics, ``diag [G, d]`` and
+  ``lowrank[b] [G, hi - lo, r_b]``, for queries laid out as G equal blocks,
+  block g scored under metric g: several tasks in one pass over the rows.
   """
-  diag: jax.Array                  # f32[d]
-  lowrank: tuple[jax.Array, ...]   # f32[hi - lo, r_b] per segment
+  diag: jax.Array                  # f32[d], or f32[G, d] grouped
+  lowrank: tuple[jax.Array, ...]   # f32[hi - lo, r_b] per segment ([G, ...])
   segments: tuple[tuple[int, int], ...]
+
+
+def grouped_metric(metrics) -> RowMetric:
+  """One ``RowMetric`` of G metrics of the same segments (one basis), for
+  a pass that scores G query sets, each under its own (``RowMetric``'s
+  grouped form). Each segment's low-rank columns are padded with zero
+  columns to the most any metric has: a zero column adds nothing to a norm."""
+  metrics = list(metrics)
+  segments = tuple(tuple(s) for s in metrics[0].segments)
+  if any(tuple(tuple(s) for s in m.segments) != segments for m in metrics):
+    raise InputError("metrics: every query set's metric needs the same "
+                     "segments (the same basis) to share a pass")
+  lowrank = []
+  for b in range(len(segments)):
+    width = max(np.shape(m.lowrank[b])[1] for m in metrics)
+    lowrank.append(np.stack([
+        np.pad(np.asarray(m.lowrank[b], np.float32),
+               ((0, 0), (0, width - np.shape(m.lowrank[b])[1])))
+        for m in metrics]))
+  return RowMetric(np.stack([np.asarray(m.diag, np.float32) for m in metrics]),
+                   tuple(lowrank), segments)
 
 
 def _mesh(mesh: Mesh | None) -> Mesh:
@@ -278,18 +303,30 @@ def _row_norms(x: jax.Array, diag: jax.Array, lowrank, segments,
   A zero row gets the smallest normal float, so its scores stay 0, as unit
   normalization leaves a zero row zero. ``widen``: as the scores
   (``exact_scores``; ``lowrank_products``). ``tiled`` (the CPU; default
-  ``widen``): tile by tile (``row_tiles``).
+  ``widen``): tile by tile (``row_tiles``). A grouped metric (``diag [G,
+  d]``) gives ``[r, G]``: each row's norm under each.
   """
+  groups = diag.shape[0] if diag.ndim == 2 else None
 
   def squared(x):
     xf = x.astype(jnp.float32)
     # A weighted sum, not a matrix-vector product: XLA:CPU wrote x * x out
     # for the product (and a TPU would take six bf16 passes at HIGHEST).
-    n2 = jnp.sum(xf * xf * diag, axis=1)
+    if groups is None:
+      n2 = jnp.sum(xf * xf * diag, axis=1)
+    else:
+      n2 = jnp.stack([jnp.sum(xf * xf * diag[g], axis=1) for g in range(groups)],
+                     axis=1)
     for (lo, up), c in zip(segments, lowrank):
-      if c.shape[1]:
-        t = lowrank_products(x[:, lo:up], c, widen)
-        n2 = n2 - jnp.sum(t * t, axis=1)
+      if c.shape[-1]:
+        if groups is None:
+          t = lowrank_products(x[:, lo:up], c, widen)
+          n2 = n2 - jnp.sum(t * t, axis=1)
+        else:  # every group's columns in one product: [r, G, r_b]
+          cols = jnp.moveaxis(c, 0, 1).reshape(c.shape[1], -1)
+          t = lowrank_products(x[:, lo:up], cols, widen).reshape(
+              x.shape[0], groups, c.shape[-1])
+          n2 = n2 - jnp.sum(t * t, axis=2)
     return n2
 
   return norms_of(squared, x, widen if tiled is None else tiled)
@@ -642,7 +679,14 @@ def _scores(pieces, queries, norms, widen: bool, score_tiles: bool
       exact_scores(p, queries, widen,
                    score_tile_rows(p.shape[1]) if score_tiles else None)
       for p in pieces])
-  return s if norms is None else s / jnp.concatenate(norms)[:, None]
+  if norms is None:
+    return s
+  norms = jnp.concatenate(norms)
+  if norms.ndim == 1:
+    return s / norms[:, None]
+  # A grouped metric's ``[r, G]``: queries are G equal blocks, block g under
+  # metric g.
+  return s / jnp.repeat(norms, s.shape[1] // norms.shape[1], axis=1)
 
 
 def _fused_candidates(pieces, valid, queries, pro_kth, opp_kth, norms,
@@ -682,7 +726,8 @@ def _local_candidates(x, row_ids, valid, queries, pro_kth, opp_kth, diag=None,
   pieces = x if isinstance(x, tuple) else (x,)
   norms = _norms(pieces, diag, lowrank, segments, widen, tile_norms)
   words = None
-  if fused and rows_sorted and not widen and all(
+  if fused and rows_sorted and not widen and (
+      norms is None or norms[0].ndim == 1) and all(
       fused_scores.supported(*p.shape, p.dtype, tiles) for p in pieces):
     s, words = _fused_candidates(pieces, valid, queries, pro_kth, opp_kth,
                                  norms, fused == "interpret", tiles)
