@@ -825,9 +825,10 @@ def test_query_sets_in_one_pass_equal_a_scan_per_set(tmp_path, monkeypatch,
     assert_same(g, w, atol=1e-6)
 
 
-def test_query_sets_summed_over_stores_and_plain(tmp_path):
+def test_query_sets_summed_over_stores_and_plain(tmp_path, monkeypatch):
   """A sum over two stores (e.g. two checkpoints), each set with its own
-  queries and metric in each; and plain scores (no metric)."""
+  queries and metric in each; one metric for both sets (equal, not the
+  same objects: one norm a row, no group); and plain scores (no metric)."""
   rng = np.random.default_rng(4)
   segments = ((0, 24), (24, 40))
   x1, x2 = (rng.standard_normal((300, 40)).astype(np.float32) for _ in range(2))
@@ -838,6 +839,14 @@ def test_query_sets_summed_over_stores_and_plain(tmp_path):
   got = scan.scan_sets([s1, s2], sets, K, metrics=metrics)
   for g, q, r in zip(got, sets, metrics):
     assert_same(g, scan.scan_stores([s1, s2], q, K, metrics=r), atol=1e-6)
+  copy = [topk.RowMetric(m.diag.copy(), tuple(c.copy() for c in m.lowrank),
+                         m.segments) for m in metrics[0]]
+  with monkeypatch.context() as patched:
+    patched.setattr(scan, "grouped_metric", lambda ms: pytest.fail("grouped"))
+    got = scan.scan_sets([s1, s2], sets, K, metrics=[metrics[0], copy])
+  for g, q in zip(got, sets):
+    assert_same(g, scan.scan_stores([s1, s2], q, K, metrics=metrics[0]),
+                atol=1e-6)
   plain = scan.scan_sets([s1], [[q[0]] for q in sets], K)
   for g, q in zip(plain, sets):
     assert_same(g, reference(x1, q[0], K), atol=1e-4)
@@ -1306,6 +1315,9 @@ def _worker(port: int, process_id: int, workdir: str) -> None:
       "summed split": scan.scan_stores(stores, [q, q2], K, mesh=mesh,
                                        shard_queries=True),
   }
+  # Two query sets (3 queries and 1) in one pass over both stores.
+  results["sets 0"], results["sets 1"] = scan.scan_sets(
+      stores, [[q, q2], [q2[:1], q[1:2]]], K, mesh=mesh)
   streaming = scan.StreamingScanner(q, K, mesh=mesh)
   for lo in range(0, 1001, 300):
     streaming.add(x[lo:lo + 300], np.arange(lo, min(lo + 300, 1001)))
@@ -1338,6 +1350,9 @@ def test_two_processes(tmp_path):
                               np.concatenate([q, q2], 1), K)}
   want["store split"], want["summed split"] = want["store"], want["summed"]
   want["streaming split"] = want["streaming"]
+  want["sets 0"] = want["summed"]
+  want["sets 1"] = reference(np.concatenate([bf16(x), bf16(x2)], 1),
+                             np.concatenate([q2[:1], q[1:2]], 1), K)
   for i in range(2):
     with np.load(tmp_path / f"out{i}.npz", allow_pickle=False) as f:
       for name, w in want.items():

@@ -1116,7 +1116,8 @@ def _check_metric_dim(metric: RowMetric | None, dim: int, groups: int = 1) -> No
   """``groups`` > 1: a grouped metric (``topk.grouped_metric``) of that many."""
   if metric is None:
     return
-  want = (dim,) if groups == 1 else (groups, dim)
+  # (one metric may serve every group)
+  want = (dim,) if np.ndim(metric.diag) == 1 else (groups, dim)
   if np.shape(metric.diag) != want or metric.segments[-1][1] > dim:
     raise InputError(f"metric: built for d={np.shape(metric.diag)}, the "
                      f"encodings have d={dim}"
@@ -1275,6 +1276,17 @@ def scan_stores(stores, queries, k: int, *, mesh: Mesh | None = None,
                shard_queries=shard_queries, on_plan=on_plan)
 
 
+def _one_or_grouped(metrics) -> RowMetric:
+  """The metric every set has where they are all equal (e.g. one task's R
+  for them all: one norm a row), else ``grouped_metric``."""
+  first = metrics[0]
+  same = lambda m: (tuple(map(tuple, m.segments)) == tuple(map(tuple, first.segments))
+                    and np.array_equal(m.diag, first.diag)
+                    and all(np.array_equal(a, b)
+                            for a, b in zip(m.lowrank, first.lowrank)))
+  return first if all(same(m) for m in metrics[1:]) else grouped_metric(metrics)
+
+
 def scan_sets(stores, query_sets, k: int, *, metrics=None,
               mesh: Mesh | None = None, chunk_rows: int | None = None,
               prefetch: int = 2, verify: bool = True, progress=None,
@@ -1289,7 +1301,8 @@ def scan_sets(stores, query_sets, k: int, *, metrics=None,
   set). The sets are laid out one after the other, each padded with zero
   queries to the largest (scored, then dropped), and every step divides
   each set's scores by the rows' norms under its own metric
-  (``topk.grouped_metric``): G norms a row. A set's results can differ
+  (``topk.grouped_metric``): G norms a row, or one where every set's
+  metric is the same. A set's results can differ
   from its own scan in the last bits (its queries batched with others',
   its low-rank columns beside theirs). The queries stay whole on each
   device (never ``shard_queries``); where a step of them all would not fit,
@@ -1323,7 +1336,7 @@ def scan_sets(stores, query_sets, k: int, *, metrics=None,
       np.pad(_check_inputs(q[p], k, dim, stores[0].num_rows),
              ((0, most - n), (0, 0))) for q, n in zip(sets, counts)])
       for p in range(len(stores))]
-  part_metrics = [None if metrics is None else grouped_metric(
+  part_metrics = [None if metrics is None else _one_or_grouped(
       [m[p] for m in metrics]) for p in range(len(stores))]
   multiple = stores[0].chunk_rows if chunk_rows is None else 1
   if read_ahead is None:
