@@ -20,6 +20,7 @@ from tracer import corpus as corpus_lib
 from tracer import data as data_lib
 from tracer import hessian
 from tracer import pipeline
+from tracer import scan as scan_lib
 from tracer import storage
 from tracer import store as store_lib
 from tracer.config import (ENCODING_SETTINGS, DataConfig, EncodeConfig, OptimizerConfig,
@@ -456,26 +457,13 @@ def summed_runs(paths: Sequence[str], workdir: str, corpus_source: str,
     del other, store, basis
 
 
-def summed_parts(paths: Sequence[str], workdir: str, corpus_source: str,
-                 location: str, open_store, query_examples: dict,
-                 queries: Sequence[dict], pcfg: PreconditionerConfig,
-                 task_path: str | None = None):
-  """The other parts of a scan summed over checkpoints (``summed_runs``),
-  with this query set's R (or the one ``task_path``'s queries give) and
-  vectors in each store's basis.
-
-  Returns (stores, row metrics, query vectors, skipped queries)."""
-  stores, (parts,) = summed_sets(paths, workdir, corpus_source, location,
-                                 open_store, [(query_examples, queries)], pcfg,
-                                 task_path)
-  return (stores, *parts)
-
-
 def summed_sets(paths: Sequence[str], workdir: str, corpus_source: str,
                 location: str, open_store, sets, pcfg: PreconditionerConfig,
                 task_path: str | None = None):
-  """``summed_parts`` for several query sets (``sets``: ``(query_examples,
-  queries)`` each), each other checkpoint loaded once for them all.
+  """The other parts of a scan summed over checkpoints (``summed_runs``),
+  each loaded once, with every query set's R (or the one ``task_path``'s
+  queries give) and vectors in its store's basis. ``sets``:
+  ``(query_examples, queries)`` each.
 
   Returns (stores, per set: (row metrics, query vectors, skipped queries))."""
   stores, per_set = [], [([], [], {}) for _ in sets]
@@ -492,6 +480,65 @@ def summed_sets(paths: Sequence[str], workdir: str, corpus_source: str,
     stores.append(store)
     del other  # its params leave the devices before the next checkpoint's
   return stores, per_set
+
+
+def check_query_sets(sets: Sequence, shard_queries: bool | None,
+                     streaming: bool = False) -> None:
+  """InputError, before any work, for flags several query sets
+  (``config.query_set_files``) cannot take."""
+  if len(sets) == 1:
+    return
+  if shard_queries:
+    raise InputError("--shard_queries=always: several query sets in one pass "
+                     "are scanned whole on each device; expected one --queries "
+                     "file, or --shard_queries=auto")
+  if streaming:
+    raise InputError("--streaming scores one query set as the corpus is "
+                     "encoded; expected one --queries file, or several without "
+                     "--streaming (one pass over the store for them all)")
+
+
+def scan_query_sets(run: Run, store, basis, read, others: Sequence[str],
+                    workdir: str, corpus_source: str, location: str, open_store,
+                    pcfg: PreconditionerConfig, task_path: str | None, top_k: int,
+                    shard_queries: bool | None = None) -> list[tuple]:
+  """Each query set's top-k from ``store`` (summed with the ``others``'
+  stores, ``summed_sets``), every set with its own R (``task_path``'s for
+  all where given): one set by ``scan.scan_stores``, several in one pass
+  by ``scan.scan_sets``. ``read``: per set ``(queries, examples)``
+  (``pipeline.read_queries``). Returns per set ``(TopK, skipped queries)``."""
+  task = task_metric(run, basis, task_path, pcfg)
+  own = [query_metric(run, basis, examples, queries, pcfg, task)
+         for queries, examples in read]
+  stores, parts = summed_sets(others, workdir, corpus_source, location, open_store,
+                              [(examples, queries) for queries, examples in read],
+                              pcfg, task_path)
+  metrics = [[m.row_metric(), *ms] for (m, _, _), (ms, _, _) in zip(own, parts)]
+  vectors = [[v, *vs] for (_, v, _), (_, vs, _) in zip(own, parts)]
+  scanned = dict(mesh=run.encoder.mesh, verify=FLAGS.check_chunks,
+                 progress=Progress("scan store", "rows"), on_plan=say_query_plan)
+  if len(read) == 1:
+    found = [scan_lib.scan_stores([store, *stores], vectors[0], top_k,
+                                  metrics=metrics[0], shard_queries=shard_queries,
+                                  **scanned)]
+  else:
+    found = scan_lib.scan_sets([store, *stores], vectors, top_k, metrics=metrics,
+                               **scanned)
+  return [(topk, {**more, **skipped})
+          for topk, (_, _, skipped), (_, _, more) in zip(found, own, parts)]
+
+
+def write_set(run: Run, queries, examples: dict, topk, skipped: dict,
+              output: str) -> tuple[list[dict], list]:
+  """A query set's results rows, written to ``output``; returns them and
+  the model's predictions."""
+  preds = pipeline.predictions(run.ckpt, examples, queries,
+                               pipeline.data_config(run.ckpt).vocabulary(),
+                               mesh=run.encoder.mesh)
+  rows = pipeline.result_rows(queries, run.corpus, topk, skipped, preds)
+  pipeline.write_results(output, rows)
+  say(f"wrote {len(rows)} results to {output}")
+  return rows, preds
 
 
 def default_location(workdir: str, given: str | None, name: str) -> str:

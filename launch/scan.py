@@ -34,9 +34,7 @@ from absl import flags
 from tracer.launch import common
 from tracer.launch import config
 from tracer.config import PreconditionerConfig
-from tracer.errors import InputError
 from tracer import pipeline
-from tracer import scan as scan_lib
 
 FLAGS = flags.FLAGS
 
@@ -58,10 +56,7 @@ def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
   ``task_queries``: a queries file whose R scores these queries.
   ``shard_queries``: ``scan.scan_stores``'s (one set only)."""
   sets = config.query_set_files(queries_path, output)
-  if len(sets) > 1 and shard_queries:
-    raise InputError("--shard_queries=always: several query sets in one pass "
-                     "are scanned whole on each device; expected one --queries "
-                     "file, or --shard_queries=auto")
+  common.check_query_sets(sets, shard_queries)
   pcfg = config.make(PreconditionerConfig)
   location = common.default_location(workdir, store_path, "store")
   run_, corpus_source = common.start_on_store(workdir, checkpoint, corpus_source,
@@ -70,36 +65,13 @@ def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
   others = common.summed_checkpoints(sum_steps, run_.ckpt, stores_at=location)
   read = [pipeline.read_queries(run_.ckpt, path) for path, _ in sets]
   store, basis = _stored(location, run_, pcfg)
-  task = common.task_metric(run_, basis, task_queries, pcfg)
-  own = [common.query_metric(run_, basis, examples, queries, pcfg, task)
-         for queries, examples in read]
-  stores, parts = common.summed_sets(
-      others, workdir, corpus_source, location,
-      functools.partial(_stored, pcfg=pcfg),
-      [(examples, queries) for queries, examples in read], pcfg, task_queries)
-  metrics = [[m.row_metric(), *ms] for (m, _, _), (ms, _, _) in zip(own, parts)]
-  vectors = [[v, *vs] for (_, v, _), (_, vs, _) in zip(own, parts)]
-  scanned = dict(mesh=run_.encoder.mesh, verify=FLAGS.check_chunks,
-                 progress=common.Progress("scan store", "rows"),
-                 on_plan=common.say_query_plan)
-  if len(sets) == 1:
-    found = [scan_lib.scan_stores([store, *stores], vectors[0], top_k,
-                                  metrics=metrics[0], shard_queries=shard_queries,
-                                  **scanned)]
-  else:
-    found = scan_lib.scan_sets([store, *stores], vectors, top_k, metrics=metrics,
-                               **scanned)
-  vocab = pipeline.data_config(run_.ckpt).vocabulary()
-  results = []
-  for (queries, examples), (_, _, skipped), (_, _, more), topk, (_, out) in zip(
-      read, own, parts, found, sets):
-    preds = pipeline.predictions(run_.ckpt, examples, queries, vocab,
-                                 mesh=run_.encoder.mesh)
-    rows = pipeline.result_rows(queries, run_.corpus, topk, {**more, **skipped},
-                                preds)
-    pipeline.write_results(out, rows)
-    common.say(f"wrote {len(rows)} results to {out}")
-    results.append(rows)
+  found = common.scan_query_sets(
+      run_, store, basis, read, others, workdir, corpus_source, location,
+      functools.partial(_stored, pcfg=pcfg), pcfg, task_queries, top_k,
+      shard_queries)
+  results = [common.write_set(run_, queries, examples, topk, skipped, out)[0]
+             for (queries, examples), (topk, skipped), (_, out) in zip(
+                 read, found, sets)]
   return results[0] if len(sets) == 1 else results
 
 

@@ -29,6 +29,11 @@ and the scan reads the same rows from every store at once
 to, not one fitted from themselves alone (``pipeline.task_metric``; the
 family's figures are in WORKSPACE.md).
 
+``--queries=A.jsonl,B.jsonl --output=RA.jsonl,RB.jsonl``: several query
+sets (tasks), each with its own R, scanned in one pass over the store
+(``scan.scan_sets``), one output per queries file (as ``tracer scan``; not
+with ``--streaming``).
+
 On several hosts run the same command on each (see WORKSPACE.md): each reads
 and encodes only its share of the corpus; process 0 writes the results.
 """
@@ -42,7 +47,6 @@ from tracer.launch import common
 from tracer.launch import config
 from tracer import evaluate
 from tracer import pipeline
-from tracer import scan as scan_lib
 from tracer import storage
 from tracer import store as store_lib
 from tracer.config import PreconditionerConfig
@@ -76,10 +80,15 @@ def run(workdir: str, corpus_source: str | None, queries_path: str, output: str,
         show: int = 5, sum_steps=(), task_queries: str | None = None,
         shard_queries: bool | None = None) -> list[dict]:
   """Runs the pipeline; writes and returns the results rows.
-  ``corpus_source`` None: the existing store's own. ``sum_steps``: score
-  rows by the sum over those checkpoints of the run and this one.
-  ``task_queries``: a queries file whose R scores these queries.
-  ``shard_queries``: the scan's (``scan.scan_stores``; None: its default)."""
+  ``queries_path``, ``output``: one file each, or comma-separated lists of
+  as many (several query sets in one pass over the store; then one list of
+  rows per set is returned). ``corpus_source`` None: the existing store's
+  own. ``sum_steps``: score rows by the sum over those checkpoints of the
+  run and this one. ``task_queries``: a queries file whose R scores these
+  queries. ``shard_queries``: the scan's (``scan.scan_stores``; None: its
+  default)."""
+  sets = config.query_set_files(queries_path, output)
+  common.check_query_sets(sets, shard_queries, streaming)
   pcfg = config.make(PreconditionerConfig)
   location = common.default_location(workdir, store_path, "store")
   if streaming:
@@ -95,13 +104,16 @@ def run(workdir: str, corpus_source: str | None, queries_path: str, output: str,
     raise InputError("--sum_steps needs a store per step; it does not go with "
                      "--streaming")
   ckpt, corpus, encoder = run_.ckpt, run_.corpus, run_.encoder
-  queries, query_examples = pipeline.read_queries(ckpt, queries_path)
+  read = [pipeline.read_queries(ckpt, path) for path, _ in sets]
+  count = sum(len(queries) for queries, _ in read)
   common.say(f"checkpoint {ckpt.path} (step {ckpt.step}); corpus {len(corpus)} rows; "
-             f"{len(queries)} queries; d={encoder.dim}; correction={run_.correction}; "
+             f"{count} queries{f' in {len(sets)} sets' if len(sets) > 1 else ''}; "
+             f"d={encoder.dim}; correction={run_.correction}; "
              f"mesh {dict(encoder.mesh.shape)}")
   storage.make_local_dirs(workdir)
   params_fp = store_lib.fingerprint(ckpt.params)
   if streaming:
+    (queries, query_examples), = read
     basis = common.fitted_basis(
         common.default_location(workdir, basis_path, "basis.npz"), run_, pcfg,
         params_fp)
@@ -115,29 +127,29 @@ def run(workdir: str, corpus_source: str | None, queries_path: str, output: str,
         on_plan=common.say_query_plan)
     common.say(f"streamed {len(corpus)} corpus rows; {quarantined} left out "
                "(non-finite loss or gradient)")
+    found = [(topk, skipped)]
   else:
     store, basis = common.encoded_store(location, run_, pcfg, params_fp, basis_path)
-    metric, vectors, skipped = common.query_metric(
-        run_, basis, query_examples, queries, pcfg,
-        common.task_metric(run_, basis, task_queries, pcfg))
-    stores, metrics, query_vectors, more = common.summed_parts(
-        others, workdir, corpus_source, location, lambda loc, other: (
-            common.encoded_store(loc, other, pcfg,
-                                 store_lib.fingerprint(other.ckpt.params))),
-        query_examples, queries, pcfg, task_queries)
-    stores, metrics = [store, *stores], [metric.row_metric(), *metrics]
-    query_vectors, skipped = [vectors, *query_vectors], {**more, **skipped}
-    topk = scan_lib.scan_stores(stores, query_vectors, top_k, mesh=encoder.mesh,
-                                metrics=metrics, verify=FLAGS.check_chunks,
-                                progress=common.Progress("scan store", "rows"),
-                                shard_queries=shard_queries,
-                                on_plan=common.say_query_plan)
-  preds = pipeline.predictions(ckpt, query_examples, queries,
-                               pipeline.data_config(ckpt).vocabulary(),
-                               mesh=encoder.mesh)
-  rows = pipeline.result_rows(queries, corpus, topk, skipped, preds)
-  pipeline.write_results(output, rows)
-  common.say(f"wrote {len(rows)} results to {output}")
+    found = common.scan_query_sets(
+        run_, store, basis, read, others, workdir, corpus_source, location,
+        lambda loc, other: common.encoded_store(
+            loc, other, pcfg, store_lib.fingerprint(other.ckpt.params)),
+        pcfg, task_queries, top_k, shard_queries)
+  results = []
+  for (queries, query_examples), (topk, skipped), (path, out) in zip(
+      read, found, sets):
+    rows, preds = common.write_set(run_, queries, query_examples, topk, skipped,
+                                   out)
+    results.append(rows)
+    if len(sets) > 1:
+      common.say(f"\nqueries {path}:")
+    _summarize(queries, rows, preds, show)
+  return results[0] if len(sets) == 1 else results
+
+
+def _summarize(queries, rows, preds, show: int) -> None:
+  """A query set's retrieval metrics (where its queries name their fact
+  documents), completion accuracy and its first ``show`` queries' results."""
   if all("fact_doc_ids" in q for q in queries):
     metrics = evaluate.retrieval_metrics(queries, {r["query_id"]: r for r in rows})
     by_bucket = {"all": metrics, **metrics.get("buckets", {})}
@@ -151,12 +163,11 @@ def run(workdir: str, corpus_source: str | None, queries_path: str, output: str,
     # The proponents come last, so a terminal shows them.
     if jax.process_index() == 0:
       common.print_table(rows, preds, show)
-  return rows
 
 
 def main(argv):
   del argv
-  config.setup(required=("workdir", "queries", "output"))
+  config.setup(required=("workdir", "queries", "output"), query_sets=True)
   check_streaming_flags()
   run(FLAGS.workdir, FLAGS.corpus, FLAGS.queries, FLAGS.output, FLAGS.top_k,
       FLAGS.checkpoint, FLAGS.store, FLAGS.basis, FLAGS.streaming, FLAGS.show,

@@ -33,6 +33,7 @@ from tracer import facts
 from tracer import hessian
 from tracer import pipeline
 from tracer import projection
+from tracer import scan as scan_lib
 from tracer import storage
 from tracer import store as store_lib
 from tracer.config import ENCODING_SETTINGS, EncodeConfig
@@ -226,7 +227,8 @@ def test_scan_rejects_a_store_from_other_settings(trained):
 def test_scan_of_query_sets_in_one_pass_equals_a_scan_per_set(trained, capsys):
   """``tracer scan --queries=A,B --output=RA,RB``: two query sets, each with
   the R fitted from its own queries, in one pass over the store; each
-  set's results are what a scan of that set alone writes."""
+  set's results are what a scan of that set alone writes; and ``tracer
+  trace`` of the same."""
   root, corpus, queries = trained
   trace.run(str(root), corpus, queries, str(root / "c.jsonl"), show=0)
   lines = open(queries).read().splitlines()
@@ -253,6 +255,13 @@ def test_scan_of_query_sets_in_one_pass_equals_a_scan_per_set(trained, capsys):
       assert a["opponent_ids"] == b["opponent_ids"]
       np.testing.assert_allclose(a["proponent_scores"], b["proponent_scores"],
                                  rtol=1e-5, atol=1e-6)
+  # tracer trace takes them too (its store reused: no corpus gradient).
+  traced = trace.run(str(root), corpus, ",".join(paths), ",".join(
+      str(root / f"traced_{i}.jsonl") for i in range(2)), top_k=10, show=1)
+  assert [[r["proponent_ids"] for r in rows] for rows in traced] == [
+      [r["proponent_ids"] for r in rows] for rows in together]
+  with pytest.raises(InputError, match="--streaming scores one query set"):
+    trace.run(str(root), corpus, ",".join(paths), ",".join(outs), streaming=True)
   with pytest.raises(InputError, match="--output: 1 file for 2 files in --queries"):
     scan_script.run(str(root), corpus, ",".join(paths), outs[0])
   with pytest.raises(InputError, match="--shard_queries=always: several query sets"):
@@ -720,14 +729,14 @@ def test_summed_trace_scores_rows_by_the_sum_over_checkpoints(
   # scores. Bad steps are refused before any gradient.
   root, corpus, queries = trained
   seen = {}
-  real = trace.scan_lib.scan_stores
+  real = scan_lib.scan_stores
 
   def spy(stores, vectors, k, **kwargs):
     seen.update(stores=stores, vectors=vectors, metrics=kwargs["metrics"])
     seen["top"] = real(stores, vectors, k, **kwargs)
     return seen["top"]
 
-  monkeypatch.setattr(trace.scan_lib, "scan_stores", spy)
+  monkeypatch.setattr(scan_lib, "scan_stores", spy)
   store = str(tmp_path / "store")
   rows = trace.run(str(root), corpus, queries, str(tmp_path / "sum.jsonl"), show=0,
                    store_path=store, sum_steps=["75"])
