@@ -1631,6 +1631,9 @@ def test_queries_past_the_memory_are_scanned_in_runs(tmp_path, monkeypatch):
   assert scan.QueryPlan(512, 1, 512, True, 8).describe() == (
       "scan: 512 queries split over the 8 devices (512, 64 a device), one "
       "pass over the rows")
+  assert scan.QueryPlan(48, 1, 48, False, 1, sets=2).describe() == (
+      "scan: 48 queries in 2 sets, each under its own metric, whole on the "
+      "one device, one pass over the rows")
   assert plans[0].describe() == (
       f"scan: 20,000 queries in {len(runs)} passes over the rows, {batch:,} a "
       "pass (all at once, their step would not fit half of a device's memory)")

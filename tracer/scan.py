@@ -753,7 +753,9 @@ class QueryPlan(NamedTuple):
     if self.passes > 1:
       return (f"{text} in {passes}, {self.per_pass:,} a pass (all at once, "
               "their step would not fit half of a device's memory)")
-    return f"{text}, whole on each of the {self.devices} devices, {passes}"
+    where = ("on the one device" if self.devices == 1
+             else f"on each of {_the_devices(self.devices)}")
+    return f"{text}, whole {where}, {passes}"
 
 
 def _scan(source, queries, k: int, mesh: Mesh | None,
