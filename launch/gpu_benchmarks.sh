@@ -15,7 +15,9 @@
 #   pair, so the scan's memory check, whose device branch no GPU has run
 #   yet, either passes or refuses them by XLA's count on the device),
 #   staged (copied rows through a 768 MiB pool: the steps it bounds, as
-#   before stop 75, against steps staged through it a piece at a time).
+#   before stop 75, against steps staged through it a piece at a time),
+#   sets (4 query sets of 64, each under its own scan-time R, from a bf16
+#   store in one pass against a scan per set: stop 79, never on a GPU).
 #   Measured so far: tiny
 #   2026-11-29; 1b, precision and tiles 2026-11-30; resident (int8 rows
 #   too), serve and small65k 2026-12-04 (WORKSPACE, "The fourth lease").
@@ -62,7 +64,7 @@ encode=(python3 -m tracer.launch.benchmark --suite=encode --memory_budget_mb=0 -
 
 scan=(python3 -m tracer.launch.benchmark_scan --resident --rows=16000000 --repeats=3)
 
-parts=${*:-scanned 1b precision small4k tiny resident serve small65k resident8g tiles querysteps staged}
+parts=${*:-scanned 1b precision small4k tiny resident serve small65k resident8g tiles querysteps staged sets}
 for p in $parts; do
   case $p in
     resident) part resident "${scan[@]}" ;;
@@ -89,6 +91,8 @@ for p in $parts; do
     # rows copied through a 768 MiB pool: pooled steps vs. staged (stop 75)
     staged)   part staged python3 -m tracer.launch.benchmark_scan --staged_pool_mb=768 \
                 --rows=4000000 --repeats=3 ;;
+    sets)     part sets python3 -m tracer.launch.benchmark_scan --query_sets=4 \
+                --rows=2000000 --dim=1024 --queries=64 --repeats=3 ;;
     *) echo "unknown part $p"; exit 2 ;;
   esac
 done
