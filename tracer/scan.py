@@ -966,9 +966,9 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   layout = layout_of(size * groups, split)  # (every run's: padded alike)
   held = staged_sets(read_ahead) if staged else sets()
   if on_plan is not None:
-    on_plan(QueryPlan(num_queries, len(runs), size * groups, split, mesh.size, StepPlan(
-        layout.step // mesh.size, layout.num_pieces, layout.staged, held,
-        prefetch, asked_prefetch)))
+    on_plan(QueryPlan(num_queries, len(runs), size * groups, split, mesh.size,
+                      StepPlan(layout.step // mesh.size, layout.num_pieces,
+                               layout.staged, held, prefetch, asked_prefetch)))
   results = []
   for i, start in enumerate(runs):
     # (Every run's queries are padded with zeros to the same count: one
@@ -1304,11 +1304,11 @@ def scan_sets(stores, query_sets, k: int, *, metrics=None,
   queries to the largest (scored, then dropped), and every step divides
   each set's scores by the rows' norms under its own metric
   (``topk.grouped_metric``): G norms a row, or one where every set's
-  metric is the same. A set's results can differ
-  from its own scan in the last bits (its queries batched with others',
-  its low-rank columns beside theirs). The queries stay whole on each
-  device (never ``shard_queries``); where a step of them all would not fit,
-  every run takes the same share of each set.
+  metric is the same. A set's results can differ from its own scan in the
+  last bits (its queries batched with others', its low-rank columns beside
+  theirs). The queries stay whole on each device (never
+  ``shard_queries``); where a step of them all would not fit, every run
+  takes the same share of each set.
 
   Returns one ``TopK`` per set.
   """
