@@ -45,9 +45,9 @@ flags.DEFINE_string("corpus", None, "Corpus: a JSONL or Parquet file, a glob of 
                     "get 'file:line'; fields other than 'id' and 'text' named after "
                     "'#': 'FILES#text=content,id=hexsha'), a "
                     "seqio task/mixture name, or a directory made by launch.tokenize.")
-flags.DEFINE_string("queries", None, "Queries JSONL file (tracer scan: or a "
-                    "comma-separated list, several query sets in one pass, "
-                    "with as many --output files).")
+flags.DEFINE_string("queries", None, "Queries JSONL file (tracer scan and "
+                    "trace: or a comma-separated list, several query sets in "
+                    "one pass, with as many --output files).")
 flags.DEFINE_string("task_queries", None, "Queries JSONL of the task the traced "
                     "queries belong to (tracer trace, scan, serve): R is "
                     "fitted once from its queries and every query set is "
@@ -70,8 +70,8 @@ flags.DEFINE_list("sum_steps", [], "TrackStar summed over these checkpoints "
                   "step, <store>-step<N>); tracer "
                   "quality and family add the method trackstar_sum.")
 flags.DEFINE_string("output", None, "Output file: the results JSONL (tracer view: "
-                    "the HTML page; tracer scan: one per --queries file, "
-                    "comma-separated).")
+                    "the HTML page; tracer scan and trace: one per --queries "
+                    "file, comma-separated).")
 flags.DEFINE_integer("top_k", 10, "Proponents and opponents per query.",
                      lower_bound=1)
 flags.DEFINE_string("family", None, "Model family (tracer.family) of a model "
@@ -566,8 +566,8 @@ def run(main, uses: Sequence[str] | None = None, shows: Sequence[str] = ()) -> N
 
 def query_set_files(queries: str, output: str) -> list[tuple[str, str]]:
   """``--queries`` and ``--output`` as (queries file, output file) pairs:
-  one of each, or comma-separated lists of as many (``tracer scan``'s
-  query sets, one output each)."""
+  one of each, or comma-separated lists of as many (the query sets of
+  ``tracer scan`` and ``tracer trace``, one output each)."""
   split = lambda value: [v.strip() for v in value.split(",") if v.strip()]
   files, outs = split(queries), split(output)
   if len(files) != len(outs):
