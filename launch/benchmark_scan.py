@@ -65,7 +65,7 @@ from tracer.errors import InputError
 def define_flags() -> None:
   """Defines this script's flags (only when run as a script, so that
   ``launch.benchmark`` can import ``run_scan_benchmark``)."""
-  global _ROWS, _DIM, _QUERIES, _K, _CHUNK_ROWS, _STORE_CHUNK_ROWS, _REPEATS, _WORKDIR, _OUTPUT, _EVAL, _BLOCK, _RESIDENT, _FUSED_TILES, _SERVE_PASS, _REQUESTS, _QUERY_STEPS, _STAGED, _QUERY_SETS
+  global _ROWS, _DIM, _QUERIES, _K, _CHUNK_ROWS, _STORE_CHUNK_ROWS, _REPEATS, _WORKDIR, _OUTPUT, _EVAL, _BLOCK, _RESIDENT, _FUSED_TILES, _SERVE_PASS, _REQUESTS, _QUERY_STEPS, _STAGED, _QUERY_SETS, _QUERY_SET_SIZES
   _ROWS = flags.DEFINE_integer("rows", 200_000, "N, rows to scan.", lower_bound=1)
   _DIM = flags.DEFINE_integer("dim", 1024, "d, encoding dimension.", lower_bound=1)
   _QUERIES = flags.DEFINE_integer("queries", 64, "Q, queries per scan.",
@@ -118,6 +118,10 @@ def define_flags() -> None:
       "each, every set under its own scan-time R, scanned from a bf16 store "
       "in one pass (scan.scan_sets) against a scan per set "
       "(run_query_sets_benchmark).", lower_bound=0)
+  _QUERY_SET_SIZES = flags.DEFINE_list(
+      "query_set_sizes", None, "With --query_sets: sets of these sizes "
+      "instead of --queries each (e.g. 240,16,16,16: no set is padded to "
+      "the largest).")
   _FUSED_TILES = flags.DEFINE_list(
       "fused_tiles", None, "Instead: time the fused kernel's tile settings "
       "(run_fused_tiles_benchmark) on resident bf16 rows, each as "
@@ -1115,14 +1119,21 @@ def run_query_sets_benchmark(sets: int = 4, rows: int = 400_000, dim: int = 1024
                              queries: int = 16, k: int = 100,
                              store_chunk_rows: int = 4096, repeats: int = 3,
                              workdir: str | None = None, eval_examples: int = 240,
-                             block: int = 256) -> list[dict[str, Any]]:
-  """``sets`` query sets of ``queries`` each, every set under its own
+                             block: int = 256, sizes=None
+                             ) -> list[dict[str, Any]]:
+  """``sets`` query sets of ``queries`` each (or of ``sizes``), every set under its own
   synthetic scan-time metric (``synthetic_metric``), over unit-norm rows in
   a bf16 store: ``scan.scan_sets`` (one pass, every set's norms a row)
   against ``scan.scan_store`` per set (a pass each), best of ``repeats``
   after a compiling run; with how far their answers agree. The local
   store's chunks are mapped from a warm page cache, so this measures the
-  products and norms, not the reads a pass saves on object storage."""
+  products and norms, not the reads a pass saves on object storage. A
+  ``workdir`` URL (``s3://``, ``gs://``) puts the store there: each pass
+  then reads it all."""
+  sizes = [queries] * sets if sizes is None else [int(n) for n in sizes]
+  if len(sizes) != sets:
+    raise InputError(f"query_set_sizes: {len(sizes)} sizes for "
+                     f"--query_sets={sets}")
   rng = np.random.default_rng(0)
   x = rng.standard_normal((rows, dim)).astype(np.float32)
   x /= np.linalg.norm(x, axis=1, keepdims=True)
@@ -1130,8 +1141,8 @@ def run_query_sets_benchmark(sets: int = 4, rows: int = 400_000, dim: int = 1024
   store = write_store(os.path.join(tmp, "sets-bf16"), x, "bfloat16",
                       store_chunk_rows)
   del x
-  made = [synthetic_metric(dim, rng.standard_normal((queries, dim)).astype(
-      np.float32), eval_examples, block, rng) for _ in range(sets)]
+  made = [synthetic_metric(dim, rng.standard_normal((n, dim)).astype(
+      np.float32), eval_examples, block, rng) for n in sizes]
   mesh = partitioning.make_mesh()
   each = lambda: [scan.scan_store(store, v, k, mesh=mesh, metric=m)
                   for m, v in made]
@@ -1142,10 +1153,10 @@ def run_query_sets_benchmark(sets: int = 4, rows: int = 400_000, dim: int = 1024
   row = lambda method, s, note: {
       "method": method, "seconds": _figure(s), "rows_per_s": round(rows / s),
       "GB_per_s": _figure(rows * dim * 2 / s / 1e9),
-      "GFLOP_per_s": _figure(2 * rows * dim * sets * queries / s / 1e9),
+      "GFLOP_per_s": _figure(2 * rows * dim * sum(sizes) / s / 1e9),
       "roofline_s": "", "fraction_of_roofline": "", "note": note}
   return [row(f"scan_store per set ({sets} passes)", t_each,
-              f"{sets} sets x {queries} queries, k={k}, d={dim}"),
+              f"sets of {'+'.join(map(str, sizes))} queries, k={k}, d={dim}"),
           row("scan_sets (one pass)", t_one,
               f"{t_each / t_one:.2f}x the passes' speed; rows the same: "
               f"{same:.4f}, scores within {error:.1e} (relative)")]
@@ -1281,7 +1292,8 @@ def main(argv):
         sets=_QUERY_SETS.value, rows=_ROWS.value, dim=_DIM.value,
         queries=_QUERIES.value, k=_K.value,
         store_chunk_rows=_STORE_CHUNK_ROWS.value, repeats=_REPEATS.value,
-        workdir=_WORKDIR.value, eval_examples=_EVAL.value, block=_BLOCK.value)
+        workdir=_WORKDIR.value, eval_examples=_EVAL.value, block=_BLOCK.value,
+        sizes=_QUERY_SET_SIZES.value)
   elif _RESIDENT.value:
     table = run_resident_benchmark(
         rows=_ROWS.value, dim=_DIM.value, queries=_QUERIES.value, k=_K.value,

@@ -802,7 +802,8 @@ def test_query_sets_in_one_pass_equal_a_scan_per_set(tmp_path, monkeypatch,
   metric (low-rank widths 2+3, 0+1, 4+4 over two segments), scored in one
   pass over the store: each set's top-k is its own scan's (an int8 store's
   column scales folded into every metric). ``runs``: 5 when a run may take
-  2 queries of each set."""
+  2 queries of each set. No set is padded to the largest: a pass scores
+  15 queries (5 in runs: 2 + 1 + 2), not 27 (3 x 9; 6 in runs)."""
   rng = np.random.default_rng(3)
   segments = ((0, 16), (16, 48))
   x = rng.standard_normal((1001, 48)).astype(np.float32)
@@ -818,7 +819,8 @@ def test_query_sets_in_one_pass_equal_a_scan_per_set(tmp_path, monkeypatch,
   got = scan.scan_sets([s], [[q] for q in sets], K,
                        metrics=[[r] for r in metrics], mesh=m,
                        on_plan=plans.append)
-  assert [(p.passes, p.queries, p.sets) for p in plans] == [(runs, 15, 3)]
+  assert [(p.passes, p.queries, p.sets, p.per_pass) for p in plans] == [
+      (runs, 15, 3, 15 if runs == 1 else 5)]
   assert not plans[0].split
   assert len(got) == 3
   for g, w in zip(got, want):
@@ -1898,9 +1900,11 @@ def test_query_sets_benchmark_runs(tmp_path):
   from tracer.launch import benchmark_scan  # pylint: disable=g-import-not-at-top
   table = benchmark_scan.run_query_sets_benchmark(
       sets=3, rows=2000, dim=64, queries=4, k=5, store_chunk_rows=256,
-      repeats=1, workdir=str(tmp_path), eval_examples=16, block=32)
+      repeats=1, workdir=str(tmp_path), eval_examples=16, block=32,
+      sizes=["4", "1", "2"])
   assert [r["method"] for r in table] == ["scan_store per set (3 passes)",
                                           "scan_sets (one pass)"]
+  assert "sets of 4+1+2 queries" in table[0]["note"], table[0]
   assert all(r["seconds"] > 0 for r in table)
   assert "rows the same: 1.0000" in table[1]["note"], table[1]
 

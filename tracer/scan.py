@@ -762,7 +762,7 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
           chunk_rows: int | None, prefetch: int, row_multiple: int = 1,
           metric: RowMetric | None = None, progress=None,
           read_ahead: int = 0, shard_queries: bool | None = None,
-          on_plan=None, groups: int = 1) -> TopK:
+          on_plan=None, set_sizes: tuple[int, ...] | None = None) -> TopK:
   """The host loop shared by ``scan_arrays``, ``scan_store``, ``scan_stores``
   and ``scan_sets``.
 
@@ -794,10 +794,11 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   (same rows, d and dtype): each row's score is then the sum of the parts'
   (``topk.summed_step_fn``).
 
-  ``groups``: the queries are that many sets of equal size, one after the
-  other, set g scored under metric g of a grouped metric
-  (``topk.grouped_metric``; or plain scores): a run then takes the same
-  share of every set, and the queries are never split over the devices.
+  ``set_sizes``: the queries are sets of these sizes, one after the other, set
+  g scored under metric g of a grouped metric (``topk.grouped_metric``; or
+  all under one, or plain scores), each set's results after the last's in
+  the ``TopK``: unpadded, a run takes up to the same count of every set,
+  and the queries are never split over the devices.
   """
   memory.release_programs_near_map_limit()
   summed = isinstance(source, list)
@@ -811,12 +812,14 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   if len({q.shape[0] for q in qs}) > 1:
     raise InputError(f"queries: every part needs the same queries, got "
                      f"{[q.shape[0] for q in qs]} of them")
+  sizes = ((qs[0].shape[0],) if set_sizes is None
+           else tuple(int(n) for n in set_sizes))
   for m in metrics:
-    _check_metric_dim(m, dim, groups)
-  if qs[0].shape[0] % groups:
+    _check_metric_dim(m, dim, len(sizes))
+  if sum(sizes) != qs[0].shape[0] or min(sizes) < 1:
     raise InputError(f"queries: {qs[0].shape[0]} of them do not make "
-                     f"{groups} sets of equal size")
-  if groups > 1 and shard_queries:
+                     f"query sets of {list(sizes)}")
+  if len(sizes) > 1 and shard_queries:
     raise InputError("shard_queries: several query sets in one pass are "
                      "scanned whole on each device, never split")
   qs = [s.stored_queries(q) for s, q in zip(sources, qs)]
@@ -891,8 +894,19 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   metric_args = [_metric_on_mesh(m, dim, mesh) for m in metrics]
   ring_update = ring_step_fn(mesh, int(k), True,
                              segments if summed else segments[0], summed)
+  grouped = any(m is not None and np.ndim(m.diag) == 2 for m in metrics)
+
+  def update_for(batch: int):
+    """The step of runs of ``batch`` queries of each set: a grouped metric's
+    takes each set's count (static); any other, the total."""
+    shares = tuple(min(batch, n) for n in sizes) if grouped else None
+    if summed:
+      return summed_step_fn(mesh, int(k), True, segments, shares)
+    if shares is None:
+      return step_fn(mesh, int(k), True, segments[0])
+    return step_fn(mesh, int(k), True, segments[0], sets=shares)
+
   if summed:
-    step_update = summed_step_fn(mesh, int(k), True, segments)
     diags = tuple(a[0] if a else None for a in metric_args)
     lowranks = tuple(a[1] if a else () for a in metric_args)
 
@@ -900,8 +914,6 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
       return (state, tuple(a[0] for a in parts), parts[0][1],
               tuple(a[2] for a in parts), tuple(queries_on_mesh), diags, lowranks)
   else:
-    step_update = step_fn(mesh, int(k), True, segments[0])
-
     def arguments(state, parts, queries_on_mesh):
       return (state, *parts[0], queries_on_mesh[0], *metric_args[0])
 
@@ -913,32 +925,33 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
     # A device scores its rows against a block at a time when split.
     return layout_for(num_queries // mesh.size if split else num_queries)
 
-  def step_bytes(num_queries: int, split: bool = False) -> int | None:
-    """XLA's count of one device's first step with ``num_queries`` queries."""
-    n = padded(num_queries, split)
+  def step_bytes(batch: int, split: bool = False) -> int | None:
+    """XLA's count of one device's first step with ``batch`` queries of
+    each set."""
+    n = padded(sum(min(batch, c) for c in sizes), split)
     on = (partitioning.rows_sharding(mesh) if split
           else partitioning.replicated(mesh))
     state = TopKState(*(jax.ShapeDtypeStruct((n, int(k)), t, sharding=on)
                         for t in (jnp.float32, jnp.int32) * 2))
     q = jax.ShapeDtypeStruct((n, dim), jnp.float32, sharding=on)
     parts = [layout_of(n, split).specs()] * len(sources)
-    return memory.program_bytes(ring_update if split else step_update,
+    return memory.program_bytes(ring_update if split else update_for(batch),
                                 *arguments(state, parts, [q] * len(qs)))
 
   num_queries = qs[0].shape[0]
-  per = num_queries // groups  # a set's queries
+  per = max(sizes)  # the largest set's queries
   have = agreed.device
 
   def run_queries(split: bool) -> int:
     """Each set's queries per run (``query_batch``); split runs are padded
     anyway, so they take as many as their padding holds (the same step)."""
-    batch = query_batch(per, lambda n: step_bytes(n * groups, split), have)
+    batch = query_batch(per, lambda n: step_bytes(n, split), have)
     return min(per, padded(batch, split))
 
   split = bool(shard_queries)
   batch = run_queries(split)
   if (shard_queries is None and batch < num_queries and mesh.size > 1
-      and groups == 1):
+      and len(sizes) == 1):
     # Whole queries need several passes: split over the devices, they may
     # need fewer (a device then holds 1 / P of them).
     ring_batch = run_queries(True)
@@ -947,53 +960,55 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
         and (ring_need is None or ring_need <= have)):
       split, batch = True, ring_batch
   runs = range(0, per, batch)
-  size = padded(batch, split)  # a set's queries in a run, padded
+  # Each set's queries in a run (the padding of a split run's, too).
+  shares = tuple(padded(min(batch, n), split) for n in sizes)
   # What a step too large for the memory (refused as the first step runs) is
   # named by: the planner has already cut the queries to their least, one a
   # run or a block of RING_BLOCK_QUERIES a device, so fewer would not help.
   asked = f"queries: {_queries_text(num_queries)} of d={dim:,} with k={k}"
-  if groups > 1:
-    asked += f" ({groups} sets of {per:,})"
+  if len(sizes) > 1:
+    asked += f" ({len(sizes)} sets, the largest {per:,})"
   if split:
-    asked += (f", split over {_the_devices(mesh.size)} ({size:,} with the "
-              f"padding, {size // mesh.size:,} a device)")
+    asked += (f", split over {_the_devices(mesh.size)} ({shares[0]:,} with "
+              f"the padding, {shares[0] // mesh.size:,} a device)")
   if len(runs) > 1:
-    asked += f", in {len(runs):,} runs of {batch:,}" + (" a set" if groups > 1
-                                                       else "")
+    asked += f", in {len(runs):,} runs of {batch:,}" + (
+        " a set" if len(sizes) > 1 else "")
   fix = "fewer rows per step (chunk_rows) or a smaller k" + (
       " or shard_queries=False (--shard_queries=never)"
       if split and shard_queries else "")
-  layout = layout_of(size * groups, split)  # (every run's: padded alike)
+  layout = layout_of(sum(shares), split)  # (every run's: padded alike)
   held = staged_sets(read_ahead) if staged else sets()
   if on_plan is not None:
-    on_plan(QueryPlan(num_queries, len(runs), size * groups, split, mesh.size,
+    on_plan(QueryPlan(num_queries, len(runs), sum(shares), split, mesh.size,
                       StepPlan(layout.step // mesh.size, layout.num_pieces,
                                layout.staged, held, prefetch, asked_prefetch)))
+  firsts = np.cumsum((0,) + sizes[:-1])  # each set's first query
   results = []
   for i, start in enumerate(runs):
     # (Every run's queries are padded with zeros to the same count: one
     # program for every run. Each set's share, set after set.)
     part = lambda q: np.concatenate([
-        np.pad(b, ((0, size - len(b)), (0, 0)))
-        for b in (q[g * per + start:g * per + min(start + batch, per)]
-                  for g in range(groups))])
+        np.pad(b, ((0, share - len(b)), (0, 0)))
+        for b, share in zip((q[lo + start:lo + min(start + batch, n)]
+                             for lo, n in zip(firsts, sizes)), shares)])
     done = i * num_rows
     got = _scan_run(
         sources, [part(q) for q in qs], int(k), mesh, layout,
         # (a staged step reads ahead by pieces, within its pool: ``_stage``)
         prefetch, 0 if staged else read_ahead, held,
-        ring_update if split else step_update,
+        ring_update if split else update_for(batch),
         arguments, None if progress is None else (
             lambda n, total, done=done: progress(done + n, len(runs) * total)),
         (asked, fix, agreed), split)
-    n = min(batch, per - start)
-    results.append([TopK(*(a[g * size:g * size + n] for a in got))
-                    for g in range(groups)])
-  if len(results) == 1 and groups == 1:
+    results.append([TopK(*(a[lo:lo + max(0, min(batch, n - start))]
+                           for a in got))
+                    for lo, n in zip(np.cumsum((0,) + shares[:-1]), sizes)])
+  if len(results) == 1 and len(sizes) == 1:
     return results[0][0]
   # Set by set, each set's runs in order.
   return TopK(*(np.concatenate(parts) for parts in zip(
-      *[r[g] for g in range(groups) for r in results])))
+      *[r[g] for g in range(len(sizes)) for r in results])))
 
 
 # A scan's queries and their step may take at most 1 / QUERY_MEMORY_FRACTION
@@ -1282,10 +1297,10 @@ def _one_or_grouped(metrics) -> RowMetric:
   """The metric every set has where they are all equal (e.g. one task's R
   for them all: one norm a row), else ``grouped_metric``."""
   first = metrics[0]
-  same = lambda m: (tuple(map(tuple, m.segments)) == tuple(map(tuple, first.segments))
-                    and np.array_equal(m.diag, first.diag)
-                    and all(np.array_equal(a, b)
-                            for a, b in zip(m.lowrank, first.lowrank)))
+  same = lambda m: m is first or (
+      tuple(map(tuple, m.segments)) == tuple(map(tuple, first.segments))
+      and np.array_equal(m.diag, first.diag)
+      and all(np.array_equal(a, b) for a, b in zip(m.lowrank, first.lowrank)))
   return first if all(same(m) for m in metrics[1:]) else grouped_metric(metrics)
 
 
@@ -1300,15 +1315,16 @@ def scan_sets(stores, query_sets, k: int, *, metrics=None,
   ``stores``: one store, or one per part of a sum (``scan_stores``).
   ``query_sets[g]``: set g's queries, one ``[Q_g, d]`` array per store;
   ``metrics[g]``: its metrics, one per store (None: plain scores for every
-  set). The sets are laid out one after the other, each padded with zero
-  queries to the largest (scored, then dropped), and every step divides
-  each set's scores by the rows' norms under its own metric
-  (``topk.grouped_metric``): G norms a row, or one where every set's
-  metric is the same. A set's results can differ from its own scan in the
-  last bits (its queries batched with others', its low-rank columns beside
-  theirs). The queries stay whole on each device (never
-  ``shard_queries``); where a step of them all would not fit, every run
-  takes the same share of each set.
+  set). The sets are laid out one after the other, unpadded, and every
+  step divides each set's scores by the rows' norms under its own metric
+  (``topk.grouped_metric``; the sets' sizes are static in the step): G
+  norms a row, or one where every set's metric is the same. A set's
+  results can differ from its own scan in the last bits (its queries
+  batched with others', its low-rank columns beside theirs). The queries
+  stay whole on each device (never ``shard_queries``); where a step of
+  them all would not fit, every run takes up to the same count of each
+  set (a set already done adds zero queries, scored then dropped, so that
+  every run is one program).
 
   Returns one ``TopK`` per set.
   """
@@ -1333,10 +1349,8 @@ def scan_sets(stores, query_sets, k: int, *, metrics=None,
     check_metric(st, None if metrics is None else metrics[0][0])
   dim = stores[0].dim
   counts = [len(_check_inputs(q[0], k, dim, stores[0].num_rows)) for q in sets]
-  most = max(counts)
   part_queries = [np.concatenate([
-      np.pad(_check_inputs(q[p], k, dim, stores[0].num_rows),
-             ((0, most - n), (0, 0))) for q, n in zip(sets, counts)])
+      _check_inputs(q[p], k, dim, stores[0].num_rows) for q in sets])
       for p in range(len(stores))]
   part_metrics = [None if metrics is None else _one_or_grouped(
       [m[p] for m in metrics]) for p in range(len(stores))]
@@ -1352,9 +1366,9 @@ def scan_sets(stores, query_sets, k: int, *, metrics=None,
               progress=progress, read_ahead=read_ahead, shard_queries=False,
               on_plan=None if on_plan is None else lambda plan: on_plan(
                   plan._replace(queries=sum(counts), sets=len(sets))),
-              groups=len(sets))
-  return [TopK(*(a[g * most:g * most + n] for a in got))
-          for g, n in enumerate(counts)]
+              set_sizes=tuple(counts))
+  firsts = np.cumsum([0] + counts)
+  return [TopK(*(a[lo:hi] for a in got)) for lo, hi in zip(firsts, firsts[1:])]
 
 
 class StreamingScanner:

@@ -74,8 +74,9 @@ class RowMetric(NamedTuple):
   by their norm ``sqrt(x^T R^(-1) x)``.
 
   Grouped (``grouped_metric``): G query sets' metrics, ``diag [G, d]`` and
-  ``lowrank[b] [G, hi - lo, r_b]``, for queries laid out as G equal blocks,
-  block g scored under metric g: several tasks in one pass over the rows.
+  ``lowrank[b] [G, hi - lo, r_b]``, for queries laid out as G sets one
+  after the other (their sizes static: ``step_fn(sets=)``), set g scored
+  under metric g: several tasks in one pass over the rows.
   """
   diag: jax.Array                  # f32[d], or f32[G, d] grouped
   lowrank: tuple[jax.Array, ...]   # f32[hi - lo, r_b] per segment ([G, ...])
@@ -671,10 +672,12 @@ def _norms(pieces, diag, lowrank, segments, widen: bool, tiled: bool
   return [_row_norms(p, diag, lowrank, segments, widen, tiled) for p in pieces]
 
 
-def _scores(pieces, queries, norms, widen: bool, score_tiles: bool
-            ) -> jax.Array:
+def _scores(pieces, queries, norms, widen: bool, score_tiles: bool,
+            sets: tuple[int, ...] | None = None) -> jax.Array:
   """``exact_scores`` of consecutive row pieces, ``[r, Q]``, divided by the
-  rows' ``norms`` when given; widened tile by tile where ``score_tiles``."""
+  rows' ``norms`` when given; widened tile by tile where ``score_tiles``.
+  Grouped norms (``[r, G]``): the queries are G sets of ``sets[g]`` each,
+  one after the other, set g divided by norm g."""
   s = jnp.concatenate([
       exact_scores(p, queries, widen,
                    score_tile_rows(p.shape[1]) if score_tiles else None)
@@ -684,9 +687,13 @@ def _scores(pieces, queries, norms, widen: bool, score_tiles: bool
   norms = jnp.concatenate(norms)
   if norms.ndim == 1:
     return s / norms[:, None]
-  # A grouped metric's ``[r, G]``: queries are G equal blocks, block g under
-  # metric g.
-  return s / jnp.repeat(norms, s.shape[1] // norms.shape[1], axis=1)
+  # Static sizes: each set's column broadcast over its queries, which XLA
+  # fuses into the division (no gather, no index array a step).
+  if sets is None or len(sets) != norms.shape[1] or sum(sets) != s.shape[1]:
+    raise ValueError(f"grouped norms {norms.shape} need the sizes of their "
+                     f"query sets summing to {s.shape[1]}, got {sets}")
+  return s / jnp.concatenate([jnp.broadcast_to(norms[:, g:g + 1], (len(s), n))
+                              for g, n in enumerate(sets)], axis=1)
 
 
 def _fused_candidates(pieces, valid, queries, pro_kth, opp_kth, norms,
@@ -710,7 +717,8 @@ def _local_candidates(x, row_ids, valid, queries, pro_kth, opp_kth, diag=None,
                       widen: bool = False, score_tiles: bool = False,
                       tile_norms: bool = False,
                       branch_free: bool = False, fused: str | None = None,
-                      tiles: fused_scores.Tiles = fused_scores.DEFAULT_TILES):
+                      tiles: fused_scores.Tiles = fused_scores.DEFAULT_TILES,
+                      sets: tuple[int, ...] | None = None):
   """One device's top-k candidates of its rows: 4 arrays ``[Q, min(k, r)]``.
 
   ``pro_kth`` / ``opp_kth`` ``[Q]``: the running k-th best scores. With
@@ -721,7 +729,8 @@ def _local_candidates(x, row_ids, valid, queries, pro_kth, opp_kth, diag=None,
   one buffer).
   ``fused``: "gpu" or "interpret" to score bf16 rows with the
   ``fused_scores`` kernel where it takes them (sorted rows), else None;
-  ``tiles``: its tile settings.
+  ``tiles``: its tile settings. ``sets``: the query sets' sizes under a
+  grouped metric (``_scores``).
   """
   pieces = x if isinstance(x, tuple) else (x,)
   norms = _norms(pieces, diag, lowrank, segments, widen, tile_norms)
@@ -732,7 +741,7 @@ def _local_candidates(x, row_ids, valid, queries, pro_kth, opp_kth, diag=None,
     s, words = _fused_candidates(pieces, valid, queries, pro_kth, opp_kth,
                                  norms, fused == "interpret", tiles)
   else:
-    s = _scores(pieces, queries, norms, widen, score_tiles)
+    s = _scores(pieces, queries, norms, widen, score_tiles, sets)
   return _candidates(s, row_ids, valid, pro_kth, opp_kth, k=k,
                      rows_sorted=rows_sorted, branch_free=branch_free,
                      words=words)
@@ -742,7 +751,8 @@ def _local_summed_candidates(xs, row_ids, valid, queries, pro_kth, opp_kth,
                              diags, lowranks, *, k: int, rows_sorted: bool,
                              segments, widen: bool = False,
                              score_tiles: bool = False,
-                             tile_norms: bool = False, branch_free: bool = False):
+                             tile_norms: bool = False, branch_free: bool = False,
+                             sets: tuple[int, ...] | None = None):
   """``_local_candidates`` of scores summed over parts: part ``p``'s rows
   ``xs[p]`` (one array or pieces) scored against its own ``queries[p]``,
   divided by their norms under its own metric where ``segments[p]`` is not
@@ -751,7 +761,7 @@ def _local_summed_candidates(xs, row_ids, valid, queries, pro_kth, opp_kth,
   for x, q, diag, lowrank, seg in zip(xs, queries, diags, lowranks, segments):
     pieces = x if isinstance(x, tuple) else (x,)
     s = _scores(pieces, q, _norms(pieces, diag, lowrank, seg, widen, tile_norms),
-                widen, score_tiles)
+                widen, score_tiles, sets)
     total = s if total is None else total + s
   return _candidates(total, row_ids, valid, pro_kth, opp_kth, k=k,
                      rows_sorted=rows_sorted, branch_free=branch_free)
@@ -1020,7 +1030,8 @@ def _fused_mode(mesh: Mesh) -> str:
 @functools.lru_cache(maxsize=None)
 def step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments=None,
             branch_free: bool = False, fused: bool = False,
-            tiles: fused_scores.Tiles = fused_scores.DEFAULT_TILES):
+            tiles: fused_scores.Tiles = fused_scores.DEFAULT_TILES,
+            sets: tuple[int, ...] | None = None):
   """The jitted ``update(state, x, row_ids, valid, queries, diag, lowrank)``:
   ``update_topk`` without its checks and padding (rows a multiple of the
   mesh size). ``x``: ``[rows, d]``, or a tuple of pieces ``[rows / P, d]``
@@ -1030,7 +1041,9 @@ def step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments=None,
   ``fused``: bf16 rows are scored, and their threshold bits set, by the
   ``fused_scores`` kernel (GPU; interpreted on CPU): the same rows and
   order, scores within the same bound (one fp32 sum over the three terms),
-  with the kernel's ``tiles``."""
+  with the kernel's ``tiles``. ``sets``: under a grouped metric
+  (``grouped_metric``), the sizes of the query sets laid out one after the
+  other in ``queries``, set g scored under metric g."""
   local = _sharded_candidates(
       functools.partial(_local_candidates, k=k, rows_sorted=rows_sorted,
                         segments=segments,
@@ -1038,7 +1051,7 @@ def step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments=None,
                         score_tiles=tiles_bf16(mesh) and not fused,
                         tile_norms=_on_cpu(mesh), branch_free=branch_free,
                         fused=_fused_mode(mesh) if fused else None,
-                        tiles=tiles),
+                        tiles=tiles, sets=sets),
       mesh, check_vma=not fused)  # pallas_call's outputs carry no vma type
 
   def update(state: TopKState, x, row_ids, valid, queries, diag=None,
@@ -1146,19 +1159,20 @@ def ring_step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments=None,
 
 
 @functools.lru_cache(maxsize=None)
-def summed_step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments: tuple):
+def summed_step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments: tuple,
+                   sets: tuple[int, ...] | None = None):
   """``step_fn`` for a sum of scores over parts (e.g. one store per
   checkpoint): the jitted ``update(state, xs, row_ids, valids, queries,
   diags, lowranks)``, each a tuple with one entry per part, part ``p``'s
   rows ``xs[p]`` scored against ``queries[p]`` and divided by their norms
   under its own ``RowMetric`` (``segments[p]``, ``diags[p]``,
   ``lowranks[p]``; None: plain scores, its diag and lowrank ignored). A row
-  is valid only where it is in every part."""
+  is valid only where it is in every part. ``sets``: as ``step_fn``'s."""
   local = _sharded_candidates(
       functools.partial(_local_summed_candidates, k=k, rows_sorted=rows_sorted,
                         segments=segments, widen=widens_bf16(mesh),
                         score_tiles=tiles_bf16(mesh),
-                        tile_norms=_on_cpu(mesh)), mesh)
+                        tile_norms=_on_cpu(mesh), sets=sets), mesh)
 
   def update(state: TopKState, xs, row_ids, valids, queries, diags,
              lowranks) -> TopKState:
