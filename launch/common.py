@@ -482,16 +482,11 @@ def summed_sets(paths: Sequence[str], workdir: str, corpus_source: str,
   return stores, per_set
 
 
-def check_query_sets(sets: Sequence, shard_queries: bool | None,
-                     streaming: bool = False) -> None:
+def check_query_sets(sets: Sequence, streaming: bool = False) -> None:
   """InputError, before any work, for flags several query sets
   (``config.query_set_files``) cannot take."""
   if len(sets) == 1:
     return
-  if shard_queries:
-    raise InputError("--shard_queries=always: several query sets in one pass "
-                     "are scanned whole on each device; expected one --queries "
-                     "file, or --shard_queries=auto")
   if streaming:
     raise InputError("--streaming scores one query set as the corpus is "
                      "encoded; expected one --queries file, or several without "
@@ -523,7 +518,7 @@ def scan_query_sets(run: Run, store, basis, read, others: Sequence[str],
                                   **scanned)]
   else:
     found = scan_lib.scan_sets([store, *stores], vectors, top_k, metrics=metrics,
-                               **scanned)
+                               shard_queries=shard_queries, **scanned)
   return [(topk, {**more, **skipped})
           for topk, (_, _, skipped), (_, _, more) in zip(found, own, parts)]
 

@@ -54,9 +54,9 @@ def run(workdir, corpus_source, queries_path, output, top_k=10, store_path=None,
   the sum over those checkpoints and this one, each from its own store
   (``<store>-step<N>``, as ``tracer trace --sum_steps`` made them).
   ``task_queries``: a queries file whose R scores these queries.
-  ``shard_queries``: ``scan.scan_stores``'s (one set only)."""
+  ``shard_queries``: ``scan.scan_stores``'s (``scan.scan_sets``')."""
   sets = config.query_set_files(queries_path, output)
-  common.check_query_sets(sets, shard_queries)
+  common.check_query_sets(sets)
   pcfg = config.make(PreconditionerConfig)
   location = common.default_location(workdir, store_path, "store")
   run_, corpus_source = common.start_on_store(workdir, checkpoint, corpus_source,

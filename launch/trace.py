@@ -88,7 +88,7 @@ def run(workdir: str, corpus_source: str | None, queries_path: str, output: str,
   queries. ``shard_queries``: the scan's (``scan.scan_stores``; None: its
   default)."""
   sets = config.query_set_files(queries_path, output)
-  common.check_query_sets(sets, shard_queries, streaming)
+  common.check_query_sets(sets, streaming)
   pcfg = config.make(PreconditionerConfig)
   location = common.default_location(workdir, store_path, "store")
   if streaming:

@@ -264,9 +264,21 @@ def test_scan_of_query_sets_in_one_pass_equals_a_scan_per_set(trained, capsys):
     trace.run(str(root), corpus, ",".join(paths), ",".join(outs), streaming=True)
   with pytest.raises(InputError, match="--output: 1 file for 2 files in --queries"):
     scan_script.run(str(root), corpus, ",".join(paths), outs[0])
-  with pytest.raises(InputError, match="--shard_queries=always: several query sets"):
-    scan_script.run(str(root), corpus, ",".join(paths), ",".join(outs),
-                    shard_queries=True)
+  # Split over the devices (since stop 80): each block's queries under
+  # their own set's R.
+  capsys.readouterr()
+  split = scan_script.run(str(root), corpus, ",".join(paths), ",".join(outs),
+                          top_k=10, shard_queries=True)
+  said = capsys.readouterr()
+  assert (f"scan: {len(lines)} queries in 2 sets, each under its own metric, "
+          "split over the 8 devices (512 with the padding, 64 a device), one "
+          "pass over the rows") in said.out + said.err
+  for rows, want in zip(split, alone):
+    for a, b in zip(rows, want):
+      assert a["proponent_ids"] == b["proponent_ids"]
+      assert a["opponent_ids"] == b["opponent_ids"]
+      np.testing.assert_allclose(a["proponent_scores"], b["proponent_scores"],
+                                 rtol=1e-5, atol=1e-6)
 
 
 def test_scan_encodes_queries_as_its_store_was_encoded(trained, capsys, monkeypatch):

@@ -827,6 +827,52 @@ def test_query_sets_in_one_pass_equal_a_scan_per_set(tmp_path, monkeypatch,
     assert_same(g, w, atol=1e-6)
 
 
+@pytest.mark.parametrize("mesh", ["8x1", "4x2"])
+def test_query_sets_split_over_the_devices_equal_a_scan_per_set(tmp_path,
+                                                                monkeypatch, mesh):
+  """Three sets (70, 3 and 130 queries) under their own metrics, split over
+  the 8 devices (512 with the padding, blocks of 64: a block holds queries
+  of several sets, and each set spans blocks): each set's top-k is its own
+  scan's, asked (``shard_queries=True``), chosen where whole sets would
+  take more passes, and summed over two stores. Before stop 80 several
+  sets were never split. (Scores within 1e-5: a block's queries are
+  scored in other batches than their own scan's, so the last bits can
+  differ.)"""
+  rng = np.random.default_rng(5)
+  segments = ((0, 16), (16, 48))
+  x, x2 = (rng.standard_normal((1001, 48)).astype(np.float32) for _ in range(2))
+  s, s2 = _store(tmp_path, x, "bfloat16"), _store(tmp_path / "b", x2, "bfloat16")
+  sizes = (70, 3, 130)
+  sets = [[rng.standard_normal((n, 48)).astype(np.float32) for _ in range(2)]
+          for n in sizes]
+  metrics = [[_row_metric(rng, segments, w) for _ in range(2)]
+             for w in ((2, 3), (0, 1), (4, 4))]
+  m = MESHES[mesh]()
+  want = [scan.scan_store(s, q[0], K, metric=r[0], mesh=m)
+          for q, r in zip(sets, metrics)]
+  plans = []
+  got = scan.scan_sets([s], [q[:1] for q in sets], K,
+                       metrics=[r[:1] for r in metrics], mesh=m,
+                       on_plan=plans.append, shard_queries=True)
+  for g, w in zip(got, want):
+    assert_same(g, w, atol=1e-5)
+  # Whole sets would take 3 passes (64 of each a run); split, one.
+  asked = []
+  monkeypatch.setattr(scan, "query_batch", lambda n, count, have: (
+      asked.append(n) or (min(n, 64) if len(asked) == 1 else n)))
+  got = scan.scan_sets([s], [q[:1] for q in sets], K,
+                       metrics=[r[:1] for r in metrics], mesh=m,
+                       on_plan=plans.append)
+  for g, w in zip(got, want):
+    assert_same(g, w, atol=1e-5)
+  summed = scan.scan_sets([s, s2], sets, K, metrics=metrics, mesh=m,
+                          on_plan=plans.append, shard_queries=True)
+  for g, q, r in zip(summed, sets, metrics):
+    assert_same(g, scan.scan_stores([s, s2], q, K, metrics=r, mesh=m), atol=1e-5)
+  assert [(p.passes, p.queries, p.sets, p.per_pass, p.split) for p in plans] == [
+      (1, 203, 3, 512, True)] * 3
+
+
 def test_query_sets_summed_over_stores_and_plain(tmp_path, monkeypatch):
   """A sum over two stores (e.g. two checkpoints), each set with its own
   queries and metric in each; one metric for both sets (equal, not the

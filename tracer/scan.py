@@ -740,7 +740,7 @@ class QueryPlan(NamedTuple):
     if self.sets > 1:
       text += f" in {self.sets} sets, each under its own metric"
     if self.split:
-      text += f" split over {_the_devices(self.devices)}"
+      text += f"{',' if self.sets > 1 else ''} split over {_the_devices(self.devices)}"
     passes = ("one pass over the rows" if self.passes == 1
               else f"{self.passes:,} passes over the rows")
     if self.split:
@@ -797,8 +797,8 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   ``set_sizes``: the queries are sets of these sizes, one after the other, set
   g scored under metric g of a grouped metric (``topk.grouped_metric``; or
   all under one, or plain scores), each set's results after the last's in
-  the ``TopK``: unpadded, a run takes up to the same count of every set,
-  and the queries are never split over the devices.
+  the ``TopK``: unpadded, a run takes up to the same count of every set
+  (split over the devices, the sets' queries together are padded).
   """
   memory.release_programs_near_map_limit()
   summed = isinstance(source, list)
@@ -819,9 +819,6 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   if sum(sizes) != qs[0].shape[0] or min(sizes) < 1:
     raise InputError(f"queries: {qs[0].shape[0]} of them do not make "
                      f"query sets of {list(sizes)}")
-  if len(sizes) > 1 and shard_queries:
-    raise InputError("shard_queries: several query sets in one pass are "
-                     "scanned whole on each device, never split")
   qs = [s.stored_queries(q) for s, q in zip(sources, qs)]
   metrics = [s.stored_metric(m) for s, m in zip(sources, metrics)]
   dtype = device_dtype(sources[0].dtype)
@@ -892,14 +889,16 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
 
   segments = tuple(None if m is None else m.segments for m in metrics)
   metric_args = [_metric_on_mesh(m, dim, mesh) for m in metrics]
-  ring_update = ring_step_fn(mesh, int(k), True,
-                             segments if summed else segments[0], summed)
   grouped = any(m is not None and np.ndim(m.diag) == 2 for m in metrics)
 
-  def update_for(batch: int):
-    """The step of runs of ``batch`` queries of each set: a grouped metric's
-    takes each set's count (static); any other, the total."""
+  def update_for(batch: int, split: bool):
+    """The step of runs of ``batch`` queries of each set (split over the
+    devices or not): a grouped metric's takes each set's count (static);
+    any other, the total."""
     shares = tuple(min(batch, n) for n in sizes) if grouped else None
+    if split:
+      return ring_step_fn(mesh, int(k), True, segments if summed else segments[0],
+                          summed, shares)
     if summed:
       return summed_step_fn(mesh, int(k), True, segments, shares)
     if shares is None:
@@ -935,7 +934,7 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
                         for t in (jnp.float32, jnp.int32) * 2))
     q = jax.ShapeDtypeStruct((n, dim), jnp.float32, sharding=on)
     parts = [layout_of(n, split).specs()] * len(sources)
-    return memory.program_bytes(ring_update if split else update_for(batch),
+    return memory.program_bytes(update_for(batch, split),
                                 *arguments(state, parts, [q] * len(qs)))
 
   num_queries = qs[0].shape[0]
@@ -943,25 +942,25 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   have = agreed.device
 
   def run_queries(split: bool) -> int:
-    """Each set's queries per run (``query_batch``); split runs are padded
-    anyway, so they take as many as their padding holds (the same step)."""
+    """Each set's queries per run (``query_batch``); a split run of one set
+    is padded anyway, so it takes as many as its padding holds (the same
+    step)."""
     batch = query_batch(per, lambda n: step_bytes(n, split), have)
-    return min(per, padded(batch, split))
+    return min(per, padded(batch, split) if len(sizes) == 1 else batch)
 
   split = bool(shard_queries)
   batch = run_queries(split)
-  if (shard_queries is None and batch < num_queries and mesh.size > 1
-      and len(sizes) == 1):
+  if shard_queries is None and batch < per and mesh.size > 1:
     # Whole queries need several passes: split over the devices, they may
     # need fewer (a device then holds 1 / P of them).
     ring_batch = run_queries(True)
     ring_need = step_bytes(ring_batch, True)
-    if (-(-num_queries // ring_batch) < -(-num_queries // batch)
+    if (-(-per // ring_batch) < -(-per // batch)
         and (ring_need is None or ring_need <= have)):
       split, batch = True, ring_batch
   runs = range(0, per, batch)
-  # Each set's queries in a run (the padding of a split run's, too).
-  shares = tuple(padded(min(batch, n), split) for n in sizes)
+  shares = tuple(min(batch, n) for n in sizes)  # each set's queries in a run
+  per_pass = padded(sum(shares), split)  # with a split run's padding
   # What a step too large for the memory (refused as the first step runs) is
   # named by: the planner has already cut the queries to their least, one a
   # run or a block of RING_BLOCK_QUERIES a device, so fewer would not help.
@@ -969,18 +968,18 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   if len(sizes) > 1:
     asked += f" ({len(sizes)} sets, the largest {per:,})"
   if split:
-    asked += (f", split over {_the_devices(mesh.size)} ({shares[0]:,} with "
-              f"the padding, {shares[0] // mesh.size:,} a device)")
+    asked += (f", split over {_the_devices(mesh.size)} ({per_pass:,} with "
+              f"the padding, {per_pass // mesh.size:,} a device)")
   if len(runs) > 1:
     asked += f", in {len(runs):,} runs of {batch:,}" + (
         " a set" if len(sizes) > 1 else "")
   fix = "fewer rows per step (chunk_rows) or a smaller k" + (
       " or shard_queries=False (--shard_queries=never)"
       if split and shard_queries else "")
-  layout = layout_of(sum(shares), split)  # (every run's: padded alike)
+  layout = layout_of(per_pass, split)  # (every run's: padded alike)
   held = staged_sets(read_ahead) if staged else sets()
   if on_plan is not None:
-    on_plan(QueryPlan(num_queries, len(runs), sum(shares), split, mesh.size,
+    on_plan(QueryPlan(num_queries, len(runs), per_pass, split, mesh.size,
                       StepPlan(layout.step // mesh.size, layout.num_pieces,
                                layout.staged, held, prefetch, asked_prefetch)))
   firsts = np.cumsum((0,) + sizes[:-1])  # each set's first query
@@ -988,16 +987,17 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   for i, start in enumerate(runs):
     # (Every run's queries are padded with zeros to the same count: one
     # program for every run. Each set's share, set after set.)
-    part = lambda q: np.concatenate([
+    part = lambda q: np.pad(np.concatenate([
         np.pad(b, ((0, share - len(b)), (0, 0)))
         for b, share in zip((q[lo + start:lo + min(start + batch, n)]
-                             for lo, n in zip(firsts, sizes)), shares)])
+                             for lo, n in zip(firsts, sizes)), shares)]),
+                            ((0, per_pass - sum(shares)), (0, 0)))
     done = i * num_rows
     got = _scan_run(
         sources, [part(q) for q in qs], int(k), mesh, layout,
         # (a staged step reads ahead by pieces, within its pool: ``_stage``)
         prefetch, 0 if staged else read_ahead, held,
-        ring_update if split else update_for(batch),
+        update_for(batch, split),
         arguments, None if progress is None else (
             lambda n, total, done=done: progress(done + n, len(runs) * total)),
         (asked, fix, agreed), split)
@@ -1307,7 +1307,8 @@ def _one_or_grouped(metrics) -> RowMetric:
 def scan_sets(stores, query_sets, k: int, *, metrics=None,
               mesh: Mesh | None = None, chunk_rows: int | None = None,
               prefetch: int = 2, verify: bool = True, progress=None,
-              read_ahead: int | None = None, on_plan=None) -> list[TopK]:
+              read_ahead: int | None = None, on_plan=None,
+              shard_queries: bool | None = None) -> list[TopK]:
   """Several query sets, each under its own metric, in one pass over the
   rows: what ``scan_stores`` gives each set alone, for one read of the
   stores instead of one per set (a task per set, each with its own R).
@@ -1320,11 +1321,13 @@ def scan_sets(stores, query_sets, k: int, *, metrics=None,
   (``topk.grouped_metric``; the sets' sizes are static in the step): G
   norms a row, or one where every set's metric is the same. A set's
   results can differ from its own scan in the last bits (its queries
-  batched with others', its low-rank columns beside theirs). The queries
-  stay whole on each device (never ``shard_queries``); where a step of
-  them all would not fit, every run takes up to the same count of each
-  set (a set already done adds zero queries, scored then dropped, so that
-  every run is one program).
+  batched with others', its low-rank columns beside theirs). Where a step
+  of them all would not fit whole on each device, they are split over the
+  devices (``shard_queries`` as ``scan_store``'s; each block's queries
+  divided by their own sets' norms) if that takes fewer passes, and run
+  in several passes otherwise, every run taking up to the same count of
+  each set (a set already done adds zero queries, scored then dropped, so
+  that every run is one program).
 
   Returns one ``TopK`` per set.
   """
@@ -1363,7 +1366,8 @@ def scan_sets(stores, query_sets, k: int, *, metrics=None,
               part_queries if summed else part_queries[0], k, mesh, chunk_rows,
               prefetch, row_multiple=multiple,
               metric=part_metrics if summed else part_metrics[0],
-              progress=progress, read_ahead=read_ahead, shard_queries=False,
+              progress=progress, read_ahead=read_ahead,
+              shard_queries=shard_queries,
               on_plan=None if on_plan is None else lambda plan: on_plan(
                   plan._replace(queries=sum(counts), sets=len(sets))),
               set_sizes=tuple(counts))

@@ -673,11 +673,12 @@ def _norms(pieces, diag, lowrank, segments, widen: bool, tiled: bool
 
 
 def _scores(pieces, queries, norms, widen: bool, score_tiles: bool,
-            sets: tuple[int, ...] | None = None) -> jax.Array:
+            sets: tuple[int, ...] | None = None, owner=None) -> jax.Array:
   """``exact_scores`` of consecutive row pieces, ``[r, Q]``, divided by the
   rows' ``norms`` when given; widened tile by tile where ``score_tiles``.
   Grouped norms (``[r, G]``): the queries are G sets of ``sets[g]`` each,
-  one after the other, set g divided by norm g."""
+  one after the other, set g divided by norm g; or, where the layout is
+  not static (a ring's block), query q divided by norm ``owner[q]``."""
   s = jnp.concatenate([
       exact_scores(p, queries, widen,
                    score_tile_rows(p.shape[1]) if score_tiles else None)
@@ -687,6 +688,8 @@ def _scores(pieces, queries, norms, widen: bool, score_tiles: bool,
   norms = jnp.concatenate(norms)
   if norms.ndim == 1:
     return s / norms[:, None]
+  if owner is not None:
+    return s / jnp.take(norms, owner, axis=1)
   # Static sizes: each set's column broadcast over its queries, which XLA
   # fuses into the division (no gather, no index array a step).
   if sets is None or len(sets) != norms.shape[1] or sum(sets) != s.shape[1]:
@@ -1095,7 +1098,7 @@ def ring_queries(num_queries: int, mesh: Mesh) -> int:
 
 @functools.lru_cache(maxsize=None)
 def ring_step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments=None,
-                 summed: bool = False):
+                 summed: bool = False, sets: tuple[int, ...] | None = None):
   """``step_fn`` (``summed_step_fn`` if ``summed``) with the queries, and
   their running top-k, split over the devices (``partitioning.rows_sharding``:
   block ``i`` of ``Q / P`` on device ``i``) instead of whole on each, and
@@ -1105,7 +1108,10 @@ def ring_step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments=None,
   ``[rows / P, Q / P]`` at a time, and each step moves every block once
   around. Rows, ids and order are a replicated step's; a score is the same
   bits where the blocks score as the replicated batch does
-  (``RING_BLOCK_QUERIES``)."""
+  (``RING_BLOCK_QUERIES``). ``sets``: under a grouped metric, the sizes of
+  the query sets laid out one after the other (then zero queries to the
+  padded count, scored under set 0 and dropped); a block's queries are
+  divided by their own sets' norms, found from where the block started."""
   axes = tuple(mesh.axis_names)
   size = mesh.size
   ring = [(i, (i + 1) % size) for i in range(size)]
@@ -1117,26 +1123,34 @@ def ring_step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments=None,
     # A row's norms are the same for every block: computed once a step.
     norms = [_norms(p, diag, lowrank, seg, widen, _on_cpu(mesh))
              for p, diag, lowrank, seg in zip(pieces, diags, lowranks, segments)]
+    owners = None
+    if sets is not None:  # each query's set, by the block it is in
+      table = np.zeros(size * queries[0].shape[0], np.int32)
+      table[:sum(sets)] = np.repeat(np.arange(len(sets)), sets)
+      owners = jnp.asarray(table.reshape(size, -1))
+    here = jax.lax.axis_index(axes)
 
-    def scored(block, qs):  # the block's top-k, with this device's rows in
+    def scored(block, qs, h):  # the block's top-k, with this device's rows in
+      # At hop h a device holds the block that started h devices back.
+      owner = None if owners is None else owners[(here - h) % size]
       s = functools.reduce(jnp.add, [  # fp32, in the parts' order
-          _scores(p, q, n, widen, score_tiles)
+          _scores(p, q, n, widen, score_tiles, owner=owner)
           for p, q, n in zip(pieces, qs, norms)])
       candidates = _candidates(s, row_ids, valid, block.proponent_scores[:, -1],
                                block.opponent_scores[:, -1], k=k,
                                rows_sorted=rows_sorted, branch_free=False)
       return jax.lax.ppermute(merge_candidates(block, *candidates, k), axes, ring)
 
-    def hop(_, carry):
+    def hop(h, carry):
       block, qs = carry
       # Sent before the products, which do not need it: the transfer may
       # overlap them.
       moved = jax.lax.ppermute(qs, axes, ring)
-      return scored(block, qs), moved
+      return scored(block, qs, h), moved
 
     # P - 1 hops move the queries; the top-k moves P times, home again.
     block, qs = jax.lax.fori_loop(0, size - 1, hop, (state, queries))
-    return scored(block, qs)
+    return scored(block, qs, size - 1)
 
   split = partitioning.rows_sharding(mesh)
   ids = partitioning.rows_sharding(mesh, ndim=1).spec
