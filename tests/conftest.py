@@ -162,11 +162,25 @@ def pytest_unconfigure(config):
       shutil.rmtree(own, ignore_errors=True)
 
 
+# Runs argv[2:] in place of itself once the kernel will SIGKILL it when the
+# process argv[1] dies (PR_SET_PDEATHSIG, kept across exec): a session
+# fixture's server otherwise outlives a worker that crashed before its
+# teardown. (Not preexec_fn: unsafe in a process with threads, as jax's.)
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\n"
+    "if os.getppid() != int(sys.argv[1]):\n"
+    "  sys.exit(1)  # the parent died before the request\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n")
+
+
 def _serve(cmd: list[str], url: str, log_path) -> subprocess.Popen:
-  """Starts a local server (``cmd``, output to ``log_path``) and waits until
-  ``url`` answers HTTP."""
+  """Starts a local server (``cmd``, output to ``log_path``) that dies with
+  this process, and waits until ``url`` answers HTTP."""
   log = open(log_path, "wb")
-  proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+  proc = subprocess.Popen(
+      [sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd],
+      stdout=log, stderr=subprocess.STDOUT)
   log.close()  # the child has its own descriptor
   deadline = time.monotonic() + 60
   while True:

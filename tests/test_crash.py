@@ -620,3 +620,41 @@ def test_concurrent_writes_of_one_file_take_turns(tmp_path):
   assert seen <= set(values), sorted(len(v) for v in seen - set(values))
   assert len(seen) > 1  # the writers did interleave
   assert sorted(os.listdir(tmp_path)) == ["manifest.json"]
+
+
+def _running(pid: int) -> bool:
+  """Whether ``pid`` runs (a zombie, killed but not yet reaped, does not)."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+  except FileNotFoundError:
+    return False
+
+
+def test_a_test_server_dies_with_the_process_that_started_it(tmp_path):
+  """A session fixture's server (``conftest._serve``: moto, the GCS
+  emulator) is killed with the pytest worker that started it, even where
+  the worker dies before the fixture's teardown (a crash); before stop 80
+  it lived on, holding its port and memory."""
+  child = (
+      "import os, sys\n"
+      f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})\n"
+      "import conftest\n"
+      "port = conftest.free_port()\n"
+      "proc = conftest._serve([sys.executable, '-m', 'http.server', '-b', "
+      "'127.0.0.1', str(port)], f'http://127.0.0.1:{port}/', "
+      f"{str(tmp_path / 'server.log')!r})\n"
+      "print(proc.pid, flush=True)\n"
+      "os._exit(3)  # as a crash: no teardown\n")
+  out = subprocess.run([sys.executable, "-c", child], capture_output=True,
+                       text=True, timeout=120, check=False)
+  assert out.returncode == 3, out.stderr[-2000:]
+  pid = int(out.stdout.split()[-1])
+  try:
+    deadline = time.monotonic() + 30
+    while _running(pid) and time.monotonic() < deadline:
+      time.sleep(0.1)
+    assert not _running(pid), "the server outlived the process that started it"
+  finally:
+    if _running(pid):
+      os.kill(pid, signal.SIGKILL)
