@@ -1148,7 +1148,8 @@ def run_query_sets_benchmark(sets: int = 4, rows: int = 400_000, dim: int = 1024
                   for m, v in made]
   one = lambda: scan.scan_sets([store], [[v] for _, v in made], k,
                                    metrics=[[m] for m, _ in made], mesh=mesh)
-  same, error = _agreement(one(), each())
+  wanted = each()
+  same, error = _agreement(one(), wanted)
   t_each, t_one = _best_time(each, repeats), _best_time(one, repeats)
   row = lambda method, s, note: {
       "method": method, "seconds": _figure(s), "rows_per_s": round(rows / s),
@@ -1159,7 +1160,24 @@ def run_query_sets_benchmark(sets: int = 4, rows: int = 400_000, dim: int = 1024
               f"sets of {'+'.join(map(str, sizes))} queries, k={k}, d={dim}"),
           row("scan_sets (one pass)", t_one,
               f"{t_each / t_one:.2f}x the passes' speed; rows the same: "
-              f"{same:.4f}, scores within {error:.1e} (relative)")]
+              f"{same:.4f}, scores within {error:.1e} (relative)")] + (
+                  [] if mesh.size == 1 else [_split_sets_row(
+                      lambda: scan.scan_sets(
+                          [store], [[v] for _, v in made], k,
+                          metrics=[[m] for m, _ in made], mesh=mesh,
+                          shard_queries=True), wanted, t_one, repeats, row,
+                      mesh.size)])
+
+
+def _split_sets_row(split, wanted, t_one, repeats, row, devices):
+  """The sets of ``run_query_sets_benchmark`` split over the devices (a
+  ring's blocks, each query divided by its own set's norms), against the
+  whole sets' one pass."""
+  same, error = _agreement(split(), wanted)
+  t = _best_time(split, repeats)
+  return row(f"scan_sets split over {devices} devices (one pass)", t,
+             f"{t_one / t:.2f}x the whole sets' pass; rows the same: "
+             f"{same:.4f}, scores within {error:.1e} (relative)")
 
 
 def to_markdown(table: list[dict[str, Any]]) -> str:

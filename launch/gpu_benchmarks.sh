@@ -17,7 +17,9 @@
 #   staged (copied rows through a 768 MiB pool: the steps it bounds, as
 #   before stop 75, against steps staged through it a piece at a time),
 #   sets (4 query sets of 64, each under its own scan-time R, from a bf16
-#   store in one pass against a scan per set: stop 79, never on a GPU).
+#   store in one pass against a scan per set: stop 79, never on a GPU),
+#   uneven (sets of 240, 16, 16 and 16: none padded to the largest since
+#   stop 80).
 #   Measured so far: tiny
 #   2026-11-29; 1b, precision and tiles 2026-11-30; resident (int8 rows
 #   too), serve and small65k 2026-12-04 (WORKSPACE, "The fourth lease").
@@ -64,7 +66,7 @@ encode=(python3 -m tracer.launch.benchmark --suite=encode --memory_budget_mb=0 -
 
 scan=(python3 -m tracer.launch.benchmark_scan --resident --rows=16000000 --repeats=3)
 
-parts=${*:-scanned 1b precision small4k tiny resident serve small65k resident8g tiles querysteps staged sets}
+parts=${*:-scanned 1b precision small4k tiny resident serve small65k resident8g tiles querysteps staged sets uneven}
 for p in $parts; do
   case $p in
     resident) part resident "${scan[@]}" ;;
@@ -93,6 +95,9 @@ for p in $parts; do
                 --rows=4000000 --repeats=3 ;;
     sets)     part sets python3 -m tracer.launch.benchmark_scan --query_sets=4 \
                 --rows=2000000 --dim=1024 --queries=64 --repeats=3 ;;
+    # sets of unequal sizes, none padded to the largest (stop 80)
+    uneven)   part uneven python3 -m tracer.launch.benchmark_scan --query_sets=4 \
+                --query_set_sizes=240,16,16,16 --rows=2000000 --dim=1024 --repeats=3 ;;
     *) echo "unknown part $p"; exit 2 ;;
   esac
 done

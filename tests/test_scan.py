@@ -1948,9 +1948,11 @@ def test_query_sets_benchmark_runs(tmp_path):
       sets=3, rows=2000, dim=64, queries=4, k=5, store_chunk_rows=256,
       repeats=1, workdir=str(tmp_path), eval_examples=16, block=32,
       sizes=["4", "1", "2"])
-  assert [r["method"] for r in table] == ["scan_store per set (3 passes)",
-                                          "scan_sets (one pass)"]
+  assert [r["method"] for r in table] == [
+      "scan_store per set (3 passes)", "scan_sets (one pass)",
+      "scan_sets split over 8 devices (one pass)"]
   assert "sets of 4+1+2 queries" in table[0]["note"], table[0]
+  assert "rows the same: 1.0000" in table[2]["note"], table[2]
   assert all(r["seconds"] > 0 for r in table)
   assert "rows the same: 1.0000" in table[1]["note"], table[1]
 
