@@ -1128,11 +1128,11 @@ def ring_step_fn(mesh: Mesh, k: int, rows_sorted: bool, segments=None,
       table = np.zeros(size * queries[0].shape[0], np.int32)
       table[:sum(sets)] = np.repeat(np.arange(len(sets)), sets)
       owners = jnp.asarray(table.reshape(size, -1))
-    here = jax.lax.axis_index(axes)
 
     def scored(block, qs, h):  # the block's top-k, with this device's rows in
       # At hop h a device holds the block that started h devices back.
-      owner = None if owners is None else owners[(here - h) % size]
+      owner = (None if owners is None
+               else owners[(jax.lax.axis_index(axes) - h) % size])
       s = functools.reduce(jnp.add, [  # fp32, in the parts' order
           _scores(p, q, n, widen, score_tiles, owner=owner)
           for p, q, n in zip(pieces, qs, norms)])
