@@ -1121,10 +1121,11 @@ def run_query_sets_benchmark(sets: int = 4, rows: int = 400_000, dim: int = 1024
                              workdir: str | None = None, eval_examples: int = 240,
                              block: int = 256, sizes=None
                              ) -> list[dict[str, Any]]:
-  """``sets`` query sets of ``queries`` each (or of ``sizes``), every set under its own
-  synthetic scan-time metric (``synthetic_metric``), over unit-norm rows in
-  a bf16 store: ``scan.scan_sets`` (one pass, every set's norms a row)
-  against ``scan.scan_store`` per set (a pass each), best of ``repeats``
+  """``sets`` query sets of ``queries`` each (or of ``sizes``), every set
+  under its own synthetic scan-time metric (``synthetic_metric``), over
+  unit-norm rows in a bf16 store: ``scan.scan_sets`` (one pass, every
+  set's norms a row) against ``scan.scan_store`` per set (a pass each),
+  and, on several devices, the sets split over them; best of ``repeats``
   after a compiling run; with how far their answers agree. The local
   store's chunks are mapped from a warm page cache, so this measures the
   products and norms, not the reads a pass saves on object storage. A
@@ -1156,28 +1157,22 @@ def run_query_sets_benchmark(sets: int = 4, rows: int = 400_000, dim: int = 1024
       "GB_per_s": _figure(rows * dim * 2 / s / 1e9),
       "GFLOP_per_s": _figure(2 * rows * dim * sum(sizes) / s / 1e9),
       "roofline_s": "", "fraction_of_roofline": "", "note": note}
-  return [row(f"scan_store per set ({sets} passes)", t_each,
-              f"sets of {'+'.join(map(str, sizes))} queries, k={k}, d={dim}"),
-          row("scan_sets (one pass)", t_one,
-              f"{t_each / t_one:.2f}x the passes' speed; rows the same: "
-              f"{same:.4f}, scores within {error:.1e} (relative)")] + (
-                  [] if mesh.size == 1 else [_split_sets_row(
-                      lambda: scan.scan_sets(
-                          [store], [[v] for _, v in made], k,
-                          metrics=[[m] for m, _ in made], mesh=mesh,
-                          shard_queries=True), wanted, t_one, repeats, row,
-                      mesh.size)])
-
-
-def _split_sets_row(split, wanted, t_one, repeats, row, devices):
-  """The sets of ``run_query_sets_benchmark`` split over the devices (a
-  ring's blocks, each query divided by its own set's norms), against the
-  whole sets' one pass."""
-  same, error = _agreement(split(), wanted)
-  t = _best_time(split, repeats)
-  return row(f"scan_sets split over {devices} devices (one pass)", t,
-             f"{t_one / t:.2f}x the whole sets' pass; rows the same: "
-             f"{same:.4f}, scores within {error:.1e} (relative)")
+  table = [row(f"scan_store per set ({sets} passes)", t_each,
+               f"sets of {'+'.join(map(str, sizes))} queries, k={k}, d={dim}"),
+           row("scan_sets (one pass)", t_one,
+               f"{t_each / t_one:.2f}x the passes' speed; rows the same: "
+               f"{same:.4f}, scores within {error:.1e} (relative)")]
+  if mesh.size > 1:  # the sets split over the devices (a ring's blocks)
+    split = lambda: scan.scan_sets([store], [[v] for _, v in made], k,
+                                   metrics=[[m] for m, _ in made], mesh=mesh,
+                                   shard_queries=True)
+    same, error = _agreement(split(), wanted)
+    t_split = _best_time(split, repeats)
+    table.append(row(f"scan_sets split over {mesh.size} devices (one pass)",
+                     t_split, f"{t_one / t_split:.2f}x the whole sets' pass; "
+                     f"rows the same: {same:.4f}, scores within {error:.1e} "
+                     "(relative)"))
+  return table
 
 
 def to_markdown(table: list[dict[str, Any]]) -> str:
