@@ -77,10 +77,15 @@ def trained(optimizer: str, steps: int = 3, cfg=LM):
   params = model_lib.init_params(cfg)
   state = opt.init(params)
   batch = lm_batch(8, seed=1, cfg=cfg)
-  for _ in range(steps):
+
+  @jax.jit  # op by op, three steps took 8.0-9.7 s on the 2-core CPU; jitted, 3.9-4.4 s
+  def step(params, state):
     grads = jax.grad(lambda p: model_lib.batch_loss(cfg, p, batch))(params)
     updates, state = opt.update(grads, state, params)
-    params = optax.apply_updates(params, updates)
+    return optax.apply_updates(params, updates), state
+
+  for _ in range(steps):
+    params, state = step(params, state)
   b2 = opt_cfg.b2 if optimizer == "adamw" else None
   return params, correction.second_moment(state, params, b2=b2)
 
