@@ -1221,8 +1221,8 @@ def check_memory(rows: int, dim: int, mode: str, host_bytes: int | None = None,
   """InputError, before any array is made, where ``mode``'s (a key of
   ``HOST_BYTES_PER_ELEMENT`` or ``DEVICE_BYTES_PER_ELEMENT``) rows, and
   ``beside`` bytes more (held whatever the rows), would take more than the
-  host's physical memory (``host_bytes``, default
-  ``memory.host_memory_bytes``) or, for the resident modes, more than a
+  host's memory (``host_bytes``, default ``memory.host_memory_bytes``:
+  physical, or the cgroup's limit where lower) or, for the resident modes, more than a
   device's (``device_bytes``; None: the host's, as on a CPU) over
   ``devices`` devices. Before, ``--rows=100000000000`` was numpy's "Unable
   to allocate 373 TiB" traceback (or an OOM kill, past the free memory)."""
@@ -1235,7 +1235,7 @@ def check_memory(rows: int, dim: int, mode: str, host_bytes: int | None = None,
     have, where = device_bytes, f"a device's {device_bytes:,} bytes of memory"
   else:
     have = memory.host_memory_bytes() if host_bytes is None else host_bytes
-    where = f"this host's {have:,} bytes of physical memory"
+    where = f"this host's {have:,} bytes of memory"
   if need <= have:
     return
   split = f" on each of {shares} devices" if shares > 1 else ""

@@ -29,8 +29,65 @@ def size_text(n: float) -> str:
 
 
 def host_memory_bytes() -> int:
-  """This host's physical memory."""
-  return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  """The memory this process may use on its host: the physical memory, or
+  its cgroup's memory limit where that is lower (``cgroup_memory_limit``)."""
+  physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  limit = cgroup_memory_limit()
+  return physical if limit is None else min(physical, limit)
+
+
+def cgroup_memory_limit(proc: str = "/proc/self") -> int | None:
+  """The lowest memory limit on the cgroup of the process whose ``/proc``
+  directory is ``proc`` and on its ancestors, cgroup v2 (``memory.max``)
+  or v1 (``memory.limit_in_bytes``); None where none is set or readable.
+
+  Why: a container (a Kubernetes pod on a TPU or GPU node, a Slurm job)
+  sees the node's physical memory, and past its limit the kernel kills the
+  process without a word; plans and checks held to the node's memory would
+  let it. The process's cgroup path (``proc``/cgroup) is found under the
+  hierarchy's mount point (``proc``/mountinfo) relative to the mount's
+  root, and limits are read from there up to the mount point: a container
+  with its own cgroup namespace sees its cgroup as the mount's root, one
+  without sees the host's path, which does not exist under its mount."""
+  try:
+    with open(os.path.join(proc, "cgroup")) as f:
+      groups = [line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2]
+    with open(os.path.join(proc, "mountinfo")) as f:
+      mounts = [line.split() for line in f]
+  except OSError:
+    return None
+  limits = []
+  for mount in mounts:
+    if "-" not in mount[:-2]:
+      continue
+    fields = mount[mount.index("-") + 1:]   # fstype, source, super options
+    root, point = mount[3], mount[4].replace("\\040", " ")
+    if fields[0] == "cgroup2":
+      paths, file = [g[2] for g in groups if g[:2] == ["0", ""]], "memory.max"
+    elif fields[0] == "cgroup" and "memory" in fields[2].split(","):
+      paths = [g[2] for g in groups if "memory" in g[1].split(",")]
+      file = "memory.limit_in_bytes"
+    else:
+      continue
+    for path in paths:
+      if root != "/" and (path == root or path.startswith(root + "/")):
+        path = path[len(root):]
+      parts = [p for p in path.split("/") if p]
+      for depth in range(len(parts), -1, -1):
+        limits.append(_limit_file(os.path.join(point, *parts[:depth], file)))
+  limits = [n for n in limits if n is not None]
+  return min(limits) if limits else None
+
+
+def _limit_file(path: str) -> int | None:
+  """A cgroup memory limit file's bytes; None where it is missing, "max"
+  (v2's no limit) or unreadable. (v1 writes no limit as ~2^63.)"""
+  try:
+    with open(path) as f:
+      text = f.read().strip()
+  except OSError:
+    return None
+  return int(text) if text.isdigit() else None
 
 
 def device_memory_bytes() -> int | None:
@@ -100,7 +157,7 @@ def check_compiled_memory(compiled: jax.stages.Compiled, what: str, fix: str,
   """InputError, before ``compiled`` first runs, where one run needs more
   than a device's ``device_have`` bytes (default ``device_memory_bytes``:
   GPU, TPU) or, where the devices share the host's memory (CPU), more than
-  ``have`` bytes (default its physical memory) for the ``devices`` it runs
+  ``have`` bytes (default ``host_memory_bytes``) for the ``devices`` it runs
   on in this host together (default all of them). Without it, a batch too
   large ends in XLA's RESOURCE_EXHAUSTED traceback, on CPU minutes later
   (2026-12-06: ``TrainConfig.batch_size=1000000`` on tiny.gin, 162 s).

@@ -320,7 +320,7 @@ def check_fit_memory(layout: projection.Layout, kind: str, have: int | None = No
                      device_have: int | None = None) -> None:
   """InputError, before any gradient, where fitting R of ``kind`` over
   ``layout`` would take more than ``have`` bytes of the host's memory
-  (default its physical memory, ``hessian.fit_bytes``), or its moments more
+  (default ``memory.host_memory_bytes``; ``hessian.fit_bytes``), or its moments more
   than ``device_have`` bytes of a device's (default ``memory.device_memory_bytes``;
   each device keeps a copy). A block left unprojected by a projection_dim
   past the model's size is a whole weight matrix (65,536 dims for

@@ -65,7 +65,8 @@ REMOTE_READ_AHEAD = 4
 # read_ahead (4) sets, ~3 GiB, in flight; where one store chunk per device
 # is too much for that (d = 2^16 on 8 GPUs), read_ahead shrinks instead.
 HOST_BUFFER_BYTES = 8 << 30
-# ... and at most 1 / HOST_BUFFER_FRACTION of the host's physical memory
+# ... and at most 1 / HOST_BUFFER_FRACTION of the host's memory (its cgroup's limit
+# where lower: memory.host_memory_bytes)
 # (of the smallest host's, under jax.distributed: every process must take
 # the same step), so that hosts of 8 or 16 GiB do not plan 8 GiB of
 # buffers. ``tracer benchmark-data --scan_memory`` (WORKSPACE.md, "A store
@@ -166,7 +167,7 @@ def query_capped_step(step: int, num_queries: int, mesh: Mesh,
 
 def host_buffer_bytes(have: int | None = None) -> int:
   """Bytes a scan's pooled buffers may take on a host of ``have`` bytes
-  (default this host's physical memory): ``HOST_BUFFER_BYTES``, at most
+  (default ``memory.host_memory_bytes()``): ``HOST_BUFFER_BYTES``, at most
   1 / ``HOST_BUFFER_FRACTION`` of it."""
   have = memory.host_memory_bytes() if have is None else have
   return min(HOST_BUFFER_BYTES, have // HOST_BUFFER_FRACTION)
