@@ -90,11 +90,10 @@ def test_no_limit_or_no_cgroup(tmp_path):
   assert memory.cgroup_memory_limit(fake_proc(empty, "0::/\n", [], {})) is None
 
 
-def _make_limited_cgroup(limit: int) -> tuple[Path, str] | None:
-  """A new memory cgroup of ``limit`` bytes and the file a process writes
-  its pid to to join it, on cgroup v1's memory hierarchy or v2 (the
-  controller enabled at the root); None where this process may not make one
-  (not root, no such hierarchy)."""
+def _make_limited_cgroup(limit: int) -> Path | None:
+  """A new memory cgroup of ``limit`` bytes, on cgroup v1's memory
+  hierarchy or v2 (the controller enabled at the root); None where this
+  process may not make one (not root, no such hierarchy, read-only)."""
   name = f"tracer-test-{uuid.uuid4().hex[:8]}"
   for line in Path("/proc/self/mountinfo").read_text().splitlines():
     fields = line.split()
@@ -102,7 +101,7 @@ def _make_limited_cgroup(limit: int) -> tuple[Path, str] | None:
     point = Path(fields[4])
     if fs[0] == "cgroup" and "memory" in fs[2].split(","):
       limit_file = "memory.limit_in_bytes"
-    elif fs[0] == "cgroup2" and "memory" in (point / "cgroup.subtree_control").read_text():
+    elif fs[0] == "cgroup2":
       limit_file = "memory.max"
     else:
       continue
@@ -112,23 +111,22 @@ def _make_limited_cgroup(limit: int) -> tuple[Path, str] | None:
       continue
     try:
       (point / name / limit_file).write_text(str(limit))
-    except OSError:
+      return point / name
+    except OSError:   # (v2 without the memory controller has no memory.max)
       (point / name).rmdir()
-      continue
-    return point / name, "cgroup.procs"
   return None
 
 
 def test_a_process_in_a_limited_cgroup_plans_for_its_limit():
-  made = _make_limited_cgroup(GIB)
-  if made is None:
+  group = _make_limited_cgroup(GIB)
+  if group is None:
     pytest.skip("this process may not make a memory cgroup (needs root and a "
                 "writable cgroup v1 memory or v2 hierarchy)")
-  group, procs = made
   try:
     code = "from tracer import memory; print(memory.host_memory_bytes())"
     proc = subprocess.run(
-        ["sh", "-c", f'echo $$ > {group / procs} && exec "$0" -c "$1"', sys.executable, code],
+        ["sh", "-c", f'echo $$ > {group / "cgroup.procs"} && exec "$0" -c "$1"',
+         sys.executable, code],
         capture_output=True, text=True, cwd=multiprocess.ROOT, timeout=120,
         env={**os.environ, "JAX_PLATFORMS": "cpu"})
   finally:
