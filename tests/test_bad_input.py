@@ -469,6 +469,13 @@ CASES = [
          lambda s, d: scan(s, d, bindings=["EncodeConfig.microbatch_size=4000000"]),
          "EncodeConfig.microbatch_size=4000000: an encode step (factored kernel) "
          "takes "),
+    # The same for a new store: refused once the claim on it is taken,
+    # which made its directory (left empty before stop 81).
+    Case("encode step past the memory, into a new store",
+         lambda s, d: encode(s, d, store=d / "out" / "new" / "store",
+                             bindings=["EncodeConfig.microbatch_size=4000000"]),
+         "EncodeConfig.microbatch_size=4000000: an encode step (factored kernel) "
+         "takes "),
     Case("model axis not dividing the devices",
          lambda s, d: encode(s, d, bindings=["EncodeConfig.model_axis=2"]),
          "EncodeConfig.model_axis=2: expected a divisor of the device count 1: 1"),

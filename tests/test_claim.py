@@ -37,6 +37,24 @@ def test_a_live_claim_refuses_a_second_writer_and_names_it(tmp_path):
   claim_lib.Claim(str(store)).acquire().release()
 
 
+def test_a_released_claim_removes_the_empty_directories_it_made(tmp_path):
+  # A job refused after taking its claim (an encode step past the memory)
+  # left its new store's directories behind, empty, before stop 81.
+  store = tmp_path / "runs" / "a" / "store"
+  with claim_lib.Claim(str(store)):
+    assert (store / claim_lib.CLAIM_FILE).exists()
+  assert sorted(os.listdir(tmp_path)) == []
+  # A store begun is kept, and so are the directories above it; so is a
+  # directory that was there before.
+  with claim_lib.Claim(str(store)):
+    (store / "manifest.json").write_text("{}")
+  assert sorted(os.listdir(store)) == ["manifest.json"]
+  (tmp_path / "there").mkdir()
+  with claim_lib.Claim(str(tmp_path / "there")):
+    pass
+  assert sorted(os.listdir(tmp_path)) == ["runs", "there"]
+
+
 def test_heartbeat_keeps_the_claim_fresh(tmp_path):
   store = tmp_path / "s"
   c = claim_lib.Claim(str(store), stale_after_s=0.4).acquire()

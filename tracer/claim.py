@@ -13,7 +13,9 @@ one wins. It names its job::
 
 and is refreshed (``heartbeat``) every ``stale_after_s / 4`` seconds by a
 background thread while the job runs, before each chunk the job writes
-(``check``), and deleted when it ends. The record holds its job's
+(``check``), and deleted when it ends (with the local directories taking
+it made, where they are still empty: a job refused before it wrote the
+store leaves no trace). The record holds its job's
 ``stale_after_s`` too. Another job finding a claim takes it over only if it
 is stale: its process is gone (same host and same PID namespace ``pid_ns``: no
 such pid, a zombie, or the pid now belongs to a later process) or its
@@ -161,6 +163,18 @@ def clear_stale(location: str, stale_after_s: float = DEFAULT_STALE_AFTER_S
   return owner
 
 
+def _missing_dirs(location: str) -> list[str]:
+  """The directories of a local ``location`` that do not exist, from it up
+  (the ones writing its claim makes); none for object storage."""
+  path = storage.local_path(location)
+  missing = []
+  while path and not os.path.exists(path):
+    missing.append(path)
+    parent = os.path.dirname(path.rstrip("/"))
+    path = None if parent == path else parent
+  return missing
+
+
 class Claim:
   """This job's claim on a store; ``release()`` it (or use ``with``)."""
 
@@ -180,6 +194,7 @@ class Claim:
                     "started": datetime.datetime.now(datetime.timezone.utc)
                     .strftime("%Y-%m-%dT%H:%M:%SZ")}
     self._generation = None
+    self._made_dirs: list[str] = []   # local directories the claim made, deepest first
     self._lock = threading.Lock()
     self._stop = threading.Event()
     self._thread = None
@@ -210,6 +225,7 @@ class Claim:
   def acquire(self) -> Claim:
     """Takes the claim, taking over a stale one; StoreClaimedError if a live
     job holds it."""
+    self._made_dirs = _missing_dirs(self.location)
     for _ in range(10):  # each retry means another job changed it meanwhile
       current = self._kv.read(CLAIM_FILE).result()
       if current.state == "missing":
@@ -284,6 +300,11 @@ class Claim:
     with self._lock:
       if self._generation is not None and not self.lost:
         self._kv.write(CLAIM_FILE, None, if_equal=self._generation).result()
+        for path in self._made_dirs:
+          try:
+            os.rmdir(path)   # only while empty: a store begun stays
+          except OSError:
+            break
       self._generation = None
 
   def __enter__(self) -> Claim:
