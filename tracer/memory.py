@@ -58,7 +58,7 @@ def cgroup_memory_limit(proc: str = "/proc/self") -> int | None:
     return None
   limits = []
   for mount in mounts:
-    if "-" not in mount[:-2]:
+    if "-" not in mount[:-3]:   # the separator, then three fields
       continue
     fields = mount[mount.index("-") + 1:]   # fstype, source, super options
     root, point = mount[3], mount[4].replace("\\040", " ")
