@@ -1235,7 +1235,7 @@ def check_memory(rows: int, dim: int, mode: str, host_bytes: int | None = None,
     have, where = device_bytes, f"a device's {device_bytes:,} bytes of memory"
   else:
     have = memory.host_memory_bytes() if host_bytes is None else host_bytes
-    where = f"this host's {have:,} bytes of memory"
+    where = memory.host_memory_text(have, lambda n: f"{n:,} bytes of memory")
   if need <= have:
     return
   split = f" on each of {shares} devices" if shares > 1 else ""

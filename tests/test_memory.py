@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tracer import memory
+from tracer.errors import InputError
 
 import multiprocess  # tests/ is on sys.path
 
@@ -29,12 +30,55 @@ def fake_proc(tmp_path: Path, cgroup: str, mounts: list[tuple[str, str, str, str
   proc.mkdir()
   (proc / "cgroup").write_text(cgroup)
   (proc / "mountinfo").write_text("".join(
-      f"{30 + i} 23 0:{40 + i} {root} {tmp_path / point} rw,relatime shared:{i} - "
+      f"{30 + i} 23 0:{40 + i} {_escaped(root)} {_escaped(str(tmp_path / point))} "
+      f"rw,relatime shared:{i} - "
       f"{fstype} {fstype} {options}\n" for i, (root, point, fstype, options) in enumerate(mounts)))
   for name, text in files.items():
     (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / name).write_text(text + "\n")
   return str(proc)
+
+
+def _escaped(path: str) -> str:
+  """A path as the kernel writes it in mountinfo: space, tab, newline and
+  backslash in octal."""
+  return "".join(f"\\{ord(c):03o}" if c in " \t\n\\" else c for c in path)
+
+
+def test_v2_takes_memory_high_where_it_is_lower(tmp_path):
+  # Past memory.high the kernel throttles the group rather than kill it:
+  # a plan relying on more would crawl.
+  proc = fake_proc(tmp_path, "0::/user.slice/app\n", [("/", "cg", "cgroup2", "rw")], {
+      "cg/user.slice/app/memory.max": str(8 * GIB),
+      "cg/user.slice/app/memory.high": str(6 * GIB),
+      "cg/user.slice/memory.high": "max"})
+  assert memory.cgroup_memory_limit(proc) == 6 * GIB
+
+
+def test_mount_points_with_escaped_characters(tmp_path):
+  # mountinfo writes a space, tab, newline or backslash in a path in octal.
+  point = "cg dir\twith\\odd\nnames"
+  proc = fake_proc(tmp_path, "0::/job\n", [("/", point, "cgroup2", "rw")],
+                   {f"{point}/job/memory.max": str(3 * GIB)})
+  assert "\\011" in (Path(proc) / "mountinfo").read_text()
+  assert memory.cgroup_memory_limit(proc) == 3 * GIB
+
+
+def test_messages_name_the_cgroup_limit_where_it_binds(monkeypatch):
+  monkeypatch.setattr(memory, "_physical_bytes", lambda: 64 * GIB)
+  monkeypatch.setattr(memory, "cgroup_memory_limit", lambda: 2 * GIB)
+  assert memory.host_memory_bytes() == 2 * GIB
+  assert memory.host_memory_text(2 * GIB) == (
+      "this process's cgroup memory limit of 2.0 GiB (the host has 64.0 GiB)")
+  with pytest.raises(InputError, match=r"more than this process's cgroup memory "
+                     r"limit of 2.0 GiB \(the host has 64.0 GiB\); expected less"):
+    memory.check_bytes(3 * GIB, "a step", "less", device_have=None, devices=1)
+  # A figure that is not the limit (a caller's own), or a limit above the
+  # physical memory, is the host's.
+  assert memory.host_memory_text(GIB) == "this host's 1.0 GiB"
+  monkeypatch.setattr(memory, "cgroup_memory_limit", lambda: 128 * GIB)
+  assert memory.host_memory_bytes() == 64 * GIB
+  assert memory.host_memory_text(64 * GIB) == "this host's 64.0 GiB"
 
 
 def test_v2_takes_the_lowest_limit_up_the_tree(tmp_path):
@@ -123,7 +167,12 @@ def test_a_process_in_a_limited_cgroup_plans_for_its_limit():
     pytest.skip("this process may not make a memory cgroup (needs root and a "
                 "writable cgroup v1 memory or v2 hierarchy)")
   try:
-    code = "from tracer import memory; print(memory.host_memory_bytes())"
+    code = ("from tracer import memory\n"
+            "try:\n"
+            "  memory.check_bytes(2 << 30, 'a step', 'less', devices=1)\n"
+            "except Exception as e:\n"
+            "  print(e)\n"
+            "print(memory.host_memory_bytes())")
     proc = subprocess.run(
         ["sh", "-c", f'echo $$ > {group / "cgroup.procs"} && exec "$0" -c "$1"',
          sys.executable, code],
@@ -134,5 +183,6 @@ def test_a_process_in_a_limited_cgroup_plans_for_its_limit():
     group.rmdir()
   assert proc.returncode == 0, proc.stderr
   assert int(proc.stdout.split()[-1]) == GIB
+  assert "more than this process's cgroup memory limit of 1.0 GiB (the host has " in proc.stdout
   # This process, outside it, sees no such limit.
   assert memory.host_memory_bytes() > GIB

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import re
 
 import jax
 
@@ -31,15 +32,33 @@ def size_text(n: float) -> str:
 def host_memory_bytes() -> int:
   """The memory this process may use on its host: the physical memory, or
   its cgroup's memory limit where that is lower (``cgroup_memory_limit``)."""
-  physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
   limit = cgroup_memory_limit()
-  return physical if limit is None else min(physical, limit)
+  return _physical_bytes() if limit is None else min(_physical_bytes(), limit)
+
+
+def _physical_bytes() -> int:
+  return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def host_memory_text(have: int, size=size_text) -> str:
+  """``have`` bytes of host memory for a message: "this host's 23.5 GiB",
+  or, where ``have`` is a cgroup's limit below the physical memory, "this
+  process's cgroup memory limit of 1.0 GiB (the host has 23.5 GiB)": a user
+  in a container would otherwise read a figure that is not the machine's.
+  ``size`` writes a figure."""
+  physical = _physical_bytes()
+  if have < physical and have == cgroup_memory_limit():
+    return (f"this process's cgroup memory limit of {size(have)} "
+            f"(the host has {size(physical)})")
+  return f"this host's {size(have)}"
 
 
 def cgroup_memory_limit(proc: str = "/proc/self") -> int | None:
   """The lowest memory limit on the cgroup of the process whose ``/proc``
-  directory is ``proc`` and on its ancestors, cgroup v2 (``memory.max``)
-  or v1 (``memory.limit_in_bytes``); None where none is set or readable.
+  directory is ``proc`` and on its ancestors, cgroup v2 (``memory.max``, or
+  ``memory.high`` where lower: past it the kernel throttles the group and
+  reclaims its pages, so a plan that relies on more crawls) or v1
+  (``memory.limit_in_bytes``); None where none is set or readable.
 
   Why: a container (a Kubernetes pod on a TPU or GPU node, a Slurm job)
   sees the node's physical memory, and past its limit the kernel kills the
@@ -61,12 +80,13 @@ def cgroup_memory_limit(proc: str = "/proc/self") -> int | None:
     if "-" not in mount[:-3]:   # the separator, then three fields
       continue
     fields = mount[mount.index("-") + 1:]   # fstype, source, super options
-    root, point = mount[3], mount[4].replace("\\040", " ")
+    root, point = _unescape(mount[3]), _unescape(mount[4])
     if fields[0] == "cgroup2":
-      paths, file = [g[2] for g in groups if g[:2] == ["0", ""]], "memory.max"
+      paths = [g[2] for g in groups if g[:2] == ["0", ""]]
+      files = ("memory.max", "memory.high")
     elif fields[0] == "cgroup" and "memory" in fields[2].split(","):
       paths = [g[2] for g in groups if "memory" in g[1].split(",")]
-      file = "memory.limit_in_bytes"
+      files = ("memory.limit_in_bytes",)
     else:
       continue
     for path in paths:
@@ -74,9 +94,15 @@ def cgroup_memory_limit(proc: str = "/proc/self") -> int | None:
         path = path[len(root):]
       parts = [p for p in path.split("/") if p]
       for depth in range(len(parts), -1, -1):
-        limits.append(_limit_file(os.path.join(point, *parts[:depth], file)))
+        limits += [_limit_file(os.path.join(point, *parts[:depth], f)) for f in files]
   limits = [n for n in limits if n is not None]
   return min(limits) if limits else None
+
+
+def _unescape(field: str) -> str:
+  """A mountinfo path as the kernel wrote it, its space, tab, newline and
+  backslash escaped in octal (``\\040``), back to the path."""
+  return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _limit_file(path: str) -> int | None:
@@ -202,5 +228,5 @@ def check_bytes(need: int | None, what: str, fix: str, have: int | None = None,
     each = (f" on each of this host's {devices} devices, "
             f"{size_text(need * devices)} in all" if devices > 1 else "")
     raise InputError(f"{what} takes {size_text(need)}{each} (XLA's count "
-                     f"after compiling), more than this host's "
-                     f"{size_text(have)}; expected {fix}")
+                     f"after compiling), more than {host_memory_text(have)}; "
+                     f"expected {fix}")

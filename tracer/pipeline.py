@@ -340,7 +340,7 @@ def check_fit_memory(layout: projection.Layout, kind: str, have: int | None = No
   where = (f"block {block.name!r}, {block.size:,} dims" if block and kind == "block"
            else f"{largest[1] - largest[0]:,} dims")
   what = (f"fitting R takes at least {memory.size_text(need)} (its largest segment: "
-          f"{where}), more than this host's {memory.size_text(have)}" if need > have
+          f"{where}), more than {memory.host_memory_text(have)}" if need > have
           else f"R's float32 moments take {memory.size_text(moments)} on each device "
           f"(its largest segment: {where}), more than a device's "
           f"{memory.size_text(device_have)}")
@@ -679,8 +679,8 @@ def open_store(location: str, manifest_: store_lib.Manifest,
     raise InputError(
         f"EncodeConfig.chunk_rows={manifest_.chunk_rows}: a chunk of {rows:,} rows x "
         f"d={manifest_.dim:,} takes about {memory.size_text(need)} of memory as it "
-        f"is encoded and written, more than this host's "
-        f"{memory.size_text(have)}; expected a smaller "
+        f"is encoded and written, more than "
+        f"{memory.host_memory_text(have)}; expected a smaller "
         "EncodeConfig.chunk_rows")
   attachments = {BASIS_FILE: basis.to_bytes()} if basis is not None else None
   scales = (basis.column_scales() if basis is not None and manifest_.dtype == "int8"
@@ -767,8 +767,8 @@ def _run_local_batches(encoder: GradientEncoder, corpus,
     raise InputError(
         f"EncodeConfig.batch_size={batch_size}: this process's batches of "
         f"{local:,} examples take about {memory.size_text(need)} of host memory "
-        f"(two at once, padded, with their encodings), more than this host's "
-        f"{memory.size_text(have)}; expected a smaller "
+        f"(two at once, padded, with their encodings), more than "
+        f"{memory.host_memory_text(have)}; expected a smaller "
         "EncodeConfig.batch_size")
   batches = _local_batches(ranges, local)
 
