@@ -1221,8 +1221,8 @@ def check_memory(rows: int, dim: int, mode: str, host_bytes: int | None = None,
   """InputError, before any array is made, where ``mode``'s (a key of
   ``HOST_BYTES_PER_ELEMENT`` or ``DEVICE_BYTES_PER_ELEMENT``) rows, and
   ``beside`` bytes more (held whatever the rows), would take more than the
-  host's memory (``host_bytes``, default ``memory.host_memory_bytes``:
-  physical, or the cgroup's limit where lower) or, for the resident modes, more than a
+  host's memory (``host_bytes``, default ``memory.host_budget``: what
+  the process may use less what it holds) or, for the resident modes, more than a
   device's (``device_bytes``; None: the host's, as on a CPU) over
   ``devices`` devices. Before, ``--rows=100000000000`` was numpy's "Unable
   to allocate 373 TiB" traceback (or an OOM kill, past the free memory)."""
@@ -1234,8 +1234,7 @@ def check_memory(rows: int, dim: int, mode: str, host_bytes: int | None = None,
   if on_device and device_bytes is not None:
     have, where = device_bytes, f"a device's {device_bytes:,} bytes of memory"
   else:
-    have = memory.host_memory_bytes() if host_bytes is None else host_bytes
-    where = memory.host_memory_text(have, lambda n: f"{n:,} bytes of memory")
+    have, where = memory.host_budget(host_bytes, lambda n: f"{n:,} bytes")
   if need <= have:
     return
   split = f" on each of {shares} devices" if shares > 1 else ""

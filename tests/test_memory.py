@@ -5,6 +5,7 @@ trees of each cgroup layout and in a real cgroup the test makes."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -134,6 +135,19 @@ def test_no_limit_or_no_cgroup(tmp_path):
   assert memory.cgroup_memory_limit(fake_proc(empty, "0::/\n", [], {})) is None
 
 
+def test_an_allocation_may_take_what_the_process_does_not_hold(monkeypatch):
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 4 * GIB)
+  monkeypatch.setattr(memory, "process_resident_bytes", lambda: GIB // 2)
+  assert memory.host_budget() == (
+      GIB * 7 // 2, "the 3.5 GiB this process has left of this host's 4.0 GiB "
+      "(it holds 512.0 MiB)")
+  # A caller's own figure is taken as it is.
+  assert memory.host_budget(GIB) == (GIB, "this host's 1.0 GiB")
+  monkeypatch.undo()
+  # This process holds its interpreter, jax and XLA.
+  assert memory.process_resident_bytes() > 50 << 20
+
+
 def _make_limited_cgroup(limit: int) -> Path | None:
   """A new memory cgroup of ``limit`` bytes, on cgroup v1's memory
   hierarchy or v2 (the controller enabled at the root); None where this
@@ -167,11 +181,17 @@ def test_a_process_in_a_limited_cgroup_plans_for_its_limit():
     pytest.skip("this process may not make a memory cgroup (needs root and a "
                 "writable cgroup v1 memory or v2 hierarchy)")
   try:
+    # The check of the scan benchmark's 70,000 x 1,024 rows (14 bytes an
+    # element, 1,003,520,000 bytes) passed the limit alone, and the process
+    # holding its own ~300-500 MB beside them was killed (status 137).
     code = ("from tracer import memory\n"
-            "try:\n"
-            "  memory.check_bytes(2 << 30, 'a step', 'less', devices=1)\n"
-            "except Exception as e:\n"
-            "  print(e)\n"
+            "from tracer.launch import benchmark_scan\n"
+            "for check in (lambda: memory.check_bytes(2 << 30, 'a step', 'less', devices=1),\n"
+            "              lambda: benchmark_scan.check_memory(70000, 1024, 'scan')):\n"
+            "  try:\n"
+            "    check()\n"
+            "  except Exception as e:\n"
+            "    print(e)\n"
             "print(memory.host_memory_bytes())")
     proc = subprocess.run(
         ["sh", "-c", f'echo $$ > {group / "cgroup.procs"} && exec "$0" -c "$1"',
@@ -184,5 +204,9 @@ def test_a_process_in_a_limited_cgroup_plans_for_its_limit():
   assert proc.returncode == 0, proc.stderr
   assert int(proc.stdout.split()[-1]) == GIB
   assert "more than this process's cgroup memory limit of 1.0 GiB (the host has " in proc.stdout
+  assert re.search(r"1,003,520,000 bytes, more than the [\d,]+ bytes this process "
+                   r"has left of its cgroup memory limit of 1,073,741,824 bytes \(it "
+                   r"holds [\d,]+ bytes; the host has [\d,]+ bytes\); expected at "
+                   r"most [\d,]+ rows at --dim=1024", proc.stdout), proc.stdout
   # This process, outside it, sees no such limit.
   assert memory.host_memory_bytes() > GIB

@@ -852,29 +852,34 @@ def test_an_encode_batch_past_the_rows_pads_no_further(tmp_path, monkeypatch):
   # it, at d = 65,406 nearly 700 times an example's bytes): 64 examples of 96
   # bytes and d = 34 take 64 x (5 x 96 + 4.5 x 4 x 34) = 69,888 bytes, where
   # the count before (4 copies of an example) was 24,576.
-  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 69_887)
+  # What the process holds already is not there to take (stop 82: in a
+  # 1 GiB container 300-600 MB of it).
+  held = 2048
+  monkeypatch.setattr(memory, "process_resident_bytes", lambda: held)
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: held + 69_887)
   with pytest.raises(InputError, match="batches of 64 examples take about"):
     pipeline._run_local_batches(encoder, corpus, iter([(0, 20)]), 2000, 64)
-  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 69_888)
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: held + 69_888)
   pipeline._run_local_batches(encoder, corpus, iter([(0, 20)]), 2000, 64)
-  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 10_000)
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: held + 10_000)
   with pytest.raises(InputError, match=re.escape(
       "EncodeConfig.batch_size=64: this process's batches of 64 examples take "
       "about 68.2 KiB of host memory (two at once, padded, with their "
-      "encodings), more than this host's 9.8 KiB; expected a smaller "
-      "EncodeConfig.batch_size")):
+      "encodings), more than the 9.8 KiB this process has left of this "
+      "host's 11.8 KiB (it holds 2.0 KiB); expected a smaller EncodeConfig.batch_size")):
     pipeline._run_local_batches(encoder, corpus, iter([(0, 20)]), 2000, 64)
   # A store chunk (8 bytes an element, measured: a float32 buffer, as much
   # again as it is written):
   # 20 x 34 x 8 bytes (projection_dim 64 leaves this model 34).
-  monkeypatch.setattr(memory, "host_memory_bytes", lambda: 5_000)
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: held + 5_000)
   manifest = pipeline.manifest(
       types.SimpleNamespace(path="/nonexistent", step=1, params=None), encoder,
       "none", 0.0, None, corpus, EncodeConfig(chunk_rows=10**8),
       params_fingerprint="test")
   with pytest.raises(InputError, match=re.escape(
       "EncodeConfig.chunk_rows=100000000: a chunk of 20 rows x d=34 takes about "
-      "5.3 KiB of memory as it is encoded and written, more than this "
-      "host's 4.9 KiB; expected a smaller EncodeConfig.chunk_rows")):
+      "5.3 KiB of memory as it is encoded and written, more than the 4.9 KiB "
+      "this process has left of this host's 6.9 KiB (it holds 2.0 KiB); expected a "
+      "smaller EncodeConfig.chunk_rows")):
     pipeline.open_store(str(tmp_path / "store"), manifest)
   assert not (tmp_path / "store").exists()

@@ -1534,8 +1534,8 @@ def test_scan_benchmark_rows_past_the_memory_are_refused():
   check(1000, 100, "scan", host_bytes=14 * 1000 * 100)  # fits exactly
   with pytest.raises(InputError, match=r"^--rows=1001 --dim=100: the scan benchmark "
                      r"holds about 14 bytes per element of its rows x dim encodings, "
-                     r"1,401,400 bytes, more than this host's 1,400,000 bytes of "
-                     r"memory; expected at most 1,000 rows at --dim=100$"):
+                     r"1,401,400 bytes, more than this host's 1,400,000 bytes; "
+                     r"expected at most 1,000 rows at --dim=100$"):
     check(1001, 100, "scan", host_bytes=14 * 1000 * 100)
   with pytest.raises(InputError, match="--serve_pass holds about 10 bytes"):
     check(1001, 100, "serve_pass", host_bytes=10 * 1000 * 100)
@@ -1560,7 +1560,7 @@ def test_scan_benchmark_rows_past_the_memory_are_refused():
   with pytest.raises(InputError, match=r"^--rows=1001 --dim=100: --staged_pool_mb "
                      r"holds about 2 bytes per element of its rows x dim encodings "
                      r"and 5,000 bytes beside them, 205,200 bytes, more than this "
-                     r"host's 205,000 bytes of memory; expected at most "
+                     r"host's 205,000 bytes; expected at most "
                      r"1,000 rows at --dim=100$"):
     check(1001, 100, "staged", host_bytes=2 * 1000 * 100 + 5000, beside=5000)
 

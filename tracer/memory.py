@@ -46,11 +46,45 @@ def host_memory_text(have: int, size=size_text) -> str:
   process's cgroup memory limit of 1.0 GiB (the host has 23.5 GiB)": a user
   in a container would otherwise read a figure that is not the machine's.
   ``size`` writes a figure."""
-  physical = _physical_bytes()
-  if have < physical and have == cgroup_memory_limit():
+  if _is_cgroup_limit(have):
     return (f"this process's cgroup memory limit of {size(have)} "
-            f"(the host has {size(physical)})")
+            f"(the host has {size(_physical_bytes())})")
   return f"this host's {size(have)}"
+
+
+def _is_cgroup_limit(have: int) -> bool:
+  return have < _physical_bytes() and have == cgroup_memory_limit()
+
+
+def process_resident_bytes() -> int:
+  """The memory this process holds now (its resident set,
+  ``/proc/self/statm``); 0 off Linux."""
+  try:
+    with open("/proc/self/statm", encoding="ascii") as f:
+      return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+  except (OSError, ValueError, IndexError):
+    return 0
+
+
+def host_budget(have: int | None = None, size=size_text) -> tuple[int, str]:
+  """The host memory a new allocation may take, and its words for a
+  message: ``have`` bytes where given (``host_memory_text``: a caller's own
+  figure); else what this process may use (``host_memory_bytes``) less what
+  it holds already (``process_resident_bytes``): "the 3.5 GiB this process
+  has left of this host's 4.0 GiB (it holds 512.0 MiB)". Why: a process
+  holds 300-600 MB before its first array (the interpreter, jax, XLA, a
+  model), which in a container of a few GiB is what an allocation the
+  whole limit allowed is killed for (2026-12-07, a 1 GiB cgroup:
+  ``benchmark_scan --rows=70000 --dim=1024`` passed its check and was
+  killed). ``size`` writes a figure."""
+  if have is not None:
+    return have, host_memory_text(have, size)
+  total, held = host_memory_bytes(), process_resident_bytes()
+  left = f"the {size(max(0, total - held))} this process has left of "
+  if _is_cgroup_limit(total):
+    return total - held, (f"{left}its cgroup memory limit of {size(total)} (it "
+                          f"holds {size(held)}; the host has {size(_physical_bytes())})")
+  return total - held, f"{left}this host's {size(total)} (it holds {size(held)})"
 
 
 def cgroup_memory_limit(proc: str = "/proc/self") -> int | None:

@@ -320,7 +320,8 @@ def check_fit_memory(layout: projection.Layout, kind: str, have: int | None = No
                      device_have: int | None = None) -> None:
   """InputError, before any gradient, where fitting R of ``kind`` over
   ``layout`` would take more than ``have`` bytes of the host's memory
-  (default ``memory.host_memory_bytes``; ``hessian.fit_bytes``), or its moments more
+  (default ``memory.host_budget``: what the process may use less what it
+  holds; ``hessian.fit_bytes``), or its moments more
   than ``device_have`` bytes of a device's (default ``memory.device_memory_bytes``;
   each device keeps a copy). A block left unprojected by a projection_dim
   past the model's size is a whole weight matrix (65,536 dims for
@@ -329,7 +330,7 @@ def check_fit_memory(layout: projection.Layout, kind: str, have: int | None = No
   if kind == "none":
     return
   need = hessian.fit_bytes(layout, kind)
-  have = memory.host_memory_bytes() if have is None else have
+  have, host = memory.host_budget(have)
   moments = hessian.moment_bytes(layout, kind)
   device_have = memory.device_memory_bytes() if device_have is None else device_have
   if need <= have and (device_have is None or moments <= device_have):
@@ -340,7 +341,7 @@ def check_fit_memory(layout: projection.Layout, kind: str, have: int | None = No
   where = (f"block {block.name!r}, {block.size:,} dims" if block and kind == "block"
            else f"{largest[1] - largest[0]:,} dims")
   what = (f"fitting R takes at least {memory.size_text(need)} (its largest segment: "
-          f"{where}), more than {memory.host_memory_text(have)}" if need > have
+          f"{where}), more than {host}" if need > have
           else f"R's float32 moments take {memory.size_text(moments)} on each device "
           f"(its largest segment: {where}), more than a device's "
           f"{memory.size_text(device_have)}")
@@ -674,13 +675,12 @@ def open_store(location: str, manifest_: store_lib.Manifest,
   # would be terabytes, found only as the first chunk filled.
   rows = min(manifest_.chunk_rows, manifest_.num_rows)
   need = CHUNK_BYTES_PER_ELEMENT * rows * manifest_.dim
-  have = memory.host_memory_bytes()
+  have, host = memory.host_budget()
   if need > have:
     raise InputError(
         f"EncodeConfig.chunk_rows={manifest_.chunk_rows}: a chunk of {rows:,} rows x "
         f"d={manifest_.dim:,} takes about {memory.size_text(need)} of memory as it "
-        f"is encoded and written, more than "
-        f"{memory.host_memory_text(have)}; expected a smaller "
+        f"is encoded and written, more than {host}; expected a smaller "
         "EncodeConfig.chunk_rows")
   attachments = {BASIS_FILE: basis.to_bytes()} if basis is not None else None
   scales = (basis.column_scales() if basis is not None and manifest_.dtype == "int8"
@@ -762,13 +762,13 @@ def _run_local_batches(encoder: GradientEncoder, corpus,
   # example's encoding is copied as it comes back (BATCH_*_COPIES, measured).
   need = int(local * (BATCH_EXAMPLE_COPIES * sum(v.nbytes for v in example.values())
                       + BATCH_ENCODING_COPIES * 4 * encoder.dim))
-  have = memory.host_memory_bytes()
+  have, host = memory.host_budget()
   if need > have:
     raise InputError(
         f"EncodeConfig.batch_size={batch_size}: this process's batches of "
         f"{local:,} examples take about {memory.size_text(need)} of host memory "
-        f"(two at once, padded, with their encodings), more than "
-        f"{memory.host_memory_text(have)}; expected a smaller "
+        f"(two at once, padded, with their encodings), more than {host}; "
+        "expected a smaller "
         "EncodeConfig.batch_size")
   batches = _local_batches(ranges, local)
 
