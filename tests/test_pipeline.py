@@ -883,3 +883,21 @@ def test_an_encode_batch_past_the_rows_pads_no_further(tmp_path, monkeypatch):
       "smaller EncodeConfig.chunk_rows")):
     pipeline.open_store(str(tmp_path / "store"), manifest)
   assert not (tmp_path / "store").exists()
+  # The batches and the chunk filling beside them are held together: each
+  # fits alone (a chunk of 5,440 bytes; 32 examples, 20 rows padded to the
+  # devices' microbatches, of 1,092 bytes: 34,944),
+  # not both.
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: held + 10**6)
+  store = pipeline.open_store(str(tmp_path / "store"), manifest)
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: held + 40_383)
+  corpus.rows_read = 0
+  with pytest.raises(InputError, match=re.escape(
+      "EncodeConfig.batch_size=64: this process's batches of 32 examples take "
+      "about 34.1 KiB of host memory (two at once, padded, with their "
+      "encodings), beside a store chunk's 5.3 KiB, more than the 39.4 KiB this "
+      "process has left of this host's 41.4 KiB (it holds 2.0 KiB); expected a "
+      "smaller EncodeConfig.batch_size or EncodeConfig.chunk_rows")):
+    pipeline.encode_corpus(encoder, None, corpus, store, 64)
+  assert corpus.rows_read == 0
+  monkeypatch.setattr(memory, "host_memory_bytes", lambda: held + 40_384)
+  pipeline._run_local_batches(encoder, corpus, iter([(0, 20)]), 20, 64, 5_440)

@@ -741,13 +741,15 @@ def _local_batches(ranges: Iterator[tuple[int, int]], size: int
 
 def _run_local_batches(encoder: GradientEncoder, corpus,
                        ranges: Iterator[tuple[int, int]], steps_rows: int,
-                       batch_size: int
+                       batch_size: int, chunk_bytes: int = 0
                        ) -> Iterator[tuple[np.ndarray, dict, np.ndarray]]:
   """(rows, padded examples, valid) of every step of this process.
 
   ``ranges`` are this process's row ranges; ``steps_rows`` the most rows any
   process has, so every process runs the same number of steps (a process out
   of rows feeds padding). Reads run one batch ahead in a background thread.
+  ``chunk_bytes``: what the caller holds beside the batches (a store chunk
+  filling), counted with them in the memory check.
   """
   # A batch past the rows only pads (a demo's EncodeConfig.batch_size=10^8
   # padded its 1,719 rows to 10^8 examples: numpy's "Unable to allocate
@@ -763,13 +765,15 @@ def _run_local_batches(encoder: GradientEncoder, corpus,
   need = int(local * (BATCH_EXAMPLE_COPIES * sum(v.nbytes for v in example.values())
                       + BATCH_ENCODING_COPIES * 4 * encoder.dim))
   have, host = memory.host_budget()
-  if need > have:
+  if need + chunk_bytes > have:
+    chunk = (f", beside a store chunk's {memory.size_text(chunk_bytes)}"
+             if chunk_bytes else "")
     raise InputError(
         f"EncodeConfig.batch_size={batch_size}: this process's batches of "
         f"{local:,} examples take about {memory.size_text(need)} of host memory "
-        f"(two at once, padded, with their encodings), more than {host}; "
-        "expected a smaller "
-        "EncodeConfig.batch_size")
+        f"(two at once, padded, with their encodings){chunk}, more than {host}; "
+        "expected a smaller EncodeConfig.batch_size"
+        + (" or EncodeConfig.chunk_rows" if chunk_bytes else ""))
   batches = _local_batches(ranges, local)
 
   def items():
@@ -827,8 +831,13 @@ def encode_corpus(encoder: GradientEncoder, basis: hessian.Basis | None, corpus,
   # Rows arrive in the order of ``mine``: fill one chunk after the other.
   buf, filled, encoded, quarantined, bad = None, 0, 0, 0, {}
   ranges = (store.chunk_bounds(c) for c in list(mine))
+  # A chunk fills while the batches run (the open_store check counted it
+  # alone).
+  chunk_bytes = CHUNK_BYTES_PER_ELEMENT * encoder.dim * int(
+      max(sizes[group::groups], default=0))
   for rows, examples, valid in _run_local_batches(encoder, corpus, ranges,
-                                                  max(group_rows), batch_size):
+                                                  max(group_rows), batch_size,
+                                                  chunk_bytes):
     projected = encoder.project_local(examples, valid)
     quarantined += projected.count
     _check_quarantined(corpus, rows, projected, quarantined, max_quarantined,
