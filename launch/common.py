@@ -235,8 +235,8 @@ flags.DEFINE_float("claim_timeout_s", claim_lib.DEFAULT_STALE_AFTER_S,
 # (absl's bounds let NaN through: every comparison with it is False.)
 flags.register_validator("max_quarantined", lambda v: 0 <= v <= 1,
                          "expected a fraction in [0, 1]")
-flags.register_validator("claim_timeout_s", lambda v: v > 0,
-                         "expected seconds > 0")
+flags.register_validator("claim_timeout_s", lambda v: 0 < v < float("inf"),
+                         "expected finite seconds > 0")
 flags.DEFINE_bool("verify_store", False, "Before resuming or reusing a store, "
                   "re-read its written chunks and rewrite those whose bytes do "
                   "not match their checksums (reads the whole store).")
@@ -296,8 +296,13 @@ def encoded_store(location: str, run: Run, pcfg: PreconditionerConfig,
     say(f"store {location}: complete, reused as it is (no corpus gradient "
         "computed)")
     if jax.process_index() == 0:
-      # A job killed after its last chunk left its claim behind.
-      claim_lib.clear_stale(location, FLAGS.claim_timeout_s)
+      # A job killed after its last chunk left its claim behind. Reading a
+      # complete store needs no claim: one that cannot be removed (a store
+      # the job may only read) is said, not an error.
+      try:
+        claim_lib.clear_stale(location, FLAGS.claim_timeout_s)
+      except InputError as e:
+        say(f"store {location}: a dead job's claim is left in place: {e}")
     return store, pipeline.store_basis(store)
   key = pipeline.basis_key(params_fingerprint, run.encoder, run.correction,
                            run.epsilon, run.corpus, pcfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import time
 import pytest
 
 from tracer import claim as claim_lib
-from tracer.errors import StoreClaimedError
+from tracer.errors import InputError, StoreClaimedError
 
 
 def _write(path, **record):
@@ -104,6 +105,76 @@ def test_a_pid_is_judged_only_in_its_own_pid_namespace(tmp_path, pid_ns):
   c = claim_lib.Claim(str(store), stale_after_s=50).acquire()
   assert c.taken_over[1].startswith("no heartbeat for 100 s")
   c.release()
+
+
+def test_a_pid_is_judged_only_on_its_own_boot(tmp_path):
+  # Two machines of one hostname (cloned images, "localhost") both in their
+  # initial PID namespace, whose inode is the same on every machine: the
+  # boot tells them apart, else another machine's live job, its pid absent
+  # here, was taken over at once (two writers of one store).
+  store = tmp_path / "s"
+  dead = subprocess.Popen([sys.executable, "-c", "pass"])
+  dead.wait()
+  assert claim_lib._boot_id()
+  record = dict(job="other", host=socket.gethostname(), pid=dead.pid,
+                pid_ns=claim_lib._pid_namespace(), boot_id="another-boot",
+                started="t", heartbeat=time.time())
+  _write(store, **record)
+  with pytest.raises(StoreClaimedError, match="job other on host"):
+    claim_lib.Claim(str(store)).acquire()
+  _write(store, **dict(record, boot_id=claim_lib._boot_id()))
+  c = claim_lib.Claim(str(store)).acquire()
+  assert c.taken_over[1] == "its process is gone"
+  assert json.loads((store / claim_lib.CLAIM_FILE).read_text())["boot_id"] == (
+      claim_lib._boot_id())
+  c.release()
+
+
+def test_a_claim_that_cannot_be_written_is_an_input_error(tmp_path):
+  # Before, tensorstore's ValueError: a traceback from the command line.
+  (tmp_path / "afile").write_text("")
+  with pytest.raises(InputError, match=re.escape(
+      f"{tmp_path}/afile/store/writer.json: cannot write the store's claim: ")):
+    claim_lib.Claim(str(tmp_path / "afile" / "store")).acquire()
+
+
+def test_a_dead_claim_on_a_read_only_store_is_an_input_error(tmp_path):
+  # A store on a read-only mount (or in a bucket the job may only read),
+  # with a killed job's claim: clearing it, or taking the claim, names
+  # writer.json (a complete store is then reused: launch.common says so).
+  src, ro = tmp_path / "src", tmp_path / "ro"
+  _write(src / "store", job="dead", host="elsewhere", pid=1, heartbeat=0)
+  ro.mkdir()
+  code = ("import sys\n"
+          "from tracer import claim\n"
+          "for f in (claim.clear_stale, lambda s: claim.Claim(s).acquire()):\n"
+          "  try:\n"
+          "    f(sys.argv[1])\n"
+          "  except Exception as e:\n"
+          "    print(type(e).__name__, e)\n")
+  proc = subprocess.run(
+      ["unshare", "-m", "sh", "-c", f"mount --bind {src} {ro} && mount -o "
+       f'remount,bind,ro {ro} && exec "$0" -c "$1" "$2"', sys.executable, code,
+       str(ro / "store")], capture_output=True, text=True, timeout=120,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  if proc.returncode != 0 or not proc.stdout:
+    pytest.skip(f"no read-only mount here (needs unshare -m as root): {proc.stderr[-300:]}")
+  where = f"{ro}/store/writer.json"
+  assert proc.stdout.splitlines() == [
+      f"InputError {where}: cannot delete a dead job's claim: Read-only file system",
+      f"InputError {where}: cannot write the store's claim: Read-only file system"]
+
+
+def test_a_timeout_past_any_wait_beats_hourly(tmp_path):
+  # Before, a wait of 1e11 / 4 s raised OverflowError in the heartbeat
+  # thread, which died at once.
+  c = claim_lib.Claim(str(tmp_path / "s"), stale_after_s=1e11).acquire()
+  try:
+    assert c.heartbeat_s == claim_lib.MAX_HEARTBEAT_S
+    time.sleep(0.2)
+    assert c._thread.is_alive()
+  finally:
+    c.release()
 
 
 @pytest.mark.parametrize("text", ["[1, 2]", '"x"', "3", "null"])

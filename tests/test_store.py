@@ -13,6 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from tracer import claim as claim_lib
 from tracer import storage
 from tracer import store as store_lib
 from tracer.errors import CorruptStoreError, InputError
@@ -287,6 +288,30 @@ def test_file_urls_name_absolute_paths_on_this_machine(tmp_path, monkeypatch):
     with pytest.raises(InputError, match=f"^{bad}: a file URL names an absolute path"):
       storage.write_text(bad, "x")
   assert sorted(os.listdir(tmp_path)) == ["a.txt", "s"]
+  # "." and ".." as in a local path (before, tensorstore's "Invalid file
+  # path" for a store, while a plain write went through).
+  dotted = f"file://{tmp_path}/x/../s2/./"
+  assert storage.normalize(dotted) == f"file://{tmp_path}/s2"
+  store_lib.create_or_open(dotted, _manifest())
+  assert store_lib.open_store(tmp_path / "s2").manifest.dim == _manifest().dim
+  with claim_lib.Claim(dotted):
+    assert (tmp_path / "s2" / claim_lib.CLAIM_FILE).exists()
+
+
+@pytest.mark.parametrize("folded, expected", [
+    ("gs:/b/s", "gs://b/s"), ("s3:/b/s", "s3://b/s"), ("memory:/s", "memory://s"),
+    ("file:/abs/s", "file:///abs/s")])
+def test_a_url_with_its_slashes_folded_is_refused(tmp_path, monkeypatch, folded,
+                                                  expected):
+  # pathlib.Path("gs://b/s") is "gs:/b/s": before, a relative path, the
+  # store written under ./gs:/b/s and nothing in the bucket.
+  from tracer import storage  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(InputError, match=re.escape(
+      f'{folded}: a URL\'s "//" folded to "/" (as pathlib.Path does); '
+      f"expected {expected}")):
+    store_lib.create_or_open(folded, _manifest())
+  assert os.listdir(tmp_path) == []
 
 
 @pytest.mark.parametrize("field,value,expected", [

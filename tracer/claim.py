@@ -7,9 +7,9 @@ written with a compare-and-swap (tensorstore's conditional write on the
 kvstore: local files, GCS and S3 alike), so of two jobs racing for it exactly
 one wins. It names its job::
 
-  {"job": "<uuid>", "host": "...", "pid": 1234, "pid_start": "...",
-   "pid_ns": "pid:[4026531836]", "started": "2026-11-29T10:53:05Z",
-   "heartbeat": 1795949655.6}
+  {"job": "<uuid>", "host": "...", "boot_id": "<uuid>", "pid": 1234,
+   "pid_start": "...", "pid_ns": "pid:[4026531836]",
+   "started": "2026-11-29T10:53:05Z", "heartbeat": 1795949655.6}
 
 and is refreshed (``heartbeat``) every ``stale_after_s / 4`` seconds by a
 background thread while the job runs, before each chunk the job writes
@@ -17,14 +17,18 @@ background thread while the job runs, before each chunk the job writes
 it made, where they are still empty: a job refused before it wrote the
 store leaves no trace). The record holds its job's
 ``stale_after_s`` too. Another job finding a claim takes it over only if it
-is stale: its process is gone (same host and same PID namespace ``pid_ns``: no
-such pid, a zombie, or the pid now belongs to a later process) or its
+is stale: its process is gone (same host, same boot ``boot_id`` and same PID
+namespace ``pid_ns``: no such pid, a zombie, or the pid now belongs to a
+later process; the boot tells apart machines that share a hostname, whose
+initial PID namespaces read alike) or its
 heartbeat is older than the longer of the two jobs' ``stale_after_s`` (any
 host, any namespace; a record without ``pid_ns`` is judged by this alone; a
 job started with a shorter timeout than the owner's must not take over a
 live owner that beats at its own pace). A file that is not a claim record (not
 a JSON object) is stale. Otherwise it fails at once with
-``StoreClaimedError`` naming the owner.
+``StoreClaimedError`` naming the owner. A claim that cannot be read or
+written (a read-only mount, a bucket the job may only read) is an
+InputError naming ``writer.json``.
 """
 
 from __future__ import annotations
@@ -36,12 +40,12 @@ import socket
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Callable
 
 import tensorstore as ts
 
 from tracer import storage
-from tracer.errors import StoreClaimedError
+from tracer.errors import InputError, StoreClaimedError
 
 CLAIM_FILE = "writer.json"
 # Every record is padded to this many bytes. Claims need tensorstore's
@@ -51,6 +55,9 @@ CLAIM_FILE = "writer.json"
 # overwrite it whole. (A record is < 600 bytes with a 253-byte host name.)
 RECORD_BYTES = 1024
 DEFAULT_STALE_AFTER_S = 600.0
+# The longest wait between heartbeats, whatever the timeout: a wait past
+# threading.TIMEOUT_MAX (~9.2e9 s) raises in the heartbeat thread.
+MAX_HEARTBEAT_S = 3600.0
 
 
 def _pid_start(pid: int) -> str | None:
@@ -61,6 +68,16 @@ def _pid_start(pid: int) -> str | None:
       # Field 22; the command name (field 2) may hold spaces, so split after it.
       return f.read().rsplit(b")", 1)[1].split()[19].decode()
   except (OSError, IndexError):
+    return None
+
+
+def _boot_id() -> str | None:
+  """This machine's boot (Linux: a random id drawn at each boot); None where
+  it cannot be known."""
+  try:
+    with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+      return f.read().strip() or None
+  except OSError:
     return None
 
 
@@ -134,9 +151,12 @@ def stale_reason(owner: dict[str, Any], stale_after_s: float,
   # read) is judged by its heartbeat alone: it may be another container's
   # live job, and taking that over makes two writers of one store, whereas
   # waiting out a dead job's heartbeat costs at most ``stale_after_s``.
+  # Every machine's initial PID namespace has the same inode, so the boot
+  # tells apart two machines of one hostname (cloned images, "localhost").
   namespace = owner.get("pid_ns")
   if (owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int)
-      and namespace is not None and namespace == _pid_namespace()):
+      and namespace is not None and namespace == _pid_namespace()
+      and owner.get("boot_id", _boot_id()) == _boot_id()):
     if not _process_alive(owner["pid"], owner.get("pid_start")):
       return "its process is gone"
   if age > stale_after_s:
@@ -147,10 +167,11 @@ def stale_reason(owner: dict[str, Any], stale_after_s: float,
 def clear_stale(location: str, stale_after_s: float = DEFAULT_STALE_AFTER_S
                 ) -> dict[str, Any] | None:
   """Deletes the claim at ``location`` if its job is gone (a run killed after
-  its last chunk but before releasing); returns the owner it deleted."""
-  kv = ts.KvStore.open(storage.kvstore_spec(storage.normalize(location)),
-                       context=storage.CONTEXT).result()
-  current = kv.read(CLAIM_FILE).result()
+  its last chunk but before releasing); returns the owner it deleted. An
+  InputError naming the claim where it cannot be read or deleted."""
+  location = storage.normalize(location)
+  kv = _open(location)
+  current = _io(location, "read the store's claim", kv.read(CLAIM_FILE).result)
   if current.state == "missing":
     return None
   try:
@@ -159,8 +180,22 @@ def clear_stale(location: str, stale_after_s: float = DEFAULT_STALE_AFTER_S
       return None
   except (TypeError, ValueError):  # not a claim record: stale
     owner = {}
-  kv.write(CLAIM_FILE, None, if_equal=current.stamp.generation).result()
+  _io(location, "delete a dead job's claim", lambda: kv.write(
+      CLAIM_FILE, None, if_equal=current.stamp.generation).result())
   return owner
+
+
+def _open(location: str) -> ts.KvStore:
+  return _io(location, "open the store's claim", lambda: ts.KvStore.open(
+      storage.kvstore_spec(location), context=storage.CONTEXT).result())
+
+
+def _io(location: str, action: str, fn: Callable[[], Any]) -> Any:
+  """``fn()``, its storage error (tensorstore's ValueError, an OSError) an
+  InputError naming the claim: a read-only mount or a bucket the job may
+  only read is the user's to fix, not a traceback."""
+  with storage.writing(storage.join(location, CLAIM_FILE), action):
+    return fn()
 
 
 def _missing_dirs(location: str) -> list[str]:
@@ -182,14 +217,13 @@ class Claim:
                heartbeat_s: float | None = None):
     self.location = storage.normalize(location)
     self.stale_after_s = float(stale_after_s)
-    self.heartbeat_s = (max(0.05, self.stale_after_s / 4) if heartbeat_s is None
-                        else heartbeat_s)
+    self.heartbeat_s = (min(max(0.05, self.stale_after_s / 4), MAX_HEARTBEAT_S)
+                        if heartbeat_s is None else heartbeat_s)
     self.taken_over: tuple[dict[str, Any], str] | None = None
     self.lost: str | None = None
-    self._kv = ts.KvStore.open(storage.kvstore_spec(self.location),
-                               context=storage.CONTEXT).result()
+    self._kv = _open(self.location)
     self._record = {"job": uuid.uuid4().hex[:12], "host": socket.gethostname(),
-                    "pid": os.getpid(), "pid_start": _pid_start(os.getpid()),
+                    "boot_id": _boot_id(), "pid": os.getpid(), "pid_start": _pid_start(os.getpid()),
                     "pid_ns": _pid_namespace(), "stale_after_s": self.stale_after_s,
                     "started": datetime.datetime.now(datetime.timezone.utc)
                     .strftime("%Y-%m-%dT%H:%M:%SZ")}
@@ -224,12 +258,14 @@ class Claim:
 
   def acquire(self) -> Claim:
     """Takes the claim, taking over a stale one; StoreClaimedError if a live
-    job holds it."""
+    job holds it, an InputError if the claim cannot be read or written."""
     self._made_dirs = _missing_dirs(self.location)
     for _ in range(10):  # each retry means another job changed it meanwhile
-      current = self._kv.read(CLAIM_FILE).result()
+      current = _io(self.location, "read the store's claim",
+                    self._kv.read(CLAIM_FILE).result)
       if current.state == "missing":
-        generation = self._put(current.stamp.generation)
+        generation = _io(self.location, "write the store's claim",
+                         lambda: self._put(current.stamp.generation))
       else:
         where = storage.join(self.location, CLAIM_FILE)
         try:
@@ -243,7 +279,8 @@ class Claim:
               f"(last heartbeat {time.time() - float(owner['heartbeat']):.0f} s ago); "
               f"wait for it or stop it (a claim without a heartbeat for "
               f"{stale_limit(owner, self.stale_after_s):.0f} s is taken over)")
-        generation = self._put(current.stamp.generation)
+        generation = _io(self.location, "write the store's claim",
+                         lambda: self._put(current.stamp.generation))
         if generation:
           self.taken_over = (owner, why)
       if generation:

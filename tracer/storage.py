@@ -58,6 +58,9 @@ LOCK_SUFFIX = ".__lock"
 # Any "scheme://": one tracer does not know is a typo ("gcs://") or a protocol
 # it has no driver for ("http://"), never a relative path to write under.
 _ANY_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# A known scheme with its "//" folded to "/" (``pathlib.Path("gs://b/s")``
+# is ``gs:/b/s``): else a relative path, written under ``./gs:/b/s``.
+_FOLDED_SCHEME = re.compile(r"(gs|s3|memory|file):/(?!/)")
 
 
 def is_url(location: str) -> bool:
@@ -72,6 +75,13 @@ def is_url(location: str) -> bool:
     raise InputError(f"{location}: unknown URL scheme {scheme.group()!r}; "
                      "expected a local path or a gs://, s3://, memory:// or "
                      "file:// URL")
+  folded = _FOLDED_SCHEME.match(location)
+  if folded:
+    fixed = f"{folded.group(1)}://{location[folded.end():]}"
+    if folded.group(1) == "file":
+      fixed = f"file:///{location[folded.end():]}"
+    raise InputError(f"{location}: a URL's \"//\" folded to \"/\" (as "
+                     f"pathlib.Path does); expected {fixed}")
   return False
 
 
@@ -101,7 +111,9 @@ def normalize(location: str | os.PathLike[str]) -> str:
   location = os.fspath(location)
   if location.startswith("file://"):
     # ``file:///``'s path is the root: its slash is not a trailing one.
-    return "file://" + (local_path(location).rstrip("/") or "/")
+    # ``.`` and ``..`` resolved as for a local path (tensorstore's file
+    # driver refuses them).
+    return "file://" + os.path.normpath(local_path(location)).replace("//", "/", 1)
   if is_url(location):
     scheme, rest = location.split("://", 1)
     return f"{scheme}://{rest.rstrip('/')}"
