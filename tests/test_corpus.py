@@ -390,6 +390,42 @@ def test_a_source_that_cannot_be_read_leaves_no_output(tmp_path):
     assert not out.exists(), (source, sorted(os.listdir(out)))
 
 
+@pytest.mark.parametrize("change", ["added", "removed"])
+def test_parts_made_from_other_files_of_a_glob_are_refused(tmp_path, records, change):
+  """Each process splits a glob as it finds it. Before, files landing after
+  part 0 was written (a rerun after a crash) dropped a file that was there
+  all along from the joined corpus, silently; a file removed had another
+  tokenized by both parts (a false duplicate id)."""
+  config = DataConfig()
+  pattern = _shards(tmp_path / "shards", records[:40], files=4)
+  files = data_lib.corpus_files(pattern)
+  out = str(tmp_path / "tok")
+  corpus_lib.tokenize(pattern, out, config, 32, num_shards=2, shard_index=0)
+  if change == "added":
+    for i, name in enumerate(("part-008.jsonl", "part-009.jsonl")):
+      facts.write_jsonl(str(tmp_path / "shards" / name), records[40 + i:41 + i])
+    now = data_lib.corpus_files(pattern)[:3]
+  else:
+    os.remove(files[3])
+    now = files[:1]
+  part0 = f"{out}/parts/00000-of-00002"
+  span = (f"{len(now)} files, {now[0]} to {now[-1]}" if len(now) > 1
+          else f"1 file, {now[0]}")
+  with pytest.raises(InputError, match=re.escape(
+      f"{part0}: made from 2 files, {files[0]} to {files[1]}; {pattern} now "
+      f"gives that part {span}: its files changed while the corpus was "
+      f"tokenized; expected the same files for every part (delete {part0} and "
+      "tokenize it again)")):
+    corpus_lib.tokenize(pattern, out, config, 32, num_shards=2, shard_index=1)
+  assert not os.path.exists(f"{out}/{corpus_lib.MANIFEST}")
+  # As told: part 0 again, then the join holds every file's rows once.
+  shutil.rmtree(part0)
+  joined = corpus_lib.tokenize(pattern, out, config, 32, num_shards=2, shard_index=0)
+  whole = corpus_lib.tokenize(pattern, str(tmp_path / "one"), config, 32)
+  assert joined.manifest.fingerprint == whole.manifest.fingerprint
+  assert len(joined) == len(whole)
+
+
 def test_duplicate_ids_across_shards_are_named(tmp_path):
   a = tmp_path / "a.jsonl"
   b = tmp_path / "b.jsonl"

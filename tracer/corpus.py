@@ -432,8 +432,7 @@ def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
       mine = data_lib.split_files(source, num_shards)[shard_index]
       # This process's files as it sees them before it reads them: each
       # part records its own share's, the join all of them.
-      source_files = _source_files(
-          list(dict.fromkeys(f if isinstance(f, str) else f.path for f in mine)))
+      source_files = _source_files(_run_paths(mine))
       records = data_lib.corpus_records(source, vocab, False, mine)
       files = _paths(mine)
     else:  # a run of the seqio source's shards
@@ -663,8 +662,10 @@ def join_parts(output: str, source: str, num_shards: int) -> TokenizedCorpus | N
       raise InputError(f"{storage.join(output, p, MANIFEST)}: made with other "
                        f"settings than {paths[0]} (or not as shard {i} of "
                        f"{num_shards})")
+  runs = None  # each part's files
+  if data_lib.is_file_source(source) and all(m.source_files for m in manifests):
+    runs = [_paths(run) for run in _check_parts_files(output, source, paths, manifests)]
   starts = np.cumsum([0] + [m.num_rows for m in manifests[:-1]])
-  runs = None  # each part's files, once a hash repeats
   for shared in shared_hashes([_open(storage.join(output, p, ID_HASHES))
                                for p in paths]):
     if runs is None:
@@ -685,6 +686,29 @@ def join_parts(output: str, source: str, num_shards: int) -> TokenizedCorpus | N
       chunks_stored=all(m.chunks_stored for m in manifests),
       parts=[{"path": p, "num_rows": m.num_rows} for p, m in zip(paths, manifests)]))
   return TokenizedCorpus(output)
+
+
+def _check_parts_files(output: str, source: str, paths: Sequence[str],
+                       manifests: Sequence[CorpusManifest]) -> list[list]:
+  """The runs of ``data.split_files`` of ``source`` as they are now, each the
+  files its part recorded; else an InputError naming the first part made
+  from other files. Each process splits the source as it finds it: files
+  added or removed between parts (a rerun after a crash, shards landing
+  while a pod tokenizes) dropped a file from the join or tokenized one
+  twice (reported as a duplicate id)."""
+  runs = data_lib.split_files(source, len(paths))
+  for path, m, run in zip(paths, manifests, runs):
+    was, now = [f["path"] for f in m.source_files], _run_paths(run)
+    if was != now:
+      span = lambda files: (f"{len(files):,} files, {files[0]} to {files[-1]}"
+                            if len(files) > 1 else f"1 file, {files[0]}"
+                            if files else "no files")
+      raise InputError(
+          f"{storage.join(output, path)}: made from {span(was)}; {source} now "
+          f"gives that part {span(now)}: its files changed while the corpus was "
+          f"tokenized; expected the same files for every part (delete "
+          f"{storage.join(output, path)} and tokenize it again)")
+  return runs
 
 
 def _joined_source_files(output: str, paths: Sequence[str],
@@ -771,6 +795,12 @@ def shared_hashes(parts: Sequence, block: int | None = None) -> Iterator[int]:
 def _paths(run: list) -> set[str]:
   """The file paths of a run of ``data.split_files`` (files or FileParts)."""
   return {f if isinstance(f, str) else f.path for f in run}
+
+
+def _run_paths(run: list) -> list[str]:
+  """A run's file paths, each once, in order, as its part records them."""
+  return [storage.normalize(p) for p in
+          dict.fromkeys(f if isinstance(f, str) else f.path for f in run)]
 
 
 def _duplicate_id(value: int, parts: list[tuple[str, int, set[str] | None]],
