@@ -451,6 +451,13 @@ def test_bad_manifest(tmp_path, corpus_path):
   (out / "manifest.json").write_text(json.dumps(d))
   with pytest.raises(InputError, match="manifest.json: not a tokenized corpus"):
     corpus_lib.TokenizedCorpus(str(out))
+  # A hand-edited record of the source files (before, a TypeError on rerun).
+  d["format"] = corpus_lib.FORMAT
+  for files, message in (("x", "source_files is \"x\"; expected a list"),
+                         ([{"path": 3}], 'source_files[0] is {"path": 3}; expected')):
+    (out / "manifest.json").write_text(json.dumps({**d, "source_files": files}))
+    with pytest.raises(InputError, match=re.escape(f"manifest.json: {message}")):
+      corpus_lib.tokenize(corpus_path, str(out), DataConfig(), 32)
 
 
 def test_launch_tokenize(tmp_path, corpus_path):

@@ -161,6 +161,14 @@ def read_manifest(location: str) -> CorpusManifest:
             and type(part.get("num_rows")) is int and part["num_rows"] >= 0):
       raise InputError(f"{where}: parts[{i}] is {json.dumps(part)[:200]}; expected "
                        '{"path": "parts/...", "num_rows": N}')
+  files = d.get("source_files")
+  if files is not None and not isinstance(files, list):
+    raise InputError(f"{where}: source_files is {json.dumps(files)[:200]}; expected "
+                     "a list")
+  for i, f in enumerate(files or ()):
+    if not (isinstance(f, dict) and isinstance(f.get("path"), str)):
+      raise InputError(f"{where}: source_files[{i}] is {json.dumps(f)[:200]}; "
+                       'expected {"path": "...", ...} (a file as it was read)')
   return CorpusManifest(**d)
 
 
