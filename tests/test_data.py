@@ -586,6 +586,38 @@ def test_parquet_text_that_is_not_utf8_names_its_row(tmp_path, vocab):
   with pytest.raises(InputError, match=f"^{re.escape(str(path))}:2: column 'text' "
                      "is not valid UTF-8 .*; expected UTF-8 text"):
     data_lib.read_corpus(str(path), vocab, 32)
+  # Inside a query's list or struct column: an ArrowNotImplementedError
+  # before 2026-12-07 (the search for the row cast the column to binary).
+  queries = {"id": ["q1", "q2"], "prompt": ["p", "p"], "target": ["t", "t"]}
+  offsets = pa.array([0, 1, 2], pa.int32())
+  for nested in (pa.ListArray.from_arrays(offsets, text),
+                 pa.StructArray.from_arrays([text], names=["x"])):
+    pq.write_table(pa.table({**queries, "aliases": nested}), path)
+    with pytest.raises(InputError, match=f"^{re.escape(str(path))}:2: column "
+                       "'aliases' is not valid UTF-8 .*; expected UTF-8 text"):
+      data_lib.read_queries(str(path))
+
+
+def test_a_parquet_column_named_twice_is_refused(tmp_path, vocab):
+  """pyarrow writes such a file but reads neither column by its name: a
+  KeyError traceback before 2026-12-07, for a corpus's id or text and for
+  any column of a query file."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  path = str(tmp_path / "twice.parquet")
+  def write(names):
+    pq.write_table(pa.Table.from_arrays([pa.array(["a", "b"])] * len(names),
+                                        names=names), path)
+  write(["id", "text", "text"])
+  with pytest.raises(InputError, match=f"^{re.escape(path)}: the column 'text' "
+                     "occurs 2 times; expected each column name once"):
+    data_lib.read_corpus(path, vocab, 32)
+  write(["id", "text", "url", "url"])  # not read: no matter
+  assert data_lib.read_corpus(path, vocab, 32).ids == ["a", "b"]
+  write(["id", "prompt", "target", "url", "url"])
+  with pytest.raises(InputError, match=f"^{re.escape(path)}: the column 'url' "
+                     "occurs 2 times; expected each column name once"):
+    data_lib.read_queries(path)
 
 
 @pytest.mark.parametrize("records,message", [

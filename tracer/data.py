@@ -622,7 +622,8 @@ def iter_parquet(path, columns: Sequence[str] | None = None, id_column: str = "i
   one type, so ``1`` and ``"1"`` cannot both occur). A file in object storage
   is read row group by row group, the next one's bytes in flight
   (``_ObjectParquet``). A file cut short or damaged is an InputError naming
-  the file, and the row for damage found while reading.
+  the file, and the row for damage found while reading; so is a column to
+  read that the file names twice.
   """
   pa, _ = _pyarrow(path)
   location = os.fspath(path)
@@ -632,6 +633,12 @@ def iter_parquet(path, columns: Sequence[str] | None = None, id_column: str = "i
   if not names:
     raise InputError(f"{location}: no column {' or '.join(map(repr, columns))}; "
                      f"its columns are {_quoted(schema.names)}{_OTHER_NAMES}")
+  # pyarrow writes a table with a name twice, but cannot read either column
+  # by that name; nor could a record hold both.
+  if len(set(names)) < len(names):
+    n = next(n for n in names if names.count(n) > 1)
+    raise InputError(f"{location}: the column {n!r} occurs {names.count(n)} "
+                     "times; expected each column name once")
   integer_ids = (id_column in names
                  and pa.types.is_integer(schema.field(id_column).type))
   metadata = parquet_file.metadata
@@ -656,8 +663,10 @@ def iter_parquet(path, columns: Sequence[str] | None = None, id_column: str = "i
         try:
           values[n] = batch.column(n).to_pylist()
         except UnicodeDecodeError as e:  # pyarrow does not check strings it reads
-          bad = next(i for i, v in enumerate(batch.column(n).cast(
-              pa.binary()).to_pylist()) if v is not None and not _utf8(v))
+          # Row by row: the string may be inside a list or struct.
+          column = batch.column(n)
+          bad = next(i for i in range(len(column))
+                     if not _converts(column.slice(i, 1)))
           raise InputError(
               f"{at(location, row + bad + 1)}: column {n!r} is not valid UTF-8 "
               f"({e.reason}); expected UTF-8 text") from None
@@ -669,9 +678,10 @@ def iter_parquet(path, columns: Sequence[str] | None = None, id_column: str = "i
         yield row, dict(zip(names, record))
 
 
-def _utf8(data: bytes) -> bool:
+def _converts(array) -> bool:
+  """False if an Arrow array holds a string that is not UTF-8."""
   try:
-    data.decode("utf-8")
+    array.to_pylist()
   except UnicodeDecodeError:
     return False
   return True
