@@ -1024,11 +1024,13 @@ def test_patterns_in_directories_match_alike_on_disk_and_in_object_storage(
     tmp_path, corpus_path, vocab):
   """``data/*/0*`` reaches every dump's files (FineWeb's layout) in a bucket as
   on disk: one name per component, no deeper or shallower file, no hidden
-  name unless the pattern says so; the same files, order and position ids."""
+  name unless the pattern says so, no directory (before 2026-12-07 taken on
+  disk as a file, and refused); the same files, order and position ids."""
   records = [{"text": r["text"]} for r in _records(corpus_path)]
   tree = {"data/CC-A/000.parquet": _parquet(records[:4], row_group_size=3),
           "data/CC-A/001.jsonl": records[4:6], "data/CC-B/002.jsonl": records[6:9],
-          "data/CC-B/sub/003.jsonl": records[9:10], "data/004.jsonl": records[10:11],
+          "data/CC-B/sub/003.jsonl": records[9:10],
+          "data/CC-B/0sub/007.jsonl": records[13:14], "data/004.jsonl": records[10:11],
           "data/.hidden/005.jsonl": records[11:12],
           "data/CC-B/.006.jsonl": records[12:13]}
   for name, content in tree.items():

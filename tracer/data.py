@@ -1191,11 +1191,12 @@ def split_source(source: str) -> tuple[str, dict[str, str]]:
 def corpus_files(source: str) -> list[str]:
   """The files a corpus source names (JSONL or Parquet): one path or URL, or a
   glob of shards (sorted; patterns in any path component, on a bucket too:
-  ``_url_glob``); field names after a ``#`` (``split_source``) are not part
-  of them."""
+  ``_url_glob``; a directory matched is skipped, as a bucket lists none);
+  field names after a ``#`` (``split_source``) are not part of them."""
   source, _ = split_source(source)
   if glob.has_magic(source):
-    files = _url_glob(source) if storage.is_url(source) else sorted(glob.glob(source))
+    files = (_url_glob(source) if storage.is_url(source) else
+             sorted(f for f in glob.glob(source) if not os.path.isdir(f)))
     if not files:
       raise InputError(f"--corpus={source}: the pattern matches no file")
     return files
