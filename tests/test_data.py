@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import warnings
+import zlib
 
 import jax
 import numpy as np
@@ -327,6 +328,38 @@ def test_damaged_compressed_files_name_file_and_line(tmp_path, corpus_path, voca
   (shards / "b.jsonl").write_bytes(b"")  # plain JSONL: an empty shard
   assert len(data_lib.read_corpus(str(shards / "*"), vocab, 32)) == len(
       data_lib.read_corpus(str(corpus_path), vocab, 32))
+
+
+@pytest.mark.parametrize("kind", ["gzip", "bzip2", "xz", "zstd"])
+def test_a_cut_short_file_gives_every_whole_line_then_names_the_next(tmp_path,
+                                                                     kind):
+  """Before 2026-12-07 a gzip, bzip2 or xz file cut short lost the lines of
+  the 1 MiB read that failed, and the error named the first of them (up to
+  1 MiB of text early); a line share's count (``count_lines``) did so for
+  zstd too."""
+  # 2 MB of digests: bzip2 gives the text of a 900 kB block only once it is
+  # whole, so the cut is two blocks in; packed text would fit in one.
+  plain = "".join(json.dumps({"id": f"d{i}", "text": f"doc {i} " + hashlib.sha256(
+      b"%d" % i).hexdigest()}) + "\n" for i in range(20000)).encode()
+  pack, unpacker = {
+      "gzip": (gzip.compress, lambda: zlib.decompressobj(31)),
+      "bzip2": (bz2.compress, bz2.BZ2Decompressor),
+      "xz": (lambda b: lzma.compress(b, preset=1), lzma.LZMADecompressor),
+      "zstd": (zstd.compress, lambda: zstd.ZstdDecompressor().decompressobj())}[kind]
+  packed = pack(plain)
+  cut = packed[:len(packed) * 9 // 10]
+  whole = unpacker().decompress(cut).count(b"\n")
+  assert whole > 15000
+  path = tmp_path / "cut.jsonl"
+  path.write_bytes(cut)
+  message = (f"^{re.escape(str(path))}:{whole + 1}: the {kind} stream is damaged "
+             "or cut short")
+  got = []
+  with pytest.raises(InputError, match=message):
+    got.extend(n for n, _ in data_lib.iter_jsonl(str(path)))
+  assert got == list(range(1, whole + 1))
+  with pytest.raises(InputError, match=message):
+    next(data_lib.iter_jsonl(str(path), share=(1, 2)))
 
 
 def test_zstd_without_its_package_says_what_to_install(tmp_path, vocab, monkeypatch):
