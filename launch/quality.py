@@ -61,6 +61,7 @@ from tracer import unit_normalize
 from tracer import viewer
 from tracer.config import ENCODING_SETTINGS
 from tracer.config import PreconditionerConfig
+from tracer.errors import InputError
 
 flags.DEFINE_integer("tail_patch_queries", 0, "Queries used for tail-patch, "
                      "evenly over the buckets (0: all).", lower_bound=0)
@@ -71,6 +72,7 @@ FLAGS = flags.FLAGS
 SUM_METHOD = "trackstar_sum"
 METHODS = ("bm25", "random", "grad_dot", "grad_cosine", "trak", "+opt_correction",
            "+unit_norm", "+R_train", "trackstar")
+TABLE_K = 10  # the cut-off of the table's recall, precision and last tail-patch
 COLUMNS = ("mrr", "recall@10", "precision@10", "tail_patch@1", "tail_patch@3",
            "tail_patch@5", "tail_patch@10", "tail_patch@10_se")
 
@@ -209,10 +211,15 @@ def step_predictor(ckpt, ecfg, encoder, corpus, query_examples, raw,
 
 
 def random_topk(num_rows, num_queries, k, seed=0) -> scan_lib.TopK:
+  """k random proponents and k random opponents a query (k <= num_rows):
+  apart where 2k rows allow, else the opponents are the last k of the
+  permutation (before, only num_rows - k of them, and the results' rows
+  failed after every method was scored)."""
   rng = np.random.default_rng(seed)
-  rows = np.stack([rng.permutation(num_rows)[:2 * k] for _ in range(num_queries)])
+  rows = np.stack([rng.permutation(num_rows) for _ in range(num_queries)])
   scores = np.zeros((num_queries, k), np.float32)
-  return scan_lib.TopK(rows[:, :k], scores, rows[:, k:], scores)
+  first = min(k, num_rows - k)
+  return scan_lib.TopK(rows[:, :k], scores, rows[:, first:first + k], scores)
 
 
 def bm25_topk(corpus, queries, k) -> scan_lib.TopK:
@@ -236,14 +243,19 @@ def settings(ecfg, pcfg) -> dict:
 
 
 def tail_patch_queries(queries, count) -> np.ndarray:
-  """Indices of ``count`` queries spread evenly over the buckets (0: all)."""
+  """Indices of ``count`` queries spread evenly over the buckets (0: all):
+  a query of each bucket in turn (``evaluate.bucket_sort_key`` order), each
+  bucket's first ones first, a bucket out of queries skipped. Before, the
+  buckets were taken in string order ("11+" before "2-3") and the last cut
+  off, and a small bucket's shortfall was not made up."""
   if count <= 0 or count >= len(queries):
     return np.arange(len(queries))
-  buckets = sorted({q.get("bucket", "") for q in queries})
-  per = -(-count // len(buckets))
-  picked = [i for b in buckets
-            for i in [j for j, q in enumerate(queries) if q.get("bucket", "") == b][:per]]
-  return np.sort(np.asarray(picked[:count]))
+  by_bucket: dict[str, list[int]] = {}
+  for i, q in enumerate(queries):
+    by_bucket.setdefault(q.get("bucket", ""), []).append(i)
+  lists = [by_bucket[b] for b in sorted(by_bucket, key=evaluate.bucket_sort_key)]
+  turns = [b[r] for r in range(max(map(len, lists))) for b in lists if r < len(b)]
+  return np.sort(np.asarray(turns[:count]))
 
 
 def paired_tail_patch(per_method: np.ndarray, k: int,
@@ -257,7 +269,7 @@ def paired_tail_patch(per_method: np.ndarray, k: int,
   """
   with warnings.catch_warnings():  # a query with no proponent: NaN, no warning
     warnings.simplefilter("ignore", RuntimeWarning)
-    per_query = np.nanmean(per_method[:, :, :k], axis=2)  # [M, C]
+    per_query = np.nanmean(tailpatch.finite_or_nan(per_method[:, :, :k]), axis=2)  # [M, C]
   ref = per_query[list(methods).index("trackstar")]
   paired = {name: stats.paired(ref, values)
             for name, values in zip(methods, per_query) if name != "trackstar"}
@@ -392,6 +404,10 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
   ecfg, ckpt, corpus, encoder, _, _ = common.start(workdir, checkpoint, corpus_path,
                                                    opt_state="all")  # tail-patch
   config.check_top_k(k, len(corpus))  # before any gradient
+  if k < TABLE_K:
+    raise InputError(f"--top_k={k}: the quality table's columns are recall@"
+                     f"{TABLE_K}, precision@{TABLE_K} and tail_patch@{TABLE_K}; "
+                     f"expected --top_k >= {TABLE_K}")
   pipeline.check_fit_memory(encoder.layout, pcfg.kind)
   queries, query_examples = pipeline.read_queries(ckpt, queries_path)
   out_dir = storage.join(workdir, "quality")  # a path or URL
@@ -423,8 +439,10 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
   for name in methods:
     results[name] = pipeline.result_rows(queries, corpus, topks[name],
                                          predictions=preds)
+    # At the table's cut-off (its columns, TrackStar's recall@10), not the
+    # lists' length: --top_k=20 left the recall and precision columns blank.
     metrics[name] = evaluate.retrieval_metrics(
-        queries, {r["query_id"]: r for r in results[name]}, k=k)
+        queries, {r["query_id"]: r for r in results[name]}, k=TABLE_K)
 
   # Tail-patch: the union of every method's (query, proponent) pairs, once.
   chosen = tail_patch_queries(queries, num_tail_patch)
@@ -463,18 +481,18 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
           None if np.isnan(d) else float(d) for d in per_method[i, j]]
     evaluate.write_results(storage.join(out_dir, f"{name}.jsonl"), results[name])
 
-  per_query, paired = paired_tail_patch(per_method, k, methods)
+  per_query, paired = paired_tail_patch(per_method, TABLE_K, methods)
   kinds = pair_kinds(queries, corpus, pairs)
   by_kind = None if kinds is None else influence_by_kind(
-      kinds, deltas, inverse, k, methods)
+      kinds, deltas, inverse, TABLE_K, methods)
   table = evaluate.format_table(metrics, COLUMNS)
   paired_table = evaluate.format_table(
-      {f"trackstar - {m}": {f"tail_patch@{k}": stats.format_cell(v),
+      {f"trackstar - {m}": {f"tail_patch@{TABLE_K}": stats.format_cell(v),
                             "queries where trackstar is higher": f"{v['win']:.3f}"}
        for m, v in paired.items()},
-      (f"tail_patch@{k}", "queries where trackstar is higher"), row_header="paired")
+      (f"tail_patch@{TABLE_K}", "queries where trackstar is higher"), row_header="paired")
   if by_kind is not None:
-    paired_table += "\n\n" + format_kinds(by_kind, k)
+    paired_table += "\n\n" + format_kinds(by_kind, TABLE_K)
   predictors = dict(encodings)
   step = step_predictor(ckpt, ecfg, encoder, corpus, query_examples, raw,
                         sgd_learning_rate)
@@ -487,7 +505,7 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
             "per_query_score_tail_patch_rho": {
                 name: [None if np.isnan(v) else v for v in values]
                 for name, values in rho.items()},
-            f"per_query_tail_patch@{k}": per_query,
+            f"per_query_tail_patch@{TABLE_K}": per_query,
             "tail_patch_query_ids": [queries[i]["id"] for i in chosen],
             "lambda": lam, "projection_dim": encoder.dim,
             "corpus_rows": len(corpus), "queries": len(queries),

@@ -527,7 +527,14 @@ def test_quality_table_scores_every_method(trained, tmp_path, monkeypatch):
   with pytest.raises(InputError, match=r"^--top_k=100000: more than the corpus's"):
     quality.run(f"file://{root}", k=100_000, corpus_path=corpus,
                 queries_path=queries)
-  report = quality.run(f"file://{root}", num_tail_patch=8, corpus_path=corpus,
+  # The table's cut-off is 10 whatever the lists' length (before, --top_k=12
+  # scored recall@12 and left the recall@10 and precision@10 columns blank);
+  # shorter lists cannot fill it.
+  with pytest.raises(InputError, match=re.escape(
+      "--top_k=5: the quality table's columns are recall@10, precision@10 and "
+      "tail_patch@10; expected --top_k >= 10")):
+    quality.run(f"file://{root}", k=5, corpus_path=corpus, queries_path=queries)
+  report = quality.run(f"file://{root}", k=12, num_tail_patch=8, corpus_path=corpus,
                        queries_path=queries)
   assert not os.listdir(tmp_path)
   methods = report["methods"]

@@ -193,6 +193,53 @@ def test_tail_patch_at_k():
   assert with_se["tail_patch@1_se"] == pytest.approx(1.5)
 
 
+def test_deltas_that_are_not_finite_are_left_out_as_nan_ones_are():
+  # Before, only NaN was: one -inf made a method's mean -inf and its
+  # standard error NaN, while nonfinite_listed counted it as left out.
+  from tracer.launch import quality  # pylint: disable=g-import-not-at-top
+  for bad in (np.nan, -np.inf, np.inf):
+    deltas = np.asarray([[4.0, bad], [1.0, 3.0], [2.0, 2.0]])
+    got = tailpatch.tail_patch_at_k(deltas, ks=(2,), stderr=True)
+    # Per query 4, 2 and 2 (the first query's second delta left out).
+    assert got == pytest.approx({"tail_patch@2": 8 / 3, "tail_patch@2_se": 2 / 3})
+    per_method = np.stack([deltas, deltas - 1])   # [M, C, K]
+    lists, paired = quality.paired_tail_patch(per_method, 2, ("trackstar", "bm25"))
+    assert lists["trackstar"] == [4.0, 2.0, 2.0]
+    assert paired["bm25"]["mean"] == pytest.approx(1.0)
+
+
+def test_tail_patch_queries_take_each_bucket_in_turn():
+  from tracer.launch import quality  # pylint: disable=g-import-not-at-top
+  buckets = ["1", "2-3", "4-10", "11+"]
+  queries = [{"bucket": b} for b in buckets for _ in range(10)]
+  count = lambda chosen: {b: sum(queries[i]["bucket"] == b for i in chosen)
+                          for b in buckets}
+  # Before: buckets in string order ("11+" before "2-3"), the last cut off:
+  # {"1": 2, "2-3": 1, "11+": 2} for 5, 4-10 none.
+  assert count(quality.tail_patch_queries(queries, 5)) == {
+      "1": 2, "2-3": 1, "4-10": 1, "11+": 1}
+  assert count(quality.tail_patch_queries(queries, 6)) == {
+      "1": 2, "2-3": 2, "4-10": 1, "11+": 1}
+  assert count(quality.tail_patch_queries(queries, 8)) == dict.fromkeys(buckets, 2)
+  # A small bucket's shortfall is made up from the others (before: 4 of 6).
+  small = [{"bucket": "1"}] + [{"bucket": "11+"}] * 20
+  chosen = quality.tail_patch_queries(small, 6)
+  assert len(chosen) == 6 and 0 in chosen
+  assert list(chosen) == sorted(chosen)
+
+
+@pytest.mark.parametrize("k", [1, 5, 6, 10])
+def test_random_topk_lists_k_of_each_for_any_k_up_to_the_rows(k):
+  # Before, k past half the rows gave num_rows - k opponents, and writing
+  # the results failed after every method was scored.
+  from tracer.launch import quality  # pylint: disable=g-import-not-at-top
+  top = quality.random_topk(10, 3, k, seed=1)
+  for rows in (top.proponent_rows, top.opponent_rows):
+    assert rows.shape == (3, k)
+    assert all(len(set(r)) == k and set(r) <= set(range(10)) for r in rows.tolist())
+  assert top.proponent_scores.shape == top.opponent_scores.shape == (3, k)
+
+
 def test_pairs_for_topk_dedupes_across_methods():
   rows = np.asarray([[[5, 2, -1], [2, 7, 5]],     # method 0: 2 queries x 3
                      [[2, 9, 5], [7, -1, -1]]])   # method 1

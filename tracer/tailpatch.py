@@ -251,15 +251,25 @@ def deltas_for_topk(deltas: np.ndarray, inverse: np.ndarray) -> np.ndarray:
 def nonfinite_listed(deltas_topk: np.ndarray, inverse: np.ndarray) -> np.ndarray:
   """int[...]: per leading index (e.g. method), how many listed proponents'
   deltas are not finite (a step on them made the loss NaN). Like a missing
-  proponent they are NaN to ``tail_patch_at_k``, which leaves them out:
+  proponent they are NaN to ``tail_patch_at_k`` (``finite_or_nan``), which leaves them out:
   report this count beside it."""
   listed = np.asarray(inverse) >= 0
   bad = listed & ~np.isfinite(np.asarray(deltas_topk))
   return bad.reshape(*bad.shape[:-2], -1).sum(-1)
 
 
+def finite_or_nan(deltas: np.ndarray) -> np.ndarray:
+  """``deltas`` with every value that is not finite NaN: a delta of +-inf
+  (a step that overflowed the loss) is left out as a NaN one is, as
+  ``nonfinite_listed`` reports (before, one -inf made a method's mean
+  -inf and its standard error NaN)."""
+  deltas = np.asarray(deltas, np.float64)
+  return np.where(np.isfinite(deltas), deltas, np.nan)
+
+
 def _as_array(deltas: np.ndarray | Mapping[Any, Sequence[float]]) -> np.ndarray:
-  """f32[Q, K] with NaN for missing proponents, from an array or a mapping."""
+  """f64[Q, K] with NaN for missing proponents and deltas that are not
+  finite, from an array or a mapping."""
   if isinstance(deltas, Mapping):
     lists = [np.asarray(v, np.float32).reshape(-1) for v in deltas.values()]
     width = max([len(v) for v in lists] + [0])
@@ -267,7 +277,7 @@ def _as_array(deltas: np.ndarray | Mapping[Any, Sequence[float]]) -> np.ndarray:
     for i, v in enumerate(lists):
       array[i, :len(v)] = v
     deltas = array
-  deltas = np.asarray(deltas, np.float64)
+  deltas = finite_or_nan(deltas)
   if deltas.ndim != 2:
     raise ValueError(f"deltas must be [Q, K], got shape {deltas.shape}")
   return deltas
