@@ -38,8 +38,9 @@ their R fitted once per step.
 
 ``--measure=Q.jsonl`` starts the server, measures its latency with queries
 from that file (1 query; 64 queries in one request; 64 concurrent one-query
-requests: medians over --measure_repeats warm runs), prints the table and
-exits.
+requests: medians over --measure_repeats warm runs; fewer, and it says so,
+past --max_batch_queries or half of --max_connections), prints the table
+and exits.
 
 On several hosts run the same command on each (``--coordinator_address`` or
 ``TRACER_DISTRIBUTED=1``): process 0 serves HTTP and broadcasts each batch;
@@ -202,7 +203,8 @@ def limits(num_rows: int, top_k: int, max_top_k: int, max_queries: int,
       max_bodies_bytes=int(max_bodies_mb * 2**20))
 
 
-def info(tracer: serving.Tracer, lim: serving.Limits) -> dict:
+def info(tracer: serving.Tracer, lim: serving.Limits,
+         max_connections: int) -> dict:
   """What ``GET /health`` reports."""
   store = tracer.index.store
   return {"store": store.path, "rows": store.num_rows, "dim": store.dim,
@@ -213,7 +215,8 @@ def info(tracer: serving.Tracer, lim: serving.Limits) -> dict:
                            if tracer.tasks[0] is not None else 0),
           "devices": jax.device_count(), "processes": jax.process_count(),
           "max_top_k": min(lim.max_top_k, lim.num_rows),
-          "max_queries": lim.max_queries, "default_top_k": lim.default_top_k}
+          "max_queries": lim.max_queries, "default_top_k": lim.default_top_k,
+          "max_connections": max_connections}
 
 
 class Server:
@@ -256,8 +259,8 @@ class Server:
       extra = dict(idle_s=FLAGS.idle_tick_s, on_idle=lambda: tell([]),
                    on_stop=lambda: tell(None))
     self.batcher = serving.Batcher(answer, window_s, lim.max_queries, **extra)
-    service = serving.Service(lim, tracer.check, self.batcher, info(tracer, lim),
-                              log)
+    service = serving.Service(lim, tracer.check, self.batcher,
+                              info(tracer, lim, max_connections), log)
     try:
       self.http = serving.make_server(service, host, port, max_connections)
     except OSError as e:  # taken since check_address: say it as it would
@@ -287,18 +290,33 @@ def _case(url: str, requests: list[list[dict]]) -> tuple[float, list[dict]]:
   return time.perf_counter() - start, responses
 
 
+def measure_sizes(max_queries: int, max_connections: int | None
+                  ) -> tuple[int, int]:
+  """The cases' 64 queries in one request and 64 requests at once, cut to
+  what the server takes: ``max_queries`` per request, and half its
+  ``max_connections`` (a connection's slot is given back only once its
+  thread sees it close, which may be after the next run's requests come)."""
+  at_once = 64 if max_connections is None else max(1, max_connections // 2)
+  return min(64, max_queries), min(64, at_once)
+
+
 def measure(url: str, queries: list[dict], repeats: int = 10) -> list[dict]:
-  """Warm latency of three cases (module doc): per case the median, min and
-  max wall time over ``repeats`` runs (after two warm-up runs), and of each
-  run's largest batch: its requests and its stages' seconds (medians)."""
+  """Warm latency of three cases (module doc), sized to the limits the
+  server's ``/health`` reports (``measure_sizes``): per case the median,
+  min and max wall time over ``repeats`` runs (after two warm-up runs),
+  and of each run's largest batch: its requests and its stages' seconds
+  (medians)."""
   def take(n, offset):
     return [dict(queries[(offset + i) % len(queries)],
                  id=f"{queries[(offset + i) % len(queries)]['id']}#{offset + i}")
             for i in range(n)]
+  limits = serving.health(url)
+  together, at_once = measure_sizes(limits["max_queries"],
+                                    limits.get("max_connections"))
   cases = {"1 query": lambda o: [take(1, o)],
-           "64 queries, one request": lambda o: [take(64, o)],
-           "64 one-query requests at once": lambda o: [take(1, o + i)
-                                                       for i in range(64)]}
+           f"{together} queries, one request": lambda o: [take(together, o)],
+           f"{at_once} one-query requests at once": lambda o: [
+               take(1, o + i) for i in range(at_once)]}
   rows = []
   for name, make in cases.items():
     for warm in range(2):
@@ -376,6 +394,14 @@ def main(argv):
   print(f"listening on {server.url} (POST /trace, GET /health)", flush=True)
   try:
     if measure_queries is not None:
+      together, at_once = measure_sizes(lim.max_queries, FLAGS.max_connections)
+      cut = ([f"{together} queries in one request, not 64 (at most "
+              f"--max_batch_queries={lim.max_queries})"] if together < 64 else []
+             ) + ([f"{at_once} one-query requests at once, not 64 (at most "
+                   f"half of --max_connections={FLAGS.max_connections})"]
+                  if at_once < 64 else [])
+      if cut:
+        print(f"measuring {'; '.join(cut)}", flush=True)
       print(format_rows(measure(server.url, measure_queries,
                                 FLAGS.measure_repeats)), flush=True)
     else:

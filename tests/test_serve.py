@@ -13,6 +13,7 @@ never asserted on.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import http.client
 import http.server
 import json
@@ -874,6 +875,174 @@ def test_bodies_in_flight_are_bounded_together():
     release.set()
     http.shutdown()
     batcher.close()
+
+
+@contextlib.contextmanager
+def _stand_in(max_connections: int = 256, **limits):
+  """``make_server``'s HTTP layer over a batcher whose answer echoes each
+  query's id (no model): ``http``, ``service``, ``address``, ``url`` and
+  ``answered`` (the ids)."""
+  answered = []
+
+  def answer(requests):
+    answered.extend(q["id"] for r in requests for q in r.queries)
+    return [serving.Answer([{"query_id": q["id"]} for q in r.queries], None)
+            for r in requests], {}
+
+  batcher = serving.Batcher(answer, window_s=0.0)
+  lim = serving.Limits(num_rows=10, **limits)
+  service = serving.Service(lim, lambda r: None, batcher,
+                            {"max_queries": lim.max_queries,
+                             "max_connections": max_connections})
+  http_server = serving.make_server(service, max_connections=max_connections)
+  threading.Thread(target=http_server.serve_forever, daemon=True).start()
+  address = http_server.server_address[:2]
+  try:
+    yield types.SimpleNamespace(http=http_server, service=service,
+                                address=address, url="http://%s:%d" % address,
+                                answered=answered)
+  finally:
+    http_server.shutdown()
+    http_server.server_close()
+    batcher.close()
+
+
+def _exchange(address, data: bytes) -> tuple[bytes, dict, bytes]:
+  """Sends ``data`` on a new connection and reads until the server closes
+  it: the status line, the first answer's headers (lower-case names) and
+  all that follows them."""
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.create_connection(address, timeout=30) as sock:
+    sock.sendall(data)
+    reply = b""
+    while chunk := sock.recv(1 << 16):
+      reply += chunk
+  head, _, rest = reply.partition(b"\r\n\r\n")
+  status, *lines = head.split(b"\r\n")
+  headers = {k.strip().lower().decode(): v.strip().decode()
+             for k, _, v in (line.partition(b":") for line in lines)}
+  return status, headers, rest
+
+
+def test_content_length_frames_one_request_or_is_refused():
+  """Two Content-Lengths that disagree are a 400 and the connection closes
+  (RFC 9112 6.3; before 2026-12-07 the first was taken and the rest of the
+  body answered as a second, smuggled, request); equal ones too (no client
+  sends two). A length with whitespace around it is one (RFC 9110 5.5;
+  a 400 before)."""
+  body = json.dumps({"queries": [{"id": "seen", "prompt": "p",
+                                  "target": "t"}]}).encode()
+  inner = json.dumps({"queries": [{"id": "SMUGGLED", "prompt": "p",
+                                   "target": "t"}]}).encode()
+  smuggled = (b"POST /trace HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+              % len(inner)) + inner
+  with _stand_in() as server:
+    for second in (len(body) + len(smuggled), len(body)):
+      status, headers, rest = _exchange(server.address, (
+          b"POST /trace HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+          b"Content-Length: %d\r\nContent-Length: %d\r\n\r\n"
+          % (len(body), second)) + body + smuggled)
+      assert (status, headers.get("connection")) == (
+          b"HTTP/1.1 400 Bad Request", "close"), (status, headers, rest)
+      assert json.loads(rest) == {"error": f"Content-Length given 2 times "
+                                  f"('{len(body)}', '{second}'); expected one"}
+    assert server.answered == []
+    for length in (b"%d " % len(body), b"\t%d\t" % len(body)):
+      status, _, rest = _exchange(server.address, (
+          b"POST /trace HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+          b"Content-Length:" + length + b"\r\n\r\n" + body))
+      assert status == b"HTTP/1.1 200 OK", (length, rest)
+    assert server.answered == ["seen", "seen"]
+
+
+def test_a_refused_body_is_read_so_its_client_gets_the_answer():
+  """A body refused before it is read (413 over --max_body_mb, 503 past
+  --max_bodies_mb) is read and dropped after the answer: closed unread, the
+  socket sent a reset, and a client that sends its whole body before it
+  reads (this project's, urllib, curl) saw "Broken pipe" instead (5 of 5
+  with a 20 MB body before 2026-12-07)."""
+  import socket  # pylint: disable=g-import-not-at-top
+  many = lambda n, size: [{"id": f"q{i}", "prompt": "p" * size, "target": "t"}
+                          for i in range(n)]
+  with _stand_in(max_body_bytes=16 << 20, max_bodies_bytes=16 << 20) as server:
+    # (The bytes bound it here, not the time: a loaded machine reads slowly.)
+    server.http.DRAIN_S = 120
+    for _ in range(2):
+      with pytest.raises(InputError, match=r"HTTP 413: body of 20,008,915 "
+                         r"bytes, more than the 16,777,216 this server takes"):
+        serving.trace(server.url, many(200, 100_000), 5, timeout=120)
+    # A body in flight (sent in part) holds 8 MB of the 16 MiB.
+    with socket.create_connection(server.address, timeout=30) as slow:
+      slow.sendall(b"POST /trace HTTP/1.1\r\nHost: x\r\nContent-Length: "
+                   b"8000000\r\n\r\n{")
+      deadline = time.monotonic() + 30
+      while not server.service.bodies_bytes and time.monotonic() < deadline:
+        time.sleep(0.01)
+      for _ in range(2):
+        with pytest.raises(InputError, match=r"HTTP 503: the server holds "
+                           r"16,777,216 bytes of requests at most"):
+          serving.trace(server.url, many(200, 60_000), 5, timeout=120)
+    assert serving.trace(server.url, many(2, 10), 5)["results"] == [
+        {"query_id": "q0"}, {"query_id": "q1"}]
+
+
+def test_http_answers_are_json_with_status_lines_and_allow():
+  """Every answer is JSON under an HTTP/1.1 status line: http.server's own
+  refusals were HTML pages (a bad request line's, or HTTP/0.9's, with no
+  status line at all); HEAD answers carry no body (before 2026-12-07 a 405
+  with one, which a client read as the next answer); a 405 names what its
+  path takes (POST /health had no Allow, PUT /trace said GET, POST)."""
+  with _stand_in() as server:
+    close = b"Host: x\r\nConnection: close\r\n"
+    cases = [
+        (b"HEAD /health HTTP/1.1\r\n" + close + b"\r\n", 200, None, None),
+        (b"HEAD /trace HTTP/1.1\r\n" + close + b"\r\n", 405, "POST", None),
+        (b"GET /trace HTTP/1.1\r\n" + close + b"\r\n", 405, "POST",
+         r"/trace takes POST"),
+        (b"POST /health HTTP/1.1\r\n" + close + b"Content-Length: 2\r\n\r\n{}",
+         405, "GET, HEAD", r"expected POST /trace"),
+        (b"PUT /trace HTTP/1.1\r\n" + close + b"Content-Length: 2\r\n\r\n{}",
+         405, "POST", r"PUT '/trace': expected GET /health or POST /trace"),
+        (b"DELETE /nowhere HTTP/1.1\r\n" + close + b"\r\n", 404, None,
+         r"DELETE '/nowhere'"),
+        (b"BREW /trace HTTP/1.1\r\n" + close + b"\r\n", 501, None,
+         r"Unsupported method \('BREW'\); expected GET /health or POST /trace"),
+        (b"HELLO\r\n\r\n", 400, None,
+         r"Bad request syntax \('HELLO'\); expected a request line "
+         r"'METHOD /path HTTP/1.1'"),
+        (b"GET /health\r\n\r\n", 400, None,
+         r"request line 'GET /health' has no HTTP version"),
+        (b"GET /health HTTP/2.0\r\n\r\n", 505, None,
+         r"Invalid HTTP version \(2.0\); expected HTTP/1.1 or HTTP/1.0"),
+        (b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n", 414, None,
+         r"expected a request line of at most 65,536 bytes"),
+        (b"GET /health HTTP/1.1\r\n"
+         + b"".join(b"X-%d: y\r\n" % i for i in range(101)) + b"\r\n", 431,
+         None, r"Too many headers \(got more than 100 headers\); expected at "
+         r"most 100"),
+    ]
+    for request, status, allow, message in cases:
+      line, headers, rest = _exchange(server.address, request)
+      what = (request[:40], line, headers, rest[:200])
+      assert line.startswith(b"HTTP/1.1 %d " % status), what
+      assert headers.get("content-type") == "application/json", what
+      assert headers.get("allow") == allow, what
+      if message is None:  # HEAD
+        assert rest == b"" and int(headers["content-length"]) > 0, what
+      else:
+        assert re.search(message, json.loads(rest)["error"]), what
+
+
+def test_measure_fits_the_servers_limits():
+  """``--measure`` sized to the limits /health reports: with fewer than 64
+  queries per request or connections it failed (a 413 or a 503, and no
+  table, before 2026-12-07)."""
+  queries = [{"id": f"q{i}", "prompt": "p", "target": "t"} for i in range(5)]
+  with _stand_in(max_connections=8, max_queries=16) as server:
+    rows = serve.measure(server.url, queries, repeats=1)
+  assert [r["case"] for r in rows] == [
+      "1 query", "16 queries, one request", "4 one-query requests at once"]
+  assert len(server.answered) == 3 * (1 + 16 + 4)  # two warm-up runs and one
 
 
 def test_a_stalled_connection_is_closed(traced, tracer_):

@@ -1050,6 +1050,28 @@ class _ReadsBy(io.RawIOBase):
     return self._sock.recv_into(buffer)
 
 
+def _linger(sock: socket.socket, reads: _ReadsBy,
+            read: Callable[[int], bytes], max_bytes: int,
+            seconds: float) -> None:
+  """Ends an answer already written on ``sock`` and drops what the client
+  still sends (``read`` over ``reads``) until it closes, or ``max_bytes``,
+  or ``seconds``. A socket closed with bytes unread sends a reset, which
+  discards the answer on the client's side: a client that sends its whole
+  request before it reads (every HTTP client) saw "Broken pipe" instead.
+  Both bounds: a client cannot hold the thread, nor have it read, for long."""
+  try:
+    sock.shutdown(socket.SHUT_WR)  # the answer is whole: its end, sent now
+    reads.deadline = time.monotonic() + seconds
+    while max_bytes > 0 and (chunk := read(min(max_bytes, 1 << 16))):
+      max_bytes -= len(chunk)
+  except OSError:  # the deadline (TimeoutError) or a reset
+    pass
+
+
+# What each path takes (a 405's Allow header); other paths are a 404.
+_ALLOW = {"/health": "GET, HEAD", "/trace": "POST"}
+
+
 def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
 
   class Handler(http.server.BaseHTTPRequestHandler):
@@ -1069,6 +1091,7 @@ def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
 
     def handle_one_request(self):
       self._reads.deadline = time.monotonic() + self.timeout
+      self.headers = None  # (a keep-alive's last request's, else)
       try:
         super().handle_one_request()
       finally:
@@ -1080,6 +1103,35 @@ def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
         self._reads.deadline = None
         self.connection.settimeout(self.timeout)
 
+    def parse_request(self) -> bool:
+      if not super().parse_request():
+        return False
+      if self.request_version == "HTTP/0.9":  # "GET /path": no version
+        # (http.server answers it HTTP/0.9 style: a body, no status line.)
+        self.send_error(400, f"request line {self.requestline[:80]!r} has no "
+                        "HTTP version")
+        return False
+      return True
+
+    def send_error(self, code, message=None, explain=None):
+      # http.server's own refusals (a bad request line, 414, 431, an
+      # unknown method's 501) in JSON like every other answer, not its HTML
+      # page; before a request line is read whole its version is unknown
+      # (HTTP/0.9 by default: no status line at all), so the answer is 1.1.
+      if not str(self.request_version).startswith("HTTP/1."):
+        self.request_version = self.protocol_version
+      what = message or self.responses.get(code, ("error",))[0]
+      if explain and code == 431:
+        what = f"{what} ({explain})"
+      expected = {
+          414: "expected a request line of at most 65,536 bytes",
+          431: "expected at most 100 header lines of at most 65,536 bytes",
+          501: "expected GET /health or POST /trace",
+          505: "expected HTTP/1.1 or HTTP/1.0",
+      }.get(code, "expected a request line 'METHOD /path HTTP/1.1'")
+      self.log_error("code %d, message %s", code, what)
+      self._error(code, f"{what}; {expected}", close=True)
+
     def handle_expect_100(self) -> bool:
       # Refused before the client sends the body, not after.
       refused = self._body_refused() if self.command == "POST" else None
@@ -1088,19 +1140,56 @@ def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
         return False
       return super().handle_expect_100()
 
-    def _send(self, status: int, obj: Any, close: bool = False,
-              headers: Sequence[tuple[str, str]] = ()) -> None:
+    def _send(self, status: int, obj: Any, close: bool = False) -> None:
+      """Answers ``obj`` as JSON; ``close``: then closes the connection,
+      the request's body (if any) unread."""
       body = json.dumps(obj).encode()
       self.send_response(status)
       self.send_header("Content-Type", "application/json")
       self.send_header("Content-Length", str(len(body)))
-      for name, value in headers:
-        self.send_header(name, value)
+      if status == 405:  # (RFC 9110 15.5.6: it must say what the path takes)
+        self.send_header("Allow", _ALLOW[self._path()])
       if close:
         self.send_header("Connection", "close")
         self.close_connection = True
       self.end_headers()
-      self.wfile.write(body)
+      if self.command != "HEAD":  # (its Content-Length: what GET would get)
+        self.wfile.write(body)
+      if close:
+        _linger(self.connection, self._reads, self.rfile.read1,
+                self._unread(), self.server.DRAIN_S)
+
+    def _unread(self) -> int:
+      """How much of the request the client may still send, at most
+      ``DRAIN_BYTES``: its Content-Length, that cap when its framing is
+      unknown (no headers read, several lengths, a Transfer-Encoding)."""
+      cap = self.server.DRAIN_BYTES
+      if self.headers is None or self.headers.get("Transfer-Encoding"):
+        return cap
+      try:
+        return min(self._content_length() or 0, cap)
+      except RequestError:
+        return cap
+
+    def _content_length(self) -> int | None:
+      """The request's Content-Length (None without one); RequestError for
+      several, or one that is not a byte count."""
+      lengths = self.headers.get_all("Content-Length", [])
+      if not lengths:
+        return None
+      if len(lengths) > 1:
+        # (RFC 9112 6.3: a 400, then close; the second would frame the rest
+        # as a request smuggled past whatever read the first. Even equal
+        # ones are refused: no client sends two.)
+        raise RequestError(
+            f"Content-Length given {len(lengths)} times "
+            f"({', '.join(repr(v[:40]) for v in lengths[:4])}); expected one")
+      length = lengths[0].strip(" \t")  # (its whitespace: RFC 9110 5.5)
+      # int() takes "²" too, and refuses 4,300 digits or more
+      if not (length.isascii() and length.isdigit() and len(length) <= 18):
+        raise RequestError(f"Content-Length {lengths[0][:40]!r} is not a "
+                           "byte count; expected ASCII digits")
+      return int(length)
 
     def _error(self, status: int, message: str, **kwargs) -> None:
       self._send(status, {"error": message}, **kwargs)
@@ -1111,23 +1200,25 @@ def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
     def do_GET(self):  # noqa: N802 (http.server's name)
       self._read_all()
       # A body (unread: GET takes none) would be read as the next request.
-      close = self.headers.get("Content-Length", "0") != "0" or bool(
-          self.headers.get("Transfer-Encoding"))
+      close = self._unread() > 0
       if self._path() == "/health":
         self._send(200, {"status": "ok", **service.info}, close=close)
       elif self._path() == "/trace":
-        self._error(405, "/trace takes POST", headers=[("Allow", "POST")],
+        self._error(405, f"{self.command} '/trace': /trace takes POST",
                     close=close)
       else:
         self._error(404, f"no such path {self._path()!r}; expected GET /health "
                     "or POST /trace", close=close)
 
+    do_HEAD = do_GET  # noqa: N815 (_send leaves out the body)
+
     def _other_method(self):
       self._read_all()
-      self._error(405, f"{self.command} {self._path()!r}: expected GET /health "
-                  "or POST /trace", headers=[("Allow", "GET, POST")], close=True)
+      self._error(405 if self._path() in _ALLOW else 404,
+                  f"{self.command} {self._path()!r}: expected GET /health "
+                  "or POST /trace", close=True)
 
-    do_HEAD = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _other_method  # noqa: N815
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _other_method  # noqa: N815
 
     def do_POST(self):  # noqa: N802
       refused = self._body_refused()
@@ -1135,7 +1226,7 @@ def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
         self._read_all()
         self._error(*refused, close=True)
         return
-      size = int(self.headers["Content-Length"])
+      size = self._content_length()
       if not service.take_body(size):
         self._read_all()
         self._error(503, f"the server holds {service.limits.max_bodies_bytes:,} "
@@ -1197,14 +1288,14 @@ def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
         # chunks' framing was parsed as the body.)
         return 501, ("Transfer-Encoding is not supported; send the body with "
                      "a Content-Length")
-      length = self.headers.get("Content-Length")
+      try:
+        length = self._content_length()
+      except RequestError as e:
+        return e.status, str(e)
       if length is None:
         return 411, "Content-Length required"
-      # int() takes "²" too, and refuses 4,300 digits or more
-      if not (length.isascii() and length.isdigit() and len(length) <= 18):
-        return 400, f"Content-Length {length[:40]!r} is not a byte count"
-      if int(length) > service.limits.max_body_bytes:
-        return 413, (f"body of {int(length):,} bytes, more than the "
+      if length > service.limits.max_body_bytes:
+        return 413, (f"body of {length:,} bytes, more than the "
                      f"{service.limits.max_body_bytes:,} this server takes")
       return None
 
@@ -1223,12 +1314,16 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
   # listen()'s backlog: the default 5 resets clients that connect together.
   request_queue_size = 1024
 
-  # A refused connection's request is read and dropped for up to this long
-  # (by at most DRAINERS threads at once), so that its client, which sends
-  # the request before it reads, gets the 503: a socket closed with unread
-  # bytes sends a reset instead (a client sending an 800 KB body saw "Broken
-  # pipe" 10 times in 10).
+  # A refused request (a connection past the limit, or a request answered
+  # with a 4xx/5xx before its body was read: a 413, the bodies' 503) is
+  # read and dropped for up to this long and this many bytes, so that its
+  # client, which sends the request before it reads, gets the answer: a
+  # socket closed with unread bytes sends a reset instead (a client sending
+  # an 800 KB body saw "Broken pipe" 10 times in 10; a 20 MB one, for the
+  # 413, 5 in 5). At most DRAINERS threads drain refused connections; a
+  # handler drains on its own connection's thread.
   DRAIN_S = 2.0
+  DRAIN_BYTES = 64 << 20  # 4x the default --max_body_mb
   DRAINERS = 16
 
   def __init__(self, address, handler, max_connections: int):
@@ -1255,16 +1350,10 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
     super().process_request(request, client_address)
 
   def _drain(self, request) -> None:
-    """Reads a refused connection's request (``DRAIN_S``), then closes it."""
+    """Reads a refused connection's request (``_linger``), then closes it."""
     try:
-      request.shutdown(socket.SHUT_WR)  # the 503 is whole: end it here
-      deadline = time.monotonic() + self.DRAIN_S
-      while (left := deadline - time.monotonic()) > 0:
-        request.settimeout(left)
-        if not request.recv(1 << 16):
-          break
-    except OSError:
-      pass
+      reads = _ReadsBy(request)
+      _linger(request, reads, reads.read, self.DRAIN_BYTES, self.DRAIN_S)
     finally:
       self._drainers.release()
       self.close_request(request)
