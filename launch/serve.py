@@ -72,7 +72,7 @@ from tracer import scan
 from tracer import serving
 from tracer.errors import InputError
 
-flags.DEFINE_string("host", "127.0.0.1", "Address to bind (0.0.0.0: every "
+flags.DEFINE_string("host", "127.0.0.1", "Address to bind (0.0.0.0, or :: for IPv6 too: every "
                     "interface; the server has no authentication).")
 flags.DEFINE_integer("port", 8000, "Port to listen on (0: any free port; the "
                      "'listening on' line names it).", lower_bound=0,
@@ -267,7 +267,7 @@ class Server:
       self.batcher.close()
       raise _cannot_listen(host, port, e) from None
     host, port = self.http.server_address[:2]
-    self.url = f"http://{host}:{port}"
+    self.url = f"http://{serving.url_host(host)}:{port}"
     self._thread = threading.Thread(target=self.http.serve_forever,
                                     name="tracer-http", daemon=True)
     self._thread.start()
@@ -367,7 +367,7 @@ def check_address(host: str, port: int) -> None:
   before the checkpoint and store are loaded (minutes at scale), not after
   (a port in use, a host name that does not resolve were tracebacks then)."""
   try:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # as the server
+    with socket.socket(serving.address_family(host), socket.SOCK_STREAM) as s:  # as the server
       s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
       s.bind((host, port))
   except OSError as e:

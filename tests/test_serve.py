@@ -20,6 +20,7 @@ import json
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import sys
@@ -878,7 +879,7 @@ def test_bodies_in_flight_are_bounded_together():
 
 
 @contextlib.contextmanager
-def _stand_in(max_connections: int = 256, **limits):
+def _stand_in(max_connections: int = 256, host: str = "127.0.0.1", **limits):
   """``make_server``'s HTTP layer over a batcher whose answer echoes each
   query's id (no model): ``http``, ``service``, ``address``, ``url`` and
   ``answered`` (the ids)."""
@@ -894,13 +895,13 @@ def _stand_in(max_connections: int = 256, **limits):
   service = serving.Service(lim, lambda r: None, batcher,
                             {"max_queries": lim.max_queries,
                              "max_connections": max_connections})
-  http_server = serving.make_server(service, max_connections=max_connections)
+  http_server = serving.make_server(service, host, max_connections=max_connections)
   threading.Thread(target=http_server.serve_forever, daemon=True).start()
   address = http_server.server_address[:2]
   try:
-    yield types.SimpleNamespace(http=http_server, service=service,
-                                address=address, url="http://%s:%d" % address,
-                                answered=answered)
+    yield types.SimpleNamespace(
+        http=http_server, service=service, address=address, answered=answered,
+        url=f"http://{serving.url_host(address[0])}:{address[1]}")
   finally:
     http_server.shutdown()
     http_server.server_close()
@@ -984,6 +985,23 @@ def test_a_refused_body_is_read_so_its_client_gets_the_answer():
           serving.trace(server.url, many(200, 60_000), 5, timeout=120)
     assert serving.trace(server.url, many(2, 10), 5)["results"] == [
         {"query_id": "q0"}, {"query_id": "q1"}]
+
+
+def test_an_ipv6_address_is_served():
+  # Before, --host=::1 was refused ("Address family for hostname not
+  # supported"): the server bound IPv4 sockets only.
+  from tracer.launch import serve  # pylint: disable=g-import-not-at-top
+  try:
+    with socket.socket(socket.AF_INET6) as s:
+      s.bind(("::1", 0))
+  except OSError as e:
+    pytest.skip(f"no IPv6 loopback here: {e}")
+  serve.check_address("::1", 0)
+  with _stand_in(host="::1") as server:
+    assert server.url.startswith("http://[::1]:")
+    assert serving.health(server.url)["status"] == "ok"
+    got = serving.trace(server.url, [{"id": "a", "prompt": "p", "target": "t"}])
+    assert [r["query_id"] for r in got["results"]] == ["a"]
 
 
 def test_http_answers_are_json_with_status_lines_and_allow():

@@ -1327,6 +1327,7 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
   DRAINERS = 16
 
   def __init__(self, address, handler, max_connections: int):
+    self.address_family = address_family(address[0])
     super().__init__(address, handler)
     self._slots = threading.BoundedSemaphore(max_connections)
     self._drainers = threading.BoundedSemaphore(self.DRAINERS)
@@ -1369,6 +1370,17 @@ class _HTTPServer(http.server.ThreadingHTTPServer):
     # server's error (socketserver prints a traceback for each).
     if not isinstance(sys.exc_info()[1], ConnectionError):
       super().handle_error(request, client_address)
+
+
+def address_family(host: str) -> socket.AddressFamily:
+  """IPv6 for an IPv6 address (``::1``, ``::``), else IPv4 (an IPv4 address
+  or a host name)."""
+  return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def url_host(host: str) -> str:
+  """``host`` as a URL writes it: an IPv6 address in brackets."""
+  return f"[{host}]" if ":" in host else host
 
 
 def make_server(service: Service, host: str = "127.0.0.1", port: int = 0,
