@@ -102,11 +102,13 @@ def main(argv):
                          "with them, or neither")
   # Before reading anything, so a long read cannot end in an unwritable path.
   config.check_writable(FLAGS.output, "--output")
-  for results in FLAGS.results or ():
-    if config.same_file(results, FLAGS.output):
-      raise InputError(f"--output={FLAGS.output}: is the --results file "
-                       f"{results}; expected another path (the page would "
-                       "replace the results)")
+  inputs = [("--results", r) for r in FLAGS.results or ()] + (
+      [("--queries", FLAGS.queries)] if FLAGS.queries else [])
+  for flag, path in inputs:
+    if config.same_file(path, FLAGS.output):
+      raise InputError(f"--output={FLAGS.output}: is the {flag} file "
+                       f"{path}; expected another path (the page would "
+                       "replace it)")
   # --top_k only when given: else the server's default.
   top_k = FLAGS.top_k if FLAGS["top_k"].present else None
   print(run(FLAGS.results or (), FLAGS.output, FLAGS.names or (), FLAGS.title,

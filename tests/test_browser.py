@@ -256,6 +256,53 @@ def test_show_more_lists_lazily(browser, tmp_path):
   pg.close()
 
 
+def test_empty_values_tiny_scores_and_an_id_without_a_uri(browser, tmp_path):
+  """Three audit findings (stop 82): a bucket or field value "" was the
+  "all" option's value (choosing it showed every query); scores below 1e-4
+  all read 0.0000; a query id with a lone surrogate threw "URI malformed"
+  when selected (no #q= link exists for it)."""
+  def record(qid, bucket, relation, scores):
+    return viewer.normalize_record({
+        "query_id": qid, "bucket": bucket, "relation": relation,
+        "proponent_ids": [f"d{i}" for i in range(len(scores))],
+        "proponent_scores": scores})
+  recs = [record("a", "", "", [3.2e-5, 2.1e-5, -4e-7]),
+          record("b", "1", "job", [0.5]), record("c", "1", "pet", [0.25]),
+          record("d\ud800", "2-3", "pet", [0.125])]
+  path = tmp_path / "odd.html"
+  viewer.write_report(str(path), {"m": recs})
+  pg = browser.new_page()
+  errors = []
+  pg.on("pageerror", lambda e: errors.append(str(e)))
+  pg.goto(path.as_uri())
+  pg.wait_for_selector("#list li")
+  _wait_count(pg, 4)
+  for select in ("#f-bucket", "select[data-field='relation']"):
+    pg.evaluate("""s => {
+      const sel = document.querySelector(s);
+      sel.selectedIndex = [...sel.options].findIndex((o, i) => i > 0 && o.value === "");
+      sel.dispatchEvent(new Event("change"));
+    }""", select)
+    _wait_count(pg, 1)
+    assert pg.inner_text("#list li .qid") == "a"
+    pg.evaluate("""s => {
+      const sel = document.querySelector(s);
+      sel.selectedIndex = 0;
+      sel.dispatchEvent(new Event("change"));
+    }""", select)
+    _wait_count(pg, 4)
+  pg.click("#list li[data-index='0']")
+  detail = pg.inner_text("#detail")
+  assert "3.20e-5" in detail and "2.10e-5" in detail and "-4.00e-7" in detail, detail
+  assert "0.5000" not in detail
+  for i in range(1, 4):
+    pg.click(f"#list li[data-index='{i}']")
+  assert pg.inner_text("#detail h2").startswith("d")
+  assert pg.evaluate("location.hash") == "#q=c"   # the last id with a link
+  pg.close()
+  assert not errors, errors
+
+
 def test_screenshot_is_not_blank(page, tmp_path):
   from PIL import Image  # pillow comes with matplotlib
   page.click("#list li[data-index='0']")

@@ -1420,6 +1420,20 @@ def test_client_refuses_answers_not_from_a_tracer_server():
       serving.health("http://127.0.0.1:9")
     with pytest.raises(InputError, match=r"expected an http:// or https:// URL"):
       serving.health("127.0.0.1:9")
+    # A malformed URL is one error naming it (before, urllib's ValueError);
+    # a path is kept and the endpoint added to it; a query or fragment is
+    # refused (before, "/health" was added after it: a 404 from "/").
+    for bad, why in (("http://[::1:9", "Invalid IPv6 URL"),
+                     ("http://[127.0.0.1]:9", "An IPv4 address cannot be in brackets")):
+      with pytest.raises(InputError, match=re.escape(
+          f"{bad}: {why}; expected http://HOST:PORT")):
+        serving.health(bad)
+    assert serving.endpoint(url + "//", "health") == url + "/health"
+    assert serving.endpoint("http://h:1/tracer/", "trace") == "http://h:1/tracer/trace"
+    for bad in (url + "/?token=a", url + "#x"):
+      with pytest.raises(InputError, match=re.escape(
+          f"{bad}: a server URL with a query or fragment; expected")):
+        serving.health(bad)
   finally:
     server.shutdown()
     server.server_close()

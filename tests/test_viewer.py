@@ -527,8 +527,19 @@ def test_view_does_not_write_over_its_results(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"error: --output={output}: is the --results "
                                    f"file {results}; expected another path (the "
-                                   "page would replace the results)")
+                                   "page would replace it)")
   assert pathlib.Path(results).read_bytes() == before
+  # Nor over the queries it would ask a server (before, replaced, status 0);
+  # refused before any request.
+  queries = tmp_path / "q.jsonl"
+  queries.write_text('{"id": "q1", "prompt": "p", "target": "t"}\n')
+  proc = _view("--server=http://127.0.0.1:9", f"--queries={queries}",
+               f"--output={queries}")
+  assert proc.returncode == 2
+  assert proc.stderr.strip() == (f"error: --output={queries}: is the --queries "
+                                 f"file {queries}; expected another path (the "
+                                 "page would replace it)")
+  assert queries.read_text() == '{"id": "q1", "prompt": "p", "target": "t"}\n'
 
 
 def test_view_needs_results_and_output(tmp_path):

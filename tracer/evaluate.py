@@ -283,9 +283,11 @@ def prediction_fields(prediction: str | None,
 
 
 def bucket_sort_key(bucket: str):
-  """Sorts "1" < "2-3" < "4-10" < "11+" by their leading number."""
-  m = re.match(r"\s*(\d+)", bucket)
-  return (0, int(m.group(1)), bucket) if m else (1, 0, bucket)
+  """Sorts "1" < "2-3" < "4-10" < "11+" by their leading number (by its
+  digits' count, then the digits: no int() of thousands of digits, which
+  Python refuses past 4,300)."""
+  m = re.match(r"\s*0*(\d+)", bucket)
+  return (0, len(m.group(1)), m.group(1), bucket) if m else (1, 0, "", bucket)
 
 
 def _query_scores(relevant: set[str], retrieved: Sequence[str] | None,

@@ -1408,13 +1408,17 @@ def _call(url: str, body: dict | None = None, timeout: float = 600,
   server's ``error`` field where it gives one), an answer over
   ``max_bytes``, or one that is not a JSON object.
   """
-  parts = urllib.parse.urlsplit(url)
-  if parts.scheme not in ("http", "https") or not parts.hostname:
+  try:
+    parts = urllib.parse.urlsplit(url)
+    hostname = parts.hostname
+  except ValueError as e:  # brackets unclosed, or around an IPv4 address
+    raise InputError(f"{url}: {e}; expected http://HOST:PORT") from None
+  if parts.scheme not in ("http", "https") or not hostname:
     raise InputError(f"{url}: expected an http:// or https:// URL")
   connection_type = (http.client.HTTPSConnection if parts.scheme == "https"
                      else http.client.HTTPConnection)
   try:
-    conn = connection_type(parts.hostname, parts.port, timeout=timeout)
+    conn = connection_type(hostname, parts.port, timeout=timeout)
   except ValueError as e:  # a port that is not a number
     raise InputError(f"{url}: {e}; expected http://HOST:PORT") from None
   expired, sockets = threading.Event(), []
@@ -1504,10 +1508,25 @@ def _positive_int(value) -> bool:
   return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
+def endpoint(server: str, name: str) -> str:
+  """``server``'s URL with ``/name`` added to its path. A query or fragment
+  is refused: the name went after it, so ``?token=a`` asked for ``/`` with
+  the query ``token=a/health``."""
+  try:
+    parts = urllib.parse.urlsplit(server)
+  except ValueError as e:
+    raise InputError(f"{server}: {e}; expected http://HOST:PORT") from None
+  if parts.query or parts.fragment:
+    raise InputError(f"{server}: a server URL with a query or fragment; "
+                     "expected http://HOST:PORT or http://HOST:PORT/PATH")
+  return urllib.parse.urlunsplit(parts._replace(
+      path=parts.path.rstrip("/") + "/" + name))
+
+
 def health(server: str, timeout: float = 60) -> dict:
   """``GET server/health``: InputError unless it names a positive
   ``max_queries`` (what ``trace_all`` splits by)."""
-  url = server.rstrip("/") + "/health"
+  url = endpoint(server, "health")
   info = _call(url, timeout=timeout)
   if not _positive_int(info.get("max_queries")):
     got = (f"is {info['max_queries']!r}" if "max_queries" in info
@@ -1527,7 +1546,7 @@ def trace(server: str, queries: Sequence[dict], top_k: int | None = None,
     body["top_k"] = top_k
   if task_r is not None:
     body["task_r"] = task_r
-  url = server.rstrip("/") + "/trace"
+  url = endpoint(server, "trace")
   answer = _call(url, body, timeout)
   results = answer.get("results")
   if not (isinstance(results, list) and len(results) == len(queries)

@@ -776,7 +776,13 @@ _JS = r"""
     return e;
   }
   function num(x, digits) {
-    return x == null ? "\u2013" : Number(x).toFixed(digits);
+    if (x == null) return "\u2013";
+    var n = Number(x);
+    // Below half the last digit's unit, fixed digits read 0.0000 (unnormalized
+    // scores of 1e-5 looked tied): three significant digits instead.
+    if (n !== 0 && Math.abs(n) < 0.5 * Math.pow(10, -digits))
+      return n.toExponential(2);
+    return n.toFixed(digits);
   }
   function show(x) {
     if (typeof x === "string") return x;
@@ -895,15 +901,17 @@ _JS = r"""
   }
   function applyFilters() {
     var terms = search.value.toLowerCase().split(/\s+/).filter(Boolean);
-    var bucket = fBucket.value, correct = fCorrect.value;
-    var facets = facetSelects.filter(function (s) { return s.value !== ""; })
+    // The first option is "all": a value "" is a bucket's too, not "all".
+    var bucket = fBucket.selectedIndex > 0 ? fBucket.value : null;
+    var correct = fCorrect.value;
+    var facets = facetSelects.filter(function (s) { return s.selectedIndex > 0; })
       .map(function (s) { return [s.dataset.field, s.value]; });
     var out = [];
     for (var i = 0; i < Q.length; i++) {
       var q = Q[i], ok = true;
       for (var t = 0; ok && t < terms.length; t++) ok = hay[i].indexOf(terms[t]) >= 0;
       if (!ok) continue;
-      if (bucket && q.bucket !== bucket) continue;
+      if (bucket !== null && q.bucket !== bucket) continue;
       if (correct === "right" && q.correct !== true) continue;
       if (correct === "wrong" && q.correct !== false) continue;
       if (correct === "none" && q.correct != null) continue;
@@ -1045,7 +1053,10 @@ _JS = r"""
     var li = list.querySelector('li[data-index="' + i + '"]');
     if (li) li.className = "selected";
     renderDetail(i);
-    if (!keepHash) history.replaceState(null, "", "#q=" + encodeURIComponent(Q[i].id));
+    var link = null;
+    try { link = "#q=" + encodeURIComponent(Q[i].id); }
+    catch (err) {}  // an id with a lone surrogate has no URI: no link, no error
+    if (!keepHash && link !== null) history.replaceState(null, "", link);
     return li;
   }
   function fromHash() {
