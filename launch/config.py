@@ -166,7 +166,11 @@ _RELATIONS = {
                   "its halves)")],
 }
 _INT_MAX = 2**31 - 1
-_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}
+# "None": an optional field (``int | None``) is checked as its other type
+# (else 'ten' and 2.5 passed for PreconditionerConfig.rank, found only after
+# a TypeError or the whole store's encoding).
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+          "None": (type(None),)}
 
 
 def check_gin(gin_files: Sequence[str], bindings: Sequence[str]) -> None:

@@ -479,6 +479,11 @@ CASES = [
     Case("model axis not dividing the devices",
          lambda s, d: encode(s, d, bindings=["EncodeConfig.model_axis=2"]),
          "EncodeConfig.model_axis=2: expected a divisor of the device count 1: 1"),
+    # Before 2026-12-07 an optional (`int | None`) field's type went
+    # unchecked: a TypeError traceback, exit 1.
+    Case("gin value of the wrong type, an optional field",
+         lambda s, d: scan(s, d, bindings=["PreconditionerConfig.rank='ten'"]),
+         "gin: PreconditionerConfig.rank = 'ten': expected int or None, got str"),
     Case("gin value not one of the choices",
          lambda s, d: scan(s, d, bindings=["EncodeConfig.kernel='fast'"]),
          "gin: EncodeConfig.kernel = 'fast': expected one of 'factored', 'exact'"),

@@ -318,6 +318,20 @@ def test_gin_refuses_damping_0_and_lam_outside_0_1():
   config.check_fields(PreconditionerConfig(damping=1e-3, lam=1.0))
 
 
+def test_gin_checks_the_type_of_optional_fields():
+  # Before 2026-12-07 an `int | None` field took any type: rank = 'ten' was
+  # a TypeError, rank = 2.5 failed after the whole store was encoded.
+  from tracer.launch import config  # pylint: disable=g-import-not-at-top
+  from tracer.errors import InputError  # pylint: disable=g-import-not-at-top
+  for fields, message in [
+      ({"rank": "ten"}, "PreconditionerConfig.rank = 'ten': expected int or None, got str"),
+      ({"rank": 2.5}, "PreconditionerConfig.rank = 2.5: expected int or None, got float"),
+      ({"lam": "half"}, "PreconditionerConfig.lam = 'half': expected float or None, got str")]:
+    with pytest.raises(InputError, match=re.escape(message)):
+      config.check_fields(PreconditionerConfig(**fields))
+  config.check_fields(PreconditionerConfig(rank=None, lam=None, max_query_weight=2))
+
+
 def test_fitting_r_past_the_hosts_memory_is_refused_before_any_gradient():
   """Before 2026-12-05 ``EncodeConfig.projection_dim=2147483647`` on tiny.gin
   left its 128 x 512 matrices unprojected, and R's moments of 65,536 dims a
