@@ -14,10 +14,12 @@ import dataclasses
 import hashlib
 import importlib
 import importlib.resources
+import io
 import math
 import os
 import re
 import sys
+import tokenize
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -322,6 +324,10 @@ def parse_gin(gin_files: Sequence[str] | None = None,
   logging.set_verbosity(logging.FATAL)
   try:
     gin.parse_config_files_and_bindings(files, bindings)
+  except tokenize.TokenError:
+    # An unclosed bracket or triple-quoted string at the end of a file or
+    # of the bindings: Python's tokenizer raises, naming neither.
+    raise InputError(f"gin: {_unclosed_site(files, bindings)}") from None
   except RecursionError:  # gin follows includes without a limit of its own
     raise InputError(f"gin: {', '.join(files)}: a file includes itself (or one "
                      "that includes it); expected includes without a cycle") from None
@@ -351,6 +357,46 @@ def parse_gin(gin_files: Sequence[str] | None = None,
   finally:
     logging.set_verbosity(verbosity)
   _check_applied(files, bindings)
+
+
+_CLOSERS = {"(": ")", "[": "]", "{": "}"}
+
+
+def _unclosed(text: str) -> tuple[str, int, str] | None:
+  """(what is left open, its line, what would close it) where ``text`` ends
+  inside a bracket or a triple-quoted string; None where it does not."""
+  opened = []
+  try:
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+      if tok.string in _CLOSERS:
+        opened.append((tok.string, tok.start[0]))
+      elif tok.string in _CLOSERS.values() and opened:
+        opened.pop()
+  except tokenize.TokenError as e:
+    if opened and "string" not in str(e.args[0]):
+      bracket, lineno = opened[-1]
+      return repr(bracket), lineno, repr(_CLOSERS[bracket])
+    lineno, col = e.args[1]
+    rest = text.splitlines()[lineno - 1][col:]
+    quote = min((rest.find(q), q) for q in ('"""', "'''") if q in rest)[1]
+    return f"a string opened with {quote}", lineno, quote
+  return None
+
+
+def _unclosed_site(files: Sequence[str], bindings: Sequence[str]) -> str:
+  """What is left open at the end of a gin file (or one it includes) or of
+  ``bindings``, and where, in the style of gin's syntax errors."""
+  texts = [(f"file {path}", data.decode("utf-8", "replace"))
+           for path, data in _gin_texts(files)]
+  for where, text in [*texts, ("--gin_bindings", "\n".join(bindings))]:
+    found = _unclosed(text)
+    if found:
+      what, lineno, closer = found
+      line = text.splitlines()[lineno - 1].strip()
+      where = where if where == "--gin_bindings" else f"{where}, line {lineno}"
+      return (f"{what} is never closed; expected a closing {closer} before the "
+              f"end ({where}: {line!r})")
+  return "a bracket or string is never closed; expected it closed"
 
 
 def _check_applied(files: Sequence[str], bindings: Sequence[str]) -> None:

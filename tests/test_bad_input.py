@@ -457,6 +457,14 @@ CASES = [
          "gin: Unable to parse value. (--gin_bindings: 'EncodeConfig.seed=')"),
     Case("gin file syntax error", gin_file("EncodeConfig.seed = 1\nEncodeConfig.kernel = \n"),
          "bad.gin, line 2: 'EncodeConfig.kernel ='"),
+    # Before 2026-12-07 tokenize.TokenError's traceback, naming no file.
+    Case("gin file ending in an unclosed bracket",
+         gin_file("EncodeConfig.seed = 1\nEncodeConfig.projection_dim = (64\n"),
+         "bad.gin, line 2: 'EncodeConfig.projection_dim = (64')"),
+    Case("gin binding ending in an unclosed string",
+         lambda s, d: scan(s, d, bindings=['EncodeConfig.kernel = """exact']),
+         "gin: a string opened with \"\"\" is never closed; expected a closing "
+         "\"\"\" before the end (--gin_bindings: 'EncodeConfig.kernel = \"\"\"exact')"),
     Case("gin file missing",
          lambda s, d: ("scan", [*scan(s, d)[1], f"--gin_file={d / 'none.gin'}"]),
          "none.gin: no such file"),
