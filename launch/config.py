@@ -679,6 +679,23 @@ def integers(flag: str, values) -> list[int]:
   return out
 
 
+def _macro_value(value, seen=frozenset()):
+  """``value`` (a gin binding's, as ``gin.query_parameter`` gives it) with
+  its macros (``%D``, and a macro's own macros, also inside lists, tuples
+  and dicts) replaced by their values; a macro in a cycle is left as it is."""
+  if isinstance(value, gin.config.ConfigurableReference):
+    name = "/".join(value.scopes)
+    if value.selector != "gin.macro" or name in seen:
+      return value
+    return _macro_value(gin.query_parameter(f"{name}/gin.macro.value"),
+                        seen | {name})
+  if isinstance(value, (list, tuple)):
+    return type(value)(_macro_value(v, seen) for v in value)
+  if isinstance(value, dict):
+    return {k: _macro_value(v, seen) for k, v in value.items()}
+  return value
+
+
 def check_bound_fields(cls, have, where: str, what: str = "a checkpoint of",
                        expected: str = "the gin files the model was trained with"
                        ) -> None:
@@ -693,7 +710,7 @@ def check_bound_fields(cls, have, where: str, what: str = "a checkpoint of",
   diffs = []
   for name, value in have.items():
     try:
-      bound = gin.query_parameter(f"{cls.__name__}.{name}")
+      bound = _macro_value(gin.query_parameter(f"{cls.__name__}.{name}"))
     except ValueError:
       continue  # not bound
     if bound != value:

@@ -293,6 +293,20 @@ def test_gin_files_and_bindings():
       launch_config.parse_gin()
 
 
+def test_gin_macros_are_compared_by_their_values():
+  # Before 2026-12-07 `D = 16` with `ModelConfig.d_model = %D` was compared
+  # as '%D' with a checkpoint's 16, and refused.
+  have = model_lib.ModelConfig(d_model=16, num_heads=2)
+  launch_config.parse_gin([], ["E = 16", "D = %E", "ModelConfig.d_model = %D",
+                               "ModelConfig.num_heads = 2"])
+  launch_config.check_bound_fields(model_lib.ModelConfig, have, "ckpt/3")
+  gin.clear_config()
+  launch_config.parse_gin([], ["D = 32", "ModelConfig.d_model = %D"])
+  with pytest.raises(launch_config.InputError, match=re.escape(
+      "ModelConfig.d_model: the checkpoint has 16, the gin bindings say 32")):
+    launch_config.check_bound_fields(model_lib.ModelConfig, have, "ckpt/3")
+
+
 def test_gin_sha256_reads_includes(tmp_path, monkeypatch):
   # Before 2026-12-05 a sweep hashed a gin file's own bytes: an edit to a
   # file it includes left the hash, and the sweep's finished runs, as they were.
