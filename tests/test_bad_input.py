@@ -381,17 +381,18 @@ def store_not_empty(s: Shared, d: Path):
 
 
 def checkpoint_in_part(lost: str):
-  """scan with a copy of the checkpoint whose state lost ``lost`` (a glob
-  under its state directory): before 2026-12-05 its message came under
-  130 lines of Orbax's tracebacks ('Event loop is closed'), and lost data
-  files were a traceback (Orbax's bare Exception), exit 1."""
+  """scan with a copy of the checkpoint whose step lost ``lost`` (a glob
+  under its step directory, files or directories): before 2026-12-05 its
+  message came under 130 lines of Orbax's tracebacks ('Event loop is
+  closed'), and lost data files were a traceback (Orbax's bare Exception),
+  exit 1."""
   def build(s: Shared, d: Path):
     copy = d / "ckpt"
     shutil.copytree(s.checkpoints, copy)
-    gone = list((copy / "1" / "state").glob(lost))
+    gone = list((copy / "1").glob(lost))
     assert gone, lost
     for path in gone:
-      path.unlink()
+      shutil.rmtree(path) if path.is_dir() else path.unlink()
     return scan(s, d, checkpoint=copy)
   return build
 
@@ -690,11 +691,20 @@ CASES = [
     Case("output is the corpus named with fields",
          lambda s, d: scan(s, d, output=s.corpus, corpus=f"{s.corpus}#text=text"),
          "is the --corpus file {corpus}; expected another path"),
-    Case("checkpoint without its state's manifest", checkpoint_in_part("manifest.ocdbt"),
+    Case("checkpoint without its state's manifest",
+         checkpoint_in_part("state/manifest.ocdbt"),
          "ckpt/1: its state cannot be read, a file of it is missing or damaged "
          "(NOT_FOUND: "),
+    # A copy cut short before state/ (or config/): before 2026-12-07 "does
+    # not match its model config" (or "not a tracer checkpoint's").
+    Case("checkpoint without its state directory", checkpoint_in_part("state"),
+         "ckpt/1: its state cannot be read, a file of it is missing or damaged "
+         "(its state/ directory is missing); expected a checkpoint copied whole"),
+    Case("checkpoint without its config directory", checkpoint_in_part("config"),
+         "ckpt/1: its config cannot be read, a file of it is missing or damaged "
+         "(its config/ directory is missing); expected a checkpoint copied whole"),
     Case("checkpoint without its state's data files",
-         checkpoint_in_part("ocdbt.process_0/d/*"),
+         checkpoint_in_part("state/ocdbt.process_0/d/*"),
          "ckpt/1: its state cannot be read, a file of it is missing or damaged "
          "(FAILED_PRECONDITION: Error reading "),
     Case("basis written into a store", basis_into_a_store,

@@ -221,6 +221,17 @@ def test_restore_errors(tmp_path):
                      r"its state cannot be read, a file of it is missing or damaged "
                      r"\(FAILED_PRECONDITION: Error reading "):
     ckpt_lib.restore(str(tmp_path / "no_data"))
+  # A copy cut short before an item's directory (rsync copies config/ before
+  # state/): before 2026-12-07 "its state does not match its model config",
+  # or its config item "not a tracer checkpoint's".
+  for item in ("state", "config"):
+    shutil.copytree(tmp_path / "no_data", tmp_path / f"no_{item}")
+    shutil.rmtree(tmp_path / f"no_{item}" / "1" / item)
+    with pytest.raises(InputError, match=(
+        f"^{re.escape(str(tmp_path / f'no_{item}' / '1'))}: its {item} cannot "
+        rf"be read, a file of it is missing or damaged \(its {item}/ directory "
+        r"is missing\); expected a checkpoint copied whole$")):
+      ckpt_lib.restore(str(tmp_path / f"no_{item}"))
 
 
 CLOSED_LOOP_ERRORS = """

@@ -161,11 +161,10 @@ def restore(directory: str, step: int | None = None, mesh=None, *,
     if unread is None and not isinstance(
         e, (ValueError, KeyError, TypeError, FileNotFoundError)):
       raise
-    if unread or isinstance(e, FileNotFoundError) or "NOT_FOUND" in str(e):
+    if (unread or isinstance(e, FileNotFoundError) or "NOT_FOUND" in str(e)
+        or _lacks(where, "state")):
       # A file of the state is gone or cut (a partial copy): not another model.
-      raise InputError(f"{where}: its state cannot be read, a file of it is "
-                       f"missing or damaged ({_short(unread or e)}); expected "
-                       "a checkpoint copied whole") from None
+      raise _partial_copy(where, "state", unread or e) from None
     # Arrays of another model than the config item describes.
     raise InputError(f"{where}: its state does not match its model config "
                      f"({_config_text(model_config)}; optimizer "
@@ -209,6 +208,8 @@ def _read_config(directory: str, step: int | None):
     config = mngr.restore(step, args=ocp.args.Composite(
         config=ocp.args.JsonRestore()))["config"]
   except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
+    if isinstance(e, FileNotFoundError) or _lacks(where, "config"):
+      raise _partial_copy(where, "config", e) from None
     raise InputError(f"{where}: its config item is not a tracer checkpoint's "
                      f"(model, optimizer, data): {_short(e)}") from None
   family = family_lib.get(config.get("family") if isinstance(config, dict) else None)
@@ -220,6 +221,25 @@ def _read_config(directory: str, step: int | None):
                      f"(model, optimizer, data): {_short(e)}") from None
   return mngr, step, where, (family, model_config, optimizer_config,
                              config.get("data", {}))
+
+
+def _lacks(where: str, item: str) -> bool:
+  """Whether the step directory ``where`` holds no file of ``item`` (a copy
+  cut short before it: rsync copies config/ before state/)."""
+  try:
+    return not storage.list_dir(where, f"{item}/")
+  except InputError:
+    return False
+
+
+def _partial_copy(where: str, item: str, error) -> InputError:
+  """The error for a step whose ``item`` is gone or cut: a partial copy, not
+  another model's checkpoint."""
+  reason = (f"its {item}/ directory is missing" if _lacks(where, item)
+            else _short(error))
+  return InputError(f"{where}: its {item} cannot be read, a file of it is "
+                    f"missing or damaged ({reason}); expected a checkpoint "
+                    "copied whole")
 
 
 def is_tracer_checkpoint(location: str) -> bool:
