@@ -187,8 +187,8 @@ def stale(report: dict, checkpoint: str, num_tail_patch: int, sum_steps) -> list
   without one, a report is reused however many it patched), other sums or
   other settings. Reports from before
   2026-12-04 recorded no sums or settings: those are not compared."""
-  name = os.path.basename(checkpoint.rstrip("/"))
-  step = int(name) if name.isdigit() else ckpt_lib.saved_step(checkpoint)[0]
+  directory, step = ckpt_lib.step_of(checkpoint.rstrip("/"))
+  step = ckpt_lib.saved_step(directory)[0] if step is None else step
   asked = min(num_tail_patch, report["queries"])
   why = []
   if report_step(report) != step:

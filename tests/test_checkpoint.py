@@ -165,6 +165,24 @@ def test_restore_picks_steps_and_places_on_the_mesh(tmp_path):
                             latest.params["embed"]["embedding"])
 
 
+def test_a_checkpoint_directory_named_by_a_number_is_not_a_step(tmp_path):
+  # Before 2026-12-07 --checkpoint=runs/7 (run 7's checkpoints) was read as
+  # step 7 of runs/: "no step 7", or another run's step 7.
+  from tracer import pipeline  # pylint: disable=g-import-not-at-top
+  opt_config = train_lib.OptimizerConfig(total_steps=10)
+  params = model_lib.init_params(MODEL)
+  opt_state = train_lib.make_optimizer(opt_config).init(params)
+  run = tmp_path / "runs" / "7"
+  mngr = ckpt_lib.manager(str(run), max_to_keep=5)
+  for step in (1, 2):
+    ckpt_lib.save(mngr, step, params, opt_state, MODEL, opt_config, DATA)
+  mngr.close()
+  assert pipeline.load_checkpoint(None, str(run)).step == 2
+  assert pipeline.load_checkpoint(None, str(run / "1")).step == 1
+  assert ckpt_lib.step_of(str(run)) == (str(run), None)
+  assert ckpt_lib.step_of(str(run / "1")) == (str(run), 1)
+
+
 def test_restore_errors(tmp_path):
   missing = str(tmp_path / "nothing")
   with pytest.raises(InputError, match=f"^{re.escape(missing)}: no checkpoint"):

@@ -242,6 +242,19 @@ def _partial_copy(where: str, item: str, error) -> InputError:
                     "copied whole")
 
 
+def step_of(location: str) -> tuple[str, int | None]:
+  """(CheckpointManager directory, step) that ``location`` names: a step
+  directory (``runs/3``: step 3 of ``runs``), or a manager's directory
+  itself (step None: its latest). A directory named by a number that holds
+  step directories (``runs/7``, run 7's checkpoints) is the latter: before
+  2026-12-07 it was read as step 7 of ``runs``."""
+  parent, base = storage.split(location)
+  if base.isdigit() and not any(
+      "/" in k and k.split("/")[0].isdigit() for k in storage.list_dir(location)):
+    return parent, int(base)
+  return location, None
+
+
 def is_tracer_checkpoint(location: str) -> bool:
   """Whether ``location`` is a checkpoint directory ``save`` wrote (a
   manager's directory of step directories, or one step directory), as

@@ -87,10 +87,8 @@ def load_checkpoint(workdir: str | None, checkpoint: str | None = None, mesh=Non
   latest, restored onto ``mesh`` (params split over its ``model`` axis);
   ``opt_state``: ``ckpt_lib.restore``'s ("second_moment" to encode only)."""
   if checkpoint:
-    parent, base = storage.split(checkpoint)
-    if base.isdigit():
-      return ckpt_lib.restore(parent, int(base), mesh=mesh, opt_state=opt_state)
-    return ckpt_lib.restore(checkpoint, mesh=mesh, opt_state=opt_state)
+    directory, step = ckpt_lib.step_of(checkpoint)
+    return ckpt_lib.restore(directory, step, mesh=mesh, opt_state=opt_state)
   return ckpt_lib.restore(storage.join(workdir, "checkpoints"), mesh=mesh,
                           opt_state=opt_state)
 
