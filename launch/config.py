@@ -15,7 +15,6 @@ import hashlib
 import importlib
 import importlib.resources
 import io
-import math
 import os
 import re
 import sys
@@ -106,75 +105,6 @@ for _cls in tracer_config.ALL:
   register(_cls)
 
 
-# Values gin may bind, beyond their type: the choices of string fields, and
-# the least value of numeric ones (checked by ``make``, before any work).
-_CHOICES = {
-    "ModelConfig.dtype": ("float32", "bfloat16", "float16"),
-    "OptimizerConfig.name": ("adamw", "adafactor"),
-    "DataConfig.tokenizer": ("byte", "sentencepiece", "gemma"),
-    "DataConfig.overflow": ("truncate", "split"),
-    "EncodeConfig.correction": ("optimizer", "none"),
-    "EncodeConfig.kernel": ("factored", "exact"),
-    "EncodeConfig.projection_precision": ("highest", "bf16_6x"),
-    "EncodeConfig.store_dtype": ("bfloat16", "float32", "int8"),
-    "PreconditionerConfig.kind": ("block", "full", "none"),
-}
-_AT_LEAST = {
-    **{f"ModelConfig.{n}": 1 for n in ("vocab_size", "max_len", "d_model",
-                                       "num_layers", "num_heads", "d_ff")},
-    **{f"TrainConfig.{n}": 1 for n in ("batch_size", "log_every",
-                                       "checkpoint_every", "keep_checkpoints")},
-    **{f"EncodeConfig.{n}": 1 for n in ("projection_dim", "microbatch_size",
-                                        "batch_size", "model_axis", "chunk_rows")},
-    "OptimizerConfig.total_steps": 1, "OptimizerConfig.warmup_steps": 0,
-    "PreconditionerConfig.train_examples": 0, "PreconditionerConfig.rank": 0,
-    # numpy's generators take no negative seed (a traceback after the model
-    # was loaded, before).
-    "PreconditionerConfig.sample_seed": 0, "EncodeConfig.seed": 0,
-    "TrainConfig.seed": 0,
-    "PreconditionerConfig.max_query_weight": 0, "EncodeConfig.epsilon": 0,
-}
-# Fields with a range of another form: (test, what is expected).
-_FRACTION = (lambda v: 0 <= v < 1, "a value in [0, 1) (a moment's decay per step)")
-_WITHIN = {
-    "ModelConfig.rope_base": (lambda v: v > 1, "a value > 1 (rotary "
-                              "embeddings' wavelengths grow as its powers)"),
-    "OptimizerConfig.learning_rate": (lambda v: v > 0, "a value > 0"),
-    "OptimizerConfig.final_lr_fraction": (
-        lambda v: 0 <= v <= 1, "a value in [0, 1] (the decay's end, as a "
-        "fraction of the peak learning rate)"),
-    "OptimizerConfig.b1": _FRACTION,
-    "OptimizerConfig.b2": _FRACTION,
-    "OptimizerConfig.eps": (lambda v: v > 0, "a value > 0 (at 0 a param whose "
-                            "gradients are all 0 is updated by 0 / 0 = NaN)"),
-    "OptimizerConfig.weight_decay": (lambda v: v >= 0, "a value >= 0"),
-    "OptimizerConfig.clip_norm": (lambda v: v > 0, "a value > 0 (the gradient's "
-                                  "largest global norm; at 0 nothing is learned)"),
-    "OptimizerConfig.adafactor_decay_rate": (
-        lambda v: 0 < v <= 1, "a value in (0, 1] (Adafactor's decay exponent)"),
-    "PreconditionerConfig.damping": (
-        lambda v: v > 0, "a value > 0 (R's floor is damping times its mean "
-        "eigenvalue: at 0 a rank-deficient R has no inverse)"),
-    "PreconditionerConfig.lam": (
-        lambda v: 0 <= v <= 1, "a value in [0, 1] (R_eval's share of R)"),
-}
-# Relations between a config's fields: (test, what is expected), by class.
-_RELATIONS = {
-    "ModelConfig": [(
-        lambda c: c.d_model % c.num_heads == 0 and c.d_model // c.num_heads % 2 == 0,
-        lambda c: f"ModelConfig.d_model = {c.d_model}, ModelConfig.num_heads = "
-                  f"{c.num_heads}: expected d_model a multiple of num_heads with an "
-                  "even head size, d_model / num_heads (rotary embeddings rotate "
-                  "its halves)")],
-}
-_INT_MAX = 2**31 - 1
-# "None": an optional field (``int | None``) is checked as its other type
-# (else 'ten' and 2.5 passed for PreconditionerConfig.rank, found only after
-# a TypeError or the whole store's encoding).
-_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
-          "None": (type(None),)}
-
-
 def check_gin(gin_files: Sequence[str], bindings: Sequence[str]) -> None:
   """InputError where ``gin_files`` with ``bindings`` would not parse, or
   would give a config out of range (``check_fields``) to a script run with
@@ -195,46 +125,12 @@ def check_all() -> None:
     make(cls)
 
 
-_FLOAT32_MAX = 3.4028234663852886e38
-
-
 def check_fields(obj) -> None:
   """InputError naming the first field of a config dataclass whose (gin-bound)
-  value has the wrong type, is not one of its choices, or is too small, or
-  the fields of a relation between them that does not hold."""
-  name = type(obj).__name__
-  for field in dataclasses.fields(obj):
-    key, value = f"{name}.{field.name}", getattr(obj, field.name)
-    kinds = [k.strip() for k in str(field.type).split("|")]
-    if value is None and "None" in kinds:
-      continue
-    types = tuple(t for k in kinds for t in _TYPES.get(k, (object,)))
-    if not isinstance(value, types) or (isinstance(value, bool)
-                                        and bool not in types):
-      raise InputError(f"gin: {key} = {value!r}: expected {' or '.join(kinds)}, "
-                       f"got {type(value).__name__}")
-    if key in _CHOICES and value not in _CHOICES[key]:
-      raise InputError(f"gin: {key} = {value!r}: expected one of "
-                       f"{', '.join(map(repr, _CHOICES[key]))}")
-    if isinstance(value, float) and not math.isfinite(value):
-      raise InputError(f"gin: {key} = {value!r}: expected a finite number")
-    if isinstance(value, float) and abs(value) > _FLOAT32_MAX:
-      # tracer computes in float32, where it is inf (epsilon = 1e300 made
-      # every corrected gradient non-finite, blamed on the checkpoint).
-      raise InputError(f"gin: {key} = {value!r}: expected a value float32 holds "
-                       f"(at most {_FLOAT32_MAX:.4g} in size)")
-    if isinstance(value, int) and not isinstance(value, bool) and value > _INT_MAX:
-      # Sizes and seeds become int32 arrays and shapes: a larger one fails
-      # deep inside numpy or tensorstore (OverflowError), or asks for 74 GiB.
-      raise InputError(f"gin: {key} = {value!r}: expected a value < 2**31")
-    if key in _AT_LEAST and not value >= _AT_LEAST[key]:
-      raise InputError(f"gin: {key} = {value!r}: expected a value >= "
-                       f"{_AT_LEAST[key]}")
-    if key in _WITHIN and not _WITHIN[key][0](value):
-      raise InputError(f"gin: {key} = {value!r}: expected {_WITHIN[key][1]}")
-  for test, expected in _RELATIONS.get(name, ()):
-    if not test(obj):
-      raise InputError(f"gin: {expected(obj)}")
+  value is not one it may hold (``tracer.config.field_error``)."""
+  error = tracer_config.field_error(obj)
+  if error:
+    raise InputError(f"gin: {error}")
 
 
 def make(cls):

@@ -308,15 +308,17 @@ def other_model_config(s: Shared, d: Path):
                      if k != "dtype"]]
 
 
-def edited_checkpoint(s: Shared, d: Path):
-  """A copy of the checkpoint whose config item says d_model=32 (its arrays
-  have 16)."""
-  shutil.copytree(s.checkpoints, d / "checkpoints")
-  metadata = d / "checkpoints" / "1" / "config" / "metadata"
-  config = json.loads(metadata.read_text())
-  config["model"]["d_model"] = 32
-  metadata.write_text(json.dumps(config))
-  return scan(s, d, checkpoint=d / "checkpoints")
+def edited_checkpoint(section: str = "model", field: str = "d_model", value=32):
+  """scan with a copy of the checkpoint whose config item's ``section``
+  says ``field`` = ``value`` (default d_model=32: its arrays have 16)."""
+  def build(s: Shared, d: Path):
+    shutil.copytree(s.checkpoints, d / "checkpoints")
+    metadata = d / "checkpoints" / "1" / "config" / "metadata"
+    config = json.loads(metadata.read_text())
+    config[section][field] = value
+    metadata.write_text(json.dumps(config))
+    return scan(s, d, checkpoint=d / "checkpoints")
+  return build
 
 
 def readonly_output(s: Shared, d: Path):
@@ -621,10 +623,20 @@ CASES = [
          "checkpoints/1: a checkpoint of another DataConfig than the gin bindings "
          "name (DataConfig.overflow: the checkpoint has 'truncate', the gin "
          "bindings say 'split')"),
-    Case("checkpoint arrays not of its own config", edited_checkpoint,
+    Case("checkpoint arrays not of its own config", edited_checkpoint(),
          "checkpoints/1: params['embed']['embedding'] is (259, 16) in the "
          "checkpoint, but its model config (vocab_size=259, max_len=8, "
          "d_model=32, "),
+    # Values gin refuses, in the config item: before 2026-12-07 a traceback
+    # from the optimizer (ValueError) or the model's shapes (TypeError).
+    Case("checkpoint config item with an unknown optimizer",
+         edited_checkpoint("optimizer", "name", "sgd"),
+         "checkpoints/1: its config item holds OptimizerConfig.name = 'sgd': "
+         "expected one of 'adamw', 'adafactor'"),
+    Case("checkpoint config item with a field of the wrong type",
+         edited_checkpoint("model", "d_model", "16"),
+         "checkpoints/1: its config item holds ModelConfig.d_model = '16': "
+         "expected int, got str"),
     Case("projection_dim smaller than the block count",
          lambda s, d: encode(s, d, bindings=["EncodeConfig.projection_dim=3"]),
          "EncodeConfig.projection_dim=3 is smaller than the 9 blocks of the model "

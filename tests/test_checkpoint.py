@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import shutil
@@ -181,6 +182,32 @@ def test_a_checkpoint_directory_named_by_a_number_is_not_a_step(tmp_path):
   assert pipeline.load_checkpoint(None, str(run / "1")).step == 1
   assert ckpt_lib.step_of(str(run)) == (str(run), None)
   assert ckpt_lib.step_of(str(run / "1")) == (str(run), 1)
+
+
+def test_config_item_values_are_checked_as_gin_values(tmp_path):
+  # Before 2026-12-07 a traceback: the optimizer's ValueError, a TypeError
+  # from the model's shapes, a ZeroDivisionError.
+  opt_config = train_lib.OptimizerConfig()
+  params = model_lib.init_params(MODEL)
+  mngr = ckpt_lib.manager(str(tmp_path / "ckpt"))
+  ckpt_lib.save(mngr, 1, params, train_lib.make_optimizer(opt_config).init(params),
+                MODEL, opt_config, DATA)
+  mngr.close()
+  metadata = tmp_path / "ckpt" / "1" / "config" / "metadata"
+  saved = metadata.read_text()
+  for section, field, value, expected in [
+      ("optimizer", "name", "sgd", "OptimizerConfig.name = 'sgd': expected one of "
+       "'adamw', 'adafactor'"),
+      ("model", "d_model", "16", "ModelConfig.d_model = '16': expected int, got str"),
+      ("model", "num_heads", 0, "ModelConfig.num_heads = 0: expected a value >= 1"),
+      ("data", "overflow", "wrap", "DataConfig.overflow = 'wrap': expected one of "
+       "'truncate', 'split'")]:
+    config = json.loads(saved)
+    config[section][field] = value
+    metadata.write_text(json.dumps(config))
+    with pytest.raises(InputError, match=re.escape(
+        f"{tmp_path / 'ckpt' / '1'}: its config item holds {expected}")):
+      ckpt_lib.restore(str(tmp_path / "ckpt"))
 
 
 def test_restore_errors(tmp_path):

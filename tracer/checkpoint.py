@@ -24,6 +24,7 @@ from tracer import family as family_lib
 from tracer import partitioning
 from tracer import storage
 from tracer import train as train_lib
+from tracer.config import DataConfig, field_error
 from tracer.errors import InputError, quiet_failed_loads, unread_array
 
 
@@ -216,9 +217,16 @@ def _read_config(directory: str, step: int | None):
   try:
     model_config = family.config_from_dict(config["model"])
     optimizer_config = train_lib.OptimizerConfig.from_dict(config["optimizer"])
-  except (ValueError, KeyError, TypeError) as e:
+    data = DataConfig.from_dict(config.get("data", {}))
+  except (ValueError, KeyError, TypeError, AttributeError) as e:
     raise InputError(f"{where}: its config item is not a tracer checkpoint's "
                      f"(model, optimizer, data): {_short(e)}") from None
+  # The checks gin's values get: a value edited in (or written by another
+  # version) failed deep in the restore or the optimizer, a traceback.
+  for checked in (model_config, optimizer_config, data):
+    error = field_error(checked)
+    if error:
+      raise InputError(f"{where}: its config item holds {error}")
   return mngr, step, where, (family, model_config, optimizer_config,
                              config.get("data", {}))
 

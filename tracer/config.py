@@ -9,6 +9,7 @@ from gin by class name (``ModelConfig.d_model = 128``,
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, TypeVar
 
 _T = TypeVar("_T")
@@ -160,3 +161,115 @@ class PreconditionerConfig:
 
 ALL = (ModelConfig, OptimizerConfig, DataConfig, TrainConfig, EncodeConfig,
        PreconditionerConfig)
+
+
+# Values a config may hold, beyond its fields' types: the choices of string
+# fields, and the least value of numeric ones (``field_error``: what gin binds,
+# before any work, and what a checkpoint's config item holds).
+_CHOICES = {
+    "ModelConfig.dtype": ("float32", "bfloat16", "float16"),
+    "OptimizerConfig.name": ("adamw", "adafactor"),
+    "DataConfig.tokenizer": ("byte", "sentencepiece", "gemma"),
+    "DataConfig.overflow": ("truncate", "split"),
+    "EncodeConfig.correction": ("optimizer", "none"),
+    "EncodeConfig.kernel": ("factored", "exact"),
+    "EncodeConfig.projection_precision": ("highest", "bf16_6x"),
+    "EncodeConfig.store_dtype": ("bfloat16", "float32", "int8"),
+    "PreconditionerConfig.kind": ("block", "full", "none"),
+}
+_AT_LEAST = {
+    **{f"ModelConfig.{n}": 1 for n in ("vocab_size", "max_len", "d_model",
+                                       "num_layers", "num_heads", "d_ff")},
+    **{f"TrainConfig.{n}": 1 for n in ("batch_size", "log_every",
+                                       "checkpoint_every", "keep_checkpoints")},
+    **{f"EncodeConfig.{n}": 1 for n in ("projection_dim", "microbatch_size",
+                                        "batch_size", "model_axis", "chunk_rows")},
+    "OptimizerConfig.total_steps": 1, "OptimizerConfig.warmup_steps": 0,
+    "PreconditionerConfig.train_examples": 0, "PreconditionerConfig.rank": 0,
+    # numpy's generators take no negative seed (a traceback after the model
+    # was loaded, before).
+    "PreconditionerConfig.sample_seed": 0, "EncodeConfig.seed": 0,
+    "TrainConfig.seed": 0,
+    "PreconditionerConfig.max_query_weight": 0, "EncodeConfig.epsilon": 0,
+}
+# Fields with a range of another form: (test, what is expected).
+_FRACTION = (lambda v: 0 <= v < 1, "a value in [0, 1) (a moment's decay per step)")
+_WITHIN = {
+    "ModelConfig.rope_base": (lambda v: v > 1, "a value > 1 (rotary "
+                              "embeddings' wavelengths grow as its powers)"),
+    "OptimizerConfig.learning_rate": (lambda v: v > 0, "a value > 0"),
+    "OptimizerConfig.final_lr_fraction": (
+        lambda v: 0 <= v <= 1, "a value in [0, 1] (the decay's end, as a "
+        "fraction of the peak learning rate)"),
+    "OptimizerConfig.b1": _FRACTION,
+    "OptimizerConfig.b2": _FRACTION,
+    "OptimizerConfig.eps": (lambda v: v > 0, "a value > 0 (at 0 a param whose "
+                            "gradients are all 0 is updated by 0 / 0 = NaN)"),
+    "OptimizerConfig.weight_decay": (lambda v: v >= 0, "a value >= 0"),
+    "OptimizerConfig.clip_norm": (lambda v: v > 0, "a value > 0 (the gradient's "
+                                  "largest global norm; at 0 nothing is learned)"),
+    "OptimizerConfig.adafactor_decay_rate": (
+        lambda v: 0 < v <= 1, "a value in (0, 1] (Adafactor's decay exponent)"),
+    "PreconditionerConfig.damping": (
+        lambda v: v > 0, "a value > 0 (R's floor is damping times its mean "
+        "eigenvalue: at 0 a rank-deficient R has no inverse)"),
+    "PreconditionerConfig.lam": (
+        lambda v: 0 <= v <= 1, "a value in [0, 1] (R_eval's share of R)"),
+}
+# Relations between a config's fields: (test, what is expected), by class.
+_RELATIONS = {
+    "ModelConfig": [(
+        lambda c: c.d_model % c.num_heads == 0 and c.d_model // c.num_heads % 2 == 0,
+        lambda c: f"ModelConfig.d_model = {c.d_model}, ModelConfig.num_heads = "
+                  f"{c.num_heads}: expected d_model a multiple of num_heads with an "
+                  "even head size, d_model / num_heads (rotary embeddings rotate "
+                  "its halves)")],
+}
+_INT_MAX = 2**31 - 1
+# "None": an optional field (``int | None``) is checked as its other type
+# (else 'ten' and 2.5 passed for PreconditionerConfig.rank, found only after
+# a TypeError or the whole store's encoding).
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+          "None": (type(None),)}
+
+_FLOAT32_MAX = 3.4028234663852886e38
+
+
+def field_error(obj) -> str | None:
+  """``"<Class>.<field> = <value>: expected ..."`` for the first field of a
+  config dataclass whose value has the wrong type, is not one of its
+  choices, or is out of range, or the fields of a relation between them
+  that does not hold; None if every field is fine."""
+  name = type(obj).__name__
+  for field in dataclasses.fields(obj):
+    key, value = f"{name}.{field.name}", getattr(obj, field.name)
+    kinds = [k.strip() for k in str(field.type).split("|")]
+    if value is None and "None" in kinds:
+      continue
+    types = tuple(t for k in kinds for t in _TYPES.get(k, (object,)))
+    if not isinstance(value, types) or (isinstance(value, bool)
+                                        and bool not in types):
+      return (f"{key} = {value!r}: expected {' or '.join(kinds)}, "
+              f"got {type(value).__name__}")
+    if key in _CHOICES and value not in _CHOICES[key]:
+      return (f"{key} = {value!r}: expected one of "
+              f"{', '.join(map(repr, _CHOICES[key]))}")
+    if isinstance(value, float) and not math.isfinite(value):
+      return f"{key} = {value!r}: expected a finite number"
+    if isinstance(value, float) and abs(value) > _FLOAT32_MAX:
+      # tracer computes in float32, where it is inf (epsilon = 1e300 made
+      # every corrected gradient non-finite, blamed on the checkpoint).
+      return (f"{key} = {value!r}: expected a value float32 holds "
+              f"(at most {_FLOAT32_MAX:.4g} in size)")
+    if isinstance(value, int) and not isinstance(value, bool) and value > _INT_MAX:
+      # Sizes and seeds become int32 arrays and shapes: a larger one fails
+      # deep inside numpy or tensorstore (OverflowError), or asks for 74 GiB.
+      return f"{key} = {value!r}: expected a value < 2**31"
+    if key in _AT_LEAST and not value >= _AT_LEAST[key]:
+      return f"{key} = {value!r}: expected a value >= {_AT_LEAST[key]}"
+    if key in _WITHIN and not _WITHIN[key][0](value):
+      return f"{key} = {value!r}: expected {_WITHIN[key][1]}"
+  for test, expected in _RELATIONS.get(name, ()):
+    if not test(obj):
+      return expected(obj)
+  return None
