@@ -216,7 +216,8 @@ def test_tracer_checkpoint_records_the_family(setup):
   s = setup
   mngr = checkpoint.manager(str(s["root"] / "tracer_ckpt"))
   checkpoint.save(mngr, TRAIN_STEPS, s["params"], s["opt_state"], s["config"],
-                  OPTIMIZER, {"tokenizer": s["vocab"].path}, family=s["family"])
+                  OPTIMIZER, {"tokenizer": "gemma", "sentencepiece_model": s["vocab"].path},
+                  family=s["family"])
   ckpt = checkpoint.restore(str(s["root"] / "tracer_ckpt"),
                             mesh=partitioning.make_mesh(model=2))
   assert ckpt.family is s["family"] and ckpt.model_config == s["config"]
