@@ -72,9 +72,10 @@ def host_budget(have: int | None = None, size=size_text) -> tuple[int, str]:
   figure); else what this process may use (``host_memory_bytes``) less what
   it holds already (``process_resident_bytes``): "the 3.5 GiB this process
   has left of this host's 4.0 GiB (it holds 512.0 MiB)". Why: a process
-  holds 300-600 MB before its first array (the interpreter, jax, XLA, a
-  model), which in a container of a few GiB is what an allocation the
-  whole limit allowed is killed for (2026-12-07, a 1 GiB cgroup:
+  holds memory before its first array (measured: 176 MB after importing
+  tracer, 232 MB once XLA ran a program, 312 MB with faiss; a model more),
+  which in a container of a few GiB is what an allocation the whole limit
+  allowed is killed for (2026-12-07, a 1 GiB cgroup:
   ``benchmark_scan --rows=70000 --dim=1024`` passed its check and was
   killed). ``size`` writes a figure."""
   if have is not None:
