@@ -136,9 +136,28 @@ def check_fields(obj) -> None:
 def make(cls):
   """An instance of a registered config dataclass with the gin bindings
   applied, checked (``check_fields``)."""
-  obj = _CONFIGURABLE[cls]()
+  try:
+    obj = _CONFIGURABLE[cls]()
+  except RecursionError:  # a binding that makes the class it binds
+    raise InputError(f"gin: {_self_reference(cls)}, without end; expected a "
+                     "value (a number, a 'string', a list)") from None
   check_fields(obj)
   return obj
+
+
+def _self_reference(cls) -> str:
+  """Which binding of ``cls`` makes a config object by reference (``@X()``),
+  in words: where ``cls`` never stops making itself."""
+  for field in dataclasses.fields(cls):
+    try:
+      value = gin.query_parameter(f"{cls.__name__}.{field.name}")
+    except ValueError:
+      continue  # not bound
+    if isinstance(value, gin.config.ConfigurableReference):
+      call = "()" if value.evaluate else ""
+      return (f"{cls.__name__}.{field.name} = @{value.selector}{call} makes a "
+              f"{value.selector} to make a {cls.__name__}")
+  return f"a binding of {cls.__name__} refers back to {cls.__name__}"
 
 
 def model_family():
@@ -238,7 +257,13 @@ def parse_gin(gin_files: Sequence[str] | None = None,
       else:
         where = "--gin_bindings"
         text = lines[e.lineno - 1] if 0 < (e.lineno or 0) <= len(lines) else ""
-      e = f"{e.msg} ({where}: {text.strip()!r})"
+      msg = e.msg
+      token = re.search(r"malformed node or string(?: on line \d+)?: <ast\.\w+ "
+                        r"object at 0x[0-9a-f]+>\s+Failed to parse token '(.*)'$", msg)
+      if token:  # gin's words hold the repr of a Python ast node
+        msg = (f"cannot read the value {token[1]}; expected a number, a string "
+               f"in quotes ('{token[1]}'), a list, @configurable or %macro")
+      e = f"{msg} ({where}: {text.strip()!r})"
     macro = re.search(r"No bindings specified for '([\w./]+)/gin\.macro'", str(e))
     if macro:  # gin's message quotes the whole config, naming no file or line
       name = macro[1]

@@ -307,6 +307,22 @@ def test_gin_macros_are_compared_by_their_values():
     launch_config.check_bound_fields(model_lib.ModelConfig, have, "ckpt/3")
 
 
+def test_gin_values_it_cannot_read_are_one_line():
+  # Before 2026-12-07: an unquoted string gave gin's words with the repr of a
+  # Python ast node ("<ast.Name object at 0x7f...>"), and a class bound to
+  # make itself was a RecursionError traceback.
+  with pytest.raises(launch_config.InputError) as e:
+    launch_config.check_gin([], ["ModelConfig.activation = relu"])
+  assert str(e.value) == (
+      "gin: cannot read the value relu; expected a number, a string in quotes "
+      "('relu'), a list, @configurable or %macro (--gin_bindings: "
+      "'ModelConfig.activation = relu')")
+  with pytest.raises(launch_config.InputError, match=re.escape(
+      "gin: ModelConfig.d_model = @ModelConfig() makes a ModelConfig to make a "
+      "ModelConfig, without end; expected a value")):
+    launch_config.check_gin([], ["ModelConfig.d_model = @ModelConfig()"])
+
+
 def test_gin_sha256_reads_includes(tmp_path, monkeypatch):
   # Before 2026-12-05 a sweep hashed a gin file's own bytes: an edit to a
   # file it includes left the hash, and the sweep's finished runs, as they were.
