@@ -47,7 +47,9 @@ def start(workdir: str | None, checkpoint: str | None, corpus_source: str,
   by default only what the encoder reads)."""
   ecfg = encode_config(store)
   mesh = pipeline.make_mesh(ecfg)
-  if config.FLAGS.family and checkpoint and not ckpt_lib.is_tracer_checkpoint(checkpoint):
+  if (config.FLAGS.family and checkpoint and not ckpt_lib.is_tracer_checkpoint(checkpoint)
+      and (storage.exists(checkpoint) or storage.list_dir(checkpoint))):
+    # (Nothing there: not another format, but the restore's "no checkpoint".)
     ckpt = released_checkpoint(checkpoint, mesh)   # (its configs are gin's)
   else:
     check_released_flags(checkpoint or f"--workdir={workdir}'s checkpoint")

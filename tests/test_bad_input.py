@@ -600,6 +600,11 @@ CASES = [
     Case("missing checkpoint directory",
          lambda s, d: scan(s, d, checkpoint=d / "nowhere"),
          "nowhere: no checkpoint directory"),
+    # Before 2026-12-07 "not a tracer checkpoint, and model family
+    # 'tracer_lm' reads no other format": as if something were there.
+    Case("missing checkpoint directory with --family",
+         lambda s, d: scan(s, d, "--family=tracer_lm", checkpoint=d / "nowhere"),
+         "nowhere: no checkpoint directory"),
     # Before 2026-12-06 ignored with tracer's own checkpoint, even when missing.
     Case("--tokenizer with a tracer checkpoint",
          lambda s, d: scan(s, d, f"--tokenizer={d / 'sp.model'}"),

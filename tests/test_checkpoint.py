@@ -182,6 +182,11 @@ def test_a_checkpoint_directory_named_by_a_number_is_not_a_step(tmp_path):
   assert pipeline.load_checkpoint(None, str(run / "1")).step == 1
   assert ckpt_lib.step_of(str(run)) == (str(run), None)
   assert ckpt_lib.step_of(str(run / "1")) == (str(run), 1)
+  # Steps are written without leading zeros: runs/7/01 is not step 1 (it
+  # loaded step 1 before 2026-12-07).
+  assert ckpt_lib.step_of(str(run / "01")) == (str(run / "01"), None)
+  with pytest.raises(InputError, match=r"7/01: no checkpoint directory"):
+    pipeline.load_checkpoint(None, str(run / "01"))
 
 
 def test_config_item_values_are_checked_as_gin_values(tmp_path):

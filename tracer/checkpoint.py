@@ -255,9 +255,11 @@ def step_of(location: str) -> tuple[str, int | None]:
   directory (``runs/3``: step 3 of ``runs``), or a manager's directory
   itself (step None: its latest). A directory named by a number that holds
   step directories (``runs/7``, run 7's checkpoints) is the latter: before
-  2026-12-07 it was read as step 7 of ``runs``."""
+  2026-12-07 it was read as step 7 of ``runs``. A name with leading zeros
+  (``runs/02``) is a directory of its own: steps are written ``2``, so it
+  is not step 2 (it was, before 2026-12-07)."""
   parent, base = storage.split(location)
-  if base.isdigit() and not any(
+  if base.isascii() and base.isdigit() and base == str(int(base)) and not any(
       "/" in k and k.split("/")[0].isdigit() for k in storage.list_dir(location)):
     return parent, int(base)
   return location, None
