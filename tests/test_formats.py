@@ -126,6 +126,24 @@ def _rows(queries, skipped=None):
   return pipeline.result_rows(queries, _Corpus(8), topk, skipped, preds)
 
 
+def test_results_list_only_finite_scores(tmp_path):
+  # An inf encoding (only through scan_arrays, on a caller's rows) scores
+  # +-inf: the line would hold Infinity, which JSON.parse and jq refuse.
+  inf = np.float32(np.inf)
+  topk = TopK(proponent_rows=np.array([[1, 0, 2]]),
+              proponent_scores=np.array([[inf, 0.5, -inf]], np.float32),
+              opponent_rows=np.array([[2, 6, 1]]),
+              opponent_scores=np.array([[-inf, -0.5, inf]], np.float32))
+  path = tmp_path / "results.jsonl"
+  evaluate.write_results(path, pipeline.result_rows(_demo_queries()[:1],
+                                                    _Corpus(8), topk))
+  def refuse(name):
+    raise AssertionError(f"not strict JSON: {name}")
+  row = json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+  assert row["proponent_scores"] == [0.5] and row["opponent_scores"] == [-0.5]
+  assert row["proponent_ids"] == ["doc-0"] and row["opponent_ids"] == ["doc-6"]
+
+
 # --- our results, as their viewer reads them ------------------------------------
 
 

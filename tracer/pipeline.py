@@ -1027,9 +1027,12 @@ def result_rows(queries: Sequence[dict], corpus, topk: scan_lib.TopK,
       out.append(row)
       continue
     # Fewer rows than k outside quarantine: the scan fills the rest with
-    # INVALID_ROW, which no record lists.
-    real_p = topk.proponent_rows[i] != scan_lib.INVALID_ROW
-    real_o = topk.opponent_rows[i] != scan_lib.INVALID_ROW
+    # INVALID_ROW, which no record lists. Nor a score that is not finite
+    # (an inf encoding, only through scan_arrays): JSON has no such number.
+    real_p = ((topk.proponent_rows[i] != scan_lib.INVALID_ROW)
+              & np.isfinite(topk.proponent_scores[i]))
+    real_o = ((topk.opponent_rows[i] != scan_lib.INVALID_ROW)
+              & np.isfinite(topk.opponent_scores[i]))
     prop = topk.proponent_rows[i][real_p].tolist()
     opp = topk.opponent_rows[i][real_o].tolist()
     out.append(evaluate.make_result_row(

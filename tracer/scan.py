@@ -1163,8 +1163,10 @@ def scan_arrays(encodings, queries, k: int, *, mesh: Mesh | None = None,
 
   Args:
     encodings: ``[N, d]`` host array of finite rows, not checked (a full
-      pass; a store's are checked as encoded): a NaN row is never ranked,
-      an inf one scores +-inf or NaN, as the backend's product sums it.
+      pass; a store's are checked as encoded): a NaN row is never ranked
+      (``topk.finish``), an inf one scores +-inf or NaN, as the backend's
+      product sums it (results files list only finite scores:
+      ``pipeline.result_rows``).
     queries: ``[Q, d]``, cast to f32.
     k: results per query and side.
     mesh: default ``partitioning.make_mesh()`` over all devices.

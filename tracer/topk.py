@@ -13,8 +13,9 @@ one block at a time.
 Ordering is exact and deterministic: proponents by score descending,
 opponents by score ascending, ties broken by the lower row id. Scores are
 fp32 dot products; bf16 chunks are never rounded further (see ``exact_scores``).
-NaN scores (from non-finite encodings) rank last and are reported as -inf
-(proponents) or +inf (opponents).
+NaN scores (from non-finite encodings) are never ranked: they are kept
+as -inf (proponents) or +inf (opponents), the keys of unfilled slots, and
+``finish`` reports such a slot as row ``INVALID_ROW``, whatever row it held.
 
 Scan-time preconditioning (``RowMetric``): rows may be stored in the
 coordinates of a query-independent basis; a query set's metric R^(-1) is then
@@ -1267,7 +1268,8 @@ def update_topk(state: TopKState, chunk_encodings, chunk_row_ids, queries,
 
 
 def finish(state: TopKState, rows_seen: int) -> TopK:
-  """Host copy of the running top-k, ``min(k, rows_seen)`` columns."""
+  """Host copy of the running top-k, ``min(k, rows_seen)`` columns; a slot
+  with no row (padding, a NaN score) holds ``INVALID_ROW``."""
   n = min(state.proponent_scores.shape[1], rows_seen)
 
   def host(a):
@@ -1276,10 +1278,15 @@ def finish(state: TopKState, rows_seen: int) -> TopK:
     # Replicated: one addressable shard is the whole array, on every process.
     return np.asarray(a.addressable_data(0))[:, :n]
 
-  return TopK(host(state.proponent_rows).astype(np.int64),
-              host(state.proponent_scores),
-              host(state.opponent_rows).astype(np.int64),
-              host(state.opponent_scores))
+  pro_scores, opp_scores = host(state.proponent_scores), host(state.opponent_scores)
+  # A slot holding an unfilled side's key (a NaN score's, or a score of that
+  # infinity) lists no row, so a NaN row is never ranked however large k is.
+  return TopK(np.where(pro_scores == -np.inf, INVALID_ROW,
+                       host(state.proponent_rows)).astype(np.int64),
+              pro_scores,
+              np.where(opp_scores == np.inf, INVALID_ROW,
+                       host(state.opponent_rows)).astype(np.int64),
+              opp_scores)
 
 
 @jax.jit
