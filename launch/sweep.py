@@ -6,7 +6,8 @@ r"""Sweeps settings: one metrics table over a grid, on one set or a family.
 
 Every combination of the ``--grid`` values (``Binding=v1,v2,...``; repeat the
 flag for more axes) runs ``launch.trace --streaming`` in its own process under
-``WORKDIR/runs/NAME`` with the base workdir's checkpoint and fact corpus, then
+``WORKDIR/runs/NAME`` with the base workdir's checkpoint and fact corpus (and
+``--gin_file``, ``--gin_bindings``, then the point's bindings), then
 its retrieval metrics go to ``NAME/metrics.json``. A run with a metrics file is
 skipped, so a rerun finishes only what is missing. The table of all runs is
 written to ``WORKDIR/sweep.md`` and ``WORKDIR/sweep.json`` and printed.
@@ -143,18 +144,19 @@ def run_name(bindings: list[str]) -> str:
 
 
 def run_one(run_dir: str, bindings: list[str], base_workdir: str,
-            gin_files: list[str]) -> dict:
-  """Runs trace for one grid point (unless done with the same bindings, gin
-  files and base workdir: UsageError when done otherwise); returns its
-  metrics."""
+            gin_files: list[str], gin_bindings: list[str] = ()) -> dict:
+  """Runs trace for one grid point, ``gin_bindings`` before its own (unless
+  done with the same bindings, gin files and base workdir: UsageError when
+  done otherwise); returns its metrics."""
   metrics_path = storage.join(run_dir, "metrics.json")
   # The gin files' bytes too, with their includes': an edited file made
   # other runs under its path.
   made_with = {"bindings": bindings, "gin_files": gin_files,
                "gin_sha256": [config.gin_sha256(g) for g in gin_files],
-               "base_workdir": base_workdir}
+               "base_workdir": base_workdir, "gin_bindings": list(gin_bindings)}
   if storage.exists(metrics_path):
-    metrics = storage.read_json(metrics_path)
+    # Runs from before 2026-12-07 got no --gin_bindings (they were dropped).
+    metrics = {"gin_bindings": [], **storage.read_json(metrics_path)}
     # (Runs from before 2026-12-04 recorded only their bindings.)
     diffs = [f"{k} {metrics[k]}, this run {v}" for k, v in made_with.items()
              if k in metrics and metrics[k] != v]
@@ -173,7 +175,7 @@ def run_one(run_dir: str, bindings: list[str], base_workdir: str,
   if FLAGS.compilation_cache:
     cmd.append(f"--compilation_cache={FLAGS.compilation_cache}")
   cmd += [f"--gin_file={g}" for g in gin_files]
-  cmd += [f"--gin_bindings={b}" for b in bindings]
+  cmd += [f"--gin_bindings={b}" for b in [*gin_bindings, *bindings]]
   log_path = storage.join(run_dir, "log.txt")
   code = _run_logged(cmd, log_path)
   if code:
@@ -199,19 +201,21 @@ def _run_logged(cmd: list[str], log_path: str) -> int:
   return code
 
 
-def check_points(points: list[list[str]], gin_files: list[str]) -> None:
-  """UsageError naming the first grid point whose gin would not parse or
-  gives a config out of range (``config.check_gin``): found before any
-  point runs, not after the points before it."""
+def check_points(points: list[list[str]], gin_files: list[str],
+                 gin_bindings: list[str] = ()) -> None:
+  """UsageError naming the first grid point whose gin (``gin_bindings``, then
+  its own) would not parse or gives a config out of range
+  (``config.check_gin``): found before any point runs, not after the points
+  before it."""
   for bindings in points:
     try:
-      config.check_gin(gin_files, bindings)
+      config.check_gin(gin_files, [*gin_bindings, *bindings])
     except InputError as e:
       raise app.UsageError(f"--grid: the run {run_name(bindings)!r}: {e}") from None
 
 
 def sweep(workdir: str, grid: list[str], base_workdir: str,
-          gin_files: list[str]) -> dict:
+          gin_files: list[str], gin_bindings: list[str] = ()) -> dict:
   table = {}
   points = expand(grid)
   names = {}
@@ -221,12 +225,12 @@ def sweep(workdir: str, grid: list[str], base_workdir: str,
       raise app.UsageError(f"--grid: {other} and {bindings} both name the run "
                            f"{run_name(bindings)!r}; give values that differ in "
                            "letters or digits, or axes of other field names")
-  check_points(points, gin_files)
+  check_points(points, gin_files, gin_bindings)
   for i, bindings in enumerate(points, 1):
     name = run_name(bindings)
     print(f"[{i}/{len(points)}] {name}", flush=True)
     table[name] = run_one(storage.join(workdir, "runs", name), bindings,
-                          base_workdir, gin_files)
+                          base_workdir, gin_files, gin_bindings)
   text = evaluate.format_table(table, COLUMNS, row_header="run")
   evaluate.write_text_atomic(storage.join(workdir, "sweep.md"), text + "\n")
   evaluate.write_text_atomic(storage.join(workdir, "sweep.json"),
@@ -598,7 +602,8 @@ def main(argv):
   if not FLAGS.workdir or not FLAGS.grid:
     raise app.UsageError("--workdir and at least one --grid are required")
   gin_files = FLAGS.gin_file or ["configs/tiny.gin"]
-  sweep(FLAGS.workdir, FLAGS.grid, FLAGS.base_workdir, gin_files)
+  # (Before 2026-12-07 --gin_bindings reached no run, silently.)
+  sweep(FLAGS.workdir, FLAGS.grid, FLAGS.base_workdir, gin_files, FLAGS.gin_bindings)
 
 
 USES = ("workdir",)

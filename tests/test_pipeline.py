@@ -418,6 +418,65 @@ def test_sweep_skips_finished_runs(trained, tmp_path, monkeypatch):
   assert config  # the launch flags are defined
 
 
+def _sweep_base(tmp_path) -> str:
+  """A base workdir for ``sweep.sweep`` with no model: its facts, and a step
+  directory standing for its checkpoint (the trace runs are faked)."""
+  base = tmp_path / "base"
+  facts.write_fact_corpus(str(base / "facts"), facts.FactsConfig(
+      facts_per_bucket=2, distractor_docs=2))
+  (base / "checkpoints" / "100").mkdir(parents=True)
+  return str(base)
+
+
+def _fake_trace(cmds: list):
+  """Stands in for ``sweep._run_logged`` (a ``tracer trace`` run): records
+  its command and writes results that find no document."""
+  def run(cmd, log_path):
+    del log_path
+    cmds.append(cmd)
+    flag = lambda name: next(a.split("=", 1)[1] for a in cmd
+                             if a.startswith(f"--{name}="))
+    evaluate.write_results(flag("output"), [
+        evaluate.make_result_row(q, [], [], []) for q in data_lib.read_queries(
+            flag("queries"))])
+    return 0
+  return run
+
+
+def test_sweep_passes_gin_bindings_to_every_run(tmp_path, monkeypatch):
+  """Before 2026-12-07 ``tracer sweep --gin_bindings`` (without --family_dir)
+  reached no run, silently."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(["test"])
+  base, cmds = _sweep_base(tmp_path), []
+  monkeypatch.setattr(sweep, "_run_logged", _fake_trace(cmds))
+  sw, gin_files = str(tmp_path / "sw"), ["configs/tiny.gin"]
+  grid, dim = ["EncodeConfig.seed=1,2"], "EncodeConfig.projection_dim = 512"
+  try:
+    sweep.sweep(sw, grid, base, gin_files, [dim])
+    # Before each point's own bindings (the grid's axis wins over them).
+    assert [[a for a in c if a.startswith("--gin_bindings=")] for c in cmds] == [
+        [f"--gin_bindings={dim}", f"--gin_bindings=EncodeConfig.seed={s}"]
+        for s in (1, 2)]
+    metrics = json.loads((tmp_path / "sw/runs/seed=1/metrics.json").read_text())
+    assert metrics["gin_bindings"] == [dim]
+    # A rerun with other --gin_bindings does not take these runs for its own.
+    with pytest.raises(Exception, match=re.escape(
+        "metrics.json: made with gin_bindings ['EncodeConfig.projection_dim = "
+        "512'], this run []; use another --workdir")):
+      sweep.sweep(sw, grid, base, gin_files)
+    # They are checked with each point before any point runs.
+    with pytest.raises(Exception, match=re.escape(
+        "--grid: the run 'seed=1': gin: PreconditionerConfig.damping = -1: "
+        "expected a value > 0")):
+      sweep.sweep(str(tmp_path / "sw2"), grid, base, gin_files,
+                  ["PreconditionerConfig.damping = -1"])
+    assert len(cmds) == 2 and not (tmp_path / "sw2").exists()
+  finally:  # the check parses gin in this process
+    gin.clear_config()
+    gin.parse_config(BINDINGS)
+
+
 def test_crash_mid_encode_then_rerun_gives_identical_store(trained, monkeypatch):
   root, corpus, queries = trained
   clean = str(root / "clean_store")
