@@ -23,7 +23,8 @@ from tracer import storage
 _OUT = flags.DEFINE_string(
     "out", None, "Output directory: a path or a gs://, s3://, memory:// or "
     "file:// URL.", required=True)
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of every random choice.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of every random choice.",
+                             lower_bound=0)
 _STYLE = flags.DEFINE_enum("style", "plain", list(facts.STYLES),
                            "Fact style (tracer.facts.STYLES).")
 _FACTS_PER_BUCKET = flags.DEFINE_integer(

@@ -186,6 +186,19 @@ def test_bad_config_raises_input_error(field, value):
     facts.FactsConfig(**{field: value})
 
 
+def test_negative_seed_is_refused():
+  """random.Random seeds by |seed|: before 2026-12-07 seed -1 (FactsConfig or
+  ``tracer make-facts --seed=-1``) wrote seed 1's set."""
+  from tracer.launch import make_facts  # pylint: disable=g-import-not-at-top
+  with pytest.raises(errors.InputError, match=re.escape(
+      "FactsConfig.seed: must be >= 0, got -1")):
+    facts.FactsConfig(seed=-1)
+  with flagsaver.flagsaver(), pytest.raises(
+      flags.IllegalFlagValueError, match=re.escape("flag --seed=-1: ")):
+    flags.FLAGS(["make_facts", "--out=o", "--seed=-1"])
+  assert make_facts.main  # (its flags are defined)
+
+
 def test_write_jsonl_round_trip(tmp_path):
   records = [{"id": "x", "text": "a\nb"}, {"id": "y", "text": "é"}]
   path = facts.write_jsonl(tmp_path / "sub" / "r.jsonl", records)

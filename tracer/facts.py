@@ -91,6 +91,9 @@ class FactsConfig:
 
   def __post_init__(self):
     where = "FactsConfig"
+    # random.Random seeds by |seed|: seed -1 would write seed 1's set.
+    if self.seed < 0:
+      raise errors.InputError(f"{where}.seed: must be >= 0, got {self.seed}")
     if self.facts_per_bucket < 1:
       raise errors.InputError(
           f"{where}.facts_per_bucket: must be >= 1, got {self.facts_per_bucket}")
