@@ -477,6 +477,20 @@ def test_rank_statistics():
   assert m["se"] == pytest.approx(np.std([0.1, 0.3], ddof=1) / np.sqrt(2))
 
 
+def test_statistics_of_non_finite_values():
+  """Before 2026-12-07 paired() kept a query whose values were both inf (a NaN
+  difference: the mean, se and z NaN), spearman() ranked a NaN as the largest
+  value and broadcast values of two lengths."""
+  p = stats.paired([np.inf, 1.0, 2.0, 3.0, -np.inf], [np.inf, 0.0, 0.0, 1.0, 5.0])
+  assert p["n"] == 3 and p["mean"] == pytest.approx(5 / 3)
+  assert stats.mean_se([0.5, np.inf, 1.5])["n"] == 2
+  assert np.isnan(stats.spearman([1.0, 2.0, np.nan], [1.0, 2.0, 3.0]))
+  assert np.isnan(stats.spearman([1.0, 2.0, 3.0], [np.nan, 2.0, 3.0]))
+  with pytest.raises(ValueError, match=re.escape(
+      "spearman: need two f[n] of one shape, got (3,), (1,)")):
+    stats.spearman([1.0, 2.0, 3.0], [1.0])
+
+
 class _Corpus:
   def __init__(self, rows):
     self.rows = rows

@@ -25,16 +25,19 @@ def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
 
   Args:
     a, b: f[Q], two methods' values on the same Q queries, in the same order;
-      a query where either is NaN (no value) is left out.
+      a query whose difference is not finite is left out: either value NaN
+      (no value), or infinite (inf - inf is NaN, inf - 1 no mean can hold).
 
   Returns:
     ``{"mean", "se", "z" (mean / se), "win" (fraction of queries with a > b),
-    "n"}`` over the queries with both values.
+    "n"}`` over the queries with a finite difference.
   """
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   if a.shape != b.shape or a.ndim != 1:
     raise ValueError(f"paired: need two f[Q] of one shape, got {a.shape}, {b.shape}")
-  d = (a - b)[~np.isnan(a) & ~np.isnan(b)]
+  with np.errstate(invalid="ignore"):  # inf - inf: left out below
+    d = a - b
+  d = d[np.isfinite(d)]
   se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
   mean = float(np.mean(d))
   return {"mean": mean, "se": se, "z": mean / se if se > 0 else float("nan"),
@@ -52,14 +55,20 @@ def ranks(x: Sequence[float]) -> np.ndarray:
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-  """Spearman's rank correlation of two f[n] (NaN where either is constant)."""
+  """Spearman's rank correlation of two f[n] (NaN where either is constant
+  or holds a NaN)."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  if a.shape != b.shape or a.ndim != 1:
+    raise ValueError(f"spearman: need two f[n] of one shape, got {a.shape}, {b.shape}")
+  if np.isnan(a).any() or np.isnan(b).any():  # (ranks() would rank it largest)
+    return float("nan")
   ra, rb = ranks(a) - (len(a) - 1) / 2, ranks(b) - (len(b) - 1) / 2
   denom = np.sqrt(np.sum(ra * ra) * np.sum(rb * rb))
   return float(np.sum(ra * rb) / denom) if denom > 0 else float("nan")
 
 
 def mean_se(values: Sequence[float]) -> dict[str, float]:
-  """``{"mean", "se", "z", "n"}`` of the values that are not NaN."""
+  """``{"mean", "se", "z", "n"}`` of the values that are finite."""
   x = np.asarray(values, np.float64)
   return paired(x, np.zeros_like(x))
 
