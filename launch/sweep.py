@@ -9,8 +9,10 @@ flag for more axes) runs ``launch.trace --streaming`` in its own process under
 ``WORKDIR/runs/NAME`` with the base workdir's checkpoint and fact corpus (and
 ``--gin_file``, ``--gin_bindings``, then the point's bindings), then
 its retrieval metrics go to ``NAME/metrics.json``. A run with a metrics file is
-skipped, so a rerun finishes only what is missing. The table of all runs is
-written to ``WORKDIR/sweep.md`` and ``WORKDIR/sweep.json`` and printed.
+skipped, so a rerun finishes only what is missing (every run scores the step
+that is the base's latest as the sweep starts; runs of another are refused).
+The table of all runs is written to ``WORKDIR/sweep.md`` and
+``WORKDIR/sweep.json`` and printed.
 
 With ``--family_dir=F`` (a ``tracer family`` workdir) the grid runs on every set
 of the family, in memory: per set, checkpoint and projection dimension the
@@ -144,20 +146,26 @@ def run_name(bindings: list[str]) -> str:
 
 
 def run_one(run_dir: str, bindings: list[str], base_workdir: str,
-            gin_files: list[str], gin_bindings: list[str] = ()) -> dict:
-  """Runs trace for one grid point, ``gin_bindings`` before its own (unless
-  done with the same bindings, gin files and base workdir: UsageError when
-  done otherwise); returns its metrics."""
+            gin_files: list[str], gin_bindings: list[str] = (),
+            step: int | None = None) -> dict:
+  """Runs trace for one grid point, ``gin_bindings`` before its own, on step
+  ``step`` of the base workdir's checkpoint (default: its latest, ``base_step``)
+  unless done with the same bindings, gin files, base workdir and step
+  (UsageError when done otherwise); returns its metrics."""
+  step = base_step(base_workdir) if step is None else step
   metrics_path = storage.join(run_dir, "metrics.json")
   # The gin files' bytes too, with their includes': an edited file made
-  # other runs under its path.
+  # other runs under its path. The step too: a base that trained on would
+  # mix two models' runs in one table.
   made_with = {"bindings": bindings, "gin_files": gin_files,
                "gin_sha256": [config.gin_sha256(g) for g in gin_files],
-               "base_workdir": base_workdir, "gin_bindings": list(gin_bindings)}
+               "base_workdir": base_workdir, "gin_bindings": list(gin_bindings),
+               "checkpoint_step": step}
   if storage.exists(metrics_path):
     # Runs from before 2026-12-07 got no --gin_bindings (they were dropped).
     metrics = {"gin_bindings": [], **storage.read_json(metrics_path)}
-    # (Runs from before 2026-12-04 recorded only their bindings.)
+    # (Runs from before 2026-12-04 recorded only their bindings, from before
+    # 2026-12-07 no step.)
     diffs = [f"{k} {metrics[k]}, this run {v}" for k, v in made_with.items()
              if k in metrics and metrics[k] != v]
     if diffs:
@@ -169,7 +177,7 @@ def run_one(run_dir: str, bindings: list[str], base_workdir: str,
   queries = storage.join(base_workdir, "facts", "queries.jsonl")
   results = storage.join(run_dir, "results.jsonl")
   cmd = [sys.executable, "-m", "tracer.launch.trace", f"--workdir={run_dir}",
-         f"--checkpoint={storage.join(base_workdir, 'checkpoints')}",
+         f"--checkpoint={storage.join(base_workdir, 'checkpoints', str(step))}",
          f"--corpus={corpus}", f"--queries={queries}", f"--output={results}",
          "--streaming", "--show=0"]
   if FLAGS.compilation_cache:
@@ -185,6 +193,19 @@ def run_one(run_dir: str, bindings: list[str], base_workdir: str,
   metrics.update(made_with)
   evaluate.write_text_atomic(metrics_path, json.dumps(metrics, indent=2))
   return metrics
+
+
+def base_step(base_workdir: str) -> int:
+  """The latest step of the base workdir's checkpoint."""
+  directory = storage.join(base_workdir, "checkpoints")
+  try:
+    steps = ckpt_lib.saved_steps(directory)
+    if not steps:
+      raise InputError(f"{directory}: holds no checkpoint")
+  except InputError as e:
+    raise InputError(f"--base_workdir={base_workdir}: {e}; expected a workdir "
+                     "with a trained model (tracer train, tracer demo)") from None
+  return steps[-1]
 
 
 def _run_logged(cmd: list[str], log_path: str) -> int:
@@ -226,11 +247,13 @@ def sweep(workdir: str, grid: list[str], base_workdir: str,
                            f"{run_name(bindings)!r}; give values that differ in "
                            "letters or digits, or axes of other field names")
   check_points(points, gin_files, gin_bindings)
+  # Every run scores this step, even if the base trains on meanwhile.
+  step = base_step(base_workdir)
   for i, bindings in enumerate(points, 1):
     name = run_name(bindings)
     print(f"[{i}/{len(points)}] {name}", flush=True)
     table[name] = run_one(storage.join(workdir, "runs", name), bindings,
-                          base_workdir, gin_files, gin_bindings)
+                          base_workdir, gin_files, gin_bindings, step)
   text = evaluate.format_table(table, COLUMNS, row_header="run")
   evaluate.write_text_atomic(storage.join(workdir, "sweep.md"), text + "\n")
   evaluate.write_text_atomic(storage.join(workdir, "sweep.json"),

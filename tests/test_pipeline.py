@@ -477,6 +477,41 @@ def test_sweep_passes_gin_bindings_to_every_run(tmp_path, monkeypatch):
     gin.parse_config(BINDINGS)
 
 
+def test_sweep_runs_record_their_checkpoint_step(tmp_path, monkeypatch):
+  """Before 2026-12-07 a run's metrics.json recorded no step: a rerun after
+  the base trained on reused its runs, and ran new points on the later
+  checkpoint, into one table."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(["test"])
+  base, cmds = _sweep_base(tmp_path), []
+  monkeypatch.setattr(sweep, "_run_logged", _fake_trace(cmds))
+  sw, gin_files = str(tmp_path / "sw"), ["configs/tiny.gin"]
+  try:
+    sweep.sweep(sw, ["EncodeConfig.seed=0"], base, gin_files)
+    # Each run is pinned to the step recorded (the base may train on).
+    assert f"--checkpoint={base}/checkpoints/100" in cmds[0]
+    metrics = json.loads((tmp_path / "sw/runs/seed=0/metrics.json").read_text())
+    assert metrics["checkpoint_step"] == 100
+    (tmp_path / "base/checkpoints/200").mkdir()
+    with pytest.raises(Exception, match=re.escape(
+        "seed=0/metrics.json: made with checkpoint_step 100, this run 200; use "
+        "another --workdir")):
+      sweep.sweep(sw, ["EncodeConfig.seed=0,1"], base, gin_files)
+    assert len(cmds) == 1
+    # Runs from before steps were recorded are not compared.
+    del metrics["checkpoint_step"]
+    (tmp_path / "sw/runs/seed=0/metrics.json").write_text(json.dumps(metrics))
+    sweep.sweep(sw, ["EncodeConfig.seed=0"], base, gin_files)
+    assert len(cmds) == 1
+    with pytest.raises(Exception, match=re.escape(
+        f"--base_workdir={tmp_path}: {tmp_path}/checkpoints: no checkpoint "
+        "directory; expected a workdir with a trained model")):
+      sweep.sweep(sw, ["EncodeConfig.seed=0"], str(tmp_path), gin_files)
+  finally:  # the check parses gin in this process
+    gin.clear_config()
+    gin.parse_config(BINDINGS)
+
+
 def test_crash_mid_encode_then_rerun_gives_identical_store(trained, monkeypatch):
   root, corpus, queries = trained
   clean = str(root / "clean_store")
