@@ -290,7 +290,7 @@ def family_axes(grid: list[str], ecfg, pcfg) -> dict[str, list[str]]:
   axes.update(parse_grid(grid))
   # Every value is checked here, not after the projections it follows.
   for key, ok, want in (
-      ("checkpoint", lambda v: v.isdigit() or v in ("last", "sum"),
+      ("checkpoint", lambda v: re.fullmatch("[0-9]+", v) or v in ("last", "sum"),
        "a training step, last or sum"),
       ("EncodeConfig.projection_dim", lambda v: v.isdigit() and int(v) > 0,
        "a positive integer"),
@@ -300,6 +300,13 @@ def family_axes(grid: list[str], ecfg, pcfg) -> dict[str, list[str]]:
     wrong = [v for v in axes[key] if not ok(v)]
     if wrong:
       raise app.UsageError(f"--grid: {key}={','.join(wrong)}: expected {want}")
+  # Step directories are named without leading zeros: checkpoint=600,0600
+  # would score step 600 twice, 0600 alone no step (tracer.checkpoint.step_of).
+  padded = [v for v in axes["checkpoint"] if v[0] == "0" and v != "0"]
+  if padded:
+    raise app.UsageError(f"--grid: checkpoint={padded[0]}: a step with leading "
+                         f"zeros; expected {int(padded[0])} (step directories "
+                         "are named without them)")
   # And against the ranges gin's own bindings are held to (config.check_fields).
   for key, cfg, cast in (("EncodeConfig.projection_dim", ecfg, int),
                          ("PreconditionerConfig.damping", pcfg, float),
@@ -544,6 +551,17 @@ def sweep_family(workdir: str, family_dir: str, grid: list[str],
   if not names:
     raise app.UsageError(f"--family_dir={family_dir}: no sets/NAME/checkpoints; "
                          "make them with `tracer family --only_train`")
+  # Every step asked is one each set to score saved: checked here, not after
+  # the steps and sets before it are projected (before 2026-12-07).
+  steps = [int(v) for v in axes["checkpoint"] if v.isdigit()]
+  for name in names:
+    if (steps and not storage.exists(storage.join(workdir, "sets", f"{name}.json"))
+        and trained(storage.join(sets_dir, name))):
+      try:
+        ckpt_lib.check_steps(storage.join(sets_dir, name, "checkpoints"), steps)
+      except InputError as e:
+        raise app.UsageError(f"--grid: checkpoint: {e}; expected steps every "
+                             "set saved") from None
   per_set = {}
   want = run_settings(ecfg, pcfg, query_set_size, task_size)
   wanted_points = [_point_name(*p) for p in points]

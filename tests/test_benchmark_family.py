@@ -19,10 +19,12 @@ from tracer.launch import sweep
 from tracer import checkpoint as ckpt_lib
 from tracer import hessian
 from tracer import memory
+from tracer import model as model_lib
 from tracer import pipeline
 from tracer import projection
 from tracer import scan
 from tracer import stats
+from tracer import train as train_lib
 from tracer.errors import InputError
 # pytest puts tests/ on sys.path: the pipeline tests' small model.
 from test_pipeline import BINDINGS
@@ -590,3 +592,47 @@ def test_a_set_whose_training_was_killed_is_resumed_and_scored_again(
   assert [os.path.basename(a[1]) for a in calls] == ["dense-0"]
   with pytest.raises(InputError, match="--steps names step 50 twice"):
     family.run(str(tmp_path), STYLES, SEEDS, 4, 10, steps=[50, 50])
+
+
+# A model small enough to save in a test without training it.
+TINY_MODEL = model_lib.ModelConfig(max_len=16, d_model=16, num_layers=1,
+                                   num_heads=2, d_ff=32)
+
+
+def _saved_set(set_dir, steps, total_steps: int) -> str:
+  """A family set's checkpoints directory holding ``steps`` (untrained
+  weights: only their configs and steps are read)."""
+  opt_config = train_lib.OptimizerConfig(total_steps=total_steps, warmup_steps=0)
+  params = model_lib.init_params(TINY_MODEL)
+  opt_state = train_lib.make_optimizer(opt_config).init(params)
+  checkpoints = os.path.join(set_dir, "checkpoints")
+  mngr = ckpt_lib.manager(checkpoints, max_to_keep=len(steps))
+  for step in steps:
+    ckpt_lib.save(mngr, step, params, opt_state, TINY_MODEL, opt_config,
+                  {"tokenizer": "byte", "overflow": "truncate"})
+  mngr.close()
+  return checkpoints
+
+
+def test_sweep_family_checks_steps_before_any_set(tmp_path, monkeypatch):
+  """Before 2026-12-07 a step no set saved (checkpoint=10,20 on sets that
+  saved 10) failed after the first set's earlier steps were projected and
+  scored; checkpoint=0600 loaded no step, and 600,0600 scored 600 twice."""
+  root = tmp_path / "family"
+  for name in ("dense-0", "paraphrase-0"):
+    _saved_set(str(root / "sets" / name), [10], total_steps=10)
+  monkeypatch.setattr(sweep, "sweep_set", lambda *a: pytest.fail("scored"))
+  grid = ["EncodeConfig.projection_dim=256"]
+  with pytest.raises(Exception, match=re.escape(
+      f"--grid: checkpoint: {root}/sets/dense-0/checkpoints: no step [20]; it "
+      "holds step(s) [10]; expected steps every set saved")):
+    sweep.sweep_family(str(tmp_path / "sweep"), str(root), ["checkpoint=10,20"] + grid)
+  for spec, padded in (("checkpoint=600,0600", "0600"), ("checkpoint=010,sum", "010")):
+    with pytest.raises(Exception, match=re.escape(
+        f"--grid: checkpoint={padded}: a step with leading zeros; expected "
+        f"{int(padded)} (step directories are named without them)")):
+      sweep.sweep_family(str(tmp_path / "sweep"), str(root), [spec] + grid)
+  assert not (tmp_path / "sweep").exists()
+  # A step every set saved passes the check (and goes on to be scored).
+  with pytest.raises(BaseException, match="scored"):
+    sweep.sweep_family(str(tmp_path / "sweep"), str(root), ["checkpoint=10"] + grid)
