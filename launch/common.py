@@ -51,17 +51,11 @@ def start(workdir: str | None, checkpoint: str | None, corpus_source: str,
       and (storage.exists(checkpoint) or storage.list_dir(checkpoint))):
     # (Nothing there: not another format, but the restore's "no checkpoint".)
     ckpt = released_checkpoint(checkpoint, mesh)   # (its configs are gin's)
+    config.check_bound_fields(type(ckpt.model_config), ckpt.model_config, ckpt.path)
   else:
     check_released_flags(checkpoint or f"--workdir={workdir}'s checkpoint")
     ckpt = pipeline.load_checkpoint(workdir, checkpoint, mesh, opt_state)
-    # A tracer checkpoint's configs win over gin's: a binding naming another
-    # value would be ignored, so it is refused. Of the optimizer's, only what
-    # the correction reads (a schedule overridden for training is not).
-    config.check_bound_fields(DataConfig, pipeline.data_config(ckpt), ckpt.path)
-    config.check_bound_fields(OptimizerConfig, {
-        name: getattr(ckpt.optimizer_config, name) for name in ("name", "b2", "eps")},
-        ckpt.path)
-  config.check_bound_fields(type(ckpt.model_config), ckpt.model_config, ckpt.path)
+    check_bound_configs(ckpt)
   corpus = pipeline.open_corpus(ckpt, tokenized_once(workdir, corpus_source, ckpt))
   # Queries and resumed chunks take the factored kernel's weights as the
   # store's rows were encoded, without verifying the kernel again.
@@ -69,6 +63,19 @@ def start(workdir: str | None, checkpoint: str | None, corpus_source: str,
   encoder, kind, eps = pipeline.build_encoder(
       ckpt, ecfg, mesh, factored_weights=stored.factored if stored else None)
   return Run(ecfg, ckpt, corpus, encoder, kind, eps)
+
+
+def check_bound_configs(ckpt) -> None:
+  """A tracer checkpoint's configs win over gin's: a binding naming another
+  value would be ignored, so it is refused (InputError). Of the optimizer's,
+  only what the correction reads (a schedule overridden for training is
+  not). ``ckpt``: restored, or its configs alone (``ckpt_lib.saved_config``:
+  ``tracer family`` checks a trained set's before reusing it)."""
+  config.check_bound_fields(DataConfig, pipeline.data_config(ckpt), ckpt.path)
+  config.check_bound_fields(OptimizerConfig, {
+      name: getattr(ckpt.optimizer_config, name) for name in ("name", "b2", "eps")},
+      ckpt.path)
+  config.check_bound_fields(type(ckpt.model_config), ckpt.model_config, ckpt.path)
 
 
 def stored_manifest(store: str | None) -> store_lib.Manifest | None:

@@ -9,7 +9,8 @@ each, then summarized across sets.
 For each (style, seed), in WORKDIR/sets/STYLE-SEED: the facts
 (``tracer.facts.style_config``), the tiny model trained as the demo's is
 unless its training finished (a killed run resumes; a checkpoint every 100
-steps, all kept, for the checkpoint axis of ``tracer sweep --family_dir``),
+steps, all kept, for the checkpoint axis of ``tracer sweep --family_dir``;
+gin naming another model than a set's checkpoint is refused, ``check_trained``),
 then ``tracer quality`` on it (skipped when its quality.json was scored as
 this run asks, ``stale``, so a rerun finishes only what is missing). Writes
 WORKDIR/family.json and WORKDIR/family.md and prints them: per method, the mean
@@ -36,6 +37,7 @@ from absl import flags
 import gin
 import numpy as np
 
+from tracer.launch import common
 from tracer.launch import config
 from tracer.launch import progress
 from tracer.launch import quality
@@ -105,6 +107,17 @@ def check_kept(flag: str, steps) -> None:
     raise InputError(f"--{flag}: step {wrong[0]} is not an earlier checkpoint the "
                      f"sets keep (every {train_config.checkpoint_every} steps, the "
                      f"last {last} scored anyway); expected some of {kept}")
+
+
+def check_trained(set_dir: str) -> None:
+  """InputError where a gin binding names another model, data or optimizer
+  than the set's checkpoint was trained with (``common.check_bound_configs``,
+  as ``tracer quality`` on it refuses): a trained set's model and scores are
+  reused as they are, not made again under the binding."""
+  checkpoints = os.path.join(set_dir, "checkpoints")
+  if os.path.isdir(checkpoints) and any(
+      name.isdigit() for name in os.listdir(checkpoints)):
+    common.check_bound_configs(ckpt_lib.saved_config(checkpoints))
 
 
 def ensure_set(set_dir: str, style: str, seed: int, facts_per_bucket: int,
@@ -319,8 +332,13 @@ def run(workdir: str, styles, seeds, facts_per_bucket: int, distractor_docs: int
   config.check_all()
   for flag, listed in (("steps", steps), ("sum_steps", sum_steps)):
     check_kept(flag, listed)
+  names = set_names(styles, seeds)
+  # Before any set trains or is scored (before 2026-12-07 a binding of
+  # another d_model reused the sets' models and printed their old table).
+  for name in names:
+    check_trained(os.path.join(workdir, "sets", name))
   set_dirs, by_step = [], {}
-  for name in set_names(styles, seeds):
+  for name in names:
     style, seed = name.rsplit("-", 1)
     set_dir = os.path.join(workdir, "sets", name)
     corpus, queries = ensure_set(set_dir, style, int(seed), facts_per_bucket,

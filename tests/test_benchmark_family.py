@@ -636,3 +636,36 @@ def test_sweep_family_checks_steps_before_any_set(tmp_path, monkeypatch):
   # A step every set saved passes the check (and goes on to be scored).
   with pytest.raises(BaseException, match="scored"):
     sweep.sweep_family(str(tmp_path / "sweep"), str(root), ["checkpoint=10"] + grid)
+
+
+def test_family_refuses_a_binding_of_another_model_than_the_sets(tmp_path,
+                                                                  monkeypatch):
+  """Before 2026-12-07 a rerun with ModelConfig.d_model = 48 on sets trained
+  at 32 reused their models and scores (the old table, exit 0), where
+  `tracer quality` on a set's checkpoint refuses the binding."""
+  checkpoints = _saved_set(str(tmp_path / "sets" / "dense-0"), [10], total_steps=10)
+  fail = lambda *a, **k: pytest.fail("a set was trained or scored")
+  monkeypatch.setattr(family.train, "train", fail)
+  monkeypatch.setattr(quality, "run", fail)
+  model = "".join(f"ModelConfig.{k} = {getattr(TINY_MODEL, k)}\n" for k in (
+      "max_len", "num_layers", "num_heads", "d_ff"))
+  gin.clear_config()
+  try:
+    for binding, message in (
+        ("ModelConfig.d_model = 24", "ModelConfig.d_model: the checkpoint has 16, "
+         "the gin bindings say 24"),
+        ("OptimizerConfig.b2 = 0.9", "OptimizerConfig.b2: the checkpoint has "
+         "0.99, the gin bindings say 0.9"),
+        ("DataConfig.overflow = 'split'", "DataConfig.overflow: the checkpoint has "
+         "'truncate', the gin bindings say 'split'")):
+      gin.parse_config(model + "OptimizerConfig.total_steps = 10\n" + binding)
+      with pytest.raises(InputError, match=re.escape(
+          f"{checkpoints}/10: a checkpoint of another {binding.split('.')[0]} than "
+          f"the gin bindings name ({message}); expected the gin files the model "
+          "was trained with")):
+        family.run(str(tmp_path), ["dense"], ["0"], 4, 10)
+      gin.clear_config()
+    assert sorted(os.listdir(tmp_path / "sets" / "dense-0")) == ["checkpoints"]
+  finally:  # (the family fixture's)
+    gin.clear_config()
+    gin.parse_config(BINDINGS + "OptimizerConfig.total_steps = 100\n")

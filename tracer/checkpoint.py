@@ -183,6 +183,16 @@ def saved_step(directory: str) -> tuple[int, train_lib.OptimizerConfig]:
   return int(step), optimizer_config
 
 
+def saved_config(directory: str, step: int | None = None) -> Checkpoint:
+  """A step (default: the latest) as ``restore`` gives it, less its arrays
+  (params and opt_state None): its configs, from its config item alone."""
+  mngr, step, where, (family, model_config, optimizer_config, data_config) = (
+      _read_config(directory, step))
+  mngr.close()
+  return Checkpoint(where, int(step), None, None, model_config, optimizer_config,
+                    data_config, family)
+
+
 def finished(directory: str) -> bool:
   """Whether the training run of a CheckpointManager directory reached its
   last step (``saved_step``: no array is read)."""
