@@ -1197,7 +1197,21 @@ def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
     def _path(self) -> str:
       return urllib.parse.urlsplit(self.path).path
 
+    def _bad_framing(self) -> bool:
+      """Answers 400 and closes where the request's Content-Length is
+      repeated or not a byte count (RFC 9112 6.3: its framing is unknown,
+      whatever the method); False where it is fine."""
+      try:
+        self._content_length()
+      except RequestError as e:
+        self._read_all()
+        self._error(e.status, str(e), close=True)
+        return True
+      return False
+
     def do_GET(self):  # noqa: N802 (http.server's name)
+      if self._bad_framing():
+        return
       self._read_all()
       # A body (unread: GET takes none) would be read as the next request.
       close = self._unread() > 0
@@ -1213,6 +1227,8 @@ def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
     do_HEAD = do_GET  # noqa: N815 (_send leaves out the body)
 
     def _other_method(self):
+      if self._bad_framing():
+        return
       self._read_all()
       self._error(405 if self._path() in _ALLOW else 404,
                   f"{self.command} {self._path()!r}: expected GET /health "
