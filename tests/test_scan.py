@@ -913,6 +913,19 @@ def test_query_sets_summed_over_stores_and_plain(tmp_path, monkeypatch):
     scan.scan_sets([s1, s2], [[sets[0][0]]], K)
 
 
+def test_query_sets_of_other_counts_in_each_store_are_refused(tmp_path):
+  """A set's queries are the same in every store of a sum: set 0 of 2 and
+  3 queries, set 1 of 3 and 2, was once accepted (the totals agree) and
+  summed queries of other sets."""
+  rng = np.random.default_rng(5)
+  x1, x2 = (rng.standard_normal((40, 8)).astype(np.float32) for _ in range(2))
+  s1, s2 = _store(tmp_path / "a", x1, "float32"), _store(tmp_path / "b", x2, "float32")
+  q = lambda n: rng.standard_normal((n, 8)).astype(np.float32)
+  with pytest.raises(InputError, match=r"query set 0 holds 3 queries for "
+                     r".*b.* and 2 for .*a"):
+    scan.scan_sets([s1, s2], [[q(2), q(3)], [q(3), q(2)]], K)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("chunk_rows", [None, 100])
 def test_store_scan_matches_numpy(tmp_path, dtype, chunk_rows):

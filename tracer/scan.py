@@ -1354,10 +1354,20 @@ def scan_sets(stores, query_sets, k: int, *, metrics=None,
     st.check_complete()
     check_metric(st, None if metrics is None else metrics[0][0])
   dim = stores[0].dim
-  counts = [len(_check_inputs(q[0], k, dim, stores[0].num_rows)) for q in sets]
-  part_queries = [np.concatenate([
-      _check_inputs(q[p], k, dim, stores[0].num_rows) for q in sets])
-      for p in range(len(stores))]
+  sets = [[_check_inputs(a, k, dim, stores[0].num_rows) for a in q] for q in sets]
+  counts = [len(q[0]) for q in sets]
+  # A set's queries are the same queries in every store of a sum (query i of
+  # a set is summed over the stores' arrays' row i): a count that differs
+  # would pair queries of other sets once the sets are laid end to end.
+  for g, q in enumerate(sets):
+    for st, a in zip(stores[1:], q[1:]):
+      if len(a) != counts[g]:
+        raise InputError(
+            f"scan_sets: query set {g} holds {len(a)} queries for {st.path} "
+            f"and {counts[g]} for {stores[0].path}; expected the same count "
+            "in every store of a sum")
+  part_queries = [np.concatenate([q[p] for q in sets])
+                  for p in range(len(stores))]
   part_metrics = [None if metrics is None else _one_or_grouped(
       [m[p] for m in metrics]) for p in range(len(stores))]
   multiple = stores[0].chunk_rows if chunk_rows is None else 1
