@@ -639,6 +639,21 @@ def test_n_smaller_than_k_returns_n():
   assert empty.proponent_rows.shape == (3, 0)
 
 
+def test_k_past_the_rows_is_cut_to_them(tmp_path, monkeypatch):
+  """The running top-k is sized by min(k, N): 100 rows with k = 10**9 were
+  once refused as too large for the memory (a [Q, 10**9] top-k), though
+  the answer is the 100 rows."""
+  x, q = _data(100)
+  sizes = []
+  init = scan.init_topk
+  monkeypatch.setattr(scan, "init_topk", lambda n, k, *a: (
+      sizes.append(k), init(n, k, *a))[1])
+  want = reference(x, q, 100)
+  assert_same(scan.scan_arrays(x, q, 10**9), want)
+  assert_same(scan.scan_store(_store(tmp_path, x, "float32"), q, 10**6), want)
+  assert sizes == [100, 100]
+
+
 def test_nan_rows_are_never_ranked():
   # k reaches past the finite rows: the NaN rows' slots list no row, as
   # padding's do (they once listed rows 3 and 20 at -inf, written to results

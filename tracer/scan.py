@@ -810,6 +810,11 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
   num_rows, dim = sources[0].num_rows, sources[0].dim
   mesh = _mesh(mesh)
   qs = [_check_inputs(q, k, dim, num_rows) for q in queries]
+  # At most N rows are returned (``finish``): the running top-k, its merge
+  # and the memory plan are sized by k, so a k past N is cut to N (at least
+  # 1 for the state's shape). Before, 100 rows with k = 10**6 held [Q, 10**6]
+  # top-k and a k of 10**9 was refused as too large.
+  k = min(int(k), max(num_rows, 1))
   if len({q.shape[0] for q in qs}) > 1:
     raise InputError(f"queries: every part needs the same queries, got "
                      f"{[q.shape[0] for q in qs]} of them")
