@@ -1322,6 +1322,33 @@ def test_store_scan_from_object_storage(object_store):
   assert_same(scan.scan_store(s, q, K, chunk_rows=100, prefetch=0), want)
 
 
+def test_row_ids_near_the_int32_limit_do_not_wrap():
+  """The last step of N = INVALID_ROW - 1 rows (accepted) is padded past
+  2**31 - 1: its padding rows' ids were an int32 arange, which overflowed
+  (or wrapped to negative ids that ``i < N`` marked valid)."""
+  n = scan.INVALID_ROW - 1
+
+  class Ones(scan._Source):  # N rows without holding them
+    num_rows, dim, dtype = n, 4, np.dtype(np.float32)
+
+    def read_into(self, start, stop, out):
+      out[...] = 1
+      return []
+
+  mesh = partitioning.make_mesh()
+  layout = scan._Layout(mesh, 125 * mesh.size, 4, np.dtype(np.float32))
+  base = n // layout.step * layout.step
+  assert base + layout.step > 2**31  # padding ids past the int32 range
+  pool = scan._BufferPool(layout.shapes(), np.dtype(np.float32), 1)
+  (_, ids, valid), _ = layout.finish(layout.start(Ones(), base, pool))
+  ids, valid = np.asarray(ids), np.asarray(valid)
+  real = n - base
+  assert 0 < real < layout.step
+  np.testing.assert_array_equal(ids[:real], np.arange(base, n))
+  assert valid[:real].all() and not valid[real:].any()
+  assert ids.dtype == np.int32 and (ids >= 0).all()
+
+
 def test_incomplete_store_refuses_to_scan(tmp_path):
   x, q = _data(100)
   s = _store(tmp_path, x, "float32")

@@ -462,9 +462,15 @@ class _Layout:
               else p for p in pieces]
 
     base = pending.base
-    ids = [np.arange(base + a, base + b, dtype=np.int32)
+    # (int64: the last step is padded past N, and N may be up to
+    # INVALID_ROW - 1, so padding ids pass 2**31 - 1 and an int32 arange
+    # overflowed or wrapped to negative ids marked valid. Ids past N are
+    # invalid; capped at INVALID_ROW, which keeps them sorted, before the
+    # cast.)
+    ids = [np.arange(base + a, base + b, dtype=np.int64)
            for _, a, b in self.local]
     valid = [(i < pending.num_rows) & ~np.isin(i, excluded) for i in ids]
+    ids = [np.minimum(i, INVALID_ROW).astype(np.int32) for i in ids]
     # Per local device: its pieces, row ids, valid; placed in one call (each
     # device_put costs ~0.1-1 ms of Python, a step has several per device).
     hosts = [split(h) + [i, v] for h, i, v in zip(pending.hosts, ids, valid)]
