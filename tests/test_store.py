@@ -331,6 +331,20 @@ def test_manifest_fields_of_the_wrong_type_are_named(tmp_path, field, value,
     store_lib.open_store(s)
 
 
+@pytest.mark.parametrize("field", ["num_rows", "dim", "chunk_rows"])
+def test_manifest_extents_past_an_array_s_are_named(tmp_path, field):
+  """A damaged manifest's 10**30 rows (or d, or chunk) was a raw
+  OverflowError from ts.open."""
+  s = tmp_path / "s"
+  store_lib.create_or_open(s, _manifest())
+  d = json.loads((s / "manifest.json").read_text())
+  (s / "manifest.json").write_text(json.dumps({**d, field: 10**30}))
+  with pytest.raises(InputError, match=re.escape(
+      f"manifest.json: field '{field}' must be at most {2**62 - 2} (2**62 - 2, "
+      f"the largest array extent), got {10**30}")):
+    store_lib.open_store(s)
+
+
 def test_unfinished_creation_is_reset(tmp_path):
   s = store_lib.create_or_open(tmp_path / "s", _manifest())
   _write_all(s, _data(), chunks=[0])

@@ -62,6 +62,10 @@ PROGRESS_DIR = "progress"
 SCALES_DIR = "scales"
 COLUMN_SCALES = "column_scales.npy"
 DTYPES = {"bfloat16": ml_dtypes.bfloat16, "float32": np.float32, "int8": np.int8}
+# The largest extent a manifest's num_rows, dim and chunk_rows may give
+# (tensorstore's largest finite index, 2**62 - 2): past 2**64 its spec was a
+# raw OverflowError from ts.open (a damaged or hand-edited manifest).
+MAX_EXTENT = 2**62 - 2
 
 
 def _tracer_version() -> str:
@@ -425,6 +429,11 @@ def _validate(manifest: Manifest, where: str) -> None:
   if int(manifest.num_rows) < 0:
     raise InputError(f"{where}: field 'num_rows' must be >= 0, "
                      f"got {manifest.num_rows!r}")
+  for name in ("num_rows", "dim", "chunk_rows"):
+    if int(getattr(manifest, name)) > MAX_EXTENT:
+      raise InputError(f"{where}: field {name!r} must be at most {MAX_EXTENT} "
+                       f"(2**62 - 2, the largest array extent), got "
+                       f"{getattr(manifest, name)!r}")
   if manifest.factored is not None and not (
       isinstance(manifest.factored, list)
       and all(isinstance(w, str) for w in manifest.factored)):
