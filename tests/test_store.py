@@ -177,6 +177,17 @@ def test_resume_after_crash_is_byte_identical(tmp_path):
   np.testing.assert_array_equal(resumed.read_rows(0, 23), full.read_rows(0, 23))
 
 
+def test_a_marker_named_by_other_digits_is_ignored(tmp_path):
+  """'².done' passes str.isdigit() but not int(): it made every read of
+  the progress (check_complete, pending_chunks) a raw ValueError."""
+  s = store_lib.create_or_open(tmp_path / "s", _manifest())
+  _write_all(s, _data(), chunks=[0, 2])
+  for name in ("\u00b2.done", "\u0661.done"):  # superscript 2, Arabic-Indic 1
+    (tmp_path / "s" / store_lib.PROGRESS_DIR / name).write_text("")
+  assert s.done_chunks() == {0, 2}
+  assert s.pending_chunks() == [1, 3, 4]
+
+
 def test_pending_chunks(tmp_path):
   s = store_lib.create_or_open(tmp_path / "s", _manifest())
   _write_all(s, _data(), chunks=[1, 3])

@@ -590,7 +590,11 @@ class EncodingStore:
 
   def done_chunks(self) -> set[int]:
     names = storage.list_dir(storage.join(self.path, PROGRESS_DIR))
-    return {int(n[:-5]) for n in names if n.endswith(".done") and n[:-5].isdigit()}
+    # (ASCII digits only: str.isdigit() also takes '²', which int() refuses,
+    # so a stray '².done' made every read of the progress a ValueError; it
+    # is ignored, as other names are)
+    return {int(n[:-5]) for n in names if n.endswith(".done")
+            and n[:-5].isascii() and n[:-5].isdigit()}
 
   def stray_markers(self) -> dict[int, str]:
     """``{chunk: marker}`` of done markers past the last chunk (copied from
