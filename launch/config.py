@@ -553,11 +553,13 @@ def query_set_files(queries: str, output: str) -> list[tuple[str, str]]:
 
 
 def setup(required: tuple[str, ...] = (), output_is: str = "file",
-          query_sets: bool = False) -> None:
+          query_sets: bool = False, reads_basis: bool = False) -> None:
   """What every launch script's ``main`` does first: gin, multi-host, flags.
   ``output_is``: what ``--output`` names, "file" or "directory";
   ``query_sets``: ``--queries`` and ``--output`` may be lists
-  (``query_set_files``)."""
+  (``query_set_files``); ``reads_basis``: the script reads (and saves) the
+  basis at its default, WORKDIR/basis.npz, when --basis is not given (a
+  streaming ``tracer trace``)."""
   from absl import app
   parse_gin()
   use_compilation_cache()
@@ -573,19 +575,29 @@ def setup(required: tuple[str, ...] = (), output_is: str = "file",
                      ("checkpoint", "directory"), ("basis", "file")):
     outputs.check_kind(FLAGS[name].value, f"--{name}", kind,
                        written=name != "checkpoint")
-  if FLAGS.output:
-    pairs = (query_set_files(FLAGS.queries, FLAGS.output)
-             if query_sets and FLAGS.queries else [(FLAGS.queries, FLAGS.output)])
-    given = {name: FLAGS[name].value for name in (
-        "task_queries", "corpus", "basis", "store", "checkpoint")}
-    if FLAGS.workdir:  # the defaults (launch.common), as they would be read
-      given["store"] = given["store"] or storage.join(FLAGS.workdir, "store")
-      given["checkpoint"] = given["checkpoint"] or storage.join(FLAGS.workdir,
-                                                                "checkpoints")
-    for _, output in pairs:
-      check_writable(output, "--output", output_is)
-      for queries, _ in pairs:
-        outputs.check_not_an_input(output, {"queries": queries, **given})
+  check_outputs(output_is, query_sets, reads_basis)
+
+
+def check_outputs(output_is: str = "file", query_sets: bool = False,
+                  reads_basis: bool = False) -> None:
+  """InputError where an --output cannot be written or would replace an
+  input, given or read at its default (``setup``'s arguments)."""
+  if not FLAGS.output:
+    return
+  pairs = (query_set_files(FLAGS.queries, FLAGS.output)
+           if query_sets and FLAGS.queries else [(FLAGS.queries, FLAGS.output)])
+  given = {name: FLAGS[name].value for name in (
+      "task_queries", "corpus", "basis", "store", "checkpoint")}
+  if FLAGS.workdir:  # the defaults (launch.common), as they would be read
+    given["store"] = given["store"] or storage.join(FLAGS.workdir, "store")
+    given["checkpoint"] = given["checkpoint"] or storage.join(FLAGS.workdir,
+                                                              "checkpoints")
+    if reads_basis:  # (results written over it: the next run's basis was gone)
+      given["basis"] = given["basis"] or storage.join(FLAGS.workdir, "basis.npz")
+  for _, output in pairs:
+    check_writable(output, "--output", output_is)
+    for queries, _ in pairs:
+      outputs.check_not_an_input(output, {"queries": queries, **given})
 
 
 def integers(flag: str, values) -> list[int]:

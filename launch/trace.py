@@ -167,7 +167,8 @@ def _summarize(queries, rows, preds, show: int) -> None:
 
 def main(argv):
   del argv
-  config.setup(required=("workdir", "queries", "output"), query_sets=True)
+  config.setup(required=("workdir", "queries", "output"), query_sets=True,
+               reads_basis=FLAGS.streaming)
   check_streaming_flags()
   run(FLAGS.workdir, FLAGS.corpus, FLAGS.queries, FLAGS.output, FLAGS.top_k,
       FLAGS.checkpoint, FLAGS.store, FLAGS.basis, FLAGS.streaming, FLAGS.show,

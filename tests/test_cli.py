@@ -535,3 +535,28 @@ def test_a_checkpoint_that_is_a_file_is_refused_as_an_input(tmp_path):
                              "--workdir=w", "--queries=q.jsonl", "--output=r.jsonl",
                              cwd=tmp_path))
   assert line == f"error: --checkpoint={tmp_path / 'ckpt'}: is a file; expected a directory"
+
+
+def _parsed_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(["test"])
+
+
+def test_a_streaming_output_over_the_default_basis_is_refused(tmp_path):
+  """Before 2026-12-08 ``tracer trace --streaming --output=W/basis.npz``
+  wrote its results over the basis it had saved there (the next run: 'not a
+  basis file')."""
+  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
+  _parsed_flags()
+  w = tmp_path / "w"
+  with flagsaver.flagsaver(workdir=str(w), queries=str(tmp_path / "q.jsonl"),
+                           output=str(w / "basis.npz")):
+    with pytest.raises(InputError) as e:
+      config_lib.check_outputs(query_sets=True, reads_basis=True)
+    assert str(e.value) == (f"--output={w / 'basis.npz'}: is the --basis file; "
+                            "expected another path (the output would replace it)")
+    config_lib.check_outputs(query_sets=True)  # a run on a store reads none there
+    with flagsaver.flagsaver(basis=str(tmp_path / "b.npz")):  # given elsewhere
+      config_lib.check_outputs(query_sets=True, reads_basis=True)
+
