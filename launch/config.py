@@ -545,9 +545,14 @@ def query_set_files(queries: str, output: str) -> list[tuple[str, str]]:
     count = lambda n: f"{n} file{'s' if n != 1 else ''}"
     raise InputError(f"--output: {count(len(outs))} for {count(len(files))} in "
                      "--queries; expected one output per queries file, in order")
-  twice = sorted({o for o in outs if outs.count(o) > 1})
+  # One file in two spellings (out.jsonl, ./out.jsonl) or through a link is
+  # named twice too: the second set's results replaced the first's.
+  twice = next((o for i, o in enumerate(outs)
+                if any(same_file(o, other) for other in outs[:i])), None)
   if twice:
-    raise InputError(f"--output: {twice[0]} is named more than once; "
+    first = next(other for other in outs if same_file(twice, other))
+    again = "" if first == twice else f" (again as {twice})"
+    raise InputError(f"--output: {first} is named more than once{again}; "
                      "expected one output per queries file")
   return list(zip(files, outs))
 

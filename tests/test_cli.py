@@ -560,3 +560,26 @@ def test_a_streaming_output_over_the_default_basis_is_refused(tmp_path):
     with flagsaver.flagsaver(basis=str(tmp_path / "b.npz")):  # given elsewhere
       config_lib.check_outputs(query_sets=True, reads_basis=True)
 
+
+def test_an_output_named_twice_in_other_spellings_is_refused(tmp_path,
+                                                             monkeypatch):
+  """Before 2026-12-08 only equal strings were caught: out.jsonl and
+  ./out.jsonl (or a link to it) passed, and the second query set's results
+  replaced the first's."""
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "out.jsonl").write_text("")
+  os.symlink("out.jsonl", tmp_path / "link.jsonl")
+  for outs, named in [("a.jsonl,a.jsonl", "a.jsonl"),
+                      ("out.jsonl,./out.jsonl", "out.jsonl (again as ./out.jsonl)"),
+                      ("new.jsonl,./new.jsonl", "new.jsonl (again as ./new.jsonl)"),
+                      ("out.jsonl,link.jsonl", "out.jsonl (again as link.jsonl)"),
+                      (f"{tmp_path}/out.jsonl,out.jsonl",
+                       f"{tmp_path}/out.jsonl (again as out.jsonl)")]:
+    with pytest.raises(InputError) as e:
+      config_lib.query_set_files("qa.jsonl,qb.jsonl", outs)
+    first, _, again = named.partition(" ")
+    assert str(e.value) == (f"--output: {first} is named more than once"
+                            f"{' ' + again if again else ''}; expected one "
+                            "output per queries file"), outs
+  assert config_lib.query_set_files("qa.jsonl,qb.jsonl", "out.jsonl,b.jsonl") == [
+      ("qa.jsonl", "out.jsonl"), ("qb.jsonl", "b.jsonl")]
