@@ -583,6 +583,18 @@ def setup(required: tuple[str, ...] = (), output_is: str = "file",
   check_outputs(output_is, query_sets, reads_basis)
 
 
+def check_workdir_writable(*made: str) -> None:
+  """InputError unless --workdir can be written, where this run writes into
+  it: always (``made`` empty: a training run's checkpoints and log), or
+  where one of ``made`` (names in it: "store", "basis.npz") is not there yet
+  and would be made. Before, a read-only workdir was an OSError traceback
+  from Orbax, or failed after every training step."""
+  local = storage.local_path(FLAGS.workdir) if FLAGS.workdir else None
+  if local and (not made or not all(os.path.exists(os.path.join(local, name))
+                                    for name in made)):
+    check_writable(FLAGS.workdir, "--workdir", "directory")
+
+
 def check_outputs(output_is: str = "file", query_sets: bool = False,
                   reads_basis: bool = False) -> None:
   """InputError where an --output cannot be written or would replace an

@@ -47,6 +47,8 @@ def main(argv):
   config.parse_gin()
   config.use_compilation_cache()
   workdir = FLAGS.workdir or "demo"
+  # (its corpus, model, results and page are all written there)
+  config.check_writable(workdir, "--workdir", "directory")
   corpus, queries = ensure_model(workdir)
   rows = trace.run(workdir, corpus, queries, os.path.join(workdir, "results.jsonl"),
                    FLAGS.top_k, show=FLAGS.show)

@@ -40,6 +40,8 @@ def run(workdir, corpus_source, store_path=None, basis_path=None, checkpoint=Non
 def main(argv):
   del argv
   config.setup(required=("workdir", "corpus"))
+  if not FLAGS.store:  # (its default, WORKDIR/store, made if new)
+    config.check_workdir_writable("store")
   run(FLAGS.workdir, FLAGS.corpus, FLAGS.store, FLAGS.basis, FLAGS.checkpoint)
 
 

@@ -41,6 +41,8 @@ def main(argv):
   config.setup(required=("workdir", "corpus"))
   # Before the fit, a new basis's path (a saved one may be reused read-only).
   basis = common.default_location(FLAGS.workdir, FLAGS.basis, "basis.npz")
+  if not FLAGS.basis:  # (named as the workdir the user gave)
+    config.check_workdir_writable("basis.npz")
   if not os.path.exists(storage.local_path(basis) or basis):
     config.check_writable(basis, "--basis")
   # A store's own basis.npz (the default store's, or any store's) or a file

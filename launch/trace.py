@@ -170,6 +170,12 @@ def main(argv):
   config.setup(required=("workdir", "queries", "output"), query_sets=True,
                reads_basis=FLAGS.streaming)
   check_streaming_flags()
+  # What it makes at its defaults, if new: the basis of a streaming run, else
+  # the store.
+  made = ([] if FLAGS.basis else ["basis.npz"]) if FLAGS.streaming else (
+      [] if FLAGS.store else ["store"])
+  if made:
+    config.check_workdir_writable(*made)
   run(FLAGS.workdir, FLAGS.corpus, FLAGS.queries, FLAGS.output, FLAGS.top_k,
       FLAGS.checkpoint, FLAGS.store, FLAGS.basis, FLAGS.streaming, FLAGS.show,
       FLAGS.sum_steps, FLAGS.task_queries,

@@ -225,6 +225,7 @@ def _log_up_to(path: str, step: int) -> list[str]:
 def main(argv):
   del argv
   config.setup(required=("corpus", "workdir"))
+  config.check_workdir_writable()
   train(FLAGS.corpus, FLAGS.workdir)
 
 

@@ -583,3 +583,31 @@ def test_an_output_named_twice_in_other_spellings_is_refused(tmp_path,
                             "output per queries file"), outs
   assert config_lib.query_set_files("qa.jsonl,qb.jsonl", "out.jsonl,b.jsonl") == [
       ("qa.jsonl", "out.jsonl"), ("qb.jsonl", "b.jsonl")]
+
+
+def test_a_workdir_that_cannot_be_written_is_refused_up_front(tmp_path,
+                                                              monkeypatch):
+  """Before 2026-12-08 tracer train into a read-only workdir was an OSError
+  traceback from Orbax (a new one) or failed after every step (a resumed
+  one). Only what a run would make there is checked: an existing store is
+  read as it is."""
+  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
+  _parsed_flags()
+  ro = tmp_path / "ro"
+  (ro / "w" / "store").mkdir(parents=True)
+  access = os.access  # (root writes anywhere: the denial is the test's)
+  monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+      not str(path).startswith(str(ro)) and access(path, mode, **kw)))
+  for workdir, made in [("new", ()), ("w", ()), ("w", ("basis.npz",)),
+                        ("new", ("store",))]:
+    with flagsaver.flagsaver(workdir=str(ro / workdir)):
+      with pytest.raises(InputError) as e:
+        config_lib.check_workdir_writable(*made)
+    where = ro / workdir if workdir == "w" else ro
+    assert str(e.value) == (f"--workdir={ro / workdir}: cannot be written, {where} "
+                            "is not writable (permission denied); expected a "
+                            "path in a writable directory")
+  with flagsaver.flagsaver(workdir=str(ro / "w")):
+    config_lib.check_workdir_writable("store")  # reused, not made
+  with flagsaver.flagsaver(workdir=str(tmp_path / "new")):
+    config_lib.check_workdir_writable()
