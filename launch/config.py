@@ -453,8 +453,15 @@ def use_compilation_cache() -> None:
 
 flags.DEFINE_string("coordinator_address", None,
                     "Multi-host: host:port of process 0 (jax.distributed).")
-flags.DEFINE_integer("num_processes", 1, "Multi-host: number of processes.")
-flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index.")
+flags.DEFINE_integer("num_processes", 1, "Multi-host: number of processes.",
+                     lower_bound=1)
+flags.DEFINE_integer("process_id", 0, "Multi-host: this process's index.",
+                     lower_bound=0)
+# (jax.distributed refused these with a ValueError traceback)
+flags.register_multi_flags_validator(
+    ["process_id", "num_processes"],
+    lambda f: f["process_id"] < f["num_processes"],
+    "expected --process_id below --num_processes (processes count from 0)")
 flags.DEFINE_float(
     "silent_process_timeout_s", coordination.SILENT_TIMEOUT_S,
     "Multi-host: a process not heard from for this long (killed, out of "
@@ -462,6 +469,13 @@ flags.DEFINE_float(
     f"with status {coordination.LOST_STATUS} (rerun to resume). 0: leave it to "
     "jax.distributed, which aborts every process after its heartbeat timeout "
     "(100 s).")
+# jax.distributed's heartbeat is twice it (coordination.distributed_heartbeat_s),
+# an int32 of seconds: NaN, inf and 1e10 were tracebacks. (absl's bounds let
+# NaN through: every comparison with it is False.)
+_MAX_SILENT_S = (2**31 - 1) // 2
+flags.register_validator(
+    "silent_process_timeout_s", lambda v: 0 <= v <= _MAX_SILENT_S,
+    f"expected seconds in [0, {_MAX_SILENT_S}] (0: no limit of tracer's own)")
 
 
 def initialize_distributed() -> None:
@@ -477,10 +491,7 @@ def initialize_distributed() -> None:
     # CPU hosts (tests, CPU clusters) need a cross-process collectives backend;
     # the setting does not touch TPU or GPU collectives.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  silent_s = FLAGS.silent_process_timeout_s
-  if silent_s < 0:
-    raise InputError(f"--silent_process_timeout_s={silent_s:g}: expected seconds "
-                     ">= 0 (0: no limit of tracer's own)")
+  silent_s = FLAGS.silent_process_timeout_s  # (its range: a flag validator)
   heartbeat = coordination.distributed_heartbeat_s(silent_s)
   if FLAGS.coordinator_address:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes,

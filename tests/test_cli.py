@@ -611,3 +611,31 @@ def test_a_workdir_that_cannot_be_written_is_refused_up_front(tmp_path,
     config_lib.check_workdir_writable("store")  # reused, not made
   with flagsaver.flagsaver(workdir=str(tmp_path / "new")):
     config_lib.check_workdir_writable()
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"silent_process_timeout_s": float("nan")}, "expected seconds in "
+     "[0, 1073741823] (0: no limit of tracer's own)"),
+    ({"silent_process_timeout_s": float("inf")}, "expected seconds in"),
+    ({"silent_process_timeout_s": 1e10}, "expected seconds in"),
+    ({"silent_process_timeout_s": -1.0}, "expected seconds in"),
+    ({"num_processes": 0}, "0 is not a positive integer"),
+    ({"process_id": -1}, "-1 is not a non-negative integer"),
+    ({"process_id": 3}, "expected --process_id below --num_processes "
+     "(processes count from 0)"),
+])
+def test_multi_host_flags_out_of_range_are_refused(values, message):
+  """Before 2026-12-08 NaN, inf or 1e10 s were tracebacks (jax.distributed's
+  heartbeat, twice the timeout, is an int32), and a process id past the
+  processes was jax's ValueError."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
+  _parsed_flags()
+  with flagsaver.flagsaver():
+    with pytest.raises(flags.IllegalFlagValueError) as e:
+      for name, value in values.items():
+        setattr(flags.FLAGS, name, value)
+    assert message in str(e.value)
+  with flagsaver.flagsaver(silent_process_timeout_s=1073741823.0, num_processes=4,
+                           process_id=3):
+    pass
