@@ -19,6 +19,8 @@ assumptions and printed as such.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import math
 
 from absl import app
@@ -293,6 +295,40 @@ def query_passes(queries: int, d: int, itemsize: int, k: int, chips: int,
               limit_bytes=have if need > half else half)
 
 
+def _finite(plan_fn):
+  """``plan_fn`` (``plan``), whose figures overflow a float for some finite
+  inputs (tokens=1e300, mfu=1e-320: an OverflowError traceback, or inf in
+  the report), raising ValueError instead, naming the input furthest from 1
+  in orders of magnitude: the one that took the figures past a float."""
+  signature = inspect.signature(plan_fn)
+
+  @functools.wraps(plan_fn)
+  def checked(*args, **kwargs) -> dict:
+    try:
+      p = plan_fn(*args, **kwargs)
+      figure = next((f"{key} is {value}" for key, value in p.items()
+                     if isinstance(value, float) and not math.isfinite(value)),
+                    None)
+    except OverflowError:
+      p, figure = None, "one is past the largest float"
+    if figure is None:
+      return p
+    inputs = {name: value for name, value in
+              signature.bind(*args, **kwargs).arguments.items()
+              if isinstance(value, (int, float)) and not isinstance(value, bool)
+              and value > 0}
+    # (math.log10 takes an int past the largest float too)
+    name = max(inputs, key=lambda n: abs(math.log10(inputs[n])))
+    value = inputs[name]
+    shown = f"{value:g}" if isinstance(value, float) else f"{value:,}"
+    raise ValueError(f"{name} makes the plan's figures too large to compute "
+                     f"({figure}), got {shown}; expected a "
+                     f"{'larger' if value < 1 else 'smaller'} value")
+
+  return checked
+
+
+@_finite
 def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
          chips: int, chip: str, store_dtype: str = "bfloat16",
          queries: int = 64, mfu: float = 0.4,

@@ -77,6 +77,18 @@ def test_tokenized_corpus_bytes():
     ({"chip": "v5e", "top_k": 10**9}, r"projection_dim: one query's scan step "
      r"at d=65,536 with k=1,000,000,000 does not fit a v5e chip's 16 GB; "
      r"expected a smaller d or top_k$"),
+    # Finite inputs whose figures overflow a float: OverflowError tracebacks
+    # before 2026-12-08, named by the input furthest from 1.
+    ({"tokens": 1e300}, r"^tokens makes the plan's figures too large to "
+     r"compute \(train_flops is inf\), got 1e\+300; expected a smaller value$"),
+    ({"tokens": 1e308}, r"^tokens makes the plan's figures too large to "
+     r"compute \(one is past the largest float\), got 1e\+308"),
+    ({"mfu": 1e-320}, r"^mfu makes the plan's figures too large to compute "
+     r"\(encode_chip_hours is inf\), got 9.99989e-321; expected a larger value$"),
+    ({"encode_train_ratio": 1e308}, r"^encode_train_ratio makes the plan's "
+     r"figures too large to compute \(encode_flops is inf\)"),
+    ({"projection_dim": 10**400}, r"^projection_dim makes the plan's figures "
+     r"too large to compute \(one is past the largest float\), got 10,000,"),
 ])
 def test_bad_numbers_are_refused(change, message):
   with pytest.raises(ValueError, match=message):
