@@ -243,6 +243,19 @@ def parse_gin(gin_files: Sequence[str] | None = None,
     # An unclosed bracket or triple-quoted string at the end of a file or
     # of the bindings: Python's tokenizer raises, naming neither.
     raise InputError(f"gin: {_unclosed_site(files, bindings)}") from None
+  except NameError as e:
+    # `from __gin__ import dynamic_registration` makes gin look each name up
+    # among the file's imports, which have none of tracer's configs: gin's
+    # message is three lines (what, "In file ..., line N", the binding).
+    what, *rest = [line.strip() for line in str(e).splitlines() if line.strip()]
+    site = re.fullmatch(r'In file "(.*)", line (\d+)', rest[0]) if rest else None
+    where = (f"file {site[1]}, line {site[2]}" if site else "--gin_bindings"
+             if rest and rest[0].startswith("In bindings") else "a gin file")
+    text = f": {rest[1]!r}" if len(rest) > 1 else ""
+    raise InputError(f"gin: {what.rstrip('.')} ({where}{text}); expected "
+                     "bindings without `from __gin__ import "
+                     "dynamic_registration` (tracer's configs are registered "
+                     "by name: Class.field = value)") from None
   except RecursionError:  # gin follows includes without a limit of its own
     raise InputError(f"gin: {', '.join(files)}: a file includes itself (or one "
                      "that includes it); expected includes without a cycle") from None

@@ -323,6 +323,28 @@ def test_gin_values_it_cannot_read_are_one_line():
     launch_config.check_gin([], ["ModelConfig.d_model = @ModelConfig()"])
 
 
+def test_gin_dynamic_registration_is_one_line(tmp_path):
+  # Before 2026-12-08 gin's NameError (its names looked up among the file's
+  # imports, which hold none of tracer's configs) was a traceback.
+  path = tmp_path / "dyn.gin"
+  path.write_text("from __gin__ import dynamic_registration\n"
+                  "EncodeConfig.seed = 1\n")
+  expected = ("expected bindings without `from __gin__ import "
+              "dynamic_registration` (tracer's configs are registered by name: "
+              "Class.field = value)")
+  with pytest.raises(launch_config.InputError) as e:
+    launch_config.check_gin([str(path)], [])
+  assert str(e.value) == (
+      "gin: 'EncodeConfig' was not provided by an import statement (file "
+      f"{path}, line 2: 'EncodeConfig.seed = 1'); {expected}")
+  with pytest.raises(launch_config.InputError) as e:
+    launch_config.check_gin([], ["from __gin__ import dynamic_registration",
+                                 "EncodeConfig.seed = 1"])
+  assert str(e.value) == (
+      "gin: 'EncodeConfig' was not provided by an import statement "
+      f"(--gin_bindings: 'EncodeConfig.seed = 1'); {expected}")
+
+
 def test_gin_sha256_reads_includes(tmp_path, monkeypatch):
   # Before 2026-12-05 a sweep hashed a gin file's own bytes: an edit to a
   # file it includes left the hash, and the sweep's finished runs, as they were.
