@@ -21,6 +21,7 @@ import numpy as np
 from tracer.launch import config
 from tracer.launch.progress import Progress, say
 from tracer import checkpoint as ckpt_lib
+from tracer import claim as claim_lib
 from tracer import corpus as corpus_lib
 from tracer import memory
 from tracer import model as model_lib
@@ -56,8 +57,12 @@ def train(corpus_source: str, workdir: str) -> dict:
     raise InputError(f"TrainConfig.batch_size={train_config.batch_size} must be a "
                      f"multiple of the {mesh.size} devices")
   optimizer = train_lib.make_optimizer(opt_config)
-  mngr = ckpt_lib.manager(os.path.join(workdir, "checkpoints"),
-                          max_to_keep=train_config.keep_checkpoints)
+  checkpoints = os.path.join(workdir, "checkpoints")
+  # The local directories the manager makes (the workdir, its checkpoints/),
+  # removed again if a new run is refused before its first step, as an
+  # encode's are (claim.Claim.release): a refusal leaves nothing behind.
+  made = claim_lib.missing_dirs(checkpoints)
+  mngr = ckpt_lib.manager(checkpoints, max_to_keep=train_config.keep_checkpoints)
   replicated = partitioning.replicated(mesh)
   batches = {k: getattr(train_config, k) for k in _BATCH_FIELDS}
   if mngr.latest_step() is not None:
@@ -118,8 +123,17 @@ def train(corpus_source: str, workdir: str) -> dict:
                                       params)
   sharding = partitioning.all_devices_batch(mesh)
   if start < opt_config.total_steps:
-    _check_step_memory(step_fn, params, opt_state, corpus, train_config.batch_size,
-                       sharding)
+    try:
+      _check_step_memory(step_fn, params, opt_state, corpus,
+                         train_config.batch_size, sharding)
+    except InputError:
+      mngr.close()
+      for path in made:  # deepest first, each only while empty
+        try:
+          os.rmdir(path)
+        except OSError:
+          break
+      raise
   host_rows = partitioning.host_slice(train_config.batch_size)
   log_path = storage.join(workdir, "train_log.jsonl")
   logged = _log_up_to(log_path, start) if jax.process_index() == 0 else []

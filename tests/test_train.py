@@ -235,14 +235,19 @@ def test_bad_train_configs_fail_early(corpus_path, tmp_path):
     _train(corpus_path, tmp_path, **{"TrainConfig.batch_size": 12})
   assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
   # XLA's count of a step's memory, before any batch is read (before
-  # 2026-12-06: RESOURCE_EXHAUSTED after 162 s of the first step).
+  # 2026-12-06: RESOURCE_EXHAUSTED after 162 s of the first step). The
+  # directories the run made are removed again (before 2026-12-08 the new
+  # workdir and its checkpoints/ were left behind).
+  (tmp_path / "new").mkdir()
+  (tmp_path / "new" / "kept.txt").write_text("")
   with pytest.raises(ValueError, match=re.escape(
       "TrainConfig.batch_size=8000000: a training step takes ") + r"[\d,.]+ GiB on "
       r"each of this host's 8 devices, [\d,.]+ GiB in all \(XLA's count after "
       r"compiling\), more than this host's [\d,.]+ GiB; expected a smaller "
       r"TrainConfig.batch_size"):
-    _train(corpus_path, tmp_path, **{"TrainConfig.batch_size": 8_000_000})
-  assert not os.path.exists(os.path.join(tmp_path, "train_log.jsonl"))
+    _train(corpus_path, tmp_path / "new" / "w",
+           **{"TrainConfig.batch_size": 8_000_000})
+  assert os.listdir(tmp_path / "new") == ["kept.txt"]
 
 
 def test_a_program_past_a_devices_memory_is_refused():

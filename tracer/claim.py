@@ -198,7 +198,7 @@ def _io(location: str, action: str, fn: Callable[[], Any]) -> Any:
     return fn()
 
 
-def _missing_dirs(location: str) -> list[str]:
+def missing_dirs(location: str) -> list[str]:
   """The directories of a local ``location`` that do not exist, from it up
   (the ones writing its claim makes); none for object storage."""
   path = storage.local_path(location)
@@ -259,7 +259,7 @@ class Claim:
   def acquire(self) -> Claim:
     """Takes the claim, taking over a stale one; StoreClaimedError if a live
     job holds it, an InputError if the claim cannot be read or written."""
-    self._made_dirs = _missing_dirs(self.location)
+    self._made_dirs = missing_dirs(self.location)
     for _ in range(10):  # each retry means another job changed it meanwhile
       current = _io(self.location, "read the store's claim",
                     self._kv.read(CLAIM_FILE).result)
