@@ -23,7 +23,7 @@ however it ends.
 
 This module defines no flags and imports neither tracer nor jax, so every
 script uses it (``launch.bm25`` and ``launch.evaluate`` define flags of
-their own, ``launch.plan`` must not load jax); ``launch.config`` re-exports
+their own, ``launch.plan`` must import without jax); ``launch.config`` re-exports
 ``run``.
 """
 

@@ -3,8 +3,8 @@ r"""Prints a capacity plan for encoding and scanning a whole pretraining corpus.
   tracer plan --params=8e9 --tokens=160e9 --seq_len=2048 \
       --projection_dim=65536 --chips=256 --chip=v5p
 
-Arithmetic only (no jax): rows and store size, encode FLOPs and chip-hours,
-scan time for a query set (compute, HBM and host-read bounds; the query
+Arithmetic only, nothing run on a device: rows and store size, encode
+FLOPs and chip-hours, scan time for a query set (compute, HBM and host-read bounds; the query
 set's own R applied at scan time; the passes over the store many queries
 take, or their split over the chips; ``--host_memory`` bounds the pooled
 reads of a store in object storage) and host memory per host while
@@ -13,7 +13,10 @@ encoding.
 --sum_steps``): S encodes, S stores, S times the scan. Chip figures come from
 `CHIPS`, each with its source; the model FLOPs utilization, the host read
 bandwidth and, off the H200, the encode/train-step time ratio are
-assumptions and printed as such.
+assumptions and printed as such. The module imports without jax; a plan
+imports tracer.scan and tracer.pipeline for the sizes they plan with (their
+constants and step rules, so the plan cannot drift from them), which load
+jax, though it runs nothing on it.
 """
 
 from __future__ import annotations
