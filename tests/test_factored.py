@@ -245,6 +245,30 @@ def test_adafactor_matches_materialized():
     enc._release_second_moment(plan_of(enc).without({"embed/embedding"}))
 
 
+@pytest.mark.filterwarnings("ignore:the factored kernel could not be verified")
+def test_a_second_shape_keeps_v_the_first_shape_materializes():
+  """A first shape planned with nothing factored (no example verifiable),
+  then a second shape that factors every matrix: V stays for the first
+  shape's program (before, the second plan released it, and the first shape
+  encoded again was a KeyError)."""
+  params, v = trained("adamw", steps=1)
+  loss_fn = model_lib.make_loss_fn(LM)
+  mesh = meshes()["1 device"]
+  enc = encoder_lib.GradientEncoder(loss_fn, params, second_moment=v, mesh=mesh,
+                                    projection_dim=DIM, microbatch_size=2,
+                                    rank_one_correction=True)
+  masked = lm_batch(2)
+  masked["weights"][:] = 0
+  enc.project(masked)
+  short = jax.tree.map(lambda x: x[:, :LM.max_len // 2], lm_batch(2, seed=1))
+  enc.project(short)
+  first, second = [plan.factored for plan, _ in enc._programs.values()]
+  assert not first and second
+  batch = lm_batch(2, seed=2)
+  _, want = encode("exact", loss_fn, params, batch, mesh, second_moment=v)
+  assert rel(np.asarray(enc.project(batch), np.float64), want) < 1e-5
+
+
 def test_adam_is_left_exact_unless_approximation_asked():
   params, v = trained("adamw")
   batch = lm_batch(8, seed=4)

@@ -337,10 +337,11 @@ class GradientEncoder:
     return plan
 
   def _release_second_moment(self, plan: "factored.Plan") -> None:
-    """Drops V of the weights ``plan`` factors: their correction is the
-    rank-one scales (``_scales``), and V is as large as the params in f32
-    (an 8B model's on a model axis of 8: 4 GB a device). A later plan (a new
-    example shape) that takes one of them materialized cannot correct it."""
+    """Drops V of the weights ``plan`` and every earlier plan factor: their
+    correction is the rank-one scales (``_scales``), and V is as large as the
+    params in f32 (an 8B model's on a model axis of 8: 4 GB a device). A
+    later plan (a new example shape) that takes one of them materialized
+    cannot correct it."""
     if self.second_moment is None:
       return
     lost = sorted(self._released - plan.factored)
@@ -349,12 +350,17 @@ class GradientEncoder:
           f"the factored kernel's plan for this example shape materializes "
           f"{', '.join(lost)}, whose V this encoder released after its first "
           "plan factored them; encode examples of one shape per encoder")
+    # An earlier plan's program still runs (its shape may come again) and
+    # corrects the weights it materializes from V.
+    release = plan.factored
+    for earlier, _ in self._programs.values():
+      release = release & earlier.factored
     flat, treedef = jax.tree_util.tree_flatten_with_path(
         self.second_moment, is_leaf=lambda x: x is None)
     self.second_moment = jax.tree_util.tree_unflatten(treedef, [
-        None if projection.path_name(path) in plan.factored else v
+        None if projection.path_name(path) in release else v
         for path, v in flat])
-    self._released |= plan.factored
+    self._released |= release
 
   @property
   def dim(self) -> int:
