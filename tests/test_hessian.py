@@ -284,6 +284,43 @@ def test_save_load_round_trip(tmp_path):
   assert changed.fingerprint() != fp
 
 
+def test_a_damaged_file_is_refused_naming_what_it_lacks(tmp_path):
+  """A file that lost an array still loaded (before 2026-12-06: a basis of 2
+  segments with 0 arrays, a preconditioner whose apply() dropped a segment),
+  and an unknown compression method was a NotImplementedError traceback."""
+  from tracer.errors import InputError  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(3)
+  a, b = rng.normal(size=(3, 3)), rng.normal(size=(2, 2))
+  train = _moments(a @ a.T, b @ b.T, count=7)
+  pre = hessian.fit(train, None, kind="block", dim=5, layout_seed=0)
+  basis = hessian.fit_basis(train, dim=5, layout_seed=0)
+  wide = dict(basis.metadata(), dim=6)
+  gap = dict(basis.metadata(), segments=[[0, 3], [2, 5]])
+  unsupported = bytearray(basis.to_bytes())
+  at = unsupported.find(b"PK\x01\x02")         # the first central directory entry
+  unsupported[at + 10:at + 12] = (99).to_bytes(2, "little")
+  for load, data, message in [
+      (hessian.Preconditioner.load, hessian._npz_bytes(pre.metadata(), pre.inv_sqrt[:1]),
+       "not a whole preconditioner file (its arrays have shapes [(3, 3)]; its "
+       "segments [(0, 3), (3, 5)] expect [(3, 3), (2, 2)])"),
+      (hessian.Basis.load, hessian._npz_bytes(basis.metadata(), []),
+       "not a whole basis file (its arrays have shapes []; its segments "
+       "[(0, 3), (3, 5)] expect [(3, 3), (3,), (2, 2), (2,)])"),
+      (hessian.Basis.load, hessian._npz_bytes(basis.metadata(), [
+          basis.vectors[0], basis.values[0], basis.vectors[0], basis.values[1]]),
+       "not a whole basis file (its arrays have shapes [(3, 3), (3,), (3, 3), (2,)]"),
+      (hessian.Basis.load, hessian._npz_bytes(wide, []),
+       "not a basis file (its segments [[0, 3], [3, 5]] do not tile its dim 6"),
+      (hessian.Basis.load, hessian._npz_bytes(gap, []),
+       "not a basis file (its segments [[0, 3], [2, 5]] do not tile its dim 5"),
+      (hessian.Basis.load, bytes(unsupported), "not a basis file (")]:
+    where = os.path.join(tmp_path, "damaged.npz")
+    with open(where, "wb") as f:
+      f.write(data)
+    with pytest.raises(InputError, match=re.escape(f"{where}: {message}")):
+      load(where)
+
+
 def test_a_block_no_example_moved_weighs_nothing():
   """Before 2026-12-04 an all-zero block (an unused weight) got the floor
   damping * 2e-308, whose inverse is inf: every row and norm became NaN."""

@@ -245,7 +245,8 @@ def _load_npz(location: str, cls, data: bytes | None = None
     with np.load(io.BytesIO(data), allow_pickle=False) as f:
       meta = json.loads(str(f["metadata"]))
       arrays = [f[f"m{i}"] for i in range(sum(1 for k in f.files if k != "metadata"))]
-  except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile) as e:
+  except (ValueError, KeyError, OSError, EOFError, zipfile.BadZipFile,
+          NotImplementedError) as e:  # (a damaged zip's version or compression)
     raise InputError(f"{location}: not a {what} file ({e})") from None
   # Every field but the arrays; fit_key is absent from older files.
   fields = {f.name for f in dataclasses.fields(cls)
@@ -256,8 +257,38 @@ def _load_npz(location: str, cls, data: bytes | None = None
     have = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
     raise InputError(f"{location}: not a {what} file (its metadata has {have}; "
                      f"expected {sorted(fields)})")
-  meta["segments"] = tuple(tuple(s) for s in meta["segments"])
+  meta["segments"] = _checked_segments(location, what, meta)
+  # A damaged archive can lose an array and still load; a missing segment
+  # would be dropped from every encoding without an error.
+  sizes = [hi - lo for lo, hi in meta["segments"]]
+  want = ([(n, n) for n in sizes] if issubclass(cls, Preconditioner)
+          else [shape for n in sizes for shape in ((n, n), (n,))])
+  have = [a.shape for a in arrays]
+  if have != want:
+    raise InputError(f"{location}: not a whole {what} file (its arrays have "
+                     f"shapes {have}; its segments {list(meta['segments'])} "
+                     f"expect {want})")
   return meta, arrays
+
+
+def _checked_segments(location: str, what: str, meta: dict
+                      ) -> tuple[tuple[int, int], ...]:
+  """The metadata's segments as pairs, InputError unless they tile
+  ``[0, dim)`` in order."""
+  segments, dim = meta["segments"], meta["dim"]
+  ok = (isinstance(segments, list) and segments and isinstance(dim, int)
+        and all(isinstance(s, list) and len(s) == 2
+                and all(type(x) is int for x in s) for s in segments))
+  if ok:
+    ends = [x for s in segments for x in s]
+    ok = (ends[0] == 0 and ends[-1] == dim
+          and all(lo <= hi for lo, hi in segments)
+          and all(a == b for a, b in zip(ends[1:-1:2], ends[2::2])))
+  if not ok:
+    raise InputError(f"{location}: not a {what} file (its segments {segments!r} "
+                     f"do not tile its dim {dim!r}: expected [lo, hi] pairs "
+                     "from 0 to dim, each starting where the last ended)")
+  return tuple(tuple(s) for s in segments)
 
 
 def _warn_rank_deficient(train: Moments, damping: float | None = None) -> None:
