@@ -452,6 +452,36 @@ def test_verification_skips_examples_that_check_nothing(scale):
   assert not plan_of(enc).factored
 
 
+@pytest.mark.filterwarnings("ignore:kernel='factored' cannot take")  # ein_in/bias
+def test_verification_takes_its_examples_across_steps():
+  """One example a step (microbatch_size=1, one data shard): the first
+  ``VERIFY_EXAMPLES`` examples are compared as on any other mesh; before
+  2026-12-06, only the first step's one (here masked), and nothing was
+  factored, while a wider step factored the same batch."""
+  model, loss = toy_loss(False)
+  weighted = lambda p, ex: ex["scale"] * loss(p, ex)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros(6, jnp.int32))["params"]
+  mesh = meshes()["1 device"]
+  batch = {**toy_batch(3), "scale": np.array([0, 1, 1], np.float32)}
+  plans = []
+  for microbatch_size in (1, 4):
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", UserWarning)  # (none unverified)
+      warnings.filterwarnings("ignore", "kernel='factored' cannot take")
+      enc = encoder_lib.GradientEncoder(weighted, params, projection_dim=600,
+                                        mesh=mesh, microbatch_size=microbatch_size)
+      enc.project_global(batch)
+    plans.append(plan_of(enc).factored)
+  assert plans[0] == plans[1] and "mix/kernel" in plans[0]
+  # None usable: the warning counts the examples compared, not VERIFY_EXAMPLES.
+  batch["scale"][:] = 0
+  enc = encoder_lib.GradientEncoder(weighted, params, projection_dim=600,
+                                    mesh=mesh, microbatch_size=1)
+  with pytest.warns(UserWarning, match="none of the first 3 examples has"):
+    enc.project_global(batch)
+  assert not plan_of(enc).factored
+
+
 def test_a_bf16_model_keeps_its_weights_factored():
   """A layer computed in bf16 rounds its materialized gradient to bf16
   (0.1-0.3% here): within its tolerance, 2^-6, so no weight falls back."""

@@ -106,7 +106,7 @@ def _projection_program(loss_fn, layout, plan, eps, precision, sharding):
 def _verification_program(loss_fn, layout, plan, precision, sharding):
   """Jitted ``(constants, batch) -> (errors [blocks], checked)``: the largest
   relative error of ``plan``'s factored projection against the materialized
-  one over the first ``VERIFY_EXAMPLES`` examples of the first step."""
+  one over the batch's first ``VERIFY_EXAMPLES`` examples (``_verified``)."""
 
   def one(params, sides, example):
     """Block errors ``[blocks]`` (NaN as inf) and whether the example's
@@ -123,11 +123,19 @@ def _verification_program(loss_fn, layout, plan, precision, sharding):
 
   def errors(constants, batch):
     params, _, _, sides = constants
-    examples = jax.tree.map(lambda x: x[0, :VERIFY_EXAMPLES], batch)
+    examples = jax.tree.map(_first_examples, batch)
     err, usable = jax.lax.map(lambda ex: one(params, sides, ex), examples)
     return jnp.max(jnp.where(usable[:, None], err, 0.0), axis=0), jnp.any(usable)
 
   return jax.jit(errors, out_shardings=sharding)
+
+
+def _first_examples(x):
+  """The first ``VERIFY_EXAMPLES`` positions of a ``[steps, step_size, ...]``
+  batch, across steps: one step may hold a single example (a (1, 8) mesh at
+  microbatch_size 1), and the plan would then depend on the mesh."""
+  steps = -(-VERIFY_EXAMPLES // x.shape[1])
+  return x[:steps].reshape(-1, *x.shape[2:])[:VERIFY_EXAMPLES]
 
 
 def _built(build, *key):
@@ -304,8 +312,7 @@ class GradientEncoder:
 
   def _verified(self, plan: "factored.Plan", batch: Any) -> "factored.Plan":
     """``plan`` less the weights whose factored projection differs from the
-    materialized one (``verify`` above) on the first examples of ``batch``'s
-    first step."""
+    materialized one (``verify`` above) on the first examples of ``batch``."""
     # Replicated, so every process reads the same errors and keeps the same
     # plan. At full precision: a TPU's default runs fp32 matmuls in one bf16
     # pass, a GPU's in TF32, and the two paths would then differ by their
@@ -317,9 +324,11 @@ class GradientEncoder:
     err = np.asarray(err.addressable_data(0))
     tolerance = verify_tolerance(plan)
     if not bool(np.asarray(checked.addressable_data(0))):
+      steps, step_size = jax.tree.leaves(batch)[0].shape[:2]
+      compared = min(VERIFY_EXAMPLES, steps * step_size)
       warnings.warn(
           f"the factored kernel could not be verified: none of the first "
-          f"{VERIFY_EXAMPLES} examples has a finite, non-zero gradient; every "
+          f"{compared} examples has a finite, non-zero gradient; every "
           "weight takes the materialized path")
       bad = {p: float("nan") for p in plan.factored}
     else:

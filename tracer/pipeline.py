@@ -557,13 +557,14 @@ def manifest(ckpt: ckpt_lib.Checkpoint, encoder: GradientEncoder,
 def planned_weights(encoder: GradientEncoder, corpus) -> list[str] | None:
   """The weights the encoder's factored kernel projects, for a new store's
   manifest (``GradientEncoder.factored_weights``): if no batch has been
-  encoded yet, planned and verified on one step holding the corpus's first
-  rows (``VERIFY_EXAMPLES`` of them; every process takes part).
+  encoded yet, planned and verified on the corpus's first rows
+  (``VERIFY_EXAMPLES`` of them, over as many steps as they take, so that the
+  plan does not depend on the step size; every process takes part).
   None with the exact kernel."""
   if encoder.kernel != "factored":
     return None
   if encoder.factored_weights is None:
-    size = min(VERIFY_EXAMPLES, encoder.step_size, len(corpus))
+    size = min(VERIFY_EXAMPLES, len(corpus))
     positions = encoder.local_positions(size)
     encoder.project_local(*read_padded(corpus, positions[positions < size],
                                        len(positions)))
