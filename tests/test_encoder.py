@@ -379,6 +379,26 @@ def test_mismatched_inputs(toy):
 def test_unit_normalize():
   x = jnp.array([[3.0, 4.0], [0.0, 0.0]])
   np.testing.assert_allclose(encoder_lib.unit_normalize(x), [[0.6, 0.8], [0.0, 0.0]])
+  # Rows whose squares underflow or overflow f32 (before 2026-12-06: a norm
+  # of 7e18 for 1e-20s, a zero row for 2e19s).
+  for scale in [1e-20, 1e-23, 2e19, 1e25]:
+    row = np.full((1, 64), scale, np.float32)
+    row[0, 0] *= 2
+    got = np.asarray(encoder_lib.unit_normalize(row), np.float64)
+    np.testing.assert_allclose(got, row / np.linalg.norm(row.astype(np.float64)),
+                               rtol=1e-6)
+
+
+def test_a_row_whose_squares_overflow_is_quarantined():
+  """Finite entries whose squares overflow f32 would make R's moments inf
+  (before 2026-12-06, fit_basis then failed with a LinAlgError)."""
+  phi = jnp.array([[[1.0, 2.0], [3e19, 1.0], [0.0, 0.0]]])    # [steps, step, d]
+  phi, _, nonfinite, usable, count = encoder_lib._quarantine(
+      phi, jnp.zeros((1, 3)), jnp.ones((1, 3), bool))
+  assert nonfinite.tolist() == [[encoder_lib.FINITE, encoder_lib.GRADIENT_NOT_FINITE,
+                                 encoder_lib.FINITE]]
+  assert usable.tolist() == [[True, False, True]] and int(count) == 1
+  np.testing.assert_array_equal(phi[0, 1], [0.0, 0.0])
 
 
 # The projections' matmul precision ----------------------------------------------

@@ -531,7 +531,10 @@ def verify_tolerance(plan: "factored.Plan") -> dict[str, float]:
 def _quarantine(phi, losses, valid):
   """Zero rows, reasons and the replicated count of non-finite real examples."""
   loss_ok = jnp.isfinite(losses)
-  grad_ok = jnp.all(jnp.isfinite(phi), axis=-1)
+  # A finite row whose squares overflow f32 would make R's moments inf (and
+  # its eigendecomposition fail); it is as unusable as an inf gradient.
+  grad_ok = (jnp.all(jnp.isfinite(phi), axis=-1)
+             & jnp.isfinite(jnp.sum(phi * phi, axis=-1)))
   nonfinite = jnp.where(loss_ok, jnp.where(grad_ok, FINITE, GRADIENT_NOT_FINITE),
                         LOSS_NOT_FINITE).astype(jnp.int8)
   usable = valid & (nonfinite == FINITE)
@@ -552,9 +555,14 @@ def nonfinite_rows(projected: Projected, size: int | None = None) -> dict[int, s
 
 @jax.jit
 def unit_normalize(x: jax.Array) -> jax.Array:
-  """Rows scaled to unit L2 norm (a zero row stays zero)."""
-  norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
-  return x / jnp.maximum(norm, jnp.finfo(jnp.float32).tiny)
+  """Rows scaled to unit L2 norm (a zero row stays zero), in float32."""
+  x = x.astype(jnp.float32)
+  # Divided by its largest entry first: x * x underflows below ~1e-19 and
+  # overflows above ~1.8e19 in f32. The scaled row's norm is then >= 1, or
+  # 0 for a zero row (kept zero by the 1).
+  peak = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+  x = x / jnp.where(peak > 0, peak, 1.0)
+  return x / jnp.maximum(jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True)), 1.0)
 
 
 def fit_preconditioner(encoder: GradientEncoder, train_batches: Iterable[Any],
