@@ -269,6 +269,21 @@ def test_a_second_shape_keeps_v_the_first_shape_materializes():
   assert rel(np.asarray(enc.project(batch), np.float64), want) < 1e-5
 
 
+def test_weights_left_for_a_correction_not_rank_one_are_named():
+  """Adafactor's V of a weight stacked by nn.scan is rank one per layer, not
+  over the stacked (layers x rows, columns) view: such weights take the
+  materialized path, as before, but are now named in a warning."""
+  cfg = model_lib.ModelConfig(vocab_size=259, max_len=8, d_model=128,
+                              num_layers=2, num_heads=2, d_ff=128, scan_layers=True)
+  params, v = trained("adafactor", steps=1, cfg=cfg)
+  with pytest.warns(UserWarning, match=r"kernel='factored' leaves \d+ weights it "
+                    r"could take \(layers/block/down/kernel, .*not rank one"):
+    enc, _ = encode("factored", model_lib.make_loss_fn(cfg), params,
+                    lm_batch(2, cfg=cfg), meshes()["1 device"], second_moment=v,
+                    epsilon=0.0)
+  assert "layers/block/down/kernel" not in plan_of(enc).factored
+
+
 def test_adam_is_left_exact_unless_approximation_asked():
   params, v = trained("adamw")
   batch = lm_batch(8, seed=4)

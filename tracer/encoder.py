@@ -250,9 +250,11 @@ class GradientEncoder:
     self._scales = {name: uw for name, (uw, _) in fits.items()}
     not_rank_one = {name for name, (_, err) in fits.items()
                     if err > factored.RANK_ONE_TOLERANCE}
-    self._allowed = {b.paths[0] for b in self.layout.blocks
-                     if len(b.paths) == 1 and b.name != projection.VECTORS
-                     and (rank_one_correction or b.name not in not_rank_one)}
+    matrices = {b.paths[0]: b.name for b in self.layout.blocks
+                if len(b.paths) == 1 and b.name != projection.VECTORS}
+    self._allowed = {p for p, name in matrices.items()
+                     if rank_one_correction or name not in not_rank_one}
+    self._not_rank_one = set(matrices) - self._allowed
     approximated = kernel == "factored" and rank_one_correction and not_rank_one
     #: "exact", or "rank_one_correction" when some weight's correction is
     #: approximated (recorded in store manifests: it changes the encodings).
@@ -280,16 +282,32 @@ class GradientEncoder:
     plan = None
     if self.kernel == "factored":
       example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), batch)
-      plan = factored.make_plan(loss_fn, self.params, example, layout, self._allowed)
+      plan = factored.make_plan(loss_fn, self.params, example, layout,
+                                self._allowed | self._not_rank_one)
+      # Planned only to be named: an Adafactor weight stacked by nn.scan is
+      # rank one per layer but not as one (layers x rows, columns) matrix.
+      not_rank_one = sorted(plan.factored & self._not_rank_one)
+      plan = plan.without(not_rank_one)
       missed = sorted(self._allowed - plan.factored)
+      named = lambda ps: f"{', '.join(ps[:3])}{', ...' if len(ps) > 3 else ''}"
+      why = []
       if missed:
-        warnings.warn(
+        why.append(
             f"kernel='factored' cannot take {len(missed)} of {len(self._allowed)} "
-            f"weights ({', '.join(missed[:3])}{', ...' if len(missed) > 3 else ''}): "
+            f"weights ({named(missed)}): "
             "they are not the kernel of a linen Dense, DenseGeneral, "
             "Einsum or Embed call (a bias, a norm scale stacked by nn.scan, "
             "a weight used another way) and take the materialized path "
             "(kernel='exact': all weights, quietly)")
+      if not_rank_one:
+        why.append(
+            f"kernel='factored' leaves {len(not_rank_one)} weights it could take "
+            f"({named(not_rank_one)}) to the materialized path: their "
+            "correction 1 / (sqrt(V) + epsilon) is not rank one (Adam's V; "
+            "Adafactor's of a weight stacked by nn.scan, taken over all its "
+            "layers at once); rank_one_correction=True approximates it")
+      if why:
+        warnings.warn("; ".join(why))
       if self._given is not None and self._given <= plan.factored:
         plan = plan.without(plan.factored - self._given)
       elif self.verify and plan.factored:
