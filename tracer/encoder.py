@@ -299,7 +299,9 @@ class GradientEncoder:
             "Einsum or Embed call (a bias, a norm scale stacked by nn.scan, "
             "a weight used another way) and take the materialized path "
             "(kernel='exact': all weights, quietly)")
-      if not_rank_one:
+      # Only where other weights' corrections are rank one (Adafactor's): with
+      # Adam's, none is, and rank_one_correction=False asked for that.
+      if not_rank_one and plan.factored:
         why.append(
             f"kernel='factored' leaves {len(not_rank_one)} weights it could take "
             f"({named(not_rank_one)}) to the materialized path: their "
