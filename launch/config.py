@@ -533,6 +533,12 @@ SCRIPT_FLAGS = ("workdir", "checkpoint", "corpus", "store", "basis", "queries",
                 "check_chunks", "shard_queries")
 
 
+# Modules whose flags several scripts read (those only some read are in
+# SCRIPT_FLAGS); the other tracer.launch modules' flags are their script's.
+_SHARED_FLAG_MODULES = ("tracer.launch.config", "tracer.launch.common",
+                        "tracer.launch.progress")
+
+
 def run(main, uses: Sequence[str] | None = None, shows: Sequence[str] = ()) -> None:
   """``cli.run(main)``; with ``uses`` (names in ``SCRIPT_FLAGS``), those are
   the script's own flags in its --help, and another of ``SCRIPT_FLAGS``
@@ -548,6 +554,12 @@ def run(main, uses: Sequence[str] | None = None, shows: Sequence[str] = ()) -> N
   def checked(argv):
     unused = [f"--{n}" for n in SCRIPT_FLAGS
               if n in FLAGS and FLAGS[n].present and n not in uses]
+    # And another script's own flags, defined where this one imports it
+    # (demo imports trace: `tracer demo --streaming` was ignored, as were
+    # `tracer quality --show` and `tracer family --sgd_learning_rate`).
+    unused += [f"--{flag.name}" for module, defined in FLAGS.flags_by_module_dict().items()
+               if module.startswith("tracer.launch.") and module not in _SHARED_FLAG_MODULES
+               for flag in defined if flag.present and flag.name not in shows]
     if unused:
       script = "tracer " + os.path.basename(sys.argv[0]).removesuffix(
           ".py").replace("_", "-")

@@ -111,6 +111,14 @@ def test_subcommand_flags_and_bad_input(tmp_path):
   assert proc.returncode == 2 and proc.stderr.startswith(
       "error: --corpus: tracer demo does not read it"), proc.stderr
   assert not (tmp_path / "demo").exists()
+  # Nor another script's own flags, defined where this one imports it
+  # (before 2026-12-07 each of these ran, the flag ignored).
+  for script, flag in (("demo", "--streaming"), ("quality", "--show=3"),
+                       ("family", "--sgd_learning_rate=0.1")):
+    proc = _tracer(script, flag, "--workdir=w", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.startswith(
+        f"error: {flag.split('=')[0]}: tracer {script} does not read it"), proc.stderr
+  assert not (tmp_path / "w").exists()
 
 
 # The benchmarks' bad flags (2026-12-06): each refused at once, in one line,
