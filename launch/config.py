@@ -577,6 +577,9 @@ def query_set_files(queries: str, output: str) -> list[tuple[str, str]]:
   ``tracer scan`` and ``tracer trace``, one output each)."""
   split = lambda value: [v.strip() for v in value.split(",") if v.strip()]
   files, outs = split(queries), split(output)
+  if not files:  # (`--queries=,`: no set, found after the model and store loaded)
+    raise InputError(f"--queries={queries}: names no file; expected a queries "
+                     "file, or several separated by commas")
   if len(files) != len(outs):
     count = lambda n: f"{n} file{'s' if n != 1 else ''}"
     raise InputError(f"--output: {count(len(outs))} for {count(len(files))} in "

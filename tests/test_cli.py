@@ -552,7 +552,7 @@ def _parsed_flags():
 
 
 def test_a_streaming_output_over_the_default_basis_is_refused(tmp_path):
-  """Before 2026-12-08 ``tracer trace --streaming --output=W/basis.npz``
+  """Before 2026-12-07 ``tracer trace --streaming --output=W/basis.npz``
   wrote its results over the basis it had saved there (the next run: 'not a
   basis file')."""
   from absl.testing import flagsaver  # pylint: disable=g-import-not-at-top
@@ -571,7 +571,7 @@ def test_a_streaming_output_over_the_default_basis_is_refused(tmp_path):
 
 def test_an_output_named_twice_in_other_spellings_is_refused(tmp_path,
                                                              monkeypatch):
-  """Before 2026-12-08 only equal strings were caught: out.jsonl and
+  """Before 2026-12-07 only equal strings were caught: out.jsonl and
   ./out.jsonl (or a link to it) passed, and the second query set's results
   replaced the first's."""
   monkeypatch.chdir(tmp_path)
@@ -591,11 +591,15 @@ def test_an_output_named_twice_in_other_spellings_is_refused(tmp_path,
                             "output per queries file"), outs
   assert config_lib.query_set_files("qa.jsonl,qb.jsonl", "out.jsonl,b.jsonl") == [
       ("qa.jsonl", "out.jsonl"), ("qb.jsonl", "b.jsonl")]
+  # No file at all (before 2026-12-07 found after the model and store loaded,
+  # in words naming no flag: "scan_sets: 1 stores and query sets of []").
+  with pytest.raises(InputError, match=r"^--queries=,: names no file; expected"):
+    config_lib.query_set_files(",", ",")
 
 
 def test_a_workdir_that_cannot_be_written_is_refused_up_front(tmp_path,
                                                               monkeypatch):
-  """Before 2026-12-08 tracer train into a read-only workdir was an OSError
+  """Before 2026-12-07 tracer train into a read-only workdir was an OSError
   traceback from Orbax (a new one) or failed after every step (a resumed
   one). Only what a run would make there is checked: an existing store is
   read as it is."""
@@ -633,7 +637,7 @@ def test_a_workdir_that_cannot_be_written_is_refused_up_front(tmp_path,
      "(processes count from 0)"),
 ])
 def test_multi_host_flags_out_of_range_are_refused(values, message):
-  """Before 2026-12-08 NaN, inf or 1e10 s were tracebacks (jax.distributed's
+  """Before 2026-12-07 NaN, inf or 1e10 s were tracebacks (jax.distributed's
   heartbeat, twice the timeout, is an int32), and a process id past the
   processes was jax's ValueError."""
   from absl import flags  # pylint: disable=g-import-not-at-top

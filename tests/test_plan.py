@@ -78,7 +78,7 @@ def test_tokenized_corpus_bytes():
      r"at d=65,536 with k=1,000,000,000 does not fit a v5e chip's 16 GB; "
      r"expected a smaller d or top_k$"),
     # Finite inputs whose figures overflow a float: OverflowError tracebacks
-    # before 2026-12-08, named by the input furthest from 1.
+    # before 2026-12-07, named by the input furthest from 1.
     ({"tokens": 1e300}, r"^tokens makes the plan's figures too large to "
      r"compute \(train_flops is inf\), got 1e\+300; expected a smaller value$"),
     ({"tokens": 1e308}, r"^tokens makes the plan's figures too large to "

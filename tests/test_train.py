@@ -236,7 +236,7 @@ def test_bad_train_configs_fail_early(corpus_path, tmp_path):
   assert not os.path.exists(os.path.join(tmp_path, "checkpoints"))
   # XLA's count of a step's memory, before any batch is read (before
   # 2026-12-06: RESOURCE_EXHAUSTED after 162 s of the first step). The
-  # directories the run made are removed again (before 2026-12-08 the new
+  # directories the run made are removed again (before 2026-12-07 the new
   # workdir and its checkpoints/ were left behind).
   (tmp_path / "new").mkdir()
   (tmp_path / "new" / "kept.txt").write_text("")
@@ -329,7 +329,7 @@ def test_gin_values_it_cannot_read_are_one_line():
 
 
 def test_gin_dynamic_registration_is_one_line(tmp_path):
-  # Before 2026-12-08 gin's NameError (its names looked up among the file's
+  # Before 2026-12-07 gin's NameError (its names looked up among the file's
   # imports, which hold none of tracer's configs) was a traceback.
   path = tmp_path / "dyn.gin"
   path.write_text("from __gin__ import dynamic_registration\n"
