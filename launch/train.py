@@ -128,11 +128,7 @@ def train(corpus_source: str, workdir: str) -> dict:
                          train_config.batch_size, sharding)
     except InputError:
       mngr.close()
-      for path in made:  # deepest first, each only while empty
-        try:
-          os.rmdir(path)
-        except OSError:
-          break
+      claim_lib.remove_dirs(made)
       raise
   host_rows = partitioning.host_slice(train_config.batch_size)
   log_path = storage.join(workdir, "train_log.jsonl")

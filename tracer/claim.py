@@ -210,6 +210,16 @@ def missing_dirs(location: str) -> list[str]:
   return missing
 
 
+def remove_dirs(made: list[str]) -> None:
+  """Removes ``missing_dirs``'s directories, deepest first, each only while
+  empty (the first that is not, and those above it, stay)."""
+  for path in made:
+    try:
+      os.rmdir(path)
+    except OSError:
+      break
+
+
 class Claim:
   """This job's claim on a store; ``release()`` it (or use ``with``)."""
 
@@ -337,11 +347,7 @@ class Claim:
     with self._lock:
       if self._generation is not None and not self.lost:
         self._kv.write(CLAIM_FILE, None, if_equal=self._generation).result()
-        for path in self._made_dirs:
-          try:
-            os.rmdir(path)   # only while empty: a store begun stays
-          except OSError:
-            break
+        remove_dirs(self._made_dirs)  # only while empty: a store begun stays
       self._generation = None
 
   def __enter__(self) -> Claim:

@@ -284,8 +284,9 @@ class GradientEncoder:
       example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), batch)
       plan = factored.make_plan(loss_fn, self.params, example, layout,
                                 self._allowed | self._not_rank_one)
-      # Planned only to be named: an Adafactor weight stacked by nn.scan is
-      # rank one per layer but not as one (layers x rows, columns) matrix.
+      # Planned only to be named: Adafactor factors V over a weight's last two
+      # axes, so a kernel stacked by nn.scan, or of more than two axes (an
+      # attention kernel's heads), is not rank one in its block's view.
       not_rank_one = sorted(plan.factored & self._not_rank_one)
       plan = plan.without(not_rank_one)
       missed = sorted(self._allowed - plan.factored)
@@ -305,9 +306,10 @@ class GradientEncoder:
         why.append(
             f"kernel='factored' leaves {len(not_rank_one)} weights it could take "
             f"({named(not_rank_one)}) to the materialized path: their "
-            "correction 1 / (sqrt(V) + epsilon) is not rank one (Adam's V; "
-            "Adafactor's of a weight stacked by nn.scan, taken over all its "
-            "layers at once); rank_one_correction=True approximates it")
+            "correction 1 / (sqrt(V) + epsilon) is not rank one (Adafactor "
+            "factors V over a weight's last two axes, which for a weight "
+            "stacked by nn.scan or of more than two axes are not its block's "
+            "rows and columns); rank_one_correction=True approximates it")
       if why:
         warnings.warn("; ".join(why))
       if self._given is not None and self._given <= plan.factored:
