@@ -103,6 +103,29 @@ def _in_basis(data):
   return basis, psi_c, metric, metric.query_vectors(np.asarray(basis.rotate(queries)))
 
 
+@pytest.mark.parametrize("damping", [1e30, 1e38])
+def test_any_damping_gives_the_scores_of_its_metric(data, damping):
+  # The scores are R^(-1)'s cosines. Before 2026-12-07 the metric was R^(-1)
+  # itself: at damping = 1e38 its float32 products underflowed and the top
+  # scores were ~6.6e19, not cosines (at 1e30 they were right).
+  layout, corpus, queries = data
+  basis = hessian.fit_basis(_moments(layout, corpus[:400], "block"),
+                            dim=layout.dim, layout_seed=0, kind="block")
+  psi_c = np.asarray(basis.rotate(corpus))
+  psi_q = np.asarray(basis.rotate(queries))
+  metric = hessian.fit_metric(basis, psi_q, rank=4, damping=damping,
+                              max_query_weight=None)
+  r_q = metric.inverse(psi_q)
+  want = (r_q @ psi_c.T / np.sqrt(np.sum(psi_q * r_q, 1))[:, None]
+          / metric.norms(psi_c)[None])
+  got = scan.scan_arrays(psi_c, metric.query_vectors(psi_q), 5,
+                         metric=metric.row_metric())
+  np.testing.assert_allclose(
+      got.proponent_scores,
+      np.take_along_axis(want, np.asarray(got.proponent_rows), 1), atol=1e-5)
+  np.testing.assert_array_equal(got.proponent_rows[:, 0], np.argmax(want, 1))
+
+
 def test_streaming_and_store_scans_take_the_metric(data, tmp_path):
   _, psi_c, metric, vectors = _in_basis(data)
   want = scan.scan_arrays(psi_c, vectors, K, metric=metric.row_metric())

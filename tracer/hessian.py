@@ -432,10 +432,12 @@ def fit_basis(train: Moments, *, dim: int, layout_seed: int,
 @dataclasses.dataclass
 class QueryMetric:
   """One query set's ``R^(-1) = diag(diag) - sum_b C_b C_b^T`` in a basis'
-  coordinates (module notes above), and how it was chosen."""
+  coordinates (module notes above), up to a positive factor (``fit_metric``
+  scales it to ``max(diag) = 1``: the scores do not see it), and how it was
+  chosen."""
   segments: tuple[tuple[int, int], ...]
-  diag: np.ndarray                   # float64 [d]: a
-  lowrank: list                      # float64 [size_b, r_b] per segment: C_b
+  diag: np.ndarray                   # float64 [d]: a / max(a)
+  lowrank: list                      # float64 [size_b, r_b] per segment: C_b / sqrt(max(a))
   lam: float
   damping: float
   rank: int
@@ -524,7 +526,16 @@ def fit_metric(basis: Basis, eval_psi: np.ndarray | None = None, *,
     diag.append(a)
     lowrank.append(_lowrank(a, evals[b] if evals is not None and lam > 0 else None,
                             lam, len(eval_psi) if evals is not None else 1))
-  return QueryMetric(segments, np.concatenate(diag), lowrank, float(lam),
+  # The scores are R^(-1)'s cosines, the same for any positive multiple of it:
+  # scaled to a largest diagonal entry of 1, the scan's float32 products stay
+  # in range for every damping (at damping = 1e38, a ~ 1e-38 / trace: its
+  # products underflowed and a row's norm fell to the floor, scores ~1e19).
+  diag = np.concatenate(diag)
+  peak = float(diag.max()) if diag.size else 0.0
+  if peak > 0:
+    diag = diag / peak
+    lowrank = [c / np.sqrt(peak) for c in lowrank]
+  return QueryMetric(segments, diag, lowrank, float(lam),
                      float(damping), rank, 0 if eval_psi is None else len(eval_psi),
                      lam_rule)
 
