@@ -435,7 +435,7 @@ def summed_checkpoints(sum_steps: Sequence, ckpt, stores_at: str | None = None
   ``<stores_at>-step<N>`` too."""
   steps = []
   for step in sum_steps:
-    if not str(step).isdigit():
+    if not (str(step).isascii() and str(step).isdigit()):  # int() refuses "²"
       raise InputError(f"--sum_steps: {step!r} is not a training step (a "
                        "non-negative integer)")
     steps.append(int(step))

@@ -189,13 +189,16 @@ def limits(num_rows: int, top_k: int, max_top_k: int, max_queries: int,
   ``top_k``, within what any request may ask for. ``given``: the flags of
   ``top_k`` and ``max_top_k`` set on the command line, which are refused
   past the store's rows (or ``top_k`` past ``max_top_k``); their defaults
-  are cut to them."""
+  are cut to them, and ``max_top_k``'s raised to a given ``top_k``."""
   for flag, k in (("top_k", top_k), ("max_top_k", max_top_k)):
     if flag in given:
       config.check_top_k(k, num_rows, flag=f"--{flag}")
-  if {"top_k", "max_top_k"} <= set(given) and top_k > max_top_k:
-    raise InputError(f"--top_k={top_k}: more than --max_top_k={max_top_k}, the "
-                     "most a request may ask for; expected at most that")
+  if top_k > max_top_k:
+    if "max_top_k" in given:
+      raise InputError(f"--top_k={top_k}: more than --max_top_k={max_top_k}, "
+                       "the most a request may ask for; expected at most that")
+    if "top_k" in given:  # (before 2026-12-07 cut to the default cap, silently)
+      max_top_k = top_k
   return serving.Limits(
       num_rows=num_rows, max_top_k=max_top_k, max_queries=max_queries,
       default_top_k=min(top_k, max_top_k, num_rows),

@@ -876,7 +876,7 @@ def test_summed_trace_scores_rows_by_the_sum_over_checkpoints(
   # From here on no store is encoded: bad steps are refused before, and
   # tracer scan gives the same summed answer from the stores trace left.
   monkeypatch.setattr(scan_script.common, "encoded_store", None)
-  for bad in (["150"], ["75", "75"], ["x"], ["30"]):  # 30: no such checkpoint
+  for bad in (["150"], ["75", "75"], ["x"], ["²"], ["30"]):  # 30: no such checkpoint
     with pytest.raises(ValueError, match="--sum_steps"):
       trace.run(str(root), corpus, queries, str(tmp_path / "bad.jsonl"), show=0,
                 store_path=store, sum_steps=bad)

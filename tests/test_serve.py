@@ -252,6 +252,30 @@ def test_one_pass_equals_a_scan_per_request(tmp_path, mesh, dtype):
                      [v[:1] for v in vectors], [m[:1] for m in metrics], ks)))
 
 
+def test_a_batch_holds_no_more_slots_than_rows(tmp_path, monkeypatch):
+  """Requests for all 5 rows and for 3, batched: the pass's top-k has 5 slots
+  (before 2026-12-07, 8: k's power of two, uncapped by the rows; a single
+  request's was capped), resident and streamed, and each answer is its
+  request's."""
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((5, 8)).astype(np.float32)
+  store = _store(tmp_path / "s", x, {}, "float32")
+  slots = []
+  init_topk = serving.topk_lib.init_topk
+  monkeypatch.setattr(serving.topk_lib, "init_topk", lambda n, k, mesh: (
+      slots.append(k) or init_topk(n, k, mesh)))
+  metric = hessian.QueryMetric(((0, 8),), np.ones(8), [np.zeros((8, 0))], 0.5,
+                               0.1, 1, 1)
+  queries = rng.standard_normal((2, 8)).astype(np.float32)
+  for budget in (1 << 30, 0):
+    index = serving.open_index([store], partitioning.make_mesh(), budget)
+    got = index.search([[queries[:1]], [queries[1:]]], [[metric], [metric]], [5, 3])
+    for g, q, k in zip(got, queries, (5, 3)):
+      cosines = x @ q / np.linalg.norm(x, axis=1)  # the rows' norms under R
+      np.testing.assert_array_equal(g.proponent_rows[0], np.argsort(-cosines)[:k])
+  assert slots == [5, 5]
+
+
 @pytest.mark.parametrize("parts", [1, 2])
 def test_a_streamed_batch_reads_the_stores_once(tmp_path, monkeypatch, parts):
   """The streamed fallback answers a batch of several requests with ONE read
@@ -821,6 +845,11 @@ def test_bad_requests_get_a_4xx_naming_the_field_and_the_server_goes_on(
         serve.limits(NUM_DOCS, max_queries=8, max_body_mb=1, given=given, **kwargs)
     assert serve.limits(NUM_DOCS, top_k=2, max_top_k=NUM_DOCS, max_queries=8,
                         max_body_mb=1, given=["top_k", "max_top_k"]).default_top_k == 2
+    # A given --top_k past --max_top_k's default raises the cap (before
+    # 2026-12-07 cut to it: requests without top_k got 5, not the 7 asked).
+    raised = serve.limits(NUM_DOCS, top_k=7, max_top_k=5, max_queries=8,
+                          max_body_mb=1, given=["top_k"])
+    assert (raised.default_top_k, raised.max_top_k) == (7, 7)
     # Still serving, and answering right.
     status, got = _post(url, {"queries": traced.sets["one"][0], "top_k": K})
     assert status == 200
@@ -1033,6 +1062,13 @@ def test_http_answers_are_json_with_status_lines_and_allow():
          405, "POST", r"PUT '/trace': expected GET /health or POST /trace"),
         (b"DELETE /nowhere HTTP/1.1\r\n" + close + b"\r\n", 404, None,
          r"DELETE '/nowhere'"),
+        # A target urlsplit refuses (before 2026-12-07: no answer, the
+        # connection closed and a ValueError traceback on the server).
+        (b"GET http://[ HTTP/1.1\r\n" + close + b"\r\n", 404, None,
+         r"no such path 'http://\['"),
+        (b"POST http://[abc]/trace HTTP/1.1\r\n" + close
+         + b"Content-Length: 2\r\n\r\n{}", 404, None,
+         r"POST 'http://\[abc\]/trace': expected POST /trace"),
         (b"BREW /trace HTTP/1.1\r\n" + close + b"\r\n", 501, None,
          r"Unsupported method \('BREW'\); expected GET /health or POST /trace"),
         (b"HELLO\r\n\r\n", 400, None,

@@ -31,9 +31,10 @@ encoder, basis, corpus row table, the index) and answers HTTP requests:
   every process encodes, scans its devices' rows and decodes in lockstep.
 * ``make_server``: the HTTP endpoints (``POST /trace``, ``GET /health``).
 
-Shapes that vary per batch (queries, requests, low-rank columns, k, target
-tokens, encoder steps) are padded to powers of two, so a warm server
-compiles nothing new for most batches.
+Shapes that vary per batch (queries, requests, low-rank columns, k, encoder
+steps) are padded to powers of two, so a warm server compiles nothing new
+for most batches; the greedy decode compiles once per longest target
+length it meets.
 """
 
 from __future__ import annotations
@@ -545,6 +546,13 @@ def _stacked_metrics(metrics: Sequence, num_padded: int):
   return segments, diag, tuple(lowrank), tuple(owners)
 
 
+def _slots(k: int, num_rows: int) -> int:
+  """A pass's top-k slots for requests of at most ``k``: a power of two (few
+  shapes to compile), never more than the rows (a bucket past them held up
+  to twice the slots the rows can fill)."""
+  return max(1, min(_bucket(k), num_rows))
+
+
 def _split(result: topk_lib.TopK, sizes: Sequence[int], ks: Sequence[int]
            ) -> list[topk_lib.TopK]:
   """One pass's ``TopK`` back into each request's queries and ``top_k``."""
@@ -608,7 +616,7 @@ class ResidentIndex:
     """Each request's top-k: ``vectors[j][p] [n_j, d]`` (``fit_request``'s
     in part p), its metrics ``metrics[j][p]`` and its k. All processes call
     this together."""
-    sizes, k = [len(v[0]) for v in vectors], _bucket(max(ks))
+    sizes, k = [len(v[0]) for v in vectors], _slots(max(ks), self.store.num_rows)
     state = topk_lib.init_topk(_batch_bucket(sum(sizes)), k, self.mesh)
     return _split(topk_lib.finish(self.fold(state, vectors, metrics),
                                   self.store.num_rows), sizes, ks)
@@ -688,11 +696,11 @@ class StreamedIndex:
       padded = [np.concatenate([v, np.zeros((_batch_bucket(n) - n, v.shape[1]), v.dtype)])
                 for v in vectors[0]]
       found = scan_lib.scan_stores(self.stores, padded,
-                                   max(1, min(_bucket(k), self.store.num_rows)),
+                                   _slots(k, self.store.num_rows),
                                    mesh=self.mesh, verify=self.verify,
                                    metrics=[m.row_metric() for m in metrics[0]])
       return [topk_lib.TopK(*(a[:n, :k] for a in found))]
-    sizes, k = [len(v[0]) for v in vectors], _bucket(max(ks))
+    sizes, k = [len(v[0]) for v in vectors], _slots(max(ks), self.store.num_rows)
     state = topk_lib.init_topk(_batch_bucket(sum(sizes)), k, self.mesh)
     window = self.layout.rows_per_device * self.mesh.size
     for first in range(0, self.store.num_rows, window):
@@ -1195,7 +1203,10 @@ def _handler(service: Service) -> type[http.server.BaseHTTPRequestHandler]:
       self._send(status, {"error": message}, **kwargs)
 
     def _path(self) -> str:
-      return urllib.parse.urlsplit(self.path).path
+      try:
+        return urllib.parse.urlsplit(self.path).path
+      except ValueError:  # "http://[": no path of ours, answered as unknown (404)
+        return self.path
 
     def _bad_framing(self) -> bool:
       """Answers 400 and closes where the request's Content-Length is
