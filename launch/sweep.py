@@ -471,7 +471,10 @@ def sweep_set(set_dir: str, points: list[Point], ecfg, pcfg,
             pq = np.asarray(basis.rotate(q_rows), np.float64)
             mix = {**pcfg.mix(), "damping": float(damping),
                    "lam": None if lam == "rule" else float(lam)}
-            fit = lambda q, b=basis, m=mix: hessian.fit_metric(b, q, **m)
+            # task_specific=False: R_train alone, whatever the queries (before
+            # 2026-12-07 ignored here: every point mixed in R_eval).
+            fit = lambda q, b=basis, m=mix: hessian.fit_metric(
+                b, q if pcfg.task_specific else None, **m)
             columns = basis.column_scales()
           scores[point] = _set_scores(fit, _stored(pc, dtype, columns), pq,
                                       query_set_size, task_size=task_size)
@@ -508,7 +511,8 @@ def _point_name(step, dim, loss, kind, damping, lam, dtype) -> str:
 RECORDED = ("EncodeConfig.seed", "EncodeConfig.correction", "EncodeConfig.epsilon",
             "EncodeConfig.rank_one_correction", "EncodeConfig.projection_precision",
             "PreconditionerConfig.train_examples", "PreconditionerConfig.sample_seed",
-            "PreconditionerConfig.rank", "PreconditionerConfig.max_query_weight")
+            "PreconditionerConfig.rank", "PreconditionerConfig.max_query_weight",
+            "PreconditionerConfig.task_specific")
 
 
 def run_settings(ecfg, pcfg, query_set_size: int, task_size: int) -> dict:
@@ -523,11 +527,13 @@ def run_settings(ecfg, pcfg, query_set_size: int, task_size: int) -> dict:
 def table_settings(table: dict) -> dict:
   """The settings a set's table was scored with. Tables from before a setting
   was recorded were made without it (0: all queries one set, no task; None:
-  the rule uncapped); ``RECORDED`` beyond the cap, from before 2026-12-04,
-  are unknown and not compared."""
+  the rule uncapped; task-specific R, before 2026-12-07 the only one);
+  ``RECORDED`` beyond these, from before 2026-12-04, are unknown and not
+  compared."""
   return {"--query_set_size": table.get("query_set_size", 0),
           "--task_size": table.get("task_size", 0),
           "PreconditionerConfig.max_query_weight": table.get("max_query_weight"),
+          "PreconditionerConfig.task_specific": True,
           **table.get("settings", {})}
 
 
@@ -541,6 +547,10 @@ def sweep_family(workdir: str, family_dir: str, grid: list[str],
                  design: str = "star", query_set_size: int = 0,
                  task_size: int = 0) -> dict:
   ecfg, pcfg = config.make(EncodeConfig), config.make(PreconditionerConfig)
+  if task_size and query_set_size and not pcfg.task_specific:
+    raise app.UsageError(f"--task_size={task_size} with PreconditionerConfig."
+                         "task_specific=False: R_train alone takes no task's "
+                         "queries; expected task_specific=True or no --task_size")
   axes = family_axes(grid, ecfg, pcfg)
   points = family_points(axes, design)
   sets_dir = storage.join(family_dir, "sets")

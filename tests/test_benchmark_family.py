@@ -269,15 +269,44 @@ def test_sweep_on_the_family(trained_family, tmp_path, monkeypatch):
                          hessian.MAX_QUERY_WEIGHT)
   # ... nor a gin-bound setting off the grid.
   with open(os.path.join(out, "sweep.md")) as f:
-    assert "sample_seed=0; rank=None; max_query_weight=0.002\n" in f.read()
+    assert ("sample_seed=0; rank=None; max_query_weight=0.002; task_specific=True\n"
+            in f.read())
+  for name, value, was in (("rank", 3, None), ("task_specific", False, True)):
+    with gin.unlock_config():
+      gin.bind_parameter(f"PreconditionerConfig.{name}", value)
+    try:
+      with pytest.raises(Exception, match=f"PreconditionerConfig.{name}={was}, "
+                         f"this run {value}"):
+        sweep.sweep_family(out, root, grid, design="grid")
+    finally:
+      with gin.unlock_config():
+        gin.bind_parameter(f"PreconditionerConfig.{name}", was)
+
+
+def test_sweep_without_task_specific_r_scores_r_train_alone(trained_family,
+                                                            tmp_path):
+  """task_specific=False: every point's R is R_train's, lam=rule scoring as
+  lam=0 does with the queries' R (before 2026-12-07 it was ignored: R_eval
+  mixed in at every point)."""
+  root, _ = trained_family
+  grid = ["checkpoint=100", "EncodeConfig.projection_dim=1024",
+          "PreconditionerConfig.kind=block", "PreconditionerConfig.lam=rule,0"]
+  name = "ckpt=100 d=1024 loss=target R=block damping=0.1 lam={} store=bfloat16"
+  task = sweep.sweep_family(str(tmp_path / "task"), root, grid, design="grid")
+  assert task["points"][name.format("rule")] != task["points"][name.format("0")]
   with gin.unlock_config():
-    gin.bind_parameter("PreconditionerConfig.rank", 3)
+    gin.bind_parameter("PreconditionerConfig.task_specific", False)
   try:
-    with pytest.raises(Exception, match="PreconditionerConfig.rank=None, this run 3"):
-      sweep.sweep_family(out, root, grid, design="grid")
+    alone = sweep.sweep_family(str(tmp_path / "alone"), root, grid, design="grid")
+    with pytest.raises(Exception, match="--task_size=3 with PreconditionerConfig."
+                       "task_specific=False"):
+      sweep.sweep_family(str(tmp_path / "other"), root, grid, query_set_size=2,
+                         task_size=3)
   finally:
     with gin.unlock_config():
-      gin.bind_parameter("PreconditionerConfig.rank", None)
+      gin.bind_parameter("PreconditionerConfig.task_specific", True)
+  for lam in ("rule", "0"):
+    assert alone["points"][name.format(lam)] == task["points"][name.format("0")]
 
 
 def test_sweep_refuses_fitting_r_past_memory_before_any_gradient(
