@@ -72,7 +72,10 @@ def train(corpus_source: str, workdir: str) -> dict:
     fingerprint = recorded.get("corpus_fingerprint")
     # A resumed run must take the steps the uninterrupted run would have:
     # the same model, optimizer, data and batches (TrainConfig's batch size
-    # and seed). Only total_steps may change (training on past the end).
+    # and seed). Only a finished run's total_steps may change (training on
+    # past the end, its learning rate then on the longer schedule's curve):
+    # mid-run it is the schedule of the steps left (before 2026-12-07 taken,
+    # silently, and the steps after the crash had other learning rates).
     diffs = {  # what differs -> the differences, each "field: ckpt has, run has"
         "family": [f"family: the checkpoint has {restored.family.name!r}, this "
                    f"run has {family.name!r}"] if restored.family is not family else [],
@@ -80,9 +83,13 @@ def train(corpus_source: str, workdir: str) -> dict:
             restored.model_config, model_config, config_class.__name__)
         if restored.family is family else [],
         "OptimizerConfig": [
-            d for d in ckpt_lib.differences(restored.optimizer_config, opt_config,
-                                            "OptimizerConfig")
-            if not d.startswith("OptimizerConfig.total_steps:")],
+            d if not d.startswith("OptimizerConfig.total_steps:") else
+            f"{d} (the schedule of the steps after step {restored.step}: only a "
+            "finished run's total_steps may change)"
+            for d in ckpt_lib.differences(restored.optimizer_config, opt_config,
+                                          "OptimizerConfig")
+            if not d.startswith("OptimizerConfig.total_steps:")
+            or restored.step < restored.optimizer_config.total_steps],
         "DataConfig": ckpt_lib.differences(DataConfig.from_dict(recorded),
                                            data_config, "DataConfig"),
         "TrainConfig": [

@@ -213,6 +213,17 @@ def test_config_item_values_are_checked_as_gin_values(tmp_path):
     with pytest.raises(InputError, match=re.escape(
         f"{tmp_path / 'ckpt' / '1'}: its config item holds {expected}")):
       ckpt_lib.restore(str(tmp_path / "ckpt"))
+  # Its family too, named with the checkpoint (before 2026-12-07 a list or
+  # object was a TypeError, an unknown name an error naming no file).
+  for family, expected in [
+      (["tracer_lm"], "its config item's family is ['tracer_lm']; expected a "
+       "model family's name"),
+      ({"name": "gemma"}, "its config item's family is {'name': 'gemma'}"),
+      ("llama", "model family 'llama': expected one of")]:
+    metadata.write_text(json.dumps({**json.loads(saved), "family": family}))
+    with pytest.raises(InputError, match=re.escape(
+        f"{tmp_path / 'ckpt' / '1'}: {expected}")):
+      ckpt_lib.restore(str(tmp_path / "ckpt"))
 
 
 def test_restore_errors(tmp_path):

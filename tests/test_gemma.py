@@ -104,6 +104,23 @@ def _assert_equal_trees(a, b):
 
 # --- config and registry --------------------------------------------------------
 
+def test_a_masked_target_outside_the_vocabulary_changes_nothing():
+  """As tracer's LM (test_model.py): a weight-0 position's target is never
+  read. Before 2026-12-07 Gemma's loss and target log-prob multiplied its
+  NaN log-probability by 0: NaN, and the row quarantined."""
+  fam, config = family_lib.get("gemma"), gf.TINY
+  params = fam.init_params(config, seed=0)
+  ex = data.query_example([11, 22, 33, 44], [55, 66], config.max_len)
+  bad = {**ex, "targets": ex["targets"].copy()}
+  bad["targets"][0] = config.vocab_size + 1      # weight 0: a prompt position
+  assert ex["weights"][0] == 0
+  for fn in (fam.loss_fn(config), lambda p, e: fam.target_logprob(config, p, e)):
+    value, grad = jax.value_and_grad(fn)(params, ex)
+    value_bad, grad_bad = jax.value_and_grad(fn)(params, bad)
+    assert np.isfinite(value_bad) and value_bad == value
+    jax.tree.map(np.testing.assert_array_equal, grad_bad, grad)
+
+
 def test_registered_and_config_round_trip():
   fam = family_lib.get("gemma")
   assert fam is gf.FAMILY and "gemma" in family_lib.names()

@@ -224,6 +224,15 @@ def test_resume_equals_uninterrupted_run(corpus_path, tmp_path):
     _train(corpus_path, crashed, **common, **{"OptimizerConfig.total_steps": 8})
   _train(corpus_path, crashed, **common, **{"OptimizerConfig.total_steps": 12})
   assert [m["step"] for m in _log(crashed)] == [2, 4, 6, 8, 10, 12]
+  # Mid-run, total_steps is the learning rates of the steps left: refused
+  # (before 2026-12-07 taken: the resumed run was not the uninterrupted one).
+  shutil.rmtree(crashed / "checkpoints" / "12")
+  with pytest.raises(ValueError, match=re.escape(
+      "OptimizerConfig.total_steps: the checkpoint has 12, this run has 16 (the "
+      "schedule of the steps after step 8: only a finished run's total_steps "
+      "may change)")):
+    _train(corpus_path, crashed, **common, **{"OptimizerConfig.total_steps": 16})
+  assert ckpt_lib.restore(str(crashed / "checkpoints")).step == 8
 
 
 def test_bad_train_configs_fail_early(corpus_path, tmp_path):

@@ -223,7 +223,14 @@ def _read_config(directory: str, step: int | None):
       raise _partial_copy(where, "config", e) from None
     raise InputError(f"{where}: its config item is not a tracer checkpoint's "
                      f"(model, optimizer, data): {_short(e)}") from None
-  family = family_lib.get(config.get("family") if isinstance(config, dict) else None)
+  name = config.get("family") if isinstance(config, dict) else None
+  if name is not None and not isinstance(name, str):  # (a TypeError before 2026-12-07)
+    raise InputError(f"{where}: its config item's family is {name!r}; expected "
+                     "a model family's name")
+  try:
+    family = family_lib.get(name)
+  except InputError as e:
+    raise InputError(f"{where}: {e}") from None
   try:
     model_config = family.config_from_dict(config["model"])
     optimizer_config = train_lib.OptimizerConfig.from_dict(config["optimizer"])

@@ -93,6 +93,7 @@ for _name in ("gemma.gm", "gemma.gm.nn", "gemma.gm.ckpts", "gemma.gm.text"):
 from gemma import gm  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from tracer import family as family_lib
+from tracer.model import weighted_losses
 from tracer import partitioning
 from tracer import storage
 from tracer.errors import InputError, quiet_failed_loads, unread_array
@@ -328,7 +329,7 @@ def _loss_fn(config: GemmaConfig):
 def example_loss(config: GemmaConfig, params: Any, example: dict) -> jax.Array:
   """Mean cross-entropy over the weighted tokens of ONE example: a scalar."""
   weights = example["weights"].astype(jnp.float32)
-  return (jnp.sum(token_losses(config, params, example) * weights)
+  return (jnp.sum(weighted_losses(token_losses(config, params, example), weights))
           / jnp.maximum(jnp.sum(weights), 1.0))
 
 
@@ -410,7 +411,8 @@ class GemmaFamily:
 
   def target_logprob(self, config: GemmaConfig, params: Any, example: dict):
     """Sum of log p(target tokens | prompt) for ONE query example."""
-    return -jnp.sum(token_losses(config, params, example) * example["weights"])
+    return -jnp.sum(weighted_losses(token_losses(config, params, example),
+                                    example["weights"].astype(jnp.float32)))
 
   def greedy_decode(self, config: GemmaConfig, params: Any, examples: dict,
                     num_tokens: int):

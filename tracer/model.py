@@ -157,11 +157,11 @@ def example_loss(config: ModelConfig, params: Any, example: dict) -> jax.Array:
   weight only the target tokens (the target-only loss). Padding has weight 0.
   """
   weights = example["weights"].astype(jnp.float32)
-  losses = _weighted(token_losses(config, params, example), weights)
+  losses = weighted_losses(token_losses(config, params, example), weights)
   return jnp.sum(losses) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-def _weighted(losses: jax.Array, weights: jax.Array) -> jax.Array:
+def weighted_losses(losses: jax.Array, weights: jax.Array) -> jax.Array:
   """``losses * weights``, 0 where the weight is 0 even if the loss is not
   finite there (a padding target outside the vocabulary: NaN times 0)."""
   return jnp.where(weights != 0, losses * weights, 0.0)
@@ -183,7 +183,7 @@ def batch_loss(config: ModelConfig, params: Any, batch: dict) -> jax.Array:
 def target_logprob(config: ModelConfig, params: Any, example: dict) -> jax.Array:
   """Sum of log p(target tokens | prompt) for ONE query example: a scalar."""
   weights = example["weights"].astype(jnp.float32)
-  return -jnp.sum(_weighted(token_losses(config, params, example), weights))
+  return -jnp.sum(weighted_losses(token_losses(config, params, example), weights))
 
 
 def param_count(params: Any) -> int:
