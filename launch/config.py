@@ -206,6 +206,12 @@ def gin_file_path(name: str) -> str:
                         f"tracer ships ({known})")
 
 
+def _quiet_library_logs() -> None:
+  """Library INFO logs off unless ``--verbosity`` was given."""
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+
+
 def parse_gin(gin_files: Sequence[str] | None = None,
               bindings: Sequence[str] | None = None) -> None:
   """Parses --gin_file (``gin_file_path``) and --gin_bindings (or the files
@@ -214,8 +220,7 @@ def parse_gin(gin_files: Sequence[str] | None = None,
   Also quiets library INFO logs (Orbax logs every file it writes) unless
   ``--verbosity`` was given; tracer's scripts print their own progress.
   """
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  _quiet_library_logs()
   files = [gin_file_path(f) for f in
            (FLAGS.gin_file if gin_files is None else gin_files)]
   bindings = list(FLAGS.gin_bindings if bindings is None else bindings)
@@ -561,6 +566,7 @@ def run(main, uses: Sequence[str] | None = None, shows: Sequence[str] = ()) -> N
                if module.startswith("tracer.launch.") and module not in _SHARED_FLAG_MODULES
                for flag in defined if flag.present and flag.name not in shows]
     if unused:
+      _tell_the_others_first()
       script = "tracer " + os.path.basename(sys.argv[0]).removesuffix(
           ".py").replace("_", "-")
       it = "it" if len(unused) == 1 else "them"
@@ -569,6 +575,20 @@ def run(main, uses: Sequence[str] | None = None, shows: Sequence[str] = ()) -> N
                        f"expected only its own flags ({script} --help)")
     return main(argv)
   cli.run(checked)
+
+
+def _tell_the_others_first() -> None:
+  """Joins jax.distributed (when the flags ask for it) before an error that
+  comes before ``setup``'s join, so that ``launch.cli`` can pass the error
+  on: a process that failed unjoined left the others waiting for it until
+  jax's 5-minute registration deadline, then aborting (before 2026-12-07).
+  A join that fails leaves the error to be said alone."""
+  if not (FLAGS.coordinator_address or os.environ.get("TRACER_DISTRIBUTED") == "1"):
+    return
+  try:
+    initialize_distributed()
+  except Exception:  # pylint: disable=broad-except
+    pass
 
 
 def query_set_files(queries: str, output: str) -> list[tuple[str, str]]:
@@ -605,9 +625,14 @@ def setup(required: tuple[str, ...] = (), output_is: str = "file",
   basis at its default, WORKDIR/basis.npz, when --basis is not given (a
   streaming ``tracer trace``)."""
   from absl import app
+  # Joined first: an error in gin (a file one host lacks) then reaches the
+  # other processes (launch.cli); before 2026-12-07 they waited 5 minutes
+  # for this one, then aborted. Joining compiles nothing, so the cache's
+  # setting still comes before any compile.
+  _quiet_library_logs()
+  initialize_distributed()
   parse_gin()
   use_compilation_cache()
-  initialize_distributed()
   for module in FLAGS.seqio_module:
     importlib.import_module(module)
   missing = [f"--{name}" for name in required if not FLAGS[name].value]

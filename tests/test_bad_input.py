@@ -27,6 +27,7 @@ import os
 import shutil
 import subprocess
 import sys
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -868,3 +869,20 @@ def test_an_existing_unwritable_output_directory_is_refused(mounts):
       r"\(read-only file system\)")):
     config.check_writable(str(readonly), "--output", "directory")
   config.check_writable(str(readonly.parent), "--output", "directory")
+
+
+def test_a_model_axis_that_splits_a_hosts_devices_is_refused(monkeypatch):
+  """Hosts of 3 devices, model_axis=2: the middle data row would hold a
+  device of each process, which each then holds rows (0, 2) or (1, 3): before
+  2026-12-07 accepted, R_train fitted, and the encode's ValueError a
+  traceback. (One process here, told it is one of two of 3 devices each.)"""
+  from tracer import pipeline  # pylint: disable=g-import-not-at-top
+  from tracer.config import EncodeConfig  # pylint: disable=g-import-not-at-top
+  from tracer.errors import InputError  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(pipeline.jax, "device_count", lambda: 6)
+  monkeypatch.setattr(pipeline.jax, "local_device_count", lambda: 3)
+  with pytest.raises(InputError, match=re.escape(
+      "EncodeConfig.model_axis=2: expected a divisor of the device count 6 "
+      "that splits no process's 3 devices over data rows another process "
+      "shares: 1, 3, 6")):
+    pipeline.make_mesh(EncodeConfig(model_axis=2))

@@ -205,6 +205,44 @@ def test_a_claim_without_heartbeat_is_taken_over_from_any_host(tmp_path):
   c.release()
 
 
+@pytest.mark.parametrize("heartbeat", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_a_heartbeat_that_is_not_a_time_is_stale(tmp_path, heartbeat):
+  # Before 2026-12-07 never stale ("last heartbeat nan s ago; wait for it").
+  store = tmp_path / "s"
+  store.mkdir()
+  (store / claim_lib.CLAIM_FILE).write_text(
+      '{"job": "old", "host": "elsewhere", "pid": 1, "started": "t", '
+      f'"heartbeat": {heartbeat}}}')
+  c = claim_lib.Claim(str(store)).acquire()
+  assert c.taken_over[1].startswith("its heartbeat ") and "is not a time" in c.taken_over[1]
+  c.release()
+
+
+def test_a_heartbeat_ahead_of_this_clock_is_refused_naming_the_clocks(tmp_path):
+  """A dead job's heartbeat from a clock a day ahead: before 2026-12-07
+  refused as 'last heartbeat -86400 s ago; wait for it'."""
+  store = tmp_path / "s"
+  _write(store, job="old", host="elsewhere", pid=1, started="t",
+         heartbeat=time.time() + 86_400)
+  with pytest.raises(StoreClaimedError, match=re.escape(
+      "s ahead of this host's clock: the hosts' clocks disagree, so its age "
+      "cannot be judged; expected clocks within 600 s (if its job is gone, "
+      f"delete {store / claim_lib.CLAIM_FILE})")):
+    claim_lib.Claim(str(store)).acquire()
+
+
+def test_a_pid_that_is_no_process_id_is_not_a_claim(tmp_path):
+  # This host's record with a pid os.kill refuses (2**63: an OverflowError
+  # traceback before 2026-12-07) or that would name a process group (0, -1).
+  store = tmp_path / "s"
+  for pid in (2**63, 0, -1):
+    _write(store, job="old", host=socket.gethostname(), pid=pid, started="t",
+           heartbeat=time.time(), pid_ns=os.readlink("/proc/self/ns/pid"))
+    c = claim_lib.Claim(str(store)).acquire()
+    assert c.taken_over == ({}, "it is not a claim record"), pid
+    c.release()
+
+
 def test_the_owners_own_timeout_bounds_a_takeover(tmp_path):
   """A job started with a shorter --claim_timeout_s judges the owner by the
   owner's (it beats at a quarter of its own): before 2026-12-05 a live

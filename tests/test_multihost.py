@@ -1056,6 +1056,46 @@ def test_a_bad_line_in_one_hosts_share_ends_every_process_with_its_message(tmp_p
   assert not corpus_lib.is_tokenized(str(tmp_path / "w" / "corpus"))
 
 
+@pytest.mark.parametrize("case", ["gin_file", "gin_bindings", "unused_flags"])
+def test_an_error_before_the_join_ends_every_process_with_its_message(
+    tmp_path, case):
+  """Process 1 alone is given a gin file it cannot find, a binding gin
+  refuses, or flags its script does not read (it runs tracer verify with
+  trace's flags): errors found before jax.distributed is joined. Both end
+  soon with status 2, process 0 with process 1's message. Before 2026-12-07
+  process 0 waited for process 1 to join until jax's 5-minute deadline, then
+  aborted (status 134)."""
+  shared = tmp_path / "shared"
+  (shared / "corpus").mkdir(parents=True)
+  (shared / "all.jsonl").write_text("".join(
+      json.dumps({"id": f"d{i}", "text": "abcab"[:1 + i % 5]}) + "\n"
+      for i in range(NUM_DOCS)))
+  write_checkpoint(str(shared / "checkpoints"), corpus_lib.tokenize(
+      str(shared / "all.jsonl"), str(shared / "corpus"), DataConfig(), CONFIG.max_len))
+  (shared / "queries.jsonl").write_text(
+      json.dumps({"id": "q0", "prompt": "ab", "target": "ab"}) + "\n")
+  port = multiprocess.free_port()
+  commands = [trace_command(tmp_path / "w", shared, tmp_path / "store",
+                            tmp_path / "results.jsonl", (port, i)) for i in range(2)]
+  extra, message = {
+      "gin_file": ("--gin_file=nosuch", "--gin_file=nosuch: no such file, and "
+                   "not a config tracer ships"),
+      "gin_bindings": ("--gin_bindings=ModelConfig.nosuch=1", "ModelConfig.nosuch"),
+      "unused_flags": (None, "tracer verify does not read them")}[case]
+  if case == "unused_flags":  # (verify defines no --show: absl would refuse it)
+    commands[1] = [a for a in commands[1] if a != "--show=0"]
+    commands[1][2] = "tracer.launch.verify"
+  else:
+    commands[1].append(extra)
+  procs, logs = multiprocess.start(commands, tmp_path, multiprocess.env(devices=4))
+  deadline = time.monotonic() + 120  # well inside jax's 300 s
+  codes, texts = multiprocess.ends(procs, logs, deadline)
+  assert codes == [2, 2], texts
+  assert re.search(f"(^|\n)error: .*{re.escape(message)}", texts[1]), texts[1]
+  assert re.search(f"(^|\n)error: process 1 of 2 failed: .*{re.escape(message)}",
+                   texts[0]), texts[0]
+
+
 def test_tokenized_once_refuses_what_it_cannot_share(tmp_path, monkeypatch):
   """On several processes a corpus of files is tokenized into WORKDIR/corpus:
   without a workdir, or with one holding another source's corpus, that is an

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import socket
 import threading
@@ -111,6 +112,8 @@ def _process_state(pid: int) -> str | None:
 
 
 def _process_alive(pid: int, start: str | None) -> bool:
+  if not 0 < pid < 2**31:  # (0 and -1 would ask about process groups)
+    raise ValueError(f"pid {pid} is not a process id")
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
@@ -144,7 +147,10 @@ def stale_reason(owner: dict[str, Any], stale_after_s: float,
   longer of ``stale_after_s`` and the owner's own (it beats at a quarter of
   its own)."""
   now = time.time() if now is None else now
-  age = now - float(owner.get("heartbeat", 0))
+  heartbeat = float(owner.get("heartbeat", 0))
+  if not math.isfinite(heartbeat):  # (NaN was never stale, before 2026-12-07)
+    return f"its heartbeat {owner.get('heartbeat')!r} is not a time"
+  age = now - heartbeat
   stale_after_s = stale_limit(owner, stale_after_s)
   # A pid means this host's process only in this PID namespace. A record
   # without one (written before tracer recorded it, or where it cannot be
@@ -284,11 +290,20 @@ class Claim:
         except (TypeError, ValueError):
           owner, why = {}, "it is not a claim record"
         if why is None:
+          age = time.time() - float(owner["heartbeat"])
+          limit = stale_limit(owner, self.stale_after_s)
+          # A heartbeat ahead of this clock by more than the limit is judged
+          # by neither: a dead job's would hold the store until the clocks
+          # meet (before 2026-12-07 "last heartbeat -82800 s ago; wait").
           raise StoreClaimedError(
               f"{where}: the store is being written by another {describe(owner)} "
-              f"(last heartbeat {time.time() - float(owner['heartbeat']):.0f} s ago); "
-              f"wait for it or stop it (a claim without a heartbeat for "
-              f"{stale_limit(owner, self.stale_after_s):.0f} s is taken over)")
+              f"(last heartbeat {age:.0f} s ago); wait for it or stop it (a "
+              f"claim without a heartbeat for {limit:.0f} s is taken over)"
+              if age >= -limit else
+              f"{where}: the store is claimed by {describe(owner)}, whose last "
+              f"heartbeat is {-age:.0f} s ahead of this host's clock: the "
+              "hosts' clocks disagree, so its age cannot be judged; expected "
+              f"clocks within {limit:.0f} s (if its job is gone, delete {where})")
         generation = _io(self.location, "write the store's claim",
                          lambda: self._put(current.stamp.generation))
         if generation:

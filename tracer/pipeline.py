@@ -72,12 +72,21 @@ def _report(progress: ProgressFn, done: int, total: int) -> None:
 
 def make_mesh(cfg: EncodeConfig):
   """The (data, model) mesh over every device; InputError naming
-  ``EncodeConfig.model_axis`` when it does not divide the devices."""
-  count = jax.device_count()
-  if not isinstance(cfg.model_axis, int) or cfg.model_axis < 1 or count % cfg.model_axis:
-    sizes = [m for m in range(1, count + 1) if count % m == 0]
+  ``EncodeConfig.model_axis`` when it does not divide the devices, or splits
+  a process's devices over data rows it shares with another process."""
+  count, local = jax.device_count(), jax.local_device_count()
+  # Each process's devices fill whole data rows, or each row lies within
+  # whole processes: else two processes share a row and each holds others
+  # (hosts of 3 devices, model_axis=2: rows (0, 2) and (1, 3)), which the
+  # encode refused only after R_train's fit (before 2026-12-07).
+  sizes = [m for m in range(1, count + 1)
+           if count % m == 0 and (local % m == 0 or m % local == 0)]
+  if not isinstance(cfg.model_axis, int) or cfg.model_axis not in sizes:
+    hosts = (f" that splits no process's {local} devices over data rows "
+             "another process shares" if local < count else "")
     raise InputError(f"EncodeConfig.model_axis={cfg.model_axis!r}: expected a "
-                     f"divisor of the device count {count}: {', '.join(map(str, sizes))}")
+                     f"divisor of the device count {count}{hosts}: "
+                     f"{', '.join(map(str, sizes))}")
   return partitioning.make_mesh(model=cfg.model_axis)
 
 
