@@ -34,6 +34,10 @@ CORPUS = [
 def test_tokenize():
   assert bm25.tokenize("Hello, WORLD! it's 42") == [
       "hello", "world", "it", "s", "42"]
+  # One spelling of a word, however its letters are encoded (before
+  # 2026-12-07 "Cafe\u0301" was the word "cafe", and missed "café").
+  assert bm25.tokenize("Cafe\u0301 ZOE\u0308 \ufb01le Straße q\u0307x") == [
+      "café", "zoë", "file", "strasse", "q\u0307x"]
 
 
 def test_exact_match_is_rank_one():

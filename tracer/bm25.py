@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import re
+import unicodedata
 from collections.abc import Sequence
 
 import bm25s
@@ -28,12 +29,16 @@ import numpy as np
 # wherever logging is configured (absl: to stderr). Its warnings still show.
 logging.getLogger("bm25s").setLevel(logging.WARNING)
 
-_TOKEN = re.compile(r"\w+")
+# Words, with the combining marks NFKC leaves (no precomposed letter) kept in
+# them, not splitting them.
+_TOKEN = re.compile(r"\w[\w\u0300-\u036f\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff]*")
 
 
 def tokenize(text: str) -> list[str]:
-  """Lowercase word tokens of ``text``."""
-  return _TOKEN.findall(text.lower())
+  """Case-folded word tokens of ``text``, in Unicode's compatibility form
+  (NFKC): "café" typed as "cafe" and a combining accent is the word "café"
+  (before 2026-12-07 the word "cafe"), "ﬁle" is "file", "Straße" "strasse"."""
+  return _TOKEN.findall(unicodedata.normalize("NFKC", text).casefold())
 
 
 def query_text(query: dict) -> str:
