@@ -63,6 +63,9 @@ class OptimizerConfig:
   final_lr_fraction: float = 0.1  # cosine decay ends at this fraction of the peak
   b1: float = 0.9
   b2: float = 0.99
+  # Adam's eps; for Adafactor its eps too, optax's regularizer added to g^2
+  # before its moments (optax's default 1e-30; its V, and so tracer's
+  # correction, then holds it: a floor of 1e-8 on every entry).
   eps: float = 1e-8
   weight_decay: float = 0.01
   clip_norm: float = 1.0

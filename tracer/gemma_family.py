@@ -138,9 +138,9 @@ _FIELD_TYPES = {
 
 @dataclasses.dataclass(frozen=True)
 class GemmaConfig:
-  """A Gemma model for tracer. With ``preset`` set, the architecture fields
-  are ignored (the preset's own config is used) and only ``max_len``,
-  ``dtype`` and ``bos_id`` count."""
+  """A Gemma model for tracer. With ``preset`` set, the preset's own
+  architecture is used: only ``max_len``, ``dtype`` and ``bos_id`` may be
+  set beside it (an architecture field off its default is refused)."""
   preset: str | None = None
   max_len: int = 128                 # tracer's example length, in tokens
   dtype: str = "float32"             # params (and so activations) dtype
