@@ -65,7 +65,7 @@ class OptimizerConfig:
   b2: float = 0.99
   # Adam's eps; for Adafactor its eps too, optax's regularizer added to g^2
   # before its moments (optax's default 1e-30; its V, and so tracer's
-  # correction, then holds it: a floor of 1e-8 on every entry).
+  # correction, then holds it: entries of about 1e-8 at least).
   eps: float = 1e-8
   weight_decay: float = 0.01
   clip_norm: float = 1.0
