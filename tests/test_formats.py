@@ -142,6 +142,14 @@ def test_results_list_only_finite_scores(tmp_path):
   row = json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
   assert row["proponent_scores"] == [0.5] and row["opponent_scores"] == [-0.5]
   assert row["proponent_ids"] == ["doc-0"] and row["opponent_ids"] == ["doc-6"]
+  # A probability that is not finite is null (before 2026-12-07 NaN).
+  nan = evaluate.make_result_row(_demo_queries()[0], [], [], [], prediction="x",
+                                 prediction_probability=float("nan"),
+                                 target_probability=np.float32(np.nan))
+  evaluate.write_results(path, [nan])
+  row = json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+  assert (row["prediction_probability"], row["target_probability"],
+          row["model_confidence"]) == (None, None, None)
 
 
 # --- our results, as their viewer reads them ------------------------------------

@@ -266,15 +266,18 @@ def prediction_fields(prediction: str | None,
   ("Prediction: <target> (confidence = p)"), so it gets p(target | prompt);
   ``temperature_samples`` (their "Decoder Samples") gets the greedy
   completion, a sample at temperature 0."""
+  # A probability that is not finite (a model whose params are) is null:
+  # NaN is not JSON, and JSON.parse or jq refuse a line holding it.
+  finite = lambda p: float(p) if np.isfinite(p) else None
   out: dict[str, Any] = {}
   if prediction is not None:
     out["prediction"] = str(prediction)
     out["temperature_samples"] = [str(prediction)]
   if prediction_probability is not None:
-    out["prediction_probability"] = float(prediction_probability)
+    out["prediction_probability"] = finite(prediction_probability)
   if target_probability is not None:
-    out["target_probability"] = float(target_probability)
-    out["model_confidence"] = float(target_probability)
+    out["target_probability"] = finite(target_probability)
+    out["model_confidence"] = finite(target_probability)
   return out
 
 
