@@ -243,8 +243,8 @@ class Server:
         if self.failure is not None:
           raise RuntimeError(f"the server is stopping: a batch failed "
                              f"({type(self.failure).__name__}: {self.failure})")
-        channel.send(requests)
-        try:
+        try:  # (a failed send too: the followers may have missed the batch)
+          channel.send(requests)
           return tracer.answer(requests)
         except Exception as e:
           self.failure = e
