@@ -165,6 +165,33 @@ def test_a_dead_claim_on_a_read_only_store_is_an_input_error(tmp_path):
       f"InputError {where}: cannot write the store's claim: Read-only file system"]
 
 
+def test_a_claim_on_a_store_turned_read_only_is_released_with_an_input_error(
+    tmp_path):
+  # The mount turns read-only while the claim is held: releasing it names
+  # writer.json (before 2026-12-07 tensorstore's ValueError, a traceback).
+  src, rw = tmp_path / "src", tmp_path / "rw"
+  (src / "store").mkdir(parents=True)
+  rw.mkdir()
+  code = ("import subprocess, sys\n"
+          "from tracer import claim\n"
+          "c = claim.Claim(sys.argv[1]).acquire()\n"
+          "subprocess.run(['mount', '-o', 'remount,bind,ro', sys.argv[2]], check=True)\n"
+          "try:\n"
+          "  c.release()\n"
+          "except Exception as e:\n"
+          "  print(type(e).__name__, e)\n")
+  proc = subprocess.run(
+      ["unshare", "-m", "sh", "-c", f'mount --bind {src} {rw} && exec "$0" -c '
+       '"$1" "$2" "$3"', sys.executable, code, str(rw / "store"), str(rw)],
+      capture_output=True, text=True, timeout=120,
+      env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  if proc.returncode != 0 or not proc.stdout:
+    pytest.skip(f"no read-only mount here (needs unshare -m as root): {proc.stderr[-300:]}")
+  assert proc.stdout.splitlines() == [
+      f"InputError {rw}/store/writer.json: cannot delete the store's claim: "
+      "Read-only file system"]
+
+
 def test_a_timeout_past_any_wait_beats_hourly(tmp_path):
   # Before, a wait of 1e11 / 4 s raised OverflowError in the heartbeat
   # thread, which died at once.

@@ -361,7 +361,8 @@ class Claim:
       self._thread.join()
     with self._lock:
       if self._generation is not None and not self.lost:
-        self._kv.write(CLAIM_FILE, None, if_equal=self._generation).result()
+        _io(self.location, "delete the store's claim",  # (a raw ValueError before)
+            self._kv.write(CLAIM_FILE, None, if_equal=self._generation).result)
         remove_dirs(self._made_dirs)  # only while empty: a store begun stays
       self._generation = None
 
