@@ -52,14 +52,20 @@ def run(location: str, repair: bool = False) -> int:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 3).sum(0)
   count, quarantined, unchecked = (int(c) for c in counts)
+  # Stray markers are listed by process 0 alone; every process exits with
+  # its verdict (before 2026-12-07 the others exited 0 on strays alone).
+  stray = store.stray_markers() if jax.process_index() == 0 else {}
+  strays = len(stray)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    strays = int(multihost_utils.broadcast_one_to_all(np.int64(strays)))
   if jax.process_index() != 0:
-    return 1 if count or missing else 0
+    return 1 if count or missing or strays else 0
   for chunk in missing[:20]:
     lo, hi = store.chunk_bounds(chunk)
     print(f"missing: chunk {chunk} (rows {lo}..{hi}): not written")
   if len(missing) > 20:
     print(f"missing: ... {len(missing) - 20} more chunks not written")
-  stray = store.stray_markers()
   for chunk, marker in stray.items():
     print(f"stray: {marker}: marks chunk {chunk}, past the store's "
           f"{store.num_chunks} chunks" + ("; removed" if repair else ""))

@@ -632,6 +632,20 @@ def test_verify_repair_on_two_processes_checks_every_chunk_once(tmp_path):
   assert codes == [1, 1], (codes, texts)
   assert f"{location}: 2 corrupt and 0 missing of 6 chunks" in texts[0], texts
   assert sorted(store_lib.open_store(location).done_chunks()) == [1, 2, 4, 5]
+  # A complete store with a stray marker alone: every process exits 1 (before
+  # 2026-12-07 process 1 exited 0, which process 0 alone had listed).
+  for chunk in (0, 3):
+    store.write_chunk(chunk, rows[slice(*store.chunk_bounds(chunk))])
+  progress = tmp_path / "store" / "progress"
+  (progress / "000000009.done").write_text((progress / "000000000.done").read_text())
+  port = multiprocess.free_port()
+  procs, logs = multiprocess.start(
+      [[sys.executable, "-m", "tracer.launch.verify", f"--store={location}",
+        *multiprocess.distributed_flags(port, i)] for i in range(2)],
+      tmp_path, multiprocess.env(devices=1))
+  codes, texts = multiprocess.ends(procs, logs, time.monotonic() + 180)
+  assert codes == [1, 1], (codes, texts)
+  assert f"{location}: 0 corrupt and 0 missing of 6 chunks; 1 stray markers" in texts[0]
 
 
 def _processes(tmp_path, script: str, count: int = 2) -> list[str]:
