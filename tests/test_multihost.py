@@ -867,7 +867,11 @@ if jax.process_index() < 2:
   except InputError as e:
     print("refused", e, flush=True)
 else:
-  print("refused none: not in the mesh", flush=True)
+  from tracer import partitioning
+  try:  # (a KeyError before 2026-12-07)
+    partitioning.data_block(mesh)
+  except InputError as e:
+    print("refused", e, flush=True)
 """
 
 
@@ -881,8 +885,9 @@ def test_a_scan_over_some_of_the_processes_is_refused(tmp_path):
   want = ("refused mesh: holds devices of processes [0, 1] of the 3; expected "
           "a mesh over every process's devices (partitioning.make_mesh) or "
           "over one process's alone")
-  assert _first_lines(texts, "refused ") == [want, want,
-                                             "refused none: not in the mesh"]
+  assert _first_lines(texts, "refused ") == [
+      want, want, "refused a mesh of 4 devices holds none of process 2's; "
+      "expected a mesh over every process's devices (make_mesh)"]
 
 
 def test_processes_of_different_device_counts_are_refused_at_start(tmp_path):

@@ -254,7 +254,12 @@ def data_block(mesh: Mesh) -> tuple[int, int]:
   They must be contiguous (true of meshes made by ``make_mesh`` over
   ``jax.devices()``, which lists each process's devices together).
   """
-  return _data_blocks(mesh)[jax.process_index()]
+  blocks = _data_blocks(mesh)
+  if jax.process_index() not in blocks:  # (a KeyError before 2026-12-07)
+    raise InputError(f"a mesh of {mesh.size} devices holds none of process "
+                     f"{jax.process_index()}'s; expected a mesh over every "
+                     "process's devices (make_mesh)")
+  return blocks[jax.process_index()]
 
 
 def _data_blocks(mesh: Mesh) -> dict[int, tuple[int, int]]:
