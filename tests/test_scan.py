@@ -1363,6 +1363,13 @@ def test_bad_inputs():
     scan.scan_arrays(x, q[:, :15], K)
   with pytest.raises(InputError, match="k: must be a positive"):
     scan.scan_arrays(x, q, 0)
+  # Before 2026-12-07 True was k = 1 and 2.5 chunk rows 2.
+  for k in (True, 2.5, np.bool_(True)):
+    with pytest.raises(InputError, match=f"k: must be a positive integer, got {k!r}"):
+      scan.scan_arrays(x, q, k)
+  with pytest.raises(InputError, match="chunk_rows: must be an integer >= 1, got 2.5"):
+    scan.scan_arrays(x, q, K, chunk_rows=2.5)
+  assert scan.scan_arrays(x, q, np.int64(K)).proponent_rows.shape[1] == K
   with pytest.raises(InputError, match="encodings: expected"):
     scan.scan_arrays(x[0], q, K)
   with pytest.raises(InputError, match="row_ids"):

@@ -124,11 +124,17 @@ def _check_inputs(queries, k: int, dim: int, num_rows: int) -> np.ndarray:
                      f"encodings' dimension {dim}")
   if not np.all(np.isfinite(q)):
     raise InputError("queries: must be finite (found NaN or inf)")
-  if int(k) != k or k < 1:
+  if not _is_count(k):  # (True was k = 1 before 2026-12-07)
     raise InputError(f"k: must be a positive integer, got {k!r}")
   if num_rows >= INVALID_ROW:
     raise InputError(f"num_rows: {num_rows} rows exceed the int32 row ids")
   return q.astype(np.float32)
+
+
+def _is_count(n) -> bool:
+  """An integer >= 1 (numpy's too; not a bool, nor a float such as 2.5)."""
+  return (isinstance(n, (int, np.integer)) and not isinstance(n, (bool, np.bool_))
+          and n >= 1)
 
 
 def device_dtype(dtype) -> np.dtype:
@@ -881,8 +887,8 @@ def _scan(source, queries, k: int, mesh: Mesh | None,
                                 else (read_ahead, prefetch - 1))
       step = buffered_step(step, mesh, dim * dtype.itemsize, sets(), row_multiple,
                            agreed.pool)
-  elif chunk_rows < 1:
-    raise InputError(f"chunk_rows: must be >= 1, got {chunk_rows}")
+  elif not _is_count(chunk_rows):  # (2.5 was 2 before 2026-12-07)
+    raise InputError(f"chunk_rows: must be an integer >= 1, got {chunk_rows!r}")
   else:
     step = partitioning.padded_size(int(chunk_rows), mesh.size)
 
