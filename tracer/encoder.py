@@ -187,7 +187,10 @@ class GradientEncoder:
       gradient materialized). Both compute the same encodings.
     rank_one_correction: with the factored kernel, approximate a correction
       that is not rank one per weight (Adam's) by its rank-one factorization
-      instead of leaving that weight to the materialized path.
+      instead of leaving that weight to the materialized path. A weight
+      stacked by nn.scan is fitted per layer (``M_l ~ u_l w_l^T``: the
+      factorization of each layer's matrix, exact where that is rank one, as
+      Adafactor's is), with or without this.
     projection_precision: how the projections' fp32 matmuls run, "highest"
       or "bf16_6x" (``projection.PRECISIONS``: both fp32-accurate; the second
       on a GPU's bf16 tensor cores).
@@ -248,17 +251,22 @@ class GradientEncoder:
     fits = (factored.correction_scales(self.layout, second_moment, self.epsilon)
             if kernel == "factored" else {})
     self._scales = {name: uw for name, (uw, _) in fits.items()}
-    not_rank_one = {name for name, (_, err) in fits.items()
-                    if err > factored.RANK_ONE_TOLERANCE}
-    matrices = {b.paths[0]: b.name for b in self.layout.blocks
-                if len(b.paths) == 1 and b.name != projection.VECTORS}
-    self._allowed = {p for p, name in matrices.items()
-                     if rank_one_correction or name not in not_rank_one}
-    self._not_rank_one = set(matrices) - self._allowed
-    approximated = kernel == "factored" and rank_one_correction and not_rank_one
-    #: "exact", or "rank_one_correction" when some weight's correction is
+    self._matrices = {b.paths[0]: b.name for b in self.layout.blocks
+                      if len(b.paths) == 1 and b.name != projection.VECTORS}
+    not_rank_one = {p for p, name in self._matrices.items()
+                    if name in fits and fits[name][1] > factored.RANK_ONE_TOLERANCE}
+    # Known before any plan (a store's manifest and a basis' key record it),
+    # so a weight stacked by nn.scan counts by its block's fit here, though
+    # its plan fits it per layer (``_fit_layers``; Adafactor's: exact).
+    self._approximate = (kernel == "factored" and rank_one_correction
+                         and bool(not_rank_one))
+    #: "exact", or "rank_one_correction" when some weight's correction may be
     #: approximated (recorded in store manifests: it changes the encodings).
-    self.approximation = "rank_one_correction" if approximated else "exact"
+    self.approximation = "rank_one_correction" if self._approximate else "exact"
+    # The matrices whose correction is not rank one and not approximated (a
+    # stacked weight's by its layers once planned) take the materialized path.
+    self._not_rank_one = set() if self._approximate else not_rank_one
+    self._layered: set[str] = set()    # stacked weights fitted per layer
     sides = projection.matrices(self.layout)
     self._sides = partitioning.place(sides, jax.tree.map(
         lambda _: partitioning.replicated(self.mesh), sides))
@@ -283,18 +291,21 @@ class GradientEncoder:
     if self.kernel == "factored":
       example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), batch)
       plan = factored.make_plan(loss_fn, self.params, example, layout,
-                                self._allowed | self._not_rank_one)
-      # Planned only to be named: Adafactor factors V over a weight's last two
-      # axes, so a kernel stacked by nn.scan, or of more than two axes (an
-      # attention kernel's heads), is not rank one in its block's view.
+                                set(self._matrices))
+      self._fit_layers(plan)
+      # Planned only to be named: Adafactor factors V over a weight's two
+      # largest axes (a stacked layer's rows and columns: ``_fit_layers``), so
+      # a kernel of more than two axes (an attention kernel's heads) is not
+      # rank one in its block's view, nor per layer.
       not_rank_one = sorted(plan.factored & self._not_rank_one)
       plan = plan.without(not_rank_one)
-      missed = sorted(self._allowed - plan.factored)
+      allowed = set(self._matrices) - self._not_rank_one
+      missed = sorted(allowed - plan.factored)
       named = lambda ps: f"{', '.join(ps[:3])}{', ...' if len(ps) > 3 else ''}"
       why = []
       if missed:
         why.append(
-            f"kernel='factored' cannot take {len(missed)} of {len(self._allowed)} "
+            f"kernel='factored' cannot take {len(missed)} of {len(allowed)} "
             f"weights ({named(missed)}): "
             "they are not the kernel of a linen Dense, DenseGeneral, "
             "Einsum or Embed call (a bias, a norm scale stacked by nn.scan, "
@@ -306,10 +317,12 @@ class GradientEncoder:
         why.append(
             f"kernel='factored' leaves {len(not_rank_one)} weights it could take "
             f"({named(not_rank_one)}) to the materialized path: their "
-            "correction 1 / (sqrt(V) + epsilon) is not rank one (Adafactor "
-            "factors V over a weight's last two axes, which for a weight "
-            "stacked by nn.scan or of more than two axes are not its block's "
-            "rows and columns); rank_one_correction=True approximates it")
+            "correction 1 / (sqrt(V) + epsilon) is not rank one, per layer "
+            "where stacked by nn.scan (Adafactor's V is rank one over a "
+            "weight's two largest axes if both have 128 entries or more, else "
+            "not: for a kernel of more than two axes, an attention kernel's "
+            "heads, those are not its block's rows and columns); "
+            "rank_one_correction=True approximates it")
       if why:
         warnings.warn("; ".join(why))
       if self._given is not None and self._given <= plan.factored:
@@ -331,6 +344,22 @@ class GradientEncoder:
         devices=len(self.mesh.local_devices))
     self._programs[key] = (plan, program)
     return program
+
+  def _fit_layers(self, plan: "factored.Plan") -> None:
+    """Fits the correction of ``plan``'s weights stacked by nn.scan per layer,
+    once each and before their V is released: their scales become a layer's
+    (``M_l = u_l w_l^T``), and so does their rank-one test (Adafactor's V is
+    rank one per layer, not over the stacked block)."""
+    stacks = {p: st for p, st in plan.stacks if p not in self._layered}
+    paths = {self._matrices[p]: p for p in stacks}
+    for name, (uw, err) in factored.correction_scales(
+        self.layout, self.second_moment, self.epsilon, stacks).items():
+      self._scales[name] = uw
+      if err > factored.RANK_ONE_TOLERANCE and not self._approximate:
+        self._not_rank_one.add(paths[name])
+      else:
+        self._not_rank_one.discard(paths[name])
+    self._layered |= set(stacks)
 
   def _verified(self, plan: "factored.Plan", batch: Any) -> "factored.Plan":
     """``plan`` less the weights whose factored projection differs from the

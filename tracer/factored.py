@@ -25,10 +25,17 @@ The optimizer correction ``G / (sqrt(V) + eps)`` is ``diag(u) G diag(w)`` when
 ``M = 1 / (sqrt(V) + eps)`` is rank one, ``M = u w^T``: it scales the features
 of the two sides. That holds for no correction and for Adafactor (its V is
 ``v_row v_col^T / mean(v_row)`` per factored matrix, and Adafactor divides by
-``sqrt(V)`` alone). Adam's V is not rank one; ``correction_scales`` can then
-take the rank-one factorization of M (``u = M 1``, ``w = M^T 1 / 1^T M 1``,
-Adafactor's own rule, exact whenever M is rank one) as a documented
-approximation, or leave the block to the materialized path.
+``sqrt(V)`` alone). A weight stacked by ``nn.scan`` needs M rank one per layer
+only, ``M_l = u_l w_l^T``: each layer's scales ride into the scan with its E,
+so a stacked Adafactor weight (V factored per layer, over a layer's rows and
+columns: its two largest axes) is factored exactly. Adam's V is not rank one;
+``correction_scales`` can then take the rank-one factorization of M (``u = M
+1``, ``w = M^T 1 / 1^T M 1``, Adafactor's own rule, exact whenever M is rank
+one; a stacked weight's per layer) as a documented approximation, or leave
+the block to the materialized path. The same holds for a kernel of more than
+two axes under Adafactor (an attention kernel ``[d, heads, head_dim]``: V
+factored over d and head_dim, or kept whole): its M is not rank one in its
+block's view.
 
 Everything the kernel does not cover -- vectors (norm scales, biases), weights
 used in other ways, weights whose correction is not rank one -- keeps the
@@ -454,33 +461,49 @@ def _can_insert(params: Any, path: str) -> bool:
 
 # --- the optimizer correction as feature scales --------------------------------
 
-def correction_scales(layout: projection.Layout, v: Any | None, epsilon: float
+def correction_scales(layout: projection.Layout, v: Any | None, epsilon: float,
+                      stacks: Mapping[str, Stack] | None = None
                       ) -> dict[str, tuple[tuple[jax.Array, jax.Array], float]]:
   """Per matrix block: ``((u [a], w [b]), error)``, the rank-one factorization
   ``M ~ u w^T`` of ``M = 1 / (sqrt(V) + epsilon)`` and its largest error
-  relative to each entry (inf where not finite). Empty when ``v`` is None (no correction: u = w = 1)."""
+  relative to each entry (inf where not finite). Given ``stacks`` (path ->
+  ``Stack``), the blocks of those weights only, each fitted per layer: ``u
+  [length, a']``, ``w [length, b']`` (``M_l ~ u_l w_l^T``, a layer's sides
+  as ``_layer_sides`` orders them), the error the largest over the layers.
+  Empty when ``v`` is None (no correction: u = w = 1)."""
   if v is None:
     return {}
   by_path = {projection.path_name(p): x
              for p, x in jax.tree_util.tree_flatten_with_path(v)[0]}
   out = {}
   for block in layout.blocks:
-    if len(block.paths) != 1 or block.name == projection.VECTORS:
+    path = block.paths[0]
+    if (len(block.paths) != 1 or block.name == projection.VECTORS
+        or (stacks is not None and path not in stacks)):
       continue
-    vv = by_path[block.paths[0]]
-    u, w, err = _rank_one(jnp.reshape(vv, block.shape), jnp.float32(epsilon))
+    view = (jnp.reshape(by_path[path], block.shape) if stacks is None
+            else _layers(by_path[path], stacks[path], block.shape))
+    u, w, err = _rank_one(view, jnp.float32(epsilon))
     out[block.name] = ((u, w), float(err))
   return out
 
 
+def _layers(x: jax.Array, stack: Stack, shape: tuple[int, int]) -> jax.Array:
+  """A stacked param ``x`` as its layers' matrices ``[length, a', b']`` (its
+  block ``shape`` less the layer axis on ``stack.side``)."""
+  layer = [stack.features if i == stack.side else n for i, n in enumerate(shape)]
+  return jnp.moveaxis(x, stack.axis, 0).reshape(stack.length, *layer)
+
+
 @jax.jit
 def _rank_one(v: jax.Array, epsilon: jax.Array):
+  """``(u [..., a], w [..., b], error)`` of ``v [..., a, b]``, per matrix."""
   m = 1.0 / (jnp.sqrt(v.astype(jnp.float32)) + epsilon)
-  u = jnp.sum(m, axis=1)
-  w = jnp.sum(m, axis=0) / jnp.sum(u)
+  u = jnp.sum(m, axis=-1)
+  w = jnp.sum(m, axis=-2) / jnp.sum(u, axis=-1, keepdims=True)
   # Per entry: relative to max M, Adam's untrained rows (nu = 0, M = 1/eps)
   # hid a 17% error in the trained ones (the audit's embedding, 2026-12-04).
-  err = jnp.max(jnp.abs(m - u[:, None] * w[None, :]) / m)
+  err = jnp.max(jnp.abs(m - u[..., :, None] * w[..., None, :]) / m)
   return u, w, jnp.where(jnp.isnan(err), jnp.inf, err)
 
 
@@ -565,10 +588,12 @@ def _lookup_side(tokens, size, scale, matrix):
 
 
 # A stacked weight's layers are called inside ``nn.scan``, which slices every
-# param along the layer axis. Its E and the layer's part of the stacked side
-# (P's columns and the correction scale for that layer) travel the same way:
-# as siblings of the weight in the params tree, stacked along that axis.
-_LAYER_INPUTS = ("@tracer_e", "@tracer_side", "@tracer_scale")
+# param along the layer axis. Its E, the layer's part of the stacked side
+# (P's columns) and the layer's correction scales u and w (``M_l = u_l
+# w_l^T``: Adafactor's V is rank one per layer, not over the stacked block)
+# travel the same way: as siblings of the weight in the params tree, stacked
+# along that axis.
+_LAYER_INPUTS = ("@tracer_e", "@tracer_side", "@tracer_u", "@tracer_w")
 
 
 def _at_axis(x: jax.Array, axis: int) -> jax.Array:
@@ -577,20 +602,16 @@ def _at_axis(x: jax.Array, axis: int) -> jax.Array:
   return x.reshape((1,) * axis + x.shape)
 
 
-def _layer_sides(stack: Stack, param_shape: tuple[int, ...], matrix, scale,
-                 k: int) -> tuple[jax.Array, jax.Array | None]:
-  """The stacked side's matrix ``[k, features]`` (identity when None) and
-  scale ``[features]`` of each layer, stacked: ``[length, k, features]`` and
-  ``[length, features]``."""
+def _layer_sides(stack: Stack, param_shape: tuple[int, ...], matrix, k: int
+                 ) -> jax.Array:
+  """The stacked side's matrix ``[k, features]`` (identity when None) of each
+  layer, stacked: ``[length, k, features]``."""
   axes = param_shape[:stack.split] if stack.side == 0 else param_shape[stack.split:]
   at = stack.axis - (0 if stack.side == 0 else stack.split)
   total = int(np.prod(axes))
   matrix = jnp.eye(total, dtype=jnp.float32) if matrix is None else matrix
   layers = jnp.moveaxis(matrix.reshape(k, *axes), 1 + at, 0)
-  layers = layers.reshape(stack.length, k, stack.features)
-  if scale is not None:
-    scale = jnp.moveaxis(scale.reshape(axes), at, 0).reshape(stack.length, stack.features)
-  return layers, scale
+  return layers.reshape(stack.length, k, stack.features)
 
 
 def _with_layer_inputs(params: Any, inputs: dict[str, tuple]) -> Any:
@@ -619,7 +640,8 @@ def project_examples(plan: Plan, layout: projection.Layout, loss_fn: Callable,
   """``(P (g / (sqrt(V) + eps)) [n, dim], losses [n])`` for a batch of examples
   (leading axis n on every leaf), the factored weights from their calls and
   everything else materialized. ``scales`` (``correction_scales``, block name
-  -> (u, w)) correct the factored blocks; None applies no correction there.
+  -> (u, w); a stacked weight's per layer, fitted with its ``plan.stacks``
+  entry) correct the factored blocks; None applies no correction there.
   ``precision``: the projections' matmuls (``projection.PRECISIONS``);
   ``sides``: ``projection.matrices(layout)`` (generated here when None)."""
   flat, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -638,16 +660,19 @@ def project_examples(plan: Plan, layout: projection.Layout, loss_fn: Callable,
            for p, b in blocks.items()}
   planned = set(plan.sites)
   stacks = dict(plan.stacks)
+  if any(np.ndim(scale[p][0]) not in (0, 2) for p in stacks):   # (0: None)
+    raise ValueError("a stacked weight's correction scales are per layer: "
+                     "correction_scales with the plan's stacks")
   layer_sides = {p: _layer_sides(st, np.shape(fixed[p]), matrices[p][st.side],
-                                 scale[p][st.side], blocks[p].k[st.side])
+                                 blocks[p].k[st.side])
                  for p, st in stacks.items()}
 
   def loss_fn_perturbed(free, perturbations, example):
     params = jax.tree_util.tree_unflatten(
         treedef, [free[p] if p in free else fixed[p] for p in paths])
     params = _with_layer_inputs(params, {
-        p: (_at_axis(perturbations[p], st.axis),
-            *(None if x is None else _at_axis(x, st.axis) for x in layer_sides[p]))
+        p: tuple(None if x is None else _at_axis(x, st.axis)
+                 for x in (perturbations[p], layer_sides[p], *scale[p]))
         for p, st in stacks.items()})
 
     def perturb(module, method, path, args, kwargs, y, weight):
@@ -662,17 +687,18 @@ def project_examples(plan: Plan, layout: projection.Layout, loss_fn: Callable,
       (left, right), (u, w) = matrices[path], scale[path]
       e = perturbations[path]
       stack = stacks.get(path)
-      if stack is not None:   # this layer's E and side, sliced by nn.scan
+      if stack is not None:   # this layer's E, side and scales, sliced by nn.scan
         read = lambda i: module.get_variable("params", _weight_name(module)
                                              + _LAYER_INPUTS[i])
         k = blocks[path].k
         e = read(0).reshape(k)
         side = read(1).reshape(k[stack.side], stack.features)
-        side_scale = None if scale[path][stack.side] is None else read(2).reshape(-1)
         if stack.side == 0:
-          left, u = side, side_scale
+          left = side
         else:
-          right, w = side, side_scale
+          right = side
+        if u is not None:
+          u, w = read(2).reshape(-1), read(3).reshape(-1)
       if site.kind == "lookup":
         known = _lookup_side(x, blocks[path].shape[0], u, left) * site.factor
       elif site.kind == "dense":
