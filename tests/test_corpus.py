@@ -183,6 +183,51 @@ def test_a_source_changed_since_is_refused(tmp_path, records):
     corpus_lib.tokenize(remote, str(tmp_path / "remote"), config, 32)
 
 
+def test_files_landing_between_parts_are_refused_at_the_join(tmp_path, records):
+  """A file lands after part 0 ran: the other parts' line shares (a.jsonl
+  split over 3) and a part with no file of its own change, each part's paths
+  staying the same. Before 2026-12-07 the join kept 25 of 30 rows (the last
+  half of a.jsonl dropped), and joined an empty part's run unchecked."""
+  config = DataConfig()
+  (tmp_path / "src").mkdir()
+  put = lambda name, n: facts.write_jsonl(
+      str(tmp_path / "src" / name), [dict(r, id=f"{name[0]}{i}")
+                                     for i, r in enumerate(records[:n])])
+  put("a.jsonl", 10)
+  put("b.jsonl", 10)
+  pattern, out = str(tmp_path / "src" / "*.jsonl"), str(tmp_path / "tok")
+  corpus_lib.tokenize(pattern, out, config, 32, num_shards=3, shard_index=0)
+  put("c.jsonl", 10)
+  corpus_lib.tokenize(pattern, out, config, 32, num_shards=3, shard_index=1)
+  with pytest.raises(InputError, match=re.escape(
+      f"{out}/parts/00000-of-00003: made from other row groups or line shares "
+      f"of its files than {pattern} now gives that part")):
+    corpus_lib.tokenize(pattern, out, config, 32, num_shards=3, shard_index=2)
+  # Every part made again from the files as they are: all 30 rows.
+  shutil.rmtree(out)
+  for i in range(3):
+    joined = corpus_lib.tokenize(pattern, out, config, 32, num_shards=3, shard_index=i)
+  assert len(joined) == 30 and joined.manifest.source_run is None
+  # A part with no file of its own (3 processes, 2 Parquet files of one row
+  # group each) recorded [] and skipped the check: b.parquet was dropped.
+  pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+  (tmp_path / "pq").mkdir()
+  put = lambda name: pq.write_table(pa.table(
+      {"id": [f"{name[0]}{i}" for i in range(10)],
+       "text": [f"{name} text {i}" for i in range(10)]}), str(tmp_path / "pq" / name))
+  put("a.parquet")
+  put("b.parquet")
+  pattern, out = str(tmp_path / "pq" / "*.parquet"), str(tmp_path / "tok2")
+  assert [len(run) for run in data_lib.split_files(pattern, 3)] == [1, 0, 1]
+  corpus_lib.tokenize(pattern, out, config, 32, num_shards=3, shard_index=0)
+  corpus_lib.tokenize(pattern, out, config, 32, num_shards=3, shard_index=1)
+  put("c.parquet")
+  with pytest.raises(InputError, match=re.escape(
+      f"{out}/parts/00001-of-00003: made from no files; {pattern} now gives "
+      "that part 1 file")):
+    corpus_lib.tokenize(pattern, out, config, 32, num_shards=3, shard_index=2)
+
+
 def test_a_source_changed_since_is_refused_on_several_processes(tmp_path, records):
   """Each part records its own files as its process saw them before reading
   them; the join records them all, once each; a rerun of any process

@@ -100,6 +100,13 @@ class CorpusManifest:
   # is as recorded (``check_source_files``). None: a seqio source, given
   # records, or a corpus tokenized before 2026-12-06 (reused unchecked).
   source_files: list[dict[str, Any]] | None = None
+  # A part's share of the source files (``data.split_files``'s run): [[path,
+  # [first, stop) Parquet row groups or None, [i, n] JSONL line share or
+  # None], ...]; the join holds every part's to the split as it is then
+  # (files added between parts moved row groups and line shares while each
+  # part's paths stayed the same: rows were dropped, before 2026-12-07).
+  # None: a part written before, checked by its paths alone.
+  source_run: list[list[Any]] | None = None
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -169,6 +176,11 @@ def read_manifest(location: str) -> CorpusManifest:
     if not (isinstance(f, dict) and isinstance(f.get("path"), str)):
       raise InputError(f"{where}: source_files[{i}] is {json.dumps(f)[:200]}; "
                        'expected {"path": "...", ...} (a file as it was read)')
+  run = d.get("source_run")
+  if run is not None and not (isinstance(run, list) and all(
+      isinstance(f, list) and len(f) == 3 and isinstance(f[0], str) for f in run)):
+    raise InputError(f"{where}: source_run is {json.dumps(run)[:200]}; expected "
+                     "[[path, row groups or null, line share or null], ...]")
   return CorpusManifest(**d)
 
 
@@ -441,6 +453,7 @@ def tokenize(source: str, output: str, data_config: DataConfig, max_len: int,
       # This process's files as it sees them before it reads them: each
       # part records its own share's, the join all of them.
       source_files = _source_files(_run_paths(mine))
+      settings = {**settings, "source_run": _run_record(mine)}
       records = data_lib.corpus_records(source, vocab, False, mine)
       files = _paths(mine)
     else:  # a run of the seqio source's shards
@@ -671,7 +684,9 @@ def join_parts(output: str, source: str, num_shards: int) -> TokenizedCorpus | N
                        f"settings than {paths[0]} (or not as shard {i} of "
                        f"{num_shards})")
   runs = None  # each part's files
-  if data_lib.is_file_source(source) and all(m.source_files for m in manifests):
+  # (`is not None`: a part with no file recorded [], which skipped the check)
+  if data_lib.is_file_source(source) and all(m.source_files is not None
+                                             for m in manifests):
     runs = [_paths(run) for run in _check_parts_files(output, source, paths, manifests)]
   starts = np.cumsum([0] + [m.num_rows for m in manifests[:-1]])
   for shared in shared_hashes([_open(storage.join(output, p, ID_HASHES))
@@ -689,7 +704,7 @@ def join_parts(output: str, source: str, num_shards: int) -> TokenizedCorpus | N
       if all(m.fingerprint for m in manifests) else None)
   _write_manifest(output, dataclasses.replace(
       first, num_rows=total, num_docs=sum(m.num_docs for m in manifests),
-      fingerprint=fingerprint, shard=None,
+      fingerprint=fingerprint, shard=None, source_run=None,
       source_files=_joined_source_files(output, paths, manifests),
       chunks_stored=all(m.chunks_stored for m in manifests),
       parts=[{"path": p, "num_rows": m.num_rows} for p, m in zip(paths, manifests)]))
@@ -707,6 +722,13 @@ def _check_parts_files(output: str, source: str, paths: Sequence[str],
   runs = data_lib.split_files(source, len(paths))
   for path, m, run in zip(paths, manifests, runs):
     was, now = [f["path"] for f in m.source_files], _run_paths(run)
+    if was == now and m.source_run is not None and m.source_run != _run_record(run):
+      raise InputError(
+          f"{storage.join(output, path)}: made from other row groups or line "
+          f"shares of its files than {source} now gives that part: files were "
+          "added or removed while the corpus was tokenized; expected the same "
+          f"files for every part (delete {storage.join(output, path)} and "
+          "tokenize it again)")
     if was != now:
       span = lambda files: (f"{len(files):,} files, {files[0]} to {files[-1]}"
                             if len(files) > 1 else f"1 file, {files[0]}"
@@ -803,6 +825,15 @@ def shared_hashes(parts: Sequence, block: int | None = None) -> Iterator[int]:
 def _paths(run: list) -> set[str]:
   """The file paths of a run of ``data.split_files`` (files or FileParts)."""
   return {f if isinstance(f, str) else f.path for f in run}
+
+
+def _run_record(run: list) -> list[list[Any]]:
+  """A run of ``data.split_files`` as a part's manifest records it
+  (``CorpusManifest.source_run``)."""
+  part = lambda f: f if isinstance(f, data_lib.FilePart) else data_lib.FilePart(f)
+  return [[storage.normalize(f.path),
+           None if f.row_groups is None else [f.row_groups.start, f.row_groups.stop],
+           None if f.share is None else list(f.share)] for f in map(part, run)]
 
 
 def _run_paths(run: list) -> list[str]:
