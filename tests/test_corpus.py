@@ -885,6 +885,14 @@ def test_shard_errors(tmp_path, records):
   with pytest.raises(InputError, match=r"parts written so far: 1 of 2 "
                      r"\(00000-of-00002\); 1 of 3 \(00002-of-00003\)$"):
     corpus_lib.open_corpus(out, config, 16)
+  # The same in object storage (before 2026-12-07 "no such file").
+  remote = "memory://unfinished/tok"
+  corpus_lib.tokenize(str(dup / "*.jsonl"), remote, config, 16, num_shards=2,
+                      shard_index=0)
+  with pytest.raises(InputError, match=re.escape(
+      f"{remote}: a directory without manifest.json: not a tokenized corpus, or "
+      "an unfinished one") + r".* parts written so far: 1 of 2 \(00000-of-00002\)$"):
+    corpus_lib.open_corpus(remote, config, 16)
   # The parts of an unfinished run on 2 processes, rerun on 1 (before
   # 2026-12-05 refused: "not a tokenized corpus ... and not empty").
   corpus_lib.tokenize(pattern, str(tmp_path / "again"), config, 32,

@@ -631,6 +631,33 @@ def test_parquet_text_that_is_not_utf8_names_its_row(tmp_path, vocab):
       data_lib.read_queries(str(path))
 
 
+def test_a_column_name_that_is_not_utf8_in_a_parquet_footer(tmp_path, vocab):
+  """A footer whose column metadata names a column in bytes that are not
+  UTF-8 (one flipped bit): read from a disk, pyarrow reads it; from object
+  storage the same (before 2026-12-07 a UnicodeDecodeError traceback).
+  Named so in the schema too, it is refused, naming the file."""
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  pq.write_table(pa.table({"id": ["a", "b"], "text": ["x y", "z"], "zzzz": [1, 2]}),
+                 tmp_path / "f.parquet")
+  raw = (tmp_path / "f.parquet").read_bytes()
+  assert raw.count(b"zzzz") == 2  # the schema's name, then the column's path
+  last = raw.rindex(b"zzzz")
+  for name, data in (("path", raw[:last] + b"\xe9" + raw[last + 1:]),
+                     ("both", raw.replace(b"zzzz", b"\xe9zzz"))):
+    (tmp_path / f"{name}.parquet").write_bytes(data)
+    storage.write_bytes(f"memory://footer/{name}.parquet", data)
+    for location in (str(tmp_path / f"{name}.parquet"),
+                     f"memory://footer/{name}.parquet"):
+      if name == "path":
+        assert len(data_lib.read_corpus(location, vocab, 32)) == 2
+      else:
+        with pytest.raises(InputError, match=re.escape(
+            f"{location}: not a whole Parquet file (its footer names a column "
+            "in bytes that are not UTF-8: invalid continuation byte)")):
+          data_lib.read_corpus(location, vocab, 32)
+
+
 def test_a_parquet_column_named_twice_is_refused(tmp_path, vocab):
   """pyarrow writes such a file but reads neither column by its name: a
   KeyError traceback before 2026-12-07, for a corpus's id or text and for

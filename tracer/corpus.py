@@ -875,6 +875,28 @@ def _duplicate_id(value: int, parts: list[tuple[str, int, set[str] | None]],
         seen[doc_id] = first_row + r, files
 
 
+def _unfinished_parts(source: str) -> list[str] | None:
+  """The parts written of a directory without a manifest (a run on several
+  processes not finished), sorted; None where ``source`` is no directory (a
+  file, a glob, an object storage location holding no parts)."""
+  if not storage.is_url(source):
+    if not os.path.isdir(source):
+      return None
+    parts = os.path.join(source, PARTS)
+    return sorted(n for n in (os.listdir(parts) if os.path.isdir(parts) else [])
+                  if os.path.exists(os.path.join(parts, n, MANIFEST)))
+  # Object storage has no directories: one listing of its parts' keys
+  # (before 2026-12-07 such a location read as "no such file").
+  try:
+    keys = storage.list_dir(source, PARTS + "/")
+  except InputError:  # (no such bucket: said by the read that follows)
+    return None
+  if not keys:
+    return None
+  return sorted(k.split("/")[1] for k in keys
+                if k.count("/") == 2 and k.endswith("/" + MANIFEST))
+
+
 def open_corpus(source: str, data_config: DataConfig, max_len: int):
   """The row table of ``source``: a tokenized directory (read row by row), or
   a JSONL file / glob / seqio task read into memory (``tracer.data``).
@@ -906,10 +928,9 @@ def open_corpus(source: str, data_config: DataConfig, max_len: int):
                        + "; ".join(diffs) + " (tokenize again with the "
                        "model's gin config)")
     return corpus
-  if not storage.is_url(source) and os.path.isdir(source):
-    parts = os.path.join(source, PARTS)
-    done = sorted(n for n in (os.listdir(parts) if os.path.isdir(parts) else [])
-                  if os.path.exists(os.path.join(parts, n, MANIFEST)))
+  unfinished = _unfinished_parts(source)
+  if unfinished is not None:
+    done = unfinished
     # Grouped by process count: a run on P processes writes "i-of-P", and
     # parts a run on another count left behind are not this run's.
     groups: dict[str, list[str]] = {}
