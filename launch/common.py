@@ -289,6 +289,16 @@ def stored(location: str, run: Run, pcfg: PreconditionerConfig
   return store
 
 
+def check_given_basis(basis_location: str | None) -> None:
+  """A ``--basis`` a store is to be encoded in names a file, checked before
+  any work (before 2026-12-07 a missing one was ignored: the store fitted
+  its own, silently)."""
+  if basis_location and not storage.exists(basis_location):
+    raise InputError(f"--basis={basis_location}: no such file; expected a basis "
+                     "saved by tracer fit-preconditioner (or a streaming run), "
+                     "or no --basis for the store to fit its own")
+
+
 def encoded_store(location: str, run: Run, pcfg: PreconditionerConfig,
                   params_fingerprint: str, basis_location: str | None = None
                   ) -> tuple[store_lib.EncodingStore, hessian.Basis | None]:
@@ -316,7 +326,7 @@ def encoded_store(location: str, run: Run, pcfg: PreconditionerConfig,
   key = pipeline.basis_key(params_fingerprint, run.encoder, run.correction,
                            run.epsilon, run.corpus, pcfg)
   given = None  # --basis for a new store, checked before anything is written
-  if store is None and basis_location and storage.exists(basis_location):
+  if store is None and basis_location:
     given = pipeline.given_basis(basis_location, key)
   if store is None:  # a location that cannot be a store, before the basis fit
     store_lib.check_creatable(location, (pipeline.BASIS_FILE,))

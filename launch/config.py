@@ -62,9 +62,10 @@ flags.DEFINE_string("store", None, "Encodings store: a path, gs://, s3:// or "
 flags.DEFINE_string("basis", None, "R_train's eigenbasis file (path or URL): "
                     "where launch.fit_preconditioner and streaming runs save and "
                     "reuse it (default WORKDIR/basis.npz). A new store is "
-                    "encoded in it only when --basis is given, if it was fitted "
-                    "for this run's checkpoint and settings (any corpus sample); "
-                    "else the store fits its own. A store keeps its own.")
+                    "encoded in it only when --basis is given: it must exist "
+                    "and have been fitted for this run's checkpoint and "
+                    "settings (any corpus sample); without --basis the store "
+                    "fits its own. A store keeps its own.")
 flags.DEFINE_list("sum_steps", [], "TrackStar summed over these checkpoints "
                   "(steps of the run, beside the traced one): tracer trace "
                   "and tracer scan score each row by the sum (one store per "

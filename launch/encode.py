@@ -27,6 +27,7 @@ FLAGS = flags.FLAGS
 
 def run(workdir, corpus_source, store_path=None, basis_path=None, checkpoint=None):
   location = common.default_location(workdir, store_path, "store")
+  common.check_given_basis(basis_path)
   run_ = common.start(workdir, checkpoint, corpus_source, location)
   store, _ = common.encoded_store(
       location, run_,

@@ -95,7 +95,8 @@ def run(workdir: str, corpus_source: str | None, queries_path: str, output: str,
     if not corpus_source:
       raise InputError("--streaming encodes the corpus: --corpus required")
     run_ = common.start(workdir, checkpoint, corpus_source, None)
-  else:
+  else:  # (streaming, --basis is where the basis is saved)
+    common.check_given_basis(basis_path)
     run_, corpus_source = common.start_on_store(workdir, checkpoint, corpus_source,
                                                 location)
   config.check_top_k(top_k, len(run_.corpus))  # before any gradient

@@ -815,6 +815,29 @@ def test_streaming_basis_is_saved_and_reused(trained, tmp_path, monkeypatch):
     _bind(PreconditionerConfig__train_examples=256)
   assert len(fits) == 2  # another sample: refit and saved over the old one
   assert hessian.Basis.load(basis).num_train == 128
+  # ... but not over a store's own basis, whose rows are in it (before
+  # 2026-12-07 saved over it: every later scan of the store refused it).
+  store = tmp_path / "store"
+  store.mkdir()
+  (store / "manifest.json").write_text("{}")
+  (store / "basis.npz").write_bytes(open(basis, "rb").read())
+  with pytest.raises(InputError, match=re.escape(
+      f"{store / 'basis.npz'}: the basis of the store {store}, whose rows are in "
+      "it, fitted with other settings than this run's")):
+    trace.run(str(root), corpus, queries, str(tmp_path / "d.jsonl"), show=0,
+              streaming=True, basis_path=str(store / "basis.npz"))
+  assert len(fits) == 2 and hessian.Basis.load(str(store / "basis.npz")).num_train == 128
+  # A --basis to encode a store in that names no file is refused before any
+  # work (before 2026-12-07 the store fitted its own, silently).
+  missing = str(tmp_path / "no_such_basis.npz")
+  for run in (lambda: encode_script.run(str(root), corpus, str(tmp_path / "s"),
+                                        missing),
+              lambda: trace.run(str(root), corpus, queries, str(tmp_path / "e.jsonl"),
+                                show=0, store_path=str(tmp_path / "s"),
+                                basis_path=missing)):
+    with pytest.raises(InputError, match=re.escape(f"--basis={missing}: no such file")):
+      run()
+  assert len(fits) == 2 and not os.path.exists(tmp_path / "s")
 
 
 def test_model_axis_2_gives_the_same_proponents(trained, tmp_path):

@@ -419,6 +419,13 @@ def load_or_fit_basis(location: str, key: dict,
     if key in (recorded, {**recorded, "corpus": data_lib.absolute_source(
         recorded.get("corpus", ""))}):
       return saved, True
+    parent = storage.split(location)[0]
+    if storage.exists(storage.join(parent, store_lib.MANIFEST)):
+      # (before 2026-12-07 refitted and saved over it: the store's rows were
+      # then in no basis its manifest knew, and every scan of it refused)
+      raise InputError(f"{location}: the basis of the store {parent}, whose "
+                       "rows are in it, fitted with other settings than this "
+                       "run's; expected another --basis to save this run's in")
   basis = fit()
   if basis is not None and jax.process_index() == 0:
     basis.save(location)
