@@ -515,14 +515,17 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
             "checkpoint": ckpt.path, "step": int(ckpt.step),
             "sum_steps": [int(s) for s in sum_steps],
             "settings": settings(ecfg, pcfg)}
-  evaluate.write_text_atomic(storage.join(workdir, "quality.json"),
-                             json.dumps(report, indent=2))
   evaluate.write_text_atomic(storage.join(workdir, "quality.md"),
                              table + "\n\n" + paired_table + "\n")
   pngs = plots.write_pngs(viewer.summary(results), workdir)
   page = viewer.write_report(storage.join(workdir, "quality.html"), results,
                              title=f"tracer quality: {len(methods)} methods, "
                              f"{len(queries)} fact queries")
+  # Last: a family rerun reuses a set whose quality.json is there (before
+  # 2026-12-07 written first, so a crash before the page left a set reused
+  # without it).
+  evaluate.write_text_atomic(storage.join(workdir, "quality.json"),
+                             json.dumps(report, indent=2))
   print("\n" + table + "\n\n" + paired_table)
   print(f"\nplots: {', '.join(pngs)}\npage (every method side by side): {page}")
   return report
