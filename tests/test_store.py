@@ -538,6 +538,9 @@ def test_local_reads_refuse_a_damaged_chunk(tmp_path):
     s.chunk_view(2)
   with pytest.raises(CorruptStoreError, match="chunk 2 .*cannot be read"):
     s.read_into(8, 12, np.empty((4, 6), s.dtype))
+  # read_rows too (before 2026-12-07 tensorstore's ValueError).
+  with pytest.raises(CorruptStoreError, match="chunk 2 .*cannot be read"):
+    s.read_rows(8, 12)
   pieces = [s.chunk_view(c) for c in (0, 1)]
   bad = pieces[1].copy()
   bad[0, 0] += 1

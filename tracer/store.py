@@ -893,9 +893,13 @@ class EncodingStore:
     if not 0 <= start <= stop <= self.num_rows:
       raise InputError(f"{self.path}: rows [{start}, {stop}) out of range "
                        f"[0, {self.num_rows}]")
-    rows = self.read_async(start, stop)
+    # Through read_into: a chunk that cannot be read is named (before
+    # 2026-12-07 tensorstore's ValueError, a traceback).
+    rows = np.empty((stop - start, self.dim), self.dtype)
+    for future in self.read_into(start, stop, rows):
+      future.result()
     scale = None if self.scales is None else self.scales[start:stop].read().result()
-    return stored_values(np.asarray(rows.result()), scale, self.column_scales)
+    return stored_values(rows, scale, self.column_scales)
 
   def stored_queries(self, queries: np.ndarray) -> np.ndarray:
     """Queries ``f32[Q, d]`` against the rows as stored: an int8 store's rows
