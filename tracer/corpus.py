@@ -928,9 +928,8 @@ def open_corpus(source: str, data_config: DataConfig, max_len: int):
                        + "; ".join(diffs) + " (tokenize again with the "
                        "model's gin config)")
     return corpus
-  unfinished = _unfinished_parts(source)
-  if unfinished is not None:
-    done = unfinished
+  done = _unfinished_parts(source)
+  if done is not None:
     # Grouped by process count: a run on P processes writes "i-of-P", and
     # parts a run on another count left behind are not this run's.
     groups: dict[str, list[str]] = {}

@@ -616,16 +616,9 @@ def _parquet_metadata(path):
     return pq.read_metadata(pa.BufferReader(_PARQUET_MAGIC + footer)), reads
   except (pa.ArrowException, OSError) as e:
     raise InputError(cut % storage.reason(e)) from None
-  except UnicodeDecodeError as e:
-    raise _not_utf8(location, e) from None
-
-
-def _not_utf8(location: str, e: UnicodeDecodeError) -> InputError:
-  """A footer naming a column in bytes that are not UTF-8 (pyarrow's
-  UnicodeDecodeError: a traceback before 2026-12-07)."""
-  return InputError(f"{location}: not a whole Parquet file (its footer names a "
-                    f"column in bytes that are not UTF-8: {e.reason}); expected "
-                    "a Parquet file written to its end")
+  except UnicodeDecodeError as e:  # (a traceback before 2026-12-07)
+    raise InputError(cut % ("its footer names a column in bytes that are not "
+                            f"UTF-8: {e.reason}")) from None
 
 
 def _parquet_file(path, names: Sequence[str] | None, groups: Sequence[int] | None):
@@ -637,18 +630,15 @@ def _parquet_file(path, names: Sequence[str] | None, groups: Sequence[int] | Non
   # A page that carries a CRC (Spark's writer sets one, pyarrow's with
   # write_page_checksum=True) is checked against it: a flipped bit in a
   # text was read as it stood.
-  try:
-    if reads is None:
-      return pq.ParquetFile(os.fspath(path), metadata=metadata,
-                            page_checksum_verification=True)
-    if names is None:
-      names = metadata.schema.to_arrow_schema().names
-    if groups is None:
-      groups = range(metadata.num_row_groups)
-    return pq.ParquetFile(_ObjectParquet(reads, _column_spans(metadata, names, groups)),
-                          metadata=metadata, page_checksum_verification=True)
-  except UnicodeDecodeError as e:
-    raise _not_utf8(os.fspath(path), e) from None
+  if reads is None:
+    return pq.ParquetFile(os.fspath(path), metadata=metadata,
+                          page_checksum_verification=True)
+  if names is None:
+    names = metadata.schema.to_arrow_schema().names
+  if groups is None:
+    groups = range(metadata.num_row_groups)
+  return pq.ParquetFile(_ObjectParquet(reads, _column_spans(metadata, names, groups)),
+                        metadata=metadata, page_checksum_verification=True)
 
 
 def iter_parquet(path, columns: Sequence[str] | None = None, id_column: str = "id",
