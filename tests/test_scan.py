@@ -941,6 +941,39 @@ def test_query_sets_of_other_counts_in_each_store_are_refused(tmp_path):
     scan.scan_sets([s1, s2], [[q(2), q(3)], [q(3), q(2)]], K)
 
 
+def test_stores_of_other_corpora_are_not_summed(tmp_path):
+  """A sum over checkpoints adds row i's score in each store: two stores of
+  the same shape encoded from other corpora (or from a corpus edited in
+  place) were once summed, row i of one with row i of the other."""
+  rng = np.random.default_rng(6)
+  x = rng.standard_normal((40, 8)).astype(np.float32)
+
+  def store(name, corpus, fingerprint):
+    m = store_lib.Manifest(
+        checkpoint="c", step=1, params_fingerprint="p", correction="adam",
+        epsilon=1e-8, projection_seed=0, layout=None, dim=8,
+        basis_fingerprint=None, dtype="float32", num_rows=len(x),
+        chunk_rows=16, corpus=corpus, corpus_fingerprint=fingerprint)
+    s = store_lib.create_or_open(tmp_path / name, m)
+    for c in s.pending_chunks():
+      lo, hi = s.chunk_bounds(c)
+      s.write_chunk(c, x[lo:hi])
+    return s
+
+  a = store("a", "/data/a.jsonl", "f1")
+  q = [rng.standard_normal((2, 8)).astype(np.float32)] * 2
+  for other, field in ((store("b", "/data/b.jsonl", ""), "corpus"),
+                       (store("c", "/data/a.jsonl", "f2"), "corpus_fingerprint")):
+    for summed in (lambda: scan.scan_stores([a, other], q, K),
+                   lambda: scan.scan_sets([a, other], [q], K)):
+      with pytest.raises(InputError, match=rf"{other.path}.*field '{field}'"):
+        summed()
+  # The same rows moved elsewhere (equal fingerprints) are the same corpus.
+  moved = store("d", "/elsewhere/a.jsonl", "f1")
+  assert_same(scan.scan_stores([a, moved], q, K), reference(2 * x, q[0], K),
+              atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("chunk_rows", [None, 100])
 def test_store_scan_matches_numpy(tmp_path, dtype, chunk_rows):

@@ -1264,7 +1264,9 @@ def check_metric(store, metric: RowMetric | None) -> None:
 
 def check_summable(stores, what: str) -> None:
   """InputError unless ``stores`` hold the same rows in the same layout
-  (rows, d, dtype, chunk_rows), as a score summed over them needs."""
+  (rows, d, dtype, chunk_rows) and of the same corpus (its source, or its
+  rows' fingerprint where both stores have one), as a score summed over them
+  needs."""
   shape = lambda st: (st.num_rows, st.dim, st.manifest.dtype, st.chunk_rows)
   for st in stores[1:]:
     if shape(st) != shape(stores[0]):
@@ -1272,6 +1274,11 @@ def check_summable(stores, what: str) -> None:
           f"{what}: {st.path} holds (rows, d, dtype, chunk_rows) = "
           f"{shape(st)}, {stores[0].path} {shape(stores[0])}; a sum needs the "
           "same rows in the same layout")
+    # Equal shapes of two corpora would sum row i of one with row i of the
+    # other: scores of no example.
+    st.manifest.check_compatible(
+        stores[0].manifest, ("corpus", "corpus_fingerprint"),
+        where=f"{what}: {st.path}", other=str(stores[0].path))
 
 
 def scan_stores(stores, queries, k: int, *, mesh: Mesh | None = None,
