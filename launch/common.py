@@ -299,6 +299,21 @@ def check_given_basis(basis_location: str | None) -> None:
                      "or no --basis for the store to fit its own")
 
 
+def check_store_basis(store: store_lib.EncodingStore, basis_location: str
+                      ) -> None:
+  """A ``--basis`` beside an existing store names the basis its rows are in:
+  the store's rows cannot be taken into another (before 2026-12-08 the
+  store's own was used, silently)."""
+  given = hessian.Basis.load(basis_location).fingerprint()
+  have = store.manifest.basis_fingerprint
+  if given != have:
+    raise InputError(
+        f"--basis={basis_location}: the store {store.path} exists, and its rows "
+        f"are in {'another basis (fingerprint ' + have + ')' if have else 'no basis'}"
+        f", not this one ({given}); expected no --basis (the store's own is "
+        "used), or another --store to encode in this basis")
+
+
 def encoded_store(location: str, run: Run, pcfg: PreconditionerConfig,
                   params_fingerprint: str, basis_location: str | None = None
                   ) -> tuple[store_lib.EncodingStore, hessian.Basis | None]:
@@ -310,6 +325,8 @@ def encoded_store(location: str, run: Run, pcfg: PreconditionerConfig,
                                None, run.corpus, run.encode_config,
                                params_fingerprint)
   store = pipeline.existing_store(location, expected, pcfg)
+  if store is not None and basis_location:
+    check_store_basis(store, basis_location)
   if (store is not None and not FLAGS.verify_store
       and not len(pipeline.agreed_pending_chunks(store))):
     say(f"store {location}: complete, reused as it is (no corpus gradient "

@@ -65,7 +65,8 @@ flags.DEFINE_string("basis", None, "R_train's eigenbasis file (path or URL): "
                     "encoded in it only when --basis is given: it must exist "
                     "and have been fitted for this run's checkpoint and "
                     "settings (any corpus sample); without --basis the store "
-                    "fits its own. A store keeps its own.")
+                    "fits its own. An existing store keeps its own: a --basis "
+                    "beside it must be that one.")
 flags.DEFINE_list("sum_steps", [], "TrackStar summed over these checkpoints "
                   "(steps of the run, beside the traced one): tracer trace "
                   "and tracer scan score each row by the sum (one store per "

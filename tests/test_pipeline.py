@@ -845,6 +845,17 @@ def test_streaming_basis_is_saved_and_reused(trained, tmp_path, monkeypatch):
     with pytest.raises(InputError, match=re.escape(f"--basis={missing}: no such file")):
       run()
   assert len(fits) == 2 and not os.path.exists(tmp_path / "s")
+  # A --basis beside an existing store names the basis its rows are in
+  # (before 2026-12-08 another one was ignored, silently).
+  own = str(tmp_path / "own")
+  encode_script.run(str(root), corpus, own)
+  assert len(fits) == 3
+  with pytest.raises(InputError, match=re.escape(
+      f"--basis={basis}: the store {own} exists, and its rows are in another "
+      "basis (fingerprint")):
+    encode_script.run(str(root), corpus, own, basis)
+  encode_script.run(str(root), corpus, own, os.path.join(own, "basis.npz"))
+  assert len(fits) == 3
 
 
 def test_model_axis_2_gives_the_same_proponents(trained, tmp_path):
