@@ -313,7 +313,9 @@ def basis_key(params_fingerprint: str, encoder: GradientEncoder,
               correction_kind: str, epsilon: float, corpus,
               cfg: PreconditionerConfig) -> dict:
   """Everything R_train's basis depends on (no query set does); equal keys
-  mean an equal fit."""
+  mean an equal fit. ``EncodeConfig.projection_precision`` is left out: its
+  choices are all fp32-accurate (they differ in the last bits), as the mesh
+  and batch sizes, also left out, do."""
   key = {"params_fingerprint": params_fingerprint, "correction": correction_kind,
          "epsilon": float(epsilon), "dim": encoder.dim,
          "kernel": encoder.approximation,
