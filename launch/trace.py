@@ -91,6 +91,9 @@ def run(workdir: str, corpus_source: str | None, queries_path: str, output: str,
   common.check_query_sets(sets, streaming)
   pcfg = config.make(PreconditionerConfig)
   location = common.default_location(workdir, store_path, "store")
+  if streaming and list(sum_steps):  # before the checkpoint loads
+    raise InputError("--sum_steps needs a store per step; it does not go with "
+                     "--streaming")
   if streaming:
     if not corpus_source:
       raise InputError("--streaming encodes the corpus: --corpus required")
@@ -101,9 +104,6 @@ def run(workdir: str, corpus_source: str | None, queries_path: str, output: str,
                                                 location)
   config.check_top_k(top_k, len(run_.corpus))  # before any gradient
   others = common.summed_checkpoints(sum_steps, run_.ckpt)
-  if others and streaming:
-    raise InputError("--sum_steps needs a store per step; it does not go with "
-                     "--streaming")
   ckpt, corpus, encoder = run_.ckpt, run_.corpus, run_.encoder
   read = [pipeline.read_queries(ckpt, path) for path, _ in sets]
   count = sum(len(queries) for queries, _ in read)

@@ -683,6 +683,13 @@ CASES = [
                                  if not a.startswith("--corpus")]),
          "nostore: no store to take the corpus from; pass --corpus (tracer "
          "trace encodes it)"),
+    # Before 2026-12-08 refused only after the checkpoint loaded (here: the
+    # missing checkpoint's error instead).
+    Case("--sum_steps with --streaming",
+         lambda s, d: ("trace", [a for a in scan(s, d, checkpoint=d / "none")[1]
+                                 if not a.startswith("--store")]
+                       + ["--streaming", "--sum_steps=1"]),
+         "--sum_steps needs a store per step; it does not go with --streaming"),
     Case("truncated zarr chunk", truncated_chunk, "chunk 1"),
     Case("store without its basis file", store_without_basis,
          "store/basis.npz: no such basis file; the store's rows are in "
