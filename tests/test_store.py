@@ -589,6 +589,12 @@ def test_a_schemes_root_keeps_its_slashes(tmp_path, monkeypatch):
   assert storage.join("s3://bucket/", "a", "b") == "s3://bucket/a/b"
   assert storage.split("memory://root_test.json") == ("memory://", "root_test.json")
   assert storage.split("gs://bucket/a/b") == ("gs://bucket/a", "b")
+  # Before 2026-12-08 split("gs://bucket//b") gave ("gs://bucket/", "b"),
+  # which joins again to another key: gs://bucket/b.
+  for url in ("gs://bucket//b", "s3://bucket/a//b/", "gs:///b"):
+    with pytest.raises(InputError, match=re.escape(
+        f"{url}: an empty name between slashes; expected {url[:2]}://BUCKET/")):
+      storage.split(url)
   where = storage.join("memory://", "root_test.json")
   storage.write_text(where, "{}")
   assert storage.read_json(where) == {} and storage.exists(where)

@@ -116,7 +116,14 @@ def normalize(location: str | os.PathLike[str]) -> str:
     return "file://" + os.path.normpath(local_path(location)).replace("//", "/", 1)
   if is_url(location):
     scheme, rest = location.split("://", 1)
-    return f"{scheme}://{rest.rstrip('/')}"
+    rest = rest.rstrip("/")
+    if scheme in ("gs", "s3") and ("//" in rest or rest.startswith("/")):
+      # An object's key may hold "//", but a name split from it and joined
+      # again (``split``, ``join``) would lose it: the same file would have
+      # two keys.
+      raise InputError(f"{location}: an empty name between slashes; expected "
+                       f"{scheme}://BUCKET/NAME/... with one slash between names")
+    return f"{scheme}://{rest}"
   return os.path.abspath(location)
 
 
