@@ -404,6 +404,8 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
   ecfg, ckpt, corpus, encoder, _, _ = common.start(workdir, checkpoint, corpus_path,
                                                    opt_state="all")  # tail-patch
   config.check_top_k(k, len(corpus))  # before any gradient
+  optimizer = tailpatch.tail_patch_optimizer(ckpt.optimizer_config, ckpt.step,
+                                             sgd_learning_rate=sgd_learning_rate)
   if k < TABLE_K:
     raise InputError(f"--top_k={k}: the quality table's columns are recall@"
                      f"{TABLE_K}, precision@{TABLE_K} and tail_patch@{TABLE_K}; "
@@ -451,8 +453,6 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
   stacked = np.where(stacked == scan_lib.INVALID_ROW, -1, stacked)
   pairs, inverse = tailpatch.pairs_for_topk(stacked)
   pairs[:, 0] = chosen[pairs[:, 0]]
-  optimizer = tailpatch.tail_patch_optimizer(ckpt.optimizer_config, ckpt.step,
-                                             sgd_learning_rate=sgd_learning_rate)
   print(f"tail-patch: {len(pairs)} distinct (query, proponent) pairs over "
         f"{len(chosen)} queries")
   # Plain SGD starts from its own (empty) state, not the checkpoint's.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import numpy as np
@@ -14,6 +15,7 @@ from tracer import model as model_lib
 from tracer import partitioning
 from tracer import tailpatch
 from tracer import train as train_lib
+from tracer.errors import InputError
 
 CONFIG = model_lib.ModelConfig(d_model=32, num_layers=1, num_heads=2, d_ff=64,
                                max_len=32)
@@ -105,6 +107,22 @@ def test_a_bf16_model_is_tail_patched_in_f32(setup):
                                 np.zeros((2, 3), int), mesh=setup["mesh"])
   with pytest.raises(ValueError, match="sgd_learning_rate=0: expected > 0"):
     tailpatch.tail_patch_optimizer(OPT_CONFIG, TRAIN_STEPS, sgd_learning_rate=0)
+
+
+def test_a_learning_rate_of_0_is_refused():
+  """The checkpoint's own rate at 0 (warmup's first step; a schedule ending
+  at 0, at and past its end) patches nothing: before 2026-12-08 every delta
+  was rounding alone (-2.4e-7 in the audit), tabled without a word."""
+  ends_at_0 = dataclasses.replace(OPT_CONFIG, final_lr_fraction=0.0)
+  for config, step in ((OPT_CONFIG, 0), (ends_at_0, 40), (ends_at_0, 50)):
+    with pytest.raises(InputError, match=re.escape(
+        f"the checkpoint's learning rate at step {step} is 0.0 (OptimizerConfig"
+        f".warmup_steps=5, total_steps=40, final_lr_fraction="
+        f"{config.final_lr_fraction}): a tail-patch step at it would patch "
+        "nothing")):
+      tailpatch.tail_patch_optimizer(config, step)
+    tailpatch.tail_patch_optimizer(config, step, sgd_learning_rate=0.1)
+  tailpatch.tail_patch_optimizer(ends_at_0, 39)
 
 
 @pytest.mark.parametrize("shape", [(8, 1), (1, 1), (4, 2), (1, 8)])

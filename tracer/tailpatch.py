@@ -36,6 +36,7 @@ import optax
 from tracer import family as family_lib
 from tracer import partitioning
 from tracer import train as train_lib
+from tracer.errors import InputError
 
 
 def tail_patch_optimizer(optimizer_config: train_lib.OptimizerConfig, step: int, *,
@@ -52,12 +53,24 @@ def tail_patch_optimizer(optimizer_config: train_lib.OptimizerConfig, step: int,
 
   With ``sgd_learning_rate``: plain ``optax.sgd(sgd_learning_rate)``, with no
   clipping and no checkpoint state (pass ``optimizer.init(params)``).
+
+  Raises:
+    InputError: the schedule's rate at ``step`` is 0 (without
+      ``sgd_learning_rate``).
   """
   if sgd_learning_rate is not None:
     if not sgd_learning_rate > 0:  # 0 would patch nothing: every delta 0
       raise ValueError(f"sgd_learning_rate={sgd_learning_rate}: expected > 0")
     return optax.sgd(float(sgd_learning_rate))
   lr = final_learning_rate(optimizer_config, step)
+  if not lr > 0:  # e.g. warmup's step 0, or a schedule ending at 0
+    c = optimizer_config
+    raise InputError(
+        f"the checkpoint's learning rate at step {step} is {lr} (OptimizerConfig"
+        f".warmup_steps={c.warmup_steps}, total_steps={c.total_steps}, "
+        f"final_lr_fraction={c.final_lr_fraction}): a tail-patch step at it "
+        "would patch nothing (every delta 0, up to rounding); expected "
+        "--sgd_learning_rate=<a rate > 0>, or a checkpoint of another step")
   return train_lib.make_optimizer(optimizer_config,
                                   learning_rate=optax.constant_schedule(lr))
 
