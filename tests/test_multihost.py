@@ -849,6 +849,35 @@ def test_a_staged_scan_plans_one_step_on_hosts_of_different_memories(tmp_path):
     assert got == want, text
 
 
+_BASIS_FIT = """
+import sys
+import jax
+import numpy as np
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 2, int(sys.argv[2]))
+from tracer import hessian
+rng = np.random.default_rng(0)
+g = rng.standard_normal((50, 12))
+moments = hessian.Moments(((0, 4), (4, 12)), [g[:, :4].T @ g[:, :4],
+                                              g[:, 4:].T @ g[:, 4:]], 50)
+if jax.process_index() == 1:  # another LAPACK's choice of eigenvectors' signs
+  eigh = np.linalg.eigh
+  np.linalg.eigh = lambda a: (lambda w, v: (w, -v))(*eigh(a))
+basis = hessian.fit_basis(moments, dim=12, layout_seed=0)
+print("basis", basis.fingerprint(), flush=True)
+"""
+
+
+def test_every_process_fits_process_0s_basis(tmp_path):
+  """Processes whose eigh picks other eigenvectors (here: every sign
+  flipped on process 1, as another thread count or CPU can) fit one basis:
+  process 0's. Before 2026-12-08 each rotated its rows by its own, and
+  queries rotated by the saved (process 0's) scored them."""
+  texts = _processes(tmp_path, _BASIS_FIT)
+  fingerprints = _first_lines(texts, "basis ")
+  assert fingerprints[0] == fingerprints[1], texts
+
+
 _SOME_PROCESSES_SCAN = """
 import sys
 import jax

@@ -29,6 +29,7 @@ import warnings
 import zipfile
 
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 
@@ -416,7 +417,12 @@ class Basis:
 
 def fit_basis(train: Moments, *, dim: int, layout_seed: int,
               kind: str = "block") -> Basis:
-  """R_train's eigenbasis from accumulated corpus moments (float64 eigh)."""
+  """R_train's eigenbasis from accumulated corpus moments (float64 eigh).
+  Under ``jax.distributed`` every process returns process 0's, bit for bit:
+  LAPACK's eigh may pick other eigenvectors (a sign; a rotation within a
+  repeated eigenvalue) at another thread count or CPU, and rows a process
+  rotated by its own V would be scored against queries rotated by process
+  0's (the saved basis)."""
   if train.count == 0:
     raise ValueError("R_train needs at least one example")
   _warn_rank_deficient(train)
@@ -425,8 +431,19 @@ def fit_basis(train: Moments, *, dim: int, layout_seed: int,
     w, v = np.linalg.eigh(np.asarray(s, np.float64) / train.count)
     vectors.append(v.astype(np.float32))
     values.append(np.maximum(w, 0.0))
+  if jax.process_count() > 1:
+    vectors, values = _from_process_0(vectors), _from_process_0(values)
   return Basis(kind, train.segments, vectors, values, train.count, dim,
                layout_seed)
+
+
+def _from_process_0(arrays: list) -> list:
+  """Process 0's ``arrays`` on every process, bit for bit (sent as 32-bit
+  words: jax would narrow float64 without x64; one collective of the saved
+  basis's size)."""
+  words = [np.ascontiguousarray(a).view(np.uint32) for a in arrays]
+  got = multihost_utils.broadcast_one_to_all(words)
+  return [np.asarray(w).view(a.dtype).reshape(a.shape) for w, a in zip(got, arrays)]
 
 
 @dataclasses.dataclass
