@@ -498,11 +498,24 @@ def test_bad_manifest(tmp_path, corpus_path):
     corpus_lib.TokenizedCorpus(str(out))
   # A hand-edited record of the source files (before, a TypeError on rerun).
   d["format"] = corpus_lib.FORMAT
-  for files, message in (("x", "source_files is \"x\"; expected a list"),
-                         ([{"path": 3}], 'source_files[0] is {"path": 3}; expected')):
-    (out / "manifest.json").write_text(json.dumps({**d, "source_files": files}))
+  # Other fields of another JSON type, or nested past what Python reads,
+  # were TypeErrors or a RecursionError before 2026-12-08.
+  for field, value, message in (
+      ("source_files", "x", "field 'source_files' must be a list or null, got \"x\""),
+      ("source_files", [{"path": 3}], 'source_files[0] is {"path": 3}; expected'),
+      ("num_rows", 5.0, "field 'num_rows' must be an integer, got 5.0"),
+      ("num_rows", True, "field 'num_rows' must be an integer, got true"),
+      ("num_rows", -1, "field 'num_rows' must be >= 0, got -1"),
+      ("parts", 5, "field 'parts' must be a list or null, got 5"),
+      ("max_len", "32", "field 'max_len' must be an integer, got \"32\""),
+      ("chunks_stored", 1, "field 'chunks_stored' must be true or false, got 1")):
+    (out / "manifest.json").write_text(json.dumps({**d, field: value}))
     with pytest.raises(InputError, match=re.escape(f"manifest.json: {message}")):
       corpus_lib.tokenize(corpus_path, str(out), DataConfig(), 32)
+  (out / "manifest.json").write_text("[" * 100_000 + "]" * 100_000)
+  with pytest.raises(InputError, match="manifest.json: not a file tracer wrote "
+                     r"\(values nested too deep to read\)"):
+    corpus_lib.TokenizedCorpus(str(out))
 
 
 def test_launch_tokenize(tmp_path, corpus_path):

@@ -151,6 +151,21 @@ def is_tokenized(location: str) -> bool:
     return False
 
 
+_STR, _INT = ((str,), "a string"), ((int,), "an integer")
+_LIST_OR_NULL = ((list, type(None)), "a list or null")
+# The JSON types of a manifest file's fields, so that a hand-edited or
+# damaged one is an InputError naming the field, not a TypeError later.
+_FIELD_TYPES = {
+    "source": _STR, "tokenizer": _STR,
+    "sentencepiece_model": ((str, type(None)), "a string or null"),
+    "vocab_size": _INT, "max_len": _INT, "overflow": _STR, "num_rows": _INT,
+    "num_docs": _INT, "token_dtype": _STR, "format": _STR,
+    "shard": _LIST_OR_NULL, "parts": _LIST_OR_NULL,
+    "fingerprint": ((str, type(None)), "a string or null"),
+    "chunks_stored": ((bool,), "true or false"),
+    "source_files": _LIST_OR_NULL, "source_run": _LIST_OR_NULL}
+
+
 def read_manifest(location: str) -> CorpusManifest:
   where = storage.join(location, MANIFEST)
   d = storage.read_json(where)
@@ -163,16 +178,16 @@ def read_manifest(location: str) -> CorpusManifest:
   if not required <= set(d) <= names:
     raise InputError(f"{where}: fields {sorted((required - set(d)) | (set(d) - names))} "
                      "missing or unknown")
+  storage.check_json_types(where, d, _FIELD_TYPES)
+  for name in ("vocab_size", "max_len", "num_rows", "num_docs"):
+    if d[name] < 0:
+      raise InputError(f"{where}: field {name!r} must be >= 0, got {d[name]}")
   for i, part in enumerate(d.get("parts") or ()):
     if not (isinstance(part, dict) and isinstance(part.get("path"), str)
             and type(part.get("num_rows")) is int and part["num_rows"] >= 0):
       raise InputError(f"{where}: parts[{i}] is {json.dumps(part)[:200]}; expected "
                        '{"path": "parts/...", "num_rows": N}')
-  files = d.get("source_files")
-  if files is not None and not isinstance(files, list):
-    raise InputError(f"{where}: source_files is {json.dumps(files)[:200]}; expected "
-                     "a list")
-  for i, f in enumerate(files or ()):
+  for i, f in enumerate(d.get("source_files") or ()):
     if not (isinstance(f, dict) and isinstance(f.get("path"), str)):
       raise InputError(f"{where}: source_files[{i}] is {json.dumps(f)[:200]}; "
                        'expected {"path": "...", ...} (a file as it was read)')

@@ -42,7 +42,7 @@ import posixpath
 import re
 import stat
 import time
-from typing import Any, BinaryIO, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import tensorstore as ts
 
@@ -406,9 +406,26 @@ def read_json(location: str) -> dict:
     d = json.loads(read_text(location))
   except json.JSONDecodeError as e:
     raise InputError(f"{location}: not valid JSON: {e}") from e
+  except RecursionError:
+    raise InputError(f"{location}: not a file tracer wrote (values nested too "
+                     "deep to read)") from None
   if not isinstance(d, dict):
     raise InputError(f"{location}: expected a JSON object, got {type(d).__name__}")
   return d
+
+
+def check_json_types(where: str, d: dict, types: dict,
+                     describe: Callable[[Any], str] | None = None) -> None:
+  """InputError naming the first field of ``d`` (a JSON file's object, read
+  from ``where``) whose value is not of its ``types[name] = (python types,
+  "what they are in words")``; fields ``types`` does not name pass. A bool
+  is no int here (a count, a seed)."""
+  for name, value in d.items():
+    allowed, what = types.get(name, (object, ""))
+    if not isinstance(value, allowed) or (isinstance(value, bool)
+                                          and bool not in allowed):
+      shown = describe(value) if describe else json.dumps(value)[:80]
+      raise InputError(f"{where}: field {name!r} must be {what}, got {shown}")
 
 
 _OS_ERROR = re.compile(r"([^:]*?)\s*\[os_error_code='?(\d+)'?\]")

@@ -214,11 +214,7 @@ class Manifest:
     missing = sorted((required | {"format"}) - set(d))
     if missing:
       raise InputError(f"{where}: missing field(s) {missing}")
-    for name, value in d.items():
-      types, what = _FIELD_TYPES.get(name, (object, ""))
-      # bool is an int to Python, never a count or a seed here.
-      if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        raise InputError(f"{where}: field {name!r} must be {what}, got {_brief(value)}")
+    storage.check_json_types(where, d, _FIELD_TYPES, _brief)
     return cls(**d)
 
   def check_compatible(self, expected: Manifest,
