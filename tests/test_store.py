@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from tracer import claim as claim_lib
+from tracer import hessian
 from tracer import storage
 from tracer import store as store_lib
 from tracer.errors import CorruptStoreError, InputError
@@ -591,6 +592,14 @@ def test_a_schemes_root_keeps_its_slashes(tmp_path, monkeypatch):
   assert storage.split("gs://bucket/a/b") == ("gs://bucket/a", "b")
   # Before 2026-12-08 split("gs://bucket//b") gave ("gs://bucket/", "b"),
   # which joins again to another key: gs://bucket/b.
+  # A directory read as a file said "no such file" before 2026-12-08.
+  for where in (str(tmp_path), f"file://{tmp_path}"):
+    with pytest.raises(InputError, match=re.escape(
+        f"{where}: is a directory; expected a file")):
+      storage.read_json(where)
+  with pytest.raises(InputError, match=re.escape(
+      f"{tmp_path}: is a directory; expected a basis file")):
+    hessian.Basis.load(str(tmp_path))
   for url in ("gs://bucket//b", "s3://bucket/a//b/", "gs:///b"):
     with pytest.raises(InputError, match=re.escape(
         f"{url}: an empty name between slashes; expected {url[:2]}://BUCKET/")):

@@ -256,11 +256,14 @@ def read_bytes(location: str) -> bytes | None:
 
 
 def missing(location: str, what: str = "file") -> str:
-  """Why ``location`` was not found, for an error: ``no such file``, and for an
-  object in a bucket that cannot be listed (a missing bucket reads as a
+  """Why ``location`` was not found, for an error: ``no such file``; a local
+  directory ``is a directory``; and for an object in a bucket that cannot be listed (a missing bucket reads as a
   missing object) the listing's reason. The listing is of that one name's
   prefix: one request, however large the bucket."""
   text = f"no such {what}"
+  path = local_path(location)
+  if path is not None and os.path.isdir(path):  # (tensorstore: "missing")
+    return f"is a directory; expected a {what}"
   if not is_url(location) or location.startswith(("memory://", "file://")):
     return text
   kv, name = _kv(location)
