@@ -496,6 +496,24 @@ def test_zstd_damage_names_its_line_and_pzstd_files_are_read(tmp_path, corpus_pa
   assert got.ids == want.ids and _as_lists(got) == _as_lists(want)
 
 
+def test_zstd_long_files_are_read(tmp_path, corpus_path, vocab):
+  """A file written with ``zstd --long`` declares a window past zstandard's
+  default limit (128 MiB): before 2026-12-08 it was "damaged or cut short
+  (... Frame requires too much memory for decoding)"."""
+  with open(corpus_path, "rb") as f:
+    plain = f.read()
+  packed = io.BytesIO()
+  params = zstd.ZstdCompressionParameters(window_log=28, enable_ldm=True)
+  with zstd.ZstdCompressor(compression_params=params).stream_writer(
+      packed, closefd=False) as w:
+    w.write(plain)
+  long = tmp_path / "long.jsonl.zst"
+  long.write_bytes(packed.getvalue())
+  want = data_lib.read_corpus(corpus_path, vocab, 32)
+  got = data_lib.read_corpus(str(long), vocab, 32)
+  assert got.ids == want.ids and _as_lists(got) == _as_lists(want)
+
+
 @pytest.mark.parametrize("options", [
     {}, {"write_checksum": True}, {"write_content_size": False},
     {"write_dict_id": True, "threads": 2}])

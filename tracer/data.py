@@ -207,7 +207,12 @@ class _ZstdFrames(io.RawIOBase):
   def __init__(self, f):
     super().__init__()
     import zstandard  # pylint: disable=g-import-not-at-top
-    self._f, self._new_frame = f, zstandard.ZstdDecompressor().decompressobj
+    # Up to zstd's largest window (2 GiB), which files written with
+    # ``zstd --long`` declare (zstandard's default stops at 128 MiB): a
+    # frame's decoder holds its window, so such a file takes that much
+    # memory while it is read, as ``zstd -d --long=31`` does.
+    self._f = f
+    self._new_frame = zstandard.ZstdDecompressor(max_window_size=1 << 31).decompressobj
     self._error = zstandard.ZstdError
     self._frame, self._in_frame = self._new_frame(), False
     self._out, self._pending = memoryview(b""), memoryview(b"")
