@@ -513,6 +513,38 @@ def test_answers_equal_trace_while_batched(traced, tracer_):
     server.close()
 
 
+def test_a_failed_broadcast_stops_a_multi_host_server(traced, tracer_, monkeypatch):
+  """Multi-host (the process count patched to 2), process 0's send of a
+  batch to the other processes fails: the batch's request fails and the
+  server stops, as after a batch that failed to answer. Before 2026-12-07
+  the send was outside that catch: the server went on answering, its next
+  batch's collectives out of step with processes that missed this one."""
+  sent = []
+
+  class Channel:
+    def send(self, requests):
+      sent.append(requests)
+      if requests:  # (not the idle ticks, [], nor the stop, None)
+        raise RuntimeError("a follower is gone")
+
+  monkeypatch.setattr(serving, "Channel", Channel)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  server = serve.Server(tracer_, window_s=0.01)
+  try:
+    qs, k = traced.sets["one"]
+    with pytest.raises(InputError, match="HTTP 500: internal error: the batch "
+                       "this request was in failed"):
+      serving.trace(server.url, qs, k)
+    assert server.stopped.is_set(), sent
+    assert "a follower is gone" in str(server.failure)
+    # (main ends the job on ``stopped``; until then no batch is sent on)
+    with pytest.raises(InputError, match="HTTP 500"):
+      serving.trace(server.url, qs, k)
+    assert len([r for r in sent if r]) == 1, sent
+  finally:
+    server.close()
+
+
 def test_a_server_past_half_its_map_limit_drops_its_programs_and_answers_alike(
     traced, tracer_, monkeypatch):
   """A server lives long, and jit keeps a program for every shape it meets,
