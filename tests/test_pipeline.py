@@ -858,6 +858,30 @@ def test_streaming_basis_is_saved_and_reused(trained, tmp_path, monkeypatch):
   assert len(fits) == 3
 
 
+def test_a_sample_of_every_row_is_the_same_fit_whatever_its_seed(tmp_path):
+  """``train_examples`` 0 or past the corpus's rows samples every row, so
+  the sample seed changes nothing: before 2026-12-08 a --basis of another
+  seed was refused, and a streaming run refitted its saved basis."""
+  rng = np.random.default_rng(0)
+  g = rng.standard_normal((20, 6))
+  basis = hessian.fit_basis(hessian.Moments(((0, 6),), [g.T @ g], 20), dim=6,
+                            layout_seed=0)
+  key = lambda count, seed: {"dim": 6, "projection_seed": 0, "kind": "block",
+                             "corpus": "/c.jsonl", "num_rows": 20,
+                             "train_examples": count, "sample_seed": seed}
+  for count in (0, 20, 256):
+    basis.fit_key = key(count, 0)
+    where = str(tmp_path / f"basis{count}.npz")
+    basis.save(where)
+    assert pipeline.given_basis(where, key(count, 5)).fit_key == key(count, 0)
+    refit = lambda: pytest.fail("refitted")
+    assert pipeline.load_or_fit_basis(where, key(count, 5), refit)[1]
+  basis.fit_key = key(10, 0)  # a sample of half the rows: the seed counts
+  basis.save(str(tmp_path / "half.npz"))
+  with pytest.raises(InputError, match="sample_seed: the basis has 0, this run has 5"):
+    pipeline.given_basis(str(tmp_path / "half.npz"), key(10, 5))
+
+
 def test_model_axis_2_gives_the_same_proponents(trained, tmp_path):
   root, corpus, queries = trained
   base = trace.run(str(root), corpus, queries, str(tmp_path / "a.jsonl"), show=0,

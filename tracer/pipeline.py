@@ -415,10 +415,10 @@ def load_or_fit_basis(location: str, key: dict,
   ``fit()``, saved there (by process 0). Returns it and whether it was reused."""
   if storage.exists(location):
     saved = hessian.Basis.load(location)
-    recorded = saved.fit_key or {}
+    recorded = _fit_settings(saved.fit_key or {})
     # A basis saved before sources were recorded absolute holds the path as
     # given: the same files, from the directory it is resolved in.
-    if key in (recorded, {**recorded, "corpus": data_lib.absolute_source(
+    if _fit_settings(key) in (recorded, {**recorded, "corpus": data_lib.absolute_source(
         recorded.get("corpus", ""))}):
       return saved, True
     parent = storage.split(location)[0]
@@ -440,13 +440,23 @@ def load_or_fit_basis(location: str, key: dict,
 _OTHER_SAMPLE_FIELDS = ("corpus", "num_rows")
 
 
+def _fit_settings(key: dict) -> dict:
+  """``key`` (``basis_key``) as the fit sees it: a sample of every row
+  (``train_examples`` 0, or N or more) is the same whatever its seed."""
+  count, rows = key.get("train_examples"), key.get("num_rows")
+  if isinstance(count, int) and isinstance(rows, int) and (
+      count <= 0 or count >= rows):
+    return {k: v for k, v in key.items() if k != "sample_seed"}
+  return key
+
+
 def given_basis(location: str, key: dict) -> hessian.Basis:
   """The basis saved at ``location`` (``--basis``) for a new store, checked
   against ``key`` (``basis_key``: what this run would fit it from), all but
   the corpus it was sampled from. InputError naming the file and each
   setting that differs."""
   basis = hessian.Basis.load(location)
-  have = {**(basis.fit_key or {}), "dim": basis.dim,
+  have = {**_fit_settings(basis.fit_key or {}), "dim": basis.dim,
           "projection_seed": basis.layout_seed, "kind": basis.kind}
   diffs = [f"{k}: the basis has {have[k]!r}, this run has {v!r}"
            for k, v in key.items()
