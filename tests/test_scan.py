@@ -685,6 +685,12 @@ def test_streaming_equals_arrays(mesh):
   for batch in np.array_split(order, [50, 51]):  # unsorted, uneven sizes
     scanner.add(x[batch], batch)
   assert_same(scanner.result(), want)
+  # A row added again, or twice in one batch, would be listed twice: refused
+  # (before 2026-12-08 listed twice).
+  for again, row in (([400, 401, 8], 8), ([302, 301, 302], 302)):
+    with pytest.raises(InputError, match=rf"row_ids: row {row} is added twice"):
+      scanner.add(x[:3], np.asarray(again))
+  scanner.add(x[:2], np.asarray([301, 302]))  # (a refused batch adds none)
   # Device arrays go through the on-device sort.
   device = scan.StreamingScanner(q, 8, mesh=m)
   for batch in np.array_split(order, 2):
