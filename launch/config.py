@@ -522,6 +522,11 @@ def initialize_distributed() -> None:
   from tracer import partitioning  # pylint: disable=g-import-not-at-top
   partitioning.check_even_processes()
   if coordination.client() is not None:
+    # Which processes share a host (or a cgroup), told before any plan
+    # shares its memory among them (``memory.host_memory_bytes``).
+    from tracer import memory  # pylint: disable=g-import-not-at-top
+    coordination.tell_host(memory.host_identity())
+    coordination.agree("hosts told", "")
     # Another process's failure (or silence) ends this one with its message
     # (launch.cli), also while it waits for the others at its end
     # (registered after jax's own exit handler, so run before it).

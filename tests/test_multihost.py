@@ -878,6 +878,42 @@ def test_every_process_fits_process_0s_basis(tmp_path):
   assert fingerprints[0] == fingerprints[1], texts
 
 
+_HOST_SHARES = """
+import sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(f"127.0.0.1:{sys.argv[1]}", 3, int(sys.argv[2]))
+from tracer import coordination, memory
+me = jax.process_index()
+if me == 2:  # as if on another host
+  memory.host_identity = lambda: ["elsewhere", "elsewhere /"]
+coordination.tell_host(memory.host_identity())
+coordination.agree("hosts told", "")
+memory.cgroup_memory_limit = lambda: None
+print("host", memory.host_memory_bytes(), memory._physical_bytes(), flush=True)
+print("says", memory.host_budget(size=str)[1], flush=True)
+memory.cgroup_memory_limit = lambda: 3 * 2**30 if me < 2 else None
+print("cgroup", memory.host_memory_bytes(), flush=True)
+"""
+
+
+def test_processes_of_one_host_share_its_memory(tmp_path):
+  """Three processes, two of them on one host (this one) and the third as
+  if on another: each of the two plans for half of the host's memory, or
+  of its cgroup's limit, the third for all of its own. Before 2026-12-08
+  each process took the whole host for its own."""
+  texts = _processes(tmp_path, _HOST_SHARES, count=3)
+  hosts = [line.split()[1:] for line in _first_lines(texts, "host ")]
+  physical = int(hosts[0][1])
+  assert [int(h[0]) for h in hosts] == [physical // 2] * 2 + [physical], texts
+  says = _first_lines(texts, "says ")
+  assert f"its share (1 of 2 processes of the run) of this host's {physical}: " \
+      f"{physical // 2} (it holds" in says[0], says
+  assert "left of this host's" in says[2], says
+  cgroups = [int(line.split()[1]) for line in _first_lines(texts, "cgroup ")]
+  assert cgroups == [3 * 2**30 // 2] * 2 + [physical], texts
+
+
 _SOME_PROCESSES_SCAN = """
 import sys
 import jax

@@ -63,6 +63,7 @@ SILENT_TIMEOUT_S = 60.0
 LOST_STATUS = 75              # sysexits' EX_TEMPFAIL: rerun to resume
 AGREED = "tracer/agreed"      # AGREED/<name>/<round>/<process>: its verdict
 AGREE_TIMEOUT_S = FINISH_TIMEOUT_S  # longest wait for the others' verdicts
+HOSTS = "tracer/hosts"        # HOSTS/<process>: [its host, its memory cgroup]
 _rounds: dict[str, int] = {}  # name: this process's calls of ``agree`` so far
 # Failing verdicts ``agree`` returned, which this process raises itself: its
 # watcher leaves the others' failures with these messages to it.
@@ -207,6 +208,31 @@ def agree(name: str, verdict: str, timeout_s: float = AGREE_TIMEOUT_S,
                               f"{'es' if len(missing) > 1 else ''} "
                               f"{', '.join(map(str, missing))} of {count} "
                               f"within {timeout_s:g} s")
+
+
+def tell_host(identity: list[str]) -> None:
+  """Leaves this process's ``[host, memory cgroup]`` (``memory.host_identity``)
+  for the others' ``sharing``; a no-op on one process."""
+  kv = client()
+  if kv is not None:
+    kv.key_value_set(f"{HOSTS}/{_processes()[0]}", json.dumps(identity),
+                     allow_overwrite=True)
+
+
+def sharing(identity: list[str]) -> tuple[int, int]:
+  """(processes of the run on this one's host, in its memory cgroup), this
+  one included, among those that told theirs (``tell_host``: the launch
+  scripts' processes all do at the join; this one does now if it had not):
+  (1, 1) on one process. One read of a directory of P entries."""
+  kv = client()
+  if kv is None:
+    return 1, 1
+  told = [json.loads(v) for _, v in kv.key_value_dir_get(HOSTS)]
+  if identity not in told:
+    tell_host(identity)
+    told.append(identity)
+  return (sum(t[0] == identity[0] for t in told),
+          sum(t == identity for t in told))
 
 
 def _wait_for(kv, key: str, timeout_s: float) -> str | None:

@@ -13,9 +13,11 @@ import functools
 import gc
 import os
 import re
+import socket
 
 import jax
 
+from tracer import coordination
 from tracer.errors import InputError
 
 
@@ -31,9 +33,45 @@ def size_text(n: float) -> str:
 
 def host_memory_bytes() -> int:
   """The memory this process may use on its host: the physical memory, or
-  its cgroup's memory limit where that is lower (``cgroup_memory_limit``)."""
+  its cgroup's memory limit where that is lower (``cgroup_memory_limit``),
+  each shared evenly among the run's processes on that host, or in that
+  cgroup (``coordination.sharing``): processes of one host (one a GPU, as
+  Slurm and many GPU clusters start them) each planning for the whole
+  host would together take it several times."""
+  return _host_memory()[0]
+
+
+def _host_memory() -> tuple[int, bool, int]:
+  """(bytes this process may use, whether a cgroup's limit binds, how many
+  processes of the run share what binds)."""
   limit = cgroup_memory_limit()
-  return _physical_bytes() if limit is None else min(_physical_bytes(), limit)
+  on_host, in_group = coordination.sharing(host_identity())
+  physical = _physical_bytes() // on_host
+  if limit is not None and limit // in_group < physical:
+    return limit // in_group, True, in_group
+  return physical, False, on_host
+
+
+def host_identity() -> list[str]:
+  """``[host, memory cgroup]`` as ``coordination.sharing`` compares them:
+  the kernel's boot id (one per host and boot, seen alike from every
+  container on it) beside the hostname; the cgroup namespace and path
+  (``/proc/self/cgroup``'s memory line), so that processes of one
+  container share its limit and those of two do not."""
+  def read(path: str, link: bool = False) -> str:
+    try:
+      if link:
+        return os.readlink(path)
+      with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read().strip()
+    except OSError:
+      return ""
+  groups = [line.split(":", 2) for line in read("/proc/self/cgroup").splitlines()
+            if line.count(":") >= 2]
+  memory_group = next((g[2] for g in groups if "memory" in g[1].split(",")),
+                      next((g[2] for g in groups if g[:2] == ["0", ""]), ""))
+  host = f"{socket.gethostname()} {read('/proc/sys/kernel/random/boot_id')}"
+  return [host, f"{host} {read('/proc/self/ns/cgroup', link=True)} {memory_group}"]
 
 
 def _physical_bytes() -> int:
@@ -41,19 +79,30 @@ def _physical_bytes() -> int:
 
 
 def host_memory_text(have: int, size=size_text) -> str:
-  """``have`` bytes of host memory for a message: "this host's 23.5 GiB",
-  or, where ``have`` is a cgroup's limit below the physical memory, "this
+  """``have`` bytes of host memory for a message: "this host's 23.5 GiB";
+  where ``have`` is a cgroup's limit below the physical memory, "this
   process's cgroup memory limit of 1.0 GiB (the host has 23.5 GiB)": a user
-  in a container would otherwise read a figure that is not the machine's.
-  ``size`` writes a figure."""
-  if _is_cgroup_limit(have):
-    return (f"this process's cgroup memory limit of {size(have)} "
-            f"(the host has {size(_physical_bytes())})")
-  return f"this host's {size(have)}"
+  in a container would otherwise read a figure that is not the machine's;
+  where it is a share, "this process's share (1 of 4 processes of the run)
+  of this host's 64.0 GiB: 16.0 GiB". ``size`` writes a figure."""
+  mine, cgroup, sharers = _host_memory()
+  if have != mine:  # a caller's own figure
+    return f"this host's {size(have)}"
+  return _whose(have, cgroup, sharers, size, "this process's") + (
+      f" (the host has {size(_physical_bytes())})" if cgroup else "")
 
 
-def _is_cgroup_limit(have: int) -> bool:
-  return have < _physical_bytes() and have == cgroup_memory_limit()
+def _whose(total: int, cgroup: bool, sharers: int, size, owner: str) -> str:
+  """What ``total`` (``_host_memory``'s) is, in words, ``owner`` its
+  process's: "this host's 64.0 GiB", "its cgroup memory limit of 2.0 GiB",
+  "its share (1 of 4 processes of the run) of this host's 64.0 GiB: 16.0 GiB"."""
+  if sharers > 1:
+    whole = (f"the cgroup memory limit of {size(cgroup_memory_limit())}" if cgroup
+             else f"this host's {size(_physical_bytes())}")
+    return (f"{owner} share (1 of {sharers} processes of the run) of {whole}: "
+            f"{size(total)}")
+  return (f"{owner} cgroup memory limit of {size(total)}" if cgroup
+          else f"this host's {size(total)}")
 
 
 def process_resident_bytes() -> int:
@@ -81,11 +130,14 @@ def host_budget(have: int | None = None, size=size_text) -> tuple[int, str]:
   if have is not None:
     return have, host_memory_text(have, size)
   total, held = host_memory_bytes(), process_resident_bytes()
-  left = f"the {size(max(0, total - held))} this process has left of "
-  if _is_cgroup_limit(total):
-    return total - held, (f"{left}its cgroup memory limit of {size(total)} (it "
-                          f"holds {size(held)}; the host has {size(_physical_bytes())})")
-  return total - held, f"{left}this host's {size(total)} (it holds {size(held)})"
+  mine, cgroup, sharers = _host_memory()
+  if total != mine:  # (a figure put in its place: a test's, a caller's)
+    cgroup, sharers = False, 1
+  return total - held, (
+      f"the {size(max(0, total - held))} this process has left of "
+      + _whose(total, cgroup, sharers, size, "its")
+      + (f" (it holds {size(held)}; the host has {size(_physical_bytes())})"
+         if cgroup else f" (it holds {size(held)})"))
 
 
 def cgroup_memory_limit(proc: str = "/proc/self") -> int | None:
