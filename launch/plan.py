@@ -423,7 +423,8 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   encode_flops = train_flops * ratio * steps_summed
   encode_chip_hours = encode_flops / (spec.peak_flops * mfu) / 3600
   encode_wall_hours = encode_chip_hours / chips
-  encode_steps = -(-rows // (hosts * batch_per_host))
+  # (each checkpoint's encode takes its own steps over every row)
+  encode_steps = -(-rows // (hosts * batch_per_host)) * steps_summed
 
   params_bytes = params * 2 * steps_summed             # bf16 weights, each step's
   pod_hbm_bytes = chips * spec.hbm_bytes
@@ -674,8 +675,8 @@ def report(p: dict) -> str:
   row("encode wall-clock", f"{wall} on {plural(p['chips'], 'chip')}",
       f"chip-hours / {plural(p['chips'], 'chip')}")
   row("encode steps", f"{count(p['encode_steps'])} steps",
-      f"ceil(rows / (hosts * batch_per_host)) = ceil(rows / ({p['hosts']} * "
-      f"{p['batch_per_host']}))")
+      f"ceil(rows / (hosts * batch_per_host)){times_s} = ceil(rows / "
+      f"({p['hosts']} * {p['batch_per_host']}))" + (f" * {s}" if s > 1 else ""))
   row("time per step", duration(p["encode_step_s"]), "wall-clock / steps")
 
   passes = p["scan_passes"]

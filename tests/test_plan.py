@@ -146,6 +146,19 @@ def test_summed_checkpoints_multiply_encode_store_and_scan():
   assert three["scan_resident_s"] is None
 
 
+def test_summed_checkpoints_count_each_encode_s_steps():
+  """S checkpoints take S encodes, each of every row: S times the steps at
+  one encode's time per step. Until an audit on 2026-12-08 the steps
+  counted one encode against S encodes' wall-clock, S times too long a
+  step (45.6 s for S = 4 here)."""
+  one = plan_lib.plan(**BASE)
+  four = plan_lib.plan(**BASE, checkpoints=4)
+  assert one["encode_steps"] == -(-78_125_000 // (64 * 64))
+  assert four["encode_steps"] == 4 * one["encode_steps"]
+  assert four["encode_step_s"] == pytest.approx(one["encode_step_s"])
+  assert "* 4 checkpoints = ceil(rows / (64 * 64)) * 4" in plan_lib.report(four)
+
+
 def test_queries_where_compute_meets_the_read():
   # At the balance the compute bound (Q + 1 + min(Q, block) columns) equals
   # the read, on both sides of the block size.
