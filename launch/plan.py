@@ -350,7 +350,9 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   ``checkpoints``: S, the checkpoints TrackStar is summed over.
   ``vocab_size`` and ``text_bytes_per_token`` size the tokenized corpus.
   ``queries`` and ``top_k``: the query set a scan takes, and its proponents
-  per query (``query_passes``: the passes over the store it takes).
+  per query (``query_passes``: the passes over the store it takes); a
+  ``top_k`` past the corpus's rows is cut to them, as ``scan._scan`` cuts k
+  (``top_k_asked`` keeps the one given).
   ``local_store``: the store on each host's disk (its chunks mapped) rather
   than object storage (staged through pooled host buffers: ``staged_rows``).
   ``host_memory``: a host's bytes, which bound that pool (``pool_bytes``;
@@ -443,6 +445,7 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   full_sets = scan.staged_sets(scan.REMOTE_READ_AHEAD)  # (before any cut)
   piece = None if local_store else staged.piece_rows
   chip_rows = -(-rows // chips)  # (a step is no longer than the corpus)
+  top_k_asked, top_k = top_k, min(int(top_k), max(rows, 1))  # (as _scan cuts k)
   runs = query_passes(queries, d, itemsize, top_k, chips, spec.hbm_bytes,
                       steps_summed, piece, multiple=chunk_rows,
                       mapped=local_store, chip_rows=chip_rows)
@@ -514,6 +517,7 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
       chunk_rows=chunk_rows, batch_per_host=batch_per_host,
       host_read_gbps=host_read_gbps, r_block_dim=r_block_dim,
       checkpoints=steps_summed, norm_columns=norm_columns, top_k=top_k,
+      top_k_asked=top_k_asked,
       scan_passes=scan_passes, queries_per_pass=per_run,
       queries_split=runs["split"], query_block=runs["block"],
       whole_query_runs=runs["whole_runs"], query_bytes=runs["whole_bytes"],
@@ -683,8 +687,12 @@ def report(p: dict) -> str:
   per_pass = "Q" if p["queries_per_pass"] == p["queries"] else count(
       p["queries_per_pass"])
   times_passes = f" * {passes} store passes" if passes > 1 else ""
-  section(f"scan of Q = {count(p['queries'])} queries, k = {p['top_k']}")
+  section(f"scan of Q = {count(p['queries'])} queries, k = {count(p['top_k'])}")
   summed = p["checkpoints"]
+  if p["top_k"] < p["top_k_asked"]:
+    row("k", f"{count(p['top_k'])} of the {count(p['top_k_asked'])} asked",
+        "cut to the corpus's rows, as the scan cuts k (no more proponents "
+        "than rows)")
   row("queries on a chip", size(p["query_bytes"]),
       (f"Q * ({summed} * d * 4 + k * 16) B: f32 queries of each checkpoint "
        "and their top-k, whole on each chip" if summed > 1 else

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -73,8 +74,9 @@ def test_tokenized_corpus_bytes():
     ({"host_memory": 16e9, "local_store": True}, "host_memory bounds the "
      "pooled reads of a store in object storage, and local_store maps the "
      "store's chunks with no pool: it would be ignored; expected one of them$"),
-    # (named d alone before stop 74, whatever made the step too large)
-    ({"chip": "v5e", "top_k": 10**9}, r"projection_dim: one query's scan step "
+    # (named d alone before stop 74, whatever made the step too large; a k
+    # within the corpus's 1.25e9 rows, as a larger one is cut to them)
+    ({"chip": "v5e", "seq_len": 128, "top_k": 10**9}, r"projection_dim: one query's scan step "
      r"at d=65,536 with k=1,000,000,000 does not fit a v5e chip's 16 GB; "
      r"expected a smaller d or top_k$"),
     # Finite inputs whose figures overflow a float: OverflowError tracebacks
@@ -353,6 +355,26 @@ def test_a_step_is_no_longer_than_the_corpus():
   assert (p["rows"], p["scan_step_rows"], p["scan_pieces"]) == (1000, 512, (512, 1))
   assert plan_lib.step_rows(64, 1024, 2, multiple=512, chip_rows=250) == 512
   assert plan_lib.step_rows(64, 1024, 2, multiple=512, chip_rows=1100) == 1536
+
+
+def test_a_top_k_past_the_corpus_is_cut_to_its_rows():
+  """As ``scan._scan`` cuts k to the rows (``min(k, max(num_rows, 1))``): 100
+  rows with k = 10**6 plan as k = 100, one whole pass, and the report says
+  so. Until an audit on 2026-12-08 the plan took the k asked: 3 passes,
+  split, of 29 GB steps on 8 H100s, and k = 10**9 10,000 passes."""
+  small = dict(BASE, params=1e8, tokens=100 * 2048, chips=8, chip="h100",
+               queries=20_000)
+  asked = plan_lib.plan(**small, top_k=100)
+  for k in (10**6, 10**9):
+    p = plan_lib.plan(**small, top_k=k)
+    assert (p["top_k"], p["top_k_asked"]) == (100, k)
+    for key in ("scan_passes", "queries_split", "query_bytes",
+                "scan_step_bytes"):
+      assert p[key] == asked[key], key
+  assert (asked["scan_passes"], asked["queries_split"]) == (1, False)
+  assert re.search(r"\n  k +100 of the 1,000,000,000 asked +cut to the "
+                   "corpus's rows", plan_lib.report(p))
+  assert "100 of the" not in plan_lib.report(asked)
 
 
 def test_a_local_store_step_is_at_most_max_pieces_chunks():
