@@ -331,6 +331,34 @@ def _finite(plan_fn):
   return checked
 
 
+def _hosts(chips: int, spec: Chip, hosts: int | None) -> int:
+  """``hosts``, or by default the ``spec`` chip's hosts for ``chips``;
+  ValueError unless each host drives as many chips. A default that does
+  not divide is worded around the chips and the chip's hosts, as the user
+  gave no host count."""
+  divisors = [h for h in range(1, chips + 1) if chips % h == 0]
+  shown = (", ".join(map(str, divisors[:12]))
+           + (", ..." if len(divisors) > 12 else ""))
+  if hosts is None:
+    per_host = spec.chips_per_host
+    default = max(1, -(-chips // per_host))
+    if chips % default:
+      raise ValueError(
+          f"chips: {chips} {spec.name} chips do not split evenly over hosts "
+          f"of at most {per_host} (the {spec.name}'s chips per host: "
+          f"ceil({chips} / {per_host}) = {default} hosts by default); expected "
+          f"--chips that do (a multiple of {per_host} does), or --hosts set "
+          f"to one of {shown}")
+    return default
+  if not 1 <= hosts <= chips:
+    raise ValueError(f"hosts must be between 1 and the {chips} chips (a host "
+                     f"drives at least one), got {hosts}")
+  if chips % hosts:
+    raise ValueError(f"hosts must divide the {chips} chips (each host drives as "
+                     f"many), got {hosts}; expected one of {shown}")
+  return hosts
+
+
 @_finite
 def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
          chips: int, chip: str, store_dtype: str = "bfloat16",
@@ -388,17 +416,7 @@ def plan(params: float, tokens: float, seq_len: int, projection_dim: int,
   if not (ratio > 0 and math.isfinite(ratio)):
     raise ValueError(f"encode_train_ratio must be a positive, finite number, "
                      f"got {ratio}")
-  if hosts is None:
-    hosts = max(1, math.ceil(chips / spec.chips_per_host))
-  if not 1 <= hosts <= chips:
-    raise ValueError(f"hosts must be between 1 and the {chips} chips (a host "
-                     f"drives at least one), got {hosts}")
-  if chips % hosts:
-    divisors = [h for h in range(1, chips + 1) if chips % h == 0]
-    raise ValueError(f"hosts must divide the {chips} chips (each host drives as "
-                     f"many), got {hosts}; expected one of "
-                     f"{', '.join(map(str, divisors[:12]))}"
-                     + (", ..." if len(divisors) > 12 else ""))
+  hosts = _hosts(chips, spec, hosts)
   if round(tokens) < seq_len:
     raise ValueError(f"tokens must be at least one row of seq_len={seq_len}, got "
                      f"{tokens:g}; expected more tokens or a shorter seq_len")

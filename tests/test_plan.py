@@ -63,7 +63,13 @@ def test_tokenized_corpus_bytes():
     # An impossible plan printed with exit 0 before 2026-12-05.
     ({"chips": 10, "hosts": 3}, r"hosts must divide the 10 chips \(each host "
      r"drives as many\), got 3; expected one of 1, 2, 5, 10$"),
-    ({"chips": 9, "chip": "h100"}, "hosts must divide the 9 chips"),  # 2 by default
+    # Without hosts, worded around the chips and the chip's hosts (until an
+    # audit on 2026-12-08 "hosts must divide the 9 chips ..., got 2", a
+    # host count the user never gave).
+    ({"chips": 9, "chip": "h100"}, r"^chips: 9 h100 chips do not split evenly "
+     r"over hosts of at most 8 \(the h100's chips per host: ceil\(9 / 8\) = 2 "
+     r"hosts by default\); expected --chips that do \(a multiple of 8 does\), "
+     r"or --hosts set to one of 1, 3, 9$"),
     ({"tokens": 2047}, "tokens must be at least one row of seq_len=2048, got 2047"),
     ({"params": 1e14, "chips": 4}, r"params: their bf16 weights \(200 TB\) exceed "
      r"the HBM of 4 v5p chips \(380 GB\); expected more chips"),
@@ -95,6 +101,13 @@ def test_tokenized_corpus_bytes():
 def test_bad_numbers_are_refused(change, message):
   with pytest.raises(ValueError, match=message):
     plan_lib.plan(**{**BASE, **change})
+
+
+def test_default_hosts_are_the_chip_s():
+  assert plan_lib.plan(**{**BASE, "chips": 10, "chip": "h100"})["hosts"] == 2
+  assert plan_lib.plan(**{**BASE, "chips": 4, "chip": "h100"})["hosts"] == 1
+  assert plan_lib.plan(**{**BASE, "chips": 9, "chip": "h100",
+                          "hosts": 3})["hosts"] == 3
 
 
 def test_rows_round_up():
