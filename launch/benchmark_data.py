@@ -136,16 +136,20 @@ WORDS = ("alpha beta gamma delta epsilon zeta theta iota kappa lambda sigma "
 
 
 def write_jsonl(path: str, n: int) -> None:
+  """``n`` random documents as JSONL at ``path``, written under a temporary
+  name and renamed: a run only reuses a corpus that exists, so one killed
+  mid-write must leave none (a partial one was timed as if whole)."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   lengths = rng.integers(3, 9, n)
   picks = rng.integers(0, len(WORDS), int(lengths.sum()))
-  with open(path, "w") as f:
+  with open(path + ".tmp", "w") as f:
     at = 0
     for i, k in enumerate(lengths):
       text = " ".join(WORDS[j] for j in picks[at:at + k])
       at += k
       f.write(f'{{"id": "doc{i}", "text": "{text}"}}\n')
+  os.replace(path + ".tmp", path)
 
 
 def peak_rss_mb() -> float:

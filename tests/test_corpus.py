@@ -984,6 +984,32 @@ def test_sharded_tokenize_benchmark_runs(tmp_path, capsys, monkeypatch):
   assert len(data_lib.corpus_files(str(tmp_path / "shards400" / "shard-*.jsonl.gz"))) == 8
 
 
+def test_data_benchmark_corpus_killed_mid_write_leaves_none(tmp_path,
+                                                            monkeypatch):
+  """A run reuses a ``corpus.jsonl`` that exists: one killed mid-write must
+  leave none. Until an audit on 2026-12-08 it was written in place, and a
+  rerun timed the 235,937 lines a kill had left of 3,000,000."""
+  from tracer.launch import benchmark_data  # pylint: disable=g-import-not-at-top
+
+  class Killed(list):  # (the words, the process killed at the 50th)
+    def __getitem__(self, i):
+      self.taken = getattr(self, "taken", 0) + 1
+      if self.taken > 50:
+        raise KeyboardInterrupt
+      return super().__getitem__(i)
+
+  path = str(tmp_path / "corpus.jsonl")
+  monkeypatch.setattr(benchmark_data, "WORDS", Killed(benchmark_data.WORDS))
+  with pytest.raises(KeyboardInterrupt):
+    benchmark_data.write_jsonl(path, 100)
+  assert not os.path.exists(path)
+  monkeypatch.undo()
+  benchmark_data.write_jsonl(path, 100)
+  with open(path) as f:
+    assert len(f.readlines()) == 100
+  assert os.listdir(tmp_path) == ["corpus.jsonl"]
+
+
 def test_data_benchmark_refuses_corpora_past_the_free_disk(tmp_path):
   from tracer.launch import benchmark_data  # pylint: disable=g-import-not-at-top
   # 100 + 50 rows of 62 + 8 * 16 bytes, and two stores of 422 bytes a row.
