@@ -67,6 +67,7 @@ process: seconds, peak memory.
 from __future__ import annotations
 
 import gc
+import glob
 import gzip
 import io
 import json
@@ -544,8 +545,10 @@ def run_sharded_tokenize(pattern: str, out: str, processes: int,
     if p.returncode:
       raise phase_failed(f"tokenize on {processes} processes", p.returncode, err)
   from tracer import corpus as corpus_lib  # pylint: disable=g-import-not-at-top
-  return {"processes": processes, "seconds": seconds,
-          "rows": len(corpus_lib.TokenizedCorpus(out)),
+  corpus = corpus_lib.TokenizedCorpus(out)
+  parts = corpus.manifest.parts  # (None: one process's, a corpus of one part)
+  return {"processes": processes, "seconds": seconds, "rows": len(corpus),
+          "part_rows": [p["num_rows"] for p in parts] if parts else [len(corpus)],
           "process_seconds": [json.loads(o.strip().splitlines()[-1])["seconds"]
                               for o, _ in outputs]}
 
@@ -599,6 +602,9 @@ def tokenize_table(rows: int, counts: list[int], workdir: str, max_len: int,
     raise ValueError(f"--shards_as: {sorted(unknown)}; expected {', '.join(suffix)}")
   if not os.path.exists(jsonl):
     write_jsonl(jsonl, rows)
+  # (a run killed mid-tokenize leaves its corpus: reruns would grow)
+  for stale in glob.glob(os.path.join(glob.escape(root), "tokenized*")):
+    shutil.rmtree(stale, ignore_errors=True)
   with open(jsonl, "rb") as f:
     lines = f.readlines()
   for fmt in formats:
@@ -616,6 +622,8 @@ def tokenize_table(rows: int, counts: list[int], workdir: str, max_len: int,
       out = os.path.join(root, f"tokenized{count}-{time.time_ns()}")
       results.append({"shards": fmt, **run_sharded_tokenize(
           os.path.join(root, f"{stem[fmt]}-*{suffix[fmt]}"), out, count, max_len)})
+      # (measured: one corpus at a time on the disk, as check_disk counts)
+      shutil.rmtree(out, ignore_errors=True)
       print(json.dumps(results[-1]), flush=True)
   if len({r["rows"] for r in results}) != 1:
     raise RuntimeError(f"the runs' corpora differ in rows: {results}")
@@ -907,7 +915,9 @@ def check_inputs() -> None:
   if not (FLAGS.read or FLAGS.join_docs or FLAGS.encode_memory
           or FLAGS.scan_memory):
     check_disk(list(map(int, FLAGS.rows)), FLAGS.max_len,
-               bool(FLAGS.tokenize_processes), FLAGS.workdir)
+               bool(FLAGS.tokenize_processes), FLAGS.workdir,
+               formats=tuple(FLAGS.shards_as),
+               processes=max(map(int, FLAGS.tokenize_processes), default=1))
   for location in FLAGS.read:
     local = storage.local_path(location)
     if local is not None and os.path.isdir(local):
@@ -922,31 +932,52 @@ def check_inputs() -> None:
 
 # Disk per corpus row, measured (2026-12-06, --rows=20000, --max_len=32):
 # the JSONL 62 bytes, the tokenized corpus 253 (about 8 per token), each of
-# the two stores (dim 256, bf16) 422.
+# the two stores (dim 256, bf16) 422. A --shards_as format's shards are
+# counted at the JSONL's bytes (measured: jsonl 62, Parquet 21, gzip 9).
 JSONL_BYTES_PER_ROW, TOKENIZED_BYTES_PER_TOKEN, STORE_BYTES_PER_ROW = 62, 8, 422
+# What each part of a tokenized corpus (one a tokenize process) rounds up
+# to whole chunks: its tokens, ids and texts (corpus.TOKEN_CHUNK_BYTES,
+# BYTES_CHUNK: 1 MiB each; measured, 20,000 rows took 5.1 MB on one
+# process, 7.6 MB on two).
+TOKENIZED_PART_BYTES = 3 << 20
 
 
 def check_disk(rows: list[int], max_len: int, tokenize_only: bool,
-               workdir: str, free: int | None = None) -> None:
+               workdir: str, free: int | None = None,
+               formats: tuple[str, ...] = ("jsonl",),
+               processes: int = 1) -> None:
   """InputError, before any corpus is written, where the ``--rows`` corpora
   (each kept in its own ``n{rows}`` directory) and what is made from them
   would take more than the ``free`` bytes of ``workdir``'s disk (default:
   what its nearest existing directory's file system has free). Before,
-  ``--rows=10000000000`` wrote until the disk was full."""
-  per = JSONL_BYTES_PER_ROW + TOKENIZED_BYTES_PER_TOKEN * max_len
-  if not tokenize_only:
-    per += 2 * STORE_BYTES_PER_ROW
-  need = sum(rows) * per
+  ``--rows=10000000000`` wrote until the disk was full. ``tokenize_only``
+  (``--tokenize_processes``): each corpus's shards in each of ``formats``
+  are kept, and one tokenized corpus at a time, of up to ``processes``
+  parts (``tokenize_table`` removes each once measured; until 2026-12-08
+  it counted no shards and kept every one)."""
+  tokenized = TOKENIZED_BYTES_PER_TOKEN * max_len
+  if tokenize_only:
+    kept = JSONL_BYTES_PER_ROW * (1 + len(formats))
+    extra = processes * TOKENIZED_PART_BYTES
+    need = sum(rows) * kept + max(rows) * tokenized + extra
+  else:
+    kept, extra = JSONL_BYTES_PER_ROW + tokenized + 2 * STORE_BYTES_PER_ROW, 0
+    need = sum(rows) * kept
+  per = kept + (tokenized if tokenize_only else 0)
   if free is None:
     from tracer.launch import outputs  # pylint: disable=g-import-not-at-top
     free = shutil.disk_usage(outputs.nearest_existing(os.path.abspath(workdir))).free
   if need > free:
     from tracer import memory  # pylint: disable=g-import-not-at-top
+    made = (f" (shards as {', '.join(formats)}, one tokenized corpus at a "
+            f"time in up to {processes} parts of whole chunks, "
+            f"{memory.size_text(extra)})" if tokenize_only else "")
     raise InputError(
-        f"--rows={','.join(map(str, rows))}: the corpora and what is made of them "
-        f"take about {per:,} bytes per row at --max_len={max_len}, "
+        f"--rows={','.join(map(str, rows))}: the corpora and what is made of them"
+        f"{made} take about {per:,} bytes per row at --max_len={max_len}, "
         f"{memory.size_text(need)}, more than the {memory.size_text(free)} free "
-        f"at --workdir={workdir}; expected at most {free // per:,} rows in all")
+        f"at --workdir={workdir}; expected at most "
+        f"{max(0, free - extra) // per:,} rows in all")
 
 
 def write_json(results) -> None:

@@ -976,9 +976,15 @@ def test_sharded_tokenize_benchmark_runs(tmp_path, capsys, monkeypatch):
                                 ("parquet1", 1, 400, 1), ("parquet1", 3, 400, 3)]
   # The one file's 8 row groups went to all three processes.
   assert len(data_lib.corpus_files(str(tmp_path / "shards400" / "*.parquet"))) == 9
-  last = sorted((tmp_path / "shards400").glob("tokenized3-*"))[-1]
-  parts = corpus_lib.TokenizedCorpus(str(last)).manifest.parts
-  assert [p["num_rows"] for p in parts] == [150, 100, 150]
+  # Each tokenized corpus removed once measured, and a run's left behind
+  # (a kill mid-tokenize) by the next: reruns no longer grow the disk (until
+  # an audit on 2026-12-08 every run's were kept, 113 MB after two runs
+  # that check_disk had counted as 6.36 MB).
+  assert not list((tmp_path / "shards400").glob("tokenized*"))
+  assert results[-1]["part_rows"] == [150, 100, 150]
+  (tmp_path / "shards400" / "tokenized1-0").mkdir()
+  benchmark_data.tokenize_table(400, [1], str(tmp_path), 16, ("jsonl",))
+  assert not list((tmp_path / "shards400").glob("tokenized*"))
   assert all(r["seconds"] > 0 for r in results)
   assert "| gzip | 3 |" in capsys.readouterr().out
   assert len(data_lib.corpus_files(str(tmp_path / "shards400" / "shard-*.jsonl.gz"))) == 8
@@ -1013,7 +1019,20 @@ def test_data_benchmark_corpus_killed_mid_write_leaves_none(tmp_path,
 def test_data_benchmark_refuses_corpora_past_the_free_disk(tmp_path):
   from tracer.launch import benchmark_data  # pylint: disable=g-import-not-at-top
   # 100 + 50 rows of 62 + 8 * 16 bytes, and two stores of 422 bytes a row.
-  benchmark_data.check_disk([100, 50], 16, True, str(tmp_path), free=28_500)
+  # Tokenizing: the JSONL and its shards in each format (62 bytes a row
+  # each) of every corpus, one tokenized corpus at a time (the largest's)
+  # and its parts' chunks (3 MiB each). Until an audit on 2026-12-08 it
+  # counted one JSONL and one tokenized corpus a row.
+  need = 150 * 62 * 3 + 100 * 8 * 16 + 4 * 3 * 2**20
+  tokenize = dict(formats=("jsonl", "parquet"), processes=4)
+  benchmark_data.check_disk([100, 50], 16, True, str(tmp_path), free=need,
+                            **tokenize)
+  with pytest.raises(ValueError, match=re.escape(
+      "--rows=100,50: the corpora and what is made of them (shards as jsonl, "
+      "parquet, one tokenized corpus at a time in up to 4 parts of whole "
+      "chunks, 12.0 MiB) take about 314 bytes per row at --max_len=16, ")):
+    benchmark_data.check_disk([100, 50], 16, True, str(tmp_path),
+                              free=need - 1, **tokenize)
   with pytest.raises(ValueError, match=re.escape(
       "--rows=100,50: the corpora and what is made of them take about 1,034 bytes "
       "per row at --max_len=16, 151.5 KiB, more than the 27.8 KiB free at "
