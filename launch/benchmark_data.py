@@ -91,7 +91,8 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", "/tmp/tracer_bench_data", "Scratch directory.")
   flags.DEFINE_integer("max_len", 32, "Tokens per row.", lower_bound=1)
   flags.DEFINE_integer("batch_size", 1024, "Rows per encode call.", lower_bound=1)
-  flags.DEFINE_string("phase", None, "Internal: run one phase in this process.")
+  flags.DEFINE_string("phase", None, "Internal: run one phase in this process "
+                      "(a JSON list: its name and arguments).")
   flags.DEFINE_string("json_out", None, "Also write the rows as JSON here.")
   flags.DEFINE_list("tokenize_processes", [], "Time tokenizing with these "
                     "numbers of processes instead (8 JSONL shards).")
@@ -478,7 +479,7 @@ def join_table(docs: int, parts: int, workdir: str) -> list[dict]:
   results = []
   for merged in ("1", "0"):
     results.append({"how": ("whole", "merged")[int(merged)],
-                    **run_phase(f"--phase=join,{directory},{parts},{merged}")})
+                    **run_phase(phase_flag("join", directory, parts, merged))})
     print(json.dumps(results[-1]), flush=True)
   if len({r["shared"] for r in results}) != 1:
     raise RuntimeError(f"the two checks disagree: {results}")
@@ -495,7 +496,7 @@ def read_table(locations: list[str]) -> list[dict]:
   for location in locations:
     for whole in ("0", "1"):
       results.append({"location": location, "how": ("streamed", "whole")[int(whole)],
-                      **run_phase(f"--phase=read,{location},{whole}")})
+                      **run_phase(phase_flag("read", location, whole))})
       print(json.dumps(results[-1]), flush=True)
   print("\n| file | read | s | lines | peak MB over baseline |")
   print("|---|---|---:|---:|---:|")
@@ -520,6 +521,18 @@ def phase_failed(what: str, returncode: int, stderr: str) -> Exception:
   return RuntimeError(f"{what} failed:\n{stderr[-3000:]}")
 
 
+def phase_flag(what: str, *args) -> str:
+  """The ``--phase`` flag that runs ``what`` on ``args`` in a fresh process:
+  a JSON list, so that an argument holding a comma (a ``--workdir`` of
+  ``w,x``) stays one (comma-joined, it was split in two)."""
+  return "--phase=" + json.dumps([what, *map(str, args)])
+
+
+def parse_phase(value: str) -> list[str]:
+  """``phase_flag``'s value (``--phase``'s) back as [what, *args]."""
+  return json.loads(value)
+
+
 def run_phase(*args: str, env: dict | None = None) -> dict:
   proc = subprocess.run([sys.executable, "-m", "tracer.launch.benchmark_data", *args],
                         env={**_phase_env(), **(env or {})}, capture_output=True,
@@ -536,7 +549,7 @@ def run_sharded_tokenize(pattern: str, out: str, processes: int,
   start = time.perf_counter()
   procs = [subprocess.Popen(
       [sys.executable, "-m", "tracer.launch.benchmark_data",
-       f"--phase=tokenize,{pattern},{out},{processes},{i}",
+       phase_flag("tokenize", pattern, out, processes, i),
        f"--max_len={max_len}"], env=_phase_env(), stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True) for i in range(processes)]
   outputs = [p.communicate() for p in procs]
@@ -708,17 +721,18 @@ def encode_memory_table(names: list[str], workdir: str,
 
     def tokenized(root, sweep=sweep):
       write_jsonl(os.path.join(root, "corpus.jsonl"), sweep["rows"])
-      run_phase(f"--phase=tokenize,{root}/corpus.jsonl,{root}/tokenized",
-                f"--max_len={sweep['max_len']}")
+      run_phase(phase_flag("tokenize", f"{root}/corpus.jsonl",
+                           f"{root}/tokenized"), f"--max_len={sweep['max_len']}")
     made_once(root, tokenized)
     for size in sweep["sizes"]:
       settings = {**sweep, sweep["vary"]: size}
       store = os.path.join(root, "store")
       shutil.rmtree(store, ignore_errors=True)
       run = run_phase(
-          f"--phase=encode_memory,{root}/tokenized,{store},{settings['model']},"
-          f"{settings['max_len']},{settings['projection_dim']},{settings['batch']},"
-          f"{settings['chunk_rows']},{settings['microbatch']},{settings['dtype']}",
+          phase_flag("encode_memory", f"{root}/tokenized", store,
+                     *(settings[key] for key in (
+                         "model", "max_len", "projection_dim", "batch",
+                         "chunk_rows", "microbatch", "dtype"))),
           env={**ENCODE_MEMORY_ENV, "XLA_FLAGS":
                f"--xla_force_host_platform_device_count={devices}"})
       shutil.rmtree(store, ignore_errors=True)
@@ -812,8 +826,8 @@ def scan_memory_table(names: list[str], workdir: str,
     env = {**ENCODE_MEMORY_ENV, "XLA_FLAGS":
            f"--xla_force_host_platform_device_count={sweep['devices']}"}
     for size in sweep["sizes"]:
-      run = run_phase(f"--phase=scan_memory,{store}/store,{size},"
-                      f"{sweep['queries']}", env=env)
+      run = run_phase(phase_flag("scan_memory", f"{store}/store", size,
+                                 sweep["queries"]), env=env)
       run = {"sweep": name, "queries": sweep["queries"], **run}
       run["made_bytes"] = run["pool_made"] * run["step_bytes"]
       run["beyond_mb"] = run["peak_mb"] - run["baseline_mb"] - run["made_bytes"] / 2**20
@@ -989,7 +1003,7 @@ def write_json(results) -> None:
 def main(argv):
   del argv
   if FLAGS.phase:
-    what, *paths = FLAGS.phase.split(",")
+    what, *paths = parse_phase(FLAGS.phase)
     if what == "tokenize":
       out = phase_tokenize(*paths[:2], FLAGS.max_len, *paths[2:])
     elif what == "read":
@@ -1037,11 +1051,11 @@ def main(argv):
       shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     common = [f"--max_len={FLAGS.max_len}", f"--batch_size={FLAGS.batch_size}"]
     row = {"rows": n,
-           "tokenize": run_phase(f"--phase=tokenize,{jsonl},{tok}", *common),
-           "encode_dir": run_phase(
-               f"--phase=encode,{tok},{os.path.join(root, 'store_dir')}", *common),
-           "encode_jsonl": run_phase(
-               f"--phase=encode,{jsonl},{os.path.join(root, 'store_jsonl')}", *common)}
+           "tokenize": run_phase(phase_flag("tokenize", jsonl, tok), *common),
+           "encode_dir": run_phase(phase_flag(
+               "encode", tok, os.path.join(root, "store_dir")), *common),
+           "encode_jsonl": run_phase(phase_flag(
+               "encode", jsonl, os.path.join(root, "store_jsonl")), *common)}
     results.append(row)
     print(json.dumps(row), flush=True)
   print("\n| rows | tokenize s | tokenize peak MB | encode dir rows/s | encode dir "

@@ -1053,7 +1053,7 @@ def test_encode_memory_benchmark_fits_its_sweeps(tmp_path, capsys, monkeypatch):
 
   def in_process(phase, *flags_, env=None):
     envs.append(env)
-    what, *args = phase.removeprefix("--phase=").split(",")
+    what, *args = benchmark_data.parse_phase(phase.removeprefix("--phase="))
     if what == "tokenize":
       return benchmark_data.phase_tokenize(*args, int(flags_[0].split("=")[1]))
     assert what == "encode_memory"
@@ -1111,6 +1111,21 @@ def test_encode_memory_benchmark_fits_its_sweeps(tmp_path, capsys, monkeypatch):
   zero = benchmark_data.check_lines({"chunk": {**fits["chunk"], "bytes": 0.0}})
   assert zero[0].endswith("the check counts 8 (no multiple of the slope)")
   assert benchmark_data.fit_line([1, 2, 4], [12, 14, 18]) == pytest.approx((2, 10, 0))
+
+
+def test_data_benchmark_phases_take_paths_with_commas(tmp_path):
+  """A phase's arguments reach its process whole, commas and all (a
+  ``--workdir`` of ``w,x``). Until an audit on 2026-12-08 they were
+  comma-joined into ``--phase`` and split apart there: a ValueError
+  traceback from the tokenize phase."""
+  from tracer.launch import benchmark_data  # pylint: disable=g-import-not-at-top
+  jsonl = tmp_path / "w,x" / "corpus.jsonl"
+  jsonl.parent.mkdir()
+  benchmark_data.write_jsonl(str(jsonl), 30)
+  runs = benchmark_data.read_table([str(jsonl)])
+  assert [(r["how"], r["lines"]) for r in runs] == [("streamed", 30), ("whole", 30)]
+  assert benchmark_data.parse_phase(benchmark_data.phase_flag(
+      "read", jsonl, 1).removeprefix("--phase=")) == ["read", str(jsonl), "1"]
 
 
 def test_data_benchmark_phases_run(tmp_path):

@@ -2198,7 +2198,7 @@ def test_scan_memory_benchmark_fits_its_sweeps(tmp_path, capsys, monkeypatch):
   def in_process(phase, *flags_, env=None):
     assert not flags_
     envs.append(env)
-    what, *args = phase.removeprefix("--phase=").split(",")
+    what, *args = benchmark_data.parse_phase(phase.removeprefix("--phase="))
     assert what == "scan_memory"
     return benchmark_data.phase_scan_memory(*args)
 
