@@ -1136,8 +1136,10 @@ def run_query_sets_benchmark(sets: int = 4, rows: int = 400_000, dim: int = 1024
     raise InputError(f"query_set_sizes: {len(sizes)} sizes for "
                      f"--query_sets={sets}")
   rng = np.random.default_rng(0)
-  x = rng.standard_normal((rows, dim)).astype(np.float32)
-  x /= np.linalg.norm(x, axis=1, keepdims=True)
+  # (drawn in f32 and normed without a [rows, dim] temporary: the f32 rows
+  # are what check_memory counts beside the store's bf16 chunks)
+  x = rng.standard_normal((rows, dim), dtype=np.float32)
+  x /= np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]
   tmp = workdir or tempfile.mkdtemp(prefix="tracer-bench-sets-")
   store = write_store(os.path.join(tmp, "sets-bf16"), x, "bfloat16",
                       store_chunk_rows)
@@ -1206,6 +1208,9 @@ def to_markdown(table: list[dict[str, Any]]) -> str:
 # and beside them, whatever their number, a block of f32 noise and the pool
 # (``staged_beside_bytes``; measured with tracemalloc, 2^18 rows x 256 filled
 # in blocks of 2^16: the peak was the rows and one f32 block, 1 MB more).
+# run_query_sets_benchmark's f32 rows and the bf16 store written from them
+# (4 + 2; measured with tracemalloc, 40,000 x 512: 4.2, the store's chunks
+# written one at a time; 12 until 2026-12-08, drawn in f64 then narrowed).
 HOST_BYTES_PER_ELEMENT = {"scan": 14, "serve_pass": 10, "query_steps": 8,
                           "staged": 2, "query_sets": 6}
 DEVICE_BYTES_PER_ELEMENT = {"resident": 4, "fused_tiles": 2}

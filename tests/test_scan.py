@@ -2066,6 +2066,27 @@ def test_query_sets_benchmark_runs(tmp_path):
   assert "rows the same: 1.0000" in table[1]["note"], table[1]
 
 
+def test_query_sets_benchmark_holds_what_its_check_counts(tmp_path):
+  """``--query_sets``'s peak host bytes (numpy's, by tracemalloc) within the
+  ``HOST_BYTES_PER_ELEMENT`` its memory check counts. Until an audit on
+  2026-12-08 its rows were drawn in f64 and narrowed: 12 bytes an element
+  against the 6 counted (8 once drawn in f32 but normed through a
+  temporary as large)."""
+  import tracemalloc  # pylint: disable=g-import-not-at-top
+  from tracer.launch import benchmark_scan  # pylint: disable=g-import-not-at-top
+  rows, dim = 20_000, 256
+  tracemalloc.start()
+  try:
+    benchmark_scan.run_query_sets_benchmark(
+        sets=2, rows=rows, dim=dim, queries=2, k=5, store_chunk_rows=4096,
+        repeats=1, workdir=str(tmp_path), eval_examples=8, block=128)
+    peak = tracemalloc.get_traced_memory()[1]
+  finally:
+    tracemalloc.stop()
+  per = benchmark_scan.HOST_BYTES_PER_ELEMENT["query_sets"]
+  assert peak <= per * rows * dim, peak / (rows * dim)
+
+
 def test_query_step_benchmark_runs(monkeypatch):
   # ``tracer benchmark-scan --query_steps`` (WORKSPACE.md), small.
   from tracer.launch import benchmark_scan  # pylint: disable=g-import-not-at-top
