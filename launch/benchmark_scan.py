@@ -128,6 +128,22 @@ def define_flags() -> None:
       "ROWS:DIM:WARPS:STAGES (fused_scores.Tiles).")
   # Each setting parsed with the flags, not after the default step's timings.
   flags.register_validator("fused_tiles", _check_tiles)
+  # (int() tracebacks, a size of 0 refused by the scan without the flag's
+  # name, a count off --query_sets refused once the rows were made)
+  cli.check_list_flag("query_set_sizes", least=1, empty_ok=True)
+  flags.register_multi_flags_validator(["query_sets", "query_set_sizes"],
+                                       _check_set_sizes)
+
+
+def _check_set_sizes(values: dict) -> bool:
+  sets, sizes = values["query_sets"], values["query_set_sizes"]
+  if sizes is not None and len(sizes) != sets:
+    raise flags.ValidationError(
+        f"--query_set_sizes: {len(sizes)} sizes for --query_sets={sets}; "
+        "expected one size a set"
+        + (" (the sizes are read only with --query_sets > 0)" if not sets
+           else ""))
+  return True
 
 
 def _check_tiles(values: list[str] | None) -> bool:

@@ -174,6 +174,17 @@ BENCHMARK_FLAG_ERRORS = [
      "--dim=1024: the scan benchmark holds about 14 bytes per element"),
     (BENCHMARK_SCAN, "--output={tmp}/adir", "--output={tmp}/adir: is a directory; "
      "expected a file"),
+    # (until an audit on 2026-12-08: int() tracebacks, a 0 refused by the scan
+    # without the flag's name, a count off --query_sets once the rows were made)
+    (BENCHMARK_SCAN, "--query_sets=2 --query_set_sizes=16,abc",
+     "flag --query_set_sizes=['16', 'abc']: 'abc' is not an integer"),
+    (BENCHMARK_SCAN, "--query_sets=2 --query_set_sizes=16,-3",
+     "flag --query_set_sizes=['16', '-3']: -3: expected integers >= 1"),
+    (BENCHMARK_SCAN, "--query_sets=2 --query_set_sizes=16,0",
+     "flag --query_set_sizes=['16', '0']: 0: expected integers >= 1"),
+    (BENCHMARK_SCAN, "--query_sets=3 --query_set_sizes=16,4", "flags query_sets=3, "
+     "query_set_sizes=['16', '4']: --query_set_sizes: 2 sizes for --query_sets=3; "
+     "expected one size a set"),
     (BENCHMARK, "--kernels=exact,bogus",
      "flag --kernels=['exact', 'bogus']: 'bogus' is not one of exact, factored"),
     (BENCHMARK, "--dims=abc", "flag --dims=['abc']: 'abc' is not an integer"),
