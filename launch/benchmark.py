@@ -442,16 +442,50 @@ def markdown(rows, columns) -> str:
   return "\n".join(lines)
 
 
+def batch_size(name: str, given: int) -> int:
+  """The encode suite's batch for the model ``name``: ``given``
+  (--batch_size), or 0 for the default, 32 for tiny and 8 for others."""
+  return given or (32 if name == "tiny" else 8)
+
+
+def _device_count() -> int:
+  """``jax.device_count()``, its backends started quietly: each one missing
+  (e.g. libtpu) is logged at INFO, not before a refusal's one line."""
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.WARNING)
+  try:
+    return jax.device_count()
+  finally:
+    logging.set_verbosity(verbosity)
+
+
+def check_batch_sizes(models, given: int, devices: int) -> None:
+  """InputError, before any model is made, where a model's batch does not
+  split evenly over the ``devices`` its training step and encode shard it
+  over (before, jax's IndivisibleError traceback once the model was
+  made and its training step compiled)."""
+  for name in models:
+    size = batch_size(name, given)
+    if size % devices:
+      flag = (f"--batch_size={size}" if given else
+              f"--batch_size=0 (model {name}'s default, {size})")
+      raise InputError(f"{flag}: each batch is split over the {devices} "
+                       f"devices, which {size} examples do not divide; "
+                       f"expected a multiple of {devices}")
+
+
 def main(argv):
   del argv
   config.check_writable(FLAGS.json_out, "--json_out")  # before minutes of work
+  if "encode" in FLAGS.suite:
+    check_batch_sizes(FLAGS.models, FLAGS.batch_size, _device_count())
   device = f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})"
   print(f"devices: {device}")
   out = {"device": device}
   if "encode" in FLAGS.suite:
     rows = []
     for name in FLAGS.models:
-      bs = FLAGS.batch_size or (32 if name == "tiny" else 8)
+      bs = batch_size(name, FLAGS.batch_size)
       rows += encode_rows(name, [int(d) for d in FLAGS.dims], bs,
                           FLAGS.microbatch_size, FLAGS.repeats, FLAGS.kernels,
                           FLAGS.memory_budget_mb, FLAGS.run, FLAGS.per_example,

@@ -218,6 +218,23 @@ def test_benchmark_bad_flags_are_refused_before_any_work(tmp_path, base, flags,
   assert not (tmp_path / "wd").exists() and not any((tmp_path / "adir").iterdir())
 
 
+def test_benchmark_batch_the_devices_do_not_divide_is_refused(tmp_path):
+  """``tracer benchmark --suite=encode`` splits each batch over every
+  device: a batch they do not divide (--batch_size, or a model's default)
+  is refused before any model is made. Until an audit on 2026-12-08 it was
+  jax's IndivisibleError traceback once the training step compiled."""
+  for devices, flags_, message in [
+      (8, ["--batch_size=12"], "--batch_size=12: each batch is split over the "
+       "8 devices, which 12 examples do not divide; expected a multiple of 8"),
+      (16, ["--batch_size=0", "--models=tiny,small"], "--batch_size=0 (model "
+       "small's default, 8): each batch is split over the 16 devices, which 8 "
+       "examples do not divide; expected a multiple of 16")]:
+    env = dict(ENV, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    proc = subprocess.run([str(TRACER), *BENCHMARK, *flags_], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert _error_line(proc) == f"error: {message}"
+
+
 def test_every_script_on_the_shared_flags_names_those_it_reads():
   """A script that parses the shared flags (``config.run``) declares which of
   ``config.SCRIPT_FLAGS`` it reads; each name is one of them."""
