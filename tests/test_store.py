@@ -475,6 +475,25 @@ def test_quarantined_rows_are_zero_and_recorded(tmp_path):
       s.quarantined()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_non_finite_rows_are_quarantined_in_every_dtype(tmp_path, dtype):
+  """Rows a caller left NaN or inf: before 2026-12-08 an int8 store kept
+  them as zeros (their peak NaN), which the scan ranked, where bf16 and f32
+  kept the NaN, which it never ranks. Now each is quarantined."""
+  from tracer import scan  # pylint: disable=g-import-not-at-top
+  s = store_lib.create_or_open(tmp_path / dtype, _manifest(dtype=dtype))
+  # (int8 rows are scaled row by row: scored as cosines)
+  metric = hessian.identity_metric(6).row_metric()
+  data = _data()
+  data[3] = np.nan
+  data[7, 2] = np.inf
+  _write_all(s, data)
+  assert s.quarantined() == {3: "non-finite encoding", 7: "non-finite encoding"}
+  got = scan.scan_store(s, _data(2, seed=1), 23, metric=metric)
+  listed = set(got.proponent_rows.ravel()) | set(got.opponent_rows.ravel())
+  assert listed == set(range(23)) - {3, 7} | {scan.INVALID_ROW}, listed
+
+
 def test_markers_of_the_earlier_format_count_as_done_unchecked(tmp_path):
   s = store_lib.create_or_open(tmp_path / "s", _manifest())
   _write_all(s, _data())

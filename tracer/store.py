@@ -612,7 +612,8 @@ class EncodingStore:
     marks it done, recording the checksum of its stored bytes (and of its
     rows' scales in an int8 store) and the rows ``quarantined`` (``{row:
     reason}``, global row ids; their rows are zero and the scan never
-    returns them).
+    returns them). A row that is not finite is quarantined as well
+    ("non-finite encoding").
 
     Conversion to bf16 rounds to nearest even (``ml_dtypes``), to int8 as
     ``quantize`` says, so the same float32 input always gives the same bytes.
@@ -628,6 +629,11 @@ class EncodingStore:
     if outside:
       raise InputError(f"{self.path}: chunk {chunk}: quarantined rows {outside[:5]} "
                        f"are not in its rows [{start}, {stop})")
+    # A row the caller left non-finite is quarantined too: int8 would store
+    # it as zeros (a NaN peak), which the scan ranks, where bf16 and f32 keep
+    # the NaN, which it never does.
+    for r in np.flatnonzero(~np.isfinite(x).all(axis=1)):
+      quarantined.setdefault(start + int(r), "non-finite encoding")
     if quarantined:  # zero before quantizing: their values may be NaN
       x = x.copy()
       x[[r - start for r in quarantined]] = 0
