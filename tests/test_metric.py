@@ -9,6 +9,8 @@ mix, on 1 and 8 devices.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from tracer import partitioning
 from tracer import projection
 from tracer import scan
 from tracer.encoder import unit_normalize
+from tracer.errors import InputError
 
 pytestmark = pytest.mark.filterwarnings("ignore:R is estimated")
 
@@ -153,6 +156,24 @@ def test_zero_rows_score_zero_and_shapes_are_checked(data):
   with pytest.raises(ValueError, match="metric: built for d"):
     scan.scan_arrays(rows[:, :-1], metric.query_vectors(psi_q)[:, :-1], 3,
                      metric=metric.row_metric())
+  # Segments past d and low-rank blocks of other shapes: each named (before
+  # 2026-12-08 a self-contradicting "built for d=(8,), ... d=8", or jax's
+  # and numpy's tracebacks).
+  m = metric.row_metric()
+  d, (lo, hi) = rows.shape[1], m.segments[0]
+  c0 = np.asarray(m.lowrank[0])
+  for bad, message in (
+      (m._replace(segments=((lo, d + 4),) + tuple(m.segments[1:])),
+       f"metric: segment 0 is columns [{lo}, {d + 4}); expected segments in "
+       f"order, within the encodings' d={d}"),
+      (m._replace(lowrank=(c0[:3],) + tuple(m.lowrank[1:])),
+       f"metric: low-rank block 0 has shape {(3, c0.shape[1])}; expected "
+       f"[{hi - lo}, rank] for segment [{lo}, {hi})"),
+      (m._replace(lowrank=(c0[:, 0],) + tuple(m.lowrank[1:])),
+       f"metric: low-rank block 0 has shape {(hi - lo,)}; expected"),
+      (m._replace(lowrank=tuple(m.lowrank[1:])), "low-rank blocks; expected one each")):
+    with pytest.raises(InputError, match=re.escape(message)):
+      scan.scan_arrays(rows, metric.query_vectors(psi_q), 3, metric=bad)
 
 
 def test_identity_metric_is_the_cosine(data):

@@ -696,6 +696,17 @@ def test_streaming_equals_arrays(mesh):
   for batch in np.array_split(order, 2):
     device.add(jnp.asarray(x[batch]), jnp.asarray(batch))
   assert_same(device.result(), want)
+  # Row ids past the range, or not integers, on either path (before
+  # 2026-12-08 device ids were not checked: -4 came back as a row; 2.9 was
+  # row 2). Lists are arrays.
+  for ids, message in ((jnp.asarray([3, -4]), r"must lie in \[0, 2147483647\), got \[-4, 3\]"),
+                       (np.asarray([0.5, 1.7]), "expected integers, got float64"),
+                       (jnp.asarray([0.5, 1.7]), "expected integers, got float32")):
+    with pytest.raises(InputError, match=f"row_ids: {message}"):
+      device.add(jnp.asarray(x[:2]), ids)
+  listed = scan.StreamingScanner(q, 8, mesh=m)
+  listed.add(x[:3].tolist(), [0, 1, 2])
+  assert_same(listed.result(), scan.scan_arrays(x[:3], q, 8, mesh=m))
 
 
 @pytest.mark.parametrize("mesh", ["8x1", "4x2"])

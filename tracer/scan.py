@@ -1152,11 +1152,26 @@ def _check_metric_dim(metric: RowMetric | None, dim: int, groups: int = 1) -> No
   if metric is None:
     return
   # (one metric may serve every group)
-  want = (dim,) if np.ndim(metric.diag) == 1 else (groups, dim)
-  if np.shape(metric.diag) != want or metric.segments[-1][1] > dim:
+  grouped = np.ndim(metric.diag) != 1
+  want = (groups, dim) if grouped else (dim,)
+  if np.shape(metric.diag) != want:
     raise InputError(f"metric: built for d={np.shape(metric.diag)}, the "
                      f"encodings have d={dim}"
                      + (f" in {groups} query sets" if groups > 1 else ""))
+  if len(metric.lowrank) != len(metric.segments):
+    raise InputError(f"metric: {len(metric.segments)} segments and "
+                     f"{len(metric.lowrank)} low-rank blocks; expected one each")
+  end = 0
+  for b, ((lo, hi), c) in enumerate(zip(metric.segments, metric.lowrank)):
+    if not end <= lo < hi <= dim:
+      raise InputError(f"metric: segment {b} is columns [{lo}, {hi}); expected "
+                       f"segments in order, within the encodings' d={dim}")
+    end = hi
+    rows = (groups, hi - lo) if grouped else (hi - lo,)
+    if np.ndim(c) != len(rows) + 1 or np.shape(c)[:-1] != rows:
+      raise InputError(f"metric: low-rank block {b} has shape {np.shape(c)}; "
+                       f"expected [{', '.join(map(str, rows))}, rank] for "
+                       f"segment [{lo}, {hi})")
 
 
 def _metric_on_mesh(metric: RowMetric | None, dim: int, mesh: Mesh) -> tuple:
@@ -1412,6 +1427,11 @@ def scan_sets(stores, query_sets, k: int, *, metrics=None,
   return [TopK(*(a[lo:hi] for a in got)) for lo, hi in zip(firsts, firsts[1:])]
 
 
+@jax.jit
+def _id_range(row_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+  return jnp.min(row_ids), jnp.max(row_ids)
+
+
 class StreamingScanner:
   """Scores corpus batches as they are encoded, without a store.
 
@@ -1478,16 +1498,27 @@ class StreamingScanner:
   def add(self, encodings, row_ids) -> None:
     """Folds ``encodings [rows, d]`` with global ``row_ids [rows]`` in. A
     row id added twice is refused for host (numpy) ids; ids in a
-    ``jax.Array`` stay on the devices and are not checked."""
+    ``jax.Array`` stay on the devices, and only their range is checked."""
+    if not isinstance(encodings, jax.Array):
+      encodings = np.asarray(encodings)
     if encodings.ndim != 2 or encodings.shape[1] != self.dim:
       raise InputError(f"encodings: expected [rows, {self.dim}], got shape "
                        f"{encodings.shape}")
+    if not isinstance(row_ids, jax.Array):
+      row_ids = np.asarray(row_ids)
     if np.shape(row_ids) != (encodings.shape[0],):
       raise InputError(f"row_ids: expected shape ({encodings.shape[0]},), got "
                        f"{np.shape(row_ids)}")
+    if not np.issubdtype(row_ids.dtype, np.integer):  # (2.9 was taken as row 2)
+      raise InputError(f"row_ids: expected integers, got {row_ids.dtype}")
     rows = encodings.shape[0]
     if rows == 0:
       return
+    low, high = ((int(np.asarray(v.addressable_data(0))) for v in _id_range(row_ids))
+                 if isinstance(row_ids, jax.Array) else (row_ids.min(), row_ids.max()))
+    if low < 0 or high >= INVALID_ROW:
+      raise InputError(f"row_ids: must lie in [0, {INVALID_ROW}), got "
+                       f"[{low}, {high}]")
     if isinstance(encodings, jax.Array):
       self._advance(update_topk(self._state, encodings, row_ids, self._queries,
                                 mesh=self.mesh, rows_sorted=False,
@@ -1496,9 +1527,6 @@ class StreamingScanner:
       x = np.asarray(encodings)
       x = x.astype(device_dtype(x.dtype), copy=False)
       ids = np.asarray(row_ids, dtype=np.int64)
-      if ids.min() < 0 or ids.max() >= INVALID_ROW:
-        raise InputError(f"row_ids: must lie in [0, {INVALID_ROW}), got "
-                         f"[{ids.min()}, {ids.max()}]")
       self._check_new(ids)
       if np.any(ids[1:] < ids[:-1]):
         order = np.argsort(ids, kind="stable")
