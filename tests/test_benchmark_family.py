@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 
 from absl import flags
 import jax.numpy as jnp
@@ -493,6 +494,17 @@ def test_paired_statistics():
   assert stats.mean_std([2.0]) == {"mean": 2.0, "std": 0.0, "n": 1}
   assert stats.format_cell({"mean": 0.5, "std": 0.25, "n": 2}) == "0.5000 ± 0.2500"
   assert stats.format_cell(p) == "+0.5000 ± 0.3536 (z +1.4)"
+  # Every query one non-zero difference: z is infinite, not NaN (before
+  # 2026-12-08 tabled "(z +nan)"); none at all: NaN without numpy's warning.
+  same = stats.paired([2.0, 3.0, 4.0], [1.0, 2.0, 3.0])
+  assert same["se"] == 0 and same["z"] == np.inf
+  assert stats.format_cell(same) == "+1.0000 ± 0.0000 (z +inf)"
+  assert stats.paired([1.0, 1.0], [2.0, 2.0])["z"] == -np.inf
+  assert np.isnan(stats.paired([1.0, 1.0], [1.0, 1.0])["z"])
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    empty = stats.paired([np.nan], [1.0])
+  assert empty["n"] == 0 and np.isnan(empty["mean"]) and np.isnan(empty["win"])
 
 
 def test_rank_statistics():

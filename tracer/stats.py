@@ -39,9 +39,12 @@ def paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
     d = a - b
   d = d[np.isfinite(d)]
   se = float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-  mean = float(np.mean(d))
-  return {"mean": mean, "se": se, "z": mean / se if se > 0 else float("nan"),
-          "win": float(np.mean(d > 0)), "n": int(len(d))}
+  mean = float(np.mean(d)) if len(d) else float("nan")
+  # Every query the same non-zero difference: as sure as a z can be.
+  z = (mean / se if se > 0 else float(np.sign(mean)) * np.inf
+       if se == 0 and mean != 0 else float("nan"))
+  return {"mean": mean, "se": se, "z": z,
+          "win": float(np.mean(d > 0)) if len(d) else float("nan"), "n": int(len(d))}
 
 
 def ranks(x: Sequence[float]) -> np.ndarray:
