@@ -71,6 +71,7 @@ from absl import app
 from absl import flags
 import numpy as np
 
+from tracer.launch import common
 from tracer.launch import config
 from tracer.launch import quality
 from tracer import checkpoint as ckpt_lib
@@ -565,6 +566,13 @@ def sweep_family(workdir: str, family_dir: str, grid: list[str],
   # the steps and sets before it are projected (before 2026-12-07).
   steps = [int(v) for v in axes["checkpoint"] if v.isdigit()]
   for name in names:
+    if (not storage.exists(storage.join(workdir, "sets", f"{name}.json"))
+        and trained(storage.join(sets_dir, name))):
+      # A gin binding naming another model, data or optimizer than the set
+      # was trained with would be ignored (the checkpoint's configs win):
+      # refused, as tracer quality refuses it (before 2026-12-08 ignored).
+      common.check_bound_configs(ckpt_lib.saved_config(
+          storage.join(sets_dir, name, "checkpoints")))
     if (steps and not storage.exists(storage.join(workdir, "sets", f"{name}.json"))
         and trained(storage.join(sets_dir, name))):
       try:

@@ -259,6 +259,21 @@ def test_sweep_on_the_family(trained_family, tmp_path, monkeypatch):
   # ... and does not mix tables scored with queries in sets of another size.
   with pytest.raises(Exception, match="scored with --query_set_size=0, this run 2"):
     sweep.sweep_family(out, root, grid, design="grid", query_set_size=2)
+  # A binding of another model than the sets were trained with would be
+  # ignored (their checkpoints' configs win): refused before any work
+  # (before 2026-12-08 the sweep ran on the checkpoints' own, silently;
+  # sweep_set fails this test since the rerun above).
+  with gin.unlock_config():
+    gin.bind_parameter("ModelConfig.d_model", 7)
+  try:
+    with pytest.raises(InputError, match=r"dense-0/checkpoints/100: a checkpoint "
+                       r"of another ModelConfig than the gin bindings name "
+                       r"\(ModelConfig.d_model: the checkpoint has \d+, the gin "
+                       r"bindings say 7\)"):
+      sweep.sweep_family(str(tmp_path / "other"), root, grid, design="grid")
+  finally:  # (the family fixture's)
+    gin.clear_config()
+    gin.parse_config(BINDINGS + "OptimizerConfig.total_steps = 100\n")
   with gin.unlock_config():
     gin.bind_parameter("PreconditionerConfig.max_query_weight", None)
   try:
