@@ -426,6 +426,11 @@ def test_their_results_are_evaluated(tmp_path):
      "field 'example_id' is one tracer writes into results"),
     ([{"id": "q", "prompt": "p", "target": " t", "proponent_ids": []}], 1,
      "field 'proponent_ids' is one tracer writes into results"),
+    # Before 2026-12-08 read: the trace summary's "all" row was this bucket's,
+    # accuracy counted its queries twice, and tracer quality failed at its
+    # page, after all its work.
+    ([{"id": "q", "prompt": "p", "target": " t", "bucket": "all"}], 1,
+     "field 'bucket' is 'all', the name of the summary over every bucket"),
 ])
 def test_bad_query_files_name_file_line_and_field(tmp_path, records, lineno, message):
   path = _write(tmp_path, records)

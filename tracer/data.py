@@ -962,11 +962,16 @@ class QueryFormat:
                        f"{self.first[1]} is in {names[authors]}; expected one "
                        "format per file")
     if authors:
-      return from_authors(where, record)
-    clash = sorted(WRITTEN_FIELDS.intersection(record))
+      record = from_authors(where, record)
+    clash = [] if authors else sorted(WRITTEN_FIELDS.intersection(record))
     if clash:
       raise InputError(f"{where}: field {clash[0]!r} is one tracer writes into "
                        "results; expected a query without it (rename it)")
+    if record.get("bucket") == "all":
+      # (the summaries' row over every bucket: it would be replaced by this
+      # bucket's, and counted twice in accuracy)
+      raise InputError(f"{where}: field 'bucket' is 'all', the name of the "
+                       "summary over every bucket; expected another name")
     return record
 
 
