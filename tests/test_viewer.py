@@ -117,6 +117,13 @@ def test_trex_id_when_no_example_id(tmp_path):
   rec["trex_id"] = "T-1"
   [got] = viewer.read_results(_write(tmp_path / "r.jsonl", [rec]))
   assert got["query_id"] == "T-1"
+  # fact_id before trex_id, as tracer evaluate and tracer bm25 take their
+  # queries' ids (before 2026-12-08 the viewer took trex_id: each query of a
+  # bm25 run over this file and of the authors' file showed twice).
+  rec["fact_id"] = "F-1"
+  path = _write(tmp_path / "f.jsonl", [rec])
+  [got] = viewer.read_results(path)
+  assert got["query_id"] == "F-1" == next(iter(evaluate.read_results(path)))
 
 
 def test_one_file_mixing_both_formats(tmp_path):

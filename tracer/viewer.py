@@ -26,9 +26,10 @@ The TrackStar authors' released files. Their viewer (PAIR-code/pretraining-tda,
 ``demo/example_view.ts``, ``demo/data_loader.ts``, ``demo/data_index.ts``) and
 the "TDA method results" section of their ``README.md`` read these fields:
 
-  example_id (else trex_id)           -> query_id
-  inputs_plaintext                    -> prompt
-  targets_plaintext                   -> target (what was traced; for their
+  example_id (else fact_id, trex_id)  -> query_id (as ``tracer.data`` takes
+                                         their queries' ids)
+  inputs_plaintext (else prompt0)     -> prompt
+  targets_plaintext (else entity1)    -> target (what was traced; for their
                                          incorrect-prediction files this is
                                          the model's wrong answer and
                                          ``groundtruth`` the right one)
@@ -80,10 +81,13 @@ TAIL_PATCH_KS = (1, 3, 5, 10)
 RECALL_K = 10
 
 # Their name(s) -> ours, first match wins (module doc).
+# Query ids, prompts and targets as tracer reads their queries (the same
+# rule: before 2026-12-08 a file with fact_id and trex_id took trex_id here and
+# fact_id in tracer evaluate and tracer bm25, so their queries did not meet).
 _ALIASES = {
-    "query_id": ("example_id", "trex_id"),
-    "prompt": ("inputs_plaintext",),
-    "target": ("targets_plaintext",),
+    "query_id": data.AUTHORS_QUERY_FIELDS["id"],
+    "prompt": data.AUTHORS_QUERY_FIELDS["prompt"],
+    "target": data.AUTHORS_QUERY_FIELDS["target"],
     "bucket": ("c4_frequency_bucket", "frequency_bucket"),
     "prediction_correct": ("is_8b_correct",),
 }
@@ -188,7 +192,8 @@ def normalize_record(obj: Mapping[str, Any], where: str = "record"
     qid = _name(qid)
   if not isinstance(qid, str) or not qid:
     raise InputError(f"{where}: no query id; expected a non-empty string in "
-                     "'query_id' (or the authors' 'example_id')")
+                     "'query_id' (or the authors' 'example_id', 'fact_id' or "
+                     "'trex_id')")
   rec["query_id"] = qid
   for field in ("prompt", "target"):
     if rec.get(field) is None:
