@@ -145,7 +145,7 @@ def run(queries_path, results_paths: Sequence[str], output_path=None,
               if not _RETRIEVAL_KEY.fullmatch(key)}
       merged[name] = {**kept, **m}
     evaluate.write_text_atomic(
-        output_path, json.dumps(merged, indent=2) + "\n")
+        output_path, evaluate.json_text(merged, indent=2) + "\n")
   return metrics
 
 

@@ -367,7 +367,7 @@ def run(workdir: str, styles, seeds, facts_per_bucket: int, distractor_docs: int
     summary["memorization"] = memorization(by_step)
     table += "\n\n" + format_memorization(summary["memorization"])
   evaluate.write_text_atomic(os.path.join(workdir, "family.json"),
-                             json.dumps(summary, indent=2))
+                             evaluate.json_text(summary, indent=2))
   evaluate.write_text_atomic(os.path.join(workdir, "family.md"), table + "\n")
   print(f"\n{len(set_dirs)} sets: {', '.join(summary['sets'])}\n\n{table}")
   return summary

@@ -525,7 +525,7 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
   # 2026-12-07 written first, so a crash before the page left a set reused
   # without it).
   evaluate.write_text_atomic(storage.join(workdir, "quality.json"),
-                             json.dumps(report, indent=2))
+                             evaluate.json_text(report, indent=2))
   print("\n" + table + "\n\n" + paired_table)
   print(f"\nplots: {', '.join(pngs)}\npage (every method side by side): {page}")
   return report

@@ -192,7 +192,7 @@ def run_one(run_dir: str, bindings: list[str], base_workdir: str,
   metrics = evaluate.retrieval_metrics(data_lib.read_queries(queries),
                                        evaluate.read_results(results))
   metrics.update(made_with)
-  evaluate.write_text_atomic(metrics_path, json.dumps(metrics, indent=2))
+  evaluate.write_text_atomic(metrics_path, evaluate.json_text(metrics, indent=2))
   return metrics
 
 
@@ -258,7 +258,7 @@ def sweep(workdir: str, grid: list[str], base_workdir: str,
   text = evaluate.format_table(table, COLUMNS, row_header="run")
   evaluate.write_text_atomic(storage.join(workdir, "sweep.md"), text + "\n")
   evaluate.write_text_atomic(storage.join(workdir, "sweep.json"),
-                             json.dumps(table, indent=2))
+                             evaluate.json_text(table, indent=2))
   print(text)
   return table
 
@@ -603,7 +603,7 @@ def sweep_family(workdir: str, family_dir: str, grid: list[str],
     print(f"[{i}/{len(names)}] {name}", flush=True)
     per_set[name] = sweep_set(storage.join(sets_dir, name), points, ecfg, pcfg,
                               query_set_size, task_size)
-    evaluate.write_text_atomic(out, json.dumps(per_set[name], indent=1))
+    evaluate.write_text_atomic(out, evaluate.json_text(per_set[name], indent=1))
   if not per_set:
     raise app.UsageError(f"--family_dir={family_dir}: no set has finished training")
   names = sorted(per_set)
@@ -632,7 +632,7 @@ def sweep_family(workdir: str, family_dir: str, grid: list[str],
   sizes = (f"; queries in sets of {query_set_size}, each under {whose} "
            f"(max_query_weight={pcfg.max_query_weight})" if query_set_size else "")
   evaluate.write_text_atomic(storage.join(workdir, "sweep.json"),
-                             json.dumps(summary, indent=1))
+                             evaluate.json_text(summary, indent=1))
   settings = "; ".join(f"{k.split('.')[-1]}={v}" for k, v in want.items()
                        if k in RECORDED)
   evaluate.write_text_atomic(storage.join(workdir, "sweep.md"),

@@ -40,6 +40,18 @@ def _write_lines(path, lines):
 # --- metrics ---------------------------------------------------------------
 
 
+def test_reports_are_strict_json():
+  """quality.json, the family's and sweep's tables and tracer evaluate's
+  metrics (``evaluate.json_text``): a NaN (the standard error of one query,
+  a mean of none) or an infinity is written null (before 2026-12-08 "NaN",
+  which JSON.parse and jq refuse)."""
+  value = {"a": float("nan"), "b": [1.0, float("inf"), (np.float64("-inf"), 2)],
+           "c": {"d": 0.5, "e": None, "f": "x"}}
+  text = evaluate.json_text(value)
+  assert json.loads(text, parse_constant=lambda c: pytest.fail(c)) == {
+      "a": None, "b": [1.0, None, [None, 2]], "c": {"d": 0.5, "e": None, "f": "x"}}
+
+
 def test_first_relevant_at_rank_three():
   m = evaluate.retrieval_metrics(
       [_q("a", ["d3"])], {"a": _r("a", ["d1", "d2", "d3", "d4"])})

@@ -638,6 +638,9 @@ def test_quality_table_scores_every_method(trained, tmp_path, monkeypatch):
   report = quality.run(f"file://{root}", k=12, num_tail_patch=8, corpus_path=corpus,
                        queries_path=queries)
   assert not os.listdir(tmp_path) and (root / "quality.json").exists()
+  # Strict JSON (before 2026-12-08 a standard error of one query was NaN).
+  json.loads((root / "quality.json").read_text(),
+             parse_constant=lambda c: pytest.fail(f"quality.json holds {c}"))
   methods = report["methods"]
   assert list(methods) == list(quality.METHODS)
   for name, m in methods.items():

@@ -172,6 +172,21 @@ def write_text_atomic(path, text: str) -> None:
   storage.write_text(os.fspath(path), text)
 
 
+def json_text(value: Any, indent: int | None = 2) -> str:
+  """``value`` as strict JSON: a float that is not finite (a mean of no
+  values, a standard error of one) written null, as NaN is not JSON and
+  JSON.parse or jq refuse a file holding it."""
+  def strict(v):
+    if isinstance(v, float) and not math.isfinite(v):
+      return None
+    if isinstance(v, Mapping):
+      return {k: strict(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+      return [strict(x) for x in v]
+    return v
+  return json.dumps(strict(value), indent=indent, allow_nan=False)
+
+
 def write_results(path, rows: Iterable[Mapping[str, Any]]) -> None:
   """Writes result rows as JSONL atomically (tmp file + os.replace)."""
   text = "".join(
