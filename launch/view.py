@@ -44,13 +44,18 @@ def define_flags() -> None:
                       "for --queries' records and show them as one more run.")
 
 
-def run_names(locations: Sequence[str], names: Sequence[str] = ()) -> list[str]:
-  """``names`` checked against ``locations``, or else the files' stems, a
-  repeated stem numbered (``r``, ``r-2``, ``r-3``)."""
+def run_names(locations: Sequence[str], names: Sequence[str] = (),
+              server: bool = False) -> list[str]:
+  """``names`` checked against ``locations`` (the last the server's, with
+  ``server``), or else the files' stems, a repeated stem numbered (``r``,
+  ``r-2``, ``r-3``)."""
   if names:
     if len(names) != len(locations):
-      raise InputError(f"--names: {len(names)} names for {len(locations)} "
-                       "--results files; expected one name per file")
+      runs = (f"{len(locations)} runs ({len(locations) - 1} --results files and "
+              "--server); expected one name per run, the last the server's"
+              if server else
+              f"{len(locations)} --results files; expected one name per file")
+      raise InputError(f"--names: {len(names)} names for {runs}")
     repeated = sorted({n for n in names if list(names).count(n) > 1})
     if repeated:
       raise InputError(f"--names: {', '.join(map(repr, repeated))} given more "
@@ -77,7 +82,7 @@ def run(results: Sequence[str], output: str, names: Sequence[str] = (),
   returns ``output``."""
   sources = [*results, *(["server"] if server else [])]
   runs = {}
-  for i, name in enumerate(run_names(sources, names)):
+  for i, name in enumerate(run_names(sources, names, bool(server))):
     if i < len(results):
       runs[name] = viewer.read_results(results[i])
     else:

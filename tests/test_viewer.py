@@ -493,6 +493,13 @@ def test_run_names():
   assert launch_view.run_names(["x/r.jsonl", "y/r.jsonl"], ["a", "b"]) == ["a", "b"]
   with pytest.raises(InputError, match="2 names for 1"):
     launch_view.run_names(["r.jsonl"], ["a", "b"])
+  # The server is a run too (before 2026-12-08: "2 names for 3 --results
+  # files" of 2 files).
+  with pytest.raises(InputError, match=re.escape(
+      "--names: 2 names for 3 runs (2 --results files and --server); expected "
+      "one name per run, the last the server's")):
+    launch_view.run(["r.jsonl", "s.jsonl"], "out.html", ["a", "b"],
+                    server="http://127.0.0.1:9", queries="q.jsonl")
   with pytest.raises(InputError, match="'a' given more than once"):
     launch_view.run_names(["r.jsonl", "s.jsonl"], ["a", "a"])
 
