@@ -354,6 +354,23 @@ def test_page_payload_joins_runs_by_query_id():
   assert data["queries"][7]["prompt"] == "Paris is in"
 
 
+def test_each_runs_verdict_is_its_own():
+  """A second run's own verdict (the authors' is_8b_correct, no prediction
+  text) is shown in its column: before 2026-12-08 only a run whose prediction
+  text differed from the first's kept its verdict."""
+  rec = lambda run, qid, **kw: viewer.normalize_record(
+      {"query_id": qid, "prompt": "p", "target": " France", "proponent_ids": [],
+       "proponent_scores": [], **kw})
+  runs = {"ours": [rec("ours", "q1", prediction=" France")],
+          "theirs": [rec("theirs", "q1", is_8b_correct=False)],
+          "again": [rec("again", "q1", prediction=" France")]}
+  data = viewer.payload(runs, "t")
+  assert data["queries"][0]["correct"] is True
+  ours, theirs, again = (r[0] for r in data["runs"])
+  assert theirs["correct"] is False and "pred" not in theirs
+  assert "correct" not in ours and "correct" not in again  # (the query's)
+
+
 def test_facets_keep_true_apart_from_1():
   """The page compares with ===: true and 1 are two values (before
   2026-12-05 a set merged them, and the filter for 1 missed the true row)."""

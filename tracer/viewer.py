@@ -579,10 +579,13 @@ def payload(runs: Mapping[str, Sequence[Mapping[str, Any]]], title: str,
       if rec.get("error"):
         row["e"] = rec["error"]
       q = queries[qindex[rec["query_id"]]]
-      # A run of another model may predict differently: shown in its column.
+      # A run of another model may predict differently: shown in its column,
+      # as is a verdict of its own (the authors' files carry is_8b_correct
+      # without the prediction: before 2026-12-08 a second run's was dropped).
       if rec.get("prediction") is not None and rec["prediction"] != q.get("prediction"):
         row["pred"] = rec["prediction"]
-        row["correct"] = rec["prediction_correct"]
+      if "pred" in row or rec.get("prediction_correct") != q.get("correct"):
+        row["correct"] = rec.get("prediction_correct")
       rows[qindex[rec["query_id"]]] = row
     by_run.append(rows)
   all_records = [r for records in runs.values() for r in records]
@@ -1029,9 +1032,9 @@ _JS = r"""
         grid.appendChild(col);
         return;
       }
-      if (e.pred != null) {
-        var pp = el("p", null, "prediction: " + e.pred);
-        pp.appendChild(verdict(e.correct));
+      if (e.pred != null || e.correct != null) {
+        var pp = el("p", null, "prediction" + (e.pred != null ? ": " + e.pred : ""));
+        if (e.correct != null) pp.appendChild(verdict(e.correct));
         col.appendChild(pp);
       }
       if (e.e) col.appendChild(el("p", "error", "error: " + e.e));
