@@ -404,6 +404,10 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
   ecfg, ckpt, corpus, encoder, _, _ = common.start(workdir, checkpoint, corpus_path,
                                                    opt_state="all")  # tail-patch
   config.check_top_k(k, len(corpus))  # before any gradient
+  # Each summed step there, none repeated nor the scored one (before
+  # 2026-12-08 counted twice in trackstar_sum; a missing one refused after
+  # every projection, naming no flag).
+  common.summed_checkpoints(sum_steps, ckpt)
   optimizer = tailpatch.tail_patch_optimizer(ckpt.optimizer_config, ckpt.step,
                                              sgd_learning_rate=sgd_learning_rate)
   if k < TABLE_K:
@@ -468,6 +472,11 @@ def run(workdir: str, k: int = 10, num_tail_patch: int = 0,
       family=ckpt.family)
   per_method = tailpatch.deltas_for_topk(deltas, inverse)
   nonfinite = tailpatch.nonfinite_listed(per_method, inverse)
+  # The report of the files about to be replaced goes first (it is written
+  # again last): a crash between would leave it describing a mix of this
+  # run's files and the last one's, which a family rerun took as scored
+  # (before 2026-12-08).
+  storage.delete(storage.join(workdir, "quality.json"))
   for i, name in enumerate(methods):
     metrics[name].update(tailpatch.tail_patch_at_k(per_method[i], (1, 3, 5, 10),
                                                    stderr=True))

@@ -621,6 +621,11 @@ def test_quality_table_scores_every_method(trained, tmp_path, monkeypatch):
   with pytest.raises(InputError, match=r"^--top_k=100000: more than the corpus's"):
     quality.run(f"file://{root}", k=100_000, corpus_path=corpus,
                 queries_path=queries)
+  # A summed step repeated is refused as tracer trace refuses it (before
+  # 2026-12-08 counted twice in trackstar_sum).
+  with pytest.raises(InputError, match=re.escape("--sum_steps: [5, 5] repeats a step")):
+    quality.run(f"file://{root}", corpus_path=corpus, queries_path=queries,
+                sum_steps=["5", "5"])
   # The table's cut-off is 10 whatever the lists' length (before, --top_k=12
   # scored recall@12 and left the recall@10 and precision@10 columns blank);
   # shorter lists cannot fill it.
@@ -667,6 +672,14 @@ def test_quality_table_scores_every_method(trained, tmp_path, monkeypatch):
     assert np.isclose(p["se"], d.std(ddof=1) / np.sqrt(8)), name
   assert set(report["paired_tail_patch"]) == set(quality.METHODS) - {"trackstar"}
   assert "| paired |" in (root / "quality.md").read_text()
+  # A run that fails among its results files leaves no report: a family
+  # rerun scores again (before 2026-12-08 the last run's report stayed
+  # beside this run's files, and was taken as scored).
+  monkeypatch.setattr(quality.evaluate, "write_results", lambda *a: 1 / 0)
+  with pytest.raises(ZeroDivisionError):
+    quality.run(f"file://{root}", k=12, num_tail_patch=2, corpus_path=corpus,
+                queries_path=queries)
+  assert not (root / "quality.json").exists()
 
 
 def test_tokenized_corpus_and_object_stores_give_the_same_results(
