@@ -27,15 +27,22 @@ FLAGS = flags.FLAGS
 
 
 def ensure_model(workdir: str) -> tuple[str, str]:
-  """Writes the fact corpus and trains the model unless a checkpoint exists.
+  """Writes the fact corpus and trains the model unless a checkpoint exists;
+  a workdir with one keeps the facts it holds (those its model was trained
+  on: a `tracer family` set's, of other settings than the demo's, were
+  replaced by the demo's before 2026-12-08, and scored on).
 
   Returns the corpus and queries paths.
   """
-  corpus, queries = facts.write_fact_corpus(os.path.join(workdir, "facts"))
-  print(f"fact corpus: {corpus}, queries: {queries}")
+  made = os.path.join(workdir, "facts")
+  corpus, queries = (os.path.join(made, n) for n in ("corpus.jsonl", "queries.jsonl"))
   checkpoints = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(checkpoints) or not any(
-      name.isdigit() for name in os.listdir(checkpoints)):
+  trained = os.path.isdir(checkpoints) and any(
+      name.isdigit() for name in os.listdir(checkpoints))
+  if not (trained and os.path.exists(corpus) and os.path.exists(queries)):
+    corpus, queries = facts.write_fact_corpus(made)
+  print(f"fact corpus: {corpus}, queries: {queries}")
+  if not trained:
     print("training the model (no checkpoint in the workdir yet)")
     train.train(str(corpus), workdir)
   return str(corpus), str(queries)

@@ -370,3 +370,18 @@ def test_make_facts_main_writes_a_style(tmp_path, capsys):
                                                distractor_docs=7))
   assert (_read_jsonl(tmp_path / "corpus.jsonl"),
           _read_jsonl(tmp_path / "queries.jsonl")) == expected
+
+
+def test_a_trained_workdir_keeps_its_facts(tmp_path):
+  """``tracer quality`` without --corpus on a workdir whose model exists (a
+  ``tracer family`` set's, of other fact settings) scores that model on the
+  facts beside it: before 2026-12-08 they were replaced by the demo's."""
+  from tracer.launch import demo  # pylint: disable=g-import-not-at-top
+  (tmp_path / "checkpoints" / "5").mkdir(parents=True)
+  made = tmp_path / "facts"
+  made.mkdir()
+  (made / "corpus.jsonl").write_text('{"id": "d", "text": "mine"}\n')
+  (made / "queries.jsonl").write_text('{"id": "q", "prompt": "p", "target": " t"}\n')
+  assert demo.ensure_model(str(tmp_path)) == (str(made / "corpus.jsonl"),
+                                              str(made / "queries.jsonl"))
+  assert (made / "corpus.jsonl").read_text() == '{"id": "d", "text": "mine"}\n'
