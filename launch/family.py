@@ -112,12 +112,17 @@ def check_kept(flag: str, steps) -> None:
 def check_trained(set_dir: str) -> None:
   """InputError where a gin binding names another model, data or optimizer
   than the set's checkpoint was trained with (``common.check_bound_configs``,
-  as ``tracer quality`` on it refuses): a trained set's model and scores are
-  reused as they are, not made again under the binding."""
+  as ``tracer quality`` on it refuses; and every OptimizerConfig field, the
+  schedule too: before 2026-12-08 ``total_steps`` or ``learning_rate`` were
+  ignored): a trained set's model and scores are reused as they are, not
+  made again under the binding. (TrainConfig is not kept in checkpoints:
+  its bindings are not compared.)"""
   checkpoints = os.path.join(set_dir, "checkpoints")
   if os.path.isdir(checkpoints) and any(
       name.isdigit() for name in os.listdir(checkpoints)):
-    common.check_bound_configs(ckpt_lib.saved_config(checkpoints))
+    saved = ckpt_lib.saved_config(checkpoints)
+    common.check_bound_configs(saved)
+    config.check_bound_fields(OptimizerConfig, saved.optimizer_config, saved.path)
 
 
 def ensure_set(set_dir: str, style: str, seed: int, facts_per_bucket: int,

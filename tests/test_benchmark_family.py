@@ -713,7 +713,10 @@ def test_family_refuses_a_binding_of_another_model_than_the_sets(tmp_path,
         ("OptimizerConfig.b2 = 0.9", "OptimizerConfig.b2: the checkpoint has "
          "0.99, the gin bindings say 0.9"),
         ("DataConfig.overflow = 'split'", "DataConfig.overflow: the checkpoint has "
-         "'truncate', the gin bindings say 'split'")):
+         "'truncate', the gin bindings say 'split'"),
+        # The schedule too (before 2026-12-08 ignored: the old table, exit 0).
+        ("OptimizerConfig.learning_rate = 0.05", "OptimizerConfig.learning_rate: "
+         "the checkpoint has 0.003, the gin bindings say 0.05")):
       gin.parse_config(model + "OptimizerConfig.total_steps = 10\n" + binding)
       with pytest.raises(InputError, match=re.escape(
           f"{checkpoints}/10: a checkpoint of another {binding.split('.')[0]} than "
