@@ -594,13 +594,17 @@ def test_verification_takes_its_examples_across_steps():
   assert not plan_of(enc).factored
 
 
-def test_a_bf16_model_keeps_its_weights_factored():
-  """A layer computed in bf16 rounds its materialized gradient to bf16
-  (0.1-0.3% here): within its tolerance, 2^-6, so no weight falls back."""
+@pytest.mark.parametrize("mesh_name", ["1 device", "2x4"])
+def test_a_bf16_model_keeps_its_weights_factored(mesh_name):
+  """A model computed in bf16 rounds its materialized gradients to bf16
+  (0.1-0.3% here on one device, more on a mesh of model axis 4): within
+  the tolerance, 2^-4, so no weight falls back, on any mesh. Before
+  2026-12-08 each weight had its own layer's (2^-6; an f32 embedding lookup
+  1e-3): on 2x4, 5 of 15 weights fell back, the set hanging on the mesh."""
   cfg = dataclasses.replace(LM, dtype="bfloat16")
   params = model_lib.init_params(cfg)
   batch = lm_batch(4, cfg=cfg)
-  mesh = meshes()["1 device"]
+  mesh = {**meshes(), "2x4": partitioning.make_mesh(data=2, model=4)}[mesh_name]
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     enc, got = encode("factored", model_lib.make_loss_fn(cfg), params, batch, mesh)
@@ -608,8 +612,8 @@ def test_a_bf16_model_keeps_its_weights_factored():
       b.paths[0] for b in enc.layout.blocks if b.name != projection.VECTORS}
   errors = [e for name, e in enc._verify_errors.items() if name != projection.VECTORS
             and "embed" not in name]
-  assert 1e-3 < max(errors) < 2.0 ** -6
-  assert encoder_lib.verify_tolerance(plan_of(enc))["layer_0/down/kernel"] == 2.0 ** -6
+  assert 1e-3 < max(errors) < 2.0 ** -4
+  assert set(encoder_lib.verify_tolerance(plan_of(enc)).values()) == {2.0 ** -4}
   _, want = encode("exact", model_lib.make_loss_fn(cfg), params, batch, mesh)
   assert rel(got, want) < 2.0 ** -6
 

@@ -46,9 +46,10 @@ from tracer import projection
 # The factored kernel's verification: a weight whose projection differs from
 # the materialized one by more than this (relative L2) is not trusted. Float32
 # summation order alone gives ~1e-6; a use outside the layer call gives O(1).
-# A layer computed in a narrower dtype rounds its materialized gradient to
-# that dtype (bf16: 0.15-0.25% measured on the tiny LM), so its weight is
-# allowed twice that dtype's epsilon (``verify_tolerance``).
+# A model computed in a narrower dtype rounds its materialized gradients to
+# that dtype (bf16: 0.15-0.25% measured on the tiny LM, up to 1.9% on a mesh
+# of model axis 4), so its weights are allowed 8 of that dtype's epsilons
+# (``verify_tolerance``).
 VERIFY_TOLERANCE = 1e-3
 # Examples the verification compares (a weight's largest error over the
 # usable ones decides): one whose gradient is zero (every target masked) or
@@ -568,14 +569,16 @@ def batch_size(batch: Any) -> int:
 
 def verify_tolerance(plan: "factored.Plan") -> dict[str, float]:
   """Per factored weight, the relative error its verification allows:
-  ``VERIFY_TOLERANCE``, or twice the epsilon of the narrowest dtype its
-  layer computes in if that is more (a bf16 layer: 2^-6)."""
-  out = {}
-  for site in plan.sites:
-    eps = 2 * float(jnp.finfo(site.dtype).eps) if jnp.issubdtype(
-        site.dtype, jnp.floating) else 0.0
-    out[site.path] = max(out.get(site.path, VERIFY_TOLERANCE), eps)
-  return out
+  ``VERIFY_TOLERANCE``, or 8 epsilons of the narrowest dtype any of the
+  model's layers computes in if that is more (a bf16 model: 2^-4). The
+  model's, not the weight's own layer's: a gradient comes back through every
+  layer above it (a bf16 model's f32 embedding lookup differed by 0.8% on a
+  mesh of model axis 2, its other weights by up to 1.9%, and were refused at
+  the weight's own 1e-3 or 2^-6: the factored set hung on the mesh's shape);
+  a use outside the layer call still differs by O(1)."""
+  eps = max((float(jnp.finfo(site.dtype).eps) for site in plan.sites
+             if jnp.issubdtype(site.dtype, jnp.floating)), default=0.0)
+  return {site.path: max(VERIFY_TOLERANCE, 8 * eps) for site in plan.sites}
 
 
 @jax.jit
