@@ -1424,6 +1424,16 @@ def test_bad_inputs():
     scan.scan_arrays(x[0], q, K)
   with pytest.raises(InputError, match="row_ids"):
     scan.StreamingScanner(q, K).add(x, np.arange(9))
+  # Complex and object arrays (before 2026-12-08: the imaginary part dropped
+  # with a warning; None read as NaN).
+  for name, bad in (("encodings", x.astype(np.complex64)),
+                    ("encodings", x.astype(object)),
+                    ("queries", q.astype(np.complex64))):
+    with pytest.raises(InputError, match=f"{name}: expected real numbers, got dtype"):
+      scan.scan_arrays(bad if name == "encodings" else x,
+                       bad if name == "queries" else q, K)
+  assert_same(scan.scan_arrays(x.astype(ml_dtypes.bfloat16), q, K),
+              scan.scan_arrays(x.astype(ml_dtypes.bfloat16).astype(np.float32), q, K))
 
 
 def test_read_errors_propagate_from_prefetch_thread():

@@ -114,8 +114,18 @@ def _mesh(mesh: Mesh | None) -> Mesh:
   return partitioning.make_mesh() if mesh is None else mesh
 
 
+def _check_real(name: str, x: np.ndarray) -> None:
+  """InputError unless ``x`` holds real numbers (a complex one's imaginary
+  part was dropped with a warning, an object array's None read as NaN)."""
+  bfloat16 = DEVICE_DTYPES[0]  # (ml_dtypes': no np.floating to numpy)
+  if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
+          or x.dtype == bfloat16):
+    raise InputError(f"{name}: expected real numbers, got dtype {x.dtype}")
+
+
 def _check_inputs(queries, k: int, dim: int, num_rows: int) -> np.ndarray:
   q = np.asarray(queries)
+  _check_real("queries", q)
   if q.ndim != 2 or q.shape[0] < 1:
     raise InputError(f"queries: expected a [Q, d] array with Q >= 1, got shape "
                      f"{q.shape}")
@@ -1215,6 +1225,7 @@ def scan_arrays(encodings, queries, k: int, *, mesh: Mesh | None = None,
       first pass.
   """
   x = encodings if isinstance(encodings, np.ndarray) else np.asarray(encodings)
+  _check_real("encodings", x)
   if x.ndim != 2:
     raise InputError(f"encodings: expected [N, d], got shape {x.shape}")
   return _scan(_ArraySource(x), queries, k, mesh, chunk_rows, prefetch,
