@@ -480,7 +480,8 @@ def project_query_set(encoder: GradientEncoder, basis: hessian.Basis | None,
                       ) -> tuple[np.ndarray, dict[int, str]]:
   """Query examples' projections in the basis' coordinates, float32
   ``[Q, d]``, and ``{index: reason}`` of those whose loss or gradient is
-  not finite (their rows are zero)."""
+  not finite (their rows are zero) or whose gradient is zero
+  (``unusable_queries``)."""
   pieces, skipped = [], {}
   for lo, batch in zip(range(0, len(examples["inputs"]), batch_size),
                        example_slices(examples, batch_size)):
@@ -490,7 +491,21 @@ def project_query_set(encoder: GradientEncoder, basis: hessian.Basis | None,
         -1, encoder.dim)[:size])
     skipped.update({lo + i: why for i, why in
                     nonfinite_rows(projected, size).items()})
-  return np.concatenate(pieces), skipped
+  psi = np.concatenate(pieces)
+  return psi, unusable_queries(psi, skipped)
+
+
+ZERO_GRADIENT = ("zero gradient (the target's loss moves with no weight: its "
+                 "probability may round to 1)")
+
+
+def unusable_queries(psi: np.ndarray, nonfinite: dict[int, str]) -> dict[int, str]:
+  """``{index: reason}``: the queries of ``nonfinite`` (a non-finite loss or
+  gradient) and those whose projection ``psi [Q, d]`` is all zero, which
+  would score every row 0 and list arbitrary rows as proponents (before
+  2026-12-08, without a word)."""
+  zero = np.flatnonzero(~np.asarray(psi).any(axis=1))
+  return {**{int(i): ZERO_GRADIENT for i in zero}, **nonfinite}
 
 
 def task_metric(encoder: GradientEncoder, basis: hessian.Basis | None,
@@ -542,8 +557,8 @@ def fit_query_metric(basis: hessian.Basis | None, psi: np.ndarray,
   ok[list(skipped)] = False
   if not ok.any():
     raise QuarantineLimitError(
-        f"every one of the {len(psi)} queries has a non-finite loss or gradient "
-        f"(first: {_name(ids, 0)}: {skipped[0]})")
+        f"every one of the {len(psi)} queries has a non-finite loss or gradient, "
+        f"or a zero gradient (first: {_name(ids, 0)}: {skipped[0]})")
   if metric is None and basis is None:
     metric = hessian.identity_metric(psi.shape[1])
   elif metric is None:

@@ -246,14 +246,15 @@ def project_queries(encoder, basis: hessian.Basis | None, examples: dict
                     ) -> tuple[np.ndarray, dict[int, str]]:
   """Every query's projection in the basis' coordinates, f32 ``[n, d]``, and
   ``{index: reason}`` of those with a non-finite loss or gradient (their
-  rows are zero). One encoder call; the batch is padded to a power of two
+  rows are zero) or a zero one (``pipeline.unusable_queries``). One encoder call; the batch is padded to a power of two
   of the encoder's steps, so few programs are compiled."""
   n = len(examples["inputs"])
   steps = -(-n // encoder.step_size)
   projected = encoder.project_global(
       pipeline.repeat_last(examples, _bucket(steps) * encoder.step_size))
-  psi = partitioning.fetch(pipeline.rotate(basis, projected.phi))
-  return psi.reshape(-1, encoder.dim)[:n], nonfinite_rows(projected, n)
+  psi = partitioning.fetch(pipeline.rotate(basis, projected.phi)).reshape(
+      -1, encoder.dim)[:n]
+  return psi, pipeline.unusable_queries(psi, nonfinite_rows(projected, n))
 
 
 def fit_request(basis: hessian.Basis | None, psi: np.ndarray,
