@@ -80,7 +80,8 @@ flags.DEFINE_bool("run", True, "Time the programs; false: compile and plan only.
 flags.DEFINE_bool("per_example", True, "Plan each program at twice the batch too "
                   "(memory per example); each plan is a compile, minutes at 1B.")
 flags.DEFINE_bool("verify", True, "Check the encoder on one example against "
-                  "jax.grad first (GradientEncoder's verify: one more compile).")
+                  "jax.grad first (GradientEncoder's verify: one more compile; "
+                  "not with --norun, which runs nothing).")
 flags.DEFINE_list("decode_models", ["tiny", "gemma3_270m"], "Gemma configs for "
                   "the decode suite: tiny, or a gemma_family.PRESETS name.")
 flags.DEFINE_integer("decode_batch", 8, "Queries per decode call.", lower_bound=1)
@@ -245,6 +246,10 @@ def encode_rows(name: str, dims, batch_size: int, microbatch: int, repeats: int,
   v = jax.tree.map(lambda x: jax.numpy.ones_like(x), params)
   microbatch = microbatch or max(1, batch_size // mesh.size)
   tokens = batch_size * cfg.max_len
+  # Planning alone runs nothing, and the factored kernel's check runs a real
+  # batch: without --run the plans are unverified (before 2026-12-08 the
+  # check was handed the plan's shapes: a TypeError).
+  verify = verify and run
   rows = []
   for dim, kernel, precision in itertools.product(dims, kernels, precisions):
     enc = encoder(cfg, params, v, mesh, dim, kernel, microbatch, verify,

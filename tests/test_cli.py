@@ -235,6 +235,19 @@ def test_benchmark_batch_the_devices_do_not_divide_is_refused(tmp_path):
     assert _error_line(proc) == f"error: {message}"
 
 
+def test_benchmark_plans_without_running_on_its_default_verify():
+  """``tracer benchmark --norun`` (plans only) with the default --verify: the
+  factored kernel's check runs a real batch, so the plans go unverified.
+  Before 2026-12-08 the check was handed the plan's shapes: a TypeError."""
+  from absl import flags as absl_flags  # pylint: disable=g-import-not-at-top
+  from tracer.launch import benchmark  # pylint: disable=g-import-not-at-top
+  if not absl_flags.FLAGS.is_parsed():
+    absl_flags.FLAGS(["test"])
+  row, = benchmark.encode_rows("tiny", [64], 8, 0, 1, ["factored"], 0, run=False,
+                               per_example=False, verify=True)
+  assert row["encode_mem_mb"] > 0 and row["encode_ex_per_s"] != row["encode_ex_per_s"]  # NaN
+
+
 def test_every_script_on_the_shared_flags_names_those_it_reads():
   """A script that parses the shared flags (``config.run``) declares which of
   ``config.SCRIPT_FLAGS`` it reads; each name is one of them."""
