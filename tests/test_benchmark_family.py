@@ -679,19 +679,29 @@ def test_sweep_family_checks_steps_before_any_set(tmp_path, monkeypatch):
     _saved_set(str(root / "sets" / name), [10], total_steps=10)
   monkeypatch.setattr(sweep, "sweep_set", lambda *a: pytest.fail("scored"))
   grid = ["EncodeConfig.projection_dim=256"]
-  with pytest.raises(Exception, match=re.escape(
-      f"--grid: checkpoint: {root}/sets/dense-0/checkpoints: no step [20]; it "
-      "holds step(s) [10]; expected steps every set saved")):
-    sweep.sweep_family(str(tmp_path / "sweep"), str(root), ["checkpoint=10,20"] + grid)
-  for spec, padded in (("checkpoint=600,0600", "0600"), ("checkpoint=010,sum", "010")):
+  # The sets' own model in gin (another would be refused first, 2026-12-08).
+  gin.clear_config()
+  gin.parse_config("".join(f"ModelConfig.{k} = {getattr(TINY_MODEL, k)}\n" for k in (
+      "max_len", "d_model", "num_layers", "num_heads", "d_ff")))
+  try:
     with pytest.raises(Exception, match=re.escape(
-        f"--grid: checkpoint={padded}: a step with leading zeros; expected "
-        f"{int(padded)} (step directories are named without them)")):
-      sweep.sweep_family(str(tmp_path / "sweep"), str(root), [spec] + grid)
-  assert not (tmp_path / "sweep").exists()
-  # A step every set saved passes the check (and goes on to be scored).
-  with pytest.raises(BaseException, match="scored"):
-    sweep.sweep_family(str(tmp_path / "sweep"), str(root), ["checkpoint=10"] + grid)
+        f"--grid: checkpoint: {root}/sets/dense-0/checkpoints: no step [20]; it "
+        "holds step(s) [10]; expected steps every set saved")):
+      sweep.sweep_family(str(tmp_path / "sweep"), str(root),
+                         ["checkpoint=10,20"] + grid)
+    for spec, padded in (("checkpoint=600,0600", "0600"),
+                         ("checkpoint=010,sum", "010")):
+      with pytest.raises(Exception, match=re.escape(
+          f"--grid: checkpoint={padded}: a step with leading zeros; expected "
+          f"{int(padded)} (step directories are named without them)")):
+        sweep.sweep_family(str(tmp_path / "sweep"), str(root), [spec] + grid)
+    assert not (tmp_path / "sweep").exists()
+    # A step every set saved passes the check (and goes on to be scored).
+    with pytest.raises(BaseException, match="scored"):
+      sweep.sweep_family(str(tmp_path / "sweep"), str(root), ["checkpoint=10"] + grid)
+  finally:  # (the family fixture's)
+    gin.clear_config()
+    gin.parse_config(BINDINGS + "OptimizerConfig.total_steps = 100\n")
 
 
 def test_family_refuses_a_binding_of_another_model_than_the_sets(tmp_path,
