@@ -66,8 +66,10 @@ def host_identity() -> list[str]:
         return f.read().strip()
     except OSError:
       return ""
-  groups = [line.split(":", 2) for line in read("/proc/self/cgroup").splitlines()
-            if line.count(":") >= 2]
+  try:
+    groups = _cgroups("/proc/self")
+  except OSError:
+    groups = []
   memory_group = next((g[2] for g in groups if "memory" in g[1].split(",")),
                       next((g[2] for g in groups if g[:2] == ["0", ""]), ""))
   host = f"{socket.gethostname()} {read('/proc/sys/kernel/random/boot_id')}"
@@ -156,8 +158,7 @@ def cgroup_memory_limit(proc: str = "/proc/self") -> int | None:
   with its own cgroup namespace sees its cgroup as the mount's root, one
   without sees the host's path, which does not exist under its mount."""
   try:
-    with open(os.path.join(proc, "cgroup")) as f:
-      groups = [line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2]
+    groups = _cgroups(proc)
     with open(os.path.join(proc, "mountinfo")) as f:
       mounts = [line.split() for line in f]
   except OSError:
@@ -184,6 +185,13 @@ def cgroup_memory_limit(proc: str = "/proc/self") -> int | None:
         limits += [_limit_file(os.path.join(point, *parts[:depth], f)) for f in files]
   limits = [n for n in limits if n is not None]
   return min(limits) if limits else None
+
+
+def _cgroups(proc: str) -> list[list[str]]:
+  """``proc``/cgroup's lines as ``[hierarchy id, controllers, path]``;
+  OSError where it cannot be read."""
+  with open(os.path.join(proc, "cgroup")) as f:
+    return [line.rstrip("\n").split(":", 2) for line in f if line.count(":") >= 2]
 
 
 def _unescape(field: str) -> str:
